@@ -1,0 +1,128 @@
+"""Functions the worker pool runs on each rank: zeroshard beside its references.
+
+``train_side_by_side`` trains the same case three ways on every rank: zeroshard,
+torch DistributedDataParallel with the same optimizer, and single-process training
+that sees every rank's batch (the mean of the per-rank losses, which is what data
+parallel averages). It returns what the tests compare.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import zeroshard
+from models import build_model, loss_fn, make_batch
+
+OPTIMIZERS = {
+    "SGD": torch.optim.SGD, "Adam": torch.optim.Adam, "AdamW": torch.optim.AdamW,
+    "Adagrad": torch.optim.Adagrad, "RMSprop": torch.optim.RMSprop,
+}
+
+
+def param_groups(model, case):
+    """None, or two groups (weights / the rest) with their own lr and weight decay."""
+    if not case["groups"]:
+        return None
+    weights = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    others = [p for n, p in model.named_parameters() if not n.endswith("weight")]
+    return [{"params": weights}, {"params": others, "lr": case["opt_kwargs"]["lr"] * 0.5,
+                                  "weight_decay": 0.0}]
+
+
+def flat_params(model) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()
+
+
+def state_bytes(optimizer) -> int:
+    """Bytes of an optimizer's per-element state for trainable parameters (`step` left out;
+    Adagrad allocates state for frozen parameters too, which no shard needs)."""
+    return sum(t.numel() * t.element_size() for p, s in optimizer.state.items()
+               if p.requires_grad for k, t in s.items()
+               if isinstance(t, torch.Tensor) and k != "step")
+
+
+def train_side_by_side(ctx, case):
+    spec, n = case["model"], ctx.world_size
+    opt_class, opt_kwargs = OPTIMIZERS[case["optimizer"]], case["opt_kwargs"]
+    base = build_model(spec, seed=100 + ctx.rank)  # ranks differ: both wrappers broadcast rank 0's
+    zero_model, ddp_model = copy.deepcopy(base), copy.deepcopy(base)
+    single_model = build_model(spec, seed=100)  # rank 0's initial values
+
+    zopt = zeroshard.ZeroOptimizer(zero_model, opt_class, stage=case["stage"],
+                                   param_groups=param_groups(zero_model, case),
+                                   process_group=ctx.group, bucket_size_mb=case["bucket_mb"],
+                                   **opt_kwargs)
+    ddp = DDP(ddp_model, process_group=ctx.group,
+              find_unused_parameters=spec.get("unused_branch", False))
+    groups = param_groups(ddp_model, case)
+    dopt = opt_class(groups if groups else ddp_model.parameters(), **opt_kwargs)
+    groups = param_groups(single_model, case)
+    sopt = opt_class(groups if groups else single_model.parameters(), **opt_kwargs)
+    scheds = [torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.7)
+              for o in (zopt, dopt, sopt)] if case["scheduler"] else []
+
+    peak_grad_bytes = [0]
+    if case["record_peak"]:
+        def record(_param):
+            peak_grad_bytes[0] = max(peak_grad_bytes[0], zopt.memory_report()["gradients"])
+        for p in zero_model.parameters():
+            if p.requires_grad:
+                p.register_post_accumulate_grad_hook(record)
+
+    out = {k: [] for k in ("zero", "ddp", "single", "zero_loss", "ddp_loss", "single_loss",
+                           "zero_norm", "ddp_norm", "single_norm", "comm", "mem")}
+    out["initial"] = flat_params(zero_model)
+    accum = case["accum"]
+    for step in range(case["steps"]):
+        zopt.comm_stats.reset()
+        batches = [[make_batch(spec, seed=1000 * step + 10 * m + r, rank=r, batch=case["batch"])
+                    for r in range(n)] for m in range(accum)]
+        zl = dl = sl = 0.0
+        for m in range(accum):
+            skip_sync = case["no_sync"] and m < accum - 1
+            with zopt.no_sync() if skip_sync else contextlib.nullcontext():
+                loss = loss_fn(spec, zero_model, batches[m][ctx.rank]) / accum
+                loss.backward()
+                zl += loss.item()
+            with ddp.no_sync() if skip_sync else contextlib.nullcontext():
+                loss = loss_fn(spec, ddp, batches[m][ctx.rank]) / accum
+                loss.backward()
+                dl += loss.item()
+            for r in range(n):
+                loss = loss_fn(spec, single_model, batches[m][r]) / (accum * n)
+                loss.backward()
+                sl += loss.item()
+        out["mem"].append(zopt.memory_report())
+        if case["clip"] is not None:
+            out["zero_norm"].append(zopt.clip_grad_norm_(case["clip"]).item())
+            out["ddp_norm"].append(torch.nn.utils.clip_grad_norm_(ddp.parameters(), case["clip"]).item())
+            out["single_norm"].append(
+                torch.nn.utils.clip_grad_norm_(single_model.parameters(), case["clip"]).item())
+        for o in (zopt, dopt, sopt):
+            o.step()
+            o.zero_grad()
+        for s in scheds:
+            s.step()
+        out["comm"].append(dict(zopt.comm_stats.bytes))
+        out["zero"].append(flat_params(zero_model))
+        out["ddp"].append(flat_params(ddp_model))
+        out["single"].append(flat_params(single_model))
+        out["zero_loss"].append(zl)
+        out["ddp_loss"].append(dl)
+        out["single_loss"].append(sl)
+
+    trainable = [p for p in zero_model.parameters() if p.requires_grad]
+    out["psi"] = sum(p.numel() for p in trainable)
+    out["psi_all"] = sum(p.numel() for p in zero_model.parameters())
+    out["largest_param_bytes"] = max(p.numel() * 4 for p in trainable)
+    out["n_buckets"] = len(zopt._buckets)
+    out["final_mem"] = zopt.memory_report()
+    out["ddp_state_bytes"] = state_bytes(dopt)
+    out["peak_grad_bytes"] = peak_grad_bytes[0]
+    out["lrs"] = [g["lr"] for g in zopt.param_groups]
+    out["ddp_lrs"] = [g["lr"] for g in dopt.param_groups]
+    return out

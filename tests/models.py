@@ -1,0 +1,103 @@
+"""Small models for the tests, built from picklable specs; sizes chosen not to divide by N."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class MLP(nn.Module):
+    """An MLP with a constant buffer, an optionally frozen first layer, and an optional
+    branch that only ranks whose batch has a positive first feature use."""
+
+    def __init__(self, d_in: int, hidden: int, d_out: int, depth: int, frozen: bool,
+                 unused_branch: bool) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.linspace(0.5, 1.5, d_in))
+        dims = [d_in] + [hidden] * depth + [d_out]
+        layers = []
+        for a, b in zip(dims[:-1], dims[1:]):
+            layers += [nn.Linear(a, b), nn.Tanh()]
+        self.body = nn.Sequential(*layers[:-1])
+        if frozen:
+            self.body[0].weight.requires_grad_(False)
+        self.branch = nn.Linear(d_in, d_out) if unused_branch else None
+
+    def forward(self, x):
+        y = self.body(x * self.scale)
+        if self.branch is not None and x[:, 0].sum() > 0:  # data-dependent: unused on some ranks
+            y = y + self.branch(x)
+        return y
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.heads = heads
+        # No bias: softmax ignores a key bias, so its gradient is zero up to rounding
+        # noise, which Adagrad's first step (g / |g|) turns into a random +-lr step.
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.proj = nn.Linear(d, d)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d + 1), nn.GELU(), nn.Linear(2 * d + 1, d))
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, d // self.heads).unbind(2)
+        att = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                             v.transpose(1, 2), is_causal=True)
+        x = x + self.proj(att.transpose(1, 2).reshape(b, t, d))
+        return x + self.mlp(self.ln2(x))
+
+
+class TinyTransformer(nn.Module):
+    """A GPT-like stack; with ``tied`` its input embedding is its output head."""
+
+    def __init__(self, vocab: int, d: int, heads: int, layers: int, seq: int, tied: bool,
+                 frozen: bool) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.pos = nn.Parameter(0.02 * torch.randn(seq, d))
+        self.blocks = nn.ModuleList(Block(d, heads) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+        if tied:
+            self.head.weight = self.emb.weight
+        if frozen:
+            self.pos.requires_grad_(False)
+
+    def forward(self, idx):
+        x = self.emb(idx) + self.pos[: idx.shape[1]]
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x))
+
+
+def build_model(spec: dict, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    if spec["kind"] == "mlp":
+        return MLP(spec["d_in"], spec["hidden"], spec["d_out"], spec["depth"], spec["frozen"],
+                   spec["unused_branch"])
+    return TinyTransformer(spec["vocab"], spec["d"], spec["heads"], spec["layers"], spec["seq"],
+                           spec["tied"], spec["frozen"])
+
+
+def make_batch(spec: dict, seed: int, rank: int, batch: int):
+    """One rank's micro-batch. For the MLP the first feature's sign follows the rank's
+    parity, so the data-dependent branch is used on even ranks only."""
+    g = torch.Generator().manual_seed(seed)
+    if spec["kind"] == "mlp":
+        x = torch.randn(batch, spec["d_in"], generator=g)
+        x[:, 0] = x[:, 0].abs() * (1 if rank % 2 == 0 else -1)
+        return x, torch.randn(batch, spec["d_out"], generator=g)
+    idx = torch.randint(0, spec["vocab"], (batch, spec["seq"] + 1), generator=g)
+    return idx[:, :-1], idx[:, 1:]
+
+
+def loss_fn(spec: dict, model: nn.Module, batch) -> torch.Tensor:
+    x, y = batch
+    out = model(x)
+    if spec["kind"] == "mlp":
+        return F.mse_loss(out, y)
+    return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))

@@ -1,0 +1,153 @@
+"""A pool of persistent gloo worker processes that runs test cases on ranks 0..k-1.
+
+Starting a rank costs seconds (mostly ``import torch``), so the pool starts four
+workers once per test session, joins them in one gloo process group, and builds
+sub-groups for world sizes 1-4. ``WorkerPool.run(fn, world_size, *args)`` sends a
+module-level function to ranks ``0..world_size-1``, calls it there as
+``fn(ctx, *args)`` and returns the per-rank results.
+
+Nothing waits without a limit: every call has a timeout, gloo collectives time
+out too, and a failing or silent rank tears the pool down and restarts it, so the
+next test starts on clean processes; the failing test gets each rank's traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import pickle
+import queue
+import tempfile
+import time
+import traceback
+
+import torch.multiprocessing as mp
+
+POOL_SIZE = 4
+COLLECTIVE_TIMEOUT_S = 60
+GRACE_AFTER_ERROR_S = 5  # how long to wait for the other ranks once one has failed
+
+
+@dataclasses.dataclass
+class RankContext:
+    rank: int
+    world_size: int
+    group: object  # the gloo sub-group of ranks 0..world_size-1
+
+
+class WorkerError(AssertionError):
+    """A case failed or timed out on some rank; the message has each rank's story."""
+
+
+def _worker_main(rank: int, size: int, init_file: str, tasks, results) -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"  # the machines have 2 cores for 4 ranks
+    os.environ["TORCH_CPP_LOG_LEVEL"] = "ERROR"  # DDP's find_unused_parameters advice
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=size,
+                            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+    groups = {k: dist.new_group(list(range(k))) for k in range(1, size + 1)}
+    results.put(("ready", rank, True, None))
+    try:
+        while True:
+            task = tasks.get()
+            if task is None:
+                break
+            call_id, fn, world_size, args = task
+            try:
+                out = fn(RankContext(rank, world_size, groups[world_size]), *args)
+                # Plain pickle: torch.multiprocessing's pickler would pass tensors
+                # through shared memory, which holds file descriptors open.
+                results.put((call_id, rank, True, pickle.dumps(out)))
+            except BaseException:  # noqa: BLE001 - the traceback goes to the test
+                results.put((call_id, rank, False, traceback.format_exc()))
+    finally:
+        dist.destroy_process_group()
+
+
+class WorkerPool:
+    def __init__(self, size: int = POOL_SIZE, start_timeout_s: float = 180) -> None:
+        self.size = size
+        self.start_timeout_s = start_timeout_s
+        self._call_id = 0
+        self._start()
+
+    def _start(self) -> None:
+        ctx = mp.get_context("spawn")
+        handle, self._init_file = tempfile.mkstemp(prefix="zeroshard-pool-")
+        os.close(handle)
+        os.unlink(self._init_file)  # FileStore wants a path that does not exist yet
+        self._tasks = [ctx.Queue() for _ in range(self.size)]
+        self._results = ctx.Queue()
+        self._procs = [ctx.Process(target=_worker_main, daemon=True,
+                                   args=(rank, self.size, self._init_file, self._tasks[rank],
+                                         self._results))
+                       for rank in range(self.size)]
+        for proc in self._procs:
+            proc.start()
+        ready = set()
+        deadline = time.monotonic() + self.start_timeout_s
+        while len(ready) < self.size:
+            try:
+                tag, rank, _, _ = self._results.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                self.shutdown(force=True)
+                raise WorkerError(f"worker pool did not start within {self.start_timeout_s}s "
+                                  f"(ready ranks: {sorted(ready)})") from None
+            if tag == "ready":
+                ready.add(rank)
+
+    def run(self, fn, world_size: int, *args, timeout: float = 120):
+        """Run ``fn(ctx, *args)`` on ranks 0..world_size-1; return the results in rank order."""
+        assert 1 <= world_size <= self.size, world_size
+        self._call_id += 1
+        for rank in range(world_size):
+            self._tasks[rank].put((self._call_id, fn, world_size, args))
+        outcomes: dict[int, tuple[bool, object]] = {}
+        deadline = time.monotonic() + timeout
+        while len(outcomes) < world_size:
+            remaining = deadline - time.monotonic()
+            try:
+                call_id, rank, ok, payload = self._results.get(timeout=max(0.05, remaining))
+            except queue.Empty:
+                break
+            if call_id != self._call_id:
+                continue  # a late answer to an earlier, already failed call
+            outcomes[rank] = (ok, payload)
+            if not ok:  # the others may be stuck in a collective: give them a moment only
+                deadline = min(deadline, time.monotonic() + GRACE_AFTER_ERROR_S)
+            if time.monotonic() > deadline:
+                break
+        if len(outcomes) == world_size and all(ok for ok, _ in outcomes.values()):
+            return [pickle.loads(outcomes[rank][1]) for rank in range(world_size)]
+        report = []
+        for rank in range(world_size):
+            if rank not in outcomes:
+                alive = self._procs[rank].is_alive()
+                report.append(f"--- rank {rank}: no answer ({'alive' if alive else 'dead'}, "
+                              f"timeout {timeout}s)")
+            elif not outcomes[rank][0]:
+                report.append(f"--- rank {rank} raised:\n{outcomes[rank][1]}")
+        self.restart()
+        raise WorkerError(f"{fn.__name__} failed on world size {world_size}:\n" + "\n".join(report))
+
+    def restart(self) -> None:
+        self.shutdown(force=True)
+        self._start()
+
+    def shutdown(self, force: bool = False) -> None:
+        if not force:
+            for tasks in self._tasks:
+                tasks.put(None)
+            for proc in self._procs:
+                proc.join(timeout=10)
+        for proc in self._procs:
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout=10)
+        if os.path.exists(self._init_file):
+            os.unlink(self._init_file)

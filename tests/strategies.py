@@ -1,0 +1,51 @@
+"""Hypothesis strategies that draw a whole training case (a picklable dict)."""
+
+from hypothesis import strategies as st
+
+OPTIMIZER_KWARGS = {
+    "SGD": st.fixed_dictionaries({
+        "lr": st.sampled_from([0.05, 0.1]), "momentum": st.sampled_from([0.0, 0.9]),
+        "weight_decay": st.sampled_from([0.0, 0.01])}),
+    "Adam": st.fixed_dictionaries({"lr": st.sampled_from([1e-3, 1e-2]),
+                                   "weight_decay": st.sampled_from([0.0, 0.1])}),
+    "AdamW": st.fixed_dictionaries({"lr": st.sampled_from([1e-3, 1e-2]),
+                                    "weight_decay": st.sampled_from([0.0, 0.1])}),
+    "Adagrad": st.fixed_dictionaries({"lr": st.sampled_from([0.01, 0.1])}),
+    "RMSprop": st.fixed_dictionaries({"lr": st.sampled_from([1e-3, 1e-2]),
+                                      "momentum": st.sampled_from([0.0, 0.9])}),
+}
+
+mlp_specs = st.fixed_dictionaries({
+    "kind": st.just("mlp"), "d_in": st.integers(3, 9), "hidden": st.integers(5, 17),
+    "d_out": st.integers(1, 5), "depth": st.integers(1, 3), "frozen": st.booleans(),
+    "unused_branch": st.booleans()})
+
+transformer_specs = st.fixed_dictionaries({
+    "kind": st.just("transformer"), "vocab": st.integers(11, 23), "d": st.sampled_from([8, 12]),
+    "heads": st.just(2), "layers": st.integers(1, 2), "seq": st.integers(3, 7),
+    "tied": st.booleans(), "frozen": st.booleans()})
+
+
+@st.composite
+def training_cases(draw, stages=(1, 2), world_sizes=(1, 2, 3, 4)):
+    optimizer = draw(st.sampled_from(sorted(OPTIMIZER_KWARGS)))
+    opt_kwargs = draw(OPTIMIZER_KWARGS[optimizer])
+    if optimizer == "SGD" and opt_kwargs["momentum"] > 0:
+        opt_kwargs["nesterov"] = draw(st.booleans())
+    return {
+        "model": draw(st.one_of(mlp_specs, transformer_specs)),
+        "world_size": draw(st.sampled_from(world_sizes)),
+        "stage": draw(st.sampled_from(stages)),
+        "optimizer": optimizer,
+        "opt_kwargs": opt_kwargs,
+        "groups": draw(st.booleans()),
+        # one parameter per bucket ... everything in one bucket
+        "bucket_mb": draw(st.sampled_from([1e-6, 5e-4, 25])),
+        "scheduler": draw(st.booleans()),
+        "accum": draw(st.integers(1, 3)),
+        "no_sync": draw(st.booleans()),
+        "clip": draw(st.sampled_from([None, 0.05, 10.0])),  # 0.05 is always active
+        "steps": draw(st.integers(2, 3)),
+        "batch": draw(st.integers(2, 4)),
+        "record_peak": True,
+    }

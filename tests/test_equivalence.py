@@ -1,0 +1,126 @@
+"""Stages 1 and 2 against torch DDP and single-process training, drawn by hypothesis.
+
+Each example trains one case three ways on every rank (tests/cases.py) and checks
+DESIGN.md's invariants: equal parameters, losses and clipped norms every step; all
+ranks identical; exactly 2Ψ of communication per step; memory as the stage promises.
+"""
+
+import torch
+from hypothesis import given, settings
+
+import cases
+from strategies import training_cases
+
+FP32 = 4
+
+
+def tolerances(case):
+    """SGD: fp32 reduction-order noise. Adaptive optimizers divide by sqrt(v), which
+    magnifies that noise on near-zero gradients, so they get an absolute bound set
+    far below one learning-rate step (a sharding bug moves parameters by whole steps)."""
+    if case["optimizer"] == "SGD":
+        return {"rtol": 1e-5, "atol": 1e-6}
+    return {"rtol": 0, "atol": 1e-3 * case["opt_kwargs"]["lr"]}
+
+
+def check_matches_references(results, case):
+    tol = tolerances(case)
+    for rank, res in enumerate(results):
+        for step in range(case["steps"]):
+            where = f"rank {rank}, step {step}"
+            torch.testing.assert_close(res["zero"][step], res["ddp"][step], **tol,
+                                       msg=lambda m: f"zeroshard vs DDP, {where}: {m}")
+            torch.testing.assert_close(res["zero"][step], res["single"][step], **tol,
+                                       msg=lambda m: f"zeroshard vs single process, {where}: {m}")
+            assert res["zero_loss"][step] == _approx(res["ddp_loss"][step]), where
+            if case["clip"] is not None:
+                assert res["zero_norm"][step] == _approx(res["ddp_norm"][step]), where
+                assert res["zero_norm"][step] == _approx(res["single_norm"][step]), where
+        # mean of the ranks' losses is the single-process loss on the global batch
+    mean_loss = sum(r["zero_loss"][-1] for r in results) / len(results)
+    assert mean_loss == _approx(results[0]["single_loss"][-1])
+    assert results[0]["lrs"] == _approx(results[0]["ddp_lrs"])
+    # the case trained at all: a test that moves nothing would pass vacuously
+    assert not torch.equal(results[0]["zero"][-1], results[0]["initial"])
+
+
+def check_ranks_agree(results, case):
+    for step in range(case["steps"]):
+        for rank, res in enumerate(results[1:], start=1):
+            assert torch.equal(res["zero"][step], results[0]["zero"][step]), (rank, step)
+
+
+def check_comm_per_step(results, case):
+    """2Ψ per step: reduce-scatter Ψ per synced backward plus all-gather Ψ, fp32 bytes,
+    with at most N-1 elements of padding per bucket."""
+    n, res = case["world_size"], results[0]
+    psi, padding = res["psi"], res["n_buckets"] * (n - 1)
+    synced_backwards = 1 if case["no_sync"] else case["accum"]
+    for step, comm in enumerate(res["comm"]):
+        assert FP32 * psi <= comm["all_gather"] <= FP32 * (psi + padding), (step, comm)
+        assert comm["reduce_scatter"] == synced_backwards * comm["all_gather"], (step, comm)
+        assert comm["all_reduce"] == (FP32 if case["clip"] is not None else 0), comm
+        assert comm["broadcast"] == 0, comm
+
+
+def check_memory(results, case):
+    n, stage = case["world_size"], case["stage"]
+    for res in results:
+        psi, padded_max = res["psi"], res["psi"] + res["n_buckets"] * (n - 1)
+        mem = res["mem"][-1]  # after the last backward, before step()
+        assert FP32 * res["psi_all"] <= mem["parameters"] <= FP32 * (res["psi_all"] + padded_max - psi)
+        shard_lo, shard_hi = FP32 * psi / n, FP32 * padded_max / n
+        full = FP32 * psi if stage == 1 else 0  # stage 1 keeps full gradient buffers too
+        full_hi = FP32 * padded_max if stage == 1 else 0
+        assert full + shard_lo <= mem["gradients"] <= full_hi + shard_hi, (stage, mem)
+        assert mem["master_parameters"] == 0  # fp32: the shard is a view of the parameters
+        # Optimizer state is 1/N of what the same torch optimizer holds under DDP.
+        per_element = res["ddp_state_bytes"] / psi
+        scalars = 8 * res["n_buckets"]  # e.g. Adam's `step`, one per shard tensor
+        states = res["final_mem"]["optimizer_states"]
+        assert res["ddp_state_bytes"] / n <= states <= per_element * padded_max / n + scalars
+        if stage == 2:
+            assert res["final_mem"]["gradients"] == 0  # zero_grad() dropped the shards
+
+
+def check_stage2_peak(results, case):
+    """During backward, stage 2 holds the shards plus at most two buckets (one filling,
+    one in flight) of each param group, plus the gradient autograd just produced."""
+    if case["stage"] != 2 or case["no_sync"] or case["model"].get("unused_branch"):
+        return  # no_sync keeps full gradients by design; an unused branch holds its bucket
+    n = case["world_size"]
+    cap = case["bucket_mb"] * 2**20
+    groups = 2 if case["groups"] else 1
+    for res in results:
+        bucket_hi = max(cap, res["largest_param_bytes"]) + FP32 * (n - 1)
+        shards_hi = FP32 * (res["psi"] + res["n_buckets"] * (n - 1)) / n
+        bound = shards_hi + 2 * groups * bucket_hi + res["largest_param_bytes"]
+        assert 0 < res["peak_grad_bytes"] <= bound, (res["peak_grad_bytes"], bound)
+
+
+@given(training_cases())
+def test_zeroshard_equals_ddp_and_single_process(pool, case):
+    results = pool.run(cases.train_side_by_side, case["world_size"], case)
+    check_matches_references(results, case)
+    check_ranks_agree(results, case)
+    check_comm_per_step(results, case)
+    check_memory(results, case)
+    check_stage2_peak(results, case)
+
+
+@settings(max_examples=6)
+@given(training_cases(stages=(1,)))
+def test_stage1_and_stage2_agree(pool, case):
+    one = pool.run(cases.train_side_by_side, case["world_size"], case)
+    two = pool.run(cases.train_side_by_side, case["world_size"], {**case, "stage": 2})
+    for a, b in zip(one, two):
+        for step in range(case["steps"]):
+            if case["accum"] == 1 or case["no_sync"]:  # the same single reduction of the same sum
+                assert torch.equal(a["zero"][step], b["zero"][step]), step
+            else:  # stage 1 reduces the sum, stage 2 sums the reductions
+                torch.testing.assert_close(a["zero"][step], b["zero"][step], **tolerances(case))
+
+
+def _approx(x):
+    import pytest
+    return pytest.approx(x, rel=1e-5, abs=1e-6)

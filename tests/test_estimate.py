@@ -1,0 +1,25 @@
+"""The estimator against the ZeRO paper's Table 1 (7.5B parameters, N=64, K=12)."""
+
+
+import pytest
+
+import zeroshard
+
+GB = 1e9
+
+
+@pytest.mark.parametrize("stage,expected_gb", [(0, 120), (1, 31.4), (2, 16.6), (3, 1.88)])
+def test_paper_table_1(stage, expected_gb):
+    got = zeroshard.estimate_memory(7.5e9, 64, stage) / GB
+    assert got == pytest.approx(expected_gb, abs=0.05)
+
+
+def test_fp32_adam_is_16_bytes_per_parameter_under_dp():
+    table = zeroshard.estimate_memory(1000, 4, param_bytes=4, grad_bytes=4, optimizer_bytes=8)
+    assert table["dp"] == 16000
+    assert table[3] == 4000
+
+
+def test_bad_stage_names_the_value():
+    with pytest.raises(ValueError, match="got 5"):
+        zeroshard.estimate_memory(10, 2, 5)

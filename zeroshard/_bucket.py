@@ -1,0 +1,92 @@
+"""FlatBucket: parameters that communicate together.
+
+A bucket owns one flat buffer (1-D, padded to a multiple of the world size) and
+turns its parameters into views of it, so the same ``nn.Parameter`` objects stay in
+the model (user code, tied weights and ``named_parameters()`` keep working) while
+one collective moves all of them at once. ``shard`` is this rank's slice of the
+buffer: the tensor the inner optimizer steps on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ._layout import FlatLayout
+
+
+class FlatBucket:
+    """Parameters of one param group, dtype, device and ``requires_grad`` value."""
+
+    def __init__(self, params: Sequence[nn.Parameter], group_index: int, rank: int,
+                 world_size: int) -> None:
+        first = params[0]
+        assert all(p.dtype == first.dtype and p.device == first.device for p in params)
+        self.params = list(params)
+        self.group_index = group_index
+        self.rank = rank
+        self.layout = FlatLayout(tuple(p.numel() for p in params), world_size)
+        self.flat = torch.zeros(self.layout.padded_numel, dtype=first.dtype,
+                                device=first.device)  # 1-D, padded to a multiple of world size
+        with torch.no_grad():
+            for index, param in enumerate(self.params):
+                view = self.param_view(self.flat, index)
+                view.copy_(param)
+                param.data = view
+        shard = self.layout.shard_range(rank)
+        self.shard = self.flat[shard.start:shard.stop]  # this rank's elements, a view of flat
+        self.grad_shard: torch.Tensor | None = None  # reduced gradient of `shard`
+        self.ready: set[int] = set()  # params whose gradient arrived in this backward
+
+    def param_view(self, flat: torch.Tensor, index: int) -> torch.Tensor:
+        """Parameter ``index``'s elements of ``flat`` (any buffer of this layout), shaped like it."""
+        span = self.layout.param_range(index)
+        return flat[span.start:span.stop].view(self.params[index].shape)
+
+    @property
+    def all_ready(self) -> bool:
+        return len(self.ready) == len(self.params)
+
+    def set_grad_shard(self, grad: torch.Tensor | None) -> None:
+        """Install the reduced gradient where the inner optimizer looks for it."""
+        self.grad_shard = grad
+        self.shard.grad = grad
+
+    def nbytes(self) -> int:
+        return self.flat.numel() * self.flat.element_size()
+
+
+def build_buckets(params: Sequence[tuple[nn.Parameter, int]], bucket_bytes: int, rank: int,
+                  world_size: int) -> list[FlatBucket]:
+    """Group ``(parameter, group_index)`` pairs, given in model order, into buckets.
+
+    Parameters are taken in reverse model order, roughly the order in which backward
+    produces their gradients, so the first bucket is the first to become ready. Each
+    (group, dtype, device) has one open bucket. When adding a parameter would take
+    its bucket past ``bucket_bytes``, every open bucket closes, not only that one:
+    buckets then hold parameters of one region of the model, and a bucket of small
+    parameters (biases in their own group, say) cannot span the whole model and
+    keep every bucket behind it waiting until backward ends. A parameter larger
+    than ``bucket_bytes`` gets a bucket of its own. The order of the returned list,
+    by each bucket's first parameter, is the fixed order in which every rank
+    launches the buckets' collectives.
+    """
+    open_buckets: dict[tuple, list[nn.Parameter]] = {}
+    ordered: list[tuple[int, list[nn.Parameter]]] = []
+    for param, group_index in reversed(list(params)):
+        key = (group_index, param.dtype, param.device)
+        members = open_buckets.get(key)
+        if members is not None and _bytes(members) + _bytes([param]) > bucket_bytes:
+            open_buckets.clear()
+            members = None
+        if members is None:
+            members = open_buckets[key] = []
+            ordered.append((group_index, members))
+        members.append(param)
+    return [FlatBucket(members, group_index, rank, world_size) for group_index, members in ordered]
+
+
+def _bytes(params: Sequence[nn.Parameter]) -> int:
+    return sum(p.numel() * p.element_size() for p in params)

@@ -1,0 +1,175 @@
+"""What stages 1 and 2 share: gradient-ready hooks, one launch order, the end-of-backward flush.
+
+A stage module subclasses ``ShardedStage`` and decides only where gradients live
+(the ``collect`` / ``fill_missing`` / ``launch`` / ``finalize`` methods); the order
+in which collectives are issued is fixed here, once, for every stage.
+
+Note [launch order]:
+    Every rank must issue the same collectives in the same order, or they hang.
+    Backward may finish parameters in a different order on different ranks (and a
+    data-dependent branch may leave a parameter without gradient on one rank only),
+    so buckets never launch in the order they become ready. They launch in the
+    fixed list order of ``self.buckets``: a bucket that is ready waits until all
+    buckets ahead of it have launched. At the end of backward a callback launches
+    the buckets still waiting, treating gradients that never arrived as zero. So
+    all ranks issue one reduce-scatter per bucket, in list order, every synced
+    backward, whatever their data did.
+
+Note [end of backward]:
+    The end-of-backward callback is queued (``queue_callback``) from a hook on the
+    model's forward outputs, which fires at the start of every backward that goes
+    through the model, even on a rank where no parameter receives a gradient. A
+    parameter hook queues it too, for a backward that does not start at the
+    model's outputs. Queued from the outer backward, the callback runs after it,
+    not after a nested backward such as reentrant activation checkpointing's.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.autograd import Variable
+from torch.utils._pytree import tree_flatten
+
+from . import _comm
+from ._bucket import FlatBucket
+
+
+class TrainingState(enum.Enum):
+    IDLE = "idle"
+    BACKWARD = "backward"  # the end-of-backward callback is queued
+
+
+class ShardedStage:
+    """Buckets of trainable parameters whose gradients are reduce-scattered into shards."""
+
+    stage: int  # set by each subclass
+
+    def __init__(self, model: nn.Module, buckets: Sequence[FlatBucket], group,
+                 stats: _comm.CommStats) -> None:
+        self.model = model
+        self.buckets = list(buckets)
+        self.group = group
+        self.stats = stats
+        self.label = f"stage{self.stage}"
+        self.require_sync = True  # False inside ZeroOptimizer.no_sync()
+        self.state = TrainingState.IDLE
+        self._next_launch = 0  # index of the first bucket not yet launched this backward
+        self._in_flight: list[tuple[FlatBucket, object, torch.Tensor]] = []
+        self._position = {id(bucket): i for i, bucket in enumerate(self.buckets)}
+        self._handles = [model.register_forward_hook(self._arm_backward_end)]
+        for bucket in self.buckets:
+            for index, param in enumerate(bucket.params):
+                self._handles.append(param.register_post_accumulate_grad_hook(
+                    self._make_grad_hook(bucket, index)))
+
+    # -- what a stage decides ---------------------------------------------------------
+
+    def collect(self, bucket: FlatBucket, index: int) -> None:
+        """Parameter ``index`` of ``bucket`` holds its accumulated gradient in ``.grad``."""
+        raise NotImplementedError
+
+    def fill_missing(self, bucket: FlatBucket, index: int) -> None:
+        """Backward ended without a gradient for this parameter; its share is what .grad holds."""
+        raise NotImplementedError
+
+    def launch(self, bucket: FlatBucket) -> tuple[object, torch.Tensor]:
+        """Start the bucket's reduce-scatter; return (work handle, output shard)."""
+        raise NotImplementedError
+
+    def finalize(self, bucket: FlatBucket, reduced: torch.Tensor) -> None:
+        """The reduce-scatter into ``reduced`` has completed."""
+        raise NotImplementedError
+
+    def zero_grad(self) -> None:
+        raise NotImplementedError
+
+    def gradient_tensors(self) -> list[torch.Tensor]:
+        """Every gradient tensor this stage keeps alive, for memory_report()."""
+        raise NotImplementedError
+
+    # -- hooks ------------------------------------------------------------------------
+
+    def _arm_backward_end(self, module, inputs, output) -> None:
+        for tensor in tree_flatten(output)[0]:
+            if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
+                tensor.register_hook(self._on_backward_start)
+
+    def _on_backward_start(self, grad: torch.Tensor) -> None:
+        if self.state is TrainingState.IDLE:
+            self.state = TrainingState.BACKWARD
+            Variable._execution_engine.queue_callback(self._on_backward_end)
+
+    def _make_grad_hook(self, bucket: FlatBucket, index: int):
+        def hook(param: nn.Parameter) -> None:
+            self._on_backward_start(param.grad)
+            self.collect(bucket, index)
+            if self.require_sync:
+                self._mark_ready(bucket, index)
+        return hook
+
+    def _mark_ready(self, bucket: FlatBucket, index: int) -> None:
+        if self._position[id(bucket)] < self._next_launch:
+            name = tuple(bucket.params[index].shape)
+            raise RuntimeError(
+                f"a parameter of shape {name} received a second gradient in one backward after "
+                "its bucket was reduced (this happens when a parameter is used both inside and "
+                "outside reentrant activation checkpointing); use "
+                "torch.utils.checkpoint(..., use_reentrant=False)")
+        bucket.ready.add(index)
+        # Note [launch order]: launch every bucket at the front of the list that is ready.
+        while self._next_launch < len(self.buckets) and self.buckets[self._next_launch].all_ready:
+            self._launch_next()
+
+    def _launch_next(self) -> None:
+        bucket = self.buckets[self._next_launch]
+        self._next_launch += 1
+        work, reduced = self.launch(bucket)
+        self._in_flight.append((bucket, work, reduced))
+
+    def _on_backward_end(self) -> None:
+        """Note [end of backward]: flush buckets that are still waiting, then wait for all."""
+        if self.require_sync:
+            while self._next_launch < len(self.buckets):
+                bucket = self.buckets[self._next_launch]
+                for index in range(len(bucket.params)):
+                    if index not in bucket.ready:
+                        self.fill_missing(bucket, index)
+                        bucket.ready.add(index)
+                self._launch_next()
+            self.wait_in_flight()
+        for bucket in self.buckets:
+            bucket.ready.clear()
+        self._next_launch = 0
+        self.state = TrainingState.IDLE
+
+    def wait_in_flight(self) -> None:
+        """Wait for launched reduce-scatters and hand their results to the stage (idempotent)."""
+        while self._in_flight:
+            bucket, work, reduced = self._in_flight.pop(0)
+            work.wait()
+            self.finalize(bucket, reduced)
+
+    # -- after the optimizer step -----------------------------------------------------
+
+    def gather_params(self) -> None:
+        """All-gather each bucket's updated shard into its flat buffer (the parameters)."""
+        works = [_comm.all_gather(b.flat, b.shard, group=self.group, stats=self.stats,
+                                  label=self.label, async_op=True) for b in self.buckets]
+        _comm.wait_all(works)
+
+    def reduce_scatter(self, bucket: FlatBucket, flat_grad: torch.Tensor):
+        """Average ``flat_grad`` over ranks; this rank's shard lands in a new tensor."""
+        reduced = torch.empty_like(bucket.shard)
+        work = _comm.reduce_scatter(reduced, flat_grad, group=self.group, stats=self.stats,
+                                    label=self.label, op=dist.ReduceOp.AVG, async_op=True)
+        return work, reduced
+
+    def remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()

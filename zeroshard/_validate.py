@@ -1,0 +1,118 @@
+"""Checks on ZeroOptimizer's arguments.
+
+Every check here is local and deterministic, so each rank raises the same error
+before ZeroOptimizer issues its first collective: bad input never leaves one rank
+waiting in a broadcast that the others will not join.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# Optimizers whose update of each element depends only on that element's gradient
+# and state (and on scalars such as the step count): running them on a flat 1-D
+# shard of many parameters gives the same update as running them per parameter.
+ELEMENTWISE_OPTIMIZERS: tuple[type, ...] = tuple(
+    getattr(torch.optim, name) for name in
+    ("SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adamax", "NAdam", "RAdam", "ASGD", "Rprop")
+    if hasattr(torch.optim, name))
+
+
+def check_stage(stage) -> None:
+    if stage not in (1, 2, 3) or isinstance(stage, bool):
+        raise ValueError(f"stage must be 1, 2 or 3, got {stage!r}")
+
+
+def check_model(model) -> None:
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        raise TypeError(
+            "model is wrapped in DistributedDataParallel; ZeroOptimizer does the gradient "
+            "reduction itself: pass the plain module (ddp_model.module) instead")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+
+
+def check_optimizer_class(optimizer_class) -> None:
+    if not isinstance(optimizer_class, type) or not issubclass(optimizer_class, torch.optim.Optimizer):
+        raise TypeError(
+            f"optimizer_class must be a torch.optim.Optimizer subclass such as torch.optim.AdamW "
+            f"(the class, not an instance), got {optimizer_class!r}")
+    if issubclass(optimizer_class, ELEMENTWISE_OPTIMIZERS):
+        return
+    if getattr(optimizer_class, "zeroshard_elementwise", False):
+        return
+    raise TypeError(
+        f"{optimizer_class.__name__} is not a known element-wise optimizer: ZeroOptimizer steps "
+        "the optimizer on flat shards that cut across parameters, which is only correct when "
+        "each element's update depends on that element's own gradient and state alone. Use one "
+        f"of {', '.join(c.__name__ for c in ELEMENTWISE_OPTIMIZERS)}; if {optimizer_class.__name__} "
+        "is element-wise, set `zeroshard_elementwise = True` on the class")
+
+
+def check_units(units, stage: int) -> None:
+    if units is not None and stage != 3:
+        raise ValueError(
+            f"units={units!r} only applies to stage 3 (stage {stage} keeps parameters whole); "
+            "drop the units argument or use stage=3")
+
+
+def check_bucket_size(bucket_size_mb) -> None:
+    if not isinstance(bucket_size_mb, (int, float)) or not bucket_size_mb > 0:
+        raise ValueError(f"bucket_size_mb must be a positive number, got {bucket_size_mb!r}")
+
+
+def check_devices(model: nn.Module) -> None:
+    devices = {p.device for p in model.parameters()}
+    if len(devices) > 1:
+        raise ValueError(
+            f"the model's parameters are on several devices ({sorted(map(str, devices))}); "
+            "ZeroOptimizer shards one device per rank: move the model with model.to(device)")
+
+
+def normalize_param_groups(model: nn.Module, param_groups) -> list[dict]:
+    """torch-style groups (None, an iterable of parameters, or of dicts) as a list of dicts.
+
+    Every parameter that requires grad must be in exactly one group: a gradient that
+    is reduced but never applied would be work for nothing, so it is an error.
+    """
+    # Keyed by id(): tensors compare element-wise, so they make poor dict keys.
+    names = {id(param): name for name, param in model.named_parameters()}
+    if param_groups is None:
+        return [{"params": list(model.parameters())}]
+    groups = list(param_groups)
+    if not groups:
+        raise ValueError("param_groups is empty; pass None to optimize all of model's parameters")
+    if all(isinstance(g, torch.Tensor) for g in groups):
+        groups = [{"params": groups}]
+    result, owner = [], {}
+    for index, group in enumerate(groups):
+        if not isinstance(group, dict) or "params" not in group:
+            raise TypeError(f"param_groups[{index}] must be a dict with a 'params' entry, "
+                            f"got {type(group).__name__}")
+        params = group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        for position, param in enumerate(params):
+            _check_group_member(param, index, position, names, owner)
+        result.append({**group, "params": params})
+    missing = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in owner]
+    if missing:
+        raise ValueError(
+            f"parameters {missing} require grad but are in no param group; add them to a "
+            "group, or call requires_grad_(False) on them")
+    return result
+
+
+def _check_group_member(param, index: int, position: int, names: dict, owner: dict) -> None:
+    where = f"param_groups[{index}]['params'][{position}]"
+    if not isinstance(param, torch.Tensor) or id(param) not in names:
+        shape = tuple(param.shape) if isinstance(param, torch.Tensor) else type(param).__name__
+        raise ValueError(
+            f"{where} (shape {shape}) is not a parameter of model; param_groups may only name "
+            "tensors from model.parameters()")
+    if id(param) in owner:
+        raise ValueError(
+            f"{where} is parameter {names[id(param)]!r}, already named in "
+            f"param_groups[{owner[id(param)]}]; list each parameter in exactly one group")
+    owner[id(param)] = index
+

@@ -1,0 +1,64 @@
+"""Memory: the ZeRO paper's formula, and a live count of what a rank really holds.
+
+``estimate_memory`` is Table 1 / §7 of Rajbhandari et al. (2020): per-rank bytes of
+model states for plain data parallel and ZeRO stages 1-3. ``storage_bytes`` counts
+real tensor storages, each storage once, which is what ``memory_report()`` reports.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+CATEGORIES = ("parameters", "gradients", "optimizer_states", "master_parameters")
+
+
+def estimate_memory(num_params: float, world_size: int, stage: int | None = None, *,
+                    param_bytes: int = 2, grad_bytes: int = 2,
+                    optimizer_bytes: int = 12) -> dict:
+    """Per-rank bytes of model states, by the ZeRO paper's formula.
+
+    The defaults are mixed-precision Adam: 2-byte parameters and gradients and K=12
+    bytes of optimizer state per parameter (fp32 master weight, momentum, variance).
+    For fp32 Adam pass ``param_bytes=4, grad_bytes=4, optimizer_bytes=8``.
+
+    With ``stage=None`` returns ``{"dp": ..., 1: ..., 2: ..., 3: ...}``; with a stage,
+    that stage's figure alone (``stage=0`` is plain data parallel).
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    psi, n = float(num_params), world_size
+    params, grads, states = param_bytes * psi, grad_bytes * psi, optimizer_bytes * psi
+    table = {
+        "dp": params + grads + states,
+        1: params + grads + states / n,
+        2: params + (grads + states) / n,
+        3: (params + grads + states) / n,
+    }
+    if stage is None:
+        return table
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"stage must be 0 (plain data parallel), 1, 2 or 3; got {stage!r}")
+    return table["dp" if stage == 0 else stage]
+
+
+def storage_key(tensor: torch.Tensor) -> tuple[int, int]:
+    storage = tensor.untyped_storage()
+    return storage.data_ptr(), storage.nbytes()
+
+
+def storage_bytes(tensors: Iterable[torch.Tensor], seen: set | None = None) -> int:
+    """Bytes of the distinct storages behind ``tensors``, skipping those already in ``seen``.
+
+    ``seen`` is updated, so one set passed to several calls counts each storage once
+    across all of them.
+    """
+    seen = set() if seen is None else seen
+    total = 0
+    for tensor in tensors:
+        key = storage_key(tensor)
+        if key[1] and key not in seen:
+            seen.add(key)
+            total += key[1]
+    return total

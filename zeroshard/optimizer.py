@@ -1,0 +1,245 @@
+"""ZeroOptimizer: validates, builds buckets, chooses the stage, owns the inner optimizer."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import _comm, _validate
+from ._bucket import FlatBucket, build_buckets
+from .memory import storage_bytes
+from .mixed_precision import MixedPrecision
+from .stage1 import Stage1
+from .stage2 import Stage2
+
+_STAGES = {1: Stage1, 2: Stage2}
+_STATE_DICT_VERSION = 1
+
+
+class ZeroOptimizer(torch.optim.Optimizer):
+    """Data-parallel training with ZeRO-partitioned model states, as a drop-in optimizer.
+
+    Build it over a plain ``nn.Module`` (not wrapped in DDP) on every rank; it
+    broadcasts rank 0's parameters and buffers, then shards the optimizer states
+    (stage 1) and gradients (stage 2) of ``optimizer_class`` across the ranks of
+    ``process_group``. Gradients are averaged over ranks during ``backward()``, as
+    with DistributedDataParallel, and ``step()`` leaves every rank with the same
+    full parameters.
+
+    Where the reduced gradient lives: in the shards, not in ``p.grad``. Stage 1
+    keeps full-size gradient buffers (its memory profile), but after backward
+    ``p.grad`` holds this rank's local, unreduced gradient (a view of that buffer,
+    zeroed in place by ``zero_grad()``); stage 2 leaves ``p.grad`` None. Use
+    ``clip_grad_norm_`` of this optimizer for the global gradient norm, not
+    ``torch.nn.utils.clip_grad_norm_(model.parameters())``.
+
+    ``param_groups`` are live: ``torch.optim.lr_scheduler`` works unchanged, and a
+    change to a group's hyper-parameters applies to the next ``step()``. Keyword
+    arguments other than the ones below go to ``optimizer_class``. Call
+    ``zero_grad()`` of this optimizer (not only ``model.zero_grad()``) between steps:
+    the reduced gradient shards live here.
+
+    A parameter that gets no gradient on any rank in a step counts as having a zero
+    gradient (its bucket is reduced all the same), so weight decay and momentum
+    still move it, where plain PyTorch would skip it.
+    """
+
+    def __init__(self, model: nn.Module, optimizer_class: type[torch.optim.Optimizer], stage: int = 1,
+                 param_groups=None, process_group=None, units=None, reshard_after_forward: bool = True,
+                 mixed_precision: MixedPrecision | None = None, bucket_size_mb: float = 25,
+                 **optimizer_kwargs) -> None:
+        self._constructed = False
+        # Validation first: every check is local, so every rank raises the same error
+        # before the first collective (the broadcast below).
+        _validate.check_model(model)
+        _validate.check_stage(stage)
+        _validate.check_units(units, stage)
+        _validate.check_optimizer_class(optimizer_class)
+        _validate.check_bucket_size(bucket_size_mb)
+        _validate.check_devices(model)
+        if mixed_precision is not None and not isinstance(mixed_precision, MixedPrecision):
+            raise TypeError(f"mixed_precision must be a zeroshard.MixedPrecision or None, "
+                            f"got {mixed_precision!r}")
+        if mixed_precision is not None:
+            raise NotImplementedError("mixed_precision is not implemented yet; train in the "
+                                      "model's own dtype (mixed_precision=None)")
+        if stage == 3:
+            raise NotImplementedError("stage 3 is not implemented yet; use stage=1 or stage=2")
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("torch.distributed is not initialized; call "
+                               "torch.distributed.init_process_group(...) before ZeroOptimizer")
+        groups = _validate.normalize_param_groups(model, param_groups)
+
+        self._model = model
+        self._group = process_group if process_group is not None else dist.group.WORLD
+        self._rank = dist.get_rank(self._group)
+        self._world_size = dist.get_world_size(self._group)
+        self.stage = stage
+        self.comm_stats = _comm.CommStats()
+
+        group_of = {id(p): i for i, g in enumerate(groups) for p in g["params"]}
+        trainable = [(p, group_of[id(p)]) for p in model.parameters() if p.requires_grad]
+        self._buckets: list[FlatBucket] = build_buckets(
+            trainable, int(bucket_size_mb * 2**20), self._rank, self._world_size)
+        self._inner = optimizer_class(
+            [{**_hyperparameters(g), "params": [b.shard for b in self._buckets if b.group_index == i]}
+             for i, g in enumerate(groups)],
+            **optimizer_kwargs)
+        # The outer groups show the model's own parameters with every hyper-parameter
+        # of the inner groups (defaults filled in), so schedulers find what they expect.
+        outer = [{**_hyperparameters(inner), "params": g["params"]}
+                 for g, inner in zip(groups, self._inner.param_groups)]
+        super().__init__(outer, self._inner.defaults)
+
+        self._broadcast_from_rank0()
+        self._stage = _STAGES[stage](model, self._buckets, self._group, self.comm_stats)
+        self._constructed = True
+
+    def _broadcast_from_rank0(self) -> None:
+        """All ranks start from rank 0's parameters and buffers, as with DDP."""
+        bucketed = {id(p) for b in self._buckets for p in b.params}
+        tensors = [b.flat for b in self._buckets]
+        tensors += [p.data for p in self._model.parameters() if id(p) not in bucketed]
+        tensors += list(self._model.buffers())
+        works = [_comm.broadcast(t, group=self._group, stats=self.comm_stats, label="init",
+                                 async_op=True) for t in tensors]
+        _comm.wait_all(works)
+
+    # -- the training loop ------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Backward calls inside accumulate gradients locally, with no communication.
+
+        Same meaning as DDP's ``no_sync``: the first backward after the block reduces
+        everything accumulated since ``zero_grad()``.
+        """
+        previous, self._stage.require_sync = self._stage.require_sync, False
+        try:
+            yield
+        finally:
+            self._stage.require_sync = previous
+
+    @contextlib.contextmanager
+    def summon_full_params(self):
+        """Inside, every parameter holds its full current value.
+
+        Stages 1 and 2 keep parameters whole at all times, so there is nothing to
+        gather. Write the same value on every rank: the next step's all-gather
+        overwrites what a rank does not own.
+        """
+        yield
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        """Clip the reduced gradients by their global norm over all shards; return that norm.
+
+        Returns the value ``torch.nn.utils.clip_grad_norm_`` would return on the
+        DDP-reduced gradients of the model's parameters.
+        """
+        norm_type = float(norm_type)
+        if not (norm_type > 0):
+            raise ValueError(f"norm_type must be positive or inf, got {norm_type}")
+        self._stage.wait_in_flight()
+        grads = [b.grad_shard for b in self._buckets if b.grad_shard is not None]
+        device = self._buckets[0].flat.device if self._buckets else torch.device("cpu")
+        local = torch.zeros((), dtype=torch.float32, device=device)
+        if math.isinf(norm_type):
+            for grad in grads:
+                local = torch.maximum(local, grad.abs().max().float())
+            op = dist.ReduceOp.MAX
+        else:
+            for grad in grads:
+                local += torch.linalg.vector_norm(grad, norm_type, dtype=torch.float32) ** norm_type
+            op = dist.ReduceOp.SUM
+        _comm.all_reduce(local, group=self._group, stats=self.comm_stats,
+                         label=self._stage.label, op=op)
+        total = local if math.isinf(norm_type) else local ** (1.0 / norm_type)
+        clip_coef = (float(max_norm) / (total + 1e-6)).clamp(max=1.0)
+        for grad in grads:
+            grad.mul_(clip_coef.to(grad.dtype))
+        return total
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Step the inner optimizer on this rank's shards, then all-gather the parameters."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._stage.wait_in_flight()
+        for outer, inner in zip(self.param_groups, self._inner.param_groups):
+            inner.update(_hyperparameters(outer))  # the outer groups are live (schedulers)
+        self._inner.step()
+        self._stage.gather_params()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the reduced gradient shards and the parameters' local gradients.
+
+        ``set_to_none`` is accepted for compatibility; stage 1 always zeroes its
+        gradient buffers in place and stage 2 always drops its gradients.
+        """
+        self._stage.zero_grad()
+
+    def add_param_group(self, param_group: dict) -> None:
+        if self._constructed:
+            raise NotImplementedError(
+                "ZeroOptimizer cannot add param groups after construction (the shards are "
+                "laid out then); pass every group through param_groups=")
+        super().add_param_group(param_group)
+
+    # -- state ------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """This rank's shard of the optimizer state; loads back on the same world size."""
+        return {
+            "zeroshard_version": _STATE_DICT_VERSION,
+            "stage": self.stage,
+            "world_size": self._world_size,
+            "rank": self._rank,
+            "bucket_numels": [list(b.layout.numels) for b in self._buckets],
+            "param_groups": [_hyperparameters(g) for g in self.param_groups],
+            "inner": self._inner.state_dict(),
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if not isinstance(state_dict, dict) or "zeroshard_version" not in state_dict:
+            raise ValueError("not a ZeroOptimizer state dict (no 'zeroshard_version' key); "
+                             "a plain torch optimizer state dict loads with load_full_state_dict")
+        saved = (state_dict["world_size"], state_dict["rank"], state_dict["bucket_numels"])
+        mine = (self._world_size, self._rank, [list(b.layout.numels) for b in self._buckets])
+        if saved != mine:
+            raise ValueError(
+                f"state dict was saved by rank {saved[1]} of {saved[0]} with bucket layout "
+                f"{_summary(saved[2])}; this is rank {mine[1]} of {mine[0]} with layout "
+                f"{_summary(mine[2])}. Load on the same world size, model and bucket_size_mb, or "
+                "use zeroshard checkpoints to reshard")
+        self._inner.load_state_dict(state_dict["inner"])
+        for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):
+            group.update(saved_group)
+
+    def memory_report(self) -> dict[str, int]:
+        """Bytes this rank holds now, from the real storages (each storage counted once)."""
+        seen: set = set()
+        params = list(self._model.parameters())
+        report = {"parameters": storage_bytes(params, seen)}
+        grads = [p.grad for p in params if p.grad is not None] + self._stage.gradient_tensors()
+        report["gradients"] = storage_bytes(grads, seen)
+        report["master_parameters"] = storage_bytes([b.shard for b in self._buckets], seen)
+        states = [t for s in self._inner.state.values() for t in s.values()
+                  if isinstance(t, torch.Tensor)]
+        report["optimizer_states"] = storage_bytes(states, seen)
+        return report
+
+
+def _hyperparameters(group: dict) -> dict:
+    return {k: v for k, v in group.items() if k != "params"}
+
+
+def _summary(bucket_numels: list) -> str:
+    return f"{len(bucket_numels)} buckets, {sum(map(sum, bucket_numels))} elements"

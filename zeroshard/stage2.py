@@ -1,0 +1,71 @@
+"""ZeRO stage 2: stage 1 plus gradients partitioned.
+
+No full-size gradient outlives its bucket's reduce-scatter. As each parameter's
+gradient is accumulated, it is copied into its bucket's reduce buffer (allocated
+when the bucket's first gradient arrives) and ``p.grad`` is set to None, freeing it.
+Once the reduce-scatter has consumed the buffer, the result is added into the
+bucket's gradient shard and the buffer is dropped. So after backward a rank holds
+only gradient shards; during backward, the shards plus at most two buckets (one
+filling, one in flight: a new buffer waits for the previous reduce-scatter), plus
+the gradient autograd has just produced.
+
+Inside ``no_sync()`` gradients accumulate in ``p.grad`` at full size, as in plain
+PyTorch; the first synced backward adds its gradient to them and reduces the total.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._bucket import FlatBucket
+from ._stage import ShardedStage
+
+
+class Stage2(ShardedStage):
+    stage = 2
+
+    def __init__(self, model, buckets, group, stats) -> None:
+        super().__init__(model, buckets, group, stats)
+        self.reduce_buffers: dict[int, torch.Tensor] = {}  # bucket position -> 1-D padded buffer
+
+    def _buffer(self, bucket: FlatBucket) -> torch.Tensor:
+        position = self._position[id(bucket)]
+        if position not in self.reduce_buffers:
+            self.wait_in_flight()  # bound memory: one bucket filling, at most one in flight
+            self.reduce_buffers[position] = torch.zeros_like(bucket.flat)
+        return self.reduce_buffers[position]
+
+    def _move_grad_to_buffer(self, bucket: FlatBucket, index: int) -> None:
+        param = bucket.params[index]
+        if param.grad is not None:
+            bucket.param_view(self._buffer(bucket), index).add_(param.grad)
+            param.grad = None
+
+    def collect(self, bucket: FlatBucket, index: int) -> None:
+        if self.require_sync:
+            self._move_grad_to_buffer(bucket, index)
+
+    def fill_missing(self, bucket: FlatBucket, index: int) -> None:
+        self._move_grad_to_buffer(bucket, index)  # a gradient left over from no_sync()
+
+    def launch(self, bucket: FlatBucket):
+        return self.reduce_scatter(bucket, self._buffer(bucket))
+
+    def finalize(self, bucket: FlatBucket, reduced: torch.Tensor) -> None:
+        del self.reduce_buffers[self._position[id(bucket)]]
+        if bucket.grad_shard is None:
+            bucket.set_grad_shard(reduced)
+        else:
+            bucket.grad_shard.add_(reduced)
+
+    def zero_grad(self) -> None:
+        self.wait_in_flight()
+        self.reduce_buffers.clear()
+        for bucket in self.buckets:
+            bucket.set_grad_shard(None)
+            for param in bucket.params:
+                param.grad = None
+
+    def gradient_tensors(self) -> list[torch.Tensor]:
+        shards = [b.grad_shard for b in self.buckets if b.grad_shard is not None]
+        return shards + list(self.reduce_buffers.values())
