@@ -23,3 +23,13 @@ def test_fp32_adam_is_16_bytes_per_parameter_under_dp():
 def test_bad_stage_names_the_value():
     with pytest.raises(ValueError, match="got 5"):
         zeroshard.estimate_memory(10, 2, 5)
+
+
+def test_cli_prints_the_paper_table():
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "zeroshard", "estimate", "--params", "7.5e9",
+                          "--world-size", "64"], capture_output=True, text=True, check=True).stdout
+    rows = {line.split()[2]: line for line in out.splitlines() if "ZeRO stage" in line}
+    assert "120 GB" in out
+    assert "31.4 GB" in rows["1"] and "16.6 GB" in rows["2"] and "1.88 GB" in rows["3"]

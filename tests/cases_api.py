@@ -1,0 +1,159 @@
+"""Worker-side functions for the API tests: bad input, state dicts, collectives, the pool."""
+
+from __future__ import annotations
+
+import copy
+import time
+from unittest import mock
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import zeroshard
+from zeroshard import _comm
+from models import build_model, loss_fn, make_batch
+
+MLP = {"kind": "mlp", "d_in": 5, "hidden": 7, "d_out": 3, "depth": 2, "frozen": False,
+       "unused_branch": False}
+
+
+def _bad_arguments(which: str, model: nn.Module, group):
+    """(args, kwargs) for ZeroOptimizer that are wrong in the way ``which`` names."""
+    kwargs = {"stage": 1, "process_group": group, "lr": 0.1}
+    if which == "stage":
+        return (model, torch.optim.SGD), {**kwargs, "stage": 4}
+    if which == "ddp":
+        return (DDP(model, process_group=group), torch.optim.SGD), kwargs
+    if which == "foreign_param":
+        stranger = nn.Parameter(torch.zeros(2, 3))
+        return (model, torch.optim.SGD), {**kwargs, "param_groups": [
+            {"params": list(model.parameters())}, {"params": [stranger]}]}
+    if which == "duplicate_param":
+        params = list(model.parameters())
+        return (model, torch.optim.SGD), {**kwargs, "param_groups": [
+            {"params": params}, {"params": params[:1]}]}
+    if which == "lbfgs":
+        return (model, torch.optim.LBFGS), kwargs
+    if which == "devices":
+        model.extra = nn.Parameter(torch.zeros(3, device="meta"))
+        return (model, torch.optim.SGD), kwargs
+    if which == "units":
+        return (model, torch.optim.SGD), {**kwargs, "units": {nn.Linear}}
+    if which == "bucket_size":
+        return (model, torch.optim.SGD), {**kwargs, "bucket_size_mb": 0}
+    raise AssertionError(which)
+
+
+def construct_with_bad_input(ctx, which: str):
+    """Return (exception type, message, collectives issued) from a bad construction."""
+    model = build_model(MLP, seed=ctx.rank)
+    args, kwargs = _bad_arguments(which, model, ctx.group)
+    issued = []
+    real = {name: getattr(dist, name) for name in ("broadcast", "all_reduce")}
+    real.update(gather=_comm._all_gather_flat, scatter=_comm._reduce_scatter_flat)
+
+    def spy(name):
+        def call(*a, **k):
+            issued.append(name)
+            return real[name](*a, **k)
+        return call
+
+    with mock.patch.object(dist, "broadcast", spy("broadcast")), \
+            mock.patch.object(dist, "all_reduce", spy("all_reduce")), \
+            mock.patch.object(_comm, "_all_gather_flat", spy("gather")), \
+            mock.patch.object(_comm, "_reduce_scatter_flat", spy("scatter")):
+        try:
+            zeroshard.ZeroOptimizer(*args, **kwargs)
+        except Exception as error:  # noqa: BLE001 - the test checks what it is
+            outcome = (type(error).__name__, str(error), issued)
+        else:
+            outcome = ("no error", "", issued)
+    # Every rank is still in step: a rank stuck in a collective would hang or fail here.
+    probe = torch.ones(1)
+    dist.all_reduce(probe, group=ctx.group)
+    assert probe.item() == ctx.world_size
+    return outcome
+
+
+def _train(model, opt, steps: int, start: int, rank: int):
+    for step in range(start, start + steps):
+        loss = loss_fn(MLP, model, make_batch(MLP, seed=step, rank=rank, batch=4))
+        loss.backward()
+        opt.clip_grad_norm_(0.5)
+        opt.step()
+        opt.zero_grad()
+
+
+def resume_from_state_dict(ctx, stage: int, optimizer: str):
+    """Train 2 steps, save, train 3 more; then resume a fresh model from the save."""
+    opt_class = {"SGD": torch.optim.SGD, "AdamW": torch.optim.AdamW}[optimizer]
+    kwargs = {"lr": 0.05, "momentum": 0.9} if optimizer == "SGD" else {"lr": 0.01}
+
+    def fresh(seed):
+        model = build_model(MLP, seed=seed)
+        return model, zeroshard.ZeroOptimizer(model, opt_class, stage=stage, process_group=ctx.group,
+                                              bucket_size_mb=1e-4, **kwargs)
+
+    model, opt = fresh(seed=ctx.rank)
+    _train(model, opt, steps=2, start=0, rank=ctx.rank)
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    _train(model, opt, steps=3, start=2, rank=ctx.rank)
+    uninterrupted = [p.detach().clone() for p in model.parameters()]
+
+    model2, opt2 = fresh(seed=1234 + ctx.rank)
+    model2.load_state_dict(saved_model)
+    opt2.load_state_dict(saved_opt)
+    _train(model2, opt2, steps=3, start=2, rank=ctx.rank)
+    resumed = [p.detach().clone() for p in model2.parameters()]
+    return uninterrupted, resumed
+
+
+def load_state_dict_from_other_world_size(ctx):
+    """A state dict saved on world size N does not silently load on N+1."""
+    model = build_model(MLP, seed=0)
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, process_group=ctx.group, lr=0.1)
+    sd = opt.state_dict()
+    sd["world_size"] += 1
+    try:
+        opt.load_state_dict(sd)
+    except ValueError as error:
+        return str(error)
+    return "no error"
+
+
+def collectives_are_counted(ctx):
+    """Each collective in _comm moves the right data and is counted by DESIGN.md's rule."""
+    n, r = ctx.world_size, ctx.rank
+    stats = _comm.CommStats()
+    out = {}
+    full = torch.arange(2 * n, dtype=torch.float32) * (r + 1)  # rank r holds (r+1) * [0..2n)
+    shard = torch.empty(2)
+    _comm.reduce_scatter(shard, full, group=ctx.group, stats=stats, label="test")
+    out["reduce_scatter"] = shard.tolist()
+    gathered = torch.empty(2 * n)
+    _comm.all_gather(gathered, torch.full((2,), float(r)), group=ctx.group, stats=stats, label="test")
+    out["all_gather"] = gathered.tolist()
+    total = torch.tensor([float(r)], dtype=torch.float64)
+    _comm.all_reduce(total, group=ctx.group, stats=stats, label="test")
+    out["all_reduce"] = total.item()
+    value = torch.full((3,), float(r), dtype=torch.bfloat16)
+    _comm.broadcast(value, group=ctx.group, stats=stats, label="test")
+    out["broadcast"] = value.float().tolist()
+    out["bytes"], out["calls"] = dict(stats.bytes), dict(stats.calls)
+    stats.reset()
+    out["after_reset"] = dict(stats.bytes)
+    return out
+
+
+def hang(ctx):
+    """Rank 0 waits in a collective that no other rank joins."""
+    if ctx.rank == 0:
+        dist.all_reduce(torch.ones(1), group=ctx.group)
+    time.sleep(0.1)
+    return ctx.rank
+
+
+def rank_of(ctx):
+    return ctx.rank

@@ -1,0 +1,65 @@
+"""Bad input, state-dict resume, the collectives layer and the pool's own time limits."""
+
+import pytest
+import torch
+
+import cases_api
+from pool import WorkerError
+
+# which bad input -> (exception, words the message must contain: the value, and the fix)
+BAD_INPUTS = {
+    "stage": ("ValueError", ["got 4", "1, 2 or 3"]),
+    "ddp": ("TypeError", ["DistributedDataParallel", "ddp_model.module"]),
+    "foreign_param": ("ValueError", ["param_groups[1]['params'][0]", "(2, 3)", "model.parameters()"]),
+    "duplicate_param": ("ValueError", ["body.0.weight", "param_groups[0]", "exactly one group"]),
+    "lbfgs": ("TypeError", ["LBFGS", "element-wise", "AdamW"]),
+    "devices": ("ValueError", ["cpu", "meta", "model.to(device)"]),
+    "units": ("ValueError", ["units=", "stage=3"]),
+    "bucket_size": ("ValueError", ["bucket_size_mb", "got 0"]),
+}
+
+
+@pytest.mark.parametrize("which", sorted(BAD_INPUTS))
+def test_bad_input_raises_on_every_rank_before_any_collective(pool, which):
+    expected_type, words = BAD_INPUTS[which]
+    outcomes = pool.run(cases_api.construct_with_bad_input, 2, which)
+    for rank, (error_type, message, issued) in enumerate(outcomes):
+        assert error_type == expected_type, (rank, error_type, message)
+        for word in words:
+            assert word in message, (rank, word, message)
+        assert issued == [], (rank, issued)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("optimizer", ["SGD", "AdamW"])
+def test_state_dict_resumes_bit_for_bit(pool, stage, optimizer):
+    for uninterrupted, resumed in pool.run(cases_api.resume_from_state_dict, 3, stage, optimizer):
+        for a, b in zip(uninterrupted, resumed):
+            assert torch.equal(a, b)
+
+
+def test_state_dict_from_another_world_size_is_refused(pool):
+    for message in pool.run(cases_api.load_state_dict_from_other_world_size, 2):
+        assert "rank 0 of 3" in message or "rank 1 of 3" in message, message
+        assert "same world size" in message
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_collectives_move_the_right_data_and_count_design_bytes(pool, n):
+    for r, out in enumerate(pool.run(cases_api.collectives_are_counted, n)):
+        rank_sum = n * (n + 1) / 2  # sum over ranks of (rank + 1)
+        assert out["reduce_scatter"] == [2 * r * rank_sum / n, (2 * r + 1) * rank_sum / n]
+        assert out["all_gather"] == [float(k) for k in range(n) for _ in range(2)]
+        assert out["all_reduce"] == sum(range(n))
+        assert out["broadcast"] == [0.0, 0.0, 0.0]
+        # all-gather: output bytes; reduce-scatter: input bytes; others: the tensor
+        assert out["bytes"] == {"reduce_scatter": 4 * 2 * n, "all_gather": 4 * 2 * n,
+                                "all_reduce": 8, "broadcast": 2 * 3}
+        assert out["calls"] == {"reduce_scatter": 1, "all_gather": 1, "all_reduce": 1, "broadcast": 1}
+        assert out["after_reset"] == dict.fromkeys(out["bytes"], 0)
+
+
+def test_a_hanging_collective_fails_within_the_time_limit_and_the_pool_recovers(pool):
+    with pytest.raises(WorkerError, match="rank 0: no answer"):
+        pool.run(cases_api.hang, 2, timeout=5)
+    assert pool.run(cases_api.rank_of, 4) == [0, 1, 2, 3]

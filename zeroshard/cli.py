@@ -1,0 +1,42 @@
+"""Command line: ``zeroshard estimate --params 7.5e9 --world-size 64`` (also ``python -m zeroshard``)."""
+
+from __future__ import annotations
+
+import argparse
+
+from .memory import estimate_memory
+
+PRECISIONS = {  # bytes per parameter: (parameters, gradients, optimizer states)
+    "mixed": (2, 2, 12),  # the ZeRO paper's mixed-precision Adam
+    "fp32": (4, 4, 8),  # fp32 Adam: parameters, gradients, two moments
+}
+
+
+def _format_bytes(n: float) -> str:
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n:.0f} B"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="zeroshard")
+    commands = parser.add_subparsers(dest="command", required=True)
+    est = commands.add_parser("estimate", help="per-rank bytes of model states for each stage")
+    est.add_argument("--params", type=float, required=True, help="number of parameters, e.g. 7.5e9")
+    est.add_argument("--world-size", type=int, required=True)
+    est.add_argument("--precision", choices=sorted(PRECISIONS), default="mixed")
+    est.add_argument("--optimizer-bytes", type=int, default=None,
+                     help="optimizer-state bytes per parameter (default: 12 mixed, 8 fp32 Adam)")
+    args = parser.parse_args(argv)
+    param_bytes, grad_bytes, optimizer_bytes = PRECISIONS[args.precision]
+    if args.optimizer_bytes is not None:
+        optimizer_bytes = args.optimizer_bytes
+    table = estimate_memory(args.params, args.world_size, param_bytes=param_bytes,
+                            grad_bytes=grad_bytes, optimizer_bytes=optimizer_bytes)
+    print(f"{args.params:.4g} parameters, {args.world_size} ranks, {args.precision} "
+          f"({param_bytes}+{grad_bytes}+{optimizer_bytes} bytes per parameter)")
+    for name, key in (("data parallel", "dp"), ("ZeRO stage 1", 1), ("ZeRO stage 2", 2),
+                      ("ZeRO stage 3", 3)):
+        print(f"  {name:<14} {_format_bytes(table[key]):>10} per rank")
+    return 0
