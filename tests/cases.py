@@ -98,10 +98,11 @@ def train_side_by_side(ctx, case):
                 sl += loss.item()
         out["mem"].append(zopt.memory_report())
         if case["clip"] is not None:
-            out["zero_norm"].append(zopt.clip_grad_norm_(case["clip"]).item())
-            out["ddp_norm"].append(torch.nn.utils.clip_grad_norm_(ddp.parameters(), case["clip"]).item())
-            out["single_norm"].append(
-                torch.nn.utils.clip_grad_norm_(single_model.parameters(), case["clip"]).item())
+            clip, norm_type = case["clip"], case["norm_type"]
+            out["zero_norm"].append(zopt.clip_grad_norm_(clip, norm_type).item())
+            for name, model in (("ddp", ddp), ("single", single_model)):
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip, norm_type)
+                out[name + "_norm"].append(norm.item())
         for o in (zopt, dopt, sopt):
             o.step()
             o.zero_grad()

@@ -45,6 +45,7 @@ def training_cases(draw, stages=(1, 2), world_sizes=(1, 2, 3, 4)):
         "accum": draw(st.integers(1, 3)),
         "no_sync": draw(st.booleans()),
         "clip": draw(st.sampled_from([None, 0.05, 10.0])),  # 0.05 is always active
+        "norm_type": draw(st.sampled_from([2.0, float("inf")])),
         "steps": draw(st.integers(2, 3)),
         "batch": draw(st.integers(2, 4)),
         "record_peak": True,
