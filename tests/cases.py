@@ -15,7 +15,13 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import zeroshard
-from models import build_model, loss_fn, make_batch
+from torch import nn
+
+from models import Block, build_model, loss_fn, make_batch
+
+# Stage 3 unit choices by name (the case dict must stay picklable).
+UNITS = {None: None, "blocks": {Block, nn.Linear}, "linear": nn.Linear,
+         "predicate": lambda m: isinstance(m, (Block, nn.Sequential))}
 
 OPTIMIZERS = {
     "SGD": torch.optim.SGD, "Adam": torch.optim.Adam, "AdamW": torch.optim.AdamW,
@@ -52,10 +58,14 @@ def train_side_by_side(ctx, case):
     zero_model, ddp_model = copy.deepcopy(base), copy.deepcopy(base)
     single_model = build_model(spec, seed=100)  # rank 0's initial values
 
+    stage3 = {}
+    if case["stage"] == 3:
+        stage3 = {"units": UNITS[case.get("units")],
+                  "reshard_after_forward": case.get("reshard_after_forward", True)}
     zopt = zeroshard.ZeroOptimizer(zero_model, opt_class, stage=case["stage"],
                                    param_groups=param_groups(zero_model, case),
                                    process_group=ctx.group, bucket_size_mb=case["bucket_mb"],
-                                   **opt_kwargs)
+                                   **stage3, **opt_kwargs)
     ddp = DDP(ddp_model, process_group=ctx.group,
               find_unused_parameters=spec.get("unused_branch", False))
     groups = param_groups(ddp_model, case)
@@ -75,10 +85,14 @@ def train_side_by_side(ctx, case):
 
     out = {k: [] for k in ("zero", "ddp", "single", "zero_loss", "ddp_loss", "single_loss",
                            "zero_norm", "ddp_norm", "single_norm", "comm", "mem")}
-    out["initial"] = flat_params(zero_model)
+    def zero_params():  # stage 3 parameters are sharded between steps: gather them to read
+        with zopt.summon_full_params():
+            return flat_params(zero_model)
+
+    out["initial"] = zero_params()
     accum = case["accum"]
     for step in range(case["steps"]):
-        zopt.comm_stats.reset()
+        zopt.comm_stats.reset()  # after zero_params(): summon_full_params() gathers too
         batches = [[make_batch(spec, seed=1000 * step + 10 * m + r, rank=r, batch=case["batch"])
                     for r in range(n)] for m in range(accum)]
         zl = dl = sl = 0.0
@@ -109,7 +123,7 @@ def train_side_by_side(ctx, case):
         for s in scheds:
             s.step()
         out["comm"].append(dict(zopt.comm_stats.bytes))
-        out["zero"].append(flat_params(zero_model))
+        out["zero"].append(zero_params())
         out["ddp"].append(flat_params(ddp_model))
         out["single"].append(flat_params(single_model))
         out["zero_loss"].append(zl)

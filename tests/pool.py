@@ -127,9 +127,9 @@ class WorkerPool:
         report = []
         for rank in range(world_size):
             if rank not in outcomes:
-                alive = self._procs[rank].is_alive()
-                report.append(f"--- rank {rank}: no answer ({'alive' if alive else 'dead'}, "
-                              f"timeout {timeout}s)")
+                proc = self._procs[rank]
+                status = "alive" if proc.is_alive() else f"dead, exit code {proc.exitcode}"
+                report.append(f"--- rank {rank}: no answer ({status}, timeout {timeout}s)")
             elif not outcomes[rank][0]:
                 report.append(f"--- rank {rank} raised:\n{outcomes[rank][1]}")
         self.restart()

@@ -57,6 +57,30 @@ class FlatBucket:
     def nbytes(self) -> int:
         return self.flat.numel() * self.flat.element_size()
 
+    # -- stage 3: the full buffer exists only while gathered ----------------------------
+
+    def detach_shard(self) -> None:
+        """Give the shard its own storage, so the full buffer can be freed (stage 3)."""
+        self.shard = self.shard.clone()
+
+    def load_shard(self) -> None:
+        """Copy this rank's slice of the full buffer into the detached shard."""
+        own = self.layout.shard_range(self.rank)
+        self.shard.copy_(self.flat[own.start:own.stop])
+
+    @property
+    def is_gathered(self) -> bool:
+        return self.flat.untyped_storage().nbytes() > 0
+
+    def allocate(self) -> None:
+        """Give the full buffer its storage back; the parameter views see it again."""
+        self.flat.untyped_storage().resize_(self.nbytes())
+
+    def free(self) -> None:
+        """Free the full buffer's storage. The parameters stay views of it (of size 0)
+        until ``allocate`` and a gather refill it: the same objects, no new views."""
+        self.flat.untyped_storage().resize_(0)
+
 
 def build_buckets(params: Sequence[tuple[nn.Parameter, int]], bucket_bytes: int, rank: int,
                   world_size: int) -> list[FlatBucket]:

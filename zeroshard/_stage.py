@@ -26,6 +26,7 @@ Note [end of backward]:
 
 from __future__ import annotations
 
+import contextlib
 import enum
 from collections.abc import Sequence
 
@@ -155,6 +156,19 @@ class ShardedStage:
             self.finalize(bucket, reduced)
 
     # -- after the optimizer step -----------------------------------------------------
+
+    def after_step(self) -> None:
+        """The inner optimizer has updated the shards: make the parameters follow."""
+        self.gather_params()
+
+    def parameter_tensors(self) -> list[torch.Tensor]:
+        """Parameter storage beyond the model's own parameters, for memory_report()."""
+        return []
+
+    @contextlib.contextmanager
+    def summon_full_params(self):
+        """Stages 1 and 2 keep parameters whole: nothing to gather."""
+        yield
 
     def gather_params(self) -> None:
         """All-gather each bucket's updated shard into its flat buffer (the parameters)."""

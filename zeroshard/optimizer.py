@@ -11,12 +11,12 @@ from torch import nn
 
 from . import _comm, _validate
 from ._bucket import FlatBucket, build_buckets
+from ._unit import build_units, select_unit_modules
 from .memory import storage_bytes
 from .mixed_precision import MixedPrecision
 from .stage1 import Stage1
 from .stage2 import Stage2
-
-_STAGES = {1: Stage1, 2: Stage2}
+from .stage3 import Stage3
 _STATE_DICT_VERSION = 1
 
 
@@ -67,8 +67,6 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if mixed_precision is not None:
             raise NotImplementedError("mixed_precision is not implemented yet; train in the "
                                       "model's own dtype (mixed_precision=None)")
-        if stage == 3:
-            raise NotImplementedError("stage 3 is not implemented yet; use stage=1 or stage=2")
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("torch.distributed is not initialized; call "
                                "torch.distributed.init_process_group(...) before ZeroOptimizer")
@@ -82,9 +80,19 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.comm_stats = _comm.CommStats()
 
         group_of = {id(p): i for i, g in enumerate(groups) for p in g["params"]}
-        trainable = [(p, group_of[id(p)]) for p in model.parameters() if p.requires_grad]
-        self._buckets: list[FlatBucket] = build_buckets(
-            trainable, int(bucket_size_mb * 2**20), self._rank, self._world_size)
+        bucket_bytes = int(bucket_size_mb * 2**20)
+        if stage == 3:
+            self._units = build_units(model, select_unit_modules(model, units, bucket_bytes),
+                                      group_of, self._rank, self._world_size)
+            every_bucket = [b for u in self._units for b in u.buckets]
+            for bucket in every_bucket:
+                bucket.detach_shard()  # before the inner optimizer takes the shards
+            self._buckets = [b for b in every_bucket if b.params[0].requires_grad]
+        else:
+            trainable = [(p, group_of[id(p)]) for p in model.parameters() if p.requires_grad]
+            self._buckets = build_buckets(trainable, bucket_bytes, self._rank, self._world_size)
+            every_bucket = self._buckets
+        self._reshard_after_forward = reshard_after_forward
         self._inner = optimizer_class(
             [{**_hyperparameters(g), "params": [b.shard for b in self._buckets if b.group_index == i]}
              for i, g in enumerate(groups)],
@@ -95,14 +103,19 @@ class ZeroOptimizer(torch.optim.Optimizer):
                  for g, inner in zip(groups, self._inner.param_groups)]
         super().__init__(outer, self._inner.defaults)
 
-        self._broadcast_from_rank0()
-        self._stage = _STAGES[stage](model, self._buckets, self._group, self.comm_stats)
+        self._broadcast_from_rank0(every_bucket)
+        if stage == 3:
+            self._stage = Stage3(model, self._units, self._group, self.comm_stats,
+                                 reshard_after_forward)
+        else:
+            stage_class = Stage1 if stage == 1 else Stage2
+            self._stage = stage_class(model, self._buckets, self._group, self.comm_stats)
         self._constructed = True
 
-    def _broadcast_from_rank0(self) -> None:
+    def _broadcast_from_rank0(self, buckets: list[FlatBucket]) -> None:
         """All ranks start from rank 0's parameters and buffers, as with DDP."""
-        bucketed = {id(p) for b in self._buckets for p in b.params}
-        tensors = [b.flat for b in self._buckets]
+        bucketed = {id(p) for b in buckets for p in b.params}
+        tensors = [b.flat for b in buckets]
         tensors += [p.data for p in self._model.parameters() if id(p) not in bucketed]
         tensors += list(self._model.buffers())
         works = [_comm.broadcast(t, group=self._group, stats=self.comm_stats, label="init",
@@ -128,11 +141,13 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def summon_full_params(self):
         """Inside, every parameter holds its full current value.
 
-        Stages 1 and 2 keep parameters whole at all times, so there is nothing to
-        gather. Write the same value on every rank: the next step's all-gather
-        overwrites what a rank does not own.
+        Stage 3 gathers every unit and, on exit, keeps each rank's own slice of what
+        the parameters hold then (so writes persist) and frees the full buffers.
+        Stages 1 and 2 keep parameters whole anyway. Write the same value on every
+        rank: each rank keeps only its own slice of a write.
         """
-        yield
+        with self._stage.summon_full_params():
+            yield
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
@@ -175,7 +190,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         for outer, inner in zip(self.param_groups, self._inner.param_groups):
             inner.update(_hyperparameters(outer))  # the outer groups are live (schedulers)
         self._inner.step()
-        self._stage.gather_params()
+        self._stage.after_step()
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -227,7 +242,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         """Bytes this rank holds now, from the real storages (each storage counted once)."""
         seen: set = set()
         params = list(self._model.parameters())
-        report = {"parameters": storage_bytes(params, seen)}
+        report = {"parameters": storage_bytes(params + self._stage.parameter_tensors(), seen)}
         grads = [p.grad for p in params if p.grad is not None] + self._stage.gradient_tensors()
         report["gradients"] = storage_bytes(grads, seen)
         report["master_parameters"] = storage_bytes([b.shard for b in self._buckets], seen)

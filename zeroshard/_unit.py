@@ -1,0 +1,173 @@
+"""Stage 3 units: which modules gather and release their parameters together.
+
+A unit is a module plus the buckets of the parameters it owns. Each unit owns the
+parameters held by modules inside it but not inside a nested unit; a parameter held
+by modules of different units (tied weights) belongs to their lowest common
+ancestor unit, so it is gathered whenever any of its users computes. The root
+module is always a unit and takes whatever no other unit owns.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+
+from torch import nn
+
+from . import _comm
+from ._bucket import FlatBucket
+
+
+# Modules that hold others but are never called: their forward hooks never fire.
+_CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
+
+
+class ShardState(enum.Enum):
+    SHARDED = "sharded"  # full buffers freed; only the shards exist
+    GATHERING = "gathering"  # an all-gather is in flight (a prefetch)
+    GATHERED = "gathered"  # parameters hold their full values
+
+
+class Unit:
+    """One module's own parameters, gathered and released as one."""
+
+    def __init__(self, module: nn.Module, name: str, buckets: list[FlatBucket]) -> None:
+        self.module = module
+        self.name = name or "<root>"
+        self.buckets = buckets
+        self.state = ShardState.GATHERED  # buffers start full; Stage3 frees them
+        self._works: list = []
+        self.trainable_ids = {id(p) for b in buckets for p in b.params if p.requires_grad}
+        self.grads_arrived: set[int] = set()  # this backward's accumulated gradients
+        self.backward_armed = False  # gathered for this backward already
+
+    def nbytes(self) -> int:
+        return sum(b.nbytes() for b in self.buckets)
+
+    def gather(self, group, stats: _comm.CommStats, label: str) -> None:
+        """Start all-gathering every bucket into its full buffer (idempotent)."""
+        if self.state is not ShardState.SHARDED:
+            return
+        for bucket in self.buckets:
+            bucket.allocate()
+            self._works.append(_comm.all_gather(bucket.flat, bucket.shard, group=group,
+                                                stats=stats, label=label, async_op=True))
+        self.state = ShardState.GATHERING
+
+    def wait(self) -> None:
+        if self.state is ShardState.GATHERING:
+            _comm.wait_all(self._works)
+            self._works.clear()
+            self.state = ShardState.GATHERED
+
+    def release(self) -> None:
+        """Free the full buffers (idempotent); a gather in flight is waited for first."""
+        self.wait()
+        if self.state is ShardState.GATHERED:
+            for bucket in self.buckets:
+                bucket.free()
+            self.state = ShardState.SHARDED
+
+    def __repr__(self) -> str:
+        return f"Unit({self.name}, {self.state.value}, {self.nbytes()} bytes)"
+
+
+def select_unit_modules(model: nn.Module, units, bucket_bytes: int) -> list[nn.Module]:
+    """The modules that become units (the root first, then in ``model.modules()`` order).
+
+    ``units`` is a module class, a collection of classes, a predicate
+    ``module -> bool``, or None for the automatic policy.
+    """
+    if units is None:
+        chosen = _auto_units(model, bucket_bytes)
+    else:
+        predicate = _as_predicate(units)
+        chosen = [m for m in model.modules() if m is not model and predicate(m)]
+        containers = [type(m).__name__ for m in chosen if isinstance(m, _CONTAINERS)]
+        if containers:
+            raise ValueError(
+                f"units selects {containers[0]} modules, which have no forward of their own, so "
+                "their parameters would never be gathered; choose the modules inside them")
+    chosen_ids = {id(m) for m in chosen}
+    return [model] + [m for m in model.modules() if id(m) in chosen_ids]
+
+
+def _as_predicate(units) -> Callable[[nn.Module], bool]:
+    if isinstance(units, type) and issubclass(units, nn.Module):
+        return lambda m: isinstance(m, units)
+    if isinstance(units, (list, tuple, set, frozenset)) and units and all(
+            isinstance(c, type) and issubclass(c, nn.Module) for c in units):
+        classes = tuple(units)
+        return lambda m: isinstance(m, classes)
+    if callable(units) and not isinstance(units, type):
+        return lambda m: bool(units(m))
+    raise TypeError(f"units must be an nn.Module class, a collection of them, or a predicate "
+                    f"module -> bool; got {units!r}")
+
+
+def _auto_units(model: nn.Module, bucket_bytes: int) -> list[nn.Module]:
+    """Post-order: a module whose not-yet-claimed parameters reach ``bucket_bytes``
+    becomes a unit, so units hold about that much and a deep model gets many."""
+    chosen: list[nn.Module] = []
+
+    def visit(module: nn.Module) -> int:
+        size = sum(p.numel() * p.element_size() for p in module._parameters.values() if p is not None)
+        size += sum(visit(child) for child in module.children())
+        if module is not model and size >= bucket_bytes and not isinstance(module, _CONTAINERS):
+            chosen.append(module)
+            return 0
+        return size
+
+    visit(model)
+    return chosen
+
+
+def assign_owners(model: nn.Module, unit_modules: list[nn.Module]) -> dict[int, int]:
+    """id(parameter) -> index of the unit that owns it (see the module docstring)."""
+    index_of = {id(m): i for i, m in enumerate(unit_modules)}
+    parent: dict[int, nn.Module] = {}
+    for module in model.modules():
+        for child in module.children():
+            parent.setdefault(id(child), module)
+
+    def unit_of(module: nn.Module) -> int:
+        while id(module) not in index_of:
+            module = parent[id(module)]
+        return index_of[id(module)]
+
+    def ancestors(index: int) -> list[int]:  # the unit itself, up to the root
+        chain = [index]
+        while chain[-1] != 0:
+            chain.append(unit_of(parent[id(unit_modules[chain[-1]])]))
+        return chain
+
+    owner: dict[int, int] = {}
+    for module in model.modules():
+        for param in module._parameters.values():
+            if param is None:
+                continue
+            here = unit_of(module)
+            if id(param) not in owner:
+                owner[id(param)] = here
+            else:  # lowest common ancestor of the two units
+                mine = set(ancestors(here))
+                owner[id(param)] = next(u for u in ancestors(owner[id(param)]) if u in mine)
+    return owner
+
+
+def build_units(model: nn.Module, unit_modules: list[nn.Module], group_of: dict[int, int],
+                rank: int, world_size: int) -> list[Unit]:
+    """One bucket per (param group, dtype, device, requires_grad) of each unit's own parameters."""
+    owner = assign_owners(model, unit_modules)
+    names = {id(m): name for name, m in model.named_modules()}
+    units = []
+    for index, module in enumerate(unit_modules):
+        by_key: dict[tuple, list[nn.Parameter]] = {}
+        for param in model.parameters():
+            if owner[id(param)] == index:
+                key = (group_of.get(id(param), -1), param.dtype, param.device, param.requires_grad)
+                by_key.setdefault(key, []).append(param)
+        buckets = [FlatBucket(params, key[0], rank, world_size) for key, params in by_key.items()]
+        units.append(Unit(module, names.get(id(module), ""), buckets))
+    return units
+
