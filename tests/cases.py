@@ -20,8 +20,8 @@ from torch import nn
 from models import Block, build_model, loss_fn, make_batch
 
 # Stage 3 unit choices by name (the case dict must stay picklable).
-UNITS = {None: None, "blocks": {Block, nn.Linear}, "linear": nn.Linear,
-         "predicate": lambda m: isinstance(m, (Block, nn.Sequential))}
+UNITS = {None: None, "blocks": Block, "linear": {nn.Linear, nn.Embedding},
+         "nested": lambda m: isinstance(m, (Block, nn.Sequential))}
 
 OPTIMIZERS = {
     "SGD": torch.optim.SGD, "Adam": torch.optim.Adam, "AdamW": torch.optim.AdamW,
@@ -51,6 +51,17 @@ def state_bytes(optimizer) -> int:
                if isinstance(t, torch.Tensor) and k != "step")
 
 
+def micro_loss(spec, model, batch, case):
+    """One micro-batch's loss; with "two_forwards", the sum of two forwards' losses
+    (the batch split in half) before one backward."""
+    if not case.get("two_forwards"):
+        return loss_fn(spec, model, batch)
+    half = batch[0].shape[0] // 2
+    first = tuple(t[:half] for t in batch)
+    second = tuple(t[half:] for t in batch)
+    return (loss_fn(spec, model, first) + loss_fn(spec, model, second)) / 2
+
+
 def train_side_by_side(ctx, case):
     spec, n = case["model"], ctx.world_size
     opt_class, opt_kwargs = OPTIMIZERS[case["optimizer"]], case["opt_kwargs"]
@@ -67,13 +78,24 @@ def train_side_by_side(ctx, case):
                                    process_group=ctx.group, bucket_size_mb=case["bucket_mb"],
                                    **stage3, **opt_kwargs)
     ddp = DDP(ddp_model, process_group=ctx.group,
-              find_unused_parameters=spec.get("unused_branch", False))
+              find_unused_parameters=spec.get("unused_branch", False) or case.get("skip_odd_steps", False))
     groups = param_groups(ddp_model, case)
     dopt = opt_class(groups if groups else ddp_model.parameters(), **opt_kwargs)
     groups = param_groups(single_model, case)
     sopt = opt_class(groups if groups else single_model.parameters(), **opt_kwargs)
     scheds = [torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.7)
               for o in (zopt, dopt, sopt)] if case["scheduler"] else []
+
+    peak_param_bytes = [0]
+    if case["stage"] == 3 and case["record_peak"]:
+        def record_params(*_):
+            peak_param_bytes[0] = max(peak_param_bytes[0], zopt.memory_report()["parameters"])
+        for module in zero_model.modules():
+            module.register_forward_pre_hook(record_params)
+            module.register_forward_hook(record_params)
+        for p in zero_model.parameters():
+            if p.requires_grad:
+                p.register_post_accumulate_grad_hook(record_params)
 
     peak_grad_bytes = [0]
     if case["record_peak"]:
@@ -84,7 +106,7 @@ def train_side_by_side(ctx, case):
                 p.register_post_accumulate_grad_hook(record)
 
     out = {k: [] for k in ("zero", "ddp", "single", "zero_loss", "ddp_loss", "single_loss",
-                           "zero_norm", "ddp_norm", "single_norm", "comm", "mem")}
+                           "zero_norm", "ddp_norm", "single_norm", "comm", "mem", "eval_diff")}
     def zero_params():  # stage 3 parameters are sharded between steps: gather them to read
         with zopt.summon_full_params():
             return flat_params(zero_model)
@@ -95,19 +117,25 @@ def train_side_by_side(ctx, case):
         zopt.comm_stats.reset()  # after zero_params(): summon_full_params() gathers too
         batches = [[make_batch(spec, seed=1000 * step + 10 * m + r, rank=r, batch=case["batch"])
                     for r in range(n)] for m in range(accum)]
+        for model in (zero_model, ddp_model, single_model):
+            model.skip_block = case.get("skip_odd_steps", False) and step % 2 == 1
+        if case.get("eval_forward"):  # gathers and releases, arms no backward hooks
+            with torch.no_grad():
+                x = batches[0][ctx.rank][0]
+                out["eval_diff"].append((zero_model(x) - ddp_model(x)).abs().max().item())
         zl = dl = sl = 0.0
         for m in range(accum):
             skip_sync = case["no_sync"] and m < accum - 1
             with zopt.no_sync() if skip_sync else contextlib.nullcontext():
-                loss = loss_fn(spec, zero_model, batches[m][ctx.rank]) / accum
+                loss = micro_loss(spec, zero_model, batches[m][ctx.rank], case) / accum
                 loss.backward()
                 zl += loss.item()
             with ddp.no_sync() if skip_sync else contextlib.nullcontext():
-                loss = loss_fn(spec, ddp, batches[m][ctx.rank]) / accum
+                loss = micro_loss(spec, ddp, batches[m][ctx.rank], case) / accum
                 loss.backward()
                 dl += loss.item()
             for r in range(n):
-                loss = loss_fn(spec, single_model, batches[m][r]) / (accum * n)
+                loss = micro_loss(spec, single_model, batches[m][r], case) / (accum * n)
                 loss.backward()
                 sl += loss.item()
         out["mem"].append(zopt.memory_report())
@@ -135,9 +163,14 @@ def train_side_by_side(ctx, case):
     out["psi_all"] = sum(p.numel() for p in zero_model.parameters())
     out["largest_param_bytes"] = max(p.numel() * 4 for p in trainable)
     out["n_buckets"] = len(zopt._buckets)
+    out["n_all_buckets"] = len(zopt._stage.buckets) if case["stage"] != 3 else sum(
+        len(u.buckets) for u in zopt._units)
     out["final_mem"] = zopt.memory_report()
     out["ddp_state_bytes"] = state_bytes(dopt)
     out["peak_grad_bytes"] = peak_grad_bytes[0]
+    out["peak_param_bytes"] = peak_param_bytes[0]
+    blocks = [m for m in zero_model.modules() if isinstance(m, Block)]
+    out["block_bytes"] = [sum(p.numel() * 4 for p in b.parameters()) for b in blocks]
     out["lrs"] = [g["lr"] for g in zopt.param_groups]
     out["ddp_lrs"] = [g["lr"] for g in dopt.param_groups]
     return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 
@@ -52,11 +53,17 @@ class Block(nn.Module):
 
 
 class TinyTransformer(nn.Module):
-    """A GPT-like stack; with ``tied`` its input embedding is its output head."""
+    """A GPT-like stack; with ``tied`` its input embedding is its output head.
+
+    ``checkpoint``: None, "reentrant" or "nonreentrant" activation checkpointing of
+    each block; ``reuse``: block 0 runs twice per forward; ``skip_block``: set to
+    True to skip block 0 in a forward (a unit that no rank runs in that step).
+    """
 
     def __init__(self, vocab: int, d: int, heads: int, layers: int, seq: int, tied: bool,
-                 frozen: bool) -> None:
+                 frozen: bool, checkpoint: str | None = None, reuse: bool = False) -> None:
         super().__init__()
+        self.checkpoint, self.reuse, self.skip_block = checkpoint, reuse, False
         self.emb = nn.Embedding(vocab, d)
         self.pos = nn.Parameter(0.02 * torch.randn(seq, d))
         self.blocks = nn.ModuleList(Block(d, heads) for _ in range(layers))
@@ -69,8 +76,17 @@ class TinyTransformer(nn.Module):
 
     def forward(self, idx):
         x = self.emb(idx) + self.pos[: idx.shape[1]]
-        for block in self.blocks:
-            x = block(x)
+        blocks = list(self.blocks)
+        if self.reuse:
+            blocks.insert(0, blocks[0])
+        if self.skip_block:
+            blocks = [b for b in blocks if b is not self.blocks[0]]
+        for block in blocks:
+            if self.checkpoint is None:
+                x = block(x)
+            else:
+                x = torch.utils.checkpoint.checkpoint(
+                    block, x, use_reentrant=self.checkpoint == "reentrant")
         return self.head(self.ln_f(x))
 
 
@@ -80,7 +96,8 @@ def build_model(spec: dict, seed: int) -> nn.Module:
         return MLP(spec["d_in"], spec["hidden"], spec["d_out"], spec["depth"], spec["frozen"],
                    spec["unused_branch"])
     return TinyTransformer(spec["vocab"], spec["d"], spec["heads"], spec["layers"], spec["seq"],
-                           spec["tied"], spec["frozen"])
+                           spec["tied"], spec["frozen"], spec.get("checkpoint"),
+                           spec.get("reuse", False))
 
 
 def make_batch(spec: dict, seed: int, rank: int, batch: int):

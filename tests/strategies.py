@@ -27,15 +27,37 @@ transformer_specs = st.fixed_dictionaries({
 
 
 @st.composite
-def training_cases(draw, stages=(1, 2), world_sizes=(1, 2, 3, 4)):
+def stage3_options(draw, model: dict) -> dict:
+    """Units, resharding and the situations stage 3's hooks must survive."""
+    options = {
+        "units": draw(st.sampled_from([None, "blocks", "linear", "nested"])),
+        "reshard_after_forward": draw(st.booleans()),
+        "two_forwards": draw(st.booleans()),
+        "eval_forward": draw(st.booleans()),
+    }
+    if model["kind"] == "transformer":
+        model["checkpoint"] = draw(st.sampled_from([None, "reentrant", "nonreentrant"]))
+        # a block run twice under reentrant checkpointing gets two separate gradients
+        model["reuse"] = model["checkpoint"] != "reentrant" and draw(st.booleans())
+        options["skip_odd_steps"] = draw(st.booleans())
+    else:
+        model["unused_branch"] = False  # Note [stage 3 contract]: every rank runs the same units
+    return options
+
+
+@st.composite
+def training_cases(draw, stages=(1, 2, 3), world_sizes=(1, 2, 3, 4)):
     optimizer = draw(st.sampled_from(sorted(OPTIMIZER_KWARGS)))
     opt_kwargs = draw(OPTIMIZER_KWARGS[optimizer])
     if optimizer == "SGD" and opt_kwargs["momentum"] > 0:
         opt_kwargs["nesterov"] = draw(st.booleans())
+    model = draw(st.one_of(mlp_specs, transformer_specs))
+    stage = draw(st.sampled_from(stages))
     return {
-        "model": draw(st.one_of(mlp_specs, transformer_specs)),
+        "model": model,
+        **(draw(stage3_options(model)) if stage == 3 else {}),
         "world_size": draw(st.sampled_from(world_sizes)),
-        "stage": draw(st.sampled_from(stages)),
+        "stage": stage,
         "optimizer": optimizer,
         "opt_kwargs": opt_kwargs,
         "groups": draw(st.booleans()),

@@ -50,15 +50,39 @@ def check_ranks_agree(results, case):
             assert torch.equal(res["zero"][step], results[0]["zero"][step]), (rank, step)
 
 
+def gathers_per_step(case) -> int | None:
+    """How many times a step all-gathers all parameters (None: not a fixed number)."""
+    if case["stage"] != 3:
+        return 1  # after step()
+    model = case["model"]
+    if model.get("reuse") or case.get("skip_odd_steps") or model.get("checkpoint") == "reentrant":
+        return None  # a unit gathered twice, or a step without one: counted per unit, not per Ψ
+    forwards = 2 if case["two_forwards"] and case["reshard_after_forward"] else 1
+    backward = 1 if case["reshard_after_forward"] else 0
+    return case["accum"] * (forwards + backward) + (1 if case["eval_forward"] else 0)
+
+
 def check_comm_per_step(results, case):
-    """2Ψ per step: reduce-scatter Ψ per synced backward plus all-gather Ψ, fp32 bytes,
-    with at most N-1 elements of padding per bucket."""
+    """Per step: reduce-scatter Ψ per synced backward plus all-gather Ψ each time the
+    parameters are gathered: 2Ψ for stages 1-2; 3Ψ for stage 3 (2Ψ without resharding
+    after forward). fp32 bytes, with at most N-1 elements of padding per bucket."""
     n, res = case["world_size"], results[0]
     psi, padding = res["psi"], res["n_buckets"] * (n - 1)
+    # stage 3 gathers frozen parameters too; stages 1-2 gather only what the optimizer updates
+    if case["stage"] == 3:
+        psi_all, padding_all = res["psi_all"], res["n_all_buckets"] * (n - 1)
+    else:
+        psi_all, padding_all = psi, padding
     synced_backwards = 1 if case["no_sync"] else case["accum"]
+    gathers = gathers_per_step(case)
     for step, comm in enumerate(res["comm"]):
-        assert FP32 * psi <= comm["all_gather"] <= FP32 * (psi + padding), (step, comm)
-        assert comm["reduce_scatter"] == synced_backwards * comm["all_gather"], (step, comm)
+        rs = comm["reduce_scatter"]
+        assert synced_backwards * FP32 * psi <= rs <= synced_backwards * FP32 * (psi + padding), comm
+        if gathers is not None:
+            ag = comm["all_gather"]
+            assert gathers * FP32 * psi_all <= ag <= gathers * FP32 * (psi_all + padding_all), comm
+        if case["stage"] != 3:  # the same buckets both ways
+            assert comm["reduce_scatter"] == synced_backwards * comm["all_gather"], (step, comm)
         assert comm["all_reduce"] == (FP32 if case["clip"] is not None else 0), comm
         assert comm["broadcast"] == 0, comm
 
@@ -68,7 +92,12 @@ def check_memory(results, case):
     for res in results:
         psi, padded_max = res["psi"], res["psi"] + res["n_buckets"] * (n - 1)
         mem = res["mem"][-1]  # after the last backward, before step()
-        assert FP32 * res["psi_all"] <= mem["parameters"] <= FP32 * (res["psi_all"] + padded_max - psi)
+        all_lo, all_hi = res["psi_all"], res["psi_all"] + res["n_all_buckets"] * (n - 1)
+        if stage == 3:  # only shards: no full-size parameter storage outlives backward
+            assert FP32 * all_lo / n <= mem["parameters"] <= FP32 * all_hi / n, mem
+            assert FP32 * all_lo / n <= res["final_mem"]["parameters"] <= FP32 * all_hi / n
+        else:
+            assert FP32 * all_lo <= mem["parameters"] <= FP32 * all_hi, mem
         shard_lo, shard_hi = FP32 * psi / n, FP32 * padded_max / n
         full = FP32 * psi if stage == 1 else 0  # stage 1 keeps full gradient buffers too
         full_hi = FP32 * padded_max if stage == 1 else 0
@@ -79,14 +108,14 @@ def check_memory(results, case):
         scalars = 8 * res["n_buckets"]  # e.g. Adam's `step`, one per shard tensor
         states = res["final_mem"]["optimizer_states"]
         assert res["ddp_state_bytes"] / n <= states <= per_element * padded_max / n + scalars
-        if stage == 2:
+        if stage >= 2:
             assert res["final_mem"]["gradients"] == 0  # zero_grad() dropped the shards
 
 
 def check_stage2_peak(results, case):
     """During backward, stage 2 holds the shards plus at most two buckets (one filling,
     one in flight) of each param group, plus the gradient autograd just produced."""
-    if case["stage"] != 2 or case["no_sync"] or case["model"].get("unused_branch"):
+    if case["stage"] == 1 or case["no_sync"] or case["model"].get("unused_branch"):
         return  # no_sync keeps full gradients by design; an unused branch holds its bucket
     n = case["world_size"]
     cap = case["bucket_mb"] * 2**20
@@ -98,6 +127,23 @@ def check_stage2_peak(results, case):
         assert 0 < res["peak_grad_bytes"] <= bound, (res["peak_grad_bytes"], bound)
 
 
+def check_stage3_peak(results, case):
+    """Full parameters alive at once: at most the two largest units (the one computing
+    and the one prefetched) plus the root, on top of the shards."""
+    model = case["model"]
+    if (case["stage"] != 3 or case.get("units") != "blocks" or model["kind"] != "transformer"
+            or not case["reshard_after_forward"] or model.get("checkpoint") or model.get("reuse")):
+        return
+    n = case["world_size"]
+    for res in results:
+        blocks = sorted(res["block_bytes"])
+        root = FP32 * res["psi_all"] - sum(blocks)
+        padding = FP32 * res["n_all_buckets"] * (n - 1)
+        shards = (FP32 * res["psi_all"] + padding) / n
+        bound = shards + sum(blocks[-2:]) + root + padding
+        assert 0 < res["peak_param_bytes"] <= bound, (res["peak_param_bytes"], bound)
+
+
 @given(training_cases())
 def test_zeroshard_equals_ddp_and_single_process(pool, case):
     results = pool.run(cases.train_side_by_side, case["world_size"], case)
@@ -106,6 +152,9 @@ def test_zeroshard_equals_ddp_and_single_process(pool, case):
     check_comm_per_step(results, case)
     check_memory(results, case)
     check_stage2_peak(results, case)
+    check_stage3_peak(results, case)
+    for res in results:  # a forward under no_grad: the same outputs as DDP's
+        assert all(diff <= 1e-5 for diff in res["eval_diff"]), res["eval_diff"]
 
 
 @settings(max_examples=6)
