@@ -117,8 +117,10 @@ def main(argv=None) -> None:
     torch.manual_seed(args.seed + rank)  # ranks may differ: ZeroOptimizer broadcasts rank 0's
     model = GPT(args.vocab, args.d_model, args.layers, args.heads, args.seq_len).to(device)
     # The three-line change: a ZeroOptimizer over the plain model, instead of DDP + AdamW.
+    units = {"units": Block} if args.stage == 3 else {}  # stage 3 gathers one block at a time
     opt = zeroshard.ZeroOptimizer(model, torch.optim.AdamW, stage=args.stage, lr=args.lr,
-                                  weight_decay=args.weight_decay, bucket_size_mb=args.bucket_mb)
+                                  weight_decay=args.weight_decay, bucket_size_mb=args.bucket_mb,
+                                  **units)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 10) * 0.5 * (1 + math.cos(math.pi * s / args.steps)))
     data = MarkovData(args.vocab, args.seed)

@@ -41,6 +41,11 @@ def _bad_arguments(which: str, model: nn.Module, group):
         return (model, torch.optim.SGD), kwargs
     if which == "units":
         return (model, torch.optim.SGD), {**kwargs, "units": {nn.Linear}}
+    if which == "units_container":  # a ModuleList is never called: it cannot gather
+        holder = nn.Sequential(nn.ModuleList([model]))
+        return (holder, torch.optim.SGD), {**kwargs, "stage": 3, "units": nn.ModuleList}
+    if which == "units_type":
+        return (model, torch.optim.SGD), {**kwargs, "stage": 3, "units": "Linear"}
     if which == "bucket_size":
         return (model, torch.optim.SGD), {**kwargs, "bucket_size_mb": 0}
     raise AssertionError(which)
@@ -96,18 +101,40 @@ def resume_from_state_dict(ctx, stage: int, optimizer: str):
         return model, zeroshard.ZeroOptimizer(model, opt_class, stage=stage, process_group=ctx.group,
                                               bucket_size_mb=1e-4, **kwargs)
 
+    def params(model, opt):
+        with opt.summon_full_params():  # stage 3: gathered to read
+            return [p.detach().clone() for p in model.parameters()]
+
     model, opt = fresh(seed=ctx.rank)
     _train(model, opt, steps=2, start=0, rank=ctx.rank)
-    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    with opt.summon_full_params():
+        saved_model = copy.deepcopy(model.state_dict())
+    saved_opt = copy.deepcopy(opt.state_dict())
     _train(model, opt, steps=3, start=2, rank=ctx.rank)
-    uninterrupted = [p.detach().clone() for p in model.parameters()]
+    uninterrupted = params(model, opt)
 
     model2, opt2 = fresh(seed=1234 + ctx.rank)
-    model2.load_state_dict(saved_model)
+    with opt2.summon_full_params():
+        model2.load_state_dict(saved_model)
     opt2.load_state_dict(saved_opt)
     _train(model2, opt2, steps=3, start=2, rank=ctx.rank)
-    resumed = [p.detach().clone() for p in model2.parameters()]
-    return uninterrupted, resumed
+    return uninterrupted, params(model2, opt2)
+
+
+def state_dict_outside_summon(ctx):
+    """Stage 3: model.state_dict() on sharded parameters is refused, not a crash."""
+    model = build_model(MLP, seed=0)
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=3, process_group=ctx.group,
+                                  lr=0.1, units=nn.Linear)
+    messages = []
+    for call in (model.state_dict, lambda: model.load_state_dict(model.state_dict())):
+        try:
+            call()
+        except RuntimeError as error:
+            messages.append(str(error))
+    with opt.summon_full_params():
+        messages.append(sorted(model.state_dict()))
+    return messages
 
 
 def load_state_dict_from_other_world_size(ctx):
@@ -157,3 +184,36 @@ def hang(ctx):
 
 def rank_of(ctx):
     return ctx.rank
+
+
+def summon_full_params_and_state_dict(ctx, stage: int):
+    """Inside summon_full_params the parameters are DDP's; writes made there persist."""
+    spec = {"kind": "transformer", "vocab": 13, "d": 8, "heads": 2, "layers": 2, "seq": 5,
+            "tied": True, "frozen": False}
+    from models import Block
+    base = build_model(spec, seed=ctx.rank)
+    zero_model, ddp_model = copy.deepcopy(base), copy.deepcopy(base)
+    extra = {"units": Block} if stage == 3 else {}
+    opt = zeroshard.ZeroOptimizer(zero_model, torch.optim.AdamW, stage=stage,
+                                  process_group=ctx.group, lr=0.01, **extra)
+    ddp = DDP(ddp_model, process_group=ctx.group)
+    dopt = torch.optim.AdamW(ddp.parameters(), lr=0.01)
+    for step in range(2):
+        batch = make_batch(spec, seed=step, rank=ctx.rank, batch=3)
+        for model, o in ((zero_model, opt), (ddp, dopt)):
+            loss_fn(spec, model, batch).backward()
+            o.step()
+            o.zero_grad()
+    with opt.summon_full_params():
+        zero_sd = {k: v.clone() for k, v in zero_model.state_dict().items()}
+        with torch.no_grad():
+            for p in zero_model.parameters():
+                p.mul_(0.5)  # the same write on every rank
+    halved = {k: v.clone() for k, v in zero_sd.items()}
+    with opt.summon_full_params():
+        after = {k: v.clone() for k, v in zero_model.state_dict().items()}
+    ddp_sd = ddp_model.state_dict()
+    gathered = opt.memory_report()["parameters"]
+    return ({k: (zero_sd[k] - ddp_sd[k]).abs().max().item() for k in ddp_sd},
+            {k: (after[k] - 0.5 * halved[k]).abs().max().item() for k in after},
+            gathered, sum(p.numel() * 4 for p in ddp_model.parameters()))

@@ -16,6 +16,8 @@ BAD_INPUTS = {
     "devices": ("ValueError", ["cpu", "meta", "model.to(device)"]),
     "units": ("ValueError", ["units=", "stage=3"]),
     "bucket_size": ("ValueError", ["bucket_size_mb", "got 0"]),
+    "units_container": ("ValueError", ["ModuleList", "no forward", "modules inside"]),
+    "units_type": ("TypeError", ["'Linear'", "nn.Module class", "predicate"]),
 }
 
 
@@ -30,7 +32,7 @@ def test_bad_input_raises_on_every_rank_before_any_collective(pool, which):
         assert issued == [], (rank, issued)
 
 
-@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 @pytest.mark.parametrize("optimizer", ["SGD", "AdamW"])
 def test_state_dict_resumes_bit_for_bit(pool, stage, optimizer):
     for uninterrupted, resumed in pool.run(cases_api.resume_from_state_dict, 3, stage, optimizer):
@@ -63,3 +65,21 @@ def test_a_hanging_collective_fails_within_the_time_limit_and_the_pool_recovers(
     with pytest.raises(WorkerError, match="rank 0: no answer"):
         pool.run(cases_api.hang, 2, timeout=5)
     assert pool.run(cases_api.rank_of, 4) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_summon_full_params_shows_ddp_state_and_keeps_writes(pool, stage):
+    n = 3
+    for diffs, write_diffs, param_bytes, full_bytes in pool.run(
+            cases_api.summon_full_params_and_state_dict, n, stage):
+        assert max(diffs.values()) < 1e-5, diffs  # model.state_dict() inside equals DDP's
+        assert max(write_diffs.values()) == 0, write_diffs  # writes inside persist
+        if stage == 3:  # released again on exit: shards only
+            assert param_bytes < full_bytes / n + 64
+
+
+def test_stage3_state_dict_outside_summon_is_refused_with_the_fix(pool):
+    for refused_save, refused_load, keys in pool.run(cases_api.state_dict_outside_summon, 2):
+        for message in (refused_save, refused_load):
+            assert "opt.summon_full_params()" in message
+        assert "body.0.weight" in keys

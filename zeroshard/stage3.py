@@ -53,6 +53,13 @@ class Stage3(Stage2):
         self._recording: list[Unit] = []
         self._order_index = 0  # units entered so far in this forward or backward
         self._order_warned = False
+        for module in model.modules():
+            owners = {id(self._unit_of[id(p)]): self._unit_of[id(p)]
+                      for p in module._parameters.values() if p is not None}
+            if owners:
+                guard = functools.partial(self._refuse_if_sharded, list(owners.values()))
+                self._handles.append(module.register_state_dict_pre_hook(guard))
+                self._handles.append(module.register_load_state_dict_pre_hook(guard))
         for unit in units:
             self._handles.append(unit.module.register_forward_pre_hook(
                 functools.partial(self._pre_forward, unit)))
@@ -140,6 +147,15 @@ class Stage3(Stage2):
             return
         if position + 1 < len(order) and order[position + 1].state is ShardState.SHARDED:
             order[position + 1].gather(self.group, self.stats, self.label)
+
+    @staticmethod
+    def _refuse_if_sharded(units: list[Unit], module, *args) -> None:
+        """Reading or loading a freed buffer would read or write memory that is not there."""
+        if any(u.state is not ShardState.GATHERED for u in units):
+            raise RuntimeError(
+                "stage 3 keeps parameters sharded between forward and backward, so "
+                "model.state_dict() and model.load_state_dict() must run inside "
+                "`with opt.summon_full_params():` (on every rank)")
 
     # -- around the optimizer step ----------------------------------------------------
 
