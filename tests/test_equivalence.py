@@ -17,11 +17,13 @@ FP32 = 4
 def tolerances(case):
     """SGD: fp32 reduction-order noise (rtol covers the rounding of the parameter's own
     magnitude). Adaptive optimizers divide by sqrt(v), which magnifies that noise on
-    near-zero gradients, so their absolute bound is 1e-3 of a learning rate: far below
-    one step (a sharding bug moves parameters by whole steps)."""
+    gradients that cancel to near zero across ranks and micro-batches (RMSprop's first
+    update is 10*lr*g/(|g| + 100*eps): seen 3.6e-3*lr apart from DDP, whose all-reduce
+    sums in another order than gloo's reduce-scatter). Their absolute bound is 1e-2 of
+    a learning rate: 100x below one step, while a sharding bug moves whole steps."""
     if case["optimizer"] == "SGD":
         return {"rtol": 1e-5, "atol": 1e-6}
-    return {"rtol": 1e-5, "atol": 1e-3 * case["opt_kwargs"]["lr"]}
+    return {"rtol": 1e-5, "atol": 1e-2 * case["opt_kwargs"]["lr"]}
 
 
 def check_matches_references(results, case):
