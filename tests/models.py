@@ -71,8 +71,9 @@ class TinyTransformer(nn.Module):
         self.head = nn.Linear(d, vocab, bias=False)
         if tied:
             self.head.weight = self.emb.weight
-        if frozen:
+        if frozen:  # ln1 opens block 0: its backward runs after the block's other gradients
             self.pos.requires_grad_(False)
+            self.blocks[0].ln1.requires_grad_(False)
 
     def forward(self, idx):
         x = self.emb(idx) + self.pos[: idx.shape[1]]

@@ -38,6 +38,10 @@ class Unit:
         self.state = ShardState.GATHERED  # buffers start full; Stage3 frees them
         self._works: list = []
         self.trainable_ids = {id(p) for b in buckets for p in b.params if p.requires_grad}
+        # Backward may still need a frozen parameter after every trainable gradient
+        # has arrived (a frozen layer that opens the unit computes its input gradient
+        # last), so only a unit without frozen parameters can be released early.
+        self.release_when_grads_done = all(p.requires_grad for b in buckets for p in b.params)
         self.grads_arrived: set[int] = set()  # this backward's accumulated gradients
         self.backward_armed = False  # gathered for this backward already
 

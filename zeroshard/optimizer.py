@@ -24,18 +24,27 @@ class ZeroOptimizer(torch.optim.Optimizer):
     """Data-parallel training with ZeRO-partitioned model states, as a drop-in optimizer.
 
     Build it over a plain ``nn.Module`` (not wrapped in DDP) on every rank; it
-    broadcasts rank 0's parameters and buffers, then shards the optimizer states
-    (stage 1) and gradients (stage 2) of ``optimizer_class`` across the ranks of
-    ``process_group``. Gradients are averaged over ranks during ``backward()``, as
-    with DistributedDataParallel, and ``step()`` leaves every rank with the same
-    full parameters.
+    broadcasts rank 0's parameters and buffers, then shards across the ranks of
+    ``process_group`` the optimizer states of ``optimizer_class`` (stage 1), the
+    gradients too (stage 2), and the parameters too (stage 3). Gradients are
+    averaged over ranks during ``backward()``, as with DistributedDataParallel, and
+    after ``step()`` every rank holds the same parameters.
 
     Where the reduced gradient lives: in the shards, not in ``p.grad``. Stage 1
     keeps full-size gradient buffers (its memory profile), but after backward
     ``p.grad`` holds this rank's local, unreduced gradient (a view of that buffer,
-    zeroed in place by ``zero_grad()``); stage 2 leaves ``p.grad`` None. Use
+    zeroed in place by ``zero_grad()``); stages 2 and 3 leave ``p.grad`` None. Use
     ``clip_grad_norm_`` of this optimizer for the global gradient norm, not
     ``torch.nn.utils.clip_grad_norm_(model.parameters())``.
+
+    Stage 3 gathers parameters per unit: ``units`` (module classes, or a predicate
+    ``module -> bool``; None groups submodules of about ``bucket_size_mb``) picks
+    the modules whose parameters are gathered before their forward and released
+    after it (``reshard_after_forward=True``, else kept until backward is done
+    with them). Between forward passes parameters hold no storage: read or write
+    them, or call ``model.state_dict()``, inside ``opt.summon_full_params()``.
+    Every rank must run the same units in the same order (see Note [stage 3
+    contract] in stage3.py).
 
     ``param_groups`` are live: ``torch.optim.lr_scheduler`` works unchanged, and a
     change to a group's hyper-parameters applies to the next ``step()``. Keyword

@@ -114,7 +114,7 @@ class Stage3(Stage2):
         param = bucket.params[index]
         unit = self._unit_of[id(param)]
         unit.grads_arrived.add(id(param))
-        if unit.grads_arrived >= unit.trainable_ids:
+        if unit.release_when_grads_done and unit.grads_arrived >= unit.trainable_ids:
             unit.release()  # all its gradients are accumulated: backward is done with it
 
     def _on_backward_end(self) -> None:
