@@ -51,6 +51,14 @@ def state_bytes(optimizer) -> int:
                if isinstance(t, torch.Tensor) and k != "step")
 
 
+def ddp_needs_static_graph(case) -> bool:
+    """DDP accepts a parameter used in two nested backwards (reentrant checkpointing of a
+    reused block, or of two forwards) only with a static graph, which breaks no_sync."""
+    model = case["model"]
+    return model.get("checkpoint") == "reentrant" and bool(
+        model.get("reuse") or case.get("two_forwards"))
+
+
 def micro_loss(spec, model, batch, case):
     """One micro-batch's loss; with "two_forwards", the sum of two forwards' losses
     (the batch split in half) before one backward."""
@@ -77,7 +85,7 @@ def train_side_by_side(ctx, case):
                                    param_groups=param_groups(zero_model, case),
                                    process_group=ctx.group, bucket_size_mb=case["bucket_mb"],
                                    **stage3, **opt_kwargs)
-    ddp = DDP(ddp_model, process_group=ctx.group,
+    ddp = DDP(ddp_model, process_group=ctx.group, static_graph=ddp_needs_static_graph(case),
               find_unused_parameters=spec.get("unused_branch", False) or case.get("skip_odd_steps", False))
     groups = param_groups(ddp_model, case)
     dopt = opt_class(groups if groups else ddp_model.parameters(), **opt_kwargs)

@@ -78,13 +78,18 @@ def check_comm_per_step(results, case):
         psi_all, padding_all = psi, padding
     synced_backwards = 1 if case["no_sync"] else case["accum"]
     gathers = gathers_per_step(case)
+    # Note [late gradients]: nested backwards of reentrant checkpointing may reduce again
+    model = case["model"]
+    late = model.get("checkpoint") == "reentrant" and (model.get("reuse") or case.get("two_forwards"))
     for step, comm in enumerate(res["comm"]):
         rs = comm["reduce_scatter"]
-        assert synced_backwards * FP32 * psi <= rs <= synced_backwards * FP32 * (psi + padding), comm
+        assert synced_backwards * FP32 * psi <= rs, comm
+        if not late:
+            assert rs <= synced_backwards * FP32 * (psi + padding), comm
         if gathers is not None:
             ag = comm["all_gather"]
             assert gathers * FP32 * psi_all <= ag <= gathers * FP32 * (psi_all + padding_all), comm
-        if case["stage"] != 3:  # the same buckets both ways
+        if case["stage"] != 3 and not late:  # the same buckets both ways
             assert comm["reduce_scatter"] == synced_backwards * comm["all_gather"], (step, comm)
         assert comm["all_reduce"] == (FP32 if case["clip"] is not None else 0), comm
         assert comm["broadcast"] == 0, comm
@@ -118,8 +123,11 @@ def check_memory(results, case):
 def check_stage2_peak(results, case):
     """During backward, stage 2 holds the shards plus at most two buckets (one filling,
     one in flight) of each param group, plus the gradient autograd just produced."""
-    if case["stage"] == 1 or case["no_sync"] or case["model"].get("unused_branch"):
-        return  # no_sync keeps full gradients by design; an unused branch holds its bucket
+    if (case["stage"] == 1 or case["no_sync"] or case["model"].get("unused_branch")
+            or case["model"].get("checkpoint") == "reentrant"):
+        # no_sync keeps full gradients by design; an unused branch holds its bucket until
+        # backward ends; nested backwards (reentrant checkpointing) may refill buckets late
+        return
     n = case["world_size"]
     cap = case["bucket_mb"] * 2**20
     groups = 2 if case["groups"] else 1

@@ -22,6 +22,16 @@ Note [end of backward]:
     parameter hook queues it too, for a backward that does not start at the
     model's outputs. Queued from the outer backward, the callback runs after it,
     not after a nested backward such as reentrant activation checkpointing's.
+
+Note [late gradients]:
+    Reentrant activation checkpointing runs a nested backward per checkpointed
+    call, so a parameter used in two such calls (a block run twice, or two
+    forwards before one backward) gets gradient twice in one backward, the second
+    time after its bucket was reduced. Such a bucket is reduced once more at the
+    end of backward: stage 1 reduces its whole buffer again (it holds the total),
+    stages 2 and 3 reduce the late part and add it to the shard. Which buckets are
+    late follows from the model's structure, so every rank issues the same extra
+    reduce-scatters.
 """
 
 from __future__ import annotations
@@ -62,6 +72,7 @@ class ShardedStage:
         self._next_launch = 0  # index of the first bucket not yet launched this backward
         self._in_flight: list[tuple[FlatBucket, object, torch.Tensor]] = []
         self._position = {id(bucket): i for i, bucket in enumerate(self.buckets)}
+        self._late: set[int] = set()  # positions of buckets that got gradient after launching
         self._handles = [model.register_forward_hook(self._arm_backward_end)]
         for bucket in self.buckets:
             for index, param in enumerate(bucket.params):
@@ -89,6 +100,10 @@ class ShardedStage:
     def zero_grad(self) -> None:
         raise NotImplementedError
 
+    def skips_reduction(self, bucket: FlatBucket) -> bool:
+        """True if every rank knows this bucket got no gradient in this backward."""
+        return False
+
     def gradient_tensors(self) -> list[torch.Tensor]:
         """Every gradient tensor this stage keeps alive, for memory_report()."""
         raise NotImplementedError
@@ -115,12 +130,8 @@ class ShardedStage:
 
     def _mark_ready(self, bucket: FlatBucket, index: int) -> None:
         if self._position[id(bucket)] < self._next_launch:
-            name = tuple(bucket.params[index].shape)
-            raise RuntimeError(
-                f"a parameter of shape {name} received a second gradient in one backward after "
-                "its bucket was reduced (this happens when a parameter is used both inside and "
-                "outside reentrant activation checkpointing); use "
-                "torch.utils.checkpoint(..., use_reentrant=False)")
+            self._late.add(self._position[id(bucket)])  # Note [late gradients]
+            return
         bucket.ready.add(index)
         # Note [launch order]: launch every bucket at the front of the list that is ready.
         while self._next_launch < len(self.buckets) and self.buckets[self._next_launch].all_ready:
@@ -137,12 +148,20 @@ class ShardedStage:
         if self.require_sync:
             while self._next_launch < len(self.buckets):
                 bucket = self.buckets[self._next_launch]
+                if self.skips_reduction(bucket):
+                    self._next_launch += 1
+                    continue
                 for index in range(len(bucket.params)):
                     if index not in bucket.ready:
                         self.fill_missing(bucket, index)
                         bucket.ready.add(index)
                 self._launch_next()
             self.wait_in_flight()
+            for position in sorted(self._late):  # Note [late gradients]
+                bucket = self.buckets[position]
+                self._in_flight.append((bucket, *self.launch(bucket)))
+                self.wait_in_flight()
+        self._late.clear()
         for bucket in self.buckets:
             bucket.ready.clear()
         self._next_launch = 0

@@ -26,7 +26,9 @@ class Stage2(ShardedStage):
 
     def __init__(self, model, buckets, group, stats) -> None:
         super().__init__(model, buckets, group, stats)
-        self.reduce_buffers: dict[int, torch.Tensor] = {}  # bucket position -> 1-D padded buffer
+        # bucket position -> 1-D padded buffer, filling (not yet launched) / being reduced
+        self.reduce_buffers: dict[int, torch.Tensor] = {}
+        self.buffers_in_flight: dict[int, torch.Tensor] = {}
 
     def _buffer(self, bucket: FlatBucket) -> torch.Tensor:
         position = self._position[id(bucket)]
@@ -49,10 +51,14 @@ class Stage2(ShardedStage):
         self._move_grad_to_buffer(bucket, index)  # a gradient left over from no_sync()
 
     def launch(self, bucket: FlatBucket):
-        return self.reduce_scatter(bucket, self._buffer(bucket))
+        # Out of the filling table: a late gradient (Note [late gradients]) starts a new buffer.
+        buffer = self._buffer(bucket)
+        position = self._position[id(bucket)]
+        self.buffers_in_flight[position] = self.reduce_buffers.pop(position)
+        return self.reduce_scatter(bucket, buffer)
 
     def finalize(self, bucket: FlatBucket, reduced: torch.Tensor) -> None:
-        del self.reduce_buffers[self._position[id(bucket)]]
+        del self.buffers_in_flight[self._position[id(bucket)]]
         if bucket.grad_shard is None:
             bucket.set_grad_shard(reduced)
         else:
@@ -61,6 +67,7 @@ class Stage2(ShardedStage):
     def zero_grad(self) -> None:
         self.wait_in_flight()
         self.reduce_buffers.clear()
+        assert not self.buffers_in_flight
         for bucket in self.buckets:
             bucket.set_grad_shard(None)
             for param in bucket.params:
@@ -68,4 +75,4 @@ class Stage2(ShardedStage):
 
     def gradient_tensors(self) -> list[torch.Tensor]:
         shards = [b.grad_shard for b in self.buckets if b.grad_shard is not None]
-        return shards + list(self.reduce_buffers.values())
+        return shards + list(self.reduce_buffers.values()) + list(self.buffers_in_flight.values())

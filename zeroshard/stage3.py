@@ -73,6 +73,8 @@ class Stage3(Stage2):
 
     def _pre_forward(self, unit: Unit, module, args) -> None:
         training = torch.is_grad_enabled() and self.state is TrainingState.IDLE
+        if training:
+            unit.ran_since_backward = True
         if unit is self.root and training:
             self._order_index, self._recording = 0, []
         self._gather_now(unit)
@@ -117,6 +119,13 @@ class Stage3(Stage2):
         if unit.release_when_grads_done and unit.grads_arrived >= unit.trainable_ids:
             unit.release()  # all its gradients are accumulated: backward is done with it
 
+    def skips_reduction(self, bucket) -> bool:
+        """A unit that ran no forward since the last backward ran on no rank (Note [stage 3
+        contract]): its gradient is not zero but absent, so its reduce-scatter is skipped
+        and, if it stays absent until step(), the optimizer skips it as torch skips a
+        parameter whose .grad is None (no weight decay, no momentum)."""
+        return not self._unit_of[id(bucket.params[0])].ran_since_backward
+
     def _on_backward_end(self) -> None:
         super()._on_backward_end()
         if self._backward_order is None:
@@ -125,6 +134,7 @@ class Stage3(Stage2):
             unit.release()
             unit.grads_arrived.clear()
             unit.backward_armed = False
+            unit.ran_since_backward = False
 
     # -- gather, prefetch -------------------------------------------------------------
 

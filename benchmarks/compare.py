@@ -1,0 +1,310 @@
+"""zeroshard next to its peers, side by side in one invocation: memory, step time, communication.
+
+    python benchmarks/compare.py --world-size 2 --out benchmarks/results/ws2
+    python benchmarks/compare.py --smoke            # tiny model, a few seconds per method
+
+Methods (each on the same model, data and world size): DDP; DDP +
+ZeroRedundancyOptimizer; FSDP1 FULL_SHARD and SHARD_GRAD_OP; FSDP2 fully_shard with
+reshard_after_forward True and False; DeepSpeed ZeRO 1/2/3 (reported as skipped
+when deepspeed is not installed); zeroshard stages 1/2/3. The model is
+examples/train_gpt.py's GPT (blocks are the wrap/shard units), fp32, AdamW.
+
+Each method runs twice in fresh processes (gloo on CPU, NCCL on CUDA):
+- memory: CPU: peak RSS above the RSS right after process-group start (the
+  high-water mark is reset there), with MALLOC_MMAP_THRESHOLD_=1048576 so freed
+  buffers go back to the OS (otherwise RSS hides sharding); CUDA:
+  torch.cuda.max_memory_allocated. The larger rank's figure is reported.
+- time: the median step time over --steps steps after --warmup, without that
+  setting (it slows some runs).
+Communication per step is measured for zeroshard (comm_stats) and given by theory
+for the peers (DESIGN.md's accounting), marked so. Output: results.json,
+results.md (a markdown table with ratios to DDP and to the best peer at the same
+stage) and results.png (needs matplotlib).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "examples"))
+from train_gpt import GPT, Block  # noqa: E402
+
+# method -> (ZeRO stage it compares with, bytes moved per step in units of 4Ψ by theory)
+METHODS = {
+    "ddp": (0, 2), "ddp+zero_redundancy": (1, 3),
+    "fsdp1_shard_grad_op": (2, 2), "fsdp1_full_shard": (3, 3),
+    "fsdp2_no_reshard": (2, 2), "fsdp2_reshard": (3, 3),
+    "deepspeed_zero1": (1, 2), "deepspeed_zero2": (2, 2), "deepspeed_zero3": (3, 3),
+    "zeroshard1": (1, None), "zeroshard2": (2, None), "zeroshard3": (3, None),
+}
+SIZES = {  # ~100M parameters (the issue's reference size) and a smoke-test toy
+    "100m": dict(vocab=16384, d_model=768, layers=12, heads=12, seq_len=64, batch=1),
+    "smoke": dict(vocab=64, d_model=32, layers=2, heads=2, seq_len=16, batch=2),
+}
+
+
+def rss_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def setup(method: str, model, lr: float):
+    """Wrap ``model`` the way ``method`` does; return (module to call, optimizer, backward)."""
+    adamw = lambda params: torch.optim.AdamW(params, lr=lr)  # noqa: E731
+    if method in ("ddp", "ddp+zero_redundancy"):
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        ddp = DDP(model)
+        opt = adamw(ddp.parameters()) if method == "ddp" else ZeroRedundancyOptimizer(
+            ddp.parameters(), optimizer_class=torch.optim.AdamW, lr=lr)
+        return ddp, opt, None
+    if method.startswith("fsdp1"):
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.fsdp import ShardingStrategy
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+        strategy = (ShardingStrategy.FULL_SHARD if method == "fsdp1_full_shard"
+                    else ShardingStrategy.SHARD_GRAD_OP)
+        fsdp = FSDP(model, sharding_strategy=strategy, auto_wrap_policy=ModuleWrapPolicy({Block}),
+                    use_orig_params=True)
+        return fsdp, adamw(fsdp.parameters()), None
+    if method.startswith("fsdp2"):
+        from torch.distributed.fsdp import fully_shard
+        reshard = method == "fsdp2_reshard"
+        for block in model.blocks:
+            fully_shard(block, reshard_after_forward=reshard)
+        fully_shard(model, reshard_after_forward=reshard)
+        return model, adamw(model.parameters()), None
+    if method.startswith("deepspeed"):
+        import deepspeed
+        config = {"train_micro_batch_size_per_gpu": 1, "zero_allow_untested_optimizer": True,
+                  "zero_optimization": {"stage": int(method[-1])}}
+        engine, opt, _, _ = deepspeed.initialize(model=model, optimizer=adamw(model.parameters()),
+                                                 config=config)
+        return engine, engine, engine.backward
+    if method.startswith("zeroshard"):
+        import zeroshard
+        stage = int(method[-1])
+        extra = {"units": Block} if stage == 3 else {}
+        return model, zeroshard.ZeroOptimizer(model, torch.optim.AdamW, stage=stage, lr=lr,
+                                              **extra), None
+    raise ValueError(f"unknown method {method!r}; choose from {sorted(METHODS)}")
+
+
+def worker(rank: int, world: int, port: int, method: str, size: dict, args, results) -> None:
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
+    if cuda:
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
+    device = torch.device("cuda" if cuda else "cpu")
+    baseline_kib = rss_kib("VmRSS")
+    if not cuda:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the RSS high-water mark to the current RSS
+    torch.manual_seed(0)
+    model = GPT(size["vocab"], size["d_model"], size["layers"], size["heads"], size["seq_len"]).to(device)
+    psi = sum(p.numel() for p in model.parameters())
+    module, opt, backward = setup(method, model, lr=1e-4)
+    g = torch.Generator().manual_seed(rank)
+    tokens = torch.randint(0, size["vocab"], (size["batch"], size["seq_len"] + 1), generator=g).to(device)
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    times, comm = [], None
+    for step in range(args.warmup + args.steps):
+        if hasattr(opt, "comm_stats"):
+            opt.comm_stats.reset()
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        loss = F.cross_entropy(module(x).reshape(-1, size["vocab"]), y.reshape(-1))
+        (backward or torch.Tensor.backward)(loss)
+        opt.step()
+        opt.zero_grad()
+        if cuda:
+            torch.cuda.synchronize()
+        if step >= args.warmup:
+            times.append(time.perf_counter() - start)
+        if hasattr(opt, "comm_stats"):
+            comm = sum(opt.comm_stats.bytes[k] for k in ("all_gather", "reduce_scatter"))
+    peak = (torch.cuda.max_memory_allocated() if cuda
+            else (rss_kib("VmHWM") - baseline_kib) * 1024)
+    report = opt.memory_report() if hasattr(opt, "memory_report") else None
+    results.put({"rank": rank, "peak_bytes": peak, "step_s": statistics.median(times), "psi": psi,
+                 "comm_bytes": comm, "memory_report": report})
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(method: str, world: int, size: dict, args, measure_memory: bool) -> list[dict]:
+    """One fresh process group for one method; per-rank results."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    env_key = "MALLOC_MMAP_THRESHOLD_"
+    if measure_memory:
+        os.environ[env_key] = "1048576"  # read by glibc at process start: set before spawning
+    try:
+        procs = [ctx.Process(target=worker, args=(r, world, free_port_cache[0], method, size, args,
+                                                  results)) for r in range(world)]
+        for p in procs:
+            p.start()
+        out = [results.get(timeout=args.timeout) for _ in range(world)]
+        for p in procs:
+            p.join(timeout=60)
+        return sorted(out, key=lambda r: r["rank"])
+    finally:
+        os.environ.pop(env_key, None)
+
+
+free_port_cache = [0]
+
+
+def formula_bytes(stage: int, psi: int, n: int) -> dict:
+    """fp32 AdamW model states per rank (DESIGN.md)."""
+    return {"parameters": 4 * psi / (n if stage == 3 else 1),
+            "gradients": 4 * psi + 4 * psi / n if stage == 1 else 4 * psi / n,
+            "optimizer_states": 8 * psi / n}
+
+
+def summarise(rows: list[dict], world: int) -> str:
+    mib = 2**20
+    by_name = {r["method"]: r for r in rows if "error" not in r}
+    ddp = by_name.get("ddp")
+    lines = ["| method | ZeRO stage | peak memory MiB | × DDP | × best peer (same stage) | "
+             "median step s | × DDP | × best peer (same stage) | comm MiB/step |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['method']} | {METHODS[r['method']][0]} | skipped: {r['error']} "
+                         "| | | | | | |")
+            continue
+        stage = METHODS[r["method"]][0]
+        peers = [p for name, p in by_name.items() if METHODS[name][0] == stage
+                 and not name.startswith("zeroshard") and name != r["method"]]
+        best_mem = min((p["peak_bytes"] for p in peers), default=None)
+        best_time = min((p["step_s"] for p in peers), default=None)
+        ratio = lambda a, b: f"{a / b:.2f}" if b else "—"  # noqa: E731
+        comm = (f"{r['comm_bytes'] / mib:.1f} (measured)" if r["comm_bytes"] is not None
+                else f"{METHODS[r['method']][1] * 4 * r['psi'] / mib:.1f} (theory)")
+        lines.append(
+            f"| {r['method']} | {stage} | {r['peak_bytes'] / mib:.0f} | "
+            f"{ratio(r['peak_bytes'], ddp and ddp['peak_bytes'])} | {ratio(r['peak_bytes'], best_mem)} | "
+            f"{r['step_s']:.3f} | {ratio(r['step_s'], ddp and ddp['step_s'])} | "
+            f"{ratio(r['step_s'], best_time)} | {comm} |")
+    lines += ["", "zeroshard's memory_report() after the last step (rank 0) next to the formula:", "",
+              "| method | parameters | gradients | optimizer states | formula (p / g / s) | worst deviation |",
+              "|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["method"].startswith("zeroshard") and "error" not in r:
+            stage, rep = METHODS[r["method"]][0], r["memory_report"]
+            f = formula_bytes(stage, r["psi"], world)
+            # after zero_grad() the gradient shards are gone; compare the other two
+            worst = max(abs(rep[k] - f[k]) / f[k] for k in ("parameters", "optimizer_states"))
+            lines.append(f"| {r['method']} | {rep['parameters']:,} | {rep['gradients']:,} | "
+                         f"{rep['optimizer_states']:,} | {f['parameters']:,.0f} / {f['gradients']:,.0f} / "
+                         f"{f['optimizer_states']:,.0f} | {worst:.2%} |")
+    return "\n".join(lines)
+
+
+def chart(rows: list[dict], path: Path) -> str:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "results.png skipped: matplotlib is not installed (pip install matplotlib)"
+    ok = [r for r in rows if "error" not in r]
+    names = [r["method"] for r in ok]
+    colors = ["tab:orange" if n.startswith("zeroshard") else "tab:blue" for n in names]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 5))
+    a.barh(names, [r["peak_bytes"] / 2**20 for r in ok], color=colors)
+    a.set_xlabel("peak memory per rank (MiB)")
+    b.barh(names, [r["step_s"] for r in ok], color=colors)
+    b.set_xlabel("median step time (s)")
+    for ax in (a, b):
+        ax.invert_yaxis()
+    fig.suptitle(path.parent.name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return f"wrote {path}"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--world-size", type=int, default=2)
+    p.add_argument("--size", choices=sorted(SIZES), default="100m")
+    p.add_argument("--smoke", action="store_true", help="--size smoke --steps 2 --warmup 1")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--timeout", type=float, default=600)
+    p.add_argument("--out", type=Path, default=HERE / "results" / "latest")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.size, args.steps, args.warmup = "smoke", 2, 1
+    size, world = SIZES[args.size], args.world_size
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for method in args.methods.split(","):
+        if method.startswith("deepspeed"):
+            try:
+                import deepspeed  # noqa: F401
+            except ImportError as error:
+                rows.append({"method": method, "error": f"deepspeed not installed ({error.name})"})
+                print(f"{method}: skipped (deepspeed not installed)", flush=True)
+                continue
+        row = {"method": method}
+        try:
+            for measure_memory in (True, False):
+                free_port_cache[0] = free_port()
+                per_rank = run(method, world, size, args, measure_memory)
+                if measure_memory:
+                    row["peak_bytes"] = max(r["peak_bytes"] for r in per_rank)
+                else:
+                    row.update(step_s=max(r["step_s"] for r in per_rank), psi=per_rank[0]["psi"],
+                               comm_bytes=per_rank[0]["comm_bytes"],
+                               memory_report=per_rank[0]["memory_report"])
+        except Exception as error:  # noqa: BLE001 - one method failing must not hide the others
+            row = {"method": method, "error": f"{type(error).__name__}: {error}"[:200]}
+        rows.append(row)
+        print(f"{method}: " + (row.get("error") or
+                               f"peak {row['peak_bytes'] / 2**20:.0f} MiB, step {row['step_s']:.3f} s"),
+              flush=True)
+    command = "python benchmarks/compare.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    table = summarise(rows, world)
+    header = (f"{command}\n\nmodel: examples/train_gpt.py GPT {size}, "
+              f"Ψ = {next((r['psi'] for r in rows if 'psi' in r), 0):,} parameters, fp32 AdamW, "
+              f"{world} ranks, {'CUDA/NCCL' if torch.cuda.is_available() else 'CPU/gloo'}, "
+              f"torch {torch.__version__}, {os.cpu_count()} cores\n")
+    (args.out / "results.json").write_text(json.dumps({"command": command, "size": size,
+                                                       "world_size": world, "rows": rows}, indent=1))
+    (args.out / "results.md").write_text(header + "\n" + table + "\n")
+    print(header + "\n" + table)
+    print(chart(rows, args.out / "results.png"))
+
+
+if __name__ == "__main__":
+    main()
