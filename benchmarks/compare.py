@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import socket
 import statistics
 import sys
@@ -80,8 +81,9 @@ def setup(method: str, model, lr: float):
         from torch.distributed.fsdp.wrap import ModuleWrapPolicy
         strategy = (ShardingStrategy.FULL_SHARD if method == "fsdp1_full_shard"
                     else ShardingStrategy.SHARD_GRAD_OP)
+        device = next(model.parameters()).device  # FSDP1 runs on CPU only when told so
         fsdp = FSDP(model, sharding_strategy=strategy, auto_wrap_policy=ModuleWrapPolicy({Block}),
-                    use_orig_params=True)
+                    use_orig_params=True, device_id=device)
         return fsdp, adamw(fsdp.parameters()), None
     if method.startswith("fsdp2"):
         from torch.distributed.fsdp import fully_shard
@@ -171,7 +173,17 @@ def run(method: str, world: int, size: dict, args, measure_memory: bool) -> list
                                                   results)) for r in range(world)]
         for p in procs:
             p.start()
-        out = [results.get(timeout=args.timeout) for _ in range(world)]
+        out, deadline = [], time.monotonic() + args.timeout
+        while len(out) < world:
+            try:
+                out.append(results.get(timeout=1))
+            except queue.Empty:
+                dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                if dead or time.monotonic() > deadline:
+                    for p in procs:
+                        p.kill()
+                    raise RuntimeError(f"a rank exited with code {dead[0]}" if dead
+                                       else f"no result within {args.timeout}s") from None
         for p in procs:
             p.join(timeout=60)
         return sorted(out, key=lambda r: r["rank"])

@@ -83,7 +83,8 @@ def check_comm_per_step(results, case):
     late = model.get("checkpoint") == "reentrant" and (model.get("reuse") or case.get("two_forwards"))
     for step, comm in enumerate(res["comm"]):
         rs = comm["reduce_scatter"]
-        assert synced_backwards * FP32 * psi <= rs, comm
+        skipped = case.get("skip_odd_steps") and step % 2 == 1  # a unit no rank ran: not reduced
+        assert skipped or synced_backwards * FP32 * psi <= rs, comm
         if not late:
             assert rs <= synced_backwards * FP32 * (psi + padding), comm
         if gathers is not None:

@@ -118,6 +118,8 @@ class Stage3(Stage2):
         unit.grads_arrived.add(id(param))
         if unit.release_when_grads_done and unit.grads_arrived >= unit.trainable_ids:
             unit.release()  # all its gradients are accumulated: backward is done with it
+            # A nested backward (Note [late gradients]) may gather it again: count afresh.
+            unit.grads_arrived.clear()
 
     def skips_reduction(self, bucket) -> bool:
         """A unit that ran no forward since the last backward ran on no rank (Note [stage 3
