@@ -119,3 +119,8 @@ def loss_fn(spec: dict, model: nn.Module, batch) -> torch.Tensor:
     if spec["kind"] == "mlp":
         return F.mse_loss(out, y)
     return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+
+
+def estimate_cli_example() -> nn.Module:
+    """A model for `zeroshard estimate --model models:estimate_cli_example` (tests)."""
+    return MLP(10, 20, 5, 2, frozen=False, unused_branch=False)

@@ -110,7 +110,10 @@ def check_memory(results, case):
         shard_lo, shard_hi = FP32 * psi / n, FP32 * padded_max / n
         full = FP32 * psi if stage == 1 else 0  # stage 1 keeps full gradient buffers too
         full_hi = FP32 * padded_max if stage == 1 else 0
-        assert full + shard_lo <= mem["gradients"] <= full_hi + shard_hi, (stage, mem)
+        # a unit that ran on no rank in the last step has no gradient shard at all
+        skipped = case.get("skip_odd_steps") and (case["steps"] - 1) % 2 == 1
+        assert skipped or full + shard_lo <= mem["gradients"], (stage, mem)
+        assert mem["gradients"] <= full_hi + shard_hi, (stage, mem)
         assert mem["master_parameters"] == 0  # fp32: the shard is a view of the parameters
         # Optimizer state is 1/N of what the same torch optimizer holds under DDP.
         per_element = res["ddp_state_bytes"] / psi

@@ -33,3 +33,19 @@ def test_cli_prints_the_paper_table():
     rows = {line.split()[2]: line for line in out.splitlines() if "ZeRO stage" in line}
     assert "120 GB" in out
     assert "31.4 GB" in rows["1"] and "16.6 GB" in rows["2"] and "1.88 GB" in rows["3"]
+
+
+def test_cli_counts_a_model_given_as_an_import_path():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    from models import estimate_cli_example
+    psi = sum(p.numel() for p in estimate_cli_example().parameters())
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    out = subprocess.run([sys.executable, "-m", "zeroshard", "estimate", "--model",
+                          "models:estimate_cli_example", "--world-size", "2", "--precision", "fp32"],
+                         capture_output=True, text=True, check=True, env=env).stdout
+    assert out.startswith(f"{psi} parameters"), out
+    dp_bytes = 16 * psi  # fp32 Adam: 4 + 4 + 8 bytes per parameter
+    assert f"{dp_bytes / 1e3:.3g} KB" in out, (dp_bytes, out)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 
 from .memory import estimate_memory
 
@@ -19,16 +20,35 @@ def _format_bytes(n: float) -> str:
     return f"{n:.0f} B"
 
 
+def count_parameters(spec: str, parser: argparse.ArgumentParser) -> int:
+    """Parameters of the model that ``module:factory`` builds (tied weights counted once)."""
+    module_name, _, factory_name = spec.partition(":")
+    if not module_name or not factory_name:
+        parser.error(f"--model must look like module.path:factory, got {spec!r}")
+    import torch
+
+    factory = getattr(importlib.import_module(module_name), factory_name)
+    with torch.device("meta"):
+        model = factory()
+    return sum(p.numel() for p in model.parameters())
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="zeroshard")
     commands = parser.add_subparsers(dest="command", required=True)
     est = commands.add_parser("estimate", help="per-rank bytes of model states for each stage")
-    est.add_argument("--params", type=float, required=True, help="number of parameters, e.g. 7.5e9")
+    size = est.add_mutually_exclusive_group(required=True)
+    size.add_argument("--params", type=float, help="number of parameters, e.g. 7.5e9")
+    size.add_argument("--model", metavar="MODULE:FACTORY",
+                      help="count the parameters of FACTORY() from MODULE, e.g. mypkg.models:build "
+                           "(built on the meta device: no memory is allocated)")
     est.add_argument("--world-size", type=int, required=True)
     est.add_argument("--precision", choices=sorted(PRECISIONS), default="mixed")
     est.add_argument("--optimizer-bytes", type=int, default=None,
                      help="optimizer-state bytes per parameter (default: 12 mixed, 8 fp32 Adam)")
     args = parser.parse_args(argv)
+    if args.model is not None:
+        args.params = count_parameters(args.model, parser)
     param_bytes, grad_bytes, optimizer_bytes = PRECISIONS[args.precision]
     if args.optimizer_bytes is not None:
         optimizer_bytes = args.optimizer_bytes
