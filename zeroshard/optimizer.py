@@ -88,20 +88,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.stage = stage
         self.comm_stats = _comm.CommStats()
 
-        group_of = {id(p): i for i, g in enumerate(groups) for p in g["params"]}
-        bucket_bytes = int(bucket_size_mb * 2**20)
-        if stage == 3:
-            self._units = build_units(model, select_unit_modules(model, units, bucket_bytes),
-                                      group_of, self._rank, self._world_size)
-            every_bucket = [b for u in self._units for b in u.buckets]
-            for bucket in every_bucket:
-                bucket.detach_shard()  # before the inner optimizer takes the shards
-            self._buckets = [b for b in every_bucket if b.params[0].requires_grad]
-        else:
-            trainable = [(p, group_of[id(p)]) for p in model.parameters() if p.requires_grad]
-            self._buckets = build_buckets(trainable, bucket_bytes, self._rank, self._world_size)
-            every_bucket = self._buckets
-        self._reshard_after_forward = reshard_after_forward
+        every_bucket = self._build_buckets(groups, units, int(bucket_size_mb * 2**20))
+        self._buckets = [b for b in every_bucket if b.params[0].requires_grad]  # optimized
         self._inner = optimizer_class(
             [{**_hyperparameters(g), "params": [b.shard for b in self._buckets if b.group_index == i]}
              for i, g in enumerate(groups)],
@@ -120,6 +108,24 @@ class ZeroOptimizer(torch.optim.Optimizer):
             stage_class = Stage1 if stage == 1 else Stage2
             self._stage = stage_class(model, self._buckets, self._group, self.comm_stats)
         self._constructed = True
+
+    def _build_buckets(self, groups: list[dict], units, bucket_bytes: int) -> list[FlatBucket]:
+        """Flatten the parameters into buckets (no communication yet).
+
+        Stages 1-2 bucket the trainable parameters by size; stage 3 gives every unit
+        the buckets of its own parameters, frozen ones included, and detaches their
+        shards so the full buffers can be freed once rank 0's values are broadcast.
+        """
+        group_of = {id(p): i for i, g in enumerate(groups) for p in g["params"]}
+        if self.stage != 3:
+            trainable = [(p, group_of[id(p)]) for p in self._model.parameters() if p.requires_grad]
+            return build_buckets(trainable, bucket_bytes, self._rank, self._world_size)
+        modules = select_unit_modules(self._model, units, bucket_bytes)
+        self._units = build_units(self._model, modules, group_of, self._rank, self._world_size)
+        every_bucket = [b for u in self._units for b in u.buckets]
+        for bucket in every_bucket:
+            bucket.detach_shard()  # before the inner optimizer takes the shards
+        return every_bucket
 
     def _broadcast_from_rank0(self, buckets: list[FlatBucket]) -> None:
         """All ranks start from rank 0's parameters and buffers, as with DDP."""

@@ -10,11 +10,13 @@ shards in one fixed bucket order, full gradients freed as their bucket is reduce
 
 Note [stage 3 contract]:
     All-gathers are issued as units compute, so every rank must run the same units
-    in the same order, the contract of FSDP too: a unit whose forward runs on some
-    ranks only would leave the ranks in different collectives. Units that no rank
-    runs in a step, parameters that get no gradient on some ranks, and a unit run
-    twice are fine. A parameter must be used inside the forward of a module that
-    holds it (in ``_parameters``), or of one of that module's ancestor units.
+    in the same order, in forward and in backward: the contract of FSDP too. A unit
+    whose forward runs on some ranks only, or whose outputs receive gradient on
+    some ranks only, would leave the ranks in different collectives. A unit that no
+    rank runs in a step (skipped by the optimizer, as torch skips a parameter whose
+    gradient is None) and a unit run twice are fine. A parameter must be used
+    inside the forward of a module that holds it (in ``_parameters``), or of one of
+    that module's ancestor units.
 
 Note [recomputation]:
     Activation checkpointing runs a unit's forward again during backward. The
