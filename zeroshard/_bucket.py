@@ -4,7 +4,9 @@ A bucket owns one flat buffer (1-D, padded to a multiple of the world size) and
 turns its parameters into views of it, so the same ``nn.Parameter`` objects stay in
 the model (user code, tied weights and ``named_parameters()`` keep working) while
 one collective moves all of them at once. ``shard`` is this rank's slice of the
-buffer: the tensor the inner optimizer steps on.
+buffer, what the all-gather sends. ``master`` is the tensor the inner optimizer
+steps on: the shard itself, or with mixed precision an fp32 copy of it (the
+parameters and the shard then hold the low-precision cast).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 from torch import nn
 
 from ._layout import FlatLayout
+from .mixed_precision import MASTER_DTYPE
 
 
 class FlatBucket:
@@ -35,15 +38,56 @@ class FlatBucket:
                 view = self.param_view(self.flat, index)
                 view.copy_(param)
                 param.data = view
-        shard = self.layout.shard_range(rank)
-        self.shard = self.flat[shard.start:shard.stop]  # this rank's elements, a view of flat
-        self.grad_shard: torch.Tensor | None = None  # reduced gradient of `shard`
+        self.shard = self._own_slice()  # this rank's elements, a view of flat (see place_shard)
+        self.master: torch.Tensor | None = self.shard  # what the optimizer steps (place_shard)
+        self.grad_shard: torch.Tensor | None = None  # reduced gradient of `master`
         self.ready: set[int] = set()  # params whose gradient arrived in this backward
 
     def param_view(self, flat: torch.Tensor, index: int) -> torch.Tensor:
         """Parameter ``index``'s elements of ``flat`` (any buffer of this layout), shaped like it."""
         span = self.layout.param_range(index)
         return flat[span.start:span.stop].view(self.params[index].shape)
+
+    def _own_slice(self) -> torch.Tensor:
+        own = self.layout.shard_range(self.rank)
+        return self.flat[own.start:own.stop]
+
+    def place_shard(self, param_dtype: torch.dtype | None, own_storage: bool) -> None:
+        """Set up ``shard`` and ``master`` from the buffer's current (broadcast) values.
+
+        With ``param_dtype`` the parameters are cast to it (they become views of a new
+        flat buffer of that dtype) and a trainable bucket keeps an fp32 master copy of
+        its shard; frozen parameters are never updated and need none. ``own_storage``
+        (stage 3) gives the shard storage of its own, so the full buffer can be freed.
+        """
+        if param_dtype is not None:
+            self.master = self._own_slice().to(MASTER_DTYPE, copy=True) \
+                if self.params[0].requires_grad else None
+            flat = self.flat.to(param_dtype)
+            with torch.no_grad():
+                for index, param in enumerate(self.params):
+                    param.data = self.param_view(flat, index)
+            self.flat = flat
+        self.shard = self._own_slice().clone() if own_storage else self._own_slice()
+        if param_dtype is None:
+            self.master = self.shard
+
+    @property
+    def has_separate_master(self) -> bool:
+        return self.master is not None and self.master is not self.shard
+
+    def master_to_shard(self) -> None:
+        """After the optimizer step: the shard takes the updated master's (cast) values."""
+        if self.has_separate_master:
+            self.shard.copy_(self.master)
+
+    def absorb_writes(self, before: torch.Tensor, after: torch.Tensor) -> None:
+        """The shard's elements went from ``before`` to ``after`` by a write to the
+        parameters: copy the changed elements into the master. Unchanged elements
+        keep their fp32 master values (a round trip through the cast would lose them)."""
+        if self.has_separate_master:
+            changed = before != after
+            self.master[changed] = after[changed].to(self.master.dtype)
 
     @property
     def all_ready(self) -> bool:
@@ -52,21 +96,23 @@ class FlatBucket:
     def set_grad_shard(self, grad: torch.Tensor | None) -> None:
         """Install the reduced gradient where the inner optimizer looks for it."""
         self.grad_shard = grad
-        self.shard.grad = grad
+        self.master.grad = grad
+
+    def widen_grad_shard(self) -> None:
+        """Give a 2-byte gradient shard the master's dtype (fp32) for clipping and the step."""
+        if self.grad_shard is not None and self.grad_shard.dtype != self.master.dtype:
+            self.set_grad_shard(self.grad_shard.to(self.master.dtype))
 
     def nbytes(self) -> int:
         return self.flat.numel() * self.flat.element_size()
 
     # -- stage 3: the full buffer exists only while gathered ----------------------------
 
-    def detach_shard(self) -> None:
-        """Give the shard its own storage, so the full buffer can be freed (stage 3)."""
-        self.shard = self.shard.clone()
-
     def load_shard(self) -> None:
-        """Copy this rank's slice of the full buffer into the detached shard."""
-        own = self.layout.shard_range(self.rank)
-        self.shard.copy_(self.flat[own.start:own.stop])
+        """Copy this rank's slice of the full buffer (written to) into the detached shard."""
+        current = self._own_slice()
+        self.absorb_writes(self.shard, current)
+        self.shard.copy_(current)
 
     @property
     def is_gathered(self) -> bool:

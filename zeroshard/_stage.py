@@ -32,6 +32,17 @@ Note [late gradients]:
     stages 2 and 3 reduce the late part and add it to the shard. Which buckets are
     late follows from the model's structure, so every rank issues the same extra
     reduce-scatters.
+
+Note [non-finite gradients]:
+    With fp16 compute (``MixedPrecision(param_dtype=torch.float16)``, or a forward
+    under fp16 autocast) gradients can overflow, and loss scaling skips the step
+    when one does. A reduce-scatter carries an inf only to the rank that owns the
+    element, so ``torch.amp.GradScaler``, which checks each rank's own gradient
+    shards, would skip the step on that rank alone: the ranks would then disagree
+    on the parameters, the loss scale and which collectives come next. So after
+    such a backward the ranks all-reduce one flag (4 bytes), and if any rank holds
+    a non-finite gradient, every rank fills its gradient shards with NaN: every
+    rank's check then finds it, and all ranks skip the step and lower the scale.
 """
 
 from __future__ import annotations
@@ -48,6 +59,7 @@ from torch.utils._pytree import tree_flatten
 
 from . import _comm
 from ._bucket import FlatBucket
+from .mixed_precision import MASTER_DTYPE, MixedPrecision, fp16_compute
 
 
 class TrainingState(enum.Enum):
@@ -61,11 +73,18 @@ class ShardedStage:
     stage: int  # set by each subclass
 
     def __init__(self, model: nn.Module, buckets: Sequence[FlatBucket], group,
-                 stats: _comm.CommStats) -> None:
+                 stats: _comm.CommStats, policy: MixedPrecision | None = None) -> None:
         self.model = model
         self.buckets = list(buckets)
         self.group = group
+        self.world_size = dist.get_world_size(group)
         self.stats = stats
+        self.policy = policy
+        # Gradients are reduced in the policy's reduce dtype (else the parameters' own).
+        # An fp16 gradient shard is kept in fp32, where loss scaling can unscale it.
+        self.reduce_dtype = policy.gradient_reduce_dtype if policy is not None else None
+        self.grad_dtype = MASTER_DTYPE if self.reduce_dtype == torch.float16 else self.reduce_dtype
+        self._check_non_finite = False  # Note [non-finite gradients]
         self.label = f"stage{self.stage}"
         self.require_sync = True  # False inside ZeroOptimizer.no_sync()
         self.state = TrainingState.IDLE
@@ -111,6 +130,8 @@ class ShardedStage:
     # -- hooks ------------------------------------------------------------------------
 
     def _arm_backward_end(self, module, inputs, output) -> None:
+        if self.buckets and fp16_compute(self.buckets[0].flat.device, self.policy):
+            self._check_non_finite = True
         for tensor in tree_flatten(output)[0]:
             if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
                 tensor.register_hook(self._on_backward_start)
@@ -161,11 +182,33 @@ class ShardedStage:
                 bucket = self.buckets[position]
                 self._in_flight.append((bucket, *self.launch(bucket)))
                 self.wait_in_flight()
+            if self._check_non_finite:
+                self._spread_non_finite()
+                self._check_non_finite = False
         self._late.clear()
         for bucket in self.buckets:
             bucket.ready.clear()
         self._next_launch = 0
         self.state = TrainingState.IDLE
+
+    def _spread_non_finite(self) -> None:
+        """Note [non-finite gradients]: one rank's inf or NaN makes every rank's shards NaN."""
+        shards = [b.grad_shard for b in self.buckets if b.grad_shard is not None]
+        device = self.buckets[0].flat.device
+        found = torch.zeros((), dtype=torch.float32, device=device)
+        for shard in shards:
+            found = torch.maximum(found, (~torch.isfinite(shard)).any().float())
+        _comm.all_reduce(found, group=self.group, stats=self.stats, label=self.label,
+                         op=dist.ReduceOp.MAX)
+        if found.item():
+            for shard in shards:
+                shard.fill_(float("nan"))
+
+    def as_gradient_shard(self, reduced: torch.Tensor) -> torch.Tensor:
+        """The reduce-scatter's output in the dtype gradient shards are kept in."""
+        if self.grad_dtype is None or reduced.dtype == self.grad_dtype:
+            return reduced
+        return reduced.to(self.grad_dtype)
 
     def wait_in_flight(self) -> None:
         """Wait for launched reduce-scatters and hand their results to the stage (idempotent)."""
@@ -184,10 +227,22 @@ class ShardedStage:
         """Parameter storage beyond the model's own parameters, for memory_report()."""
         return []
 
+    def master_tensors(self) -> list[torch.Tensor]:
+        """The tensors the inner optimizer steps, for memory_report()."""
+        return [b.master for b in self.buckets]
+
     @contextlib.contextmanager
     def summon_full_params(self):
-        """Stages 1 and 2 keep parameters whole: nothing to gather."""
-        yield
+        """Stages 1 and 2 keep parameters whole, so nothing is gathered; with mixed
+        precision, writes made inside are copied into the fp32 masters on exit."""
+        before = [b.shard.clone() if b.has_separate_master else None for b in self.buckets]
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for bucket, old in zip(self.buckets, before):
+                    if old is not None:
+                        bucket.absorb_writes(old, bucket.shard)
 
     def gather_params(self) -> None:
         """All-gather each bucket's updated shard into its flat buffer (the parameters)."""
@@ -195,11 +250,23 @@ class ShardedStage:
                                   label=self.label, async_op=True) for b in self.buckets]
         _comm.wait_all(works)
 
-    def reduce_scatter(self, bucket: FlatBucket, flat_grad: torch.Tensor):
-        """Average ``flat_grad`` over ranks; this rank's shard lands in a new tensor."""
-        reduced = torch.empty_like(bucket.shard)
+    def reduce_scatter(self, bucket: FlatBucket, flat_grad: torch.Tensor, consumable: bool):
+        """Average ``flat_grad`` over ranks; this rank's shard lands in a new tensor.
+
+        ``flat_grad`` is cast to the reduce dtype first. In fp16 it is divided by the
+        world size first and then summed, so that the sum cannot overflow; that
+        division happens in place only if ``consumable`` (the caller is done with it).
+        """
+        dtype = self.reduce_dtype or flat_grad.dtype
+        if flat_grad.dtype != dtype:
+            flat_grad, consumable = flat_grad.to(dtype), True
+        op = dist.ReduceOp.AVG
+        if dtype == torch.float16 and self.world_size > 1:
+            flat_grad = flat_grad.div_(self.world_size) if consumable else flat_grad / self.world_size
+            op = dist.ReduceOp.SUM
+        reduced = torch.empty(bucket.shard.numel(), dtype=dtype, device=flat_grad.device)
         work = _comm.reduce_scatter(reduced, flat_grad, group=self.group, stats=self.stats,
-                                    label=self.label, op=dist.ReduceOp.AVG, async_op=True)
+                                    label=self.label, op=op, async_op=True)
         return work, reduced
 
     def remove_hooks(self) -> None:

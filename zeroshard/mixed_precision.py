@@ -1,20 +1,100 @@
-"""The mixed-precision policy."""
+"""The mixed-precision policy, and the casts it puts around the model's forward.
+
+With a policy, the model's parameters hold ``param_dtype`` values (forward and
+backward compute in it), each rank keeps fp32 master weights for its own shard
+only, and the inner optimizer steps on those. After the step each rank casts its
+updated master shard to ``param_dtype`` and the parameters are all-gathered from
+the cast shards.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+from torch import nn
+from torch.utils._pytree import tree_map
+
+MASTER_DTYPE = torch.float32
+_FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @dataclass(frozen=True)
 class MixedPrecision:
-    """What dtype forward/backward compute in and gradients are reduced in.
+    """What forward and backward compute in, and what gradients are reduced in.
 
-    param_dtype: the dtype the model's parameters hold during forward and backward;
-        fp32 master weights live in each rank's shard.
-    reduce_dtype: the dtype gradients are reduced in; None means ``param_dtype``.
+    param_dtype: the dtype the model's parameters hold (and forward and backward
+        compute in). fp32 master weights of each rank's shard live in the optimizer.
+    reduce_dtype: the dtype gradients are reduce-scattered in; None means
+        ``param_dtype``. fp32 is allowed with bf16 compute (slower, more exact).
+        fp16 reductions are pre-divided by the world size and summed, so the sum of
+        N gradients cannot overflow where their mean would not.
+    buffer_dtype: the dtype floating-point buffers are cast to; None keeps them
+        as they are (BatchNorm statistics, for instance, stay fp32).
+    cast_forward_inputs: cast floating-point tensors passed to the model's forward
+        to ``param_dtype`` (a fp32 batch then meets low-precision weights).
+    output_dtype: cast floating-point tensors the model's forward returns to this
+        dtype (for instance fp32, for the loss); None leaves them as computed.
+
+    Gradient shards are kept in ``reduce_dtype``, except fp16: those are kept in
+    fp32, because loss scaling needs them unscaled without underflow (and
+    ``torch.amp.GradScaler`` refuses to unscale fp16 gradients). ``clip_grad_norm_``
+    and ``step`` widen 2-byte gradient shards to fp32 when they run.
     """
 
     param_dtype: torch.dtype = torch.bfloat16
     reduce_dtype: torch.dtype | None = None
+    buffer_dtype: torch.dtype | None = None
+    cast_forward_inputs: bool = True
+    output_dtype: torch.dtype | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("param_dtype", "reduce_dtype", "buffer_dtype", "output_dtype"):
+            value = getattr(self, name)
+            if (value is not None or name == "param_dtype") and value not in _FLOATING:
+                raise ValueError(f"MixedPrecision.{name} must be a floating-point torch.dtype "
+                                 f"such as torch.bfloat16, got {value!r}")
+
+    @property
+    def gradient_reduce_dtype(self) -> torch.dtype:
+        return self.reduce_dtype if self.reduce_dtype is not None else self.param_dtype
+
+
+def install_forward_casts(model: nn.Module, policy: MixedPrecision) -> list:
+    """Hooks on the root module that cast its forward's inputs and outputs; returns handles."""
+    handles = []
+    if policy.cast_forward_inputs:
+        def cast_inputs(module, args, kwargs):
+            return _cast_floating(args, policy.param_dtype), _cast_floating(kwargs, policy.param_dtype)
+        handles.append(model.register_forward_pre_hook(cast_inputs, with_kwargs=True,
+                                                        prepend=True))
+    if policy.output_dtype is not None:
+        def cast_outputs(module, args, output):
+            return _cast_floating(output, policy.output_dtype)
+        handles.append(model.register_forward_hook(cast_outputs))
+    return handles
+
+
+def cast_buffers(model: nn.Module, policy: MixedPrecision) -> None:
+    if policy.buffer_dtype is None:
+        return
+    for module in model.modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None and buffer.is_floating_point():
+                module._buffers[name] = buffer.to(policy.buffer_dtype)
+
+
+def _cast_floating(tree, dtype: torch.dtype):
+    def cast(value):
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != dtype:
+            return value.to(dtype)
+        return value
+    return tree_map(cast, tree)
+
+
+def fp16_compute(device: torch.device, policy: MixedPrecision | None) -> bool:
+    """True if this forward computes in fp16, so its gradients may overflow (loss scaling)."""
+    if policy is not None and policy.param_dtype == torch.float16:
+        return True
+    return (torch.is_autocast_enabled(device.type)
+            and torch.get_autocast_dtype(device.type) == torch.float16)

@@ -13,7 +13,7 @@ from . import _comm, _validate
 from ._bucket import FlatBucket, build_buckets
 from ._unit import build_units, select_unit_modules
 from .memory import storage_bytes
-from .mixed_precision import MixedPrecision
+from .mixed_precision import MixedPrecision, cast_buffers, install_forward_casts
 from .stage1 import Stage1
 from .stage2 import Stage2
 from .stage3 import Stage3
@@ -46,8 +46,21 @@ class ZeroOptimizer(torch.optim.Optimizer):
     Every rank must run the same units in the same order (see Note [stage 3
     contract] in stage3.py).
 
+    ``mixed_precision=zeroshard.MixedPrecision(...)`` casts the parameters to its
+    ``param_dtype`` and keeps fp32 master weights of this rank's shard only; the
+    inner optimizer steps those, and the cast result is all-gathered. With
+    mixed precision, write parameters inside ``summon_full_params()``: writes made
+    there are copied into the masters, others are overwritten by the next step.
+    ``torch.amp.GradScaler`` works unchanged (``scaler.scale(loss).backward()``,
+    ``scaler.unscale_(opt)``, ``opt.clip_grad_norm_``, ``scaler.step(opt)``,
+    ``scaler.update()``); after an fp16 backward the ranks agree whether any
+    gradient is inf or NaN, so all of them skip the step or none does (Note
+    [non-finite gradients] in _stage.py).
+
     ``param_groups`` are live: ``torch.optim.lr_scheduler`` works unchanged, and a
-    change to a group's hyper-parameters applies to the next ``step()``. Keyword
+    change to a group's hyper-parameters applies to the next ``step()``. Their
+    ``"params"`` are the tensors this optimizer steps: this rank's 1-D fp32 master
+    shards, whose ``.grad`` is the reduced gradient shard. Keyword
     arguments other than the ones below go to ``optimizer_class``. Call
     ``zero_grad()`` of this optimizer (not only ``model.zero_grad()``) between steps:
     the reduced gradient shards live here.
@@ -73,9 +86,6 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if mixed_precision is not None and not isinstance(mixed_precision, MixedPrecision):
             raise TypeError(f"mixed_precision must be a zeroshard.MixedPrecision or None, "
                             f"got {mixed_precision!r}")
-        if mixed_precision is not None:
-            raise NotImplementedError("mixed_precision is not implemented yet; train in the "
-                                      "model's own dtype (mixed_precision=None)")
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("torch.distributed is not initialized; call "
                                "torch.distributed.init_process_group(...) before ZeroOptimizer")
@@ -86,27 +96,35 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._rank = dist.get_rank(self._group)
         self._world_size = dist.get_world_size(self._group)
         self.stage = stage
+        self.mixed_precision = mixed_precision
         self.comm_stats = _comm.CommStats()
 
         every_bucket = self._build_buckets(groups, units, int(bucket_size_mb * 2**20))
+        self._broadcast_from_rank0(every_bucket)
+        self._apply_precision(every_bucket)
         self._buckets = [b for b in every_bucket if b.params[0].requires_grad]  # optimized
         self._inner = optimizer_class(
-            [{**_hyperparameters(g), "params": [b.shard for b in self._buckets if b.group_index == i]}
+            [{**_hyperparameters(g), "params": [b.master for b in self._buckets if b.group_index == i]}
              for i, g in enumerate(groups)],
             **optimizer_kwargs)
-        # The outer groups show the model's own parameters with every hyper-parameter
-        # of the inner groups (defaults filled in), so schedulers find what they expect.
-        outer = [{**_hyperparameters(inner), "params": g["params"]}
-                 for g, inner in zip(groups, self._inner.param_groups)]
+        # The outer groups hold the very tensors the inner optimizer steps (this rank's
+        # master shards; their .grad is the reduced gradient shard) with every
+        # hyper-parameter of the inner groups, defaults filled in. Schedulers find the
+        # hyper-parameters they expect, and torch.amp.GradScaler unscales and checks
+        # exactly the gradients the step will use.
+        outer = [{**_hyperparameters(inner), "params": inner["params"]}
+                 for inner in self._inner.param_groups]
         super().__init__(outer, self._inner.defaults)
 
-        self._broadcast_from_rank0(every_bucket)
         if stage == 3:
             self._stage = Stage3(model, self._units, self._group, self.comm_stats,
-                                 reshard_after_forward)
+                                 reshard_after_forward, mixed_precision)
         else:
             stage_class = Stage1 if stage == 1 else Stage2
-            self._stage = stage_class(model, self._buckets, self._group, self.comm_stats)
+            self._stage = stage_class(model, self._buckets, self._group, self.comm_stats,
+                                      mixed_precision)
+        if mixed_precision is not None:
+            self._stage._handles += install_forward_casts(model, mixed_precision)
         self._constructed = True
 
     def _build_buckets(self, groups: list[dict], units, bucket_bytes: int) -> list[FlatBucket]:
@@ -122,10 +140,23 @@ class ZeroOptimizer(torch.optim.Optimizer):
             return build_buckets(trainable, bucket_bytes, self._rank, self._world_size)
         modules = select_unit_modules(self._model, units, bucket_bytes)
         self._units = build_units(self._model, modules, group_of, self._rank, self._world_size)
-        every_bucket = [b for u in self._units for b in u.buckets]
-        for bucket in every_bucket:
-            bucket.detach_shard()  # before the inner optimizer takes the shards
-        return every_bucket
+        return [b for u in self._units for b in u.buckets]
+
+    def _apply_precision(self, buckets: list[FlatBucket]) -> None:
+        """Set up each bucket's shard and master from rank 0's values; with mixed
+        precision, cast the parameters (bucketed or not) and the buffers."""
+        policy = self.mixed_precision
+        param_dtype = policy.param_dtype if policy is not None else None
+        for bucket in buckets:
+            bucket.place_shard(param_dtype, own_storage=self.stage == 3)
+        if policy is None:
+            return
+        bucketed = {id(p) for b in buckets for p in b.params}
+        with torch.no_grad():
+            for param in self._model.parameters():
+                if id(param) not in bucketed:  # frozen, stages 1-2: never updated, no master
+                    param.data = param.data.to(policy.param_dtype)
+        cast_buffers(self._model, policy)
 
     def _broadcast_from_rank0(self, buckets: list[FlatBucket]) -> None:
         """All ranks start from rank 0's parameters and buffers, as with DDP."""
@@ -175,6 +206,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if not (norm_type > 0):
             raise ValueError(f"norm_type must be positive or inf, got {norm_type}")
         self._stage.wait_in_flight()
+        for bucket in self._buckets:
+            bucket.widen_grad_shard()  # clip in fp32: the step uses fp32 gradients anyway
         grads = [b.grad_shard for b in self._buckets if b.grad_shard is not None]
         device = self._buckets[0].flat.device if self._buckets else torch.device("cpu")
         local = torch.zeros((), dtype=torch.float32, device=device)
@@ -204,7 +237,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._stage.wait_in_flight()
         for outer, inner in zip(self.param_groups, self._inner.param_groups):
             inner.update(_hyperparameters(outer))  # the outer groups are live (schedulers)
+        for bucket in self._buckets:
+            bucket.widen_grad_shard()  # the inner optimizer wants the master's dtype
         self._inner.step()
+        for bucket in self._buckets:
+            bucket.master_to_shard()  # with mixed precision: cast the updated masters
         self._stage.after_step()
         return loss
 
@@ -260,7 +297,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         report = {"parameters": storage_bytes(params + self._stage.parameter_tensors(), seen)}
         grads = [p.grad for p in params if p.grad is not None] + self._stage.gradient_tensors()
         report["gradients"] = storage_bytes(grads, seen)
-        report["master_parameters"] = storage_bytes([b.shard for b in self._buckets], seen)
+        # Without mixed precision the masters are the parameters' own shards (counted above).
+        report["master_parameters"] = storage_bytes(self._stage.master_tensors(), seen)
         states = [t for s in self._inner.state.values() for t in s.values()
                   if isinstance(t, torch.Tensor)]
         report["optimizer_states"] = storage_bytes(states, seen)

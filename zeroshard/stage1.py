@@ -20,8 +20,8 @@ from ._stage import ShardedStage
 class Stage1(ShardedStage):
     stage = 1
 
-    def __init__(self, model, buckets, group, stats) -> None:
-        super().__init__(model, buckets, group, stats)
+    def __init__(self, model, buckets, group, stats, policy=None) -> None:
+        super().__init__(model, buckets, group, stats, policy)
         self.flat_grads = [torch.zeros_like(bucket.flat) for bucket in self.buckets]
         for bucket, flat_grad in zip(self.buckets, self.flat_grads):
             for index, param in enumerate(bucket.params):
@@ -47,10 +47,12 @@ class Stage1(ShardedStage):
         param.grad = view
 
     def launch(self, bucket: FlatBucket):
-        return self.reduce_scatter(bucket, self.flat_grads[self._position[id(bucket)]])
+        # The buffer keeps the local gradient (p.grad views it): not consumable.
+        return self.reduce_scatter(bucket, self.flat_grads[self._position[id(bucket)]],
+                                   consumable=False)
 
     def finalize(self, bucket: FlatBucket, reduced: torch.Tensor) -> None:
-        bucket.set_grad_shard(reduced)
+        bucket.set_grad_shard(self.as_gradient_shard(reduced))
 
     def zero_grad(self) -> None:
         """Zero the gradient buffers in place (``p.grad`` stays a zero view, never None)."""

@@ -24,8 +24,8 @@ from ._stage import ShardedStage
 class Stage2(ShardedStage):
     stage = 2
 
-    def __init__(self, model, buckets, group, stats) -> None:
-        super().__init__(model, buckets, group, stats)
+    def __init__(self, model, buckets, group, stats, policy=None) -> None:
+        super().__init__(model, buckets, group, stats, policy)
         # bucket position -> 1-D padded buffer, filling (not yet launched) / being reduced
         self.reduce_buffers: dict[int, torch.Tensor] = {}
         self.buffers_in_flight: dict[int, torch.Tensor] = {}
@@ -34,7 +34,8 @@ class Stage2(ShardedStage):
         position = self._position[id(bucket)]
         if position not in self.reduce_buffers:
             self.wait_in_flight()  # bound memory: one bucket filling, at most one in flight
-            self.reduce_buffers[position] = torch.zeros_like(bucket.flat)
+            # In the reduce dtype: gradients are accumulated (and reduced) in it.
+            self.reduce_buffers[position] = torch.zeros_like(bucket.flat, dtype=self.reduce_dtype)
         return self.reduce_buffers[position]
 
     def _move_grad_to_buffer(self, bucket: FlatBucket, index: int) -> None:
@@ -55,12 +56,12 @@ class Stage2(ShardedStage):
         buffer = self._buffer(bucket)
         position = self._position[id(bucket)]
         self.buffers_in_flight[position] = self.reduce_buffers.pop(position)
-        return self.reduce_scatter(bucket, buffer)
+        return self.reduce_scatter(bucket, buffer, consumable=True)
 
     def finalize(self, bucket: FlatBucket, reduced: torch.Tensor) -> None:
         del self.buffers_in_flight[self._position[id(bucket)]]
         if bucket.grad_shard is None:
-            bucket.set_grad_shard(reduced)
+            bucket.set_grad_shard(self.as_gradient_shard(reduced))
         else:
             bucket.grad_shard.add_(reduced)
 

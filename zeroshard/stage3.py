@@ -41,10 +41,11 @@ from .stage2 import Stage2
 class Stage3(Stage2):
     stage = 3
 
-    def __init__(self, model, units: list[Unit], group, stats, reshard_after_forward: bool) -> None:
+    def __init__(self, model, units: list[Unit], group, stats, reshard_after_forward: bool,
+                 policy=None) -> None:
         # Reduce-scatter order: units from the last to the root (roughly backward's order).
         trainable = [b for u in reversed(units) for b in u.buckets if b.params[0].requires_grad]
-        super().__init__(model, trainable, group, stats)
+        super().__init__(model, trainable, group, stats, policy)
         self.units = units
         self.root = units[0]
         self.reshard_after_forward = reshard_after_forward
@@ -67,9 +68,7 @@ class Stage3(Stage2):
                 functools.partial(self._pre_forward, unit)))
             self._handles.append(unit.module.register_forward_hook(
                 functools.partial(self._post_forward, unit)))
-            for bucket in unit.buckets:
-                bucket.load_shard()  # the buffers hold rank 0's values (broadcast)
-            unit.release()
+            unit.release()  # the shards hold rank 0's values (broadcast, then placed)
 
     # -- forward --------------------------------------------------------------------
 
@@ -180,6 +179,9 @@ class Stage3(Stage2):
 
     def parameter_tensors(self) -> list[torch.Tensor]:
         return [b.shard for u in self.units for b in u.buckets]
+
+    def master_tensors(self) -> list[torch.Tensor]:
+        return [b.master for u in self.units for b in u.buckets if b.master is not None]
 
     @contextlib.contextmanager
     def summon_full_params(self):
