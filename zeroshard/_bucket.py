@@ -19,6 +19,8 @@ from torch import nn
 from ._layout import FlatLayout
 from .mixed_precision import MASTER_DTYPE
 
+_GRAD_DTYPE_SETTABLE = hasattr(torch.Tensor, "grad_dtype")
+
 
 class FlatBucket:
     """Parameters of one param group, dtype, device and ``requires_grad`` value."""
@@ -94,7 +96,17 @@ class FlatBucket:
         return len(self.ready) == len(self.params)
 
     def set_grad_shard(self, grad: torch.Tensor | None) -> None:
-        """Install the reduced gradient where the inner optimizer looks for it."""
+        """Install the reduced gradient where the inner optimizer looks for it.
+
+        A 2-byte gradient of an fp32 master stays 2 bytes until clipping or the step
+        widens it; torch releases that check through ``grad_dtype``, and on a torch
+        without it the gradient is widened here.
+        """
+        if grad is not None and grad.dtype != self.master.dtype:
+            if _GRAD_DTYPE_SETTABLE:
+                self.master.grad_dtype = None  # any dtype
+            else:
+                grad = grad.to(self.master.dtype)
         self.grad_shard = grad
         self.master.grad = grad
 

@@ -290,6 +290,19 @@ class ZeroOptimizer(torch.optim.Optimizer):
         for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):
             group.update(saved_group)
 
+    @torch.no_grad()
+    def _gather_masters(self) -> dict[int, torch.Tensor]:
+        """id(parameter) -> its full value, all-gathered from the master shards, for every
+        parameter this optimizer updates (fp32 with mixed precision). Collective."""
+        full_values = {}
+        for bucket in self._buckets:
+            full = bucket.master.new_empty(bucket.layout.padded_numel)
+            _comm.all_gather(full, bucket.master, group=self._group, stats=self.comm_stats,
+                             label="state")
+            for index, param in enumerate(bucket.params):
+                full_values[id(param)] = bucket.param_view(full, index)
+        return full_values
+
     def memory_report(self) -> dict[str, int]:
         """Bytes this rank holds now, from the real storages (each storage counted once)."""
         seen: set = set()

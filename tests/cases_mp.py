@@ -1,0 +1,212 @@
+"""Mixed precision on each rank: zeroshard beside a reference that follows the same recipe.
+
+The reference is torch DDP over a low-precision copy of the model (parameters and
+buffers cast to ``param_dtype``), with fp32 master weights kept here: after each
+backward the masters take the DDP-reduced gradients (widened to fp32), a plain
+torch optimizer steps the masters, and the model copy takes their cast values.
+For an fp32 reduction of bf16 gradients DDP cannot be the reducer (its reduced
+gradients land in the bf16 ``.grad`` again), so there DDP runs under ``no_sync``
+and the test averages the widened local gradients with one fp32 all-reduce.
+With fp16 both sides use ``torch.amp.GradScaler`` the ordinary way. A third model
+trains in fp32 on the global batch, for the losses to track.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import zeroshard
+from cases import OPTIMIZERS, UNITS, flat_params
+from models import build_model, loss_fn, make_batch
+
+PRECISIONS = {  # name -> (param_dtype, reduce_dtype)
+    "bf16": (torch.bfloat16, None),
+    "bf16_reduce_fp32": (torch.bfloat16, torch.float32),
+    "fp16": (torch.float16, None),
+}
+INIT_SCALE = 2.0**8  # small models: no overflow unless the test injects one
+
+
+def fp32_average(tensors, group) -> None:
+    """Average fp32 tensors over the ranks of ``group`` in place, in fp32."""
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, group=group)
+    flat /= dist.get_world_size(group)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def low_precision_loss(spec, model, batch, dtype, cast: bool):
+    """The loss in fp32 from a low-precision forward. ``cast``: cast the input to
+    ``dtype`` and the output to fp32 here (zeroshard's policy does it for its model)."""
+    x, y = batch
+    if cast and x.is_floating_point():
+        x = x.to(dtype)
+    out = model(x)
+    if cast:
+        out = out.float()
+    if spec["kind"] == "mlp":
+        return F.mse_loss(out, y)
+    return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+
+
+def inject_inf(model):
+    """Make the first trainable parameter's gradient infinite (this rank, this backward)."""
+    param = next(p for p in model.parameters() if p.requires_grad)
+    return param.register_hook(lambda grad: grad * float("inf"))
+
+
+def train_mixed_precision(ctx, case):
+    spec, n, rank = case["model"], ctx.world_size, ctx.rank
+    param_dtype, reduce_dtype = PRECISIONS[case["precision"]]
+    fp16 = param_dtype == torch.float16
+    opt_class, opt_kwargs = OPTIMIZERS[case["optimizer"]], case["opt_kwargs"]
+
+    zero_model = build_model(spec, seed=100 + rank)  # ranks differ: zeroshard broadcasts rank 0's
+    policy = zeroshard.MixedPrecision(param_dtype=param_dtype, reduce_dtype=reduce_dtype,
+                                      buffer_dtype=param_dtype, output_dtype=torch.float32)
+    stage3 = {"units": UNITS[case["units"]]} if case["stage"] == 3 else {}
+    zopt = zeroshard.ZeroOptimizer(zero_model, opt_class, stage=case["stage"],
+                                   process_group=ctx.group, bucket_size_mb=case["bucket_mb"],
+                                   mixed_precision=policy, **stage3, **opt_kwargs)
+
+    ref_model = build_model(spec, seed=100)  # rank 0's values
+    trainable = [p for p in ref_model.parameters() if p.requires_grad]
+    masters = [p.detach().clone() for p in trainable]
+    ref_model.to(param_dtype)
+    ddp = DDP(ref_model, process_group=ctx.group, find_unused_parameters=spec["unused_branch"]
+              if spec["kind"] == "mlp" else False)
+    ddp_reduces = reduce_dtype is None
+    mopt = opt_class(masters, **opt_kwargs)
+
+    fp32_model = build_model(spec, seed=100)
+    fopt = opt_class(fp32_model.parameters(), **opt_kwargs)
+
+    zscaler = torch.amp.GradScaler("cpu", init_scale=INIT_SCALE, enabled=fp16)
+    rscaler = torch.amp.GradScaler("cpu", init_scale=INIT_SCALE, enabled=fp16)
+
+    def zero_state():
+        masters_by_id = zopt._gather_masters()
+        zmasters = torch.cat([masters_by_id[id(p)].reshape(-1) for p in zero_model.parameters()
+                              if p.requires_grad])
+        with zopt.summon_full_params():
+            return zmasters.clone(), flat_params(zero_model)
+
+    out = {k: [] for k in ("zero_masters", "ref_masters", "zero_params", "ref_params",
+                           "zero_loss", "ref_loss", "fp32_loss", "zero_norm", "ref_norm",
+                           "zero_scale", "ref_scale", "comm", "mem", "state_sum")}
+    accum = case["accum"]
+    for step in range(case["steps"]):
+        zopt.comm_stats.reset()
+        batches = [[make_batch(spec, seed=1000 * step + 10 * m + r, rank=r, batch=case["batch"])
+                    for r in range(n)] for m in range(accum)]
+        injecting = case["inject_inf_step"] == step and rank == n - 1
+        handles = [inject_inf(zero_model), inject_inf(ref_model)] if injecting else []
+        zl = rl = fl = 0.0
+        for m in range(accum):
+            skip_sync = case["no_sync"] and m < accum - 1
+            with zopt.no_sync() if skip_sync else contextlib.nullcontext():
+                loss = low_precision_loss(spec, zero_model, batches[m][rank], param_dtype,
+                                          cast=False) / accum
+                zscaler.scale(loss).backward()
+                zl += loss.item()
+            with ddp.no_sync() if skip_sync or not ddp_reduces else contextlib.nullcontext():
+                loss = low_precision_loss(spec, ddp, batches[m][rank], param_dtype,
+                                          cast=True) / accum
+                rscaler.scale(loss).backward()
+                rl += loss.item()
+            for r in range(n):
+                loss = loss_fn(spec, fp32_model, batches[m][r]) / (accum * n)
+                loss.backward()
+                fl += loss.item()
+        for handle in handles:
+            handle.remove()
+        out["mem"].append(zopt.memory_report())  # after backward, before the step
+
+        for master, param in zip(masters, trainable):
+            master.grad = torch.zeros_like(master) if param.grad is None else param.grad.float()
+        if not ddp_reduces:
+            fp32_average([m.grad for m in masters], ctx.group)
+        zscaler.unscale_(zopt)
+        rscaler.unscale_(mopt)
+        if case["clip"] is not None:
+            out["zero_norm"].append(zopt.clip_grad_norm_(case["clip"]).item())
+            out["ref_norm"].append(torch.nn.utils.clip_grad_norm_(masters, case["clip"]).item())
+            torch.nn.utils.clip_grad_norm_(fp32_model.parameters(), case["clip"])
+        zscaler.step(zopt)
+        rscaler.step(mopt)
+        zscaler.update()
+        rscaler.update()
+        if case["inject_inf_step"] != step:  # the step both scalers skip
+            fopt.step()
+        for o in (zopt, mopt, fopt):
+            o.zero_grad()
+        ddp.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for master, param in zip(masters, trainable):
+                param.copy_(master)
+
+        out["comm"].append(dict(zopt.comm_stats.bytes))
+        zmasters, zparams = zero_state()
+        out["zero_masters"].append(zmasters)
+        out["zero_params"].append(zparams)
+        out["ref_masters"].append(torch.cat([m.reshape(-1) for m in masters]).clone())
+        out["ref_params"].append(flat_params(ref_model))
+        out["zero_loss"].append(zl)
+        out["ref_loss"].append(rl)
+        out["fp32_loss"].append(fl)
+        out["zero_scale"].append(zscaler.get_scale() if fp16 else None)
+        out["ref_scale"].append(rscaler.get_scale() if fp16 else None)
+        out["state_sum"].append(sum(float(t.double().sum()) for s in zopt._inner.state.values()
+                                    for t in s.values() if isinstance(t, torch.Tensor)))
+
+    out["final_mem"] = zopt.memory_report()
+    out["psi"] = sum(p.numel() for p in zero_model.parameters() if p.requires_grad)
+    out["psi_all"] = sum(p.numel() for p in zero_model.parameters())
+    out["n_buckets"] = len(zopt._buckets)
+    out["n_all_buckets"] = len(zopt._stage.buckets) if case["stage"] != 3 else sum(
+        len(u.buckets) for u in zopt._units)
+    out["param_dtypes"] = sorted({str(p.dtype) for p in zero_model.parameters()})
+    out["adam_state_bytes"] = 8 * out["psi"]  # exp_avg + exp_avg_sq in fp32, full model
+    return out
+
+
+def train_autocast_fp16(ctx, case):
+    """fp32 parameters, forward under fp16 autocast, GradScaler: zeroshard beside DDP.
+    The last rank's gradient gets an inf at step 1; both must skip that step everywhere."""
+    spec, n, rank = case["model"], ctx.world_size, ctx.rank
+    zero_model = build_model(spec, seed=100 + rank)
+    ddp_model = build_model(spec, seed=100)
+    zopt = zeroshard.ZeroOptimizer(zero_model, torch.optim.SGD, stage=case["stage"],
+                                   process_group=ctx.group, lr=0.05, momentum=0.9)
+    ddp = DDP(ddp_model, process_group=ctx.group)
+    dopt = torch.optim.SGD(ddp_model.parameters(), lr=0.05, momentum=0.9)
+    scalers = [torch.amp.GradScaler("cpu", init_scale=INIT_SCALE) for _ in range(2)]
+    out = {"zero": [], "ddp": [], "zero_scale": [], "ddp_scale": []}
+    for step in range(3):
+        batch = make_batch(spec, seed=1000 * step, rank=rank, batch=3)
+        injecting = step == 1 and rank == n - 1
+        handles = [inject_inf(zero_model), inject_inf(ddp_model)] if injecting else []
+        for model, opt, scaler in ((zero_model, zopt, scalers[0]), (ddp, dopt, scalers[1])):
+            with torch.autocast("cpu", dtype=torch.float16):
+                out_ = model(batch[0])
+            loss = F.cross_entropy(out_.float().reshape(-1, out_.shape[-1]), batch[1].reshape(-1))
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+        for handle in handles:
+            handle.remove()
+        with zopt.summon_full_params():
+            out["zero"].append(flat_params(zero_model))
+        out["ddp"].append(flat_params(ddp_model))
+        out["zero_scale"].append(scalers[0].get_scale())
+        out["ddp_scale"].append(scalers[1].get_scale())
+    return out

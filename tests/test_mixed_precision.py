@@ -1,0 +1,220 @@
+"""Mixed precision, stages 1-3, against DDP over a low-precision copy with fp32 masters.
+
+Each example trains one case on every rank (tests/cases_mp.py): zeroshard with a
+``MixedPrecision`` policy, the same recipe built from torch DDP and a plain
+optimizer over fp32 master weights, and fp32 training on the global batch. fp16
+cases use ``torch.amp.GradScaler`` on both sides and may inject an inf into one
+rank's gradient.
+"""
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+import cases_mp
+from strategies import mlp_specs, transformer_specs
+
+PARAM_BYTES = 2  # bf16 and fp16
+
+
+@st.composite
+def mixed_precision_cases(draw):
+    model = draw(st.one_of(mlp_specs, transformer_specs))
+    stage = draw(st.sampled_from([1, 2, 3]))
+    if stage == 3:
+        model["unused_branch"] = False  # Note [stage 3 contract]
+    optimizer = draw(st.sampled_from(["SGD", "AdamW"]))
+    opt_kwargs = ({"lr": 0.05, "momentum": 0.9} if optimizer == "SGD"
+                  else {"lr": 1e-2, "weight_decay": 0.1})
+    precision = draw(st.sampled_from(sorted(cases_mp.PRECISIONS)))
+    steps = 3
+    return {
+        "model": model, "stage": stage, "precision": precision,
+        "optimizer": optimizer, "opt_kwargs": opt_kwargs,
+        "world_size": draw(st.sampled_from([1, 2, 3, 4])),
+        "units": draw(st.sampled_from([None, "blocks", "linear"])) if stage == 3 else None,
+        "bucket_mb": draw(st.sampled_from([1e-6, 5e-4, 25])),
+        "accum": draw(st.integers(1, 2)), "no_sync": draw(st.booleans()),
+        "clip": draw(st.sampled_from([None, 0.05])), "steps": steps, "batch": 3,
+        # fp16: the step at which the last rank's gradient gets an inf (-1: none)
+        "inject_inf_step": draw(st.sampled_from([-1, 1])) if precision == "fp16" else -1,
+    }
+
+
+def same_reductions(case) -> bool:
+    """True if zeroshard and the reference reduce the same numbers in the same order:
+    one reduction per step (a sum of per-micro-batch reductions rounds differently
+    from a reduction of the sum) over at most 2 ranks (gloo's reduce-scatter and
+    all-reduce add 3 or more numbers in different orders). Then only fp32 rounding
+    separates them. Otherwise low-precision rounding differs by an ulp of the
+    gradient, which Adam's normalisation can turn into a whole step on a gradient
+    that cancels to near zero, so only SGD is compared there."""
+    return case["world_size"] <= 2 and (case["accum"] == 1 or case["no_sync"])
+
+
+def check_matches_reference(results, case):
+    lr = case["opt_kwargs"]["lr"]
+    if same_reductions(case):
+        tol = {"rtol": 1e-5, "atol": 1e-4 * lr}
+    elif case["optimizer"] == "SGD":
+        tol = {"rtol": 1e-3, "atol": 1e-2 * lr}  # measured up to 1e-3 * lr
+    else:
+        return
+    for rank, res in enumerate(results):
+        for step in range(case["steps"]):
+            where = f"rank {rank}, step {step}"
+            torch.testing.assert_close(res["zero_masters"][step], res["ref_masters"][step], **tol,
+                                       msg=lambda m: f"fp32 masters vs reference, {where}: {m}")
+            # the low-precision parameters are the masters' casts: at most a rounding apart
+            torch.testing.assert_close(res["zero_params"][step], res["ref_params"][step],
+                                       rtol=2**-7, atol=tol["atol"],
+                                       msg=lambda m: f"parameters vs reference, {where}: {m}")
+            assert res["zero_loss"][step] == pytest.approx(res["ref_loss"][step], rel=1e-2)
+            if case["clip"] is not None:
+                assert res["zero_norm"][step] == pytest.approx(res["ref_norm"][step], rel=1e-2,
+                                                               nan_ok=True)
+
+
+def check_tracks_fp32(results, case):
+    """The mean of the ranks' losses follows fp32 training on the global batch."""
+    for step in range(case["steps"]):
+        mean = sum(r["zero_loss"][step] for r in results) / len(results)
+        fp32 = results[0]["fp32_loss"][step]
+        assert mean == pytest.approx(fp32, rel=0.03), (step, mean, fp32)
+
+
+def check_ranks_agree(results, case):
+    for step in range(case["steps"]):
+        for res in results[1:]:
+            assert torch.equal(res["zero_masters"][step], results[0]["zero_masters"][step])
+            assert torch.equal(res["zero_params"][step], results[0]["zero_params"][step])
+            assert res["zero_scale"][step] == results[0]["zero_scale"][step]
+
+
+def check_skipped_step(results, case):
+    """An inf in one rank's gradient skips the step on every rank: masters and optimizer
+    states untouched, the loss scale halved everywhere, as the reference scaler does."""
+    step = case["inject_inf_step"]
+    if step < 0:
+        return
+    for res in results:
+        assert torch.equal(res["zero_masters"][step], res["zero_masters"][step - 1])
+        assert res["state_sum"][step] == res["state_sum"][step - 1]
+        assert res["zero_scale"][step] == res["zero_scale"][step - 1] / 2
+        assert res["zero_scale"][step] == res["ref_scale"][step]
+        assert not torch.equal(res["zero_masters"][step + 1], res["zero_masters"][step])
+
+
+def check_comm(results, case):
+    """Per step: reduce-scatter Ψ in the reduce dtype per synced backward, all-gather Ψ
+    in the parameter dtype per gather (stage 3: 2 per micro-batch, over all parameters),
+    plus at most N-1 elements of padding per bucket; all-reduce: the clip norm, and one
+    4-byte non-finite flag per synced fp16 backward."""
+    n, res = case["world_size"], results[0]
+    param_dtype, reduce_dtype = cases_mp.PRECISIONS[case["precision"]]
+    reduce_bytes = (reduce_dtype or param_dtype).itemsize
+    synced = 1 if case["no_sync"] else case["accum"]
+    psi, pad = res["psi"], res["n_buckets"] * (n - 1)
+    if case["stage"] == 3:
+        gathers, gathered, gathered_pad = 2 * case["accum"], res["psi_all"], res["n_all_buckets"] * (n - 1)
+    else:
+        gathers, gathered, gathered_pad = 1, psi, pad
+    for step, comm in enumerate(res["comm"]):
+        assert synced * reduce_bytes * psi <= comm["reduce_scatter"] <= synced * reduce_bytes * (psi + pad)
+        step_gathers = gathers - (1 if step == case["inject_inf_step"] and case["stage"] != 3 else 0)
+        assert (step_gathers * PARAM_BYTES * gathered <= comm["all_gather"]
+                <= step_gathers * PARAM_BYTES * (gathered + gathered_pad)), comm
+        flags = 4 * synced if param_dtype == torch.float16 else 0
+        assert comm["all_reduce"] == flags + (4 if case["clip"] is not None else 0), comm
+
+
+def check_memory(results, case):
+    """memory_report() after backward: the table's categories for the stage, in bytes."""
+    n, stage = case["world_size"], case["stage"]
+    param_dtype, reduce_dtype = cases_mp.PRECISIONS[case["precision"]]
+    # gradient shards: the reduce dtype, but fp16 ones are kept in fp32 (loss scaling)
+    grad_bytes = 4 if (reduce_dtype or param_dtype) in (torch.float16, torch.float32) else 2
+    for res in results:
+        psi, pad = res["psi"], res["n_buckets"] * (n - 1)
+        psi_all, pad_all = res["psi_all"], res["n_all_buckets"] * (n - 1)
+        mem = res["mem"][-1]
+        if stage == 3:
+            assert PARAM_BYTES * psi_all / n <= mem["parameters"] <= PARAM_BYTES * (psi_all + pad_all) / n
+        else:
+            assert PARAM_BYTES * psi_all <= mem["parameters"] <= PARAM_BYTES * (psi_all + pad_all)
+        assert 4 * psi / n <= mem["master_parameters"] <= 4 * (psi + pad) / n, mem
+        full = PARAM_BYTES * psi if stage == 1 else 0  # stage 1 keeps full local gradients
+        full_pad = PARAM_BYTES * pad if stage == 1 else 0
+        assert full + grad_bytes * psi / n <= mem["gradients"] <= full + full_pad + grad_bytes * (psi + pad) / n
+        per_element = 8 if case["optimizer"] == "AdamW" else 4  # exp_avg+exp_avg_sq / momentum
+        states = res["final_mem"]["optimizer_states"]
+        scalars = 8 * res["n_buckets"]  # AdamW's `step` per shard tensor
+        assert per_element * psi / n <= states <= per_element * (psi + pad) / n + scalars
+        assert res["param_dtypes"] == [str(param_dtype)]
+        if stage >= 2:
+            assert res["final_mem"]["gradients"] == 0
+
+
+MLP = {"kind": "mlp", "d_in": 5, "hidden": 9, "d_out": 3, "depth": 2, "frozen": True,
+       "unused_branch": True}
+TIED_TRANSFORMER = {"kind": "transformer", "vocab": 13, "d": 8, "heads": 2, "layers": 2,
+                    "seq": 5, "tied": True, "frozen": True}
+
+
+def grid_case(stage: int, precision: str, optimizer: str, index: int) -> dict:
+    """Every stage x precision x optimizer once. SGD runs unclipped on 2-4 ranks (a
+    gradient scaled wrongly moves it; a clipped or Adam update would hide that); AdamW
+    runs clipped on 2 ranks, where the reference's reductions are the same."""
+    sgd = optimizer == "SGD"
+    return {
+        "model": dict(TIED_TRANSFORMER if stage == 3 or index % 2 else MLP,
+                      unused_branch=stage != 3),
+        "stage": stage, "precision": precision, "optimizer": optimizer,
+        "opt_kwargs": {"lr": 0.05, "momentum": 0.9} if sgd else {"lr": 1e-2, "weight_decay": 0.1},
+        "world_size": (3, 4, 2)[index % 3] if sgd else 2,
+        "units": "blocks" if stage == 3 else None, "bucket_mb": 5e-4,
+        "accum": 2, "no_sync": index % 4 < 2, "clip": None if sgd else 0.05,
+        "steps": 3, "batch": 3, "inject_inf_step": 1 if precision == "fp16" else -1,
+    }
+
+
+GRID = [grid_case(stage, precision, optimizer, i) for i, (stage, precision, optimizer) in
+        enumerate(itertools.product([1, 2, 3], sorted(cases_mp.PRECISIONS), ["SGD", "AdamW"]))]
+
+
+@pytest.mark.parametrize("case", GRID, ids=lambda c: f"stage{c['stage']}-{c['precision']}-"
+                         f"{c['optimizer']}-n{c['world_size']}")
+def test_every_stage_and_precision(pool, case):
+    check_all(pool, case)
+
+
+@given(mixed_precision_cases())
+def test_drawn_mixed_precision_cases(pool, case):
+    check_all(pool, case)
+
+
+def check_all(pool, case):
+    results = pool.run(cases_mp.train_mixed_precision, case["world_size"], case)
+    check_matches_reference(results, case)
+    check_tracks_fp32(results, case)
+    check_ranks_agree(results, case)
+    check_skipped_step(results, case)
+    check_comm(results, case)
+    check_memory(results, case)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_autocast_fp16_with_grad_scaler_skips_together(pool, stage):
+    """No policy: fp32 parameters under fp16 autocast. zeroshard notices the fp16
+    forward and shares the non-finite flag, so an inf on one rank skips the step on all."""
+    case = {"model": TIED_TRANSFORMER, "stage": stage}
+    results = pool.run(cases_mp.train_autocast_fp16, 3, case)
+    for res in results:
+        for step in range(3):  # fp32 gradients and reductions: fp32 tolerances
+            torch.testing.assert_close(res["zero"][step], res["ddp"][step], rtol=1e-5, atol=1e-6)
+        assert res["zero_scale"] == res["ddp_scale"] == [cases_mp.INIT_SCALE, cases_mp.INIT_SCALE / 2,
+                                                        cases_mp.INIT_SCALE / 2]
+        assert torch.equal(res["zero"][1], res["zero"][0])  # the skipped step
+        assert not torch.equal(res["zero"][2], res["zero"][1])
