@@ -2,17 +2,22 @@
 
     torchrun --standalone --nproc_per_node=2 benchmarks/memory_by_stage.py
     torchrun --standalone --nproc_per_node=4 benchmarks/memory_by_stage.py
+    torchrun --standalone --nproc_per_node=2 benchmarks/memory_by_stage.py --precision bf16
 
 For each stage: one AdamW step of examples/train_gpt.py's model (stage 3 with its
 Block as units). Hooks registered after ZeroOptimizer's own record, at every
 module's forward entry/exit and every gradient accumulation, the live bytes that
 ``memory_report()`` counts from the storages: the peak of parameters (full
 buffers + shards) and of gradients during forward and backward. After backward and
-after the step, the report itself. Formula (fp32 AdamW, DESIGN.md): parameters 4Ψ
-(stage 3: 4Ψ/N), gradients 4Ψ + 4Ψ/N (stage 1, which keeps full-size buffers and
-the reduced shard) or 4Ψ/N, optimizer states 8Ψ/N.
+after the step, the report itself. Formula (AdamW, DESIGN.md, P = 4 bytes in fp32
+and 2 in bf16): parameters PΨ (stage 3: PΨ/N); gradients PΨ + PΨ/N (stage 1, which
+keeps full-size buffers and the reduced shard) or PΨ/N; optimizer states 8Ψ/N;
+master parameters 4Ψ/N with bf16 (in fp32 the parameters are their own masters).
+With bf16 the four categories add up to the table's 4Ψ+12Ψ/N (stage 1, plus its
+reduced shard 2Ψ/N), 2Ψ+14Ψ/N and 16Ψ/N.
 """
 
+import argparse
 import os
 import sys
 
@@ -27,13 +32,13 @@ from train_gpt import DEFAULTS, GPT, Block, MarkovData  # noqa: E402
 BUCKET_MB = 0.25
 
 
-def measure(stage: int) -> dict:
+def measure(stage: int, policy) -> dict:
     torch.manual_seed(0)
     a = DEFAULTS
     model = GPT(a["vocab"], a["d_model"], a["layers"], a["heads"], a["seq_len"])
     extra = {"units": Block} if stage == 3 else {}
     opt = zeroshard.ZeroOptimizer(model, torch.optim.AdamW, stage=stage, lr=1e-3,
-                                  bucket_size_mb=BUCKET_MB, **extra)
+                                  bucket_size_mb=BUCKET_MB, mixed_precision=policy, **extra)
     peak = {"parameters": 0, "gradients": 0}
 
     def record(*_):
@@ -55,23 +60,30 @@ def measure(stage: int) -> dict:
     return {"psi": psi, "peak": peak, "after_backward": after_backward, "after_step": after_step}
 
 
-def formula(stage: int, psi: int, n: int) -> dict:
-    return {"parameters": 4 * psi / (n if stage == 3 else 1),
-            "gradients": 4 * psi + 4 * psi / n if stage == 1 else 4 * psi / n,
-            "optimizer_states": 8 * psi / n}
+def formula(stage: int, psi: int, n: int, p: int) -> dict:
+    return {"parameters": p * psi / (n if stage == 3 else 1),
+            "gradients": p * psi + p * psi / n if stage == 1 else p * psi / n,
+            "optimizer_states": 8 * psi / n,
+            "master_parameters": 4 * psi / n if p == 2 else 0}
 
 
 def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    args = parser.parse_args()
+    policy = zeroshard.MixedPrecision(torch.bfloat16) if args.precision == "bf16" else None
+    param_bytes = 2 if policy else 4
     dist.init_process_group("gloo")
     n, rank = dist.get_world_size(), dist.get_rank()
     for stage in (1, 2, 3):
-        r = measure(stage)
+        r = measure(stage, policy)
         if rank != 0:
             continue
-        f = formula(stage, r["psi"], n)
-        print(f"stage {stage}, N={n}, Ψ={r['psi']:,}, bucket {BUCKET_MB} MiB (bytes on rank 0)")
+        f = formula(stage, r["psi"], n, param_bytes)
+        print(f"stage {stage}, {args.precision}, N={n}, Ψ={r['psi']:,}, bucket {BUCKET_MB} MiB "
+              "(bytes on rank 0)")
         for key in ("parameters", "gradients", "optimizer_states", "master_parameters"):
-            expected = f"{f[key]:>12,.0f}" if key in f else f"{0:>12,}"
+            expected = f"{f[key]:>12,.0f}"
             peak = f"{r['peak'][key]:>12,}" if key in r["peak"] else " " * 12
             print(f"  {key:<18} after backward {r['after_backward'][key]:>12,}  after step "
                   f"{r['after_step'][key]:>12,}  formula {expected}  peak fwd/bwd {peak}", flush=True)

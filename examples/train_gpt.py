@@ -1,6 +1,8 @@
 """Train a small GPT with zeroshard: the three-line change from a plain training loop.
 
     torchrun --standalone --nproc_per_node=2 examples/train_gpt.py --stage 2
+    torchrun --standalone --nproc_per_node=2 examples/train_gpt.py --stage 3 --precision bf16
+    torchrun --standalone --nproc_per_node=2 examples/train_gpt.py --stage 2 --precision fp16
 
 Runs on CPU with gloo by default (about a minute on 2 cores) and on CUDA with NCCL
 when GPUs are present. The data is generated here: sequences from a fixed random
@@ -24,7 +26,7 @@ from torch import nn
 import zeroshard
 
 # -- defaults: small enough for ~1 minute on 2 CPU cores ------------------------------
-DEFAULTS = dict(stage=1, steps=150, batch_size=16, seq_len=64, vocab=64, d_model=128, layers=4,
+DEFAULTS = dict(stage=1, precision="fp32", steps=150, batch_size=16, seq_len=64, vocab=64, d_model=128, layers=4,
                 heads=4, lr=3e-3, weight_decay=0.1, clip=1.0, bucket_mb=1.0, log_every=25, seed=0)
 
 
@@ -96,7 +98,18 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.stage not in (1, 2, 3):
         p.error(f"--stage must be 1, 2 or 3, got {args.stage}")
+    if args.precision not in PRECISIONS:
+        p.error(f"--precision must be one of {', '.join(PRECISIONS)}, got {args.precision}")
     return args
+
+
+# fp32: no policy. bf16/fp16: parameters in that dtype, fp32 master shards; the logits
+# come back in fp32 for the loss. fp16 needs loss scaling (GradScaler, below).
+PRECISIONS = {
+    "fp32": None,
+    "bf16": zeroshard.MixedPrecision(param_dtype=torch.bfloat16, output_dtype=torch.float32),
+    "fp16": zeroshard.MixedPrecision(param_dtype=torch.float16, output_dtype=torch.float32),
+}
 
 
 def mib(n: int) -> str:
@@ -120,13 +133,15 @@ def main(argv=None) -> None:
     units = {"units": Block} if args.stage == 3 else {}  # stage 3 gathers one block at a time
     opt = zeroshard.ZeroOptimizer(model, torch.optim.AdamW, stage=args.stage, lr=args.lr,
                                   weight_decay=args.weight_decay, bucket_size_mb=args.bucket_mb,
-                                  **units)
+                                  mixed_precision=PRECISIONS[args.precision], **units)
+    # fp16 gradients underflow without loss scaling; the ordinary GradScaler works as is.
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 10) * 0.5 * (1 + math.cos(math.pi * s / args.steps)))
     data = MarkovData(args.vocab, args.seed)
     n_params = sum(p.numel() for p in model.parameters())
     if rank == 0:
-        print(f"zeroshard stage {args.stage} | {world} ranks on {device.type} "
+        print(f"zeroshard stage {args.stage}, {args.precision} | {world} ranks on {device.type} "
               f"({'nccl' if cuda else 'gloo'}) | {n_params / 1e6:.2f}M parameters | "
               f"loss floor ~{data.entropy():.3f} nats", flush=True)
 
@@ -138,11 +153,13 @@ def main(argv=None) -> None:
         opt.comm_stats.reset()
         logits = model(x)
         loss = F.cross_entropy(logits.view(-1, args.vocab), y.reshape(-1))
-        loss.backward()
+        scaler.scale(loss).backward()
         log = (step + 1) % args.log_every == 0 or step + 1 == args.steps
         memory = opt.memory_report() if log else None  # after backward: gradients are live
+        scaler.unscale_(opt)
         opt.clip_grad_norm_(args.clip)
-        opt.step()
+        scaler.step(opt)
+        scaler.update()
         opt.zero_grad()
         sched.step()
         comm = dict(opt.comm_stats.bytes)
@@ -158,10 +175,10 @@ def main(argv=None) -> None:
                       + ", ".join(f"{k} {mib(v)}" for k, v in memory.items()), flush=True)
                 loss_sum, loss_count = 0.0, 0
     if rank == 0:
-        psi = n_params * 4
+        param_bytes = 4 if args.precision == "fp32" else 2
         print(f"comm per step: all_gather {mib(comm['all_gather'])}, reduce_scatter "
               f"{mib(comm['reduce_scatter'])}, all_reduce {comm['all_reduce']} B "
-              f"(fp32 parameters: {mib(psi)})", flush=True)
+              f"(the parameters in {args.precision}: {mib(n_params * param_bytes)})", flush=True)
     dist.destroy_process_group()
 
 
