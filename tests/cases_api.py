@@ -91,10 +91,13 @@ def _train(model, opt, steps: int, start: int, rank: int):
         opt.zero_grad()
 
 
-def resume_from_state_dict(ctx, stage: int, optimizer: str):
+def resume_from_state_dict(ctx, stage: int, optimizer: str, bf16: bool = False):
     """Train 2 steps, save, train 3 more; then resume a fresh model from the save."""
     opt_class = {"SGD": torch.optim.SGD, "AdamW": torch.optim.AdamW}[optimizer]
     kwargs = {"lr": 0.05, "momentum": 0.9} if optimizer == "SGD" else {"lr": 0.01}
+    if bf16:
+        kwargs["mixed_precision"] = zeroshard.MixedPrecision(
+            torch.bfloat16, buffer_dtype=torch.bfloat16, output_dtype=torch.float32)
 
     def fresh(seed):
         model = build_model(MLP, seed=seed)
@@ -118,7 +121,11 @@ def resume_from_state_dict(ctx, stage: int, optimizer: str):
         model2.load_state_dict(saved_model)
     opt2.load_state_dict(saved_opt)
     _train(model2, opt2, steps=3, start=2, rank=ctx.rank)
-    return uninterrupted, params(model2, opt2)
+    resumed = params(model2, opt2)
+    if bf16:  # the fp32 masters too, not only their bf16 casts
+        uninterrupted += list(opt._gather_masters().values())
+        resumed += list(opt2._gather_masters().values())
+    return uninterrupted, resumed
 
 
 def state_dict_outside_summon(ctx):

@@ -40,6 +40,14 @@ def test_state_dict_resumes_bit_for_bit(pool, stage, optimizer):
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_state_dict_resumes_bf16_bit_for_bit(pool, stage):
+    for uninterrupted, resumed in pool.run(cases_api.resume_from_state_dict, 2, stage, "AdamW",
+                                           True):
+        for a, b in zip(uninterrupted, resumed):
+            assert torch.equal(a, b)
+
+
 def test_state_dict_from_another_world_size_is_refused(pool):
     for message in pool.run(cases_api.load_state_dict_from_other_world_size, 2):
         assert "rank 0 of 3" in message or "rank 1 of 3" in message, message

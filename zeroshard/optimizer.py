@@ -272,6 +272,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
             "bucket_numels": [list(b.layout.numels) for b in self._buckets],
             "param_groups": [_hyperparameters(g) for g in self.param_groups],
             "inner": self._inner.state_dict(),
+            # With mixed precision the fp32 masters are state the model's parameters
+            # (their casts) cannot restore.
+            "masters": [b.master.clone() for b in self._buckets] if self.mixed_precision else None,
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -286,9 +289,18 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 f"{_summary(saved[2])}; this is rank {mine[1]} of {mine[0]} with layout "
                 f"{_summary(mine[2])}. Load on the same world size, model and bucket_size_mb, or "
                 "use zeroshard checkpoints to reshard")
+        masters = state_dict.get("masters")
+        if (masters is not None) != (self.mixed_precision is not None):
+            raise ValueError("state dict was saved with mixed_precision="
+                             f"{'a policy' if masters is not None else 'None'}, this optimizer "
+                             f"has {self.mixed_precision}; use zeroshard checkpoints to change it")
         self._inner.load_state_dict(state_dict["inner"])
         for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):
             group.update(saved_group)
+        with torch.no_grad():
+            for bucket, master in zip(self._buckets, masters or []):
+                bucket.master.copy_(master)
+                bucket.master_to_shard()
 
     @torch.no_grad()
     def _gather_masters(self) -> dict[int, torch.Tensor]:
