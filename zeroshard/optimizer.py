@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import _comm, _validate
+from . import _comm, _full_state, _validate
 from ._bucket import FlatBucket, build_buckets
 from ._unit import build_units, select_unit_modules
 from .memory import storage_bytes
@@ -102,7 +102,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
         every_bucket = self._build_buckets(groups, units, int(bucket_size_mb * 2**20))
         self._broadcast_from_rank0(every_bucket)
         self._apply_precision(every_bucket)
+        self._every_bucket = every_bucket
         self._buckets = [b for b in every_bucket if b.params[0].requires_grad]  # optimized
+        self._optimizer_class = optimizer_class
+        self._group_members = [list(g["params"]) for g in groups]  # a plain optimizer's order
         self._inner = optimizer_class(
             [{**_hyperparameters(g), "params": [b.master for b in self._buckets if b.group_index == i]}
              for i, g in enumerate(groups)],
@@ -209,8 +212,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         for bucket in self._buckets:
             bucket.widen_grad_shard()  # clip in fp32: the step uses fp32 gradients anyway
         grads = [b.grad_shard for b in self._buckets if b.grad_shard is not None]
-        device = self._buckets[0].flat.device if self._buckets else torch.device("cpu")
-        local = torch.zeros((), dtype=torch.float32, device=device)
+        local = torch.zeros((), dtype=torch.float32, device=self._device)
         if math.isinf(norm_type):
             for grad in grads:
                 local = torch.maximum(local, grad.abs().max().float())
@@ -301,6 +303,29 @@ class ZeroOptimizer(torch.optim.Optimizer):
             for bucket, master in zip(self._buckets, masters or []):
                 bucket.master.copy_(master)
                 bucket.master_to_shard()
+
+    def full_state_dict(self) -> tuple[dict, dict] | None:
+        """``(model_state_dict, optimizer_state_dict)`` on rank 0 (None elsewhere), in
+        plain PyTorch formats; collective, call it on every rank.
+
+        The model state dict has the model's own keys, with the fp32 master values for
+        the parameters this optimizer updates. The optimizer state dict is what
+        ``optimizer_class`` over the same param groups (``model.parameters()`` by
+        default) would hold, keyed the same way. Loading both into a plain model and
+        ``optimizer_class`` continues training as this optimizer would.
+        """
+        return _full_state.gather_full_state(self)
+
+    def load_full_state_dict(self, model_state_dict: dict, optimizer_state_dict: dict) -> None:
+        """The reverse of ``full_state_dict``, on any world size and stage: pass the same
+        two dicts on every rank (collective). Also loads a plain model's and a plain
+        ``optimizer_class``'s state dicts. Checks both before changing anything."""
+        _full_state.load_full_state(self, model_state_dict, optimizer_state_dict)
+
+    @property
+    def _device(self) -> torch.device:
+        """Where this optimizer's tensors (and its small collectives' tensors) live."""
+        return self._every_bucket[0].flat.device if self._every_bucket else torch.device("cpu")
 
     @torch.no_grad()
     def _gather_masters(self) -> dict[int, torch.Tensor]:

@@ -1,0 +1,133 @@
+"""Checkpoint cases run on each rank: save on N ranks at stage S, resume on M ranks at stage T.
+
+Every step trains on the same global batch, split evenly over the ranks, so runs on
+different world sizes see the same data and a resumed run can be compared with one
+that loads the same state another way.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+import zeroshard
+from cases import UNITS
+from models import build_model, loss_fn, make_batch
+
+GLOBAL_BATCH = 12  # divisible by 1, 2, 3 and 4 ranks
+OPTIMIZERS = {"SGD": (torch.optim.SGD, {"lr": 0.05, "momentum": 0.9}),
+              "AdamW": (torch.optim.AdamW, {"lr": 1e-2, "weight_decay": 0.1})}
+
+
+def global_batch(spec, step: int):
+    return make_batch(spec, seed=7919 * step, rank=0, batch=GLOBAL_BATCH)
+
+
+def my_part(batch, rank: int, world_size: int):
+    per_rank = GLOBAL_BATCH // world_size
+    return tuple(t[rank * per_rank:(rank + 1) * per_rank] for t in batch)
+
+
+def build(ctx, cfg, side: str, seed: int):
+    """Model and ZeroOptimizer for the saving ("save") or loading ("load") side."""
+    spec = cfg["model"]
+    model = build_model(spec, seed=seed)
+    opt_class, kwargs = OPTIMIZERS[cfg["optimizer"]]
+    extra = {}
+    if cfg[side]["stage"] == 3:
+        extra["units"] = UNITS[cfg[side].get("units")]
+    if cfg[side].get("bf16"):
+        extra["mixed_precision"] = zeroshard.MixedPrecision(
+            torch.bfloat16, buffer_dtype=torch.bfloat16, output_dtype=torch.float32)
+    opt = zeroshard.ZeroOptimizer(model, opt_class, stage=cfg[side]["stage"], process_group=ctx.group,
+                                  bucket_size_mb=cfg[side]["bucket_mb"], **extra, **kwargs)
+    return model, opt
+
+
+def train(ctx, cfg, model, opt, start: int, steps: int) -> None:
+    spec = cfg["model"]
+    for step in range(start, start + steps):
+        # equal parts: the ranks' mean of their mean losses is the global batch's mean loss
+        loss_fn(spec, model, my_part(global_batch(spec, step), ctx.rank, ctx.world_size)).backward()
+        opt.clip_grad_norm_(1.0)
+        opt.step()
+        opt.zero_grad()
+
+
+def full_params(model, opt) -> list[torch.Tensor]:
+    with opt.summon_full_params():
+        return [p.detach().float().clone() for p in model.parameters()]
+
+
+def train_and_save(ctx, cfg, folder: str) -> dict:
+    """Train, save a checkpoint and the full state dict, then go on training; on rank 0
+    also continue a plain model + optimizer from the full state dict on the global batch."""
+    model, opt = build(ctx, cfg, "save", seed=ctx.rank)
+    train(ctx, cfg, model, opt, 0, cfg["steps_before"])
+    zeroshard.save_checkpoint(folder, model, opt, extra={"step": cfg["steps_before"], "rank": ctx.rank})
+    full = opt.full_state_dict()
+    if ctx.rank == 0:
+        torch.save(full, os.path.join(folder, "..", "full.pt"))
+    train(ctx, cfg, model, opt, cfg["steps_before"], cfg["steps_after"])
+    out = {"continued": full_params(model, opt)}
+    if ctx.rank == 0 and not cfg["save"].get("bf16"):
+        spec = cfg["model"]
+        plain = build_model(spec, seed=999)
+        opt_class, kwargs = OPTIMIZERS[cfg["optimizer"]]
+        plain_opt = opt_class(plain.parameters(), **kwargs)
+        plain.load_state_dict(full[0])
+        plain_opt.load_state_dict(full[1])
+        for step in range(cfg["steps_before"], cfg["steps_before"] + cfg["steps_after"]):
+            loss_fn(spec, plain, global_batch(spec, step)).backward()
+            torch.nn.utils.clip_grad_norm_(plain.parameters(), 1.0)
+            plain_opt.step()
+            plain_opt.zero_grad()
+        out["plain"] = [p.detach().clone() for p in plain.parameters()]
+    return out
+
+
+def resume_two_ways(ctx, cfg, folder: str) -> dict:
+    """On this world size and stage: load the checkpoint into one fresh run and the full
+    state dict into another; both must hold the same state and train identically."""
+    model_a, opt_a = build(ctx, cfg, "load", seed=1000 + ctx.rank)
+    extra = zeroshard.load_checkpoint(folder, model_a, opt_a)
+    model_b, opt_b = build(ctx, cfg, "load", seed=2000 + ctx.rank)
+    opt_b.load_full_state_dict(*torch.load(os.path.join(folder, "..", "full.pt"), weights_only=False))
+    state_a, state_b = opt_a.full_state_dict(), opt_b.full_state_dict()
+    loaded = {"a": full_params(model_a, opt_a), "b": full_params(model_b, opt_b)}
+    train(ctx, cfg, model_a, opt_a, cfg["steps_before"], cfg["steps_after"])
+    train(ctx, cfg, model_b, opt_b, cfg["steps_before"], cfg["steps_after"])
+    return {"extra": extra, "state_a": state_a, "state_b": state_b, "loaded": loaded,
+            "a": full_params(model_a, opt_a), "b": full_params(model_b, opt_b),
+            "lr": opt_a.param_groups[0]["lr"]}
+
+
+def load_bad_checkpoint(ctx, cfg, folder: str, which: str) -> dict:
+    """Damage or mismatch one thing; loading must raise on every rank and change nothing."""
+    if which == "other_model":
+        cfg = {**cfg, "model": {**cfg["model"], "hidden": cfg["model"]["hidden"] + 1}}
+    model, opt = build(ctx, cfg, "load", seed=3000 + ctx.rank)
+    if which == "other_groups":
+        groups = [{"params": [p for n, p in model.named_parameters() if n.endswith("weight")]},
+                  {"params": [p for n, p in model.named_parameters() if not n.endswith("weight")]}]
+        opt_class, kwargs = OPTIMIZERS[cfg["optimizer"]]
+        opt = zeroshard.ZeroOptimizer(model, opt_class, stage=cfg["load"]["stage"],
+                                      process_group=ctx.group, param_groups=groups, **kwargs)
+    train(ctx, cfg, model, opt, 0, 1)
+    before = full_params(model, opt), opt.state_dict()
+    try:
+        zeroshard.load_checkpoint(folder, model, opt)
+        error = None
+    except (ValueError, RuntimeError, TypeError) as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    after = full_params(model, opt), opt.state_dict()
+    unchanged = all(torch.equal(a, b) for a, b in zip(before[0], after[0])) and _same_state(
+        before[1]["inner"]["state"], after[1]["inner"]["state"])
+    return {"error": error, "unchanged": unchanged}
+
+
+def _same_state(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(
+        torch.equal(torch.as_tensor(a[k][s]), torch.as_tensor(b[k][s])) for k in a for s in a[k]
+        if a[k][s] is not None)

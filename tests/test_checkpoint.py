@@ -1,0 +1,133 @@
+"""Checkpoints: save on N ranks at stage S, load on M ranks at stage T; full state dicts; bad input.
+
+Each resharding case saves with ``save_checkpoint`` and ``full_state_dict`` on N
+ranks, then on M ranks loads the checkpoint into one fresh run and the full state
+dict into another: both must hold the same state and train identically, and a
+resume on the saving layout must match the run that never stopped.
+"""
+
+import itertools
+
+import pytest
+import torch
+
+import cases_ckpt
+
+MLP = {"kind": "mlp", "d_in": 5, "hidden": 9, "d_out": 3, "depth": 2, "frozen": True,
+       "unused_branch": False}
+TRANSFORMER = {"kind": "transformer", "vocab": 13, "d": 8, "heads": 2, "layers": 2, "seq": 5,
+               "tied": True, "frozen": True}
+STAGE_PAIRS = list(itertools.product([1, 2, 3], [1, 2, 3]))
+PRECISION_PAIRS = [(False, False), (True, False), (False, True), (True, True)]  # bf16 on save/load
+
+
+def reshard_case(n: int, m: int, index: int) -> dict:
+    """Every N -> M in 1-4 once; S -> T and the precision pairs cycle, so all nine stage
+    pairs and all four precision pairs appear."""
+    (s, t), (bf16_save, bf16_load) = STAGE_PAIRS[index % 9], PRECISION_PAIRS[index % 4]
+    transformer = index % 2 == 1
+    return {
+        "model": TRANSFORMER if transformer else MLP,
+        "optimizer": "AdamW" if index % 3 else "SGD",
+        "save": {"n": n, "stage": s, "bf16": bf16_save, "bucket_mb": 1e-3,
+                 "units": "blocks" if transformer else None},
+        "load": {"n": m, "stage": t, "bf16": bf16_load, "bucket_mb": (1e-3, 25, 1e-6)[index % 3],
+                 "units": "blocks" if transformer else None},
+        "steps_before": 2, "steps_after": 2,
+    }
+
+
+RESHARD_CASES = [reshard_case(n, m, i) for i, (n, m) in
+                 enumerate(itertools.product([1, 2, 3, 4], [1, 2, 3, 4]))]
+
+
+def _case_id(c):
+    precision = {False: "fp32", True: "bf16"}
+    return (f"N{c['save']['n']}s{c['save']['stage']}{precision[c['save']['bf16']]}-to-"
+            f"M{c['load']['n']}s{c['load']['stage']}{precision[c['load']['bf16']]}")
+
+
+@pytest.mark.parametrize("cfg", RESHARD_CASES, ids=_case_id)
+def test_checkpoint_reshards_to_any_world_size_and_stage(pool, tmp_path, cfg):
+    folder = tmp_path / "run" / "ckpt"
+    saved = pool.run(cases_ckpt.train_and_save, cfg["save"]["n"], cfg, str(folder))
+    resumed = pool.run(cases_ckpt.resume_two_ways, cfg["load"]["n"], cfg, str(folder))
+    full_model, full_optim = torch.load(tmp_path / "run" / "full.pt", weights_only=False)
+
+    for rank, res in enumerate(resumed):
+        assert res["extra"] == {"step": 2, "rank": rank if rank < cfg["save"]["n"] else 0}
+        for a, b in zip(res["loaded"]["a"], res["loaded"]["b"]):
+            assert torch.equal(a, b), rank
+        for a, b in zip(res["a"], res["b"]):  # training goes on identically
+            assert torch.equal(a, b), rank
+        assert res["lr"] == full_optim["param_groups"][0]["lr"]
+    # Both loads hold exactly the saved state: fp32 masters and optimizer states.
+    state_a, state_b = resumed[0]["state_a"], resumed[0]["state_b"]
+    for key, value in state_a[0].items():
+        assert torch.equal(value, state_b[0][key]), key
+        assert torch.equal(value.float(), full_model[key].to(value.dtype).float()), key
+    assert state_a[1]["state"].keys() == full_optim["state"].keys()
+    for index, state in full_optim["state"].items():
+        for key, value in state.items():
+            assert torch.equal(torch.as_tensor(state_a[1]["state"][index][key]), torch.as_tensor(value))
+            assert torch.equal(torch.as_tensor(state_b[1]["state"][index][key]), torch.as_tensor(value))
+
+    if cfg["save"] == cfg["load"]:  # the same layout: the run that never stopped
+        for rank, (res, uninterrupted) in enumerate(zip(resumed, saved)):
+            for a, b in zip(res["a"], uninterrupted["continued"]):
+                assert torch.equal(a, b), rank
+    if "plain" in saved[0]:  # a plain model + optimizer loaded from full_state_dict()
+        tol = ({"rtol": 1e-5, "atol": 1e-6} if cfg["optimizer"] == "SGD"
+               else {"rtol": 1e-5, "atol": 1e-4})
+        for a, b in zip(saved[0]["continued"], saved[0]["plain"]):
+            torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_resume_on_the_same_layout_matches_the_run_that_never_stopped(pool, tmp_path, stage, bf16):
+    side = {"n": 3, "stage": stage, "bf16": bf16, "bucket_mb": 1e-3, "units": "blocks"}
+    cfg = {"model": TRANSFORMER, "optimizer": "AdamW", "save": side, "load": dict(side),
+           "steps_before": 2, "steps_after": 2}
+    folder = tmp_path / "run" / "ckpt"
+    saved = pool.run(cases_ckpt.train_and_save, 3, cfg, str(folder))
+    resumed = pool.run(cases_ckpt.resume_two_ways, 3, cfg, str(folder))
+    for rank, (res, uninterrupted) in enumerate(zip(resumed, saved)):
+        for a, b in zip(res["a"], uninterrupted["continued"]):
+            assert torch.equal(a, b), rank
+
+
+# which bad checkpoint -> words the error must contain (what is wrong, and where)
+BAD_CHECKPOINTS = {
+    "missing_file": ["rank00001.pt", "missing"],
+    "truncated_file": ["rank00000.pt", "truncated"],
+    "other_model": ["different model", "shape"],
+    "other_groups": ["param groups", "param_groups"],
+    "not_a_checkpoint": ["not a zeroshard checkpoint", "LATEST"],
+    "a_file": ["not a zeroshard checkpoint"],
+}
+
+
+@pytest.mark.parametrize("which", sorted(BAD_CHECKPOINTS))
+def test_bad_checkpoint_is_refused_on_every_rank_and_changes_nothing(pool, tmp_path, which):
+    side = {"n": 2, "stage": 2, "bf16": False, "bucket_mb": 1e-3, "units": None}
+    cfg = {"model": MLP, "optimizer": "AdamW", "save": side, "load": dict(side),
+           "steps_before": 1, "steps_after": 0}
+    folder = tmp_path / "run" / "ckpt"
+    pool.run(cases_ckpt.train_and_save, 2, cfg, str(folder))
+    version = folder / (folder / "LATEST").read_text()
+    if which == "missing_file":
+        (version / "rank00001.pt").unlink()
+    elif which == "truncated_file":
+        data = (version / "rank00000.pt").read_bytes()
+        (version / "rank00000.pt").write_bytes(data[: len(data) // 2])
+    elif which == "not_a_checkpoint":
+        folder = tmp_path / "empty"
+        folder.mkdir()
+    elif which == "a_file":
+        folder = version / "meta.pt"
+    for rank, res in enumerate(pool.run(cases_ckpt.load_bad_checkpoint, 2, cfg, str(folder), which)):
+        assert res["error"] is not None, (rank, which)
+        for word in BAD_CHECKPOINTS[which]:
+            assert word in res["error"], (rank, word, res["error"])
+        assert res["unchanged"], (rank, which)

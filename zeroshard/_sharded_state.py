@@ -1,0 +1,138 @@
+"""What a rank owns of each parameter, as plain ranges: saved from one layout, loaded into any.
+
+A shard is a slice of a padded flat bucket, so it cuts across parameters, and which
+slice a rank owns depends on the stage, the bucket sizes, the units and the world
+size. Saved state therefore never mentions buckets: a rank saves, for every
+parameter it owns elements of, the *piece* ``[start, stop)`` of the flattened
+parameter, its values and the per-element optimizer states over the same range.
+Loading asks a source for the ranges the new layout needs, wherever the old pieces
+lie, so any world size, stage and bucketing can load what any other saved.
+
+Values are the fp32 masters of the parameters the optimizer updates (with mixed
+precision, not their low-precision casts) and the parameters' own values for the
+frozen ones. Per-element states are the inner optimizer's tensors shaped like its
+shard (Adam's ``exp_avg``); the rest of its state (Adam's ``step``) is per shard
+tensor, so it is saved per parameter and a new bucket takes its first parameter's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Piece:
+    """Elements ``[start, start + values.numel())`` of one flattened parameter."""
+
+    start: int
+    values: torch.Tensor
+    states: dict[str, torch.Tensor] = field(default_factory=dict)  # same range, per element
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.values.numel()
+
+
+class Source(Protocol):
+    """Where loading finds the values and optimizer state of any parameter range."""
+
+    def values(self, name: str, start: int, stop: int) -> torch.Tensor: ...
+
+    def states(self, name: str, start: int, stop: int) -> dict[str, torch.Tensor]: ...
+
+    def optimizer_layout(self, name: str) -> tuple[dict, list[str]] | None:
+        """(scalar states, names of per-element states) of a parameter, None if it has none."""
+
+
+def parameter_names(model: nn.Module) -> dict[int, str]:
+    return {id(p): name for name, p in model.named_parameters()}
+
+
+def split_state(state: dict, shard: torch.Tensor) -> tuple[dict, dict]:
+    """An inner optimizer state entry as (scalars, per-element tensors shaped like ``shard``)."""
+    scalars, per_element = {}, {}
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor) and value.shape == shard.shape and value.dim() == 1:
+            per_element[key] = value
+        else:
+            scalars[key] = value.clone() if isinstance(value, torch.Tensor) else value
+    return scalars, per_element
+
+
+def owned_pieces(opt) -> dict[str, list[Piece]]:
+    """Every piece of every parameter this rank owns (stages 1-2: rank 0 owns the
+    parameters outside buckets, which every rank holds whole)."""
+    names = parameter_names(opt._model)
+    pieces: dict[str, list[Piece]] = {}
+    for bucket in opt._every_bucket:
+        source = bucket.master if bucket.master is not None else bucket.shard
+        _, per_element = split_state(opt._inner.state.get(source, {}), source)
+        for index, param in enumerate(bucket.params):
+            overlap = bucket.layout.overlap(index, bucket.rank)
+            if overlap is None:
+                continue
+            span = slice(overlap.shard_start,
+                         overlap.shard_start + overlap.param_stop - overlap.param_start)
+            pieces.setdefault(names[id(param)], []).append(Piece(
+                overlap.param_start, source[span].clone(),
+                {key: value[span].clone() for key, value in per_element.items()}))
+    if opt._rank == 0:
+        bucketed = {id(p) for b in opt._every_bucket for p in b.params}
+        for name, param in opt._model.named_parameters():
+            if id(param) not in bucketed:
+                pieces[name] = [Piece(0, param.detach().reshape(-1).clone())]
+    return pieces
+
+
+def optimizer_layouts(opt) -> dict[str, tuple[dict, list[str]]]:
+    """Parameter name -> (scalar states, per-element state names) of its bucket's state."""
+    names = parameter_names(opt._model)
+    layouts = {}
+    for bucket in opt._buckets:
+        state = opt._inner.state.get(bucket.master)
+        if not state:
+            continue
+        scalars, per_element = split_state(state, bucket.master)
+        for param in bucket.params:
+            layouts[names[id(param)]] = (scalars, sorted(per_element))
+    return layouts
+
+
+@torch.no_grad()
+def load_from(opt, source: Source) -> None:
+    """Fill every shard, master and optimizer state of this rank from ``source``, then
+    rebuild the parameters: stages 1-2 all-gather them, stage 3 leaves them sharded.
+    Collective (the all-gather); call it on every rank."""
+    names = parameter_names(opt._model)
+    for bucket in opt._every_bucket:
+        target = bucket.master if bucket.master is not None else bucket.shard
+        wide = torch.zeros_like(target)
+        layout = source.optimizer_layout(names[id(bucket.params[0])]) if bucket.master is not None else None
+        states = {key: torch.zeros_like(target) for key in (layout[1] if layout else [])}
+        for index, param in enumerate(bucket.params):
+            overlap = bucket.layout.overlap(index, bucket.rank)
+            if overlap is None:
+                continue
+            name = names[id(param)]
+            span = slice(overlap.shard_start,
+                         overlap.shard_start + overlap.param_stop - overlap.param_start)
+            wide[span] = source.values(name, overlap.param_start, overlap.param_stop)
+            if states:
+                for key, value in source.states(name, overlap.param_start, overlap.param_stop).items():
+                    states[key][span] = value
+        target.copy_(wide)
+        bucket.master_to_shard()
+        if bucket.master is not None:
+            opt._inner.state.pop(bucket.master, None)
+            if layout is not None:
+                scalars = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in layout[0].items()}
+                opt._inner.state[bucket.master] = {**scalars, **states}
+    bucketed = {id(p) for b in opt._every_bucket for p in b.params}
+    for name, param in opt._model.named_parameters():
+        if id(param) not in bucketed:
+            param.copy_(source.values(name, 0, param.numel()).view_as(param))
+    opt._stage.after_step()  # the shards changed: parameters follow, as after a step

@@ -1,0 +1,324 @@
+"""Sharded checkpoints: every rank writes what it owns, any world size and stage loads it.
+
+On disk, ``path`` is a folder that holds one complete checkpoint and a pointer to it:
+
+    path/LATEST            the name of the complete version ("v000003"), replaced atomically
+    path/v000003/meta.pt   the model and optimizer it came from (names, shapes, groups,
+                           per-parameter optimizer scalars) and every file's size
+    path/v000003/rank00001.pt   rank 1's pieces of the parameters (see _sharded_state.py):
+                           fp32 master values and per-element optimizer states
+    path/v000003/extra00001.pt  rank 1's ``extra``
+    path/v000004.partial/  a save in progress, or one that crashed: never loaded,
+                           removed by the next save
+
+Note [atomic publish]:
+    A save writes a new version into a ``.partial`` folder. Once every rank has
+    written and fsynced its files, rank 0 writes ``meta.pt``, renames the folder to
+    its final name and then replaces ``LATEST`` (write a temporary file, fsync,
+    ``os.replace``): the one step that makes the new version current. Only then is
+    the previous version deleted. A crash at any point before the replace leaves
+    ``LATEST`` naming the previous complete version; after it, the new one. Loading
+    follows ``LATEST`` only, and checks every file's size against ``meta.pt`` before
+    it changes anything. ``path`` must be on a filesystem every rank sees.
+
+Note [why not torch.distributed.checkpoint]:
+    DCP reshards tensors that describe their own sharding (DTensor, ShardedTensor).
+    A zeroshard shard is a range of a padded flat buffer that cuts across
+    parameters, so each rank would have to describe one chunk per parameter piece
+    (DTensor cannot express uneven ranges; ShardedTensor is deprecated), and DCP's
+    planner would exchange those plans collectively. Plain per-rank files of
+    parameter pieces, read back with ``mmap``, reshard to any layout with range
+    arithmetic and no collective on the read path; that is simpler to check.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from . import _comm
+from ._sharded_state import load_from, optimizer_layouts, owned_pieces
+
+FORMAT = "zeroshard-checkpoint"
+FORMAT_VERSION = 1
+LATEST = "LATEST"
+
+
+def save_checkpoint(path, model, opt, extra=None) -> None:
+    """Save ``model`` and ``opt`` (a ZeroOptimizer over it) under the folder ``path``.
+
+    Call it on every rank. Each rank writes only what it owns; nothing is gathered.
+    ``extra`` is any picklable state of this rank (step, RNG states, data position):
+    ``load_checkpoint`` returns it. The new checkpoint replaces the previous one in
+    ``path`` atomically (Note [atomic publish]): a crash during the save leaves the
+    previous one loadable.
+    """
+    _check_arguments(path, model, opt)
+    root = Path(path)
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"checkpoint path {str(root)!r} is a file; pass a folder (it is created)")
+    version = _agree_on_version(opt, root)
+    staging, final = root / f"{version}.partial", root / version
+    if opt._rank == 0:
+        _run_and_share(opt, lambda: _prepare_staging(root, staging))
+    else:
+        _run_and_share(opt, lambda: None)
+    # Everything rank 0 needs to describe the checkpoint, computed on every rank from
+    # local state (inner state is identical across ranks for each bucket).
+    pieces = owned_pieces(opt)
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()} if opt._rank == 0 else {}
+    my_files = _rank_file(opt._rank), _extra_file(opt._rank)
+
+    def write_mine():
+        _save_synced({"pieces": {name: [(p.start, p.values, p.states) for p in ps]
+                                 for name, ps in pieces.items()},
+                      "buffers": buffers}, staging / my_files[0])
+        _save_synced(extra, staging / my_files[1])
+    _run_and_share(opt, write_mine)
+
+    def publish():
+        meta = _describe(opt, model)
+        meta["files"] = {f.name: f.stat().st_size for f in sorted(staging.iterdir())}
+        _save_synced(meta, staging / "meta.pt")
+        _fsync_dir(staging)
+        os.rename(staging, final)
+        _fsync_dir(root)
+        _replace_text(root / LATEST, version)  # Note [atomic publish]: the commit point
+        for old in root.iterdir():
+            if old.is_dir() and old.name != version and old.name.startswith("v"):
+                shutil.rmtree(old, ignore_errors=True)
+    _run_and_share(opt, publish if opt._rank == 0 else (lambda: None))
+
+
+def load_checkpoint(path, model, opt):
+    """Load the checkpoint in folder ``path`` into ``model`` and ``opt``; return ``extra``.
+
+    Call it on every rank. The checkpoint may come from any world size and stage,
+    with or without mixed precision; ``opt`` must be the same optimizer class over
+    a model with the same parameter names and shapes, and the same param groups.
+    Everything is checked, and every file opened, before anything changes; a bad
+    checkpoint raises the same error on every rank. Rank r gets the ``extra`` that
+    rank r saved, or rank 0's if the saving run had fewer ranks.
+    """
+    _check_arguments(path, model, opt)
+    folder = _resolve_latest(Path(path))
+    meta = _load_file(folder / "meta.pt", weights_only=True)
+    _check_meta(meta, folder, opt, model)
+    state = {}
+
+    def read_all():
+        # mmap: only the pages of the ranges this rank needs are read from disk
+        state["files"] = [_load_file(folder / _rank_file(r), weights_only=True, mmap=True)
+                          for r in range(meta["world_size"])]
+        extra_rank = opt._rank if opt._rank < meta["world_size"] else 0
+        state["extra"] = _load_file(folder / _extra_file(extra_rank), weights_only=False)
+    _run_and_share(opt, read_all)
+
+    load_from(opt, _CheckpointSource(meta, state["files"]))
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            saved = state["files"][0]["buffers"].get(name)
+            if saved is not None:
+                buffer.copy_(saved)
+    for group, inner, saved in zip(opt.param_groups, opt._inner.param_groups, meta["param_groups"]):
+        group.update(saved["hyperparameters"])
+        inner.update(saved["hyperparameters"])
+    return state["extra"]
+
+
+# -- what meta.pt records, and the checks made against it --------------------------------
+
+def _describe(opt, model) -> dict:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "world_size": opt._world_size, "stage": opt.stage,
+        "mixed_precision": repr(opt.mixed_precision),
+        "optimizer_class": _qualname(opt._optimizer_class),
+        "params": {n: tuple(p.shape) for n, p in model.named_parameters()},
+        "param_groups": [{"names": [names[id(p)] for p in members],
+                          "hyperparameters": {k: v for k, v in group.items() if k != "params"}}
+                         for members, group in zip(opt._group_members, opt.param_groups)],
+        "optimizer": optimizer_layouts(opt),
+    }
+
+
+def _check_meta(meta, folder: Path, opt, model) -> None:
+    """Raise, naming the difference, unless ``meta`` fits ``opt`` and every file is whole."""
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{folder / 'meta.pt'} is not a zeroshard checkpoint description")
+    if meta["format_version"] > FORMAT_VERSION:
+        raise ValueError(f"checkpoint format {meta['format_version']} is newer than this "
+                         f"zeroshard reads ({FORMAT_VERSION}); upgrade zeroshard")
+    mine = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    if meta["params"] != mine:
+        missing = sorted(set(mine) - set(meta["params"]))
+        unexpected = sorted(set(meta["params"]) - set(mine))
+        reshaped = sorted(n for n in set(mine) & set(meta["params"]) if mine[n] != meta["params"][n])
+        detail = (f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}" if unexpected
+                  else f"{reshaped[0]} has shape {meta['params'][reshaped[0]]} there, "
+                       f"{mine[reshaped[0]]} here")
+        raise ValueError(f"checkpoint {folder} is from a different model ({detail}); load it "
+                         "into the model it was saved from")
+    names = {id(p): n for n, p in model.named_parameters()}
+    my_groups = [[names[id(p)] for p in members] for members in opt._group_members]
+    saved_groups = [g["names"] for g in meta["param_groups"]]
+    if saved_groups != my_groups:
+        raise ValueError(f"checkpoint {folder} has param groups of sizes "
+                         f"{[len(g) for g in saved_groups]} over other parameters than this "
+                         f"optimizer's ({[len(g) for g in my_groups]}); build ZeroOptimizer with "
+                         "the param_groups of the saving run")
+    if meta["optimizer_class"] != _qualname(opt._optimizer_class):
+        raise ValueError(f"checkpoint {folder} holds {meta['optimizer_class']} state; this "
+                         f"optimizer is {_qualname(opt._optimizer_class)}")
+    for name, size in meta["files"].items():
+        file = folder / name
+        actual = file.stat().st_size if file.exists() else None
+        if actual != size:
+            raise ValueError(f"checkpoint file {file} is {'missing' if actual is None else 'truncated'}"
+                             f" ({actual} bytes, {size} written); the checkpoint is damaged")
+
+
+class _CheckpointSource:
+    """Serves ``load_from`` parameter ranges from the pieces of every saving rank."""
+
+    def __init__(self, meta: dict, files: list[dict]) -> None:
+        self.layouts = meta["optimizer"]
+        self.pieces: dict[str, list[tuple]] = {}
+        for file in files:
+            for name, pieces in file["pieces"].items():
+                self.pieces.setdefault(name, []).extend(pieces)
+        for pieces in self.pieces.values():
+            pieces.sort(key=lambda piece: piece[0])
+
+    def _ranges(self, name: str, start: int, stop: int):
+        """(piece, slice of the piece) for each piece that overlaps [start, stop), in order."""
+        pieces = self.pieces[name]
+        first = max(0, bisect.bisect_right([p[0] for p in pieces], start) - 1)
+        for piece in pieces[first:]:
+            piece_start, values = piece[0], piece[1]
+            lo, hi = max(start, piece_start), min(stop, piece_start + values.numel())
+            if lo < hi:
+                yield piece, slice(lo - piece_start, hi - piece_start)
+            if piece_start >= stop:
+                break
+
+    def values(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return torch.cat([piece[1][part] for piece, part in self._ranges(name, start, stop)])
+
+    def states(self, name: str, start: int, stop: int) -> dict:
+        parts = list(self._ranges(name, start, stop))
+        return {key: torch.cat([piece[2][key][part] for piece, part in parts])
+                for key in parts[0][0][2]} if parts else {}
+
+    def optimizer_layout(self, name: str):
+        return self.layouts.get(name)
+
+
+# -- files, folders, and agreeing across ranks -------------------------------------------
+
+def _check_arguments(path, model, opt) -> None:
+    from .optimizer import ZeroOptimizer
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike folder, got {type(path).__name__}")
+    if not isinstance(opt, ZeroOptimizer):
+        raise TypeError(f"opt must be a zeroshard.ZeroOptimizer, got {type(opt).__name__}")
+    if opt._model is not model:
+        raise ValueError("model is not the module this ZeroOptimizer was built over; pass that one")
+
+
+def _agree_on_version(opt, root: Path) -> str:
+    """Rank 0 names the new version (one past LATEST) and tells the others."""
+    number = torch.zeros((), dtype=torch.int64, device=opt._device)
+    if opt._rank == 0:
+        latest = root / LATEST
+        if latest.exists():
+            number.fill_(int(latest.read_text().strip().lstrip("v")) + 1)
+    _comm.broadcast(number, group=opt._group, stats=opt.comm_stats, label="checkpoint")
+    return f"v{int(number):06d}"
+
+
+def _run_and_share(opt, work) -> None:
+    """Run ``work`` here, then learn whether it failed on any rank: every rank raises
+    if one did, so no rank goes on to a collective the others never reach."""
+    error = None
+    try:
+        work()
+    except Exception as exc:  # shared with the other ranks, then raised again below
+        error = exc
+    failed = torch.tensor(0.0 if error is None else 1.0, device=opt._device)
+    _comm.all_reduce(failed, group=opt._group, stats=opt.comm_stats, label="checkpoint",
+                     op=dist.ReduceOp.MAX)
+    if error is not None:
+        raise error
+    if failed.item():
+        raise RuntimeError("checkpoint: another rank failed (its own error says why); nothing "
+                           "was changed here")
+
+
+def _prepare_staging(root: Path, staging: Path) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob("*.partial"):  # a save that crashed
+        shutil.rmtree(stale)
+    staging.mkdir()
+
+
+def _resolve_latest(root: Path) -> Path:
+    latest = root / LATEST
+    if not latest.is_file():
+        raise ValueError(f"{str(root)!r} is not a zeroshard checkpoint folder (it has no {LATEST} "
+                         "file); pass the folder given to save_checkpoint")
+    folder = root / latest.read_text().strip()
+    if not (folder / "meta.pt").is_file():
+        raise ValueError(f"checkpoint {folder} named by {latest} has no meta.pt; the checkpoint "
+                         "is damaged")
+    return folder
+
+
+def _load_file(file: Path, *, weights_only: bool, mmap: bool = False):
+    try:
+        return torch.load(file, map_location="cpu", weights_only=weights_only, mmap=mmap)
+    except Exception as exc:
+        raise ValueError(f"cannot read checkpoint file {file}: {exc}") from exc
+
+
+def _save_synced(obj, file: Path) -> None:
+    with open(file, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _replace_text(file: Path, text: str) -> None:
+    temporary = file.with_name(file.name + ".tmp")
+    with open(temporary, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, file)
+    _fsync_dir(file.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _rank_file(rank: int) -> str:
+    return f"rank{rank:05d}.pt"
+
+
+def _extra_file(rank: int) -> str:
+    return f"extra{rank:05d}.pt"
+
+
+def _qualname(cls) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
