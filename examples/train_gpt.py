@@ -3,6 +3,10 @@
     torchrun --standalone --nproc_per_node=2 examples/train_gpt.py --stage 2
     torchrun --standalone --nproc_per_node=2 examples/train_gpt.py --stage 3 --precision bf16
     torchrun --standalone --nproc_per_node=2 examples/train_gpt.py --stage 2 --precision fp16
+    torchrun --standalone --nproc_per_node=2 examples/train_gpt.py --save-dir ckpt --save-every 50
+    torchrun --standalone --nproc_per_node=4 examples/train_gpt.py --save-dir ckpt --resume --stage 3
+
+A checkpoint saved on any number of ranks at any stage resumes on any other.
 
 Runs on CPU with gloo by default (about a minute on 2 cores) and on CUDA with NCCL
 when GPUs are present. The data is generated here: sequences from a fixed random
@@ -94,8 +98,15 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for name, default in DEFAULTS.items():
         p.add_argument("--" + name.replace("_", "-"), type=type(default), default=default)
+    p.add_argument("--save-dir", default="", help="checkpoint folder (zeroshard.save_checkpoint)")
+    p.add_argument("--save-every", type=int, default=0, help="save every K steps (0: never)")
+    p.add_argument("--resume", action="store_true", help="resume from --save-dir if it holds one")
+    p.add_argument("--export", default="", help="at the end, torch.save a plain PyTorch "
+                   "(model_state_dict, optimizer_state_dict) here (opt.full_state_dict())")
     p.set_defaults(**DEFAULTS)
     args = p.parse_args(argv)
+    if (args.save_every or args.resume) and not args.save_dir:
+        p.error("--save-every and --resume need --save-dir")
     if args.stage not in (1, 2, 3):
         p.error(f"--stage must be 1, 2 or 3, got {args.stage}")
     if args.precision not in PRECISIONS:
@@ -145,9 +156,18 @@ def main(argv=None) -> None:
               f"({'nccl' if cuda else 'gloo'}) | {n_params / 1e6:.2f}M parameters | "
               f"loss floor ~{data.entropy():.3f} nats", flush=True)
 
+    first_step = 0
+    if args.resume and os.path.exists(os.path.join(args.save_dir, "LATEST")):
+        state = zeroshard.load_checkpoint(args.save_dir, model, opt)
+        first_step = state["step"]
+        sched.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        if rank == 0:
+            print(f"resumed from {args.save_dir} at step {first_step}", flush=True)
+
     tokens_per_step = args.batch_size * args.seq_len * world
     start, loss_sum, loss_count, comm = time.perf_counter(), 0.0, 0, None
-    for step in range(args.steps):
+    for step in range(first_step, args.steps):
         x, y = data.batch(args.batch_size, args.seq_len, seed=args.seed * 1_000_003 + step * world + rank)
         x, y = x.to(device), y.to(device)
         opt.comm_stats.reset()
@@ -163,18 +183,27 @@ def main(argv=None) -> None:
         opt.zero_grad()
         sched.step()
         comm = dict(opt.comm_stats.bytes)
+        if args.save_every and (step + 1) % args.save_every == 0:
+            # The data is a function of the step, so the step is all the loader needs.
+            zeroshard.save_checkpoint(args.save_dir, model, opt, extra={
+                "step": step + 1, "scheduler": sched.state_dict(), "scaler": scaler.state_dict()})
         loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1
         if rank == 0:
             done = (step + 1) / args.steps
             bar = "#" * int(30 * done) + "-" * (30 - int(30 * done))
             elapsed = time.perf_counter() - start
             print(f"\r[{bar}] step {step + 1}/{args.steps} loss {loss.item():.3f} "
-                  f"{tokens_per_step * (step + 1) / elapsed:,.0f} tok/s", end="", flush=True)
+                  f"{tokens_per_step * (step + 1 - first_step) / elapsed:,.0f} tok/s", end="",
+                  flush=True)
             if log:
                 print(f"\n  mean loss {loss_sum / loss_count:.3f} | after backward: "
                       + ", ".join(f"{k} {mib(v)}" for k, v in memory.items()), flush=True)
                 loss_sum, loss_count = 0.0, 0
-    if rank == 0:
+    if args.export:
+        exported = opt.full_state_dict()  # collective: every rank calls it
+        if rank == 0:
+            torch.save(exported, args.export)
+    if rank == 0 and comm is not None:
         param_bytes = 4 if args.precision == "fp32" else 2
         print(f"comm per step: all_gather {mib(comm['all_gather'])}, reduce_scatter "
               f"{mib(comm['reduce_scatter'])}, all_reduce {comm['all_reduce']} B "

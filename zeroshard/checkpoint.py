@@ -9,7 +9,8 @@ On disk, ``path`` is a folder that holds one complete checkpoint and a pointer t
                            fp32 master values and per-element optimizer states
     path/v000003/extra00001.pt  rank 1's ``extra``
     path/v000004.partial/  a save in progress, or one that crashed: never loaded,
-                           removed by the next save
+                           removed by the next save (as is a version folder that a
+                           crash left unnamed by LATEST)
 
 Note [atomic publish]:
     A save writes a new version into a ``.partial`` folder. Once every rank has
@@ -262,9 +263,14 @@ def _run_and_share(opt, work) -> None:
 
 
 def _prepare_staging(root: Path, staging: Path) -> None:
+    """Remove what crashed saves left (a .partial folder, or a version renamed but never
+    named by LATEST), keeping the complete checkpoint LATEST names; make the staging folder."""
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob("*.partial"):  # a save that crashed
-        shutil.rmtree(stale)
+    latest = root / LATEST
+    current = latest.read_text().strip() if latest.is_file() else None
+    for entry in root.iterdir():
+        if entry.is_dir() and entry.name.startswith("v") and entry.name != current:
+            shutil.rmtree(entry)
     staging.mkdir()
 
 
