@@ -131,3 +131,28 @@ def _same_state(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(
         torch.equal(torch.as_tensor(a[k][s]), torch.as_tensor(b[k][s])) for k in a for s in a[k]
         if a[k][s] is not None)
+
+
+def load_bad_full_state(ctx, cfg, which: str) -> dict:
+    """load_full_state_dict with a dict that does not fit: an error on every rank, no change."""
+    model, opt = build(ctx, cfg, "load", seed=4000 + ctx.rank)
+    train(ctx, cfg, model, opt, 0, 1)
+    full = opt.full_state_dict()
+    full = [full] if ctx.rank == 0 else [None]
+    torch.distributed.broadcast_object_list(full, src=0, group=ctx.group)
+    model_sd, optim_sd = full[0]
+    if which == "missing_key":
+        model_sd.pop(next(iter(model_sd)))
+    elif which == "wrong_shape":
+        key = next(k for k, v in model_sd.items() if v.dim() == 2)
+        model_sd[key] = model_sd[key][:, :-1]
+    elif which == "other_groups":
+        optim_sd["param_groups"] = optim_sd["param_groups"] * 2
+    before = full_params(model, opt)
+    try:
+        opt.load_full_state_dict(model_sd, optim_sd)
+        error = None
+    except (ValueError, TypeError) as exc:
+        error = str(exc)
+    unchanged = all(torch.equal(a, b) for a, b in zip(before, full_params(model, opt)))
+    return {"error": error, "unchanged": unchanged}

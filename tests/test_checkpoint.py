@@ -131,3 +131,14 @@ def test_bad_checkpoint_is_refused_on_every_rank_and_changes_nothing(pool, tmp_p
         for word in BAD_CHECKPOINTS[which]:
             assert word in res["error"], (rank, word, res["error"])
         assert res["unchanged"], (rank, which)
+
+
+@pytest.mark.parametrize("which, words", [("missing_key", ["missing keys"]),
+                                          ("wrong_shape", ["has shape"]),
+                                          ("other_groups", ["param groups of sizes"])])
+def test_bad_full_state_dict_is_refused_on_every_rank_and_changes_nothing(pool, which, words):
+    side = {"n": 2, "stage": 3, "bf16": False, "bucket_mb": 1e-3, "units": None}
+    cfg = {"model": MLP, "optimizer": "SGD", "save": side, "load": dict(side)}
+    for rank, res in enumerate(pool.run(cases_ckpt.load_bad_full_state, 2, cfg, which)):
+        assert res["error"] is not None and all(w in res["error"] for w in words), (rank, res)
+        assert res["unchanged"], rank
