@@ -136,9 +136,11 @@ def test_bad_checkpoint_is_refused_on_every_rank_and_changes_nothing(pool, tmp_p
 @pytest.mark.parametrize("which, words", [("missing_key", ["missing keys"]),
                                           ("wrong_shape", ["has shape"]),
                                           ("other_groups", ["param groups of sizes"])])
-def test_bad_full_state_dict_is_refused_on_every_rank_and_changes_nothing(pool, which, words):
+def test_bad_full_state_dict_is_refused_on_every_rank_and_changes_nothing(pool, tmp_path, which,
+                                                                          words):
     side = {"n": 2, "stage": 3, "bf16": False, "bucket_mb": 1e-3, "units": None}
     cfg = {"model": MLP, "optimizer": "SGD", "save": side, "load": dict(side)}
-    for rank, res in enumerate(pool.run(cases_ckpt.load_bad_full_state, 2, cfg, which)):
+    results = pool.run(cases_ckpt.load_bad_full_state, 2, cfg, str(tmp_path / "full.pt"), which)
+    for rank, res in enumerate(results):
         assert res["error"] is not None and all(w in res["error"] for w in words), (rank, res)
         assert res["unchanged"], rank
