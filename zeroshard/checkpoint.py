@@ -65,10 +65,7 @@ def save_checkpoint(path, model, opt, extra=None) -> None:
         raise ValueError(f"checkpoint path {str(root)!r} is a file; pass a folder (it is created)")
     version = _agree_on_version(opt, root)
     staging, final = root / f"{version}.partial", root / version
-    if opt._rank == 0:
-        _run_and_share(opt, lambda: _prepare_staging(root, staging))
-    else:
-        _run_and_share(opt, lambda: None)
+    _run_and_share(opt, (lambda: _prepare_staging(root, staging)) if opt._rank == 0 else None)
     # Everything rank 0 needs to describe the checkpoint, computed on every rank from
     # local state (inner state is identical across ranks for each bucket).
     pieces = owned_pieces(opt)
@@ -93,7 +90,7 @@ def save_checkpoint(path, model, opt, extra=None) -> None:
         for old in root.iterdir():
             if old.is_dir() and old.name != version and old.name.startswith("v"):
                 shutil.rmtree(old, ignore_errors=True)
-    _run_and_share(opt, publish if opt._rank == 0 else (lambda: None))
+    _run_and_share(opt, publish if opt._rank == 0 else None)
 
 
 def load_checkpoint(path, model, opt):
@@ -245,11 +242,13 @@ def _agree_on_version(opt, root: Path) -> str:
 
 
 def _run_and_share(opt, work) -> None:
-    """Run ``work`` here, then learn whether it failed on any rank: every rank raises
-    if one did, so no rank goes on to a collective the others never reach."""
+    """Run ``work`` here (None: nothing to do on this rank), then learn whether it failed
+    on any rank: every rank raises if one did, so no rank goes on to a collective the
+    others never reach."""
     error = None
     try:
-        work()
+        if work is not None:
+            work()
     except Exception as exc:  # shared with the other ranks, then raised again below
         error = exc
     failed = torch.tensor(0.0 if error is None else 1.0, device=opt._device)
