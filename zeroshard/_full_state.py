@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _comm
-from ._sharded_state import parameter_names, load_from, split_state
+from ._sharded_state import bucket_states, load_from, parameter_names, split_state
 
 
 @torch.no_grad()
@@ -41,25 +40,15 @@ def gather_full_state(opt) -> tuple[dict, dict] | None:
 def _gather_parameters(opt) -> tuple[dict, dict]:
     """id(param) -> full fp32 master value (updated parameters only), and -> its optimizer
     state in the plain layout; all-gathered, so every rank gets them."""
-    values, states = {}, {}
-    for bucket in opt._buckets:
-        state = opt._inner.state.get(bucket.master, {})
-        scalars, per_element = split_state(state, bucket.master)
-        full = {key: _all_gather(opt, tensor) for key, tensor in
-                [("__value__", bucket.master)] + sorted(per_element.items())}
+    values = {key: value.clone() for key, value in opt._gather_masters().items()}
+    states = {}
+    for bucket, scalars, per_element in bucket_states(opt):
+        full = {key: opt._gather_shard(tensor) for key, tensor in sorted(per_element.items())}
         for index, param in enumerate(bucket.params):
-            values[id(param)] = bucket.param_view(full["__value__"], index).clone()
-            if state:
-                states[id(param)] = {
-                    **{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in scalars.items()},
-                    **{k: bucket.param_view(full[k], index).clone() for k in per_element}}
+            states[id(param)] = {**{k: v.clone() if isinstance(v, torch.Tensor) else v
+                                    for k, v in scalars.items()},
+                                 **{k: bucket.param_view(full[k], index).clone() for k in full}}
     return values, states
-
-
-def _all_gather(opt, shard: torch.Tensor) -> torch.Tensor:
-    full = shard.new_empty(shard.numel() * opt._world_size)
-    _comm.all_gather(full, shard, group=opt._group, stats=opt.comm_stats, label="state")
-    return full
 
 
 class FullStateSource:
@@ -77,24 +66,14 @@ class FullStateSource:
         return self.model_sd[name].reshape(-1)[start:stop]
 
     def states(self, name: str, start: int, stop: int) -> dict:
-        _, per_element = self._split(name)
+        _, per_element = split_state(self.state_of.get(name) or {}, self.params[name])
         return {k: v.reshape(-1)[start:stop] for k, v in per_element.items()}
 
     def optimizer_layout(self, name: str):
         if not self.state_of.get(name):
             return None
-        scalars, per_element = self._split(name)
+        scalars, per_element = split_state(self.state_of[name], self.params[name])
         return scalars, sorted(per_element)
-
-    def _split(self, name: str) -> tuple[dict, dict]:
-        param, state = self.params[name], self.state_of.get(name) or {}
-        scalars, per_element = {}, {}
-        for key, value in state.items():
-            if isinstance(value, torch.Tensor) and value.shape == param.shape and param.dim() > 0:
-                per_element[key] = value
-            else:
-                scalars[key] = value
-        return scalars, per_element
 
 
 def check_full_state(opt, model_sd: dict, optim_sd: dict) -> None:

@@ -52,15 +52,24 @@ def parameter_names(model: nn.Module) -> dict[int, str]:
     return {id(p): name for name, p in model.named_parameters()}
 
 
-def split_state(state: dict, shard: torch.Tensor) -> tuple[dict, dict]:
-    """An inner optimizer state entry as (scalars, per-element tensors shaped like ``shard``)."""
+def split_state(state: dict, like: torch.Tensor) -> tuple[dict, dict]:
+    """An optimizer state entry as (scalars, per-element tensors shaped like ``like``, the
+    tensor it belongs to: a shard, or a parameter). A 0-dim ``like`` has only scalars."""
     scalars, per_element = {}, {}
     for key, value in state.items():
-        if isinstance(value, torch.Tensor) and value.shape == shard.shape and value.dim() == 1:
+        if isinstance(value, torch.Tensor) and value.shape == like.shape and like.dim() > 0:
             per_element[key] = value
         else:
             scalars[key] = value.clone() if isinstance(value, torch.Tensor) else value
     return scalars, per_element
+
+
+def bucket_states(opt):
+    """(bucket, scalar states, per-element states) of each updated bucket that has state."""
+    for bucket in opt._buckets:
+        state = opt._inner.state.get(bucket.master)
+        if state:
+            yield (bucket, *split_state(state, bucket.master))
 
 
 def owned_pieces(opt) -> dict[str, list[Piece]]:
@@ -92,11 +101,7 @@ def optimizer_layouts(opt) -> dict[str, tuple[dict, list[str]]]:
     """Parameter name -> (scalar states, per-element state names) of its bucket's state."""
     names = parameter_names(opt._model)
     layouts = {}
-    for bucket in opt._buckets:
-        state = opt._inner.state.get(bucket.master)
-        if not state:
-            continue
-        scalars, per_element = split_state(state, bucket.master)
+    for bucket, scalars, per_element in bucket_states(opt):
         for param in bucket.params:
             layouts[names[id(param)]] = (scalars, sorted(per_element))
     return layouts

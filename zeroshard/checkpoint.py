@@ -87,9 +87,7 @@ def save_checkpoint(path, model, opt, extra=None) -> None:
         os.rename(staging, final)
         _fsync_dir(root)
         _replace_text(root / LATEST, version)  # Note [atomic publish]: the commit point
-        for old in root.iterdir():
-            if old.is_dir() and old.name != version and old.name.startswith("v"):
-                shutil.rmtree(old, ignore_errors=True)
+        _remove_versions_except(root, version, ignore_errors=True)  # published already
     _run_and_share(opt, publish if opt._rank == 0 else None)
 
 
@@ -266,11 +264,15 @@ def _prepare_staging(root: Path, staging: Path) -> None:
     named by LATEST), keeping the complete checkpoint LATEST names; make the staging folder."""
     root.mkdir(parents=True, exist_ok=True)
     latest = root / LATEST
-    current = latest.read_text().strip() if latest.is_file() else None
-    for entry in root.iterdir():
-        if entry.is_dir() and entry.name.startswith("v") and entry.name != current:
-            shutil.rmtree(entry)
+    _remove_versions_except(root, latest.read_text().strip() if latest.is_file() else None)
     staging.mkdir()
+
+
+def _remove_versions_except(root: Path, keep: str | None, ignore_errors: bool = False) -> None:
+    """Remove every version folder (complete, renamed or .partial) but ``keep``."""
+    for entry in root.iterdir():
+        if entry.is_dir() and entry.name.startswith("v") and entry.name != keep:
+            shutil.rmtree(entry, ignore_errors=ignore_errors)
 
 
 def _resolve_latest(root: Path) -> Path:

@@ -333,12 +333,16 @@ class ZeroOptimizer(torch.optim.Optimizer):
         parameter this optimizer updates (fp32 with mixed precision). Collective."""
         full_values = {}
         for bucket in self._buckets:
-            full = bucket.master.new_empty(bucket.layout.padded_numel)
-            _comm.all_gather(full, bucket.master, group=self._group, stats=self.comm_stats,
-                             label="state")
+            full = self._gather_shard(bucket.master)
             for index, param in enumerate(bucket.params):
                 full_values[id(param)] = bucket.param_view(full, index)
         return full_values
+
+    def _gather_shard(self, shard: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``shard`` of one bucket, end to end (the padded flat size). Collective."""
+        full = shard.new_empty(shard.numel() * self._world_size)
+        _comm.all_gather(full, shard, group=self._group, stats=self.comm_stats, label="state")
+        return full
 
     def memory_report(self) -> dict[str, int]:
         """Bytes this rank holds now, from the real storages (each storage counted once)."""
