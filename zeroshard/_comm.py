@@ -80,6 +80,25 @@ def broadcast(tensor, *, group, stats: CommStats, label: str, group_src: int = 0
         return dist.broadcast(tensor, src=src, group=group, async_op=async_op)
 
 
+_companions: dict[tuple[int, ...], object] = {}
+
+
+def companion_group(group):
+    """A second process group over the ranks of ``group``, so that two streams of
+    collectives (stage 3's gathers and its reduce-scatters) each keep their own order.
+
+    Created once per set of ranks, by the ranks of ``group`` only, and shared by every
+    optimizer over those ranks: torch names such a group after its ranks, so a second
+    one over the same ranks would collide with the first in the store.
+    """
+    ranks = tuple(dist.get_process_group_ranks(group))
+    if len(ranks) == 1:
+        return group
+    if ranks not in _companions:
+        _companions[ranks] = dist.new_group(list(ranks), use_local_synchronization=True)
+    return _companions[ranks]
+
+
 def wait_all(works) -> None:
     for work in works:
         if work is not None:

@@ -119,9 +119,8 @@ class ShardedStage:
     def zero_grad(self) -> None:
         raise NotImplementedError
 
-    def skips_reduction(self, bucket: FlatBucket) -> bool:
-        """True if every rank knows this bucket got no gradient in this backward."""
-        return False
+    def after_reductions(self) -> None:
+        """Every reduce-scatter of a synced backward has completed (a hook for stage 3)."""
 
     def gradient_tensors(self) -> list[torch.Tensor]:
         """Every gradient tensor this stage keeps alive, for memory_report()."""
@@ -169,9 +168,6 @@ class ShardedStage:
         if self.require_sync:
             while self._next_launch < len(self.buckets):
                 bucket = self.buckets[self._next_launch]
-                if self.skips_reduction(bucket):
-                    self._next_launch += 1
-                    continue
                 for index in range(len(bucket.params)):
                     if index not in bucket.ready:
                         self.fill_missing(bucket, index)
@@ -182,6 +178,7 @@ class ShardedStage:
                 bucket = self.buckets[position]
                 self._in_flight.append((bucket, *self.launch(bucket)))
                 self.wait_in_flight()
+            self.after_reductions()
             if self._check_non_finite:
                 self._spread_non_finite()
                 self._check_non_finite = False

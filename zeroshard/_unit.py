@@ -176,3 +176,62 @@ def build_units(model: nn.Module, unit_modules: list[nn.Module], group_of: dict[
         units.append(Unit(module, names.get(id(module), ""), buckets))
     return units
 
+
+
+class Schedule:
+    """A fixed order of units that every rank walks once per forward (or backward) pass.
+
+    Walking to a unit passes over the units before it that this rank did not enter;
+    the caller gathers and releases those anyway, so every rank issues one gather
+    per unit per pass in this order, whichever units its data ran (Note [gather
+    schedule] in stage3.py). A unit entered again after the cursor has passed it
+    (a unit run twice) is not part of the walk.
+    """
+
+    def __init__(self, units: list[Unit]) -> None:
+        self.units = units
+        self._position = {id(u): i for i, u in enumerate(units)}
+        self.cursor = 0  # units before it have been walked in this pass
+
+    def restart(self) -> None:
+        self.cursor = 0
+
+    def walk_to(self, unit: Unit) -> list[Unit] | None:
+        """Move past ``unit``; return the units passed over before it, or None if the
+        walk had already passed ``unit`` in this pass."""
+        position = self._position[id(unit)]
+        if position < self.cursor:
+            return None
+        passed = self.units[self.cursor:position]
+        self.cursor = position + 1
+        return passed
+
+    def walk_to_end(self) -> list[Unit]:
+        passed = self.units[self.cursor:]
+        self.cursor = len(self.units)
+        return passed
+
+    def next_unit(self) -> Unit | None:
+        return self.units[self.cursor] if self.cursor < len(self.units) else None
+
+
+def forward_and_backward_orders(model: nn.Module, units: list[Unit]) -> tuple[list[Unit], list[Unit]]:
+    """The units in the order forward enters them (pre-order of the module tree: the
+    root first, a unit before the units inside it, siblings in registration order)
+    and the order backward reaches their outputs (the reverse of the order forward
+    leaves them: the root first, a unit before the units inside it, siblings last
+    to first)."""
+    unit_of_module = {id(u.module): u for u in units}
+    pre, post = [], []
+
+    def visit(module: nn.Module) -> None:
+        unit = unit_of_module.get(id(module))
+        if unit is not None:
+            pre.append(unit)
+        for child in module.children():
+            visit(child)
+        if unit is not None:
+            post.append(unit)
+
+    visit(model)
+    return pre, post[::-1]

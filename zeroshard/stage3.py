@@ -8,13 +8,32 @@ gradient, and freed once all the unit's parameter gradients are accumulated.
 Gradients are handled exactly as in stage 2 (``Stage2``): reduce-scattered into
 shards in one fixed bucket order, full gradients freed as their bucket is reduced.
 
-Note [stage 3 contract]:
-    All-gathers are issued as units compute, so every rank must run the same units
-    in the same order, in forward and in backward: the contract of FSDP too. A unit
-    whose forward runs on some ranks only, or whose outputs receive gradient on
-    some ranks only, would leave the ranks in different collectives. A unit that no
-    rank runs in a step (skipped by the optimizer, as torch skips a parameter whose
-    gradient is None) and a unit run twice are fine. A parameter must be used
+Note [gather schedule]:
+    Every rank must issue the same all-gathers in the same order, even when its data
+    runs other units than another rank's (a branch taken on some ranks only). So
+    gathers follow a fixed schedule, not the units a rank happens to run: in each
+    forward, the units in the order forward enters them (``Schedule``, the module
+    tree's pre-order); in each backward (with ``reshard_after_forward``), the order
+    backward reaches them (reverse post-order). Entering a unit walks the schedule
+    up to it, and the units walked past, which this rank skipped, are gathered and
+    released at once; the end of the pass walks the rest. So every rank gathers
+    every unit once per pass, at the same point of the schedule. A unit run twice
+    in one pass is gathered again on its second run (every rank must then run it
+    twice). Units must run in their registration order, or the units before them
+    are gathered for nothing (correct, but more communication).
+
+    In backward a skipped unit gets no gradient on this rank: when the walk passes
+    it, its parameters count as ready with a zero gradient, so its reduce-scatters
+    go out at that point rather than at the end of backward, while other ranks may
+    be waiting for them. And because a rank's backward interleaves its gathers and
+    reduce-scatters in an order that depends on what it ran, the gathers use a
+    process group of their own, so the two kinds never meet in one queue.
+
+    Which units ran on no rank at all (their gradient is absent, not zero, and the
+    optimizer skips them as torch skips a parameter whose gradient is None) is no
+    longer something a rank can know alone: after each synced backward the ranks
+    all-reduce one flag per unit. Not supported: a unit that runs on every rank but
+    whose outputs receive gradient on some ranks only. A parameter must be used
     inside the forward of a module that holds it (in ``_parameters``), or of one of
     that module's ancestor units.
 
@@ -28,13 +47,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import warnings
 
 import torch
+import torch.distributed as dist
 from torch.utils._pytree import tree_flatten
 
+from . import _comm
 from ._stage import TrainingState
-from ._unit import ShardState, Unit
+from ._unit import Schedule, ShardState, Unit, forward_and_backward_orders
 from .stage2 import Stage2
 
 
@@ -50,12 +70,14 @@ class Stage3(Stage2):
         self.root = units[0]
         self.reshard_after_forward = reshard_after_forward
         self._unit_of = {id(p): u for u in units for b in u.buckets for p in b.params}
-        # Prefetch orders, recorded on the first training forward / backward.
-        self._forward_order: list[Unit] | None = None
-        self._backward_order: list[Unit] | None = None
-        self._recording: list[Unit] = []
-        self._order_index = 0  # units entered so far in this forward or backward
-        self._order_warned = False
+        self._index_of = {id(u): i for i, u in enumerate(units)}
+        forward_order, backward_order = forward_and_backward_orders(model, units)
+        self._forward = Schedule(forward_order)  # Note [gather schedule]
+        self._backward = Schedule(backward_order)
+        self._training_forward = False  # the current forward began with grad enabled
+        # Note [gather schedule]: gathers get a process group of their own.
+        self.gather_group = _comm.companion_group(group)
+        self._unclaimed: dict[int, torch.Tensor] = {}  # reductions of units that did not run here
         for module in model.modules():
             owners = {id(self._unit_of[id(p)]): self._unit_of[id(p)]
                       for p in module._parameters.values() if p is not None}
@@ -73,30 +95,34 @@ class Stage3(Stage2):
     # -- forward --------------------------------------------------------------------
 
     def _pre_forward(self, unit: Unit, module, args) -> None:
-        training = torch.is_grad_enabled() and self.state is TrainingState.IDLE
-        if training:
+        if self.state is TrainingState.BACKWARD:  # Note [recomputation]
+            if self.reshard_after_forward:
+                self._walk(self._backward, unit)
+            else:
+                self._gather_now(unit)  # kept gathered since forward
+            return
+        if unit is self.root:  # a new forward pass
+            self._training_forward = torch.is_grad_enabled()
+            self._forward.restart()
+        if self._training_forward:
             unit.ran_since_backward = True
-        if unit is self.root and training:
-            self._order_index, self._recording = 0, []
-        self._gather_now(unit)
-        if training:
-            self._prefetch_next(unit, self._forward_order)
+        self._walk(self._forward, unit)
 
     def _post_forward(self, unit: Unit, module, args, output) -> None:
         if self.state is TrainingState.BACKWARD:
             return  # Note [recomputation]
-        if not torch.is_grad_enabled():
-            unit.release()  # no backward follows
-            return
-        for tensor in tree_flatten(output)[0]:
-            if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
-                tensor.register_hook(functools.partial(self._pre_backward, unit))
-        if self.reshard_after_forward:
+        if torch.is_grad_enabled():
+            for tensor in tree_flatten(output)[0]:
+                if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
+                    tensor.register_hook(functools.partial(self._pre_backward, unit))
+        # Without resharding, a unit run under no_grad inside a training forward
+        # (reentrant checkpointing) stays gathered for its recomputation in backward.
+        if self.reshard_after_forward or not self._training_forward:
             unit.release()
         if unit is self.root:  # the end of forward
-            if self._forward_order is None:
-                self._forward_order = self._recording
-            if self.reshard_after_forward:
+            for skipped in self._forward.walk_to_end():
+                self._pass_over(skipped)
+            if self.reshard_after_forward or not self._training_forward:
                 for other in self.units:  # a prefetch the forward did not use
                     other.release()
 
@@ -106,11 +132,11 @@ class Stage3(Stage2):
         self._on_backward_start(grad)
         if unit.backward_armed:
             return
-        if not any(u.backward_armed for u in self.units):
-            self._order_index, self._recording = 0, []
         unit.backward_armed = True
-        self._gather_now(unit)
-        self._prefetch_next(unit, self._backward_order)
+        if self.reshard_after_forward:
+            self._walk(self._backward, unit)
+        else:
+            self._gather_now(unit)  # kept gathered since forward: no collective
 
     def collect(self, bucket, index: int) -> None:
         super().collect(bucket, index)
@@ -122,44 +148,83 @@ class Stage3(Stage2):
             # A nested backward (Note [late gradients]) may gather it again: count afresh.
             unit.grads_arrived.clear()
 
-    def skips_reduction(self, bucket) -> bool:
-        """A unit that ran no forward since the last backward ran on no rank (Note [stage 3
-        contract]): its gradient is not zero but absent, so its reduce-scatter is skipped
-        and, if it stays absent until step(), the optimizer skips it as torch skips a
-        parameter whose .grad is None (no weight decay, no momentum)."""
-        return not self._unit_of[id(bucket.params[0])].ran_since_backward
+    def finalize(self, bucket, reduced: torch.Tensor) -> None:
+        """A unit that did not run here may have run nowhere: hold its reduction until the
+        ranks have compared notes (``after_reductions``)."""
+        position = self._position[id(bucket)]
+        if bucket.grad_shard is None and not self._unit_of[id(bucket.params[0])].ran_since_backward:
+            del self.buffers_in_flight[position]
+            self._unclaimed[position] = reduced
+            return
+        super().finalize(bucket, reduced)
+
+    def after_reductions(self) -> None:
+        """Note [gather schedule]: units that ran on no rank get no gradient at all, as
+        torch leaves .grad None for a parameter no rank used; the others get theirs."""
+        ran = torch.tensor([float(u.ran_since_backward) for u in self.units],
+                           device=self.buckets[0].flat.device if self.buckets else None)
+        _comm.all_reduce(ran, group=self.group, stats=self.stats, label=self.label,
+                         op=dist.ReduceOp.MAX)
+        for position, reduced in self._unclaimed.items():
+            bucket = self.buckets[position]
+            if ran[self._index_of[id(self._unit_of[id(bucket.params[0])])]]:
+                bucket.set_grad_shard(self.as_gradient_shard(reduced))
+        self._unclaimed.clear()
 
     def _on_backward_end(self) -> None:
+        if self.reshard_after_forward:  # gathers first: other ranks may be waiting for them
+            for skipped in self._backward.walk_to_end():
+                self._pass_over(skipped)
+        synced = self.require_sync
         super()._on_backward_end()
-        if self._backward_order is None:
-            self._backward_order = self._recording
+        self._backward.restart()
         for unit in self.units:
             unit.release()
             unit.grads_arrived.clear()
             unit.backward_armed = False
-            unit.ran_since_backward = False
+            if synced:
+                unit.ran_since_backward = False
 
-    # -- gather, prefetch -------------------------------------------------------------
+    # -- gather, walk the schedule ----------------------------------------------------
 
     def _gather_now(self, unit: Unit) -> None:
-        unit.gather(self.group, self.stats, self.label)
+        unit.gather(self.gather_group, self.stats, self.label)
         unit.wait()
 
-    def _prefetch_next(self, unit: Unit, order: list[Unit] | None) -> None:
-        """Record ``unit`` as the next in order, and start gathering the one after it."""
-        position = self._order_index
-        self._order_index += 1
-        if order is None:
-            self._recording.append(unit)
-            return
-        if position >= len(order) or order[position] is not unit:
-            if not self._order_warned:
-                self._order_warned = True
-                warnings.warn(f"zeroshard stage 3: unit {unit.name} ran out of the order recorded "
-                              "on the first step; prefetching stops where the order differs")
-            return
-        if position + 1 < len(order) and order[position + 1].state is ShardState.SHARDED:
-            order[position + 1].gather(self.group, self.stats, self.label)
+    def _walk(self, schedule: Schedule, unit: Unit) -> None:
+        """Note [gather schedule]: walk to ``unit``, gather it, prefetch the next one."""
+        passed = schedule.walk_to(unit)
+        for skipped in passed or []:
+            self._pass_over(skipped)
+        self._gather_now(unit)
+        following = schedule.next_unit() if passed is not None else None
+        if following is not None and following.state is ShardState.SHARDED:
+            following.gather(self.gather_group, self.stats, self.label)
+
+    def _pass_over(self, unit: Unit) -> None:
+        """A unit this rank skips in this pass: gather it for the ranks that run it."""
+        if unit.state is ShardState.SHARDED:
+            unit.gather(self.gather_group, self.stats, self.label)
+        unit.wait()
+        if self.state is TrainingState.BACKWARD:  # walked only with resharding
+            unit.release()
+            if self.require_sync and not unit.ran_since_backward:
+                self._mark_skipped_ready(unit)
+        elif self.reshard_after_forward or not self._training_forward:
+            unit.release()
+        # else: kept gathered until the end of backward, like on the ranks that ran it, so
+        # that every rank holds the same units gathered when the next pass begins
+
+    def _mark_skipped_ready(self, unit: Unit) -> None:
+        """No gradient can reach a unit that did not run here: its parameters are ready
+        (with a zero gradient, or what no_sync left), so its buckets launch in order now."""
+        for bucket in unit.buckets:
+            if not bucket.params[0].requires_grad:
+                continue
+            for index in range(len(bucket.params)):
+                if index not in bucket.ready:
+                    self.fill_missing(bucket, index)
+                    self._mark_ready(bucket, index)
 
     @staticmethod
     def _refuse_if_sharded(units: list[Unit], module, *args) -> None:
@@ -186,7 +251,7 @@ class Stage3(Stage2):
     @contextlib.contextmanager
     def summon_full_params(self):
         """Gather every unit; on exit write each rank's own slice back into its shard."""
-        for unit in self.units:
+        for unit in self.units:  # the same order on every rank
             self._gather_now(unit)
         try:
             yield
