@@ -59,6 +59,12 @@ def ddp_needs_static_graph(case) -> bool:
         model.get("reuse") or case.get("two_forwards"))
 
 
+def skips_block(case, step: int, rank: int) -> bool:
+    """Whether ``rank`` skips the transformer's block 0 in ``step`` (odd steps only)."""
+    where = case.get("skip_block")
+    return step % 2 == 1 and (where == "everywhere" or (where == "odd_ranks" and rank % 2 == 1))
+
+
 def micro_loss(spec, model, batch, case):
     """One micro-batch's loss; with "two_forwards", the sum of two forwards' losses
     (the batch split in half) before one backward."""
@@ -86,7 +92,7 @@ def train_side_by_side(ctx, case):
                                    process_group=ctx.group, bucket_size_mb=case["bucket_mb"],
                                    **stage3, **opt_kwargs)
     ddp = DDP(ddp_model, process_group=ctx.group, static_graph=ddp_needs_static_graph(case),
-              find_unused_parameters=spec.get("unused_branch", False) or case.get("skip_odd_steps", False))
+              find_unused_parameters=spec.get("unused_branch", False) or bool(case.get("skip_block")))
     groups = param_groups(ddp_model, case)
     dopt = opt_class(groups if groups else ddp_model.parameters(), **opt_kwargs)
     groups = param_groups(single_model, case)
@@ -125,8 +131,8 @@ def train_side_by_side(ctx, case):
         zopt.comm_stats.reset()  # after zero_params(): summon_full_params() gathers too
         batches = [[make_batch(spec, seed=1000 * step + 10 * m + r, rank=r, batch=case["batch"])
                     for r in range(n)] for m in range(accum)]
-        for model in (zero_model, ddp_model, single_model):
-            model.skip_block = case.get("skip_odd_steps", False) and step % 2 == 1
+        for model in (zero_model, ddp_model):
+            model.skip_block = skips_block(case, step, ctx.rank)
         if case.get("eval_forward"):  # gathers and releases, arms no backward hooks
             with torch.no_grad():
                 x = batches[0][ctx.rank][0]
@@ -143,6 +149,7 @@ def train_side_by_side(ctx, case):
                 loss.backward()
                 dl += loss.item()
             for r in range(n):
+                single_model.skip_block = skips_block(case, step, r)
                 loss = micro_loss(spec, single_model, batches[m][r], case) / (accum * n)
                 loss.backward()
                 sl += loss.item()
@@ -171,6 +178,9 @@ def train_side_by_side(ctx, case):
     out["psi_all"] = sum(p.numel() for p in zero_model.parameters())
     out["largest_param_bytes"] = max(p.numel() * 4 for p in trainable)
     out["n_buckets"] = len(zopt._buckets)
+    # stage 3 all-reduces a "ran" flag per unit other than the root that has gradients
+    out["flagged_units"] = sum(any(p.requires_grad for b in u.buckets for p in b.params)
+                               for u in zopt._units[1:]) if case["stage"] == 3 else 0
     out["n_all_buckets"] = len(zopt._stage.buckets) if case["stage"] != 3 else sum(
         len(u.buckets) for u in zopt._units)
     out["final_mem"] = zopt.memory_report()

@@ -10,10 +10,11 @@ from torch import nn
 
 class MLP(nn.Module):
     """An MLP with a constant buffer, an optionally frozen first layer, and an optional
-    branch that only ranks whose batch has a positive first feature use."""
+    branch that only ranks whose batch has a positive first feature use; with
+    ``branch_everywhere`` the other ranks run it too but leave its output unused."""
 
     def __init__(self, d_in: int, hidden: int, d_out: int, depth: int, frozen: bool,
-                 unused_branch: bool) -> None:
+                 unused_branch: bool, branch_everywhere: bool = False) -> None:
         super().__init__()
         self.register_buffer("scale", torch.linspace(0.5, 1.5, d_in))
         dims = [d_in] + [hidden] * depth + [d_out]
@@ -24,11 +25,16 @@ class MLP(nn.Module):
         if frozen:
             self.body[0].weight.requires_grad_(False)
         self.branch = nn.Linear(d_in, d_out) if unused_branch else None
+        self.branch_everywhere = branch_everywhere
 
     def forward(self, x):
         y = self.body(x * self.scale)
-        if self.branch is not None and x[:, 0].sum() > 0:  # data-dependent: unused on some ranks
-            y = y + self.branch(x)
+        if self.branch is not None:
+            used = x[:, 0].sum() > 0  # data-dependent: unused on some ranks
+            if used or self.branch_everywhere:
+                branch = self.branch(x)
+                if used:
+                    y = y + branch
         return y
 
 
@@ -57,7 +63,7 @@ class TinyTransformer(nn.Module):
 
     ``checkpoint``: None, "reentrant" or "nonreentrant" activation checkpointing of
     each block; ``reuse``: block 0 runs twice per forward; ``skip_block``: set to
-    True to skip block 0 in a forward (a unit that no rank runs in that step).
+    True to skip block 0 in a forward.
     """
 
     def __init__(self, vocab: int, d: int, heads: int, layers: int, seq: int, tied: bool,
@@ -95,7 +101,7 @@ def build_model(spec: dict, seed: int) -> nn.Module:
     torch.manual_seed(seed)
     if spec["kind"] == "mlp":
         return MLP(spec["d_in"], spec["hidden"], spec["d_out"], spec["depth"], spec["frozen"],
-                   spec["unused_branch"])
+                   spec["unused_branch"], spec.get("branch_everywhere", False))
     return TinyTransformer(spec["vocab"], spec["d"], spec["heads"], spec["layers"], spec["seq"],
                            spec["tied"], spec["frozen"], spec.get("checkpoint"),
                            spec.get("reuse", False))

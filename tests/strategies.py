@@ -18,7 +18,7 @@ OPTIMIZER_KWARGS = {
 mlp_specs = st.fixed_dictionaries({
     "kind": st.just("mlp"), "d_in": st.integers(3, 9), "hidden": st.integers(5, 17),
     "d_out": st.integers(1, 5), "depth": st.integers(1, 3), "frozen": st.booleans(),
-    "unused_branch": st.booleans()})
+    "unused_branch": st.booleans(), "branch_everywhere": st.booleans()})
 
 transformer_specs = st.fixed_dictionaries({
     "kind": st.just("transformer"), "vocab": st.integers(11, 23), "d": st.sampled_from([8, 12]),
@@ -36,14 +36,18 @@ def forward_options(draw, model: dict, stage: int) -> dict:
     if model["kind"] == "transformer":
         model["checkpoint"] = draw(st.sampled_from([None, "reentrant", "nonreentrant"]))
         model["reuse"] = draw(st.booleans())
-        # A block that no rank runs in a step: DDP leaves its gradients None and the optimizer
-        # skips it. Stage 3 does the same for a skipped unit; stages 1-2 (and units that do
-        # not match the block) step it with a zero gradient, as ZeroOptimizer documents.
-        # The DDP reference cannot mix reentrant checkpointing with find_unused_parameters.
-        options["skip_odd_steps"] = (stage == 3 and options["units"] in ("blocks", "nested")
-                                     and model["checkpoint"] != "reentrant" and draw(st.booleans()))
-    elif stage == 3:
-        model["unused_branch"] = False  # Note [stage 3 contract]: every rank runs the same units
+        # Block 0 skipped in odd steps, on odd ranks only (stage 3: a unit some ranks run,
+        # Note [gather schedule]) or on every rank. A block no rank runs gets no gradient
+        # from DDP, and the optimizer skips it; stage 3 does the same for a skipped unit,
+        # while stages 1-2 (and units that do not match the block) step it with a zero
+        # gradient, as ZeroOptimizer documents. The DDP reference cannot mix reentrant
+        # checkpointing with find_unused_parameters.
+        skips = [None]
+        if model["checkpoint"] != "reentrant":
+            skips.append("odd_ranks")
+            if stage == 3 and options["units"] in ("blocks", "nested"):
+                skips.append("everywhere")
+        options["skip_block"] = draw(st.sampled_from(skips))
     return options
 
 

@@ -58,8 +58,9 @@ def gathers_per_step(case) -> int | None:
     if case["stage"] != 3:
         return 1  # after step()
     model = case["model"]
-    if model.get("reuse") or case.get("skip_odd_steps") or model.get("checkpoint") == "reentrant":
-        return None  # a unit gathered twice, or a step without one: counted per unit, not per Ψ
+    if model.get("reuse") or model.get("checkpoint") == "reentrant":
+        return None  # a unit gathered twice: counted per unit, not per Ψ
+    # A skipped unit is gathered all the same (Note [gather schedule]): no exception for it.
     forwards = 2 if case["two_forwards"] and case["reshard_after_forward"] else 1
     backward = 1 if case["reshard_after_forward"] else 0
     return case["accum"] * (forwards + backward) + (1 if case["eval_forward"] else 0)
@@ -68,7 +69,9 @@ def gathers_per_step(case) -> int | None:
 def check_comm_per_step(results, case):
     """Per step: reduce-scatter Ψ per synced backward plus all-gather Ψ each time the
     parameters are gathered: 2Ψ for stages 1-2; 3Ψ for stage 3 (2Ψ without resharding
-    after forward). fp32 bytes, with at most N-1 elements of padding per bucket."""
+    after forward). fp32 bytes, with at most N-1 elements of padding per bucket.
+    All-reduce: the clip norm, and at stage 3 a 4-byte flag per unit (but the root) per
+    synced backward."""
     n, res = case["world_size"], results[0]
     psi, padding = res["psi"], res["n_buckets"] * (n - 1)
     # stage 3 gathers frozen parameters too; stages 1-2 gather only what the optimizer updates
@@ -83,7 +86,7 @@ def check_comm_per_step(results, case):
     late = model.get("checkpoint") == "reentrant" and (model.get("reuse") or case.get("two_forwards"))
     for step, comm in enumerate(res["comm"]):
         rs = comm["reduce_scatter"]
-        skipped = case.get("skip_odd_steps") and step % 2 == 1  # a unit no rank ran: not reduced
+        skipped = case.get("skip_block") == "everywhere" and step % 2 == 1  # ran nowhere: not reduced
         assert skipped or synced_backwards * FP32 * psi <= rs, comm
         if not late:
             assert rs <= synced_backwards * FP32 * (psi + padding), comm
@@ -92,7 +95,8 @@ def check_comm_per_step(results, case):
             assert gathers * FP32 * psi_all <= ag <= gathers * FP32 * (psi_all + padding_all), comm
         if case["stage"] != 3 and not late:  # the same buckets both ways
             assert comm["reduce_scatter"] == synced_backwards * comm["all_gather"], (step, comm)
-        assert comm["all_reduce"] == (FP32 if case["clip"] is not None else 0), comm
+        flags = synced_backwards * FP32 * res["flagged_units"]  # Note [gather schedule]
+        assert comm["all_reduce"] == flags + (FP32 if case["clip"] is not None else 0), comm
         assert comm["broadcast"] == 0, comm
 
 
@@ -111,7 +115,7 @@ def check_memory(results, case):
         full = FP32 * psi if stage == 1 else 0  # stage 1 keeps full gradient buffers too
         full_hi = FP32 * padded_max if stage == 1 else 0
         # a unit that ran on no rank in the last step has no gradient shard at all
-        skipped = case.get("skip_odd_steps") and (case["steps"] - 1) % 2 == 1
+        skipped = case.get("skip_block") == "everywhere" and (case["steps"] - 1) % 2 == 1
         assert skipped or full + shard_lo <= mem["gradients"], (stage, mem)
         assert mem["gradients"] <= full_hi + shard_hi, (stage, mem)
         assert mem["master_parameters"] == 0  # fp32: the shard is a view of the parameters

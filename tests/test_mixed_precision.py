@@ -120,8 +120,9 @@ def check_skipped_step(results, case):
 def check_comm(results, case):
     """Per step: reduce-scatter Ψ in the reduce dtype per synced backward, all-gather Ψ
     in the parameter dtype per gather (stage 3: 2 per micro-batch, over all parameters),
-    plus at most N-1 elements of padding per bucket; all-reduce: the clip norm, and one
-    4-byte non-finite flag per synced fp16 backward."""
+    plus at most N-1 elements of padding per bucket; all-reduce: the clip norm, one
+    4-byte non-finite flag per synced fp16 backward, and at stage 3 one 4-byte flag per
+    unit but the root per synced backward."""
     n, res = case["world_size"], results[0]
     param_dtype, reduce_dtype = cases_mp.PRECISIONS[case["precision"]]
     reduce_bytes = (reduce_dtype or param_dtype).itemsize
@@ -137,6 +138,7 @@ def check_comm(results, case):
         assert (step_gathers * PARAM_BYTES * gathered <= comm["all_gather"]
                 <= step_gathers * PARAM_BYTES * (gathered + gathered_pad)), comm
         flags = 4 * synced if param_dtype == torch.float16 else 0
+        flags += 4 * synced * res["flagged_units"]  # stage 3: units that ran (or not)
         assert comm["all_reduce"] == flags + (4 if case["clip"] is not None else 0), comm
 
 

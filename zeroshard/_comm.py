@@ -13,6 +13,8 @@ tensor), which is how DESIGN.md's per-step table counts Ψ.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.distributed as dist
 from torch.profiler import record_function
@@ -53,6 +55,9 @@ def all_gather(output, input, *, group, stats: CommStats, label: str, async_op=F
     """
     stats.record("all_gather", output)
     with record_function(f"zeroshard::{label}::all_gather"):
+        if isinstance(group, GatherChannel):
+            work = group.all_gather(output, input)
+            return work if async_op else work.wait() and None
         return _all_gather_flat(output, input, group=group, async_op=async_op)
 
 
@@ -80,23 +85,65 @@ def broadcast(tensor, *, group, stats: CommStats, label: str, group_src: int = 0
         return dist.broadcast(tensor, src=src, group=group, async_op=async_op)
 
 
-_companions: dict[tuple[int, ...], object] = {}
+class GatherChannel:
+    """A second communicator over the ranks of a process group, for stage 3's gathers.
 
+    Note [gather channel]: stage 3 issues all-gathers in one fixed schedule and
+    reduce-scatters in another; a rank's backward interleaves the two in an order
+    that depends on which units its data ran, so on one process group ranks could
+    wait in different collectives. The gathers therefore run on their own backend,
+    built over the group's own store under a fixed prefix, so that only the group's
+    ranks take part, and all of them agree on the prefix.
 
-def companion_group(group):
-    """A second process group over the ranks of ``group``, so that two streams of
-    collectives (stage 3's gathers and its reduce-scatters) each keep their own order.
-
-    Created once per set of ranks, by the ranks of ``group`` only, and shared by every
-    optimizer over those ranks: torch names such a group after its ranks, so a second
-    one over the same ranks would collide with the first in the store.
+    Not ``dist.new_group(ranks, use_local_synchronization=True)``: torch names such
+    a group after its ranks *and the number of groups this process belongs to*, so
+    ranks that belong to different other groups (ranks 0-2 of a world with groups
+    [0], [0, 1], [0, 1, 2]) compute different names and wait for each other forever.
     """
-    ranks = tuple(dist.get_process_group_ranks(group))
-    if len(ranks) == 1:
-        return group
-    if ranks not in _companions:
-        _companions[ranks] = dist.new_group(list(ranks), use_local_synchronization=True)
-    return _companions[ranks]
+
+    PREFIX = "zeroshard-gathers/"
+
+    def __init__(self, group) -> None:
+        self.group = group
+        store = dist.PrefixStore(self.PREFIX, group.get_group_store())
+        rank, size = dist.get_rank(group), dist.get_world_size(group)
+        backend = dist.get_backend(group)
+        if "nccl" in backend and hasattr(dist, "ProcessGroupNCCL"):
+            options = dist.ProcessGroupNCCL.Options()
+            options._timeout = _timeout_of(group, "cuda")
+            self.backend = dist.ProcessGroupNCCL(store, rank, size, options)
+        elif "gloo" in backend:
+            self.backend = dist.ProcessGroupGloo(store, rank, size, _timeout_of(group, "cpu"))
+        else:
+            raise NotImplementedError(
+                f"zeroshard stage 3 builds a second communicator for its gathers, for the "
+                f"gloo and nccl backends only; process group backend is {backend!r}. "
+                "Use stage 1 or 2 with this backend.")
+
+    def all_gather(self, output, input):
+        return self.backend._allgather_base(output, input)
+
+
+_channels: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def gather_channel(group):
+    """The ``GatherChannel`` of ``group``, built on first use by every rank of the group
+    (constructing a stage-3 optimizer is collective) and shared by later optimizers."""
+    group = group if group is not None else dist.group.WORLD
+    if dist.get_world_size(group) == 1:
+        return group  # nothing to order
+    if group not in _channels:
+        _channels[group] = GatherChannel(group)
+    return _channels[group]
+
+
+def _timeout_of(group, device: str):
+    """The group's collective timeout, so that gathers give up when its collectives do."""
+    try:
+        return group._get_backend(torch.device(device)).options._timeout
+    except (AttributeError, RuntimeError):
+        return dist.default_pg_timeout
 
 
 def wait_all(works) -> None:

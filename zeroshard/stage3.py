@@ -22,18 +22,21 @@ Note [gather schedule]:
     twice). Units must run in their registration order, or the units before them
     are gathered for nothing (correct, but more communication).
 
-    In backward a skipped unit gets no gradient on this rank: when the walk passes
-    it, its parameters count as ready with a zero gradient, so its reduce-scatters
-    go out at that point rather than at the end of backward, while other ranks may
-    be waiting for them. And because a rank's backward interleaves its gathers and
-    reduce-scatters in an order that depends on what it ran, the gathers use a
-    process group of their own, so the two kinds never meet in one queue.
+    In backward, a unit the walk passes over got no gradient on this rank (it did not
+    run here, or its outputs did not reach this rank's loss), and none can come: its
+    parameters count as ready with a zero gradient when the walk passes it, so its
+    reduce-scatters go out then, not at the end of backward, while other ranks may be
+    waiting for them. So backward must reach units in the schedule's order (the
+    reverse of forward's); a unit whose gradient arrives after the walk passed it
+    would be reduced twice. The gathers run on a communicator of their own (Note
+    [gather channel] in _comm.py): a rank's backward interleaves gathers and
+    reduce-scatters in an order that depends on what it ran.
 
     Which units ran on no rank at all (their gradient is absent, not zero, and the
     optimizer skips them as torch skips a parameter whose gradient is None) is no
     longer something a rank can know alone: after each synced backward the ranks
-    all-reduce one flag per unit. Not supported: a unit that runs on every rank but
-    whose outputs receive gradient on some ranks only. A parameter must be used
+    all-reduce one 4-byte flag per unit other than the root (``after_reductions``).
+    A parameter must be used
     inside the forward of a module that holds it (in ``_parameters``), or of one of
     that module's ancestor units.
 
@@ -70,13 +73,15 @@ class Stage3(Stage2):
         self.root = units[0]
         self.reshard_after_forward = reshard_after_forward
         self._unit_of = {id(p): u for u in units for b in u.buckets for p in b.params}
-        self._index_of = {id(u): i for i, u in enumerate(units)}
+        # Units some rank may skip (the root always runs) that have gradients to reduce:
+        # one "ran" flag each is all-reduced after a synced backward (after_reductions).
+        self._flagged = [u for u in units[1:] if u.trainable_ids]
         forward_order, backward_order = forward_and_backward_orders(model, units)
         self._forward = Schedule(forward_order)  # Note [gather schedule]
         self._backward = Schedule(backward_order)
         self._training_forward = False  # the current forward began with grad enabled
-        # Note [gather schedule]: gathers get a process group of their own.
-        self.gather_group = _comm.companion_group(group)
+        # Note [gather channel]: gathers get a communicator of their own.
+        self.gather_group = _comm.gather_channel(group)
         self._unclaimed: dict[int, torch.Tensor] = {}  # reductions of units that did not run here
         for module in model.modules():
             owners = {id(self._unit_of[id(p)]): self._unit_of[id(p)]
@@ -114,7 +119,7 @@ class Stage3(Stage2):
         if torch.is_grad_enabled():
             for tensor in tree_flatten(output)[0]:
                 if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
-                    tensor.register_hook(functools.partial(self._pre_backward, unit))
+                    self._arm_pre_backward(tensor, unit)
         # Without resharding, a unit run under no_grad inside a training forward
         # (reentrant checkpointing) stays gathered for its recomputation in backward.
         if self.reshard_after_forward or not self._training_forward:
@@ -127,6 +132,24 @@ class Stage3(Stage2):
                     other.release()
 
     # -- backward -------------------------------------------------------------------
+
+    def _arm_pre_backward(self, tensor: torch.Tensor, unit: Unit) -> None:
+        """Call ``_pre_backward(unit)`` when ``tensor`` gets its gradient.
+
+        A tensor can be the output of nested units (a model returning its head's
+        output): the outer unit's forward ends last, so it is the earlier of them in
+        the backward schedule, and its hook must run first (tensor hooks run in the
+        order they were registered). One hook per tensor calls the units outermost first.
+        """
+        units = getattr(tensor, "_zeroshard_units", None)
+        if units is None:
+            tensor._zeroshard_units = units = []
+            tensor.register_hook(functools.partial(self._pre_backward_all, units))
+        units.insert(0, unit)
+
+    def _pre_backward_all(self, units: list[Unit], grad: torch.Tensor) -> None:
+        for unit in units:
+            self._pre_backward(unit, grad)
 
     def _pre_backward(self, unit: Unit, grad: torch.Tensor) -> None:
         self._on_backward_start(grad)
@@ -161,13 +184,16 @@ class Stage3(Stage2):
     def after_reductions(self) -> None:
         """Note [gather schedule]: units that ran on no rank get no gradient at all, as
         torch leaves .grad None for a parameter no rank used; the others get theirs."""
-        ran = torch.tensor([float(u.ran_since_backward) for u in self.units],
-                           device=self.buckets[0].flat.device if self.buckets else None)
+        if not self._flagged:
+            return
+        ran = torch.tensor([float(u.ran_since_backward) for u in self._flagged],
+                           device=self.buckets[0].flat.device)
         _comm.all_reduce(ran, group=self.group, stats=self.stats, label=self.label,
                          op=dist.ReduceOp.MAX)
+        ran_somewhere = {id(u) for u, flag in zip(self._flagged, ran.tolist()) if flag}
         for position, reduced in self._unclaimed.items():
             bucket = self.buckets[position]
-            if ran[self._index_of[id(self._unit_of[id(bucket.params[0])])]]:
+            if id(self._unit_of[id(bucket.params[0])]) in ran_somewhere:
                 bucket.set_grad_shard(self.as_gradient_shard(reduced))
         self._unclaimed.clear()
 
@@ -208,7 +234,7 @@ class Stage3(Stage2):
         unit.wait()
         if self.state is TrainingState.BACKWARD:  # walked only with resharding
             unit.release()
-            if self.require_sync and not unit.ran_since_backward:
+            if self.require_sync:
                 self._mark_skipped_ready(unit)
         elif self.reshard_after_forward or not self._training_forward:
             unit.release()
@@ -216,8 +242,10 @@ class Stage3(Stage2):
         # that every rank holds the same units gathered when the next pass begins
 
     def _mark_skipped_ready(self, unit: Unit) -> None:
-        """No gradient can reach a unit that did not run here: its parameters are ready
-        (with a zero gradient, or what no_sync left), so its buckets launch in order now."""
+        """The backward walk passed a unit whose outputs got no gradient here (it did not
+        run, or its outputs did not reach the loss): no gradient can reach its
+        parameters, so they are ready (with a zero gradient, or what no_sync left) and
+        its buckets launch in order now."""
         for bucket in unit.buckets:
             if not bucket.params[0].requires_grad:
                 continue

@@ -1,0 +1,64 @@
+"""Stage 3 with a unit that runs, or reaches the loss, on some ranks only.
+
+Every rank must issue the same gathers in the same order although its data runs
+other units (Note [gather schedule] in zeroshard/stage3.py). Each case trains at
+stage 3 and at stage 2 beside DDP (``find_unused_parameters``) and single-process
+training, and holds every invariant of tests/test_equivalence.py: equal
+parameters, ranks in agreement, exactly 3Ψ (2Ψ without resharding) of
+communication, memory, and the gathered-parameter peak. A rank left in another
+collective fails the case through the pool's timeout rather than hanging.
+"""
+
+import pytest
+import torch
+
+import cases
+from test_equivalence import (check_comm_per_step, check_matches_references, check_memory,
+                              check_ranks_agree, check_stage3_peak, tolerances)
+
+TRANSFORMER = {"kind": "transformer", "vocab": 13, "d": 8, "heads": 2, "layers": 2, "seq": 5,
+               "tied": True, "frozen": False, "checkpoint": None, "reuse": False}
+MLP = {"kind": "mlp", "d_in": 5, "hidden": 7, "d_out": 3, "depth": 2, "frozen": False,
+       "unused_branch": True, "branch_everywhere": False}
+LOOP = {"two_forwards": False, "eval_forward": False, "groups": False, "bucket_mb": 5e-4,
+        "scheduler": False, "accum": 1, "no_sync": False, "clip": None, "norm_type": 2.0,
+        "steps": 3, "batch": 2, "record_peak": True, "optimizer": "SGD",
+        "opt_kwargs": {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.01}}
+
+# (id, model, units, world size, loop options). In the transformer, odd ranks skip block 0
+# in odd steps; in the MLP, odd ranks skip the branch (or run it and drop its output).
+CASES = [
+    ("blocks", TRANSFORMER, "blocks", 3, {"skip_block": "odd_ranks"}),
+    ("nested-accum-nosync", TRANSFORMER, "nested", 4,
+     {"skip_block": "odd_ranks", "accum": 2, "no_sync": True, "clip": 0.05}),
+    ("linear-two-forwards", {**TRANSFORMER, "tied": False, "frozen": True}, "linear", 2,
+     {"skip_block": "odd_ranks", "two_forwards": True, "eval_forward": True}),
+    ("checkpointed", {**TRANSFORMER, "checkpoint": "nonreentrant"}, "blocks", 4,
+     {"skip_block": "odd_ranks", "accum": 2, "optimizer": "AdamW",
+      "opt_kwargs": {"lr": 1e-2, "weight_decay": 0.1}}),
+    ("branch-skipped", MLP, "linear", 3, {"accum": 2, "clip": 10.0}),
+    ("branch-output-unused", {**MLP, "branch_everywhere": True}, "linear", 3, {"groups": True}),
+]
+
+
+@pytest.mark.parametrize("reshard_after_forward", [True, False])
+@pytest.mark.parametrize("model, units, world_size, options",
+                         [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_unit_run_on_some_ranks_only(pool, model, units, world_size, options,
+                                     reshard_after_forward):
+    case = {**LOOP, **options, "model": dict(model), "stage": 3, "world_size": world_size,
+            "units": units, "reshard_after_forward": reshard_after_forward}
+    three = pool.run(cases.train_side_by_side, world_size, case)
+    check_matches_references(three, case)
+    check_ranks_agree(three, case)
+    check_comm_per_step(three, case)
+    check_memory(three, case)
+    check_stage3_peak(three, case)
+    for res in three:  # a forward under no_grad: the same outputs as DDP's
+        assert all(diff <= 1e-5 for diff in res["eval_diff"]), res["eval_diff"]
+    # Stage 2 on the same case: every parameter has a gradient from some rank, so both
+    # step the same parameters; they differ only in how gradients are bucketed.
+    two = pool.run(cases.train_side_by_side, world_size, {**case, "stage": 2})
+    for a, b in zip(three, two):
+        for step in range(case["steps"]):
+            torch.testing.assert_close(a["zero"][step], b["zero"][step], **tolerances(case))
