@@ -171,7 +171,9 @@ def train_mixed_precision(ctx, case):
     out["psi"] = sum(p.numel() for p in zero_model.parameters() if p.requires_grad)
     out["psi_all"] = sum(p.numel() for p in zero_model.parameters())
     out["n_buckets"] = len(zopt._buckets)
-    # stage 3 all-reduces a "ran" flag per unit other than the root that has gradients
+    # stage 3 all-reduces 4 positions per unit once (the recorded orders), and a "ran"
+    # flag per unit other than the root that has gradients after each synced backward
+    out["n_units"] = len(zopt._units) if case["stage"] == 3 else 0
     out["flagged_units"] = sum(any(p.requires_grad for b in u.buckets for p in b.params)
                                for u in zopt._units[1:]) if case["stage"] == 3 else 0
     out["n_all_buckets"] = len(zopt._stage.buckets) if case["stage"] != 3 else sum(

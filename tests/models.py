@@ -62,14 +62,15 @@ class TinyTransformer(nn.Module):
     """A GPT-like stack; with ``tied`` its input embedding is its output head.
 
     ``checkpoint``: None, "reentrant" or "nonreentrant" activation checkpointing of
-    each block; ``reuse``: block 0 runs twice per forward; ``skip_block``: set to
-    True to skip block 0 in a forward.
+    each block; ``reuse``: block 0 runs twice per forward; ``reverse``: the blocks
+    run last to first; ``skip_block``: set to True to skip block 0 in a forward.
     """
 
     def __init__(self, vocab: int, d: int, heads: int, layers: int, seq: int, tied: bool,
-                 frozen: bool, checkpoint: str | None = None, reuse: bool = False) -> None:
+                 frozen: bool, checkpoint: str | None = None, reuse: bool = False,
+                 reverse: bool = False) -> None:
         super().__init__()
-        self.checkpoint, self.reuse, self.skip_block = checkpoint, reuse, False
+        self.checkpoint, self.reuse, self.reverse, self.skip_block = checkpoint, reuse, reverse, False
         self.emb = nn.Embedding(vocab, d)
         self.pos = nn.Parameter(0.02 * torch.randn(seq, d))
         self.blocks = nn.ModuleList(Block(d, heads) for _ in range(layers))
@@ -83,7 +84,7 @@ class TinyTransformer(nn.Module):
 
     def forward(self, idx):
         x = self.emb(idx) + self.pos[: idx.shape[1]]
-        blocks = list(self.blocks)
+        blocks = list(self.blocks)[::-1] if self.reverse else list(self.blocks)
         if self.reuse:
             blocks.insert(0, blocks[0])
         if self.skip_block:
@@ -104,7 +105,7 @@ def build_model(spec: dict, seed: int) -> nn.Module:
                    spec["unused_branch"], spec.get("branch_everywhere", False))
     return TinyTransformer(spec["vocab"], spec["d"], spec["heads"], spec["layers"], spec["seq"],
                            spec["tied"], spec["frozen"], spec.get("checkpoint"),
-                           spec.get("reuse", False))
+                           spec.get("reuse", False), spec.get("reverse", False))
 
 
 def make_batch(spec: dict, seed: int, rank: int, batch: int):

@@ -66,12 +66,13 @@ def gathers_per_step(case) -> int | None:
     return case["accum"] * (forwards + backward) + (1 if case["eval_forward"] else 0)
 
 
-def check_comm_per_step(results, case):
+def check_comm_per_step(results, case, first_step: int = 0):
     """Per step: reduce-scatter Ψ per synced backward plus all-gather Ψ each time the
     parameters are gathered: 2Ψ for stages 1-2; 3Ψ for stage 3 (2Ψ without resharding
     after forward). fp32 bytes, with at most N-1 elements of padding per bucket.
-    All-reduce: the clip norm, and at stage 3 a 4-byte flag per unit (but the root) per
-    synced backward."""
+    All-reduce: the clip norm; at stage 3 also a 4-byte flag per unit (but the root) per
+    synced backward, and in the first step 4 positions per unit (Note [gather schedule]).
+    Steps before ``first_step`` are not checked."""
     n, res = case["world_size"], results[0]
     psi, padding = res["psi"], res["n_buckets"] * (n - 1)
     # stage 3 gathers frozen parameters too; stages 1-2 gather only what the optimizer updates
@@ -84,7 +85,7 @@ def check_comm_per_step(results, case):
     # Note [late gradients]: nested backwards of reentrant checkpointing may reduce again
     model = case["model"]
     late = model.get("checkpoint") == "reentrant" and (model.get("reuse") or case.get("two_forwards"))
-    for step, comm in enumerate(res["comm"]):
+    for step, comm in enumerate(res["comm"][first_step:], start=first_step):
         rs = comm["reduce_scatter"]
         skipped = case.get("skip_block") == "everywhere" and step % 2 == 1  # ran nowhere: not reduced
         assert skipped or synced_backwards * FP32 * psi <= rs, comm
@@ -96,6 +97,7 @@ def check_comm_per_step(results, case):
         if case["stage"] != 3 and not late:  # the same buckets both ways
             assert comm["reduce_scatter"] == synced_backwards * comm["all_gather"], (step, comm)
         flags = synced_backwards * FP32 * res["flagged_units"]  # Note [gather schedule]
+        flags += 4 * FP32 * res["n_units"] if step == 0 else 0  # the recorded orders, once
         assert comm["all_reduce"] == flags + (FP32 if case["clip"] is not None else 0), comm
         assert comm["broadcast"] == 0, comm
 

@@ -67,3 +67,20 @@ def test_unit_run_on_some_ranks_only(pool, model, units, world_size, options,
     for a, b in zip(three, two):
         for step in range(case["steps"]):
             torch.testing.assert_close(a["zero"][step], b["zero"][step], **tolerances(case))
+
+
+@pytest.mark.parametrize("skip_block", [None, "odd_ranks"])
+def test_units_called_out_of_registration_order(pool, skip_block):
+    """Blocks called last to first: the first step walks the module tree's order and
+    gathers the blocks it enters out of that order twice; every later step walks the
+    order recorded on the first one (Note [gather schedule]) and gathers each unit
+    exactly once per pass: 3Ψ."""
+    case = {**LOOP, "model": {**TRANSFORMER, "layers": 3, "reverse": True}, "stage": 3,
+            "world_size": 3, "units": "blocks", "reshard_after_forward": True,
+            "skip_block": skip_block, "steps": 4}
+    results = pool.run(cases.train_side_by_side, 3, case)
+    check_matches_references(results, case)
+    check_ranks_agree(results, case)
+    comm = results[0]["comm"]
+    assert comm[0]["all_gather"] > comm[1]["all_gather"], comm
+    check_comm_per_step(results, case, first_step=1)

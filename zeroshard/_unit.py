@@ -185,34 +185,55 @@ class Schedule:
     the caller gathers and releases those anyway, so every rank issues one gather
     per unit per pass in this order, whichever units its data ran (Note [gather
     schedule] in stage3.py). A unit entered again after the cursor has passed it
-    (a unit run twice) is not part of the walk.
+    (a unit run twice) is not part of the walk. Until ``stop_recording()`` the
+    schedule also records the order in which units are first entered.
     """
 
     def __init__(self, units: list[Unit]) -> None:
+        self.entered: list[Unit] | None = []  # first entries, while recording
+        self._reorder(units)
+        self.restart()
+
+    def _reorder(self, units: list[Unit]) -> None:
         self.units = units
         self._position = {id(u): i for i, u in enumerate(units)}
-        self.cursor = 0  # units before it have been walked in this pass
 
     def restart(self) -> None:
         self.cursor = 0
+        self._passed_over: set[int] = set()
 
     def walk_to(self, unit: Unit) -> list[Unit] | None:
         """Move past ``unit``; return the units passed over before it, or None if the
         walk had already passed ``unit`` in this pass."""
+        if self.entered is not None and unit not in self.entered:
+            self.entered.append(unit)
         position = self._position[id(unit)]
         if position < self.cursor:
             return None
         passed = self.units[self.cursor:position]
+        self._passed_over.update(id(u) for u in passed)
         self.cursor = position + 1
         return passed
 
+    def was_passed_over(self, unit: Unit) -> bool:
+        """Whether this pass walked past ``unit`` without entering it (it runs out of order)."""
+        return id(unit) in self._passed_over
+
     def walk_to_end(self) -> list[Unit]:
         passed = self.units[self.cursor:]
+        self._passed_over.update(id(u) for u in passed)
         self.cursor = len(self.units)
         return passed
 
     def next_unit(self) -> Unit | None:
         return self.units[self.cursor] if self.cursor < len(self.units) else None
+
+    def stop_recording(self, adopt: bool) -> None:
+        """With ``adopt``, walk from now on in the recorded order (units never entered
+        keep their relative order, after it)."""
+        if adopt:
+            self._reorder(self.entered + [u for u in self.units if u not in self.entered])
+        self.entered = None
 
 
 def forward_and_backward_orders(model: nn.Module, units: list[Unit]) -> tuple[list[Unit], list[Unit]]:

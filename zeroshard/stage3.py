@@ -11,24 +11,32 @@ shards in one fixed bucket order, full gradients freed as their bucket is reduce
 Note [gather schedule]:
     Every rank must issue the same all-gathers in the same order, even when its data
     runs other units than another rank's (a branch taken on some ranks only). So
-    gathers follow a fixed schedule, not the units a rank happens to run: in each
-    forward, the units in the order forward enters them (``Schedule``, the module
-    tree's pre-order); in each backward (with ``reshard_after_forward``), the order
-    backward reaches them (reverse post-order). Entering a unit walks the schedule
-    up to it, and the units walked past, which this rank skipped, are gathered and
-    released at once; the end of the pass walks the rest. So every rank gathers
-    every unit once per pass, at the same point of the schedule. A unit run twice
-    in one pass is gathered again on its second run (every rank must then run it
-    twice). Units must run in their registration order, or the units before them
-    are gathered for nothing (correct, but more communication).
+    gathers follow a fixed schedule, not the units a rank happens to run: one order
+    of units for forward passes and one for backward passes (with
+    ``reshard_after_forward``). Entering a unit walks the schedule up to it, and
+    the units walked past, which this rank skipped, are gathered and released at
+    once; the end of the pass walks the rest. So every rank gathers every unit once
+    per pass, at the same point of the schedule, and the next unit of the schedule
+    is prefetched while the current one computes.
+
+    The first step walks the module tree's order: pre-order for forward (a unit
+    before the units inside it, siblings in registration order) and reverse
+    post-order for backward. Meanwhile each rank records the order in which it
+    enters the units; at the end of the first backward the ranks compare their
+    records (one all-reduce), and if all recorded the same order, later steps walk
+    that one, so a model that calls its units in another order than it registers
+    them still gathers each unit once. A unit entered after the walk passed it
+    (out of order) is gathered a second time, with a warning; every rank must then
+    do the same. A unit run twice in one pass is gathered again on its second run
+    (every rank must run it twice).
 
     In backward, a unit the walk passes over got no gradient on this rank (it did not
     run here, or its outputs did not reach this rank's loss), and none can come: its
     parameters count as ready with a zero gradient when the walk passes it, so its
     reduce-scatters go out then, not at the end of backward, while other ranks may be
-    waiting for them. So backward must reach units in the schedule's order (the
-    reverse of forward's); a unit whose gradient arrives after the walk passed it
-    would be reduced twice. The gathers run on a communicator of their own (Note
+    waiting for them. So backward must reach units in the schedule's order; a unit
+    whose gradient arrives after the walk passed it is reduced a second time (Note
+    [late gradients]). The gathers run on a communicator of their own (Note
     [gather channel] in _comm.py): a rank's backward interleaves gathers and
     reduce-scatters in an order that depends on what it ran.
 
@@ -50,6 +58,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -80,6 +89,8 @@ class Stage3(Stage2):
         self._forward = Schedule(forward_order)  # Note [gather schedule]
         self._backward = Schedule(backward_order)
         self._training_forward = False  # the current forward began with grad enabled
+        self._order_warned = False
+        self.device = next((b.flat.device for u in units for b in u.buckets), torch.device("cpu"))
         # Note [gather channel]: gathers get a communicator of their own.
         self.gather_group = _comm.gather_channel(group)
         self._unclaimed: dict[int, torch.Tensor] = {}  # reductions of units that did not run here
@@ -186,8 +197,7 @@ class Stage3(Stage2):
         torch leaves .grad None for a parameter no rank used; the others get theirs."""
         if not self._flagged:
             return
-        ran = torch.tensor([float(u.ran_since_backward) for u in self._flagged],
-                           device=self.buckets[0].flat.device)
+        ran = torch.tensor([float(u.ran_since_backward) for u in self._flagged], device=self.device)
         _comm.all_reduce(ran, group=self.group, stats=self.stats, label=self.label,
                          op=dist.ReduceOp.MAX)
         ran_somewhere = {id(u) for u, flag in zip(self._flagged, ran.tolist()) if flag}
@@ -203,6 +213,8 @@ class Stage3(Stage2):
                 self._pass_over(skipped)
         synced = self.require_sync
         super()._on_backward_end()
+        if self._forward.entered is not None:  # the first backward: every rank ends it here
+            self._adopt_recorded_orders()
         self._backward.restart()
         for unit in self.units:
             unit.release()
@@ -210,6 +222,25 @@ class Stage3(Stage2):
             unit.backward_armed = False
             if synced:
                 unit.ran_since_backward = False
+
+    def _adopt_recorded_orders(self) -> None:
+        """Note [gather schedule]: walk later steps in the order the first step entered
+        the units, where every rank recorded the same order; else keep the module tree's.
+
+        One all-reduce (MAX) of each unit's first-entry position in forward and in
+        backward (-1: not entered) and of their negations: the orders agree exactly
+        when the maximum equals the minimum everywhere."""
+        positions = torch.full((4, len(self.units)), -1.0, device=self.device)
+        index = {id(u): i for i, u in enumerate(self.units)}
+        for row, schedule in enumerate((self._forward, self._backward)):
+            for position, unit in enumerate(schedule.entered):
+                positions[row, index[id(unit)]] = position
+        positions[2:] = -positions[:2]
+        _comm.all_reduce(positions, group=self.group, stats=self.stats, label=self.label,
+                         op=dist.ReduceOp.MAX)
+        agreed = torch.equal(positions[:2], -positions[2:])
+        self._forward.stop_recording(adopt=agreed)
+        self._backward.stop_recording(adopt=agreed)
 
     # -- gather, walk the schedule ----------------------------------------------------
 
@@ -220,6 +251,11 @@ class Stage3(Stage2):
     def _walk(self, schedule: Schedule, unit: Unit) -> None:
         """Note [gather schedule]: walk to ``unit``, gather it, prefetch the next one."""
         passed = schedule.walk_to(unit)
+        if passed is None and schedule.was_passed_over(unit) and not self._order_warned:
+            self._order_warned = True
+            warnings.warn(f"zeroshard stage 3: unit {unit.name} ran after units that follow it in "
+                          "the gather schedule, so it is gathered twice in this pass; every rank "
+                          "must do the same (Note [gather schedule] in zeroshard/stage3.py)")
         for skipped in passed or []:
             self._pass_over(skipped)
         self._gather_now(unit)
