@@ -43,8 +43,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
     after it (``reshard_after_forward=True``, else kept until backward is done
     with them). Between forward passes parameters hold no storage: read or write
     them, or call ``model.state_dict()``, inside ``opt.summon_full_params()``.
-    Every rank must run the same units in the same order (see Note [stage 3
-    contract] in stage3.py).
+    A unit may run, or reach the loss, on some ranks only; units should run in
+    one order on every rank (Note [gather schedule] in stage3.py).
 
     ``mixed_precision=zeroshard.MixedPrecision(...)`` casts the parameters to its
     ``param_dtype`` and keeps fp32 master weights of this rank's shard only; the
