@@ -120,7 +120,7 @@ def check_comm(results, case):
     in the parameter dtype per gather (stage 3: 2 per micro-batch, over all parameters),
     plus at most N-1 elements of padding per bucket; all-reduce: the clip norm, one
     4-byte non-finite flag per synced fp16 backward, and at stage 3 one 4-byte flag per
-    unit but the root per synced backward."""
+    unit but the root per synced backward plus, in the first step, 4 positions per unit."""
     n, res = case["world_size"], results[0]
     param_dtype, reduce_dtype = cases_mp.PRECISIONS[case["precision"]]
     reduce_bytes = (reduce_dtype or param_dtype).itemsize

@@ -1,8 +1,9 @@
 """The only module that calls torch.distributed collectives.
 
-Every function here is stateless: it takes the tensors, the process group, the
-``CommStats`` to count into and a label, runs one collective, and returns the
-async work handle (or None when blocking). Each call is counted and wrapped in a
+Every collective function here is stateless: it takes the tensors, the process
+group (or stage 3's ``GatherChannel``, the one thing this module keeps, one per
+group), the ``CommStats`` to count into and a label, runs one collective, and
+returns the async work handle (or None when blocking). Each call is counted and wrapped in a
 ``torch.profiler.record_function`` named ``zeroshard::<label>::<collective>`` so a
 profiler trace shows which stage issued it.
 
@@ -57,7 +58,10 @@ def all_gather(output, input, *, group, stats: CommStats, label: str, async_op=F
     with record_function(f"zeroshard::{label}::all_gather"):
         if isinstance(group, GatherChannel):
             work = group.all_gather(output, input)
-            return work if async_op else work.wait() and None
+            if async_op:
+                return work
+            work.wait()
+            return None
         return _all_gather_flat(output, input, group=group, async_op=async_op)
 
 

@@ -177,7 +177,6 @@ def build_units(model: nn.Module, unit_modules: list[nn.Module], group_of: dict[
     return units
 
 
-
 class Schedule:
     """A fixed order of units that every rank walks once per forward (or backward) pass.
 
@@ -246,7 +245,7 @@ def forward_and_backward_orders(model: nn.Module, units: list[Unit]) -> tuple[li
     pre, post = [], []
 
     def visit(module: nn.Module) -> None:
-        unit = unit_of_module.get(id(module))
+        unit = unit_of_module.pop(id(module), None)  # a module registered twice: once
         if unit is not None:
             pre.append(unit)
         for child in module.children():
