@@ -178,11 +178,13 @@ def train_side_by_side(ctx, case):
     out["psi_all"] = sum(p.numel() for p in zero_model.parameters())
     out["largest_param_bytes"] = max(p.numel() * 4 for p in trainable)
     out["n_buckets"] = len(zopt._buckets)
-    # stage 3 all-reduces 4 positions per unit once (the recorded orders), and a "ran"
-    # flag per unit other than the root that has gradients after each synced backward
+    # stage 3 all-reduces 4 positions per unit once (the recorded orders), and after each
+    # synced backward a flag per unit other than the root that has gradients ("ran") and
+    # per bucket with gradients ("late")
     out["n_units"] = len(zopt._units) if case["stage"] == 3 else 0
-    out["flagged_units"] = sum(any(p.requires_grad for b in u.buckets for p in b.params)
-                               for u in zopt._units[1:]) if case["stage"] == 3 else 0
+    out["flags_per_backward"] = sum(
+        any(p.requires_grad for b in u.buckets for p in b.params) for u in zopt._units[1:]) + sum(
+        b.params[0].requires_grad for u in zopt._units for b in u.buckets) if case["stage"] == 3 else 0
     out["n_all_buckets"] = len(zopt._stage.buckets) if case["stage"] != 3 else sum(
         len(u.buckets) for u in zopt._units)
     out["final_mem"] = zopt.memory_report()

@@ -70,9 +70,12 @@ def check_comm_per_step(results, case, first_step: int = 0):
     """Per step: reduce-scatter Ψ per synced backward plus all-gather Ψ each time the
     parameters are gathered: 2Ψ for stages 1-2; 3Ψ for stage 3 (2Ψ without resharding
     after forward). fp32 bytes, with at most N-1 elements of padding per bucket.
-    All-reduce: the clip norm; at stage 3 also a 4-byte flag per unit (but the root) per
-    synced backward, and in the first step 4 positions per unit (Note [gather schedule]).
-    Steps before ``first_step`` are not checked."""
+    All-reduce: the clip norm; at stage 3 also a 4-byte flag per unit (but the root) and
+    per bucket per synced backward, and in the first step 4 positions per unit.
+
+    Stage 3's first step walks the module tree's order (Note [gather schedule]), so a
+    unit called out of it is gathered, and may be reduced, twice: that step is held
+    to the lower bounds only. Steps before ``first_step`` are not checked."""
     n, res = case["world_size"], results[0]
     psi, padding = res["psi"], res["n_buckets"] * (n - 1)
     # stage 3 gathers frozen parameters too; stages 1-2 gather only what the optimizer updates
@@ -89,14 +92,17 @@ def check_comm_per_step(results, case, first_step: int = 0):
         rs = comm["reduce_scatter"]
         skipped = case.get("skip_block") == "everywhere" and step % 2 == 1  # ran nowhere: not reduced
         assert skipped or synced_backwards * FP32 * psi <= rs, comm
-        if not late:
+        walking_tree_order = case["stage"] == 3 and step == 0
+        if not late and not walking_tree_order:
             assert rs <= synced_backwards * FP32 * (psi + padding), comm
         if gathers is not None:
             ag = comm["all_gather"]
-            assert gathers * FP32 * psi_all <= ag <= gathers * FP32 * (psi_all + padding_all), comm
+            assert gathers * FP32 * psi_all <= ag, comm
+            if not walking_tree_order:
+                assert ag <= gathers * FP32 * (psi_all + padding_all), comm
         if case["stage"] != 3 and not late:  # the same buckets both ways
             assert comm["reduce_scatter"] == synced_backwards * comm["all_gather"], (step, comm)
-        flags = synced_backwards * FP32 * res["flagged_units"]  # Note [gather schedule]
+        flags = synced_backwards * FP32 * res["flags_per_backward"]  # Note [gather schedule]
         flags += 4 * FP32 * res["n_units"] if step == 0 else 0  # the recorded orders, once
         assert comm["all_reduce"] == flags + (FP32 if case["clip"] is not None else 0), comm
         assert comm["broadcast"] == 0, comm

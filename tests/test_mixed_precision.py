@@ -120,7 +120,8 @@ def check_comm(results, case):
     in the parameter dtype per gather (stage 3: 2 per micro-batch, over all parameters),
     plus at most N-1 elements of padding per bucket; all-reduce: the clip norm, one
     4-byte non-finite flag per synced fp16 backward, and at stage 3 one 4-byte flag per
-    unit but the root per synced backward plus, in the first step, 4 positions per unit."""
+    unit but the root and per bucket per synced backward plus, in the first step, 4
+    positions per unit."""
     n, res = case["world_size"], results[0]
     param_dtype, reduce_dtype = cases_mp.PRECISIONS[case["precision"]]
     reduce_bytes = (reduce_dtype or param_dtype).itemsize
@@ -136,7 +137,7 @@ def check_comm(results, case):
         assert (step_gathers * PARAM_BYTES * gathered <= comm["all_gather"]
                 <= step_gathers * PARAM_BYTES * (gathered + gathered_pad)), comm
         flags = 4 * synced if param_dtype == torch.float16 else 0
-        flags += 4 * synced * res["flagged_units"]  # stage 3: units that ran (or not)
+        flags += 4 * synced * res["flags_per_backward"]  # stage 3: units that ran, late buckets
         flags += 16 * res["n_units"] if step == 0 else 0  # stage 3: the recorded orders, once
         assert comm["all_reduce"] == flags + (4 if case["clip"] is not None else 0), comm
 

@@ -29,9 +29,11 @@ Note [late gradients]:
     forwards before one backward) gets gradient twice in one backward, the second
     time after its bucket was reduced. Such a bucket is reduced once more at the
     end of backward: stage 1 reduces its whole buffer again (it holds the total),
-    stages 2 and 3 reduce the late part and add it to the shard. Which buckets are
-    late follows from the model's structure, so every rank issues the same extra
-    reduce-scatters.
+    stages 2 and 3 reduce the late part and add it to the shard. At stages 1 and 2
+    which buckets are late follows from the model's structure, so every rank issues
+    the same extra reduce-scatters; stage 3's backward walk can make a bucket late
+    on some ranks only, so there the ranks agree on the set first
+    (``late_positions``).
 
 Note [non-finite gradients]:
     With fp16 compute (``MixedPrecision(param_dtype=torch.float16)``, or a forward
@@ -119,6 +121,10 @@ class ShardedStage:
     def zero_grad(self) -> None:
         raise NotImplementedError
 
+    def late_positions(self) -> list[int]:
+        """The buckets to reduce once more at the end of a synced backward, in order."""
+        return sorted(self._late)
+
     def after_reductions(self) -> None:
         """Every reduce-scatter of a synced backward has completed (a hook for stage 3)."""
 
@@ -174,7 +180,7 @@ class ShardedStage:
                         bucket.ready.add(index)
                 self._launch_next()
             self.wait_in_flight()
-            for position in sorted(self._late):  # Note [late gradients]
+            for position in self.late_positions():  # Note [late gradients]
                 bucket = self.buckets[position]
                 self._in_flight.append((bucket, *self.launch(bucket)))
                 self.wait_in_flight()

@@ -43,7 +43,8 @@ Note [gather schedule]:
     Which units ran on no rank at all (their gradient is absent, not zero, and the
     optimizer skips them as torch skips a parameter whose gradient is None) is no
     longer something a rank can know alone: after each synced backward the ranks
-    all-reduce one 4-byte flag per unit other than the root (``after_reductions``).
+    all-reduce one 4-byte flag per unit other than the root, and one per bucket
+    for the late ones (``late_positions``).
     A parameter must be used
     inside the forward of a module that holds it (in ``_parameters``), or of one of
     that module's ancestor units.
@@ -83,8 +84,9 @@ class Stage3(Stage2):
         self.reshard_after_forward = reshard_after_forward
         self._unit_of = {id(p): u for u in units for b in u.buckets for p in b.params}
         # Units some rank may skip (the root always runs) that have gradients to reduce:
-        # one "ran" flag each is all-reduced after a synced backward (after_reductions).
+        # one "ran" flag each is all-reduced after a synced backward (late_positions).
         self._flagged = [u for u in units[1:] if u.trainable_ids]
+        self._ran_somewhere: set[int] = set()
         forward_order, backward_order = forward_and_backward_orders(model, units)
         self._forward = Schedule(forward_order)  # Note [gather schedule]
         self._backward = Schedule(backward_order)
@@ -188,22 +190,33 @@ class Stage3(Stage2):
         position = self._position[id(bucket)]
         if bucket.grad_shard is None and not self._unit_of[id(bucket.params[0])].ran_since_backward:
             del self.buffers_in_flight[position]
-            self._unclaimed[position] = reduced
+            held = self._unclaimed.get(position)  # reduced again (Note [late gradients])
+            self._unclaimed[position] = reduced if held is None else held.add_(reduced)
             return
         super().finalize(bucket, reduced)
+
+    def late_positions(self) -> list[int]:
+        """Note [gather schedule]: the ranks compare notes in one all-reduce (MAX) of a
+        flag per unit but the root (it ran here) and per bucket (it got gradient after
+        the walk passed its unit, Note [late gradients]). Every rank reduces again the
+        buckets late on any rank."""
+        flags = torch.zeros(len(self._flagged) + len(self.buckets), device=self.device)
+        for i, unit in enumerate(self._flagged):
+            flags[i] = float(unit.ran_since_backward)
+        for position in self._late:
+            flags[len(self._flagged) + position] = 1.0
+        _comm.all_reduce(flags, group=self.group, stats=self.stats, label=self.label,
+                         op=dist.ReduceOp.MAX)
+        flags = flags.tolist()
+        self._ran_somewhere = {id(u) for u, flag in zip(self._flagged, flags) if flag}
+        return [p for p, late in enumerate(flags[len(self._flagged):]) if late]
 
     def after_reductions(self) -> None:
         """Note [gather schedule]: units that ran on no rank get no gradient at all, as
         torch leaves .grad None for a parameter no rank used; the others get theirs."""
-        if not self._flagged:
-            return
-        ran = torch.tensor([float(u.ran_since_backward) for u in self._flagged], device=self.device)
-        _comm.all_reduce(ran, group=self.group, stats=self.stats, label=self.label,
-                         op=dist.ReduceOp.MAX)
-        ran_somewhere = {id(u) for u, flag in zip(self._flagged, ran.tolist()) if flag}
         for position, reduced in self._unclaimed.items():
             bucket = self.buckets[position]
-            if id(self._unit_of[id(bucket.params[0])]) in ran_somewhere:
+            if id(self._unit_of[id(bucket.params[0])]) in self._ran_somewhere:
                 bucket.set_grad_shard(self.as_gradient_shard(reduced))
         self._unclaimed.clear()
 
@@ -251,7 +264,8 @@ class Stage3(Stage2):
     def _walk(self, schedule: Schedule, unit: Unit) -> None:
         """Note [gather schedule]: walk to ``unit``, gather it, prefetch the next one."""
         passed = schedule.walk_to(unit)
-        if passed is None and schedule.was_passed_over(unit) and not self._order_warned:
+        if (passed is None and schedule.was_passed_over(unit) and schedule.entered is None
+                and not self._order_warned):  # out of the order all ranks recorded
             self._order_warned = True
             warnings.warn(f"zeroshard stage 3: unit {unit.name} ran after units that follow it in "
                           "the gather schedule, so it is gathered twice in this pass; every rank "
