@@ -112,6 +112,7 @@ def load_bad_checkpoint(ctx, cfg, folder: str, which: str) -> dict:
         groups = [{"params": [p for n, p in model.named_parameters() if n.endswith("weight")]},
                   {"params": [p for n, p in model.named_parameters() if not n.endswith("weight")]}]
         opt_class, kwargs = OPTIMIZERS[cfg["optimizer"]]
+        opt.close()  # one ZeroOptimizer per model at a time
         opt = zeroshard.ZeroOptimizer(model, opt_class, stage=cfg["load"]["stage"],
                                       process_group=ctx.group, param_groups=groups, **kwargs)
     train(ctx, cfg, model, opt, 0, 1)

@@ -1,9 +1,10 @@
 """The only module that calls torch.distributed collectives.
 
-Every collective function here is stateless: it takes the tensors, the process
-group (or stage 3's ``GatherChannel``, the one thing this module keeps, one per
-group), the ``CommStats`` to count into and a label, runs one collective, and
-returns the async work handle (or None when blocking). Each call is counted and wrapped in a
+Every collective function here takes the tensors, the process group (or stage 3's
+``GatherChannel``, kept here one per group), the ``CommStats`` to count into and a
+label, runs one collective, and returns the async work handle (or None when
+blocking). Every wait goes through ``wait``/``wait_all``, which keep the works of
+the latest wait referenced (Note [finished work]). Each call is counted and wrapped in a
 ``torch.profiler.record_function`` named ``zeroshard::<label>::<collective>`` so a
 profiler trace shows which stage issued it.
 
@@ -58,11 +59,9 @@ def all_gather(output, input, *, group, stats: CommStats, label: str, async_op=F
     with record_function(f"zeroshard::{label}::all_gather"):
         if isinstance(group, GatherChannel):
             work = group.all_gather(output, input)
-            if async_op:
-                return work
-            work.wait()
-            return None
-        return _all_gather_flat(output, input, group=group, async_op=async_op)
+        else:
+            work = _all_gather_flat(output, input, group=group, async_op=True)
+    return _finish(work, async_op)
 
 
 def reduce_scatter(output, input, *, group, stats: CommStats, label: str,
@@ -70,14 +69,16 @@ def reduce_scatter(output, input, *, group, stats: CommStats, label: str,
     """Reduce ``input`` (1-D, N shards) over ranks; this rank's shard lands in ``output``."""
     stats.record("reduce_scatter", input)
     with record_function(f"zeroshard::{label}::reduce_scatter"):
-        return _reduce_scatter_flat(output, input, op=op, group=group, async_op=async_op)
+        work = _reduce_scatter_flat(output, input, op=op, group=group, async_op=True)
+    return _finish(work, async_op)
 
 
 def all_reduce(tensor, *, group, stats: CommStats, label: str, op=dist.ReduceOp.SUM,
                async_op=False):
     stats.record("all_reduce", tensor)
     with record_function(f"zeroshard::{label}::all_reduce"):
-        return dist.all_reduce(tensor, op=op, group=group, async_op=async_op)
+        work = dist.all_reduce(tensor, op=op, group=group, async_op=True)
+    return _finish(work, async_op)
 
 
 def broadcast(tensor, *, group, stats: CommStats, label: str, group_src: int = 0,
@@ -86,7 +87,16 @@ def broadcast(tensor, *, group, stats: CommStats, label: str, group_src: int = 0
     stats.record("broadcast", tensor)
     src = dist.get_global_rank(group, group_src)
     with record_function(f"zeroshard::{label}::broadcast"):
-        return dist.broadcast(tensor, src=src, group=group, async_op=async_op)
+        work = dist.broadcast(tensor, src=src, group=group, async_op=True)
+    return _finish(work, async_op)
+
+
+def _finish(work, async_op: bool):
+    """Hand back an async call's work; wait here for a blocking one (Note [finished work])."""
+    if async_op:
+        return work
+    wait(work)
+    return None
 
 
 class GatherChannel:
@@ -150,7 +160,31 @@ def _timeout_of(group, device: str):
         return dist.default_pg_timeout
 
 
+# Note [finished work]:
+#     A gloo work handle holds the tensors of its collective, and so does the worker
+#     thread that ran it, until just after the work completes. Whichever of the two
+#     drops the handle last destroys it, and destroying a tensor that has a Python
+#     object (every tensor passed from Python) takes the GIL. If that is the worker
+#     thread while the interpreter is finalizing (a script whose last collective
+#     was a few milliseconds before exit), taking the GIL ends the thread inside a
+#     noexcept destructor and the process aborts ("terminate called without an
+#     active exception"), after training finished correctly. So the works of the
+#     latest wait stay referenced here until the next wait: the worker thread has
+#     long let go of them by then, and the last reference is always dropped by a
+#     Python thread holding the GIL (at the latest during interpreter teardown).
+#     Only the latest wait's works are kept, so what they hold is freed one wait
+#     later than the caller drops it.
+_finished: list = []
+
+
+def wait(work) -> None:
+    """Wait for one work handle (None: a blocking call that already finished)."""
+    wait_all([work])
+
+
 def wait_all(works) -> None:
+    works = [work for work in works if work is not None]
     for work in works:
-        if work is not None:
-            work.wait()
+        work.wait()
+    if works:
+        _finished[:] = works  # Note [finished work]

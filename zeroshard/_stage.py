@@ -35,6 +35,15 @@ Note [late gradients]:
     on some ranks only, so there the ranks agree on the set first
     (``late_positions``).
 
+Note [no reference cycles]:
+    Hooks live on the model and its parameters, and a stage refers to the model, so
+    a hook holding its stage strongly would make a reference cycle (model -> hook ->
+    stage -> model) that only the garbage collector frees: often during interpreter
+    teardown, after ``destroy_process_group()``, with the process group and buffers
+    still alive. So every hook reaches its stage through a weak reference
+    (``weak_hook``): when the last ``ZeroOptimizer`` reference goes, the stage and
+    everything it holds are freed at once, and its hooks are removed with it.
+
 Note [non-finite gradients]:
     With fp16 compute (``MixedPrecision(param_dtype=torch.float16)``, or a forward
     under fp16 autocast) gradients can overflow, and loss scaling skips the step
@@ -51,6 +60,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -62,6 +72,23 @@ from torch.utils._pytree import tree_flatten
 from . import _comm
 from ._bucket import FlatBucket
 from .mixed_precision import MASTER_DTYPE, MixedPrecision, fp16_compute
+
+
+def weak_hook(method, *leading):
+    """A hook calling ``method(*leading, *hook_args)``, holding ``method``'s object weakly
+    (Note [no reference cycles]); once that object is gone the hook does nothing."""
+    target = weakref.WeakMethod(method)
+
+    def hook(*args, **kwargs):
+        bound = target()
+        return None if bound is None else bound(*leading, *args, **kwargs)
+    return hook
+
+
+def _remove_handles(handles: list) -> None:
+    for handle in handles:
+        handle.remove()
+    handles.clear()
 
 
 class TrainingState(enum.Enum):
@@ -94,11 +121,13 @@ class ShardedStage:
         self._in_flight: list[tuple[FlatBucket, object, torch.Tensor]] = []
         self._position = {id(bucket): i for i, bucket in enumerate(self.buckets)}
         self._late: set[int] = set()  # positions of buckets that got gradient after launching
-        self._handles = [model.register_forward_hook(self._arm_backward_end)]
+        self._handles = [model.register_forward_hook(weak_hook(self._arm_backward_end))]
         for bucket in self.buckets:
             for index, param in enumerate(bucket.params):
                 self._handles.append(param.register_post_accumulate_grad_hook(
-                    self._make_grad_hook(bucket, index)))
+                    weak_hook(self._on_gradient, bucket, index)))
+        # Note [no reference cycles]: a stage that goes away takes its hooks with it.
+        weakref.finalize(self, _remove_handles, self._handles).atexit = False
 
     # -- what a stage decides ---------------------------------------------------------
 
@@ -139,20 +168,18 @@ class ShardedStage:
             self._check_non_finite = True
         for tensor in tree_flatten(output)[0]:
             if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
-                tensor.register_hook(self._on_backward_start)
+                tensor.register_hook(weak_hook(self._on_backward_start))
 
     def _on_backward_start(self, grad: torch.Tensor) -> None:
         if self.state is TrainingState.IDLE:
             self.state = TrainingState.BACKWARD
             Variable._execution_engine.queue_callback(self._on_backward_end)
 
-    def _make_grad_hook(self, bucket: FlatBucket, index: int):
-        def hook(param: nn.Parameter) -> None:
-            self._on_backward_start(param.grad)
-            self.collect(bucket, index)
-            if self.require_sync:
-                self._mark_ready(bucket, index)
-        return hook
+    def _on_gradient(self, bucket: FlatBucket, index: int, param: nn.Parameter) -> None:
+        self._on_backward_start(param.grad)
+        self.collect(bucket, index)
+        if self.require_sync:
+            self._mark_ready(bucket, index)
 
     def _mark_ready(self, bucket: FlatBucket, index: int) -> None:
         if self._position[id(bucket)] < self._next_launch:
@@ -195,7 +222,16 @@ class ShardedStage:
         self.state = TrainingState.IDLE
 
     def _spread_non_finite(self) -> None:
-        """Note [non-finite gradients]: one rank's inf or NaN makes every rank's shards NaN."""
+        """Note [no reference cycles]:
+    Hooks live on the model and its parameters, and a stage refers to the model, so
+    a hook holding its stage strongly would make a reference cycle (model -> hook ->
+    stage -> model) that only the garbage collector frees: often during interpreter
+    teardown, after ``destroy_process_group()``, with the process group and buffers
+    still alive. So every hook reaches its stage through a weak reference
+    (``weak_hook``): when the last ``ZeroOptimizer`` reference goes, the stage and
+    everything it holds are freed at once, and its hooks are removed with it.
+
+Note [non-finite gradients]: one rank's inf or NaN makes every rank's shards NaN."""
         shards = [b.grad_shard for b in self.buckets if b.grad_shard is not None]
         device = self.buckets[0].flat.device
         found = torch.zeros((), dtype=torch.float32, device=device)
@@ -217,7 +253,7 @@ class ShardedStage:
         """Wait for launched reduce-scatters and hand their results to the stage (idempotent)."""
         while self._in_flight:
             bucket, work, reduced = self._in_flight.pop(0)
-            work.wait()
+            _comm.wait(work)
             self.finalize(bucket, reduced)
 
     # -- after the optimizer step -----------------------------------------------------
@@ -225,6 +261,10 @@ class ShardedStage:
     def after_step(self) -> None:
         """The inner optimizer has updated the shards: make the parameters follow."""
         self.gather_params()
+
+    def unshard(self) -> None:
+        """Make every parameter hold its full value for good (``close()``): at stages 1
+        and 2 they always do."""
 
     def parameter_tensors(self) -> list[torch.Tensor]:
         """Parameter storage beyond the model's own parameters, for memory_report()."""
@@ -273,6 +313,4 @@ class ShardedStage:
         return work, reduced
 
     def remove_hooks(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        _remove_handles(self._handles)

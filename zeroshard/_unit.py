@@ -114,17 +114,20 @@ def _auto_units(model: nn.Module, bucket_bytes: int) -> list[nn.Module]:
     """Post-order: a module whose not-yet-claimed parameters reach ``bucket_bytes``
     becomes a unit, so units hold about that much and a deep model gets many."""
     chosen: list[nn.Module] = []
-
-    def visit(module: nn.Module) -> int:
-        size = sum(p.numel() * p.element_size() for p in module._parameters.values() if p is not None)
-        size += sum(visit(child) for child in module.children())
-        if module is not model and size >= bucket_bytes and not isinstance(module, _CONTAINERS):
-            chosen.append(module)
-            return 0
-        return size
-
-    visit(model)
+    _claim_by_size(model, model, bucket_bytes, chosen)
     return chosen
+
+
+def _claim_by_size(module: nn.Module, root: nn.Module, bucket_bytes: int,
+                   chosen: list[nn.Module]) -> int:
+    """``_auto_units``' walk; returns the bytes of ``module``'s parameters left unclaimed.
+    A module-level function: a nested recursive one would be a reference cycle."""
+    size = sum(p.numel() * p.element_size() for p in module._parameters.values() if p is not None)
+    size += sum(_claim_by_size(child, root, bucket_bytes, chosen) for child in module.children())
+    if module is not root and size >= bucket_bytes and not isinstance(module, _CONTAINERS):
+        chosen.append(module)
+        return 0
+    return size
 
 
 def assign_owners(model: nn.Module, unit_modules: list[nn.Module]) -> dict[int, int]:
@@ -243,15 +246,16 @@ def forward_and_backward_orders(model: nn.Module, units: list[Unit]) -> tuple[li
     to first)."""
     unit_of_module = {id(u.module): u for u in units}
     pre, post = [], []
-
-    def visit(module: nn.Module) -> None:
-        unit = unit_of_module.pop(id(module), None)  # a module registered twice: once
-        if unit is not None:
-            pre.append(unit)
-        for child in module.children():
-            visit(child)
-        if unit is not None:
-            post.append(unit)
-
-    visit(model)
+    _tree_orders(model, unit_of_module, pre, post)
     return pre, post[::-1]
+
+
+def _tree_orders(module: nn.Module, unit_of_module: dict, pre: list, post: list) -> None:
+    """``forward_and_backward_orders``' walk (module-level: no recursive closure cycle)."""
+    unit = unit_of_module.pop(id(module), None)  # a module registered twice: once
+    if unit is not None:
+        pre.append(unit)
+    for child in module.children():
+        _tree_orders(child, unit_of_module, pre, post)
+    if unit is not None:
+        post.append(unit)

@@ -62,6 +62,23 @@ def check_bucket_size(bucket_size_mb) -> None:
         raise ValueError(f"bucket_size_mb must be a positive number, got {bucket_size_mb!r}")
 
 
+def check_not_managed(model: nn.Module, current_owner) -> None:
+    """One ZeroOptimizer per model: two would both hook its parameters and reduce twice."""
+    if current_owner is not None:
+        raise ValueError(
+            f"model is already managed by a ZeroOptimizer (stage {current_owner.stage}) that "
+            "has not been closed; call opt.close() on it (on every rank) before building "
+            "another ZeroOptimizer over the same model")
+    for name, param in model.named_parameters():
+        if param.device.type != "meta" and \
+                param.untyped_storage().nbytes() < param.numel() * param.element_size():
+            raise ValueError(
+                f"parameter {name!r} holds no values: a stage-3 ZeroOptimizer was dropped without "
+                "opt.close() while the parameters were sharded; close the optimizer (or use "
+                "`with zeroshard.ZeroOptimizer(...) as opt:`) so the model gets its full "
+                "parameters back, or load them with model.load_state_dict(...)")
+
+
 def check_devices(model: nn.Module) -> None:
     devices = {p.device for p in model.parameters()}
     if len(devices) > 1:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -18,6 +19,9 @@ from .stage1 import Stage1
 from .stage2 import Stage2
 from .stage3 import Stage3
 _STATE_DICT_VERSION = 1
+
+# model -> weak reference to the ZeroOptimizer that manages it, until its close()
+_owners: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class ZeroOptimizer(torch.optim.Optimizer):
@@ -68,6 +72,12 @@ class ZeroOptimizer(torch.optim.Optimizer):
     A parameter that gets no gradient on any rank in a step counts as having a zero
     gradient (its bucket is reduced all the same), so weight decay and momentum
     still move it, where plain PyTorch would skip it.
+
+    ``close()`` (or leaving ``with ZeroOptimizer(...) as opt:``) hands the model back
+    as an ordinary module holding its full current parameters, in the dtypes it had
+    before; until then a second ZeroOptimizer over the same model is refused. A
+    script that just ends with ``dist.destroy_process_group()`` needs neither: no
+    hook holds this optimizer alive, so it is freed with its last reference.
     """
 
     def __init__(self, model: nn.Module, optimizer_class: type[torch.optim.Optimizer], stage: int = 1,
@@ -75,9 +85,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
                  mixed_precision: MixedPrecision | None = None, bucket_size_mb: float = 25,
                  **optimizer_kwargs) -> None:
         self._constructed = False
+        self._stage = None  # set last: close() and __del__ find it unset if __init__ raised
         # Validation first: every check is local, so every rank raises the same error
         # before the first collective (the broadcast below).
         _validate.check_model(model)
+        _validate.check_not_managed(model, _current_owner(model))
         _validate.check_stage(stage)
         _validate.check_units(units, stage)
         _validate.check_optimizer_class(optimizer_class)
@@ -92,6 +104,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
         groups = _validate.normalize_param_groups(model, param_groups)
 
         self._model = model
+        # What close() restores: the policy casts parameters and replaces buffers.
+        self._param_dtypes = {id(p): p.dtype for p in model.parameters()}
+        self._buffer_dtypes = {(id(m), name): b.dtype for m in model.modules()
+                               for name, b in m._buffers.items() if b is not None}
         self._group = process_group if process_group is not None else dist.group.WORLD
         self._rank = dist.get_rank(self._group)
         self._world_size = dist.get_world_size(self._group)
@@ -128,7 +144,67 @@ class ZeroOptimizer(torch.optim.Optimizer):
                                       mixed_precision)
         if mixed_precision is not None:
             self._stage._handles += install_forward_casts(model, mixed_precision)
+        _owners[model] = weakref.ref(self)
         self._constructed = True
+
+    # -- lifetime ---------------------------------------------------------------------
+
+    def __enter__(self) -> ZeroOptimizer:
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # the other ranks may not be leaving too: no collective, only local cleanup
+            self._detach()
+
+    @torch.no_grad()
+    def close(self) -> None:
+        """Hand the model back as an ordinary module and free this optimizer's buffers.
+
+        Every hook is removed; every parameter holds its full current value (stage 3
+        gathers them; with mixed precision the fp32 masters) in the dtype it had when
+        this optimizer was built, and so does every buffer. Collective at stage 3 or
+        with mixed precision: call it on every rank. Idempotent; the optimizer cannot
+        step afterwards, and a new ZeroOptimizer may be built over the model.
+        """
+        if self._stage is None:
+            return
+        self._stage.wait_in_flight()
+        self._stage.unshard()  # stage 3: every unit gathered, and kept
+        masters = self._gather_masters() if self.mixed_precision is not None else {}
+        for param in self._model.parameters():
+            value = masters.get(id(param), param.data)
+            param.data = value.to(self._param_dtypes.get(id(param), value.dtype))
+            param.grad = None  # stage 1's local gradient views its buffers
+        for module in self._model.modules():
+            for name, buffer in module._buffers.items():
+                dtype = self._buffer_dtypes.get((id(module), name))
+                if buffer is not None and dtype is not None and buffer.dtype != dtype:
+                    module._buffers[name] = buffer.to(dtype)
+        self._detach()
+
+    def _detach(self) -> None:
+        """Remove every hook and drop every buffer and state of this optimizer (local)."""
+        if self._stage is None:
+            return
+        self._stage.remove_hooks()
+        self._stage = None
+        self._every_bucket, self._buckets, self._units = [], [], []
+        self._inner.state.clear()
+        for group in self.param_groups + self._inner.param_groups:
+            group["params"] = []
+        self.state.clear()
+        if _current_owner(self._model) is self:
+            del _owners[self._model]
+
+    @property
+    def _live(self):
+        """The stage, or a clear error once ``close()`` has run."""
+        if self._stage is None:
+            raise RuntimeError("this ZeroOptimizer was closed (close() or the end of its `with` "
+                               "block); build a new one over the model to keep training")
+        return self._stage
 
     def _build_buckets(self, groups: list[dict], units, bucket_bytes: int) -> list[FlatBucket]:
         """Flatten the parameters into buckets (no communication yet).
@@ -180,11 +256,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
         Same meaning as DDP's ``no_sync``: the first backward after the block reduces
         everything accumulated since ``zero_grad()``.
         """
-        previous, self._stage.require_sync = self._stage.require_sync, False
+        previous, self._live.require_sync = self._live.require_sync, False
         try:
             yield
         finally:
-            self._stage.require_sync = previous
+            self._live.require_sync = previous
 
     @contextlib.contextmanager
     def summon_full_params(self):
@@ -195,7 +271,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         Stages 1 and 2 keep parameters whole anyway. Write the same value on every
         rank: each rank keeps only its own slice of a write.
         """
-        with self._stage.summon_full_params():
+        with self._live.summon_full_params():
             yield
 
     @torch.no_grad()
@@ -208,7 +284,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         norm_type = float(norm_type)
         if not (norm_type > 0):
             raise ValueError(f"norm_type must be positive or inf, got {norm_type}")
-        self._stage.wait_in_flight()
+        self._live.wait_in_flight()
         for bucket in self._buckets:
             bucket.widen_grad_shard()  # clip in fp32: the step uses fp32 gradients anyway
         grads = [b.grad_shard for b in self._buckets if b.grad_shard is not None]
@@ -222,7 +298,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 local += torch.linalg.vector_norm(grad, norm_type, dtype=torch.float32) ** norm_type
             op = dist.ReduceOp.SUM
         _comm.all_reduce(local, group=self._group, stats=self.comm_stats,
-                         label=self._stage.label, op=op)
+                         label=self._live.label, op=op)
         total = local if math.isinf(norm_type) else local ** (1.0 / norm_type)
         clip_coef = (float(max_norm) / (total + 1e-6)).clamp(max=1.0)
         for grad in grads:
@@ -236,7 +312,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._stage.wait_in_flight()
+        self._live.wait_in_flight()
         for outer, inner in zip(self.param_groups, self._inner.param_groups):
             inner.update(_hyperparameters(outer))  # the outer groups are live (schedulers)
         for bucket in self._buckets:
@@ -244,7 +320,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._inner.step()
         for bucket in self._buckets:
             bucket.master_to_shard()  # with mixed precision: cast the updated masters
-        self._stage.after_step()
+        self._live.after_step()
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -253,7 +329,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         ``set_to_none`` is accepted for compatibility; stage 1 always zeroes its
         gradient buffers in place and stage 2 always drops its gradients.
         """
-        self._stage.zero_grad()
+        self._live.zero_grad()
 
     def add_param_group(self, param_group: dict) -> None:
         if self._constructed:
@@ -348,15 +424,21 @@ class ZeroOptimizer(torch.optim.Optimizer):
         """Bytes this rank holds now, from the real storages (each storage counted once)."""
         seen: set = set()
         params = list(self._model.parameters())
-        report = {"parameters": storage_bytes(params + self._stage.parameter_tensors(), seen)}
-        grads = [p.grad for p in params if p.grad is not None] + self._stage.gradient_tensors()
+        report = {"parameters": storage_bytes(params + self._live.parameter_tensors(), seen)}
+        grads = [p.grad for p in params if p.grad is not None] + self._live.gradient_tensors()
         report["gradients"] = storage_bytes(grads, seen)
         # Without mixed precision the masters are the parameters' own shards (counted above).
-        report["master_parameters"] = storage_bytes(self._stage.master_tensors(), seen)
+        report["master_parameters"] = storage_bytes(self._live.master_tensors(), seen)
         states = [t for s in self._inner.state.values() for t in s.values()
                   if isinstance(t, torch.Tensor)]
         report["optimizer_states"] = storage_bytes(states, seen)
         return report
+
+
+def _current_owner(model: nn.Module) -> ZeroOptimizer | None:
+    """The ZeroOptimizer that manages ``model`` now, if one does (not closed, not freed)."""
+    owner = _owners.get(model)
+    return owner() if owner is not None else None
 
 
 def _hyperparameters(group: dict) -> dict:

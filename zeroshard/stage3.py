@@ -58,7 +58,6 @@ Note [recomputation]:
 from __future__ import annotations
 
 import contextlib
-import functools
 import warnings
 
 import torch
@@ -66,7 +65,7 @@ import torch.distributed as dist
 from torch.utils._pytree import tree_flatten
 
 from . import _comm
-from ._stage import TrainingState
+from ._stage import TrainingState, weak_hook
 from ._unit import Schedule, ShardState, Unit, forward_and_backward_orders
 from .stage2 import Stage2
 
@@ -100,14 +99,14 @@ class Stage3(Stage2):
             owners = {id(self._unit_of[id(p)]): self._unit_of[id(p)]
                       for p in module._parameters.values() if p is not None}
             if owners:
-                guard = functools.partial(self._refuse_if_sharded, list(owners.values()))
+                guard = weak_hook(self._refuse_if_sharded, list(owners.values()))
                 self._handles.append(module.register_state_dict_pre_hook(guard))
                 self._handles.append(module.register_load_state_dict_pre_hook(guard))
         for unit in units:
             self._handles.append(unit.module.register_forward_pre_hook(
-                functools.partial(self._pre_forward, unit)))
+                weak_hook(self._pre_forward, unit)))
             self._handles.append(unit.module.register_forward_hook(
-                functools.partial(self._post_forward, unit)))
+                weak_hook(self._post_forward, unit)))
             unit.release()  # the shards hold rank 0's values (broadcast, then placed)
 
     # -- forward --------------------------------------------------------------------
@@ -157,7 +156,7 @@ class Stage3(Stage2):
         units = getattr(tensor, "_zeroshard_units", None)
         if units is None:
             tensor._zeroshard_units = units = []
-            tensor.register_hook(functools.partial(self._pre_backward_all, units))
+            tensor.register_hook(weak_hook(self._pre_backward_all, units))
         units.insert(0, unit)
 
     def _pre_backward_all(self, units: list[Unit], grad: torch.Tensor) -> None:
@@ -189,7 +188,7 @@ class Stage3(Stage2):
         ranks have compared notes (``after_reductions``)."""
         position = self._position[id(bucket)]
         if bucket.grad_shard is None and not self._unit_of[id(bucket.params[0])].ran_since_backward:
-            del self.buffers_in_flight[position]
+            self.drop_buffer_in_flight(bucket)
             held = self._unclaimed.get(position)  # reduced again (Note [late gradients])
             self._unclaimed[position] = reduced if held is None else held.add_(reduced)
             return
@@ -304,8 +303,7 @@ class Stage3(Stage2):
                     self.fill_missing(bucket, index)
                     self._mark_ready(bucket, index)
 
-    @staticmethod
-    def _refuse_if_sharded(units: list[Unit], module, *args) -> None:
+    def _refuse_if_sharded(self, units: list[Unit], module, *args) -> None:
         """Reading or loading a freed buffer would read or write memory that is not there."""
         if any(u.state is not ShardState.GATHERED for u in units):
             raise RuntimeError(
@@ -319,6 +317,12 @@ class Stage3(Stage2):
         """Parameters stay sharded after a step; free anything still gathered (stale now)."""
         for unit in self.units:
             unit.release()
+
+    def unshard(self) -> None:
+        """Gather every unit and keep it gathered (``close()``): the parameters hold full
+        values again, in the same order on every rank."""
+        for unit in self.units:
+            self._gather_now(unit)
 
     def parameter_tensors(self) -> list[torch.Tensor]:
         return [b.shard for u in self.units for b in u.buckets]

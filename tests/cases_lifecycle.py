@@ -1,0 +1,127 @@
+"""Worker-side functions for the lifecycle tests: freeing, close(), a second optimizer."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import zeroshard
+from models import build_model, loss_fn, make_batch
+
+MLP = {"kind": "mlp", "d_in": 5, "hidden": 7, "d_out": 3, "depth": 2, "frozen": False,
+       "unused_branch": False}
+BF16 = zeroshard.MixedPrecision(torch.bfloat16, buffer_dtype=torch.bfloat16,
+                                output_dtype=torch.float32)
+
+
+def _steps(model, opt, first: int, count: int, rank: int, scheduler=None) -> None:
+    for step in range(first, first + count):
+        loss_fn(MLP, model, make_batch(MLP, seed=step, rank=rank, batch=4)).backward()
+        opt.step()
+        opt.zero_grad()
+        if scheduler is not None:
+            scheduler.step()
+
+
+def _zero(model, stage: int, group, policy=None, **kwargs):
+    return zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=stage, process_group=group,
+                                   bucket_size_mb=1e-4, mixed_precision=policy, lr=0.05,
+                                   **({"units": torch.nn.Linear} if stage == 3 else {}), **kwargs)
+
+
+def freed_by_reference_counting(ctx, stage: int, bf16: bool):
+    """With the garbage collector off, dropping the optimizer (and its scheduler) frees the
+    optimizer, its stage and its buffers at once, and removes the stage's hooks."""
+    was_enabled = gc.isenabled()
+    # torch's first optimizer in a process imports torch._dynamo, leaving a traceback
+    # cycle that holds that optimizer's frames until the collector runs: not ours.
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    gc.collect()
+    gc.disable()
+    try:
+        model = build_model(MLP, seed=ctx.rank)
+        opt = _zero(model, stage, ctx.group, BF16 if bf16 else None, momentum=0.9)
+        scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        _steps(model, opt, 0, 2, ctx.rank, scheduler)
+        refs = {"optimizer": weakref.ref(opt), "stage": weakref.ref(opt._stage),
+                "bucket": weakref.ref(opt._buckets[0])}
+        del opt, scheduler
+        alive = sorted(name for name, ref in refs.items() if ref() is not None)
+        hooks = len(model._forward_hooks) + len(model._forward_pre_hooks) + sum(
+            len(getattr(p, "_post_accumulate_grad_hooks", None) or {}) for p in model.parameters())
+        return alive, hooks
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def close_then_continue(ctx, stage: int, next_stage: int, bf16: bool):
+    """Train 2 steps, close(), check the model is ordinary, then train 2 more steps under a
+    second ZeroOptimizer; DDP does the same with a second torch optimizer.
+
+    Returns per-parameter differences to DDP after close() and at the end, the dtypes
+    after close(), whether a plain backward after close() filled every .grad, and
+    whether the closed optimizer refuses to step."""
+    model = build_model(MLP, seed=ctx.rank)
+    reference = DDP(build_model(MLP, seed=0), process_group=ctx.group)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.05)
+    dtypes_before = [p.dtype for p in model.parameters()]
+    opt = _zero(model, stage, ctx.group, BF16 if bf16 else None)
+    _steps(model, opt, 0, 2, ctx.rank)
+    _steps(reference, ref_opt, 0, 2, ctx.rank)
+    masters = {k: v.clone() for k, v in opt._gather_masters().items()} if bf16 else None
+    opt.close()
+    after_close = {name: (p - q).abs().max().item() for (name, p), q in
+                   zip(model.named_parameters(), reference.module.parameters())}
+    master_diff = max((p - masters[id(p)]).abs().max().item() for p in model.parameters()) \
+        if bf16 else 0.0
+    dtypes_ok = [p.dtype for p in model.parameters()] == dtypes_before
+    try:
+        opt.step()
+        refused = ""
+    except RuntimeError as error:
+        refused = str(error)
+    loss_fn(MLP, model, make_batch(MLP, seed=99, rank=ctx.rank, batch=4)).backward()
+    plain_grads = all(p.grad is not None for p in model.parameters())
+    model.zero_grad(set_to_none=True)
+
+    opt2 = _zero(model, next_stage, ctx.group)  # a second optimizer on the closed model
+    ref_opt2 = torch.optim.SGD(reference.parameters(), lr=0.05)
+    _steps(model, opt2, 2, 2, ctx.rank)
+    _steps(reference, ref_opt2, 2, 2, ctx.rank)
+    with opt2.summon_full_params():
+        at_end = {name: (p - q).abs().max().item() for (name, p), q in
+                  zip(model.named_parameters(), reference.module.parameters())}
+    opt2.close()
+    return after_close, master_diff, dtypes_ok, refused, plain_grads, at_end
+
+
+def with_block_closes(ctx, stage: int):
+    """``with ZeroOptimizer(...) as opt:`` closes on exit; a second one inside is refused."""
+    model = build_model(MLP, seed=ctx.rank)
+    with _zero(model, stage, ctx.group) as opt:
+        _steps(model, opt, 0, 1, ctx.rank)
+        try:
+            _zero(model, stage, ctx.group)
+            second = "no error"
+        except ValueError as error:
+            second = str(error)
+    readable = all(torch.isfinite(p).all().item() for p in model.parameters())
+    return second, readable, opt._stage is None
+
+
+def dropped_stage3_is_refused(ctx):
+    """A stage-3 optimizer dropped without close() leaves no values in the parameters; a
+    new ZeroOptimizer says so (and how to avoid it) instead of broadcasting garbage."""
+    model = build_model(MLP, seed=ctx.rank)
+    opt = _zero(model, 3, ctx.group)
+    _steps(model, opt, 0, 1, ctx.rank)
+    del opt
+    try:
+        _zero(model, 2, ctx.group)
+    except ValueError as error:
+        return str(error)
+    return "no error"
