@@ -15,6 +15,8 @@ tensor), which is how DESIGN.md's per-step table counts Ψ.
 
 from __future__ import annotations
 
+import collections
+import time
 import weakref
 
 import torch
@@ -168,13 +170,17 @@ def _timeout_of(group, device: str):
 #     thread while the interpreter is finalizing (a script whose last collective
 #     was a few milliseconds before exit), taking the GIL ends the thread inside a
 #     noexcept destructor and the process aborts ("terminate called without an
-#     active exception"), after training finished correctly. So the works of the
-#     latest wait stay referenced here until the next wait: the worker thread has
-#     long let go of them by then, and the last reference is always dropped by a
-#     Python thread holding the GIL (at the latest during interpreter teardown).
-#     Only the latest wait's works are kept, so what they hold is freed one wait
-#     later than the caller drops it.
-_finished: list = []
+#     active exception"), after training finished correctly. So finished works stay
+#     referenced here: the latest wait's until the next wait, older ones until
+#     they have been finished for RETAIN_S. A worker thread lets go of a work
+#     microseconds after completing it, so the last reference is dropped by a
+#     Python thread holding the GIL (at the latest during interpreter teardown)
+#     even when a worker is descheduled for a while on a busy machine. What the
+#     works hold lives that much longer, so the stages free the memory of
+#     collective inputs they are done with themselves (``resize_(0)`` of the
+#     storage): only small or long-lived tensors are held here.
+RETAIN_S = 0.25
+_finished: collections.deque = collections.deque()  # (time waited, works), oldest first
 
 
 def wait(work) -> None:
@@ -186,5 +192,8 @@ def wait_all(works) -> None:
     works = [work for work in works if work is not None]
     for work in works:
         work.wait()
-    if works:
-        _finished[:] = works  # Note [finished work]
+    if works:  # Note [finished work]
+        now = time.monotonic()
+        while _finished and now - _finished[0][0] > RETAIN_S:
+            _finished.popleft()
+        _finished.append((now, works))

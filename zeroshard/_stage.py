@@ -118,7 +118,8 @@ class ShardedStage:
         self.require_sync = True  # False inside ZeroOptimizer.no_sync()
         self.state = TrainingState.IDLE
         self._next_launch = 0  # index of the first bucket not yet launched this backward
-        self._in_flight: list[tuple[FlatBucket, object, torch.Tensor]] = []
+        # (bucket, work, output shard, input to free once done or None), in launch order
+        self._in_flight: list[tuple[FlatBucket, object, torch.Tensor, torch.Tensor | None]] = []
         self._position = {id(bucket): i for i, bucket in enumerate(self.buckets)}
         self._late: set[int] = set()  # positions of buckets that got gradient after launching
         self._handles = [model.register_forward_hook(weak_hook(self._arm_backward_end))]
@@ -139,8 +140,8 @@ class ShardedStage:
         """Backward ended without a gradient for this parameter; its share is what .grad holds."""
         raise NotImplementedError
 
-    def launch(self, bucket: FlatBucket) -> tuple[object, torch.Tensor]:
-        """Start the bucket's reduce-scatter; return (work handle, output shard)."""
+    def launch(self, bucket: FlatBucket) -> tuple[object, torch.Tensor, torch.Tensor | None]:
+        """Start the bucket's reduce-scatter; return ``reduce_scatter``'s triple."""
         raise NotImplementedError
 
     def finalize(self, bucket: FlatBucket, reduced: torch.Tensor) -> None:
@@ -193,8 +194,7 @@ class ShardedStage:
     def _launch_next(self) -> None:
         bucket = self.buckets[self._next_launch]
         self._next_launch += 1
-        work, reduced = self.launch(bucket)
-        self._in_flight.append((bucket, work, reduced))
+        self._in_flight.append((bucket, *self.launch(bucket)))
 
     def _on_backward_end(self) -> None:
         """Note [end of backward]: flush buckets that are still waiting, then wait for all."""
@@ -252,8 +252,10 @@ Note [non-finite gradients]: one rank's inf or NaN makes every rank's shards NaN
     def wait_in_flight(self) -> None:
         """Wait for launched reduce-scatters and hand their results to the stage (idempotent)."""
         while self._in_flight:
-            bucket, work, reduced = self._in_flight.pop(0)
+            bucket, work, reduced, consumed = self._in_flight.pop(0)
             _comm.wait(work)
+            if consumed is not None:  # its work handle outlives it (Note [finished work])
+                consumed.untyped_storage().resize_(0)
             self.finalize(bucket, reduced)
 
     # -- after the optimizer step -----------------------------------------------------
@@ -299,6 +301,9 @@ Note [non-finite gradients]: one rank's inf or NaN makes every rank's shards NaN
         ``flat_grad`` is cast to the reduce dtype first. In fp16 it is divided by the
         world size first and then summed, so that the sum cannot overflow; that
         division happens in place only if ``consumable`` (the caller is done with it).
+        Returns (work, output shard, consumed): ``consumed`` is the tensor reduced if
+        nobody needs it afterwards (``flat_grad`` if consumable, else a cast or divided
+        copy, else None); ``wait_in_flight`` frees its memory once the work is done.
         """
         dtype = self.reduce_dtype or flat_grad.dtype
         if flat_grad.dtype != dtype:
@@ -306,11 +311,11 @@ Note [non-finite gradients]: one rank's inf or NaN makes every rank's shards NaN
         op = dist.ReduceOp.AVG
         if dtype == torch.float16 and self.world_size > 1:
             flat_grad = flat_grad.div_(self.world_size) if consumable else flat_grad / self.world_size
-            op = dist.ReduceOp.SUM
+            consumable, op = True, dist.ReduceOp.SUM
         reduced = torch.empty(bucket.shard.numel(), dtype=dtype, device=flat_grad.device)
         work = _comm.reduce_scatter(reduced, flat_grad, group=self.group, stats=self.stats,
                                     label=self.label, op=op, async_op=True)
-        return work, reduced
+        return work, reduced, flat_grad if consumable else None
 
     def remove_hooks(self) -> None:
         _remove_handles(self._handles)

@@ -58,14 +58,8 @@ class Stage2(ShardedStage):
         self.buffers_in_flight[position] = self.reduce_buffers.pop(position)
         return self.reduce_scatter(bucket, buffer, consumable=True)
 
-    def drop_buffer_in_flight(self, bucket: FlatBucket) -> None:
-        """The reduce-scatter consumed the bucket's buffer: free its memory now. Its work
-        handle still refers to it for a while (Note [finished work] in _comm.py)."""
-        buffer = self.buffers_in_flight.pop(self._position[id(bucket)])
-        buffer.untyped_storage().resize_(0)
-
     def finalize(self, bucket: FlatBucket, reduced: torch.Tensor) -> None:
-        self.drop_buffer_in_flight(bucket)
+        del self.buffers_in_flight[self._position[id(bucket)]]  # freed by wait_in_flight
         if bucket.grad_shard is None:
             bucket.set_grad_shard(self.as_gradient_shard(reduced))
         else:

@@ -188,7 +188,7 @@ class Stage3(Stage2):
         ranks have compared notes (``after_reductions``)."""
         position = self._position[id(bucket)]
         if bucket.grad_shard is None and not self._unit_of[id(bucket.params[0])].ran_since_backward:
-            self.drop_buffer_in_flight(bucket)
+            del self.buffers_in_flight[position]
             held = self._unclaimed.get(position)  # reduced again (Note [late gradients])
             self._unclaimed[position] = reduced if held is None else held.add_(reduced)
             return
