@@ -222,16 +222,7 @@ class ShardedStage:
         self.state = TrainingState.IDLE
 
     def _spread_non_finite(self) -> None:
-        """Note [no reference cycles]:
-    Hooks live on the model and its parameters, and a stage refers to the model, so
-    a hook holding its stage strongly would make a reference cycle (model -> hook ->
-    stage -> model) that only the garbage collector frees: often during interpreter
-    teardown, after ``destroy_process_group()``, with the process group and buffers
-    still alive. So every hook reaches its stage through a weak reference
-    (``weak_hook``): when the last ``ZeroOptimizer`` reference goes, the stage and
-    everything it holds are freed at once, and its hooks are removed with it.
-
-Note [non-finite gradients]: one rank's inf or NaN makes every rank's shards NaN."""
+        """Note [non-finite gradients]: one rank's inf or NaN makes every rank's shards NaN."""
         shards = [b.grad_shard for b in self.buckets if b.grad_shard is not None]
         device = self.buckets[0].flat.device
         found = torch.zeros((), dtype=torch.float32, device=device)

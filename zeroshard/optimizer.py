@@ -85,7 +85,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                  mixed_precision: MixedPrecision | None = None, bucket_size_mb: float = 25,
                  **optimizer_kwargs) -> None:
         self._constructed = False
-        self._stage = None  # set last: close() and __del__ find it unset if __init__ raised
+        self._stage = None  # set near the end: close() finds it unset if __init__ raised
         # Validation first: every check is local, so every rank raises the same error
         # before the first collective (the broadcast below).
         _validate.check_model(model)
