@@ -102,15 +102,24 @@ def close_then_continue(ctx, stage: int, next_stage: int, bf16: bool):
 def with_block_closes(ctx, stage: int):
     """``with ZeroOptimizer(...) as opt:`` closes on exit; a second one inside is refused."""
     model = build_model(MLP, seed=ctx.rank)
+    refusals = []
     with _zero(model, stage, ctx.group) as opt:
         _steps(model, opt, 0, 1, ctx.rank)
-        try:
-            _zero(model, stage, ctx.group)
-            second = "no error"
-        except ValueError as error:
-            second = str(error)
+        for target in (model, model.body):  # the same model, or a part of it
+            try:
+                _zero(target, stage, ctx.group)
+                refusals.append("no error")
+            except ValueError as error:
+                refusals.append(str(error))
     readable = all(torch.isfinite(p).all().item() for p in model.parameters())
-    return second, readable, opt._stage is None
+    for use_after_close in (opt.step, opt.zero_grad, opt.state_dict, opt.full_state_dict,
+                            lambda: zeroshard.save_checkpoint("unused", model, opt)):
+        try:
+            use_after_close()
+            refusals.append("no error")
+        except RuntimeError as error:
+            refusals.append(str(error))
+    return refusals, readable
 
 
 def dropped_stage3_is_refused(ctx):
@@ -125,3 +134,22 @@ def dropped_stage3_is_refused(ctx):
     except ValueError as error:
         return str(error)
     return "no error"
+
+
+def dropped_then_rebuilt(ctx, stage: int, next_stage: int):
+    """Stages 1-2 keep full parameters, so an optimizer dropped without close() (its
+    hooks go with it) may be followed by a new one; training continues like DDP's
+    with a second torch optimizer. Returns per-parameter differences at the end."""
+    model = build_model(MLP, seed=ctx.rank)
+    reference = DDP(build_model(MLP, seed=0), process_group=ctx.group)
+    opt, ref_opt = _zero(model, stage, ctx.group), torch.optim.SGD(reference.parameters(), lr=0.05)
+    _steps(model, opt, 0, 2, ctx.rank)
+    _steps(reference, ref_opt, 0, 2, ctx.rank)
+    del opt
+    opt = _zero(model, next_stage, ctx.group)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.05)
+    _steps(model, opt, 2, 2, ctx.rank)
+    _steps(reference, ref_opt, 2, 2, ctx.rank)
+    with opt.summon_full_params():
+        return {name: (p - q).abs().max().item() for (name, p), q in
+                zip(model.named_parameters(), reference.module.parameters())}

@@ -38,11 +38,20 @@ def test_close_hands_back_the_model_and_a_second_optimizer_continues_like_ddp(
         assert plain_grads, rank
 
 
+@pytest.mark.parametrize("stage, next_stage", [(1, 1), (1, 3), (2, 2), (2, 1)])
+def test_an_optimizer_dropped_without_close_can_be_followed_by_another(pool, stage, next_stage):
+    for diffs in pool.run(cases_lifecycle.dropped_then_rebuilt, 2, stage, next_stage):
+        assert max(diffs.values()) < 1e-6, diffs
+
+
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_with_block_closes_and_a_second_optimizer_on_a_managed_model_is_refused(pool, stage):
-    for second, readable, closed in pool.run(cases_lifecycle.with_block_closes, 2, stage):
-        assert "already managed" in second and "opt.close()" in second, second
-        assert readable and closed
+def test_with_block_closes_and_a_managed_or_closed_optimizer_is_refused(pool, stage):
+    for refusals, readable in pool.run(cases_lifecycle.with_block_closes, 2, stage):
+        for second in refusals[:2]:  # over the model, over one of its submodules
+            assert "already managed" in second and "opt.close()" in second, second
+        for use_after_close in refusals[2:]:  # step, zero_grad, state dicts, checkpoint
+            assert "was closed" in use_after_close, use_after_close
+        assert readable
 
 
 def test_a_stage3_model_dropped_without_close_is_refused_with_the_fix(pool):

@@ -226,6 +226,7 @@ def _check_arguments(path, model, opt) -> None:
         raise TypeError(f"opt must be a zeroshard.ZeroOptimizer, got {type(opt).__name__}")
     if opt._model is not model:
         raise ValueError("model is not the module this ZeroOptimizer was built over; pass that one")
+    opt._require_open()
 
 
 def _agree_on_version(opt, root: Path) -> str:

@@ -20,8 +20,10 @@ from .stage2 import Stage2
 from .stage3 import Stage3
 _STATE_DICT_VERSION = 1
 
-# model -> weak reference to the ZeroOptimizer that manages it, until its close()
-_owners: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# id(parameter) -> (weak reference to it, weak reference to the ZeroOptimizer that
+# manages it until its close()). Keyed by id: tensors compare element-wise, so they
+# make poor dict keys, and a marker on the parameter would follow copy.deepcopy.
+_owners: dict[int, tuple[weakref.ref, weakref.ref]] = {}
 
 
 class ZeroOptimizer(torch.optim.Optimizer):
@@ -89,7 +91,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         # Validation first: every check is local, so every rank raises the same error
         # before the first collective (the broadcast below).
         _validate.check_model(model)
-        _validate.check_not_managed(model, _current_owner(model))
+        _validate.check_not_managed(model, _current_owner(model.parameters()))
         _validate.check_stage(stage)
         _validate.check_units(units, stage)
         _validate.check_optimizer_class(optimizer_class)
@@ -144,7 +146,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
                                       mixed_precision)
         if mixed_precision is not None:
             self._stage._handles += install_forward_casts(model, mixed_precision)
-        _owners[model] = weakref.ref(self)
+        for param in model.parameters():
+            _owners[id(param)] = (weakref.ref(param), weakref.ref(self))
         self._constructed = True
 
     # -- lifetime ---------------------------------------------------------------------
@@ -195,15 +198,20 @@ class ZeroOptimizer(torch.optim.Optimizer):
         for group in self.param_groups + self._inner.param_groups:
             group["params"] = []
         self.state.clear()
-        if _current_owner(self._model) is self:
-            del _owners[self._model]
+        for param in self._model.parameters():
+            entry = _owners.get(id(param))
+            if entry is not None and entry[1]() is self:
+                del _owners[id(param)]
+
+    def _require_open(self) -> None:
+        if self._stage is None:
+            raise RuntimeError("this ZeroOptimizer was closed (close() or the end of its `with` "
+                               "block); build a new one over the model to keep training")
 
     @property
     def _live(self):
         """The stage, or a clear error once ``close()`` has run."""
-        if self._stage is None:
-            raise RuntimeError("this ZeroOptimizer was closed (close() or the end of its `with` "
-                               "block); build a new one over the model to keep training")
+        self._require_open()
         return self._stage
 
     def _build_buckets(self, groups: list[dict], units, bucket_bytes: int) -> list[FlatBucket]:
@@ -342,6 +350,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict:
         """This rank's shard of the optimizer state; loads back on the same world size."""
+        self._require_open()
         return {
             "zeroshard_version": _STATE_DICT_VERSION,
             "stage": self.stage,
@@ -356,6 +365,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
+        self._require_open()
         if not isinstance(state_dict, dict) or "zeroshard_version" not in state_dict:
             raise ValueError("not a ZeroOptimizer state dict (no 'zeroshard_version' key); "
                              "a plain torch optimizer state dict loads with load_full_state_dict")
@@ -390,12 +400,14 @@ class ZeroOptimizer(torch.optim.Optimizer):
         default) would hold, keyed the same way. Loading both into a plain model and
         ``optimizer_class`` continues training as this optimizer would.
         """
+        self._require_open()
         return _full_state.gather_full_state(self)
 
     def load_full_state_dict(self, model_state_dict: dict, optimizer_state_dict: dict) -> None:
         """The reverse of ``full_state_dict``, on any world size and stage: pass the same
         two dicts on every rank (collective). Also loads a plain model's and a plain
         ``optimizer_class``'s state dicts. Checks both before changing anything."""
+        self._require_open()
         _full_state.load_full_state(self, model_state_dict, optimizer_state_dict)
 
     @property
@@ -435,10 +447,15 @@ class ZeroOptimizer(torch.optim.Optimizer):
         return report
 
 
-def _current_owner(model: nn.Module) -> ZeroOptimizer | None:
-    """The ZeroOptimizer that manages ``model`` now, if one does (not closed, not freed)."""
-    owner = _owners.get(model)
-    return owner() if owner is not None else None
+def _current_owner(params) -> ZeroOptimizer | None:
+    """A ZeroOptimizer that manages one of ``params`` now (not closed, not freed), if any."""
+    for stale in [k for k, (param, owner) in _owners.items() if param() is None or owner() is None]:
+        del _owners[stale]  # a freed parameter's id may be reused
+    for param in params:
+        entry = _owners.get(id(param))
+        if entry is not None and entry[0]() is param:
+            return entry[1]()
+    return None
 
 
 def _hyperparameters(group: dict) -> dict:
