@@ -111,6 +111,13 @@ def with_block_closes(ctx, stage: int):
                 refusals.append("no error")
             except ValueError as error:
                 refusals.append(str(error))
+    with _zero(model, stage, ctx.group) as opt:
+        with opt.summon_full_params():
+            try:
+                opt.close()
+                refusals.append("no error")
+            except RuntimeError as error:
+                refusals.append(str(error))
     readable = all(torch.isfinite(p).all().item() for p in model.parameters())
     for use_after_close in (opt.step, opt.zero_grad, opt.state_dict, opt.full_state_dict,
                             lambda: zeroshard.save_checkpoint("unused", model, opt)):

@@ -49,7 +49,8 @@ def test_with_block_closes_and_a_managed_or_closed_optimizer_is_refused(pool, st
     for refusals, readable in pool.run(cases_lifecycle.with_block_closes, 2, stage):
         for second in refusals[:2]:  # over the model, over one of its submodules
             assert "already managed" in second and "opt.close()" in second, second
-        for use_after_close in refusals[2:]:  # step, zero_grad, state dicts, checkpoint
+        assert "inside `with opt.summon_full_params():`" in refusals[2], refusals[2]
+        for use_after_close in refusals[3:]:  # step, zero_grad, state dicts, checkpoint
             assert "was closed" in use_after_close, use_after_close
         assert readable
 

@@ -88,6 +88,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                  **optimizer_kwargs) -> None:
         self._constructed = False
         self._stage = None  # set near the end: close() finds it unset if __init__ raised
+        self._summoned = 0  # depth of summon_full_params() blocks
         # Validation first: every check is local, so every rank raises the same error
         # before the first collective (the broadcast below).
         _validate.check_model(model)
@@ -173,6 +174,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
         """
         if self._stage is None:
             return
+        if self._summoned:
+            raise RuntimeError("close() inside `with opt.summon_full_params():` would hand back "
+                               "parameters that the end of the block frees again; call it after "
+                               "the block")
         self._stage.wait_in_flight()
         self._stage.unshard()  # stage 3: every unit gathered, and kept
         masters = self._gather_masters() if self.mixed_precision is not None else {}
@@ -264,11 +269,12 @@ class ZeroOptimizer(torch.optim.Optimizer):
         Same meaning as DDP's ``no_sync``: the first backward after the block reduces
         everything accumulated since ``zero_grad()``.
         """
-        previous, self._live.require_sync = self._live.require_sync, False
+        stage = self._live
+        previous, stage.require_sync = stage.require_sync, False
         try:
             yield
         finally:
-            self._live.require_sync = previous
+            stage.require_sync = previous
 
     @contextlib.contextmanager
     def summon_full_params(self):
@@ -279,8 +285,12 @@ class ZeroOptimizer(torch.optim.Optimizer):
         Stages 1 and 2 keep parameters whole anyway. Write the same value on every
         rank: each rank keeps only its own slice of a write.
         """
-        with self._live.summon_full_params():
-            yield
+        self._summoned += 1
+        try:
+            with self._live.summon_full_params():
+                yield
+        finally:
+            self._summoned -= 1
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
