@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import gc
 import weakref
 
@@ -160,3 +161,28 @@ def dropped_then_rebuilt(ctx, stage: int, next_stage: int):
     with opt.summon_full_params():
         return {name: (p - q).abs().max().item() for (name, p), q in
                 zip(model.named_parameters(), reference.module.parameters())}
+
+
+def copy_is_an_ordinary_module(ctx, stage: int):
+    """``copy.deepcopy(model)`` (an EMA or student copy) is an ordinary module: training
+    the copy on rank 0 only issues no collective and leaves the original, which goes
+    on training under its ZeroOptimizer, equal to DDP. Returns the differences to DDP
+    and whether the copy's own gradients are plain full-size tensors."""
+    model = build_model(MLP, seed=ctx.rank)
+    reference = DDP(build_model(MLP, seed=0), process_group=ctx.group)
+    opt, ref_opt = _zero(model, stage, ctx.group), torch.optim.SGD(reference.parameters(), lr=0.05)
+    _steps(model, opt, 0, 1, ctx.rank)
+    _steps(reference, ref_opt, 0, 1, ctx.rank)
+    student = copy.deepcopy(model)
+    plain_grads = True
+    if ctx.rank == 0:
+        student_opt = torch.optim.SGD(student.parameters(), lr=0.05)
+        loss_fn(MLP, student, make_batch(MLP, seed=50, rank=0, batch=4)).backward()
+        plain_grads = all(p.grad is not None and p.grad.shape == p.shape
+                          for p in student.parameters() if p.requires_grad)
+        student_opt.step()
+    _steps(model, opt, 1, 2, ctx.rank)
+    _steps(reference, ref_opt, 1, 2, ctx.rank)
+    diffs = {name: (p - q).abs().max().item() for (name, p), q in
+             zip(model.named_parameters(), reference.module.parameters())}
+    return diffs, plain_grads

@@ -44,6 +44,13 @@ def test_an_optimizer_dropped_without_close_can_be_followed_by_another(pool, sta
         assert max(diffs.values()) < 1e-6, diffs
 
 
+@pytest.mark.parametrize("stage", [1, 2])
+def test_a_deep_copy_of_the_model_is_an_ordinary_module(pool, stage):
+    for diffs, plain_grads in pool.run(cases_lifecycle.copy_is_an_ordinary_module, 2, stage):
+        assert max(diffs.values()) < 1e-6, diffs
+        assert plain_grads
+
+
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_with_block_closes_and_a_managed_or_closed_optimizer_is_refused(pool, stage):
     for refusals, readable in pool.run(cases_lifecycle.with_block_closes, 2, stage):

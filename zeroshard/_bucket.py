@@ -69,6 +69,9 @@ class FlatBucket:
             with torch.no_grad():
                 for index, param in enumerate(self.params):
                     param.data = self.param_view(flat, index)
+            # Nothing views the full-precision buffer now, but the broadcast's work still
+            # refers to it for a while (Note [finished work] in _comm.py): free it here.
+            self.flat.untyped_storage().resize_(0)
             self.flat = flat
         self.shard = self._own_slice().clone() if own_storage else self._own_slice()
         if param_dtype is None:

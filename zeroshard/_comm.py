@@ -177,10 +177,28 @@ def _timeout_of(group, device: str):
 #     Python thread holding the GIL (at the latest during interpreter teardown)
 #     even when a worker is descheduled for a while on a busy machine. What the
 #     works hold lives that much longer, so the stages free the memory of
-#     collective inputs they are done with themselves (``resize_(0)`` of the
-#     storage): only small or long-lived tensors are held here.
+#     collective inputs and temporaries they are done with themselves
+#     (``release``): only small or long-lived tensors are held here, and
+#     ``close()`` lets go of them all (``release_finished``). After ``del opt``
+#     without ``close()`` they are held until the next zeroshard wait.
 RETAIN_S = 0.25
 _finished: collections.deque = collections.deque()  # (time waited, works), oldest first
+
+
+def release(tensors) -> None:
+    """Free the memory of tensors the caller is done with, now, although finished works
+    may refer to them for a while longer (Note [finished work]). Only for tensors no
+    one else uses: their storage is emptied."""
+    for tensor in tensors:
+        tensor.untyped_storage().resize_(0)
+
+
+def release_finished() -> None:
+    """Let go of every finished work (``close()``): wait until the latest has been
+    finished for RETAIN_S, so no worker thread can still hold one (Note [finished work])."""
+    if _finished:
+        time.sleep(max(0.0, _finished[-1][0] + RETAIN_S - time.monotonic()))
+        _finished.clear()
 
 
 def wait(work) -> None:

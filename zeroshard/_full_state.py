@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from . import _comm
+
 from ._sharded_state import bucket_states, load_from, parameter_names, split_state
 
 
@@ -40,7 +42,11 @@ def gather_full_state(opt) -> tuple[dict, dict] | None:
 def _gather_parameters(opt) -> tuple[dict, dict]:
     """id(param) -> full fp32 master value (updated parameters only), and -> its optimizer
     state in the plain layout; all-gathered, so every rank gets them."""
-    values = {key: value.clone() for key, value in opt._gather_masters().items()}
+    gathered = opt._gather_masters()
+    values = {key: value.clone() for key, value in gathered.items()}
+    # The gathered buffers are copied out; finished works still refer to them, so
+    # free them now rather than later (Note [finished work] in _comm.py).
+    _comm.release(gathered.values())
     states = {}
     for bucket, scalars, per_element in bucket_states(opt):
         full = {key: opt._gather_shard(tensor) for key, tensor in sorted(per_element.items())}
@@ -48,6 +54,7 @@ def _gather_parameters(opt) -> tuple[dict, dict]:
             states[id(param)] = {**{k: v.clone() if isinstance(v, torch.Tensor) else v
                                     for k, v in scalars.items()},
                                  **{k: bucket.param_view(full[k], index).clone() for k in full}}
+        _comm.release(full.values())
     return values, states
 
 

@@ -41,7 +41,7 @@ Note [no reference cycles]:
     stage -> model) that only the garbage collector frees: often during interpreter
     teardown, after ``destroy_process_group()``, with the process group and buffers
     still alive. So every hook reaches its stage through a weak reference
-    (``weak_hook``): when the last ``ZeroOptimizer`` reference goes, the stage and
+    (``WeakHook``): when the last ``ZeroOptimizer`` reference goes, the stage and
     everything it holds are freed at once, and its hooks are removed with it.
 
 Note [non-finite gradients]:
@@ -74,15 +74,36 @@ from ._bucket import FlatBucket
 from .mixed_precision import MASTER_DTYPE, MixedPrecision, fp16_compute
 
 
-def weak_hook(method, *leading):
-    """A hook calling ``method(*leading, *hook_args)``, holding ``method``'s object weakly
-    (Note [no reference cycles]); once that object is gone the hook does nothing."""
-    target = weakref.WeakMethod(method)
+class WeakHook:
+    """A hook calling ``method(*leading, *hook_args)`` that holds ``method``'s object
+    weakly (Note [no reference cycles]); once that object is gone it does nothing.
 
-    def hook(*args, **kwargs):
-        bound = target()
-        return None if bound is None else bound(*leading, *args, **kwargs)
-    return hook
+    A copy of the module or parameter it sits on (``copy.deepcopy``: an EMA model,
+    ``AveragedModel``; pickling: ``torch.save(model)``) gets an inert hook instead:
+    the copy is an ordinary module, not a second way into this stage that would
+    issue collectives on the ranks that use the copy only.
+    """
+
+    def __init__(self, method, *leading) -> None:
+        self._target = weakref.WeakMethod(method)
+        self._leading = leading
+
+    def __call__(self, *args, **kwargs):
+        bound = self._target()
+        return None if bound is None else bound(*self._leading, *args, **kwargs)
+
+    def __deepcopy__(self, memo) -> InertHook:
+        return InertHook()
+
+    def __reduce__(self):
+        return InertHook, ()
+
+
+class InertHook:
+    """What a copy of a ``WeakHook`` becomes: a hook that does nothing."""
+
+    def __call__(self, *args, **kwargs) -> None:
+        return None
 
 
 def _remove_handles(handles: list) -> None:
@@ -122,11 +143,11 @@ class ShardedStage:
         self._in_flight: list[tuple[FlatBucket, object, torch.Tensor, torch.Tensor | None]] = []
         self._position = {id(bucket): i for i, bucket in enumerate(self.buckets)}
         self._late: set[int] = set()  # positions of buckets that got gradient after launching
-        self._handles = [model.register_forward_hook(weak_hook(self._arm_backward_end))]
+        self._handles = [model.register_forward_hook(WeakHook(self._arm_backward_end))]
         for bucket in self.buckets:
             for index, param in enumerate(bucket.params):
                 self._handles.append(param.register_post_accumulate_grad_hook(
-                    weak_hook(self._on_gradient, bucket, index)))
+                    WeakHook(self._on_gradient, bucket, index)))
         # Note [no reference cycles]: a stage that goes away takes its hooks with it.
         weakref.finalize(self, _remove_handles, self._handles).atexit = False
 
@@ -169,7 +190,7 @@ class ShardedStage:
             self._check_non_finite = True
         for tensor in tree_flatten(output)[0]:
             if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
-                tensor.register_hook(weak_hook(self._on_backward_start))
+                tensor.register_hook(WeakHook(self._on_backward_start))
 
     def _on_backward_start(self, grad: torch.Tensor) -> None:
         if self.state is TrainingState.IDLE:
@@ -246,7 +267,7 @@ class ShardedStage:
             bucket, work, reduced, consumed = self._in_flight.pop(0)
             _comm.wait(work)
             if consumed is not None:  # its work handle outlives it (Note [finished work])
-                consumed.untyped_storage().resize_(0)
+                _comm.release([consumed])
             self.finalize(bucket, reduced)
 
     # -- after the optimizer step -----------------------------------------------------

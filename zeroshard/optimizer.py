@@ -168,7 +168,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
         Every hook is removed; every parameter holds its full current value (stage 3
         gathers them; with mixed precision the fp32 masters) in the dtype it had when
-        this optimizer was built, and so does every buffer. Collective at stage 3 or
+        this optimizer was built, and so does every buffer. With mixed precision a
+        frozen parameter has no master: it comes back as its ``param_dtype`` value,
+        cast to its old dtype (what it computed with). Collective at stage 3 or
         with mixed precision: call it on every rank. Idempotent; the optimizer cannot
         step afterwards, and a new ZeroOptimizer may be built over the model.
         """
@@ -190,7 +192,12 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 dtype = self._buffer_dtypes.get((id(module), name))
                 if buffer is not None and dtype is not None and buffer.dtype != dtype:
                     module._buffers[name] = buffer.to(dtype)
+        viewed = {p.untyped_storage().data_ptr() for p in self._model.parameters()}
+        # Stage 3 with mixed precision: the gathered low-precision buffers, replaced above
+        _comm.release(b.flat for b in self._every_bucket
+                      if b.flat.untyped_storage().data_ptr() not in viewed)
         self._detach()
+        _comm.release_finished()  # what the last collectives held (Note [finished work])
 
     def _detach(self) -> None:
         """Remove every hook and drop every buffer and state of this optimizer (local)."""

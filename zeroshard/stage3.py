@@ -65,7 +65,7 @@ import torch.distributed as dist
 from torch.utils._pytree import tree_flatten
 
 from . import _comm
-from ._stage import TrainingState, weak_hook
+from ._stage import TrainingState, WeakHook
 from ._unit import Schedule, ShardState, Unit, forward_and_backward_orders
 from .stage2 import Stage2
 
@@ -99,14 +99,14 @@ class Stage3(Stage2):
             owners = {id(self._unit_of[id(p)]): self._unit_of[id(p)]
                       for p in module._parameters.values() if p is not None}
             if owners:
-                guard = weak_hook(self._refuse_if_sharded, list(owners.values()))
+                guard = WeakHook(self._refuse_if_sharded, list(owners.values()))
                 self._handles.append(module.register_state_dict_pre_hook(guard))
                 self._handles.append(module.register_load_state_dict_pre_hook(guard))
         for unit in units:
             self._handles.append(unit.module.register_forward_pre_hook(
-                weak_hook(self._pre_forward, unit)))
+                WeakHook(self._pre_forward, unit)))
             self._handles.append(unit.module.register_forward_hook(
-                weak_hook(self._post_forward, unit)))
+                WeakHook(self._post_forward, unit)))
             unit.release()  # the shards hold rank 0's values (broadcast, then placed)
 
     # -- forward --------------------------------------------------------------------
@@ -156,7 +156,7 @@ class Stage3(Stage2):
         units = getattr(tensor, "_zeroshard_units", None)
         if units is None:
             tensor._zeroshard_units = units = []
-            tensor.register_hook(weak_hook(self._pre_backward_all, units))
+            tensor.register_hook(WeakHook(self._pre_backward_all, units))
         units.insert(0, unit)
 
     def _pre_backward_all(self, units: list[Unit], grad: torch.Tensor) -> None:
