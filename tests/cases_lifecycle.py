@@ -181,8 +181,15 @@ def copy_is_an_ordinary_module(ctx, stage: int):
         plain_grads = all(p.grad is not None and p.grad.shape == p.shape
                           for p in student.parameters() if p.requires_grad)
         student_opt.step()
-    _steps(model, opt, 1, 2, ctx.rank)
-    _steps(reference, ref_opt, 1, 2, ctx.rank)
+    ema = torch.optim.swa_utils.AveragedModel(model)  # a deep copy too
+    ref_ema = torch.optim.swa_utils.AveragedModel(reference.module)
+    for step in (1, 2):
+        _steps(model, opt, step, 1, ctx.rank)
+        _steps(reference, ref_opt, step, 1, ctx.rank)
+        ema.update_parameters(model)
+        ref_ema.update_parameters(reference.module)
     diffs = {name: (p - q).abs().max().item() for (name, p), q in
              zip(model.named_parameters(), reference.module.parameters())}
+    diffs.update({f"ema.{name}": (p - q).abs().max().item() for (name, p), q in
+                  zip(ema.named_parameters(), ref_ema.parameters())})
     return diffs, plain_grads

@@ -94,6 +94,15 @@ class FlatBucket:
             changed = before != after
             self.master[changed] = after[changed].to(self.master.dtype)
 
+    def absorb_outside_writes(self) -> None:
+        """Before a step: take into the master what was written to the parameters
+        outside ``summon_full_params()`` (``model.load_state_dict``, an in-place
+        re-initialisation). Such a write changes the shard (the parameters' cast) but
+        not the fp32 master, which the step would otherwise write back over it. The
+        shard always equals the master's cast otherwise, so only real writes differ."""
+        if self.has_separate_master:
+            self.absorb_writes(self.master.to(self.shard.dtype), self.shard)
+
     @property
     def all_ready(self) -> bool:
         return len(self.ready) == len(self.params)

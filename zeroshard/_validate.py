@@ -79,6 +79,19 @@ def check_not_managed(model: nn.Module, current_owner) -> None:
                 "parameters back, or load them with model.load_state_dict(...)")
 
 
+def check_trainable_unchanged(model: nn.Module, trainable: list[bool]) -> None:
+    """The buckets hold the parameters that required grad at construction: a parameter
+    frozen or unfrozen since then would silently keep its old role."""
+    for (name, param), was in zip(model.named_parameters(), trainable):
+        if param.requires_grad != was:
+            change = "unfrozen (requires_grad=True)" if param.requires_grad else \
+                "frozen (requires_grad=False)"
+            raise RuntimeError(
+                f"parameter {name!r} was {change} after the ZeroOptimizer was built, which "
+                "sharded it as it was; to change which parameters train, call opt.close() "
+                "(on every rank) and build a new ZeroOptimizer over the model")
+
+
 def check_devices(model: nn.Module) -> None:
     devices = {p.device for p in model.parameters()}
     if len(devices) > 1:

@@ -109,6 +109,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._model = model
         # What close() restores: the policy casts parameters and replaces buffers.
         self._param_dtypes = {id(p): p.dtype for p in model.parameters()}
+        # The sharding follows requires_grad as it is now (step() checks it stays so).
+        self._trainable_at_construction = [p.requires_grad for p in model.parameters()]
         self._buffer_dtypes = {(id(m), name): b.dtype for m in model.modules()
                                for name, b in m._buffers.items() if b is not None}
         self._group = process_group if process_group is not None else dist.group.WORLD
@@ -309,6 +311,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         norm_type = float(norm_type)
         if not (norm_type > 0):
             raise ValueError(f"norm_type must be positive or inf, got {norm_type}")
+        _validate.check_trainable_unchanged(self._model, self._trainable_at_construction)
         self._live.wait_in_flight()
         for bucket in self._buckets:
             bucket.widen_grad_shard()  # clip in fp32: the step uses fp32 gradients anyway
@@ -337,11 +340,13 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        _validate.check_trainable_unchanged(self._model, self._trainable_at_construction)
         self._live.wait_in_flight()
         for outer, inner in zip(self.param_groups, self._inner.param_groups):
             inner.update(_hyperparameters(outer))  # the outer groups are live (schedulers)
         for bucket in self._buckets:
             bucket.widen_grad_shard()  # the inner optimizer wants the master's dtype
+            bucket.absorb_outside_writes()  # e.g. model.load_state_dict() under mixed precision
         self._inner.step()
         for bucket in self._buckets:
             bucket.master_to_shard()  # with mixed precision: cast the updated masters

@@ -1,0 +1,95 @@
+"""Worker-side functions for ordinary training-loop variations (writes to the model
+between steps, changing which parameters train)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import zeroshard
+from models import build_model, loss_fn, make_batch
+
+MLP = {"kind": "mlp", "d_in": 5, "hidden": 7, "d_out": 3, "depth": 2, "frozen": False,
+       "unused_branch": False}
+BF16 = zeroshard.MixedPrecision(torch.bfloat16, buffer_dtype=torch.bfloat16,
+                                output_dtype=torch.float32)
+
+
+def _steps(spec, model, opt, first: int, count: int, rank: int) -> None:
+    for step in range(first, first + count):
+        loss_fn(spec, model, make_batch(spec, seed=step, rank=rank, batch=4)).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def _zero(model, stage: int, group, **kwargs):
+    return zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=stage, process_group=group,
+                                   bucket_size_mb=1e-4, **kwargs,
+                                   **({"units": torch.nn.Linear} if stage == 3 else {}))
+
+
+def load_state_dict_mid_run(ctx, stage: int):
+    """With bf16 mixed precision: train a step, ``model.load_state_dict(pretrained)``
+    (stage 3: inside summon_full_params), then step with lr 0. The step must keep the
+    loaded weights (the fp32 masters take them), not write the old masters back.
+    Returns the largest difference of parameters and of masters to the loaded values."""
+    model = build_model(MLP, seed=ctx.rank)
+    opt = _zero(model, stage, ctx.group, mixed_precision=BF16, lr=0.05)
+    _steps(MLP, model, opt, 0, 1, ctx.rank)
+    # "pretrained" weights, the same on every rank and exact in bf16
+    pretrained = {k: v.to(torch.bfloat16).float() * 0 + (i + 1) / 8
+                  for i, (k, v) in enumerate(build_model(MLP, seed=77).state_dict().items())}
+    if stage == 3:
+        with opt.summon_full_params():
+            model.load_state_dict(pretrained)
+    else:
+        model.load_state_dict(pretrained)
+    for group in opt.param_groups:
+        group["lr"] = 0.0
+    _steps(MLP, model, opt, 1, 1, ctx.rank)
+    masters = opt._gather_masters()
+    with opt.summon_full_params():
+        params = max((p.float() - pretrained[name]).abs().max().item()
+                     for name, p in model.named_parameters())
+        master = max((masters[id(p)] - pretrained[name]).abs().max().item()
+                     for name, p in model.named_parameters())
+    return params, master
+
+
+def trainable_changed_after_construction(ctx, stage: int, unfreeze: bool):
+    """A parameter unfrozen (or frozen) after the optimizer was built: step() refuses on
+    every rank, naming it and close(); closing and building a new ZeroOptimizer then
+    trains it like a DDP rebuilt over the changed model."""
+    spec = {**MLP, "frozen": True}
+    model = build_model(spec, seed=ctx.rank)
+    reference = DDP(build_model(spec, seed=0), process_group=ctx.group)
+    opt = _zero(model, stage, ctx.group, lr=0.05)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.05)
+    _steps(spec, model, opt, 0, 1, ctx.rank)
+    _steps(spec, reference, ref_opt, 0, 1, ctx.rank)
+    for net in (model, reference.module):
+        if unfreeze:
+            net.body[0].weight.requires_grad_(True)
+        else:
+            net.body[0].bias.requires_grad_(False)
+    loss_fn(spec, model, make_batch(spec, seed=1, rank=ctx.rank, batch=4)).backward()
+    try:
+        opt.step()
+        refusal = "no error"
+    except RuntimeError as error:
+        refusal = str(error)
+    probe = torch.ones(1)  # every rank is still in step with the others
+    dist.all_reduce(probe, group=ctx.group)
+    opt.zero_grad()
+    opt.close()
+    model.zero_grad(set_to_none=True)
+    opt = _zero(model, stage, ctx.group, lr=0.05)
+    reference = DDP(reference.module, process_group=ctx.group)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.05)
+    _steps(spec, model, opt, 1, 2, ctx.rank)
+    _steps(spec, reference, ref_opt, 1, 2, ctx.rank)
+    with opt.summon_full_params():
+        diffs = {name: (p - q).abs().max().item() for (name, p), q in
+                 zip(model.named_parameters(), reference.module.parameters())}
+    return refusal, probe.item(), diffs

@@ -1,0 +1,24 @@
+"""Ordinary training-loop variations give DDP's numbers or a clear error on every rank."""
+
+import pytest
+
+import cases_loops
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_load_state_dict_mid_run_with_mixed_precision_is_kept_by_the_step(pool, stage):
+    for params, masters in pool.run(cases_loops.load_state_dict_mid_run, 2, stage):
+        assert params == 0 and masters == 0, (params, masters)
+
+
+@pytest.mark.parametrize("unfreeze", [True, False])
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_changing_requires_grad_after_construction_is_refused_then_close_and_rebuild(
+        pool, stage, unfreeze):
+    for refusal, probe, diffs in pool.run(cases_loops.trainable_changed_after_construction, 2,
+                                          stage, unfreeze):
+        name = "body.0.weight" if unfreeze else "body.0.bias"
+        assert name in refusal and "opt.close()" in refusal, refusal
+        assert ("unfrozen" if unfreeze else "frozen") in refusal, refusal
+        assert probe == 2
+        assert max(diffs.values()) < 1e-6, diffs
