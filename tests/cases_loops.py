@@ -93,3 +93,34 @@ def trainable_changed_after_construction(ctx, stage: int, unfreeze: bool):
         diffs = {name: (p - q).abs().max().item() for (name, p), q in
                  zip(model.named_parameters(), reference.module.parameters())}
     return refusal, probe.item(), diffs
+
+
+def touch_stage3_parameters_between_steps(ctx):
+    """Stage 3 between steps (Note [stage-3 placeholders]): reading a parameter (a log
+    line, print) gives NaN of the right shape, device and count, not a crash; a write
+    raises, at once or when its unit is next gathered, on every rank that wrote; and
+    the reads disturb nothing: training goes on equal to DDP. Returns what was seen."""
+    model = build_model(MLP, seed=ctx.rank)
+    reference = DDP(build_model(MLP, seed=0), process_group=ctx.group)
+    opt, ref_opt = _zero(model, 3, ctx.group, lr=0.05), torch.optim.SGD(reference.parameters(), lr=0.05)
+    _steps(MLP, model, opt, 0, 1, ctx.rank)
+    _steps(MLP, reference, ref_opt, 0, 1, ctx.rank)
+    reads = {name: (p.norm().item(), tuple(p.shape), str(p.device)) for name, p in model.named_parameters()}
+    text = repr(next(model.parameters()))
+    count = (sum(p.numel() for p in model.parameters()),
+             sum(p.numel() for p in reference.module.parameters()))
+    _steps(MLP, model, opt, 1, 1, ctx.rank)
+    _steps(MLP, reference, ref_opt, 1, 1, ctx.rank)
+    with opt.summon_full_params():
+        diffs = {name: (p - q).abs().max().item() for (name, p), q in
+                 zip(model.named_parameters(), reference.module.parameters())}
+    writes = []
+    for write in (lambda p: torch.nn.init.normal_(p), lambda p: p.zero_()):
+        try:
+            with torch.no_grad():
+                write(model.body[0].weight)
+            loss_fn(MLP, model, make_batch(MLP, seed=9, rank=ctx.rank, batch=4)).backward()
+            writes.append("no error")
+        except RuntimeError as error:
+            writes.append(str(error))
+    return reads, text, count, diffs, writes

@@ -1,5 +1,7 @@
 """Ordinary training-loop variations give DDP's numbers or a clear error on every rank."""
 
+import math
+
 import pytest
 
 import cases_loops
@@ -22,3 +24,16 @@ def test_changing_requires_grad_after_construction_is_refused_then_close_and_reb
         assert ("unfrozen" if unfreeze else "frozen") in refusal, refusal
         assert probe == 2
         assert max(diffs.values()) < 1e-6, diffs
+
+
+def test_stage3_parameters_between_steps_read_as_nan_and_refuse_writes(pool):
+    for reads, text, count, diffs, writes in pool.run(
+            cases_loops.touch_stage3_parameters_between_steps, 2):
+        for name, (norm, shape, device) in reads.items():
+            assert math.isnan(norm) and device == "cpu" and all(shape), (name, norm, shape)
+        assert "nan" in text
+        assert count[0] == count[1]
+        assert max(diffs.values()) < 1e-6, diffs  # the reads changed nothing
+        assert "more than one element" in writes[0], writes[0]  # refused at once
+        assert "was written while its unit was released" in writes[1], writes[1]  # at gather
+        assert "summon_full_params" in writes[1]

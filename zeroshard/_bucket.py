@@ -44,6 +44,9 @@ class FlatBucket:
         self.master: torch.Tensor | None = self.shard  # what the optimizer steps (place_shard)
         self.grad_shard: torch.Tensor | None = None  # reduced gradient of `master`
         self.ready: set[int] = set()  # params whose gradient arrived in this backward
+        self.param_names = [f"params[{i}]" for i in range(len(self.params))]  # for messages
+        self.placeholders: torch.Tensor | None = None  # stage 3 (Note [stage-3 placeholders])
+        self._versions_at_release: list[int] = []
 
     def param_view(self, flat: torch.Tensor, index: int) -> torch.Tensor:
         """Parameter ``index``'s elements of ``flat`` (any buffer of this layout), shaped like it."""
@@ -143,13 +146,48 @@ class FlatBucket:
         return self.flat.untyped_storage().nbytes() > 0
 
     def allocate(self) -> None:
-        """Give the full buffer its storage back; the parameter views see it again."""
+        """Give the full buffer its storage back and make the parameters views of it
+        again (a gather then fills it)."""
+        self._refuse_writes_while_released()
         self.flat.untyped_storage().resize_(self.nbytes())
+        with torch.no_grad():
+            for index, param in enumerate(self.params):
+                param.data = self.param_view(self.flat, index)
 
     def free(self) -> None:
-        """Free the full buffer's storage. The parameters stay views of it (of size 0)
-        until ``allocate`` and a gather refill it: the same objects, no new views."""
+        """Free the full buffer's storage; the parameters become placeholders.
+
+        Note [stage-3 placeholders]: between uses a parameter is never a view of freed
+        storage (reading that reads memory that is not there). It holds a placeholder
+        of its own shape, dtype and device: one NaN element of its own repeated
+        (stride 0), so ``numel()``, ``shape`` and ``device`` stay true and a read
+        (logging, ``print``, an EMA update) shows NaN rather than crashing. A write
+        (``model.apply(init)``, ``p.zero_()``) either raises at once (most in-place
+        ops refuse a stride-0 destination) or is found by the parameter's version
+        counter when the unit is next gathered, which raises then. Autograd's saved
+        references are the same parameter objects, so backward sees the gathered
+        values again.
+        """
         self.flat.untyped_storage().resize_(0)
+        if self.placeholders is None:
+            self.placeholders = torch.full((len(self.params),), float("nan"),
+                                           dtype=self.flat.dtype, device=self.flat.device)
+        with torch.no_grad():
+            for index, param in enumerate(self.params):
+                param.data = self.placeholders[index].expand(param.shape)
+        self._versions_at_release = [param._version for param in self.params]
+
+    def _refuse_writes_while_released(self) -> None:
+        if not self._versions_at_release:
+            return
+        for index, param in enumerate(self.params):
+            if param._version != self._versions_at_release[index]:
+                raise RuntimeError(
+                    f"stage-3 parameter {self.param_names[index]!r} was written while its unit "
+                    "was released (between forward passes it holds a NaN placeholder, Note "
+                    "[stage-3 placeholders] in zeroshard/_bucket.py), so the write is lost; "
+                    "write parameters inside `with opt.summon_full_params():` on every rank")
+        self._versions_at_release = []
 
 
 def build_buckets(params: Sequence[tuple[nn.Parameter, int]], bucket_bytes: int, rank: int,

@@ -168,6 +168,7 @@ def build_units(model: nn.Module, unit_modules: list[nn.Module], group_of: dict[
     """One bucket per (param group, dtype, device, requires_grad) of each unit's own parameters."""
     owner = assign_owners(model, unit_modules)
     names = {id(m): name for name, m in model.named_modules()}
+    param_names = {id(p): name for name, p in model.named_parameters()}
     units = []
     for index, module in enumerate(unit_modules):
         by_key: dict[tuple, list[nn.Parameter]] = {}
@@ -176,6 +177,8 @@ def build_units(model: nn.Module, unit_modules: list[nn.Module], group_of: dict[
                 key = (group_of.get(id(param), -1), param.dtype, param.device, param.requires_grad)
                 by_key.setdefault(key, []).append(param)
         buckets = [FlatBucket(params, key[0], rank, world_size) for key, params in by_key.items()]
+        for bucket in buckets:
+            bucket.param_names = [param_names[id(p)] for p in bucket.params]
         units.append(Unit(module, names.get(id(module), ""), buckets))
     return units
 

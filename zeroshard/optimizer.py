@@ -13,7 +13,7 @@ from torch import nn
 from . import _comm, _full_state, _validate
 from ._bucket import FlatBucket, build_buckets
 from ._unit import build_units, select_unit_modules
-from .memory import storage_bytes
+from .memory import storage_bytes, storage_key
 from .mixed_precision import MixedPrecision, cast_buffers, install_forward_casts
 from .stage1 import Stage1
 from .stage2 import Stage2
@@ -47,8 +47,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
     ``module -> bool``; None groups submodules of about ``bucket_size_mb``) picks
     the modules whose parameters are gathered before their forward and released
     after it (``reshard_after_forward=True``, else kept until backward is done
-    with them). Between forward passes parameters hold no storage: read or write
-    them, or call ``model.state_dict()``, inside ``opt.summon_full_params()``.
+    with them). Between forward passes parameters hold NaN placeholders of their
+    shape (Note [stage-3 placeholders] in _bucket.py): read or write them, or call
+    ``model.state_dict()``, inside ``opt.summon_full_params()``.
     A unit may run, or reach the loss, on some ranks only; units should run in
     one order on every rank (Note [gather schedule] in stage3.py).
 
@@ -456,7 +457,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     def memory_report(self) -> dict[str, int]:
         """Bytes this rank holds now, from the real storages (each storage counted once)."""
-        seen: set = set()
+        # Released stage-3 parameters repeat one element each (Note [stage-3
+        # placeholders]): a few bytes per bucket, not parameter memory.
+        seen = {storage_key(b.placeholders) for b in self._every_bucket
+                if b.placeholders is not None}
         params = list(self._model.parameters())
         report = {"parameters": storage_bytes(params + self._live.parameter_tensors(), seen)}
         grads = [p.grad for p in params if p.grad is not None] + self._live.gradient_tensors()
