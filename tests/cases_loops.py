@@ -124,3 +124,30 @@ def touch_stage3_parameters_between_steps(ctx):
         except RuntimeError as error:
             writes.append(str(error))
     return reads, text, count, diffs, writes
+
+
+def retained_graph_backward_twice(ctx, stage: int):
+    """``loss.backward(retain_graph=True); opt.zero_grad(); loss.backward(); opt.step()``
+    (a discarded first backward, e.g. a probe of the gradient): the step uses the second
+    backward's gradients averaged over ranks. The reference is a plain model whose
+    gradients the test all-reduces itself (DDP's reducer does not run a second time
+    without a new forward). Returns per-parameter differences to it."""
+    model = build_model(MLP, seed=ctx.rank)
+    reference = build_model(MLP, seed=0)
+    opt = _zero(model, stage, ctx.group, lr=0.05, momentum=0.9)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9)
+    for step in range(3):
+        for net, optimizer in ((model, opt), (reference, ref_opt)):
+            loss = loss_fn(MLP, net, make_batch(MLP, seed=step, rank=ctx.rank, batch=4))
+            loss.backward(retain_graph=True)
+            optimizer.zero_grad()
+            loss.backward()
+            if net is reference:
+                for param in reference.parameters():
+                    dist.all_reduce(param.grad, group=ctx.group)
+                    param.grad /= ctx.world_size
+            optimizer.step()
+            optimizer.zero_grad()
+    with opt.summon_full_params():
+        return {name: (p - q).abs().max().item() for (name, p), q in
+                zip(model.named_parameters(), reference.parameters())}

@@ -37,3 +37,9 @@ def test_stage3_parameters_between_steps_read_as_nan_and_refuse_writes(pool):
         assert "more than one element" in writes[0], writes[0]  # refused at once
         assert "was written while its unit was released" in writes[1], writes[1]  # at gather
         assert "summon_full_params" in writes[1]
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_a_second_backward_through_a_retained_graph_gives_ddp_gradients(pool, stage):
+    for diffs in pool.run(cases_loops.retained_graph_backward_twice, 2, stage):
+        assert max(diffs.values()) < 1e-6, diffs

@@ -44,7 +44,7 @@ class Unit:
         self.release_when_grads_done = all(p.requires_grad for b in buckets for p in b.params)
         self.grads_arrived: set[int] = set()  # this backward's accumulated gradients
         self.backward_armed = False  # gathered for this backward already
-        self.ran_since_backward = False  # a forward with grad enabled ran it
+        self.ran_since_backward = False  # a forward with grad enabled ran it, or a gradient came
 
     def nbytes(self) -> int:
         return sum(b.nbytes() for b in self.buckets)

@@ -177,6 +177,9 @@ class Stage3(Stage2):
         super().collect(bucket, index)
         param = bucket.params[index]
         unit = self._unit_of[id(param)]
+        # A gradient arrived, so a forward ran the unit, even one before the last synced
+        # backward: a second backward through a retained graph.
+        unit.ran_since_backward = True
         unit.grads_arrived.add(id(param))
         if unit.release_when_grads_done and unit.grads_arrived >= unit.trainable_ids:
             unit.release()  # all its gradients are accumulated: backward is done with it
