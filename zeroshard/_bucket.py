@@ -42,6 +42,7 @@ class FlatBucket:
                 param.data = view
         self.shard = self._own_slice()  # this rank's elements, a view of flat (see place_shard)
         self.master: torch.Tensor | None = self.shard  # what the optimizer steps (place_shard)
+        self._shard_owns_storage = False  # stage 3's shard is a copy (place_shard)
         self.grad_shard: torch.Tensor | None = None  # reduced gradient of `master`
         self.ready: set[int] = set()  # params whose gradient arrived in this backward
         self.param_names = [f"params[{i}]" for i in range(len(self.params))]  # for messages
@@ -77,6 +78,7 @@ class FlatBucket:
             self.flat.untyped_storage().resize_(0)
             self.flat = flat
         self.shard = self._own_slice().clone() if own_storage else self._own_slice()
+        self._shard_owns_storage = own_storage
         if param_dtype is None:
             self.master = self.shard
 
@@ -94,8 +96,9 @@ class FlatBucket:
         parameters: copy the changed elements into the master. Unchanged elements
         keep their fp32 master values (a round trip through the cast would lose them)."""
         if self.has_separate_master:
-            changed = before != after
-            self.master[changed] = after[changed].to(self.master.dtype)
+            # torch.where, not boolean indexing: no host synchronisation on CUDA
+            self.master.copy_(torch.where(before != after, after.to(self.master.dtype),
+                                          self.master))
 
     def absorb_outside_writes(self) -> None:
         """Before a step: take into the master what was written to the parameters
@@ -103,7 +106,7 @@ class FlatBucket:
         re-initialisation). Such a write changes the shard (the parameters' cast) but
         not the fp32 master, which the step would otherwise write back over it. The
         shard always equals the master's cast otherwise, so only real writes differ."""
-        if self.has_separate_master:
+        if self.has_separate_master and not self._shard_owns_storage:  # stage 3: never written
             self.absorb_writes(self.master.to(self.shard.dtype), self.shard)
 
     @property

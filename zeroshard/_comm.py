@@ -3,8 +3,8 @@
 Every collective function here takes the tensors, the process group (or stage 3's
 ``GatherChannel``, kept here one per group), the ``CommStats`` to count into and a
 label, runs one collective, and returns the async work handle (or None when
-blocking). Every wait goes through ``wait``/``wait_all``, which keep the works of
-the latest wait referenced (Note [finished work]). Each call is counted and wrapped in a
+blocking). Every wait goes through ``wait``/``wait_all``, which keep finished
+works referenced for a while (Note [finished work]). Each call is counted and wrapped in a
 ``torch.profiler.record_function`` named ``zeroshard::<label>::<collective>`` so a
 profiler trace shows which stage issued it.
 
