@@ -30,31 +30,39 @@ def _zero(model, stage: int, group, **kwargs):
 
 
 def load_state_dict_mid_run(ctx, stage: int):
-    """With bf16 mixed precision: train a step, ``model.load_state_dict(pretrained)``
-    (stage 3: inside summon_full_params), then step with lr 0. The step must keep the
-    loaded weights (the fp32 masters take them), not write the old masters back.
-    Returns the largest difference of parameters and of masters to the loaded values."""
+    """With bf16 mixed precision: train a step, then ``model.load_state_dict(pretrained)``
+    with fp32 values that bf16 cannot hold (stage 3: inside summon_full_params). The
+    fp32 masters must hold the loaded values exactly, at once (full_state_dict right
+    after the load) and after a step with lr 0; the parameters hold their bf16 cast.
+    Returns the largest differences: masters after the load, the full state dict,
+    masters after the step, parameters to the cast."""
     model = build_model(MLP, seed=ctx.rank)
     opt = _zero(model, stage, ctx.group, mixed_precision=BF16, lr=0.05)
     _steps(MLP, model, opt, 0, 1, ctx.rank)
-    # "pretrained" weights, the same on every rank and exact in bf16
-    pretrained = {k: v.to(torch.bfloat16).float() * 0 + (i + 1) / 8
-                  for i, (k, v) in enumerate(build_model(MLP, seed=77).state_dict().items())}
+    pretrained = build_model(MLP, seed=77).state_dict()  # the same on every rank
     if stage == 3:
         with opt.summon_full_params():
             model.load_state_dict(pretrained)
     else:
         model.load_state_dict(pretrained)
+    names = {id(p): name for name, p in model.named_parameters()}
+
+    def master_diff():
+        return max((value - pretrained[names[key]]).abs().max().item()
+                   for key, value in opt._gather_masters().items())
+
+    after_load = master_diff()
+    exported = opt.full_state_dict()
+    exported_diff = 0.0 if exported is None else max(
+        (exported[0][name] - pretrained[name]).abs().max().item() for name in names.values())
     for group in opt.param_groups:
         group["lr"] = 0.0
     _steps(MLP, model, opt, 1, 1, ctx.rank)
-    masters = opt._gather_masters()
+    after_step = master_diff()
     with opt.summon_full_params():
-        params = max((p.float() - pretrained[name]).abs().max().item()
+        params = max((p - pretrained[name].to(p.dtype)).abs().max().item()
                      for name, p in model.named_parameters())
-        master = max((masters[id(p)] - pretrained[name]).abs().max().item()
-                     for name, p in model.named_parameters())
-    return params, master
+    return after_load, exported_diff, after_step, params
 
 
 def trainable_changed_after_construction(ctx, stage: int, unfreeze: bool):
@@ -115,7 +123,8 @@ def touch_stage3_parameters_between_steps(ctx):
         diffs = {name: (p - q).abs().max().item() for (name, p), q in
                  zip(model.named_parameters(), reference.module.parameters())}
     writes = []
-    for write in (lambda p: torch.nn.init.normal_(p), lambda p: p.zero_()):
+    for write in (lambda p: torch.nn.init.normal_(p), lambda p: p.zero_(),
+                  lambda p: setattr(p, "data", torch.ones_like(p))):
         try:
             with torch.no_grad():
                 write(model.body[0].weight)
@@ -123,6 +132,9 @@ def touch_stage3_parameters_between_steps(ctx):
             writes.append("no error")
         except RuntimeError as error:
             writes.append(str(error))
+    # a refused write does not poison later passes
+    loss_fn(MLP, model, make_batch(MLP, seed=10, rank=ctx.rank, batch=4)).backward()
+    opt.zero_grad()
     return reads, text, count, diffs, writes
 
 

@@ -9,8 +9,8 @@ import cases_loops
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_load_state_dict_mid_run_with_mixed_precision_is_kept_by_the_step(pool, stage):
-    for params, masters in pool.run(cases_loops.load_state_dict_mid_run, 2, stage):
-        assert params == 0 and masters == 0, (params, masters)
+    for diffs in pool.run(cases_loops.load_state_dict_mid_run, 2, stage):
+        assert diffs == (0, 0, 0, 0), diffs  # exact: loaded values, not their bf16 casts
 
 
 @pytest.mark.parametrize("unfreeze", [True, False])
@@ -35,8 +35,9 @@ def test_stage3_parameters_between_steps_read_as_nan_and_refuse_writes(pool):
         assert count[0] == count[1]
         assert max(diffs.values()) < 1e-6, diffs  # the reads changed nothing
         assert "more than one element" in writes[0], writes[0]  # refused at once
-        assert "was written while its unit was released" in writes[1], writes[1]  # at gather
-        assert "summon_full_params" in writes[1]
+        for write in writes[1:]:  # p.zero_(), p.data = ...: found at the next gather
+            assert "was written while its unit was released" in write, write
+            assert "summon_full_params" in write
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])

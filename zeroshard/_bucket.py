@@ -43,6 +43,7 @@ class FlatBucket:
         self.shard = self._own_slice()  # this rank's elements, a view of flat (see place_shard)
         self.master: torch.Tensor | None = self.shard  # what the optimizer steps (place_shard)
         self._shard_owns_storage = False  # stage 3's shard is a copy (place_shard)
+        self._clean_version = -1  # flat._version when the parameters last held the masters' cast
         self.grad_shard: torch.Tensor | None = None  # reduced gradient of `master`
         self.ready: set[int] = set()  # params whose gradient arrived in this backward
         self.param_names = [f"params[{i}]" for i in range(len(self.params))]  # for messages
@@ -91,23 +92,46 @@ class FlatBucket:
         if self.has_separate_master:
             self.shard.copy_(self.master)
 
-    def absorb_writes(self, before: torch.Tensor, after: torch.Tensor) -> None:
-        """The shard's elements went from ``before`` to ``after`` by a write to the
-        parameters: copy the changed elements into the master. Unchanged elements
-        keep their fp32 master values (a round trip through the cast would lose them)."""
+    def absorb_writes(self, written: torch.Tensor) -> None:
+        """``written`` (this rank's elements, in the parameters' dtype) may hold writes
+        to the parameters: where it differs from the master's cast, the master takes
+        the written value. Elsewhere the master keeps its fp32 value, which a round
+        trip through the cast would lose (a value loaded exactly by
+        ``load_into_master`` stays exact)."""
         if self.has_separate_master:
             # torch.where, not boolean indexing: no host synchronisation on CUDA
-            self.master.copy_(torch.where(before != after, after.to(self.master.dtype),
-                                          self.master))
+            self.master.copy_(torch.where(written != self.master.to(written.dtype),
+                                          written.to(self.master.dtype), self.master))
 
     def absorb_outside_writes(self) -> None:
-        """Before a step: take into the master what was written to the parameters
-        outside ``summon_full_params()`` (``model.load_state_dict``, an in-place
-        re-initialisation). Such a write changes the shard (the parameters' cast) but
-        not the fp32 master, which the step would otherwise write back over it. The
-        shard always equals the master's cast otherwise, so only real writes differ."""
-        if self.has_separate_master and not self._shard_owns_storage:  # stage 3: never written
-            self.absorb_writes(self.master.to(self.shard.dtype), self.shard)
+        """Stages 1-2 with mixed precision, before the masters are used: take into the
+        master what an in-place write to the parameters (``model.apply(init)``,
+        ``p.copy_(...)``) put in the shard outside ``summon_full_params()``, which
+        the next step would otherwise write back over. The shard equals the master's
+        cast except where such a write changed it; the buffer's version counter says
+        whether anything was written since ``mark_clean``, so this is free otherwise.
+        (``model.load_state_dict`` is taken exactly, in fp32: ``load_into_master``.)"""
+        if not self.has_separate_master or self._shard_owns_storage:  # stage 3: never written
+            return
+        if self.flat._version != self._clean_version:
+            self.absorb_writes(self.shard)
+            self.mark_clean()
+
+    def mark_clean(self) -> None:
+        """The parameters hold the masters' cast now (after construction, a step, a load)."""
+        self._clean_version = self.flat._version
+
+    def load_into_master(self, index: int, value: torch.Tensor) -> None:
+        """Parameter ``index`` is being loaded with ``value`` (any dtype): put this rank's
+        part of it into the master at full precision."""
+        if not self.has_separate_master:
+            return
+        overlap = self.layout.overlap(index, self.rank)
+        if overlap is None:
+            return
+        start = overlap.shard_start
+        self.master[start:start + overlap.param_stop - overlap.param_start].copy_(
+            value.reshape(-1)[overlap.param_start:overlap.param_stop])
 
     @property
     def all_ready(self) -> bool:
@@ -141,7 +165,7 @@ class FlatBucket:
     def load_shard(self) -> None:
         """Copy this rank's slice of the full buffer (written to) into the detached shard."""
         current = self._own_slice()
-        self.absorb_writes(self.shard, current)
+        self.absorb_writes(current)
         self.shard.copy_(current)
 
     @property
@@ -151,8 +175,8 @@ class FlatBucket:
     def allocate(self) -> None:
         """Give the full buffer its storage back and make the parameters views of it
         again (a gather then fills it)."""
-        self._refuse_writes_while_released()
         self.flat.untyped_storage().resize_(self.nbytes())
+        self._versions_at_release = []
         with torch.no_grad():
             for index, param in enumerate(self.params):
                 param.data = self.param_view(self.flat, index)
@@ -165,32 +189,48 @@ class FlatBucket:
         of its own shape, dtype and device: one NaN element of its own repeated
         (stride 0), so ``numel()``, ``shape`` and ``device`` stay true and a read
         (logging, ``print``, an EMA update) shows NaN rather than crashing. A write
-        (``model.apply(init)``, ``p.zero_()``) either raises at once (most in-place
-        ops refuse a stride-0 destination) or is found by the parameter's version
-        counter when the unit is next gathered, which raises then. Autograd's saved
+        (``model.apply(init)``, ``p.zero_()``, ``p.data = ...``) either raises at once
+        (most in-place ops refuse a stride-0 destination) or is found by the
+        parameter's version counter or storage when the unit is next gathered, which
+        raises then, on the ranks that wrote (write the same on every rank). An
+        in-place write through ``p.data`` is not seen and is lost. Autograd's saved
         references are the same parameter objects, so backward sees the gathered
         values again.
         """
         self.flat.untyped_storage().resize_(0)
         if self.placeholders is None:
-            self.placeholders = torch.full((len(self.params),), float("nan"),
-                                           dtype=self.flat.dtype, device=self.flat.device)
+            self.placeholders = torch.empty(len(self.params), dtype=self.flat.dtype,
+                                            device=self.flat.device)
+        self.placeholders.fill_(float("nan"))  # again: a write through .data may have changed it
         with torch.no_grad():
             for index, param in enumerate(self.params):
                 param.data = self.placeholders[index].expand(param.shape)
         self._versions_at_release = [param._version for param in self.params]
 
-    def _refuse_writes_while_released(self) -> None:
+    def refuse_writes_while_released(self) -> None:
+        """Before a gather: a parameter written (in place, or given new ``.data``) while
+        released would silently lose the write; raise instead, once per write (the
+        parameter is a placeholder again afterwards). Host-side checks only. An
+        in-place write through ``p.data`` cannot be seen (it has its own version)."""
         if not self._versions_at_release:
+            return  # gathered
+        home = self.placeholders.untyped_storage().data_ptr()
+        written = [index for index, param in enumerate(self.params)
+                   if param._version != self._versions_at_release[index]
+                   or param.untyped_storage().data_ptr() != home]
+        if not written:
             return
-        for index, param in enumerate(self.params):
-            if param._version != self._versions_at_release[index]:
-                raise RuntimeError(
-                    f"stage-3 parameter {self.param_names[index]!r} was written while its unit "
-                    "was released (between forward passes it holds a NaN placeholder, Note "
-                    "[stage-3 placeholders] in zeroshard/_bucket.py), so the write is lost; "
-                    "write parameters inside `with opt.summon_full_params():` on every rank")
-        self._versions_at_release = []
+        with torch.no_grad():
+            for index in written:
+                param = self.params[index]
+                param.data = self.placeholders[index].expand(param.shape)
+        self._versions_at_release = [param._version for param in self.params]
+        names = ", ".join(repr(self.param_names[index]) for index in written)
+        raise RuntimeError(
+            f"stage-3 parameter {names} was written while its unit was released (between "
+            "forward passes it holds a NaN placeholder, Note [stage-3 placeholders] in "
+            "zeroshard/_bucket.py), so the write is lost; write parameters inside "
+            "`with opt.summon_full_params():` on every rank")
 
 
 def build_buckets(params: Sequence[tuple[nn.Parameter, int]], bucket_bytes: int, rank: int,

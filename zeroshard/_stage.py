@@ -275,6 +275,8 @@ class ShardedStage:
     def after_step(self) -> None:
         """The inner optimizer has updated the shards: make the parameters follow."""
         self.gather_params()
+        for bucket in self.buckets:
+            bucket.mark_clean()
 
     def unshard(self) -> None:
         """Make every parameter hold its full value for good (``close()``): at stages 1
@@ -292,14 +294,12 @@ class ShardedStage:
     def summon_full_params(self):
         """Stages 1 and 2 keep parameters whole, so nothing is gathered; with mixed
         precision, writes made inside are copied into the fp32 masters on exit."""
-        before = [b.shard.clone() if b.has_separate_master else None for b in self.buckets]
         try:
             yield
         finally:
             with torch.no_grad():
-                for bucket, old in zip(self.buckets, before):
-                    if old is not None:
-                        bucket.absorb_writes(old, bucket.shard)
+                for bucket in self.buckets:
+                    bucket.absorb_outside_writes()
 
     def gather_params(self) -> None:
         """All-gather each bucket's updated shard into its flat buffer (the parameters)."""

@@ -53,6 +53,8 @@ class Unit:
         """Start all-gathering every bucket into its full buffer (idempotent)."""
         if self.state is not ShardState.SHARDED:
             return
+        for bucket in self.buckets:  # all checked before the first collective
+            bucket.refuse_writes_while_released()
         for bucket in self.buckets:
             bucket.allocate()
             self._works.append(_comm.all_gather(bucket.flat, bucket.shard, group=group,

@@ -63,6 +63,7 @@ def save_checkpoint(path, model, opt, extra=None) -> None:
     root = Path(path)
     if root.exists() and not root.is_dir():
         raise ValueError(f"checkpoint path {str(root)!r} is a file; pass a folder (it is created)")
+    opt._take_outside_writes()  # with mixed precision, writes to the parameters reach the masters
     version = _agree_on_version(opt, root)
     staging, final = root / f"{version}.partial", root / version
     _run_and_share(opt, (lambda: _prepare_staging(root, staging)) if opt._rank == 0 else None)

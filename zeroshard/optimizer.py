@@ -12,6 +12,7 @@ from torch import nn
 
 from . import _comm, _full_state, _validate
 from ._bucket import FlatBucket, build_buckets
+from ._stage import WeakHook
 from ._unit import build_units, select_unit_modules
 from .memory import storage_bytes, storage_key
 from .mixed_precision import MixedPrecision, cast_buffers, install_forward_casts
@@ -56,8 +57,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
     ``mixed_precision=zeroshard.MixedPrecision(...)`` casts the parameters to its
     ``param_dtype`` and keeps fp32 master weights of this rank's shard only; the
     inner optimizer steps those, and the cast result is all-gathered. With
-    mixed precision, write parameters inside ``summon_full_params()``: writes made
-    there are copied into the masters, others are overwritten by the next step.
+    mixed precision, ``model.load_state_dict()`` loads the fp32 masters exactly, and
+    other writes to the parameters reach the masters at their low-precision value.
     ``torch.amp.GradScaler`` works unchanged (``scaler.scale(loss).backward()``,
     ``scaler.unscale_(opt)``, ``opt.clip_grad_norm_``, ``scaler.step(opt)``,
     ``scaler.update()``); after an fp16 backward the ranks agree whether any
@@ -150,6 +151,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
                                       mixed_precision)
         if mixed_precision is not None:
             self._stage._handles += install_forward_casts(model, mixed_precision)
+            # model.load_state_dict() gives the fp32 masters the loaded values exactly
+            self._stage._handles.append(model.register_load_state_dict_pre_hook(
+                WeakHook(self._load_into_masters)))
         for param in model.parameters():
             _owners[id(param)] = (weakref.ref(param), weakref.ref(self))
         self._constructed = True
@@ -218,6 +222,24 @@ class ZeroOptimizer(torch.optim.Optimizer):
             if entry is not None and entry[1]() is self:
                 del _owners[id(param)]
 
+    def _take_outside_writes(self) -> list[FlatBucket]:
+        """With mixed precision, the masters take what was written to the parameters
+        since the last step (``FlatBucket.absorb_outside_writes``); returns the buckets."""
+        for bucket in self._buckets:
+            bucket.absorb_outside_writes()
+        return self._buckets
+
+    @torch.no_grad()
+    def _load_into_masters(self, module, state_dict, prefix, *args) -> None:
+        """A pre-hook of ``model.load_state_dict``: the masters take the loaded values at
+        full precision; the parameters then receive their cast as usual."""
+        names = {id(p): prefix + name for name, p in self._model.named_parameters()}
+        for bucket in self._buckets:
+            for index, param in enumerate(bucket.params):
+                value = state_dict.get(names[id(param)])
+                if isinstance(value, torch.Tensor) and value.numel() == param.numel():
+                    bucket.load_into_master(index, value)
+
     def _require_open(self) -> None:
         if self._stage is None:
             raise RuntimeError("this ZeroOptimizer was closed (close() or the end of its `with` "
@@ -251,6 +273,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         param_dtype = policy.param_dtype if policy is not None else None
         for bucket in buckets:
             bucket.place_shard(param_dtype, own_storage=self.stage == 3)
+            bucket.mark_clean()
         if policy is None:
             return
         bucketed = {id(p) for b in buckets for p in b.params}
@@ -345,9 +368,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._live.wait_in_flight()
         for outer, inner in zip(self.param_groups, self._inner.param_groups):
             inner.update(_hyperparameters(outer))  # the outer groups are live (schedulers)
+        self._take_outside_writes()
         for bucket in self._buckets:
             bucket.widen_grad_shard()  # the inner optimizer wants the master's dtype
-            bucket.absorb_outside_writes()  # e.g. model.load_state_dict() under mixed precision
         self._inner.step()
         for bucket in self._buckets:
             bucket.master_to_shard()  # with mixed precision: cast the updated masters
@@ -384,7 +407,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
             "inner": self._inner.state_dict(),
             # With mixed precision the fp32 masters are state the model's parameters
             # (their casts) cannot restore.
-            "masters": [b.master.clone() for b in self._buckets] if self.mixed_precision else None,
+            "masters": [b.master.clone() for b in self._take_outside_writes()]
+            if self.mixed_precision else None,
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -442,6 +466,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def _gather_masters(self) -> dict[int, torch.Tensor]:
         """id(parameter) -> its full value, all-gathered from the master shards, for every
         parameter this optimizer updates (fp32 with mixed precision). Collective."""
+        self._take_outside_writes()
         full_values = {}
         for bucket in self._buckets:
             full = self._gather_shard(bucket.master)
