@@ -163,3 +163,39 @@ def retained_graph_backward_twice(ctx, stage: int):
     with opt.summon_full_params():
         return {name: (p - q).abs().max().item() for (name, p), q in
                 zip(model.named_parameters(), reference.parameters())}
+
+
+def forward_inside_summon(ctx, stage: int):
+    """Evaluation inside ``summon_full_params()`` on rank 0 only (sampling between steps):
+    no collective, the reference model's output, training undisturbed (equal to DDP). A
+    forward with grad enabled there is refused at stage 3. Returns (output difference,
+    collectives the eval issued, parameter differences at the end, refusal message)."""
+    model = build_model(MLP, seed=ctx.rank)
+    reference = DDP(build_model(MLP, seed=0), process_group=ctx.group)
+    opt, ref_opt = _zero(model, stage, ctx.group, lr=0.05), torch.optim.SGD(reference.parameters(), lr=0.05)
+    _steps(MLP, model, opt, 0, 1, ctx.rank)
+    _steps(MLP, reference, ref_opt, 0, 1, ctx.rank)
+    batch = make_batch(MLP, seed=99, rank=0, batch=4)
+    output_diff, issued = 0.0, 0
+    with opt.summon_full_params():
+        opt.comm_stats.reset()
+        if ctx.rank == 0:
+            model.eval()
+            with torch.no_grad():
+                ours, theirs = model(batch[0]), reference.module(batch[0])
+            output_diff = (ours - theirs).abs().max().item()
+            model.train()
+        issued = sum(opt.comm_stats.calls.values())
+    refusal = "no error"
+    if stage == 3:
+        try:
+            with opt.summon_full_params():
+                model(batch[0])
+        except RuntimeError as error:
+            refusal = str(error)
+    _steps(MLP, model, opt, 1, 2, ctx.rank)
+    _steps(MLP, reference, ref_opt, 1, 2, ctx.rank)
+    with opt.summon_full_params():
+        diffs = {name: (p - q).abs().max().item() for (name, p), q in
+                 zip(model.named_parameters(), reference.module.parameters())}
+    return output_diff, issued, diffs, refusal

@@ -44,3 +44,14 @@ def test_stage3_parameters_between_steps_read_as_nan_and_refuse_writes(pool):
 def test_a_second_backward_through_a_retained_graph_gives_ddp_gradients(pool, stage):
     for diffs in pool.run(cases_loops.retained_graph_backward_twice, 2, stage):
         assert max(diffs.values()) < 1e-6, diffs
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_evaluation_inside_summon_on_one_rank_issues_no_collective(pool, stage):
+    for output_diff, issued, diffs, refusal in pool.run(cases_loops.forward_inside_summon, 2,
+                                                        stage):
+        assert output_diff < 1e-6, output_diff
+        assert issued == 0, issued
+        assert max(diffs.values()) < 1e-6, diffs
+        if stage == 3:
+            assert "torch.no_grad()" in refusal and "summon_full_params" in refusal, refusal

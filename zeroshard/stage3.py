@@ -90,6 +90,7 @@ class Stage3(Stage2):
         self._forward = Schedule(forward_order)  # Note [gather schedule]
         self._backward = Schedule(backward_order)
         self._training_forward = False  # the current forward began with grad enabled
+        self._summoned = 0  # depth of summon_full_params() blocks (Note [forward inside summon])
         self._order_warned = False
         self.device = next((b.flat.device for u in units for b in u.buckets), torch.device("cpu"))
         # Note [gather channel]: gathers get a communicator of their own.
@@ -112,6 +113,14 @@ class Stage3(Stage2):
     # -- forward --------------------------------------------------------------------
 
     def _pre_forward(self, unit: Unit, module, args) -> None:
+        if self._summoned:  # Note [forward inside summon]
+            if torch.is_grad_enabled():
+                raise RuntimeError(
+                    f"zeroshard stage 3: unit {unit.name} ran a forward with grad enabled inside "
+                    "`with opt.summon_full_params():`; there every parameter is gathered and "
+                    "backward cannot reduce and release units. Run forwards there under "
+                    "torch.no_grad() (evaluation, generate()), or train outside the block")
+            return
         if self.state is TrainingState.BACKWARD:  # Note [recomputation]
             if self.reshard_after_forward:
                 self._walk(self._backward, unit)
@@ -126,6 +135,8 @@ class Stage3(Stage2):
         self._walk(self._forward, unit)
 
     def _post_forward(self, unit: Unit, module, args, output) -> None:
+        if self._summoned:  # Note [forward inside summon]
+            return
         if self.state is TrainingState.BACKWARD:
             return  # Note [recomputation]
         if torch.is_grad_enabled():
@@ -335,12 +346,20 @@ class Stage3(Stage2):
 
     @contextlib.contextmanager
     def summon_full_params(self):
-        """Gather every unit; on exit write each rank's own slice back into its shard."""
+        """Gather every unit; on exit write each rank's own slice back into its shard.
+
+        Note [forward inside summon]: inside, the forward hooks stand aside (every unit
+        is gathered already), so a forward under ``torch.no_grad()`` (evaluation,
+        ``generate()``) issues no collective and may run on some ranks only, e.g. rank 0
+        sampling text. A forward with grad enabled is refused: its backward would
+        reduce and release units in the middle of the block."""
         for unit in self.units:  # the same order on every rank
             self._gather_now(unit)
+        self._summoned += 1
         try:
             yield
         finally:
+            self._summoned -= 1
             with torch.no_grad():
                 for unit in self.units:
                     for bucket in unit.buckets:
