@@ -132,10 +132,15 @@ def with_block_closes(ctx, stage: int):
 
 def dropped_stage3_is_refused(ctx):
     """A stage-3 optimizer dropped without close() leaves no values in the parameters; a
-    new ZeroOptimizer says so (and how to avoid it) instead of broadcasting garbage."""
-    model = build_model(MLP, seed=ctx.rank)
-    opt = _zero(model, 3, ctx.group)
-    _steps(model, opt, 0, 1, ctx.rank)
+    new ZeroOptimizer says so (and how to avoid it) instead of broadcasting garbage. A
+    model of many small parameters in one bucket: its placeholders (one element per
+    parameter) take more bytes than each parameter, which must still count as empty."""
+    torch.manual_seed(ctx.rank)
+    model = torch.nn.Sequential(*[torch.nn.Linear(2, 2) for _ in range(8)])
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=3, process_group=ctx.group,
+                                  lr=0.05, bucket_size_mb=25)
+    model(torch.randn(4, 2)).sum().backward()
+    opt.step()
     del opt
     try:
         _zero(model, 2, ctx.group)

@@ -63,20 +63,28 @@ def check_bucket_size(bucket_size_mb) -> None:
 
 
 def check_not_managed(model: nn.Module, current_owner) -> None:
-    """One ZeroOptimizer per model: two would both hook its parameters and reduce twice."""
+    """One ZeroOptimizer per parameter: two would both hook it and reduce it twice."""
     if current_owner is not None:
         raise ValueError(
             f"model is already managed by a ZeroOptimizer (stage {current_owner.stage}) that "
             "has not been closed; call opt.close() on it (on every rank) before building "
             "another ZeroOptimizer over the same model")
     for name, param in model.named_parameters():
-        if param.device.type != "meta" and \
-                param.untyped_storage().nbytes() < param.numel() * param.element_size():
+        if _holds_no_values(param):
             raise ValueError(
                 f"parameter {name!r} holds no values: a stage-3 ZeroOptimizer was dropped without "
                 "opt.close() while the parameters were sharded; close the optimizer (or use "
                 "`with zeroshard.ZeroOptimizer(...) as opt:`) so the model gets its full "
                 "parameters back, or load them with model.load_state_dict(...)")
+
+
+def _holds_no_values(param: torch.Tensor) -> bool:
+    """A view of freed storage, or a stage-3 placeholder (one element repeated)."""
+    if param.device.type == "meta":
+        return False
+    if param.untyped_storage().nbytes() < param.numel() * param.element_size():
+        return True
+    return any(stride == 0 and size > 1 for stride, size in zip(param.stride(), param.shape))
 
 
 def check_trainable_unchanged(model: nn.Module, trainable: list[bool]) -> None:
