@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from . import _comm
 from ._layout import FlatLayout
 from .mixed_precision import MASTER_DTYPE
 
@@ -76,7 +77,7 @@ class FlatBucket:
                     param.data = self.param_view(flat, index)
             # Nothing views the full-precision buffer now, but the broadcast's work still
             # refers to it for a while (Note [finished work] in _comm.py): free it here.
-            self.flat.untyped_storage().resize_(0)
+            _comm.release([self.flat])
             self.flat = flat
         self.shard = self._own_slice().clone() if own_storage else self._own_slice()
         self._shard_owns_storage = own_storage
@@ -129,8 +130,7 @@ class FlatBucket:
         overlap = self.layout.overlap(index, self.rank)
         if overlap is None:
             return
-        start = overlap.shard_start
-        self.master[start:start + overlap.param_stop - overlap.param_start].copy_(
+        self.master[overlap.shard_span].copy_(
             value.reshape(-1)[overlap.param_start:overlap.param_stop])
 
     @property
@@ -202,10 +202,14 @@ class FlatBucket:
             self.placeholders = torch.empty(len(self.params), dtype=self.flat.dtype,
                                             device=self.flat.device)
         self.placeholders.fill_(float("nan"))  # again: a write through .data may have changed it
-        with torch.no_grad():
-            for index, param in enumerate(self.params):
-                param.data = self.placeholders[index].expand(param.shape)
+        for index in range(len(self.params)):
+            self._become_placeholder(index)
         self._versions_at_release = [param._version for param in self.params]
+
+    @torch.no_grad()
+    def _become_placeholder(self, index: int) -> None:
+        param = self.params[index]
+        param.data = self.placeholders[index].expand(param.shape)
 
     def refuse_writes_while_released(self) -> None:
         """Before a gather: a parameter written (in place, or given new ``.data``) while
@@ -220,10 +224,8 @@ class FlatBucket:
                    or param.untyped_storage().data_ptr() != home]
         if not written:
             return
-        with torch.no_grad():
-            for index in written:
-                param = self.params[index]
-                param.data = self.placeholders[index].expand(param.shape)
+        for index in written:
+            self._become_placeholder(index)
         self._versions_at_release = [param._version for param in self.params]
         names = ", ".join(repr(self.param_names[index]) for index in written)
         raise RuntimeError(

@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 
 from . import _comm
-
 from ._sharded_state import bucket_states, load_from, parameter_names, split_state
 
 

@@ -28,6 +28,11 @@ class Overlap(NamedTuple):
     param_stop: int
     shard_start: int
 
+    @property
+    def shard_span(self) -> slice:
+        """The run's elements inside the shard."""
+        return slice(self.shard_start, self.shard_start + self.param_stop - self.param_start)
+
 
 @dataclass(frozen=True)
 class FlatLayout:

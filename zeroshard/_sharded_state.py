@@ -84,8 +84,7 @@ def owned_pieces(opt) -> dict[str, list[Piece]]:
             overlap = bucket.layout.overlap(index, bucket.rank)
             if overlap is None:
                 continue
-            span = slice(overlap.shard_start,
-                         overlap.shard_start + overlap.param_stop - overlap.param_start)
+            span = overlap.shard_span
             pieces.setdefault(names[id(param)], []).append(Piece(
                 overlap.param_start, source[span].clone(),
                 {key: value[span].clone() for key, value in per_element.items()}))
@@ -123,8 +122,7 @@ def load_from(opt, source: Source) -> None:
             if overlap is None:
                 continue
             name = names[id(param)]
-            span = slice(overlap.shard_start,
-                         overlap.shard_start + overlap.param_stop - overlap.param_start)
+            span = overlap.shard_span
             wide[span] = source.values(name, overlap.param_start, overlap.param_stop)
             if states:
                 for key, value in source.states(name, overlap.param_start, overlap.param_stop).items():

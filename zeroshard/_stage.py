@@ -137,6 +137,7 @@ class ShardedStage:
         self._check_non_finite = False  # Note [non-finite gradients]
         self.label = f"stage{self.stage}"
         self.require_sync = True  # False inside ZeroOptimizer.no_sync()
+        self.summoned = 0  # depth of ZeroOptimizer.summon_full_params() blocks
         self.state = TrainingState.IDLE
         self._next_launch = 0  # index of the first bucket not yet launched this backward
         # (bucket, work, output shard, input to free once done or None), in launch order

@@ -87,11 +87,14 @@ def _holds_no_values(param: torch.Tensor) -> bool:
     return any(stride == 0 and size > 1 for stride, size in zip(param.stride(), param.shape))
 
 
-def check_trainable_unchanged(model: nn.Module, trainable: list[bool]) -> None:
+def check_trainable_unchanged(model: nn.Module, trainable: list[tuple[nn.Parameter, bool]]) -> None:
     """The buckets hold the parameters that required grad at construction: a parameter
-    frozen or unfrozen since then would silently keep its old role."""
-    for (name, param), was in zip(model.named_parameters(), trainable):
+    frozen or unfrozen since then would silently keep its old role. Runs every step:
+    it compares the parameters recorded at construction and looks up a name only to
+    report one."""
+    for param, was in trainable:
         if param.requires_grad != was:
+            name = next(n for n, p in model.named_parameters() if p is param)
             change = "unfrozen (requires_grad=True)" if param.requires_grad else \
                 "frozen (requires_grad=False)"
             raise RuntimeError(

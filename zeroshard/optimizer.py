@@ -90,7 +90,6 @@ class ZeroOptimizer(torch.optim.Optimizer):
                  **optimizer_kwargs) -> None:
         self._constructed = False
         self._stage = None  # set near the end: close() finds it unset if __init__ raised
-        self._summoned = 0  # depth of summon_full_params() blocks
         # Validation first: every check is local, so every rank raises the same error
         # before the first collective (the broadcast below).
         _validate.check_model(model)
@@ -112,7 +111,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         # What close() restores: the policy casts parameters and replaces buffers.
         self._param_dtypes = {id(p): p.dtype for p in model.parameters()}
         # The sharding follows requires_grad as it is now (step() checks it stays so).
-        self._trainable_at_construction = [p.requires_grad for p in model.parameters()]
+        self._trainable_at_construction = [(p, p.requires_grad) for p in model.parameters()]
         self._buffer_dtypes = {(id(m), name): b.dtype for m in model.modules()
                                for name, b in m._buffers.items() if b is not None}
         self._group = process_group if process_group is not None else dist.group.WORLD
@@ -183,7 +182,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         """
         if self._stage is None:
             return
-        if self._summoned:
+        if self._stage.summoned:
             raise RuntimeError("close() inside `with opt.summon_full_params():` would hand back "
                                "parameters that the end of the block frees again; call it after "
                                "the block")
@@ -318,12 +317,13 @@ class ZeroOptimizer(torch.optim.Optimizer):
         Stages 1 and 2 keep parameters whole anyway. Write the same value on every
         rank: each rank keeps only its own slice of a write.
         """
-        self._summoned += 1
+        stage = self._live
+        stage.summoned += 1
         try:
-            with self._live.summon_full_params():
+            with stage.summon_full_params():
                 yield
         finally:
-            self._summoned -= 1
+            stage.summoned -= 1
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:

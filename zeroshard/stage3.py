@@ -90,7 +90,6 @@ class Stage3(Stage2):
         self._forward = Schedule(forward_order)  # Note [gather schedule]
         self._backward = Schedule(backward_order)
         self._training_forward = False  # the current forward began with grad enabled
-        self._summoned = 0  # depth of summon_full_params() blocks (Note [forward inside summon])
         self._order_warned = False
         self.device = next((b.flat.device for u in units for b in u.buckets), torch.device("cpu"))
         # Note [gather channel]: gathers get a communicator of their own.
@@ -113,7 +112,7 @@ class Stage3(Stage2):
     # -- forward --------------------------------------------------------------------
 
     def _pre_forward(self, unit: Unit, module, args) -> None:
-        if self._summoned:  # Note [forward inside summon]
+        if self.summoned:  # Note [forward inside summon]
             if torch.is_grad_enabled():
                 raise RuntimeError(
                     f"zeroshard stage 3: unit {unit.name} ran a forward with grad enabled inside "
@@ -135,7 +134,7 @@ class Stage3(Stage2):
         self._walk(self._forward, unit)
 
     def _post_forward(self, unit: Unit, module, args, output) -> None:
-        if self._summoned:  # Note [forward inside summon]
+        if self.summoned:  # Note [forward inside summon]
             return
         if self.state is TrainingState.BACKWARD:
             return  # Note [recomputation]
@@ -333,8 +332,8 @@ class Stage3(Stage2):
             unit.release()
 
     def unshard(self) -> None:
-        """Gather every unit and keep it gathered (``close()``): the parameters hold full
-        values again, in the same order on every rank."""
+        """Gather every unit, in the same order on every rank, and keep it gathered
+        (``close()``, ``summon_full_params``)."""
         for unit in self.units:
             self._gather_now(unit)
 
@@ -352,14 +351,12 @@ class Stage3(Stage2):
         is gathered already), so a forward under ``torch.no_grad()`` (evaluation,
         ``generate()``) issues no collective and may run on some ranks only, e.g. rank 0
         sampling text. A forward with grad enabled is refused: its backward would
-        reduce and release units in the middle of the block."""
-        for unit in self.units:  # the same order on every rank
-            self._gather_now(unit)
-        self._summoned += 1
+        reduce and release units in the middle of the block (``summoned`` is counted
+        by ``ZeroOptimizer.summon_full_params``)."""
+        self.unshard()
         try:
             yield
         finally:
-            self._summoned -= 1
             with torch.no_grad():
                 for unit in self.units:
                     for bucket in unit.buckets:
