@@ -171,7 +171,7 @@ def train_mixed_precision(ctx, case):
     out["psi"] = sum(p.numel() for p in zero_model.parameters() if p.requires_grad)
     out["psi_all"] = sum(p.numel() for p in zero_model.parameters())
     out["n_buckets"] = len(zopt._buckets)
-    # stage 3 all-reduces 4 positions per unit once (the recorded orders), and after each
+    # stage 3 all-reduces 5 numbers per unit once (the recorded orders), and after each
     # synced backward a flag per unit other than the root that has gradients ("ran") and
     # per bucket with gradients ("late")
     out["n_units"] = len(zopt._units) if case["stage"] == 3 else 0

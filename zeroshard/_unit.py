@@ -45,6 +45,9 @@ class Unit:
         self.grads_arrived: set[int] = set()  # this backward's accumulated gradients
         self.backward_armed = False  # gathered for this backward already
         self.ran_since_backward = False  # a forward with grad enabled ran it, or a gradient came
+        # Some rank ran it twice in one forward pass of the first step: kept gathered
+        # until the pass ends (Note [runs before the walk moves on] in stage3.py).
+        self.held_for_pass = False
 
     def nbytes(self) -> int:
         return sum(b.nbytes() for b in self.buckets)
@@ -193,11 +196,13 @@ class Schedule:
     per unit per pass in this order, whichever units its data ran (Note [gather
     schedule] in stage3.py). A unit entered again after the cursor has passed it
     (a unit run twice) is not part of the walk. Until ``stop_recording()`` the
-    schedule also records the order in which units are first entered.
+    schedule also records the order in which units are first entered, and which
+    units were entered twice in one pass.
     """
 
     def __init__(self, units: list[Unit]) -> None:
         self.entered: list[Unit] | None = []  # first entries, while recording
+        self.repeated: list[Unit] = []  # entered twice in one pass, while recording
         self._reorder(units)
         self.restart()
 
@@ -208,12 +213,17 @@ class Schedule:
     def restart(self) -> None:
         self.cursor = 0
         self._passed_over: set[int] = set()
+        self._entered_in_pass: set[int] = set()
 
     def walk_to(self, unit: Unit) -> list[Unit] | None:
         """Move past ``unit``; return the units passed over before it, or None if the
         walk had already passed ``unit`` in this pass."""
-        if self.entered is not None and unit not in self.entered:
-            self.entered.append(unit)
+        if self.entered is not None:
+            if unit not in self.entered:
+                self.entered.append(unit)
+            if id(unit) in self._entered_in_pass and unit not in self.repeated:
+                self.repeated.append(unit)
+        self._entered_in_pass.add(id(unit))
         position = self._position[id(unit)]
         if position < self.cursor:
             return None

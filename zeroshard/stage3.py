@@ -28,7 +28,8 @@ Note [gather schedule]:
     them still gathers each unit once. A unit entered after the walk passed it
     (out of order) is gathered a second time, with a warning; every rank must then
     do the same. A unit run twice in one pass is gathered again on its second run
-    (every rank must run it twice).
+    (every rank must run it twice), unless it runs again before the walk moves on
+    (Note [runs before the walk moves on]).
 
     In backward, a unit the walk passes over got no gradient on this rank (it did not
     run here, or its outputs did not reach this rank's loss), and none can come: its
@@ -48,6 +49,22 @@ Note [gather schedule]:
     A parameter must be used
     inside the forward of a module that holds it (in ``_parameters``), or of one of
     that module's ancestor units.
+
+Note [runs before the walk moves on]:
+    A unit run again in the same pass must not need a gather that ranks which did
+    not run it (or ran it once) would not issue: their collectives would no longer
+    match, and gloo aborts (NCCL hangs). So a unit whose forward ends is not
+    released at once but when the forward walk next moves on to a later unit, or
+    when the pass ends. A unit run twice in a row (a block reused, ALBERT-style), its
+    nested units included, runs the second time on what is still gathered, with no
+    collective, whatever other ranks run. Parameters held at once do not grow:
+    the unit the walk moves on to was prefetched while the finished one computed.
+    A unit run twice with other units between (a shared layer, or a layer of a
+    reused block that is not a unit itself) would be released in between; so the
+    ranks note in the first step which units some rank entered twice in one pass
+    (``_adopt_recorded_orders``), and from then on those stay gathered until the
+    pass ends. In that first step, before anything is known, every rank must run
+    such a unit the same number of times.
 
 Note [recomputation]:
     Activation checkpointing runs a unit's forward again during backward. The
@@ -90,6 +107,7 @@ class Stage3(Stage2):
         self._forward = Schedule(forward_order)  # Note [gather schedule]
         self._backward = Schedule(backward_order)
         self._training_forward = False  # the current forward began with grad enabled
+        self._finished: list[Unit] = []  # Note [runs before the walk moves on]
         self._order_warned = False
         self.device = next((b.flat.device for u in units for b in u.buckets), torch.device("cpu"))
         # Note [gather channel]: gathers get a communicator of their own.
@@ -144,13 +162,14 @@ class Stage3(Stage2):
                     self._arm_pre_backward(tensor, unit)
         # Without resharding, a unit run under no_grad inside a training forward
         # (reentrant checkpointing) stays gathered for its recomputation in backward.
-        if self.reshard_after_forward or not self._training_forward:
-            unit.release()
+        if (self.reshard_after_forward or not self._training_forward) and not unit.held_for_pass:
+            self._finished.append(unit)  # Note [runs before the walk moves on]
         if unit is self.root:  # the end of forward
             for skipped in self._forward.walk_to_end():
                 self._pass_over(skipped)
             if self.reshard_after_forward or not self._training_forward:
-                for other in self.units:  # a prefetch the forward did not use
+                self._finished.clear()
+                for other in self.units:  # finished, or a prefetch the forward did not use
                     other.release()
 
     # -- backward -------------------------------------------------------------------
@@ -195,6 +214,16 @@ class Stage3(Stage2):
             unit.release()  # all its gradients are accumulated: backward is done with it
             # A nested backward (Note [late gradients]) may gather it again: count afresh.
             unit.grads_arrived.clear()
+
+    def bound_in_flight(self) -> None:
+        """Note [runs before the walk moves on]: a unit some rank runs twice gets its
+        gradient only after the backward of its second run and of everything between, which
+        needs gathers; a rank where it ran less has reduced it already, and blocking on that
+        reduce-scatter before issuing those gathers would deadlock the two. So with such a
+        unit's reduction in flight, the next buffer does not wait (memory grows by its
+        buckets until the late ranks catch up)."""
+        if not any(self._unit_of[id(b.params[0])].held_for_pass for b, *_ in self._in_flight):
+            self.wait_in_flight()
 
     def finalize(self, bucket, reduced: torch.Tensor) -> None:
         """A unit that did not run here may have run nowhere: hold its reduction until the
@@ -251,21 +280,27 @@ class Stage3(Stage2):
     def _adopt_recorded_orders(self) -> None:
         """Note [gather schedule]: walk later steps in the order the first step entered
         the units, where every rank recorded the same order; else keep the module tree's.
+        Note [runs before the walk moves on]: a unit some rank entered twice in one
+        forward pass is held gathered until the end of each later pass.
 
         One all-reduce (MAX) of each unit's first-entry position in forward and in
-        backward (-1: not entered) and of their negations: the orders agree exactly
-        when the maximum equals the minimum everywhere."""
-        positions = torch.full((4, len(self.units)), -1.0, device=self.device)
+        backward (-1: not entered), of their negations (the orders agree exactly when
+        the maximum equals the minimum everywhere) and of a flag per unit entered twice."""
+        positions = torch.full((5, len(self.units)), -1.0, device=self.device)
         index = {id(u): i for i, u in enumerate(self.units)}
         for row, schedule in enumerate((self._forward, self._backward)):
             for position, unit in enumerate(schedule.entered):
                 positions[row, index[id(unit)]] = position
-        positions[2:] = -positions[:2]
+        positions[2:4] = -positions[:2]
+        for unit in self._forward.repeated:
+            positions[4, index[id(unit)]] = 1.0
         _comm.all_reduce(positions, group=self.group, stats=self.stats, label=self.label,
                          op=dist.ReduceOp.MAX)
-        agreed = torch.equal(positions[:2], -positions[2:])
+        agreed = torch.equal(positions[:2], -positions[2:4])
         self._forward.stop_recording(adopt=agreed)
         self._backward.stop_recording(adopt=agreed)
+        for unit, repeated in zip(self.units, positions[4].tolist()):
+            unit.held_for_pass = repeated > 0
 
     # -- gather, walk the schedule ----------------------------------------------------
 
@@ -276,6 +311,8 @@ class Stage3(Stage2):
     def _walk(self, schedule: Schedule, unit: Unit) -> None:
         """Note [gather schedule]: walk to ``unit``, gather it, prefetch the next one."""
         passed = schedule.walk_to(unit)
+        if passed is not None and schedule is self._forward:  # the walk moves on
+            self._release_finished()
         if (passed is None and schedule.was_passed_over(unit) and schedule.entered is None
                 and not self._order_warned):  # out of the order all ranks recorded
             self._order_warned = True
@@ -288,6 +325,12 @@ class Stage3(Stage2):
         following = schedule.next_unit() if passed is not None else None
         if following is not None and following.state is ShardState.SHARDED:
             following.gather(self.gather_group, self.stats, self.label)
+
+    def _release_finished(self) -> None:
+        """Note [runs before the walk moves on]: release the units whose forward ended."""
+        for finished in self._finished:
+            finished.release()
+        self._finished.clear()
 
     def _pass_over(self, unit: Unit) -> None:
         """A unit this rank skips in this pass: gather it for the ranks that run it."""
