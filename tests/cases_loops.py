@@ -12,6 +12,8 @@ from models import build_model, loss_fn, make_batch
 
 MLP = {"kind": "mlp", "d_in": 5, "hidden": 7, "d_out": 3, "depth": 2, "frozen": False,
        "unused_branch": False}
+TRANSFORMER = {"kind": "transformer", "vocab": 13, "d": 8, "heads": 2, "layers": 2, "seq": 5,
+               "tied": True, "frozen": False}
 BF16 = zeroshard.MixedPrecision(torch.bfloat16, buffer_dtype=torch.bfloat16,
                                 output_dtype=torch.float32)
 
@@ -199,3 +201,83 @@ def forward_inside_summon(ctx, stage: int):
         diffs = {name: (p - q).abs().max().item() for (name, p), q in
                  zip(model.named_parameters(), reference.module.parameters())}
     return output_diff, issued, diffs, refusal
+
+
+CLEARS = ("opt", "opt_keep", "model", "model_keep", "half_none", "none")
+
+
+def _clear(how: str, model, optimizer) -> None:
+    """Clear gradients after a step the way a training loop might (``CLEARS``)."""
+    if how == "opt":
+        optimizer.zero_grad()
+    elif how == "opt_keep":
+        optimizer.zero_grad(set_to_none=False)
+    elif how == "model":
+        model.zero_grad()
+    elif how == "model_keep":
+        model.zero_grad(set_to_none=False)
+    elif how == "half_none":  # e.g. a loop that clears one sub-module's gradients
+        params = list(model.parameters())
+        for param in params[: len(params) // 2]:
+            param.grad = None
+    else:
+        assert how == "none", how  # gradients accumulate into the next step, as torch does
+
+
+def drive_loop(ctx, stage: int, plan: dict):
+    """One drawn way of driving the loop (``plan``: per step, how gradients are cleared,
+    micro-batches, an evaluation forward, clipping), applied alike to zeroshard and to
+    DDP with the same torch optimizer. Returns per-step largest parameter differences."""
+    spec = plan["model"]
+    model = build_model(spec, seed=ctx.rank)
+    reference = DDP(build_model(spec, seed=0), process_group=ctx.group)
+    kwargs = {"lr": 0.05, "momentum": 0.9, "weight_decay": plan["weight_decay"]}
+    opt = _zero(model, stage, ctx.group, **kwargs)
+    ref_opt = torch.optim.SGD(reference.parameters(), **kwargs)
+    diffs = []
+    for step, how in enumerate(plan["steps"]):
+        for net, optimizer in ((model, opt), (reference, ref_opt)):
+            for micro in range(how["micro_batches"]):
+                batch = make_batch(spec, seed=10 * step + micro, rank=ctx.rank, batch=4)
+                loss_fn(spec, net, batch).backward()
+            if how["eval"]:
+                with torch.no_grad():
+                    net(make_batch(spec, seed=1000 + step, rank=ctx.rank, batch=2)[0])
+            if how["clip"]:
+                if net is model:
+                    opt.clip_grad_norm_(0.05)
+                else:
+                    torch.nn.utils.clip_grad_norm_(net.parameters(), 0.05)
+            optimizer.step()
+            _clear(how["clear"], net.module if net is reference else net, optimizer)
+        with opt.summon_full_params():
+            diffs.append(max((p - q).abs().max().item() for p, q in
+                             zip(model.parameters(), reference.module.parameters())))
+    opt.close()
+    return diffs
+
+
+def torch_clip_over_model_parameters(ctx, stage: int):
+    """``torch.nn.utils.clip_grad_norm_(model.parameters())`` between backward and step
+    cannot reach the reduced gradients (stage 1: it clips local ones; stages 2 and 3:
+    markers), so step() refuses on every rank, naming opt.clip_grad_norm_; training
+    then goes on equal to DDP. Returns (refusal, probe, differences after two steps)."""
+    model = build_model(MLP, seed=ctx.rank)
+    reference = DDP(build_model(MLP, seed=0), process_group=ctx.group)
+    opt, ref_opt = _zero(model, stage, ctx.group, lr=0.05), torch.optim.SGD(reference.parameters(), lr=0.05)
+    loss_fn(MLP, model, make_batch(MLP, seed=0, rank=ctx.rank, batch=4)).backward()
+    try:  # refused at the clip (stages 2 and 3: the markers) or at the step (stage 1)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+        opt.step()
+        refusal = "no error"
+    except RuntimeError as error:
+        refusal = str(error)
+    probe = torch.ones(1)  # every rank is still in step with the others
+    dist.all_reduce(probe, group=ctx.group)
+    opt.zero_grad()
+    _steps(MLP, model, opt, 1, 2, ctx.rank)
+    _steps(MLP, reference, ref_opt, 1, 2, ctx.rank)
+    with opt.summon_full_params():
+        diffs = {name: (p - q).abs().max().item() for (name, p), q in
+                 zip(model.named_parameters(), reference.module.parameters())}
+    return refusal, probe.item(), diffs

@@ -1,8 +1,12 @@
 """Ordinary training-loop variations give DDP's numbers or a clear error on every rank."""
 
 import math
+import os
+import re
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import cases_loops
 
@@ -55,3 +59,44 @@ def test_evaluation_inside_summon_on_one_rank_issues_no_collective(pool, stage):
         assert max(diffs.values()) < 1e-6, diffs
         if stage == 3:
             assert "torch.no_grad()" in refusal and "summon_full_params" in refusal, refusal
+
+
+
+@pytest.mark.parametrize("clear", ["model", "model_keep", "none"])
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_clearing_gradients_through_the_model_equals_ddp(pool, stage, clear):
+    """``model.zero_grad()`` after ``opt.step()`` (what HF Trainer does), with or without
+    set_to_none, or no clearing at all (gradients accumulate into the next step)."""
+    plan = {"model": cases_loops.MLP, "weight_decay": 0.0, "steps": [
+        {"micro_batches": 1, "eval": False, "clip": step == 0, "clear": clear}
+        for step in range(3)]}
+    for diffs in pool.run(cases_loops.drive_loop, 2, stage, plan):
+        assert max(diffs) < 1e-6, diffs
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_torch_clipping_over_model_parameters_is_refused(pool, stage):
+    for refusal, probe, diffs in pool.run(cases_loops.torch_clip_over_model_parameters, 2,
+                                          stage):
+        assert "changed in place" in refusal and "opt.clip_grad_norm_" in refusal, refusal
+        assert re.search(r"body\.\d\.(weight|bias)\.grad", refusal), refusal  # names it
+        assert probe == 2
+        assert max(diffs.values()) < 1e-6, diffs
+
+loop_steps = st.fixed_dictionaries({
+    "micro_batches": st.integers(1, 2), "eval": st.booleans(), "clip": st.booleans(),
+    "clear": st.sampled_from(cases_loops.CLEARS)})
+loop_plans = st.fixed_dictionaries({
+    "model": st.sampled_from([cases_loops.MLP, cases_loops.TRANSFORMER]),
+    "weight_decay": st.sampled_from([0.0, 0.01]),
+    "steps": st.lists(loop_steps, min_size=2, max_size=3)})
+
+
+@settings(max_examples=int(os.environ.get("ZEROSHARD_LOOP_EXAMPLES", "40")))
+@given(stage=st.sampled_from([1, 2, 3]), world_size=st.sampled_from([2, 3]), plan=loop_plans)
+def test_drawn_ways_of_driving_the_loop_equal_ddp(pool, stage, world_size, plan):
+    """How gradients are cleared (the optimizer's zero_grad, the model's, with or without
+    set_to_none, a subset of parameters, not at all), micro-batches, evaluation forwards
+    and clipping between steps: DDP's parameters after every step (fp32 noise: 1e-6)."""
+    for diffs in pool.run(cases_loops.drive_loop, world_size, stage, plan):
+        assert max(diffs) < 1e-6, diffs

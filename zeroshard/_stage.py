@@ -173,6 +173,23 @@ class ShardedStage:
     def zero_grad(self) -> None:
         raise NotImplementedError
 
+    def before_backward(self) -> None:
+        """A backward begins, before any gradient accumulates (a hook for stages 2 and 3)."""
+
+    def after_backward(self) -> None:
+        """A synced backward has ended and its gradients are reduced (stages 2 and 3)."""
+
+    def claim_gradients(self) -> None:
+        """The gradient shards are about to be used (step, clipping): stages 2 and 3 apply
+        what was done to ``p.grad`` since backward (Note [gradient markers])."""
+
+    def is_gradient_marker(self, tensor: torch.Tensor) -> bool:
+        return False
+
+    def scale_local_gradients(self, factor: torch.Tensor) -> None:
+        """Clipping scaled the gradient shards by ``factor`` (stage 1 keeps local gradients
+        that the next backward reduces again)."""
+
     def late_positions(self) -> list[int]:
         """The buckets to reduce once more at the end of a synced backward, in order."""
         return sorted(self._late)
@@ -195,6 +212,7 @@ class ShardedStage:
 
     def _on_backward_start(self, grad: torch.Tensor) -> None:
         if self.state is TrainingState.IDLE:
+            self.before_backward()
             self.state = TrainingState.BACKWARD
             Variable._execution_engine.queue_callback(self._on_backward_end)
 
@@ -237,6 +255,7 @@ class ShardedStage:
             if self._check_non_finite:
                 self._spread_non_finite()
                 self._check_non_finite = False
+            self.after_backward()
         self._late.clear()
         for bucket in self.buckets:
             bucket.ready.clear()

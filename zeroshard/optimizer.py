@@ -260,7 +260,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
         group_of = {id(p): i for i, g in enumerate(groups) for p in g["params"]}
         if self.stage != 3:
             trainable = [(p, group_of[id(p)]) for p in self._model.parameters() if p.requires_grad]
-            return build_buckets(trainable, bucket_bytes, self._rank, self._world_size)
+            buckets = build_buckets(trainable, bucket_bytes, self._rank, self._world_size)
+            names = {id(p): name for name, p in self._model.named_parameters()}
+            for bucket in buckets:  # for messages
+                bucket.param_names = [names[id(p)] for p in bucket.params]
+            return buckets
         modules = select_unit_modules(self._model, units, bucket_bytes)
         self._units = build_units(self._model, modules, group_of, self._rank, self._world_size)
         return [b for u in self._units for b in u.buckets]
@@ -337,6 +341,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             raise ValueError(f"norm_type must be positive or inf, got {norm_type}")
         _validate.check_trainable_unchanged(self._model, self._trainable_at_construction)
         self._live.wait_in_flight()
+        self._live.claim_gradients()  # Note [gradient markers]
         for bucket in self._buckets:
             bucket.widen_grad_shard()  # clip in fp32: the step uses fp32 gradients anyway
         grads = [b.grad_shard for b in self._buckets if b.grad_shard is not None]
@@ -355,6 +360,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         clip_coef = (float(max_norm) / (total + 1e-6)).clamp(max=1.0)
         for grad in grads:
             grad.mul_(clip_coef.to(grad.dtype))
+        self._live.scale_local_gradients(clip_coef)
         return total
 
     @torch.no_grad()
@@ -366,6 +372,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 loss = closure()
         _validate.check_trainable_unchanged(self._model, self._trainable_at_construction)
         self._live.wait_in_flight()
+        self._live.claim_gradients()  # Note [gradient markers]
         for outer, inner in zip(self.param_groups, self._inner.param_groups):
             inner.update(_hyperparameters(outer))  # the outer groups are live (schedulers)
         self._take_outside_writes()
@@ -488,7 +495,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 if b.placeholders is not None}
         params = list(self._model.parameters())
         report = {"parameters": storage_bytes(params + self._live.parameter_tensors(), seen)}
-        grads = [p.grad for p in params if p.grad is not None] + self._live.gradient_tensors()
+        grads = [p.grad for p in params  # a marker of the gradient shards is not one
+                 if p.grad is not None and not self._live.is_gradient_marker(p.grad)]
+        grads += self._live.gradient_tensors()
         report["gradients"] = storage_bytes(grads, seen)
         # Without mixed precision the masters are the parameters' own shards (counted above).
         report["master_parameters"] = storage_bytes(self._live.master_tensors(), seen)

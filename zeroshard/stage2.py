@@ -11,6 +11,8 @@ the gradient autograd has just produced.
 
 Inside ``no_sync()`` gradients accumulate in ``p.grad`` at full size, as in plain
 PyTorch; the first synced backward adds its gradient to them and reduces the total.
+After a synced backward ``p.grad`` holds a marker that carries ``model.zero_grad()``
+to the shards (Note [gradient markers] in _grad_markers.py).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from __future__ import annotations
 import torch
 
 from ._bucket import FlatBucket
-from ._stage import ShardedStage
+from ._grad_markers import GradientMarkers
+from ._stage import ShardedStage, WeakHook
 
 
 class Stage2(ShardedStage):
@@ -29,6 +32,26 @@ class Stage2(ShardedStage):
         # bucket position -> 1-D padded buffer, filling (not yet launched) / being reduced
         self.reduce_buffers: dict[int, torch.Tensor] = {}
         self.buffers_in_flight: dict[int, torch.Tensor] = {}
+        self.markers = GradientMarkers(self.label)  # Note [gradient markers]
+        for bucket in self.buckets:
+            for param in bucket.params:  # runs before autograd accumulates into .grad
+                self._handles.append(param.register_hook(WeakHook(self._before_accumulate)))
+
+    def _before_accumulate(self, grad: torch.Tensor) -> None:
+        self.markers.take_back()  # a backward that does not start at the model's outputs
+
+    def before_backward(self) -> None:
+        self.markers.take_back()
+
+    def after_backward(self) -> None:
+        self.markers.place(self.buckets)
+
+    def claim_gradients(self) -> None:
+        self.markers.take_back()
+        self.markers.place(self.buckets)  # the shards keep their gradient until cleared
+
+    def is_gradient_marker(self, tensor: torch.Tensor) -> bool:
+        return self.markers.is_marker(tensor)
 
     def _buffer(self, bucket: FlatBucket) -> torch.Tensor:
         position = self._position[id(bucket)]
@@ -71,12 +94,17 @@ class Stage2(ShardedStage):
 
     def zero_grad(self) -> None:
         self.wait_in_flight()
+        self.markers.drop()
         self.reduce_buffers.clear()
         assert not self.buffers_in_flight
         for bucket in self.buckets:
             bucket.set_grad_shard(None)
             for param in bucket.params:
                 param.grad = None
+
+    def remove_hooks(self) -> None:
+        super().remove_hooks()
+        self.markers.drop()
 
     def gradient_tensors(self) -> list[torch.Tensor]:
         shards = [b.grad_shard for b in self.buckets if b.grad_shard is not None]
