@@ -40,9 +40,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
     Where the reduced gradient lives: in the shards, not in ``p.grad``. Stage 1
     keeps full-size gradient buffers (its memory profile), but after backward
     ``p.grad`` holds this rank's local, unreduced gradient (a view of that buffer,
-    zeroed in place by ``zero_grad()``); stages 2 and 3 leave ``p.grad`` None. Use
-    ``clip_grad_norm_`` of this optimizer for the global gradient norm, not
-    ``torch.nn.utils.clip_grad_norm_(model.parameters())``.
+    zeroed in place by ``zero_grad()``); at stages 2 and 3 ``p.grad`` holds a NaN
+    marker that carries ``model.zero_grad()`` to the shards (Note [gradient markers]
+    in _grad_markers.py). Use ``clip_grad_norm_`` of this optimizer for the global
+    gradient norm: ``torch.nn.utils.clip_grad_norm_(model.parameters())`` is refused.
 
     Stage 3 gathers parameters per unit: ``units`` (module classes, or a predicate
     ``module -> bool``; None groups submodules of about ``bucket_size_mb``) picks
@@ -69,9 +70,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
     change to a group's hyper-parameters applies to the next ``step()``. Their
     ``"params"`` are the tensors this optimizer steps: this rank's 1-D fp32 master
     shards, whose ``.grad`` is the reduced gradient shard. Keyword
-    arguments other than the ones below go to ``optimizer_class``. Call
-    ``zero_grad()`` of this optimizer (not only ``model.zero_grad()``) between steps:
-    the reduced gradient shards live here.
+    arguments other than the ones below go to ``optimizer_class``. Gradients are
+    cleared by ``zero_grad()`` of this optimizer or of the model, as under DDP.
 
     A parameter that gets no gradient on any rank in a step counts as having a zero
     gradient (its bucket is reduced all the same), so weight decay and momentum
