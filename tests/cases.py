@@ -187,6 +187,7 @@ def train_side_by_side(ctx, case):
         b.params[0].requires_grad for u in zopt._units for b in u.buckets) if case["stage"] == 3 else 0
     out["n_all_buckets"] = len(zopt._stage.buckets) if case["stage"] != 3 else sum(
         len(u.buckets) for u in zopt._units)
+    out["buffer_bytes"] = sum(b.numel() * b.element_size() for b in zero_model.buffers())
     out["final_mem"] = zopt.memory_report()
     out["ddp_state_bytes"] = state_bytes(dopt)
     out["peak_grad_bytes"] = peak_grad_bytes[0]

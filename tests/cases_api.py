@@ -46,6 +46,8 @@ def _bad_arguments(which: str, model: nn.Module, group):
         return (holder, torch.optim.SGD), {**kwargs, "stage": 3, "units": nn.ModuleList}
     if which == "units_type":
         return (model, torch.optim.SGD), {**kwargs, "stage": 3, "units": "Linear"}
+    if which == "broadcast_buffers":
+        return (model, torch.optim.SGD), {**kwargs, "broadcast_buffers": "yes"}
     if which == "bucket_size":
         return (model, torch.optim.SGD), {**kwargs, "bucket_size_mb": 0}
     raise AssertionError(which)

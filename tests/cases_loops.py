@@ -3,6 +3,8 @@ between steps, changing which parameters train)."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -281,3 +283,47 @@ def torch_clip_over_model_parameters(ctx, stage: int):
         diffs = {name: (p - q).abs().max().item() for (name, p), q in
                  zip(model.named_parameters(), reference.module.parameters())}
     return refusal, probe.item(), diffs
+
+
+def _batchnorm_net(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.BatchNorm1d(7), torch.nn.Tanh(),
+                               torch.nn.Linear(7, 3))
+
+
+def batchnorm_statistics(ctx, stage: int, broadcast_buffers: bool):
+    """BatchNorm running statistics against DDP with the same ``broadcast_buffers``, with
+    an evaluation forward on rank 0 alone between steps (through the model itself: under
+    no_grad it must issue no collective; DDP's through its module). Returns the largest
+    differences of parameters and buffers on this rank, and the eval's collectives."""
+    model = _batchnorm_net(seed=ctx.rank)
+    reference = DDP(_batchnorm_net(seed=0), process_group=ctx.group,
+                    broadcast_buffers=broadcast_buffers)
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=stage, process_group=ctx.group,
+                                  broadcast_buffers=broadcast_buffers, bucket_size_mb=1e-4, lr=0.05,
+                                  **({"units": torch.nn.Linear} if stage == 3 else {}))
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.05)
+    issued = 0
+    for step in range(3):
+        # each rank's own data (the seed follows the rank), so the statistics differ
+        x, y = make_batch(MLP, seed=10 * step + ctx.rank, rank=ctx.rank, batch=6)
+        for net, optimizer in ((model, opt), (reference, ref_opt)):
+            torch.nn.functional.mse_loss(net(x), y).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        # stage 3 gathers parameters for a forward outside summon_full_params()
+        with opt.summon_full_params() if stage == 3 else contextlib.nullcontext():
+            if ctx.rank == 0:
+                before = sum(opt.comm_stats.calls.values())
+                for net in (model, reference.module):
+                    net.eval()
+                    with torch.no_grad():
+                        net(x)
+                    net.train()
+                issued += sum(opt.comm_stats.calls.values()) - before
+    with opt.summon_full_params():
+        params = max((p - q).abs().max().item()
+                     for p, q in zip(model.parameters(), reference.module.parameters()))
+    buffers = max((b.float() - c.float()).abs().max().item()
+                  for b, c in zip(model.buffers(), reference.module.buffers()))
+    return params, buffers, issued

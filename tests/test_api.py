@@ -18,6 +18,7 @@ BAD_INPUTS = {
     "bucket_size": ("ValueError", ["bucket_size_mb", "got 0"]),
     "units_container": ("ValueError", ["ModuleList", "no forward", "modules inside"]),
     "units_type": ("TypeError", ["'Linear'", "nn.Module class", "predicate"]),
+    "broadcast_buffers": ("TypeError", ["broadcast_buffers", "'yes'", "True or False"]),
 }
 
 

@@ -71,6 +71,7 @@ def check_comm_per_step(results, case, first_step: int = 0):
     """Per step: reduce-scatter Ψ per synced backward plus all-gather Ψ each time the
     parameters are gathered: 2Ψ for stages 1-2; 3Ψ for stage 3 (2Ψ without resharding
     after forward). fp32 bytes, with at most N-1 elements of padding per bucket.
+    Broadcast: the buffers, before each training forward outside no_sync (world size > 1).
     All-reduce: the clip norm; at stage 3 also a 4-byte flag per unit (but the root) and
     per bucket per synced backward, and in the first step 5 numbers per unit (the recorded orders).
 
@@ -106,7 +107,9 @@ def check_comm_per_step(results, case, first_step: int = 0):
         flags = synced_backwards * FP32 * res["flags_per_backward"]  # Note [gather schedule]
         flags += 5 * FP32 * res["n_units"] if step == 0 else 0  # the recorded orders, once
         assert comm["all_reduce"] == flags + (FP32 if case["clip"] is not None else 0), comm
-        assert comm["broadcast"] == 0, comm
+        # Note [buffers follow rank 0]: before each training forward outside no_sync
+        forwards = synced_backwards * (2 if case["two_forwards"] else 1)
+        assert comm["broadcast"] == (forwards * res["buffer_bytes"] if n > 1 else 0), comm
 
 
 def check_memory(results, case):

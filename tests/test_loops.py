@@ -83,6 +83,17 @@ def test_torch_clipping_over_model_parameters_is_refused(pool, stage):
         assert probe == 2
         assert max(diffs.values()) < 1e-6, diffs
 
+
+@pytest.mark.parametrize("broadcast_buffers", [True, False])
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_batchnorm_statistics_follow_ddp(pool, stage, broadcast_buffers):
+    """Note [buffers follow rank 0]: with broadcast_buffers every training forward starts
+    from rank 0's running statistics, as DDP's; without, each rank keeps its own."""
+    for params, buffers, issued in pool.run(cases_loops.batchnorm_statistics, 2, stage,
+                                            broadcast_buffers):
+        assert params < 1e-6 and buffers < 1e-6, (params, buffers)
+        assert issued == 0  # rank 0's evaluation under no_grad
+
 loop_steps = st.fixed_dictionaries({
     "micro_batches": st.integers(1, 2), "eval": st.booleans(), "clip": st.booleans(),
     "clear": st.sampled_from(cases_loops.CLEARS)})

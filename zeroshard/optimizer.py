@@ -12,6 +12,7 @@ from torch import nn
 
 from . import _comm, _full_state, _validate
 from ._bucket import FlatBucket, build_buckets
+from ._buffers import BufferFollower
 from ._stage import WeakHook
 from ._unit import build_units, select_unit_modules
 from .memory import storage_bytes, storage_key
@@ -66,6 +67,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
     gradient is inf or NaN, so all of them skip the step or none does (Note
     [non-finite gradients] in _stage.py).
 
+    With ``broadcast_buffers`` (the default, as DDP's) every forward with grad
+    enabled outside ``no_sync()`` starts from rank 0's buffers (BatchNorm running
+    statistics); a forward under ``torch.no_grad()`` issues no collective (Note
+    [buffers follow rank 0] in _buffers.py).
+
     ``param_groups`` are live: ``torch.optim.lr_scheduler`` works unchanged, and a
     change to a group's hyper-parameters applies to the next ``step()``. Their
     ``"params"`` are the tensors this optimizer steps: this rank's 1-D fp32 master
@@ -86,8 +92,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     def __init__(self, model: nn.Module, optimizer_class: type[torch.optim.Optimizer], stage: int = 1,
                  param_groups=None, process_group=None, units=None, reshard_after_forward: bool = True,
-                 mixed_precision: MixedPrecision | None = None, bucket_size_mb: float = 25,
-                 **optimizer_kwargs) -> None:
+                 mixed_precision: MixedPrecision | None = None, broadcast_buffers: bool = True,
+                 bucket_size_mb: float = 25, **optimizer_kwargs) -> None:
         self._constructed = False
         self._stage = None  # set near the end: close() finds it unset if __init__ raised
         # Validation first: every check is local, so every rank raises the same error
@@ -99,6 +105,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         _validate.check_optimizer_class(optimizer_class)
         _validate.check_bucket_size(bucket_size_mb)
         _validate.check_devices(model)
+        if not isinstance(broadcast_buffers, bool):
+            raise TypeError(f"broadcast_buffers must be True or False, got {broadcast_buffers!r}")
         if mixed_precision is not None and not isinstance(mixed_precision, MixedPrecision):
             raise TypeError(f"mixed_precision must be a zeroshard.MixedPrecision or None, "
                             f"got {mixed_precision!r}")
@@ -153,6 +161,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
             # model.load_state_dict() gives the fp32 masters the loaded values exactly
             self._stage._handles.append(model.register_load_state_dict_pre_hook(
                 WeakHook(self._load_into_masters)))
+        if broadcast_buffers and self._world_size > 1:  # Note [buffers follow rank 0]
+            self._buffer_follower = BufferFollower(model, self._stage, self._group, self.comm_stats)
+            self._stage._handles.append(model.register_forward_pre_hook(
+                WeakHook(self._buffer_follower.before_forward)))
         for param in model.parameters():
             _owners[id(param)] = (weakref.ref(param), weakref.ref(self))
         self._constructed = True

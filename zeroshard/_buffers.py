@@ -1,0 +1,46 @@
+"""Buffers follow rank 0 (``broadcast_buffers=True``, DDP's default).
+
+Note [buffers follow rank 0]:
+    Buffers that a forward updates (BatchNorm's running statistics) drift apart
+    across ranks, each updated with its own batches. DDP broadcasts rank 0's buffers
+    at the start of a forward; so does zeroshard, at the start of every forward
+    with grad enabled outside ``no_sync()`` (the forwards that train), one
+    broadcast per dtype and device, counted in ``comm_stats`` under ``broadcast``.
+    A forward under ``torch.no_grad()`` (evaluation, ``generate()``) issues no
+    collective, so it may run on rank 0 alone; it sees this rank's buffers. So the
+    buffers every training forward starts from, and the parameters, are DDP's;
+    DDP differs only in that it also broadcasts in the first forward after a
+    training one whatever its grad mode, and not in the training forward that
+    follows a ``no_grad`` one (which then starts from what that broadcast gave).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import _comm
+
+
+class BufferFollower:
+    """Overwrites the model's buffers with rank 0's before each training forward."""
+
+    def __init__(self, model: nn.Module, stage, group, stats: _comm.CommStats) -> None:
+        self.model = model
+        self.stage = stage  # require_sync (no_sync()), summoned (summon_full_params())
+        self.group = group
+        self.stats = stats
+
+    def before_forward(self, module, args) -> None:
+        if not torch.is_grad_enabled() or not self.stage.require_sync or self.stage.summoned:
+            return
+        by_kind: dict[tuple, list[torch.Tensor]] = {}
+        for buffer in self.model.buffers():  # now: a forward may have replaced one
+            if buffer.numel():
+                by_kind.setdefault((buffer.dtype, buffer.device), []).append(buffer)
+        with torch.no_grad():
+            for buffers in by_kind.values():
+                flat = torch.cat([b.reshape(-1) for b in buffers])
+                _comm.broadcast(flat, group=self.group, stats=self.stats, label="buffers")
+                for buffer, value in zip(buffers, flat.split([b.numel() for b in buffers])):
+                    buffer.copy_(value.view(buffer.shape))
