@@ -226,3 +226,30 @@ def summon_full_params_and_state_dict(ctx, stage: int):
     return ({k: (zero_sd[k] - ddp_sd[k]).abs().max().item() for k in ddp_sd},
             {k: (after[k] - 0.5 * halved[k]).abs().max().item() for k in after},
             gathered, sum(p.numel() * 4 for p in ddp_model.parameters()))
+
+
+def construct_with_strided_tensors(ctx, stage: int):
+    """A transposed frozen weight and a transposed buffer: the construction broadcast
+    sends contiguous tensors only (NCCL refuses others; gloo, here, would not tell) and
+    every rank ends with rank 0's values. Returns (every broadcast tensor contiguous,
+    largest difference to rank 0's values)."""
+    torch.manual_seed(ctx.rank)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 3))
+    model[1].weight = nn.Parameter(torch.randn(4, 3).t(), requires_grad=False)
+    model.register_buffer("table", torch.randn(3, 5).t())
+    contiguous = []
+    real = dist.broadcast
+
+    def spy(tensor, *a, **k):
+        contiguous.append(tensor.is_contiguous())
+        return real(tensor, *a, **k)
+
+    with mock.patch.object(dist, "broadcast", spy):
+        opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=stage,
+                                      process_group=ctx.group, lr=0.1)
+    with opt.summon_full_params():
+        mine = torch.cat([model[1].weight.reshape(-1), model.table.reshape(-1)])
+    rank0 = mine.clone()
+    dist.broadcast(rank0, src=dist.get_global_rank(ctx.group, 0), group=ctx.group)
+    opt.close()
+    return all(contiguous), (mine - rank0).abs().max().item()

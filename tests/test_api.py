@@ -92,3 +92,10 @@ def test_stage3_state_dict_outside_summon_is_refused_with_the_fix(pool):
         for message in (refused_save, refused_load):
             assert "opt.summon_full_params()" in message
         assert "body.0.weight" in keys
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_strided_frozen_weights_and_buffers_are_broadcast_contiguous(pool, stage):
+    for contiguous, diff in pool.run(cases_api.construct_with_strided_tensors, 2, stage):
+        assert contiguous
+        assert diff == 0

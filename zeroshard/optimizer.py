@@ -304,9 +304,16 @@ class ZeroOptimizer(torch.optim.Optimizer):
         tensors = [b.flat for b in buckets]
         tensors += [p.data for p in self._model.parameters() if id(p) not in bucketed]
         tensors += list(self._model.buffers())
+        # NCCL broadcasts contiguous tensors only (gloo takes any): a strided one (a
+        # transposed frozen weight, a sliced buffer) goes through a contiguous copy.
+        sent = [t if t.is_contiguous() else t.contiguous() for t in tensors]
         works = [_comm.broadcast(t, group=self._group, stats=self.comm_stats, label="init",
-                                 async_op=True) for t in tensors]
+                                 async_op=True) for t in sent]
         _comm.wait_all(works)
+        with torch.no_grad():
+            for tensor, copy in zip(tensors, sent):
+                if copy is not tensor:
+                    tensor.copy_(copy)
 
     # -- the training loop ------------------------------------------------------------
 
