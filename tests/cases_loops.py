@@ -4,6 +4,7 @@ between steps, changing which parameters train)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import torch
 import torch.distributed as dist
@@ -327,3 +328,56 @@ def batchnorm_statistics(ctx, stage: int, broadcast_buffers: bool):
     buffers = max((b.float() - c.float()).abs().max().item()
                   for b, c in zip(model.buffers(), reference.module.buffers()))
     return params, buffers, issued
+
+
+@dataclasses.dataclass
+class BlockOutput:
+    """A container ``tree_flatten`` does not open (as many model libraries return)."""
+    hidden: torch.Tensor
+
+
+class DataclassBlock(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(7, 7)
+
+    def forward(self, x) -> BlockOutput:
+        return BlockOutput(torch.tanh(self.fc(x)))
+
+
+class DataclassNet(torch.nn.Module):
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.inp = torch.nn.Linear(5, 7)
+        self.blocks = torch.nn.ModuleList(DataclassBlock() for _ in range(3))
+        self.out = torch.nn.Linear(7, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        for block in self.blocks:
+            h = block(h).hidden
+        return self.out(h)
+
+
+def dataclass_unit_outputs(ctx, reshard_after_forward: bool):
+    """Stage 3 with units whose forward returns a dataclass: backward reaches their
+    parameters without passing through a tensor the output hooks could find, and must
+    gather them all the same. Returns per-step largest parameter differences to DDP."""
+    model = DataclassNet(seed=ctx.rank)
+    reference = DDP(DataclassNet(seed=0), process_group=ctx.group)
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=3, process_group=ctx.group,
+                                  units=DataclassBlock, lr=0.05, momentum=0.9,
+                                  reshard_after_forward=reshard_after_forward)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9)
+    diffs = []
+    for step in range(3):
+        x, y = make_batch(MLP, seed=10 * step + ctx.rank, rank=ctx.rank, batch=4)
+        for net, optimizer in ((model, opt), (reference, ref_opt)):
+            torch.nn.functional.mse_loss(net(x), y).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        with opt.summon_full_params():
+            diffs.append(max((p - q).abs().max().item()
+                             for p, q in zip(model.parameters(), reference.module.parameters())))
+    return diffs

@@ -94,6 +94,12 @@ def test_batchnorm_statistics_follow_ddp(pool, stage, broadcast_buffers):
         assert params < 1e-6 and buffers < 1e-6, (params, buffers)
         assert issued == 0  # rank 0's evaluation under no_grad
 
+
+@pytest.mark.parametrize("reshard_after_forward", [True, False])
+def test_stage3_units_returning_a_dataclass_equal_ddp(pool, reshard_after_forward):
+    for diffs in pool.run(cases_loops.dataclass_unit_outputs, 2, reshard_after_forward):
+        assert max(diffs) < 1e-6, diffs
+
 loop_steps = st.fixed_dictionaries({
     "micro_batches": st.integers(1, 2), "eval": st.booleans(), "clip": st.booleans(),
     "clear": st.sampled_from(cases_loops.CLEARS)})

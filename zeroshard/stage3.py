@@ -66,6 +66,16 @@ Note [runs before the walk moves on]:
     pass ends. In that first step, before anything is known, every rank must run
     such a unit the same number of times.
 
+Note [saved tensors]:
+    Backward gathers a unit when a tensor its forward returned gets its gradient,
+    which needs the forward hook to find those tensors: it looks inside tuples,
+    lists and dicts, not inside a dataclass or any other object. So during each
+    unit's training forward a pair of saved-tensor hooks is active too: when backward
+    unpacks a tensor that forward saved (a weight for a matmul's input gradient, an
+    activation), the unit is gathered first if it is not already. Backward thus never
+    computes with a released unit's placeholders, whatever the unit returns. The
+    hooks cost one Python call per saved tensor on save and on use.
+
 Note [recomputation]:
     Activation checkpointing runs a unit's forward again during backward. The
     hooks recognise it by the BACKWARD state: they gather as usual but neither
@@ -76,6 +86,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -108,6 +119,7 @@ class Stage3(Stage2):
         self._backward = Schedule(backward_order)
         self._training_forward = False  # the current forward began with grad enabled
         self._finished: list[Unit] = []  # Note [runs before the walk moves on]
+        self._watching: list[tuple[Unit, object]] = []  # Note [saved tensors]: open hook pairs
         self._order_warned = False
         self.device = next((b.flat.device for u in units for b in u.buckets), torch.device("cpu"))
         # Note [gather channel]: gathers get a communicator of their own.
@@ -147,15 +159,22 @@ class Stage3(Stage2):
         if unit is self.root:  # a new forward pass
             self._training_forward = torch.is_grad_enabled()
             self._forward.restart()
+            self._stop_watching(None)  # pairs a forward that raised left open
         if self._training_forward:
             unit.ran_since_backward = True
         self._walk(self._forward, unit)
+        if torch.is_grad_enabled():  # Note [saved tensors]
+            watch = SavedTensorWatch(self, unit)
+            hooks = torch.autograd.graph.saved_tensors_hooks(watch.pack, watch.unpack)
+            hooks.__enter__()
+            self._watching.append((unit, hooks))
 
     def _post_forward(self, unit: Unit, module, args, output) -> None:
         if self.summoned:  # Note [forward inside summon]
             return
         if self.state is TrainingState.BACKWARD:
             return  # Note [recomputation]
+        self._stop_watching(unit)
         if torch.is_grad_enabled():
             for tensor in tree_flatten(output)[0]:
                 if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
@@ -172,7 +191,27 @@ class Stage3(Stage2):
                 for other in self.units:  # finished, or a prefetch the forward did not use
                     other.release()
 
+    def _stop_watching(self, unit: Unit | None) -> None:
+        """Close the saved-tensor hooks opened for ``unit`` (and any opened inside it and
+        left open by a forward that raised); None closes every pair."""
+        if unit is not None and all(u is not unit for u, _ in self._watching):
+            return
+        while self._watching:
+            opened_for, hooks = self._watching.pop()
+            hooks.__exit__(None, None, None)
+            if opened_for is unit:
+                return
+
     # -- backward -------------------------------------------------------------------
+
+    def gather_for_saved_tensor(self, unit: Unit) -> None:
+        """Note [saved tensors]: backward is about to use a tensor ``unit``'s forward saved."""
+        if unit.state is ShardState.GATHERED or self.summoned:
+            return
+        if unit.backward_armed:  # gathered for this backward and released since
+            self._gather_now(unit)
+        else:
+            self._pre_backward(unit, None)
 
     def _arm_pre_backward(self, tensor: torch.Tensor, unit: Unit) -> None:
         """Call ``_pre_backward(unit)`` when ``tensor`` gets its gradient.
@@ -405,3 +444,21 @@ class Stage3(Stage2):
                     for bucket in unit.buckets:
                         bucket.load_shard()
                     unit.release()
+
+
+class SavedTensorWatch:
+    """The saved-tensor hooks of one unit's forward (Note [saved tensors]). Holds the
+    stage weakly (Note [no reference cycles]); once it is gone, unpacking does nothing."""
+
+    def __init__(self, stage: Stage3, unit: Unit) -> None:
+        self._stage = weakref.ref(stage)
+        self._unit = unit
+
+    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def unpack(self, tensor: torch.Tensor) -> torch.Tensor:
+        stage = self._stage()
+        if stage is not None:
+            stage.gather_for_saved_tensor(self._unit)
+        return tensor
