@@ -43,6 +43,20 @@ def flat_params(model) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()
 
 
+def flat_grads(model, missing: float = 0.0) -> torch.Tensor:
+    """Every parameter's gradient, flattened in ``flat_params`` order; ``missing`` where
+    a parameter has none."""
+    return torch.cat([p.grad.detach().reshape(-1) if p.grad is not None
+                      else torch.full((p.numel(),), missing) for p in model.parameters()])
+
+
+def flat_hyperparameter(model, optimizer, key: str) -> torch.Tensor:
+    """Each element's value of a param-group hyperparameter (lr, weight_decay)."""
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    return torch.cat([torch.full((p.numel(),), float(group_of[id(p)].get(key, 0.0)))
+                      for p in model.parameters()])
+
+
 def state_bytes(optimizer) -> int:
     """Bytes of an optimizer's per-element state for trainable parameters (`step` left out;
     Adagrad allocates state for frozen parameters too, which no shard needs)."""
@@ -119,8 +133,14 @@ def train_side_by_side(ctx, case):
             if p.requires_grad:
                 p.register_post_accumulate_grad_hook(record)
 
+    # What bounds each element's sensitivity to rounding (test_equivalence.update_bounds),
+    # per step, from the single-process reference: the gradient its optimizer steps on
+    # (NaN where a parameter has none: the step skips it), the sum over ranks and
+    # micro-batches of |each backward's contribution| (after clipping: the scale of the
+    # reduction's rounding), and each element's lr and weight decay.
     out = {k: [] for k in ("zero", "ddp", "single", "zero_loss", "ddp_loss", "single_loss",
-                           "zero_norm", "ddp_norm", "single_norm", "comm", "mem", "eval_diff")}
+                           "zero_norm", "ddp_norm", "single_norm", "comm", "mem", "eval_diff",
+                           "single_grad", "grad_abs_sum", "single_lr", "single_wd")}
     def zero_params():  # stage 3 parameters are sharded between steps: gather them to read
         with zopt.summon_full_params():
             return flat_params(zero_model)
@@ -138,6 +158,7 @@ def train_side_by_side(ctx, case):
                 x = batches[0][ctx.rank][0]
                 out["eval_diff"].append((zero_model(x) - ddp_model(x)).abs().max().item())
         zl = dl = sl = 0.0
+        abs_sum = torch.zeros(out["initial"].numel())
         for m in range(accum):
             skip_sync = case["no_sync"] and m < accum - 1
             with zopt.no_sync() if skip_sync else contextlib.nullcontext():
@@ -151,7 +172,9 @@ def train_side_by_side(ctx, case):
             for r in range(n):
                 single_model.skip_block = skips_block(case, step, r)
                 loss = micro_loss(spec, single_model, batches[m][r], case) / (accum * n)
+                before = flat_grads(single_model)
                 loss.backward()
+                abs_sum += (flat_grads(single_model) - before).abs()
                 sl += loss.item()
         out["mem"].append(zopt.memory_report())
         if case["clip"] is not None:
@@ -160,6 +183,11 @@ def train_side_by_side(ctx, case):
             for name, model in (("ddp", ddp), ("single", single_model)):
                 norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip, norm_type)
                 out[name + "_norm"].append(norm.item())
+            abs_sum *= min(1.0, clip / (out["single_norm"][-1] + 1e-6))  # clip's coefficient
+        out["single_grad"].append(flat_grads(single_model, missing=float("nan")))
+        out["grad_abs_sum"].append(abs_sum)
+        out["single_lr"].append(flat_hyperparameter(single_model, sopt, "lr"))
+        out["single_wd"].append(flat_hyperparameter(single_model, sopt, "weight_decay"))
         for o in (zopt, dopt, sopt):
             o.step()
             o.zero_grad()

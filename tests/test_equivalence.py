@@ -16,26 +16,176 @@ FP32 = 4
 
 
 def tolerances(case):
-    """SGD: fp32 reduction-order noise (rtol covers the rounding of the parameter's own
-    magnitude). Adaptive optimizers divide by sqrt(v), which magnifies that noise on
-    gradients that cancel to near zero across ranks and micro-batches (RMSprop's first
-    update is 10*lr*g/(|g| + 100*eps): seen 3.6e-3*lr apart from DDP, whose all-reduce
-    sums in another order than gloo's reduce-scatter). Their absolute bound is 1e-2 of
-    a learning rate: 100x below one step, while a sharding bug moves whole steps."""
-    if case["optimizer"] == "SGD":
-        return {"rtol": 1e-5, "atol": 1e-6}
-    return {"rtol": 1e-5, "atol": 1e-2 * case["opt_kwargs"]["lr"]}
+    """fp32 reduction-order noise where the update is well conditioned: rtol covers the
+    rounding of the parameter's own magnitude. An adaptive optimizer's update can
+    magnify rounding far beyond that at some elements: ``update_bounds`` adds those."""
+    return {"rtol": 1e-5, "atol": 1e-6}
+
+
+UNIT_ROUNDOFF = 2.0**-24  # fp32
+
+
+def gradient_noise(results, case, step):
+    """Half-width of an interval around the single-process gradient at ``step`` that holds
+    every reference's gradient (zeroshard, DDP, single process, either stage).
+
+    All reduce the same k = N * accum per-(rank, micro-batch) gradients g_j: each rank's
+    backward is the same computation in every reference, the loss scaled by a power of two
+    where N * accum is one. A sum of k terms in any order is within (k-1) u sum|g_j| of
+    the exact sum; dividing by N (or scaling the loss) and clipping round once more each:
+    so each reference is within (k+1) u sum|g_j| of the exact mean, any two within twice
+    that. Clipping scales sum|g_j| by its coefficient (cases.py records it so), and the
+    references' coefficients differ by their norms' rounding: a relative rho, measured."""
+    k = case["world_size"] * case["accum"]
+    res = results[0]
+    noise = 2 * (k + 1) * UNIT_ROUNDOFF * res["grad_abs_sum"][step].double()
+    if case["clip"] is not None:
+        def coefficient(norm):
+            return min(1.0, case["clip"] / (norm + 1e-6))
+        single = coefficient(res["single_norm"][step])
+        rho = max(abs(coefficient(r[key][step]) - single) / single
+                  for r in results for key in ("zero_norm", "ddp_norm"))
+        noise += rho * res["single_grad"][step].double().abs().nan_to_num()
+    return noise
+
+
+def _divide(lo, hi, d_lo, d_hi):
+    """The range of x / d for x in [lo, hi] and d in [d_lo, d_hi], d > 0."""
+    return (torch.where(lo >= 0, lo / d_hi, lo / d_lo), torch.where(hi >= 0, hi / d_lo, hi / d_hi))
+
+
+def _square(lo, hi):
+    """The range of x**2 for x in [lo, hi]."""
+    straddles = (lo <= 0) & (hi >= 0)
+    return (torch.where(straddles, 0.0, torch.minimum(lo * lo, hi * hi)),
+            torch.maximum(lo * lo, hi * hi))
+
+
+def _adam_step_cap(beta1, beta2, count):
+    """The largest |m_hat| / sqrt(v_hat) after ``count`` steps, whatever the gradients:
+    m_hat = sum a_i g_i and v_hat = sum b_i g_i**2, so by Cauchy-Schwarz
+    |m_hat| <= sqrt(sum a_i**2 / b_i) sqrt(v_hat)."""
+    if count == 0:
+        return 0.0
+    a = [(1 - beta1) * beta1 ** (count - i) / (1 - beta1**count) for i in range(1, count + 1)]
+    b = [(1 - beta2) * beta2 ** (count - i) / (1 - beta2**count) for i in range(1, count + 1)]
+    return sum(x * x / y for x, y in zip(a, b)) ** 0.5
+
+
+def update_bounds(results, case):
+    """Per step, a bound on each element's parameter difference between any two
+    references that the rounding of reduced gradients can cause through an adaptive
+    optimizer; None for SGD, whose update is linear in the gradient (``tolerances``).
+
+    Adam's first update is lr g / (|g| + eps): where |g| is near eps, or the gradient
+    cancels across ranks and micro-batches to rounding noise, a rounding-level change
+    of g moves the parameter by up to 2 lr. So the optimizer runs once more here, on
+    intervals: each step's gradient is [g - d, g + d] (``gradient_noise``; a coupled
+    weight decay adds wd p to g and wd D to d), the state (Adam's m and v, RMSprop's
+    square average and momentum, Adagrad's sum of squares) is carried as intervals,
+    and the normalised update (m_hat / (sqrt(v_hat) + eps), g / (sqrt(v) + eps))
+    as an interval, narrowed to the values it can take at all: Adam's
+    ``_adam_step_cap``, RMSprop's 1 / sqrt(1 - alpha) (v >= (1 - alpha) g**2),
+    Adagrad's 1. An element's first step is exactly [f(g - d), f(g + d)] with
+    f(g) = g / (c |g| + eps) increasing (c = 1; RMSprop sqrt(1 - alpha)): its width
+    is ~2 d eps / g**2 where |g| >> d, eps, and up to 2 where |g| <= d (a sign flip).
+    The bound grows by lr times that interval's width each step:
+    D_t = D_(t-1) + lr_t (hi - lo). Where g is well above d and eps the width is
+    ~d / |g| (about 1e-6, far below atol); an element once sensitive stays so through
+    its state's wide interval. Left to rtol/atol: the second-order effect of one
+    element's difference on other elements' gradients through the model."""
+    name = case["optimizer"]
+    if name == "SGD":
+        return None
+    hp = cases.OPTIMIZERS[name]([torch.zeros(1, requires_grad=True)], **case["opt_kwargs"]).defaults
+    res = results[0]
+    zeros = torch.zeros_like(res["initial"], dtype=torch.float64)
+    bound, count = zeros.clone(), torch.zeros_like(zeros, dtype=torch.long)
+    state = {key: [zeros.clone(), zeros.clone()] for key in ("m", "v", "buf")}
+    bounds = []
+    for step in range(case["steps"]):
+        g = res["single_grad"][step].double()
+        has = ~torch.isnan(g)  # no gradient: the optimizer skips the element
+        g = g.nan_to_num()
+        noise = gradient_noise(results, case, step)
+        if name != "AdamW":  # coupled weight decay: the gradient includes wd * p
+            wd = res["single_wd"][step].double()
+            g = g + wd * (res["single"][step - 1] if step else res["initial"]).double()
+            noise = noise + wd * bound
+        lo, hi = g - noise, g + noise
+        count = count + has.long()
+        sq_lo, sq_hi = _square(lo, hi)
+        if name in ("Adam", "AdamW"):
+            beta1, beta2 = hp["betas"]
+            (m_lo, m_hi), (v_lo, v_hi) = state["m"], state["v"]
+            new = {"m": [beta1 * m_lo + (1 - beta1) * lo, beta1 * m_hi + (1 - beta1) * hi],
+                   "v": [beta2 * v_lo + (1 - beta2) * sq_lo, beta2 * v_hi + (1 - beta2) * sq_hi]}
+            c1, c2 = 1 - beta1 ** count.clamp(min=1), 1 - beta2 ** count.clamp(min=1)
+            u_lo, u_hi = _divide(new["m"][0] / c1, new["m"][1] / c1,
+                                 (new["v"][0] / c2).sqrt() + hp["eps"],
+                                 (new["v"][1] / c2).sqrt() + hp["eps"])
+            cap = torch.tensor([_adam_step_cap(beta1, beta2, c)
+                                for c in range(case["steps"] + 1)], dtype=torch.float64)[count]
+        elif name == "RMSprop":
+            alpha = hp["alpha"]
+            v_lo, v_hi = state["v"]
+            new = {"v": [alpha * v_lo + (1 - alpha) * sq_lo, alpha * v_hi + (1 - alpha) * sq_hi]}
+            u_lo, u_hi = _divide(lo, hi, new["v"][0].sqrt() + hp["eps"],
+                                 new["v"][1].sqrt() + hp["eps"])
+            cap = (1 - alpha) ** -0.5
+        else:  # Adagrad, no lr decay (the cases use none)
+            assert name == "Adagrad" and hp["lr_decay"] == 0 and hp["initial_accumulator_value"] == 0
+            v_lo, v_hi = state["v"]
+            new = {"v": [v_lo + sq_lo, v_hi + sq_hi]}
+            u_lo, u_hi = _divide(lo, hi, new["v"][0].sqrt() + hp["eps"],
+                                 new["v"][1].sqrt() + hp["eps"])
+            cap = 1.0
+        u_lo, u_hi = u_lo.clamp(-cap, cap), u_hi.clamp(-cap, cap)
+        # An element's first step is g / (c |g| + eps) (c: sqrt(v) / |g|), increasing in g:
+        # its exact range, which the division above would overstate where |g| ~ d >> eps.
+        c = {"RMSprop": (1 - hp.get("alpha", 0)) ** 0.5}.get(name, 1.0)
+        first = count == 1
+        u_lo = torch.where(first, lo / (c * lo.abs() + hp["eps"]), u_lo)
+        u_hi = torch.where(first, hi / (c * hi.abs() + hp["eps"]), u_hi)
+        if name == "RMSprop" and hp["momentum"] > 0:  # the step is lr * buf
+            buf_lo, buf_hi = state["buf"]
+            new["buf"] = [hp["momentum"] * buf_lo + u_lo, hp["momentum"] * buf_hi + u_hi]
+            u_lo, u_hi = new["buf"]
+        for key, (new_lo, new_hi) in new.items():
+            state[key] = [torch.where(has, new_lo, state[key][0]),
+                          torch.where(has, new_hi, state[key][1])]
+        bound = bound + torch.where(has, res["single_lr"][step].double() * (u_hi - u_lo), 0.0)
+        bounds.append(bound.clone())
+    return bounds
+
+
+def assert_params_close(actual, expected, case, bound, what):
+    """|actual - expected| <= atol + rtol |expected| + bound, element by element."""
+    tol = tolerances(case)
+    allowed = tol["atol"] + tol["rtol"] * expected.double().abs()
+    if bound is not None:
+        allowed = allowed + bound
+    excess = (actual.double() - expected.double()).abs() - allowed
+    if not (excess <= 0).all():  # NaN fails too
+        i = int(excess.nan_to_num(float("inf")).argmax())
+        sensitivity = 0.0 if bound is None else float(bound[i])
+        raise AssertionError(
+            f"{what}: {int((~(excess <= 0)).sum())} of {excess.numel()} elements differ; "
+            f"worst at {i}: {actual[i].item():.9g} vs {expected[i].item():.9g}, difference "
+            f"{abs(actual[i].item() - expected[i].item()):.3g}, allowed {allowed[i].item():.3g} "
+            f"(of which {sensitivity:.3g} the update's sensitivity, {tol})")
 
 
 def check_matches_references(results, case):
-    tol = tolerances(case)
+    bounds = update_bounds(results, case)
     for rank, res in enumerate(results):
         for step in range(case["steps"]):
             where = f"rank {rank}, step {step}"
-            torch.testing.assert_close(res["zero"][step], res["ddp"][step], **tol,
-                                       msg=lambda m: f"zeroshard vs DDP, {where}: {m}")
-            torch.testing.assert_close(res["zero"][step], res["single"][step], **tol,
-                                       msg=lambda m: f"zeroshard vs single process, {where}: {m}")
+            bound = None if bounds is None else bounds[step]
+            assert_params_close(res["zero"][step], res["ddp"][step], case, bound,
+                                f"zeroshard vs DDP, {where}")
+            assert_params_close(res["zero"][step], res["single"][step], case, bound,
+                                f"zeroshard vs single process, {where}")
             assert res["zero_loss"][step] == _approx(res["ddp_loss"][step]), where
             if case["clip"] is not None:
                 assert res["zero_norm"][step] == _approx(res["ddp_norm"][step]), where
@@ -143,12 +293,15 @@ def check_memory(results, case):
 def check_stage2_peak(results, case):
     """During backward, stage 2 holds the shards plus at most two buckets (one filling,
     one in flight) of each param group, plus the gradient autograd just produced."""
+    reused_unit = case["stage"] == 3 and case["model"].get("reuse") and case["world_size"] > 1
     if (case["stage"] == 1 or case["no_sync"] or case["model"].get("unused_branch")
-            or case.get("skip_block") or case["model"].get("checkpoint") == "reentrant"):
+            or case.get("skip_block") or case["model"].get("checkpoint") == "reentrant"
+            or reused_unit):
         # no_sync keeps full gradients by design; an unused branch (or a block skipped on
         # some ranks) holds its bucket until backward ends (stage 3: until the backward walk
         # passes it), and the buckets after it in order wait; nested backwards (reentrant
-        # checkpointing) may refill buckets late
+        # checkpointing) may refill buckets late; a rank does not wait for a reused stage-3
+        # unit's reduce-scatter before the next bucket (Note [runs before the walk moves on])
         return
     n = case["world_size"]
     cap = case["bucket_mb"] * 2**20
@@ -201,6 +354,19 @@ def _reused_block_skipped_on_odd_ranks(units):
             "clip": None, "norm_type": 2.0, "steps": 3, "batch": 2, "record_peak": True}
 
 
+def _reused_unit_on_one_rank():
+    """Found by the thorough profile: alone, a rank that did not wait for a reused unit's
+    reduce-scatter before the next bucket held more gradient buffers than stage 2 promises."""
+    return {"model": {"kind": "transformer", "vocab": 11, "d": 8, "heads": 2, "layers": 1,
+                      "seq": 3, "tied": False, "frozen": False, "checkpoint": None, "reuse": True},
+            "two_forwards": False, "eval_forward": False, "units": None,
+            "reshard_after_forward": False, "skip_block": None, "world_size": 1, "stage": 3,
+            "optimizer": "Adagrad", "opt_kwargs": {"lr": 0.01}, "groups": False,
+            "bucket_mb": 1e-6, "scheduler": False, "accum": 2, "no_sync": False, "clip": None,
+            "norm_type": 2.0, "steps": 2, "batch": 2, "record_peak": True}
+
+
+@example(case=_reused_unit_on_one_rank())
 @example(case=_reused_block_skipped_on_odd_ranks("blocks"))
 @example(case=_reused_block_skipped_on_odd_ranks("linear"))  # a unit reruns after others
 @given(training_cases())
@@ -214,12 +380,14 @@ def test_zeroshard_equals_ddp_and_single_process(pool, case):
 def test_stage1_and_stage2_agree(pool, case):
     one = pool.run(cases.train_side_by_side, case["world_size"], case)
     two = pool.run(cases.train_side_by_side, case["world_size"], {**case, "stage": 2})
+    bounds = update_bounds(one, case)
     for a, b in zip(one, two):
         for step in range(case["steps"]):
             if case["accum"] == 1 or case["no_sync"]:  # the same single reduction of the same sum
                 assert torch.equal(a["zero"][step], b["zero"][step]), step
             else:  # stage 1 reduces the sum, stage 2 sums the reductions
-                torch.testing.assert_close(a["zero"][step], b["zero"][step], **tolerances(case))
+                assert_params_close(a["zero"][step], b["zero"][step], case,
+                                    None if bounds is None else bounds[step], f"step {step}")
 
 
 def _approx(x):

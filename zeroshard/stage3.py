@@ -260,8 +260,9 @@ class Stage3(Stage2):
         needs gathers; a rank where it ran less has reduced it already, and blocking on that
         reduce-scatter before issuing those gathers would deadlock the two. So with such a
         unit's reduction in flight, the next buffer does not wait (memory grows by its
-        buckets until the late ranks catch up)."""
-        if not any(self._unit_of[id(b.params[0])].held_for_pass for b, *_ in self._in_flight):
+        buckets until the late ranks catch up); alone, a rank has no one to wait for."""
+        if self.world_size == 1 or not any(
+                self._unit_of[id(b.params[0])].held_for_pass for b, *_ in self._in_flight):
             self.wait_in_flight()
 
     def finalize(self, bucket, reduced: torch.Tensor) -> None:
