@@ -366,6 +366,21 @@ def _reused_unit_on_one_rank():
             "norm_type": 2.0, "steps": 2, "batch": 2, "record_peak": True}
 
 
+def _checkpointed_automatic_units():
+    """Found by the thorough profile: units inside a non-reentrant checkpointed block
+    pushed their saved-tensor hooks inside the checkpoint's, which then missed the
+    tensors it recomputes (Note [saved tensors])."""
+    return {"model": {"kind": "transformer", "vocab": 11, "d": 8, "heads": 2, "layers": 1,
+                      "seq": 3, "tied": False, "frozen": False, "checkpoint": "nonreentrant",
+                      "reuse": False},
+            "two_forwards": False, "eval_forward": False, "units": None,
+            "reshard_after_forward": False, "skip_block": None, "world_size": 1, "stage": 3,
+            "optimizer": "Adagrad", "opt_kwargs": {"lr": 0.01}, "groups": False,
+            "bucket_mb": 1e-6, "scheduler": False, "accum": 1, "no_sync": False, "clip": None,
+            "norm_type": 2.0, "steps": 2, "batch": 2, "record_peak": True}
+
+
+@example(case=_checkpointed_automatic_units())
 @example(case=_reused_unit_on_one_rank())
 @example(case=_reused_block_skipped_on_odd_ranks("blocks"))
 @example(case=_reused_block_skipped_on_odd_ranks("linear"))  # a unit reruns after others

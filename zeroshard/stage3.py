@@ -74,7 +74,10 @@ Note [saved tensors]:
     unpacks a tensor that forward saved (a weight for a matmul's input gradient, an
     activation), the unit is gathered first if it is not already. Backward thus never
     computes with a released unit's placeholders, whatever the unit returns. The
-    hooks cost one Python call per saved tensor on save and on use.
+    hooks cost one Python call per saved tensor on save and on use. Inside another
+    pair of saved-tensor hooks (non-reentrant activation checkpointing, offloading)
+    none are added: those must see every tensor saved inside them, and a checkpointed
+    unit is gathered by its recomputation (Note [recomputation]).
 
 Note [recomputation]:
     Activation checkpointing runs a unit's forward again during backward. The
@@ -163,7 +166,7 @@ class Stage3(Stage2):
         if self._training_forward:
             unit.ran_since_backward = True
         self._walk(self._forward, unit)
-        if torch.is_grad_enabled():  # Note [saved tensors]
+        if torch.is_grad_enabled() and _may_watch_saved_tensors():  # Note [saved tensors]
             watch = SavedTensorWatch(self, unit)
             hooks = torch.autograd.graph.saved_tensors_hooks(watch.pack, watch.unpack)
             hooks.__enter__()
@@ -463,3 +466,9 @@ class SavedTensorWatch:
         if stage is not None:
             stage.gather_for_saved_tensor(self._unit)
         return tensor
+
+
+def _may_watch_saved_tensors() -> bool:
+    """No saved-tensor hooks are active, or only a unit's own (Note [saved tensors])."""
+    top = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    return top is None or isinstance(getattr(top[0], "__self__", None), SavedTensorWatch)
