@@ -381,3 +381,49 @@ def dataclass_unit_outputs(ctx, reshard_after_forward: bool):
             diffs.append(max((p - q).abs().max().item()
                              for p, q in zip(model.parameters(), reference.module.parameters())))
     return diffs
+
+
+def batchnorm_with_bf16(ctx, stage: int):
+    """BatchNorm under ``MixedPrecision(param_dtype=bf16)`` (Note [full-precision
+    modules]): BatchNorm keeps fp32 parameters and statistics and computes in fp32, the
+    rest computes in bf16 with fp32 masters. The reference follows that recipe by hand:
+    DDP over a copy whose Linear layers are bf16 and whose BatchNorm is fp32 with the
+    same casts around it; fp32 masters take the DDP-reduced gradients, a plain SGD
+    steps them, and the copy takes their cast. Returns (largest master difference,
+    largest buffer difference, BatchNorm parameter and buffer dtypes)."""
+    bf16 = zeroshard.MixedPrecision(torch.bfloat16, output_dtype=torch.float32)
+    model = _batchnorm_net(seed=ctx.rank)
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=stage, process_group=ctx.group,
+                                  mixed_precision=bf16, bucket_size_mb=1e-4, lr=0.05,
+                                  **({"units": torch.nn.Linear} if stage == 3 else {}))
+    masters = [p.detach().clone() for p in _batchnorm_net(seed=0).parameters()]
+    copy = _batchnorm_net(seed=0)
+    for module in (copy[0], copy[3]):
+        module.to(torch.bfloat16)
+    copy[1].register_forward_pre_hook(lambda m, args: tuple(a.float() for a in args))
+    copy[1].register_forward_hook(lambda m, args, out: out.to(torch.bfloat16))
+    reference = DDP(copy, process_group=ctx.group)
+    master_opt = torch.optim.SGD(masters, lr=0.05)
+    for step in range(3):
+        x, y = make_batch(MLP, seed=10 * step + ctx.rank, rank=ctx.rank, batch=6)
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        out = reference(x.to(torch.bfloat16)).float()
+        torch.nn.functional.mse_loss(out, y).backward()
+        for master, param in zip(masters, copy.parameters()):
+            master.grad = param.grad.float()
+        master_opt.step()
+        with torch.no_grad():
+            for master, param in zip(masters, copy.parameters()):
+                param.copy_(master)
+                param.grad = None
+    with opt.summon_full_params():
+        ours = opt._gather_masters()
+        names = {id(p): i for i, p in enumerate(model.parameters())}
+        params = max((value - masters[names[key]]).abs().max().item() for key, value in ours.items())
+    buffers = max((b.float() - c.float()).abs().max().item()
+                  for b, c in zip(model.buffers(), copy.buffers()))
+    dtypes = sorted({str(t.dtype) for t in (*model[1].parameters(), *model[1].buffers())
+                     if t.is_floating_point()})
+    return params, buffers, dtypes

@@ -100,6 +100,13 @@ def test_stage3_units_returning_a_dataclass_equal_ddp(pool, reshard_after_forwar
     for diffs in pool.run(cases_loops.dataclass_unit_outputs, 2, reshard_after_forward):
         assert max(diffs) < 1e-6, diffs
 
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_batchnorm_with_bf16_mixed_precision_keeps_fp32_and_follows_the_recipe(pool, stage):
+    for params, buffers, dtypes in pool.run(cases_loops.batchnorm_with_bf16, 2, stage):
+        assert dtypes == ["torch.float32"], dtypes
+        assert params < 1e-6 and buffers < 1e-6, (params, buffers)
+
 loop_steps = st.fixed_dictionaries({
     "micro_batches": st.integers(1, 2), "eval": st.booleans(), "clip": st.booleans(),
     "clear": st.sampled_from(cases_loops.CLEARS)})

@@ -49,6 +49,8 @@ class FlatBucket:
         self.ready: set[int] = set()  # params whose gradient arrived in this backward
         self.param_names = [f"params[{i}]" for i in range(len(self.params))]  # for messages
         self.placeholders: torch.Tensor | None = None  # stage 3 (Note [stage-3 placeholders])
+        # kept in fp32 under a mixed-precision policy (Note [full-precision modules])
+        self.full_precision = False
         self._versions_at_release: list[int] = []
 
     def param_view(self, flat: torch.Tensor, index: int) -> torch.Tensor:
@@ -236,7 +238,7 @@ class FlatBucket:
 
 
 def build_buckets(params: Sequence[tuple[nn.Parameter, int]], bucket_bytes: int, rank: int,
-                  world_size: int) -> list[FlatBucket]:
+                  world_size: int, full_precision: frozenset[int] = frozenset()) -> list[FlatBucket]:
     """Group ``(parameter, group_index)`` pairs, given in model order, into buckets.
 
     Parameters are taken in reverse model order, roughly the order in which backward
@@ -248,12 +250,13 @@ def build_buckets(params: Sequence[tuple[nn.Parameter, int]], bucket_bytes: int,
     keep every bucket behind it waiting until backward ends. A parameter larger
     than ``bucket_bytes`` gets a bucket of its own. The order of the returned list,
     by each bucket's first parameter, is the fixed order in which every rank
-    launches the buckets' collectives.
+    launches the buckets' collectives. Parameters in ``full_precision`` (ids) get
+    buckets of their own (Note [full-precision modules] in mixed_precision.py).
     """
     open_buckets: dict[tuple, list[nn.Parameter]] = {}
     ordered: list[tuple[int, list[nn.Parameter]]] = []
     for param, group_index in reversed(list(params)):
-        key = (group_index, param.dtype, param.device)
+        key = (group_index, param.dtype, param.device, id(param) in full_precision)
         members = open_buckets.get(key)
         if members is not None and _bytes(members) + _bytes([param]) > bucket_bytes:
             open_buckets.clear()
@@ -262,7 +265,10 @@ def build_buckets(params: Sequence[tuple[nn.Parameter, int]], bucket_bytes: int,
             members = open_buckets[key] = []
             ordered.append((group_index, members))
         members.append(param)
-    return [FlatBucket(members, group_index, rank, world_size) for group_index, members in ordered]
+    buckets = [FlatBucket(members, group_index, rank, world_size) for group_index, members in ordered]
+    for bucket in buckets:
+        bucket.full_precision = id(bucket.params[0]) in full_precision
+    return buckets
 
 
 def _bytes(params: Sequence[nn.Parameter]) -> int:

@@ -275,9 +275,16 @@ class ShardedStage:
             for shard in shards:
                 shard.fill_(float("nan"))
 
-    def as_gradient_shard(self, reduced: torch.Tensor) -> torch.Tensor:
+    def reduce_dtype_of(self, bucket: FlatBucket) -> torch.dtype:
+        """The policy's reduce dtype; a full-precision bucket (Note [full-precision
+        modules] in mixed_precision.py), and any bucket without a policy, its own."""
+        if self.reduce_dtype is None or bucket.full_precision:
+            return bucket.flat.dtype
+        return self.reduce_dtype
+
+    def as_gradient_shard(self, bucket: FlatBucket, reduced: torch.Tensor) -> torch.Tensor:
         """The reduce-scatter's output in the dtype gradient shards are kept in."""
-        if self.grad_dtype is None or reduced.dtype == self.grad_dtype:
+        if self.grad_dtype is None or bucket.full_precision or reduced.dtype == self.grad_dtype:
             return reduced
         return reduced.to(self.grad_dtype)
 
@@ -337,7 +344,7 @@ class ShardedStage:
         nobody needs it afterwards (``flat_grad`` if consumable, else a cast or divided
         copy, else None); ``wait_in_flight`` frees its memory once the work is done.
         """
-        dtype = self.reduce_dtype or flat_grad.dtype
+        dtype = self.reduce_dtype_of(bucket)
         if flat_grad.dtype != dtype:
             flat_grad, consumable = flat_grad.to(dtype), True
         op = dist.ReduceOp.AVG

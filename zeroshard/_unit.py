@@ -169,8 +169,10 @@ def assign_owners(model: nn.Module, unit_modules: list[nn.Module]) -> dict[int, 
 
 
 def build_units(model: nn.Module, unit_modules: list[nn.Module], group_of: dict[int, int],
-                rank: int, world_size: int) -> list[Unit]:
-    """One bucket per (param group, dtype, device, requires_grad) of each unit's own parameters."""
+                rank: int, world_size: int, full_precision: frozenset[int] = frozenset()
+                ) -> list[Unit]:
+    """One bucket per (param group, dtype, device, requires_grad, kept in full precision)
+    of each unit's own parameters."""
     owner = assign_owners(model, unit_modules)
     names = {id(m): name for name, m in model.named_modules()}
     param_names = {id(p): name for name, p in model.named_parameters()}
@@ -179,11 +181,13 @@ def build_units(model: nn.Module, unit_modules: list[nn.Module], group_of: dict[
         by_key: dict[tuple, list[nn.Parameter]] = {}
         for param in model.parameters():
             if owner[id(param)] == index:
-                key = (group_of.get(id(param), -1), param.dtype, param.device, param.requires_grad)
+                key = (group_of.get(id(param), -1), param.dtype, param.device, param.requires_grad,
+                       id(param) in full_precision)
                 by_key.setdefault(key, []).append(param)
         buckets = [FlatBucket(params, key[0], rank, world_size) for key, params in by_key.items()]
         for bucket in buckets:
             bucket.param_names = [param_names[id(p)] for p in bucket.params]
+            bucket.full_precision = id(bucket.params[0]) in full_precision
         units.append(Unit(module, names.get(id(module), ""), buckets))
     return units
 

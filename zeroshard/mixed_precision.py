@@ -60,9 +60,31 @@ class MixedPrecision:
         return self.reduce_dtype if self.reduce_dtype is not None else self.param_dtype
 
 
+# Note [full-precision modules]:
+#     BatchNorm's running statistics are numerically delicate, and batch_norm refuses a
+#     bf16 weight beside fp32 statistics. So, as FSDP does by default, BatchNorm modules
+#     keep their parameters (in buckets of their own, whose shard is the master) and
+#     buffers in fp32 under a policy, and compute in fp32: their floating-point inputs
+#     are cast to fp32 and their outputs back to ``param_dtype``.
+FULL_PRECISION_MODULES = (nn.modules.batchnorm._BatchNorm,)
+
+
+def full_precision_parameters(model: nn.Module, policy: MixedPrecision | None) -> set[int]:
+    """ids of the parameters a policy leaves in fp32 (Note [full-precision modules])."""
+    if policy is None:
+        return set()
+    return {id(p) for m in model.modules() if isinstance(m, FULL_PRECISION_MODULES)
+            for p in m.parameters(recurse=False)}
+
+
 def install_forward_casts(model: nn.Module, policy: MixedPrecision) -> list:
-    """Hooks on the root module that cast its forward's inputs and outputs; returns handles."""
+    """Hooks on the root module that cast its forward's inputs and outputs, and around
+    each full-precision module; returns handles."""
     handles = []
+    for module in model.modules():
+        if isinstance(module, FULL_PRECISION_MODULES):  # Note [full-precision modules]
+            handles.append(module.register_forward_pre_hook(_inputs_to_fp32))
+            handles.append(module.register_forward_hook(_OutputsTo(policy.param_dtype)))
     if policy.cast_forward_inputs:
         def cast_inputs(module, args, kwargs):
             return _cast_floating(args, policy.param_dtype), _cast_floating(kwargs, policy.param_dtype)
@@ -75,10 +97,27 @@ def install_forward_casts(model: nn.Module, policy: MixedPrecision) -> list:
     return handles
 
 
+def _inputs_to_fp32(module, args):
+    return _cast_floating(args, MASTER_DTYPE)
+
+
+class _OutputsTo:
+    """A forward hook casting floating-point outputs to ``dtype`` (picklable: a copy of
+    the model, ``copy.deepcopy``, keeps working)."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+
+    def __call__(self, module, args, output):
+        return _cast_floating(output, self.dtype)
+
+
 def cast_buffers(model: nn.Module, policy: MixedPrecision) -> None:
     if policy.buffer_dtype is None:
         return
     for module in model.modules():
+        if isinstance(module, FULL_PRECISION_MODULES):
+            continue  # Note [full-precision modules]
         for name, buffer in module._buffers.items():
             if buffer is not None and buffer.is_floating_point():
                 module._buffers[name] = buffer.to(policy.buffer_dtype)

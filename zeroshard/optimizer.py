@@ -16,7 +16,8 @@ from ._buffers import BufferFollower
 from ._stage import WeakHook
 from ._unit import build_units, select_unit_modules
 from .memory import storage_bytes, storage_key
-from .mixed_precision import MixedPrecision, cast_buffers, install_forward_casts
+from .mixed_precision import (MixedPrecision, cast_buffers, full_precision_parameters,
+                              install_forward_casts)
 from .stage1 import Stage1
 from .stage2 import Stage2
 from .stage3 import Stage3
@@ -270,15 +271,18 @@ class ZeroOptimizer(torch.optim.Optimizer):
         shards so the full buffers can be freed once rank 0's values are broadcast.
         """
         group_of = {id(p): i for i, g in enumerate(groups) for p in g["params"]}
+        full_precision = frozenset(full_precision_parameters(self._model, self.mixed_precision))
         if self.stage != 3:
             trainable = [(p, group_of[id(p)]) for p in self._model.parameters() if p.requires_grad]
-            buckets = build_buckets(trainable, bucket_bytes, self._rank, self._world_size)
+            buckets = build_buckets(trainable, bucket_bytes, self._rank, self._world_size,
+                                    full_precision)
             names = {id(p): name for name, p in self._model.named_parameters()}
             for bucket in buckets:  # for messages
                 bucket.param_names = [names[id(p)] for p in bucket.params]
             return buckets
         modules = select_unit_modules(self._model, units, bucket_bytes)
-        self._units = build_units(self._model, modules, group_of, self._rank, self._world_size)
+        self._units = build_units(self._model, modules, group_of, self._rank, self._world_size,
+                                  full_precision)
         return [b for u in self._units for b in u.buckets]
 
     def _apply_precision(self, buckets: list[FlatBucket]) -> None:
@@ -286,15 +290,18 @@ class ZeroOptimizer(torch.optim.Optimizer):
         precision, cast the parameters (bucketed or not) and the buffers."""
         policy = self.mixed_precision
         param_dtype = policy.param_dtype if policy is not None else None
-        for bucket in buckets:
-            bucket.place_shard(param_dtype, own_storage=self.stage == 3)
+        for bucket in buckets:  # Note [full-precision modules]: some stay in fp32
+            bucket.place_shard(None if bucket.full_precision else param_dtype,
+                               own_storage=self.stage == 3)
             bucket.mark_clean()
         if policy is None:
             return
         bucketed = {id(p) for b in buckets for p in b.params}
+        full_precision = full_precision_parameters(self._model, policy)
         with torch.no_grad():
             for param in self._model.parameters():
-                if id(param) not in bucketed:  # frozen, stages 1-2: never updated, no master
+                # frozen, stages 1-2: never updated, no master
+                if id(param) not in bucketed and id(param) not in full_precision:
                     param.data = param.data.to(policy.param_dtype)
         cast_buffers(self._model, policy)
 

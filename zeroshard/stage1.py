@@ -101,7 +101,7 @@ class Stage1(ShardedStage):
                                    consumable=False)
 
     def finalize(self, bucket: FlatBucket, reduced: torch.Tensor) -> None:
-        bucket.set_grad_shard(self.as_gradient_shard(reduced))
+        bucket.set_grad_shard(self.as_gradient_shard(bucket, reduced))
 
     def zero_grad(self) -> None:
         """Zero the gradient buffers in place (``p.grad`` stays a zero view, never None)."""

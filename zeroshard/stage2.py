@@ -58,7 +58,7 @@ class Stage2(ShardedStage):
         if position not in self.reduce_buffers:
             self.bound_in_flight()  # bound memory: one bucket filling, at most one in flight
             # In the reduce dtype: gradients are accumulated (and reduced) in it.
-            self.reduce_buffers[position] = torch.zeros_like(bucket.flat, dtype=self.reduce_dtype)
+            self.reduce_buffers[position] = torch.zeros_like(bucket.flat, dtype=self.reduce_dtype_of(bucket))
         return self.reduce_buffers[position]
 
     def bound_in_flight(self) -> None:
@@ -88,7 +88,7 @@ class Stage2(ShardedStage):
     def finalize(self, bucket: FlatBucket, reduced: torch.Tensor) -> None:
         del self.buffers_in_flight[self._position[id(bucket)]]  # freed by wait_in_flight
         if bucket.grad_shard is None:
-            bucket.set_grad_shard(self.as_gradient_shard(reduced))
+            bucket.set_grad_shard(self.as_gradient_shard(bucket, reduced))
         else:
             bucket.grad_shard.add_(reduced)
 

@@ -301,7 +301,7 @@ class Stage3(Stage2):
         for position, reduced in self._unclaimed.items():
             bucket = self.buckets[position]
             if id(self._unit_of[id(bucket.params[0])]) in self._ran_somewhere:
-                bucket.set_grad_shard(self.as_gradient_shard(reduced))
+                bucket.set_grad_shard(self.as_gradient_shard(bucket, reduced))
         self._unclaimed.clear()
 
     def _on_backward_end(self) -> None:
