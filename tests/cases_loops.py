@@ -427,3 +427,50 @@ def batchnorm_with_bf16(ctx, stage: int):
     dtypes = sorted({str(t.dtype) for t in (*model[1].parameters(), *model[1].buffers())
                      if t.is_floating_point()})
     return params, buffers, dtypes
+
+
+def gradient_penalty(ctx, stage: int):
+    """A gradient penalty on the input (WGAN-GP, R1): ``torch.autograd.grad(loss, x,
+    create_graph=True)``, then ``(loss + penalty).backward()``. The reference is a plain
+    model whose gradients the test all-reduces itself. Returns (per-step largest parameter
+    differences, reduce-scatter bytes per step: the last step has no penalty); stage 3
+    refuses, and returns (the refusal, a probe that every rank is still in step)."""
+    model = build_model(MLP, seed=ctx.rank)
+    reference = build_model(MLP, seed=0)
+    opt = _zero(model, stage, ctx.group, lr=0.05, momentum=0.9)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9)
+    diffs, scattered = [], []
+    if stage == 3:  # refused: the penalty's graph would outlive the gathered parameters
+        x, y = make_batch(MLP, seed=0, rank=ctx.rank, batch=4)
+        x_in = x.requires_grad_(True)
+        loss = torch.nn.functional.mse_loss(model(x_in), y)
+        try:
+            torch.autograd.grad(loss, x_in, create_graph=True)
+            refusal = "no error"
+        except RuntimeError as error:
+            refusal = str(error)
+        probe = torch.ones(1)  # every rank is still in step with the others
+        dist.all_reduce(probe, group=ctx.group)
+        return refusal, probe.item()
+    for step in range(4):
+        penalize = step < 3
+        x, y = make_batch(MLP, seed=10 * step + ctx.rank, rank=ctx.rank, batch=4)
+        opt.comm_stats.reset()
+        for net, optimizer in ((model, opt), (reference, ref_opt)):
+            x_in = x.clone().requires_grad_(True)
+            loss = torch.nn.functional.mse_loss(net(x_in), y)
+            if penalize:
+                (grad,) = torch.autograd.grad(loss, x_in, create_graph=True)
+                loss = loss + 0.1 * grad.pow(2).sum()
+            loss.backward()
+            if net is reference:
+                for param in reference.parameters():
+                    dist.all_reduce(param.grad, group=ctx.group)
+                    param.grad /= ctx.world_size
+            optimizer.step()
+            optimizer.zero_grad()
+        scattered.append(opt.comm_stats.bytes["reduce_scatter"])
+        with opt.summon_full_params():
+            diffs.append(max((p - q).abs().max().item()
+                             for p, q in zip(model.parameters(), reference.parameters())))
+    return diffs, scattered

@@ -107,6 +107,20 @@ def test_batchnorm_with_bf16_mixed_precision_keeps_fp32_and_follows_the_recipe(p
         assert dtypes == ["torch.float32"], dtypes
         assert params < 1e-6 and buffers < 1e-6, (params, buffers)
 
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_gradient_penalty_equals_ddp_or_is_refused_at_stage3(pool, stage):
+    for result in pool.run(cases_loops.gradient_penalty, 2, stage):
+        if stage == 3:
+            refusal, probe = result
+            assert "create_graph=True" in refusal and "stage 1 or 2" in refusal, refusal
+            assert probe == 2
+            continue
+        diffs, scattered = result
+        assert max(diffs) < 1e-6, diffs
+        # autograd.grad ends a backward too: its reduce-scatter (of zeros) comes on top
+        assert scattered[:3] == [2 * scattered[3]] * 3, scattered
+
 loop_steps = st.fixed_dictionaries({
     "micro_batches": st.integers(1, 2), "eval": st.booleans(), "clip": st.booleans(),
     "clear": st.sampled_from(cases_loops.CLEARS)})

@@ -207,6 +207,15 @@ class Stage3(Stage2):
 
     # -- backward -------------------------------------------------------------------
 
+    def before_backward(self) -> None:
+        if torch.is_grad_enabled():  # the engine runs with create_graph=True
+            raise RuntimeError(
+                "zeroshard stage 3: a backward with create_graph=True (a gradient penalty "
+                "through torch.autograd.grad(..., create_graph=True), a double backward) "
+                "builds a graph over gathered parameters that stage 3 releases when the "
+                "backward ends; train such a loss with stage 1 or 2")
+        super().before_backward()
+
     def gather_for_saved_tensor(self, unit: Unit) -> None:
         """Note [saved tensors]: backward is about to use a tensor ``unit``'s forward saved."""
         if unit.state is ShardState.GATHERED or self.summoned:
