@@ -170,12 +170,20 @@ def train_side_by_side(ctx, case):
                 loss.backward()
                 dl += loss.item()
             for r in range(n):
+                # Each rank's micro-batch backward exactly as that rank computes it (the
+                # loss over accum, not over accum * n: a scale that is not a power of two
+                # would round every intermediate of the backward differently); the sum
+                # over ranks is divided by n below, so only the reduction order differs.
                 single_model.skip_block = skips_block(case, step, r)
-                loss = micro_loss(spec, single_model, batches[m][r], case) / (accum * n)
+                loss = micro_loss(spec, single_model, batches[m][r], case) / accum
                 before = flat_grads(single_model)
                 loss.backward()
-                abs_sum += (flat_grads(single_model) - before).abs()
-                sl += loss.item()
+                abs_sum += (flat_grads(single_model) - before).abs() / n
+                sl += loss.item() / n
+        with torch.no_grad():
+            for param in single_model.parameters():
+                if param.grad is not None:
+                    param.grad /= n
         out["mem"].append(zopt.memory_report())
         if case["clip"] is not None:
             clip, norm_type = case["clip"], case["norm_type"]

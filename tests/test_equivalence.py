@@ -30,9 +30,9 @@ def gradient_noise(results, case, step):
     every reference's gradient (zeroshard, DDP, single process, either stage).
 
     All reduce the same k = N * accum per-(rank, micro-batch) gradients g_j: each rank's
-    backward is the same computation in every reference, the loss scaled by a power of two
-    where N * accum is one. A sum of k terms in any order is within (k-1) u sum|g_j| of
-    the exact sum; dividing by N (or scaling the loss) and clipping round once more each:
+    backward is the same computation in every reference (the single-process one runs it
+    as the rank does, cases.py). A sum of k terms in any order is within (k-1) u sum|g_j|
+    of the exact sum; dividing by N and clipping round once more each:
     so each reference is within (k+1) u sum|g_j| of the exact mean, any two within twice
     that. Clipping scales sum|g_j| by its coefficient (cases.py records it so), and the
     references' coefficients differ by their norms' rounding: a relative rho, measured."""
@@ -380,6 +380,20 @@ def _checkpointed_automatic_units():
             "norm_type": 2.0, "steps": 2, "batch": 2, "record_peak": True}
 
 
+def _rmsprop_three_ranks_clipped():
+    """Found by the thorough profile: with 3 ranks the single-process reference scaled each
+    rank's loss by 1/3, which rounds every intermediate of its backward differently from
+    the ranks' own backward; it now runs each rank's backward as the rank does."""
+    return {"model": {"kind": "mlp", "d_in": 7, "hidden": 8, "d_out": 4, "depth": 3,
+                      "frozen": False, "unused_branch": False, "branch_everywhere": False},
+            "two_forwards": True, "eval_forward": False, "units": None,
+            "reshard_after_forward": False, "world_size": 3, "stage": 3, "optimizer": "RMSprop",
+            "opt_kwargs": {"lr": 0.01, "momentum": 0.0}, "groups": False, "bucket_mb": 1e-6,
+            "scheduler": False, "accum": 1, "no_sync": False, "clip": 0.05, "norm_type": 2.0,
+            "steps": 2, "batch": 3, "record_peak": True}
+
+
+@example(case=_rmsprop_three_ranks_clipped())
 @example(case=_checkpointed_automatic_units())
 @example(case=_reused_unit_on_one_rank())
 @example(case=_reused_block_skipped_on_odd_ranks("blocks"))
