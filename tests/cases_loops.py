@@ -227,16 +227,23 @@ def _clear(how: str, model, optimizer) -> None:
         assert how == "none", how  # gradients accumulate into the next step, as torch does
 
 
+BETWEEN_STEPS = (None, "ema", "summon_eval", "load", "rebuild")
+
+
 def drive_loop(ctx, stage: int, plan: dict):
     """One drawn way of driving the loop (``plan``: per step, how gradients are cleared,
-    micro-batches, an evaluation forward, clipping), applied alike to zeroshard and to
-    DDP with the same torch optimizer. Returns per-step largest parameter differences."""
+    micro-batches, an evaluation forward, clipping, and what happens between steps: an
+    EMA update (``AveragedModel``), evaluation on rank 0 inside ``summon_full_params()``,
+    ``model.load_state_dict`` of other weights, or ``close()`` and a new optimizer),
+    applied alike to zeroshard and to DDP with the same torch optimizer. Returns the
+    largest parameter difference after each step, and at the end the EMA's."""
     spec = plan["model"]
     model = build_model(spec, seed=ctx.rank)
     reference = DDP(build_model(spec, seed=0), process_group=ctx.group)
     kwargs = {"lr": 0.05, "momentum": 0.9, "weight_decay": plan["weight_decay"]}
     opt = _zero(model, stage, ctx.group, **kwargs)
     ref_opt = torch.optim.SGD(reference.parameters(), **kwargs)
+    ema = ref_ema = None
     diffs = []
     for step, how in enumerate(plan["steps"]):
         for net, optimizer in ((model, opt), (reference, ref_opt)):
@@ -253,9 +260,39 @@ def drive_loop(ctx, stage: int, plan: dict):
                     torch.nn.utils.clip_grad_norm_(net.parameters(), 0.05)
             optimizer.step()
             _clear(how["clear"], net.module if net is reference else net, optimizer)
+        between = how.get("between")
+        if between == "ema":
+            with opt.summon_full_params():  # stage 3: the parameters hold values only here
+                if ema is None:
+                    ema = torch.optim.swa_utils.AveragedModel(model)
+                    ref_ema = torch.optim.swa_utils.AveragedModel(reference.module)
+                ema.update_parameters(model)
+            ref_ema.update_parameters(reference.module)
+        elif between == "summon_eval":
+            with opt.summon_full_params():
+                if ctx.rank == 0:  # sampling on one rank: no collective may be issued
+                    model.eval()
+                    with torch.no_grad():
+                        model(make_batch(spec, seed=2000 + step, rank=0, batch=2)[0])
+                    model.train()
+        elif between == "load":
+            pretrained = build_model(spec, seed=77 + step).state_dict()
+            with opt.summon_full_params() if stage == 3 else contextlib.nullcontext():
+                model.load_state_dict(pretrained)
+            reference.module.load_state_dict(pretrained)
+        elif between == "rebuild":  # close() drops gradients not yet stepped: so does DDP's side
+            opt.close()
+            opt = _zero(model, stage, ctx.group, **kwargs)
+            ref_opt.zero_grad()
+            ref_opt = torch.optim.SGD(reference.parameters(), **kwargs)
+        else:
+            assert between is None, between
         with opt.summon_full_params():
             diffs.append(max((p - q).abs().max().item() for p, q in
                              zip(model.parameters(), reference.module.parameters())))
+    if ema is not None:
+        diffs.append(max((p - q).abs().max().item() for p, q in
+                         zip(ema.parameters(), ref_ema.parameters())))
     opt.close()
     return diffs
 

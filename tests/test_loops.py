@@ -123,18 +123,21 @@ def test_gradient_penalty_equals_ddp_or_is_refused_at_stage3(pool, stage):
 
 loop_steps = st.fixed_dictionaries({
     "micro_batches": st.integers(1, 2), "eval": st.booleans(), "clip": st.booleans(),
-    "clear": st.sampled_from(cases_loops.CLEARS)})
+    "clear": st.sampled_from(cases_loops.CLEARS),
+    "between": st.sampled_from(cases_loops.BETWEEN_STEPS)})
 loop_plans = st.fixed_dictionaries({
     "model": st.sampled_from([cases_loops.MLP, cases_loops.TRANSFORMER]),
     "weight_decay": st.sampled_from([0.0, 0.01]),
     "steps": st.lists(loop_steps, min_size=2, max_size=3)})
 
 
-@settings(max_examples=int(os.environ.get("ZEROSHARD_LOOP_EXAMPLES", "40")))
+@settings(max_examples=int(os.environ.get("ZEROSHARD_LOOP_EXAMPLES", "80")))
 @given(stage=st.sampled_from([1, 2, 3]), world_size=st.sampled_from([2, 3]), plan=loop_plans)
 def test_drawn_ways_of_driving_the_loop_equal_ddp(pool, stage, world_size, plan):
     """How gradients are cleared (the optimizer's zero_grad, the model's, with or without
-    set_to_none, a subset of parameters, not at all), micro-batches, evaluation forwards
-    and clipping between steps: DDP's parameters after every step (fp32 noise: 1e-6)."""
+    set_to_none, a subset of parameters, not at all), micro-batches, evaluation forwards,
+    clipping, and between steps an EMA update, evaluation on rank 0 inside
+    summon_full_params, load_state_dict, or close() and a new optimizer: DDP's
+    parameters after every step, and the EMA's (fp32 noise: 1e-6)."""
     for diffs in pool.run(cases_loops.drive_loop, world_size, stage, plan):
         assert max(diffs) < 1e-6, diffs
