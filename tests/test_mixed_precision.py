@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import example, given, strategies as st
 
 import cases_mp
 from strategies import mlp_specs, transformer_specs
@@ -132,10 +132,16 @@ def check_comm(results, case):
     else:
         gathers, gathered, gathered_pad = 1, psi, pad
     for step, comm in enumerate(res["comm"]):
-        assert synced * reduce_bytes * psi <= comm["reduce_scatter"] <= synced * reduce_bytes * (psi + pad)
+        # Stage 3's first step walks the module tree's order: a unit called out of it is
+        # gathered, and may be reduced, twice (Note [gather schedule]): lower bounds only.
+        walking_tree_order = case["stage"] == 3 and step == 0
+        rs = comm["reduce_scatter"]
+        assert synced * reduce_bytes * psi <= rs, comm
+        assert walking_tree_order or rs <= synced * reduce_bytes * (psi + pad), comm
         step_gathers = gathers - (1 if step == case["inject_inf_step"] and case["stage"] != 3 else 0)
-        assert (step_gathers * PARAM_BYTES * gathered <= comm["all_gather"]
-                <= step_gathers * PARAM_BYTES * (gathered + gathered_pad)), comm
+        assert step_gathers * PARAM_BYTES * gathered <= comm["all_gather"], comm
+        assert (walking_tree_order
+                or comm["all_gather"] <= step_gathers * PARAM_BYTES * (gathered + gathered_pad)), comm
         flags = 4 * synced if param_dtype == torch.float16 else 0
         flags += 4 * synced * res["flags_per_backward"]  # stage 3: units that ran, late buckets
         flags += 20 * res["n_units"] if step == 0 else 0  # stage 3: the recorded orders, once
@@ -202,6 +208,12 @@ def test_every_stage_and_precision(pool, case):
     check_all(pool, case)
 
 
+@example(case={  # found by the thorough profile: a unit out of tree order, reduced twice
+    "model": {"kind": "transformer", "vocab": 11, "d": 8, "heads": 2, "layers": 1, "seq": 3,
+              "tied": False, "frozen": False},
+    "stage": 3, "precision": "bf16", "optimizer": "SGD", "opt_kwargs": {"lr": 0.05, "momentum": 0.9},
+    "world_size": 1, "units": None, "bucket_mb": 1e-6, "accum": 1, "no_sync": False,
+    "clip": None, "steps": 3, "batch": 3, "inject_inf_step": -1})
 @given(mixed_precision_cases())
 def test_drawn_mixed_precision_cases(pool, case):
     check_all(pool, case)
