@@ -511,3 +511,42 @@ def gradient_penalty(ctx, stage: int):
             diffs.append(max((p - q).abs().max().item()
                              for p, q in zip(model.parameters(), reference.parameters())))
     return diffs, scattered
+
+
+class FunctionallyTied(torch.nn.Module):
+    """minGPT/OLMo-style tying: the output projection reads the embedding's weight in the
+    root's forward (``F.linear(h, self.emb.weight)``), not through a tied module."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.emb = torch.nn.Embedding(50, 64)
+        self.body = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(3)])
+
+    def forward(self, idx):
+        return torch.nn.functional.linear(self.body(self.emb(idx)), self.emb.weight)
+
+
+def functionally_tied_weight(ctx, units):
+    """Stage 3 with automatic units (``emb`` becomes a unit, released when the root reads
+    its weight): refused on every rank, naming the parameter and units=. With units that
+    leave the embedding to the root (``nn.Linear``): equal to DDP. Returns (refusal or
+    None, largest parameter difference after two steps or None)."""
+    model = FunctionallyTied(seed=ctx.rank)
+    reference = DDP(FunctionallyTied(seed=0), process_group=ctx.group)
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=3, process_group=ctx.group,
+                                  units=units, bucket_size_mb=0.01, lr=0.1)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    for step in range(2):
+        idx = torch.randint(0, 50, (4, 8), generator=torch.Generator().manual_seed(step + ctx.rank))
+        for net, optimizer in ((model, opt), (reference, ref_opt)):
+            try:
+                out = net(idx)
+            except RuntimeError as error:
+                return str(error), None
+            torch.nn.functional.cross_entropy(out.reshape(-1, 50), idx.reshape(-1)).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    with opt.summon_full_params():
+        return None, max((p - q).abs().max().item()
+                         for p, q in zip(model.parameters(), reference.module.parameters()))

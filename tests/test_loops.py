@@ -5,6 +5,7 @@ import os
 import re
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -120,6 +121,14 @@ def test_gradient_penalty_equals_ddp_or_is_refused_at_stage3(pool, stage):
         assert max(diffs) < 1e-6, diffs
         # autograd.grad ends a backward too: its reduce-scatter (of zeros) comes on top
         assert scattered[:3] == [2 * scattered[3]] * 3, scattered
+
+
+def test_functionally_tied_weight_with_automatic_units_is_refused(pool):
+    for refusal, diff in pool.run(cases_loops.functionally_tied_weight, 2, None):
+        assert diff is None and refusal is not None
+        assert "'emb.weight'" in refusal and "units=" in refusal, refusal
+    for refusal, diff in pool.run(cases_loops.functionally_tied_weight, 2, torch.nn.Linear):
+        assert refusal is None and diff < 1e-6, (refusal, diff)
 
 loop_steps = st.fixed_dictionaries({
     "micro_batches": st.integers(1, 2), "eval": st.booleans(), "clip": st.booleans(),

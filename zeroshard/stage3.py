@@ -141,6 +141,9 @@ class Stage3(Stage2):
             self._handles.append(unit.module.register_forward_hook(
                 WeakHook(self._post_forward, unit)))
             unit.release()  # the shards hold rank 0's values (broadcast, then placed)
+        # Note [saved tensors]: a released parameter's storage is its bucket's placeholders
+        self._placeholder_owner = {b.placeholders.untyped_storage().data_ptr(): (u, b)
+                                   for u in units for b in u.buckets}
 
     # -- forward --------------------------------------------------------------------
 
@@ -215,6 +218,25 @@ class Stage3(Stage2):
                 "builds a graph over gathered parameters that stage 3 releases when the "
                 "backward ends; train such a loss with stage 1 or 2")
         super().before_backward()
+
+    def check_saved_parameter(self, unit: Unit, tensor: torch.Tensor) -> None:
+        """Note [saved tensors]: ``unit``'s forward saves ``tensor`` for backward. If it
+        is (a view of) a released unit's placeholder (a weight tied functionally,
+        ``F.linear(h, self.emb.weight)`` with ``emb`` a unit of its own), the forward
+        has just computed with NaN: refuse, on every rank alike."""
+        owner = self._placeholder_owner.get(tensor.untyped_storage().data_ptr())
+        if owner is None:
+            return
+        released, bucket = owner
+        name = bucket.param_names[tensor.storage_offset()]
+        raise RuntimeError(
+            f"zeroshard stage 3: the forward of unit {unit.name} used parameter {name!r}, "
+            f"which belongs to unit {released.name} and is released outside that unit's "
+            "forward (a weight tied functionally, such as F.linear(h, self.emb.weight)), so "
+            "it computed with a NaN placeholder. Choose units so that the module using a "
+            "parameter holds it or is an ancestor of its unit: pass units= without "
+            f"{type(released.module).__name__} (e.g. the block class), or tie the weight "
+            "by assignment (head.weight = emb.weight)")
 
     def gather_for_saved_tensor(self, unit: Unit) -> None:
         """Note [saved tensors]: backward is about to use a tensor ``unit``'s forward saved."""
@@ -468,6 +490,9 @@ class SavedTensorWatch:
         self._unit = unit
 
     def pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        stage = self._stage()
+        if stage is not None:
+            stage.check_saved_parameter(self._unit, tensor)
         return tensor
 
     def unpack(self, tensor: torch.Tensor) -> torch.Tensor:
