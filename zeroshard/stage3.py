@@ -224,7 +224,11 @@ class Stage3(Stage2):
         is (a view of) a released unit's placeholder (a weight tied functionally,
         ``F.linear(h, self.emb.weight)`` with ``emb`` a unit of its own), the forward
         has just computed with NaN: refuse, on every rank alike."""
-        owner = self._placeholder_owner.get(tensor.untyped_storage().data_ptr())
+        try:
+            storage = tensor.untyped_storage().data_ptr()
+        except (RuntimeError, NotImplementedError):  # sparse, nested: no placeholder anyway
+            return
+        owner = self._placeholder_owner.get(storage)
         if owner is None:
             return
         released, bucket = owner
