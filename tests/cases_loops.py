@@ -550,3 +550,36 @@ def functionally_tied_weight(ctx, units):
     with opt.summon_full_params():
         return None, max((p - q).abs().max().item()
                          for p, q in zip(model.parameters(), reference.module.parameters()))
+
+
+class ScaledNet(torch.nn.Module):
+    """A buffer that a forward saves for backward (``h * self.scale``)."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.inp, self.out = torch.nn.Linear(5, 7), torch.nn.Linear(7, 3)
+        self.register_buffer("scale", torch.linspace(0.5, 1.5, 7))
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.inp(x) * self.scale))
+
+
+def two_forwards_one_backward_with_a_saved_buffer(ctx, stage: int):
+    """Two training forwards, then one backward of both (contrastive, siamese losses),
+    with a buffer the first forward saved: the second forward's buffer broadcast must not
+    invalidate it (Note [buffers follow rank 0]). Returns the largest parameter
+    difference to DDP after two steps."""
+    model = ScaledNet(seed=ctx.rank)
+    reference = DDP(ScaledNet(seed=0), process_group=ctx.group)
+    opt = _zero(model, stage, ctx.group, lr=0.05)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.05)
+    for step in range(2):
+        x, _ = make_batch(MLP, seed=10 * step + ctx.rank, rank=ctx.rank, batch=4)
+        for net, optimizer in ((model, opt), (reference, ref_opt)):
+            (net(x).pow(2).mean() + net(x + 1).pow(2).mean()).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    with opt.summon_full_params():
+        return max((p - q).abs().max().item()
+                   for p, q in zip(model.parameters(), reference.module.parameters()))

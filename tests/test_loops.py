@@ -130,6 +130,12 @@ def test_functionally_tied_weight_with_automatic_units_is_refused(pool):
     for refusal, diff in pool.run(cases_loops.functionally_tied_weight, 2, torch.nn.Linear):
         assert refusal is None and diff < 1e-6, (refusal, diff)
 
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_two_forwards_one_backward_with_a_buffer_saved_for_backward(pool, stage):
+    for diff in pool.run(cases_loops.two_forwards_one_backward_with_a_saved_buffer, 2, stage):
+        assert diff < 1e-6, diff
+
 loop_steps = st.fixed_dictionaries({
     "micro_batches": st.integers(1, 2), "eval": st.booleans(), "clip": st.booleans(),
     "clear": st.sampled_from(cases_loops.CLEARS),

@@ -43,4 +43,9 @@ class BufferFollower:
                 flat = torch.cat([b.reshape(-1) for b in buffers])
                 _comm.broadcast(flat, group=self.group, stats=self.stats, label="buffers")
                 for buffer, value in zip(buffers, flat.split([b.numel() for b in buffers])):
-                    buffer.copy_(value.view(buffer.shape))
+                    # An earlier forward may have saved this buffer for a backward still
+                    # to come (two forwards, one backward): keep autograd's version check
+                    # quiet, as DDP's buffer sync does; that backward then sees rank 0's
+                    # values, as under DDP.
+                    with torch.autograd._unsafe_preserve_version_counter(buffer):
+                        buffer.copy_(value.view(buffer.shape))
