@@ -583,3 +583,35 @@ def two_forwards_one_backward_with_a_saved_buffer(ctx, stage: int):
     with opt.summon_full_params():
         return max((p - q).abs().max().item()
                    for p, q in zip(model.parameters(), reference.module.parameters()))
+
+
+def grad_cleared_between_backward_and_step(ctx, stage: int, how: str):
+    """Between backward and step, the first layer's gradients are set to None (``how`` =
+    "none") or zeroed in place ("zero_"), with a branch only some ranks use (so the
+    ranks' local gradients differ). Every rank must decide alike: equal to DDP (plain
+    SGD: a parameter without gradient and one with a zero gradient do not move), or the
+    same refusal on every rank. Returns (refusal or None, probe, largest difference)."""
+    spec = {**MLP, "unused_branch": True}
+    model = build_model(spec, seed=ctx.rank)
+    reference = DDP(build_model(spec, seed=0), process_group=ctx.group,
+                    find_unused_parameters=True)
+    opt, ref_opt = _zero(model, stage, ctx.group, lr=0.1), torch.optim.SGD(reference.parameters(), lr=0.1)
+    refusal = None
+    for net, optimizer in ((model, opt), (reference, ref_opt)):
+        loss_fn(spec, net, make_batch(spec, seed=0, rank=ctx.rank, batch=4)).backward()
+        first = (net.module if net is reference else net).body[0]
+        for param in first.parameters():
+            if how == "none":
+                param.grad = None
+            else:
+                param.grad.zero_()
+        try:
+            optimizer.step()
+        except RuntimeError as error:
+            refusal = str(error)
+    probe = torch.ones(1)  # every rank is still in step with the others
+    dist.all_reduce(probe, group=ctx.group)
+    with opt.summon_full_params():
+        diff = max((p - q).abs().max().item()
+                   for p, q in zip(model.parameters(), reference.module.parameters()))
+    return refusal, probe.item(), diff

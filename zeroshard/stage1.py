@@ -30,7 +30,7 @@ class Stage1(ShardedStage):
             for index, param in enumerate(bucket.params):
                 param.grad = bucket.param_view(flat_grad, index)
         self._scale_before_accumulating: torch.Tensor | None = None  # clipped since cleared
-        self._versions_reduced = [flat_grad._version for flat_grad in self.flat_grads]
+        self._record_versions()
 
     def scale_local_gradients(self, factor: torch.Tensor) -> None:
         previous = self._scale_before_accumulating
@@ -38,43 +38,58 @@ class Stage1(ShardedStage):
 
     def before_backward(self) -> None:
         if self._scale_before_accumulating is not None:
-            for flat_grad in self.flat_grads:
-                flat_grad.mul_(self._scale_before_accumulating.to(flat_grad.dtype))
+            for bucket, flat_grad in zip(self.buckets, self.flat_grads):
+                # model.zero_grad() set every .grad of the bucket to None: the backward
+                # overwrites the buffer (collect), so scaling it would be a wasted pass
+                if any(param.grad is not None for param in bucket.params):
+                    flat_grad.mul_(self._scale_before_accumulating.to(flat_grad.dtype))
             self._scale_before_accumulating = None
 
     def after_backward(self) -> None:
+        self._record_versions()
+
+    def _record_versions(self) -> None:
+        """What claim_gradients compares with: the buffers as the last reduction left them."""
         self._versions_reduced = [flat_grad._version for flat_grad in self.flat_grads]
 
     def claim_gradients(self) -> None:
-        """Before a step or clipping: what was done to ``p.grad`` since the last reduction
-        reaches the shards as it would reach DDP's gradients (Note [gradient markers] in
-        _grad_markers.py, for the local gradients stage 1 keeps in ``p.grad``): a gradient
-        set to None or zeroed clears its part of the shard; one changed in place
-        otherwise (``torch.nn.utils.clip_grad_norm_(model.parameters())``) is refused."""
+        """Before a step or clipping: what was done to ``p.grad`` since the last reduction.
+
+        ``p.grad`` holds this rank's local gradient, so nothing here may depend on its
+        values (ranks would decide differently, and one would raise while the others
+        go on into the step's collective). Only what every rank's loop does alike is
+        read: a gradient set to None (``model.zero_grad()``) clears its part of the
+        shard, as DDP would skip it; a gradient replaced, or a buffer changed in place
+        (``torch.nn.utils.clip_grad_norm_(model.parameters())``,
+        ``zero_grad(set_to_none=False)`` between backward and step), cannot reach the
+        reduced gradient and is refused."""
         cleared = []
         for position, bucket in enumerate(self.buckets):
-            changed = self._versions_reduced[position] != self.flat_grads[position]._version
             for index, param in enumerate(bucket.params):
-                view = self._grad_view(bucket, index)
-                replaced = param.grad is not None and param.grad.data_ptr() != view.data_ptr()
-                if param.grad is None or (changed and not replaced and not view.any()):
+                if param.grad is None:
                     cleared.append((bucket, index))
-                elif replaced or changed:
-                    what = "was given a new tensor" if replaced else "was changed in place"
-                    raise RuntimeError(
-                        f"zeroshard stage1: {bucket.param_names[index]}.grad {what} after "
-                        "backward; it holds this rank's local, unreduced gradient and the step "
-                        "uses the reduced one in the optimizer's shards. Clip with "
-                        "opt.clip_grad_norm_(max_norm) instead of torch.nn.utils.clip_grad_norm_("
-                        "model.parameters()); clear gradients with opt.zero_grad() or "
-                        "model.zero_grad()")
+                elif param.grad.data_ptr() != self._grad_view(bucket, index).data_ptr():
+                    raise RuntimeError(self._refusal(
+                        f"{bucket.param_names[index]}.grad was given a new tensor"))
+            if self._versions_reduced[position] != self.flat_grads[position]._version:
+                names = ", ".join(bucket.param_names[:3]) + (", ..." if len(bucket.params) > 3 else "")
+                raise RuntimeError(self._refusal(
+                    f"the .grad of a parameter among {names} was changed in place"))
         for bucket, index in cleared:
             overlap = bucket.layout.overlap(index, bucket.rank)
             if overlap is not None and bucket.grad_shard is not None:
                 bucket.grad_shard[overlap.shard_span].zero_()
-            self._grad_view(bucket, index).zero_()
-            bucket.params[index].grad = self._grad_view(bucket, index)
-        self.after_backward()
+            view = self._grad_view(bucket, index)
+            view.zero_()
+            bucket.params[index].grad = view
+        self._record_versions()
+
+    def _refusal(self, what: str) -> str:
+        return (f"zeroshard stage1: {what} after backward; .grad holds this rank's local, "
+                "unreduced gradient and the step uses the reduced one in the optimizer's "
+                "shards. Clip with opt.clip_grad_norm_(max_norm) instead of "
+                "torch.nn.utils.clip_grad_norm_(model.parameters()); clear gradients with "
+                "opt.zero_grad() or model.zero_grad() after the step")
 
     def _grad_view(self, bucket: FlatBucket, index: int) -> torch.Tensor:
         return bucket.param_view(self.flat_grads[self._position[id(bucket)]], index)
@@ -112,7 +127,7 @@ class Stage1(ShardedStage):
             bucket.set_grad_shard(None)
             for index, param in enumerate(bucket.params):
                 param.grad = bucket.param_view(flat_grad, index)
-        self.after_backward()  # nothing to claim
+        self._record_versions()  # nothing to claim
 
     def gradient_tensors(self) -> list[torch.Tensor]:
         shards = [b.grad_shard for b in self.buckets if b.grad_shard is not None]
