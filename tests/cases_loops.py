@@ -615,3 +615,26 @@ def grad_cleared_between_backward_and_step(ctx, stage: int, how: str):
         diff = max((p - q).abs().max().item()
                    for p, q in zip(model.parameters(), reference.module.parameters()))
     return refusal, probe.item(), diff
+
+
+def partial_gradient_writes(ctx, stage: int):
+    """Zeroing some rows of a gradient after backward (``p.grad[rows].zero_()``, or
+    through ``p.grad.data``), as a fine-tuning loop that trains only new embedding rows
+    might: zeroshard cannot apply it to the reduced gradient, so it must refuse on every
+    rank (stages 2-3 at the write, stage 1 at the step) rather than clear the whole
+    parameter or nothing. Returns the refusals and a probe that ranks are in step."""
+    model = build_model(MLP, seed=ctx.rank)
+    opt = _zero(model, stage, ctx.group, lr=0.1)
+    refusals = []
+    for write in (lambda g: g[:1].zero_(), lambda g: g.data[:1].zero_()):
+        loss_fn(MLP, model, make_batch(MLP, seed=0, rank=ctx.rank, batch=4)).backward()
+        try:
+            write(model.body[0].weight.grad)
+            opt.step()
+            refusals.append("no error")
+        except RuntimeError as error:
+            refusals.append(str(error))
+        opt.zero_grad()
+    probe = torch.ones(1)
+    dist.all_reduce(probe, group=ctx.group)
+    return refusals, probe.item()

@@ -152,6 +152,18 @@ def test_gradients_cleared_between_backward_and_step_decide_alike_on_every_rank(
             assert refusal is None and diff < 1e-6, (refusal, diff)
     assert len({refusal for refusal, _, _ in outcomes}) == 1
 
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zeroing_some_rows_of_a_gradient_is_refused(pool, stage):
+    """Found by review: the write zeroed the shared marker element, and the whole
+    parameter's gradient was cleared (or, through .data, nothing was)."""
+    for refusals, probe in pool.run(cases_loops.partial_gradient_writes, 2, stage):
+        assert probe == 2
+        # stage 1 keeps real local gradients: a write through .data has a version
+        # counter of its own and is not seen there (README)
+        for refusal in refusals[:1] if stage == 1 else refusals:
+            assert "changed in place" in refusal and "body." in refusal, refusal
+
 loop_steps = st.fixed_dictionaries({
     "micro_batches": st.integers(1, 2), "eval": st.booleans(), "clip": st.booleans(),
     "clear": st.sampled_from(cases_loops.CLEARS),

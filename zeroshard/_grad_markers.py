@@ -8,9 +8,10 @@ Note [gradient markers]:
     these would reach the shards, and the next backward would add to the old
     gradient: silently different numbers from DDP. So after each synced backward
     every parameter whose bucket got a reduced gradient gets a marker in ``p.grad``:
-    a NaN tensor of its shape, dtype and device, backed by one element (stride 0),
-    so it costs nothing. Before the shards are next used (the next backward, a
-    step, clipping) the markers are read back:
+    a NaN tensor of its shape, dtype and device, backed by one element (stride 0) of
+    a small tensor per bucket, so it costs one fill per bucket. Before the shards are
+    next used (the next backward, a step, clipping) the markers are read back, from
+    host-side version counters (the values are read only where one changed):
 
     - ``p.grad`` is None (``zero_grad()``), or the marker now holds zero
       (``zero_grad(set_to_none=False)``): this parameter's part of the shard is
@@ -19,10 +20,13 @@ Note [gradient markers]:
       would.
     - the marker is untouched: the gradient accumulates, as in plain PyTorch.
     - anything else cannot reach the shards, so it is refused on every rank, naming
-      the parameter and what to use instead: an in-place change (scaling, as
-      ``torch.nn.utils.clip_grad_norm_(model.parameters())`` does) at once, by the
-      marker (a ``torch.Tensor`` subclass), and a new tensor put in ``p.grad`` when
-      the shards are next used.
+      the parameter and what to use instead: an in-place change other than zeroing
+      the whole marker (scaling, as ``torch.nn.utils.clip_grad_norm_(
+      model.parameters())`` does, or zeroing some rows through ``p.grad[rows]``,
+      ``p.grad.data``) at once, by the marker (a ``torch.Tensor`` subclass whose views
+      are markers too), and a new tensor put in ``p.grad`` when the shards are next
+      used. Not seen: a write through ``p.grad.data`` taken before the marker's
+      views were markers cannot happen, but one through storage tricks would be lost.
 
     Reading a marker gives NaN: the reduced gradient is not in ``p.grad``, and a
     gradient-norm log line shows that rather than a plausible wrong number. Then the
@@ -33,32 +37,104 @@ Note [gradient markers]:
 from __future__ import annotations
 
 import torch
-from torch import nn
-
 from torch.utils._pytree import tree_flatten
 
 from ._bucket import FlatBucket
 
-
-# In-place operations a marker allows: clearing (``model.zero_grad(set_to_none=False)``).
+# In-place operations a marker (not a view of one) allows: clearing
+# (``model.zero_grad(set_to_none=False)``).
 _ALLOWED_IN_PLACE = {"zero_", "_foreach_zero_", "requires_grad_", "detach_"}
 
 
 class GradientMarker(torch.Tensor):
-    """A marker in ``p.grad`` (Note [gradient markers]). Reads work (they give NaN);
-    an in-place change other than zeroing is refused where it is made, naming the
-    parameter and what to use instead."""
+    """A marker in ``p.grad`` (Note [gradient markers]). Reads work (they give NaN); an
+    in-place change other than zeroing the whole marker is refused where it is made,
+    naming the parameter and what to use instead. What a marker's view (``p.grad[rows]``,
+    ``p.grad.data``) returns is a marker too, so a write through it is refused alike."""
 
-    refusal = ""  # set per marker
+    parameter_name = ""  # set per marker
+    stage_label = ""
+    is_view = False
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", "")
-        if name.endswith("_") and not name.endswith("__") and name not in _ALLOWED_IN_PLACE:
-            marker = next(t for t in tree_flatten((args, kwargs))[0] if isinstance(t, cls))
-            raise RuntimeError(marker.refusal.format(what=f"was changed in place ({name})"))
-        with torch._C.DisableTorchFunctionSubclass():  # results are ordinary tensors
-            return func(*args, **(kwargs or {}))
+        markers = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, cls)]
+        in_place = name.endswith("_") and not name.endswith("__")
+        if in_place and (name not in _ALLOWED_IN_PLACE or any(m.is_view for m in markers)):
+            raise RuntimeError(refusal(markers[0], f"was changed in place ({name})"))
+        with torch._C.DisableTorchFunctionSubclass():  # results are ordinary tensors...
+            result = func(*args, **(kwargs or {}))
+            if not isinstance(result, torch.Tensor) or isinstance(result, cls) or in_place:
+                return result
+            home = markers[0].untyped_storage().data_ptr() if markers else None
+            if home is None or result.untyped_storage().data_ptr() != home:
+                return result
+        view = result.as_subclass(cls)  # ...except views of a marker
+        view.parameter_name, view.stage_label = markers[0].parameter_name, markers[0].stage_label
+        view.is_view = True
+        return view
+
+
+def refusal(marker: GradientMarker, what: str) -> str:
+    return (f"zeroshard {marker.stage_label}: {marker.parameter_name}.grad {what} after "
+            "backward, but the reduced gradient lives in the optimizer's shards, not in "
+            ".grad (Note [gradient markers] in zeroshard/_grad_markers.py). Clear gradients "
+            "with opt.zero_grad() or model.zero_grad() (whole gradients); clip with "
+            "opt.clip_grad_norm_(max_norm) instead of "
+            "torch.nn.utils.clip_grad_norm_(model.parameters()); read or change gradients "
+            "through opt.param_groups (each rank's gradient shards)")
+
+
+class _BucketMarkers:
+    """The markers of one bucket's parameters: views of one NaN element each of
+    ``values``, whose version counter says whether any was zeroed."""
+
+    def __init__(self, bucket: FlatBucket, label: str) -> None:
+        self.bucket = bucket
+        first = bucket.params[0]
+        self.values = torch.full((len(bucket.params),), float("nan"), dtype=first.dtype,
+                                 device=first.device)
+        self.markers: dict[int, GradientMarker] = {}  # parameter index -> its marker
+        for index, param in enumerate(bucket.params):
+            if param.grad is not None:  # a local gradient (no_sync) stays where it is
+                continue
+            marker = self.values[index].expand(param.shape).as_subclass(GradientMarker)
+            marker.parameter_name, marker.stage_label = bucket.param_names[index], label
+            param.grad = marker
+            self.markers[index] = marker
+        self.version = self.values._version
+
+    def cleared(self) -> tuple[list[int], bool]:
+        """(indices whose gradient was cleared, whether every marker was set to None);
+        raises for a marker replaced by another tensor."""
+        params = self.bucket.params
+        for index, marker in self.markers.items():
+            grad = params[index].grad
+            if grad is not None and grad is not marker:
+                raise RuntimeError(refusal(marker, "was given a new tensor"))
+        none = [i for i, m in self.markers.items() if params[i].grad is None]
+        zeroed = []
+        if self.values._version != self.version:  # some marker was zeroed: read which
+            values = self.values.tolist()
+            zeroed = [i for i in self.markers if i not in none and values[i] == 0]
+        return none + zeroed, len(none) == len(params)
+
+    def keep_untouched(self, cleared: list[int]) -> None:
+        """After a step or clipping: markers set to None stay out; the others stay in
+        place, zeroed ones NaN again (their part of the shard was cleared)."""
+        for index in cleared:
+            if self.bucket.params[index].grad is None:
+                del self.markers[index]
+        if self.values._version != self.version:
+            self.values.fill_(float("nan"))
+        self.version = self.values._version
+
+    def drop(self) -> None:
+        for index, marker in self.markers.items():
+            if self.bucket.params[index].grad is marker:
+                self.bucket.params[index].grad = None
+        self.markers.clear()
 
 
 class GradientMarkers:
@@ -66,8 +142,7 @@ class GradientMarkers:
 
     def __init__(self, stage_label: str) -> None:
         self.stage_label = stage_label
-        # (bucket, parameter index, marker, the marker's version when placed)
-        self._placed: list[tuple[FlatBucket, int, GradientMarker, int]] = []
+        self._placed: list[_BucketMarkers] = []
 
     def is_marker(self, tensor: torch.Tensor) -> bool:
         return isinstance(tensor, GradientMarker)
@@ -75,56 +150,33 @@ class GradientMarkers:
     def place(self, buckets: list[FlatBucket]) -> None:
         """After a synced backward: mark every parameter whose bucket holds a reduced gradient."""
         self.drop()
-        for bucket in buckets:
-            if bucket.grad_shard is None:
-                continue
-            for index, param in enumerate(bucket.params):
-                if param.grad is not None:  # a local gradient (no_sync) stays where it is
-                    continue
-                element = torch.full((), float("nan"), dtype=param.dtype, device=param.device)
-                marker = element.expand(param.shape).as_subclass(GradientMarker)
-                marker.refusal = self._refusal(bucket, index)
-                param.grad = marker
-                self._placed.append((bucket, index, marker, marker._version))
+        self._placed = [_BucketMarkers(b, self.stage_label) for b in buckets
+                        if b.grad_shard is not None]
 
-    def take_back(self) -> None:
-        """Apply what was done to the markers to the gradient shards, then remove them.
-        Every check comes before any change: a refused usage changes nothing."""
-        if not self._placed:
-            return
-        cleared: dict[int, tuple[FlatBucket, list[int]]] = {}
-        every_one_none: dict[int, bool] = {}
-        for bucket, index, marker, version in self._placed:
-            grad = bucket.params[index].grad
-            if grad is not None and grad is not marker:
-                raise RuntimeError(marker.refusal.format(what="was given a new tensor"))
-            zeroed = grad is marker and marker._version != version  # zero_(): the one change allowed
-            every_one_none[id(bucket)] = every_one_none.get(id(bucket), True) and grad is None
-            if grad is None or zeroed:
-                cleared.setdefault(id(bucket), (bucket, []))[1].append(index)
-        self.drop()
-        for key, (bucket, indices) in cleared.items():
-            if every_one_none[key] and len(indices) == len(bucket.params):
+    def take_back(self, keep: bool = False) -> None:
+        """Apply what was done to the markers to the gradient shards; then remove the
+        markers (a backward begins), or with ``keep`` leave the untouched ones in place
+        (a step or clipping: the shards keep their gradient until it is cleared). Every
+        check comes before any change: a refused usage changes nothing."""
+        cleared = [(placed, *placed.cleared()) for placed in self._placed]
+        for placed, indices, every_one_none in cleared:
+            bucket = placed.bucket
+            if every_one_none:
                 bucket.set_grad_shard(None)  # what opt.zero_grad() does
-                continue
-            for index in indices:
-                overlap = bucket.layout.overlap(index, bucket.rank)
-                if overlap is not None and bucket.grad_shard is not None:
-                    bucket.grad_shard[overlap.shard_span].zero_()
+            elif bucket.grad_shard is not None:
+                for index in indices:
+                    overlap = bucket.layout.overlap(index, bucket.rank)
+                    if overlap is not None:
+                        bucket.grad_shard[overlap.shard_span].zero_()
+            if keep:
+                placed.keep_untouched(indices)
+        if keep:
+            self._placed = [placed for placed in self._placed if placed.markers]
+        else:
+            self.drop()
 
     def drop(self) -> None:
         """Remove the markers still in place, reading nothing (``opt.zero_grad()``, ``close()``)."""
-        for bucket, index, marker, _ in self._placed:
-            if bucket.params[index].grad is marker:
-                bucket.params[index].grad = None
-        self._placed.clear()
-
-    def _refusal(self, bucket: FlatBucket, index: int) -> str:
-        """The message for a refused change, with ``{what}`` to fill in."""
-        return (f"zeroshard {self.stage_label}: {bucket.param_names[index]}.grad {{what}} after "
-                "backward, but the reduced gradient lives in the optimizer's shards, not in "
-                ".grad (Note [gradient markers] in zeroshard/_grad_markers.py). Clear gradients "
-                "with opt.zero_grad() or model.zero_grad(); clip with "
-                "opt.clip_grad_norm_(max_norm) instead of "
-                "torch.nn.utils.clip_grad_norm_(model.parameters()); read or change gradients "
-                "through opt.param_groups (each rank's gradient shards)")
+        for placed in self._placed:
+            placed.drop()
+        self._placed = []

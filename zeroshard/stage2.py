@@ -47,8 +47,7 @@ class Stage2(ShardedStage):
         self.markers.place(self.buckets)
 
     def claim_gradients(self) -> None:
-        self.markers.take_back()
-        self.markers.place(self.buckets)  # the shards keep their gradient until cleared
+        self.markers.take_back(keep=True)  # the shards keep their gradient until cleared
 
     def is_gradient_marker(self, tensor: torch.Tensor) -> bool:
         return self.markers.is_marker(tensor)
