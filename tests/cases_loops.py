@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -638,3 +640,25 @@ def partial_gradient_writes(ctx, stage: int):
     probe = torch.ones(1)
     dist.all_reduce(probe, group=ctx.group)
     return refusals, probe.item()
+
+
+def forward_without_backward_frees_its_activations(ctx):
+    """Stage 3, a forward with grad enabled whose output is dropped without backward (a
+    loss skipped for being NaN, an evaluation without no_grad): with the garbage collector
+    off, the activations it saved must be freed with it, as without zeroshard (Note
+    [saved tensors]: the hooks must not make a reference cycle). Returns whether an
+    activation saved inside the model is still alive after ``del``."""
+    model = build_model(MLP, seed=ctx.rank)
+    opt = _zero(model, 3, ctx.group, lr=0.1)
+    x, _ = make_batch(MLP, seed=0, rank=ctx.rank, batch=4)
+    seen = []  # a Tanh inside the model saves its output for backward
+    model.body[1].register_forward_hook(lambda module, args, out: seen.append(weakref.ref(out)))
+    gc.disable()
+    try:
+        out = model(x)
+        del out
+        result = seen[0]() is not None
+    finally:
+        gc.enable()
+    opt.close()
+    return result

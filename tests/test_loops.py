@@ -164,6 +164,11 @@ def test_zeroing_some_rows_of_a_gradient_is_refused(pool, stage):
         for refusal in refusals[:1] if stage == 1 else refusals:
             assert "changed in place" in refusal and "body." in refusal, refusal
 
+
+def test_stage3_forward_without_backward_frees_its_activations_at_once(pool):
+    """Found by review: saved-tensor hooks returning the tensor itself made a cycle."""
+    assert pool.run(cases_loops.forward_without_backward_frees_its_activations, 2) == [False, False]
+
 loop_steps = st.fixed_dictionaries({
     "micro_batches": st.integers(1, 2), "eval": st.booleans(), "clip": st.booleans(),
     "clear": st.sampled_from(cases_loops.CLEARS),

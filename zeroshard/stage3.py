@@ -497,7 +497,9 @@ class SavedTensorWatch:
         stage = self._stage()
         if stage is not None:
             stage.check_saved_parameter(self._unit, tensor)
-        return tensor
+        # Not the tensor itself: a saved output would then hold its own autograd node, a
+        # reference cycle keeping a forward's activations until the garbage collector runs
+        return tensor.detach()
 
     def unpack(self, tensor: torch.Tensor) -> torch.Tensor:
         stage = self._stage()
