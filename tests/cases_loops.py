@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import zeroshard
-from models import build_model, loss_fn, make_batch
+from models import Block, build_model, loss_fn, make_batch
 
 MLP = {"kind": "mlp", "d_in": 5, "hidden": 7, "d_out": 3, "depth": 2, "frozen": False,
        "unused_branch": False}
@@ -662,3 +662,24 @@ def forward_without_backward_frees_its_activations(ctx):
         gc.enable()
     opt.close()
     return result
+
+
+def parameters_held_at_the_head(ctx):
+    """Stage 3 with a unit per block: when the head runs (after the last block, with the
+    logits and loss: often the forward's peak), no block is gathered any more, only the
+    root's own parameters beside the shards. Returns (parameter bytes held then, the
+    shards plus the root's parameters plus padding, one block's bytes)."""
+    model = build_model(TRANSFORMER, seed=ctx.rank)
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=3, process_group=ctx.group,
+                                  units=Block, lr=0.1)
+    held = []
+    model.head.register_forward_pre_hook(
+        lambda module, args: held.append(opt.memory_report()["parameters"]))
+    loss_fn(TRANSFORMER, model, make_batch(TRANSFORMER, seed=0, rank=ctx.rank, batch=2)).backward()
+    block_bytes = sum(p.numel() * 4 for p in model.blocks[0].parameters())
+    total = sum(p.numel() * 4 for p in model.parameters())
+    root = total - sum(p.numel() * 4 for p in model.blocks.parameters())
+    buckets = 8  # an upper bound on the buckets of this model (padding: N - 1 elements each)
+    bound = (total + 4 * buckets * ctx.world_size) / ctx.world_size + root
+    opt.close()
+    return held[0], bound, block_bytes

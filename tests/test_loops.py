@@ -169,6 +169,13 @@ def test_stage3_forward_without_backward_frees_its_activations_at_once(pool):
     """Found by review: saved-tensor hooks returning the tensor itself made a cycle."""
     assert pool.run(cases_loops.forward_without_backward_frees_its_activations, 2) == [False, False]
 
+
+def test_stage3_releases_the_last_unit_before_the_head(pool):
+    """Found by review: the last block stayed gathered through the head and the loss."""
+    for held, bound, block_bytes in pool.run(cases_loops.parameters_held_at_the_head, 2):
+        assert block_bytes > 4 * 8 * 2  # a block held would exceed the bound's padding
+        assert held <= bound, (held, bound)
+
 loop_steps = st.fixed_dictionaries({
     "micro_batches": st.integers(1, 2), "eval": st.booleans(), "clip": st.booleans(),
     "clear": st.sampled_from(cases_loops.CLEARS),

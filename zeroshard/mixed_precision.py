@@ -62,10 +62,10 @@ class MixedPrecision:
 
 # Note [full-precision modules]:
 #     BatchNorm's running statistics are numerically delicate, and batch_norm refuses a
-#     bf16 weight beside fp32 statistics. So, as FSDP does by default, BatchNorm modules
-#     keep their parameters (in buckets of their own, whose shard is the master) and
-#     buffers in fp32 under a policy, and compute in fp32: their floating-point inputs
-#     are cast to fp32 and their outputs back to ``param_dtype``.
+#     bf16 weight beside fp32 statistics. So, as FSDP does by default, under any policy
+#     BatchNorm modules keep their parameters (in buckets of their own, whose shard is
+#     the master, reduced in fp32) and buffers in fp32, and compute in fp32: their
+#     floating-point inputs are cast to fp32 and their outputs to ``param_dtype``.
 FULL_PRECISION_MODULES = (nn.modules.batchnorm._BatchNorm,)
 
 

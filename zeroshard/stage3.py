@@ -58,7 +58,9 @@ Note [runs before the walk moves on]:
     when the pass ends. A unit run twice in a row (a block reused, ALBERT-style), its
     nested units included, runs the second time on what is still gathered, with no
     collective, whatever other ranks run. Parameters held at once do not grow:
-    the unit the walk moves on to was prefetched while the finished one computed.
+    the unit the walk moves on to was prefetched while the finished one computed, and
+    the last unit of the schedule, with nothing to move on to, is released at once
+    (what follows it, a model's head and loss, is often the forward's peak).
     A unit run twice with other units between (a shared layer, or a layer of a
     reused block that is not a unit itself) would be released in between; so the
     ranks note in the first step which units some rank entered twice in one pass
@@ -188,7 +190,10 @@ class Stage3(Stage2):
         # Without resharding, a unit run under no_grad inside a training forward
         # (reentrant checkpointing) stays gathered for its recomputation in backward.
         if (self.reshard_after_forward or not self._training_forward) and not unit.held_for_pass:
-            self._finished.append(unit)  # Note [runs before the walk moves on]
+            if self._forward.next_unit() is None:  # nothing to move on to: release now
+                unit.release()
+            else:
+                self._finished.append(unit)  # Note [runs before the walk moves on]
         if unit is self.root:  # the end of forward
             for skipped in self._forward.walk_to_end():
                 self._pass_over(skipped)
@@ -232,6 +237,7 @@ class Stage3(Stage2):
         if owner is None:
             return
         released, bucket = owner
+        # parameter i's placeholder is element i of the bucket's placeholders, expanded
         name = bucket.param_names[tensor.storage_offset()]
         raise RuntimeError(
             f"zeroshard stage 3: the forward of unit {unit.name} used parameter {name!r}, "
@@ -297,8 +303,9 @@ class Stage3(Stage2):
         gradient only after the backward of its second run and of everything between, which
         needs gathers; a rank where it ran less has reduced it already, and blocking on that
         reduce-scatter before issuing those gathers would deadlock the two. So with such a
-        unit's reduction in flight, the next buffer does not wait (memory grows by its
-        buckets until the late ranks catch up); alone, a rank has no one to wait for."""
+        unit's reduction in flight, new buffers do not wait: until the end of this backward
+        reduce buffers are freed only as that reduction and those behind it complete
+        (only models with such units pay); alone, a rank has no one to wait for."""
         if self.world_size == 1 or not any(
                 self._unit_of[id(b.params[0])].held_for_pass for b, *_ in self._in_flight):
             self.wait_in_flight()
