@@ -25,13 +25,13 @@ Note [gradient markers]:
       model.parameters())`` does, or zeroing some rows through ``p.grad[rows]``,
       ``p.grad.data``) at once, by the marker (a ``torch.Tensor`` subclass whose views
       are markers too), and a new tensor put in ``p.grad`` when the shards are next
-      used. Not seen: a write through ``p.grad.data`` taken before the marker's
-      views were markers cannot happen, but one through storage tricks would be lost.
+      used.
 
     Reading a marker gives NaN: the reduced gradient is not in ``p.grad``, and a
-    gradient-norm log line shows that rather than a plausible wrong number. Then the
-    markers are taken out of ``p.grad`` (set to None) before autograd accumulates
-    into it: a parameter hook runs before accumulation.
+    gradient-norm log line shows that rather than a plausible wrong number. A step or
+    clipping leaves untouched markers in place; when a backward begins they are taken
+    out of ``p.grad`` (set to None) before autograd accumulates into it (a parameter
+    hook runs before accumulation).
 """
 
 from __future__ import annotations
