@@ -139,6 +139,13 @@ class FlatBucket:
     def all_ready(self) -> bool:
         return len(self.ready) == len(self.params)
 
+    def clear_gradient_of(self, index: int) -> None:
+        """Zero parameter ``index``'s part of the reduced gradient shard (if this rank
+        holds any of it): its ``.grad`` was cleared after backward."""
+        overlap = self.layout.overlap(index, self.rank)
+        if overlap is not None and self.grad_shard is not None:
+            self.grad_shard[overlap.shard_span].zero_()
+
     def set_grad_shard(self, grad: torch.Tensor | None) -> None:
         """Install the reduced gradient where the inner optimizer looks for it.
 

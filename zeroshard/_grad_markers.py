@@ -163,11 +163,9 @@ class GradientMarkers:
             bucket = placed.bucket
             if every_one_none:
                 bucket.set_grad_shard(None)  # what opt.zero_grad() does
-            elif bucket.grad_shard is not None:
+            else:
                 for index in indices:
-                    overlap = bucket.layout.overlap(index, bucket.rank)
-                    if overlap is not None:
-                        bucket.grad_shard[overlap.shard_span].zero_()
+                    bucket.clear_gradient_of(index)
             if keep:
                 placed.keep_untouched(indices)
         if keep:

@@ -76,9 +76,7 @@ class Stage1(ShardedStage):
                 raise RuntimeError(self._refusal(
                     f"the .grad of a parameter among {names} was changed in place"))
         for bucket, index in cleared:
-            overlap = bucket.layout.overlap(index, bucket.rank)
-            if overlap is not None and bucket.grad_shard is not None:
-                bucket.grad_shard[overlap.shard_span].zero_()
+            bucket.clear_gradient_of(index)
             view = self._grad_view(bucket, index)
             view.zero_()
             bucket.params[index].grad = view
