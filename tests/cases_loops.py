@@ -36,6 +36,36 @@ def _zero(model, stage: int, group, **kwargs):
                                    **({"units": torch.nn.Linear} if stage == 3 else {}))
 
 
+def _differences(opt, model, reference) -> dict[str, float]:
+    """Largest difference per parameter name between zeroshard's model and the reference
+    (DDP or a plain module), read inside summon_full_params() (stage 3's placeholders)."""
+    plain = reference.module if isinstance(reference, DDP) else reference
+    with opt.summon_full_params():
+        return {name: (p - q).abs().max().item()
+                for (name, p), q in zip(model.named_parameters(), plain.parameters())}
+
+
+def _largest_difference(opt, model, reference) -> float:
+    return max(_differences(opt, model, reference).values())
+
+
+def _refusal(action) -> str:
+    """The message of the RuntimeError ``action()`` raises, or "no error"."""
+    try:
+        action()
+    except RuntimeError as error:
+        return str(error)
+    return "no error"
+
+
+def _ranks_in_step(ctx) -> float:
+    """One all-reduce of a one: the world size comes back only if every rank got here, so
+    no rank was left in another collective."""
+    probe = torch.ones(1)
+    dist.all_reduce(probe, group=ctx.group)
+    return probe.item()
+
+
 def load_state_dict_mid_run(ctx, stage: int):
     """With bf16 mixed precision: train a step, then ``model.load_state_dict(pretrained)``
     with fp32 values that bf16 cannot hold (stage 3: inside summon_full_params). The
@@ -89,13 +119,8 @@ def trainable_changed_after_construction(ctx, stage: int, unfreeze: bool):
         else:
             net.body[0].bias.requires_grad_(False)
     loss_fn(spec, model, make_batch(spec, seed=1, rank=ctx.rank, batch=4)).backward()
-    try:
-        opt.step()
-        refusal = "no error"
-    except RuntimeError as error:
-        refusal = str(error)
-    probe = torch.ones(1)  # every rank is still in step with the others
-    dist.all_reduce(probe, group=ctx.group)
+    refusal = _refusal(opt.step)
+    probe = _ranks_in_step(ctx)
     opt.zero_grad()
     opt.close()
     model.zero_grad(set_to_none=True)
@@ -104,10 +129,8 @@ def trainable_changed_after_construction(ctx, stage: int, unfreeze: bool):
     ref_opt = torch.optim.SGD(reference.parameters(), lr=0.05)
     _steps(spec, model, opt, 1, 2, ctx.rank)
     _steps(spec, reference, ref_opt, 1, 2, ctx.rank)
-    with opt.summon_full_params():
-        diffs = {name: (p - q).abs().max().item() for (name, p), q in
-                 zip(model.named_parameters(), reference.module.parameters())}
-    return refusal, probe.item(), diffs
+    diffs = _differences(opt, model, reference)
+    return refusal, probe, diffs
 
 
 def touch_stage3_parameters_between_steps(ctx):
@@ -126,19 +149,16 @@ def touch_stage3_parameters_between_steps(ctx):
              sum(p.numel() for p in reference.module.parameters()))
     _steps(MLP, model, opt, 1, 1, ctx.rank)
     _steps(MLP, reference, ref_opt, 1, 1, ctx.rank)
-    with opt.summon_full_params():
-        diffs = {name: (p - q).abs().max().item() for (name, p), q in
-                 zip(model.named_parameters(), reference.module.parameters())}
-    writes = []
-    for write in (lambda p: torch.nn.init.normal_(p), lambda p: p.zero_(),
-                  lambda p: setattr(p, "data", torch.ones_like(p))):
-        try:
-            with torch.no_grad():
-                write(model.body[0].weight)
-            loss_fn(MLP, model, make_batch(MLP, seed=9, rank=ctx.rank, batch=4)).backward()
-            writes.append("no error")
-        except RuntimeError as error:
-            writes.append(str(error))
+    diffs = _differences(opt, model, reference)
+
+    def write_then_train(write):
+        with torch.no_grad():
+            write(model.body[0].weight)
+        loss_fn(MLP, model, make_batch(MLP, seed=9, rank=ctx.rank, batch=4)).backward()
+
+    writes = [_refusal(lambda write=write: write_then_train(write))
+              for write in (lambda p: torch.nn.init.normal_(p), lambda p: p.zero_(),
+                            lambda p: setattr(p, "data", torch.ones_like(p)))]
     # a refused write does not poison later passes
     loss_fn(MLP, model, make_batch(MLP, seed=10, rank=ctx.rank, batch=4)).backward()
     opt.zero_grad()
@@ -167,9 +187,7 @@ def retained_graph_backward_twice(ctx, stage: int):
                     param.grad /= ctx.world_size
             optimizer.step()
             optimizer.zero_grad()
-    with opt.summon_full_params():
-        return {name: (p - q).abs().max().item() for (name, p), q in
-                zip(model.named_parameters(), reference.parameters())}
+    return _differences(opt, model, reference)
 
 
 def forward_inside_summon(ctx, stage: int):
@@ -193,18 +211,14 @@ def forward_inside_summon(ctx, stage: int):
             output_diff = (ours - theirs).abs().max().item()
             model.train()
         issued = sum(opt.comm_stats.calls.values())
-    refusal = "no error"
-    if stage == 3:
-        try:
-            with opt.summon_full_params():
-                model(batch[0])
-        except RuntimeError as error:
-            refusal = str(error)
+    def forward_with_grad_inside_summon():
+        with opt.summon_full_params():
+            model(batch[0])
+
+    refusal = _refusal(forward_with_grad_inside_summon) if stage == 3 else "no error"
     _steps(MLP, model, opt, 1, 2, ctx.rank)
     _steps(MLP, reference, ref_opt, 1, 2, ctx.rank)
-    with opt.summon_full_params():
-        diffs = {name: (p - q).abs().max().item() for (name, p), q in
-                 zip(model.named_parameters(), reference.module.parameters())}
+    diffs = _differences(opt, model, reference)
     return output_diff, issued, diffs, refusal
 
 
@@ -289,9 +303,7 @@ def drive_loop(ctx, stage: int, plan: dict):
             ref_opt = torch.optim.SGD(reference.parameters(), **kwargs)
         else:
             assert between is None, between
-        with opt.summon_full_params():
-            diffs.append(max((p - q).abs().max().item() for p, q in
-                             zip(model.parameters(), reference.module.parameters())))
+        diffs.append(_largest_difference(opt, model, reference))
     if ema is not None:
         diffs.append(max((p - q).abs().max().item() for p, q in
                          zip(ema.parameters(), ref_ema.parameters())))
@@ -308,21 +320,18 @@ def torch_clip_over_model_parameters(ctx, stage: int):
     reference = DDP(build_model(MLP, seed=0), process_group=ctx.group)
     opt, ref_opt = _zero(model, stage, ctx.group, lr=0.05), torch.optim.SGD(reference.parameters(), lr=0.05)
     loss_fn(MLP, model, make_batch(MLP, seed=0, rank=ctx.rank, batch=4)).backward()
-    try:  # refused at the clip (stages 2 and 3: the markers) or at the step (stage 1)
+
+    def clip_then_step():  # refused at the clip (stages 2, 3: the markers) or the step (1)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
         opt.step()
-        refusal = "no error"
-    except RuntimeError as error:
-        refusal = str(error)
-    probe = torch.ones(1)  # every rank is still in step with the others
-    dist.all_reduce(probe, group=ctx.group)
+
+    refusal = _refusal(clip_then_step)
+    probe = _ranks_in_step(ctx)
     opt.zero_grad()
     _steps(MLP, model, opt, 1, 2, ctx.rank)
     _steps(MLP, reference, ref_opt, 1, 2, ctx.rank)
-    with opt.summon_full_params():
-        diffs = {name: (p - q).abs().max().item() for (name, p), q in
-                 zip(model.named_parameters(), reference.module.parameters())}
-    return refusal, probe.item(), diffs
+    diffs = _differences(opt, model, reference)
+    return refusal, probe, diffs
 
 
 def _batchnorm_net(seed: int) -> torch.nn.Module:
@@ -361,9 +370,7 @@ def batchnorm_statistics(ctx, stage: int, broadcast_buffers: bool):
                         net(x)
                     net.train()
                 issued += sum(opt.comm_stats.calls.values()) - before
-    with opt.summon_full_params():
-        params = max((p - q).abs().max().item()
-                     for p, q in zip(model.parameters(), reference.module.parameters()))
+    params = _largest_difference(opt, model, reference)
     buffers = max((b.float() - c.float()).abs().max().item()
                   for b, c in zip(model.buffers(), reference.module.buffers()))
     return params, buffers, issued
@@ -416,9 +423,7 @@ def dataclass_unit_outputs(ctx, reshard_after_forward: bool):
             torch.nn.functional.mse_loss(net(x), y).backward()
             optimizer.step()
             optimizer.zero_grad()
-        with opt.summon_full_params():
-            diffs.append(max((p - q).abs().max().item()
-                             for p, q in zip(model.parameters(), reference.module.parameters())))
+        diffs.append(_largest_difference(opt, model, reference))
     return diffs
 
 
@@ -483,14 +488,8 @@ def gradient_penalty(ctx, stage: int):
         x, y = make_batch(MLP, seed=0, rank=ctx.rank, batch=4)
         x_in = x.requires_grad_(True)
         loss = torch.nn.functional.mse_loss(model(x_in), y)
-        try:
-            torch.autograd.grad(loss, x_in, create_graph=True)
-            refusal = "no error"
-        except RuntimeError as error:
-            refusal = str(error)
-        probe = torch.ones(1)  # every rank is still in step with the others
-        dist.all_reduce(probe, group=ctx.group)
-        return refusal, probe.item()
+        refusal = _refusal(lambda: torch.autograd.grad(loss, x_in, create_graph=True))
+        return refusal, _ranks_in_step(ctx)
     for step in range(4):
         penalize = step < 3
         x, y = make_batch(MLP, seed=10 * step + ctx.rank, rank=ctx.rank, batch=4)
@@ -509,9 +508,7 @@ def gradient_penalty(ctx, stage: int):
             optimizer.step()
             optimizer.zero_grad()
         scattered.append(opt.comm_stats.bytes["reduce_scatter"])
-        with opt.summon_full_params():
-            diffs.append(max((p - q).abs().max().item()
-                             for p, q in zip(model.parameters(), reference.parameters())))
+        diffs.append(_largest_difference(opt, model, reference))
     return diffs, scattered
 
 
@@ -549,9 +546,7 @@ def functionally_tied_weight(ctx, units):
             torch.nn.functional.cross_entropy(out.reshape(-1, 50), idx.reshape(-1)).backward()
             optimizer.step()
             optimizer.zero_grad()
-    with opt.summon_full_params():
-        return None, max((p - q).abs().max().item()
-                         for p, q in zip(model.parameters(), reference.module.parameters()))
+    return None, _largest_difference(opt, model, reference)
 
 
 class ScaledNet(torch.nn.Module):
@@ -582,9 +577,7 @@ def two_forwards_one_backward_with_a_saved_buffer(ctx, stage: int):
             (net(x).pow(2).mean() + net(x + 1).pow(2).mean()).backward()
             optimizer.step()
             optimizer.zero_grad()
-    with opt.summon_full_params():
-        return max((p - q).abs().max().item()
-                   for p, q in zip(model.parameters(), reference.module.parameters()))
+    return _largest_difference(opt, model, reference)
 
 
 def grad_cleared_between_backward_and_step(ctx, stage: int, how: str):
@@ -611,12 +604,8 @@ def grad_cleared_between_backward_and_step(ctx, stage: int, how: str):
             optimizer.step()
         except RuntimeError as error:
             refusal = str(error)
-    probe = torch.ones(1)  # every rank is still in step with the others
-    dist.all_reduce(probe, group=ctx.group)
-    with opt.summon_full_params():
-        diff = max((p - q).abs().max().item()
-                   for p, q in zip(model.parameters(), reference.module.parameters()))
-    return refusal, probe.item(), diff
+    probe = _ranks_in_step(ctx)
+    return refusal, probe, _largest_difference(opt, model, reference)
 
 
 def partial_gradient_writes(ctx, stage: int):
@@ -630,16 +619,14 @@ def partial_gradient_writes(ctx, stage: int):
     refusals = []
     for write in (lambda g: g[:1].zero_(), lambda g: g.data[:1].zero_()):
         loss_fn(MLP, model, make_batch(MLP, seed=0, rank=ctx.rank, batch=4)).backward()
-        try:
+
+        def write_then_step(write=write):
             write(model.body[0].weight.grad)
             opt.step()
-            refusals.append("no error")
-        except RuntimeError as error:
-            refusals.append(str(error))
+
+        refusals.append(_refusal(write_then_step))
         opt.zero_grad()
-    probe = torch.ones(1)
-    dist.all_reduce(probe, group=ctx.group)
-    return refusals, probe.item()
+    return refusals, _ranks_in_step(ctx)
 
 
 def forward_without_backward_frees_its_activations(ctx):
