@@ -341,56 +341,53 @@ def check_every_invariant(results, case):
         assert all(diff <= 1e-5 for diff in res["eval_diff"]), res["eval_diff"]
 
 
+# Cases the thorough profile found, kept as @examples: each is this base with its changes.
+_TINY_TRANSFORMER = {"kind": "transformer", "vocab": 11, "d": 8, "heads": 2, "layers": 1,
+                     "seq": 3, "tied": False, "frozen": False, "checkpoint": None, "reuse": False}
+_FOUND_CASE = {"two_forwards": False, "eval_forward": False, "units": None,
+               "reshard_after_forward": False, "skip_block": None, "world_size": 1, "stage": 3,
+               "groups": False, "bucket_mb": 1e-6, "scheduler": False, "accum": 1,
+               "no_sync": False, "clip": None, "norm_type": 2.0, "steps": 2, "batch": 2,
+               "record_peak": True}
+
+
+def _found_case(model: dict, **changes) -> dict:
+    return {**_FOUND_CASE, "model": model, **changes}
+
+
 def _reused_block_skipped_on_odd_ranks(units):
-    """Found by the thorough profile: block 0 runs twice on rank 0 and not at all on rank 1
-    in odd steps. Rank 0 gathered it again for its second run, rank 1 issued no such
-    gather, and gloo aborted both (Note [runs before the walk moves on])."""
-    return {"model": {"kind": "transformer", "vocab": 11, "d": 8, "heads": 2, "layers": 2,
-                      "seq": 3, "tied": True, "frozen": False, "checkpoint": None, "reuse": True},
-            "two_forwards": False, "eval_forward": False, "units": units,
-            "reshard_after_forward": True, "skip_block": "odd_ranks", "world_size": 2,
-            "stage": 3, "optimizer": "Adam", "opt_kwargs": {"lr": 1e-3, "weight_decay": 0.0},
-            "groups": False, "bucket_mb": 1e-6, "scheduler": False, "accum": 1, "no_sync": False,
-            "clip": None, "norm_type": 2.0, "steps": 3, "batch": 2, "record_peak": True}
+    """Block 0 runs twice on rank 0 and not at all on rank 1 in odd steps. Rank 0 gathered
+    it again for its second run, rank 1 issued no such gather, and gloo aborted both
+    (Note [runs before the walk moves on])."""
+    model = {**_TINY_TRANSFORMER, "layers": 2, "tied": True, "reuse": True}
+    return _found_case(model, units=units, reshard_after_forward=True, skip_block="odd_ranks",
+                       world_size=2, optimizer="Adam",
+                       opt_kwargs={"lr": 1e-3, "weight_decay": 0.0}, steps=3)
 
 
 def _reused_unit_on_one_rank():
-    """Found by the thorough profile: alone, a rank that did not wait for a reused unit's
-    reduce-scatter before the next bucket held more gradient buffers than stage 2 promises."""
-    return {"model": {"kind": "transformer", "vocab": 11, "d": 8, "heads": 2, "layers": 1,
-                      "seq": 3, "tied": False, "frozen": False, "checkpoint": None, "reuse": True},
-            "two_forwards": False, "eval_forward": False, "units": None,
-            "reshard_after_forward": False, "skip_block": None, "world_size": 1, "stage": 3,
-            "optimizer": "Adagrad", "opt_kwargs": {"lr": 0.01}, "groups": False,
-            "bucket_mb": 1e-6, "scheduler": False, "accum": 2, "no_sync": False, "clip": None,
-            "norm_type": 2.0, "steps": 2, "batch": 2, "record_peak": True}
+    """Alone, a rank that did not wait for a reused unit's reduce-scatter before the next
+    bucket held more gradient buffers than stage 2 promises."""
+    return _found_case({**_TINY_TRANSFORMER, "reuse": True}, optimizer="Adagrad",
+                       opt_kwargs={"lr": 0.01}, accum=2)
 
 
 def _checkpointed_automatic_units():
-    """Found by the thorough profile: units inside a non-reentrant checkpointed block
-    pushed their saved-tensor hooks inside the checkpoint's, which then missed the
-    tensors it recomputes (Note [saved tensors])."""
-    return {"model": {"kind": "transformer", "vocab": 11, "d": 8, "heads": 2, "layers": 1,
-                      "seq": 3, "tied": False, "frozen": False, "checkpoint": "nonreentrant",
-                      "reuse": False},
-            "two_forwards": False, "eval_forward": False, "units": None,
-            "reshard_after_forward": False, "skip_block": None, "world_size": 1, "stage": 3,
-            "optimizer": "Adagrad", "opt_kwargs": {"lr": 0.01}, "groups": False,
-            "bucket_mb": 1e-6, "scheduler": False, "accum": 1, "no_sync": False, "clip": None,
-            "norm_type": 2.0, "steps": 2, "batch": 2, "record_peak": True}
+    """Units inside a non-reentrant checkpointed block pushed their saved-tensor hooks
+    inside the checkpoint's, which then missed the tensors it recomputes (Note [saved
+    tensors])."""
+    return _found_case({**_TINY_TRANSFORMER, "checkpoint": "nonreentrant"},
+                       optimizer="Adagrad", opt_kwargs={"lr": 0.01})
 
 
 def _rmsprop_three_ranks_clipped():
-    """Found by the thorough profile: with 3 ranks the single-process reference scaled each
-    rank's loss by 1/3, which rounds every intermediate of its backward differently from
-    the ranks' own backward; it now runs each rank's backward as the rank does."""
-    return {"model": {"kind": "mlp", "d_in": 7, "hidden": 8, "d_out": 4, "depth": 3,
-                      "frozen": False, "unused_branch": False, "branch_everywhere": False},
-            "two_forwards": True, "eval_forward": False, "units": None,
-            "reshard_after_forward": False, "world_size": 3, "stage": 3, "optimizer": "RMSprop",
-            "opt_kwargs": {"lr": 0.01, "momentum": 0.0}, "groups": False, "bucket_mb": 1e-6,
-            "scheduler": False, "accum": 1, "no_sync": False, "clip": 0.05, "norm_type": 2.0,
-            "steps": 2, "batch": 3, "record_peak": True}
+    """With 3 ranks the single-process reference scaled each rank's loss by 1/3, which
+    rounds every intermediate of its backward differently from the ranks' own backward;
+    it now runs each rank's backward as the rank does."""
+    model = {"kind": "mlp", "d_in": 7, "hidden": 8, "d_out": 4, "depth": 3, "frozen": False,
+             "unused_branch": False, "branch_everywhere": False}
+    return _found_case(model, two_forwards=True, world_size=3, optimizer="RMSprop",
+                       opt_kwargs={"lr": 0.01, "momentum": 0.0}, clip=0.05, batch=3)
 
 
 @example(case=_rmsprop_three_ranks_clipped())
