@@ -27,7 +27,7 @@ class FlatBucket:
     """Parameters of one param group, dtype, device and ``requires_grad`` value."""
 
     def __init__(self, params: Sequence[nn.Parameter], group_index: int, rank: int,
-                 world_size: int) -> None:
+                 world_size: int, full_precision: bool = False) -> None:
         first = params[0]
         assert all(p.dtype == first.dtype and p.device == first.device for p in params)
         self.params = list(params)
@@ -50,7 +50,7 @@ class FlatBucket:
         self.param_names = [f"params[{i}]" for i in range(len(self.params))]  # for messages
         self.placeholders: torch.Tensor | None = None  # stage 3 (Note [stage-3 placeholders])
         # kept in fp32 under a mixed-precision policy (Note [full-precision modules])
-        self.full_precision = False
+        self.full_precision = full_precision
         self._versions_at_release: list[int] = []
 
     def param_view(self, flat: torch.Tensor, index: int) -> torch.Tensor:
@@ -272,10 +272,8 @@ def build_buckets(params: Sequence[tuple[nn.Parameter, int]], bucket_bytes: int,
             members = open_buckets[key] = []
             ordered.append((group_index, members))
         members.append(param)
-    buckets = [FlatBucket(members, group_index, rank, world_size) for group_index, members in ordered]
-    for bucket in buckets:
-        bucket.full_precision = id(bucket.params[0]) in full_precision
-    return buckets
+    return [FlatBucket(members, group_index, rank, world_size, id(members[0]) in full_precision)
+            for group_index, members in ordered]
 
 
 def _bytes(params: Sequence[nn.Parameter]) -> int:

@@ -175,7 +175,6 @@ def build_units(model: nn.Module, unit_modules: list[nn.Module], group_of: dict[
     of each unit's own parameters."""
     owner = assign_owners(model, unit_modules)
     names = {id(m): name for name, m in model.named_modules()}
-    param_names = {id(p): name for name, p in model.named_parameters()}
     units = []
     for index, module in enumerate(unit_modules):
         by_key: dict[tuple, list[nn.Parameter]] = {}
@@ -184,10 +183,8 @@ def build_units(model: nn.Module, unit_modules: list[nn.Module], group_of: dict[
                 key = (group_of.get(id(param), -1), param.dtype, param.device, param.requires_grad,
                        id(param) in full_precision)
                 by_key.setdefault(key, []).append(param)
-        buckets = [FlatBucket(params, key[0], rank, world_size) for key, params in by_key.items()]
-        for bucket in buckets:
-            bucket.param_names = [param_names[id(p)] for p in bucket.params]
-            bucket.full_precision = id(bucket.params[0]) in full_precision
+        buckets = [FlatBucket(params, key[0], rank, world_size, full_precision=key[4])
+                   for key, params in by_key.items()]
         units.append(Unit(module, names.get(id(module), ""), buckets))
     return units
 

@@ -276,14 +276,15 @@ class ZeroOptimizer(torch.optim.Optimizer):
             trainable = [(p, group_of[id(p)]) for p in self._model.parameters() if p.requires_grad]
             buckets = build_buckets(trainable, bucket_bytes, self._rank, self._world_size,
                                     full_precision)
-            names = {id(p): name for name, p in self._model.named_parameters()}
-            for bucket in buckets:  # for messages
-                bucket.param_names = [names[id(p)] for p in bucket.params]
-            return buckets
-        modules = select_unit_modules(self._model, units, bucket_bytes)
-        self._units = build_units(self._model, modules, group_of, self._rank, self._world_size,
-                                  full_precision)
-        return [b for u in self._units for b in u.buckets]
+        else:
+            modules = select_unit_modules(self._model, units, bucket_bytes)
+            self._units = build_units(self._model, modules, group_of, self._rank,
+                                      self._world_size, full_precision)
+            buckets = [b for u in self._units for b in u.buckets]
+        names = {id(p): name for name, p in self._model.named_parameters()}
+        for bucket in buckets:  # for messages
+            bucket.param_names = [names[id(p)] for p in bucket.params]
+        return buckets
 
     def _apply_precision(self, buckets: list[FlatBucket]) -> None:
         """Set up each bucket's shard and master from rank 0's values; with mixed
