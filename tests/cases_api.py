@@ -39,6 +39,17 @@ def _bad_arguments(which: str, model: nn.Module, group):
     if which == "devices":
         model.extra = nn.Parameter(torch.zeros(3, device="meta"))
         return (model, torch.optim.SGD), kwargs
+    if which == "meta_without_device":
+        with torch.device("meta"):
+            return (nn.Linear(3, 2), torch.optim.SGD), kwargs
+    if which == "meta_without_init":  # a bare parameter: nothing to give it values
+        with torch.device("meta"):
+            holder = nn.Sequential(nn.Linear(3, 2), nn.ParameterList([nn.Parameter(torch.ones(2))]))
+        return (holder, torch.optim.SGD), {**kwargs, "device": "cpu"}
+    if which == "device_meta":
+        return (model, torch.optim.SGD), {**kwargs, "device": "meta"}
+    if which == "init_fn":
+        return (model, torch.optim.SGD), {**kwargs, "init_fn": "normal"}
     if which == "units":
         return (model, torch.optim.SGD), {**kwargs, "units": {nn.Linear}}
     if which == "units_container":  # a ModuleList is never called: it cannot gather

@@ -78,6 +78,10 @@ class WorkerPool:
 
     def _start(self) -> None:
         ctx = mp.get_context("spawn")
+        # glibc reads this when a process starts: buffers of 1 MiB and more are mapped
+        # and unmapped, so a freed buffer leaves the RSS at once and the memory tests
+        # can read peaks from it (as benchmarks/compare.py does).
+        os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(2**20))
         handle, self._init_file = tempfile.mkstemp(prefix="zeroshard-pool-")
         os.close(handle)
         os.unlink(self._init_file)  # FileStore wants a path that does not exist yet

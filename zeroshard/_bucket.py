@@ -34,15 +34,9 @@ class FlatBucket:
         self.group_index = group_index
         self.rank = rank
         self.layout = FlatLayout(tuple(p.numel() for p in params), world_size)
-        self.flat = torch.zeros(self.layout.padded_numel, dtype=first.dtype,
-                                device=first.device)  # 1-D, padded to a multiple of world size
-        with torch.no_grad():
-            for index, param in enumerate(self.params):
-                view = self.param_view(self.flat, index)
-                view.copy_(param)
-                param.data = view
-        self.shard = self._own_slice()  # this rank's elements, a view of flat (see place_shard)
-        self.master: torch.Tensor | None = self.shard  # what the optimizer steps (place_shard)
+        self.flat: torch.Tensor | None = None  # 1-D, padded to a multiple of world size (materialize)
+        self.shard: torch.Tensor | None = None  # this rank's elements (materialize, place_shard)
+        self.master: torch.Tensor | None = None  # what the optimizer steps (place_shard)
         self._shard_owns_storage = False  # stage 3's shard is a copy (place_shard)
         self._clean_version = -1  # flat._version when the parameters last held the masters' cast
         self.grad_shard: torch.Tensor | None = None  # reduced gradient of `master`
@@ -52,6 +46,27 @@ class FlatBucket:
         # kept in fp32 under a mixed-precision policy (Note [full-precision modules])
         self.full_precision = full_precision
         self._versions_at_release: list[int] = []
+
+    @torch.no_grad()
+    def materialize(self, device: torch.device) -> None:
+        """Give the bucket its full buffer on ``device`` and make the parameters views of
+        it, holding their current values. A parameter built under ``torch.device("meta")``
+        has no values yet: its view stays zero until its module is initialised in place
+        (Note [one unit at a time] in _materialize.py). Its tensor cannot become a
+        view of real memory through ``.data``, so it is swapped for one that is
+        (``torch.utils.swap_tensors``): the same Python object stays in the model and
+        in the user's param groups."""
+        dtype = self.params[0].dtype
+        self.flat = torch.zeros(self.layout.padded_numel, dtype=dtype, device=device)
+        for index, param in enumerate(self.params):
+            view = self.param_view(self.flat, index)
+            if param.is_meta:
+                torch.utils.swap_tensors(param, nn.Parameter(view, param.requires_grad))
+            else:
+                view.copy_(param)
+                param.data = view
+        self.shard = self._own_slice()
+        self.master = self.shard
 
     def param_view(self, flat: torch.Tensor, index: int) -> torch.Tensor:
         """Parameter ``index``'s elements of ``flat`` (any buffer of this layout), shaped like it."""

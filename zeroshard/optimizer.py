@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import _comm, _full_state, _validate
+from . import _comm, _full_state, _materialize, _validate
 from ._bucket import FlatBucket, build_buckets
 from ._buffers import BufferFollower
 from ._stage import WeakHook
@@ -57,6 +57,13 @@ class ZeroOptimizer(torch.optim.Optimizer):
     A unit may run, or reach the loss, on some ranks only; units should run in
     one order on every rank (Note [gather schedule] in stage3.py).
 
+    A model too big for one device can be built under ``torch.device("meta")`` and
+    passed with ``device=`` (where the shards live): the optimizer materializes it
+    there one unit at a time at stage 3 (all of it at stages 1-2), initialising each
+    module that holds meta tensors with its ``reset_parameters()`` or with
+    ``init_fn(module)``; a model on another device (CPU, ``device="cuda"``) moves
+    the same way (Note [one unit at a time] in _materialize.py).
+
     ``mixed_precision=zeroshard.MixedPrecision(...)`` casts the parameters to its
     ``param_dtype`` and keeps fp32 master weights of this rank's shard only; the
     inner optimizer steps those, and the cast result is all-gathered. With
@@ -94,7 +101,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def __init__(self, model: nn.Module, optimizer_class: type[torch.optim.Optimizer], stage: int = 1,
                  param_groups=None, process_group=None, units=None, reshard_after_forward: bool = True,
                  mixed_precision: MixedPrecision | None = None, broadcast_buffers: bool = True,
-                 bucket_size_mb: float = 25, **optimizer_kwargs) -> None:
+                 bucket_size_mb: float = 25, device=None, init_fn=None, **optimizer_kwargs) -> None:
         self._constructed = False
         self._stage = None  # set near the end: close() finds it unset if __init__ raised
         # Validation first: every check is local, so every rank raises the same error
@@ -115,6 +122,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
             raise RuntimeError("torch.distributed is not initialized; call "
                                "torch.distributed.init_process_group(...) before ZeroOptimizer")
         groups = _validate.normalize_param_groups(model, param_groups)
+        device = _materialize.target_device(model, device)
+        to_initialise = _materialize.modules_to_initialise(model, init_fn)
 
         self._model = model
         # What close() restores: the policy casts parameters and replaces buffers.
@@ -131,8 +140,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.comm_stats = _comm.CommStats()
 
         every_bucket = self._build_buckets(groups, units, int(bucket_size_mb * 2**20))
-        self._broadcast_from_rank0(every_bucket)
-        self._apply_precision(every_bucket)
+        self._place_model(every_bucket, device, to_initialise, init_fn)
         self._every_bucket = every_bucket
         self._buckets = [b for b in every_bucket if b.params[0].requires_grad]  # optimized
         self._optimizer_class = optimizer_class
@@ -286,18 +294,40 @@ class ZeroOptimizer(torch.optim.Optimizer):
             bucket.param_names = [names[id(p)] for p in bucket.params]
         return buckets
 
-    def _apply_precision(self, buckets: list[FlatBucket]) -> None:
-        """Set up each bucket's shard and master from rank 0's values; with mixed
-        precision, cast the parameters (bucketed or not) and the buffers."""
+    def _place_model(self, buckets: list[FlatBucket], device: torch.device,
+                     to_initialise: list[nn.Module], init_fn) -> None:
+        """Materialize, initialise, broadcast and shard the model batch by batch: stage 3
+        one unit at a time (Note [one unit at a time] in _materialize.py)."""
+        batches = [unit.buckets for unit in self._units] if self.stage == 3 else [buckets]
+        bucketed = {id(p) for b in buckets for p in b.params}
+        _materialize.place_loose_tensors(self._model, bucketed, device)
+        for step in _materialize.placement_steps(batches, to_initialise):
+            if step.batch is not None:
+                for bucket in batches[step.batch]:
+                    bucket.materialize(device)
+            _materialize.initialise(step.initialise, init_fn)
+            for index in step.finish:
+                self._broadcast_from_rank0([b.flat for b in batches[index]])
+                self._place_shards(batches[index])
+                if self.stage == 3:
+                    self._units[index].release()
+        loose = [p.data for p in self._model.parameters() if id(p) not in bucketed]
+        self._broadcast_from_rank0(loose + list(self._model.buffers()))
+        self._cast_loose_tensors(bucketed)
+
+    def _place_shards(self, buckets: list[FlatBucket]) -> None:
+        """Set up each bucket's shard and master from rank 0's values."""
         policy = self.mixed_precision
-        param_dtype = policy.param_dtype if policy is not None else None
         for bucket in buckets:  # Note [full-precision modules]: some stay in fp32
-            bucket.place_shard(None if bucket.full_precision else param_dtype,
+            bucket.place_shard(None if bucket.full_precision or policy is None else policy.param_dtype,
                                own_storage=self.stage == 3)
             bucket.mark_clean()
+
+    def _cast_loose_tensors(self, bucketed: set[int]) -> None:
+        """With mixed precision, cast the parameters in no bucket and the buffers."""
+        policy = self.mixed_precision
         if policy is None:
             return
-        bucketed = {id(p) for b in buckets for p in b.params}
         full_precision = full_precision_parameters(self._model, policy)
         with torch.no_grad():
             for param in self._model.parameters():
@@ -306,12 +336,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
                     param.data = param.data.to(policy.param_dtype)
         cast_buffers(self._model, policy)
 
-    def _broadcast_from_rank0(self, buckets: list[FlatBucket]) -> None:
+    def _broadcast_from_rank0(self, tensors: list[torch.Tensor]) -> None:
         """All ranks start from rank 0's parameters and buffers, as with DDP."""
-        bucketed = {id(p) for b in buckets for p in b.params}
-        tensors = [b.flat for b in buckets]
-        tensors += [p.data for p in self._model.parameters() if id(p) not in bucketed]
-        tensors += list(self._model.buffers())
         # NCCL broadcasts contiguous tensors only (gloo takes any): a strided one (a
         # transposed frozen weight, a sliced buffer) goes through a contiguous copy.
         sent = [t if t.is_contiguous() else t.contiguous() for t in tensors]

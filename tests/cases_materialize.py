@@ -1,0 +1,140 @@
+"""Worker-side functions for models built on the meta device or placed on another device."""
+
+from __future__ import annotations
+
+import gc
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import zeroshard
+from models import MLP, TinyTransformer, build_model, loss_fn, make_batch
+
+
+def init_everything(module: nn.Module) -> None:
+    """An init_fn: reset_parameters() where a module has one, and the test models' own
+    tensors that no reset_parameters() covers (as their constructors set them)."""
+    if hasattr(module, "reset_parameters"):
+        module.reset_parameters()
+    if isinstance(module, TinyTransformer):
+        nn.init.normal_(module.pos, std=0.02)
+    if isinstance(module, MLP):
+        module.scale.copy_(torch.linspace(0.5, 1.5, module.scale.numel()))
+
+
+def _optimizer(model, ctx, stage: int, bf16: bool, **kwargs):
+    policy = zeroshard.MixedPrecision(torch.bfloat16) if bf16 else None
+    units = nn.Linear if stage == 3 else None
+    return zeroshard.ZeroOptimizer(model, torch.optim.AdamW, stage=stage, process_group=ctx.group,
+                                   lr=1e-2, mixed_precision=policy, bucket_size_mb=1e-3,
+                                   units=units, **kwargs)
+
+
+def _values(model, opt) -> dict[str, torch.Tensor]:
+    with opt.summon_full_params():
+        return {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+
+
+def _train(spec: dict, model, opt, rank: int, steps: int = 3) -> None:
+    for step in range(steps):
+        loss_fn(spec, model, make_batch(spec, seed=step, rank=rank, batch=3)).backward()
+        opt.clip_grad_norm_(1.0)
+        opt.step()
+        opt.zero_grad()
+
+
+def train_built_on_meta(ctx, spec: dict, stage: int, bf16: bool):
+    """A model built on meta (each rank with its own seed) and the same model built on
+    CPU, both given one state dict after construction and trained alike. Returns the
+    meta model's values after construction, and both models' values after training."""
+    plain = build_model(spec, seed=0)
+    start = {k: v.clone() for k, v in plain.state_dict().items()}
+    plain_opt = _optimizer(plain, ctx, stage, bf16)
+
+    with torch.device("meta"):
+        model = build_model(spec, seed=100 + ctx.rank)
+    opt = _optimizer(model, ctx, stage, bf16, device="cpu", init_fn=init_everything)
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    assert all(b.device.type == "cpu" for b in model.buffers())
+    built = _values(model, opt)
+    with opt.summon_full_params():
+        model.load_state_dict(start)
+
+    _train(spec, plain, plain_opt, ctx.rank)
+    _train(spec, model, opt, ctx.rank)
+    result = {"built": built, "meta": _values(model, opt), "plain": _values(plain, plain_opt)}
+    opt.close()
+    plain_opt.close()
+    return result
+
+
+def construct_twice_on_meta(ctx, stage: int):
+    """The values a meta-built transformer gets, built twice with the same per-rank seeds."""
+    spec = {"kind": "transformer", "vocab": 11, "d": 8, "heads": 2, "layers": 2, "seq": 4,
+            "tied": True, "frozen": False}
+    runs = []
+    for _ in range(2):
+        with torch.device("meta"):
+            model = build_model(spec, seed=7 + ctx.rank)
+        opt = _optimizer(model, ctx, stage, False, device="cpu", init_fn=init_everything)
+        runs.append(_values(model, opt))
+        opt.close()
+    return runs
+
+
+class NormedMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.Linear(5, 4))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def batchnorm_statistics_on_meta(ctx):
+    """reset_parameters() alone (no init_fn) initialises a meta model, buffers included."""
+    with torch.device("meta"):
+        model = NormedMLP()
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=3, process_group=ctx.group,
+                                  lr=0.1, device="cpu", units=nn.Linear)
+    norm = model.body[1]
+    stats = {"running_mean": norm.running_mean.clone(), "running_var": norm.running_var.clone(),
+             "num_batches_tracked": norm.num_batches_tracked.clone()}
+    with opt.summon_full_params():
+        stats["weight"] = norm.weight.detach().clone()
+        stats["linear"] = model.body[0].weight.detach().clone()
+    opt.close()
+    return stats
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError(field)
+
+
+def construction_peak(ctx, layers: int, width: int, on_meta: bool):
+    """The RSS high-water mark above the level before ``ZeroOptimizer`` is built at
+    stage 3 over ``layers`` Linear(width, width) units (the workers run with
+    MALLOC_MMAP_THRESHOLD_ set, so freed buffers leave the RSS). Returns bytes."""
+    # First a small model the same way: what a first construction sets up once per
+    # process (gloo's buffers for this group, the gather channel) is not counted.
+    small = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    zeroshard.ZeroOptimizer(small, torch.optim.SGD, stage=3, process_group=ctx.group, lr=0.1,
+                            units=nn.Linear).close()
+    with torch.device("meta" if on_meta else "cpu"):
+        model = nn.Sequential(*(nn.Linear(width, width) for _ in range(layers)))
+    gc.collect()
+    dist.barrier(group=ctx.group)
+    before = _rss_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")  # the high-water mark restarts from the current RSS
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=3, process_group=ctx.group,
+                                  lr=0.1, device="cpu", units=nn.Linear)
+    peak = (_rss_kib("VmHWM") - before) * 1024
+    held = opt.memory_report()["parameters"]  # the shards: every unit is released
+    opt.close()
+    return {"peak": peak, "shards": held}

@@ -1,0 +1,68 @@
+"""Models built on the meta device, materialized by ZeroOptimizer (Note [one unit at a time])."""
+
+import pytest
+import torch
+
+import cases_materialize
+
+SPECS = {
+    "mlp": {"kind": "mlp", "d_in": 5, "hidden": 9, "d_out": 3, "depth": 2, "frozen": True,
+            "unused_branch": False},
+    "transformer": {"kind": "transformer", "vocab": 13, "d": 8, "heads": 2, "layers": 2,
+                    "seq": 5, "tied": True, "frozen": True},
+}
+CASES = [(kind, stage, False) for kind in SPECS for stage in (1, 2, 3)]
+CASES += [("transformer", 1, True), ("transformer", 3, True)]  # bf16 parameters, fp32 masters
+
+
+@pytest.mark.parametrize("kind,stage,bf16", CASES)
+def test_a_model_built_on_meta_trains_exactly_like_one_built_on_cpu(pool, kind, stage, bf16):
+    results = pool.run(cases_materialize.train_built_on_meta, 2, SPECS[kind], stage, bf16)
+    for rank, result in enumerate(results):
+        assert result["meta"].keys() == result["plain"].keys()
+        for key, value in result["plain"].items():
+            assert torch.equal(result["meta"][key], value), (rank, key)
+    # Each rank seeded its meta model differently: the values are rank 0's everywhere.
+    built = [result["built"] for result in results]
+    for key, value in built[0].items():
+        assert torch.equal(value, built[1][key]), key
+    # ...and they were initialised, not left as the zeros a buffer is materialized with.
+    for key, value in built[0].items():
+        if key.endswith("weight") and value.dim() == 2:
+            assert value.std() > 0, key
+        elif key.endswith("ln1.weight") or key.endswith("ln_f.weight"):
+            assert torch.equal(value, torch.ones_like(value)), key
+    if kind == "mlp":
+        assert torch.equal(built[0]["scale"], torch.linspace(0.5, 1.5, 5)), built[0]["scale"]
+    else:
+        assert built[0]["pos"].std() > 0
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_meta_construction_is_reproducible_from_the_seed(pool, stage):
+    first, second = pool.run(cases_materialize.construct_twice_on_meta, 2, stage)[0]
+    for key, value in first.items():
+        assert torch.equal(value, second[key]), key
+
+
+def test_reset_parameters_initialises_parameters_and_buffers_without_init_fn(pool):
+    for stats in pool.run(cases_materialize.batchnorm_statistics_on_meta, 2):
+        assert torch.equal(stats["running_mean"], torch.zeros(5))
+        assert torch.equal(stats["running_var"], torch.ones(5))
+        assert stats["num_batches_tracked"].item() == 0
+        assert torch.equal(stats["weight"], torch.ones(5))
+        bound = 6 ** -0.5  # nn.Linear's reset_parameters: uniform within 1/sqrt(fan_in)
+        assert stats["linear"].abs().max() <= bound and stats["linear"].std() > 0
+
+
+def test_stage3_materializes_a_meta_model_one_unit_at_a_time(pool):
+    layers, width = 16, 1024
+    unit = (width * width + width) * 4
+    full = layers * unit
+    for rank, result in enumerate(pool.run(cases_materialize.construction_peak, 2, layers,
+                                           width, True)):
+        assert result["shards"] == pytest.approx(full / 2, rel=0.01), rank
+        # The shards, one materialized unit and a little slack for the allocator and
+        # gloo; building the model whole first would need the full model on top.
+        bound = result["shards"] + unit + 2 * 2**20
+        assert result["peak"] <= bound, (rank, result["peak"] / 2**20, bound / 2**20)
