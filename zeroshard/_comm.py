@@ -16,6 +16,7 @@ tensor), which is how DESIGN.md's per-step table counts Ψ.
 from __future__ import annotations
 
 import collections
+import pickle
 import time
 import weakref
 
@@ -91,6 +92,37 @@ def broadcast(tensor, *, group, stats: CommStats, label: str, group_src: int = 0
     with record_function(f"zeroshard::{label}::broadcast"):
         work = dist.broadcast(tensor, src=src, group=group, async_op=True)
     return _finish(work, async_op)
+
+
+def broadcast_object(obj, *, group, stats: CommStats, label: str, device: torch.device):
+    """Rank 0's picklable ``obj`` on every rank (a length, then the pickled bytes)."""
+    payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8) \
+        if dist.get_rank(group) == 0 else torch.empty(0, dtype=torch.uint8)
+    length = torch.tensor([payload.numel()], dtype=torch.int64, device=device)
+    broadcast(length, group=group, stats=stats, label=label)
+    received = payload.to(device) if payload.numel() else torch.empty(
+        int(length.item()), dtype=torch.uint8, device=device)
+    broadcast(received, group=group, stats=stats, label=label)
+    return pickle.loads(bytes(received.cpu().tolist()))
+
+
+def run_and_share(opt, work) -> None:
+    """Run ``work`` here (None: nothing to do on this rank), then learn whether it failed
+    on any rank: every rank raises if one did, so no rank goes on to a collective the
+    others never reach."""
+    error = None
+    try:
+        if work is not None:
+            work()
+    except Exception as exc:  # shared with the other ranks, then raised again below
+        error = exc
+    failed = torch.tensor(0.0 if error is None else 1.0, device=opt._device)
+    all_reduce(failed, group=opt._group, stats=opt.comm_stats, label="agree", op=dist.ReduceOp.MAX)
+    if error is not None:
+        raise error
+    if failed.item():
+        raise RuntimeError("another rank failed (its own error says why); nothing was changed "
+                           "here")
 
 
 def _finish(work, async_op: bool):

@@ -58,18 +58,20 @@ def _gather_parameters(opt) -> tuple[dict, dict]:
 
 
 class FullStateSource:
-    """Serves ``load_from`` ranges of full (unsharded) tensors."""
+    """Serves ``load_from`` ranges of full (unsharded) tensors held on this rank."""
 
-    def __init__(self, opt, model_sd: dict, optim_sd: dict) -> None:
-        names = parameter_names(opt._model)
-        self.params = {name: p for name, p in opt._model.named_parameters()}
+    def __init__(self, opt, model_sd: dict, optim_sd: dict | None) -> None:
+        self.params = dict(opt._model.named_parameters())
         self.model_sd = model_sd
+        self.key_of = _stored_names(opt._model, model_sd)
         members = [p for group in opt._group_members for p in group]
-        self.state_of = {names[id(p)]: optim_sd["state"].get(i, optim_sd["state"].get(str(i)))
-                         for i, p in enumerate(members)}
+        names = parameter_names(opt._model)
+        self.state_of = {} if optim_sd is None else {
+            names[id(p)]: optim_sd["state"].get(i, optim_sd["state"].get(str(i)))
+            for i, p in enumerate(members)}
 
     def values(self, name: str, start: int, stop: int) -> torch.Tensor:
-        return self.model_sd[name].reshape(-1)[start:stop]
+        return self.model_sd[self.key_of[name]].reshape(-1)[start:stop]
 
     def states(self, name: str, start: int, stop: int) -> dict:
         _, per_element = split_state(self.state_of.get(name) or {}, self.params[name])
@@ -81,24 +83,107 @@ class FullStateSource:
         scalars, per_element = split_state(self.state_of[name], self.params[name])
         return scalars, sorted(per_element)
 
+    def prepare(self, params, dtype) -> None:
+        pass  # this rank holds everything
 
-def check_full_state(opt, model_sd: dict, optim_sd: dict) -> None:
+
+class Rank0Source:
+    """Note [full state from rank 0]: rank 0 holds the full state dicts, the other ranks
+    None. Before each bucket (``prepare``), rank 0 sends that bucket's parameters whole,
+    and their per-element optimizer states, in one broadcast each; every rank keeps
+    the ranges it owns and drops the rest. So no rank ever holds more than one bucket
+    of the full model on its device, and the result is what loading the same dicts
+    on every rank gives."""
+
+    def __init__(self, opt, local: FullStateSource | None, with_states: bool) -> None:
+        self.opt = opt
+        self.local = local  # rank 0's dicts; None elsewhere
+        self.names = parameter_names(opt._model)
+        layouts = None
+        if local is not None and with_states:
+            layouts = {name: local.optimizer_layout(name) for name in self.names.values()}
+        self.layouts = self._broadcast_object(layouts) if with_states else None
+        self.values_of: dict[str, torch.Tensor] = {}
+        self.states_of: dict[str, dict[str, torch.Tensor]] = {}
+
+    def _broadcast_object(self, obj):
+        return _comm.broadcast_object(obj, group=self.opt._group, stats=self.opt.comm_stats,
+                                      label="load", device=self.opt._device)
+
+    def _broadcast_flat(self, pieces, sizes: list[int], dtype: torch.dtype) -> list[torch.Tensor]:
+        """Rank 0's ``pieces()`` (one full tensor per parameter) joined, broadcast, split."""
+        flat = torch.empty(sum(sizes), dtype=dtype, device=self.opt._device)
+        if self.local is not None:
+            flat.copy_(torch.cat([piece.reshape(-1).to(dtype) for piece in pieces()]))
+        _comm.broadcast(flat, group=self.opt._group, stats=self.opt.comm_stats, label="load")
+        return list(flat.split(sizes))
+
+    def prepare(self, params, dtype) -> None:
+        names = [self.names[id(p)] for p in params]
+        sizes = [p.numel() for p in params]
+        local = self.local
+        self.values_of = dict(zip(names, self._broadcast_flat(
+            lambda: [local.values(n, 0, size) for n, size in zip(names, sizes)], sizes, dtype)))
+        layout = self.layouts.get(names[0]) if self.layouts else None
+        self.states_of = {}
+        for key in (layout[1] if layout else []):
+            parts = self._broadcast_flat(
+                lambda key=key: [local.states(n, 0, size)[key] for n, size in zip(names, sizes)],
+                sizes, dtype)
+            for name, part in zip(names, parts):
+                self.states_of.setdefault(name, {})[key] = part
+
+    def values(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self.values_of[name][start:stop]
+
+    def states(self, name: str, start: int, stop: int) -> dict:
+        return {k: v[start:stop] for k, v in self.states_of.get(name, {}).items()}
+
+    def optimizer_layout(self, name: str):
+        return self.layouts.get(name) if self.layouts else None
+
+
+def _aliases(model) -> dict[int, list[str]]:
+    """id(parameter) -> every name it has (a tied parameter has several)."""
+    aliases: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(param), []).append(name)
+    return aliases
+
+
+def _stored_names(model, model_sd) -> dict[str, str]:
+    """Parameter name -> the key that holds its value in ``model_sd``: its own name, or
+    another name of the same (tied) parameter, as files that store a tied weight once
+    (safetensors, Hugging Face checkpoints) do."""
+    aliases = _aliases(model)
+    return {name: next((alias for alias in aliases[id(param)] if alias in model_sd), name)
+            for name, param in model.named_parameters()}
+
+
+def check_full_state(opt, model_sd: dict, optim_sd: dict | None) -> None:
     """Raise, naming the difference, if the two dicts do not fit this model and optimizer."""
-    if not isinstance(model_sd, dict) or not isinstance(optim_sd, dict):
-        raise TypeError("load_full_state_dict takes (model_state_dict, optimizer_state_dict), "
-                        f"two dicts; got {type(model_sd).__name__}, {type(optim_sd).__name__}")
-    expected = {name: tuple(p.shape) for name, p in opt._model.named_parameters(remove_duplicate=False)}
-    expected.update({name: tuple(b.shape) for name, b in opt._model.named_buffers()
-                     if name in _persistent_buffer_names(opt._model)})
-    missing = sorted(set(expected) - set(model_sd))
+    if not isinstance(model_sd, dict) or not (optim_sd is None or isinstance(optim_sd, dict)):
+        raise TypeError("load_full_state_dict takes (model_state_dict, optimizer_state_dict): a "
+                        "dict and a dict or None; got "
+                        f"{type(model_sd).__name__}, {type(optim_sd).__name__}")
+    model = opt._model
+    expected = {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}
+    expected.update({name: tuple(b.shape) for name, b in model.named_buffers()
+                     if name in _persistent_buffer_names(model)})
+    aliases = _aliases(model)
+    stored_under_alias = {name for name, param in model.named_parameters(remove_duplicate=False)
+                          if any(alias in model_sd for alias in aliases[id(param)])}
+    missing = sorted(set(expected) - set(model_sd) - stored_under_alias)
     unexpected = sorted(set(model_sd) - set(expected))
     if missing or unexpected:
         raise ValueError(f"model_state_dict does not fit this model: missing keys {missing[:5]}, "
                          f"unexpected keys {unexpected[:5]}; save it from the same model class")
     for name, shape in expected.items():
-        if tuple(model_sd[name].shape) != shape:
+        if name in model_sd and tuple(model_sd[name].shape) != shape:
             raise ValueError(f"model_state_dict[{name!r}] has shape {tuple(model_sd[name].shape)}, "
                              f"this model's has {shape}")
+    if optim_sd is None:
+        return
     groups = optim_sd.get("param_groups")
     sizes = [len(g) for g in opt._group_members]
     saved_sizes = [len(g["params"]) for g in groups] if isinstance(groups, list) else None
@@ -117,13 +202,41 @@ def _persistent_buffer_names(model) -> set[str]:
 
 
 @torch.no_grad()
-def load_full_state(opt, model_sd: dict, optim_sd: dict) -> None:
-    check_full_state(opt, model_sd, optim_sd)
-    load_from(opt, FullStateSource(opt, model_sd, optim_sd))
-    for name, buffer in opt._model.named_buffers():
-        if name in model_sd:
-            buffer.copy_(model_sd[name])
-    for group, inner, saved in zip(opt.param_groups, opt._inner.param_groups, optim_sd["param_groups"]):
-        hyper = {k: v for k, v in saved.items() if k != "params"}
+def load_full_state(opt, model_sd: dict | None, optim_sd: dict | None) -> None:
+    """Load full state dicts passed on every rank, or on rank 0 only (None elsewhere:
+    Note [full state from rank 0]); ``optim_sd`` None loads the model only and keeps
+    the optimizer state."""
+    passed = torch.tensor([model_sd is not None, optim_sd is not None] * 2, dtype=torch.float32,
+                          device=opt._device)
+    if opt._rank != 0:
+        passed[2:] = 0  # the last two count rank 0's dicts only
+    _comm.all_reduce(passed, group=opt._group, stats=opt.comm_stats, label="load")
+    with_model, with_optim, rank0_model, rank0_optim = (int(v) for v in passed.tolist())
+    if not rank0_model:
+        raise ValueError("load_full_state_dict: rank 0 passed model_state_dict=None; pass the full "
+                         "state dict on rank 0 (the other ranks may pass None)")
+    everywhere = with_model == opt._world_size and with_optim in (0, opt._world_size)
+    holds_dicts = everywhere or opt._rank == 0
+    _comm.run_and_share(opt, (lambda: check_full_state(opt, model_sd, optim_sd))
+                        if holds_dicts else None)
+    with_states = bool(with_optim if everywhere else rank0_optim)
+    local = FullStateSource(opt, model_sd, optim_sd) if holds_dicts else None
+    source = local if everywhere else Rank0Source(opt, local, with_states)
+    load_from(opt, source, with_states)
+    if holds_dicts:
+        for name, buffer in opt._model.named_buffers():
+            if name in model_sd:
+                buffer.copy_(model_sd[name])
+    if not everywhere:
+        for buffer in opt._model.buffers():
+            _comm.broadcast(buffer, group=opt._group, stats=opt.comm_stats, label="load")
+    if not with_states:
+        return
+    saved = optim_sd["param_groups"] if holds_dicts else None
+    if not everywhere:
+        saved = _comm.broadcast_object(saved, group=opt._group, stats=opt.comm_stats,
+                                       label="load", device=opt._device)
+    for group, inner, saved_group in zip(opt.param_groups, opt._inner.param_groups, saved):
+        hyper = {k: v for k, v in saved_group.items() if k != "params"}
         group.update(hyper)
         inner.update(hyper)

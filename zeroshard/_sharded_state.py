@@ -47,6 +47,10 @@ class Source(Protocol):
     def optimizer_layout(self, name: str) -> tuple[dict, list[str]] | None:
         """(scalar states, names of per-element states) of a parameter, None if it has none."""
 
+    def prepare(self, params: list[nn.Parameter], dtype: torch.dtype) -> None:
+        """Called on every rank before ``params``' ranges are asked for (one bucket, or one
+        parameter outside the buckets): a source that sends them from one rank does it here."""
+
 
 def parameter_names(model: nn.Module) -> dict[int, str]:
     return {id(p): name for name, p in model.named_parameters()}
@@ -107,15 +111,18 @@ def optimizer_layouts(opt) -> dict[str, tuple[dict, list[str]]]:
 
 
 @torch.no_grad()
-def load_from(opt, source: Source) -> None:
-    """Fill every shard, master and optimizer state of this rank from ``source``, then
-    rebuild the parameters: stages 1-2 all-gather them, stage 3 leaves them sharded.
-    Collective (the all-gather); call it on every rank."""
+def load_from(opt, source: Source, with_states: bool = True) -> None:
+    """Fill every shard, master and optimizer state of this rank from ``source`` (without
+    ``with_states``: the values only, the optimizer state stays), then rebuild the
+    parameters: stages 1-2 all-gather them, stage 3 leaves them sharded. Collective
+    (the all-gather); call it on every rank."""
     names = parameter_names(opt._model)
     for bucket in opt._every_bucket:
         target = bucket.master if bucket.master is not None else bucket.shard
+        source.prepare(bucket.params, target.dtype)
         wide = torch.zeros_like(target)
-        layout = source.optimizer_layout(names[id(bucket.params[0])]) if bucket.master is not None else None
+        layout = source.optimizer_layout(names[id(bucket.params[0])]) \
+            if bucket.master is not None and with_states else None
         states = {key: torch.zeros_like(target) for key in (layout[1] if layout else [])}
         for index, param in enumerate(bucket.params):
             overlap = bucket.layout.overlap(index, bucket.rank)
@@ -129,7 +136,7 @@ def load_from(opt, source: Source) -> None:
                     states[key][span] = value
         target.copy_(wide)
         bucket.master_to_shard()
-        if bucket.master is not None:
+        if bucket.master is not None and with_states:
             opt._inner.state.pop(bucket.master, None)
             if layout is not None:
                 scalars = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in layout[0].items()}
@@ -137,5 +144,6 @@ def load_from(opt, source: Source) -> None:
     bucketed = {id(p) for b in opt._every_bucket for p in b.params}
     for name, param in opt._model.named_parameters():
         if id(param) not in bucketed:
+            source.prepare([param], param.dtype)
             param.copy_(source.values(name, 0, param.numel()).view_as(param))
     opt._stage.after_step()  # the shards changed: parameters follow, as after a step

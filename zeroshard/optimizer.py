@@ -510,9 +510,15 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._require_open()
         return _full_state.gather_full_state(self)
 
-    def load_full_state_dict(self, model_state_dict: dict, optimizer_state_dict: dict) -> None:
-        """The reverse of ``full_state_dict``, on any world size and stage: pass the same
-        two dicts on every rank (collective). Also loads a plain model's and a plain
+    def load_full_state_dict(self, model_state_dict: dict | None,
+                             optimizer_state_dict: dict | None = None) -> None:
+        """The reverse of ``full_state_dict``, on any world size and stage; collective.
+
+        Pass the dicts on every rank, or on rank 0 only with None on the others: rank 0
+        then sends them one bucket at a time, so no rank holds more than one bucket of
+        the full model on its device (Note [full state from rank 0] in _full_state.py).
+        ``optimizer_state_dict=None`` loads the model only (pretrained weights) and
+        keeps the optimizer state. Also loads a plain model's and a plain
         ``optimizer_class``'s state dicts. Checks both before changing anything."""
         self._require_open()
         _full_state.load_full_state(self, model_state_dict, optimizer_state_dict)

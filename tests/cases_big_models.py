@@ -1,4 +1,4 @@
-"""Worker-side functions for models built on the meta device or placed on another device."""
+"""Worker-side functions for models bigger than one device: meta construction, loading, export."""
 
 from __future__ import annotations
 
@@ -138,3 +138,63 @@ def construction_peak(ctx, layers: int, width: int, on_meta: bool):
     held = opt.memory_report()["parameters"]  # the shards: every unit is released
     opt.close()
     return {"peak": peak, "shards": held}
+
+
+def _state(opt) -> tuple[dict, dict] | None:
+    full = opt.full_state_dict()
+    return None if full is None else ({k: v.float() for k, v in full[0].items()}, full[1])
+
+
+def load_full_state_from_rank0(ctx, spec: dict, stage: int, bf16: bool, with_optimizer: bool,
+                               file: str):
+    """One run trains and exports; a fresh run loads that export given on rank 0 only
+    (None elsewhere), another loads it given on every rank. Returns both loaded states
+    and the values after one more step each."""
+    model, opt = build_model(spec, seed=0), None
+    opt = _optimizer(model, ctx, stage, bf16)
+    _train(spec, model, opt, ctx.rank, steps=2)
+    full = opt.full_state_dict()
+    opt.close()
+    if ctx.rank == 0:
+        torch.save(full, file)
+    dist.barrier(group=ctx.group)
+    everywhere = torch.load(file, weights_only=False)
+    if not with_optimizer:
+        everywhere = (everywhere[0], None)
+
+    runs = {}
+    for how in ("rank0", "everywhere"):
+        model = build_model(spec, seed=50 + ctx.rank)
+        opt = _optimizer(model, ctx, stage, bf16)
+        _train(spec, model, opt, ctx.rank, steps=1)  # optimizer state that a model-only load keeps
+        before = _state(opt)
+        given = everywhere if how == "everywhere" or ctx.rank == 0 else (None, None)
+        opt.load_full_state_dict(*given)
+        loaded = _state(opt)
+        _train(spec, model, opt, ctx.rank, steps=1)
+        runs[how] = {"before": before, "loaded": loaded, "after": _values(model, opt)}
+        opt.close()
+    return runs
+
+
+def load_full_state_badly(ctx, which: str):
+    """load_full_state_dict with rank 0 giving None, or rank 0's dict not fitting."""
+    spec = {"kind": "mlp", "d_in": 5, "hidden": 9, "d_out": 3, "depth": 2, "frozen": True,
+            "unused_branch": False}
+    model = build_model(spec, seed=0)
+    opt = _optimizer(model, ctx, 3, False)
+    sd = {k: v.clone() for k, v in build_model(spec, seed=1).state_dict().items()}
+    if which == "wrong_shape":
+        sd["body.2.weight"] = sd["body.2.weight"][:, :-1]
+    given = sd if (ctx.rank == 0) == (which == "wrong_shape") else None
+    before = _values(model, opt)
+    try:
+        opt.load_full_state_dict(given, None)
+        error = None
+    except (ValueError, TypeError, RuntimeError) as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    unchanged = all(torch.equal(v, _values(model, opt)[k]) for k, v in before.items())
+    probe = torch.ones(1)  # every rank is still in step
+    dist.all_reduce(probe, group=ctx.group)
+    opt.close()
+    return {"error": error, "unchanged": unchanged, "in_step": probe.item() == ctx.world_size}

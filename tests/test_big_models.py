@@ -1,9 +1,10 @@
-"""Models built on the meta device, materialized by ZeroOptimizer (Note [one unit at a time])."""
+"""Models bigger than one device: built on the meta device (Note [one unit at a time]), loaded
+from rank 0 (Note [full state from rank 0]), exported one bucket at a time."""
 
 import pytest
 import torch
 
-import cases_materialize
+import cases_big_models
 
 SPECS = {
     "mlp": {"kind": "mlp", "d_in": 5, "hidden": 9, "d_out": 3, "depth": 2, "frozen": True,
@@ -17,7 +18,7 @@ CASES += [("transformer", 1, True), ("transformer", 3, True)]  # bf16 parameters
 
 @pytest.mark.parametrize("kind,stage,bf16", CASES)
 def test_a_model_built_on_meta_trains_exactly_like_one_built_on_cpu(pool, kind, stage, bf16):
-    results = pool.run(cases_materialize.train_built_on_meta, 2, SPECS[kind], stage, bf16)
+    results = pool.run(cases_big_models.train_built_on_meta, 2, SPECS[kind], stage, bf16)
     for rank, result in enumerate(results):
         assert result["meta"].keys() == result["plain"].keys()
         for key, value in result["plain"].items():
@@ -40,13 +41,13 @@ def test_a_model_built_on_meta_trains_exactly_like_one_built_on_cpu(pool, kind, 
 
 @pytest.mark.parametrize("stage", [1, 3])
 def test_meta_construction_is_reproducible_from_the_seed(pool, stage):
-    first, second = pool.run(cases_materialize.construct_twice_on_meta, 2, stage)[0]
+    first, second = pool.run(cases_big_models.construct_twice_on_meta, 2, stage)[0]
     for key, value in first.items():
         assert torch.equal(value, second[key]), key
 
 
 def test_reset_parameters_initialises_parameters_and_buffers_without_init_fn(pool):
-    for stats in pool.run(cases_materialize.batchnorm_statistics_on_meta, 2):
+    for stats in pool.run(cases_big_models.batchnorm_statistics_on_meta, 2):
         assert torch.equal(stats["running_mean"], torch.zeros(5))
         assert torch.equal(stats["running_var"], torch.ones(5))
         assert stats["num_batches_tracked"].item() == 0
@@ -59,10 +60,49 @@ def test_stage3_materializes_a_meta_model_one_unit_at_a_time(pool):
     layers, width = 16, 1024
     unit = (width * width + width) * 4
     full = layers * unit
-    for rank, result in enumerate(pool.run(cases_materialize.construction_peak, 2, layers,
+    for rank, result in enumerate(pool.run(cases_big_models.construction_peak, 2, layers,
                                            width, True)):
         assert result["shards"] == pytest.approx(full / 2, rel=0.01), rank
         # The shards, one materialized unit and a little slack for the allocator and
         # gloo; building the model whole first would need the full model on top.
         bound = result["shards"] + unit + 2 * 2**20
         assert result["peak"] <= bound, (rank, result["peak"] / 2**20, bound / 2**20)
+
+
+LOAD_CASES = [("mlp", 1, False, True), ("mlp", 2, False, False), ("transformer", 3, False, True),
+              ("transformer", 3, True, False), ("transformer", 2, True, True)]
+
+
+@pytest.mark.parametrize("kind,stage,bf16,with_optimizer", LOAD_CASES)
+def test_full_state_given_on_rank0_only_loads_as_if_given_everywhere(pool, tmp_path, kind, stage,
+                                                                     bf16, with_optimizer):
+    results = pool.run(cases_big_models.load_full_state_from_rank0, 3, SPECS[kind], stage, bf16,
+                       with_optimizer, str(tmp_path / "full.pt"))
+    model_sd, optim_sd = torch.load(tmp_path / "full.pt", weights_only=False)
+    for rank, runs in enumerate(results):
+        for key, value in runs["everywhere"]["after"].items():
+            assert torch.equal(runs["rank0"]["after"][key], value), (rank, key)
+    loaded = results[0]["rank0"]["loaded"]
+    for key, value in model_sd.items():  # the loaded parameters are the export's
+        assert torch.equal(loaded[0][key], value.float()), key
+    for how in ("rank0", "everywhere"):
+        state, before = results[0][how]["loaded"][1]["state"], results[0][how]["before"][1]["state"]
+        # With the optimizer state dict the state is the export's; without, the run's own.
+        expected = optim_sd["state"] if with_optimizer else before
+        assert state.keys() == expected.keys(), how
+        for index, entry in expected.items():
+            for key, value in entry.items():
+                assert torch.equal(torch.as_tensor(state[index][key]), torch.as_tensor(value)), \
+                    (how, index, key)
+
+
+@pytest.mark.parametrize("which,words", [
+    ("rank0_none", ["rank 0", "model_state_dict=None", "other ranks may pass None"]),
+    ("wrong_shape", ["body.2.weight", "(9, 8)", "(9, 9)"])])
+def test_a_full_state_that_cannot_load_is_refused_on_every_rank(pool, which, words):
+    results = pool.run(cases_big_models.load_full_state_badly, 2, which)
+    for rank, result in enumerate(results):
+        assert result["error"] is not None and result["unchanged"] and result["in_step"], (rank, result)
+    for word in words:  # rank 0 names the problem; the other ranks point to it
+        assert word in results[0]["error"], (word, results[0]["error"])
+    assert "another rank failed" in results[1]["error"] or words[0] in results[1]["error"]
