@@ -12,20 +12,28 @@ from __future__ import annotations
 import torch
 
 from . import _comm
-from ._sharded_state import bucket_states, load_from, parameter_names, split_state
+from ._sharded_state import load_from, parameter_names, split_state
 
 
 @torch.no_grad()
 def gather_full_state(opt) -> tuple[dict, dict] | None:
-    values, states = _gather_parameters(opt)
-    model = opt._model
-    with opt.summon_full_params():  # stage 3: model.state_dict() reads gathered parameters
-        model_sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if id(param) in values:
-            model_sd[name] = values[id(param)]
+    """Note [streaming export]: the full state is built on rank 0, on CPU, one bucket at
+    a time: each bucket's shards (and per-element optimizer states) are all-gathered,
+    rank 0 copies its parameters out to CPU and every rank frees the gathered buffer
+    before the next bucket. So no rank holds more than one bucket of the full model
+    on its device, and only rank 0 builds the result (in host memory)."""
+    values, states = {}, {}
+    for param, value, state in stream_parameters(opt):
+        if value is not None:
+            values[id(param)] = value
+        if state is not None:
+            states[id(param)] = state
     if opt._rank != 0:
         return None
+    with opt._stage.reading_structure():  # names and objects only: nothing is gathered
+        structure = opt._model.state_dict(keep_vars=True)
+    model_sd = {key: values[id(item)] if id(item) in values else _to_cpu(item)
+                for key, item in structure.items()}
     index_state, groups, index = {}, [], 0
     for members, group in zip(opt._group_members, opt.param_groups):
         indices = []
@@ -38,23 +46,41 @@ def gather_full_state(opt) -> tuple[dict, dict] | None:
     return model_sd, {"state": index_state, "param_groups": groups}
 
 
-def _gather_parameters(opt) -> tuple[dict, dict]:
-    """id(param) -> full fp32 master value (updated parameters only), and -> its optimizer
-    state in the plain layout; all-gathered, so every rank gets them."""
-    gathered = opt._gather_masters()
-    values = {key: value.clone() for key, value in gathered.items()}
-    # The gathered buffers are copied out; finished works still refer to them, so
-    # free them now rather than later (Note [finished work] in _comm.py).
-    _comm.release(gathered.values())
-    states = {}
-    for bucket, scalars, per_element in bucket_states(opt):
-        full = {key: opt._gather_shard(tensor) for key, tensor in sorted(per_element.items())}
-        for index, param in enumerate(bucket.params):
-            states[id(param)] = {**{k: v.clone() if isinstance(v, torch.Tensor) else v
-                                    for k, v in scalars.items()},
-                                 **{k: bucket.param_view(full[k], index).clone() for k in full}}
-        _comm.release(full.values())
-    return values, states
+def _to_cpu(item):
+    return item.detach().to("cpu", copy=True) if isinstance(item, torch.Tensor) else item
+
+
+def stream_parameters(opt, with_states: bool = True):
+    """Yield ``(parameter, full value, optimizer state)`` for every parameter, one bucket at
+    a time (Note [streaming export]): on rank 0 the value is a CPU copy (the fp32 master
+    of an updated parameter) and the state is in the plain layout (None if it has none);
+    on the other ranks both are None. Collective: every rank must run it to the end."""
+    rank0 = opt._rank == 0
+    opt._take_outside_writes()
+    for bucket in opt._every_bucket:
+        source = bucket.master if bucket.master is not None else bucket.shard
+        full = opt._gather_shard(source)
+        values = [_to_cpu(bucket.param_view(full, i)) if rank0 else None
+                  for i in range(len(bucket.params))]
+        _comm.release([full])  # finished works still refer to it (Note [finished work])
+        param_states = [None] * len(bucket.params)
+        state = opt._inner.state.get(bucket.master) if bucket.master is not None else None
+        if with_states and state:
+            scalars, per_element = split_state(state, bucket.master)
+            for key, tensor in sorted(per_element.items()):
+                full = opt._gather_shard(tensor)
+                for index in range(len(bucket.params)) if rank0 else ():
+                    if param_states[index] is None:
+                        param_states[index] = {k: _to_cpu(v) for k, v in scalars.items()}
+                    param_states[index][key] = _to_cpu(bucket.param_view(full, index))
+                _comm.release([full])
+            if rank0 and not per_element:
+                param_states = [{k: _to_cpu(v) for k, v in scalars.items()} for _ in bucket.params]
+        yield from zip(bucket.params, values, param_states)
+    bucketed = {id(p) for b in opt._every_bucket for p in b.params}
+    for param in opt._model.parameters():  # stages 1-2: frozen, whole on every rank
+        if id(param) not in bucketed:
+            yield param, _to_cpu(param) if rank0 else None, None
 
 
 class FullStateSource:

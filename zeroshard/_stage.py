@@ -328,6 +328,11 @@ class ShardedStage:
                 for bucket in self.buckets:
                     bucket.absorb_outside_writes()
 
+    def reading_structure(self):
+        """``model.state_dict(keep_vars=True)`` inside reads names and objects, not values
+        (the full-state export fills in the values itself). Stage 3 allows it while sharded."""
+        return contextlib.nullcontext()
+
     def gather_params(self) -> None:
         """All-gather each bucket's updated shard into its flat buffer (the parameters)."""
         works = [_comm.all_gather(b.flat, b.shard, group=self.group, stats=self.stats,

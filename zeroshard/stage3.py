@@ -126,6 +126,7 @@ class Stage3(Stage2):
         self._finished: list[Unit] = []  # Note [runs before the walk moves on]
         self._watching: list[tuple[Unit, object]] = []  # Note [saved tensors]: open hook pairs
         self._order_warned = False
+        self._reading_structure = 0  # inside reading_structure(): state_dict() reads no values
         self.device = next((b.flat.device for u in units for b in u.buckets), torch.device("cpu"))
         # Note [gather channel]: gathers get a communicator of their own.
         self.gather_group = _comm.gather_channel(group)
@@ -444,8 +445,18 @@ class Stage3(Stage2):
                     self.fill_missing(bucket, index)
                     self._mark_ready(bucket, index)
 
+    @contextlib.contextmanager
+    def reading_structure(self):
+        self._reading_structure += 1
+        try:
+            yield
+        finally:
+            self._reading_structure -= 1
+
     def _refuse_if_sharded(self, units: list[Unit], module, *args) -> None:
         """Reading or loading a freed buffer would read or write memory that is not there."""
+        if self._reading_structure:
+            return
         if any(u.state is not ShardState.GATHERED for u in units):
             raise RuntimeError(
                 "stage 3 keeps parameters sharded between forward and backward, so "
