@@ -9,6 +9,9 @@ those indices.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
+
 import torch
 
 from . import _comm
@@ -97,6 +100,9 @@ class FullStateSource:
             for i, p in enumerate(members)}
 
     def values(self, name: str, start: int, stop: int) -> torch.Tensor:
+        read_range = getattr(self.model_sd, "read_range", None)  # files: read only the range
+        if read_range is not None:
+            return read_range(self.key_of[name], start, stop)
         return self.model_sd[self.key_of[name]].reshape(-1)[start:stop]
 
     def states(self, name: str, start: int, stop: int) -> dict:
@@ -188,14 +194,14 @@ def _stored_names(model, model_sd) -> dict[str, str]:
 
 def check_full_state(opt, model_sd: dict, optim_sd: dict | None) -> None:
     """Raise, naming the difference, if the two dicts do not fit this model and optimizer."""
-    if not isinstance(model_sd, dict) or not (optim_sd is None or isinstance(optim_sd, dict)):
+    if not isinstance(model_sd, Mapping) or not (optim_sd is None or isinstance(optim_sd, dict)):
         raise TypeError("load_full_state_dict takes (model_state_dict, optimizer_state_dict): a "
-                        "dict and a dict or None; got "
+                        "dict (or a safetensors file or folder) and a dict or None; got "
                         f"{type(model_sd).__name__}, {type(optim_sd).__name__}")
     model = opt._model
     expected = {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}
     expected.update({name: tuple(b.shape) for name, b in model.named_buffers()
-                     if name in _persistent_buffer_names(model)})
+                     if name in persistent_buffer_names(model)})
     aliases = _aliases(model)
     stored_under_alias = {name for name, param in model.named_parameters(remove_duplicate=False)
                           if any(alias in model_sd for alias in aliases[id(param)])}
@@ -204,9 +210,10 @@ def check_full_state(opt, model_sd: dict, optim_sd: dict | None) -> None:
     if missing or unexpected:
         raise ValueError(f"model_state_dict does not fit this model: missing keys {missing[:5]}, "
                          f"unexpected keys {unexpected[:5]}; save it from the same model class")
+    shape_of = getattr(model_sd, "shape", lambda key: tuple(model_sd[key].shape))
     for name, shape in expected.items():
-        if name in model_sd and tuple(model_sd[name].shape) != shape:
-            raise ValueError(f"model_state_dict[{name!r}] has shape {tuple(model_sd[name].shape)}, "
+        if name in model_sd and shape_of(name) != shape:
+            raise ValueError(f"model_state_dict[{name!r}] has shape {shape_of(name)}, "
                              f"this model's has {shape}")
     if optim_sd is None:
         return
@@ -218,7 +225,15 @@ def check_full_state(opt, model_sd: dict, optim_sd: dict | None) -> None:
                          f"optimizer's are {sizes}; build ZeroOptimizer with the same param_groups")
 
 
-def _persistent_buffer_names(model) -> set[str]:
+def _open_files(model_sd):
+    """A path names a safetensors file or folder: read lazily, range by range."""
+    if isinstance(model_sd, (str, os.PathLike)):
+        from ._safetensors import SafetensorsFiles
+        return SafetensorsFiles(model_sd)
+    return model_sd
+
+
+def persistent_buffer_names(model) -> set[str]:
     names = set()
     for module_name, module in model.named_modules():
         for name in module._buffers:
@@ -243,8 +258,13 @@ def load_full_state(opt, model_sd: dict | None, optim_sd: dict | None) -> None:
                          "state dict on rank 0 (the other ranks may pass None)")
     everywhere = with_model == opt._world_size and with_optim in (0, opt._world_size)
     holds_dicts = everywhere or opt._rank == 0
-    _comm.run_and_share(opt, (lambda: check_full_state(opt, model_sd, optim_sd))
-                        if holds_dicts else None)
+    opened = {}
+
+    def check():
+        opened["model_sd"] = _open_files(model_sd)
+        check_full_state(opt, opened["model_sd"], optim_sd)
+    _comm.run_and_share(opt, check if holds_dicts else None)
+    model_sd = opened.get("model_sd")
     with_states = bool(with_optim if everywhere else rank0_optim)
     local = FullStateSource(opt, model_sd, optim_sd) if holds_dicts else None
     source = local if everywhere else Rank0Source(opt, local, with_states)

@@ -59,7 +59,7 @@ def save_checkpoint(path, model, opt, extra=None) -> None:
     ``path`` atomically (Note [atomic publish]): a crash during the save leaves the
     previous one loadable.
     """
-    _check_arguments(path, model, opt)
+    check_arguments(path, model, opt)
     root = Path(path)
     if root.exists() and not root.is_dir():
         raise ValueError(f"checkpoint path {str(root)!r} is a file; pass a folder (it is created)")
@@ -102,7 +102,7 @@ def load_checkpoint(path, model, opt):
     checkpoint raises the same error on every rank. Rank r gets the ``extra`` that
     rank r saved, or rank 0's if the saving run had fewer ranks.
     """
-    _check_arguments(path, model, opt)
+    check_arguments(path, model, opt)
     folder = _resolve_latest(Path(path))
     meta = _load_file(folder / "meta.pt", weights_only=True)
     _check_meta(meta, folder, opt, model)
@@ -222,7 +222,7 @@ class _CheckpointSource:
 
 # -- files, folders, and agreeing across ranks -------------------------------------------
 
-def _check_arguments(path, model, opt) -> None:
+def check_arguments(path, model, opt) -> None:
     from .optimizer import ZeroOptimizer
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike folder, got {type(path).__name__}")

@@ -1,0 +1,224 @@
+"""Full models as safetensors files, the format Hugging Face and most published models use.
+
+Writing: ``save_full_model`` streams. The safetensors format is an 8-byte header
+length, a JSON header naming every tensor's dtype, shape and byte range, then the
+raw bytes. Every tensor's name, dtype and shape is known before anything is
+gathered, so rank 0 writes each file's header first and then each parameter's
+bytes as its bucket arrives (Note [streaming export] in _full_state.py): rank 0
+holds one bucket in host memory, every rank at most one bucket on its device.
+The files are written by hand because ``safetensors.torch.save_file`` takes the
+whole dict at once (and needs numpy).
+
+Reading: ``SafetensorsFiles`` opens a file, or a folder as Hugging Face writes it
+(``model.safetensors``, or shards named by ``model.safetensors.index.json``), with
+the ``safetensors`` library (memory-mapped), and reads a flat range of a tensor by
+reading only the rows that hold it: each rank reads only the ranges it owns.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import struct
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+
+from . import _comm
+from .checkpoint import check_arguments
+from ._full_state import persistent_buffer_names, stream_parameters
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
+           torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32", torch.int16: "I16",
+           torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def save_full_model(path, model, opt, dtype: torch.dtype | None = None,
+                    max_shard_size_mb: float = 5 * 1024) -> None:
+    """Write ``model``'s full state dict as safetensors under the folder ``path``, from
+    rank 0, as Hugging Face's ``save_pretrained`` lays it out: ``model.safetensors``,
+    or shards of at most ``max_shard_size_mb`` and ``model.safetensors.index.json``.
+    ``from_pretrained(path)`` reads it (rank 0 also writes ``model.config`` when the
+    model has one with ``save_pretrained``, as Hugging Face models do).
+
+    Parameters hold their current values (the fp32 masters of updated parameters,
+    cast to ``dtype`` when given); a tied parameter is written once, under its first
+    name, as Hugging Face does. Collective: call it on every rank; the full model is
+    never built anywhere (Note [streaming export] in _full_state.py).
+    """
+    check_arguments(path, model, opt)
+    if dtype is not None and dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(map(str, _DTYPES))}, got {dtype}")
+    if not max_shard_size_mb > 0:
+        raise ValueError(f"max_shard_size_mb must be positive, got {max_shard_size_mb}")
+    folder = Path(path)
+    names = {id(p): name for name, p in model.named_parameters()}
+    params = _stream_order(opt)
+    entries = [(names[id(p)], dtype or _streamed_dtype(opt, p), tuple(p.shape)) for p in params]
+    persistent = persistent_buffer_names(model)
+    buffers = [(name, b) for name, b in model.named_buffers() if name in persistent]
+    entries += [(name, dtype if dtype is not None and b.is_floating_point() else b.dtype,
+                 tuple(b.shape)) for name, b in buffers]
+    writer = _ShardedWriter(folder, entries, int(max_shard_size_mb * 2**20)) \
+        if opt._rank == 0 else None
+    error = None
+    for param, value, _ in stream_parameters(opt, with_states=False):
+        if writer is not None and error is None:
+            try:
+                writer.write(names[id(param)], value)
+            except Exception as exc:  # keep taking part in the gathers; raised below
+                error = exc
+    if writer is not None and error is None:
+        try:
+            for name, buffer in buffers:
+                writer.write(name, buffer.detach().cpu())
+            writer.finish()
+            config = getattr(model, "config", None)
+            if hasattr(config, "save_pretrained"):
+                config.save_pretrained(folder)
+        except Exception as exc:
+            error = exc
+
+    def report():
+        if error is not None:
+            raise error
+    _comm.run_and_share(opt, report)
+
+
+def _stream_order(opt) -> list:
+    """The parameters in the order ``stream_parameters`` yields them (nothing gathered)."""
+    bucketed = [p for b in opt._every_bucket for p in b.params]
+    ids = {id(p) for p in bucketed}
+    return bucketed + [p for p in opt._model.parameters() if id(p) not in ids]
+
+
+def _streamed_dtype(opt, param) -> torch.dtype:
+    """The dtype ``stream_parameters`` gives ``param``: its master's (fp32) if updated."""
+    for bucket in opt._every_bucket:
+        if any(p is param for p in bucket.params):
+            return (bucket.master if bucket.master is not None else bucket.shard).dtype
+    return param.dtype
+
+
+class _ShardedWriter:
+    """Writes tensors, given in a fixed order, into files of at most ``limit`` bytes."""
+
+    def __init__(self, folder: Path, entries: list[tuple[str, torch.dtype, tuple]], limit: int):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder = folder
+        self.files: list[list[tuple[str, torch.dtype, tuple]]] = [[]]
+        size = 0
+        for entry in entries:
+            nbytes = _nbytes(entry)
+            if self.files[-1] and size + nbytes > limit:
+                self.files.append([])
+                size = 0
+            self.files[-1].append(entry)
+            size += nbytes
+        count = len(self.files)
+        self.names = [SINGLE] if count == 1 else [
+            f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+        self.file_of = {name: i for i, file in enumerate(self.files) for name, _, _ in file}
+        self.entry_of = {entry[0]: entry for entry in entries}
+        self.total = sum(_nbytes(e) for e in entries)
+        self.handles: dict[int, object] = {}
+        self.written: dict[int, int] = {}
+
+    def _open(self, index: int):
+        if index not in self.handles:
+            header, offset = {"__metadata__": {"format": "pt"}}, 0
+            for name, dtype, shape in self.files[index]:
+                size = _nbytes((name, dtype, shape))
+                header[name] = {"dtype": _DTYPES[dtype], "shape": list(shape),
+                                "data_offsets": [offset, offset + size]}
+                offset += size
+            text = json.dumps(header, separators=(",", ":")).encode()
+            text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+            handle = open(self.folder / (self.names[index] + ".partial"), "wb")
+            handle.write(struct.pack("<Q", len(text)) + text)
+            self.handles[index] = handle
+            self.written[index] = 0
+        return self.handles[index]
+
+    def write(self, name: str, value: torch.Tensor) -> None:
+        """``name``'s value; tensors must come in the order the entries were given."""
+        index = self.file_of[name]
+        _, dtype, _ = self.entry_of[name]
+        handle = self._open(index)
+        data = value.detach().to("cpu", dtype).contiguous()
+        handle.write(ctypes.string_at(data.data_ptr(), data.numel() * data.element_size()))
+        self.written[index] += 1
+        if self.written[index] == len(self.files[index]):
+            handle.close()
+
+    def finish(self) -> None:
+        """Every tensor is written: give the files their names, then write the index."""
+        for index, name in enumerate(self.names):
+            if not self.handles[index].closed:
+                raise RuntimeError(f"{name}: {len(self.files[index]) - self.written[index]} "
+                                   "tensors were never written")
+            os.replace(self.folder / (name + ".partial"), self.folder / name)
+        if len(self.names) > 1:
+            weight_map = {entry: self.names[i] for entry, i in self.file_of.items()}
+            index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
+            (self.folder / INDEX).write_text(json.dumps(index, indent=2))
+
+
+def _nbytes(entry) -> int:
+    _, dtype, shape = entry
+    return torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+
+
+class SafetensorsFiles(Mapping):
+    """A safetensors file, or a folder of them, as a read-only mapping name -> tensor
+    whose ranges can be read without reading the whole tensor."""
+
+    def __init__(self, path) -> None:
+        try:
+            from safetensors import safe_open
+        except ImportError as error:
+            raise ImportError("reading safetensors files needs the safetensors package: "
+                              "pip install 'zeroshard[safetensors]'") from error
+        path = Path(path)
+        if path.is_dir():
+            if (path / INDEX).is_file():
+                weight_map = json.loads((path / INDEX).read_text())["weight_map"]
+                files = sorted(set(weight_map.values()))
+            elif (path / SINGLE).is_file():
+                files = [SINGLE]
+            else:
+                raise ValueError(f"folder {str(path)!r} holds neither {SINGLE} nor {INDEX}; pass "
+                                 "the folder save_full_model or save_pretrained wrote, or a file")
+            paths = [path / f for f in files]
+        elif path.is_file():
+            paths = [path]
+        else:
+            raise ValueError(f"{str(path)!r} is neither a safetensors file nor a folder")
+        self._handles = [safe_open(str(p), framework="pt") for p in paths]
+        self._where = {key: h for h in self._handles for key in h.keys()}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._where[key].get_tensor(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._where[key].get_slice(key).get_shape())
+
+    def read_range(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Elements ``[start, stop)`` of the flattened tensor, reading only the rows that hold them."""
+        shape = self.shape(key)
+        if len(shape) == 0:
+            return self[key].reshape(-1)[start:stop]
+        row = torch.Size(shape[1:]).numel()
+        first, last = start // row, -(-stop // row)
+        rows = self._where[key].get_slice(key)[first:last]
+        return rows.reshape(-1)[start - first * row:stop - first * row]
