@@ -198,3 +198,25 @@ def load_full_state_badly(ctx, which: str):
     dist.all_reduce(probe, group=ctx.group)
     opt.close()
     return {"error": error, "unchanged": unchanged, "in_step": probe.item() == ctx.world_size}
+
+
+def export_safetensors(ctx, spec: dict, stage: int, bf16: bool, folder: str, max_mb: float):
+    """Train, then export with full_state_dict (rank 0's dict) and save_full_model."""
+    model = build_model(spec, seed=0)
+    opt = _optimizer(model, ctx, stage, bf16)
+    _train(spec, model, opt, ctx.rank, steps=2)
+    full = opt.full_state_dict()
+    zeroshard.save_full_model(folder, model, opt, max_shard_size_mb=max_mb)
+    opt.close()
+    return None if full is None else {k: v.float() for k, v in full[0].items()}
+
+
+def load_safetensors(ctx, spec: dict, stage: int, folder: str, rank0_only: bool):
+    """A fresh model (its own seed per rank) loads the exported folder: on every rank,
+    or on rank 0 only; returns its full values."""
+    model = build_model(spec, seed=9 + ctx.rank)
+    opt = _optimizer(model, ctx, stage, False)
+    opt.load_full_state_dict(folder if ctx.rank == 0 or not rank0_only else None)
+    values = _values(model, opt)
+    opt.close()
+    return values

@@ -1,8 +1,11 @@
 """Models bigger than one device: built on the meta device (Note [one unit at a time]), loaded
 from rank 0 (Note [full state from rank 0]), exported one bucket at a time."""
 
+import json
+
 import pytest
 import torch
+from safetensors import safe_open
 
 import cases_big_models
 
@@ -106,3 +109,26 @@ def test_a_full_state_that_cannot_load_is_refused_on_every_rank(pool, which, wor
     for word in words:  # rank 0 names the problem; the other ranks point to it
         assert word in results[0]["error"], (word, results[0]["error"])
     assert "another rank failed" in results[1]["error"] or words[0] in results[1]["error"]
+
+
+@pytest.mark.parametrize("save_n,save_stage,bf16,load_n,load_stage,rank0_only", [
+    (2, 3, False, 3, 1, False), (3, 1, True, 2, 3, True), (2, 2, False, 1, 2, False)])
+def test_save_full_model_writes_safetensors_that_load_anywhere(pool, tmp_path, save_n, save_stage,
+                                                               bf16, load_n, load_stage, rank0_only):
+    spec, folder = SPECS["transformer"], tmp_path / "export"
+    full = pool.run(cases_big_models.export_safetensors, save_n, spec, save_stage, bf16,
+                    str(folder), 1e-3)[0]
+    # Read back with the safetensors library: small shards, an index naming each tensor's
+    # file, every tensor once (the tied head is stored under the embedding's name).
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    files = sorted(p.name for p in folder.glob("*.safetensors"))
+    assert len(files) > 2 and sorted(set(index["weight_map"].values())) == files
+    assert set(index["weight_map"]) == set(full) - {"head.weight"}
+    for key, file in index["weight_map"].items():
+        with safe_open(str(folder / file), framework="pt") as handle:
+            assert torch.equal(handle.get_tensor(key).float(), full[key]), key
+    for rank, loaded in enumerate(pool.run(cases_big_models.load_safetensors, load_n, spec,
+                                           load_stage, str(folder), rank0_only)):
+        assert loaded.keys() == full.keys()
+        for key, value in full.items():
+            assert torch.equal(loaded[key], value), (rank, key)
