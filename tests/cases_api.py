@@ -46,6 +46,10 @@ def _bad_arguments(which: str, model: nn.Module, group):
         with torch.device("meta"):
             holder = nn.Sequential(nn.Linear(3, 2), nn.ParameterList([nn.Parameter(torch.ones(2))]))
         return (holder, torch.optim.SGD), {**kwargs, "device": "cpu"}
+    if which == "meta_buffer":  # reset_parameters() would overwrite the real weights
+        model.norm = nn.BatchNorm1d(3)
+        model.norm.running_mean = torch.empty(3, device="meta")
+        return (model, torch.optim.SGD), {**kwargs, "device": "cpu"}
     if which == "device_meta":
         return (model, torch.optim.SGD), {**kwargs, "device": "meta"}
     if which == "init_fn":

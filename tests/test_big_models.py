@@ -132,3 +132,33 @@ def test_save_full_model_writes_safetensors_that_load_anywhere(pool, tmp_path, s
         assert loaded.keys() == full.keys()
         for key, value in full.items():
             assert torch.equal(loaded[key], value), (rank, key)
+
+
+@pytest.mark.parametrize("stage,units,init", [(1, None, "deterministic"), (3, "Pair", "deterministic"),
+                                              (2, None, "through_data"), (3, "Pair", "through_data")])
+def test_meta_init_runs_like_model_apply(pool, stage, units, init):
+    """Children before parents (a parent's override wins), the parameters' own class and
+    attributes, a buffer shared by two modules, new .data given by the init: as the
+    eager model.apply(init) has them, before and after a step."""
+    units = cases_big_models.Pair if units == "Pair" else None
+    for rank, result in enumerate(pool.run(cases_big_models.meta_init_order, 2, stage, units, init)):
+        assert result["tag"] == ("TaggedParameter", True), rank
+        assert result["shared"], rank
+        for which in ("built", "stepped"):
+            expected = result["expected" if which == "built" else "expected_stepped"]
+            for key, value in expected.items():
+                assert torch.allclose(result[which][key], value, rtol=0, atol=1e-7), (rank, which, key)
+
+
+@pytest.mark.parametrize("which,error,words", [
+    ("raises", "RuntimeError", ["init failed on purpose"]),
+    ("spans", "ValueError", ["'0'", "Pair", "inner.weight", "units that contain the whole module"]),
+    ("replaces", "ValueError", ["'0.inner'", "0.inner.weight", "in place"]),
+    ("forgets", "ValueError", ["0.inner.weight", "no value", "init_fn"])])
+def test_meta_init_that_cannot_work_is_refused_and_the_model_can_be_placed_again(pool, which,
+                                                                                  error, words):
+    for rank, result in enumerate(pool.run(cases_big_models.meta_init_refused, 2, which)):
+        assert result["error"][0] == error, (rank, result["error"])
+        for word in words:
+            assert word in result["error"][1], (rank, word, result["error"][1])
+        assert result["still_meta"] and result["retry_matches"], (rank, result)

@@ -18,6 +18,7 @@ from torch import nn
 
 from . import _comm
 from ._layout import FlatLayout
+from ._materialize import swap_in
 from .mixed_precision import MASTER_DTYPE
 
 _GRAD_DTYPE_SETTABLE = hasattr(torch.Tensor, "grad_dtype")
@@ -51,22 +52,43 @@ class FlatBucket:
     def materialize(self, device: torch.device) -> None:
         """Give the bucket its full buffer on ``device`` and make the parameters views of
         it, holding their current values. A parameter built under ``torch.device("meta")``
-        has no values yet: its view stays zero until its module is initialised in place
-        (Note [one unit at a time] in _materialize.py). Its tensor cannot become a
-        view of real memory through ``.data``, so it is swapped for one that is
-        (``torch.utils.swap_tensors``): the same Python object stays in the model and
-        in the user's param groups."""
+        has no values yet: its view holds NaN until its module is initialised in place
+        (Note [one unit at a time] in _materialize.py), and it is swapped in, staying
+        the same Python object (``_materialize.swap_in``)."""
         dtype = self.params[0].dtype
         self.flat = torch.zeros(self.layout.padded_numel, dtype=dtype, device=device)
         for index, param in enumerate(self.params):
             view = self.param_view(self.flat, index)
             if param.is_meta:
-                torch.utils.swap_tensors(param, nn.Parameter(view, param.requires_grad))
+                view.fill_(float("nan") if view.is_floating_point() else 0)
+                swap_in(param, view)
             else:
                 view.copy_(param)
                 param.data = view
         self.shard = self._own_slice()
         self.master = self.shard
+
+    @torch.no_grad()
+    def adopt_replaced_data(self) -> None:
+        """An init that gave a parameter new ``.data`` (``p.data = torch.randn(...)``) cut
+        it off from the buffer: the buffer takes its value and it becomes a view again."""
+        home = self.flat.untyped_storage().data_ptr()
+        for index, param in enumerate(self.params):
+            if param.untyped_storage().data_ptr() == home:
+                continue
+            view = self.param_view(self.flat, index)
+            if param.shape != view.shape:
+                raise ValueError(f"initialising {self.param_names[index]!r} gave it shape "
+                                 f"{tuple(param.shape)}, it was built with {tuple(view.shape)}")
+            view.copy_(param.data)
+            param.data = view
+
+    def missing_values(self, built_on_meta: set[int]) -> list[str]:
+        """Names of the parameters built on meta that still hold NaN (no init wrote them)."""
+        if not self.flat.is_floating_point() or not bool(self.flat.isnan().any()):
+            return []
+        return [self.param_names[index] for index, param in enumerate(self.params)
+                if id(param) in built_on_meta and bool(param.isnan().any())]
 
     def param_view(self, flat: torch.Tensor, index: int) -> torch.Tensor:
         """Parameter ``index``'s elements of ``flat`` (any buffer of this layout), shaped like it."""

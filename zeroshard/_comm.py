@@ -210,10 +210,18 @@ def _timeout_of(group, device: str):
 #     even when a worker is descheduled for a while on a busy machine. What the
 #     works hold lives that much longer, so the stages free the memory of
 #     collective inputs and temporaries they are done with themselves
-#     (``release``): only small or long-lived tensors are held here, and
-#     ``close()`` lets go of them all (``release_finished``). After ``del opt``
-#     without ``close()`` they are held until the next zeroshard wait.
+#     (``release``), and ``close()`` lets go of them all (``release_finished``).
+#     After ``del opt`` without ``close()`` they are held until the next zeroshard wait.
+#     But a work also holds what the backend allocated for it, which ``release``
+#     cannot reach (gloo's reduce-scatter keeps a copy of its whole input): held for
+#     RETAIN_S, a backward shorter than that kept every bucket's copy, the full
+#     gradient size, alive. So only the works of the latest RETAIN_WAITS waits are
+#     held by time; older ones are let go at the next wait. Dropping a work while
+#     the process goes on running is safe even if a worker still holds it (it
+#     then takes the GIL as usual); only a drop during teardown aborts, and the
+#     works a script's last collectives used are among the latest.
 RETAIN_S = 0.25
+RETAIN_WAITS = 2
 _finished: collections.deque = collections.deque()  # (time waited, works), oldest first
 
 
@@ -244,6 +252,6 @@ def wait_all(works) -> None:
         work.wait()
     if works:  # Note [finished work]
         now = time.monotonic()
-        while _finished and now - _finished[0][0] > RETAIN_S:
+        while _finished and (now - _finished[0][0] > RETAIN_S or len(_finished) >= RETAIN_WAITS):
             _finished.popleft()
         _finished.append((now, works))

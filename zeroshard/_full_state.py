@@ -137,6 +137,7 @@ class Rank0Source:
         self.layouts = self._broadcast_object(layouts) if with_states else None
         self.values_of: dict[str, torch.Tensor] = {}
         self.states_of: dict[str, dict[str, torch.Tensor]] = {}
+        self._received: list[torch.Tensor] = []  # this bucket's broadcast buffers
 
     def _broadcast_object(self, obj):
         return _comm.broadcast_object(obj, group=self.opt._group, stats=self.opt.comm_stats,
@@ -148,9 +149,17 @@ class Rank0Source:
         if self.local is not None:
             flat.copy_(torch.cat([piece.reshape(-1).to(dtype) for piece in pieces()]))
         _comm.broadcast(flat, group=self.opt._group, stats=self.opt.comm_stats, label="load")
+        self._received.append(flat)
         return list(flat.split(sizes))
 
+    def release(self) -> None:
+        """Free the previous bucket's buffers now: the broadcast's finished work still
+        refers to them (Note [finished work] in _comm.py)."""
+        _comm.release(self._received)
+        self._received = []
+
     def prepare(self, params, dtype) -> None:
+        self.release()
         names = [self.names[id(p)] for p in params]
         sizes = [p.numel() for p in params]
         local = self.local
@@ -269,6 +278,8 @@ def load_full_state(opt, model_sd: dict | None, optim_sd: dict | None) -> None:
     local = FullStateSource(opt, model_sd, optim_sd) if holds_dicts else None
     source = local if everywhere else Rank0Source(opt, local, with_states)
     load_from(opt, source, with_states)
+    if isinstance(source, Rank0Source):
+        source.release()
     if holds_dicts:
         for name, buffer in opt._model.named_buffers():
             if name in model_sd:

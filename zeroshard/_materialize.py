@@ -5,21 +5,31 @@ at stage 3 one batch per unit, at stages 1-2 one batch of every bucket (those st
 keep every full parameter anyway). For each batch, in order:
 
 1. its buckets get their full buffers on the target device (``FlatBucket.materialize``):
-   copies of the parameters, or zeros for parameters built under ``torch.device("meta")``;
-2. every module whose meta tensors are all real now is initialised in place, by its
-   ``reset_parameters()`` or the user's ``init_fn(module)``;
-3. each batch whose modules are all initialised is finished: rank 0's values are
-   broadcast, each bucket keeps its shard and, at stage 3, the full buffers are freed.
+   copies of the parameters, or NaN for parameters built under ``torch.device("meta")``;
+2. the modules whose turn it is are initialised in place, by ``init_fn(module)`` or
+   their ``reset_parameters()``, children before parents (as ``model.apply`` does,
+   so a parent's init that overrides its children's, as Hugging Face's does, wins);
+3. each batch whose modules are all initialised is finished: every parameter built
+   on meta must hold a value now (a NaN left means no init gave it one: an error
+   naming it, not a silent zero), rank 0's values are broadcast, each bucket keeps
+   its shard and, at stage 3, the full buffers are freed.
 
-So at stage 3 the device holds the shards plus about one unit while the model is
-placed (a module whose parameters sit in several units, such as a head tied to an
-embedding, keeps those units full until it is initialised), and a model bigger than
+A module's turn comes once every batch holding a parameter of its subtree is
+materialized, and those batches stay full until then. A module whose subtree spans
+several units (a model's root, a head tied to an embedding) would keep them all
+full, so it is initialised with the batches of its own parameters instead, and
+must not write into the parameters of the units inside it: that is checked (their
+version counters) and refused, on every rank alike. So at stage 3 the device holds
+the shards plus about one unit while the model is placed, and a model bigger than
 one device can be built on meta. A model already on another device (a CPU model,
-``device="cuda"``) moves the same way, unit by unit. Every rank walks the same
-batches in the same order, so the broadcasts match; the values are rank 0's (any
-seed per rank is fine, as with DDP). Buffers and parameters outside every bucket
-(frozen ones at stages 1-2) are small or kept whole anyway: they are placed first,
-all at once, and broadcast at the end.
+``device="cuda"``) moves the same way, unit by unit, and is not initialised.
+
+Every rank walks the same batches in the same order, so the broadcasts match; the
+values are rank 0's (any seed per rank is fine, as with DDP). Buffers and
+parameters outside every bucket (frozen ones at stages 1-2) are small or kept whole
+anyway: they are placed first, all at once, and broadcast at the end. If anything
+raises while the model is placed, what was built on meta goes back to meta, so the
+model can be passed again.
 """
 
 from __future__ import annotations
@@ -53,83 +63,232 @@ def target_device(model: nn.Module, device) -> torch.device:
     return device
 
 
-def _has_meta_tensors(module: nn.Module) -> bool:
-    tensors = [*module._parameters.values(), *module._buffers.values()]
-    return any(t is not None and t.is_meta for t in tensors)
+def _own_tensors(module: nn.Module) -> list[torch.Tensor]:
+    return [t for t in (*module._parameters.values(), *module._buffers.values()) if t is not None]
 
 
-def modules_to_initialise(model: nn.Module, init_fn: Callable | None) -> list[nn.Module]:
-    """The modules holding meta parameters or buffers of their own, in model order.
+def _post_order(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every module once, children before their parent (``model.apply``'s order)."""
+    order, seen = [], set()
 
-    Raises (before any collective: every rank checks the same model) if one of them
-    cannot be initialised: without ``init_fn`` each needs a ``reset_parameters()``.
-    """
+    def visit(name: str, module: nn.Module) -> None:
+        seen.add(id(module))
+        for child_name, child in module.named_children():
+            if id(child) not in seen:
+                visit(f"{name}.{child_name}" if name else child_name, child)
+        order.append((name or "<root>", module))
+    visit("", model)
+    return order
+
+
+@dataclasses.dataclass
+class Initialisation:
+    """What placing a meta model initialises, and how (``plan_initialisation``)."""
+
+    model: nn.Module
+    modules: list[nn.Module]  # called in this order (children first)
+    names: dict[int, str]  # id(module) -> its name, for messages
+    init_fn: Callable | None
+    meta_params: list[nn.Parameter]  # built on meta: each must get a value
+    meta_buffers: list[tuple[nn.Module, str]]
+
+    def __post_init__(self) -> None:
+        self.slots = [(m, name, p) for m in self.model.modules()
+                       for name, p in m._parameters.items()]
+
+    def run(self, module: nn.Module) -> None:
+        with torch.no_grad():
+            if self.init_fn is not None:
+                self.init_fn(module)
+            else:
+                module.reset_parameters()
+        replaced = [f"{self.names[id(m)]}.{name}" for m, name, p in self.slots
+                    if m._parameters.get(name) is not p]
+        if replaced:
+            raise ValueError(
+                f"initialising module {self.names[id(module)]!r} ({type(module).__name__}) "
+                f"replaced parameters {replaced[:3]} with new objects, which ZeroOptimizer does not "
+                "manage; write the values into the parameters in place (torch.nn.init.*, "
+                "p.copy_(...)) instead")
+
+
+def plan_initialisation(model: nn.Module, init_fn: Callable | None) -> Initialisation:
+    """Which modules a model built on meta needs initialised; checks, before any
+    collective (every rank checks the same model), that it can be done."""
     if init_fn is not None and not callable(init_fn):
         raise TypeError(f"init_fn must be a function module -> None, got {init_fn!r}")
-    chosen = [m for m in model.modules() if _has_meta_tensors(m)]
-    if init_fn is None:
-        names = {id(m): name or "<root>" for name, m in model.named_modules()}
-        missing = [m for m in chosen if not callable(getattr(m, "reset_parameters", None))]
-        if missing:
-            module = missing[0]
+    order = _post_order(model)
+    names = {id(m): name for name, m in order}
+    tensors = [t for _, m in order for t in _own_tensors(m)]
+    if any(t.is_meta for t in tensors) and not all(t.is_meta for t in tensors):
+        on_meta = [names[id(m)] for _, m in order if any(t.is_meta for t in _own_tensors(m))]
+        elsewhere = [names[id(m)] for _, m in order if any(not t.is_meta for t in _own_tensors(m))]
+        raise ValueError(
+            f"some of the model's tensors are on the meta device (in {on_meta[:3]}) and some are "
+            f"not (in {elsewhere[:3]}); build the whole model under torch.device('meta'), or "
+            "none of it")
+    meta_params = [p for p in model.parameters() if p.is_meta]
+    for param in meta_params:
+        if param._backward_hooks or getattr(param, "_post_accumulate_grad_hooks", None):
+            raise ValueError("a parameter built on the meta device has hooks; they would not "
+                             "survive its materialization: register them after ZeroOptimizer(...)")
+    meta_buffers = [(m, name) for _, m in order for name, b in m._buffers.items()
+                    if b is not None and b.is_meta]
+    if not meta_params and not meta_buffers:
+        return Initialisation(model, [], names, init_fn, [], [])
+    if init_fn is not None:
+        return Initialisation(model, [m for _, m in order], names, init_fn, meta_params,
+                              meta_buffers)
+    resettable = {id(m) for _, m in order if callable(getattr(m, "reset_parameters", None))}
+    covered = set(resettable)
+    for _, module in reversed(order):  # parents first: a resettable ancestor covers its subtree
+        if id(module) in covered:
+            covered.update(id(m) for m in module.modules())
+    for name, module in order:
+        if _own_tensors(module) and id(module) not in covered:
             raise ValueError(
-                f"module {names[id(module)]!r} ({type(module).__name__}) holds tensors on the "
-                "meta device but has no reset_parameters() to give them values; pass "
-                "init_fn=fn, called as fn(module) under torch.no_grad() for every module "
-                "holding meta tensors (for a Hugging Face model: init_fn=model._init_weights)")
-    return chosen
-
-
-@torch.no_grad()
-def place_loose_tensors(model: nn.Module, bucketed: set[int], device: torch.device) -> None:
-    """Buffers, and parameters in no bucket, onto ``device`` (empty if on meta)."""
-    for module in model.modules():
-        for name, param in module._parameters.items():
-            if param is None or id(param) in bucketed or param.device == device:
-                continue
-            if param.is_meta:
-                torch.utils.swap_tensors(param, nn.Parameter(
-                    torch.empty_like(param, device=device), param.requires_grad))
-            else:
-                param.data = param.data.to(device)
-        for name, buffer in module._buffers.items():
-            if buffer is not None and buffer.device != device:
-                module._buffers[name] = (torch.empty_like(buffer, device=device) if buffer.is_meta
-                                         else buffer.to(device))
-
-
-@torch.no_grad()
-def initialise(modules: Sequence[nn.Module], init_fn: Callable | None) -> None:
-    for module in modules:
-        if init_fn is not None:
-            init_fn(module)
-        else:
-            module.reset_parameters()
+                f"module {name!r} ({type(module).__name__}) holds tensors on the meta device but "
+                "neither it nor a module above it has a reset_parameters() to give them values; "
+                "pass init_fn=fn, called as fn(module) under torch.no_grad() for every module, "
+                "children first (for a Hugging Face model: init_fn=model._init_weights)")
+    return Initialisation(model, [m for _, m in order if id(m) in resettable], names, None,
+                          meta_params, meta_buffers)
 
 
 @dataclasses.dataclass
 class PlacementStep:
     batch: int | None  # the batch whose buckets are materialized now (None: no buckets)
-    initialise: list[nn.Module]  # then these modules, in model order
-    finish: list[int]  # then these batches are broadcast, sharded and (stage 3) freed
+    initialise: list[nn.Module]  # then these modules, in order
+    spanning: list[nn.Module]  # those of them whose subtree spans several batches
+    finish: list[int]  # then these batches are checked, broadcast, sharded and (stage 3) freed
 
 
 def placement_steps(batches: Sequence[Sequence], modules: Sequence[nn.Module]) -> list[PlacementStep]:
     """Note [one unit at a time]: which modules to initialise and which batches to
-    finish after materializing each batch. A module is initialised once every batch
-    holding one of its parameters is materialized; a batch is finished once every
-    module writing into it is initialised."""
+    finish after materializing each batch."""
     batch_of = {id(p): index for index, batch in enumerate(batches)
                 for bucket in batch for p in bucket.params}
-    ready_at = {}
+    ready_at, spans = {}, set()
     finish_at = list(range(len(batches)))
     for module in modules:
-        holding = {batch_of[id(p)] for p in module._parameters.values()
-                   if p is not None and id(p) in batch_of}
-        ready_at[id(module)] = max(holding, default=0)
-        for index in holding:
+        subtree = {batch_of[id(p)] for p in module.parameters() if id(p) in batch_of}
+        held = subtree
+        if len(subtree) > 1:
+            spans.add(id(module))
+            held = {batch_of[id(p)] for p in module._parameters.values()
+                    if p is not None and id(p) in batch_of}
+        ready_at[id(module)] = max(held, default=0)
+        for index in held:
             finish_at[index] = max(finish_at[index], ready_at[id(module)])
-    return [PlacementStep(batch=step if step < len(batches) else None,
-                          initialise=[m for m in modules if ready_at[id(m)] == step],
-                          finish=[index for index, at in enumerate(finish_at) if at == step])
-            for step in range(max(1, len(batches)))]
+    steps = []
+    for step in range(max(1, len(batches))):
+        now = [m for m in modules if ready_at[id(m)] == step]
+        steps.append(PlacementStep(batch=step if step < len(batches) else None, initialise=now,
+                                   spanning=[m for m in now if id(m) in spans],
+                                   finish=[i for i, at in enumerate(finish_at) if at == step]))
+    return steps
+
+
+def refuse_writes_outside(plan: Initialisation, module: nn.Module, before: dict[int, tuple]) -> None:
+    """After a spanning module's init: it must not have written parameters that were
+    not materialized then (``before``: their state when it started)."""
+    written = [name for name, p in module.named_parameters()
+               if id(p) in before and before[id(p)] != _write_state(p)]
+    if written:
+        raise ValueError(
+            f"initialising module {plan.names[id(module)]!r} ({type(module).__name__}) wrote "
+            f"parameters {written[:3]} of the units inside it, which are not materialized while "
+            "it is initialised (at stage 3 a module whose parameters lie in several units is "
+            "initialised with its own parameters only, Note [one unit at a time] in "
+            "zeroshard/_materialize.py); initialise those parameters from the modules that hold "
+            "them, or choose units that contain the whole module")
+
+
+def write_states(module: nn.Module, materialized: set[int]) -> dict[int, tuple]:
+    return {id(p): _write_state(p) for p in module.parameters() if id(p) not in materialized}
+
+
+def _write_state(param: torch.Tensor) -> tuple:
+    return param._version, param.untyped_storage().data_ptr(), param.is_meta
+
+
+@torch.no_grad()
+def place_loose_tensors(model: nn.Module, bucketed: set[int], device: torch.device) -> None:
+    """Buffers, and parameters in no bucket, onto ``device`` (NaN, or 0 for integers,
+    if on meta: ``refuse_missing_values`` finds what no init wrote)."""
+    placed: dict[int, torch.Tensor] = {}  # a buffer registered in two modules stays one
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is None or id(param) in bucketed or param.device == device:
+                continue
+            if param.is_meta:
+                swap_in(param, _unset_like(param, device))
+            else:
+                param.data = param.data.to(device)
+        for name, buffer in module._buffers.items():
+            if buffer is None or buffer.device == device:
+                continue
+            if id(buffer) not in placed:
+                placed[id(buffer)] = _unset_like(buffer, device) if buffer.is_meta \
+                    else buffer.to(device)
+            module._buffers[name] = placed[id(buffer)]
+
+
+def _unset_like(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    value = float("nan") if tensor.is_floating_point() or tensor.is_complex() else 0
+    return torch.full_like(tensor, value, device=device)
+
+
+def swap_in(param: nn.Parameter, value: torch.Tensor) -> None:
+    """Make the meta parameter ``param`` hold ``value`` (any device), staying the same
+    Python object, of the same class, with the same attributes. Its ``.data`` cannot
+    change device from meta, so the tensors are swapped (``torch.utils.swap_tensors``),
+    which also swaps the class and ``__dict__``: both are put back."""
+    cls, attributes = type(param), dict(param.__dict__)
+    torch.utils.swap_tensors(param, nn.Parameter(value, param.requires_grad))
+    param.__class__ = cls
+    param.__dict__.update(attributes)
+
+
+def refuse_missing_values(plan: Initialisation, buckets: Sequence) -> None:
+    """Raise, naming them, if parameters built on meta still hold NaN after their init."""
+    built_on_meta = {id(p) for p in plan.meta_params}
+    missing = [name for bucket in buckets for name in bucket.missing_values(built_on_meta)]
+    if missing:
+        raise ValueError(_missing_message(plan, "parameters", missing))
+
+
+def refuse_missing_loose_values(plan: Initialisation, bucketed: set[int]) -> None:
+    """The same for the meta-built parameters outside the buckets (stages 1-2: frozen)."""
+    missing = [name for name, p in plan.model.named_parameters() if id(p) not in bucketed
+               and any(p is q for q in plan.meta_params) and p.is_floating_point()
+               and bool(p.isnan().any())]
+    if missing:
+        raise ValueError(_missing_message(plan, "parameters", missing))
+
+
+def refuse_missing_buffer_values(plan: Initialisation) -> None:
+    missing = [f"{plan.names[id(m)]}.{name}" for m, name in plan.meta_buffers
+               if m._buffers[name].is_floating_point() and bool(m._buffers[name].isnan().any())]
+    if missing:
+        raise ValueError(_missing_message(plan, "buffers", missing))
+
+
+def _missing_message(plan: Initialisation, what: str, missing: list[str]) -> str:
+    how = "init_fn" if plan.init_fn is not None else "reset_parameters()"
+    return (f"{what} {missing[:5]} were built on the meta device and {how} gave them no value "
+            "(they would train from garbage); give every parameter and buffer a value in "
+            "init_fn(module), called for every module, children first")
+
+
+@torch.no_grad()
+def back_to_meta(plan: Initialisation) -> None:
+    """Placing failed: what was built on meta goes back to meta, so the model can be
+    passed to ZeroOptimizer again and be placed from the start."""
+    for module, name, param in plan.slots:  # parameters an init replaced come back
+        module._parameters[name] = param
+    for param in plan.meta_params:
+        if not param.is_meta:
+            swap_in(param, torch.empty_like(param, device="meta"))
+    for module, name in plan.meta_buffers:
+        module._buffers[name] = torch.empty_like(module._buffers[name], device="meta")

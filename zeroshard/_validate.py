@@ -106,9 +106,11 @@ def check_trainable_unchanged(model: nn.Module, trainable: list[tuple[nn.Paramet
 def check_devices(model: nn.Module) -> None:
     devices = {p.device for p in model.parameters()}
     if len(devices) > 1:
+        meta = " (or build all of it under torch.device('meta'))" \
+            if any(d.type == "meta" for d in devices) else ""
         raise ValueError(
             f"the model's parameters are on several devices ({sorted(map(str, devices))}); "
-            "ZeroOptimizer shards one device per rank: move the model with model.to(device)")
+            f"ZeroOptimizer shards one device per rank: move the model with model.to(device){meta}")
 
 
 def normalize_param_groups(model: nn.Module, param_groups) -> list[dict]:

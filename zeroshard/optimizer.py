@@ -123,7 +123,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                                "torch.distributed.init_process_group(...) before ZeroOptimizer")
         groups = _validate.normalize_param_groups(model, param_groups)
         device = _materialize.target_device(model, device)
-        to_initialise = _materialize.modules_to_initialise(model, init_fn)
+        initialisation = _materialize.plan_initialisation(model, init_fn)
 
         self._model = model
         # What close() restores: the policy casts parameters and replaces buffers.
@@ -140,7 +140,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.comm_stats = _comm.CommStats()
 
         every_bucket = self._build_buckets(groups, units, int(bucket_size_mb * 2**20))
-        self._place_model(every_bucket, device, to_initialise, init_fn)
+        self._place_model(every_bucket, device, initialisation)
         self._every_bucket = every_bucket
         self._buckets = [b for b in every_bucket if b.params[0].requires_grad]  # optimized
         self._optimizer_class = optimizer_class
@@ -295,25 +295,48 @@ class ZeroOptimizer(torch.optim.Optimizer):
         return buckets
 
     def _place_model(self, buckets: list[FlatBucket], device: torch.device,
-                     to_initialise: list[nn.Module], init_fn) -> None:
+                     plan: _materialize.Initialisation) -> None:
         """Materialize, initialise, broadcast and shard the model batch by batch: stage 3
         one unit at a time (Note [one unit at a time] in _materialize.py)."""
         batches = [unit.buckets for unit in self._units] if self.stage == 3 else [buckets]
         bucketed = {id(p) for b in buckets for p in b.params}
-        _materialize.place_loose_tensors(self._model, bucketed, device)
-        for step in _materialize.placement_steps(batches, to_initialise):
-            if step.batch is not None:
-                for bucket in batches[step.batch]:
-                    bucket.materialize(device)
-            _materialize.initialise(step.initialise, init_fn)
-            for index in step.finish:
-                self._broadcast_from_rank0([b.flat for b in batches[index]])
-                self._place_shards(batches[index])
-                if self.stage == 3:
-                    self._units[index].release()
+        try:
+            _materialize.place_loose_tensors(self._model, bucketed, device)
+            # parameters with real memory now: the loose ones, then each batch's
+            materialized = {id(p) for p in self._model.parameters() if id(p) not in bucketed}
+            for step in _materialize.placement_steps(batches, plan.modules):
+                if step.batch is not None:
+                    for bucket in batches[step.batch]:
+                        bucket.materialize(device)
+                    materialized.update(id(p) for b in batches[step.batch] for p in b.params)
+                spanning = {id(m) for m in step.spanning}
+                for module in step.initialise:
+                    before = _materialize.write_states(module, materialized) \
+                        if id(module) in spanning else None
+                    plan.run(module)
+                    if before is not None:
+                        _materialize.refuse_writes_outside(plan, module, before)
+                for index in step.finish:
+                    self._finish_batch(batches[index], plan)
+                    if self.stage == 3:
+                        self._units[index].release()
+                        materialized.difference_update(id(p) for b in batches[index] for p in b.params)
+            _materialize.refuse_missing_loose_values(plan, bucketed)
+            _materialize.refuse_missing_buffer_values(plan)
+        except BaseException:
+            _materialize.back_to_meta(plan)
+            raise
         loose = [p.data for p in self._model.parameters() if id(p) not in bucketed]
         self._broadcast_from_rank0(loose + list(self._model.buffers()))
         self._cast_loose_tensors(bucketed)
+
+    def _finish_batch(self, buckets: list[FlatBucket], plan: _materialize.Initialisation) -> None:
+        """The batch's modules are initialised: check, broadcast rank 0's values, shard."""
+        for bucket in buckets:
+            bucket.adopt_replaced_data()
+        _materialize.refuse_missing_values(plan, buckets)
+        self._broadcast_from_rank0([b.flat for b in buckets])
+        self._place_shards(buckets)
 
     def _place_shards(self, buckets: list[FlatBucket]) -> None:
         """Set up each bucket's shard and master from rank 0's values."""
