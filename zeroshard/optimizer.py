@@ -59,10 +59,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     A model too big for one device can be built under ``torch.device("meta")`` and
     passed with ``device=`` (where the shards live): the optimizer materializes it
-    there one unit at a time at stage 3 (all of it at stages 1-2), initialising each
-    module that holds meta tensors with its ``reset_parameters()`` or with
-    ``init_fn(module)``; a model on another device (CPU, ``device="cuda"``) moves
-    the same way (Note [one unit at a time] in _materialize.py).
+    there one unit at a time at stage 3 (all of it at stages 1-2), initialising the
+    modules in place, children before parents as ``model.apply`` does: each by
+    ``init_fn(module)`` when given (a Hugging Face model: ``model._init_weights``),
+    else each that has one by ``reset_parameters()``. A model on another device (CPU,
+    ``device="cuda"``) moves the same way (Note [one unit at a time] in _materialize.py).
 
     ``mixed_precision=zeroshard.MixedPrecision(...)`` casts the parameters to its
     ``param_dtype`` and keeps fp32 master weights of this rank's shard only; the
