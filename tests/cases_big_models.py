@@ -395,3 +395,44 @@ def meta_init_refused(ctx, which: str):
         expected.apply(deterministic_init)
     same = all(torch.equal(retried[k], v) for k, v in expected.state_dict().items())
     return {"error": outcome, "still_meta": still_meta, "retry_matches": same}
+
+
+def hf_gpt2_built_on_meta(ctx, stage: int, folder: str):
+    """A tiny Hugging Face GPT-2 built on meta and loaded from save_pretrained's
+    safetensors, trained with zeroshard; the same checkpoint trained with torch DDP;
+    the zeroshard model exported with save_full_model and read by from_pretrained."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.models.gpt2.modeling_gpt2 import GPT2Block
+
+    config = GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50, n_positions=8,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    if ctx.rank == 0:
+        torch.manual_seed(0)
+        GPT2LMHeadModel(config).save_pretrained(folder + "/pretrained")
+    dist.barrier(group=ctx.group)
+
+    with torch.device("meta"):
+        model = GPT2LMHeadModel(config)
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=stage, process_group=ctx.group,
+                                  lr=0.1, device="cpu", init_fn=model._init_weights,
+                                  units=GPT2Block if stage == 3 else None)
+    opt.load_full_state_dict(folder + "/pretrained")
+    reference = GPT2LMHeadModel.from_pretrained(folder + "/pretrained")
+    ddp = DDP(reference, process_group=ctx.group)
+    ddp_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    for step in range(3):
+        tokens = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(10 * step + ctx.rank))
+        for module, optimizer in ((model, opt), (ddp, ddp_opt)):
+            module(tokens, labels=tokens).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    trained = _values(model, opt)
+    zeroshard.save_full_model(folder + "/export", model, opt)
+    opt.close()
+    result = {"tied": model.lm_head.weight is model.transformer.wte.weight,
+              "trained": trained, "ddp": {k: v.clone() for k, v in reference.state_dict().items()}}
+    if ctx.rank == 0:
+        exported = GPT2LMHeadModel.from_pretrained(folder + "/export")
+        result["exported"] = {k: v.clone() for k, v in exported.state_dict().items()}
+    return result

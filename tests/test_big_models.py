@@ -162,3 +162,17 @@ def test_meta_init_that_cannot_work_is_refused_and_the_model_can_be_placed_again
         for word in words:
             assert word in result["error"][1], (rank, word, result["error"][1])
         assert result["still_meta"] and result["retry_matches"], (rank, result)
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_hf_gpt2_built_on_meta_from_pretrained_files_trains_like_ddp(pool, tmp_path, stage):
+    """Two ranks, SGD: each rank's gradient is the same computation in both runs and an
+    average of two fp32 numbers is exact in any order, so the parameters are equal."""
+    results = pool.run(cases_big_models.hf_gpt2_built_on_meta, 2, stage, str(tmp_path))
+    for rank, result in enumerate(results):
+        assert result["tied"], rank
+        assert result["trained"].keys() == result["ddp"].keys()
+        for key, value in result["ddp"].items():
+            assert torch.equal(result["trained"][key], value), (rank, key)
+    for key, value in results[0]["trained"].items():  # read back by from_pretrained
+        assert torch.equal(results[0]["exported"][key], value), key
