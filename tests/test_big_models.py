@@ -176,3 +176,30 @@ def test_hf_gpt2_built_on_meta_from_pretrained_files_trains_like_ddp(pool, tmp_p
             assert torch.equal(result["trained"][key], value), (rank, key)
     for key, value in results[0]["trained"].items():  # read back by from_pretrained
         assert torch.equal(results[0]["exported"][key], value), key
+
+
+def test_stage3_phases_of_a_meta_model_stay_within_its_shards_plus_a_few_units(pool, tmp_path):
+    """Each phase's peak above the level it started at (2 ranks, 16 units of 4 MiB, fp32
+    AdamW): never the full model (64 MiB), except rank 0's full state dict, which is
+    the result itself."""
+    unit, mib = (1024 * 1024 + 1024) * 4, 2**20
+    full = 16 * unit
+    shards = full / 2
+    for rank, peaks in enumerate(pool.run(cases_big_models.phase_peaks, 2, 16, 1024,
+                                          str(tmp_path / "model"))):
+        report = {k: round(v / mib, 1) for k, v in peaks.items()}
+        assert peaks["model_states"] == pytest.approx(3 * shards, rel=0.01), report  # params + Adam
+        assert peaks["construct"] <= shards + unit + 2 * mib, report
+        for step in (0, 1):
+            # the gradient shards, plus units in flight: gathered (current and prefetched),
+            # a unit's full gradient and its reduce buffer, the reduce-scatter in flight,
+            # gloo's copy of its input, the two latest waits' works (Note [finished work])
+            assert peaks[f"backward{step}"] <= shards + 8 * unit + 2 * mib, report
+            # Adam's two states, created at the first step, and one bucket's temporaries
+            assert peaks[f"step{step}"] <= 2 * shards + 2 * unit + 2 * mib, report
+        # one bucket gathered at a time, and (rank 0) its copy on the way out
+        assert peaks["save_full_model"] <= 2 * unit + 2 * mib, report
+        result = 3 * full if rank == 0 else 0  # rank 0 builds the state dict: parameters + 2 states
+        assert peaks["full_state_dict"] <= result + 2 * unit + 2 * mib, report
+        # one bucket of values and 2 states received, and this rank's part of them
+        assert peaks["load_from_rank0"] <= 3 * unit + 3 * unit / 2 + 2 * mib, report
