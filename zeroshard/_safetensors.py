@@ -6,13 +6,15 @@ raw bytes. Every tensor's name, dtype and shape is known before anything is
 gathered, so rank 0 writes each file's header first and then each parameter's
 bytes as its bucket arrives (Note [streaming export] in _full_state.py): rank 0
 holds one bucket in host memory, every rank at most one bucket on its device.
-The files are written by hand because ``safetensors.torch.save_file`` takes the
-whole dict at once (and needs numpy).
+(``safetensors.torch.save_file`` takes the whole dict at once, and needs numpy.)
 
 Reading: ``SafetensorsFiles`` opens a file, or a folder as Hugging Face writes it
-(``model.safetensors``, or shards named by ``model.safetensors.index.json``), with
-the ``safetensors`` library (memory-mapped), and reads a flat range of a tensor by
-reading only the rows that hold it: each rank reads only the ranges it owns.
+(``model.safetensors``, or shards named by ``model.safetensors.index.json``), and
+reads a flat range of a tensor as just those bytes of the file: each rank reads
+only the ranges it owns, and nothing is memory-mapped (mapped pages it touched would
+count against the rank until the end of the load). Both directions are a few lines
+of the format, so zeroshard needs no package for it; the tests read and write the
+files with the ``safetensors`` library and Hugging Face to check them.
 """
 
 from __future__ import annotations
@@ -174,20 +176,15 @@ def _nbytes(entry) -> int:
 
 
 class SafetensorsFiles(Mapping):
-    """A safetensors file, or a folder of them, as a read-only mapping name -> tensor
-    whose ranges can be read without reading the whole tensor."""
+    """A safetensors file, or a folder of them, as a read-only mapping name -> tensor whose
+    ranges can be read alone: ``read_range`` reads just the bytes of a range from the
+    file (no memory map, whose touched pages would count against the rank)."""
 
     def __init__(self, path) -> None:
-        try:
-            from safetensors import safe_open
-        except ImportError as error:
-            raise ImportError("reading safetensors files needs the safetensors package: "
-                              "pip install 'zeroshard[safetensors]'") from error
         path = Path(path)
         if path.is_dir():
             if (path / INDEX).is_file():
-                weight_map = json.loads((path / INDEX).read_text())["weight_map"]
-                files = sorted(set(weight_map.values()))
+                files = sorted(set(json.loads((path / INDEX).read_text())["weight_map"].values()))
             elif (path / SINGLE).is_file():
                 files = [SINGLE]
             else:
@@ -198,27 +195,52 @@ class SafetensorsFiles(Mapping):
             paths = [path]
         else:
             raise ValueError(f"{str(path)!r} is neither a safetensors file nor a folder")
-        self._handles = [safe_open(str(p), framework="pt") for p in paths]
-        self._where = {key: h for h in self._handles for key in h.keys()}
+        self._entries: dict[str, tuple[Path, int, torch.dtype, tuple[int, ...]]] = {}
+        for file in paths:
+            self._entries.update(_read_header(file))
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        return self._where[key].get_tensor(key)
+        shape = self.shape(key)
+        return self.read_range(key, 0, torch.Size(shape).numel()).reshape(shape)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._where)
+        return iter(self._entries)
 
     def __len__(self) -> int:
-        return len(self._where)
+        return len(self._entries)
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._where[key].get_slice(key).get_shape())
+        return self._entries[key][3]
 
     def read_range(self, key: str, start: int, stop: int) -> torch.Tensor:
-        """Elements ``[start, stop)`` of the flattened tensor, reading only the rows that hold them."""
-        shape = self.shape(key)
-        if len(shape) == 0:
-            return self[key].reshape(-1)[start:stop]
-        row = torch.Size(shape[1:]).numel()
-        first, last = start // row, -(-stop // row)
-        rows = self._where[key].get_slice(key)[first:last]
-        return rows.reshape(-1)[start - first * row:stop - first * row]
+        """Elements ``[start, stop)`` of the flattened tensor, read from the file alone."""
+        file, offset, dtype, _ = self._entries[key]
+        size = torch.empty((), dtype=dtype).element_size()
+        with open(file, "rb") as handle:
+            data = os.pread(handle.fileno(), (stop - start) * size, offset + start * size)
+        if len(data) != (stop - start) * size:
+            raise ValueError(f"{file} ends inside tensor {key!r}: the file is truncated")
+        if not data:
+            return torch.empty(0, dtype=dtype)
+        return torch.frombuffer(bytearray(data), dtype=dtype)
+
+
+def _read_header(file: Path) -> dict[str, tuple[Path, int, torch.dtype, tuple[int, ...]]]:
+    """name -> (file, byte offset of its data, dtype, shape), from a safetensors header."""
+    dtypes = {name: dtype for dtype, name in _DTYPES.items()}
+    with open(file, "rb") as handle:
+        try:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(length))
+        except (struct.error, ValueError) as error:
+            raise ValueError(f"{file} is not a safetensors file: {error}") from error
+    entries = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if entry["dtype"] not in dtypes:
+            raise ValueError(f"{file}: tensor {name!r} has dtype {entry['dtype']}, which "
+                             f"zeroshard does not read (it reads {sorted(dtypes)})")
+        entries[name] = (file, 8 + length + entry["data_offsets"][0], dtypes[entry["dtype"]],
+                         tuple(entry["shape"]))
+    return entries

@@ -90,14 +90,25 @@ def owned_pieces(opt) -> dict[str, list[Piece]]:
                 continue
             span = overlap.shard_span
             pieces.setdefault(names[id(param)], []).append(Piece(
-                overlap.param_start, source[span].clone(),
-                {key: value[span].clone() for key, value in per_element.items()}))
+                overlap.param_start, _part(source, span),
+                {key: _part(value, span) for key, value in per_element.items()}))
     if opt._rank == 0:
         bucketed = {id(p) for b in opt._every_bucket for p in b.params}
         for name, param in opt._model.named_parameters():
             if id(param) not in bucketed:
                 pieces[name] = [Piece(0, param.detach().reshape(-1).clone())]
     return pieces
+
+
+def _part(tensor: torch.Tensor, span: slice) -> torch.Tensor:
+    """``tensor[span]`` to be saved now. ``torch.save`` writes a view's whole storage, once
+    for all views of it: a view of a tensor that is its storage's sole content (a stage-3
+    shard, an fp32 master, an optimizer state) saves just that tensor, with no copy on
+    the device; a view into a whole flat buffer (stages 1-2 without mixed precision)
+    would save the whole buffer, so that one is copied."""
+    owns_storage = (tensor.storage_offset() == 0 and tensor.untyped_storage().nbytes()
+                    == tensor.numel() * tensor.element_size())
+    return tensor[span] if owns_storage else tensor[span].clone()
 
 
 def optimizer_layouts(opt) -> dict[str, tuple[dict, list[str]]]:

@@ -543,8 +543,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         the full model on its device (Note [full state from rank 0] in _full_state.py).
         ``optimizer_state_dict=None`` loads the model only (pretrained weights) and
         keeps the optimizer state. ``model_state_dict`` may be the path of a
-        safetensors file or folder (``save_pretrained``'s, or ``zeroshard.save_full_model``'s;
-        needs ``pip install 'zeroshard[safetensors]'``): each rank reads only its ranges. Also loads a plain model's and a plain
+        safetensors file or folder (``save_pretrained``'s, or ``zeroshard.save_full_model``'s):
+        each rank reads only its ranges. Also loads a plain model's and a plain
         ``optimizer_class``'s state dicts. Checks both before changing anything."""
         self._require_open()
         _full_state.load_full_state(self, model_state_dict, optimizer_state_dict)
