@@ -436,3 +436,114 @@ def hf_gpt2_built_on_meta(ctx, stage: int, folder: str):
         exported = GPT2LMHeadModel.from_pretrained(folder + "/export")
         result["exported"] = {k: v.clone() for k, v in exported.state_dict().items()}
     return result
+
+
+def load_sparse_plain_state(ctx, rank0_only: bool, file: str):
+    """A plain torch AdamW state dict in which one parameter never had a gradient (no
+    state), loaded given on rank 0 only or on every rank; returns the loaded full state."""
+    spec = {"kind": "mlp", "d_in": 5, "hidden": 9, "d_out": 3, "depth": 2, "frozen": False,
+            "unused_branch": True}
+    if ctx.rank == 0:
+        plain = build_model(spec, seed=3)
+        plain_opt = torch.optim.AdamW(plain.parameters(), lr=0.01)
+        x, y = make_batch(spec, seed=0, rank=1, batch=4)  # odd rank's data: the branch is unused
+        torch.nn.functional.mse_loss(plain(x), y).backward()
+        plain_opt.step()
+        torch.save((plain.state_dict(), plain_opt.state_dict()), file)
+    dist.barrier(group=ctx.group)
+    model = build_model(spec, seed=8)
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.AdamW, stage=2, process_group=ctx.group,
+                                  lr=0.01, bucket_size_mb=1e-3)
+    given = torch.load(file, weights_only=False) if ctx.rank == 0 or not rank0_only else (None, None)
+    opt.load_full_state_dict(*given)
+    return _state(opt)
+
+
+class WithPositions(nn.Module):
+    """An integer buffer, as position ids are kept."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(4, 4)
+        self.register_buffer("positions", torch.arange(4), persistent=False)
+
+    def forward(self, x):
+        return self.body(x) + self.positions
+
+
+def meta_integer_buffer(ctx, write_it: bool):
+    def init(module):
+        if isinstance(module, nn.Linear):
+            module.reset_parameters()
+        if write_it and isinstance(module, WithPositions):
+            module.positions.copy_(torch.arange(4))
+
+    with torch.device("meta"):
+        model = WithPositions()
+    try:
+        opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=1, process_group=ctx.group,
+                                      lr=0.1, device="cpu", init_fn=init)
+    except ValueError as error:
+        return str(error)
+    positions = model.positions.clone()
+    opt.close()
+    return positions
+
+
+def init_failing_on_one_rank(ctx):
+    """An init_fn that raises on rank 1 only: every rank raises, none hangs."""
+    def init(module):
+        if isinstance(module, nn.Linear) and ctx.rank == 1:
+            raise OSError("weights file missing on this node")
+        deterministic_init(module)
+
+    with torch.device("meta"):
+        model = build_pairs()
+    try:
+        zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=3, process_group=ctx.group, lr=0.1,
+                                device="cpu", init_fn=init, units=Pair)
+        outcome = ("no error", "")
+    except Exception as error:  # noqa: BLE001 - the test checks what it is
+        outcome = (type(error).__name__, str(error))
+    probe = torch.ones(1)
+    dist.all_reduce(probe, group=ctx.group)
+    return {"error": outcome, "still_meta": all(p.is_meta for p in model.parameters()),
+            "in_step": probe.item() == ctx.world_size}
+
+
+def export_to_a_file_path(ctx, file: str):
+    model = build_model(SPECS_MLP, seed=0)
+    opt = _optimizer(model, ctx, 3, False)
+    try:
+        zeroshard.save_full_model(file, model, opt)
+        outcome = ("no error", "")
+    except Exception as error:  # noqa: BLE001 - the test checks what it is
+        outcome = (type(error).__name__, str(error))
+    probe = torch.ones(1)
+    dist.all_reduce(probe, group=ctx.group)
+    opt.close()
+    return {"error": outcome, "in_step": probe.item() == ctx.world_size}
+
+
+SPECS_MLP = {"kind": "mlp", "d_in": 5, "hidden": 9, "d_out": 3, "depth": 2, "frozen": True,
+             "unused_branch": False}
+
+
+def bytes_read_loading_safetensors(ctx, folder: str):
+    """Load an exported folder on every rank, counting the bytes each rank reads."""
+    import os
+    from unittest import mock
+    model = build_model(SPECS_MLP, seed=5)
+    opt = _optimizer(model, ctx, 3, False)
+    read = []
+    real = os.pread
+
+    def counting(fd, n, offset):
+        data = real(fd, n, offset)
+        read.append(len(data))
+        return data
+    with mock.patch.object(os, "pread", counting):
+        opt.load_full_state_dict(folder)
+    values = _values(model, opt)
+    opt.close()
+    return {"bytes": sum(read), "values": values}

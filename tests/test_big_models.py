@@ -8,6 +8,7 @@ import torch
 from safetensors import safe_open
 
 import cases_big_models
+from models import build_model
 
 SPECS = {
     "mlp": {"kind": "mlp", "d_in": 5, "hidden": 9, "d_out": 3, "depth": 2, "frozen": True,
@@ -203,3 +204,65 @@ def test_stage3_phases_of_a_meta_model_stay_within_its_shards_plus_a_few_units(p
         assert peaks["full_state_dict"] <= result + 2 * unit + 2 * mib, report
         # one bucket of values and 2 states received, and this rank's part of them
         assert peaks["load_from_rank0"] <= 3 * unit + 3 * unit / 2 + 2 * mib, report
+
+
+@pytest.mark.parametrize("rank0_only", [True, False])
+def test_a_plain_optimizer_state_with_a_parameter_that_has_none_loads_from_rank0(pool, tmp_path,
+                                                                                rank0_only):
+    results = pool.run(cases_big_models.load_sparse_plain_state, 2, rank0_only,
+                       str(tmp_path / "plain.pt"))
+    model_sd, optim_sd = torch.load(tmp_path / "plain.pt", weights_only=False)
+    loaded_model, loaded_optim = results[0]
+    for key, value in model_sd.items():
+        assert torch.equal(loaded_model[key], value), key
+    spec = {"kind": "mlp", "d_in": 5, "hidden": 9, "d_out": 3, "depth": 2, "frozen": False,
+            "unused_branch": True}
+    names = [name for name, _ in build_model(spec, seed=0).named_parameters()]  # the plain order
+    assert set(optim_sd["state"]) < set(range(len(names)))  # the unused branch has no state
+    for index in range(len(names)):
+        for key in ("exp_avg", "exp_avg_sq"):
+            expected = optim_sd["state"][index][key] if index in optim_sd["state"] else \
+                torch.zeros_like(model_sd[names[index]])
+            assert torch.equal(loaded_optim["state"][index][key], expected), (index, key)
+
+
+@pytest.mark.parametrize("write_it", [True, False])
+def test_an_integer_buffer_built_on_meta_must_be_written(pool, write_it):
+    for result in pool.run(cases_big_models.meta_integer_buffer, 2, write_it):
+        if write_it:
+            assert torch.equal(result, torch.arange(4))
+        else:
+            assert "positions" in result and "no value" in result, result
+
+
+def test_an_init_failing_on_one_rank_raises_on_every_rank(pool):
+    results = pool.run(cases_big_models.init_failing_on_one_rank, 2)
+    assert results[1]["error"] == ("OSError", "weights file missing on this node")
+    assert results[0]["error"][0] == "RuntimeError" and "another rank" in results[0]["error"][1]
+    assert all(r["still_meta"] and r["in_step"] for r in results), results
+
+
+def test_save_full_model_to_a_file_path_raises_on_every_rank(pool, tmp_path):
+    (tmp_path / "taken").write_text("not a folder")
+    results = pool.run(cases_big_models.export_to_a_file_path, 2, str(tmp_path / "taken"))
+    assert results[0]["error"][0] in ("FileExistsError", "NotADirectoryError"), results[0]
+    assert "another rank" in results[1]["error"][1], results[1]
+    assert all(r["in_step"] for r in results)
+
+
+def test_loading_safetensors_reads_each_ranks_ranges_only_and_a_reexport_replaces_the_old(
+        pool, tmp_path):
+    folder = tmp_path / "export"
+    spec = cases_big_models.SPECS_MLP
+    pool.run(cases_big_models.export_safetensors, 2, spec, 2, False, str(folder), 1e-4)
+    assert (folder / "model.safetensors.index.json").is_file()
+    full = pool.run(cases_big_models.export_safetensors, 2, spec, 1, False, str(folder), 100)[0]
+    # the second export is one file: the first one's shards and index are gone
+    assert sorted(p.name for p in folder.iterdir()) == ["model.safetensors"]
+    results = pool.run(cases_big_models.bytes_read_loading_safetensors, 2, str(folder))
+    data_bytes = sum(v.numel() * 4 for v in full.values())
+    for rank, result in enumerate(results):
+        for key, value in full.items():
+            assert torch.equal(result["values"][key], value), (rank, key)
+        # about half of the data each (the small buffer is read whole; headers are not pread)
+        assert result["bytes"] < 0.6 * data_bytes, (rank, result["bytes"], data_bytes)

@@ -66,17 +66,16 @@ class FlatBucket:
                 view.copy_(param)
                 param.data = view
         self.shard = self._own_slice()
-        self.master = self.shard
 
     @torch.no_grad()
     def adopt_replaced_data(self) -> None:
-        """An init that gave a parameter new ``.data`` (``p.data = torch.randn(...)``) cut
-        it off from the buffer: the buffer takes its value and it becomes a view again."""
-        home = self.flat.untyped_storage().data_ptr()
+        """An init that gave a parameter new ``.data`` (``p.data = torch.randn(...)``, or
+        another parameter's) cut it off from its place in the buffer: the place takes
+        the value and the parameter becomes a view of it again."""
         for index, param in enumerate(self.params):
-            if param.untyped_storage().data_ptr() == home:
-                continue
             view = self.param_view(self.flat, index)
+            if param.data_ptr() == view.data_ptr() and param.stride() == view.stride():
+                continue
             if param.shape != view.shape:
                 raise ValueError(f"initialising {self.param_names[index]!r} gave it shape "
                                  f"{tuple(param.shape)}, it was built with {tuple(view.shape)}")
@@ -88,7 +87,7 @@ class FlatBucket:
         if not self.flat.is_floating_point() or not bool(self.flat.isnan().any()):
             return []
         return [self.param_names[index] for index, param in enumerate(self.params)
-                if id(param) in built_on_meta and bool(param.isnan().any())]
+                if id(param) in built_on_meta and bool(self.param_view(self.flat, index).isnan().any())]
 
     def param_view(self, flat: torch.Tensor, index: int) -> torch.Tensor:
         """Parameter ``index``'s elements of ``flat`` (any buffer of this layout), shaped like it."""

@@ -16,6 +16,7 @@ tensor), which is how DESIGN.md's per-step table counts Ψ.
 from __future__ import annotations
 
 import collections
+import ctypes
 import pickle
 import time
 import weakref
@@ -103,21 +104,22 @@ def broadcast_object(obj, *, group, stats: CommStats, label: str, device: torch.
     received = payload.to(device) if payload.numel() else torch.empty(
         int(length.item()), dtype=torch.uint8, device=device)
     broadcast(received, group=group, stats=stats, label=label)
-    return pickle.loads(bytes(received.cpu().tolist()))
+    received = received.cpu()
+    return pickle.loads(ctypes.string_at(received.data_ptr(), received.numel()))
 
 
-def run_and_share(opt, work) -> None:
+def run_and_share(work, *, group, stats: CommStats, label: str, device: torch.device) -> None:
     """Run ``work`` here (None: nothing to do on this rank), then learn whether it failed
     on any rank: every rank raises if one did, so no rank goes on to a collective the
-    others never reach."""
+    others never reach. Costs one 4-byte all-reduce."""
     error = None
     try:
         if work is not None:
             work()
     except Exception as exc:  # shared with the other ranks, then raised again below
         error = exc
-    failed = torch.tensor(0.0 if error is None else 1.0, device=opt._device)
-    all_reduce(failed, group=opt._group, stats=opt.comm_stats, label="agree", op=dist.ReduceOp.MAX)
+    failed = torch.tensor(0.0 if error is None else 1.0, device=device)
+    all_reduce(failed, group=group, stats=stats, label=label, op=dist.ReduceOp.MAX)
     if error is not None:
         raise error
     if failed.item():
@@ -216,12 +218,14 @@ def _timeout_of(group, device: str):
 #     cannot reach (gloo's reduce-scatter keeps a copy of its whole input): held for
 #     RETAIN_S, a backward shorter than that kept every bucket's copy, the full
 #     gradient size, alive. So only the works of the latest RETAIN_WAITS waits are
-#     held by time; older ones are let go at the next wait. Dropping a work while
-#     the process goes on running is safe even if a worker still holds it (it
-#     then takes the GIL as usual); only a drop during teardown aborts, and the
-#     works a script's last collectives used are among the latest.
+#     held for RETAIN_S; older ones are let go at a later wait once they have been
+#     finished for RETAIN_MIN_S. Dropping a work while the process goes on running
+#     is safe even if a worker still holds it (the worker then takes the GIL as
+#     usual); only a drop during teardown aborts, and the works a script's last
+#     collectives used are among the latest.
 RETAIN_S = 0.25
 RETAIN_WAITS = 2
+RETAIN_MIN_S = 0.005
 _finished: collections.deque = collections.deque()  # (time waited, works), oldest first
 
 
@@ -252,6 +256,7 @@ def wait_all(works) -> None:
         work.wait()
     if works:  # Note [finished work]
         now = time.monotonic()
-        while _finished and (now - _finished[0][0] > RETAIN_S or len(_finished) >= RETAIN_WAITS):
+        while _finished and (now - _finished[0][0] > RETAIN_S or (
+                len(_finished) >= RETAIN_WAITS and now - _finished[0][0] > RETAIN_MIN_S)):
             _finished.popleft()
         _finished.append((now, works))

@@ -35,6 +35,15 @@ def gather_full_state(opt) -> tuple[dict, dict] | None:
         return None
     with opt._stage.reading_structure():  # names and objects only: nothing is gathered
         structure = opt._model.state_dict(keep_vars=True)
+    placeholders = {b.placeholders.untyped_storage().data_ptr() for b in opt._every_bucket
+                    if b.placeholders is not None}
+    for key, item in structure.items():
+        if id(item) not in values and isinstance(item, torch.Tensor) \
+                and item.untyped_storage().data_ptr() in placeholders:
+            raise RuntimeError(  # a state dict hook derived it from a released parameter
+                f"full_state_dict: model.state_dict()[{key!r}] is computed from a stage-3 "
+                "parameter between uses (a NaN placeholder), not the parameter itself; "
+                "read it with model.state_dict() inside opt.summon_full_params()")
     model_sd = {key: values[id(item)] if id(item) in values else _to_cpu(item)
                 for key, item in structure.items()}
     index_state, groups, index = {}, [], 0
@@ -62,21 +71,21 @@ def stream_parameters(opt, with_states: bool = True):
     opt._take_outside_writes()
     for bucket in opt._every_bucket:
         source = bucket.master if bucket.master is not None else bucket.shard
-        full = opt._gather_shard(source)
-        values = [_to_cpu(bucket.param_view(full, i)) if rank0 else None
+        gathered = opt._gather_shard(source)
+        values = [_to_cpu(bucket.param_view(gathered, i)) if rank0 else None
                   for i in range(len(bucket.params))]
-        _comm.release([full])  # finished works still refer to it (Note [finished work])
+        _comm.release([gathered])  # finished works still refer to it (Note [finished work])
         param_states = [None] * len(bucket.params)
         state = opt._inner.state.get(bucket.master) if bucket.master is not None else None
         if with_states and state:
             scalars, per_element = split_state(state, bucket.master)
             for key, tensor in sorted(per_element.items()):
-                full = opt._gather_shard(tensor)
+                gathered = opt._gather_shard(tensor)
                 for index in range(len(bucket.params)) if rank0 else ():
                     if param_states[index] is None:
                         param_states[index] = {k: _to_cpu(v) for k, v in scalars.items()}
-                    param_states[index][key] = _to_cpu(bucket.param_view(full, index))
-                _comm.release([full])
+                    param_states[index][key] = _to_cpu(bucket.param_view(gathered, index))
+                _comm.release([gathered])
             if rank0 and not per_element:
                 param_states = [{k: _to_cpu(v) for k, v in scalars.items()} for _ in bucket.params]
         yield from zip(bucket.params, values, param_states)
@@ -115,6 +124,13 @@ class FullStateSource:
         scalars, per_element = split_state(self.state_of[name], self.params[name])
         return scalars, sorted(per_element)
 
+    def optimizer_layouts(self) -> dict:
+        """Every parameter's ``optimizer_layout``, its tensors on CPU (to be pickled)."""
+        return {name: None if layout is None else (
+                    {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in layout[0].items()},
+                    layout[1])
+                for name, layout in ((n, self.optimizer_layout(n)) for n in self.params)}
+
     def prepare(self, params, dtype) -> None:
         pass  # this rank holds everything
 
@@ -127,13 +143,11 @@ class Rank0Source:
     of the full model on its device, and the result is what loading the same dicts
     on every rank gives."""
 
-    def __init__(self, opt, local: FullStateSource | None, with_states: bool) -> None:
+    def __init__(self, opt, local: FullStateSource | None, layouts: dict | None,
+                 with_states: bool) -> None:
         self.opt = opt
         self.local = local  # rank 0's dicts; None elsewhere
         self.names = parameter_names(opt._model)
-        layouts = None
-        if local is not None and with_states:
-            layouts = {name: local.optimizer_layout(name) for name in self.names.values()}
         self.layouts = self._broadcast_object(layouts) if with_states else None
         self.values_of: dict[str, torch.Tensor] = {}
         self.states_of: dict[str, dict[str, torch.Tensor]] = {}
@@ -165,12 +179,15 @@ class Rank0Source:
         local = self.local
         self.values_of = dict(zip(names, self._broadcast_flat(
             lambda: [local.values(n, 0, size) for n, size in zip(names, sizes)], sizes, dtype)))
-        layout = self.layouts.get(names[0]) if self.layouts else None
+        layout = next((self.layouts[n] for n in names if self.layouts.get(n) is not None),
+                      None) if self.layouts else None  # as load_from picks it
         self.states_of = {}
         for key in (layout[1] if layout else []):
+            # a parameter without this state (it never had a gradient) loads zeros, as
+            # load_from gives it from dicts held on every rank
             parts = self._broadcast_flat(
-                lambda key=key: [local.states(n, 0, size)[key] for n, size in zip(names, sizes)],
-                sizes, dtype)
+                lambda key=key: [local.states(n, 0, size).get(key, torch.zeros(size))
+                                 for n, size in zip(names, sizes)], sizes, dtype)
             for name, part in zip(names, parts):
                 self.states_of.setdefault(name, {})[key] = part
 
@@ -256,34 +273,38 @@ def load_full_state(opt, model_sd: dict | None, optim_sd: dict | None) -> None:
     """Load full state dicts passed on every rank, or on rank 0 only (None elsewhere:
     Note [full state from rank 0]); ``optim_sd`` None loads the model only and keeps
     the optimizer state."""
-    passed = torch.tensor([model_sd is not None, optim_sd is not None] * 2, dtype=torch.float32,
+    # How many ranks passed each dict, and whether rank 0 did: one all-reduce.
+    counts = torch.tensor([model_sd is not None, optim_sd is not None], dtype=torch.float32,
                           device=opt._device)
-    if opt._rank != 0:
-        passed[2:] = 0  # the last two count rank 0's dicts only
-    _comm.all_reduce(passed, group=opt._group, stats=opt.comm_stats, label="load")
-    with_model, with_optim, rank0_model, rank0_optim = (int(v) for v in passed.tolist())
+    rank0 = counts.clone() if opt._rank == 0 else torch.zeros_like(counts)
+    both = torch.cat([counts, rank0])
+    _comm.all_reduce(both, group=opt._group, stats=opt.comm_stats, label="load")
+    with_model, with_optim, rank0_model, rank0_optim = (int(v) for v in both.tolist())
     if not rank0_model:
         raise ValueError("load_full_state_dict: rank 0 passed model_state_dict=None; pass the full "
                          "state dict on rank 0 (the other ranks may pass None)")
     everywhere = with_model == opt._world_size and with_optim in (0, opt._world_size)
     holds_dicts = everywhere or opt._rank == 0
-    opened = {}
-
-    def check():
-        opened["model_sd"] = _open_files(model_sd)
-        check_full_state(opt, opened["model_sd"], optim_sd)
-    _comm.run_and_share(opt, check if holds_dicts else None)
-    model_sd = opened.get("model_sd")
     with_states = bool(with_optim if everywhere else rank0_optim)
-    local = FullStateSource(opt, model_sd, optim_sd) if holds_dicts else None
-    source = local if everywhere else Rank0Source(opt, local, with_states)
+    sources = {}
+
+    def open_and_check():  # every failure here is shared before anything changes
+        opened = _open_files(model_sd)
+        check_full_state(opt, opened, optim_sd)
+        sources["local"] = FullStateSource(opt, opened, optim_sd)
+        if not everywhere and with_states:
+            sources["layouts"] = sources["local"].optimizer_layouts()
+    _comm.run_and_share(open_and_check if holds_dicts else None, group=opt._group,
+                        stats=opt.comm_stats, label="load", device=opt._device)
+    local = sources.get("local")
+    source = local if everywhere else Rank0Source(opt, local, sources.get("layouts"), with_states)
     load_from(opt, source, with_states)
     if isinstance(source, Rank0Source):
         source.release()
     if holds_dicts:
         for name, buffer in opt._model.named_buffers():
-            if name in model_sd:
-                buffer.copy_(model_sd[name])
+            if name in local.model_sd:
+                buffer.copy_(local.model_sd[name])
     if not everywhere:
         for buffer in opt._model.buffers():
             _comm.broadcast(buffer, group=opt._group, stats=opt.comm_stats, label="load")

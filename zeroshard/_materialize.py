@@ -94,7 +94,9 @@ class Initialisation:
 
     def __post_init__(self) -> None:
         self.slots = [(m, name, p) for m in self.model.modules()
-                       for name, p in m._parameters.items()]
+                      for name, p in m._parameters.items()]
+        # name -> (integer tensor placed from meta, its version then): must be written
+        self.placed_integers: dict[str, tuple[torch.Tensor, int]] = {}
 
     def run(self, module: nn.Module) -> None:
         with torch.no_grad():
@@ -157,7 +159,7 @@ def plan_initialisation(model: nn.Module, init_fn: Callable | None) -> Initialis
 
 @dataclasses.dataclass
 class PlacementStep:
-    batch: int | None  # the batch whose buckets are materialized now (None: no buckets)
+    batch: int  # the batch whose buckets are materialized now
     initialise: list[nn.Module]  # then these modules, in order
     spanning: list[nn.Module]  # those of them whose subtree spans several batches
     finish: list[int]  # then these batches are checked, broadcast, sharded and (stage 3) freed
@@ -181,9 +183,9 @@ def placement_steps(batches: Sequence[Sequence], modules: Sequence[nn.Module]) -
         for index in held:
             finish_at[index] = max(finish_at[index], ready_at[id(module)])
     steps = []
-    for step in range(max(1, len(batches))):
+    for step in range(len(batches)):  # stage 3 has its root unit; stages 1-2 one batch
         now = [m for m in modules if ready_at[id(m)] == step]
-        steps.append(PlacementStep(batch=step if step < len(batches) else None, initialise=now,
+        steps.append(PlacementStep(batch=step, initialise=now,
                                    spanning=[m for m in now if id(m) in spans],
                                    finish=[i for i, at in enumerate(finish_at) if at == step]))
     return steps
@@ -213,16 +215,20 @@ def _write_state(param: torch.Tensor) -> tuple:
 
 
 @torch.no_grad()
-def place_loose_tensors(model: nn.Module, bucketed: set[int], device: torch.device) -> None:
-    """Buffers, and parameters in no bucket, onto ``device`` (NaN, or 0 for integers,
-    if on meta: ``refuse_missing_values`` finds what no init wrote)."""
+def place_loose_tensors(plan: Initialisation, bucketed: set[int], device: torch.device) -> None:
+    """Buffers, and parameters in no bucket, onto ``device``. From meta they hold NaN (0
+    if integer: ``plan.placed_integers`` notes their version) until an init writes
+    them, and ``refuse_missing_loose_values`` finds what none wrote."""
     placed: dict[int, torch.Tensor] = {}  # a buffer registered in two modules stays one
-    for module in model.modules():
+    for module_name, module in plan.model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
         for name, param in module._parameters.items():
             if param is None or id(param) in bucketed or param.device == device:
                 continue
             if param.is_meta:
                 swap_in(param, _unset_like(param, device))
+                if not param.is_floating_point():
+                    plan.placed_integers[prefix + name] = (param, param._version)
             else:
                 param.data = param.data.to(device)
         for name, buffer in module._buffers.items():
@@ -231,6 +237,8 @@ def place_loose_tensors(model: nn.Module, bucketed: set[int], device: torch.devi
             if id(buffer) not in placed:
                 placed[id(buffer)] = _unset_like(buffer, device) if buffer.is_meta \
                     else buffer.to(device)
+                if buffer.is_meta and not buffer.is_floating_point():
+                    plan.placed_integers[prefix + name] = (placed[id(buffer)], 0)
             module._buffers[name] = placed[id(buffer)]
 
 
@@ -259,12 +267,23 @@ def refuse_missing_values(plan: Initialisation, buckets: Sequence) -> None:
 
 
 def refuse_missing_loose_values(plan: Initialisation, bucketed: set[int]) -> None:
-    """The same for the meta-built parameters outside the buckets (stages 1-2: frozen)."""
-    missing = [name for name, p in plan.model.named_parameters() if id(p) not in bucketed
-               and any(p is q for q in plan.meta_params) and p.is_floating_point()
+    """The same for the meta-built parameters outside the buckets (stages 1-2: frozen)
+    and for meta-built integer or bool tensors, which hold 0, not NaN, until written:
+    those must have been written (their version counter) or replaced."""
+    built_on_meta = {id(p) for p in plan.meta_params}
+    missing = [name for name, p in plan.model.named_parameters()
+               if id(p) not in bucketed and id(p) in built_on_meta and p.is_floating_point()
                and bool(p.isnan().any())]
+    missing += [name for name, (tensor, version) in plan.placed_integers.items()
+                if _loose_tensor(plan.model, name) is tensor and tensor._version == version]
     if missing:
-        raise ValueError(_missing_message(plan, "parameters", missing))
+        raise ValueError(_missing_message(plan, "parameters or buffers", missing))
+
+
+def _loose_tensor(model: nn.Module, name: str):
+    module_name, _, attribute = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    return module._parameters.get(attribute, module._buffers.get(attribute))
 
 
 def refuse_missing_buffer_values(plan: Initialisation) -> None:

@@ -59,20 +59,23 @@ def save_full_model(path, model, opt, dtype: torch.dtype | None = None,
         raise ValueError(f"max_shard_size_mb must be positive, got {max_shard_size_mb}")
     folder = Path(path)
     names = {id(p): name for name, p in model.named_parameters()}
-    params = _stream_order(opt)
-    entries = [(names[id(p)], dtype or _streamed_dtype(opt, p), tuple(p.shape)) for p in params]
+    entries = [(names[id(p)], dtype or streamed_dtype, tuple(p.shape))
+               for p, streamed_dtype in _stream_order(opt)]
     persistent = persistent_buffer_names(model)
     buffers = [(name, b) for name, b in model.named_buffers() if name in persistent]
     entries += [(name, dtype if dtype is not None and b.is_floating_point() else b.dtype,
                  tuple(b.shape)) for name, b in buffers]
-    writer = _ShardedWriter(folder, entries, int(max_shard_size_mb * 2**20)) \
-        if opt._rank == 0 else None
-    error = None
+    writer, error = None, None
+    if opt._rank == 0:
+        try:
+            writer = _ShardedWriter(folder, entries, int(max_shard_size_mb * 2**20))
+        except Exception as exc:  # take part in the gathers all the same; raised below
+            error = exc
     for param, value, _ in stream_parameters(opt, with_states=False):
         if writer is not None and error is None:
             try:
                 writer.write(names[id(param)], value)
-            except Exception as exc:  # keep taking part in the gathers; raised below
+            except Exception as exc:
                 error = exc
     if writer is not None and error is None:
         try:
@@ -88,22 +91,19 @@ def save_full_model(path, model, opt, dtype: torch.dtype | None = None,
     def report():
         if error is not None:
             raise error
-    _comm.run_and_share(opt, report)
+    _comm.run_and_share(report, group=opt._group, stats=opt.comm_stats, label="export",
+                        device=opt._device)
 
 
-def _stream_order(opt) -> list:
-    """The parameters in the order ``stream_parameters`` yields them (nothing gathered)."""
-    bucketed = [p for b in opt._every_bucket for p in b.params]
-    ids = {id(p) for p in bucketed}
-    return bucketed + [p for p in opt._model.parameters() if id(p) not in ids]
-
-
-def _streamed_dtype(opt, param) -> torch.dtype:
-    """The dtype ``stream_parameters`` gives ``param``: its master's (fp32) if updated."""
+def _stream_order(opt) -> list[tuple[torch.nn.Parameter, torch.dtype]]:
+    """The parameters in the order ``stream_parameters`` yields them, each with the dtype
+    it gives them (an updated parameter's master's: fp32); nothing is gathered."""
+    order = []
     for bucket in opt._every_bucket:
-        if any(p is param for p in bucket.params):
-            return (bucket.master if bucket.master is not None else bucket.shard).dtype
-    return param.dtype
+        source = bucket.master if bucket.master is not None else bucket.shard
+        order += [(p, source.dtype) for p in bucket.params]
+    bucketed = {id(p) for p, _ in order}
+    return order + [(p, p.dtype) for p in opt._model.parameters() if id(p) not in bucketed]
 
 
 class _ShardedWriter:
@@ -158,11 +158,17 @@ class _ShardedWriter:
             handle.close()
 
     def finish(self) -> None:
-        """Every tensor is written: give the files their names, then write the index."""
+        """Every tensor is written: give the files their names, then write the index. The
+        files of an earlier export into the folder go first, so that none of them (an old
+        index) is read in place of the new ones, as save_pretrained does."""
         for index, name in enumerate(self.names):
             if not self.handles[index].closed:
                 raise RuntimeError(f"{name}: {len(self.files[index]) - self.written[index]} "
                                    "tensors were never written")
+        for old in [*self.folder.glob("model*.safetensors"), self.folder / INDEX]:
+            if old.name not in self.names and old.is_file():
+                old.unlink()
+        for name in self.names:
             os.replace(self.folder / (name + ".partial"), self.folder / name)
         if len(self.names) > 1:
             weight_map = {entry: self.names[i] for entry, i in self.file_of.items()}
@@ -199,6 +205,9 @@ class SafetensorsFiles(Mapping):
         for file in paths:
             self._entries.update(_read_header(file))
 
+    def __contains__(self, key) -> bool:  # Mapping's would read the tensor
+        return key in self._entries
+
     def __getitem__(self, key: str) -> torch.Tensor:
         shape = self.shape(key)
         return self.read_range(key, 0, torch.Size(shape).numel()).reshape(shape)
@@ -228,6 +237,7 @@ class SafetensorsFiles(Mapping):
 def _read_header(file: Path) -> dict[str, tuple[Path, int, torch.dtype, tuple[int, ...]]]:
     """name -> (file, byte offset of its data, dtype, shape), from a safetensors header."""
     dtypes = {name: dtype for dtype, name in _DTYPES.items()}
+    size = file.stat().st_size
     with open(file, "rb") as handle:
         try:
             (length,) = struct.unpack("<Q", handle.read(8))
@@ -241,6 +251,13 @@ def _read_header(file: Path) -> dict[str, tuple[Path, int, torch.dtype, tuple[in
         if entry["dtype"] not in dtypes:
             raise ValueError(f"{file}: tensor {name!r} has dtype {entry['dtype']}, which "
                              f"zeroshard does not read (it reads {sorted(dtypes)})")
-        entries[name] = (file, 8 + length + entry["data_offsets"][0], dtypes[entry["dtype"]],
-                         tuple(entry["shape"]))
+        dtype, shape = dtypes[entry["dtype"]], tuple(entry["shape"])
+        begin, end = entry["data_offsets"]
+        # Checked here, on every rank that opens the file, before anything is read: a
+        # short read later would fail on the ranks that own the missing bytes only.
+        if end - begin != _nbytes((name, dtype, shape)) or 8 + length + end > size:
+            raise ValueError(f"{file}: tensor {name!r} does not fit in the file (bytes "
+                             f"{begin}-{end} of a {size - 8 - length}-byte data section, shape "
+                             f"{list(shape)} of {entry['dtype']}): the file is truncated or damaged")
+        entries[name] = (file, 8 + length + begin, dtype, shape)
     return entries

@@ -132,7 +132,10 @@ def load_from(opt, source: Source, with_states: bool = True) -> None:
         target = bucket.master if bucket.master is not None else bucket.shard
         source.prepare(bucket.params, target.dtype)
         wide = torch.zeros_like(target)
-        layout = source.optimizer_layout(names[id(bucket.params[0])]) \
+        # the layout of the first parameter that has state: one without (no gradient
+        # yet) gets zeros, not the loss of its whole bucket's state
+        layout = next((found for found in (source.optimizer_layout(names[id(p)])
+                                           for p in bucket.params) if found is not None), None) \
             if bucket.master is not None and with_states else None
         states = {key: torch.zeros_like(target) for key in (layout[1] if layout else [])}
         for index, param in enumerate(bucket.params):

@@ -66,7 +66,7 @@ def save_checkpoint(path, model, opt, extra=None) -> None:
     opt._take_outside_writes()  # with mixed precision, writes to the parameters reach the masters
     version = _agree_on_version(opt, root)
     staging, final = root / f"{version}.partial", root / version
-    _comm.run_and_share(opt, (lambda: _prepare_staging(root, staging)) if opt._rank == 0 else None)
+    _share(opt, (lambda: _prepare_staging(root, staging)) if opt._rank == 0 else None)
     # Everything rank 0 needs to describe the checkpoint, computed on every rank from
     # local state (inner state is identical across ranks for each bucket).
     pieces = owned_pieces(opt)
@@ -78,7 +78,7 @@ def save_checkpoint(path, model, opt, extra=None) -> None:
                                  for name, ps in pieces.items()},
                       "buffers": buffers}, staging / my_files[0])
         _save_synced(extra, staging / my_files[1])
-    _comm.run_and_share(opt, write_mine)
+    _share(opt, write_mine)
 
     def publish():
         meta = _describe(opt, model)
@@ -89,7 +89,7 @@ def save_checkpoint(path, model, opt, extra=None) -> None:
         _fsync_dir(root)
         _replace_text(root / LATEST, version)  # Note [atomic publish]: the commit point
         _remove_versions_except(root, version, ignore_errors=True)  # published already
-    _comm.run_and_share(opt, publish if opt._rank == 0 else None)
+    _share(opt, publish if opt._rank == 0 else None)
 
 
 def load_checkpoint(path, model, opt):
@@ -114,7 +114,7 @@ def load_checkpoint(path, model, opt):
                           for r in range(meta["world_size"])]
         extra_rank = opt._rank if opt._rank < meta["world_size"] else 0
         state["extra"] = _load_file(folder / _extra_file(extra_rank), weights_only=False)
-    _comm.run_and_share(opt, read_all)
+    _share(opt, read_all)
 
     load_from(opt, _CheckpointSource(meta, state["files"]))
     with torch.no_grad():
@@ -242,6 +242,12 @@ def _agree_on_version(opt, root: Path) -> str:
             number.fill_(int(latest.read_text().strip().lstrip("v")) + 1)
     _comm.broadcast(number, group=opt._group, stats=opt.comm_stats, label="checkpoint")
     return f"v{int(number):06d}"
+
+
+def _share(opt, work) -> None:
+    """``_comm.run_and_share`` over this optimizer's group."""
+    _comm.run_and_share(work, group=opt._group, stats=opt.comm_stats, label="checkpoint",
+                        device=opt._device)
 
 
 def _prepare_staging(root: Path, staging: Path) -> None:

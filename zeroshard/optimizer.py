@@ -301,43 +301,52 @@ class ZeroOptimizer(torch.optim.Optimizer):
         one unit at a time (Note [one unit at a time] in _materialize.py)."""
         batches = [unit.buckets for unit in self._units] if self.stage == 3 else [buckets]
         bucketed = {id(p) for b in buckets for p in b.params}
+        # parameters with real memory now: the loose ones, then each batch's
+        materialized = {id(p) for p in self._model.parameters() if id(p) not in bucketed}
+
+        def prepare(step: _materialize.PlacementStep) -> None:
+            """This rank's part of a step: allocation, the user's init code, the checks."""
+            if step.batch == 0:
+                _materialize.place_loose_tensors(plan, bucketed, device)
+            for bucket in batches[step.batch]:
+                bucket.materialize(device)
+            materialized.update(id(p) for b in batches[step.batch] for p in b.params)
+            spanning = {id(m) for m in step.spanning}
+            for module in step.initialise:
+                before = _materialize.write_states(module, materialized) \
+                    if id(module) in spanning else None
+                plan.run(module)
+                if before is not None:
+                    _materialize.refuse_writes_outside(plan, module, before)
+            for index in step.finish:
+                for bucket in batches[index]:
+                    bucket.adopt_replaced_data()
+                _materialize.refuse_missing_values(plan, batches[index])
+            if step.batch == len(batches) - 1:
+                _materialize.refuse_missing_loose_values(plan, bucketed)
+                _materialize.refuse_missing_buffer_values(plan)
+
         try:
-            _materialize.place_loose_tensors(self._model, bucketed, device)
-            # parameters with real memory now: the loose ones, then each batch's
-            materialized = {id(p) for p in self._model.parameters() if id(p) not in bucketed}
             for step in _materialize.placement_steps(batches, plan.modules):
-                if step.batch is not None:
-                    for bucket in batches[step.batch]:
-                        bucket.materialize(device)
-                    materialized.update(id(p) for b in batches[step.batch] for p in b.params)
-                spanning = {id(m) for m in step.spanning}
-                for module in step.initialise:
-                    before = _materialize.write_states(module, materialized) \
-                        if id(module) in spanning else None
-                    plan.run(module)
-                    if before is not None:
-                        _materialize.refuse_writes_outside(plan, module, before)
+                # An init that fails, or memory that runs out, on one rank only: every
+                # rank raises here, before the step's broadcasts (one 4-byte all-reduce).
+                _comm.run_and_share(lambda: prepare(step), group=self._group,
+                                    stats=self.comm_stats, label="init", device=device)
                 for index in step.finish:
-                    self._finish_batch(batches[index], plan)
+                    self._broadcast_from_rank0([b.flat for b in batches[index]])
+                    self._place_shards(batches[index])
                     if self.stage == 3:
                         self._units[index].release()
                         materialized.difference_update(id(p) for b in batches[index] for p in b.params)
-            _materialize.refuse_missing_loose_values(plan, bucketed)
-            _materialize.refuse_missing_buffer_values(plan)
-        except BaseException:
+        except BaseException as error:
             _materialize.back_to_meta(plan)
+            if self.stage == 3 and not plan.meta_params:
+                error.add_note("zeroshard: units placed before the failure were sharded: their "
+                               "parameters hold NaN placeholders now; build the model again")
             raise
         loose = [p.data for p in self._model.parameters() if id(p) not in bucketed]
         self._broadcast_from_rank0(loose + list(self._model.buffers()))
         self._cast_loose_tensors(bucketed)
-
-    def _finish_batch(self, buckets: list[FlatBucket], plan: _materialize.Initialisation) -> None:
-        """The batch's modules are initialised: check, broadcast rank 0's values, shard."""
-        for bucket in buckets:
-            bucket.adopt_replaced_data()
-        _materialize.refuse_missing_values(plan, buckets)
-        self._broadcast_from_rank0([b.flat for b in buckets])
-        self._place_shards(buckets)
 
     def _place_shards(self, buckets: list[FlatBucket]) -> None:
         """Set up each bucket's shard and master from rank 0's values."""
