@@ -54,6 +54,8 @@ def _bad_arguments(which: str, model: nn.Module, group):
         return (model, torch.optim.SGD), {**kwargs, "device": "meta"}
     if which == "init_fn":
         return (model, torch.optim.SGD), {**kwargs, "init_fn": "normal"}
+    if which == "init_fn_not_meta":
+        return (model, torch.optim.SGD), {**kwargs, "init_fn": print}
     if which == "units":
         return (model, torch.optim.SGD), {**kwargs, "units": {nn.Linear}}
     if which == "units_container":  # a ModuleList is never called: it cannot gather

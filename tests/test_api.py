@@ -19,6 +19,7 @@ BAD_INPUTS = {
     "meta_buffer": ("ValueError", ["norm", "meta device", "build the whole model"]),
     "device_meta": ("ValueError", ["device='meta'", "'cpu'"]),
     "init_fn": ("TypeError", ["init_fn", "'normal'"]),
+    "init_fn_not_meta": ("ValueError", ["init_fn", "no tensor", "meta device"]),
     "units": ("ValueError", ["units=", "stage=3"]),
     "bucket_size": ("ValueError", ["bucket_size_mb", "got 0"]),
     "units_container": ("ValueError", ["ModuleList", "no forward", "modules inside"]),

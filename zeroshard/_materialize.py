@@ -69,16 +69,18 @@ def _own_tensors(module: nn.Module) -> list[torch.Tensor]:
 
 def _post_order(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Every module once, children before their parent (``model.apply``'s order)."""
-    order, seen = [], set()
-
-    def visit(name: str, module: nn.Module) -> None:
-        seen.add(id(module))
-        for child_name, child in module.named_children():
-            if id(child) not in seen:
-                visit(f"{name}.{child_name}" if name else child_name, child)
-        order.append((name or "<root>", module))
-    visit("", model)
+    order: list[tuple[str, nn.Module]] = []
+    _visit("", model, order, set())
     return order
+
+
+def _visit(name: str, module: nn.Module, order: list, seen: set[int]) -> None:
+    """``_post_order``'s walk (module-level: no recursive closure cycle)."""
+    seen.add(id(module))
+    for child_name, child in module.named_children():
+        if id(child) not in seen:
+            _visit(f"{name}.{child_name}" if name else child_name, child, order, seen)
+    order.append((name or "<root>", module))
 
 
 @dataclasses.dataclass
@@ -137,7 +139,11 @@ def plan_initialisation(model: nn.Module, init_fn: Callable | None) -> Initialis
     meta_buffers = [(m, name) for _, m in order for name, b in m._buffers.items()
                     if b is not None and b.is_meta]
     if not meta_params and not meta_buffers:
-        return Initialisation(model, [], names, init_fn, [], [])
+        if init_fn is not None:
+            raise ValueError("init_fn is given but no tensor of the model is on the meta device, "
+                             "so nothing would call it; initialise the model before "
+                             "ZeroOptimizer, or build it under torch.device('meta')")
+        return Initialisation(model, [], names, None, [], [])
     if init_fn is not None:
         return Initialisation(model, [m for _, m in order], names, init_fn, meta_params,
                               meta_buffers)
@@ -309,5 +315,9 @@ def back_to_meta(plan: Initialisation) -> None:
     for param in plan.meta_params:
         if not param.is_meta:
             swap_in(param, torch.empty_like(param, device="meta"))
+    back: dict[int, torch.Tensor] = {}  # a shared buffer stays shared
     for module, name in plan.meta_buffers:
-        module._buffers[name] = torch.empty_like(module._buffers[name], device="meta")
+        buffer = module._buffers[name]
+        if not buffer.is_meta:
+            module._buffers[name] = back.setdefault(id(buffer),
+                                                    torch.empty_like(buffer, device="meta"))
