@@ -245,6 +245,8 @@ def phase_peaks(ctx, layers: int, width: int, folder: str):
     small(torch.ones(2, 8)).sum().backward()
     warm.step()
     zeroshard.save_full_model(folder + "-warm", small, warm)
+    zeroshard.save_checkpoint(folder + "-warm-checkpoint", small, warm)
+    zeroshard.load_checkpoint(folder + "-warm-checkpoint", small, warm)
     warm.close()
     dist.barrier(group=ctx.group)
 
@@ -264,6 +266,12 @@ def phase_peaks(ctx, layers: int, width: int, folder: str):
             opt.step()
             opt.zero_grad()
         peaks[f"step{step}"] = peak.bytes
+    with _Peak() as peak:
+        zeroshard.save_checkpoint(folder + "-checkpoint", model, opt)
+    peaks["save_checkpoint"] = peak.bytes
+    with _Peak() as peak:
+        zeroshard.load_checkpoint(folder + "-checkpoint", model, opt)
+    peaks["load_checkpoint"] = peak.bytes
     with _Peak() as peak:
         zeroshard.save_full_model(folder, model, opt)
     peaks["save_full_model"] = peak.bytes

@@ -182,7 +182,8 @@ def test_hf_gpt2_built_on_meta_from_pretrained_files_trains_like_ddp(pool, tmp_p
 def test_stage3_phases_of_a_meta_model_stay_within_its_shards_plus_a_few_units(pool, tmp_path):
     """Each phase's peak above the level it started at (2 ranks, 16 units of 4 MiB, fp32
     AdamW): never the full model (64 MiB), except rank 0's full state dict, which is
-    the result itself."""
+    the result itself. (Measured: construction 36, backward 50-57, step 70, save 0,
+    load 16-18, export 8-12, load from rank 0 18, from safetensors 6 MiB.)"""
     unit, mib = (1024 * 1024 + 1024) * 4, 2**20
     full = 16 * unit
     shards = full / 2
@@ -198,10 +199,18 @@ def test_stage3_phases_of_a_meta_model_stay_within_its_shards_plus_a_few_units(p
             assert peaks[f"backward{step}"] <= shards + 8 * unit + 2 * mib, report
             # Adam's two states, created at the first step, and one bucket's temporaries
             assert peaks[f"step{step}"] <= 2 * shards + 2 * unit + 2 * mib, report
-        # one bucket gathered at a time, and (rank 0) its copy on the way out
-        assert peaks["save_full_model"] <= 2 * unit + 2 * mib, report
+        # the shards and states are written as they are, with no copy
+        assert peaks["save_checkpoint"] <= 2 * mib, report
+        # a bucket at a time (this rank's half of a unit: values and 2 states): the file
+        # pages read, their joined copies, and the new shard and states they fill
+        assert peaks["load_checkpoint"] <= 9 * unit / 2 + 2 * mib, report
+        # the bytes of this rank's range of a bucket, their cast, the shard they fill
+        assert peaks["load_safetensors"] <= 3 * unit / 2 + 2 * mib, report
+        # one bucket gathered at a time, (rank 0) its copy on the way out, and what gloo
+        # allocated for the two latest all-gathers (Note [finished work] in _comm.py)
+        assert peaks["save_full_model"] <= 4 * unit + 2 * mib, report
         result = 3 * full if rank == 0 else 0  # rank 0 builds the state dict: parameters + 2 states
-        assert peaks["full_state_dict"] <= result + 2 * unit + 2 * mib, report
+        assert peaks["full_state_dict"] <= result + 4 * unit + 2 * mib, report
         # one bucket of values and 2 states received, and this rank's part of them
         assert peaks["load_from_rank0"] <= 3 * unit + 3 * unit / 2 + 2 * mib, report
 

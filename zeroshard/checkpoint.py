@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 
 from . import _comm
-from ._sharded_state import load_from, optimizer_layouts, owned_pieces
+from ._sharded_state import load_from, optimizer_layouts, owned_pieces, parameter_names
 
 FORMAT = "zeroshard-checkpoint"
 FORMAT_VERSION = 1
@@ -108,18 +108,18 @@ def load_checkpoint(path, model, opt):
     _check_meta(meta, folder, opt, model)
     state = {}
 
-    def read_all():
-        # mmap: only the pages of the ranges this rank needs are read from disk
-        state["files"] = [_load_file(folder / _rank_file(r), weights_only=True, mmap=True)
-                          for r in range(meta["world_size"])]
+    def read_all():  # every file opens, on every rank, before anything changes
+        for r in range(meta["world_size"]):
+            _load_file(folder / _rank_file(r), weights_only=True, mmap=True)
         extra_rank = opt._rank if opt._rank < meta["world_size"] else 0
         state["extra"] = _load_file(folder / _extra_file(extra_rank), weights_only=False)
     _share(opt, read_all)
 
-    load_from(opt, _CheckpointSource(meta, state["files"]))
+    load_from(opt, _CheckpointSource(meta, folder, parameter_names(model)))
+    buffers = _load_file(folder / _rank_file(0), weights_only=True, mmap=True)["buffers"]
     with torch.no_grad():
         for name, buffer in model.named_buffers():
-            saved = state["files"][0]["buffers"].get(name)
+            saved = buffers.get(name)
             if saved is not None:
                 buffer.copy_(saved)
     for group, inner, saved in zip(opt.param_groups, opt._inner.param_groups, meta["param_groups"]):
@@ -182,14 +182,26 @@ def _check_meta(meta, folder: Path, opt, model) -> None:
 
 
 class _CheckpointSource:
-    """Serves ``load_from`` parameter ranges from the pieces of every saving rank."""
+    """Serves ``load_from`` parameter ranges from the pieces of every saving rank.
 
-    def __init__(self, meta: dict, files: list[dict]) -> None:
+    The rank files are memory-mapped (only the pages of the ranges read come from
+    disk) once per bucket, in ``prepare``, and let go before the next bucket: the
+    pages a rank has read then leave its memory with their bucket, instead of
+    adding up to its whole share of the checkpoint by the end of the load."""
+
+    def __init__(self, meta: dict, folder: Path, names: dict[int, str]) -> None:
         self.layouts = meta["optimizer"]
+        self.paths = [folder / _rank_file(r) for r in range(meta["world_size"])]
+        self.names = names  # id(parameter) -> name
         self.pieces: dict[str, list[tuple]] = {}
-        for file in files:
-            for name, pieces in file["pieces"].items():
-                self.pieces.setdefault(name, []).extend(pieces)
+
+    def prepare(self, params, dtype) -> None:
+        wanted = {self.names[id(p)] for p in params}
+        self.pieces = {}
+        for path in self.paths:
+            saved = _load_file(path, weights_only=True, mmap=True)["pieces"]
+            for name in wanted & saved.keys():
+                self.pieces.setdefault(name, []).extend(saved[name])
         for pieces in self.pieces.values():
             pieces.sort(key=lambda piece: piece[0])
 
@@ -215,9 +227,6 @@ class _CheckpointSource:
 
     def optimizer_layout(self, name: str):
         return self.layouts.get(name)
-
-    def prepare(self, params, dtype) -> None:
-        pass  # every rank reads the files itself
 
 
 # -- files, folders, and agreeing across ranks -------------------------------------------
