@@ -151,6 +151,9 @@ class _ShardedWriter:
         index = self.file_of[name]
         _, dtype, _ = self.entry_of[name]
         handle = self._open(index)
+        expected = self.files[index][self.written[index]][0]
+        if name != expected:  # the header's byte offsets assume this order
+            raise RuntimeError(f"save_full_model wrote {name!r} where the header has {expected!r}")
         data = value.detach().to("cpu", dtype).contiguous()
         handle.write(ctypes.string_at(data.data_ptr(), data.numel() * data.element_size()))
         self.written[index] += 1
