@@ -15,6 +15,7 @@ tensor), which is how DESIGN.md's per-step table counts Ψ.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import ctypes
 import pickle
@@ -223,9 +224,20 @@ def _timeout_of(group, device: str):
 #     is safe even if a worker still holds it (the worker then takes the GIL as
 #     usual); only a drop during teardown aborts, and the works a script's last
 #     collectives used are among the latest.
+#     A script's own last collectives (a loss all-reduced for a log line) are not
+#     ours to hold; so once zeroshard has waited on a collective, an exit handler
+#     (``atexit``, which runs before teardown) pauses for RETAIN_S: worker threads
+#     finish with their works while the interpreter can still take them back.
 RETAIN_S = 0.25
 RETAIN_WAITS = 2
 RETAIN_MIN_S = 0.005
+_exit_pause_registered = False
+
+
+def _register_exit_pause() -> None:
+    global _exit_pause_registered
+    atexit.register(_pause_at_exit)
+    _exit_pause_registered = True
 _finished: collections.deque = collections.deque()  # (time waited, works), oldest first
 
 
@@ -250,11 +262,21 @@ def wait(work) -> None:
     wait_all([work])
 
 
+def _pause_at_exit() -> None:
+    """Note [finished work]: at interpreter exit, before teardown, give gloo's worker
+    threads time to let go of the works they ran (a script's own collectives too:
+    a loss all-reduced for a log line just before exit), then let go of ours."""
+    time.sleep(RETAIN_S)
+    _finished.clear()
+
+
 def wait_all(works) -> None:
     works = [work for work in works if work is not None]
     for work in works:
         work.wait()
     if works:  # Note [finished work]
+        if not _exit_pause_registered:
+            _register_exit_pause()
         now = time.monotonic()
         while _finished and (now - _finished[0][0] > RETAIN_S or (
                 len(_finished) >= RETAIN_WAITS and now - _finished[0][0] > RETAIN_MIN_S)):
