@@ -293,7 +293,8 @@ def _loose_tensor(model: nn.Module, name: str):
 
 
 def refuse_missing_buffer_values(plan: Initialisation) -> None:
-    missing = [f"{plan.names[id(m)]}.{name}" for m, name in plan.meta_buffers
+    prefix = {id(m): "" if m is plan.model else plan.names[id(m)] + "." for m, _ in plan.meta_buffers}
+    missing = [prefix[id(m)] + name for m, name in plan.meta_buffers
                if m._buffers[name].is_floating_point() and bool(m._buffers[name].isnan().any())]
     if missing:
         raise ValueError(_missing_message(plan, "buffers", missing))
