@@ -30,16 +30,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from compare import rss_kib  # benchmarks/ is this script's directory
+
 PHASES = ("construct", "steps", "save_checkpoint", "load_checkpoint", "full_state_dict",
           "save_full_model", "load_full_state_dict (rank 0 only)", "load_full_state_dict (safetensors)")
-
-
-def rss_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
 
 
 class Peak:

@@ -23,6 +23,15 @@ def init_everything(module: nn.Module) -> None:
         module.scale.copy_(torch.linspace(0.5, 1.5, module.scale.numel()))
 
 
+def _outcome(call) -> tuple[str, str]:
+    """(exception type, message) of ``call()``, or ("no error", "")."""
+    try:
+        call()
+    except Exception as error:  # noqa: BLE001 - the test checks what it is
+        return type(error).__name__, str(error)
+    return "no error", ""
+
+
 def _optimizer(model, ctx, stage: int, bf16: bool, **kwargs):
     policy = zeroshard.MixedPrecision(torch.bfloat16) if bf16 else None
     units = nn.Linear if stage == 3 else None
@@ -114,30 +123,6 @@ def _rss_kib(field: str) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     raise AssertionError(field)
-
-
-def construction_peak(ctx, layers: int, width: int, on_meta: bool):
-    """The RSS high-water mark above the level before ``ZeroOptimizer`` is built at
-    stage 3 over ``layers`` Linear(width, width) units (the workers run with
-    MALLOC_MMAP_THRESHOLD_ set, so freed buffers leave the RSS). Returns bytes."""
-    # First a small model the same way: what a first construction sets up once per
-    # process (gloo's buffers for this group, the gather channel) is not counted.
-    small = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
-    zeroshard.ZeroOptimizer(small, torch.optim.SGD, stage=3, process_group=ctx.group, lr=0.1,
-                            units=nn.Linear).close()
-    with torch.device("meta" if on_meta else "cpu"):
-        model = nn.Sequential(*(nn.Linear(width, width) for _ in range(layers)))
-    gc.collect()
-    dist.barrier(group=ctx.group)
-    before = _rss_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as clear:
-        clear.write("5")  # the high-water mark restarts from the current RSS
-    opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=3, process_group=ctx.group,
-                                  lr=0.1, device="cpu", units=nn.Linear)
-    peak = (_rss_kib("VmHWM") - before) * 1024
-    held = opt.memory_report()["parameters"]  # the shards: every unit is released
-    opt.close()
-    return {"peak": peak, "shards": held}
 
 
 def _state(opt) -> tuple[dict, dict] | None:
@@ -387,12 +372,9 @@ def meta_init_refused(ctx, which: str):
                       "replaces": (replacing, None), "forgets": (forgetting, Pair)}[which]
     with torch.device("meta"):
         model = build_pairs()
-    try:
-        zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=3, process_group=ctx.group, lr=0.1,
-                                device="cpu", init_fn=init_fn, units=units)
-        outcome = ("no error", "")
-    except Exception as error:  # noqa: BLE001 - the test checks what it is
-        outcome = (type(error).__name__, str(error))
+    outcome = _outcome(lambda: zeroshard.ZeroOptimizer(
+        model, torch.optim.SGD, stage=3, process_group=ctx.group, lr=0.1, device="cpu",
+        init_fn=init_fn, units=units))
     still_meta = all(p.is_meta for p in model.parameters())
     opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=3, process_group=ctx.group, lr=0.1,
                                   device="cpu", init_fn=deterministic_init, units=Pair)
@@ -507,12 +489,9 @@ def init_failing_on_one_rank(ctx):
 
     with torch.device("meta"):
         model = build_pairs()
-    try:
-        zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=3, process_group=ctx.group, lr=0.1,
-                                device="cpu", init_fn=init, units=Pair)
-        outcome = ("no error", "")
-    except Exception as error:  # noqa: BLE001 - the test checks what it is
-        outcome = (type(error).__name__, str(error))
+    outcome = _outcome(lambda: zeroshard.ZeroOptimizer(
+        model, torch.optim.SGD, stage=3, process_group=ctx.group, lr=0.1, device="cpu",
+        init_fn=init, units=Pair))
     probe = torch.ones(1)
     dist.all_reduce(probe, group=ctx.group)
     return {"error": outcome, "still_meta": all(p.is_meta for p in model.parameters()),
@@ -522,11 +501,7 @@ def init_failing_on_one_rank(ctx):
 def export_to_a_file_path(ctx, file: str):
     model = build_model(SPECS_MLP, seed=0)
     opt = _optimizer(model, ctx, 3, False)
-    try:
-        zeroshard.save_full_model(file, model, opt)
-        outcome = ("no error", "")
-    except Exception as error:  # noqa: BLE001 - the test checks what it is
-        outcome = (type(error).__name__, str(error))
+    outcome = _outcome(lambda: zeroshard.save_full_model(file, model, opt))
     probe = torch.ones(1)
     dist.all_reduce(probe, group=ctx.group)
     opt.close()

@@ -36,6 +36,13 @@ def _zero(model, stage: int, group, **kwargs):
                                    **({"units": torch.nn.Linear} if stage == 3 else {}))
 
 
+def _average_gradients(reference, ctx) -> None:
+    """What DDP does to the reference's gradients: the mean over ranks."""
+    for param in reference.parameters():
+        dist.all_reduce(param.grad, group=ctx.group)
+        param.grad /= ctx.world_size
+
+
 def _differences(opt, model, reference) -> dict[str, float]:
     """Largest difference per parameter name between zeroshard's model and the reference
     (DDP or a plain module), read inside summon_full_params() (stage 3's placeholders)."""
@@ -182,9 +189,7 @@ def retained_graph_backward_twice(ctx, stage: int):
             optimizer.zero_grad()
             loss.backward()
             if net is reference:
-                for param in reference.parameters():
-                    dist.all_reduce(param.grad, group=ctx.group)
-                    param.grad /= ctx.world_size
+                _average_gradients(reference, ctx)
             optimizer.step()
             optimizer.zero_grad()
     return _differences(opt, model, reference)
@@ -502,9 +507,7 @@ def gradient_penalty(ctx, stage: int):
                 loss = loss + 0.1 * grad.pow(2).sum()
             loss.backward()
             if net is reference:
-                for param in reference.parameters():
-                    dist.all_reduce(param.grad, group=ctx.group)
-                    param.grad /= ctx.world_size
+                _average_gradients(reference, ctx)
             optimizer.step()
             optimizer.zero_grad()
         scattered.append(opt.comm_stats.bytes["reduce_scatter"])

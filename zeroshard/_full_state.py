@@ -226,8 +226,8 @@ def check_full_state(opt, model_sd: dict, optim_sd: dict | None) -> None:
                         f"{type(model_sd).__name__}, {type(optim_sd).__name__}")
     model = opt._model
     expected = {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}
-    expected.update({name: tuple(b.shape) for name, b in model.named_buffers()
-                     if name in persistent_buffer_names(model)})
+    persistent = persistent_buffer_names(model)
+    expected.update({name: tuple(b.shape) for name, b in model.named_buffers() if name in persistent})
     aliases = _aliases(model)
     stored_under_alias = {name for name, param in model.named_parameters(remove_duplicate=False)
                           if any(alias in model_sd for alias in aliases[id(param)])}
