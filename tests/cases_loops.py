@@ -252,8 +252,9 @@ BETWEEN_STEPS = (None, "ema", "summon_eval", "load", "rebuild")
 
 
 def drive_loop(ctx, stage: int, plan: dict):
-    """One drawn way of driving the loop (``plan``: per step, how gradients are cleared,
-    micro-batches, an evaluation forward, clipping, and what happens between steps: an
+    """One drawn way of driving the loop (``plan``: bf16 autocast or not, and per step how
+    gradients are cleared, micro-batches, an evaluation forward, clipping, and what
+    happens between steps: an
     EMA update (``AveragedModel``), evaluation on rank 0 inside ``summon_full_params()``,
     ``model.load_state_dict`` of other weights, or ``close()`` and a new optimizer),
     applied alike to zeroshard and to DDP with the same torch optimizer. Returns the
@@ -270,7 +271,9 @@ def drive_loop(ctx, stage: int, plan: dict):
         for net, optimizer in ((model, opt), (reference, ref_opt)):
             for micro in range(how["micro_batches"]):
                 batch = make_batch(spec, seed=10 * step + micro, rank=ctx.rank, batch=4)
-                loss_fn(spec, net, batch).backward()
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=plan["autocast"]):
+                    loss = loss_fn(spec, net, batch)
+                loss.backward()
             if how["eval"]:
                 with torch.no_grad():
                     net(make_batch(spec, seed=1000 + step, rank=ctx.rank, batch=2)[0])

@@ -14,10 +14,12 @@ trains in fp32 on the global batch, for the losses to track.
 from __future__ import annotations
 
 import contextlib
+import gc
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import zeroshard
@@ -217,3 +219,39 @@ def train_autocast_fp16(ctx, case):
         out["zero_scale"].append(scalers[0].get_scale())
         out["ddp_scale"].append(scalers[1].get_scale())
     return out
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * 4096
+
+
+def autocast_stage3_holds_no_casts(ctx, layers: int, width: int):
+    """Stage 3 with fp32 parameters under bf16 autocast (no policy), beside DDP under the
+    same autocast: the parameters after three steps, and how much memory a training forward
+    leaves behind for backward (Note [autocast casts]: no bf16 copy of released units)."""
+    torch.manual_seed(0)
+    make = lambda: nn.Sequential(*(nn.Linear(width, width) for _ in range(layers)))
+    zero_model, ddp_model = make(), make()
+    ddp_model.load_state_dict(zero_model.state_dict())
+    zopt = zeroshard.ZeroOptimizer(zero_model, torch.optim.SGD, stage=3, process_group=ctx.group,
+                                   units=nn.Linear, lr=0.05, momentum=0.9)
+    ddp = DDP(ddp_model, process_group=ctx.group)
+    dopt = torch.optim.SGD(ddp_model.parameters(), lr=0.05, momentum=0.9)
+    retained = []
+    for step in range(3):  # the first is a warm-up: one-time allocations, orders recorded
+        x = torch.randn(4, width, generator=torch.Generator().manual_seed(10 * step + ctx.rank))
+        for model, opt in ((zero_model, zopt), (ddp, dopt)):
+            gc.collect()
+            before = _rss_bytes()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(x).float().square().mean()
+            if model is zero_model and step > 0:
+                retained.append(_rss_bytes() - before)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    with zopt.summon_full_params():
+        zero = flat_params(zero_model)
+    return {"zero": zero, "ddp": flat_params(ddp_model), "retained": retained,
+            "unit_cast_bytes": width * width * 2}

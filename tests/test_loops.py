@@ -68,7 +68,7 @@ def test_evaluation_inside_summon_on_one_rank_issues_no_collective(pool, stage):
 def test_clearing_gradients_through_the_model_equals_ddp(pool, stage, clear):
     """``model.zero_grad()`` after ``opt.step()`` (what HF Trainer does), with or without
     set_to_none, or no clearing at all (gradients accumulate into the next step)."""
-    plan = {"model": cases_loops.MLP, "weight_decay": 0.0, "steps": [
+    plan = {"model": cases_loops.MLP, "weight_decay": 0.0, "autocast": False, "steps": [
         {"micro_batches": 1, "eval": False, "clip": step == 0, "clear": clear}
         for step in range(3)]}
     for diffs in pool.run(cases_loops.drive_loop, 2, stage, plan):
@@ -183,14 +183,16 @@ loop_steps = st.fixed_dictionaries({
 loop_plans = st.fixed_dictionaries({
     "model": st.sampled_from([cases_loops.MLP, cases_loops.TRANSFORMER]),
     "weight_decay": st.sampled_from([0.0, 0.01]),
+    "autocast": st.booleans(),  # bf16 autocast over fp32 parameters, both sides alike
     "steps": st.lists(loop_steps, min_size=2, max_size=3)})
 
 
 @settings(max_examples=int(os.environ.get("ZEROSHARD_LOOP_EXAMPLES", "80")))
 @given(stage=st.sampled_from([1, 2, 3]), world_size=st.sampled_from([2, 3]), plan=loop_plans)
 def test_drawn_ways_of_driving_the_loop_equal_ddp(pool, stage, world_size, plan):
-    """How gradients are cleared (the optimizer's zero_grad, the model's, with or without
-    set_to_none, a subset of parameters, not at all), micro-batches, evaluation forwards,
+    """bf16 autocast or not; how gradients are cleared (the optimizer's zero_grad, the
+    model's, with or without set_to_none, a subset of parameters, not at all),
+    micro-batches, evaluation forwards,
     clipping, and between steps an EMA update, evaluation on rank 0 inside
     summon_full_params, load_state_dict, or close() and a new optimizer: DDP's
     parameters after every step, and the EMA's (fp32 noise: 1e-6)."""

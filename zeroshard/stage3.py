@@ -81,6 +81,19 @@ Note [saved tensors]:
     none are added: those must see every tensor saved inside them, and a checkpointed
     unit is gathered by its recomputation (Note [recomputation]).
 
+Note [autocast casts]:
+    Under ``torch.autocast`` without a MixedPrecision policy, each op casts the
+    parameters it uses (fp32 -> bf16) and autocast caches a leaf's cast until the
+    autocast region ends; the cast is also what the op saves for backward. Kept as
+    they are, those casts hold a low-precision copy of every unit's parameters from
+    forward until backward, and the sharding of parameters is lost. So a unit's
+    post-forward hook empties autocast's cache (``torch.clear_autocast_cache()``:
+    a later op casts again), and the unit's saved-tensor hooks (Note [saved tensors])
+    save a cast of one of the unit's own parameters as a recipe instead (the
+    parameter, the dtype and the view's geometry): backward gathers the unit and
+    casts again, which gives the same values because the shards do not change
+    between forward and backward. Memory then holds casts of gathered units only.
+
 Note [recomputation]:
     Activation checkpointing runs a unit's forward again during backward. The
     hooks recognise it by the BACKWARD state: they gather as usual but neither
@@ -184,6 +197,8 @@ class Stage3(Stage2):
         if self.state is TrainingState.BACKWARD:
             return  # Note [recomputation]
         self._stop_watching(unit)
+        if torch.is_autocast_enabled(self.device.type):
+            torch.clear_autocast_cache()  # Note [autocast casts]
         if torch.is_grad_enabled():
             for tensor in tree_flatten(output)[0]:
                 if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
@@ -248,6 +263,19 @@ class Stage3(Stage2):
             "parameter holds it or is an ancestor of its unit: pass units= without "
             f"{type(released.module).__name__} (e.g. the block class), or tie the weight "
             "by assignment (head.weight = emb.weight)")
+
+    def recast_of(self, unit: Unit, tensor: torch.Tensor) -> Recast | None:
+        """Note [autocast casts]: a recipe for ``tensor`` if it is (a view of) a cast of one
+        of ``unit``'s own parameters, else None."""
+        cast = tensor if tensor._base is None else tensor._base
+        node = cast.grad_fn
+        if node is None or node.name() != "ToCopyBackward0":
+            return None
+        source = node.next_functions[0][0]
+        param = getattr(source, "variable", None)  # an AccumulateGrad node: a leaf's cast
+        if param is None or self._unit_of.get(id(param)) is not unit:
+            return None
+        return Recast(param, cast.dtype, tensor.shape, tensor.stride(), tensor.storage_offset())
 
     def gather_for_saved_tensor(self, unit: Unit) -> None:
         """Note [saved tensors]: backward is about to use a tensor ``unit``'s forward saved."""
@@ -511,19 +539,35 @@ class SavedTensorWatch:
         self._stage = weakref.ref(stage)
         self._unit = unit
 
-    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
+    def pack(self, tensor: torch.Tensor) -> torch.Tensor | Recast:
         stage = self._stage()
         if stage is not None:
             stage.check_saved_parameter(self._unit, tensor)
+            recast = stage.recast_of(self._unit, tensor)  # Note [autocast casts]
+            if recast is not None:
+                return recast
         # Not the tensor itself: a saved output would then hold its own autograd node, a
         # reference cycle keeping a forward's activations until the garbage collector runs
         return tensor.detach()
 
-    def unpack(self, tensor: torch.Tensor) -> torch.Tensor:
+    def unpack(self, packed: torch.Tensor | Recast) -> torch.Tensor:
         stage = self._stage()
         if stage is not None:
             stage.gather_for_saved_tensor(self._unit)
-        return tensor
+        return packed.rebuild() if isinstance(packed, Recast) else packed
+
+
+class Recast:
+    """A saved cast of a parameter, kept as how to make it again (Note [autocast casts])."""
+
+    def __init__(self, param: torch.Tensor, dtype: torch.dtype, shape, stride, offset: int) -> None:
+        self.param, self.dtype = param, dtype
+        self.shape, self.stride, self.offset = shape, stride, offset
+
+    def rebuild(self) -> torch.Tensor:
+        with torch.no_grad():
+            cast = self.param.to(self.dtype)
+        return cast.as_strided(self.shape, self.stride, self.offset)
 
 
 def _may_watch_saved_tensors() -> bool:
