@@ -17,7 +17,8 @@ from models import build_model, loss_fn, make_batch
 
 GLOBAL_BATCH = 12  # divisible by 1, 2, 3 and 4 ranks
 OPTIMIZERS = {"SGD": (torch.optim.SGD, {"lr": 0.05, "momentum": 0.9}),
-              "AdamW": (torch.optim.AdamW, {"lr": 1e-2, "weight_decay": 0.1})}
+              "AdamW": (torch.optim.AdamW, {"lr": 1e-2, "weight_decay": 0.1}),
+              "AdamW fused": (torch.optim.AdamW, {"lr": 1e-2, "weight_decay": 0.1, "fused": True})}
 
 
 def global_batch(spec, step: int):

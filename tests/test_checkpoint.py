@@ -97,6 +97,37 @@ def test_resume_on_the_same_layout_matches_the_run_that_never_stopped(pool, tmp_
             assert torch.equal(a, b), rank
 
 
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_resume_with_fused_adamw_matches_the_run_that_never_stopped(pool, tmp_path, stage):
+    """A fused (or capturable) optimizer reads ``step`` on the parameters' device: the
+    loaded state must be placed as torch's own ``load_state_dict`` places it."""
+    side = {"n": 2, "stage": stage, "bf16": False, "bucket_mb": 1e-3, "units": "blocks"}
+    cfg = {"model": TRANSFORMER, "optimizer": "AdamW fused", "save": side, "load": dict(side),
+           "steps_before": 2, "steps_after": 2}
+    folder = tmp_path / "run" / "ckpt"
+    saved = pool.run(cases_ckpt.train_and_save, 2, cfg, str(folder))
+    resumed = pool.run(cases_ckpt.resume_two_ways, 2, cfg, str(folder))
+    for rank, (res, uninterrupted) in enumerate(zip(resumed, saved)):
+        for a, b, c in zip(res["a"], res["b"], uninterrupted["continued"]):
+            assert torch.equal(a, c) and torch.equal(b, c), rank
+
+
+@pytest.mark.parametrize("group", [{}, {"fused": True}, {"capturable": True}])
+@pytest.mark.parametrize("key, value", [("step", torch.tensor(3.0)),
+                                        ("mu_product", torch.tensor(0.5, dtype=torch.float64)),
+                                        ("count", torch.tensor(2))])
+def test_loaded_optimizer_scalars_are_placed_by_torchs_rule(group, key, value):
+    """Note [special device hosting for step] in torch.optim: a saved scalar state lands
+    where torch's own load_state_dict puts it (here a master on meta, so the device shows)."""
+    from zeroshard._sharded_state import _placed_scalar
+    master = torch.empty(4, dtype=torch.bfloat16, device="meta")
+    groups = [{**group, "params": [0]}]
+    expected = torch.optim.Optimizer._process_value_according_to_param_policy(
+        master, value, 0, groups, key)
+    placed = _placed_scalar(key, value, master, group)
+    assert (placed.device, placed.dtype) == (expected.device, expected.dtype)
+
+
 # which bad checkpoint -> words the error must contain (what is wrong, and where)
 BAD_CHECKPOINTS = {
     "missing_file": ["rank00001.pt", "missing"],

@@ -153,7 +153,8 @@ def load_from(opt, source: Source, with_states: bool = True) -> None:
         if bucket.master is not None and with_states:
             opt._inner.state.pop(bucket.master, None)
             if layout is not None:
-                scalars = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in layout[0].items()}
+                group = opt._inner.param_groups[bucket.group_index]
+                scalars = {k: _placed_scalar(k, v, bucket.master, group) for k, v in layout[0].items()}
                 opt._inner.state[bucket.master] = {**scalars, **states}
     bucketed = {id(p) for b in opt._every_bucket for p in b.params}
     for name, param in opt._model.named_parameters():
@@ -161,3 +162,20 @@ def load_from(opt, source: Source, with_states: bool = True) -> None:
             source.prepare([param], param.dtype)
             param.copy_(source.values(name, 0, param.numel()).view_as(param))
     opt._stage.after_step()  # the shards changed: parameters follow, as after a step
+
+
+def _placed_scalar(key, value, master: torch.Tensor, group: dict):
+    """A saved per-tensor state entry, placed where ``torch.optim.Optimizer.load_state_dict``
+    puts it (the rule of torch's Note [special device hosting for step]): ``step`` stays a
+    CPU tensor unless the group is ``fused`` or ``capturable``, whose kernels read it on
+    the parameter's device as fp32; any other tensor follows the master's device and
+    dtype. Saved states come from CPU files or rank 0's CPU dicts."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    if key == "step":
+        if group.get("fused") or group.get("capturable"):
+            return value.to(dtype=torch.float32, device=master.device, copy=True)
+        return value.clone()
+    if master.is_floating_point():
+        return value.to(dtype=master.dtype, device=master.device, copy=True)
+    return value.to(device=master.device, copy=True)
