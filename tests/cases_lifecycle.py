@@ -198,3 +198,37 @@ def copy_is_an_ordinary_module(ctx, stage: int):
     diffs.update({f"ema.{name}": (p - q).abs().max().item() for (name, p), q in
                   zip(ema.named_parameters(), ref_ema.parameters())})
     return diffs, plain_grads
+
+
+def _error_of(action) -> str | None:
+    try:
+        action()
+    except RuntimeError as error:
+        return str(error)
+    return None
+
+
+def ddp_around_a_managed_model(ctx, stage: int):
+    """Note [refusing DistributedDataParallel]: DDP over a managed model, or over a module
+    holding one, is refused on every rank; a deep copy and the model after close() are
+    ordinary modules that DDP takes, and a user's own ignore list comes back."""
+    model = build_model(MLP, seed=ctx.rank)
+    model._ddp_params_and_buffers_to_ignore = ["nothing"]
+    opt = _zero(model, stage, ctx.group)
+    wrap_model = _error_of(lambda: DDP(model, process_group=ctx.group))
+    parent = torch.nn.Sequential(model)
+    if stage == 3:  # DDP's constructor broadcasts the parent's parameters: placeholders at stage 3
+        wrap_parent = None
+    else:
+        parent_ddp = DDP(parent, process_group=ctx.group)
+        wrap_parent = _error_of(lambda: parent_ddp(make_batch(MLP, seed=0, rank=ctx.rank, batch=4)[0]))
+    with opt.summon_full_params():
+        copied = copy.deepcopy(model)
+    copy_ignores = list(copied._ddp_params_and_buffers_to_ignore)
+    DDP(copied, process_group=ctx.group)
+    _steps(model, opt, 0, 1, ctx.rank)
+    opt.close()
+    wrapped_after_close = DDP(model, process_group=ctx.group)
+    loss_fn(MLP, wrapped_after_close, make_batch(MLP, seed=1, rank=ctx.rank, batch=4)).backward()
+    return {"wrap_model": wrap_model, "wrap_parent": wrap_parent, "copy_ignores": copy_ignores,
+            "ignores_after_close": list(model._ddp_params_and_buffers_to_ignore)}

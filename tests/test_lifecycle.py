@@ -100,3 +100,16 @@ def test_a_script_whose_own_collective_comes_last_exits_zero():
             [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
              script, str(stage)], env=env, capture_output=True, text=True, timeout=240)
         assert done.returncode == 0, f"launch {launch}:\n{done.stdout}\n{done.stderr[-3000:]}"
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_distributed_data_parallel_around_a_managed_model_is_refused(pool, stage):
+    """What accelerator.prepare(model) does under HF Trainer: refused on every rank before
+    any collective, naming the integration; the model after close() wraps as usual."""
+    for rank, res in enumerate(pool.run(cases_lifecycle.ddp_around_a_managed_model, 2, stage)):
+        errors = [res["wrap_model"]] + ([res["wrap_parent"]] if stage != 3 else [])
+        for error in errors:
+            assert error is not None and "DistributedDataParallel" in error, (rank, res)
+            assert "ZeroTrainer" in error, error
+        assert res["copy_ignores"] == ["nothing"], res
+        assert res["ignores_after_close"] == ["nothing"], res

@@ -13,6 +13,7 @@ from torch import nn
 from . import _comm, _full_state, _materialize, _validate
 from ._bucket import FlatBucket, build_buckets
 from ._buffers import BufferFollower
+from ._ddp_guard import DDPGuard
 from ._stage import WeakHook
 from ._unit import build_units, select_unit_modules
 from .memory import storage_bytes, storage_key
@@ -175,6 +176,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             self._buffer_follower = BufferFollower(model, self._stage, self._group, self.comm_stats)
             self._stage._handles.append(model.register_forward_pre_hook(
                 WeakHook(self._buffer_follower.before_forward)))
+        self._ddp_guard = DDPGuard(model)  # Note [refusing DistributedDataParallel]
         for param in model.parameters():
             _owners[id(param)] = (weakref.ref(param), weakref.ref(self))
         self._constructed = True
@@ -233,6 +235,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
             return
         self._stage.remove_hooks()
         self._stage = None
+        if self._constructed:
+            self._ddp_guard.remove()
         self._every_bucket, self._buckets, self._units = [], [], []
         self._inner.state.clear()
         for group in self.param_groups + self._inner.param_groups:

@@ -1,0 +1,77 @@
+"""Refusing ``DistributedDataParallel`` around a model a ZeroOptimizer manages.
+
+Note [refusing DistributedDataParallel]:
+    A managed model reduces its own gradients during backward. DDP around it would
+    reduce them a second time, into ``p.grad`` that zeroshard does not read (stage 1:
+    the local gradient; stages 2-3: markers), and at stage 3 it would broadcast the
+    placeholders; each ends in an error that names neither DDP nor its fix, or, worse,
+    in a difference. ``accelerator.prepare(model)`` (Hugging Face ``Trainer`` with
+    ``optimizers=(ZeroOptimizer, ...)``) wraps the model in DDP exactly so.
+
+    DDP's constructor offers no hook, but before its first collective it reads the
+    wrapped module's ``_ddp_params_and_buffers_to_ignore`` (``set(...)`` of it), so
+    the managed model carries a ``DDPRefusal`` there whose iteration raises: every rank
+    raises the same error before any collective. A DDP around a *parent* of the model
+    does not read the child's attribute; the model's forward pre-hook checks DDP's
+    record of the module whose forward it is running and refuses there, on every rank,
+    before the model's first collective of that forward. ``close()`` removes both.
+    A user's own ``_ddp_params_and_buffers_to_ignore`` is kept and put back.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ._stage import WeakHook
+
+_ATTRIBUTE = "_ddp_params_and_buffers_to_ignore"
+_FIX = ("a ZeroOptimizer reduces this model's gradients itself: pass the model to it "
+        "unwrapped, not to DistributedDataParallel (Hugging Face Trainer: use "
+        "zeroshard.integrations.hf.ZeroTrainer, which keeps Accelerate from wrapping it)")
+
+
+class DDPRefusal:
+    """What ``_ddp_params_and_buffers_to_ignore`` holds on a managed model. It refuses
+    only while its guard lives: an optimizer dropped without ``close()`` no longer
+    manages the model, which DDP may then wrap."""
+
+    def __init__(self, guard: DDPGuard, previous) -> None:
+        self._guard = weakref.ref(guard)
+        self.previous = previous  # the user's own value, or None
+
+    def __iter__(self):
+        if self._guard() is None:
+            return iter(self.previous or ())
+        raise RuntimeError("zeroshard: DistributedDataParallel was given a model that a "
+                           f"ZeroOptimizer manages; {_FIX}")
+
+    # copies (an EMA model, torch.save) are ordinary modules: they carry the user's value
+    def __deepcopy__(self, memo):
+        return self.previous if self.previous is not None else ()
+
+    def __reduce__(self):
+        return (tuple, (tuple(self.previous or ()),))
+
+
+class DDPGuard:
+    """Installs the refusal on ``model`` and takes it away again (Note above)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self._model = model
+        model.__dict__[_ATTRIBUTE] = DDPRefusal(self, model.__dict__.get(_ATTRIBUTE))
+        self.handle = model.register_forward_pre_hook(WeakHook(self._before_forward))
+
+    def _before_forward(self, module, args) -> None:
+        active = getattr(DistributedDataParallel, "_active_ddp_module", None)
+        if active is not None and any(m is self._model for m in active.module.modules()):
+            raise RuntimeError("zeroshard: a DistributedDataParallel module runs the forward "
+                               f"of a model that a ZeroOptimizer manages; {_FIX}")
+
+    def remove(self) -> None:
+        self.handle.remove()
+        refusal = self._model.__dict__.pop(_ATTRIBUTE, None)
+        if isinstance(refusal, DDPRefusal) and refusal.previous is not None:
+            self._model.__dict__[_ATTRIBUTE] = refusal.previous
