@@ -676,3 +676,202 @@ def parameters_held_at_the_head(ctx):
     bound = (total + 4 * buckets * ctx.world_size) / ctx.world_size + root
     opt.close()
     return held[0], bound, block_bytes
+
+
+class ConvNet(torch.nn.Module):
+    """Two convolutions and a linear head; ``channels_last`` gives the conv weights
+    permuted strides (Note [memory order] in zeroshard/_bucket.py)."""
+
+    def __init__(self, seed: int, channels_last: bool) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv1 = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(4, 5, 3, padding=1)
+        self.head = torch.nn.Linear(5, 3)
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
+
+    def forward(self, x):
+        h = torch.tanh(self.conv2(torch.tanh(self.conv1(x))))
+        return self.head(h.mean((2, 3)))
+
+    def conv_weights(self):
+        return [self.conv1.weight, self.conv2.weight]
+
+
+CONV_OPTIMIZERS = {"SGD": (torch.optim.SGD, {"lr": 0.05, "momentum": 0.9}),
+                   "AdamW": (torch.optim.AdamW, {"lr": 1e-2, "weight_decay": 0.1})}
+
+
+def _conv_batch(seed: int, rank: int):
+    generator = torch.Generator().manual_seed(1000 * seed + rank)
+    x = torch.randn(2, 3, 6, 6, generator=generator).to(memory_format=torch.channels_last)
+    return x, torch.randn(2, 3, generator=generator)
+
+
+def _conv_zero(model, stage: int, group, optimizer: str):
+    opt_class, kwargs = CONV_OPTIMIZERS[optimizer]
+    # tiny buckets: shards cut through the conv weights
+    return zeroshard.ZeroOptimizer(model, opt_class, stage=stage, process_group=group,
+                                   bucket_size_mb=1e-4, **kwargs,
+                                   **({"units": torch.nn.Conv2d} if stage == 3 else {}))
+
+
+def _channels_last(tensors) -> list[bool]:
+    return [t.is_contiguous(memory_format=torch.channels_last) for t in tensors]
+
+
+def channels_last_conv_weights(ctx, stage: int, optimizer: str):
+    """A ``channels_last`` conv net against DDP over the same: the conv weights stay
+    ``channels_last`` after construction, in every forward (stage 3: gathered), in
+    stage 1's ``.grad``, in the full state dict and after ``close()``; parameters and
+    the exported optimizer state equal DDP's. Returns (layouts seen, per-step largest
+    parameter differences, exported-state difference, difference after close)."""
+    model = ConvNet(seed=ctx.rank, channels_last=True)
+    reference = DDP(ConvNet(seed=0, channels_last=True), process_group=ctx.group)
+    opt = _conv_zero(model, stage, ctx.group, optimizer)
+    opt_class, kwargs = CONV_OPTIMIZERS[optimizer]
+    ref_opt = opt_class(reference.parameters(), **kwargs)
+    layouts = {}
+    with opt.summon_full_params():
+        layouts["constructed"] = _channels_last(model.conv_weights())
+    forwards = []
+    for conv in (model.conv1, model.conv2):
+        conv.register_forward_pre_hook(
+            lambda module, args: forwards.append(_channels_last([module.weight])[0]))
+    diffs = []
+    for step in range(3):
+        x, y = _conv_batch(step, ctx.rank)
+        for net, optimizer_ in ((model, opt), (reference, ref_opt)):
+            torch.nn.functional.mse_loss(net(x), y).backward()
+            if net is model and stage == 1:  # the local gradient views its buffer
+                layouts.setdefault("stage1_grads", _channels_last(p.grad for p in model.conv_weights()))
+            optimizer_.step()
+            optimizer_.zero_grad()
+        diffs.append(_largest_difference(opt, model, reference))
+    layouts["forwards"] = forwards
+    with opt.summon_full_params():
+        layouts["stepped"] = _channels_last(model.conv_weights())
+    exported = opt.full_state_dict()
+    exported_diff = 0.0
+    if exported is not None:
+        model_sd, optim_sd = exported
+        layouts["exported"] = _channels_last([model_sd["conv1.weight"], model_sd["conv2.weight"]])
+        plain = reference.module
+        for index, (name, param) in enumerate(plain.named_parameters()):
+            exported_diff = max(exported_diff, (model_sd[name] - param).abs().max().item())
+            for key, value in ref_opt.state[param].items():
+                if isinstance(value, torch.Tensor) and value.shape == param.shape:
+                    theirs = optim_sd["state"][index][key]
+                    exported_diff = max(exported_diff, (theirs - value).abs().max().item())
+    opt.close()
+    layouts["closed"] = _channels_last(model.conv_weights())
+    closed = max((p - q).abs().max().item()
+                 for p, q in zip(model.parameters(), reference.module.parameters()))
+    return layouts, diffs, exported_diff, closed
+
+
+def _conv_steps(model, opt, first: int, count: int, rank: int) -> None:
+    for step in range(first, first + count):
+        x, y = _conv_batch(step, rank)
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def _full_conv_params(model, opt) -> list[torch.Tensor]:
+    with opt.summon_full_params():
+        return [p.detach().clone() for p in model.parameters()]
+
+
+def channels_last_checkpoint_round_trip(ctx, stage: int, load_stage: int, folder: str):
+    """AdamW at ``stage``: a ``channels_last`` model saves a checkpoint, a full state dict
+    and a safetensors file; a row-major model at ``load_stage`` loads each (and the
+    reverse: the row-major one saves, a ``channels_last`` one loads). Loaded parameters
+    must equal the saved exactly, and after a further step (checkpoint and full state:
+    the optimizer state followed too) the saving model's. Returns (largest difference
+    per way and when, loaded conv weights' layouts)."""
+    results, layouts = {}, {}
+    for way, (save_cl, load_cl) in {"cl_to_plain": (True, False),
+                                    "plain_to_cl": (False, True)}.items():
+        saver = ConvNet(seed=0, channels_last=save_cl)
+        opt = _conv_zero(saver, stage, ctx.group, "AdamW")
+        _conv_steps(saver, opt, 0, 2, ctx.rank)
+        path = f"{folder}/{way}"
+        zeroshard.save_checkpoint(path, saver, opt)
+        zeroshard.save_full_model(f"{path}_safetensors", saver, opt)
+        exported = opt.full_state_dict()
+        saved = _full_conv_params(saver, opt)
+        _conv_steps(saver, opt, 2, 1, ctx.rank)
+        stepped = _full_conv_params(saver, opt)
+        for how in ("checkpoint", "full_state", "safetensors"):
+            loader = ConvNet(seed=5, channels_last=load_cl)
+            loaded_opt = _conv_zero(loader, load_stage, ctx.group, "AdamW")
+            if how == "checkpoint":
+                zeroshard.load_checkpoint(path, loader, loaded_opt)
+            elif how == "full_state":  # the dicts on rank 0 only, sent bucket by bucket
+                loaded_opt.load_full_state_dict(*(exported if exported is not None else (None, None)))
+            else:  # the model only, each rank reading its ranges from the file
+                loaded_opt.load_full_state_dict(f"{path}_safetensors")
+            with loaded_opt.summon_full_params():
+                layouts[f"{way}_{how}"] = _channels_last(loader.conv_weights())
+            got = _full_conv_params(loader, loaded_opt)
+            results[f"{way}_{how}"] = max((a - b).abs().max().item() for a, b in zip(got, saved))
+            if how != "safetensors":
+                _conv_steps(loader, loaded_opt, 2, 1, ctx.rank)
+                got = _full_conv_params(loader, loaded_opt)
+                results[f"{way}_{how}_stepped"] = max((a - b).abs().max().item()
+                                                      for a, b in zip(got, stepped))
+            loaded_opt.close()
+        opt.close()
+    return results, layouts
+
+
+def channels_last_load_state_dict_with_bf16(ctx, stage: int):
+    """bf16 mixed precision over a ``channels_last`` model: ``model.load_state_dict`` of a
+    row-major model's fp32 values puts them into the fp32 masters exactly (they are
+    indexed in the buffer's memory order). Returns (largest master difference, the conv
+    weights' layouts inside summon_full_params)."""
+    model = ConvNet(seed=ctx.rank, channels_last=True)
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=stage, process_group=ctx.group,
+                                  mixed_precision=BF16, bucket_size_mb=1e-4, lr=0.05,
+                                  **({"units": torch.nn.Conv2d} if stage == 3 else {}))
+    _conv_steps(model, opt, 0, 1, ctx.rank)
+    pretrained = ConvNet(seed=77, channels_last=False).state_dict()
+    with opt.summon_full_params():
+        model.load_state_dict(pretrained)
+        layouts = _channels_last(model.conv_weights())
+    names = {id(p): name for name, p in model.named_parameters()}
+    diff = max((value - pretrained[names[key]]).abs().max().item()
+               for key, value in opt._gather_masters().items())
+    opt.close()
+    return diff, layouts
+
+
+def memory_formats_differ_across_ranks(ctx, stage: int):
+    """Rank 0's conv weights ``channels_last``, the others' row-major: the buffers would
+    hold their elements in different orders, so construction raises on every rank.
+    Returns the message, or "no error"."""
+    model = ConvNet(seed=0, channels_last=ctx.rank == 0)
+    try:
+        _conv_zero(model, stage, ctx.group, "SGD").close()
+    except ValueError as error:
+        return str(error)
+    return "no error"
+
+
+def optimizer_state_dict_across_memory_formats(ctx):
+    """``opt.state_dict()`` is this rank's shard, in the buffer's memory order: loading it
+    into an optimizer over a row-major model is refused; over a ``channels_last`` one it
+    loads. Returns (the refusal, or "no error"; whether the second load went through)."""
+    model = ConvNet(seed=0, channels_last=True)
+    opt = _conv_zero(model, 2, ctx.group, "AdamW")
+    _conv_steps(model, opt, 0, 1, ctx.rank)
+    saved = opt.state_dict()
+    refusal = "no error"
+    try:
+        _conv_zero(ConvNet(seed=0, channels_last=False), 2, ctx.group, "AdamW").load_state_dict(saved)
+    except ValueError as error:
+        refusal = str(error)
+    _conv_zero(ConvNet(seed=0, channels_last=True), 2, ctx.group, "AdamW").load_state_dict(saved)
+    return refusal, True

@@ -198,3 +198,48 @@ def test_drawn_ways_of_driving_the_loop_equal_ddp(pool, stage, world_size, plan)
     parameters after every step, and the EMA's (fp32 noise: 1e-6)."""
     for diffs in pool.run(cases_loops.drive_loop, world_size, stage, plan):
         assert max(diffs) < 1e-6, diffs
+
+
+@pytest.mark.parametrize("optimizer", ["SGD", "AdamW"])
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_channels_last_conv_weights_keep_their_layout_and_equal_ddp(pool, stage, optimizer):
+    """Found by the issue on ordinary loops: the flat buffer made every parameter
+    row-major, so a channels_last conv weight came back NCHW (a layout conversion on
+    every call on GPU). Note [memory order] in zeroshard/_bucket.py."""
+    for rank, (layouts, diffs, exported, closed) in enumerate(
+            pool.run(cases_loops.channels_last_conv_weights, 2, stage, optimizer)):
+        expected = ["constructed", "forwards", "stepped", "closed"]
+        expected += ["stage1_grads"] if stage == 1 else []
+        expected += ["exported"] if rank == 0 else []
+        assert sorted(layouts) == sorted(expected), layouts
+        for when, seen in layouts.items():
+            assert seen and all(seen), (when, seen)
+        assert max(diffs) < 1e-6 and exported < 1e-6 and closed < 1e-6, (diffs, exported, closed)
+
+
+@pytest.mark.parametrize("stage,load_stage", [(1, 3), (2, 1), (3, 2)])
+def test_checkpoints_move_between_channels_last_and_row_major_models(pool, tmp_path, stage,
+                                                                     load_stage):
+    for results, layouts in pool.run(cases_loops.channels_last_checkpoint_round_trip, 2,
+                                     stage, load_stage, str(tmp_path)):
+        assert max(results.values()) < 1e-6, results
+        for when, seen in layouts.items():  # each model keeps its own layout
+            assert all(seen) == when.startswith("plain_to_cl"), (when, seen)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_channels_last_load_state_dict_with_mixed_precision_reaches_the_masters(pool, stage):
+    for diff, layouts in pool.run(cases_loops.channels_last_load_state_dict_with_bf16, 2, stage):
+        assert diff == 0 and all(layouts), (diff, layouts)
+
+
+def test_memory_formats_that_differ_across_ranks_are_refused(pool):
+    refusals = pool.run(cases_loops.memory_formats_differ_across_ranks, 2, 2)
+    assert "differ across ranks" in refusals[0] and "conv1.weight" in refusals[0], refusals
+    assert "differ across ranks" in refusals[1], refusals
+
+
+def test_optimizer_state_dict_refuses_another_memory_format(pool):
+    for refusal, loaded in pool.run(cases_loops.optimizer_state_dict_across_memory_formats, 1):
+        assert "memory formats" in refusal and "zeroshard checkpoints" in refusal, refusal
+        assert loaded

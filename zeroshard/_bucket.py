@@ -7,6 +7,25 @@ one collective moves all of them at once. ``shard`` is this rank's slice of the
 buffer, what the all-gather sends. ``master`` is the tensor the inner optimizer
 steps on: the shard itself, or with mixed precision an fp32 copy of it (the
 parameters and the shard then hold the low-precision cast).
+
+Note [memory order]: a parameter keeps its strides (its memory format). The buffer
+holds each parameter's elements in the order they lie in its memory, outermost dim
+first: ``memory_order`` is that dim order (``(0, 2, 3, 1)`` for a ``channels_last``
+conv weight, the identity for a row-major one and for any tensor that is not dense
+and non-overlapping, which becomes row-major), and ``param_view`` permutes the
+stored run back, so the view has the parameter's shape *and* strides: a
+``channels_last`` weight stays ``channels_last`` (no layout conversion per call),
+and gradient buffers, gathers and exports through ``param_view`` keep it too.
+Everything that indexes "the flattened parameter" by ranges (``Overlap``,
+checkpoint pieces, load sources) means this memory order. Values that come in
+logical shape (``model.load_state_dict``, full state dicts, safetensors) are put
+in it with ``to_memory_order``; a checkpoint records each parameter's order and
+one saved in another order is moved to this one on load (checkpoint.py). All
+ranks must hold a parameter in one order (a collective moves whole buffers):
+``ZeroOptimizer`` checks that once at construction, as DDP checks strides.
+Stage-3 placeholders are stride-0 expansions (Note [stage-3 placeholders]):
+their shape is right, their strides are not the parameter's; gathered, it has
+its strides back.
 """
 
 from __future__ import annotations
@@ -24,6 +43,30 @@ from .mixed_precision import MASTER_DTYPE
 _GRAD_DTYPE_SETTABLE = hasattr(torch.Tensor, "grad_dtype")
 
 
+def memory_order(tensor: torch.Tensor) -> tuple[int, ...]:
+    """``tensor``'s dims from outermost to innermost in memory (Note [memory order])."""
+    identity = tuple(range(tensor.dim()))
+    if tensor.is_contiguous():  # also settles size-1 dims, whose strides say nothing
+        return identity
+    order = tuple(sorted(identity, key=lambda dim: -tensor.stride(dim)))  # ties: dim order
+    # dense and non-overlapping exactly when the permuted tensor is row-major
+    return order if tensor.permute(order).is_contiguous() else identity
+
+
+def to_memory_order(value: torch.Tensor, order: tuple[int, ...]) -> torch.Tensor:
+    """``value`` (the parameter's shape, any strides) as 1-D, in ``order``."""
+    return value.permute(order).reshape(-1)
+
+
+def from_memory_order(flat: torch.Tensor, shape, order: tuple[int, ...]) -> torch.Tensor:
+    """The inverse of ``to_memory_order``: a view of ``flat`` with ``shape`` whose
+    strides follow ``order``."""
+    stored = flat.view([shape[dim] for dim in order])
+    if order == tuple(range(len(order))):
+        return stored
+    return stored.permute(sorted(range(len(order)), key=order.__getitem__))
+
+
 class FlatBucket:
     """Parameters of one param group, dtype, device and ``requires_grad`` value."""
 
@@ -35,6 +78,7 @@ class FlatBucket:
         self.group_index = group_index
         self.rank = rank
         self.layout = FlatLayout(tuple(p.numel() for p in params), world_size)
+        self.orders = [memory_order(p) for p in params]  # Note [memory order]
         self.flat: torch.Tensor | None = None  # 1-D, padded to a multiple of world size (materialize)
         self.shard: torch.Tensor | None = None  # this rank's elements (materialize, place_shard)
         self.master: torch.Tensor | None = None  # what the optimizer steps (place_shard)
@@ -90,9 +134,11 @@ class FlatBucket:
                 if id(param) in built_on_meta and bool(self.param_view(self.flat, index).isnan().any())]
 
     def param_view(self, flat: torch.Tensor, index: int) -> torch.Tensor:
-        """Parameter ``index``'s elements of ``flat`` (any buffer of this layout), shaped like it."""
+        """Parameter ``index``'s elements of ``flat`` (any buffer of this layout), shaped
+        and strided like it (Note [memory order])."""
         span = self.layout.param_range(index)
-        return flat[span.start:span.stop].view(self.params[index].shape)
+        return from_memory_order(flat[span.start:span.stop], self.params[index].shape,
+                                 self.orders[index])
 
     def _own_slice(self) -> torch.Tensor:
         own = self.layout.shard_range(self.rank)
@@ -161,15 +207,15 @@ class FlatBucket:
         self._clean_version = self.flat._version
 
     def load_into_master(self, index: int, value: torch.Tensor) -> None:
-        """Parameter ``index`` is being loaded with ``value`` (any dtype): put this rank's
-        part of it into the master at full precision."""
+        """Parameter ``index`` is being loaded with ``value`` (its shape, any dtype and
+        strides): put this rank's part of it into the master at full precision."""
         if not self.has_separate_master:
             return
         overlap = self.layout.overlap(index, self.rank)
         if overlap is None:
             return
         self.master[overlap.shard_span].copy_(
-            value.reshape(-1)[overlap.param_start:overlap.param_stop])
+            to_memory_order(value, self.orders[index])[overlap.param_start:overlap.param_stop])
 
     @property
     def all_ready(self) -> bool:

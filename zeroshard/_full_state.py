@@ -15,7 +15,8 @@ from collections.abc import Mapping
 import torch
 
 from . import _comm
-from ._sharded_state import load_from, parameter_names, split_state
+from ._bucket import to_memory_order
+from ._sharded_state import load_from, memory_orders, parameter_names, split_state
 
 
 @torch.no_grad()
@@ -96,10 +97,14 @@ def stream_parameters(opt, with_states: bool = True):
 
 
 class FullStateSource:
-    """Serves ``load_from`` ranges of full (unsharded) tensors held on this rank."""
+    """Serves ``load_from`` ranges of full (unsharded) tensors held on this rank. They
+    come in plain PyTorch form (row-major files, or any strides); a parameter held in
+    another memory order (Note [memory order] in _bucket.py) is read whole and served
+    in that order."""
 
     def __init__(self, opt, model_sd: dict, optim_sd: dict | None) -> None:
         self.params = dict(opt._model.named_parameters())
+        self.orders = memory_orders(opt)
         self.model_sd = model_sd
         self.key_of = _stored_names(opt._model, model_sd)
         members = [p for group in opt._group_members for p in group]
@@ -109,6 +114,9 @@ class FullStateSource:
             for i, p in enumerate(members)}
 
     def values(self, name: str, start: int, stop: int) -> torch.Tensor:
+        order = self.orders.get(name)
+        if order is not None:  # a range in memory order is scattered over the row-major tensor
+            return to_memory_order(self.model_sd[self.key_of[name]], order)[start:stop]
         read_range = getattr(self.model_sd, "read_range", None)  # files: read only the range
         if read_range is not None:
             return read_range(self.key_of[name], start, stop)
@@ -116,7 +124,8 @@ class FullStateSource:
 
     def states(self, name: str, start: int, stop: int) -> dict:
         _, per_element = split_state(self.state_of.get(name) or {}, self.params[name])
-        return {k: v.reshape(-1)[start:stop] for k, v in per_element.items()}
+        order = self.orders.get(name, tuple(range(self.params[name].dim())))
+        return {k: to_memory_order(v, order)[start:stop] for k, v in per_element.items()}
 
     def optimizer_layout(self, name: str):
         if not self.state_of.get(name):

@@ -20,7 +20,8 @@ from typing import NamedTuple
 class Overlap(NamedTuple):
     """The part of one parameter that falls into one rank's shard.
 
-    ``param_start:param_stop`` indexes the flattened parameter;
+    ``param_start:param_stop`` indexes the flattened parameter (flattened in its
+    memory order: Note [memory order] in _bucket.py);
     ``shard_start`` is where that run begins inside the shard.
     """
 

@@ -5,6 +5,8 @@ slice a rank owns depends on the stage, the bucket sizes, the units and the worl
 size. Saved state therefore never mentions buckets: a rank saves, for every
 parameter it owns elements of, the *piece* ``[start, stop)`` of the flattened
 parameter, its values and the per-element optimizer states over the same range.
+"Flattened" means in the parameter's memory order (Note [memory order] in
+_bucket.py): sources serve ranges in this run's order (``memory_orders``).
 Loading asks a source for the ranges the new layout needs, wherever the old pieces
 lie, so any world size, stage and bucketing can load what any other saved.
 
@@ -38,7 +40,8 @@ class Piece:
 
 
 class Source(Protocol):
-    """Where loading finds the values and optimizer state of any parameter range."""
+    """Where loading finds the values and optimizer state of any parameter range, the
+    range counted in this run's memory order of the parameter (``memory_orders``)."""
 
     def values(self, name: str, start: int, stop: int) -> torch.Tensor: ...
 
@@ -54,6 +57,16 @@ class Source(Protocol):
 
 def parameter_names(model: nn.Module) -> dict[int, str]:
     return {id(p): name for name, p in model.named_parameters()}
+
+
+def memory_orders(opt) -> dict[str, tuple[int, ...]]:
+    """Parameter name -> the order its bucket holds it in (Note [memory order]), for
+    each parameter not held row-major. The rest, and the parameters outside buckets
+    (saved and loaded whole, ``reshape(-1)``), are row-major."""
+    names = parameter_names(opt._model)
+    return {names[id(param)]: order for bucket in opt._every_bucket
+            for param, order in zip(bucket.params, bucket.orders)
+            if order != tuple(range(len(order)))}
 
 
 def split_state(state: dict, like: torch.Tensor) -> tuple[dict, dict]:

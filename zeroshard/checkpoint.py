@@ -3,8 +3,9 @@
 On disk, ``path`` is a folder that holds one complete checkpoint and a pointer to it:
 
     path/LATEST            the name of the complete version ("v000003"), replaced atomically
-    path/v000003/meta.pt   the model and optimizer it came from (names, shapes, groups,
-                           per-parameter optimizer scalars) and every file's size
+    path/v000003/meta.pt   the model and optimizer it came from (names, shapes, memory
+                           orders, groups, per-parameter optimizer scalars) and every
+                           file's size
     path/v000003/rank00001.pt   rank 1's pieces of the parameters (see _sharded_state.py):
                            fp32 master values and per-element optimizer states
     path/v000003/extra00001.pt  rank 1's ``extra``
@@ -43,10 +44,16 @@ import torch
 import torch.distributed as dist
 
 from . import _comm
-from ._sharded_state import load_from, optimizer_layouts, owned_pieces, parameter_names
+from ._bucket import from_memory_order, to_memory_order
+from ._sharded_state import (load_from, memory_orders, optimizer_layouts, owned_pieces,
+                             parameter_names)
 
 FORMAT = "zeroshard-checkpoint"
-FORMAT_VERSION = 1
+# 2: meta.pt has "orders" (Note [memory order] in _bucket.py). A checkpoint that holds
+# every parameter row-major is written as 1, which any version reads alike; one that
+# does not is 2, so a zeroshard from before the orders refuses it instead of loading
+# its pieces scrambled.
+FORMAT_VERSION = 2
 LATEST = "LATEST"
 
 
@@ -115,7 +122,7 @@ def load_checkpoint(path, model, opt):
         state["extra"] = _load_file(folder / _extra_file(extra_rank), weights_only=False)
     _share(opt, read_all)
 
-    load_from(opt, _CheckpointSource(meta, folder, parameter_names(model)))
+    load_from(opt, _CheckpointSource(meta, folder, parameter_names(model), memory_orders(opt)))
     buffers = _load_file(folder / _rank_file(0), weights_only=True, mmap=True)["buffers"]
     with torch.no_grad():
         for name, buffer in model.named_buffers():
@@ -132,8 +139,10 @@ def load_checkpoint(path, model, opt):
 
 def _describe(opt, model) -> dict:
     names = {id(p): n for n, p in model.named_parameters()}
+    orders = memory_orders(opt)  # the order of each piece's elements; absent: row-major
     return {
-        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "format": FORMAT, "format_version": FORMAT_VERSION if orders else 1,
+        "orders": orders,
         "world_size": opt._world_size, "stage": opt.stage,
         "mixed_precision": repr(opt.mixed_precision),
         "optimizer_class": _qualname(opt._optimizer_class),
@@ -187,12 +196,21 @@ class _CheckpointSource:
     The rank files are memory-mapped (only the pages of the ranges read come from
     disk) once per bucket, in ``prepare``, and let go before the next bucket: the
     pages a rank has read then leave its memory with their bucket, instead of
-    adding up to its whole share of the checkpoint by the end of the load."""
+    adding up to its whole share of the checkpoint by the end of the load.
 
-    def __init__(self, meta: dict, folder: Path, names: dict[int, str]) -> None:
+    Pieces count elements in the saving run's memory order of each parameter (Note
+    [memory order] in _bucket.py); a parameter this run holds in another order (a
+    ``channels_last`` weight saved from a row-major model, or the reverse) is joined
+    from all its pieces and moved to this run's order whole."""
+
+    def __init__(self, meta: dict, folder: Path, names: dict[int, str],
+                 orders: dict[str, tuple[int, ...]]) -> None:
         self.layouts = meta["optimizer"]
         self.paths = [folder / _rank_file(r) for r in range(meta["world_size"])]
         self.names = names  # id(parameter) -> name
+        self.shapes = meta["params"]
+        self.saved_orders = meta.get("orders", {})  # format 1: every parameter row-major
+        self.orders = orders  # this run's
         self.pieces: dict[str, list[tuple]] = {}
 
     def prepare(self, params, dtype) -> None:
@@ -202,8 +220,28 @@ class _CheckpointSource:
             saved = _load_file(path, weights_only=True, mmap=True)["pieces"]
             for name in wanted & saved.keys():
                 self.pieces.setdefault(name, []).extend(saved[name])
-        for pieces in self.pieces.values():
+        for name, pieces in self.pieces.items():
             pieces.sort(key=lambda piece: piece[0])
+            identity = tuple(range(len(self.shapes[name])))
+            saved_order = self.saved_orders.get(name, identity)
+            order = self.orders.get(name, identity)
+            if saved_order != order:
+                self.pieces[name] = [self._reordered(name, pieces, saved_order, order)]
+
+    def _reordered(self, name: str, pieces: list[tuple], saved_order, order) -> tuple:
+        """All of ``name``'s pieces as one, from ``saved_order`` to ``order``."""
+        shape = self.shapes[name]
+        if sum(piece[1].numel() for piece in pieces) != torch.Size(shape).numel():
+            raise ValueError(f"checkpoint pieces of {name!r} do not cover it; the checkpoint "
+                             "is damaged")
+
+        def move(flat: torch.Tensor) -> torch.Tensor:
+            return to_memory_order(from_memory_order(flat, shape, saved_order), order)
+
+        values = move(torch.cat([piece[1] for piece in pieces]))
+        states = {key: move(torch.cat([piece[2][key] for piece in pieces]))
+                  for key in pieces[0][2]}
+        return 0, values, states
 
     def _ranges(self, name: str, start: int, stop: int):
         """(piece, slice of the piece) for each piece that overlaps [start, stop), in order."""

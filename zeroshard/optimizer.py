@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import weakref
+import zlib
 
 import torch
 import torch.distributed as dist
@@ -142,6 +143,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.comm_stats = _comm.CommStats()
 
         every_bucket = self._build_buckets(groups, units, int(bucket_size_mb * 2**20))
+        self._refuse_orders_that_differ_across_ranks(every_bucket, device)
         self._place_model(every_bucket, device, initialisation)
         self._every_bucket = every_bucket
         self._buckets = [b for b in every_bucket if b.params[0].requires_grad]  # optimized
@@ -263,7 +265,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             for index, param in enumerate(bucket.params):
                 value = state_dict.get(names[id(param)])
                 if isinstance(value, torch.Tensor) and value.numel() == param.numel():
-                    bucket.load_into_master(index, value)
+                    bucket.load_into_master(index, value.reshape(param.shape))
 
     def _require_open(self) -> None:
         if self._stage is None:
@@ -298,6 +300,29 @@ class ZeroOptimizer(torch.optim.Optimizer):
         for bucket in buckets:  # for messages
             bucket.param_names = [names[id(p)] for p in bucket.params]
         return buckets
+
+    def _refuse_orders_that_differ_across_ranks(self, buckets: list[FlatBucket],
+                                                device: torch.device) -> None:
+        """Every rank must hold each parameter in one memory order (Note [memory order]
+        in _bucket.py): the collectives move whole buffers, so a ``channels_last``
+        weight on one rank and a row-major one on another would exchange scrambled
+        values. One all-reduce of a fingerprint of the orders (DDP checks strides too)."""
+        if self._world_size == 1:
+            return
+        held = [(name, order) for bucket in buckets
+                for name, order in zip(bucket.param_names, bucket.orders)
+                if order != tuple(range(len(order)))]
+        fingerprint = zlib.crc32(repr(held).encode())
+        extremes = torch.tensor([fingerprint, -fingerprint], dtype=torch.int64, device=device)
+        _comm.all_reduce(extremes, group=self._group, stats=self.comm_stats, label="init",
+                         op=dist.ReduceOp.MAX)
+        if extremes.tolist() != [fingerprint, -fingerprint]:
+            mine = ", ".join(name for name, _ in held[:3]) or "none"
+            raise ValueError(
+                "the parameters' memory formats differ across ranks (e.g. "
+                "model.to(memory_format=torch.channels_last) on some ranks only); this rank "
+                f"holds these parameters in a non-row-major order: {mine}. Give the model "
+                "the same memory format on every rank before building ZeroOptimizer")
 
     def _place_model(self, buckets: list[FlatBucket], device: torch.device,
                      plan: _materialize.Initialisation) -> None:
@@ -500,6 +525,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             "world_size": self._world_size,
             "rank": self._rank,
             "bucket_numels": [list(b.layout.numels) for b in self._buckets],
+            "bucket_orders": _orders(self._buckets),  # Note [memory order] in _bucket.py
             "param_groups": [_hyperparameters(g) for g in self.param_groups],
             "inner": self._inner.state_dict(),
             # With mixed precision the fp32 masters are state the model's parameters
@@ -521,6 +547,13 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 f"{_summary(saved[2])}; this is rank {mine[1]} of {mine[0]} with layout "
                 f"{_summary(mine[2])}. Load on the same world size, model and bucket_size_mb, or "
                 "use zeroshard checkpoints to reshard")
+        # a state dict from before the orders held every parameter row-major
+        saved_orders = state_dict.get("bucket_orders") or _orders(self._buckets, row_major=True)
+        if saved_orders != _orders(self._buckets):
+            raise ValueError(
+                "state dict was saved from a model whose parameters had other memory formats "
+                "(channels_last or row-major, Note [memory order] in zeroshard/_bucket.py); "
+                "give the model the saving run's memory format, or use zeroshard checkpoints")
         masters = state_dict.get("masters")
         if (masters is not None) != (self.mixed_precision is not None):
             raise ValueError("state dict was saved with mixed_precision="
@@ -614,6 +647,12 @@ def _current_owner(params) -> ZeroOptimizer | None:
         if entry is not None and entry[0]() is param:
             return entry[1]()
     return None
+
+
+def _orders(buckets, row_major: bool = False) -> list[list[list[int]]]:
+    """Each bucket's parameters' memory orders (``row_major``: as if all were row-major)."""
+    return [[list(range(len(order))) if row_major else list(order) for order in b.orders]
+            for b in buckets]
 
 
 def _hyperparameters(group: dict) -> dict:
