@@ -267,6 +267,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 if isinstance(value, torch.Tensor) and value.numel() == param.numel():
                     bucket.load_into_master(index, value.reshape(param.shape))
 
+    @property
+    def model(self) -> nn.Module:
+        """The module this optimizer was built over (and manages until ``close()``)."""
+        return self._model
+
     def _require_open(self) -> None:
         if self._stage is None:
             raise RuntimeError("this ZeroOptimizer was closed (close() or the end of its `with` "

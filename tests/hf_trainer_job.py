@@ -1,0 +1,129 @@
+"""A torchrun job (2 ranks, gloo): HF Trainer + its DDP beside ZeroTrainer at stages 1-3.
+
+    torchrun --standalone --nproc_per_node=2 tests/hf_trainer_job.py OUT [--bf16]
+
+Every run trains the same tiny GPT-2 from the same initial weights on the same data
+with the same TrainingArguments (gradient accumulation, active clipping, a linear
+schedule with warm-up, evaluation and a checkpoint every 2 steps); rank 0 writes to
+OUT/results.pt what tests/test_hf_trainer.py compares: each run's logged history and
+final parameters, runs at stages 1 and 3 resumed from the stage-1 run's checkpoint, what
+from_pretrained reads back from save_model, and what plain Trainer does with a
+ZeroOptimizer.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+
+import zeroshard
+from zeroshard.integrations.hf import ZeroTrainer
+
+STEPS = 4
+
+
+class Tokens(torch.utils.data.Dataset):
+    def __init__(self, count: int, seed: int) -> None:
+        self.ids = torch.randint(0, 100, (count, 16), generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"input_ids": self.ids[index], "labels": self.ids[index]}
+
+
+def tiny_gpt2() -> GPT2LMHeadModel:
+    torch.manual_seed(0)  # every rank and every run starts from the same weights
+    return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100,
+                                      n_positions=16, resid_pdrop=0.0, embd_pdrop=0.0,
+                                      attn_pdrop=0.0))
+
+
+def arguments(out: str, bf16: bool) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=out, max_steps=STEPS, per_device_train_batch_size=2,
+        gradient_accumulation_steps=2, learning_rate=1e-3, weight_decay=0.1,
+        lr_scheduler_type="linear", warmup_steps=1, max_grad_norm=0.5, bf16=bf16,
+        logging_steps=1, eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=3,
+        save_strategy="steps", save_steps=2, report_to="none", use_cpu=True,
+        disable_tqdm=True, seed=0, data_seed=0)
+
+
+def history(trainer: Trainer) -> list[dict]:
+    keys = ("step", "loss", "grad_norm", "eval_loss", "learning_rate", "train_loss")
+    return [{k: v for k, v in entry.items() if k in keys} for entry in trainer.state.log_history]
+
+
+def full_parameters(model, opt=None) -> dict[str, torch.Tensor]:
+    if opt is None:
+        return {n: p.detach().float().clone() for n, p in model.named_parameters()}
+    with opt.summon_full_params():
+        return {n: p.detach().float().clone() for n, p in model.named_parameters()}
+
+
+def run(out: str, bf16: bool, stage: int | None, resume: str | None = None) -> tuple:
+    """Trainer + DDP (stage None) or ZeroTrainer at ``stage``; (trainer, model)."""
+    model = tiny_gpt2()
+    data = {"train_dataset": Tokens(32, 1), "eval_dataset": Tokens(7, 2)}
+    if stage is None:
+        trainer = Trainer(model=model, args=arguments(out, bf16), **data)
+    else:
+        options = {"units": type(model.transformer.h[0])} if stage == 3 else {}
+        trainer = ZeroTrainer(model=model, args=arguments(out, bf16), zero_stage=stage,
+                              zero_options=options, **data)
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer, model
+
+
+def plain_trainer_with_a_zero_optimizer(out: str) -> str | None:
+    """What a user gets from plain Trainer with optimizers=(ZeroOptimizer, None)."""
+    model = tiny_gpt2()
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.AdamW, stage=2, lr=1e-3)
+    trainer = Trainer(model=model, args=arguments(out, False), train_dataset=Tokens(32, 1),
+                      eval_dataset=Tokens(7, 2), optimizers=(opt, None))
+    try:
+        trainer.train()
+    except RuntimeError as error:
+        return str(error)
+    finally:
+        opt.close()
+    return None
+
+
+def main() -> None:
+    out, bf16 = sys.argv[1], "--bf16" in sys.argv
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    results: dict = {"runs": {}}
+    for stage in (None, 1, 2, 3):
+        trainer, model = run(os.path.join(out, f"stage{stage}"), bf16, stage)
+        results["runs"][stage] = {"history": history(trainer),
+                                  "params": full_parameters(model, getattr(trainer, "zero_optimizer", None))}
+        if stage == 3:
+            trainer.save_model(os.path.join(out, "exported"))  # collective
+            dist.barrier()
+            if rank == 0:
+                again = GPT2LMHeadModel.from_pretrained(os.path.join(out, "exported"))
+                results["exported"] = {n: p.detach().float() for n, p in again.named_parameters()}
+    # the stage-1 run's checkpoint of step 2, resumed at stage 1 and at stage 3
+    for stage in (1, 3):
+        trainer, model = run(os.path.join(out, f"resumed{stage}"), bf16, stage,
+                             resume=os.path.join(out, "stage1", "checkpoint-2"))
+        results[f"resumed{stage}"] = {"history": history(trainer),
+                                      "params": full_parameters(model, trainer.zero_optimizer)}
+    results["plain_trainer_error"] = plain_trainer_with_a_zero_optimizer(os.path.join(out, "plain"))
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, results["plain_trainer_error"])
+    results["plain_trainer_errors"] = errors
+    if rank == 0:
+        torch.save(results, os.path.join(out, "results.pt"))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

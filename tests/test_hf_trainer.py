@@ -1,0 +1,106 @@
+"""HF Trainer: ZeroTrainer at stages 1-3 against Trainer with its own DDP, in torchrun jobs.
+
+tests/hf_trainer_job.py trains a tiny GPT-2 on 2 ranks with gradient accumulation,
+active clipping (max_grad_norm below every step's norm), a linear schedule with
+warm-up, evaluation and checkpoints, once per run: Trainer + DDP, then ZeroTrainer
+at each stage, in fp32 and under bf16 autocast (bf16=True). Differences come only
+from the order of fp32 sums (the gradient norm over shards, the reductions), which
+moves a parameter by about 1e-7 where AdamW's steps are 1e-3 (lr) long: the bounds
+below sit a hundred times under one step, where a sharding bug (a missing reduction,
+a wrong shard, clipping that does not reach the shards) moves whole steps.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+PARAM_ATOL = 1e-5  # one hundredth of an AdamW step (lr 1e-3)
+LOG_RTOL = 1e-6  # logged losses and norms: fp32 sums in another order
+
+
+@pytest.fixture(scope="module", params=["fp32", "bf16"])
+def job(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"hf_{request.param}")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "--max-restarts=0", os.path.join(ROOT, "tests", "hf_trainer_job.py"), str(out)]
+    if request.param == "bf16":
+        command.append("--bf16")
+    done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    return torch.load(out / "results.pt", weights_only=False)
+
+
+def assert_same_history(got: list[dict], expected: list[dict]) -> None:
+    assert [sorted(e) for e in got] == [sorted(e) for e in expected], (got, expected)
+    for mine, theirs in zip(got, expected):
+        for key, value in theirs.items():
+            assert mine[key] == pytest.approx(value, rel=LOG_RTOL), (key, mine, theirs)
+
+
+def assert_close_parameters(got: dict, expected: dict) -> None:
+    assert sorted(got) == sorted(expected)
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, rtol=0, atol=PARAM_ATOL, msg=name)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_trainer_logs_and_trains_like_trainer_with_ddp(job, stage):
+    reference, run = job["runs"][None], job["runs"][stage]
+    steps = [e for e in reference["history"] if "grad_norm" in e]
+    assert len(steps) == 4 and all(e["grad_norm"] > 0.5 for e in steps)  # clipping was active
+    assert any("eval_loss" in e for e in reference["history"])
+    assert_same_history(run["history"], reference["history"])
+    assert_close_parameters(run["params"], reference["params"])
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_resume_from_checkpoint_continues_the_uninterrupted_run(job, stage):
+    """The stage-1 run's checkpoint of step 2, resumed on the same stage (bit for bit) and
+    at stage 3 (sums in another order: the same bound as against DDP)."""
+    uninterrupted, resumed = job["runs"][1], job[f"resumed{stage}"]
+
+    def after_the_checkpoint(history):  # train_loss averages the steps this run made
+        return [e for e in history if e["step"] > 2 and "train_loss" not in e]
+
+    assert_same_history(after_the_checkpoint(resumed["history"]),
+                        after_the_checkpoint(uninterrupted["history"]))
+    if stage == 1:
+        for name, value in uninterrupted["params"].items():
+            assert torch.equal(resumed["params"][name], value), name
+    else:
+        assert_close_parameters(resumed["params"], uninterrupted["params"])
+
+
+def test_save_model_writes_what_from_pretrained_reads(job):
+    for name, value in job["runs"][3]["params"].items():
+        assert torch.equal(job["exported"][name], value), name
+
+
+def test_plain_trainer_with_a_zero_optimizer_is_refused_on_every_rank(job):
+    errors = job["plain_trainer_errors"]
+    assert len(errors) == 2
+    for error in errors:
+        assert error is not None and "DistributedDataParallel" in error and "ZeroTrainer" in error
+
+
+def test_zero_trainer_refuses_what_would_undo_the_sharding(tmp_path):
+    """Checked before any collective, so every rank raises alike (no process group here)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
+
+    from zeroshard.integrations.hf import ZeroTrainer
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=10, n_positions=8))
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    with pytest.raises(ValueError, match="zero_stage"):
+        ZeroTrainer(model=model, args=args)
+    with pytest.raises(TypeError, match="AdamW"):
+        ZeroTrainer(model=model, args=args, optimizers=(torch.optim.AdamW(model.parameters()), None))
+    full_eval = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True,
+                                  bf16_full_eval=True)
+    with pytest.raises(ValueError, match="bf16_full_eval"):
+        ZeroTrainer(model=model, args=full_eval, zero_stage=2)

@@ -1,0 +1,195 @@
+"""Hugging Face ``Trainer`` driving zeroshard: ``ZeroTrainer``.
+
+```python
+trainer = ZeroTrainer(model=model, args=args, train_dataset=data, zero_stage=2)  # was Trainer(...)
+```
+
+Note [Trainer around a ZeroOptimizer]:
+    ``Trainer`` assumes data parallelism is Accelerate's: ``accelerator.prepare``
+    wraps the model in ``DistributedDataParallel``, clipping and the logged norm come
+    from ``torch.nn.utils.clip_grad_norm_(model.parameters())``, the optimizer state
+    is saved from rank 0 and the model through ``save_pretrained`` on rank 0. Each of
+    those is wrong for a model whose gradients and states live in shards (plain
+    ``Trainer`` with a ZeroOptimizer is refused by the DDP wrap, Note [refusing
+    DistributedDataParallel]). ``ZeroTrainer`` changes exactly those places:
+
+    - the model is prepared by Accelerate for evaluation only (autocast under
+      ``bf16=True``, ``torch.compile``), as ``Trainer`` prepares models that reduce
+      their own gradients, so no DDP wraps it and ``accelerator.prepare`` leaves it be;
+      ``args.device`` placement is the ZeroOptimizer's (``device=`` in
+      ``zero_options``), not ``model.to()``;
+    - the optimizer is the one ``Trainer.create_optimizer`` would build (its class,
+      hyper-parameters and its decay / no-decay groups) inside a ZeroOptimizer of
+      ``zero_stage``, unless ``optimizers=(ZeroOptimizer, scheduler)`` gives one;
+    - ``max_grad_norm`` clips with ``ZeroOptimizer.clip_grad_norm_`` (the global norm
+      over the reduced shards) and that norm is logged; micro-batches that do not end
+      an accumulation window run under ``no_sync()``, as DDP's do under Trainer;
+    - checkpoints (``save_strategy``) keep the model and optimizer in zeroshard's
+      sharded format (``<checkpoint>/zeroshard``, every rank writes its shards) next
+      to the ``from_pretrained`` files, and ``resume_from_checkpoint`` loads them on
+      any world size; ``save_model`` writes safetensors that ``from_pretrained``
+      reads, streamed from rank 0 (``zeroshard.save_full_model``).
+
+    ``save_model`` and evaluation are collective: call them on every rank.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+from transformers import Trainer
+from transformers.trainer import SCHEDULER_NAME, TRAINING_ARGS_NAME
+from transformers.trainer_pt_utils import reissue_pt_warnings
+
+from ..checkpoint import load_checkpoint, save_checkpoint
+from .._safetensors import save_full_model
+from ..optimizer import ZeroOptimizer
+
+CHECKPOINT_FOLDER = "zeroshard"  # inside each Trainer checkpoint
+
+
+class ZeroTrainer(Trainer):
+    """``transformers.Trainer`` over a model that a ``zeroshard.ZeroOptimizer`` shards.
+
+    Pass ``zero_stage`` (1, 2 or 3) and optionally ``zero_options`` (other
+    ``ZeroOptimizer`` arguments: ``units``, ``mixed_precision``, ``device``, ...) to
+    shard the optimizer ``Trainer`` would build, or ``optimizers=(zero_optimizer,
+    scheduler_or_None)`` with one built over ``model``. Everything else is
+    ``Trainer``'s. See Note [Trainer around a ZeroOptimizer].
+    """
+
+    def __init__(self, *args, zero_stage: int | None = None, zero_options: dict | None = None,
+                 **kwargs) -> None:
+        optimizer = (kwargs.get("optimizers") or (None, None))[0]
+        if optimizer is not None and not isinstance(optimizer, ZeroOptimizer):
+            raise TypeError(f"ZeroTrainer shards the optimizer itself; optimizers[0] is a "
+                            f"{type(optimizer).__name__}: pass zero_stage= (and leave the optimizer "
+                            "to Trainer's settings) or a zeroshard.ZeroOptimizer built over the model")
+        if optimizer is None and zero_stage is None:
+            raise ValueError("ZeroTrainer needs zero_stage=1, 2 or 3, or optimizers=(a "
+                             "zeroshard.ZeroOptimizer over the model, scheduler or None)")
+        if optimizer is not None and (zero_stage is not None or zero_options):
+            raise ValueError("zero_stage / zero_options describe an optimizer for ZeroTrainer to "
+                             "build; optimizers= already gives one: pass one or the other")
+        self.zero_optimizer: ZeroOptimizer | None = optimizer
+        self._zero_stage = zero_stage
+        self._zero_options = dict(zero_options or {})
+        super().__init__(*args, **kwargs)
+        _refuse_unsupported(self)
+        if optimizer is not None and optimizer.model is not self.model:
+            raise ValueError("the ZeroOptimizer in optimizers= manages another module than "
+                             "model=; build it over the model given to ZeroTrainer")
+        # Accelerate's autocast and compile, without DDP or placement: the model is then
+        # marked prepared, and accelerator.prepare(model, optimizer) leaves it as it is.
+        self.model_wrapped = self.accelerator.prepare_model(
+            self.model, device_placement=False, evaluation_mode=True)
+
+    # -- the optimizer ---------------------------------------------------------------
+
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        """Trainer's optimizer (class, hyper-parameters, decay groups), sharded."""
+        if self.optimizer is None:
+            opt_class, kwargs = (self.optimizer_cls_and_kwargs
+                                 or self.get_optimizer_cls_and_kwargs(self.args, self.model))
+            if set(kwargs) & {"params", "model", "optimizer_dict"}:
+                raise ValueError(f"optim={self.args.optim!r} builds its own parameter groups; "
+                                 "ZeroTrainer supports torch optimizers over plain groups")
+            decay = set(self.get_decay_parameter_names(self.model))
+            trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+            groups = [{"params": [p for n, p in trainable if n in decay],
+                       "weight_decay": self.args.weight_decay},
+                      {"params": [p for n, p in trainable if n not in decay], "weight_decay": 0.0}]
+            self.zero_optimizer = ZeroOptimizer(
+                self.model, opt_class, stage=self._zero_stage,
+                param_groups=[g for g in groups if g["params"]], **self._zero_options, **kwargs)
+            self.optimizer = self.zero_optimizer
+        return self.optimizer
+
+    def _move_model_to_device(self, model, device) -> None:
+        if self.zero_optimizer is None:  # not sharded yet: Trainer places it as usual
+            super()._move_model_to_device(model, device)
+
+    # -- a training step -------------------------------------------------------------
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        # DDP's no_sync for micro-batches inside an accumulation window (Trainer runs them
+        # under accelerator.no_sync(model), which finds no no_sync on an unwrapped model)
+        state = self.accelerator.gradient_state
+        if state.sync_gradients or state.plugin_kwargs.get("sync_each_batch", False):
+            return super().training_step(model, inputs, num_items_in_batch)
+        with self.zero_optimizer.no_sync():
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    def _clip_grad_norm(self, model):
+        self.accelerator.unscale_gradients()  # GradScaler (fp16), as accelerator's clipping does
+        return self.zero_optimizer.clip_grad_norm_(self.args.max_grad_norm)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        if grad_norm is None:
+            self.accelerator.unscale_gradients()
+            grad_norm = self.zero_optimizer.clip_grad_norm_(float("inf"))
+        return grad_norm
+
+    # -- saving and loading ----------------------------------------------------------
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Safetensors for ``from_pretrained``, streamed from rank 0; collective."""
+        output_dir = self.args.output_dir if output_dir is None else output_dir
+        save_full_model(output_dir, self.model, self.zero_optimizer)
+        if self.args.should_save:
+            generation_config = getattr(self.model, "generation_config", None)
+            if generation_config is not None and getattr(self.model, "can_generate", lambda: False)():
+                generation_config.save_pretrained(output_dir)
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
+            torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        save_checkpoint(os.path.join(output_dir, CHECKPOINT_FOLDER), self.model, self.zero_optimizer)
+        if self.args.should_save:
+            with warnings.catch_warnings(record=True) as caught:
+                torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+            reissue_pt_warnings(caught)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        if os.path.isdir(os.path.join(resume_from_checkpoint, CHECKPOINT_FOLDER)):
+            return  # the model comes back with the optimizer (_load_optimizer_and_scheduler)
+        if self.zero_optimizer is None:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+        else:  # save_only_model=True: the weights only
+            self.zero_optimizer.load_full_state_dict(resume_from_checkpoint)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is None:
+            return
+        folder = os.path.join(checkpoint, CHECKPOINT_FOLDER)
+        if os.path.isdir(folder):
+            load_checkpoint(folder, self.model, self.zero_optimizer)
+        scheduler = os.path.join(checkpoint, SCHEDULER_NAME)
+        if os.path.isfile(scheduler):
+            with warnings.catch_warnings(record=True) as caught:
+                self.lr_scheduler.load_state_dict(torch.load(scheduler, weights_only=True))
+            reissue_pt_warnings(caught)
+
+    def _load_best_model(self) -> None:
+        self.zero_optimizer.load_full_state_dict(self.state.best_model_checkpoint)
+
+
+def _refuse_unsupported(trainer: ZeroTrainer) -> None:
+    """Trainer features that would undo the sharding, refused on every rank at once."""
+    args = trainer.args
+    if trainer.model_init is not None or args.auto_find_batch_size:
+        raise ValueError("ZeroTrainer does not rebuild the model (model_init, "
+                         "auto_find_batch_size): a ZeroOptimizer manages one model object")
+    if args.fp16_full_eval or args.bf16_full_eval:
+        raise ValueError("fp16_full_eval / bf16_full_eval cast the model with model.to(dtype), "
+                         "which would replace the sharded parameters; evaluate under bf16=True "
+                         "autocast or give zero_options={'mixed_precision': "
+                         "zeroshard.MixedPrecision(...)} instead")
+    if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
+        raise ValueError("ZeroTrainer shards the model itself: remove the deepspeed / fsdp "
+                         "settings from TrainingArguments")
