@@ -210,8 +210,9 @@ def _error_of(action) -> str | None:
 
 def ddp_around_a_managed_model(ctx, stage: int):
     """Note [refusing DistributedDataParallel]: DDP over a managed model, or over a module
-    holding one, is refused on every rank; a deep copy and the model after close() are
-    ordinary modules that DDP takes, and a user's own ignore list comes back."""
+    holding one, is refused on every rank; a deep copy, the model after close() and one
+    whose optimizer was dropped are ordinary modules that DDP takes, and a user's own
+    ignore list comes back."""
     model = build_model(MLP, seed=ctx.rank)
     model._ddp_params_and_buffers_to_ignore = ["nothing"]
     opt = _zero(model, stage, ctx.group)
@@ -230,5 +231,12 @@ def ddp_around_a_managed_model(ctx, stage: int):
     opt.close()
     wrapped_after_close = DDP(model, process_group=ctx.group)
     loss_fn(MLP, wrapped_after_close, make_batch(MLP, seed=1, rank=ctx.rank, batch=4)).backward()
+    dropped_then_wrapped = None
+    if stage != 3:  # an optimizer dropped without close() takes its refusal with it
+        other = build_model(MLP, seed=ctx.rank)
+        dropped = _zero(other, stage, ctx.group)
+        del dropped
+        dropped_then_wrapped = _error_of(lambda: DDP(other, process_group=ctx.group)) is None
     return {"wrap_model": wrap_model, "wrap_parent": wrap_parent, "copy_ignores": copy_ignores,
-            "ignores_after_close": list(model._ddp_params_and_buffers_to_ignore)}
+            "ignores_after_close": list(model._ddp_params_and_buffers_to_ignore),
+            "dropped_then_wrapped": dropped_then_wrapped}

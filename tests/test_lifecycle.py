@@ -113,3 +113,4 @@ def test_distributed_data_parallel_around_a_managed_model_is_refused(pool, stage
             assert "ZeroTrainer" in error, error
         assert res["copy_ignores"] == ["nothing"], res
         assert res["ignores_after_close"] == ["nothing"], res
+        assert res["dropped_then_wrapped"] is (None if stage == 3 else True), res

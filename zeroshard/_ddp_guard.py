@@ -14,8 +14,8 @@ Note [refusing DistributedDataParallel]:
     raises the same error before any collective. A DDP around a *parent* of the model
     does not read the child's attribute; the model's forward pre-hook checks DDP's
     record of the module whose forward it is running and refuses there, on every rank,
-    before the model's first collective of that forward. ``close()`` removes both.
-    A user's own ``_ddp_params_and_buffers_to_ignore`` is kept and put back.
+    before the model's first collective of that forward. ``close()``, or the optimizer
+    dropped, removes both; a user's own ``_ddp_params_and_buffers_to_ignore`` comes back.
 """
 
 from __future__ import annotations
@@ -57,12 +57,17 @@ class DDPRefusal:
 
 
 class DDPGuard:
-    """Installs the refusal on ``model`` and takes it away again (Note above)."""
+    """Installs the refusal on ``model``; it goes with the guard (Note above). The forward
+    hook's handle joins ``handles``, the stage's, which are removed with the stage."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, handles: list) -> None:
         self._model = model
-        model.__dict__[_ATTRIBUTE] = DDPRefusal(self, model.__dict__.get(_ATTRIBUTE))
-        self.handle = model.register_forward_pre_hook(WeakHook(self._before_forward))
+        refusal = DDPRefusal(self, model.__dict__.get(_ATTRIBUTE))
+        model.__dict__[_ATTRIBUTE] = refusal
+        handles.append(model.register_forward_pre_hook(WeakHook(self._before_forward)))
+        # an optimizer dropped without close() takes the refusal with it, like its hooks
+        self._take_back = weakref.finalize(self, _take_back, model.__dict__, refusal)
+        self._take_back.atexit = False
 
     def _before_forward(self, module, args) -> None:
         active = getattr(DistributedDataParallel, "_active_ddp_module", None)
@@ -71,7 +76,12 @@ class DDPGuard:
                                f"of a model that a ZeroOptimizer manages; {_FIX}")
 
     def remove(self) -> None:
-        self.handle.remove()
-        refusal = self._model.__dict__.pop(_ATTRIBUTE, None)
-        if isinstance(refusal, DDPRefusal) and refusal.previous is not None:
-            self._model.__dict__[_ATTRIBUTE] = refusal.previous
+        self._take_back()
+
+
+def _take_back(namespace: dict, refusal: DDPRefusal) -> None:
+    """Put the user's own ``_ddp_params_and_buffers_to_ignore`` back, if it had one."""
+    if namespace.get(_ATTRIBUTE) is refusal:
+        del namespace[_ATTRIBUTE]
+        if refusal.previous is not None:
+            namespace[_ATTRIBUTE] = refusal.previous

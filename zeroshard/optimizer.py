@@ -178,7 +178,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
             self._buffer_follower = BufferFollower(model, self._stage, self._group, self.comm_stats)
             self._stage._handles.append(model.register_forward_pre_hook(
                 WeakHook(self._buffer_follower.before_forward)))
-        self._ddp_guard = DDPGuard(model)  # Note [refusing DistributedDataParallel]
+        # Note [refusing DistributedDataParallel]
+        self._ddp_guard = DDPGuard(model, self._stage._handles)
         for param in model.parameters():
             _owners[id(param)] = (weakref.ref(param), weakref.ref(self))
         self._constructed = True
