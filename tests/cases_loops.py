@@ -253,7 +253,8 @@ BETWEEN_STEPS = (None, "ema", "summon_eval", "load", "rebuild")
 
 def drive_loop(ctx, stage: int, plan: dict):
     """One drawn way of driving the loop (``plan``: bf16 autocast or not, and per step how
-    gradients are cleared, micro-batches, an evaluation forward, clipping, and what
+    gradients are cleared, micro-batches, the last one's backward run twice through a
+    retained graph with ``zero_grad()`` between, an evaluation forward, clipping, and what
     happens between steps: an
     EMA update (``AveragedModel``), evaluation on rank 0 inside ``summon_full_params()``,
     ``model.load_state_dict`` of other weights, or ``close()`` and a new optimizer),
@@ -271,9 +272,18 @@ def drive_loop(ctx, stage: int, plan: dict):
         for net, optimizer in ((model, opt), (reference, ref_opt)):
             for micro in range(how["micro_batches"]):
                 batch = make_batch(spec, seed=10 * step + micro, rank=ctx.rank, batch=4)
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=plan["autocast"]):
+                # a discarded first backward through a retained graph (DDP's reducer does not
+                # run twice without a new forward: the reference averages by hand)
+                retain = how.get("retain", False) and micro == how["micro_batches"] - 1
+                local = net.no_sync() if retain and net is reference else contextlib.nullcontext()
+                with local, torch.autocast("cpu", dtype=torch.bfloat16, enabled=plan["autocast"]):
                     loss = loss_fn(spec, net, batch)
+                if retain:
+                    loss.backward(retain_graph=True)
+                    optimizer.zero_grad()
                 loss.backward()
+                if retain and net is reference:
+                    _average_gradients(reference.module, ctx)
             if how["eval"]:
                 with torch.no_grad():
                     net(make_batch(spec, seed=1000 + step, rank=ctx.rank, batch=2)[0])

@@ -177,7 +177,8 @@ def test_stage3_releases_the_last_unit_before_the_head(pool):
         assert held <= bound, (held, bound)
 
 loop_steps = st.fixed_dictionaries({
-    "micro_batches": st.integers(1, 2), "eval": st.booleans(), "clip": st.booleans(),
+    "micro_batches": st.integers(1, 2), "retain": st.booleans(), "eval": st.booleans(),
+    "clip": st.booleans(),
     "clear": st.sampled_from(cases_loops.CLEARS),
     "between": st.sampled_from(cases_loops.BETWEEN_STEPS)})
 loop_plans = st.fixed_dictionaries({
@@ -192,7 +193,7 @@ loop_plans = st.fixed_dictionaries({
 def test_drawn_ways_of_driving_the_loop_equal_ddp(pool, stage, world_size, plan):
     """bf16 autocast or not; how gradients are cleared (the optimizer's zero_grad, the
     model's, with or without set_to_none, a subset of parameters, not at all),
-    micro-batches, evaluation forwards,
+    micro-batches, a second backward through a retained graph, evaluation forwards,
     clipping, and between steps an EMA update, evaluation on rank 0 inside
     summon_full_params, load_state_dict, or close() and a new optimizer: DDP's
     parameters after every step, and the EMA's (fp32 noise: 1e-6)."""
