@@ -201,7 +201,7 @@ def train_side_by_side(ctx, case):
             o.zero_grad()
         for s in scheds:
             s.step()
-        out["comm"].append(dict(zopt.comm_stats.bytes))
+        out["comm"].append(dict(zopt.comm_stats.bytes, gather_calls=zopt.comm_stats.calls["all_gather"]))
         out["zero"].append(zero_params())
         out["ddp"].append(flat_params(ddp_model))
         out["single"].append(flat_params(single_model))
@@ -233,3 +233,43 @@ def train_side_by_side(ctx, case):
     out["lrs"] = [g["lr"] for g in zopt.param_groups]
     out["ddp_lrs"] = [g["lr"] for g in dopt.param_groups]
     return out
+
+
+def check_first_step_agreements(comm: dict, expected_all_reduce: int, case: dict, step: int) -> None:
+    """``comm["all_reduce"]`` is ``expected_all_reduce`` plus, in stage 3's first step on
+    several ranks, one 8-byte agreement before each unit gather (Note [first-step
+    agreement] in zeroshard/stage3.py): at least one, at most one per all-gather call."""
+    extra = comm["all_reduce"] - expected_all_reduce
+    if case["stage"] == 3 and step == 0 and case["world_size"] > 1:
+        assert extra % 8 == 0 and 1 <= extra // 8 <= comm["gather_calls"], comm
+    else:
+        assert extra == 0, comm
+
+
+def first_step_that_differs_across_ranks(ctx, how: str):
+    """Note [first-step agreement]: in the first step rank 0 runs block 0 twice (its
+    Linear units rerun after others: ``how="twice"``) or runs the blocks last to first
+    (``how="order"``) while the others do not. Returns the error each rank raised (None
+    if none), then whether the ranks still train together on the same process group."""
+    spec = {"kind": "transformer", "vocab": 13, "d": 8, "heads": 2, "layers": 2, "seq": 5,
+            "tied": True, "frozen": False, "checkpoint": None, "reuse": False}
+    model = build_model(spec, seed=0)
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=3, process_group=ctx.group,
+                                  units=UNITS["linear"], lr=0.1)
+    if ctx.rank == 0:
+        model.reuse, model.reverse = how == "twice", how == "order"
+    error = None
+    try:
+        loss_fn(spec, model, make_batch(spec, seed=0, rank=ctx.rank, batch=2)).backward()
+        opt.step()
+    except RuntimeError as raised:
+        error = str(raised)
+    del opt
+    model = build_model(spec, seed=0)  # the same group, every rank alike
+    with zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=3, process_group=ctx.group,
+                                 units=UNITS["linear"], lr=0.1) as opt:
+        for step in range(2):
+            loss_fn(spec, model, make_batch(spec, seed=step, rank=ctx.rank, batch=2)).backward()
+            opt.step()
+            opt.zero_grad()
+    return error, True

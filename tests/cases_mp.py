@@ -155,7 +155,7 @@ def train_mixed_precision(ctx, case):
             for master, param in zip(masters, trainable):
                 param.copy_(master)
 
-        out["comm"].append(dict(zopt.comm_stats.bytes))
+        out["comm"].append(dict(zopt.comm_stats.bytes, gather_calls=zopt.comm_stats.calls["all_gather"]))
         zmasters, zparams = zero_state()
         out["zero_masters"].append(zmasters)
         out["zero_params"].append(zparams)

@@ -223,7 +223,8 @@ def check_comm_per_step(results, case, first_step: int = 0):
     after forward). fp32 bytes, with at most N-1 elements of padding per bucket.
     Broadcast: the buffers, before each training forward outside no_sync (world size > 1).
     All-reduce: the clip norm; at stage 3 also a 4-byte flag per unit (but the root) and
-    per bucket per synced backward, and in the first step 5 numbers per unit (the recorded orders).
+    per bucket per synced backward, and in the first step 5 numbers per unit (the recorded orders)
+    and 2 per unit gather (Note [first-step agreement]).
 
     Stage 3's first step walks the module tree's order (Note [gather schedule]), so a
     unit called out of it is gathered, and may be reduced, twice: that step is held
@@ -256,7 +257,8 @@ def check_comm_per_step(results, case, first_step: int = 0):
             assert comm["reduce_scatter"] == synced_backwards * comm["all_gather"], (step, comm)
         flags = synced_backwards * FP32 * res["flags_per_backward"]  # Note [gather schedule]
         flags += 5 * FP32 * res["n_units"] if step == 0 else 0  # the recorded orders, once
-        assert comm["all_reduce"] == flags + (FP32 if case["clip"] is not None else 0), comm
+        cases.check_first_step_agreements(comm, flags + (FP32 if case["clip"] is not None else 0),
+                                          case, step)
         # Note [buffers follow rank 0]: before each training forward outside no_sync
         forwards = synced_backwards * (2 if case["two_forwards"] else 1)
         assert comm["broadcast"] == (forwards * res["buffer_bytes"] if n > 1 else 0), comm

@@ -14,6 +14,7 @@ import pytest
 import torch
 from hypothesis import example, given, strategies as st
 
+import cases
 import cases_mp
 from strategies import mlp_specs, transformer_specs
 
@@ -121,7 +122,7 @@ def check_comm(results, case):
     plus at most N-1 elements of padding per bucket; all-reduce: the clip norm, one
     4-byte non-finite flag per synced fp16 backward, and at stage 3 one 4-byte flag per
     unit but the root and per bucket per synced backward plus, in the first step, 4
-    positions per unit."""
+    positions per unit and 2 numbers per unit gather (Note [first-step agreement])."""
     n, res = case["world_size"], results[0]
     param_dtype, reduce_dtype = cases_mp.PRECISIONS[case["precision"]]
     reduce_bytes = (reduce_dtype or param_dtype).itemsize
@@ -145,7 +146,8 @@ def check_comm(results, case):
         flags = 4 * synced if param_dtype == torch.float16 else 0
         flags += 4 * synced * res["flags_per_backward"]  # stage 3: units that ran, late buckets
         flags += 20 * res["n_units"] if step == 0 else 0  # stage 3: the recorded orders, once
-        assert comm["all_reduce"] == flags + (4 if case["clip"] is not None else 0), comm
+        cases.check_first_step_agreements(comm, flags + (4 if case["clip"] is not None else 0),
+                                          case, step)
 
 
 def check_memory(results, case):

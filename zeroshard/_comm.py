@@ -82,7 +82,10 @@ def all_reduce(tensor, *, group, stats: CommStats, label: str, op=dist.ReduceOp.
                async_op=False):
     stats.record("all_reduce", tensor)
     with record_function(f"zeroshard::{label}::all_reduce"):
-        work = dist.all_reduce(tensor, op=op, group=group, async_op=True)
+        if isinstance(group, GatherChannel):
+            work = group.all_reduce(tensor, op)
+        else:
+            work = dist.all_reduce(tensor, op=op, group=group, async_op=True)
     return _finish(work, async_op)
 
 
@@ -173,6 +176,13 @@ class GatherChannel:
 
     def all_gather(self, output, input):
         return self.backend._allgather_base(output, input)
+
+    def all_reduce(self, tensor, op):
+        """Stage 3's first-step agreement on what is gathered next (Note [first-step
+        agreement] in stage3.py): on this channel, in line with its gathers."""
+        options = dist.AllreduceOptions()
+        options.reduceOp = op
+        return self.backend.allreduce([tensor], options)
 
 
 _channels: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -68,6 +68,21 @@ Note [runs before the walk moves on]:
     pass ends. In that first step, before anything is known, every rank must run
     such a unit the same number of times.
 
+Note [first-step agreement]:
+    Until the first backward ends, nothing tells the ranks which units repeat or in
+    which order the model runs them (Note [gather schedule]), so a rank whose data runs
+    a unit twice, or units in another order, would gather what the others do not:
+    gloo aborts both processes, NCCL hangs. So in that first step every gather of a
+    pass is preceded by one 8-byte all-reduce on the gathers' channel in which the
+    ranks compare which unit they are about to gather; if they differ, every rank
+    raises the same error there, before the mismatched gather, naming the units and
+    the rule. A comparison waits for its answer, so the first step gathers a unit only
+    when it is needed (no prefetch): a prefetch must not wait, or a rank waiting there
+    would not launch the reduce-scatter another rank waits for, and both would stop.
+    Every other gather of a pass is waited for at once anyway. The comparisons stop
+    with the recording (``_adopt_recorded_orders``), so later steps pay nothing;
+    ``comm_stats`` counts them under ``all_reduce``.
+
 Note [saved tensors]:
     Backward gathers a unit when a tensor its forward returned gets its gradient,
     which needs the forward hook to find those tensors: it looks inside tuples,
@@ -128,6 +143,7 @@ class Stage3(Stage2):
         self.root = units[0]
         self.reshard_after_forward = reshard_after_forward
         self._unit_of = {id(p): u for u in units for b in u.buckets for p in b.params}
+        self._index = {id(u): i for i, u in enumerate(units)}
         # Units some rank may skip (the root always runs) that have gradients to reduce:
         # one "ran" flag each is all-reduced after a synced backward (late_positions).
         self._flagged = [u for u in units[1:] if u.trainable_ids]
@@ -419,8 +435,36 @@ class Stage3(Stage2):
     # -- gather, walk the schedule ----------------------------------------------------
 
     def _gather_now(self, unit: Unit) -> None:
-        unit.gather(self.gather_group, self.stats, self.label)
+        self._start_gather(unit)
         unit.wait()
+
+    def _start_gather(self, unit: Unit) -> None:
+        if (unit.state is ShardState.SHARDED and unit.buckets and self._forward.entered is not None
+                and self.world_size > 1):  # a gather will be issued, and the order is not agreed
+            self._agree_before_gather(unit)
+        unit.gather(self.gather_group, self.stats, self.label)
+
+    def _agree_before_gather(self, unit: Unit) -> None:
+        """Note [first-step agreement]: every rank is about to gather the same unit, or
+        every rank raises. One all-reduce (MAX) of the unit's position and its negation
+        on the gathers' own channel, so it lines up with the gathers before it."""
+        code = float(self._index[id(unit)] + 1)
+        codes = torch.tensor([code, -code], device=self.device)
+        _comm.all_reduce(codes, group=self.gather_group, stats=self.stats, label=self.label,
+                         op=dist.ReduceOp.MAX)
+        highest, lowest = codes.tolist()
+        if highest == -lowest:
+            return
+        others = {self.units[int(c) - 1].name for c in (highest, -lowest) if c != code}
+        raise RuntimeError(
+            f"zeroshard stage 3: in the first step this rank is about to gather unit "
+            f"{unit.name} while another rank gathers {', '.join(sorted(others))}: the ranks ran "
+            "units in another order, or one of them a different number of times. The first "
+            "step records the order in which units run, and until its backward ends every rank "
+            "must run the units in one order and each as often (from the second step on, a unit "
+            "some rank runs twice stays gathered for the pass, and units may run on some ranks "
+            "only). Make the first step take the same path on every rank, e.g. a first batch "
+            "that runs every unit alike (Note [first-step agreement] in zeroshard/stage3.py)")
 
     def _walk(self, schedule: Schedule, unit: Unit) -> None:
         """Note [gather schedule]: walk to ``unit``, gather it, prefetch the next one."""
@@ -437,8 +481,11 @@ class Stage3(Stage2):
             self._pass_over(skipped)
         self._gather_now(unit)
         following = schedule.next_unit() if passed is not None else None
-        if following is not None and following.state is ShardState.SHARDED:
-            following.gather(self.gather_group, self.stats, self.label)
+        # no prefetch while the first step records: a gather waits for its agreement, and a
+        # prefetch must not wait (Note [first-step agreement])
+        if (following is not None and following.state is ShardState.SHARDED
+                and schedule.entered is None):
+            self._start_gather(following)
 
     def _release_finished(self) -> None:
         """Note [runs before the walk moves on]: release the units whose forward ended."""
@@ -449,7 +496,7 @@ class Stage3(Stage2):
     def _pass_over(self, unit: Unit) -> None:
         """A unit this rank skips in this pass: gather it for the ranks that run it."""
         if unit.state is ShardState.SHARDED:
-            unit.gather(self.gather_group, self.stats, self.label)
+            self._start_gather(unit)
         unit.wait()
         if self.state is TrainingState.BACKWARD:  # walked only with resharding
             unit.release()
