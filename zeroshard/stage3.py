@@ -66,7 +66,8 @@ Note [runs before the walk moves on]:
     ranks note in the first step which units some rank entered twice in one pass
     (``_adopt_recorded_orders``), and from then on those stay gathered until the
     pass ends. In that first step, before anything is known, every rank must run
-    such a unit the same number of times.
+    such a unit the same number of times (Note [first-step agreement] refuses a rank
+    that does not).
 
 Note [first-step agreement]:
     Until the first backward ends, nothing tells the ranks which units repeat or in
