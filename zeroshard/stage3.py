@@ -109,6 +109,9 @@ Note [autocast casts]:
     parameter, the dtype and the view's geometry): backward gathers the unit and
     casts again, which gives the same values because the shards do not change
     between forward and backward. Memory then holds casts of gathered units only.
+    A cast is recognised by its autograd history (a copy of the parameter's
+    AccumulateGrad leaf), so casts of frozen parameters, which have none, are saved
+    as they are: a model with large frozen parts (LoRA) should use a policy instead.
 
 Note [recomputation]:
     Activation checkpointing runs a unit's forward again during backward. The
