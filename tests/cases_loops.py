@@ -19,6 +19,7 @@ MLP = {"kind": "mlp", "d_in": 5, "hidden": 7, "d_out": 3, "depth": 2, "frozen": 
        "unused_branch": False}
 TRANSFORMER = {"kind": "transformer", "vocab": 13, "d": 8, "heads": 2, "layers": 2, "seq": 5,
                "tied": True, "frozen": False}
+REUSED_BLOCK = {**TRANSFORMER, "reuse": True}  # block 0 runs twice: each weight cast twice
 BF16 = zeroshard.MixedPrecision(torch.bfloat16, buffer_dtype=torch.bfloat16,
                                 output_dtype=torch.float32)
 

@@ -255,3 +255,27 @@ def autocast_stage3_holds_no_casts(ctx, layers: int, width: int):
         zero = flat_params(zero_model)
     return {"zero": zero, "ddp": flat_params(ddp_model), "retained": retained,
             "unit_cast_bytes": width * width * 2}
+
+
+def autocast_reused_block(ctx, units: str):
+    """Stage 3 under bf16 autocast (no policy), block 0 run twice per forward (ALBERT
+    style): a weight cast once per autocast region gets its two uses' gradients added
+    in bf16, as under DDP (Note [autocast casts]). Returns the largest parameter
+    difference to DDP after three SGD steps."""
+    spec = {"kind": "transformer", "vocab": 50, "d": 32, "heads": 2, "layers": 2, "seq": 8,
+            "tied": True, "frozen": False, "reuse": True}
+    zero_model, ddp_model = build_model(spec, seed=3 + ctx.rank), build_model(spec, seed=3)
+    zopt = zeroshard.ZeroOptimizer(zero_model, torch.optim.SGD, stage=3, process_group=ctx.group,
+                                   units=UNITS[units], lr=0.05, momentum=0.9)
+    ddp = DDP(ddp_model, process_group=ctx.group)
+    dopt = torch.optim.SGD(ddp_model.parameters(), lr=0.05, momentum=0.9)
+    for step in range(3):
+        batch = make_batch(spec, seed=step, rank=ctx.rank, batch=4)
+        for model, opt in ((zero_model, zopt), (ddp, dopt)):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = loss_fn(spec, model, batch)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    with zopt.summon_full_params():
+        return (flat_params(zero_model) - flat_params(ddp_model)).abs().max().item()

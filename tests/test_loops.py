@@ -182,7 +182,7 @@ loop_steps = st.fixed_dictionaries({
     "clear": st.sampled_from(cases_loops.CLEARS),
     "between": st.sampled_from(cases_loops.BETWEEN_STEPS)})
 loop_plans = st.fixed_dictionaries({
-    "model": st.sampled_from([cases_loops.MLP, cases_loops.TRANSFORMER]),
+    "model": st.sampled_from([cases_loops.MLP, cases_loops.TRANSFORMER, cases_loops.REUSED_BLOCK]),
     "weight_decay": st.sampled_from([0.0, 0.01]),
     "autocast": st.booleans(),  # bf16 autocast over fp32 parameters, both sides alike
     "steps": st.lists(loop_steps, min_size=2, max_size=3)})

@@ -99,19 +99,21 @@ Note [saved tensors]:
 
 Note [autocast casts]:
     Under ``torch.autocast`` without a MixedPrecision policy, each op casts the
-    parameters it uses (fp32 -> bf16) and autocast caches a leaf's cast until the
-    autocast region ends; the cast is also what the op saves for backward. Kept as
-    they are, those casts hold a low-precision copy of every unit's parameters from
-    forward until backward, and the sharding of parameters is lost. So a unit's
-    post-forward hook empties autocast's cache (``torch.clear_autocast_cache()``:
-    a later op casts again), and the unit's saved-tensor hooks (Note [saved tensors])
-    save a cast of one of the unit's own parameters as a recipe instead (the
-    parameter, the dtype and the view's geometry): backward gathers the unit and
-    casts again, which gives the same values because the shards do not change
-    between forward and backward. Memory then holds casts of gathered units only.
-    A cast is recognised by its autograd history (a copy of the parameter's
-    AccumulateGrad leaf), so casts of frozen parameters, which have none, are saved
-    as they are: a model with large frozen parts (LoRA) should use a policy instead.
+    parameters it uses (fp32 -> bf16), and what the op saves for backward is that
+    cast. Kept as they are, those casts would hold a low-precision copy of every
+    unit's parameters from forward until backward, and the sharding of parameters
+    would be lost there. So the unit's saved-tensor hooks (Note [saved tensors]) save
+    a cast of one of the unit's own parameters as a recipe instead (the parameter,
+    the dtype and the view's geometry): backward gathers the unit and casts again,
+    which gives the same values because the shards do not change between forward
+    and backward. A cast is recognised by its autograd history (a copy of the
+    parameter's AccumulateGrad leaf), so casts of frozen parameters, which have none,
+    are saved as they are: a model with large frozen parts (LoRA) should use a policy.
+    Autocast's own cache is left alone: it keeps one cast of each parameter until the
+    autocast region ends, so during the forward the casts of every unit run so far
+    are alive (a policy avoids that too), but a parameter used twice shares one cast
+    whose gradients add up in low precision, as under DDP; emptying the cache after
+    each unit gave each use its own cast, and gradients 2e-4 off DDP's in bf16.
 
 Note [recomputation]:
     Activation checkpointing runs a unit's forward again during backward. The
@@ -217,8 +219,6 @@ class Stage3(Stage2):
         if self.state is TrainingState.BACKWARD:
             return  # Note [recomputation]
         self._stop_watching(unit)
-        if torch.is_autocast_enabled(self.device.type):
-            torch.clear_autocast_cache()  # Note [autocast casts]
         if torch.is_grad_enabled():
             for tensor in tree_flatten(output)[0]:
                 if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
