@@ -85,8 +85,8 @@ def test_units_called_out_of_registration_order(pool, skip_block):
 def test_a_first_step_that_differs_across_ranks_raises_on_every_rank(pool, how):
     """Note [first-step agreement]: before the first backward ends the ranks cannot know
     which units repeat or their order; a rank that differs made gloo abort both processes
-    (a gather the others did not issue). Now every rank raises before that gather, and
-    the process group stays usable."""
+    (a gather the others did not issue). Now every rank raises before that gather; found
+    in forward, as here, nothing is left in flight and a new optimizer trains on the group."""
     for rank, (error, trained_after) in enumerate(
             pool.run(cases.first_step_that_differs_across_ranks, 2, how)):
         assert error is not None and "first step" in error and "Note [first-step agreement]" in error, \

@@ -82,7 +82,10 @@ Note [first-step agreement]:
     would not launch the reduce-scatter another rank waits for, and both would stop.
     Every other gather of a pass is waited for at once anyway. The comparisons stop
     with the recording (``_adopt_recorded_orders``), so later steps pay nothing;
-    ``comm_stats`` counts them under ``all_reduce``.
+    ``comm_stats`` counts them under ``all_reduce``. The error ends the run, not the
+    step: the optimizer is left mid-pass (a rank that raised inside backward may have
+    reductions in flight that the others never join), so fix the first step and build
+    the optimizer, and if needed the process group, again.
 
 Note [saved tensors]:
     Backward gathers a unit when a tensor its forward returned gets its gradient,
