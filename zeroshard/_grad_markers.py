@@ -82,8 +82,9 @@ def refusal(marker: GradientMarker, what: str) -> str:
             ".grad (Note [gradient markers] in zeroshard/_grad_markers.py). Clear gradients "
             "with opt.zero_grad() or model.zero_grad() (whole gradients); clip with "
             "opt.clip_grad_norm_(max_norm) instead of "
-            "torch.nn.utils.clip_grad_norm_(model.parameters()); read or change gradients "
-            "through opt.param_groups (each rank's gradient shards)")
+            "torch.nn.utils.clip_grad_norm_(model.parameters()) (Hugging Face Trainer: use "
+            "zeroshard.integrations.hf.ZeroTrainer); read or change gradients through "
+            "opt.param_groups (each rank's gradient shards)")
 
 
 class _BucketMarkers:

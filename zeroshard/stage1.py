@@ -86,7 +86,8 @@ class Stage1(ShardedStage):
         return (f"zeroshard stage1: {what} after backward; .grad holds this rank's local, "
                 "unreduced gradient and the step uses the reduced one in the optimizer's "
                 "shards. Clip with opt.clip_grad_norm_(max_norm) instead of "
-                "torch.nn.utils.clip_grad_norm_(model.parameters()); clear gradients with "
+                "torch.nn.utils.clip_grad_norm_(model.parameters()) (Hugging Face Trainer: "
+                "use zeroshard.integrations.hf.ZeroTrainer); clear gradients with "
                 "opt.zero_grad() or model.zero_grad() after the step")
 
     def _grad_view(self, bucket: FlatBucket, index: int) -> torch.Tensor:
