@@ -125,10 +125,11 @@ def train_side_by_side(ctx, case):
             if p.requires_grad:
                 p.register_post_accumulate_grad_hook(record_params)
 
-    peak_grad_bytes = [0]
+    peak_grad_bytes, current_step = [0], [0]
     if case["record_peak"]:
-        def record(_param):
-            peak_grad_bytes[0] = max(peak_grad_bytes[0], zopt.memory_report()["gradients"])
+        def record(_param):  # from the second step: the first learns the launch order
+            if current_step[0] >= 1:  # (Note [launch order] in zeroshard/_stage.py)
+                peak_grad_bytes[0] = max(peak_grad_bytes[0], zopt.memory_report()["gradients"])
         for p in zero_model.parameters():
             if p.requires_grad:
                 p.register_post_accumulate_grad_hook(record)
@@ -148,6 +149,7 @@ def train_side_by_side(ctx, case):
     out["initial"] = zero_params()
     accum = case["accum"]
     for step in range(case["steps"]):
+        current_step[0] = step
         zopt.comm_stats.reset()  # after zero_params(): summon_full_params() gathers too
         batches = [[make_batch(spec, seed=1000 * step + 10 * m + r, rank=r, batch=case["batch"])
                     for r in range(n)] for m in range(accum)]

@@ -6,6 +6,7 @@ ranks identical; exactly 2Ψ (stage 3: 3Ψ) of communication per step; memory as
 stage promises.
 """
 
+import pytest
 import torch
 from hypothesis import example, given, settings
 
@@ -224,7 +225,8 @@ def check_comm_per_step(results, case, first_step: int = 0):
     Broadcast: the buffers, before each training forward outside no_sync (world size > 1).
     All-reduce: the clip norm; at stage 3 also a 4-byte flag per unit (but the root) and
     per bucket per synced backward, and in the first step 5 numbers per unit (the recorded orders)
-    and 2 per unit gather (Note [first-step agreement]).
+    and 2 per unit gather (Note [first-step agreement]); at stages 1-2, in the first step on
+    several ranks, 2 numbers per bucket (the order buckets became ready, Note [launch order]).
 
     Stage 3's first step walks the module tree's order (Note [gather schedule]), so a
     unit called out of it is gathered, and may be reduced, twice: that step is held
@@ -257,6 +259,8 @@ def check_comm_per_step(results, case, first_step: int = 0):
             assert comm["reduce_scatter"] == synced_backwards * comm["all_gather"], (step, comm)
         flags = synced_backwards * FP32 * res["flags_per_backward"]  # Note [gather schedule]
         flags += 5 * FP32 * res["n_units"] if step == 0 else 0  # the recorded orders, once
+        if step == 0 and n > 1 and case["stage"] != 3:  # Note [launch order]
+            flags += 2 * FP32 * res["n_buckets"]
         cases.check_first_step_agreements(comm, flags + (FP32 if case["clip"] is not None else 0),
                                           case, step)
         # Note [buffers follow rank 0]: before each training forward outside no_sync
@@ -294,7 +298,10 @@ def check_memory(results, case):
 
 def check_stage2_peak(results, case):
     """During backward, stage 2 holds the shards plus at most two buckets (one filling,
-    one in flight) of each param group, plus the gradient autograd just produced."""
+    one in flight) of each param group, plus the gradient autograd just produced: from
+    the second step, once buckets launch in the order they become ready (Note [launch
+    order]; found by the thorough profile: stage 3 with one parameter per bucket had
+    four buckets filling in the first step)."""
     reused_unit = case["stage"] == 3 and case["model"].get("reuse") and case["world_size"] > 1
     if (case["stage"] == 1 or case["no_sync"] or case["model"].get("unused_branch")
             or case.get("skip_block") or case["model"].get("checkpoint") == "reentrant"
@@ -382,6 +389,15 @@ def _checkpointed_automatic_units():
                        optimizer="Adagrad", opt_kwargs={"lr": 0.01})
 
 
+def _gradients_ready_out_of_launch_order():
+    """Stage 3, one parameter per bucket, automatic units: gradients became ready in
+    another order than the buckets launch in, and four buckets were filling at once
+    (5176 gradient bytes against the bound's 5164), until the launch order followed the
+    order of the first step (Note [launch order])."""
+    return _found_case({**_TINY_TRANSFORMER, "layers": 2, "seq": 4}, reshard_after_forward=True,
+                       world_size=2, optimizer="Adagrad", opt_kwargs={"lr": 0.01})
+
+
 def _rmsprop_three_ranks_clipped():
     """With 3 ranks the single-process reference scaled each rank's loss by 1/3, which
     rounds every intermediate of its backward differently from the ranks' own backward;
@@ -392,6 +408,7 @@ def _rmsprop_three_ranks_clipped():
                        opt_kwargs={"lr": 0.01, "momentum": 0.0}, clip=0.05, batch=3)
 
 
+@example(case=_gradients_ready_out_of_launch_order())
 @example(case=_rmsprop_three_ranks_clipped())
 @example(case=_checkpointed_automatic_units())
 @example(case=_reused_unit_on_one_rank())
@@ -421,3 +438,16 @@ def test_stage1_and_stage2_agree(pool, case):
 def _approx(x):
     import pytest
     return pytest.approx(x, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_blocks_run_last_to_first_launch_reductions_during_backward(pool, stage):
+    """Note [launch order]: blocks called in reverse registration order made every bucket
+    wait behind the one ahead of it in registration order, so stage 2 held all of them
+    until backward ended. From the second step buckets launch in the order they become
+    ready, and the gradient peak is the stage's (check_stage2_peak)."""
+    model = {**_TINY_TRANSFORMER, "layers": 4, "d": 12, "reverse": True}
+    case = _found_case(model, stage=stage, world_size=2, units="blocks", bucket_mb=5e-4,
+                       reshard_after_forward=True, optimizer="SGD",
+                       opt_kwargs={"lr": 0.05, "momentum": 0.9}, steps=3)
+    check_every_invariant(pool.run(cases.train_side_by_side, 2, case), case)

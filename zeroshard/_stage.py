@@ -15,6 +15,19 @@ Note [launch order]:
     all ranks issue one reduce-scatter per bucket, in list order, every synced
     backward, whatever their data did.
 
+    The list starts in reverse registration order, backward's usual order. A model
+    that runs its modules in another order (blocks last to first, a parameter whose
+    gradient comes early) would then fill buckets that wait behind one not yet
+    ready: gradient memory beyond the one bucket filling and one in flight that
+    stage 2 promises, up to every bucket at once. So the first synced backward
+    records the order in which buckets become ready, the ranks compare their records
+    at its end (one all-reduce of two numbers per bucket), and if all recorded the
+    same order the list takes it, buckets that were never ready last (``_adopt_ready_order``).
+    Ranks whose data runs other parameters keep the list as it was. Stage 3's first
+    backward walks the module tree's order, not the model's (Note [gather schedule]),
+    so there the list follows the units' recorded forward order instead, last unit
+    first, once the ranks have agreed on it.
+
 Note [end of backward]:
     The end-of-backward callback is queued (``queue_callback``) from a hook on the
     model's forward outputs, which fires at the start of every backward that goes
@@ -143,6 +156,7 @@ class ShardedStage:
         # (bucket, work, output shard, input to free once done or None), in launch order
         self._in_flight: list[tuple[FlatBucket, object, torch.Tensor, torch.Tensor | None]] = []
         self._position = {id(bucket): i for i, bucket in enumerate(self.buckets)}
+        self._ready_order: list[int] | None = []  # Note [launch order]: until adopted
         self._late: set[int] = set()  # positions of buckets that got gradient after launching
         self._handles = [model.register_forward_hook(WeakHook(self._arm_backward_end))]
         for bucket in self.buckets:
@@ -227,6 +241,8 @@ class ShardedStage:
             self._late.add(self._position[id(bucket)])  # Note [late gradients]
             return
         bucket.ready.add(index)
+        if self._ready_order is not None and bucket.all_ready:
+            self._ready_order.append(self._position[id(bucket)])
         # Note [launch order]: launch every bucket at the front of the list that is ready.
         while self._next_launch < len(self.buckets) and self.buckets[self._next_launch].all_ready:
             self._launch_next()
@@ -256,11 +272,45 @@ class ShardedStage:
                 self._spread_non_finite()
                 self._check_non_finite = False
             self.after_backward()
+            if self._ready_order is not None:
+                self._adopt_ready_order()
         self._late.clear()
         for bucket in self.buckets:
             bucket.ready.clear()
         self._next_launch = 0
         self.state = TrainingState.IDLE
+
+    def _adopt_ready_order(self) -> None:
+        """Note [launch order]: launch from now on in the order the first synced backward
+        made buckets ready, if every rank recorded the same one. One all-reduce (MAX) of
+        each bucket's place in the record (-1: never ready) and of its negation."""
+        order, self._ready_order = list(dict.fromkeys(self._ready_order)), None
+        if not self.buckets:
+            return
+        if self.world_size > 1:
+            places = torch.full((2, len(self.buckets)), -1.0, device=self.buckets[0].flat.device)
+            for place, position in enumerate(order):
+                places[0, position] = place
+            places[1] = -places[0]
+            _comm.all_reduce(places, group=self.group, stats=self.stats, label=self.label,
+                             op=dist.ReduceOp.MAX)
+            if not torch.equal(places[0], -places[1]):
+                return
+        self.launch_in_order(order)
+
+    def launch_in_order(self, order: list[int]) -> None:
+        """Launch the buckets now at positions ``order`` first, in that order, then the
+        others as they are (between backwards: nothing is in flight)."""
+        rest = [position for position in range(len(self.buckets)) if position not in set(order)]
+        permutation = order + rest  # new position -> old position
+        if permutation != list(range(len(self.buckets))):
+            self.buckets = [self.buckets[old] for old in permutation]
+            self._position = {id(bucket): i for i, bucket in enumerate(self.buckets)}
+            self.reorder(permutation)
+
+    def reorder(self, permutation: list[int]) -> None:
+        """The launch order changed (``self.buckets[i]`` was at ``permutation[i]``): a
+        stage keeping per-position state follows."""
 
     def _spread_non_finite(self) -> None:
         """Note [non-finite gradients]: one rank's inf or NaN makes every rank's shards NaN."""

@@ -82,6 +82,10 @@ class Stage1(ShardedStage):
             bucket.params[index].grad = view
         self._record_versions()
 
+    def reorder(self, permutation: list[int]) -> None:
+        self.flat_grads = [self.flat_grads[old] for old in permutation]
+        self._versions_reduced = [self._versions_reduced[old] for old in permutation]
+
     def _refusal(self, what: str) -> str:
         return (f"zeroshard stage1: {what} after backward; .grad holds this rank's local, "
                 "unreduced gradient and the step uses the reduced one in the optimizer's "

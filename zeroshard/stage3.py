@@ -156,6 +156,7 @@ class Stage3(Stage2):
         # Units some rank may skip (the root always runs) that have gradients to reduce:
         # one "ran" flag each is all-reduced after a synced backward (late_positions).
         self._flagged = [u for u in units[1:] if u.trainable_ids]
+        self._ready_order = None  # Note [launch order]: the recorded unit order decides
         self._ran_somewhere: set[int] = set()
         forward_order, backward_order = forward_and_backward_orders(model, units)
         self._forward = Schedule(forward_order)  # Note [gather schedule]
@@ -436,6 +437,9 @@ class Stage3(Stage2):
         agreed = torch.equal(positions[:2], -positions[2:4])
         self._forward.stop_recording(adopt=agreed)
         self._backward.stop_recording(adopt=agreed)
+        if agreed:  # Note [launch order]: the last unit run first, the root last
+            self.launch_in_order([self._position[id(b)] for u in reversed(self._forward.units)
+                                  for b in u.buckets if id(b) in self._position])
         for unit, repeated in zip(self.units, positions[4].tolist()):
             unit.held_for_pass = repeated > 0
 
