@@ -217,6 +217,12 @@ def test_every_stage_and_precision(pool, case):
     "stage": 3, "precision": "bf16", "optimizer": "SGD", "opt_kwargs": {"lr": 0.05, "momentum": 0.9},
     "world_size": 1, "units": None, "bucket_mb": 1e-6, "accum": 1, "no_sync": False,
     "clip": None, "steps": 3, "batch": 3, "inject_inf_step": -1})
+@example(case={  # found by the thorough profile: an activation of a released unit gathered it again
+    "model": {"kind": "mlp", "d_in": 8, "hidden": 15, "d_out": 1, "depth": 1, "frozen": False,
+              "unused_branch": False, "branch_everywhere": False},
+    "stage": 3, "precision": "bf16", "optimizer": "SGD", "opt_kwargs": {"lr": 0.05, "momentum": 0.9},
+    "world_size": 1, "units": None, "bucket_mb": 5e-4, "accum": 1, "no_sync": False,
+    "clip": None, "steps": 3, "batch": 3, "inject_inf_step": -1})
 @given(mixed_precision_cases())
 def test_drawn_mixed_precision_cases(pool, case):
     check_all(pool, case)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 from . import _comm
@@ -48,6 +49,15 @@ class Unit:
         # Some rank ran it twice in one forward pass of the first step: kept gathered
         # until the pass ends (Note [runs before the walk moves on] in stage3.py).
         self.held_for_pass = False
+
+    def holds_storage_of(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor`` views this unit's gathered buffers (its parameters)."""
+        try:
+            storage = tensor.untyped_storage().data_ptr()
+        except (RuntimeError, NotImplementedError):  # sparse, nested: not a parameter view
+            return False
+        return any(b.flat.untyped_storage().data_ptr() == storage for b in self.buckets
+                   if b.flat.untyped_storage().nbytes() > 0)
 
     def nbytes(self) -> int:
         return sum(b.nbytes() for b in self.buckets)

@@ -92,9 +92,13 @@ Note [saved tensors]:
     which needs the forward hook to find those tensors: it looks inside tuples,
     lists and dicts, not inside a dataclass or any other object. So during each
     unit's training forward a pair of saved-tensor hooks is active too: when backward
-    unpacks a tensor that forward saved (a weight for a matmul's input gradient, an
-    activation), the unit is gathered first if it is not already. Backward thus never
-    computes with a released unit's placeholders, whatever the unit returns. The
+    unpacks a view of the unit's own parameters that forward saved (a weight for a
+    matmul's input gradient), the unit is gathered first if it is not already.
+    Backward reads parameters only through such saved views, so it never computes
+    with a released unit's placeholders, whatever the unit returns. An activation the
+    unit saved needs no gather (gathering for one gathered again a unit released
+    once its gradients were done: one all-gather too many, found by the thorough
+    profile). The
     hooks cost one Python call per saved tensor on save and on use. Inside another
     pair of saved-tensor hooks (non-reentrant activation checkpointing, offloading)
     none are added: those must see every tensor saved inside them, and a checkpointed
@@ -604,15 +608,28 @@ class SavedTensorWatch:
             recast = stage.recast_of(self._unit, tensor)  # Note [autocast casts]
             if recast is not None:
                 return recast
+            if self._unit.holds_storage_of(tensor):  # a parameter: gathered when used
+                return SavedParameter(tensor.detach())
         # Not the tensor itself: a saved output would then hold its own autograd node, a
         # reference cycle keeping a forward's activations until the garbage collector runs
         return tensor.detach()
 
-    def unpack(self, packed: torch.Tensor | Recast) -> torch.Tensor:
+    def unpack(self, packed: torch.Tensor | Recast | SavedParameter) -> torch.Tensor:
+        if isinstance(packed, torch.Tensor):  # an activation: it needs no gather
+            return packed
         stage = self._stage()
         if stage is not None:
             stage.gather_for_saved_tensor(self._unit)
-        return packed.rebuild() if isinstance(packed, Recast) else packed
+        return packed.rebuild() if isinstance(packed, Recast) else packed.tensor
+
+
+class SavedParameter:
+    """A saved view of a unit's own parameters (Note [saved tensors]): the unit must be
+    gathered before backward uses it. Activations the unit saved need no gather: a unit
+    released once its gradients were done is not gathered again for one."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
 
 
 class Recast:
