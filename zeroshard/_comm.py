@@ -99,6 +99,16 @@ def broadcast(tensor, *, group, stats: CommStats, label: str, group_src: int = 0
     return _finish(work, async_op)
 
 
+def extremes(values: torch.Tensor, *, group, stats: CommStats, label: str):
+    """The largest and the smallest of each element of ``values`` over the ranks, from one
+    all-reduce (MAX) of the values and their negation: the ranks hold the same values
+    exactly where the two are equal."""
+    both = torch.cat([values, -values])
+    all_reduce(both, group=group, stats=stats, label=label, op=dist.ReduceOp.MAX)
+    highest, negated_lowest = both.chunk(2)
+    return highest, -negated_lowest
+
+
 def broadcast_object(obj, *, group, stats: CommStats, label: str, device: torch.device):
     """Rank 0's picklable ``obj`` on every rank (a length, then the pickled bytes)."""
     payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8) \

@@ -282,19 +282,18 @@ class ShardedStage:
 
     def _adopt_ready_order(self) -> None:
         """Note [launch order]: launch from now on in the order the first synced backward
-        made buckets ready, if every rank recorded the same one. One all-reduce (MAX) of
-        each bucket's place in the record (-1: never ready) and of its negation."""
+        made buckets ready, if every rank recorded the same one: the ranks compare each
+        bucket's place in the record (-1: never ready) in one all-reduce."""
         order, self._ready_order = list(dict.fromkeys(self._ready_order)), None
         if not self.buckets:
             return
         if self.world_size > 1:
-            places = torch.full((2, len(self.buckets)), -1.0, device=self.buckets[0].flat.device)
+            places = torch.full((len(self.buckets),), -1.0, device=self.buckets[0].flat.device)
             for place, position in enumerate(order):
-                places[0, position] = place
-            places[1] = -places[0]
-            _comm.all_reduce(places, group=self.group, stats=self.stats, label=self.label,
-                             op=dist.ReduceOp.MAX)
-            if not torch.equal(places[0], -places[1]):
+                places[position] = place
+            highest, lowest = _comm.extremes(places, group=self.group, stats=self.stats,
+                                             label=self.label)
+            if not torch.equal(highest, lowest):
                 return
         self.launch_in_order(order)
 

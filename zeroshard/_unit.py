@@ -12,7 +12,6 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 
-import torch
 from torch import nn
 
 from . import _comm
@@ -50,12 +49,9 @@ class Unit:
         # until the pass ends (Note [runs before the walk moves on] in stage3.py).
         self.held_for_pass = False
 
-    def holds_storage_of(self, tensor: torch.Tensor) -> bool:
-        """Whether ``tensor`` views this unit's gathered buffers (its parameters)."""
-        try:
-            storage = tensor.untyped_storage().data_ptr()
-        except (RuntimeError, NotImplementedError):  # sparse, nested: not a parameter view
-            return False
+    def holds_storage(self, storage: int) -> bool:
+        """Whether ``storage`` (an address) is one of this unit's gathered buffers: a
+        tensor there views its parameters."""
         return any(b.flat.untyped_storage().data_ptr() == storage for b in self.buckets
                    if b.flat.untyped_storage().nbytes() > 0)
 

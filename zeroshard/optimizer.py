@@ -312,17 +312,18 @@ class ZeroOptimizer(torch.optim.Optimizer):
         """Every rank must hold each parameter in one memory order (Note [memory order]
         in _bucket.py): the collectives move whole buffers, so a ``channels_last``
         weight on one rank and a row-major one on another would exchange scrambled
-        values. One all-reduce of a fingerprint of the orders (DDP checks strides too)."""
+        values. The ranks compare a fingerprint of the orders in one all-reduce (DDP
+        checks strides too)."""
         if self._world_size == 1:
             return
         held = [(name, order) for bucket in buckets
                 for name, order in zip(bucket.param_names, bucket.orders)
                 if order != tuple(range(len(order)))]
-        fingerprint = zlib.crc32(repr(held).encode())
-        extremes = torch.tensor([fingerprint, -fingerprint], dtype=torch.int64, device=device)
-        _comm.all_reduce(extremes, group=self._group, stats=self.comm_stats, label="init",
-                         op=dist.ReduceOp.MAX)
-        if extremes.tolist() != [fingerprint, -fingerprint]:
+        fingerprint = torch.tensor([zlib.crc32(repr(held).encode())], dtype=torch.int64,
+                                   device=device)
+        highest, lowest = _comm.extremes(fingerprint, group=self._group, stats=self.comm_stats,
+                                         label="init")
+        if not torch.equal(highest, lowest):
             mine = ", ".join(name for name, _ in held[:3]) or "none"
             raise ValueError(
                 "the parameters' memory formats differ across ranks (e.g. "

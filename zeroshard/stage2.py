@@ -85,11 +85,8 @@ class Stage2(ShardedStage):
         return self.reduce_scatter(bucket, buffer, consumable=True)
 
     def reorder(self, permutation: list[int]) -> None:
-        new_position = {old: new for new, old in enumerate(permutation)}
-        for table in (self.reduce_buffers, self.buffers_in_flight):  # empty after backward
-            moved = {new_position[old]: buffer for old, buffer in table.items()}
-            table.clear()
-            table.update(moved)
+        # keyed by position, but empty between backwards, when the order changes
+        assert not self.reduce_buffers and not self.buffers_in_flight
 
     def finalize(self, bucket: FlatBucket, reduced: torch.Tensor) -> None:
         del self.buffers_in_flight[self._position[id(bucket)]]  # freed by wait_in_flight

@@ -98,8 +98,8 @@ Note [saved tensors]:
     with a released unit's placeholders, whatever the unit returns. An activation the
     unit saved needs no gather (gathering for one gathered again a unit released
     once its gradients were done: one all-gather too many, found by the thorough
-    profile). The
-    hooks cost one Python call per saved tensor on save and on use. Inside another
+    profile). The hooks cost one Python call per saved tensor on save and on use.
+    Inside another
     pair of saved-tensor hooks (non-reentrant activation checkpointing, offloading)
     none are added: those must see every tensor saved inside them, and a checkpointed
     unit is gathered by its recomputation (Note [recomputation]).
@@ -268,15 +268,11 @@ class Stage3(Stage2):
                 "backward ends; train such a loss with stage 1 or 2")
         super().before_backward()
 
-    def check_saved_parameter(self, unit: Unit, tensor: torch.Tensor) -> None:
-        """Note [saved tensors]: ``unit``'s forward saves ``tensor`` for backward. If it
-        is (a view of) a released unit's placeholder (a weight tied functionally,
-        ``F.linear(h, self.emb.weight)`` with ``emb`` a unit of its own), the forward
-        has just computed with NaN: refuse, on every rank alike."""
-        try:
-            storage = tensor.untyped_storage().data_ptr()
-        except (RuntimeError, NotImplementedError):  # sparse, nested: no placeholder anyway
-            return
+    def check_saved_parameter(self, unit: Unit, tensor: torch.Tensor, storage: int) -> None:
+        """Note [saved tensors]: ``unit``'s forward saves ``tensor`` (its storage at address
+        ``storage``) for backward. If it is (a view of) a released unit's placeholder (a
+        weight tied functionally, ``F.linear(h, self.emb.weight)`` with ``emb`` a unit of
+        its own), the forward has just computed with NaN: refuse, on every rank alike."""
         owner = self._placeholder_owner.get(storage)
         if owner is None:
             return
@@ -461,16 +457,15 @@ class Stage3(Stage2):
 
     def _agree_before_gather(self, unit: Unit) -> None:
         """Note [first-step agreement]: every rank is about to gather the same unit, or
-        every rank raises. One all-reduce (MAX) of the unit's position and its negation
-        on the gathers' own channel, so it lines up with the gathers before it."""
+        every rank raises. The ranks compare the unit's position in one all-reduce on the
+        gathers' own channel, so it lines up with the gathers before it."""
         code = float(self._index[id(unit)] + 1)
-        codes = torch.tensor([code, -code], device=self.device)
-        _comm.all_reduce(codes, group=self.gather_group, stats=self.stats, label=self.label,
-                         op=dist.ReduceOp.MAX)
-        highest, lowest = codes.tolist()
-        if highest == -lowest:
+        highest, lowest = (float(t) for t in _comm.extremes(
+            torch.tensor([code], device=self.device), group=self.gather_group,
+            stats=self.stats, label=self.label))
+        if highest == lowest:
             return
-        others = {self.units[int(c) - 1].name for c in (highest, -lowest) if c != code}
+        others = {self.units[int(c) - 1].name for c in (highest, lowest) if c != code}
         raise RuntimeError(
             f"zeroshard stage 3: in the first step this rank is about to gather unit "
             f"{unit.name} while another rank gathers {', '.join(sorted(others))}: the ranks ran "
@@ -601,15 +596,20 @@ class SavedTensorWatch:
         self._stage = weakref.ref(stage)
         self._unit = unit
 
-    def pack(self, tensor: torch.Tensor) -> torch.Tensor | Recast:
+    def pack(self, tensor: torch.Tensor) -> torch.Tensor | Recast | SavedParameter:
         stage = self._stage()
         if stage is not None:
-            stage.check_saved_parameter(self._unit, tensor)
+            try:
+                storage = tensor.untyped_storage().data_ptr()
+            except (RuntimeError, NotImplementedError):  # sparse, nested: not a parameter
+                storage = None
+            if storage is not None:
+                stage.check_saved_parameter(self._unit, tensor, storage)
             recast = stage.recast_of(self._unit, tensor)  # Note [autocast casts]
             if recast is not None:
                 return recast
-            if self._unit.holds_storage_of(tensor):  # a parameter: gathered when used
-                return SavedParameter(tensor.detach())
+            if storage is not None and self._unit.holds_storage(storage):
+                return SavedParameter(tensor.detach())  # a parameter: gathered when used
         # Not the tensor itself: a saved output would then hold its own autograd node, a
         # reference cycle keeping a forward's activations until the garbage collector runs
         return tensor.detach()
