@@ -117,7 +117,7 @@ def batchnorm_statistics_on_meta(ctx):
     return stats
 
 
-def _rss_kib(field: str) -> int:
+def rss_kib(field: str) -> int:
     with open("/proc/self/status") as status:
         for line in status:
             if line.startswith(field + ":"):
@@ -212,13 +212,13 @@ class _Peak:
 
     def __enter__(self):
         gc.collect()
-        self.before = _rss_kib("VmRSS")
+        self.before = rss_kib("VmRSS")
         with open("/proc/self/clear_refs", "w") as clear:
             clear.write("5")
         return self
 
     def __exit__(self, *exc):
-        self.bytes = (_rss_kib("VmHWM") - self.before) * 1024
+        self.bytes = (rss_kib("VmHWM") - self.before) * 1024
 
 
 def phase_peaks(ctx, layers: int, width: int, folder: str):

@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import zeroshard
 from cases import OPTIMIZERS, UNITS, flat_params
+from cases_big_models import rss_kib
 from models import build_model, loss_fn, make_batch
 
 PRECISIONS = {  # name -> (param_dtype, reduce_dtype)
@@ -221,11 +222,6 @@ def train_autocast_fp16(ctx, case):
     return out
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * 4096
-
-
 def autocast_stage3_holds_no_casts(ctx, layers: int, width: int):
     """Stage 3 with fp32 parameters under bf16 autocast (no policy), beside DDP under the
     same autocast: the parameters after three steps, and how much memory a training forward
@@ -243,11 +239,11 @@ def autocast_stage3_holds_no_casts(ctx, layers: int, width: int):
         x = torch.randn(4, width, generator=torch.Generator().manual_seed(10 * step + ctx.rank))
         for model, opt in ((zero_model, zopt), (ddp, dopt)):
             gc.collect()
-            before = _rss_bytes()
+            before = rss_kib("VmRSS")
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 loss = model(x).float().square().mean()
             if model is zero_model and step > 0:
-                retained.append(_rss_bytes() - before)
+                retained.append((rss_kib("VmRSS") - before) * 1024)
             loss.backward()
             opt.step()
             opt.zero_grad()

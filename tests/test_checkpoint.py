@@ -83,16 +83,22 @@ def test_checkpoint_reshards_to_any_world_size_and_stage(pool, tmp_path, cfg):
             torch.testing.assert_close(a, b, **tol)
 
 
+def resume_on_the_same_layout(pool, tmp_path, n: int, stage: int, bf16: bool, optimizer: str):
+    """Train, save and go on; then resume from the checkpoint ("a") and from the full
+    state dict ("b") on the same layout. Returns (resumed, uninterrupted) per rank."""
+    side = {"n": n, "stage": stage, "bf16": bf16, "bucket_mb": 1e-3, "units": "blocks"}
+    cfg = {"model": TRANSFORMER, "optimizer": optimizer, "save": side, "load": dict(side),
+           "steps_before": 2, "steps_after": 2}
+    folder = tmp_path / "run" / "ckpt"
+    saved = pool.run(cases_ckpt.train_and_save, n, cfg, str(folder))
+    return zip(pool.run(cases_ckpt.resume_two_ways, n, cfg, str(folder)), saved)
+
+
 @pytest.mark.parametrize("stage", [1, 2, 3])
 @pytest.mark.parametrize("bf16", [False, True])
 def test_resume_on_the_same_layout_matches_the_run_that_never_stopped(pool, tmp_path, stage, bf16):
-    side = {"n": 3, "stage": stage, "bf16": bf16, "bucket_mb": 1e-3, "units": "blocks"}
-    cfg = {"model": TRANSFORMER, "optimizer": "AdamW", "save": side, "load": dict(side),
-           "steps_before": 2, "steps_after": 2}
-    folder = tmp_path / "run" / "ckpt"
-    saved = pool.run(cases_ckpt.train_and_save, 3, cfg, str(folder))
-    resumed = pool.run(cases_ckpt.resume_two_ways, 3, cfg, str(folder))
-    for rank, (res, uninterrupted) in enumerate(zip(resumed, saved)):
+    for rank, (res, uninterrupted) in enumerate(
+            resume_on_the_same_layout(pool, tmp_path, 3, stage, bf16, "AdamW")):
         for a, b in zip(res["a"], uninterrupted["continued"]):
             assert torch.equal(a, b), rank
 
@@ -101,13 +107,8 @@ def test_resume_on_the_same_layout_matches_the_run_that_never_stopped(pool, tmp_
 def test_resume_with_fused_adamw_matches_the_run_that_never_stopped(pool, tmp_path, stage):
     """A fused (or capturable) optimizer reads ``step`` on the parameters' device: the
     loaded state must be placed as torch's own ``load_state_dict`` places it."""
-    side = {"n": 2, "stage": stage, "bf16": False, "bucket_mb": 1e-3, "units": "blocks"}
-    cfg = {"model": TRANSFORMER, "optimizer": "AdamW fused", "save": side, "load": dict(side),
-           "steps_before": 2, "steps_after": 2}
-    folder = tmp_path / "run" / "ckpt"
-    saved = pool.run(cases_ckpt.train_and_save, 2, cfg, str(folder))
-    resumed = pool.run(cases_ckpt.resume_two_ways, 2, cfg, str(folder))
-    for rank, (res, uninterrupted) in enumerate(zip(resumed, saved)):
+    for rank, (res, uninterrupted) in enumerate(
+            resume_on_the_same_layout(pool, tmp_path, 2, stage, False, "AdamW fused")):
         for a, b, c in zip(res["a"], res["b"], uninterrupted["continued"]):
             assert torch.equal(a, c) and torch.equal(b, c), rank
 
