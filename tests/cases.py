@@ -79,6 +79,24 @@ def skips_block(case, step: int, rank: int) -> bool:
     return step % 2 == 1 and (where == "everywhere" or (where == "odd_ranks" and rank % 2 == 1))
 
 
+def gradient_at(model, flat, batches, spec, case, step: int, n: int) -> torch.Tensor:
+    """The single-process reference's gradient for ``step``'s batches, computed as it
+    computes it (every rank's micro-batch backward in turn, then / n), on a copy of
+    ``model`` holding the parameters ``flat``; unclipped."""
+    probe = copy.deepcopy(model)
+    with torch.no_grad():
+        offset = 0
+        for param in probe.parameters():
+            param.copy_(flat[offset:offset + param.numel()].view_as(param))
+            param.grad = None
+            offset += param.numel()
+    for m in range(case["accum"]):
+        for r in range(n):
+            probe.skip_block = skips_block(case, step, r)
+            (micro_loss(spec, probe, batches[m][r], case) / case["accum"]).backward()
+    return flat_grads(probe) / n
+
+
 def micro_loss(spec, model, batch, case):
     """One micro-batch's loss; with "two_forwards", the sum of two forwards' losses
     (the batch split in half) before one backward."""
@@ -138,10 +156,16 @@ def train_side_by_side(ctx, case):
     # per step, from the single-process reference: the gradient its optimizer steps on
     # (NaN where a parameter has none: the step skips it), the sum over ranks and
     # micro-batches of |each backward's contribution| (after clipping: the scale of the
-    # reduction's rounding), and each element's lr and weight decay.
+    # reduction's rounding), how far the gradient moves when computed at zeroshard's or
+    # DDP's parameters instead of its own (after clipping; zero at the first step, where
+    # all three start equal, and for SGD, whose bounds need no interval), and each
+    # element's lr and weight decay.
     out = {k: [] for k in ("zero", "ddp", "single", "zero_loss", "ddp_loss", "single_loss",
                            "zero_norm", "ddp_norm", "single_norm", "comm", "mem", "eval_diff",
-                           "single_grad", "grad_abs_sum", "single_lr", "single_wd")}
+                           "single_grad", "grad_abs_sum", "moved_grad", "single_lr",
+                           "single_wd")}
+    # Only rank 0's figures feed the bounds: the other ranks skip the extra backwards.
+    measure_moved = ctx.rank == 0 and case["optimizer"] != "SGD"
     def zero_params():  # stage 3 parameters are sharded between steps: gather them to read
         with zopt.summon_full_params():
             return flat_params(zero_model)
@@ -186,6 +210,13 @@ def train_side_by_side(ctx, case):
             for param in single_model.parameters():
                 if param.grad is not None:
                     param.grad /= n
+        moved = torch.zeros(out["initial"].numel())
+        if measure_moved and step > 0:
+            own = flat_grads(single_model)
+            for flat in (out["zero"][-1], out["ddp"][-1]):
+                if not torch.equal(flat, out["single"][-1]):
+                    at = gradient_at(single_model, flat, batches, spec, case, step, n)
+                    moved = torch.maximum(moved, (at - own).abs())
         out["mem"].append(zopt.memory_report())
         if case["clip"] is not None:
             clip, norm_type = case["clip"], case["norm_type"]
@@ -193,9 +224,12 @@ def train_side_by_side(ctx, case):
             for name, model in (("ddp", ddp), ("single", single_model)):
                 norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip, norm_type)
                 out[name + "_norm"].append(norm.item())
-            abs_sum *= min(1.0, clip / (out["single_norm"][-1] + 1e-6))  # clip's coefficient
+            coefficient = min(1.0, clip / (out["single_norm"][-1] + 1e-6))
+            abs_sum *= coefficient
+            moved *= coefficient
         out["single_grad"].append(flat_grads(single_model, missing=float("nan")))
         out["grad_abs_sum"].append(abs_sum)
+        out["moved_grad"].append(moved)
         out["single_lr"].append(flat_hyperparameter(single_model, sopt, "lr"))
         out["single_wd"].append(flat_hyperparameter(single_model, sopt, "weight_decay"))
         for o in (zopt, dopt, sopt):
