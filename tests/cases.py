@@ -249,6 +249,7 @@ def train_side_by_side(ctx, case):
     out["psi"] = sum(p.numel() for p in trainable)
     out["psi_all"] = sum(p.numel() for p in zero_model.parameters())
     out["largest_param_bytes"] = max(p.numel() * 4 for p in trainable)
+    out["largest_bucket_bytes"] = max(b.layout.padded_numel * 4 for b in zopt._buckets)
     out["n_buckets"] = len(zopt._buckets)
     # stage 3 all-reduces 5 numbers per unit once (the recorded orders), and after each
     # synced backward a flag per unit other than the root that has gradients ("ran") and
