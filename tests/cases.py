@@ -171,6 +171,7 @@ def train_side_by_side(ctx, case):
             return flat_params(zero_model)
 
     out["initial"] = zero_params()
+    zopt.comm_stats.trace = out["trace"] = []  # Note [one order] in zeroshard/stage3.py
     accum = case["accum"]
     for step in range(case["steps"]):
         current_step[0] = step

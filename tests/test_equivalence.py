@@ -212,6 +212,22 @@ def check_ranks_agree(results, case):
     for step in range(case["steps"]):
         for rank, res in enumerate(results[1:], start=1):
             assert torch.equal(res["zero"][step], results[0]["zero"][step]), (rank, step)
+    check_one_order(results)
+
+
+def check_one_order(results):
+    """Every rank issued the same collectives, (process group, collective, bytes), in the
+    same order, whatever its data ran (Note [one order] in zeroshard/stage3.py): what
+    NCCL needs of one communicator, checked here on gloo, which only needs it per group."""
+    first = results[0]["trace"]
+    assert first
+    for rank, res in enumerate(results[1:], start=1):
+        if res["trace"] != first:
+            at = next((i for i, (a, b) in enumerate(zip(first, res["trace"])) if a != b),
+                      min(len(first), len(res["trace"])))
+            raise AssertionError(
+                f"rank {rank} issued another sequence of collectives than rank 0 from call {at} "
+                f"on: rank 0 {first[at:at + 4]}, rank {rank} {res['trace'][at:at + 4]}")
 
 
 def gathers_per_step(case) -> int | None:
@@ -267,7 +283,8 @@ def check_comm_per_step(results, case, first_step: int = 0):
         if case["stage"] != 3 and not late:  # the same buckets both ways
             assert comm["reduce_scatter"] == synced_backwards * comm["all_gather"], (step, comm)
         flags = synced_backwards * FP32 * res["flags_per_backward"]  # Note [gather schedule]
-        flags += 5 * FP32 * res["n_units"] if step == 0 else 0  # the recorded orders, once
+        # the recorded orders, once: 5 numbers per unit, 1 per bucket (Note [one order])
+        flags += FP32 * (5 * res["n_units"] + res["n_buckets"]) if step == 0 and case["stage"] == 3 else 0
         if step == 0 and n > 1 and case["stage"] != 3:  # Note [launch order]
             flags += 2 * FP32 * res["n_buckets"]
         cases.check_first_step_agreements(comm, flags + (FP32 if case["clip"] is not None else 0),

@@ -145,7 +145,7 @@ def check_comm(results, case):
                 or comm["all_gather"] <= step_gathers * PARAM_BYTES * (gathered + gathered_pad)), comm
         flags = 4 * synced if param_dtype == torch.float16 else 0
         flags += 4 * synced * res["flags_per_backward"]  # stage 3: units that ran, late buckets
-        flags += 20 * res["n_units"] if step == 0 else 0  # stage 3: the recorded orders, once
+        flags += 4 * (5 * res["n_units"] + res["n_buckets"]) if step == 0 and case["stage"] == 3 else 0  # the recorded orders
         flags += 8 * res["n_buckets"] if step == 0 and n > 1 and case["stage"] != 3 else 0
         cases.check_first_step_agreements(comm, flags + (4 if case["clip"] is not None else 0),
                                           case, step)

@@ -1,10 +1,12 @@
 """The only module that calls torch.distributed collectives.
 
-Every collective function here takes the tensors, the process group (or stage 3's
-``GatherChannel``, kept here one per group), the ``CommStats`` to count into and a
-label, runs one collective, and returns the async work handle (or None when
-blocking). Every wait goes through ``wait``/``wait_all``, which keep finished
-works referenced for a while (Note [finished work]). Each call is counted and wrapped in a
+Every collective function here takes the tensors, the process group, the
+``CommStats`` to count into and a label, runs one collective, and returns the async
+work handle (or None when blocking). Every stage issues all its collectives on the
+one process group it was given, in one order on every rank (Note [one order] in
+stage3.py), as NCCL requires of the operations of one communicator. Every wait goes
+through ``wait``/``wait_all``, which keep finished works referenced for a while (Note
+[finished work]). Each call is counted and wrapped in a
 ``torch.profiler.record_function`` named ``zeroshard::<label>::<collective>`` so a
 profiler trace shows which stage issued it.
 
@@ -20,7 +22,6 @@ import collections
 import ctypes
 import pickle
 import time
-import weakref
 
 import torch
 import torch.distributed as dist
@@ -37,19 +38,26 @@ class CommStats:
     """Bytes and calls per collective since the last ``reset()``.
 
     ``bytes`` and ``calls`` are dicts keyed by ``"all_gather"``, ``"reduce_scatter"``,
-    ``"all_reduce"`` and ``"broadcast"``.
+    ``"all_reduce"`` and ``"broadcast"``. Set ``trace`` to a list to have each call
+    appended to it in the order issued, as ``(process group name, collective, bytes)``:
+    the sequence every rank must issue alike (``reset()`` leaves it alone).
     """
 
     def __init__(self) -> None:
+        self.trace: list[tuple[str, str, int]] | None = None
         self.reset()
 
     def reset(self) -> None:
         self.bytes: dict[str, int] = dict.fromkeys(OPS, 0)
         self.calls: dict[str, int] = dict.fromkeys(OPS, 0)
 
-    def record(self, op: str, tensor: torch.Tensor) -> None:
-        self.bytes[op] += tensor.numel() * tensor.element_size()
+    def record(self, op: str, tensor: torch.Tensor, group) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        self.bytes[op] += nbytes
         self.calls[op] += 1
+        if self.trace is not None:
+            group = group if group is not None else dist.group.WORLD
+            self.trace.append((getattr(group, "group_name", repr(group)), op, nbytes))
 
     def __repr__(self) -> str:
         return f"CommStats(bytes={self.bytes}, calls={self.calls})"
@@ -60,19 +68,16 @@ def all_gather(output, input, *, group, stats: CommStats, label: str, async_op=F
 
     ``input`` may be this rank's slice of ``output`` (an in-place gather).
     """
-    stats.record("all_gather", output)
+    stats.record("all_gather", output, group)
     with record_function(f"zeroshard::{label}::all_gather"):
-        if isinstance(group, GatherChannel):
-            work = group.all_gather(output, input)
-        else:
-            work = _all_gather_flat(output, input, group=group, async_op=True)
+        work = _all_gather_flat(output, input, group=group, async_op=True)
     return _finish(work, async_op)
 
 
 def reduce_scatter(output, input, *, group, stats: CommStats, label: str,
                    op=dist.ReduceOp.AVG, async_op=False):
     """Reduce ``input`` (1-D, N shards) over ranks; this rank's shard lands in ``output``."""
-    stats.record("reduce_scatter", input)
+    stats.record("reduce_scatter", input, group)
     with record_function(f"zeroshard::{label}::reduce_scatter"):
         work = _reduce_scatter_flat(output, input, op=op, group=group, async_op=True)
     return _finish(work, async_op)
@@ -80,19 +85,16 @@ def reduce_scatter(output, input, *, group, stats: CommStats, label: str,
 
 def all_reduce(tensor, *, group, stats: CommStats, label: str, op=dist.ReduceOp.SUM,
                async_op=False):
-    stats.record("all_reduce", tensor)
+    stats.record("all_reduce", tensor, group)
     with record_function(f"zeroshard::{label}::all_reduce"):
-        if isinstance(group, GatherChannel):
-            work = group.all_reduce(tensor, op)
-        else:
-            work = dist.all_reduce(tensor, op=op, group=group, async_op=True)
+        work = dist.all_reduce(tensor, op=op, group=group, async_op=True)
     return _finish(work, async_op)
 
 
 def broadcast(tensor, *, group, stats: CommStats, label: str, group_src: int = 0,
               async_op=False):
     """Overwrite ``tensor`` on every rank with the value of rank ``group_src`` of ``group``."""
-    stats.record("broadcast", tensor)
+    stats.record("broadcast", tensor, group)
     src = dist.get_global_rank(group, group_src)
     with record_function(f"zeroshard::{label}::broadcast"):
         work = dist.broadcast(tensor, src=src, group=group, async_op=True)
@@ -147,74 +149,6 @@ def _finish(work, async_op: bool):
         return work
     wait(work)
     return None
-
-
-class GatherChannel:
-    """A second communicator over the ranks of a process group, for stage 3's gathers.
-
-    Note [gather channel]: stage 3 issues all-gathers in one fixed schedule and
-    reduce-scatters in another; a rank's backward interleaves the two in an order
-    that depends on which units its data ran, so on one process group ranks could
-    wait in different collectives. The gathers therefore run on their own backend,
-    built over the group's own store under a fixed prefix, so that only the group's
-    ranks take part, and all of them agree on the prefix.
-
-    Not ``dist.new_group(ranks, use_local_synchronization=True)``: torch names such
-    a group after its ranks *and the number of groups this process belongs to*, so
-    ranks that belong to different other groups (ranks 0-2 of a world with groups
-    [0], [0, 1], [0, 1, 2]) compute different names and wait for each other forever.
-    """
-
-    PREFIX = "zeroshard-gathers/"
-
-    def __init__(self, group) -> None:
-        self.group = group
-        store = dist.PrefixStore(self.PREFIX, group.get_group_store())
-        rank, size = dist.get_rank(group), dist.get_world_size(group)
-        backend = dist.get_backend(group)
-        if "nccl" in backend and hasattr(dist, "ProcessGroupNCCL"):
-            options = dist.ProcessGroupNCCL.Options()
-            options._timeout = _timeout_of(group, "cuda")
-            self.backend = dist.ProcessGroupNCCL(store, rank, size, options)
-        elif "gloo" in backend:
-            self.backend = dist.ProcessGroupGloo(store, rank, size, _timeout_of(group, "cpu"))
-        else:
-            raise NotImplementedError(
-                f"zeroshard stage 3 builds a second communicator for its gathers, for the "
-                f"gloo and nccl backends only; process group backend is {backend!r}. "
-                "Use stage 1 or 2 with this backend.")
-
-    def all_gather(self, output, input):
-        return self.backend._allgather_base(output, input)
-
-    def all_reduce(self, tensor, op):
-        """Stage 3's first-step agreement on what is gathered next (Note [first-step
-        agreement] in stage3.py): on this channel, in line with its gathers."""
-        options = dist.AllreduceOptions()
-        options.reduceOp = op
-        return self.backend.allreduce([tensor], options)
-
-
-_channels: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def gather_channel(group):
-    """The ``GatherChannel`` of ``group``, built on first use by every rank of the group
-    (constructing a stage-3 optimizer is collective) and shared by later optimizers."""
-    group = group if group is not None else dist.group.WORLD
-    if dist.get_world_size(group) == 1:
-        return group  # nothing to order
-    if group not in _channels:
-        _channels[group] = GatherChannel(group)
-    return _channels[group]
-
-
-def _timeout_of(group, device: str):
-    """The group's collective timeout, so that gathers give up when its collectives do."""
-    try:
-        return group._get_backend(torch.device(device)).options._timeout
-    except (AttributeError, RuntimeError):
-        return dist.default_pg_timeout
 
 
 # Note [finished work]:

@@ -243,8 +243,23 @@ class ShardedStage:
         bucket.ready.add(index)
         if self._ready_order is not None and bucket.all_ready:
             self._ready_order.append(self._position[id(bucket)])
-        # Note [launch order]: launch every bucket at the front of the list that is ready.
+        self._launch_ready()
+
+    def _launch_ready(self) -> None:
+        """Note [launch order]: launch every bucket at the front of the list that is ready."""
         while self._next_launch < len(self.buckets) and self.buckets[self._next_launch].all_ready:
+            self._launch_next()
+
+    def _launch_front(self, count: int) -> None:
+        """Launch the list's buckets up to position ``count``, ready or not: a gradient
+        that never came counts as zero (what ``.grad`` holds), and one that comes later
+        is late (Note [late gradients])."""
+        while self._next_launch < count:
+            bucket = self.buckets[self._next_launch]
+            for index in range(len(bucket.params)):
+                if index not in bucket.ready:
+                    self.fill_missing(bucket, index)
+                    bucket.ready.add(index)
             self._launch_next()
 
     def _launch_next(self) -> None:
@@ -255,13 +270,7 @@ class ShardedStage:
     def _on_backward_end(self) -> None:
         """Note [end of backward]: flush buckets that are still waiting, then wait for all."""
         if self.require_sync:
-            while self._next_launch < len(self.buckets):
-                bucket = self.buckets[self._next_launch]
-                for index in range(len(bucket.params)):
-                    if index not in bucket.ready:
-                        self.fill_missing(bucket, index)
-                        bucket.ready.add(index)
-                self._launch_next()
+            self._launch_front(len(self.buckets))
             self.wait_in_flight()
             for position in self.late_positions():  # Note [late gradients]
                 bucket = self.buckets[position]

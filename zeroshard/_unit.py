@@ -252,6 +252,14 @@ class Schedule:
     def next_unit(self) -> Unit | None:
         return self.units[self.cursor] if self.cursor < len(self.units) else None
 
+    def position_of(self, unit: Unit) -> int:
+        return self._position[id(unit)]
+
+    def following(self, unit: Unit) -> Unit | None:
+        """The unit after ``unit`` in the schedule, if any."""
+        position = self._position[id(unit)] + 1
+        return self.units[position] if position < len(self.units) else None
+
     def stop_recording(self, adopt: bool) -> None:
         """With ``adopt``, walk from now on in the recorded order (units never entered
         keep their relative order, after it)."""

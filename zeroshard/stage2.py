@@ -55,14 +55,10 @@ class Stage2(ShardedStage):
     def _buffer(self, bucket: FlatBucket) -> torch.Tensor:
         position = self._position[id(bucket)]
         if position not in self.reduce_buffers:
-            self.bound_in_flight()  # bound memory: one bucket filling, at most one in flight
+            self.wait_in_flight()  # bound memory: one bucket filling, at most one in flight
             # In the reduce dtype: gradients are accumulated (and reduced) in it.
             self.reduce_buffers[position] = torch.zeros_like(bucket.flat, dtype=self.reduce_dtype_of(bucket))
         return self.reduce_buffers[position]
-
-    def bound_in_flight(self) -> None:
-        """Before a new reduce buffer: wait for the reduce-scatters in flight."""
-        self.wait_in_flight()
 
     def _move_grad_to_buffer(self, bucket: FlatBucket, index: int) -> None:
         param = bucket.params[index]

@@ -33,13 +33,9 @@ Note [gather schedule]:
 
     In backward, a unit the walk passes over got no gradient on this rank (it did not
     run here, or its outputs did not reach this rank's loss), and none can come: its
-    parameters count as ready with a zero gradient when the walk passes it, so its
-    reduce-scatters go out then, not at the end of backward, while other ranks may be
-    waiting for them. So backward must reach units in the schedule's order; a unit
-    whose gradient arrives after the walk passed it is reduced a second time (Note
-    [late gradients]). The gathers run on a communicator of their own (Note
-    [gather channel] in _comm.py): a rank's backward interleaves gathers and
-    reduce-scatters in an order that depends on what it ran.
+    parameters count as ready with a zero gradient when the walk passes it. So backward
+    must reach units in the schedule's order; a unit whose gradient arrives after its
+    reduce-scatter was launched is reduced a second time (Note [late gradients]).
 
     Which units ran on no rank at all (their gradient is absent, not zero, and the
     optimizer skips them as torch skips a parameter whose gradient is None) is no
@@ -49,6 +45,36 @@ Note [gather schedule]:
     A parameter must be used
     inside the forward of a module that holds it (in ``_parameters``), or of one of
     that module's ancestor units.
+
+Note [one order]:
+    Every collective runs on the optimizer's one process group, so every rank must
+    issue the same collectives in the same order (NCCL requires it of one
+    communicator; gloo aborts on a mismatch). Gathers follow the walk (Note [gather
+    schedule]), but a reduce-scatter launched when a unit's last gradient arrives
+    would interleave with them in an order that depends on the data: a rank that ran
+    a unit reduces it while computing, one that skipped it when the walk passes it.
+    So in a backward walk (with ``reshard_after_forward``) reductions launch only at
+    the walk's steps, and each step issues the same collectives whether this rank
+    runs the unit or passes over it (``_step``): first the reduce-scatters of the
+    buckets due by that point, in list order, then the unit's gather, then the next
+    unit's prefetch. A bucket is due at a fixed point of the walk, the same on every
+    rank: once as many units have been entered as when its last gradient came in the
+    first backward, on the rank where that was latest (agreed with the recorded orders,
+    ``_adopt_recorded_orders``); where the ranks recorded different orders, once the
+    walk has passed its unit and every unit inside it (``_due_when_walked_past``, also
+    the first backward's rule). The list of buckets is sorted by that point, so due
+    buckets are at its front. A bucket due before its gradient is complete (data that
+    runs units in another order than the first step) launches with what it has, and
+    what comes later is reduced again at the end of backward (Note [late gradients]),
+    where the ranks agree on which buckets are late; the numbers stay right and
+    only the bytes grow. After more than one training forward pass, whose backwards
+    interleave, every reduction waits for the end of backward. Without resharding
+    there is no backward walk and backward issues no gather (units stay gathered),
+    so reductions launch as their buckets become ready, in list order. As every
+    rank issues the same sequence, a rank may wait on any collective it issued (a
+    new reduce buffer waits for the reductions in flight): the others issue it too
+    before anything that could wait on this rank. ``comm_stats.trace`` records the
+    sequence; the tests compare it across ranks for every case they train.
 
 Note [runs before the walk moves on]:
     A unit run again in the same pass must not need a gather that ranks which did
@@ -74,13 +100,11 @@ Note [first-step agreement]:
     which order the model runs them (Note [gather schedule]), so a rank whose data runs
     a unit twice, or units in another order, would gather what the others do not:
     gloo aborts both processes, NCCL hangs. So in that first step every gather of a
-    pass is preceded by one 8-byte all-reduce on the gathers' channel in which the
-    ranks compare which unit they are about to gather; if they differ, every rank
-    raises the same error there, before the mismatched gather, naming the units and
-    the rule. A comparison waits for its answer, so the first step gathers a unit only
-    when it is needed (no prefetch): a prefetch must not wait, or a rank waiting there
-    would not launch the reduce-scatter another rank waits for, and both would stop.
-    Every other gather of a pass is waited for at once anyway. The comparisons stop
+    pass is preceded by one 8-byte all-reduce in which the ranks compare which unit
+    they are about to gather; if they differ, every rank raises the same error there,
+    before the mismatched gather, naming the units and the rule. A comparison waits
+    for its answer, and a prefetch that waits is none, so the first step gathers a
+    unit only when it is needed. The comparisons stop
     with the recording (``_adopt_recorded_orders``), so later steps pay nothing;
     ``comm_stats`` counts them under ``all_reduce``. The error ends the run, not the
     step: the optimizer is left mid-pass (a rank that raised inside backward may have
@@ -149,7 +173,8 @@ class Stage3(Stage2):
 
     def __init__(self, model, units: list[Unit], group, stats, reshard_after_forward: bool,
                  policy=None) -> None:
-        # Reduce-scatter order: units from the last to the root (roughly backward's order).
+        # Reduce-scatter order: units from the last to the root (roughly backward's order),
+        # until Note [one order] sorts them by when the backward walk is done with them.
         trainable = [b for u in reversed(units) for b in u.buckets if b.params[0].requires_grad]
         super().__init__(model, trainable, group, stats, policy)
         self.units = units
@@ -169,10 +194,20 @@ class Stage3(Stage2):
         self._finished: list[Unit] = []  # Note [runs before the walk moves on]
         self._watching: list[tuple[Unit, object]] = []  # Note [saved tensors]: open hook pairs
         self._order_warned = False
+        # Note [one order]: the units inside each unit (itself included); when each bucket
+        # is due in the backward walk; this backward's way of launching reductions; the
+        # training forward passes since the last backward; and, while the first backward
+        # records, how many units had been entered when each bucket's last gradient came.
+        module_unit = {id(u.module): u for u in units}
+        self._inside = {id(u): [module_unit[id(m)] for m in u.module.modules() if id(m) in module_unit]
+                        for u in units}
+        self._due = self._due_when_walked_past()
+        self.launch_in_order(sorted(range(len(self.buckets)), key=lambda p: self._due[id(self.buckets[p])]))
+        self._launch_at_walk = False
+        self._training_passes = 0
+        self._entered_before_ready: dict[int, int] = {}
         self._reading_structure = 0  # inside reading_structure(): state_dict() reads no values
         self.device = next((b.flat.device for u in units for b in u.buckets), torch.device("cpu"))
-        # Note [gather channel]: gathers get a communicator of their own.
-        self.gather_group = _comm.gather_channel(group)
         self._unclaimed: dict[int, torch.Tensor] = {}  # reductions of units that did not run here
         for module in model.modules():
             owners = {id(self._unit_of[id(p)]): self._unit_of[id(p)]
@@ -210,6 +245,7 @@ class Stage3(Stage2):
             return
         if unit is self.root:  # a new forward pass
             self._training_forward = torch.is_grad_enabled()
+            self._training_passes += self._training_forward
             self._forward.restart()
             self._stop_watching(None)  # pairs a forward that raised left open
         if self._training_forward:
@@ -267,6 +303,26 @@ class Stage3(Stage2):
                 "builds a graph over gathered parameters that stage 3 releases when the "
                 "backward ends; train such a loss with stage 1 or 2")
         super().before_backward()
+        # Note [one order]: reductions launch as the walk passes units only after exactly
+        # one training forward; after two (their backwards interleave) they wait for the end.
+        self._launch_at_walk = self._training_passes == 1
+
+    def _launch_ready(self) -> None:
+        """Note [one order]: with a backward walk, reductions launch at its steps, not
+        as gradients happen to arrive; without one (no resharding), backward issues no
+        gather, and they launch as they become ready, in list order."""
+        if not self.reshard_after_forward:
+            super()._launch_ready()
+
+    def _launch_due(self, position: int) -> None:
+        """Note [one order]: the backward walk reaches the unit at ``position`` of its
+        schedule: launch the buckets at the front of the list that are due by then."""
+        if not (self._launch_at_walk and self.require_sync):
+            return
+        count = self._next_launch
+        while count < len(self.buckets) and self._due[id(self.buckets[count])] <= position:
+            count += 1
+        self._launch_front(count)
 
     def check_saved_parameter(self, unit: Unit, tensor: torch.Tensor, storage: int) -> None:
         """Note [saved tensors]: ``unit``'s forward saves ``tensor`` (its storage at address
@@ -346,22 +402,11 @@ class Stage3(Stage2):
         # backward: a second backward through a retained graph.
         unit.ran_since_backward = True
         unit.grads_arrived.add(id(param))
+        self._note_ready(bucket)
         if unit.release_when_grads_done and unit.grads_arrived >= unit.trainable_ids:
             unit.release()  # all its gradients are accumulated: backward is done with it
             # A nested backward (Note [late gradients]) may gather it again: count afresh.
             unit.grads_arrived.clear()
-
-    def bound_in_flight(self) -> None:
-        """Note [runs before the walk moves on]: a unit some rank runs twice gets its
-        gradient only after the backward of its second run and of everything between, which
-        needs gathers; a rank where it ran less has reduced it already, and blocking on that
-        reduce-scatter before issuing those gathers would deadlock the two. So with such a
-        unit's reduction in flight, new buffers do not wait: until the end of this backward
-        reduce buffers are freed only as that reduction and those behind it complete
-        (only models with such units pay); alone, a rank has no one to wait for."""
-        if self.world_size == 1 or not any(
-                self._unit_of[id(b.params[0])].held_for_pass for b, *_ in self._in_flight):
-            self.wait_in_flight()
 
     def finalize(self, bucket, reduced: torch.Tensor) -> None:
         """A unit that did not run here may have run nowhere: hold its reduction until the
@@ -408,6 +453,7 @@ class Stage3(Stage2):
         if self._forward.entered is not None:  # the first backward: every rank ends it here
             self._adopt_recorded_orders()
         self._backward.restart()
+        self._training_passes = 0
         for unit in self.units:
             unit.release()
             unit.grads_arrived.clear()
@@ -421,10 +467,18 @@ class Stage3(Stage2):
         Note [runs before the walk moves on]: a unit some rank entered twice in one
         forward pass is held gathered until the end of each later pass.
 
+        Note [one order]: where the ranks agreed, each bucket is due in later backward
+        walks once as many units have been entered as when its last gradient came in
+        the first backward, on the rank where that was latest; else when the walk has
+        passed its unit.
+
         One all-reduce (MAX) of each unit's first-entry position in forward and in
         backward (-1: not entered), of their negations (the orders agree exactly when
-        the maximum equals the minimum everywhere) and of a flag per unit entered twice."""
-        positions = torch.full((5, len(self.units)), -1.0, device=self.device)
+        the maximum equals the minimum everywhere), of a flag per unit entered twice,
+        and of each bucket's count of units entered before it was ready."""
+        n_units = len(self.units)
+        notes = torch.full((5 * n_units + len(self.buckets),), -1.0, device=self.device)
+        positions = notes[:5 * n_units].view(5, n_units)
         index = {id(u): i for i, u in enumerate(self.units)}
         for row, schedule in enumerate((self._forward, self._backward)):
             for position, unit in enumerate(schedule.entered):
@@ -432,16 +486,43 @@ class Stage3(Stage2):
         positions[2:4] = -positions[:2]
         for unit in self._forward.repeated:
             positions[4, index[id(unit)]] = 1.0
-        _comm.all_reduce(positions, group=self.group, stats=self.stats, label=self.label,
+        entered_before_ready = notes[5 * n_units:]
+        for position, bucket in enumerate(self.buckets):
+            entered_before_ready[position] = self._entered_before_ready.get(
+                id(bucket), len(self._backward.entered))
+        self._entered_before_ready.clear()
+        _comm.all_reduce(notes, group=self.group, stats=self.stats, label=self.label,
                          op=dist.ReduceOp.MAX)
         agreed = torch.equal(positions[:2], -positions[2:4])
         self._forward.stop_recording(adopt=agreed)
         self._backward.stop_recording(adopt=agreed)
-        if agreed:  # Note [launch order]: the last unit run first, the root last
-            self.launch_in_order([self._position[id(b)] for u in reversed(self._forward.units)
-                                  for b in u.buckets if id(b) in self._position])
+        if agreed and self.reshard_after_forward:
+            self._due = {id(b): int(n) for b, n in zip(self.buckets, entered_before_ready.tolist())}
+        else:
+            self._due = self._due_when_walked_past()
+        # Note [launch order]: by when each bucket is due; among equals, the last unit run
+        # first and the root last (where the ranks agreed on which that is)
+        # (without resharding, by that alone: they launch as they become ready)
+        units = reversed(self._forward.units) if agreed else reversed(self.units)
+        rank = {id(b): i for i, b in enumerate(b for u in units for b in u.buckets)}
+        due = self._due if self.reshard_after_forward else dict.fromkeys(self._due, 0)
+        self.launch_in_order(sorted(range(len(self.buckets)), key=lambda p: (
+            due[id(self.buckets[p])], rank[id(self.buckets[p])])))
         for unit, repeated in zip(self.units, positions[4].tolist()):
             unit.held_for_pass = repeated > 0
+
+    def _due_when_walked_past(self) -> dict[int, int]:
+        """Note [one order]: each bucket is due in the backward walk once the walk has
+        passed its unit and every unit inside it."""
+        position = {id(u): i for i, u in enumerate(self._backward.units)}
+        return {id(b): 1 + max(position[id(inner)] for inner in self._inside[id(unit)])
+                for unit in self.units for b in unit.buckets}
+
+    def _note_ready(self, bucket) -> None:
+        """While the first backward records: how many units had been entered when this
+        bucket's latest gradient came (or its unit was passed over)."""
+        if self._backward.entered is not None:
+            self._entered_before_ready[id(bucket)] = len(self._backward.entered)
 
     # -- gather, walk the schedule ----------------------------------------------------
 
@@ -453,15 +534,14 @@ class Stage3(Stage2):
         if (unit.state is ShardState.SHARDED and unit.buckets and self._forward.entered is not None
                 and self.world_size > 1):  # a gather will be issued, and the order is not agreed
             self._agree_before_gather(unit)
-        unit.gather(self.gather_group, self.stats, self.label)
+        unit.gather(self.group, self.stats, self.label)
 
     def _agree_before_gather(self, unit: Unit) -> None:
         """Note [first-step agreement]: every rank is about to gather the same unit, or
-        every rank raises. The ranks compare the unit's position in one all-reduce on the
-        gathers' own channel, so it lines up with the gathers before it."""
+        every rank raises. The ranks compare the unit's position in one all-reduce."""
         code = float(self._index[id(unit)] + 1)
         highest, lowest = (float(t) for t in _comm.extremes(
-            torch.tensor([code], device=self.device), group=self.gather_group,
+            torch.tensor([code], device=self.device), group=self.group,
             stats=self.stats, label=self.label))
         if highest == lowest:
             return
@@ -489,10 +569,23 @@ class Stage3(Stage2):
                           "must do the same (Note [gather schedule] in zeroshard/stage3.py)")
         for skipped in passed or []:
             self._pass_over(skipped)
-        self._gather_now(unit)
-        following = schedule.next_unit() if passed is not None else None
-        # no prefetch while the first step records: a gather waits for its agreement, and a
-        # prefetch must not wait (Note [first-step agreement])
+        if passed is None:  # run again after the walk passed it: not a step of the walk
+            self._gather_now(unit)
+            return
+        self._step(schedule, unit)
+        unit.wait()
+
+    def _step(self, schedule: Schedule, unit: Unit) -> None:
+        """Note [one order]: one step of a walk, the same collectives whether this rank
+        runs ``unit`` or passes over it: in backward the reductions due by now, then
+        ``unit``'s gather and the next unit's prefetch (none while the first step
+        records: a gather waits for its agreement, and a prefetch must not wait, Note
+        [first-step agreement])."""
+        if schedule is self._backward:
+            self._launch_due(schedule.position_of(unit))
+        if unit.state is ShardState.SHARDED:
+            self._start_gather(unit)
+        following = schedule.following(unit)
         if (following is not None and following.state is ShardState.SHARDED
                 and schedule.entered is None):
             self._start_gather(following)
@@ -505,8 +598,8 @@ class Stage3(Stage2):
 
     def _pass_over(self, unit: Unit) -> None:
         """A unit this rank skips in this pass: gather it for the ranks that run it."""
-        if unit.state is ShardState.SHARDED:
-            self._start_gather(unit)
+        schedule = self._backward if self.state is TrainingState.BACKWARD else self._forward
+        self._step(schedule, unit)
         unit.wait()
         if self.state is TrainingState.BACKWARD:  # walked only with resharding
             unit.release()
@@ -525,6 +618,7 @@ class Stage3(Stage2):
         for bucket in unit.buckets:
             if not bucket.params[0].requires_grad:
                 continue
+            self._note_ready(bucket)
             for index in range(len(bucket.params)):
                 if index not in bucket.ready:
                     self.fill_missing(bucket, index)
