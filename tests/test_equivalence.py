@@ -249,8 +249,8 @@ def check_comm_per_step(results, case, first_step: int = 0):
     after forward). fp32 bytes, with at most N-1 elements of padding per bucket.
     Broadcast: the buffers, before each training forward outside no_sync (world size > 1).
     All-reduce: the clip norm; at stage 3 also a 4-byte flag per unit (but the root) and
-    per bucket per synced backward, and in the first step 5 numbers per unit (the recorded orders)
-    and 2 per unit gather (Note [first-step agreement]); at stages 1-2, in the first step on
+    per bucket per synced backward, and in the first step 5 numbers per unit and 1 per bucket
+    (the recorded orders) and the agreements of Note [first-step agreement]; at stages 1-2, in the first step on
     several ranks, 2 numbers per bucket (the order buckets became ready, Note [launch order]).
 
     Stage 3's first step walks the module tree's order (Note [gather schedule]), so a
@@ -288,7 +288,7 @@ def check_comm_per_step(results, case, first_step: int = 0):
         if step == 0 and n > 1 and case["stage"] != 3:  # Note [launch order]
             flags += 2 * FP32 * res["n_buckets"]
         cases.check_first_step_agreements(comm, flags + (FP32 if case["clip"] is not None else 0),
-                                          case, step)
+                                          case, step, res["n_units"])
         # Note [buffers follow rank 0]: before each training forward outside no_sync
         forwards = synced_backwards * (2 if case["two_forwards"] else 1)
         assert comm["broadcast"] == (forwards * res["buffer_bytes"] if n > 1 else 0), comm

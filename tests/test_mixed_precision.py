@@ -121,8 +121,9 @@ def check_comm(results, case):
     in the parameter dtype per gather (stage 3: 2 per micro-batch, over all parameters),
     plus at most N-1 elements of padding per bucket; all-reduce: the clip norm, one
     4-byte non-finite flag per synced fp16 backward, and at stage 3 one 4-byte flag per
-    unit but the root and per bucket per synced backward plus, in the first step, 4
-    positions per unit and 2 numbers per unit gather (Note [first-step agreement])."""
+    unit but the root and per bucket per synced backward plus, in the first step, 5
+    positions per unit and 1 per bucket (the recorded orders) and the first-step
+    agreements (Note [first-step agreement], ``cases.check_first_step_agreements``)."""
     n, res = case["world_size"], results[0]
     param_dtype, reduce_dtype = cases_mp.PRECISIONS[case["precision"]]
     reduce_bytes = (reduce_dtype or param_dtype).itemsize
@@ -148,7 +149,7 @@ def check_comm(results, case):
         flags += 4 * (5 * res["n_units"] + res["n_buckets"]) if step == 0 and case["stage"] == 3 else 0  # the recorded orders
         flags += 8 * res["n_buckets"] if step == 0 and n > 1 and case["stage"] != 3 else 0
         cases.check_first_step_agreements(comm, flags + (4 if case["clip"] is not None else 0),
-                                          case, step)
+                                          case, step, res["n_units"])
 
 
 def check_memory(results, case):

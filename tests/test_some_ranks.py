@@ -12,6 +12,7 @@ collective fails the case through the pool's timeout rather than hanging.
 import pytest
 
 import cases
+import cases_order
 from test_equivalence import (assert_params_close, check_comm_per_step, check_every_invariant,
                               check_matches_references, check_ranks_agree, update_bounds)
 
@@ -92,3 +93,23 @@ def test_a_first_step_that_differs_across_ranks_raises_on_every_rank(pool, how):
         assert error is not None and "first step" in error and "Note [first-step agreement]" in error, \
             (rank, error)
         assert trained_after, rank
+
+
+@pytest.mark.parametrize("pattern", list(cases_order.PATTERNS))
+def test_ranks_that_run_other_units_issue_one_sequence_of_collectives(pool, pattern):
+    """Note [one order]: every collective runs on one process group, so the ranks must
+    issue the same sequence although rank 0 runs other units than rank 1 (found by a
+    review: each of these left the ranks in different collectives, a gloo abort or a
+    timeout, NCCL's hang). And the result is single-process training's."""
+    results = pool.run(cases_order.one_order_when_ranks_differ, 2, pattern)
+    (trace0, difference0), (trace1, difference1) = results
+    assert trace0 and trace0 == trace1
+    assert difference0 <= 1e-6 and difference1 <= 1e-6, (difference0, difference1)
+
+
+def test_a_first_step_that_differs_in_backward_raises_on_every_rank(pool):
+    """Note [first-step agreement]: a difference that shows only in backward (a reentrant
+    checkpointed unit run twice on one rank) met another rank's reduce-scatter and gloo
+    aborted; the comparison now precedes every step of the walk and its end."""
+    for rank, error in enumerate(pool.run(cases_order.first_step_differs_in_backward, 2)):
+        assert error is not None and "Note [first-step agreement]" in error, (rank, error)

@@ -68,9 +68,16 @@ Note [one order]:
     what comes later is reduced again at the end of backward (Note [late gradients]),
     where the ranks agree on which buckets are late; the numbers stay right and
     only the bytes grow. After more than one training forward pass, whose backwards
-    interleave, every reduction waits for the end of backward. Without resharding
-    there is no backward walk and backward issues no gather (units stay gathered),
-    so reductions launch as their buckets become ready, in list order. As every
+    interleave, every reduction waits for the end of backward. Without resharding,
+    backward walks only if the units were released since the forward (a no_grad
+    forward or ``summon_full_params()`` in between, a second backward through a
+    retained graph: every rank holds all units or none), and then every reduction
+    waits for the end; otherwise it issues no gather (the units stay gathered) and
+    reductions launch as their buckets become ready, in list order. Gathers outside
+    the walk are avoided where ranks would differ: a unit some rank runs twice is not
+    released when its gradients are done (reentrant checkpointing recomputes its
+    second run later), nor, after two forwards, a unit the walk passes that ran in
+    one of them (the other forward's backward still needs it). As every
     rank issues the same sequence, a rank may wait on any collective it issued (a
     new reduce buffer waits for the reductions in flight): the others issue it too
     before anything that could wait on this rank. ``comm_stats.trace`` records the
@@ -203,6 +210,7 @@ class Stage3(Stage2):
                         for u in units}
         self._due = self._due_when_walked_past()
         self.launch_in_order(sorted(range(len(self.buckets)), key=lambda p: self._due[id(self.buckets[p])]))
+        self._walking = False  # this backward walks the schedule (Note [one order])
         self._launch_at_walk = False
         self._training_passes = 0
         self._entered_before_ready: dict[int, int] = {}
@@ -238,7 +246,7 @@ class Stage3(Stage2):
                     "torch.no_grad() (evaluation, generate()), or train outside the block")
             return
         if self.state is TrainingState.BACKWARD:  # Note [recomputation]
-            if self.reshard_after_forward:
+            if self._walking:
                 self._walk(self._backward, unit)
             else:
                 self._gather_now(unit)  # kept gathered since forward
@@ -303,15 +311,22 @@ class Stage3(Stage2):
                 "builds a graph over gathered parameters that stage 3 releases when the "
                 "backward ends; train such a loss with stage 1 or 2")
         super().before_backward()
-        # Note [one order]: reductions launch as the walk passes units only after exactly
-        # one training forward; after two (their backwards interleave) they wait for the end.
-        self._launch_at_walk = self._training_passes == 1
+        # Note [one order]: backward walks the schedule where it must gather: with
+        # resharding, or when the units were released since the forward (a no_grad
+        # forward or summon_full_params() in between, a second backward through a
+        # retained graph); every rank holds all units gathered or none at this point.
+        self._walking = self.reshard_after_forward or any(
+            u.state is not ShardState.GATHERED for u in self.units if u.buckets)
+        # Reductions launch as the walk reaches them only where the list is sorted for
+        # it (with resharding) and after exactly one training forward; after two (their
+        # backwards interleave) they wait for the end of backward.
+        self._launch_at_walk = self.reshard_after_forward and self._training_passes == 1
 
     def _launch_ready(self) -> None:
         """Note [one order]: with a backward walk, reductions launch at its steps, not
         as gradients happen to arrive; without one (no resharding), backward issues no
         gather, and they launch as they become ready, in list order."""
-        if not self.reshard_after_forward:
+        if not self._walking:
             super()._launch_ready()
 
     def _launch_due(self, position: int) -> None:
@@ -362,7 +377,7 @@ class Stage3(Stage2):
         if unit.state is ShardState.GATHERED or self.summoned:
             return
         if unit.backward_armed:  # gathered for this backward and released since
-            self._gather_now(unit)
+            self._gather_outside_walk(unit)
         else:
             self._pre_backward(unit, None)
 
@@ -389,7 +404,7 @@ class Stage3(Stage2):
         if unit.backward_armed:
             return
         unit.backward_armed = True
-        if self.reshard_after_forward:
+        if self._walking:
             self._walk(self._backward, unit)
         else:
             self._gather_now(unit)  # kept gathered since forward: no collective
@@ -403,7 +418,11 @@ class Stage3(Stage2):
         unit.ran_since_backward = True
         unit.grads_arrived.add(id(param))
         self._note_ready(bucket)
-        if unit.release_when_grads_done and unit.grads_arrived >= unit.trainable_ids:
+        # A unit some rank runs twice stays gathered until backward ends: with reentrant
+        # checkpointing its second run's recomputation would gather it again, on that rank
+        # only (Note [runs before the walk moves on]).
+        if (unit.release_when_grads_done and not unit.held_for_pass
+                and unit.grads_arrived >= unit.trainable_ids):
             unit.release()  # all its gradients are accumulated: backward is done with it
             # A nested backward (Note [late gradients]) may gather it again: count afresh.
             unit.grads_arrived.clear()
@@ -445,9 +464,12 @@ class Stage3(Stage2):
         self._unclaimed.clear()
 
     def _on_backward_end(self) -> None:
-        if self.reshard_after_forward:  # gathers first: other ranks may be waiting for them
+        if self._walking:  # gathers first: other ranks may be waiting for them
             for skipped in self._backward.walk_to_end():
                 self._pass_over(skipped)
+            # Note [first-step agreement]: every rank ends the walk here. (Without a walk,
+            # reductions launch as they become ready, so no comparison fits in between.)
+            self._agree_while_recording(None)
         synced = self.require_sync
         super()._on_backward_end()
         if self._forward.entered is not None:  # the first backward: every rank ends it here
@@ -531,24 +553,35 @@ class Stage3(Stage2):
         unit.wait()
 
     def _start_gather(self, unit: Unit) -> None:
-        if (unit.state is ShardState.SHARDED and unit.buckets and self._forward.entered is not None
-                and self.world_size > 1):  # a gather will be issued, and the order is not agreed
-            self._agree_before_gather(unit)
         unit.gather(self.group, self.stats, self.label)
 
-    def _agree_before_gather(self, unit: Unit) -> None:
-        """Note [first-step agreement]: every rank is about to gather the same unit, or
-        every rank raises. The ranks compare the unit's position in one all-reduce."""
-        code = float(self._index[id(unit)] + 1)
+    def _gather_outside_walk(self, unit: Unit) -> None:
+        """A gather that is not a step of the walk (a unit run again after the walk passed
+        it, or needed again after its release): every rank must issue it alike (Note [one
+        order]), which the first step checks (Note [first-step agreement])."""
+        if unit.state is ShardState.SHARDED and unit.buckets:
+            self._agree_while_recording(unit)
+        self._gather_now(unit)
+
+    def _agree_while_recording(self, unit: Unit | None) -> None:
+        """Note [first-step agreement]: until the orders are recorded, every rank is about
+        to take the same step of a walk (or gather the same unit outside it, or end the
+        backward: None), or every rank raises. The ranks compare the unit's position in
+        one all-reduce."""
+        if self._forward.entered is None or self.world_size == 1:
+            return
+        code = 0.0 if unit is None else float(self._index[id(unit)] + 1)
         highest, lowest = (float(t) for t in _comm.extremes(
             torch.tensor([code], device=self.device), group=self.group,
             stats=self.stats, label=self.label))
         if highest == lowest:
             return
-        others = {self.units[int(c) - 1].name for c in (highest, lowest) if c != code}
+        here = "end its backward" if unit is None else f"gather unit {unit.name}"
+        others = {"ends its backward" if c == 0 else f"gathers {self.units[int(c) - 1].name}"
+                  for c in (highest, lowest) if c != code}
         raise RuntimeError(
-            f"zeroshard stage 3: in the first step this rank is about to gather unit "
-            f"{unit.name} while another rank gathers {', '.join(sorted(others))}: the ranks ran "
+            f"zeroshard stage 3: in the first step this rank is about to {here} while another "
+            f"rank {', '.join(sorted(others))}: the ranks ran "
             "units in another order, or one of them a different number of times. The first "
             "step records the order in which units run, and until its backward ends every rank "
             "must run the units in one order and each as often (from the second step on, a unit "
@@ -570,7 +603,7 @@ class Stage3(Stage2):
         for skipped in passed or []:
             self._pass_over(skipped)
         if passed is None:  # run again after the walk passed it: not a step of the walk
-            self._gather_now(unit)
+            self._gather_outside_walk(unit)
             return
         self._step(schedule, unit)
         unit.wait()
@@ -581,6 +614,7 @@ class Stage3(Stage2):
         ``unit``'s gather and the next unit's prefetch (none while the first step
         records: a gather waits for its agreement, and a prefetch must not wait, Note
         [first-step agreement])."""
+        self._agree_while_recording(unit)
         if schedule is self._backward:
             self._launch_due(schedule.position_of(unit))
         if unit.state is ShardState.SHARDED:
@@ -601,8 +635,12 @@ class Stage3(Stage2):
         schedule = self._backward if self.state is TrainingState.BACKWARD else self._forward
         self._step(schedule, unit)
         unit.wait()
-        if self.state is TrainingState.BACKWARD:  # walked only with resharding
-            unit.release()
+        if self.state is TrainingState.BACKWARD:
+            # After two training forwards, a unit that ran in one of them may still get
+            # gradient through its graph (the unit skipped in the other): kept gathered
+            # for it, it needs no gather that other ranks would not issue.
+            if not (unit.ran_since_backward and self._training_passes > 1):
+                unit.release()
             if self.require_sync:
                 self._mark_skipped_ready(unit)
         elif self.reshard_after_forward or not self._training_forward:

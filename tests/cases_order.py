@@ -1,0 +1,111 @@
+"""Stage 3 loops in which ranks run different units, for Note [one order] in
+zeroshard/stage3.py: each returns its rank's sequence of collectives and how far its
+parameters are from single-process training over every rank's data."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import zeroshard
+
+# pattern -> reshard_after_forward. In step 1 rank 0 runs unit b (or blk twice) and the
+# other ranks do not, in a loop that also:
+PATTERNS = {
+    "no_grad forward before backward": False,  # releases every unit before backward
+    "second backward through a retained graph": False,  # the first one released them
+    "unit skipped in one of two forwards": True,  # one backward of both forwards' losses
+    "reentrant checkpointed unit run twice": True,  # its recomputations in backward
+}
+STEPS = 2
+LR = 0.1
+
+
+class Net(nn.Module):
+    """a, then b added on ranks that use it, then blk ``reps`` times, then c."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.blk, self.c = (nn.Linear(4, 4) for _ in range(4))
+        self.use_b, self.reps, self.reentrant = True, 1, False
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.use_b:
+            h = h + self.b(h)
+        for _ in range(self.reps):
+            h = checkpoint(self.blk, h, use_reentrant=True) if self.reentrant else self.blk(h)
+        return self.c(h)
+
+
+def _batch(step: int, rank: int, micro: int) -> torch.Tensor:
+    return torch.randn(2, 4, generator=torch.Generator().manual_seed(100 * step + 10 * rank + micro))
+
+
+def _train_step(model, pattern: str, step: int, rank: int, after_forward=None) -> None:
+    """One step's forwards and backwards as ``rank`` runs them."""
+    differs = step == 1 and rank != 0
+    model.reentrant = pattern == "reentrant checkpointed unit run twice"
+    model.reps = 1 if differs or not model.reentrant else 2
+    if pattern == "unit skipped in one of two forwards":
+        model.use_b = True
+        first = model(_batch(step, rank, 0)).square().mean()
+        model.use_b = not differs
+        (first + model(_batch(step, rank, 1)).square().mean()).backward()
+        return
+    model.use_b = not differs
+    loss = model(_batch(step, rank, 0)).square().mean()
+    if after_forward is not None:
+        after_forward(loss)
+    if pattern == "second backward through a retained graph":
+        loss.backward(retain_graph=True)
+    loss.backward()
+
+
+def one_order_when_ranks_differ(ctx, pattern: str):
+    model = Net()
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=3, process_group=ctx.group,
+                                  units=nn.Linear, reshard_after_forward=PATTERNS[pattern], lr=LR)
+    opt.comm_stats.trace = trace = []
+
+    def no_grad_forward(loss):
+        if pattern == "no_grad forward before backward":
+            with torch.no_grad():
+                model(_batch(99, ctx.rank, 0))
+    for step in range(STEPS):
+        _train_step(model, pattern, step, ctx.rank, no_grad_forward)
+        opt.step()
+        opt.zero_grad()
+
+    reference = Net()  # every rank's step in turn, gradients averaged, as DDP would
+    sgd = torch.optim.SGD(reference.parameters(), lr=LR)
+    for step in range(STEPS):
+        for rank in range(ctx.world_size):
+            _train_step(reference, pattern, step, rank)
+        for param in reference.parameters():
+            param.grad /= ctx.world_size
+        sgd.step()
+        sgd.zero_grad()
+    with opt.summon_full_params():
+        difference = max((p - q).abs().max().item()
+                         for p, q in zip(model.parameters(), reference.parameters()))
+    opt.close()
+    return trace, difference
+
+
+def first_step_differs_in_backward(ctx):
+    """Note [first-step agreement]: rank 0 runs a reentrant checkpointed unit twice in the
+    first step, the others once, so their backwards differ (the forwards do not gather
+    for the second run). Returns the error each rank raised, or None."""
+    model = Net()
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=3, process_group=ctx.group,
+                                  units=nn.Linear, lr=LR)
+    model.reentrant, model.reps = True, 2 if ctx.rank == 0 else 1
+    try:
+        model(_batch(0, ctx.rank, 0)).square().mean().backward()
+        opt.step()
+    except RuntimeError as raised:
+        return str(raised)
+    return None
