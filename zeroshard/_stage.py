@@ -23,10 +23,9 @@ Note [launch order]:
     records the order in which buckets become ready, the ranks compare their records
     at its end (one all-reduce of two numbers per bucket), and if all recorded the
     same order the list takes it, buckets that were never ready last (``_adopt_ready_order``).
-    Ranks whose data runs other parameters keep the list as it was. Stage 3's first
-    backward walks the module tree's order, not the model's (Note [gather schedule]),
-    so there the list follows the units' recorded forward order instead, last unit
-    first, once the ranks have agreed on it.
+    Ranks whose data runs other parameters keep the list as it was. Stage 3 launches
+    at the steps of its backward walk instead, so there the list is sorted by when
+    each bucket is due in the walk (Note [one order] in stage3.py).
 
 Note [end of backward]:
     The end-of-backward callback is queued (``queue_callback``) from a hook on the
@@ -309,7 +308,8 @@ class ShardedStage:
     def launch_in_order(self, order: list[int]) -> None:
         """Launch the buckets now at positions ``order`` first, in that order, then the
         others as they are (between backwards: nothing is in flight)."""
-        rest = [position for position in range(len(self.buckets)) if position not in set(order)]
+        chosen = set(order)
+        rest = [position for position in range(len(self.buckets)) if position not in chosen]
         permutation = order + rest  # new position -> old position
         if permutation != list(range(len(self.buckets))):
             self.buckets = [self.buckets[old] for old in permutation]

@@ -192,7 +192,7 @@ class Stage3(Stage2):
         # Units some rank may skip (the root always runs) that have gradients to reduce:
         # one "ran" flag each is all-reduced after a synced backward (late_positions).
         self._flagged = [u for u in units[1:] if u.trainable_ids]
-        self._ready_order = None  # Note [launch order]: the recorded unit order decides
+        self._ready_order = None  # Note [one order] decides the launch order, not readiness
         self._ran_somewhere: set[int] = set()
         forward_order, backward_order = forward_and_backward_orders(model, units)
         self._forward = Schedule(forward_order)  # Note [gather schedule]
@@ -209,7 +209,7 @@ class Stage3(Stage2):
         self._inside = {id(u): [module_unit[id(m)] for m in u.module.modules() if id(m) in module_unit]
                         for u in units}
         self._due = self._due_when_walked_past()
-        self.launch_in_order(sorted(range(len(self.buckets)), key=lambda p: self._due[id(self.buckets[p])]))
+        self._sort_launch_list(reversed(units))
         self._walking = False  # this backward walks the schedule (Note [one order])
         self._launch_at_walk = False
         self._training_passes = 0
@@ -324,8 +324,8 @@ class Stage3(Stage2):
 
     def _launch_ready(self) -> None:
         """Note [one order]: with a backward walk, reductions launch at its steps, not
-        as gradients happen to arrive; without one (no resharding), backward issues no
-        gather, and they launch as they become ready, in list order."""
+        as gradients happen to arrive; without one, backward issues no gather, and they
+        launch as they become ready, in list order."""
         if not self._walking:
             super()._launch_ready()
 
@@ -501,13 +501,12 @@ class Stage3(Stage2):
         n_units = len(self.units)
         notes = torch.full((5 * n_units + len(self.buckets),), -1.0, device=self.device)
         positions = notes[:5 * n_units].view(5, n_units)
-        index = {id(u): i for i, u in enumerate(self.units)}
         for row, schedule in enumerate((self._forward, self._backward)):
             for position, unit in enumerate(schedule.entered):
-                positions[row, index[id(unit)]] = position
+                positions[row, self._index[id(unit)]] = position
         positions[2:4] = -positions[:2]
         for unit in self._forward.repeated:
-            positions[4, index[id(unit)]] = 1.0
+            positions[4, self._index[id(unit)]] = 1.0
         entered_before_ready = notes[5 * n_units:]
         for position, bucket in enumerate(self.buckets):
             entered_before_ready[position] = self._entered_before_ready.get(
@@ -522,16 +521,18 @@ class Stage3(Stage2):
             self._due = {id(b): int(n) for b, n in zip(self.buckets, entered_before_ready.tolist())}
         else:
             self._due = self._due_when_walked_past()
-        # Note [launch order]: by when each bucket is due; among equals, the last unit run
-        # first and the root last (where the ranks agreed on which that is)
-        # (without resharding, by that alone: they launch as they become ready)
-        units = reversed(self._forward.units) if agreed else reversed(self.units)
-        rank = {id(b): i for i, b in enumerate(b for u in units for b in u.buckets)}
+        self._sort_launch_list(reversed(self._forward.units) if agreed else reversed(self.units))
+        for unit, repeated in zip(self.units, positions[4].tolist()):
+            unit.held_for_pass = repeated > 0
+
+    def _sort_launch_list(self, last_unit_first) -> None:
+        """Note [launch order]: by when each bucket is due (Note [one order]); among
+        equals, and without resharding (buckets launch as they become ready) by that
+        alone, the units in ``last_unit_first``'s order."""
+        rank = {id(b): i for i, b in enumerate(b for u in last_unit_first for b in u.buckets)}
         due = self._due if self.reshard_after_forward else dict.fromkeys(self._due, 0)
         self.launch_in_order(sorted(range(len(self.buckets)), key=lambda p: (
             due[id(self.buckets[p])], rank[id(self.buckets[p])])))
-        for unit, repeated in zip(self.units, positions[4].tolist()):
-            unit.held_for_pass = repeated > 0
 
     def _due_when_walked_past(self) -> dict[int, int]:
         """Note [one order]: each bucket is due in the backward walk once the walk has
