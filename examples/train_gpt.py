@@ -5,8 +5,16 @@
     torchrun --standalone --nproc_per_node=2 examples/train_gpt.py --stage 2 --precision fp16
     torchrun --standalone --nproc_per_node=2 examples/train_gpt.py --save-dir ckpt --save-every 50
     torchrun --standalone --nproc_per_node=4 examples/train_gpt.py --save-dir ckpt --resume --stage 3
+    torchrun --standalone --nproc_per_node=4 examples/train_gpt.py --stage 3 --replicas 2
 
 A checkpoint saved on any number of ranks at any stage resumes on any other.
+``--replicas R`` shards over a (R, world size / R) DeviceMesh: R replicas, each
+holding the model states sharded over its ranks (hybrid sharding). Across two
+machines of two ranks each, replicating across the machines (run on each machine,
+with its own --node-rank):
+
+    torchrun --nnodes=2 --nproc_per_node=2 --node-rank=K --rdzv-backend=c10d \
+        --rdzv-endpoint=HOST0:29500 --rdzv-id=gpt examples/train_gpt.py --replicas 2
 
 Runs on CPU with gloo by default (about a minute on 2 cores) and on CUDA with NCCL
 when GPUs are present. The data is generated here: sequences from a fixed random
@@ -26,6 +34,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
 
 import zeroshard
 
@@ -101,6 +110,9 @@ def parse_args(argv=None):
     p.add_argument("--save-dir", default="", help="checkpoint folder (zeroshard.save_checkpoint)")
     p.add_argument("--save-every", type=int, default=0, help="save every K steps (0: never)")
     p.add_argument("--resume", action="store_true", help="resume from --save-dir if it holds one")
+    p.add_argument("--replicas", type=int, default=1,
+                   help="hybrid sharding: this many replicas, each sharding over world size / "
+                        "replicas ranks (1: shard over every rank)")
     p.add_argument("--export", default="", help="at the end, torch.save a plain PyTorch "
                    "(model_state_dict, optimizer_state_dict) here (opt.full_state_dict())")
     p.set_defaults(**DEFAULTS)
@@ -134,6 +146,8 @@ def main(argv=None) -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
+    if world % args.replicas:
+        raise SystemExit(f"--replicas {args.replicas} does not divide the {world} ranks")
     device = torch.device("cuda") if cuda else torch.device("cpu")
     if not cuda:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
@@ -141,10 +155,13 @@ def main(argv=None) -> None:
     torch.manual_seed(args.seed + rank)  # ranks may differ: ZeroOptimizer broadcasts rank 0's
     model = GPT(args.vocab, args.d_model, args.layers, args.heads, args.seq_len).to(device)
     # The three-line change: a ZeroOptimizer over the plain model, instead of DDP + AdamW.
-    units = {"units": Block} if args.stage == 3 else {}  # stage 3 gathers one block at a time
+    options = {"units": Block} if args.stage == 3 else {}  # stage 3 gathers one block at a time
+    if args.replicas > 1:  # torchrun numbers a machine's ranks together: one replica each
+        options["mesh"] = init_device_mesh(device.type, (args.replicas, world // args.replicas),
+                                           mesh_dim_names=("replicate", "shard"))
     opt = zeroshard.ZeroOptimizer(model, torch.optim.AdamW, stage=args.stage, lr=args.lr,
                                   weight_decay=args.weight_decay, bucket_size_mb=args.bucket_mb,
-                                  mixed_precision=PRECISIONS[args.precision], **units)
+                                  mixed_precision=PRECISIONS[args.precision], **options)
     # fp16 gradients underflow without loss scaling; the ordinary GradScaler works as is.
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -152,7 +169,8 @@ def main(argv=None) -> None:
     data = MarkovData(args.vocab, args.seed)
     n_params = sum(p.numel() for p in model.parameters())
     if rank == 0:
-        print(f"zeroshard stage {args.stage}, {args.precision} | {world} ranks on {device.type} "
+        layout = f" as {args.replicas} replicas x {world // args.replicas}" if args.replicas > 1 else ""
+        print(f"zeroshard stage {args.stage}, {args.precision} | {world} ranks{layout} on {device.type} "
               f"({'nccl' if cuda else 'gloo'}) | {n_params / 1e6:.2f}M parameters | "
               f"loss floor ~{data.entropy():.3f} nats", flush=True)
 

@@ -65,6 +65,18 @@ def state_bytes(optimizer) -> int:
                if isinstance(t, torch.Tensor) and k != "step")
 
 
+def ranks_of(ctx, case) -> dict:
+    """ZeroOptimizer's ``mesh=`` (the pool's (replicas, shards) mesh) or ``process_group=``."""
+    mesh = case.get("mesh")
+    return {"mesh": ctx.meshes[tuple(mesh)]} if mesh else {"process_group": ctx.group}
+
+
+def shards(case) -> int:
+    """How many ways the case shards the model states: the mesh's shard dimension, else
+    every rank."""
+    return case["mesh"][1] if case.get("mesh") else case["world_size"]
+
+
 def ddp_needs_static_graph(case) -> bool:
     """DDP accepts a parameter used in two nested backwards (reentrant checkpointing of a
     reused block, or of two forwards) only with a static graph, which breaks no_sync."""
@@ -121,7 +133,7 @@ def train_side_by_side(ctx, case):
                   "reshard_after_forward": case.get("reshard_after_forward", True)}
     zopt = zeroshard.ZeroOptimizer(zero_model, opt_class, stage=case["stage"],
                                    param_groups=param_groups(zero_model, case),
-                                   process_group=ctx.group, bucket_size_mb=case["bucket_mb"],
+                                   bucket_size_mb=case["bucket_mb"], **ranks_of(ctx, case),
                                    **stage3, **opt_kwargs)
     ddp = DDP(ddp_model, process_group=ctx.group, static_graph=ddp_needs_static_graph(case),
               find_unused_parameters=spec.get("unused_branch", False) or bool(case.get("skip_block")))
@@ -163,7 +175,7 @@ def train_side_by_side(ctx, case):
     out = {k: [] for k in ("zero", "ddp", "single", "zero_loss", "ddp_loss", "single_loss",
                            "zero_norm", "ddp_norm", "single_norm", "comm", "mem", "eval_diff",
                            "single_grad", "grad_abs_sum", "moved_grad", "single_lr",
-                           "single_wd")}
+                           "single_wd", "comm_replicate")}
     # Only rank 0's figures feed the bounds: the other ranks skip the extra backwards.
     measure_moved = ctx.rank == 0 and case["optimizer"] != "SGD"
     def zero_params():  # stage 3 parameters are sharded between steps: gather them to read
@@ -238,7 +250,11 @@ def train_side_by_side(ctx, case):
             o.zero_grad()
         for s in scheds:
             s.step()
-        out["comm"].append(dict(zopt.comm_stats.bytes, gather_calls=zopt.comm_stats.calls["all_gather"]))
+        # per dimension of the mesh: without one, everything runs along "shard"
+        by_dim = zopt.comm_stats.by_dim
+        out["comm"].append({op: by_dim[(op, "shard")] for op in zopt.comm_stats.bytes}
+                           | {"gather_calls": zopt.comm_stats.calls["all_gather"]})
+        out["comm_replicate"].append({op: by_dim[(op, "replicate")] for op in zopt.comm_stats.bytes})
         out["zero"].append(zero_params())
         out["ddp"].append(flat_params(ddp_model))
         out["single"].append(flat_params(single_model))

@@ -13,13 +13,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import zeroshard
 from zeroshard import _comm
+from zeroshard._ranks import ranks_from
 from models import build_model, loss_fn, make_batch
 
 MLP = {"kind": "mlp", "d_in": 5, "hidden": 7, "d_out": 3, "depth": 2, "frozen": False,
        "unused_branch": False}
 
 
-def _bad_arguments(which: str, model: nn.Module, group):
+def _bad_arguments(which: str, model: nn.Module, group, meshes):
     """(args, kwargs) for ZeroOptimizer that are wrong in the way ``which`` names."""
     kwargs = {"stage": 1, "process_group": group, "lr": 0.1}
     if which == "stage":
@@ -65,6 +66,10 @@ def _bad_arguments(which: str, model: nn.Module, group):
         return (model, torch.optim.SGD), {**kwargs, "stage": 3, "units": "Linear"}
     if which == "broadcast_buffers":
         return (model, torch.optim.SGD), {**kwargs, "broadcast_buffers": "yes"}
+    if which == "mesh_and_group":
+        return (model, torch.optim.SGD), {**kwargs, "mesh": meshes[(1, 2)]}
+    if which == "mesh_type":
+        return (model, torch.optim.SGD), {**kwargs, "process_group": None, "mesh": (2, 2)}
     if which == "bucket_size":
         return (model, torch.optim.SGD), {**kwargs, "bucket_size_mb": 0}
     raise AssertionError(which)
@@ -73,7 +78,7 @@ def _bad_arguments(which: str, model: nn.Module, group):
 def construct_with_bad_input(ctx, which: str):
     """Return (exception type, message, collectives issued) from a bad construction."""
     model = build_model(MLP, seed=ctx.rank)
-    args, kwargs = _bad_arguments(which, model, ctx.group)
+    args, kwargs = _bad_arguments(which, model, ctx.group, ctx.meshes)
     issued = []
     real = {name: getattr(dist, name) for name in ("broadcast", "all_reduce")}
     real.update(gather=_comm._all_gather_flat, scatter=_comm._reduce_scatter_flat)
@@ -176,25 +181,29 @@ def load_state_dict_from_other_world_size(ctx):
     return "no error"
 
 
-def collectives_are_counted(ctx):
-    """Each collective in _comm moves the right data and is counted by DESIGN.md's rule."""
-    n, r = ctx.world_size, ctx.rank
+def collectives_are_counted(ctx, mesh_shape=None):
+    """Each collective in _comm moves the right data and is counted by DESIGN.md's rule,
+    over the pool's group of ``ctx.world_size`` ranks or its (replicas, shards) mesh."""
+    mesh = ctx.meshes[mesh_shape] if mesh_shape else None
+    ranks = ranks_from(None if mesh else ctx.group, mesh)
+    s, r = ranks.shard_size, ctx.rank
     stats = _comm.CommStats()
-    out = {}
-    full = torch.arange(2 * n, dtype=torch.float32) * (r + 1)  # rank r holds (r+1) * [0..2n)
+    out = {"rank": ranks.rank, "shard_rank": ranks.shard_rank}
+    full = torch.arange(2 * s, dtype=torch.float32) * (r + 1)  # rank r holds (r+1) * [0..2s)
     shard = torch.empty(2)
-    _comm.reduce_scatter(shard, full, group=ctx.group, stats=stats, label="test")
+    _comm.reduce_scatter(shard, full, group=ranks, stats=stats, label="test")
     out["reduce_scatter"] = shard.tolist()
-    gathered = torch.empty(2 * n)
-    _comm.all_gather(gathered, torch.full((2,), float(r)), group=ctx.group, stats=stats, label="test")
+    gathered = torch.empty(2 * s)
+    _comm.all_gather(gathered, torch.full((2,), float(r)), group=ranks, stats=stats, label="test")
     out["all_gather"] = gathered.tolist()
     total = torch.tensor([float(r)], dtype=torch.float64)
-    _comm.all_reduce(total, group=ctx.group, stats=stats, label="test")
+    _comm.all_reduce(total, group=ranks, stats=stats, label="test")
     out["all_reduce"] = total.item()
     value = torch.full((3,), float(r), dtype=torch.bfloat16)
-    _comm.broadcast(value, group=ctx.group, stats=stats, label="test")
+    _comm.broadcast(value, group=ranks, stats=stats, label="test")
     out["broadcast"] = value.float().tolist()
     out["bytes"], out["calls"] = dict(stats.bytes), dict(stats.calls)
+    out["by_dim"] = {key: value for key, value in stats.by_dim.items() if value}
     stats.reset()
     out["after_reset"] = dict(stats.bytes)
     return out
@@ -270,3 +279,22 @@ def construct_with_strided_tensors(ctx, stage: int):
     dist.broadcast(rank0, src=dist.get_global_rank(ctx.group, 0), group=ctx.group)
     opt.close()
     return all(contiguous), (mine - rank0).abs().max().item()
+
+
+def memory_on_a_mesh(ctx, stage, mesh_shape):
+    """(parameters, buckets, memory_report()) after a second backward, before its step,
+    with fp32 AdamW on the pool's (replicas, shards) mesh."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(33, 65), nn.ReLU(), nn.Linear(65, 17))
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.AdamW, stage=stage,
+                                  mesh=ctx.meshes[mesh_shape], lr=1e-3, bucket_size_mb=1e-3)
+    for step in range(2):
+        model(torch.randn(4, 33)).square().mean().backward()
+        if step == 0:
+            opt.step()
+            opt.zero_grad()
+    report = opt.memory_report()
+    psi = sum(p.numel() for p in model.parameters())
+    buckets = len(opt._buckets)
+    opt.close()
+    return psi, buckets, report

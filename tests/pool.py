@@ -2,7 +2,8 @@
 
 Starting a rank costs seconds (mostly ``import torch``), so the pool starts four
 workers once per test session, joins them in one gloo process group, and builds
-sub-groups for world sizes 1-4. ``WorkerPool.run(fn, world_size, *args)`` sends a
+sub-groups for world sizes 1-4 and a (replicate, shard) DeviceMesh of every shape
+that fits. ``WorkerPool.run(fn, world_size, *args)`` sends a
 module-level function to ranks ``0..world_size-1``, calls it there as
 ``fn(ctx, *args)`` and returns the per-rank results.
 
@@ -25,6 +26,9 @@ import traceback
 import torch.multiprocessing as mp
 
 POOL_SIZE = 4
+# (replicas, shards) of the meshes over ranks 0..R*S-1 every worker builds at start
+MESH_SHAPES = [(r, s) for r in range(1, POOL_SIZE + 1) for s in range(1, POOL_SIZE + 1)
+               if r * s <= POOL_SIZE]
 COLLECTIVE_TIMEOUT_S = 60
 GRACE_AFTER_ERROR_S = 5  # how long to wait for the other ranks once one has failed
 
@@ -34,6 +38,7 @@ class RankContext:
     rank: int
     world_size: int
     group: object  # the gloo sub-group of ranks 0..world_size-1
+    meshes: dict  # (replicas, shards) -> DeviceMesh("cpu", ...) over ranks 0..R*S-1
 
 
 class WorkerError(AssertionError):
@@ -51,6 +56,11 @@ def _worker_main(rank: int, size: int, init_file: str, tasks, results) -> None:
                             world_size=size,
                             timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     groups = {k: dist.new_group(list(range(k))) for k in range(1, size + 1)}
+    # Building a mesh creates its groups on every rank of the pool, so all are built now.
+    from torch.distributed.device_mesh import DeviceMesh
+    meshes = {shape: DeviceMesh("cpu", torch.arange(shape[0] * shape[1]).view(shape),
+                                mesh_dim_names=("replicate", "shard"))
+              for shape in MESH_SHAPES}
     results.put(("ready", rank, True, None))
     try:
         while True:
@@ -59,7 +69,7 @@ def _worker_main(rank: int, size: int, init_file: str, tasks, results) -> None:
                 break
             call_id, fn, world_size, args = task
             try:
-                out = fn(RankContext(rank, world_size, groups[world_size]), *args)
+                out = fn(RankContext(rank, world_size, groups[world_size], meshes), *args)
                 # Plain pickle: torch.multiprocessing's pickler would pass tensors
                 # through shared memory, which holds file descriptors open.
                 results.put((call_id, rank, True, pickle.dumps(out)))

@@ -51,8 +51,15 @@ def forward_options(draw, model: dict, stage: int) -> dict:
     return options
 
 
+def mesh_shapes(world_size: int) -> list[tuple[int, int]]:
+    """Every (replicas, shards) mesh of ``world_size`` ranks, 1-D-like ones included."""
+    return [(r, world_size // r) for r in range(1, world_size + 1) if world_size % r == 0]
+
+
 @st.composite
-def training_cases(draw, stages=(1, 2, 3), world_sizes=(1, 2, 3, 4)):
+def training_cases(draw, stages=(1, 2, 3), world_sizes=(1, 2, 3, 4), meshes=None):
+    """A whole case. ``meshes``: the (replicas, shards) meshes to draw from (each of the
+    world size's, or no mesh, by default; a list: one of those, always)."""
     optimizer = draw(st.sampled_from(sorted(OPTIMIZER_KWARGS)))
     opt_kwargs = draw(OPTIMIZER_KWARGS[optimizer])
     if optimizer == "SGD" and opt_kwargs["momentum"] > 0:
@@ -61,10 +68,17 @@ def training_cases(draw, stages=(1, 2, 3), world_sizes=(1, 2, 3, 4)):
     stage = draw(st.sampled_from(stages))
     options = draw(forward_options(model, stage))
     nested_reuse = model.get("checkpoint") == "reentrant" and (model["reuse"] or options["two_forwards"])
+    world_size = draw(st.sampled_from(world_sizes))
+    if meshes is None:  # half the cases on several ranks run over a mesh
+        shapes = mesh_shapes(world_size) if world_size > 1 else []
+        mesh = draw(st.one_of(st.none(), st.sampled_from(shapes))) if shapes else None
+    else:
+        mesh = draw(st.sampled_from([m for m in meshes if m[0] * m[1] == world_size]))
     return {
         "model": model,
         **options,
-        "world_size": draw(st.sampled_from(world_sizes)),
+        "world_size": world_size,
+        "mesh": mesh,
         "stage": stage,
         "optimizer": optimizer,
         "opt_kwargs": opt_kwargs,

@@ -25,6 +25,8 @@ BAD_INPUTS = {
     "units_container": ("ValueError", ["ModuleList", "no forward", "modules inside"]),
     "units_type": ("TypeError", ["'Linear'", "nn.Module class", "predicate"]),
     "broadcast_buffers": ("TypeError", ["broadcast_buffers", "'yes'", "True or False"]),
+    "mesh_and_group": ("ValueError", ["mesh=", "process_group=", "not both"]),
+    "mesh_type": ("TypeError", ["DeviceMesh", "tuple", "init_device_mesh"]),
 }
 
 
@@ -61,18 +63,34 @@ def test_state_dict_from_another_world_size_is_refused(pool):
         assert "same world size" in message
 
 
-@pytest.mark.parametrize("n", [1, 2, 3, 4])
-def test_collectives_move_the_right_data_and_count_design_bytes(pool, n):
-    for r, out in enumerate(pool.run(cases_api.collectives_are_counted, n)):
-        rank_sum = n * (n + 1) / 2  # sum over ranks of (rank + 1)
-        assert out["reduce_scatter"] == [2 * r * rank_sum / n, (2 * r + 1) * rank_sum / n]
-        assert out["all_gather"] == [float(k) for k in range(n) for _ in range(2)]
+@pytest.mark.parametrize("n, mesh", [(1, None), (2, None), (3, None), (4, None), (4, (2, 2)),
+                                     (4, (4, 1)), (4, (1, 4)), (3, (3, 1)), (2, (2, 1))])
+def test_collectives_move_the_right_data_and_count_design_bytes(pool, n, mesh):
+    """Over a group of n ranks, or n ranks as a (replicas, shards) mesh: reduce-scatter and
+    all-gather within the replica (a reduction over every rank: the replicas' shards are
+    all-reduced too), all-reduce and broadcast over every rank, each counted along the
+    dimension it ran (Note [collectives on a mesh] in zeroshard/_comm.py)."""
+    replicas, s = mesh if mesh else (1, n)
+    for r, out in enumerate(pool.run(cases_api.collectives_are_counted, n, mesh)):
+        assert out["rank"] == r  # the pool's meshes number ranks replica-major, as Ranks
+        shard, replica = r % s, r // s
+        assert out["shard_rank"] == shard
+        mean = (n + 1) / 2  # over all n ranks of (rank + 1)
+        assert out["reduce_scatter"] == [2 * shard * mean, (2 * shard + 1) * mean]
+        assert out["all_gather"] == [float(replica * s + k) for k in range(s) for _ in range(2)]
         assert out["all_reduce"] == sum(range(n))
         assert out["broadcast"] == [0.0, 0.0, 0.0]
         # all-gather: output bytes; reduce-scatter: input bytes; others: the tensor
-        assert out["bytes"] == {"reduce_scatter": 4 * 2 * n, "all_gather": 4 * 2 * n,
-                                "all_reduce": 8, "broadcast": 2 * 3}
-        assert out["calls"] == {"reduce_scatter": 1, "all_gather": 1, "all_reduce": 1, "broadcast": 1}
+        dims = 2 if replicas > 1 else 1
+        assert out["bytes"] == {"reduce_scatter": 4 * 2 * s, "all_gather": 4 * 2 * s,
+                                "all_reduce": 8 * dims + 4 * 2 * (dims - 1),
+                                "broadcast": 2 * 3 * dims}
+        assert out["calls"] == {"reduce_scatter": 1, "all_gather": 1,
+                                "all_reduce": dims + dims - 1, "broadcast": dims}
+        across = {("all_reduce", "replicate"): 8 + 4 * 2, ("broadcast", "replicate"): 6}
+        assert out["by_dim"] == {("reduce_scatter", "shard"): 4 * 2 * s,
+                                 ("all_gather", "shard"): 4 * 2 * s, ("all_reduce", "shard"): 8,
+                                 ("broadcast", "shard"): 6, **(across if replicas > 1 else {})}
         assert out["after_reset"] == dict.fromkeys(out["bytes"], 0)
 
 

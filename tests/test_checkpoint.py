@@ -41,13 +41,33 @@ RESHARD_CASES = [reshard_case(n, m, i) for i, (n, m) in
                  enumerate(itertools.product([1, 2, 3, 4], [1, 2, 3, 4]))]
 
 
+def mesh_case(save_mesh, load_mesh, index: int) -> dict:
+    """A resharding case between (replicas, shards) meshes (None: a plain group)."""
+    sizes = [mesh[0] * mesh[1] if isinstance(mesh, tuple) else mesh for mesh in (save_mesh, load_mesh)]
+    cfg = reshard_case(*sizes, index)
+    for side, mesh in zip(("save", "load"), (save_mesh, load_mesh)):
+        cfg[side]["mesh"] = mesh if isinstance(mesh, tuple) else None
+    return cfg
+
+
+# On a mesh the first replica writes the shards and every rank its extra: onto any
+# other mesh, plain group, stage and precision, and back.
+MESH_CASES = [mesh_case(save, load, index) for index, (save, load) in enumerate([
+    ((2, 2), 4), (4, (2, 2)), ((2, 2), (1, 3)), ((2, 2), (4, 1)), ((4, 1), (2, 2)),
+    ((2, 1), (2, 2)), ((2, 2), 1), ((2, 2), (2, 2)), ((1, 3), (2, 1))])]
+
+
 def _case_id(c):
     precision = {False: "fp32", True: "bf16"}
-    return (f"N{c['save']['n']}s{c['save']['stage']}{precision[c['save']['bf16']]}-to-"
-            f"M{c['load']['n']}s{c['load']['stage']}{precision[c['load']['bf16']]}")
+
+    def ranks(side):
+        mesh = c[side].get("mesh")
+        return f"{mesh[0]}x{mesh[1]}" if mesh else str(c[side]["n"])
+    return (f"N{ranks('save')}s{c['save']['stage']}{precision[c['save']['bf16']]}-to-"
+            f"M{ranks('load')}s{c['load']['stage']}{precision[c['load']['bf16']]}")
 
 
-@pytest.mark.parametrize("cfg", RESHARD_CASES, ids=_case_id)
+@pytest.mark.parametrize("cfg", RESHARD_CASES + MESH_CASES, ids=_case_id)
 def test_checkpoint_reshards_to_any_world_size_and_stage(pool, tmp_path, cfg):
     folder = tmp_path / "run" / "ckpt"
     saved = pool.run(cases_ckpt.train_and_save, cfg["save"]["n"], cfg, str(folder))

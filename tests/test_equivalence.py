@@ -257,10 +257,11 @@ def check_comm_per_step(results, case, first_step: int = 0):
     unit called out of it is gathered, and may be reduced, twice: that step is held
     to the lower bounds only. Steps before ``first_step`` are not checked."""
     n, res = case["world_size"], results[0]
-    psi, padding = res["psi"], res["n_buckets"] * (n - 1)
+    s = cases.shards(case)  # a mesh: these checks are of the shard dimension's collectives
+    psi, padding = res["psi"], res["n_buckets"] * (s - 1)
     # stage 3 gathers frozen parameters too; stages 1-2 gather only what the optimizer updates
     if case["stage"] == 3:
-        psi_all, padding_all = res["psi_all"], res["n_all_buckets"] * (n - 1)
+        psi_all, padding_all = res["psi_all"], res["n_all_buckets"] * (s - 1)
     else:
         psi_all, padding_all = psi, padding
     synced_backwards = 1 if case["no_sync"] else case["accum"]
@@ -294,8 +295,28 @@ def check_comm_per_step(results, case, first_step: int = 0):
         assert comm["broadcast"] == (forwards * res["buffer_bytes"] if n > 1 else 0), comm
 
 
+def check_comm_across_replicas(results, case):
+    """On a mesh with replicas (Note [collectives on a mesh] in zeroshard/_comm.py), per
+    step the replicate dimension carries one all-reduce of each reduced shard (each
+    reduce-scatter's input over S) and the second half of every job-wide all-reduce and
+    broadcast, but not the gradient norm's sum (every replica holds the same shards);
+    no gathers and no reduce-scatters. Without replicas it carries nothing."""
+    replicas, s = (case["mesh"][0] if case.get("mesh") else 1), cases.shards(case)
+    norm = FP32 if case["clip"] is not None else 0
+    for res in results:
+        for step, (within, across) in enumerate(zip(res["comm"], res["comm_replicate"])):
+            if replicas == 1:
+                assert not any(across.values()), (step, across)
+                continue
+            assert across["all_gather"] == across["reduce_scatter"] == 0, (step, across)
+            assert within["reduce_scatter"] % s == 0, within
+            assert across["all_reduce"] == (within["all_reduce"] - norm
+                                            + within["reduce_scatter"] // s), (step, within, across)
+            assert across["broadcast"] == within["broadcast"], (step, within, across)
+
+
 def check_memory(results, case):
-    n, stage = case["world_size"], case["stage"]
+    n, stage = cases.shards(case), case["stage"]
     for res in results:
         psi, padded_max = res["psi"], res["psi"] + res["n_buckets"] * (n - 1)
         mem = res["mem"][-1]  # after the last backward, before step()
@@ -338,7 +359,7 @@ def check_stage2_peak(results, case):
         # checkpointing) may refill buckets late; a rank does not wait for a reused stage-3
         # unit's reduce-scatter before the next bucket (Note [runs before the walk moves on])
         return
-    n = case["world_size"]
+    n = cases.shards(case)
     cap = case["bucket_mb"] * 2**20
     groups = 2 if case["groups"] else 1
     for res in results:
@@ -358,7 +379,7 @@ def check_stage3_peak(results, case):
     if (case["stage"] != 3 or case.get("units") != "blocks" or model["kind"] != "transformer"
             or not case["reshard_after_forward"] or model.get("checkpoint") or model.get("reuse")):
         return
-    n = case["world_size"]
+    n = cases.shards(case)
     for res in results:
         blocks = sorted(res["block_bytes"])
         root = FP32 * res["psi_all"] - sum(blocks)
@@ -372,6 +393,7 @@ def check_every_invariant(results, case):
     check_matches_references(results, case)
     check_ranks_agree(results, case)
     check_comm_per_step(results, case)
+    check_comm_across_replicas(results, case)
     check_memory(results, case)
     check_stage2_peak(results, case)
     check_stage3_peak(results, case)
@@ -468,6 +490,17 @@ def _one_unit_holding_every_parameter():
 @example(case=_reused_block_skipped_on_odd_ranks("linear"))  # a unit reruns after others
 @given(training_cases())
 def test_zeroshard_equals_ddp_and_single_process(pool, case):
+    results = pool.run(cases.train_side_by_side, case["world_size"], case)
+    check_every_invariant(results, case)
+
+
+@settings(max_examples=12)
+@given(training_cases(world_sizes=(4,), meshes=((2, 2), (1, 4), (4, 1))))
+def test_hybrid_sharding_on_four_ranks_equals_ddp(pool, case):
+    """Every stage on 4 ranks as a 2x2, 1x4 and 4x1 (replicate, shard) mesh: DDP's and the
+    single process's numbers over all four ranks, and per step the stage's usual traffic
+    within each replica plus one all-reduce of the shards across replicas."""
+    assert case["mesh"] is not None
     results = pool.run(cases.train_side_by_side, case["world_size"], case)
     check_every_invariant(results, case)
 

@@ -49,3 +49,43 @@ def test_cli_counts_a_model_given_as_an_import_path():
     assert out.startswith(f"{psi} parameters"), out
     dp_bytes = 16 * psi  # fp32 Adam: 4 + 4 + 8 bytes per parameter
     assert f"{dp_bytes / 1e3:.3g} KB" in out, (dp_bytes, out)
+
+
+def test_hybrid_divides_model_states_by_the_shard_size():
+    """64 ranks as 8 replicas x 8 shards: each replica holds the states divided by 8."""
+    psi = 7.5e9
+    table = zeroshard.estimate_memory(psi, 64, shard_size=8)
+    assert table[1] == 2 * psi + 2 * psi + 12 * psi / 8
+    assert table[2] == 2 * psi + (2 + 12) * psi / 8
+    assert table[3] == 16 * psi / 8
+    assert zeroshard.estimate_memory(psi, 64, shard_size=64) == zeroshard.estimate_memory(psi, 64)
+    with pytest.raises(ValueError, match="got 7"):
+        zeroshard.estimate_memory(psi, 64, shard_size=7)
+
+
+def test_cli_takes_the_shard_size():
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "zeroshard", "estimate", "--params", "7.5e9",
+                          "--world-size", "64", "--shard-size", "8"],
+                         capture_output=True, text=True, check=True).stdout
+    rows = {line.split()[2]: line for line in out.splitlines() if "ZeRO stage" in line}
+    assert "8 replicas x 8 shards" in out
+    assert "15 GB" in rows["3"] and "41.2 GB" in rows["1"], out
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_memory_report_on_a_mesh_follows_the_hybrid_formula(pool, stage):
+    """On a 2x2 mesh memory_report() (real storages) is the formula with S = 2, fp32 Adam,
+    up to the padding of each bucket to a multiple of 2."""
+    import cases_api
+    for psi, buckets, report in pool.run(cases_api.memory_on_a_mesh, 4, stage, (2, 2)):
+        total = sum(report.values())
+        # after backward, before step(): Adam's states exist from the previous step
+        expected = zeroshard.estimate_memory(psi, 4, stage, param_bytes=4, grad_bytes=4,
+                                             optimizer_bytes=8, shard_size=2)
+        # stage 1 keeps the reduced gradient shard beside its full gradient buffers
+        expected += 4 * psi / 2 if stage == 1 else 0
+        padding = buckets * 4 * 5  # an element per bucket in each flat buffer, shard and state
+        scalars = 8 * buckets  # Adam's step counter per shard tensor
+        assert expected <= total <= expected + padding + scalars, (stage, report, expected)

@@ -16,7 +16,7 @@ from hypothesis import example, given, strategies as st
 
 import cases
 import cases_mp
-from strategies import mlp_specs, transformer_specs
+from strategies import mesh_shapes, mlp_specs, transformer_specs
 
 PARAM_BYTES = 2  # bf16 and fp16
 
@@ -29,11 +29,14 @@ def mixed_precision_cases(draw):
     opt_kwargs = ({"lr": 0.05, "momentum": 0.9} if optimizer == "SGD"
                   else {"lr": 1e-2, "weight_decay": 0.1})
     precision = draw(st.sampled_from(sorted(cases_mp.PRECISIONS)))
+    world_size = draw(st.sampled_from([1, 2, 3, 4]))
     steps = 3
     return {
         "model": model, "stage": stage, "precision": precision,
         "optimizer": optimizer, "opt_kwargs": opt_kwargs,
-        "world_size": draw(st.sampled_from([1, 2, 3, 4])),
+        "world_size": world_size,
+        "mesh": draw(st.one_of(st.none(), st.sampled_from(mesh_shapes(world_size))))
+        if world_size > 1 else None,
         "units": draw(st.sampled_from([None, "blocks", "linear"])) if stage == 3 else None,
         "bucket_mb": draw(st.sampled_from([1e-6, 5e-4, 25])),
         "accum": draw(st.integers(1, 2)), "no_sync": draw(st.booleans()),
@@ -124,7 +127,7 @@ def check_comm(results, case):
     unit but the root and per bucket per synced backward plus, in the first step, 5
     positions per unit and 1 per bucket (the recorded orders) and the first-step
     agreements (Note [first-step agreement], ``cases.check_first_step_agreements``)."""
-    n, res = case["world_size"], results[0]
+    n, res = cases.shards(case), results[0]  # a mesh: the shard dimension's collectives
     param_dtype, reduce_dtype = cases_mp.PRECISIONS[case["precision"]]
     reduce_bytes = (reduce_dtype or param_dtype).itemsize
     synced = 1 if case["no_sync"] else case["accum"]
@@ -147,14 +150,15 @@ def check_comm(results, case):
         flags = 4 * synced if param_dtype == torch.float16 else 0
         flags += 4 * synced * res["flags_per_backward"]  # stage 3: units that ran, late buckets
         flags += 4 * (5 * res["n_units"] + res["n_buckets"]) if step == 0 and case["stage"] == 3 else 0  # the recorded orders
-        flags += 8 * res["n_buckets"] if step == 0 and n > 1 and case["stage"] != 3 else 0
+        several = case["world_size"] > 1
+        flags += 8 * res["n_buckets"] if step == 0 and several and case["stage"] != 3 else 0
         cases.check_first_step_agreements(comm, flags + (4 if case["clip"] is not None else 0),
                                           case, step, res["n_units"])
 
 
 def check_memory(results, case):
     """memory_report() after backward: the table's categories for the stage, in bytes."""
-    n, stage = case["world_size"], case["stage"]
+    n, stage = cases.shards(case), case["stage"]
     param_dtype, reduce_dtype = cases_mp.PRECISIONS[case["precision"]]
     # gradient shards: the reduce dtype, but fp16 ones are kept in fp32 (loss scaling)
     grad_bytes = 4 if (reduce_dtype or param_dtype) in (torch.float16, torch.float32) else 2

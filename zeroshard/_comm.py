@@ -1,10 +1,11 @@
 """The only module that calls torch.distributed collectives.
 
-Every collective function here takes the tensors, the process group, the
-``CommStats`` to count into and a label, runs one collective, and returns the async
-work handle (or None when blocking). Every stage issues all its collectives on the
-one process group it was given, in one order on every rank (Note [one order] in
-stage3.py), as NCCL requires of the operations of one communicator. Every wait goes
+Every collective function here takes the tensors, the ranks (a ``_ranks.Ranks``:
+the shard group, and on a mesh the replicate group too), the ``CommStats`` to count
+into and a label, runs one collective along each dimension it needs (Note
+[collectives on a mesh]), and returns the async work handle (or None when
+blocking). Every stage issues its collectives in one order on every rank (Note [one
+order] in stage3.py), as NCCL requires of the operations of one communicator. Every wait goes
 through ``wait``/``wait_all``, which keep finished works referenced for a while (Note
 [finished work]). Each call is counted and wrapped in a
 ``torch.profiler.record_function`` named ``zeroshard::<label>::<collective>`` so a
@@ -27,6 +28,8 @@ import torch
 import torch.distributed as dist
 from torch.profiler import record_function
 
+from ._ranks import REPLICATE, SHARD, Ranks
+
 OPS = ("all_gather", "reduce_scatter", "all_reduce", "broadcast")
 
 # torch 2.13 renamed the flat-tensor collectives; the old names still work but warn.
@@ -38,9 +41,12 @@ class CommStats:
     """Bytes and calls per collective since the last ``reset()``.
 
     ``bytes`` and ``calls`` are dicts keyed by ``"all_gather"``, ``"reduce_scatter"``,
-    ``"all_reduce"`` and ``"broadcast"``. Set ``trace`` to a list to have each call
-    appended to it in the order issued, as ``(process group name, collective, bytes)``:
-    the sequence every rank must issue alike (``reset()`` leaves it alone).
+    ``"all_reduce"`` and ``"broadcast"``: the totals over every dimension. ``by_dim``
+    splits the bytes by the dimension each call ran along, keyed ``(collective,
+    "shard")`` and ``(collective, "replicate")`` (a plain process group is all
+    "shard"). Set ``trace`` to a list to have each call appended to it in the order
+    issued, as ``(dimension, collective, bytes)``: the sequence every rank must issue
+    alike (``reset()`` leaves it alone).
     """
 
     def __init__(self) -> None:
@@ -50,55 +56,134 @@ class CommStats:
     def reset(self) -> None:
         self.bytes: dict[str, int] = dict.fromkeys(OPS, 0)
         self.calls: dict[str, int] = dict.fromkeys(OPS, 0)
+        self.by_dim: dict[tuple[str, str], int] = {
+            (op, dim): 0 for op in OPS for dim in (SHARD, REPLICATE)}
 
-    def record(self, op: str, tensor: torch.Tensor, group) -> None:
+    def record(self, op: str, tensor: torch.Tensor, dimension: str) -> None:
         nbytes = tensor.numel() * tensor.element_size()
         self.bytes[op] += nbytes
         self.calls[op] += 1
+        self.by_dim[(op, dimension)] += nbytes
         if self.trace is not None:
-            group = group if group is not None else dist.group.WORLD
-            self.trace.append((getattr(group, "group_name", repr(group)), op, nbytes))
+            self.trace.append((dimension, op, nbytes))
 
     def __repr__(self) -> str:
         return f"CommStats(bytes={self.bytes}, calls={self.calls})"
 
 
-def all_gather(output, input, *, group, stats: CommStats, label: str, async_op=False):
-    """Gather every rank's ``input`` (1-D, equal sizes) into ``output`` (1-D, N times as long).
+def all_gather(output, input, *, group: Ranks, stats: CommStats, label: str, async_op=False):
+    """Gather the shard group's ``input``s (1-D, equal sizes) into ``output`` (1-D, S times
+    as long); on a mesh each replica gathers within itself.
 
     ``input`` may be this rank's slice of ``output`` (an in-place gather).
     """
-    stats.record("all_gather", output, group)
+    _launch_pending()
+    stats.record("all_gather", output, SHARD)
     with record_function(f"zeroshard::{label}::all_gather"):
-        work = _all_gather_flat(output, input, group=group, async_op=True)
+        work = _all_gather_flat(output, input, group=group.shard, async_op=True)
     return _finish(work, async_op)
 
 
-def reduce_scatter(output, input, *, group, stats: CommStats, label: str,
+def reduce_scatter(output, input, *, group: Ranks, stats: CommStats, label: str,
                    op=dist.ReduceOp.AVG, async_op=False):
-    """Reduce ``input`` (1-D, N shards) over ranks; this rank's shard lands in ``output``."""
-    stats.record("reduce_scatter", input, group)
-    with record_function(f"zeroshard::{label}::reduce_scatter"):
-        work = _reduce_scatter_flat(output, input, op=op, group=group, async_op=True)
-    return _finish(work, async_op)
+    """Reduce ``input`` (1-D, S shards) over every rank; this rank's shard lands in
+    ``output``: within the shard group, then (a mesh) across replicas on the shard only."""
+    def within():
+        stats.record("reduce_scatter", input, SHARD)
+        with record_function(f"zeroshard::{label}::reduce_scatter"):
+            return _reduce_scatter_flat(output, input, op=op, group=group.shard, async_op=True)
+    _launch_pending()
+    launches = [within]
+    if group.replicate is not None:
+        launches.append(lambda: _all_reduce_along(output, REPLICATE, group.replicate, op,
+                                                  stats, label))
+    return _finish(_in_turn(launches), async_op)
 
 
-def all_reduce(tensor, *, group, stats: CommStats, label: str, op=dist.ReduceOp.SUM,
+def all_reduce(tensor, *, group: Ranks, stats: CommStats, label: str, op=dist.ReduceOp.SUM,
                async_op=False):
-    stats.record("all_reduce", tensor, group)
+    """Reduce ``tensor`` over every rank (a mesh: along each dimension in turn)."""
+    _launch_pending()
+    launches = [lambda dim=dim, pg=pg: _all_reduce_along(tensor, dim, pg, op, stats, label)
+                for dim, pg in group.dimensions()]
+    return _finish(_in_turn(launches), async_op)
+
+
+def broadcast(tensor, *, group: Ranks, stats: CommStats, label: str, async_op=False):
+    """Overwrite ``tensor`` on every rank with rank 0's value (a mesh: from shard 0 across
+    the shard group, then from replica 0 across the replicate group)."""
+    _launch_pending()
+    def along(dim, pg):
+        stats.record("broadcast", tensor, dim)
+        with record_function(f"zeroshard::{label}::broadcast"):
+            return dist.broadcast(tensor, src=dist.get_global_rank(pg, 0), group=pg,
+                                  async_op=True)
+    launches = [lambda dim=dim, pg=pg: along(dim, pg) for dim, pg in group.dimensions()]
+    return _finish(_in_turn(launches), async_op)
+
+
+def _all_reduce_along(tensor, dim: str, pg, op, stats: CommStats, label: str):
+    stats.record("all_reduce", tensor, dim)
     with record_function(f"zeroshard::{label}::all_reduce"):
-        work = dist.all_reduce(tensor, op=op, group=group, async_op=True)
-    return _finish(work, async_op)
+        return dist.all_reduce(tensor, op=op, group=pg, async_op=True)
 
 
-def broadcast(tensor, *, group, stats: CommStats, label: str, group_src: int = 0,
-              async_op=False):
-    """Overwrite ``tensor`` on every rank with the value of rank ``group_src`` of ``group``."""
-    stats.record("broadcast", tensor, group)
-    src = dist.get_global_rank(group, group_src)
-    with record_function(f"zeroshard::{label}::broadcast"):
-        work = dist.broadcast(tensor, src=src, group=group, async_op=True)
-    return _finish(work, async_op)
+# Note [collectives on a mesh]:
+#     On a 2-D mesh a job-wide collective runs along the shard dimension and then along
+#     the replicate one, the second on the first's result. A reduction over every rank
+#     (sum, mean, max) is the reduction across replicas of the reductions within each:
+#     a gradient's reduce-scatter within the replica, then the all-reduce of this
+#     rank's shard across replicas. A broadcast from rank 0 (shard 0 of replica 0) goes
+#     from shard 0 to the rest of each replica, then from replica 0 to the others,
+#     which by then hold rank 0's value at shard 0. So no group spanning the whole mesh
+#     is needed.
+#     The second collective can only start once the first is done. It starts when the
+#     first is waited for or just before zeroshard's next collective, whichever comes
+#     first (``_pending``, in the order the first ones were issued). Either way it
+#     takes the same place in the sequence every rank issues: right after the
+#     collectives issued before it, whatever this rank's data made it wait for when.
+#     Ranks that issue one sequence cannot wait on each other in a cycle (the rank
+#     that has issued the fewest, if blocked, waits on a collective every other rank
+#     has issued), so one order (Note [one order] in stage3.py) holds on a mesh too.
+#     Starting the second at the first's wait instead would put it wherever this
+#     rank happened to wait: a rank that waited early in one replica and late in
+#     another could block both. The cost: the next collective waits for the first
+#     (on CUDA the host does not block; on gloo it does).
+class _InTurn:
+    """Collectives that run one after another as one work: ``work`` now, each of
+    ``launches`` once the one before it is done (Note [collectives on a mesh])."""
+
+    def __init__(self, work, launches: list) -> None:
+        self.work = work
+        self.launches = launches
+        self._after = None  # the work (or _InTurn) that follows, once launched
+
+    def after(self):
+        """Launch what follows ``work`` (once) and return it."""
+        if self._after is None:
+            self.work.wait()
+            self._after = _in_turn(self.launches)
+        return self._after
+
+
+_pending: collections.deque[_InTurn] = collections.deque()  # oldest first
+
+
+def _in_turn(launches: list):
+    """Launch the first of ``launches`` now, the others in turn (``_InTurn``)."""
+    work = launches[0]()
+    if len(launches) == 1:
+        return work
+    chain = _InTurn(work, launches[1:])
+    _pending.append(chain)
+    return chain
+
+
+def _launch_pending(until: _InTurn | None = None) -> None:
+    """Launch what follows each pending first collective, oldest first, up to ``until``
+    (None: all of them): before any new collective, or when ``until`` is waited for."""
+    while _pending and (until is None or until._after is None):
+        _pending.popleft().after()
 
 
 def extremes(values: torch.Tensor, *, group, stats: CommStats, label: str):
@@ -114,7 +199,7 @@ def extremes(values: torch.Tensor, *, group, stats: CommStats, label: str):
 def broadcast_object(obj, *, group, stats: CommStats, label: str, device: torch.device):
     """Rank 0's picklable ``obj`` on every rank (a length, then the pickled bytes)."""
     payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8) \
-        if dist.get_rank(group) == 0 else torch.empty(0, dtype=torch.uint8)
+        if group.rank == 0 else torch.empty(0, dtype=torch.uint8)
     length = torch.tensor([payload.numel()], dtype=torch.int64, device=device)
     broadcast(length, group=group, stats=stats, label=label)
     received = payload.to(device) if payload.numel() else torch.empty(
@@ -225,9 +310,16 @@ def _pause_at_exit() -> None:
 
 
 def wait_all(works) -> None:
-    works = [work for work in works if work is not None]
+    done = []
     for work in works:
-        work.wait()
+        while isinstance(work, _InTurn):  # Note [collectives on a mesh]
+            _launch_pending(until=work)
+            done.append(work.work)
+            work = work.after()
+        if work is not None:
+            work.wait()
+            done.append(work)
+    works = done
     if works:  # Note [finished work]
         if not _exit_pause_registered:
             _register_exit_pause()

@@ -139,7 +139,7 @@ class ShardedStage:
         self.model = model
         self.buckets = list(buckets)
         self.group = group
-        self.world_size = dist.get_world_size(group)
+        self.world_size = group.size  # every rank, over every replica (a _ranks.Ranks)
         self.stats = stats
         self.policy = policy
         # Gradients are reduced in the policy's reduce dtype (else the parameters' own).

@@ -6,7 +6,7 @@ On disk, ``path`` is a folder that holds one complete checkpoint and a pointer t
     path/v000003/meta.pt   the model and optimizer it came from (names, shapes, memory
                            orders, groups, per-parameter optimizer scalars) and every
                            file's size
-    path/v000003/rank00001.pt   rank 1's pieces of the parameters (see _sharded_state.py):
+    path/v000003/rank00001.pt   shard 1's pieces of the parameters (see _sharded_state.py):
                            fp32 master values and per-element optimizer states
     path/v000003/extra00001.pt  rank 1's ``extra``
     path/v000004.partial/  a save in progress, or one that crashed: never loaded,
@@ -60,8 +60,9 @@ LATEST = "LATEST"
 def save_checkpoint(path, model, opt, extra=None) -> None:
     """Save ``model`` and ``opt`` (a ZeroOptimizer over it) under the folder ``path``.
 
-    Call it on every rank. Each rank writes only what it owns; nothing is gathered.
-    ``extra`` is any picklable state of this rank (step, RNG states, data position):
+    Call it on every rank. Each rank writes only what it owns; nothing is gathered
+    (on a mesh the first replica writes the shards). ``extra`` is any picklable state
+    of this rank (step, RNG states, data position):
     ``load_checkpoint`` returns it. The new checkpoint replaces the previous one in
     ``path`` atomically (Note [atomic publish]): a crash during the save leaves the
     previous one loadable.
@@ -76,15 +77,17 @@ def save_checkpoint(path, model, opt, extra=None) -> None:
     _share(opt, (lambda: _prepare_staging(root, staging)) if opt._rank == 0 else None)
     # Everything rank 0 needs to describe the checkpoint, computed on every rank from
     # local state (inner state is identical across ranks for each bucket).
-    pieces = owned_pieces(opt)
+    # On a mesh every replica holds the same shards: the first one writes them.
+    writes_shard = opt._group.replica == 0
+    pieces = owned_pieces(opt) if writes_shard else {}
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()} if opt._rank == 0 else {}
-    my_files = _rank_file(opt._rank), _extra_file(opt._rank)
 
     def write_mine():
-        _save_synced({"pieces": {name: [(p.start, p.values, p.states) for p in ps]
-                                 for name, ps in pieces.items()},
-                      "buffers": buffers}, staging / my_files[0])
-        _save_synced(extra, staging / my_files[1])
+        if writes_shard:
+            _save_synced({"pieces": {name: [(p.start, p.values, p.states) for p in ps]
+                                     for name, ps in pieces.items()},
+                          "buffers": buffers}, staging / _rank_file(opt._group.shard_rank))
+        _save_synced(extra, staging / _extra_file(opt._rank))
     _share(opt, write_mine)
 
     def publish():
@@ -118,7 +121,7 @@ def load_checkpoint(path, model, opt):
     def read_all():  # every file opens, on every rank, before anything changes
         for r in range(meta["world_size"]):
             _load_file(folder / _rank_file(r), weights_only=True, mmap=True)
-        extra_rank = opt._rank if opt._rank < meta["world_size"] else 0
+        extra_rank = opt._rank if opt._rank < meta.get("ranks", meta["world_size"]) else 0
         state["extra"] = _load_file(folder / _extra_file(extra_rank), weights_only=False)
     _share(opt, read_all)
 
@@ -143,7 +146,8 @@ def _describe(opt, model) -> dict:
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION if orders else 1,
         "orders": orders,
-        "world_size": opt._world_size, "stage": opt.stage,
+        # the shard files (one per shard: every replica holds the same), and the extras
+        "world_size": opt._group.shard_size, "ranks": opt._world_size, "stage": opt.stage,
         "mixed_precision": repr(opt.mixed_precision),
         "optimizer_class": _qualname(opt._optimizer_class),
         "params": {n: tuple(p.shape) for n, p in model.named_parameters()},

@@ -43,6 +43,9 @@ def main(argv=None) -> int:
                       help="count the parameters of FACTORY() from MODULE, e.g. mypkg.models:build "
                            "(built on the meta device: no memory is allocated)")
     est.add_argument("--world-size", type=int, required=True)
+    est.add_argument("--shard-size", type=int, default=None,
+                     help="hybrid sharding: ranks each replica shards over (world size / "
+                          "shard size replicas; default: the world size, one replica)")
     est.add_argument("--precision", choices=sorted(PRECISIONS), default="mixed")
     est.add_argument("--optimizer-bytes", type=int, default=None,
                      help="optimizer-state bytes per parameter (default: 12 mixed, 8 fp32 Adam)")
@@ -52,9 +55,16 @@ def main(argv=None) -> int:
     param_bytes, grad_bytes, optimizer_bytes = PRECISIONS[args.precision]
     if args.optimizer_bytes is not None:
         optimizer_bytes = args.optimizer_bytes
-    table = estimate_memory(args.params, args.world_size, param_bytes=param_bytes,
-                            grad_bytes=grad_bytes, optimizer_bytes=optimizer_bytes)
-    print(f"{args.params:.4g} parameters, {args.world_size} ranks, {args.precision} "
+    try:
+        table = estimate_memory(args.params, args.world_size, param_bytes=param_bytes,
+                                grad_bytes=grad_bytes, optimizer_bytes=optimizer_bytes,
+                                shard_size=args.shard_size)
+    except ValueError as error:
+        parser.error(str(error))
+    ranks = f"{args.world_size} ranks"
+    if args.shard_size is not None and args.shard_size != args.world_size:
+        ranks += f" ({args.world_size // args.shard_size} replicas x {args.shard_size} shards)"
+    print(f"{args.params:.4g} parameters, {ranks}, {args.precision} "
           f"({param_bytes}+{grad_bytes}+{optimizer_bytes} bytes per parameter)")
     for name, key in (("data parallel", "dp"), ("ZeRO stage 1", 1), ("ZeRO stage 2", 2),
                       ("ZeRO stage 3", 3)):

@@ -16,7 +16,7 @@ CATEGORIES = ("parameters", "gradients", "optimizer_states", "master_parameters"
 
 def estimate_memory(num_params: float, world_size: int, stage: int | None = None, *,
                     param_bytes: int = 2, grad_bytes: int = 2,
-                    optimizer_bytes: int = 12) -> dict:
+                    optimizer_bytes: int = 12, shard_size: int | None = None) -> dict:
     """Per-rank bytes of model states, by the ZeRO paper's formula.
 
     The defaults are mixed-precision Adam: 2-byte parameters and gradients and K=12
@@ -25,10 +25,18 @@ def estimate_memory(num_params: float, world_size: int, stage: int | None = None
 
     With ``stage=None`` returns ``{"dp": ..., 1: ..., 2: ..., 3: ...}``; with a stage,
     that stage's figure alone (``stage=0`` is plain data parallel).
+
+    ``shard_size`` S: hybrid sharding (``mesh=`` of world_size / S replicas × S
+    shards), where every replica holds the model states divided by S, not by the
+    world size.
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
-    psi, n = float(num_params), world_size
+    n = world_size if shard_size is None else shard_size
+    if not (1 <= n <= world_size and world_size % n == 0):
+        raise ValueError(f"shard_size must divide world_size ({world_size}) into replicas of "
+                         f"equal size, got {shard_size}")
+    psi = float(num_params)
     params, grads, states = param_bytes * psi, grad_bytes * psi, optimizer_bytes * psi
     table = {
         "dp": params + grads + states,

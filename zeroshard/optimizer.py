@@ -15,6 +15,7 @@ from . import _comm, _full_state, _materialize, _validate
 from ._bucket import FlatBucket, build_buckets
 from ._buffers import BufferFollower
 from ._ddp_guard import DDPGuard
+from ._ranks import ranks_from
 from ._stage import WeakHook
 from ._unit import build_units, select_unit_modules
 from .memory import storage_bytes, storage_key
@@ -40,6 +41,14 @@ class ZeroOptimizer(torch.optim.Optimizer):
     gradients too (stage 2), and the parameters too (stage 3). Gradients are
     averaged over ranks during ``backward()``, as with DistributedDataParallel, and
     after ``step()`` every rank holds the same parameters.
+
+    ``mesh=`` (a ``DeviceMesh``, instead of ``process_group``) shards over a 1-D
+    mesh, or hybrid-shards over a 2-D one of replicas × shards
+    (``init_device_mesh(device, (R, S), mesh_dim_names=("replicate", "shard"))``):
+    each replica holds the model states sharded S ways; gradients are
+    reduce-scattered within the replica and then averaged across replicas on the
+    shard only, and stage 3 gathers within the replica only (Note [collectives on
+    a mesh] in _comm.py).
 
     Where the reduced gradient lives: in the shards, not in ``p.grad``. Stage 1
     keeps full-size gradient buffers (its memory profile), but after backward
@@ -102,7 +111,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
     """
 
     def __init__(self, model: nn.Module, optimizer_class: type[torch.optim.Optimizer], stage: int = 1,
-                 param_groups=None, process_group=None, units=None, reshard_after_forward: bool = True,
+                 param_groups=None, process_group=None, mesh=None, units=None, reshard_after_forward: bool = True,
                  mixed_precision: MixedPrecision | None = None, broadcast_buffers: bool = True,
                  bucket_size_mb: float = 25, device=None, init_fn=None, **optimizer_kwargs) -> None:
         self._constructed = False
@@ -124,6 +133,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("torch.distributed is not initialized; call "
                                "torch.distributed.init_process_group(...) before ZeroOptimizer")
+        ranks = ranks_from(process_group, mesh)
         groups = _validate.normalize_param_groups(model, param_groups)
         device = _materialize.target_device(model, device)
         initialisation = _materialize.plan_initialisation(model, init_fn)
@@ -135,9 +145,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._trainable_at_construction = [(p, p.requires_grad) for p in model.parameters()]
         self._buffer_dtypes = {(id(m), name): b.dtype for m in model.modules()
                                for name, b in m._buffers.items() if b is not None}
-        self._group = process_group if process_group is not None else dist.group.WORLD
-        self._rank = dist.get_rank(self._group)
-        self._world_size = dist.get_world_size(self._group)
+        self._group = ranks  # every collective of this optimizer goes along it (_comm.py)
+        self._rank, self._world_size = ranks.rank, ranks.size  # over every replica
         self.stage = stage
         self.mixed_precision = mixed_precision
         self.comm_stats = _comm.CommStats()
@@ -295,12 +304,13 @@ class ZeroOptimizer(torch.optim.Optimizer):
         full_precision = frozenset(full_precision_parameters(self._model, self.mixed_precision))
         if self.stage != 3:
             trainable = [(p, group_of[id(p)]) for p in self._model.parameters() if p.requires_grad]
-            buckets = build_buckets(trainable, bucket_bytes, self._rank, self._world_size,
+            buckets = build_buckets(trainable, bucket_bytes, self._group.shard_rank,
+                                    self._group.shard_size,
                                     full_precision)
         else:
             modules = select_unit_modules(self._model, units, bucket_bytes)
-            self._units = build_units(self._model, modules, group_of, self._rank,
-                                      self._world_size, full_precision)
+            self._units = build_units(self._model, modules, group_of, self._group.shard_rank,
+                                      self._group.shard_size, full_precision)
             buckets = [b for u in self._units for b in u.buckets]
         names = {id(p): name for name, p in self._model.named_parameters()}
         for bucket in buckets:  # for messages
@@ -476,7 +486,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
             for grad in grads:
                 local += torch.linalg.vector_norm(grad, norm_type, dtype=torch.float32) ** norm_type
             op = dist.ReduceOp.SUM
-        _comm.all_reduce(local, group=self._group, stats=self.comm_stats,
+        # every replica holds the same shards: the norm is over one replica's
+        _comm.all_reduce(local, group=self._group.shard_only(), stats=self.comm_stats,
                          label=self._live.label, op=op)
         total = local if math.isinf(norm_type) else local ** (1.0 / norm_type)
         clip_coef = (float(max_norm) / (total + 1e-6)).clamp(max=1.0)
@@ -529,8 +540,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         return {
             "zeroshard_version": _STATE_DICT_VERSION,
             "stage": self.stage,
-            "world_size": self._world_size,
-            "rank": self._rank,
+            "world_size": self._group.shard_size,  # every replica holds the same shards
+            "rank": self._group.shard_rank,
             "bucket_numels": [list(b.layout.numels) for b in self._buckets],
             "bucket_orders": _orders(self._buckets),  # Note [memory order] in _bucket.py
             "param_groups": [_hyperparameters(g) for g in self.param_groups],
@@ -547,7 +558,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
             raise ValueError("not a ZeroOptimizer state dict (no 'zeroshard_version' key); "
                              "a plain torch optimizer state dict loads with load_full_state_dict")
         saved = (state_dict["world_size"], state_dict["rank"], state_dict["bucket_numels"])
-        mine = (self._world_size, self._rank, [list(b.layout.numels) for b in self._buckets])
+        mine = (self._group.shard_size, self._group.shard_rank,
+                [list(b.layout.numels) for b in self._buckets])
         if saved != mine:
             raise ValueError(
                 f"state dict was saved by rank {saved[1]} of {saved[0]} with bucket layout "
@@ -621,7 +633,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     def _gather_shard(self, shard: torch.Tensor) -> torch.Tensor:
         """Every rank's ``shard`` of one bucket, end to end (the padded flat size). Collective."""
-        full = shard.new_empty(shard.numel() * self._world_size)
+        full = shard.new_empty(shard.numel() * self._group.shard_size)
         _comm.all_gather(full, shard, group=self._group, stats=self.comm_stats, label="state")
         return full
 
