@@ -2,12 +2,15 @@
 
     python benchmarks/compare.py --world-size 2 --out benchmarks/results/ws2
     python benchmarks/compare.py --smoke            # tiny model, a few seconds per method
+    python benchmarks/compare.py --world-size 4 --replicas 2 --methods ddp,fsdp2_hsdp,zeroshard3_hybrid
 
 Methods (each on the same model, data and world size): DDP; DDP +
 ZeroRedundancyOptimizer; FSDP1 FULL_SHARD and SHARD_GRAD_OP; FSDP2 fully_shard with
 reshard_after_forward True and False; DeepSpeed ZeRO 1/2/3 (reported as skipped
-when deepspeed is not installed); zeroshard stages 1/2/3. The model is
-examples/train_gpt.py's GPT (blocks are the wrap/shard units), fp32, AdamW.
+when deepspeed is not installed); zeroshard stages 1/2/3. Hybrid sharding over a
+(--replicas, world size / --replicas) DeviceMesh: FSDP2 fully_shard on the 2-D mesh
+(HSDP) and zeroshard stages 1/2/3 with mesh= ("_hybrid"), compared with each other.
+The model is examples/train_gpt.py's GPT (blocks are the wrap/shard units), fp32, AdamW.
 
 Each method runs twice in fresh processes (gloo on CPU, NCCL on CUDA):
 - memory: CPU: peak RSS above the RSS right after process-group start (the
@@ -43,14 +46,26 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "examples"))
 from train_gpt import GPT, Block  # noqa: E402
 
-# method -> (ZeRO stage it compares with, bytes moved per step in units of 4Ψ by theory)
+# method -> (ZeRO stage it compares with, bytes moved per step in units of 4Ψ by theory;
+# hybrid methods add an all-reduce of the 1/S shard across replicas)
 METHODS = {
     "ddp": (0, 2), "ddp+zero_redundancy": (1, 3),
     "fsdp1_shard_grad_op": (2, 2), "fsdp1_full_shard": (3, 3),
     "fsdp2_no_reshard": (2, 2), "fsdp2_reshard": (3, 3),
     "deepspeed_zero1": (1, 2), "deepspeed_zero2": (2, 2), "deepspeed_zero3": (3, 3),
     "zeroshard1": (1, None), "zeroshard2": (2, None), "zeroshard3": (3, None),
+    "fsdp2_hsdp": (3, 3),
+    "zeroshard1_hybrid": (1, None), "zeroshard2_hybrid": (2, None), "zeroshard3_hybrid": (3, None),
 }
+
+
+def hybrid(method: str) -> bool:
+    return method.endswith("_hybrid") or method == "fsdp2_hsdp"
+
+
+def stage_label(method: str) -> str:
+    """What a method is compared with: its ZeRO stage, hybrid or not."""
+    return f"{METHODS[method][0]}{' hybrid' if hybrid(method) else ''}"
 SIZES = {  # ~100M parameters (the issue's reference size) and a smoke-test toy
     "100m": dict(vocab=16384, d_model=768, layers=12, heads=12, seq_len=64, batch=1),
     "smoke": dict(vocab=64, d_model=32, layers=2, heads=2, seq_len=16, batch=2),
@@ -65,8 +80,9 @@ def rss_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def setup(method: str, model, lr: float):
-    """Wrap ``model`` the way ``method`` does; return (module to call, optimizer, backward)."""
+def setup(method: str, model, lr: float, mesh=None):
+    """Wrap ``model`` the way ``method`` does; return (module to call, optimizer, backward).
+    ``mesh``: the (replicate, shard) DeviceMesh of the hybrid methods."""
     adamw = lambda params: torch.optim.AdamW(params, lr=lr)  # noqa: E731
     if method in ("ddp", "ddp+zero_redundancy"):
         from torch.distributed.optim import ZeroRedundancyOptimizer
@@ -87,10 +103,10 @@ def setup(method: str, model, lr: float):
         return fsdp, adamw(fsdp.parameters()), None
     if method.startswith("fsdp2"):
         from torch.distributed.fsdp import fully_shard
-        reshard = method == "fsdp2_reshard"
+        reshard = method in ("fsdp2_reshard", "fsdp2_hsdp")
         for block in model.blocks:
-            fully_shard(block, reshard_after_forward=reshard)
-        fully_shard(model, reshard_after_forward=reshard)
+            fully_shard(block, reshard_after_forward=reshard, mesh=mesh)
+        fully_shard(model, reshard_after_forward=reshard, mesh=mesh)
         return model, adamw(model.parameters()), None
     if method.startswith("deepspeed"):
         import deepspeed
@@ -101,8 +117,10 @@ def setup(method: str, model, lr: float):
         return engine, engine, engine.backward
     if method.startswith("zeroshard"):
         import zeroshard
-        stage = int(method[-1])
+        stage = METHODS[method][0]
         extra = {"units": Block} if stage == 3 else {}
+        if mesh is not None:
+            extra["mesh"] = mesh
         return model, zeroshard.ZeroOptimizer(model, torch.optim.AdamW, stage=stage, lr=lr,
                                               **extra), None
     raise ValueError(f"unknown method {method!r}; choose from {sorted(METHODS)}")
@@ -125,7 +143,12 @@ def worker(rank: int, world: int, port: int, method: str, size: dict, args, resu
     torch.manual_seed(0)
     model = GPT(size["vocab"], size["d_model"], size["layers"], size["heads"], size["seq_len"]).to(device)
     psi = sum(p.numel() for p in model.parameters())
-    module, opt, backward = setup(method, model, lr=1e-4)
+    mesh = None
+    if hybrid(method):
+        from torch.distributed.device_mesh import init_device_mesh
+        mesh = init_device_mesh(device.type, (args.replicas, world // args.replicas),
+                                mesh_dim_names=("replicate", "shard"))
+    module, opt, backward = setup(method, model, lr=1e-4, mesh=mesh)
     g = torch.Generator().manual_seed(rank)
     tokens = torch.randint(0, size["vocab"], (size["batch"], size["seq_len"] + 1), generator=g).to(device)
     x, y = tokens[:, :-1], tokens[:, 1:]
@@ -144,8 +167,10 @@ def worker(rank: int, world: int, port: int, method: str, size: dict, args, resu
             torch.cuda.synchronize()
         if step >= args.warmup:
             times.append(time.perf_counter() - start)
-        if hasattr(opt, "comm_stats"):
-            comm = sum(opt.comm_stats.bytes[k] for k in ("all_gather", "reduce_scatter"))
+        if hasattr(opt, "comm_stats"):  # the gathers and reductions (a mesh: both dimensions)
+            by_dim = opt.comm_stats.by_dim
+            comm = (by_dim[("all_gather", "shard")] + by_dim[("reduce_scatter", "shard")]
+                    + by_dim[("all_reduce", "replicate")])
     peak = (torch.cuda.max_memory_allocated() if cuda
             else (rss_kib("VmHWM") - baseline_kib) * 1024)
     report = opt.memory_report() if hasattr(opt, "memory_report") else None
@@ -201,8 +226,9 @@ def formula_bytes(stage: int, psi: int, n: int) -> dict:
             "optimizer_states": 8 * psi / n}
 
 
-def summarise(rows: list[dict], world: int) -> str:
+def summarise(rows: list[dict], world: int, replicas: int) -> str:
     mib = 2**20
+    shards = world // replicas
     by_name = {r["method"]: r for r in rows if "error" not in r}
     ddp = by_name.get("ddp")
     lines = ["| method | ZeRO stage | peak memory MiB | × DDP | × best peer (same stage) | "
@@ -210,17 +236,20 @@ def summarise(rows: list[dict], world: int) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['method']} | {METHODS[r['method']][0]} | skipped: {r['error']} "
+            lines.append(f"| {r['method']} | {stage_label(r['method'])} | skipped: {r['error']} "
                          "| | | | | | |")
             continue
-        stage = METHODS[r["method"]][0]
-        peers = [p for name, p in by_name.items() if METHODS[name][0] == stage
+        stage = stage_label(r["method"])
+        peers = [p for name, p in by_name.items() if stage_label(name) == stage
                  and not name.startswith("zeroshard") and name != r["method"]]
         best_mem = min((p["peak_bytes"] for p in peers), default=None)
         best_time = min((p["step_s"] for p in peers), default=None)
         ratio = lambda a, b: f"{a / b:.2f}" if b else "—"  # noqa: E731
-        comm = (f"{r['comm_bytes'] / mib:.1f} (measured)" if r["comm_bytes"] is not None
-                else f"{METHODS[r['method']][1] * 4 * r['psi'] / mib:.1f} (theory)")
+        if r["comm_bytes"] is not None:
+            comm = f"{r['comm_bytes'] / mib:.1f} (measured)"
+        else:
+            theory = METHODS[r["method"]][1] + (1 / shards if hybrid(r["method"]) else 0)
+            comm = f"{theory * 4 * r['psi'] / mib:.1f} (theory)"
         lines.append(
             f"| {r['method']} | {stage} | {r['peak_bytes'] / mib:.0f} | "
             f"{ratio(r['peak_bytes'], ddp and ddp['peak_bytes'])} | {ratio(r['peak_bytes'], best_mem)} | "
@@ -232,7 +261,7 @@ def summarise(rows: list[dict], world: int) -> str:
     for r in rows:
         if r["method"].startswith("zeroshard") and "error" not in r:
             stage, rep = METHODS[r["method"]][0], r["memory_report"]
-            f = formula_bytes(stage, r["psi"], world)
+            f = formula_bytes(stage, r["psi"], shards if hybrid(r["method"]) else world)
             # after zero_grad() the gradient shards are gone; compare the other two
             worst = max(abs(rep[k] - f[k]) / f[k] for k in ("parameters", "optimizer_states"))
             lines.append(f"| {r['method']} | {rep['parameters']:,} | {rep['gradients']:,} | "
@@ -267,6 +296,8 @@ def chart(rows: list[dict], path: Path) -> str:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--world-size", type=int, default=2)
+    p.add_argument("--replicas", type=int, default=2,
+                   help="replicas of the hybrid methods' (replicate, shard) mesh")
     p.add_argument("--size", choices=sorted(SIZES), default="100m")
     p.add_argument("--smoke", action="store_true", help="--size smoke --steps 2 --warmup 1")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
@@ -278,6 +309,8 @@ def main(argv=None) -> None:
     if args.smoke:
         args.size, args.steps, args.warmup = "smoke", 2, 1
     size, world = SIZES[args.size], args.world_size
+    if world % args.replicas:
+        p.error(f"--replicas {args.replicas} does not divide --world-size {world}")
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for method in args.methods.split(","):
@@ -306,7 +339,7 @@ def main(argv=None) -> None:
                                f"peak {row['peak_bytes'] / 2**20:.0f} MiB, step {row['step_s']:.3f} s"),
               flush=True)
     command = "python benchmarks/compare.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    table = summarise(rows, world)
+    table = summarise(rows, world, args.replicas)
     header = (f"{command}\n\nmodel: examples/train_gpt.py GPT {size}, "
               f"Ψ = {next((r['psi'] for r in rows if 'psi' in r), 0):,} parameters, fp32 AdamW, "
               f"{world} ranks, {'CUDA/NCCL' if torch.cuda.is_available() else 'CPU/gloo'}, "
