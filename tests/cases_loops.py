@@ -31,9 +31,11 @@ def _steps(spec, model, opt, first: int, count: int, rank: int) -> None:
         opt.zero_grad()
 
 
-def _zero(model, stage: int, group, **kwargs):
-    return zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=stage, process_group=group,
-                                   bucket_size_mb=1e-4, **kwargs,
+def _zero(model, stage: int, group, mesh=None, **kwargs):
+    """SGD at ``stage`` over ``group``, or over ``mesh`` when one is given."""
+    ranks = {"mesh": mesh} if mesh is not None else {"process_group": group}
+    return zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=stage, bucket_size_mb=1e-4,
+                                   **ranks, **kwargs,
                                    **({"units": torch.nn.Linear} if stage == 3 else {}))
 
 
@@ -265,7 +267,8 @@ def drive_loop(ctx, stage: int, plan: dict):
     model = build_model(spec, seed=ctx.rank)
     reference = DDP(build_model(spec, seed=0), process_group=ctx.group)
     kwargs = {"lr": 0.05, "momentum": 0.9, "weight_decay": plan["weight_decay"]}
-    opt = _zero(model, stage, ctx.group, **kwargs)
+    mesh = ctx.meshes[tuple(plan["mesh"])] if plan.get("mesh") else None
+    opt = _zero(model, stage, ctx.group, mesh, **kwargs)
     ref_opt = torch.optim.SGD(reference.parameters(), **kwargs)
     ema = ref_ema = None
     diffs = []
@@ -317,7 +320,7 @@ def drive_loop(ctx, stage: int, plan: dict):
             reference.module.load_state_dict(pretrained)
         elif between == "rebuild":  # close() drops gradients not yet stepped: so does DDP's side
             opt.close()
-            opt = _zero(model, stage, ctx.group, **kwargs)
+            opt = _zero(model, stage, ctx.group, mesh, **kwargs)
             ref_opt.zero_grad()
             ref_opt = torch.optim.SGD(reference.parameters(), **kwargs)
         else:

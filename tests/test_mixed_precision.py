@@ -208,10 +208,15 @@ def grid_case(stage: int, precision: str, optimizer: str, index: int) -> dict:
 
 GRID = [grid_case(stage, precision, optimizer, i) for i, (stage, precision, optimizer) in
         enumerate(itertools.product([1, 2, 3], sorted(cases_mp.PRECISIONS), ["SGD", "AdamW"]))]
+# On meshes: an inf on one rank skips the step on both replicas (fp16, SGD on 2x2), and
+# AdamW with bf16 reductions on 2 replicas of one shard, which reduce as DDP does.
+GRID += [{**grid_case(stage, "fp16", "SGD", 1), "world_size": 4, "mesh": (2, 2)} for stage in (1, 2, 3)]
+GRID += [{**grid_case(stage, "bf16", "AdamW", 0), "mesh": (2, 1)} for stage in (1, 2, 3)]
 
 
 @pytest.mark.parametrize("case", GRID, ids=lambda c: f"stage{c['stage']}-{c['precision']}-"
-                         f"{c['optimizer']}-n{c['world_size']}")
+                         f"{c['optimizer']}-n{c['world_size']}"
+                         + (f"-mesh{c['mesh'][0]}x{c['mesh'][1]}" if c.get("mesh") else ""))
 def test_every_stage_and_precision(pool, case):
     check_all(pool, case)
 
