@@ -200,7 +200,7 @@ def main(argv=None) -> None:
         scaler.update()
         opt.zero_grad()
         sched.step()
-        comm = dict(opt.comm_stats.bytes)
+        comm = dict(opt.comm_stats.by_dim)  # bytes per (collective, mesh dimension)
         if args.save_every and (step + 1) % args.save_every == 0:
             # The data is a function of the step, so the step is all the loader needs.
             zeroshard.save_checkpoint(args.save_dir, model, opt, extra={
@@ -223,9 +223,12 @@ def main(argv=None) -> None:
             torch.save(exported, args.export)
     if rank == 0 and comm is not None:
         param_bytes = 4 if args.precision == "fp32" else 2
-        print(f"comm per step: all_gather {mib(comm['all_gather'])}, reduce_scatter "
-              f"{mib(comm['reduce_scatter'])}, all_reduce {comm['all_reduce']} B "
-              f"(the parameters in {args.precision}: {mib(n_params * param_bytes)})", flush=True)
+        across = (f", all_reduce across replicas {mib(comm[('all_reduce', 'replicate')])}"
+                  if args.replicas > 1 else "")
+        print(f"comm per step: all_gather {mib(comm[('all_gather', 'shard')])}, reduce_scatter "
+              f"{mib(comm[('reduce_scatter', 'shard')])}, all_reduce {comm[('all_reduce', 'shard')]} B"
+              f"{across} (the parameters in {args.precision}: {mib(n_params * param_bytes)})",
+              flush=True)
     dist.destroy_process_group()
 
 
