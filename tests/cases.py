@@ -18,6 +18,7 @@ import zeroshard
 from torch import nn
 
 from models import Block, build_model, loss_fn, make_batch
+from pool import mesh_shape
 
 # Stage 3 unit choices by name (the case dict must stay picklable).
 UNITS = {None: None, "blocks": Block, "linear": {nn.Linear, nn.Embedding},
@@ -68,13 +69,19 @@ def state_bytes(optimizer) -> int:
 def ranks_of(ctx, case) -> dict:
     """ZeroOptimizer's ``mesh=`` (the pool's (replicas, shards) mesh) or ``process_group=``."""
     mesh = case.get("mesh")
-    return {"mesh": ctx.meshes[tuple(mesh)]} if mesh else {"process_group": ctx.group}
+    if not mesh:
+        return {"process_group": ctx.group}
+    return {"mesh": ctx.meshes[mesh if isinstance(mesh, str) else tuple(mesh)]}
+
+
+def replicas(case) -> int:
+    return mesh_shape(case["mesh"])[0] if case.get("mesh") else 1
 
 
 def shards(case) -> int:
     """How many ways the case shards the model states: the mesh's shard dimension, else
     every rank."""
-    return case["mesh"][1] if case.get("mesh") else case["world_size"]
+    return mesh_shape(case["mesh"])[1] if case.get("mesh") else case["world_size"]
 
 
 def ddp_needs_static_graph(case) -> bool:

@@ -68,6 +68,9 @@ def _bad_arguments(which: str, model: nn.Module, group, meshes):
         return (model, torch.optim.SGD), {**kwargs, "broadcast_buffers": "yes"}
     if which == "mesh_and_group":
         return (model, torch.optim.SGD), {**kwargs, "mesh": meshes[(1, 2)]}
+    if which == "mesh_out_of_order":  # ranks 0 and 1 share a replica listed as [1, 0]
+        return (model, torch.optim.SGD), {**kwargs, "process_group": None,
+                                          "mesh": meshes["2x2 out of order"]}
     if which == "mesh_type":
         return (model, torch.optim.SGD), {**kwargs, "process_group": None, "mesh": (2, 2)}
     if which == "bucket_size":
@@ -181,10 +184,10 @@ def load_state_dict_from_other_world_size(ctx):
     return "no error"
 
 
-def collectives_are_counted(ctx, mesh_shape=None):
+def collectives_are_counted(ctx, mesh_key=None):
     """Each collective in _comm moves the right data and is counted by DESIGN.md's rule,
-    over the pool's group of ``ctx.world_size`` ranks or its (replicas, shards) mesh."""
-    mesh = ctx.meshes[mesh_shape] if mesh_shape else None
+    over the pool's group of ``ctx.world_size`` ranks or one of its meshes."""
+    mesh = ctx.meshes[mesh_key] if mesh_key else None
     ranks = ranks_from(None if mesh else ctx.group, mesh)
     s, r = ranks.shard_size, ctx.rank
     stats = _comm.CommStats()

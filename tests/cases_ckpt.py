@@ -41,8 +41,9 @@ def build(ctx, cfg, side: str, seed: int):
     if cfg[side].get("bf16"):
         extra["mixed_precision"] = zeroshard.MixedPrecision(
             torch.bfloat16, buffer_dtype=torch.bfloat16, output_dtype=torch.float32)
-    mesh = cfg[side].get("mesh")  # (replicas, shards) of the pool's mesh, or None
-    extra.update({"mesh": ctx.meshes[tuple(mesh)]} if mesh else {"process_group": ctx.group})
+    mesh = cfg[side].get("mesh")  # the pool's mesh: (replicas, shards) or a name; or None
+    extra.update({"mesh": ctx.meshes[mesh if isinstance(mesh, str) else tuple(mesh)]} if mesh
+                 else {"process_group": ctx.group})
     opt = zeroshard.ZeroOptimizer(model, opt_class, stage=cfg[side]["stage"],
                                   bucket_size_mb=cfg[side]["bucket_mb"], **extra, **kwargs)
     return model, opt

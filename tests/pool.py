@@ -29,6 +29,15 @@ POOL_SIZE = 4
 # (replicas, shards) of the meshes over ranks 0..R*S-1 every worker builds at start
 MESH_SHAPES = [(r, s) for r in range(1, POOL_SIZE + 1) for s in range(1, POOL_SIZE + 1)
                if r * s <= POOL_SIZE]
+# and (replicate, shard) meshes whose ranks are laid out otherwise, by name
+ODD_MESHES = {"2x2 strided": [[0, 2], [1, 3]], "2x2 rank 0 in replica 1": [[2, 3], [0, 1]],
+              "2x2 out of order": [[1, 0], [3, 2]]}
+
+
+def mesh_shape(key) -> tuple[int, int]:
+    """(replicas, shards) of the mesh ``RankContext.meshes[key]``."""
+    layout = ODD_MESHES.get(key) if isinstance(key, str) else None
+    return (len(layout), len(layout[0])) if layout else tuple(key)
 COLLECTIVE_TIMEOUT_S = 60
 GRACE_AFTER_ERROR_S = 5  # how long to wait for the other ranks once one has failed
 
@@ -38,7 +47,7 @@ class RankContext:
     rank: int
     world_size: int
     group: object  # the gloo sub-group of ranks 0..world_size-1
-    meshes: dict  # (replicas, shards) -> DeviceMesh("cpu", ...) over ranks 0..R*S-1
+    meshes: dict  # (replicas, shards) -> DeviceMesh("cpu", ...) over ranks 0..R*S-1; ODD_MESHES
 
 
 class WorkerError(AssertionError):
@@ -61,6 +70,9 @@ def _worker_main(rank: int, size: int, init_file: str, tasks, results) -> None:
     meshes = {shape: DeviceMesh("cpu", torch.arange(shape[0] * shape[1]).view(shape),
                                 mesh_dim_names=("replicate", "shard"))
               for shape in MESH_SHAPES}
+    meshes.update({name: DeviceMesh("cpu", torch.tensor(layout),
+                                    mesh_dim_names=("replicate", "shard"))
+                   for name, layout in ODD_MESHES.items()})
     results.put(("ready", rank, True, None))
     try:
         while True:

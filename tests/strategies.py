@@ -1,6 +1,10 @@
 """Hypothesis strategies that draw a whole training case (a picklable dict)."""
 
+import math
+
 from hypothesis import strategies as st
+
+from pool import mesh_shape
 
 OPTIMIZER_KWARGS = {
     "SGD": st.fixed_dictionaries({
@@ -73,7 +77,7 @@ def training_cases(draw, stages=(1, 2, 3), world_sizes=(1, 2, 3, 4), meshes=None
         shapes = mesh_shapes(world_size) if world_size > 1 else []
         mesh = draw(st.one_of(st.none(), st.sampled_from(shapes))) if shapes else None
     else:
-        mesh = draw(st.sampled_from([m for m in meshes if m[0] * m[1] == world_size]))
+        mesh = draw(st.sampled_from([m for m in meshes if math.prod(mesh_shape(m)) == world_size]))
     return {
         "model": model,
         **options,

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import cases_api
-from pool import WorkerError
+from pool import ODD_MESHES, WorkerError, mesh_shape
 
 # which bad input -> (exception, words the message must contain: the value, and the fix)
 BAD_INPUTS = {
@@ -27,6 +27,7 @@ BAD_INPUTS = {
     "broadcast_buffers": ("TypeError", ["broadcast_buffers", "'yes'", "True or False"]),
     "mesh_and_group": ("ValueError", ["mesh=", "process_group=", "not both"]),
     "mesh_type": ("TypeError", ["DeviceMesh", "tuple", "init_device_mesh"]),
+    "mesh_out_of_order": ("ValueError", ["[1, 0]", "increasing order", "shard dimension"]),
 }
 
 
@@ -64,20 +65,25 @@ def test_state_dict_from_another_world_size_is_refused(pool):
 
 
 @pytest.mark.parametrize("n, mesh", [(1, None), (2, None), (3, None), (4, None), (4, (2, 2)),
-                                     (4, (4, 1)), (4, (1, 4)), (3, (3, 1)), (2, (2, 1))])
+                                     (4, (4, 1)), (4, (1, 4)), (3, (3, 1)), (2, (2, 1)),
+                                     (4, "2x2 strided"), (4, "2x2 rank 0 in replica 1")])
 def test_collectives_move_the_right_data_and_count_design_bytes(pool, n, mesh):
     """Over a group of n ranks, or n ranks as a (replicas, shards) mesh: reduce-scatter and
     all-gather within the replica (a reduction over every rank: the replicas' shards are
-    all-reduced too), all-reduce and broadcast over every rank, each counted along the
-    dimension it ran (Note [collectives on a mesh] in zeroshard/_comm.py)."""
-    replicas, s = mesh if mesh else (1, n)
+    all-reduced too), all-reduce and broadcast over every rank (from global rank 0, in
+    whichever replica it is), each counted along the dimension it ran (Note [collectives
+    on a mesh] in zeroshard/_comm.py)."""
+    replicas, s = mesh_shape(mesh) if mesh else (1, n)
+    layout = ODD_MESHES.get(mesh) if isinstance(mesh, str) else None
+    layout = layout or [list(range(q * s, (q + 1) * s)) for q in range(replicas)]
     for r, out in enumerate(pool.run(cases_api.collectives_are_counted, n, mesh)):
-        assert out["rank"] == r  # the pool's meshes number ranks replica-major, as Ranks
-        shard, replica = r % s, r // s
+        assert out["rank"] == r  # the job's ranks in the order of their global ranks
+        replica = next(q for q, row in enumerate(layout) if r in row)
+        shard = layout[replica].index(r)
         assert out["shard_rank"] == shard
         mean = (n + 1) / 2  # over all n ranks of (rank + 1)
         assert out["reduce_scatter"] == [2 * shard * mean, (2 * shard + 1) * mean]
-        assert out["all_gather"] == [float(replica * s + k) for k in range(s) for _ in range(2)]
+        assert out["all_gather"] == [float(k) for k in layout[replica] for _ in range(2)]
         assert out["all_reduce"] == sum(range(n))
         assert out["broadcast"] == [0.0, 0.0, 0.0]
         # all-gather: output bytes; reduce-scatter: input bytes; others: the tensor

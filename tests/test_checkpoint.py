@@ -7,11 +7,13 @@ resume on the saving layout must match the run that never stopped.
 """
 
 import itertools
+import math
 
 import pytest
 import torch
 
 import cases_ckpt
+from pool import mesh_shape
 
 MLP = {"kind": "mlp", "d_in": 5, "hidden": 9, "d_out": 3, "depth": 2, "frozen": True,
        "unused_branch": False}
@@ -42,19 +44,23 @@ RESHARD_CASES = [reshard_case(n, m, i) for i, (n, m) in
 
 
 def mesh_case(save_mesh, load_mesh, index: int) -> dict:
-    """A resharding case between (replicas, shards) meshes (None: a plain group)."""
-    sizes = [mesh[0] * mesh[1] if isinstance(mesh, tuple) else mesh for mesh in (save_mesh, load_mesh)]
+    """A resharding case between the pool's meshes ((replicas, shards) or a name) and
+    plain groups (a number of ranks)."""
+    sizes = [mesh if isinstance(mesh, int) else math.prod(mesh_shape(mesh))
+             for mesh in (save_mesh, load_mesh)]
     cfg = reshard_case(*sizes, index)
     for side, mesh in zip(("save", "load"), (save_mesh, load_mesh)):
-        cfg[side]["mesh"] = mesh if isinstance(mesh, tuple) else None
+        cfg[side]["mesh"] = None if isinstance(mesh, int) else mesh
     return cfg
 
 
-# On a mesh the first replica writes the shards and every rank its extra: onto any
-# other mesh, plain group, stage and precision, and back.
+# On a mesh rank 0's replica writes the shards and every rank its extra: onto any
+# other mesh, plain group, stage and precision, and back; also from meshes whose
+# replicas are not runs of consecutive ranks, or where rank 0 is in the second one.
 MESH_CASES = [mesh_case(save, load, index) for index, (save, load) in enumerate([
     ((2, 2), 4), (4, (2, 2)), ((2, 2), (1, 3)), ((2, 2), (4, 1)), ((4, 1), (2, 2)),
-    ((2, 1), (2, 2)), ((2, 2), 1), ((2, 2), (2, 2)), ((1, 3), (2, 1))])]
+    ((2, 1), (2, 2)), ((2, 2), 1), ((2, 2), (2, 2)), ((1, 3), (2, 1)),
+    ("2x2 strided", 4), ("2x2 rank 0 in replica 1", (2, 2)), (4, "2x2 rank 0 in replica 1")])]
 
 
 def _case_id(c):
@@ -62,6 +68,8 @@ def _case_id(c):
 
     def ranks(side):
         mesh = c[side].get("mesh")
+        if isinstance(mesh, str):
+            return mesh.replace(" ", "_")
         return f"{mesh[0]}x{mesh[1]}" if mesh else str(c[side]["n"])
     return (f"N{ranks('save')}s{c['save']['stage']}{precision[c['save']['bf16']]}-to-"
             f"M{ranks('load')}s{c['load']['stage']}{precision[c['load']['bf16']]}")

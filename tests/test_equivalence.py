@@ -301,7 +301,7 @@ def check_comm_across_replicas(results, case):
     reduce-scatter's input over S) and the second half of every job-wide all-reduce and
     broadcast, but not the gradient norm's sum (every replica holds the same shards);
     no gathers and no reduce-scatters. Without replicas it carries nothing."""
-    replicas, s = (case["mesh"][0] if case.get("mesh") else 1), cases.shards(case)
+    replicas, s = cases.replicas(case), cases.shards(case)
     norm = FP32 if case["clip"] is not None else 0
     for res in results:
         for step, (within, across) in enumerate(zip(res["comm"], res["comm_replicate"])):
@@ -494,12 +494,14 @@ def test_zeroshard_equals_ddp_and_single_process(pool, case):
     check_every_invariant(results, case)
 
 
-@settings(max_examples=12)
-@given(training_cases(world_sizes=(4,), meshes=((2, 2), (1, 4), (4, 1))))
+@settings(max_examples=16)
+@given(training_cases(world_sizes=(4,), meshes=((2, 2), (1, 4), (4, 1), "2x2 strided",
+                                                "2x2 rank 0 in replica 1")))
 def test_hybrid_sharding_on_four_ranks_equals_ddp(pool, case):
-    """Every stage on 4 ranks as a 2x2, 1x4 and 4x1 (replicate, shard) mesh: DDP's and the
-    single process's numbers over all four ranks, and per step the stage's usual traffic
-    within each replica plus one all-reduce of the shards across replicas."""
+    """Every stage on 4 ranks as a 2x2, 1x4 and 4x1 (replicate, shard) mesh, and 2x2 meshes
+    whose replicas are ranks {0, 2} and {1, 3}, or where rank 0 is in the second replica:
+    DDP's and the single process's numbers over all four ranks, and per step the stage's
+    usual traffic within each replica plus one all-reduce of the shards across replicas."""
     assert case["mesh"] is not None
     results = pool.run(cases.train_side_by_side, case["world_size"], case)
     check_every_invariant(results, case)

@@ -105,20 +105,20 @@ def all_reduce(tensor, *, group: Ranks, stats: CommStats, label: str, op=dist.Re
     """Reduce ``tensor`` over every rank (a mesh: along each dimension in turn)."""
     _launch_pending()
     launches = [lambda dim=dim, pg=pg: _all_reduce_along(tensor, dim, pg, op, stats, label)
-                for dim, pg in group.dimensions()]
+                for dim, pg, _ in group.dimensions()]
     return _finish(_in_turn(launches), async_op)
 
 
 def broadcast(tensor, *, group: Ranks, stats: CommStats, label: str, async_op=False):
-    """Overwrite ``tensor`` on every rank with rank 0's value (a mesh: from shard 0 across
-    the shard group, then from replica 0 across the replicate group)."""
-    _launch_pending()
-    def along(dim, pg):
+    """Overwrite ``tensor`` on every rank with rank 0's value (a mesh: across each replica
+    from the rank in rank 0's place, then across replicas from rank 0's replica)."""
+    def along(dim, pg, source):
         stats.record("broadcast", tensor, dim)
         with record_function(f"zeroshard::{label}::broadcast"):
-            return dist.broadcast(tensor, src=dist.get_global_rank(pg, 0), group=pg,
-                                  async_op=True)
-    launches = [lambda dim=dim, pg=pg: along(dim, pg) for dim, pg in group.dimensions()]
+            return dist.broadcast(tensor, src=source, group=pg, async_op=True)
+    _launch_pending()
+    launches = [lambda dim=dim, pg=pg, source=source: along(dim, pg, source)
+                for dim, pg, source in group.dimensions()]
     return _finish(_in_turn(launches), async_op)
 
 
@@ -133,10 +133,10 @@ def _all_reduce_along(tensor, dim: str, pg, op, stats: CommStats, label: str):
 #     the replicate one, the second on the first's result. A reduction over every rank
 #     (sum, mean, max) is the reduction across replicas of the reductions within each:
 #     a gradient's reduce-scatter within the replica, then the all-reduce of this
-#     rank's shard across replicas. A broadcast from rank 0 (shard 0 of replica 0) goes
-#     from shard 0 to the rest of each replica, then from replica 0 to the others,
-#     which by then hold rank 0's value at shard 0. So no group spanning the whole mesh
-#     is needed.
+#     rank's shard across replicas. A broadcast from rank 0 goes, within each replica,
+#     from the rank in rank 0's place along the shard dimension to the others, then
+#     from rank 0's replica, which by then holds rank 0's value everywhere, to the
+#     other replicas. So no group spanning the whole mesh is needed.
 #     The second collective can only start once the first is done. It starts when the
 #     first is waited for or just before zeroshard's next collective, whichever comes
 #     first (``_pending``, in the order the first ones were issued). Either way it

@@ -61,7 +61,7 @@ def save_checkpoint(path, model, opt, extra=None) -> None:
     """Save ``model`` and ``opt`` (a ZeroOptimizer over it) under the folder ``path``.
 
     Call it on every rank. Each rank writes only what it owns; nothing is gathered
-    (on a mesh the first replica writes the shards). ``extra`` is any picklable state
+    (on a mesh rank 0's replica writes the shards). ``extra`` is any picklable state
     of this rank (step, RNG states, data position):
     ``load_checkpoint`` returns it. The new checkpoint replaces the previous one in
     ``path`` atomically (Note [atomic publish]): a crash during the save leaves the
@@ -77,8 +77,8 @@ def save_checkpoint(path, model, opt, extra=None) -> None:
     _share(opt, (lambda: _prepare_staging(root, staging)) if opt._rank == 0 else None)
     # Everything rank 0 needs to describe the checkpoint, computed on every rank from
     # local state (inner state is identical across ranks for each bucket).
-    # On a mesh every replica holds the same shards: the first one writes them.
-    writes_shard = opt._group.replica == 0
+    # On a mesh every replica holds the same shards: rank 0's replica writes them.
+    writes_shard = opt._group.first_replica
     pieces = owned_pieces(opt) if writes_shard else {}
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()} if opt._rank == 0 else {}
 

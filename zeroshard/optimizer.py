@@ -451,12 +451,13 @@ class ZeroOptimizer(torch.optim.Optimizer):
         Stage 3 gathers every unit and, on exit, keeps each rank's own slice of what
         the parameters hold then (so writes persist) and frees the full buffers.
         Stages 1 and 2 keep parameters whole anyway. Write the same value on every
-        rank: each rank keeps only its own slice of a write.
+        rank: each rank keeps only its own slice of a write. Blocks may nest.
         """
         stage = self._live
+        nested = stage.summoned > 0  # the outermost block gathers, and keeps writes on exit
         stage.summoned += 1
         try:
-            with stage.summon_full_params():
+            with contextlib.nullcontext() if nested else stage.summon_full_params():
                 yield
         finally:
             stage.summoned -= 1
