@@ -301,3 +301,31 @@ def memory_on_a_mesh(ctx, stage, mesh_shape):
     buckets = len(opt._buckets)
     opt.close()
     return psi, buckets, report
+
+
+def nested_summon(ctx, stage):
+    """summon_full_params() inside summon_full_params() (a helper that summons, called by
+    code that already did), with a write in the inner block: returns the full parameters
+    in the outer block before, in the inner one, after the inner one ends, and in a new
+    block after both ended. A probe found the inner block's exit released the units
+    under the outer one (NaN), and the outer exit then failed."""
+    model = build_model(MLP, seed=ctx.rank)
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=stage, process_group=ctx.group,
+                                  lr=0.1, bucket_size_mb=1e-4,
+                                  **({"units": nn.Linear} if stage == 3 else {}))
+    loss_fn(MLP, model, make_batch(MLP, seed=0, rank=ctx.rank, batch=4)).backward()
+    opt.step()
+
+    def values():
+        return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()
+    with opt.summon_full_params():
+        before = values()
+        with opt.summon_full_params():
+            inner = values()
+            with torch.no_grad():
+                next(model.parameters()).add_(1.0)  # the same write on every rank
+        after_inner = values()
+    with opt.summon_full_params():
+        after = values()
+    opt.close()
+    return before, inner, after_inner, after

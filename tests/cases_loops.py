@@ -362,24 +362,33 @@ def _batchnorm_net(seed: int) -> torch.nn.Module:
                                torch.nn.Linear(7, 3))
 
 
-def batchnorm_statistics(ctx, stage: int, broadcast_buffers: bool):
+def batchnorm_statistics(ctx, stage: int, broadcast_buffers: bool, micro_batches: int = 1,
+                         mesh=None):
     """BatchNorm running statistics against DDP with the same ``broadcast_buffers``, with
     an evaluation forward on rank 0 alone between steps (through the model itself: under
-    no_grad it must issue no collective; DDP's through its module). Returns the largest
-    differences of parameters and buffers on this rank, and the eval's collectives."""
+    no_grad it must issue no collective; DDP's through its module); ``micro_batches``
+    per step, all but the last under ``no_sync()``; on the pool's ``mesh`` if given.
+    Returns the largest differences of parameters and buffers on this rank, and the
+    eval's collectives."""
     model = _batchnorm_net(seed=ctx.rank)
     reference = DDP(_batchnorm_net(seed=0), process_group=ctx.group,
                     broadcast_buffers=broadcast_buffers)
-    opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=stage, process_group=ctx.group,
+    ranks = {"mesh": ctx.meshes[mesh]} if mesh else {"process_group": ctx.group}
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=stage, **ranks,
                                   broadcast_buffers=broadcast_buffers, bucket_size_mb=1e-4, lr=0.05,
                                   **({"units": torch.nn.Linear} if stage == 3 else {}))
     ref_opt = torch.optim.SGD(reference.parameters(), lr=0.05)
     issued = 0
     for step in range(3):
-        # each rank's own data (the seed follows the rank), so the statistics differ
-        x, y = make_batch(MLP, seed=10 * step + ctx.rank, rank=ctx.rank, batch=6)
         for net, optimizer in ((model, opt), (reference, ref_opt)):
-            torch.nn.functional.mse_loss(net(x), y).backward()
+            for micro in range(micro_batches):
+                # each rank's own data (the seed follows the rank), so the statistics differ
+                x, y = make_batch(MLP, seed=10 * step + micro + 100 * ctx.rank, rank=ctx.rank,
+                                  batch=6)
+                last = micro == micro_batches - 1
+                syncing = net if net is reference else opt
+                with contextlib.nullcontext() if last else syncing.no_sync():
+                    torch.nn.functional.mse_loss(net(x), y).backward()
             optimizer.step()
             optimizer.zero_grad()
         # stage 3 gathers parameters for a forward outside summon_full_params()

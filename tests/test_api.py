@@ -117,6 +117,16 @@ def test_summon_full_params_shows_ddp_state_and_keeps_writes(pool, stage):
             assert param_bytes < full_bytes / n + 64
 
 
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_nested_summon_full_params_blocks_keep_the_parameters_and_writes(pool, stage):
+    for before, inner, after_inner, after in pool.run(cases_api.nested_summon, 2, stage):
+        assert torch.isfinite(before).all()
+        assert torch.equal(inner, before)
+        written = after_inner - before  # the inner block's write of +1 to the first tensor
+        assert written.abs().max() == 1.0 and (written == 0).float().mean() > 0.5, written
+        assert torch.equal(after, after_inner)
+
+
 def test_stage3_state_dict_outside_summon_is_refused_with_the_fix(pool):
     for refused_save, refused_load, keys in pool.run(cases_api.state_dict_outside_summon, 2):
         for message in (refused_save, refused_load):

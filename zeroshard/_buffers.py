@@ -3,15 +3,18 @@
 Note [buffers follow rank 0]:
     Buffers that a forward updates (BatchNorm's running statistics) drift apart
     across ranks, each updated with its own batches. DDP broadcasts rank 0's buffers
-    at the start of a forward; so does zeroshard, at the start of every forward
-    with grad enabled outside ``no_sync()`` (the forwards that train), one
-    broadcast per dtype and device, counted in ``comm_stats`` under ``broadcast``.
-    A forward under ``torch.no_grad()`` (evaluation, ``generate()``) issues no
-    collective, so it may run on rank 0 alone; it sees this rank's buffers. So the
-    buffers every training forward starts from, and the parameters, are DDP's;
-    DDP differs only in that it also broadcasts in the first forward after a
-    training one whatever its grad mode, and not in the training forward that
-    follows a ``no_grad`` one (which then starts from what that broadcast gave).
+    at the start of a forward that follows one outside ``no_sync()``; so does
+    zeroshard, at the start of every forward with grad enabled (the forwards that
+    train) whose previous such forward, if any, ran outside ``no_sync()``: with
+    accumulation under ``no_sync()`` that is the first micro-batch's forward, not
+    the last one's. One broadcast per dtype and device, counted in ``comm_stats``
+    under ``broadcast``. A forward under ``torch.no_grad()`` (evaluation,
+    ``generate()``) issues no collective, so it may run on rank 0 alone; it sees this
+    rank's buffers. So the buffers every training forward starts from, and the
+    parameters, are DDP's; DDP differs only in that it also broadcasts in the first
+    forward after a training one whatever its grad mode, and not in the training
+    forward that follows a ``no_grad`` one (which then starts from what that
+    broadcast gave).
 """
 
 from __future__ import annotations
@@ -23,16 +26,22 @@ from . import _comm
 
 
 class BufferFollower:
-    """Overwrites the model's buffers with rank 0's before each training forward."""
+    """Overwrites the model's buffers with rank 0's before a training forward that
+    follows one outside ``no_sync()`` (Note [buffers follow rank 0])."""
 
     def __init__(self, model: nn.Module, stage, group, stats: _comm.CommStats) -> None:
         self.model = model
         self.stage = stage  # require_sync (no_sync()), summoned (summon_full_params())
         self.group = group
         self.stats = stats
+        self.follows_synced_forward = True  # no training forward yet
 
     def before_forward(self, module, args) -> None:
-        if not torch.is_grad_enabled() or not self.stage.require_sync or self.stage.summoned:
+        if not torch.is_grad_enabled() or self.stage.summoned:
+            return
+        follows_synced = self.follows_synced_forward
+        self.follows_synced_forward = self.stage.require_sync
+        if not follows_synced:
             return
         by_kind: dict[tuple, list[torch.Tensor]] = {}
         for buffer in self.model.buffers():  # now: a forward may have replaced one

@@ -87,10 +87,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
     gradient is inf or NaN, so all of them skip the step or none does (Note
     [non-finite gradients] in _stage.py).
 
-    With ``broadcast_buffers`` (the default, as DDP's) every forward with grad
-    enabled outside ``no_sync()`` starts from rank 0's buffers (BatchNorm running
-    statistics); a forward under ``torch.no_grad()`` issues no collective (Note
-    [buffers follow rank 0] in _buffers.py).
+    With ``broadcast_buffers`` (the default, as DDP's) a forward with grad enabled
+    that follows one outside ``no_sync()`` starts from rank 0's buffers (BatchNorm
+    running statistics), as under DDP; a forward under ``torch.no_grad()`` issues no
+    collective (Note [buffers follow rank 0] in _buffers.py).
 
     ``param_groups`` are live: ``torch.optim.lr_scheduler`` works unchanged, and a
     change to a group's hyper-parameters applies to the next ``step()``. Their

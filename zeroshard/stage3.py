@@ -583,7 +583,9 @@ class Stage3(Stage2):
         raise RuntimeError(
             f"zeroshard stage 3: in the first step this rank is about to {here} while another "
             f"rank {', '.join(sorted(others))}: the ranks ran "
-            "units in another order, or one of them a different number of times. The first "
+            "units in another order, or one of them a different number of times, or some "
+            "ranks ran a forward the others did not (an evaluation on some ranks only: before "
+            "the first step, run it on every rank or inside opt.summon_full_params()). The first "
             "step records the order in which units run, and until its backward ends every rank "
             "must run the units in one order and each as often (from the second step on, a unit "
             "some rank runs twice stays gathered for the pass, and units may run on some ranks "
