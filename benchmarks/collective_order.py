@@ -5,8 +5,9 @@
 Trains every case of tests/test_some_ranks.py (units skipped on some ranks, outputs
 unused on some ranks, nested units with no_sync, two forwards, checkpointing, a unit no
 rank runs) with and without resharding, and prints per rank the number of calls by
-collective, the number of process groups used, and a digest of the whole sequence of
-(process group, collective, bytes): identical digests mean identical sequences.
+collective, the mesh dimensions used (a process group is one: "shard"), and a digest of
+the whole sequence of (dimension, collective, bytes): identical digests mean identical
+sequences.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ from test_some_ranks import CASES, LOOP  # noqa: E402
 
 def summary(trace: list) -> str:
     kinds = dict(collections.Counter(op for _, op, _ in trace))
-    groups = len({group for group, _, _ in trace})
+    dimensions = sorted({dimension for dimension, _, _ in trace})
     digest = hashlib.sha1(repr(trace).encode()).hexdigest()[:10]
-    return f"{len(trace)} calls {kinds}, {groups} process group(s), sha1 {digest}"
+    return f"{len(trace)} calls {kinds}, along {dimensions}, sha1 {digest}"
 
 
 def main() -> None:

@@ -216,9 +216,10 @@ def check_ranks_agree(results, case):
 
 
 def check_one_order(results):
-    """Every rank issued the same collectives, (process group, collective, bytes), in the
-    same order, whatever its data ran (Note [one order] in zeroshard/stage3.py): what
-    NCCL needs of one communicator, checked here on gloo, which only needs it per group."""
+    """Every rank issued the same collectives, (mesh dimension, collective, bytes), in the
+    same order, whatever its data ran (Note [one order] in zeroshard/stage3.py; on a mesh
+    also Note [collectives on a mesh] in _comm.py): what NCCL needs of one communicator,
+    checked here on gloo, which only needs it per group."""
     first = results[0]["trace"]
     assert first
     for rank, res in enumerate(results[1:], start=1):
