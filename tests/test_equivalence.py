@@ -398,8 +398,8 @@ def check_every_invariant(results, case):
     check_memory(results, case)
     check_stage2_peak(results, case)
     check_stage3_peak(results, case)
-    for res in results:  # a forward under no_grad: the same outputs as DDP's
-        assert all(diff <= 1e-5 for diff in res["eval_diff"]), res["eval_diff"]
+    for res in results:  # a forward under no_grad: the outputs of the parameters it holds
+        assert all(diff <= 1e-6 for diff in res["eval_diff"]), res["eval_diff"]
 
 
 # Cases the thorough profile found, kept as @examples: each is this base with its changes.
@@ -495,7 +495,7 @@ def test_zeroshard_equals_ddp_and_single_process(pool, case):
     check_every_invariant(results, case)
 
 
-@settings(max_examples=16)
+@settings(max_examples=40)
 @given(training_cases(world_sizes=(4,), meshes=((2, 2), (1, 4), (4, 1), "2x2 strided",
                                                 "2x2 rank 0 in replica 1")))
 def test_hybrid_sharding_on_four_ranks_equals_ddp(pool, case):
