@@ -100,14 +100,16 @@ def ranks_from(process_group, mesh) -> Ranks:
 
 
 def _dimensions(mesh) -> tuple[int, int | None]:
-    """(shard dimension, replicate dimension or None): by name where the mesh names
-    its dimensions "shard" and "replicate", else (replicate, shard) in that order, as
-    FSDP2's hybrid sharding reads a 2-D mesh."""
+    """(shard dimension, replicate dimension or None) of a 1-D or 2-D mesh: the dimension
+    named "shard" shards (or the one not named "replicate"); unnamed, (replicate, shard)
+    in that order, as FSDP2's hybrid sharding reads a 2-D mesh."""
     if mesh.ndim == 1:
         return 0, None
-    names = mesh.mesh_dim_names or ()
-    if set(names) == {SHARD, REPLICATE}:
-        return names.index(SHARD), names.index(REPLICATE)
+    names = tuple(mesh.mesh_dim_names or ())
+    if SHARD in names:
+        return names.index(SHARD), 1 - names.index(SHARD)
+    if REPLICATE in names:
+        return 1 - names.index(REPLICATE), names.index(REPLICATE)
     return 1, 0
 
 
