@@ -10,10 +10,10 @@
 A checkpoint saved on any number of ranks at any stage resumes on any other.
 ``--replicas R`` shards over a (R, world size / R) DeviceMesh: R replicas, each
 holding the model states sharded over its ranks (hybrid sharding). Across two
-machines of two ranks each, replicating across the machines (run on each machine,
-with its own --node-rank):
+machines of two ranks each, replicating across the machines (the same command on
+each machine):
 
-    torchrun --nnodes=2 --nproc_per_node=2 --node-rank=K --rdzv-backend=c10d \
+    torchrun --nnodes=2 --nproc_per_node=2 --rdzv-backend=c10d \
         --rdzv-endpoint=HOST0:29500 --rdzv-id=gpt examples/train_gpt.py --replicas 2
 
 Runs on CPU with gloo by default (about a minute on 2 cores) and on CUDA with NCCL
@@ -156,7 +156,8 @@ def main(argv=None) -> None:
     model = GPT(args.vocab, args.d_model, args.layers, args.heads, args.seq_len).to(device)
     # The three-line change: a ZeroOptimizer over the plain model, instead of DDP + AdamW.
     options = {"units": Block} if args.stage == 3 else {}  # stage 3 gathers one block at a time
-    if args.replicas > 1:  # torchrun numbers a machine's ranks together: one replica each
+    if args.replicas > 1:  # torchrun numbers a machine's ranks together: with --replicas
+        # equal to the number of machines, each machine is one replica
         options["mesh"] = init_device_mesh(device.type, (args.replicas, world // args.replicas),
                                            mesh_dim_names=("replicate", "shard"))
     opt = zeroshard.ZeroOptimizer(model, torch.optim.AdamW, stage=args.stage, lr=args.lr,

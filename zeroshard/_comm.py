@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import contextlib
 import ctypes
 import pickle
 import time
@@ -97,7 +98,7 @@ def reduce_scatter(output, input, *, group: Ranks, stats: CommStats, label: str,
     if group.replicate is not None:
         launches.append(lambda: _all_reduce_along(output, REPLICATE, group.replicate, op,
                                                   stats, label))
-    return _finish(_in_turn(launches), async_op)
+    return _finish(_in_turn(launches, output.device), async_op)
 
 
 def all_reduce(tensor, *, group: Ranks, stats: CommStats, label: str, op=dist.ReduceOp.SUM,
@@ -106,7 +107,7 @@ def all_reduce(tensor, *, group: Ranks, stats: CommStats, label: str, op=dist.Re
     _launch_pending()
     launches = [lambda dim=dim, pg=pg: _all_reduce_along(tensor, dim, pg, op, stats, label)
                 for dim, pg, _ in group.dimensions()]
-    return _finish(_in_turn(launches), async_op)
+    return _finish(_in_turn(launches, tensor.device), async_op)
 
 
 def broadcast(tensor, *, group: Ranks, stats: CommStats, label: str, async_op=False):
@@ -119,7 +120,7 @@ def broadcast(tensor, *, group: Ranks, stats: CommStats, label: str, async_op=Fa
     _launch_pending()
     launches = [lambda dim=dim, pg=pg, source=source: along(dim, pg, source)
                 for dim, pg, source in group.dimensions()]
-    return _finish(_in_turn(launches), async_op)
+    return _finish(_in_turn(launches, tensor.device), async_op)
 
 
 def _all_reduce_along(tensor, dim: str, pg, op, stats: CommStats, label: str):
@@ -147,36 +148,61 @@ def _all_reduce_along(tensor, dim: str, pg, op, stats: CommStats, label: str):
 #     has issued), so one order (Note [one order] in stage3.py) holds on a mesh too.
 #     Starting the second at the first's wait instead would put it wherever this
 #     rank happened to wait: a rank that waited early in one replica and late in
-#     another could block both. The cost: the next collective waits for the first
-#     (on CUDA the host does not block; on gloo it does).
+#     another could block both. The cost: the next collective waits for the first.
+#     On gloo that blocks the host. On CUDA it blocks neither the host nor the
+#     compute stream: the wait and the launch run on a side stream, which the second
+#     collective's stream follows. (Stage 2's next gradient buffer still waits for
+#     the whole pair, the all-reduce across replicas included.) The sequence is one
+#     order among zeroshard's collectives only: a collective of the user's own on a
+#     mesh group during backward may land before or after a pending second one,
+#     depending on this rank's timing. After an error inside ``with ZeroOptimizer``
+#     the pending ones are dropped, never launched late (``drop_pending``).
 class _InTurn:
     """Collectives that run one after another as one work: ``work`` now, each of
     ``launches`` once the one before it is done (Note [collectives on a mesh])."""
 
-    def __init__(self, work, launches: list) -> None:
+    def __init__(self, work, launches: list, device: torch.device) -> None:
         self.work = work
         self.launches = launches
+        self.device = device
         self._after = None  # the work (or _InTurn) that follows, once launched
 
     def after(self):
         """Launch what follows ``work`` (once) and return it."""
         if self._after is None:
-            self.work.wait()
-            self._after = _in_turn(self.launches)
+            with _side_stream(self.device):
+                self.work.wait()
+                self._after = _in_turn(self.launches, self.device)
         return self._after
 
 
 _pending: collections.deque[_InTurn] = collections.deque()  # oldest first
+_side_streams: dict[torch.device, torch.cuda.Stream] = {}
 
 
-def _in_turn(launches: list):
+def _side_stream(device: torch.device):
+    """On CUDA, a stream of its own for waiting on a first collective and launching the
+    second, so the compute stream does not wait; elsewhere nothing."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    if device not in _side_streams:
+        _side_streams[device] = torch.cuda.Stream(device)
+    return torch.cuda.stream(_side_streams[device])
+
+
+def _in_turn(launches: list, device: torch.device):
     """Launch the first of ``launches`` now, the others in turn (``_InTurn``)."""
     work = launches[0]()
     if len(launches) == 1:
         return work
-    chain = _InTurn(work, launches[1:])
+    chain = _InTurn(work, launches[1:], device)
     _pending.append(chain)
     return chain
+
+
+def drop_pending() -> None:
+    """Forget the pending second collectives without launching them (after an error)."""
+    _pending.clear()
 
 
 def _launch_pending(until: _InTurn | None = None) -> None:

@@ -44,8 +44,8 @@ def main(argv=None) -> int:
                            "(built on the meta device: no memory is allocated)")
     est.add_argument("--world-size", type=int, required=True)
     est.add_argument("--shard-size", type=int, default=None,
-                     help="hybrid sharding: ranks each replica shards over (world size / "
-                          "shard size replicas; default: the world size, one replica)")
+                     help="hybrid sharding: the ranks each replica shards over, with world "
+                          "size / shard size replicas (default: the world size, one replica)")
     est.add_argument("--precision", choices=sorted(PRECISIONS), default="mixed")
     est.add_argument("--optimizer-bytes", type=int, default=None,
                      help="optimizer-state bytes per parameter (default: 12 mixed, 8 fp32 Adam)")

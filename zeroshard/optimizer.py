@@ -202,6 +202,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if exc_type is None:
             self.close()
         else:  # the other ranks may not be leaving too: no collective, only local cleanup
+            _comm.drop_pending()  # Note [collectives on a mesh]: never launched late
             self._detach()
 
     @torch.no_grad()
@@ -536,7 +537,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
     # -- state ------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        """This rank's shard of the optimizer state; loads back on the same world size."""
+        """This rank's shard of the optimizer state; loads back on the same world size (on
+        a mesh: the same shard size and shard rank, in any replica)."""
         self._require_open()
         return {
             "zeroshard_version": _STATE_DICT_VERSION,

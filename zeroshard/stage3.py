@@ -47,7 +47,9 @@ Note [gather schedule]:
     that module's ancestor units.
 
 Note [one order]:
-    Every collective runs on the optimizer's one process group, so every rank must
+    Every collective runs on the optimizer's one process group (on a mesh: its
+    shard group, and the replicate group for what spans replicas, Note
+    [collectives on a mesh] in _comm.py), so every rank must
     issue the same collectives in the same order (NCCL requires it of one
     communicator; gloo aborts on a mismatch). Gathers follow the walk (Note [gather
     schedule]), but a reduce-scatter launched when a unit's last gradient arrives
