@@ -66,16 +66,17 @@ def state_bytes(optimizer) -> int:
                if isinstance(t, torch.Tensor) and k != "step")
 
 
-def ranks_of(ctx, case) -> dict:
-    """ZeroOptimizer's ``mesh=`` (the pool's (replicas, shards) mesh) or ``process_group=``."""
-    mesh = case.get("mesh")
-    if not mesh:
-        return {"process_group": ctx.group}
-    return {"mesh": ctx.meshes[mesh if isinstance(mesh, str) else tuple(mesh)]}
-
-
 def replicas(case) -> int:
     return mesh_shape(case["mesh"])[0] if case.get("mesh") else 1
+
+
+def step_comm(stats, dimension: str) -> dict:
+    """Bytes per collective along one mesh dimension (without a mesh everything runs
+    along "shard"), and for "shard" the number of all-gather calls."""
+    out = {op: stats.by_dim[(op, dimension)] for op in stats.bytes}
+    if dimension == "shard":
+        out["gather_calls"] = stats.calls["all_gather"]
+    return out
 
 
 def shards(case) -> int:
@@ -146,7 +147,7 @@ def train_side_by_side(ctx, case):
                   "reshard_after_forward": case.get("reshard_after_forward", True)}
     zopt = zeroshard.ZeroOptimizer(zero_model, opt_class, stage=case["stage"],
                                    param_groups=param_groups(zero_model, case),
-                                   bucket_size_mb=case["bucket_mb"], **ranks_of(ctx, case),
+                                   bucket_size_mb=case["bucket_mb"], **ctx.zero_ranks(case.get("mesh")),
                                    **stage3, **opt_kwargs)
     ddp = DDP(ddp_model, process_group=ctx.group, static_graph=ddp_needs_static_graph(case),
               find_unused_parameters=spec.get("unused_branch", False) or bool(case.get("skip_block")))
@@ -268,11 +269,8 @@ def train_side_by_side(ctx, case):
             o.zero_grad()
         for s in scheds:
             s.step()
-        # per dimension of the mesh: without one, everything runs along "shard"
-        by_dim = zopt.comm_stats.by_dim
-        out["comm"].append({op: by_dim[(op, "shard")] for op in zopt.comm_stats.bytes}
-                           | {"gather_calls": zopt.comm_stats.calls["all_gather"]})
-        out["comm_replicate"].append({op: by_dim[(op, "replicate")] for op in zopt.comm_stats.bytes})
+        out["comm"].append(step_comm(zopt.comm_stats, "shard"))
+        out["comm_replicate"].append(step_comm(zopt.comm_stats, "replicate"))
         out["zero"].append(zero_params())
         out["ddp"].append(flat_params(ddp_model))
         out["single"].append(flat_params(single_model))

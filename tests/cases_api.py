@@ -187,7 +187,7 @@ def load_state_dict_from_other_world_size(ctx):
 def collectives_are_counted(ctx, mesh_key=None):
     """Each collective in _comm moves the right data and is counted by DESIGN.md's rule,
     over the pool's group of ``ctx.world_size`` ranks or one of its meshes."""
-    mesh = ctx.meshes[mesh_key] if mesh_key else None
+    mesh = ctx.mesh(mesh_key)
     ranks = ranks_from(None if mesh else ctx.group, mesh)
     s, r = ranks.shard_size, ctx.rank
     stats = _comm.CommStats()
@@ -290,7 +290,7 @@ def memory_on_a_mesh(ctx, stage, mesh_shape):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(33, 65), nn.ReLU(), nn.Linear(65, 17))
     opt = zeroshard.ZeroOptimizer(model, torch.optim.AdamW, stage=stage,
-                                  mesh=ctx.meshes[mesh_shape], lr=1e-3, bucket_size_mb=1e-3)
+                                  mesh=ctx.mesh(mesh_shape), lr=1e-3, bucket_size_mb=1e-3)
     for step in range(2):
         model(torch.randn(4, 33)).square().mean().backward()
         if step == 0:

@@ -41,9 +41,7 @@ def build(ctx, cfg, side: str, seed: int):
     if cfg[side].get("bf16"):
         extra["mixed_precision"] = zeroshard.MixedPrecision(
             torch.bfloat16, buffer_dtype=torch.bfloat16, output_dtype=torch.float32)
-    mesh = cfg[side].get("mesh")  # the pool's mesh: (replicas, shards) or a name; or None
-    extra.update({"mesh": ctx.meshes[mesh if isinstance(mesh, str) else tuple(mesh)]} if mesh
-                 else {"process_group": ctx.group})
+    extra.update(ctx.zero_ranks(cfg[side].get("mesh")))  # the pool's mesh, or its group
     opt = zeroshard.ZeroOptimizer(model, opt_class, stage=cfg[side]["stage"],
                                   bucket_size_mb=cfg[side]["bucket_mb"], **extra, **kwargs)
     return model, opt

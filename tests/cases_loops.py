@@ -267,7 +267,7 @@ def drive_loop(ctx, stage: int, plan: dict):
     model = build_model(spec, seed=ctx.rank)
     reference = DDP(build_model(spec, seed=0), process_group=ctx.group)
     kwargs = {"lr": 0.05, "momentum": 0.9, "weight_decay": plan["weight_decay"]}
-    mesh = ctx.meshes[tuple(plan["mesh"])] if plan.get("mesh") else None
+    mesh = ctx.mesh(plan.get("mesh"))
     opt = _zero(model, stage, ctx.group, mesh, **kwargs)
     ref_opt = torch.optim.SGD(reference.parameters(), **kwargs)
     ema = ref_ema = None
@@ -373,8 +373,7 @@ def batchnorm_statistics(ctx, stage: int, broadcast_buffers: bool, micro_batches
     model = _batchnorm_net(seed=ctx.rank)
     reference = DDP(_batchnorm_net(seed=0), process_group=ctx.group,
                     broadcast_buffers=broadcast_buffers)
-    ranks = {"mesh": ctx.meshes[mesh]} if mesh else {"process_group": ctx.group}
-    opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=stage, **ranks,
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=stage, **ctx.zero_ranks(mesh),
                                   broadcast_buffers=broadcast_buffers, bucket_size_mb=1e-4, lr=0.05,
                                   **({"units": torch.nn.Linear} if stage == 3 else {}))
     ref_opt = torch.optim.SGD(reference.parameters(), lr=0.05)

@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import zeroshard
-from cases import OPTIMIZERS, UNITS, flat_params, ranks_of
+from cases import OPTIMIZERS, UNITS, flat_params, step_comm
 from cases_big_models import rss_kib
 from models import build_model, loss_fn, make_batch
 
@@ -78,7 +78,7 @@ def train_mixed_precision(ctx, case):
     stage3 = {"units": UNITS[case["units"]]} if case["stage"] == 3 else {}
     zopt = zeroshard.ZeroOptimizer(zero_model, opt_class, stage=case["stage"],
                                    bucket_size_mb=case["bucket_mb"], mixed_precision=policy,
-                                   **ranks_of(ctx, case), **stage3, **opt_kwargs)
+                                   **ctx.zero_ranks(case.get("mesh")), **stage3, **opt_kwargs)
 
     ref_model = build_model(spec, seed=100)  # rank 0's values
     trainable = [p for p in ref_model.parameters() if p.requires_grad]
@@ -156,9 +156,7 @@ def train_mixed_precision(ctx, case):
             for master, param in zip(masters, trainable):
                 param.copy_(master)
 
-        by_dim = zopt.comm_stats.by_dim  # the shard dimension's (everything without a mesh)
-        out["comm"].append({op: by_dim[(op, "shard")] for op in zopt.comm_stats.bytes}
-                           | {"gather_calls": zopt.comm_stats.calls["all_gather"]})
+        out["comm"].append(step_comm(zopt.comm_stats, "shard"))
         zmasters, zparams = zero_state()
         out["zero_masters"].append(zmasters)
         out["zero_params"].append(zparams)

@@ -49,6 +49,16 @@ class RankContext:
     group: object  # the gloo sub-group of ranks 0..world_size-1
     meshes: dict  # (replicas, shards) -> DeviceMesh("cpu", ...) over ranks 0..R*S-1; ODD_MESHES
 
+    def mesh(self, key):
+        """The pool's mesh ``key`` ((replicas, shards) or a name in ODD_MESHES); None: None."""
+        return None if not key else self.meshes[key if isinstance(key, str) else tuple(key)]
+
+    def zero_ranks(self, key) -> dict:
+        """ZeroOptimizer's ``mesh=`` the pool's mesh ``key``, or without one
+        ``process_group=`` this call's group."""
+        mesh = self.mesh(key)
+        return {"mesh": mesh} if mesh is not None else {"process_group": self.group}
+
 
 class WorkerError(AssertionError):
     """A case failed or timed out on some rank; the message has each rank's story."""

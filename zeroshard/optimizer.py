@@ -146,7 +146,6 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._buffer_dtypes = {(id(m), name): b.dtype for m in model.modules()
                                for name, b in m._buffers.items() if b is not None}
         self._group = ranks  # every collective of this optimizer goes along it (_comm.py)
-        self._rank, self._world_size = ranks.rank, ranks.size  # over every replica
         self.stage = stage
         self.mixed_precision = mixed_precision
         self.comm_stats = _comm.CommStats()
@@ -306,8 +305,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if self.stage != 3:
             trainable = [(p, group_of[id(p)]) for p in self._model.parameters() if p.requires_grad]
             buckets = build_buckets(trainable, bucket_bytes, self._group.shard_rank,
-                                    self._group.shard_size,
-                                    full_precision)
+                                    self._group.shard_size, full_precision)
         else:
             modules = select_unit_modules(self._model, units, bucket_bytes)
             self._units = build_units(self._model, modules, group_of, self._group.shard_rank,
@@ -616,6 +614,16 @@ class ZeroOptimizer(torch.optim.Optimizer):
         ``optimizer_class``'s state dicts. Checks both before changing anything."""
         self._require_open()
         _full_state.load_full_state(self, model_state_dict, optimizer_state_dict)
+
+    @property
+    def _rank(self) -> int:
+        """This rank among every rank of the job, every replica's (``Ranks.rank``)."""
+        return self._group.rank
+
+    @property
+    def _world_size(self) -> int:
+        """Every rank of the job, every replica's (``Ranks.size``)."""
+        return self._group.size
 
     @property
     def _device(self) -> torch.device:
