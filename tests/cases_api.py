@@ -37,6 +37,12 @@ def _bad_arguments(which: str, model: nn.Module, group, meshes):
             {"params": params}, {"params": params[:1]}]}
     if which == "lbfgs":
         return (model, torch.optim.LBFGS), kwargs
+    if which in ("group_class", "muon_vector"):  # a bias in Muon's group: only its owner would see
+        weights = [p for p in model.parameters() if p.dim() == 2]
+        others = [p for p in model.parameters() if p.dim() != 2]
+        muon = "Muon" if which == "group_class" else torch.optim.Muon
+        return (model, torch.optim.SGD), {**kwargs, "param_groups": [
+            {"params": weights}, {"params": others, "optimizer_class": muon}]}
     if which == "devices":
         model.extra = nn.Parameter(torch.zeros(3, device="meta"))
         return (model, torch.optim.SGD), kwargs

@@ -30,13 +30,13 @@ its strides back.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
 from . import _comm
-from ._layout import FlatLayout
+from ._layout import FlatLayout, assign_owners
 from ._materialize import swap_in
 from .mixed_precision import MASTER_DTYPE
 
@@ -71,13 +71,16 @@ class FlatBucket:
     """Parameters of one param group, dtype, device and ``requires_grad`` value."""
 
     def __init__(self, params: Sequence[nn.Parameter], group_index: int, rank: int,
-                 world_size: int, full_precision: bool = False) -> None:
+                 world_size: int, full_precision: bool = False,
+                 owners: tuple[int, ...] | None = None) -> None:
         first = params[0]
         assert all(p.dtype == first.dtype and p.device == first.device for p in params)
         self.params = list(params)
         self.group_index = group_index
         self.rank = rank
-        self.layout = FlatLayout(tuple(p.numel() for p in params), world_size)
+        # owners: each parameter whole on one rank (Note [whole-parameter ownership])
+        self.layout = FlatLayout(tuple(p.numel() for p in params), world_size, owners)
+        self.stepped: list[torch.Tensor] = []  # what the inner optimizer steps (place_shard)
         self.orders = [memory_order(p) for p in params]  # Note [memory order]
         self.flat: torch.Tensor | None = None  # 1-D, padded to a multiple of world size (materialize)
         self.shard: torch.Tensor | None = None  # this rank's elements (materialize, place_shard)
@@ -167,6 +170,22 @@ class FlatBucket:
         self._shard_owns_storage = own_storage
         if param_dtype is None:
             self.master = self.shard
+        if self.master is not None:
+            self.stepped = [self.master] if self.layout.owners is None else \
+                [self._owned_view(self.master, index) for index in self.layout.owned(self.rank)]
+
+    @property
+    def owns_whole_parameters(self) -> bool:
+        """Note [whole-parameter ownership]: the inner optimizer steps each parameter this
+        rank owns whole, as a view of the master shaped like it."""
+        return self.layout.owners is not None
+
+    def _owned_view(self, shard_sized: torch.Tensor, index: int) -> torch.Tensor:
+        """Parameter ``index``, owned whole by this rank, in ``shard_sized`` (the master,
+        the gradient shard, a state), shaped and strided like the parameter."""
+        overlap = self.layout.overlap(index, self.rank)  # None for an empty parameter
+        span = overlap.shard_span if overlap is not None else slice(0, 0)
+        return from_memory_order(shard_sized[span], self.params[index].shape, self.orders[index])
 
     @property
     def has_separate_master(self) -> bool:
@@ -242,6 +261,11 @@ class FlatBucket:
                 grad = grad.to(self.master.dtype)
         self.grad_shard = grad
         self.master.grad = grad
+        if self.owns_whole_parameters:
+            for index, stepped in zip(self.layout.owned(self.rank), self.stepped):
+                if grad is not None and grad.dtype != stepped.dtype and _GRAD_DTYPE_SETTABLE:
+                    stepped.grad_dtype = None
+                stepped.grad = None if grad is None else self._owned_view(grad, index)
 
     def widen_grad_shard(self) -> None:
         """Give a 2-byte gradient shard the master's dtype (fp32) for clipping and the step."""
@@ -326,8 +350,28 @@ class FlatBucket:
             "`with opt.summon_full_params():` on every rank")
 
 
+class Ownership:
+    """Chooses the owners of each whole-parameter bucket, in the order the buckets are
+    built, carrying each rank's work from bucket to bucket (``assign_owners``; Note
+    [whole-parameter ownership] in _layout.py). ``costs`` maps the index of each
+    group stepped whole to the cost of stepping one parameter of a shape."""
+
+    def __init__(self, costs: dict[int, Callable[[torch.Size], float]], world_size: int) -> None:
+        self.costs = costs
+        self.work = (0.0,) * world_size
+
+    def owners(self, params: Sequence[nn.Parameter], group_index: int) -> tuple[int, ...] | None:
+        cost = self.costs.get(group_index)
+        if cost is None or not params[0].requires_grad:  # flat; frozen: never stepped
+            return None
+        owners, self.work = assign_owners(tuple(p.numel() for p in params),
+                                          tuple(float(cost(p.shape)) for p in params), self.work)
+        return owners
+
+
 def build_buckets(params: Sequence[tuple[nn.Parameter, int]], bucket_bytes: int, rank: int,
-                  world_size: int, full_precision: frozenset[int] = frozenset()) -> list[FlatBucket]:
+                  world_size: int, full_precision: frozenset[int] = frozenset(),
+                  ownership: Ownership | None = None) -> list[FlatBucket]:
     """Group ``(parameter, group_index)`` pairs, given in model order, into buckets.
 
     Parameters are taken in reverse model order, roughly the order in which backward
@@ -354,7 +398,9 @@ def build_buckets(params: Sequence[tuple[nn.Parameter, int]], bucket_bytes: int,
             members = open_buckets[key] = []
             ordered.append((group_index, members))
         members.append(param)
-    return [FlatBucket(members, group_index, rank, world_size, id(members[0]) in full_precision)
+    ownership = ownership or Ownership({}, world_size)
+    return [FlatBucket(members, group_index, rank, world_size, id(members[0]) in full_precision,
+                       ownership.owners(members, group_index))
             for group_index, members in ordered]
 
 

@@ -235,6 +235,23 @@ def broadcast_object(obj, *, group, stats: CommStats, label: str, device: torch.
     return pickle.loads(ctypes.string_at(received.data_ptr(), received.numel()))
 
 
+def all_gather_object(obj, *, group, stats: CommStats, label: str, device: torch.device) -> list:
+    """Every shard's picklable ``obj``, in shard order (the lengths, then the bytes padded
+    to the longest), on every rank."""
+    payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8).to(device)
+    lengths = torch.zeros(group.shard_size, dtype=torch.int64, device=device)
+    all_gather(lengths, torch.tensor([payload.numel()], dtype=torch.int64, device=device),
+               group=group, stats=stats, label=label)
+    lengths = lengths.tolist()
+    padded = torch.zeros(max(lengths), dtype=torch.uint8, device=device)
+    padded[:payload.numel()] = payload
+    received = padded.new_empty(padded.numel() * group.shard_size)
+    all_gather(received, padded, group=group, stats=stats, label=label)
+    received = received.cpu()
+    return [pickle.loads(ctypes.string_at(received.data_ptr() + r * padded.numel(), length))
+            for r, length in enumerate(lengths)]
+
+
 def run_and_share(work, *, group, stats: CommStats, label: str, device: torch.device) -> None:
     """Run ``work`` here (None: nothing to do on this rank), then learn whether it failed
     on any rank: every rank raises if one did, so no rank goes on to a collective the

@@ -78,7 +78,16 @@ def stream_parameters(opt, with_states: bool = True):
         _comm.release([gathered])  # finished works still refer to it (Note [finished work])
         param_states = [None] * len(bucket.params)
         state = opt._inner.state.get(bucket.master) if bucket.master is not None else None
-        if with_states and state:
+        if with_states and bucket.owns_whole_parameters:
+            # Note [whole-parameter ownership]: each state lives whole on its owner
+            mine = {index: {k: _to_cpu(v) for k, v in opt._inner.state[stepped].items()}
+                    for index, stepped in zip(bucket.layout.owned(bucket.rank), bucket.stepped)
+                    if stepped in opt._inner.state}
+            for owned in _comm.all_gather_object(mine, group=opt._group, stats=opt.comm_stats,
+                                                 label="state", device=opt._device):
+                for index, owned_state in owned.items() if rank0 else ():
+                    param_states[index] = owned_state
+        elif with_states and state:
             scalars, per_element = split_state(state, bucket.master)
             for key, tensor in sorted(per_element.items()):
                 gathered = opt._gather_shard(tensor)

@@ -7,6 +7,16 @@ A bucket's parameters are laid end to end in one flat buffer, which is padded wi
 zeros to a multiple of the world size N. Rank r owns the elements
 ``[r * S, (r + 1) * S)`` where ``S = padded_numel // N``: every shard has the same
 size, which is what reduce-scatter and all-gather into flat tensors require.
+
+Note [whole-parameter ownership]: an optimizer that is not element-wise (Muon
+orthogonalises each matrix, Adafactor factors its second moment over rows and
+columns) must see each parameter whole. A bucket of such parameters gives each
+parameter one owner rank (``owners``): the buffer is N equal segments, one per
+rank, each holding its owner's parameters end to end and padded to the largest
+owner's load. The same reduce-scatter then leaves each owner the fully reduced
+gradient of exactly its parameters, and the same all-gather sends the result to
+every rank; the padding is what the imbalance costs in memory and bytes.
+``assign_owners`` balances the owners' loads (longest processing time first).
 """
 
 from __future__ import annotations
@@ -41,20 +51,40 @@ class FlatLayout:
 
     numels: tuple[int, ...]
     world_size: int
+    owners: tuple[int, ...] | None = None  # Note [whole-parameter ownership]; None: flat
 
     def __post_init__(self) -> None:
         if self.world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {self.world_size}")
         if any(n < 0 for n in self.numels):
             raise ValueError(f"parameter sizes must be >= 0, got {self.numels}")
+        if self.owners is not None and (
+                len(self.owners) != len(self.numels)
+                or any(not 0 <= r < self.world_size for r in self.owners)):
+            raise ValueError(f"owners {self.owners} must name a rank in [0, {self.world_size}) "
+                             f"for each of the {len(self.numels)} parameters")
+
+    @cached_property
+    def loads(self) -> tuple[int, ...]:
+        """Elements each rank owns whole (Note [whole-parameter ownership]); all zero
+        in a flat layout, where nobody owns a parameter whole."""
+        loads = [0] * self.world_size
+        for numel, owner in zip(self.numels, self.owners or ()):
+            loads[owner] += numel
+        return tuple(loads)
 
     @cached_property
     def offsets(self) -> tuple[int, ...]:
-        """Start of each parameter in the flat buffer."""
-        starts, position = [], 0
-        for numel in self.numels:
-            starts.append(position)
-            position += numel
+        """Start of each parameter in the flat buffer: end to end, or with owners, end to
+        end inside each owner's segment."""
+        if self.owners is None:
+            return tuple(sum(self.numels[:index]) for index in range(len(self.numels)))
+        segment = max(self.loads)
+        position = [rank * segment for rank in range(self.world_size)]
+        starts = []
+        for numel, owner in zip(self.numels, self.owners):
+            starts.append(position[owner])
+            position[owner] += numel
         return tuple(starts)
 
     @property
@@ -64,7 +94,10 @@ class FlatLayout:
 
     @property
     def padded_numel(self) -> int:
-        """Size of the flat buffer: ``numel`` rounded up to a multiple of the world size."""
+        """Size of the flat buffer: ``numel`` rounded up to a multiple of the world size,
+        or with owners, the largest owner's load times the world size."""
+        if self.owners is not None:
+            return max(self.loads) * self.world_size
         return math.ceil(self.numel / self.world_size) * self.world_size
 
     @property
@@ -74,6 +107,10 @@ class FlatLayout:
     @property
     def shard_numel(self) -> int:
         return self.padded_numel // self.world_size
+
+    def owned(self, rank: int) -> list[int]:
+        """The parameters ``rank`` owns whole (none in a flat layout)."""
+        return [index for index, owner in enumerate(self.owners or ()) if owner == rank]
 
     def param_range(self, index: int) -> range:
         """Elements of the flat buffer that hold parameter ``index``."""
@@ -93,3 +130,26 @@ class FlatLayout:
         if start >= stop:
             return None
         return Overlap(start - param.start, stop - param.start, start - shard.start)
+
+
+def assign_owners(numels: tuple[int, ...], costs: tuple[float, ...],
+                  carried: tuple[float, ...]) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """An owner rank for each of one bucket's parameters, and the ranks' work after it.
+
+    Longest processing time first: the largest parameter goes to the rank holding the
+    fewest elements of this bucket so far (what sets its segment, hence its padding),
+    ties to the rank with the least work (``carried``, each rank's cost from earlier
+    buckets: Newton-Schulz time, say), then the lower rank. So a bucket's segments
+    are as even as whole parameters allow, and the largest parameter of each bucket
+    goes to a different rank in turn. Deterministic: every rank computes the same
+    owners alone.
+    """
+    world_size = len(carried)
+    held, work = [0] * world_size, list(carried)
+    owners = [0] * len(numels)
+    for index in sorted(range(len(numels)), key=lambda i: (-numels[i], -costs[i], i)):
+        rank = min(range(world_size), key=lambda r: (held[r], work[r], r))
+        owners[index] = rank
+        held[rank] += numels[index]
+        work[rank] += costs[index]
+    return tuple(owners), tuple(work)

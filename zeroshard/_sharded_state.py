@@ -15,6 +15,10 @@ precision, not their low-precision casts) and the parameters' own values for the
 frozen ones. Per-element states are the inner optimizer's tensors shaped like its
 shard (Adam's ``exp_avg``); the rest of its state (Adam's ``step``) is per shard
 tensor, so it is saved per parameter and a new bucket takes its first parameter's.
+A parameter stepped whole (Note [whole-parameter ownership] in _layout.py) is one
+piece on its owner; its per-element states are those shaped like it (Muon's
+momentum), and the rest (Adafactor's row and column statistics) are saved whole
+with its scalars.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from typing import Protocol
 
 import torch
 from torch import nn
+
+from ._bucket import from_memory_order, to_memory_order
 
 
 @dataclass
@@ -81,12 +87,22 @@ def split_state(state: dict, like: torch.Tensor) -> tuple[dict, dict]:
     return scalars, per_element
 
 
-def bucket_states(opt):
-    """(bucket, scalar states, per-element states) of each updated bucket that has state."""
-    for bucket in opt._buckets:
+def stepped_states(opt, bucket):
+    """(indices of the parameters, tensor the inner optimizer steps, its scalar states,
+    its per-element states) for each such tensor of an updated bucket that has state:
+    the master shard for every parameter of the bucket, or each parameter this rank
+    owns whole (per-element states then in its memory order, 1-D)."""
+    if not bucket.owns_whole_parameters:
         state = opt._inner.state.get(bucket.master)
         if state:
-            yield (bucket, *split_state(state, bucket.master))
+            yield (range(len(bucket.params)), bucket.master, *split_state(state, bucket.master))
+        return
+    for index, stepped in zip(bucket.layout.owned(bucket.rank), bucket.stepped):
+        state = opt._inner.state.get(stepped)
+        if state:
+            scalars, per_element = split_state(state, stepped)
+            yield ([index], stepped, scalars,
+                   {k: to_memory_order(v, bucket.orders[index]) for k, v in per_element.items()})
 
 
 def owned_pieces(opt) -> dict[str, list[Piece]]:
@@ -96,6 +112,15 @@ def owned_pieces(opt) -> dict[str, list[Piece]]:
     pieces: dict[str, list[Piece]] = {}
     for bucket in opt._every_bucket:
         source = bucket.master if bucket.master is not None else bucket.shard
+        if bucket.owns_whole_parameters:
+            states = {i: per_element for indices, _, _, per_element in stepped_states(opt, bucket)
+                      for i in indices}
+            for index in bucket.layout.owned(bucket.rank):
+                span = bucket.layout.overlap(index, bucket.rank)
+                values = _part(source, span.shard_span) if span else source[:0].clone()
+                pieces[names[id(bucket.params[index])]] = [Piece(
+                    0, values, {k: v.clone() for k, v in states.get(index, {}).items()})]
+            continue
         _, per_element = split_state(opt._inner.state.get(source, {}), source)
         for index, param in enumerate(bucket.params):
             overlap = bucket.layout.overlap(index, bucket.rank)
@@ -125,12 +150,14 @@ def _part(tensor: torch.Tensor, span: slice) -> torch.Tensor:
 
 
 def optimizer_layouts(opt) -> dict[str, tuple[dict, list[str]]]:
-    """Parameter name -> (scalar states, per-element state names) of its bucket's state."""
+    """Parameter name -> (scalar states, per-element state names) of the state of the
+    tensor that steps it, for every parameter this rank steps (part of)."""
     names = parameter_names(opt._model)
     layouts = {}
-    for bucket, scalars, per_element in bucket_states(opt):
-        for param in bucket.params:
-            layouts[names[id(param)]] = (scalars, sorted(per_element))
+    for bucket in opt._buckets:
+        for indices, _, scalars, per_element in stepped_states(opt, bucket):
+            for index in indices:
+                layouts[names[id(bucket.params[index])]] = (scalars, sorted(per_element))
     return layouts
 
 
@@ -144,6 +171,9 @@ def load_from(opt, source: Source, with_states: bool = True) -> None:
     for bucket in opt._every_bucket:
         target = bucket.master if bucket.master is not None else bucket.shard
         source.prepare(bucket.params, target.dtype)
+        if bucket.owns_whole_parameters:
+            _load_whole(opt, bucket, source, names, with_states)
+            continue
         wide = torch.zeros_like(target)
         # the layout of the first parameter that has state: one without (no gradient
         # yet) gets zeros, not the loss of its whole bucket's state
@@ -175,6 +205,34 @@ def load_from(opt, source: Source, with_states: bool = True) -> None:
             source.prepare([param], param.dtype)
             param.copy_(source.values(name, 0, param.numel()).view_as(param))
     opt._stage.after_step()  # the shards changed: parameters follow, as after a step
+
+
+def _load_whole(opt, bucket, source: Source, names: dict[int, str], with_states: bool) -> None:
+    """``load_from`` for a bucket of parameters stepped whole: each owner takes its
+    parameters' values and their whole state; padding stays zero."""
+    wide = torch.zeros_like(bucket.master)
+    states = {}
+    for index, stepped in zip(bucket.layout.owned(bucket.rank), bucket.stepped):
+        name, numel = names[id(bucket.params[index])], bucket.params[index].numel()
+        overlap = bucket.layout.overlap(index, bucket.rank)
+        if overlap is not None:
+            wide[overlap.shard_span] = source.values(name, 0, numel)
+        layout = source.optimizer_layout(name) if with_states else None
+        if layout is not None:
+            group = opt._inner.param_groups[bucket.group_index]
+            state = {k: _placed_scalar(k, v, stepped, group) for k, v in layout[0].items()}
+            for key, flat in source.states(name, 0, numel).items():
+                value = torch.empty_like(stepped)  # the parameter's shape and strides
+                value.copy_(from_memory_order(flat.to(value.dtype), value.shape, bucket.orders[index]))
+                state[key] = value
+            states[index] = state
+    bucket.master.copy_(wide)
+    bucket.master_to_shard()
+    if with_states:
+        for index, stepped in zip(bucket.layout.owned(bucket.rank), bucket.stepped):
+            opt._inner.state.pop(stepped, None)
+            if index in states:
+                opt._inner.state[stepped] = states[index]
 
 
 def _placed_scalar(key, value, master: torch.Tensor, group: dict):

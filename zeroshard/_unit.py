@@ -15,7 +15,7 @@ from collections.abc import Callable
 from torch import nn
 
 from . import _comm
-from ._bucket import FlatBucket
+from ._bucket import FlatBucket, Ownership
 
 
 # Modules that hold others but are never called: their forward hooks never fire.
@@ -175,11 +175,12 @@ def assign_owners(model: nn.Module, unit_modules: list[nn.Module]) -> dict[int, 
 
 
 def build_units(model: nn.Module, unit_modules: list[nn.Module], group_of: dict[int, int],
-                rank: int, world_size: int, full_precision: frozenset[int] = frozenset()
-                ) -> list[Unit]:
+                rank: int, world_size: int, full_precision: frozenset[int] = frozenset(),
+                ownership: Ownership | None = None) -> list[Unit]:
     """One bucket per (param group, dtype, device, requires_grad, kept in full precision)
     of each unit's own parameters."""
     owner = assign_owners(model, unit_modules)
+    ownership = ownership or Ownership({}, world_size)
     names = {id(m): name for name, m in model.named_modules()}
     units = []
     for index, module in enumerate(unit_modules):
@@ -189,7 +190,8 @@ def build_units(model: nn.Module, unit_modules: list[nn.Module], group_of: dict[
                 key = (group_of.get(id(param), -1), param.dtype, param.device, param.requires_grad,
                        id(param) in full_precision)
                 by_key.setdefault(key, []).append(param)
-        buckets = [FlatBucket(params, key[0], rank, world_size, full_precision=key[4])
+        buckets = [FlatBucket(params, key[0], rank, world_size, full_precision=key[4],
+                              owners=ownership.owners(params, key[0]))
                    for key, params in by_key.items()]
         units.append(Unit(module, names.get(id(module), ""), buckets))
     return units

@@ -33,21 +33,51 @@ def check_model(model) -> None:
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
 
 
-def check_optimizer_class(optimizer_class) -> None:
+# Optimizers that need a closure to re-evaluate the loss several times per step: the
+# closure would run the model (and its collectives) on the owner ranks only.
+CLOSURE_OPTIMIZERS: tuple[type, ...] = (torch.optim.LBFGS,)
+
+
+def is_elementwise(optimizer_class: type) -> bool:
+    """Whether ``optimizer_class`` may step flat shards that cut across parameters; the
+    others step whole parameters (Note [whole-parameter ownership] in _layout.py)."""
+    return issubclass(optimizer_class, ELEMENTWISE_OPTIMIZERS) or \
+        bool(getattr(optimizer_class, "zeroshard_elementwise", False))
+
+
+def check_optimizer_class(optimizer_class, where: str = "optimizer_class") -> None:
     if not isinstance(optimizer_class, type) or not issubclass(optimizer_class, torch.optim.Optimizer):
         raise TypeError(
-            f"optimizer_class must be a torch.optim.Optimizer subclass such as torch.optim.AdamW "
+            f"{where} must be a torch.optim.Optimizer subclass such as torch.optim.AdamW "
             f"(the class, not an instance), got {optimizer_class!r}")
-    if issubclass(optimizer_class, ELEMENTWISE_OPTIMIZERS):
-        return
-    if getattr(optimizer_class, "zeroshard_elementwise", False):
-        return
-    raise TypeError(
-        f"{optimizer_class.__name__} is not a known element-wise optimizer: ZeroOptimizer steps "
-        "the optimizer on flat shards that cut across parameters, which is only correct when "
-        "each element's update depends on that element's own gradient and state alone. Use one "
-        f"of {', '.join(c.__name__ for c in ELEMENTWISE_OPTIMIZERS)}; if {optimizer_class.__name__} "
-        "is element-wise, set `zeroshard_elementwise = True` on the class")
+    if issubclass(optimizer_class, CLOSURE_OPTIMIZERS):
+        raise TypeError(
+            f"{where} is {optimizer_class.__name__}, which re-evaluates the loss through a "
+            "closure several times per step; ZeroOptimizer cannot run that closure on the "
+            "ranks that own each parameter only. Use an optimizer that steps once per "
+            "gradient (any other torch.optim class)")
+
+
+def check_optimizer_arguments(groups: list[dict], default: type, default_kwargs: dict) -> None:
+    """Build each class's optimizer over stand-ins of its groups' parameters (on the meta
+    device: no memory), so a bad hyper-parameter, or a parameter the class refuses
+    (Muon takes 2-D matrices only), raises here on every rank, before any collective
+    and before the parameters are sharded (a rank that owns none would not see it)."""
+    from ._inner import class_of, hyperparameters  # noqa: PLC0415 (_inner imports torch only)
+    for index, group in enumerate(groups):
+        if "optimizer_class" in group:
+            check_optimizer_class(group["optimizer_class"],
+                                  f"param_groups[{index}]['optimizer_class']")
+    for cls in dict.fromkeys(class_of(g, default) for g in groups):
+        specs = [{**hyperparameters(g), "params": [torch.empty(p.shape, device="meta")
+                                                   for p in g["params"] if p.requires_grad]}
+                 for g in groups if class_of(g, default) is cls]
+        if not any(spec["params"] for spec in specs):
+            continue
+        try:
+            cls(specs, **(default_kwargs if cls is default else {}))
+        except (ValueError, TypeError, RuntimeError) as error:
+            raise type(error)(f"{cls.__name__} refuses its param groups: {error}") from error
 
 
 def check_units(units, stage: int) -> None:

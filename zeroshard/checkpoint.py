@@ -80,12 +80,18 @@ def save_checkpoint(path, model, opt, extra=None) -> None:
     # On a mesh every replica holds the same shards: rank 0's replica writes them.
     writes_shard = opt._group.first_replica
     pieces = owned_pieces(opt) if writes_shard else {}
+    layouts = optimizer_layouts(opt)
+    whole = {name for b in opt._buckets if b.owns_whole_parameters
+             for name in b.param_names}
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()} if opt._rank == 0 else {}
 
     def write_mine():
         if writes_shard:
             _save_synced({"pieces": {name: [(p.start, p.values, p.states) for p in ps]
                                      for name, ps in pieces.items()},
+                          # the parameters this rank steps whole: their state is here only
+                          "layouts": {name: layout for name, layout in layouts.items()
+                                      if name in whole},
                           "buffers": buffers}, staging / _rank_file(opt._group.shard_rank))
         _save_synced(extra, staging / _extra_file(opt._rank))
     _share(opt, write_mine)
@@ -150,6 +156,7 @@ def _describe(opt, model) -> dict:
         "world_size": opt._group.shard_size, "ranks": opt._world_size, "stage": opt.stage,
         "mixed_precision": repr(opt.mixed_precision),
         "optimizer_class": _qualname(opt._optimizer_class),
+        "group_classes": [_qualname(c) for c in opt._inner.classes],
         "params": {n: tuple(p.shape) for n, p in model.named_parameters()},
         "param_groups": [{"names": [names[id(p)] for p in members],
                           "hyperparameters": {k: v for k, v in group.items() if k != "params"}}
@@ -183,9 +190,11 @@ def _check_meta(meta, folder: Path, opt, model) -> None:
                          f"{[len(g) for g in saved_groups]} over other parameters than this "
                          f"optimizer's ({[len(g) for g in my_groups]}); build ZeroOptimizer with "
                          "the param_groups of the saving run")
-    if meta["optimizer_class"] != _qualname(opt._optimizer_class):
-        raise ValueError(f"checkpoint {folder} holds {meta['optimizer_class']} state; this "
-                         f"optimizer is {_qualname(opt._optimizer_class)}")
+    saved_classes = meta.get("group_classes", [meta["optimizer_class"]] * len(saved_groups))
+    my_classes = [_qualname(c) for c in opt._inner.classes]
+    if saved_classes != my_classes:
+        raise ValueError(f"checkpoint {folder} holds state of {_classes(saved_classes)}; this "
+                         f"optimizer steps {_classes(my_classes)}")
     for name, size in meta["files"].items():
         file = folder / name
         actual = file.stat().st_size if file.exists() else None
@@ -216,14 +225,18 @@ class _CheckpointSource:
         self.saved_orders = meta.get("orders", {})  # format 1: every parameter row-major
         self.orders = orders  # this run's
         self.pieces: dict[str, list[tuple]] = {}
+        self.whole_layouts: dict[str, tuple] = {}  # of parameters stepped whole, from their owner
 
     def prepare(self, params, dtype) -> None:
         wanted = {self.names[id(p)] for p in params}
-        self.pieces = {}
+        self.pieces, self.whole_layouts = {}, {}
         for path in self.paths:
-            saved = _load_file(path, weights_only=True, mmap=True)["pieces"]
+            file = _load_file(path, weights_only=True, mmap=True)
+            saved = file["pieces"]
             for name in wanted & saved.keys():
                 self.pieces.setdefault(name, []).extend(saved[name])
+            layouts = file.get("layouts", {})
+            self.whole_layouts.update({name: layouts[name] for name in wanted & layouts.keys()})
         for name, pieces in self.pieces.items():
             pieces.sort(key=lambda piece: piece[0])
             identity = tuple(range(len(self.shapes[name])))
@@ -268,7 +281,7 @@ class _CheckpointSource:
                 for key in parts[0][0][2]} if parts else {}
 
     def optimizer_layout(self, name: str):
-        return self.layouts.get(name)
+        return self.whole_layouts.get(name, self.layouts.get(name))
 
 
 # -- files, folders, and agreeing across ranks -------------------------------------------
@@ -367,6 +380,13 @@ def _rank_file(rank: int) -> str:
 
 def _extra_file(rank: int) -> str:
     return f"extra{rank:05d}.pt"
+
+
+def _classes(names: list[str]) -> str:
+    """Optimizer classes per param group, for messages."""
+    if len(set(names)) == 1:
+        return names[0]
+    return ", ".join(f"param_groups[{i}]: {name}" for i, name in enumerate(names))
 
 
 def _qualname(cls) -> str:

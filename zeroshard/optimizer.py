@@ -12,9 +12,10 @@ import torch.distributed as dist
 from torch import nn
 
 from . import _comm, _full_state, _materialize, _validate
-from ._bucket import FlatBucket, build_buckets
+from ._bucket import FlatBucket, Ownership, build_buckets
 from ._buffers import BufferFollower
 from ._ddp_guard import DDPGuard
+from ._inner import InnerOptimizers, class_of, hyperparameters, step_cost
 from ._ranks import ranks_from
 from ._stage import WeakHook
 from ._unit import build_units, select_unit_modules
@@ -135,6 +136,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                                "torch.distributed.init_process_group(...) before ZeroOptimizer")
         ranks = ranks_from(process_group, mesh)
         groups = _validate.normalize_param_groups(model, param_groups)
+        _validate.check_optimizer_arguments(groups, optimizer_class, optimizer_kwargs)
         device = _materialize.target_device(model, device)
         initialisation = _materialize.plan_initialisation(model, init_fn)
 
@@ -150,23 +152,25 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.mixed_precision = mixed_precision
         self.comm_stats = _comm.CommStats()
 
-        every_bucket = self._build_buckets(groups, units, int(bucket_size_mb * 2**20))
+        ownership = Ownership({i: step_cost(class_of(g, optimizer_class)) for i, g in enumerate(groups)
+                               if not _validate.is_elementwise(class_of(g, optimizer_class))},
+                              ranks.shard_size)
+        every_bucket = self._build_buckets(groups, units, int(bucket_size_mb * 2**20), ownership)
         self._refuse_orders_that_differ_across_ranks(every_bucket, device)
         self._place_model(every_bucket, device, initialisation)
         self._every_bucket = every_bucket
         self._buckets = [b for b in every_bucket if b.params[0].requires_grad]  # optimized
         self._optimizer_class = optimizer_class
         self._group_members = [list(g["params"]) for g in groups]  # a plain optimizer's order
-        self._inner = optimizer_class(
-            [{**_hyperparameters(g), "params": [b.master for b in self._buckets if b.group_index == i]}
-             for i, g in enumerate(groups)],
-            **optimizer_kwargs)
+        self._inner = InnerOptimizers(
+            groups, [[t for b in self._buckets if b.group_index == i for t in b.stepped]
+                     for i in range(len(groups))], optimizer_class, optimizer_kwargs)
         # The outer groups hold the very tensors the inner optimizer steps (this rank's
         # master shards; their .grad is the reduced gradient shard) with every
         # hyper-parameter of the inner groups, defaults filled in. Schedulers find the
         # hyper-parameters they expect, and torch.amp.GradScaler unscales and checks
         # exactly the gradients the step will use.
-        outer = [{**_hyperparameters(inner), "params": inner["params"]}
+        outer = [{**hyperparameters(inner), "params": inner["params"]}
                  for inner in self._inner.param_groups]
         super().__init__(outer, self._inner.defaults)
 
@@ -293,7 +297,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._require_open()
         return self._stage
 
-    def _build_buckets(self, groups: list[dict], units, bucket_bytes: int) -> list[FlatBucket]:
+    def _build_buckets(self, groups: list[dict], units, bucket_bytes: int,
+                       ownership: Ownership) -> list[FlatBucket]:
         """Flatten the parameters into buckets (no communication yet).
 
         Stages 1-2 bucket the trainable parameters by size; stage 3 gives every unit
@@ -305,11 +310,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if self.stage != 3:
             trainable = [(p, group_of[id(p)]) for p in self._model.parameters() if p.requires_grad]
             buckets = build_buckets(trainable, bucket_bytes, self._group.shard_rank,
-                                    self._group.shard_size, full_precision)
+                                    self._group.shard_size, full_precision, ownership)
         else:
             modules = select_unit_modules(self._model, units, bucket_bytes)
             self._units = build_units(self._model, modules, group_of, self._group.shard_rank,
-                                      self._group.shard_size, full_precision)
+                                      self._group.shard_size, full_precision, ownership)
             buckets = [b for u in self._units for b in u.buckets]
         names = {id(p): name for name, p in self._model.named_parameters()}
         for bucket in buckets:  # for messages
@@ -507,7 +512,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._live.wait_in_flight()
         self._live.claim_gradients()  # Note [gradient markers]
         for outer, inner in zip(self.param_groups, self._inner.param_groups):
-            inner.update(_hyperparameters(outer))  # the outer groups are live (schedulers)
+            inner.update(hyperparameters(outer))  # the outer groups are live (schedulers)
         self._take_outside_writes()
         for bucket in self._buckets:
             bucket.widen_grad_shard()  # the inner optimizer wants the master's dtype
@@ -545,7 +550,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             "rank": self._group.shard_rank,
             "bucket_numels": [list(b.layout.numels) for b in self._buckets],
             "bucket_orders": _orders(self._buckets),  # Note [memory order] in _bucket.py
-            "param_groups": [_hyperparameters(g) for g in self.param_groups],
+            "param_groups": [hyperparameters(g) for g in self.param_groups],
             "inner": self._inner.state_dict(),
             # With mixed precision the fp32 masters are state the model's parameters
             # (their casts) cannot restore.
@@ -648,6 +653,41 @@ class ZeroOptimizer(torch.optim.Optimizer):
         _comm.all_gather(full, shard, group=self._group, stats=self.comm_stats, label="state")
         return full
 
+    def sharding_report(self) -> dict:
+        """How evenly the ranks of one shard group share the optimizer's work, from the
+        layout (the same on every rank; no communication). Per shard rank:
+        ``elements`` it steps, ``stored`` elements of its shards (with padding: memory
+        and collective bytes follow these), and ``work`` per optimizer class (elements,
+        or for a class stepped whole its cost, e.g. Muon's m * n * min(m, n) per matrix,
+        Note [whole-parameter ownership] in _layout.py). ``imbalance`` is max/mean of
+        each; ``padding`` is stored over stepped elements, summed over ranks."""
+        self._require_open()
+        size = self._group.shard_size
+        elements, stored = [0] * size, [0] * size
+        work: dict[str, list[float]] = {}
+        for bucket in self._buckets:
+            cls = self._inner.classes[bucket.group_index]
+            name = f"{cls.__module__}.{cls.__qualname__}"
+            cost = step_cost(cls) if bucket.owns_whole_parameters else (lambda shape: shape.numel())
+            class_work = work.setdefault(name, [0.0] * size)
+            for rank in range(size):
+                stored[rank] += bucket.layout.shard_numel
+                for index, param in enumerate(bucket.params):
+                    overlap = bucket.layout.overlap(index, rank)
+                    if overlap is None:
+                        continue
+                    elements[rank] += overlap.param_stop - overlap.param_start
+                    class_work[rank] += float(cost(param.shape)) \
+                        if bucket.owns_whole_parameters else overlap.param_stop - overlap.param_start
+
+        def imbalance(loads) -> float:
+            mean = sum(loads) / len(loads)
+            return max(loads) / mean if mean else 1.0
+        return {"shard_size": size, "elements": elements, "stored": stored, "work": work,
+                "imbalance": {"elements": imbalance(elements),
+                              **{name: imbalance(loads) for name, loads in work.items()}},
+                "padding": sum(stored) / max(1, sum(elements))}
+
     def memory_report(self) -> dict[str, int]:
         """Bytes this rank holds now, from the real storages (each storage counted once)."""
         # Released stage-3 parameters repeat one element each (Note [stage-3
@@ -683,10 +723,6 @@ def _orders(buckets, row_major: bool = False) -> list[list[list[int]]]:
     """Each bucket's parameters' memory orders (``row_major``: as if all were row-major)."""
     return [[list(range(len(order))) if row_major else list(order) for order in b.orders]
             for b in buckets]
-
-
-def _hyperparameters(group: dict) -> dict:
-    return {k: v for k, v in group.items() if k != "params"}
 
 
 def _summary(bucket_numels: list) -> str:

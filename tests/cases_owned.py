@@ -1,0 +1,246 @@
+"""Optimizers stepped on whole parameters, run on each rank beside DDP with the very same optimizers.
+
+Muon (torch's, counting the matrices it orthogonalises), Adafactor and a hand-written
+optimizer that is not element-wise step the models' Linear weights (tied weights
+included); the rest of the parameters go to AdamW, SGD, or the same class. Each
+case checks three things against references computed here:
+
+- the reduced gradient each owner steps on is the mean over ranks of the gradients
+  at zeroshard's parameters (each rank's computed here by a plain copy, averaged by a
+  plain all-reduce), within the rounding of two reductions of the same values;
+- the owner's update is exactly the unmodified torch optimizer's: a fresh instance
+  of the class, given the parameter, that gradient and the state before the step,
+  produces bit-for-bit the parameter zeroshard holds after it, on every rank;
+- every Linear weight has one owner in the job, which alone holds its state and
+  alone runs the optimizer on it (Muon's Newton-Schulz once per matrix).
+
+Where the reductions round exactly (one or two ranks, no clipping, fp32) the whole
+run must equal DDP's bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import zeroshard
+from cases import UNITS, ddp_needs_static_graph
+from models import build_model, loss_fn, make_batch
+
+U32 = 2.0**-24  # unit roundoff of fp32
+
+
+class CountingMuon(torch.optim.Muon):
+    """torch's Muon, counting the matrices it orthogonalises (one Newton-Schulz each)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.orthogonalised = 0
+
+    def step(self, closure=None):
+        self.orthogonalised += sum(p.grad is not None for g in self.param_groups for p in g["params"])
+        return super().step(closure)
+
+
+class NormScaled(torch.optim.Optimizer):
+    """Not element-wise: each parameter moves against its gradient by lr times its own
+    norm over the gradient's norm, so every element's update depends on all others."""
+
+    def __init__(self, params, lr: float = 0.01, eps: float = 1e-8) -> None:
+        super().__init__(params, {"lr": lr, "eps": eps})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                state["steps"] = state.get("steps", 0) + 1
+                p.sub_(p.grad * (group["lr"] * (p.norm() + 1) / (p.grad.norm() + group["eps"])))
+
+
+WHOLE = {"Muon": (CountingMuon, {"lr": 0.02}), "Adafactor": (torch.optim.Adafactor, {"lr": 0.01}),
+         "NormScaled": (NormScaled, {"lr": 0.01})}
+REST = {"AdamW": (torch.optim.AdamW, {"lr": 1e-2, "weight_decay": 0.1}),
+        "SGD": (torch.optim.SGD, {"lr": 0.05, "momentum": 0.9})}
+
+
+def linear_weights(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable Linear weights, each once (a tied head is the embedding's weight)."""
+    seen, out = set(), []
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and module.weight.requires_grad \
+                and id(module.weight) not in seen:
+            seen.add(id(module.weight))
+            out.append(module.weight)
+    return out
+
+
+def optimizer_setup(model: nn.Module, case: dict):
+    """(positional class, its kwargs, param groups) for ZeroOptimizer, and the same as
+    [(class, kwargs, params)] for plain optimizers."""
+    whole_class, whole_kwargs = WHOLE[case["whole"]]
+    whole = linear_weights(model)
+    rest = [p for p in model.parameters()
+            if p.requires_grad and all(p is not w for w in whole)]
+    if case["rest"] == "same":  # one class for everything: the positional one
+        return whole_class, whole_kwargs, None, [(whole_class, whole_kwargs, whole + rest)]
+    rest_class, rest_kwargs = REST[case["rest"]]
+    groups = [{"params": whole, "optimizer_class": whole_class, **whole_kwargs},
+              {"params": rest}]
+    return rest_class, rest_kwargs, groups, [(whole_class, whole_kwargs, whole),
+                                             (rest_class, rest_kwargs, rest)]
+
+
+def owned(zopt):
+    """(name, bucket, index, stepped tensor) for each parameter this rank steps whole."""
+    for bucket in zopt._buckets:
+        if bucket.owns_whole_parameters:
+            for index, stepped in zip(bucket.layout.owned(bucket.rank), bucket.stepped):
+                yield bucket.param_names[index], bucket, index, stepped
+
+
+def train_owned_side_by_side(ctx, case: dict) -> dict:
+    spec, n = case["model"], ctx.world_size
+    base = build_model(spec, seed=100 + ctx.rank)  # ranks differ: both wrappers broadcast rank 0's
+    zero_model, ddp_model, local_model = (copy.deepcopy(base) for _ in range(3))
+    positional, kwargs, groups, _ = optimizer_setup(zero_model, case)
+    extra = {}
+    if case["stage"] == 3:
+        extra = {"units": UNITS[case["units"]], "reshard_after_forward": case["reshard"]}
+    if case["bf16"]:
+        extra["mixed_precision"] = zeroshard.MixedPrecision(
+            torch.bfloat16, buffer_dtype=torch.bfloat16, output_dtype=torch.float32)
+    zopt = zeroshard.ZeroOptimizer(zero_model, positional, stage=case["stage"], param_groups=groups,
+                                   bucket_size_mb=case["bucket_mb"],
+                                   **ctx.zero_ranks(case["mesh"]), **extra, **kwargs)
+    ddp = DDP(ddp_model, process_group=ctx.group, static_graph=ddp_needs_static_graph(case))
+    plain = [cls(params, **kw) for cls, kw, params in optimizer_setup(ddp_model, case)[3]]
+    names = {id(p): name for name, p in ddp_model.named_parameters()}
+    ddp_param = dict(ddp_model.named_parameters())
+    out = {"grad_excess": [], "contract": [], "ddp_diff": [], "owned": [], "orthogonalised": [],
+           "state_holders": []}
+    elements = sum(p.numel() for p in zero_model.parameters() if p.requires_grad)
+    for step in range(case["steps"]):
+        # The local model holds zeroshard's parameters: its gradient is this rank's part of
+        # what zeroshard reduces, and a plain all-reduce of it here is the reference mean.
+        with torch.no_grad(), zopt.summon_full_params():
+            for p, q in zip(local_model.parameters(), zero_model.parameters()):
+                p.copy_(q.float())
+                p.grad = None
+        abs_sum = {}
+        for m in range(case["accum"]):
+            batch = make_batch(spec, seed=1000 * step + 10 * m + ctx.rank, rank=ctx.rank,
+                               batch=case["batch"])
+            skip_sync = case["no_sync"] and m < case["accum"] - 1
+            for model, sync in ((zero_model, zopt.no_sync), (ddp, ddp.no_sync)):
+                with sync() if skip_sync else contextlib.nullcontext():
+                    (loss_fn(spec, model, batch) / case["accum"]).backward()
+            previous = {name: p.grad.clone() for name, p in local_model.named_parameters()
+                        if p.grad is not None}
+            (loss_fn(spec, local_model, batch) / case["accum"]).backward()
+            for name, p in local_model.named_parameters():  # each micro-batch's |gradient|
+                if p.grad is not None:
+                    abs_sum[name] = abs_sum.get(name, 0) + (p.grad - previous.get(name, 0)).abs()
+        mean = {}
+        for name, p in local_model.named_parameters():
+            if p.requires_grad:
+                mean[name] = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+                abs_sum.setdefault(name, torch.zeros_like(p))
+                dist.all_reduce(mean[name], group=ctx.group)
+                dist.all_reduce(abs_sum[name], group=ctx.group)
+                mean[name] /= n
+        if case["clip"] is not None:
+            zopt.clip_grad_norm_(case["clip"])
+            torch.nn.utils.clip_grad_norm_(ddp_model.parameters(), case["clip"])
+            norm = torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in mean.values()]))
+            for grad in mean.values():
+                grad *= min(1.0, case["clip"] / (float(norm) + 1e-6))
+        before = []
+        excess = 0.0
+        for name, bucket, index, stepped in owned(zopt):
+            grad = stepped.grad.float()
+            reference = mean[name]
+            # Both sum the same k = n * accum per-(rank, micro-batch) gradients g_j, in other
+            # orders (zeroshard may reduce each micro-batch and then add): each within
+            # (k - 1) u sum|g_j| / n of the exact mean, then within u |mean| for the division;
+            # clipping scales both by coefficients from norms summed in other orders,
+            # within 2 (elements + 2) u of each other.
+            k = n * case["accum"]
+            bound = 2 * (k - 1) * U32 * abs_sum[name] / n + 2 * U32 * reference.abs()
+            if case["clip"] is not None:
+                bound = bound + 2 * (elements + 2) * U32 * reference.abs()
+            if case["bf16"]:  # zeroshard's gradient comes from a bf16 forward: not this one
+                bound = torch.full_like(bound, float("inf"))
+            excess = max(excess, float(((grad - reference).abs() - bound).max()))
+            group = zopt._inner.param_groups[bucket.group_index]
+            before.append((name, stepped, stepped.detach().clone(), grad.clone(),
+                           copy.deepcopy(zopt._inner.state.get(stepped, {})),
+                           zopt._inner.classes[bucket.group_index],
+                           {k: v for k, v in group.items() if k != "params"}))
+        out["grad_excess"].append(excess)
+        zopt.step()
+        zopt.zero_grad()
+        for optimizer in plain:
+            optimizer.step()
+            optimizer.zero_grad()
+        # The owner's update is the unmodified optimizer's, stepped once on that gradient.
+        contract = 0.0
+        for name, stepped, value, grad, state, cls, hyper in before:
+            probe = torch.empty_like(stepped).copy_(value)
+            probe.grad = grad
+            reference = cls([{"params": [probe], **hyper}])
+            if state:
+                reference.state[probe] = state
+            reference.step()
+            contract = max(contract, float((probe - stepped).abs().max()))
+        out["contract"].append(contract)
+        with zopt.summon_full_params():
+            out["ddp_diff"].append(max(float((p.detach().float() - ddp_param[name].detach()).abs().max())
+                                       for name, p in zero_model.named_parameters()))
+            out.setdefault("params", []).append(
+                torch.cat([p.detach().float().reshape(-1) for p in zero_model.parameters()]))
+    out["owned"] = sorted(name for name, *_ in owned(zopt))
+    stepped_whole = optimizer_setup(ddp_model, case)[3][0][2]  # the whole class's parameters
+    out["whole_names"] = sorted(names[id(p)] for p in stepped_whole)
+    # which whole parameters have optimizer state on this rank
+    out["state_holders"] = sorted(name for name, _, _, stepped in owned(zopt)
+                                  if stepped in zopt._inner.state)
+    whole_class = WHOLE[case["whole"]][0]
+    out["whole_states"] = sum(len(o.state) for o in zopt._inner.optimizers
+                              if isinstance(o, whole_class))
+    out["orthogonalised"] = sum(getattr(o, "orthogonalised", 0) for o in zopt._inner.optimizers)
+    out["report"] = zopt.sharding_report()
+    out["stored"] = [b.shard.numel() for b in zopt._buckets]
+    out["layouts"] = [(list(b.layout.numels), list(b.layout.owners or []), b.layout.padded_numel)
+                      for b in zopt._buckets if b.owns_whole_parameters]
+    zopt.close()
+    return out
+
+
+def fixed_owned_case(ctx) -> dict:
+    """Muon over four bias-free Linear layers whose weights are 8x4, 6x4, 4x4 and 2x4, stage 2."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*(nn.Linear(4, rows, bias=False) for rows in (8, 6, 4, 2)))
+    model.forward = lambda x: sum(layer(x).sum() for layer in model)
+    zopt = zeroshard.ZeroOptimizer(model, torch.optim.Muon, stage=2, process_group=ctx.group,
+                                   lr=0.02)
+    for _ in range(2):  # the second step is the steady state (the first learns the order)
+        zopt.comm_stats.reset()
+        model(torch.randn(3, 4)).backward()
+        zopt.step()
+        zopt.zero_grad()
+    (bucket,) = zopt._buckets
+    by_rows = {p.shape[0]: owner for p, owner in zip(bucket.params, bucket.layout.owners)}
+    return {"rank": ctx.rank, "owners": [by_rows[rows] for rows in (8, 6, 4, 2)],
+            "padded": bucket.layout.padded_numel, "stored": bucket.shard.numel(),
+            "reduce_scatter": zopt.comm_stats.bytes["reduce_scatter"],
+            "all_gather": zopt.comm_stats.bytes["all_gather"],
+            "report": zopt.sharding_report(),
+            "state_shapes": sorted(list(s["momentum_buffer"].shape) for s in zopt._inner.state.values())}

@@ -1,0 +1,101 @@
+"""Any torch optimizer at every stage: parameters stepped whole by one owner, drawn by hypothesis.
+
+Muon, Adafactor and a hand-written optimizer that is not element-wise, beside AdamW
+or SGD in another param group (or alone), against DDP with the very same optimizers
+(tests/cases_owned.py says what each case checks and why). A small fixed case
+checks the owners, the layout and the bytes moved against figures worked out by hand.
+"""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import cases_owned
+from strategies import mlp_specs, transformer_specs
+
+models = st.one_of(
+    mlp_specs.map(lambda m: {**m, "unused_branch": False, "branch_everywhere": False}),
+    transformer_specs)
+
+
+@st.composite
+def owned_cases(draw):
+    world_size = draw(st.sampled_from([1, 2, 3, 4]))
+    whole = draw(st.sampled_from(sorted(cases_owned.WHOLE)))
+    rest = draw(st.sampled_from(["AdamW", "SGD"] + ([] if whole == "Muon" else ["same"])))
+    meshes = [None] + ([(2, 2), (1, 4), (4, 1)] if world_size == 4 else
+                       [(2, 1)] if world_size == 2 else [])
+    stage = draw(st.sampled_from([1, 2, 3]))
+    accum = draw(st.integers(1, 3))
+    return {
+        "model": draw(models), "world_size": world_size, "mesh": draw(st.sampled_from(meshes)),
+        "stage": stage, "whole": whole, "rest": rest,
+        "units": draw(st.sampled_from([None, "blocks", "linear"])) if stage == 3 else None,
+        "reshard": draw(st.booleans()),
+        # one parameter per bucket (each its owner's alone) ... everything in one bucket
+        "bucket_mb": draw(st.sampled_from([1e-6, 5e-4, 25])),
+        "accum": accum, "no_sync": accum > 1 and draw(st.booleans()),
+        "clip": draw(st.sampled_from([None, 0.05, 10.0])),
+        "bf16": draw(st.booleans()) and draw(st.booleans()),  # a quarter of the cases
+        "steps": draw(st.integers(2, 3)), "batch": draw(st.integers(2, 4)),
+    }
+
+
+def replicas(case) -> int:
+    return case["mesh"][0] if case["mesh"] else 1
+
+
+def exact(case) -> bool:
+    """Whether DDP's and zeroshard's reductions round alike: a mean of one or two fp32
+    values (halving is exact) of gradients accumulated alike (one micro-batch, or all
+    under no_sync: zeroshard may add reduced micro-batches where DDP adds local ones),
+    no clipping (norms summed in other orders), fp32."""
+    return case["world_size"] <= 2 and case["clip"] is None and not case["bf16"] and (
+        case["accum"] == 1 or case["no_sync"])
+
+
+@settings(deadline=None)
+@given(owned_cases())
+def test_whole_parameter_optimizers_equal_ddp_with_the_same_optimizers(pool, case):
+    results = pool.run(cases_owned.train_owned_side_by_side, case["world_size"], case)
+    first = results[0]
+    for rank, res in enumerate(results):
+        assert max(res["grad_excess"]) <= 0, (rank, res["grad_excess"])
+        assert max(res["contract"]) == 0, (rank, res["contract"])
+        for mine, theirs in zip(res["params"], first["params"]):  # every rank holds the same
+            assert torch.equal(mine, theirs), rank
+        if exact(case):
+            assert max(res["ddp_diff"]) == 0, (rank, res["ddp_diff"])
+        # state lives on the owner only, for each parameter it owns
+        assert res["state_holders"] == res["owned"], rank
+        assert res["whole_states"] == len(res["owned"]), rank
+        report = res["report"]
+        shards = case["world_size"] // replicas(case)
+        assert report["shard_size"] == shards and len(report["elements"]) == shards
+        assert min(report["imbalance"].values()) >= 1.0
+    # each parameter stepped whole has one owner per replica (every replica holds the same shards)
+    owners = {}
+    for res in results:
+        for name in res["owned"]:
+            owners[name] = owners.get(name, 0) + 1
+    assert owners == {name: replicas(case) for name in first["whole_names"]}, owners
+    if case["whole"] == "Muon":  # Newton-Schulz once per matrix per step in each replica
+        assert sum(r["orthogonalised"] for r in results) == \
+            case["steps"] * len(first["whole_names"]) * replicas(case)
+
+
+def test_owners_layout_and_bytes_of_a_fixed_case(pool):
+    """Two ranks, stage 2, one bucket of Muon matrices 8x4, 6x4, 4x4, 2x4 (32, 24, 16, 8
+    elements). Largest first to the rank holding least: 32 -> rank 0, 24 -> rank 1,
+    16 -> rank 1 (24 < 32), 8 -> rank 0 (32 < 40). Segments 40 and 40: no padding; the
+    reduce-scatter and the all-gather each move 80 fp32 elements = 320 bytes per step."""
+    for res in pool.run(cases_owned.fixed_owned_case, 2):
+        assert res["owners"] == [0, 1, 1, 0], res
+        assert res["padded"] == 80 and res["stored"] == 40, res
+        assert res["reduce_scatter"] == 320 and res["all_gather"] == 320, res
+        assert res["report"]["elements"] == [40, 40], res
+        assert res["report"]["imbalance"]["elements"] == 1.0, res
+        # Muon's work per matrix is m * n * min(m, n): 128 + 16 = 144 against 96 + 64 = 160
+        assert res["report"]["work"]["torch.optim.Muon"] == [144.0, 160.0], res
+        assert res["state_shapes"] == ([[2, 4], [8, 4]] if res["rank"] == 0 else [[4, 4], [6, 4]])

@@ -1,0 +1,146 @@
+"""The inner optimizers: one torch optimizer per class named by the param groups, seen as one.
+
+A param group may carry ``"optimizer_class"`` (Muon for the hidden matrices, AdamW
+for the rest); the others use ``ZeroOptimizer``'s positional class, with its
+keyword arguments. Each class gets one unmodified torch optimizer over the tensors
+this rank steps for its groups, and ``InnerOptimizers`` presents them as the one
+optimizer ``ZeroOptimizer`` wraps: the groups in the user's order, one state
+mapping, one step. With one class it holds that class's optimizer alone and its
+state dict is that optimizer's, as before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, MutableMapping
+
+import torch
+
+GROUP_CLASS_KEY = "optimizer_class"
+
+
+def class_of(group: dict, default: type) -> type:
+    return group.get(GROUP_CLASS_KEY) or default
+
+
+def step_cost(optimizer_class: type):
+    """The cost of stepping one parameter of a shape with ``optimizer_class``, for
+    balancing owners (Note [whole-parameter ownership] in _layout.py): Muon's
+    Newton-Schulz iterations multiply m x n matrices, m * n * min(m, n) each; any
+    other optimizer, the number of elements."""
+    if issubclass(optimizer_class, getattr(torch.optim, "Muon", ())):
+        return lambda shape: shape.numel() * min(shape) if len(shape) == 2 else shape.numel()
+    return lambda shape: shape.numel()
+
+
+def hyperparameters(group: dict) -> dict:
+    """A group's own settings: everything but its tensors and its optimizer class."""
+    return {k: v for k, v in group.items() if k not in ("params", GROUP_CLASS_KEY)}
+
+
+class InnerOptimizers:
+    """One optimizer per class over ``tensors[i]`` for group ``i``; see the module doc."""
+
+    def __init__(self, groups: list[dict], tensors: list[list[torch.Tensor]], default: type,
+                 default_kwargs: dict) -> None:
+        self.classes = [class_of(g, default) for g in groups]
+        self.optimizers: list[torch.optim.Optimizer] = []
+        # group i is self.optimizers[o].param_groups[k] for (o, k) = self._places[i]: looked
+        # up each time, as torch's load_state_dict gives an optimizer new group dicts
+        self._places: list[tuple[int, int]] = [None] * len(groups)
+        for cls in dict.fromkeys(self.classes):  # first-use order
+            members = [i for i, c in enumerate(self.classes) if c is cls]
+            kwargs = default_kwargs if cls is default else {}
+            specs = [{**hyperparameters(groups[i]), "params": tensors[i]} for i in members]
+            if not any(spec["params"] for spec in specs):
+                # This rank owns none of the class's parameters (Note [whole-parameter
+                # ownership]): a placeholder lets the class fill in its defaults, so the
+                # groups look the same on every rank (schedulers, state dicts).
+                specs[0] = {**specs[0], "params": [torch.zeros(1, 1)]}
+                optimizer = cls(specs, **kwargs)
+                optimizer.param_groups[0]["params"] = []
+            else:
+                optimizer = cls(specs, **kwargs)
+            for k, index in enumerate(members):
+                self._places[index] = (len(self.optimizers), k)
+            self.optimizers.append(optimizer)
+        self._by_tensor = {id(t): o for o in self.optimizers
+                           for g in o.param_groups for t in g["params"]}
+        self.state = _RoutedState(self)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        """Every class's groups, in the order of the user's param groups."""
+        return [self.optimizers[o].param_groups[k] for o, k in self._places]
+
+    @property
+    def defaults(self) -> dict:
+        return self.optimizers[0].defaults
+
+    def owner_of(self, tensor: torch.Tensor) -> torch.optim.Optimizer | None:
+        return self._by_tensor.get(id(tensor))
+
+    def step(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.step()
+
+    def state_dict(self) -> dict:
+        if len(self.optimizers) == 1:
+            return self.optimizers[0].state_dict()
+        return {"optimizers": [o.state_dict() for o in self.optimizers],
+                "classes": [_name(type(o)) for o in self.optimizers]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if len(self.optimizers) == 1:
+            self.optimizers[0].load_state_dict(state_dict)
+            return
+        mine = [_name(type(o)) for o in self.optimizers]
+        if state_dict.get("classes") != mine:
+            raise ValueError(f"state dict was saved with optimizer classes "
+                             f"{state_dict.get('classes')}, these groups use {mine}")
+        for optimizer, saved in zip(self.optimizers, state_dict["optimizers"]):
+            optimizer.load_state_dict(saved)
+
+
+class _RoutedState(MutableMapping):
+    """Every inner optimizer's ``state`` as one mapping, each tensor's entry kept by the
+    optimizer that steps it."""
+
+    def __init__(self, inner: InnerOptimizers) -> None:
+        self._inner = inner
+
+    def _optimizer(self, tensor: torch.Tensor) -> torch.optim.Optimizer:
+        optimizer = self._inner.owner_of(tensor)
+        if optimizer is None:
+            raise KeyError(tensor)
+        return optimizer
+
+    def __getitem__(self, tensor):
+        state = self._optimizer(tensor).state
+        if tensor not in state:  # state is a defaultdict: do not create entries
+            raise KeyError(tensor)
+        return state[tensor]
+
+    def __setitem__(self, tensor, value) -> None:
+        self._optimizer(tensor).state[tensor] = value
+
+    def __delitem__(self, tensor) -> None:
+        del self._optimizer(tensor).state[tensor]
+
+    def __contains__(self, tensor) -> bool:
+        optimizer = self._inner.owner_of(tensor)
+        return optimizer is not None and tensor in optimizer.state
+
+    def __iter__(self) -> Iterator:
+        for optimizer in self._inner.optimizers:
+            yield from optimizer.state
+
+    def __len__(self) -> int:
+        return sum(len(o.state) for o in self._inner.optimizers)
+
+    def clear(self) -> None:
+        for optimizer in self._inner.optimizers:
+            optimizer.state.clear()
+
+
+def _name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
