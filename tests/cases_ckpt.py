@@ -18,7 +18,44 @@ from models import build_model, loss_fn, make_batch
 GLOBAL_BATCH = 12  # divisible by 1, 2, 3 and 4 ranks
 OPTIMIZERS = {"SGD": (torch.optim.SGD, {"lr": 0.05, "momentum": 0.9}),
               "AdamW": (torch.optim.AdamW, {"lr": 1e-2, "weight_decay": 0.1}),
-              "AdamW fused": (torch.optim.AdamW, {"lr": 1e-2, "weight_decay": 0.1, "fused": True})}
+              "AdamW fused": (torch.optim.AdamW, {"lr": 1e-2, "weight_decay": 0.1, "fused": True}),
+              # stepped whole by their owners (Note [whole-parameter ownership])
+              "Adafactor": (torch.optim.Adafactor, {"lr": 1e-2}),
+              "Muon+AdamW": (torch.optim.AdamW, {"lr": 1e-2, "weight_decay": 0.1})}
+MUON = (torch.optim.Muon, {"lr": 0.02})  # for the Linear weights in "Muon+AdamW"
+
+
+def param_groups(cfg, model):
+    """None, or for "Muon+AdamW" Muon over the Linear weights and AdamW over the rest."""
+    if cfg["optimizer"] != "Muon+AdamW":
+        return None
+    weights = {id(m.weight): m.weight for m in model.modules()
+               if isinstance(m, torch.nn.Linear) and m.weight.requires_grad}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in weights]
+    return [{"params": list(weights.values()), "optimizer_class": MUON[0], **MUON[1]},
+            {"params": rest}]
+
+
+def plain_optimizers(cfg, model, optim_sd: dict) -> list[torch.optim.Optimizer]:
+    """Plain torch optimizers over ``model``'s groups holding ``optim_sd`` (a full state
+    dict: one index space over every group), one per group's class."""
+    groups = param_groups(cfg, model)
+    opt_class, kwargs = OPTIMIZERS[cfg["optimizer"]]
+    if groups is None:
+        plain = opt_class(model.parameters(), **kwargs)
+        plain.load_state_dict(optim_sd)
+        return [plain]
+    out, first = [], 0
+    for group, saved_group in zip(groups, optim_sd["param_groups"]):
+        cls, own = (group["optimizer_class"], {}) if "optimizer_class" in group else (opt_class, kwargs)
+        plain = cls(group["params"], **own)
+        indices = saved_group["params"]
+        plain.load_state_dict({
+            "state": {i - first: optim_sd["state"][i] for i in indices if i in optim_sd["state"]},
+            "param_groups": [{**saved_group, "params": [i - first for i in indices]}]})
+        first += len(indices)
+        out.append(plain)
+    return out
 
 
 def global_batch(spec, step: int):
@@ -43,6 +80,7 @@ def build(ctx, cfg, side: str, seed: int):
             torch.bfloat16, buffer_dtype=torch.bfloat16, output_dtype=torch.float32)
     extra.update(ctx.zero_ranks(cfg[side].get("mesh")))  # the pool's mesh, or its group
     opt = zeroshard.ZeroOptimizer(model, opt_class, stage=cfg[side]["stage"],
+                                  param_groups=param_groups(cfg, model),
                                   bucket_size_mb=cfg[side]["bucket_mb"], **extra, **kwargs)
     return model, opt
 
@@ -76,15 +114,14 @@ def train_and_save(ctx, cfg, folder: str) -> dict:
     if ctx.rank == 0 and not cfg["save"].get("bf16"):
         spec = cfg["model"]
         plain = build_model(spec, seed=999)
-        opt_class, kwargs = OPTIMIZERS[cfg["optimizer"]]
-        plain_opt = opt_class(plain.parameters(), **kwargs)
         plain.load_state_dict(full[0])
-        plain_opt.load_state_dict(full[1])
+        plain_opts = plain_optimizers(cfg, plain, full[1])
         for step in range(cfg["steps_before"], cfg["steps_before"] + cfg["steps_after"]):
             loss_fn(spec, plain, global_batch(spec, step)).backward()
             torch.nn.utils.clip_grad_norm_(plain.parameters(), 1.0)
-            plain_opt.step()
-            plain_opt.zero_grad()
+            for plain_opt in plain_opts:
+                plain_opt.step()
+                plain_opt.zero_grad()
         out["plain"] = [p.detach().clone() for p in plain.parameters()]
     return out
 
@@ -110,6 +147,12 @@ def load_bad_checkpoint(ctx, cfg, folder: str, which: str) -> dict:
     if which == "other_model":
         cfg = {**cfg, "model": {**cfg["model"], "hidden": cfg["model"]["hidden"] + 1}}
     model, opt = build(ctx, cfg, "load", seed=3000 + ctx.rank)
+    if which == "other_classes":  # the checkpoint has Muon's state for the Linear weights
+        groups = [{k: v for k, v in g.items() if k not in ("optimizer_class", "lr")}
+                  for g in param_groups(cfg, model)]
+        opt.close()
+        opt = zeroshard.ZeroOptimizer(model, torch.optim.AdamW, stage=cfg["load"]["stage"],
+                                      process_group=ctx.group, param_groups=groups, lr=1e-2)
     if which == "other_groups":
         groups = [{"params": [p for n, p in model.named_parameters() if n.endswith("weight")]},
                   {"params": [p for n, p in model.named_parameters() if not n.endswith("weight")]}]

@@ -244,3 +244,37 @@ def fixed_owned_case(ctx) -> dict:
             "all_gather": zopt.comm_stats.bytes["all_gather"],
             "report": zopt.sharding_report(),
             "state_shapes": sorted(list(s["momentum_buffer"].shape) for s in zopt._inner.state.values())}
+
+
+def round_trip_then_schedule(ctx, stage: int) -> float:
+    """Muon + AdamW with a scheduler halving each group's lr every step, and a
+    ``load_state_dict(state_dict())`` round trip after the first step (what accelerate
+    does to an optimizer): the largest difference from DDP with the same optimizers."""
+    spec = {"kind": "transformer", "vocab": 11, "d": 8, "heads": 2, "layers": 2, "seq": 4,
+            "tied": True, "frozen": False}
+    case = {"whole": "Muon", "rest": "AdamW", "model": spec}
+    base = build_model(spec, seed=100 + ctx.rank)
+    zero_model, ddp_model = copy.deepcopy(base), copy.deepcopy(base)
+    positional, kwargs, groups, _ = optimizer_setup(zero_model, case)
+    zopt = zeroshard.ZeroOptimizer(zero_model, positional, stage=stage, param_groups=groups,
+                                   process_group=ctx.group, **kwargs)
+    ddp = DDP(ddp_model, process_group=ctx.group)
+    plain = [cls(params, **kw) for cls, kw, params in optimizer_setup(ddp_model, case)[3]]
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambda step: 0.5**step)
+                  for o in [zopt] + plain]
+    for step in range(3):
+        batch = make_batch(spec, seed=step, rank=ctx.rank, batch=2)
+        for model in (zero_model, ddp):
+            loss_fn(spec, model, batch).backward()
+        for optimizer in [zopt] + plain:
+            optimizer.step()
+            optimizer.zero_grad()
+        for scheduler in schedulers:
+            scheduler.step()
+        if step == 0:
+            zopt.load_state_dict(zopt.state_dict())
+            for optimizer in plain:
+                optimizer.load_state_dict(optimizer.state_dict())
+    with zopt.summon_full_params():
+        return max(float((p.detach() - q.detach()).abs().max())
+                   for p, q in zip(zero_model.parameters(), ddp_model.parameters()))

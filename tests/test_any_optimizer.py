@@ -99,3 +99,12 @@ def test_owners_layout_and_bytes_of_a_fixed_case(pool):
         # Muon's work per matrix is m * n * min(m, n): 128 + 16 = 144 against 96 + 64 = 160
         assert res["report"]["work"]["torch.optim.Muon"] == [144.0, 160.0], res
         assert res["state_shapes"] == ([[2, 4], [8, 4]] if res["rank"] == 0 else [[4, 4], [6, 4]])
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_a_state_dict_round_trip_keeps_the_groups_live_for_schedulers(pool, stage):
+    """torch's ``load_state_dict`` gives an optimizer new group dicts: the lr a scheduler
+    sets afterwards must still reach every inner optimizer (accelerate round-trips the
+    state dict when it prepares an optimizer: Trainer stepped with its initial lr)."""
+    for diff in pool.run(cases_owned.round_trip_then_schedule, 2, stage):
+        assert diff == 0, diff  # two ranks, no clipping: the same arithmetic as DDP

@@ -63,6 +63,25 @@ MESH_CASES = [mesh_case(save, load, index) for index, (save, load) in enumerate(
     ("2x2 strided", 4), ("2x2 rank 0 in replica 1", (2, 2)), (4, "2x2 rank 0 in replica 1")])]
 
 
+def owned_case(optimizer: str, save, load, index: int) -> dict:
+    """A resharding case whose optimizer steps parameters whole (Note [whole-parameter
+    ownership]): (ranks or a mesh, stage, bf16) on each side."""
+    cfg = mesh_case(save[0], load[0], index)
+    cfg["optimizer"] = optimizer
+    for side, (_, stage, bf16) in zip(("save", "load"), (save, load)):
+        cfg[side].update(stage=stage, bf16=bf16)
+    return cfg
+
+
+# Muon over the Linear weights beside AdamW, and Adafactor over everything: each
+# parameter's state lives whole on its owner, which moves with the layout.
+OWNED_CASES = [owned_case(optimizer, save, load, index) for index, (optimizer, save, load) in enumerate([
+    ("Muon+AdamW", (2, 2, False), (3, 3, False)), ("Muon+AdamW", (3, 3, False), (1, 1, False)),
+    ("Muon+AdamW", (4, 1, True), (2, 2, False)), ("Muon+AdamW", ((2, 2), 3, False), (4, 2, True)),
+    ("Muon+AdamW", (2, 3, False), (2, 3, False)), ("Adafactor", (2, 1, False), (4, 3, False)),
+    ("Adafactor", (3, 2, False), (2, 1, True)), ("Adafactor", (2, 3, False), (2, 3, False))])]
+
+
 def _case_id(c):
     precision = {False: "fp32", True: "bf16"}
 
@@ -72,10 +91,11 @@ def _case_id(c):
             return mesh.replace(" ", "_")
         return f"{mesh[0]}x{mesh[1]}" if mesh else str(c[side]["n"])
     return (f"N{ranks('save')}s{c['save']['stage']}{precision[c['save']['bf16']]}-to-"
-            f"M{ranks('load')}s{c['load']['stage']}{precision[c['load']['bf16']]}")
+            f"M{ranks('load')}s{c['load']['stage']}{precision[c['load']['bf16']]}"
+            + ("" if c in RESHARD_CASES + MESH_CASES else "-" + c["optimizer"]))
 
 
-@pytest.mark.parametrize("cfg", RESHARD_CASES + MESH_CASES, ids=_case_id)
+@pytest.mark.parametrize("cfg", RESHARD_CASES + MESH_CASES + OWNED_CASES, ids=_case_id)
 def test_checkpoint_reshards_to_any_world_size_and_stage(pool, tmp_path, cfg):
     folder = tmp_path / "run" / "ckpt"
     saved = pool.run(cases_ckpt.train_and_save, cfg["save"]["n"], cfg, str(folder))
@@ -163,6 +183,7 @@ BAD_CHECKPOINTS = {
     "truncated_file": ["rank00000.pt", "truncated"],
     "other_model": ["different model", "shape"],
     "other_groups": ["param groups", "param_groups"],
+    "other_classes": ["param_groups[0]: torch.optim.Muon", "torch.optim.adamw.AdamW"],
     "not_a_checkpoint": ["not a zeroshard checkpoint", "LATEST"],
     "a_file": ["not a zeroshard checkpoint"],
 }
@@ -171,8 +192,8 @@ BAD_CHECKPOINTS = {
 @pytest.mark.parametrize("which", sorted(BAD_CHECKPOINTS))
 def test_bad_checkpoint_is_refused_on_every_rank_and_changes_nothing(pool, tmp_path, which):
     side = {"n": 2, "stage": 2, "bf16": False, "bucket_mb": 1e-3, "units": None}
-    cfg = {"model": MLP, "optimizer": "AdamW", "save": side, "load": dict(side),
-           "steps_before": 1, "steps_after": 0}
+    cfg = {"model": MLP, "optimizer": "Muon+AdamW" if which == "other_classes" else "AdamW",
+           "save": side, "load": dict(side), "steps_before": 1, "steps_after": 0}
     folder = tmp_path / "run" / "ckpt"
     pool.run(cases_ckpt.train_and_save, 2, cfg, str(folder))
     version = folder / (folder / "LATEST").read_text()
