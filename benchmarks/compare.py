@@ -10,6 +10,9 @@ reshard_after_forward True and False; DeepSpeed ZeRO 1/2/3 (reported as skipped
 when deepspeed is not installed); zeroshard stages 1/2/3. Hybrid sharding over a
 (--replicas, world size / --replicas) DeviceMesh: FSDP2 fully_shard on the 2-D mesh
 (HSDP) and zeroshard stages 1/2/3 with mesh= ("_hybrid"), compared with each other.
+Muon ("_muon"): DDP with torch.optim.Muon over the blocks' matrices beside AdamW over
+the rest, and zeroshard stages 1/2/3 with the same two param groups (each matrix
+stepped whole by one owner), compared with each other and with AdamW alone.
 The model is examples/train_gpt.py's GPT (blocks are the wrap/shard units), fp32, AdamW.
 
 Each method runs twice in fresh processes (gloo on CPU, NCCL on CUDA):
@@ -36,6 +39,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -56,6 +60,8 @@ METHODS = {
     "zeroshard1": (1, None), "zeroshard2": (2, None), "zeroshard3": (3, None),
     "fsdp2_hsdp": (3, 3),
     "zeroshard1_hybrid": (1, None), "zeroshard2_hybrid": (2, None), "zeroshard3_hybrid": (3, None),
+    "ddp_muon": (0, 2),
+    "zeroshard1_muon": (1, None), "zeroshard2_muon": (2, None), "zeroshard3_muon": (3, None),
 }
 
 
@@ -63,11 +69,37 @@ def hybrid(method: str) -> bool:
     return method.endswith("_hybrid") or method == "fsdp2_hsdp"
 
 
+def muon(method: str) -> bool:
+    return method.endswith("_muon")
+
+
 def stage_label(method: str) -> str:
-    """What a method is compared with: its ZeRO stage, hybrid or not."""
-    return f"{METHODS[method][0]}{' hybrid' if hybrid(method) else ''}"
+    """What a method is compared with: its ZeRO stage, hybrid or not, Muon or not."""
+    return f"{METHODS[method][0]}{' hybrid' if hybrid(method) else ''}{' muon' if muon(method) else ''}"
+
+
+def muon_groups(model) -> list[dict]:
+    """Muon over the blocks' matrices, AdamW (the class they are given with) over the rest."""
+    from train_gpt import param_groups
+    return param_groups(model, SimpleNamespace(optimizer="muon", muon_lr=0.02, weight_decay=0.0))
+
+
+class Optimizers:
+    """Plain torch optimizers stepped as one: DDP's Muon beside its AdamW."""
+
+    def __init__(self, *optimizers) -> None:
+        self.optimizers = optimizers
+
+    def step(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.step()
+
+    def zero_grad(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad()
 SIZES = {  # ~100M parameters (the issue's reference size) and a smoke-test toy
     "100m": dict(vocab=16384, d_model=768, layers=12, heads=12, seq_len=64, batch=1),
+    "example": dict(vocab=64, d_model=128, layers=4, heads=4, seq_len=64, batch=16),  # train_gpt.py's
     "smoke": dict(vocab=64, d_model=32, layers=2, heads=2, seq_len=16, batch=2),
 }
 
@@ -84,6 +116,11 @@ def setup(method: str, model, lr: float, mesh=None):
     """Wrap ``model`` the way ``method`` does; return (module to call, optimizer, backward).
     ``mesh``: the (replicate, shard) DeviceMesh of the hybrid methods."""
     adamw = lambda params: torch.optim.AdamW(params, lr=lr)  # noqa: E731
+    if method == "ddp_muon":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        matrices, rest = muon_groups(model)
+        return DDP(model), Optimizers(torch.optim.Muon(matrices["params"], lr=matrices["lr"]),
+                                      adamw(rest["params"])), None
     if method in ("ddp", "ddp+zero_redundancy"):
         from torch.distributed.optim import ZeroRedundancyOptimizer
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -121,6 +158,8 @@ def setup(method: str, model, lr: float, mesh=None):
         extra = {"units": Block} if stage == 3 else {}
         if mesh is not None:
             extra["mesh"] = mesh
+        if muon(method):
+            extra["param_groups"] = muon_groups(model)
         return model, zeroshard.ZeroOptimizer(model, torch.optim.AdamW, stage=stage, lr=lr,
                                               **extra), None
     raise ValueError(f"unknown method {method!r}; choose from {sorted(METHODS)}")
@@ -174,8 +213,9 @@ def worker(rank: int, world: int, port: int, method: str, size: dict, args, resu
     peak = (torch.cuda.max_memory_allocated() if cuda
             else (rss_kib("VmHWM") - baseline_kib) * 1024)
     report = opt.memory_report() if hasattr(opt, "memory_report") else None
+    sharding = opt.sharding_report() if hasattr(opt, "sharding_report") else None
     results.put({"rank": rank, "peak_bytes": peak, "step_s": statistics.median(times), "psi": psi,
-                 "comm_bytes": comm, "memory_report": report})
+                 "comm_bytes": comm, "memory_report": report, "sharding_report": sharding})
     dist.barrier()
     dist.destroy_process_group()
 
@@ -258,8 +298,8 @@ def summarise(rows: list[dict], world: int, replicas: int) -> str:
     lines += ["", "zeroshard's memory_report() after the last step (rank 0) next to the formula:", "",
               "| method | parameters | gradients | optimizer states | formula (p / g / s) | worst deviation |",
               "|---|---|---|---|---|---|"]
-    for r in rows:
-        if r["method"].startswith("zeroshard") and "error" not in r:
+    for r in rows:  # the formula is AdamW's: not the Muon rows'
+        if r["method"].startswith("zeroshard") and not muon(r["method"]) and "error" not in r:
             stage, rep = METHODS[r["method"]][0], r["memory_report"]
             f = formula_bytes(stage, r["psi"], shards if hybrid(r["method"]) else world)
             # after zero_grad() the gradient shards are gone; compare the other two
@@ -267,7 +307,39 @@ def summarise(rows: list[dict], world: int, replicas: int) -> str:
             lines.append(f"| {r['method']} | {rep['parameters']:,} | {rep['gradients']:,} | "
                          f"{rep['optimizer_states']:,} | {f['parameters']:,.0f} / {f['gradients']:,.0f} / "
                          f"{f['optimizer_states']:,.0f} | {worst:.2%} |")
+    lines += muon_against_adamw(by_name)
     return "\n".join(lines)
+
+
+def muon_against_adamw(by_name: dict) -> list[str]:
+    """Muon (blocks' matrices) + AdamW beside AdamW alone, per stage: step time, bytes
+    moved, and how evenly the ranks share Muon's work (sharding_report)."""
+    pairs = [(a, m) for a, m in [("ddp", "ddp_muon")] + [(f"zeroshard{s}", f"zeroshard{s}_muon")
+                                                          for s in (1, 2, 3)]
+             if a in by_name and m in by_name]
+    if not pairs:
+        return []
+    lines = ["", "Muon + AdamW against AdamW alone (same stage, same run):", "",
+             "| stage | step s AdamW | step s Muon+AdamW | × | comm MiB AdamW | comm MiB Muon+AdamW | × "
+             "| Muon work max/mean | elements max/mean | stored / stepped elements |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    def mib(row) -> float | None:
+        return row["comm_bytes"] / 2**20 if row["comm_bytes"] is not None else None
+
+    def cell(value, digits: int) -> str:
+        return "—" if value is None else f"{value:.{digits}f}"
+    for adamw, with_muon in pairs:
+        a, m = by_name[adamw], by_name[with_muon]
+        report = m.get("sharding_report")
+        imbalance = report["imbalance"] if report else {}
+        work = next((v for k, v in imbalance.items() if "Muon" in k), None)
+        comm_ratio = mib(m) / mib(a) if mib(a) and mib(m) else None
+        lines.append(" | ".join([
+            f"| {METHODS[adamw][0]}", cell(a["step_s"], 3), cell(m["step_s"], 3),
+            cell(m["step_s"] / a["step_s"], 2), cell(mib(a), 1), cell(mib(m), 1),
+            cell(comm_ratio, 3), cell(work, 3), cell(imbalance.get("elements"), 3),
+            cell(report and report["padding"], 3)]) + " |")
+    return lines
 
 
 def chart(rows: list[dict], path: Path) -> str:
@@ -331,7 +403,8 @@ def main(argv=None) -> None:
                 else:
                     row.update(step_s=max(r["step_s"] for r in per_rank), psi=per_rank[0]["psi"],
                                comm_bytes=per_rank[0]["comm_bytes"],
-                               memory_report=per_rank[0]["memory_report"])
+                               memory_report=per_rank[0]["memory_report"],
+                               sharding_report=per_rank[0]["sharding_report"])
         except Exception as error:  # noqa: BLE001 - one method failing must not hide the others
             row = {"method": method, "error": f"{type(error).__name__}: {error}"[:200]}
         rows.append(row)

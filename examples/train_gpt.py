@@ -6,8 +6,12 @@
     torchrun --standalone --nproc_per_node=2 examples/train_gpt.py --save-dir ckpt --save-every 50
     torchrun --standalone --nproc_per_node=4 examples/train_gpt.py --save-dir ckpt --resume --stage 3
     torchrun --standalone --nproc_per_node=4 examples/train_gpt.py --stage 3 --replicas 2
+    torchrun --standalone --nproc_per_node=2 examples/train_gpt.py --stage 2 --optimizer muon
 
 A checkpoint saved on any number of ranks at any stage resumes on any other.
+``--optimizer muon`` trains the blocks' matrices with torch.optim.Muon and the rest
+(embeddings, head, norms, biases) with AdamW: one ZeroOptimizer, two param groups;
+each matrix is orthogonalised once, by the rank that owns it.
 ``--replicas R`` shards over a (R, world size / R) DeviceMesh: R replicas, each
 holding the model states sharded over its ranks (hybrid sharding). Across two
 machines of two ranks each, replicating across the machines (the same command on
@@ -40,7 +44,8 @@ import zeroshard
 
 # -- defaults: small enough for ~1 minute on 2 CPU cores ------------------------------
 DEFAULTS = dict(stage=1, precision="fp32", steps=150, batch_size=16, seq_len=64, vocab=64, d_model=128, layers=4,
-                heads=4, lr=3e-3, weight_decay=0.1, clip=1.0, bucket_mb=1.0, log_every=25, seed=0)
+                heads=4, lr=3e-3, weight_decay=0.1, clip=1.0, bucket_mb=1.0, log_every=25, seed=0,
+                optimizer="adamw", muon_lr=0.02)
 
 
 class Block(nn.Module):
@@ -121,6 +126,8 @@ def parse_args(argv=None):
         p.error("--save-every and --resume need --save-dir")
     if args.stage not in (1, 2, 3):
         p.error(f"--stage must be 1, 2 or 3, got {args.stage}")
+    if args.optimizer not in ("adamw", "muon"):
+        p.error(f"--optimizer must be adamw or muon, got {args.optimizer}")
     if args.precision not in PRECISIONS:
         p.error(f"--precision must be one of {', '.join(PRECISIONS)}, got {args.precision}")
     return args
@@ -133,6 +140,18 @@ PRECISIONS = {
     "bf16": zeroshard.MixedPrecision(param_dtype=torch.bfloat16, output_dtype=torch.float32),
     "fp16": zeroshard.MixedPrecision(param_dtype=torch.float16, output_dtype=torch.float32),
 }
+
+
+def param_groups(model: GPT, args):
+    """None (AdamW for everything), or with ``--optimizer muon`` Muon for the blocks'
+    matrices and AdamW for the embeddings, the head, the norms and the biases."""
+    if args.optimizer == "adamw":
+        return None
+    matrices = [m.weight for block in model.blocks for m in block.modules() if isinstance(m, nn.Linear)]
+    chosen = {id(p) for p in matrices}
+    return [{"params": matrices, "optimizer_class": torch.optim.Muon, "lr": args.muon_lr,
+             "weight_decay": args.weight_decay},
+            {"params": [p for p in model.parameters() if id(p) not in chosen]}]
 
 
 def mib(n: int) -> str:
@@ -162,7 +181,8 @@ def main(argv=None) -> None:
                                            mesh_dim_names=("replicate", "shard"))
     opt = zeroshard.ZeroOptimizer(model, torch.optim.AdamW, stage=args.stage, lr=args.lr,
                                   weight_decay=args.weight_decay, bucket_size_mb=args.bucket_mb,
-                                  mixed_precision=PRECISIONS[args.precision], **options)
+                                  mixed_precision=PRECISIONS[args.precision],
+                                  param_groups=param_groups(model, args), **options)
     # fp16 gradients underflow without loss scaling; the ordinary GradScaler works as is.
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -171,9 +191,13 @@ def main(argv=None) -> None:
     n_params = sum(p.numel() for p in model.parameters())
     if rank == 0:
         layout = f" as {args.replicas} replicas x {world // args.replicas}" if args.replicas > 1 else ""
-        print(f"zeroshard stage {args.stage}, {args.precision} | {world} ranks{layout} on {device.type} "
-              f"({'nccl' if cuda else 'gloo'}) | {n_params / 1e6:.2f}M parameters | "
+        print(f"zeroshard stage {args.stage}, {args.precision}, {args.optimizer} | {world} ranks{layout} "
+              f"on {device.type} ({'nccl' if cuda else 'gloo'}) | {n_params / 1e6:.2f}M parameters | "
               f"loss floor ~{data.entropy():.3f} nats", flush=True)
+        if args.optimizer == "muon":  # each matrix has one owner: how even is the split?
+            imbalance = opt.sharding_report()["imbalance"]
+            print("  work per rank, max/mean: " + ", ".join(
+                f"{name.split('.')[-1]} {value:.3f}" for name, value in imbalance.items()), flush=True)
 
     first_step = 0
     if args.resume and os.path.exists(os.path.join(args.save_dir, "LATEST")):
