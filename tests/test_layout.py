@@ -4,7 +4,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from zeroshard._layout import FlatLayout
+from zeroshard._layout import FlatLayout, assign_owners
 
 layouts = st.builds(FlatLayout, st.lists(st.integers(0, 40), min_size=1, max_size=8).map(tuple),
                     st.integers(1, 8))
@@ -54,3 +54,54 @@ def test_flatten_shard_gather_unflatten_is_identity(layout, seed):
         span = layout.param_range(index)
         assert torch.equal(gathered[span.start:span.stop], t)
     assert torch.count_nonzero(gathered[layout.numel:]) == 0  # padding stays zero
+
+
+# Note [whole-parameter ownership]: owners chosen by assign_owners
+owned_buckets = st.tuples(st.lists(st.integers(0, 40), min_size=1, max_size=8).map(tuple),
+                          st.integers(1, 6))
+
+
+@given(owned_buckets, st.lists(st.floats(0, 100), min_size=6, max_size=6))
+def test_each_parameter_lies_whole_in_its_owners_segment(bucket, carried):
+    numels, world_size = bucket
+    owners, work = assign_owners(numels, tuple(float(n) for n in numels), tuple(carried[:world_size]))
+    layout = FlatLayout(numels, world_size, owners)
+    assert layout.shard_numel == max(layout.loads) and layout.padded_numel == world_size * max(layout.loads)
+    covered = [0] * layout.padded_numel
+    for index, numel in enumerate(numels):
+        for rank in range(world_size):
+            overlap = layout.overlap(index, rank)
+            if rank == owners[index] and numel:
+                assert overlap == (0, numel, layout.param_range(index).start - layout.shard_range(rank).start)
+            else:
+                assert overlap is None
+        for i in layout.param_range(index):
+            covered[i] += 1
+    assert max(covered, default=0) <= 1  # no two parameters share an element
+    assert sorted(layout.owned(r) for r in range(world_size)) == sorted(
+        [i for i, o in enumerate(owners) if o == r] for r in range(world_size))
+    assert [round(w - c, 6) for w, c in zip(work, carried)] == [
+        round(sum(float(n) for n, o in zip(numels, owners) if o == r), 6) for r in range(world_size)]
+
+
+@given(owned_buckets)
+def test_owners_balance_within_the_largest_parameter(bucket):
+    """Largest first to the least loaded rank: no rank holds more than the least loaded
+    one plus one parameter (the classic bound of greedy list scheduling)."""
+    numels, world_size = bucket
+    owners, _ = assign_owners(numels, tuple(float(n) for n in numels), (0.0,) * world_size)
+    loads = FlatLayout(numels, world_size, owners).loads
+    assert max(loads) - min(loads) <= max(numels)
+    assert sum(loads) == sum(numels)
+
+
+def test_work_carried_across_buckets_spreads_the_largest_parameters():
+    """Three equal buckets of a 4-, a 3- and a 1-element parameter over three ranks.
+    Without the carried work rank 0 would take the largest every time (work 12 / 9 / 3);
+    with it the largest moves on, and the ranks' work ends within one parameter."""
+    work, largest = (0.0, 0.0, 0.0), set()
+    for _ in range(3):
+        owners, work = assign_owners((4, 3, 1), (4.0, 3.0, 1.0), work)
+        largest.add(owners[0])
+    assert len(largest) > 1
+    assert max(work) - min(work) <= 4 and sum(work) == 24
