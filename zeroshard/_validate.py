@@ -77,7 +77,12 @@ def check_optimizer_arguments(groups: list[dict], default: type, default_kwargs:
         try:
             cls(specs, **(default_kwargs if cls is default else {}))
         except (ValueError, TypeError, RuntimeError) as error:
-            raise type(error)(f"{cls.__name__} refuses its param groups: {error}") from error
+            message = f"{cls.__name__} refuses its param groups: {error}"
+            try:  # the same type where it takes a message (subclasses may not)
+                refusal = type(error)(message)
+            except Exception:  # noqa: BLE001
+                refusal = ValueError(message)
+            raise refusal from error
 
 
 def check_units(units, stage: int) -> None:
