@@ -100,6 +100,13 @@ class ZeroOptimizer(torch.optim.Optimizer):
     arguments other than the ones below go to ``optimizer_class``. Gradients are
     cleared by ``zero_grad()`` of this optimizer or of the model, as under DDP.
 
+    A param group may name its own ``"optimizer_class"`` (Muon for the hidden matrices
+    beside the positional AdamW); its hyper-parameters come from the group, the
+    missing ones from that class's defaults. Element-wise classes step flat shards;
+    any other class (Muon, Adafactor, one zeroshard does not know) steps whole
+    parameters, each on one owner rank that sends the result to the others (Note
+    [whole-parameter ownership] in _layout.py; ``sharding_report()`` says how evenly).
+
     A parameter that gets no gradient on any rank in a step counts as having a zero
     gradient (its bucket is reduced all the same), so weight decay and momentum
     still move it, where plain PyTorch would skip it.
