@@ -278,3 +278,56 @@ def round_trip_then_schedule(ctx, stage: int) -> float:
     with zopt.summon_full_params():
         return max(float((p.detach() - q.detach()).abs().max())
                    for p, q in zip(zero_model.parameters(), ddp_model.parameters()))
+
+
+def scaler_with_ranks_that_own_nothing(ctx) -> dict:
+    """Muon alone over two matrices on four ranks (two own nothing), fp16 with
+    GradScaler; in the third step rank 3's loss is inf. Every rank must record an inf
+    check, skip that step and halve the scale; the ranks agree on the parameters."""
+    torch.manual_seed(ctx.rank)
+    model = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False))
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.Muon, stage=2, process_group=ctx.group,
+                                  lr=0.02, mixed_precision=zeroshard.MixedPrecision(
+                                      torch.float16, output_dtype=torch.float32))
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scales, moved = [], []
+    for step in range(4):
+        with opt.summon_full_params():
+            before = [p.detach().clone() for p in model.parameters()]
+        loss = model(torch.randn(3, 4)).square().mean()
+        if step == 2 and ctx.rank == 3:
+            loss = loss * float("inf")
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        opt.clip_grad_norm_(1.0)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        scales.append(scaler.get_scale())
+        with opt.summon_full_params():
+            moved.append(any(not torch.equal(a, b) for a, b in zip(before, model.parameters())))
+            final = torch.cat([p.detach().float().reshape(-1) for p in model.parameters()])
+    owned = sum(len(b.layout.owned(b.rank)) for b in opt._buckets)
+    return {"scales": scales, "moved": moved, "final": final, "owned": owned}
+
+
+def hyperparameters_of_two_classes(ctx) -> dict:
+    """What schedulers see of Muon + AdamW groups: each group its own class's keys, the
+    optimizer's defaults only the keys both share (the positional class's values)."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    matrices = [m.weight for m in model]
+    rest = [m.bias for m in model]
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.AdamW, stage=1, process_group=ctx.group,
+                                  lr=0.01, param_groups=[
+                                      {"params": matrices, "optimizer_class": torch.optim.Muon,
+                                       "lr": 0.02}, {"params": rest}])
+    out = {"defaults": dict(opt.defaults), "keys": [sorted(g) for g in opt.param_groups]}
+    try:
+        torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=10)
+        out["one_cycle"] = None
+    except ValueError as error:
+        out["one_cycle"] = str(error)
+    torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=10, cycle_momentum=False)
+    out["lrs"] = [g["lr"] for g in opt.param_groups]
+    opt.close()
+    return out

@@ -108,3 +108,26 @@ def test_a_state_dict_round_trip_keeps_the_groups_live_for_schedulers(pool, stag
     state dict when it prepares an optimizer: Trainer stepped with its initial lr)."""
     for diff in pool.run(cases_owned.round_trip_then_schedule, 2, stage):
         assert diff == 0, diff  # two ranks, no clipping: the same arithmetic as DDP
+
+
+def test_grad_scaler_on_ranks_that_own_no_parameter_skips_with_the_others(pool):
+    """A rank that owns no parameter whole still holds each bucket's shard in its
+    param groups, so GradScaler records its inf check there (it asserted before)."""
+    results = pool.run(cases_owned.scaler_with_ranks_that_own_nothing, 4)
+    assert sorted(r["owned"] for r in results) == [0, 0, 1, 1]
+    for res in results:
+        assert res["scales"] == [1024.0, 1024.0, 512.0, 512.0], res["scales"]
+        assert res["moved"] == [True, True, False, True], res["moved"]
+        assert torch.equal(res["final"], results[0]["final"])
+
+
+def test_groups_of_two_classes_show_each_its_own_hyperparameters(pool):
+    (res,) = pool.run(cases_owned.hyperparameters_of_two_classes, 1)
+    muon, adamw = res["keys"]
+    assert "ns_steps" in muon and "betas" not in muon, muon
+    assert "betas" in adamw and "ns_steps" not in adamw and "momentum" not in adamw, adamw
+    # the positional class's values, the keys both classes have
+    assert res["defaults"]["lr"] == 0.01 and "betas" not in res["defaults"], res["defaults"]
+    # cycling momentum would reach one class only: torch's own refusal, not a silent no-op
+    assert "momentum or beta1" in res["one_cycle"], res["one_cycle"]
+    assert res["lrs"][0] == res["lrs"][1] == pytest.approx(0.1 / 25)  # OneCycleLR's start

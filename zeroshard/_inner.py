@@ -47,7 +47,10 @@ class InnerOptimizers:
         # group i is self.optimizers[o].param_groups[k] for (o, k) = self._places[i]: looked
         # up each time, as torch's load_state_dict gives an optimizer new group dicts
         self._places: list[tuple[int, int]] = [None] * len(groups)
+        self._default = 0  # the optimizer of the positional class, else the first
         for cls in dict.fromkeys(self.classes):  # first-use order
+            if cls is default:
+                self._default = len(self.optimizers)
             members = [i for i, c in enumerate(self.classes) if c is cls]
             kwargs = default_kwargs if cls is default else {}
             specs = [{**hyperparameters(groups[i]), "params": tensors[i]} for i in members]
@@ -74,7 +77,12 @@ class InnerOptimizers:
 
     @property
     def defaults(self) -> dict:
-        return self.optimizers[0].defaults
+        """The positional class's defaults (with its keyword arguments), limited to the
+        keys every class has: a scheduler that adjusts a hyper-parameter of one class
+        only (OneCycleLR's momentum or betas) then refuses, rather than writing a key
+        the other classes' groups would ignore."""
+        common = set.intersection(*(set(o.defaults) for o in self.optimizers))
+        return {k: v for k, v in self.optimizers[self._default].defaults.items() if k in common}
 
     def owner_of(self, tensor: torch.Tensor) -> torch.optim.Optimizer | None:
         return self._by_tensor.get(id(tensor))

@@ -65,7 +65,7 @@ def check_optimizer_arguments(groups: list[dict], default: type, default_kwargs:
     and before the parameters are sharded (a rank that owns none would not see it)."""
     from ._inner import class_of, hyperparameters  # noqa: PLC0415 (_inner imports torch only)
     for index, group in enumerate(groups):
-        if "optimizer_class" in group:
+        if group.get("optimizer_class") is not None:  # None: the positional class
             check_optimizer_class(group["optimizer_class"],
                                   f"param_groups[{index}]['optimizer_class']")
     for cls in dict.fromkeys(class_of(g, default) for g in groups):

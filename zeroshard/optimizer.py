@@ -163,7 +163,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
                                if not _validate.is_elementwise(class_of(g, optimizer_class))},
                               ranks.shard_size)
         every_bucket = self._build_buckets(groups, units, int(bucket_size_mb * 2**20), ownership)
-        self._refuse_orders_that_differ_across_ranks(every_bucket, device)
+        self._refuse_layouts_that_differ_across_ranks(
+            every_bucket, [class_of(g, optimizer_class) for g in groups], device)
         self._place_model(every_bucket, device, initialisation)
         self._every_bucket = every_bucket
         self._buckets = [b for b in every_bucket if b.params[0].requires_grad]  # optimized
@@ -172,13 +173,16 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._inner = InnerOptimizers(
             groups, [[t for b in self._buckets if b.group_index == i for t in b.stepped]
                      for i in range(len(groups))], optimizer_class, optimizer_kwargs)
-        # The outer groups hold the very tensors the inner optimizer steps (this rank's
-        # master shards; their .grad is the reduced gradient shard) with every
-        # hyper-parameter of the inner groups, defaults filled in. Schedulers find the
-        # hyper-parameters they expect, and torch.amp.GradScaler unscales and checks
-        # exactly the gradients the step will use.
-        outer = [{**hyperparameters(inner), "params": inner["params"]}
-                 for inner in self._inner.param_groups]
+        # The outer groups hold this rank's master shards (their .grad is the reduced
+        # gradient shard; the inner optimizers step them, or views of the parameters
+        # this rank owns whole) with every hyper-parameter of the inner groups, defaults
+        # filled in. Schedulers find the hyper-parameters they expect, and
+        # torch.amp.GradScaler unscales and checks exactly the gradients the step will
+        # use, once each, on every rank (a rank that owns no parameter whole still holds
+        # each bucket's shard: Note [non-finite gradients] fills those).
+        outer = [{**hyperparameters(inner), "params": [b.master for b in self._buckets
+                                                       if b.group_index == i]}
+                 for i, inner in enumerate(self._inner.param_groups)]
         super().__init__(outer, self._inner.defaults)
 
         if stage == 3:
@@ -328,29 +332,40 @@ class ZeroOptimizer(torch.optim.Optimizer):
             bucket.param_names = [names[id(p)] for p in bucket.params]
         return buckets
 
-    def _refuse_orders_that_differ_across_ranks(self, buckets: list[FlatBucket],
-                                                device: torch.device) -> None:
-        """Every rank must hold each parameter in one memory order (Note [memory order]
-        in _bucket.py): the collectives move whole buffers, so a ``channels_last``
-        weight on one rank and a row-major one on another would exchange scrambled
-        values. The ranks compare a fingerprint of the orders in one all-reduce (DDP
-        checks strides too)."""
+    def _refuse_layouts_that_differ_across_ranks(self, buckets: list[FlatBucket], classes: list[type],
+                                                 device: torch.device) -> None:
+        """Every rank must lay the buckets out alike, as the collectives move whole
+        buffers and every rank must issue the same ones. Two things can differ: the
+        memory order a rank holds a parameter in (Note [memory order] in _bucket.py: a
+        ``channels_last`` weight on one rank and a row-major one on another would
+        exchange scrambled values; DDP checks strides too), and the buckets themselves
+        (param groups, optimizer classes and so owners, ``bucket_size_mb`` given
+        differently on some ranks). The ranks compare a fingerprint of each in one
+        all-reduce."""
         if self._world_size == 1:
             return
         held = [(name, order) for bucket in buckets
                 for name, order in zip(bucket.param_names, bucket.orders)
                 if order != tuple(range(len(order)))]
-        fingerprint = torch.tensor([zlib.crc32(repr(held).encode())], dtype=torch.int64,
+        layouts = [(b.group_index, b.param_names, b.layout.owners) for b in buckets]
+        fingerprint = torch.tensor([zlib.crc32(repr(held).encode()),
+                                    zlib.crc32(repr(layouts).encode())], dtype=torch.int64,
                                    device=device)
         highest, lowest = _comm.extremes(fingerprint, group=self._group, stats=self.comm_stats,
                                          label="init")
-        if not torch.equal(highest, lowest):
+        if highest[0] != lowest[0]:
             mine = ", ".join(name for name, _ in held[:3]) or "none"
             raise ValueError(
                 "the parameters' memory formats differ across ranks (e.g. "
                 "model.to(memory_format=torch.channels_last) on some ranks only); this rank "
                 f"holds these parameters in a non-row-major order: {mine}. Give the model "
                 "the same memory format on every rank before building ZeroOptimizer")
+        if highest[1] != lowest[1]:
+            raise ValueError(
+                "the ranks built different buckets: param_groups, their optimizer_class or "
+                f"bucket_size_mb differ across ranks (this rank has {len(buckets)} buckets; its "
+                f"groups' classes are {[c.__name__ for c in classes]}); build ZeroOptimizer "
+                "with the same arguments on every rank")
 
     def _place_model(self, buckets: list[FlatBucket], device: torch.device,
                      plan: _materialize.Initialisation) -> None:
