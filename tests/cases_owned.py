@@ -331,3 +331,24 @@ def hyperparameters_of_two_classes(ctx) -> dict:
     out["lrs"] = [g["lr"] for g in opt.param_groups]
     opt.close()
     return out
+
+
+def arguments_that_differ_across_ranks(ctx, which: str) -> str | None:
+    """Rank 1 builds other buckets than rank 0 (Adafactor instead of Muon for the
+    matrices, or another bucket_size_mb): every rank must raise, and stay in step."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 2))
+    classes = (torch.optim.Muon, torch.optim.Adafactor if which == "class" else torch.optim.Muon)
+    bucket_mb = (25, 1e-4 if which == "bucket_size_mb" else 25)
+    try:
+        zeroshard.ZeroOptimizer(model, torch.optim.AdamW, stage=2, process_group=ctx.group,
+                                bucket_size_mb=bucket_mb[ctx.rank], param_groups=[
+                                    {"params": [m.weight for m in model],
+                                     "optimizer_class": classes[ctx.rank]},
+                                    {"params": [m.bias for m in model]}])
+        error = None
+    except ValueError as refusal:
+        error = str(refusal)
+    probe = torch.ones(1)  # every rank is still in step
+    dist.all_reduce(probe, group=ctx.group)
+    assert probe.item() == ctx.world_size
+    return error

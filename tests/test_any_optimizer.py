@@ -131,3 +131,12 @@ def test_groups_of_two_classes_show_each_its_own_hyperparameters(pool):
     # cycling momentum would reach one class only: torch's own refusal, not a silent no-op
     assert "momentum or beta1" in res["one_cycle"], res["one_cycle"]
     assert res["lrs"][0] == res["lrs"][1] == pytest.approx(0.1 / 25)  # OneCycleLR's start
+
+
+@pytest.mark.parametrize("which", ["class", "bucket_size_mb"])
+def test_ranks_that_build_different_buckets_are_refused_on_every_rank(pool, which):
+    """Owners follow the classes and buckets: ranks that disagree would exchange
+    buffers of other sizes (gloo aborts) or scrambled values."""
+    for error in pool.run(cases_owned.arguments_that_differ_across_ranks, 2, which):
+        assert error is not None and "differ across ranks" in error, error
+        assert "same arguments on every rank" in error, error

@@ -347,7 +347,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         held = [(name, order) for bucket in buckets
                 for name, order in zip(bucket.param_names, bucket.orders)
                 if order != tuple(range(len(order)))]
-        layouts = [(b.group_index, b.param_names, b.layout.owners) for b in buckets]
+        layouts = [(b.group_index, b.param_names, b.layout.owners) for b in buckets] + [
+            f"{c.__module__}.{c.__qualname__}" for c in classes]
         fingerprint = torch.tensor([zlib.crc32(repr(held).encode()),
                                     zlib.crc32(repr(layouts).encode())], dtype=torch.int64,
                                    device=device)
