@@ -1,7 +1,8 @@
 """HF Trainer: ZeroTrainer at stages 1-3 against Trainer with its own DDP, in torchrun jobs.
 
 tests/hf_trainer_job.py trains a tiny GPT-2 on 2 ranks with gradient accumulation,
-active clipping (max_grad_norm below every step's norm), a linear schedule with
+active clipping (max_grad_norm below every step's norm; in fp32 only, see
+hf_trainer_job.max_grad_norm), a linear schedule with
 warm-up, evaluation and checkpoints, once per run: Trainer + DDP, then ZeroTrainer
 at each stage, in fp32 and under bf16 autocast (bf16=True). Differences come only
 from the order of fp32 sums (the gradient norm over shards, the reductions), which
@@ -52,7 +53,9 @@ def assert_close_parameters(got: dict, expected: dict) -> None:
 def test_zero_trainer_logs_and_trains_like_trainer_with_ddp(job, stage):
     reference, run = job["runs"][None], job["runs"][stage]
     steps = [e for e in reference["history"] if "grad_norm" in e]
-    assert len(steps) == 4 and all(e["grad_norm"] > 0.5 for e in steps)  # clipping was active
+    assert len(steps) == 4
+    if job["max_grad_norm"] < 1:  # fp32: clipping was active (hf_trainer_job.max_grad_norm)
+        assert all(e["grad_norm"] > job["max_grad_norm"] for e in steps)
     assert any("eval_loss" in e for e in reference["history"])
     assert_same_history(run["history"], reference["history"])
     assert_close_parameters(run["params"], reference["params"])
