@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import gc
-
 import torch
 import torch.distributed as dist
 from torch import nn
 
 import zeroshard
 from models import MLP, TinyTransformer, build_model, loss_fn, make_batch
+from rss import Peak
 
 
 def init_everything(module: nn.Module) -> None:
@@ -117,14 +116,6 @@ def batchnorm_statistics_on_meta(ctx):
     return stats
 
 
-def rss_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise AssertionError(field)
-
-
 def _state(opt) -> tuple[dict, dict] | None:
     full = opt.full_state_dict()
     return None if full is None else ({k: v.float() for k, v in full[0].items()}, full[1])
@@ -207,20 +198,6 @@ def load_safetensors(ctx, spec: dict, stage: int, folder: str, rank0_only: bool)
     return values
 
 
-class _Peak:
-    """The RSS high-water mark above the level when the block starts (bytes)."""
-
-    def __enter__(self):
-        gc.collect()
-        self.before = rss_kib("VmRSS")
-        with open("/proc/self/clear_refs", "w") as clear:
-            clear.write("5")
-        return self
-
-    def __exit__(self, *exc):
-        self.bytes = (rss_kib("VmHWM") - self.before) * 1024
-
-
 def phase_peaks(ctx, layers: int, width: int, folder: str):
     """Stage 3 over ``layers`` Linear(width, width) units built on meta: the peak of each
     phase a model bigger than one device goes through, each above the level before it."""
@@ -238,36 +215,36 @@ def phase_peaks(ctx, layers: int, width: int, folder: str):
     peaks = {}
     with torch.device("meta"):
         model = nn.Sequential(*(nn.Linear(width, width) for _ in range(layers)))
-    with _Peak() as peak:
+    with Peak() as peak:
         opt = zeroshard.ZeroOptimizer(model, torch.optim.AdamW, stage=3, process_group=ctx.group,
                                       device="cpu", units=nn.Linear, lr=1e-3)
     peaks["construct"] = peak.bytes
     x = torch.randn(4, width, generator=torch.Generator().manual_seed(ctx.rank))
     for step in range(2):
-        with _Peak() as peak:
+        with Peak() as peak:
             model(x).square().mean().backward()
         peaks[f"backward{step}"] = peak.bytes
-        with _Peak() as peak:
+        with Peak() as peak:
             opt.step()
             opt.zero_grad()
         peaks[f"step{step}"] = peak.bytes
-    with _Peak() as peak:
+    with Peak() as peak:
         zeroshard.save_checkpoint(folder + "-checkpoint", model, opt)
     peaks["save_checkpoint"] = peak.bytes
-    with _Peak() as peak:
+    with Peak() as peak:
         zeroshard.load_checkpoint(folder + "-checkpoint", model, opt)
     peaks["load_checkpoint"] = peak.bytes
-    with _Peak() as peak:
+    with Peak() as peak:
         zeroshard.save_full_model(folder, model, opt)
     peaks["save_full_model"] = peak.bytes
-    with _Peak() as peak:
+    with Peak() as peak:
         full = opt.full_state_dict()
     peaks["full_state_dict"] = peak.bytes
-    with _Peak() as peak:
+    with Peak() as peak:
         opt.load_full_state_dict(*(full if full is not None else (None, None)))
     peaks["load_from_rank0"] = peak.bytes
     del full
-    with _Peak() as peak:
+    with Peak() as peak:
         opt.load_full_state_dict(folder)
     peaks["load_safetensors"] = peak.bytes
     peaks["model_states"] = sum(opt.memory_report().values())

@@ -24,8 +24,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import zeroshard
 from cases import OPTIMIZERS, UNITS, flat_params, step_comm
-from cases_big_models import rss_kib
 from models import build_model, loss_fn, make_batch
+from rss import rss_kib
 
 PRECISIONS = {  # name -> (param_dtype, reduce_dtype)
     "bf16": (torch.bfloat16, None),

@@ -70,6 +70,7 @@ Note [non-finite gradients]:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import enum
 import weakref
@@ -84,6 +85,12 @@ from torch.utils._pytree import tree_flatten
 from . import _comm
 from ._bucket import FlatBucket
 from .mixed_precision import MASTER_DTYPE, MixedPrecision, fp16_compute
+
+
+# Collectives a stage has launched and not yet waited for, at most: one waited for while
+# the next runs. Each holds its input (and on gloo the collective's own temporaries).
+REDUCTIONS_IN_FLIGHT = 2
+GATHERS_IN_FLIGHT = 2
 
 
 class WeakHook:
@@ -264,6 +271,8 @@ class ShardedStage:
     def _launch_next(self) -> None:
         bucket = self.buckets[self._next_launch]
         self._next_launch += 1
+        if len(self._in_flight) >= REDUCTIONS_IN_FLIGHT:
+            self._finish_oldest()  # its inputs and temporaries go before the next one's come
         self._in_flight.append((bucket, *self.launch(bucket)))
 
     def _on_backward_end(self) -> None:
@@ -349,11 +358,14 @@ class ShardedStage:
     def wait_in_flight(self) -> None:
         """Wait for launched reduce-scatters and hand their results to the stage (idempotent)."""
         while self._in_flight:
-            bucket, work, reduced, consumed = self._in_flight.pop(0)
-            _comm.wait(work)
-            if consumed is not None:  # its work handle outlives it (Note [finished work])
-                _comm.release([consumed])
-            self.finalize(bucket, reduced)
+            self._finish_oldest()
+
+    def _finish_oldest(self) -> None:
+        bucket, work, reduced, consumed = self._in_flight.pop(0)
+        _comm.wait(work)
+        if consumed is not None:  # its work handle outlives it (Note [finished work])
+            _comm.release([consumed])
+        self.finalize(bucket, reduced)
 
     # -- after the optimizer step -----------------------------------------------------
 
@@ -392,10 +404,17 @@ class ShardedStage:
         return contextlib.nullcontext()
 
     def gather_params(self) -> None:
-        """All-gather each bucket's updated shard into its flat buffer (the parameters)."""
-        works = [_comm.all_gather(b.flat, b.shard, group=self.group, stats=self.stats,
-                                  label=self.label, async_op=True) for b in self.buckets]
-        _comm.wait_all(works)
+        """All-gather each bucket's updated shard into its flat buffer (the parameters), in
+        forward order (the launch order reversed), at most GATHERS_IN_FLIGHT at once: a
+        collective's temporaries (Note [collectives on gloo]) stay a bucket's, not the
+        model's."""
+        in_flight: collections.deque = collections.deque()
+        for bucket in reversed(self.buckets):
+            if len(in_flight) == GATHERS_IN_FLIGHT:
+                _comm.wait(in_flight.popleft())
+            in_flight.append(_comm.all_gather(bucket.flat, bucket.shard, group=self.group,
+                                              stats=self.stats, label=self.label, async_op=True))
+        _comm.wait_all(in_flight)
 
     def reduce_scatter(self, bucket: FlatBucket, flat_grad: torch.Tensor, consumable: bool):
         """Average ``flat_grad`` over ranks; this rank's shard lands in a new tensor.
@@ -416,7 +435,8 @@ class ShardedStage:
             consumable, op = True, dist.ReduceOp.SUM
         reduced = torch.empty(bucket.shard.numel(), dtype=dtype, device=flat_grad.device)
         work = _comm.reduce_scatter(reduced, flat_grad, group=self.group, stats=self.stats,
-                                    label=self.label, op=op, async_op=True)
+                                    label=self.label, op=op, async_op=True,
+                                    input_is_scratch=consumable)
         return work, reduced, flat_grad if consumable else None
 
     def remove_hooks(self) -> None:

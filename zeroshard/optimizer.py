@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import weakref
 import zlib
 
@@ -11,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import _comm, _full_state, _materialize, _validate
+from . import _clip, _comm, _full_state, _materialize, _validate
 from ._bucket import FlatBucket, Ownership, build_buckets
 from ._buffers import BufferFollower
 from ._ddp_guard import DDPGuard
@@ -505,22 +504,13 @@ class ZeroOptimizer(torch.optim.Optimizer):
         for bucket in self._buckets:
             bucket.widen_grad_shard()  # clip in fp32: the step uses fp32 gradients anyway
         grads = [b.grad_shard for b in self._buckets if b.grad_shard is not None]
-        local = torch.zeros((), dtype=torch.float32, device=self._device)
-        if math.isinf(norm_type):
-            for grad in grads:
-                local = torch.maximum(local, grad.abs().max().float())
-            op = dist.ReduceOp.MAX
-        else:
-            for grad in grads:
-                local += torch.linalg.vector_norm(grad, norm_type, dtype=torch.float32) ** norm_type
-            op = dist.ReduceOp.SUM
+        term = _clip.shard_norm_term(grads, norm_type, self._device)
         # every replica holds the same shards: the norm is over one replica's
-        _comm.all_reduce(local, group=self._group.shard_only(), stats=self.comm_stats,
-                         label=self._live.label, op=op)
-        total = local if math.isinf(norm_type) else local ** (1.0 / norm_type)
-        clip_coef = (float(max_norm) / (total + 1e-6)).clamp(max=1.0)
-        for grad in grads:
-            grad.mul_(clip_coef.to(grad.dtype))
+        _comm.all_reduce(term, group=self._group.shard_only(), stats=self.comm_stats,
+                         label=self._live.label, op=_clip.combine_op(norm_type))
+        total = _clip.total_norm(term, norm_type)
+        clip_coef = _clip.clip_coefficient(total, max_norm)
+        _clip.scale_(grads, clip_coef)
         self._live.scale_local_gradients(clip_coef)
         return total
 

@@ -1,0 +1,68 @@
+"""Worker-side functions for the real-memory test: the RSS peak of back-to-back training
+steps against what the bound in README's "Real memory" section is made of."""
+
+from __future__ import annotations
+
+import gc
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import zeroshard
+from rss import Peak, rss_kib
+
+LAYERS, WIDTH, BATCH = 16, 1024, 4
+LINEAR_BYTES = (WIDTH * WIDTH + WIDTH) * 4  # one Linear's weight and bias in fp32
+
+
+def _train(model, opt, x, steps: int) -> None:
+    for _ in range(steps):
+        model(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def _optimizer(ctx, model, stage: int, linears_per_bucket: int):
+    extra = {"units": nn.Linear} if stage == 3 else {}
+    bucket_mb = (linears_per_bucket + 0.01) * LINEAR_BYTES / 2**20
+    return zeroshard.ZeroOptimizer(model, torch.optim.AdamW, stage=stage, lr=1e-3,
+                                   process_group=ctx.group, bucket_size_mb=bucket_mb, **extra)
+
+
+def step_peak(ctx, stage: int, linears_per_bucket: int) -> dict:
+    """``LAYERS`` Linear(WIDTH, WIDTH) trained with AdamW at ``stage``: the RSS peak of
+    three steps run back to back after a warm-up step, above the RSS before the model
+    was built; the model states memory_report() counts after a backward; and the peak of
+    torch's own AdamW step over copies of this rank's master shards (the inner
+    optimizer's temporaries, which no sharding removes)."""
+    small = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))  # one-time set-up, not counted
+    _train(small, _optimizer(ctx, small, stage, 1), torch.ones(2, 8), steps=2)
+    gc.collect()
+    dist.barrier(group=ctx.group)
+    baseline = rss_kib("VmRSS")
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*(nn.Linear(WIDTH, WIDTH) for _ in range(LAYERS)))
+    opt = _optimizer(ctx, model, stage, linears_per_bucket)
+    x = torch.randn(BATCH, WIDTH, generator=torch.Generator().manual_seed(ctx.rank))
+    _train(model, opt, x, steps=1)
+
+    dist.barrier(group=ctx.group)
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")  # the high-water mark starts again from the current RSS
+    _train(model, opt, x, steps=3)
+    peak = (rss_kib("VmHWM") - baseline) * 1024
+    model(x).square().mean().backward()
+    report = opt.memory_report()
+    # After the measured steps: what this leaves behind would otherwise count in their peak.
+    copies = [p.detach().clone() for group in opt.param_groups for p in group["params"]]
+    for copy in copies:
+        copy.grad = torch.ones_like(copy)
+    plain = torch.optim.AdamW(copies, lr=1e-3)
+    plain.step()  # its states exist before the measured step, as the inner optimizer's do
+    with Peak() as plain_step:
+        plain.step()
+    opt.close()
+    return {"peak": peak, "plain_step": plain_step.bytes, "parameters": report["parameters"],
+            "gradients": report["gradients"], "optimizer_states": report["optimizer_states"]}

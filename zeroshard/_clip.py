@@ -1,0 +1,49 @@
+"""The norm math of ``ZeroOptimizer.clip_grad_norm_``: pure functions of this rank's
+gradient shards, one foreach kernel per step of the math (not a few per bucket).
+
+The global norm over the shards of every rank is ``total_norm`` of the sum (the
+maximum, for the inf-norm) over ranks of each rank's ``shard_norm_term``.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+
+import torch
+import torch.distributed as dist
+
+
+def combine_op(norm_type: float) -> dist.ReduceOp:
+    """How the ranks' terms combine: the maximum for the inf-norm, else the sum."""
+    return dist.ReduceOp.MAX if math.isinf(norm_type) else dist.ReduceOp.SUM
+
+
+def shard_norm_term(grads: list[torch.Tensor], norm_type: float,
+                    device: torch.device) -> torch.Tensor:
+    """This rank's share of the norm, in fp32: max |g| for the inf-norm, else sum ‖g‖_p^p."""
+    if not grads:
+        return torch.zeros((), dtype=torch.float32, device=device)
+    norms = torch.stack(torch._foreach_norm(grads, norm_type, dtype=torch.float32))
+    if math.isinf(norm_type):
+        return norms.max()
+    return norms.pow_(norm_type).sum()
+
+
+def total_norm(term: torch.Tensor, norm_type: float) -> torch.Tensor:
+    """The global norm from the ranks' combined terms."""
+    return term if math.isinf(norm_type) else term ** (1.0 / norm_type)
+
+
+def clip_coefficient(total: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """The factor torch.nn.utils.clip_grad_norm_ scales gradients by (at most 1)."""
+    return (float(max_norm) / (total + 1e-6)).clamp(max=1.0)
+
+
+def scale_(grads: list[torch.Tensor], factor: torch.Tensor) -> None:
+    """Multiply every gradient by ``factor`` in place, one foreach call per dtype."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = collections.defaultdict(list)
+    for grad in grads:
+        by_dtype[grad.dtype].append(grad)
+    for dtype, same in by_dtype.items():
+        torch._foreach_mul_(same, factor.to(dtype))
