@@ -370,8 +370,8 @@ def _finish(work, async_op: bool):
 #     (``release``), and ``close()`` lets go of them all (``release_finished``).
 #     After ``del opt`` without ``close()`` they are held until the next zeroshard wait.
 #     But a work also holds what the backend allocated for it, which ``release``
-#     cannot reach (gloo's flat reduce-scatter keeps a copy of its whole input, Note [collectives on gloo]): held for
-#     RETAIN_S, a backward shorter than that kept every bucket's copy, the full
+#     cannot reach (gloo's flat reduce-scatter keeps a copy of its whole input, which
+#     Note [collectives on gloo] avoids on CPU): held for RETAIN_S, a backward shorter than that kept every bucket's copy, the full
 #     gradient size, alive. So only the works of the latest RETAIN_WAITS waits are
 #     held for RETAIN_S; older ones are let go at a later wait once they have been
 #     finished for RETAIN_MIN_S. Dropping a work while the process goes on running
