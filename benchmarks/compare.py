@@ -112,9 +112,10 @@ def rss_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def setup(method: str, model, lr: float, mesh=None):
+def setup(method: str, model, lr: float, mesh=None, block=Block):
     """Wrap ``model`` the way ``method`` does; return (module to call, optimizer, backward).
-    ``mesh``: the (replicate, shard) DeviceMesh of the hybrid methods."""
+    ``mesh``: the (replicate, shard) DeviceMesh of the hybrid methods; ``block``: the
+    module class FSDP1 wraps and zeroshard's stage 3 gathers (FSDP2 shards ``model.blocks``)."""
     adamw = lambda params: torch.optim.AdamW(params, lr=lr)  # noqa: E731
     if method == "ddp_muon":
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -135,7 +136,7 @@ def setup(method: str, model, lr: float, mesh=None):
         strategy = (ShardingStrategy.FULL_SHARD if method == "fsdp1_full_shard"
                     else ShardingStrategy.SHARD_GRAD_OP)
         device = next(model.parameters()).device  # FSDP1 runs on CPU only when told so
-        fsdp = FSDP(model, sharding_strategy=strategy, auto_wrap_policy=ModuleWrapPolicy({Block}),
+        fsdp = FSDP(model, sharding_strategy=strategy, auto_wrap_policy=ModuleWrapPolicy({block}),
                     use_orig_params=True, device_id=device)
         return fsdp, adamw(fsdp.parameters()), None
     if method.startswith("fsdp2"):
@@ -155,7 +156,7 @@ def setup(method: str, model, lr: float, mesh=None):
     if method.startswith("zeroshard"):
         import zeroshard
         stage = METHODS[method][0]
-        extra = {"units": Block} if stage == 3 else {}
+        extra = {"units": block} if stage == 3 else {}
         if mesh is not None:
             extra["mesh"] = mesh
         if muon(method):
