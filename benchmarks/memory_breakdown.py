@@ -116,13 +116,16 @@ class Census:
             states = _storages(_optimizer_state(opt))
             figures = {"parameters": sum(params.values()), "gradients": sum(grads.values()),
                        "optimizer states": sum(states.values())}
+            # A tensor made in C++ (DDP's p.grad) has no Python object until Python reads
+            # it, so the garbage collector may not list it: count it here too.
+            live.update({**params, **grads, **states})
             claimed = sum({**params, **grads, **states}.values())
         # what autograd saved and still lives, weights saved for backward aside
         figures["activations"] = sum(size for ptr, size in saved.items()
                                      if ptr in live and ptr not in params)
-        figures["other tensors"] = max(0, sum(live.values()) - claimed - figures["activations"])
+        self.live = max(sum(live.values()), claimed + figures["activations"])
+        figures["other tensors"] = self.live - claimed - figures["activations"]
         self.figures = figures
-        self.live = sum(live.values())
 
 
 def build(args, rank: int, tiny: bool):
