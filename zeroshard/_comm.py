@@ -50,11 +50,10 @@ _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.re
 #     while it is retained (Note [finished work]), into the next step. So for CPU
 #     tensors a reduce-scatter is N reduces and an all-gather N broadcasts, issued in
 #     shard order on every rank, one work to wait for; the bytes counted are the same
-#     collective's. A reduce leaves
-#     other ranks' slices of its input changed (gloo reduces in place along the way), so
-#     an input the caller keeps is copied first (one bucket, freed once done). The
-#     mean is the sum divided by N once the reduces are done.
-#     NCCL's flat collectives need no such temporary: CUDA tensors keep them.
+#     collective's. A reduce leaves other ranks' slices of its input changed (gloo
+#     reduces in place along the way), so an input the caller keeps is copied first
+#     (one bucket, freed once done). The mean is the sum divided by N once the reduces
+#     are done. NCCL's flat collectives need no such temporary: CUDA tensors keep them.
 
 
 class _Shards:
@@ -371,9 +370,9 @@ def _finish(work, async_op: bool):
 #     After ``del opt`` without ``close()`` they are held until the next zeroshard wait.
 #     But a work also holds what the backend allocated for it, which ``release``
 #     cannot reach (gloo's flat reduce-scatter keeps a copy of its whole input, which
-#     Note [collectives on gloo] avoids on CPU): held for RETAIN_S, a backward shorter than that kept every bucket's copy, the full
-#     gradient size, alive. So only the works of the latest RETAIN_WAITS waits are
-#     held for RETAIN_S; older ones are let go at a later wait once they have been
+#     Note [collectives on gloo] avoids on CPU): held for RETAIN_S, a backward shorter
+#     than that kept every bucket's copy, the full gradient size, alive. So only the
+#     works of the latest RETAIN_WAITS waits are held for RETAIN_S; older ones are let go at a later wait once they have been
 #     finished for RETAIN_MIN_S. Dropping a work while the process goes on running
 #     is safe even if a worker still holds it (the worker then takes the GIL as
 #     usual); only a drop during teardown aborts, and the works a script's last
