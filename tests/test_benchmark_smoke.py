@@ -1,9 +1,11 @@
-"""The comparison script still runs end to end (tiny model, two methods; no timing asserted)."""
+"""The benchmark scripts still run end to end (tiny model, two methods; no timing asserted)."""
 
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -18,3 +20,25 @@ def test_compare_smoke_runs_and_reports_measured_zeroshard_comm(tmp_path):
     psi = rows["zeroshard3"]["psi"]
     assert 3 * 4 * psi <= rows["zeroshard3"]["comm_bytes"] <= 3 * 4 * psi * 1.01
     assert "| zeroshard3 | 3 |" in (tmp_path / "results.md").read_text()
+
+
+def test_memory_breakdown_smoke_counts_ddps_model_states_from_the_model(tmp_path):
+    """memory_breakdown.py runs end to end; its DDP row's parameters and AdamW states are
+    the smoke GPT's 4Ψ and 8Ψ + a 4-byte step per parameter, computed here."""
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "memory_breakdown.py"),
+                    "--model", "gpt", "--size", "smoke", "--steps", "1",
+                    "--methods", "ddp,zeroshard2", "--out", str(tmp_path)],
+                   check=True, capture_output=True, timeout=600)
+    rows = {r["method"]: r for r in json.loads((tmp_path / "breakdown.json").read_text())["rows"]}
+    assert "error" not in rows["ddp"] and "error" not in rows["zeroshard2"], rows
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from compare import SIZES, GPT  # compare.py puts examples/ on the path
+    size = SIZES["smoke"]
+    params = list(GPT(size["vocab"], size["d_model"], size["layers"], size["heads"],
+                      size["seq_len"]).parameters())
+    psi = sum(p.numel() for p in params)
+    mib = 2**20
+    figures = rows["ddp"]["figures"]
+    assert figures["parameters"] * mib == pytest.approx(4 * psi, abs=1), figures
+    assert figures["optimizer states"] * mib == pytest.approx(8 * psi + 4 * len(params), abs=1)
+    assert "| zeroshard2 |" in (tmp_path / "breakdown.md").read_text()
