@@ -229,17 +229,26 @@ def free_port() -> int:
 
 def run(method: str, world: int, size: dict, args, measure_memory: bool) -> list[dict]:
     """One fresh process group for one method; per-rank results."""
+    return spawn_ranks(worker, world, (free_port_cache[0], method, size, args), args.timeout,
+                       measure_memory)
+
+
+def spawn_ranks(target, world: int, target_args: tuple, timeout: float,
+                measure_memory: bool) -> list[dict]:
+    """Run ``target(rank, world, *target_args, results)`` in ``world`` fresh processes
+    (each puts one dict on ``results``); their dicts in rank order. A rank that dies, or
+    no answer within ``timeout`` seconds, kills them all and raises."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     env_key = "MALLOC_MMAP_THRESHOLD_"
     if measure_memory:
         os.environ[env_key] = "1048576"  # read by glibc at process start: set before spawning
     try:
-        procs = [ctx.Process(target=worker, args=(r, world, free_port_cache[0], method, size, args,
-                                                  results)) for r in range(world)]
+        procs = [ctx.Process(target=target, args=(r, world, *target_args, results))
+                 for r in range(world)]
         for p in procs:
             p.start()
-        out, deadline = [], time.monotonic() + args.timeout
+        out, deadline = [], time.monotonic() + timeout
         while len(out) < world:
             try:
                 out.append(results.get(timeout=1))
@@ -249,7 +258,7 @@ def run(method: str, world: int, size: dict, args, measure_memory: bool) -> list
                     for p in procs:
                         p.kill()
                     raise RuntimeError(f"a rank exited with code {dead[0]}" if dead
-                                       else f"no result within {args.timeout}s") from None
+                                       else f"no result within {timeout}s") from None
         for p in procs:
             p.join(timeout=60)
         return sorted(out, key=lambda r: r["rank"])

@@ -35,21 +35,18 @@ import argparse
 import gc
 import json
 import os
-import queue
 import sys
-import time
 import warnings
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from compare import SIZES, free_port, rss_kib, setup  # noqa: E402
+from compare import SIZES, free_port, rss_kib, setup, spawn_ranks  # noqa: E402
 from train_gpt import GPT, Block  # noqa: E402  (compare.py put examples/ on the path)
 
 CATEGORIES = ("parameters", "gradients", "optimizer states", "activations", "other tensors",
@@ -211,27 +208,8 @@ def worker(rank: int, world: int, port: int, method: str, args, results) -> None
 
 def run(method: str, args) -> dict:
     """One method in fresh processes; the phases of the rank with the highest peak."""
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = "1048576"  # read by glibc at process start
-    port = free_port()
-    procs = [ctx.Process(target=worker, args=(r, args.world_size, port, method, args, results))
-             for r in range(args.world_size)]
-    for p in procs:
-        p.start()
-    out, deadline = [], time.monotonic() + args.timeout
-    while len(out) < args.world_size:
-        try:
-            out.append(results.get(timeout=1))
-        except queue.Empty:
-            dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
-            if dead or time.monotonic() > deadline:
-                for p in procs:
-                    p.kill()
-                raise RuntimeError(f"a rank exited with code {dead[0]}" if dead
-                                   else f"no result within {args.timeout}s") from None
-    for p in procs:
-        p.join(timeout=60)
+    out = spawn_ranks(worker, args.world_size, (free_port(), method, args), args.timeout,
+                      measure_memory=True)
 
     def highest(r):
         return max(phase["peak"] for phase in r["phases"].values())

@@ -18,14 +18,19 @@ def rss_kib(field: str) -> int:
     raise AssertionError(field)
 
 
+def reset_high_water() -> None:
+    """Start the high-water mark (``VmHWM``) again from the current RSS."""
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")
+
+
 class Peak:
     """The RSS high-water mark during the block, above the level when it starts (bytes)."""
 
     def __enter__(self) -> Peak:
         gc.collect()
         self.before = rss_kib("VmRSS")
-        with open("/proc/self/clear_refs", "w") as clear:
-            clear.write("5")  # the high-water mark starts again from the current RSS
+        reset_high_water()
         return self
 
     def __exit__(self, *exc) -> None:

@@ -73,9 +73,11 @@ class _Shards:
         return True
 
 
-def _all_gather_flat(output, input, *, group, async_op=True):
+def _all_gather_flat(output, input, *, group):
+    """``all_gather_into_tensor``, async; on CPU one broadcast per shard (Note
+    [collectives on gloo])."""
     if output.device.type != "cpu":
-        return _all_gather_single(output, input, group=group, async_op=async_op)
+        return _all_gather_single(output, input, group=group, async_op=True)
     slices = output.chunk(group.size())
     mine = slices[group.rank()]
     if mine.data_ptr() != input.data_ptr():
@@ -84,9 +86,11 @@ def _all_gather_flat(output, input, *, group, async_op=True):
                     for source, piece in enumerate(slices)])
 
 
-def _reduce_scatter_flat(output, input, *, op, group, async_op=True, input_is_scratch=False):
+def _reduce_scatter_flat(output, input, *, op, group, input_is_scratch=False):
+    """``reduce_scatter_tensor``, async; on CPU one reduce per shard (Note
+    [collectives on gloo])."""
     if output.device.type != "cpu":
-        return _reduce_scatter_single(output, input, op=op, group=group, async_op=async_op)
+        return _reduce_scatter_single(output, input, op=op, group=group, async_op=True)
     scratch = input if input_is_scratch else input.clone()
     pieces = scratch.chunk(group.size())
     mean = op == dist.ReduceOp.AVG
@@ -148,7 +152,7 @@ def all_gather(output, input, *, group: Ranks, stats: CommStats, label: str, asy
     _launch_pending()
     stats.record("all_gather", output, SHARD)
     with record_function(f"zeroshard::{label}::all_gather"):
-        work = _all_gather_flat(output, input, group=group.shard, async_op=True)
+        work = _all_gather_flat(output, input, group=group.shard)
     return _finish(work, async_op)
 
 
@@ -162,7 +166,7 @@ def reduce_scatter(output, input, *, group: Ranks, stats: CommStats, label: str,
     def within():
         stats.record("reduce_scatter", input, SHARD)
         with record_function(f"zeroshard::{label}::reduce_scatter"):
-            return _reduce_scatter_flat(output, input, op=op, group=group.shard, async_op=True,
+            return _reduce_scatter_flat(output, input, op=op, group=group.shard,
                                         input_is_scratch=input_is_scratch)
     _launch_pending()
     launches = [within]
@@ -372,11 +376,11 @@ def _finish(work, async_op: bool):
 #     cannot reach (gloo's flat reduce-scatter keeps a copy of its whole input, which
 #     Note [collectives on gloo] avoids on CPU): held for RETAIN_S, a backward shorter
 #     than that kept every bucket's copy, the full gradient size, alive. So only the
-#     works of the latest RETAIN_WAITS waits are held for RETAIN_S; older ones are let go at a later wait once they have been
-#     finished for RETAIN_MIN_S. Dropping a work while the process goes on running
-#     is safe even if a worker still holds it (the worker then takes the GIL as
-#     usual); only a drop during teardown aborts, and the works a script's last
-#     collectives used are among the latest.
+#     works of the latest RETAIN_WAITS waits are held for RETAIN_S; older ones are let
+#     go at a later wait once they have been finished for RETAIN_MIN_S. Dropping a
+#     work while the process goes on running is safe even if a worker still holds it
+#     (the worker then takes the GIL as usual); only a drop during teardown aborts, and
+#     the works a script's last collectives used are among the latest.
 #     A script's own last collectives (a loss all-reduced for a log line) are not
 #     ours to hold; so once zeroshard has waited on a collective, an exit handler
 #     (``atexit``, which runs before teardown) pauses for RETAIN_S: worker threads
