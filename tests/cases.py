@@ -172,7 +172,7 @@ def train_side_by_side(ctx, case):
     peak_grad_bytes, current_step = [0], [0]
     if case["record_peak"]:
         def record(_param):  # from the second step: the first learns the launch order
-            if current_step[0] >= 1:  # (Note [launch order] in zeroshard/_stage.py)
+            if current_step[0] >= 1:  # (Note [launch order] in zeroshard/_reducer.py)
                 peak_grad_bytes[0] = max(peak_grad_bytes[0], zopt.memory_report()["gradients"])
         for p in zero_model.parameters():
             if p.requires_grad:

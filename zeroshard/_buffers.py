@@ -29,18 +29,18 @@ class BufferFollower:
     """Overwrites the model's buffers with rank 0's before a training forward that
     follows one outside ``no_sync()`` (Note [buffers follow rank 0])."""
 
-    def __init__(self, model: nn.Module, stage, group, stats: _comm.CommStats) -> None:
+    def __init__(self, model: nn.Module, switches, group, stats: _comm.CommStats) -> None:
         self.model = model
-        self.stage = stage  # require_sync (no_sync()), summoned (summon_full_params())
+        self.switches = switches  # require_sync (no_sync()), summoned (summon_full_params())
         self.group = group
         self.stats = stats
         self.follows_synced_forward = True  # no training forward yet
 
     def before_forward(self, module, args) -> None:
-        if not torch.is_grad_enabled() or self.stage.summoned:
+        if not torch.is_grad_enabled() or self.switches.summoned:
             return
         follows_synced = self.follows_synced_forward
-        self.follows_synced_forward = self.stage.require_sync
+        self.follows_synced_forward = self.switches.require_sync
         if not follows_synced:
             return
         by_kind: dict[tuple, list[torch.Tensor]] = {}

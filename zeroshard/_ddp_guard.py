@@ -25,7 +25,7 @@ import weakref
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ._stage import WeakHook
+from ._hooks import WeakHook
 
 _ATTRIBUTE = "_ddp_params_and_buffers_to_ignore"
 _FIX = ("a ZeroOptimizer reduces this model's gradients itself: pass the model to it "

@@ -35,7 +35,7 @@ class Unit:
         self.module = module
         self.name = name or "<root>"
         self.buckets = buckets
-        self.state = ShardState.GATHERED  # buffers start full; Stage3 frees them
+        self.state = ShardState.GATHERED  # buffers start full; the UnitGatherer frees them
         self._works: list = []
         self.trainable_ids = {id(p) for b in buckets for p in b.params if p.requires_grad}
         # Backward may still need a frozen parameter after every trainable gradient

@@ -69,6 +69,30 @@ class MixedPrecision:
 FULL_PRECISION_MODULES = (nn.modules.batchnorm._BatchNorm,)
 
 
+class GradientDtypes:
+    """The dtypes gradients are reduced and kept in, chosen once from the policy.
+
+    Gradients are reduced in the policy's reduce dtype (else the parameters' own);
+    an fp16 gradient shard is kept in fp32, where loss scaling can unscale it. A
+    full-precision bucket (Note [full-precision modules]), and every bucket without
+    a policy, reduces and keeps its own dtype."""
+
+    def __init__(self, policy: MixedPrecision | None) -> None:
+        self.reduce = policy.gradient_reduce_dtype if policy is not None else None
+        self.kept = MASTER_DTYPE if self.reduce == torch.float16 else self.reduce
+
+    def reduce_dtype(self, bucket) -> torch.dtype:
+        if self.reduce is None or bucket.full_precision:
+            return bucket.flat.dtype
+        return self.reduce
+
+    def as_gradient_shard(self, bucket, reduced: torch.Tensor) -> torch.Tensor:
+        """A reduce-scatter's output in the dtype gradient shards are kept in."""
+        if self.kept is None or bucket.full_precision or reduced.dtype == self.kept:
+            return reduced
+        return reduced.to(self.kept)
+
+
 def full_precision_parameters(model: nn.Module, policy: MixedPrecision | None) -> set[int]:
     """ids of the parameters a policy leaves in fp32 (Note [full-precision modules])."""
     if policy is None:

@@ -16,14 +16,12 @@ from ._buffers import BufferFollower
 from ._ddp_guard import DDPGuard
 from ._inner import InnerOptimizers, class_of, hyperparameters, step_cost
 from ._ranks import ranks_from
-from ._stage import WeakHook
+from ._hooks import WeakHook
+from ._stage import Stage
 from ._unit import build_units, select_unit_modules
 from .memory import storage_bytes, storage_key
 from .mixed_precision import (MixedPrecision, cast_buffers, full_precision_parameters,
                               install_forward_casts)
-from .stage1 import Stage1
-from .stage2 import Stage2
-from .stage3 import Stage3
 _STATE_DICT_VERSION = 1
 
 # id(parameter) -> (weak reference to it, weak reference to the ZeroOptimizer that
@@ -85,7 +83,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
     ``scaler.unscale_(opt)``, ``opt.clip_grad_norm_``, ``scaler.step(opt)``,
     ``scaler.update()``); after an fp16 backward the ranks agree whether any
     gradient is inf or NaN, so all of them skip the step or none does (Note
-    [non-finite gradients] in _stage.py).
+    [non-finite gradients] in _reducer.py).
 
     With ``broadcast_buffers`` (the default, as DDP's) a forward with grad enabled
     that follows one outside ``no_sync()`` starts from rank 0's buffers (BatchNorm
@@ -184,24 +182,20 @@ class ZeroOptimizer(torch.optim.Optimizer):
                  for i, inner in enumerate(self._inner.param_groups)]
         super().__init__(outer, self._inner.defaults)
 
-        if stage == 3:
-            self._stage = Stage3(model, self._units, self._group, self.comm_stats,
-                                 reshard_after_forward, mixed_precision)
-        else:
-            stage_class = Stage1 if stage == 1 else Stage2
-            self._stage = stage_class(model, self._buckets, self._group, self.comm_stats,
-                                      mixed_precision)
+        self._stage = Stage(stage, model, self._buckets, self._units if stage == 3 else [],
+                            self._group, self.comm_stats, mixed_precision, reshard_after_forward)
         if mixed_precision is not None:
-            self._stage._handles += install_forward_casts(model, mixed_precision)
+            self._stage.handles += install_forward_casts(model, mixed_precision)
             # model.load_state_dict() gives the fp32 masters the loaded values exactly
-            self._stage._handles.append(model.register_load_state_dict_pre_hook(
+            self._stage.handles.append(model.register_load_state_dict_pre_hook(
                 WeakHook(self._load_into_masters)))
         if broadcast_buffers and self._world_size > 1:  # Note [buffers follow rank 0]
-            self._buffer_follower = BufferFollower(model, self._stage, self._group, self.comm_stats)
-            self._stage._handles.append(model.register_forward_pre_hook(
+            self._buffer_follower = BufferFollower(model, self._stage.switches, self._group,
+                                                   self.comm_stats)
+            self._stage.handles.append(model.register_forward_pre_hook(
                 WeakHook(self._buffer_follower.before_forward)))
         # Note [refusing DistributedDataParallel]
-        self._ddp_guard = DDPGuard(model, self._stage._handles)
+        self._ddp_guard = DDPGuard(model, self._stage.handles)
         for param in model.parameters():
             _owners[id(param)] = (weakref.ref(param), weakref.ref(self))
         self._constructed = True
@@ -232,7 +226,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         """
         if self._stage is None:
             return
-        if self._stage.summoned:
+        if self._stage.switches.summoned:
             raise RuntimeError("close() inside `with opt.summon_full_params():` would hand back "
                                "parameters that the end of the block frees again; call it after "
                                "the block")
@@ -464,11 +458,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
         everything accumulated since ``zero_grad()``.
         """
         stage = self._live
-        previous, stage.require_sync = stage.require_sync, False
+        previous, stage.switches.require_sync = stage.switches.require_sync, False
         try:
             yield
         finally:
-            stage.require_sync = previous
+            stage.switches.require_sync = previous
 
     @contextlib.contextmanager
     def summon_full_params(self):
@@ -480,13 +474,13 @@ class ZeroOptimizer(torch.optim.Optimizer):
         rank: each rank keeps only its own slice of a write. Blocks may nest.
         """
         stage = self._live
-        nested = stage.summoned > 0  # the outermost block gathers, and keeps writes on exit
-        stage.summoned += 1
+        nested = stage.switches.summoned > 0  # the outermost gathers, and keeps writes on exit
+        stage.switches.summoned += 1
         try:
             with contextlib.nullcontext() if nested else stage.summon_full_params():
                 yield
         finally:
-            stage.summoned -= 1
+            stage.switches.summoned -= 1
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:

@@ -17,31 +17,35 @@ from __future__ import annotations
 import torch
 
 from ._bucket import FlatBucket
-from ._stage import ShardedStage
+from .mixed_precision import GradientDtypes
 
 
-class Stage1(ShardedStage):
-    stage = 1
+class FullGradients:
+    """Stage 1's gradient store: a full-size buffer per bucket that ``p.grad`` views."""
 
-    def __init__(self, model, buckets, group, stats, policy=None) -> None:
-        super().__init__(model, buckets, group, stats, policy)
-        self.flat_grads = [torch.zeros_like(bucket.flat) for bucket in self.buckets]
-        for bucket, flat_grad in zip(self.buckets, self.flat_grads):
+    def __init__(self, buckets: list[FlatBucket], dtypes: GradientDtypes) -> None:
+        self.buckets = buckets
+        self.dtypes = dtypes
+        self.flat_grads = {id(bucket): torch.zeros_like(bucket.flat) for bucket in buckets}
+        for bucket in self.buckets:
             for index, param in enumerate(bucket.params):
-                param.grad = bucket.param_view(flat_grad, index)
+                param.grad = self._grad_view(bucket, index)
         self._scale_before_accumulating: torch.Tensor | None = None  # clipped since cleared
         self._record_versions()
 
     def scale_local_gradients(self, factor: torch.Tensor) -> None:
+        """Clipping scaled the gradient shards by ``factor``: the buffers follow before
+        they next accumulate (the next backward reduces them again)."""
         previous = self._scale_before_accumulating
         self._scale_before_accumulating = factor if previous is None else previous * factor
 
     def before_backward(self) -> None:
         if self._scale_before_accumulating is not None:
-            for bucket, flat_grad in zip(self.buckets, self.flat_grads):
+            for bucket in self.buckets:
                 # model.zero_grad() set every .grad of the bucket to None: the backward
                 # overwrites the buffer (collect), so scaling it would be a wasted pass
                 if any(param.grad is not None for param in bucket.params):
+                    flat_grad = self.flat_grads[id(bucket)]
                     flat_grad.mul_(self._scale_before_accumulating.to(flat_grad.dtype))
             self._scale_before_accumulating = None
 
@@ -50,7 +54,7 @@ class Stage1(ShardedStage):
 
     def _record_versions(self) -> None:
         """What claim_gradients compares with: the buffers as the last reduction left them."""
-        self._versions_reduced = [flat_grad._version for flat_grad in self.flat_grads]
+        self._versions_reduced = {key: flat_grad._version for key, flat_grad in self.flat_grads.items()}
 
     def claim_gradients(self) -> None:
         """Before a step or clipping: what was done to ``p.grad`` since the last reduction.
@@ -64,14 +68,14 @@ class Stage1(ShardedStage):
         ``zero_grad(set_to_none=False)`` between backward and step), cannot reach the
         reduced gradient and is refused."""
         cleared = []
-        for position, bucket in enumerate(self.buckets):
+        for bucket in self.buckets:
             for index, param in enumerate(bucket.params):
                 if param.grad is None:
                     cleared.append((bucket, index))
                 elif param.grad.data_ptr() != self._grad_view(bucket, index).data_ptr():
                     raise RuntimeError(self._refusal(
                         f"{bucket.param_names[index]}.grad was given a new tensor"))
-            if self._versions_reduced[position] != self.flat_grads[position]._version:
+            if self._versions_reduced[id(bucket)] != self.flat_grads[id(bucket)]._version:
                 names = ", ".join(bucket.param_names[:3]) + (", ..." if len(bucket.params) > 3 else "")
                 raise RuntimeError(self._refusal(
                     f"the .grad of a parameter among {names} was changed in place"))
@@ -82,9 +86,8 @@ class Stage1(ShardedStage):
             bucket.params[index].grad = view
         self._record_versions()
 
-    def reorder(self, permutation: list[int]) -> None:
-        self.flat_grads = [self.flat_grads[old] for old in permutation]
-        self._versions_reduced = [self._versions_reduced[old] for old in permutation]
+    def is_gradient_marker(self, tensor: torch.Tensor) -> bool:
+        return False
 
     def _refusal(self, what: str) -> str:
         return (f"zeroshard stage1: {what} after backward; .grad holds this rank's local, "
@@ -95,17 +98,20 @@ class Stage1(ShardedStage):
                 "opt.zero_grad() or model.zero_grad() after the step")
 
     def _grad_view(self, bucket: FlatBucket, index: int) -> torch.Tensor:
-        return bucket.param_view(self.flat_grads[self._position[id(bucket)]], index)
+        return bucket.param_view(self.flat_grads[id(bucket)], index)
 
     def collect(self, bucket: FlatBucket, index: int) -> None:
-        # Autograd accumulates into the view in place; only if the user replaced or
-        # cleared .grad (e.g. model.zero_grad()) is the gradient elsewhere.
+        """Parameter ``index`` of ``bucket`` holds its accumulated gradient in ``.grad``.
+
+        Autograd accumulates into the view in place; only if the user replaced or
+        cleared .grad (e.g. model.zero_grad()) is the gradient elsewhere."""
         param, view = bucket.params[index], self._grad_view(bucket, index)
         if param.grad is not view and param.grad.data_ptr() != view.data_ptr():
             view.copy_(param.grad)
             param.grad = view
 
     def fill_missing(self, bucket: FlatBucket, index: int) -> None:
+        """Backward ended without a gradient for this parameter; its share is what .grad holds."""
         param, view = bucket.params[index], self._grad_view(bucket, index)
         if param.grad is None:
             view.zero_()
@@ -113,25 +119,31 @@ class Stage1(ShardedStage):
             view.copy_(param.grad)
         param.grad = view
 
-    def launch(self, bucket: FlatBucket):
-        # The buffer keeps the local gradient (p.grad views it): not consumable.
-        return self.reduce_scatter(bucket, self.flat_grads[self._position[id(bucket)]],
-                                   consumable=False)
+    def launch(self, bucket: FlatBucket) -> tuple[torch.Tensor, bool]:
+        """What to reduce-scatter, and whether the reduction may consume it: the buffer
+        keeps the local gradient (p.grad views it), so it may not."""
+        return self.flat_grads[id(bucket)], False
 
-    def finalize(self, bucket: FlatBucket, reduced: torch.Tensor) -> None:
-        bucket.set_grad_shard(self.as_gradient_shard(bucket, reduced))
+    def landed(self, bucket: FlatBucket) -> None:
+        """The bucket's reduce-scatter has completed (its input is not needed)."""
+
+    def install(self, bucket: FlatBucket, reduced: torch.Tensor) -> None:
+        """The reduced gradient replaces the shard: the buffer held everything accumulated."""
+        bucket.set_grad_shard(self.dtypes.as_gradient_shard(bucket, reduced))
 
     def zero_grad(self) -> None:
         """Zero the gradient buffers in place (``p.grad`` stays a zero view, never None)."""
-        self.wait_in_flight()
         self._scale_before_accumulating = None
-        for bucket, flat_grad in zip(self.buckets, self.flat_grads):
-            flat_grad.zero_()
+        for bucket in self.buckets:
+            self.flat_grads[id(bucket)].zero_()
             bucket.set_grad_shard(None)
             for index, param in enumerate(bucket.params):
-                param.grad = bucket.param_view(flat_grad, index)
+                param.grad = self._grad_view(bucket, index)
         self._record_versions()  # nothing to claim
+
+    def drop(self) -> None:
+        """The stage is going away."""
 
     def gradient_tensors(self) -> list[torch.Tensor]:
         shards = [b.grad_shard for b in self.buckets if b.grad_shard is not None]
-        return self.flat_grads + shards
+        return list(self.flat_grads.values()) + shards

@@ -1,4 +1,4 @@
-"""ZeRO stage 2: stage 1 plus gradients partitioned.
+"""ZeRO stage 2: stage 1 plus gradients partitioned (also stage 3's gradient store).
 
 No full-size gradient outlives its bucket's reduce-scatter. As each parameter's
 gradient is accumulated, it is copied into its bucket's reduce buffer (allocated
@@ -21,21 +21,27 @@ import torch
 
 from ._bucket import FlatBucket
 from ._grad_markers import GradientMarkers
-from ._stage import ShardedStage, WeakHook
+from ._hooks import LoopSwitches, WeakHook
+from .mixed_precision import GradientDtypes
 
 
-class Stage2(ShardedStage):
-    stage = 2
+class ShardedGradients:
+    """The gradient store of stages 2 and 3: a shard per bucket, and a reduce buffer
+    per bucket only while its gradients fill it and it is reduced."""
 
-    def __init__(self, model, buckets, group, stats, policy=None) -> None:
-        super().__init__(model, buckets, group, stats, policy)
-        # bucket position -> 1-D padded buffer, filling (not yet launched) / being reduced
+    def __init__(self, buckets: list[FlatBucket], dtypes: GradientDtypes, switches: LoopSwitches,
+                 label: str, wait_in_flight, handles: list) -> None:
+        self.buckets = buckets
+        self.dtypes = dtypes
+        self.switches = switches
+        self.wait_in_flight = wait_in_flight  # the reducer's, held weakly (a WeakHook)
+        # id(bucket) -> 1-D padded buffer, filling (not yet launched) / being reduced
         self.reduce_buffers: dict[int, torch.Tensor] = {}
         self.buffers_in_flight: dict[int, torch.Tensor] = {}
-        self.markers = GradientMarkers(self.label)  # Note [gradient markers]
+        self.markers = GradientMarkers(label)  # Note [gradient markers]
         for bucket in self.buckets:
             for param in bucket.params:  # runs before autograd accumulates into .grad
-                self._handles.append(param.register_hook(WeakHook(self._before_accumulate)))
+                handles.append(param.register_hook(WeakHook(self._before_accumulate)))
 
     def _before_accumulate(self, grad: torch.Tensor) -> None:
         self.markers.take_back()  # a backward that does not start at the model's outputs
@@ -52,13 +58,16 @@ class Stage2(ShardedStage):
     def is_gradient_marker(self, tensor: torch.Tensor) -> bool:
         return self.markers.is_marker(tensor)
 
+    def scale_local_gradients(self, factor: torch.Tensor) -> None:
+        """Clipping scaled the shards; no local gradient outlives its reduction here."""
+
     def _buffer(self, bucket: FlatBucket) -> torch.Tensor:
-        position = self._position[id(bucket)]
-        if position not in self.reduce_buffers:
+        if id(bucket) not in self.reduce_buffers:
             self.wait_in_flight()  # bound memory: one bucket filling, at most one in flight
             # In the reduce dtype: gradients are accumulated (and reduced) in it.
-            self.reduce_buffers[position] = torch.zeros_like(bucket.flat, dtype=self.reduce_dtype_of(bucket))
-        return self.reduce_buffers[position]
+            self.reduce_buffers[id(bucket)] = torch.zeros_like(
+                bucket.flat, dtype=self.dtypes.reduce_dtype(bucket))
+        return self.reduce_buffers[id(bucket)]
 
     def _move_grad_to_buffer(self, bucket: FlatBucket, index: int) -> None:
         param = bucket.params[index]
@@ -67,32 +76,29 @@ class Stage2(ShardedStage):
             param.grad = None
 
     def collect(self, bucket: FlatBucket, index: int) -> None:
-        if self.require_sync:
+        if self.switches.require_sync:
             self._move_grad_to_buffer(bucket, index)
 
     def fill_missing(self, bucket: FlatBucket, index: int) -> None:
         self._move_grad_to_buffer(bucket, index)  # a gradient left over from no_sync()
 
-    def launch(self, bucket: FlatBucket):
-        # Out of the filling table: a late gradient (Note [late gradients]) starts a new buffer.
+    def launch(self, bucket: FlatBucket) -> tuple[torch.Tensor, bool]:
+        """The bucket's buffer, which the reduction consumes. Out of the filling table: a
+        late gradient (Note [late gradients]) starts a new buffer."""
         buffer = self._buffer(bucket)
-        position = self._position[id(bucket)]
-        self.buffers_in_flight[position] = self.reduce_buffers.pop(position)
-        return self.reduce_scatter(bucket, buffer, consumable=True)
+        self.buffers_in_flight[id(bucket)] = self.reduce_buffers.pop(id(bucket))
+        return buffer, True
 
-    def reorder(self, permutation: list[int]) -> None:
-        # keyed by position, but empty between backwards, when the order changes
-        assert not self.reduce_buffers and not self.buffers_in_flight
+    def landed(self, bucket: FlatBucket) -> None:
+        del self.buffers_in_flight[id(bucket)]  # freed by the reducer
 
-    def finalize(self, bucket: FlatBucket, reduced: torch.Tensor) -> None:
-        del self.buffers_in_flight[self._position[id(bucket)]]  # freed by wait_in_flight
+    def install(self, bucket: FlatBucket, reduced: torch.Tensor) -> None:
         if bucket.grad_shard is None:
-            bucket.set_grad_shard(self.as_gradient_shard(bucket, reduced))
+            bucket.set_grad_shard(self.dtypes.as_gradient_shard(bucket, reduced))
         else:
             bucket.grad_shard.add_(reduced)
 
     def zero_grad(self) -> None:
-        self.wait_in_flight()
         self.markers.drop()
         self.reduce_buffers.clear()
         assert not self.buffers_in_flight
@@ -101,8 +107,8 @@ class Stage2(ShardedStage):
             for param in bucket.params:
                 param.grad = None
 
-    def remove_hooks(self) -> None:
-        super().remove_hooks()
+    def drop(self) -> None:
+        """The stage is going away: no marker stays in ``p.grad``."""
         self.markers.drop()
 
     def gradient_tensors(self) -> list[torch.Tensor]:

@@ -1,11 +1,15 @@
 """ZeRO stage 3: stage 2 plus parameters partitioned, gathered per unit on demand.
 
+A stage-3 stage is stage 2's gradient store and the gradient reducer, plus the
+``UnitGatherer`` here, which gathers and releases units around their forward and
+backward and tells the reducer when each reduction is due (Note [one order]).
+
 At rest a rank holds only its shard of every parameter; the parameters themselves
 are views of full buffers whose storage is freed. Around each unit's forward the
 unit's buffers are all-gathered and (with ``reshard_after_forward``) freed again;
 in backward they are gathered again when the unit's outputs receive their
 gradient, and freed once all the unit's parameter gradients are accumulated.
-Gradients are handled exactly as in stage 2 (``Stage2``): reduce-scattered into
+Gradients are handled exactly as in stage 2 (``ShardedGradients``): reduce-scattered into
 shards in one fixed bucket order, full gradients freed as their bucket is reduced.
 
 Note [gather schedule]:
@@ -41,7 +45,7 @@ Note [gather schedule]:
     optimizer skips them as torch skips a parameter whose gradient is None) is no
     longer something a rank can know alone: after each synced backward the ranks
     all-reduce one 4-byte flag per unit other than the root, and one per bucket
-    for the late ones (``late_positions``).
+    for the late ones (``agree_on_late``).
     A parameter must be used
     inside the forward of a module that holds it (in ``_parameters``), or of one of
     that module's ancestor units.
@@ -172,29 +176,43 @@ import torch.distributed as dist
 from torch.utils._pytree import tree_flatten
 
 from . import _comm
-from ._stage import TrainingState, WeakHook
+from ._hooks import LoopSwitches, WeakHook
+from ._reducer import GradientReducer, Phase
 from ._unit import Schedule, ShardState, Unit, forward_and_backward_orders
-from .stage2 import Stage2
+from .mixed_precision import GradientDtypes
+from .stage2 import ShardedGradients
 
 
-class Stage3(Stage2):
-    stage = 3
+def trainable_buckets(units: list[Unit]):
+    """The reducer's first launch order: units from the last to the root (roughly
+    backward's order), until Note [one order] sorts them by when the backward walk is
+    done with them."""
+    return [b for u in reversed(units) for b in u.buckets if b.params[0].requires_grad]
 
-    def __init__(self, model, units: list[Unit], group, stats, reshard_after_forward: bool,
-                 policy=None) -> None:
-        # Reduce-scatter order: units from the last to the root (roughly backward's order),
-        # until Note [one order] sorts them by when the backward walk is done with them.
-        trainable = [b for u in reversed(units) for b in u.buckets if b.params[0].requires_grad]
-        super().__init__(model, trainable, group, stats, policy)
+
+class UnitGatherer:
+    """Gathers and releases stage 3's units around their forward and backward passes,
+    walking one schedule on every rank (Note [gather schedule]), and decides for the
+    reducer when each bucket's reduction is due (Note [one order])."""
+
+    def __init__(self, model, units: list[Unit], reducer: GradientReducer,
+                 store: ShardedGradients, dtypes: GradientDtypes, switches: LoopSwitches,
+                 group, stats, label: str, reshard_after_forward: bool, handles: list) -> None:
+        self.reducer = weakref.proxy(reducer)  # it holds this (Note [no reference cycles])
+        self.store = store
+        self.dtypes = dtypes
+        self.switches = switches
+        self.group = group
+        self.stats = stats
+        self.label = label
         self.units = units
         self.root = units[0]
         self.reshard_after_forward = reshard_after_forward
         self._unit_of = {id(p): u for u in units for b in u.buckets for p in b.params}
         self._index = {id(u): i for i, u in enumerate(units)}
         # Units some rank may skip (the root always runs) that have gradients to reduce:
-        # one "ran" flag each is all-reduced after a synced backward (late_positions).
+        # one "ran" flag each is all-reduced after a synced backward (agree_on_late).
         self._flagged = [u for u in units[1:] if u.trainable_ids]
-        self._ready_order = None  # Note [one order] decides the launch order, not readiness
         self._ran_somewhere: set[int] = set()
         forward_order, backward_order = forward_and_backward_orders(model, units)
         self._forward = Schedule(forward_order)  # Note [gather schedule]
@@ -224,12 +242,12 @@ class Stage3(Stage2):
                       for p in module._parameters.values() if p is not None}
             if owners:
                 guard = WeakHook(self._refuse_if_sharded, list(owners.values()))
-                self._handles.append(module.register_state_dict_pre_hook(guard))
-                self._handles.append(module.register_load_state_dict_pre_hook(guard))
+                handles.append(module.register_state_dict_pre_hook(guard))
+                handles.append(module.register_load_state_dict_pre_hook(guard))
         for unit in units:
-            self._handles.append(unit.module.register_forward_pre_hook(
+            handles.append(unit.module.register_forward_pre_hook(
                 WeakHook(self._pre_forward, unit)))
-            self._handles.append(unit.module.register_forward_hook(
+            handles.append(unit.module.register_forward_hook(
                 WeakHook(self._post_forward, unit)))
             unit.release()  # the shards hold rank 0's values (broadcast, then placed)
         # Note [saved tensors]: a released parameter's storage is its bucket's placeholders
@@ -239,7 +257,7 @@ class Stage3(Stage2):
     # -- forward --------------------------------------------------------------------
 
     def _pre_forward(self, unit: Unit, module, args) -> None:
-        if self.summoned:  # Note [forward inside summon]
+        if self.switches.summoned:  # Note [forward inside summon]
             if torch.is_grad_enabled():
                 raise RuntimeError(
                     f"zeroshard stage 3: unit {unit.name} ran a forward with grad enabled inside "
@@ -247,7 +265,7 @@ class Stage3(Stage2):
                     "backward cannot reduce and release units. Run forwards there under "
                     "torch.no_grad() (evaluation, generate()), or train outside the block")
             return
-        if self.state is TrainingState.BACKWARD:  # Note [recomputation]
+        if self.reducer.phase is Phase.BACKWARD:  # Note [recomputation]
             if self._walking:
                 self._walk(self._backward, unit)
             else:
@@ -268,9 +286,9 @@ class Stage3(Stage2):
             self._watching.append((unit, hooks))
 
     def _post_forward(self, unit: Unit, module, args, output) -> None:
-        if self.summoned:  # Note [forward inside summon]
+        if self.switches.summoned:  # Note [forward inside summon]
             return
-        if self.state is TrainingState.BACKWARD:
+        if self.reducer.phase is Phase.BACKWARD:
             return  # Note [recomputation]
         self._stop_watching(unit)
         if torch.is_grad_enabled():
@@ -305,14 +323,14 @@ class Stage3(Stage2):
 
     # -- backward -------------------------------------------------------------------
 
-    def before_backward(self) -> None:
+    def begin_backward(self) -> None:
+        """A backward begins (the reducer's first hook in it)."""
         if torch.is_grad_enabled():  # the engine runs with create_graph=True
             raise RuntimeError(
                 "zeroshard stage 3: a backward with create_graph=True (a gradient penalty "
                 "through torch.autograd.grad(..., create_graph=True), a double backward) "
                 "builds a graph over gathered parameters that stage 3 releases when the "
                 "backward ends; train such a loss with stage 1 or 2")
-        super().before_backward()
         # Note [one order]: backward walks the schedule where it must gather: with
         # resharding, or when the units were released since the forward (a no_grad
         # forward or summon_full_params() in between, a second backward through a
@@ -324,22 +342,22 @@ class Stage3(Stage2):
         # backwards interleave) they wait for the end of backward.
         self._launch_at_walk = self.reshard_after_forward and self._training_passes == 1
 
-    def _launch_ready(self) -> None:
+    @property
+    def launches_as_ready(self) -> bool:
         """Note [one order]: with a backward walk, reductions launch at its steps, not
         as gradients happen to arrive; without one, backward issues no gather, and they
         launch as they become ready, in list order."""
-        if not self._walking:
-            super()._launch_ready()
+        return not self._walking
 
     def _launch_due(self, position: int) -> None:
         """Note [one order]: the backward walk reaches the unit at ``position`` of its
         schedule: launch the buckets at the front of the list that are due by then."""
-        if not (self._launch_at_walk and self.require_sync):
+        if not (self._launch_at_walk and self.switches.require_sync):
             return
-        count = self._next_launch
-        while count < len(self.buckets) and self._due[id(self.buckets[count])] <= position:
+        count = self.reducer.next_launch
+        while count < len(self.reducer.buckets) and self._due[id(self.reducer.buckets[count])] <= position:
             count += 1
-        self._launch_front(count)
+        self.reducer.launch_front(count)
 
     def check_saved_parameter(self, unit: Unit, tensor: torch.Tensor, storage: int) -> None:
         """Note [saved tensors]: ``unit``'s forward saves ``tensor`` (its storage at address
@@ -376,7 +394,7 @@ class Stage3(Stage2):
 
     def gather_for_saved_tensor(self, unit: Unit) -> None:
         """Note [saved tensors]: backward is about to use a tensor ``unit``'s forward saved."""
-        if unit.state is ShardState.GATHERED or self.summoned:
+        if unit.state is ShardState.GATHERED or self.switches.summoned:
             return
         if unit.backward_armed:  # gathered for this backward and released since
             self._gather_outside_walk(unit)
@@ -402,7 +420,7 @@ class Stage3(Stage2):
             self._pre_backward(unit, grad)
 
     def _pre_backward(self, unit: Unit, grad: torch.Tensor) -> None:
-        self._on_backward_start(grad)
+        self.reducer.on_backward_start(grad)
         if unit.backward_armed:
             return
         unit.backward_armed = True
@@ -411,8 +429,8 @@ class Stage3(Stage2):
         else:
             self._gather_now(unit)  # kept gathered since forward: no collective
 
-    def collect(self, bucket, index: int) -> None:
-        super().collect(bucket, index)
+    def on_gradient(self, bucket, index: int) -> None:
+        """The store has collected parameter ``index`` of ``bucket``'s gradient."""
         param = bucket.params[index]
         unit = self._unit_of[id(param)]
         # A gradient arrived, so a forward ran the unit, even one before the last synced
@@ -429,26 +447,26 @@ class Stage3(Stage2):
             # A nested backward (Note [late gradients]) may gather it again: count afresh.
             unit.grads_arrived.clear()
 
-    def finalize(self, bucket, reduced: torch.Tensor) -> None:
-        """A unit that did not run here may have run nowhere: hold its reduction until the
-        ranks have compared notes (``after_reductions``)."""
-        position = self._position[id(bucket)]
-        if bucket.grad_shard is None and not self._unit_of[id(bucket.params[0])].ran_since_backward:
-            del self.buffers_in_flight[position]
-            held = self._unclaimed.get(position)  # reduced again (Note [late gradients])
-            self._unclaimed[position] = reduced if held is None else held.add_(reduced)
-            return
-        super().finalize(bucket, reduced)
+    def holds(self, bucket, reduced: torch.Tensor) -> bool:
+        """Whether to hold ``bucket``'s reduction instead of installing it: a unit that
+        did not run here may have run nowhere, so it waits until the ranks have compared
+        notes (``install_held``)."""
+        if bucket.grad_shard is not None or self._unit_of[id(bucket.params[0])].ran_since_backward:
+            return False
+        position = self.reducer.position_of(bucket)
+        held = self._unclaimed.get(position)  # reduced again (Note [late gradients])
+        self._unclaimed[position] = reduced if held is None else held.add_(reduced)
+        return True
 
-    def late_positions(self) -> list[int]:
+    def agree_on_late(self, late: set[int]) -> list[int]:
         """Note [gather schedule]: the ranks compare notes in one all-reduce (MAX) of a
         flag per unit but the root (it ran here) and per bucket (it got gradient after
         the walk passed its unit, Note [late gradients]). Every rank reduces again the
         buckets late on any rank."""
-        flags = torch.zeros(len(self._flagged) + len(self.buckets), device=self.device)
+        flags = torch.zeros(len(self._flagged) + len(self.reducer.buckets), device=self.device)
         for i, unit in enumerate(self._flagged):
             flags[i] = float(unit.ran_since_backward)
-        for position in self._late:
+        for position in late:
             flags[len(self._flagged) + position] = 1.0
         _comm.all_reduce(flags, group=self.group, stats=self.stats, label=self.label,
                          op=dist.ReduceOp.MAX)
@@ -456,24 +474,27 @@ class Stage3(Stage2):
         self._ran_somewhere = {id(u) for u, flag in zip(self._flagged, flags) if flag}
         return [p for p, late in enumerate(flags[len(self._flagged):]) if late]
 
-    def after_reductions(self) -> None:
+    def install_held(self) -> None:
         """Note [gather schedule]: units that ran on no rank get no gradient at all, as
         torch leaves .grad None for a parameter no rank used; the others get theirs."""
         for position, reduced in self._unclaimed.items():
-            bucket = self.buckets[position]
+            bucket = self.reducer.buckets[position]
             if id(self._unit_of[id(bucket.params[0])]) in self._ran_somewhere:
-                bucket.set_grad_shard(self.as_gradient_shard(bucket, reduced))
+                bucket.set_grad_shard(self.dtypes.as_gradient_shard(bucket, reduced))
         self._unclaimed.clear()
 
-    def _on_backward_end(self) -> None:
-        if self._walking:  # gathers first: other ranks may be waiting for them
+    def finish_walk(self) -> None:
+        """The end of backward, before its reductions are flushed: the gathers of the
+        rest of the walk first, as other ranks may be waiting for them."""
+        if self._walking:
             for skipped in self._backward.walk_to_end():
                 self._pass_over(skipped)
             # Note [first-step agreement]: every rank ends the walk here. (Without a walk,
             # reductions launch as they become ready, so no comparison fits in between.)
             self._agree_while_recording(None)
-        synced = self.require_sync
-        super()._on_backward_end()
+
+    def end_backward(self, synced: bool) -> None:
+        """The reducer has finished the backward (``synced``: outside no_sync())."""
         if self._forward.entered is not None:  # the first backward: every rank ends it here
             self._adopt_recorded_orders()
         self._backward.restart()
@@ -501,7 +522,7 @@ class Stage3(Stage2):
         the maximum equals the minimum everywhere), of a flag per unit entered twice,
         and of each bucket's count of units entered before it was ready."""
         n_units = len(self.units)
-        notes = torch.full((5 * n_units + len(self.buckets),), -1.0, device=self.device)
+        notes = torch.full((5 * n_units + len(self.reducer.buckets),), -1.0, device=self.device)
         positions = notes[:5 * n_units].view(5, n_units)
         for row, schedule in enumerate((self._forward, self._backward)):
             for position, unit in enumerate(schedule.entered):
@@ -510,7 +531,7 @@ class Stage3(Stage2):
         for unit in self._forward.repeated:
             positions[4, self._index[id(unit)]] = 1.0
         entered_before_ready = notes[5 * n_units:]
-        for position, bucket in enumerate(self.buckets):
+        for position, bucket in enumerate(self.reducer.buckets):
             entered_before_ready[position] = self._entered_before_ready.get(
                 id(bucket), len(self._backward.entered))
         self._entered_before_ready.clear()
@@ -520,7 +541,7 @@ class Stage3(Stage2):
         self._forward.stop_recording(adopt=agreed)
         self._backward.stop_recording(adopt=agreed)
         if agreed and self.reshard_after_forward:
-            self._due = {id(b): int(n) for b, n in zip(self.buckets, entered_before_ready.tolist())}
+            self._due = {id(b): int(n) for b, n in zip(self.reducer.buckets, entered_before_ready.tolist())}
         else:
             self._due = self._due_when_walked_past()
         self._sort_launch_list(reversed(self._forward.units) if agreed else reversed(self.units))
@@ -533,8 +554,8 @@ class Stage3(Stage2):
         alone, the units in ``last_unit_first``'s order."""
         rank = {id(b): i for i, b in enumerate(b for u in last_unit_first for b in u.buckets)}
         due = self._due if self.reshard_after_forward else dict.fromkeys(self._due, 0)
-        self.launch_in_order(sorted(range(len(self.buckets)), key=lambda p: (
-            due[id(self.buckets[p])], rank[id(self.buckets[p])])))
+        self.reducer.launch_in_order(sorted(range(len(self.reducer.buckets)), key=lambda p: (
+            due[id(self.reducer.buckets[p])], rank[id(self.reducer.buckets[p])])))
 
     def _due_when_walked_past(self) -> dict[int, int]:
         """Note [one order]: each bucket is due in the backward walk once the walk has
@@ -571,7 +592,7 @@ class Stage3(Stage2):
         to take the same step of a walk (or gather the same unit outside it, or end the
         backward: None), or every rank raises. The ranks compare the unit's position in
         one all-reduce."""
-        if self._forward.entered is None or self.world_size == 1:
+        if self._forward.entered is None or self.group.size == 1:
             return
         code = 0.0 if unit is None else float(self._index[id(unit)] + 1)
         highest, lowest = (float(t) for t in _comm.extremes(
@@ -637,16 +658,16 @@ class Stage3(Stage2):
 
     def _pass_over(self, unit: Unit) -> None:
         """A unit this rank skips in this pass: gather it for the ranks that run it."""
-        schedule = self._backward if self.state is TrainingState.BACKWARD else self._forward
+        schedule = self._backward if self.reducer.phase is Phase.BACKWARD else self._forward
         self._step(schedule, unit)
         unit.wait()
-        if self.state is TrainingState.BACKWARD:
+        if self.reducer.phase is Phase.BACKWARD:
             # After two training forwards, a unit that ran in one of them may still get
             # gradient through its graph (the unit skipped in the other): kept gathered
             # for it, it needs no gather that other ranks would not issue.
             if not (unit.ran_since_backward and self._training_passes > 1):
                 unit.release()
-            if self.require_sync:
+            if self.switches.require_sync:
                 self._mark_skipped_ready(unit)
         elif self.reshard_after_forward or not self._training_forward:
             unit.release()
@@ -664,8 +685,8 @@ class Stage3(Stage2):
             self._note_ready(bucket)
             for index in range(len(bucket.params)):
                 if index not in bucket.ready:
-                    self.fill_missing(bucket, index)
-                    self._mark_ready(bucket, index)
+                    self.store.fill_missing(bucket, index)
+                    self.reducer.mark_ready(bucket, index)
 
     @contextlib.contextmanager
     def reading_structure(self):
@@ -687,7 +708,7 @@ class Stage3(Stage2):
 
     # -- around the optimizer step ----------------------------------------------------
 
-    def after_step(self) -> None:
+    def after_step(self, launch_order) -> None:
         """Parameters stay sharded after a step; free anything still gathered (stale now)."""
         for unit in self.units:
             unit.release()
@@ -729,7 +750,7 @@ class SavedTensorWatch:
     """The saved-tensor hooks of one unit's forward (Note [saved tensors]). Holds the
     stage weakly (Note [no reference cycles]); once it is gone, unpacking does nothing."""
 
-    def __init__(self, stage: Stage3, unit: Unit) -> None:
+    def __init__(self, stage: UnitGatherer, unit: Unit) -> None:
         self._stage = weakref.ref(stage)
         self._unit = unit
 

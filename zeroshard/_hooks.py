@@ -1,0 +1,64 @@
+"""What the parts of a stage share: hooks that hold them weakly, and the loop's switches.
+
+Note [no reference cycles]:
+    Hooks live on the model and its parameters, and a stage refers to the model, so
+    a hook holding its stage strongly would make a reference cycle (model -> hook ->
+    stage -> model) that only the garbage collector frees: often during interpreter
+    teardown, after ``destroy_process_group()``, with the process group and buffers
+    still alive. So every hook reaches its part of the stage through a weak
+    reference (``WeakHook``), and the parts refer to each other without cycles (a
+    part that must call back into the one holding it gets a weak proxy): when the
+    last ``ZeroOptimizer`` reference goes, the stage and everything it holds are
+    freed at once, and its hooks are removed with it.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+
+class WeakHook:
+    """A hook calling ``method(*leading, *hook_args)`` that holds ``method``'s object
+    weakly (Note [no reference cycles]); once that object is gone it does nothing.
+
+    A copy of the module or parameter it sits on (``copy.deepcopy``: an EMA model,
+    ``AveragedModel``; pickling: ``torch.save(model)``) gets an inert hook instead:
+    the copy is an ordinary module, not a second way into this stage that would
+    issue collectives on the ranks that use the copy only.
+    """
+
+    def __init__(self, method, *leading) -> None:
+        self._target = weakref.WeakMethod(method)
+        self._leading = leading
+
+    def __call__(self, *args, **kwargs):
+        bound = self._target()
+        return None if bound is None else bound(*self._leading, *args, **kwargs)
+
+    def __deepcopy__(self, memo) -> InertHook:
+        return InertHook()
+
+    def __reduce__(self):
+        return InertHook, ()
+
+
+class InertHook:
+    """What a copy of a ``WeakHook`` becomes: a hook that does nothing."""
+
+    def __call__(self, *args, **kwargs) -> None:
+        return None
+
+
+def remove_handles(handles: list) -> None:
+    for handle in handles:
+        handle.remove()
+    handles.clear()
+
+
+@dataclass
+class LoopSwitches:
+    """What the training loop has switched on, read by every part of a stage."""
+
+    require_sync: bool = True  # False inside ZeroOptimizer.no_sync()
+    summoned: int = 0  # depth of ZeroOptimizer.summon_full_params() blocks

@@ -1,0 +1,299 @@
+"""The gradient reducer: ready marks, one launch order, the end of backward.
+
+Every stage reduces gradients the same way; what differs is where they live, which
+the stage gives the reducer as its store (``FullGradients``, stage 1: full buffers;
+``ShardedGradients``, stages 2 and 3: shards). Stage 3 also gives it its unit
+gatherer (``walk``), whose backward walk decides when reductions launch (Note [one
+order] in stage3.py). The order in which collectives are issued is fixed here, once.
+
+Note [launch order]:
+    Every rank must issue the same collectives in the same order, or they hang.
+    Backward may finish parameters in a different order on different ranks (and a
+    data-dependent branch may leave a parameter without gradient on one rank only),
+    so buckets never launch in the order they become ready. They launch in the
+    fixed list order of ``self.buckets``: a bucket that is ready waits until all
+    buckets ahead of it have launched. At the end of backward a callback launches
+    the buckets still waiting, treating gradients that never arrived as zero. So
+    all ranks issue one reduce-scatter per bucket, in list order, every synced
+    backward, whatever their data did.
+
+    The list starts in reverse registration order, backward's usual order. A model
+    that runs its modules in another order (blocks last to first, a parameter whose
+    gradient comes early) would then fill buckets that wait behind one not yet
+    ready: gradient memory beyond the one bucket filling and one in flight that
+    stage 2 promises, up to every bucket at once. So the first synced backward
+    records the order in which buckets become ready, the ranks compare their records
+    at its end (one all-reduce of two numbers per bucket), and if all recorded the
+    same order the list takes it, buckets that were never ready last (``_adopt_ready_order``).
+    Ranks whose data runs other parameters keep the list as it was. Stage 3 launches
+    at the steps of its backward walk instead, so there the list is sorted by when
+    each bucket is due in the walk (Note [one order] in stage3.py).
+
+Note [end of backward]:
+    The end-of-backward callback is queued (``queue_callback``) from a hook on the
+    model's forward outputs, which fires at the start of every backward that goes
+    through the model, even on a rank where no parameter receives a gradient. A
+    parameter hook queues it too, for a backward that does not start at the
+    model's outputs. Queued from the outer backward, the callback runs after it,
+    not after a nested backward such as reentrant activation checkpointing's.
+    ``_on_backward_end`` is the whole sequence, in one place: finish the walk
+    (stage 3), flush the waiting buckets, wait, agree on the late ones across
+    ranks, reduce those again, install what was held, check for non-finite values.
+
+Note [late gradients]:
+    Reentrant activation checkpointing runs a nested backward per checkpointed
+    call, so a parameter used in two such calls (a block run twice, or two
+    forwards before one backward) gets gradient twice in one backward, the second
+    time after its bucket was reduced. Such a bucket is reduced once more at the
+    end of backward: stage 1 reduces its whole buffer again (it holds the total),
+    stages 2 and 3 reduce the late part and add it to the shard. At stages 1 and 2
+    which buckets are late follows from the model's structure, so every rank issues
+    the same extra reduce-scatters; stage 3's backward walk can make a bucket late
+    on some ranks only, so there the ranks agree on the set first
+    (``UnitGatherer.agree_on_late``).
+
+Note [non-finite gradients]:
+    With fp16 compute (``MixedPrecision(param_dtype=torch.float16)``, or a forward
+    under fp16 autocast) gradients can overflow, and loss scaling skips the step
+    when one does. A reduce-scatter carries an inf only to the rank that owns the
+    element, so ``torch.amp.GradScaler``, which checks each rank's own gradient
+    shards, would skip the step on that rank alone: the ranks would then disagree
+    on the parameters, the loss scale and which collectives come next. So after
+    such a backward the ranks all-reduce one flag (4 bytes), and if any rank holds
+    a non-finite gradient, every rank fills its gradient shards with NaN: every
+    rank's check then finds it, and all ranks skip the step and lower the scale.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.autograd import Variable
+from torch.utils._pytree import tree_flatten
+
+from . import _comm
+from ._bucket import FlatBucket
+from ._hooks import LoopSwitches, WeakHook
+from .mixed_precision import GradientDtypes, MixedPrecision, fp16_compute
+
+
+# Reductions launched and not yet waited for, at most: one waited for while the next
+# runs. Each holds its input (and on gloo the collective's own temporaries).
+REDUCTIONS_IN_FLIGHT = 2
+
+
+class Phase(enum.Enum):
+    IDLE = "idle"
+    BACKWARD = "backward"  # the end-of-backward callback is queued
+
+
+class GradientReducer:
+    """Reduce-scatters the gradients of ``buckets`` (trainable) into ``store``."""
+
+    def __init__(self, model: nn.Module, buckets: Sequence[FlatBucket], store, group,
+                 stats: _comm.CommStats, label: str, dtypes: GradientDtypes,
+                 policy: MixedPrecision | None, switches: LoopSwitches, handles: list,
+                 record_ready_order: bool = True) -> None:
+        self.buckets = list(buckets)  # the launch list (Note [launch order])
+        self.store = store
+        self.walk = None  # stage 3's UnitGatherer, set once it is built
+        self.group = group
+        self.world_size = group.size  # every rank, over every replica (a _ranks.Ranks)
+        self.stats = stats
+        self.label = label
+        self.dtypes = dtypes
+        self.policy = policy
+        self.switches = switches
+        self.phase = Phase.IDLE
+        self.next_launch = 0  # index of the first bucket not yet launched this backward
+        # (bucket, work, output shard, input to free once done or None), in launch order
+        self._in_flight: list[tuple[FlatBucket, object, torch.Tensor, torch.Tensor | None]] = []
+        self._position = {id(bucket): i for i, bucket in enumerate(self.buckets)}
+        # Note [launch order]: positions as they became ready, until adopted (or never)
+        self._ready_order: list[int] | None = [] if record_ready_order else None
+        self.late: set[int] = set()  # positions of buckets that got gradient after launching
+        self._check_non_finite = False  # Note [non-finite gradients]
+        handles.append(model.register_forward_hook(WeakHook(self._arm_backward_end)))
+        for bucket in self.buckets:
+            for index, param in enumerate(bucket.params):
+                handles.append(param.register_post_accumulate_grad_hook(
+                    WeakHook(self._on_gradient, bucket, index)))
+
+    # -- backward's hooks -------------------------------------------------------------
+
+    def _arm_backward_end(self, module, inputs, output) -> None:
+        if self.buckets and fp16_compute(self.buckets[0].flat.device, self.policy):
+            self._check_non_finite = True
+        for tensor in tree_flatten(output)[0]:
+            if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
+                tensor.register_hook(WeakHook(self.on_backward_start))
+
+    def on_backward_start(self, grad: torch.Tensor | None = None) -> None:
+        if self.phase is Phase.IDLE:
+            if self.walk is not None:
+                self.walk.begin_backward()
+            self.store.before_backward()
+            self.phase = Phase.BACKWARD
+            Variable._execution_engine.queue_callback(self._on_backward_end)
+
+    def _on_gradient(self, bucket: FlatBucket, index: int, param: nn.Parameter) -> None:
+        self.on_backward_start(param.grad)
+        self.store.collect(bucket, index)
+        if self.walk is not None:
+            self.walk.on_gradient(bucket, index)
+        if self.switches.require_sync:
+            self.mark_ready(bucket, index)
+
+    def mark_ready(self, bucket: FlatBucket, index: int) -> None:
+        if self._position[id(bucket)] < self.next_launch:
+            self.late.add(self._position[id(bucket)])  # Note [late gradients]
+            return
+        bucket.ready.add(index)
+        if self._ready_order is not None and bucket.all_ready:
+            self._ready_order.append(self._position[id(bucket)])
+        if self.walk is None or self.walk.launches_as_ready:
+            self._launch_ready()
+
+    # -- launching --------------------------------------------------------------------
+
+    def _launch_ready(self) -> None:
+        """Note [launch order]: launch every bucket at the front of the list that is ready."""
+        while self.next_launch < len(self.buckets) and self.buckets[self.next_launch].all_ready:
+            self._launch_next()
+
+    def launch_front(self, count: int) -> None:
+        """Launch the list's buckets up to position ``count``, ready or not: a gradient
+        that never came counts as zero (what ``.grad`` holds), and one that comes later
+        is late (Note [late gradients])."""
+        while self.next_launch < count:
+            bucket = self.buckets[self.next_launch]
+            for index in range(len(bucket.params)):
+                if index not in bucket.ready:
+                    self.store.fill_missing(bucket, index)
+                    bucket.ready.add(index)
+            self._launch_next()
+
+    def _launch_next(self) -> None:
+        bucket = self.buckets[self.next_launch]
+        self.next_launch += 1
+        if len(self._in_flight) >= REDUCTIONS_IN_FLIGHT:
+            self._finish_oldest()  # its inputs and temporaries go before the next one's come
+        self._launch(bucket)
+
+    def _launch(self, bucket: FlatBucket) -> None:
+        flat_grad, consumable = self.store.launch(bucket)
+        self._in_flight.append((bucket, *self._reduce_scatter(bucket, flat_grad, consumable)))
+
+    def _reduce_scatter(self, bucket: FlatBucket, flat_grad: torch.Tensor, consumable: bool):
+        """Average ``flat_grad`` over ranks; this rank's shard lands in a new tensor.
+
+        ``flat_grad`` is cast to the reduce dtype first. In fp16 it is divided by the
+        world size first and then summed, so that the sum cannot overflow; that
+        division happens in place only if ``consumable`` (the caller is done with it).
+        Returns (work, output shard, consumed): ``consumed`` is the tensor reduced if
+        nobody needs it afterwards (``flat_grad`` if consumable, else a cast or divided
+        copy, else None); ``wait_in_flight`` frees its memory once the work is done.
+        """
+        dtype = self.dtypes.reduce_dtype(bucket)
+        if flat_grad.dtype != dtype:
+            flat_grad, consumable = flat_grad.to(dtype), True
+        op = dist.ReduceOp.AVG
+        if dtype == torch.float16 and self.world_size > 1:
+            flat_grad = flat_grad.div_(self.world_size) if consumable else flat_grad / self.world_size
+            consumable, op = True, dist.ReduceOp.SUM
+        reduced = torch.empty(bucket.shard.numel(), dtype=dtype, device=flat_grad.device)
+        work = _comm.reduce_scatter(reduced, flat_grad, group=self.group, stats=self.stats,
+                                    label=self.label, op=op, async_op=True,
+                                    input_is_scratch=consumable)
+        return work, reduced, flat_grad if consumable else None
+
+    def wait_in_flight(self) -> None:
+        """Wait for launched reduce-scatters and hand their results to the store (idempotent)."""
+        while self._in_flight:
+            self._finish_oldest()
+
+    def _finish_oldest(self) -> None:
+        bucket, work, reduced, consumed = self._in_flight.pop(0)
+        _comm.wait(work)
+        if consumed is not None:  # its work handle outlives it (Note [finished work])
+            _comm.release([consumed])
+        self.store.landed(bucket)
+        if self.walk is None or not self.walk.holds(bucket, reduced):
+            self.store.install(bucket, reduced)
+
+    # -- the end of backward ----------------------------------------------------------
+
+    def _on_backward_end(self) -> None:
+        """Note [end of backward]: the whole sequence, in order."""
+        synced = self.switches.require_sync
+        if self.walk is not None:
+            self.walk.finish_walk()  # gathers first: other ranks may be waiting for them
+        if synced:
+            self.launch_front(len(self.buckets))  # the buckets still waiting
+            self.wait_in_flight()
+            late = self.walk.agree_on_late(self.late) if self.walk is not None else sorted(self.late)
+            for position in late:  # Note [late gradients]
+                self._launch(self.buckets[position])
+                self.wait_in_flight()
+            if self.walk is not None:
+                self.walk.install_held()
+            if self._check_non_finite:
+                self._spread_non_finite()
+                self._check_non_finite = False
+            self.store.after_backward()
+            if self._ready_order is not None:
+                self._adopt_ready_order()
+        self.late.clear()
+        for bucket in self.buckets:
+            bucket.ready.clear()
+        self.next_launch = 0
+        self.phase = Phase.IDLE
+        if self.walk is not None:
+            self.walk.end_backward(synced)
+
+    def _spread_non_finite(self) -> None:
+        """Note [non-finite gradients]: one rank's inf or NaN makes every rank's shards NaN."""
+        shards = [b.grad_shard for b in self.buckets if b.grad_shard is not None]
+        device = self.buckets[0].flat.device
+        found = torch.zeros((), dtype=torch.float32, device=device)
+        for shard in shards:
+            found = torch.maximum(found, (~torch.isfinite(shard)).any().float())
+        _comm.all_reduce(found, group=self.group, stats=self.stats, label=self.label,
+                         op=dist.ReduceOp.MAX)
+        if found.item():
+            for shard in shards:
+                shard.fill_(float("nan"))
+
+    def _adopt_ready_order(self) -> None:
+        """Note [launch order]: launch from now on in the order the first synced backward
+        made buckets ready, if every rank recorded the same one: the ranks compare each
+        bucket's place in the record (-1: never ready) in one all-reduce."""
+        order, self._ready_order = list(dict.fromkeys(self._ready_order)), None
+        if not self.buckets:
+            return
+        if self.world_size > 1:
+            places = torch.full((len(self.buckets),), -1.0, device=self.buckets[0].flat.device)
+            for place, position in enumerate(order):
+                places[position] = place
+            highest, lowest = _comm.extremes(places, group=self.group, stats=self.stats,
+                                             label=self.label)
+            if not torch.equal(highest, lowest):
+                return
+        self.launch_in_order(order)
+
+    def launch_in_order(self, order: list[int]) -> None:
+        """Launch the buckets now at positions ``order`` first, in that order, then the
+        others as they are (between backwards: nothing is in flight)."""
+        chosen = set(order)
+        rest = [position for position in range(len(self.buckets)) if position not in chosen]
+        permutation = order + rest  # new position -> old position
+        if permutation != list(range(len(self.buckets))):
+            self.buckets = [self.buckets[old] for old in permutation]
+            self._position = {id(bucket): i for i, bucket in enumerate(self.buckets)}
+
+    def position_of(self, bucket: FlatBucket) -> int:
+        return self._position[id(bucket)]
