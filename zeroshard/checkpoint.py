@@ -41,7 +41,6 @@ import shutil
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from . import _comm
 from ._bucket import from_memory_order, to_memory_order
