@@ -282,17 +282,17 @@ def train_side_by_side(ctx, case):
     out["psi"] = sum(p.numel() for p in trainable)
     out["psi_all"] = sum(p.numel() for p in zero_model.parameters())
     out["largest_param_bytes"] = max(p.numel() * 4 for p in trainable)
-    out["largest_bucket_bytes"] = max(b.layout.padded_numel * 4 for b in zopt._buckets)
-    out["n_buckets"] = len(zopt._buckets)
+    out["largest_bucket_bytes"] = max(b.layout.padded_numel * 4 for b in zopt.sharding.buckets)
+    out["n_buckets"] = len(zopt.sharding.buckets)
     # stage 3 all-reduces 5 numbers per unit once (the recorded orders), and after each
     # synced backward a flag per unit other than the root that has gradients ("ran") and
     # per bucket with gradients ("late")
-    out["n_units"] = len(zopt._units) if case["stage"] == 3 else 0
+    out["n_units"] = len(zopt.sharding.units) if case["stage"] == 3 else 0
     out["flags_per_backward"] = sum(
-        any(p.requires_grad for b in u.buckets for p in b.params) for u in zopt._units[1:]) + sum(
-        b.params[0].requires_grad for u in zopt._units for b in u.buckets) if case["stage"] == 3 else 0
-    out["n_all_buckets"] = len(zopt._stage.buckets) if case["stage"] != 3 else sum(
-        len(u.buckets) for u in zopt._units)
+        any(p.requires_grad for b in u.buckets for p in b.params) for u in zopt.sharding.units[1:]) + sum(
+        b.params[0].requires_grad for u in zopt.sharding.units for b in u.buckets) if case["stage"] == 3 else 0
+    out["n_all_buckets"] = len(zopt.sharding.stage.buckets) if case["stage"] != 3 else sum(
+        len(u.buckets) for u in zopt.sharding.units)
     out["buffer_bytes"] = sum(b.numel() * b.element_size() for b in zero_model.buffers())
     out["final_mem"] = zopt.memory_report()
     out["ddp_state_bytes"] = state_bytes(dopt)

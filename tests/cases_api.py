@@ -156,7 +156,7 @@ def resume_from_state_dict(ctx, stage: int, optimizer: str, bf16: bool = False):
     _train(model2, opt2, steps=3, start=2, rank=ctx.rank)
     resumed = params(model2, opt2)
     if bf16:  # the fp32 masters too, not only their bf16 casts
-        uninterrupted += list(opt._gather_masters().values())
+        uninterrupted += list(opt.sharding.gather_masters().values())
         resumed += list(opt2._gather_masters().values())
     return uninterrupted, resumed
 
@@ -304,7 +304,7 @@ def memory_on_a_mesh(ctx, stage, mesh_shape):
             opt.zero_grad()
     report = opt.memory_report()
     psi = sum(p.numel() for p in model.parameters())
-    buckets = len(opt._buckets)
+    buckets = len(opt.sharding.buckets)
     opt.close()
     return psi, buckets, report
 

@@ -47,8 +47,8 @@ def freed_by_reference_counting(ctx, stage: int, bf16: bool):
         opt = _zero(model, stage, ctx.group, BF16 if bf16 else None, momentum=0.9)
         scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
         _steps(model, opt, 0, 2, ctx.rank, scheduler)
-        refs = {"optimizer": weakref.ref(opt), "stage": weakref.ref(opt._stage),
-                "bucket": weakref.ref(opt._buckets[0])}
+        refs = {"optimizer": weakref.ref(opt), "stage": weakref.ref(opt.sharding.stage),
+                "bucket": weakref.ref(opt.sharding.buckets[0])}
         del opt, scheduler
         alive = sorted(name for name, ref in refs.items() if ref() is not None)
         hooks = len(model._forward_hooks) + len(model._forward_pre_hooks) + sum(
@@ -73,7 +73,7 @@ def close_then_continue(ctx, stage: int, next_stage: int, bf16: bool):
     opt = _zero(model, stage, ctx.group, BF16 if bf16 else None)
     _steps(model, opt, 0, 2, ctx.rank)
     _steps(reference, ref_opt, 0, 2, ctx.rank)
-    masters = {k: v.clone() for k, v in opt._gather_masters().items()} if bf16 else None
+    masters = {k: v.clone() for k, v in opt.sharding.gather_masters().items()} if bf16 else None
     opt.close()
     after_close = {name: (p - q).abs().max().item() for (name, p), q in
                    zip(model.named_parameters(), reference.module.parameters())}

@@ -96,7 +96,7 @@ def load_state_dict_mid_run(ctx, stage: int):
 
     def master_diff():
         return max((value - pretrained[names[key]]).abs().max().item()
-                   for key, value in opt._gather_masters().items())
+                   for key, value in opt.sharding.gather_masters().items())
 
     after_load = master_diff()
     exported = opt.full_state_dict()
@@ -493,7 +493,7 @@ def batchnorm_with_bf16(ctx, stage: int):
                 param.copy_(master)
                 param.grad = None
     with opt.summon_full_params():
-        ours = opt._gather_masters()
+        ours = opt.sharding.gather_masters()
         names = {id(p): i for i, p in enumerate(model.parameters())}
         params = max((value - masters[names[key]]).abs().max().item() for key, value in ours.items())
     buffers = max((b.float() - c.float()).abs().max().item()
@@ -865,7 +865,7 @@ def channels_last_load_state_dict_with_bf16(ctx, stage: int):
         layouts = _channels_last(model.conv_weights())
     names = {id(p): name for name, p in model.named_parameters()}
     diff = max((value - pretrained[names[key]]).abs().max().item()
-               for key, value in opt._gather_masters().items())
+               for key, value in opt.sharding.gather_masters().items())
     opt.close()
     return diff, layouts
 

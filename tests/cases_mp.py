@@ -96,7 +96,7 @@ def train_mixed_precision(ctx, case):
     rscaler = torch.amp.GradScaler("cpu", init_scale=INIT_SCALE, enabled=fp16)
 
     def zero_state():
-        masters_by_id = zopt._gather_masters()
+        masters_by_id = zopt.sharding.gather_masters()
         zmasters = torch.cat([masters_by_id[id(p)].reshape(-1) for p in zero_model.parameters()
                               if p.requires_grad])
         with zopt.summon_full_params():
@@ -167,22 +167,22 @@ def train_mixed_precision(ctx, case):
         out["fp32_loss"].append(fl)
         out["zero_scale"].append(zscaler.get_scale() if fp16 else None)
         out["ref_scale"].append(rscaler.get_scale() if fp16 else None)
-        out["state_sum"].append(sum(float(t.double().sum()) for s in zopt._inner.state.values()
+        out["state_sum"].append(sum(float(t.double().sum()) for s in zopt.sharding.inner.state.values()
                                     for t in s.values() if isinstance(t, torch.Tensor)))
 
     out["final_mem"] = zopt.memory_report()
     out["psi"] = sum(p.numel() for p in zero_model.parameters() if p.requires_grad)
     out["psi_all"] = sum(p.numel() for p in zero_model.parameters())
-    out["n_buckets"] = len(zopt._buckets)
+    out["n_buckets"] = len(zopt.sharding.buckets)
     # stage 3 all-reduces 5 numbers per unit once (the recorded orders), and after each
     # synced backward a flag per unit other than the root that has gradients ("ran") and
     # per bucket with gradients ("late")
-    out["n_units"] = len(zopt._units) if case["stage"] == 3 else 0
+    out["n_units"] = len(zopt.sharding.units) if case["stage"] == 3 else 0
     out["flags_per_backward"] = sum(
-        any(p.requires_grad for b in u.buckets for p in b.params) for u in zopt._units[1:]) + sum(
-        b.params[0].requires_grad for u in zopt._units for b in u.buckets) if case["stage"] == 3 else 0
-    out["n_all_buckets"] = len(zopt._stage.buckets) if case["stage"] != 3 else sum(
-        len(u.buckets) for u in zopt._units)
+        any(p.requires_grad for b in u.buckets for p in b.params) for u in zopt.sharding.units[1:]) + sum(
+        b.params[0].requires_grad for u in zopt.sharding.units for b in u.buckets) if case["stage"] == 3 else 0
+    out["n_all_buckets"] = len(zopt.sharding.stage.buckets) if case["stage"] != 3 else sum(
+        len(u.buckets) for u in zopt.sharding.units)
     out["param_dtypes"] = sorted({str(p.dtype) for p in zero_model.parameters()})
     out["adam_state_bytes"] = 8 * out["psi"]  # exp_avg + exp_avg_sq in fp32, full model
     return out

@@ -100,7 +100,7 @@ def optimizer_setup(model: nn.Module, case: dict):
 
 def owned(zopt):
     """(name, bucket, index, stepped tensor) for each parameter this rank steps whole."""
-    for bucket in zopt._buckets:
+    for bucket in zopt.sharding.buckets:
         if bucket.owns_whole_parameters:
             for index, stepped in zip(bucket.layout.owned(bucket.rank), bucket.stepped):
                 yield bucket.param_names[index], bucket, index, stepped
@@ -179,10 +179,10 @@ def train_owned_side_by_side(ctx, case: dict) -> dict:
             if case["bf16"]:  # zeroshard's gradient comes from a bf16 forward: not this one
                 bound = torch.full_like(bound, float("inf"))
             excess = max(excess, float(((grad - reference).abs() - bound).max()))
-            group = zopt._inner.param_groups[bucket.group_index]
+            group = zopt.sharding.inner.param_groups[bucket.group_index]
             before.append((name, stepped, stepped.detach().clone(), grad.clone(),
-                           copy.deepcopy(zopt._inner.state.get(stepped, {})),
-                           zopt._inner.classes[bucket.group_index],
+                           copy.deepcopy(zopt.sharding.inner.state.get(stepped, {})),
+                           zopt.sharding.inner.classes[bucket.group_index],
                            {k: v for k, v in group.items() if k != "params"}))
         out["grad_excess"].append(excess)
         zopt.step()
@@ -211,15 +211,15 @@ def train_owned_side_by_side(ctx, case: dict) -> dict:
     out["whole_names"] = sorted(names[id(p)] for p in stepped_whole)
     # which whole parameters have optimizer state on this rank
     out["state_holders"] = sorted(name for name, _, _, stepped in owned(zopt)
-                                  if stepped in zopt._inner.state)
+                                  if stepped in zopt.sharding.inner.state)
     whole_class = WHOLE[case["whole"]][0]
-    out["whole_states"] = sum(len(o.state) for o in zopt._inner.optimizers
+    out["whole_states"] = sum(len(o.state) for o in zopt.sharding.inner.optimizers
                               if isinstance(o, whole_class))
-    out["orthogonalised"] = sum(getattr(o, "orthogonalised", 0) for o in zopt._inner.optimizers)
+    out["orthogonalised"] = sum(getattr(o, "orthogonalised", 0) for o in zopt.sharding.inner.optimizers)
     out["report"] = zopt.sharding_report()
-    out["stored"] = [b.shard.numel() for b in zopt._buckets]
+    out["stored"] = [b.shard.numel() for b in zopt.sharding.buckets]
     out["layouts"] = [(list(b.layout.numels), list(b.layout.owners or []), b.layout.padded_numel)
-                      for b in zopt._buckets if b.owns_whole_parameters]
+                      for b in zopt.sharding.buckets if b.owns_whole_parameters]
     zopt.close()
     return out
 
@@ -236,14 +236,14 @@ def fixed_owned_case(ctx) -> dict:
         model(torch.randn(3, 4)).backward()
         zopt.step()
         zopt.zero_grad()
-    (bucket,) = zopt._buckets
+    (bucket,) = zopt.sharding.buckets
     by_rows = {p.shape[0]: owner for p, owner in zip(bucket.params, bucket.layout.owners)}
     return {"rank": ctx.rank, "owners": [by_rows[rows] for rows in (8, 6, 4, 2)],
             "padded": bucket.layout.padded_numel, "stored": bucket.shard.numel(),
             "reduce_scatter": zopt.comm_stats.bytes["reduce_scatter"],
             "all_gather": zopt.comm_stats.bytes["all_gather"],
             "report": zopt.sharding_report(),
-            "state_shapes": sorted(list(s["momentum_buffer"].shape) for s in zopt._inner.state.values())}
+            "state_shapes": sorted(list(s["momentum_buffer"].shape) for s in zopt.sharding.inner.state.values())}
 
 
 def round_trip_then_schedule(ctx, stage: int) -> float:
@@ -307,7 +307,7 @@ def scaler_with_ranks_that_own_nothing(ctx) -> dict:
         with opt.summon_full_params():
             moved.append(any(not torch.equal(a, b) for a, b in zip(before, model.parameters())))
             final = torch.cat([p.detach().float().reshape(-1) for p in model.parameters()])
-    owned = sum(len(b.layout.owned(b.rank)) for b in opt._buckets)
+    owned = sum(len(b.layout.owned(b.rank)) for b in opt.sharding.buckets)
     return {"scales": scales, "moved": moved, "final": final, "owned": owned}
 
 

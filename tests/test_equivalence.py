@@ -254,7 +254,7 @@ def check_comm_per_step(results, case, first_step: int = 0):
     (the recorded orders) and the agreements of Note [first-step agreement]; at stages 1-2, in the first step on
     several ranks, 2 numbers per bucket (the order buckets became ready, Note [launch order]).
 
-    Stage 3's first step walks the module tree's order (Note [gather schedule]), so a
+    Stage 3's first step walks the module tree's order (Note [recorded order]), so a
     unit called out of it is gathered, and may be reduced, twice: that step is held
     to the lower bounds only. Steps before ``first_step`` are not checked."""
     n, res = case["world_size"], results[0]
@@ -284,7 +284,7 @@ def check_comm_per_step(results, case, first_step: int = 0):
                 assert ag <= gathers * FP32 * (psi_all + padding_all), comm
         if case["stage"] != 3 and not late:  # the same buckets both ways
             assert comm["reduce_scatter"] == synced_backwards * comm["all_gather"], (step, comm)
-        flags = synced_backwards * FP32 * res["flags_per_backward"]  # Note [gather schedule]
+        flags = synced_backwards * FP32 * res["flags_per_backward"]  # Note [ran on no rank]
         # the recorded orders, once: 5 numbers per unit, 1 per bucket (Note [one order])
         flags += FP32 * (5 * res["n_units"] + res["n_buckets"]) if step == 0 and case["stage"] == 3 else 0
         if step == 0 and n > 1 and case["stage"] != 3:  # Note [launch order]

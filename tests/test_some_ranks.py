@@ -1,7 +1,7 @@
 """Stage 3 with a unit that runs, or reaches the loss, on some ranks only.
 
 Every rank must issue the same gathers in the same order although its data runs
-other units (Note [gather schedule] in zeroshard/stage3.py). Each case trains at
+other units (Note [gather schedule] in zeroshard/_schedule.py). Each case trains at
 stage 3 and at stage 2 beside DDP (``find_unused_parameters``) and single-process
 training, and holds every invariant of tests/test_equivalence.py: equal
 parameters, ranks in agreement, exactly 3Ψ (2Ψ without resharding) of
@@ -69,7 +69,7 @@ def test_unit_run_on_some_ranks_only(pool, model, units, world_size, options,
 def test_units_called_out_of_registration_order(pool, skip_block):
     """Blocks called last to first: the first step walks the module tree's order and
     gathers the blocks it enters out of that order twice; every later step walks the
-    order recorded on the first one (Note [gather schedule]) and gathers each unit
+    order recorded on the first one (Note [recorded order]) and gathers each unit
     exactly once per pass: 3Ψ."""
     case = {**LOOP, "model": {**TRANSFORMER, "layers": 3, "reverse": True}, "stage": 3,
             "world_size": 3, "units": "blocks", "reshard_after_forward": True,

@@ -26,17 +26,18 @@ def gather_full_state(opt) -> tuple[dict, dict] | None:
     rank 0 copies its parameters out to CPU and every rank frees the gathered buffer
     before the next bucket. So no rank holds more than one bucket of the full model
     on its device, and only rank 0 builds the result (in host memory)."""
+    view = opt.sharding
     values, states = {}, {}
     for param, value, state in stream_parameters(opt):
         if value is not None:
             values[id(param)] = value
         if state is not None:
             states[id(param)] = state
-    if opt._rank != 0:
+    if view.rank != 0:
         return None
-    with opt._stage.reading_structure():  # names and objects only: nothing is gathered
-        structure = opt._model.state_dict(keep_vars=True)
-    placeholders = {b.placeholders.untyped_storage().data_ptr() for b in opt._every_bucket
+    with view.reading_structure():  # names and objects only: nothing is gathered
+        structure = view.model.state_dict(keep_vars=True)
+    placeholders = {b.placeholders.untyped_storage().data_ptr() for b in view.every_bucket
                     if b.placeholders is not None}
     for key, item in structure.items():
         if id(item) not in values and isinstance(item, torch.Tensor) \
@@ -48,7 +49,7 @@ def gather_full_state(opt) -> tuple[dict, dict] | None:
     model_sd = {key: values[id(item)] if id(item) in values else _to_cpu(item)
                 for key, item in structure.items()}
     index_state, groups, index = {}, [], 0
-    for members, group in zip(opt._group_members, opt.param_groups):
+    for members, group in zip(view.group_members, opt.param_groups):
         indices = []
         for param in members:
             if id(param) in states:
@@ -68,29 +69,30 @@ def stream_parameters(opt, with_states: bool = True):
     a time (Note [streaming export]): on rank 0 the value is a CPU copy (the fp32 master
     of an updated parameter) and the state is in the plain layout (None if it has none);
     on the other ranks both are None. Collective: every rank must run it to the end."""
-    rank0 = opt._rank == 0
-    opt._take_outside_writes()
-    for bucket in opt._every_bucket:
+    view = opt.sharding
+    rank0 = view.rank == 0
+    view.take_outside_writes()
+    for bucket in view.every_bucket:
         source = bucket.master if bucket.master is not None else bucket.shard
-        gathered = opt._gather_shard(source)
+        gathered = view.gather_shard(source)
         values = [_to_cpu(bucket.param_view(gathered, i)) if rank0 else None
                   for i in range(len(bucket.params))]
         _comm.release([gathered])  # finished works still refer to it (Note [finished work])
         param_states = [None] * len(bucket.params)
-        state = opt._inner.state.get(bucket.master) if bucket.master is not None else None
+        state = view.inner.state.get(bucket.master) if bucket.master is not None else None
         if with_states and bucket.owns_whole_parameters:
             # Note [whole-parameter ownership]: each state lives whole on its owner
-            mine = {index: {k: _to_cpu(v) for k, v in opt._inner.state[stepped].items()}
+            mine = {index: {k: _to_cpu(v) for k, v in view.inner.state[stepped].items()}
                     for index, stepped in zip(bucket.layout.owned(bucket.rank), bucket.stepped)
-                    if stepped in opt._inner.state}
-            for owned in _comm.all_gather_object(mine, group=opt._group, stats=opt.comm_stats,
-                                                 label="state", device=opt._device):
+                    if stepped in view.inner.state}
+            for owned in _comm.all_gather_object(mine, group=view.ranks, stats=opt.comm_stats,
+                                                 label="state", device=view.device):
                 for index, owned_state in owned.items() if rank0 else ():
                     param_states[index] = owned_state
         elif with_states and state:
             scalars, per_element = split_state(state, bucket.master)
             for key, tensor in sorted(per_element.items()):
-                gathered = opt._gather_shard(tensor)
+                gathered = view.gather_shard(tensor)
                 for index in range(len(bucket.params)) if rank0 else ():
                     if param_states[index] is None:
                         param_states[index] = {k: _to_cpu(v) for k, v in scalars.items()}
@@ -99,8 +101,8 @@ def stream_parameters(opt, with_states: bool = True):
             if rank0 and not per_element:
                 param_states = [{k: _to_cpu(v) for k, v in scalars.items()} for _ in bucket.params]
         yield from zip(bucket.params, values, param_states)
-    bucketed = {id(p) for b in opt._every_bucket for p in b.params}
-    for param in opt._model.parameters():  # stages 1-2: frozen, whole on every rank
+    bucketed = {id(p) for b in view.every_bucket for p in b.params}
+    for param in view.model.parameters():  # stages 1-2: frozen, whole on every rank
         if id(param) not in bucketed:
             yield param, _to_cpu(param) if rank0 else None, None
 
@@ -112,12 +114,13 @@ class FullStateSource:
     in that order."""
 
     def __init__(self, opt, model_sd: dict, optim_sd: dict | None) -> None:
-        self.params = dict(opt._model.named_parameters())
+        view = opt.sharding
+        self.params = dict(view.model.named_parameters())
         self.orders = memory_orders(opt)
         self.model_sd = model_sd
-        self.key_of = _stored_names(opt._model, model_sd)
-        members = [p for group in opt._group_members for p in group]
-        names = parameter_names(opt._model)
+        self.key_of = _stored_names(view.model, model_sd)
+        members = [p for group in view.group_members for p in group]
+        names = parameter_names(view.model)
         self.state_of = {} if optim_sd is None else {
             names[id(p)]: optim_sd["state"].get(i, optim_sd["state"].get(str(i)))
             for i, p in enumerate(members)}
@@ -165,22 +168,22 @@ class Rank0Source:
                  with_states: bool) -> None:
         self.opt = opt
         self.local = local  # rank 0's dicts; None elsewhere
-        self.names = parameter_names(opt._model)
+        self.names = parameter_names(opt.sharding.model)
         self.layouts = self._broadcast_object(layouts) if with_states else None
         self.values_of: dict[str, torch.Tensor] = {}
         self.states_of: dict[str, dict[str, torch.Tensor]] = {}
         self._received: list[torch.Tensor] = []  # this bucket's broadcast buffers
 
     def _broadcast_object(self, obj):
-        return _comm.broadcast_object(obj, group=self.opt._group, stats=self.opt.comm_stats,
-                                      label="load", device=self.opt._device)
+        return _comm.broadcast_object(obj, group=self.opt.sharding.ranks, stats=self.opt.comm_stats,
+                                      label="load", device=self.opt.sharding.device)
 
     def _broadcast_flat(self, pieces, sizes: list[int], dtype: torch.dtype) -> list[torch.Tensor]:
         """Rank 0's ``pieces()`` (one full tensor per parameter) joined, broadcast, split."""
-        flat = torch.empty(sum(sizes), dtype=dtype, device=self.opt._device)
+        flat = torch.empty(sum(sizes), dtype=dtype, device=self.opt.sharding.device)
         if self.local is not None:
             flat.copy_(torch.cat([piece.reshape(-1).to(dtype) for piece in pieces()]))
-        _comm.broadcast(flat, group=self.opt._group, stats=self.opt.comm_stats, label="load")
+        _comm.broadcast(flat, group=self.opt.sharding.ranks, stats=self.opt.comm_stats, label="load")
         self._received.append(flat)
         return list(flat.split(sizes))
 
@@ -242,7 +245,7 @@ def check_full_state(opt, model_sd: dict, optim_sd: dict | None) -> None:
         raise TypeError("load_full_state_dict takes (model_state_dict, optimizer_state_dict): a "
                         "dict (or a safetensors file or folder) and a dict or None; got "
                         f"{type(model_sd).__name__}, {type(optim_sd).__name__}")
-    model = opt._model
+    model = opt.sharding.model
     expected = {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}
     persistent = persistent_buffer_names(model)
     expected.update({name: tuple(b.shape) for name, b in model.named_buffers() if name in persistent})
@@ -262,7 +265,7 @@ def check_full_state(opt, model_sd: dict, optim_sd: dict | None) -> None:
     if optim_sd is None:
         return
     groups = optim_sd.get("param_groups")
-    sizes = [len(g) for g in opt._group_members]
+    sizes = [len(g) for g in opt.sharding.group_members]
     saved_sizes = [len(g["params"]) for g in groups] if isinstance(groups, list) else None
     if "state" not in optim_sd or saved_sizes != sizes:
         raise ValueError(f"optimizer_state_dict has param groups of sizes {saved_sizes}, this "
@@ -291,18 +294,19 @@ def load_full_state(opt, model_sd: dict | None, optim_sd: dict | None) -> None:
     """Load full state dicts passed on every rank, or on rank 0 only (None elsewhere:
     Note [full state from rank 0]); ``optim_sd`` None loads the model only and keeps
     the optimizer state."""
+    view = opt.sharding
     # How many ranks passed each dict, and whether rank 0 did: one all-reduce.
     counts = torch.tensor([model_sd is not None, optim_sd is not None], dtype=torch.float32,
-                          device=opt._device)
-    rank0 = counts.clone() if opt._rank == 0 else torch.zeros_like(counts)
+                          device=view.device)
+    rank0 = counts.clone() if view.rank == 0 else torch.zeros_like(counts)
     both = torch.cat([counts, rank0])
-    _comm.all_reduce(both, group=opt._group, stats=opt.comm_stats, label="load")
+    _comm.all_reduce(both, group=view.ranks, stats=opt.comm_stats, label="load")
     with_model, with_optim, rank0_model, rank0_optim = (int(v) for v in both.tolist())
     if not rank0_model:
         raise ValueError("load_full_state_dict: rank 0 passed model_state_dict=None; pass the full "
                          "state dict on rank 0 (the other ranks may pass None)")
-    everywhere = with_model == opt._world_size and with_optim in (0, opt._world_size)
-    holds_dicts = everywhere or opt._rank == 0
+    everywhere = with_model == view.world_size and with_optim in (0, view.world_size)
+    holds_dicts = everywhere or view.rank == 0
     with_states = bool(with_optim if everywhere else rank0_optim)
     sources = {}
 
@@ -312,27 +316,27 @@ def load_full_state(opt, model_sd: dict | None, optim_sd: dict | None) -> None:
         sources["local"] = FullStateSource(opt, opened, optim_sd)
         if not everywhere and with_states:
             sources["layouts"] = sources["local"].optimizer_layouts()
-    _comm.run_and_share(open_and_check if holds_dicts else None, group=opt._group,
-                        stats=opt.comm_stats, label="load", device=opt._device)
+    _comm.run_and_share(open_and_check if holds_dicts else None, group=view.ranks,
+                        stats=opt.comm_stats, label="load", device=view.device)
     local = sources.get("local")
     source = local if everywhere else Rank0Source(opt, local, sources.get("layouts"), with_states)
     load_from(opt, source, with_states)
     if isinstance(source, Rank0Source):
         source.release()
     if holds_dicts:
-        for name, buffer in opt._model.named_buffers():
+        for name, buffer in view.model.named_buffers():
             if name in local.model_sd:
                 buffer.copy_(local.model_sd[name])
     if not everywhere:
-        for buffer in opt._model.buffers():
-            _comm.broadcast(buffer, group=opt._group, stats=opt.comm_stats, label="load")
+        for buffer in view.model.buffers():
+            _comm.broadcast(buffer, group=view.ranks, stats=opt.comm_stats, label="load")
     if not with_states:
         return
     saved = optim_sd["param_groups"] if holds_dicts else None
     if not everywhere:
-        saved = _comm.broadcast_object(saved, group=opt._group, stats=opt.comm_stats,
-                                       label="load", device=opt._device)
-    for group, inner, saved_group in zip(opt.param_groups, opt._inner.param_groups, saved):
+        saved = _comm.broadcast_object(saved, group=view.ranks, stats=opt.comm_stats,
+                                       label="load", device=view.device)
+    for group, inner, saved_group in zip(opt.param_groups, view.inner.param_groups, saved):
         hyper = {k: v for k, v in saved_group.items() if k != "params"}
         group.update(hyper)
         inner.update(hyper)

@@ -14,6 +14,7 @@ Note [no reference cycles]:
 
 from __future__ import annotations
 
+import enum
 import weakref
 from dataclasses import dataclass
 
@@ -56,9 +57,35 @@ def remove_handles(handles: list) -> None:
     handles.clear()
 
 
+class Phase(enum.Enum):
+    """What the model is doing, as the stage's hooks see it (one for the whole stage)."""
+    IDLE = "idle"
+    FORWARD = "forward"  # a forward of the root with grad enabled (stage 3 tracks forwards)
+    FORWARD_NO_GRAD = "forward without grad"  # evaluation, generate()
+    BACKWARD = "backward"  # the end-of-backward callback is queued
+
+
+# The moves the phase makes; any other is a bug in the hooks, refused. A forward may
+# begin again while one is running (the last raised), and a backward begin inside a
+# forward (torch.autograd.grad in a model's forward).
+_PHASE_MOVES = {
+    Phase.IDLE: {Phase.FORWARD, Phase.FORWARD_NO_GRAD, Phase.BACKWARD},
+    Phase.FORWARD: {Phase.IDLE, Phase.FORWARD, Phase.FORWARD_NO_GRAD, Phase.BACKWARD},
+    Phase.FORWARD_NO_GRAD: {Phase.IDLE, Phase.FORWARD, Phase.FORWARD_NO_GRAD, Phase.BACKWARD},
+    Phase.BACKWARD: {Phase.IDLE},
+}
+
+
 @dataclass
 class LoopSwitches:
-    """What the training loop has switched on, read by every part of a stage."""
+    """What the training loop is doing and has switched on, read by every part of a stage."""
 
     require_sync: bool = True  # False inside ZeroOptimizer.no_sync()
     summoned: int = 0  # depth of ZeroOptimizer.summon_full_params() blocks
+    phase: Phase = Phase.IDLE  # moved only by enter()
+
+    def enter(self, phase: Phase) -> None:
+        if phase not in _PHASE_MOVES[self.phase]:
+            raise RuntimeError(f"zeroshard internal error: the stage cannot go from "
+                               f"{self.phase.value} to {phase.value}; please report it")
+        self.phase = phase

@@ -66,7 +66,6 @@ Note [non-finite gradients]:
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Sequence
 
 import torch
@@ -77,18 +76,13 @@ from torch.utils._pytree import tree_flatten
 
 from . import _comm
 from ._bucket import FlatBucket
-from ._hooks import LoopSwitches, WeakHook
+from ._hooks import LoopSwitches, Phase, WeakHook
 from .mixed_precision import GradientDtypes, MixedPrecision, fp16_compute
 
 
 # Reductions launched and not yet waited for, at most: one waited for while the next
 # runs. Each holds its input (and on gloo the collective's own temporaries).
 REDUCTIONS_IN_FLIGHT = 2
-
-
-class Phase(enum.Enum):
-    IDLE = "idle"
-    BACKWARD = "backward"  # the end-of-backward callback is queued
 
 
 class GradientReducer:
@@ -108,7 +102,6 @@ class GradientReducer:
         self.dtypes = dtypes
         self.policy = policy
         self.switches = switches
-        self.phase = Phase.IDLE
         self.next_launch = 0  # index of the first bucket not yet launched this backward
         # (bucket, work, output shard, input to free once done or None), in launch order
         self._in_flight: list[tuple[FlatBucket, object, torch.Tensor, torch.Tensor | None]] = []
@@ -133,18 +126,18 @@ class GradientReducer:
                 tensor.register_hook(WeakHook(self.on_backward_start))
 
     def on_backward_start(self, grad: torch.Tensor | None = None) -> None:
-        if self.phase is Phase.IDLE:
+        if self.switches.phase is not Phase.BACKWARD:
             if self.walk is not None:
                 self.walk.begin_backward()
             self.store.before_backward()
-            self.phase = Phase.BACKWARD
+            self.switches.enter(Phase.BACKWARD)
             Variable._execution_engine.queue_callback(self._on_backward_end)
 
     def _on_gradient(self, bucket: FlatBucket, index: int, param: nn.Parameter) -> None:
         self.on_backward_start(param.grad)
         self.store.collect(bucket, index)
         if self.walk is not None:
-            self.walk.on_gradient(bucket, index)
+            self.walk.post_backward(bucket, index)
         if self.switches.require_sync:
             self.mark_ready(bucket, index)
 
@@ -251,7 +244,7 @@ class GradientReducer:
         for bucket in self.buckets:
             bucket.ready.clear()
         self.next_launch = 0
-        self.phase = Phase.IDLE
+        self.switches.enter(Phase.IDLE)
         if self.walk is not None:
             self.walk.end_backward(synced)
 

@@ -53,6 +53,7 @@ def save_full_model(path, model, opt, dtype: torch.dtype | None = None,
     never built anywhere (Note [streaming export] in _full_state.py).
     """
     check_arguments(path, model, opt)
+    view = opt.sharding
     if dtype is not None and dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(map(str, _DTYPES))}, got {dtype}")
     if not max_shard_size_mb > 0:
@@ -66,7 +67,7 @@ def save_full_model(path, model, opt, dtype: torch.dtype | None = None,
     entries += [(name, dtype if dtype is not None and b.is_floating_point() else b.dtype,
                  tuple(b.shape)) for name, b in buffers]
     writer, error = None, None
-    if opt._rank == 0:
+    if view.rank == 0:
         try:
             writer = _ShardedWriter(folder, entries, int(max_shard_size_mb * 2**20))
         except Exception as exc:  # take part in the gathers all the same; raised below
@@ -91,19 +92,19 @@ def save_full_model(path, model, opt, dtype: torch.dtype | None = None,
     def report():
         if error is not None:
             raise error
-    _comm.run_and_share(report, group=opt._group, stats=opt.comm_stats, label="export",
-                        device=opt._device)
+    _comm.run_and_share(report, group=view.ranks, stats=opt.comm_stats, label="export",
+                        device=view.device)
 
 
 def _stream_order(opt) -> list[tuple[torch.nn.Parameter, torch.dtype]]:
     """The parameters in the order ``stream_parameters`` yields them, each with the dtype
     it gives them (an updated parameter's master's: fp32); nothing is gathered."""
     order = []
-    for bucket in opt._every_bucket:
+    for bucket in opt.sharding.every_bucket:
         source = bucket.master if bucket.master is not None else bucket.shard
         order += [(p, source.dtype) for p in bucket.params]
     bucketed = {id(p) for p, _ in order}
-    return order + [(p, p.dtype) for p in opt._model.parameters() if id(p) not in bucketed]
+    return order + [(p, p.dtype) for p in opt.sharding.model.parameters() if id(p) not in bucketed]
 
 
 class _ShardedWriter:

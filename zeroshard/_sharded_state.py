@@ -69,8 +69,8 @@ def memory_orders(opt) -> dict[str, tuple[int, ...]]:
     """Parameter name -> the order its bucket holds it in (Note [memory order]), for
     each parameter not held row-major. The rest, and the parameters outside buckets
     (saved and loaded whole, ``reshape(-1)``), are row-major."""
-    names = parameter_names(opt._model)
-    return {names[id(param)]: order for bucket in opt._every_bucket
+    names = parameter_names(opt.sharding.model)
+    return {names[id(param)]: order for bucket in opt.sharding.every_bucket
             for param, order in zip(bucket.params, bucket.orders)
             if order != tuple(range(len(order)))}
 
@@ -93,12 +93,12 @@ def stepped_states(opt, bucket):
     the master shard for every parameter of the bucket, or each parameter this rank
     owns whole (per-element states then in its memory order, 1-D)."""
     if not bucket.owns_whole_parameters:
-        state = opt._inner.state.get(bucket.master)
+        state = opt.sharding.inner.state.get(bucket.master)
         if state:
             yield (range(len(bucket.params)), bucket.master, *split_state(state, bucket.master))
         return
     for index, stepped in zip(bucket.layout.owned(bucket.rank), bucket.stepped):
-        state = opt._inner.state.get(stepped)
+        state = opt.sharding.inner.state.get(stepped)
         if state:
             scalars, per_element = split_state(state, stepped)
             yield ([index], stepped, scalars,
@@ -108,9 +108,10 @@ def stepped_states(opt, bucket):
 def owned_pieces(opt) -> dict[str, list[Piece]]:
     """Every piece of every parameter this rank owns (stages 1-2: rank 0 owns the
     parameters outside buckets, which every rank holds whole)."""
-    names = parameter_names(opt._model)
+    view = opt.sharding
+    names = parameter_names(view.model)
     pieces: dict[str, list[Piece]] = {}
-    for bucket in opt._every_bucket:
+    for bucket in view.every_bucket:
         source = bucket.master if bucket.master is not None else bucket.shard
         if bucket.owns_whole_parameters:
             states = {i: per_element for indices, _, _, per_element in stepped_states(opt, bucket)
@@ -121,7 +122,7 @@ def owned_pieces(opt) -> dict[str, list[Piece]]:
                 pieces[names[id(bucket.params[index])]] = [Piece(
                     0, values, {k: v.clone() for k, v in states.get(index, {}).items()})]
             continue
-        _, per_element = split_state(opt._inner.state.get(source, {}), source)
+        _, per_element = split_state(view.inner.state.get(source, {}), source)
         for index, param in enumerate(bucket.params):
             overlap = bucket.layout.overlap(index, bucket.rank)
             if overlap is None:
@@ -130,9 +131,9 @@ def owned_pieces(opt) -> dict[str, list[Piece]]:
             pieces.setdefault(names[id(param)], []).append(Piece(
                 overlap.param_start, _part(source, span),
                 {key: _part(value, span) for key, value in per_element.items()}))
-    if opt._rank == 0:
-        bucketed = {id(p) for b in opt._every_bucket for p in b.params}
-        for name, param in opt._model.named_parameters():
+    if view.rank == 0:
+        bucketed = {id(p) for b in view.every_bucket for p in b.params}
+        for name, param in view.model.named_parameters():
             if id(param) not in bucketed:
                 pieces[name] = [Piece(0, param.detach().reshape(-1).clone())]
     return pieces
@@ -152,9 +153,9 @@ def _part(tensor: torch.Tensor, span: slice) -> torch.Tensor:
 def optimizer_layouts(opt) -> dict[str, tuple[dict, list[str]]]:
     """Parameter name -> (scalar states, per-element state names) of the state of the
     tensor that steps it, for every parameter this rank steps (part of)."""
-    names = parameter_names(opt._model)
+    names = parameter_names(opt.sharding.model)
     layouts = {}
-    for bucket in opt._buckets:
+    for bucket in opt.sharding.buckets:
         for indices, _, scalars, per_element in stepped_states(opt, bucket):
             for index in indices:
                 layouts[names[id(bucket.params[index])]] = (scalars, sorted(per_element))
@@ -167,8 +168,9 @@ def load_from(opt, source: Source, with_states: bool = True) -> None:
     ``with_states``: the values only, the optimizer state stays), then rebuild the
     parameters: stages 1-2 all-gather them, stage 3 leaves them sharded. Collective
     (the all-gather); call it on every rank."""
-    names = parameter_names(opt._model)
-    for bucket in opt._every_bucket:
+    view = opt.sharding
+    names = parameter_names(view.model)
+    for bucket in view.every_bucket:
         target = bucket.master if bucket.master is not None else bucket.shard
         source.prepare(bucket.params, target.dtype)
         if bucket.owns_whole_parameters:
@@ -194,22 +196,23 @@ def load_from(opt, source: Source, with_states: bool = True) -> None:
         target.copy_(wide)
         bucket.master_to_shard()
         if bucket.master is not None and with_states:
-            opt._inner.state.pop(bucket.master, None)
+            view.inner.state.pop(bucket.master, None)
             if layout is not None:
-                group = opt._inner.param_groups[bucket.group_index]
+                group = view.inner.param_groups[bucket.group_index]
                 scalars = {k: _placed_scalar(k, v, bucket.master, group) for k, v in layout[0].items()}
-                opt._inner.state[bucket.master] = {**scalars, **states}
-    bucketed = {id(p) for b in opt._every_bucket for p in b.params}
-    for name, param in opt._model.named_parameters():
+                view.inner.state[bucket.master] = {**scalars, **states}
+    bucketed = {id(p) for b in view.every_bucket for p in b.params}
+    for name, param in view.model.named_parameters():
         if id(param) not in bucketed:
             source.prepare([param], param.dtype)
             param.copy_(source.values(name, 0, param.numel()).view_as(param))
-    opt._stage.after_step()  # the shards changed: parameters follow, as after a step
+    view.stage.after_step()  # the shards changed: parameters follow, as after a step
 
 
 def _load_whole(opt, bucket, source: Source, names: dict[int, str], with_states: bool) -> None:
     """``load_from`` for a bucket of parameters stepped whole: each owner takes its
     parameters' values and their whole state; padding stays zero."""
+    view = opt.sharding
     wide = torch.zeros_like(bucket.master)
     states = {}
     for index, stepped in zip(bucket.layout.owned(bucket.rank), bucket.stepped):
@@ -219,7 +222,7 @@ def _load_whole(opt, bucket, source: Source, names: dict[int, str], with_states:
             wide[overlap.shard_span] = source.values(name, 0, numel)
         layout = source.optimizer_layout(name) if with_states else None
         if layout is not None:
-            group = opt._inner.param_groups[bucket.group_index]
+            group = view.inner.param_groups[bucket.group_index]
             state = {k: _placed_scalar(k, v, stepped, group) for k, v in layout[0].items()}
             for key, flat in source.states(name, 0, numel).items():
                 value = torch.empty_like(stepped)  # the parameter's shape and strides
@@ -230,9 +233,9 @@ def _load_whole(opt, bucket, source: Source, names: dict[int, str], with_states:
     bucket.master_to_shard()
     if with_states:
         for index, stepped in zip(bucket.layout.owned(bucket.rank), bucket.stepped):
-            opt._inner.state.pop(stepped, None)
+            view.inner.state.pop(stepped, None)
             if index in states:
-                opt._inner.state[stepped] = states[index]
+                view.inner.state[stepped] = states[index]
 
 
 def _placed_scalar(key, value, master: torch.Tensor, group: dict):

@@ -67,22 +67,23 @@ def save_checkpoint(path, model, opt, extra=None) -> None:
     previous one loadable.
     """
     check_arguments(path, model, opt)
+    view = opt.sharding
     root = Path(path)
     if root.exists() and not root.is_dir():
         raise ValueError(f"checkpoint path {str(root)!r} is a file; pass a folder (it is created)")
-    opt._take_outside_writes()  # with mixed precision, writes to the parameters reach the masters
+    view.take_outside_writes()  # with mixed precision, writes to the parameters reach the masters
     version = _agree_on_version(opt, root)
     staging, final = root / f"{version}.partial", root / version
-    _share(opt, (lambda: _prepare_staging(root, staging)) if opt._rank == 0 else None)
+    _share(opt, (lambda: _prepare_staging(root, staging)) if view.rank == 0 else None)
     # Everything rank 0 needs to describe the checkpoint, computed on every rank from
     # local state (inner state is identical across ranks for each bucket).
     # On a mesh every replica holds the same shards: rank 0's replica writes them.
-    writes_shard = opt._group.first_replica
+    writes_shard = view.ranks.first_replica
     pieces = owned_pieces(opt) if writes_shard else {}
     layouts = optimizer_layouts(opt)
-    whole = {name for b in opt._buckets if b.owns_whole_parameters
+    whole = {name for b in view.buckets if b.owns_whole_parameters
              for name in b.param_names}
-    buffers = {name: b.detach().clone() for name, b in model.named_buffers()} if opt._rank == 0 else {}
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()} if view.rank == 0 else {}
 
     def write_mine():
         if writes_shard:
@@ -91,8 +92,8 @@ def save_checkpoint(path, model, opt, extra=None) -> None:
                           # the parameters this rank steps whole: their state is here only
                           "layouts": {name: layout for name, layout in layouts.items()
                                       if name in whole},
-                          "buffers": buffers}, staging / _rank_file(opt._group.shard_rank))
-        _save_synced(extra, staging / _extra_file(opt._rank))
+                          "buffers": buffers}, staging / _rank_file(view.ranks.shard_rank))
+        _save_synced(extra, staging / _extra_file(view.rank))
     _share(opt, write_mine)
 
     def publish():
@@ -104,7 +105,7 @@ def save_checkpoint(path, model, opt, extra=None) -> None:
         _fsync_dir(root)
         _replace_text(root / LATEST, version)  # Note [atomic publish]: the commit point
         _remove_versions_except(root, version, ignore_errors=True)  # published already
-    _share(opt, publish if opt._rank == 0 else None)
+    _share(opt, publish if view.rank == 0 else None)
 
 
 def load_checkpoint(path, model, opt):
@@ -118,6 +119,7 @@ def load_checkpoint(path, model, opt):
     rank r saved, or rank 0's if the saving run had fewer ranks.
     """
     check_arguments(path, model, opt)
+    view = opt.sharding
     folder = _resolve_latest(Path(path))
     meta = _load_file(folder / "meta.pt", weights_only=True)
     _check_meta(meta, folder, opt, model)
@@ -126,7 +128,7 @@ def load_checkpoint(path, model, opt):
     def read_all():  # every file opens, on every rank, before anything changes
         for r in range(meta["world_size"]):
             _load_file(folder / _rank_file(r), weights_only=True, mmap=True)
-        extra_rank = opt._rank if opt._rank < meta.get("ranks", meta["world_size"]) else 0
+        extra_rank = view.rank if view.rank < meta.get("ranks", meta["world_size"]) else 0
         state["extra"] = _load_file(folder / _extra_file(extra_rank), weights_only=False)
     _share(opt, read_all)
 
@@ -137,7 +139,7 @@ def load_checkpoint(path, model, opt):
             saved = buffers.get(name)
             if saved is not None:
                 buffer.copy_(saved)
-    for group, inner, saved in zip(opt.param_groups, opt._inner.param_groups, meta["param_groups"]):
+    for group, inner, saved in zip(opt.param_groups, view.inner.param_groups, meta["param_groups"]):
         group.update(saved["hyperparameters"])
         inner.update(saved["hyperparameters"])
     return state["extra"]
@@ -146,20 +148,21 @@ def load_checkpoint(path, model, opt):
 # -- what meta.pt records, and the checks made against it --------------------------------
 
 def _describe(opt, model) -> dict:
+    view = opt.sharding
     names = {id(p): n for n, p in model.named_parameters()}
     orders = memory_orders(opt)  # the order of each piece's elements; absent: row-major
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION if orders else 1,
         "orders": orders,
         # the shard files (one per shard: every replica holds the same), and the extras
-        "world_size": opt._group.shard_size, "ranks": opt._world_size, "stage": opt.stage,
+        "world_size": view.ranks.shard_size, "ranks": view.world_size, "stage": opt.stage,
         "mixed_precision": repr(opt.mixed_precision),
-        "optimizer_class": _qualname(opt._optimizer_class),
-        "group_classes": [_qualname(c) for c in opt._inner.classes],
+        "optimizer_class": _qualname(view.optimizer_class),
+        "group_classes": [_qualname(c) for c in view.inner.classes],
         "params": {n: tuple(p.shape) for n, p in model.named_parameters()},
         "param_groups": [{"names": [names[id(p)] for p in members],
                           "hyperparameters": {k: v for k, v in group.items() if k != "params"}}
-                         for members, group in zip(opt._group_members, opt.param_groups)],
+                         for members, group in zip(view.group_members, opt.param_groups)],
         "optimizer": optimizer_layouts(opt),
     }
 
@@ -182,7 +185,7 @@ def _check_meta(meta, folder: Path, opt, model) -> None:
         raise ValueError(f"checkpoint {folder} is from a different model ({detail}); load it "
                          "into the model it was saved from")
     names = {id(p): n for n, p in model.named_parameters()}
-    my_groups = [[names[id(p)] for p in members] for members in opt._group_members]
+    my_groups = [[names[id(p)] for p in members] for members in opt.sharding.group_members]
     saved_groups = [g["names"] for g in meta["param_groups"]]
     if saved_groups != my_groups:
         raise ValueError(f"checkpoint {folder} has param groups of sizes "
@@ -190,7 +193,7 @@ def _check_meta(meta, folder: Path, opt, model) -> None:
                          f"optimizer's ({[len(g) for g in my_groups]}); build ZeroOptimizer with "
                          "the param_groups of the saving run")
     saved_classes = meta.get("group_classes", [meta["optimizer_class"]] * len(saved_groups))
-    my_classes = [_qualname(c) for c in opt._inner.classes]
+    my_classes = [_qualname(c) for c in opt.sharding.inner.classes]
     if saved_classes != my_classes:
         raise ValueError(f"checkpoint {folder} holds state of {_classes(saved_classes)}; this "
                          f"optimizer steps {_classes(my_classes)}")
@@ -291,26 +294,26 @@ def check_arguments(path, model, opt) -> None:
         raise TypeError(f"path must be a str or os.PathLike folder, got {type(path).__name__}")
     if not isinstance(opt, ZeroOptimizer):
         raise TypeError(f"opt must be a zeroshard.ZeroOptimizer, got {type(opt).__name__}")
-    if opt._model is not model:
+    if opt.sharding.model is not model:  # (a closed optimizer refuses here)
         raise ValueError("model is not the module this ZeroOptimizer was built over; pass that one")
-    opt._require_open()
 
 
 def _agree_on_version(opt, root: Path) -> str:
     """Rank 0 names the new version (one past LATEST) and tells the others."""
-    number = torch.zeros((), dtype=torch.int64, device=opt._device)
-    if opt._rank == 0:
+    view = opt.sharding
+    number = torch.zeros((), dtype=torch.int64, device=view.device)
+    if view.rank == 0:
         latest = root / LATEST
         if latest.exists():
             number.fill_(int(latest.read_text().strip().lstrip("v")) + 1)
-    _comm.broadcast(number, group=opt._group, stats=opt.comm_stats, label="checkpoint")
+    _comm.broadcast(number, group=view.ranks, stats=opt.comm_stats, label="checkpoint")
     return f"v{int(number):06d}"
 
 
 def _share(opt, work) -> None:
     """``_comm.run_and_share`` over this optimizer's group."""
-    _comm.run_and_share(work, group=opt._group, stats=opt.comm_stats, label="checkpoint",
-                        device=opt._device)
+    _comm.run_and_share(work, group=opt.sharding.ranks, stats=opt.comm_stats, label="checkpoint",
+                        device=opt.sharding.device)
 
 
 def _prepare_staging(root: Path, staging: Path) -> None:

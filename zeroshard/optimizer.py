@@ -11,17 +11,18 @@ import torch.distributed as dist
 from torch import nn
 
 from . import _clip, _comm, _full_state, _materialize, _validate
-from ._bucket import FlatBucket, Ownership, build_buckets
+from ._bucket import FlatBucket, Ownership
 from ._buffers import BufferFollower
 from ._ddp_guard import DDPGuard
-from ._inner import InnerOptimizers, class_of, hyperparameters, step_cost
-from ._ranks import ranks_from
 from ._hooks import WeakHook
+from ._inner import InnerOptimizers, class_of, hyperparameters, step_cost
+from ._plan import ShardingPlan, ShardingView, plan_sharding
+from ._ranks import ranks_from
 from ._stage import Stage
-from ._unit import build_units, select_unit_modules
 from .memory import storage_bytes, storage_key
 from .mixed_precision import (MixedPrecision, cast_buffers, full_precision_parameters,
                               install_forward_casts)
+
 _STATE_DICT_VERSION = 1
 
 # id(parameter) -> (weak reference to it, weak reference to the ZeroOptimizer that
@@ -64,7 +65,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
     shape (Note [stage-3 placeholders] in _bucket.py): read or write them, or call
     ``model.state_dict()``, inside ``opt.summon_full_params()``.
     A unit may run, or reach the loss, on some ranks only; units should run in
-    one order on every rank (Note [gather schedule] in stage3.py).
+    one order on every rank (Note [gather schedule] in _schedule.py).
 
     A model too big for one device can be built under ``torch.device("meta")`` and
     passed with ``device=`` (where the shards live): the optimizer materializes it
@@ -121,8 +122,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
                  bucket_size_mb: float = 25, device=None, init_fn=None, **optimizer_kwargs) -> None:
         self._constructed = False
         self._stage = None  # set near the end: close() finds it unset if __init__ raised
-        # Validation first: every check is local, so every rank raises the same error
-        # before the first collective (the broadcast below).
+        # 1. Validate. Every check is local, so every rank raises the same error before
+        #    the first collective.
         _validate.check_model(model)
         _validate.check_not_managed(model, _current_owner(model.parameters()))
         _validate.check_stage(stage)
@@ -143,7 +144,41 @@ class ZeroOptimizer(torch.optim.Optimizer):
         _validate.check_optimizer_arguments(groups, optimizer_class, optimizer_kwargs)
         device = _materialize.target_device(model, device)
         initialisation = _materialize.plan_initialisation(model, init_fn)
+        self._remember_model(model)
+        self._group = ranks  # every collective of this optimizer goes along it (_comm.py)
+        self.stage = stage
+        self.mixed_precision = mixed_precision
+        self.comm_stats = _comm.CommStats()
 
+        # 2. Plan: buckets, units, owners of parameters stepped whole (no collective).
+        classes = [class_of(g, optimizer_class) for g in groups]
+        ownership = Ownership({i: step_cost(cls) for i, cls in enumerate(classes)
+                               if not _validate.is_elementwise(cls)}, ranks.shard_size)
+        plan = plan_sharding(model, groups, stage, units, int(bucket_size_mb * 2**20), ranks,
+                             frozenset(full_precision_parameters(model, mixed_precision)), ownership)
+        self._plan = plan
+
+        # 3. Broadcast rank 0's values and place this rank's shards (collectives from here).
+        self._refuse_layouts_that_differ_across_ranks(plan.every_bucket, classes, device)
+        self._place_model(plan, device, initialisation)
+
+        # 4. The inner optimizers over this rank's shards; the outer groups schedulers see.
+        self._inner = InnerOptimizers(
+            groups, [[t for b in plan.buckets if b.group_index == i for t in b.stepped]
+                     for i in range(len(groups))], optimizer_class, optimizer_kwargs)
+        super().__init__(self._outer_groups(), self._inner.defaults)
+
+        # 5. The stage: gradient reducer and store, parameters gathered; the model's hooks.
+        self._stage = Stage(stage, model, list(plan.buckets), list(plan.units),
+                            self._group, self.comm_stats, mixed_precision, reshard_after_forward)
+        self._view = ShardingView(plan, model, self._inner, optimizer_class, self._stage,
+                                  self.comm_stats)
+        self._install_model_hooks(broadcast_buffers)
+        for param in model.parameters():
+            _owners[id(param)] = (weakref.ref(param), weakref.ref(self))
+        self._constructed = True
+
+    def _remember_model(self, model: nn.Module) -> None:
         self._model = model
         # What close() restores: the policy casts parameters and replaces buffers.
         self._param_dtypes = {id(p): p.dtype for p in model.parameters()}
@@ -151,54 +186,34 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._trainable_at_construction = [(p, p.requires_grad) for p in model.parameters()]
         self._buffer_dtypes = {(id(m), name): b.dtype for m in model.modules()
                                for name, b in m._buffers.items() if b is not None}
-        self._group = ranks  # every collective of this optimizer goes along it (_comm.py)
-        self.stage = stage
-        self.mixed_precision = mixed_precision
-        self.comm_stats = _comm.CommStats()
 
-        ownership = Ownership({i: step_cost(class_of(g, optimizer_class)) for i, g in enumerate(groups)
-                               if not _validate.is_elementwise(class_of(g, optimizer_class))},
-                              ranks.shard_size)
-        every_bucket = self._build_buckets(groups, units, int(bucket_size_mb * 2**20), ownership)
-        self._refuse_layouts_that_differ_across_ranks(
-            every_bucket, [class_of(g, optimizer_class) for g in groups], device)
-        self._place_model(every_bucket, device, initialisation)
-        self._every_bucket = every_bucket
-        self._buckets = [b for b in every_bucket if b.params[0].requires_grad]  # optimized
-        self._optimizer_class = optimizer_class
-        self._group_members = [list(g["params"]) for g in groups]  # a plain optimizer's order
-        self._inner = InnerOptimizers(
-            groups, [[t for b in self._buckets if b.group_index == i for t in b.stepped]
-                     for i in range(len(groups))], optimizer_class, optimizer_kwargs)
-        # The outer groups hold this rank's master shards (their .grad is the reduced
-        # gradient shard; the inner optimizers step them, or views of the parameters
-        # this rank owns whole) with every hyper-parameter of the inner groups, defaults
-        # filled in. Schedulers find the hyper-parameters they expect, and
-        # torch.amp.GradScaler unscales and checks exactly the gradients the step will
-        # use, once each, on every rank (a rank that owns no parameter whole still holds
-        # each bucket's shard: Note [non-finite gradients] fills those).
-        outer = [{**hyperparameters(inner), "params": [b.master for b in self._buckets
-                                                       if b.group_index == i]}
-                 for i, inner in enumerate(self._inner.param_groups)]
-        super().__init__(outer, self._inner.defaults)
+    def _outer_groups(self) -> list[dict]:
+        """The outer groups hold this rank's master shards (their .grad is the reduced
+        gradient shard; the inner optimizers step them, or views of the parameters this
+        rank owns whole) with every hyper-parameter of the inner groups, defaults filled
+        in. Schedulers find the hyper-parameters they expect, and torch.amp.GradScaler
+        unscales and checks exactly the gradients the step will use, once each, on every
+        rank (a rank that owns no parameter whole still holds each bucket's shard: Note
+        [non-finite gradients] fills those)."""
+        return [{**hyperparameters(inner), "params": [b.master for b in self._plan.buckets
+                                                      if b.group_index == i]}
+                for i, inner in enumerate(self._inner.param_groups)]
 
-        self._stage = Stage(stage, model, self._buckets, self._units if stage == 3 else [],
-                            self._group, self.comm_stats, mixed_precision, reshard_after_forward)
-        if mixed_precision is not None:
-            self._stage.handles += install_forward_casts(model, mixed_precision)
+    def _install_model_hooks(self, broadcast_buffers: bool) -> None:
+        """The hooks on the model beside the stage's own (each removed with the stage's)."""
+        model, handles = self._model, self._stage.handles
+        if self.mixed_precision is not None:
+            handles += install_forward_casts(model, self.mixed_precision)
             # model.load_state_dict() gives the fp32 masters the loaded values exactly
-            self._stage.handles.append(model.register_load_state_dict_pre_hook(
+            handles.append(model.register_load_state_dict_pre_hook(
                 WeakHook(self._load_into_masters)))
         if broadcast_buffers and self._world_size > 1:  # Note [buffers follow rank 0]
             self._buffer_follower = BufferFollower(model, self._stage.switches, self._group,
                                                    self.comm_stats)
-            self._stage.handles.append(model.register_forward_pre_hook(
+            handles.append(model.register_forward_pre_hook(
                 WeakHook(self._buffer_follower.before_forward)))
         # Note [refusing DistributedDataParallel]
-        self._ddp_guard = DDPGuard(model, self._stage.handles)
-        for param in model.parameters():
-            _owners[id(param)] = (weakref.ref(param), weakref.ref(self))
-        self._constructed = True
+        self._ddp_guard = DDPGuard(model, handles)
 
     # -- lifetime ---------------------------------------------------------------------
 
@@ -232,7 +247,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                                "the block")
         self._stage.wait_in_flight()
         self._stage.unshard()  # stage 3: every unit gathered, and kept
-        masters = self._gather_masters() if self.mixed_precision is not None else {}
+        masters = self._view.gather_masters() if self.mixed_precision is not None else {}
         for param in self._model.parameters():
             value = masters.get(id(param), param.data)
             param.data = value.to(self._param_dtypes.get(id(param), value.dtype))
@@ -244,7 +259,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                     module._buffers[name] = buffer.to(dtype)
         viewed = {p.untyped_storage().data_ptr() for p in self._model.parameters()}
         # Stage 3 with mixed precision: the gathered low-precision buffers, replaced above
-        _comm.release(b.flat for b in self._every_bucket
+        _comm.release(b.flat for b in self._plan.every_bucket
                       if b.flat.untyped_storage().data_ptr() not in viewed)
         self._detach()
         _comm.release_finished()  # what the last collectives held (Note [finished work])
@@ -257,7 +272,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._stage = None
         if self._constructed:
             self._ddp_guard.remove()
-        self._every_bucket, self._buckets, self._units = [], [], []
+        self._plan, self._view = self._plan.emptied(), None
         self._inner.state.clear()
         for group in self.param_groups + self._inner.param_groups:
             group["params"] = []
@@ -267,19 +282,12 @@ class ZeroOptimizer(torch.optim.Optimizer):
             if entry is not None and entry[1]() is self:
                 del _owners[id(param)]
 
-    def _take_outside_writes(self) -> list[FlatBucket]:
-        """With mixed precision, the masters take what was written to the parameters
-        since the last step (``FlatBucket.absorb_outside_writes``); returns the buckets."""
-        for bucket in self._buckets:
-            bucket.absorb_outside_writes()
-        return self._buckets
-
     @torch.no_grad()
     def _load_into_masters(self, module, state_dict, prefix, *args) -> None:
         """A pre-hook of ``model.load_state_dict``: the masters take the loaded values at
         full precision; the parameters then receive their cast as usual."""
         names = {id(p): prefix + name for name, p in self._model.named_parameters()}
-        for bucket in self._buckets:
+        for bucket in self._plan.buckets:
             for index, param in enumerate(bucket.params):
                 value = state_dict.get(names[id(param)])
                 if isinstance(value, torch.Tensor) and value.numel() == param.numel():
@@ -289,6 +297,14 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def model(self) -> nn.Module:
         """The module this optimizer was built over (and manages until ``close()``)."""
         return self._model
+
+    @property
+    def sharding(self) -> ShardingView:
+        """A read-only view of what this optimizer shards and this rank's part of it
+        (``zeroshard._plan.ShardingView``): the plan, the model, the shards and the
+        inner optimizer, for checkpoint code and tests."""
+        self._require_open()
+        return self._view
 
     def _require_open(self) -> None:
         if self._stage is None:
@@ -300,30 +316,6 @@ class ZeroOptimizer(torch.optim.Optimizer):
         """The stage, or a clear error once ``close()`` has run."""
         self._require_open()
         return self._stage
-
-    def _build_buckets(self, groups: list[dict], units, bucket_bytes: int,
-                       ownership: Ownership) -> list[FlatBucket]:
-        """Flatten the parameters into buckets (no communication yet).
-
-        Stages 1-2 bucket the trainable parameters by size; stage 3 gives every unit
-        the buckets of its own parameters, frozen ones included, and detaches their
-        shards so the full buffers can be freed once rank 0's values are broadcast.
-        """
-        group_of = {id(p): i for i, g in enumerate(groups) for p in g["params"]}
-        full_precision = frozenset(full_precision_parameters(self._model, self.mixed_precision))
-        if self.stage != 3:
-            trainable = [(p, group_of[id(p)]) for p in self._model.parameters() if p.requires_grad]
-            buckets = build_buckets(trainable, bucket_bytes, self._group.shard_rank,
-                                    self._group.shard_size, full_precision, ownership)
-        else:
-            modules = select_unit_modules(self._model, units, bucket_bytes)
-            self._units = build_units(self._model, modules, group_of, self._group.shard_rank,
-                                      self._group.shard_size, full_precision, ownership)
-            buckets = [b for u in self._units for b in u.buckets]
-        names = {id(p): name for name, p in self._model.named_parameters()}
-        for bucket in buckets:  # for messages
-            bucket.param_names = [names[id(p)] for p in bucket.params]
-        return buckets
 
     def _refuse_layouts_that_differ_across_ranks(self, buckets: list[FlatBucket], classes: list[type],
                                                  device: torch.device) -> None:
@@ -361,12 +353,12 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 f"groups' classes are {[c.__name__ for c in classes]}); build ZeroOptimizer "
                 "with the same arguments on every rank")
 
-    def _place_model(self, buckets: list[FlatBucket], device: torch.device,
+    def _place_model(self, sharding: ShardingPlan, device: torch.device,
                      plan: _materialize.Initialisation) -> None:
         """Materialize, initialise, broadcast and shard the model batch by batch: stage 3
         one unit at a time (Note [one unit at a time] in _materialize.py)."""
-        batches = [unit.buckets for unit in self._units] if self.stage == 3 else [buckets]
-        bucketed = {id(p) for b in buckets for p in b.params}
+        batches = sharding.placement_batches
+        bucketed = {id(p) for b in sharding.every_bucket for p in b.params}
         # parameters with real memory now: the loose ones, then each batch's
         materialized = {id(p) for p in self._model.parameters() if id(p) not in bucketed}
 
@@ -402,7 +394,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                     self._broadcast_from_rank0([b.flat for b in batches[index]])
                     self._place_shards(batches[index])
                     if self.stage == 3:
-                        self._units[index].release()
+                        sharding.units[index].release()
                         materialized.difference_update(id(p) for b in batches[index] for p in b.params)
         except BaseException as error:
             _materialize.back_to_meta(plan)
@@ -493,16 +485,19 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if not (norm_type > 0):
             raise ValueError(f"norm_type must be positive or inf, got {norm_type}")
         _validate.check_trainable_unchanged(self._model, self._trainable_at_construction)
+        # 1. The reduced gradient shards, complete and in fp32 (the step uses fp32 anyway).
         self._live.wait_in_flight()
         self._live.claim_gradients()  # Note [gradient markers]
-        for bucket in self._buckets:
-            bucket.widen_grad_shard()  # clip in fp32: the step uses fp32 gradients anyway
-        grads = [b.grad_shard for b in self._buckets if b.grad_shard is not None]
+        for bucket in self._plan.buckets:
+            bucket.widen_grad_shard()
+        grads = [b.grad_shard for b in self._plan.buckets if b.grad_shard is not None]
+        # 2. This rank's term of the norm, combined over one replica's shard group (every
+        #    replica holds the same shards) in one all-reduce.
         term = _clip.shard_norm_term(grads, norm_type, self._device)
-        # every replica holds the same shards: the norm is over one replica's
         _comm.all_reduce(term, group=self._group.shard_only(), stats=self.comm_stats,
                          label=self._live.label, op=_clip.combine_op(norm_type))
         total = _clip.total_norm(term, norm_type)
+        # 3. Scale the shards, and the local gradients a user may read.
         clip_coef = _clip.clip_coefficient(total, max_norm)
         _clip.scale_(grads, clip_coef)
         self._live.scale_local_gradients(clip_coef)
@@ -516,16 +511,22 @@ class ZeroOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         _validate.check_trainable_unchanged(self._model, self._trainable_at_construction)
+        # 1. The reduced gradient shards, complete, in the masters' dtype.
         self._live.wait_in_flight()
         self._live.claim_gradients()  # Note [gradient markers]
+        for bucket in self._plan.buckets:
+            bucket.widen_grad_shard()
+        # 2. The masters: the hyper-parameters schedulers set on the outer groups, and
+        #    (mixed precision) what was written to the parameters since the last step.
         for outer, inner in zip(self.param_groups, self._inner.param_groups):
-            inner.update(hyperparameters(outer))  # the outer groups are live (schedulers)
-        self._take_outside_writes()
-        for bucket in self._buckets:
-            bucket.widen_grad_shard()  # the inner optimizer wants the master's dtype
+            inner.update(hyperparameters(outer))
+        self._view.take_outside_writes()
+        # 3. Step this rank's shards.
         self._inner.step()
-        for bucket in self._buckets:
-            bucket.master_to_shard()  # with mixed precision: cast the updated masters
+        # 4. Parameters follow: the masters' cast into the shards, then the stage's
+        #    gathers (stages 1-2: every bucket; stage 3: none until the next forward).
+        for bucket in self._plan.buckets:
+            bucket.master_to_shard()
         self._live.after_step()
         return loss
 
@@ -555,13 +556,13 @@ class ZeroOptimizer(torch.optim.Optimizer):
             "stage": self.stage,
             "world_size": self._group.shard_size,  # every replica holds the same shards
             "rank": self._group.shard_rank,
-            "bucket_numels": [list(b.layout.numels) for b in self._buckets],
-            "bucket_orders": _orders(self._buckets),  # Note [memory order] in _bucket.py
+            "bucket_numels": [list(b.layout.numels) for b in self._plan.buckets],
+            "bucket_orders": _orders(self._plan.buckets),  # Note [memory order] in _bucket.py
             "param_groups": [hyperparameters(g) for g in self.param_groups],
             "inner": self._inner.state_dict(),
             # With mixed precision the fp32 masters are state the model's parameters
             # (their casts) cannot restore.
-            "masters": [b.master.clone() for b in self._take_outside_writes()]
+            "masters": [b.master.clone() for b in self._view.take_outside_writes()]
             if self.mixed_precision else None,
         }
 
@@ -572,7 +573,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                              "a plain torch optimizer state dict loads with load_full_state_dict")
         saved = (state_dict["world_size"], state_dict["rank"], state_dict["bucket_numels"])
         mine = (self._group.shard_size, self._group.shard_rank,
-                [list(b.layout.numels) for b in self._buckets])
+                [list(b.layout.numels) for b in self._plan.buckets])
         if saved != mine:
             raise ValueError(
                 f"state dict was saved by rank {saved[1]} of {saved[0]} with bucket layout "
@@ -580,8 +581,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 f"{_summary(mine[2])}. Load on the same world size, model and bucket_size_mb, or "
                 "use zeroshard checkpoints to reshard")
         # a state dict from before the orders held every parameter row-major
-        saved_orders = state_dict.get("bucket_orders") or _orders(self._buckets, row_major=True)
-        if saved_orders != _orders(self._buckets):
+        saved_orders = state_dict.get("bucket_orders") or _orders(self._plan.buckets, row_major=True)
+        if saved_orders != _orders(self._plan.buckets):
             raise ValueError(
                 "state dict was saved from a model whose parameters had other memory formats "
                 "(channels_last or row-major, Note [memory order] in zeroshard/_bucket.py); "
@@ -595,7 +596,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):
             group.update(saved_group)
         with torch.no_grad():
-            for bucket, master in zip(self._buckets, masters or []):
+            for bucket, master in zip(self._plan.buckets, masters or []):
                 bucket.master.copy_(master)
                 bucket.master_to_shard()
 
@@ -640,25 +641,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
     @property
     def _device(self) -> torch.device:
         """Where this optimizer's tensors (and its small collectives' tensors) live."""
-        return self._every_bucket[0].flat.device if self._every_bucket else torch.device("cpu")
-
-    @torch.no_grad()
-    def _gather_masters(self) -> dict[int, torch.Tensor]:
-        """id(parameter) -> its full value, all-gathered from the master shards, for every
-        parameter this optimizer updates (fp32 with mixed precision). Collective."""
-        self._take_outside_writes()
-        full_values = {}
-        for bucket in self._buckets:
-            full = self._gather_shard(bucket.master)
-            for index, param in enumerate(bucket.params):
-                full_values[id(param)] = bucket.param_view(full, index)
-        return full_values
-
-    def _gather_shard(self, shard: torch.Tensor) -> torch.Tensor:
-        """Every rank's ``shard`` of one bucket, end to end (the padded flat size). Collective."""
-        full = shard.new_empty(shard.numel() * self._group.shard_size)
-        _comm.all_gather(full, shard, group=self._group, stats=self.comm_stats, label="state")
-        return full
+        return self._plan.device
 
     def sharding_report(self) -> dict:
         """How evenly the ranks of one shard group share the optimizer's work, from the
@@ -672,7 +655,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         size = self._group.shard_size
         elements, stored = [0] * size, [0] * size
         work: dict[str, list[float]] = {}
-        for bucket in self._buckets:
+        for bucket in self._plan.buckets:
             cls = self._inner.classes[bucket.group_index]
             name = f"{cls.__module__}.{cls.__qualname__}"
             cost = step_cost(cls) if bucket.owns_whole_parameters else (lambda shape: shape.numel())
@@ -699,7 +682,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         """Bytes this rank holds now, from the real storages (each storage counted once)."""
         # Released stage-3 parameters repeat one element each (Note [stage-3
         # placeholders]): a few bytes per bucket, not parameter memory.
-        seen = {storage_key(b.placeholders) for b in self._every_bucket
+        seen = {storage_key(b.placeholders) for b in self._plan.every_bucket
                 if b.placeholders is not None}
         params = list(self._model.parameters())
         report = {"parameters": storage_bytes(params + self._live.parameter_tensors(), seen)}

@@ -1,0 +1,147 @@
+"""Properties of stage 3's gather schedule (zeroshard/_schedule.py). Pure: no
+processes needed.
+
+Note [gather schedule]: whatever units a rank's data enters, in whatever order and
+however often, one pass of the walk reaches every unit of the schedule exactly once
+and in the schedule's order (entered, or passed over for the ranks that run it).
+That is what keeps every rank's all-gathers identical, and it is checked here on
+random entry sequences, together with the first step's recording and the points
+at which reductions become due.
+"""
+
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from zeroshard._schedule import (Schedule, due_when_walked_past, forward_and_backward_orders,
+                                 launch_positions, units_inside)
+
+
+class FakeUnit:
+    def __init__(self, module, name, n_buckets):
+        self.module, self.name = module, name
+        self.buckets = [object() for _ in range(n_buckets)]
+
+    def __repr__(self):
+        return self.name
+
+
+@st.composite
+def unit_trees(draw):
+    """(units, parents): units[0] is the root's; parents[i] is unit i's parent index.
+    Each unit is its own module, so the module tree is the unit tree."""
+    size = draw(st.integers(1, 8))
+    parents = [None] + [draw(st.integers(0, i - 1)) for i in range(1, size)]
+    modules = [nn.Module() for _ in range(size)]
+    for i in range(1, size):
+        modules[parents[i]].add_module(f"u{i}", modules[i])
+    units = [FakeUnit(m, f"u{i}", draw(st.integers(0, 2))) for i, m in enumerate(modules)]
+    return units, parents
+
+
+def ancestors(i, parents):
+    chain = []
+    while parents[i] is not None:
+        i = parents[i]
+        chain.append(i)
+    return chain
+
+
+@given(unit_trees())
+def test_forward_and_backward_orders(tree):
+    units, parents = tree
+    forward, backward = forward_and_backward_orders(units[0].module, units)
+    index = {id(u): i for i, u in enumerate(units)}
+    for order in (forward, backward):
+        assert sorted(index[id(u)] for u in order) == list(range(len(units)))  # each unit once
+        assert order[0] is units[0]
+        position = {id(u): p for p, u in enumerate(order)}
+        for i, unit in enumerate(units):  # a unit comes after every unit it is inside
+            assert all(position[id(units[a])] < position[id(unit)] for a in ancestors(i, parents))
+    fwd = {id(u): p for p, u in enumerate(forward)}
+    bwd = {id(u): p for p, u in enumerate(backward)}
+    for i in range(len(units)):
+        for j in range(len(units)):
+            nested = i in ancestors(j, parents) or j in ancestors(i, parents)
+            if i != j and not nested:  # backward reaches disjoint units in reverse
+                assert (fwd[id(units[i])] < fwd[id(units[j])]) == (bwd[id(units[i])] > bwd[id(units[j])])
+
+
+@given(unit_trees(), st.data())
+def test_each_pass_reaches_every_unit_once_in_schedule_order(tree, data):
+    units, _ = tree
+    order = data.draw(st.permutations(units))
+    schedule = Schedule(list(order))
+    for _ in range(3):  # passes
+        schedule.restart()
+        entries = data.draw(st.lists(st.sampled_from(units), max_size=12))
+        reached, passed_over = [], set()
+        for unit in entries:
+            seen_before = any(unit is u for u in reached)
+            passed = schedule.walk_to(unit)
+            # None exactly when the walk had reached the unit already in this pass
+            assert (passed is None) == seen_before
+            if passed is not None:
+                reached += passed + [unit]
+                passed_over |= {id(u) for u in passed}
+            assert schedule.was_passed_over(unit) == (id(unit) in passed_over)
+        rest = schedule.walk_to_end()
+        assert schedule.next_unit() is None
+        reached += rest
+        assert [id(u) for u in reached] == [id(u) for u in schedule.units]
+
+
+@given(unit_trees(), st.data())
+def test_recording_adopts_first_entries_then_the_rest_in_order(tree, data):
+    units, _ = tree
+    schedule = Schedule(list(units))
+    passes = data.draw(st.lists(st.lists(st.sampled_from(units), max_size=10), min_size=1, max_size=3))
+    first_entries, repeated = [], []
+    for entries in passes:
+        schedule.restart()
+        in_pass = []
+        for unit in entries:
+            if unit in in_pass and unit not in repeated:
+                repeated.append(unit)
+            in_pass.append(unit)
+            if unit not in first_entries:
+                first_entries.append(unit)
+            schedule.walk_to(unit)
+    assert schedule.entered == first_entries
+    assert schedule.repeated == repeated
+    adopt = data.draw(st.booleans())
+    schedule.stop_recording(adopt=adopt)
+    assert schedule.entered is None
+    expected = first_entries + [u for u in units if u not in first_entries] if adopt else units
+    assert schedule.units == expected
+    assert [schedule.position_of(u) for u in expected] == list(range(len(units)))
+
+
+@given(unit_trees(), st.data())
+def test_a_bucket_is_due_once_the_walk_has_passed_its_unit_and_all_inside(tree, data):
+    units, _ = tree
+    backward = list(data.draw(st.permutations(units)))
+    inside = units_inside(units)
+    due = due_when_walked_past(units, backward, inside)
+    for unit in units:
+        needed = {id(u) for u in inside[id(unit)]}
+        assert id(unit) in needed
+        for bucket in unit.buckets:
+            point = due[id(bucket)]
+            assert needed <= {id(u) for u in backward[:point]}  # walked past all of them
+            assert not needed <= {id(u) for u in backward[:point - 1]}  # and not earlier
+
+
+@given(unit_trees(), st.data())
+def test_launch_positions_sort_buckets_by_when_they_are_due(tree, data):
+    units, _ = tree
+    buckets = [b for u in units for b in u.buckets]
+    buckets = list(data.draw(st.permutations(buckets)))
+    due = {id(b): data.draw(st.integers(0, 4)) for b in buckets}
+    last_unit_first = list(data.draw(st.permutations(units)))
+    positions = launch_positions(buckets, due, last_unit_first)
+    assert sorted(positions) == list(range(len(buckets)))
+    ordered = [buckets[p] for p in positions]
+    unit_rank = {id(b): r for r, u in enumerate(last_unit_first) for b in u.buckets}
+    keys = [(due[id(b)], unit_rank[id(b)]) for b in ordered]
+    assert keys == sorted(keys)

@@ -1,0 +1,94 @@
+"""Properties of stage 3's unit tree (zeroshard/_unit_tree.py): which modules become
+units and which unit owns each parameter. Pure: no processes needed.
+
+Module trees are drawn at random: node i > 0 hangs under a node before it, some
+nodes hold a parameter of their own, and some share one with another node (a tied
+weight). The owner of each parameter is checked against its definition, computed
+here from the tree: the deepest unit that is an ancestor (or itself) of every
+module holding the parameter.
+"""
+
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from zeroshard._unit_tree import CONTAINERS, select_unit_modules, unit_owners
+
+
+@st.composite
+def module_trees(draw):
+    """(root, nodes, parents): nodes[0] is root; parents[i] is node i's parent index."""
+    size = draw(st.integers(1, 9))
+    parents = [None] + [draw(st.integers(0, i - 1)) for i in range(1, size)]
+    nodes = [nn.Module() for _ in range(size)]
+    for i in range(1, size):
+        nodes[parents[i]].add_module(f"child{i}", nodes[i])
+    for i in range(size):
+        if draw(st.booleans()):
+            nodes[i].weight = nn.Parameter(torch.zeros(draw(st.integers(1, 64))))
+    for i in range(size):  # tie: node i also holds the weight of another node
+        source = draw(st.integers(0, size - 1))
+        if draw(st.integers(0, 3)) == 0 and source != i and hasattr(nodes[source], "weight"):
+            nodes[i].tied = nodes[source].weight
+    return nodes[0], nodes, parents
+
+
+def chain_of_units(index, parents, unit_indices):
+    """The unit nodes from node ``index`` up to the root (itself included if a unit)."""
+    chain = []
+    while index is not None:
+        if index in unit_indices:
+            chain.append(index)
+        index = parents[index]
+    return chain
+
+
+@given(module_trees(), st.data())
+def test_each_parameter_belongs_to_the_lowest_unit_above_all_its_holders(tree, data):
+    root, nodes, parents = tree
+    picked = {i for i in range(1, len(nodes)) if data.draw(st.booleans())}
+    chosen = select_unit_modules(root, lambda m: any(m is nodes[i] for i in picked), bucket_bytes=1)
+    # the root first, then the picked modules in model.modules() order, each once
+    assert chosen[0] is root
+    assert [id(m) for m in chosen[1:]] == [id(m) for m in root.modules() if any(m is nodes[i] for i in picked)]
+    unit_indices = {0} | picked
+    owner = unit_owners(root, chosen)
+    index_of_module = {id(m): i for i, m in enumerate(chosen)}
+    node_of_module = {id(n): i for i, n in enumerate(nodes)}
+    holders: dict[int, list[int]] = {}
+    for i, node in enumerate(nodes):
+        for param in node._parameters.values():
+            holders.setdefault(id(param), []).append(i)
+    assert set(owner) == set(holders)
+    for param_id, holding in holders.items():
+        chains = [chain_of_units(i, parents, unit_indices) for i in holding]
+        common = [u for u in chains[0] if all(u in c for c in chains[1:])]
+        expected = common[0]  # chains run upward: the first common unit is the lowest
+        assert node_of_module[id(chosen[owner[param_id]])] == expected
+        assert index_of_module[id(nodes[expected])] == owner[param_id]
+
+
+@given(module_trees(), st.integers(1, 200))
+def test_automatic_units_each_own_at_least_the_bucket_size(tree, bucket_elements):
+    root, nodes, _ = tree
+    for node in nodes:
+        node.__dict__["_parameters"].pop("tied", None)  # untied: each parameter counted once
+    bucket_bytes = 4 * bucket_elements
+    chosen = select_unit_modules(root, None, bucket_bytes)
+    assert chosen[0] is root and len({id(m) for m in chosen}) == len(chosen)
+    owner = unit_owners(root, chosen)
+    owned = [0] * len(chosen)
+    for param in root.parameters():
+        owned[owner[id(param)]] += param.numel() * param.element_size()
+    assert all(size >= bucket_bytes for size in owned[1:])
+    assert not any(isinstance(m, CONTAINERS) for m in chosen[1:])
+    # and no module left out could have been a unit: what it holds unclaimed is below the size
+    chosen_ids = {id(m) for m in chosen}
+    for module in root.modules():
+        if id(module) in chosen_ids:
+            continue
+        inside = {id(m) for m in module.modules()}
+        unclaimed = sum(p.numel() * p.element_size() for p in module.parameters()
+                        if id(chosen[owner[id(p)]]) not in inside)
+        assert unclaimed < bucket_bytes

@@ -1,0 +1,181 @@
+"""What a stage-3 unit's forward saves for backward: the saved-tensor hooks that
+gather a released unit before backward uses its parameters, and refuse a forward
+that computed with another unit's released parameters.
+
+Note [saved tensors]:
+    Backward gathers a unit when a tensor its forward returned gets its gradient,
+    which needs the forward hook to find those tensors: it looks inside tuples,
+    lists and dicts, not inside a dataclass or any other object. So during each
+    unit's training forward a pair of saved-tensor hooks is active too: when backward
+    unpacks a view of the unit's own parameters that forward saved (a weight for a
+    matmul's input gradient), the unit is gathered first if it is not already.
+    Backward reads parameters only through such saved views, so it never computes
+    with a released unit's placeholders, whatever the unit returns. An activation the
+    unit saved needs no gather (gathering for one gathered again a unit released
+    once its gradients were done: one all-gather too many, found by the thorough
+    profile). The hooks cost one Python call per saved tensor on save and on use.
+    Inside another
+    pair of saved-tensor hooks (non-reentrant activation checkpointing, offloading)
+    none are added: those must see every tensor saved inside them, and a checkpointed
+    unit is gathered by its recomputation (Note [recomputation] in stage3.py).
+
+Note [autocast casts]:
+    Under ``torch.autocast`` without a MixedPrecision policy, each op casts the
+    parameters it uses (fp32 -> bf16), and what the op saves for backward is that
+    cast. Kept as they are, those casts would hold a low-precision copy of every
+    unit's parameters from forward until backward, and the sharding of parameters
+    would be lost there. So the unit's saved-tensor hooks (Note [saved tensors]) save
+    a cast of one of the unit's own parameters as a recipe instead (the parameter,
+    the dtype and the view's geometry): backward gathers the unit and casts again,
+    which gives the same values because the shards do not change between forward
+    and backward. A cast is recognised by its autograd history (a copy of the
+    parameter's AccumulateGrad leaf), so casts of frozen parameters, which have none,
+    are saved as they are: a model with large frozen parts (LoRA) should use a policy.
+    Autocast's own cache is left alone: it keeps one cast of each parameter until the
+    autocast region ends, so during the forward the casts of every unit run so far
+    are alive (a policy avoids that too), but a parameter used twice shares one cast
+    whose gradients add up in low precision, as under DDP; emptying the cache after
+    each unit gave each use its own cast, and gradients 2e-4 off DDP's in bf16.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from ._unit import Unit
+
+
+class SavedTensorWatches:
+    """The saved-tensor hook pairs open for units' forwards, and what the hooks check
+    and save. ``gather`` (a ``WeakHook``) gathers a unit whose saved parameters
+    backward is about to use (``UnitGatherer.gather_for_saved_tensor``)."""
+
+    def __init__(self, units: list[Unit], unit_of: dict[int, Unit], gather) -> None:
+        self._unit_of = unit_of
+        self._gather = gather
+        self._open: list[tuple[Unit, object]] = []  # (unit, hook pair), innermost last
+        # a released parameter's storage is its bucket's placeholders
+        self._placeholder_owner = {b.placeholders.untyped_storage().data_ptr(): (u, b)
+                                   for u in units for b in u.buckets}
+
+    def open(self, unit: Unit) -> None:
+        """Open ``unit``'s saved-tensor hooks for its forward (with grad enabled, and not
+        inside another pair of saved-tensor hooks)."""
+        if torch.is_grad_enabled() and _may_watch_saved_tensors():
+            watch = SavedTensorWatch(self, unit)
+            hooks = torch.autograd.graph.saved_tensors_hooks(watch.pack, watch.unpack)
+            hooks.__enter__()
+            self._open.append((unit, hooks))
+
+    def close(self, unit: Unit | None) -> None:
+        """Close the saved-tensor hooks opened for ``unit`` (and any opened inside it and
+        left open by a forward that raised); None closes every pair."""
+        if unit is not None and all(u is not unit for u, _ in self._open):
+            return
+        while self._open:
+            opened_for, hooks = self._open.pop()
+            hooks.__exit__(None, None, None)
+            if opened_for is unit:
+                return
+
+    def gather(self, unit: Unit) -> None:
+        self._gather(unit)
+
+    def check_saved_parameter(self, unit: Unit, tensor: torch.Tensor, storage: int) -> None:
+        """``unit``'s forward saves ``tensor`` (its storage at address
+        ``storage``) for backward. If it is (a view of) a released unit's placeholder (a
+        weight tied functionally, ``F.linear(h, self.emb.weight)`` with ``emb`` a unit of
+        its own), the forward has just computed with NaN: refuse, on every rank alike."""
+        owner = self._placeholder_owner.get(storage)
+        if owner is None:
+            return
+        released, bucket = owner
+        # parameter i's placeholder is element i of the bucket's placeholders, expanded
+        name = bucket.param_names[tensor.storage_offset()]
+        raise RuntimeError(
+            f"zeroshard stage 3: the forward of unit {unit.name} used parameter {name!r}, "
+            f"which belongs to unit {released.name} and is released outside that unit's "
+            "forward (a weight tied functionally, such as F.linear(h, self.emb.weight)), so "
+            "it computed with a NaN placeholder. Choose units so that the module using a "
+            "parameter holds it or is an ancestor of its unit: pass units= without "
+            f"{type(released.module).__name__} (e.g. the block class), or tie the weight "
+            "by assignment (head.weight = emb.weight)")
+
+    def recast_of(self, unit: Unit, tensor: torch.Tensor) -> Recast | None:
+        """Note [autocast casts]: a recipe for ``tensor`` if it is (a view of) a cast of one
+        of ``unit``'s own parameters, else None."""
+        cast = tensor if tensor._base is None else tensor._base
+        node = cast.grad_fn
+        if node is None or node.name() != "ToCopyBackward0":
+            return None
+        source = node.next_functions[0][0]
+        param = getattr(source, "variable", None)  # an AccumulateGrad node: a leaf's cast
+        if param is None or self._unit_of.get(id(param)) is not unit:
+            return None
+        return Recast(param, cast.dtype, tensor.shape, tensor.stride(), tensor.storage_offset())
+
+
+class SavedTensorWatch:
+    """The saved-tensor hooks of one unit's forward (Note [saved tensors]). Holds the
+    stage's watches weakly (Note [no reference cycles] in _hooks.py); once they are
+    gone, packing and unpacking do nothing."""
+
+    def __init__(self, stage: SavedTensorWatches, unit: Unit) -> None:
+        self._stage = weakref.ref(stage)
+        self._unit = unit
+
+    def pack(self, tensor: torch.Tensor) -> torch.Tensor | Recast | SavedParameter:
+        stage = self._stage()
+        if stage is not None:
+            try:
+                storage = tensor.untyped_storage().data_ptr()
+            except (RuntimeError, NotImplementedError):  # sparse, nested: not a parameter
+                storage = None
+            if storage is not None:
+                stage.check_saved_parameter(self._unit, tensor, storage)
+            recast = stage.recast_of(self._unit, tensor)  # Note [autocast casts]
+            if recast is not None:
+                return recast
+            if storage is not None and self._unit.holds_storage(storage):
+                return SavedParameter(tensor.detach())  # a parameter: gathered when used
+        # Not the tensor itself: a saved output would then hold its own autograd node, a
+        # reference cycle keeping a forward's activations until the garbage collector runs
+        return tensor.detach()
+
+    def unpack(self, packed: torch.Tensor | Recast | SavedParameter) -> torch.Tensor:
+        if isinstance(packed, torch.Tensor):  # an activation: it needs no gather
+            return packed
+        stage = self._stage()
+        if stage is not None:
+            stage.gather(self._unit)
+        return packed.rebuild() if isinstance(packed, Recast) else packed.tensor
+
+
+class SavedParameter:
+    """A saved view of a unit's own parameters (Note [saved tensors]): the unit must be
+    gathered before backward uses it. Activations the unit saved need no gather: a unit
+    released once its gradients were done is not gathered again for one."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+
+
+class Recast:
+    """A saved cast of a parameter, kept as how to make it again (Note [autocast casts])."""
+
+    def __init__(self, param: torch.Tensor, dtype: torch.dtype, shape, stride, offset: int) -> None:
+        self.param, self.dtype = param, dtype
+        self.shape, self.stride, self.offset = shape, stride, offset
+
+    def rebuild(self) -> torch.Tensor:
+        with torch.no_grad():
+            cast = self.param.to(self.dtype)
+        return cast.as_strided(self.shape, self.stride, self.offset)
+
+
+def _may_watch_saved_tensors() -> bool:
+    """No saved-tensor hooks are active, or only a unit's own (Note [saved tensors])."""
+    top = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    return top is None or isinstance(getattr(top[0], "__self__", None), SavedTensorWatch)

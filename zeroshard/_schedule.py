@@ -1,0 +1,205 @@
+"""Stage 3's gather schedule and reduction points: pure (no torch.distributed),
+property-tested alone (tests/test_schedule.py).
+
+Note [gather schedule]:
+    Every rank must issue the same all-gathers in the same order, even when its data
+    runs other units than another rank's (a branch taken on some ranks only). So
+    gathers follow a fixed schedule, not the units a rank happens to run: one order
+    of units for forward passes and one for backward passes (with
+    ``reshard_after_forward``). Entering a unit walks the schedule up to it, and
+    the units walked past, which this rank skipped, are gathered and released at
+    once; the end of the pass walks the rest. So every rank gathers every unit once
+    per pass, at the same point of the schedule, and the next unit of the schedule
+    is prefetched while the current one computes. Which order the schedule holds is
+    Note [recorded order] in stage3.py.
+
+``Schedule`` is that walk; ``forward_and_backward_orders`` is the first step's order,
+from the module tree; ``due_when_walked_past`` and ``launch_positions`` decide when
+each bucket's reduction is due in a backward walk and so the reducer's launch order
+(Note [one order] in stage3.py). Units are only compared by identity here: anything
+with ``module`` and ``buckets`` attributes will do.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+if TYPE_CHECKING:  # for annotations only: this module never imports torch.distributed
+    from ._unit import Unit
+
+
+class Schedule:
+    """A fixed order of units that every rank walks once per forward (or backward) pass.
+
+    Walking to a unit passes over the units before it that this rank did not enter;
+    the caller gathers and releases those anyway, so every rank issues one gather
+    per unit per pass in this order, whichever units its data ran (Note [gather
+    schedule]). A unit entered again after the cursor has passed it
+    (a unit run twice) is not part of the walk. Until ``stop_recording()`` the
+    schedule also records the order in which units are first entered, and which
+    units were entered twice in one pass.
+    """
+
+    def __init__(self, units: list[Unit]) -> None:
+        self.entered: list[Unit] | None = []  # first entries, while recording
+        self.repeated: list[Unit] = []  # entered twice in one pass, while recording
+        self._reorder(units)
+        self.restart()
+
+    def _reorder(self, units: list[Unit]) -> None:
+        self.units = units
+        self._position = {id(u): i for i, u in enumerate(units)}
+
+    def restart(self) -> None:
+        self.cursor = 0
+        self._passed_over: set[int] = set()
+        self._entered_in_pass: set[int] = set()
+
+    def walk_to(self, unit: Unit) -> list[Unit] | None:
+        """Move past ``unit``; return the units passed over before it, or None if the
+        walk had already passed ``unit`` in this pass."""
+        if self.entered is not None:
+            if unit not in self.entered:
+                self.entered.append(unit)
+            if id(unit) in self._entered_in_pass and unit not in self.repeated:
+                self.repeated.append(unit)
+        self._entered_in_pass.add(id(unit))
+        position = self._position[id(unit)]
+        if position < self.cursor:
+            return None
+        passed = self.units[self.cursor:position]
+        self._passed_over.update(id(u) for u in passed)
+        self.cursor = position + 1
+        return passed
+
+    def was_passed_over(self, unit: Unit) -> bool:
+        """Whether this pass walked past ``unit`` without entering it (it runs out of order)."""
+        return id(unit) in self._passed_over
+
+    def walk_to_end(self) -> list[Unit]:
+        passed = self.units[self.cursor:]
+        self._passed_over.update(id(u) for u in passed)
+        self.cursor = len(self.units)
+        return passed
+
+    def next_unit(self) -> Unit | None:
+        return self.units[self.cursor] if self.cursor < len(self.units) else None
+
+    def position_of(self, unit: Unit) -> int:
+        return self._position[id(unit)]
+
+    def following(self, unit: Unit) -> Unit | None:
+        """The unit after ``unit`` in the schedule, if any."""
+        position = self._position[id(unit)] + 1
+        return self.units[position] if position < len(self.units) else None
+
+    def stop_recording(self, adopt: bool) -> None:
+        """With ``adopt``, walk from now on in the recorded order (units never entered
+        keep their relative order, after it)."""
+        if adopt:
+            self._reorder(self.entered + [u for u in self.units if u not in self.entered])
+        self.entered = None
+
+
+def forward_and_backward_orders(model: nn.Module, units: list[Unit]) -> tuple[list[Unit], list[Unit]]:
+    """The units in the order forward enters them (pre-order of the module tree: the
+    root first, a unit before the units inside it, siblings in registration order)
+    and the order backward reaches their outputs (the reverse of the order forward
+    leaves them: the root first, a unit before the units inside it, siblings last
+    to first)."""
+    unit_of_module = {id(u.module): u for u in units}
+    pre, post = [], []
+    _tree_orders(model, unit_of_module, pre, post)
+    return pre, post[::-1]
+
+
+def _tree_orders(module: nn.Module, unit_of_module: dict, pre: list, post: list) -> None:
+    """``forward_and_backward_orders``' walk (module-level: no recursive closure cycle)."""
+    unit = unit_of_module.pop(id(module), None)  # a module registered twice: once
+    if unit is not None:
+        pre.append(unit)
+    for child in module.children():
+        _tree_orders(child, unit_of_module, pre, post)
+    if unit is not None:
+        post.append(unit)
+
+
+def units_inside(units: list) -> dict[int, list]:
+    """id(unit) -> the units inside it, itself included (module-tree order)."""
+    unit_of_module = {id(u.module): u for u in units}
+    return {id(u): [unit_of_module[id(m)] for m in u.module.modules() if id(m) in unit_of_module]
+            for u in units}
+
+
+def due_when_walked_past(units: list, backward_order: list, inside: dict[int, list]) -> dict[int, int]:
+    """Note [one order]: id(bucket) -> the point of the backward walk (units entered) at
+    which it is due: once the walk has passed its unit and every unit inside it."""
+    position = {id(u): i for i, u in enumerate(backward_order)}
+    return {id(b): 1 + max(position[id(inner)] for inner in inside[id(unit)])
+            for unit in units for b in unit.buckets}
+
+
+def launch_positions(buckets: list, due: dict[int, int], last_unit_first) -> list[int]:
+    """Note [launch order]: the positions of ``buckets`` sorted by when each is due and,
+    among equals, by their units in ``last_unit_first``'s order."""
+    rank = {id(b): i for i, b in enumerate(b for u in last_unit_first for b in u.buckets)}
+    return sorted(range(len(buckets)), key=lambda p: (due[id(buckets[p])], rank[id(buckets[p])]))
+
+
+class ReductionPoints:
+    """When each bucket's reduction is due in a backward walk (Note [one order] in
+    stage3.py), kept as the reducer's launch order: ``reducer`` is anything with
+    ``buckets``, ``next_launch``, ``launch_front(count)`` and ``launch_in_order``.
+
+    At first each bucket is due once the walk has passed its unit and every unit
+    inside it. While the first backward records, each bucket notes how many units had
+    been entered when its latest gradient came; ``adopt`` then makes those the points
+    (on the rank where that was latest) where all ranks recorded one order. Without
+    resharding buckets launch as they become ready, so the list is only ordered by
+    units, from the last."""
+
+    def __init__(self, units: list, backward_order: list, reducer,
+                 reshard_after_forward: bool) -> None:
+        self._units = units
+        self._reducer = reducer
+        self._reshard_after_forward = reshard_after_forward
+        self._inside = units_inside(units)
+        self._entered_before_ready: dict[int, int] = {}  # while the first backward records
+        self._due = due_when_walked_past(units, backward_order, self._inside)
+        self._sort(reversed(units))
+
+    def note_ready(self, bucket, entered: int) -> None:
+        """While the first backward records: ``entered`` units had been entered when
+        ``bucket``'s latest gradient came (or its unit was passed over)."""
+        self._entered_before_ready[id(bucket)] = entered
+
+    def recorded(self, default: int) -> list[int]:
+        """Per bucket of the launch list, the count noted (``default`` where none was)."""
+        return [self._entered_before_ready.get(id(b), default) for b in self._reducer.buckets]
+
+    def adopt(self, agreed: bool, entered_before_ready: list[int], backward_order: list,
+              last_unit_first) -> None:
+        """The end of the first backward: due where the ranks' counts say (if they
+        ``agreed`` on one order, with resharding), else when the walk has passed."""
+        self._entered_before_ready.clear()
+        if agreed and self._reshard_after_forward:
+            self._due = dict(zip(map(id, self._reducer.buckets), entered_before_ready))
+        else:
+            self._due = due_when_walked_past(self._units, backward_order, self._inside)
+        self._sort(last_unit_first)
+
+    def launch_due(self, position: int) -> None:
+        """The backward walk reaches the unit at ``position`` of its schedule: launch
+        the buckets at the front of the list that are due by then."""
+        buckets, count = self._reducer.buckets, self._reducer.next_launch
+        while count < len(buckets) and self._due[id(buckets[count])] <= position:
+            count += 1
+        self._reducer.launch_front(count)
+
+    def _sort(self, last_unit_first) -> None:
+        """Note [launch order] in _reducer.py: by when each bucket is due; among equals
+        (and without resharding, alone), by the units in ``last_unit_first``'s order."""
+        due = self._due if self._reshard_after_forward else dict.fromkeys(self._due, 0)
+        self._reducer.launch_in_order(launch_positions(self._reducer.buckets, due, last_unit_first))
