@@ -19,6 +19,7 @@ from torch import nn
 
 from models import Block, build_model, loss_fn, make_batch
 from pool import mesh_shape
+from run_record import SideBySideRun
 
 # Stage 3 unit choices by name (the case dict must stay picklable).
 UNITS = {None: None, "blocks": Block, "linear": {nn.Linear, nn.Embedding},
@@ -134,7 +135,7 @@ def micro_loss(spec, model, batch, case):
     return (loss_fn(spec, model, first) + loss_fn(spec, model, second)) / 2
 
 
-def train_side_by_side(ctx, case):
+def train_side_by_side(ctx, case) -> SideBySideRun:
     spec, n = case["model"], ctx.world_size
     opt_class, opt_kwargs = OPTIMIZERS[case["optimizer"]], case["opt_kwargs"]
     base = build_model(spec, seed=100 + ctx.rank)  # ranks differ: both wrappers broadcast rank 0's
@@ -178,7 +179,7 @@ def train_side_by_side(ctx, case):
             if p.requires_grad:
                 p.register_post_accumulate_grad_hook(record)
 
-    # What bounds each element's sensitivity to rounding (test_equivalence.update_bounds),
+    # What bounds each element's sensitivity to rounding (invariants.update_bounds),
     # per step, from the single-process reference: the gradient its optimizer steps on
     # (NaN where a parameter has none: the step skips it), the sum over ranks and
     # micro-batches of |each backward's contribution| (after clipping: the scale of the
@@ -186,18 +187,15 @@ def train_side_by_side(ctx, case):
     # DDP's parameters instead of its own (after clipping; zero at the first step, where
     # all three start equal, and for SGD, whose bounds need no interval), and each
     # element's lr and weight decay.
-    out = {k: [] for k in ("zero", "ddp", "single", "zero_loss", "ddp_loss", "single_loss",
-                           "zero_norm", "ddp_norm", "single_norm", "comm", "mem", "eval_diff",
-                           "single_grad", "grad_abs_sum", "moved_grad", "single_lr",
-                           "single_wd", "comm_replicate")}
+    out = SideBySideRun()
     # Only rank 0's figures feed the bounds: the other ranks skip the extra backwards.
     measure_moved = ctx.rank == 0 and case["optimizer"] != "SGD"
     def zero_params():  # stage 3 parameters are sharded between steps: gather them to read
         with zopt.summon_full_params():
             return flat_params(zero_model)
 
-    out["initial"] = zero_params()
-    zopt.comm_stats.trace = out["trace"] = []  # Note [one order] in zeroshard/stage3.py
+    out.initial = zero_params()
+    zopt.comm_stats.trace = out.trace = []  # Note [one order] in zeroshard/stage3.py
     accum = case["accum"]
     for step in range(case["steps"]):
         current_step[0] = step
@@ -210,13 +208,13 @@ def train_side_by_side(ctx, case):
             # against a plain module holding zeroshard's parameters (which the other checks
             # hold to DDP's): an adaptive optimizer may have moved them a rounding-sensitive
             # step from DDP's (thorough profile: 3.6e-5 in the output after Adagrad's steps)
-            plain = holding(single_model, out["zero"][-1] if step else out["initial"])
+            plain = holding(single_model, out.zero[-1] if step else out.initial)
             plain.skip_block = skips_block(case, step, ctx.rank)
             with torch.no_grad():
                 x = batches[0][ctx.rank][0]
-                out["eval_diff"].append((zero_model(x) - plain(x)).abs().max().item())
+                out.eval_diff.append((zero_model(x) - plain(x)).abs().max().item())
         zl = dl = sl = 0.0
-        abs_sum = torch.zeros(out["initial"].numel())
+        abs_sum = torch.zeros(out.initial.numel())
         for m in range(accum):
             skip_sync = case["no_sync"] and m < accum - 1
             with zopt.no_sync() if skip_sync else contextlib.nullcontext():
@@ -242,66 +240,66 @@ def train_side_by_side(ctx, case):
             for param in single_model.parameters():
                 if param.grad is not None:
                     param.grad /= n
-        moved = torch.zeros(out["initial"].numel())
+        moved = torch.zeros(out.initial.numel())
         if measure_moved and step > 0:
             own = flat_grads(single_model)
-            for flat in (out["zero"][-1], out["ddp"][-1]):
-                if not torch.equal(flat, out["single"][-1]):
+            for flat in (out.zero[-1], out.ddp[-1]):
+                if not torch.equal(flat, out.single[-1]):
                     at = gradient_at(single_model, flat, batches, spec, case, step, n)
                     moved = torch.maximum(moved, (at - own).abs())
-        out["mem"].append(zopt.memory_report())
+        out.mem.append(zopt.memory_report())
         if case["clip"] is not None:
             clip, norm_type = case["clip"], case["norm_type"]
-            out["zero_norm"].append(zopt.clip_grad_norm_(clip, norm_type).item())
+            out.zero_norm.append(zopt.clip_grad_norm_(clip, norm_type).item())
             for name, model in (("ddp", ddp), ("single", single_model)):
                 norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip, norm_type)
-                out[name + "_norm"].append(norm.item())
-            coefficient = min(1.0, clip / (out["single_norm"][-1] + 1e-6))
+                getattr(out, name + "_norm").append(norm.item())
+            coefficient = min(1.0, clip / (out.single_norm[-1] + 1e-6))
             abs_sum *= coefficient
             moved *= coefficient
-        out["single_grad"].append(flat_grads(single_model, missing=float("nan")))
-        out["grad_abs_sum"].append(abs_sum)
-        out["moved_grad"].append(moved)
-        out["single_lr"].append(flat_hyperparameter(single_model, sopt, "lr"))
-        out["single_wd"].append(flat_hyperparameter(single_model, sopt, "weight_decay"))
+        out.single_grad.append(flat_grads(single_model, missing=float("nan")))
+        out.grad_abs_sum.append(abs_sum)
+        out.moved_grad.append(moved)
+        out.single_lr.append(flat_hyperparameter(single_model, sopt, "lr"))
+        out.single_wd.append(flat_hyperparameter(single_model, sopt, "weight_decay"))
         for o in (zopt, dopt, sopt):
             o.step()
             o.zero_grad()
         for s in scheds:
             s.step()
-        out["comm"].append(step_comm(zopt.comm_stats, "shard"))
-        out["comm_replicate"].append(step_comm(zopt.comm_stats, "replicate"))
-        out["zero"].append(zero_params())
-        out["ddp"].append(flat_params(ddp_model))
-        out["single"].append(flat_params(single_model))
-        out["zero_loss"].append(zl)
-        out["ddp_loss"].append(dl)
-        out["single_loss"].append(sl)
+        out.comm.append(step_comm(zopt.comm_stats, "shard"))
+        out.comm_replicate.append(step_comm(zopt.comm_stats, "replicate"))
+        out.zero.append(zero_params())
+        out.ddp.append(flat_params(ddp_model))
+        out.single.append(flat_params(single_model))
+        out.zero_loss.append(zl)
+        out.ddp_loss.append(dl)
+        out.single_loss.append(sl)
 
     trainable = [p for p in zero_model.parameters() if p.requires_grad]
-    out["psi"] = sum(p.numel() for p in trainable)
-    out["psi_all"] = sum(p.numel() for p in zero_model.parameters())
-    out["largest_param_bytes"] = max(p.numel() * 4 for p in trainable)
-    out["largest_bucket_bytes"] = max(b.layout.padded_numel * 4 for b in zopt.sharding.buckets)
-    out["n_buckets"] = len(zopt.sharding.buckets)
+    out.psi = sum(p.numel() for p in trainable)
+    out.psi_all = sum(p.numel() for p in zero_model.parameters())
+    out.largest_param_bytes = max(p.numel() * 4 for p in trainable)
+    out.largest_bucket_bytes = max(b.layout.padded_numel * 4 for b in zopt.sharding.buckets)
+    out.n_buckets = len(zopt.sharding.buckets)
     # stage 3 all-reduces 5 numbers per unit once (the recorded orders), and after each
     # synced backward a flag per unit other than the root that has gradients ("ran") and
     # per bucket with gradients ("late")
-    out["n_units"] = len(zopt.sharding.units) if case["stage"] == 3 else 0
-    out["flags_per_backward"] = sum(
+    out.n_units = len(zopt.sharding.units) if case["stage"] == 3 else 0
+    out.flags_per_backward = sum(
         any(p.requires_grad for b in u.buckets for p in b.params) for u in zopt.sharding.units[1:]) + sum(
         b.params[0].requires_grad for u in zopt.sharding.units for b in u.buckets) if case["stage"] == 3 else 0
-    out["n_all_buckets"] = len(zopt.sharding.stage.buckets) if case["stage"] != 3 else sum(
+    out.n_all_buckets = len(zopt.sharding.stage.buckets) if case["stage"] != 3 else sum(
         len(u.buckets) for u in zopt.sharding.units)
-    out["buffer_bytes"] = sum(b.numel() * b.element_size() for b in zero_model.buffers())
-    out["final_mem"] = zopt.memory_report()
-    out["ddp_state_bytes"] = state_bytes(dopt)
-    out["peak_grad_bytes"] = peak_grad_bytes[0]
-    out["peak_param_bytes"] = peak_param_bytes[0]
+    out.buffer_bytes = sum(b.numel() * b.element_size() for b in zero_model.buffers())
+    out.final_mem = zopt.memory_report()
+    out.ddp_state_bytes = state_bytes(dopt)
+    out.peak_grad_bytes = peak_grad_bytes[0]
+    out.peak_param_bytes = peak_param_bytes[0]
     blocks = [m for m in zero_model.modules() if isinstance(m, Block)]
-    out["block_bytes"] = [sum(p.numel() * 4 for p in b.parameters()) for b in blocks]
-    out["lrs"] = [g["lr"] for g in zopt.param_groups]
-    out["ddp_lrs"] = [g["lr"] for g in dopt.param_groups]
+    out.block_bytes = [sum(p.numel() * 4 for p in b.parameters()) for b in blocks]
+    out.lrs = [g["lr"] for g in zopt.param_groups]
+    out.ddp_lrs = [g["lr"] for g in dopt.param_groups]
     return out
 
 

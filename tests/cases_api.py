@@ -157,7 +157,7 @@ def resume_from_state_dict(ctx, stage: int, optimizer: str, bf16: bool = False):
     resumed = params(model2, opt2)
     if bf16:  # the fp32 masters too, not only their bf16 casts
         uninterrupted += list(opt.sharding.gather_masters().values())
-        resumed += list(opt2._gather_masters().values())
+        resumed += list(opt2.sharding.gather_masters().values())
     return uninterrupted, resumed
 
 

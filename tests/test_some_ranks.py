@@ -3,7 +3,7 @@
 Every rank must issue the same gathers in the same order although its data runs
 other units (Note [gather schedule] in zeroshard/_schedule.py). Each case trains at
 stage 3 and at stage 2 beside DDP (``find_unused_parameters``) and single-process
-training, and holds every invariant of tests/test_equivalence.py: equal
+training, and holds every invariant of tests/invariants.py: equal
 parameters, ranks in agreement, exactly 3Ψ (2Ψ without resharding) of
 communication, memory, and the gathered-parameter peak. A rank left in another
 collective fails the case through the pool's timeout rather than hanging.
@@ -13,8 +13,8 @@ import pytest
 
 import cases
 import cases_order
-from test_equivalence import (assert_params_close, check_comm_per_step, check_every_invariant,
-                              check_matches_references, check_ranks_agree, update_bounds)
+from invariants import (assert_params_close, check_comm_per_step, check_every_invariant,
+                        check_matches_references, check_ranks_agree, update_bounds)
 
 TRANSFORMER = {"kind": "transformer", "vocab": 13, "d": 8, "heads": 2, "layers": 2, "seq": 5,
                "tied": True, "frozen": False, "checkpoint": None, "reuse": False}
@@ -61,7 +61,7 @@ def test_unit_run_on_some_ranks_only(pool, model, units, world_size, options,
     bounds = update_bounds(three, case)
     for a, b in zip(three, two):
         for step in range(case["steps"]):
-            assert_params_close(a["zero"][step], b["zero"][step], case,
+            assert_params_close(a.zero[step], b.zero[step], case,
                                 None if bounds is None else bounds[step], f"step {step}")
 
 
@@ -77,7 +77,7 @@ def test_units_called_out_of_registration_order(pool, skip_block):
     results = pool.run(cases.train_side_by_side, 3, case)
     check_matches_references(results, case)
     check_ranks_agree(results, case)
-    comm = results[0]["comm"]
+    comm = results[0].comm
     assert comm[0]["all_gather"] > comm[1]["all_gather"], comm
     check_comm_per_step(results, case, first_step=1)
 

@@ -38,7 +38,6 @@ from torch import nn
 from . import _comm
 from ._layout import FlatLayout, assign_owners
 from ._materialize import swap_in
-from .mixed_precision import MASTER_DTYPE
 
 _GRAD_DTYPE_SETTABLE = hasattr(torch.Tensor, "grad_dtype")
 
@@ -80,13 +79,12 @@ class FlatBucket:
         self.rank = rank
         # owners: each parameter whole on one rank (Note [whole-parameter ownership])
         self.layout = FlatLayout(tuple(p.numel() for p in params), world_size, owners)
-        self.stepped: list[torch.Tensor] = []  # what the inner optimizer steps (place_shard)
+        self.stepped: list[torch.Tensor] = []  # what the inner optimizer steps (set_master)
         self.orders = [memory_order(p) for p in params]  # Note [memory order]
         self.flat: torch.Tensor | None = None  # 1-D, padded to a multiple of world size (materialize)
         self.shard: torch.Tensor | None = None  # this rank's elements (materialize, place_shard)
-        self.master: torch.Tensor | None = None  # what the optimizer steps (place_shard)
-        self._shard_owns_storage = False  # stage 3's shard is a copy (place_shard)
-        self._clean_version = -1  # flat._version when the parameters last held the masters' cast
+        self.master: torch.Tensor | None = None  # what the optimizer steps (set_master)
+        self.shard_owns_storage = False  # stage 3's shard is a copy (place_shard)
         self.grad_shard: torch.Tensor | None = None  # reduced gradient of `master`
         self.ready: set[int] = set()  # params whose gradient arrived in this backward
         self.param_names = [f"params[{i}]" for i in range(len(self.params))]  # for messages
@@ -112,7 +110,7 @@ class FlatBucket:
             else:
                 view.copy_(param)
                 param.data = view
-        self.shard = self._own_slice()
+        self.shard = self.own_slice()
 
     @torch.no_grad()
     def adopt_replaced_data(self) -> None:
@@ -143,36 +141,35 @@ class FlatBucket:
         return from_memory_order(flat[span.start:span.stop], self.params[index].shape,
                                  self.orders[index])
 
-    def _own_slice(self) -> torch.Tensor:
+    def own_slice(self) -> torch.Tensor:
         own = self.layout.shard_range(self.rank)
         return self.flat[own.start:own.stop]
 
-    def place_shard(self, param_dtype: torch.dtype | None, own_storage: bool) -> None:
-        """Set up ``shard`` and ``master`` from the buffer's current (broadcast) values.
+    def cast_parameters(self, dtype: torch.dtype) -> None:
+        """Make the parameters views of a new flat buffer of ``dtype`` holding their cast
+        (a MixedPrecision policy's ``param_dtype``: ``_masters.Fp32Masters``)."""
+        flat = self.flat.to(dtype)
+        with torch.no_grad():
+            for index, param in enumerate(self.params):
+                param.data = self.param_view(flat, index)
+        # Nothing views the old buffer now, but the broadcast's work still refers to it
+        # for a while (Note [finished work] in _comm.py): free it here.
+        _comm.release([self.flat])
+        self.flat = flat
 
-        With ``param_dtype`` the parameters are cast to it (they become views of a new
-        flat buffer of that dtype) and a trainable bucket keeps an fp32 master copy of
-        its shard; frozen parameters are never updated and need none. ``own_storage``
-        (stage 3) gives the shard storage of its own, so the full buffer can be freed.
-        """
-        if param_dtype is not None:
-            self.master = self._own_slice().to(MASTER_DTYPE, copy=True) \
-                if self.params[0].requires_grad else None
-            flat = self.flat.to(param_dtype)
-            with torch.no_grad():
-                for index, param in enumerate(self.params):
-                    param.data = self.param_view(flat, index)
-            # Nothing views the full-precision buffer now, but the broadcast's work still
-            # refers to it for a while (Note [finished work] in _comm.py): free it here.
-            _comm.release([self.flat])
-            self.flat = flat
-        self.shard = self._own_slice().clone() if own_storage else self._own_slice()
-        self._shard_owns_storage = own_storage
-        if param_dtype is None:
-            self.master = self.shard
-        if self.master is not None:
-            self.stepped = [self.master] if self.layout.owners is None else \
-                [self._owned_view(self.master, index) for index in self.layout.owned(self.rank)]
+    def place_shard(self, own_storage: bool) -> None:
+        """Set up ``shard`` from the buffer's current (broadcast) values. ``own_storage``
+        (stage 3) gives the shard storage of its own, so the full buffer can be freed."""
+        self.shard = self.own_slice().clone() if own_storage else self.own_slice()
+        self.shard_owns_storage = own_storage
+
+    def set_master(self, master: torch.Tensor | None) -> None:
+        """What the inner optimizer steps (``_masters``): the shard, an fp32 copy of it,
+        or None (a frozen bucket under a policy); and so ``stepped``."""
+        self.master = master
+        if master is not None:
+            self.stepped = [master] if self.layout.owners is None else \
+                [self._owned_view(master, index) for index in self.layout.owned(self.rank)]
 
     @property
     def owns_whole_parameters(self) -> bool:
@@ -186,55 +183,6 @@ class FlatBucket:
         overlap = self.layout.overlap(index, self.rank)  # None for an empty parameter
         span = overlap.shard_span if overlap is not None else slice(0, 0)
         return from_memory_order(shard_sized[span], self.params[index].shape, self.orders[index])
-
-    @property
-    def has_separate_master(self) -> bool:
-        return self.master is not None and self.master is not self.shard
-
-    def master_to_shard(self) -> None:
-        """After the optimizer step: the shard takes the updated master's (cast) values."""
-        if self.has_separate_master:
-            self.shard.copy_(self.master)
-
-    def absorb_writes(self, written: torch.Tensor) -> None:
-        """``written`` (this rank's elements, in the parameters' dtype) may hold writes
-        to the parameters: where it differs from the master's cast, the master takes
-        the written value. Elsewhere the master keeps its fp32 value, which a round
-        trip through the cast would lose (a value loaded exactly by
-        ``load_into_master`` stays exact)."""
-        if self.has_separate_master:
-            # torch.where, not boolean indexing: no host synchronisation on CUDA
-            self.master.copy_(torch.where(written != self.master.to(written.dtype),
-                                          written.to(self.master.dtype), self.master))
-
-    def absorb_outside_writes(self) -> None:
-        """Stages 1-2 with mixed precision, before the masters are used: take into the
-        master what an in-place write to the parameters (``model.apply(init)``,
-        ``p.copy_(...)``) put in the shard outside ``summon_full_params()``, which
-        the next step would otherwise write back over. The shard equals the master's
-        cast except where such a write changed it; the buffer's version counter says
-        whether anything was written since ``mark_clean``, so this is free otherwise.
-        (``model.load_state_dict`` is taken exactly, in fp32: ``load_into_master``.)"""
-        if not self.has_separate_master or self._shard_owns_storage:  # stage 3: never written
-            return
-        if self.flat._version != self._clean_version:
-            self.absorb_writes(self.shard)
-            self.mark_clean()
-
-    def mark_clean(self) -> None:
-        """The parameters hold the masters' cast now (after construction, a step, a load)."""
-        self._clean_version = self.flat._version
-
-    def load_into_master(self, index: int, value: torch.Tensor) -> None:
-        """Parameter ``index`` is being loaded with ``value`` (its shape, any dtype and
-        strides): put this rank's part of it into the master at full precision."""
-        if not self.has_separate_master:
-            return
-        overlap = self.layout.overlap(index, self.rank)
-        if overlap is None:
-            return
-        self.master[overlap.shard_span].copy_(
-            to_memory_order(value, self.orders[index])[overlap.param_start:overlap.param_stop])
 
     @property
     def all_ready(self) -> bool:
@@ -279,9 +227,7 @@ class FlatBucket:
 
     def load_shard(self) -> None:
         """Copy this rank's slice of the full buffer (written to) into the detached shard."""
-        current = self._own_slice()
-        self.absorb_writes(current)
-        self.shard.copy_(current)
+        self.shard.copy_(self.own_slice())
 
     @property
     def is_gathered(self) -> bool:
@@ -367,6 +313,11 @@ class Ownership:
         owners, self.work = assign_owners(tuple(p.numel() for p in params),
                                           tuple(float(cost(p.shape)) for p in params), self.work)
         return owners
+
+
+def grad_shards(buckets: Sequence[FlatBucket]) -> list[torch.Tensor]:
+    """The reduced gradient shards the buckets hold now."""
+    return [b.grad_shard for b in buckets if b.grad_shard is not None]
 
 
 def build_buckets(params: Sequence[tuple[nn.Parameter, int]], bucket_bytes: int, rank: int,

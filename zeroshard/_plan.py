@@ -21,6 +21,7 @@ from torch import nn
 
 from . import _comm
 from ._bucket import FlatBucket, Ownership, build_buckets
+from ._masters import ShardMasters
 from ._ranks import Ranks
 from ._unit import Unit, build_units
 from ._unit_tree import select_unit_modules
@@ -84,8 +85,9 @@ class ShardingView:
     stage, as the checkpoint modules and the tests use them (module docstring)."""
 
     def __init__(self, plan: ShardingPlan, model: nn.Module, inner, optimizer_class: type,
-                 stage, stats: _comm.CommStats) -> None:
+                 stage, masters: ShardMasters, stats: _comm.CommStats) -> None:
         self._plan = plan
+        self._masters = masters
         self._model = model
         self._inner = inner
         self._optimizer_class = optimizer_class
@@ -114,6 +116,11 @@ class ShardingView:
     def stage(self):
         """The assembled stage (``Stage`` in _stage.py)."""
         return self._stage
+
+    @property
+    def masters(self) -> ShardMasters:
+        """What the inner optimizer steps, and how shards follow it (_masters.py)."""
+        return self._masters
 
     @property
     def ranks(self) -> Ranks:
@@ -152,10 +159,10 @@ class ShardingView:
 
     def take_outside_writes(self) -> tuple[FlatBucket, ...]:
         """With mixed precision, the masters take what was written to the parameters
-        since the last step (``FlatBucket.absorb_outside_writes``); returns the buckets."""
+        since the last step (``absorb_outside_writes`` in _masters.py); returns the buckets."""
         buckets = self.buckets
         for bucket in buckets:
-            bucket.absorb_outside_writes()
+            self._masters.absorb_outside_writes(bucket)
         return buckets
 
     def reading_structure(self):

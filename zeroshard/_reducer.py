@@ -75,7 +75,7 @@ from torch.autograd import Variable
 from torch.utils._pytree import tree_flatten
 
 from . import _comm
-from ._bucket import FlatBucket
+from ._bucket import FlatBucket, grad_shards
 from ._hooks import LoopSwitches, Phase, WeakHook
 from .mixed_precision import GradientDtypes, MixedPrecision, fp16_compute
 
@@ -250,7 +250,7 @@ class GradientReducer:
 
     def _spread_non_finite(self) -> None:
         """Note [non-finite gradients]: one rank's inf or NaN makes every rank's shards NaN."""
-        shards = [b.grad_shard for b in self.buckets if b.grad_shard is not None]
+        shards = grad_shards(self.buckets)
         device = self.buckets[0].flat.device
         found = torch.zeros((), dtype=torch.float32, device=device)
         for shard in shards:

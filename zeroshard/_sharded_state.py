@@ -194,7 +194,7 @@ def load_from(opt, source: Source, with_states: bool = True) -> None:
                 for key, value in source.states(name, overlap.param_start, overlap.param_stop).items():
                     states[key][span] = value
         target.copy_(wide)
-        bucket.master_to_shard()
+        view.masters.to_shard(bucket)
         if bucket.master is not None and with_states:
             view.inner.state.pop(bucket.master, None)
             if layout is not None:
@@ -230,7 +230,7 @@ def _load_whole(opt, bucket, source: Source, names: dict[int, str], with_states:
                 state[key] = value
             states[index] = state
     bucket.master.copy_(wide)
-    bucket.master_to_shard()
+    view.masters.to_shard(bucket)
     if with_states:
         for index, stepped in zip(bucket.layout.owned(bucket.rank), bucket.stepped):
             view.inner.state.pop(stepped, None)

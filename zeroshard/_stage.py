@@ -26,6 +26,7 @@ from torch import nn
 from . import _comm
 from ._bucket import FlatBucket
 from ._hooks import LoopSwitches, WeakHook, remove_handles
+from ._masters import ShardMasters
 from ._reducer import GradientReducer
 from ._unit import Unit
 from .mixed_precision import GradientDtypes, MixedPrecision
@@ -42,8 +43,8 @@ class Stage:
     """One ZeRO stage over ``model``: its hooks, gradient store, reducer and parameters."""
 
     def __init__(self, stage: int, model: nn.Module, buckets: list[FlatBucket],
-                 units: list[Unit], group, stats: _comm.CommStats,
-                 policy: MixedPrecision | None, reshard_after_forward: bool) -> None:
+                 units: list[Unit], group, stats: _comm.CommStats, policy: MixedPrecision | None,
+                 masters: ShardMasters, reshard_after_forward: bool) -> None:
         self.stage = stage
         self.label = f"stage{stage}"
         self.switches = LoopSwitches()
@@ -58,13 +59,16 @@ class Stage:
         else:
             self.store = ShardedGradients(trainable, dtypes, self.switches, self.label,
                                           WeakHook(self.reducer.wait_in_flight), self.handles)
-        self.reducer.store = self.store
+        self.reducer.store = self.store  # set last: the store waits on the reducer (a WeakHook)
         if stage == 3:
-            self.params = UnitGatherer(model, units, self.reducer, self.store, dtypes, self.switches,
-                                       group, stats, self.label, reshard_after_forward, self.handles)
+            self.params = UnitGatherer(model, units, self.reducer, self.store, dtypes, masters,
+                                       self.switches, group, stats, self.label,
+                                       reshard_after_forward, self.handles)
             self.reducer.walk = self.params
         else:
-            self.params = WholeParameters(buckets, group, stats, self.label)
+            reducer = self.reducer
+            self.params = WholeParameters(buckets, lambda: reducer.buckets, masters, group, stats,
+                                          self.label)
         # Note [no reference cycles]: a stage that goes away takes its hooks with it.
         weakref.finalize(self, remove_handles, self.handles).atexit = False
 
@@ -99,7 +103,7 @@ class Stage:
 
     def after_step(self) -> None:
         """The inner optimizer has updated the shards: make the parameters follow."""
-        self.params.after_step(self.reducer.buckets)
+        self.params.after_step()
 
     def unshard(self) -> None:
         """Make every parameter hold its full value for good (``close()``)."""
@@ -135,16 +139,19 @@ class WholeParameters:
     """Stages 1 and 2: every rank keeps every parameter whole; after a step each bucket's
     updated shard is all-gathered into its flat buffer."""
 
-    def __init__(self, buckets: list[FlatBucket], group, stats: _comm.CommStats, label: str) -> None:
+    def __init__(self, buckets: list[FlatBucket], launch_order, masters: ShardMasters, group,
+                 stats: _comm.CommStats, label: str) -> None:
         self.buckets = buckets
+        self.launch_order = launch_order  # () -> the reducer's launch list, as it is now
+        self.masters = masters
         self.group = group
         self.stats = stats
         self.label = label
 
-    def after_step(self, launch_order: list[FlatBucket]) -> None:
-        self.gather(launch_order)
+    def after_step(self) -> None:
+        self.gather(self.launch_order())
         for bucket in self.buckets:
-            bucket.mark_clean()
+            self.masters.mark_clean(bucket)
 
     def gather(self, launch_order: list[FlatBucket]) -> None:
         """All-gather each bucket's updated shard into its flat buffer (the parameters), in
@@ -171,7 +178,7 @@ class WholeParameters:
         finally:
             with torch.no_grad():
                 for bucket in self.buckets:
-                    bucket.absorb_outside_writes()
+                    self.masters.absorb_outside_writes(bucket)
 
     def reading_structure(self):
         return contextlib.nullcontext()

@@ -11,11 +11,12 @@ import torch.distributed as dist
 from torch import nn
 
 from . import _clip, _comm, _full_state, _materialize, _validate
-from ._bucket import FlatBucket, Ownership
+from ._bucket import FlatBucket, Ownership, grad_shards
 from ._buffers import BufferFollower
 from ._ddp_guard import DDPGuard
 from ._hooks import WeakHook
 from ._inner import InnerOptimizers, class_of, hyperparameters, step_cost
+from ._masters import masters_for
 from ._plan import ShardingPlan, ShardingView, plan_sharding
 from ._ranks import ranks_from
 from ._stage import Stage
@@ -148,6 +149,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._group = ranks  # every collective of this optimizer goes along it (_comm.py)
         self.stage = stage
         self.mixed_precision = mixed_precision
+        self._masters = masters_for(mixed_precision)  # what the inner optimizer steps
         self.comm_stats = _comm.CommStats()
 
         # 2. Plan: buckets, units, owners of parameters stepped whole (no collective).
@@ -169,10 +171,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
         super().__init__(self._outer_groups(), self._inner.defaults)
 
         # 5. The stage: gradient reducer and store, parameters gathered; the model's hooks.
-        self._stage = Stage(stage, model, list(plan.buckets), list(plan.units),
-                            self._group, self.comm_stats, mixed_precision, reshard_after_forward)
+        self._stage = Stage(stage, model, list(plan.buckets), list(plan.units), self._group,
+                            self.comm_stats, mixed_precision, self._masters, reshard_after_forward)
         self._view = ShardingView(plan, model, self._inner, optimizer_class, self._stage,
-                                  self.comm_stats)
+                                  self._masters, self.comm_stats)
         self._install_model_hooks(broadcast_buffers)
         for param in model.parameters():
             _owners[id(param)] = (weakref.ref(param), weakref.ref(self))
@@ -291,7 +293,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             for index, param in enumerate(bucket.params):
                 value = state_dict.get(names[id(param)])
                 if isinstance(value, torch.Tensor) and value.numel() == param.numel():
-                    bucket.load_into_master(index, value.reshape(param.shape))
+                    self._masters.load(bucket, index, value.reshape(param.shape))
 
     @property
     def model(self) -> nn.Module:
@@ -408,11 +410,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     def _place_shards(self, buckets: list[FlatBucket]) -> None:
         """Set up each bucket's shard and master from rank 0's values."""
-        policy = self.mixed_precision
-        for bucket in buckets:  # Note [full-precision modules]: some stay in fp32
-            bucket.place_shard(None if bucket.full_precision or policy is None else policy.param_dtype,
-                               own_storage=self.stage == 3)
-            bucket.mark_clean()
+        for bucket in buckets:
+            self._masters.place(bucket, own_storage=self.stage == 3)
 
     def _cast_loose_tensors(self, bucketed: set[int]) -> None:
         """With mixed precision, cast the parameters in no bucket and the buffers."""
@@ -490,7 +489,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._live.claim_gradients()  # Note [gradient markers]
         for bucket in self._plan.buckets:
             bucket.widen_grad_shard()
-        grads = [b.grad_shard for b in self._plan.buckets if b.grad_shard is not None]
+        grads = grad_shards(self._plan.buckets)
         # 2. This rank's term of the norm, combined over one replica's shard group (every
         #    replica holds the same shards) in one all-reduce.
         term = _clip.shard_norm_term(grads, norm_type, self._device)
@@ -526,7 +525,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         # 4. Parameters follow: the masters' cast into the shards, then the stage's
         #    gathers (stages 1-2: every bucket; stage 3: none until the next forward).
         for bucket in self._plan.buckets:
-            bucket.master_to_shard()
+            self._masters.to_shard(bucket)
         self._live.after_step()
         return loss
 
@@ -598,7 +597,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         with torch.no_grad():
             for bucket, master in zip(self._plan.buckets, masters or []):
                 bucket.master.copy_(master)
-                bucket.master_to_shard()
+                self._masters.to_shard(bucket)
 
     def full_state_dict(self) -> tuple[dict, dict] | None:
         """``(model_state_dict, optimizer_state_dict)`` on rank 0 (None elsewhere), in

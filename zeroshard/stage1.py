@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ._bucket import FlatBucket
+from ._bucket import FlatBucket, grad_shards
 from .mixed_precision import GradientDtypes
 
 
@@ -145,5 +145,5 @@ class FullGradients:
         """The stage is going away."""
 
     def gradient_tensors(self) -> list[torch.Tensor]:
-        shards = [b.grad_shard for b in self.buckets if b.grad_shard is not None]
+        shards = grad_shards(self.buckets)
         return list(self.flat_grads.values()) + shards

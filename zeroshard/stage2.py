@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ._bucket import FlatBucket
+from ._bucket import FlatBucket, grad_shards
 from ._grad_markers import GradientMarkers
 from ._hooks import LoopSwitches, WeakHook
 from .mixed_precision import GradientDtypes
@@ -112,5 +112,5 @@ class ShardedGradients:
         self.markers.drop()
 
     def gradient_tensors(self) -> list[torch.Tensor]:
-        shards = [b.grad_shard for b in self.buckets if b.grad_shard is not None]
+        shards = grad_shards(self.buckets)
         return shards + list(self.reduce_buffers.values()) + list(self.buffers_in_flight.values())

@@ -107,6 +107,7 @@ from torch.utils._pytree import tree_flatten
 
 from . import _agreement
 from ._hooks import LoopSwitches, Phase, WeakHook
+from ._masters import ShardMasters
 from ._reducer import GradientReducer
 from ._saved_tensors import SavedTensorWatches
 from ._schedule import ReductionPoints, Schedule, forward_and_backward_orders
@@ -141,11 +142,13 @@ class UnitGatherer:
     reducer when each bucket's reduction is due (Note [one order])."""
 
     def __init__(self, model, units: list[Unit], reducer: GradientReducer,
-                 store: ShardedGradients, dtypes: GradientDtypes, switches: LoopSwitches,
-                 group, stats, label: str, reshard_after_forward: bool, handles: list) -> None:
+                 store: ShardedGradients, dtypes: GradientDtypes, masters: ShardMasters,
+                 switches: LoopSwitches, group, stats, label: str, reshard_after_forward: bool,
+                 handles: list) -> None:
         self.reducer = weakref.proxy(reducer)  # it holds this (Note [no reference cycles])
         self.store = store
         self.dtypes = dtypes
+        self.masters = masters
         self.switches = switches
         self.group = group
         self.stats = stats
@@ -601,7 +604,7 @@ class UnitGatherer:
 
     # -- around the optimizer step ----------------------------------------------------
 
-    def after_step(self, launch_order) -> None:
+    def after_step(self) -> None:
         """Parameters stay sharded after a step; free anything still gathered (stale now)."""
         for unit in self.units:
             unit.release()
@@ -634,6 +637,7 @@ class UnitGatherer:
         finally:
             with torch.no_grad():
                 for unit in self.units:
-                    for bucket in unit.buckets:
+                    for bucket in unit.buckets:  # writes made inside reach the masters too
+                        self.masters.absorb_writes(bucket, bucket.own_slice())
                         bucket.load_shard()
                     unit.release()

@@ -1,0 +1,114 @@
+"""What the inner optimizer steps for each bucket: its master shard, chosen once at
+construction (``masters_for``).
+
+Without a MixedPrecision policy (and for modules a policy keeps in full precision,
+Note [full-precision modules]) the master *is* the shard: the optimizer steps the
+parameters' own storage and there is nothing to copy (``ShardMasters``). With a
+policy the parameters hold ``param_dtype`` casts and each trainable bucket keeps an
+fp32 copy of its shard (``Fp32Masters``): after a step the cast goes back into the
+shard, writes made to the parameters are taken into the master, and
+``model.load_state_dict`` loads the master exactly. Frozen buckets are never updated
+and have no master under a policy.
+
+Both strategies answer the same calls, so the code around a step never asks which
+precision it runs in.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._bucket import FlatBucket, to_memory_order
+from .mixed_precision import MASTER_DTYPE, MixedPrecision
+
+
+class ShardMasters:
+    """The master is the shard itself: every call but ``place`` does nothing."""
+
+    def place(self, bucket: FlatBucket, own_storage: bool) -> None:
+        """Set up ``bucket``'s shard (own storage at stage 3) and master from its buffer."""
+        bucket.place_shard(own_storage)
+        bucket.set_master(bucket.shard)
+
+    def to_shard(self, bucket: FlatBucket) -> None:
+        """After the optimizer updated the master: the shard takes its values."""
+
+    def absorb_writes(self, bucket: FlatBucket, written: torch.Tensor) -> None:
+        """``written`` (this rank's elements) may hold writes to the parameters."""
+
+    def absorb_outside_writes(self, bucket: FlatBucket) -> None:
+        """Before the masters are used: what was written to the parameters since."""
+
+    def mark_clean(self, bucket: FlatBucket) -> None:
+        """The parameters hold the master's values now (construction, a step, a load)."""
+
+    def load(self, bucket: FlatBucket, index: int, value: torch.Tensor) -> None:
+        """Parameter ``index`` is being loaded with ``value`` (``model.load_state_dict``)."""
+
+
+class Fp32Masters(ShardMasters):
+    """Parameters in ``param_dtype``, an fp32 master per trainable bucket."""
+
+    def __init__(self, param_dtype: torch.dtype) -> None:
+        self.param_dtype = param_dtype
+        self._clean_version: dict[int, int] = {}  # id(bucket) -> flat._version when clean
+
+    def place(self, bucket: FlatBucket, own_storage: bool) -> None:
+        if bucket.full_precision:  # Note [full-precision modules]
+            super().place(bucket, own_storage)
+            return
+        master = bucket.own_slice().to(MASTER_DTYPE, copy=True) \
+            if bucket.params[0].requires_grad else None
+        bucket.cast_parameters(self.param_dtype)
+        bucket.place_shard(own_storage)
+        bucket.set_master(master)
+        self.mark_clean(bucket)
+
+    def _separate(self, bucket: FlatBucket) -> bool:
+        return bucket.master is not None and bucket.master is not bucket.shard
+
+    def to_shard(self, bucket: FlatBucket) -> None:
+        if self._separate(bucket):
+            bucket.shard.copy_(bucket.master)
+
+    def absorb_writes(self, bucket: FlatBucket, written: torch.Tensor) -> None:
+        """Where ``written`` differs from the master's cast, the master takes the written
+        value. Elsewhere the master keeps its fp32 value, which a round trip through the
+        cast would lose (a value loaded exactly by ``load`` stays exact)."""
+        if self._separate(bucket):
+            master = bucket.master
+            # torch.where, not boolean indexing: no host synchronisation on CUDA
+            master.copy_(torch.where(written != master.to(written.dtype),
+                                     written.to(master.dtype), master))
+
+    def absorb_outside_writes(self, bucket: FlatBucket) -> None:
+        """Stages 1-2, before the masters are used: take into the master what an in-place
+        write to the parameters (``model.apply(init)``, ``p.copy_(...)``) put in the
+        shard outside ``summon_full_params()``, which the next step would otherwise write
+        back over. The shard equals the master's cast except where such a write changed
+        it; the buffer's version counter says whether anything was written since
+        ``mark_clean``, so this is free otherwise. (``model.load_state_dict`` is taken
+        exactly, in fp32: ``load``.)"""
+        if not self._separate(bucket) or bucket.shard_owns_storage:  # stage 3: never written
+            return
+        if bucket.flat._version != self._clean_version.get(id(bucket)):
+            self.absorb_writes(bucket, bucket.shard)
+            self.mark_clean(bucket)
+
+    def mark_clean(self, bucket: FlatBucket) -> None:
+        self._clean_version[id(bucket)] = bucket.flat._version
+
+    def load(self, bucket: FlatBucket, index: int, value: torch.Tensor) -> None:
+        """Put this rank's part of ``value`` (the parameter's shape, any dtype and
+        strides) into the master at full precision."""
+        if not self._separate(bucket):
+            return
+        overlap = bucket.layout.overlap(index, bucket.rank)
+        if overlap is None:
+            return
+        bucket.master[overlap.shard_span].copy_(
+            to_memory_order(value, bucket.orders[index])[overlap.param_start:overlap.param_stop])
+
+
+def masters_for(policy: MixedPrecision | None) -> ShardMasters:
+    return ShardMasters() if policy is None else Fp32Masters(policy.param_dtype)
