@@ -1,10 +1,10 @@
-"""Bad input, state-dict resume, the collectives layer and the pool's own time limits."""
+"""Bad input, state-dict resume, summon_full_params, and what the API refuses
+(the collectives layer is tests/test_collectives.py)."""
 
 import pytest
 import torch
 
 import cases_api
-from pool import ODD_MESHES, WorkerError, mesh_shape
 
 # which bad input -> (exception, words the message must contain: the value, and the fix)
 BAD_INPUTS = {
@@ -64,48 +64,6 @@ def test_state_dict_from_another_world_size_is_refused(pool):
     for message in pool.run(cases_api.load_state_dict_from_other_world_size, 2):
         assert "rank 0 of 3" in message or "rank 1 of 3" in message, message
         assert "same world size" in message
-
-
-@pytest.mark.parametrize("n, mesh", [(1, None), (2, None), (3, None), (4, None), (4, (2, 2)),
-                                     (4, (4, 1)), (4, (1, 4)), (3, (3, 1)), (2, (2, 1)),
-                                     (4, "2x2 strided"), (4, "2x2 rank 0 in replica 1")])
-def test_collectives_move_the_right_data_and_count_design_bytes(pool, n, mesh):
-    """Over a group of n ranks, or n ranks as a (replicas, shards) mesh: reduce-scatter and
-    all-gather within the replica (a reduction over every rank: the replicas' shards are
-    all-reduced too), all-reduce and broadcast over every rank (from global rank 0, in
-    whichever replica it is), each counted along the dimension it ran (Note [collectives
-    on a mesh] in zeroshard/_comm.py)."""
-    replicas, s = mesh_shape(mesh) if mesh else (1, n)
-    layout = ODD_MESHES.get(mesh) if isinstance(mesh, str) else None
-    layout = layout or [list(range(q * s, (q + 1) * s)) for q in range(replicas)]
-    for r, out in enumerate(pool.run(cases_api.collectives_are_counted, n, mesh)):
-        assert out["rank"] == r  # the job's ranks in the order of their global ranks
-        replica = next(q for q, row in enumerate(layout) if r in row)
-        shard = layout[replica].index(r)
-        assert out["shard_rank"] == shard
-        mean = (n + 1) / 2  # over all n ranks of (rank + 1)
-        assert out["reduce_scatter"] == [2 * shard * mean, (2 * shard + 1) * mean]
-        assert out["all_gather"] == [float(k) for k in layout[replica] for _ in range(2)]
-        assert out["all_reduce"] == sum(range(n))
-        assert out["broadcast"] == [0.0, 0.0, 0.0]
-        # all-gather: output bytes; reduce-scatter: input bytes; others: the tensor
-        dims = 2 if replicas > 1 else 1
-        assert out["bytes"] == {"reduce_scatter": 4 * 2 * s, "all_gather": 4 * 2 * s,
-                                "all_reduce": 8 * dims + 4 * 2 * (dims - 1),
-                                "broadcast": 2 * 3 * dims}
-        assert out["calls"] == {"reduce_scatter": 1, "all_gather": 1,
-                                "all_reduce": dims + dims - 1, "broadcast": dims}
-        across = {("all_reduce", "replicate"): 8 + 4 * 2, ("broadcast", "replicate"): 6}
-        assert out["by_dim"] == {("reduce_scatter", "shard"): 4 * 2 * s,
-                                 ("all_gather", "shard"): 4 * 2 * s, ("all_reduce", "shard"): 8,
-                                 ("broadcast", "shard"): 6, **(across if replicas > 1 else {})}
-        assert out["after_reset"] == dict.fromkeys(out["bytes"], 0)
-
-
-def test_a_hanging_collective_fails_within_the_time_limit_and_the_pool_recovers(pool):
-    with pytest.raises(WorkerError, match="rank 0: no answer"):
-        pool.run(cases_api.hang, 2, timeout=5)
-    assert pool.run(cases_api.rank_of, 4) == [0, 1, 2, 3]
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])

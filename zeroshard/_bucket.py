@@ -6,7 +6,8 @@ the model (user code, tied weights and ``named_parameters()`` keep working) whil
 one collective moves all of them at once. ``shard`` is this rank's slice of the
 buffer, what the all-gather sends. ``master`` is the tensor the inner optimizer
 steps on: the shard itself, or with mixed precision an fp32 copy of it (the
-parameters and the shard then hold the low-precision cast).
+parameters and the shard then hold the low-precision cast); _masters.py chooses
+and keeps it, so the bucket holds layout, views and storage only.
 
 Note [memory order]: a parameter keeps its strides (its memory format). The buffer
 holds each parameter's elements in the order they lie in its memory, outermost dim
@@ -214,11 +215,6 @@ class FlatBucket:
                 if grad is not None and grad.dtype != stepped.dtype and _GRAD_DTYPE_SETTABLE:
                     stepped.grad_dtype = None
                 stepped.grad = None if grad is None else self._owned_view(grad, index)
-
-    def widen_grad_shard(self) -> None:
-        """Give a 2-byte gradient shard the master's dtype (fp32) for clipping and the step."""
-        if self.grad_shard is not None and self.grad_shard.dtype != self.master.dtype:
-            self.set_grad_shard(self.grad_shard.to(self.master.dtype))
 
     def nbytes(self) -> int:
         return self.flat.numel() * self.flat.element_size()

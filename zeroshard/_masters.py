@@ -42,6 +42,9 @@ class ShardMasters:
     def mark_clean(self, bucket: FlatBucket) -> None:
         """The parameters hold the master's values now (construction, a step, a load)."""
 
+    def widen_gradient(self, bucket: FlatBucket) -> None:
+        """Before clipping and the step: the gradient shard in the master's dtype."""
+
     def load(self, bucket: FlatBucket, index: int, value: torch.Tensor) -> None:
         """Parameter ``index`` is being loaded with ``value`` (``model.load_state_dict``)."""
 
@@ -97,6 +100,12 @@ class Fp32Masters(ShardMasters):
 
     def mark_clean(self, bucket: FlatBucket) -> None:
         self._clean_version[id(bucket)] = bucket.flat._version
+
+    def widen_gradient(self, bucket: FlatBucket) -> None:
+        """A 2-byte gradient shard (kept so until needed, ``FlatBucket.set_grad_shard``)
+        takes the master's dtype, fp32."""
+        if bucket.grad_shard is not None and bucket.grad_shard.dtype != bucket.master.dtype:
+            bucket.set_grad_shard(bucket.grad_shard.to(bucket.master.dtype))
 
     def load(self, bucket: FlatBucket, index: int, value: torch.Tensor) -> None:
         """Put this rank's part of ``value`` (the parameter's shape, any dtype and

@@ -488,7 +488,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._live.wait_in_flight()
         self._live.claim_gradients()  # Note [gradient markers]
         for bucket in self._plan.buckets:
-            bucket.widen_grad_shard()
+            self._masters.widen_gradient(bucket)
         grads = grad_shards(self._plan.buckets)
         # 2. This rank's term of the norm, combined over one replica's shard group (every
         #    replica holds the same shards) in one all-reduce.
@@ -514,7 +514,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._live.wait_in_flight()
         self._live.claim_gradients()  # Note [gradient markers]
         for bucket in self._plan.buckets:
-            bucket.widen_grad_shard()
+            self._masters.widen_gradient(bucket)
         # 2. The masters: the hyper-parameters schedulers set on the outer groups, and
         #    (mixed precision) what was written to the parameters since the last step.
         for outer, inner in zip(self.param_groups, self._inner.param_groups):

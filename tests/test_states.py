@@ -1,0 +1,56 @@
+"""Checked moves (DESIGN.md: a lifecycle is an enum with checked transitions): a stage-3
+unit's shard state and the stage's phase take exactly the moves listed here, and any
+other raises. Pure: no process needed."""
+
+import itertools
+
+import pytest
+from torch import nn
+
+from zeroshard._hooks import LoopSwitches, Phase
+from zeroshard._unit import ShardState, Unit
+
+SHARD_MOVES = {(ShardState.SHARDED, ShardState.GATHERING),  # a gather starts
+               (ShardState.GATHERING, ShardState.GATHERED),  # it is waited for
+               (ShardState.GATHERED, ShardState.SHARDED)}  # released
+
+FORWARDS = (Phase.FORWARD, Phase.FORWARD_NO_GRAD)
+PHASE_MOVES = ({(Phase.IDLE, p) for p in FORWARDS + (Phase.BACKWARD,)}
+               | {(f, p) for f in FORWARDS for p in FORWARDS + (Phase.IDLE, Phase.BACKWARD)}
+               | {(Phase.BACKWARD, Phase.IDLE)})
+
+
+@pytest.mark.parametrize("start, to", itertools.product(ShardState, ShardState))
+def test_a_unit_takes_only_the_listed_moves(start, to):
+    unit = Unit(nn.Linear(2, 2), "layer", [])
+    unit.state = start
+    if (start, to) in SHARD_MOVES:
+        unit._move(to)
+        assert unit.state is to
+    else:
+        with pytest.raises(RuntimeError, match=f"unit layer cannot go from {start.value}"):
+            unit._move(to)
+        assert unit.state is start
+
+
+@pytest.mark.parametrize("start, to", itertools.product(Phase, Phase))
+def test_the_phase_takes_only_the_listed_moves(start, to):
+    switches = LoopSwitches(phase=start)
+    if (start, to) in PHASE_MOVES:
+        switches.enter(to)
+        assert switches.phase is to
+    else:
+        with pytest.raises(RuntimeError, match=f"cannot go from {start.value} to {to.value}"):
+            switches.enter(to)
+        assert switches.phase is start
+
+
+def test_release_and_end_of_backward_start_a_new_record():
+    unit = Unit(nn.Linear(2, 2), "layer", [])
+    unit.record.armed, unit.record.ran = True, True
+    unit.record.grads_arrived.add(1)
+    unit.end_backward(synced=False)  # a no_sync() backward keeps "ran"
+    assert unit.state is ShardState.SHARDED
+    assert (unit.record.armed, unit.record.ran, unit.record.grads_arrived) == (False, True, set())
+    unit.end_backward(synced=True)
+    assert unit.record.ran is False
