@@ -21,6 +21,7 @@ from torch import nn
 
 from . import _comm
 from ._bucket import FlatBucket, Ownership, build_buckets
+from ._inner import step_cost
 from ._masters import ShardMasters
 from ._ranks import Ranks
 from ._unit import Unit, build_units
@@ -185,3 +186,35 @@ class ShardingView:
             for index, param in enumerate(bucket.params):
                 full_values[id(param)] = bucket.param_view(full, index)
         return full_values
+
+
+def work_balance(plan: ShardingPlan, classes: list[type]) -> dict:
+    """``ZeroOptimizer.sharding_report``: per shard rank, the elements it steps, the
+    elements its shards store and the work per optimizer class (``classes``: each param
+    group's), from the layout alone."""
+    size = plan.ranks.shard_size
+    elements, stored = [0] * size, [0] * size
+    work: dict[str, list[float]] = {}
+    for bucket in plan.buckets:
+        cls = classes[bucket.group_index]
+        name = f"{cls.__module__}.{cls.__qualname__}"
+        cost = step_cost(cls) if bucket.owns_whole_parameters else (lambda shape: shape.numel())
+        class_work = work.setdefault(name, [0.0] * size)
+        for rank in range(size):
+            stored[rank] += bucket.layout.shard_numel
+            for index, param in enumerate(bucket.params):
+                overlap = bucket.layout.overlap(index, rank)
+                if overlap is None:
+                    continue
+                elements[rank] += overlap.param_stop - overlap.param_start
+                class_work[rank] += float(cost(param.shape)) \
+                    if bucket.owns_whole_parameters else overlap.param_stop - overlap.param_start
+    return {"shard_size": size, "elements": elements, "stored": stored, "work": work,
+            "imbalance": {"elements": _imbalance(elements),
+                          **{name: _imbalance(loads) for name, loads in work.items()}},
+            "padding": sum(stored) / max(1, sum(elements))}
+
+
+def _imbalance(loads: list) -> float:
+    mean = sum(loads) / len(loads)
+    return max(loads) / mean if mean else 1.0

@@ -2,7 +2,8 @@
 
 ``estimate_memory`` is Table 1 / §7 of Rajbhandari et al. (2020): per-rank bytes of
 model states for plain data parallel and ZeRO stages 1-3. ``storage_bytes`` counts
-real tensor storages, each storage once, which is what ``memory_report()`` reports.
+real tensor storages, each storage once; ``live_report`` counts a rank's by category,
+which is what ``memory_report()`` reports.
 """
 
 from __future__ import annotations
@@ -70,3 +71,22 @@ def storage_bytes(tensors: Iterable[torch.Tensor], seen: set | None = None) -> i
             seen.add(key)
             total += key[1]
     return total
+
+
+def live_report(model, every_bucket, stage, inner_state: dict) -> dict[str, int]:
+    """``ZeroOptimizer.memory_report``: bytes this rank holds now per category, from the
+    real storages (each storage counted once). ``stage`` is the assembled stage."""
+    # Released stage-3 parameters repeat one element each (Note [stage-3
+    # placeholders]): a few bytes per bucket, not parameter memory.
+    seen = {storage_key(b.placeholders) for b in every_bucket if b.placeholders is not None}
+    params = list(model.parameters())
+    report = {"parameters": storage_bytes(params + stage.parameter_tensors(), seen)}
+    grads = [p.grad for p in params  # a marker of the gradient shards is not one
+             if p.grad is not None and not stage.is_gradient_marker(p.grad)]
+    grads += stage.gradient_tensors()
+    report["gradients"] = storage_bytes(grads, seen)
+    # Without mixed precision the masters are the parameters' own shards (counted above).
+    report["master_parameters"] = storage_bytes(stage.master_tensors(), seen)
+    states = [t for s in inner_state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+    report["optimizer_states"] = storage_bytes(states, seen)
+    return report

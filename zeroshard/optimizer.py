@@ -17,10 +17,10 @@ from ._ddp_guard import DDPGuard
 from ._hooks import WeakHook
 from ._inner import InnerOptimizers, class_of, hyperparameters, step_cost
 from ._masters import masters_for
-from ._plan import ShardingPlan, ShardingView, plan_sharding
+from ._plan import ShardingPlan, ShardingView, plan_sharding, work_balance
 from ._ranks import ranks_from
 from ._stage import Stage
-from .memory import storage_bytes, storage_key
+from .memory import live_report
 from .mixed_precision import (MixedPrecision, cast_buffers, full_precision_parameters,
                               install_forward_casts)
 
@@ -651,50 +651,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
         Note [whole-parameter ownership] in _layout.py). ``imbalance`` is max/mean of
         each; ``padding`` is stored over stepped elements, summed over ranks."""
         self._require_open()
-        size = self._group.shard_size
-        elements, stored = [0] * size, [0] * size
-        work: dict[str, list[float]] = {}
-        for bucket in self._plan.buckets:
-            cls = self._inner.classes[bucket.group_index]
-            name = f"{cls.__module__}.{cls.__qualname__}"
-            cost = step_cost(cls) if bucket.owns_whole_parameters else (lambda shape: shape.numel())
-            class_work = work.setdefault(name, [0.0] * size)
-            for rank in range(size):
-                stored[rank] += bucket.layout.shard_numel
-                for index, param in enumerate(bucket.params):
-                    overlap = bucket.layout.overlap(index, rank)
-                    if overlap is None:
-                        continue
-                    elements[rank] += overlap.param_stop - overlap.param_start
-                    class_work[rank] += float(cost(param.shape)) \
-                        if bucket.owns_whole_parameters else overlap.param_stop - overlap.param_start
-
-        def imbalance(loads) -> float:
-            mean = sum(loads) / len(loads)
-            return max(loads) / mean if mean else 1.0
-        return {"shard_size": size, "elements": elements, "stored": stored, "work": work,
-                "imbalance": {"elements": imbalance(elements),
-                              **{name: imbalance(loads) for name, loads in work.items()}},
-                "padding": sum(stored) / max(1, sum(elements))}
+        return work_balance(self._plan, self._inner.classes)
 
     def memory_report(self) -> dict[str, int]:
         """Bytes this rank holds now, from the real storages (each storage counted once)."""
-        # Released stage-3 parameters repeat one element each (Note [stage-3
-        # placeholders]): a few bytes per bucket, not parameter memory.
-        seen = {storage_key(b.placeholders) for b in self._plan.every_bucket
-                if b.placeholders is not None}
-        params = list(self._model.parameters())
-        report = {"parameters": storage_bytes(params + self._live.parameter_tensors(), seen)}
-        grads = [p.grad for p in params  # a marker of the gradient shards is not one
-                 if p.grad is not None and not self._live.is_gradient_marker(p.grad)]
-        grads += self._live.gradient_tensors()
-        report["gradients"] = storage_bytes(grads, seen)
-        # Without mixed precision the masters are the parameters' own shards (counted above).
-        report["master_parameters"] = storage_bytes(self._live.master_tensors(), seen)
-        states = [t for s in self._inner.state.values() for t in s.values()
-                  if isinstance(t, torch.Tensor)]
-        report["optimizer_states"] = storage_bytes(states, seen)
-        return report
+        return live_report(self._model, self._plan.every_bucket, self._live, self._inner.state)
 
 
 def _current_owner(params) -> ZeroOptimizer | None:
