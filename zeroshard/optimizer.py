@@ -1,28 +1,28 @@
-"""ZeroOptimizer: validates, builds buckets, chooses the stage, owns the inner optimizer."""
+"""ZeroOptimizer: validate → plan → broadcast and place → inner optimizer → stage; then
+the training loop's calls, state dicts and reports."""
 
 from __future__ import annotations
 
 import contextlib
 import weakref
-import zlib
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from . import _clip, _comm, _full_state, _materialize, _validate
-from ._bucket import FlatBucket, Ownership, grad_shards
+from ._bucket import Ownership, grad_shards
 from ._buffers import BufferFollower
 from ._ddp_guard import DDPGuard
 from ._hooks import WeakHook
 from ._inner import InnerOptimizers, class_of, hyperparameters, step_cost
 from ._masters import masters_for
-from ._plan import ShardingPlan, ShardingView, plan_sharding, work_balance
+from ._placement import Placement
+from ._plan import ShardingView, plan_sharding, work_balance
 from ._ranks import ranks_from
 from ._stage import Stage
 from .memory import live_report
-from .mixed_precision import (MixedPrecision, cast_buffers, full_precision_parameters,
-                              install_forward_casts)
+from .mixed_precision import MixedPrecision, full_precision_parameters, install_forward_casts
 
 _STATE_DICT_VERSION = 1
 
@@ -161,8 +161,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._plan = plan
 
         # 3. Broadcast rank 0's values and place this rank's shards (collectives from here).
-        self._refuse_layouts_that_differ_across_ranks(plan.every_bucket, classes, device)
-        self._place_model(plan, device, initialisation)
+        placement = Placement(model, plan, self._masters, mixed_precision, self.comm_stats)
+        placement.refuse_layouts_that_differ_across_ranks(classes, device)
+        placement.place(device, initialisation)
 
         # 4. The inner optimizers over this rank's shards; the outer groups schedulers see.
         self._inner = InnerOptimizers(
@@ -318,126 +319,6 @@ class ZeroOptimizer(torch.optim.Optimizer):
         """The stage, or a clear error once ``close()`` has run."""
         self._require_open()
         return self._stage
-
-    def _refuse_layouts_that_differ_across_ranks(self, buckets: list[FlatBucket], classes: list[type],
-                                                 device: torch.device) -> None:
-        """Every rank must lay the buckets out alike, as the collectives move whole
-        buffers and every rank must issue the same ones. Two things can differ: the
-        memory order a rank holds a parameter in (Note [memory order] in _bucket.py: a
-        ``channels_last`` weight on one rank and a row-major one on another would
-        exchange scrambled values; DDP checks strides too), and the buckets themselves
-        (param groups, optimizer classes and so owners, ``bucket_size_mb`` given
-        differently on some ranks). The ranks compare a fingerprint of each in one
-        all-reduce."""
-        if self._world_size == 1:
-            return
-        held = [(name, order) for bucket in buckets
-                for name, order in zip(bucket.param_names, bucket.orders)
-                if order != tuple(range(len(order)))]
-        layouts = [(b.group_index, b.param_names, b.layout.owners) for b in buckets] + [
-            f"{c.__module__}.{c.__qualname__}" for c in classes]
-        fingerprint = torch.tensor([zlib.crc32(repr(held).encode()),
-                                    zlib.crc32(repr(layouts).encode())], dtype=torch.int64,
-                                   device=device)
-        highest, lowest = _comm.extremes(fingerprint, group=self._group, stats=self.comm_stats,
-                                         label="init")
-        if highest[0] != lowest[0]:
-            mine = ", ".join(name for name, _ in held[:3]) or "none"
-            raise ValueError(
-                "the parameters' memory formats differ across ranks (e.g. "
-                "model.to(memory_format=torch.channels_last) on some ranks only); this rank "
-                f"holds these parameters in a non-row-major order: {mine}. Give the model "
-                "the same memory format on every rank before building ZeroOptimizer")
-        if highest[1] != lowest[1]:
-            raise ValueError(
-                "the ranks built different buckets: param_groups, their optimizer_class or "
-                f"bucket_size_mb differ across ranks (this rank has {len(buckets)} buckets; its "
-                f"groups' classes are {[c.__name__ for c in classes]}); build ZeroOptimizer "
-                "with the same arguments on every rank")
-
-    def _place_model(self, sharding: ShardingPlan, device: torch.device,
-                     plan: _materialize.Initialisation) -> None:
-        """Materialize, initialise, broadcast and shard the model batch by batch: stage 3
-        one unit at a time (Note [one unit at a time] in _materialize.py)."""
-        batches = sharding.placement_batches
-        bucketed = {id(p) for b in sharding.every_bucket for p in b.params}
-        # parameters with real memory now: the loose ones, then each batch's
-        materialized = {id(p) for p in self._model.parameters() if id(p) not in bucketed}
-
-        def prepare(step: _materialize.PlacementStep) -> None:
-            """This rank's part of a step: allocation, the user's init code, the checks."""
-            if step.batch == 0:
-                _materialize.place_loose_tensors(plan, bucketed, device)
-            for bucket in batches[step.batch]:
-                bucket.materialize(device)
-            materialized.update(id(p) for b in batches[step.batch] for p in b.params)
-            spanning = {id(m) for m in step.spanning}
-            for module in step.initialise:
-                before = _materialize.write_states(module, materialized) \
-                    if id(module) in spanning else None
-                plan.run(module)
-                if before is not None:
-                    _materialize.refuse_writes_outside(plan, module, before)
-            for index in step.finish:
-                for bucket in batches[index]:
-                    bucket.adopt_replaced_data()
-                _materialize.refuse_missing_values(plan, batches[index])
-            if step.batch == len(batches) - 1:
-                _materialize.refuse_missing_loose_values(plan, bucketed)
-                _materialize.refuse_missing_buffer_values(plan)
-
-        try:
-            for step in _materialize.placement_steps(batches, plan.modules):
-                # An init that fails, or memory that runs out, on one rank only: every
-                # rank raises here, before the step's broadcasts (one 4-byte all-reduce).
-                _comm.run_and_share(lambda: prepare(step), group=self._group,
-                                    stats=self.comm_stats, label="init", device=device)
-                for index in step.finish:
-                    self._broadcast_from_rank0([b.flat for b in batches[index]])
-                    self._place_shards(batches[index])
-                    if self.stage == 3:
-                        sharding.units[index].release()
-                        materialized.difference_update(id(p) for b in batches[index] for p in b.params)
-        except BaseException as error:
-            _materialize.back_to_meta(plan)
-            if self.stage == 3 and not plan.meta_params:
-                error.add_note("zeroshard: units placed before the failure were sharded: their "
-                               "parameters hold NaN placeholders now; build the model again")
-            raise
-        loose = [p.data for p in self._model.parameters() if id(p) not in bucketed]
-        self._broadcast_from_rank0(loose + list(self._model.buffers()))
-        self._cast_loose_tensors(bucketed)
-
-    def _place_shards(self, buckets: list[FlatBucket]) -> None:
-        """Set up each bucket's shard and master from rank 0's values."""
-        for bucket in buckets:
-            self._masters.place(bucket, own_storage=self.stage == 3)
-
-    def _cast_loose_tensors(self, bucketed: set[int]) -> None:
-        """With mixed precision, cast the parameters in no bucket and the buffers."""
-        policy = self.mixed_precision
-        if policy is None:
-            return
-        full_precision = full_precision_parameters(self._model, policy)
-        with torch.no_grad():
-            for param in self._model.parameters():
-                # frozen, stages 1-2: never updated, no master
-                if id(param) not in bucketed and id(param) not in full_precision:
-                    param.data = param.data.to(policy.param_dtype)
-        cast_buffers(self._model, policy)
-
-    def _broadcast_from_rank0(self, tensors: list[torch.Tensor]) -> None:
-        """All ranks start from rank 0's parameters and buffers, as with DDP."""
-        # NCCL broadcasts contiguous tensors only (gloo takes any): a strided one (a
-        # transposed frozen weight, a sliced buffer) goes through a contiguous copy.
-        sent = [t if t.is_contiguous() else t.contiguous() for t in tensors]
-        works = [_comm.broadcast(t, group=self._group, stats=self.comm_stats, label="init",
-                                 async_op=True) for t in sent]
-        _comm.wait_all(works)
-        with torch.no_grad():
-            for tensor, copy in zip(tensors, sent):
-                if copy is not tensor:
-                    tensor.copy_(copy)
 
     # -- the training loop ------------------------------------------------------------
 
