@@ -308,7 +308,7 @@ def check_first_step_agreements(comm: dict, expected_all_reduce: int, case: dict
     """``comm["all_reduce"]`` is ``expected_all_reduce`` plus, in stage 3's first step on
     several ranks, one 8-byte agreement before each step of a walk over the units, each
     gather outside one, and each end of backward (Note [first-step agreement] in
-    zeroshard/stage3.py): at least one, at most one per unit per pass, per all-gather
+    zeroshard/_walk.py): at least one, at most one per unit per pass, per all-gather
     call and per backward."""
     extra = comm["all_reduce"] - expected_all_reduce
     if case["stage"] == 3 and step == 0 and case["world_size"] > 1:

@@ -34,7 +34,7 @@ def ran_and_late(ran: list[bool], late: list[bool], *, device, group, stats: _co
 @dataclass
 class RecordedOrders:
     """What the ranks recorded in the first step, compared (Note [recorded order] in
-    stage3.py)."""
+    _walk.py)."""
     agreed: bool  # every rank entered the units in the same order, forward and backward
     entered_before_ready: list[int]  # per bucket: the latest rank's count (Note [one order])
     repeated: list[bool]  # per unit: some rank entered it twice in one forward pass

@@ -14,6 +14,7 @@ instead of reading the optimizer's private attributes.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -83,17 +84,27 @@ def plan_sharding(model: nn.Module, groups: list[dict], stage: int, units, bucke
 
 class ShardingView:
     """Read-only: an open ZeroOptimizer's plan, model, shards, inner optimizer and
-    stage, as the checkpoint modules and the tests use them (module docstring)."""
+    stage, as the checkpoint modules and the tests use them (module docstring).
 
-    def __init__(self, plan: ShardingPlan, model: nn.Module, inner, optimizer_class: type,
-                 stage, masters: ShardMasters, stats: _comm.CommStats) -> None:
-        self._plan = plan
-        self._masters = masters
-        self._model = model
-        self._inner = inner
+    It holds the optimizer weakly and asks it on every use whether it is still open:
+    a view kept after ``close()`` or after the optimizer is dropped refuses to work
+    (with the fix), and never keeps a stage, or its hooks on the model, alive."""
+
+    def __init__(self, opt, optimizer_class: type) -> None:
+        self._opt = weakref.ref(opt)
         self._optimizer_class = optimizer_class
-        self._stage = stage
-        self._stats = stats
+
+    def _open(self):
+        opt = self._opt()
+        if opt is None:
+            raise RuntimeError("the ZeroOptimizer this view was taken from is gone; take "
+                               "opt.sharding from the optimizer in use")
+        opt._require_open()  # a closed one: the error says how to go on
+        return opt
+
+    @property
+    def _plan(self) -> ShardingPlan:
+        return self._open()._plan
 
     @property
     def plan(self) -> ShardingPlan:
@@ -101,13 +112,13 @@ class ShardingView:
 
     @property
     def model(self) -> nn.Module:
-        return self._model
+        return self._open()._model
 
     @property
     def inner(self):
         """The inner optimizers (``InnerOptimizers``): ``state``, ``param_groups``,
         ``classes``, ``optimizers``, over this rank's shards."""
-        return self._inner
+        return self._open()._inner
 
     @property
     def optimizer_class(self) -> type:
@@ -116,12 +127,12 @@ class ShardingView:
     @property
     def stage(self):
         """The assembled stage (``Stage`` in _stage.py)."""
-        return self._stage
+        return self._open()._stage
 
     @property
     def masters(self) -> ShardMasters:
         """What the inner optimizer steps, and how shards follow it (_masters.py)."""
-        return self._masters
+        return self._open()._masters
 
     @property
     def ranks(self) -> Ranks:
@@ -161,19 +172,20 @@ class ShardingView:
     def take_outside_writes(self) -> tuple[FlatBucket, ...]:
         """With mixed precision, the masters take what was written to the parameters
         since the last step (``absorb_outside_writes`` in _masters.py); returns the buckets."""
-        buckets = self.buckets
+        buckets, masters = self.buckets, self.masters
         for bucket in buckets:
-            self._masters.absorb_outside_writes(bucket)
+            masters.absorb_outside_writes(bucket)
         return buckets
 
     def reading_structure(self):
         """Inside, ``model.state_dict()`` may run at stage 3 to read keys and shapes."""
-        return self._stage.reading_structure()
+        return self.stage.reading_structure()
 
     def gather_shard(self, shard: torch.Tensor) -> torch.Tensor:
         """Every rank's ``shard`` of one bucket, end to end (the padded flat size). Collective."""
-        full = shard.new_empty(shard.numel() * self._plan.ranks.shard_size)
-        _comm.all_gather(full, shard, group=self._plan.ranks, stats=self._stats, label="state")
+        opt = self._open()
+        full = shard.new_empty(shard.numel() * opt._plan.ranks.shard_size)
+        _comm.all_gather(full, shard, group=opt._plan.ranks, stats=opt.comm_stats, label="state")
         return full
 
     @torch.no_grad()

@@ -3,7 +3,7 @@
 Every stage reduces gradients the same way; what differs is where they live, which
 the stage gives the reducer as its store (``FullGradients``, stage 1: full buffers;
 ``ShardedGradients``, stages 2 and 3: shards). Stage 3 also gives it its unit
-gatherer (``walk``), whose backward walk decides when reductions launch (Note [one
+gatherer (``gatherer``), whose backward walk decides when reductions launch (Note [one
 order] in stage3.py). The order in which collectives are issued is fixed here, once.
 
 Note [launch order]:
@@ -94,7 +94,7 @@ class GradientReducer:
                  record_ready_order: bool = True) -> None:
         self.buckets = list(buckets)  # the launch list (Note [launch order])
         self.store = store
-        self.walk = None  # stage 3's UnitGatherer, set once it is built
+        self.gatherer = None  # stage 3's UnitGatherer, set once it is built
         self.group = group
         self.world_size = group.size  # every rank, over every replica (a _ranks.Ranks)
         self.stats = stats
@@ -127,8 +127,8 @@ class GradientReducer:
 
     def on_backward_start(self, grad: torch.Tensor | None = None) -> None:
         if self.switches.phase is not Phase.BACKWARD:
-            if self.walk is not None:
-                self.walk.begin_backward()
+            if self.gatherer is not None:
+                self.gatherer.begin_backward()
             self.store.before_backward()
             self.switches.enter(Phase.BACKWARD)
             Variable._execution_engine.queue_callback(self._on_backward_end)
@@ -136,8 +136,8 @@ class GradientReducer:
     def _on_gradient(self, bucket: FlatBucket, index: int, param: nn.Parameter) -> None:
         self.on_backward_start(param.grad)
         self.store.collect(bucket, index)
-        if self.walk is not None:
-            self.walk.post_backward(bucket, index)
+        if self.gatherer is not None:
+            self.gatherer.post_backward(bucket, index)
         if self.switches.require_sync:
             self.mark_ready(bucket, index)
 
@@ -148,7 +148,7 @@ class GradientReducer:
         bucket.ready.add(index)
         if self._ready_order is not None and bucket.all_ready:
             self._ready_order.append(self._position[id(bucket)])
-        if self.walk is None or self.walk.launches_as_ready:
+        if self.gatherer is None or self.gatherer.launches_as_ready:
             self._launch_ready()
 
     # -- launching --------------------------------------------------------------------
@@ -215,7 +215,7 @@ class GradientReducer:
         if consumed is not None:  # its work handle outlives it (Note [finished work])
             _comm.release([consumed])
         self.store.landed(bucket)
-        if self.walk is None or not self.walk.holds(bucket, reduced):
+        if self.gatherer is None or not self.gatherer.holds(bucket, reduced):
             self.store.install(bucket, reduced)
 
     # -- the end of backward ----------------------------------------------------------
@@ -223,17 +223,17 @@ class GradientReducer:
     def _on_backward_end(self) -> None:
         """Note [end of backward]: the whole sequence, in order."""
         synced = self.switches.require_sync
-        if self.walk is not None:
-            self.walk.finish_walk()  # gathers first: other ranks may be waiting for them
+        if self.gatherer is not None:
+            self.gatherer.finish_walk()  # gathers first: other ranks may be waiting for them
         if synced:
             self.launch_front(len(self.buckets))  # the buckets still waiting
             self.wait_in_flight()
-            late = self.walk.agree_on_late(self.late) if self.walk is not None else sorted(self.late)
+            late = self.gatherer.agree_on_late(self.late) if self.gatherer is not None else sorted(self.late)
             for position in late:  # Note [late gradients]
                 self._launch(self.buckets[position])
                 self.wait_in_flight()
-            if self.walk is not None:
-                self.walk.install_held()
+            if self.gatherer is not None:
+                self.gatherer.install_held()
             if self._check_non_finite:
                 self._spread_non_finite()
                 self._check_non_finite = False
@@ -245,8 +245,8 @@ class GradientReducer:
             bucket.ready.clear()
         self.next_launch = 0
         self.switches.enter(Phase.IDLE)
-        if self.walk is not None:
-            self.walk.end_backward(synced)
+        if self.gatherer is not None:
+            self.gatherer.end_backward(synced)
 
     def _spread_non_finite(self) -> None:
         """Note [non-finite gradients]: one rank's inf or NaN makes every rank's shards NaN."""

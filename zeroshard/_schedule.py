@@ -11,7 +11,7 @@ Note [gather schedule]:
     once; the end of the pass walks the rest. So every rank gathers every unit once
     per pass, at the same point of the schedule, and the next unit of the schedule
     is prefetched while the current one computes. Which order the schedule holds is
-    Note [recorded order] in stage3.py.
+    Note [recorded order] in _walk.py.
 
 ``Schedule`` is that walk; ``forward_and_backward_orders`` is the first step's order,
 from the module tree; ``due_when_walked_past`` and ``launch_positions`` decide when

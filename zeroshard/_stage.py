@@ -64,7 +64,7 @@ class Stage:
             self.params = UnitGatherer(model, units, self.reducer, self.store, dtypes, masters,
                                        self.switches, group, stats, self.label,
                                        reshard_after_forward, self.handles)
-            self.reducer.walk = self.params
+            self.reducer.gatherer = self.params
         else:
             reducer = self.reducer
             self.params = WholeParameters(buckets, lambda: reducer.buckets, masters, group, stats,

@@ -8,8 +8,8 @@ by modules of different units (tied weights) belongs to their lowest common
 ancestor unit, so it is gathered whenever any of its users computes. The root
 module is always a unit and takes whatever no other unit owns. So a parameter must
 be used inside the forward of a module that holds it (in ``_parameters``), or of one
-of that module's ancestor units (stage3.py refuses a forward that breaks this,
-``check_saved_parameter``).
+of that module's ancestor units (a forward that breaks this is refused:
+``check_saved_parameter`` in _saved_tensors.py).
 """
 
 from __future__ import annotations

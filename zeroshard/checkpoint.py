@@ -294,8 +294,9 @@ def check_arguments(path, model, opt) -> None:
         raise TypeError(f"path must be a str or os.PathLike folder, got {type(path).__name__}")
     if not isinstance(opt, ZeroOptimizer):
         raise TypeError(f"opt must be a zeroshard.ZeroOptimizer, got {type(opt).__name__}")
-    if opt.sharding.model is not model:  # (a closed optimizer refuses here)
+    if opt.model is not model:
         raise ValueError("model is not the module this ZeroOptimizer was built over; pass that one")
+    opt.sharding  # a closed optimizer is refused here, with the fix
 
 
 def _agree_on_version(opt, root: Path) -> str:

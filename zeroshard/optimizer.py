@@ -174,8 +174,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         # 5. The stage: gradient reducer and store, parameters gathered; the model's hooks.
         self._stage = Stage(stage, model, list(plan.buckets), list(plan.units), self._group,
                             self.comm_stats, mixed_precision, self._masters, reshard_after_forward)
-        self._view = ShardingView(plan, model, self._inner, optimizer_class, self._stage,
-                                  self._masters, self.comm_stats)
+        self._view = ShardingView(self, optimizer_class)
         self._install_model_hooks(broadcast_buffers)
         for param in model.parameters():
             _owners[id(param)] = (weakref.ref(param), weakref.ref(self))

@@ -1,0 +1,283 @@
+"""Stage 3's walk: one rank's way through the gather schedule, forward and backward
+(Note [gather schedule] in _schedule.py). Each step issues the same gathers, and in
+backward the same reductions, whether this rank runs the unit or passes over it
+(Note [one order] in stage3.py). The gatherer's hooks (stage3.py) call ``reach`` as
+units run, ``pass_over`` for what a pass skipped, ``finish`` and ``end_backward``
+as a backward ends; until the first backward ends the walk also records the order
+units run in, which the ranks then adopt (Note [recorded order]).
+
+Note [first-step agreement]:
+    Until the first backward ends, nothing tells the ranks which units repeat or in
+    which order the model runs them (Note [recorded order]), so a rank whose data runs
+    a unit twice, or units in another order, would gather what the others do not:
+    gloo aborts both processes, NCCL hangs. So in that first step every gather of a
+    pass is preceded by one 8-byte all-reduce in which the ranks compare which unit
+    they are about to gather; if they differ, every rank raises the same error there,
+    before the mismatched gather, naming the units and the rule. A comparison waits
+    for its answer, and a prefetch that waits is none, so the first step gathers a
+    unit only when it is needed. The comparisons stop
+    with the recording (``_adopt_recorded_orders``), so later steps pay nothing;
+    ``comm_stats`` counts them under ``all_reduce``. The error ends the run, not the
+    step: the optimizer is left mid-pass (a rank that raised inside backward may have
+    reductions in flight that the others never join), so fix the first step and build
+    the optimizer, and if needed the process group, again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import torch
+
+from . import _agreement
+from ._hooks import LoopSwitches, Phase
+from ._schedule import ReductionPoints, Schedule
+from ._unit import ShardState, Unit
+
+
+@dataclasses.dataclass
+class BackwardPass:
+    """The next backward: the training forwards it will go through, how it walks the
+    schedule once it begins, and the reductions it holds back. ``end_backward`` is the
+    one place a new one starts (and each unit's record, ``Unit.end_backward``)."""
+    training_forwards: int = 0  # training forward passes since the last backward
+    walking: bool = False  # it walks the schedule (Note [one order]); set as it begins
+    launch_at_walk: bool = False  # reductions launch at the walk's steps; set as it begins
+    # by launch position: reductions of units that did not run here (``holds``)
+    held: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
+    ran_somewhere: set[int] = dataclasses.field(default_factory=set)  # unit ids (agree_on_late)
+
+
+class Walk:
+    """The schedules, where this rank is in them, and what the next backward records
+    (``backward_pass``), over ``units``; ``reducer`` is the stage's GradientReducer (a
+    weak proxy), ``store`` its gradient store."""
+
+    def __init__(self, units: list[Unit], forward_order: list[Unit], backward_order: list[Unit],
+                 reducer, store, switches: LoopSwitches, group, stats, label: str,
+                 device: torch.device, reshard_after_forward: bool) -> None:
+        self.units = units
+        self.reducer = reducer
+        self.store = store
+        self.switches = switches
+        self.group = group
+        self.stats = stats
+        self.label = label
+        self.device = device
+        self.reshard_after_forward = reshard_after_forward
+        self._index = {id(u): i for i, u in enumerate(units)}
+        self.forward = Schedule(forward_order)
+        self.backward = Schedule(backward_order)
+        # The latest forward of the root: units run outside one (called directly) follow it.
+        self.last_forward = Phase.FORWARD_NO_GRAD
+        self.finished: list[Unit] = []  # Note [runs before the walk moves on]
+        self._order_warned = False
+        self.backward_pass = BackwardPass()
+        # Note [one order]: when each bucket's reduction is due in the backward walk
+        self._points = ReductionPoints(units, self.backward.units, reducer, reshard_after_forward)
+
+    @property
+    def training_forward(self) -> bool:
+        """The latest forward of the root began with grad enabled."""
+        return self.last_forward is Phase.FORWARD
+
+    def end_backward(self) -> None:
+        """A backward ended: adopt the first step's recording (every rank ends its first
+        backward here), start the next pass's record; the one place it starts again."""
+        if self.forward.entered is not None:
+            self.adopt_recorded_orders()
+        self.backward.restart()
+        self.backward_pass = BackwardPass()
+
+    def gather_for_backward(self, unit: Unit) -> None:
+        if self.backward_pass.walking:
+            self.reach(self.backward, unit)
+        else:
+            self.gather_now(unit)  # kept gathered since forward: no collective
+
+    def _launch_due(self, position: int) -> None:
+        """Note [one order]: the backward walk reaches the unit at ``position`` of its
+        schedule: launch the buckets at the front of the list that are due by then."""
+        if not (self.backward_pass.launch_at_walk and self.switches.require_sync):
+            return
+        self._points.launch_due(position)
+
+    def finish(self) -> None:
+        """The end of backward, before its reductions are flushed: the gathers of the
+        rest of the walk first, as other ranks may be waiting for them."""
+        if self.backward_pass.walking:
+            for skipped in self.backward.walk_to_end():
+                self.pass_over(skipped)
+            # Note [first-step agreement]: every rank ends the walk here. (Without a walk,
+            # reductions launch as they become ready, so no comparison fits in between.)
+            self._agree_while_recording(None)
+
+    def adopt_recorded_orders(self) -> None:
+        """Note [recorded order]:
+            The first step walks the module tree's order: pre-order for forward (a unit
+            before the units inside it, siblings in registration order) and reverse
+            post-order for backward (``forward_and_backward_orders``). Meanwhile each
+            rank records the order in which it enters the units; at the end of the
+            first backward the ranks compare their records (one all-reduce), and if all
+            recorded the same order, later steps walk that one, so a model that calls
+            its units in another order than it registers them still gathers each unit
+            once. A unit entered after the walk passed it (out of order) is gathered a
+            second time, with a warning; every rank must then do the same. A unit run
+            twice in one pass is gathered again on its second run (every rank must run
+            it twice), unless it runs again before the walk moves on (Note [runs before
+            the walk moves on]).
+
+        So: walk later steps in the order the first step entered the units, where every
+        rank recorded the same order; else keep the module tree's.
+        Note [runs before the walk moves on]: a unit some rank entered twice in one
+        forward pass is held gathered until the end of each later pass.
+
+        Note [one order]: where the ranks agreed, each bucket is due in later backward
+        walks once as many units have been entered as when its last gradient came in
+        the first backward, on the rank where that was latest; else when the walk has
+        passed its unit.
+
+        The ranks compare what they recorded (``_agreement.recorded_orders``)."""
+        def first_entries(schedule: Schedule) -> list[int]:
+            position = {id(u): p for p, u in enumerate(schedule.entered)}
+            return [position.get(id(u), -1) for u in self.units]
+
+        orders = _agreement.recorded_orders(
+            first_entries(self.forward), first_entries(self.backward),
+            [u in self.forward.repeated for u in self.units],
+            self._points.recorded(default=len(self.backward.entered)),
+            device=self.device, group=self.group, stats=self.stats, label=self.label)
+        self.forward.stop_recording(adopt=orders.agreed)
+        self.backward.stop_recording(adopt=orders.agreed)
+        self._points.adopt(orders.agreed, orders.entered_before_ready, self.backward.units,
+                           reversed(self.forward.units) if orders.agreed else reversed(self.units))
+        for unit, repeated in zip(self.units, orders.repeated):
+            unit.held_for_pass = repeated
+
+    def note_ready(self, bucket) -> None:
+        """While the first backward records: how many units had been entered when this
+        bucket's latest gradient came (or its unit was passed over)."""
+        if self.backward.entered is not None:
+            self._points.note_ready(bucket, len(self.backward.entered))
+
+    # -- gather, walk the schedule ----------------------------------------------------
+
+    def gather_now(self, unit: Unit) -> None:
+        self._start_gather(unit)
+        unit.wait()
+
+    def _start_gather(self, unit: Unit) -> None:
+        unit.gather(self.group, self.stats, self.label)
+
+    def gather_outside_walk(self, unit: Unit) -> None:
+        """A gather that is not a step of the walk (a unit run again after the walk passed
+        it, or needed again after its release): every rank must issue it alike (Note [one
+        order]), which the first step checks (Note [first-step agreement])."""
+        if unit.state is ShardState.SHARDED and unit.buckets:
+            self._agree_while_recording(unit)
+        self.gather_now(unit)
+
+    def _agree_while_recording(self, unit: Unit | None) -> None:
+        """Note [first-step agreement]: until the orders are recorded, every rank is about
+        to take the same step of a walk (or gather the same unit outside it, or end the
+        backward: None), or every rank raises. The ranks compare the unit's position
+        (``_agreement.next_gather``)."""
+        if self.forward.entered is None or self.group.size == 1:
+            return
+        code = 0 if unit is None else self._index[id(unit)] + 1
+        highest, lowest = _agreement.next_gather(code, device=self.device, group=self.group,
+                                                 stats=self.stats, label=self.label)
+        if highest == lowest:
+            return
+        here = "end its backward" if unit is None else f"gather unit {unit.name}"
+        others = {"ends its backward" if c == 0 else f"gathers {self.units[c - 1].name}"
+                  for c in (highest, lowest) if c != code}
+        raise RuntimeError(
+            f"zeroshard stage 3: in the first step this rank is about to {here} while another "
+            f"rank {', '.join(sorted(others))}: the ranks ran "
+            "units in another order, or one of them a different number of times, or some "
+            "ranks ran a forward the others did not (an evaluation on some ranks only: before "
+            "the first step, run it on every rank or inside opt.summon_full_params()). The first "
+            "step records the order in which units run, and until its backward ends every rank "
+            "must run the units in one order and each as often (from the second step on, a unit "
+            "some rank runs twice stays gathered for the pass, and units may run on some ranks "
+            "only). Make the first step take the same path on every rank, e.g. a first batch "
+            "that runs every unit alike (Note [first-step agreement] in zeroshard/_walk.py)")
+
+    def reach(self, schedule: Schedule, unit: Unit) -> None:
+        """Note [gather schedule]: walk to ``unit``, gather it, prefetch the next one."""
+        passed = schedule.walk_to(unit)
+        if passed is not None and schedule is self.forward:  # the walk moves on
+            self._release_finished()
+        if (passed is None and schedule.was_passed_over(unit) and schedule.entered is None
+                and not self._order_warned):  # out of the order all ranks recorded
+            self._order_warned = True
+            warnings.warn(f"zeroshard stage 3: unit {unit.name} ran after units that follow it in "
+                          "the gather schedule, so it is gathered twice in this pass; every rank "
+                          "must do the same (Note [recorded order] in zeroshard/_walk.py)")
+        for skipped in passed or []:
+            self.pass_over(skipped)
+        if passed is None:  # run again after the walk passed it: not a step of the walk
+            self.gather_outside_walk(unit)
+            return
+        self._step(schedule, unit)
+        unit.wait()
+
+    def _step(self, schedule: Schedule, unit: Unit) -> None:
+        """Note [one order]: one step of a walk, the same collectives whether this rank
+        runs ``unit`` or passes over it: in backward the reductions due by now, then
+        ``unit``'s gather and the next unit's prefetch (none while the first step
+        records: a gather waits for its agreement, and a prefetch must not wait, Note
+        [first-step agreement])."""
+        self._agree_while_recording(unit)
+        if schedule is self.backward:
+            self._launch_due(schedule.position_of(unit))
+        if unit.state is ShardState.SHARDED:
+            self._start_gather(unit)
+        following = schedule.following(unit)
+        if (following is not None and following.state is ShardState.SHARDED
+                and schedule.entered is None):
+            self._start_gather(following)
+
+    def _release_finished(self) -> None:
+        """Note [runs before the walk moves on]: release the units whose forward ended."""
+        for finished in self.finished:
+            finished.release()
+        self.finished.clear()
+
+    def pass_over(self, unit: Unit) -> None:
+        """A unit this rank skips in this pass: gather it for the ranks that run it."""
+        schedule = self.backward if self.switches.phase is Phase.BACKWARD else self.forward
+        self._step(schedule, unit)
+        unit.wait()
+        if self.switches.phase is Phase.BACKWARD:
+            # After two training forwards, a unit that ran in one of them may still get
+            # gradient through its graph (the unit skipped in the other): kept gathered
+            # for it, it needs no gather that other ranks would not issue.
+            if not (unit.record.ran and self.backward_pass.training_forwards > 1):
+                unit.release()
+            if self.switches.require_sync:
+                self._mark_skipped_ready(unit)
+        elif self.reshard_after_forward or not self.training_forward:
+            unit.release()
+        # else: kept gathered until the end of backward, like on the ranks that ran it, so
+        # that every rank holds the same units gathered when the next pass begins
+
+    def _mark_skipped_ready(self, unit: Unit) -> None:
+        """Note [passed over in backward]:
+            A unit the backward walk passes over got no gradient on this rank (it did
+            not run here, or its outputs did not reach this rank's loss), and none can
+            come: its parameters count as ready, with a zero gradient (or what no_sync
+            left), and its buckets launch in order now. So backward must reach units in
+            the schedule's order; a unit whose gradient arrives after its reduce-scatter
+            was launched is reduced a second time (Note [late gradients] in
+            _reducer.py)."""
+        for bucket in unit.buckets:
+            if not bucket.params[0].requires_grad:
+                continue
+            self.note_ready(bucket)
+            for index in range(len(bucket.params)):
+                if index not in bucket.ready:
+                    self.store.fill_missing(bucket, index)
+                    self.reducer.mark_ready(bucket, index)
