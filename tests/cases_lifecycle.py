@@ -47,13 +47,19 @@ def freed_by_reference_counting(ctx, stage: int, bf16: bool):
         opt = _zero(model, stage, ctx.group, BF16 if bf16 else None, momentum=0.9)
         scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
         _steps(model, opt, 0, 2, ctx.rank, scheduler)
-        refs = {"optimizer": weakref.ref(opt), "stage": weakref.ref(opt.sharding.stage),
-                "bucket": weakref.ref(opt.sharding.buckets[0])}
+        view = opt.sharding  # a view kept by user code must not keep the stage alive
+        refs = {"optimizer": weakref.ref(opt), "stage": weakref.ref(view.stage),
+                "bucket": weakref.ref(view.buckets[0])}
         del opt, scheduler
         alive = sorted(name for name, ref in refs.items() if ref() is not None)
         hooks = len(model._forward_hooks) + len(model._forward_pre_hooks) + sum(
             len(getattr(p, "_post_accumulate_grad_hooks", None) or {}) for p in model.parameters())
-        return alive, hooks
+        try:
+            view.buckets
+            refused = ""
+        except RuntimeError as error:
+            refused = str(error)
+        return alive, hooks, refused
     finally:
         if was_enabled:
             gc.enable()
@@ -113,6 +119,7 @@ def with_block_closes(ctx, stage: int):
             except ValueError as error:
                 refusals.append(str(error))
     with _zero(model, stage, ctx.group) as opt:
+        view = opt.sharding  # taken while open: refused once closed, like the optimizer
         with opt.summon_full_params():
             try:
                 opt.close()
@@ -121,7 +128,8 @@ def with_block_closes(ctx, stage: int):
                 refusals.append(str(error))
     readable = all(torch.isfinite(p).all().item() for p in model.parameters())
     for use_after_close in (opt.step, opt.zero_grad, opt.state_dict, opt.full_state_dict,
-                            lambda: zeroshard.save_checkpoint("unused", model, opt)):
+                            lambda: zeroshard.save_checkpoint("unused", model, opt),
+                            view.gather_masters, lambda: view.buckets):
         try:
             use_after_close()
             refusals.append("no error")

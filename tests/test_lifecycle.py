@@ -15,9 +15,10 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
 @pytest.mark.parametrize("bf16", [False, True])
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_dropping_the_optimizer_frees_it_without_the_garbage_collector(pool, stage, bf16):
-    for alive, hooks in pool.run(cases_lifecycle.freed_by_reference_counting, 2, stage, bf16):
+    for alive, hooks, refused in pool.run(cases_lifecycle.freed_by_reference_counting, 2, stage, bf16):
         assert alive == [], f"still alive after `del opt` with gc disabled: {alive}"
         assert hooks == 0
+        assert "opt.sharding from the optimizer in use" in refused, refused  # the kept view
 
 
 @pytest.mark.parametrize("stage, next_stage, bf16", [
@@ -57,7 +58,7 @@ def test_with_block_closes_and_a_managed_or_closed_optimizer_is_refused(pool, st
         for second in refusals[:2]:  # over the model, over one of its submodules
             assert "already managed" in second and "opt.close()" in second, second
         assert "inside `with opt.summon_full_params():`" in refusals[2], refusals[2]
-        for use_after_close in refusals[3:]:  # step, zero_grad, state dicts, checkpoint
+        for use_after_close in refusals[3:]:  # step, zero_grad, state dicts, checkpoint, view
             assert "was closed" in use_after_close, use_after_close
         assert readable
 
