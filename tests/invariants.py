@@ -241,6 +241,14 @@ def gathers_per_step(case) -> int | None:
     return case["accum"] * (forwards + backward) + (1 if case["eval_forward"] else 0)
 
 
+def may_reduce_late(case) -> bool:
+    """Note [late gradients]: nested backwards of reentrant checkpointing (of a reused
+    block, or of two forwards) may bring gradient to a bucket already reduced, which is
+    then reduced again."""
+    model = case["model"]
+    return model.get("checkpoint") == "reentrant" and bool(model.get("reuse") or case.get("two_forwards"))
+
+
 def check_comm_per_step(results, case, first_step: int = 0):
     """Per step: reduce-scatter Ψ per synced backward plus all-gather Ψ each time the
     parameters are gathered: 2Ψ for stages 1-2; 3Ψ for stage 3 (2Ψ without resharding
@@ -264,9 +272,7 @@ def check_comm_per_step(results, case, first_step: int = 0):
         psi_all, padding_all = psi, padding
     synced_backwards = 1 if case["no_sync"] else case["accum"]
     gathers = gathers_per_step(case)
-    # Note [late gradients]: nested backwards of reentrant checkpointing may reduce again
-    model = case["model"]
-    late = model.get("checkpoint") == "reentrant" and (model.get("reuse") or case.get("two_forwards"))
+    late = may_reduce_late(case)
     for step, comm in enumerate(res.comm[first_step:], start=first_step):
         rs = comm["reduce_scatter"]
         skipped = case.get("skip_block") == "everywhere" and step % 2 == 1  # ran nowhere: not reduced

@@ -11,7 +11,7 @@ import torch
 from hypothesis import example, given, settings
 
 import cases
-from invariants import assert_params_close, check_every_invariant, update_bounds
+from invariants import assert_params_close, check_every_invariant, may_reduce_late, update_bounds
 from strategies import training_cases
 
 # Cases the thorough profile found, kept as @examples: each is this base with its changes.
@@ -70,6 +70,17 @@ def _rmsprop_three_ranks_clipped():
              "unused_branch": False, "branch_everywhere": False}
     return _found_case(model, two_forwards=True, world_size=3, optimizer="RMSprop",
                        opt_kwargs={"lr": 0.01, "momentum": 0.0}, clip=0.05, batch=3)
+
+
+def _late_gradients_at_stages_1_and_2():
+    """Reentrant checkpointing of a reused block, two forwards per backward: gradient
+    reaching buckets already reduced is reduced again, which stage 1 adds into the
+    buffer it reduces again and stage 2 reduces alone and adds to the shard. Stage 1 and
+    2 came out 1.5e-8 apart where the test wanted them bit-equal; they are held to the
+    bounds of a sum of reductions now."""
+    model = {**_TINY_TRANSFORMER, "checkpoint": "reentrant", "reuse": True}
+    return _found_case(model, two_forwards=True, stage=1, optimizer="Adagrad",
+                       opt_kwargs={"lr": 0.01})
 
 
 def _rmsprop_second_step_after_a_sensitive_first():
@@ -132,14 +143,19 @@ def test_hybrid_sharding_on_four_ranks_equals_ddp(pool, case):
 
 
 @settings(max_examples=6)
+@example(case=_late_gradients_at_stages_1_and_2())
 @given(training_cases(stages=(1,)))
 def test_stage1_and_stage2_agree(pool, case):
     one = pool.run(cases.train_side_by_side, case["world_size"], case)
     two = pool.run(cases.train_side_by_side, case["world_size"], {**case, "stage": 2})
     bounds = update_bounds(one, case)
+    # The same single reduction of the same sum, unless a step reduces more than once:
+    # micro-batches, or late gradients (Note [late gradients]), which stage 1 adds into
+    # the buffer it reduces again and stage 2 reduces alone and adds to the shard.
+    single_reduction = (case["accum"] == 1 or case["no_sync"]) and not may_reduce_late(case)
     for a, b in zip(one, two):
         for step in range(case["steps"]):
-            if case["accum"] == 1 or case["no_sync"]:  # the same single reduction of the same sum
+            if single_reduction:
                 assert torch.equal(a.zero[step], b.zero[step]), step
             else:  # stage 1 reduces the sum, stage 2 sums the reductions
                 assert_params_close(a.zero[step], b.zero[step], case,
