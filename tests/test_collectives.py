@@ -9,9 +9,8 @@ from hypothesis import strategies as st
 
 import cases_agreement
 import cases_api
+from invariants import FP32
 from pool import ODD_MESHES, WorkerError, mesh_shape
-
-FP32 = 4
 
 
 @pytest.mark.parametrize("n, mesh", [(1, None), (2, None), (3, None), (4, None), (4, (2, 2)),

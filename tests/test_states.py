@@ -20,29 +20,31 @@ PHASE_MOVES = ({(Phase.IDLE, p) for p in FORWARDS + (Phase.BACKWARD,)}
                | {(Phase.BACKWARD, Phase.IDLE)})
 
 
-@pytest.mark.parametrize("start, to", itertools.product(ShardState, ShardState))
+def check_move(current, move, start, to, allowed, refusal):
+    """``move(to)`` from ``start`` goes there if (start, to) is ``allowed``, else raises
+    ``refusal`` and stays; ``current()`` reads the state."""
+    if (start, to) in allowed:
+        move(to)
+        assert current() is to
+    else:
+        with pytest.raises(RuntimeError, match=refusal):
+            move(to)
+        assert current() is start
+
+
+@pytest.mark.parametrize("start, to", list(itertools.product(ShardState, ShardState)))
 def test_a_unit_takes_only_the_listed_moves(start, to):
     unit = Unit(nn.Linear(2, 2), "layer", [])
     unit.state = start
-    if (start, to) in SHARD_MOVES:
-        unit._move(to)
-        assert unit.state is to
-    else:
-        with pytest.raises(RuntimeError, match=f"unit layer cannot go from {start.value}"):
-            unit._move(to)
-        assert unit.state is start
+    check_move(lambda: unit.state, unit._move, start, to, SHARD_MOVES,
+               f"unit layer cannot go from {start.value}")
 
 
-@pytest.mark.parametrize("start, to", itertools.product(Phase, Phase))
+@pytest.mark.parametrize("start, to", list(itertools.product(Phase, Phase)))
 def test_the_phase_takes_only_the_listed_moves(start, to):
     switches = LoopSwitches(phase=start)
-    if (start, to) in PHASE_MOVES:
-        switches.enter(to)
-        assert switches.phase is to
-    else:
-        with pytest.raises(RuntimeError, match=f"cannot go from {start.value} to {to.value}"):
-            switches.enter(to)
-        assert switches.phase is start
+    check_move(lambda: switches.phase, switches.enter, start, to, PHASE_MOVES,
+               f"cannot go from {start.value} to {to.value}")
 
 
 def test_release_and_end_of_backward_start_a_new_record():

@@ -166,24 +166,24 @@ class Rank0Source:
 
     def __init__(self, opt, local: FullStateSource | None, layouts: dict | None,
                  with_states: bool) -> None:
-        self.opt = opt
+        self.view, self.stats = opt.sharding, opt.comm_stats
         self.local = local  # rank 0's dicts; None elsewhere
-        self.names = parameter_names(opt.sharding.model)
+        self.names = parameter_names(opt.model)
         self.layouts = self._broadcast_object(layouts) if with_states else None
         self.values_of: dict[str, torch.Tensor] = {}
         self.states_of: dict[str, dict[str, torch.Tensor]] = {}
         self._received: list[torch.Tensor] = []  # this bucket's broadcast buffers
 
     def _broadcast_object(self, obj):
-        return _comm.broadcast_object(obj, group=self.opt.sharding.ranks, stats=self.opt.comm_stats,
-                                      label="load", device=self.opt.sharding.device)
+        return _comm.broadcast_object(obj, group=self.view.ranks, stats=self.stats,
+                                      label="load", device=self.view.device)
 
     def _broadcast_flat(self, pieces, sizes: list[int], dtype: torch.dtype) -> list[torch.Tensor]:
         """Rank 0's ``pieces()`` (one full tensor per parameter) joined, broadcast, split."""
-        flat = torch.empty(sum(sizes), dtype=dtype, device=self.opt.sharding.device)
+        flat = torch.empty(sum(sizes), dtype=dtype, device=self.view.device)
         if self.local is not None:
             flat.copy_(torch.cat([piece.reshape(-1).to(dtype) for piece in pieces()]))
-        _comm.broadcast(flat, group=self.opt.sharding.ranks, stats=self.opt.comm_stats, label="load")
+        _comm.broadcast(flat, group=self.view.ranks, stats=self.stats, label="load")
         self._received.append(flat)
         return list(flat.split(sizes))
 
@@ -245,7 +245,7 @@ def check_full_state(opt, model_sd: dict, optim_sd: dict | None) -> None:
         raise TypeError("load_full_state_dict takes (model_state_dict, optimizer_state_dict): a "
                         "dict (or a safetensors file or folder) and a dict or None; got "
                         f"{type(model_sd).__name__}, {type(optim_sd).__name__}")
-    model = opt.sharding.model
+    model = opt.model
     expected = {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}
     persistent = persistent_buffer_names(model)
     expected.update({name: tuple(b.shape) for name, b in model.named_buffers() if name in persistent})

@@ -104,7 +104,7 @@ def _stream_order(opt) -> list[tuple[torch.nn.Parameter, torch.dtype]]:
         source = bucket.master if bucket.master is not None else bucket.shard
         order += [(p, source.dtype) for p in bucket.params]
     bucketed = {id(p) for p, _ in order}
-    return order + [(p, p.dtype) for p in opt.sharding.model.parameters() if id(p) not in bucketed]
+    return order + [(p, p.dtype) for p in opt.model.parameters() if id(p) not in bucketed]
 
 
 class _ShardedWriter:

@@ -69,7 +69,7 @@ def memory_orders(opt) -> dict[str, tuple[int, ...]]:
     """Parameter name -> the order its bucket holds it in (Note [memory order]), for
     each parameter not held row-major. The rest, and the parameters outside buckets
     (saved and loaded whole, ``reshape(-1)``), are row-major."""
-    names = parameter_names(opt.sharding.model)
+    names = parameter_names(opt.model)
     return {names[id(param)]: order for bucket in opt.sharding.every_bucket
             for param, order in zip(bucket.params, bucket.orders)
             if order != tuple(range(len(order)))}
@@ -153,7 +153,7 @@ def _part(tensor: torch.Tensor, span: slice) -> torch.Tensor:
 def optimizer_layouts(opt) -> dict[str, tuple[dict, list[str]]]:
     """Parameter name -> (scalar states, per-element state names) of the state of the
     tensor that steps it, for every parameter this rank steps (part of)."""
-    names = parameter_names(opt.sharding.model)
+    names = parameter_names(opt.model)
     layouts = {}
     for bucket in opt.sharding.buckets:
         for indices, _, scalars, per_element in stepped_states(opt, bucket):

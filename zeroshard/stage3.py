@@ -116,7 +116,6 @@ class UnitGatherer:
                  switches: LoopSwitches, group, stats, label: str, reshard_after_forward: bool,
                  handles: list) -> None:
         self.reducer = weakref.proxy(reducer)  # it holds this (Note [no reference cycles])
-        self.store = store
         self.dtypes = dtypes
         self.masters = masters
         self.switches = switches
@@ -162,7 +161,7 @@ class UnitGatherer:
             return
         if unit is self.root:
             self._begin_forward_pass()
-        if self._training_forward:
+        if self.walk.training_forward:
             unit.record.ran = True
         self.walk.reach(self.walk.forward, unit)
         self._saved.open(unit)
@@ -176,7 +175,7 @@ class UnitGatherer:
             self._arm_pre_backward(output, unit)
         # Without resharding, a unit run under no_grad inside a training forward
         # (reentrant checkpointing) stays gathered for its recomputation in backward.
-        if (self.reshard_after_forward or not self._training_forward) and not unit.held_for_pass:
+        if (self.reshard_after_forward or not self.walk.training_forward) and not unit.held_for_pass:
             if self.walk.forward.next_unit() is None:  # nothing to move on to: release now
                 unit.release()
             else:
@@ -213,10 +212,6 @@ class UnitGatherer:
 
     # -- forward passes -------------------------------------------------------------
 
-    @property
-    def _training_forward(self) -> bool:
-        return self.walk.training_forward
-
     def _forward_inside_summon(self, unit: Unit) -> bool:
         """Note [forward inside summon]: every unit is gathered; the hooks stand aside."""
         if self.switches.summoned and torch.is_grad_enabled():
@@ -230,7 +225,7 @@ class UnitGatherer:
     def _begin_forward_pass(self) -> None:
         self.walk.last_forward = Phase.FORWARD if torch.is_grad_enabled() else Phase.FORWARD_NO_GRAD
         self.switches.enter(self.walk.last_forward)
-        self.walk.backward_pass.training_forwards += self._training_forward
+        self.walk.backward_pass.training_forwards += self.walk.training_forward
         self.walk.forward.restart()
         self._saved.close(None)  # pairs a forward that raised left open
 
@@ -238,7 +233,7 @@ class UnitGatherer:
         """The root's forward ends: walk the rest of the schedule, release what is due."""
         for skipped in self.walk.forward.walk_to_end():
             self.walk.pass_over(skipped)
-        if self.reshard_after_forward or not self._training_forward:
+        if self.reshard_after_forward or not self.walk.training_forward:
             self.walk.finished.clear()
             for other in self.units:  # finished, or a prefetch the forward did not use
                 other.release()
