@@ -335,3 +335,29 @@ def nested_summon(ctx, stage):
         after = values()
     opt.close()
     return before, inner, after_inner, after
+
+
+def kept_gradients(ctx, stage: int, keep: str) -> list[float]:
+    """Note [a gradient as its bucket's buffer] (zeroshard/stage2.py): a hook registered
+    before the optimizer keeps each parameter's gradient (``keep``: "tensor" or "view")
+    as backward made it. Each bucket is one parameter with no padding, so the reduction
+    could consume the gradient; what the hook kept must still be this rank's local
+    gradient, computed here by the same model unsharded. Returns, per parameter, the
+    largest difference."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8, bias=False), nn.Linear(8, 4, bias=False))
+    local = copy.deepcopy(model)
+    kept: dict[str, torch.Tensor] = {}
+    for name, param in model.named_parameters():
+        param.register_post_accumulate_grad_hook(
+            lambda p, name=name: kept.__setitem__(name, p.grad if keep == "tensor" else p.grad[:]))
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=stage, lr=0.1,
+                                  process_group=ctx.group, bucket_size_mb=1e-6,
+                                  **({"units": nn.Linear} if stage == 3 else {}))
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(ctx.rank))
+    model(x).square().sum().backward()
+    local(x).square().sum().backward()
+    differences = [float((kept[name] - param.grad).abs().max())
+                   for name, param in local.named_parameters()]
+    opt.close()
+    return differences

@@ -99,3 +99,12 @@ def test_strided_frozen_weights_and_buffers_are_broadcast_contiguous(pool, stage
     for contiguous, diff in pool.run(cases_api.construct_with_strided_tensors, 2, stage):
         assert contiguous
         assert diff == 0
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("keep", ["tensor", "view"])
+def test_a_gradient_a_hook_kept_is_not_reduced_in_place(pool, stage, keep):
+    """Note [a gradient as its bucket's buffer]: the reduction consumes a gradient only
+    nothing else refers to."""
+    for rank, differences in enumerate(pool.run(cases_api.kept_gradients, 2, stage, keep)):
+        assert differences == [0.0, 0.0], (rank, differences)

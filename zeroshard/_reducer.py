@@ -80,9 +80,15 @@ from ._hooks import LoopSwitches, Phase, WeakHook
 from .mixed_precision import GradientDtypes, MixedPrecision, fp16_compute
 
 
-# Reductions launched and not yet waited for, at most: one waited for while the next
-# runs. Each holds its input (and on gloo the collective's own temporaries).
-REDUCTIONS_IN_FLIGHT = 2
+# Note [reductions in flight]:
+#     A reduction's input stays alive until the reduction is waited for, so the number
+#     in flight bounds backward's gradient memory, and each launch waits for the oldest
+#     once the store's ``reductions_in_flight`` are running. The wait comes at the next
+#     launch, not earlier: the reduction overlaps the whole backward of the next bucket.
+#     Stage 1 reduces its persistent buffers, of which each reduction in flight holds a
+#     copy (Note [collectives on gloo]): two in flight, two copies. Stages 2 and 3 reduce
+#     a buffer the next bucket's gradients do not fill, so one in flight, while the next
+#     bucket fills its own: two buffers. Either way at most two buckets' worth.
 
 
 class GradientReducer:
@@ -173,7 +179,7 @@ class GradientReducer:
     def _launch_next(self) -> None:
         bucket = self.buckets[self.next_launch]
         self.next_launch += 1
-        if len(self._in_flight) >= REDUCTIONS_IN_FLIGHT:
+        if len(self._in_flight) >= self.store.reductions_in_flight:  # Note [reductions in flight]
             self._finish_oldest()  # its inputs and temporaries go before the next one's come
         self._launch(bucket)
 

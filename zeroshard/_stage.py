@@ -25,7 +25,7 @@ from torch import nn
 
 from . import _comm
 from ._bucket import FlatBucket
-from ._hooks import LoopSwitches, WeakHook, remove_handles
+from ._hooks import LoopSwitches, remove_handles
 from ._masters import ShardMasters
 from ._reducer import GradientReducer
 from ._unit import Unit
@@ -58,8 +58,8 @@ class Stage:
             self.store = FullGradients(trainable, dtypes)
         else:
             self.store = ShardedGradients(trainable, dtypes, self.switches, self.label,
-                                          WeakHook(self.reducer.wait_in_flight), self.handles)
-        self.reducer.store = self.store  # set last: the store waits on the reducer (a WeakHook)
+                                          self.handles)
+        self.reducer.store = self.store
         if stage == 3:
             self.params = UnitGatherer(model, units, self.reducer, self.store, dtypes, masters,
                                        self.switches, group, stats, self.label,

@@ -23,6 +23,8 @@ from .mixed_precision import GradientDtypes
 class FullGradients:
     """Stage 1's gradient store: a full-size buffer per bucket that ``p.grad`` views."""
 
+    reductions_in_flight = 2  # each holds a copy of its buffer (Note [reductions in flight])
+
     def __init__(self, buckets: list[FlatBucket], dtypes: GradientDtypes) -> None:
         self.buckets = buckets
         self.dtypes = dtypes

@@ -1,13 +1,40 @@
 """ZeRO stage 2: stage 1 plus gradients partitioned (also stage 3's gradient store).
 
-No full-size gradient outlives its bucket's reduce-scatter. As each parameter's
-gradient is accumulated, it is copied into its bucket's reduce buffer (allocated
-when the bucket's first gradient arrives) and ``p.grad`` is set to None, freeing it.
-Once the reduce-scatter has consumed the buffer, the result is added into the
-bucket's gradient shard and the buffer is dropped. So after backward a rank holds
-only gradient shards; during backward, the shards plus at most two buckets (one
-filling, one in flight: a new buffer waits for the previous reduce-scatter), plus
-the gradient autograd has just produced.
+No full-size gradient outlives its bucket's reduce-scatter. As parameters' gradients
+are accumulated, they are copied into their bucket's reduce buffer and ``p.grad`` is
+set to None, freeing each (Note [gradients wait for their buffer]: the first few may
+wait in ``.grad`` until they add up to a quarter of the bucket). Once the
+reduce-scatter has consumed the buffer, the result is added into the bucket's
+gradient shard and the buffer is dropped. So after backward a rank holds only
+gradient shards; during backward, the shards plus at most two buckets (one filling
+while the one before it is reduced: a launch waits for the previous reduce-scatter,
+Note [reductions in flight] in _reducer.py), plus the gradient autograd has just
+produced and, while a buffer is being made, less than a quarter of its bucket that
+waited in ``.grad``.
+
+Note [gradients wait for their buffer]:
+    A reduce buffer is as large as its bucket and lives from its first gradient to the
+    end of its reduction. A bucket whose first gradient is small and comes early would
+    keep the whole buffer through most of backward: stage 3's root unit holds the
+    token embedding with the final norm, whose gradient comes first, and on the 100M
+    GPT its 48 MiB buffer lived from the start of backward to the end, at the step's
+    peak. So a bucket's gradients stay in ``.grad`` as autograd made them until they
+    add up to a quarter of the bucket (in elements); then the buffer is made and takes
+    them all, and from then on each gradient as it comes. Only on-time gradients wait:
+    one that comes after its bucket launched (Note [late gradients] in _reducer.py)
+    goes into a buffer at once, as do those the launch finds waiting.
+
+Note [a gradient as its bucket's buffer]:
+    A parameter as large as the bucket cap or larger (a token embedding, an output
+    head) has a bucket to itself, and its gradient, as autograd made it, holds exactly
+    what the buffer would: copying it into a new buffer would hold it twice at the
+    moment it arrives, typically the end of backward and the step's peak (48 MiB on
+    the 100M GPT at stage 2). So the gradient becomes the buffer, and the reduction
+    consumes it, when the bucket has that one parameter and no padding, the gradient
+    is in the reduce dtype and laid out in the parameter's memory order, and nothing
+    but ``param.grad`` refers to it (autograd stole it or made it for ``.grad``; a
+    user's hook that kept it, or a view of it, makes it a copy as before: the
+    reduction would change what they kept).
 
 Inside ``no_sync()`` gradients accumulate in ``p.grad`` at full size, as in plain
 PyTorch; the first synced backward adds its gradient to them and reduces the total.
@@ -17,27 +44,45 @@ to the shards (Note [gradient markers] in _grad_markers.py).
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
-from ._bucket import FlatBucket, grad_shards
+from ._bucket import FlatBucket, grad_shards, to_memory_order
 from ._grad_markers import GradientMarkers
 from ._hooks import LoopSwitches, WeakHook
 from .mixed_precision import GradientDtypes
+
+
+def only_the_parameter_holds(param: torch.Tensor) -> bool:
+    """Nothing but ``param.grad`` refers to its gradient: no other Python name for the
+    tensor (a hook that kept it) and no other tensor on its storage (a kept view).
+    Counted against a tensor made here, which only this frame holds, so the count
+    does not depend on how this Python counts a call's references."""
+    grad, fresh = param.grad, torch.empty(1)
+    return (sys.getrefcount(grad) == sys.getrefcount(fresh) + 1  # + the parameter's .grad
+            and torch._C._storage_Use_Count(grad.untyped_storage()._cdata)
+            == torch._C._storage_Use_Count(fresh.untyped_storage()._cdata))
 
 
 class ShardedGradients:
     """The gradient store of stages 2 and 3: a shard per bucket, and a reduce buffer
     per bucket only while its gradients fill it and it is reduced."""
 
+    reductions_in_flight = 1  # the next bucket fills meanwhile (Note [reductions in flight])
+
     def __init__(self, buckets: list[FlatBucket], dtypes: GradientDtypes, switches: LoopSwitches,
-                 label: str, wait_in_flight, handles: list) -> None:
+                 label: str, handles: list) -> None:
         self.buckets = buckets
         self.dtypes = dtypes
         self.switches = switches
-        self.wait_in_flight = wait_in_flight  # the reducer's, held weakly (a WeakHook)
         # id(bucket) -> 1-D padded buffer, filling (not yet launched) / being reduced
         self.reduce_buffers: dict[int, torch.Tensor] = {}
         self.buffers_in_flight: dict[int, torch.Tensor] = {}
+        # Note [gradients wait for their buffer]: id(bucket) -> indices whose gradient
+        # waits in .grad; and the buckets launched in this backward (none wait after)
+        self.waiting: dict[int, list[int]] = {}
+        self.launched: set[int] = set()
         self.markers = GradientMarkers(label)  # Note [gradient markers]
         for bucket in self.buckets:
             for param in bucket.params:  # runs before autograd accumulates into .grad
@@ -48,6 +93,7 @@ class ShardedGradients:
 
     def before_backward(self) -> None:
         self.markers.take_back()
+        self.launched.clear()
 
     def after_backward(self) -> None:
         self.markers.place(self.buckets)
@@ -63,7 +109,6 @@ class ShardedGradients:
 
     def _buffer(self, bucket: FlatBucket) -> torch.Tensor:
         if id(bucket) not in self.reduce_buffers:
-            self.wait_in_flight()  # bound memory: one bucket filling, at most one in flight
             # In the reduce dtype: gradients are accumulated (and reduced) in it.
             self.reduce_buffers[id(bucket)] = torch.zeros_like(
                 bucket.flat, dtype=self.dtypes.reduce_dtype(bucket))
@@ -71,13 +116,42 @@ class ShardedGradients:
 
     def _move_grad_to_buffer(self, bucket: FlatBucket, index: int) -> None:
         param = bucket.params[index]
-        if param.grad is not None:
+        if param.grad is None:
+            return
+        if (id(bucket) not in self.reduce_buffers and self._is_whole_bucket(bucket, param.grad)
+                and only_the_parameter_holds(param)):  # no frame here holds the gradient
+            # Note [a gradient as its bucket's buffer]
+            self.reduce_buffers[id(bucket)] = to_memory_order(param.grad, bucket.orders[0])
+        else:
             bucket.param_view(self._buffer(bucket), index).add_(param.grad)
-            param.grad = None
+        param.grad = None
+
+    def _is_whole_bucket(self, bucket: FlatBucket, grad: torch.Tensor) -> bool:
+        """Note [a gradient as its bucket's buffer]: ``grad`` is laid out as the bucket's
+        buffer would be."""
+        return (len(bucket.params) == 1 and bucket.layout.padding == 0
+                and grad.dtype == self.dtypes.reduce_dtype(bucket)
+                and grad.device == bucket.flat.device and grad.layout == torch.strided
+                and not grad.requires_grad
+                and grad.permute(bucket.orders[0]).is_contiguous()
+                and grad.storage_offset() == 0
+                and grad.untyped_storage().nbytes() == grad.numel() * grad.element_size())
+
+    def _move_waiting(self, bucket: FlatBucket) -> None:
+        for index in self.waiting.pop(id(bucket), ()):
+            self._move_grad_to_buffer(bucket, index)
 
     def collect(self, bucket: FlatBucket, index: int) -> None:
-        if self.switches.require_sync:
-            self._move_grad_to_buffer(bucket, index)
+        if not self.switches.require_sync:
+            return
+        if id(bucket) not in self.reduce_buffers and id(bucket) not in self.launched:
+            waiting = self.waiting.setdefault(id(bucket), [])  # Note [gradients wait for
+            waiting.append(index)                              # their buffer]
+            numels = bucket.layout.numels
+            if 4 * sum(numels[i] for i in set(waiting)) < bucket.layout.numel:
+                return
+        self._move_waiting(bucket)
+        self._move_grad_to_buffer(bucket, index)
 
     def fill_missing(self, bucket: FlatBucket, index: int) -> None:
         self._move_grad_to_buffer(bucket, index)  # a gradient left over from no_sync()
@@ -86,6 +160,8 @@ class ShardedGradients:
         """The bucket's buffer, which the reduction consumes. Out of the filling table: a
         late gradient (Note [late gradients]) starts a new buffer."""
         buffer = self._buffer(bucket)
+        self._move_waiting(bucket)
+        self.launched.add(id(bucket))
         self.buffers_in_flight[id(bucket)] = self.reduce_buffers.pop(id(bucket))
         return buffer, True
 
@@ -101,6 +177,7 @@ class ShardedGradients:
     def zero_grad(self) -> None:
         self.markers.drop()
         self.reduce_buffers.clear()
+        self.waiting.clear()
         assert not self.buffers_in_flight
         for bucket in self.buckets:
             bucket.set_grad_shard(None)
