@@ -5,10 +5,10 @@ the bound README's "Real memory" section states:
 
 where the model states are what ``memory_report()`` counts after a backward (the
 formula's parameters, gradients and optimizer states) and backward's transient is
-at most REDUCTIONS_IN_FLIGHT buckets (stage 1: copies of its buffers; stages 2-3:
-reduce buffers, one filling while one is reduced) plus one parameter's gradient as
-autograd produced it, and at stage 3 two units gathered (the one running, the one
-prefetched). The all-gathers after the step write into the parameters in place.
+at most two buckets (stage 1: copies of its buffers in two reductions in flight;
+stages 2-3: reduce buffers, one filling while one is reduced, Note [reductions in
+flight]) plus one parameter's gradient as autograd produced it, and at stage 3 two
+units gathered (the one running, the one prefetched). The all-gathers after the step write into the parameters in place.
 
 16 Linear(1024, 1024) (4 MiB each; stages 1-2: 4 per bucket, stage 3: one per unit),
 fp32 AdamW, 2 ranks on gloo, three steps back to back after a warm-up step. Peak above
