@@ -54,15 +54,20 @@ from ._hooks import LoopSwitches, WeakHook
 from .mixed_precision import GradientDtypes
 
 
+_storage_use_count = getattr(torch._C, "_storage_Use_Count", None)  # tensors on a storage
+
+
 def only_the_parameter_holds(param: torch.Tensor) -> bool:
     """Nothing but ``param.grad`` refers to its gradient: no other Python name for the
     tensor (a hook that kept it) and no other tensor on its storage (a kept view).
     Counted against a tensor made here, which only this frame holds, so the count
     does not depend on how this Python counts a call's references."""
+    if _storage_use_count is None:  # a torch without it: copy, as before
+        return False
     grad, fresh = param.grad, torch.empty(1)
     return (sys.getrefcount(grad) == sys.getrefcount(fresh) + 1  # + the parameter's .grad
-            and torch._C._storage_Use_Count(grad.untyped_storage()._cdata)
-            == torch._C._storage_Use_Count(fresh.untyped_storage()._cdata))
+            and _storage_use_count(grad.untyped_storage()._cdata)
+            == _storage_use_count(fresh.untyped_storage()._cdata))
 
 
 class ShardedGradients:
@@ -159,8 +164,8 @@ class ShardedGradients:
     def launch(self, bucket: FlatBucket) -> tuple[torch.Tensor, bool]:
         """The bucket's buffer, which the reduction consumes. Out of the filling table: a
         late gradient (Note [late gradients]) starts a new buffer."""
+        self._move_waiting(bucket)  # first: a lone parameter's gradient may become the buffer
         buffer = self._buffer(bucket)
-        self._move_waiting(bucket)
         self.launched.add(id(bucket))
         self.buffers_in_flight[id(bucket)] = self.reduce_buffers.pop(id(bucket))
         return buffer, True
