@@ -65,3 +65,20 @@ def step_peak(ctx, stage: int, linears_per_bucket: int) -> dict:
     opt.close()
     return {"peak": peak, "plain_step": plain_step.bytes, "parameters": report["parameters"],
             "gradients": report["gradients"], "optimizer_states": report["optimizer_states"]}
+
+
+def lone_parameter_backward(ctx, width: int) -> dict:
+    """Note [a gradient as its bucket's buffer] (zeroshard/stage2.py): a Linear(width,
+    width) weight alone in its bucket at stage 2, SGD; the RSS peak of a backward above
+    the level before it, after two warm-up steps."""
+    torch.manual_seed(0)
+    model = nn.Linear(width, width, bias=False)
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=2, lr=0.1,
+                                  process_group=ctx.group, bucket_size_mb=1)
+    x = torch.randn(2, width, generator=torch.Generator().manual_seed(ctx.rank))
+    _train(model, opt, x, steps=2)
+    loss = model(x).square().mean()
+    with Peak() as backward:
+        loss.backward()
+    opt.close()
+    return {"peak": backward.bytes}
