@@ -41,8 +41,9 @@ def test_the_real_peak_of_training_stays_within_the_stated_bound(pool, stage, li
 def test_a_lone_parameters_gradient_is_reduced_without_a_copy(pool):
     """Note [a gradient as its bucket's buffer]: a backward whose one gradient fills its
     bucket holds that gradient and the reduced shard it leaves (1.5 weights on 2 ranks);
-    a copy into a reduce buffer would add a whole weight (measured: 40.0 MiB against
-    24 without the copy, for a 16 MiB weight)."""
+    with a copy into a reduce buffer it held the gradient and the copy, two weights
+    (measured on a 16 MiB weight, ``pytest -s`` printing the peaks: 32.0 MiB with the
+    copy, 23.8 MiB without)."""
     width = 2048
     weight = width * width * 4
     for rank, measured in enumerate(pool.run(cases_memory.lone_parameter_backward, 2, width)):
