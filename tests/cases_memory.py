@@ -82,3 +82,41 @@ def lone_parameter_backward(ctx, width: int) -> dict:
         loss.backward()
     opt.close()
     return {"peak": backward.bytes}
+
+
+class _EmbeddingBlocksNorm(nn.Module):
+    """A token embedding, Linear blocks, a final norm: the root unit (embedding and
+    norm) gets the norm's gradient first and the embedding's last, as a GPT's does."""
+
+    def __init__(self, vocab: int, width: int, blocks: int) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, width)
+        self.blocks = nn.ModuleList(nn.Linear(width, width) for _ in range(blocks))
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, tokens):
+        h = self.emb(tokens)
+        for block in self.blocks:
+            h = block(h)
+        return self.norm(h)
+
+
+def gradients_mid_backward(ctx, vocab: int, width: int) -> list[int]:
+    """Note [gradients wait for their buffer] (zeroshard/stage2.py): stage 3, a unit per
+    block; per step after the first, the gradient bytes ``memory_report()`` counts when
+    the middle block's weight gets its gradient (the norm's came before, the
+    embedding's comes after)."""
+    torch.manual_seed(0)
+    model = _EmbeddingBlocksNorm(vocab, width, blocks=3)
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=3, lr=0.1,
+                                  process_group=ctx.group, units=nn.Linear)
+    seen: list[int] = []
+    model.blocks[1].weight.register_post_accumulate_grad_hook(
+        lambda _: seen.append(opt.memory_report()["gradients"]))
+    tokens = torch.randint(0, vocab, (4, 8), generator=torch.Generator().manual_seed(ctx.rank))
+    for _ in range(3):
+        model(tokens).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    opt.close()
+    return seen[1:]
