@@ -9,8 +9,8 @@ gradient shard and the buffer is dropped. So after backward a rank holds only
 gradient shards; during backward, the shards plus at most two buckets (one filling
 while the one before it is reduced: a launch waits for the previous reduce-scatter,
 Note [reductions in flight] in _reducer.py), plus the gradient autograd has just
-produced and, while a buffer is being made, less than a quarter of its bucket that
-waited in ``.grad``.
+produced, plus the gradients waiting in ``.grad`` for buckets whose buffer is not
+made yet (under a quarter of each such bucket, which used to hold a whole buffer).
 
 Note [gradients wait for their buffer]:
     A reduce buffer is as large as its bucket and lives from its first gradient to the
