@@ -28,8 +28,10 @@ Note [a gradient as its bucket's buffer]:
     A parameter as large as the bucket cap or larger (a token embedding, an output
     head) has a bucket to itself, and its gradient, as autograd made it, holds exactly
     what the buffer would: copying it into a new buffer would hold it twice at the
-    moment it arrives, typically the end of backward and the step's peak (48 MiB on
-    the 100M GPT at stage 2). So the gradient becomes the buffer, and the reduction
+    moment it arrives, typically the end of backward, when every gradient shard is
+    alive (the 100M GPT with its head untied, 2 ranks: stage 2's step peaked there,
+    283 MiB above the RSS between steps; without the copy its peak is AdamW's step,
+    269 MiB). So the gradient becomes the buffer, and the reduction
     consumes it, when the bucket has that one parameter and no padding, the gradient
     is in the reduce dtype and laid out in the parameter's memory order, and nothing
     but ``param.grad`` refers to it (autograd stole it or made it for ``.grad``; a
