@@ -87,7 +87,7 @@ class FlatLayout:
             position[owner] += numel
         return tuple(starts)
 
-    @property
+    @cached_property
     def numel(self) -> int:
         """Elements that belong to parameters (no padding)."""
         return sum(self.numels)

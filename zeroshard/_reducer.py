@@ -141,14 +141,18 @@ class GradientReducer:
 
     def _on_gradient(self, bucket: FlatBucket, index: int, param: nn.Parameter) -> None:
         self.on_backward_start(param.grad)
-        self.store.collect(bucket, index)
+        self.store.collect(bucket, index, launched=self.launched(bucket))
         if self.gatherer is not None:
             self.gatherer.post_backward(bucket, index)
         if self.switches.require_sync:
             self.mark_ready(bucket, index)
 
+    def launched(self, bucket: FlatBucket) -> bool:
+        """The bucket's reduction was launched in this backward."""
+        return self._position[id(bucket)] < self.next_launch
+
     def mark_ready(self, bucket: FlatBucket, index: int) -> None:
-        if self._position[id(bucket)] < self.next_launch:
+        if self.launched(bucket):
             self.late.add(self._position[id(bucket)])  # Note [late gradients]
             return
         bucket.ready.add(index)

@@ -87,9 +87,8 @@ class ShardedGradients:
         self.reduce_buffers: dict[int, torch.Tensor] = {}
         self.buffers_in_flight: dict[int, torch.Tensor] = {}
         # Note [gradients wait for their buffer]: id(bucket) -> indices whose gradient
-        # waits in .grad; and the buckets launched in this backward (none wait after)
+        # waits in .grad
         self.waiting: dict[int, list[int]] = {}
-        self.launched: set[int] = set()
         self.markers = GradientMarkers(label)  # Note [gradient markers]
         for bucket in self.buckets:
             for param in bucket.params:  # runs before autograd accumulates into .grad
@@ -100,7 +99,6 @@ class ShardedGradients:
 
     def before_backward(self) -> None:
         self.markers.take_back()
-        self.launched.clear()
 
     def after_backward(self) -> None:
         self.markers.place(self.buckets)
@@ -148,17 +146,19 @@ class ShardedGradients:
         for index in self.waiting.pop(id(bucket), ()):
             self._move_grad_to_buffer(bucket, index)
 
-    def collect(self, bucket: FlatBucket, index: int) -> None:
+    def collect(self, bucket: FlatBucket, index: int, launched: bool) -> None:
+        """``launched``: the bucket's reduction was launched in this backward (a late
+        gradient, Note [late gradients]), so a new buffer takes it at once."""
         if not self.switches.require_sync:
             return
-        if id(bucket) not in self.reduce_buffers and id(bucket) not in self.launched:
-            waiting = self.waiting.setdefault(id(bucket), [])  # Note [gradients wait for
-            waiting.append(index)                              # their buffer]
-            numels = bucket.layout.numels
-            if 4 * sum(numels[i] for i in set(waiting)) < bucket.layout.numel:
-                return
-        self._move_waiting(bucket)
-        self._move_grad_to_buffer(bucket, index)
+        if launched or id(bucket) in self.reduce_buffers:
+            self._move_grad_to_buffer(bucket, index)
+            return
+        waiting = self.waiting.setdefault(id(bucket), [])  # Note [gradients wait for
+        waiting.append(index)                              # their buffer]
+        numels = bucket.layout.numels
+        if 4 * sum(numels[i] for i in set(waiting)) >= bucket.layout.numel:
+            self._move_waiting(bucket)
 
     def fill_missing(self, bucket: FlatBucket, index: int) -> None:
         self._move_grad_to_buffer(bucket, index)  # a gradient left over from no_sync()
@@ -168,7 +168,6 @@ class ShardedGradients:
         late gradient (Note [late gradients]) starts a new buffer."""
         self._move_waiting(bucket)  # first: a lone parameter's gradient may become the buffer
         buffer = self._buffer(bucket)
-        self.launched.add(id(bucket))
         self.buffers_in_flight[id(bucket)] = self.reduce_buffers.pop(id(bucket))
         return buffer, True
 
