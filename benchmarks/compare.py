@@ -15,13 +15,16 @@ the rest, and zeroshard stages 1/2/3 with the same two param groups (each matrix
 stepped whole by one owner), compared with each other and with AdamW alone.
 The model is examples/train_gpt.py's GPT (blocks are the wrap/shard units), fp32, AdamW.
 
-Each method runs twice in fresh processes (gloo on CPU, NCCL on CUDA):
+Each method runs in fresh processes (gloo on CPU, NCCL on CUDA), once for memory
+and once per timing round:
 - memory: CPU: peak RSS above the RSS right after process-group start (the
   high-water mark is reset there), with MALLOC_MMAP_THRESHOLD_=1048576 so freed
   buffers go back to the OS (otherwise RSS hides sharding); CUDA:
   torch.cuda.max_memory_allocated. The larger rank's figure is reported.
 - time: the median step time over --steps steps after --warmup, without that
-  setting (it slows some runs).
+  setting (it slows some runs); with --rounds N, every method is timed in each of N
+  rounds (order reversed every other round) and the median of its rounds reported,
+  as this machine's speed drifts by tens of percent between runs.
 Communication per step is measured for zeroshard (comm_stats) and given by theory
 for the peers (DESIGN.md's accounting), marked so. Output: results.json,
 results.md (a markdown table with ratios to DDP and to the best peer at the same
@@ -385,6 +388,8 @@ def main(argv=None) -> None:
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="timing rounds over all methods; step time is the median of the rounds'")
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--out", type=Path, default=HERE / "results" / "latest")
     args = p.parse_args(argv)
@@ -394,39 +399,52 @@ def main(argv=None) -> None:
     if world % args.replicas:
         p.error(f"--replicas {args.replicas} does not divide --world-size {world}")
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for method in args.methods.split(","):
+    methods = args.methods.split(",")
+    rows = {method: {"method": method} for method in methods}
+    for method in methods:
         if method.startswith("deepspeed"):
             try:
                 import deepspeed  # noqa: F401
             except ImportError as error:
-                rows.append({"method": method, "error": f"deepspeed not installed ({error.name})"})
+                rows[method]["error"] = f"deepspeed not installed ({error.name})"
                 print(f"{method}: skipped (deepspeed not installed)", flush=True)
+    # Memory once per method; time in --rounds rounds, each over every method, the order
+    # reversed every other round: this machine's speed drifts between runs, and a method
+    # timed only once takes whatever the machine gave it then.
+    passes = [(True, methods)] + [(False, methods[::-1] if i % 2 else methods)
+                                  for i in range(args.rounds)]
+    for measure_memory, order in passes:
+        for method in order:
+            row = rows[method]
+            if "error" in row:
                 continue
-        row = {"method": method}
-        try:
-            for measure_memory in (True, False):
+            try:
                 free_port_cache[0] = free_port()
                 per_rank = run(method, world, size, args, measure_memory)
-                if measure_memory:
-                    row["peak_bytes"] = max(r["peak_bytes"] for r in per_rank)
-                else:
-                    row.update(step_s=max(r["step_s"] for r in per_rank), psi=per_rank[0]["psi"],
-                               comm_bytes=per_rank[0]["comm_bytes"],
-                               memory_report=per_rank[0]["memory_report"],
-                               sharding_report=per_rank[0]["sharding_report"])
-        except Exception as error:  # noqa: BLE001 - one method failing must not hide the others
-            row = {"method": method, "error": f"{type(error).__name__}: {error}"[:200]}
-        rows.append(row)
-        print(f"{method}: " + (row.get("error") or
-                               f"peak {row['peak_bytes'] / 2**20:.0f} MiB, step {row['step_s']:.3f} s"),
-              flush=True)
+            except Exception as error:  # noqa: BLE001 - one method failing must not hide the others
+                rows[method] = {"method": method, "error": f"{type(error).__name__}: {error}"[:200]}
+                print(f"{method}: {rows[method]['error']}", flush=True)
+                continue
+            if measure_memory:
+                row["peak_bytes"] = max(r["peak_bytes"] for r in per_rank)
+                print(f"{method}: peak {row['peak_bytes'] / 2**20:.0f} MiB", flush=True)
+                continue
+            row.setdefault("step_s_rounds", []).append(max(r["step_s"] for r in per_rank))
+            row.update(step_s=statistics.median(row["step_s_rounds"]), psi=per_rank[0]["psi"],
+                       comm_bytes=per_rank[0]["comm_bytes"],
+                       memory_report=per_rank[0]["memory_report"],
+                       sharding_report=per_rank[0]["sharding_report"])
+            print(f"{method}: step {row['step_s_rounds'][-1]:.3f} s "
+                  f"(round {len(row['step_s_rounds'])} of {args.rounds})", flush=True)
+    rows = list(rows.values())
     command = "python benchmarks/compare.py " + " ".join(sys.argv[1:] if argv is None else argv)
     table = summarise(rows, world, args.replicas)
     header = (f"{command}\n\nmodel: examples/train_gpt.py GPT {size}, "
               f"Ψ = {next((r['psi'] for r in rows if 'psi' in r), 0):,} parameters, fp32 AdamW, "
               f"{world} ranks, {'CUDA/NCCL' if torch.cuda.is_available() else 'CPU/gloo'}, "
-              f"torch {torch.__version__}, {os.cpu_count()} cores\n")
+              f"torch {torch.__version__}, {os.cpu_count()} cores; step time: median over "
+              f"{args.rounds} round(s) of every method, alternating order (each round's in "
+              "results.json)\n")
     (args.out / "results.json").write_text(json.dumps({"command": command, "size": size,
                                                        "world_size": world, "rows": rows}, indent=1))
     (args.out / "results.md").write_text(header + "\n" + table + "\n")
