@@ -4,6 +4,8 @@ zeroshard/_reducer.py)."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 from torch import nn
 
@@ -14,15 +16,19 @@ BLOCKS, WIDTH = 4, 8
 BLOCK_BYTES = 2 * (WIDTH * WIDTH + WIDTH) * 4  # two Linear(WIDTH, WIDTH) in fp32
 
 
-def backward_events(ctx, stage: int) -> list[list[tuple[str, str]]]:
+def backward_events(ctx, stage: int, input_layer: bool = False) -> list[list[tuple[str, str]]]:
     """``BLOCKS`` blocks of two Linear layers, a bucket (stage 3: a unit) per block,
     trained for three steps; per step, the backward's events in order: ("arrive",
     parameter) as a gradient reaches a parameter, ("launch", "") for a reduce-scatter
-    issued, ("wait", "") for a reduce-scatter waited for."""
+    issued, ("wait", "") for a reduce-scatter waited for. With ``input_layer``, a
+    Linear layer named "input" runs first, outside the blocks (stage 3: in the root
+    unit), as a token embedding does."""
     torch.manual_seed(0)
-    model = nn.Sequential(*(nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.Linear(WIDTH, WIDTH))
-                            for _ in range(BLOCKS)))
-    extra = {"units": lambda module: module in set(model.children())} if stage == 3 else {}
+    blocks = [nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.Linear(WIDTH, WIDTH)) for _ in range(BLOCKS)]
+    layers = ([("input", nn.Linear(WIDTH, WIDTH))] if input_layer else []) + [
+        (str(i), block) for i, block in enumerate(blocks)]
+    model = nn.Sequential(OrderedDict(layers))
+    extra = {"units": lambda module: module in set(blocks)} if stage == 3 else {}
     opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=stage, lr=0.1,
                                   process_group=ctx.group,
                                   bucket_size_mb=1.01 * BLOCK_BYTES / 2**20, **extra)

@@ -96,6 +96,12 @@ class Walk:
         else:
             self.gather_now(unit)  # kept gathered since forward: no collective
 
+    def past_last_launch_point(self) -> bool:
+        """The backward walk has taken its last step, where reductions launch at its steps:
+        none launches until backward ends (Note [after the walk's last step] in stage3.py)."""
+        return (self.backward_pass.launch_at_walk and self.backward_pass.walking
+                and self.switches.require_sync and self.backward.next_unit() is None)
+
     def _launch_due(self, position: int) -> None:
         """Note [one order]: the backward walk reaches the unit at ``position`` of its
         schedule: launch the buckets at the front of the list that are due by then."""

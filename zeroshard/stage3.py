@@ -73,6 +73,17 @@ Note [runs before the walk moves on]:
     every rank must run such a unit the same number of times (Note [first-step
     agreement] refuses a rank that does not).
 
+Note [after the walk's last step]:
+    Reductions launch at the walk's steps, and each waits for the one before it (Note
+    [reductions in flight] in _reducer.py); after the last step nothing launches until
+    the end of backward. So the reduction launched there would keep its input alive
+    through the rest of backward: the layers outside every unit but the root, a token
+    embedding's backward with its dense gradient (the step's peak on a GPT: 27 MiB of
+    a block's gradients more on 4 ranks, where the reduction is not done by then). Once
+    the walk has taken its last step, a unit whose gradients are all in waits for the
+    reductions in flight. The wait issues no collective, so the ranks' order is
+    untouched; it costs the overlap of that reduction with what is left of backward.
+
 Note [recomputation]:
     Activation checkpointing runs a unit's forward again during backward. The
     hooks recognise it by the BACKWARD state: they gather as usual but neither
@@ -209,6 +220,8 @@ class UnitGatherer:
             unit.release()
             # A nested backward (Note [late gradients]) may gather it again: count afresh.
             unit.record.grads_arrived.clear()
+            if self.walk.past_last_launch_point():
+                self.reducer.wait_in_flight()  # Note [after the walk's last step]
 
     # -- forward passes -------------------------------------------------------------
 
