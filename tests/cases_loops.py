@@ -540,6 +540,17 @@ def gradient_penalty(ctx, stage: int):
     return diffs, scattered
 
 
+def backward_with_create_graph(ctx, stage: int):
+    """``loss.backward(create_graph=True)``: refused on every rank with a message (it
+    crashed inside the reduction at stages 1 and 2); returns (the refusal, a probe that
+    every rank is still in step)."""
+    model = build_model(MLP, seed=0)
+    opt = _zero(model, stage, ctx.group, lr=0.05)
+    x, y = make_batch(MLP, seed=0, rank=ctx.rank, batch=4)
+    loss = torch.nn.functional.mse_loss(model(x), y)
+    return _refusal(lambda: loss.backward(create_graph=True)), _ranks_in_step(ctx)
+
+
 class FunctionallyTied(torch.nn.Module):
     """minGPT/OLMo-style tying: the output projection reads the embedding's weight in the
     root's forward (``F.linear(h, self.emb.weight)``), not through a tied module."""

@@ -114,6 +114,13 @@ def test_batchnorm_with_bf16_mixed_precision_keeps_fp32_and_follows_the_recipe(p
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
+def test_a_backward_with_create_graph_is_refused_on_every_rank(pool, stage):
+    for refusal, probe in pool.run(cases_loops.backward_with_create_graph, 2, stage):
+        assert "create_graph=True" in refusal and "torch.autograd.grad" in refusal, refusal
+        assert probe == 2
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_gradient_penalty_equals_ddp_or_is_refused_at_stage3(pool, stage):
     for result in pool.run(cases_loops.gradient_penalty, 2, stage):
         if stage == 3:

@@ -140,6 +140,16 @@ class GradientReducer:
             Variable._execution_engine.queue_callback(self._on_backward_end)
 
     def _on_gradient(self, bucket: FlatBucket, index: int, param: nn.Parameter) -> None:
+        if torch.is_grad_enabled():  # the engine runs with create_graph=True
+            # Every rank runs the same backward, and this is its first gradient, before
+            # any reduction: every rank raises here, none is left in a collective.
+            raise RuntimeError(
+                f"zeroshard: {bucket.param_names[index]} got a gradient in a backward with "
+                "create_graph=True (loss.backward(create_graph=True), a double backward "
+                "through the parameters' gradients); zeroshard reduces gradients across "
+                "ranks as plain tensors, so no stage can keep their graph. A penalty on "
+                "the inputs' gradient works at stages 1 and 2: (g,) = torch.autograd.grad("
+                "loss, inputs, create_graph=True), then (loss + penalty(g)).backward()")
         self.on_backward_start(param.grad)
         self.store.collect(bucket, index, launched=self.launched(bucket))
         if self.gatherer is not None:

@@ -262,7 +262,9 @@ class UnitGatherer:
                 "zeroshard stage 3: a backward with create_graph=True (a gradient penalty "
                 "through torch.autograd.grad(..., create_graph=True), a double backward) "
                 "builds a graph over gathered parameters that stage 3 releases when the "
-                "backward ends; train such a loss with stage 1 or 2")
+                "backward ends; train a penalty on the inputs' gradient with stage 1 or 2 "
+                "(loss.backward(create_graph=True), a graph of the parameters' own "
+                "gradients, no stage supports)")
         # Note [one order]: backward walks the schedule where it must gather: with
         # resharding, or when the units were released since the forward (a no_grad
         # forward or summon_full_params() in between, a second backward through a
