@@ -81,8 +81,10 @@ Note [after the walk's last step]:
     embedding's backward with its dense gradient (the step's peak on a GPT: 27 MiB of
     a block's gradients more on 4 ranks, where the reduction is not done by then). Once
     the walk has taken its last step, a unit whose gradients are all in waits for the
-    reductions in flight. The wait issues no collective, so the ranks' order is
-    untouched; it costs the overlap of that reduction with what is left of backward.
+    reductions in flight. The wait adds no collective on the shard group (on a mesh it
+    launches the reductions' all-reduces across replicas, in the order a later wait
+    would), so the ranks' order is untouched; it costs the overlap of that reduction
+    with what is left of backward.
 
 Note [recomputation]:
     Activation checkpointing runs a unit's forward again during backward. The
