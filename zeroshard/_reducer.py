@@ -117,40 +117,19 @@ class GradientReducer:
         self.late: set[int] = set()  # positions of buckets that got gradient after launching
         self._check_non_finite = False  # Note [non-finite gradients]
         handles.append(model.register_forward_hook(WeakHook(self._arm_backward_end)))
-        self._gradient_hooks: list[tuple[nn.Parameter, int]] = []  # Note [user hooks run first]
         for bucket in self.buckets:
             for index, param in enumerate(bucket.params):
-                handle = param.register_post_accumulate_grad_hook(
-                    WeakHook(self._on_gradient, bucket, index))
-                handles.append(handle)
-                self._gradient_hooks.append((param, handle.id))
+                handles.append(param.register_post_accumulate_grad_hook(
+                    WeakHook(self._on_gradient, bucket, index)))
 
     # -- backward's hooks -------------------------------------------------------------
 
     def _arm_backward_end(self, module, inputs, output) -> None:
-        self._run_user_hooks_first()
         if self.buckets and fp16_compute(self.buckets[0].flat.device, self.policy):
             self._check_non_finite = True
         for tensor in tree_flatten(output)[0]:
             if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
                 tensor.register_hook(WeakHook(self.on_backward_start))
-
-    def _run_user_hooks_first(self) -> None:
-        """Note [user hooks run first]:
-            DDP reduces a gradient after every post-accumulate-grad hook on its parameter,
-            whenever the user registered it (its reducer hooks autograd's accumulator
-            node, which runs those hooks first). zeroshard's hook is one of those hooks,
-            and they run in registration order, so a hook registered after the optimizer
-            (a gradient logger, a scaling) would find the gradient already taken for
-            reduction: None at stages 2 and 3, or a gradient still waiting for its
-            buffer, and what it changed would not be reduced (silently different numbers
-            from DDP). So as each forward of the model ends, before its backward, the
-            reducer's hook goes back to the end of each parameter's hooks (re-inserted:
-            torch runs them in the dict's insertion order; nothing to do when it is last)."""
-        for param, hook_id in self._gradient_hooks:
-            hooks = getattr(param, "_post_accumulate_grad_hooks", None)
-            if hooks and hook_id in hooks and next(reversed(hooks)) != hook_id:
-                hooks[hook_id] = hooks.pop(hook_id)
 
     def on_backward_start(self, grad: torch.Tensor | None = None) -> None:
         if self.switches.phase is not Phase.BACKWARD:
