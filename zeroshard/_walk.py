@@ -96,16 +96,20 @@ class Walk:
         else:
             self.gather_now(unit)  # kept gathered since forward: no collective
 
+    def _launching_at_steps(self) -> bool:
+        """Reductions launch at the backward walk's steps (Note [one order]); a walk
+        that launches at its steps walks (``launch_at_walk`` implies ``walking``)."""
+        return self.backward_pass.launch_at_walk and self.switches.require_sync
+
     def past_last_launch_point(self) -> bool:
         """The backward walk has taken its last step, where reductions launch at its steps:
         none launches until backward ends (Note [after the walk's last step] in stage3.py)."""
-        return (self.backward_pass.launch_at_walk and self.backward_pass.walking
-                and self.switches.require_sync and self.backward.next_unit() is None)
+        return self._launching_at_steps() and self.backward.next_unit() is None
 
     def _launch_due(self, position: int) -> None:
         """Note [one order]: the backward walk reaches the unit at ``position`` of its
         schedule: launch the buckets at the front of the list that are due by then."""
-        if not (self.backward_pass.launch_at_walk and self.switches.require_sync):
+        if not self._launching_at_steps():
             return
         self._points.launch_due(position)
 
