@@ -17,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import zeroshard
 from torch import nn
 
+from grad_hooks import after_zeroshard
 from models import Block, build_model, loss_fn, make_batch
 from pool import mesh_shape
 from run_record import SideBySideRun
@@ -159,25 +160,23 @@ def train_side_by_side(ctx, case) -> SideBySideRun:
     scheds = [torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.7)
               for o in (zopt, dopt, sopt)] if case["scheduler"] else []
 
-    peak_param_bytes = [0]
+    peak_param_bytes, accumulators = [0], []  # the recorders run after zeroshard's hooks
     if case["stage"] == 3 and case["record_peak"]:
         def record_params(*_):
             peak_param_bytes[0] = max(peak_param_bytes[0], zopt.memory_report()["parameters"])
         for module in zero_model.modules():
             module.register_forward_pre_hook(record_params)
             module.register_forward_hook(record_params)
-        for p in zero_model.parameters():
-            if p.requires_grad:
-                p.register_post_accumulate_grad_hook(record_params)
+        accumulators += [after_zeroshard(p, record_params)
+                         for p in zero_model.parameters() if p.requires_grad]
 
     peak_grad_bytes, current_step = [0], [0]
     if case["record_peak"]:
         def record(_param):  # from the second step: the first learns the launch order
             if current_step[0] >= 1:  # (Note [launch order] in zeroshard/_reducer.py)
                 peak_grad_bytes[0] = max(peak_grad_bytes[0], zopt.memory_report()["gradients"])
-        for p in zero_model.parameters():
-            if p.requires_grad:
-                p.register_post_accumulate_grad_hook(record)
+        accumulators += [after_zeroshard(p, record)
+                         for p in zero_model.parameters() if p.requires_grad]
 
     # What bounds each element's sensitivity to rounding (invariants.update_bounds),
     # per step, from the single-process reference: the gradient its optimizer steps on

@@ -361,3 +361,41 @@ def kept_gradients(ctx, stage: int, keep: str) -> list[float]:
                    for name, param in local.named_parameters()]
     opt.close()
     return differences
+
+
+def hook_registered_after_the_optimizer(ctx, stage: int) -> list[float]:
+    """Note [after the user's gradient hooks] (zeroshard/_reducer.py): a post-accumulate-grad hook
+    registered after the optimizer scales each gradient by 0.5 and logs its norm, as DDP
+    lets it (DDP reduces after every such hook). Small buckets, so some gradients wait
+    for their buffer and some fill one alone. The reference is DDP with the same hook;
+    returns, per step, the largest parameter difference."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(),
+                          nn.Linear(16, 4))
+    reference = copy.deepcopy(model)
+    ddp = DDP(reference, process_group=ctx.group)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=stage, lr=0.1,
+                                  process_group=ctx.group, bucket_size_mb=300 * 4 / 2**20,
+                                  **({"units": nn.Linear} if stage == 3 else {}))
+    norms: list[float] = []
+
+    def log_and_scale(param: torch.Tensor) -> None:
+        norms.append(float(param.grad.norm()))
+        param.grad.mul_(0.5)
+
+    for net in (model, reference):
+        for param in net.parameters():
+            param.register_post_accumulate_grad_hook(log_and_scale)
+    differences = []
+    for step in range(3):
+        x = torch.randn(4, 6, generator=torch.Generator().manual_seed(10 * step + ctx.rank))
+        for net, optimizer in ((model, opt), (ddp, ref_opt)):
+            net(x).square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        with opt.summon_full_params():
+            differences.append(max(float((a - b).abs().max())
+                                   for a, b in zip(model.parameters(), reference.parameters())))
+    opt.close()
+    return differences

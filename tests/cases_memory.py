@@ -10,6 +10,7 @@ import torch.distributed as dist
 from torch import nn
 
 import zeroshard
+from grad_hooks import after_zeroshard
 from rss import Peak, reset_high_water, rss_kib
 
 LAYERS, WIDTH, BATCH = 16, 1024, 4
@@ -111,8 +112,8 @@ def gradients_mid_backward(ctx, vocab: int, width: int) -> list[int]:
     opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=3, lr=0.1,
                                   process_group=ctx.group, units=nn.Linear)
     seen: list[int] = []
-    model.blocks[1].weight.register_post_accumulate_grad_hook(
-        lambda _: seen.append(opt.memory_report()["gradients"]))
+    accumulator = after_zeroshard(  # noqa: F841 (kept: the hook lives as long as it)
+        model.blocks[1].weight, lambda _: seen.append(opt.memory_report()["gradients"]))
     tokens = torch.randint(0, vocab, (4, 8), generator=torch.Generator().manual_seed(ctx.rank))
     for _ in range(3):
         model(tokens).square().mean().backward()

@@ -117,9 +117,12 @@ class GradientReducer:
         self.late: set[int] = set()  # positions of buckets that got gradient after launching
         self._check_non_finite = False  # Note [non-finite gradients]
         handles.append(model.register_forward_hook(WeakHook(self._arm_backward_end)))
+        self._accumulators = []  # Note [after the user's gradient hooks]: kept alive here
         for bucket in self.buckets:
             for index, param in enumerate(bucket.params):
-                handles.append(param.register_post_accumulate_grad_hook(
+                accumulator = _gradient_accumulator(param)
+                self._accumulators.append(accumulator)
+                handles.append(accumulator.register_hook(
                     WeakHook(self._on_gradient, bucket, index)))
 
     # -- backward's hooks -------------------------------------------------------------
@@ -139,7 +142,10 @@ class GradientReducer:
             self.switches.enter(Phase.BACKWARD)
             Variable._execution_engine.queue_callback(self._on_backward_end)
 
-    def _on_gradient(self, bucket: FlatBucket, index: int, param: nn.Parameter) -> None:
+    def _on_gradient(self, bucket: FlatBucket, index: int, grad_inputs, grad_outputs) -> None:
+        """The accumulator node's post-hook (Note [after the user's gradient hooks]);
+        ``grad_outputs`` holds the gradient it accumulated, which may be ``.grad``."""
+        param = bucket.params[index]
         if torch.is_grad_enabled():  # the engine runs with create_graph=True
             # Every rank runs the same backward, and this is its first gradient, before
             # any reduction: every rank raises here, none is left in a collective.
@@ -151,7 +157,7 @@ class GradientReducer:
                 "the inputs' gradient works at stages 1 and 2: (g,) = torch.autograd.grad("
                 "loss, inputs, create_graph=True), then (loss + penalty(g)).backward()")
         self.on_backward_start(param.grad)
-        self.store.collect(bucket, index, launched=self.launched(bucket))
+        self.store.collect(bucket, index, launched=self.launched(bucket), engine_holds=grad_outputs)
         if self.gatherer is not None:
             self.gatherer.post_backward(bucket, index)
         if self.switches.require_sync:
@@ -310,3 +316,22 @@ class GradientReducer:
 
     def position_of(self, bucket: FlatBucket) -> int:
         return self._position[id(bucket)]
+
+
+def _gradient_accumulator(param: nn.Parameter):
+    """Note [after the user's gradient hooks]:
+        DDP reduces a gradient after every post-accumulate-grad hook on its parameter,
+        whenever the user registered it: its reducer hooks autograd's accumulator node
+        (``AccumulateGrad``), whose post-hooks run once the node has accumulated the
+        gradient and run the parameter's own hooks. A post-accumulate-grad hook of
+        zeroshard's would instead run in registration order among the user's, so a hook
+        registered after the optimizer (a gradient logger, a scaling) would find the
+        gradient already taken: None at stages 2 and 3, or a gradient still waiting for
+        its buffer, and what it changed would reach the reduction for some gradients
+        only (silently different numbers from DDP). So zeroshard hooks the accumulator
+        node too. The engine creates that node on demand and keeps it only as long as
+        something refers to it, so the reducer keeps it (else the hook would go with
+        the first graph that used it)."""
+    with torch.enable_grad():
+        return param.view_as(param).grad_fn.next_functions[0][0]
+

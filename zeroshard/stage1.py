@@ -102,7 +102,8 @@ class FullGradients:
     def _grad_view(self, bucket: FlatBucket, index: int) -> torch.Tensor:
         return bucket.param_view(self.flat_grads[id(bucket)], index)
 
-    def collect(self, bucket: FlatBucket, index: int, launched: bool) -> None:
+    def collect(self, bucket: FlatBucket, index: int, launched: bool,
+                engine_holds: tuple = ()) -> None:
         """Parameter ``index`` of ``bucket`` holds its accumulated gradient in ``.grad``.
 
         Autograd accumulates into the view in place; only if the user replaced or

@@ -59,17 +59,27 @@ from .mixed_precision import GradientDtypes
 _storage_use_count = getattr(torch._C, "_storage_Use_Count", None)  # tensors on a storage
 
 
-def only_the_parameter_holds(param: torch.Tensor) -> bool:
-    """Nothing but ``param.grad`` refers to its gradient: no other Python name for the
-    tensor (a hook that kept it) and no other tensor on its storage (a kept view).
-    Counted against a tensor made here, which only this frame holds, so the count
-    does not depend on how this Python counts a call's references."""
+def only_the_parameter_holds(param: torch.Tensor, engine_holds: tuple = ()) -> bool:
+    """Nothing but ``param.grad`` (and ``engine_holds``: the gradients autograd hands the
+    hook now running, which it drops once the hook returns) refers to its gradient: no
+    other Python name for the tensor (a hook that kept it) and no other tensor on its
+    storage (a kept view). Counted against a tensor made here, which only this frame
+    holds, so the count does not depend on how this Python counts a call's references."""
     if _storage_use_count is None:  # a torch without it: copy, as before
         return False
     grad, fresh = param.grad, torch.empty(1)
-    return (sys.getrefcount(grad) == sys.getrefcount(fresh) + 1  # + the parameter's .grad
-            and _storage_use_count(grad.untyped_storage()._cdata)
-            == _storage_use_count(fresh.untyped_storage()._cdata))
+    storage = grad.untyped_storage()._cdata
+    # Autograd hands the hook the very tensor, or (having stolen it for .grad through a
+    # detach) another tensor on its storage, a view's base holding that storage too.
+    same, others = 0, 0
+    for tensor in engine_holds:
+        if tensor is grad:
+            same += 1
+        elif isinstance(tensor, torch.Tensor) and tensor.untyped_storage()._cdata == storage:
+            others += 1 + (tensor._base is not None)
+    return (sys.getrefcount(grad) == sys.getrefcount(fresh) + 1 + same  # + param's .grad
+            and _storage_use_count(storage)
+            == _storage_use_count(fresh.untyped_storage()._cdata) + others)
 
 
 class ShardedGradients:
@@ -119,12 +129,13 @@ class ShardedGradients:
                 bucket.flat, dtype=self.dtypes.reduce_dtype(bucket))
         return self.reduce_buffers[id(bucket)]
 
-    def _move_grad_to_buffer(self, bucket: FlatBucket, index: int) -> None:
+    def _move_grad_to_buffer(self, bucket: FlatBucket, index: int,
+                             engine_holds: tuple = ()) -> None:
         param = bucket.params[index]
         if param.grad is None:
             return
         if (id(bucket) not in self.reduce_buffers and self._is_whole_bucket(bucket, param.grad)
-                and only_the_parameter_holds(param)):  # no frame here holds the gradient
+                and only_the_parameter_holds(param, engine_holds)):  # no frame here holds the gradient
             # Note [a gradient as its bucket's buffer]
             self.reduce_buffers[id(bucket)] = to_memory_order(param.grad, bucket.orders[0])
         else:
@@ -142,23 +153,26 @@ class ShardedGradients:
                 and grad.storage_offset() == 0
                 and grad.untyped_storage().nbytes() == grad.numel() * grad.element_size())
 
-    def _move_waiting(self, bucket: FlatBucket) -> None:
+    def _move_waiting(self, bucket: FlatBucket, engine_holds: tuple = ()) -> None:
         for index in self.waiting.pop(id(bucket), ()):
-            self._move_grad_to_buffer(bucket, index)
+            self._move_grad_to_buffer(bucket, index, engine_holds)
 
-    def collect(self, bucket: FlatBucket, index: int, launched: bool) -> None:
+    def collect(self, bucket: FlatBucket, index: int, launched: bool,
+                engine_holds: tuple = ()) -> None:
         """``launched``: the bucket's reduction was launched in this backward (a late
-        gradient, Note [late gradients]), so a new buffer takes it at once."""
+        gradient, Note [late gradients]), so a new buffer takes it at once.
+        ``engine_holds``: what autograd hands the hook now running (only the
+        parameter's gradient, or a tensor it was accumulated from)."""
         if not self.switches.require_sync:
             return
         if launched or id(bucket) in self.reduce_buffers:
-            self._move_grad_to_buffer(bucket, index)
+            self._move_grad_to_buffer(bucket, index, engine_holds)
             return
         waiting = self.waiting.setdefault(id(bucket), [])  # Note [gradients wait for
         waiting.append(index)                              # their buffer]
         numels = bucket.layout.numels
         if 4 * sum(numels[i] for i in set(waiting)) >= bucket.layout.numel:
-            self._move_waiting(bucket)
+            self._move_waiting(bucket, engine_holds)
 
     def fill_missing(self, bucket: FlatBucket, index: int) -> None:
         self._move_grad_to_buffer(bucket, index)  # a gradient left over from no_sync()
