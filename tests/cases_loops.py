@@ -908,3 +908,37 @@ def optimizer_state_dict_across_memory_formats(ctx):
         refusal = str(error)
     _conv_zero(ConvNet(seed=0, channels_last=True), 2, ctx.group, "AdamW").load_state_dict(saved)
     return refusal, True
+
+
+def clipping_through_the_param_groups(ctx, stage: int):
+    """Clipping over the optimizer's tensors, as Lightning clips (Note [a norm of a shard]
+    in zeroshard/_gradient_shards.py): by norm it is refused on every rank (it clipped
+    each rank's shard by its own norm, silently unlike DDP); by value it equals DDP
+    clipping the model's gradients by value. Returns (the refusal, a probe that every
+    rank is still in step, per step the largest parameter difference of the clipping by
+    value from DDP's)."""
+    model = build_model(MLP, seed=0)
+    reference = DDP(build_model(MLP, seed=0), process_group=ctx.group)
+    opt = _zero(model, stage, ctx.group, lr=0.5)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.5)
+
+    def shards():
+        return [p for group in opt.param_groups for p in group["params"]]
+
+    x, y = make_batch(MLP, seed=0, rank=ctx.rank, batch=4)
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    refusal = _refusal(lambda: torch.nn.utils.clip_grad_norm_(shards(), 0.01))
+    probe = _ranks_in_step(ctx)
+    opt.zero_grad()
+    differences = []
+    for step in range(3):
+        x, y = make_batch(MLP, seed=step, rank=ctx.rank, batch=4)
+        for net, optimizer, params in ((model, opt, shards), (reference, ref_opt,
+                                                               reference.parameters)):
+            torch.nn.functional.mse_loss(net(x), y).backward()
+            torch.nn.utils.clip_grad_value_(params(), 0.02)
+            optimizer.step()
+            optimizer.zero_grad()
+        differences.append(_largest_difference(opt, model, reference.module))
+    opt.close()
+    return refusal, probe, differences

@@ -259,3 +259,14 @@ def test_optimizer_state_dict_refuses_another_memory_format(pool):
     for refusal, loaded in pool.run(cases_loops.optimizer_state_dict_across_memory_formats, 1):
         assert "memory formats" in refusal and "zeroshard checkpoints" in refusal, refusal
         assert loaded
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_clipping_through_the_param_groups_by_norm_is_refused_and_by_value_equals_ddp(pool, stage):
+    """Note [a norm of a shard]: found by driving the library as Lightning does; before,
+    clipping by norm over opt.param_groups clipped each rank's shard by its own norm."""
+    for refusal, probe, differences in pool.run(cases_loops.clipping_through_the_param_groups,
+                                                2, stage):
+        assert "opt.clip_grad_norm_" in refusal and "shard" in refusal, refusal
+        assert probe == 2
+        assert max(differences) < 1e-6, differences

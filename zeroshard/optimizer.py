@@ -400,8 +400,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
         for outer, inner in zip(self.param_groups, self._inner.param_groups):
             inner.update(hyperparameters(outer))
         self._view.take_outside_writes()
-        # 3. Step this rank's shards.
-        self._inner.step()
+        # 3. Step this rank's shards (the gradients as plain tensors: Note [a norm of a shard]).
+        with torch._C.DisableTorchFunctionSubclass():
+            self._inner.step()
         # 4. Parameters follow: the masters' cast into the shards, then the stage's
         #    gathers (stages 1-2: every bucket; stage 3: none until the next forward).
         for bucket in self._plan.buckets:

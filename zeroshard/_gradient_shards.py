@@ -1,0 +1,79 @@
+"""What the optimizer's param groups hold in ``.grad``: this rank's shard of the reduced gradients.
+
+Note [a norm of a shard]:
+    ``opt.param_groups`` hold this rank's master shards, and their ``.grad`` is the
+    reduced gradient shard the step will use: ``torch.amp.GradScaler`` unscales and
+    checks exactly those (Note [non-finite gradients] in _reducer.py), and clipping by
+    value (``torch.nn.utils.clip_grad_value_``) or scaling by a constant is the same on
+    a shard as on the whole. A norm, a sum or a maximum of a shard is not: it is this
+    rank's part of the whole gradient's. Clipping by norm over the optimizer's
+    tensors (``torch.nn.utils.clip_grad_norm_(p for g in opt.param_groups for p in
+    g["params"])``, the way Lightning clips) would scale each rank's shard by its own
+    norm: every rank agrees with itself, nothing fails, and the parameters move away
+    from DDP's by the difference in clipping (0.5 clipping, SGD, 4 steps, 2 ranks: a
+    norm of 1.25 where DDP's is 1.66). So the shard in ``.grad`` is a
+    ``GradientShard``: such a reduction of it, or of anything computed from it
+    element by element, raises where it is made, naming ``opt.clip_grad_norm_``.
+    Every rank clips the same way, so every rank raises, before any collective.
+    zeroshard's own work (the step, its clipping) uses the plain tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils._pytree import tree_flatten
+
+_T = torch.Tensor
+# Reductions over the whole tensor: on a shard they give this rank's part only.
+_PARTIAL = {f for f in (
+    torch.norm, _T.norm, torch.linalg.norm, torch.linalg.vector_norm, torch.linalg.matrix_norm,
+    getattr(torch, "_foreach_norm", None), getattr(torch, "_foreach_max", None),
+    torch.sum, _T.sum, torch.nansum, _T.nansum, torch.mean, _T.mean, torch.nanmean, _T.nanmean,
+    torch.prod, _T.prod, torch.amax, _T.amax, torch.amin, _T.amin, torch.aminmax, _T.aminmax,
+    torch.dot, _T.dot, torch.vdot, _T.vdot, torch.inner, _T.inner,
+    torch.std, _T.std, torch.var, _T.var, torch.std_mean, torch.var_mean,
+) if f is not None}
+_MAX_MIN = {torch.max, _T.max, torch.min, _T.min}  # reductions unless given a second tensor
+_PRINTING = {_T.__repr__, _T.__str__, _T.__format__}
+
+
+class GradientShard(torch.Tensor):
+    """This rank's shard of a bucket's reduced gradients, as the param groups show it
+    (Note [a norm of a shard]). Element-wise use works and gives shards; a whole-tensor
+    reduction raises."""
+
+    holds = ""  # which parameters' elements (set on the shard itself, for the message)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _PRINTING:
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs)
+        if func in _PARTIAL or (func in _MAX_MIN and not _second_tensor(args, kwargs)):
+            raise RuntimeError(_message(func, args, kwargs))
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+def as_gradient_shard(grad: torch.Tensor, holds: str) -> GradientShard:
+    shard = grad.as_subclass(GradientShard)
+    shard.holds = holds
+    return shard
+
+
+def _second_tensor(args, kwargs) -> bool:
+    return any(isinstance(a, torch.Tensor) for a in list(args[1:]) + [kwargs.get("other")])
+
+
+def _message(func, args, kwargs) -> str:
+    holds = next((t.holds for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, GradientShard) and t.holds), "some parameters")
+    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
+    return (f"zeroshard: {name} over a gradient in opt.param_groups: that tensor is this rank's "
+            f"shard of the reduced gradients (of {holds}), so its norm, sum or maximum is this "
+            "rank's part only, and clipping by it (torch.nn.utils.clip_grad_norm_ over the "
+            "optimizer's tensors, as Lightning clips) would scale each rank's shard "
+            "differently from DDP. Use opt.clip_grad_norm_(max_norm, norm_type): it clips by "
+            "the global norm and returns it, as torch.nn.utils.clip_grad_norm_ does under DDP "
+            "(in Lightning, override configure_gradient_clipping to call it). Clipping by "
+            "value (torch.nn.utils.clip_grad_value_) works on the shards as they are")
