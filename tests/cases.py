@@ -280,6 +280,9 @@ def train_side_by_side(ctx, case) -> SideBySideRun:
     out.psi_all = sum(p.numel() for p in zero_model.parameters())
     out.largest_param_bytes = max(p.numel() * 4 for p in trainable)
     out.largest_bucket_bytes = max(b.layout.padded_numel * 4 for b in zopt.sharding.buckets)
+    trainable_ids = {id(b) for b in zopt.sharding.buckets}
+    out.root_bucket_bytes = sum(b.layout.padded_numel * 4 for b in zopt.sharding.plan.units[0].buckets
+                                if id(b) in trainable_ids) if case["stage"] == 3 else 0
     out.n_buckets = len(zopt.sharding.buckets)
     # stage 3 all-reduces 5 numbers per unit once (the recorded orders), and after each
     # synced backward a flag per unit other than the root that has gradients ("ran") and

@@ -373,6 +373,12 @@ def check_stage2_peak(results, case):
             bucket_hi = max(cap, res.largest_param_bytes) + FP32 * (n - 1)
         shards_hi = FP32 * (res.psi + res.n_buckets * (n - 1)) / n
         in_flight = 2 * groups * bucket_hi
+        if case["stage"] == 3:
+            # The root unit's buckets fill from backward's first gradients (a final norm,
+            # an output head) to its last (the token embedding), beside the one filling and
+            # the one in flight (thorough profile: an untied head, 6472 gradient bytes
+            # against the two-bucket bound's 6380, every bucket filling at once).
+            in_flight += res.root_bucket_bytes
         if case["stage"] == 3 and case["two_forwards"]:
             # Note [one order] in zeroshard/stage3.py: after two training forwards, whose
             # backwards interleave, every reduction waits for the end of backward, so all

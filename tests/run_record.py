@@ -40,6 +40,7 @@ class SideBySideRun:
     psi_all: int = 0  # every parameter's elements
     largest_param_bytes: int = 0
     largest_bucket_bytes: int = 0
+    root_bucket_bytes: int = 0  # stage 3: the root unit's trainable buckets
     n_buckets: int = 0  # trainable buckets
     n_all_buckets: int = 0  # every bucket, frozen included
     n_units: int = 0  # stage 3

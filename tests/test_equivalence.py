@@ -62,6 +62,15 @@ def _gradients_ready_out_of_launch_order():
                        world_size=2, optimizer="Adagrad", opt_kwargs={"lr": 0.01})
 
 
+def _root_bucket_filling_through_backward():
+    """Stage 3, nested units, an untied head: the root unit's bucket takes the head's
+    gradient first and the embedding's last, so it fills through the whole backward
+    while the blocks' buckets fill and are reduced: three buckets at once (6472 gradient
+    bytes against the two-bucket bound's 6380), as the README's bound now says."""
+    return _found_case(_TINY_TRANSFORMER, units="nested", optimizer="Adagrad",
+                       opt_kwargs={"lr": 0.01}, accum=2)
+
+
 def _rmsprop_three_ranks_clipped():
     """With 3 ranks the single-process reference scaled each rank's loss by 1/3, which
     rounds every intermediate of its backward differently from the ranks' own backward;
@@ -114,6 +123,7 @@ def _two_forwards_hold_every_bucket():
                        optimizer="Adagrad", opt_kwargs={"lr": 0.01}, accum=2)
 
 
+@example(case=_root_bucket_filling_through_backward())
 @example(case=_two_forwards_hold_every_bucket())
 @example(case=_one_unit_holding_every_parameter())
 @example(case=_rmsprop_second_step_after_a_sensitive_first())
