@@ -399,3 +399,57 @@ def hook_registered_after_the_optimizer(ctx, stage: int) -> list[float]:
                                    for a, b in zip(model.parameters(), reference.parameters())))
     opt.close()
     return differences
+
+
+class _AddReturningAView(torch.autograd.Function):
+    """``a + w``, whose backward gives ``w`` a view of the very tensor it passes on to
+    ``a``'s producer, which autograd has yet to read when ``w``'s gradient comes."""
+
+    @staticmethod
+    def forward(ctx, a, w):
+        return a + w
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, grad.view(grad.shape)
+
+
+class _LinearThenAdd(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(32, 32)
+        self.w = nn.Parameter(0.1 * torch.randn(32, 32))
+
+    def forward(self, x):
+        return _AddReturningAView.apply(self.first(x), self.w)
+
+
+def gradient_viewing_what_backward_passes_on(ctx, stage: int) -> list[float]:
+    """Note [a gradient as its bucket's buffer] (zeroshard/stage2.py): ``w`` fills its
+    bucket alone, and its gradient is a view of a tensor backward still owes the Linear
+    before it; reducing it in place would change that Linear's gradient. The reference
+    averages the same model's gradients over the ranks, as DDP does; returns, per step,
+    the largest parameter difference."""
+    torch.manual_seed(0)
+    model = _LinearThenAdd()
+    reference = copy.deepcopy(model)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=stage, lr=0.1,
+                                  process_group=ctx.group, bucket_size_mb=32 * 32 * 4 / 2**20)
+
+    differences = []
+    for step in range(3):
+        x = torch.randn(32, 32, generator=torch.Generator().manual_seed(10 * step + ctx.rank))
+        for net, optimizer in ((model, opt), (reference, ref_opt)):
+            net(x).square().mean().backward()
+            if net is reference:  # what DDP's reduction does
+                for param in reference.parameters():
+                    dist.all_reduce(param.grad, group=ctx.group)
+                    param.grad /= ctx.world_size
+            optimizer.step()
+            optimizer.zero_grad()
+        with opt.summon_full_params():
+            differences.append(max(float((a - b).abs().max())
+                                   for a, b in zip(model.parameters(), reference.parameters())))
+    opt.close()
+    return differences

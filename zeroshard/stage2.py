@@ -70,16 +70,30 @@ def only_the_parameter_holds(param: torch.Tensor, engine_holds: tuple = ()) -> b
     grad, fresh = param.grad, torch.empty(1)
     storage = grad.untyped_storage()._cdata
     # Autograd hands the hook the very tensor, or (having stolen it for .grad through a
-    # detach) another tensor on its storage, a view's base holding that storage too.
+    # detach) another tensor on its storage; when that is a view, its base holds the
+    # storage too, and must be held by that view alone (not, say, by another node's
+    # input, which backward has yet to read).
     same, others = 0, 0
     for tensor in engine_holds:
         if tensor is grad:
             same += 1
         elif isinstance(tensor, torch.Tensor) and tensor.untyped_storage()._cdata == storage:
-            others += 1 + (tensor._base is not None)
+            others += 1
+            if tensor._base is not None:
+                if _base_holders(tensor) != _base_holders(torch.empty(1).view(1)):
+                    return False
+                others += 1
     return (sys.getrefcount(grad) == sys.getrefcount(fresh) + 1 + same  # + param's .grad
             and _storage_use_count(storage)
             == _storage_use_count(fresh.untyped_storage()._cdata) + others)
+
+
+def _base_holders(view: torch.Tensor) -> tuple[int, int]:
+    """What refers to ``view``'s base: Python names, and C++ holders (the view itself,
+    an input autograd has yet to pass on). Compared with a fresh view's, whose base
+    only that view holds."""
+    base = view._base
+    return sys.getrefcount(base), base._use_count()
 
 
 class ShardedGradients:
