@@ -4,8 +4,10 @@ between steps, changing which parameters train)."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import gc
+import io
 import weakref
 
 import torch
@@ -929,6 +931,13 @@ def clipping_through_the_param_groups(ctx, stage: int):
     torch.nn.functional.mse_loss(model(x), y).backward()
     refusal = _refusal(lambda: torch.nn.utils.clip_grad_norm_(shards(), 0.01))
     probe = _ranks_in_step(ctx)
+    # what a copy or a saved gradient gives: plain tensors holding the shard's values
+    saved = io.BytesIO()
+    torch.save([p.grad for p in shards()], saved)
+    saved.seek(0)
+    copies = copy.deepcopy(opt.param_groups)[0]["params"][0].grad, torch.load(saved)[0]
+    shard = shards()[0].grad.as_subclass(torch.Tensor)
+    assert all(type(c) is torch.Tensor and torch.equal(c, shard) for c in copies), copies
     opt.zero_grad()
     differences = []
     for step in range(3):

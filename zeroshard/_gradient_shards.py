@@ -13,12 +13,17 @@ Note [a norm of a shard]:
     from DDP's by the difference in clipping (0.5 clipping, SGD, 4 steps, 2 ranks: a
     norm of 1.25 where DDP's is 1.66). So the shard in ``.grad`` is a
     ``GradientShard``: such a reduction of it, or of anything computed from it
-    element by element, raises where it is made, naming ``opt.clip_grad_norm_``.
+    element by element, raises where it is made, naming ``opt.clip_grad_norm_``
+    (``any()`` and ``all()`` too: a rank that skipped its step on a local check would
+    leave the others in the step's all-gather). No list of operations can be complete
+    (a loop over the elements, numpy); it covers what clipping and logging use.
     Every rank clips the same way, so every rank raises, before any collective.
     zeroshard's own work (the step, its clipping) uses the plain tensor.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 from torch.utils._pytree import tree_flatten
@@ -32,6 +37,11 @@ _PARTIAL = {f for f in (
     torch.prod, _T.prod, torch.amax, _T.amax, torch.amin, _T.amin, torch.aminmax, _T.aminmax,
     torch.dot, _T.dot, torch.vdot, _T.vdot, torch.inner, _T.inner,
     torch.std, _T.std, torch.var, _T.var, torch.std_mean, torch.var_mean,
+    torch.matmul, _T.matmul, _T.__matmul__, _T.__rmatmul__, torch.einsum,
+    torch.logsumexp, _T.logsumexp, torch.median, _T.median, torch.nanmedian, _T.nanmedian,
+    torch.quantile, _T.quantile, torch.nanquantile, _T.nanquantile, torch.topk, _T.topk,
+    torch.kthvalue, _T.kthvalue, torch.count_nonzero, _T.count_nonzero,
+    torch.any, _T.any, torch.all, _T.all, torch.nn.functional.normalize,
 ) if f is not None}
 _MAX_MIN = {torch.max, _T.max, torch.min, _T.min}  # reductions unless given a second tensor
 _PRINTING = {_T.__repr__, _T.__str__, _T.__format__}
@@ -54,6 +64,19 @@ class GradientShard(torch.Tensor):
             raise RuntimeError(_message(func, args, kwargs))
         return super().__torch_function__(func, types, args, kwargs)
 
+    # A copy or a saved gradient is a plain tensor: nothing else should behave as a shard,
+    # and torch.load's default (weights only) reads no subclass.
+    def __deepcopy__(self, memo):
+        return copy.deepcopy(_plain(self), memo)
+
+    def __reduce_ex__(self, protocol):
+        return _plain(self).__reduce_ex__(protocol)
+
+
+def _plain(shard: GradientShard) -> torch.Tensor:
+    with torch._C.DisableTorchFunctionSubclass():
+        return shard.as_subclass(torch.Tensor)
+
 
 def as_gradient_shard(grad: torch.Tensor, holds: str) -> GradientShard:
     shard = grad.as_subclass(GradientShard)
@@ -68,7 +91,7 @@ def _second_tensor(args, kwargs) -> bool:
 def _message(func, args, kwargs) -> str:
     holds = next((t.holds for t in tree_flatten((args, kwargs))[0]
                   if isinstance(t, GradientShard) and t.holds), "some parameters")
-    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
+    name = getattr(func, "__name__", None) or repr(func)
     return (f"zeroshard: {name} over a gradient in opt.param_groups: that tensor is this rank's "
             f"shard of the reduced gradients (of {holds}), so its norm, sum or maximum is this "
             "rank's part only, and clipping by it (torch.nn.utils.clip_grad_norm_ over the "
