@@ -951,3 +951,24 @@ def clipping_through_the_param_groups(ctx, stage: int):
         differences.append(_largest_difference(opt, model, reference.module))
     opt.close()
     return refusal, probe, differences
+
+
+def parameter_replaced_after_construction(ctx, stage: int, how: str):
+    """A parameter replaced after ZeroOptimizer(...): its ``.data`` (``p.data = t``,
+    ``model.double()``; stages 1-2 went on stepping the old memory, silently) or the
+    ``nn.Parameter`` itself (every stage stepped the old one). Returns (the step's refusal,
+    a probe that every rank is still in step)."""
+    model = build_model(MLP, seed=0)
+    opt = _zero(model, stage, ctx.group, lr=0.05)
+    x, y = make_batch(MLP, seed=0, rank=ctx.rank, batch=4)
+    head = model.body[-1]
+    if how == "data":
+        with torch.no_grad():
+            head.weight.data = torch.randn_like(head.weight)
+    elif how == "double":
+        model.double()
+        x, y = x.double(), y.double()
+    else:
+        head.weight = torch.nn.Parameter(torch.randn_like(head.weight))
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    return _refusal(opt.step), _ranks_in_step(ctx)

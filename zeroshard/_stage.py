@@ -101,6 +101,10 @@ class Stage:
 
     # -- parameters -------------------------------------------------------------------
 
+    def check_parameters_in_place(self) -> None:
+        """Before a step: the parameters still hold the storage the step writes to."""
+        self.params.check_in_place()
+
     def after_step(self) -> None:
         """The inner optimizer has updated the shards: make the parameters follow."""
         self.params.after_step()
@@ -147,6 +151,22 @@ class WholeParameters:
         self.group = group
         self.stats = stats
         self.label = label
+
+    def check_in_place(self) -> None:
+        """The parameters are views of their buckets' flat buffers, which the step's
+        all-gathers fill. One whose storage was replaced (``p.data = t``,
+        ``model.to(dtype)`` or ``model.double()`` after construction) would silently stop
+        training, where DDP would train the new tensor: refused, naming the parameter."""
+        for bucket in self.buckets:
+            storage = bucket.flat.untyped_storage()._cdata
+            for name, param in zip(bucket.param_names, bucket.params):
+                if param.untyped_storage()._cdata != storage:
+                    raise RuntimeError(
+                        f"zeroshard: parameter {name!r} no longer holds the memory ZeroOptimizer "
+                        "shards and steps (its .data was replaced after the optimizer was built: "
+                        "p.data = t, model.to(dtype), model.double()); the step would not reach "
+                        "it. Write new values in place (p.data.copy_(t), model.load_state_dict), "
+                        "or opt.close() and build a new ZeroOptimizer over the changed model")
 
     def after_step(self) -> None:
         self.gather(self.launch_order())

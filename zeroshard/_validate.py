@@ -138,6 +138,19 @@ def check_trainable_unchanged(model: nn.Module, trainable: list[tuple[nn.Paramet
                 "(on every rank) and build a new ZeroOptimizer over the model")
 
 
+def check_parameters_unreplaced(model: nn.Module, known: frozenset[int]) -> None:
+    """Every parameter of the model is one the optimizer was built over: a new
+    ``nn.Parameter`` put in a module since (``model.head.weight = nn.Parameter(t)``) would
+    get no reduction and no step, and the one it replaced a step with no gradient."""
+    for name, param in model.named_parameters():
+        if id(param) not in known:
+            raise RuntimeError(
+                f"parameter {name!r} was replaced by a new nn.Parameter after the ZeroOptimizer "
+                "was built, which shards and steps the one it replaced. Write new values into "
+                "the existing parameter instead (with torch.no_grad(): p.copy_(t), or "
+                "model.load_state_dict), or opt.close() and build a new ZeroOptimizer")
+
+
 def check_devices(model: nn.Module) -> None:
     devices = {p.device for p in model.parameters()}
     if len(devices) > 1:

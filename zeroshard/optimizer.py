@@ -186,6 +186,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._param_dtypes = {id(p): p.dtype for p in model.parameters()}
         # The sharding follows requires_grad as it is now (step() checks it stays so).
         self._trainable_at_construction = [(p, p.requires_grad) for p in model.parameters()]
+        self._parameter_ids = frozenset(id(p) for p, _ in self._trainable_at_construction)
         self._buffer_dtypes = {(id(m), name): b.dtype for m in model.modules()
                                for name, b in m._buffers.items() if b is not None}
 
@@ -364,6 +365,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if not (norm_type > 0):
             raise ValueError(f"norm_type must be positive or inf, got {norm_type}")
         _validate.check_trainable_unchanged(self._model, self._trainable_at_construction)
+        _validate.check_parameters_unreplaced(self._model, self._parameter_ids)
         # 1. The reduced gradient shards, complete and in fp32 (the step uses fp32 anyway).
         self._live.wait_in_flight()
         self._live.claim_gradients()  # Note [gradient markers]
@@ -390,6 +392,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         _validate.check_trainable_unchanged(self._model, self._trainable_at_construction)
+        _validate.check_parameters_unreplaced(self._model, self._parameter_ids)
+        self._live.check_parameters_in_place()
         # 1. The reduced gradient shards, complete, in the masters' dtype.
         self._live.wait_in_flight()
         self._live.claim_gradients()  # Note [gradient markers]

@@ -387,6 +387,9 @@ class UnitGatherer:
 
     # -- around the optimizer step ----------------------------------------------------
 
+    def check_in_place(self) -> None:
+        """Each gather puts the parameters back on their unit's buffers."""
+
     def after_step(self) -> None:
         """Parameters stay sharded after a step; free anything still gathered (stale now)."""
         for unit in self.units:
