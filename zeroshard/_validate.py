@@ -142,13 +142,15 @@ def check_parameters_unreplaced(model: nn.Module, known: frozenset[int]) -> None
     """Every parameter of the model is one the optimizer was built over: a new
     ``nn.Parameter`` put in a module since (``model.head.weight = nn.Parameter(t)``) would
     get no reduction and no step, and the one it replaced a step with no gradient."""
-    for name, param in model.named_parameters():
-        if id(param) not in known:
-            raise RuntimeError(
-                f"parameter {name!r} was replaced by a new nn.Parameter after the ZeroOptimizer "
-                "was built, which shards and steps the one it replaced. Write new values into "
-                "the existing parameter instead (with torch.no_grad(): p.copy_(t), or "
-                "model.load_state_dict), or opt.close() and build a new ZeroOptimizer")
+    new = [p for m in model.modules() for p in m._parameters.values()
+           if p is not None and id(p) not in known]  # every step: no names until needed
+    if new:
+        name = next(n for n, p in model.named_parameters() if p is new[0])
+        raise RuntimeError(
+            f"parameter {name!r} was replaced by a new nn.Parameter after the ZeroOptimizer "
+            "was built, which shards and steps the one it replaced. Write new values into "
+            "the existing parameter instead (with torch.no_grad(): p.copy_(t), or "
+            "model.load_state_dict), or opt.close() and build a new ZeroOptimizer")
 
 
 def check_devices(model: nn.Module) -> None:
