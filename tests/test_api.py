@@ -127,3 +127,21 @@ def test_a_gradient_viewing_what_backward_still_passes_on_is_not_reduced_in_plac
     for rank, differences in enumerate(pool.run(cases_api.gradient_viewing_what_backward_passes_on,
                                                  2, stage)):
         assert max(differences) < 1e-6, (rank, differences)
+
+
+def test_the_check_of_the_engines_counts_passes_here_and_catches_a_wrong_count(monkeypatch):
+    """Note [a gradient as its bucket's buffer] discounts what autograd hands the
+    accumulator's hook only where ``engine_counts_as_expected`` says this torch counts
+    as it reads: here it must (else every lone gradient is copied, and
+    test_a_lone_parameters_gradient_is_reduced_without_a_copy fails), and it must catch
+    a count that takes any view's base for the view's alone (the reduction then
+    overwrote a gradient backward still owed another node)."""
+    from zeroshard import stage2
+    stage2.engine_counts_as_expected.cache_clear()
+    assert stage2.engine_counts_as_expected()
+    monkeypatch.setattr(stage2, "_base_holders", lambda view: (0, 0))
+    stage2.engine_counts_as_expected.cache_clear()
+    try:
+        assert not stage2.engine_counts_as_expected()
+    finally:
+        stage2.engine_counts_as_expected.cache_clear()

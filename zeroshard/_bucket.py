@@ -211,16 +211,12 @@ class FlatBucket:
                 grad = grad.to(self.master.dtype)
         self.grad_shard = grad
         # what the param groups show: Note [a norm of a shard]
-        self.master.grad = None if grad is None else as_gradient_shard(grad, self._names_held())
+        self.master.grad = None if grad is None else as_gradient_shard(grad, self.param_names)
         if self.owns_whole_parameters:
             for index, stepped in zip(self.layout.owned(self.rank), self.stepped):
                 if grad is not None and grad.dtype != stepped.dtype and _GRAD_DTYPE_SETTABLE:
                     stepped.grad_dtype = None
                 stepped.grad = None if grad is None else self._owned_view(grad, index)
-
-    def _names_held(self) -> str:
-        names = [repr(name) for name in self.param_names]
-        return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
     def nbytes(self) -> int:
         return self.flat.numel() * self.flat.element_size()

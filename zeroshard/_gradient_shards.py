@@ -52,7 +52,7 @@ class GradientShard(torch.Tensor):
     (Note [a norm of a shard]). Element-wise use works and gives shards; a whole-tensor
     reduction raises."""
 
-    holds = ""  # which parameters' elements (set on the shard itself, for the message)
+    holds: list[str] = []  # names of the parameters whose elements it holds (its bucket's)
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
@@ -78,7 +78,7 @@ def _plain(shard: GradientShard) -> torch.Tensor:
         return shard.as_subclass(torch.Tensor)
 
 
-def as_gradient_shard(grad: torch.Tensor, holds: str) -> GradientShard:
+def as_gradient_shard(grad: torch.Tensor, holds: list[str]) -> GradientShard:
     shard = grad.as_subclass(GradientShard)
     shard.holds = holds
     return shard
@@ -89,8 +89,9 @@ def _second_tensor(args, kwargs) -> bool:
 
 
 def _message(func, args, kwargs) -> str:
-    holds = next((t.holds for t in tree_flatten((args, kwargs))[0]
-                  if isinstance(t, GradientShard) and t.holds), "some parameters")
+    names = next((t.holds for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, GradientShard) and t.holds), ["some parameters"])
+    holds = ", ".join(map(repr, names[:3])) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
     name = getattr(func, "__name__", None) or repr(func)
     return (f"zeroshard: {name} over a gradient in opt.param_groups: that tensor is this rank's "
             f"shard of the reduced gradients (of {holds}), so its norm, sum or maximum is this "
@@ -99,4 +100,6 @@ def _message(func, args, kwargs) -> str:
             "differently from DDP. Use opt.clip_grad_norm_(max_norm, norm_type): it clips by "
             "the global norm and returns it, as torch.nn.utils.clip_grad_norm_ does under DDP "
             "(in Lightning, override configure_gradient_clipping to call it). Clipping by "
-            "value (torch.nn.utils.clip_grad_value_) works on the shards as they are")
+            "value (torch.nn.utils.clip_grad_value_) works on the shards as they are; code that "
+            "combines the ranks' parts itself (an all-reduce of the squares) can read "
+            "grad.as_subclass(torch.Tensor)")

@@ -46,6 +46,7 @@ to the shards (Note [gradient markers] in _grad_markers.py).
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import torch
@@ -64,9 +65,17 @@ def only_the_parameter_holds(param: torch.Tensor, engine_holds: tuple = ()) -> b
     hook now running, which it drops once the hook returns) refers to its gradient: no
     other Python name for the tensor (a hook that kept it) and no other tensor on its
     storage (a kept view). Counted against a tensor made here, which only this frame
-    holds, so the count does not depend on how this Python counts a call's references."""
+    holds, so the count does not depend on how this Python counts a call's references;
+    what the engine holds is discounted only where this torch passed the check of
+    ``engine_counts_as_expected`` (else such a gradient is copied)."""
     if _storage_use_count is None:  # a torch without it: copy, as before
         return False
+    if engine_holds and not engine_counts_as_expected():
+        engine_holds = ()
+    return _held_by_the_parameter_alone(param, engine_holds)
+
+
+def _held_by_the_parameter_alone(param: torch.Tensor, engine_holds: tuple) -> bool:
     grad, fresh = param.grad, torch.empty(1)
     storage = grad.untyped_storage()._cdata
     # Autograd hands the hook the very tensor, or (having stolen it for .grad through a
@@ -86,6 +95,43 @@ def only_the_parameter_holds(param: torch.Tensor, engine_holds: tuple = ()) -> b
     return (sys.getrefcount(grad) == sys.getrefcount(fresh) + 1 + same  # + param's .grad
             and _storage_use_count(storage)
             == _storage_use_count(fresh.untyped_storage()._cdata) + others)
+
+
+class _AddGivingAView(torch.autograd.Function):
+    """``a + w``, whose backward gives ``w`` a view of what it passes on to ``a``."""
+
+    @staticmethod
+    def forward(ctx, a, w):
+        return a + w
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, grad.view(grad.shape)
+
+
+@functools.cache
+def engine_counts_as_expected() -> bool:
+    """Whether this torch's reference counts say what ``only_the_parameter_holds``
+    reads from them, checked once on two small backwards: a Linear's weight, whose
+    gradient only the node hook's arguments still hold (it may be reduced in place),
+    and a parameter given a view of the gradient backward still owes another node (it
+    may not). A wrong yes would let a reduction overwrite what backward still reads."""
+    def answer(param: torch.Tensor, loss) -> list[bool]:
+        answers: list[bool] = []
+        node = param.view_as(param).grad_fn.next_functions[0][0]
+        handle = node.register_hook(lambda grad_inputs, grad_outputs: answers.append(
+            _held_by_the_parameter_alone(param, grad_outputs)))
+        loss(param).backward()
+        handle.remove()
+        return answers
+
+    with torch.enable_grad():
+        x = torch.ones(2, 4, device="cpu")  # no random draw: the user's RNG stays as it was
+        alone = answer(torch.nn.Parameter(torch.ones(4, 4, device="cpu")),
+                       lambda w: torch.nn.functional.linear(x, w).square().sum())
+        owed = answer(torch.nn.Parameter(torch.ones(2, 4, device="cpu")),
+                      lambda w: _AddGivingAView.apply(x.requires_grad_() * 2.0, w).square().sum())
+    return alone == [True] and owed == [False]
 
 
 def _base_holders(view: torch.Tensor) -> tuple[int, int]:
@@ -114,6 +160,7 @@ class ShardedGradients:
         # waits in .grad
         self.waiting: dict[int, list[int]] = {}
         self.markers = GradientMarkers(label)  # Note [gradient markers]
+        engine_counts_as_expected()  # checked here, once, not inside a backward
         for bucket in self.buckets:
             for param in bucket.params:  # runs before autograd accumulates into .grad
                 handles.append(param.register_hook(WeakHook(self._before_accumulate)))
