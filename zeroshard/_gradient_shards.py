@@ -91,7 +91,8 @@ def _second_tensor(args, kwargs) -> bool:
 def _message(func, args, kwargs) -> str:
     names = next((t.holds for t in tree_flatten((args, kwargs))[0]
                   if isinstance(t, GradientShard) and t.holds), ["some parameters"])
-    holds = ", ".join(map(repr, names[:3])) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+    holds = ", ".join(map(repr, names[:3])) + more
     name = getattr(func, "__name__", None) or repr(func)
     return (f"zeroshard: {name} over a gradient in opt.param_groups: that tensor is this rank's "
             f"shard of the reduced gradients (of {holds}), so its norm, sum or maximum is this "

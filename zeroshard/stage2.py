@@ -125,7 +125,7 @@ def engine_counts_as_expected() -> bool:
         handle.remove()
         return answers
 
-    with torch.enable_grad():
+    with torch.inference_mode(False), torch.enable_grad():
         x = torch.ones(2, 4, device="cpu")  # no random draw: the user's RNG stays as it was
         alone = answer(torch.nn.Parameter(torch.ones(4, 4, device="cpu")),
                        lambda w: torch.nn.functional.linear(x, w).square().sum())
@@ -196,7 +196,7 @@ class ShardedGradients:
         if param.grad is None:
             return
         if (id(bucket) not in self.reduce_buffers and self._is_whole_bucket(bucket, param.grad)
-                and only_the_parameter_holds(param, engine_holds)):  # no frame here holds the gradient
+                and only_the_parameter_holds(param, engine_holds)):  # no frame here holds it
             # Note [a gradient as its bucket's buffer]
             self.reduce_buffers[id(bucket)] = to_memory_order(param.grad, bucket.orders[0])
         else:
