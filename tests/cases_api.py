@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import zeroshard
-from zeroshard import _comm
+from zeroshard import _comm, stage2
 from zeroshard._ranks import ranks_from
 from models import build_model, loss_fn, make_batch
 
@@ -364,8 +364,8 @@ def kept_gradients(ctx, stage: int, keep: str) -> list[float]:
 
 
 def hook_registered_after_the_optimizer(ctx, stage: int) -> list[float]:
-    """Note [after the user's gradient hooks] (zeroshard/_reducer.py): a post-accumulate-grad hook
-    registered after the optimizer scales each gradient by 0.5 and logs its norm, as DDP
+    """Note [after the user's gradient hooks] (zeroshard/_reducer.py): a post-accumulate-grad
+    hook registered after the optimizer scales each gradient by 0.5 and logs its norm, as DDP
     lets it (DDP reduces after every such hook). Small buckets, so some gradients wait
     for their buffer and some fill one alone. The reference is DDP with the same hook;
     returns, per step, the largest parameter difference."""
@@ -387,41 +387,63 @@ def hook_registered_after_the_optimizer(ctx, stage: int) -> list[float]:
     for net in (model, reference):
         for param in net.parameters():
             param.register_post_accumulate_grad_hook(log_and_scale)
+    return _differences_from_reference(ctx, model, opt, ddp, ref_opt, batch_shape=(4, 6))
+
+
+def _differences_from_reference(ctx, model, opt, reference, ref_opt, batch_shape,
+                                average: bool = False) -> list[float]:
+    """Three steps of ``model`` under ``opt`` and of ``reference`` (DDP, or with
+    ``average`` a plain module whose gradients are averaged over the ranks here, as DDP
+    would) under ``ref_opt``, on each rank's own batch (a squared-mean loss); per step,
+    the largest parameter difference. Closes ``opt``."""
+    plain = getattr(reference, "module", reference)
     differences = []
     for step in range(3):
-        x = torch.randn(4, 6, generator=torch.Generator().manual_seed(10 * step + ctx.rank))
-        for net, optimizer in ((model, opt), (ddp, ref_opt)):
+        generator = torch.Generator().manual_seed(10 * step + ctx.rank)
+        x = torch.randn(*batch_shape, generator=generator)
+        for net, optimizer in ((model, opt), (reference, ref_opt)):
             net(x).square().mean().backward()
+            if net is reference and average:
+                for param in plain.parameters():
+                    dist.all_reduce(param.grad, group=ctx.group)
+                    param.grad /= ctx.world_size
             optimizer.step()
             optimizer.zero_grad()
         with opt.summon_full_params():
             differences.append(max(float((a - b).abs().max())
-                                   for a, b in zip(model.parameters(), reference.parameters())))
+                                   for a, b in zip(model.parameters(), plain.parameters())))
     opt.close()
     return differences
 
 
-class _AddReturningAView(torch.autograd.Function):
-    """``a + w``, whose backward gives ``w`` a view of the very tensor it passes on to
-    ``a``'s producer, which autograd has yet to read when ``w``'s gradient comes."""
+class _SlowToPassOn(torch.autograd.Function):
+    """The identity, whose backward waits 50 ms before passing the gradient on: long
+    enough for a reduction launched meanwhile to finish, so one that wrote into that
+    gradient changes what the node before reads every time, not only when it wins the
+    race."""
 
     @staticmethod
-    def forward(ctx, a, w):
-        return a + w
+    def forward(ctx, x):
+        return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, grad.view(grad.shape)
+        time.sleep(0.05)
+        return grad
 
 
 class _LinearThenAdd(nn.Module):
+    """``first(x) + w``, whose backward gives ``w`` a view of the very tensor it passes on
+    to ``first``, which autograd has yet to read when ``w``'s gradient comes (the
+    function zeroshard's own check of the engine's counts uses)."""
+
     def __init__(self) -> None:
         super().__init__()
         self.first = nn.Linear(32, 32)
         self.w = nn.Parameter(0.1 * torch.randn(32, 32))
 
     def forward(self, x):
-        return _AddReturningAView.apply(self.first(x), self.w)
+        return stage2._AddGivingAView.apply(_SlowToPassOn.apply(self.first(x)), self.w)
 
 
 def gradient_viewing_what_backward_passes_on(ctx, stage: int) -> list[float]:
@@ -436,20 +458,5 @@ def gradient_viewing_what_backward_passes_on(ctx, stage: int) -> list[float]:
     ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
     opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=stage, lr=0.1,
                                   process_group=ctx.group, bucket_size_mb=32 * 32 * 4 / 2**20)
-
-    differences = []
-    for step in range(3):
-        x = torch.randn(32, 32, generator=torch.Generator().manual_seed(10 * step + ctx.rank))
-        for net, optimizer in ((model, opt), (reference, ref_opt)):
-            net(x).square().mean().backward()
-            if net is reference:  # what DDP's reduction does
-                for param in reference.parameters():
-                    dist.all_reduce(param.grad, group=ctx.group)
-                    param.grad /= ctx.world_size
-            optimizer.step()
-            optimizer.zero_grad()
-        with opt.summon_full_params():
-            differences.append(max(float((a - b).abs().max())
-                                   for a, b in zip(model.parameters(), reference.parameters())))
-    opt.close()
-    return differences
+    return _differences_from_reference(ctx, model, opt, reference, ref_opt, batch_shape=(32, 32),
+                                       average=True)

@@ -112,9 +112,9 @@ def test_a_gradient_a_hook_kept_is_not_reduced_in_place(pool, stage, keep):
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_a_hook_registered_after_the_optimizer_runs_before_the_reduction(pool, stage):
-    """Note [after the user's gradient hooks] (zeroshard/_reducer.py): it failed before at every stage (the hook's scaling
-    reached some gradients and not others, or none; at stages 2 and 3 an unguarded
-    p.grad.norm() raised on None)."""
+    """Note [after the user's gradient hooks] (zeroshard/_reducer.py): it failed before at
+    every stage (the hook's scaling reached some gradients and not others, or none; at
+    stages 2 and 3 an unguarded p.grad.norm() raised on None)."""
     for rank, differences in enumerate(pool.run(cases_api.hook_registered_after_the_optimizer,
                                                  2, stage)):
         assert max(differences) < 1e-6, (rank, differences)
