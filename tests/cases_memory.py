@@ -121,3 +121,42 @@ def gradients_mid_backward(ctx, vocab: int, width: int) -> list[int]:
         opt.zero_grad()
     opt.close()
     return seen[1:]
+
+
+def reduction_storages(ctx, stage: int, layers: int) -> dict:
+    """Note [reduce slots] (zeroshard/_reduce_slots.py): ``layers`` equal Linear layers,
+    a bucket (stage 3: a unit) each, on gloo, where a reduce-scatter is one
+    ``dist.reduce`` per shard. Per backward after the first: how many storages those
+    reduces ran on (every one seen is kept referenced, so the allocator cannot hand
+    one out twice), and how many of them still held memory once the step was done."""
+    width = 64
+    torch.manual_seed(0)
+    model = nn.Sequential(*(nn.Linear(width, width) for _ in range(layers)))
+    extra = {"units": nn.Linear} if stage == 3 else {}
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=stage, lr=0.1,
+                                  process_group=ctx.group,
+                                  bucket_size_mb=1.01 * (width + 1) * width * 4 / 2**20, **extra)
+    seen: dict[int, torch.UntypedStorage] = {}
+    reduce = dist.reduce
+
+    def recording_reduce(tensor, *args, **kwargs):
+        storage = tensor.untyped_storage()
+        seen.setdefault(storage._cdata, storage)
+        return reduce(tensor, *args, **kwargs)
+
+    x = torch.randn(4, width, generator=torch.Generator().manual_seed(ctx.rank))
+    figures = []
+    for step in range(3):
+        seen.clear()
+        dist.reduce = recording_reduce
+        try:
+            model(x).square().mean().backward()
+        finally:
+            dist.reduce = reduce
+        opt.step()
+        opt.zero_grad()
+        if step:
+            figures.append({"storages": len(seen),
+                            "holding": sum(s.nbytes() > 0 for s in seen.values())})
+    opt.close()
+    return figures

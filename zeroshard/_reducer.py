@@ -88,7 +88,8 @@ from .mixed_precision import GradientDtypes, MixedPrecision, fp16_compute
 #     Stage 1 reduces its persistent buffers, of which each reduction in flight holds a
 #     copy (Note [collectives on gloo]): two in flight, two copies. Stages 2 and 3 reduce
 #     a buffer the next bucket's gradients do not fill, so one in flight, while the next
-#     bucket fills its own: two buffers. Either way at most two buckets' worth.
+#     bucket fills its own: two buffers. Either way at most two buckets' worth, on CPU
+#     two buffers reused from bucket to bucket (Note [reduce slots] in _reduce_slots.py).
 
 
 class GradientReducer:
@@ -202,6 +203,9 @@ class GradientReducer:
         if len(self._in_flight) >= self.store.reductions_in_flight:  # Note [reductions in flight]
             self._finish_oldest()  # its inputs and temporaries go before the next one's come
         self._launch(bucket)
+        slots = self.store.slots  # Note [reduce slots]
+        if slots.wanted and not any(map(self.store.will_take_slot, self.buckets[self.next_launch:])):
+            slots.none_wanted()
 
     def _launch(self, bucket: FlatBucket) -> None:
         flat_grad, consumable = self.store.launch(bucket)
@@ -238,8 +242,8 @@ class GradientReducer:
     def _finish_oldest(self) -> None:
         bucket, work, reduced, consumed = self._in_flight.pop(0)
         _comm.wait(work)
-        if consumed is not None:  # its work handle outlives it (Note [finished work])
-            _comm.release([consumed])
+        if consumed is not None and not self.store.slots.give_back(consumed):
+            _comm.release([consumed])  # its work handle outlives it (Note [finished work])
         self.store.landed(bucket)
         if self.gatherer is None or not self.gatherer.holds(bucket, reduced):
             self.store.install(bucket, reduced)
@@ -267,6 +271,7 @@ class GradientReducer:
             if self._ready_order is not None:
                 self._adopt_ready_order()
         self.late.clear()
+        self.store.slots.reset()
         for bucket in self.buckets:
             bucket.ready.clear()
         self.next_launch = 0
