@@ -62,14 +62,13 @@ def test_an_early_small_gradient_does_not_keep_its_buckets_buffer_through_backwa
         assert seen and all(grads < embedding // 4 for grads in seen), (rank, seen, embedding)
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_backwards_reductions_reuse_two_buffers_and_keep_none(pool, stage):
-    """Note [reduce slots]: the reductions of a backward's buckets run on at most two
-    buffers, reused from bucket to bucket (fresh memory costs a page fault per 4 KiB on
-    CPU), and none of them holds memory once the step is done. Before, each of the 8
-    buckets took a buffer of its own (a copy of stage 1's, stages 2-3's reduce buffer):
-    8 storages per backward."""
+def test_stage1s_reductions_reuse_two_buffers_and_keep_none(pool):
+    """Note [reduce slots]: stage 1's reductions of a backward's buckets run on at most
+    two copies of the buffers, reused from bucket to bucket (fresh memory costs a page
+    fault per 4 KiB on CPU), and none of them holds memory once the step is done.
+    Before, each of the 8 buckets' reductions copied its buffer into memory of its
+    own: 8 storages per backward."""
     layers = 8
-    for rank, figures in enumerate(pool.run(cases_memory.reduction_storages, 2, stage, layers)):
+    for rank, figures in enumerate(pool.run(cases_memory.reduction_storages, 2, 1, layers)):
         assert figures and all(f["storages"] <= 2 and f["holding"] == 0 for f in figures), (
             rank, figures)

@@ -66,6 +66,7 @@ Note [non-finite gradients]:
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -88,8 +89,8 @@ from .mixed_precision import GradientDtypes, MixedPrecision, fp16_compute
 #     Stage 1 reduces its persistent buffers, of which each reduction in flight holds a
 #     copy (Note [collectives on gloo]): two in flight, two copies. Stages 2 and 3 reduce
 #     a buffer the next bucket's gradients do not fill, so one in flight, while the next
-#     bucket fills its own: two buffers. Either way at most two buckets' worth, on CPU
-#     two buffers reused from bucket to bucket (Note [reduce slots] in _reduce_slots.py).
+#     bucket fills its own: two buffers. Either way at most two buckets' worth (stage
+#     1's copies on CPU: two buffers reused, Note [reduce slots] in _reduce_slots.py).
 
 
 class GradientReducer:
@@ -204,7 +205,8 @@ class GradientReducer:
             self._finish_oldest()  # its inputs and temporaries go before the next one's come
         self._launch(bucket)
         slots = self.store.slots  # Note [reduce slots]
-        if slots.wanted and not any(map(self.store.will_take_slot, self.buckets[self.next_launch:])):
+        remaining = itertools.islice(self.buckets, self.next_launch, None)
+        if slots.wanted and not any(map(self.store.will_take_slot, remaining)):
             slots.none_wanted()
 
     def _launch(self, bucket: FlatBucket) -> None:

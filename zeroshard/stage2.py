@@ -161,8 +161,7 @@ class ShardedGradients:
         # waits in .grad
         self.waiting: dict[int, list[int]] = {}
         self.markers = GradientMarkers(label)  # Note [gradient markers]
-        # the buffer filling and the one being reduced (Note [reduce slots])
-        self.slots = ReduceSlots(buckets, dtypes.reduce_dtype, self.reductions_in_flight + 1)
+        self.slots = ReduceSlots([], dtypes.reduce_dtype, count=0)  # none (Note [reduce slots])
         engine_counts_as_expected()  # checked here, once, not inside a backward
         for bucket in self.buckets:
             for param in bucket.params:  # runs before autograd accumulates into .grad
@@ -189,14 +188,9 @@ class ShardedGradients:
     def _buffer(self, bucket: FlatBucket) -> torch.Tensor:
         if id(bucket) not in self.reduce_buffers:
             # In the reduce dtype: gradients are accumulated (and reduced) in it.
-            slot = self.slots.take(bucket)
-            self.reduce_buffers[id(bucket)] = slot.zero_() if slot is not None else torch.zeros_like(
+            self.reduce_buffers[id(bucket)] = torch.zeros_like(
                 bucket.flat, dtype=self.dtypes.reduce_dtype(bucket))
         return self.reduce_buffers[id(bucket)]
-
-    def will_take_slot(self, bucket: FlatBucket) -> bool:
-        """Whether ``bucket``, not launched yet, has still to take a slot for its buffer."""
-        return id(bucket) not in self.reduce_buffers and self.slots.takes(bucket)
 
     def _move_grad_to_buffer(self, bucket: FlatBucket, index: int,
                              engine_holds: tuple = ()) -> None:
@@ -243,6 +237,9 @@ class ShardedGradients:
         if 4 * sum(numels[i] for i in set(waiting)) >= bucket.layout.numel:
             self._move_waiting(bucket, engine_holds)
 
+    def will_take_slot(self, bucket: FlatBucket) -> bool:
+        return False  # reduce buffers are made afresh (Note [reduce slots])
+
     def fill_missing(self, bucket: FlatBucket, index: int) -> None:
         self._move_grad_to_buffer(bucket, index)  # a gradient left over from no_sync()
 
@@ -267,7 +264,6 @@ class ShardedGradients:
         self.markers.drop()
         self.reduce_buffers.clear()
         self.waiting.clear()
-        self.slots.reset()
         assert not self.buffers_in_flight
         for bucket in self.buckets:
             bucket.set_grad_shard(None)
