@@ -19,9 +19,9 @@ Note [reduce slots]:
     bucket (the largest within 1.5 times the median size); the outliers (a token
     embedding's bucket, twice the others) take a buffer of their own, as before.
     Stages 2 and 3 take none: given slots for their reduce buffers, their peaks rose
-    (1208 -> 1215 and 1080 -> 1107 MiB on the 100M GPT at 2 ranks, one run each; why,
-    this was not found), while their step times moved less than between runs. CUDA's caching
-    allocator already reuses memory: there, buckets take buffers of their own.
+    (1208 -> 1215 and 1080 -> 1107 MiB on the 100M GPT at 2 ranks, one run each; why
+    was not found), while their step times moved less than between runs. CUDA's
+    caching allocator already reuses memory: there, buckets take buffers of their own.
 """
 
 from __future__ import annotations
