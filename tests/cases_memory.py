@@ -123,7 +123,7 @@ def gradients_mid_backward(ctx, vocab: int, width: int) -> list[int]:
     return seen[1:]
 
 
-def reduction_storages(ctx, stage: int, layers: int) -> dict:
+def reduction_storages(ctx, stage: int, layers: int) -> list[dict]:
     """Note [reduce slots] (zeroshard/_reduce_slots.py): ``layers`` equal Linear layers,
     a bucket (stage 3: a unit) each, on gloo, where a reduce-scatter is one
     ``dist.reduce`` per shard. Per backward after the first: how many storages those
