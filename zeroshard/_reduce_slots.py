@@ -17,11 +17,14 @@ Note [reduce slots]:
     nothing more is held than before (the profile: 0.10 s a step in the copies; the
     100M GPT's peak 1598 vs 1595 MiB). A slot is as large as the largest typical
     bucket (the largest within 1.5 times the median size); the outliers (a token
-    embedding's bucket, twice the others) take a buffer of their own, as before.
-    Stages 2 and 3 take none: given slots for their reduce buffers, their peaks rose
-    (1208 -> 1215 and 1080 -> 1107 MiB on the 100M GPT at 2 ranks, one run each; why
-    was not found), while their step times moved less than between runs. CUDA's
-    caching allocator already reuses memory: there, buckets take buffers of their own.
+    embedding's bucket, twice the others) take a buffer of their own, as before, and
+    so does a bucket cast to another dtype for its reduction (the cast is the copy).
+    The reducer makes the copy where it makes any other (``_reduce_scatter``), and
+    holds slots only for stage 1, the store that keeps the buffers it reduces. Stages
+    2 and 3 take none: given slots for their reduce buffers, their peaks rose (1208 ->
+    1215 and 1080 -> 1107 MiB on the 100M GPT at 2 ranks, one run each; why was not
+    found), while their step times moved less than between runs. CUDA's caching
+    allocator already reuses memory: there, buckets take buffers of their own.
 """
 
 from __future__ import annotations
@@ -40,8 +43,7 @@ class ReduceSlots:
     def __init__(self, buckets: list[FlatBucket], reduce_dtype, count: int) -> None:
         self.count = count
         self._reduce_dtype = reduce_dtype  # bucket -> the dtype its reduction runs in
-        sizes = [self._nbytes_of(bucket) for bucket in buckets
-                 if bucket.flat.device.type == "cpu"]
+        sizes = [self._nbytes_of(bucket) for bucket in buckets if self._may_take(bucket)]
         typical = 1.5 * statistics.median(sizes) if sizes else 0
         self.nbytes = max((size for size in sizes if size <= typical), default=0)
         self._free: list[torch.Tensor] = []
@@ -51,9 +53,13 @@ class ReduceSlots:
     def _nbytes_of(self, bucket: FlatBucket) -> int:
         return bucket.flat.numel() * self._reduce_dtype(bucket).itemsize
 
+    def _may_take(self, bucket: FlatBucket) -> bool:
+        # on CPU, and not cast to another dtype to be reduced (the cast is a copy anyway)
+        return bucket.flat.device.type == "cpu" and bucket.flat.dtype == self._reduce_dtype(bucket)
+
     def takes(self, bucket: FlatBucket) -> bool:
         """Whether ``bucket``'s reduction takes a slot."""
-        return bucket.flat.device.type == "cpu" and 0 < self._nbytes_of(bucket) <= self.nbytes
+        return self._may_take(bucket) and 0 < self._nbytes_of(bucket) <= self.nbytes
 
     def take(self, bucket: FlatBucket) -> torch.Tensor | None:
         """A 1-D tensor of the bucket's size in its reduce dtype on a slot (contents

@@ -78,6 +78,7 @@ from torch.utils._pytree import tree_flatten
 from . import _comm
 from ._bucket import FlatBucket, grad_shards
 from ._hooks import LoopSwitches, Phase, WeakHook
+from ._reduce_slots import ReduceSlots
 from .mixed_precision import GradientDtypes, MixedPrecision, fp16_compute
 
 
@@ -102,6 +103,7 @@ class GradientReducer:
                  record_ready_order: bool = True) -> None:
         self.buckets = list(buckets)  # the launch list (Note [launch order])
         self.store = store
+        self.slots: ReduceSlots | None = None  # stage 1's, set with its store (Note [reduce slots])
         self.gatherer = None  # stage 3's UnitGatherer, set once it is built
         self.group = group
         self.world_size = group.size  # every rank, over every replica (a _ranks.Ranks)
@@ -204,10 +206,10 @@ class GradientReducer:
         if len(self._in_flight) >= self.store.reductions_in_flight:  # Note [reductions in flight]
             self._finish_oldest()  # its inputs and temporaries go before the next one's come
         self._launch(bucket)
-        slots = self.store.slots  # Note [reduce slots]
-        remaining = itertools.islice(self.buckets, self.next_launch, None)
-        if slots.wanted and not any(map(self.store.will_take_slot, remaining)):
-            slots.none_wanted()
+        if self.slots is not None and self.slots.wanted:  # Note [reduce slots]
+            remaining = itertools.islice(self.buckets, self.next_launch, None)
+            if not any(map(self.slots.takes, remaining)):
+                self.slots.none_wanted()
 
     def _launch(self, bucket: FlatBucket) -> None:
         flat_grad, consumable = self.store.launch(bucket)
@@ -216,16 +218,22 @@ class GradientReducer:
     def _reduce_scatter(self, bucket: FlatBucket, flat_grad: torch.Tensor, consumable: bool):
         """Average ``flat_grad`` over ranks; this rank's shard lands in a new tensor.
 
-        ``flat_grad`` is cast to the reduce dtype first. In fp16 it is divided by the
-        world size first and then summed, so that the sum cannot overflow; that
-        division happens in place only if ``consumable`` (the caller is done with it).
-        Returns (work, output shard, consumed): ``consumed`` is the tensor reduced if
-        nobody needs it afterwards (``flat_grad`` if consumable, else a cast or divided
-        copy, else None); ``wait_in_flight`` frees its memory once the work is done.
+        ``flat_grad`` is cast to the reduce dtype first; if it needs no cast and the
+        caller keeps it (not ``consumable``), it is copied on a slot if there is one
+        (Note [reduce slots]). In fp16 it is divided by the world size first and then
+        summed, so that the sum cannot overflow; that division happens in place only if
+        ``consumable`` (the caller is done with it). Returns (work, output shard,
+        consumed): ``consumed`` is the tensor reduced if nobody needs it afterwards
+        (``flat_grad`` if consumable, else a copy: cast, on a slot or divided; else None);
+        ``wait_in_flight`` frees its memory once the work is done.
         """
         dtype = self.dtypes.reduce_dtype(bucket)
         if flat_grad.dtype != dtype:
             flat_grad, consumable = flat_grad.to(dtype), True
+        elif not consumable and self.slots is not None:
+            copy = self.slots.take(bucket)
+            if copy is not None:
+                flat_grad, consumable = copy.copy_(flat_grad), True
         op = dist.ReduceOp.AVG
         if dtype == torch.float16 and self.world_size > 1:
             flat_grad = flat_grad.div_(self.world_size) if consumable else flat_grad / self.world_size
@@ -244,7 +252,8 @@ class GradientReducer:
     def _finish_oldest(self) -> None:
         bucket, work, reduced, consumed = self._in_flight.pop(0)
         _comm.wait(work)
-        if consumed is not None and not self.store.slots.give_back(consumed):
+        on_slot = self.slots is not None and consumed is not None and self.slots.give_back(consumed)
+        if consumed is not None and not on_slot:
             _comm.release([consumed])  # its work handle outlives it (Note [finished work])
         self.store.landed(bucket)
         if self.gatherer is None or not self.gatherer.holds(bucket, reduced):
@@ -273,7 +282,8 @@ class GradientReducer:
             if self._ready_order is not None:
                 self._adopt_ready_order()
         self.late.clear()
-        self.store.slots.reset()
+        if self.slots is not None:
+            self.slots.reset()
         for bucket in self.buckets:
             bucket.ready.clear()
         self.next_launch = 0

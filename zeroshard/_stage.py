@@ -27,6 +27,7 @@ from . import _comm
 from ._bucket import FlatBucket
 from ._hooks import LoopSwitches, remove_handles
 from ._masters import ShardMasters
+from ._reduce_slots import ReduceSlots
 from ._reducer import GradientReducer
 from ._unit import Unit
 from .mixed_precision import GradientDtypes, MixedPrecision
@@ -56,6 +57,9 @@ class Stage:
                                        record_ready_order=stage != 3)
         if stage == 1:
             self.store = FullGradients(trainable, dtypes)
+            # it keeps the buffers it reduces: their copies reuse slots on CPU
+            self.reducer.slots = ReduceSlots(trainable, dtypes.reduce_dtype,
+                                             FullGradients.reductions_in_flight)
         else:
             self.store = ShardedGradients(trainable, dtypes, self.switches, self.label,
                                           self.handles)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import torch
 
 from ._bucket import FlatBucket, grad_shards
-from ._reduce_slots import ReduceSlots
 from .mixed_precision import GradientDtypes
 
 
@@ -30,7 +29,6 @@ class FullGradients:
         self.buckets = buckets
         self.dtypes = dtypes
         self.flat_grads = {id(bucket): torch.zeros_like(bucket.flat) for bucket in buckets}
-        self.slots = ReduceSlots(buckets, dtypes.reduce_dtype, self.reductions_in_flight)
         for bucket in self.buckets:
             for index, param in enumerate(bucket.params):
                 param.grad = self._grad_view(bucket, index)
@@ -125,19 +123,10 @@ class FullGradients:
         param.grad = view
 
     def launch(self, bucket: FlatBucket) -> tuple[torch.Tensor, bool]:
-        """What to reduce-scatter, and whether the reduction may consume it: the buffer
-        keeps the local gradient (p.grad views it), so not the buffer itself, but its
-        copy on a slot (Note [reduce slots]) when the reduction would copy it anyway."""
-        flat_grad = self.flat_grads[id(bucket)]
-        if flat_grad.dtype == self.dtypes.reduce_dtype(bucket):  # else cast: a copy
-            copy = self.slots.take(bucket)
-            if copy is not None:
-                return copy.copy_(flat_grad), True
-        return flat_grad, False
-
-    def will_take_slot(self, bucket: FlatBucket) -> bool:
-        """Whether ``bucket``'s launch, still to come, takes a slot."""
-        return self.slots.takes(bucket)
+        """What to reduce-scatter, and whether the reduction may consume it: the buffer,
+        which it may not (p.grad views it; the reducer reduces a copy, Note [reduce
+        slots])."""
+        return self.flat_grads[id(bucket)], False
 
     def landed(self, bucket: FlatBucket) -> None:
         """The bucket's reduce-scatter has completed (its input is not needed)."""

@@ -54,7 +54,6 @@ import torch
 from ._bucket import FlatBucket, grad_shards, to_memory_order
 from ._grad_markers import GradientMarkers
 from ._hooks import LoopSwitches, WeakHook
-from ._reduce_slots import ReduceSlots
 from .mixed_precision import GradientDtypes
 
 
@@ -161,7 +160,6 @@ class ShardedGradients:
         # waits in .grad
         self.waiting: dict[int, list[int]] = {}
         self.markers = GradientMarkers(label)  # Note [gradient markers]
-        self.slots = ReduceSlots([], dtypes.reduce_dtype, count=0)  # none (Note [reduce slots])
         engine_counts_as_expected()  # checked here, once, not inside a backward
         for bucket in self.buckets:
             for param in bucket.params:  # runs before autograd accumulates into .grad
@@ -236,9 +234,6 @@ class ShardedGradients:
         numels = bucket.layout.numels
         if 4 * sum(numels[i] for i in set(waiting)) >= bucket.layout.numel:
             self._move_waiting(bucket, engine_holds)
-
-    def will_take_slot(self, bucket: FlatBucket) -> bool:
-        return False  # reduce buffers are made afresh (Note [reduce slots])
 
     def fill_missing(self, bucket: FlatBucket, index: int) -> None:
         self._move_grad_to_buffer(bucket, index)  # a gradient left over from no_sync()
