@@ -7,7 +7,9 @@
 Methods (each on the same model, data and world size): DDP; DDP +
 ZeroRedundancyOptimizer; FSDP1 FULL_SHARD and SHARD_GRAD_OP; FSDP2 fully_shard with
 reshard_after_forward True and False; DeepSpeed ZeRO 1/2/3 (reported as skipped
-when deepspeed is not installed); zeroshard stages 1/2/3. Hybrid sharding over a
+when deepspeed is not installed); zeroshard stages 1/2/3, and stage 3 with
+reshard_after_forward=False ("zeroshard3_no_reshard", FSDP2's no-reshard setting:
+compared with stage 2, whose 2Ψ a step it moves). Hybrid sharding over a
 (--replicas, world size / --replicas) DeviceMesh: FSDP2 fully_shard on the 2-D mesh
 (HSDP) and zeroshard stages 1/2/3 with mesh= ("_hybrid"), compared with each other.
 Muon ("_muon"): DDP with torch.optim.Muon over the blocks' matrices beside AdamW over
@@ -61,6 +63,9 @@ METHODS = {
     "fsdp2_no_reshard": (2, 2), "fsdp2_reshard": (3, 3),
     "deepspeed_zero1": (1, 2), "deepspeed_zero2": (2, 2), "deepspeed_zero3": (3, 3),
     "zeroshard1": (1, None), "zeroshard2": (2, None), "zeroshard3": (3, None),
+    # stage 3 keeping its units gathered from forward to backward: FSDP2's
+    # reshard_after_forward=False (2Ψ a step, parameters resharded after backward)
+    "zeroshard3_no_reshard": (2, None),
     "fsdp2_hsdp": (3, 3),
     "zeroshard1_hybrid": (1, None), "zeroshard2_hybrid": (2, None), "zeroshard3_hybrid": (3, None),
     "ddp_muon": (0, 2),
@@ -74,6 +79,11 @@ def hybrid(method: str) -> bool:
 
 def muon(method: str) -> bool:
     return method.endswith("_muon")
+
+
+def zeroshard_stage(method: str) -> int:
+    """The ``stage=`` a zeroshard method passes (METHODS gives the stage it compares with)."""
+    return 3 if method == "zeroshard3_no_reshard" else METHODS[method][0]
 
 
 def stage_label(method: str) -> str:
@@ -158,8 +168,10 @@ def setup(method: str, model, lr: float, mesh=None, block=Block):
         return engine, engine, engine.backward
     if method.startswith("zeroshard"):
         import zeroshard
-        stage = METHODS[method][0]
+        stage = zeroshard_stage(method)
         extra = {"units": block} if stage == 3 else {}
+        if method == "zeroshard3_no_reshard":
+            extra["reshard_after_forward"] = False
         if mesh is not None:
             extra["mesh"] = mesh
         if muon(method):
@@ -313,7 +325,7 @@ def summarise(rows: list[dict], world: int, replicas: int) -> str:
               "|---|---|---|---|---|---|"]
     for r in rows:  # the formula is AdamW's: not the Muon rows'
         if r["method"].startswith("zeroshard") and not muon(r["method"]) and "error" not in r:
-            stage, rep = METHODS[r["method"]][0], r["memory_report"]
+            stage, rep = zeroshard_stage(r["method"]), r["memory_report"]
             f = formula_bytes(stage, r["psi"], shards if hybrid(r["method"]) else world)
             # after zero_grad() the gradient shards are gone; compare the other two
             worst = max(abs(rep[k] - f[k]) / f[k] for k in ("parameters", "optimizer_states"))
