@@ -1,6 +1,7 @@
 """Where a step's time goes, method by method, in one process group: wall time of
 forward, backward, step and zero_grad, and the process's CPU time and minor page
-faults per step (rank 0, all its threads), medians over the steps and rounds.
+faults per step (rank 0, all its threads; the faults also phase by phase), medians
+over the steps and rounds.
 
     MALLOC_MMAP_THRESHOLD_=1048576 python benchmarks/step_phases.py --methods ddp,zeroshard1
 
@@ -43,7 +44,8 @@ def worker(rank: int, world: int, port: int, args) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     size = compare.SIZES[args.size]
     methods = args.methods.split(",")
-    figures = {m: {k: [] for k in (*PHASES, "cpu_s", "faults")} for m in methods}
+    figures = {m: {k: [] for k in (*PHASES, "cpu_s", "faults", *(f"faults_{p}" for p in PHASES))}
+               for m in methods}
     for round_ in range(args.rounds):
         for method in methods if round_ % 2 == 0 else methods[::-1]:
             torch.manual_seed(0)
@@ -56,31 +58,38 @@ def worker(rank: int, world: int, port: int, args) -> None:
             for step in range(args.warmup + args.steps):
                 dist.barrier()
                 cpu, faults = _usage()
-                marks = [time.perf_counter()]
+                marks, fault_marks = [time.perf_counter()], [faults]
+
+                def mark():
+                    marks.append(time.perf_counter())
+                    fault_marks.append(_usage()[1])
                 loss = F.cross_entropy(module(x).reshape(-1, size["vocab"]), y.reshape(-1))
-                marks.append(time.perf_counter())
+                mark()
                 (backward or torch.Tensor.backward)(loss)
-                marks.append(time.perf_counter())
+                mark()
                 opt.step()
-                marks.append(time.perf_counter())
+                mark()
                 opt.zero_grad()
-                marks.append(time.perf_counter())
+                mark()
                 cpu_after, faults_after = _usage()
                 if step >= args.warmup:
-                    for phase, start, end in zip(PHASES, marks, marks[1:]):
-                        figures[method][phase].append(end - start)
+                    for i, phase in enumerate(PHASES):
+                        figures[method][phase].append(marks[i + 1] - marks[i])
+                        figures[method][f"faults_{phase}"].append(fault_marks[i + 1] - fault_marks[i])
                     figures[method]["cpu_s"].append(cpu_after - cpu)
                     figures[method]["faults"].append(faults_after - faults)
             del module, opt, model
     if rank == 0:
         print("| method | " + " | ".join(f"{p} s" for p in PHASES)
-              + " | wall s | CPU s (rank 0) | minor faults (rank 0) |")
-        print("|---" * (len(PHASES) + 4) + "|")
+              + " | wall s | CPU s (rank 0) | minor faults (rank 0) | faults "
+              + " / ".join(PHASES) + " |")
+        print("|---" * (len(PHASES) + 5) + "|")
         for method in methods:
             median = {k: statistics.median(v) for k, v in figures[method].items()}
             wall = sum(median[p] for p in PHASES)
             print(f"| {method} | " + " | ".join(f"{median[p]:.3f}" for p in PHASES)
-                  + f" | {wall:.3f} | {median['cpu_s']:.3f} | {median['faults']:,.0f} |")
+                  + f" | {wall:.3f} | {median['cpu_s']:.3f} | {median['faults']:,.0f} | "
+                  + " / ".join(f"{median[f'faults_{p}']:,.0f}" for p in PHASES) + " |")
     dist.destroy_process_group()
 
 
