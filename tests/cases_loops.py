@@ -972,3 +972,30 @@ def parameter_replaced_after_construction(ctx, stage: int, how: str):
         head.weight = torch.nn.Parameter(torch.randn_like(head.weight))
     torch.nn.functional.mse_loss(model(x), y).backward()
     return _refusal(opt.step), _ranks_in_step(ctx)
+
+
+def step_after_a_backward_inside_no_sync(ctx, stage: int, action: str):
+    """A window whose last backward ran inside ``no_sync()`` (found by a probe: stages
+    2 and 3 stepped on shards without its gradients, moving nothing; stage 1 blamed a
+    write to ``.grad``). ``action`` ("step" or "clip") must be refused on every rank;
+    then ``zero_grad()`` and a window ending outside ``no_sync()``, and a window of
+    two no_sync backwards then one synced, must train like DDP. Returns (refusal,
+    probe, largest difference from DDP)."""
+    model = build_model(MLP, seed=ctx.rank)
+    reference = DDP(build_model(MLP, seed=0), process_group=ctx.group)
+    opt = _zero(model, stage, ctx.group, lr=0.1, momentum=0.9)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    batch = lambda step: make_batch(MLP, seed=step, rank=ctx.rank, batch=4)  # noqa: E731
+    with opt.no_sync():
+        loss_fn(MLP, model, batch(0)).backward()
+    refusal = _refusal(opt.step if action == "step" else lambda: opt.clip_grad_norm_(1.0))
+    opt.zero_grad()
+    for net, optimizer, no_sync in ((model, opt, opt.no_sync), (reference, ref_opt, reference.no_sync)):
+        for step in range(1, 4):
+            with no_sync():
+                for micro in range(step - 1):  # 0, 1, 2 micro-batches inside no_sync()
+                    loss_fn(MLP, net, batch(10 * step + micro)).backward()
+            loss_fn(MLP, net, batch(10 * step + 9)).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    return refusal, _ranks_in_step(ctx), _largest_difference(opt, model, reference)

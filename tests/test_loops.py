@@ -164,6 +164,18 @@ def test_gradients_cleared_between_backward_and_step_decide_alike_on_every_rank(
     assert len({refusal for refusal, _, _ in outcomes}) == 1
 
 
+@pytest.mark.parametrize("action", ["step", "clip"])
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_a_step_after_a_backward_inside_no_sync_is_refused_on_every_rank(pool, stage, action):
+    """Found by a probe: stages 2 and 3 stepped without the window's gradients (silently
+    nothing moved) and stage 1 refused, blaming a write to .grad."""
+    for refusal, probe, diff in pool.run(cases_loops.step_after_a_backward_inside_no_sync, 2,
+                                         stage, action):
+        assert "inside `opt.no_sync()`" in refusal and "outside" in refusal, refusal
+        assert probe == 2
+        assert diff < 1e-6, diff
+
+
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zeroing_some_rows_of_a_gradient_is_refused(pool, stage):
     """Found by review: the write zeroed the shared marker element, and the whole

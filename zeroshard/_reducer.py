@@ -120,6 +120,9 @@ class GradientReducer:
         self._ready_order: list[int] | None = [] if record_ready_order else None
         self.late: set[int] = set()  # positions of buckets that got gradient after launching
         self._check_non_finite = False  # Note [non-finite gradients]
+        # The last backward ran inside no_sync(): what it accumulated is this rank's
+        # alone until a synced backward reduces it (Stage.refuse_local_gradients)
+        self.local_only = False
         handles.append(model.register_forward_hook(WeakHook(self._arm_backward_end)))
         self._accumulators = []  # Note [after the user's gradient hooks]: kept alive here
         for bucket in self.buckets:
@@ -281,6 +284,7 @@ class GradientReducer:
             self.store.after_backward()
             if self._ready_order is not None:
                 self._adopt_ready_order()
+        self.local_only = not synced
         self.late.clear()
         if self.slots is not None:
             self.slots.reset()

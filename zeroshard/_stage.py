@@ -86,6 +86,19 @@ class Stage:
     def wait_in_flight(self) -> None:
         self.reducer.wait_in_flight()
 
+    def refuse_local_gradients(self, action: str) -> None:
+        """Before a step or clipping, on every rank alike (no collective yet): the last
+        backward ran inside ``no_sync()``, so the gradient shards lack what it
+        accumulated, which no rank has reduced."""
+        if self.reducer.local_only:
+            raise RuntimeError(
+                f"zeroshard: {action} after a backward inside `opt.no_sync()` with no backward "
+                "outside it since: the gradients accumulated there are each rank's own, not yet "
+                "reduced across ranks, so the optimizer's gradient shards do not hold them. Run "
+                "the last micro-batch's backward outside `with opt.no_sync():` (that backward "
+                "reduces everything accumulated since zero_grad(), as with DDP), or call "
+                "opt.zero_grad() to drop them")
+
     def claim_gradients(self) -> None:
         """The gradient shards are about to be used (step, clipping): apply what was done
         to ``p.grad`` since backward (Note [gradient markers])."""
@@ -102,6 +115,7 @@ class Stage:
     def zero_grad(self) -> None:
         self.reducer.wait_in_flight()
         self.store.zero_grad()
+        self.reducer.local_only = False
 
     # -- parameters -------------------------------------------------------------------
 

@@ -366,6 +366,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             raise ValueError(f"norm_type must be positive or inf, got {norm_type}")
         _validate.check_trainable_unchanged(self._model, self._trainable_at_construction)
         _validate.check_parameters_unreplaced(self._model, self._parameter_ids)
+        self._live.refuse_local_gradients("opt.clip_grad_norm_()")
         # 1. The reduced gradient shards, complete and in fp32 (the step uses fp32 anyway).
         self._live.wait_in_flight()
         self._live.claim_gradients()  # Note [gradient markers]
@@ -394,6 +395,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         _validate.check_trainable_unchanged(self._model, self._trainable_at_construction)
         _validate.check_parameters_unreplaced(self._model, self._parameter_ids)
         self._live.check_parameters_in_place()
+        self._live.refuse_local_gradients("opt.step()")
         # 1. The reduced gradient shards, complete, in the masters' dtype.
         self._live.wait_in_flight()
         self._live.claim_gradients()  # Note [gradient markers]
