@@ -999,3 +999,43 @@ def step_after_a_backward_inside_no_sync(ctx, stage: int, action: str):
             optimizer.step()
             optimizer.zero_grad()
     return refusal, _ranks_in_step(ctx), _largest_difference(opt, model, reference)
+
+
+@torch.compiler.disable
+def _graph_boundary(*args) -> None:
+    """A no-op hook dynamo does not trace: a graph break where stage 3's unit hooks make one."""
+
+
+def compiled_model(ctx, stage: int, backend: str, autocast: bool):
+    """``torch.compile(model)`` after ``ZeroOptimizer(...)``, trained three steps with an
+    evaluation forward between, against plain data parallelism (gradients averaged by
+    hand) on the same model compiled alike. Stage 3's unit hooks run outside the graph
+    (Note [stage 3 under torch.compile]), so the reference breaks its graph at the same
+    blocks: the same kernels, bitwise. Found by a probe: stage 3 failed to compile
+    (aot_eager: ``set_`` on a graph input) or failed inductor's stride checks.
+    Returns the largest difference."""
+    spec = {**TRANSFORMER, "tied": False}
+    reference = build_model(spec, seed=0)
+    for block in reference.modules():
+        if isinstance(block, Block):
+            block.register_forward_pre_hook(_graph_boundary)
+            block.register_forward_hook(_graph_boundary)
+    model = build_model(spec, seed=ctx.rank)
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.AdamW, stage=stage, lr=1e-2,
+                                  process_group=ctx.group, **({"units": Block} if stage == 3 else {}))
+    ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2)
+    torch._dynamo.reset()  # each case compiles afresh in this worker
+    for net, optimizer in ((reference, ref_opt), (model, opt)):
+        compiled = torch.compile(net, backend=backend)
+        for step in range(3):
+            batch = make_batch(spec, seed=10 * step + ctx.rank, rank=ctx.rank, batch=2)
+            with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+                loss = loss_fn(spec, compiled, batch)
+            loss.backward()
+            if net is reference:
+                _average_gradients(reference, ctx)
+            optimizer.step()
+            optimizer.zero_grad()
+            with torch.no_grad():
+                compiled(batch[0])  # an evaluation forward between steps
+    return _largest_difference(opt, model, reference)

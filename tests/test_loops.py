@@ -176,6 +176,17 @@ def test_a_step_after_a_backward_inside_no_sync_is_refused_on_every_rank(pool, s
         assert diff < 1e-6, diff
 
 
+@pytest.mark.parametrize("stage, backend, autocast", [
+    (1, "inductor", False), (2, "inductor", False), (3, "inductor", False),
+    (3, "inductor", True), (3, "aot_eager", False)])
+def test_a_compiled_model_trains_like_data_parallel_compiled_alike(pool, stage, backend, autocast):
+    """Found by a probe: stage 3 failed under torch.compile (aot_eager: set_ on a graph
+    input; inductor: its stride checks). Bitwise: the reference breaks its graph where
+    stage 3's unit hooks do."""
+    for diff in pool.run(cases_loops.compiled_model, 2, stage, backend, autocast):
+        assert diff == 0, diff
+
+
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zeroing_some_rows_of_a_gradient_is_refused(pool, stage):
     """Found by review: the write zeroed the shared marker element, and the whole

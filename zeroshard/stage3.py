@@ -86,6 +86,15 @@ Note [after the walk's last step]:
     would), so the ranks' order is untouched; it costs the overlap of that reduction
     with what is left of backward.
 
+Note [stage 3 under torch.compile]:
+    A unit's forward hooks gather and release its parameters: collectives, and
+    parameters whose ``.data`` moves between a placeholder and the gathered buffer.
+    Traced by dynamo (``torch.compile(model)`` traces a module's hooks with its
+    forward), the compiled graph took the parameters as the placeholders they were
+    while tracing, and later calls failed inductor's stride checks. So the hooks run
+    outside the graph (``torch.compiler.disable``): the model compiles into one graph
+    per stretch between unit boundaries, each called with its units gathered.
+
 Note [recomputation]:
     Activation checkpointing runs a unit's forward again during backward. The
     hooks recognise it by the BACKWARD state: they gather as usual but neither
@@ -165,6 +174,7 @@ class UnitGatherer:
 
     # -- the four hooks: before and after each unit's forward and backward -----------
 
+    @torch.compiler.disable  # Note [stage 3 under torch.compile]
     def pre_forward(self, unit: Unit, module, args) -> None:
         """Gather ``unit`` for its forward, walking the schedule (Note [gather schedule])."""
         if self._forward_inside_summon(unit):
@@ -179,6 +189,7 @@ class UnitGatherer:
         self.walk.reach(self.walk.forward, unit)
         self._saved.open(unit)
 
+    @torch.compiler.disable  # Note [stage 3 under torch.compile]
     def post_forward(self, unit: Unit, module, args, output) -> None:
         """Arm ``unit``'s pre-backward on its outputs; release it when the walk moves on."""
         if self.switches.summoned or self.switches.phase is Phase.BACKWARD:
