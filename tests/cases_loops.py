@@ -1001,6 +1001,75 @@ def step_after_a_backward_inside_no_sync(ctx, stage: int, action: str):
     return refusal, _ranks_in_step(ctx), _largest_difference(opt, model, reference)
 
 
+def input_gradient_inside_no_sync(ctx, stage: int):
+    """A synced backward, then ``torch.autograd.grad`` of a loss with respect to the
+    input inside ``no_sync()`` (a saliency map, a metric), then a step: that call
+    accumulates nothing into the parameters, so the step goes on, like DDP's. Found by
+    review: it was refused as if a window's last backward had run inside no_sync().
+    Returns the largest difference from DDP."""
+    model = build_model(MLP, seed=0)
+    reference = DDP(build_model(MLP, seed=0), process_group=ctx.group)
+    opt = _zero(model, stage, ctx.group, lr=0.1, momentum=0.9)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    for net, optimizer, no_sync in ((model, opt, opt.no_sync), (reference, ref_opt, reference.no_sync)):
+        for step in range(2):
+            x, y = make_batch(MLP, seed=step, rank=ctx.rank, batch=4)
+            loss_fn(MLP, net, (x, y)).backward()
+            with no_sync():
+                x.requires_grad_(True)
+                torch.autograd.grad(loss_fn(MLP, net, (x, y)), x)
+            optimizer.step()
+            optimizer.zero_grad()
+    return _largest_difference(opt, model, reference)
+
+
+def _average_used_gradients(reference, ctx) -> None:
+    """Data parallelism by hand where a parameter may have no gradient: one that some
+    rank has gets the mean over ranks (None counting as zero), as with DDP; one that no
+    rank has keeps None, so the optimizer skips it, as torch does."""
+    for param in reference.parameters():
+        has = torch.tensor(float(param.grad is not None))
+        dist.all_reduce(has, group=ctx.group)
+        if has.item() > 0:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+            dist.all_reduce(param.grad, group=ctx.group)
+            param.grad /= ctx.world_size
+
+
+def dropped_no_sync_window(ctx, clearing: str):
+    """Stage 3: a window of ``no_sync()`` backwards that ran the branch (on rank 0),
+    then ``clearing`` ("opt.zero_grad", "model.zero_grad" or "none": the window is
+    kept), then a synced backward that runs it nowhere, and a step. AdamW with weight
+    decay tells a zero gradient from none. Found by review: the record that the branch
+    ran survived a zero_grad(), so the dropped window's unit was stepped with a zero
+    gradient where data parallelism skips it. Returns the largest difference from
+    data parallelism by hand, and the branch's largest move (zero only if skipped)."""
+    spec = {**MLP, "unused_branch": True}
+    model, reference = build_model(spec, seed=0), build_model(spec, seed=0)
+    start = copy.deepcopy(reference.branch.weight.detach())
+    kwargs = {"lr": 0.1, "weight_decay": 0.5}
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.AdamW, stage=3, bucket_size_mb=1e-4,
+                                  process_group=ctx.group, units=torch.nn.Linear, **kwargs)
+    ref_opt = torch.optim.AdamW(reference.parameters(), **kwargs)
+    window = make_batch(spec, seed=1, rank=ctx.rank, batch=4)  # the branch runs on rank 0
+    x, y = make_batch(spec, seed=2, rank=ctx.rank, batch=4)
+    x[:, 0] = -x[:, 0].abs()  # the branch runs nowhere
+    for net, optimizer, no_sync in ((model, opt, opt.no_sync),
+                                    (reference, ref_opt, contextlib.nullcontext)):
+        with no_sync():
+            loss_fn(spec, net, window).backward()
+        if clearing != "none":
+            (optimizer if clearing == "opt.zero_grad" else net).zero_grad()
+        loss_fn(spec, net, (x, y)).backward()
+        if net is reference:
+            _average_used_gradients(reference, ctx)
+        optimizer.step()
+        optimizer.zero_grad()
+    moved = (reference.branch.weight.detach() - start).abs().max().item()
+    return _largest_difference(opt, model, reference), moved
+
+
 @torch.compiler.disable
 def _graph_boundary(*args) -> None:
     """A no-op hook dynamo does not trace: a graph break where stage 3's unit hooks make one."""

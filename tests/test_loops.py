@@ -176,6 +176,23 @@ def test_a_step_after_a_backward_inside_no_sync_is_refused_on_every_rank(pool, s
         assert diff < 1e-6, diff
 
 
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_an_input_gradient_inside_no_sync_leaves_the_step_alone(pool, stage):
+    """Found by review: torch.autograd.grad(loss, x) inside no_sync() after the step's
+    backward made the step refuse, as if a window had ended inside no_sync()."""
+    for diff in pool.run(cases_loops.input_gradient_inside_no_sync, 2, stage):
+        assert diff < 1e-6, diff
+
+
+@pytest.mark.parametrize("clearing", ["opt.zero_grad", "model.zero_grad", "none"])
+def test_a_no_sync_window_dropped_by_zero_grad_leaves_no_trace_at_stage3(pool, clearing):
+    """Found by review: a unit that ran only in a dropped window was stepped with a zero
+    gradient (weight decay moved it) where data parallelism skips it."""
+    for diff, moved in pool.run(cases_loops.dropped_no_sync_window, 2, clearing):
+        assert diff < 1e-6, diff
+        assert (moved > 0) == (clearing == "none"), moved  # the reference tells them apart
+
+
 @pytest.mark.parametrize("stage, backend, autocast", [
     (1, "inductor", False), (2, "inductor", False), (3, "inductor", False),
     (3, "inductor", True), (3, "aot_eager", False)])

@@ -120,9 +120,12 @@ class GradientReducer:
         self._ready_order: list[int] | None = [] if record_ready_order else None
         self.late: set[int] = set()  # positions of buckets that got gradient after launching
         self._check_non_finite = False  # Note [non-finite gradients]
-        # The last backward ran inside no_sync(): what it accumulated is this rank's
-        # alone until a synced backward reduces it (Stage.refuse_local_gradients)
+        # The last backward to accumulate into the parameters ran inside no_sync():
+        # what it accumulated is this rank's alone until a synced backward reduces it
+        # (Stage.refuse_local_gradients). A torch.autograd.grad(loss, inputs) call
+        # accumulates nothing and leaves it as it was.
         self.local_only = False
+        self._local_gradient_came = False  # in this backward, inside no_sync()
         handles.append(model.register_forward_hook(WeakHook(self._arm_backward_end)))
         self._accumulators = []  # Note [after the user's gradient hooks]: kept alive here
         for bucket in self.buckets:
@@ -169,6 +172,8 @@ class GradientReducer:
             self.gatherer.post_backward(bucket, index)
         if self.switches.require_sync:
             self.mark_ready(bucket, index)
+        else:
+            self._local_gradient_came = True
 
     def launched(self, bucket: FlatBucket) -> bool:
         """The bucket's reduction was launched in this backward."""
@@ -284,7 +289,9 @@ class GradientReducer:
             self.store.after_backward()
             if self._ready_order is not None:
                 self._adopt_ready_order()
-        self.local_only = not synced
+        if synced or self._local_gradient_came:
+            self.local_only = not synced
+        self._local_gradient_came = False
         self.late.clear()
         if self.slots is not None:
             self.slots.reset()
@@ -293,7 +300,7 @@ class GradientReducer:
         self.next_launch = 0
         self.switches.enter(Phase.IDLE)
         if self.gatherer is not None:
-            self.gatherer.end_backward(synced)
+            self.gatherer.end_backward()
 
     def _spread_non_finite(self) -> None:
         """Note [non-finite gradients]: one rank's inf or NaN makes every rank's shards NaN."""

@@ -97,7 +97,8 @@ class Stage:
                 "reduced across ranks, so the optimizer's gradient shards do not hold them. Run "
                 "the last micro-batch's backward outside `with opt.no_sync():` (that backward "
                 "reduces everything accumulated since zero_grad(), as with DDP), or call "
-                "opt.zero_grad() to drop them")
+                "opt.zero_grad() to drop them (model.zero_grad() clears .grad, but only "
+                "opt.zero_grad() tells every rank alike that the window was dropped)")
 
     def claim_gradients(self) -> None:
         """The gradient shards are about to be used (step, clipping): apply what was done

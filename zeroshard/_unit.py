@@ -34,8 +34,8 @@ class UnitRecord:
     is the one place it starts again."""
     armed: bool = False  # gathered for this backward already (its pre-backward ran)
     grads_arrived: set[int] = dataclasses.field(default_factory=set)  # ids, accumulated
-    # A forward with grad enabled ran it, or a gradient came, since the last synced
-    # backward (a no_sync() backward keeps this).
+    # A forward with grad enabled ran it, or a gradient came, in this backward's passes,
+    # or it holds a gradient a no_sync() backward left in .grad (Unit.holds_local_grads).
     ran: bool = False
 
 
@@ -58,10 +58,16 @@ class Unit:
         # until the pass ends (Note [runs before the walk moves on] in stage3.py).
         self.held_for_pass = False
 
-    def end_backward(self, synced: bool) -> None:
-        """A backward ended (``synced``: outside no_sync()): release, start a new record."""
+    def end_backward(self) -> None:
+        """A backward ended: release, start a new record."""
         self.release()
-        self.record = UnitRecord(ran=self.record.ran and not synced)
+        self.record = UnitRecord()
+
+    def holds_local_grads(self) -> bool:
+        """Whether a no_sync() backward left a gradient in some parameter's ``.grad``
+        that ``zero_grad()`` (the optimizer's or the model's) has not dropped since: then
+        the unit ran in this synced backward's window even if not in its own pass."""
+        return any(p.grad is not None for b in self.buckets for p in b.params if p.requires_grad)
 
     def _move(self, to: ShardState) -> None:
         if (self.state, to) not in _MOVES:

@@ -289,6 +289,9 @@ class UnitGatherer:
         # backwards interleave) they wait for the end of backward.
         self.walk.backward_pass.launch_at_walk = (self.reshard_after_forward
                                               and self.walk.backward_pass.training_forwards == 1)
+        if self.reducer.local_only:  # the last backward ran inside no_sync()
+            for unit in self.units:
+                unit.record.ran = unit.record.ran or unit.holds_local_grads()
 
     @property
     def launches_as_ready(self) -> bool:
@@ -372,11 +375,11 @@ class UnitGatherer:
         rest of the walk first, as other ranks may be waiting for them."""
         self.walk.finish()
 
-    def end_backward(self, synced: bool) -> None:
-        """The reducer has finished the backward (``synced``: outside no_sync())."""
+    def end_backward(self) -> None:
+        """The reducer has finished the backward."""
         self.walk.end_backward()
         for unit in self.units:
-            unit.end_backward(synced)
+            unit.end_backward()
 
     @contextlib.contextmanager
     def reading_structure(self):
