@@ -93,7 +93,9 @@ Note [stage 3 under torch.compile]:
     forward), the compiled graph took the parameters as the placeholders they were
     while tracing, and later calls failed inductor's stride checks. So the hooks run
     outside the graph (``torch.compiler.disable``): the model compiles into one graph
-    per stretch between unit boundaries, each called with its units gathered.
+    per stretch between unit boundaries, each called with its units gathered. They
+    are marked so when the first stage-3 optimizer is built, not at import: marking
+    imports torch._dynamo, about 2 s that every process importing zeroshard paid.
 
 Note [recomputation]:
     Activation checkpointing runs a unit's forward again during backward. The
@@ -128,10 +130,21 @@ def trainable_buckets(units: list[Unit]):
     return [b for u in reversed(units) for b in u.buckets if b.params[0].requires_grad]
 
 
+def _keep_unit_hooks_out_of_compiled_graphs() -> None:
+    """Note [stage 3 under torch.compile]: once per process."""
+    if UnitGatherer.hooks_outside_graphs:
+        return
+    UnitGatherer.pre_forward = torch.compiler.disable(UnitGatherer.pre_forward)
+    UnitGatherer.post_forward = torch.compiler.disable(UnitGatherer.post_forward)
+    UnitGatherer.hooks_outside_graphs = True
+
+
 class UnitGatherer:
     """Gathers and releases stage 3's units around their forward and backward passes,
     walking one schedule on every rank (Note [gather schedule]), and decides for the
     reducer when each bucket's reduction is due (Note [one order])."""
+
+    hooks_outside_graphs = False  # Note [stage 3 under torch.compile]
 
     def __init__(self, model, units: list[Unit], reducer: GradientReducer,
                  store: ShardedGradients, dtypes: GradientDtypes, masters: ShardMasters,
@@ -163,6 +176,7 @@ class UnitGatherer:
                 guard = WeakHook(self._refuse_if_sharded, list(owners.values()))
                 handles.append(module.register_state_dict_pre_hook(guard))
                 handles.append(module.register_load_state_dict_pre_hook(guard))
+        _keep_unit_hooks_out_of_compiled_graphs()
         for unit in units:
             handles.append(unit.module.register_forward_pre_hook(
                 WeakHook(self.pre_forward, unit)))
@@ -174,7 +188,6 @@ class UnitGatherer:
 
     # -- the four hooks: before and after each unit's forward and backward -----------
 
-    @torch.compiler.disable  # Note [stage 3 under torch.compile]
     def pre_forward(self, unit: Unit, module, args) -> None:
         """Gather ``unit`` for its forward, walking the schedule (Note [gather schedule])."""
         if self._forward_inside_summon(unit):
@@ -189,7 +202,6 @@ class UnitGatherer:
         self.walk.reach(self.walk.forward, unit)
         self._saved.open(unit)
 
-    @torch.compiler.disable  # Note [stage 3 under torch.compile]
     def post_forward(self, unit: Unit, module, args, output) -> None:
         """Arm ``unit``'s pre-backward on its outputs; release it when the walk moves on."""
         if self.switches.summoned or self.switches.phase is Phase.BACKWARD:
