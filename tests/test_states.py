@@ -3,8 +3,10 @@ unit's shard state and the stage's phase take exactly the moves listed here, and
 other raises. Pure: no process needed."""
 
 import itertools
+import types
 
 import pytest
+import torch
 from torch import nn
 
 from zeroshard._hooks import LoopSwitches, Phase
@@ -51,8 +53,18 @@ def test_release_and_end_of_backward_start_a_new_record():
     unit = Unit(nn.Linear(2, 2), "layer", [])
     unit.record.armed, unit.record.ran = True, True
     unit.record.grads_arrived.add(1)
-    unit.end_backward(synced=False)  # a no_sync() backward keeps "ran"
+    unit.end_backward()  # even after no_sync(): the window's .grad says it ran, if kept
     assert unit.state is ShardState.SHARDED
-    assert (unit.record.armed, unit.record.ran, unit.record.grads_arrived) == (False, True, set())
-    unit.end_backward(synced=True)
-    assert unit.record.ran is False
+    assert (unit.record.armed, unit.record.ran, unit.record.grads_arrived) == (False, False, set())
+
+
+def test_a_unit_holds_local_gradients_while_a_trainable_parameter_has_a_grad():
+    layer, frozen = nn.Linear(2, 2), nn.Linear(2, 2)
+    frozen.requires_grad_(False)
+    buckets = [types.SimpleNamespace(params=list(m.parameters())) for m in (layer, frozen)]
+    unit = Unit(layer, "layer", buckets)
+    assert not unit.holds_local_grads()
+    frozen.weight.grad = torch.ones(2, 2)  # a frozen parameter's .grad is not the window's
+    assert not unit.holds_local_grads()
+    layer.bias.grad = torch.ones(2)
+    assert unit.holds_local_grads()
