@@ -90,7 +90,9 @@ def mark_blocks(model, timeline: Timeline, every: int) -> list:
         def arm(module, inputs, output, name=f"block {index}"):
             if isinstance(output, torch.Tensor) and output.requires_grad:
                 output.register_hook(lambda grad: timeline.event(name))
-        handles.append(block.register_forward_hook(arm))
+        # first among the block's forward hooks, so the mark comes before any method's
+        # own pre-backward work at that block (its hook on the output runs after ours)
+        handles.append(block.register_forward_hook(arm, prepend=True))
     return handles
 
 
