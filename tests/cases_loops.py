@@ -1082,7 +1082,9 @@ def compiled_model(ctx, stage: int, backend: str, autocast: bool):
     (Note [stage 3 under torch.compile]), so the reference breaks its graph at the same
     blocks: the same kernels, bitwise. Found by a probe: stage 3 failed to compile
     (aot_eager: ``set_`` on a graph input) or failed inductor's stride checks.
-    Returns the largest difference."""
+    Returns the largest difference, and how many graphs zeroshard's model compiled
+    after its first step (a gathered parameter that a guard saw as new would
+    recompile every step, and past dynamo's cache limit fall back to eager)."""
     spec = {**TRANSFORMER, "tied": False}
     reference = build_model(spec, seed=0)
     for block in reference.modules():
@@ -1094,9 +1096,12 @@ def compiled_model(ctx, stage: int, backend: str, autocast: bool):
                                   process_group=ctx.group, **({"units": Block} if stage == 3 else {}))
     ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2)
     torch._dynamo.reset()  # each case compiles afresh in this worker
+    graphs = torch._dynamo.utils.counters["stats"]
     for net, optimizer in ((reference, ref_opt), (model, opt)):
         compiled = torch.compile(net, backend=backend)
         for step in range(3):
+            if step == 1:
+                graphs_after_one_step = graphs["unique_graphs"]
             batch = make_batch(spec, seed=10 * step + ctx.rank, rank=ctx.rank, batch=2)
             with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
                 loss = loss_fn(spec, compiled, batch)
@@ -1107,4 +1112,5 @@ def compiled_model(ctx, stage: int, backend: str, autocast: bool):
             optimizer.zero_grad()
             with torch.no_grad():
                 compiled(batch[0])  # an evaluation forward between steps
-    return _largest_difference(opt, model, reference)
+    recompiled = graphs["unique_graphs"] - graphs_after_one_step  # zeroshard's, after its first step
+    return _largest_difference(opt, model, reference), recompiled

@@ -200,8 +200,9 @@ def test_a_compiled_model_trains_like_data_parallel_compiled_alike(pool, stage, 
     """Found by a probe: stage 3 failed under torch.compile (aot_eager: set_ on a graph
     input; inductor: its stride checks). Bitwise: the reference breaks its graph where
     stage 3's unit hooks do."""
-    for diff in pool.run(cases_loops.compiled_model, 2, stage, backend, autocast):
+    for diff, recompiled in pool.run(cases_loops.compiled_model, 2, stage, backend, autocast):
         assert diff == 0, diff
+        assert recompiled == 0, recompiled
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
