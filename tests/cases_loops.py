@@ -1023,6 +1023,33 @@ def input_gradient_inside_no_sync(ctx, stage: int):
     return _largest_difference(opt, model, reference)
 
 
+def parameters_computed_in_a_pre_forward_hook(ctx, stage: int):
+    """Legacy ``torch.nn.utils.weight_norm`` and ``torch.nn.utils.prune`` compute a
+    layer's weight from its parameters in a forward pre-hook registered before
+    ``ZeroOptimizer(...)``. Found by a probe: at stage 3 with the layers as units
+    that hook ran before the gather, on the placeholders, and training went NaN
+    without an error. Returns the largest difference from DDP."""
+    import warnings
+
+    import torch.nn.utils.prune as prune
+
+    def build():
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # legacy weight_norm is deprecated
+            torch.nn.utils.weight_norm(net[0])
+        prune.l1_unstructured(net[2], "weight", amount=0.3)
+        return net
+
+    model, reference = build(), DDP(build(), process_group=ctx.group)
+    opt = _zero(model, stage, ctx.group, lr=0.1, momentum=0.9)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    _steps(MLP, model, opt, 0, 3, ctx.rank)
+    _steps(MLP, reference, ref_opt, 0, 3, ctx.rank)
+    return _largest_difference(opt, model, reference)
+
+
 def _average_used_gradients(reference, ctx) -> None:
     """Data parallelism by hand where a parameter may have no gradient: one that some
     rank has gets the mean over ranks (None counting as zero), as with DDP; one that no

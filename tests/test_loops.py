@@ -184,6 +184,14 @@ def test_an_input_gradient_inside_no_sync_leaves_the_step_alone(pool, stage):
         assert diff < 1e-6, diff
 
 
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_parameters_computed_in_a_pre_forward_hook_train_like_ddp(pool, stage):
+    """Found by a probe: at stage 3 a pre-forward hook registered before the optimizer
+    (legacy weight_norm, prune) ran before the gather and read the placeholders: NaN."""
+    for diff in pool.run(cases_loops.parameters_computed_in_a_pre_forward_hook, 2, stage):
+        assert diff < 1e-6, diff
+
+
 @pytest.mark.parametrize("clearing", ["opt.zero_grad", "model.zero_grad", "none"])
 def test_a_no_sync_window_dropped_by_zero_grad_leaves_no_trace_at_stage3(pool, clearing):
     """Found by review: a unit that ran only in a dropped window was stepped with a zero

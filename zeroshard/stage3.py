@@ -178,8 +178,11 @@ class UnitGatherer:
                 handles.append(module.register_load_state_dict_pre_hook(guard))
         _keep_unit_hooks_out_of_compiled_graphs()
         for unit in units:
+            # first among the unit's pre-forward hooks: one registered before this
+            # optimizer (legacy weight_norm, torch.nn.utils.prune) computes from the
+            # parameters, which must be gathered by then (it read the placeholders' NaN)
             handles.append(unit.module.register_forward_pre_hook(
-                WeakHook(self.pre_forward, unit)))
+                WeakHook(self.pre_forward, unit), prepend=True))
             handles.append(unit.module.register_forward_hook(
                 WeakHook(self.post_forward, unit)))
             unit.release()  # the shards hold rank 0's values (broadcast, then placed)
