@@ -1050,6 +1050,29 @@ def parameters_computed_in_a_pre_forward_hook(ctx, stage: int):
     return _largest_difference(opt, model, reference)
 
 
+def embedding_with_max_norm(ctx, stage: int, units):
+    """``nn.Embedding(max_norm=1.0)`` renormalises the rows it looks up in place, inside
+    its forward; the same batch on every rank, so DDP's replicas stay equal. Found by a
+    probe: at stage 3 the write went to the gathered buffer and was lost at release
+    (rows kept norms of 2 to 2.7). Returns the largest difference from DDP."""
+    def build():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Embedding(11, 6, max_norm=1.0), torch.nn.Linear(6, 3))
+
+    model, reference = build(), DDP(build(), process_group=ctx.group)
+    kwargs = {"lr": 0.1, "momentum": 0.9}
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=stage, process_group=ctx.group,
+                                  **({"units": units} if stage == 3 else {}), **kwargs)
+    ref_opt = torch.optim.SGD(reference.parameters(), **kwargs)
+    for net, optimizer in ((model, opt), (reference, ref_opt)):
+        for step in range(3):
+            tokens = torch.randint(0, 11, (4, 5), generator=torch.Generator().manual_seed(step))
+            net(tokens).pow(2).mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    return _largest_difference(opt, model, reference)
+
+
 def _average_used_gradients(reference, ctx) -> None:
     """Data parallelism by hand where a parameter may have no gradient: one that some
     rank has gets the mean over ranks (None counting as zero), as with DDP; one that no

@@ -192,6 +192,15 @@ def test_parameters_computed_in_a_pre_forward_hook_train_like_ddp(pool, stage):
         assert diff < 1e-6, diff
 
 
+@pytest.mark.parametrize("stage, units", [(1, None), (2, None), (3, None), (3, "embedding")])
+def test_a_parameter_written_inside_its_forward_keeps_the_write(pool, stage, units):
+    """Found by a probe: Embedding(max_norm=...) renormalised rows of the gathered
+    buffer at stage 3, and release threw the write away (Note [writes inside a forward])."""
+    units = torch.nn.Embedding if units == "embedding" else None
+    for diff in pool.run(cases_loops.embedding_with_max_norm, 2, stage, units):
+        assert diff < 1e-6, diff
+
+
 @pytest.mark.parametrize("clearing", ["opt.zero_grad", "model.zero_grad", "none"])
 def test_a_no_sync_window_dropped_by_zero_grad_leaves_no_trace_at_stage3(pool, clearing):
     """Found by review: a unit that ran only in a dropped window was stepped with a zero

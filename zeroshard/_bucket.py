@@ -94,6 +94,7 @@ class FlatBucket:
         # kept in fp32 under a mixed-precision policy (Note [full-precision modules])
         self.full_precision = full_precision
         self._versions_at_release: list[int] = []
+        self._versions_at_gather: list[int] = []  # stage 3 (Note [writes inside a forward])
 
     @torch.no_grad()
     def materialize(self, device: torch.device) -> None:
@@ -226,6 +227,26 @@ class FlatBucket:
     def load_shard(self) -> None:
         """Copy this rank's slice of the full buffer (written to) into the detached shard."""
         self.shard.copy_(self.own_slice())
+        self.note_gathered()  # the shard holds what the buffer holds
+
+    def note_gathered(self) -> None:
+        """The full buffer holds the shards' values (a gather finished): its version now,
+        to tell a write made while gathered (``written_while_gathered``). The parameters'
+        own: a parameter's ``.data`` views the buffer, but keeps its version counter."""
+        self._versions_at_gather = [param._version for param in self.params]
+
+    def written_while_gathered(self) -> bool:
+        """Note [writes inside a forward]:
+            A parameter written in place while its unit is gathered (``nn.Embedding(
+            max_norm=...)`` renormalises the rows it looks up, inside its forward)
+            wrote to the full buffer, which release frees: before, the write was lost,
+            silently. Release asks this first, and this rank's slice of the buffer goes
+            to its shard (and masters): every rank keeps the writes to its own slice,
+            which with the same writes on every rank (the same batch, or a write that
+            does not depend on the data) is what DDP keeps, and with writes that differ
+            is one model on every rank, where DDP's replicas drift apart."""
+        return any(param._version != version
+                   for param, version in zip(self.params, self._versions_at_gather))
 
     @property
     def is_gathered(self) -> bool:
@@ -257,6 +278,7 @@ class FlatBucket:
         values again.
         """
         self.flat.untyped_storage().resize_(0)
+        self._versions_at_gather = []
         if self.placeholders is None:
             self.placeholders = torch.empty(len(self.params), dtype=self.flat.dtype,
                                             device=self.flat.device)

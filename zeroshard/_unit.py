@@ -10,10 +10,12 @@ from __future__ import annotations
 import dataclasses
 import enum
 
+import torch
 from torch import nn
 
 from . import _comm
 from ._bucket import FlatBucket, Ownership
+from ._masters import ShardMasters
 from ._unit_tree import unit_owners
 
 
@@ -54,6 +56,7 @@ class Unit:
         # last), so only a unit without frozen parameters can be released early.
         self.release_when_grads_done = all(p.requires_grad for b in buckets for p in b.params)
         self.record = UnitRecord()
+        self.masters: ShardMasters = ShardMasters()  # the stage's, set by the UnitGatherer
         # Some rank ran it twice in one forward pass of the first step: kept gathered
         # until the pass ends (Note [runs before the walk moves on] in stage3.py).
         self.held_for_pass = False
@@ -100,13 +103,21 @@ class Unit:
         if self.state is ShardState.GATHERING:
             _comm.wait_all(self._works)
             self._works.clear()
+            for bucket in self.buckets:
+                bucket.note_gathered()
             self._move(ShardState.GATHERED)
 
     def release(self) -> None:
-        """Free the full buffers (idempotent); a gather in flight is waited for first."""
+        """Free the full buffers (idempotent); a gather in flight is waited for first.
+        What was written to the parameters meanwhile reaches this rank's shards first
+        (Note [writes inside a forward] in _bucket.py)."""
         self.wait()
         if self.state is ShardState.GATHERED:
             for bucket in self.buckets:
+                if bucket.written_while_gathered():
+                    with torch.no_grad():
+                        self.masters.absorb_writes(bucket, bucket.own_slice())
+                        bucket.load_shard()
                 bucket.free()
             self._move(ShardState.SHARDED)
 

@@ -178,6 +178,7 @@ class UnitGatherer:
                 handles.append(module.register_load_state_dict_pre_hook(guard))
         _keep_unit_hooks_out_of_compiled_graphs()
         for unit in units:
+            unit.masters = masters  # Note [writes inside a forward] in _bucket.py
             # first among the unit's pre-forward hooks: one registered before this
             # optimizer (legacy weight_norm, torch.nn.utils.prune) computes from the
             # parameters, which must be gathered by then (it read the placeholders' NaN)
