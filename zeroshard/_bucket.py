@@ -230,9 +230,9 @@ class FlatBucket:
         self.note_gathered()  # the shard holds what the buffer holds
 
     def note_gathered(self) -> None:
-        """The full buffer holds the shards' values (a gather finished): its version now,
-        to tell a write made while gathered (``written_while_gathered``). The parameters'
-        own: a parameter's ``.data`` views the buffer, but keeps its version counter."""
+        """The full buffer holds the shards' values (a gather finished): the parameters'
+        versions now, to tell a write made while gathered (``written_while_gathered``).
+        A parameter's ``.data`` views the buffer, but it keeps a version counter of its own."""
         self._versions_at_gather = [param._version for param in self.params]
 
     def written_while_gathered(self) -> bool:
