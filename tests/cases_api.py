@@ -190,6 +190,36 @@ def load_state_dict_from_other_world_size(ctx):
     return "no error"
 
 
+def load_state_dict_from_another_stage(ctx, saving: int, loading: int):
+    """Four equal Linear layers: a state dict saved at stage ``saving`` has buckets of the
+    same sizes as one at stage ``loading``, holding other parameters (stages 1-2 fill
+    them in backward's order, stage 3 by units). Found by a probe: it loaded, and the
+    state went to the wrong parameters, silently. Returns the refusal or "no error"."""
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(*[nn.Linear(12, 12, bias=False) for _ in range(4)])
+
+    def optimizer(model, stage):
+        return zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=stage, lr=0.1, momentum=0.9,
+                                       process_group=ctx.group, bucket_size_mb=1e-4,
+                                       **({"units": nn.Linear} if stage == 3 else {}))
+
+    model = build()
+    opt = optimizer(model, saving)
+    model(torch.randn(3, 12)).sum().backward()
+    opt.step()
+    saved = opt.state_dict()
+    opt.close()
+    other = optimizer(build(), loading)
+    try:
+        other.load_state_dict(saved)
+    except ValueError as error:
+        return str(error)
+    finally:
+        other.close()
+    return "no error"
+
+
 def collectives_are_counted(ctx, mesh_key=None):
     """Each collective in _comm moves the right data and is counted by DESIGN.md's rule,
     over the pool's group of ``ctx.world_size`` ranks or one of its meshes."""

@@ -443,6 +443,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             "world_size": self._group.shard_size,  # every replica holds the same shards
             "rank": self._group.shard_rank,
             "bucket_numels": [list(b.layout.numels) for b in self._plan.buckets],
+            "bucket_params": [list(b.param_names) for b in self._plan.buckets],
             "bucket_orders": _orders(self._plan.buckets),  # Note [memory order] in _bucket.py
             "param_groups": [hyperparameters(g) for g in self.param_groups],
             "inner": self._inner.state_dict(),
@@ -466,6 +467,20 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 f"{_summary(saved[2])}; this is rank {mine[1]} of {mine[0]} with layout "
                 f"{_summary(mine[2])}. Load on the same world size, model and bucket_size_mb, or "
                 "use zeroshard checkpoints to reshard")
+        # Stages fill their buckets in other orders (stages 1-2 backward's, stage 3 the
+        # units'), so equal sizes can hold other parameters: a probe loaded a stage-2
+        # state into stage 3 and stepped the wrong parameters' state, silently. A state
+        # dict from before the names were saved is checked by its stage instead.
+        saved_params = state_dict.get("bucket_params")
+        mine_params = [list(b.param_names) for b in self._plan.buckets]
+        if (saved_params != mine_params if saved_params is not None
+                else state_dict.get("stage", self.stage) != self.stage):
+            raise ValueError(
+                f"state dict was saved by a stage-{state_dict.get('stage')} optimizer whose "
+                "buckets hold other parameters than this stage-"
+                f"{self.stage} optimizer's (another stage, units= or parameter order); load "
+                "it with the saving run's stage, units and model, or use zeroshard "
+                "checkpoints to reshard across stages")
         # a state dict from before the orders held every parameter row-major
         saved_orders = state_dict.get("bucket_orders") or _orders(self._plan.buckets, row_major=True)
         if saved_orders != _orders(self._plan.buckets):
