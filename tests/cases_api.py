@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from unittest import mock
@@ -218,6 +219,37 @@ def load_state_dict_from_another_stage(ctx, saving: int, loading: int):
     finally:
         other.close()
     return "no error"
+
+
+def new_data_inside_summon(ctx):
+    """Stage 3: ``p.data = t`` inside ``summon_full_params()`` (the place the README sends
+    writes to), then training on, against DDP given the same value; then ``.data`` of
+    another shape (what ``resize_token_embeddings`` does). Found by a probe: the new
+    value was lost, silently (the shard kept the old), and the new shape failed at the
+    next forward with a reshape error naming nothing. Returns (largest difference from
+    DDP, the error for the new shape)."""
+    model = build_model(MLP, seed=0)
+    reference = DDP(build_model(MLP, seed=0), process_group=ctx.group)
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=3, lr=0.1, momentum=0.9,
+                                  process_group=ctx.group, units=nn.Linear)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    for net, optimizer, plain in ((model, opt, model), (reference, ref_opt, reference.module)):
+        for step in range(3):
+            if step == 1:
+                with opt.summon_full_params() if net is model else contextlib.nullcontext():
+                    plain.body[0].weight.data = torch.full_like(plain.body[0].weight, 0.25)
+            loss_fn(MLP, net, make_batch(MLP, seed=step, rank=ctx.rank, batch=4)).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    with opt.summon_full_params():
+        diff = max((p - q).abs().max().item()
+                   for p, q in zip(model.parameters(), reference.module.parameters()))
+    try:
+        with opt.summon_full_params():
+            model.body[2].weight.data = torch.zeros(2, 2)
+    except ValueError as error:
+        return diff, str(error)
+    return diff, "no error"
 
 
 def collectives_are_counted(ctx, mesh_key=None):

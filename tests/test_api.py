@@ -88,6 +88,14 @@ def test_summon_full_params_shows_ddp_state_and_keeps_writes(pool, stage):
             assert param_bytes < full_bytes / n + 64
 
 
+def test_new_data_given_inside_summon_full_params_is_kept_and_a_new_shape_refused(pool):
+    """Found by a probe: at stage 3 p.data = t inside summon_full_params() was lost,
+    silently, and a new shape (resize_token_embeddings) failed later naming nothing."""
+    for diff, refusal in pool.run(cases_api.new_data_inside_summon, 2):
+        assert diff < 1e-6, diff
+        assert "'body.2.weight' shape (2, 2)" in refusal and "opt.close()" in refusal, refusal
+
+
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_nested_summon_full_params_blocks_keep_the_parameters_and_writes(pool, stage):
     for before, inner, after_inner, after in pool.run(cases_api.nested_summon, 2, stage):

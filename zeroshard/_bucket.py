@@ -116,17 +116,22 @@ class FlatBucket:
         self.shard = self.own_slice()
 
     @torch.no_grad()
-    def adopt_replaced_data(self) -> None:
-        """An init that gave a parameter new ``.data`` (``p.data = torch.randn(...)``, or
-        another parameter's) cut it off from its place in the buffer: the place takes
-        the value and the parameter becomes a view of it again."""
+    def adopt_replaced_data(self, what: str = "initialising",
+                            fix: str = "initialise it with the shape it was built with") -> None:
+        """An init (``what``), or a write inside ``summon_full_params()``, that gave a
+        parameter new ``.data`` (``p.data = torch.randn(...)``, or another parameter's)
+        cut it off from its place in the buffer: the place takes the value and the
+        parameter becomes a view of it again. A new shape cannot fit its place."""
         for index, param in enumerate(self.params):
-            view = self.param_view(self.flat, index)
-            if param.data_ptr() == view.data_ptr() and param.stride() == view.stride():
+            built = self.layout.numels[index]
+            view = self.param_view(self.flat, index) if param.numel() == built else None
+            if view is not None and param.data_ptr() == view.data_ptr() and param.stride() == view.stride():
                 continue
-            if param.shape != view.shape:
-                raise ValueError(f"initialising {self.param_names[index]!r} gave it shape "
-                                 f"{tuple(param.shape)}, it was built with {tuple(view.shape)}")
+            if view is None or param.shape != view.shape:
+                raise ValueError(
+                    f"{what} gave {self.param_names[index]!r} shape {tuple(param.shape)}; it was "
+                    f"built with {built} elements, and a ZeroOptimizer keeps each parameter's "
+                    f"shape; {fix}")
             view.copy_(param.data)
             param.data = view
 

@@ -454,6 +454,12 @@ class UnitGatherer:
             with torch.no_grad():
                 for unit in self.units:
                     for bucket in unit.buckets:  # writes made inside reach the masters too
+                        # new .data given inside (p.data = t) takes its place first: it
+                        # was lost, silently, as the place's old values went to the shard
+                        bucket.adopt_replaced_data(
+                            "a write inside summon_full_params()",
+                            "to change a shape (resize_token_embeddings), opt.close(), change "
+                            "the model, then build a new ZeroOptimizer")
                         self.masters.absorb_writes(bucket, bucket.own_slice())
                         bucket.load_shard()
                     unit.release()
