@@ -181,16 +181,37 @@ def setup(method: str, model, lr: float, mesh=None, block=Block):
     raise ValueError(f"unknown method {method!r}; choose from {sorted(METHODS)}")
 
 
-def worker(rank: int, world: int, port: int, method: str, size: dict, args, results) -> None:
-    cuda = torch.cuda.is_available()
-    if not cuda:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+def shares_gpus(world: int) -> bool:
+    """Whether ranks share GPUs (fewer GPUs than ranks): see ``join_group``."""
+    return torch.cuda.is_available() and torch.cuda.device_count() < world
+
+
+def join_group(rank: int, world: int, port: int) -> torch.device:
+    """Join the process group: NCCL on GPU ``rank`` where there are GPUs, else gloo.
+
+    With fewer GPUs than ranks the ranks share them (a one-GPU machine): NCCL refuses
+    two ranks on one GPU of one host, so each rank gives NCCL a host id of its own
+    (NCCL_HOSTID) and the ranks talk over loopback sockets. Each process's
+    max_memory_allocated still holds; step times do not (the GPU is time-sliced)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
-    if cuda:
-        torch.cuda.set_device(rank)
-    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
-    device = torch.device("cuda" if cuda else "cpu")
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    if not torch.cuda.is_available():
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        return torch.device("cpu")
+    if shares_gpus(world):
+        os.environ.update(NCCL_HOSTID=f"zeroshard-rank-{rank}", NCCL_SOCKET_IFNAME="lo",
+                          NCCL_IB_DISABLE="1")
+    device = torch.device("cuda", rank % torch.cuda.device_count())
+    torch.cuda.set_device(device)
+    dist.init_process_group("nccl", rank=rank, world_size=world, device_id=device)
+    return device
+
+
+def worker(rank: int, world: int, port: int, method: str, size: dict, args, results) -> None:
+    os.environ["DS_ACCELERATOR"] = "cuda" if torch.cuda.is_available() else "cpu"
+    device = join_group(rank, world, port)
+    cuda = device.type == "cuda"
     baseline_kib = rss_kib("VmRSS")
     if not cuda:
         with open("/proc/self/clear_refs", "w") as f:
@@ -282,6 +303,17 @@ def spawn_ranks(target, world: int, target_args: tuple, timeout: float,
 
 
 free_port_cache = [0]
+
+
+def device_name(world: int) -> str:
+    """The GPU and how the ranks sit on it, for the results' header; '' on CPU."""
+    if not torch.cuda.is_available():
+        return ""
+    name = f"{torch.cuda.get_device_name(0)} x {torch.cuda.device_count()}, "
+    if shares_gpus(world):
+        name += ("ranks sharing GPUs (NCCL over loopback sockets, GPU time-sliced: step "
+                 "times are not comparable, peak memory per process is), ")
+    return name
 
 
 def formula_bytes(stage: int, psi: int, n: int) -> dict:
@@ -423,8 +455,11 @@ def main(argv=None) -> None:
     # Memory once per method; time in --rounds rounds, each over every method, the order
     # reversed every other round: this machine's speed drifts between runs, and a method
     # timed only once takes whatever the machine gave it then.
+    # On CUDA the peak (max_memory_allocated) needs no allocator setting that slows
+    # the steps, so the memory run is also the first timing round.
+    cuda = torch.cuda.is_available()
     passes = [(True, methods)] + [(False, methods[::-1] if i % 2 else methods)
-                                  for i in range(args.rounds)]
+                                  for i in range(args.rounds - 1 if cuda else args.rounds)]
     for measure_memory, order in passes:
         for method in order:
             row = rows[method]
@@ -440,7 +475,8 @@ def main(argv=None) -> None:
             if measure_memory:
                 row["peak_bytes"] = max(r["peak_bytes"] for r in per_rank)
                 print(f"{method}: peak {row['peak_bytes'] / 2**20:.0f} MiB", flush=True)
-                continue
+                if not cuda:
+                    continue
             row.setdefault("step_s_rounds", []).append(max(r["step_s"] for r in per_rank))
             row.update(step_s=statistics.median(row["step_s_rounds"]), psi=per_rank[0]["psi"],
                        comm_bytes=per_rank[0]["comm_bytes"],
@@ -453,7 +489,8 @@ def main(argv=None) -> None:
     table = summarise(rows, world, args.replicas)
     header = (f"{command}\n\nmodel: examples/train_gpt.py GPT {size}, "
               f"Ψ = {next((r['psi'] for r in rows if 'psi' in r), 0):,} parameters, fp32 AdamW, "
-              f"{world} ranks, {'CUDA/NCCL' if torch.cuda.is_available() else 'CPU/gloo'}, "
+              f"{world} ranks, {'CUDA/NCCL' if cuda else 'CPU/gloo'}, "
+              f"{device_name(world)}"
               f"torch {torch.__version__}, {os.cpu_count()} cores; step time: median over "
               f"{args.rounds} round(s) of every method, alternating order (each round's in "
               "results.json)\n")

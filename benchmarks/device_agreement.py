@@ -1,0 +1,265 @@
+"""zeroshard against DDP on this machine's device, side by side in one run: CUDA/NCCL
+where there is a GPU, else CPU/gloo.
+
+    python benchmarks/device_agreement.py --world-size 2 --out benchmarks/results/cuda_h200
+
+The suite checks agreement on CPU/gloo only (CI has no GPU). On CUDA the collectives
+run on NCCL's own streams, gradients arrive on autograd's, and memory is the caching
+allocator's, none of which CPU runs exercise; this runs the loop a user writes there.
+examples/train_gpt.py's GPT is trained for --steps steps by DDP + AdamW and by
+zeroshard at each stage (same seeds, same per-rank batches): two micro-batches a step
+(the first under no_sync()), clip_grad_norm_ (CLIP below), step, zero_grad; fp32, and with
+torch.autocast(bfloat16) against DDP under the same autocast. Stage 3 also saves a
+checkpoint after the second step and resumes it in a fresh model and optimizer. For
+each case: the largest parameter difference from DDP over all steps and ranks
+(0 means bitwise equal), torch.cuda.max_memory_allocated of the case's steps next to
+memory_report()'s total, and the median step time.
+
+With fewer GPUs than ranks the ranks share GPUs (compare.join_group): memory
+figures are per process and hold; step times do not. Exit status 1 if any case's
+parameters differ from DDP's or a resumed run from the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "examples"))
+sys.path.insert(0, str(HERE))
+from compare import free_port, join_group, shares_gpus, spawn_ranks  # noqa: E402
+from train_gpt import GPT, Block  # noqa: E402
+
+import zeroshard  # noqa: E402
+
+# Clipping at a norm never reached: the norm is computed (and compared) but scales by
+# exactly 1. An active clip scales by a coefficient whose last bit differs between a
+# norm summed from shards and torch's norm of per-tensor norms, and AdamW magnifies
+# that bit where a gradient is near eps (tests/invariants.py bounds it); a bitwise
+# comparison needs the same coefficient on both sides.
+CLIP = 1e9
+SIZE = {"vocab": 512, "d_model": 256, "layers": 4, "heads": 4, "seq_len": 64, "batch": 4}
+# name -> (stage or None for DDP, autocast, ZeroOptimizer options)
+CASES = {
+    "zeroshard1": (1, False, {}),
+    "zeroshard2": (2, False, {}),
+    "zeroshard3": (3, False, {"units": Block}),
+    "zeroshard3_no_reshard": (3, False, {"units": Block, "reshard_after_forward": False}),
+    "zeroshard2_autocast_bf16": (2, True, {}),
+    "zeroshard3_autocast_bf16": (3, True, {"units": Block}),
+}
+
+
+def batches(rank: int, step: int, device: torch.device):
+    """This rank's two micro-batches of ``step``."""
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    for _ in range(2):
+        tokens = torch.randint(0, SIZE["vocab"], (SIZE["batch"], SIZE["seq_len"] + 1), generator=g)
+        yield tokens[:, :-1].to(device), tokens[:, 1:].to(device)
+
+
+def new_model(device: torch.device) -> GPT:
+    torch.manual_seed(0)
+    return GPT(SIZE["vocab"], SIZE["d_model"], SIZE["layers"], SIZE["heads"], SIZE["seq_len"]).to(device)
+
+
+def train(opt, module, clip, rank, device, steps: range, autocast: bool, seen: dict):
+    """The user's loop; yields after each step. Appends to ``seen``'s lists the gradient
+    norm ``clip`` returned, the step time and (CUDA) the step's peak allocation."""
+    sync = getattr(module, "no_sync", None) or opt.no_sync
+    for step in steps:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        for micro, (x, y) in enumerate(batches(rank, step, device)):
+            with sync() if micro == 0 else _nothing(), \
+                    torch.autocast(device.type, torch.bfloat16, enabled=autocast):
+                loss = F.cross_entropy(module(x).reshape(-1, SIZE["vocab"]).float(), y.reshape(-1))
+                loss.backward()
+        seen["norm"].append(float(clip(CLIP)))
+        opt.step()
+        opt.zero_grad()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            seen["peak"].append(torch.cuda.max_memory_allocated())
+        seen["time"].append(time.perf_counter() - start)
+        yield step
+
+
+def record() -> dict:
+    return {"norm": [], "time": [], "peak": []}
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def snapshot(model, opt=None) -> list[torch.Tensor]:
+    """The full parameters, on CPU, in registration order."""
+    if opt is None or opt.stage != 3:
+        return [p.detach().float().cpu().clone() for p in model.parameters()]
+    with opt.summon_full_params():
+        return [p.detach().float().cpu().clone() for p in model.parameters()]
+
+
+def largest_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+
+def worker(rank: int, world: int, port: int, steps: int, results) -> None:
+    device = join_group(rank, world, port)
+    reference: dict[bool, tuple[list, dict]] = {}  # autocast -> (parameters per step, record)
+    for autocast in (False, True):
+        model = new_model(device)
+        ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        adamw = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+        clip = lambda limit: torch.nn.utils.clip_grad_norm_(model.parameters(), limit)  # noqa: E731
+        seen = record()
+        reference[autocast] = ([snapshot(model) for _ in train(
+            adamw, ddp, clip, rank, device, range(steps), autocast, seen)], seen)
+        del ddp, model, adamw, clip
+    rows = {}
+    for name, (stage, autocast, options) in CASES.items():
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        model = new_model(device)
+        opt = zeroshard.ZeroOptimizer(model, torch.optim.AdamW, stage=stage, lr=1e-3,
+                                      weight_decay=0.1, **options)
+        expected, expected_seen = reference[autocast]
+        difference, seen, folder = 0.0, record(), None
+        for step in train(opt, model, opt.clip_grad_norm_, rank, device, range(steps), autocast, seen):
+            difference = max(difference, largest_difference(snapshot(model, opt), expected[step]))
+            if stage == 3 and step == 1:  # rank 0 names a folder for all
+                folder = [tempfile.mkdtemp(prefix="zs_agree_") if rank == 0 else None]
+                dist.broadcast_object_list(folder, group_src=0)
+                folder = folder[0]
+                zeroshard.save_checkpoint(folder, model, opt)
+        held = sum(opt.memory_report().values())
+        final = snapshot(model, opt)
+        opt.close()
+        del opt, model
+        resumed = None
+        if stage == 3:  # resume the checkpoint in a fresh model and optimizer
+            model = new_model(device)
+            opt = zeroshard.ZeroOptimizer(model, torch.optim.AdamW, stage=stage, lr=1e-3,
+                                          weight_decay=0.1, **options)
+            zeroshard.load_checkpoint(folder, model, opt)
+            for _ in train(opt, model, opt.clip_grad_norm_, rank, device, range(2, steps),
+                           autocast, record()):
+                pass
+            resumed = largest_difference(snapshot(model, opt), final)
+            opt.close()
+            del opt, model
+        rows[name] = {
+            "difference_from_ddp": difference, "resumed_difference": resumed,
+            "norm_relative_difference": max(abs(a - b) / b for a, b in
+                                            zip(seen["norm"], expected_seen["norm"])),
+            "peak_bytes": max(seen["peak"], default=None), "memory_report_bytes": held,
+            "ddp_peak_bytes": max(expected_seen["peak"], default=None),
+            "step_s": statistics.median(seen["time"]),
+            "ddp_step_s": statistics.median(expected_seen["time"])}
+    results.put({"rank": rank, "device": str(device), "rows": rows,
+                 "torch": torch.__version__,
+                 "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None})
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def probe(rank: int, world: int, port: int, results) -> None:
+    """Whether the ranks can run zeroshard's collectives at all here (a shared GPU may not)."""
+    device = join_group(rank, world, port)
+    x = torch.full((4 * world,), float(rank + 1), device=device)
+    dist.all_reduce(x)
+    shard = torch.empty(4, device=device)
+    dist.reduce_scatter_tensor(shard, x)
+    whole = torch.empty(4 * world, device=device)
+    dist.all_gather_into_tensor(whole, shard)
+    results.put({"rank": rank, "device": str(device), "sum": whole.sum().item()})
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def merge(per_rank: list[dict]) -> dict:
+    """The worst rank's figure for each case."""
+    rows = {}
+    for name in CASES:
+        figures = [r["rows"][name] for r in per_rank]
+        rows[name] = {key: max((f[key] for f in figures if f[key] is not None), default=None)
+                      for key in figures[0]}
+    return rows
+
+
+def table(rows: dict, header: str) -> str:
+    lines = [header, "",
+             "| case | largest parameter difference from DDP | gradient norm vs DDP's, relative | "
+             "resumed checkpoint vs uninterrupted | peak allocated MiB (DDP) | memory_report MiB | "
+             "step s (DDP) |",
+             "|---|---|---|---|---|---|---|"]
+
+    def mib(value):
+        return "-" if value is None else f"{value / 2**20:.1f}"
+    for name, row in rows.items():
+        resumed = "-" if row["resumed_difference"] is None else f"{row['resumed_difference']:.3g}"
+        lines.append(f"| {name} | {row['difference_from_ddp']:.3g} | "
+                     f"{row['norm_relative_difference']:.2g} | {resumed} | "
+                     f"{mib(row['peak_bytes'])} ({mib(row['ddp_peak_bytes'])}) | "
+                     f"{mib(row['memory_report_bytes'])} | "
+                     f"{row['step_s']:.4f} ({row['ddp_step_s']:.4f}) |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--world-size", type=int, default=2)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--timeout", type=float, default=300)
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--probe", action="store_true",
+                   help="only check that the ranks can run collectives here; exit 1 if not")
+    args = p.parse_args(argv)
+    if args.probe:
+        print(spawn_ranks(probe, args.world_size, (free_port(),), args.timeout,
+                          measure_memory=False), flush=True)
+        return
+    if args.steps < 3:
+        p.error(f"--steps {args.steps}: stage 3 saves after step 2 and resumes, so at least 3")
+    per_rank = spawn_ranks(worker, args.world_size, (free_port(), args.steps), args.timeout,
+                           measure_memory=False)
+    rows = merge(per_rank)
+    first = per_rank[0]
+    shared = shares_gpus(args.world_size)
+    header = (f"`python benchmarks/device_agreement.py --world-size {args.world_size} "
+              f"--steps {args.steps}`: {args.world_size} ranks on {first['gpu'] or 'CPU'}"
+              f"{' (shared: step times are not comparable)' if shared else ''}, torch "
+              f"{first['torch']}, GPT {SIZE}")
+    text = table(rows, header)
+    print(text, flush=True)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "agreement.md").write_text(text + "\n")
+        (args.out / "agreement.json").write_text(json.dumps({"header": header, "rows": rows}, indent=1))
+    failed = [name for name, row in rows.items()
+              if row["difference_from_ddp"] != 0 or row["resumed_difference"] not in (None, 0)]
+    if failed:
+        print(f"differs from DDP or from the uninterrupted run: {', '.join(failed)}", flush=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
