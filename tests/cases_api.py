@@ -544,3 +544,31 @@ def clip_norm_of_a_long_shard(ctx, stage: int) -> tuple[float, float]:
     norm = opt.clip_grad_norm_(1e9).item()
     opt.close()
     return abs(norm - exact) / exact, abs(torch_norm - exact) / exact
+
+
+class _AttentionModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(self.attn(x, x, x, need_weights=False)[0])
+
+
+def evaluation_of_attention_before_training(ctx) -> float:
+    """Stage 3 with automatic units small enough to make MultiheadAttention's out_proj
+    a unit of its own (before: it was one, never gathered for the attention's read of
+    its weight, so an evaluation under no_grad before the first step gave NaN,
+    silently): the evaluation's largest difference from the same model unsharded."""
+    torch.manual_seed(0)
+    model = _AttentionModel()
+    plain = copy.deepcopy(model).eval()
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=3, lr=0.1,
+                                  process_group=ctx.group, bucket_size_mb=1e-6)
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(1))
+    model.eval()
+    with torch.no_grad():
+        difference = (model(x) - plain(x)).abs().max().item()
+    opt.close()
+    return difference

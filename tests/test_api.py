@@ -44,6 +44,13 @@ def test_bad_input_raises_on_every_rank_before_any_collective(pool, which):
         assert issued == [], (rank, issued)
 
 
+def test_attention_evaluated_before_training_at_stage_3_is_the_model_unsharded(pool):
+    """Found by a probe: automatic units made MultiheadAttention's out_proj a unit of its
+    own, which the attention reads without calling, so evaluation gave NaN, silently."""
+    for difference in pool.run(cases_api.evaluation_of_attention_before_training, 2):
+        assert difference < 1e-6, difference
+
+
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_the_clipping_norm_of_a_long_shard_does_not_drift_with_its_length(pool, stage):
     """Found while writing a device check: the norm of a whole bucket's shard drifted on

@@ -8,6 +8,7 @@ here from the tree: the deepest unit that is an ancestor (or itself) of every
 module holding the parameter.
 """
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -92,3 +93,24 @@ def test_automatic_units_each_own_at_least_the_bucket_size(tree, bucket_elements
         unclaimed = sum(p.numel() * p.element_size() for p in module.parameters()
                         if id(chosen[owner[id(p)]]) not in inside)
         assert unclaimed < bucket_bytes
+
+
+class _Attention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.head = nn.Linear(16, 4)
+
+
+def test_a_multihead_attentions_out_proj_is_never_a_unit_of_its_own():
+    """MultiheadAttention's forward reads out_proj.weight without calling out_proj: as
+    a unit of its own it was never gathered there, and an evaluation under no_grad
+    computed with NaN (found by a probe). The automatic policy leaves it to the
+    attention; selecting it is refused, naming a predicate that works."""
+    model = _Attention()
+    automatic = select_unit_modules(model, None, bucket_bytes=1)
+    assert model.attn.out_proj not in automatic and model.attn in automatic
+    with pytest.raises(ValueError, match=r"'attn.out_proj'.*type\(m\) is nn.Linear"):
+        select_unit_modules(model, nn.Linear, bucket_bytes=1)
+    suggested = select_unit_modules(model, lambda m: type(m) is nn.Linear, bucket_bytes=1)
+    assert suggested == [model, model.head]

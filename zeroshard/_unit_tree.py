@@ -22,14 +22,28 @@ from torch import nn
 CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
 
 
+def read_by_their_parent(model: nn.Module) -> dict[int, tuple[str, str]]:
+    """id(module) -> (its name, its parent's name) for modules whose parent's forward
+    reads their parameters without calling them: ``nn.MultiheadAttention``'s
+    ``out_proj`` (``F.multi_head_attention_forward`` takes ``out_proj.weight``). As a
+    unit of its own one is never gathered for that read: with grad enabled the
+    forward is refused (``check_saved_parameter``), but under ``torch.no_grad()`` (an
+    evaluation before the first step) it computed with NaN placeholders, silently.
+    (``nn.TransformerEncoderLayer``'s fused path reads its children's parameters too,
+    but torch takes it only when no module inside has forward hooks, and units do.)"""
+    return {id(m.out_proj): (f"{name}.out_proj".lstrip("."), name or "<root>")
+            for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
+
+
 def select_unit_modules(model: nn.Module, units, bucket_bytes: int) -> list[nn.Module]:
     """The modules that become units (the root first, then in ``model.modules()`` order).
 
     ``units`` is a module class, a collection of classes, a predicate
     ``module -> bool``, or None for the automatic policy.
     """
+    unclaimable = read_by_their_parent(model)
     if units is None:
-        chosen = _auto_units(model, bucket_bytes)
+        chosen = _auto_units(model, bucket_bytes, unclaimable)
     else:
         predicate = _as_predicate(units)
         chosen = [m for m in model.modules() if m is not model and predicate(m)]
@@ -38,6 +52,15 @@ def select_unit_modules(model: nn.Module, units, bucket_bytes: int) -> list[nn.M
             raise ValueError(
                 f"units selects {containers[0]} modules, which have no forward of their own, so "
                 "their parameters would never be gathered; choose the modules inside them")
+        read_directly = [unclaimable[id(m)] for m in chosen if id(m) in unclaimable]
+        if read_directly:
+            name, parent = read_directly[0]
+            raise ValueError(
+                f"units selects {name!r}, the out_proj of nn.MultiheadAttention {parent!r}, "
+                "whose forward reads out_proj's parameters without calling it: as a unit of "
+                "its own they would be NaN placeholders there. Leave it to the module "
+                "holding it: for units=nn.Linear, pass units=lambda m: type(m) is nn.Linear "
+                "(out_proj is a subclass), or select the MultiheadAttention or a block")
     chosen_ids = {id(m) for m in chosen}
     return [model] + [m for m in model.modules() if id(m) in chosen_ids]
 
@@ -55,21 +78,25 @@ def _as_predicate(units) -> Callable[[nn.Module], bool]:
                     f"module -> bool; got {units!r}")
 
 
-def _auto_units(model: nn.Module, bucket_bytes: int) -> list[nn.Module]:
+def _auto_units(model: nn.Module, bucket_bytes: int, unclaimable) -> list[nn.Module]:
     """Post-order: a module whose not-yet-claimed parameters reach ``bucket_bytes``
-    becomes a unit, so units hold about that much and a deep model gets many."""
+    becomes a unit, so units hold about that much and a deep model gets many. A
+    module in ``unclaimable`` (``read_by_their_parent``) leaves its parameters to an
+    ancestor."""
     chosen: list[nn.Module] = []
-    _claim_by_size(model, model, bucket_bytes, chosen)
+    _claim_by_size(model, model, bucket_bytes, chosen, unclaimable)
     return chosen
 
 
 def _claim_by_size(module: nn.Module, root: nn.Module, bucket_bytes: int,
-                   chosen: list[nn.Module]) -> int:
+                   chosen: list[nn.Module], unclaimable) -> int:
     """``_auto_units``' walk; returns the bytes of ``module``'s parameters left unclaimed.
     A module-level function: a nested recursive one would be a reference cycle."""
     size = sum(p.numel() * p.element_size() for p in module._parameters.values() if p is not None)
-    size += sum(_claim_by_size(child, root, bucket_bytes, chosen) for child in module.children())
-    if module is not root and size >= bucket_bytes and not isinstance(module, CONTAINERS):
+    size += sum(_claim_by_size(child, root, bucket_bytes, chosen, unclaimable)
+                for child in module.children())
+    if (module is not root and size >= bucket_bytes and not isinstance(module, CONTAINERS)
+            and id(module) not in unclaimable):
         chosen.append(module)
         return 0
     return size
