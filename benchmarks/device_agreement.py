@@ -122,10 +122,10 @@ def largest_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max((x - y).abs().max().item() for x, y in zip(a, b))
 
 
-def worker(rank: int, world: int, port: int, steps: int, results) -> None:
+def worker(rank: int, world: int, port: int, steps: int, names: list[str], results) -> None:
     device = join_group(rank, world, port)
     reference: dict[bool, tuple[list, dict]] = {}  # autocast -> (parameters per step, record)
-    for autocast in (False, True):
+    for autocast in sorted({CASES[name][1] for name in names}):
         model = new_model(device)
         ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
         adamw = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
@@ -135,7 +135,8 @@ def worker(rank: int, world: int, port: int, steps: int, results) -> None:
             adamw, ddp, clip, rank, device, range(steps), autocast, seen)], seen)
         del ddp, model, adamw, clip
     rows = {}
-    for name, (stage, autocast, options) in CASES.items():
+    for name in names:
+        stage, autocast, options = CASES[name]
         if device.type == "cuda":
             torch.cuda.empty_cache()
         model = new_model(device)
@@ -198,7 +199,7 @@ def probe(rank: int, world: int, port: int, results) -> None:
 def merge(per_rank: list[dict]) -> dict:
     """The worst rank's figure for each case."""
     rows = {}
-    for name in CASES:
+    for name in per_rank[0]["rows"]:
         figures = [r["rows"][name] for r in per_rank]
         rows[name] = {key: max((f[key] for f in figures if f[key] is not None), default=None)
                       for key in figures[0]}
@@ -230,6 +231,8 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--timeout", type=float, default=300)
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--cases", default=",".join(CASES),
+                   help=f"comma-separated subset of {', '.join(CASES)}")
     p.add_argument("--probe", action="store_true",
                    help="only check that the ranks can run collectives here; exit 1 if not")
     args = p.parse_args(argv)
@@ -239,13 +242,18 @@ def main(argv=None) -> None:
         return
     if args.steps < 3:
         p.error(f"--steps {args.steps}: stage 3 saves after step 2 and resumes, so at least 3")
-    per_rank = spawn_ranks(worker, args.world_size, (free_port(), args.steps), args.timeout,
-                           measure_memory=False)
+    names = args.cases.split(",")
+    unknown = [name for name in names if name not in CASES]
+    if unknown:
+        p.error(f"--cases: unknown {', '.join(unknown)}; choose from {', '.join(CASES)}")
+    per_rank = spawn_ranks(worker, args.world_size, (free_port(), args.steps, names),
+                           args.timeout, measure_memory=False)
     rows = merge(per_rank)
     first = per_rank[0]
     shared = shares_gpus(args.world_size)
+    chosen = "" if names == list(CASES) else f" --cases {args.cases}"
     header = (f"`python benchmarks/device_agreement.py --world-size {args.world_size} "
-              f"--steps {args.steps}`: {args.world_size} ranks on {first['gpu'] or 'CPU'}"
+              f"--steps {args.steps}{chosen}`: {args.world_size} ranks on {first['gpu'] or 'CPU'}"
               f"{' (shared: step times are not comparable)' if shared else ''}, torch "
               f"{first['torch']}, GPT {SIZE}")
     text = table(rows, header)

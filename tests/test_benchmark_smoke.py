@@ -42,3 +42,17 @@ def test_memory_breakdown_smoke_counts_ddps_model_states_from_the_model(tmp_path
     assert figures["parameters"] * mib == pytest.approx(4 * psi, abs=1), figures
     assert figures["optimizer states"] * mib == pytest.approx(8 * psi + 4 * len(params), abs=1)
     assert "| zeroshard2 |" in (tmp_path / "breakdown.md").read_text()
+
+
+def test_device_agreement_runs_and_finds_zeroshard_bitwise_equal_to_ddp(tmp_path):
+    """What a GPU session runs first (benchmarks/device_check.sh) still runs here, on
+    CPU/gloo: it exits 1 if a case's parameters differ from DDP's by one bit, or a
+    resumed stage-3 run from the uninterrupted one."""
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "device_agreement.py"),
+                    "--world-size", "2", "--steps", "3", "--cases", "zeroshard2,zeroshard3",
+                    "--out", str(tmp_path)], check=True, capture_output=True, timeout=600)
+    rows = json.loads((tmp_path / "agreement.json").read_text())["rows"]
+    assert rows["zeroshard2"]["difference_from_ddp"] == 0, rows
+    assert rows["zeroshard3"]["difference_from_ddp"] == 0, rows
+    assert rows["zeroshard3"]["resumed_difference"] == 0, rows
+    subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "device_check.sh")], check=True)
