@@ -23,6 +23,7 @@ parameters differ from DDP's or a resumed run from the uninterrupted one.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -38,7 +39,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "examples"))
 sys.path.insert(0, str(HERE))
-from compare import free_port, join_group, shares_gpus, spawn_ranks  # noqa: E402
+from compare import device_name, free_port, join_group, spawn_ranks  # noqa: E402
 from train_gpt import GPT, Block  # noqa: E402
 
 import zeroshard  # noqa: E402
@@ -50,7 +51,7 @@ import zeroshard  # noqa: E402
 # comparison needs the same coefficient on both sides.
 CLIP = 1e9
 SIZE = {"vocab": 512, "d_model": 256, "layers": 4, "heads": 4, "seq_len": 64, "batch": 4}
-# name -> (stage or None for DDP, autocast, ZeroOptimizer options)
+# name -> (stage, autocast, ZeroOptimizer options)
 CASES = {
     "zeroshard1": (1, False, {}),
     "zeroshard2": (2, False, {}),
@@ -84,7 +85,7 @@ def train(opt, module, clip, rank, device, steps: range, autocast: bool, seen: d
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         for micro, (x, y) in enumerate(batches(rank, step, device)):
-            with sync() if micro == 0 else _nothing(), \
+            with sync() if micro == 0 else contextlib.nullcontext(), \
                     torch.autocast(device.type, torch.bfloat16, enabled=autocast):
                 loss = F.cross_entropy(module(x).reshape(-1, SIZE["vocab"]).float(), y.reshape(-1))
                 loss.backward()
@@ -102,19 +103,14 @@ def record() -> dict:
     return {"norm": [], "time": [], "peak": []}
 
 
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+def new_optimizer(model, stage: int, options: dict):
+    return zeroshard.ZeroOptimizer(model, torch.optim.AdamW, stage=stage, lr=1e-3,
+                                   weight_decay=0.1, **options)
 
 
 def snapshot(model, opt=None) -> list[torch.Tensor]:
     """The full parameters, on CPU, in registration order."""
-    if opt is None or opt.stage != 3:
-        return [p.detach().float().cpu().clone() for p in model.parameters()]
-    with opt.summon_full_params():
+    with opt.summon_full_params() if opt is not None and opt.stage == 3 else contextlib.nullcontext():
         return [p.detach().float().cpu().clone() for p in model.parameters()]
 
 
@@ -140,8 +136,7 @@ def worker(rank: int, world: int, port: int, steps: int, names: list[str], resul
         if device.type == "cuda":
             torch.cuda.empty_cache()
         model = new_model(device)
-        opt = zeroshard.ZeroOptimizer(model, torch.optim.AdamW, stage=stage, lr=1e-3,
-                                      weight_decay=0.1, **options)
+        opt = new_optimizer(model, stage, options)
         expected, expected_seen = reference[autocast]
         difference, seen, folder = 0.0, record(), None
         for step in train(opt, model, opt.clip_grad_norm_, rank, device, range(steps), autocast, seen):
@@ -158,8 +153,7 @@ def worker(rank: int, world: int, port: int, steps: int, names: list[str], resul
         resumed = None
         if stage == 3:  # resume the checkpoint in a fresh model and optimizer
             model = new_model(device)
-            opt = zeroshard.ZeroOptimizer(model, torch.optim.AdamW, stage=stage, lr=1e-3,
-                                          weight_decay=0.1, **options)
+            opt = new_optimizer(model, stage, options)
             zeroshard.load_checkpoint(folder, model, opt)
             for _ in train(opt, model, opt.clip_grad_norm_, rank, device, range(2, steps),
                            autocast, record()):
@@ -175,9 +169,7 @@ def worker(rank: int, world: int, port: int, steps: int, names: list[str], resul
             "ddp_peak_bytes": max(expected_seen["peak"], default=None),
             "step_s": statistics.median(seen["time"]),
             "ddp_step_s": statistics.median(expected_seen["time"])}
-    results.put({"rank": rank, "device": str(device), "rows": rows,
-                 "torch": torch.__version__,
-                 "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None})
+    results.put({"rank": rank, "rows": rows})
     dist.barrier()
     dist.destroy_process_group()
 
@@ -249,13 +241,11 @@ def main(argv=None) -> None:
     per_rank = spawn_ranks(worker, args.world_size, (free_port(), args.steps, names),
                            args.timeout, measure_memory=False)
     rows = merge(per_rank)
-    first = per_rank[0]
-    shared = shares_gpus(args.world_size)
     chosen = "" if names == list(CASES) else f" --cases {args.cases}"
     header = (f"`python benchmarks/device_agreement.py --world-size {args.world_size} "
-              f"--steps {args.steps}{chosen}`: {args.world_size} ranks on {first['gpu'] or 'CPU'}"
-              f"{' (shared: step times are not comparable)' if shared else ''}, torch "
-              f"{first['torch']}, GPT {SIZE}")
+              f"--steps {args.steps}{chosen}`: {args.world_size} ranks, "
+              f"{device_name(args.world_size) or 'CPU/gloo, '}torch {torch.__version__}, "
+              f"GPT {SIZE}")
     text = table(rows, header)
     print(text, flush=True)
     if args.out:

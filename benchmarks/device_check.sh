@@ -8,8 +8,9 @@
 # 3. benchmarks/device_agreement.py: zeroshard against DDP on CUDA/NCCL, bitwise;
 # 4. benchmarks/compare.py against the peers (memory per process; times only where
 #    each rank has a GPU of its own).
-# (a dry run works on CPU too: gloo, no GPU figures.) Writes log.txt, agreement.{md,json} and results.{md,json,png} into OUT_DIR. Needs
-# nothing installed beyond torch (zeroshard runs from this checkout).
+# Writes log.txt, agreement.{md,json} and results.{md,json,png} into OUT_DIR. Needs
+# nothing installed beyond torch (zeroshard runs from this checkout). A dry run works
+# on CPU too (gloo, no GPU figures).
 set -uo pipefail
 out=${1:?usage: bash benchmarks/device_check.sh OUT_DIR}
 mkdir -p "$out"

@@ -527,9 +527,9 @@ def gradient_viewing_what_backward_passes_on(ctx, stage: int) -> list[float]:
 def clip_norm_of_a_long_shard(ctx, stage: int) -> tuple[float, float]:
     """clip_grad_norm_'s norm where one bucket's shard holds about two million
     elements, against the fp64 norm of DDP's reduced gradients. Found while writing
-    benchmarks/device_agreement.py: on CPU torch's norm of one long fp32 tensor drifts with its length, so the
-    norm of a whole shard came out 4e-5 to 7e-5 off on a 0.8M-parameter GPT and the
-    clip coefficient with it (Note [a norm of a long shard]). Returns zeroshard's and
+    benchmarks/device_agreement.py: on CPU torch's norm of one long fp32 tensor drifts
+    with its length, so the norm of a whole shard came out 4e-5 to 7e-5 off on a
+    0.8M-parameter GPT and the clip coefficient with it (Note [a norm of a long shard]). Returns zeroshard's and
     torch's (per-parameter) relative errors."""
     torch.manual_seed(0)
     model = nn.Linear(2048, 2048, bias=False)
@@ -546,7 +546,9 @@ def clip_norm_of_a_long_shard(ctx, stage: int) -> tuple[float, float]:
     return abs(norm - exact) / exact, abs(torch_norm - exact) / exact
 
 
-class _AttentionModel(nn.Module):
+class AttentionModel(nn.Module):
+    """An attention whose forward reads out_proj.weight without calling out_proj."""
+
     def __init__(self) -> None:
         super().__init__()
         self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
@@ -562,7 +564,7 @@ def evaluation_of_attention_before_training(ctx) -> float:
     its weight, so an evaluation under no_grad before the first step gave NaN,
     silently): the evaluation's largest difference from the same model unsharded."""
     torch.manual_seed(0)
-    model = _AttentionModel()
+    model = AttentionModel()
     plain = copy.deepcopy(model).eval()
     opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=3, lr=0.1,
                                   process_group=ctx.group, bucket_size_mb=1e-6)

@@ -14,6 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
+from cases_api import AttentionModel
 from zeroshard._unit_tree import CONTAINERS, select_unit_modules, unit_owners
 
 
@@ -95,19 +96,12 @@ def test_automatic_units_each_own_at_least_the_bucket_size(tree, bucket_elements
         assert unclaimed < bucket_bytes
 
 
-class _Attention(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
-        self.head = nn.Linear(16, 4)
-
-
 def test_a_multihead_attentions_out_proj_is_never_a_unit_of_its_own():
     """MultiheadAttention's forward reads out_proj.weight without calling out_proj: as
     a unit of its own it was never gathered there, and an evaluation under no_grad
     computed with NaN (found by a probe). The automatic policy leaves it to the
     attention; selecting it is refused, naming a predicate that works."""
-    model = _Attention()
+    model = AttentionModel()
     automatic = select_unit_modules(model, None, bucket_bytes=1)
     assert model.attn.out_proj not in automatic and model.attn in automatic
     with pytest.raises(ValueError, match=r"'attn.out_proj'.*type\(m\) is nn.Linear"):
