@@ -52,9 +52,11 @@ class SavedTensorWatches:
     and save. ``gather`` (a ``WeakHook``) gathers a unit whose saved parameters
     backward is about to use (``UnitGatherer.gather_for_saved_tensor``)."""
 
-    def __init__(self, units: list[Unit], unit_of: dict[int, Unit], gather) -> None:
+    def __init__(self, units: list[Unit], unit_of: dict[int, Unit], gather, all_read) -> None:
         self._unit_of = unit_of
         self._gather = gather
+        self._all_read = all_read  # Note [released once backward has read it] in stage3.py
+        self._gathered = units[0].gathered_storages if units else {}  # shared by the units
         self._open: list[tuple[Unit, object]] = []  # (unit, hook pair), innermost last
         # a released parameter's storage is its bucket's placeholders
         self._placeholder_owner = {b.placeholders.untyped_storage().data_ptr(): (u, b)
@@ -82,6 +84,30 @@ class SavedTensorWatches:
 
     def gather(self, unit: Unit) -> None:
         self._gather(unit)
+
+    def saved_by(self, unit: Unit, tensor: torch.Tensor, storage: int) -> SavedParameter | None:
+        """``unit``'s forward saves ``tensor``: a ``SavedParameter`` if it views the unit's
+        own gathered parameters, else None. A view of another unit's parameters (its
+        own forward having ended, or an inner unit's forward using them) is saved as it
+        is, and that unit is never again released before its gradients are done (Note
+        [released once backward has read it] in stage3.py)."""
+        owner = self._gathered.get(storage)
+        if owner is None:
+            return None
+        if owner is not unit:
+            owner.saved_by_another_unit = True
+            return None
+        saved = SavedParameter(tensor.detach())
+        unit.saved_unread.add(saved)
+        return saved
+
+    def read(self, unit: Unit, saved: SavedParameter | Recast) -> None:
+        """Backward reads ``saved`` (a view or a cast of ``unit``'s parameters, which its
+        forward saved); the first read of the last one not read yet tells the stage (Note [released once backward has read it])."""
+        if saved in unit.saved_unread:
+            unit.saved_unread.discard(saved)
+            if not unit.saved_unread:
+                self._all_read(unit)
 
     def check_saved_parameter(self, unit: Unit, tensor: torch.Tensor, storage: int) -> None:
         """``unit``'s forward saves ``tensor`` (its storage at address
@@ -137,9 +163,11 @@ class SavedTensorWatch:
                 stage.check_saved_parameter(self._unit, tensor, storage)
             recast = stage.recast_of(self._unit, tensor)  # Note [autocast casts]
             if recast is not None:
+                self._unit.saved_unread.add(recast)  # backward reads the parameter for it
                 return recast
-            if storage is not None and self._unit.holds_storage(storage):
-                return SavedParameter(tensor.detach())  # a parameter: gathered when used
+            saved = None if storage is None else stage.saved_by(self._unit, tensor, storage)
+            if saved is not None:
+                return saved  # a parameter: gathered when used
         # Not the tensor itself: a saved output would then hold its own autograd node, a
         # reference cycle keeping a forward's activations until the garbage collector runs
         return tensor.detach()
@@ -150,6 +178,7 @@ class SavedTensorWatch:
         stage = self._stage()
         if stage is not None:
             stage.gather(self._unit)
+            stage.read(self._unit, packed)
         return packed.rebuild() if isinstance(packed, Recast) else packed.tensor
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import weakref
 
 import torch
 from torch import nn
@@ -60,6 +61,13 @@ class Unit:
         # Some rank ran it twice in one forward pass of the first step: kept gathered
         # until the pass ends (Note [runs before the walk moves on] in stage3.py).
         self.held_for_pass = False
+        # Note [released once backward has read it] in stage3.py: the views of its
+        # parameters its forwards saved that backward has not read yet (they leave with
+        # the graph that holds them), and whether another unit's forward saved one.
+        self.saved_unread: weakref.WeakSet = weakref.WeakSet()
+        self.saved_by_another_unit = False
+        # address of a gathered buffer's storage -> its unit, shared by a stage's units
+        self.gathered_storages: dict[int, Unit] = {}
 
     def end_backward(self) -> None:
         """A backward ended: release, start a new record."""
@@ -77,12 +85,6 @@ class Unit:
             raise RuntimeError(f"zeroshard internal error: unit {self.name} cannot go from "
                                f"{self.state.value} to {to.value}; please report it")
         self.state = to
-
-    def holds_storage(self, storage: int) -> bool:
-        """Whether ``storage`` (an address) is one of this unit's gathered buffers: a
-        tensor there views its parameters."""
-        return any(b.flat.untyped_storage().data_ptr() == storage for b in self.buckets
-                   if b.flat.untyped_storage().nbytes() > 0)
 
     def nbytes(self) -> int:
         return sum(b.nbytes() for b in self.buckets)
@@ -105,6 +107,7 @@ class Unit:
             self._works.clear()
             for bucket in self.buckets:
                 bucket.note_gathered()
+                self.gathered_storages[bucket.flat.untyped_storage().data_ptr()] = self
             self._move(ShardState.GATHERED)
 
     def release(self) -> None:
@@ -118,6 +121,7 @@ class Unit:
                     with torch.no_grad():
                         self.masters.absorb_writes(bucket, bucket.own_slice())
                         bucket.load_shard()
+                self.gathered_storages.pop(bucket.flat.untyped_storage().data_ptr(), None)
                 bucket.free()
             self._move(ShardState.SHARDED)
 

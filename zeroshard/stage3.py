@@ -86,6 +86,30 @@ Note [after the walk's last step]:
     would), so the ranks' order is untouched; it costs the overlap of that reduction
     with what is left of backward.
 
+Note [released once backward has read it]:
+    A unit is released in backward once all its gradients are in (``post_backward``),
+    but backward may be done reading its parameters long before: a GPT's root unit
+    holds the token embedding, which the tied output head reads at the very start of
+    backward, and whose own gradient comes at the very end (an embedding's backward
+    reads no weight). Kept gathered in between, it was 48 MiB of the 100M GPT's peak at
+    stage 3 (a Llama's embedding and head, gigabytes). Backward reads a unit's
+    parameters only through what its forwards saved (Note [saved tensors] in
+    _saved_tensors.py): so each unit counts the views and casts of its parameters its
+    forwards saved that backward has not read yet (``Unit.saved_unread``, weakly: a
+    graph dropped without backward takes its own), and once the last is read the unit
+    is released at the next hook autograd calls between nodes (the node reading it is
+    done by then), with no collective, so the ranks' order is untouched. Two things
+    read parameters behind those hooks' back, and each keeps the unit to the end of
+    its gradients as before: a view saved by another unit's forward (a parameter
+    shared with a nested unit, read by its forward: ``Unit.saved_by_another_unit``,
+    from then on), and a recomputation in backward (activation checkpointing of
+    something that is not a unit), which runs modules' forwards inside backward. A
+    global forward pre-hook, registered only while a backward runs, sees those; the
+    first backward only watches, and after one is seen no unit is released early again
+    (one seen first later gathers again, before it computes, what this backward
+    released early). Not seen: a checkpointed function that calls no module and reads
+    a unit's parameters directly, first run after the first step.
+
 Note [stage 3 under torch.compile]:
     A unit's forward hooks gather and release its parameters: collectives, and
     parameters whose ``.data`` moves between a placeholder and the gathered buffer.
@@ -139,6 +163,37 @@ def _keep_unit_hooks_out_of_compiled_graphs() -> None:
     UnitGatherer.hooks_outside_graphs = True
 
 
+class RecomputationWatch:
+    """Note [released once backward has read it]: whether any module's forward has run
+    inside a backward (a recomputation), watched by a global forward pre-hook that is
+    registered only while a backward runs. A handle of the stage: ``remove()`` at close."""
+
+    def __init__(self, hook) -> None:
+        self._hook = hook
+        self._handle = None
+        self.backwards_ended = 0
+        self.seen = False
+
+    @property
+    def never_seen(self) -> bool:
+        """A whole backward has been watched (the first step's) and none was seen."""
+        return self.backwards_ended > 0 and not self.seen
+
+    def start(self) -> None:
+        self.remove()  # one left by a backward that raised
+        self._handle = torch.nn.modules.module.register_module_forward_pre_hook(self._hook)
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self.backwards_ended += 1
+        self.remove()
+
+    def remove(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+
 class UnitGatherer:
     """Gathers and releases stage 3's units around their forward and backward passes,
     walking one schedule on every rank (Note [gather schedule]), and decides for the
@@ -177,8 +232,10 @@ class UnitGatherer:
                 handles.append(module.register_state_dict_pre_hook(guard))
                 handles.append(module.register_load_state_dict_pre_hook(guard))
         _keep_unit_hooks_out_of_compiled_graphs()
+        self._gathered_storages: dict[int, Unit] = {}  # address -> unit (Unit.gathered_storages)
         for unit in units:
             unit.masters = masters  # Note [writes inside a forward] in _bucket.py
+            unit.gathered_storages = self._gathered_storages
             # first among the unit's pre-forward hooks: one registered before this
             # optimizer (legacy weight_norm, torch.nn.utils.prune) computes from the
             # parameters, which must be gathered by then (it read the placeholders' NaN)
@@ -188,7 +245,13 @@ class UnitGatherer:
                 WeakHook(self.post_forward, unit)))
             unit.release()  # the shards hold rank 0's values (broadcast, then placed)
         # Note [saved tensors] in _saved_tensors.py
-        self._saved = SavedTensorWatches(units, self._unit_of, WeakHook(self.gather_for_saved_tensor))
+        self._saved = SavedTensorWatches(units, self._unit_of, WeakHook(self.gather_for_saved_tensor),
+                                         WeakHook(self._all_saved_read))
+        # Note [released once backward has read it]
+        self._read_through: list[Unit] = []  # in this backward, since the last hook
+        self._released_early: list[Unit] = []  # in this backward
+        self._recomputation = RecomputationWatch(WeakHook(self._module_runs_in_backward))
+        handles.append(self._recomputation)
 
     # -- the four hooks: before and after each unit's forward and backward -----------
 
@@ -234,6 +297,7 @@ class UnitGatherer:
     def post_backward(self, bucket, index: int) -> None:
         """The store has collected parameter ``index`` of ``bucket``'s gradient; once the
         unit's last one is in, backward is done with the unit: release it."""
+        self._release_read_through()  # Note [released once backward has read it]
         param = bucket.params[index]
         unit = self._unit_of[id(param)]
         # A gradient arrived, so a forward ran the unit, even one before the last synced
@@ -308,6 +372,7 @@ class UnitGatherer:
         if self.reducer.local_only:  # the last backward ran inside no_sync()
             for unit in self.units:
                 unit.record.ran = unit.record.ran or unit.holds_local_grads()
+        self._recomputation.start()
 
     @property
     def launches_as_ready(self) -> bool:
@@ -344,6 +409,7 @@ class UnitGatherer:
             units.insert(0, unit)
 
     def _pre_backward_all(self, units: list[Unit], grad: torch.Tensor) -> None:
+        self._release_read_through()  # Note [released once backward has read it]
         for unit in units:
             self.pre_backward(unit, grad)
 
@@ -393,6 +459,9 @@ class UnitGatherer:
 
     def end_backward(self) -> None:
         """The reducer has finished the backward."""
+        self._recomputation.stop()
+        self._read_through.clear()
+        self._released_early.clear()
         self.walk.end_backward()
         for unit in self.units:
             unit.end_backward()
@@ -414,6 +483,44 @@ class UnitGatherer:
                 "stage 3 keeps parameters sharded between forward and backward, so "
                 "model.state_dict() and model.load_state_dict() must run inside "
                 "`with opt.summon_full_params():` (on every rank)")
+
+    # -- Note [released once backward has read it] --------------------------------------
+
+    def _all_saved_read(self, unit: Unit) -> None:
+        """Backward has read every view and cast of ``unit``'s parameters its forwards
+        saved; the node reading the last is running, so the unit is released at the next
+        hook between nodes (``_release_read_through``)."""
+        if self.switches.phase is Phase.BACKWARD:
+            self._read_through.append(unit)
+
+    def _release_read_through(self) -> None:
+        """Release the units backward has read through, once it is known that no
+        recomputation in backward reads parameters (``RecomputationWatch``). Runs only in
+        hooks that autograd calls between nodes (a tensor's gradient hook, a parameter's
+        accumulation hook), never while a node that read a parameter is running."""
+        if not self._read_through:
+            return
+        units, self._read_through = self._read_through, []
+        if not self._recomputation.never_seen:
+            return
+        for unit in units:
+            if (unit.state is ShardState.GATHERED and not unit.saved_unread
+                    and not unit.saved_by_another_unit and not unit.held_for_pass
+                    and not self.switches.summoned):
+                unit.release()
+                self._released_early.append(unit)
+
+    def _module_runs_in_backward(self, module, args) -> None:
+        """A module's forward runs inside backward: a recomputation (activation
+        checkpointing), which may read any unit's parameters, and reads them in the
+        backwards to come too. No unit is released early from now on, and those released
+        early in this backward are gathered again before the module computes."""
+        if self.switches.phase is not Phase.BACKWARD:
+            return
+        self._recomputation.seen = True
+        for unit in self._released_early:
+            self.walk.gather_outside_walk(unit)
+        self._released_early.clear()
 
     # -- around the optimizer step ----------------------------------------------------
 

@@ -1,0 +1,106 @@
+"""Worker-side functions for Note [released once backward has read it]
+(zeroshard/stage3.py): a stage-3 unit is released in backward once backward has read
+every parameter its forward saved, not only once its gradients are all in."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import zeroshard
+
+VOCAB, WIDTH, BLOCKS = 48, 16, 3
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(WIDTH, WIDTH)
+
+    def forward(self, h):
+        return h + torch.tanh(self.lin(h))
+
+
+class TiedLM(nn.Module):
+    """A token embedding tied to the output head, as GPTs have it: the root unit's
+    embedding is read by the head at the start of backward and gets its own gradient
+    at the very end. ``variant``:
+
+    - "plain";
+    - "checkpointed" / "checkpointed_reentrant": a root-level layer after the
+      embedding runs under activation checkpointing, so backward recomputes it (reads
+      its weight) near the end, after the head's read;
+    - "shared_with_block": block 0's weight is also a root-level layer's (tied by
+      assignment, so the root unit owns it) and block 0's forward saves it.
+
+    ``seen`` records, each time backward reaches block 0's output, whether the token
+    embedding was gathered then (False: a placeholder, released)."""
+
+    def __init__(self, variant: str) -> None:
+        super().__init__()
+        self.variant = variant
+        self.tok = nn.Embedding(VOCAB, WIDTH)
+        self.blocks = nn.ModuleList(Block() for _ in range(BLOCKS))
+        self.norm = nn.LayerNorm(WIDTH)
+        self.head = nn.Linear(WIDTH, VOCAB, bias=False)
+        self.head.weight = self.tok.weight
+        if variant.startswith("checkpointed"):
+            self.proj_in = nn.Linear(WIDTH, WIDTH)
+        if variant == "shared_with_block":
+            self.mix = nn.Linear(WIDTH, WIDTH, bias=False)
+            self.blocks[0].lin.weight = self.mix.weight
+        self.seen: list[bool] = []
+
+    def forward(self, idx):
+        h = self.tok(idx)
+        if self.variant.startswith("checkpointed"):
+            h = checkpoint(self.proj_in, h, use_reentrant=self.variant.endswith("reentrant"))
+        for i, block in enumerate(self.blocks):
+            h = block(h)
+            if i == 0 and h.requires_grad:
+                h.register_hook(self._note_embedding)
+        if self.variant == "shared_with_block":
+            h = self.mix(h)
+        return self.head(self.norm(h))
+
+    def _note_embedding(self, grad):
+        self.seen.append(self.tok.weight.stride() != (0, 0))
+
+
+def train_tied_lm(ctx, variant: str, reshard_after_forward: bool, steps: int = 4):
+    """``steps`` SGD steps of zeroshard stage 3 (units: the blocks) and of the same model
+    with its gradients averaged over the ranks by hand, on each rank's own tokens.
+    Returns, per step: the largest parameter difference, whether the embedding was
+    still gathered when backward reached block 0, and the all-gather bytes of the step."""
+    torch.manual_seed(0)
+    model = TiedLM(variant)
+    reference = TiedLM(variant)
+    reference.load_state_dict(model.state_dict())
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.5, momentum=0.9)
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=3, lr=0.5, momentum=0.9,
+                                  process_group=ctx.group, units=Block,
+                                  reshard_after_forward=reshard_after_forward)
+    differences, gathered, gather_bytes = [], [], []
+    for step in range(steps):
+        idx = torch.randint(0, VOCAB, (4, 6), generator=torch.Generator().manual_seed(10 * step + ctx.rank))
+        target = torch.randint(0, VOCAB, (4, 6), generator=torch.Generator().manual_seed(7 + step))
+        opt.comm_stats.reset()
+        for net, optimizer in ((model, opt), (reference, ref_opt)):
+            F.cross_entropy(net(idx).flatten(0, 1), target.flatten()).backward()
+            if net is reference:
+                for param in reference.parameters():
+                    dist.all_reduce(param.grad, group=ctx.group)
+                    param.grad /= ctx.world_size
+            if net is model:
+                gather_bytes.append(opt.comm_stats.bytes["all_gather"])
+            optimizer.step()
+            optimizer.zero_grad()
+        gathered.append(model.seen[-1])
+        with opt.summon_full_params():
+            differences.append(max(float((a - b).abs().max())
+                                   for a, b in zip(model.parameters(), reference.parameters())))
+    opt.close()
+    return differences, gathered, gather_bytes
