@@ -10,11 +10,15 @@ Note [buffers follow rank 0]:
     the last one's. One broadcast per dtype and device, counted in ``comm_stats``
     under ``broadcast``. A forward under ``torch.no_grad()`` (evaluation,
     ``generate()``) issues no collective, so it may run on rank 0 alone; it sees this
-    rank's buffers. So the buffers every training forward starts from, and the
-    parameters, are DDP's; DDP differs only in that it also broadcasts in the first
-    forward after a training one whatever its grad mode, and not in the training
-    forward that follows a ``no_grad`` one (which then starts from what that
-    broadcast gave).
+    rank's buffers. DDP differs in that it also broadcasts in the first forward after
+    a training one whatever its grad mode, and not in the training forward that
+    follows a ``no_grad`` one, which then starts from what that broadcast gave plus
+    this rank's own ``no_grad`` update. So the parameters are DDP's, and so are the
+    buffers every training forward starts from, but where a ``no_grad`` forward in
+    train mode updates them (GAN fakes, a teacher pass): then ranks other than 0 start
+    from rank 0's buffers, its ``no_grad`` update included, not from their own update
+    of rank 0's earlier ones (documented in the README; matching DDP would need a
+    collective in ``no_grad`` forwards, which rank-0-only evaluation must not issue).
 """
 
 from __future__ import annotations

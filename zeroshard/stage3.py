@@ -108,7 +108,7 @@ Note [released once backward has read it]:
     first backward only watches, and after one is seen no unit is released early again
     (one seen first later gathers again, before it computes, what this backward
     released early). Not seen: a checkpointed function that calls no module and reads
-    a unit's parameters directly, first run after the first step.
+    a unit's parameters directly, in a model where no recomputation runs a module.
 
 Note [stage 3 under torch.compile]:
     A unit's forward hooks gather and release its parameters: collectives, and
