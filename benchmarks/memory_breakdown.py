@@ -15,7 +15,9 @@ taken from process-group start, include them). The phase with the highest peak i
 - parameters, gradients, optimizer states: the live storages of the module's
   parameters, their ``.grad`` and the optimizer's state (a DTensor's local shard;
   zeroshard: what ``memory_report()`` counts, master copies with the parameters);
-- activations: the storages autograd saved for backward (a saved-tensors hook);
+- activations: the storages autograd saved for backward, counted by a saved-tensors
+  hook in the warm-up step only (such a hook turns off zeroshard stage 3's own, Note
+  [saved tensors], so the measured steps run without it, as users run them);
 - other tensors: every other live storage (DDP's buckets, FSDP's flat or padded
   buffers, a stage's reduce buffers, gathered units, ...);
 - the phase's transient: its high-water mark above its start (gradients being
@@ -96,7 +98,7 @@ def _optimizer_state(opt) -> list:
 class Census:
     """Live storages by category at one moment, in bytes."""
 
-    def __init__(self, model, opt, saved: dict[int, int]) -> None:
+    def __init__(self, model, opt, saved: dict[int, int], activations: int | None = None) -> None:
         gc.collect()
         with warnings.catch_warnings():  # isinstance() on torch.distributed.reduce_op warns
             warnings.simplefilter("ignore", FutureWarning)
@@ -117,9 +119,10 @@ class Census:
             # it, so the garbage collector may not list it: count it here too.
             live.update({**params, **grads, **states})
             claimed = sum({**params, **grads, **states}.values())
-        # what autograd saved and still lives, weights saved for backward aside
-        figures["activations"] = sum(size for ptr, size in saved.items()
-                                     if ptr in live and ptr not in params)
+        # what autograd saved and still lives, weights saved for backward aside (or, in a
+        # step run without the counting hook, what the first step's count found)
+        figures["activations"] = activations if activations is not None else sum(
+            size for ptr, size in saved.items() if ptr in live and ptr not in params)
         self.live = max(sum(live.values()), claimed + figures["activations"])
         figures["other tensors"] = self.live - claimed - figures["activations"]
         self.figures = figures
@@ -180,18 +183,25 @@ def worker(rank: int, world: int, port: int, method: str, args, results) -> None
         return (kib - baseline) / 1024
 
     phases = {}  # name -> the census at its start and its peak, for the step with the highest
+    saved_in_backward = 0  # activation bytes, counted in the warm-up step
     for step in range(1 + args.steps):
         saved.clear()
         loss = None
 
         def forward():
             nonlocal loss
+            if step:  # run as users run it: a saved-tensor hook around the forward
+                loss = loss_of(module)  # turns off stage 3's own (Note [saved tensors])
+                return
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 loss = loss_of(module)
 
         for name, run in (("forward", forward), ("backward", lambda: backward(loss)),
                           ("step", opt.step), ("zero_grad", opt.zero_grad)):
-            census = Census(module, opt, saved) if step else None
+            if not step and name == "backward":
+                saved_in_backward = Census(module, opt, saved).figures["activations"]
+            census = None if not step else Census(
+                module, opt, saved, activations=saved_in_backward if name == "backward" else 0)
             start = rss_kib("VmRSS")
             mark()
             run()

@@ -16,12 +16,19 @@ VOCAB, WIDTH, BLOCKS = 48, 16, 3
 
 
 class Block(nn.Module):
-    def __init__(self) -> None:
+    """With ``frozen``, a LoRA-like block: its ``lin`` frozen, a trainable adapter beside."""
+
+    def __init__(self, frozen: bool = False) -> None:
         super().__init__()
         self.lin = nn.Linear(WIDTH, WIDTH)
+        self.adapter = None
+        if frozen:
+            self.lin.requires_grad_(False)
+            self.adapter = nn.Linear(WIDTH, WIDTH, bias=False)
 
     def forward(self, h):
-        return h + torch.tanh(self.lin(h))
+        out = self.lin(h) if self.adapter is None else self.lin(h) + self.adapter(h)
+        return h + torch.tanh(out)
 
 
 class TiedLM(nn.Module):
@@ -34,16 +41,19 @@ class TiedLM(nn.Module):
       embedding runs under activation checkpointing, so backward recomputes it (reads
       its weight) near the end, after the head's read;
     - "shared_with_block": block 0's weight is also a root-level layer's (tied by
-      assignment, so the root unit owns it) and block 0's forward saves it.
+      assignment, so the root unit owns it) and block 0's forward saves it;
+    - "frozen_base": LoRA-like blocks, each a unit whose frozen weight its backward
+      reads (before, such a unit stayed gathered to the end of backward).
 
     ``seen`` records, each time backward reaches block 0's output, whether the token
-    embedding was gathered then (False: a placeholder, released)."""
+    embedding and block 1 (whose backward is done by then) were gathered (False: a
+    placeholder, released)."""
 
     def __init__(self, variant: str) -> None:
         super().__init__()
         self.variant = variant
         self.tok = nn.Embedding(VOCAB, WIDTH)
-        self.blocks = nn.ModuleList(Block() for _ in range(BLOCKS))
+        self.blocks = nn.ModuleList(Block(variant == "frozen_base") for _ in range(BLOCKS))
         self.norm = nn.LayerNorm(WIDTH)
         self.head = nn.Linear(WIDTH, VOCAB, bias=False)
         self.head.weight = self.tok.weight
@@ -67,14 +77,16 @@ class TiedLM(nn.Module):
         return self.head(self.norm(h))
 
     def _note_embedding(self, grad):
-        self.seen.append(self.tok.weight.stride() != (0, 0))
+        self.seen.append((self.tok.weight.stride() != (0, 0),
+                          self.blocks[1].lin.weight.stride() != (0, 0)))
 
 
 def train_tied_lm(ctx, variant: str, reshard_after_forward: bool, steps: int = 4):
     """``steps`` SGD steps of zeroshard stage 3 (units: the blocks) and of the same model
     with its gradients averaged over the ranks by hand, on each rank's own tokens.
-    Returns, per step: the largest parameter difference, whether the embedding was
-    still gathered when backward reached block 0, and the all-gather bytes of the step."""
+    Returns, per step: the largest parameter difference, whether the embedding and
+    block 1 were still gathered when backward reached block 0, and the all-gather bytes
+    of the step."""
     torch.manual_seed(0)
     model = TiedLM(variant)
     reference = TiedLM(variant)
@@ -83,24 +95,28 @@ def train_tied_lm(ctx, variant: str, reshard_after_forward: bool, steps: int = 4
     opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=3, lr=0.5, momentum=0.9,
                                   process_group=ctx.group, units=Block,
                                   reshard_after_forward=reshard_after_forward)
-    differences, gathered, gather_bytes = [], [], []
+    differences, embedding_gathered, block_gathered, gather_bytes = [], [], [], []
     for step in range(steps):
-        idx = torch.randint(0, VOCAB, (4, 6), generator=torch.Generator().manual_seed(10 * step + ctx.rank))
+        idx = torch.randint(0, VOCAB, (4, 6),
+                            generator=torch.Generator().manual_seed(10 * step + ctx.rank))
         target = torch.randint(0, VOCAB, (4, 6), generator=torch.Generator().manual_seed(7 + step))
         opt.comm_stats.reset()
         for net, optimizer in ((model, opt), (reference, ref_opt)):
             F.cross_entropy(net(idx).flatten(0, 1), target.flatten()).backward()
             if net is reference:
                 for param in reference.parameters():
+                    if param.grad is None:  # frozen
+                        continue
                     dist.all_reduce(param.grad, group=ctx.group)
                     param.grad /= ctx.world_size
             if net is model:
                 gather_bytes.append(opt.comm_stats.bytes["all_gather"])
             optimizer.step()
             optimizer.zero_grad()
-        gathered.append(model.seen[-1])
+        embedding_gathered.append(model.seen[-1][0])
+        block_gathered.append(model.seen[-1][1])
         with opt.summon_full_params():
             differences.append(max(float((a - b).abs().max())
                                    for a, b in zip(model.parameters(), reference.parameters())))
     opt.close()
-    return differences, gathered, gather_bytes
+    return differences, embedding_gathered, block_gathered, gather_bytes

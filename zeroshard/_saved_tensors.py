@@ -103,7 +103,8 @@ class SavedTensorWatches:
 
     def read(self, unit: Unit, saved: SavedParameter | Recast) -> None:
         """Backward reads ``saved`` (a view or a cast of ``unit``'s parameters, which its
-        forward saved); the first read of the last one not read yet tells the stage (Note [released once backward has read it])."""
+        forward saved); the first read of the last one not read yet tells the stage
+        (Note [released once backward has read it] in stage3.py)."""
         if saved in unit.saved_unread:
             unit.saved_unread.discard(saved)
             if not unit.saved_unread:
