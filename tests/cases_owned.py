@@ -202,8 +202,10 @@ def train_owned_side_by_side(ctx, case: dict) -> dict:
             contract = max(contract, float((probe - stepped).abs().max()))
         out["contract"].append(contract)
         with zopt.summon_full_params():
-            out["ddp_diff"].append(max(float((p.detach().float() - ddp_param[name].detach()).abs().max())
-                                       for name, p in zero_model.named_parameters()))
+            # torch's max keeps a NaN (Python's max() drops one unless it comes first)
+            out["ddp_diff"].append(float(torch.stack([
+                (p.detach().float() - ddp_param[name].detach()).abs().max()
+                for name, p in zero_model.named_parameters()]).max()))
             out.setdefault("params", []).append(
                 torch.cat([p.detach().float().reshape(-1) for p in zero_model.parameters()]))
     out["owned"] = sorted(name for name, *_ in owned(zopt))
@@ -276,8 +278,8 @@ def round_trip_then_schedule(ctx, stage: int) -> float:
             for optimizer in plain:
                 optimizer.load_state_dict(optimizer.state_dict())
     with zopt.summon_full_params():
-        return max(float((p.detach() - q.detach()).abs().max())
-                   for p, q in zip(zero_model.parameters(), ddp_model.parameters()))
+        return float(torch.stack([(p.detach() - q.detach()).abs().max()  # keeps a NaN
+                                  for p, q in zip(zero_model.parameters(), ddp_model.parameters())]).max())
 
 
 def scaler_with_ranks_that_own_nothing(ctx) -> dict:

@@ -15,20 +15,43 @@ import zeroshard
 VOCAB, WIDTH, BLOCKS = 48, 16, 3
 
 
-class Block(nn.Module):
-    """With ``frozen``, a LoRA-like block: its ``lin`` frozen, a trainable adapter beside."""
+class LinearKeepingItsWeight(torch.autograd.Function):
+    """``x @ w.t()`` whose backward reads ``w`` from its ``ctx``, where saved-tensor hooks
+    do not see it (as many custom kernels keep their weights)."""
 
-    def __init__(self, frozen: bool = False) -> None:
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x)
+        ctx.w = w
+        return x @ w.t()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad @ ctx.w, grad.flatten(0, -2).t() @ x.flatten(0, -2)
+
+
+class Block(nn.Module):
+    """``kind``: "plain"; "frozen", a LoRA-like block (``lin`` frozen, a trainable adapter
+    beside); "ctx", ``lin``'s weight used through ``LinearKeepingItsWeight`` and a
+    Linear after it."""
+
+    def __init__(self, kind: str = "plain") -> None:
         super().__init__()
+        self.kind = kind
         self.lin = nn.Linear(WIDTH, WIDTH)
-        self.adapter = None
-        if frozen:
+        if kind == "frozen":
             self.lin.requires_grad_(False)
             self.adapter = nn.Linear(WIDTH, WIDTH, bias=False)
+        if kind == "ctx":
+            self.after = nn.Linear(WIDTH, WIDTH)
 
     def forward(self, h):
-        out = self.lin(h) if self.adapter is None else self.lin(h) + self.adapter(h)
-        return h + torch.tanh(out)
+        if self.kind == "frozen":
+            return h + torch.tanh(self.lin(h) + self.adapter(h))
+        if self.kind == "ctx":
+            return h + self.after(torch.tanh(LinearKeepingItsWeight.apply(h, self.lin.weight)))
+        return h + torch.tanh(self.lin(h))
 
 
 class TiedLM(nn.Module):
@@ -42,8 +65,11 @@ class TiedLM(nn.Module):
       its weight) near the end, after the head's read;
     - "shared_with_block": block 0's weight is also a root-level layer's (tied by
       assignment, so the root unit owns it) and block 0's forward saves it;
-    - "frozen_base": LoRA-like blocks, each a unit whose frozen weight its backward
-      reads (before, such a unit stayed gathered to the end of backward).
+    - "frozen_base": LoRA-like blocks;
+    - "ctx_weight": blocks whose backward reads a weight kept on a custom Function's
+      ``ctx``, after the block's last saved view is read;
+    - "parameter_hook": a hook on the token embedding, as users fold weight decay into
+      the gradient, reads the weight when its gradient comes, at backward's end.
 
     ``seen`` records, each time backward reaches block 0's output, whether the token
     embedding and block 1 (whose backward is done by then) were gathered (False: a
@@ -53,12 +79,16 @@ class TiedLM(nn.Module):
         super().__init__()
         self.variant = variant
         self.tok = nn.Embedding(VOCAB, WIDTH)
-        self.blocks = nn.ModuleList(Block(variant == "frozen_base") for _ in range(BLOCKS))
+        kind = {"frozen_base": "frozen", "ctx_weight": "ctx"}.get(variant, "plain")
+        self.blocks = nn.ModuleList(Block(kind) for _ in range(BLOCKS))
         self.norm = nn.LayerNorm(WIDTH)
         self.head = nn.Linear(WIDTH, VOCAB, bias=False)
         self.head.weight = self.tok.weight
         if variant.startswith("checkpointed"):
             self.proj_in = nn.Linear(WIDTH, WIDTH)
+        if variant == "parameter_hook":
+            weight = self.tok.weight
+            weight.register_hook(lambda grad: grad + 1e-2 * weight.detach())
         if variant == "shared_with_block":
             self.mix = nn.Linear(WIDTH, WIDTH, bias=False)
             self.blocks[0].lin.weight = self.mix.weight
@@ -116,7 +146,8 @@ def train_tied_lm(ctx, variant: str, reshard_after_forward: bool, steps: int = 4
         embedding_gathered.append(model.seen[-1][0])
         block_gathered.append(model.seen[-1][1])
         with opt.summon_full_params():
-            differences.append(max(float((a - b).abs().max())
-                                   for a, b in zip(model.parameters(), reference.parameters())))
+            # torch's max keeps a NaN (Python's max() drops one unless it comes first)
+            differences.append(float(torch.stack([(a - b).abs().max() for a, b in zip(
+                model.parameters(), reference.parameters())]).max()))
     opt.close()
     return differences, embedding_gathered, block_gathered, gather_bytes

@@ -1,8 +1,10 @@
 """Note [released once backward has read it] (zeroshard/stage3.py): a stage-3 unit whose
 parameters backward has finished reading is released then, not when its last gradient
-arrives; where something could still read them behind the saved-tensor hooks' back
-(a recomputation, a view saved by another unit's forward), it is kept, and the numbers
-stay those of plain data parallel."""
+arrives, if all it still awaits is an embedding's gradient; where something could
+still read them behind the saved-tensor hooks' back (a recomputation, a view saved by
+another unit's forward, a weight kept on a custom Function's ctx, a parameter hook), it
+is kept, and the numbers stay those of plain data parallel. Differences are checked
+step by step (``all``): Python's ``max`` drops a NaN that does not come first.
 
 import pytest
 
@@ -13,7 +15,7 @@ def _runs(pool, variant: str, reshard_after_forward: bool = True):
     for rank, (differences, embedding, block, gather_bytes) in enumerate(
             pool.run(cases_release.train_tied_lm, 2, variant, reshard_after_forward)):
         where = (rank, differences, embedding, block, gather_bytes)
-        assert max(differences) < 1e-6, where
+        assert all(d < 1e-6 for d in differences), where
         assert len(set(gather_bytes)) == 1, where  # nothing gathered again for it
         yield embedding, block, where
 
@@ -28,19 +30,22 @@ def test_a_tied_embedding_is_released_once_the_head_has_read_it(pool, reshard_af
         assert not any(embedding[1:]), where
 
 
-def test_a_unit_with_frozen_parameters_is_released_once_backward_has_read_them(pool):
-    """A LoRA-like unit (frozen weight, trainable adapter) was kept gathered to the end of
-    backward, since backward may read a frozen weight after the unit's last gradient:
-    so by then every unit was whole (``block`` True at every step; on 12 blocks of
-    2048 x 2048, 192 MiB above backward's start instead of 31)."""
-    for _, block, where in _runs(pool, "frozen_base"):
-        assert not any(block[1:]), where
-
-
-@pytest.mark.parametrize("variant", ["checkpointed", "checkpointed_reentrant", "shared_with_block"])
+@pytest.mark.parametrize("variant", ["checkpointed", "checkpointed_reentrant", "shared_with_block",
+                                     "parameter_hook"])
 def test_a_unit_read_behind_the_saved_tensor_hooks_is_kept_to_its_last_gradient(pool, variant):
     """The layer recomputed in backward (checkpointed) reads its weight after the head's
-    read, and block 0 reads a weight the root owns; released after the head, they
-    would compute with NaN placeholders."""
+    read, block 0 reads a weight the root owns, and a hook reads the embedding when its
+    gradient comes; released after the head, they computed with NaN placeholders (the
+    hook's case: a reviewer's probe, NaN loss at the third step)."""
     for embedding, _, where in _runs(pool, variant):
         assert all(embedding), where
+
+
+@pytest.mark.parametrize("variant", ["ctx_weight", "frozen_base"])
+def test_a_unit_whose_backward_may_read_an_unsaved_weight_equals_data_parallel(pool, variant):
+    """A weight kept on a custom Function's ctx is read unseen, by the node that gives
+    its gradient (or, frozen, none): such a unit waits for its last gradient (frozen:
+    the end of backward). Released once its other views were read, the ctx case trained
+    NaN from the third step (a reviewer's probe)."""
+    for _ in _runs(pool, variant):
+        pass

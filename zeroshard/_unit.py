@@ -16,6 +16,7 @@ from torch import nn
 
 from . import _comm
 from ._bucket import FlatBucket, Ownership
+from ._hooks import WeakHook
 from ._masters import ShardMasters
 from ._unit_tree import unit_owners
 
@@ -68,6 +69,10 @@ class Unit:
         self.saved_by_another_unit = False
         # address of a gathered buffer's storage -> its unit, shared by a stage's units
         self.gathered_storages: dict[int, Unit] = {}
+        # whose gradients come from an embedding's backward, which reads no weight
+        self.embedding_weight_ids = {
+            id(m.weight) for m in module.modules()
+            if isinstance(m, (nn.Embedding, nn.EmbeddingBag))} & self.trainable_ids
 
     def end_backward(self) -> None:
         """A backward ended: release, start a new record."""
@@ -85,6 +90,13 @@ class Unit:
             raise RuntimeError(f"zeroshard internal error: unit {self.name} cannot go from "
                                f"{self.state.value} to {to.value}; please report it")
         self.state = to
+
+    def parameters_have_user_hooks(self) -> bool:
+        """Whether a hook other than zeroshard's sits on one of its parameters (it may read
+        the parameter when the gradient comes)."""
+        return any(p._post_accumulate_grad_hooks
+                   or any(not isinstance(h, WeakHook) for h in (p._backward_hooks or {}).values())
+                   for b in self.buckets for p in b.params)
 
     def nbytes(self) -> int:
         return sum(b.nbytes() for b in self.buckets)

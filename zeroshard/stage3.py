@@ -93,22 +93,29 @@ Note [released once backward has read it]:
     backward, and whose own gradient comes at the very end (an embedding's backward
     reads no weight). Kept gathered in between, it was 48 MiB of the 100M GPT's peak at
     stage 3 (a Llama's embedding and head, gigabytes). Backward reads a unit's
-    parameters only through what its forwards saved (Note [saved tensors] in
+    parameters through what its forwards saved (Note [saved tensors] in
     _saved_tensors.py): so each unit counts the views and casts of its parameters its
     forwards saved that backward has not read yet (``Unit.saved_unread``, weakly: a
-    graph dropped without backward takes its own), and once the last is read the unit
-    is released at the next hook autograd calls between nodes (the node reading it is
-    done by then), with no collective, so the ranks' order is untouched. Two things
-    read parameters behind those hooks' back, and each keeps the unit to the end of
-    its gradients as before: a view saved by another unit's forward (a parameter
-    shared with a nested unit, read by its forward: ``Unit.saved_by_another_unit``,
-    from then on), and a recomputation in backward (activation checkpointing of
-    something that is not a unit), which runs modules' forwards inside backward. A
-    global forward pre-hook, registered only while a backward runs, sees those; the
-    first backward only watches, and after one is seen no unit is released early again
-    (one seen first later gathers again, before it computes, what this backward
-    released early). Not seen: a checkpointed function that calls no module and reads
-    a unit's parameters directly, in a model where no recomputation runs a module.
+    graph dropped without backward takes its own). Once the last is read, the unit is
+    released at a later hook autograd calls between nodes (the node reading it is done
+    by then), with no collective, if nothing else can still read it
+    (``_read_through_safely``): every gradient it still awaits is an embedding
+    weight's; it has no frozen parameter and no hook of the user's on a parameter; no
+    other unit's forward saved a view of it; and no recomputation has been seen.
+    Those are what reads parameters behind the saved-tensor hooks' back: a node whose
+    custom Function kept a weight on its ``ctx`` (it then gives that weight's gradient,
+    which the unit awaits, or the weight is frozen; a reviewer's probe trained NaN), a
+    parameter hook folding weight decay into the gradient, a parameter shared with a
+    nested unit, and a recomputation in backward (activation checkpointing of
+    something that is not a unit). A global forward pre-hook, registered only while a
+    backward runs, sees recomputations on the backward's thread; the first backward
+    only watches, and after one is seen no unit is released early again (one seen
+    first later gathers again, before it computes, what this backward released early:
+    a collective of that moment, the same on every rank only if every rank
+    recomputes alike). Not seen: a checkpointed function that calls no module and
+    reads an embedding weight directly, in a model where no recomputation runs a
+    module; and an embedding weight kept on a custom Function's ``ctx`` whose backward
+    runs after the unit's last saved view is read.
 
 Note [stage 3 under torch.compile]:
     A unit's forward hooks gather and release its parameters: collectives, and
@@ -130,6 +137,7 @@ Note [recomputation]:
 from __future__ import annotations
 
 import contextlib
+import threading
 import weakref
 
 import torch
@@ -171,6 +179,7 @@ class RecomputationWatch:
     def __init__(self, hook) -> None:
         self._hook = hook
         self._handle = None
+        self._thread = None  # the thread that began the backward being watched
         self.backwards_ended = 0
         self.seen = False
 
@@ -181,7 +190,13 @@ class RecomputationWatch:
 
     def start(self) -> None:
         self.remove()  # one left by a backward that raised
+        self._thread = threading.get_ident()
         self._handle = torch.nn.modules.module.register_module_forward_pre_hook(self._hook)
+
+    def on_backward_thread(self) -> bool:
+        """A module running on another thread meanwhile (a data-loading transform) is not
+        a recomputation."""
+        return threading.get_ident() == self._thread
 
     def stop(self) -> None:
         if self._handle is not None:
@@ -297,13 +312,13 @@ class UnitGatherer:
     def post_backward(self, bucket, index: int) -> None:
         """The store has collected parameter ``index`` of ``bucket``'s gradient; once the
         unit's last one is in, backward is done with the unit: release it."""
-        self._release_read_through()  # Note [released once backward has read it]
         param = bucket.params[index]
         unit = self._unit_of[id(param)]
         # A gradient arrived, so a forward ran the unit, even one before the last synced
         # backward: a second backward through a retained graph.
         unit.record.ran = True
         unit.record.grads_arrived.add(id(param))
+        self._release_read_through()  # Note [released once backward has read it]
         self.walk.note_ready(bucket)
         # A unit some rank runs twice stays gathered until backward ends: with reentrant
         # checkpointing its second run's recomputation would gather it again, on that rank
@@ -490,7 +505,7 @@ class UnitGatherer:
         """Backward has read every view and cast of ``unit``'s parameters its forwards
         saved; the node reading the last is running, so the unit is released at the next
         hook between nodes (``_release_read_through``)."""
-        if self.switches.phase is Phase.BACKWARD:
+        if self.switches.phase is Phase.BACKWARD and unit not in self._read_through:
             self._read_through.append(unit)
 
     def _release_read_through(self) -> None:
@@ -498,24 +513,34 @@ class UnitGatherer:
         recomputation in backward reads parameters (``RecomputationWatch``). Runs only in
         hooks that autograd calls between nodes (a tensor's gradient hook, a parameter's
         accumulation hook), never while a node that read a parameter is running."""
-        if not self._read_through:
+        if not self._read_through or not self._recomputation.never_seen:
             return
-        units, self._read_through = self._read_through, []
-        if not self._recomputation.never_seen:
-            return
-        for unit in units:
-            if (unit.state is ShardState.GATHERED and not unit.saved_unread
-                    and not unit.saved_by_another_unit and not unit.held_for_pass
-                    and not self.switches.summoned):
+        for unit in list(self._read_through):
+            if unit.state is not ShardState.GATHERED or unit.saved_unread:
+                self._read_through.remove(unit)  # released, or read again (retain_graph)
+            elif self._read_through_safely(unit):
+                self._read_through.remove(unit)
                 unit.release()
                 self._released_early.append(unit)
+
+    def _read_through_safely(self, unit: Unit) -> bool:
+        """Nothing but its saved views reads ``unit``'s parameters in what is left of this
+        backward, as far as can be known: every gradient still to come is an embedding's
+        weight's (an embedding's backward reads no weight; any other node might read a
+        parameter it kept on its ``ctx``, unseen), it has no frozen parameter (read the
+        same way by a node that gives it no gradient), no hook of the user's on a
+        parameter (which may read it), and no other unit's forward saved a view of it."""
+        return (unit.release_when_grads_done and not unit.saved_by_another_unit
+                and not unit.held_for_pass and not self.switches.summoned
+                and unit.trainable_ids - unit.record.grads_arrived <= unit.embedding_weight_ids
+                and not unit.parameters_have_user_hooks())
 
     def _module_runs_in_backward(self, module, args) -> None:
         """A module's forward runs inside backward: a recomputation (activation
         checkpointing), which may read any unit's parameters, and reads them in the
         backwards to come too. No unit is released early from now on, and those released
         early in this backward are gathered again before the module computes."""
-        if self.switches.phase is not Phase.BACKWARD:
+        if self.switches.phase is not Phase.BACKWARD or not self._recomputation.on_backward_thread():
             return
         self._recomputation.seen = True
         for unit in self._released_early:
