@@ -4,7 +4,7 @@ arrives, if all it still awaits is an embedding's gradient; where something coul
 still read them behind the saved-tensor hooks' back (a recomputation, a view saved by
 another unit's forward, a weight kept on a custom Function's ctx, a parameter hook), it
 is kept, and the numbers stay those of plain data parallel. Differences are checked
-step by step (``all``): Python's ``max`` drops a NaN that does not come first.
+step by step (``all``): Python's ``max`` drops a NaN that does not come first."""
 
 import pytest
 

@@ -517,7 +517,7 @@ class UnitGatherer:
             return
         for unit in list(self._read_through):
             if unit.state is not ShardState.GATHERED or unit.saved_unread:
-                self._read_through.remove(unit)  # released, or read again (retain_graph)
+                self._read_through.remove(unit)  # released, or a new graph saved views since
             elif self._read_through_safely(unit):
                 self._read_through.remove(unit)
                 unit.release()
