@@ -52,11 +52,12 @@ class SavedTensorWatches:
     and save. ``gather`` (a ``WeakHook``) gathers a unit whose saved parameters
     backward is about to use (``UnitGatherer.gather_for_saved_tensor``)."""
 
-    def __init__(self, units: list[Unit], unit_of: dict[int, Unit], gather, all_read) -> None:
+    def __init__(self, units: list[Unit], unit_of: dict[int, Unit], gathered: dict[int, Unit],
+                 gather, all_read) -> None:
         self._unit_of = unit_of
+        self._gathered = gathered  # address of a gathered buffer's storage -> its unit
         self._gather = gather
         self._all_read = all_read  # Note [released once backward has read it] in stage3.py
-        self._gathered = units[0].gathered_storages if units else {}  # shared by the units
         self._open: list[tuple[Unit, object]] = []  # (unit, hook pair), innermost last
         # a released parameter's storage is its bucket's placeholders
         self._placeholder_owner = {b.placeholders.untyped_storage().data_ptr(): (u, b)

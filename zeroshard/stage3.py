@@ -99,7 +99,7 @@ Note [released once backward has read it]:
     graph dropped without backward takes its own). Once the last is read, the unit is
     released at a later hook autograd calls between nodes (the node reading it is done
     by then), with no collective, if nothing else can still read it
-    (``_read_through_safely``): every gradient it still awaits is an embedding
+    (``_release_read_through``): every gradient it still awaits is an embedding
     weight's; it has no frozen parameter and no hook of the user's on a parameter; no
     other unit's forward saved a view of it; and no recomputation has been seen.
     Those are what reads parameters behind the saved-tensor hooks' back: a node whose
@@ -260,7 +260,8 @@ class UnitGatherer:
                 WeakHook(self.post_forward, unit)))
             unit.release()  # the shards hold rank 0's values (broadcast, then placed)
         # Note [saved tensors] in _saved_tensors.py
-        self._saved = SavedTensorWatches(units, self._unit_of, WeakHook(self.gather_for_saved_tensor),
+        self._saved = SavedTensorWatches(units, self._unit_of, self._gathered_storages,
+                                         WeakHook(self.gather_for_saved_tensor),
                                          WeakHook(self._all_saved_read))
         # Note [released once backward has read it]
         self._read_through: list[Unit] = []  # in this backward, since the last hook
@@ -504,8 +505,9 @@ class UnitGatherer:
     def _all_saved_read(self, unit: Unit) -> None:
         """Backward has read every view and cast of ``unit``'s parameters its forwards
         saved; the node reading the last is running, so the unit is released at the next
-        hook between nodes (``_release_read_through``)."""
-        if self.switches.phase is Phase.BACKWARD and unit not in self._read_through:
+        hook between nodes (``_release_read_through``), if it may be at all."""
+        if (self.switches.phase is Phase.BACKWARD and unit not in self._read_through
+                and self._may_release_early(unit)):
             self._read_through.append(unit)
 
     def _release_read_through(self) -> None:
@@ -518,21 +520,22 @@ class UnitGatherer:
         for unit in list(self._read_through):
             if unit.state is not ShardState.GATHERED or unit.saved_unread:
                 self._read_through.remove(unit)  # released, or a new graph saved views since
-            elif self._read_through_safely(unit):
+            # checked at each hook: every gradient still to come is an embedding weight's
+            # (an embedding's backward reads no weight; any other node might read a
+            # parameter it kept on its ctx, unseen); the rest again, once, before releasing
+            elif (unit.trainable_ids - unit.record.grads_arrived <= unit.embedding_weight_ids
+                    and self._may_release_early(unit)):
                 self._read_through.remove(unit)
                 unit.release()
                 self._released_early.append(unit)
 
-    def _read_through_safely(self, unit: Unit) -> bool:
-        """Nothing but its saved views reads ``unit``'s parameters in what is left of this
-        backward, as far as can be known: every gradient still to come is an embedding's
-        weight's (an embedding's backward reads no weight; any other node might read a
-        parameter it kept on its ``ctx``, unseen), it has no frozen parameter (read the
-        same way by a node that gives it no gradient), no hook of the user's on a
-        parameter (which may read it), and no other unit's forward saved a view of it."""
+    def _may_release_early(self, unit: Unit) -> bool:
+        """What does not change as backward runs: ``unit`` has no frozen parameter (read,
+        unseen, by a node that gives it no gradient), no hook of the user's on a parameter
+        (which may read it when the gradient comes), no other unit's forward saved a view
+        of it, and it is not held for the pass."""
         return (unit.release_when_grads_done and not unit.saved_by_another_unit
                 and not unit.held_for_pass and not self.switches.summoned
-                and unit.trainable_ids - unit.record.grads_arrived <= unit.embedding_weight_ids
                 and not unit.parameters_have_user_hooks())
 
     def _module_runs_in_backward(self, module, args) -> None:
