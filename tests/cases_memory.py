@@ -160,3 +160,42 @@ def reduction_storages(ctx, stage: int, layers: int) -> list[dict]:
                             "holding": sum(s.nbytes() > 0 for s in seen.values())})
     opt.close()
     return figures
+
+
+class _TiedEmbeddingHead(nn.Module):
+    """A token embedding that is also the output head (``head.weight = emb.weight``,
+    as Hugging Face ties them): backward's first node (the head) and its last (the
+    embedding) each give the weight a gradient, which autograd sums."""
+
+    def __init__(self, vocab: int, width: int) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, width)
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, tokens):
+        return self.head(self.norm(self.emb(tokens)))
+
+
+def tied_embedding_backward(ctx, stage: int, vocab: int, width: int) -> dict:
+    """Note [contributions summed in place] (zeroshard/_gradient_sums.py): the RSS peak
+    of a backward of ``_TiedEmbeddingHead`` above the level before it, after two
+    warm-up steps, with SGD at ``stage`` (the embedding alone in its bucket or unit)."""
+    torch.manual_seed(0)
+    model = _TiedEmbeddingHead(vocab, width)
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=stage, lr=0.1,
+                                  process_group=ctx.group, bucket_size_mb=1)
+    tokens = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(ctx.rank))
+
+    def loss():
+        return model(tokens).square().mean()
+    for _ in range(2):
+        loss().backward()
+        opt.step()
+        opt.zero_grad()
+    output = loss()
+    with Peak() as backward:
+        output.backward()
+    opt.close()
+    return {"peak": backward.bytes}

@@ -77,6 +77,7 @@ from torch.utils._pytree import tree_flatten
 
 from . import _comm
 from ._bucket import FlatBucket, grad_shards
+from ._gradient_sums import InPlaceSums
 from ._hooks import LoopSwitches, Phase, WeakHook
 from ._reduce_slots import ReduceSlots
 from .mixed_precision import GradientDtypes, MixedPrecision, fp16_compute
@@ -128,21 +129,27 @@ class GradientReducer:
         self._local_gradient_came = False  # in this backward, inside no_sync()
         handles.append(model.register_forward_hook(WeakHook(self._arm_backward_end)))
         self._accumulators = []  # Note [after the user's gradient hooks]: kept alive here
+        row_major = []
         for bucket in self.buckets:
             for index, param in enumerate(bucket.params):
                 accumulator = _gradient_accumulator(param)
                 self._accumulators.append(accumulator)
+                if bucket.orders[index] == tuple(range(param.dim())):
+                    row_major.append(accumulator)
                 handles.append(accumulator.register_hook(
                     WeakHook(self._on_gradient, bucket, index)))
+        self._in_place_sums = InPlaceSums(row_major)  # Note [contributions summed in place]
 
     # -- backward's hooks -------------------------------------------------------------
 
     def _arm_backward_end(self, module, inputs, output) -> None:
         if self.buckets and fp16_compute(self.buckets[0].flat.device, self.policy):
             self._check_non_finite = True
-        for tensor in tree_flatten(output)[0]:
-            if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
-                tensor.register_hook(WeakHook(self.on_backward_start))
+        tensors = [t for t in tree_flatten(output)[0]
+                   if isinstance(t, torch.Tensor) and t.requires_grad]
+        for tensor in tensors:
+            tensor.register_hook(WeakHook(self.on_backward_start))
+        self._in_place_sums.arm(tensors)
 
     def on_backward_start(self, grad: torch.Tensor | None = None) -> None:
         if self.switches.phase is not Phase.BACKWARD:
