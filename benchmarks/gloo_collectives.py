@@ -1,5 +1,6 @@
 """Gloo's flat all-gather and reduce-scatter beside the per-shard collectives zeroshard
-uses on CPU (Note [collectives on gloo] in zeroshard/_comm.py): time and transient memory.
+uses on CPU (Note [collectives on gloo] in zeroshard/_comm.py), and at 2 ranks its
+exchange of halves (Note [two ranks exchange halves]): time and transient memory.
 
     MALLOC_MMAP_THRESHOLD_=1048576 torchrun --standalone --nproc_per_node=2 benchmarks/gloo_collectives.py
     MALLOC_MMAP_THRESHOLD_=1048576 torchrun --standalone --nproc_per_node=4 benchmarks/gloo_collectives.py --mib 64
@@ -15,6 +16,8 @@ import time
 
 import torch
 import torch.distributed as dist
+
+from zeroshard import _comm
 
 
 def rss_mib(field: str) -> float:
@@ -56,11 +59,17 @@ def main() -> None:
         for work in works:
             work.wait()
 
+    def exchange_halves():  # Note [two ranks exchange halves]: zeroshard's own call
+        _comm._exchange_halves(out, flat, op=dist.ReduceOp.SUM, group=dist.group.WORLD).wait()
+
+    calls = [("reduce_scatter_tensor", reduce_scatter_tensor),
+             ("reduce per shard", reduce_per_shard)]
+    if n == 2:
+        calls.append(("exchange of halves (2 ranks)", exchange_halves))
+    calls += [("all_gather_into_tensor", all_gather_into_tensor),
+              ("broadcast per shard", broadcast_per_shard)]
     rows = []
-    for name, call in [("reduce_scatter_tensor", reduce_scatter_tensor),
-                       ("reduce per shard", reduce_per_shard),
-                       ("all_gather_into_tensor", all_gather_into_tensor),
-                       ("broadcast per shard", broadcast_per_shard)]:
+    for name, call in calls:
         transient, seconds = [], []
         for i in range(args.repeat + 1):
             dist.barrier()

@@ -280,6 +280,31 @@ def collectives_are_counted(ctx, mesh_key=None):
     return out
 
 
+def two_reduce_scatters_in_flight(ctx, numel: int, dtype_name: str) -> dict:
+    """Note [two ranks exchange halves] (zeroshard/_comm.py): two reduce-scatters (SUM
+    and AVG) of random ``numel``-element tensors in flight at once, beside an all-reduce
+    of the same tensors; and whether their inputs were left as they were."""
+    dtype = getattr(torch, dtype_name)
+    ranks = ranks_from(ctx.group, None)
+    stats = _comm.CommStats()
+    generator = torch.Generator().manual_seed(ctx.rank)
+    inputs = [torch.randn(numel, generator=generator).to(dtype) for _ in range(2)]
+    kept = [t.clone() for t in inputs]
+    outputs = [torch.empty(numel // 2, dtype=dtype) for _ in inputs]
+    works = [_comm.reduce_scatter(out, t, group=ranks, stats=stats, label="test", op=op,
+                                  async_op=True)
+             for out, t, op in zip(outputs, inputs, (dist.ReduceOp.SUM, dist.ReduceOp.AVG))]
+    _comm.wait_all(works)
+    mine = slice(ctx.rank * (numel // 2), (ctx.rank + 1) * (numel // 2))
+    expected = []
+    for t, halve in zip(kept, (False, True)):
+        total = t.clone()
+        dist.all_reduce(total, group=ctx.group)
+        expected.append(total[mine] / 2 if halve else total[mine])
+    return {"equal": [torch.equal(o, e) for o, e in zip(outputs, expected)],
+            "inputs_kept": all(torch.equal(t, k) for t, k in zip(inputs, kept))}
+
+
 def hang(ctx):
     """Rank 0 waits in a collective that no other rank joins."""
     if ctx.rank == 0:

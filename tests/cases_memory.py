@@ -126,9 +126,10 @@ def gradients_mid_backward(ctx, vocab: int, width: int) -> list[int]:
 def reduction_storages(ctx, stage: int, layers: int) -> list[dict]:
     """Note [reduce slots] (zeroshard/_reduce_slots.py): ``layers`` equal Linear layers,
     a bucket (stage 3: a unit) each, on gloo, where a reduce-scatter is one
-    ``dist.reduce`` per shard. Per backward after the first: how many storages those
-    reduces ran on (every one seen is kept referenced, so the allocator cannot hand
-    one out twice), and how many of them still held memory once the step was done."""
+    ``dist.reduce`` per shard, or on 2 ranks sends and receives. Per backward after the
+    first: how many storages those reduces ran on (every one seen is kept referenced, so
+    the allocator cannot hand one out twice), how many of them still held memory once
+    the step was done, and whether every send read the gradient buffers themselves."""
     width = 64
     torch.manual_seed(0)
     model = nn.Sequential(*(nn.Linear(width, width) for _ in range(layers)))
@@ -137,27 +138,35 @@ def reduction_storages(ctx, stage: int, layers: int) -> list[dict]:
                                   process_group=ctx.group,
                                   bucket_size_mb=1.01 * (width + 1) * width * 4 / 2**20, **extra)
     seen: dict[int, torch.UntypedStorage] = {}
-    reduce = dist.reduce
+    sent: set[int] = set()
+    reduce, isend = dist.reduce, dist.isend
 
     def recording_reduce(tensor, *args, **kwargs):
         storage = tensor.untyped_storage()
         seen.setdefault(storage._cdata, storage)
         return reduce(tensor, *args, **kwargs)
 
+    def recording_isend(tensor, *args, **kwargs):
+        sent.add(tensor.untyped_storage()._cdata)
+        return isend(tensor, *args, **kwargs)
+
     x = torch.randn(4, width, generator=torch.Generator().manual_seed(ctx.rank))
     figures = []
     for step in range(3):
         seen.clear()
-        dist.reduce = recording_reduce
+        sent.clear()
+        dist.reduce, dist.isend = recording_reduce, recording_isend
         try:
             model(x).square().mean().backward()
         finally:
-            dist.reduce = reduce
+            dist.reduce, dist.isend = reduce, isend
+        buffers = {p.grad.untyped_storage()._cdata for p in model.parameters()}
         opt.step()
         opt.zero_grad()
         if step:
             figures.append({"storages": len(seen),
-                            "holding": sum(s.nbytes() > 0 for s in seen.values())})
+                            "holding": sum(s.nbytes() > 0 for s in seen.values()),
+                            "sent_from_buffers": bool(sent) and sent <= buffers})
     opt.close()
     return figures
 

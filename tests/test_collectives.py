@@ -49,6 +49,17 @@ def test_collectives_move_the_right_data_and_count_design_bytes(pool, n, mesh):
         assert out["after_reset"] == dict.fromkeys(out["bytes"], 0)
 
 
+@pytest.mark.parametrize("numel, dtype", [(2 * 1031, "float32"), (2 * 77, "bfloat16")])
+def test_two_ranks_reduce_scatter_like_an_all_reduce(pool, numel, dtype):
+    """Note [two ranks exchange halves]: two reduce-scatters in flight at once give each
+    rank exactly its slice of gloo's all-reduce of the same tensors (SUM, and AVG as the
+    sum halved), and leave their inputs as they were (stage 1 reduces its gradient
+    buffers without a copy)."""
+    for rank, out in enumerate(pool.run(cases_api.two_reduce_scatters_in_flight, 2, numel,
+                                        dtype)):
+        assert out == {"equal": [True, True], "inputs_kept": True}, rank
+
+
 def test_a_hanging_collective_fails_within_the_time_limit_and_the_pool_recovers(pool):
     with pytest.raises(WorkerError, match="rank 0: no answer"):
         pool.run(cases_api.hang, 2, timeout=5)

@@ -63,15 +63,20 @@ def test_an_early_small_gradient_does_not_keep_its_buckets_buffer_through_backwa
 
 
 def test_stage1s_reductions_reuse_two_buffers_and_keep_none(pool):
-    """Note [reduce slots]: stage 1's reductions of a backward's buckets run on at most
-    two copies of the buffers, reused from bucket to bucket (fresh memory costs a page
-    fault per 4 KiB on CPU), and none of them holds memory once the step is done.
-    Before, each of the 8 buckets' reductions copied its buffer into memory of its
-    own: 8 storages per backward."""
+    """Note [reduce slots]: on 3 ranks (gloo's reduces change their input) stage 1's
+    reductions of a backward's buckets run on at most two copies of the buffers, reused
+    from bucket to bucket (fresh memory costs a page fault per 4 KiB on CPU), and none
+    of them holds memory once the step is done. Before, each of the 8 buckets'
+    reductions copied its buffer into memory of its own: 8 storages per backward. On 2
+    ranks the reductions exchange halves and copy nothing (Note [two ranks exchange
+    halves]): no reduce runs, and no storage but the buffers' is sent."""
     layers = 8
+    for rank, figures in enumerate(pool.run(cases_memory.reduction_storages, 3, 1, layers)):
+        assert len(figures) == 2 and all(
+            0 < f["storages"] <= 2 and f["holding"] == 0 for f in figures), (rank, figures)
     for rank, figures in enumerate(pool.run(cases_memory.reduction_storages, 2, 1, layers)):
-        assert figures and all(f["storages"] <= 2 and f["holding"] == 0 for f in figures), (
-            rank, figures)
+        assert len(figures) == 2 and all(
+            f["storages"] == 0 and f["sent_from_buffers"] for f in figures), (rank, figures)
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])

@@ -49,12 +49,13 @@ _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.re
 #     all_gather_into_tensor 64 MiB, 92 ms; broadcast per shard 0 MiB, 19 ms; 4 ranks:
 #     240 -> 106 ms and 154 -> 52 ms. Worse, a finished work keeps its temporary alive
 #     while it is retained (Note [finished work]), into the next step. So for CPU
-#     tensors a reduce-scatter is N reduces and an all-gather N broadcasts, issued in
-#     shard order on every rank, one work to wait for; the bytes counted are the same
-#     collective's. A reduce leaves other ranks' slices of its input changed (gloo
-#     reduces in place along the way), so an input the caller keeps is copied first
-#     (one bucket, freed once done). The mean is the sum divided by N once the reduces
-#     are done. NCCL's flat collectives need no such temporary: CUDA tensors keep them.
+#     tensors a reduce-scatter is N reduces (two ranks: one exchange, Note [two ranks
+#     exchange halves]) and an all-gather N broadcasts, issued in shard order on every
+#     rank, one work to wait for; the bytes counted are the same collective's. A
+#     reduce leaves other ranks' slices of its input changed (gloo reduces in place
+#     along the way), so an input the caller keeps is copied first (one bucket, freed
+#     once done). The mean is the sum divided by N once the reduces are done. NCCL's
+#     flat collectives need no such temporary: CUDA tensors keep them.
 
 
 class _Shards:
@@ -87,11 +88,54 @@ def _all_gather_flat(output, input, *, group):
                     for source, piece in enumerate(slices)])
 
 
+# Note [two ranks exchange halves]:
+#     Between two ranks a reduce-scatter is one exchange: each rank sends the other the
+#     half of its input the other owns, receives the other's half of its own shard
+#     straight into the output, and adds its own half there once that has come (the
+#     same sum, bitwise: a + b is b + a). Gloo's ``reduce`` takes more than twice as
+#     long and changes its input (``benchmarks/gloo_collectives.py``, 64 MiB, 2 ranks:
+#     a reduce per shard 59.9 ms, the exchange 24.5 ms); the exchange only reads its
+#     input, so stage 1 reduces its gradient buffers without copying them first (Note
+#     [reduce slots] in _reduce_slots.py), and it needs no memory beyond the output.
+#     Sends and receives between two ranks are matched in the order they are posted,
+#     which is the same on both (the reductions' launch order), under a tag of their own.
+_EXCHANGE_TAG = 0x2E50
+
+
+def changes_input(tensor: torch.Tensor, group: Ranks) -> bool:
+    """Whether ``reduce_scatter`` over ``group`` changes what ``tensor`` (its input) holds,
+    unless the caller copies it first (Notes [collectives on gloo], [two ranks exchange
+    halves])."""
+    return tensor.device.type == "cpu" and not _exchanges_halves(group.shard)
+
+
+def _exchanges_halves(group) -> bool:
+    return group.size() == 2
+
+
+def _exchange_halves(output, input, *, op, group) -> _Shards:
+    """Note [two ranks exchange halves]: ``reduce_scatter_tensor`` of two ranks, SUM or
+    AVG, as a send and a receive; ``input`` is left as it was."""
+    rank = group.rank()
+    peer = 1 - rank
+    halves = input.chunk(2)
+    works = [dist.isend(halves[peer], group=group, group_dst=peer, tag=_EXCHANGE_TAG),
+             dist.irecv(output, group=group, group_src=peer, tag=_EXCHANGE_TAG)]
+
+    def finish() -> None:
+        output.add_(halves[rank])
+        if op == dist.ReduceOp.AVG:
+            output.div_(2)
+    return _Shards(works, finish)
+
+
 def _reduce_scatter_flat(output, input, *, op, group, input_is_scratch=False):
-    """``reduce_scatter_tensor``, async; on CPU one reduce per shard (Note
-    [collectives on gloo])."""
+    """``reduce_scatter_tensor``, async; on CPU one reduce per shard (Note [collectives on
+    gloo]), or between two ranks an exchange (Note [two ranks exchange halves])."""
     if output.device.type != "cpu":
         return _reduce_scatter_single(output, input, op=op, group=group, async_op=True)
+    if _exchanges_halves(group) and op in (dist.ReduceOp.SUM, dist.ReduceOp.AVG):
+        return _exchange_halves(output, input, op=op, group=group)
     scratch = input if input_is_scratch else input.clone()
     pieces = scratch.chunk(group.size())
     mean = op == dist.ReduceOp.AVG

@@ -68,7 +68,7 @@ class InPlaceSums:
                 by_node.setdefault(id(node), (node, []))[1].append((slot, acc))
         contributed: set[int] = set()  # accumulators given a contribution in this graph
         for node, slots in by_node.values():
-            node.register_hook(_FirstContributionDense(sorted(slots), contributed))
+            node.register_hook(_FirstContributionRowMajor(sorted(slots), contributed))
 
 
 def _feeders(roots: list, accumulators: dict) -> dict[int, list[tuple[object, int]]]:
@@ -94,9 +94,9 @@ def _feeders(roots: list, accumulators: dict) -> dict[int, list[tuple[object, in
     return feeders
 
 
-class _FirstContributionDense:
+class _FirstContributionRowMajor:
     """A node post-hook: the first contribution to each of its accumulators in this
-    backward leaves as a dense tensor of its own (Note [contributions summed in place])."""
+    backward leaves row-major, alone on its memory (Note [contributions summed in place])."""
 
     def __init__(self, slots: list[tuple[int, int]], contributed: set[int]) -> None:
         self._slots = slots  # (slot among the node's gradients, id of its accumulator)

@@ -1,9 +1,10 @@
 """Memory that stage 1's reductions reuse from bucket to bucket, on CPU.
 
 Note [reduce slots]:
-    Stage 1 reduces a copy of each bucket's persistent gradient buffer, since gloo's
-    reduces change their input (Note [collectives on gloo] in _comm.py) and ``p.grad``
-    keeps the local gradient. On CPU a fresh buffer of a bucket's size costs a page
+    On more than two ranks stage 1 reduces a copy of each bucket's persistent gradient
+    buffer, since gloo's reduces change their input (Note [collectives on gloo] in
+    _comm.py) and ``p.grad`` keeps the local gradient (two ranks exchange halves, which
+    only reads it: Note [two ranks exchange halves]; there no slot is made). On CPU a fresh buffer of a bucket's size costs a page
     fault for each 4 KiB page the first time it is written, and glibc maps large
     allocations afresh and unmaps them when freed (every allocation over 1 MiB under
     the benchmarks' and tests' MALLOC_MMAP_THRESHOLD_): copying 372 MiB into a new

@@ -57,9 +57,11 @@ class Stage:
                                        record_ready_order=stage != 3)
         if stage == 1:
             self.store = FullGradients(trainable, dtypes)
-            # it keeps the buffers it reduces: their copies reuse slots on CPU
-            self.reducer.slots = ReduceSlots(trainable, dtypes.reduce_dtype,
-                                             FullGradients.reductions_in_flight)
+            # It keeps the buffers it reduces: where the reduction changes its input (on
+            # CPU, but for two ranks' exchange), their copies reuse slots.
+            if any(_comm.changes_input(bucket.flat, group) for bucket in trainable):
+                self.reducer.slots = ReduceSlots(trainable, dtypes.reduce_dtype,
+                                                 FullGradients.reductions_in_flight)
         else:
             self.store = ShardedGradients(trainable, dtypes, self.switches, self.label,
                                           self.handles)
