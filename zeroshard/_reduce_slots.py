@@ -4,28 +4,29 @@ Note [reduce slots]:
     On more than two ranks stage 1 reduces a copy of each bucket's persistent gradient
     buffer, since gloo's reduces change their input (Note [collectives on gloo] in
     _comm.py) and ``p.grad`` keeps the local gradient (two ranks exchange halves, which
-    only reads it: Note [two ranks exchange halves]; there no slot is made). On CPU a fresh buffer of a bucket's size costs a page
-    fault for each 4 KiB page the first time it is written, and glibc maps large
-    allocations afresh and unmaps them when freed (every allocation over 1 MiB under
-    the benchmarks' and tests' MALLOC_MMAP_THRESHOLD_): copying 372 MiB into a new
-    tensor took 0.28 s on these machines, into an existing one 0.06 s, and a profile
-    of stage 1 on the 100M GPT (2 ranks) spent 0.33 s a step in those copies. So each
-    copy goes on a slot: one of two buffers (the reductions in flight, Note
-    [reductions in flight] in _reducer.py), made at the first bucket that needs one in
-    a backward, handed to the next bucket once its reduction is done (the launch that
-    waited for it takes it at once), and freed when no bucket later in the launch list
-    will take one, and at the end of backward: between backwards, and in the step,
-    nothing more is held than before (the profile: 0.10 s a step in the copies; the
-    100M GPT's peak 1598 vs 1595 MiB). A slot is as large as the largest typical
-    bucket (the largest within 1.5 times the median size); the outliers (a token
-    embedding's bucket, twice the others) take a buffer of their own, as before, and
-    so does a bucket cast to another dtype for its reduction (the cast is the copy).
-    The reducer makes the copy where it makes any other (``_reduce_scatter``), and
-    holds slots only for stage 1, the store that keeps the buffers it reduces. Stages
-    2 and 3 take none: given slots for their reduce buffers, their peaks rose (1208 ->
-    1215 and 1080 -> 1107 MiB on the 100M GPT at 2 ranks, one run each; why was not
-    found), while their step times moved less than between runs. CUDA's caching
-    allocator already reuses memory: there, buckets take buffers of their own.
+    only reads it: Note [two ranks exchange halves]; there no slot is made). On CPU a
+    fresh buffer of a bucket's size costs a page fault for each 4 KiB page the first
+    time it is written, and glibc maps large allocations afresh and unmaps them when
+    freed (every allocation over 1 MiB under the benchmarks' and tests'
+    MALLOC_MMAP_THRESHOLD_): copying 372 MiB into a new tensor took 0.28 s on these
+    machines, into an existing one 0.06 s, and a profile of stage 1 on the 100M GPT (2
+    ranks) spent 0.33 s a step in those copies. So each copy goes on a slot: one of two
+    buffers (the reductions in flight, Note [reductions in flight] in _reducer.py), made
+    at the first bucket that needs one in a backward, handed to the next bucket once its
+    reduction is done (the launch that waited for it takes it at once), and freed when
+    no bucket later in the launch list will take one, and at the end of backward:
+    between backwards, and in the step, nothing more is held than before (the profile:
+    0.10 s a step in the copies; the 100M GPT's peak 1598 vs 1595 MiB). A slot is as
+    large as the largest typical bucket (the largest within 1.5 times the median size);
+    the outliers (a token embedding's bucket, twice the others) take a buffer of their
+    own, as before, and so does a bucket cast to another dtype for its reduction (the
+    cast is the copy). The reducer makes the copy where it makes any other
+    (``_reduce_scatter``), and holds slots only for stage 1, the store that keeps the
+    buffers it reduces. Stages 2 and 3 take none: given slots for their reduce buffers,
+    their peaks rose (1208 -> 1215 and 1080 -> 1107 MiB on the 100M GPT at 2 ranks, one
+    run each; why was not found), while their step times moved less than between runs.
+    CUDA's caching allocator already reuses memory: there, buckets take buffers of their
+    own.
 """
 
 from __future__ import annotations
