@@ -20,8 +20,12 @@ Note [contributions summed in place]:
     are added to it in place. The sum is the same, bitwise: the same additions in
     the same order. The copy lives beside the view it copies for a moment, in the
     node that transposes the head's gradient, which runs after the head's matmul has
-    freed the logits' gradient (larger than the weight wherever a batch holds more
-    tokens than the model is wide).
+    freed the logits' gradient (larger than the weight wherever a batch holds at
+    least as many tokens as the model is wide). Where backward starts at the step's
+    peak and the batch is smaller than that, the copy raises the peak: stage 3
+    without resharding after forward, every unit gathered when backward starts, on
+    the 100M GPT with 64 tokens a batch: 1034 -> 1075 MiB
+    (``benchmarks/results/backward_timeline_ws2``).
 
     Finding those nodes walks the forward's graph once per training forward: 0.24 ms
     for the 100M GPT's 504 nodes, 2.6 ms for a 48-layer Hugging Face GPT-2's 3,327. A
