@@ -77,12 +77,18 @@ def lone_parameter_backward(ctx, width: int) -> dict:
     opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=2, lr=0.1,
                                   process_group=ctx.group, bucket_size_mb=1)
     x = torch.randn(2, width, generator=torch.Generator().manual_seed(ctx.rank))
+    return {"peak": _backward_peak(model, opt, x)}
+
+
+def _backward_peak(model, opt, x) -> int:
+    """The RSS peak of a backward above the level before it, after two warm-up steps;
+    ``opt`` is closed after."""
     _train(model, opt, x, steps=2)
     loss = model(x).square().mean()
     with Peak() as backward:
         loss.backward()
     opt.close()
-    return {"peak": backward.bytes}
+    return backward.bytes
 
 
 class _EmbeddingBlocksNorm(nn.Module):
@@ -196,15 +202,4 @@ def tied_embedding_backward(ctx, stage: int, vocab: int, width: int) -> dict:
     opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=stage, lr=0.1,
                                   process_group=ctx.group, bucket_size_mb=1)
     tokens = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(ctx.rank))
-
-    def loss():
-        return model(tokens).square().mean()
-    for _ in range(2):
-        loss().backward()
-        opt.step()
-        opt.zero_grad()
-    output = loss()
-    with Peak() as backward:
-        output.backward()
-    opt.close()
-    return {"peak": backward.bytes}
+    return {"peak": _backward_peak(model, opt, tokens)}

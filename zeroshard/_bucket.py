@@ -59,11 +59,16 @@ def to_memory_order(value: torch.Tensor, order: tuple[int, ...]) -> torch.Tensor
     return value.permute(order).reshape(-1)
 
 
+def is_row_major(order: tuple[int, ...]) -> bool:
+    """Whether a parameter held in ``order`` (``memory_order``) is held row-major."""
+    return order == tuple(range(len(order)))
+
+
 def from_memory_order(flat: torch.Tensor, shape, order: tuple[int, ...]) -> torch.Tensor:
     """The inverse of ``to_memory_order``: a view of ``flat`` with ``shape`` whose
     strides follow ``order``."""
     stored = flat.view([shape[dim] for dim in order])
-    if order == tuple(range(len(order))):
+    if is_row_major(order):
         return stored
     return stored.permute(sorted(range(len(order)), key=order.__getitem__))
 

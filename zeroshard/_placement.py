@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import _comm, _materialize
-from ._bucket import FlatBucket
+from ._bucket import FlatBucket, is_row_major
 from ._masters import ShardMasters
 from ._plan import ShardingPlan
 from .mixed_precision import MixedPrecision, cast_buffers, full_precision_parameters
@@ -48,7 +48,7 @@ class Placement:
         buckets = self.plan.every_bucket
         held = [(name, order) for bucket in buckets
                 for name, order in zip(bucket.param_names, bucket.orders)
-                if order != tuple(range(len(order)))]
+                if not is_row_major(order)]
         layouts = [(b.group_index, b.param_names, b.layout.owners) for b in buckets] + [
             f"{c.__module__}.{c.__qualname__}" for c in classes]
         fingerprint = torch.tensor([zlib.crc32(repr(held).encode()),

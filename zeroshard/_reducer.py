@@ -76,7 +76,7 @@ from torch.autograd import Variable
 from torch.utils._pytree import tree_flatten
 
 from . import _comm
-from ._bucket import FlatBucket, grad_shards
+from ._bucket import FlatBucket, grad_shards, is_row_major
 from ._gradient_sums import InPlaceSums
 from ._hooks import LoopSwitches, Phase, WeakHook
 from ._reduce_slots import ReduceSlots
@@ -134,7 +134,7 @@ class GradientReducer:
             for index, param in enumerate(bucket.params):
                 accumulator = _gradient_accumulator(param)
                 self._accumulators.append(accumulator)
-                if bucket.orders[index] == tuple(range(param.dim())):
+                if is_row_major(bucket.orders[index]):
                     row_major.append(accumulator)
                 handles.append(accumulator.register_hook(
                     WeakHook(self._on_gradient, bucket, index)))

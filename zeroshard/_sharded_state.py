@@ -29,7 +29,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from ._bucket import from_memory_order, to_memory_order
+from ._bucket import from_memory_order, is_row_major, to_memory_order
 
 
 @dataclass
@@ -72,7 +72,7 @@ def memory_orders(opt) -> dict[str, tuple[int, ...]]:
     names = parameter_names(opt.model)
     return {names[id(param)]: order for bucket in opt.sharding.every_bucket
             for param, order in zip(bucket.params, bucket.orders)
-            if order != tuple(range(len(order)))}
+            if not is_row_major(order)}
 
 
 def split_state(state: dict, like: torch.Tensor) -> tuple[dict, dict]:
