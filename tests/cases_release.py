@@ -33,14 +33,15 @@ class LinearKeepingItsWeight(torch.autograd.Function):
 
 class Block(nn.Module):
     """``kind``: "plain"; "frozen", a LoRA-like block (``lin`` frozen, a trainable adapter
-    beside); "ctx", ``lin``'s weight used through ``LinearKeepingItsWeight`` and a
-    Linear after it."""
+    beside); "frozen_ctx", the same with ``lin``'s frozen weight used through
+    ``LinearKeepingItsWeight``; "ctx", ``lin``'s weight used through
+    ``LinearKeepingItsWeight`` and a Linear after it."""
 
     def __init__(self, kind: str = "plain") -> None:
         super().__init__()
         self.kind = kind
         self.lin = nn.Linear(WIDTH, WIDTH)
-        if kind == "frozen":
+        if kind.startswith("frozen"):
             self.lin.requires_grad_(False)
             self.adapter = nn.Linear(WIDTH, WIDTH, bias=False)
         if kind == "ctx":
@@ -49,6 +50,8 @@ class Block(nn.Module):
     def forward(self, h):
         if self.kind == "frozen":
             return h + torch.tanh(self.lin(h) + self.adapter(h))
+        if self.kind == "frozen_ctx":  # the adapter's backward runs first (created later)
+            return h + torch.tanh(LinearKeepingItsWeight.apply(h, self.lin.weight) + self.adapter(h))
         if self.kind == "ctx":
             return h + self.after(torch.tanh(LinearKeepingItsWeight.apply(h, self.lin.weight)))
         return h + torch.tanh(self.lin(h))
@@ -66,6 +69,8 @@ class TiedLM(nn.Module):
     - "shared_with_block": block 0's weight is also a root-level layer's (tied by
       assignment, so the root unit owns it) and block 0's forward saves it;
     - "frozen_base": LoRA-like blocks;
+    - "frozen_ctx_weight": LoRA-like blocks whose frozen weight is kept on a custom
+      Function's ``ctx``, read after the block's last saved view and last gradient;
     - "ctx_weight": blocks whose backward reads a weight kept on a custom Function's
       ``ctx``, after the block's last saved view is read;
     - "parameter_hook": a hook on the token embedding, as users fold weight decay into
@@ -79,7 +84,8 @@ class TiedLM(nn.Module):
         super().__init__()
         self.variant = variant
         self.tok = nn.Embedding(VOCAB, WIDTH)
-        kind = {"frozen_base": "frozen", "ctx_weight": "ctx"}.get(variant, "plain")
+        kind = {"frozen_base": "frozen", "frozen_ctx_weight": "frozen_ctx",
+                "ctx_weight": "ctx"}.get(variant, "plain")
         self.blocks = nn.ModuleList(Block(kind) for _ in range(BLOCKS))
         self.norm = nn.LayerNorm(WIDTH)
         self.head = nn.Linear(WIDTH, VOCAB, bias=False)

@@ -41,11 +41,26 @@ def test_a_unit_read_behind_the_saved_tensor_hooks_is_kept_to_its_last_gradient(
         assert all(embedding), where
 
 
-@pytest.mark.parametrize("variant", ["ctx_weight", "frozen_base"])
-def test_a_unit_whose_backward_may_read_an_unsaved_weight_equals_data_parallel(pool, variant):
+def test_a_unit_whose_backward_may_read_an_unsaved_weight_equals_data_parallel(pool):
     """A weight kept on a custom Function's ctx is read unseen, by the node that gives
-    its gradient (or, frozen, none): such a unit waits for its last gradient (frozen:
-    the end of backward). Released once its other views were read, the ctx case trained
-    NaN from the third step (a reviewer's probe)."""
-    for _ in _runs(pool, variant):
+    its gradient: such a unit waits for its last gradient. Released once its other
+    views were read, it trained NaN from the third step (a reviewer's probe)."""
+    for _ in _runs(pool, "ctx_weight"):
         pass
+
+
+@pytest.mark.parametrize("reshard_after_forward", [True, False])
+def test_a_lora_block_is_released_once_backward_has_read_its_frozen_weight(pool, reshard_after_forward):
+    """Note [frozen parameters kept on a ctx]: before, a unit with a frozen parameter
+    was kept gathered to the end of backward (``block`` True at every step; a LoRA-like
+    model's whole frozen base at once)."""
+    for _, block, where in _runs(pool, "frozen_base", reshard_after_forward):
+        assert block[0], where  # the first backward only watches
+        assert not any(block[1:]), where
+
+
+def test_a_frozen_weight_kept_on_a_ctx_keeps_its_unit_to_the_end_of_backward(pool):
+    """The frozen weight is read by a node that gives it no gradient, after the block's
+    last saved view and last gradient: released then, the block trained NaN."""
+    for _, block, where in _runs(pool, "frozen_ctx_weight"):
+        assert all(block), where

@@ -41,6 +41,8 @@ from collections.abc import Iterable
 
 import torch
 
+from ._graph import nodes_below
+
 
 class InPlaceSums:
     """Hooks the nodes that feed a parameter's accumulator more than once in a
@@ -77,24 +79,12 @@ class InPlaceSums:
 
 def _feeders(roots: list, accumulators: dict) -> dict[int, list[tuple[object, int]]]:
     """id(accumulator) -> (node, slot) for every edge of the graph below ``roots`` into
-    one of ``accumulators``. The nodes seen are held until the walk ends: a node's
-    Python object lives only as long as something refers to it, and a new one for the
-    same node would defeat the check of which were seen."""
+    one of ``accumulators``."""
     feeders: dict[int, list[tuple[object, int]]] = {}
-    seen: dict[int, object] = {}
-    stack = list(roots)
-    while stack:
-        node = stack.pop()
-        if id(node) in seen:
-            continue
-        seen[id(node)] = node
+    for node in nodes_below(roots):
         for slot, (child, _) in enumerate(node.next_functions):
-            if child is None:
-                continue
-            if id(child) in accumulators and child is accumulators[id(child)]:
+            if child is not None and accumulators.get(id(child)) is child:
                 feeders.setdefault(id(child), []).append((node, slot))
-            elif id(child) not in seen:
-                stack.append(child)
     return feeders
 
 

@@ -55,8 +55,12 @@ class Unit:
         self.trainable_ids = {id(p) for b in buckets for p in b.params if p.requires_grad}
         # Backward may still need a frozen parameter after every trainable gradient
         # has arrived (a frozen layer that opens the unit computes its input gradient
-        # last), so only a unit without frozen parameters can be released early.
+        # last), so only a unit without frozen parameters is released at its last
+        # gradient; one with them, once backward has read them (Note [frozen
+        # parameters kept on a ctx] in _frozen_reads.py), unless a custom Function
+        # keeps one on its ctx, unseen.
         self.release_when_grads_done = all(p.requires_grad for b in buckets for p in b.params)
+        self.frozen_on_a_ctx = False
         self.record = UnitRecord()
         self.masters: ShardMasters = ShardMasters()  # the stage's, set by the UnitGatherer
         # Some rank ran it twice in one forward pass of the first step: kept gathered

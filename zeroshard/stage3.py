@@ -144,6 +144,7 @@ import torch
 from torch.utils._pytree import tree_flatten
 
 from . import _agreement
+from ._frozen_reads import FrozenOnContexts
 from ._hooks import LoopSwitches, Phase, WeakHook
 from ._masters import ShardMasters
 from ._reducer import GradientReducer
@@ -267,6 +268,7 @@ class UnitGatherer:
         self._read_through: list[Unit] = []  # in this backward, since the last hook
         self._released_early: list[Unit] = []  # in this backward
         self._recomputation = RecomputationWatch(WeakHook(self._module_runs_in_backward))
+        self._frozen_on_contexts = FrozenOnContexts(units)
         handles.append(self._recomputation)
 
     # -- the four hooks: before and after each unit's forward and backward -----------
@@ -300,6 +302,8 @@ class UnitGatherer:
             else:
                 self.walk.finished.append(unit)  # Note [runs before the walk moves on]
         if unit is self.root:
+            if self.walk.training_forward:  # Note [frozen parameters kept on a ctx]
+                self._frozen_on_contexts.look(tree_flatten(output)[0])
             self._end_forward_pass()
 
     def pre_backward(self, unit: Unit, grad: torch.Tensor | None) -> None:
@@ -530,11 +534,12 @@ class UnitGatherer:
                 self._released_early.append(unit)
 
     def _may_release_early(self, unit: Unit) -> bool:
-        """What does not change as backward runs: ``unit`` has no frozen parameter (read,
-        unseen, by a node that gives it no gradient), no hook of the user's on a parameter
-        (which may read it when the gradient comes), no other unit's forward saved a view
-        of it, and it is not held for the pass."""
-        return (unit.release_when_grads_done and not unit.saved_by_another_unit
+        """What does not change as backward runs: no custom Function keeps one of
+        ``unit``'s frozen parameters on its ctx (read, unseen, by a node that gives it no
+        gradient: Note [frozen parameters kept on a ctx]), no hook of the user's is on a
+        parameter (which may read it when the gradient comes), no other unit's forward
+        saved a view of it, and it is not held for the pass."""
+        return (not unit.frozen_on_a_ctx and not unit.saved_by_another_unit
                 and not unit.held_for_pass and not self.switches.summoned
                 and not unit.parameters_have_user_hooks())
 

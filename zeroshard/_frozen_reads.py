@@ -1,0 +1,101 @@
+"""Stage 3: which units' frozen parameters a backward may read unseen.
+
+Note [frozen parameters kept on a ctx]:
+    A unit with frozen parameters (LoRA's base weights beside trainable adapters) was
+    kept gathered to the end of backward: a frozen weight gives no gradient to wait
+    for, and a frozen layer that opens a unit computes its input gradient after the
+    unit's last trainable gradient has come. On a LoRA-like model (8 blocks of 32 MiB
+    of frozen weights, a unit each, 2 ranks) backward's peak rose 231-233 MiB above
+    its start: every block gathered at once, the whole model. Backward reads a frozen
+    weight through what the unit's forward saved, as any other (Note [saved tensors]
+    in _saved_tensors.py), so such a unit is released once backward has read all of
+    it (Note [released once backward has read it] in stage3.py), unless a node may
+    read a frozen weight behind the saved-tensor hooks' back: a custom autograd
+    Function that keeps it on its ctx (``ctx.weight = weight``, ``ctx.module = self``),
+    as some kernels do. A trainable weight kept so is read by the node that gives its
+    gradient, which the unit waits for; a frozen one, by a node nothing waits for.
+
+    So after each training forward the graph is walked from the model's outputs, and
+    each custom Function node's ctx is looked into: a frozen unit's parameter, a view
+    of its buffers, or a module holding one marks that unit, which is kept to the end
+    of backward from then on; something the walk cannot look into (an object of
+    another kind: a function, reentrant checkpointing's) marks them all. The walk
+    runs after every training forward while some unit with frozen parameters is
+    unmarked. Not seen: a custom Function outside the graph of the model's outputs
+    (an auxiliary loss a module keeps as an attribute) that keeps a frozen weight on
+    its ctx.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from torch.autograd.function import BackwardCFunction
+
+from ._graph import nodes_below
+from ._unit import Unit
+
+# What a ctx may hold that reads no parameter.
+_PLAIN = (bool, int, float, complex, str, bytes, type(None), enum.Enum, slice, range,
+          torch.dtype, torch.device, torch.layout, torch.memory_format, torch.Size,
+          torch.SymInt, torch.SymFloat, torch.SymBool)
+_DEPTH = 4  # containers nested deeper than this are not looked into
+
+
+class FrozenOnContexts:
+    """Marks the units whose frozen parameters some custom Function keeps on its ctx
+    (``Unit.frozen_on_a_ctx``; Note [frozen parameters kept on a ctx])."""
+
+    def __init__(self, units: list[Unit]) -> None:
+        self._unmarked = [u for u in units if not u.release_when_grads_done]
+
+    def look(self, outputs: Iterable) -> None:
+        """After a training forward: look into the ctx of every custom Function node in
+        the graph below ``outputs``."""
+        if not self._unmarked:
+            return
+        roots = [t.grad_fn for t in outputs
+                 if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+        if not roots:
+            return
+        unit_of = {id(p): u for u in self._unmarked for b in u.buckets for p in b.params}
+        storages = {b.flat.untyped_storage()._cdata: u for u in self._unmarked for b in u.buckets}
+        found: set[Unit] = set()
+        for node in nodes_below(roots):
+            if isinstance(node, BackwardCFunction):
+                for value in vars(node).values():
+                    if not _find(value, unit_of, storages, found, _DEPTH):
+                        found.update(self._unmarked)  # something it cannot look into
+                        break
+            if len(found) == len(self._unmarked):
+                break
+        for unit in found:
+            unit.frozen_on_a_ctx = True
+        self._unmarked = [u for u in self._unmarked if u not in found]
+
+
+def _find(value, unit_of: dict, storages: dict, found: set, depth: int) -> bool:
+    """Add to ``found`` the units whose parameters ``value`` holds; False if it holds
+    something that cannot be looked into."""
+    if isinstance(value, torch.Tensor):
+        unit = unit_of.get(id(value))
+        if unit is None and value.layout == torch.strided:
+            unit = storages.get(value.untyped_storage()._cdata)
+        if unit is not None:
+            found.add(unit)
+        return True
+    if isinstance(value, nn.Module):
+        found.update(unit_of[id(p)] for p in value.parameters() if id(p) in unit_of)
+        return True
+    if isinstance(value, _PLAIN):
+        return True
+    if depth == 0:
+        return False
+    if isinstance(value, dict):
+        value = [*value.keys(), *value.values()]
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return all(_find(v, unit_of, storages, found, depth - 1) for v in value)
+    return False
