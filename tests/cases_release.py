@@ -71,21 +71,23 @@ class TiedLM(nn.Module):
     - "frozen_base": LoRA-like blocks;
     - "frozen_ctx_weight": LoRA-like blocks whose frozen weight is kept on a custom
       Function's ``ctx``, read after the block's last saved view and last gradient;
+    - "frozen_checkpointed" / "frozen_checkpointed_reentrant": LoRA-like blocks, each
+      under activation checkpointing;
     - "ctx_weight": blocks whose backward reads a weight kept on a custom Function's
       ``ctx``, after the block's last saved view is read;
     - "parameter_hook": a hook on the token embedding, as users fold weight decay into
       the gradient, reads the weight when its gradient comes, at backward's end.
 
     ``seen`` records, each time backward reaches block 0's output, whether the token
-    embedding and block 1 (whose backward is done by then) were gathered (False: a
-    placeholder, released)."""
+    embedding, block 1 and block 2 (whose backward is done by then) were gathered
+    (False: a placeholder, released)."""
 
     def __init__(self, variant: str) -> None:
         super().__init__()
         self.variant = variant
         self.tok = nn.Embedding(VOCAB, WIDTH)
-        kind = {"frozen_base": "frozen", "frozen_ctx_weight": "frozen_ctx",
-                "ctx_weight": "ctx"}.get(variant, "plain")
+        kind = {"frozen_ctx_weight": "frozen_ctx", "ctx_weight": "ctx"}.get(
+            variant, "frozen" if variant.startswith("frozen") else "plain")
         self.blocks = nn.ModuleList(Block(kind) for _ in range(BLOCKS))
         self.norm = nn.LayerNorm(WIDTH)
         self.head = nn.Linear(WIDTH, VOCAB, bias=False)
@@ -98,14 +100,17 @@ class TiedLM(nn.Module):
         if variant == "shared_with_block":
             self.mix = nn.Linear(WIDTH, WIDTH, bias=False)
             self.blocks[0].lin.weight = self.mix.weight
-        self.seen: list[bool] = []
+        self.seen: list[tuple[bool, bool, bool]] = []
 
     def forward(self, idx):
         h = self.tok(idx)
         if self.variant.startswith("checkpointed"):
             h = checkpoint(self.proj_in, h, use_reentrant=self.variant.endswith("reentrant"))
         for i, block in enumerate(self.blocks):
-            h = block(h)
+            if self.variant.startswith("frozen_checkpointed"):
+                h = checkpoint(block, h, use_reentrant=self.variant.endswith("reentrant"))
+            else:
+                h = block(h)
             if i == 0 and h.requires_grad:
                 h.register_hook(self._note_embedding)
         if self.variant == "shared_with_block":
@@ -113,16 +118,16 @@ class TiedLM(nn.Module):
         return self.head(self.norm(h))
 
     def _note_embedding(self, grad):
-        self.seen.append((self.tok.weight.stride() != (0, 0),
-                          self.blocks[1].lin.weight.stride() != (0, 0)))
+        self.seen.append(tuple(weight.stride() != (0, 0) for weight in (
+            self.tok.weight, self.blocks[1].lin.weight, self.blocks[2].lin.weight)))
 
 
 def train_tied_lm(ctx, variant: str, reshard_after_forward: bool, steps: int = 4):
     """``steps`` SGD steps of zeroshard stage 3 (units: the blocks) and of the same model
     with its gradients averaged over the ranks by hand, on each rank's own tokens.
-    Returns, per step: the largest parameter difference, whether the embedding and
-    block 1 were still gathered when backward reached block 0, and the all-gather bytes
-    of the step."""
+    Returns, per step: the largest parameter difference, whether the embedding, block 1
+    and block 2 were still gathered when backward reached block 0, and the all-gather
+    bytes of the step."""
     torch.manual_seed(0)
     model = TiedLM(variant)
     reference = TiedLM(variant)
@@ -131,7 +136,8 @@ def train_tied_lm(ctx, variant: str, reshard_after_forward: bool, steps: int = 4
     opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=3, lr=0.5, momentum=0.9,
                                   process_group=ctx.group, units=Block,
                                   reshard_after_forward=reshard_after_forward)
-    differences, embedding_gathered, block_gathered, gather_bytes = [], [], [], []
+    differences, embedding_gathered, block_gathered, last_block_gathered, gather_bytes = \
+        [], [], [], [], []
     for step in range(steps):
         idx = torch.randint(0, VOCAB, (4, 6),
                             generator=torch.Generator().manual_seed(10 * step + ctx.rank))
@@ -151,9 +157,10 @@ def train_tied_lm(ctx, variant: str, reshard_after_forward: bool, steps: int = 4
             optimizer.zero_grad()
         embedding_gathered.append(model.seen[-1][0])
         block_gathered.append(model.seen[-1][1])
+        last_block_gathered.append(model.seen[-1][2])
         with opt.summon_full_params():
             # torch's max keeps a NaN (Python's max() drops one unless it comes first)
             differences.append(float(torch.stack([(a - b).abs().max() for a, b in zip(
                 model.parameters(), reference.parameters())]).max()))
     opt.close()
-    return differences, embedding_gathered, block_gathered, gather_bytes
+    return differences, embedding_gathered, block_gathered, last_block_gathered, gather_bytes

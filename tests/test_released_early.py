@@ -12,12 +12,12 @@ import cases_release
 
 
 def _runs(pool, variant: str, reshard_after_forward: bool = True):
-    for rank, (differences, embedding, block, gather_bytes) in enumerate(
+    for rank, (differences, embedding, block, last_block, gather_bytes) in enumerate(
             pool.run(cases_release.train_tied_lm, 2, variant, reshard_after_forward)):
-        where = (rank, differences, embedding, block, gather_bytes)
+        where = (rank, differences, embedding, block, last_block, gather_bytes)
         assert all(d < 1e-6 for d in differences), where
         assert len(set(gather_bytes)) == 1, where  # nothing gathered again for it
-        yield embedding, block, where
+        yield embedding, block, last_block, where
 
 
 @pytest.mark.parametrize("reshard_after_forward", [True, False])
@@ -25,7 +25,7 @@ def test_a_tied_embedding_is_released_once_the_head_has_read_it(pool, reshard_af
     """Before, the root unit (the token embedding, read by the tied head at the start
     of backward) stayed gathered until its own gradient came at the end of backward:
     ``embedding`` was True at every step (and on the 100M GPT, 48 MiB of the peak)."""
-    for embedding, _, where in _runs(pool, "plain", reshard_after_forward):
+    for embedding, _, _, where in _runs(pool, "plain", reshard_after_forward):
         assert embedding[0], where  # the first backward only watches
         assert not any(embedding[1:]), where
 
@@ -37,7 +37,7 @@ def test_a_unit_read_behind_the_saved_tensor_hooks_is_kept_to_its_last_gradient(
     read, block 0 reads a weight the root owns, and a hook reads the embedding when its
     gradient comes; released after the head, they computed with NaN placeholders (the
     hook's case: a reviewer's probe, NaN loss at the third step)."""
-    for embedding, _, where in _runs(pool, variant):
+    for embedding, _, _, where in _runs(pool, variant):
         assert all(embedding), where
 
 
@@ -54,7 +54,7 @@ def test_a_lora_block_is_released_once_backward_has_read_its_frozen_weight(pool,
     """Note [frozen parameters kept on a ctx]: before, a unit with a frozen parameter
     was kept gathered to the end of backward (``block`` True at every step; a LoRA-like
     model's whole frozen base at once)."""
-    for _, block, where in _runs(pool, "frozen_base", reshard_after_forward):
+    for _, block, _, where in _runs(pool, "frozen_base", reshard_after_forward):
         assert block[0], where  # the first backward only watches
         assert not any(block[1:]), where
 
@@ -62,5 +62,22 @@ def test_a_lora_block_is_released_once_backward_has_read_its_frozen_weight(pool,
 def test_a_frozen_weight_kept_on_a_ctx_keeps_its_unit_to_the_end_of_backward(pool):
     """The frozen weight is read by a node that gives it no gradient, after the block's
     last saved view and last gradient: released then, the block trained NaN."""
-    for _, block, where in _runs(pool, "frozen_ctx_weight"):
+    for _, block, _, where in _runs(pool, "frozen_ctx_weight"):
         assert all(block), where
+
+
+def test_a_checkpointed_lora_block_is_released_once_backward_is_past_its_input(pool):
+    """Note [backward past a unit's inputs]: under checkpointing a unit's reads are not
+    seen, and a unit with a frozen parameter was kept to the end of backward (block 2
+    gathered when backward reached block 0's output, at every step); now it is released
+    once its input's gradient is whole, from the first step (block 1 goes a moment
+    later: the hook that looks is on its input, before zeroshard's)."""
+    for _, _, last_block, where in _runs(pool, "frozen_checkpointed"):
+        assert not any(last_block), where
+
+
+def test_a_reentrant_checkpointed_lora_block_equals_data_parallel(pool):
+    """Reentrant checkpointing runs the block's forward under no_grad, so no input is
+    watched and the block is kept to the end of backward."""
+    for _, block, last_block, where in _runs(pool, "frozen_checkpointed_reentrant"):
+        assert all(block) and all(last_block), where

@@ -1,12 +1,13 @@
-"""Stage 3: which units' frozen parameters a backward may read unseen.
+"""Stage 3: when backward is done with a unit's frozen parameters, which give no gradient.
 
 Note [frozen parameters kept on a ctx]:
     A unit with frozen parameters (LoRA's base weights beside trainable adapters) was
     kept gathered to the end of backward: a frozen weight gives no gradient to wait
     for, and a frozen layer that opens a unit computes its input gradient after the
     unit's last trainable gradient has come. On a LoRA-like model (8 blocks of 32 MiB
-    of frozen weights, a unit each, 2 ranks) backward's peak rose 231-233 MiB above
-    its start: every block gathered at once, the whole model. Backward reads a frozen
+    of frozen weights, a unit each, 2 ranks: ``benchmarks/lora_backward.py``)
+    backward's peak rose 236 MiB above its start, every block gathered at once (82
+    with what follows; FSDP2's 104). Backward reads a frozen
     weight through what the unit's forward saved, as any other (Note [saved tensors]
     in _saved_tensors.py), so such a unit is released once backward has read all of
     it (Note [released once backward has read it] in stage3.py), unless a node may
@@ -24,6 +25,33 @@ Note [frozen parameters kept on a ctx]:
     unmarked. Not seen: a custom Function outside the graph of the model's outputs
     (an auxiliary loss a module keeps as an attribute) that keeps a frozen weight on
     its ctx.
+
+Note [backward past a unit's inputs]:
+    Under activation checkpointing backward reads parameters that the recomputation
+    saved, unseen (a unit's saved-tensor hooks stand aside inside checkpointing's),
+    and once a recomputation has been seen no unit is released by its reads (Note
+    [released once backward has read it]). A unit without frozen parameters is still
+    released at its last gradient; one with them was kept to the end of backward: a
+    checkpointed LoRA model gathered its whole frozen base at once
+    (``benchmarks/lora_backward.py --checkpointing``: backward's peak 270 MiB above its
+    start for 256 MiB of frozen weights; 87 with what follows, FSDP2's 104).
+
+    Every node that reads a unit's frozen weight in backward computes a gradient that
+    flows on, towards the unit's trainable parameters or its inputs (a node whose
+    gradient flows nowhere does not run). So once each input of the unit's training
+    forward that requires grad has had its whole gradient (a hook on the tensor: it
+    runs when every use of it has given its part) and every trainable gradient of the
+    unit has come, backward is done with the unit, as FSDP2 decides by its inputs too.
+    A unit whose forward took no input that requires grad (the root, given token ids:
+    its own layers run between the nested units' in backward) is not released so; nor
+    is one with a forward since the last backward whose graph was dropped (its inputs'
+    gradients never come), nor one whose forward ran only in a recomputation
+    (reentrant checkpointing runs the forward under no_grad first). An input the
+    unit shares with later units (a cross-attention's encoder states) has its whole
+    gradient only once they are done too: released late, not early. Not seen: a
+    tensor the unit computes with that is not among its arguments (one another
+    module left on an attribute, or inside an object that is not a tuple, list or
+    dict), whose gradient a node reading a frozen weight gives after the inputs'.
 """
 
 from __future__ import annotations
@@ -34,6 +62,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 from torch.autograd.function import BackwardCFunction
+from torch.utils._pytree import tree_flatten
 
 from ._graph import nodes_below
 from ._unit import Unit
@@ -99,3 +128,21 @@ def _find(value, unit_of: dict, storages: dict, found: set, depth: int) -> bool:
     if isinstance(value, (list, tuple, set, frozenset)):
         return all(_find(v, unit_of, storages, found, depth - 1) for v in value)
     return False
+
+
+def watch_inputs(unit: Unit, inputs, on_gradient) -> None:
+    """Note [backward past a unit's inputs]: hook each tensor of ``inputs`` (a training
+    forward's arguments) that requires grad; ``on_gradient(unit)`` when its gradient is
+    whole. Removed when the backward ends (``Unit.end_backward``)."""
+    unit.record.inputs_watched = True
+    for tensor in tree_flatten(inputs)[0]:
+        if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
+            unit.record.input_hooks.append(tensor.register_hook(on_gradient))
+
+
+def past_inputs(unit: Unit) -> bool:
+    """Whether backward has given every watched input of ``unit`` its gradient and every
+    trainable parameter its own (Note [backward past a unit's inputs])."""
+    record = unit.record
+    return (record.inputs_watched and 0 < len(record.input_hooks) <= record.inputs_reached
+            and record.grads_arrived >= unit.trainable_ids)

@@ -41,6 +41,12 @@ class UnitRecord:
     # A forward with grad enabled ran it, or a gradient came, in this backward's passes,
     # or it holds a gradient a no_sync() backward left in .grad (Unit.holds_local_grads).
     ran: bool = False
+    # Note [backward past a unit's inputs] in _frozen_reads.py: a training forward
+    # watched its inputs; hooks on those that require grad, and how many have had
+    # their gradient in this backward
+    inputs_watched: bool = False
+    input_hooks: list = dataclasses.field(default_factory=list)
+    inputs_reached: int = 0
 
 
 class Unit:
@@ -81,6 +87,8 @@ class Unit:
     def end_backward(self) -> None:
         """A backward ended: release, start a new record."""
         self.release()
+        for handle in self.record.input_hooks:
+            handle.remove()
         self.record = UnitRecord()
 
     def holds_local_grads(self) -> bool:

@@ -144,7 +144,7 @@ import torch
 from torch.utils._pytree import tree_flatten
 
 from . import _agreement
-from ._frozen_reads import FrozenOnContexts
+from ._frozen_reads import FrozenOnContexts, past_inputs, watch_inputs
 from ._hooks import LoopSwitches, Phase, WeakHook
 from ._masters import ShardMasters
 from ._reducer import GradientReducer
@@ -169,6 +169,7 @@ def _keep_unit_hooks_out_of_compiled_graphs() -> None:
         return
     UnitGatherer.pre_forward = torch.compiler.disable(UnitGatherer.pre_forward)
     UnitGatherer.post_forward = torch.compiler.disable(UnitGatherer.post_forward)
+    UnitGatherer._watch_inputs = torch.compiler.disable(UnitGatherer._watch_inputs)
     UnitGatherer.hooks_outside_graphs = True
 
 
@@ -259,6 +260,9 @@ class UnitGatherer:
                 WeakHook(self.pre_forward, unit), prepend=True))
             handles.append(unit.module.register_forward_hook(
                 WeakHook(self.post_forward, unit)))
+            if not unit.release_when_grads_done:  # Note [backward past a unit's inputs]
+                handles.append(unit.module.register_forward_pre_hook(
+                    WeakHook(self._watch_inputs, unit), with_kwargs=True))
             unit.release()  # the shards hold rank 0's values (broadcast, then placed)
         # Note [saved tensors] in _saved_tensors.py
         self._saved = SavedTensorWatches(units, self._unit_of, self._gathered_storages,
@@ -328,8 +332,9 @@ class UnitGatherer:
         # A unit some rank runs twice stays gathered until backward ends: with reentrant
         # checkpointing its second run's recomputation would gather it again, on that rank
         # only (Note [runs before the walk moves on]).
-        if (unit.release_when_grads_done and not unit.held_for_pass
-                and unit.record.grads_arrived >= unit.trainable_ids):
+        if not unit.release_when_grads_done:
+            self._release_past_inputs(unit)
+        elif not unit.held_for_pass and unit.record.grads_arrived >= unit.trainable_ids:
             unit.release()
             # A nested backward (Note [late gradients]) may gather it again: count afresh.
             unit.record.grads_arrived.clear()
@@ -542,6 +547,25 @@ class UnitGatherer:
         return (not unit.frozen_on_a_ctx and not unit.saved_by_another_unit
                 and not unit.held_for_pass and not self.switches.summoned
                 and not unit.parameters_have_user_hooks())
+
+    # -- Note [backward past a unit's inputs] in _frozen_reads.py ---------------------------
+
+    def _watch_inputs(self, unit: Unit, module, args, kwargs) -> None:
+        """A unit with frozen parameters runs a training forward (not a recomputation):
+        hook its inputs that require grad."""
+        if self.switches.phase is Phase.FORWARD and torch.is_grad_enabled():
+            watch_inputs(unit, (args, kwargs), WeakHook(self._input_gradient_came, unit))
+
+    def _input_gradient_came(self, unit: Unit, grad) -> None:
+        unit.record.inputs_reached += 1
+        self._release_past_inputs(unit)
+
+    def _release_past_inputs(self, unit: Unit) -> None:
+        """In a hook between nodes: release ``unit`` if backward is past its inputs and its
+        trainable gradients, and nothing else may read it (``_may_release_early``)."""
+        if (self.switches.phase is Phase.BACKWARD and unit.state is ShardState.GATHERED
+                and past_inputs(unit) and self._may_release_early(unit)):
+            unit.release()
 
     def _module_runs_in_backward(self, module, args) -> None:
         """A module's forward runs inside backward: a recomputation (activation
