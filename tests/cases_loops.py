@@ -1164,3 +1164,47 @@ def compiled_model(ctx, stage: int, backend: str, autocast: bool):
                 compiled(batch[0])  # an evaluation forward between steps
     recompiled = graphs["unique_graphs"] - graphs_after_one_step  # zeroshard's, after its first step
     return _largest_difference(opt, model, reference), recompiled
+
+
+class _SharedBlockRepeated(torch.nn.Module):
+    """A shared block run ``repeats`` times, each under reentrant checkpointing (ALBERT's
+    sharing with a depth that depends on the data)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = torch.nn.Linear(8, 16)
+        self.block = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh())
+        self.out = torch.nn.Linear(16, 1)
+
+    def forward(self, x, repeats: int):
+        h = self.inp(x)
+        for _ in range(repeats):
+            h = h + torch.utils.checkpoint.checkpoint(self.block, h, use_reentrant=True)
+        return self.out(h)
+
+
+def repeats_that_differ_across_ranks(ctx, stage: int, steps: int = 4):
+    """Note [late gradients]: the shared block runs twice on rank 0 and once on the
+    others in even steps, once everywhere in odd ones (the first included), so its bucket
+    gets gradient late on rank 0 only, and not in the first step. Returns the largest
+    parameter difference from the same model whose gradients are averaged by hand, per
+    step."""
+    torch.manual_seed(0)
+    model, reference = _SharedBlockRepeated(), _SharedBlockRepeated()
+    reference.load_state_dict(model.state_dict())
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=stage, lr=0.1, momentum=0.9,
+                                  process_group=ctx.group, bucket_size_mb=5e-4)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    differences = []
+    for step in range(steps):
+        x = torch.randn(4, 8, generator=torch.Generator().manual_seed(10 * step + ctx.rank))
+        repeats = 2 if step % 2 == 1 and ctx.rank == 0 else 1
+        for net, optimizer in ((model, opt), (reference, ref_opt)):
+            net(x, repeats).square().mean().backward()
+            if net is reference:
+                _average_gradients(reference, ctx)
+            optimizer.step()
+            optimizer.zero_grad()
+        differences.append(_largest_difference(opt, model, reference))
+    opt.close()
+    return differences

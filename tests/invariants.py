@@ -249,6 +249,21 @@ def may_reduce_late(case) -> bool:
     return model.get("checkpoint") == "reentrant" and bool(model.get("reuse") or case.get("two_forwards"))
 
 
+def late_agreements(case, step: int, synced_backwards: int, n_buckets: int, fp: int = FP32) -> int:
+    """Stages 1-2 on several ranks (Note [late gradients] in zeroshard/_reducer.py): the
+    first synced backward all-reduces each bucket's place in the order it became ready
+    (Note [launch order]), a late flag per bucket and a nested-backward flag, each with
+    its negation; after a first backward that ran nested backwards (reentrant
+    checkpointing: every drawn checkpointed block has trainable parameters), every
+    later synced backward all-reduces the late flags and the nested flag."""
+    if case["stage"] == 3 or case["world_size"] == 1:
+        return 0
+    agreements = synced_backwards - (step == 0)
+    nested = case["model"].get("checkpoint") == "reentrant"
+    return (2 * fp * (2 * n_buckets + 1) if step == 0 else 0) + (
+        agreements * fp * (n_buckets + 1) if nested else 0)
+
+
 def check_comm_per_step(results, case, first_step: int = 0):
     """Per step: reduce-scatter Ψ per synced backward plus all-gather Ψ each time the
     parameters are gathered: 2Ψ for stages 1-2; 3Ψ for stage 3 (2Ψ without resharding
@@ -256,8 +271,8 @@ def check_comm_per_step(results, case, first_step: int = 0):
     Broadcast: the buffers, before each training forward outside no_sync (world size > 1).
     All-reduce: the clip norm; at stage 3 also a 4-byte flag per unit (but the root) and
     per bucket per synced backward, and in the first step 5 numbers per unit and 1 per bucket
-    (the recorded orders) and the agreements of Note [first-step agreement]; at stages 1-2, in the first step on
-    several ranks, 2 numbers per bucket (the order buckets became ready, Note [launch order]).
+    (the recorded orders) and the agreements of Note [first-step agreement]; at stages 1-2
+    on several ranks, ``late_agreements``.
 
     Stage 3's first step walks the module tree's order (Note [recorded order]), so a
     unit called out of it is gathered, and may be reduced, twice: that step is held
@@ -290,8 +305,7 @@ def check_comm_per_step(results, case, first_step: int = 0):
         flags = synced_backwards * FP32 * res.flags_per_backward  # Note [ran on no rank]
         # the recorded orders, once: 5 numbers per unit, 1 per bucket (Note [one order])
         flags += FP32 * (5 * res.n_units + res.n_buckets) if step == 0 and case["stage"] == 3 else 0
-        if step == 0 and n > 1 and case["stage"] != 3:  # Note [launch order]
-            flags += 2 * FP32 * res.n_buckets
+        flags += late_agreements(case, step, synced_backwards, res.n_buckets)
         cases.check_first_step_agreements(comm, flags + (FP32 if case["clip"] is not None else 0),
                                           case, step, res.n_units)
         # Note [buffers follow rank 0]: before each training forward outside no_sync

@@ -151,7 +151,8 @@ def check_comm(results, case):
         flags += 4 * synced * res["flags_per_backward"]  # stage 3: units that ran, late buckets
         flags += 4 * (5 * res["n_units"] + res["n_buckets"]) if step == 0 and case["stage"] == 3 else 0  # the recorded orders
         several = case["world_size"] > 1
-        flags += 8 * res["n_buckets"] if step == 0 and several and case["stage"] != 3 else 0
+        # Note [late gradients]: places, late flags and the nested flag, with negations
+        flags += 8 * (2 * res["n_buckets"] + 1) if step == 0 and several and case["stage"] != 3 else 0
         cases.check_first_step_agreements(comm, flags + (4 if case["clip"] is not None else 0),
                                           case, step, res["n_units"])
 

@@ -23,8 +23,9 @@ Note [launch order]:
     ready: gradient memory beyond the one bucket filling and one in flight that
     stage 2 promises, up to every bucket at once. So the first synced backward
     records the order in which buckets become ready, the ranks compare their records
-    at its end (one all-reduce of two numbers per bucket), and if all recorded the
-    same order the list takes it, buckets that were never ready last (``_adopt_ready_order``).
+    at its end (one all-reduce of two numbers per bucket, which also carries Note
+    [late gradients]'s flags), and if all recorded the same order the list takes it,
+    buckets that were never ready last (``_compare_late_and_order``).
     Ranks whose data runs other parameters keep the list as it was. Stage 3 launches
     at the steps of its backward walk instead, so there the list is sorted by when
     each bucket is due in the walk (Note [one order] in stage3.py).
@@ -46,11 +47,20 @@ Note [late gradients]:
     forwards before one backward) gets gradient twice in one backward, the second
     time after its bucket was reduced. Such a bucket is reduced once more at the
     end of backward: stage 1 reduces its whole buffer again (it holds the total),
-    stages 2 and 3 reduce the late part and add it to the shard. At stages 1 and 2
-    which buckets are late follows from the model's structure, so every rank issues
-    the same extra reduce-scatters; stage 3's backward walk can make a bucket late
-    on some ranks only, so there the ranks agree on the set first
-    (``UnitGatherer.agree_on_late``).
+    stages 2 and 3 reduce the late part and add it to the shard. Every rank must
+    issue the same extra reduce-scatters, and which buckets are late can differ
+    between ranks: stage 3's backward walk can make a bucket late on some ranks
+    only, and a block whose repeats depend on the data (a shared block run twice on
+    one rank, once on another) does so at any stage. A helper's probe of that hung
+    stages 1 and 2: one rank in the extra reduce-scatter, the other past it. So the
+    ranks agree on the set first, in one all-reduce (MAX) of a flag per bucket: at
+    stage 3 after every synced backward (``UnitGatherer.agree_on_late``); at stages 1
+    and 2 in the first synced backward, folded into the comparison of launch orders
+    (Note [launch order]), and after every synced backward from then on if some
+    rank's first backward ran a nested one (a gradient came in another graph task
+    than the backward's own: reentrant checkpointing). Not agreed: nested backwards
+    that no rank ran before its first synced backward ended, and that make buckets
+    late on some ranks only.
 
 Note [non-finite gradients]:
     With fp16 compute (``MixedPrecision(param_dtype=torch.float16)``, or a forward
@@ -121,6 +131,12 @@ class GradientReducer:
         self._ready_order: list[int] | None = [] if record_ready_order else None
         self.late: set[int] = set()  # positions of buckets that got gradient after launching
         self._check_non_finite = False  # Note [non-finite gradients]
+        # Note [late gradients]: stages 1-2; the graph task of the backward running, whether
+        # a gradient came in another (nested) one, and whether the ranks agree on late
+        # buckets after every synced backward
+        self._graph_task: int | None = None
+        self._nested_backward = False
+        self._late_agreed_each_backward = False
         # The last backward to accumulate into the parameters ran inside no_sync():
         # what it accumulated is this rank's alone until a synced backward reduces it
         # (Stage.refuse_local_gradients). A torch.autograd.grad(loss, inputs) call
@@ -157,6 +173,7 @@ class GradientReducer:
                 self.gatherer.begin_backward()
             self.store.before_backward()
             self.switches.enter(Phase.BACKWARD)
+            self._graph_task = torch._C._current_graph_task_id()
             Variable._execution_engine.queue_callback(self._on_backward_end)
 
     def _on_gradient(self, bucket: FlatBucket, index: int, grad_inputs, grad_outputs) -> None:
@@ -174,6 +191,8 @@ class GradientReducer:
                 "the inputs' gradient works at stages 1 and 2: (g,) = torch.autograd.grad("
                 "loss, inputs, create_graph=True), then (loss + penalty(g)).backward()")
         self.on_backward_start(param.grad)
+        if torch._C._current_graph_task_id() != self._graph_task:
+            self._nested_backward = True  # Note [late gradients]
         self.store.collect(bucket, index, launched=self.launched(bucket), engine_holds=grad_outputs)
         if self.gatherer is not None:
             self.gatherer.post_backward(bucket, index)
@@ -284,7 +303,10 @@ class GradientReducer:
         if synced:
             self.launch_front(len(self.buckets))  # the buckets still waiting
             self.wait_in_flight()
-            late = self.gatherer.agree_on_late(self.late) if self.gatherer is not None else sorted(self.late)
+            if self.gatherer is not None:
+                late, adopted = self.gatherer.agree_on_late(self.late), None
+            else:
+                late, adopted = self._compare_late_and_order()
             for position in late:  # Note [late gradients]
                 self._launch(self.buckets[position])
                 self.wait_in_flight()
@@ -294,8 +316,8 @@ class GradientReducer:
                 self._spread_non_finite()
                 self._check_non_finite = False
             self.store.after_backward()
-            if self._ready_order is not None:
-                self._adopt_ready_order()
+            if adopted is not None:
+                self.launch_in_order(adopted)
         if synced or self._local_gradient_came:
             self.local_only = not synced
         self._local_gradient_came = False
@@ -322,22 +344,43 @@ class GradientReducer:
             for shard in shards:
                 shard.fill_(float("nan"))
 
-    def _adopt_ready_order(self) -> None:
-        """Note [launch order]: launch from now on in the order the first synced backward
-        made buckets ready, if every rank recorded the same one: the ranks compare each
-        bucket's place in the record (-1: never ready) in one all-reduce."""
-        order, self._ready_order = list(dict.fromkeys(self._ready_order)), None
-        if not self.buckets:
-            return
-        if self.world_size > 1:
-            places = torch.full((len(self.buckets),), -1.0, device=self.buckets[0].flat.device)
+    def _compare_late_and_order(self) -> tuple[list[int], list[int] | None]:
+        """Stages 1 and 2, after a synced backward: the positions of the buckets late on
+        some rank (Note [late gradients]), and, after the first, the launch order to
+        adopt (Note [launch order]: the order that backward made buckets ready, if every
+        rank recorded the same one), or None.
+
+        The first synced backward compares, in one all-reduce (MAX) of the values and
+        their negation (``_comm.extremes``), each bucket's place in the record (-1: never
+        ready), a late flag per bucket and whether a nested backward ran; later ones
+        all-reduce the late flags only if one did on some rank."""
+        first = self._ready_order is not None
+        order = list(dict.fromkeys(self._ready_order)) if first else None
+        self._ready_order = None
+        nested, self._nested_backward = self._nested_backward, False
+        if self.world_size == 1 or not self.buckets:
+            return sorted(self.late), order
+        if not first and not self._late_agreed_each_backward:
+            return sorted(self.late), None
+        n = len(self.buckets)
+        device = self.buckets[0].flat.device
+        flags = torch.tensor([float(p in self.late) for p in range(n)] + [float(nested)], device=device)
+        if first:
+            places = torch.full((n,), -1.0, device=device)
             for place, position in enumerate(order):
                 places[position] = place
-            highest, lowest = _comm.extremes(places, group=self.group, stats=self.stats,
-                                             label=self.label)
-            if not torch.equal(highest, lowest):
-                return
-        self.launch_in_order(order)
+            highest, lowest = _comm.extremes(torch.cat([places, flags]), group=self.group,
+                                             stats=self.stats, label=self.label)
+            if not torch.equal(highest[:n], lowest[:n]):
+                order = None
+            flags = highest[n:]
+        else:
+            _comm.all_reduce(flags, group=self.group, stats=self.stats, label=self.label,
+                             op=dist.ReduceOp.MAX)
+        values = flags.tolist()
+        if first and values[-1] > 0:
+            self._late_agreed_each_backward = True
+        return [p for p in range(n) if values[p] > 0], order
 
     def launch_in_order(self, order: list[int]) -> None:
         """Launch the buckets now at positions ``order`` first, in that order, then the
