@@ -118,6 +118,7 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--timeout", type=float, default=600)
+    p.add_argument("--out", type=Path, default=None, help="a folder for results.md")
     args = p.parse_args(argv)
     lines = ["| method | backward's peak above its start, MiB | step's peak, MiB |", "|---|---|---|"]
     frozen = None
@@ -129,10 +130,15 @@ def main(argv=None) -> None:
                      f"{max(r['step'] for r in out):.0f} |")
         print(lines[-1], flush=True)
     command = "python benchmarks/lora_backward.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    print(f"\n{command}\n\n{args.blocks} blocks of width {args.width}, {frozen:.0f} MiB of frozen "
-          f"weights in all, {args.world_size} ranks, fp32 AdamW, CPU/gloo, torch "
-          f"{torch.__version__}; the larger rank, the worst of {args.steps} steps after "
-          f"{args.warmup}\n\n" + "\n".join(lines))
+    text = (f"{command}\n\n{args.blocks} blocks of width {args.width}, {frozen:.0f} MiB of frozen "
+            f"weights in all, {args.world_size} ranks, fp32 AdamW, CPU/gloo, torch "
+            f"{torch.__version__}; the larger rank, the worst of {args.steps} steps after "
+            f"{args.warmup}\n\n" + "\n".join(lines) + "\n")
+    print("\n" + text)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        name = "results_checkpointing.md" if args.checkpointing else "results.md"
+        (args.out / name).write_text(text)
 
 
 if __name__ == "__main__":

@@ -112,7 +112,10 @@ def _find(value, unit_of: dict, storages: dict, found: set, depth: int) -> bool:
     if isinstance(value, torch.Tensor):
         unit = unit_of.get(id(value))
         if unit is None and value.layout == torch.strided:
-            unit = storages.get(value.untyped_storage()._cdata)
+            try:
+                unit = storages.get(value.untyped_storage()._cdata)
+            except (RuntimeError, NotImplementedError):  # a subclass without one storage
+                return False
         if unit is not None:
             found.add(unit)
         return True
