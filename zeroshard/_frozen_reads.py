@@ -34,7 +34,7 @@ Note [backward past a unit's inputs]:
     released at its last gradient; one with them was kept to the end of backward: a
     checkpointed LoRA model gathered its whole frozen base at once
     (``benchmarks/lora_backward.py --checkpointing``: backward's peak 270 MiB above its
-    start for 256 MiB of frozen weights; 87 with what follows, FSDP2's 104).
+    start for 256 MiB of frozen weights; 86 with what follows, FSDP2's 104).
 
     Every node that reads a unit's frozen weight in backward computes a gradient that
     flows on, towards the unit's trainable parameters or its inputs (a node whose
