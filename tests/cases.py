@@ -278,6 +278,7 @@ def train_side_by_side(ctx, case) -> SideBySideRun:
     trainable = [p for p in zero_model.parameters() if p.requires_grad]
     out.psi = sum(p.numel() for p in trainable)
     out.psi_all = sum(p.numel() for p in zero_model.parameters())
+    out.n_params, out.n_all_params = len(trainable), len(list(zero_model.parameters()))
     out.largest_param_bytes = max(p.numel() * 4 for p in trainable)
     out.largest_bucket_bytes = max(b.layout.padded_numel * 4 for b in zopt.sharding.buckets)
     trainable_ids = {id(b) for b in zopt.sharding.buckets}

@@ -345,9 +345,11 @@ def summon_full_params_and_state_dict(ctx, stage: int):
         after = {k: v.clone() for k, v in zero_model.state_dict().items()}
     ddp_sd = ddp_model.state_dict()
     gathered = opt.memory_report()["parameters"]
+    # stage 3's shards as the layouts pad them (Note [aligned parameters] in _layout.py)
+    shards = sum(4 * b.layout.shard_numel for b in opt.sharding.plan.buckets)
     return ({k: (zero_sd[k] - ddp_sd[k]).abs().max().item() for k in ddp_sd},
             {k: (after[k] - 0.5 * halved[k]).abs().max().item() for k in after},
-            gathered, sum(p.numel() * 4 for p in ddp_model.parameters()))
+            gathered, shards)
 
 
 def construct_with_strided_tensors(ctx, stage: int):

@@ -696,7 +696,7 @@ def parameters_held_at_the_head(ctx):
     """Stage 3 with a unit per block: when the head runs (after the last block, with the
     logits and loss: often the forward's peak), no block is gathered any more, only the
     root's own parameters beside the shards. Returns (parameter bytes held then, the
-    shards plus the root's parameters plus padding, one block's bytes)."""
+    shards plus the root's full buffers, one block's bytes)."""
     model = build_model(TRANSFORMER, seed=ctx.rank)
     opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=3, process_group=ctx.group,
                                   units=Block, lr=0.1)
@@ -705,10 +705,11 @@ def parameters_held_at_the_head(ctx):
         lambda module, args: held.append(opt.memory_report()["parameters"]))
     loss_fn(TRANSFORMER, model, make_batch(TRANSFORMER, seed=0, rank=ctx.rank, batch=2)).backward()
     block_bytes = sum(p.numel() * 4 for p in model.blocks[0].parameters())
-    total = sum(p.numel() * 4 for p in model.parameters())
-    root = total - sum(p.numel() * 4 for p in model.blocks.parameters())
-    buckets = 8  # an upper bound on the buckets of this model (padding: N - 1 elements each)
-    bound = (total + 4 * buckets * ctx.world_size) / ctx.world_size + root
+    # every unit's shards, and the root unit's full buffers, each as its layout pads it
+    # (to a multiple of N, and each parameter's start aligned: Note [aligned parameters])
+    units = opt.sharding.units
+    bound = sum(4 * b.layout.shard_numel for u in units for b in u.buckets) + sum(
+        4 * b.layout.padded_numel for b in units[0].buckets)
     opt.close()
     return held[0], bound, block_bytes
 
@@ -1208,3 +1209,36 @@ def repeats_that_differ_across_ranks(ctx, stage: int, steps: int = 4):
         differences.append(_largest_difference(opt, model, reference))
     opt.close()
     return differences
+
+
+def odd_sizes_against_ddp(ctx, stage: int, steps: int = 3):
+    """Note [aligned parameters] (zeroshard/_layout.py): a regression head on odd sizes,
+    whose F.linear rounds by where its weight starts in memory on this CPU. Returns the
+    largest difference of outputs and of parameters from DDP's over ``steps`` SGD steps,
+    and each parameter's start modulo 64 bytes (read where the forward reads it)."""
+    def build():
+        torch.manual_seed(7)
+        return torch.nn.Sequential(torch.nn.Linear(13, 17), torch.nn.LeakyReLU(0.2),
+                                   torch.nn.Linear(17, 1))
+    model, reference = build(), DDP(build(), process_group=ctx.group)
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=stage, lr=0.1,
+                                  process_group=ctx.group)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    starts: set[int] = set()
+    model[2].register_forward_pre_hook(
+        lambda module, args: starts.update(p.data_ptr() % 64 for p in module.parameters()))
+    generator = torch.Generator().manual_seed(ctx.rank)
+    output_difference = 0.0
+    for _ in range(steps):
+        x = torch.randn(6, 13, generator=generator)
+        outputs = []
+        for net, optimizer in ((model, opt), (reference, ref_opt)):
+            out = net(x)
+            out.square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            outputs.append(out.detach())
+        output_difference = max(output_difference, (outputs[0] - outputs[1]).abs().max().item())
+    difference = _largest_difference(opt, model, reference)
+    opt.close()
+    return output_difference, difference, sorted(starts)

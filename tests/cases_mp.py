@@ -174,6 +174,8 @@ def train_mixed_precision(ctx, case):
     out["psi"] = sum(p.numel() for p in zero_model.parameters() if p.requires_grad)
     out["psi_all"] = sum(p.numel() for p in zero_model.parameters())
     out["n_buckets"] = len(zopt.sharding.buckets)
+    out["n_params"] = sum(p.requires_grad for p in zero_model.parameters())
+    out["n_all_params"] = len(list(zero_model.parameters()))
     # stage 3 all-reduces 5 numbers per unit once (the recorded orders), and after each
     # synced backward a flag per unit other than the root that has gradients ("ran") and
     # per bucket with gradients ("late")

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import cases
+from zeroshard._layout import ALIGN
 
 FP32 = 4
 
@@ -249,6 +250,13 @@ def may_reduce_late(case) -> bool:
     return model.get("checkpoint") == "reentrant" and bool(model.get("reuse") or case.get("two_forwards"))
 
 
+def padding_bound(n_buckets: int, n_params: int, shards: int) -> int:
+    """Elements of the flat buffers that hold no parameter: fewer than ``shards`` past
+    the end of each bucket, and fewer than ALIGN before each parameter (Note [aligned
+    parameters] in zeroshard/_layout.py)."""
+    return n_buckets * (shards - 1) + n_params * (ALIGN - 1)
+
+
 def late_agreements(case, step: int, synced_backwards: int, n_buckets: int, fp: int = FP32) -> int:
     """Stages 1-2 on several ranks (Note [late gradients] in zeroshard/_reducer.py): the
     first synced backward all-reduces each bucket's place in the order it became ready
@@ -267,7 +275,7 @@ def late_agreements(case, step: int, synced_backwards: int, n_buckets: int, fp: 
 def check_comm_per_step(results, case, first_step: int = 0):
     """Per step: reduce-scatter Ψ per synced backward plus all-gather Ψ each time the
     parameters are gathered: 2Ψ for stages 1-2; 3Ψ for stage 3 (2Ψ without resharding
-    after forward). fp32 bytes, with at most N-1 elements of padding per bucket.
+    after forward). fp32 bytes, with at most ``padding_bound`` elements of padding.
     Broadcast: the buffers, before each training forward outside no_sync (world size > 1).
     All-reduce: the clip norm; at stage 3 also a 4-byte flag per unit (but the root) and
     per bucket per synced backward, and in the first step 5 numbers per unit and 1 per bucket
@@ -279,10 +287,10 @@ def check_comm_per_step(results, case, first_step: int = 0):
     to the lower bounds only. Steps before ``first_step`` are not checked."""
     n, res = case["world_size"], results[0]
     s = cases.shards(case)  # a mesh: these checks are of the shard dimension's collectives
-    psi, padding = res.psi, res.n_buckets * (s - 1)
+    psi, padding = res.psi, padding_bound(res.n_buckets, res.n_params, s)
     # stage 3 gathers frozen parameters too; stages 1-2 gather only what the optimizer updates
     if case["stage"] == 3:
-        psi_all, padding_all = res.psi_all, res.n_all_buckets * (s - 1)
+        psi_all, padding_all = res.psi_all, padding_bound(res.n_all_buckets, res.n_all_params, s)
     else:
         psi_all, padding_all = psi, padding
     synced_backwards = 1 if case["no_sync"] else case["accum"]
@@ -336,9 +344,9 @@ def check_comm_across_replicas(results, case):
 def check_memory(results, case):
     n, stage = cases.shards(case), case["stage"]
     for res in results:
-        psi, padded_max = res.psi, res.psi + res.n_buckets * (n - 1)
+        psi, padded_max = res.psi, res.psi + padding_bound(res.n_buckets, res.n_params, n)
         mem = res.mem[-1]  # after the last backward, before step()
-        all_lo, all_hi = res.psi_all, res.psi_all + res.n_all_buckets * (n - 1)
+        all_lo, all_hi = res.psi_all, res.psi_all + padding_bound(res.n_all_buckets, res.n_all_params, n)
         if stage == 3:  # only shards: no full-size parameter storage outlives backward
             assert FP32 * all_lo / n <= mem["parameters"] <= FP32 * all_hi / n, mem
             assert FP32 * all_lo / n <= res.final_mem["parameters"] <= FP32 * all_hi / n
@@ -384,8 +392,8 @@ def check_stage2_peak(results, case):
         if case["stage"] == 3:  # a bucket is a unit's parameters of one group, whatever the cap
             bucket_hi = res.largest_bucket_bytes
         else:
-            bucket_hi = max(cap, res.largest_param_bytes) + FP32 * (n - 1)
-        shards_hi = FP32 * (res.psi + res.n_buckets * (n - 1)) / n
+            bucket_hi = max(cap, res.largest_param_bytes) + FP32 * padding_bound(1, res.n_params, n)
+        shards_hi = FP32 * (res.psi + padding_bound(res.n_buckets, res.n_params, n)) / n
         in_flight = 2 * groups * bucket_hi
         if case["stage"] == 3:
             # The root unit's buckets fill from backward's first gradients (a final norm,
@@ -398,7 +406,7 @@ def check_stage2_peak(results, case):
             # backwards interleave, every reduction waits for the end of backward, so all
             # the buckets fill at once (thorough profile: 688 gradient bytes against the
             # two-bucket bound's 684, four units of 80, 120, 120 and 24 bytes)
-            in_flight = max(in_flight, FP32 * (res.psi + res.n_buckets * (n - 1)))
+            in_flight = max(in_flight, FP32 * (res.psi + padding_bound(res.n_buckets, res.n_params, n)))
         bound = shards_hi + in_flight + res.largest_param_bytes
         assert 0 < res.peak_grad_bytes <= bound, (res.peak_grad_bytes, bound)
 
@@ -414,7 +422,7 @@ def check_stage3_peak(results, case):
     for res in results:
         blocks = sorted(res.block_bytes)
         root = FP32 * res.psi_all - sum(blocks)
-        padding = FP32 * res.n_all_buckets * (n - 1)
+        padding = FP32 * padding_bound(res.n_all_buckets, res.n_all_params, n)
         shards = (FP32 * res.psi_all + padding) / n
         bound = shards + sum(blocks[-2:]) + root + padding
         assert 0 < res.peak_param_bytes <= bound, (res.peak_param_bytes, bound)

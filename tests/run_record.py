@@ -43,6 +43,8 @@ class SideBySideRun:
     root_bucket_bytes: int = 0  # stage 3: the root unit's trainable buckets
     n_buckets: int = 0  # trainable buckets
     n_all_buckets: int = 0  # every bucket, frozen included
+    n_params: int = 0  # trainable parameters
+    n_all_params: int = 0  # every parameter
     n_units: int = 0  # stage 3
     flags_per_backward: int = 0  # stage 3's 4-byte flags after each synced backward
     buffer_bytes: int = 0

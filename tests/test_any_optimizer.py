@@ -93,12 +93,14 @@ def test_whole_parameter_optimizers_equal_ddp_with_the_same_optimizers(pool, cas
 def test_owners_layout_and_bytes_of_a_fixed_case(pool):
     """Two ranks, stage 2, one bucket of Muon matrices 8x4, 6x4, 4x4, 2x4 (32, 24, 16, 8
     elements). Largest first to the rank holding least: 32 -> rank 0, 24 -> rank 1,
-    16 -> rank 1 (24 < 32), 8 -> rank 0 (32 < 40). Segments 40 and 40: no padding; the
-    reduce-scatter and the all-gather each move 80 fp32 elements = 320 bytes per step."""
+    16 -> rank 1 (24 < 32), 8 -> rank 0 (32 < 40). Each parameter starts at a multiple of
+    32 elements (Note [aligned parameters]): rank 0's segment holds 32 at 0 and 8 at 32
+    (40), rank 1's 24 at 0 and 16 at 32 (48); segments of 64 (a multiple of 32), so the
+    reduce-scatter and the all-gather each move 128 fp32 elements = 512 bytes per step."""
     for res in pool.run(cases_owned.fixed_owned_case, 2):
         assert res["owners"] == [0, 1, 1, 0], res
-        assert res["padded"] == 80 and res["stored"] == 40, res
-        assert res["reduce_scatter"] == 320 and res["all_gather"] == 320, res
+        assert res["padded"] == 128 and res["stored"] == 64, res
+        assert res["reduce_scatter"] == 512 and res["all_gather"] == 512, res
         assert res["report"]["elements"] == [40, 40], res
         assert res["report"]["imbalance"]["elements"] == 1.0, res
         # Muon's work per matrix is m * n * min(m, n): 128 + 16 = 144 against 96 + 64 = 160

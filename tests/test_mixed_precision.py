@@ -16,6 +16,7 @@ from hypothesis import example, given, strategies as st
 
 import cases
 import cases_mp
+from invariants import padding_bound
 from strategies import mesh_shapes, mlp_specs, transformer_specs
 
 PARAM_BYTES = 2  # bf16 and fp16
@@ -131,9 +132,9 @@ def check_comm(results, case):
     param_dtype, reduce_dtype = cases_mp.PRECISIONS[case["precision"]]
     reduce_bytes = (reduce_dtype or param_dtype).itemsize
     synced = 1 if case["no_sync"] else case["accum"]
-    psi, pad = res["psi"], res["n_buckets"] * (n - 1)
+    psi, pad = res["psi"], padding_bound(res["n_buckets"], res["n_params"], n)
     if case["stage"] == 3:
-        gathers, gathered, gathered_pad = 2 * case["accum"], res["psi_all"], res["n_all_buckets"] * (n - 1)
+        gathers, gathered, gathered_pad = 2 * case["accum"], res["psi_all"], padding_bound(res["n_all_buckets"], res["n_all_params"], n)
     else:
         gathers, gathered, gathered_pad = 1, psi, pad
     for step, comm in enumerate(res["comm"]):
@@ -164,8 +165,8 @@ def check_memory(results, case):
     # gradient shards: the reduce dtype, but fp16 ones are kept in fp32 (loss scaling)
     grad_bytes = 4 if (reduce_dtype or param_dtype) in (torch.float16, torch.float32) else 2
     for res in results:
-        psi, pad = res["psi"], res["n_buckets"] * (n - 1)
-        psi_all, pad_all = res["psi_all"], res["n_all_buckets"] * (n - 1)
+        psi, pad = res["psi"], padding_bound(res["n_buckets"], res["n_params"], n)
+        psi_all, pad_all = res["psi_all"], padding_bound(res["n_all_buckets"], res["n_all_params"], n)
         mem = res["mem"][-1]
         if stage == 3:
             assert PARAM_BYTES * psi_all / n <= mem["parameters"] <= PARAM_BYTES * (psi_all + pad_all) / n

@@ -3,19 +3,35 @@
 No torch.distributed and no tensors here, only integers, so every property of the
 partitioning can be tested alone (tests/test_layout.py).
 
-A bucket's parameters are laid end to end in one flat buffer, which is padded with
-zeros to a multiple of the world size N. Rank r owns the elements
+A bucket's parameters are laid one after another in one flat buffer, each starting
+at a multiple of ``align`` elements (Note [aligned parameters]), and the buffer is
+padded with zeros to a multiple of the world size N. Rank r owns the elements
 ``[r * S, (r + 1) * S)`` where ``S = padded_numel // N``: every shard has the same
 size, which is what reduce-scatter and all-gather into flat tensors require.
+
+Note [aligned parameters]:
+    Some kernels round differently by where a tensor starts in memory: on this
+    project's CPU, ``F.linear`` with one output and 17 inputs gives another last bit
+    for a weight that does not start at a multiple of 16 bytes (plain torch, no
+    zeroshard; found by a helper's probe). Torch's allocator starts every tensor at a
+    multiple of 64 bytes, so DDP's parameters always do; laid end to end in a flat
+    buffer, a parameter after one of odd size did not, and zeroshard's outputs were
+    6e-8 from DDP's (``nn.Sequential(Linear(13, 17), LeakyReLU, Linear(17, 1))``, 2
+    ranks, SGD; Adam over a bias before a BatchNorm, whose true gradient is zero,
+    grew that to 5e-3 in three steps). So every parameter starts at a multiple of
+    ``ALIGN`` elements: 64 bytes for the narrowest dtype a bucket may be cast to
+    (2 bytes), 128 for fp32. The gaps hold zeros, like the padding at the end, and
+    cost at most ``ALIGN - 1`` elements per parameter.
 
 Note [whole-parameter ownership]: an optimizer that is not element-wise (Muon
 orthogonalises each matrix, Adafactor factors its second moment over rows and
 columns) must see each parameter whole. A bucket of such parameters gives each
 parameter one owner rank (``owners``): the buffer is N equal segments, one per
-rank, each holding its owner's parameters end to end and padded to the largest
-owner's load. The same reduce-scatter then leaves each owner the fully reduced
-gradient of exactly its parameters, and the same all-gather sends the result to
-every rank; the padding is what the imbalance costs in memory and bytes.
+rank, each holding its owner's parameters one after another (each start aligned)
+and padded to the largest owner's load. The same reduce-scatter then leaves each
+owner the fully reduced gradient of exactly its parameters, and the same all-gather
+sends the result to every rank; the padding is what the imbalance costs in memory
+and bytes.
 ``assign_owners`` balances the owners' loads (longest processing time first).
 """
 
@@ -45,6 +61,14 @@ class Overlap(NamedTuple):
         return slice(self.shard_start, self.shard_start + self.param_stop - self.param_start)
 
 
+ALIGN = 32  # elements: Note [aligned parameters]
+
+
+def aligned(position: int, align: int) -> int:
+    """``position`` rounded up to a multiple of ``align``."""
+    return -(-position // align) * align
+
+
 @dataclass(frozen=True)
 class FlatLayout:
     """The positions of ``numels`` (one entry per parameter) in a flat buffer split N ways."""
@@ -52,10 +76,13 @@ class FlatLayout:
     numels: tuple[int, ...]
     world_size: int
     owners: tuple[int, ...] | None = None  # Note [whole-parameter ownership]; None: flat
+    align: int = ALIGN  # each parameter starts at a multiple of it (Note [aligned parameters])
 
     def __post_init__(self) -> None:
         if self.world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {self.world_size}")
+        if self.align < 1:
+            raise ValueError(f"align must be >= 1, got {self.align}")
         if any(n < 0 for n in self.numels):
             raise ValueError(f"parameter sizes must be >= 0, got {self.numels}")
         if self.owners is not None and (
@@ -66,42 +93,54 @@ class FlatLayout:
 
     @cached_property
     def loads(self) -> tuple[int, ...]:
-        """Elements each rank owns whole (Note [whole-parameter ownership]); all zero
-        in a flat layout, where nobody owns a parameter whole."""
+        """Elements each rank's segment needs for the parameters it owns whole, aligned
+        (Note [whole-parameter ownership]); all zero in a flat layout, where nobody owns
+        a parameter whole."""
         loads = [0] * self.world_size
         for numel, owner in zip(self.numels, self.owners or ()):
-            loads[owner] += numel
+            loads[owner] = aligned(loads[owner], self.align) + numel
         return tuple(loads)
 
     @cached_property
+    def _segment(self) -> int:
+        """With owners: each rank's segment, a multiple of ``align`` so that every
+        segment starts aligned."""
+        return aligned(max(self.loads), self.align)
+
+    @cached_property
     def offsets(self) -> tuple[int, ...]:
-        """Start of each parameter in the flat buffer: end to end, or with owners, end to
-        end inside each owner's segment."""
+        """Start of each parameter in the flat buffer, each aligned: one after another,
+        or with owners, one after another inside each owner's segment."""
+        starts, position = [], 0
         if self.owners is None:
-            return tuple(sum(self.numels[:index]) for index in range(len(self.numels)))
-        segment = max(self.loads)
-        position = [rank * segment for rank in range(self.world_size)]
-        starts = []
+            for numel in self.numels:
+                starts.append(aligned(position, self.align))
+                position = starts[-1] + numel
+            return tuple(starts)
+        position = [rank * self._segment for rank in range(self.world_size)]
         for numel, owner in zip(self.numels, self.owners):
-            starts.append(position[owner])
-            position[owner] += numel
+            starts.append(aligned(position[owner], self.align))
+            position[owner] = starts[-1] + numel
         return tuple(starts)
 
     @cached_property
     def numel(self) -> int:
-        """Elements that belong to parameters (no padding)."""
+        """Elements that belong to parameters (no padding, no gaps)."""
         return sum(self.numels)
 
     @property
     def padded_numel(self) -> int:
-        """Size of the flat buffer: ``numel`` rounded up to a multiple of the world size,
-        or with owners, the largest owner's load times the world size."""
+        """Size of the flat buffer: the end of the last parameter rounded up to a
+        multiple of the world size, or with owners, a segment times the world size."""
         if self.owners is not None:
-            return max(self.loads) * self.world_size
-        return math.ceil(self.numel / self.world_size) * self.world_size
+            return self._segment * self.world_size
+        end = self.offsets[-1] + self.numels[-1] if self.numels else 0
+        return math.ceil(end / self.world_size) * self.world_size
 
     @property
     def padding(self) -> int:
+        """Elements of the buffer that belong to no parameter: the gaps that align
+        them, and the padding at the end."""
         return self.padded_numel - self.numel
 
     @property
