@@ -17,7 +17,6 @@ event it followed. The larger rank's peak is reported. CPU only (RSS from /proc)
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import sys
 import threading
@@ -29,7 +28,7 @@ import torch.distributed as dist
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from compare import free_port, rss_kib, setup, spawn_ranks  # noqa: E402
+from compare import baseline_after_warm_up, free_port, rss_kib, setup, spawn_ranks  # noqa: E402
 from memory_breakdown import build  # noqa: E402
 from train_gpt import Block  # noqa: E402  (compare.py put examples/ on the path)
 
@@ -102,16 +101,7 @@ def worker(rank: int, world: int, port: int, method: str, args, results) -> None
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     block = torch.nn.Linear if args.model == "mlp" else Block
-    tiny, tiny_loss = build(args, rank, tiny=True)  # the runtime's one-time costs first
-    tiny_module, tiny_opt, tiny_backward = setup(method, tiny, lr=1e-4, block=block)
-    for _ in range(2):
-        (tiny_backward or torch.Tensor.backward)(tiny_loss(tiny_module))
-        tiny_opt.step()
-        tiny_opt.zero_grad()
-    del tiny, tiny_module, tiny_opt
-    gc.collect()
-    dist.barrier()
-    baseline = rss_kib("VmRSS")
+    baseline = baseline_after_warm_up(method, *build(args, rank, tiny=True), block)
     model, loss_of = build(args, rank, tiny=False)
     module, opt, backward = setup(method, model, lr=1e-4, block=block)
     backward = backward or torch.Tensor.backward

@@ -36,6 +36,7 @@ stage) and results.png (needs matplotlib).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import queue
@@ -123,6 +124,22 @@ def rss_kib(field: str) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def baseline_after_warm_up(method: str, tiny, loss_of, block) -> int:
+    """Two steps of the model ``tiny`` through ``method`` first, so that the runtime's
+    one-time costs (code pages, threads, gloo's buffers) fall in the baseline, not in
+    the figures; then the RSS (KiB) once it is freed, which the figures are taken above.
+    Every rank at once (a barrier). ``loss_of(module)``: a loss to backward."""
+    module, opt, backward = setup(method, tiny, lr=1e-4, block=block)
+    for _ in range(2):
+        (backward or torch.Tensor.backward)(loss_of(module))
+        opt.step()
+        opt.zero_grad()
+    del tiny, module, opt
+    gc.collect()
+    dist.barrier()
+    return rss_kib("VmRSS")
 
 
 def setup(method: str, model, lr: float, mesh=None, block=Block):

@@ -18,7 +18,6 @@ CPU only (RSS from /proc).
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import sys
 from pathlib import Path
@@ -30,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from compare import free_port, rss_kib, setup, spawn_ranks  # noqa: E402
+from compare import baseline_after_warm_up, free_port, rss_kib, setup, spawn_ranks  # noqa: E402
 
 
 class LoraBlock(nn.Module):
@@ -67,16 +66,9 @@ def worker(rank: int, world: int, port: int, method: str, args, results) -> None
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    tiny = LoraModel(64, 2, args.checkpointing)  # the runtime's one-time costs first
-    tiny_module, tiny_opt, tiny_backward = setup(method, tiny, lr=1e-4, block=LoraBlock)
-    for _ in range(2):
-        (tiny_backward or torch.Tensor.backward)(tiny_module(torch.randn(2, 4, 64)).square().mean())
-        tiny_opt.step()
-        tiny_opt.zero_grad()
-    del tiny, tiny_module, tiny_opt
-    gc.collect()
-    dist.barrier()
-    baseline = rss_kib("VmRSS")
+    baseline = baseline_after_warm_up(method, LoraModel(64, 2, args.checkpointing),
+                                      lambda module: module(torch.randn(2, 4, 64)).square().mean(),
+                                      LoraBlock)
     torch.manual_seed(0)
     model = LoraModel(args.width, args.blocks, args.checkpointing)
     frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
