@@ -64,7 +64,7 @@ from torch import nn
 from torch.autograd.function import BackwardCFunction
 from torch.utils._pytree import tree_flatten
 
-from ._graph import nodes_below
+from ._graph import nodes_below, roots_of
 from ._unit import Unit
 
 # What a ctx may hold that reads no parameter.
@@ -86,8 +86,7 @@ class FrozenOnContexts:
         the graph below ``outputs``."""
         if not self._unmarked:
             return
-        roots = [t.grad_fn for t in outputs
-                 if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+        roots = roots_of(outputs)
         if not roots:
             return
         unit_of = {id(p): u for u in self._unmarked for b in u.buckets for p in b.params}

@@ -41,7 +41,7 @@ from collections.abc import Iterable
 
 import torch
 
-from ._graph import nodes_below
+from ._graph import nodes_below, roots_of
 
 
 class InPlaceSums:
@@ -59,8 +59,7 @@ class InPlaceSums:
         accumulator of ours more than once."""
         if not self._walking:
             return
-        roots = [t.grad_fn for t in outputs
-                 if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+        roots = roots_of(outputs)
         if not roots:
             return
         feeders = _feeders(roots, self._accumulators)

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+
+import torch
+
+
+def roots_of(outputs: Iterable) -> list:
+    """The autograd nodes that made ``outputs`` (those that are tensors with a history)."""
+    return [t.grad_fn for t in outputs if isinstance(t, torch.Tensor) and t.grad_fn is not None]
 
 
 def nodes_below(roots: list) -> Iterator:
