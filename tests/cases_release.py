@@ -164,3 +164,61 @@ def train_tied_lm(ctx, variant: str, reshard_after_forward: bool, steps: int = 4
                 model.parameters(), reference.parameters())]).max()))
     opt.close()
     return differences, embedding_gathered, block_gathered, last_block_gathered, gather_bytes
+
+
+class _BlockReadingTheRootsEmbedding(nn.Module):
+    """A LoRA-like block that also reads the root's trainable embedding through a frozen
+    layer: that read's gradient goes to the root's parameter, not to the block's input."""
+
+    def __init__(self, memory: nn.Embedding) -> None:
+        super().__init__()
+        self.memory = memory  # owned by the root (it holds it too)
+        self.through = nn.Linear(WIDTH, WIDTH).requires_grad_(False)
+        self.lin = nn.Linear(WIDTH, WIDTH).requires_grad_(False)
+        self.adapter = nn.Linear(WIDTH, WIDTH, bias=False)
+
+    def forward(self, h):
+        read = self.through(self.memory.weight).mean(0)  # made first: run last in backward
+        return h + self.lin(h) + self.adapter(h) + read
+
+
+class _LeafInputModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.memory = nn.Embedding(3, WIDTH)
+        self.block = _BlockReadingTheRootsEmbedding(self.memory)
+        self.head = nn.Linear(WIDTH, 2)
+
+    def forward(self, h):
+        return self.head(checkpoint(self.block, h, use_reentrant=False)).square().mean()
+
+
+def leaf_input_under_checkpointing(ctx, steps: int = 3):
+    """Note [backward past a unit's inputs]: the block's argument is a leaf that
+    requires grad (an embedding output detached for adversarial training), whose hook
+    runs at its accumulator, before the node that reads ``through``'s frozen weight for
+    the root's embedding. Returns the largest parameter difference from the same model
+    with its gradients averaged by hand, per step."""
+    torch.manual_seed(0)
+    model, reference = _LeafInputModel(), _LeafInputModel()
+    reference.load_state_dict(model.state_dict())
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=3, lr=0.1,
+                                  process_group=ctx.group, units=[_BlockReadingTheRootsEmbedding])
+    ref_opt = torch.optim.SGD([p for p in reference.parameters() if p.requires_grad], lr=0.1)
+    differences = []
+    for step in range(steps):
+        h = torch.randn(4, WIDTH, generator=torch.Generator().manual_seed(10 * ctx.rank + step))
+        for net, optimizer in ((model, opt), (reference, ref_opt)):
+            net(h.clone().requires_grad_()).backward()
+            if net is reference:
+                for param in reference.parameters():
+                    if param.grad is not None:
+                        dist.all_reduce(param.grad, group=ctx.group)
+                        param.grad /= ctx.world_size
+            optimizer.step()
+            optimizer.zero_grad()
+        with opt.summon_full_params():
+            differences.append(float(torch.stack([(a - b).abs().max() for a, b in zip(
+                model.parameters(), reference.parameters())]).max()))
+    opt.close()
+    return differences

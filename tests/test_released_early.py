@@ -81,3 +81,11 @@ def test_a_reentrant_checkpointed_lora_block_equals_data_parallel(pool):
     watched and the block is kept to the end of backward."""
     for _, block, last_block, where in _runs(pool, "frozen_checkpointed_reentrant"):
         assert all(block) and all(last_block), where
+
+
+def test_a_lora_block_given_a_leaf_is_kept_until_backward_ends(pool):
+    """A reviewer's probe: a checkpointed block given a leaf that requires grad, which also
+    reads the root's embedding through a frozen layer, was released at the leaf's
+    gradient, before that read, and backward crashed on the released buffer."""
+    for rank, differences in enumerate(pool.run(cases_release.leaf_input_under_checkpointing, 2)):
+        assert all(d < 1e-6 for d in differences), (rank, differences)

@@ -37,13 +37,21 @@ Note [backward past a unit's inputs]:
     start for 256 MiB of frozen weights; 86 with what follows, FSDP2's 104).
 
     Every node that reads a unit's frozen weight in backward computes a gradient that
-    flows on, towards the unit's trainable parameters or its inputs (a node whose
-    gradient flows nowhere does not run). So once each input of the unit's training
-    forward that requires grad has had its whole gradient (a hook on the tensor: it
-    runs when every use of it has given its part) and every trainable gradient of the
-    unit has come, backward is done with the unit, as FSDP2 decides by its inputs too.
-    A unit whose forward took no input that requires grad (the root, given token ids:
-    its own layers run between the nested units' in backward) is not released so; nor
+    flows on, towards the unit's trainable parameters, its inputs or another unit's
+    parameters (a node whose gradient flows nowhere does not run). A hook on an input
+    made by an earlier node runs just before that node, and autograd runs, of the
+    nodes ready, the one made last in forward first (on one device's queue; a
+    gradient's accumulator before any): so by then every node the unit's forward made
+    has run, whatever its gradient feeds. So once each input of the unit's training
+    forward that requires grad has had its whole gradient and every trainable
+    gradient of the unit has come, backward is done with the unit, as FSDP2 decides by
+    its inputs too. An input that is a leaf (an embedding output detached for
+    adversarial training) is hooked at its accumulator, which runs as soon as it is
+    ready, before nodes made later that feed another unit's parameter: a reviewer's
+    probe whose unit read a frozen weight into the root's trainable embedding crashed
+    on the released buffer. A unit given a leaf is not released so, nor is one whose
+    forward took no input that requires grad (the root, given token ids: its own
+    layers run between the nested units' in backward); nor
     is one with a forward since the last backward whose graph was dropped (its inputs'
     gradients never come), nor one whose forward ran only in a recomputation
     (reentrant checkpointing runs the forward under no_grad first). An input the
@@ -139,6 +147,7 @@ def watch_inputs(unit: Unit, inputs, on_gradient) -> None:
     unit.record.inputs_watched = True
     for tensor in tree_flatten(inputs)[0]:
         if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
+            unit.record.leaf_input |= tensor.grad_fn is None
             unit.record.input_hooks.append(tensor.register_hook(on_gradient))
 
 
@@ -146,5 +155,6 @@ def past_inputs(unit: Unit) -> bool:
     """Whether backward has given every watched input of ``unit`` its gradient and every
     trainable parameter its own (Note [backward past a unit's inputs])."""
     record = unit.record
-    return (record.inputs_watched and 0 < len(record.input_hooks) <= record.inputs_reached
+    return (record.inputs_watched and not record.leaf_input
+            and 0 < len(record.input_hooks) <= record.inputs_reached
             and record.grads_arrived >= unit.trainable_ids)

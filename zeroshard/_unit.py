@@ -47,6 +47,7 @@ class UnitRecord:
     inputs_watched: bool = False
     input_hooks: list = dataclasses.field(default_factory=list)
     inputs_reached: int = 0
+    leaf_input: bool = False  # an input that requires grad was a leaf: not released so
 
 
 class Unit:
