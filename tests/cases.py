@@ -12,6 +12,7 @@ import contextlib
 import copy
 
 import torch
+import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import zeroshard
@@ -350,3 +351,22 @@ def first_step_that_differs_across_ranks(ctx, how: str):
             opt.step()
             opt.zero_grad()
     return error, True
+
+
+def average_by_hand(reference: nn.Module, ctx) -> None:
+    """What DDP does to a plain reference's gradients: the mean over the ranks (a frozen
+    parameter has none)."""
+    for param in reference.parameters():
+        if param.grad is not None:
+            dist.all_reduce(param.grad, group=ctx.group)
+            param.grad /= ctx.world_size
+
+
+def largest_difference(opt, model: nn.Module, reference: nn.Module) -> float:
+    """The largest parameter difference between zeroshard's ``model`` and ``reference``
+    (DDP or a plain module), read inside summon_full_params() (stage 3's placeholders);
+    NaN if any is: torch's max keeps a NaN, Python's max() drops one unless it comes first."""
+    plain = getattr(reference, "module", reference)
+    with opt.summon_full_params():
+        return float(torch.stack([(a - b).abs().max() for a, b in zip(
+            model.parameters(), plain.parameters())]).max())

@@ -15,6 +15,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import zeroshard
 from zeroshard import _comm, stage2
 from zeroshard._ranks import ranks_from
+from cases import average_by_hand, largest_difference
 from models import build_model, loss_fn, make_batch
 
 MLP = {"kind": "mlp", "d_in": 5, "hidden": 7, "d_out": 3, "depth": 2, "frozen": False,
@@ -485,7 +486,6 @@ def _differences_from_reference(ctx, model, opt, reference, ref_opt, batch_shape
     ``average`` a plain module whose gradients are averaged over the ranks here, as DDP
     would) under ``ref_opt``, on each rank's own batch (a squared-mean loss); per step,
     the largest parameter difference. Closes ``opt``."""
-    plain = getattr(reference, "module", reference)
     differences = []
     for step in range(3):
         generator = torch.Generator().manual_seed(10 * step + ctx.rank)
@@ -493,15 +493,10 @@ def _differences_from_reference(ctx, model, opt, reference, ref_opt, batch_shape
         for net, optimizer in ((model, opt), (reference, ref_opt)):
             net(x).square().mean().backward()
             if net is reference and average:
-                for param in plain.parameters():
-                    dist.all_reduce(param.grad, group=ctx.group)
-                    param.grad /= ctx.world_size
+                average_by_hand(reference, ctx)
             optimizer.step()
             optimizer.zero_grad()
-        with opt.summon_full_params():
-            # torch's max keeps a NaN (Python's max() drops one unless it comes first)
-            differences.append(float(torch.stack([(a - b).abs().max() for a, b in zip(
-                model.parameters(), plain.parameters())]).max()))
+        differences.append(largest_difference(opt, model, reference))
     opt.close()
     return differences
 

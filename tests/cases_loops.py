@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import zeroshard
+from cases import average_by_hand, largest_difference
 from models import Block, build_model, loss_fn, make_batch
 
 MLP = {"kind": "mlp", "d_in": 5, "hidden": 7, "d_out": 3, "depth": 2, "frozen": False,
@@ -41,13 +42,6 @@ def _zero(model, stage: int, group, mesh=None, **kwargs):
                                    **({"units": torch.nn.Linear} if stage == 3 else {}))
 
 
-def _average_gradients(reference, ctx) -> None:
-    """What DDP does to the reference's gradients: the mean over ranks."""
-    for param in reference.parameters():
-        dist.all_reduce(param.grad, group=ctx.group)
-        param.grad /= ctx.world_size
-
-
 def _differences(opt, model, reference) -> dict[str, float]:
     """Largest difference per parameter name between zeroshard's model and the reference
     (DDP or a plain module), read inside summon_full_params() (stage 3's placeholders)."""
@@ -55,10 +49,6 @@ def _differences(opt, model, reference) -> dict[str, float]:
     with opt.summon_full_params():
         return {name: (p - q).abs().max().item()
                 for (name, p), q in zip(model.named_parameters(), plain.parameters())}
-
-
-def _largest_difference(opt, model, reference) -> float:
-    return max(_differences(opt, model, reference).values())
 
 
 def _refusal(action) -> str:
@@ -194,7 +184,7 @@ def retained_graph_backward_twice(ctx, stage: int):
             optimizer.zero_grad()
             loss.backward()
             if net is reference:
-                _average_gradients(reference, ctx)
+                average_by_hand(reference, ctx)
             optimizer.step()
             optimizer.zero_grad()
     return _differences(opt, model, reference)
@@ -289,7 +279,7 @@ def drive_loop(ctx, stage: int, plan: dict):
                     optimizer.zero_grad()
                 loss.backward()
                 if retain and net is reference:
-                    _average_gradients(reference.module, ctx)
+                    average_by_hand(reference.module, ctx)
             if how["eval"]:
                 with torch.no_grad():
                     net(make_batch(spec, seed=1000 + step, rank=ctx.rank, batch=2)[0])
@@ -327,7 +317,7 @@ def drive_loop(ctx, stage: int, plan: dict):
             ref_opt = torch.optim.SGD(reference.parameters(), **kwargs)
         else:
             assert between is None, between
-        diffs.append(_largest_difference(opt, model, reference))
+        diffs.append(largest_difference(opt, model, reference))
     if ema is not None:
         diffs.append(max((p - q).abs().max().item() for p, q in
                          zip(ema.parameters(), ref_ema.parameters())))
@@ -402,7 +392,7 @@ def batchnorm_statistics(ctx, stage: int, broadcast_buffers: bool, micro_batches
                         net(x)
                     net.train()
                 issued += sum(opt.comm_stats.calls.values()) - before
-    params = _largest_difference(opt, model, reference)
+    params = largest_difference(opt, model, reference)
     buffers = max((b.float() - c.float()).abs().max().item()
                   for b, c in zip(model.buffers(), reference.module.buffers()))
     return params, buffers, issued
@@ -455,7 +445,7 @@ def dataclass_unit_outputs(ctx, reshard_after_forward: bool):
             torch.nn.functional.mse_loss(net(x), y).backward()
             optimizer.step()
             optimizer.zero_grad()
-        diffs.append(_largest_difference(opt, model, reference))
+        diffs.append(largest_difference(opt, model, reference))
     return diffs
 
 
@@ -534,11 +524,11 @@ def gradient_penalty(ctx, stage: int):
                 loss = loss + 0.1 * grad.pow(2).sum()
             loss.backward()
             if net is reference:
-                _average_gradients(reference, ctx)
+                average_by_hand(reference, ctx)
             optimizer.step()
             optimizer.zero_grad()
         scattered.append(opt.comm_stats.bytes["reduce_scatter"])
-        diffs.append(_largest_difference(opt, model, reference))
+        diffs.append(largest_difference(opt, model, reference))
     return diffs, scattered
 
 
@@ -587,7 +577,7 @@ def functionally_tied_weight(ctx, units):
             torch.nn.functional.cross_entropy(out.reshape(-1, 50), idx.reshape(-1)).backward()
             optimizer.step()
             optimizer.zero_grad()
-    return None, _largest_difference(opt, model, reference)
+    return None, largest_difference(opt, model, reference)
 
 
 class ScaledNet(torch.nn.Module):
@@ -618,7 +608,7 @@ def two_forwards_one_backward_with_a_saved_buffer(ctx, stage: int):
             (net(x).pow(2).mean() + net(x + 1).pow(2).mean()).backward()
             optimizer.step()
             optimizer.zero_grad()
-    return _largest_difference(opt, model, reference)
+    return largest_difference(opt, model, reference)
 
 
 def grad_cleared_between_backward_and_step(ctx, stage: int, how: str):
@@ -646,7 +636,7 @@ def grad_cleared_between_backward_and_step(ctx, stage: int, how: str):
         except RuntimeError as error:
             refusal = str(error)
     probe = _ranks_in_step(ctx)
-    return refusal, probe, _largest_difference(opt, model, reference)
+    return refusal, probe, largest_difference(opt, model, reference)
 
 
 def partial_gradient_writes(ctx, stage: int):
@@ -784,7 +774,7 @@ def channels_last_conv_weights(ctx, stage: int, optimizer: str):
                 layouts.setdefault("stage1_grads", _channels_last(p.grad for p in model.conv_weights()))
             optimizer_.step()
             optimizer_.zero_grad()
-        diffs.append(_largest_difference(opt, model, reference))
+        diffs.append(largest_difference(opt, model, reference))
     layouts["forwards"] = forwards
     with opt.summon_full_params():
         layouts["stepped"] = _channels_last(model.conv_weights())
@@ -949,7 +939,7 @@ def clipping_through_the_param_groups(ctx, stage: int):
             torch.nn.utils.clip_grad_value_(params(), 0.02)
             optimizer.step()
             optimizer.zero_grad()
-        differences.append(_largest_difference(opt, model, reference.module))
+        differences.append(largest_difference(opt, model, reference.module))
     opt.close()
     return refusal, probe, differences
 
@@ -999,7 +989,7 @@ def step_after_a_backward_inside_no_sync(ctx, stage: int, action: str):
             loss_fn(MLP, net, batch(10 * step + 9)).backward()
             optimizer.step()
             optimizer.zero_grad()
-    return refusal, _ranks_in_step(ctx), _largest_difference(opt, model, reference)
+    return refusal, _ranks_in_step(ctx), largest_difference(opt, model, reference)
 
 
 def input_gradient_inside_no_sync(ctx, stage: int):
@@ -1021,7 +1011,7 @@ def input_gradient_inside_no_sync(ctx, stage: int):
                 torch.autograd.grad(loss_fn(MLP, net, (x, y)), x)
             optimizer.step()
             optimizer.zero_grad()
-    return _largest_difference(opt, model, reference)
+    return largest_difference(opt, model, reference)
 
 
 def parameters_computed_in_a_pre_forward_hook(ctx, stage: int):
@@ -1048,7 +1038,7 @@ def parameters_computed_in_a_pre_forward_hook(ctx, stage: int):
     ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
     _steps(MLP, model, opt, 0, 3, ctx.rank)
     _steps(MLP, reference, ref_opt, 0, 3, ctx.rank)
-    return _largest_difference(opt, model, reference)
+    return largest_difference(opt, model, reference)
 
 
 def embedding_with_max_norm(ctx, stage: int, units):
@@ -1071,7 +1061,7 @@ def embedding_with_max_norm(ctx, stage: int, units):
             net(tokens).pow(2).mean().backward()
             optimizer.step()
             optimizer.zero_grad()
-    return _largest_difference(opt, model, reference)
+    return largest_difference(opt, model, reference)
 
 
 def _average_used_gradients(reference, ctx) -> None:
@@ -1118,7 +1108,7 @@ def dropped_no_sync_window(ctx, clearing: str):
         optimizer.step()
         optimizer.zero_grad()
     moved = (reference.branch.weight.detach() - start).abs().max().item()
-    return _largest_difference(opt, model, reference), moved
+    return largest_difference(opt, model, reference), moved
 
 
 @torch.compiler.disable
@@ -1158,13 +1148,13 @@ def compiled_model(ctx, stage: int, backend: str, autocast: bool):
                 loss = loss_fn(spec, compiled, batch)
             loss.backward()
             if net is reference:
-                _average_gradients(reference, ctx)
+                average_by_hand(reference, ctx)
             optimizer.step()
             optimizer.zero_grad()
             with torch.no_grad():
                 compiled(batch[0])  # an evaluation forward between steps
     recompiled = graphs["unique_graphs"] - graphs_after_one_step  # zeroshard's, after its first step
-    return _largest_difference(opt, model, reference), recompiled
+    return largest_difference(opt, model, reference), recompiled
 
 
 class _SharedBlockRepeated(torch.nn.Module):
@@ -1203,10 +1193,10 @@ def repeats_that_differ_across_ranks(ctx, stage: int, steps: int = 4):
         for net, optimizer in ((model, opt), (reference, ref_opt)):
             net(x, repeats).square().mean().backward()
             if net is reference:
-                _average_gradients(reference, ctx)
+                average_by_hand(reference, ctx)
             optimizer.step()
             optimizer.zero_grad()
-        differences.append(_largest_difference(opt, model, reference))
+        differences.append(largest_difference(opt, model, reference))
     opt.close()
     return differences
 
@@ -1239,6 +1229,6 @@ def odd_sizes_against_ddp(ctx, stage: int, steps: int = 3):
             optimizer.zero_grad()
             outputs.append(out.detach())
         output_difference = max(output_difference, (outputs[0] - outputs[1]).abs().max().item())
-    difference = _largest_difference(opt, model, reference)
+    difference = largest_difference(opt, model, reference)
     opt.close()
     return output_difference, difference, sorted(starts)

@@ -5,12 +5,12 @@ every parameter its forward saved, not only once its gradients are all in."""
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import zeroshard
+from cases import average_by_hand, largest_difference
 
 VOCAB, WIDTH, BLOCKS = 48, 16, 3
 
@@ -146,11 +146,7 @@ def train_tied_lm(ctx, variant: str, reshard_after_forward: bool, steps: int = 4
         for net, optimizer in ((model, opt), (reference, ref_opt)):
             F.cross_entropy(net(idx).flatten(0, 1), target.flatten()).backward()
             if net is reference:
-                for param in reference.parameters():
-                    if param.grad is None:  # frozen
-                        continue
-                    dist.all_reduce(param.grad, group=ctx.group)
-                    param.grad /= ctx.world_size
+                average_by_hand(reference, ctx)
             if net is model:
                 gather_bytes.append(opt.comm_stats.bytes["all_gather"])
             optimizer.step()
@@ -158,10 +154,7 @@ def train_tied_lm(ctx, variant: str, reshard_after_forward: bool, steps: int = 4
         embedding_gathered.append(model.seen[-1][0])
         block_gathered.append(model.seen[-1][1])
         last_block_gathered.append(model.seen[-1][2])
-        with opt.summon_full_params():
-            # torch's max keeps a NaN (Python's max() drops one unless it comes first)
-            differences.append(float(torch.stack([(a - b).abs().max() for a, b in zip(
-                model.parameters(), reference.parameters())]).max()))
+        differences.append(largest_difference(opt, model, reference))
     opt.close()
     return differences, embedding_gathered, block_gathered, last_block_gathered, gather_bytes
 
@@ -211,14 +204,9 @@ def leaf_input_under_checkpointing(ctx, steps: int = 3):
         for net, optimizer in ((model, opt), (reference, ref_opt)):
             net(h.clone().requires_grad_()).backward()
             if net is reference:
-                for param in reference.parameters():
-                    if param.grad is not None:
-                        dist.all_reduce(param.grad, group=ctx.group)
-                        param.grad /= ctx.world_size
+                average_by_hand(reference, ctx)
             optimizer.step()
             optimizer.zero_grad()
-        with opt.summon_full_params():
-            differences.append(float(torch.stack([(a - b).abs().max() for a, b in zip(
-                model.parameters(), reference.parameters())]).max()))
+        differences.append(largest_difference(opt, model, reference))
     opt.close()
     return differences
