@@ -370,3 +370,22 @@ def largest_difference(opt, model: nn.Module, reference: nn.Module) -> float:
     with opt.summon_full_params():
         return float(torch.stack([(a - b).abs().max() for a, b in zip(
             model.parameters(), plain.parameters())]).max())
+
+
+def differences_per_step(ctx, model: nn.Module, opt, reference: nn.Module, ref_opt, loss_of,
+                         steps: int, average: bool = True) -> list[float]:
+    """``steps`` steps of ``model`` under ``opt`` and of ``reference`` under ``ref_opt``,
+    each backwarding ``loss_of(net, step)``; with ``average`` the reference is a plain
+    module whose gradients are averaged here, as DDP would (else it is DDP). Per step, the
+    largest parameter difference. Closes ``opt``."""
+    differences = []
+    for step in range(steps):
+        for net, optimizer in ((model, opt), (reference, ref_opt)):
+            loss_of(net, step).backward()
+            if net is reference and average:
+                average_by_hand(reference, ctx)
+            optimizer.step()
+            optimizer.zero_grad()
+        differences.append(largest_difference(opt, model, reference))
+    opt.close()
+    return differences

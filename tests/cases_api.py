@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import zeroshard
 from zeroshard import _comm, stage2
 from zeroshard._ranks import ranks_from
-from cases import average_by_hand, largest_difference
+from cases import differences_per_step
 from models import build_model, loss_fn, make_batch
 
 MLP = {"kind": "mlp", "d_in": 5, "hidden": 7, "d_out": 3, "depth": 2, "frozen": False,
@@ -486,19 +486,11 @@ def _differences_from_reference(ctx, model, opt, reference, ref_opt, batch_shape
     ``average`` a plain module whose gradients are averaged over the ranks here, as DDP
     would) under ``ref_opt``, on each rank's own batch (a squared-mean loss); per step,
     the largest parameter difference. Closes ``opt``."""
-    differences = []
-    for step in range(3):
+
+    def loss_of(net, step):
         generator = torch.Generator().manual_seed(10 * step + ctx.rank)
-        x = torch.randn(*batch_shape, generator=generator)
-        for net, optimizer in ((model, opt), (reference, ref_opt)):
-            net(x).square().mean().backward()
-            if net is reference and average:
-                average_by_hand(reference, ctx)
-            optimizer.step()
-            optimizer.zero_grad()
-        differences.append(largest_difference(opt, model, reference))
-    opt.close()
-    return differences
+        return net(torch.randn(*batch_shape, generator=generator)).square().mean()
+    return differences_per_step(ctx, model, opt, reference, ref_opt, loss_of, 3, average)
 
 
 class _SlowToPassOn(torch.autograd.Function):

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import zeroshard
-from cases import average_by_hand, largest_difference
+from cases import average_by_hand, differences_per_step, largest_difference
 from models import Block, build_model, loss_fn, make_batch
 
 MLP = {"kind": "mlp", "d_in": 5, "hidden": 7, "d_out": 3, "depth": 2, "frozen": False,
@@ -1186,19 +1186,12 @@ def repeats_that_differ_across_ranks(ctx, stage: int, steps: int = 4):
     opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=stage, lr=0.1, momentum=0.9,
                                   process_group=ctx.group, bucket_size_mb=5e-4)
     ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
-    differences = []
-    for step in range(steps):
+
+    def loss_of(net, step):
         x = torch.randn(4, 8, generator=torch.Generator().manual_seed(10 * step + ctx.rank))
         repeats = 2 if step % 2 == 1 and ctx.rank == 0 else 1
-        for net, optimizer in ((model, opt), (reference, ref_opt)):
-            net(x, repeats).square().mean().backward()
-            if net is reference:
-                average_by_hand(reference, ctx)
-            optimizer.step()
-            optimizer.zero_grad()
-        differences.append(largest_difference(opt, model, reference))
-    opt.close()
-    return differences
+        return net(x, repeats).square().mean()
+    return differences_per_step(ctx, model, opt, reference, ref_opt, loss_of, steps)
 
 
 def odd_sizes_against_ddp(ctx, stage: int, steps: int = 3):

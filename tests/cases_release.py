@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import zeroshard
-from cases import average_by_hand, largest_difference
+from cases import average_by_hand, differences_per_step, largest_difference
 
 VOCAB, WIDTH, BLOCKS = 48, 16, 3
 
@@ -198,15 +198,8 @@ def leaf_input_under_checkpointing(ctx, steps: int = 3):
     opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=3, lr=0.1,
                                   process_group=ctx.group, units=[_BlockReadingTheRootsEmbedding])
     ref_opt = torch.optim.SGD([p for p in reference.parameters() if p.requires_grad], lr=0.1)
-    differences = []
-    for step in range(steps):
-        h = torch.randn(4, WIDTH, generator=torch.Generator().manual_seed(10 * ctx.rank + step))
-        for net, optimizer in ((model, opt), (reference, ref_opt)):
-            net(h.clone().requires_grad_()).backward()
-            if net is reference:
-                average_by_hand(reference, ctx)
-            optimizer.step()
-            optimizer.zero_grad()
-        differences.append(largest_difference(opt, model, reference))
-    opt.close()
-    return differences
+
+    def loss_of(net, step):  # a leaf that requires grad, as the block's argument
+        seed = 10 * ctx.rank + step
+        return net(torch.randn(4, WIDTH, generator=torch.Generator().manual_seed(seed)).requires_grad_())
+    return differences_per_step(ctx, model, opt, reference, ref_opt, loss_of, steps)
