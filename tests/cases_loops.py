@@ -190,6 +190,47 @@ def retained_graph_backward_twice(ctx, stage: int):
     return _differences(opt, model, reference)
 
 
+class _Branch(torch.nn.Module):
+    """A trunk, and a branch that a forward takes or not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk, self.branch = torch.nn.Linear(6, 6), torch.nn.Linear(6, 6)
+
+    def forward(self, x, take_branch: bool):
+        h = self.trunk(x)
+        return h + self.branch(h) if take_branch else h
+
+
+def cleared_then_a_branch_left_out(ctx, stage: int, set_to_none: bool):
+    """``opt.zero_grad(set_to_none)`` after each step; rank 1 takes the branch in even
+    steps only, rank 0 always (so DDP gives it a gradient every step). Stage 1 clears
+    to None without zeroing its buffers: a branch rank 1 left out must add zero there,
+    not the gradient its buffer kept from the step before. Returns what ``p.grad`` held
+    after each clearing ("None", "zero" or "nonzero" per parameter) and the largest
+    difference from DDP (AdamW) per step."""
+    torch.manual_seed(0)
+    model = _Branch()
+    reference = DDP(copy.deepcopy(model), process_group=ctx.group, find_unused_parameters=True)
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.AdamW, stage=stage, lr=0.05,
+                                  process_group=ctx.group, bucket_size_mb=1e-4,
+                                  **({"units": torch.nn.Linear} if stage == 3 else {}))
+    ref_opt = torch.optim.AdamW(reference.parameters(), lr=0.05)
+    after_clearing, differences = [], []
+    for step in range(4):
+        x = torch.randn(4, 6, generator=torch.Generator().manual_seed(10 * ctx.rank + step))
+        take_branch = ctx.rank == 0 or step % 2 == 0
+        for net, optimizer in ((model, opt), (reference, ref_opt)):
+            net(x, take_branch).square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=set_to_none)
+        after_clearing.append(["None" if p.grad is None else "nonzero" if p.grad.any() else "zero"
+                               for p in model.parameters()])
+        differences.append(largest_difference(opt, model, reference))
+    opt.close()
+    return after_clearing, differences
+
+
 def forward_inside_summon(ctx, stage: int):
     """Evaluation inside ``summon_full_params()`` on rank 0 only (sampling between steps):
     no collective, the reference model's output, training undisturbed (equal to DDP). A

@@ -51,6 +51,22 @@ def test_a_second_backward_through_a_retained_graph_gives_ddp_gradients(pool, st
         assert max(diffs.values()) < 1e-6, diffs
 
 
+@pytest.mark.parametrize("set_to_none", [True, False])
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_grad_clears_as_torch_does_and_a_branch_left_out_adds_nothing(pool, stage,
+                                                                          set_to_none):
+    """``opt.zero_grad()`` leaves ``p.grad`` None, as torch's does; with
+    ``set_to_none=False`` stage 1 zeroes it, stages 2 and 3 (no full gradients) still set
+    None. Stage 1 no longer zeroes its buffers then: the next backward overwrites them,
+    and a branch this rank left out in that backward must reduce zero, not the gradient
+    of the step before (DDP's parameters, bitwise)."""
+    for after_clearing, differences in pool.run(cases_loops.cleared_then_a_branch_left_out, 2,
+                                                stage, set_to_none):
+        expected = "zero" if stage == 1 and not set_to_none else "None"
+        assert all(states == [expected] * 4 for states in after_clearing), after_clearing
+        assert differences == [0.0] * 4, differences
+
+
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_parameters_of_odd_sizes_start_where_ddps_do_and_train_bitwise_alike(pool, stage):
     """Note [aligned parameters]: laid end to end, the head's weight started 4 bytes past

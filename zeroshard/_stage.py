@@ -115,9 +115,9 @@ class Stage:
     def is_gradient_marker(self, tensor: torch.Tensor) -> bool:
         return self.store.is_gradient_marker(tensor)
 
-    def zero_grad(self) -> None:
+    def zero_grad(self, set_to_none: bool) -> None:
         self.reducer.wait_in_flight()
-        self.store.zero_grad()
+        self.store.zero_grad(set_to_none)
         self.reducer.local_only = False
 
     # -- parameters -------------------------------------------------------------------

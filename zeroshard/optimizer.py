@@ -52,8 +52,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     Where the reduced gradient lives: in the shards, not in ``p.grad``. Stage 1
     keeps full-size gradient buffers (its memory profile), but after backward
-    ``p.grad`` holds this rank's local, unreduced gradient (a view of that buffer,
-    zeroed in place by ``zero_grad()``); at stages 2 and 3 ``p.grad`` holds a NaN
+    ``p.grad`` holds this rank's local, unreduced gradient (a view of that buffer;
+    ``zero_grad()`` sets it to None, or to zero in place with ``set_to_none=False``);
+    at stages 2 and 3 ``p.grad`` holds a NaN
     marker that carries ``model.zero_grad()`` to the shards (Note [gradient markers]
     in _grad_markers.py). Use ``clip_grad_norm_`` of this optimizer for the global
     gradient norm: ``torch.nn.utils.clip_grad_norm_(model.parameters())`` is refused.
@@ -419,10 +420,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the reduced gradient shards and the parameters' local gradients.
 
-        ``set_to_none`` is accepted for compatibility; stage 1 always zeroes its
-        gradient buffers in place and stage 2 always drops its gradients.
+        As torch's, ``p.grad`` becomes None, or with ``set_to_none=False`` zero; stage 1
+        keeps that zero in its gradient buffers, stages 2 and 3, which keep no full
+        gradients, always set it to None.
         """
-        self._live.zero_grad()
+        self._live.zero_grad(set_to_none)
 
     def add_param_group(self, param_group: dict) -> None:
         if self._constructed:

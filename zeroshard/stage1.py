@@ -135,14 +135,21 @@ class FullGradients:
         """The reduced gradient replaces the shard: the buffer held everything accumulated."""
         bucket.set_grad_shard(self.dtypes.as_gradient_shard(bucket, reduced))
 
-    def zero_grad(self) -> None:
-        """Zero the gradient buffers in place (``p.grad`` stays a zero view, never None)."""
+    def zero_grad(self, set_to_none: bool) -> None:
+        """Drop the gradient shards and clear ``p.grad``: to None, as torch's
+        ``zero_grad()`` does, or (``set_to_none=False``) to a zeroed view of its buffer.
+
+        None leaves the buffers as they are: the next backward overwrites each
+        parameter's part (``collect`` copies a gradient that is not its view,
+        ``fill_missing`` zeroes one that never came), which saves a pass over every
+        buffer and makes the first accumulation a copy instead of an addition."""
         self._scale_before_accumulating = None
         for bucket in self.buckets:
-            self.flat_grads[id(bucket)].zero_()
             bucket.set_grad_shard(None)
+            if not set_to_none:
+                self.flat_grads[id(bucket)].zero_()
             for index, param in enumerate(bucket.params):
-                param.grad = self._grad_view(bucket, index)
+                param.grad = None if set_to_none else self._grad_view(bucket, index)
         self._record_versions()  # nothing to claim
 
     def drop(self) -> None:

@@ -255,7 +255,8 @@ class ShardedGradients:
         else:
             bucket.grad_shard.add_(reduced)
 
-    def zero_grad(self) -> None:
+    def zero_grad(self, set_to_none: bool) -> None:
+        """Gradients are dropped either way: stage 2 keeps no full gradient to zero."""
         self.markers.drop()
         self.reduce_buffers.clear()
         self.waiting.clear()
