@@ -231,6 +231,71 @@ def cleared_then_a_branch_left_out(ctx, stage: int, set_to_none: bool):
     return after_clearing, differences
 
 
+class _TinyLM(torch.nn.Module):
+    """An embedding, a body and a head; the forward takes token ids or embeddings."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(11, 8)
+        self.body = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh())
+        self.head = torch.nn.Linear(8, 11)
+
+    def forward(self, ids=None, inputs_embeds=None):
+        return self.head(self.body(self.embed(ids) if inputs_embeds is None else inputs_embeds))
+
+    def loss(self, ids):  # a loss method that calls the submodules, not the forward
+        return torch.nn.functional.cross_entropy(self.head(self.body(self.embed(ids))).flatten(0, 1),
+                                                 ids.flatten())
+
+
+class _ScaledEmbeddings(torch.nn.Module):
+    """The wrapper a user writes: its forward builds the embeddings (scaled, like
+    NEFTune's noise) and calls the model with them."""
+
+    def __init__(self, lm: torch.nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, ids):
+        return self.lm(inputs_embeds=self.lm.embed(ids) * 1.5)
+
+
+def outside_the_models_forward(ctx, stage: int):
+    """Note [called outside its unit's forward]: the embeddings computed before
+    ``model(inputs_embeds=...)``, and a loss method calling the submodules, at ``stage``
+    (the sequential body a unit at stage 3). Returns the refusals of both (messages,
+    "no error" where none) and whether every rank then got to the next collective, and
+    per step the largest difference of the wrapper built for the first from DDP's."""
+    def build(module):
+        return zeroshard.ZeroOptimizer(module, torch.optim.AdamW, stage=stage, lr=0.05,
+                                       process_group=ctx.group,
+                                       **({"units": torch.nn.Sequential} if stage == 3 else {}))
+
+    def ids(step):
+        return torch.randint(0, 11, (2, 5), generator=torch.Generator().manual_seed(10 * ctx.rank + step))
+
+    def loss_of_embeddings(model):
+        logits = model(inputs_embeds=model.embed(ids(0)) * 1.5)
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids(0).flatten()).backward()
+
+    refusals = []
+    for misuse in (loss_of_embeddings, lambda model: model.loss(ids(0)).backward()):
+        torch.manual_seed(0)
+        model = _TinyLM()
+        opt = build(model)
+        refusals.append(_refusal(lambda: misuse(model)))
+        opt.close()
+    every_rank_there = _ranks_in_step(ctx) == ctx.world_size
+    torch.manual_seed(0)
+    model = _ScaledEmbeddings(_TinyLM())
+    reference = DDP(copy.deepcopy(model), process_group=ctx.group)
+    differences = differences_per_step(
+        ctx, model, build(model), reference, torch.optim.AdamW(reference.parameters(), lr=0.05),
+        lambda net, step: torch.nn.functional.cross_entropy(
+            net(ids(step)).flatten(0, 1), ids(step).flatten()), steps=3, average=False)
+    return refusals, every_rank_there, differences
+
+
 def forward_inside_summon(ctx, stage: int):
     """Evaluation inside ``summon_full_params()`` on rank 0 only (sampling between steps):
     no collective, the reference model's output, training undisturbed (equal to DDP). A

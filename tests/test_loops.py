@@ -51,6 +51,26 @@ def test_a_second_backward_through_a_retained_graph_gives_ddp_gradients(pool, st
         assert max(diffs.values()) < 1e-6, diffs
 
 
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_a_module_called_outside_its_units_forward_is_refused_at_stage3(pool, stage):
+    """Note [called outside its unit's forward]: at stage 3 the embeddings built before
+    ``model(inputs_embeds=...)``, or a loss method calling the submodules, computed with
+    the placeholders and trained NaN with no error (a helper's probes); now refused on
+    every rank, naming the module. Stages 1 and 2 keep every parameter whole and train
+    them; a wrapper whose forward builds the embeddings equals DDP at every stage."""
+    for refusals, every_rank_there, differences in pool.run(
+            cases_loops.outside_the_models_forward, 2, stage):
+        if stage == 3:
+            for refusal in refusals:
+                assert "module 'embed' (Embedding) was called outside the model's forward" \
+                    in refusal, refusal
+                assert "summon_full_params" in refusal, refusal
+        else:
+            assert refusals == ["no error", "no error"], refusals
+        assert every_rank_there
+        assert differences == [0.0] * 3, differences
+
+
 @pytest.mark.parametrize("set_to_none", [True, False])
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_grad_clears_as_torch_does_and_a_branch_left_out_adds_nothing(pool, stage,

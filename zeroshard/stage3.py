@@ -241,13 +241,17 @@ class UnitGatherer:
         # Note [gather schedule]: the walk, and the schedules it walks
         self.walk = Walk(units, *forward_and_backward_orders(model, units), self.reducer, store,
                          switches, group, stats, label, self.device, reshard_after_forward)
-        for module in model.modules():
+        unit_modules = {id(unit.module) for unit in units}
+        for name, module in model.named_modules():
             owners = {id(self._unit_of[id(p)]): self._unit_of[id(p)]
                       for p in module._parameters.values() if p is not None}
             if owners:
                 guard = WeakHook(self._refuse_if_sharded, list(owners.values()))
                 handles.append(module.register_state_dict_pre_hook(guard))
                 handles.append(module.register_load_state_dict_pre_hook(guard))
+                if id(module) not in unit_modules:  # a unit's own hooks gather it
+                    handles.append(module.register_forward_pre_hook(WeakHook(
+                        self._refuse_outside_its_unit, name, list(owners.values())), prepend=True))
         _keep_unit_hooks_out_of_compiled_graphs()
         self._gathered_storages: dict[int, Unit] = {}  # address -> unit (Unit.gathered_storages)
         for unit in units:
@@ -498,6 +502,39 @@ class UnitGatherer:
             yield
         finally:
             self._reading_structure -= 1
+
+    def _refuse_outside_its_unit(self, name: str, units: list[Unit], module, args) -> None:
+        """Note [called outside its unit's forward]:
+            A unit's parameters are gathered by its forward's hooks, and between its
+            forwards they are placeholders: NaN of their shape. A module inside a unit,
+            called where that unit's forward does not run it (``emb =
+            model.get_input_embeddings()(ids)`` before ``model(inputs_embeds=emb)``, the
+            way NEFTune-like noise and multimodal models build their inputs; a loss
+            method that calls ``self.head(self.body(x))`` instead of the model) computed
+            with those NaN, and trained NaN with no error (a helper's probes). Such a
+            call is refused, naming the module, before it reads anything; every rank
+            runs the same code, so every rank raises there. Inside summon_full_params
+            and in backward's recomputations (activation checkpointing gathers what it
+            recomputes) the unit is gathered; under torch.compile the check is not
+            traced (it would split the graph at every module)."""
+        if (self.switches.summoned or self.switches.phase is Phase.BACKWARD
+                or torch.compiler.is_compiling()):
+            return
+        released = [unit for unit in units if unit.state is not ShardState.GATHERED]
+        if not released:
+            return
+        owner = released[0]
+        where = "the model's forward (`model(...)`)" if owner is self.root else \
+            f"the forward of unit {owner.name}"
+        raise RuntimeError(
+            f"zeroshard stage 3: module {name!r} ({type(module).__name__}) was called outside "
+            f"{where}, which gathers its parameters: here they are sharded, and it would "
+            "compute with placeholders (NaN). Call it from inside that forward: e.g. a "
+            "wrapper module whose forward computes the embeddings and then calls the model, "
+            "built before ZeroOptimizer and passed to it, or a loss computed from "
+            "`model(...)`'s output; for evaluation or logging, call it under torch.no_grad() "
+            "inside `with opt.summon_full_params():` (Note [called outside its unit's "
+            "forward] in zeroshard/stage3.py)")
 
     def _refuse_if_sharded(self, units: list[Unit], module, *args) -> None:
         """Reading or loading a freed buffer would read or write memory that is not there."""
