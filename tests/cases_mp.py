@@ -190,10 +190,18 @@ def train_mixed_precision(ctx, case):
     return out
 
 
+# How the forward computes beside a GradScaler (train_autocast_fp16): under fp16 autocast
+# around the call; under an fp16 autocast that wraps model.forward itself (as Accelerate
+# applies it: the model's hooks run outside it); under bf16 autocast; in fp32.
+COMPUTES = ("fp16", "fp16_inside_forward", "bf16", "fp32")
+
+
 def train_autocast_fp16(ctx, case):
-    """fp32 parameters, forward under fp16 autocast, GradScaler: zeroshard beside DDP.
-    The last rank's gradient gets an inf at step 1; both must skip that step everywhere."""
+    """fp32 parameters, a forward computing as ``case["compute"]`` says (default fp16
+    autocast), GradScaler: zeroshard beside DDP. The last rank's gradient gets an inf at
+    step 1; both must skip that step everywhere."""
     spec, n, rank = case["model"], ctx.world_size, ctx.rank
+    compute = case.get("compute", "fp16")
     zero_model = build_model(spec, seed=100 + rank)
     ddp_model = build_model(spec, seed=100)
     zopt = zeroshard.ZeroOptimizer(zero_model, torch.optim.SGD, stage=case["stage"],
@@ -201,13 +209,18 @@ def train_autocast_fp16(ctx, case):
     ddp = DDP(ddp_model, process_group=ctx.group)
     dopt = torch.optim.SGD(ddp_model.parameters(), lr=0.05, momentum=0.9)
     scalers = [torch.amp.GradScaler("cpu", init_scale=INIT_SCALE) for _ in range(2)]
+    if compute == "fp16_inside_forward":
+        for model in (zero_model, ddp_model):
+            model.forward = torch.autocast("cpu", dtype=torch.float16)(model.forward)
+    around_the_call = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(compute)
     out = {"zero": [], "ddp": [], "zero_scale": [], "ddp_scale": []}
     for step in range(3):
         batch = make_batch(spec, seed=1000 * step, rank=rank, batch=3)
         injecting = step == 1 and rank == n - 1
         handles = [inject_inf(zero_model), inject_inf(ddp_model)] if injecting else []
         for model, opt, scaler in ((zero_model, zopt, scalers[0]), (ddp, dopt, scalers[1])):
-            with torch.autocast("cpu", dtype=torch.float16):
+            with torch.autocast("cpu", dtype=around_the_call or torch.float16,
+                                enabled=around_the_call is not None):
                 out_ = model(batch[0])
             loss = F.cross_entropy(out_.float().reshape(-1, out_.shape[-1]), batch[1].reshape(-1))
             scaler.scale(loss).backward()

@@ -93,6 +93,8 @@ class FlatBucket:
         self.master: torch.Tensor | None = None  # what the optimizer steps (set_master)
         self.shard_owns_storage = False  # stage 3's shard is a copy (place_shard)
         self.grad_shard: torch.Tensor | None = None  # reduced gradient of `master`
+        # the reducer's, for GradScaler's check (Note [non-finite gradients] in _reducer.py)
+        self.agree_on_non_finite = None
         self.ready: set[int] = set()  # params whose gradient arrived in this backward
         self.param_names = [f"params[{i}]" for i in range(len(self.params))]  # for messages
         self.placeholders: torch.Tensor | None = None  # stage 3 (Note [stage-3 placeholders])
@@ -222,7 +224,8 @@ class FlatBucket:
                 grad = grad.to(self.master.dtype)
         self.grad_shard = grad
         # what the param groups show: Note [a norm of a shard]
-        self.master.grad = None if grad is None else as_gradient_shard(grad, self.param_names)
+        self.master.grad = None if grad is None else as_gradient_shard(
+            grad, self.param_names, self.agree_on_non_finite)
         if self.owns_whole_parameters:
             for index, stepped in zip(self.layout.owned(self.rank), self.stepped):
                 if grad is not None and grad.dtype != stepped.dtype and _GRAD_DTYPE_SETTABLE:

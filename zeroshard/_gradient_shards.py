@@ -44,6 +44,8 @@ _PARTIAL = {f for f in (
     torch.any, _T.any, torch.all, _T.all, torch.nn.functional.normalize,
 ) if f is not None}
 _MAX_MIN = {torch.max, _T.max, torch.min, _T.min}  # reductions unless given a second tensor
+# torch.amp.GradScaler's check of the gradients for an inf or NaN (Note [non-finite gradients])
+_NON_FINITE_CHECK = getattr(torch, "_amp_foreach_non_finite_check_and_unscale_", None)
 _PRINTING = {_T.__repr__, _T.__str__, _T.__format__}
 
 
@@ -53,6 +55,8 @@ class GradientShard(torch.Tensor):
     reduction raises."""
 
     holds: list[str] = []  # names of the parameters whose elements it holds (its bucket's)
+    # (found_inf) -> None: makes a check of this rank's shards the ranks' (the reducer's)
+    agree_on_non_finite = None
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
@@ -62,7 +66,13 @@ class GradientShard(torch.Tensor):
                 return func(*args, **kwargs)
         if func in _PARTIAL or (func in _MAX_MIN and not _second_tensor(args, kwargs)):
             raise RuntimeError(_message(func, args, kwargs))
-        return super().__torch_function__(func, types, args, kwargs)
+        result = super().__torch_function__(func, types, args, kwargs)
+        if func is _NON_FINITE_CHECK and func is not None:
+            agree = next((t.agree_on_non_finite for t in args[0]
+                          if isinstance(t, GradientShard) and t.agree_on_non_finite), None)
+            if agree is not None:
+                agree(args[1] if len(args) > 1 else kwargs["found_inf"])
+        return result
 
     # A copy or a saved gradient is a plain tensor: nothing else should behave as a shard,
     # and torch.load's default (weights only) reads no subclass.
@@ -78,9 +88,10 @@ def _plain(shard: GradientShard) -> torch.Tensor:
         return shard.as_subclass(torch.Tensor)
 
 
-def as_gradient_shard(grad: torch.Tensor, holds: list[str]) -> GradientShard:
+def as_gradient_shard(grad: torch.Tensor, holds: list[str], agree_on_non_finite=None) -> GradientShard:
     shard = grad.as_subclass(GradientShard)
     shard.holds = holds
+    shard.agree_on_non_finite = agree_on_non_finite
     return shard
 
 

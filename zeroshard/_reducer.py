@@ -72,6 +72,16 @@ Note [non-finite gradients]:
     such a backward the ranks all-reduce one flag (4 bytes), and if any rank holds
     a non-finite gradient, every rank fills its gradient shards with NaN: every
     rank's check then finds it, and all ranks skip the step and lower the scale.
+    A GradScaler can also run where the hooks see no fp16 forward: over fp32 or
+    bf16 compute, or under an autocast that wraps ``model.forward`` itself (the way
+    Accelerate, and so HF Trainer with fp16, applies it): an inf on one rank hung
+    stages 1 and 2 (one rank skipped the step, the others waited in its all-gather)
+    and left stage 3's ranks with different loss scales (a helper's probes). So
+    GradScaler's check itself, ``torch._amp_foreach_non_finite_check_and_unscale_``
+    over the param groups' gradient shards (Note [a norm of a shard] in
+    _gradient_shards.py), all-reduces its ``found_inf`` (MAX, 4 bytes), unless this
+    backward's shards already carry the finding. Every rank holds a shard of every
+    bucket, so every rank makes the same checks, and the same all-reduces.
 """
 
 from __future__ import annotations
@@ -131,6 +141,7 @@ class GradientReducer:
         self._ready_order: list[int] | None = [] if record_ready_order else None
         self.late: set[int] = set()  # positions of buckets that got gradient after launching
         self._check_non_finite = False  # Note [non-finite gradients]
+        self._non_finite_spread = False  # ... and this backward's shards carry it
         # Note [late gradients]: stages 1-2; the graph task of the backward running, whether
         # a gradient came in another (nested) one, and whether the ranks agree on late
         # buckets after every synced backward
@@ -147,6 +158,7 @@ class GradientReducer:
         self._accumulators = []  # Note [after the user's gradient hooks]: kept alive here
         row_major = []
         for bucket in self.buckets:
+            bucket.agree_on_non_finite = WeakHook(self.agree_on_non_finite)
             for index, param in enumerate(bucket.params):
                 accumulator = _gradient_accumulator(param)
                 self._accumulators.append(accumulator)
@@ -172,6 +184,7 @@ class GradientReducer:
             if self.gatherer is not None:
                 self.gatherer.begin_backward()
             self.store.before_backward()
+            self._non_finite_spread = False
             self.switches.enter(Phase.BACKWARD)
             self._graph_task = torch._C._current_graph_task_id()
             Variable._execution_engine.queue_callback(self._on_backward_end)
@@ -315,6 +328,7 @@ class GradientReducer:
             if self._check_non_finite:
                 self._spread_non_finite()
                 self._check_non_finite = False
+                self._non_finite_spread = True
             self.store.after_backward()
             if adopted is not None:
                 self.launch_in_order(adopted)
@@ -343,6 +357,13 @@ class GradientReducer:
         if found.item():
             for shard in shards:
                 shard.fill_(float("nan"))
+
+    def agree_on_non_finite(self, found_inf: torch.Tensor) -> None:
+        """Note [non-finite gradients]: GradScaler has checked this rank's gradient shards
+        into ``found_inf``; any rank's finding becomes every rank's."""
+        if not self._non_finite_spread:  # (if it was, every rank's shards show it)
+            _comm.all_reduce(found_inf, group=self.group, stats=self.stats, label=self.label,
+                             op=dist.ReduceOp.MAX)
 
     def _compare_late_and_order(self) -> tuple[list[int], list[int] | None]:
         """Stages 1 and 2, after a synced backward: the positions of the buckets late on
