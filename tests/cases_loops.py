@@ -203,19 +203,20 @@ class _Branch(torch.nn.Module):
 
 
 def cleared_then_a_branch_left_out(ctx, stage: int, set_to_none: bool):
-    """``opt.zero_grad(set_to_none)`` after each step; rank 1 takes the branch in even
-    steps only, rank 0 always (so DDP gives it a gradient every step). Stage 1 clears
-    to None without zeroing its buffers: a branch rank 1 left out must add zero there,
-    not the gradient its buffer kept from the step before. Returns what ``p.grad`` held
-    after each clearing ("None", "zero" or "nonzero" per parameter) and the largest
-    difference from DDP (AdamW) per step."""
+    """``opt.zero_grad(set_to_none)`` after each step, then a step with no backward (on
+    zero gradients, or none); rank 1 takes the branch in even steps only, rank 0 always
+    (so DDP gives it a gradient every step). Stage 1 clears to None without zeroing its
+    buffers: a branch rank 1 left out must add zero there, not the gradient its buffer
+    kept from the step before. Returns what ``p.grad`` held after each clearing ("None",
+    "zero" or "nonzero" per parameter) and the largest difference from DDP (AdamW with
+    weight decay, which moves parameters on zero gradients) per step."""
     torch.manual_seed(0)
     model = _Branch()
     reference = DDP(copy.deepcopy(model), process_group=ctx.group, find_unused_parameters=True)
     opt = zeroshard.ZeroOptimizer(model, torch.optim.AdamW, stage=stage, lr=0.05,
-                                  process_group=ctx.group, bucket_size_mb=1e-4,
+                                  weight_decay=0.1, process_group=ctx.group, bucket_size_mb=1e-4,
                                   **({"units": torch.nn.Linear} if stage == 3 else {}))
-    ref_opt = torch.optim.AdamW(reference.parameters(), lr=0.05)
+    ref_opt = torch.optim.AdamW(reference.parameters(), lr=0.05, weight_decay=0.1)
     after_clearing, differences = [], []
     for step in range(4):
         x = torch.randn(4, 6, generator=torch.Generator().manual_seed(10 * ctx.rank + step))
@@ -224,6 +225,7 @@ def cleared_then_a_branch_left_out(ctx, stage: int, set_to_none: bool):
             net(x, take_branch).square().mean().backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=set_to_none)
+            optimizer.step()
         after_clearing.append(["None" if p.grad is None else "nonzero" if p.grad.any() else "zero"
                                for p in model.parameters()])
         differences.append(largest_difference(opt, model, reference))
@@ -294,6 +296,46 @@ def outside_the_models_forward(ctx, stage: int):
         lambda net, step: torch.nn.functional.cross_entropy(
             net(ids(step)).flatten(0, 1), ids(step).flatten()), steps=3, average=False)
     return refusals, every_rank_there, differences
+
+
+class _Float64Scale(torch.nn.Module):
+    """An fp32 linear layer and an fp64 scale after it (all fp64 with ``wide``)."""
+
+    def __init__(self, wide: bool) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(6, 4, dtype=torch.float64 if wide else torch.float32)
+        self.scale = torch.nn.Parameter(torch.linspace(0.5, 2.0, 4, dtype=torch.float64))
+
+    def forward(self, x):
+        return self.linear(x.to(self.linear.weight.dtype)).double() * self.scale
+
+
+def clipping_with_float64_parameters(ctx, stage: int, wide: bool):
+    """``opt.clip_grad_norm_`` (binding) over a model with an fp64 parameter, or all fp64:
+    per step the norm it returns and its dtype, DDP's ``torch.nn.utils.clip_grad_norm_``'s,
+    and the largest parameter difference from DDP (AdamW)."""
+    torch.manual_seed(0)
+    model = _Float64Scale(wide)
+    reference = DDP(copy.deepcopy(model), process_group=ctx.group)
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.AdamW, stage=stage, lr=0.05,
+                                  process_group=ctx.group,
+                                  **({"units": torch.nn.Linear} if stage == 3 else {}))
+    ref_opt = torch.optim.AdamW(reference.parameters(), lr=0.05)
+    steps = []
+    for step in range(3):
+        x = torch.randn(5, 6, generator=torch.Generator().manual_seed(10 * ctx.rank + step))
+        norms = []
+        for net, optimizer, clip in (
+                (model, opt, lambda: opt.clip_grad_norm_(0.1)),
+                (reference, ref_opt, lambda: torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.1))):
+            net(x).square().mean().backward()
+            norms.append(clip())
+            optimizer.step()
+            optimizer.zero_grad()
+        steps.append((norms[0].item(), str(norms[0].dtype), norms[1].item(), str(norms[1].dtype),
+                      largest_difference(opt, model, reference)))
+    opt.close()
+    return steps
 
 
 def forward_inside_summon(ctx, stage: int):

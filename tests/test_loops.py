@@ -79,12 +79,31 @@ def test_zero_grad_clears_as_torch_does_and_a_branch_left_out_adds_nothing(pool,
     ``set_to_none=False`` stage 1 zeroes it, stages 2 and 3 (no full gradients) still set
     None. Stage 1 no longer zeroes its buffers then: the next backward overwrites them,
     and a branch this rank left out in that backward must reduce zero, not the gradient
-    of the step before (DDP's parameters, bitwise)."""
+    of the step before (DDP's parameters, bitwise). A step right after the clearing
+    steps on zero gradients with ``set_to_none=False``, as torch's does (a helper's
+    probe: it stepped on none, 3e-2 from DDP), and on none without."""
     for after_clearing, differences in pool.run(cases_loops.cleared_then_a_branch_left_out, 2,
                                                 stage, set_to_none):
         expected = "zero" if stage == 1 and not set_to_none else "None"
         assert all(states == [expected] * 4 for states in after_clearing), after_clearing
         assert differences == [0.0] * 4, differences
+
+
+@pytest.mark.parametrize("wide", [False, True])
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_clipping_a_model_with_float64_parameters_equals_ddp(pool, stage, wide):
+    """An fp64 parameter beside fp32 ones, or an all-fp64 model: opt.clip_grad_norm_ took
+    every norm in fp32 and torch refused to narrow the fp64 gradient's (a helper's
+    probe). Now the norm is fp64 as torch's is, and equal to DDP's up to the rounding of
+    the norms it is summed from (zeroshard's over pieces of the shards, torch's per
+    parameter): fp64 rounding for an all-fp64 model, fp32's for the fp32 layer's
+    gradients (each in fp32 on both sides), where the parameters follow alike."""
+    rounding = 1e-12 if wide else 1e-6
+    for steps in pool.run(cases_loops.clipping_with_float64_parameters, 2, stage, wide):
+        for norm, dtype, ddp_norm, ddp_dtype, difference in steps:
+            assert dtype == ddp_dtype == "torch.float64", (dtype, ddp_dtype)
+            assert norm > 0.1 and abs(norm - ddp_norm) <= rounding * ddp_norm, (norm, ddp_norm)
+            assert difference < rounding, steps
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])

@@ -33,16 +33,22 @@ PIECE = 1 << 16  # elements per norm on CPU (Note [a norm of a long shard])
 
 def shard_norm_term(grads: list[torch.Tensor], norm_type: float,
                     device: torch.device) -> torch.Tensor:
-    """This rank's share of the norm, in fp32: max |g| for the inf-norm, else sum ‖g‖_p^p
-    (summed in fp64 over the pieces of Note [a norm of a long shard])."""
+    """This rank's share of the norm: max |g| for the inf-norm, else sum ‖g‖_p^p (summed
+    in fp64 over the pieces of Note [a norm of a long shard]). In fp32, or in fp64 if a
+    gradient is fp64, as torch's norm of the per-parameter norms would be (fp32 could not
+    hold an fp64 gradient's norm: torch refuses to narrow it)."""
+    term_dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
     if not grads:
-        return torch.zeros((), dtype=torch.float32, device=device)
+        return torch.zeros((), dtype=term_dtype, device=device)
     if device.type == "cpu" and not math.isinf(norm_type):
         grads = [piece for grad in grads for piece in grad.split(PIECE)]
-    norms = torch.stack(torch._foreach_norm(grads, norm_type, dtype=torch.float32))
+    narrow = [g for g in grads if g.dtype != torch.float64]
+    wide = [g for g in grads if g.dtype == torch.float64]
+    norms = torch.cat([torch.stack(torch._foreach_norm(same, norm_type, dtype=dtype)).to(term_dtype)
+                       for same, dtype in ((narrow, torch.float32), (wide, torch.float64)) if same])
     if math.isinf(norm_type):
         return norms.max()
-    return norms.double().pow_(norm_type).sum().float()
+    return norms.double().pow_(norm_type).sum().to(term_dtype)
 
 
 def total_norm(term: torch.Tensor, norm_type: float) -> torch.Tensor:

@@ -86,6 +86,11 @@ class GradientDtypes:
             return bucket.flat.dtype
         return self.reduce
 
+    def zero_gradient_shard(self, bucket) -> torch.Tensor:
+        """A gradient shard of zeros, as a reduction of zeros would leave it."""
+        return self.as_gradient_shard(bucket, bucket.master.new_zeros(
+            bucket.master.numel(), dtype=self.reduce_dtype(bucket)))
+
     def as_gradient_shard(self, bucket, reduced: torch.Tensor) -> torch.Tensor:
         """A reduce-scatter's output in the dtype gradient shards are kept in."""
         if self.kept is None or bucket.full_precision or reduced.dtype == self.kept:

@@ -80,12 +80,12 @@ class FullGradients:
             if self._versions_reduced[id(bucket)] != self.flat_grads[id(bucket)]._version:
                 names = ", ".join(bucket.param_names[:3]) + (", ..." if len(bucket.params) > 3 else "")
                 raise RuntimeError(self._refusal(
-                    f"the .grad of a parameter among {names} was changed in place"))
-        for bucket, index in cleared:
-            bucket.clear_gradient_of(index)
-            view = self._grad_view(bucket, index)
-            view.zero_()
-            bucket.params[index].grad = view
+                    f"the .grad of a parameter among {names} was changed in place (a "
+                    "model.zero_grad(set_to_none=False) followed by a step with no backward "
+                    "between is one such change: clear with opt.zero_grad(set_to_none=False) "
+                    "there, which zeroes the shards too)"))
+        for bucket, index in cleared:  # .grad stays None: the next backward overwrites
+            bucket.clear_gradient_of(index)  # its part of the buffer (collect, fill_missing)
         self._record_versions()
 
     def is_gradient_marker(self, tensor: torch.Tensor) -> bool:
@@ -136,8 +136,9 @@ class FullGradients:
         bucket.set_grad_shard(self.dtypes.as_gradient_shard(bucket, reduced))
 
     def zero_grad(self, set_to_none: bool) -> None:
-        """Drop the gradient shards and clear ``p.grad``: to None, as torch's
-        ``zero_grad()`` does, or (``set_to_none=False``) to a zeroed view of its buffer.
+        """Clear the gradient shards and ``p.grad``: to None, as torch's ``zero_grad()``
+        does, or (``set_to_none=False``) to zeros, ``p.grad`` a view of its buffer (a
+        step before the next backward then steps on zero gradients, as torch's does).
 
         None leaves the buffers as they are: the next backward overwrites each
         parameter's part (``collect`` copies a gradient that is not its view,
@@ -145,7 +146,7 @@ class FullGradients:
         buffer and makes the first accumulation a copy instead of an addition."""
         self._scale_before_accumulating = None
         for bucket in self.buckets:
-            bucket.set_grad_shard(None)
+            bucket.set_grad_shard(None if set_to_none else self.dtypes.zero_gradient_shard(bucket))
             if not set_to_none:
                 self.flat_grads[id(bucket)].zero_()
             for index, param in enumerate(bucket.params):

@@ -256,13 +256,16 @@ class ShardedGradients:
             bucket.grad_shard.add_(reduced)
 
     def zero_grad(self, set_to_none: bool) -> None:
-        """Gradients are dropped either way: stage 2 keeps no full gradient to zero."""
+        """``p.grad`` becomes None either way (stages 2 and 3 keep no full gradient to
+        zero); with ``set_to_none=False`` the gradient shards become zeros, so that a
+        step before the next backward steps on zero gradients, as torch's does (and the
+        next backward adds to them)."""
         self.markers.drop()
         self.reduce_buffers.clear()
         self.waiting.clear()
         assert not self.buffers_in_flight
         for bucket in self.buckets:
-            bucket.set_grad_shard(None)
+            bucket.set_grad_shard(None if set_to_none else self.dtypes.zero_gradient_shard(bucket))
             for param in bucket.params:
                 param.grad = None
 
