@@ -242,8 +242,11 @@ class _TinyLM(torch.nn.Module):
         self.body = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh())
         self.head = torch.nn.Linear(8, 11)
 
-    def forward(self, ids=None, inputs_embeds=None):
-        return self.head(self.body(self.embed(ids) if inputs_embeds is None else inputs_embeds))
+    def forward(self, ids=None, inputs_embeds=None, again=False):
+        h = self.body(self.embed(ids) if inputs_embeds is None else inputs_embeds)
+        if again:  # the body's first layer once more, outside the body's forward
+            h = h + self.body[0](h)
+        return self.head(h)
 
     def loss(self, ids):  # a loss method that calls the submodules, not the forward
         return torch.nn.functional.cross_entropy(self.head(self.body(self.embed(ids))).flatten(0, 1),
@@ -264,10 +267,11 @@ class _ScaledEmbeddings(torch.nn.Module):
 
 def outside_the_models_forward(ctx, stage: int):
     """Note [called outside its unit's forward]: the embeddings computed before
-    ``model(inputs_embeds=...)``, and a loss method calling the submodules, at ``stage``
-    (the sequential body a unit at stage 3). Returns the refusals of both (messages,
-    "no error" where none) and whether every rank then got to the next collective, and
-    per step the largest difference of the wrapper built for the first from DDP's."""
+    ``model(inputs_embeds=...)``, a loss method calling the submodules, and a forward
+    running a layer of the body outside the body's forward, at ``stage`` (the sequential
+    body a unit at stage 3). Returns the refusals of the three (messages, "no error"
+    where none) and whether every rank then got to the next collective, and per step
+    the largest difference of the wrapper built for the first from DDP's."""
     def build(module):
         return zeroshard.ZeroOptimizer(module, torch.optim.AdamW, stage=stage, lr=0.05,
                                        process_group=ctx.group,
@@ -280,8 +284,12 @@ def outside_the_models_forward(ctx, stage: int):
         logits = model(inputs_embeds=model.embed(ids(0)) * 1.5)
         torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids(0).flatten()).backward()
 
+    def layer_again(model):
+        logits = model(ids(0), again=True)
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids(0).flatten()).backward()
+
     refusals = []
-    for misuse in (loss_of_embeddings, lambda model: model.loss(ids(0)).backward()):
+    for misuse in (loss_of_embeddings, lambda model: model.loss(ids(0)).backward(), layer_again):
         torch.manual_seed(0)
         model = _TinyLM()
         opt = build(model)

@@ -56,17 +56,22 @@ def test_a_module_called_outside_its_units_forward_is_refused_at_stage3(pool, st
     """Note [called outside its unit's forward]: at stage 3 the embeddings built before
     ``model(inputs_embeds=...)``, or a loss method calling the submodules, computed with
     the placeholders and trained NaN with no error (a helper's probes); now refused on
-    every rank, naming the module. Stages 1 and 2 keep every parameter whole and train
-    them; a wrapper whose forward builds the embeddings equals DDP at every stage."""
+    every rank, naming the module; a layer of one unit run by another part of the
+    model's forward, naming the units to choose. Stages 1 and 2 keep every parameter
+    whole and train them; a wrapper whose forward builds the embeddings equals DDP at
+    every stage."""
     for refusals, every_rank_there, differences in pool.run(
             cases_loops.outside_the_models_forward, 2, stage):
         if stage == 3:
-            for refusal in refusals:
+            for refusal in refusals[:2]:
                 assert "module 'embed' (Embedding) was called outside the model's forward" \
                     in refusal, refusal
                 assert "summon_full_params" in refusal, refusal
+            assert "module 'body.0' (Linear) was called by another part of the model's " \
+                "forward" in refusals[2], refusals[2]
+            assert "pass units= without Sequential" in refusals[2], refusals[2]
         else:
-            assert refusals == ["no error", "no error"], refusals
+            assert refusals == ["no error"] * 3, refusals
         assert every_rank_there
         assert differences == [0.0] * 3, differences
 

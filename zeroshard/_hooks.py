@@ -18,6 +18,8 @@ import enum
 import weakref
 from dataclasses import dataclass
 
+import torch
+
 
 class WeakHook:
     """A hook calling ``method(*leading, *hook_args)`` that holds ``method``'s object
@@ -42,6 +44,17 @@ class WeakHook:
 
     def __reduce__(self):
         return InertHook, ()
+
+
+class EagerOnlyHook(WeakHook):
+    """A ``WeakHook`` that does nothing while torch.compile traces the module it sits on:
+    that check comes first, so dynamo inlines it and keeps the module in the graph (the
+    weak reference behind a ``WeakHook`` splits the graph where dynamo meets it)."""
+
+    def __call__(self, *args, **kwargs):
+        if torch.compiler.is_compiling():
+            return None
+        return super().__call__(*args, **kwargs)
 
 
 class InertHook:

@@ -145,7 +145,7 @@ from torch.utils._pytree import tree_flatten
 
 from . import _agreement
 from ._frozen_reads import FrozenOnContexts, past_inputs, watch_inputs
-from ._hooks import LoopSwitches, Phase, WeakHook
+from ._hooks import EagerOnlyHook, LoopSwitches, Phase, WeakHook
 from ._masters import ShardMasters
 from ._reducer import GradientReducer
 from ._saved_tensors import SavedTensorWatches
@@ -250,7 +250,7 @@ class UnitGatherer:
                 handles.append(module.register_state_dict_pre_hook(guard))
                 handles.append(module.register_load_state_dict_pre_hook(guard))
                 if id(module) not in unit_modules:  # a unit's own hooks gather it
-                    handles.append(module.register_forward_pre_hook(WeakHook(
+                    handles.append(module.register_forward_pre_hook(EagerOnlyHook(
                         self._refuse_outside_its_unit, name, list(owners.values())), prepend=True))
         _keep_unit_hooks_out_of_compiled_graphs()
         self._gathered_storages: dict[int, Unit] = {}  # address -> unit (Unit.gathered_storages)
@@ -515,26 +515,34 @@ class UnitGatherer:
             call is refused, naming the module, before it reads anything; every rank
             runs the same code, so every rank raises there. Inside summon_full_params
             and in backward's recomputations (activation checkpointing gathers what it
-            recomputes) the unit is gathered; under torch.compile the check is not
-            traced (it would split the graph at every module)."""
-        if (self.switches.summoned or self.switches.phase is Phase.BACKWARD
-                or torch.compiler.is_compiling()):
+            recomputes) the unit is gathered. Under torch.compile the check is not
+            traced (``EagerOnlyHook``: dynamo split the graph at every module that
+            holds parameters, a reviewer's probe, 7 -> 19 graph breaks)."""
+        if self.switches.summoned or self.switches.phase is Phase.BACKWARD:
             return
         released = [unit for unit in units if unit.state is not ShardState.GATHERED]
         if not released:
             return
         owner = released[0]
+        what = f"zeroshard stage 3: module {name!r} ({type(module).__name__}) was called "
+        note = " (Note [called outside its unit's forward] in zeroshard/stage3.py)"
+        if owner is not self.root and self.switches.phase is not Phase.IDLE:
+            raise RuntimeError(  # inside the model's forward, outside its unit's: shared
+                what + f"by another part of the model's forward (a module shared by passing "
+                f"it), outside the forward of unit {owner.name}, which holds its parameters "
+                "and releases them outside that forward: it would compute with placeholders "
+                "(NaN). Choose units so that the module using a parameter holds it or is an "
+                f"ancestor of its unit: pass units= without {type(owner.module).__name__} "
+                "(e.g. the block class)" + note)
         where = "the model's forward (`model(...)`)" if owner is self.root else \
             f"the forward of unit {owner.name}"
         raise RuntimeError(
-            f"zeroshard stage 3: module {name!r} ({type(module).__name__}) was called outside "
-            f"{where}, which gathers its parameters: here they are sharded, and it would "
-            "compute with placeholders (NaN). Call it from inside that forward: e.g. a "
-            "wrapper module whose forward computes the embeddings and then calls the model, "
-            "built before ZeroOptimizer and passed to it, or a loss computed from "
+            what + f"outside {where}, which gathers its parameters: here they are sharded, "
+            "and it would compute with placeholders (NaN). Call it from inside that forward: "
+            "e.g. a wrapper module whose forward computes the embeddings and then calls the "
+            "model, built before ZeroOptimizer and passed to it, or a loss computed from "
             "`model(...)`'s output; for evaluation or logging, call it under torch.no_grad() "
-            "inside `with opt.summon_full_params():` (Note [called outside its unit's "
-            "forward] in zeroshard/stage3.py)")
+            "inside `with opt.summon_full_params():`" + note)
 
     def _refuse_if_sharded(self, units: list[Unit], module, *args) -> None:
         """Reading or loading a freed buffer would read or write memory that is not there."""
