@@ -202,8 +202,9 @@ class _Branch(torch.nn.Module):
         return h + self.branch(h) if take_branch else h
 
 
-def cleared_then_a_branch_left_out(ctx, stage: int, set_to_none: bool):
-    """``opt.zero_grad(set_to_none)`` after each step, then a step with no backward (on
+def cleared_then_a_branch_left_out(ctx, stage: int, clear: str):
+    """After each step ``opt.zero_grad()`` ("opt"), ``opt.zero_grad(set_to_none=False)``
+    ("opt_keep") or ``model.zero_grad()`` ("model"), then a step with no backward (on
     zero gradients, or none); rank 1 takes the branch in even steps only, rank 0 always
     (so DDP gives it a gradient every step). Stage 1 clears to None without zeroing its
     buffers: a branch rank 1 left out must add zero there, not the gradient its buffer
@@ -224,7 +225,10 @@ def cleared_then_a_branch_left_out(ctx, stage: int, set_to_none: bool):
         for net, optimizer in ((model, opt), (reference, ref_opt)):
             net(x, take_branch).square().mean().backward()
             optimizer.step()
-            optimizer.zero_grad(set_to_none=set_to_none)
+            if clear == "model":
+                net.zero_grad()
+            else:
+                optimizer.zero_grad(set_to_none=clear == "opt")
             optimizer.step()
         after_clearing.append(["None" if p.grad is None else "nonzero" if p.grad.any() else "zero"
                                for p in model.parameters()])

@@ -84,8 +84,16 @@ class FullGradients:
                     "model.zero_grad(set_to_none=False) followed by a step with no backward "
                     "between is one such change: clear with opt.zero_grad(set_to_none=False) "
                     "there, which zeroes the shards too)"))
-        for bucket, index in cleared:  # .grad stays None: the next backward overwrites
-            bucket.clear_gradient_of(index)  # its part of the buffer (collect, fill_missing)
+        # .grad stays None: the next backward overwrites its part of the buffer (collect,
+        # fill_missing). A bucket whose every .grad is None drops its shard, as
+        # opt.zero_grad() does, so that the step skips it as torch skips a None gradient.
+        for bucket in {id(bucket): bucket for bucket, _ in cleared}.values():
+            indices = [index for cleared_bucket, index in cleared if cleared_bucket is bucket]
+            if len(indices) == len(bucket.params):
+                bucket.set_grad_shard(None)
+            else:
+                for index in indices:
+                    bucket.clear_gradient_of(index)
         self._record_versions()
 
     def is_gradient_marker(self, tensor: torch.Tensor) -> bool:
