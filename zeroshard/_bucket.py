@@ -203,12 +203,18 @@ class FlatBucket:
     def all_ready(self) -> bool:
         return len(self.ready) == len(self.params)
 
-    def clear_gradient_of(self, index: int) -> None:
-        """Zero parameter ``index``'s part of the reduced gradient shard (if this rank
-        holds any of it): its ``.grad`` was cleared after backward."""
-        overlap = self.layout.overlap(index, self.rank)
-        if overlap is not None and self.grad_shard is not None:
-            self.grad_shard[overlap.shard_span].zero_()
+    def clear_gradients_of(self, indices: list[int], every_one_none: bool) -> None:
+        """The ``.grad`` of parameters ``indices`` was cleared after backward: zero their
+        parts of the reduced gradient shard (where this rank holds any), or, if every
+        parameter's ``.grad`` was set to None, drop the shard, as ``opt.zero_grad()``
+        does, so that the step skips them as torch skips a None gradient."""
+        if every_one_none:
+            self.set_grad_shard(None)
+            return
+        for index in indices:
+            overlap = self.layout.overlap(index, self.rank)
+            if overlap is not None and self.grad_shard is not None:
+                self.grad_shard[overlap.shard_span].zero_()
 
     def set_grad_shard(self, grad: torch.Tensor | None) -> None:
         """Install the reduced gradient where the inner optimizer looks for it.

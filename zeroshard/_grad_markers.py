@@ -161,12 +161,7 @@ class GradientMarkers:
         check comes before any change: a refused usage changes nothing."""
         cleared = [(placed, *placed.cleared()) for placed in self._placed]
         for placed, indices, every_one_none in cleared:
-            bucket = placed.bucket
-            if every_one_none:
-                bucket.set_grad_shard(None)  # what opt.zero_grad() does
-            else:
-                for index in indices:
-                    bucket.clear_gradient_of(index)
+            placed.bucket.clear_gradients_of(indices, every_one_none)
             if keep:
                 placed.keep_untouched(indices)
         if keep:

@@ -67,7 +67,7 @@ class GradientShard(torch.Tensor):
         if func in _PARTIAL or (func in _MAX_MIN and not _second_tensor(args, kwargs)):
             raise RuntimeError(_message(func, args, kwargs))
         result = super().__torch_function__(func, types, args, kwargs)
-        if func is _NON_FINITE_CHECK and func is not None:
+        if func is _NON_FINITE_CHECK:
             agree = next((t.agree_on_non_finite for t in args[0]
                           if isinstance(t, GradientShard) and t.agree_on_non_finite), None)
             if agree is not None:

@@ -69,11 +69,12 @@ class FullGradients:
         (``torch.nn.utils.clip_grad_norm_(model.parameters())``,
         ``zero_grad(set_to_none=False)`` between backward and step), cannot reach the
         reduced gradient and is refused."""
-        cleared = []
+        cleared = []  # (bucket, indices of its parameters whose .grad is None)
         for bucket in self.buckets:
+            none = []
             for index, param in enumerate(bucket.params):
                 if param.grad is None:
-                    cleared.append((bucket, index))
+                    none.append(index)
                 elif param.grad.data_ptr() != self._grad_view(bucket, index).data_ptr():
                     raise RuntimeError(self._refusal(
                         f"{bucket.param_names[index]}.grad was given a new tensor"))
@@ -84,16 +85,12 @@ class FullGradients:
                     "model.zero_grad(set_to_none=False) followed by a step with no backward "
                     "between is one such change: clear with opt.zero_grad(set_to_none=False) "
                     "there, which zeroes the shards too)"))
+            if none:
+                cleared.append((bucket, none))
         # .grad stays None: the next backward overwrites its part of the buffer (collect,
-        # fill_missing). A bucket whose every .grad is None drops its shard, as
-        # opt.zero_grad() does, so that the step skips it as torch skips a None gradient.
-        for bucket in {id(bucket): bucket for bucket, _ in cleared}.values():
-            indices = [index for cleared_bucket, index in cleared if cleared_bucket is bucket]
-            if len(indices) == len(bucket.params):
-                bucket.set_grad_shard(None)
-            else:
-                for index in indices:
-                    bucket.clear_gradient_of(index)
+        # fill_missing)
+        for bucket, none in cleared:
+            bucket.clear_gradients_of(none, every_one_none=len(none) == len(bucket.params))
         self._record_versions()
 
     def is_gradient_marker(self, tensor: torch.Tensor) -> bool:
