@@ -4,6 +4,8 @@ parameters are from single-process training over every rank's data."""
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -109,3 +111,122 @@ def first_step_differs_in_backward(ctx):
     except RuntimeError as raised:
         return str(raised)
     return None
+
+
+class Repeated(nn.Module):
+    """a, then blk ``reps`` times (under reentrant or non-reentrant checkpointing, or
+    not; with c after each run when ``between``), then c (or, with ``blk_last``, a
+    parameter that is no unit: blk is the schedule's last unit). ``nested``: blk is a
+    unit holding two Linear units."""
+
+    def __init__(self, checkpointing: str | None, nested: bool = False, between: bool = False,
+                 blk_last: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.checkpointing, self.between, self.blk_last = checkpointing, between, blk_last
+        self.a, self.c = nn.Linear(4, 4), nn.Linear(4, 4)
+        self.blk = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4)) if nested else nn.Linear(4, 4)
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 4))
+        self.reps = 1
+
+    def _blk(self, h):
+        if self.checkpointing is None:
+            return self.blk(h)
+        return checkpoint(self.blk, h, use_reentrant=self.checkpointing == "reentrant")
+
+    def forward(self, x):
+        h = self.a(x)
+        for _ in range(self.reps):
+            h = self._blk(h)
+            if self.between:
+                h = self.c(h)
+        return h * self.scale if self.blk_last or self.between else self.c(h) * self.scale
+
+
+# how -> (model options, blk's runs in the first step on every rank, two forwards per step).
+# From the second step on the ranks run blk a different number of times (REPS).
+RUN_MORE_OFTEN = {
+    "reentrant": ({"checkpointing": "reentrant"}, 1, False),
+    "reentrant, last unit": ({"checkpointing": "reentrant", "blk_last": True}, 1, False),
+    "reentrant, two forwards": ({"checkpointing": "reentrant"}, 1, True),
+    "non-reentrant, two forwards": ({"checkpointing": "nonreentrant"}, 1, True),
+    "nested units, first step twice": ({"checkpointing": None, "nested": True}, 2, False),
+    "units between, first step twice": ({"checkpointing": None, "between": True}, 2, False),
+    "reentrant nested units, first step twice": ({"checkpointing": "reentrant", "nested": True}, 2,
+                                                 False),
+}
+REPS = [[1, 2], [3, 1], [2, 3]]  # [step - 1][rank]
+
+
+def _repeated_loss(model, how: str, step: int, rank: int) -> torch.Tensor:
+    _, first_runs, two_forwards = RUN_MORE_OFTEN[how]
+    model.reps = first_runs if step == 0 else REPS[step - 1][rank]
+    loss = model(_batch(step, rank, 0)).square().mean()
+    if two_forwards:
+        model.reps = 1
+        loss = loss + model(_batch(step, rank, 1)).square().mean()
+    return loss
+
+
+def run_more_often_from_the_second_step(ctx, how: str, reshard_after_forward: bool):
+    """Note [run twice from the second step on]: ranks run blk different numbers of
+    times after a first step that ran it alike. Returns the rank's collectives, how far
+    its parameters are from single-process training, and the warnings it gave."""
+    options = RUN_MORE_OFTEN[how][0]
+    model = Repeated(**options)
+    units = [nn.Sequential, nn.Linear] if options.get("nested") else nn.Linear
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=3, process_group=ctx.group,
+                                  units=units, reshard_after_forward=reshard_after_forward, lr=LR)
+    opt.comm_stats.trace = trace = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(len(REPS) + 1):
+            _repeated_loss(model, how, step, ctx.rank).backward()
+            opt.step()
+            opt.zero_grad()
+    reference = Repeated(**options)
+    sgd = torch.optim.SGD(reference.parameters(), lr=LR)
+    for step in range(len(REPS) + 1):
+        for rank in range(ctx.world_size):
+            _repeated_loss(reference, how, step, rank).backward()
+        for param in reference.parameters():
+            if param.grad is not None:
+                param.grad /= ctx.world_size
+        sgd.step()
+        sgd.zero_grad()
+    with opt.summon_full_params():
+        difference = max((p - q).abs().max().item()
+                         for p, q in zip(model.parameters(), reference.parameters()))
+    opt.close()
+    return trace, difference, [str(w.message) for w in caught if "zeroshard" in str(w.message)]
+
+
+def every_rank_runs_a_nested_block_more_often_later(ctx):
+    """Note [run twice from the second step on]: every rank runs a block holding units
+    once in the first step and twice from then on. Its inner units are gathered again
+    on every rank, so it trains; each rank warns, naming the unit, before the gather.
+    Returns the difference from single-process training and the warnings."""
+    model, reference = Repeated(None, nested=True), Repeated(None, nested=True)
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=3, process_group=ctx.group,
+                                  units=[nn.Sequential, nn.Linear], lr=LR)
+    sgd = torch.optim.SGD(reference.parameters(), lr=LR)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(3):
+            model.reps = 1 if step == 0 else 2
+            model(_batch(step, ctx.rank, 0)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+    for step in range(3):
+        reference.reps = 1 if step == 0 else 2
+        for rank in range(ctx.world_size):
+            reference(_batch(step, rank, 0)).square().mean().backward()
+        for param in reference.parameters():
+            param.grad /= ctx.world_size
+        sgd.step()
+        sgd.zero_grad()
+    with opt.summon_full_params():
+        difference = max((p - q).abs().max().item()
+                         for p, q in zip(model.parameters(), reference.parameters()))
+    opt.close()
+    return difference, [str(w.message) for w in caught if "zeroshard" in str(w.message)]

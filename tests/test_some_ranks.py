@@ -113,3 +113,34 @@ def test_a_first_step_that_differs_in_backward_raises_on_every_rank(pool):
     aborted; the comparison now precedes every step of the walk and its end."""
     for rank, error in enumerate(pool.run(cases_order.first_step_differs_in_backward, 2)):
         assert error is not None and "Note [first-step agreement]" in error, (rank, error)
+
+
+@pytest.mark.parametrize("reshard_after_forward", [True, False])
+@pytest.mark.parametrize("how", list(cases_order.RUN_MORE_OFTEN))
+def test_ranks_that_run_a_unit_more_often_after_the_first_step_train_together(
+        pool, how, reshard_after_forward):
+    """Note [run twice from the second step on]: from the second step on the ranks run a
+    unit different numbers of times. Reentrant checkpointing recomputed the extra runs
+    in backward, and a rank released the unit between them: its gather again, on that
+    rank only, hung (a reviewer's probe; with two forwards per step, or the schedule's
+    last unit, too). A unit entered twice since the last backward now stays gathered
+    until backward ends. Units repeated with others between, or inside a repeated block,
+    train once the first step ran them twice on every rank, as the warning advises."""
+    results = pool.run(cases_order.run_more_often_from_the_second_step, 2, how,
+                       reshard_after_forward)
+    (trace0, difference0, warned0), (trace1, difference1, warned1) = results
+    assert trace0 and trace0 == trace1
+    assert difference0 <= 1e-6 and difference1 <= 1e-6, (difference0, difference1)
+    assert warned0 == warned1 == [], (warned0, warned1)
+
+
+def test_a_block_of_units_repeated_more_often_later_warns_before_gathering_again(pool):
+    """Note [run twice from the second step on]: a block holding units, run twice from
+    the second step on, gathers its inner units again outside the schedule; where some
+    rank does not, that waits for ever, so each rank says so first, naming the unit and
+    the fix. Here every rank repeats it alike, so it also trains."""
+    for rank, (difference, warned) in enumerate(
+            pool.run(cases_order.every_rank_runs_a_nested_block_more_often_later, 2)):
+        assert difference <= 1e-6, (rank, difference)
+        assert warned and all("blk.0" in w or "blk.2" in w for w in warned), (rank, warned)
+        assert "first step" in warned[0] and "Note [run twice from the second step on]" in warned[0]

@@ -74,6 +74,10 @@ class Schedule:
         self.cursor = position + 1
         return passed
 
+    def entered_in_pass(self, unit: Unit) -> bool:
+        """Whether this pass has entered ``unit`` already."""
+        return id(unit) in self._entered_in_pass
+
     def was_passed_over(self, unit: Unit) -> bool:
         """Whether this pass walked past ``unit`` without entering it (it runs out of order)."""
         return id(unit) in self._passed_over

@@ -41,6 +41,8 @@ class UnitRecord:
     # A forward with grad enabled ran it, or a gradient came, in this backward's passes,
     # or it holds a gradient a no_sync() backward left in .grad (Unit.holds_local_grads).
     ran: bool = False
+    # training forwards that entered it (Note [run twice from the second step on])
+    entries: int = 0
     # Note [backward past a unit's inputs] in _frozen_reads.py: a training forward
     # watched its inputs; hooks on those that require grad, and how many have had
     # their gradient in this backward
@@ -84,6 +86,11 @@ class Unit:
         self.embedding_weight_ids = {
             id(m.weight) for m in module.modules()
             if isinstance(m, (nn.Embedding, nn.EmbeddingBag))} & self.trainable_ids
+
+    def kept_through_backward(self) -> bool:
+        """Released only as backward ends, not once its gradients are in (Note [runs
+        before the walk moves on], Note [run twice from the second step on] in stage3.py)."""
+        return self.held_for_pass or self.record.entries > 1
 
     def end_backward(self) -> None:
         """A backward ended: release, start a new record."""

@@ -217,6 +217,7 @@ class Walk:
 
     def reach(self, schedule: Schedule, unit: Unit) -> None:
         """Note [gather schedule]: walk to ``unit``, gather it, prefetch the next one."""
+        run_again = schedule.entered_in_pass(unit)
         passed = schedule.walk_to(unit)
         if passed is not None and schedule is self.forward:  # the walk moves on
             self._release_finished()
@@ -229,6 +230,8 @@ class Walk:
         for skipped in passed or []:
             self.pass_over(skipped)
         if passed is None:  # run again after the walk passed it: not a step of the walk
+            if run_again and unit.state is ShardState.SHARDED and schedule.entered is None:
+                _warn_run_again_after_release(unit)
             self.gather_outside_walk(unit)
             return
         self._step(schedule, unit)
@@ -291,3 +294,18 @@ class Walk:
                 if index not in bucket.ready:
                     self.store.fill_missing(bucket, index)
                     self.reducer.mark_ready(bucket, index)
+
+
+def _warn_run_again_after_release(unit: Unit) -> None:
+    """Note [run twice from the second step on] in stage3.py: said before the gather, as
+    it may never return."""
+    warnings.warn(
+        f"zeroshard stage 3: unit {unit.name} runs again in this pass after it was released, "
+        "so this rank gathers it again, outside the schedule the first step recorded: unless "
+        "every rank does the same now, the ranks wait on each other for ever (NCCL) or gloo "
+        "times out. This happens when a unit (or a unit inside it) runs more often than in the "
+        "first step, on some ranks only: a block repeated a data-dependent number of times. Run "
+        "it at least twice in one pass of the first step, on every rank (e.g. a first batch "
+        "that takes the longest path): every unit that repeats then stays gathered for each "
+        "later pass, which may repeat it any number of times (Note [run twice from the second "
+        "step on] in zeroshard/stage3.py)", stacklevel=2)

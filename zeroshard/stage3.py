@@ -73,6 +73,25 @@ Note [runs before the walk moves on]:
     every rank must run such a unit the same number of times (Note [first-step
     agreement] refuses a rank that does not).
 
+Note [run twice from the second step on]:
+    After the first step a rank may run a unit more often than the others; a second run
+    in a row reuses what is still gathered (Note [runs before the walk moves on]), but
+    backward may need the unit once more after its gradients seemed to be in: reentrant
+    checkpointing recomputes each run in its own nested backward, and the first of them
+    delivers the unit's gradients (so does each forward's when two forwards precede one
+    backward). Released then, the unit was gathered again for the next recomputation on
+    that rank only, and the ranks hung. So a unit that training forwards entered more
+    than once since the last backward (``UnitRecord.entries``, this rank's own count: no
+    collective) stays gathered until backward ends; keeping it issues no collective and
+    changes no other rank's. What cannot be kept without knowing it in advance is a
+    unit entered again in the forward after it was released: one run again with other
+    units between, or a unit inside a block run twice, whose inner units are released
+    as the walk moves through the block. That gather is outside the recorded schedule,
+    and if some rank does not issue it, nothing returns; so the rank warns first, naming
+    the unit and the fix: run the repeat in one pass of the first step, on every rank,
+    and every unit that repeats stays gathered for each later pass, which may then
+    repeat it any number of times.
+
 Note [after the walk's last step]:
     Reductions launch at the walk's steps, and each waits for the one before it (Note
     [reductions in flight] in _reducer.py); after the last step nothing launches until
@@ -292,6 +311,7 @@ class UnitGatherer:
             self._begin_forward_pass()
         if self.walk.training_forward:
             unit.record.ran = True
+            unit.record.entries += 1  # Note [run twice from the second step on]
         self.walk.reach(self.walk.forward, unit)
         self._saved.open(unit)
 
@@ -335,10 +355,11 @@ class UnitGatherer:
         self.walk.note_ready(bucket)
         # A unit some rank runs twice stays gathered until backward ends: with reentrant
         # checkpointing its second run's recomputation would gather it again, on that rank
-        # only (Note [runs before the walk moves on]).
+        # only (Note [runs before the walk moves on], Note [run twice from the second
+        # step on]).
         if not unit.release_when_grads_done:
             self._release_past_inputs(unit)
-        elif not unit.held_for_pass and unit.record.grads_arrived >= unit.trainable_ids:
+        elif not unit.kept_through_backward() and unit.record.grads_arrived >= unit.trainable_ids:
             unit.release()
             # A nested backward (Note [late gradients]) may gather it again: count afresh.
             unit.record.grads_arrived.clear()
@@ -590,7 +611,7 @@ class UnitGatherer:
         parameter (which may read it when the gradient comes), no other unit's forward
         saved a view of it, and it is not held for the pass."""
         return (not unit.frozen_on_a_ctx and not unit.saved_by_another_unit
-                and not unit.held_for_pass and not self.switches.summoned
+                and not unit.kept_through_backward() and not self.switches.summoned
                 and not unit.parameters_have_user_hooks())
 
     # -- Note [backward past a unit's inputs] in _frozen_reads.py ---------------------------
