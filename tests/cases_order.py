@@ -97,26 +97,10 @@ def one_order_when_ranks_differ(ctx, pattern: str):
     return trace, difference
 
 
-def first_step_differs_in_backward(ctx):
-    """Note [first-step agreement]: rank 0 runs a reentrant checkpointed unit twice in the
-    first step, the others once, so their backwards differ (the forwards do not gather
-    for the second run). Returns the error each rank raised, or None."""
-    model = Net()
-    opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=3, process_group=ctx.group,
-                                  units=nn.Linear, lr=LR)
-    model.reentrant, model.reps = True, 2 if ctx.rank == 0 else 1
-    try:
-        model(_batch(0, ctx.rank, 0)).square().mean().backward()
-        opt.step()
-    except RuntimeError as raised:
-        return str(raised)
-    return None
-
-
 class Repeated(nn.Module):
     """a, then blk ``reps`` times (under reentrant or non-reentrant checkpointing, or
-    not; with c after each run when ``between``), then c (or, with ``blk_last``, a
-    parameter that is no unit: blk is the schedule's last unit). ``nested``: blk is a
+    not; with c after each run when ``between``), then c (with ``blk_last`` no c: blk
+    is the schedule's last unit), then a parameter of the root. ``nested``: blk is a
     unit holding two Linear units."""
 
     def __init__(self, checkpointing: str | None, nested: bool = False, between: bool = False,
@@ -124,8 +108,9 @@ class Repeated(nn.Module):
         super().__init__()
         torch.manual_seed(0)
         self.checkpointing, self.between, self.blk_last = checkpointing, between, blk_last
-        self.a, self.c = nn.Linear(4, 4), nn.Linear(4, 4)
+        self.a = nn.Linear(4, 4)
         self.blk = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4)) if nested else nn.Linear(4, 4)
+        self.c = None if blk_last else nn.Linear(4, 4)
         self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 4))
         self.reps = 1
 
@@ -143,12 +128,15 @@ class Repeated(nn.Module):
         return h * self.scale if self.blk_last or self.between else self.c(h) * self.scale
 
 
-# how -> (model options, blk's runs in the first step on every rank, two forwards per step).
+# how -> (model options, blk's runs in the first step on every rank (or per rank), two
+# forwards per step).
 # From the second step on the ranks run blk a different number of times (REPS).
 RUN_MORE_OFTEN = {
     "reentrant": ({"checkpointing": "reentrant"}, 1, False),
-    "reentrant, last unit": ({"checkpointing": "reentrant", "blk_last": True}, 1, False),
+    "reentrant, last unit, first step twice": ({"checkpointing": "reentrant", "blk_last": True}, 2,
+                                               False),
     "reentrant, two forwards": ({"checkpointing": "reentrant"}, 1, True),
+    "reentrant, ranks differ in the first step": ({"checkpointing": "reentrant"}, [2, 1], False),
     "non-reentrant, two forwards": ({"checkpointing": "nonreentrant"}, 1, True),
     "nested units, first step twice": ({"checkpointing": None, "nested": True}, 2, False),
     "units between, first step twice": ({"checkpointing": None, "between": True}, 2, False),
@@ -160,6 +148,8 @@ REPS = [[1, 2], [3, 1], [2, 3]]  # [step - 1][rank]
 
 def _repeated_loss(model, how: str, step: int, rank: int) -> torch.Tensor:
     _, first_runs, two_forwards = RUN_MORE_OFTEN[how]
+    if isinstance(first_runs, list):
+        first_runs = first_runs[rank]
     model.reps = first_runs if step == 0 else REPS[step - 1][rank]
     loss = model(_batch(step, rank, 0)).square().mean()
     if two_forwards:

@@ -85,8 +85,9 @@ Note [run twice from the second step on]:
     collective) stays gathered until backward ends; keeping it issues no collective and
     changes no other rank's. What cannot be kept without knowing it in advance is a
     unit entered again in the forward after it was released: one run again with other
-    units between, or a unit inside a block run twice, whose inner units are released
-    as the walk moves through the block. That gather is outside the recorded schedule,
+    units between, a unit inside a block run twice (its inner units are released as the
+    walk moves through the block), or the schedule's last unit run twice in a row (it
+    is released as soon as its forward ends). That gather is outside the recorded schedule,
     and if some rank does not issue it, nothing returns; so the rank warns first, naming
     the unit and the fix: run the repeat in one pass of the first step, on every rank,
     and every unit that repeats stays gathered for each later pass, which may then
