@@ -68,22 +68,44 @@ def _ranks_in_step(ctx) -> float:
     return probe.item()
 
 
-def load_state_dict_mid_run(ctx, stage: int):
-    """With bf16 mixed precision: train a step, then ``model.load_state_dict(pretrained)``
-    with fp32 values that bf16 cannot hold (stage 3: inside summon_full_params). The
-    fp32 masters must hold the loaded values exactly, at once (full_state_dict right
-    after the load) and after a step with lr 0; the parameters hold their bf16 cast.
-    Returns the largest differences: masters after the load, the full state dict,
-    masters after the step, parameters to the cast."""
+LOADS = ["model.load_state_dict", "each module's load_state_dict", "in-place writes"]
+
+
+def _load_by(model, pretrained: dict, how: str) -> None:
+    """Give ``model`` the ``pretrained`` values, as ``how`` (one of LOADS) does."""
+    if how == "model.load_state_dict":
+        model.load_state_dict(pretrained)
+        return
+    with torch.no_grad():
+        for prefix, module in model.named_modules():
+            own = {name: pretrained[f"{prefix}.{name}" if prefix else name]
+                   for name, p in module.named_parameters(recurse=False)}
+            if own and how == "each module's load_state_dict":
+                module.load_state_dict(own, strict=False)
+            for name, value in own.items():
+                if how == "in-place writes":
+                    getattr(module, name).copy_(value)
+
+
+def load_state_dict_mid_run(ctx, stage: int, how: str):
+    """With bf16 mixed precision: train a step, then give the model ``pretrained``
+    fp32 values that bf16 cannot hold, as ``how`` does (stage 3: inside
+    summon_full_params). The fp32 masters must hold loaded values exactly, at once
+    (full_state_dict right after the load) and after a step with lr 0; written values
+    reach them as the parameters hold them, in bf16 (the masters' cast compared); the
+    parameters hold their bf16 cast. Returns the largest differences: masters after
+    the load, the full state dict, masters after the step, parameters to the cast."""
     model = build_model(MLP, seed=ctx.rank)
     opt = _zero(model, stage, ctx.group, mixed_precision=BF16, lr=0.05)
     _steps(MLP, model, opt, 0, 1, ctx.rank)
     pretrained = build_model(MLP, seed=77).state_dict()  # the same on every rank
+    if how == "in-place writes":  # what a parameter can hold, and so its master
+        pretrained = {name: value.to(torch.bfloat16).float() for name, value in pretrained.items()}
     if stage == 3:
         with opt.summon_full_params():
-            model.load_state_dict(pretrained)
+            _load_by(model, pretrained, how)
     else:
-        model.load_state_dict(pretrained)
+        _load_by(model, pretrained, how)
     names = {id(p): name for name, p in model.named_parameters()}
 
     def master_diff():

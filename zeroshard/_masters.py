@@ -54,7 +54,8 @@ class Fp32Masters(ShardMasters):
 
     def __init__(self, param_dtype: torch.dtype) -> None:
         self.param_dtype = param_dtype
-        self._clean_version: dict[int, int] = {}  # id(bucket) -> flat._version when clean
+        # id(bucket) -> the version counters of its buffer and parameters when clean
+        self._clean_versions: dict[int, tuple[int, ...]] = {}
 
     def place(self, bucket: FlatBucket, own_storage: bool) -> None:
         if bucket.full_precision:  # Note [full-precision modules]
@@ -89,17 +90,17 @@ class Fp32Masters(ShardMasters):
         write to the parameters (``model.apply(init)``, ``p.copy_(...)``) put in the
         shard outside ``summon_full_params()``, which the next step would otherwise write
         back over. The shard equals the master's cast except where such a write changed
-        it; the buffer's version counter says whether anything was written since
-        ``mark_clean``, so this is free otherwise. (``model.load_state_dict`` is taken
+        it; the version counters say whether anything was written since ``mark_clean``,
+        so this costs a look at them otherwise. (``model.load_state_dict`` is taken
         exactly, in fp32: ``load``.)"""
         if not self._separate(bucket) or bucket.shard_owns_storage:  # stage 3: never written
             return
-        if bucket.flat._version != self._clean_version.get(id(bucket)):
+        if _versions(bucket) != self._clean_versions.get(id(bucket)):
             self.absorb_writes(bucket, bucket.shard)
             self.mark_clean(bucket)
 
     def mark_clean(self, bucket: FlatBucket) -> None:
-        self._clean_version[id(bucket)] = bucket.flat._version
+        self._clean_versions[id(bucket)] = _versions(bucket)
 
     def widen_gradient(self, bucket: FlatBucket) -> None:
         """A 2-byte gradient shard (kept so until needed, ``FlatBucket.set_grad_shard``)
@@ -117,6 +118,14 @@ class Fp32Masters(ShardMasters):
             return
         bucket.master[overlap.shard_span].copy_(
             to_memory_order(value, bucket.orders[index])[overlap.param_start:overlap.param_stop])
+
+
+def _versions(bucket: FlatBucket) -> tuple[int, ...]:
+    """The buffer's version counter and each parameter's. A parameter is a view of the
+    buffer given through ``.data``, which keeps the parameter's own counter: a write
+    through it (``p.mul_(0.5)`` under no_grad) moves that one, not the buffer's (the
+    buffer's alone missed such writes, and the next step wrote the old master back)."""
+    return (bucket.flat._version, *(param._version for param in bucket.params))
 
 
 def masters_for(policy: MixedPrecision | None) -> ShardMasters:

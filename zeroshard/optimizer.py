@@ -151,6 +151,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.stage = stage
         self.mixed_precision = mixed_precision
         self._masters = masters_for(mixed_precision)  # what the inner optimizer steps
+        self._places: dict | None = None  # for _load_into_masters
         self.comm_stats = _comm.CommStats()
 
         # 2. Plan: buckets, units, owners of parameters stepped whole (no collective).
@@ -208,9 +209,13 @@ class ZeroOptimizer(torch.optim.Optimizer):
         model, handles = self._model, self._stage.handles
         if self.mixed_precision is not None:
             handles += install_forward_casts(model, self.mixed_precision)
-            # model.load_state_dict() gives the fp32 masters the loaded values exactly
-            handles.append(model.register_load_state_dict_pre_hook(
-                WeakHook(self._load_into_masters)))
+            # model.load_state_dict() gives the fp32 masters the loaded values exactly;
+            # so does a submodule's (model.blocks[0].load_state_dict(...)), whose load
+            # calls no hook of the modules above it: one hook per module over its own
+            for module in model.modules():
+                if any(p is not None for p in module._parameters.values()):
+                    handles.append(module.register_load_state_dict_pre_hook(
+                        WeakHook(self._load_into_masters)))
         if broadcast_buffers and self._world_size > 1:  # Note [buffers follow rank 0]
             self._buffer_follower = BufferFollower(model, self._stage.switches, self._group,
                                                    self.comm_stats)
@@ -276,7 +281,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._stage = None
         if self._constructed:
             self._ddp_guard.remove()
-        self._plan, self._view = self._plan.emptied(), None
+        self._plan, self._view, self._places = self._plan.emptied(), None, None
         self._inner.state.clear()
         for group in self.param_groups + self._inner.param_groups:
             group["params"] = []
@@ -288,14 +293,16 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _load_into_masters(self, module, state_dict, prefix, *args) -> None:
-        """A pre-hook of ``model.load_state_dict``: the masters take the loaded values at
-        full precision; the parameters then receive their cast as usual."""
-        names = {id(p): prefix + name for name, p in self._model.named_parameters()}
-        for bucket in self._plan.buckets:
-            for index, param in enumerate(bucket.params):
-                value = state_dict.get(names[id(param)])
-                if isinstance(value, torch.Tensor) and value.numel() == param.numel():
-                    self._masters.load(bucket, index, value.reshape(param.shape))
+        """A pre-hook of ``load_state_dict`` on each module with parameters of its own:
+        the masters take the loaded values of ``module``'s parameters at full precision;
+        the parameters then receive their cast as usual."""
+        if self._places is None:  # id(parameter) -> (bucket, index), once
+            self._places = {id(p): (b, i) for b in self._plan.buckets for i, p in enumerate(b.params)}
+        for name, param in module._parameters.items():
+            value = state_dict.get(prefix + name)
+            if (param is not None and id(param) in self._places
+                    and isinstance(value, torch.Tensor) and value.numel() == param.numel()):
+                self._masters.load(*self._places[id(param)], value.reshape(param.shape))
 
     @property
     def model(self) -> nn.Module:
