@@ -68,7 +68,8 @@ def _ranks_in_step(ctx) -> float:
     return probe.item()
 
 
-LOADS = ["model.load_state_dict", "each module's load_state_dict", "in-place writes"]
+LOADS = ["model.load_state_dict", "each module's load_state_dict", "in-place writes",
+         "writes through .data"]
 
 
 def _load_by(model, pretrained: dict, how: str) -> None:
@@ -85,6 +86,8 @@ def _load_by(model, pretrained: dict, how: str) -> None:
             for name, value in own.items():
                 if how == "in-place writes":
                     getattr(module, name).copy_(value)
+                if how == "writes through .data":  # WGAN's p.data.clamp_(...)
+                    getattr(module, name).data.copy_(value)
 
 
 def load_state_dict_mid_run(ctx, stage: int, how: str):
@@ -99,7 +102,7 @@ def load_state_dict_mid_run(ctx, stage: int, how: str):
     opt = _zero(model, stage, ctx.group, mixed_precision=BF16, lr=0.05)
     _steps(MLP, model, opt, 0, 1, ctx.rank)
     pretrained = build_model(MLP, seed=77).state_dict()  # the same on every rank
-    if how == "in-place writes":  # what a parameter can hold, and so its master
+    if how.endswith("writes") or how.endswith(".data"):  # what a parameter holds: its master
         pretrained = {name: value.to(torch.bfloat16).float() for name, value in pretrained.items()}
     if stage == 3:
         with opt.summon_full_params():

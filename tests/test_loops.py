@@ -18,8 +18,9 @@ def test_load_state_dict_mid_run_with_mixed_precision_is_kept_by_the_step(pool, 
     """The fp32 masters take the loaded values exactly, not their bf16 casts; a load
     through a submodule's load_state_dict was cast to bf16 (stage 3) or lost, stepped
     over by the old masters (stages 1 and 2), and so were in-place writes to the
-    parameters between steps (a helper's probes: each parameter, a view given through
-    .data, keeps its own version counter, which the masters' check did not read).
+    parameters between steps (a helper's probes: the masters' check read the flat
+    buffer's version counter, which neither a write through a parameter nor one
+    through its .data moves).
     Written values are bf16 values here, which the masters must then hold."""
     for diffs in pool.run(cases_loops.load_state_dict_mid_run, 2, stage, how):
         assert diffs == (0, 0, 0, 0), diffs

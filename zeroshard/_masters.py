@@ -39,9 +39,6 @@ class ShardMasters:
     def absorb_outside_writes(self, bucket: FlatBucket) -> None:
         """Before the masters are used: what was written to the parameters since."""
 
-    def mark_clean(self, bucket: FlatBucket) -> None:
-        """The parameters hold the master's values now (construction, a step, a load)."""
-
     def widen_gradient(self, bucket: FlatBucket) -> None:
         """Before clipping and the step: the gradient shard in the master's dtype."""
 
@@ -54,8 +51,6 @@ class Fp32Masters(ShardMasters):
 
     def __init__(self, param_dtype: torch.dtype) -> None:
         self.param_dtype = param_dtype
-        # id(bucket) -> the version counters of its buffer and parameters when clean
-        self._clean_versions: dict[int, tuple[int, ...]] = {}
 
     def place(self, bucket: FlatBucket, own_storage: bool) -> None:
         if bucket.full_precision:  # Note [full-precision modules]
@@ -66,7 +61,6 @@ class Fp32Masters(ShardMasters):
         bucket.cast_parameters(self.param_dtype)
         bucket.place_shard(own_storage)
         bucket.set_master(master)
-        self.mark_clean(bucket)
 
     def _separate(self, bucket: FlatBucket) -> bool:
         return bucket.master is not None and bucket.master is not bucket.shard
@@ -87,20 +81,17 @@ class Fp32Masters(ShardMasters):
 
     def absorb_outside_writes(self, bucket: FlatBucket) -> None:
         """Stages 1-2, before the masters are used: take into the master what an in-place
-        write to the parameters (``model.apply(init)``, ``p.copy_(...)``) put in the
-        shard outside ``summon_full_params()``, which the next step would otherwise write
-        back over. The shard equals the master's cast except where such a write changed
-        it; the version counters say whether anything was written since ``mark_clean``,
-        so this costs a look at them otherwise. (``model.load_state_dict`` is taken
-        exactly, in fp32: ``load``.)"""
-        if not self._separate(bucket) or bucket.shard_owns_storage:  # stage 3: never written
-            return
-        if _versions(bucket) != self._clean_versions.get(id(bucket)):
+        write to the parameters (``model.apply(init)``, ``p.mul_(0.5)``, WGAN's
+        ``p.data.clamp_(...)``) put in the shard outside ``summon_full_params()``, which
+        the next step would otherwise write back over. The shard equals the master's
+        cast except where such a write changed it. No version counter tells whether one
+        did: a write through ``p.data`` moves none, and one through ``p`` moves the
+        parameter's own, not the buffer's (the buffer's alone was read before, and such
+        writes were lost, silently). So every call compares: a cast, a comparison and a
+        select over this rank's shard, no host synchronisation. (``model.load_state_dict``
+        is taken exactly, in fp32: ``load``.)"""
+        if self._separate(bucket) and not bucket.shard_owns_storage:  # stage 3: never written
             self.absorb_writes(bucket, bucket.shard)
-            self.mark_clean(bucket)
-
-    def mark_clean(self, bucket: FlatBucket) -> None:
-        self._clean_versions[id(bucket)] = _versions(bucket)
 
     def widen_gradient(self, bucket: FlatBucket) -> None:
         """A 2-byte gradient shard (kept so until needed, ``FlatBucket.set_grad_shard``)
@@ -118,14 +109,6 @@ class Fp32Masters(ShardMasters):
             return
         bucket.master[overlap.shard_span].copy_(
             to_memory_order(value, bucket.orders[index])[overlap.param_start:overlap.param_stop])
-
-
-def _versions(bucket: FlatBucket) -> tuple[int, ...]:
-    """The buffer's version counter and each parameter's. A parameter is a view of the
-    buffer given through ``.data``, which keeps the parameter's own counter: a write
-    through it (``p.mul_(0.5)`` under no_grad) moves that one, not the buffer's (the
-    buffer's alone missed such writes, and the next step wrote the old master back)."""
-    return (bucket.flat._version, *(param._version for param in bucket.params))
 
 
 def masters_for(policy: MixedPrecision | None) -> ShardMasters:

@@ -191,8 +191,6 @@ class WholeParameters:
 
     def after_step(self) -> None:
         self.gather(self.launch_order())
-        for bucket in self.buckets:
-            self.masters.mark_clean(bucket)
 
     def gather(self, launch_order: list[FlatBucket]) -> None:
         """All-gather each bucket's updated shard into its flat buffer (the parameters), in
