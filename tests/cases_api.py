@@ -126,8 +126,11 @@ def _train(model, opt, steps: int, start: int, rank: int):
         opt.zero_grad()
 
 
-def resume_from_state_dict(ctx, stage: int, optimizer: str, bf16: bool = False):
-    """Train 2 steps, save, train 3 more; then resume a fresh model from the save."""
+def resume_from_state_dict(ctx, stage: int, optimizer: str, bf16: bool = False,
+                           model_too: bool = True):
+    """Train 2 steps, save, train 3 more; then resume a fresh model from the save (with
+    bf16 and not ``model_too``, from the optimizer's state dict alone: it holds the fp32
+    masters, and so the weights)."""
     opt_class = {"SGD": torch.optim.SGD, "AdamW": torch.optim.AdamW}[optimizer]
     kwargs = {"lr": 0.05, "momentum": 0.9} if optimizer == "SGD" else {"lr": 0.01}
     if bf16:
@@ -152,8 +155,9 @@ def resume_from_state_dict(ctx, stage: int, optimizer: str, bf16: bool = False):
     uninterrupted = params(model, opt)
 
     model2, opt2 = fresh(seed=1234 + ctx.rank)
-    with opt2.summon_full_params():
-        model2.load_state_dict(saved_model)
+    if model_too:
+        with opt2.summon_full_params():
+            model2.load_state_dict(saved_model)
     opt2.load_state_dict(saved_opt)
     _train(model2, opt2, steps=3, start=2, rank=ctx.rank)
     resumed = params(model2, opt2)
@@ -161,6 +165,30 @@ def resume_from_state_dict(ctx, stage: int, optimizer: str, bf16: bool = False):
         uninterrupted += list(opt.sharding.gather_masters().values())
         resumed += list(opt2.sharding.gather_masters().values())
     return uninterrupted, resumed
+
+
+def a_state_dict_refused_on_one_rank(ctx, stage: int):
+    """Rank 1 loads a state dict that is not its own; rank 0 loads its own. Returns what
+    each rank raised, and whether a step then trains on every rank (no rank was left
+    in a collective)."""
+    model = build_model(MLP, seed=0)
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.AdamW, stage=stage, process_group=ctx.group,
+                                  lr=0.01, bucket_size_mb=1e-4,
+                                  mixed_precision=zeroshard.MixedPrecision(
+                                      torch.bfloat16, buffer_dtype=torch.bfloat16,
+                                      output_dtype=torch.float32),
+                                  **({"units": nn.Linear} if stage == 3 else {}))
+    _train(model, opt, steps=1, start=0, rank=ctx.rank)
+    saved = opt.state_dict()
+    if ctx.rank == 1:
+        saved = {**saved, "rank": 0}  # as if rank 0's state dict were loaded everywhere
+    try:
+        opt.load_state_dict(saved)
+        raised = None
+    except (ValueError, RuntimeError) as error:
+        raised = f"{type(error).__name__}: {error}"
+    _train(model, opt, steps=1, start=1, rank=ctx.rank)
+    return raised, True
 
 
 def state_dict_outside_summon(ctx):

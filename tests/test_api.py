@@ -75,6 +75,29 @@ def test_state_dict_resumes_bf16_bit_for_bit(pool, stage):
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_the_bf16_optimizer_state_alone_resumes_the_weights_on_every_rank(pool, stage):
+    """With mixed precision opt.state_dict() holds the fp32 masters. Loaded alone, at
+    stages 1-2 only this rank's slice of the parameters took them, and until the next
+    step the ranks ran different weights (a helper's probe: outputs 0.24 apart); the
+    parameters now follow the masters on every rank, as after a step."""
+    for uninterrupted, resumed in pool.run(cases_api.resume_from_state_dict, 2, stage, "AdamW",
+                                           True, False):
+        for a, b in zip(uninterrupted, resumed):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_a_state_dict_refused_on_one_rank_is_refused_on_every_rank(pool, stage):
+    """Rank 0's state dict loaded everywhere was refused on rank 1 only, and rank 0 went
+    on alone (into the gather that now follows a load, or the next step's collectives)."""
+    (raised0, trained0), (raised1, trained1) = pool.run(cases_api.a_state_dict_refused_on_one_rank,
+                                                        2, stage)
+    assert raised1 is not None and "rank 0 of 2" in raised1 and "rank 1 of 2" in raised1, raised1
+    assert raised0 is not None and "another rank failed" in raised0, raised0
+    assert trained0 and trained1
+
+
 def test_state_dict_from_another_world_size_is_refused(pool):
     for message in pool.run(cases_api.load_state_dict_from_other_world_size, 2):
         assert "rank 0 of 3" in message or "rank 1 of 3" in message, message

@@ -463,7 +463,29 @@ class ZeroOptimizer(torch.optim.Optimizer):
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Load this rank's ``state_dict()``; collective, call it on every rank. A rank
+        that refuses its state dict makes every rank raise (one 4-byte all-reduce), so no
+        rank is left alone in the gather below or in the next step's collectives."""
         self._require_open()
+        _comm.run_and_share(lambda: self._check_state_dict(state_dict), group=self._group,
+                            stats=self.comm_stats, label="load_state_dict", device=self._device)
+        masters = state_dict.get("masters")
+        self._inner.load_state_dict(state_dict["inner"])
+        for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):
+            group.update(saved_group)
+        if masters is None:
+            return  # the parameters' shards are the masters: loading moved no weight
+        with torch.no_grad():
+            for bucket, master in zip(self._plan.buckets, masters):
+                bucket.master.copy_(master)
+                self._masters.to_shard(bucket)
+        # The parameters follow the loaded masters on every rank, as after a step (stages
+        # 1-2 gather; stage 3 gathers on demand). Only this rank's slice followed them
+        # before, and until the next step the ranks ran different weights (a helper's probe).
+        self._stage.after_step()
+
+    def _check_state_dict(self, state_dict: dict) -> None:
+        """Refuse a state dict that this rank cannot load, naming why and the fix."""
         if not isinstance(state_dict, dict) or "zeroshard_version" not in state_dict:
             raise ValueError("not a ZeroOptimizer state dict (no 'zeroshard_version' key); "
                              "a plain torch optimizer state dict loads with load_full_state_dict")
@@ -502,13 +524,6 @@ class ZeroOptimizer(torch.optim.Optimizer):
             raise ValueError("state dict was saved with mixed_precision="
                              f"{'a policy' if masters is not None else 'None'}, this optimizer "
                              f"has {self.mixed_precision}; use zeroshard checkpoints to change it")
-        self._inner.load_state_dict(state_dict["inner"])
-        for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):
-            group.update(saved_group)
-        with torch.no_grad():
-            for bucket, master in zip(self._plan.buckets, masters or []):
-                bucket.master.copy_(master)
-                self._masters.to_shard(bucket)
 
     def full_state_dict(self) -> tuple[dict, dict] | None:
         """``(model_state_dict, optimizer_state_dict)`` on rank 0 (None elsewhere), in
