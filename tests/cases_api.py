@@ -191,6 +191,47 @@ def a_state_dict_refused_on_one_rank(ctx, stage: int):
     return raised, True
 
 
+def resetting_state_through_opt_state(ctx, stage: int):
+    """Two param groups; after 2 steps the state of group 0 is reset the torch way,
+    ``opt.state[t] = {}`` over ``opt.param_groups[0]["params"]`` (this rank's shards),
+    beside DDP + AdamW resetting its group 0's parameters alike; 2 more steps. Returns
+    the largest parameter difference from DDP and what ``opt.state[p]`` raised for a
+    model parameter (it did nothing before: an empty dict took the entry)."""
+    model, reference = build_model(MLP, seed=0), build_model(MLP, seed=0)
+    decay = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    rest = [p for n, p in model.named_parameters() if not n.endswith("weight")]
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.AdamW, stage=stage, process_group=ctx.group,
+                                  param_groups=[{"params": decay}, {"params": rest, "weight_decay": 0}],
+                                  lr=0.01, bucket_size_mb=1e-4,
+                                  **({"units": nn.Linear} if stage == 3 else {}))
+    ddp = DDP(reference, process_group=ctx.group)
+    named = dict(reference.named_parameters())
+    torch_opt = torch.optim.AdamW(
+        [{"params": [named[n] for n, _ in model.named_parameters() if n.endswith("weight")]},
+         {"params": [named[n] for n, _ in model.named_parameters() if not n.endswith("weight")],
+          "weight_decay": 0}], lr=0.01)
+    refusal = None
+    for step in range(4):
+        if step == 2:
+            for tensor in opt.param_groups[0]["params"]:
+                opt.state[tensor] = {}
+            for param in torch_opt.param_groups[0]["params"]:
+                torch_opt.state[param] = {}
+            try:
+                opt.state[decay[0]] = {}
+            except KeyError as error:
+                refusal = str(error)
+        for module, optimizer in ((model, opt), (ddp, torch_opt)):
+            loss_fn(MLP, module, make_batch(MLP, seed=step, rank=ctx.rank, batch=4)).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    with opt.summon_full_params():
+        difference = max((p - q).abs().max().item()
+                         for p, q in zip(model.parameters(), reference.parameters()))
+    opt.close()
+    return difference, refusal
+
+
 def state_dict_outside_summon(ctx):
     """Stage 3: model.state_dict() on sharded parameters is refused, not a crash."""
     model = build_model(MLP, seed=0)

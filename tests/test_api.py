@@ -98,6 +98,17 @@ def test_a_state_dict_refused_on_one_rank_is_refused_on_every_rank(pool, stage):
     assert trained0 and trained1
 
 
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_optimizer_state_is_reset_through_its_shards_and_refused_for_a_parameter(pool, stage):
+    """opt.state holds the inner optimizers' state, keyed by the shards in param_groups:
+    resetting a group's entries there equals DDP + AdamW resetting its group's, bit for
+    bit. ``opt.state[p] = {}`` for a model
+    parameter did nothing, silently (a helper's probe: 3.8e-2 from DDP); it is refused."""
+    for difference, refusal in pool.run(cases_api.resetting_state_through_opt_state, 2, stage):
+        assert difference == 0, difference
+        assert refusal is not None and "opt.full_state_dict()" in refusal and "opt.close()" in refusal
+
+
 def test_state_dict_from_another_world_size_is_refused(pool):
     for message in pool.run(cases_api.load_state_dict_from_other_world_size, 2):
         assert "rank 0 of 3" in message or "rank 1 of 3" in message, message
