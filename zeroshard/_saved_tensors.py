@@ -129,7 +129,8 @@ class SavedTensorWatches:
             "it computed with a NaN placeholder. Choose units so that the module using a "
             "parameter holds it or is an ancestor of its unit: pass units= without "
             f"{type(released.module).__name__} (e.g. the block class), or tie the weight "
-            "by assignment (head.weight = emb.weight)")
+            "by assignment (head.weight = emb.weight) before building the ZeroOptimizer (a tie "
+            "made after it is not seen: opt.close(), tie, and build a new one)")
 
     def recast_of(self, unit: Unit, tensor: torch.Tensor) -> Recast | None:
         """Note [autocast casts]: a recipe for ``tensor`` if it is (a view of) a cast of one
