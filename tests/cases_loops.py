@@ -1410,3 +1410,55 @@ def odd_sizes_against_ddp(ctx, stage: int, steps: int = 3):
     difference = largest_difference(opt, model, reference)
     opt.close()
     return output_difference, difference, sorted(starts)
+
+
+class _Residual(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(16, 32), torch.nn.Linear(32, 16)
+
+    def forward(self, x):
+        return x + self.fc2(torch.tanh(self.fc1(x)))
+
+
+def _hooked_net(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(_Residual(), _Residual(), torch.nn.Linear(16, 4))
+
+
+FORWARD_HOOKS_AFTER = ["calls a submodule", "scales by a weight", "logs a weight"]
+
+
+def _add_forward_hook(model, how: str, log: list) -> None:
+    """A forward hook on a block, as ``how`` says (FORWARD_HOOKS_AFTER). The block is a
+    unit at stage 3; the second is the schedule's last unit."""
+    if how == "calls a submodule":  # an adapter's extra residual
+        model[0].register_forward_hook(lambda m, args, out: out + 0.1 * m.fc2(torch.tanh(m.fc1(out))))
+    if how == "scales by a weight":
+        model[1].register_forward_hook(lambda m, args, out: out * m.fc1.weight.mean())
+    if how == "logs a weight":
+        model[1].register_forward_hook(lambda m, args, out: log.append(m.fc1.weight.sum().item()))
+
+
+def forward_hook_registered_after_the_optimizer(ctx, stage: int, how: str):
+    """Note [the unit's forward hook runs last] in zeroshard/stage3.py: a forward hook
+    added after ZeroOptimizer ran after the unit's own, which at stage 3 may have
+    released the unit (NaN read, NaN trained) or stopped watching what its forward saves
+    (a raw error in backward). Returns the largest parameter difference from DDP with
+    the same hook after 3 steps, and whether the logged weights were DDP's."""
+    model, reference = _hooked_net(0), _hooked_net(0)
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.AdamW, stage=stage, process_group=ctx.group,
+                                  lr=0.01, **({"units": _Residual} if stage == 3 else {}))
+    ddp = DDP(reference, process_group=ctx.group)
+    ref_opt = torch.optim.AdamW(reference.parameters(), lr=0.01)
+    logs, ref_logs = [], []
+    _add_forward_hook(model, how, logs)
+    _add_forward_hook(reference, how, ref_logs)
+    for step in range(3):
+        generator = torch.Generator().manual_seed(10 * step + ctx.rank)
+        x, y = torch.randn(4, 16, generator=generator), torch.randn(4, 4, generator=generator)
+        for net, optimizer in ((model, opt), (ddp, ref_opt)):
+            torch.nn.functional.mse_loss(net(x), y).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    return largest_difference(opt, model, reference), logs == ref_logs

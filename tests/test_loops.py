@@ -286,6 +286,17 @@ def test_parameters_computed_in_a_pre_forward_hook_train_like_ddp(pool, stage):
         assert diff < 1e-6, diff
 
 
+@pytest.mark.parametrize("how", cases_loops.FORWARD_HOOKS_AFTER)
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_a_forward_hook_added_after_the_optimizer_trains_like_ddp(pool, stage, how):
+    """Found by a reviewer's probe: at stage 3 such a hook ran after the unit's own, so a
+    weight it read was NaN (the schedule's last unit is released as its forward ends)
+    and a submodule it called failed in backward with torch's raw setStorage error."""
+    for diff, same_logs in pool.run(cases_loops.forward_hook_registered_after_the_optimizer, 2,
+                                    stage, how):
+        assert diff == 0 and same_logs, (diff, same_logs)
+
+
 @pytest.mark.parametrize("stage, units", [(1, None), (2, None), (3, None), (3, "embedding")])
 def test_a_parameter_written_inside_its_forward_keeps_the_write(pool, stage, units):
     """Found by a probe: Embedding(max_norm=...) renormalised rows of the gathered

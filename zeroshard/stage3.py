@@ -176,6 +176,22 @@ from .mixed_precision import GradientDtypes
 from .stage2 import ShardedGradients
 
 
+def _run_last(hooks: dict, hook_id: int) -> None:
+    """Note [the unit's forward hook runs last]:
+        A forward hook of the user's on a unit's module, registered after the optimizer,
+        ran after the unit's own, which may release the unit at once (the schedule's last
+        unit) and has closed the unit's watch on saved tensors: a hook that read a weight
+        (a log line) read the NaN placeholders, and one that called a submodule (an
+        adapter, an extra residual) saved views that backward found freed (torch's
+        "setStorage ... storage of size 0"; both a reviewer's probes). So before each
+        forward of the unit, its own forward hook moves to the end of the module's hooks
+        (an O(1) look at the last key, a move when the user added one): whatever the
+        user's hooks compute is the unit's forward, gathered and watched, and the hook
+        that arms the unit's backward sees their output."""
+    if next(reversed(hooks), None) != hook_id and hook_id in hooks:
+        hooks.move_to_end(hook_id)
+
+
 def trainable_buckets(units: list[Unit]):
     """The reducer's first launch order: units from the last to the root (roughly
     backward's order), until Note [one order] sorts them by when the backward walk is
@@ -279,11 +295,12 @@ class UnitGatherer:
             unit.gathered_storages = self._gathered_storages
             # first among the unit's pre-forward hooks: one registered before this
             # optimizer (legacy weight_norm, torch.nn.utils.prune) computes from the
-            # parameters, which must be gathered by then (it read the placeholders' NaN)
+            # parameters, which must be gathered by then (it read the placeholders' NaN);
+            # last among its forward hooks (Note [the unit's forward hook runs last])
+            post = unit.module.register_forward_hook(WeakHook(self.post_forward, unit))
             handles.append(unit.module.register_forward_pre_hook(
-                WeakHook(self.pre_forward, unit), prepend=True))
-            handles.append(unit.module.register_forward_hook(
-                WeakHook(self.post_forward, unit)))
+                WeakHook(self.pre_forward, unit, post.id), prepend=True))
+            handles.append(post)
             if not unit.release_when_grads_done:  # Note [backward past a unit's inputs]
                 handles.append(unit.module.register_forward_pre_hook(
                     WeakHook(self._watch_inputs, unit), with_kwargs=True))
@@ -301,8 +318,9 @@ class UnitGatherer:
 
     # -- the four hooks: before and after each unit's forward and backward -----------
 
-    def pre_forward(self, unit: Unit, module, args) -> None:
+    def pre_forward(self, unit: Unit, post_forward_id: int, module, args) -> None:
         """Gather ``unit`` for its forward, walking the schedule (Note [gather schedule])."""
+        _run_last(module._forward_hooks, post_forward_id)
         if self._forward_inside_summon(unit):
             return
         if self.switches.phase is Phase.BACKWARD:  # Note [recomputation]
