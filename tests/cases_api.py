@@ -168,9 +168,10 @@ def resume_from_state_dict(ctx, stage: int, optimizer: str, bf16: bool = False,
 
 
 def a_state_dict_refused_on_one_rank(ctx, stage: int):
-    """Rank 1 loads a state dict that is not its own; rank 0 loads its own. Returns what
-    each rank raised, and whether a step then trains on every rank (no rank was left
-    in a collective)."""
+    """Rank 1 loads a state dict that is not its own; rank 0 loads its own. Then every
+    rank loads its own inside summon_full_params(), which mixed precision refuses.
+    Returns what each rank raised in each (a step after each trains on every rank: no
+    rank was left in a collective)."""
     model = build_model(MLP, seed=0)
     opt = zeroshard.ZeroOptimizer(model, torch.optim.AdamW, stage=stage, process_group=ctx.group,
                                   lr=0.01, bucket_size_mb=1e-4,
@@ -188,7 +189,14 @@ def a_state_dict_refused_on_one_rank(ctx, stage: int):
     except (ValueError, RuntimeError) as error:
         raised = f"{type(error).__name__}: {error}"
     _train(model, opt, steps=1, start=1, rank=ctx.rank)
-    return raised, True
+    inside = None
+    with opt.summon_full_params():  # the end of the block would overwrite the masters
+        try:
+            opt.load_state_dict(opt.state_dict())
+        except RuntimeError as error:
+            inside = str(error)
+    _train(model, opt, steps=1, start=2, rank=ctx.rank)
+    return raised, inside
 
 
 def resetting_state_through_opt_state(ctx, stage: int):

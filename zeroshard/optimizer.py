@@ -525,6 +525,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
             raise ValueError("state dict was saved with mixed_precision="
                              f"{'a policy' if masters is not None else 'None'}, this optimizer "
                              f"has {self.mixed_precision}; use zeroshard checkpoints to change it")
+        if masters is not None and self._stage.switches.summoned:
+            raise RuntimeError("opt.load_state_dict() with mixed precision inside `with "
+                               "opt.summon_full_params():` loads the fp32 masters, which the end "
+                               "of the block would overwrite with the gathered parameters' old "
+                               "values (stage 3); call it after the block")
 
     def full_state_dict(self) -> tuple[dict, dict] | None:
         """``(model_state_dict, optimizer_state_dict)`` on rank 0 (None elsewhere), in
