@@ -87,11 +87,6 @@ class Unit:
             id(m.weight) for m in module.modules()
             if isinstance(m, (nn.Embedding, nn.EmbeddingBag))} & self.trainable_ids
 
-    def kept_through_backward(self) -> bool:
-        """Released only as backward ends, not once its gradients are in (Note [runs
-        before the walk moves on], Note [run twice from the second step on] in stage3.py)."""
-        return self.held_for_pass or self.record.entries > 1
-
     def end_backward(self) -> None:
         """A backward ended: release, start a new record."""
         self.release()

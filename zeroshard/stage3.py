@@ -80,10 +80,16 @@ Note [run twice from the second step on]:
     checkpointing recomputes each run in its own nested backward, and the first of them
     delivers the unit's gradients (so does each forward's when two forwards precede one
     backward). Released then, the unit was gathered again for the next recomputation on
-    that rank only, and the ranks hung. So a unit that training forwards entered more
-    than once since the last backward (``UnitRecord.entries``, this rank's own count: no
-    collective) stays gathered until backward ends; keeping it issues no collective and
-    changes no other rank's. What cannot be kept without knowing it in advance is a
+    that rank only, and the ranks hung (non-reentrant checkpointing, whose recomputations
+    run in the backward itself, did so too with two forwards). So where recomputations
+    run (one has been seen in some backward, ``RecomputationWatch``: at the latest
+    before the first of them delivers a gradient), a unit that training forwards
+    entered more than once since the last backward (``UnitRecord.entries``, this
+    rank's own count: no collective) stays gathered until backward ends; keeping it
+    issues no collective and changes no other rank's. Without recomputation a unit's
+    gradients come in once, after its last use, so a unit run in two forwards before
+    one backward (a GAN's discriminator on real and fake batches, a contrastive pair)
+    is still released as they do. What cannot be kept without knowing it in advance is a
     unit entered again in the forward after it was released: one run again with other
     units between, a unit inside a block run twice (its inner units are released as the
     walk moves through the block), or the schedule's last unit run twice in a row (it
@@ -378,7 +384,7 @@ class UnitGatherer:
         # step on]).
         if not unit.release_when_grads_done:
             self._release_past_inputs(unit)
-        elif not unit.kept_through_backward() and unit.record.grads_arrived >= unit.trainable_ids:
+        elif not self._kept_through_backward(unit) and unit.record.grads_arrived >= unit.trainable_ids:
             unit.release()
             # A nested backward (Note [late gradients]) may gather it again: count afresh.
             unit.record.grads_arrived.clear()
@@ -594,6 +600,12 @@ class UnitGatherer:
                 "model.state_dict() and model.load_state_dict() must run inside "
                 "`with opt.summon_full_params():` (on every rank)")
 
+    def _kept_through_backward(self, unit: Unit) -> bool:
+        """Released only as backward ends, not once its gradients are in: held for each
+        pass (Note [runs before the walk moves on]), or entered twice since the last
+        backward where recomputations run (Note [run twice from the second step on])."""
+        return unit.held_for_pass or (unit.record.entries > 1 and self._recomputation.seen)
+
     # -- Note [released once backward has read it] --------------------------------------
 
     def _all_saved_read(self, unit: Unit) -> None:
@@ -630,7 +642,7 @@ class UnitGatherer:
         parameter (which may read it when the gradient comes), no other unit's forward
         saved a view of it, and it is not held for the pass."""
         return (not unit.frozen_on_a_ctx and not unit.saved_by_another_unit
-                and not unit.kept_through_backward() and not self.switches.summoned
+                and not self._kept_through_backward(unit) and not self.switches.summoned
                 and not unit.parameters_have_user_hooks())
 
     # -- Note [backward past a unit's inputs] in _frozen_reads.py ---------------------------
