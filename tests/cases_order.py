@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import zeroshard
+from grad_hooks import after_zeroshard
 
 # pattern -> reshard_after_forward. In step 1 rank 0 runs unit b (or blk twice) and the
 # other ranks do not, in a loop that also:
@@ -136,6 +137,9 @@ RUN_MORE_OFTEN = {
     "reentrant, last unit, first step twice": ({"checkpointing": "reentrant", "blk_last": True}, 2,
                                                False),
     "reentrant, two forwards": ({"checkpointing": "reentrant"}, 1, True),
+    # a unit of two layers: backward reads it after its first gradient comes
+    "reentrant two-layer unit, first step twice": ({"checkpointing": "reentrant", "nested": True,
+                                                    "units": nn.Sequential}, 2, False),
     "reentrant, ranks differ in the first step": ({"checkpointing": "reentrant"}, [2, 1], False),
     "non-reentrant, two forwards": ({"checkpointing": "nonreentrant"}, 1, True),
     "nested units, first step twice": ({"checkpointing": None, "nested": True}, 2, False),
@@ -162,9 +166,9 @@ def run_more_often_from_the_second_step(ctx, how: str, reshard_after_forward: bo
     """Note [run twice from the second step on]: ranks run blk different numbers of
     times after a first step that ran it alike. Returns the rank's collectives, how far
     its parameters are from single-process training, and the warnings it gave."""
-    options = RUN_MORE_OFTEN[how][0]
+    options = dict(RUN_MORE_OFTEN[how][0])
+    units = options.pop("units", [nn.Sequential, nn.Linear] if options.get("nested") else nn.Linear)
     model = Repeated(**options)
-    units = [nn.Sequential, nn.Linear] if options.get("nested") else nn.Linear
     opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=3, process_group=ctx.group,
                                   units=units, reshard_after_forward=reshard_after_forward, lr=LR)
     opt.comm_stats.trace = trace = []
@@ -220,3 +224,52 @@ def every_rank_runs_a_nested_block_more_often_later(ctx):
                          for p, q in zip(model.parameters(), reference.parameters()))
     opt.close()
     return difference, [str(w.message) for w in caught if "zeroshard" in str(w.message)]
+
+
+def gathered_peak_in_backward(ctx, how: str):
+    """Note [run twice from the second step on]: six Linear units; each step runs, as
+    ``how`` says, a training forward whose output is dropped (a log line without
+    no_grad) then one that backward goes through, or one forward under reentrant
+    checkpointing of the whole model. Nothing is recomputed more than once, so each
+    unit is released once its gradient is in. Returns the most parameter bytes held
+    gathered while backward accumulated gradients (from the second step on), one
+    unit's bytes, and the largest parameter difference from single-process training."""
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(*[nn.Linear(32, 32) for _ in range(6)])
+    model, reference = build(), build()
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=3, process_group=ctx.group,
+                                  units=nn.Linear, lr=LR)
+    sgd = torch.optim.SGD(reference.parameters(), lr=LR)
+    peak, step_now = [0], [0]
+
+    def record(_param):
+        if step_now[0] >= 1:
+            peak[0] = max(peak[0], opt.memory_report()["parameters"])
+    nodes = [after_zeroshard(p, record) for p in model.parameters()]
+
+    def loss(net, step, rank):
+        x = _batch(step, rank, 0).repeat(1, 8)
+        if how == "dropped forward":
+            net(x)
+            return net(x).square().mean()
+        return checkpoint(net, x.requires_grad_(), use_reentrant=True).square().mean()
+    for step in range(3):
+        step_now[0] = step
+        loss(model, step, ctx.rank).backward()
+        opt.step()
+        opt.zero_grad()
+        for rank in range(ctx.world_size):
+            loss(reference, step, rank).backward()
+        for param in reference.parameters():
+            param.grad /= ctx.world_size
+        sgd.step()
+        sgd.zero_grad()
+    del nodes
+    with opt.summon_full_params():
+        difference = max((p - q).abs().max().item()
+                         for p, q in zip(model.parameters(), reference.parameters()))
+    unit_bytes = sum(p.numel() * p.element_size() for p in model[0].parameters())
+    opt.close()
+    return peak[0], unit_bytes, difference
+

@@ -139,3 +139,16 @@ def test_a_block_of_units_repeated_more_often_later_warns_before_gathering_again
         assert difference <= 1e-6, (rank, difference)
         assert warned and all("blk.0" in w or "blk.2" in w for w in warned), (rank, warned)
         assert "first step" in warned[0] and "Note [run twice from the second step on]" in warned[0]
+
+
+@pytest.mark.parametrize("how", ["dropped forward", "reentrant checkpointing"])
+def test_units_run_once_per_backward_are_released_as_their_gradients_come(pool, how):
+    """Note [run twice from the second step on]: keeping a unit gathered to the end of
+    backward is for units that backward recomputes more than once; a first version kept
+    every unit entered twice since the last backward, so a training forward whose output
+    was dropped held the whole model through the next backward (a reviewer's probe)."""
+    for peak, unit_bytes, difference in pool.run(cases_order.gathered_peak_in_backward, 2, how):
+        assert difference <= 1e-6, difference
+        shards = 6 * unit_bytes / 2  # the unit computing and the one prefetched, on the shards
+        assert 0 < peak <= shards + 2 * unit_bytes, (peak, unit_bytes)
+

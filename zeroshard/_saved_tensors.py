@@ -66,7 +66,7 @@ class SavedTensorWatches:
     def open(self, unit: Unit) -> None:
         """Open ``unit``'s saved-tensor hooks for its forward (with grad enabled, and not
         inside another pair of saved-tensor hooks)."""
-        if torch.is_grad_enabled() and _may_watch_saved_tensors():
+        if torch.is_grad_enabled() and may_watch_saved_tensors():
             watch = SavedTensorWatch(self, unit)
             hooks = torch.autograd.graph.saved_tensors_hooks(watch.pack, watch.unpack)
             hooks.__enter__()
@@ -207,7 +207,7 @@ class Recast:
         return cast.as_strided(self.shape, self.stride, self.offset)
 
 
-def _may_watch_saved_tensors() -> bool:
+def may_watch_saved_tensors() -> bool:
     """No saved-tensor hooks are active, or only a unit's own (Note [saved tensors])."""
     top = torch._C._autograd._top_saved_tensors_default_hooks(False)
     return top is None or isinstance(getattr(top[0], "__self__", None), SavedTensorWatch)

@@ -41,8 +41,10 @@ class UnitRecord:
     # A forward with grad enabled ran it, or a gradient came, in this backward's passes,
     # or it holds a gradient a no_sync() backward left in .grad (Unit.holds_local_grads).
     ran: bool = False
-    # training forwards that entered it (Note [run twice from the second step on])
-    entries: int = 0
+    # Note [run twice from the second step on]: training forwards' runs of it under
+    # activation checkpointing, and its recomputations in this backward
+    checkpointed_runs: int = 0
+    recomputations: int = 0
     # Note [backward past a unit's inputs] in _frozen_reads.py: a training forward
     # watched its inputs; hooks on those that require grad, and how many have had
     # their gradient in this backward

@@ -80,16 +80,19 @@ Note [run twice from the second step on]:
     checkpointing recomputes each run in its own nested backward, and the first of them
     delivers the unit's gradients (so does each forward's when two forwards precede one
     backward). Released then, the unit was gathered again for the next recomputation on
-    that rank only, and the ranks hung (non-reentrant checkpointing, whose recomputations
-    run in the backward itself, did so too with two forwards). So where recomputations
-    run (one has been seen in some backward, ``RecomputationWatch``: at the latest
-    before the first of them delivers a gradient), a unit that training forwards
-    entered more than once since the last backward (``UnitRecord.entries``, this
-    rank's own count: no collective) stays gathered until backward ends; keeping it
-    issues no collective and changes no other rank's. Without recomputation a unit's
-    gradients come in once, after its last use, so a unit run in two forwards before
-    one backward (a GAN's discriminator on real and fake batches, a contrastive pair)
-    is still released as they do. What cannot be kept without knowing it in advance is a
+    that rank only, and the ranks hung (non-reentrant checkpointing did so too with two
+    forwards). So a unit that training forwards ran more than once under checkpointing
+    since the last backward (``UnitRecord.checkpointed_runs``: reentrant checkpointing
+    runs it without grad, non-reentrant under its saved-tensor hooks) stays gathered
+    until backward has recomputed it as often, or ends; this rank's own counts, so no
+    collective, and keeping it changes no other rank's. The cost: with two forwards
+    before one backward under reentrant checkpointing (a contrastive pair with
+    gradient checkpointing), backward recomputes the second forward's units before the
+    first's, so nearly every unit is held between them (the whole model in a
+    reviewer's probe, where releasing and gathering again alike on every rank held
+    29%). A run that is never recomputed (a checkpointed forward whose output is
+    dropped) keeps its unit to the end of backward. Without checkpointing, a unit's
+    gradients come in once, after its last use, and it is released then. What cannot be kept without knowing it in advance is a
     unit entered again in the forward after it was released: one run again with other
     units between, a unit inside a block run twice (its inner units are released as the
     walk moves through the block), or the schedule's last unit run twice in a row (it
@@ -174,7 +177,7 @@ from ._frozen_reads import FrozenOnContexts, past_inputs, watch_inputs
 from ._hooks import EagerOnlyHook, LoopSwitches, Phase, WeakHook
 from ._masters import ShardMasters
 from ._reducer import GradientReducer
-from ._saved_tensors import SavedTensorWatches
+from ._saved_tensors import SavedTensorWatches, may_watch_saved_tensors
 from ._schedule import forward_and_backward_orders
 from ._unit import ShardState, Unit
 from ._walk import Walk
@@ -330,13 +333,17 @@ class UnitGatherer:
         if self._forward_inside_summon(unit):
             return
         if self.switches.phase is Phase.BACKWARD:  # Note [recomputation]
+            unit.record.recomputations += 1
             self.walk.gather_for_backward(unit)
             return
         if unit is self.root:
             self._begin_forward_pass()
         if self.walk.training_forward:
             unit.record.ran = True
-            unit.record.entries += 1  # Note [run twice from the second step on]
+            # Note [run twice from the second step on]: reentrant checkpointing runs it
+            # without grad, non-reentrant under its own saved-tensor hooks
+            if not torch.is_grad_enabled() or not may_watch_saved_tensors():
+                unit.record.checkpointed_runs += 1
         self.walk.reach(self.walk.forward, unit)
         self._saved.open(unit)
 
@@ -378,18 +385,20 @@ class UnitGatherer:
         unit.record.grads_arrived.add(id(param))
         self._release_read_through()  # Note [released once backward has read it]
         self.walk.note_ready(bucket)
-        # A unit some rank runs twice stays gathered until backward ends: with reentrant
-        # checkpointing its second run's recomputation would gather it again, on that rank
-        # only (Note [runs before the walk moves on], Note [run twice from the second
-        # step on]).
         if not unit.release_when_grads_done:
             self._release_past_inputs(unit)
-        elif not self._kept_through_backward(unit) and unit.record.grads_arrived >= unit.trainable_ids:
-            unit.release()
-            # A nested backward (Note [late gradients]) may gather it again: count afresh.
+        elif unit.record.grads_arrived >= unit.trainable_ids:
+            # A nested backward (Note [late gradients]) may gather it again, or use it
+            # again if it is kept: count afresh (kept, the next nested backward's first
+            # gradient released it while that backward still read it).
             unit.record.grads_arrived.clear()
-            if self.walk.past_last_launch_point():
-                self.reducer.wait_in_flight()  # Note [after the walk's last step]
+            # A unit some rank runs twice stays gathered: with reentrant checkpointing
+            # its next run's recomputation would gather it again, on that rank only (Note
+            # [runs before the walk moves on], Note [run twice from the second step on]).
+            if not self._kept_through_backward(unit):
+                unit.release()
+                if self.walk.past_last_launch_point():
+                    self.reducer.wait_in_flight()  # Note [after the walk's last step]
 
     # -- forward passes -------------------------------------------------------------
 
@@ -600,11 +609,14 @@ class UnitGatherer:
                 "model.state_dict() and model.load_state_dict() must run inside "
                 "`with opt.summon_full_params():` (on every rank)")
 
-    def _kept_through_backward(self, unit: Unit) -> bool:
-        """Released only as backward ends, not once its gradients are in: held for each
-        pass (Note [runs before the walk moves on]), or entered twice since the last
-        backward where recomputations run (Note [run twice from the second step on])."""
-        return unit.held_for_pass or (unit.record.entries > 1 and self._recomputation.seen)
+    @staticmethod
+    def _kept_through_backward(unit: Unit) -> bool:
+        """Not released once its gradients are in: held for each pass (Note [runs before
+        the walk moves on]), or run more than once under checkpointing and not yet
+        recomputed as often (Note [run twice from the second step on])."""
+        record = unit.record
+        return unit.held_for_pass or (record.checkpointed_runs > 1
+                                      and record.recomputations < record.checkpointed_runs)
 
     # -- Note [released once backward has read it] --------------------------------------
 
