@@ -129,6 +129,29 @@ def load_state_dict_mid_run(ctx, stage: int, how: str):
     return after_load, exported_diff, after_step, params
 
 
+def writes_to_the_stepped_tensors(ctx, stage: int, via_data: bool):
+    """With bf16 mixed precision, a wrapper (Lookahead, SWA) halves the tensors in
+    ``opt.param_groups`` (the fp32 masters), through them or their ``.data``; a step
+    with lr 0 follows. Returns the largest differences of the masters from half their
+    old values and of the parameters from its bf16 cast (the old cast in the shard
+    undid the write: a reviewer's probe)."""
+    model = build_model(MLP, seed=ctx.rank)
+    opt = _zero(model, stage, ctx.group, mixed_precision=BF16, lr=0.05)
+    _steps(MLP, model, opt, 0, 1, ctx.rank)
+    halves = {key: value * 0.5 for key, value in opt.sharding.gather_masters().items()}
+    with torch.no_grad():
+        for group in opt.param_groups:
+            group["lr"] = 0.0
+            for tensor in group["params"]:
+                (tensor.data if via_data else tensor).mul_(0.5)
+    _steps(MLP, model, opt, 1, 1, ctx.rank)
+    masters = max((value - halves[key]).abs().max().item()
+                  for key, value in opt.sharding.gather_masters().items())
+    with opt.summon_full_params():
+        params = max((p - halves[id(p)].to(p.dtype)).abs().max().item() for p in model.parameters())
+    return masters, params
+
+
 def trainable_changed_after_construction(ctx, stage: int, unfreeze: bool):
     """A parameter unfrozen (or frozen) after the optimizer was built: step() refuses on
     every rank, naming it and close(); closing and building a new ZeroOptimizer then

@@ -26,6 +26,16 @@ def test_load_state_dict_mid_run_with_mixed_precision_is_kept_by_the_step(pool, 
         assert diffs == (0, 0, 0, 0), diffs
 
 
+@pytest.mark.parametrize("via_data", [False, True])
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_writes_to_the_optimizers_own_tensors_are_kept_with_mixed_precision(pool, stage, via_data):
+    """Note [writes on either side] in zeroshard/_masters.py: the masters take writes to
+    the parameters, and keep writes made to themselves (comparing the shard with the
+    masters' cast took the old cast back into the masters: a reviewer's probe)."""
+    for diffs in pool.run(cases_loops.writes_to_the_stepped_tensors, 2, stage, via_data):
+        assert diffs == (0, 0), diffs
+
+
 @pytest.mark.parametrize("unfreeze", [True, False])
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_changing_requires_grad_after_construction_is_refused_then_close_and_rebuild(

@@ -51,6 +51,9 @@ class Fp32Masters(ShardMasters):
 
     def __init__(self, param_dtype: torch.dtype) -> None:
         self.param_dtype = param_dtype
+        # id(bucket) -> (the shard's sum, the master's version counter) when the shard
+        # last took the master's cast (Note [writes on either side])
+        self._in_step: dict[int, tuple[torch.Tensor, int]] = {}
 
     def place(self, bucket: FlatBucket, own_storage: bool) -> None:
         if bucket.full_precision:  # Note [full-precision modules]
@@ -61,6 +64,7 @@ class Fp32Masters(ShardMasters):
         bucket.cast_parameters(self.param_dtype)
         bucket.place_shard(own_storage)
         bucket.set_master(master)
+        self._note_in_step(bucket)
 
     def _separate(self, bucket: FlatBucket) -> bool:
         return bucket.master is not None and bucket.master is not bucket.shard
@@ -68,16 +72,29 @@ class Fp32Masters(ShardMasters):
     def to_shard(self, bucket: FlatBucket) -> None:
         if self._separate(bucket):
             bucket.shard.copy_(bucket.master)
+            self._note_in_step(bucket)
 
-    def absorb_writes(self, bucket: FlatBucket, written: torch.Tensor) -> None:
+    def _note_in_step(self, bucket: FlatBucket) -> None:
+        if self._separate(bucket) and not bucket.shard_owns_storage:
+            self._in_step[id(bucket)] = (_fingerprint(bucket.shard), bucket.master._version)
+
+    def absorb_writes(self, bucket: FlatBucket, written: torch.Tensor,
+                      only_if: torch.Tensor | None = None) -> None:
         """Where ``written`` differs from the master's cast, the master takes the written
-        value. Elsewhere the master keeps its fp32 value, which a round trip through the
-        cast would lose (a value loaded exactly by ``load`` stays exact)."""
-        if self._separate(bucket):
-            master = bucket.master
+        value (and ``only_if``, a boolean on the device, holds). Elsewhere the master keeps
+        its fp32 value, which a round trip through the cast would lose (a value loaded
+        exactly by ``load`` stays exact). In chunks: the temporaries are about 11 bytes
+        an element (the cast, the mask, the widened value, the choice)."""
+        if not self._separate(bucket):
+            return
+        master = bucket.master
+        for start in range(0, master.numel(), _CHUNK):
+            part, new = master[start:start + _CHUNK], written[start:start + _CHUNK]
+            take = new != part.to(new.dtype)
+            if only_if is not None:
+                take &= only_if
             # torch.where, not boolean indexing: no host synchronisation on CUDA
-            master.copy_(torch.where(written != master.to(written.dtype),
-                                     written.to(master.dtype), master))
+            part.copy_(torch.where(take, new.to(part.dtype), part))
 
     def absorb_outside_writes(self, bucket: FlatBucket) -> None:
         """Stages 1-2, before the masters are used: take into the master what an in-place
@@ -87,11 +104,15 @@ class Fp32Masters(ShardMasters):
         cast except where such a write changed it. No version counter tells whether one
         did: a write through ``p.data`` moves none, and one through ``p`` moves the
         parameter's own, not the buffer's (the buffer's alone was read before, and such
-        writes were lost, silently). So every call compares: a cast, a comparison and a
-        select over this rank's shard, no host synchronisation. (``model.load_state_dict``
-        is taken exactly, in fp32: ``load``.)"""
-        if self._separate(bucket) and not bucket.shard_owns_storage:  # stage 3: never written
-            self.absorb_writes(bucket, bucket.shard)
+        writes were lost, silently). Note [writes on either side] says how a write to
+        the shard is told from one to the master. (``model.load_state_dict`` is taken
+        exactly, in fp32: ``load``.)"""
+        if not self._separate(bucket) or bucket.shard_owns_storage:  # stage 3: never written
+            return
+        fingerprint, master_version = self._in_step[id(bucket)]
+        if bucket.master._version == master_version:  # else the master was written: it rules
+            self.absorb_writes(bucket, bucket.shard, _fingerprint(bucket.shard) != fingerprint)
+        self._note_in_step(bucket)
 
     def widen_gradient(self, bucket: FlatBucket) -> None:
         """A 2-byte gradient shard (kept so until needed, ``FlatBucket.set_grad_shard``)
@@ -109,6 +130,28 @@ class Fp32Masters(ShardMasters):
             return
         bucket.master[overlap.shard_span].copy_(
             to_memory_order(value, bucket.orders[index])[overlap.param_start:overlap.param_stop])
+
+
+# Elements compared at once when the masters take writes (absorb_writes).
+_CHUNK = 1 << 22
+
+
+def _fingerprint(shard: torch.Tensor) -> torch.Tensor:
+    """Note [writes on either side]:
+        Stages 1-2 with mixed precision: between steps the shard (the parameters' storage)
+        holds the master's cast, and either side may be written. A write to the
+        parameters (``p.mul_(0.5)``, ``p.data.clamp_``) must reach the master; one to the
+        master (a Lookahead or SWA wrapper writing ``opt.param_groups``' tensors) must
+        not be undone by the old cast still in the shard. Comparing the two says that
+        they differ, not which side moved. The master's version counter moves with a
+        write through it (not one through its ``.data``); no counter moves with a write
+        through ``p.data``, and one through ``p`` moves the parameter's own, not the
+        buffer's. So the shard's sum, taken when it last took the master's cast (a
+        reduction to one number on the device: no host synchronisation, read where the
+        comparison needs it), tells whether the shard was written; a master whose
+        counter moved rules. Not seen: a write to the parameters that leaves their sum
+        as it was (a permutation), and one to both sides at once."""
+    return shard.sum(dtype=torch.float32)
 
 
 def masters_for(policy: MixedPrecision | None) -> ShardMasters:
