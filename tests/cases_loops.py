@@ -131,7 +131,8 @@ def load_state_dict_mid_run(ctx, stage: int, how: str):
 
 def writes_to_the_stepped_tensors(ctx, stage: int, via_data: bool):
     """With bf16 mixed precision, a wrapper (Lookahead, SWA) halves the tensors in
-    ``opt.param_groups`` (the fp32 masters), through them or their ``.data``; a step
+    ``opt.param_groups`` (the fp32 masters), through them or their ``.data``; then
+    (through them, stages 1-2), after full_state_dict(), negates a parameter; a step
     with lr 0 follows. Returns the largest differences of the masters from half their
     old values and of the parameters from its bf16 cast (the old cast in the shard
     undid the write: a reviewer's probe)."""
@@ -144,6 +145,12 @@ def writes_to_the_stepped_tensors(ctx, stage: int, via_data: bool):
             group["lr"] = 0.0
             for tensor in group["params"]:
                 (tensor.data if via_data else tensor).mul_(0.5)
+    opt.full_state_dict()  # takes the writes in; then the first parameter is written too
+    if not via_data and stage < 3:  # (else the parameters hold the old cast until the step,
+        first = next(model.parameters())  # Note [writes on either side]: negated, that one)
+        with opt.summon_full_params(), torch.no_grad():
+            first.neg_()
+        halves[id(first)] = -halves[id(first)].to(first.dtype).float()  # what it can hold
     _steps(MLP, model, opt, 1, 1, ctx.rank)
     masters = max((value - halves[key]).abs().max().item()
                   for key, value in opt.sharding.gather_masters().items())

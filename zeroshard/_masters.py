@@ -110,9 +110,15 @@ class Fp32Masters(ShardMasters):
         if not self._separate(bucket) or bucket.shard_owns_storage:  # stage 3: never written
             return
         fingerprint, master_version = self._in_step[id(bucket)]
-        if bucket.master._version == master_version:  # else the master was written: it rules
-            self.absorb_writes(bucket, bucket.shard, _fingerprint(bucket.shard) != fingerprint)
-        self._note_in_step(bucket)
+        if bucket.master._version != master_version:  # the master was written: it rules,
+            self.to_shard(bucket)  # and the shard takes its cast (the next gather spreads it)
+            return
+        written = _fingerprint(bucket.shard) != fingerprint
+        # on a CPU reading the flag costs nothing and spares the comparison; on an
+        # accelerator it would wait for the queue, so the comparison runs under the flag
+        if written.device.type != "cpu" or written.item():
+            self.absorb_writes(bucket, bucket.shard, written)
+            self._note_in_step(bucket)
 
     def widen_gradient(self, bucket: FlatBucket) -> None:
         """A 2-byte gradient shard (kept so until needed, ``FlatBucket.set_grad_shard``)
@@ -149,8 +155,11 @@ def _fingerprint(shard: torch.Tensor) -> torch.Tensor:
         buffer's. So the shard's sum, taken when it last took the master's cast (a
         reduction to one number on the device: no host synchronisation, read where the
         comparison needs it), tells whether the shard was written; a master whose
-        counter moved rules. Not seen: a write to the parameters that leaves their sum
-        as it was (a permutation), and one to both sides at once."""
+        counter moved rules, and the shard takes its cast then. Not seen: a write to the
+        parameters that leaves their sum as it was (a permutation), and one to both sides
+        at once. A write to the masters reaches the parameters with the next step (or,
+        through the master itself at stages 1-2, the next state dict or checkpoint), as
+        the step's own do: until then they hold the old cast."""
     return shard.sum(dtype=torch.float32)
 
 
