@@ -65,8 +65,22 @@ class NormScaled(torch.optim.Optimizer):
                 p.sub_(p.grad * (group["lr"] * (p.norm() + 1) / (p.grad.norm() + group["eps"])))
 
 
+class Lars(torch.optim.SGD):
+    """LARS as SimCLR/BYOL code writes it: SGD whose step first scales each gradient by
+    the parameter's trust ratio, ||w|| / ||g||. A subclass of an element-wise class that
+    is not element-wise: it was stepped on flat shards, 4.7e-3 from DDP (a helper's probe)."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.mul_((p.norm() + 1e-3) / (p.grad.norm() + 1e-8))
+        return super().step(closure)
+
+
 WHOLE = {"Muon": (CountingMuon, {"lr": 0.02}), "Adafactor": (torch.optim.Adafactor, {"lr": 0.01}),
-         "NormScaled": (NormScaled, {"lr": 0.01})}
+         "NormScaled": (NormScaled, {"lr": 0.01}), "Lars": (Lars, {"lr": 0.01, "momentum": 0.9})}
 REST = {"AdamW": (torch.optim.AdamW, {"lr": 1e-2, "weight_decay": 0.1}),
         "SGD": (torch.optim.SGD, {"lr": 0.05, "momentum": 0.9})}
 

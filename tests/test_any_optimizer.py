@@ -1,6 +1,7 @@
 """Any torch optimizer at every stage: parameters stepped whole by one owner, drawn by hypothesis.
 
-Muon, Adafactor and a hand-written optimizer that is not element-wise, beside AdamW
+Muon, Adafactor, a hand-written optimizer that is not element-wise and a LARS that
+subclasses SGD (a subclass that overrides step is not element-wise), beside AdamW
 or SGD in another param group (or alone), against DDP with the very same optimizers
 (tests/cases_owned.py says what each case checks and why). A small fixed case
 checks the owners, the layout and the bytes moved against figures worked out by hand.

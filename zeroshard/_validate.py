@@ -7,6 +7,8 @@ waiting in a broadcast that the others will not join.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -40,9 +42,16 @@ CLOSURE_OPTIMIZERS: tuple[type, ...] = (torch.optim.LBFGS,)
 
 def is_elementwise(optimizer_class: type) -> bool:
     """Whether ``optimizer_class`` may step flat shards that cut across parameters; the
-    others step whole parameters (Note [whole-parameter ownership] in _layout.py)."""
-    return issubclass(optimizer_class, ELEMENTWISE_OPTIMIZERS) or \
-        bool(getattr(optimizer_class, "zeroshard_elementwise", False))
+    others step whole parameters (Note [whole-parameter ownership] in _layout.py). A
+    subclass of an element-wise class is one only if it keeps that class's ``step``: a
+    LARS written as ``class LARS(torch.optim.SGD)`` takes per-parameter norms in its
+    own ``step``, and stepping it on flat shards was wrong, silently (a helper's probe:
+    4.7e-3 from DDP). ``zeroshard_elementwise = True`` on a class says it is one."""
+    if getattr(optimizer_class, "zeroshard_elementwise", False):
+        return True
+    step = inspect.unwrap(optimizer_class.step)  # torch wraps step in profiling hooks
+    return any(issubclass(optimizer_class, base) and step is inspect.unwrap(base.step)
+               for base in ELEMENTWISE_OPTIMIZERS)
 
 
 def check_optimizer_class(optimizer_class, where: str = "optimizer_class") -> None:
