@@ -43,6 +43,25 @@ class Net(nn.Module):
         return self.c(h)
 
 
+def _train_single_process(reference: nn.Module, steps: int, world_size: int, backward) -> None:
+    """Every rank's step in turn, gradients averaged, as DDP would: ``backward(step,
+    rank)`` runs that rank's backward on ``reference``; SGD at LR steps it."""
+    sgd = torch.optim.SGD(reference.parameters(), lr=LR)
+    for step in range(steps):
+        for rank in range(world_size):
+            backward(step, rank)
+        for param in reference.parameters():
+            if param.grad is not None:
+                param.grad /= world_size
+        sgd.step()
+        sgd.zero_grad()
+
+
+def _difference(opt, model: nn.Module, reference: nn.Module) -> float:
+    with opt.summon_full_params():
+        return max((p - q).abs().max().item() for p, q in zip(model.parameters(), reference.parameters()))
+
+
 def _batch(step: int, rank: int, micro: int) -> torch.Tensor:
     return torch.randn(2, 4, generator=torch.Generator().manual_seed(100 * step + 10 * rank + micro))
 
@@ -82,18 +101,10 @@ def one_order_when_ranks_differ(ctx, pattern: str):
         opt.step()
         opt.zero_grad()
 
-    reference = Net()  # every rank's step in turn, gradients averaged, as DDP would
-    sgd = torch.optim.SGD(reference.parameters(), lr=LR)
-    for step in range(STEPS):
-        for rank in range(ctx.world_size):
-            _train_step(reference, pattern, step, rank)
-        for param in reference.parameters():
-            param.grad /= ctx.world_size
-        sgd.step()
-        sgd.zero_grad()
-    with opt.summon_full_params():
-        difference = max((p - q).abs().max().item()
-                         for p, q in zip(model.parameters(), reference.parameters()))
+    reference = Net()
+    _train_single_process(reference, STEPS, ctx.world_size,
+                          lambda step, rank: _train_step(reference, pattern, step, rank))
+    difference = _difference(opt, model, reference)
     opt.close()
     return trace, difference
 
@@ -179,18 +190,9 @@ def run_more_often_from_the_second_step(ctx, how: str, reshard_after_forward: bo
             opt.step()
             opt.zero_grad()
     reference = Repeated(**options)
-    sgd = torch.optim.SGD(reference.parameters(), lr=LR)
-    for step in range(len(REPS) + 1):
-        for rank in range(ctx.world_size):
-            _repeated_loss(reference, how, step, rank).backward()
-        for param in reference.parameters():
-            if param.grad is not None:
-                param.grad /= ctx.world_size
-        sgd.step()
-        sgd.zero_grad()
-    with opt.summon_full_params():
-        difference = max((p - q).abs().max().item()
-                         for p, q in zip(model.parameters(), reference.parameters()))
+    _train_single_process(reference, len(REPS) + 1, ctx.world_size,
+                          lambda step, rank: _repeated_loss(reference, how, step, rank).backward())
+    difference = _difference(opt, model, reference)
     opt.close()
     return trace, difference, [str(w.message) for w in caught if "zeroshard" in str(w.message)]
 
@@ -203,25 +205,19 @@ def every_rank_runs_a_nested_block_more_often_later(ctx):
     model, reference = Repeated(None, nested=True), Repeated(None, nested=True)
     opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=3, process_group=ctx.group,
                                   units=[nn.Sequential, nn.Linear], lr=LR)
-    sgd = torch.optim.SGD(reference.parameters(), lr=LR)
+
+    def backward(net, step, rank):
+        net.reps = 1 if step == 0 else 2
+        net(_batch(step, rank, 0)).square().mean().backward()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for step in range(3):
-            model.reps = 1 if step == 0 else 2
-            model(_batch(step, ctx.rank, 0)).square().mean().backward()
+            backward(model, step, ctx.rank)
             opt.step()
             opt.zero_grad()
-    for step in range(3):
-        reference.reps = 1 if step == 0 else 2
-        for rank in range(ctx.world_size):
-            reference(_batch(step, rank, 0)).square().mean().backward()
-        for param in reference.parameters():
-            param.grad /= ctx.world_size
-        sgd.step()
-        sgd.zero_grad()
-    with opt.summon_full_params():
-        difference = max((p - q).abs().max().item()
-                         for p, q in zip(model.parameters(), reference.parameters()))
+    _train_single_process(reference, 3, ctx.world_size,
+                          lambda step, rank: backward(reference, step, rank))
+    difference = _difference(opt, model, reference)
     opt.close()
     return difference, [str(w.message) for w in caught if "zeroshard" in str(w.message)]
 
@@ -240,7 +236,6 @@ def gathered_peak_in_backward(ctx, how: str):
     model, reference = build(), build()
     opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=3, process_group=ctx.group,
                                   units=nn.Linear, lr=LR)
-    sgd = torch.optim.SGD(reference.parameters(), lr=LR)
     peak, step_now = [0], [0]
 
     def record(_param):
@@ -259,16 +254,10 @@ def gathered_peak_in_backward(ctx, how: str):
         loss(model, step, ctx.rank).backward()
         opt.step()
         opt.zero_grad()
-        for rank in range(ctx.world_size):
-            loss(reference, step, rank).backward()
-        for param in reference.parameters():
-            param.grad /= ctx.world_size
-        sgd.step()
-        sgd.zero_grad()
     del nodes
-    with opt.summon_full_params():
-        difference = max((p - q).abs().max().item()
-                         for p, q in zip(model.parameters(), reference.parameters()))
+    _train_single_process(reference, 3, ctx.world_size,
+                          lambda step, rank: loss(reference, step, rank).backward())
+    difference = _difference(opt, model, reference)
     unit_bytes = sum(p.numel() * p.element_size() for p in model[0].parameters())
     opt.close()
     return peak[0], unit_bytes, difference
