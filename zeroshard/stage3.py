@@ -92,15 +92,17 @@ Note [run twice from the second step on]:
     reviewer's probe, where releasing and gathering again alike on every rank held
     29%). A run that is never recomputed (a checkpointed forward whose output is
     dropped) keeps its unit to the end of backward. Without checkpointing, a unit's
-    gradients come in once, after its last use, and it is released then. What cannot be kept without knowing it in advance is a
-    unit entered again in the forward after it was released: one run again with other
-    units between, a unit inside a block run twice (its inner units are released as the
-    walk moves through the block), or the schedule's last unit run twice in a row (it
-    is released as soon as its forward ends). That gather is outside the recorded schedule,
-    and if some rank does not issue it, nothing returns; so the rank warns first, naming
-    the unit and the fix: run the repeat in one pass of the first step, on every rank,
-    and every unit that repeats stays gathered for each later pass, which may then
-    repeat it any number of times.
+    gradients come in once, after its last use, and it is released then.
+
+    What cannot be kept without knowing it in advance is a unit entered again in the
+    forward after it was released: one run again with other units between, a unit
+    inside a block run twice (its inner units are released as the walk moves through
+    the block), or the schedule's last unit run twice in a row (it is released as soon
+    as its forward ends). That gather is outside the recorded schedule, and if some
+    rank does not issue it, nothing returns; so the rank warns first, naming the unit
+    and the fix: run the repeat in one pass of the first step, on every rank, and every
+    unit that repeats stays gathered for each later pass, which may then repeat it any
+    number of times.
 
 Note [after the walk's last step]:
     Reductions launch at the walk's steps, and each waits for the one before it (Note
