@@ -150,7 +150,7 @@ class _RoutedState(MutableMapping):
             optimizer.state.clear()
 
 
-class ShardState(MutableMapping):
+class ShardedOptimizerState(MutableMapping):
     """``ZeroOptimizer.state``: the inner optimizers' state, keyed as torch's is by the
     tensors in ``param_groups`` (this rank's flat master shards). A model parameter as
     a key is refused, naming why and what works: torch's ``opt.state[p] = {}`` (resetting

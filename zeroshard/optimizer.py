@@ -15,7 +15,7 @@ from ._bucket import Ownership, grad_shards
 from ._buffers import BufferFollower
 from ._ddp_guard import DDPGuard
 from ._hooks import WeakHook
-from ._inner import InnerOptimizers, ShardState, class_of, hyperparameters, step_cost
+from ._inner import InnerOptimizers, ShardedOptimizerState, class_of, hyperparameters, step_cost
 from ._masters import masters_for
 from ._placement import Placement
 from ._plan import ShardingView, plan_sharding, work_balance
@@ -172,7 +172,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             groups, [[t for b in plan.buckets if b.group_index == i for t in b.stepped]
                      for i in range(len(groups))], optimizer_class, optimizer_kwargs)
         super().__init__(self._outer_groups(), self._inner.defaults)
-        self.state = ShardState(self._inner.state, {id(p) for p in model.parameters()})
+        self.state = ShardedOptimizerState(self._inner.state, {id(p) for p in model.parameters()})
 
         # 5. The stage: gradient reducer and store, parameters gathered; the model's hooks.
         self._stage = Stage(stage, model, list(plan.buckets), list(plan.units), self._group,
@@ -298,7 +298,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         the masters take the loaded values of ``module``'s parameters at full precision;
         the parameters then receive their cast as usual."""
         if self._places is None:  # id(parameter) -> (bucket, index), once
-            self._places = {id(p): (b, i) for b in self._plan.buckets for i, p in enumerate(b.params)}
+            self._places = {id(p): (b, i) for b in self._plan.buckets
+                            for i, p in enumerate(b.params)}
         for name, param in module._parameters.items():
             value = state_dict.get(prefix + name)
             if (param is not None and id(param) in self._places
