@@ -240,6 +240,26 @@ def resetting_state_through_opt_state(ctx, stage: int):
     return difference, refusal
 
 
+def save_after_a_module_was_removed(ctx, stage: int, how: str):
+    """A module holding managed parameters is replaced after the optimizer was built
+    (as PEFT's merge_and_unload() does), then the model is saved. Returns the refusal,
+    and whether every rank then reached the same collective."""
+    import tempfile
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=stage, process_group=ctx.group,
+                                  lr=0.1, **({"units": nn.Linear} if stage == 3 else {}))
+    model[2] = nn.Identity()
+    save = zeroshard.save_full_model if how == "save_full_model" else zeroshard.save_checkpoint
+    try:
+        save(tempfile.mkdtemp(), model, opt)
+        refusal = None
+    except ValueError as error:
+        refusal = str(error)
+    probe = torch.ones(1)
+    dist.all_reduce(probe, group=ctx.group)
+    return refusal, probe.item() == ctx.world_size
+
+
 def state_dict_outside_summon(ctx):
     """Stage 3: model.state_dict() on sharded parameters is refused, not a crash."""
     model = build_model(MLP, seed=0)

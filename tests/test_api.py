@@ -112,6 +112,16 @@ def test_optimizer_state_is_reset_through_its_shards_and_refused_for_a_parameter
         assert refusal is not None and "opt.full_state_dict()" in refusal and "opt.close()" in refusal
 
 
+@pytest.mark.parametrize("how", ["save_full_model", "save_checkpoint"])
+@pytest.mark.parametrize("stage", [1, 3])
+def test_saving_a_model_whose_managed_module_was_replaced_is_refused(pool, stage, how):
+    """A helper merged LoRA into the base (merge_and_unload) and saved: a bare KeyError
+    of a parameter id. Now every rank refuses before any collective, naming it."""
+    for refusal, together in pool.run(cases_api.save_after_a_module_was_removed, 2, stage, how):
+        assert refusal is not None and "2.weight" in refusal and "opt.close()" in refusal, refusal
+        assert together
+
+
 def test_state_dict_from_another_world_size_is_refused(pool):
     for message in pool.run(cases_api.load_state_dict_from_other_world_size, 2):
         assert "rank 0 of 3" in message or "rank 1 of 3" in message, message

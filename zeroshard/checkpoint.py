@@ -296,7 +296,17 @@ def check_arguments(path, model, opt) -> None:
         raise TypeError(f"opt must be a zeroshard.ZeroOptimizer, got {type(opt).__name__}")
     if opt.model is not model:
         raise ValueError("model is not the module this ZeroOptimizer was built over; pass that one")
-    opt.sharding  # a closed optimizer is refused here, with the fix
+    view = opt.sharding  # a closed optimizer is refused here, with the fix
+    present = {id(p) for p in model.parameters()}
+    missing = [name for bucket in view.every_bucket
+               for param, name in zip(bucket.params, bucket.param_names) if id(param) not in present]
+    if missing:  # (a bare KeyError before: a helper's probe merged LoRA, then saved)
+        raise ValueError(
+            f"{len(missing)} parameter(s) this ZeroOptimizer manages are no longer in the model "
+            f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): a module was "
+            "replaced or removed after it was built (PEFT's merge_and_unload(), a head swapped). "
+            "Save before changing the model, or opt.close() (the parameters come back whole) "
+            "and save the changed model as a plain module (save_pretrained, torch.save)")
 
 
 def _agree_on_version(opt, root: Path) -> str:
