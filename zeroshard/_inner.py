@@ -111,7 +111,13 @@ class InnerOptimizers:
 
 class _RoutedState(MutableMapping):
     """Every inner optimizer's ``state`` as one mapping, each tensor's entry kept by the
-    optimizer that steps it."""
+    optimizer that steps it; ``ZeroOptimizer.state`` too, keyed as torch's is by the
+    tensors in ``param_groups`` (this rank's flat master shards). Any other key, a model
+    parameter above all, is refused, naming why and what works: torch's
+    ``opt.state[p] = {}`` (resetting a re-initialised layer's moments) did nothing,
+    silently, against the empty dict ``opt.state`` was, and one parameter's state
+    cannot be reset alone (a bucket's parameters share one state, Adam's step count
+    included)."""
 
     def __init__(self, inner: InnerOptimizers) -> None:
         self._inner = inner
@@ -119,7 +125,13 @@ class _RoutedState(MutableMapping):
     def _optimizer(self, tensor: torch.Tensor) -> torch.optim.Optimizer:
         optimizer = self._inner.owner_of(tensor)
         if optimizer is None:
-            raise KeyError(tensor)
+            raise KeyError(
+                "zeroshard: not a tensor this rank steps. opt.state is keyed by the flat shards "
+                "in opt.param_groups[i]['params'], not by model parameters: the parameters of "
+                "a bucket share one state (one Adam step count), so one parameter's state cannot "
+                "be read or reset alone. To read it, opt.full_state_dict() (collective; rank 0 "
+                "gets torch's per-parameter state); to reset every parameter's state, "
+                "opt.close() and build a new ZeroOptimizer")
         return optimizer
 
     def __getitem__(self, tensor):
@@ -148,51 +160,6 @@ class _RoutedState(MutableMapping):
     def clear(self) -> None:
         for optimizer in self._inner.optimizers:
             optimizer.state.clear()
-
-
-class ShardedOptimizerState(MutableMapping):
-    """``ZeroOptimizer.state``: the inner optimizers' state, keyed as torch's is by the
-    tensors in ``param_groups`` (this rank's flat master shards). A model parameter as
-    a key is refused, naming why and what works: torch's ``opt.state[p] = {}`` (resetting
-    a re-initialised layer's moments) did nothing, silently, against an empty dict, and
-    one parameter's state cannot be reset alone (a bucket's parameters share one state,
-    Adam's step count included)."""
-
-    def __init__(self, routed: MutableMapping, parameter_ids: set[int]) -> None:
-        self._routed = routed
-        self._parameter_ids = parameter_ids
-
-    def _key(self, tensor):
-        if id(tensor) in self._parameter_ids:
-            raise KeyError(
-                "zeroshard: opt.state is keyed by the flat shards this rank steps (the tensors "
-                "in opt.param_groups[i]['params']), not by model parameters: the parameters of "
-                "a bucket share one state (one Adam step count), so one parameter's state cannot "
-                "be read or reset alone. To read it, opt.full_state_dict() (collective; rank 0 "
-                "gets torch's per-parameter state); to reset every parameter's state, "
-                "opt.close() and build a new ZeroOptimizer")
-        return tensor
-
-    def __getitem__(self, tensor):
-        return self._routed[self._key(tensor)]
-
-    def __setitem__(self, tensor, value) -> None:
-        self._routed[self._key(tensor)] = value
-
-    def __delitem__(self, tensor) -> None:
-        del self._routed[self._key(tensor)]
-
-    def __contains__(self, tensor) -> bool:
-        return id(tensor) not in self._parameter_ids and tensor in self._routed
-
-    def __iter__(self) -> Iterator:
-        return iter(self._routed)
-
-    def __len__(self) -> int:
-        return len(self._routed)
-
-    def clear(self) -> None:
-        self._routed.clear()
 
 
 def _name(cls: type) -> str:

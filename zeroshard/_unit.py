@@ -89,6 +89,14 @@ class Unit:
             id(m.weight) for m in module.modules()
             if isinstance(m, (nn.Embedding, nn.EmbeddingBag))} & self.trainable_ids
 
+    def kept_through_backward(self) -> bool:
+        """Not released once its gradients are in: held for each pass (Note [runs before
+        the walk moves on] in stage3.py), or run more than once under checkpointing and
+        not yet recomputed as often (Note [run twice from the second step on])."""
+        record = self.record
+        return self.held_for_pass or (record.checkpointed_runs > 1
+                                      and record.recomputations < record.checkpointed_runs)
+
     def end_backward(self) -> None:
         """A backward ended: release, start a new record."""
         self.release()

@@ -15,7 +15,7 @@ from ._bucket import Ownership, grad_shards
 from ._buffers import BufferFollower
 from ._ddp_guard import DDPGuard
 from ._hooks import WeakHook
-from ._inner import InnerOptimizers, ShardedOptimizerState, class_of, hyperparameters, step_cost
+from ._inner import InnerOptimizers, class_of, hyperparameters, step_cost
 from ._masters import masters_for
 from ._placement import Placement
 from ._plan import ShardingView, plan_sharding, work_balance
@@ -172,7 +172,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             groups, [[t for b in plan.buckets if b.group_index == i for t in b.stepped]
                      for i in range(len(groups))], optimizer_class, optimizer_kwargs)
         super().__init__(self._outer_groups(), self._inner.defaults)
-        self.state = ShardedOptimizerState(self._inner.state, {id(p) for p in model.parameters()})
+        self.state = self._inner.state  # keyed by the shards in param_groups, as torch's
 
         # 5. The stage: gradient reducer and store, parameters gathered; the model's hooks.
         self._stage = Stage(stage, model, list(plan.buckets), list(plan.units), self._group,

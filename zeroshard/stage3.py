@@ -397,7 +397,7 @@ class UnitGatherer:
             # A unit some rank runs twice stays gathered: with reentrant checkpointing
             # its next run's recomputation would gather it again, on that rank only (Note
             # [runs before the walk moves on], Note [run twice from the second step on]).
-            if not self._kept_through_backward(unit):
+            if not unit.kept_through_backward():
                 unit.release()
                 if self.walk.past_last_launch_point():
                     self.reducer.wait_in_flight()  # Note [after the walk's last step]
@@ -611,15 +611,6 @@ class UnitGatherer:
                 "model.state_dict() and model.load_state_dict() must run inside "
                 "`with opt.summon_full_params():` (on every rank)")
 
-    @staticmethod
-    def _kept_through_backward(unit: Unit) -> bool:
-        """Not released once its gradients are in: held for each pass (Note [runs before
-        the walk moves on]), or run more than once under checkpointing and not yet
-        recomputed as often (Note [run twice from the second step on])."""
-        record = unit.record
-        return unit.held_for_pass or (record.checkpointed_runs > 1
-                                      and record.recomputations < record.checkpointed_runs)
-
     # -- Note [released once backward has read it] --------------------------------------
 
     def _all_saved_read(self, unit: Unit) -> None:
@@ -656,7 +647,7 @@ class UnitGatherer:
         parameter (which may read it when the gradient comes), no other unit's forward
         saved a view of it, and it is not held for the pass."""
         return (not unit.frozen_on_a_ctx and not unit.saved_by_another_unit
-                and not self._kept_through_backward(unit) and not self.switches.summoned
+                and not unit.kept_through_backward() and not self.switches.summoned
                 and not unit.parameters_have_user_hooks())
 
     # -- Note [backward past a unit's inputs] in _frozen_reads.py ---------------------------
