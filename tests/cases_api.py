@@ -39,6 +39,8 @@ def _bad_arguments(which: str, model: nn.Module, group, meshes):
             {"params": params}, {"params": params[:1]}]}
     if which == "lbfgs":
         return (model, torch.optim.LBFGS), kwargs
+    if which == "sparse_adam":
+        return (model, torch.optim.SparseAdam), kwargs
     if which in ("group_class", "muon_vector"):  # a bias in Muon's group: only its owner would see
         weights = [p for p in model.parameters() if p.dim() == 2]
         others = [p for p in model.parameters() if p.dim() != 2]

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import cases_api
+import cases_torch_api
 
 # which bad input -> (exception, words the message must contain: the value, and the fix)
 BAD_INPUTS = {
@@ -13,6 +14,7 @@ BAD_INPUTS = {
     "foreign_param": ("ValueError", ["param_groups[1]['params'][0]", "(2, 3)", "model.parameters()"]),
     "duplicate_param": ("ValueError", ["body.0.weight", "param_groups[0]", "exactly one group"]),
     "lbfgs": ("TypeError", ["LBFGS", "closure", "steps once per gradient"]),
+    "sparse_adam": ("TypeError", ["SparseAdam", "densely", "torch.optim.Adam"]),
     "group_class": ("TypeError", ["param_groups[1]['optimizer_class']", "'Muon'", "the class"]),
     "muon_vector": ("ValueError", ["Muon refuses", "2D", "torch.Size([7])"]),
     "devices": ("ValueError", ["cpu", "meta", "model.to(device)", "torch.device('meta')"]),
@@ -120,6 +122,32 @@ def test_saving_a_model_whose_managed_module_was_replaced_is_refused(pool, stage
     for refusal, together in pool.run(cases_api.save_after_a_module_was_removed, 2, stage, how):
         assert refusal is not None and "2.weight" in refusal and "opt.close()" in refusal, refusal
         assert together
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_torch_optimizer_hooks_fire_as_under_ddp(pool, stage):
+    """torch's global step hooks fired twice per step (for the ZeroOptimizer and again for
+    its inner optimizer: a hook halving gradients halved them twice), and the state-dict
+    hooks never fired (a load pre-hook setting a new lr was ignored): a helper's probes,
+    7.8e-3 and 1.0e-1 from DDP."""
+    outcomes = pool.run(cases_torch_api.optimizer_hooks_as_under_ddp, 2, stage)
+    for outcome in outcomes:
+        ours, ddps = outcome["zeroshard"], outcome["ddp"]
+        assert [what for what, _ in ours["fired"]] == [what for what, _ in ddps["fired"]], outcome
+        assert {name for _, name in ours["fired"]} == {"ZeroOptimizer"}, ours["fired"]
+        assert ours["epoch"] == ddps["epoch"] == 7, outcome
+        assert ours["lr"] == ddps["lr"] == [0.05], outcome
+        assert outcome["difference"] < 1e-6, outcome
+    refusals = [outcome["refused"] for outcome in outcomes]  # a load pre-hook raising on rank 1
+    assert refusals[1] is not None and "this rank's hook refused" in refusals[1], refusals
+    assert refusals[0] is not None and "another rank failed" in refusals[0], refusals
+
+
+@pytest.mark.parametrize("optimizer", ["SGD", "Adagrad"])
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_a_sparse_embedding_trains_like_ddp(pool, stage, optimizer):
+    for differences in pool.run(cases_torch_api.sparse_embedding_like_ddp, 2, stage, optimizer):
+        assert max(differences) < 1e-6, differences
 
 
 def test_state_dict_from_another_world_size_is_refused(pool):

@@ -59,6 +59,13 @@ def check_optimizer_class(optimizer_class, where: str = "optimizer_class") -> No
         raise TypeError(
             f"{where} must be a torch.optim.Optimizer subclass such as torch.optim.AdamW "
             f"(the class, not an instance), got {optimizer_class!r}")
+    if issubclass(optimizer_class, torch.optim.SparseAdam):
+        raise TypeError(
+            f"{where} is {optimizer_class.__name__}, which steps only the rows a sparse "
+            "gradient touches; ZeroOptimizer reduces every gradient densely (a sparse "
+            "embedding's too), and SparseAdam refuses dense gradients. Use torch.optim.Adam "
+            "or AdamW: dense Adam, which also moves the rows a batch did not touch, as it "
+            "does under DistributedDataParallel")
     if issubclass(optimizer_class, CLOSURE_OPTIMIZERS):
         raise TypeError(
             f"{where} is {optimizer_class.__name__}, which re-evaluates the loss through a "

@@ -448,7 +448,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
         """This rank's shard of the optimizer state; loads back on the same world size (on
         a mesh: the same shard size and shard rank, in any replica)."""
         self._require_open()
-        return {
+        # torch's state-dict hooks (register_state_dict_pre_hook, ..._post_hook) run as in
+        # torch's state_dict(); they were accepted and never called (a helper's probe).
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        state_dict = {
             "zeroshard_version": _STATE_DICT_VERSION,
             "stage": self.stage,
             "world_size": self._group.shard_size,  # every replica holds the same shards
@@ -463,14 +467,38 @@ class ZeroOptimizer(torch.optim.Optimizer):
             "masters": [b.master.clone() for b in self._view.take_outside_writes()]
             if self.mixed_precision else None,
         }
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            changed = post_hook(self, state_dict)
+            if changed is not None:
+                state_dict = changed
+        return state_dict
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load this rank's ``state_dict()``; collective, call it on every rank. A rank
         that refuses its state dict makes every rank raise (one 4-byte all-reduce), so no
         rank is left alone in the gather below or in the next step's collectives."""
         self._require_open()
-        _comm.run_and_share(lambda: self._check_state_dict(state_dict), group=self._group,
-                            stats=self.comm_stats, label="load_state_dict", device=self._device)
+        loaded = {}
+
+        def prepare_and_check() -> None:
+            # torch's load hooks run as in torch's load_state_dict() (they were accepted
+            # and never called: a helper's probe): the pre-hooks on a shallow copy, before
+            # anything is checked (a hook that sets the resumed run's lr), inside the
+            # shared check, so a hook that raises on one rank raises on every rank.
+            loaded["state_dict"] = dict(state_dict) if isinstance(state_dict, dict) else state_dict
+            for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+                changed = pre_hook(self, loaded["state_dict"])
+                if changed is not None:
+                    loaded["state_dict"] = changed
+            self._check_state_dict(loaded["state_dict"])
+
+        _comm.run_and_share(prepare_and_check, group=self._group, stats=self.comm_stats,
+                            label="load_state_dict", device=self._device)
+        self._load_checked(loaded["state_dict"])
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _load_checked(self, state_dict: dict) -> None:
         masters = state_dict.get("masters")
         self._inner.load_state_dict(state_dict["inner"])
         for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):

@@ -114,8 +114,8 @@ class FullGradients:
         Autograd accumulates into the view in place; only if the user replaced or
         cleared .grad (e.g. model.zero_grad()) is the gradient elsewhere."""
         param, view = bucket.params[index], self._grad_view(bucket, index)
-        if param.grad is not view and param.grad.data_ptr() != view.data_ptr():
-            view.copy_(param.grad)
+        if not _is_memory_of(param.grad, view):
+            _copy_into(view, param.grad)
             param.grad = view
 
     def fill_missing(self, bucket: FlatBucket, index: int) -> None:
@@ -123,8 +123,8 @@ class FullGradients:
         param, view = bucket.params[index], self._grad_view(bucket, index)
         if param.grad is None:
             view.zero_()
-        elif param.grad.data_ptr() != view.data_ptr():
-            view.copy_(param.grad)
+        elif not _is_memory_of(param.grad, view):
+            _copy_into(view, param.grad)
         param.grad = view
 
     def launch(self, bucket: FlatBucket) -> tuple[torch.Tensor, bool]:
@@ -164,3 +164,17 @@ class FullGradients:
     def gradient_tensors(self) -> list[torch.Tensor]:
         shards = grad_shards(self.buckets)
         return list(self.flat_grads.values()) + shards
+
+
+def _is_memory_of(grad: torch.Tensor, view: torch.Tensor) -> bool:
+    """Whether ``grad`` is ``view``'s memory: autograd accumulated into it in place."""
+    return grad is view or (grad.layout == torch.strided and grad.data_ptr() == view.data_ptr())
+
+
+def _copy_into(view: torch.Tensor, grad: torch.Tensor) -> None:
+    """``view.copy_(grad)``, also for a sparse gradient (``nn.Embedding(sparse=True)``),
+    which is reduced densely as at stages 2 and 3 (backward crashed on its data pointer)."""
+    if grad.layout == torch.strided:
+        view.copy_(grad)
+    else:
+        view.zero_().add_(grad)

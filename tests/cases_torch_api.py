@@ -1,0 +1,130 @@
+"""Cases: what torch's ``Optimizer`` API promises, kept by ZeroOptimizer: its hooks
+(global step hooks, state-dict hooks) and sparse gradients."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.optim.optimizer import (register_optimizer_step_post_hook,
+                                   register_optimizer_step_pre_hook)
+
+import zeroshard
+from cases import differences_per_step, largest_difference
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 4))
+
+
+def _train(net, optimizer, steps, rank: int) -> None:
+    for step in steps:
+        generator = torch.Generator().manual_seed(10 * step + rank)
+        net(torch.randn(4, 6, generator=generator)).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def optimizer_hooks_as_under_ddp(ctx, stage: int) -> dict:
+    """A global step pre-hook that halves every gradient it is shown (a gradient-scaling
+    hook) and a global post-hook, a state-dict post-hook adding a key, a load pre-hook
+    setting the resumed run's lr, a load post-hook: on ZeroOptimizer and on DDP + SGD
+    with momentum, 2 steps, a state-dict round trip, 2 more steps. Returns what fired on
+    each, the saved key, the lr after the load and the largest parameter difference; and
+    what each rank raised when a load pre-hook raised on rank 1 only."""
+    fired: dict[str, list] = {"zeroshard": [], "ddp": []}
+    running = ["zeroshard"]
+
+    def halve_gradients(optimizer, args, kwargs) -> None:
+        fired[running[0]].append(("step pre-hook", type(optimizer).__name__))
+        for group in optimizer.param_groups:
+            for tensor in group["params"]:
+                if tensor.grad is not None:
+                    tensor.grad.mul_(0.5)
+
+    def after_step(optimizer, args, kwargs) -> None:
+        fired[running[0]].append(("step post-hook", type(optimizer).__name__))
+
+    def resume_with_a_new_lr(optimizer, state_dict):
+        for group in state_dict["param_groups"]:
+            group["lr"] = 0.05
+        return state_dict
+
+    model, reference = _mlp(), _mlp()
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=stage, lr=0.1, momentum=0.9,
+                                  process_group=ctx.group, bucket_size_mb=100 * 4 / 2**20,
+                                  **({"units": nn.Linear} if stage == 3 else {}))
+    ddp = DDP(reference, process_group=ctx.group)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    outcome = {}
+    handles = [register_optimizer_step_pre_hook(halve_gradients),
+               register_optimizer_step_post_hook(after_step)]
+    try:
+        for key, net, optimizer in (("zeroshard", model, opt), ("ddp", ddp, ref_opt)):
+            running[0] = key
+            optimizer.register_state_dict_post_hook(lambda o, sd: {**sd, "epoch": 7})
+            optimizer.register_load_state_dict_pre_hook(resume_with_a_new_lr)
+            optimizer.register_load_state_dict_post_hook(
+                lambda o, key=key: fired[key].append(("load post-hook", type(o).__name__)))
+            _train(net, optimizer, range(2), ctx.rank)
+            saved = optimizer.state_dict()
+            optimizer.load_state_dict(copy.deepcopy(saved))
+            _train(net, optimizer, range(2, 4), ctx.rank)
+            outcome[key] = {"fired": fired[key], "epoch": saved.get("epoch"),
+                            "lr": [g["lr"] for g in optimizer.param_groups]}
+    finally:
+        for handle in handles:
+            handle.remove()
+    outcome["difference"] = largest_difference(opt, model, reference)
+
+    def refuse_on_rank_1(optimizer, state_dict):
+        if ctx.rank == 1:
+            raise ValueError("this rank's hook refused the state dict")
+
+    opt.register_load_state_dict_pre_hook(refuse_on_rank_1)
+    try:
+        opt.load_state_dict(opt.state_dict())
+    except Exception as error:  # noqa: BLE001 - the test reads what it is
+        outcome["refused"] = str(error)
+    else:
+        outcome["refused"] = None
+    opt.close()
+    return outcome
+
+
+class _SparseBag(nn.Module):
+    """A sparse token embedding (``nn.Embedding(sparse=True)``), averaged, then a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(40, 8, sparse=True)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, tokens):
+        return self.head(self.embedding(tokens).mean(1))
+
+
+def sparse_embedding_like_ddp(ctx, stage: int, optimizer_name: str) -> list[float]:
+    """``_SparseBag`` under ZeroOptimizer and under DDP (which reduces the sparse
+    gradient as it is), each rank drawing its own tokens; per step, the largest
+    parameter difference. Stage 1 crashed in backward on the sparse gradient's data
+    pointer (a helper's probe); stages 2 and 3 reduce it densely."""
+    optimizer_class = getattr(torch.optim, optimizer_name)
+    kwargs = {"lr": 0.1, **({"momentum": 0.9} if optimizer_name == "SGD" else {})}
+    torch.manual_seed(0)
+    model = _SparseBag()
+    reference = copy.deepcopy(model)
+    opt = zeroshard.ZeroOptimizer(model, optimizer_class, stage=stage, process_group=ctx.group,
+                                  bucket_size_mb=64 * 4 / 2**20, **kwargs,
+                                  **({"units": nn.Embedding} if stage == 3 else {}))
+    ddp = DDP(reference, process_group=ctx.group)
+    ref_opt = optimizer_class(reference.parameters(), **kwargs)
+
+    def loss_of(net, step):
+        generator = torch.Generator().manual_seed(10 * step + ctx.rank)
+        tokens = torch.randint(0, 40, (6, 3), generator=generator)
+        return (net(tokens) - 1).square().mean()
+    return differences_per_step(ctx, model, opt, ddp, ref_opt, loss_of, 3, average=False)
