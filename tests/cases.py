@@ -19,7 +19,7 @@ import zeroshard
 from torch import nn
 
 from grad_hooks import after_zeroshard
-from models import Block, build_model, loss_fn, make_batch
+from models import Block, build_model, loss_fn, make_batch, runs_a_module_twice
 from pool import mesh_shape
 from run_record import SideBySideRun
 
@@ -90,10 +90,11 @@ def shards(case) -> int:
 
 def ddp_needs_static_graph(case) -> bool:
     """DDP accepts a parameter used in two nested backwards (reentrant checkpointing of a
-    reused block, or of two forwards) only with a static graph, which breaks no_sync."""
+    reused block, of blocks sharing a module, or of two forwards) only with a static
+    graph, which breaks no_sync."""
     model = case["model"]
     return model.get("checkpoint") == "reentrant" and bool(
-        model.get("reuse") or case.get("two_forwards"))
+        runs_a_module_twice(model) or case.get("two_forwards"))
 
 
 def skips_block(case, step: int, rank: int) -> bool:

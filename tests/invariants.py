@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import cases
+from models import runs_a_module_twice
 from zeroshard._layout import ALIGN
 
 FP32 = 4
@@ -234,7 +235,7 @@ def gathers_per_step(case) -> int | None:
     if case["stage"] != 3:
         return 1  # after step()
     model = case["model"]
-    if model.get("reuse") or model.get("checkpoint") == "reentrant":
+    if runs_a_module_twice(model) or model.get("checkpoint") == "reentrant":
         return None  # a unit gathered twice: counted per unit, not per Ψ
     # A skipped unit is gathered all the same (Note [gather schedule]): no exception for it.
     forwards = 2 if case["two_forwards"] and case["reshard_after_forward"] else 1
@@ -244,10 +245,11 @@ def gathers_per_step(case) -> int | None:
 
 def may_reduce_late(case) -> bool:
     """Note [late gradients]: nested backwards of reentrant checkpointing (of a reused
-    block, or of two forwards) may bring gradient to a bucket already reduced, which is
-    then reduced again."""
+    block, of blocks sharing a module, or of two forwards) may bring gradient to a
+    bucket already reduced, which is then reduced again."""
     model = case["model"]
-    return model.get("checkpoint") == "reentrant" and bool(model.get("reuse") or case.get("two_forwards"))
+    return model.get("checkpoint") == "reentrant" and bool(
+        runs_a_module_twice(model) or case.get("two_forwards"))
 
 
 def padding_bound(n_buckets: int, n_params: int, shards: int) -> int:
@@ -375,7 +377,8 @@ def check_stage2_peak(results, case):
     the second step, once buckets launch in the order they become ready (Note [launch
     order]; found by the thorough profile: stage 3 with one parameter per bucket had
     four buckets filling in the first step)."""
-    reused_unit = case["stage"] == 3 and case["model"].get("reuse") and case["world_size"] > 1
+    reused_unit = (case["stage"] == 3 and runs_a_module_twice(case["model"])
+                   and case["world_size"] > 1)
     if (case["stage"] == 1 or case["no_sync"] or case["model"].get("unused_branch")
             or case.get("skip_block") or case["model"].get("checkpoint") == "reentrant"
             or reused_unit):

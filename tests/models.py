@@ -63,17 +63,21 @@ class TinyTransformer(nn.Module):
 
     ``checkpoint``: None, "reentrant" or "nonreentrant" activation checkpointing of
     each block; ``reuse``: block 0 runs twice per forward; ``reverse``: the blocks
-    run last to first; ``skip_block``: set to True to skip block 0 in a forward.
+    run last to first; ``skip_block``: set to True to skip block 0 in a forward;
+    ``share_mlp``: every block holds block 0's MLP, one module registered in each (as
+    ALBERT-style models share by module).
     """
 
     def __init__(self, vocab: int, d: int, heads: int, layers: int, seq: int, tied: bool,
                  frozen: bool, checkpoint: str | None = None, reuse: bool = False,
-                 reverse: bool = False) -> None:
+                 reverse: bool = False, share_mlp: bool = False) -> None:
         super().__init__()
         self.checkpoint, self.reuse, self.reverse, self.skip_block = checkpoint, reuse, reverse, False
         self.emb = nn.Embedding(vocab, d)
         self.pos = nn.Parameter(0.02 * torch.randn(seq, d))
         self.blocks = nn.ModuleList(Block(d, heads) for _ in range(layers))
+        for block in list(self.blocks)[1:] if share_mlp else []:
+            block.mlp = self.blocks[0].mlp
         self.ln_f = nn.LayerNorm(d)
         self.head = nn.Linear(d, vocab, bias=False)
         if tied:
@@ -98,6 +102,12 @@ class TinyTransformer(nn.Module):
         return self.head(self.ln_f(x))
 
 
+def runs_a_module_twice(spec: dict) -> bool:
+    """Whether a forward of the transformer ``spec`` runs a module twice: block 0
+    reused, or one MLP shared by its blocks."""
+    return bool(spec.get("reuse") or (spec.get("share_mlp") and spec.get("layers", 1) > 1))
+
+
 def build_model(spec: dict, seed: int) -> nn.Module:
     torch.manual_seed(seed)
     if spec["kind"] == "mlp":
@@ -105,7 +115,8 @@ def build_model(spec: dict, seed: int) -> nn.Module:
                    spec["unused_branch"], spec.get("branch_everywhere", False))
     return TinyTransformer(spec["vocab"], spec["d"], spec["heads"], spec["layers"], spec["seq"],
                            spec["tied"], spec["frozen"], spec.get("checkpoint"),
-                           spec.get("reuse", False), spec.get("reverse", False))
+                           spec.get("reuse", False), spec.get("reverse", False),
+                           spec.get("share_mlp", False))
 
 
 def make_batch(spec: dict, seed: int, rank: int, batch: int):

@@ -4,6 +4,7 @@ import math
 
 from hypothesis import strategies as st
 
+from models import runs_a_module_twice
 from pool import mesh_shape
 
 OPTIMIZER_KWARGS = {
@@ -27,7 +28,7 @@ mlp_specs = st.fixed_dictionaries({
 transformer_specs = st.fixed_dictionaries({
     "kind": st.just("transformer"), "vocab": st.integers(11, 23), "d": st.sampled_from([8, 12]),
     "heads": st.just(2), "layers": st.integers(1, 2), "seq": st.integers(3, 7),
-    "tied": st.booleans(), "frozen": st.booleans()})
+    "tied": st.booleans(), "frozen": st.booleans(), "share_mlp": st.booleans()})
 
 
 @st.composite
@@ -71,7 +72,8 @@ def training_cases(draw, stages=(1, 2, 3), world_sizes=(1, 2, 3, 4), meshes=None
     model = draw(st.one_of(mlp_specs, transformer_specs))
     stage = draw(st.sampled_from(stages))
     options = draw(forward_options(model, stage))
-    nested_reuse = model.get("checkpoint") == "reentrant" and (model["reuse"] or options["two_forwards"])
+    nested_reuse = model.get("checkpoint") == "reentrant" and (
+        runs_a_module_twice(model) or options["two_forwards"])
     world_size = draw(st.sampled_from(world_sizes))
     if meshes is None:  # half the cases on several ranks run over a mesh
         shapes = mesh_shapes(world_size) if world_size > 1 else []

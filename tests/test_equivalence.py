@@ -123,6 +123,18 @@ def _two_forwards_hold_every_bucket():
                        optimizer="Adagrad", opt_kwargs={"lr": 0.01}, accum=2)
 
 
+def _blocks_sharing_a_module(units):
+    """Stage 3, both blocks holding one MLP module (ALBERT-style sharing by module): its
+    parameters belonged to the unit of its first place only, which was released while
+    the other block ran it, and that forward was refused naming a units= class the user
+    never passed (a helper's probe); they belong to a unit above both places now."""
+    model = {**_TINY_TRANSFORMER, "layers": 2, "share_mlp": True}
+    return _found_case(model, units=units, reshard_after_forward=True, world_size=2,
+                       optimizer="Adam", opt_kwargs={"lr": 1e-3, "weight_decay": 0.0})
+
+
+@example(case=_blocks_sharing_a_module("blocks"))
+@example(case=_blocks_sharing_a_module(None))
 @example(case=_root_bucket_filling_through_backward())
 @example(case=_two_forwards_hold_every_bucket())
 @example(case=_one_unit_holding_every_parameter())

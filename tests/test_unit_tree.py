@@ -3,9 +3,10 @@ units and which unit owns each parameter. Pure: no processes needed.
 
 Module trees are drawn at random: node i > 0 hangs under a node before it, some
 nodes hold a parameter of their own, and some share one with another node (a tied
-weight). The owner of each parameter is checked against its definition, computed
-here from the tree: the deepest unit that is an ancestor (or itself) of every
-module holding the parameter.
+weight), and some are registered under a second parent too (a module shared by
+module, ALBERT-style). The owner of each parameter is checked against its
+definition, computed here from the tree: the deepest unit that is an ancestor (or
+itself) of every place a module holding the parameter sits.
 """
 
 import pytest
@@ -20,12 +21,18 @@ from zeroshard._unit_tree import CONTAINERS, select_unit_modules, unit_owners
 
 @st.composite
 def module_trees(draw):
-    """(root, nodes, parents): nodes[0] is root; parents[i] is node i's parent index."""
+    """(root, nodes, parents): nodes[0] is root; parents[i] lists node i's parents' indices
+    (a second one: the node is registered there too, shared by module)."""
     size = draw(st.integers(1, 9))
-    parents = [None] + [draw(st.integers(0, i - 1)) for i in range(1, size)]
+    parents = [[]] + [[draw(st.integers(0, i - 1))] for i in range(1, size)]
+    for i in range(2, size):  # a node before i is never below it: no cycle
+        second = draw(st.integers(0, i - 1))
+        if draw(st.integers(0, 3)) == 0 and second not in parents[i]:
+            parents[i].append(second)
     nodes = [nn.Module() for _ in range(size)]
     for i in range(1, size):
-        nodes[parents[i]].add_module(f"child{i}", nodes[i])
+        for parent in parents[i]:
+            nodes[parent].add_module(f"child{i}", nodes[i])
     for i in range(size):
         if draw(st.booleans()):
             nodes[i].weight = nn.Parameter(torch.zeros(draw(st.integers(1, 64))))
@@ -36,14 +43,14 @@ def module_trees(draw):
     return nodes[0], nodes, parents
 
 
-def chain_of_units(index, parents, unit_indices):
-    """The unit nodes from node ``index`` up to the root (itself included if a unit)."""
-    chain = []
-    while index is not None:
-        if index in unit_indices:
-            chain.append(index)
-        index = parents[index]
-    return chain
+def chains_of_units(index, parents, unit_indices):
+    """For each path from node ``index`` up to the root, the unit nodes on it (itself
+    included if a unit), lowest first."""
+    mine = [index] if index in unit_indices else []
+    if not parents[index]:
+        return [mine]
+    return [mine + chain for parent in parents[index]
+            for chain in chains_of_units(parent, parents, unit_indices)]
 
 
 @given(module_trees(), st.data())
@@ -64,7 +71,7 @@ def test_each_parameter_belongs_to_the_lowest_unit_above_all_its_holders(tree, d
             holders.setdefault(id(param), []).append(i)
     assert set(owner) == set(holders)
     for param_id, holding in holders.items():
-        chains = [chain_of_units(i, parents, unit_indices) for i in holding]
+        chains = [chain for i in holding for chain in chains_of_units(i, parents, unit_indices)]
         common = [u for u in chains[0] if all(u in c for c in chains[1:])]
         expected = common[0]  # chains run upward: the first common unit is the lowest
         assert node_of_module[id(chosen[owner[param_id]])] == expected
@@ -73,9 +80,7 @@ def test_each_parameter_belongs_to_the_lowest_unit_above_all_its_holders(tree, d
 
 @given(module_trees(), st.integers(1, 200))
 def test_automatic_units_each_own_at_least_the_bucket_size(tree, bucket_elements):
-    root, nodes, _ = tree
-    for node in nodes:
-        node.__dict__["_parameters"].pop("tied", None)  # untied: each parameter counted once
+    root, nodes, _ = tree  # tied weights and shared modules included: each counts once
     bucket_bytes = 4 * bucket_elements
     chosen = select_unit_modules(root, None, bucket_bytes)
     assert chosen[0] is root and len({id(m) for m in chosen}) == len(chosen)
@@ -85,14 +90,24 @@ def test_automatic_units_each_own_at_least_the_bucket_size(tree, bucket_elements
         owned[owner[id(param)]] += param.numel() * param.element_size()
     assert all(size >= bucket_bytes for size in owned[1:])
     assert not any(isinstance(m, CONTAINERS) for m in chosen[1:])
-    # and no module left out could have been a unit: what it holds unclaimed is below the size
+    # and no module left out could have been a unit: what it would own at a place it
+    # sits, unclaimed (the parameters sitting only below that place), is below the size
+    places: dict[int, tuple[nn.Parameter, list[str]]] = {}
+    for path, module in root.named_modules(remove_duplicate=False):
+        for param in module._parameters.values():
+            places.setdefault(id(param), (param, []))[1].append(path)
+
+    def below(path: str, prefix: str) -> bool:
+        return path == prefix or path.startswith(prefix + ".")
+
     chosen_ids = {id(m) for m in chosen}
-    for module in root.modules():
+    for prefix, module in root.named_modules(remove_duplicate=False):
         if id(module) in chosen_ids:
             continue
         inside = {id(m) for m in module.modules()}
-        unclaimed = sum(p.numel() * p.element_size() for p in module.parameters()
-                        if id(chosen[owner[id(p)]]) not in inside)
+        unclaimed = sum(p.numel() * p.element_size() for p, paths in places.values()
+                        if id(chosen[owner[id(p)]]) not in inside
+                        and all(below(path, prefix) for path in paths))
         assert unclaimed < bucket_bytes
 
 

@@ -14,6 +14,7 @@ of that module's ancestor units (a forward that breaks this is refused:
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 
 from torch import nn
@@ -82,54 +83,82 @@ def _auto_units(model: nn.Module, bucket_bytes: int, unclaimable) -> list[nn.Mod
     """Post-order: a module whose not-yet-claimed parameters reach ``bucket_bytes``
     becomes a unit, so units hold about that much and a deep model gets many. A
     module in ``unclaimable`` (``read_by_their_parent``) leaves its parameters to an
-    ancestor."""
+    ancestor. Each parameter counts once, at the deepest place above every place it
+    sits (``unit_owners``' rule): a tied weight at the modules' common ancestor, and a
+    module registered in several places (shared by module) above all of them, so it
+    and what it holds never count towards one of its parents alone."""
+    places: dict[int, tuple[nn.Parameter, list[str]]] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        for param in module._parameters.values():
+            if param is not None:
+                places.setdefault(id(param), (param, []))[1].append(path)
+    counted: Counter = Counter()
+    for param, paths in places.values():
+        counted[_common_path(paths)] += param.numel() * param.element_size()
     chosen: list[nn.Module] = []
-    _claim_by_size(model, model, bucket_bytes, chosen, unclaimable)
+    _claim_by_size(model, "", model, bucket_bytes, chosen, set(), unclaimable, counted)
     return chosen
 
 
-def _claim_by_size(module: nn.Module, root: nn.Module, bucket_bytes: int,
-                   chosen: list[nn.Module], unclaimable) -> int:
-    """``_auto_units``' walk; returns the bytes of ``module``'s parameters left unclaimed.
-    A module-level function: a nested recursive one would be a reference cycle."""
-    size = sum(p.numel() * p.element_size() for p in module._parameters.values() if p is not None)
-    size += sum(_claim_by_size(child, root, bucket_bytes, chosen, unclaimable)
-                for child in module.children())
+def _common_path(paths: list[str]) -> str:
+    """The deepest module path above (or at) every one of ``paths``."""
+    parts = [path.split(".") if path else [] for path in paths]
+    common = []
+    for names in zip(*parts):
+        if any(name != names[0] for name in names):
+            break
+        common.append(names[0])
+    return ".".join(common)
+
+
+def _claim_by_size(module: nn.Module, path: str, root: nn.Module, bucket_bytes: int,
+                   chosen: list[nn.Module], chosen_ids: set[int], unclaimable,
+                   counted: Counter) -> int:
+    """``_auto_units``' walk; returns the bytes counted at ``path`` and below that are
+    left unclaimed. A module-level function: a nested recursive one would be a
+    reference cycle."""
+    if id(module) in chosen_ids:  # chosen at another place it is registered
+        return 0
+    size = counted[path] + sum(
+        _claim_by_size(child, f"{path}.{name}" if path else name, root, bucket_bytes, chosen,
+                       chosen_ids, unclaimable, counted)
+        for name, child in module._modules.items() if child is not None)
     if (module is not root and size >= bucket_bytes and not isinstance(module, CONTAINERS)
             and id(module) not in unclaimable):
         chosen.append(module)
+        chosen_ids.add(id(module))
         return 0
     return size
 
 
 def unit_owners(model: nn.Module, unit_modules: list[nn.Module]) -> dict[int, int]:
-    """id(parameter) -> index of the unit that owns it (see the module docstring)."""
+    """id(parameter) -> index of the unit that owns it (see the module docstring).
+
+    A module registered in several places (ALBERT-style sharing by module:
+    ``blocks[1].attn = blocks[0].attn``) is held at each of them, as a tied parameter
+    is held by each module it sits in: its parameters belong to the lowest unit above
+    every place. Owned by the unit above its first place only, they were released
+    while another unit ran it, and that forward was refused (a helper's probe)."""
     index_of = {id(m): i for i, m in enumerate(unit_modules)}
-    parent: dict[int, nn.Module] = {}
-    for module in model.modules():
-        for child in module.children():
-            parent.setdefault(id(child), module)
-
-    def unit_of(module: nn.Module) -> int:
-        while id(module) not in index_of:
-            module = parent[id(module)]
-        return index_of[id(module)]
-
-    def ancestors(index: int) -> list[int]:  # the unit itself, up to the root
-        chain = [index]
-        while chain[-1] != 0:
-            chain.append(unit_of(parent[id(unit_modules[chain[-1]])]))
-        return chain
-
     owner: dict[int, int] = {}
-    for module in model.modules():
+    # every place a module is registered, by its path (a shared module has several)
+    for path, module in model.named_modules(remove_duplicate=False):
+        here = _units_above(path, model, index_of)
         for param in module._parameters.values():
             if param is None:
                 continue
-            here = unit_of(module)
             if id(param) not in owner:
                 owner[id(param)] = here
-            else:  # lowest common ancestor of the two units
-                mine = set(ancestors(here))
-                owner[id(param)] = next(u for u in ancestors(owner[id(param)]) if u in mine)
-    return owner
+            else:  # the lowest unit above both: the first of one chain in the other
+                mine = set(here)
+                owner[id(param)] = [u for u in owner[id(param)] if u in mine]
+    return {param_id: chain[0] for param_id, chain in owner.items()}
+
+
+def _units_above(path: str, model: nn.Module, index_of: dict[int, int]) -> list[int]:
+    """The units from the module at ``path`` up to the root (itself first, if a unit)."""
+    names = path.split(".") if path else []
+    modules = [model]
+    for name in names:
+        modules.append(modules[-1]._modules[name])
+    return [index_of[id(m)] for m in reversed(modules) if id(m) in index_of]
