@@ -128,3 +128,34 @@ def sparse_embedding_like_ddp(ctx, stage: int, optimizer_name: str) -> list[floa
         tokens = torch.randint(0, 40, (6, 3), generator=generator)
         return (net(tokens) - 1).square().mean()
     return differences_per_step(ctx, model, opt, ddp, ref_opt, loss_of, 3, average=False)
+
+
+def gradient_transform_refused(ctx, stage: int) -> tuple:
+    """``torch.func.grad`` over ``functional_call(model, ...)``: it crashed inside the
+    transform's backward with torch's raw errors (a helper's probe); now refused. Then
+    ``torch.func.vmap`` evaluates the model (untouched by the refusal), and training
+    goes on equal to DDP. Returns the refusal, vmap's largest difference from the
+    model's own outputs, and the per-step parameter differences from DDP."""
+    model, reference = _mlp(), _mlp()
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=stage, lr=0.1, momentum=0.9,
+                                  process_group=ctx.group,
+                                  **({"units": nn.Linear} if stage == 3 else {}))
+    ddp = DDP(reference, process_group=ctx.group)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    x = torch.randn(3, 4, 6, generator=torch.Generator().manual_seed(ctx.rank))
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    try:
+        torch.func.grad(lambda p: torch.func.functional_call(model, p, (x[0],)).sum())(params)
+    except RuntimeError as error:
+        refusal = str(error)
+    else:
+        refusal = None
+    with opt.summon_full_params(), torch.no_grad():
+        batched = torch.func.vmap(model)(x)
+        vmapped = float((batched - torch.stack([model(row) for row in x])).abs().max())
+
+    def loss_of(net, step):
+        generator = torch.Generator().manual_seed(10 * step + ctx.rank)
+        return net(torch.randn(4, 6, generator=generator)).square().mean()
+    return refusal, vmapped, differences_per_step(ctx, model, opt, ddp, ref_opt, loss_of, 2,
+                                                  average=False)

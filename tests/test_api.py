@@ -150,6 +150,16 @@ def test_a_sparse_embedding_trains_like_ddp(pool, stage, optimizer):
         assert max(differences) < 1e-6, differences
 
 
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_a_forward_inside_a_gradient_transform_is_refused_on_every_rank(pool, stage):
+    for refusal, vmapped, differences in pool.run(cases_torch_api.gradient_transform_refused,
+                                                  2, stage):
+        assert refusal is not None and "torch.func gradient transform" in refusal, refusal
+        assert "loss.backward()" in refusal, refusal
+        assert vmapped == 0, vmapped
+        assert max(differences) < 1e-6, differences
+
+
 def test_state_dict_from_another_world_size_is_refused(pool):
     for message in pool.run(cases_api.load_state_dict_from_other_world_size, 2):
         assert "rank 0 of 3" in message or "rank 1 of 3" in message, message
