@@ -290,3 +290,57 @@ def autocast_reused_block(ctx, units: str):
             opt.zero_grad()
     with zopt.summon_full_params():
         return (flat_params(zero_model) - flat_params(ddp_model)).abs().max().item()
+
+
+class _ComplexMix(nn.Module):
+    """A complex weight (a spectral layer's) over the features picked by a frozen
+    integer index (a permutation, ``requires_grad=False``): no real floating-point
+    parameter, so under a policy the model computes alike with and without it but for
+    the input's cast."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pick = nn.Parameter(torch.randperm(6), requires_grad=False)
+        self.weight = nn.Parameter(0.3 * torch.randn(6, 4, dtype=torch.cfloat))
+
+    def forward(self, x):
+        return (x[:, self.pick].to(self.weight.dtype) @ self.weight).abs()
+
+
+def complex_and_integer_parameters(ctx, stage: int, policy: bool) -> dict:
+    """``_ComplexMix`` under ZeroOptimizer (with a bf16 policy, or none) and under DDP,
+    each rank's inputs cast to bf16 on both sides when there is a policy, SGD with
+    momentum, clipped by 0.1 each step (torch's clip_grad_norm_ on DDP's side). A policy
+    dropped the complex weight's imaginary part and rounded the index to bf16; stage 3
+    could not be built over the integer parameter; clipping a complex gradient raised
+    (a helper's probes). Returns the norms, the per-step parameter differences, and the
+    parameters' dtypes and values as ``close()`` hands them back next to the originals."""
+    torch.manual_seed(0)
+    model = _ComplexMix()
+    original = {name: p.detach().clone() for name, p in model.named_parameters()}
+    reference = _ComplexMix()
+    reference.load_state_dict(model.state_dict())
+    mixed = zeroshard.MixedPrecision(param_dtype=torch.bfloat16) if policy else None
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=stage, lr=0.1, momentum=0.9,
+                                  process_group=ctx.group, mixed_precision=mixed,
+                                  **({"units": None} if stage == 3 else {}))
+    ddp = DDP(reference, process_group=ctx.group)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    outcome = {"norms": [], "differences": []}
+    for step in range(3):
+        x = torch.randn(5, 6, generator=torch.Generator().manual_seed(10 * step + ctx.rank))
+        model(x).square().mean().backward()
+        ddp(x.to(torch.bfloat16) if policy else x).square().mean().backward()
+        outcome["norms"].append((float(opt.clip_grad_norm_(0.1)), float(
+            torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.1))))
+        for optimizer in (opt, ref_opt):
+            optimizer.step()
+            optimizer.zero_grad()
+        with opt.summon_full_params():
+            outcome["differences"].append(max(
+                float((a - b).abs().max()) for a, b in zip(model.parameters(), reference.parameters())))
+    opt.close()
+    outcome["kept"] = {name: (p.dtype, original[name].dtype,
+                              bool(torch.equal(p, original[name])) if name == "pick" else None)
+                       for name, p in model.named_parameters()}
+    return outcome

@@ -290,3 +290,18 @@ def test_autocast_at_stage3_with_a_reused_block_equals_ddp(pool, units):
     stay below 1e-6 here."""
     for rank, diff in enumerate(pool.run(cases_mp.autocast_reused_block, 2, units)):
         assert diff < 1e-6, (rank, diff)
+
+
+@pytest.mark.parametrize("policy", [True, False])
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_complex_and_integer_parameters_keep_their_dtype_and_train_like_ddp(pool, stage, policy):
+    """A policy casts only real floating-point parameters: a complex weight kept its real
+    part alone and a frozen integer index was rounded to bf16, silently; stage 3 failed to
+    build over the integer one; clipping a complex gradient raised (a helper's probes)."""
+    for outcome in pool.run(cases_mp.complex_and_integer_parameters, 2, stage, policy):
+        for ours, torchs in outcome["norms"]:
+            assert abs(ours - torchs) <= 1e-6 * torchs, outcome["norms"]
+        assert max(outcome["differences"]) < 1e-6, outcome["differences"]
+        pick, weight = outcome["kept"]["pick"], outcome["kept"]["weight"]
+        assert pick == (torch.int64, torch.int64, True), pick
+        assert weight[:2] == (torch.cfloat, torch.cfloat), weight

@@ -301,7 +301,8 @@ class FlatBucket:
         if self.placeholders is None:
             self.placeholders = torch.empty(len(self.params), dtype=self.flat.dtype,
                                             device=self.flat.device)
-        self.placeholders.fill_(float("nan"))  # again: a write through .data may have changed it
+        # again: a write through .data may have changed it
+        self.placeholders.fill_(_placeholder_value(self.flat.dtype))
         for index in range(len(self.params)):
             self._become_placeholder(index)
         self._versions_at_release = [param._version for param in self.params]
@@ -396,3 +397,12 @@ def build_buckets(params: Sequence[tuple[nn.Parameter, int]], bucket_bytes: int,
 
 def _bytes(params: Sequence[nn.Parameter]) -> int:
     return sum(p.numel() * p.element_size() for p in params)
+
+
+def _placeholder_value(dtype: torch.dtype):
+    """What a stage-3 placeholder holds (Note [stage-3 placeholders]): NaN where the
+    dtype has one; else its smallest value, a number no integer parameter holds by
+    chance (a frozen integer parameter's NaN fill failed construction), False for bool."""
+    if dtype.is_floating_point or dtype.is_complex:
+        return float("nan")
+    return False if dtype == torch.bool else torch.iinfo(dtype).min

@@ -36,7 +36,9 @@ def shard_norm_term(grads: list[torch.Tensor], norm_type: float,
     """This rank's share of the norm: max |g| for the inf-norm, else sum ‖g‖_p^p (summed
     in fp64 over the pieces of Note [a norm of a long shard]). In fp32, or in fp64 if a
     gradient is fp64, as torch's norm of the per-parameter norms would be (fp32 could not
-    hold an fp64 gradient's norm: torch refuses to narrow it)."""
+    hold an fp64 gradient's norm: torch refuses to narrow it). A complex gradient's norm
+    is its moduli's, as torch's ``vector_norm`` takes it (it raised on complex shards)."""
+    grads = [grad.abs() if grad.is_complex() else grad for grad in grads]
     term_dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
     if not grads:
         return torch.zeros((), dtype=term_dtype, device=device)

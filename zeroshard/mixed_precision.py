@@ -99,11 +99,15 @@ class GradientDtypes:
 
 
 def full_precision_parameters(model: nn.Module, policy: MixedPrecision | None) -> set[int]:
-    """ids of the parameters a policy leaves in fp32 (Note [full-precision modules])."""
+    """ids of the parameters a policy leaves in their own dtype: a full-precision
+    module's (Note [full-precision modules]), and any that is not real floating point.
+    A policy's dtypes are real, so casting a complex parameter dropped its imaginary
+    part and an integer one (frozen) was rounded to bf16, silently (a helper's probes);
+    like BatchNorm's, they keep their dtype, in buckets whose shard is the master."""
     if policy is None:
         return set()
-    return {id(p) for m in model.modules() if isinstance(m, FULL_PRECISION_MODULES)
-            for p in m.parameters(recurse=False)}
+    return {id(p) for m in model.modules() for p in m.parameters(recurse=False)
+            if isinstance(m, FULL_PRECISION_MODULES) or not p.is_floating_point()}
 
 
 def install_forward_casts(model: nn.Module, policy: MixedPrecision) -> list:
