@@ -134,13 +134,15 @@ def gradient_transform_refused(ctx, stage: int) -> tuple:
     """``torch.func.grad`` over ``functional_call(model, ...)``: it crashed inside the
     transform's backward with torch's raw errors (a helper's probe); now refused. Then
     ``torch.func.vmap`` evaluates the model (untouched by the refusal), and training
-    goes on equal to DDP. Returns the refusal, vmap's largest difference from the
-    model's own outputs, and the per-step parameter differences from DDP."""
+    goes on equal to data parallel (gradients averaged here), at stages 1 and 2 with a
+    physics-informed loss that takes ``vmap(jacrev(model))`` of the inputs (a first
+    version of the refusal refused it: a reviewer's probe). Returns the refusal, vmap's
+    largest difference from the model's own outputs, and the per-step parameter
+    differences."""
     model, reference = _mlp(), _mlp()
     opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=stage, lr=0.1, momentum=0.9,
                                   process_group=ctx.group,
                                   **({"units": nn.Linear} if stage == 3 else {}))
-    ddp = DDP(reference, process_group=ctx.group)
     ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
     x = torch.randn(3, 4, 6, generator=torch.Generator().manual_seed(ctx.rank))
     params = {name: p.detach() for name, p in model.named_parameters()}
@@ -155,7 +157,10 @@ def gradient_transform_refused(ctx, stage: int) -> tuple:
         vmapped = float((batched - torch.stack([model(row) for row in x])).abs().max())
 
     def loss_of(net, step):
-        generator = torch.Generator().manual_seed(10 * step + ctx.rank)
-        return net(torch.randn(4, 6, generator=generator)).square().mean()
-    return refusal, vmapped, differences_per_step(ctx, model, opt, ddp, ref_opt, loss_of, 2,
-                                                  average=False)
+        inputs = torch.randn(4, 6, generator=torch.Generator().manual_seed(10 * step + ctx.rank))
+        loss = net(inputs).square().mean()
+        if stage != 3:  # the outputs' slopes in the inputs, penalised
+            slopes = torch.func.vmap(torch.func.jacrev(net))(inputs)
+            loss = loss + slopes.square().mean()
+        return loss
+    return refusal, vmapped, differences_per_step(ctx, model, opt, reference, ref_opt, loss_of, 2)

@@ -1,4 +1,4 @@
-"""The refusal of a forward inside a ``torch.func`` gradient transform.
+"""The refusal of a forward inside a ``torch.func`` gradient transform that cannot work.
 
 Note [gradient transforms]:
     ZeroOptimizer reduces the gradients that ``loss.backward()`` accumulates into the
@@ -8,10 +8,17 @@ Note [gradient transforms]:
     hooks still ran: stages 1-3 crashed inside the transform's backward with torch's
     raw "Cannot access data pointer" or "Cannot access storage of TensorWrapper" (a
     helper's probe), and a gradient set on ``p.grad`` by hand afterwards is refused at
-    the step anyway. So the model's first forward pre-hook refuses such a forward,
-    naming what works. Every rank runs the same code, so every rank raises there,
-    before any hook of the stage gathers or any collective. ``torch.func.vmap`` alone
-    (an ensemble, batched evaluation) is left alone: it computes no gradient itself.
+    the step anyway. So the model's first forward pre-hook refuses a forward whose
+    parameters a gradient transform holds (they are functorch's wrappers then), naming
+    what works. Every rank runs the same code, so every rank raises there, before any
+    hook of the stage gathers or any collective.
+
+    A transform over the inputs alone is left alone at stages 1 and 2: a physics-
+    informed loss (``vmap(jacrev(model))(x)`` in the loss, then ``loss.backward()``)
+    trains equal to DDP there (a reviewer's probe; a first version of this refusal
+    refused it). At stage 3 it is refused too: the gathers inside the transform
+    crashed the process (a reviewer's probe). ``torch.func.vmap`` alone computes no
+    gradient and is left alone at every stage.
 """
 
 from __future__ import annotations
@@ -21,19 +28,32 @@ import torch
 _functorch = getattr(torch._C, "_functorch", None)
 
 
-def refuse_gradient_transforms(module, args) -> None:
-    """A forward pre-hook (Note [gradient transforms])."""
-    if _functorch is None or torch.compiler.is_compiling():
-        return
-    if _functorch.maybe_current_level() is None:  # inside no transform: the usual case
-        return
-    gradient_kinds = (_functorch.TransformType.Grad, _functorch.TransformType.Jvp)
-    if any(interpreter.key() in gradient_kinds for interpreter in _functorch.get_interpreter_stack()):
+class GradientTransformRefusal:
+    """A forward pre-hook on the model (Note [gradient transforms])."""
+
+    def __init__(self, stage: int) -> None:
+        self.stage = stage
+
+    def __call__(self, module, args) -> None:
+        if _functorch is None or torch.compiler.is_compiling():
+            return
+        if _functorch.maybe_current_level() is None:  # inside no transform: the usual case
+            return
+        kinds = (_functorch.TransformType.Grad, _functorch.TransformType.Jvp)
+        if not any(i.key() in kinds for i in _functorch.get_interpreter_stack()):
+            return  # vmap alone
+        over_parameters = any(_functorch.is_functorch_wrapped_tensor(p)
+                              for p in module.parameters())
+        if not over_parameters and self.stage != 3:
+            return
+        what = ("with parameters that a torch.func gradient transform holds (torch.func.grad, "
+                "vjp, jacrev, jvp or jacfwd over functional_call(model, params, ...))"
+                if over_parameters else "inside a torch.func gradient transform at stage 3")
         raise RuntimeError(
-            "zeroshard: the model's forward ran inside a torch.func gradient transform "
-            "(torch.func.grad, vjp, jacrev, jvp or jacfwd over functional_call). ZeroOptimizer "
-            "reduces the gradients that loss.backward() accumulates into the model's "
-            "parameters, and a transform's gradients never reach them. Compute the loss "
-            "with the model and call loss.backward(); for a transform over the model, "
-            "opt.close() first and use it unmanaged (Note [gradient transforms] in "
-            "zeroshard/_transforms.py)")
+            f"zeroshard: the model's forward ran {what}. ZeroOptimizer reduces the "
+            "gradients that loss.backward() accumulates into the model's parameters, and a "
+            "transform's gradients never reach them. Compute the loss with the model and "
+            "call loss.backward()" + ("" if over_parameters else
+                                      " (stages 1 and 2 take transforms over the inputs alone)")
+            + "; for a transform over the model, opt.close() first and use it unmanaged "
+            "(Note [gradient transforms] in zeroshard/_transforms.py)")

@@ -21,7 +21,7 @@ from ._placement import Placement
 from ._plan import ShardingView, plan_sharding, work_balance
 from ._ranks import ranks_from
 from ._stage import Stage
-from ._transforms import refuse_gradient_transforms
+from ._transforms import GradientTransformRefusal
 from .memory import live_report
 from .mixed_precision import MixedPrecision, full_precision_parameters, install_forward_casts
 
@@ -226,7 +226,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         # Note [refusing DistributedDataParallel]
         self._ddp_guard = DDPGuard(model, handles)
         # Note [gradient transforms]: first, before any hook of the stage gathers
-        handles.append(model.register_forward_pre_hook(refuse_gradient_transforms, prepend=True))
+        handles.append(model.register_forward_pre_hook(GradientTransformRefusal(self.stage),
+                                                       prepend=True))
 
     # -- lifetime ---------------------------------------------------------------------
 
