@@ -164,3 +164,42 @@ def gradient_transform_refused(ctx, stage: int) -> tuple:
             loss = loss + slopes.square().mean()
         return loss
     return refusal, vmapped, differences_per_step(ctx, model, opt, reference, ref_opt, loss_of, 2)
+
+
+class _PlainSGD(torch.optim.Optimizer):
+    """SGD written out, recording at each step how many global step pre-hooks torch
+    holds for the process (another thread's optimizer steps with those meanwhile)."""
+
+    registered_at_step: list[int] = []
+
+    def __init__(self, params, lr: float) -> None:
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        from torch.optim import optimizer as optimizer_module
+        type(self).registered_at_step.append(len(optimizer_module._global_optimizer_pre_hooks))
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    param.add_(param.grad, alpha=-group["lr"])
+
+
+def global_hooks_while_stepping(ctx, stage: int) -> tuple[list[int], int]:
+    """A global step pre-hook registered, one step: what the inner optimizer saw of the
+    process's global hooks while it stepped (a first version of the fix that fires them
+    once per step set them aside process-wide, and another thread's optimizer lost them:
+    a reviewer's probe), and how many times the hook fired."""
+    fired = []
+    handle = register_optimizer_step_pre_hook(lambda o, a, k: fired.append(type(o).__name__))
+    _PlainSGD.registered_at_step = []
+    try:
+        model = _mlp()
+        opt = zeroshard.ZeroOptimizer(model, _PlainSGD, stage=stage, lr=0.1,
+                                      process_group=ctx.group,
+                                      **({"units": nn.Linear} if stage == 3 else {}))
+        _train(model, opt, range(1), ctx.rank)
+        opt.close()
+    finally:
+        handle.remove()
+    return _PlainSGD.registered_at_step, fired

@@ -143,6 +143,13 @@ def test_torch_optimizer_hooks_fire_as_under_ddp(pool, stage):
     assert refusals[0] is not None and "another rank failed" in refusals[0], refusals
 
 
+@pytest.mark.parametrize("stage", [1, 3])
+def test_the_global_step_hooks_stay_registered_while_the_inner_optimizers_step(pool, stage):
+    for registered, fired in pool.run(cases_torch_api.global_hooks_while_stepping, 2, stage):
+        assert registered and all(count >= 1 for count in registered), registered
+        assert fired == ["ZeroOptimizer"], fired
+
+
 @pytest.mark.parametrize("optimizer", ["SGD", "Adagrad"])
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_a_sparse_embedding_trains_like_ddp(pool, stage, optimizer):
