@@ -90,24 +90,24 @@ def test_automatic_units_each_own_at_least_the_bucket_size(tree, bucket_elements
         owned[owner[id(param)]] += param.numel() * param.element_size()
     assert all(size >= bucket_bytes for size in owned[1:])
     assert not any(isinstance(m, CONTAINERS) for m in chosen[1:])
-    # and no module left out could have been a unit: what it would own at a place it
-    # sits, unclaimed (the parameters sitting only below that place), is below the size
-    places: dict[int, tuple[nn.Parameter, list[str]]] = {}
+    # and no module left out could have been a unit: what it would own, unclaimed (the
+    # parameters every path to whose holders passes through it: shared modules and
+    # tied weights included), is below the size
+    paths: dict[int, tuple[nn.Parameter, list[set[int]]]] = {}  # the modules along each
     for path, module in root.named_modules(remove_duplicate=False):
+        names = path.split(".") if path else []
+        along = {id(root)} | {id(root.get_submodule(".".join(names[:k])))
+                              for k in range(1, len(names) + 1)}
         for param in module._parameters.values():
-            places.setdefault(id(param), (param, []))[1].append(path)
-
-    def below(path: str, prefix: str) -> bool:
-        return path == prefix or path.startswith(prefix + ".")
-
+            paths.setdefault(id(param), (param, []))[1].append(along)
     chosen_ids = {id(m) for m in chosen}
-    for prefix, module in root.named_modules(remove_duplicate=False):
+    for module in root.modules():
         if id(module) in chosen_ids:
             continue
         inside = {id(m) for m in module.modules()}
-        unclaimed = sum(p.numel() * p.element_size() for p, paths in places.values()
+        unclaimed = sum(p.numel() * p.element_size() for p, alongs in paths.values()
                         if id(chosen[owner[id(p)]]) not in inside
-                        and all(below(path, prefix) for path in paths))
+                        and all(id(module) in along for along in alongs))
         assert unclaimed < bucket_bytes
 
 
@@ -123,3 +123,33 @@ def test_a_multihead_attentions_out_proj_is_never_a_unit_of_its_own():
         select_unit_modules(model, nn.Linear, bucket_bytes=1)
     suggested = select_unit_modules(model, lambda m: type(m) is nn.Linear, bucket_bytes=1)
     assert suggested == [model, model.head]
+
+
+class _Link(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(64, 64)
+
+
+def test_back_references_keep_a_unit_per_block_and_a_cycle_is_walked_once():
+    """Blocks keeping ``.prev``, the block before them, registered as a child: each
+    block still owns its own Linear (every path to it passes through the block), and
+    the automatic policy still cuts one unit per block. Enumerating every place a module
+    sits made such a chain's paths multiply and a cycle endless (a reviewer's probes;
+    Note [modules in several places])."""
+    chain = nn.Module()
+    chain.blocks = nn.ModuleList(_Link() for _ in range(48))
+    for i in range(1, 48):
+        chain.blocks[i].prev = chain.blocks[i - 1]
+    chosen = select_unit_modules(chain, _Link, bucket_bytes=1)
+    owner = unit_owners(chain, chosen)
+    for block in chain.blocks:
+        assert chosen[owner[id(block.linear.weight)]] is block
+    automatic = select_unit_modules(chain, None, bucket_bytes=64 * 65 * 4)
+    assert len(automatic) == 49, len(automatic)
+    cycle = nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 4)))
+    cycle[1].back = cycle
+    for units in (nn.Linear, None):
+        chosen = select_unit_modules(cycle, units, bucket_bytes=16)
+        owner = unit_owners(cycle, chosen)
+        assert {id(chosen[owner[id(p)]]) for p in cycle[0].parameters()} <= {id(cycle[0]), id(cycle)}

@@ -10,11 +10,23 @@ module is always a unit and takes whatever no other unit owns. So a parameter mu
 be used inside the forward of a module that holds it (in ``_parameters``), or of one
 of that module's ancestor units (a forward that breaks this is refused:
 ``check_saved_parameter`` in _saved_tensors.py).
+
+Note [modules in several places]:
+    A module may be registered in several places (ALBERT-style sharing by module,
+    ``blocks[1].mlp = blocks[0].mlp``; a block keeping ``.prev``, a reference to the
+    one before it). Then "inside" means dominated: a unit owns a parameter if every
+    path of registrations from the root to every module holding it passes through
+    the unit, and the lowest such unit owns it. Owned by the unit above its first
+    place only, a shared module's parameters were released while another unit ran
+    it, and that forward was refused (a helper's probe). The dominators come from the
+    graph of registrations (Cooper, Harvey and Kennedy's iteration), not from listing
+    paths, which a chain of back-references multiplies and a cycle makes endless (a
+    reviewer's probes); the automatic policy sizes units on the same dominator tree,
+    so a shared module can be a unit of its own.
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable
 
 from torch import nn
@@ -80,85 +92,111 @@ def _as_predicate(units) -> Callable[[nn.Module], bool]:
 
 
 def _auto_units(model: nn.Module, bucket_bytes: int, unclaimable) -> list[nn.Module]:
-    """Post-order: a module whose not-yet-claimed parameters reach ``bucket_bytes``
-    becomes a unit, so units hold about that much and a deep model gets many. A
-    module in ``unclaimable`` (``read_by_their_parent``) leaves its parameters to an
-    ancestor. Each parameter counts once, at the deepest place above every place it
-    sits (``unit_owners``' rule): a tied weight at the modules' common ancestor, and a
-    module registered in several places (shared by module) above all of them, so it
-    and what it holds never count towards one of its parents alone."""
-    places: dict[int, tuple[nn.Parameter, list[str]]] = {}
-    for path, module in model.named_modules(remove_duplicate=False):
-        for param in module._parameters.values():
-            if param is not None:
-                places.setdefault(id(param), (param, []))[1].append(path)
-    counted: Counter = Counter()
-    for param, paths in places.values():
-        counted[_common_path(paths)] += param.numel() * param.element_size()
+    """Post-order over the dominator tree (Note [modules in several places]): a module
+    whose not-yet-claimed parameters reach ``bucket_bytes`` becomes a unit, so units
+    hold about that much and a deep model gets many. Each parameter counts once, at the
+    lowest module that dominates every module holding it (a tied weight at the common
+    ancestor). A module in ``unclaimable`` (``read_by_their_parent``) leaves its
+    parameters to an ancestor."""
+    tree = _DominatorTree(model)
+    counted: dict[int, int] = {}
+    for param, holders in _holders(model).values():
+        at = tree.lowest_common(holders)
+        counted[id(at)] = counted.get(id(at), 0) + param.numel() * param.element_size()
     chosen: list[nn.Module] = []
-    _claim_by_size(model, "", model, bucket_bytes, chosen, set(), unclaimable, counted)
+    left: dict[int, int] = {}  # id(module) -> bytes its dominator subtree leaves unclaimed
+    for module in reversed(tree.order):  # children in the dominator tree come first
+        size = counted.get(id(module), 0) + left.pop(id(module), 0)
+        if (module is not model and size >= bucket_bytes and not isinstance(module, CONTAINERS)
+                and id(module) not in unclaimable):
+            chosen.append(module)
+        elif module is not model:
+            parent = tree.idom[id(module)]
+            left[id(parent)] = left.get(id(parent), 0) + size
     return chosen
 
 
-def _common_path(paths: list[str]) -> str:
-    """The deepest module path above (or at) every one of ``paths``."""
-    parts = [path.split(".") if path else [] for path in paths]
-    common = []
-    for names in zip(*parts):
-        if any(name != names[0] for name in names):
-            break
-        common.append(names[0])
-    return ".".join(common)
-
-
-def _claim_by_size(module: nn.Module, path: str, root: nn.Module, bucket_bytes: int,
-                   chosen: list[nn.Module], chosen_ids: set[int], unclaimable,
-                   counted: Counter) -> int:
-    """``_auto_units``' walk; returns the bytes counted at ``path`` and below that are
-    left unclaimed. A module-level function: a nested recursive one would be a
-    reference cycle."""
-    if id(module) in chosen_ids:  # chosen at another place it is registered
-        return 0
-    size = counted[path] + sum(
-        _claim_by_size(child, f"{path}.{name}" if path else name, root, bucket_bytes, chosen,
-                       chosen_ids, unclaimable, counted)
-        for name, child in module._modules.items() if child is not None)
-    if (module is not root and size >= bucket_bytes and not isinstance(module, CONTAINERS)
-            and id(module) not in unclaimable):
-        chosen.append(module)
-        chosen_ids.add(id(module))
-        return 0
-    return size
-
-
 def unit_owners(model: nn.Module, unit_modules: list[nn.Module]) -> dict[int, int]:
-    """id(parameter) -> index of the unit that owns it (see the module docstring).
-
-    A module registered in several places (ALBERT-style sharing by module:
-    ``blocks[1].attn = blocks[0].attn``) is held at each of them, as a tied parameter
-    is held by each module it sits in: its parameters belong to the lowest unit above
-    every place. Owned by the unit above its first place only, they were released
-    while another unit ran it, and that forward was refused (a helper's probe)."""
+    """id(parameter) -> index of the unit that owns it: the lowest unit that dominates
+    every module holding it (the module docstring; Note [modules in several places])."""
     index_of = {id(m): i for i, m in enumerate(unit_modules)}
+    tree = _DominatorTree(model)
     owner: dict[int, int] = {}
-    # every place a module is registered, by its path (a shared module has several)
-    for path, module in model.named_modules(remove_duplicate=False):
-        here = _units_above(path, model, index_of)
+    for param_id, (_, holders) in _holders(model).items():
+        module = tree.lowest_common(holders)
+        while id(module) not in index_of:
+            module = tree.idom[id(module)]
+        owner[param_id] = index_of[id(module)]
+    return owner
+
+
+def _holders(model: nn.Module) -> dict[int, tuple[nn.Parameter, list[nn.Module]]]:
+    """id(parameter) -> (the parameter, the modules holding it in ``_parameters``)."""
+    holders: dict[int, tuple[nn.Parameter, list[nn.Module]]] = {}
+    for module in model.modules():
         for param in module._parameters.values():
-            if param is None:
-                continue
-            if id(param) not in owner:
-                owner[id(param)] = here
-            else:  # the lowest unit above both: the first of one chain in the other
-                mine = set(here)
-                owner[id(param)] = [u for u in owner[id(param)] if u in mine]
-    return {param_id: chain[0] for param_id, chain in owner.items()}
+            if param is not None:
+                holders.setdefault(id(param), (param, []))[1].append(module)
+    return holders
 
 
-def _units_above(path: str, model: nn.Module, index_of: dict[int, int]) -> list[int]:
-    """The units from the module at ``path`` up to the root (itself first, if a unit)."""
-    names = path.split(".") if path else []
-    modules = [model]
-    for name in names:
-        modules.append(modules[-1]._modules[name])
-    return [index_of[id(m)] for m in reversed(modules) if id(m) in index_of]
+class _DominatorTree:
+    """The immediate dominator of each module in the graph of registrations (parent ->
+    child, every place a module is registered), rooted at the model (Note [modules in
+    several places]). In a tree it is the parent."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.order = _reverse_postorder(model)  # the root first; a parent before a child
+        rank = {id(m): i for i, m in enumerate(self.order)}
+        parents: dict[int, list[nn.Module]] = {}
+        for module in self.order:
+            for child in module._modules.values():
+                if child is not None:
+                    parents.setdefault(id(child), []).append(module)
+        self._rank = rank
+        self.idom: dict[int, nn.Module] = {id(model): model}
+        changed = True
+        while changed:  # converges in a pass or two on module graphs
+            changed = False
+            for module in self.order[1:]:
+                known = [p for p in parents[id(module)] if id(p) in self.idom]
+                dominator = known[0]
+                for parent in known[1:]:
+                    dominator = self._meet(parent, dominator)
+                if self.idom.get(id(module)) is not dominator:
+                    self.idom[id(module)] = dominator
+                    changed = True
+
+    def _meet(self, a: nn.Module, b: nn.Module) -> nn.Module:
+        while a is not b:
+            while self._rank[id(a)] > self._rank[id(b)]:
+                a = self.idom[id(a)]
+            while self._rank[id(b)] > self._rank[id(a)]:
+                b = self.idom[id(b)]
+        return a
+
+    def lowest_common(self, modules: list[nn.Module]) -> nn.Module:
+        """The lowest module that dominates every one of ``modules``."""
+        common = modules[0]
+        for module in modules[1:]:
+            common = self._meet(common, module)
+        return common
+
+
+def _reverse_postorder(model: nn.Module) -> list[nn.Module]:
+    """Every module reachable from ``model`` once, parents before children (a reverse
+    postorder of a depth-first walk; iterative, and a cycle is walked once)."""
+    postorder: list[nn.Module] = []
+    seen = {id(model)}
+    stack = [(model, iter(model._modules.values()))]
+    while stack:
+        module, children = stack[-1]
+        for child in children:
+            if child is not None and id(child) not in seen:
+                seen.add(id(child))
+                stack.append((child, iter(child._modules.values())))
+                break
+        else:
+            postorder.append(module)
+            stack.pop()
+    return postorder[::-1]
