@@ -15,7 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
+import shutil
+import tempfile
+from pathlib import Path
 
+import safetensors.torch
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -339,6 +344,16 @@ def complex_and_integer_parameters(ctx, stage: int, policy: bool) -> dict:
         with opt.summon_full_params():
             outcome["differences"].append(max(
                 float((a - b).abs().max()) for a, b in zip(model.parameters(), reference.parameters())))
+    # save_full_model with a dtype casts the real floating-point parameters only (it
+    # wrote the complex weight and the index as bf16, and without a dtype it knew no
+    # complex dtype: a reviewer's probe)
+    folder = Path(tempfile.gettempdir()) / f"zeroshard-complex-{os.getppid()}-{stage}-{policy}"
+    zeroshard.save_full_model(folder, model, opt, dtype=torch.bfloat16)
+    if ctx.rank == 0:
+        saved = safetensors.torch.load_file(folder / "model.safetensors")
+        outcome["saved"] = {name: (saved[name].dtype, bool(torch.equal(saved[name], p.detach())))
+                            for name, p in reference.named_parameters()}
+        shutil.rmtree(folder)
     opt.close()
     outcome["kept"] = {name: (p.dtype, original[name].dtype,
                               bool(torch.equal(p, original[name])) if name == "pick" else None)

@@ -298,10 +298,13 @@ def test_complex_and_integer_parameters_keep_their_dtype_and_train_like_ddp(pool
     """A policy casts only real floating-point parameters: a complex weight kept its real
     part alone and a frozen integer index was rounded to bf16, silently; stage 3 failed to
     build over the integer one; clipping a complex gradient raised (a helper's probes)."""
-    for outcome in pool.run(cases_mp.complex_and_integer_parameters, 2, stage, policy):
+    outcomes = pool.run(cases_mp.complex_and_integer_parameters, 2, stage, policy)
+    for outcome in outcomes:
         for ours, torchs in outcome["norms"]:
             assert abs(ours - torchs) <= 1e-6 * torchs, outcome["norms"]
         assert max(outcome["differences"]) < 1e-6, outcome["differences"]
         pick, weight = outcome["kept"]["pick"], outcome["kept"]["weight"]
         assert pick == (torch.int64, torch.int64, True), pick
         assert weight[:2] == (torch.cfloat, torch.cfloat), weight
+    saved = outcomes[0]["saved"]  # rank 0 wrote it, with dtype=torch.bfloat16
+    assert saved == {"pick": (torch.int64, True), "weight": (torch.cfloat, True)}, saved

@@ -36,7 +36,7 @@ INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 _DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
            torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32", torch.int16: "I16",
-           torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+           torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL", torch.complex64: "C64"}
 
 
 def save_full_model(path, model, opt, dtype: torch.dtype | None = None,
@@ -47,21 +47,23 @@ def save_full_model(path, model, opt, dtype: torch.dtype | None = None,
     ``from_pretrained(path)`` reads it (rank 0 also writes ``model.config`` when the
     model has one with ``save_pretrained``, as Hugging Face models do).
 
-    Parameters hold their current values (the fp32 masters of updated parameters,
-    cast to ``dtype`` when given); a tied parameter is written once, under its first
+    Parameters hold their current values (the fp32 masters of updated parameters;
+    real floating-point ones cast to ``dtype`` when given, as buffers are: a complex
+    or integer parameter keeps its dtype); a tied parameter is written once, under its first
     name, as Hugging Face does. Collective: call it on every rank; the full model is
     never built anywhere (Note [streaming export] in _full_state.py).
     """
     check_arguments(path, model, opt)
     view = opt.sharding
-    if dtype is not None and dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(map(str, _DTYPES))}, got {dtype}")
+    if dtype is not None and not (dtype in _DTYPES and dtype.is_floating_point):
+        floating = sorted(str(d) for d in _DTYPES if d.is_floating_point)
+        raise ValueError(f"dtype must be one of {floating}, got {dtype}")
     if not max_shard_size_mb > 0:
         raise ValueError(f"max_shard_size_mb must be positive, got {max_shard_size_mb}")
     folder = Path(path)
     names = {id(p): name for name, p in model.named_parameters()}
-    entries = [(names[id(p)], dtype or streamed_dtype, tuple(p.shape))
-               for p, streamed_dtype in _stream_order(opt)]
+    entries = [(names[id(p)], dtype if dtype is not None and p.is_floating_point()
+                else streamed_dtype, tuple(p.shape)) for p, streamed_dtype in _stream_order(opt)]
     persistent = persistent_buffer_names(model)
     buffers = [(name, b) for name, b in model.named_buffers() if name in persistent]
     entries += [(name, dtype if dtype is not None and b.is_floating_point() else b.dtype,
