@@ -401,8 +401,9 @@ def _bytes(params: Sequence[nn.Parameter]) -> int:
 
 def _placeholder_value(dtype: torch.dtype):
     """What a stage-3 placeholder holds (Note [stage-3 placeholders]): NaN where the
-    dtype has one; else its smallest value, a number no integer parameter holds by
-    chance (a frozen integer parameter's NaN fill failed construction), False for bool."""
+    dtype has one; else its smallest value (for a signed integer, one an index or a
+    count never holds; 0 for an unsigned one), False for bool. A frozen integer
+    parameter's NaN fill failed construction (a helper's probe)."""
     if dtype.is_floating_point or dtype.is_complex:
         return float("nan")
     return False if dtype == torch.bool else torch.iinfo(dtype).min
