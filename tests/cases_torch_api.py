@@ -4,8 +4,12 @@
 from __future__ import annotations
 
 import copy
+import os
+import tempfile
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.optimizer import (register_optimizer_step_post_hook,
@@ -130,28 +134,49 @@ def sparse_embedding_like_ddp(ctx, stage: int, optimizer_name: str) -> list[floa
     return differences_per_step(ctx, model, opt, ddp, ref_opt, loss_of, 3, average=False)
 
 
+class _ScaledMLP(nn.Module):
+    """``_mlp()`` of its input times a buffer (Fourier features' fixed matrix, say)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = _mlp()
+        self.register_buffer("scale", torch.full((6,), 0.5))
+
+    def forward(self, x):
+        return self.body(x * self.scale)
+
+
 def gradient_transform_refused(ctx, stage: int) -> tuple:
     """``torch.func.grad`` over ``functional_call(model, ...)``: it crashed inside the
-    transform's backward with torch's raw errors (a helper's probe); now refused. Then
-    ``torch.func.vmap`` evaluates the model (untouched by the refusal), and training
-    goes on equal to data parallel (gradients averaged here), at stages 1 and 2 with a
-    physics-informed loss that takes ``vmap(jacrev(model))`` of the inputs (a first
-    version of the refusal refused it: a reviewer's probe). Returns the refusal, vmap's
-    largest difference from the model's own outputs, and the per-step parameter
-    differences."""
-    model, reference = _mlp(), _mlp()
+    transform's backward with torch's raw errors (a helper's probe); now refused, as is
+    (stage 3) ``jacrev`` of a unit called alone, which crashed the process (a reviewer's
+    probe). Then ``torch.func.vmap`` evaluates the model (untouched by the refusal), and
+    training goes on equal to data parallel (gradients averaged here), at stages 1 and 2
+    with a physics-informed loss that takes ``vmap(jacrev(model))`` of the inputs (a
+    first version of the refusal refused it, and the buffers' synchronisation inside the
+    transform crashed it: reviewers' probes). Returns the refusals, vmap's largest
+    difference from the model's own outputs, and the per-step parameter differences."""
+    torch.manual_seed(0)
+    model = _ScaledMLP()
+    reference = copy.deepcopy(model)
     opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=stage, lr=0.1, momentum=0.9,
                                   process_group=ctx.group,
                                   **({"units": nn.Linear} if stage == 3 else {}))
     ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
     x = torch.randn(3, 4, 6, generator=torch.Generator().manual_seed(ctx.rank))
     params = {name: p.detach() for name, p in model.named_parameters()}
-    try:
-        torch.func.grad(lambda p: torch.func.functional_call(model, p, (x[0],)).sum())(params)
-    except RuntimeError as error:
-        refusal = str(error)
-    else:
-        refusal = None
+    attempts = [lambda: torch.func.grad(
+        lambda p: torch.func.functional_call(model, p, (x[0],)).sum())(params)]
+    if stage == 3:
+        attempts.append(lambda: torch.func.jacrev(model.body[0])(x[0]))
+    refusals = []
+    for attempt in attempts:
+        try:
+            attempt()
+        except RuntimeError as error:
+            refusals.append(str(error))
+        else:
+            refusals.append(None)
     with opt.summon_full_params(), torch.no_grad():
         batched = torch.func.vmap(model)(x)
         vmapped = float((batched - torch.stack([model(row) for row in x])).abs().max())
@@ -163,7 +188,8 @@ def gradient_transform_refused(ctx, stage: int) -> tuple:
             slopes = torch.func.vmap(torch.func.jacrev(net))(inputs)
             loss = loss + slopes.square().mean()
         return loss
-    return refusal, vmapped, differences_per_step(ctx, model, opt, reference, ref_opt, loss_of, 2)
+    return refusals, vmapped, differences_per_step(ctx, model, opt, reference, ref_opt,
+                                                   loss_of, 2)
 
 
 class _PlainSGD(torch.optim.Optimizer):
@@ -203,3 +229,26 @@ def global_hooks_while_stepping(ctx, stage: int) -> tuple[list[int], int]:
     finally:
         handle.remove()
     return _PlainSGD.registered_at_step, fired
+
+
+def saving_a_dtype_safetensors_lacks(ctx, stage: int) -> str | None:
+    """``save_full_model`` of a complex128 parameter, which safetensors cannot hold: it
+    raised a bare KeyError on rank 0 alone (a reviewer's probe). Returns this rank's
+    refusal; every rank then meets in one all-reduce (none is left in a collective)."""
+    torch.manual_seed(0)
+    model = _mlp()
+    model.spectrum = nn.Parameter(torch.randn(3, dtype=torch.complex128))
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=stage, lr=0.1,
+                                  process_group=ctx.group,
+                                  **({"units": nn.Linear} if stage == 3 else {}))
+    folder = Path(tempfile.gettempdir()) / f"zeroshard-c128-{os.getppid()}-{stage}"
+    try:
+        zeroshard.save_full_model(folder, model, opt)
+    except ValueError as error:
+        refusal = str(error)
+    else:
+        refusal = None
+    probe = torch.ones(1)
+    dist.all_reduce(probe, group=ctx.group)
+    opt.close()
+    return refusal

@@ -159,12 +159,21 @@ def test_a_sparse_embedding_trains_like_ddp(pool, stage, optimizer):
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_a_forward_inside_a_gradient_transform_is_refused_on_every_rank(pool, stage):
-    for refusal, vmapped, differences in pool.run(cases_torch_api.gradient_transform_refused,
-                                                  2, stage):
-        assert refusal is not None and "torch.func gradient transform" in refusal, refusal
-        assert "loss.backward()" in refusal, refusal
+    for refusals, vmapped, differences in pool.run(cases_torch_api.gradient_transform_refused,
+                                                   2, stage):
+        assert len(refusals) == (2 if stage == 3 else 1), refusals
+        for refusal in refusals:
+            assert refusal is not None and "torch.func gradient transform" in refusal, refusal
+            assert "loss.backward()" in refusal, refusal
         assert vmapped == 0, vmapped
         assert max(differences) < 1e-6, differences
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_saving_a_dtype_safetensors_lacks_is_refused_on_every_rank(pool, stage):
+    for refusal in pool.run(cases_torch_api.saving_a_dtype_safetensors_lacks, 2, stage):
+        assert refusal is not None and "'spectrum'" in refusal, refusal
+        assert "torch.complex128" in refusal and "save_checkpoint" in refusal, refusal
 
 
 def test_state_dict_from_another_world_size_is_refused(pool):

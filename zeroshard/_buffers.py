@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from . import _comm
+from ._transforms import inside_a_transform
 
 
 class BufferFollower:
@@ -41,8 +42,8 @@ class BufferFollower:
         self.follows_synced_forward = True  # no training forward yet
 
     def before_forward(self, module, args) -> None:
-        if not torch.is_grad_enabled() or self.switches.summoned:
-            return
+        if not torch.is_grad_enabled() or self.switches.summoned or inside_a_transform():
+            return  # inside a torch.func transform: Note [gradient transforms]
         follows_synced = self.follows_synced_forward
         self.follows_synced_forward = self.switches.require_sync
         if not follows_synced:

@@ -68,6 +68,12 @@ def save_full_model(path, model, opt, dtype: torch.dtype | None = None,
     buffers = [(name, b) for name, b in model.named_buffers() if name in persistent]
     entries += [(name, dtype if dtype is not None and b.is_floating_point() else b.dtype,
                  tuple(b.shape)) for name, b in buffers]
+    unwritable = [(name, d) for name, d, _ in entries if d not in _DTYPES]
+    if unwritable:  # every rank knows every entry: each raises here, before any collective
+        raise ValueError(
+            f"save_full_model cannot write {unwritable[0][0]!r}: safetensors has no "
+            f"{unwritable[0][1]} (it holds {sorted(_DTYPES.values())}); save it with "
+            "save_checkpoint, or convert it in the model before saving")
     writer, error = None, None
     if view.rank == 0:
         try:

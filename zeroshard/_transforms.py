@@ -18,14 +18,27 @@ Note [gradient transforms]:
     trains equal to DDP there (a reviewer's probe; a first version of this refusal
     refused it). At stage 3 it is refused too: the gathers inside the transform
     crashed the process (a reviewer's probe). ``torch.func.vmap`` alone computes no
-    gradient and is left alone at every stage.
+    gradient and is left alone at every stage. At stage 3 each unit's module refuses
+    too: a transform over a unit called alone (``jacrev(model.fc1)``) reached its
+    gather and crashed the process (a reviewer's probe). Buffers a transform holds
+    (``functional_call(model, {"scale": b}, ...)``) count as parameters do. Inside any
+    transform the buffers are not synchronised from rank 0 (Note [buffers follow rank
+    0] in _buffers.py): a transform refuses in-place writes, which crashed the
+    physics-informed loss of a model with a buffer (a reviewer's probe).
 """
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 _functorch = getattr(torch._C, "_functorch", None)
+
+
+def inside_a_transform() -> bool:
+    """Whether this runs inside a ``torch.func`` transform (grad, vmap, jvp, ...)."""
+    return _functorch is not None and _functorch.maybe_current_level() is not None
 
 
 class GradientTransformRefusal:
@@ -42,11 +55,12 @@ class GradientTransformRefusal:
         kinds = (_functorch.TransformType.Grad, _functorch.TransformType.Jvp)
         if not any(i.key() in kinds for i in _functorch.get_interpreter_stack()):
             return  # vmap alone
-        over_parameters = any(_functorch.is_functorch_wrapped_tensor(p)
-                              for p in module.parameters())
+        over_parameters = any(_functorch.is_functorch_wrapped_tensor(t)
+                              for t in itertools.chain(module.parameters(), module.buffers()))
         if not over_parameters and self.stage != 3:
             return
-        what = ("with parameters that a torch.func gradient transform holds (torch.func.grad, "
+        what = ("with parameters (or buffers) that a torch.func gradient transform holds "
+                "(torch.func.grad, "
                 "vjp, jacrev, jvp or jacfwd over functional_call(model, params, ...))"
                 if over_parameters else "inside a torch.func gradient transform at stage 3")
         raise RuntimeError(

@@ -22,7 +22,8 @@ Note [modules in several places]:
     graph of registrations (Cooper, Harvey and Kennedy's iteration), not from listing
     paths, which a chain of back-references multiplies and a cycle makes endless (a
     reviewer's probes); the automatic policy sizes units on the same dominator tree,
-    so a shared module can be a unit of its own.
+    so a shared module can be a unit of its own. (A model whose registrations form a
+    cycle still fails elsewhere at stage 3, as torch's own ``model.train()`` does.)
 """
 
 from __future__ import annotations

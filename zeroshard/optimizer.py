@@ -225,9 +225,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 WeakHook(self._buffer_follower.before_forward)))
         # Note [refusing DistributedDataParallel]
         self._ddp_guard = DDPGuard(model, handles)
-        # Note [gradient transforms]: first, before any hook of the stage gathers
-        handles.append(model.register_forward_pre_hook(GradientTransformRefusal(self.stage),
-                                                       prepend=True))
+        # Note [gradient transforms]: first, before any hook of the stage gathers (stage 3:
+        # on every unit, which a transform may call alone)
+        refusal = GradientTransformRefusal(self.stage)
+        for module in [model] + [u.module for u in self._plan.units if u.module is not model]:
+            handles.append(module.register_forward_pre_hook(refusal, prepend=True))
 
     # -- lifetime ---------------------------------------------------------------------
 
