@@ -42,7 +42,8 @@ def inside_a_transform() -> bool:
 
 
 class GradientTransformRefusal:
-    """A forward pre-hook on the model (Note [gradient transforms])."""
+    """A forward pre-hook on the model and, at stage 3, on each unit's module (Note
+    [gradient transforms])."""
 
     def __init__(self, stage: int) -> None:
         self.stage = stage
@@ -60,11 +61,12 @@ class GradientTransformRefusal:
         if not over_parameters and self.stage != 3:
             return
         what = ("with parameters (or buffers) that a torch.func gradient transform holds "
-                "(torch.func.grad, "
-                "vjp, jacrev, jvp or jacfwd over functional_call(model, params, ...))"
-                if over_parameters else "inside a torch.func gradient transform at stage 3")
+                "(torch.func.grad, vjp, jacrev, jvp or jacfwd over functional_call(model, "
+                "params, ...))" if over_parameters
+                else "inside a torch.func gradient transform at stage 3")
         raise RuntimeError(
-            f"zeroshard: the model's forward ran {what}. ZeroOptimizer reduces the "
+            f"zeroshard: a forward of the managed {type(module).__name__} ran {what}. "
+            "ZeroOptimizer reduces the "
             "gradients that loss.backward() accumulates into the model's parameters, and a "
             "transform's gradients never reach them. Compute the loss with the model and "
             "call loss.backward()" + ("" if over_parameters else
