@@ -37,8 +37,12 @@ _functorch = getattr(torch._C, "_functorch", None)
 
 
 def inside_a_transform() -> bool:
-    """Whether this runs inside a ``torch.func`` transform (grad, vmap, jvp, ...)."""
-    return _functorch is not None and _functorch.maybe_current_level() is not None
+    """Whether this runs inside a ``torch.func`` transform (grad, vmap, jvp, ...); never
+    while dynamo traces (a look at functorch's level there made every compiled model
+    compile twice: the suite's compile test)."""
+    if _functorch is None or torch.compiler.is_compiling():
+        return False
+    return _functorch.maybe_current_level() is not None
 
 
 class GradientTransformRefusal:
