@@ -183,13 +183,21 @@ def gradient_transform_refused(ctx, stage: int) -> tuple:
 
     def loss_of(net, step):
         inputs = torch.randn(4, 6, generator=torch.Generator().manual_seed(10 * step + ctx.rank))
-        loss = net(inputs).square().mean()
-        if stage != 3:  # the outputs' slopes in the inputs, penalised
-            slopes = torch.func.vmap(torch.func.jacrev(net))(inputs)
-            loss = loss + slopes.square().mean()
-        return loss
+        if stage == 3:
+            return net(inputs).square().mean()
+        # a saliency map logged on the way (its backward over the inputs alone crashed
+        # at the end of backward: a reviewer's probe), then the outputs' slopes in the
+        # inputs penalised, beside the outputs (even steps) or alone (odd steps: the
+        # step's backward starts at no output of a training forward; the last bias,
+        # which no slope depends on, gets a zero gradient rather than none, which
+        # zeroshard would step with momentum where torch skips it, as documented)
+        torch.func.grad(lambda x: net(x).sum())(inputs)
+        slopes = torch.func.vmap(torch.func.jacrev(net))(inputs).square().mean()
+        if step % 2 == 1:
+            return slopes + 0 * getattr(net, "module", net).body[2].bias.sum()
+        return slopes + net(inputs).square().mean()
     return refusals, vmapped, differences_per_step(ctx, model, opt, reference, ref_opt,
-                                                   loss_of, 2)
+                                                   loss_of, 3)
 
 
 class _PlainSGD(torch.optim.Optimizer):

@@ -100,6 +100,7 @@ from ._bucket import FlatBucket, grad_shards, is_row_major
 from ._gradient_sums import InPlaceSums
 from ._hooks import LoopSwitches, Phase, WeakHook
 from ._reduce_slots import ReduceSlots
+from ._transforms import inside_a_gradient_transform
 from .mixed_precision import GradientDtypes, MixedPrecision, fp16_compute
 
 
@@ -171,6 +172,8 @@ class GradientReducer:
     # -- backward's hooks -------------------------------------------------------------
 
     def _arm_backward_end(self, module, inputs, output) -> None:
+        if inside_a_gradient_transform():  # Note [gradient transforms]
+            return
         if self.buckets and fp16_compute(self.buckets[0].flat.device, self.policy):
             self._check_non_finite = True
         tensors = [t for t in tree_flatten(output)[0]

@@ -24,7 +24,12 @@ Note [gradient transforms]:
     (``functional_call(model, {"scale": b}, ...)``) count as parameters do. Inside any
     transform the buffers are not synchronised from rank 0 (Note [buffers follow rank
     0] in _buffers.py): a transform refuses in-place writes, which crashed the
-    physics-informed loss of a model with a buffer (a reviewer's probe).
+    physics-informed loss of a model with a buffer (a reviewer's probe). And a forward
+    inside a gradient transform does not arm the end of backward (Note [end of
+    backward] in _reducer.py): the transform's own backward over the inputs is not the
+    step's, and ending it as one crashed a saliency map (``torch.func.grad(lambda x:
+    model(x).sum())(x)``) at stages 1 and 2; a later backward that reaches the
+    parameters starts the step's backward from their first gradient, as any does.
 """
 
 from __future__ import annotations
@@ -45,6 +50,15 @@ def inside_a_transform() -> bool:
     return _functorch.maybe_current_level() is not None
 
 
+def inside_a_gradient_transform() -> bool:
+    """Whether this runs inside a ``torch.func`` transform that takes gradients (grad,
+    vjp, jacrev, jvp, jacfwd); never while dynamo traces."""
+    if not inside_a_transform():
+        return False
+    kinds = (_functorch.TransformType.Grad, _functorch.TransformType.Jvp)
+    return any(i.key() in kinds for i in _functorch.get_interpreter_stack())
+
+
 class GradientTransformRefusal:
     """A forward pre-hook on the model and, at stage 3, on each unit's module (Note
     [gradient transforms])."""
@@ -53,13 +67,8 @@ class GradientTransformRefusal:
         self.stage = stage
 
     def __call__(self, module, args) -> None:
-        if _functorch is None or torch.compiler.is_compiling():
+        if not inside_a_gradient_transform():  # the usual case; or vmap alone
             return
-        if _functorch.maybe_current_level() is None:  # inside no transform: the usual case
-            return
-        kinds = (_functorch.TransformType.Grad, _functorch.TransformType.Jvp)
-        if not any(i.key() in kinds for i in _functorch.get_interpreter_stack()):
-            return  # vmap alone
         over_parameters = any(_functorch.is_functorch_wrapped_tensor(t)
                               for t in itertools.chain(module.parameters(), module.buffers()))
         if not over_parameters and self.stage != 3:
