@@ -328,9 +328,12 @@ def outside_the_models_forward(ctx, stage: int):
     """Note [called outside its unit's forward]: the embeddings computed before
     ``model(inputs_embeds=...)``, a loss method calling the submodules, and a forward
     running a layer of the body outside the body's forward, at ``stage`` (the sequential
-    body a unit at stage 3). Returns the refusals of the three (messages, "no error"
-    where none) and whether every rank then got to the next collective, and per step
-    the largest difference of the wrapper built for the first from DDP's."""
+    body a unit at stage 3), then a forward that fails on its own (embeddings of the
+    wrong width, inside the body). Returns the errors of the four (messages, "no error"
+    where none), whether saved-tensor hooks were left on torch's stack after each (Note
+    [a forward that raises] in stage3.py) and whether a torch.func gradient then ran,
+    whether every rank then got to the next collective, and per step the largest
+    difference of the wrapper built for the first from DDP's."""
     def build(module):
         return zeroshard.ZeroOptimizer(module, torch.optim.AdamW, stage=stage, lr=0.05,
                                        process_group=ctx.group,
@@ -347,12 +350,18 @@ def outside_the_models_forward(ctx, stage: int):
         logits = model(ids(0), again=True)
         torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids(0).flatten()).backward()
 
-    refusals = []
-    for misuse in (loss_of_embeddings, lambda model: model.loss(ids(0)).backward(), layer_again):
+    def wrong_width(model):
+        model(inputs_embeds=torch.randn(2, 5, 7))
+
+    refusals, hooks_left, transform_ran = [], [], []
+    for misuse in (loss_of_embeddings, lambda model: model.loss(ids(0)).backward(), layer_again,
+                   wrong_width):
         torch.manual_seed(0)
         model = _TinyLM()
         opt = build(model)
         refusals.append(_refusal(lambda: misuse(model)))
+        hooks_left.append(torch._C._autograd._top_saved_tensors_default_hooks(False) is not None)
+        transform_ran.append(_refusal(lambda: torch.func.grad(lambda x: (x * x).sum())(torch.ones(2))))
         opt.close()
     every_rank_there = _ranks_in_step(ctx) == ctx.world_size
     torch.manual_seed(0)
@@ -362,7 +371,7 @@ def outside_the_models_forward(ctx, stage: int):
         ctx, model, build(model), reference, torch.optim.AdamW(reference.parameters(), lr=0.05),
         lambda net, step: torch.nn.functional.cross_entropy(
             net(ids(step)).flatten(0, 1), ids(step).flatten()), steps=3, average=False)
-    return refusals, every_rank_there, differences
+    return refusals, hooks_left, transform_ran, every_rank_there, differences
 
 
 class _Float64Scale(torch.nn.Module):

@@ -77,8 +77,10 @@ def test_a_module_called_outside_its_units_forward_is_refused_at_stage3(pool, st
     every rank, naming the module; a layer of one unit run by another part of the
     model's forward, naming the units to choose. Stages 1 and 2 keep every parameter
     whole and train them; a wrapper whose forward builds the embeddings equals DDP at
-    every stage."""
-    for refusals, every_rank_there, differences in pool.run(
+    every stage. A refusal or an error of the user's raised inside a unit's forward
+    leaves no saved-tensor hooks behind (Note [a forward that raises]): they were left
+    on torch's stack, and a torch.func transform in the same process refused to run."""
+    for refusals, hooks_left, transform_ran, every_rank_there, differences in pool.run(
             cases_loops.outside_the_models_forward, 2, stage):
         if stage == 3:
             for refusal in refusals[:2]:
@@ -89,7 +91,10 @@ def test_a_module_called_outside_its_units_forward_is_refused_at_stage3(pool, st
                 "forward" in refusals[2], refusals[2]
             assert "pass units= without Sequential" in refusals[2], refusals[2]
         else:
-            assert refusals == ["no error"] * 3, refusals
+            assert refusals[:3] == ["no error"] * 3, refusals
+        assert "cannot be multiplied" in refusals[3], refusals[3]
+        assert hooks_left == [False] * 4, hooks_left
+        assert transform_ran == ["no error"] * 4, transform_ran
         assert every_rank_there
         assert differences == [0.0] * 3, differences
 

@@ -168,6 +168,7 @@ Note [recomputation]:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
 import weakref
 
@@ -187,7 +188,7 @@ from .mixed_precision import GradientDtypes
 from .stage2 import ShardedGradients
 
 
-def _run_last(hooks: dict, hook_id: int) -> None:
+def _run_last(hooks: dict, hook_ids: tuple[int, int]) -> None:
     """Note [the unit's forward hook runs last]:
         A forward hook of the user's on a unit's module, registered after the optimizer,
         ran after the unit's own, which may release the unit at once (the schedule's last
@@ -198,9 +199,22 @@ def _run_last(hooks: dict, hook_id: int) -> None:
         forward of the unit, its own forward hook moves to the end of the module's hooks
         (an O(1) look at the last key, a move when the user added one): whatever the
         user's hooks compute is the unit's forward, gathered and watched, and the hook
-        that arms the unit's backward sees their output."""
-    if next(reversed(hooks), None) != hook_id and hook_id in hooks:
-        hooks.move_to_end(hook_id)
+        that arms the unit's backward sees their output. Only the hook that closes the
+        watch after an error (Note [a forward that raises]) runs after it.
+
+    Note [a forward that raises]:
+        A forward of a unit that raises (a stage-3 refusal, a shape error of the user's,
+        caught and gone on from) skips the unit's forward hook, which closes the unit's
+        saved-tensor hooks: they stayed on torch's stack until the model's next forward,
+        watching whatever the process computed meanwhile, and torch.func refused to run
+        under them (found when a test of a refusal ran before a test of a transform in
+        one worker). So a second forward hook, which torch calls even when the forward
+        raises (``always_call``), closes them; after the unit's own forward hook, which
+        closes them on the way that does not raise, it finds nothing to close."""
+    last_keys = tuple(itertools.islice(reversed(hooks), len(hook_ids)))
+    if last_keys != hook_ids[::-1] and all(i in hooks for i in hook_ids):
+        for hook_id in hook_ids:
+            hooks.move_to_end(hook_id)
 
 
 def trainable_buckets(units: list[Unit]):
@@ -216,6 +230,7 @@ def _keep_unit_hooks_out_of_compiled_graphs() -> None:
         return
     UnitGatherer.pre_forward = torch.compiler.disable(UnitGatherer.pre_forward)
     UnitGatherer.post_forward = torch.compiler.disable(UnitGatherer.post_forward)
+    UnitGatherer._close_saved_watch = torch.compiler.disable(UnitGatherer._close_saved_watch)
     UnitGatherer._watch_inputs = torch.compiler.disable(UnitGatherer._watch_inputs)
     UnitGatherer.hooks_outside_graphs = True
 
@@ -309,9 +324,12 @@ class UnitGatherer:
             # parameters, which must be gathered by then (it read the placeholders' NaN);
             # last among its forward hooks (Note [the unit's forward hook runs last])
             post = unit.module.register_forward_hook(WeakHook(self.post_forward, unit))
+            # Note [a forward that raises]
+            after_error = unit.module.register_forward_hook(
+                WeakHook(self._close_saved_watch, unit), always_call=True)
             handles.append(unit.module.register_forward_pre_hook(
-                WeakHook(self.pre_forward, unit, post.id), prepend=True))
-            handles.append(post)
+                WeakHook(self.pre_forward, unit, (post.id, after_error.id)), prepend=True))
+            handles += [post, after_error]
             if not unit.release_when_grads_done:  # Note [backward past a unit's inputs]
                 handles.append(unit.module.register_forward_pre_hook(
                     WeakHook(self._watch_inputs, unit), with_kwargs=True))
@@ -329,9 +347,9 @@ class UnitGatherer:
 
     # -- the four hooks: before and after each unit's forward and backward -----------
 
-    def pre_forward(self, unit: Unit, post_forward_id: int, module, args) -> None:
+    def pre_forward(self, unit: Unit, last_hook_ids: tuple[int, int], module, args) -> None:
         """Gather ``unit`` for its forward, walking the schedule (Note [gather schedule])."""
-        _run_last(module._forward_hooks, post_forward_id)
+        _run_last(module._forward_hooks, last_hook_ids)
         if self._forward_inside_summon(unit):
             return
         if self.switches.phase is Phase.BACKWARD:  # Note [recomputation]
@@ -401,6 +419,11 @@ class UnitGatherer:
                 unit.release()
                 if self.walk.past_last_launch_point():
                     self.reducer.wait_in_flight()  # Note [after the walk's last step]
+
+    def _close_saved_watch(self, unit: Unit, module, args, output) -> None:
+        """Note [a forward that raises]: close ``unit``'s saved-tensor hooks if its
+        forward raised before its forward hook closed them."""
+        self._saved.close(unit)
 
     # -- forward passes -------------------------------------------------------------
 
