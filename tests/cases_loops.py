@@ -13,6 +13,7 @@ import weakref
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils._pytree import tree_flatten
 
 import zeroshard
 from cases import average_by_hand, differences_per_step, largest_difference
@@ -468,10 +469,81 @@ def _clear(how: str, model, optimizer) -> None:
 
 
 BETWEEN_STEPS = (None, "ema", "summon_eval", "load", "rebuild")
+# Note [a backward that raised] in zeroshard/_reducer.py: where a skipped batch's
+# backward raises (none; at the loss's gradient, before the stage's backward starts;
+# halfway through the model)
+ABANDONED = (None, "first", "middle")
+
+
+class _BatchSkipped(Exception):
+    pass
+
+
+def _raise_skipped(grad):
+    raise _BatchSkipped()
+
+
+def _abandon_a_backward(spec, model, batch, where: str, autocast: bool) -> None:
+    """A batch whose backward raises ``where`` (a hook), caught, as a loop skipping a
+    batch catches it."""
+    handles = []
+    if where == "middle":
+        leaves = [m for m in model.modules() if next(m.children(), None) is None]
+
+        def raise_there(module, args, output):
+            tensors = [t for t in tree_flatten(output)[0]
+                       if isinstance(t, torch.Tensor) and t.requires_grad]
+            if tensors:
+                tensors[0].register_hook(_raise_skipped)
+
+        handles.append(leaves[len(leaves) // 2].register_forward_hook(raise_there))
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = loss_fn(spec, model, batch)
+        if where == "first":
+            loss.register_hook(_raise_skipped)
+        loss.backward()
+    except _BatchSkipped:
+        pass
+    else:
+        raise AssertionError(f"the backward of the batch to skip did not raise ({where})")
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def skipped_after_an_abandoned_backward(ctx, stage: int, in_window: bool):
+    """Note [a backward that raised]: after one step, a batch whose backward raises
+    halfway (caught; with ``in_window``, after a micro-batch accumulated inside
+    ``no_sync()``). Returns the refusals of a step, a clipping and a forward after
+    ``model.zero_grad()`` before ``opt.zero_grad()`` (messages, "no error" where none),
+    whether every rank then got to the next collective, and the largest difference per
+    parameter from DDP after two more steps, DDP having skipped the batch with
+    ``zero_grad()``."""
+    model = build_model(MLP, seed=ctx.rank)
+    reference = DDP(build_model(MLP, seed=0), process_group=ctx.group)
+    opt, ref_opt = _zero(model, stage, ctx.group, lr=0.05), torch.optim.SGD(reference.parameters(), lr=0.05)
+    _steps(MLP, model, opt, 0, 1, ctx.rank)
+    _steps(MLP, reference, ref_opt, 0, 1, ctx.rank)
+    for net, optimizer in ((model, opt), (reference, ref_opt)):
+        if in_window:
+            with net.no_sync() if net is reference else opt.no_sync():
+                loss_fn(MLP, net, make_batch(MLP, seed=1, rank=ctx.rank, batch=4)).backward()
+    _abandon_a_backward(MLP, model, make_batch(MLP, seed=2, rank=ctx.rank, batch=4), "middle", False)
+    refusals = [_refusal(opt.step), _refusal(lambda: opt.clip_grad_norm_(1.0))]
+    model.zero_grad()
+    refusals.append(_refusal(lambda: loss_fn(MLP, model, make_batch(MLP, seed=3, rank=ctx.rank, batch=4))))
+    every_rank_there = _ranks_in_step(ctx) == ctx.world_size
+    opt.zero_grad()
+    ref_opt.zero_grad()
+    _steps(MLP, model, opt, 3, 2, ctx.rank)
+    _steps(MLP, reference, ref_opt, 3, 2, ctx.rank)
+    return refusals, every_rank_there, _differences(opt, model, reference)
 
 
 def drive_loop(ctx, stage: int, plan: dict):
-    """One drawn way of driving the loop (``plan``: bf16 autocast or not, and per step how
+    """One drawn way of driving the loop (``plan``: bf16 autocast or not, and per step a
+    batch skipped because its backward raised or not, how
     gradients are cleared, micro-batches, the last one's backward run twice through a
     retained graph with ``zero_grad()`` between, an evaluation forward, clipping, and what
     happens between steps: an
@@ -490,6 +562,11 @@ def drive_loop(ctx, stage: int, plan: dict):
     diffs = []
     for step, how in enumerate(plan["steps"]):
         for net, optimizer in ((model, opt), (reference, ref_opt)):
+            if how.get("abandoned"):  # skipped with zero_grad(): DDP skips it from the start
+                if net is model:
+                    _abandon_a_backward(spec, net, make_batch(spec, seed=500 + step, rank=ctx.rank,
+                                                              batch=4), how["abandoned"], plan["autocast"])
+                optimizer.zero_grad()
             for micro in range(how["micro_batches"]):
                 batch = make_batch(spec, seed=10 * step + micro, rank=ctx.rank, batch=4)
                 # a discarded first backward through a retained graph (DDP's reducer does not

@@ -41,6 +41,22 @@ Note [end of backward]:
     (stage 3), flush the waiting buckets, wait, agree on the late ones across
     ranks, reduce those again, install what was held, check for non-finite values.
 
+Note [a backward that raised]:
+    A backward can raise before it ends: a hook or a module's backward raises, the
+    device runs out of memory, and a loop catches it to skip the batch (fairseq's way
+    with out-of-memory errors). The engine then never runs the end-of-backward callback,
+    so the stage stayed in its backward: some buckets reduced, others waiting, stage 3's
+    units gathered. The next backward carried on from there with no error, and
+    skipping the batch gave parameters 0.1 from skipping it under DDP at stages 2 and 3
+    (stage 1 raised a misleading error at the next step); DDP itself refuses the next
+    forward. Now ``opt.zero_grad()`` ends such a backward as the callback would have
+    (gradients that never came count as zero, so every rank issues the same collectives
+    even if they raised at different points), and drops its gradients: the batch is
+    skipped, as DDP skips it with zeroed gradients. A step, clipping or a forward before
+    that refuses, naming ``opt.zero_grad()``. The order the abandoned backward made
+    buckets ready is not adopted (Note [launch order]): the next one records afresh.
+    Ranks that did not all raise are left in different collectives, as under DDP.
+
 Note [late gradients]:
     Reentrant activation checkpointing runs a nested backward per checkpointed
     call, so a parameter used in two such calls (a block run twice, or two
@@ -311,7 +327,20 @@ class GradientReducer:
 
     # -- the end of backward ----------------------------------------------------------
 
-    def _on_backward_end(self) -> None:
+    @property
+    def backward_abandoned(self) -> bool:
+        """Note [a backward that raised]: the stage is in a backward that no longer runs
+        (its callback, queued at its start, never ran); no hook of the engine asks."""
+        return self.switches.phase is Phase.BACKWARD and torch._C._current_graph_task_id() == -1
+
+    def end_abandoned_backward(self) -> None:
+        """Note [a backward that raised]: end it as its callback would have."""
+        recording = self._ready_order is not None
+        self._on_backward_end(abandoned=True)
+        if recording:
+            self._ready_order = []
+
+    def _on_backward_end(self, abandoned: bool = False) -> None:
         """Note [end of backward]: the whole sequence, in order."""
         synced = self.switches.require_sync
         if self.gatherer is not None:
@@ -333,7 +362,7 @@ class GradientReducer:
                 self._check_non_finite = False
                 self._non_finite_spread = True
             self.store.after_backward()
-            if adopted is not None:
+            if adopted is not None and not abandoned:
                 self.launch_in_order(adopted)
         if synced or self._local_gradient_came:
             self.local_only = not synced

@@ -102,6 +102,20 @@ class Stage:
                 "opt.zero_grad() to drop them (model.zero_grad() clears .grad, but only "
                 "opt.zero_grad() tells every rank alike that the window was dropped)")
 
+    def refuse_abandoned_backward(self, action: str) -> None:
+        """Note [a backward that raised] in _reducer.py: on every rank that raised in it
+        (no collective yet)."""
+        if self.reducer.backward_abandoned:
+            raise RuntimeError(
+                f"zeroshard: {action} after a backward that raised before it ended (an error "
+                "in a hook or a module's backward, out of memory, caught): some of its "
+                "gradients were reduced across ranks, others never came. Call "
+                "opt.zero_grad() to drop them on every rank (model.zero_grad() is not "
+                "enough) and go on with the next batch, which skips this one")
+
+    def refuse_abandoned_backward_before_forward(self, module, args) -> None:
+        self.refuse_abandoned_backward("a forward of the model")
+
     def claim_gradients(self) -> None:
         """The gradient shards are about to be used (step, clipping): apply what was done
         to ``p.grad`` since backward (Note [gradient markers])."""
@@ -116,6 +130,8 @@ class Stage:
         return self.store.is_gradient_marker(tensor)
 
     def zero_grad(self, set_to_none: bool) -> None:
+        if self.reducer.backward_abandoned:  # Note [a backward that raised] in _reducer.py
+            self.reducer.end_abandoned_backward()
         self.reducer.wait_in_flight()
         self.store.zero_grad(set_to_none)
         self.reducer.local_only = False

@@ -14,7 +14,7 @@ from . import _clip, _comm, _full_state, _materialize, _validate
 from ._bucket import Ownership, grad_shards
 from ._buffers import BufferFollower
 from ._ddp_guard import DDPGuard
-from ._hooks import WeakHook
+from ._hooks import EagerOnlyHook, WeakHook
 from ._inner import InnerOptimizers, class_of, hyperparameters, step_cost
 from ._masters import masters_for
 from ._placement import Placement
@@ -223,6 +223,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
                                                    self.comm_stats)
             handles.append(model.register_forward_pre_hook(
                 WeakHook(self._buffer_follower.before_forward)))
+        # Note [a backward that raised] in _reducer.py: before any hook of the stage
+        handles.append(model.register_forward_pre_hook(
+            EagerOnlyHook(self._stage.refuse_abandoned_backward_before_forward), prepend=True))
         # Note [refusing DistributedDataParallel]
         self._ddp_guard = DDPGuard(model, handles)
         # Note [gradient transforms]: first, before any hook of the stage gathers (stage 3:
@@ -382,6 +385,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             raise ValueError(f"norm_type must be positive or inf, got {norm_type}")
         _validate.check_trainable_unchanged(self._model, self._trainable_at_construction)
         _validate.check_parameters_unreplaced(self._model, self._parameter_ids)
+        self._live.refuse_abandoned_backward("opt.clip_grad_norm_()")
         self._live.refuse_local_gradients("opt.clip_grad_norm_()")
         # 1. The reduced gradient shards, complete and in fp32 (the step uses fp32 anyway).
         self._live.wait_in_flight()
@@ -411,6 +415,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         _validate.check_trainable_unchanged(self._model, self._trainable_at_construction)
         _validate.check_parameters_unreplaced(self._model, self._parameter_ids)
         self._live.check_parameters_in_place()
+        self._live.refuse_abandoned_backward("opt.step()")
         self._live.refuse_local_gradients("opt.step()")
         # 1. The reduced gradient shards, complete, in the masters' dtype.
         self._live.wait_in_flight()
