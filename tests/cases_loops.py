@@ -512,33 +512,39 @@ def _abandon_a_backward(spec, model, batch, where: str, autocast: bool) -> None:
             handle.remove()
 
 
-def skipped_after_an_abandoned_backward(ctx, stage: int, in_window: bool):
+def skipped_after_an_abandoned_backward(ctx, stage: int, window: str | None):
     """Note [a backward that raised]: after one step, a batch whose backward raises
-    halfway (caught; with ``in_window``, after a micro-batch accumulated inside
-    ``no_sync()``). Returns the refusals of a step, a clipping and a forward after
-    ``model.zero_grad()`` before ``opt.zero_grad()`` (messages, "no error" where none),
-    whether every rank then got to the next collective, and the largest difference per
-    parameter from DDP after two more steps, DDP having skipped the batch with
-    ``zero_grad()``."""
+    halfway (caught), with ``window`` "after" a micro-batch accumulated inside
+    ``no_sync()``, or "inside" (that batch inside ``no_sync()`` too). Returns the
+    refusals of a step, a clipping and a forward after ``model.zero_grad()`` before
+    ``opt.zero_grad()`` (messages, "no error" where none), whether every rank then got
+    to the next collective, the bytes ``opt.zero_grad()`` reduced, and the largest
+    difference per parameter from DDP after two more steps, DDP having skipped the
+    batch with ``zero_grad()``."""
     model = build_model(MLP, seed=ctx.rank)
     reference = DDP(build_model(MLP, seed=0), process_group=ctx.group)
     opt, ref_opt = _zero(model, stage, ctx.group, lr=0.05), torch.optim.SGD(reference.parameters(), lr=0.05)
     _steps(MLP, model, opt, 0, 1, ctx.rank)
     _steps(MLP, reference, ref_opt, 0, 1, ctx.rank)
-    for net, optimizer in ((model, opt), (reference, ref_opt)):
-        if in_window:
-            with net.no_sync() if net is reference else opt.no_sync():
-                loss_fn(MLP, net, make_batch(MLP, seed=1, rank=ctx.rank, batch=4)).backward()
-    _abandon_a_backward(MLP, model, make_batch(MLP, seed=2, rank=ctx.rank, batch=4), "middle", False)
+    for net in (model, reference) if window else ():
+        with net.no_sync() if net is reference else opt.no_sync():
+            loss_fn(MLP, net, make_batch(MLP, seed=1, rank=ctx.rank, batch=4)).backward()
+    with opt.no_sync() if window == "inside" else contextlib.nullcontext():
+        _abandon_a_backward(MLP, model, make_batch(MLP, seed=2, rank=ctx.rank, batch=4), "middle", False)
     refusals = [_refusal(opt.step), _refusal(lambda: opt.clip_grad_norm_(1.0))]
     model.zero_grad()
     refusals.append(_refusal(lambda: loss_fn(MLP, model, make_batch(MLP, seed=3, rank=ctx.rank, batch=4))))
     every_rank_there = _ranks_in_step(ctx) == ctx.world_size
+    def reduced_bytes():  # stage 3's backward walk gathers inside no_sync() too
+        return opt.comm_stats.bytes["reduce_scatter"] + opt.comm_stats.bytes["all_reduce"]
+
+    before = reduced_bytes()
     opt.zero_grad()
+    zero_grad_bytes = reduced_bytes() - before
     ref_opt.zero_grad()
     _steps(MLP, model, opt, 3, 2, ctx.rank)
     _steps(MLP, reference, ref_opt, 3, 2, ctx.rank)
-    return refusals, every_rank_there, _differences(opt, model, reference)
+    return refusals, every_rank_there, zero_grad_bytes, _differences(opt, model, reference)
 
 
 def drive_loop(ctx, stage: int, plan: dict):

@@ -52,7 +52,8 @@ Note [a backward that raised]:
     forward. Now ``opt.zero_grad()`` ends such a backward as the callback would have
     (gradients that never came count as zero, so every rank issues the same collectives
     even if they raised at different points), and drops its gradients: the batch is
-    skipped, as DDP skips it with zeroed gradients. A step, clipping or a forward before
+    skipped, as DDP skips it with zeroed gradients (one that began inside ``no_sync()``
+    ends as inside it, with no reduction). A step, clipping or a forward before
     that refuses, naming ``opt.zero_grad()``. The order the abandoned backward made
     buckets ready is not adopted (Note [launch order]): the next one records afresh.
     Ranks that did not all raise are left in different collectives, as under DDP.
@@ -163,6 +164,7 @@ class GradientReducer:
         # a gradient came in another (nested) one, and whether the ranks agree on late
         # buckets after every synced backward
         self._graph_task: int | None = None
+        self._began_synced = True  # the backward running began outside no_sync()
         self._nested_backward = False
         self._late_agreed_each_backward = False
         # The last backward to accumulate into the parameters ran inside no_sync():
@@ -205,6 +207,7 @@ class GradientReducer:
             self.store.before_backward()
             self._non_finite_spread = False
             self.switches.enter(Phase.BACKWARD)
+            self._began_synced = self.switches.require_sync  # Note [a backward that raised]
             self._graph_task = torch._C._current_graph_task_id()
             Variable._execution_engine.queue_callback(self._on_backward_end)
 
@@ -334,9 +337,14 @@ class GradientReducer:
         return self.switches.phase is Phase.BACKWARD and torch._C._current_graph_task_id() == -1
 
     def end_abandoned_backward(self) -> None:
-        """Note [a backward that raised]: end it as its callback would have."""
+        """Note [a backward that raised]: end it as its callback would have, inside or
+        outside ``no_sync()`` as it began."""
         recording = self._ready_order is not None
-        self._on_backward_end(abandoned=True)
+        now_synced, self.switches.require_sync = self.switches.require_sync, self._began_synced
+        try:
+            self._on_backward_end(abandoned=True)
+        finally:
+            self.switches.require_sync = now_synced
         if recording:
             self._ready_order = []
 
