@@ -487,7 +487,7 @@ def _abandon_a_backward(spec, model, batch, where: str, autocast: bool) -> None:
     """A batch whose backward raises ``where`` (a hook), caught, as a loop skipping a
     batch catches it."""
     handles = []
-    if where == "middle":
+    if where in ("middle", "later"):  # at the output of a module halfway, or earlier
         leaves = [m for m in model.modules() if next(m.children(), None) is None]
 
         def raise_there(module, args, output):
@@ -496,7 +496,8 @@ def _abandon_a_backward(spec, model, batch, where: str, autocast: bool) -> None:
             if tensors:
                 tensors[0].register_hook(_raise_skipped)
 
-        handles.append(leaves[len(leaves) // 2].register_forward_hook(raise_there))
+        there = leaves[len(leaves) // 2 if where == "middle" else len(leaves) // 4]
+        handles.append(there.register_forward_hook(raise_there))
     try:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             loss = loss_fn(spec, model, batch)
@@ -512,10 +513,11 @@ def _abandon_a_backward(spec, model, batch, where: str, autocast: bool) -> None:
             handle.remove()
 
 
-def skipped_after_an_abandoned_backward(ctx, stage: int, window: str | None):
+def skipped_after_an_abandoned_backward(ctx, stage: int, how: str):
     """Note [a backward that raised]: after one step, a batch whose backward raises
-    halfway (caught), with ``window`` "after" a micro-batch accumulated inside
-    ``no_sync()``, or "inside" (that batch inside ``no_sync()`` too). Returns the
+    halfway (caught): at one point on every rank, at points that differ by rank, or
+    at one point "after" a micro-batch accumulated inside ``no_sync()`` or "inside"
+    (that batch inside ``no_sync()`` too). Returns the
     refusals of a step, a clipping and a forward after ``model.zero_grad()`` before
     ``opt.zero_grad()`` (messages, "no error" where none), whether every rank then got
     to the next collective, the bytes ``opt.zero_grad()`` reduced, and the largest
@@ -526,21 +528,24 @@ def skipped_after_an_abandoned_backward(ctx, stage: int, window: str | None):
     opt, ref_opt = _zero(model, stage, ctx.group, lr=0.05), torch.optim.SGD(reference.parameters(), lr=0.05)
     _steps(MLP, model, opt, 0, 1, ctx.rank)
     _steps(MLP, reference, ref_opt, 0, 1, ctx.rank)
-    for net in (model, reference) if window else ():
+    for net in (model, reference) if how in ("after", "inside") else ():
         with net.no_sync() if net is reference else opt.no_sync():
             loss_fn(MLP, net, make_batch(MLP, seed=1, rank=ctx.rank, batch=4)).backward()
-    with opt.no_sync() if window == "inside" else contextlib.nullcontext():
-        _abandon_a_backward(MLP, model, make_batch(MLP, seed=2, rank=ctx.rank, batch=4), "middle", False)
+    where = "later" if how == "points_differ" and ctx.rank % 2 else "middle"
+    with opt.no_sync() if how == "inside" else contextlib.nullcontext():
+        _abandon_a_backward(MLP, model, make_batch(MLP, seed=2, rank=ctx.rank, batch=4), where, False)
     refusals = [_refusal(opt.step), _refusal(lambda: opt.clip_grad_norm_(1.0))]
     model.zero_grad()
     refusals.append(_refusal(lambda: loss_fn(MLP, model, make_batch(MLP, seed=3, rank=ctx.rank, batch=4))))
-    every_rank_there = _ranks_in_step(ctx) == ctx.world_size
     def reduced_bytes():  # stage 3's backward walk gathers inside no_sync() too
         return opt.comm_stats.bytes["reduce_scatter"] + opt.comm_stats.bytes["all_reduce"]
 
     before = reduced_bytes()
     opt.zero_grad()
     zero_grad_bytes = reduced_bytes() - before
+    # (not before it: ranks that raised at different points have launched different
+    # reductions until opt.zero_grad() ends the backward)
+    every_rank_there = _ranks_in_step(ctx) == ctx.world_size
     ref_opt.zero_grad()
     _steps(MLP, model, opt, 3, 2, ctx.rank)
     _steps(MLP, reference, ref_opt, 3, 2, ctx.rank)

@@ -99,24 +99,25 @@ def test_a_module_called_outside_its_units_forward_is_refused_at_stage3(pool, st
         assert differences == [0.0] * 3, differences
 
 
-@pytest.mark.parametrize("window", [None, "after", "inside"])
+@pytest.mark.parametrize("how", ["one_point", "points_differ", "after", "inside"])
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_a_batch_whose_backward_raised_is_skipped_by_zero_grad_as_under_ddp(pool, stage, window):
+def test_a_batch_whose_backward_raised_is_skipped_by_zero_grad_as_under_ddp(pool, stage, how):
     """Note [a backward that raised]: a loop that catches an error raised halfway through
     a backward (a hook; out of memory) and skips the batch went on from the abandoned
     backward's state: 0.1 from DDP at stages 2-3 with no error, a misleading "changed in
     place" refusal at stage 1 (found by driving such a loop). Now a step, a clipping and
     a forward refuse on every rank, naming opt.zero_grad(), which drops the batch, and
-    training goes on equal to DDP skipping it; one that began inside no_sync() ends
-    with no reduction, as it would have inside no_sync()."""
+    training goes on equal to DDP skipping it, also where the ranks raised at different
+    points of the backward, or after a no_sync() window; one that began inside no_sync()
+    ends with no reduction, as it would have inside no_sync()."""
     for refusals, every_rank_there, zero_grad_bytes, differences in pool.run(
-            cases_loops.skipped_after_an_abandoned_backward, 2, stage, window):
+            cases_loops.skipped_after_an_abandoned_backward, 2, stage, how):
         for refusal, action in zip(refusals, ["opt.step()", "opt.clip_grad_norm_()",
                                               "a forward of the model"]):
             assert refusal.startswith(f"zeroshard: {action} after a backward that raised"), refusal
             assert "opt.zero_grad()" in refusal, refusal
         assert every_rank_there
-        assert (zero_grad_bytes == 0) == (window == "inside"), zero_grad_bytes
+        assert (zero_grad_bytes == 0) == (how == "inside"), zero_grad_bytes
         assert max(differences.values()) < 1e-6, differences
 
 

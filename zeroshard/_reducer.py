@@ -50,13 +50,15 @@ Note [a backward that raised]:
     skipping the batch gave parameters 0.1 from skipping it under DDP at stages 2 and 3
     (stage 1 raised a misleading error at the next step); DDP itself refuses the next
     forward. Now ``opt.zero_grad()`` ends such a backward as the callback would have
-    (gradients that never came count as zero, so every rank issues the same collectives
-    even if they raised at different points), and drops its gradients: the batch is
+    (gradients that never came count as zero, so every rank issues the same collectives,
+    even where the ranks raised at different points of it), and drops its gradients: the batch is
     skipped, as DDP skips it with zeroed gradients (one that began inside ``no_sync()``
     ends as inside it, with no reduction). A step, clipping or a forward before
     that refuses, naming ``opt.zero_grad()``. The order the abandoned backward made
     buckets ready is not adopted (Note [launch order]): the next one records afresh.
-    Ranks that did not all raise are left in different collectives, as under DDP.
+    Ranks that did not all raise (out of memory on one), or of which some raised
+    before the model's backward began (at the loss) and some inside it, are left in
+    different collectives, as under DDP.
 
 Note [late gradients]:
     Reentrant activation checkpointing runs a nested backward per checkpointed
@@ -383,7 +385,7 @@ class GradientReducer:
         self.next_launch = 0
         self.switches.enter(Phase.IDLE)
         if self.gatherer is not None:
-            self.gatherer.end_backward()
+            self.gatherer.end_backward(whole=not abandoned)
 
     def _spread_non_finite(self) -> None:
         """Note [non-finite gradients]: one rank's inf or NaN makes every rank's shards NaN."""

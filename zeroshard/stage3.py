@@ -262,8 +262,9 @@ class RecomputationWatch:
         a recomputation."""
         return threading.get_ident() == self._thread
 
-    def stop(self) -> None:
-        if self._handle is not None:
+    def stop(self, counted: bool = True) -> None:
+        """The backward ended; ``counted``: it was watched whole."""
+        if self._handle is not None and counted:
             self.backwards_ended += 1
         self.remove()
 
@@ -566,9 +567,11 @@ class UnitGatherer:
         rest of the walk first, as other ranks may be waiting for them."""
         self.walk.finish()
 
-    def end_backward(self) -> None:
-        """The reducer has finished the backward."""
-        self._recomputation.stop()
+    def end_backward(self, whole: bool = True) -> None:
+        """The reducer has finished the backward (``whole``: not one that raised, Note [a
+        backward that raised] in _reducer.py, which may have stopped short of a
+        recomputation)."""
+        self._recomputation.stop(counted=whole)
         self._read_through.clear()
         self._released_early.clear()
         self.walk.end_backward()
@@ -699,6 +702,8 @@ class UnitGatherer:
         early in this backward are gathered again before the module computes."""
         if self.switches.phase is not Phase.BACKWARD or not self._recomputation.on_backward_thread():
             return
+        if self.reducer.backward_abandoned:  # a forward after it, to be refused (Note [a
+            return  # backward that raised] in _reducer.py): it gathered, on some ranks only
         self._recomputation.seen = True
         for unit in self._released_early:
             self.walk.gather_outside_walk(unit)
