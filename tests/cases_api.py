@@ -327,7 +327,8 @@ def new_data_inside_summon(ctx):
     another shape (what ``resize_token_embeddings`` does). Found by a probe: the new
     value was lost, silently (the shard kept the old), and the new shape failed at the
     next forward with a reshape error naming nothing. Returns (largest difference from
-    DDP, the error for the new shape)."""
+    DDP, the error for the new shape, the error for ``model.double()`` inside the block
+    on another model, which came out fp32 again, silently: a helper's probe)."""
     model = build_model(MLP, seed=0)
     reference = DDP(build_model(MLP, seed=0), process_group=ctx.group)
     opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=3, lr=0.1, momentum=0.9,
@@ -344,12 +345,18 @@ def new_data_inside_summon(ctx):
     with opt.summon_full_params():
         diff = max((p - q).abs().max().item()
                    for p, q in zip(model.parameters(), reference.module.parameters()))
-    try:
-        with opt.summon_full_params():
-            model.body[2].weight.data = torch.zeros(2, 2)
-    except ValueError as error:
-        return diff, str(error)
-    return diff, "no error"
+    refusals = []
+    for built, change in ((model, lambda m: setattr(m.body[2].weight, "data", torch.zeros(2, 2))),
+                          (build_model(MLP, seed=0), lambda m: m.double())):
+        optimizer = opt if built is model else zeroshard.ZeroOptimizer(
+            built, torch.optim.SGD, stage=3, lr=0.1, process_group=ctx.group, units=nn.Linear)
+        try:
+            with optimizer.summon_full_params():
+                change(built)
+            refusals.append("no error")
+        except ValueError as error:
+            refusals.append(str(error))
+    return diff, *refusals
 
 
 def collectives_are_counted(ctx, mesh_key=None):
@@ -688,3 +695,18 @@ def evaluation_of_attention_before_training(ctx) -> float:
         difference = (model(x) - plain(x)).abs().max().item()
     opt.close()
     return difference
+
+
+def add_param_group_after_construction(ctx):
+    """Progressive unfreezing the torch way: ``opt.add_param_group`` with the parameters
+    just unfrozen. Returns the error's type and message (a helper's probe: it named
+    param_groups= only, which then refuses the unfrozen parameters at the step)."""
+    model = build_model(MLP, seed=0)
+    model.body[0].requires_grad_(False)
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=2, lr=0.1, process_group=ctx.group)
+    model.body[0].requires_grad_(True)
+    try:
+        opt.add_param_group({"params": list(model.body[0].parameters()), "lr": 0.01})
+    except Exception as error:  # noqa: BLE001 - the test checks what it is
+        return type(error).__name__, str(error)
+    return "no error", ""

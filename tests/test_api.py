@@ -46,6 +46,12 @@ def test_bad_input_raises_on_every_rank_before_any_collective(pool, which):
         assert issued == [], (rank, issued)
 
 
+def test_adding_a_param_group_after_construction_names_close_and_a_new_optimizer(pool):
+    for error_type, message in pool.run(cases_api.add_param_group_after_construction, 2):
+        assert error_type == "NotImplementedError", (error_type, message)
+        assert "param_groups=" in message and "opt.close()" in message, message
+
+
 def test_attention_evaluated_before_training_at_stage_3_is_the_model_unsharded(pool):
     """Found by a probe: automatic units made MultiheadAttention's out_proj a unit of its
     own, which the attention reads without calling, so evaluation gave NaN, silently."""
@@ -206,10 +212,13 @@ def test_summon_full_params_shows_ddp_state_and_keeps_writes(pool, stage):
 
 def test_new_data_given_inside_summon_full_params_is_kept_and_a_new_shape_refused(pool):
     """Found by a probe: at stage 3 p.data = t inside summon_full_params() was lost,
-    silently, and a new shape (resize_token_embeddings) failed later naming nothing."""
-    for diff, refusal in pool.run(cases_api.new_data_inside_summon, 2):
+    silently, and a new shape (resize_token_embeddings) failed later naming nothing;
+    model.double() there came out fp32 again, silently (a helper's probe)."""
+    for diff, refusal, dtype_refusal in pool.run(cases_api.new_data_inside_summon, 2):
         assert diff < 1e-6, diff
         assert "'body.2.weight' shape (2, 2)" in refusal and "opt.close()" in refusal, refusal
+        assert "dtype torch.float64 on cpu; it is held as torch.float32" in dtype_refusal, dtype_refusal
+        assert "p.copy_(t)" in dtype_refusal and "opt.close()" in dtype_refusal, dtype_refusal
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])

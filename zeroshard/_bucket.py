@@ -139,6 +139,15 @@ class FlatBucket:
                     f"{what} gave {self.param_names[index]!r} shape {tuple(param.shape)}; it was "
                     f"built with {built} elements, and a ZeroOptimizer keeps each parameter's "
                     f"shape; {fix}")
+            if (param.dtype, param.device) != (view.dtype, view.device):
+                # the copy below would cast it back, silently (model.double() inside
+                # summon_full_params() came out fp32: a helper's probe)
+                raise ValueError(
+                    f"{what} gave {self.param_names[index]!r} dtype {param.dtype} on "
+                    f"{param.device}; it is held as {view.dtype} on {view.device}, and a "
+                    "ZeroOptimizer keeps each parameter's dtype and device. Write values with "
+                    "p.copy_(t), which casts; to change the model's dtype or device, "
+                    "opt.close(), change the model, then build a new ZeroOptimizer")
             view.copy_(param.data)
             param.data = view
 

@@ -450,7 +450,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if self._constructed:
             raise NotImplementedError(
                 "ZeroOptimizer cannot add param groups after construction (the shards are "
-                "laid out then); pass every group through param_groups=")
+                "laid out then); pass every group through param_groups= when building it. To "
+                "train parameters it does not hold (unfreezing a backbone), opt.close() and "
+                "build a new ZeroOptimizer over the model: a group that holds frozen "
+                "parameters refuses them once they are unfrozen")
         super().add_param_group(param_group)
 
     # -- state ------------------------------------------------------------------------
