@@ -7,6 +7,7 @@ that loads the same state another way.
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -67,10 +68,17 @@ def my_part(batch, rank: int, world_size: int):
     return tuple(t[rank * per_rank:(rank + 1) * per_rank] for t in batch)
 
 
+def _with_table(model, shape: tuple | None):
+    """``model`` with a buffer "table" of ``shape`` (None: as it is)."""
+    if shape:
+        model.register_buffer("table", torch.arange(float(math.prod(shape))).reshape(shape))
+    return model
+
+
 def build(ctx, cfg, side: str, seed: int):
     """Model and ZeroOptimizer for the saving ("save") or loading ("load") side."""
     spec = cfg["model"]
-    model = build_model(spec, seed=seed)
+    model = _with_table(build_model(spec, seed=seed), cfg[side].get("table"))
     opt_class, kwargs = OPTIMIZERS[cfg["optimizer"]]
     extra = {}
     if cfg[side]["stage"] == 3:
@@ -113,7 +121,7 @@ def train_and_save(ctx, cfg, folder: str) -> dict:
     out = {"continued": full_params(model, opt)}
     if ctx.rank == 0 and not cfg["save"].get("bf16"):
         spec = cfg["model"]
-        plain = build_model(spec, seed=999)
+        plain = _with_table(build_model(spec, seed=999), cfg["save"].get("table"))
         plain.load_state_dict(full[0])
         plain_opts = plain_optimizers(cfg, plain, full[1])
         for step in range(cfg["steps_before"], cfg["steps_before"] + cfg["steps_after"]):
@@ -162,6 +170,8 @@ def load_bad_checkpoint(ctx, cfg, folder: str, which: str) -> dict:
                                       process_group=ctx.group, param_groups=groups, **kwargs)
     train(ctx, cfg, model, opt, 0, 1)
     before = full_params(model, opt), opt.state_dict()
+    if which == "seen_by_one_rank":  # per-node disks, or a copy that did not reach rank 1
+        folder = folder if ctx.rank == 0 else os.path.join(folder, "..", "elsewhere")
     try:
         zeroshard.load_checkpoint(folder, model, opt)
         error = None

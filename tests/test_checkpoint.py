@@ -186,14 +186,21 @@ BAD_CHECKPOINTS = {
     "other_classes": ["param_groups[0]: torch.optim.Muon", "torch.optim.adamw.AdamW"],
     "not_a_checkpoint": ["not a zeroshard checkpoint", "LATEST"],
     "a_file": ["not a zeroshard checkpoint"],
+    # (a helper's probes: a buffer broadcast across the model's, silently; the others left
+    # waiting in the load's collectives by the rank that could not see the folder)
+    "other_buffer_shape": ["buffer 'table' of shape (4,)", "(3, 4)"],
+    "seen_by_one_rank": ["not a zeroshard checkpoint", "LATEST"],
 }
 
 
 @pytest.mark.parametrize("which", sorted(BAD_CHECKPOINTS))
 def test_bad_checkpoint_is_refused_on_every_rank_and_changes_nothing(pool, tmp_path, which):
     side = {"n": 2, "stage": 2, "bf16": False, "bucket_mb": 1e-3, "units": None}
+    load = dict(side)
+    if which == "other_buffer_shape":
+        side["table"], load["table"] = (4,), (3, 4)
     cfg = {"model": MLP, "optimizer": "Muon+AdamW" if which == "other_classes" else "AdamW",
-           "save": side, "load": dict(side), "steps_before": 1, "steps_after": 0}
+           "save": side, "load": load, "steps_before": 1, "steps_after": 0}
     folder = tmp_path / "run" / "ckpt"
     pool.run(cases_ckpt.train_and_save, 2, cfg, str(folder))
     version = folder / (folder / "LATEST").read_text()
@@ -209,6 +216,9 @@ def test_bad_checkpoint_is_refused_on_every_rank_and_changes_nothing(pool, tmp_p
         folder = version / "meta.pt"
     for rank, res in enumerate(pool.run(cases_ckpt.load_bad_checkpoint, 2, cfg, str(folder), which)):
         assert res["error"] is not None, (rank, which)
+        if which == "seen_by_one_rank" and rank == 0:
+            assert "another rank failed" in res["error"], res["error"]
+            continue
         for word in BAD_CHECKPOINTS[which]:
             assert word in res["error"], (rank, word, res["error"])
         assert res["unchanged"], (rank, which)

@@ -120,20 +120,24 @@ def load_checkpoint(path, model, opt):
     """
     check_arguments(path, model, opt)
     view = opt.sharding
-    folder = _resolve_latest(Path(path))
-    meta = _load_file(folder / "meta.pt", weights_only=True)
-    _check_meta(meta, folder, opt, model)
     state = {}
 
-    def read_all():  # every file opens, on every rank, before anything changes
+    def read_all():  # every check and every file, on every rank, before anything changes
+        # (inside the shared step: a folder one rank cannot see, per-node disks or a copy
+        # that did not reach it, left the others waiting in the load's collectives)
+        folder = state["folder"] = _resolve_latest(Path(path))
+        meta = state["meta"] = _load_file(folder / "meta.pt", weights_only=True)
+        _check_meta(meta, folder, opt, model)
         for r in range(meta["world_size"]):
             _load_file(folder / _rank_file(r), weights_only=True, mmap=True)
+        state["buffers"] = _load_file(folder / _rank_file(0), weights_only=True, mmap=True)["buffers"]
+        _check_buffers(state["buffers"], folder, model)
         extra_rank = view.rank if view.rank < meta.get("ranks", meta["world_size"]) else 0
         state["extra"] = _load_file(folder / _extra_file(extra_rank), weights_only=False)
     _share(opt, read_all)
 
+    folder, meta, buffers = state["folder"], state["meta"], state["buffers"]
     load_from(opt, _CheckpointSource(meta, folder, parameter_names(model), memory_orders(opt)))
-    buffers = _load_file(folder / _rank_file(0), weights_only=True, mmap=True)["buffers"]
     with torch.no_grad():
         for name, buffer in model.named_buffers():
             saved = buffers.get(name)
@@ -203,6 +207,18 @@ def _check_meta(meta, folder: Path, opt, model) -> None:
         if actual != size:
             raise ValueError(f"checkpoint file {file} is {'missing' if actual is None else 'truncated'}"
                              f" ({actual} bytes, {size} written); the checkpoint is damaged")
+
+
+def _check_buffers(saved: dict, folder: Path, model) -> None:
+    """Raise, naming the buffer, unless every saved buffer the model has fits its shape
+    (a broadcastable one was copied across it, silently; another failed after the
+    parameters had changed: a helper's probes)."""
+    for name, buffer in model.named_buffers():
+        value = saved.get(name)
+        if value is not None and value.shape != buffer.shape:
+            raise ValueError(f"checkpoint {folder} holds buffer {name!r} of shape "
+                             f"{tuple(value.shape)}; the model's is {tuple(buffer.shape)}. Load "
+                             "it into the model it was saved from")
 
 
 class _CheckpointSource:
