@@ -205,6 +205,8 @@ def load_bad_full_state(ctx, cfg, file: str, which: str) -> dict:
         model_sd[key] = model_sd[key][:, :-1]
     elif which == "other_groups":
         optim_sd["param_groups"] = optim_sd["param_groups"] * 2
+    elif which == "optimizer_on_rank1_only":  # (it was dropped, silently)
+        optim_sd = optim_sd if ctx.rank == 1 else None
     before = full_params(model, opt)
     try:
         opt.load_full_state_dict(model_sd, optim_sd)
@@ -213,3 +215,75 @@ def load_bad_full_state(ctx, cfg, file: str, which: str) -> dict:
         error = str(exc)
     unchanged = all(torch.equal(a, b) for a, b in zip(before, full_params(model, opt)))
     return {"error": error, "unchanged": unchanged}
+
+
+class _LateBranch(torch.nn.Module):
+    """Two layers, and a branch that no rank runs in the first two steps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.branch = (torch.nn.Linear(4, 4), torch.nn.Linear(4, 2),
+                                       torch.nn.Linear(4, 2))
+        self.use_branch = False
+
+    def forward(self, x):
+        y = self.b(torch.tanh(self.a(x)))
+        return y + self.branch(x) if self.use_branch else y
+
+
+def _late_branch_steps(ctx, model, opt, start: int, count: int) -> None:
+    for step in range(start, start + count):
+        g = torch.Generator().manual_seed(step)
+        x, y = torch.randn(8, 4, generator=g), torch.randn(8, 2, generator=g)
+        model.use_branch = step >= 2
+        mine = slice(4 * ctx.rank, 4 * ctx.rank + 4)
+        ((model(x[mine]) - y[mine]) ** 2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def step_counts_that_differ_within_a_bucket(ctx, folder: str, how: str):
+    """Stage 3 with a unit per Linear steps a unit no rank ran one step fewer (as torch
+    skips a parameter whose gradient is None), so AdamW's ``step`` differs by parameter
+    after 3 steps. Loaded (``how``: "checkpoint" or "full") at stage 1, where one bucket
+    holds them all, it took the first parameter's, silently (5e-3 from the run that
+    never stopped, a helper's probe); now refused on every rank, changing nothing.
+    Loaded at stage 3 as saved, it goes on like the run that never stopped. Returns
+    (the refusal, unchanged, largest difference of the stage-3 resume from it)."""
+    def build(stage):
+        torch.manual_seed(0)
+        model = _LateBranch()
+        return model, zeroshard.ZeroOptimizer(
+            model, torch.optim.AdamW, stage=stage, lr=1e-2, process_group=ctx.group,
+            **({"units": torch.nn.Linear} if stage == 3 else {}))
+
+    model, opt = build(3)
+    _late_branch_steps(ctx, model, opt, 0, 3)
+    zeroshard.save_checkpoint(folder, model, opt)
+    full = opt.full_state_dict()
+    _late_branch_steps(ctx, model, opt, 3, 2)
+    never_stopped = full_params(model, opt)
+    opt.close()
+
+    def load(model, opt):
+        if how == "checkpoint":
+            zeroshard.load_checkpoint(folder, model, opt)
+        else:
+            opt.load_full_state_dict(*(full or (None, None)))  # rank 0 holds them
+
+    model, opt = build(1)
+    before = full_params(model, opt), opt.state_dict()
+    try:
+        load(model, opt)
+        refusal = "no error"
+    except (ValueError, RuntimeError) as error:  # rank 0 checks the full dicts it holds
+        refusal = str(error)
+    after = full_params(model, opt), opt.state_dict()
+    unchanged = all(torch.equal(a, b) for a, b in zip(before[0], after[0])) and _same_state(
+        before[1]["inner"]["state"], after[1]["inner"]["state"])
+    opt.close()
+    model, opt = build(3)
+    load(model, opt)
+    _late_branch_steps(ctx, model, opt, 3, 2)
+    resumed = full_params(model, opt)
+    return refusal, unchanged, max((a - b).abs().max().item() for a, b in zip(resumed, never_stopped))

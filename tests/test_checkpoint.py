@@ -224,9 +224,25 @@ def test_bad_checkpoint_is_refused_on_every_rank_and_changes_nothing(pool, tmp_p
         assert res["unchanged"], (rank, which)
 
 
+@pytest.mark.parametrize("how", ["checkpoint", "full"])
+def test_step_counts_that_differ_within_a_new_bucket_are_refused(pool, tmp_path, how):
+    for rank, (refusal, unchanged, resumed) in enumerate(pool.run(
+            cases_ckpt.step_counts_that_differ_within_a_bucket, 2, str(tmp_path / "ckpt"), how)):
+        if how == "full" and rank > 0:  # rank 0 holds the dicts, and checks them
+            assert refusal.startswith("another rank failed"), refusal
+            assert unchanged and resumed < 1e-6, (unchanged, resumed)
+            continue
+        assert "step=1 for 'branch.bias' and step=3 for" in refusal, refusal
+        assert "bucket_size_mb" in refusal and "units=" in refusal, refusal
+        assert unchanged
+        assert resumed < 1e-6, resumed
+
+
 @pytest.mark.parametrize("which, words", [("missing_key", ["missing keys"]),
                                           ("wrong_shape", ["has shape"]),
-                                          ("other_groups", ["param groups of sizes"])])
+                                          ("other_groups", ["param groups of sizes"]),
+                                          ("optimizer_on_rank1_only",
+                                           ["rank 0 passed optimizer_state_dict=None", "1 other"])])
 def test_bad_full_state_dict_is_refused_on_every_rank_and_changes_nothing(pool, tmp_path, which,
                                                                           words):
     side = {"n": 2, "stage": 3, "bf16": False, "bucket_mb": 1e-3, "units": None}

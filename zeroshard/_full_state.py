@@ -16,7 +16,8 @@ import torch
 
 from . import _comm
 from ._bucket import to_memory_order
-from ._sharded_state import load_from, memory_orders, parameter_names, split_state
+from ._sharded_state import (check_one_scalar_per_bucket, load_from, memory_orders,
+                             parameter_names, split_state)
 
 
 @torch.no_grad()
@@ -305,6 +306,10 @@ def load_full_state(opt, model_sd: dict | None, optim_sd: dict | None) -> None:
     if not rank0_model:
         raise ValueError("load_full_state_dict: rank 0 passed model_state_dict=None; pass the full "
                          "state dict on rank 0 (the other ranks may pass None)")
+    if with_optim and not rank0_optim:  # (it was dropped, silently: a helper's probe)
+        raise ValueError(f"load_full_state_dict: rank 0 passed optimizer_state_dict=None and "
+                         f"{with_optim} other rank(s) passed one; pass it on rank 0 (the other "
+                         "ranks may pass None), or None everywhere to keep the optimizer state")
     everywhere = with_model == view.world_size and with_optim in (0, view.world_size)
     holds_dicts = everywhere or view.rank == 0
     with_states = bool(with_optim if everywhere else rank0_optim)
@@ -314,6 +319,8 @@ def load_full_state(opt, model_sd: dict | None, optim_sd: dict | None) -> None:
         opened = _open_files(model_sd)
         check_full_state(opt, opened, optim_sd)
         sources["local"] = FullStateSource(opt, opened, optim_sd)
+        if with_states:
+            check_one_scalar_per_bucket(opt, sources["local"].optimizer_layout)
         if not everywhere and with_states:
             sources["layouts"] = sources["local"].optimizer_layouts()
     _comm.run_and_share(open_and_check if holds_dicts else None, group=view.ranks,

@@ -14,7 +14,12 @@ Values are the fp32 masters of the parameters the optimizer updates (with mixed
 precision, not their low-precision casts) and the parameters' own values for the
 frozen ones. Per-element states are the inner optimizer's tensors shaped like its
 shard (Adam's ``exp_avg``); the rest of its state (Adam's ``step``) is per shard
-tensor, so it is saved per parameter and a new bucket takes its first parameter's.
+tensor, so it is saved per parameter and a new bucket takes its first parameter's;
+a bucket whose parameters were saved with different scalars (Adam's ``step`` of a
+stage-3 unit that no rank ran in some step, loaded where one bucket holds it and
+others) is refused before anything changes (``check_one_scalar_per_bucket``): it
+took the first's, and the resumed run drifted 5e-3 from the one that never stopped
+(a helper's probe).
 A parameter stepped whole (Note [whole-parameter ownership] in _layout.py) is one
 piece on its owner; its per-element states are those shaped like it (Muon's
 momentum), and the rest (Adafactor's row and column statistics) are saved whole
@@ -163,6 +168,42 @@ def optimizer_layouts(opt) -> dict[str, tuple[dict, list[str]]]:
 
 
 @torch.no_grad()
+def check_one_scalar_per_bucket(opt, layout_of) -> None:
+    """Raise unless the parameters of each bucket this optimizer steps in shards were
+    saved with the same scalar states (``layout_of(name)``: ``Source.optimizer_layout``),
+    or none; the same answer on every rank (the layouts of the whole bucket)."""
+    view = opt.sharding
+    names = parameter_names(view.model)
+    for bucket in view.every_bucket:
+        if bucket.master is None or bucket.owns_whole_parameters:
+            continue
+        first = None
+        for param in bucket.params:
+            layout = layout_of(names[id(param)])
+            if layout is None:
+                continue  # never had a gradient: zeros, under the bucket's scalars
+            if first is None:
+                first = names[id(param)], layout[0]
+            elif not _same_scalars(first[1], layout[0]):
+                raise ValueError(
+                    f"the optimizer state to load has {_scalars(first[1])} for {first[0]!r} "
+                    f"and {_scalars(layout[0])} for {names[id(param)]!r}, which this "
+                    f"optimizer steps in one bucket with one such state (a stage-3 unit that no "
+                    "rank ran in some step falls behind the others). Load it where they are in "
+                    "different buckets: the stage and units= it was saved with, or a "
+                    "bucket_size_mb small enough to part them")
+
+
+def _same_scalars(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(
+        torch.equal(torch.as_tensor(a[k]).cpu(), torch.as_tensor(b[k]).cpu()) for k in a)
+
+
+def _scalars(scalars: dict) -> str:
+    return ", ".join(f"{k}={torch.as_tensor(v).item():g}" if torch.as_tensor(v).numel() == 1
+                     else k for k, v in scalars.items())
+
+
 def load_from(opt, source: Source, with_states: bool = True) -> None:
     """Fill every shard, master and optimizer state of this rank from ``source`` (without
     ``with_states``: the values only, the optimizer state stays), then rebuild the

@@ -44,8 +44,8 @@ import torch
 
 from . import _comm
 from ._bucket import from_memory_order, to_memory_order
-from ._sharded_state import (load_from, memory_orders, optimizer_layouts, owned_pieces,
-                             parameter_names)
+from ._sharded_state import (check_one_scalar_per_bucket, load_from, memory_orders,
+                             optimizer_layouts, owned_pieces, parameter_names)
 
 FORMAT = "zeroshard-checkpoint"
 # 2: meta.pt has "orders" (Note [memory order] in _bucket.py). A checkpoint that holds
@@ -132,12 +132,14 @@ def load_checkpoint(path, model, opt):
             _load_file(folder / _rank_file(r), weights_only=True, mmap=True)
         state["buffers"] = _load_file(folder / _rank_file(0), weights_only=True, mmap=True)["buffers"]
         _check_buffers(state["buffers"], folder, model)
+        state["source"] = _CheckpointSource(meta, folder, parameter_names(model), memory_orders(opt))
+        check_one_scalar_per_bucket(opt, state["source"].optimizer_layout)
         extra_rank = view.rank if view.rank < meta.get("ranks", meta["world_size"]) else 0
         state["extra"] = _load_file(folder / _extra_file(extra_rank), weights_only=False)
     _share(opt, read_all)
 
-    folder, meta, buffers = state["folder"], state["meta"], state["buffers"]
-    load_from(opt, _CheckpointSource(meta, folder, parameter_names(model), memory_orders(opt)))
+    meta, buffers = state["meta"], state["buffers"]
+    load_from(opt, state["source"])
     with torch.no_grad():
         for name, buffer in model.named_buffers():
             saved = buffers.get(name)
