@@ -287,3 +287,30 @@ def step_counts_that_differ_within_a_bucket(ctx, folder: str, how: str):
     _late_branch_steps(ctx, model, opt, 3, 2)
     resumed = full_params(model, opt)
     return refusal, unchanged, max((a - b).abs().max().item() for a, b in zip(resumed, never_stopped))
+
+
+def load_inside_summon(ctx, folder: str):
+    """Stage 3: ``load_checkpoint`` and ``load_full_state_dict`` inside
+    ``summon_full_params()`` failed at the block's end with torch's raw "setStorage"
+    error (a helper's probe). Returns their refusals and whether the parameters kept
+    their values."""
+    torch.manual_seed(0)
+    model = _LateBranch()
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.AdamW, stage=3, lr=1e-2,
+                                  process_group=ctx.group, units=torch.nn.Linear)
+    _late_branch_steps(ctx, model, opt, 0, 1)
+    zeroshard.save_checkpoint(folder, model, opt)
+    full = opt.full_state_dict() or (None, None)
+    _late_branch_steps(ctx, model, opt, 1, 1)
+    before = full_params(model, opt)
+    refusals = []
+    for load in (lambda: zeroshard.load_checkpoint(folder, model, opt),
+                 lambda: opt.load_full_state_dict(*full)):
+        try:
+            with opt.summon_full_params():
+                load()
+            refusals.append("no error")
+        except RuntimeError as error:
+            refusals.append(str(error))
+    kept = all(torch.equal(a, b) for a, b in zip(before, full_params(model, opt)))
+    return refusals, kept

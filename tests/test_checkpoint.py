@@ -224,6 +224,14 @@ def test_bad_checkpoint_is_refused_on_every_rank_and_changes_nothing(pool, tmp_p
         assert res["unchanged"], (rank, which)
 
 
+def test_a_stage3_load_inside_summon_full_params_is_refused(pool, tmp_path):
+    for refusals, kept in pool.run(cases_ckpt.load_inside_summon, 2, str(tmp_path / "ckpt")):
+        for refusal, action in zip(refusals, ["load_checkpoint()", "opt.load_full_state_dict()"]):
+            assert f"zeroshard stage 3: {action} inside `with opt.summon_full_params():`" in refusal, refusal
+            assert "after the block" in refusal, refusal
+        assert kept
+
+
 @pytest.mark.parametrize("how", ["checkpoint", "full"])
 def test_step_counts_that_differ_within_a_new_bucket_are_refused(pool, tmp_path, how):
     for rank, (refusal, unchanged, resumed) in enumerate(pool.run(

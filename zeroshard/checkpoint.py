@@ -119,6 +119,7 @@ def load_checkpoint(path, model, opt):
     rank r saved, or rank 0's if the saving run had fewer ranks.
     """
     check_arguments(path, model, opt)
+    opt._refuse_load_inside_summon("load_checkpoint()")
     view = opt.sharding
     state = {}
 

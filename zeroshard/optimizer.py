@@ -600,7 +600,18 @@ class ZeroOptimizer(torch.optim.Optimizer):
         each rank reads only its ranges. Also loads a plain model's and a plain
         ``optimizer_class``'s state dicts. Checks both before changing anything."""
         self._require_open()
+        self._refuse_load_inside_summon("opt.load_full_state_dict()")
         _full_state.load_full_state(self, model_state_dict, optimizer_state_dict)
+
+    def _refuse_load_inside_summon(self, action: str) -> None:
+        """On every rank alike (no collective yet): a stage-3 load inside
+        ``summon_full_params()`` fills the shards, and the end of the block wrote the
+        gathered parameters' old places back over them (torch's raw "setStorage" error
+        there, a helper's probe)."""
+        if self.stage == 3 and self._live.switches.summoned:
+            raise RuntimeError(f"zeroshard stage 3: {action} inside `with opt.summon_full_params():` "
+                               "loads into the shards, which the end of the block overwrites "
+                               "with the gathered parameters; call it after the block")
 
     @property
     def _rank(self) -> int:
