@@ -520,14 +520,16 @@ def skipped_after_an_abandoned_backward(ctx, stage: int, how: str):
     (that batch inside ``no_sync()`` too). Returns the
     refusals of a step, a clipping and a forward after ``model.zero_grad()`` before
     ``opt.zero_grad()`` (messages, "no error" where none), whether every rank then got
-    to the next collective, the bytes ``opt.zero_grad()`` reduced, and the largest
+    to the next collective, the bytes ``opt.zero_grad()`` reduced, the bytes a later
+    step reduces and those a run that skipped nothing reduces in its second, and the largest
     difference per parameter from DDP after two more steps, DDP having skipped the
     batch with ``zero_grad()``."""
     model = build_model(MLP, seed=ctx.rank)
     reference = DDP(build_model(MLP, seed=0), process_group=ctx.group)
     opt, ref_opt = _zero(model, stage, ctx.group, lr=0.05), torch.optim.SGD(reference.parameters(), lr=0.05)
-    _steps(MLP, model, opt, 0, 1, ctx.rank)
-    _steps(MLP, reference, ref_opt, 0, 1, ctx.rank)
+    if how != "first_step":  # (in the first: before stage 3 has recorded its orders)
+        _steps(MLP, model, opt, 0, 1, ctx.rank)
+        _steps(MLP, reference, ref_opt, 0, 1, ctx.rank)
     for net in (model, reference) if how in ("after", "inside") else ():
         with net.no_sync() if net is reference else opt.no_sync():
             loss_fn(MLP, net, make_batch(MLP, seed=1, rank=ctx.rank, batch=4)).backward()
@@ -547,9 +549,19 @@ def skipped_after_an_abandoned_backward(ctx, stage: int, how: str):
     # reductions until opt.zero_grad() ends the backward)
     every_rank_there = _ranks_in_step(ctx) == ctx.world_size
     ref_opt.zero_grad()
-    _steps(MLP, model, opt, 3, 2, ctx.rank)
+    _steps(MLP, model, opt, 3, 1, ctx.rank)
     _steps(MLP, reference, ref_opt, 3, 2, ctx.rank)
-    return refusals, every_rank_there, zero_grad_bytes, _differences(opt, model, reference)
+    before = reduced_bytes()
+    _steps(MLP, model, opt, 4, 1, ctx.rank)
+    step_bytes = reduced_bytes() - before
+    clean = build_model(MLP, seed=ctx.rank)  # the same steps, no batch skipped
+    clean_opt = _zero(clean, stage, ctx.group, lr=0.05)
+    _steps(MLP, clean, clean_opt, 0, 1, ctx.rank)
+    before = clean_opt.comm_stats.bytes["reduce_scatter"] + clean_opt.comm_stats.bytes["all_reduce"]
+    _steps(MLP, clean, clean_opt, 1, 1, ctx.rank)
+    clean_bytes = clean_opt.comm_stats.bytes["reduce_scatter"] + clean_opt.comm_stats.bytes["all_reduce"] - before
+    return (refusals, every_rank_there, zero_grad_bytes, (step_bytes, clean_bytes),
+            _differences(opt, model, reference))
 
 
 def drive_loop(ctx, stage: int, plan: dict):

@@ -99,7 +99,7 @@ def test_a_module_called_outside_its_units_forward_is_refused_at_stage3(pool, st
         assert differences == [0.0] * 3, differences
 
 
-@pytest.mark.parametrize("how", ["one_point", "points_differ", "after", "inside"])
+@pytest.mark.parametrize("how", ["one_point", "points_differ", "after", "inside", "first_step"])
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_a_batch_whose_backward_raised_is_skipped_by_zero_grad_as_under_ddp(pool, stage, how):
     """Note [a backward that raised]: a loop that catches an error raised halfway through
@@ -108,9 +108,10 @@ def test_a_batch_whose_backward_raised_is_skipped_by_zero_grad_as_under_ddp(pool
     place" refusal at stage 1 (found by driving such a loop). Now a step, a clipping and
     a forward refuse on every rank, naming opt.zero_grad(), which drops the batch, and
     training goes on equal to DDP skipping it, also where the ranks raised at different
-    points of the backward, or after a no_sync() window; one that began inside no_sync()
+    points of the backward, after a no_sync() window, or in the first step, and later
+    steps reduce what a run that skipped nothing does; one that began inside no_sync()
     ends with no reduction, as it would have inside no_sync()."""
-    for refusals, every_rank_there, zero_grad_bytes, differences in pool.run(
+    for refusals, every_rank_there, zero_grad_bytes, (step_bytes, clean_bytes), differences in pool.run(
             cases_loops.skipped_after_an_abandoned_backward, 2, stage, how):
         for refusal, action in zip(refusals, ["opt.step()", "opt.clip_grad_norm_()",
                                               "a forward of the model"]):
@@ -118,6 +119,9 @@ def test_a_batch_whose_backward_raised_is_skipped_by_zero_grad_as_under_ddp(pool
             assert "opt.zero_grad()" in refusal, refusal
         assert every_rank_there
         assert (zero_grad_bytes == 0) == (how == "inside"), zero_grad_bytes
+        # stage 3 adopted the reduction points of a first backward that raised: every
+        # bucket it never reached reduced early and again, for good (a reviewer's probe)
+        assert step_bytes == clean_bytes, (step_bytes, clean_bytes)
         assert max(differences.values()) < 1e-6, differences
 
 

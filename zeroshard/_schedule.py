@@ -99,6 +99,11 @@ class Schedule:
         position = self._position[id(unit)] + 1
         return self.units[position] if position < len(self.units) else None
 
+    def forget_record(self) -> None:
+        """Record afresh (while recording)."""
+        if self.entered is not None:
+            self.entered, self.repeated = [], []
+
     def stop_recording(self, adopt: bool) -> None:
         """With ``adopt``, walk from now on in the recorded order (units never entered
         keep their relative order, after it)."""
@@ -178,6 +183,10 @@ class ReductionPoints:
         """While the first backward records: ``entered`` units had been entered when
         ``bucket``'s latest gradient came (or its unit was passed over)."""
         self._entered_before_ready[id(bucket)] = entered
+
+    def forget(self) -> None:
+        """Record afresh (the backward recording them raised)."""
+        self._entered_before_ready.clear()
 
     def recorded(self, default: int) -> list[int]:
         """Per bucket of the launch list, the count noted (``default`` where none was)."""

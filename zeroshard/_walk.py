@@ -82,11 +82,19 @@ class Walk:
         """The latest forward of the root began with grad enabled."""
         return self.last_forward is Phase.FORWARD
 
-    def end_backward(self) -> None:
+    def end_backward(self, whole: bool = True) -> None:
         """A backward ended: adopt the first step's recording (every rank ends its first
-        backward here), start the next pass's record; the one place it starts again."""
+        backward here), start the next pass's record; the one place it starts again.
+        One that raised (not ``whole``, Note [a backward that raised] in _reducer.py)
+        recorded only up to where it raised: the next whole backward records afresh
+        (adopted, every bucket it never reached was due at that point, for good: 93% more
+        reduce-scatter bytes per step, a reviewer's probe)."""
         if self.forward.entered is not None:
-            self.adopt_recorded_orders()
+            if whole:
+                self.adopt_recorded_orders()
+            else:
+                self.backward.forget_record()
+                self._points.forget()
         self.backward.restart()
         self.backward_pass = BackwardPass()
 

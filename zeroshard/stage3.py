@@ -574,7 +574,7 @@ class UnitGatherer:
         self._recomputation.stop(counted=whole)
         self._read_through.clear()
         self._released_early.clear()
-        self.walk.end_backward()
+        self.walk.end_backward(whole)
         for unit in self.units:
             unit.end_backward()
 
