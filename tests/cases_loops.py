@@ -515,10 +515,11 @@ def _abandon_a_backward(spec, model, batch, where: str, autocast: bool) -> None:
 
 def skipped_after_an_abandoned_backward(ctx, stage: int, how: str):
     """Note [a backward that raised]: after one step, a batch whose backward raises
-    halfway (caught): at one point on every rank, at points that differ by rank, or
-    at one point "after" a micro-batch accumulated inside ``no_sync()`` or "inside"
-    (that batch inside ``no_sync()`` too). Returns the
-    refusals of a step, a clipping and a forward after ``model.zero_grad()`` before
+    halfway (caught): at one point on every rank, at points that differ by rank, in
+    the first step, or at one point "after" a micro-batch accumulated inside
+    ``no_sync()`` or "inside" (that batch inside ``no_sync()`` too). Returns the
+    refusals of a step, a clipping, ``summon_full_params()``, ``full_state_dict()``, a
+    call of a stage-3 unit (the first Linear) and a forward after ``model.zero_grad()`` before
     ``opt.zero_grad()`` (messages, "no error" where none), whether every rank then got
     to the next collective, the bytes ``opt.zero_grad()`` reduced, the bytes a later
     step reduces and those a run that skipped nothing reduces in its second, and the largest
@@ -536,7 +537,12 @@ def skipped_after_an_abandoned_backward(ctx, stage: int, how: str):
     where = "later" if how == "points_differ" and ctx.rank % 2 else "middle"
     with opt.no_sync() if how == "inside" else contextlib.nullcontext():
         _abandon_a_backward(MLP, model, make_batch(MLP, seed=2, rank=ctx.rank, batch=4), where, False)
-    refusals = [_refusal(opt.step), _refusal(lambda: opt.clip_grad_norm_(1.0))]
+    def summon():
+        with opt.summon_full_params():
+            pass
+
+    refusals = [_refusal(opt.step), _refusal(lambda: opt.clip_grad_norm_(1.0)), _refusal(summon),
+                _refusal(opt.full_state_dict), _refusal(lambda: model.body[0](torch.ones(1, 5)))]
     model.zero_grad()
     refusals.append(_refusal(lambda: loss_fn(MLP, model, make_batch(MLP, seed=3, rank=ctx.rank, batch=4))))
     def reduced_bytes():  # stage 3's backward walk gathers inside no_sync() too

@@ -146,8 +146,9 @@ class FlatBucket:
                     f"{what} gave {self.param_names[index]!r} dtype {param.dtype} on "
                     f"{param.device}; it is held as {view.dtype} on {view.device}, and a "
                     "ZeroOptimizer keeps each parameter's dtype and device. Write values with "
-                    "p.copy_(t), which casts; to change the model's dtype or device, "
-                    "opt.close(), change the model, then build a new ZeroOptimizer")
+                    "model.load_state_dict(...) (under a MixedPrecision policy it sets the fp32 "
+                    "masters exactly) or p.copy_(t), which casts; to change the model's dtype or "
+                    "device, opt.close(), change the model, then build a new ZeroOptimizer")
             view.copy_(param.data)
             param.data = view
 

@@ -53,9 +53,14 @@ Note [a backward that raised]:
     (gradients that never came count as zero, so every rank issues the same collectives,
     even where the ranks raised at different points of it), and drops its gradients: the batch is
     skipped, as DDP skips it with zeroed gradients (one that began inside ``no_sync()``
-    ends as inside it, with no reduction). A step, clipping or a forward before
-    that refuses, naming ``opt.zero_grad()``. The order the abandoned backward made
-    buckets ready is not adopted (Note [launch order]): the next one records afresh.
+    ends as inside it, with no reduction); ``opt.close()`` ends it too. Before that,
+    whatever would issue a collective refuses, naming ``opt.zero_grad()``: a step,
+    clipping, a forward of the model or of a stage-3 unit, ``summon_full_params()``,
+    full state dicts and checkpoints (ranks that raised at different points have
+    launched different reductions, which a collective would pair up wrongly: hangs, and
+    a reviewer's probe read parameters 0.73 off inside ``summon_full_params()``). The
+    orders the abandoned backward recorded are not adopted (Note [launch order]; at
+    stage 3, Note [recorded order] in _walk.py): the next whole one records afresh.
     Ranks that did not all raise (out of memory on one), or of which some raised
     before the model's backward began (at the loss) and some inside it, are left in
     different collectives, as under DDP.
@@ -133,6 +138,16 @@ from .mixed_precision import GradientDtypes, MixedPrecision, fp16_compute
 #     a buffer the next bucket's gradients do not fill, so one in flight, while the next
 #     bucket fills its own: two buffers. Either way at most two buckets' worth (stage
 #     1's copies on CPU: two buffers reused, Note [reduce slots] in _reduce_slots.py).
+
+
+def abandoned_backward_refusal(action: str) -> RuntimeError:
+    """Note [a backward that raised]: the error for ``action`` before ``opt.zero_grad()``."""
+    return RuntimeError(
+        f"zeroshard: {action} after a backward that raised before it ended (an error in a "
+        "hook or a module's backward, out of memory, caught): some of its gradients were "
+        "reduced across ranks, others never came. Call opt.zero_grad() to drop them on every "
+        "rank (model.zero_grad() is not enough) and go on with the next batch, which skips "
+        "this one")
 
 
 class GradientReducer:

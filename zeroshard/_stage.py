@@ -28,7 +28,7 @@ from ._bucket import FlatBucket
 from ._hooks import LoopSwitches, remove_handles
 from ._masters import ShardMasters
 from ._reduce_slots import ReduceSlots
-from ._reducer import GradientReducer
+from ._reducer import GradientReducer, abandoned_backward_refusal
 from ._unit import Unit
 from .mixed_precision import GradientDtypes, MixedPrecision
 from .stage1 import FullGradients
@@ -106,12 +106,7 @@ class Stage:
         """Note [a backward that raised] in _reducer.py: on every rank that raised in it
         (no collective yet)."""
         if self.reducer.backward_abandoned:
-            raise RuntimeError(
-                f"zeroshard: {action} after a backward that raised before it ended (an error "
-                "in a hook or a module's backward, out of memory, caught): some of its "
-                "gradients were reduced across ranks, others never came. Call "
-                "opt.zero_grad() to drop them on every rank (model.zero_grad() is not "
-                "enough) and go on with the next batch, which skips this one")
+            raise abandoned_backward_refusal(action)
 
     def refuse_abandoned_backward_before_forward(self, module, args) -> None:
         self.refuse_abandoned_backward("a forward of the model")

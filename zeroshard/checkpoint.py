@@ -68,6 +68,7 @@ def save_checkpoint(path, model, opt, extra=None) -> None:
     """
     check_arguments(path, model, opt)
     view = opt.sharding
+    view.stage.refuse_abandoned_backward("save_checkpoint()")  # Note [a backward that raised]
     root = Path(path)
     if root.exists() and not root.is_dir():
         raise ValueError(f"checkpoint path {str(root)!r} is a file; pass a folder (it is created)")
@@ -119,6 +120,7 @@ def load_checkpoint(path, model, opt):
     rank r saved, or rank 0's if the saving run had fewer ranks.
     """
     check_arguments(path, model, opt)
+    opt.sharding.stage.refuse_abandoned_backward("load_checkpoint()")  # Note [a backward that raised]
     opt._refuse_load_inside_summon("load_checkpoint()")
     view = opt.sharding
     state = {}

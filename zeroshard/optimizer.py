@@ -264,6 +264,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
             raise RuntimeError("close() inside `with opt.summon_full_params():` would hand back "
                                "parameters that the end of the block frees again; call it after "
                                "the block")
+        if self._stage.reducer.backward_abandoned:  # Note [a backward that raised]: dropped
+            self._stage.reducer.end_abandoned_backward()
         self._stage.wait_in_flight()
         self._stage.unshard()  # stage 3: every unit gathered, and kept
         masters = self._view.gather_masters() if self.mixed_precision is not None else {}
@@ -365,6 +367,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         rank: each rank keeps only its own slice of a write. Blocks may nest.
         """
         stage = self._live
+        stage.refuse_abandoned_backward("opt.summon_full_params()")
         nested = stage.switches.summoned > 0  # the outermost gathers, and keeps writes on exit
         stage.switches.summoned += 1
         try:
@@ -451,9 +454,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
             raise NotImplementedError(
                 "ZeroOptimizer cannot add param groups after construction (the shards are "
                 "laid out then); pass every group through param_groups= when building it. To "
-                "train parameters it does not hold (unfreezing a backbone), opt.close() and "
-                "build a new ZeroOptimizer over the model: a group that holds frozen "
-                "parameters refuses them once they are unfrozen")
+                "train parameters it does not train yet (unfreezing a backbone), opt.close() "
+                "and build a new ZeroOptimizer over the model once they are unfrozen (passing "
+                "them frozen at construction does not help: the step refuses parameters "
+                "unfrozen after it)")
         super().add_param_group(param_group)
 
     # -- state ------------------------------------------------------------------------
@@ -584,7 +588,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         default) would hold, keyed the same way. Loading both into a plain model and
         ``optimizer_class`` continues training as this optimizer would.
         """
-        self._require_open()
+        self._live.refuse_abandoned_backward("opt.full_state_dict()")
         return _full_state.gather_full_state(self)
 
     def load_full_state_dict(self, model_state_dict: dict | None,
@@ -599,7 +603,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         safetensors file or folder (``save_pretrained``'s, or ``zeroshard.save_full_model``'s):
         each rank reads only its ranges. Also loads a plain model's and a plain
         ``optimizer_class``'s state dicts. Checks both before changing anything."""
-        self._require_open()
+        self._live.refuse_abandoned_backward("opt.load_full_state_dict()")
         self._refuse_load_inside_summon("opt.load_full_state_dict()")
         _full_state.load_full_state(self, model_state_dict, optimizer_state_dict)
 

@@ -179,7 +179,7 @@ from . import _agreement
 from ._frozen_reads import FrozenOnContexts, past_inputs, watch_inputs
 from ._hooks import EagerOnlyHook, LoopSwitches, Phase, WeakHook
 from ._masters import ShardMasters
-from ._reducer import GradientReducer
+from ._reducer import GradientReducer, abandoned_backward_refusal
 from ._saved_tensors import SavedTensorWatches, may_watch_saved_tensors
 from ._schedule import forward_and_backward_orders
 from ._unit import ShardState, Unit
@@ -353,6 +353,8 @@ class UnitGatherer:
         _run_last(module._forward_hooks, last_hook_ids)
         if self._forward_inside_summon(unit):
             return
+        if self.reducer.backward_abandoned:  # Note [a backward that raised] in _reducer.py
+            raise abandoned_backward_refusal(f"a forward of unit {unit.name}")
         if self.switches.phase is Phase.BACKWARD:  # Note [recomputation]
             unit.record.recomputations += 1
             self.walk.gather_for_backward(unit)
@@ -702,8 +704,10 @@ class UnitGatherer:
         early in this backward are gathered again before the module computes."""
         if self.switches.phase is not Phase.BACKWARD or not self._recomputation.on_backward_thread():
             return
-        if self.reducer.backward_abandoned:  # a forward after it, to be refused (Note [a
-            return  # backward that raised] in _reducer.py): it gathered, on some ranks only
+        # Note [a backward that raised] in _reducer.py: not a recomputation, but a forward
+        # after it, which its hooks refuse (it gathered here, on some ranks only)
+        if self.reducer.backward_abandoned:
+            return
         self._recomputation.seen = True
         for unit in self._released_early:
             self.walk.gather_outside_walk(unit)
