@@ -167,7 +167,6 @@ def optimizer_layouts(opt) -> dict[str, tuple[dict, list[str]]]:
     return layouts
 
 
-@torch.no_grad()
 def check_one_scalar_per_bucket(opt, layout_of) -> None:
     """Raise unless the parameters of each bucket this optimizer steps in shards were
     saved with the same scalar states (``layout_of(name)``: ``Source.optimizer_layout``),
@@ -204,6 +203,7 @@ def _scalars(scalars: dict) -> str:
                      else k for k, v in scalars.items())
 
 
+@torch.no_grad()
 def load_from(opt, source: Source, with_states: bool = True) -> None:
     """Fill every shard, master and optimizer state of this rank from ``source`` (without
     ``with_states``: the values only, the optimizer state stays), then rebuild the
