@@ -169,18 +169,25 @@ def load_bad_checkpoint(ctx, cfg, folder: str, which: str) -> dict:
         opt = zeroshard.ZeroOptimizer(model, opt_class, stage=cfg["load"]["stage"],
                                       process_group=ctx.group, param_groups=groups, **kwargs)
     train(ctx, cfg, model, opt, 0, 1)
-    before = full_params(model, opt), opt.state_dict()
     if which == "seen_by_one_rank":  # per-node disks, or a copy that did not reach rank 1
         folder = folder if ctx.rank == 0 else os.path.join(folder, "..", "elsewhere")
+    error, unchanged = _refused_unchanged(model, opt, lambda: zeroshard.load_checkpoint(folder, model, opt))
+    return {"error": error, "unchanged": unchanged}
+
+
+def _refused_unchanged(model, opt, load) -> tuple[str | None, bool]:
+    """Run ``load``: its error ("Type: message", None if none), and whether the
+    parameters and the optimizer state are as they were."""
+    before = full_params(model, opt), opt.state_dict()
     try:
-        zeroshard.load_checkpoint(folder, model, opt)
+        load()
         error = None
     except (ValueError, RuntimeError, TypeError) as exc:
         error = f"{type(exc).__name__}: {exc}"
     after = full_params(model, opt), opt.state_dict()
     unchanged = all(torch.equal(a, b) for a, b in zip(before[0], after[0])) and _same_state(
         before[1]["inner"]["state"], after[1]["inner"]["state"])
-    return {"error": error, "unchanged": unchanged}
+    return error, unchanged
 
 
 def _same_state(a: dict, b: dict) -> bool:
@@ -249,7 +256,8 @@ def step_counts_that_differ_within_a_bucket(ctx, folder: str, how: str):
     holds them all, it took the first parameter's, silently (5e-3 from the run that
     never stopped, a helper's probe); now refused on every rank, changing nothing.
     Loaded at stage 3 as saved, it goes on like the run that never stopped. Returns
-    (the refusal, unchanged, largest difference of the stage-3 resume from it)."""
+    (the refusal as "Type: message", None if none; unchanged; the largest difference
+    of the stage-3 resume from it)."""
     def build(stage):
         torch.manual_seed(0)
         model = _LateBranch()
@@ -272,15 +280,7 @@ def step_counts_that_differ_within_a_bucket(ctx, folder: str, how: str):
             opt.load_full_state_dict(*(full or (None, None)))  # rank 0 holds them
 
     model, opt = build(1)
-    before = full_params(model, opt), opt.state_dict()
-    try:
-        load(model, opt)
-        refusal = "no error"
-    except (ValueError, RuntimeError) as error:  # rank 0 checks the full dicts it holds
-        refusal = str(error)
-    after = full_params(model, opt), opt.state_dict()
-    unchanged = all(torch.equal(a, b) for a, b in zip(before[0], after[0])) and _same_state(
-        before[1]["inner"]["state"], after[1]["inner"]["state"])
+    refusal, unchanged = _refused_unchanged(model, opt, lambda: load(model, opt))
     opt.close()
     model, opt = build(3)
     load(model, opt)

@@ -545,27 +545,27 @@ def skipped_after_an_abandoned_backward(ctx, stage: int, how: str):
                 _refusal(opt.full_state_dict), _refusal(lambda: model.body[0](torch.ones(1, 5)))]
     model.zero_grad()
     refusals.append(_refusal(lambda: loss_fn(MLP, model, make_batch(MLP, seed=3, rank=ctx.rank, batch=4))))
-    def reduced_bytes():  # stage 3's backward walk gathers inside no_sync() too
-        return opt.comm_stats.bytes["reduce_scatter"] + opt.comm_stats.bytes["all_reduce"]
+    def reduced_bytes(optimizer):  # stage 3's backward walk gathers inside no_sync() too
+        return optimizer.comm_stats.bytes["reduce_scatter"] + optimizer.comm_stats.bytes["all_reduce"]
 
-    before = reduced_bytes()
+    before = reduced_bytes(opt)
     opt.zero_grad()
-    zero_grad_bytes = reduced_bytes() - before
+    zero_grad_bytes = reduced_bytes(opt) - before
     # (not before it: ranks that raised at different points have launched different
     # reductions until opt.zero_grad() ends the backward)
     every_rank_there = _ranks_in_step(ctx) == ctx.world_size
     ref_opt.zero_grad()
     _steps(MLP, model, opt, 3, 1, ctx.rank)
     _steps(MLP, reference, ref_opt, 3, 2, ctx.rank)
-    before = reduced_bytes()
+    before = reduced_bytes(opt)
     _steps(MLP, model, opt, 4, 1, ctx.rank)
-    step_bytes = reduced_bytes() - before
+    step_bytes = reduced_bytes(opt) - before
     clean = build_model(MLP, seed=ctx.rank)  # the same steps, no batch skipped
     clean_opt = _zero(clean, stage, ctx.group, lr=0.05)
     _steps(MLP, clean, clean_opt, 0, 1, ctx.rank)
-    before = clean_opt.comm_stats.bytes["reduce_scatter"] + clean_opt.comm_stats.bytes["all_reduce"]
+    before = reduced_bytes(clean_opt)
     _steps(MLP, clean, clean_opt, 1, 1, ctx.rank)
-    clean_bytes = clean_opt.comm_stats.bytes["reduce_scatter"] + clean_opt.comm_stats.bytes["all_reduce"] - before
+    clean_bytes = reduced_bytes(clean_opt) - before
     return (refusals, every_rank_there, zero_grad_bytes, (step_bytes, clean_bytes),
             _differences(opt, model, reference))
 

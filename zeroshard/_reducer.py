@@ -354,8 +354,10 @@ class GradientReducer:
         return self.switches.phase is Phase.BACKWARD and torch._C._current_graph_task_id() == -1
 
     def end_abandoned_backward(self) -> None:
-        """Note [a backward that raised]: end it as its callback would have, inside or
-        outside ``no_sync()`` as it began."""
+        """Note [a backward that raised]: end the backward abandoned, if there is one, as
+        its callback would have, inside or outside ``no_sync()`` as it began."""
+        if not self.backward_abandoned:
+            return
         recording = self._ready_order is not None
         now_synced, self.switches.require_sync = self.switches.require_sync, self._began_synced
         try:

@@ -125,8 +125,7 @@ class Stage:
         return self.store.is_gradient_marker(tensor)
 
     def zero_grad(self, set_to_none: bool) -> None:
-        if self.reducer.backward_abandoned:  # Note [a backward that raised] in _reducer.py
-            self.reducer.end_abandoned_backward()
+        self.reducer.end_abandoned_backward()  # Note [a backward that raised] in _reducer.py
         self.reducer.wait_in_flight()
         self.store.zero_grad(set_to_none)
         self.reducer.local_only = False

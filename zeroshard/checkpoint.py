@@ -120,8 +120,7 @@ def load_checkpoint(path, model, opt):
     rank r saved, or rank 0's if the saving run had fewer ranks.
     """
     check_arguments(path, model, opt)
-    opt.sharding.stage.refuse_abandoned_backward("load_checkpoint()")  # Note [a backward that raised]
-    opt._refuse_load_inside_summon("load_checkpoint()")
+    opt._refuse_load("load_checkpoint()")
     view = opt.sharding
     state = {}
 
@@ -132,8 +131,9 @@ def load_checkpoint(path, model, opt):
         meta = state["meta"] = _load_file(folder / "meta.pt", weights_only=True)
         _check_meta(meta, folder, opt, model)
         for r in range(meta["world_size"]):
-            _load_file(folder / _rank_file(r), weights_only=True, mmap=True)
-        state["buffers"] = _load_file(folder / _rank_file(0), weights_only=True, mmap=True)["buffers"]
+            file = _load_file(folder / _rank_file(r), weights_only=True, mmap=True)
+            if r == 0:  # the buffers are rank 0's
+                state["buffers"] = file["buffers"]
         _check_buffers(state["buffers"], folder, model)
         state["source"] = _CheckpointSource(meta, folder, parameter_names(model), memory_orders(opt))
         check_one_scalar_per_bucket(opt, state["source"].optimizer_layout)

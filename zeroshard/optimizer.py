@@ -264,8 +264,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             raise RuntimeError("close() inside `with opt.summon_full_params():` would hand back "
                                "parameters that the end of the block frees again; call it after "
                                "the block")
-        if self._stage.reducer.backward_abandoned:  # Note [a backward that raised]: dropped
-            self._stage.reducer.end_abandoned_backward()
+        self._stage.reducer.end_abandoned_backward()  # Note [a backward that raised]: dropped
         self._stage.wait_in_flight()
         self._stage.unshard()  # stage 3: every unit gathered, and kept
         masters = self._view.gather_masters() if self.mixed_precision is not None else {}
@@ -603,15 +602,16 @@ class ZeroOptimizer(torch.optim.Optimizer):
         safetensors file or folder (``save_pretrained``'s, or ``zeroshard.save_full_model``'s):
         each rank reads only its ranges. Also loads a plain model's and a plain
         ``optimizer_class``'s state dicts. Checks both before changing anything."""
-        self._live.refuse_abandoned_backward("opt.load_full_state_dict()")
-        self._refuse_load_inside_summon("opt.load_full_state_dict()")
+        self._refuse_load("opt.load_full_state_dict()")
         _full_state.load_full_state(self, model_state_dict, optimizer_state_dict)
 
-    def _refuse_load_inside_summon(self, action: str) -> None:
-        """On every rank alike (no collective yet): a stage-3 load inside
-        ``summon_full_params()`` fills the shards, and the end of the block wrote the
-        gathered parameters' old places back over them (torch's raw "setStorage" error
-        there, a helper's probe)."""
+    def _refuse_load(self, action: str) -> None:
+        """Before a load (``action``), on every rank alike (no collective yet): after a
+        backward that raised (Note [a backward that raised] in _reducer.py), and at stage
+        3 inside ``summon_full_params()``, where the load fills the shards and the end of
+        the block wrote the gathered parameters' old places back over them (torch's raw
+        "setStorage" error there, a helper's probe)."""
+        self._live.refuse_abandoned_backward(action)
         if self.stage == 3 and self._live.switches.summoned:
             raise RuntimeError(f"zeroshard stage 3: {action} inside `with opt.summon_full_params():` "
                                "loads into the shards, which the end of the block overwrites "
