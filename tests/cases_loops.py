@@ -1607,3 +1607,109 @@ def forward_hook_registered_after_the_optimizer(ctx, stage: int, how: str):
             optimizer.step()
             optimizer.zero_grad()
     return largest_difference(opt, model, reference), logs == ref_logs
+
+
+class TiedLookup(torch.nn.Module):
+    """A token embedding tied to the output head (``head.weight = emb.weight``), looked
+    up once, or twice (``second_lookup``: a second token stream, as a retrieval model's)."""
+
+    def __init__(self, seed: int, padding_idx=None, scale_grad_by_freq=False,
+                 second_lookup=False) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.emb = torch.nn.Embedding(40, 8, padding_idx=padding_idx,
+                                      scale_grad_by_freq=scale_grad_by_freq)
+        self.body = torch.nn.Linear(8, 8)
+        self.head = torch.nn.Linear(8, 40, bias=False)
+        self.head.weight = self.emb.weight
+        self.second_lookup = second_lookup
+
+    def forward(self, idx):
+        h = self.emb(idx)
+        if self.second_lookup:
+            h = h + self.emb(idx.flip(-1))
+        return self.head(torch.tanh(self.body(h)))
+
+
+LOOKUPS = {  # variant -> (TiedLookup's arguments, tokens per rank's batch, dtype)
+    "plain": ({}, (3, 5), torch.float32),
+    "padding, scaled by frequency": ({"padding_idx": 0, "scale_grad_by_freq": True},
+                                     (3, 5), torch.float32),
+    "bf16": ({}, (3, 5), torch.bfloat16),
+    "two forwards": ({}, (3, 5), torch.float32),
+    "more tokens than rows": ({}, (8, 6), torch.float32),
+    "looked up twice": ({"second_lookup": True}, (3, 5), torch.float32),
+}
+
+
+def tied_lookup_rows(ctx, stage: int, variant: str):
+    """Note [an embedding's rows summed into the first contribution]: three AdamW steps of
+    ``TiedLookup`` at ``stage`` and under DDP, tokens drawn from a few values (so a batch
+    repeats rows, and holds the padding row). Returns (the largest parameter difference
+    to DDP, how many lookups' rows went into the head's contribution)."""
+    import zeroshard._gradient_sums as sums
+    kwargs, shape, dtype = LOOKUPS[variant]
+    model = TiedLookup(seed=ctx.rank, **kwargs).to(dtype)
+    reference = DDP(TiedLookup(seed=0, **kwargs).to(dtype), process_group=ctx.group)
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.AdamW, stage=stage, lr=1e-2,
+                                  process_group=ctx.group, bucket_size_mb=1e-4,
+                                  **({"units": torch.nn.Linear} if stage == 3 else {}))
+    ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2)
+    applied, call = [], sums._EmbeddingRowsIntoFirst.__call__
+
+    def counting(hook, grad_outputs):
+        result = call(hook, grad_outputs)
+        applied.append(result is not None)
+        return result
+
+    sums._EmbeddingRowsIntoFirst.__call__ = counting
+    try:
+        for step in range(3):
+            g = torch.Generator().manual_seed(10 * step + ctx.rank)
+            idx = torch.randint(0, 6, shape, generator=g)
+            for net, optimizer in ((model, opt), (reference, ref_opt)):
+                loss = net(idx).float().square().mean()
+                if variant == "two forwards":
+                    loss = loss + net(idx.roll(1, -1)).float().square().mean()
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+    finally:
+        sums._EmbeddingRowsIntoFirst.__call__ = call
+    return largest_difference(opt, model, reference), sum(applied)
+
+
+def saved_input_written_after_forward(ctx, stage: int, what: str) -> list[str]:
+    """A tensor the forward saved for backward, written in place before the backward:
+    the token ids a tied embedding looked up (labels made from them in place), or the
+    input of a Linear (``x.mul_(2)``). Torch refuses in backward, under DDP and here:
+    at stage 3 the units' saved-tensor hooks, which autograd does not version-check,
+    check it themselves (they did not: the write went into the gradients silently).
+    Returns the two errors, zeroshard's first."""
+    errors = []
+    for wrap in ("zeroshard", "ddp"):
+        torch.manual_seed(0)
+        model = TiedLookup(seed=0) if what == "token ids" else torch.nn.Sequential(
+            torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 4))
+        if wrap == "zeroshard":
+            opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=stage, lr=0.1,
+                                          process_group=ctx.group, bucket_size_mb=1e-4,
+                                          **({"units": torch.nn.Linear} if stage == 3 else {}))
+        net = model if wrap == "zeroshard" else DDP(model, process_group=ctx.group)
+        g = torch.Generator().manual_seed(ctx.rank)
+        if what == "token ids":
+            inputs = torch.randint(0, 6, (3, 5), generator=g)
+            loss = net(inputs).square().mean()
+            inputs[inputs == 0] = 5
+        else:
+            inputs = torch.randn(2, 4, generator=g)
+            loss = net(inputs).square().mean()
+            inputs.mul_(2)
+        try:
+            loss.backward()
+        except RuntimeError as error:
+            errors.append(str(error))
+        if wrap == "zeroshard":
+            opt.zero_grad()
+            opt.close()
+    return errors

@@ -203,3 +203,33 @@ def tied_embedding_backward(ctx, stage: int, vocab: int, width: int) -> dict:
                                   process_group=ctx.group, bucket_size_mb=1)
     tokens = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(ctx.rank))
     return {"peak": _backward_peak(model, opt, tokens)}
+
+
+def tied_embedding_lookup_backward(ctx, stage: int, vocab: int, width: int) -> dict:
+    """Note [an embedding's rows summed into the first contribution]
+    (zeroshard/_gradient_sums.py): in a backward of ``_TiedEmbeddingHead`` after two
+    warm-up steps (SGD at ``stage``), the RSS peak from the moment the embedding's
+    lookup gets its gradient to the end of backward, above the RSS at that moment."""
+    torch.manual_seed(0)
+    model = _TiedEmbeddingHead(vocab, width)
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=stage, lr=0.1,
+                                  process_group=ctx.group, bucket_size_mb=1)
+    tokens = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(ctx.rank))
+    _train(model, opt, tokens, steps=2)
+    at_lookup = []
+
+    def measure_from_here(grad):
+        gc.collect()
+        at_lookup.append(rss_kib("VmRSS"))
+        reset_high_water()
+
+    def on_lookup(module, args, out) -> None:
+        out.register_hook(measure_from_here)
+
+    handle = model.emb.register_forward_hook(on_lookup)
+    loss = model(tokens).square().mean()
+    handle.remove()
+    loss.backward()
+    peak = (rss_kib("VmHWM") - at_lookup[0]) * 1024
+    opt.close()
+    return {"peak": peak}

@@ -495,3 +495,26 @@ def test_a_parameter_replaced_after_construction_is_refused_on_every_rank(pool, 
         assert "'body.4.weight'" in refusal or "'body.4.bias'" in refusal, refusal
         assert "opt.close()" in refusal, refusal
         assert probe == 2
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("variant", list(cases_loops.LOOKUPS))
+def test_a_tied_embeddings_rows_summed_into_the_heads_contribution_equal_ddp(pool, stage,
+                                                                             variant):
+    """Note [an embedding's rows summed into the first contribution]: bit for bit DDP's
+    parameters, where the rows go into the head's contribution (a batch with fewer tokens
+    than the embedding has rows, repeated rows, the padding row, bf16, two forwards
+    before one backward) and where torch's backward of the lookup runs instead (more
+    tokens than rows, the embedding looked up twice)."""
+    declined = variant in ("more tokens than rows", "looked up twice")
+    for diff, applied in pool.run(cases_loops.tied_lookup_rows, 2, stage, variant):
+        assert diff == 0.0, diff
+        assert (applied == 0) if declined else (applied > 0), applied
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("what", ["token ids", "an input"])
+def test_a_saved_tensor_written_after_the_forward_is_refused_as_under_ddp(pool, stage, what):
+    for errors in pool.run(cases_loops.saved_input_written_after_forward, 2, stage, what):
+        assert len(errors) == 2 and all("modified by an inplace operation" in e
+                                        for e in errors), errors

@@ -33,6 +33,33 @@ Note [contributions summed in place]:
     again. Parameters laid out other than row-major (``channels_last``) are left
     alone: a row-major copy would not have their layout, which their gradient keeps.
     A graph backwarded a second time (``retain_graph=True``) sums as torch does.
+
+Note [an embedding's rows summed into the first contribution]:
+    Summed in place, a tied embedding's contribution is still made as a tensor of the
+    whole weight's size (``embedding_dense_backward`` zeroes one and adds in the rows
+    the batch looked up) before autograd adds it to the head's, and it comes at the
+    end of backward, where every other gradient (stage 1) or gradient shard (stages
+    2-3) is alive: in the 100M GPT's stage-2 backward the RSS rose 57 MiB in that node,
+    to the step's peak. So where the head's contribution came first, a pre-hook on the
+    embedding's node adds the looked-up rows into it, where autograd holds it for the
+    parameter's accumulator, and hands autograd no gradient from the node. The rows
+    are summed by torch's own kernel on the batch's indices renumbered 0, 1, ... in
+    sorted order (``_looked_up_rows``): the same rows see the same additions in the
+    same order, into a tensor as large as the batch, then each one addition into the
+    first contribution, which is what autograd's in-place sum does, bitwise. That is
+    checked on the real inputs the first time per device, dtype,
+    ``scale_grad_by_freq`` and size class, and where it does not hold torch's path is
+    kept. (On CPU it holds: the kernel adds each row's contributions in index order.
+    CUDA's sorts the indices stably and sums runs of equal ones, which renumbering
+    in order leaves as they were; no GPU has run it yet.)
+
+    Only the contribution the first one's hook holds, while autograd holds it too and
+    nothing else does (``_use_count() == 2``: had autograd summed a third contribution
+    into a new tensor, it would hold that one instead), for an accumulator fed by one
+    embedding node of the graph, outside a double backward, for a dense gradient, and
+    where the batch has fewer tokens than the embedding has rows (the renumbered sum
+    is as large as the batch). What it bought on the 100M GPT: README, "Next to the
+    peers".
 """
 
 from __future__ import annotations
@@ -68,12 +95,22 @@ class InPlaceSums:
             self._walked_once = True
             self._walking = bool(used_twice)
         by_node: dict[int, tuple[object, list[tuple[int, int]]]] = {}
+        embedding_of: dict[int, object] = {}  # accumulator -> its one embedding node
         for acc in used_twice:
+            embeddings = [node for node, _ in feeders[acc] if _dense_embedding(node)]
+            if len(embeddings) == 1:
+                embedding_of[acc] = embeddings[0]
             for node, slot in feeders[acc]:
                 by_node.setdefault(id(node), (node, []))[1].append((slot, acc))
         contributed: set[int] = set()  # accumulators given a contribution in this graph
+        held: dict[int, torch.Tensor] = {}  # Note [an embedding's rows summed into the first contribution]
         for node, slots in by_node.values():
-            node.register_hook(_FirstContributionRowMajor(sorted(slots), contributed))
+            awaiting = {acc for _, acc in slots
+                        if acc in embedding_of and embedding_of[acc] is not node}
+            node.register_hook(_FirstContributionRowMajor(sorted(slots), contributed,
+                                                          awaiting, held))
+        for acc, node in embedding_of.items():
+            node.register_prehook(_EmbeddingRowsIntoFirst(acc, node, held))
 
 
 def _feeders(roots: list, accumulators: dict) -> dict[int, list[tuple[object, int]]]:
@@ -91,9 +128,12 @@ class _FirstContributionRowMajor:
     """A node post-hook: the first contribution to each of its accumulators in this
     backward leaves row-major, alone on its memory (Note [contributions summed in place])."""
 
-    def __init__(self, slots: list[tuple[int, int]], contributed: set[int]) -> None:
+    def __init__(self, slots: list[tuple[int, int]], contributed: set[int],
+                 awaiting: set[int], held: dict[int, torch.Tensor]) -> None:
         self._slots = slots  # (slot among the node's gradients, id of its accumulator)
         self._contributed = contributed
+        self._awaiting = awaiting  # accumulators whose embedding node is yet to come
+        self._held = held
 
     def __call__(self, grad_inputs: tuple, grad_outputs: tuple):
         replaced = None
@@ -102,10 +142,98 @@ class _FirstContributionRowMajor:
             if grad is None or acc in self._contributed:
                 continue
             self._contributed.add(acc)
-            if grad.layout == torch.strided and not _summable_in_place(grad):
+            if grad.layout != torch.strided:
+                continue
+            if not _summable_in_place(grad):
                 replaced = list(grad_inputs) if replaced is None else replaced
-                replaced[slot] = grad.clone(memory_format=torch.contiguous_format)
+                grad = replaced[slot] = grad.clone(memory_format=torch.contiguous_format)
+            if acc in self._awaiting and not torch.is_grad_enabled():
+                self._held[acc] = grad
         return None if replaced is None else tuple(replaced)
+
+
+class _EmbeddingRowsIntoFirst:
+    """A pre-hook on an embedding's node: its rows go into the first contribution held
+    for its accumulator, and autograd gets none from the node (Note [an embedding's rows
+    summed into the first contribution])."""
+
+    def __init__(self, acc: int, node, held: dict[int, torch.Tensor]) -> None:
+        self._acc = acc
+        self._held = held
+        # What the node saved, read now: a hook that held the node would keep the graph.
+        # The indices are the forward's own tensor: one written in place since is left
+        # to the node, which raises torch's error for it.
+        self._indices = node._saved_indices
+        self._version = self._indices._version
+        self._rows = node._saved_weight_sym_argsize_0
+        padding = node._saved_padding_idx  # -1 (shown unsigned) when there is none
+        self._padding = padding if 0 <= padding < self._rows else -1
+        self._scale = node._saved_scale_grad_by_freq
+
+    def __call__(self, grad_outputs: tuple):
+        first = self._held.pop(self._acc, None)
+        grad = grad_outputs[0]
+        if (first is None or grad is None or torch.is_grad_enabled()
+                or _use_count(first) != 2  # this frame's and autograd's input buffer
+                or grad.layout != torch.strided or grad.dtype != first.dtype
+                or grad.device != first.device or first.shape[0] != self._rows
+                or self._indices.numel() >= self._rows
+                ):
+            return None
+        rows, sums = _looked_up_rows(grad, self._indices, self._padding, self._scale)
+        if not _renumbered_sums_exact(grad, self._indices, self._rows, self._padding,
+                                      self._scale, rows, sums):
+            return None
+        first.index_add_(0, rows, sums)
+        return (None,)
+
+
+def _use_count(tensor: torch.Tensor) -> int:
+    """How many tensors share ``tensor``'s implementation (0 where this torch cannot say)."""
+    count = getattr(tensor, "_use_count", None)
+    return count() if count is not None else 0
+
+
+def _dense_embedding(node) -> bool:
+    """Whether ``node`` is an embedding lookup's backward with a dense gradient."""
+    return type(node).__name__ == "EmbeddingBackward0" and not node._saved_sparse
+
+
+def _looked_up_rows(grad: torch.Tensor, indices: torch.Tensor, padding: int,
+                    scale: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, sums): the embedding's gradient is ``sums[j]`` at row ``rows[j]`` and zero
+    elsewhere (an unused ``j`` has row 0 and a zero sum). Torch's kernel over the indices
+    renumbered in sorted order, so without a host synchronisation (Note [an embedding's
+    rows summed into the first contribution])."""
+    flat = indices.reshape(-1)
+    in_order, where = flat.sort(stable=True)
+    starts = torch.ones_like(in_order, dtype=torch.bool)
+    starts[1:] = in_order[1:] != in_order[:-1]
+    numbers = starts.cumsum(0) - 1
+    renumbered = torch.empty_like(numbers).scatter_(0, where, numbers)
+    rows = torch.zeros_like(flat).scatter_(0, numbers, in_order)
+    grad = grad.reshape(flat.numel(), grad.shape[-1])
+    if padding >= 0:  # the padding row gets nothing: its renumbered row sums zeros
+        grad = grad.masked_fill((flat == padding).unsqueeze(1), 0)
+    return rows, torch.ops.aten.embedding_dense_backward(grad, renumbered, flat.numel(), -1,
+                                                         scale)
+
+
+_exact_by_kind: dict[tuple, bool] = {}
+
+
+def _renumbered_sums_exact(grad, indices, rows_in_weight: int, padding: int, scale: bool,
+                           rows: torch.Tensor, sums: torch.Tensor) -> bool:
+    """Whether ``_looked_up_rows`` gives torch's own gradient bit for bit, checked on
+    these inputs the first time per device type, dtype, ``scale`` and size class."""
+    # CUDA's kernel takes another path above 3072 indices.
+    kind = (grad.device.type, grad.dtype, scale, indices.numel() > 3072)
+    if kind not in _exact_by_kind:
+        dense = torch.ops.aten.embedding_dense_backward(grad, indices, rows_in_weight,
+                                                        padding, scale)
+        _exact_by_kind[kind] = torch.equal(torch.zeros_like(dense).index_add_(0, rows, sums),
+                                           dense)
+    return _exact_by_kind[kind]
 
 
 def _summable_in_place(grad: torch.Tensor) -> bool:

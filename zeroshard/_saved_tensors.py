@@ -14,7 +14,10 @@ Note [saved tensors]:
     unit saved needs no gather (gathering for one gathered again a unit released
     once its gradients were done: one all-gather too many, found by the thorough
     profile). The hooks cost one Python call per saved tensor on save and on use.
-    Inside another
+    Autograd checks no version of a tensor saved through such hooks, so they check the
+    activations' themselves (``SavedActivation``): an in-place write between forward
+    and backward (``x.mul_(2)`` on an input) raises torch's error, as under DDP, where
+    it went into the gradients silently. Inside another
     pair of saved-tensor hooks (non-reentrant activation checkpointing, offloading)
     none are added: those must see every tensor saved inside them, and a checkpointed
     unit is gathered by its recomputation (Note [recomputation] in stage3.py).
@@ -102,6 +105,11 @@ class SavedTensorWatches:
         unit.saved_unread.add(saved)
         return saved
 
+    def holds_parameters(self, storage: int) -> bool:
+        """Whether the storage at address ``storage`` holds a unit's parameters (gathered)
+        or its placeholders (released)."""
+        return storage in self._gathered or storage in self._placeholder_owner
+
     def read(self, unit: Unit, saved: SavedParameter | Recast) -> None:
         """Backward reads ``saved`` (a view or a cast of ``unit``'s parameters, which its
         forward saved); the first read of the last one not read yet tells the stage
@@ -171,18 +179,56 @@ class SavedTensorWatch:
             saved = None if storage is None else stage.saved_by(self._unit, tensor, storage)
             if saved is not None:
                 return saved  # a parameter: gathered when used
+            if storage is None or not stage.holds_parameters(storage):
+                return SavedActivation(tensor.detach())
         # Not the tensor itself: a saved output would then hold its own autograd node, a
-        # reference cycle keeping a forward's activations until the garbage collector runs
+        # reference cycle keeping a forward's activations until the garbage collector runs.
+        # Another unit's parameters, which zeroshard itself writes in place, are not
+        # version-checked.
         return tensor.detach()
 
-    def unpack(self, packed: torch.Tensor | Recast | SavedParameter) -> torch.Tensor:
-        if isinstance(packed, torch.Tensor):  # an activation: it needs no gather
+    def unpack(self, packed: torch.Tensor | SavedActivation | Recast | SavedParameter
+               ) -> torch.Tensor:
+        if isinstance(packed, torch.Tensor):  # another unit's parameters
             return packed
+        if isinstance(packed, SavedActivation):  # it needs no gather
+            return packed.unpack()
         stage = self._stage()
         if stage is not None:
             stage.gather(self._unit)
             stage.read(self._unit, packed)
         return packed.rebuild() if isinstance(packed, Recast) else packed.tensor
+
+
+class SavedActivation:
+    """A tensor a unit's forward saved that is not its parameters' (Note [saved tensors]),
+    with its version then: autograd checks no version of what saved-tensor hooks save, so
+    an in-place write between forward and backward (``x.mul_(2)`` on an input) would
+    otherwise go into the gradients silently where DDP raises torch's error."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor  # a detached alias: it shares the version counter
+        self.version = _version(tensor)
+
+    def unpack(self) -> torch.Tensor:
+        now = _version(self.tensor)
+        if now != self.version:
+            raise RuntimeError(
+                "one of the variables needed for gradient computation has been modified by "
+                f"an inplace operation: [{self.tensor.type()} {list(self.tensor.shape)}] is at "
+                f"version {now}; expected version {self.version} instead (saved by a "
+                "zeroshard stage-3 unit's forward; torch raises the same without zeroshard). "
+                "Write to a clone of the tensor instead, or make the change before the "
+                "forward")
+        return self.tensor
+
+
+def _version(tensor: torch.Tensor) -> int | None:
+    """``tensor._version``; None for a tensor that keeps none (an inference tensor)."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None
 
 
 class SavedParameter:
