@@ -1713,3 +1713,48 @@ def saved_input_written_after_forward(ctx, stage: int, what: str) -> list[str]:
             opt.zero_grad()
             opt.close()
     return errors
+
+
+def backward_of_a_graph_from_before_the_step(ctx, stage: int, how: str) -> list[str]:
+    """Note [a graph from before the step] (zeroshard/_saved_tensors.py): a graph built
+    before ``opt.step()`` and backwarded after it. "loss kept": two losses computed, one
+    backwarded and stepped, then the other backwarded. "gan": a generator's loss computed
+    through the discriminator before the discriminator's step, backwarded after it (the
+    discriminator's own loss through a detached fake). Torch refuses in backward, under
+    DDP and here; every stage ran it, silently. Returns the errors, zeroshard's first
+    (None where a backward ran)."""
+    errors = []
+    for wrap in ("zeroshard", "ddp"):
+        torch.manual_seed(0)
+        gen, disc = (torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(),
+                                         torch.nn.Linear(4, 4)) for _ in range(2))
+        trained = disc if how == "gan" else gen
+        if wrap == "zeroshard":
+            opt = zeroshard.ZeroOptimizer(trained, torch.optim.AdamW, stage=stage, lr=0.1,
+                                          process_group=ctx.group, bucket_size_mb=1e-4,
+                                          **({"units": torch.nn.Linear} if stage == 3 else {}))
+        else:
+            ddp = DDP(trained, process_group=ctx.group)
+            opt = torch.optim.AdamW(ddp.parameters(), lr=0.1)
+            gen, disc = (gen, ddp) if how == "gan" else (ddp, disc)
+        g = torch.Generator().manual_seed(ctx.rank)
+        x, other = torch.randn(2, 4, generator=g), torch.randn(2, 4, generator=g)
+        if how == "gan":
+            fake = gen(x)
+            g_loss = disc(fake).square().mean()  # through the discriminator, before its step
+            disc(fake.detach()).square().mean().backward()
+            opt.step()
+            later = g_loss
+        else:
+            first, later = gen(x).square().mean(), gen(other).square().mean()
+            first.backward()
+            opt.step()
+        try:
+            later.backward()
+            errors.append(None)
+        except RuntimeError as error:
+            errors.append(str(error))
+        if wrap == "zeroshard":
+            opt.zero_grad()
+            opt.close()
+    return errors

@@ -518,3 +518,11 @@ def test_a_saved_tensor_written_after_the_forward_is_refused_as_under_ddp(pool, 
     for errors in pool.run(cases_loops.saved_input_written_after_forward, 2, stage, what):
         assert len(errors) == 2 and all("modified by an inplace operation" in e
                                         for e in errors), errors
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("how", ["loss kept", "gan"])
+def test_a_graph_from_before_the_step_is_refused_in_backward_as_under_ddp(pool, stage, how):
+    for errors in pool.run(cases_loops.backward_of_a_graph_from_before_the_step, 2, stage, how):
+        assert len(errors) == 2 and all(e is not None and "modified by an inplace operation" in e
+                                        for e in errors), errors

@@ -102,6 +102,7 @@ class FlatBucket:
         self.full_precision = full_precision
         self._versions_at_release: list[int] = []
         self._versions_at_gather: list[int] = []  # stage 3 (Note [writes inside a forward])
+        self.steps_taken = 0  # stage 3 (Note [a graph from before the step] in _saved_tensors.py)
 
     @torch.no_grad()
     def materialize(self, device: torch.device) -> None:

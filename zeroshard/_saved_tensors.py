@@ -22,6 +22,21 @@ Note [saved tensors]:
     none are added: those must see every tensor saved inside them, and a checkpointed
     unit is gathered by its recomputation (Note [recomputation] in stage3.py).
 
+Note [a graph from before the step]:
+    A graph built before ``opt.step()`` and backwarded after it (a loss kept across
+    the step; a GAN's generator loss computed through the discriminator before the
+    discriminator's step) pairs the old weights' activations with the new weights.
+    Torch refuses it: the step's in-place writes move the parameters' versions, and
+    backward finds a saved weight at another version than it was saved at. Stages 1-2
+    move the versions after their gathers (``WholeParameters.after_step``). Stage 3
+    saves views of its units' parameters through these hooks, which autograd does not
+    version-check, and backward gathers the unit again from the stepped shards: so
+    each saved view (and cast) records how many steps its bucket had taken
+    (``FlatBucket.steps_taken``, counted for trainable buckets only, as a step leaves
+    frozen parameters alone), and unpacking it after another step raises torch's
+    error. Before, every stage ran such a backward silently (a helper's probe: a
+    gradient norm 0.9% off that of either the old or the new weights).
+
 Note [autocast casts]:
     Under ``torch.autocast`` without a MixedPrecision policy, each op casts the
     parameters it uses (fp32 -> bf16), and what the op saves for backward is that
@@ -101,7 +116,7 @@ class SavedTensorWatches:
         if owner is not unit:
             owner.saved_by_another_unit = True
             return None
-        saved = SavedParameter(tensor.detach())
+        saved = SavedParameter(tensor.detach(), _bucket_at(owner, storage))
         unit.saved_unread.add(saved)
         return saved
 
@@ -109,6 +124,12 @@ class SavedTensorWatches:
         """Whether the storage at address ``storage`` holds a unit's parameters (gathered)
         or its placeholders (released)."""
         return storage in self._gathered or storage in self._placeholder_owner
+
+    def another_units_view(self, tensor: torch.Tensor, storage: int) -> SavedView | None:
+        """A saved view of another unit's gathered parameters (``saved_by`` gave None for
+        it), kept as it is but checked for a step (Note [a graph from before the step])."""
+        owner = self._gathered.get(storage)
+        return None if owner is None else SavedView(tensor.detach(), _bucket_at(owner, storage))
 
     def read(self, unit: Unit, saved: SavedParameter | Recast) -> None:
         """Backward reads ``saved`` (a view or a cast of ``unit``'s parameters, which its
@@ -151,7 +172,9 @@ class SavedTensorWatches:
         param = getattr(source, "variable", None)  # an AccumulateGrad node: a leaf's cast
         if param is None or self._unit_of.get(id(param)) is not unit:
             return None
-        return Recast(param, cast.dtype, tensor.shape, tensor.stride(), tensor.storage_offset())
+        bucket = next(b for b in unit.buckets if any(p is param for p in b.params))
+        return Recast(param, cast.dtype, tensor.shape, tensor.stride(), tensor.storage_offset(),
+                      bucket)
 
 
 class SavedTensorWatch:
@@ -181,23 +204,28 @@ class SavedTensorWatch:
                 return saved  # a parameter: gathered when used
             if storage is None or not stage.holds_parameters(storage):
                 return SavedActivation(tensor.detach())
+            viewed = stage.another_units_view(tensor, storage)
+            if viewed is not None:
+                return viewed
         # Not the tensor itself: a saved output would then hold its own autograd node, a
         # reference cycle keeping a forward's activations until the garbage collector runs.
-        # Another unit's parameters, which zeroshard itself writes in place, are not
-        # version-checked.
+        # A placeholder's view (the check above raised for one) is not version-checked:
+        # zeroshard writes the placeholders in place itself.
         return tensor.detach()
 
-    def unpack(self, packed: torch.Tensor | SavedActivation | Recast | SavedParameter
+    def unpack(self, packed: torch.Tensor | SavedActivation | SavedView | Recast
                ) -> torch.Tensor:
-        if isinstance(packed, torch.Tensor):  # another unit's parameters
+        if isinstance(packed, torch.Tensor):
             return packed
         if isinstance(packed, SavedActivation):  # it needs no gather
             return packed.unpack()
+        if not isinstance(packed, (SavedParameter, Recast)):  # another unit's: kept gathered
+            return packed.unstepped()
         stage = self._stage()
         if stage is not None:
             stage.gather(self._unit)
             stage.read(self._unit, packed)
-        return packed.rebuild() if isinstance(packed, Recast) else packed.tensor
+        return packed.rebuild() if isinstance(packed, Recast) else packed.unstepped()
 
 
 class SavedActivation:
@@ -231,26 +259,67 @@ def _version(tensor: torch.Tensor) -> int | None:
         return None
 
 
-class SavedParameter:
+class StepCheck:
+    """What a saved view of a bucket's parameters (or a cast of one) checks when backward
+    unpacks it: that no step has changed the bucket since (Note [a graph from before the
+    step])."""
+
+    def __init__(self, bucket) -> None:
+        self.bucket = bucket
+        self.steps_taken = bucket.steps_taken
+
+    def check_unstepped(self, what: str) -> None:
+        if self.bucket.steps_taken != self.steps_taken:
+            raise RuntimeError(
+                "one of the variables needed for gradient computation has been modified by an "
+                f"inplace operation: {what} saved by the forward of this graph was changed by "
+                f"opt.step() since ({self.bucket.steps_taken - self.steps_taken} step(s) "
+                "later; torch and DDP raise the same). Backward through a graph before the "
+                "step that changes its parameters: compute the loss again after the step, or "
+                "detach what another model's step changes (a GAN's discriminator)")
+
+
+class SavedView(StepCheck):
+    """A saved view of a unit's gathered parameters, checked for a step when unpacked.
+    Saved by another unit's forward, it needs no gather: that unit is kept gathered until
+    its gradients are done (Note [released once backward has read it] in stage3.py)."""
+
+    def __init__(self, tensor: torch.Tensor, bucket) -> None:
+        super().__init__(bucket)
+        self.tensor = tensor
+
+    def unstepped(self) -> torch.Tensor:
+        self.check_unstepped(f"[{self.tensor.type()} {list(self.tensor.shape)}], a view of "
+                             "a zeroshard stage-3 unit's parameters")
+        return self.tensor
+
+
+class SavedParameter(SavedView):
     """A saved view of a unit's own parameters (Note [saved tensors]): the unit must be
     gathered before backward uses it. Activations the unit saved need no gather: a unit
     released once its gradients were done is not gathered again for one."""
 
-    def __init__(self, tensor: torch.Tensor) -> None:
-        self.tensor = tensor
 
-
-class Recast:
+class Recast(StepCheck):
     """A saved cast of a parameter, kept as how to make it again (Note [autocast casts])."""
 
-    def __init__(self, param: torch.Tensor, dtype: torch.dtype, shape, stride, offset: int) -> None:
+    def __init__(self, param: torch.Tensor, dtype: torch.dtype, shape, stride, offset: int,
+                 bucket) -> None:
+        super().__init__(bucket)
         self.param, self.dtype = param, dtype
         self.shape, self.stride, self.offset = shape, stride, offset
 
     def rebuild(self) -> torch.Tensor:
+        self.check_unstepped(f"a {self.dtype} cast of a zeroshard stage-3 parameter "
+                             f"{list(self.param.shape)}")
         with torch.no_grad():
             cast = self.param.to(self.dtype)
         return cast.as_strided(self.shape, self.stride, self.offset)
+
+
+def _bucket_at(unit: Unit, storage: int):
+    """The bucket of ``unit`` whose gathered buffer is the storage at address ``storage``."""
+    return next(b for b in unit.buckets if b.flat.untyped_storage().data_ptr() == storage)
 
 
 def may_watch_saved_tensors() -> bool:

@@ -35,6 +35,12 @@ from .stage1 import FullGradients
 from .stage2 import ShardedGradients
 from .stage3 import UnitGatherer, trainable_buckets
 
+def increment_version(tensors: list[torch.Tensor]) -> None:
+    """Move each tensor's version counter by one (autograd's in-place write check)."""
+    for tensor in tensors:
+        torch.autograd.graph.increment_version(tensor)
+
+
 # Post-step all-gathers in flight at once (stages 1-2): each holds (on gloo) its
 # collective's temporaries (Note [collectives on gloo] in _comm.py).
 GATHERS_IN_FLIGHT = 2
@@ -200,7 +206,13 @@ class WholeParameters:
                         "or opt.close() and build a new ZeroOptimizer over the changed model")
 
     def after_step(self) -> None:
-        self.gather(self.launch_order())
+        launch_order = self.launch_order()
+        self.gather(launch_order)
+        # The gathers write the flat buffers, whose version counter the parameters (bound
+        # by .data) do not share: move theirs as torch's in-place step would, so that a
+        # graph built before the step and backwarded after it raises torch's error, as
+        # under DDP (it mixed old activations with new weights, silently).
+        increment_version([p for bucket in launch_order for p in bucket.params])
 
     def gather(self, launch_order: list[FlatBucket]) -> None:
         """All-gather each bucket's updated shard into its flat buffer (the parameters), in

@@ -721,6 +721,8 @@ class UnitGatherer:
     def after_step(self) -> None:
         """Parameters stay sharded after a step; free anything still gathered (stale now)."""
         for unit in self.units:
+            for bucket in unit.buckets:  # Note [a graph from before the step]
+                bucket.steps_taken += bucket.params[0].requires_grad
             unit.release()
 
     def unshard(self) -> None:
