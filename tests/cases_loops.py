@@ -1611,10 +1611,12 @@ def forward_hook_registered_after_the_optimizer(ctx, stage: int, how: str):
 
 class TiedLookup(torch.nn.Module):
     """A token embedding tied to the output head (``head.weight = emb.weight``), looked
-    up once, or twice (``second_lookup``: a second token stream, as a retrieval model's)."""
+    up once, or twice (``second_lookup``: a second token stream, as a retrieval model's);
+    with ``checkpointed``, all of it under non-reentrant activation checkpointing
+    (``runs`` counts the forwards, recomputations included)."""
 
     def __init__(self, seed: int, padding_idx=None, scale_grad_by_freq=False,
-                 second_lookup=False) -> None:
+                 second_lookup=False, checkpointed=False) -> None:
         super().__init__()
         torch.manual_seed(seed)
         self.emb = torch.nn.Embedding(40, 8, padding_idx=padding_idx,
@@ -1622,9 +1624,15 @@ class TiedLookup(torch.nn.Module):
         self.body = torch.nn.Linear(8, 8)
         self.head = torch.nn.Linear(8, 40, bias=False)
         self.head.weight = self.emb.weight
-        self.second_lookup = second_lookup
+        self.second_lookup, self.checkpointed, self.runs = second_lookup, checkpointed, 0
 
     def forward(self, idx):
+        if self.checkpointed:
+            return torch.utils.checkpoint.checkpoint(self._forward, idx, use_reentrant=False)
+        return self._forward(idx)
+
+    def _forward(self, idx):
+        self.runs += 1
         h = self.emb(idx)
         if self.second_lookup:
             h = h + self.emb(idx.flip(-1))
@@ -1639,6 +1647,7 @@ LOOKUPS = {  # variant -> (TiedLookup's arguments, tokens per rank's batch, dtyp
     "two forwards": ({}, (3, 5), torch.float32),
     "more tokens than rows": ({}, (8, 6), torch.float32),
     "looked up twice": ({"second_lookup": True}, (3, 5), torch.float32),
+    "checkpointed": ({"checkpointed": True}, (3, 5), torch.float32),
 }
 
 
@@ -1646,7 +1655,8 @@ def tied_lookup_rows(ctx, stage: int, variant: str):
     """Note [an embedding's rows summed into the first contribution]: three AdamW steps of
     ``TiedLookup`` at ``stage`` and under DDP, tokens drawn from a few values (so a batch
     repeats rows, and holds the padding row). Returns (the largest parameter difference
-    to DDP, how many lookups' rows went into the head's contribution)."""
+    to DDP, how many lookups' rows went into the head's contribution, how many forwards
+    ran here and under DDP)."""
     import zeroshard._gradient_sums as sums
     kwargs, shape, dtype = LOOKUPS[variant]
     model = TiedLookup(seed=ctx.rank, **kwargs).to(dtype)
@@ -1676,7 +1686,8 @@ def tied_lookup_rows(ctx, stage: int, variant: str):
                 optimizer.zero_grad()
     finally:
         sums._EmbeddingRowsIntoFirst.__call__ = call
-    return largest_difference(opt, model, reference), sum(applied)
+    return (largest_difference(opt, model, reference), sum(applied),
+            (model.runs, reference.module.runs))
 
 
 def saved_input_written_after_forward(ctx, stage: int, what: str) -> list[str]:
@@ -1685,7 +1696,7 @@ def saved_input_written_after_forward(ctx, stage: int, what: str) -> list[str]:
     input of a Linear (``x.mul_(2)``). Torch refuses in backward, under DDP and here:
     at stage 3 the units' saved-tensor hooks, which autograd does not version-check,
     check it themselves (they did not: the write went into the gradients silently).
-    Returns the two errors, zeroshard's first."""
+    Returns the two errors (None where a backward ran), zeroshard's first."""
     errors = []
     for wrap in ("zeroshard", "ddp"):
         torch.manual_seed(0)
@@ -1705,14 +1716,20 @@ def saved_input_written_after_forward(ctx, stage: int, what: str) -> list[str]:
             inputs = torch.randn(2, 4, generator=g)
             loss = net(inputs).square().mean()
             inputs.mul_(2)
-        try:
-            loss.backward()
-        except RuntimeError as error:
-            errors.append(str(error))
+        errors.append(_backward_error(loss))
         if wrap == "zeroshard":
             opt.zero_grad()
             opt.close()
     return errors
+
+
+def _backward_error(loss) -> str | None:
+    """What ``loss.backward()`` raised, or None."""
+    try:
+        loss.backward()
+    except RuntimeError as error:
+        return str(error)
+    return None
 
 
 def backward_of_a_graph_from_before_the_step(ctx, stage: int, how: str) -> list[str]:
@@ -1721,8 +1738,9 @@ def backward_of_a_graph_from_before_the_step(ctx, stage: int, how: str) -> list[
     backwarded and stepped, then the other backwarded. "gan": a generator's loss computed
     through the discriminator before the discriminator's step, backwarded after it (the
     discriminator's own loss through a detached fake). Torch refuses in backward, under
-    DDP and here; every stage ran it, silently. Returns the errors, zeroshard's first
-    (None where a backward ran)."""
+    DDP and here; every stage ran it, silently. "loss kept, autocast": the first under
+    bf16 autocast, where torch saved its casts, which the step leaves alone, and runs.
+    Returns the errors, zeroshard's first (None where a backward ran)."""
     errors = []
     for wrap in ("zeroshard", "ddp"):
         torch.manual_seed(0)
@@ -1746,14 +1764,11 @@ def backward_of_a_graph_from_before_the_step(ctx, stage: int, how: str) -> list[
             opt.step()
             later = g_loss
         else:
-            first, later = gen(x).square().mean(), gen(other).square().mean()
+            with torch.autocast("cpu", torch.bfloat16, enabled=how.endswith("autocast")):
+                first, later = gen(x).float().square().mean(), gen(other).float().square().mean()
             first.backward()
             opt.step()
-        try:
-            later.backward()
-            errors.append(None)
-        except RuntimeError as error:
-            errors.append(str(error))
+        errors.append(_backward_error(later))
         if wrap == "zeroshard":
             opt.zero_grad()
             opt.close()

@@ -205,17 +205,21 @@ def tied_embedding_backward(ctx, stage: int, vocab: int, width: int) -> dict:
     return {"peak": _backward_peak(model, opt, tokens)}
 
 
-def tied_embedding_lookup_backward(ctx, stage: int, vocab: int, width: int) -> dict:
+def tied_embedding_lookup_backward(ctx, stage: int, vocab: int, width: int,
+                                   warm_up: int) -> dict:
     """Note [an embedding's rows summed into the first contribution]
-    (zeroshard/_gradient_sums.py): in a backward of ``_TiedEmbeddingHead`` after two
-    warm-up steps (SGD at ``stage``), the RSS peak from the moment the embedding's
-    lookup gets its gradient to the end of backward, above the RSS at that moment."""
+    (zeroshard/_gradient_sums.py): in a backward of ``_TiedEmbeddingHead`` after
+    ``warm_up`` steps (SGD at ``stage``), the RSS peak from the moment the embedding's
+    lookup gets its gradient to the end of backward, above the RSS at that moment. The
+    process's first such backward also checks the renumbered sums against torch's."""
+    from zeroshard import _gradient_sums
+    _gradient_sums._exact_by_kind.clear()  # as in a fresh process
     torch.manual_seed(0)
     model = _TiedEmbeddingHead(vocab, width)
     opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=stage, lr=0.1,
                                   process_group=ctx.group, bucket_size_mb=1)
     tokens = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(ctx.rank))
-    _train(model, opt, tokens, steps=2)
+    _train(model, opt, tokens, steps=warm_up)
     at_lookup = []
 
     def measure_from_here(grad):

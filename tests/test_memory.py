@@ -99,16 +99,24 @@ def test_a_tied_weights_two_gradients_are_summed_in_place(pool, stage):
             rank, measured["peak"] / MIB)
 
 
+@pytest.mark.parametrize("warm_up", [0, 2])
 @pytest.mark.parametrize("stage", [1, 2])
-def test_a_tied_embeddings_lookup_adds_its_rows_into_the_heads_contribution(pool, stage):
+def test_a_tied_embeddings_lookup_adds_its_rows_into_the_heads_contribution(pool, stage,
+                                                                             warm_up):
     """Note [an embedding's rows summed into the first contribution]: from the moment the
     tied embedding's lookup gets its gradient to the end of backward, the RSS does not
     rise: no tensor of the weight's size is made for the lookup's contribution. Torch's
     backward of the lookup makes one (measured, ``pytest -s`` printing the peaks for a
     16 MiB weight: 15.9 MiB before at stages 1-3, -0.2 to 0.0 now at stages 1-2).
     Stage 3 is left out: there the gradient is then copied into its unit's reduce buffer
-    (15.9 MiB before and now)."""
+    (15.9 MiB before and now). The first backward (``warm_up=0``) also checks the
+    renumbered sums against torch's kernel, on 32 columns (two tensors of 32 columns of
+    the weight), and at stage 2 makes the gradient shard (half the weight on 2 ranks);
+    the check on the whole batch cost a tensor of the weight's size there (a reviewer's
+    probe). Measured: 2.0 MiB at stage 1 and 7.6 at stage 2 in the first backward."""
     vocab, width = 4096, 1024
+    shard = vocab * width * 4 // 2 if stage == 2 and not warm_up else 0
+    check = 2 * vocab * 32 * 4 if not warm_up else 0
     for rank, measured in enumerate(pool.run(cases_memory.tied_embedding_lookup_backward, 2,
-                                             stage, vocab, width)):
-        assert measured["peak"] <= SLACK, (rank, measured["peak"] / MIB)
+                                             stage, vocab, width, warm_up)):
+        assert measured["peak"] <= shard + check + SLACK, (rank, measured["peak"] / MIB)

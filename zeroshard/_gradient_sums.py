@@ -47,18 +47,22 @@ Note [an embedding's rows summed into the first contribution]:
     sorted order (``_looked_up_rows``): the same rows see the same additions in the
     same order, into a tensor as large as the batch, then each one addition into the
     first contribution, which is what autograd's in-place sum does, bitwise. That is
-    checked on the real inputs the first time per device, dtype,
-    ``scale_grad_by_freq`` and size class, and where it does not hold torch's path is
-    kept. (On CPU it holds: the kernel adds each row's contributions in index order.
+    checked the first time per device, dtype, ``scale_grad_by_freq`` and size class, on
+    the batch's indices with a narrow made-up gradient, and where it does not hold
+    torch's path is kept. (On CPU it holds: the kernel adds each row's contributions in
+    index order.
     CUDA's sorts the indices stably and sums runs of equal ones, which renumbering
     in order leaves as they were; no GPU has run it yet.)
 
     Only the contribution the first one's hook holds, while autograd holds it too and
     nothing else does (``_use_count() == 2``: had autograd summed a third contribution
     into a new tensor, it would hold that one instead), for an accumulator fed by one
-    embedding node of the graph, outside a double backward, for a dense gradient, and
-    where the batch has fewer tokens than the embedding has rows (the renumbered sum
-    is as large as the batch). What it bought on the 100M GPT: README, "Next to the
+    embedding node of the graph, outside a double backward, for a dense gradient, for
+    indices not written since the forward (the node then raises torch's error), saved
+    with no saved-tensor hooks but a stage-3 unit's (reading them through a checkpoint's
+    would recompute its region in the forward, ``_summable_lookup``), and where the
+    batch has fewer tokens than the embedding has rows (the renumbered sum is as large
+    as the batch). What it bought on the 100M GPT: README, "Next to the
     peers".
 """
 
@@ -69,6 +73,7 @@ from collections.abc import Iterable
 import torch
 
 from ._graph import nodes_below, roots_of
+from ._saved_tensors import SavedTensorWatch
 
 
 class InPlaceSums:
@@ -97,7 +102,7 @@ class InPlaceSums:
         by_node: dict[int, tuple[object, list[tuple[int, int]]]] = {}
         embedding_of: dict[int, object] = {}  # accumulator -> its one embedding node
         for acc in used_twice:
-            embeddings = [node for node, _ in feeders[acc] if _dense_embedding(node)]
+            embeddings = [node for node, _ in feeders[acc] if _summable_lookup(node)]
             if len(embeddings) == 1:
                 embedding_of[acc] = embeddings[0]
             for node, slot in feeders[acc]:
@@ -178,12 +183,11 @@ class _EmbeddingRowsIntoFirst:
                 or grad.layout != torch.strided or grad.dtype != first.dtype
                 or grad.device != first.device or first.shape[0] != self._rows
                 or self._indices.numel() >= self._rows
-                ):
+                or self._indices._version != self._version
+                or not _renumbering_exact(grad, self._indices, self._rows, self._padding,
+                                          self._scale)):
             return None
         rows, sums = _looked_up_rows(grad, self._indices, self._padding, self._scale)
-        if not _renumbered_sums_exact(grad, self._indices, self._rows, self._padding,
-                                      self._scale, rows, sums):
-            return None
         first.index_add_(0, rows, sums)
         return (None,)
 
@@ -194,9 +198,17 @@ def _use_count(tensor: torch.Tensor) -> int:
     return count() if count is not None else 0
 
 
-def _dense_embedding(node) -> bool:
-    """Whether ``node`` is an embedding lookup's backward with a dense gradient."""
-    return type(node).__name__ == "EmbeddingBackward0" and not node._saved_sparse
+def _summable_lookup(node) -> bool:
+    """Whether ``node`` is an embedding lookup's backward with a dense gradient whose
+    indices can be read now without side effects: saved as they were, or through a
+    stage-3 unit's own saved-tensor hooks. Reading them through another pair of hooks
+    would call its unpack in the forward: a checkpoint's recomputes the region (its
+    memory saving lost, BatchNorm's statistics counted again), an offloading one may
+    give a tensor only once (a reviewer's probes)."""
+    if type(node).__name__ != "EmbeddingBackward0" or node._saved_sparse:
+        return False
+    unpack = node._raw_saved_indices.unpack_hook
+    return unpack is None or isinstance(getattr(unpack, "__self__", None), SavedTensorWatch)
 
 
 def _looked_up_rows(grad: torch.Tensor, indices: torch.Tensor, padding: int,
@@ -220,17 +232,24 @@ def _looked_up_rows(grad: torch.Tensor, indices: torch.Tensor, padding: int,
 
 
 _exact_by_kind: dict[tuple, bool] = {}
+_CHECK_WIDTH = 32  # columns of the check's gradient: the kernels order rows, not columns
 
 
-def _renumbered_sums_exact(grad, indices, rows_in_weight: int, padding: int, scale: bool,
-                           rows: torch.Tensor, sums: torch.Tensor) -> bool:
-    """Whether ``_looked_up_rows`` gives torch's own gradient bit for bit, checked on
-    these inputs the first time per device type, dtype, ``scale`` and size class."""
+def _renumbering_exact(grad, indices, rows_in_weight: int, padding: int, scale: bool) -> bool:
+    """Whether ``_looked_up_rows`` gives torch's own gradient bit for bit. Checked the
+    first time per device type, dtype, ``scale`` and size class, on these indices with a
+    narrow made-up gradient (no random numbers drawn: the user's generator is left as it
+    was), so the check costs ``_CHECK_WIDTH`` columns of the weight, not the weight."""
     # CUDA's kernel takes another path above 3072 indices.
     kind = (grad.device.type, grad.dtype, scale, indices.numel() > 3072)
     if kind not in _exact_by_kind:
-        dense = torch.ops.aten.embedding_dense_backward(grad, indices, rows_in_weight,
-                                                        padding, scale)
+        n = indices.numel()
+        width = min(grad.shape[-1], _CHECK_WIDTH)
+        made_up = torch.arange(n * width, device=grad.device).reshape(n, width)
+        made_up = made_up.double().mul(0.731).sin().mul(1e3).to(grad.dtype)
+        rows, sums = _looked_up_rows(made_up, indices, padding, scale)
+        dense = torch.ops.aten.embedding_dense_backward(made_up, indices.reshape(-1),
+                                                        rows_in_weight, padding, scale)
         _exact_by_kind[kind] = torch.equal(torch.zeros_like(dense).index_add_(0, rows, sums),
                                            dense)
     return _exact_by_kind[kind]

@@ -35,7 +35,11 @@ Note [a graph from before the step]:
     (``FlatBucket.steps_taken``, counted for trainable buckets only, as a step leaves
     frozen parameters alone), and unpacking it after another step raises torch's
     error. Before, every stage ran such a backward silently (a helper's probe: a
-    gradient norm 0.9% off that of either the old or the new weights).
+    gradient norm 0.9% off that of either the old or the new weights). One case raises
+    where torch does not: under autocast torch saves the casts it made, which the step
+    leaves as they were, and runs on them; stage 3 saves how to cast (Note [autocast
+    casts]) and cannot make the old cast again, so it refuses (before, it cast the new
+    weights: 1.8e-3 off a reference averaging by hand, a reviewer's probe).
 
 Note [autocast casts]:
     Under ``torch.autocast`` without a MixedPrecision policy, each op casts the
@@ -268,15 +272,16 @@ class StepCheck:
         self.bucket = bucket
         self.steps_taken = bucket.steps_taken
 
-    def check_unstepped(self, what: str) -> None:
+    def check_unstepped(self, what: str, as_torch: str) -> None:
+        """``what`` was saved; ``as_torch``: what torch does in its place."""
         if self.bucket.steps_taken != self.steps_taken:
             raise RuntimeError(
                 "one of the variables needed for gradient computation has been modified by an "
                 f"inplace operation: {what} saved by the forward of this graph was changed by "
                 f"opt.step() since ({self.bucket.steps_taken - self.steps_taken} step(s) "
-                "later; torch and DDP raise the same). Backward through a graph before the "
-                "step that changes its parameters: compute the loss again after the step, or "
-                "detach what another model's step changes (a GAN's discriminator)")
+                f"later; {as_torch}). Backward through a graph before the step that changes "
+                "its parameters: compute the loss again after the step, or detach what "
+                "another model's step changes (a GAN's discriminator)")
 
 
 class SavedView(StepCheck):
@@ -290,7 +295,8 @@ class SavedView(StepCheck):
 
     def unstepped(self) -> torch.Tensor:
         self.check_unstepped(f"[{self.tensor.type()} {list(self.tensor.shape)}], a view of "
-                             "a zeroshard stage-3 unit's parameters")
+                             "a zeroshard stage-3 unit's parameters",
+                             "torch and DDP raise the same")
         return self.tensor
 
 
@@ -311,7 +317,10 @@ class Recast(StepCheck):
 
     def rebuild(self) -> torch.Tensor:
         self.check_unstepped(f"a {self.dtype} cast of a zeroshard stage-3 parameter "
-                             f"{list(self.param.shape)}")
+                             f"{list(self.param.shape)}",
+                             "under autocast torch keeps the cast it made and runs on the "
+                             "old weights' cast; stage 3 keeps how to make the cast, not the "
+                             "cast, and cannot make the old one again")
         with torch.no_grad():
             cast = self.param.to(self.dtype)
         return cast.as_strided(self.shape, self.stride, self.offset)

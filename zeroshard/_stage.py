@@ -35,6 +35,7 @@ from .stage1 import FullGradients
 from .stage2 import ShardedGradients
 from .stage3 import UnitGatherer, trainable_buckets
 
+
 def increment_version(tensors: list[torch.Tensor]) -> None:
     """Move each tensor's version counter by one (autograd's in-place write check)."""
     for tensor in tensors:

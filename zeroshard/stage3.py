@@ -722,7 +722,8 @@ class UnitGatherer:
         """Parameters stay sharded after a step; free anything still gathered (stale now)."""
         for unit in self.units:
             for bucket in unit.buckets:  # Note [a graph from before the step]
-                bucket.steps_taken += bucket.params[0].requires_grad
+                if bucket.params[0].requires_grad:
+                    bucket.steps_taken += 1
             unit.release()
 
     def unshard(self) -> None:
