@@ -50,9 +50,8 @@ Note [an embedding's rows summed into the first contribution]:
     checked the first time per device, dtype, ``scale_grad_by_freq`` and size class, on
     the batch's indices with a narrow made-up gradient, and where it does not hold
     torch's path is kept. (On CPU it holds: the kernel adds each row's contributions in
-    index order.
-    CUDA's sorts the indices stably and sums runs of equal ones, which renumbering
-    in order leaves as they were; no GPU has run it yet.)
+    index order. CUDA's sorts the indices stably and sums runs of equal ones, which
+    renumbering in order leaves as they were; no GPU has run it yet.)
 
     Only the contribution the first one's hook holds, while autograd holds it too and
     nothing else does (``_use_count() == 2``: had autograd summed a third contribution
@@ -207,7 +206,8 @@ def _summable_lookup(node) -> bool:
     give a tensor only once (a reviewer's probes)."""
     if type(node).__name__ != "EmbeddingBackward0" or node._saved_sparse:
         return False
-    unpack = node._raw_saved_indices.unpack_hook
+    unknown = object()  # a torch whose saved tensors do not say: left to torch
+    unpack = getattr(node._raw_saved_indices, "unpack_hook", unknown)
     return unpack is None or isinstance(getattr(unpack, "__self__", None), SavedTensorWatch)
 
 
@@ -246,7 +246,7 @@ def _renumbering_exact(grad, indices, rows_in_weight: int, padding: int, scale: 
         n = indices.numel()
         width = min(grad.shape[-1], _CHECK_WIDTH)
         made_up = torch.arange(n * width, device=grad.device).reshape(n, width)
-        made_up = made_up.double().mul(0.731).sin().mul(1e3).to(grad.dtype)
+        made_up = made_up.float().mul(0.731).sin().mul(1e3).to(grad.dtype)
         rows, sums = _looked_up_rows(made_up, indices, padding, scale)
         dense = torch.ops.aten.embedding_dense_backward(made_up, indices.reshape(-1),
                                                         rows_in_weight, padding, scale)
