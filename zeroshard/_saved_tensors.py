@@ -108,32 +108,22 @@ class SavedTensorWatches:
     def gather(self, unit: Unit) -> None:
         self._gather(unit)
 
-    def saved_by(self, unit: Unit, tensor: torch.Tensor, storage: int) -> SavedParameter | None:
+    def saved_by(self, unit: Unit, tensor: torch.Tensor, storage: int) -> SavedView | None:
         """``unit``'s forward saves ``tensor``: a ``SavedParameter`` if it views the unit's
-        own gathered parameters, else None. A view of another unit's parameters (its
-        own forward having ended, or an inner unit's forward using them) is saved as it
-        is, and that unit is never again released before its gradients are done (Note
-        [released once backward has read it] in stage3.py)."""
+        own gathered parameters, a ``SavedView`` if another unit's (its own forward having
+        ended, or an inner unit's forward using them: saved as it is, checked for a step,
+        Note [a graph from before the step], and that unit is never again released before
+        its gradients are done, Note [released once backward has read it] in stage3.py),
+        else None."""
         owner = self._gathered.get(storage)
         if owner is None:
             return None
         if owner is not unit:
             owner.saved_by_another_unit = True
-            return None
+            return SavedView(tensor.detach(), _bucket_at(owner, storage))
         saved = SavedParameter(tensor.detach(), _bucket_at(owner, storage))
         unit.saved_unread.add(saved)
         return saved
-
-    def holds_parameters(self, storage: int) -> bool:
-        """Whether the storage at address ``storage`` holds a unit's parameters (gathered)
-        or its placeholders (released)."""
-        return storage in self._gathered or storage in self._placeholder_owner
-
-    def another_units_view(self, tensor: torch.Tensor, storage: int) -> SavedView | None:
-        """A saved view of another unit's gathered parameters (``saved_by`` gave None for
-        it), kept as it is but checked for a step (Note [a graph from before the step])."""
-        owner = self._gathered.get(storage)
-        return None if owner is None else SavedView(tensor.detach(), _bucket_at(owner, storage))
 
     def read(self, unit: Unit, saved: SavedParameter | Recast) -> None:
         """Backward reads ``saved`` (a view or a cast of ``unit``'s parameters, which its
@@ -190,7 +180,7 @@ class SavedTensorWatch:
         self._stage = weakref.ref(stage)
         self._unit = unit
 
-    def pack(self, tensor: torch.Tensor) -> torch.Tensor | Recast | SavedParameter:
+    def pack(self, tensor: torch.Tensor) -> torch.Tensor | SavedActivation | SavedView | Recast:
         stage = self._stage()
         if stage is not None:
             try:
@@ -205,16 +195,10 @@ class SavedTensorWatch:
                 return recast
             saved = None if storage is None else stage.saved_by(self._unit, tensor, storage)
             if saved is not None:
-                return saved  # a parameter: gathered when used
-            if storage is None or not stage.holds_parameters(storage):
-                return SavedActivation(tensor.detach())
-            viewed = stage.another_units_view(tensor, storage)
-            if viewed is not None:
-                return viewed
+                return saved  # a unit's parameters (this unit's: gathered when used)
+            return SavedActivation(tensor.detach())
         # Not the tensor itself: a saved output would then hold its own autograd node, a
-        # reference cycle keeping a forward's activations until the garbage collector runs.
-        # A placeholder's view (the check above raised for one) is not version-checked:
-        # zeroshard writes the placeholders in place itself.
+        # reference cycle keeping a forward's activations until the garbage collector runs
         return tensor.detach()
 
     def unpack(self, packed: torch.Tensor | SavedActivation | SavedView | Recast
@@ -223,7 +207,7 @@ class SavedTensorWatch:
             return packed
         if isinstance(packed, SavedActivation):  # it needs no gather
             return packed.unpack()
-        if not isinstance(packed, (SavedParameter, Recast)):  # another unit's: kept gathered
+        if type(packed) is SavedView:  # another unit's: kept gathered
             return packed.unstepped()
         stage = self._stage()
         if stage is not None:
