@@ -205,8 +205,9 @@ def resetting_state_through_opt_state(ctx, stage: int):
     """Two param groups; after 2 steps the state of group 0 is reset the torch way,
     ``opt.state[t] = {}`` over ``opt.param_groups[0]["params"]`` (this rank's shards),
     beside DDP + AdamW resetting its group 0's parameters alike; 2 more steps. Returns
-    the largest parameter difference from DDP and what ``opt.state[p]`` raised for a
-    model parameter (it did nothing before: an empty dict took the entry)."""
+    the largest parameter difference from DDP and what ``opt.state[p] = {}`` and
+    ``opt.state.get(p)`` raised for a model parameter (the first did nothing before: an
+    empty dict took the entry; the second answered None, as if it had no state)."""
     model, reference = build_model(MLP, seed=0), build_model(MLP, seed=0)
     decay = [p for n, p in model.named_parameters() if n.endswith("weight")]
     rest = [p for n, p in model.named_parameters() if not n.endswith("weight")]
@@ -220,7 +221,7 @@ def resetting_state_through_opt_state(ctx, stage: int):
         [{"params": [named[n] for n, _ in model.named_parameters() if n.endswith("weight")]},
          {"params": [named[n] for n, _ in model.named_parameters() if not n.endswith("weight")],
           "weight_decay": 0}], lr=0.01)
-    refusal = None
+    refusals = [None, None]
     for step in range(4):
         if step == 2:
             for tensor in opt.param_groups[0]["params"]:
@@ -230,7 +231,11 @@ def resetting_state_through_opt_state(ctx, stage: int):
             try:
                 opt.state[decay[0]] = {}
             except KeyError as error:
-                refusal = str(error)
+                refusals[0] = str(error)
+            try:
+                opt.state.get(decay[0])
+            except KeyError as error:
+                refusals[1] = str(error)
         for module, optimizer in ((model, opt), (ddp, torch_opt)):
             loss_fn(MLP, module, make_batch(MLP, seed=step, rank=ctx.rank, batch=4)).backward()
             optimizer.step()
@@ -239,7 +244,7 @@ def resetting_state_through_opt_state(ctx, stage: int):
         difference = max((p - q).abs().max().item()
                          for p, q in zip(model.parameters(), reference.parameters()))
     opt.close()
-    return difference, refusal
+    return difference, refusals
 
 
 def save_after_a_module_was_removed(ctx, stage: int, how: str):

@@ -114,10 +114,12 @@ def test_optimizer_state_is_reset_through_its_shards_and_refused_for_a_parameter
     """opt.state holds the inner optimizers' state, keyed by the shards in param_groups:
     resetting a group's entries there equals DDP + AdamW resetting its group's, bit for
     bit. ``opt.state[p] = {}`` for a model
-    parameter did nothing, silently (a helper's probe: 3.8e-2 from DDP); it is refused."""
-    for difference, refusal in pool.run(cases_api.resetting_state_through_opt_state, 2, stage):
+    parameter did nothing, silently (a helper's probe: 3.8e-2 from DDP), and
+    ``opt.state.get(p)`` answered None; both are refused."""
+    for difference, refusals in pool.run(cases_api.resetting_state_through_opt_state, 2, stage):
         assert difference == 0, difference
-        assert refusal is not None and "opt.full_state_dict()" in refusal and "opt.close()" in refusal
+        for refusal in refusals:
+            assert refusal is not None and "opt.full_state_dict()" in refusal and "opt.close()" in refusal
 
 
 @pytest.mark.parametrize("how", ["save_full_model", "save_checkpoint"])

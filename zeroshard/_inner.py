@@ -165,6 +165,14 @@ class _RoutedState(MutableMapping):
             raise KeyError(tensor)
         return state[tensor]
 
+    def get(self, tensor, default=None):
+        """torch's ``opt.state.get(p)``: the entry, or ``default`` for a shard not stepped
+        yet. A model parameter is refused as in ``opt.state[p]``: Mapping's ``get`` would
+        answer None, as if it had no state (a log line of Adam's moments read nothing,
+        silently)."""
+        optimizer = self._optimizer(tensor)
+        return optimizer.state[tensor] if tensor in optimizer.state else default
+
     def __setitem__(self, tensor, value) -> None:
         self._optimizer(tensor).state[tensor] = value
 
