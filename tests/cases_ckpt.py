@@ -314,3 +314,25 @@ def load_inside_summon(ctx, folder: str):
             refusals.append(str(error))
     kept = all(torch.equal(a, b) for a, b in zip(before, full_params(model, opt)))
     return refusals, kept
+
+
+def save_to_per_rank_folders(ctx, base: str):
+    """Each rank passes its own folder to ``save_checkpoint`` (``f"ckpt_{rank}"``), then
+    every rank passes one folder. Returns the first save's error on this rank and the
+    largest parameter difference after loading the second save back (every rank must
+    have left the first in step: the second's collectives are the same on every rank)."""
+    torch.manual_seed(0)
+    model = _LateBranch()
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.AdamW, stage=2, lr=1e-2,
+                                  process_group=ctx.group)
+    _late_branch_steps(ctx, model, opt, 0, 1)
+    error = None
+    try:
+        zeroshard.save_checkpoint(f"{base}_{ctx.rank}", model, opt)
+    except Exception as exc:  # noqa: BLE001 -- what the user would see is the result
+        error = f"{type(exc).__name__}: {exc}"
+    zeroshard.save_checkpoint(base, model, opt)
+    saved = full_params(model, opt)
+    _late_branch_steps(ctx, model, opt, 1, 1)
+    zeroshard.load_checkpoint(base, model, opt)
+    return error, max((a - b).abs().max().item() for a, b in zip(saved, full_params(model, opt)))

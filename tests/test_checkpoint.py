@@ -224,6 +224,23 @@ def test_bad_checkpoint_is_refused_on_every_rank_and_changes_nothing(pool, tmp_p
         assert res["unchanged"], (rank, which)
 
 
+def test_a_save_to_folders_that_differ_across_ranks_is_refused_on_every_rank(pool, tmp_path):
+    """``save_checkpoint(f"ckpt_{rank}", ...)``: rank 1 failed with a raw
+    FileNotFoundError for a file under a folder rank 0 had made in its own path (a
+    probe). Rank 1 now names the folder it cannot see and the fix, rank 0 says another
+    rank failed, and a save to one folder afterwards loads back exactly."""
+    base = str(tmp_path / "ckpt")
+    for rank, (error, difference) in enumerate(
+            pool.run(cases_ckpt.save_to_per_rank_folders, 2, base)):
+        assert error is not None, rank
+        if rank == 0:
+            assert "another rank failed" in error, error
+        else:
+            assert f"rank 1 cannot find '{base}_1/v000000.partial', which rank 0 made" in error, error
+            assert "pass the same folder on every rank" in error, error
+        assert difference == 0.0, difference
+
+
 def test_a_stage3_load_inside_summon_full_params_is_refused(pool, tmp_path):
     for refusals, kept in pool.run(cases_ckpt.load_inside_summon, 2, str(tmp_path / "ckpt")):
         for refusal, action in zip(refusals, ["load_checkpoint()", "opt.load_full_state_dict()"]):

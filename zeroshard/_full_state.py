@@ -80,7 +80,7 @@ def stream_parameters(opt, with_states: bool = True):
                   for i in range(len(bucket.params))]
         _comm.release([gathered])  # finished works still refer to it (Note [finished work])
         param_states = [None] * len(bucket.params)
-        state = view.inner.state.get(bucket.master) if bucket.master is not None else None
+        state = view.inner.state.find(bucket.master) if bucket.master is not None else None
         if with_states and bucket.owns_whole_parameters:
             # Note [whole-parameter ownership]: each state lives whole on its owner
             mine = {index: {k: _to_cpu(v) for k, v in view.inner.state[stepped].items()}

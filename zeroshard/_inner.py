@@ -173,6 +173,11 @@ class _RoutedState(MutableMapping):
         optimizer = self._optimizer(tensor)
         return optimizer.state[tensor] if tensor in optimizer.state else default
 
+    def find(self, tensor, default=None):
+        """``tensor``'s entry, or ``default`` where it has none or another rank steps it:
+        zeroshard's own reads, which ask for every bucket's master."""
+        return self[tensor] if tensor in self else default
+
     def __setitem__(self, tensor, value) -> None:
         self._optimizer(tensor).state[tensor] = value
 

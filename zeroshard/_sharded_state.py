@@ -98,12 +98,12 @@ def stepped_states(opt, bucket):
     the master shard for every parameter of the bucket, or each parameter this rank
     owns whole (per-element states then in its memory order, 1-D)."""
     if not bucket.owns_whole_parameters:
-        state = opt.sharding.inner.state.get(bucket.master)
+        state = opt.sharding.inner.state.find(bucket.master)
         if state:
             yield (range(len(bucket.params)), bucket.master, *split_state(state, bucket.master))
         return
     for index, stepped in zip(bucket.layout.owned(bucket.rank), bucket.stepped):
-        state = opt.sharding.inner.state.get(stepped)
+        state = opt.sharding.inner.state.find(stepped)
         if state:
             scalars, per_element = split_state(state, stepped)
             yield ([index], stepped, scalars,
@@ -127,7 +127,7 @@ def owned_pieces(opt) -> dict[str, list[Piece]]:
                 pieces[names[id(bucket.params[index])]] = [Piece(
                     0, values, {k: v.clone() for k, v in states.get(index, {}).items()})]
             continue
-        _, per_element = split_state(view.inner.state.get(source, {}), source)
+        _, per_element = split_state(view.inner.state.find(source, {}), source)
         for index, param in enumerate(bucket.params):
             overlap = bucket.layout.overlap(index, bucket.rank)
             if overlap is None:

@@ -87,6 +87,7 @@ def save_checkpoint(path, model, opt, extra=None) -> None:
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()} if view.rank == 0 else {}
 
     def write_mine():
+        _refuse_unseen_staging(staging, view.rank)
         if writes_shard:
             _save_synced({"pieces": {name: [(p.start, p.values, p.states) for p in ps]
                                      for name, ps in pieces.items()},
@@ -346,6 +347,18 @@ def _share(opt, work) -> None:
     """``_comm.run_and_share`` over this optimizer's group."""
     _comm.run_and_share(work, group=opt.sharding.ranks, stats=opt.comm_stats, label="checkpoint",
                         device=opt.sharding.device)
+
+
+def _refuse_unseen_staging(staging: Path, rank: int) -> None:
+    """Rank 0 made ``staging``; a rank that cannot see it was given another folder
+    (``f"ckpt_{rank}"``), or one on a disk of its own node. Its write failed with a raw
+    FileNotFoundError naming a file it was never asked to make (a probe)."""
+    if not staging.is_dir():
+        raise ValueError(
+            f"save_checkpoint: rank {rank} cannot find {str(staging)!r}, which rank 0 made "
+            "for this checkpoint if its `path` is this rank's: pass the same folder on "
+            "every rank, on a filesystem every rank sees (one checkpoint is every rank's "
+            "files together; per-rank folders or per-node local disks split it)")
 
 
 def _prepare_staging(root: Path, staging: Path) -> None:
