@@ -190,6 +190,8 @@ BAD_CHECKPOINTS = {
     # waiting in the load's collectives by the rank that could not see the folder)
     "other_buffer_shape": ["buffer 'table' of shape (4,)", "(3, 4)"],
     "seen_by_one_rank": ["not a zeroshard checkpoint", "LATEST"],
+    # one byte of a shard's values flipped, the size unchanged: it loaded, silently
+    "corrupted_file": ["rank00001.pt", "is corrupted", "CRC-32", "an earlier checkpoint"],
 }
 
 
@@ -209,6 +211,8 @@ def test_bad_checkpoint_is_refused_on_every_rank_and_changes_nothing(pool, tmp_p
     elif which == "truncated_file":
         data = (version / "rank00000.pt").read_bytes()
         (version / "rank00000.pt").write_bytes(data[: len(data) // 2])
+    elif which == "corrupted_file":
+        _flip_a_byte_of_the_values(version / "rank00001.pt")
     elif which == "not_a_checkpoint":
         folder = tmp_path / "empty"
         folder.mkdir()
@@ -216,12 +220,28 @@ def test_bad_checkpoint_is_refused_on_every_rank_and_changes_nothing(pool, tmp_p
         folder = version / "meta.pt"
     for rank, res in enumerate(pool.run(cases_ckpt.load_bad_checkpoint, 2, cfg, str(folder), which)):
         assert res["error"] is not None, (rank, which)
-        if which == "seen_by_one_rank" and rank == 0:
+        # rank 1 alone cannot see the folder; rank 1 checks rank00001.pt (Note [checksums])
+        if which in ("seen_by_one_rank", "corrupted_file") and rank == 0:
             assert "another rank failed" in res["error"], res["error"]
             continue
         for word in BAD_CHECKPOINTS[which]:
             assert word in res["error"], (rank, word, res["error"])
         assert res["unchanged"], (rank, which)
+
+
+def _flip_a_byte_of_the_values(file) -> None:
+    """Flip one byte inside a tensor's data record of a torch.save file: the file keeps
+    its size and still loads (torch.load checks no checksum)."""
+    import zipfile
+    with zipfile.ZipFile(file) as archive:
+        record = next(i for i in archive.infolist() if "/data/" in i.filename and i.file_size)
+    data = bytearray(file.read_bytes())
+    # the record's bytes follow its local header (30 bytes + name + extra field)
+    name_length = int.from_bytes(data[record.header_offset + 26:record.header_offset + 28], "little")
+    extra_length = int.from_bytes(data[record.header_offset + 28:record.header_offset + 30], "little")
+    start = record.header_offset + 30 + name_length + extra_length
+    data[start + record.file_size // 2] ^= 0x40
+    file.write_bytes(bytes(data))
 
 
 def test_a_save_to_folders_that_differ_across_ranks_is_refused_on_every_rank(pool, tmp_path):

@@ -9,6 +9,7 @@ On disk, ``path`` is a folder that holds one complete checkpoint and a pointer t
     path/v000003/rank00001.pt   shard 1's pieces of the parameters (see _sharded_state.py):
                            fp32 master values and per-element optimizer states
     path/v000003/extra00001.pt  rank 1's ``extra``
+    path/v000003/crc00001.txt   the CRC-32 of each file rank 1 wrote (Note [checksums])
     path/v000004.partial/  a save in progress, or one that crashed: never loaded,
                            removed by the next save (as is a version folder that a
                            crash left unnamed by LATEST)
@@ -22,6 +23,17 @@ Note [atomic publish]:
     ``LATEST`` naming the previous complete version; after it, the new one. Loading
     follows ``LATEST`` only, and checks every file's size against ``meta.pt`` before
     it changes anything. ``path`` must be on a filesystem every rank sees.
+
+Note [checksums]:
+    A file of the right size can still hold the wrong bytes (a disk or a copy that
+    flipped some), and torch.load reads them without complaint: a resume would carry
+    on from damaged weights or moments, silently. So each rank takes the CRC-32 of
+    every byte it writes, as torch.save hands them to the file (no second read), and
+    writes them beside its files; rank 0 puts them all in ``meta.pt``. A load checks
+    them before it changes anything, the files dealt out across the loading ranks
+    (each reads its share once, in chunks); a mismatch raises on the rank that found
+    it, naming the file, and "another rank failed" on the others. A checkpoint saved
+    before checksums has none, and loads as before (sizes checked only).
 
 Note [why not torch.distributed.checkpoint]:
     DCP reshards tensors that describe their own sharding (DTensor, ShardedTensor).
@@ -38,6 +50,7 @@ from __future__ import annotations
 import bisect
 import os
 import shutil
+import zlib
 from pathlib import Path
 
 import torch
@@ -88,19 +101,26 @@ def save_checkpoint(path, model, opt, extra=None) -> None:
 
     def write_mine():
         _refuse_unseen_staging(staging, view.rank)
+        checksums = {}  # Note [checksums]
         if writes_shard:
-            _save_synced({"pieces": {name: [(p.start, p.values, p.states) for p in ps]
-                                     for name, ps in pieces.items()},
-                          # the parameters this rank steps whole: their state is here only
-                          "layouts": {name: layout for name, layout in layouts.items()
-                                      if name in whole},
-                          "buffers": buffers}, staging / _rank_file(view.ranks.shard_rank))
-        _save_synced(extra, staging / _extra_file(view.rank))
+            shard = {"pieces": {name: [(p.start, p.values, p.states) for p in ps]
+                                for name, ps in pieces.items()},
+                     # the parameters this rank steps whole: their state is here only
+                     "layouts": {name: layout for name, layout in layouts.items()
+                                 if name in whole},
+                     "buffers": buffers}
+            name = _rank_file(view.ranks.shard_rank)
+            checksums[name] = _save_synced(shard, staging / name)
+        name = _extra_file(view.rank)
+        checksums[name] = _save_synced(extra, staging / name)
+        _write_text_synced(staging / _checksum_file(view.rank),
+                           "".join(f"{name} {crc}\n" for name, crc in checksums.items()))
     _share(opt, write_mine)
 
     def publish():
         meta = _describe(opt, model)
         meta["files"] = {f.name: f.stat().st_size for f in sorted(staging.iterdir())}
+        meta["checksums"] = _read_checksums(staging)
         _save_synced(meta, staging / "meta.pt")
         _fsync_dir(staging)
         os.rename(staging, final)
@@ -131,6 +151,7 @@ def load_checkpoint(path, model, opt):
         folder = state["folder"] = _resolve_latest(Path(path))
         meta = state["meta"] = _load_file(folder / "meta.pt", weights_only=True)
         _check_meta(meta, folder, opt, model)
+        _check_contents(meta, folder, view.rank, view.world_size)
         for r in range(meta["world_size"]):
             file = _load_file(folder / _rank_file(r), weights_only=True, mmap=True)
             if r == 0:  # the buffers are rank 0's
@@ -213,6 +234,35 @@ def _check_meta(meta, folder: Path, opt, model) -> None:
         if actual != size:
             raise ValueError(f"checkpoint file {file} is {'missing' if actual is None else 'truncated'}"
                              f" ({actual} bytes, {size} written); the checkpoint is damaged")
+
+
+def _check_contents(meta: dict, folder: Path, rank: int, world_size: int) -> None:
+    """Note [checksums]: this rank's share of the files, read once and checked against
+    the CRC-32 taken as they were written."""
+    names = sorted(meta.get("checksums", {}))  # none in a checkpoint saved before them
+    for name in names[rank::world_size]:
+        found = _crc32_of(folder / name)
+        if found != meta["checksums"][name]:
+            raise ValueError(f"checkpoint file {folder / name} is corrupted: its CRC-32 is "
+                             f"{found:08x}, {meta['checksums'][name]:08x} when it was written; "
+                             "load an earlier checkpoint (the damaged file is kept)")
+
+
+def _crc32_of(file: Path, chunk_bytes: int = 1 << 24) -> int:
+    crc, chunk = 0, bytearray(chunk_bytes)
+    with open(file, "rb", buffering=0) as f:
+        while read := f.readinto(chunk):
+            crc = zlib.crc32(memoryview(chunk)[:read], crc)
+    return crc
+
+
+def _read_checksums(staging: Path) -> dict[str, int]:
+    checksums = {}
+    for file in sorted(staging.glob("crc*.txt")):
+        for line in file.read_text().splitlines():
+            name, crc = line.split()
+            checksums[name] = int(crc)
+    return checksums
 
 
 def _check_buffers(saved: dict, folder: Path, model) -> None:
@@ -396,21 +446,43 @@ def _load_file(file: Path, *, weights_only: bool, mmap: bool = False):
         raise ValueError(f"cannot read checkpoint file {file}: {exc}") from exc
 
 
-def _save_synced(obj, file: Path) -> None:
+def _save_synced(obj, file: Path) -> int:
+    """Write ``obj`` to ``file`` and fsync it; the CRC-32 of its bytes (Note [checksums])."""
     with open(file, "wb") as f:
-        torch.save(obj, f)
+        checksummed = _Checksummed(f)
+        torch.save(obj, checksummed)
         f.flush()
         os.fsync(f.fileno())
+    return checksummed.crc32
+
+
+class _Checksummed:
+    """A file that torch.save writes through, taking the CRC-32 of every byte on the way."""
+
+    def __init__(self, file) -> None:
+        self.file = file
+        self.crc32 = 0
+
+    def write(self, data) -> int:
+        self.crc32 = zlib.crc32(data, self.crc32)
+        return self.file.write(data)
+
+    def flush(self) -> None:
+        self.file.flush()
 
 
 def _replace_text(file: Path, text: str) -> None:
     temporary = file.with_name(file.name + ".tmp")
-    with open(temporary, "w") as f:
+    _write_text_synced(temporary, text)
+    os.replace(temporary, file)
+    _fsync_dir(file.parent)
+
+
+def _write_text_synced(file: Path, text: str) -> None:
+    with open(file, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(temporary, file)
-    _fsync_dir(file.parent)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -427,6 +499,10 @@ def _rank_file(rank: int) -> str:
 
 def _extra_file(rank: int) -> str:
     return f"extra{rank:05d}.pt"
+
+
+def _checksum_file(rank: int) -> str:
+    return f"crc{rank:05d}.txt"
 
 
 def _classes(names: list[str]) -> str:
