@@ -212,6 +212,9 @@ def load_bad_full_state(ctx, cfg, file: str, which: str) -> dict:
         model_sd[key] = model_sd[key][:, :-1]
     elif which == "other_groups":
         optim_sd["param_groups"] = optim_sd["param_groups"] * 2
+    elif which == "states_in_another_order":  # an optimizer built over reversed parameters
+        states = [optim_sd["state"][i] for i in sorted(optim_sd["state"])]
+        optim_sd["state"] = dict(zip(sorted(optim_sd["state"]), reversed(states)))
     elif which == "optimizer_on_rank1_only":  # (it was dropped, silently)
         optim_sd = optim_sd if ctx.rank == 1 else None
     before = full_params(model, opt)
@@ -336,3 +339,51 @@ def save_to_per_rank_folders(ctx, base: str):
     _late_branch_steps(ctx, model, opt, 1, 1)
     zeroshard.load_checkpoint(base, model, opt)
     return error, max((a - b).abs().max().item() for a, b in zip(saved, full_params(model, opt)))
+
+
+class _WithTemperature(torch.nn.Module):
+    """A layer and a learnt 0-dim temperature (CLIP's logit_scale)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 3)
+        self.temperature = torch.nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, x):
+        return self.layer(x) * self.temperature
+
+
+def a_zero_dim_parameters_state_through_full_state_dicts(ctx, stage: int, bucket_mb: float,
+                                                         optimizer: str):
+    """Plain DDP + ``optimizer`` trains 3 steps; a fresh ZeroOptimizer loads its state
+    dicts (``load_full_state_dict``), and both train 2 more steps. Returns what loading
+    raised (None) and the largest parameter difference from DDP at the end."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    cls, kwargs = {"AdamW": (torch.optim.AdamW, {"lr": 0.05}),
+                   "SGD": (torch.optim.SGD, {"lr": 0.05, "momentum": 0.9})}[optimizer]
+
+    def steps(module, opt, start: int, count: int) -> None:
+        for step in range(start, start + count):
+            g = torch.Generator().manual_seed(100 * step + ctx.rank)
+            x, y = torch.randn(8, 4, generator=g), torch.randn(8, 3, generator=g)
+            torch.nn.functional.mse_loss(module(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+
+    torch.manual_seed(0)
+    reference = _WithTemperature()
+    ddp = DDP(reference, process_group=ctx.group)
+    plain = cls(ddp.parameters(), **kwargs)
+    steps(ddp, plain, 0, 3)
+    model = _WithTemperature()  # other initial values, all overwritten by the load
+    opt = zeroshard.ZeroOptimizer(model, cls, stage=stage, process_group=ctx.group,
+                                  bucket_size_mb=bucket_mb, **kwargs)
+    error = None
+    try:
+        opt.load_full_state_dict(reference.state_dict(), plain.state_dict())
+    except ValueError as exc:
+        error = str(exc)
+    steps(ddp, plain, 3, 2)
+    steps(model, opt, 3, 2)
+    return error, max((a - b).abs().max().item()
+                      for a, b in zip(full_params(model, opt), reference.parameters()))

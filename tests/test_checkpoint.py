@@ -189,6 +189,9 @@ BAD_CHECKPOINTS = {
     # (a helper's probes: a buffer broadcast across the model's, silently; the others left
     # waiting in the load's collectives by the rank that could not see the folder)
     "other_buffer_shape": ["buffer 'table' of shape (4,)", "(3, 4)"],
+    # (the model's buffer kept its initial value; the checkpoint's was dropped: a helper's probe)
+    "missing_buffer": ["does not hold this model's buffers", "missing ['table']"],
+    "unexpected_buffer": ["does not hold this model's buffers", "unexpected ['table']"],
     "seen_by_one_rank": ["not a zeroshard checkpoint", "LATEST"],
     # one byte of a shard's values flipped, the size unchanged: it loaded, silently
     "corrupted_file": ["rank00001.pt", "is corrupted", "CRC-32", "an earlier checkpoint"],
@@ -201,6 +204,10 @@ def test_bad_checkpoint_is_refused_on_every_rank_and_changes_nothing(pool, tmp_p
     load = dict(side)
     if which == "other_buffer_shape":
         side["table"], load["table"] = (4,), (3, 4)
+    elif which == "missing_buffer":
+        load["table"] = (4,)
+    elif which == "unexpected_buffer":
+        side["table"] = (4,)
     cfg = {"model": MLP, "optimizer": "Muon+AdamW" if which == "other_classes" else "AdamW",
            "save": side, "load": load, "steps_before": 1, "steps_after": 0}
     folder = tmp_path / "run" / "ckpt"
@@ -284,9 +291,28 @@ def test_step_counts_that_differ_within_a_new_bucket_are_refused(pool, tmp_path,
         assert resumed < 1e-6, resumed
 
 
+@pytest.mark.parametrize("optimizer", ["AdamW", "SGD"])
+@pytest.mark.parametrize("bucket_mb", [25, 1e-5])  # one bucket; the temperature alone
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_a_zero_dim_parameters_optimizer_state_loads_from_a_full_state_dict(pool, stage, bucket_mb,
+                                                                             optimizer):
+    """A 0-dim parameter's moments and a scalar ``step`` are alike 0-dim tensors in a
+    plain optimizer state dict. Taken for scalars, the moments were refused as differing
+    step counts (one bucket), or loaded 0-dim onto the temperature's 1-D shard, and the
+    next step raised torch's raw broadcast error (a bucket of its own; a helper's
+    probe). Now they load, and training goes on equal to DDP's."""
+    for error, difference in pool.run(cases_ckpt.a_zero_dim_parameters_state_through_full_state_dicts,
+                                      2, stage, bucket_mb, optimizer):
+        assert error is None, error
+        assert difference < 1e-6, difference
+
+
 @pytest.mark.parametrize("which, words", [("missing_key", ["missing keys"]),
                                           ("wrong_shape", ["has shape"]),
                                           ("other_groups", ["param groups of sizes"]),
+                                          # (refused as differing step counts before)
+                                          ("states_in_another_order",
+                                           ["holds 'momentum_buffer' of shape", "another order"]),
                                           ("optimizer_on_rank1_only",
                                            ["rank 0 passed optimizer_state_dict=None", "1 other"])])
 def test_bad_full_state_dict_is_refused_on_every_rank_and_changes_nothing(pool, tmp_path, which,

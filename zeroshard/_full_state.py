@@ -125,6 +125,14 @@ class FullStateSource:
         self.state_of = {} if optim_sd is None else {
             names[id(p)]: optim_sd["state"].get(i, optim_sd["state"].get(str(i)))
             for i, p in enumerate(members)}
+        # a parameter stepped whole keeps its states whole, of any shape (Adafactor's
+        # factored row_var / col_var): Note [whole-parameter ownership] in _layout.py
+        whole = {name for b in view.every_bucket if b.owns_whole_parameters
+                 for name in b.param_names}
+        per_element_keys = _per_element_keys(self.state_of, self.params)
+        self.split = {name: split_state(state, self.params[name]) if name in whole
+                      else _split_full_state(name, state, self.params[name], per_element_keys)
+                      for name, state in self.state_of.items() if state}
 
     def values(self, name: str, start: int, stop: int) -> torch.Tensor:
         order = self.orders.get(name)
@@ -136,14 +144,14 @@ class FullStateSource:
         return self.model_sd[self.key_of[name]].reshape(-1)[start:stop]
 
     def states(self, name: str, start: int, stop: int) -> dict:
-        _, per_element = split_state(self.state_of.get(name) or {}, self.params[name])
+        _, per_element = self.split.get(name, ({}, {}))
         order = self.orders.get(name, tuple(range(self.params[name].dim())))
         return {k: to_memory_order(v, order)[start:stop] for k, v in per_element.items()}
 
     def optimizer_layout(self, name: str):
-        if not self.state_of.get(name):
+        if name not in self.split:
             return None
-        scalars, per_element = split_state(self.state_of[name], self.params[name])
+        scalars, per_element = self.split[name]
         return scalars, sorted(per_element)
 
     def optimizer_layouts(self) -> dict:
@@ -155,6 +163,56 @@ class FullStateSource:
 
     def prepare(self, params, dtype) -> None:
         pass  # this rank holds everything
+
+
+def _per_element_keys(state_of: dict, params: dict) -> set[str]:
+    """Note [states of a 0-dim parameter]: a torch optimizer keeps some states per element
+    (Adam's ``exp_avg``: the parameter's shape) and some per tensor (``step``: 0-dim).
+    For a 0-dim parameter (a learnt temperature) both are 0-dim, so its own state
+    cannot tell them apart; the other parameters' can: the keys whose tensor has its
+    parameter's shape for some parameter of one or more dimensions. Taken for scalars,
+    a 0-dim parameter's moments were refused as a bucket's differing step counts, or,
+    in a bucket of their own, loaded 0-dim onto a 1-D shard, and the next step failed
+    with torch's raw broadcast error (a helper's probe)."""
+    return {key for name, state in state_of.items() if state and params[name].dim() > 0
+            for key, value in state.items()
+            if isinstance(value, torch.Tensor) and value.shape == params[name].shape}
+
+
+def _split_full_state(name: str, state: dict, param: torch.Tensor,
+                      per_element_keys: set[str]) -> tuple[dict, dict]:
+    """``state`` (of the parameter ``name``, stepped in shards, in a plain optimizer state
+    dict) as (scalars, per-element tensors); raise, naming it, where a tensor fits
+    neither (a state dict of
+    another model, or over the parameters in another order: it was refused as differing
+    step counts, a helper's probe)."""
+    if param.dim() > 0:
+        scalars, per_element = split_state(state, param)
+        wrong = {k: v for k, v in scalars.items()
+                 if isinstance(v, torch.Tensor) and v.dim() > 0}
+    else:
+        ambiguous = [k for k, v in state.items() if isinstance(v, torch.Tensor)
+                     and v.dim() == 0 and k not in per_element_keys]
+        if ambiguous and not per_element_keys:
+            raise ValueError(
+                f"optimizer_state_dict: the state of the 0-dim parameter {name!r} ("
+                f"{', '.join(ambiguous)}) cannot be told per-element or per-tensor, as no "
+                "parameter of more dimensions has a state to show which; load it with "
+                "zeroshard.load_checkpoint (save_checkpoint records it)")
+        per_element = {k: v for k, v in state.items() if k in per_element_keys}
+        scalars = {k: v.clone() if isinstance(v, torch.Tensor) else v
+                   for k, v in state.items() if k not in per_element_keys}
+        wrong = {k: v for k, v in per_element.items()
+                 if not isinstance(v, torch.Tensor) or v.dim() > 0}
+    if wrong:
+        key, value = next(iter(wrong.items()))
+        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ValueError(
+            f"optimizer_state_dict holds {key!r} of shape {shape} for parameter {name!r} of "
+            f"shape {tuple(param.shape)}: it is another model's, or lists the parameters in "
+            "another order than this optimizer's param groups (torch numbers them group by "
+            "group, in the order each group lists them)")
+    return scalars, per_element
 
 
 class Rank0Source:

@@ -57,6 +57,7 @@ import torch
 
 from . import _comm
 from ._bucket import from_memory_order, to_memory_order
+from ._full_state import persistent_buffer_names
 from ._sharded_state import (check_one_scalar_per_bucket, load_from, memory_orders,
                              optimizer_layouts, owned_pieces, parameter_names)
 
@@ -266,10 +267,20 @@ def _read_checksums(staging: Path) -> dict[str, int]:
 
 
 def _check_buffers(saved: dict, folder: Path, model) -> None:
-    """Raise, naming the buffer, unless every saved buffer the model has fits its shape
-    (a broadcastable one was copied across it, silently; another failed after the
-    parameters had changed: a helper's probes)."""
-    for name, buffer in model.named_buffers():
+    """Raise, naming the buffers, unless the checkpoint holds every persistent buffer of
+    the model and no buffer the model lacks, as torch's strict ``load_state_dict`` asks
+    (one missing kept its initial value, one unexpected was dropped, silently: a
+    helper's probe), and every saved buffer the model has fits its shape (a broadcastable
+    one was copied across it, silently; another failed after the parameters had
+    changed: a helper's probes)."""
+    buffers = dict(model.named_buffers())
+    missing = sorted(set(persistent_buffer_names(model)) - set(saved))
+    unexpected = sorted(set(saved) - set(buffers))
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {folder} does not hold this model's buffers: missing "
+                         f"{missing[:5]}, unexpected {unexpected[:5]}. Load it into the model "
+                         "it was saved from")
+    for name, buffer in buffers.items():
         value = saved.get(name)
         if value is not None and value.shape != buffer.shape:
             raise ValueError(f"checkpoint {folder} holds buffer {name!r} of shape "
