@@ -6,7 +6,8 @@ Every run trains the same tiny GPT-2 from the same initial weights on the same d
 with the same TrainingArguments (gradient accumulation, active clipping, a linear
 schedule with warm-up, evaluation and a checkpoint every 2 steps); rank 0 writes to
 OUT/results.pt what tests/test_hf_trainer.py compares: each run's logged history and
-final parameters, runs at stages 1 and 3 resumed from the stage-1 run's checkpoint, what
+final parameters, runs at stages 1 and 3 resumed from the stage-1 run's checkpoint and at
+stages 2 and 3 from plain Trainer's, what
 from_pretrained reads back from save_model, and what plain Trainer does with a
 ZeroOptimizer.
 """
@@ -127,6 +128,12 @@ def main() -> None:
                              resume=os.path.join(out, "stage1", "checkpoint-2"))
         results[f"resumed{stage}"] = {"history": history(trainer),
                                       "params": full_parameters(model, trainer.zero_optimizer)}
+    # plain Trainer's checkpoint of step 2 (its optimizer.pt), resumed by ZeroTrainer
+    for stage in (2, 3):
+        trainer, model = run(os.path.join(out, f"resumed_from_trainer{stage}"), bf16, stage,
+                             resume=os.path.join(out, "stageNone", "checkpoint-2"))
+        results[f"resumed_from_trainer{stage}"] = {
+            "history": history(trainer), "params": full_parameters(model, trainer.zero_optimizer)}
     results["plain_trainer_error"] = plain_trainer_with_a_zero_optimizer(os.path.join(out, "plain"))
     errors = [None] * dist.get_world_size()
     dist.all_gather_object(errors, results["plain_trainer_error"])

@@ -79,6 +79,21 @@ def test_resume_from_checkpoint_continues_the_uninterrupted_run(job, stage):
         assert_close_parameters(resumed["params"], uninterrupted["params"])
 
 
+@pytest.mark.parametrize("stage", [2, 3])
+def test_resume_from_plain_trainers_checkpoint_continues_its_run(job, stage):
+    """Plain Trainer's (DDP) checkpoint of step 2 resumed by ZeroTrainer: its optimizer.pt
+    was ignored, and the Adam moments and step count started again, silently (a helper's
+    probe: 1.7e-3 from Trainer's own resume after 3 more steps)."""
+    uninterrupted, resumed = job["runs"][None], job[f"resumed_from_trainer{stage}"]
+
+    def after_the_checkpoint(history):  # train_loss averages the steps this run made
+        return [e for e in history if e["step"] > 2 and "train_loss" not in e]
+
+    assert_same_history(after_the_checkpoint(resumed["history"]),
+                        after_the_checkpoint(uninterrupted["history"]))
+    assert_close_parameters(resumed["params"], uninterrupted["params"])
+
+
 def test_save_model_writes_what_from_pretrained_reads(job):
     for name, value in job["runs"][3]["params"].items():
         assert torch.equal(job["exported"][name], value), name

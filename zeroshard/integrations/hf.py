@@ -40,7 +40,7 @@ import warnings
 
 import torch
 from transformers import Trainer
-from transformers.trainer import SCHEDULER_NAME, TRAINING_ARGS_NAME
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINING_ARGS_NAME, WEIGHTS_NAME
 from transformers.trainer_pt_utils import reissue_pt_warnings
 
 from ..checkpoint import load_checkpoint, save_checkpoint
@@ -169,11 +169,30 @@ class ZeroTrainer(Trainer):
         folder = os.path.join(checkpoint, CHECKPOINT_FOLDER)
         if os.path.isdir(folder):
             load_checkpoint(folder, self.model, self.zero_optimizer)
+        elif os.path.isfile(os.path.join(checkpoint, OPTIMIZER_NAME)):
+            self._load_trainers_optimizer(checkpoint)
         scheduler = os.path.join(checkpoint, SCHEDULER_NAME)
         if os.path.isfile(scheduler):
             with warnings.catch_warnings(record=True) as caught:
                 self.lr_scheduler.load_state_dict(torch.load(scheduler, weights_only=True))
             reissue_pt_warnings(caught)
+
+    def _load_trainers_optimizer(self, checkpoint: str) -> None:
+        """A checkpoint of plain ``Trainer`` (DDP): its ``optimizer.pt`` is torch's state
+        dict of Trainer's optimizer, which ``load_full_state_dict`` takes with the
+        checkpoint's weights; read on rank 0 and sent (the model loaded already, in
+        ``_load_from_checkpoint``). It was ignored: the resumed run started its Adam
+        moments and step count again, silently (a helper's probe, 1.7e-3 from Trainer's
+        resume after 3 more steps). Trainer keeps its no-decay group when it is empty;
+        ZeroTrainer builds no empty group, and an empty group numbers no parameter."""
+        model_sd = optim_sd = None
+        if self.args.process_index == 0:
+            optim_sd = torch.load(os.path.join(checkpoint, OPTIMIZER_NAME), weights_only=True)
+            optim_sd["param_groups"] = [g for g in optim_sd["param_groups"] if g["params"]]
+            weights = os.path.join(checkpoint, WEIGHTS_NAME)
+            model_sd = (torch.load(weights, weights_only=True) if os.path.isfile(weights)
+                        else checkpoint)  # safetensors, as save_pretrained writes by default
+        self.zero_optimizer.load_full_state_dict(model_sd, optim_sd)
 
     def _load_best_model(self) -> None:
         self.zero_optimizer.load_full_state_dict(self.state.best_model_checkpoint)
