@@ -78,9 +78,14 @@ def full_parameters(model, opt=None) -> dict[str, torch.Tensor]:
         return {n: p.detach().float().clone() for n, p in model.named_parameters()}
 
 
-def run(out: str, bf16: bool, stage: int | None, resume: str | None = None) -> tuple:
-    """Trainer + DDP (stage None) or ZeroTrainer at ``stage``; (trainer, model)."""
+def run(out: str, bf16: bool, stage: int | None, resume: str | None = None,
+        frozen_vectors: bool = False) -> tuple:
+    """Trainer + DDP (stage None) or ZeroTrainer at ``stage``; (trainer, model).
+    ``frozen_vectors``: the biases and LayerNorm weights frozen, so Trainer's no-decay
+    param group is empty (a LoRA model's is)."""
     model = tiny_gpt2()
+    for param in model.parameters():
+        param.requires_grad_(not (frozen_vectors and param.dim() == 1))
     data = {"train_dataset": Tokens(32, 1), "eval_dataset": Tokens(7, 2)}
     if stage is None:
         trainer = Trainer(model=model, args=arguments(out, bf16), **data)
@@ -128,11 +133,17 @@ def main() -> None:
                              resume=os.path.join(out, "stage1", "checkpoint-2"))
         results[f"resumed{stage}"] = {"history": history(trainer),
                                       "params": full_parameters(model, trainer.zero_optimizer)}
-    # plain Trainer's checkpoint of step 2 (its optimizer.pt), resumed by ZeroTrainer
-    for stage in (2, 3):
-        trainer, model = run(os.path.join(out, f"resumed_from_trainer{stage}"), bf16, stage,
-                             resume=os.path.join(out, "stageNone", "checkpoint-2"))
-        results[f"resumed_from_trainer{stage}"] = {
+    # plain Trainer's checkpoint of step 2 (its optimizer.pt), resumed by ZeroTrainer; and
+    # with Trainer's no-decay group empty (its scheduler.pt holds one lambda per group)
+    trainer, model = run(os.path.join(out, "frozen_vectors"), bf16, None, frozen_vectors=True)
+    results["runs"]["frozen_vectors"] = {"history": history(trainer),
+                                         "params": full_parameters(model)}
+    for key, stage, frozen in (("2", 2, False), ("3", 3, False), ("3_empty_group", 3, True)):
+        source = "frozen_vectors" if frozen else "stageNone"
+        trainer, model = run(os.path.join(out, f"resumed_from_trainer{key}"), bf16, stage,
+                             resume=os.path.join(out, source, "checkpoint-2"),
+                             frozen_vectors=frozen)
+        results[f"resumed_from_trainer{key}"] = {
             "history": history(trainer), "params": full_parameters(model, trainer.zero_optimizer)}
     results["plain_trainer_error"] = plain_trainer_with_a_zero_optimizer(os.path.join(out, "plain"))
     errors = [None] * dist.get_world_size()

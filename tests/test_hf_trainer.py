@@ -79,12 +79,16 @@ def test_resume_from_checkpoint_continues_the_uninterrupted_run(job, stage):
         assert_close_parameters(resumed["params"], uninterrupted["params"])
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_resume_from_plain_trainers_checkpoint_continues_its_run(job, stage):
-    """Plain Trainer's (DDP) checkpoint of step 2 resumed by ZeroTrainer: its optimizer.pt
-    was ignored, and the Adam moments and step count started again, silently (a helper's
-    probe: 1.7e-3 from Trainer's own resume after 3 more steps)."""
-    uninterrupted, resumed = job["runs"][None], job[f"resumed_from_trainer{stage}"]
+@pytest.mark.parametrize("case", ["2", "3", "3_empty_group"])
+def test_resume_from_plain_trainers_checkpoint_continues_its_run(job, case):
+    """Plain Trainer's (DDP) checkpoint of step 2 resumed by ZeroTrainer at stage 2 or 3:
+    its optimizer.pt was ignored, and the Adam moments and step count started again,
+    silently (a helper's probe: 1.7e-3 from Trainer's own resume after 3 more steps).
+    With Trainer's no-decay group empty (biases and norms frozen, as in a LoRA model),
+    ZeroTrainer dropped the group, and loading Trainer's scheduler.pt failed with
+    torch's raw IndexError."""
+    source = "frozen_vectors" if case.endswith("empty_group") else None
+    uninterrupted, resumed = job["runs"][source], job[f"resumed_from_trainer{case}"]
 
     def after_the_checkpoint(history):  # train_loss averages the steps this run made
         return [e for e in history if e["step"] > 2 and "train_loss" not in e]

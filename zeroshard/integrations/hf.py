@@ -40,7 +40,7 @@ import warnings
 
 import torch
 from transformers import Trainer
-from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINING_ARGS_NAME, WEIGHTS_NAME
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_pt_utils import reissue_pt_warnings
 
 from ..checkpoint import load_checkpoint, save_checkpoint
@@ -101,9 +101,12 @@ class ZeroTrainer(Trainer):
             groups = [{"params": [p for n, p in trainable if n in decay],
                        "weight_decay": self.args.weight_decay},
                       {"params": [p for n, p in trainable if n not in decay], "weight_decay": 0.0}]
+            # both groups, an empty one too, as Trainer builds them: its schedulers and
+            # optimizer.pt then number groups alike (a plain Trainer checkpoint of a LoRA
+            # model, whose no-decay group is empty, resumes)
             self.zero_optimizer = ZeroOptimizer(
-                self.model, opt_class, stage=self._zero_stage,
-                param_groups=[g for g in groups if g["params"]], **self._zero_options, **kwargs)
+                self.model, opt_class, stage=self._zero_stage, param_groups=groups,
+                **self._zero_options, **kwargs)
             self.optimizer = self.zero_optimizer
         return self.optimizer
 
@@ -179,19 +182,17 @@ class ZeroTrainer(Trainer):
 
     def _load_trainers_optimizer(self, checkpoint: str) -> None:
         """A checkpoint of plain ``Trainer`` (DDP): its ``optimizer.pt`` is torch's state
-        dict of Trainer's optimizer, which ``load_full_state_dict`` takes with the
-        checkpoint's weights; read on rank 0 and sent (the model loaded already, in
-        ``_load_from_checkpoint``). It was ignored: the resumed run started its Adam
-        moments and step count again, silently (a helper's probe, 1.7e-3 from Trainer's
-        resume after 3 more steps). Trainer keeps its no-decay group when it is empty;
-        ZeroTrainer builds no empty group, and an empty group numbers no parameter."""
-        model_sd = optim_sd = None
-        if self.args.process_index == 0:
+        dict of Trainer's optimizer, which ``load_full_state_dict`` takes, read on rank 0
+        and sent. It was ignored: the resumed run started its Adam moments and step count
+        again, silently (a helper's probe, 1.7e-3 from Trainer's resume after 3 more
+        steps). The weights to load with it are the model's own, as Trainer loaded them
+        from the checkpoint (``_load_from_checkpoint``, in whatever form it holds them:
+        safetensors, ``pytorch_model.bin``, a PEFT adapter), taken back on rank 0 with
+        ``full_state_dict`` (the optimizer has no state yet)."""
+        model_sd = (self.zero_optimizer.full_state_dict() or (None, None))[0]  # collective
+        optim_sd = None
+        if model_sd is not None:
             optim_sd = torch.load(os.path.join(checkpoint, OPTIMIZER_NAME), weights_only=True)
-            optim_sd["param_groups"] = [g for g in optim_sd["param_groups"] if g["params"]]
-            weights = os.path.join(checkpoint, WEIGHTS_NAME)
-            model_sd = (torch.load(weights, weights_only=True) if os.path.isfile(weights)
-                        else checkpoint)  # safetensors, as save_pretrained writes by default
         self.zero_optimizer.load_full_state_dict(model_sd, optim_sd)
 
     def _load_best_model(self) -> None:
