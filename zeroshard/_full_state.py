@@ -183,9 +183,8 @@ def _split_full_state(name: str, state: dict, param: torch.Tensor,
                       per_element_keys: set[str]) -> tuple[dict, dict]:
     """``state`` (of the parameter ``name``, stepped in shards, in a plain optimizer state
     dict) as (scalars, per-element tensors); raise, naming it, where a tensor fits
-    neither (a state dict of
-    another model, or over the parameters in another order: it was refused as differing
-    step counts, a helper's probe)."""
+    neither (a state dict of another model, or over the parameters in another order: it
+    was refused as differing step counts, a helper's probe)."""
     if param.dim() > 0:
         scalars, per_element = split_state(state, param)
         wrong = {k: v for k, v in scalars.items()
