@@ -359,8 +359,19 @@ def a_zero_dim_parameters_state_through_full_state_dicts(ctx, stage: int, bucket
     dicts (``load_full_state_dict``), and both train 2 more steps. Returns what loading
     raised (None) and the largest parameter difference from DDP at the end."""
     from torch.nn.parallel import DistributedDataParallel as DDP
-    cls, kwargs = {"AdamW": (torch.optim.AdamW, {"lr": 0.05}),
-                   "SGD": (torch.optim.SGD, {"lr": 0.05, "momentum": 0.9})}[optimizer]
+    # "..._alone": a state only the temperature's group has (amsgrad's max_exp_avg_sq; SGD's
+    # momentum buffer, with no state at all on the layer's group)
+    cls, kwargs, alone = {"AdamW": (torch.optim.AdamW, {"lr": 0.05}, None),
+                          "SGD": (torch.optim.SGD, {"lr": 0.05, "momentum": 0.9}, None),
+                          "AdamW_amsgrad_alone": (torch.optim.AdamW, {"lr": 0.05}, {"amsgrad": True}),
+                          "SGD_momentum_alone": (torch.optim.SGD, {"lr": 0.05}, {"momentum": 0.9}),
+                          }[optimizer]
+
+    def groups(module):
+        if alone is None:
+            return None
+        return [{"params": list(module.layer.parameters())},
+                {"params": [module.temperature], **alone}]
 
     def steps(module, opt, start: int, count: int) -> None:
         for step in range(start, start + count):
@@ -373,11 +384,11 @@ def a_zero_dim_parameters_state_through_full_state_dicts(ctx, stage: int, bucket
     torch.manual_seed(0)
     reference = _WithTemperature()
     ddp = DDP(reference, process_group=ctx.group)
-    plain = cls(ddp.parameters(), **kwargs)
+    plain = cls(groups(reference) or ddp.parameters(), **kwargs)
     steps(ddp, plain, 0, 3)
     model = _WithTemperature()  # other initial values, all overwritten by the load
     opt = zeroshard.ZeroOptimizer(model, cls, stage=stage, process_group=ctx.group,
-                                  bucket_size_mb=bucket_mb, **kwargs)
+                                  param_groups=groups(model), bucket_size_mb=bucket_mb, **kwargs)
     error = None
     try:
         opt.load_full_state_dict(reference.state_dict(), plain.state_dict())
@@ -387,3 +398,41 @@ def a_zero_dim_parameters_state_through_full_state_dicts(ctx, stage: int, bucket
     steps(model, opt, 3, 2)
     return error, max((a - b).abs().max().item()
                       for a, b in zip(full_params(model, opt), reference.parameters()))
+
+
+class _SharedBuffer(torch.nn.Module):
+    """One buffer tensor registered in two modules (a shared scale or mask)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+        scale = torch.ones(4)
+        self.a.register_buffer("scale", scale)
+        self.b.register_buffer("scale", scale)
+
+    def forward(self, x):
+        return self.b(self.a(x) * self.a.scale) * self.b.scale
+
+
+def a_buffer_registered_in_two_modules(ctx, folder: str):
+    """Save a checkpoint, change the buffer, load it; then load the model's own state
+    dict. Returns what each load raised (None) and the buffer after the first load."""
+    torch.manual_seed(0)
+    model = _SharedBuffer()
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.AdamW, stage=2, lr=1e-2,
+                                  process_group=ctx.group)
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    zeroshard.save_checkpoint(folder, model, opt)
+    model.a.scale.fill_(3.0)
+    errors = []
+    for load in (lambda: zeroshard.load_checkpoint(folder, model, opt),
+                 lambda: opt.load_full_state_dict(model.state_dict(), None)):
+        try:
+            load()
+            errors.append(None)
+        except ValueError as exc:
+            errors.append(str(exc))
+        if len(errors) == 1:
+            restored = model.b.scale.clone()
+    return errors, restored

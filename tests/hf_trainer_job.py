@@ -112,6 +112,29 @@ def plain_trainer_with_a_zero_optimizer(out: str) -> str | None:
     return None
 
 
+def resume_with_a_damaged_optimizer_file(out: str, bf16: bool, rank: int) -> list:
+    """Plain Trainer's checkpoint of step 2 with its optimizer.pt cut short, resumed by
+    ZeroTrainer: every rank's error (rank 0 reads the file; the others waited for it)."""
+    import shutil
+    damaged = os.path.join(out, "damaged", "checkpoint-2")
+    if rank == 0:
+        shutil.copytree(os.path.join(out, "stageNone", "checkpoint-2"), damaged)
+        optimizer = os.path.join(damaged, "optimizer.pt")
+        with open(optimizer, "rb") as f:
+            data = f.read()
+        with open(optimizer, "wb") as f:
+            f.write(data[: len(data) // 2])
+    dist.barrier()
+    error = None
+    try:
+        run(os.path.join(out, "damaged_run"), bf16, 2, resume=damaged)
+    except Exception as exc:  # noqa: BLE001 -- what each rank saw is the result
+        error = f"{type(exc).__name__}: {exc}"
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    return errors
+
+
 def main() -> None:
     out, bf16 = sys.argv[1], "--bf16" in sys.argv
     dist.init_process_group("gloo")
@@ -145,6 +168,7 @@ def main() -> None:
                              frozen_vectors=frozen)
         results[f"resumed_from_trainer{key}"] = {
             "history": history(trainer), "params": full_parameters(model, trainer.zero_optimizer)}
+    results["damaged_optimizer_errors"] = resume_with_a_damaged_optimizer_file(out, bf16, rank)
     results["plain_trainer_error"] = plain_trainer_with_a_zero_optimizer(os.path.join(out, "plain"))
     errors = [None] * dist.get_world_size()
     dist.all_gather_object(errors, results["plain_trainer_error"])

@@ -194,7 +194,7 @@ BAD_CHECKPOINTS = {
     "unexpected_buffer": ["does not hold this model's buffers", "unexpected ['table']"],
     "seen_by_one_rank": ["not a zeroshard checkpoint", "LATEST"],
     # one byte of a shard's values flipped, the size unchanged: it loaded, silently
-    "corrupted_file": ["rank00001.pt", "is corrupted", "CRC-32", "an earlier checkpoint"],
+    "corrupted_file": ["rank00001.pt", "is corrupted", "CRC-32", "load another"],
 }
 
 
@@ -268,6 +268,17 @@ def test_a_save_to_folders_that_differ_across_ranks_is_refused_on_every_rank(poo
         assert difference == 0.0, difference
 
 
+def test_a_buffer_registered_in_two_modules_loads_back(pool, tmp_path):
+    """``model.state_dict()`` names such a buffer twice, ``named_buffers()`` (and so a
+    checkpoint) once: the buffer check refused the model's own checkpoint as missing
+    'b.scale', and load_full_state_dict its own state dict as unexpected 'b.scale' (a
+    reviewer's probe)."""
+    for errors, restored in pool.run(cases_ckpt.a_buffer_registered_in_two_modules, 2,
+                                     str(tmp_path / "ckpt")):
+        assert errors == [None, None], errors
+        assert torch.equal(restored, torch.ones(4)), restored
+
+
 def test_a_stage3_load_inside_summon_full_params_is_refused(pool, tmp_path):
     for refusals, kept in pool.run(cases_ckpt.load_inside_summon, 2, str(tmp_path / "ckpt")):
         for refusal, action in zip(refusals, ["load_checkpoint()", "opt.load_full_state_dict()"]):
@@ -291,7 +302,7 @@ def test_step_counts_that_differ_within_a_new_bucket_are_refused(pool, tmp_path,
         assert resumed < 1e-6, resumed
 
 
-@pytest.mark.parametrize("optimizer", ["AdamW", "SGD"])
+@pytest.mark.parametrize("optimizer", ["AdamW", "SGD", "AdamW_amsgrad_alone", "SGD_momentum_alone"])
 @pytest.mark.parametrize("bucket_mb", [25, 1e-5])  # one bucket; the temperature alone
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_a_zero_dim_parameters_optimizer_state_loads_from_a_full_state_dict(pool, stage, bucket_mb,
@@ -300,7 +311,9 @@ def test_a_zero_dim_parameters_optimizer_state_loads_from_a_full_state_dict(pool
     plain optimizer state dict. Taken for scalars, the moments were refused as differing
     step counts (one bucket), or loaded 0-dim onto the temperature's 1-D shard, and the
     next step raised torch's raw broadcast error (a bucket of its own; a helper's
-    probe). Now they load, and training goes on equal to DDP's."""
+    probe). Now they load, and training goes on equal to DDP's, also where a state only
+    the temperature's group has shows on no other parameter (a reviewer's probes: the
+    first rule, keys shown per element elsewhere, took amsgrad's for a scalar)."""
     for error, difference in pool.run(cases_ckpt.a_zero_dim_parameters_state_through_full_state_dicts,
                                       2, stage, bucket_mb, optimizer):
         assert error is None, error

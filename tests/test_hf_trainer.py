@@ -98,6 +98,14 @@ def test_resume_from_plain_trainers_checkpoint_continues_its_run(job, case):
     assert_close_parameters(resumed["params"], uninterrupted["params"])
 
 
+def test_an_unreadable_optimizer_file_of_plain_trainer_raises_on_every_rank(job):
+    """Rank 0 reads Trainer's optimizer.pt; cut short, it raised there alone and the other
+    rank was left in the load's collectives (gloo: "Connection closed by peer")."""
+    rank0, rank1 = job["damaged_optimizer_errors"]
+    assert rank0 is not None and "optimizer.pt" in rank0, rank0
+    assert rank1 is not None and "another rank failed" in rank1, rank1
+
+
 def test_save_model_writes_what_from_pretrained_reads(job):
     for name, value in job["runs"][3]["params"].items():
         assert torch.equal(job["exported"][name], value), name

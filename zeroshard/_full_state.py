@@ -16,6 +16,7 @@ import torch
 
 from . import _comm
 from ._bucket import to_memory_order
+from ._inner import _step_without_global_hooks, hyperparameters
 from ._sharded_state import (check_one_scalar_per_bucket, load_from, memory_orders,
                              parameter_names, split_state)
 
@@ -129,10 +130,20 @@ class FullStateSource:
         # factored row_var / col_var): Note [whole-parameter ownership] in _layout.py
         whole = {name for b in view.every_bucket if b.owns_whole_parameters
                  for name in b.param_names}
-        per_element_keys = _per_element_keys(self.state_of, self.params)
-        self.split = {name: split_state(state, self.params[name]) if name in whole
-                      else _split_full_state(name, state, self.params[name], per_element_keys)
-                      for name, state in self.state_of.items() if state}
+        # Note [states of a 0-dim parameter]: which keys are per tensor, as the parameters
+        # of more dimensions show it (None: none has a state, each 0-dim one's class tells)
+        shown = (_shown_scalar_keys(self.state_of, self.params)
+                 if any(state and self.params[n].dim() > 0 for n, state in self.state_of.items())
+                 else None)
+        self.split = {}
+        for name, state in self.state_of.items():
+            if not state:
+                continue
+            if name in whole:
+                self.split[name] = split_state(state, self.params[name])
+                continue
+            scalar_keys = shown if shown is not None else _asked_scalar_keys(opt, name, optim_sd)
+            self.split[name] = _split_full_state(name, state, self.params[name], scalar_keys)
 
     def values(self, name: str, start: int, stop: int) -> torch.Tensor:
         order = self.orders.get(name)
@@ -165,22 +176,50 @@ class FullStateSource:
         pass  # this rank holds everything
 
 
-def _per_element_keys(state_of: dict, params: dict) -> set[str]:
+def _shown_scalar_keys(state_of: dict, params: dict) -> set[str]:
     """Note [states of a 0-dim parameter]: a torch optimizer keeps some states per element
-    (Adam's ``exp_avg``: the parameter's shape) and some per tensor (``step``: 0-dim).
-    For a 0-dim parameter (a learnt temperature) both are 0-dim, so its own state
-    cannot tell them apart; the other parameters' can: the keys whose tensor has its
-    parameter's shape for some parameter of one or more dimensions. Taken for scalars,
-    a 0-dim parameter's moments were refused as a bucket's differing step counts, or,
-    in a bucket of their own, loaded 0-dim onto a 1-D shard, and the next step failed
-    with torch's raw broadcast error (a helper's probe)."""
+    (Adam's ``exp_avg``: the parameter's shape) and some per tensor (``step``, ASGD's
+    ``eta``: 0-dim, or a number). For a 0-dim parameter (a learnt temperature) both are
+    0-dim, so its own state cannot tell them apart; the other parameters' can: the
+    keys that hold a 0-dim tensor or a number for some parameter of one or more
+    dimensions are per tensor, and a 0-dim parameter's other states are per element
+    (a state only its own group has, amsgrad's ``max_exp_avg_sq`` or SGD's momentum
+    there alone, is one; a None, SGD's buffer without momentum, tells nothing). Taken
+    for scalars, a 0-dim parameter's moments were refused as a bucket's differing step
+    counts, or, in a bucket of their own, loaded 0-dim onto a 1-D shard, and the next
+    step failed with torch's raw broadcast error (a helper's probe; a reviewer's, for a
+    state of one group alone)."""
     return {key for name, state in state_of.items() if state and params[name].dim() > 0
             for key, value in state.items()
-            if isinstance(value, torch.Tensor) and value.shape == params[name].shape}
+            if isinstance(value, (int, float)) or
+            (isinstance(value, torch.Tensor) and value.dim() == 0)}
+
+
+def _asked_scalar_keys(opt, name: str, optim_sd: dict) -> set[str] | None:
+    """The per-tensor states of the optimizer class of parameter ``name``'s group."""
+    names = parameter_names(opt.sharding.model)
+    group = next(i for i, members in enumerate(opt.sharding.group_members)
+                 if any(names[id(p)] == name for p in members))
+    return _scalar_keys_of(opt.sharding.inner.classes[group], optim_sd["param_groups"][group])
+
+
+def _scalar_keys_of(optimizer_class: type, saved_group: dict) -> set[str] | None:
+    """The states ``optimizer_class`` keeps per tensor, with ``saved_group``'s
+    hyper-parameters: one step on a 2-element stand-in (torch's global step hooks left
+    out, as for the inner optimizers); None if it fails."""
+    standin = torch.zeros(2, requires_grad=True)
+    standin.grad = torch.ones(2)
+    try:
+        probe = optimizer_class([standin], **hyperparameters(saved_group))
+        _step_without_global_hooks(probe)
+    except Exception:  # noqa: BLE001 -- any failure: the states stay unknown (refused)
+        return None
+    return {k for k, v in probe.state[standin].items()
+            if not (isinstance(v, torch.Tensor) and v.shape == standin.shape)}
 
 
 def _split_full_state(name: str, state: dict, param: torch.Tensor,
-                      per_element_keys: set[str]) -> tuple[dict, dict]:
+                      scalar_keys: set[str] | None) -> tuple[dict, dict]:
     """``state`` (of the parameter ``name``, stepped in shards, in a plain optimizer state
     dict) as (scalars, per-element tensors); raise, naming it, where a tensor fits
     neither (a state dict of another model, or over the parameters in another order: it
@@ -190,27 +229,26 @@ def _split_full_state(name: str, state: dict, param: torch.Tensor,
         wrong = {k: v for k, v in scalars.items()
                  if isinstance(v, torch.Tensor) and v.dim() > 0}
     else:
-        ambiguous = [k for k, v in state.items() if isinstance(v, torch.Tensor)
-                     and v.dim() == 0 and k not in per_element_keys]
-        if ambiguous and not per_element_keys:
+        if scalar_keys is None:
             raise ValueError(
-                f"optimizer_state_dict: the state of the 0-dim parameter {name!r} ("
-                f"{', '.join(ambiguous)}) cannot be told per-element or per-tensor, as no "
-                "parameter of more dimensions has a state to show which; load it with "
-                "zeroshard.load_checkpoint (save_checkpoint records it)")
-        per_element = {k: v for k, v in state.items() if k in per_element_keys}
+                f"optimizer_state_dict: the states of the 0-dim parameter {name!r} ("
+                f"{', '.join(state)}) cannot be told per element or per tensor: no "
+                "parameter of more dimensions has a state to show which, and a step of its "
+                "optimizer class on a stand-in failed. Load the model alone "
+                "(load_full_state_dict(model_state_dict)) and let the optimizer start "
+                "afresh, or keep zeroshard checkpoints (save_checkpoint), which record it")
+        per_element = {k: v for k, v in state.items()
+                       if k not in scalar_keys and isinstance(v, torch.Tensor)}
         scalars = {k: v.clone() if isinstance(v, torch.Tensor) else v
-                   for k, v in state.items() if k not in per_element_keys}
-        wrong = {k: v for k, v in per_element.items()
-                 if not isinstance(v, torch.Tensor) or v.dim() > 0}
+                   for k, v in state.items() if k not in per_element}
+        wrong = {k: v for k, v in per_element.items() if v.dim() > 0}
     if wrong:
         key, value = next(iter(wrong.items()))
-        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
         raise ValueError(
-            f"optimizer_state_dict holds {key!r} of shape {shape} for parameter {name!r} of "
-            f"shape {tuple(param.shape)}: it is another model's, or lists the parameters in "
-            "another order than this optimizer's param groups (torch numbers them group by "
-            "group, in the order each group lists them)")
+            f"optimizer_state_dict holds {key!r} of shape {tuple(value.shape)} for parameter "
+            f"{name!r} of shape {tuple(param.shape)}: it is another model's, or lists the "
+            "parameters in another order than this optimizer's param groups (torch numbers "
+            "them group by group, in the order each group lists them)")
     return scalars, per_element
 
 
@@ -288,6 +326,19 @@ def _aliases(model) -> dict[int, list[str]]:
     return aliases
 
 
+def buffer_aliases(model) -> dict[str, list[str]]:
+    """Each persistent buffer's name -> every persistent name of the same tensor: one
+    buffer registered in two modules has two, and ``model.state_dict()`` holds both where
+    ``named_buffers()`` (and so a checkpoint, or a safetensors file) names it once (a
+    reviewer's probe: such a model's own state dict was refused as unexpected keys)."""
+    persistent = persistent_buffer_names(model)
+    by_tensor: dict[int, list[str]] = {}
+    for name, buffer in model.named_buffers(remove_duplicate=False):
+        if name in persistent:
+            by_tensor.setdefault(id(buffer), []).append(name)
+    return {name: names for names in by_tensor.values() for name in names}
+
+
 def _stored_names(model, model_sd) -> dict[str, str]:
     """Parameter name -> the key that holds its value in ``model_sd``: its own name, or
     another name of the same (tied) parameter, as files that store a tied weight once
@@ -305,11 +356,14 @@ def check_full_state(opt, model_sd: dict, optim_sd: dict | None) -> None:
                         f"{type(model_sd).__name__}, {type(optim_sd).__name__}")
     model = opt.model
     expected = {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}
-    persistent = persistent_buffer_names(model)
-    expected.update({name: tuple(b.shape) for name, b in model.named_buffers() if name in persistent})
+    buffers = buffer_aliases(model)
+    expected.update({name: tuple(b.shape) for name, b in model.named_buffers(remove_duplicate=False)
+                     if name in buffers})
     aliases = _aliases(model)
     stored_under_alias = {name for name, param in model.named_parameters(remove_duplicate=False)
                           if any(alias in model_sd for alias in aliases[id(param)])}
+    stored_under_alias |= {name for name, names in buffers.items()
+                           if any(alias in model_sd for alias in names)}
     missing = sorted(set(expected) - set(model_sd) - stored_under_alias)
     unexpected = sorted(set(model_sd) - set(expected))
     if missing or unexpected:
@@ -388,9 +442,11 @@ def load_full_state(opt, model_sd: dict | None, optim_sd: dict | None) -> None:
     if isinstance(source, Rank0Source):
         source.release()
     if holds_dicts:
+        aliases = buffer_aliases(view.model)
         for name, buffer in view.model.named_buffers():
-            if name in local.model_sd:
-                buffer.copy_(local.model_sd[name])
+            key = next((a for a in aliases.get(name, [name]) if a in local.model_sd), None)
+            if key is not None:
+                buffer.copy_(local.model_sd[key])
     if not everywhere:
         for buffer in view.model.buffers():
             _comm.broadcast(buffer, group=view.ranks, stats=opt.comm_stats, label="load")

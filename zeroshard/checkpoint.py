@@ -57,7 +57,7 @@ import torch
 
 from . import _comm
 from ._bucket import from_memory_order, to_memory_order
-from ._full_state import persistent_buffer_names
+from ._full_state import buffer_aliases
 from ._sharded_state import (check_one_scalar_per_bucket, load_from, memory_orders,
                              optimizer_layouts, owned_pieces, parameter_names)
 
@@ -245,8 +245,9 @@ def _check_contents(meta: dict, folder: Path, rank: int, world_size: int) -> Non
         found = _crc32_of(folder / name)
         if found != meta["checksums"][name]:
             raise ValueError(f"checkpoint file {folder / name} is corrupted: its CRC-32 is "
-                             f"{found:08x}, {meta['checksums'][name]:08x} when it was written; "
-                             "load an earlier checkpoint (the damaged file is kept)")
+                             f"{found:08x}, {meta['checksums'][name]:08x} when it was written: "
+                             "this checkpoint is damaged; load another (a copy, or one saved "
+                             "to another folder)")
 
 
 def _crc32_of(file: Path, chunk_bytes: int = 1 << 24) -> int:
@@ -274,8 +275,9 @@ def _check_buffers(saved: dict, folder: Path, model) -> None:
     one was copied across it, silently; another failed after the parameters had
     changed: a helper's probes)."""
     buffers = dict(model.named_buffers())
-    missing = sorted(set(persistent_buffer_names(model)) - set(saved))
-    unexpected = sorted(set(saved) - set(buffers))
+    aliases = buffer_aliases(model)  # a buffer registered in two modules is saved once
+    missing = sorted(name for name, names in aliases.items() if not any(a in saved for a in names))
+    unexpected = sorted(set(saved) - {name for name, _ in model.named_buffers(remove_duplicate=False)})
     if missing or unexpected:
         raise ValueError(f"checkpoint {folder} does not hold this model's buffers: missing "
                          f"{missing[:5]}, unexpected {unexpected[:5]}. Load it into the model "

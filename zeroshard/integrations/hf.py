@@ -43,6 +43,7 @@ from transformers import Trainer
 from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_pt_utils import reissue_pt_warnings
 
+from .._comm import run_and_share
 from ..checkpoint import load_checkpoint, save_checkpoint
 from .._safetensors import save_full_model
 from ..optimizer import ZeroOptimizer
@@ -189,11 +190,20 @@ class ZeroTrainer(Trainer):
         from the checkpoint (``_load_from_checkpoint``, in whatever form it holds them:
         safetensors, ``pytorch_model.bin``, a PEFT adapter), taken back on rank 0 with
         ``full_state_dict`` (the optimizer has no state yet)."""
-        model_sd = (self.zero_optimizer.full_state_dict() or (None, None))[0]  # collective
-        optim_sd = None
-        if model_sd is not None:
-            optim_sd = torch.load(os.path.join(checkpoint, OPTIMIZER_NAME), weights_only=True)
-        self.zero_optimizer.load_full_state_dict(model_sd, optim_sd)
+        opt = self.zero_optimizer
+        model_sd = (opt.full_state_dict() or (None, None))[0]  # collective
+        loaded = {}
+
+        def read():  # on CPU, as Trainer reads it (a GPU run saves it on cuda:0)
+            file = os.path.join(checkpoint, OPTIMIZER_NAME)
+            try:
+                loaded["optim_sd"] = torch.load(file, map_location="cpu", weights_only=True)
+            except Exception as exc:
+                raise ValueError(f"cannot read Trainer's optimizer state {file}: {exc}") from exc
+        # an unreadable file raises on every rank (the others would wait in the load)
+        run_and_share(read if model_sd is not None else None, group=opt.sharding.ranks,
+                      stats=opt.comm_stats, label="load", device=opt.sharding.device)
+        opt.load_full_state_dict(model_sd, loaded.get("optim_sd"))
 
     def _load_best_model(self) -> None:
         self.zero_optimizer.load_full_state_dict(self.state.best_model_checkpoint)
