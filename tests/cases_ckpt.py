@@ -436,3 +436,43 @@ def a_buffer_registered_in_two_modules(ctx, folder: str):
         if len(errors) == 1:
             restored = model.b.scale.clone()
     return errors, restored
+
+
+def adafactor_state_from_rank0(ctx, stage: int):
+    """Adafactor (stepped whole: a vector keeps ``variance``, a matrix ``row_var`` and
+    ``col_var``) trains 2 steps; two fresh optimizers load its full state dicts, one
+    given them on every rank, one on rank 0 only; each then trains 2 more steps. Returns
+    (state keys saved, state keys after the rank-0 load) on rank 0, and the largest
+    parameter difference between the two loads' runs."""
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+        extra = {"units": torch.nn.Linear} if stage == 3 else {}
+        return model, zeroshard.ZeroOptimizer(model, torch.optim.Adafactor, stage=stage, lr=0.05,
+                                              process_group=ctx.group, **extra)
+
+    def steps(model, opt, start: int, count: int) -> None:
+        for step in range(start, start + count):
+            g = torch.Generator().manual_seed(10 * step + ctx.rank)
+            torch.nn.functional.mse_loss(model(torch.randn(8, 4, generator=g)),
+                                         torch.randn(8, 3, generator=g)).backward()
+            opt.step()
+            opt.zero_grad()
+
+    model, opt = build()
+    steps(model, opt, 0, 2)
+    full = opt.full_state_dict() or (None, None)
+    gathered = [None] * torch.distributed.get_world_size(ctx.group)
+    torch.distributed.all_gather_object(gathered, full, group=ctx.group)
+    everywhere = gathered[0]
+    runs, keys = [], {}
+    for dicts in (everywhere, full):  # on every rank; on rank 0 only (None elsewhere)
+        model, opt = build()
+        opt.load_full_state_dict(*dicts)
+        reloaded = opt.full_state_dict()
+        if reloaded is not None and dicts is full:
+            keys = {"saved": {i: sorted(s) for i, s in full[1]["state"].items()},
+                    "loaded": {i: sorted(s) for i, s in reloaded[1]["state"].items()}}
+        steps(model, opt, 2, 2)
+        runs.append(full_params(model, opt))
+    return keys, max((a - b).abs().max().item() for a, b in zip(*runs))

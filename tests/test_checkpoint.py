@@ -268,6 +268,20 @@ def test_a_save_to_folders_that_differ_across_ranks_is_refused_on_every_rank(poo
         assert difference == 0.0, difference
 
 
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_adafactor_state_sent_from_rank_0_keeps_each_parameters_own_states(pool, stage):
+    """load_full_state_dict with the dicts on rank 0 sent every parameter of a bucket the
+    first parameter's per-element states: Adafactor's vectors lost their ``variance``
+    (the next step failed with torch's raw AssertionError on their owner, the other rank
+    left waiting) or its matrices gained a zero one (a helper's probe)."""
+    for rank, (keys, difference) in enumerate(pool.run(cases_ckpt.adafactor_state_from_rank0,
+                                                       2, stage)):
+        if rank == 0:
+            assert keys["loaded"] == keys["saved"], keys
+            assert any("variance" in k for k in keys["saved"].values()), keys
+        assert difference == 0.0, difference
+
+
 def test_a_buffer_registered_in_two_modules_loads_back(pool, tmp_path):
     """``model.state_dict()`` names such a buffer twice, ``named_buffers()`` (and so a
     checkpoint) once: the buffer check refused the model's own checkpoint as missing

@@ -296,17 +296,22 @@ class Rank0Source:
         local = self.local
         self.values_of = dict(zip(names, self._broadcast_flat(
             lambda: [local.values(n, 0, size) for n, size in zip(names, sizes)], sizes, dtype)))
-        layout = next((self.layouts[n] for n in names if self.layouts.get(n) is not None),
-                      None) if self.layouts else None  # as load_from picks it
+        # every parameter's own per-element states: in a bucket of parameters stepped
+        # whole they differ (Adafactor keeps a vector's ``variance``, a matrix's factors),
+        # and the first parameter's keys alone left a vector without its variance (the
+        # next step failed) or gave a matrix a zero one (a helper's probe)
+        own_keys = {n: set(self.layouts[n][1]) for n in names
+                    if self.layouts and self.layouts.get(n) is not None}
         self.states_of = {}
-        for key in (layout[1] if layout else []):
-            # a parameter without this state (it never had a gradient) loads zeros, as
-            # load_from gives it from dicts held on every rank
+        for key in sorted(set().union(*own_keys.values())):
+            # a parameter without this state (it never had a gradient) is sent zeros and
+            # keeps none: load_from gives it zeros, as from dicts held on every rank
             parts = self._broadcast_flat(
                 lambda key=key: [local.states(n, 0, size).get(key, torch.zeros(size))
                                  for n, size in zip(names, sizes)], sizes, dtype)
             for name, part in zip(names, parts):
-                self.states_of.setdefault(name, {})[key] = part
+                if key in own_keys.get(name, ()):
+                    self.states_of.setdefault(name, {})[key] = part
 
     def values(self, name: str, start: int, stop: int) -> torch.Tensor:
         return self.values_of[name][start:stop]
