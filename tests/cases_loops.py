@@ -132,8 +132,10 @@ def load_state_dict_mid_run(ctx, stage: int, how: str):
 
 def writes_to_the_stepped_tensors(ctx, stage: int, via_data: bool):
     """With bf16 mixed precision, a wrapper (Lookahead, SWA) halves the tensors in
-    ``opt.param_groups`` (the fp32 masters), through them or their ``.data``; then
-    (through them, stages 1-2), after full_state_dict(), negates a parameter; a step
+    ``opt.param_groups`` (the fp32 masters), through them or their ``.data``, and
+    evaluates inside ``summon_full_params()`` (whose end took the old cast back into
+    stage 3's masters: a helper's probe); then (through them, stages 1-2), after
+    full_state_dict(), negates a parameter; a step
     with lr 0 follows. Returns the largest differences of the masters from half their
     old values and of the parameters from its bf16 cast (the old cast in the shard
     undid the write: a reviewer's probe)."""
@@ -146,6 +148,8 @@ def writes_to_the_stepped_tensors(ctx, stage: int, via_data: bool):
             group["lr"] = 0.0
             for tensor in group["params"]:
                 (tensor.data if via_data else tensor).mul_(0.5)
+    with opt.summon_full_params(), torch.no_grad():  # an evaluation before the next step
+        loss_fn(MLP, model, make_batch(MLP, seed=7, rank=ctx.rank, batch=4))
     opt.full_state_dict()  # takes the writes in; then the first parameter is written too
     if not via_data and stage < 3:  # (else the parameters hold the old cast until the step,
         first = next(model.parameters())  # Note [writes on either side]: negated, that one)

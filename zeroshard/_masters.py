@@ -39,6 +39,11 @@ class ShardMasters:
     def absorb_outside_writes(self, bucket: FlatBucket) -> None:
         """Before the masters are used: what was written to the parameters since."""
 
+    def take_gathered_writes(self, bucket: FlatBucket) -> None:
+        """Stage 3, as a gathered unit is released: this rank's slice of the full buffer
+        (what was written to the parameters while gathered) goes into the shard."""
+        bucket.load_shard()
+
     def widen_gradient(self, bucket: FlatBucket) -> None:
         """Before clipping and the step: the gradient shard in the master's dtype."""
 
@@ -79,12 +84,14 @@ class Fp32Masters(ShardMasters):
             self._in_step[id(bucket)] = (_fingerprint(bucket.shard), bucket.master._version)
 
     def absorb_writes(self, bucket: FlatBucket, written: torch.Tensor,
-                      only_if: torch.Tensor | None = None) -> None:
+                      only_if: torch.Tensor | None = None,
+                      unless_equal_to: torch.Tensor | None = None) -> None:
         """Where ``written`` differs from the master's cast, the master takes the written
-        value (and ``only_if``, a boolean on the device, holds). Elsewhere the master keeps
-        its fp32 value, which a round trip through the cast would lose (a value loaded
-        exactly by ``load`` stays exact). In chunks: the temporaries are about 11 bytes
-        an element (the cast, the mask, the widened value, the choice)."""
+        value (and ``only_if``, a boolean on the device, holds; and ``written`` differs
+        from ``unless_equal_to``, what it held before it could be written). Elsewhere the
+        master keeps its fp32 value, which a round trip through the cast would lose (a
+        value loaded exactly by ``load`` stays exact). In chunks: the temporaries are
+        about 11 bytes an element (the cast, the mask, the widened value, the choice)."""
         if not self._separate(bucket):
             return
         master = bucket.master
@@ -93,8 +100,22 @@ class Fp32Masters(ShardMasters):
             take = new != part.to(new.dtype)
             if only_if is not None:
                 take &= only_if
+            if unless_equal_to is not None:
+                take &= new != unless_equal_to[start:start + _CHUNK]
             # torch.where, not boolean indexing: no host synchronisation on CUDA
             part.copy_(torch.where(take, new.to(part.dtype), part))
+
+    def take_gathered_writes(self, bucket: FlatBucket) -> None:
+        """Stage 3 (Note [writes on either side]): the elements of this rank's slice of
+        the gathered buffer that differ from the shard it was gathered from were written
+        to the parameters while gathered; the master takes those, and the shard the
+        slice. The others hold the master's last cast: taking them where the master was
+        written since (a Lookahead or SWA wrapper writing ``opt.param_groups``' tensors,
+        through them or their ``.data``) undid that write at the end of any
+        ``summon_full_params()`` before the next step (an evaluation, an EMA update; a
+        helper's probe: 2.0 off in bf16)."""
+        self.absorb_writes(bucket, bucket.own_slice(), unless_equal_to=bucket.shard)
+        bucket.load_shard()
 
     def absorb_outside_writes(self, bucket: FlatBucket) -> None:
         """Stages 1-2, before the masters are used: take into the master what an in-place
@@ -155,7 +176,9 @@ def _fingerprint(shard: torch.Tensor) -> torch.Tensor:
         buffer's. So the shard's sum, taken when it last took the master's cast (a
         reduction to one number on the device: no host synchronisation, read where the
         comparison needs it), tells whether the shard was written; a master whose
-        counter moved rules, and the shard takes its cast then. Not seen: a write to the
+        counter moved rules, and the shard takes its cast then. At stage 3 the parameters
+        are written only while gathered, and the shard they were gathered from tells which
+        elements were (``take_gathered_writes``). Not seen: a write to the
         parameters that leaves their sum as it was (a permutation), and one to both sides
         at once. A write to the masters reaches the parameters with the next step (or,
         through the master itself at stages 1-2, the next state dict or checkpoint), as

@@ -156,8 +156,7 @@ class Unit:
             for bucket in self.buckets:
                 if bucket.written_while_gathered():
                     with torch.no_grad():
-                        self.masters.absorb_writes(bucket, bucket.own_slice())
-                        bucket.load_shard()
+                        self.masters.take_gathered_writes(bucket)
                 self.gathered_storages.pop(bucket.flat.untyped_storage().data_ptr(), None)
                 bucket.free()
             self._move(ShardState.SHARDED)

@@ -761,6 +761,5 @@ class UnitGatherer:
                             "a write inside summon_full_params()",
                             "to change a shape (resize_token_embeddings), opt.close(), change "
                             "the model, then build a new ZeroOptimizer")
-                        self.masters.absorb_writes(bucket, bucket.own_slice())
-                        bucket.load_shard()
+                        self.masters.take_gathered_writes(bucket)
                     unit.release()
