@@ -135,6 +135,8 @@ class FullStateSource:
         shown = (_shown_scalar_keys(self.state_of, self.params)
                  if any(state and self.params[n].dim() > 0 for n, state in self.state_of.items())
                  else None)
+        group_of = {names[id(p)]: i for i, group in enumerate(view.group_members) for p in group}
+        asked: dict[int, set[str] | None] = {}  # group -> its class's answer, asked once
         self.split = {}
         for name, state in self.state_of.items():
             if not state:
@@ -142,7 +144,13 @@ class FullStateSource:
             if name in whole:
                 self.split[name] = split_state(state, self.params[name])
                 continue
-            scalar_keys = shown if shown is not None else _asked_scalar_keys(opt, name, optim_sd)
+            scalar_keys = shown
+            if scalar_keys is None:
+                group = group_of[name]
+                if group not in asked:
+                    asked[group] = _scalar_keys_of(view.inner.classes[group],
+                                                   optim_sd["param_groups"][group])
+                scalar_keys = asked[group]
             self.split[name] = _split_full_state(name, state, self.params[name], scalar_keys)
 
     def values(self, name: str, start: int, stop: int) -> torch.Tensor:
@@ -193,14 +201,6 @@ def _shown_scalar_keys(state_of: dict, params: dict) -> set[str]:
             for key, value in state.items()
             if isinstance(value, (int, float)) or
             (isinstance(value, torch.Tensor) and value.dim() == 0)}
-
-
-def _asked_scalar_keys(opt, name: str, optim_sd: dict) -> set[str] | None:
-    """The per-tensor states of the optimizer class of parameter ``name``'s group."""
-    names = parameter_names(opt.sharding.model)
-    group = next(i for i, members in enumerate(opt.sharding.group_members)
-                 if any(names[id(p)] == name for p in members))
-    return _scalar_keys_of(opt.sharding.inner.classes[group], optim_sd["param_groups"][group])
 
 
 def _scalar_keys_of(optimizer_class: type, saved_group: dict) -> set[str] | None:
