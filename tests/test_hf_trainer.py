@@ -49,6 +49,12 @@ def assert_close_parameters(got: dict, expected: dict) -> None:
         torch.testing.assert_close(got[name], value, rtol=0, atol=PARAM_ATOL, msg=name)
 
 
+def after_the_checkpoint(history: list[dict]) -> list[dict]:
+    """What a run resumed from the checkpoint of step 2 logged after it (train_loss
+    averages the steps that run made, so it is left out)."""
+    return [e for e in history if e["step"] > 2 and "train_loss" not in e]
+
+
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_trainer_logs_and_trains_like_trainer_with_ddp(job, stage):
     reference, run = job["runs"][None], job["runs"][stage]
@@ -66,10 +72,6 @@ def test_resume_from_checkpoint_continues_the_uninterrupted_run(job, stage):
     """The stage-1 run's checkpoint of step 2, resumed on the same stage (bit for bit) and
     at stage 3 (sums in another order: the same bound as against DDP)."""
     uninterrupted, resumed = job["runs"][1], job[f"resumed{stage}"]
-
-    def after_the_checkpoint(history):  # train_loss averages the steps this run made
-        return [e for e in history if e["step"] > 2 and "train_loss" not in e]
-
     assert_same_history(after_the_checkpoint(resumed["history"]),
                         after_the_checkpoint(uninterrupted["history"]))
     if stage == 1:
@@ -89,10 +91,6 @@ def test_resume_from_plain_trainers_checkpoint_continues_its_run(job, case):
     torch's raw IndexError."""
     source = "frozen_vectors" if case.endswith("empty_group") else None
     uninterrupted, resumed = job["runs"][source], job[f"resumed_from_trainer{case}"]
-
-    def after_the_checkpoint(history):  # train_loss averages the steps this run made
-        return [e for e in history if e["step"] > 2 and "train_loss" not in e]
-
     assert_same_history(after_the_checkpoint(resumed["history"]),
                         after_the_checkpoint(uninterrupted["history"]))
     assert_close_parameters(resumed["params"], uninterrupted["params"])
