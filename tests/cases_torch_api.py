@@ -260,3 +260,43 @@ def saving_a_dtype_safetensors_lacks(ctx, stage: int) -> str | None:
     dist.all_reduce(probe, group=ctx.group)
     opt.close()
     return refusal
+
+
+def another_optimizer_over_managed_parameters(ctx, stage: int) -> dict:
+    """A plain SGD over the head's parameters next to a ZeroOptimizer over the whole model
+    (two optimizers, as with Muon for the matrices): at stage 1 it stepped each rank's
+    replica with that rank's local gradient, silently; at stages 2-3 the NaN markers
+    refused it as a change of ``p.grad``. Returns its step's refusal, whether that step
+    left the parameters as they were, the refusal of a gradient added into a buffer by
+    hand (stages 2-3), and whether, once the ZeroOptimizer is closed, the same SGD steps
+    the ordinary module."""
+    model = _mlp()
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.AdamW, stage=stage, lr=0.01,
+                                  process_group=ctx.group,
+                                  **({"units": nn.Linear} if stage == 3 else {}))
+    head = torch.optim.SGD(model[2].parameters(), lr=0.1)
+    generator = torch.Generator().manual_seed(ctx.rank)
+    model(torch.randn(4, 6, generator=generator)).square().mean().backward()
+    opt.step()
+    with opt.summon_full_params():
+        before = [p.detach().clone() for p in model.parameters()]
+    try:
+        head.step()
+    except RuntimeError as error:
+        refusal = str(error)
+    else:
+        refusal = None
+    with opt.summon_full_params():
+        unchanged = all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    read_refusal = None
+    if stage > 1:
+        try:
+            torch.zeros(16, 6).add_(model[0].weight.grad)
+        except RuntimeError as error:
+            read_refusal = str(error)
+    opt.zero_grad()
+    opt.close()
+    model(torch.randn(4, 6, generator=generator)).square().mean().backward()
+    head.step()
+    return {"refusal": refusal, "unchanged": unchanged, "read_refusal": read_refusal,
+            "stepped_after_close": not torch.equal(model[2].weight, before[2])}

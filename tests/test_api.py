@@ -158,6 +158,20 @@ def test_the_global_step_hooks_stay_registered_while_the_inner_optimizers_step(p
         assert fired == ["ZeroOptimizer"], fired
 
 
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_another_optimizer_over_managed_parameters_is_refused_at_its_step(pool, stage):
+    """A plain SGD over the head next to the ZeroOptimizer stepped each rank with its own
+    local gradient at stage 1, silently (a probe); at stages 2-3 it was refused as a change
+    of p.grad, which it was not."""
+    for outcome in pool.run(cases_torch_api.another_optimizer_over_managed_parameters, 2, stage):
+        refusal = outcome["refusal"]
+        assert refusal is not None and "SGD.step()" in refusal and "2.weight" in refusal, outcome
+        assert "'optimizer_class'" in refusal and "opt.close()" in refusal, refusal
+        assert outcome["unchanged"] and outcome["stepped_after_close"], outcome
+        if stage > 1:
+            assert "0.weight.grad was read into another tensor" in outcome["read_refusal"], outcome
+
+
 @pytest.mark.parametrize("optimizer", ["SGD", "Adagrad"])
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_a_sparse_embedding_trains_like_ddp(pool, stage, optimizer):

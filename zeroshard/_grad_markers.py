@@ -28,7 +28,11 @@ Note [gradient markers]:
       used.
 
     Reading a marker gives NaN: the reduced gradient is not in ``p.grad``, and a
-    gradient-norm log line shows that rather than a plausible wrong number. A step or
+    gradient-norm log line shows that rather than a plausible wrong number. An in-place
+    operation reading a marker into another tensor (``buffer.add_(p.grad)``) is refused,
+    saying so: that tensor would take the NaN (it was refused as a change of the marker).
+    Another optimizer stepping the parameter is refused before it reads anything (Note
+    [another optimizer over managed parameters] in _other_optimizers.py). A step or
     clipping leaves untouched markers in place; when a backward begins they are taken
     out of ``p.grad`` (set to None) before autograd accumulates into it (a parameter
     hook runs before accumulation).
@@ -62,7 +66,12 @@ class GradientMarker(torch.Tensor):
         markers = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, cls)]
         in_place = name.endswith("_") and not name.endswith("__")
         if in_place and (name not in _ALLOWED_IN_PLACE or any(m.is_view for m in markers)):
-            raise RuntimeError(refusal(markers[0], f"was changed in place ({name})"))
+            written = [t for t in tree_flatten(args[:1])[0] if isinstance(t, cls)]
+            if not written:  # read into another tensor: it would take the NaN
+                raise RuntimeError(refusal(markers[0], f"was read into another tensor in place "
+                                                       f"({name}; a gradient added into a "
+                                                       "buffer by hand)"))
+            raise RuntimeError(refusal(written[0], f"was changed in place ({name})"))
         with torch._C.DisableTorchFunctionSubclass():  # results are ordinary tensors...
             result = func(*args, **(kwargs or {}))
             if not isinstance(result, torch.Tensor) or isinstance(result, cls) or in_place:

@@ -17,6 +17,7 @@ from ._ddp_guard import DDPGuard
 from ._hooks import EagerOnlyHook, WeakHook
 from ._inner import InnerOptimizers, class_of, hyperparameters, step_cost
 from ._masters import masters_for
+from ._other_optimizers import refuse_other_optimizers_over
 from ._placement import Placement
 from ._plan import ShardingView, plan_sharding, work_balance
 from ._ranks import ranks_from
@@ -182,6 +183,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._install_model_hooks(broadcast_buffers)
         for param in model.parameters():
             _owners[id(param)] = (weakref.ref(param), weakref.ref(self))
+        refuse_other_optimizers_over(_owner_of)  # Note [another optimizer over managed parameters]
         self._constructed = True
 
     def _remember_model(self, model: nn.Module) -> None:
@@ -648,15 +650,17 @@ class ZeroOptimizer(torch.optim.Optimizer):
         return live_report(self._model, self._plan.every_bucket, self._live, self._inner.state)
 
 
+def _owner_of(param) -> ZeroOptimizer | None:
+    """The ZeroOptimizer that manages ``param`` now (not closed, not freed), if any."""
+    entry = _owners.get(id(param))
+    return entry[1]() if entry is not None and entry[0]() is param else None
+
+
 def _current_owner(params) -> ZeroOptimizer | None:
     """A ZeroOptimizer that manages one of ``params`` now (not closed, not freed), if any."""
     for stale in [k for k, (param, owner) in _owners.items() if param() is None or owner() is None]:
         del _owners[stale]  # a freed parameter's id may be reused
-    for param in params:
-        entry = _owners.get(id(param))
-        if entry is not None and entry[0]() is param:
-            return entry[1]()
-    return None
+    return next((owner for owner in map(_owner_of, params) if owner is not None), None)
 
 
 def _orders(buckets, row_major: bool = False) -> list[list[list[int]]]:
