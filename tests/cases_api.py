@@ -33,6 +33,8 @@ def _bad_arguments(which: str, model: nn.Module, group, meshes):
         stranger = nn.Parameter(torch.zeros(2, 3))
         return (model, torch.optim.SGD), {**kwargs, "param_groups": [
             {"params": list(model.parameters())}, {"params": [stranger]}]}
+    if which == "named_params":  # torch's optimizers take these
+        return (model, torch.optim.SGD), {**kwargs, "param_groups": model.named_parameters()}
     if which == "duplicate_param":
         params = list(model.parameters())
         return (model, torch.optim.SGD), {**kwargs, "param_groups": [

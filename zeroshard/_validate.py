@@ -192,7 +192,7 @@ def normalize_param_groups(model: nn.Module, param_groups) -> list[dict]:
     groups = list(param_groups)
     if not groups:
         raise ValueError("param_groups is empty; pass None to optimize all of model's parameters")
-    if all(isinstance(g, torch.Tensor) for g in groups):
+    if all(isinstance(g, torch.Tensor) or _is_named(g) for g in groups):
         groups = [{"params": groups}]
     result, owner = [], {}
     for index, group in enumerate(groups):
@@ -212,12 +212,22 @@ def normalize_param_groups(model: nn.Module, param_groups) -> list[dict]:
     return result
 
 
+def _is_named(entry) -> bool:
+    return (isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], str)
+            and isinstance(entry[1], torch.Tensor))
+
+
 def _check_group_member(param, index: int, position: int, names: dict, owner: dict) -> None:
     where = f"param_groups[{index}]['params'][{position}]"
+    if _is_named(param):  # torch's optimizers take model.named_parameters() too
+        raise TypeError(
+            f"{where} is a (name, parameter) pair ({param[0]!r}), as model.named_parameters() "
+            "gives; param_groups takes the parameters themselves: [p for _, p in pairs]")
     if not isinstance(param, torch.Tensor) or id(param) not in names:
-        shape = tuple(param.shape) if isinstance(param, torch.Tensor) else type(param).__name__
+        what = (f"shape {tuple(param.shape)}" if isinstance(param, torch.Tensor)
+                else f"{type(param).__name__} {param!r}"[:80])
         raise ValueError(
-            f"{where} (shape {shape}) is not a parameter of model; param_groups may only name "
+            f"{where} ({what}) is not a parameter of model; param_groups may only name "
             "tensors from model.parameters()")
     if id(param) in owner:
         raise ValueError(
