@@ -345,8 +345,23 @@ def meta_init_refused(ctx, which: str):
         if isinstance(module, Pair):
             module.scale.fill_(1.0)  # the Linears get no value
 
+    def spanning_through_data(write):  # a parent's override through .data (transformers 4)
+        def init(module):
+            if isinstance(module, Pair):
+                write(module.inner.weight)
+                module.scale.copy_(torch.arange(1.0, 5.0))
+            elif isinstance(module, nn.Linear):
+                deterministic_init(module)
+        return init
+
+    through_data = {
+        "spans_scaled_through_data": lambda p: p.data.mul_(3.0),
+        "spans_filled_through_data": lambda p: p.data.fill_(2.0),
+        "spans_new_data": lambda p: setattr(p, "data", torch.full(p.shape, 2.0))}
     init_fn, units = {"raises": (failing, nn.Linear), "spans": (deterministic_init, nn.Linear),
-                      "replaces": (replacing, None), "forgets": (forgetting, Pair)}[which]
+                      "replaces": (replacing, None), "forgets": (forgetting, Pair),
+                      **{name: (spanning_through_data(write), nn.Linear)
+                         for name, write in through_data.items()}}[which]
     with torch.device("meta"):
         model = build_pairs()
     outcome = _outcome(lambda: zeroshard.ZeroOptimizer(

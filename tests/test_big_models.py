@@ -141,6 +141,11 @@ def test_meta_init_runs_like_model_apply(pool, stage, units, init):
 @pytest.mark.parametrize("which,error,words", [
     ("raises", "RuntimeError", ["init failed on purpose"]),
     ("spans", "ValueError", ["'0'", "Pair", "inner.weight", "units that contain the whole module"]),
+    # through .data no version counter moves, and a meta tensor takes no write: these were
+    # lost, silently (a helper's probe: GPT-2's c_proj at twice its std with units=Conv1D)
+    ("spans_scaled_through_data", "ValueError", ["'0'", "Pair", "one of the parameters", "inner.weight"]),
+    ("spans_filled_through_data", "ValueError", ["'0'", "Pair", "['inner.weight']"]),
+    ("spans_new_data", "ValueError", ["'0'", "Pair", "['inner.weight']"]),
     ("replaces", "ValueError", ["'0.inner'", "0.inner.weight", "in place"]),
     ("forgets", "ValueError", ["0.inner.weight", "no value", "init_fn"])])
 def test_meta_init_that_cannot_work_is_refused_and_the_model_can_be_placed_again(pool, which,

@@ -39,7 +39,7 @@ from torch import nn
 from . import _comm
 from ._gradient_shards import as_gradient_shard
 from ._layout import FlatLayout, assign_owners
-from ._materialize import swap_in
+from ._materialize import placeholder_value, swap_in
 
 _GRAD_DTYPE_SETTABLE = hasattr(torch.Tensor, "grad_dtype")
 
@@ -313,7 +313,7 @@ class FlatBucket:
             self.placeholders = torch.empty(len(self.params), dtype=self.flat.dtype,
                                             device=self.flat.device)
         # again: a write through .data may have changed it
-        self.placeholders.fill_(_placeholder_value(self.flat.dtype))
+        self.placeholders.fill_(placeholder_value(self.flat.dtype))
         for index in range(len(self.params)):
             self._become_placeholder(index)
         self._versions_at_release = [param._version for param in self.params]
@@ -408,13 +408,3 @@ def build_buckets(params: Sequence[tuple[nn.Parameter, int]], bucket_bytes: int,
 
 def _bytes(params: Sequence[nn.Parameter]) -> int:
     return sum(p.numel() * p.element_size() for p in params)
-
-
-def _placeholder_value(dtype: torch.dtype):
-    """What a stage-3 placeholder holds (Note [stage-3 placeholders]): NaN where the
-    dtype has one; else its smallest value (for a signed integer, one an index or a
-    count never holds; 0 for an unsigned one), False for bool. A frozen integer
-    parameter's NaN fill failed construction (a helper's probe)."""
-    if dtype.is_floating_point or dtype.is_complex:
-        return float("nan")
-    return False if dtype == torch.bool else torch.iinfo(dtype).min

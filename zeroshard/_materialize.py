@@ -34,6 +34,7 @@ model can be passed again.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable, Sequence
 
@@ -197,27 +198,84 @@ def placement_steps(batches: Sequence[Sequence], modules: Sequence[nn.Module]) -
     return steps
 
 
-def refuse_writes_outside(plan: Initialisation, module: nn.Module, before: dict[int, tuple]) -> None:
-    """After a spanning module's init: it must not have written parameters that were
-    not materialized then (``before``: their state when it started)."""
-    written = [name for name, p in module.named_parameters()
-               if id(p) in before and before[id(p)] != _write_state(p)]
-    if written:
-        raise ValueError(
-            f"initialising module {plan.names[id(module)]!r} ({type(module).__name__}) wrote "
-            f"parameters {written[:3]} of the units inside it, which are not materialized while "
+@contextlib.contextmanager
+def writes_refused_inside_units(plan: Initialisation, module: nn.Module,
+                                materialized: set[int], device: torch.device):
+    """Run a spanning module's init (Note [one unit at a time]) refusing its writes into
+    the parameters of the units inside it, which are not materialized then.
+
+    Note [sentinels for a spanning init]:
+        Those parameters are meta (their unit comes later) or stage-3 placeholders (it
+        came before). A write into a meta tensor does nothing, and one through ``.data``
+        (``p.data.normal_()``, as Hugging Face's inits of transformers 4 and many
+        hand-written ones do) moves no version counter of the parameter: a parent's
+        override of its child's init (GPT-2's scaled ``c_proj``) was lost, silently (a
+        helper's probe: ``c_proj`` at twice its std with ``units=Conv1D``). So during
+        the init each holds a sentinel on ``device``: one element of its dtype's
+        placeholder value repeated (stride 0). Most in-place writes into it raise
+        torch's overlap error, turned into this refusal; ``fill_`` and ``zero_``
+        change the one element, and a new ``.data`` its address: both are checked after
+        the init. The parameters then go back to what they held."""
+    outside = [(name, p) for name, p in module.named_parameters() if id(p) not in materialized]
+    held = []  # (parameter, what it held: None for meta, else its .data)
+    for _, param in outside:
+        sentinel = torch.full((1,), placeholder_value(param.dtype), dtype=param.dtype,
+                              device=device).expand(param.shape)
+        if param.is_meta:
+            held.append((param, None))
+            swap_in(param, sentinel)
+        else:
+            held.append((param, param.data))
+            param.data = sentinel
+    sentinels = [(p.data, p.untyped_storage().data_ptr(), p._version) for p, _ in held]
+    try:
+        try:
+            yield
+        except RuntimeError as error:
+            if "more than one element of the written-to tensor" not in str(error):
+                raise
+            raise ValueError(_written_inside(plan, module, [n for n, _ in outside],
+                                             "one of the parameters")) from error
+        written = [name for (name, p), (sentinel, address, version) in zip(outside, sentinels)
+                   if p.untyped_storage().data_ptr() != address or p._version != version
+                   or not _still_placeholder(sentinel)]
+        if written:
+            raise ValueError(_written_inside(plan, module, written))
+    finally:
+        with torch.no_grad():
+            for param, data in held:
+                if data is None:
+                    swap_in(param, torch.empty_like(param, device="meta"))
+                else:
+                    param.data = data
+
+
+def placeholder_value(dtype: torch.dtype):
+    """What a stage-3 placeholder holds (Note [stage-3 placeholders]): NaN where the
+    dtype has one; else its smallest value (for a signed integer, one an index or a
+    count never holds; 0 for an unsigned one), False for bool. A frozen integer
+    parameter's NaN fill failed construction (a helper's probe)."""
+    if dtype.is_floating_point or dtype.is_complex:
+        return float("nan")
+    return False if dtype == torch.bool else torch.iinfo(dtype).min
+
+
+def _still_placeholder(sentinel: torch.Tensor) -> bool:
+    value = sentinel.reshape(-1)[:1] if sentinel.numel() else sentinel
+    if value.numel() == 0:
+        return True
+    expected = placeholder_value(sentinel.dtype)
+    return bool(value.isnan().all()) if expected != expected else bool((value == expected).all())
+
+
+def _written_inside(plan: Initialisation, module: nn.Module, written: list[str],
+                    which: str = "parameters") -> str:
+    return (f"initialising module {plan.names[id(module)]!r} ({type(module).__name__}) wrote "
+            f"{which} {written[:3]} of the units inside it, which are not materialized while "
             "it is initialised (at stage 3 a module whose parameters lie in several units is "
             "initialised with its own parameters only, Note [one unit at a time] in "
             "zeroshard/_materialize.py); initialise those parameters from the modules that hold "
             "them, or choose units that contain the whole module")
-
-
-def write_states(module: nn.Module, materialized: set[int]) -> dict[int, tuple]:
-    return {id(p): _write_state(p) for p in module.parameters() if id(p) not in materialized}
-
-
-def _write_state(param: torch.Tensor) -> tuple:
-    return param._version, param.untyped_storage().data_ptr(), param.is_meta
 
 
 @torch.no_grad()

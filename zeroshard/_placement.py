@@ -87,11 +87,12 @@ class Placement:
             materialized.update(id(p) for b in batches[step.batch] for p in b.params)
             spanning = {id(m) for m in step.spanning}
             for module in step.initialise:
-                before = _materialize.write_states(module, materialized) \
-                    if id(module) in spanning else None
-                init.run(module)
-                if before is not None:
-                    _materialize.refuse_writes_outside(init, module, before)
+                if id(module) in spanning:
+                    with _materialize.writes_refused_inside_units(init, module, materialized,
+                                                                  device):
+                        init.run(module)
+                else:
+                    init.run(module)
             for index in step.finish:
                 for bucket in batches[index]:
                     bucket.adopt_replaced_data()
