@@ -153,16 +153,32 @@ def load_full_state_from_rank0(ctx, spec: dict, stage: int, bf16: bool, with_opt
     return runs
 
 
-def load_full_state_badly(ctx, which: str):
-    """load_full_state_dict with rank 0 giving None, or rank 0's dict not fitting."""
+TIED = {"kind": "transformer", "vocab": 11, "d": 8, "heads": 2, "layers": 1, "seq": 4,
+         "tied": True, "frozen": False}
+
+
+def load_full_state_badly(ctx, which: str, folder: str | None = None):
+    """load_full_state_dict with rank 0 giving None, or rank 0's dict not fitting; or a
+    tied model given an untied one's values (a dict on rank 0, or its save_full_model
+    folder on every rank)."""
     spec = {"kind": "mlp", "d_in": 5, "hidden": 9, "d_out": 3, "depth": 2, "frozen": True,
             "unused_branch": False}
+    if which.startswith("tied_from_untied"):
+        spec = TIED
     model = build_model(spec, seed=0)
     opt = _optimizer(model, ctx, 3, False)
     sd = {k: v.clone() for k, v in build_model(spec, seed=1).state_dict().items()}
     if which == "wrong_shape":
         sd["body.2.weight"] = sd["body.2.weight"][:, :-1]
-    given = sd if (ctx.rank == 0) == (which == "wrong_shape") else None
+    if which.startswith("tied_from_untied"):
+        untied = build_model({**TIED, "tied": False}, seed=1)
+        sd = {k: v.clone() for k, v in untied.state_dict().items()}
+    given = sd if (ctx.rank == 0) == (which != "rank0_none") else None
+    if which == "tied_from_untied_file":
+        untied_opt = _optimizer(untied, ctx, 1, False)
+        zeroshard.save_full_model(folder, untied, untied_opt)
+        untied_opt.close()
+        given = folder
     before = _values(model, opt)
     try:
         opt.load_full_state_dict(given, None)

@@ -89,9 +89,13 @@ def test_full_state_given_on_rank0_only_loads_as_if_given_everywhere(pool, tmp_p
 
 @pytest.mark.parametrize("which,words", [
     ("rank0_none", ["rank 0", "model_state_dict=None", "other ranks may pass None"]),
-    ("wrong_shape", ["body.2.weight", "(9, 8)", "(9, 9)"])])
-def test_a_full_state_that_cannot_load_is_refused_on_every_rank(pool, which, words):
-    results = pool.run(cases_big_models.load_full_state_badly, 2, which)
+    ("wrong_shape", ["body.2.weight", "(9, 8)", "(9, 9)"]),
+    # an untied model's head and embedding, loaded into the tied model: the first name's
+    # value was taken and the head's dropped, silently (a helper's probe)
+    ("tied_from_untied", ["'emb.weight'", "'head.weight'", "tie_word_embeddings=False"]),
+    ("tied_from_untied_file", ["'emb.weight'", "'head.weight'", "tie_word_embeddings=False"])])
+def test_a_full_state_that_cannot_load_is_refused_on_every_rank(pool, tmp_path, which, words):
+    results = pool.run(cases_big_models.load_full_state_badly, 2, which, str(tmp_path / "untied"))
     for rank, result in enumerate(results):
         assert result["error"] is not None and result["unchanged"] and result["in_step"], (rank, result)
     for word in words:  # rank 0 names the problem; the other ranks point to it
