@@ -8,6 +8,7 @@ import torch
 from safetensors import safe_open
 
 import cases_big_models
+from zeroshard._safetensors import SafetensorsFiles, _ShardedWriter
 from models import build_model
 
 SPECS = {
@@ -271,3 +272,32 @@ def test_loading_safetensors_reads_each_ranks_ranges_only_and_a_reexport_replace
             assert torch.equal(result["values"][key], value), (rank, key)
         # about half of the data each (the small buffer is read whole; headers are not pread)
         assert result["bytes"] < 0.6 * data_bytes, (rank, result["bytes"], data_bytes)
+
+
+def _write_safetensors(folder, tensors: dict, limit: int) -> None:
+    writer = _ShardedWriter(folder, [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()],
+                            limit)
+    for name, value in tensors.items():
+        writer.write(name, value)
+    writer.finish()
+
+
+def test_a_folder_is_read_as_from_pretrained_reads_it_and_an_index_missing_files_is_named(tmp_path):
+    """save_pretrained unsharded over a sharded save leaves the old index behind: Hugging
+    Face reads model.safetensors first, zeroshard read the index and failed with a raw
+    FileNotFoundError on its missing shards (a helper's probe)."""
+    old = {"a": torch.zeros(4), "b": torch.zeros(4)}
+    new = {"a": torch.ones(4), "b": torch.full((4,), 2.0)}
+    _write_safetensors(tmp_path / "sharded", old, limit=16)  # two files and the index
+    _write_safetensors(tmp_path / "single", new, limit=1 << 20)
+    assert sorted(p.name for p in (tmp_path / "sharded").iterdir()) == [
+        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json"]
+    for shard in (tmp_path / "sharded").glob("model-*"):
+        shard.unlink()  # as save_pretrained does; the index stays
+    (tmp_path / "single" / "model.safetensors").rename(tmp_path / "sharded" / "model.safetensors")
+    files = SafetensorsFiles(tmp_path / "sharded")
+    assert all(torch.equal(files[k], v) for k, v in new.items())
+    (tmp_path / "sharded" / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match="lists files the folder lacks.*model-00001-of-00002"):
+        SafetensorsFiles(tmp_path / "sharded")

@@ -201,10 +201,19 @@ class SafetensorsFiles(Mapping):
     def __init__(self, path) -> None:
         path = Path(path)
         if path.is_dir():
-            if (path / INDEX).is_file():
-                files = sorted(set(json.loads((path / INDEX).read_text())["weight_map"].values()))
-            elif (path / SINGLE).is_file():
+            # Hugging Face's from_pretrained reads the single file first, so a folder
+            # save_pretrained wrote unsharded over a sharded save (its index left behind)
+            # is read as from_pretrained reads it (the index went first, and its missing
+            # shards failed with a raw FileNotFoundError: a helper's probe)
+            if (path / SINGLE).is_file():
                 files = [SINGLE]
+            elif (path / INDEX).is_file():
+                files = sorted(set(json.loads((path / INDEX).read_text())["weight_map"].values()))
+                missing = [f for f in files if not (path / f).is_file()]
+                if missing:
+                    raise ValueError(f"{str(path / INDEX)!r} lists files the folder lacks: "
+                                     f"{missing[:3]}; copy the whole folder save_full_model or "
+                                     "save_pretrained wrote")
             else:
                 raise ValueError(f"folder {str(path)!r} holds neither {SINGLE} nor {INDEX}; pass "
                                  "the folder save_full_model or save_pretrained wrote, or a file")
