@@ -538,3 +538,47 @@ def bytes_read_loading_safetensors(ctx, folder: str):
     values = _values(model, opt)
     opt.close()
     return {"bytes": sum(read), "values": values}
+
+
+class WithComputedBuffers(nn.Module):
+    """Buffers the model computes (non-persistent), as Hugging Face's rotary inv_freq and
+    Bert's position_ids are now, and a pattern of keys it declares ignorable."""
+
+    _keys_to_ignore_on_load_unexpected = [r"^legacy\."]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+        self.rotary = nn.Module()
+        self.rotary.register_buffer("inv_freq", torch.arange(1.0, 5.0), persistent=False)
+        self.register_buffer("position_ids", torch.arange(4), persistent=False)
+
+    def forward(self, x):
+        return self.proj(x * self.rotary.inv_freq)
+
+
+def load_keys_of_older_checkpoints(ctx, stage: int, extra: str):
+    """A dict as older transformers wrote them (given on rank 0): the computed buffers
+    stored, per layer where the model has one buffer; returns (refusal, whether the
+    weights loaded, whether the computed buffers kept the model's values)."""
+    torch.manual_seed(0)
+    model = WithComputedBuffers()
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=stage, process_group=ctx.group,
+                                  lr=0.1, **({"units": nn.Linear} if stage == 3 else {}))
+    sd = {"proj.weight": torch.full((4, 4), 0.5), "proj.bias": torch.full((4,), 0.25),
+          "position_ids": torch.zeros(4, dtype=torch.long),
+          "layers.0.rotary.inv_freq": torch.zeros(4), "legacy.scale": torch.ones(1),
+          "rotary.inv_freq": torch.zeros(4)}
+    if extra:
+        sd[extra] = torch.ones(4)
+    try:
+        opt.load_full_state_dict(sd if ctx.rank == 0 else None)
+        refusal = None
+    except (ValueError, RuntimeError) as error:  # rank 0 names it, the others point there
+        refusal = str(error)
+    values = _values(model, opt)
+    loaded = torch.equal(values["proj.weight"], sd["proj.weight"])
+    kept = (torch.equal(model.rotary.inv_freq, torch.arange(1.0, 5.0))
+            and torch.equal(model.position_ids, torch.arange(4)))
+    opt.close()
+    return refusal, loaded, kept

@@ -274,6 +274,22 @@ def test_loading_safetensors_reads_each_ranks_ranges_only_and_a_reexport_replace
         assert result["bytes"] < 0.6 * data_bytes, (rank, result["bytes"], data_bytes)
 
 
+@pytest.mark.parametrize("stage", [1, 3])
+@pytest.mark.parametrize("extra", ["", "proj.scale"])
+def test_keys_of_older_checkpoints_load_as_from_pretrained_loads_them(pool, stage, extra):
+    """Files older transformers wrote hold buffers the model now computes (Bert's
+    position_ids, a per-layer rotary inv_freq): refused as another model class's, where
+    from_pretrained loads them (a helper's probe). A key the model lacks is still refused."""
+    results = pool.run(cases_big_models.load_keys_of_older_checkpoints, 2, stage, extra)
+    for rank, (refusal, loaded, kept) in enumerate(results):
+        if extra:  # rank 0 (which holds the dict) names it, the other points there
+            assert refusal is not None and not loaded, refusal
+            assert ("'proj.scale'" if rank == 0 else "another rank failed") in refusal, refusal
+        else:
+            assert refusal is None and loaded, refusal
+        assert kept
+
+
 def _write_safetensors(folder, tensors: dict, limit: int) -> None:
     writer = _ShardedWriter(folder, [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()],
                             limit)

@@ -10,6 +10,7 @@ those indices.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 
 import torch
@@ -370,7 +371,7 @@ def check_full_state(opt, model_sd: dict, optim_sd: dict | None) -> None:
     stored_under_alias |= {name for name, names in buffers.items()
                            if any(alias in model_sd for alias in names)}
     missing = sorted(set(expected) - set(model_sd) - stored_under_alias)
-    unexpected = sorted(set(model_sd) - set(expected))
+    unexpected = sorted(set(model_sd) - set(expected) - ignored_keys(model, model_sd))
     if missing or unexpected:
         raise ValueError(f"model_state_dict does not fit this model: missing keys {missing[:5]}, "
                          f"unexpected keys {unexpected[:5]}; save it from the same model class")
@@ -388,6 +389,24 @@ def check_full_state(opt, model_sd: dict, optim_sd: dict | None) -> None:
     if "state" not in optim_sd or saved_sizes != sizes:
         raise ValueError(f"optimizer_state_dict has param groups of sizes {saved_sizes}, this "
                          f"optimizer's are {sizes}; build ZeroOptimizer with the same param_groups")
+
+
+def ignored_keys(model, model_sd) -> set[str]:
+    """Note [keys of older checkpoints]: keys a load skips, as Hugging Face's
+    from_pretrained does: the model's non-persistent buffers (Bert's ``position_ids``,
+    persistent in the files older transformers wrote, as in bert-base-uncased's), a
+    buffer of the same role elsewhere (the per-layer ``rotary_emb.inv_freq`` of older
+    Llama files, one model-level buffer now: the last two parts of the name match), and
+    the patterns the model declares in ``_keys_to_ignore_on_load_unexpected``. Such
+    buffers are computed by the model, not loaded (a file's fp16 copy would lose bits);
+    any other key the model lacks is refused. Those files were refused as another model
+    class's (a helper's probe)."""
+    persistent = persistent_buffer_names(model)
+    computed = {name for name, _ in model.named_buffers(remove_duplicate=False)} - persistent
+    roles = {tuple(name.split(".")[-2:]) for name in computed}
+    patterns = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()]
+    return {key for key in model_sd if key in computed or tuple(key.split(".")[-2:]) in roles
+            or any(p.search(key) for p in patterns)}
 
 
 def _refuse_tied_names_that_differ(model_sd, aliases: dict[int, list[str]]) -> None:
@@ -488,7 +507,7 @@ def load_full_state(opt, model_sd: dict | None, optim_sd: dict | None) -> None:
     if holds_dicts:
         aliases = buffer_aliases(view.model)
         for name, buffer in view.model.named_buffers():
-            key = next((a for a in aliases.get(name, [name]) if a in local.model_sd), None)
+            key = next((a for a in aliases.get(name, []) if a in local.model_sd), None)
             if key is not None:
                 buffer.copy_(local.model_sd[key])
     if not everywhere:
