@@ -76,7 +76,11 @@ class TiedLM(nn.Module):
     - "ctx_weight": blocks whose backward reads a weight kept on a custom Function's
       ``ctx``, after the block's last saved view is read;
     - "parameter_hook": a hook on the token embedding, as users fold weight decay into
-      the gradient, reads the weight when its gradient comes, at backward's end.
+      the gradient, reads the weight when its gradient comes, at backward's end;
+    - "module_hook_on_block": a full backward pre-hook on block 0 scales its output's
+      gradient by the token embedding's norm (read after the head's read);
+    - "module_hook_on_layer": a full backward hook on each block's layer scales its
+      input's gradient by the layer's own weight's norm (read after its gradients).
 
     ``seen`` records, each time backward reaches block 0's output, whether the token
     embedding, block 1 and block 2 (whose backward is done by then) were gathered
@@ -100,6 +104,13 @@ class TiedLM(nn.Module):
         if variant == "shared_with_block":
             self.mix = nn.Linear(WIDTH, WIDTH, bias=False)
             self.blocks[0].lin.weight = self.mix.weight
+        if variant == "module_hook_on_block":
+            self.blocks[0].register_full_backward_pre_hook(
+                lambda module, grad: (grad[0] * (1 + 1e-3 * self.tok.weight.norm()),))
+        if variant == "module_hook_on_layer":
+            for block in self.blocks:
+                block.lin.register_full_backward_hook(
+                    lambda module, grad_in, grad_out: (grad_in[0] * (1 + 1e-3 * module.weight.norm()),))
         self.seen: list[tuple[bool, bool, bool]] = []
 
     def forward(self, idx):

@@ -41,6 +41,19 @@ def test_a_unit_read_behind_the_saved_tensor_hooks_is_kept_to_its_last_gradient(
         assert all(embedding), where
 
 
+@pytest.mark.parametrize("variant", ["module_hook_on_block", "module_hook_on_layer"])
+def test_module_backward_hooks_read_gathered_parameters(pool, variant):
+    """Note [module backward hooks] (zeroshard/stage3.py): a module's full backward hook
+    runs after its parameters' gradients; released by then, the unit gave the hook NaN
+    (a helper's probes: a block's pre-hook reading the tied embedding, and a layer's hook
+    reading its own weight, trained NaN from the second step). The hooked units are kept
+    to the end of backward, and no unit is released early."""
+    for embedding, block, _, where in _runs(pool, variant):
+        assert all(embedding), where
+        if variant == "module_hook_on_layer":
+            assert all(block), where
+
+
 def test_a_unit_whose_backward_may_read_an_unsaved_weight_equals_data_parallel(pool):
     """A weight kept on a custom Function's ctx is read unseen, by the node that gives
     its gradient: such a unit waits for its last gradient. Released once its other

@@ -82,6 +82,8 @@ class Unit:
         # the graph that holds them), and whether another unit's forward saved one.
         self.saved_unread: weakref.WeakSet = weakref.WeakSet()
         self.saved_by_another_unit = False
+        # Note [module backward hooks]: set as each backward begins
+        self.read_by_backward_hooks = False
         # address of a gathered buffer's storage -> its unit, shared by a stage's units
         self.gathered_storages: dict[int, Unit] = {}
         # whose gradients come from an embedding's backward, which reads no weight
@@ -122,6 +124,13 @@ class Unit:
         return any(p._post_accumulate_grad_hooks
                    or any(not isinstance(h, WeakHook) for h in (p._backward_hooks or {}).values())
                    for b in self.buckets for p in b.params)
+
+    def modules_have_backward_hooks(self) -> bool:
+        """Whether a module in this unit's subtree has a backward hook or pre-hook
+        (``register_full_backward_hook``, ``register_full_backward_pre_hook``): it runs
+        after the module's parameters' gradients and may read them (Note [module backward
+        hooks] in stage3.py)."""
+        return any(m._backward_hooks or m._backward_pre_hooks for m in self.module.modules())
 
     def nbytes(self) -> int:
         return sum(b.nbytes() for b in self.buckets)

@@ -148,6 +148,19 @@ Note [released once backward has read it]:
     module; and an embedding weight kept on a custom Function's ``ctx`` whose backward
     runs after the unit's last saved view is read.
 
+Note [module backward hooks]:
+    A module's full backward hook (``register_full_backward_hook``) runs once the
+    gradient of the module's inputs is computed: after its parameters' gradients, so
+    after the last of them released its unit. A hook reading the module's weight there
+    (a gradient-to-weight monitor) read the placeholders' NaN at every step, and one
+    using it to change a gradient trained NaN; one reading the root's tied embedding,
+    released early (Note [released once backward has read it]), alike (a helper's
+    probes). So as each backward begins, a unit whose subtree holds a module with a
+    backward hook or pre-hook (or any, with torch's global module backward hooks) is
+    kept gathered until the backward ends, and while any module of the model has one,
+    no unit is released early. A hook on an activation (``tensor.register_hook``) that
+    reads a parameter is not seen: it reads NaN once the parameter's unit is released.
+
 Note [stage 3 under torch.compile]:
     A unit's forward hooks gather and release its parameters: collectives, and
     parameters whose ``.data`` moves between a placeholder and the gathered buffer.
@@ -418,7 +431,7 @@ class UnitGatherer:
             # A unit some rank runs twice stays gathered: with reentrant checkpointing
             # its next run's recomputation would gather it again, on that rank only (Note
             # [runs before the walk moves on], Note [run twice from the second step on]).
-            if not unit.kept_through_backward():
+            if not unit.kept_through_backward() and not unit.read_by_backward_hooks:
                 unit.release()
                 if self.walk.past_last_launch_point():
                     self.reducer.wait_in_flight()  # Note [after the walk's last step]
@@ -485,6 +498,11 @@ class UnitGatherer:
             for unit in self.units:
                 unit.record.ran = unit.record.ran or unit.holds_local_grads()
         self._recomputation.start()
+        # Note [module backward hooks]: asked anew each backward (hooks come and go)
+        any_module = bool(torch.nn.modules.module._global_backward_hooks
+                          or torch.nn.modules.module._global_backward_pre_hooks)
+        for unit in self.units:
+            unit.read_by_backward_hooks = any_module or unit.modules_have_backward_hooks()
 
     @property
     def launches_as_ready(self) -> bool:
@@ -676,7 +694,8 @@ class UnitGatherer:
         saved a view of it, and it is not held for the pass."""
         return (not unit.frozen_on_a_ctx and not unit.saved_by_another_unit
                 and not unit.kept_through_backward() and not self.switches.summoned
-                and not unit.parameters_have_user_hooks())
+                and not unit.parameters_have_user_hooks()
+                and not self.root.read_by_backward_hooks)  # any module's, anywhere
 
     # -- Note [backward past a unit's inputs] in _frozen_reads.py ---------------------------
 
