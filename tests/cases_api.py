@@ -717,3 +717,33 @@ def add_param_group_after_construction(ctx):
     except Exception as error:  # noqa: BLE001 - the test checks what it is
         return type(error).__name__, str(error)
     return "no error", ""
+
+
+def models_or_arguments_that_differ_across_ranks(ctx, which: str) -> str | None:
+    """Rank 1 builds another model or passes another argument than rank 0: another hidden
+    size (whose buckets came out the same size: it trained the ranks apart, silently), a
+    float64 model, a policy, stage 1 against 2, resharding or buffer broadcasting given
+    differently (gloo aborts or hangs in training, before). Every rank must raise at
+    construction, and stay in step."""
+    other = ctx.rank == 1
+    hidden = 8 if other and which == "hidden_size" else 7
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, hidden), nn.Tanh(), nn.Linear(hidden, 3))
+    if other and which == "dtype":
+        model.double()
+    kwargs = {"stage": 2 if other and which == "stage" else (3 if which == "reshard" else 1)}
+    if other and which == "mixed_precision":
+        kwargs["mixed_precision"] = zeroshard.MixedPrecision(param_dtype=torch.bfloat16)
+    if other and which == "reshard":
+        kwargs["reshard_after_forward"] = False
+    if other and which == "broadcast_buffers":
+        kwargs["broadcast_buffers"] = False
+    try:
+        zeroshard.ZeroOptimizer(model, torch.optim.AdamW, process_group=ctx.group, **kwargs)
+        error = None
+    except ValueError as refusal:
+        error = str(refusal)
+    probe = torch.ones(1)
+    dist.all_reduce(probe, group=ctx.group)
+    assert probe.item() == ctx.world_size
+    return error

@@ -47,6 +47,24 @@ def test_bad_input_raises_on_every_rank_before_any_collective(pool, which):
         assert issued == [], (rank, issued)
 
 
+@pytest.mark.parametrize("which,words", [
+    ("hidden_size", ["parameter '0.weight'", "shape (8, 5)", "shape (7, 5)"]),
+    ("dtype", ["parameter '0.weight'", "torch.float64", "torch.float32"]),
+    ("mixed_precision", ["mixed_precision differs", "bfloat16", "None on rank 0"]),
+    ("stage", ["stage differs", "2 on this rank, 1 on rank 0"]),
+    ("reshard", ["reshard_after_forward differs", "False on this rank"]),
+    ("broadcast_buffers", ["broadcast_buffers differs", "False on this rank"])])
+def test_models_or_arguments_that_differ_across_ranks_are_refused_naming_the_difference(
+        pool, which, words):
+    """A per-rank hidden size whose buckets came out the same size trained the ranks'
+    models apart, silently; the other differences crashed training with a bare gloo
+    abort, or hung (a helper's probes). Rank 1 names the difference, rank 0 points there."""
+    rank0, rank1 = pool.run(cases_api.models_or_arguments_that_differ_across_ranks, 2, which)
+    assert rank0 is not None and "another rank built a different model" in rank0, rank0
+    for word in words + ["same ZeroOptimizer arguments on every rank"]:
+        assert rank1 is not None and word in rank1, (word, rank1)
+
+
 def test_adding_a_param_group_after_construction_names_close_and_a_new_optimizer(pool):
     for error_type, message in pool.run(cases_api.add_param_group_after_construction, 2):
         assert error_type == "NotImplementedError", (error_type, message)

@@ -22,6 +22,34 @@ from ._plan import ShardingPlan
 from .mixed_precision import MixedPrecision, cast_buffers, full_precision_parameters
 
 
+def _described(model: nn.Module, settings: dict) -> list[tuple]:
+    """What every rank must build alike: the settings, then each parameter's and buffer's
+    shape and dtype."""
+    return ([("setting", name, repr(value)) for name, value in settings.items()]
+            + [("parameter", name, tuple(p.shape), str(p.dtype))
+               for name, p in model.named_parameters()]
+            + [("buffer", name, tuple(b.shape), str(b.dtype)) for name, b in model.named_buffers()])
+
+
+def _first_difference(mine: list[tuple], rank0: list[tuple]) -> str:
+    fix = ("build the same model with the same ZeroOptimizer arguments on every rank (a "
+           "config or an argument read per rank?)")
+    for here, there in zip(mine, rank0):
+        if here != there:
+            if here[:2] != there[:2]:
+                return (f"the ranks built different models or arguments: this rank has "
+                        f"{here[0]} {here[1]!r} where rank 0 has {there[0]} {there[1]!r}; {fix}")
+            if here[0] == "setting":
+                return (f"ZeroOptimizer's {here[1]} differs across ranks: {here[2]} on this "
+                        f"rank, {there[2]} on rank 0; {fix}")
+            return (f"{here[0]} {here[1]!r} has shape {here[2]} and dtype {here[3]} on this "
+                    f"rank, shape {there[2]} and dtype {there[3]} on rank 0; {fix}")
+    if len(mine) != len(rank0):
+        return (f"this rank's model has {len(mine)} settings, parameters and buffers in all, "
+                f"rank 0's {len(rank0)}; {fix}")
+    return f"another rank built a different model or passed other arguments than rank 0; {fix}"
+
+
 class Placement:
     """Places ``plan``'s buckets on ``device`` (ZeroOptimizer's construction, step 3)."""
 
@@ -34,7 +62,8 @@ class Placement:
         self.policy = policy
         self.stats = stats
 
-    def refuse_layouts_that_differ_across_ranks(self, classes: list[type], device: torch.device) -> None:
+    def refuse_layouts_that_differ_across_ranks(self, classes: list[type], device: torch.device,
+                                                settings: dict) -> None:
         """Every rank must lay the buckets out alike, as the collectives move whole
         buffers and every rank must issue the same ones. Two things can differ: the
         memory order a rank holds a parameter in (Note [memory order] in _bucket.py: a
@@ -42,7 +71,13 @@ class Placement:
         exchange scrambled values; DDP checks strides too), and the buckets themselves
         (param groups, optimizer classes and so owners, ``bucket_size_mb`` given
         differently on some ranks). The ranks compare a fingerprint of each in one
-        all-reduce."""
+        all-reduce, and one of the model's tensors and of ``settings`` (the stage, the
+        policy, ...): a model built with another hidden size on one rank (a per-rank
+        config) passed when its buckets came out the same size, and trained the ranks'
+        models apart, silently; a policy, a dtype or a resharding setting given on some
+        ranks only crashed training with a bare gloo abort, or hung (a helper's probes).
+        Where those differ, rank 0's are broadcast so that each rank names the first
+        difference."""
         if self.group.size == 1:
             return
         buckets = self.plan.every_bucket
@@ -51,11 +86,17 @@ class Placement:
                 if not is_row_major(order)]
         layouts = [(b.group_index, b.param_names, b.layout.owners) for b in buckets] + [
             f"{c.__module__}.{c.__qualname__}" for c in classes]
+        described = _described(self.model, settings)
         fingerprint = torch.tensor([zlib.crc32(repr(held).encode()),
-                                    zlib.crc32(repr(layouts).encode())], dtype=torch.int64,
+                                    zlib.crc32(repr(layouts).encode()),
+                                    zlib.crc32(repr(described).encode())], dtype=torch.int64,
                                    device=device)
         highest, lowest = _comm.extremes(fingerprint, group=self.group, stats=self.stats,
                                          label="init")
+        if highest[2] != lowest[2]:  # every rank sees it: all take part in the broadcast
+            rank0 = _comm.broadcast_object(described, group=self.group, stats=self.stats,
+                                           label="init", device=device)
+            raise ValueError(_first_difference(described, rank0))
         if highest[0] != lowest[0]:
             mine = ", ".join(name for name, _ in held[:3]) or "none"
             raise ValueError(

@@ -166,7 +166,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
         # 3. Broadcast rank 0's values and place this rank's shards (collectives from here).
         placement = Placement(model, plan, self._masters, mixed_precision, self.comm_stats)
-        placement.refuse_layouts_that_differ_across_ranks(classes, device)
+        placement.refuse_layouts_that_differ_across_ranks(classes, device, {
+            "stage": stage, "mixed_precision": mixed_precision,
+            "reshard_after_forward": reshard_after_forward, "broadcast_buffers": broadcast_buffers})
         placement.place(device, initialisation)
 
         # 4. The inner optimizers over this rank's shards; the outer groups schedulers see.
