@@ -26,6 +26,20 @@ def test_bad_stage_names_the_value():
         zeroshard.estimate_memory(10, 2, 5)
 
 
+@pytest.mark.parametrize("args,words", [
+    ((-5, 2), ["num_params", "-5"]), ((float("nan"), 2), ["num_params", "nan"]),
+    ((10, 4.5), ["world_size", "4.5"]), ((10, True), ["world_size", "True"]),
+    ((10, 2, True), ["stage", "True"])])
+def test_bad_figures_are_refused_naming_them(args, words):
+    """A helper's probe: negative bytes, "nan B", a fraction of a rank and stage=True (as
+    stage 1) were printed as figures."""
+    with pytest.raises(ValueError) as refusal:
+        zeroshard.estimate_memory(*args)
+    assert all(word in str(refusal.value) for word in words), refusal.value
+    with pytest.raises(ValueError, match="optimizer_bytes.*-4"):
+        zeroshard.estimate_memory(10, 2, optimizer_bytes=-4)
+
+
 def test_cli_prints_the_paper_table():
     import subprocess
     import sys
@@ -34,6 +48,8 @@ def test_cli_prints_the_paper_table():
     rows = {line.split()[2]: line for line in out.splitlines() if "ZeRO stage" in line}
     assert "120 GB" in out
     assert "31.4 GB" in rows["1"] and "16.6 GB" in rows["2"] and "1.88 GB" in rows["3"]
+    # zeroshard's own stage 1: one more 2-byte gradient shard, 7.5e9 * 2 / 64 = 234 MB
+    assert "zeroshard's stage 1 holds 31.6 GB" in out and "(234 MB)" in out, out
 
 
 def test_cli_counts_a_model_given_as_an_import_path():

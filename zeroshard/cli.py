@@ -69,4 +69,11 @@ def main(argv=None) -> int:
     for name, key in (("data parallel", "dp"), ("ZeRO stage 1", 1), ("ZeRO stage 2", 2),
                       ("ZeRO stage 3", 3)):
         print(f"  {name:<14} {_format_bytes(table[key]):>10} per rank")
+    # zeroshard's stage 1 keeps one more gradient shard than the paper's (README: What
+    # each stage keeps per rank); the table alone read 15% under a real run's
+    # memory_report() (a helper's probe)
+    shards = args.shard_size or args.world_size
+    extra = grad_bytes * args.params / shards
+    print(f"  zeroshard's stage 1 holds {_format_bytes(table[1] + extra)} per rank: one more "
+          f"gradient shard ({_format_bytes(extra)}), so that p.grad keeps the local gradient")
     return 0

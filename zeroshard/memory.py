@@ -8,6 +8,8 @@ which is what ``memory_report()`` reports.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Iterable
 
 import torch
@@ -31,8 +33,13 @@ def estimate_memory(num_params: float, world_size: int, stage: int | None = None
     shards), where every replica holds the model states divided by S, not by the
     world size.
     """
-    if world_size < 1:
-        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    _check_count("num_params", num_params, real=True)
+    _check_count("world_size", world_size, smallest=1)
+    for name, value in (("param_bytes", param_bytes), ("grad_bytes", grad_bytes),
+                        ("optimizer_bytes", optimizer_bytes)):
+        _check_count(name, value)
+    if stage is not None and (isinstance(stage, bool) or stage not in (0, 1, 2, 3)):
+        raise ValueError(f"stage must be 0 (plain data parallel), 1, 2 or 3; got {stage!r}")
     n = world_size if shard_size is None else shard_size
     if not (1 <= n <= world_size and world_size % n == 0):
         raise ValueError(f"shard_size must divide world_size ({world_size}) into replicas of "
@@ -47,9 +54,18 @@ def estimate_memory(num_params: float, world_size: int, stage: int | None = None
     }
     if stage is None:
         return table
-    if stage not in (0, 1, 2, 3):
-        raise ValueError(f"stage must be 0 (plain data parallel), 1, 2 or 3; got {stage!r}")
     return table["dp" if stage == 0 else stage]
+
+
+def _check_count(name: str, value, smallest: int = 0, real: bool = False) -> None:
+    """A whole number (a real one where ``real``: 7.5e9 parameters) of at least
+    ``smallest``; a bool, NaN or a fraction of a rank gave nonsense figures (a helper's
+    probe: negative bytes, "nan B")."""
+    kinds = numbers.Real if real else numbers.Integral
+    if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value) \
+            or value < smallest:
+        whole = "a finite number" if real else "a whole number"
+        raise ValueError(f"{name} must be {whole} >= {smallest}, got {value!r}")
 
 
 def storage_key(tensor: torch.Tensor) -> tuple[int, int]:
