@@ -370,12 +370,19 @@ def meta_init_refused(ctx, which: str):
                 deterministic_init(module)
         return init
 
+    def copying_from_a_child(module):  # a parent taking a child's values: it reads a unit inside it
+        if isinstance(module, Pair):
+            module.scale.copy_(module.inner.weight[0])
+        elif isinstance(module, nn.Linear):
+            deterministic_init(module)
+
     through_data = {
         "spans_scaled_through_data": lambda p: p.data.mul_(3.0),
         "spans_filled_through_data": lambda p: p.data.fill_(2.0),
         "spans_new_data": lambda p: setattr(p, "data", torch.full(p.shape, 2.0))}
     init_fn, units = {"raises": (failing, nn.Linear), "spans": (deterministic_init, nn.Linear),
                       "replaces": (replacing, None), "forgets": (forgetting, Pair),
+                      "spans_copied_from_a_child": (copying_from_a_child, nn.Linear),
                       **{name: (spanning_through_data(write), nn.Linear)
                          for name, write in through_data.items()}}[which]
     with torch.device("meta"):

@@ -148,9 +148,11 @@ def test_meta_init_runs_like_model_apply(pool, stage, units, init):
     ("spans", "ValueError", ["'0'", "Pair", "inner.weight", "units that contain the whole module"]),
     # through .data no version counter moves, and a meta tensor takes no write: these were
     # lost, silently (a helper's probe: GPT-2's c_proj at twice its std with units=Conv1D)
-    ("spans_scaled_through_data", "ValueError", ["'0'", "Pair", "one of the parameters", "inner.weight"]),
-    ("spans_filled_through_data", "ValueError", ["'0'", "Pair", "['inner.weight']"]),
-    ("spans_new_data", "ValueError", ["'0'", "Pair", "['inner.weight']"]),
+    ("spans_scaled_through_data", "ValueError", ["'0'", "Pair", "wrote parameters ['inner.weight']"]),
+    ("spans_filled_through_data", "ValueError", ["'0'", "Pair", "wrote parameters ['inner.weight']"]),
+    ("spans_new_data", "ValueError", ["'0'", "Pair", "wrote parameters ['inner.weight']"]),
+    ("spans_copied_from_a_child", "ValueError", ["'0'", "Pair", "values into its own tensors",
+                                                 "['inner.weight']"]),
     ("replaces", "ValueError", ["'0.inner'", "0.inner.weight", "in place"]),
     ("forgets", "ValueError", ["0.inner.weight", "no value", "init_fn"])])
 def test_meta_init_that_cannot_work_is_refused_and_the_model_can_be_placed_again(pool, which,
@@ -317,3 +319,10 @@ def test_a_folder_is_read_as_from_pretrained_reads_it_and_an_index_missing_files
     (tmp_path / "sharded" / "model.safetensors").unlink()
     with pytest.raises(ValueError, match="lists files the folder lacks.*model-00001-of-00002"):
         SafetensorsFiles(tmp_path / "sharded")
+    # sharded over unsharded: the old single file stays beside a whole index, which
+    # from_pretrained reads silently (a reviewer's probe); refused, naming both
+    _write_safetensors(tmp_path / "both", new, limit=16)
+    _write_safetensors(tmp_path / "old_single", old, limit=1 << 20)
+    (tmp_path / "old_single" / "model.safetensors").rename(tmp_path / "both" / "model.safetensors")
+    with pytest.raises(ValueError, match="holds two exports: model.safetensors and model.safe"):
+        SafetensorsFiles(tmp_path / "both")

@@ -2,6 +2,7 @@
 
 
 import pytest
+import torch
 
 import zeroshard
 from zeroshard._layout import ALIGN
@@ -38,6 +39,11 @@ def test_bad_figures_are_refused_naming_them(args, words):
     assert all(word in str(refusal.value) for word in words), refusal.value
     with pytest.raises(ValueError, match="optimizer_bytes.*-4"):
         zeroshard.estimate_memory(10, 2, optimizer_bytes=-4)
+    with pytest.raises(ValueError, match="shard_size.*True"):
+        zeroshard.estimate_memory(10, 2, shard_size=True)
+    # what stays accepted (a reviewer's probe): 4-bit weights, a whole float, a numel sum
+    assert zeroshard.estimate_memory(1000, 8.0, 2, param_bytes=0.5) == 500 + (2000 + 12000) / 8
+    assert zeroshard.estimate_memory(torch.tensor(1000), 4) == zeroshard.estimate_memory(1000, 4)
 
 
 def test_cli_prints_the_paper_table():

@@ -40,6 +40,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
 
 
 def target_device(model: nn.Module, device) -> torch.device:
@@ -101,8 +103,9 @@ class Initialisation:
         # name -> (integer tensor placed from meta, its version then): must be written
         self.placed_integers: dict[str, tuple[torch.Tensor, int]] = {}
 
-    def run(self, module: nn.Module) -> None:
-        with torch.no_grad():
+    def run(self, module: nn.Module, guard=None) -> None:
+        """Initialise ``module`` (inside ``guard``, a context manager, if given)."""
+        with torch.no_grad(), guard or contextlib.nullcontext():
             if self.init_fn is not None:
                 self.init_fn(module)
             else:
@@ -211,43 +214,55 @@ def writes_refused_inside_units(plan: Initialisation, module: nn.Module,
         hand-written ones do) moves no version counter of the parameter: a parent's
         override of its child's init (GPT-2's scaled ``c_proj``) was lost, silently (a
         helper's probe: ``c_proj`` at twice its std with ``units=Conv1D``). So during
-        the init each holds a sentinel on ``device``: one element of its dtype's
-        placeholder value repeated (stride 0). Most in-place writes into it raise
-        torch's overlap error, turned into this refusal; ``fill_`` and ``zero_``
-        change the one element, and a new ``.data`` its address: both are checked after
-        the init. The parameters then go back to what they held."""
-    outside = [(name, p) for name, p in module.named_parameters() if id(p) not in materialized]
-    held = []  # (parameter, what it held: None for meta, else its .data)
-    for _, param in outside:
-        sentinel = torch.full((1,), placeholder_value(param.dtype), dtype=param.dtype,
-                              device=device).expand(param.shape)
-        if param.is_meta:
-            held.append((param, None))
-            swap_in(param, sentinel)
-        else:
-            held.append((param, param.data))
-            param.data = sentinel
-    sentinels = [(p.data, p.untyped_storage().data_ptr(), p._version) for p, _ in held]
+        the init the modules hold, in those parameters' places, sentinels: parameters
+        of the same class, attributes and shape on ``device``, one element of the
+        dtype's placeholder value repeated (stride 0). An in-place operation writing a
+        sentinel (through any view, ``.data`` too), or writing another tensor from one (a
+        parent copying a child's values into its own parameter), is refused before it
+        runs, naming that parameter (``_SentinelWatch``); what escapes it (a write
+        through a C++ path that skips ``__torch_function__``) either raises torch's
+        overlap error for a stride-0 tensor or changes the one element or the address,
+        checked after the init. Then the parameters go back in their places: nothing is
+        swapped, so a failed init's traceback holding a sentinel keeps nothing from
+        coming back."""
+    outside = {id(p): name for name, p in module.named_parameters() if id(p) not in materialized}
+    sentinels: dict[int, nn.Parameter] = {}
+    for param in module.parameters():
+        if id(param) in outside:
+            sentinel = nn.Parameter(torch.full((1,), placeholder_value(param.dtype),
+                                               dtype=param.dtype, device=device)
+                                    .expand(param.shape), param.requires_grad)
+            sentinel.__class__ = type(param)
+            sentinel.__dict__.update(param.__dict__)
+            sentinels[id(param)] = sentinel
+    slots = [(m, n, p) for m in module.modules() for n, p in m._parameters.items()
+             if p is not None and id(p) in sentinels]
+    for m, name, param in slots:
+        m._parameters[name] = sentinels[id(param)]
+    before = {key: (s.untyped_storage().data_ptr(), s._version) for key, s in sentinels.items()}
+    watch = _SentinelWatch({before[key][0]: outside[key] for key in sentinels})
+    touched = None
     try:
-        try:
+        with watch:
             yield
-        except RuntimeError as error:
-            if "more than one element of the written-to tensor" not in str(error):
-                raise
-            raise ValueError(_written_inside(plan, module, [n for n, _ in outside],
-                                             "one of the parameters")) from error
-        written = [name for (name, p), (sentinel, address, version) in zip(outside, sentinels)
-                   if p.untyped_storage().data_ptr() != address or p._version != version
-                   or not _still_placeholder(sentinel)]
-        if written:
-            raise ValueError(_written_inside(plan, module, written))
+    except _SentinelTouched as error:
+        touched = error.name, error.how
+    except RuntimeError as error:
+        if "more than one element of the written-to tensor" not in str(error):
+            raise
+        touched = sorted(outside.values()), "one of the parameters"
     finally:
-        with torch.no_grad():
-            for param, data in held:
-                if data is None:
-                    swap_in(param, torch.empty_like(param, device="meta"))
-                else:
-                    param.data = data
+        for m, name, param in slots:
+            if m._parameters.get(name) is sentinels[id(param)]:  # else replaced: run() says so
+                m._parameters[name] = param
+    if touched is not None:
+        raise ValueError(_written_inside(plan, module, [touched[0]] if isinstance(touched[0], str)
+                                         else touched[0], touched[1]))
+    written = [outside[key] for key, s in sentinels.items()
+               if (s.untyped_storage().data_ptr(), s._version) != before[key]
+               or not _still_placeholder(s.data)]
+    if written:
+        raise ValueError(_written_inside(plan, module, written))
 
 
 def placeholder_value(dtype: torch.dtype):
@@ -266,6 +281,45 @@ def _still_placeholder(sentinel: torch.Tensor) -> bool:
         return True
     expected = placeholder_value(sentinel.dtype)
     return bool(value.isnan().all()) if expected != expected else bool((value == expected).all())
+
+
+class _SentinelTouched(Exception):
+    def __init__(self, name: str, how: str) -> None:
+        super().__init__(name)
+        self.name, self.how = name, how
+
+
+class _SentinelWatch(TorchFunctionMode):
+    """During a spanning init: an in-place operation writing a sentinel (through any view,
+    ``.data`` too), or writing another tensor from one (a parent copying a child's
+    values into its own parameter), raises naming that parameter, before it runs."""
+
+    def __init__(self, names: dict[int, str]) -> None:
+        super().__init__()
+        self._names = names  # storage address -> parameter name
+
+    def _sentinel(self, tensors) -> str | None:
+        for tensor in tensors:
+            if isinstance(tensor, torch.Tensor) and not tensor.is_meta:
+                name = self._names.get(tensor.untyped_storage().data_ptr())
+                if name is not None:
+                    return name
+        return None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if self._names and (name.endswith("_") and not name.endswith("__")
+                            or name in ("__setitem__", "copy_") or name.startswith("__i")):
+            # torch.nn.init's functions pass their tensor by keyword to the mode
+            written = args[:1] or [kwargs.get(k) for k in ("tensor", "input", "self") if k in kwargs][:1]
+            target = self._sentinel(tree_flatten(written)[0])
+            if target is not None:
+                raise _SentinelTouched(target, "parameters")
+            source = self._sentinel(tree_flatten((args[1:], kwargs))[0])
+            if source is not None:
+                raise _SentinelTouched(source, "values into its own tensors from parameters")
+        return func(*args, **kwargs)
 
 
 def _written_inside(plan: Initialisation, module: nn.Module, written: list[str],

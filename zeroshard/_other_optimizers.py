@@ -27,19 +27,23 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 _handle = None
 
 
-def refuse_other_optimizers_over(owner_of) -> None:
-    """Register the refusal (once per process). ``owner_of(param)`` is the open
-    ZeroOptimizer that manages ``param``, or None."""
+def refuse_other_optimizers_over(owners: dict, owner_of) -> None:
+    """Register the refusal (once per process). ``owners`` is the registry of managed
+    parameters (empty: nothing to check, at no cost per parameter); ``owner_of(param)``
+    is the open ZeroOptimizer that manages ``param``, or None."""
     global _handle
     if _handle is None:
-        _handle = register_optimizer_step_pre_hook(_StepRefusal(owner_of))
+        _handle = register_optimizer_step_pre_hook(_StepRefusal(owners, owner_of))
 
 
 class _StepRefusal:
-    def __init__(self, owner_of) -> None:
+    def __init__(self, owners: dict, owner_of) -> None:
+        self._owners = owners
         self._owner_of = owner_of
 
     def __call__(self, optimizer, args, kwargs) -> None:
+        if not self._owners:  # every ZeroOptimizer closed
+            return
         for index, group in enumerate(optimizer.param_groups):
             for position, param in enumerate(group["params"]):
                 owner = self._owner_of(param) if param.requires_grad else None

@@ -128,12 +128,9 @@ class Placement:
             materialized.update(id(p) for b in batches[step.batch] for p in b.params)
             spanning = {id(m) for m in step.spanning}
             for module in step.initialise:
-                if id(module) in spanning:
-                    with _materialize.writes_refused_inside_units(init, module, materialized,
-                                                                  device):
-                        init.run(module)
-                else:
-                    init.run(module)
+                guard = _materialize.writes_refused_inside_units(
+                    init, module, materialized, device) if id(module) in spanning else None
+                init.run(module, guard)
             for index in step.finish:
                 for bucket in batches[index]:
                     bucket.adopt_replaced_data()

@@ -201,14 +201,22 @@ class SafetensorsFiles(Mapping):
     def __init__(self, path) -> None:
         path = Path(path)
         if path.is_dir():
-            # Hugging Face's from_pretrained reads the single file first, so a folder
-            # save_pretrained wrote unsharded over a sharded save (its index left behind)
-            # is read as from_pretrained reads it (the index went first, and its missing
-            # shards failed with a raw FileNotFoundError: a helper's probe)
+            # save_pretrained unsharded over a sharded save removes the shards and leaves
+            # the index: read the single file, as from_pretrained does (the index went
+            # first, and its missing shards failed with a raw FileNotFoundError: a
+            # helper's probe). Sharded over unsharded leaves the old single file beside a
+            # whole index, which from_pretrained reads silently: refused (a reviewer's)
+            indexed = _indexed_files(path)
             if (path / SINGLE).is_file():
+                if indexed not in ([], [SINGLE]) and all((path / f).is_file() for f in indexed):
+                    raise ValueError(
+                        f"folder {str(path)!r} holds two exports: {SINGLE} and {INDEX} with "
+                        "every file it lists (save_pretrained sharded over an unsharded save "
+                        f"leaves the old {SINGLE}, and from_pretrained then reads it); remove "
+                        "the stale one, or pass the file to load")
                 files = [SINGLE]
-            elif (path / INDEX).is_file():
-                files = sorted(set(json.loads((path / INDEX).read_text())["weight_map"].values()))
+            elif indexed:
+                files = indexed
                 missing = [f for f in files if not (path / f).is_file()]
                 if missing:
                     raise ValueError(f"{str(path / INDEX)!r} lists files the folder lacks: "
@@ -253,6 +261,13 @@ class SafetensorsFiles(Mapping):
         if not data:
             return torch.empty(0, dtype=dtype)
         return torch.frombuffer(bytearray(data), dtype=dtype)
+
+
+def _indexed_files(folder: Path) -> list[str]:
+    """The files ``folder``'s index lists (none without an index)."""
+    if not (folder / INDEX).is_file():
+        return []
+    return sorted(set(json.loads((folder / INDEX).read_text())["weight_map"].values()))
 
 
 def _read_header(file: Path) -> dict[str, tuple[Path, int, torch.dtype, tuple[int, ...]]]:

@@ -33,11 +33,15 @@ def estimate_memory(num_params: float, world_size: int, stage: int | None = None
     shards), where every replica holds the model states divided by S, not by the
     world size.
     """
-    _check_count("num_params", num_params, real=True)
-    _check_count("world_size", world_size, smallest=1)
-    for name, value in (("param_bytes", param_bytes), ("grad_bytes", grad_bytes),
-                        ("optimizer_bytes", optimizer_bytes)):
-        _check_count(name, value)
+    num_params = _check_count("num_params", num_params, real=True)
+    world_size = _check_count("world_size", world_size, smallest=1)
+    if shard_size is not None:
+        shard_size = _check_count("shard_size", shard_size, smallest=1)
+    # bytes per parameter may be fractional: 4-bit weights are 0.5
+    param_bytes, grad_bytes, optimizer_bytes = (
+        _check_count(name, value, real=True) for name, value in (
+            ("param_bytes", param_bytes), ("grad_bytes", grad_bytes),
+            ("optimizer_bytes", optimizer_bytes)))
     if stage is not None and (isinstance(stage, bool) or stage not in (0, 1, 2, 3)):
         raise ValueError(f"stage must be 0 (plain data parallel), 1, 2 or 3; got {stage!r}")
     n = world_size if shard_size is None else shard_size
@@ -57,15 +61,19 @@ def estimate_memory(num_params: float, world_size: int, stage: int | None = None
     return table["dp" if stage == 0 else stage]
 
 
-def _check_count(name: str, value, smallest: int = 0, real: bool = False) -> None:
-    """A whole number (a real one where ``real``: 7.5e9 parameters) of at least
-    ``smallest``; a bool, NaN or a fraction of a rank gave nonsense figures (a helper's
-    probe: negative bytes, "nan B")."""
-    kinds = numbers.Real if real else numbers.Integral
-    if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value) \
-            or value < smallest:
+def _check_count(name: str, value, smallest: int = 0, real: bool = False):
+    """``value`` as a number of at least ``smallest``: a whole one (8.0 is 8) unless
+    ``real`` (7.5e9 parameters, 0.5 bytes); a 0-dim tensor (a sum of ``numel()``) is its
+    number. A bool, NaN, a negative count or a fraction of a rank gave nonsense figures
+    (a helper's probe: negative bytes, "nan B")."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.dtype == torch.bool:
+        value = value.item()
+    number = value if isinstance(value, numbers.Real) and not isinstance(value, bool) else None
+    if number is None or not math.isfinite(number) or number < smallest or \
+            (not real and number != int(number)):
         whole = "a finite number" if real else "a whole number"
         raise ValueError(f"{name} must be {whole} >= {smallest}, got {value!r}")
+    return number if real else int(number)
 
 
 def storage_key(tensor: torch.Tensor) -> tuple[int, int]:

@@ -185,7 +185,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._install_model_hooks(broadcast_buffers)
         for param in model.parameters():
             _owners[id(param)] = (weakref.ref(param), weakref.ref(self))
-        refuse_other_optimizers_over(_owner_of)  # Note [another optimizer over managed parameters]
+        refuse_other_optimizers_over(_owners, _owner_of)  # Note [another optimizer over managed parameters]
         self._constructed = True
 
     def _remember_model(self, model: nn.Module) -> None:
