@@ -224,7 +224,10 @@ def writes_refused_inside_units(plan: Initialisation, module: nn.Module,
         overlap error for a stride-0 tensor or changes the one element or the address,
         checked after the init. Then the parameters go back in their places: nothing is
         swapped, so a failed init's traceback holding a sentinel keeps nothing from
-        coming back."""
+        coming back. An init that kept the parameter objects themselves from before
+        (a closure over ``model.parameters()``) writes them, not the sentinels: an
+        in-place write there moves their version counter and is refused too; one
+        through their ``.data`` is not seen."""
     outside = {id(p): name for name, p in module.named_parameters() if id(p) not in materialized}
     sentinels: dict[int, nn.Parameter] = {}
     for param in module.parameters():
@@ -237,6 +240,7 @@ def writes_refused_inside_units(plan: Initialisation, module: nn.Module,
             sentinels[id(param)] = sentinel
     slots = [(m, n, p) for m in module.modules() for n, p in m._parameters.items()
              if p is not None and id(p) in sentinels]
+    originals = {id(p): (p, p._version) for _, _, p in slots}  # written if the init held them
     for m, name, param in slots:
         m._parameters[name] = sentinels[id(param)]
     before = {key: (s.untyped_storage().data_ptr(), s._version) for key, s in sentinels.items()}
@@ -260,7 +264,7 @@ def writes_refused_inside_units(plan: Initialisation, module: nn.Module,
                                          else touched[0], touched[1]))
     written = [outside[key] for key, s in sentinels.items()
                if (s.untyped_storage().data_ptr(), s._version) != before[key]
-               or not _still_placeholder(s.data)]
+               or not _still_placeholder(s.data) or originals[key][0]._version != originals[key][1]]
     if written:
         raise ValueError(_written_inside(plan, module, written))
 
