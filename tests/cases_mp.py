@@ -359,3 +359,66 @@ def complex_and_integer_parameters(ctx, stage: int, policy: bool) -> dict:
                               bool(torch.equal(p, original[name])) if name == "pick" else None)
                        for name, p in model.named_parameters()}
     return outcome
+
+
+def ema_in_full_precision(ctx, stage: int, steps: int = 4, decay: float = 0.9) -> dict:
+    """An fp32 EMA teacher (DINO's) under a bf16 policy, updated inside
+    ``summon_full_params(full_precision=True)``, and a write made there (the weights
+    halved at step 1); beside it the reference of ``train_mixed_precision`` (DDP over a
+    bf16 copy, fp32 masters kept here) with its EMA updated from its masters and the
+    same write on them. Returns the largest differences of the EMAs, of the masters, and
+    the dtypes the parameters had inside the block."""
+    spec = {"kind": "mlp", "d_in": 5, "hidden": 7, "d_out": 3, "depth": 2, "frozen": False,
+            "unused_branch": False}
+    model = build_model(spec, seed=100)
+    policy = zeroshard.MixedPrecision(param_dtype=torch.bfloat16, buffer_dtype=torch.bfloat16,
+                                      output_dtype=torch.float32)
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.AdamW, stage=stage, lr=1e-2,
+                                  mixed_precision=policy, process_group=ctx.group,
+                                  **({"units": nn.Linear} if stage == 3 else {}))
+    reference = build_model(spec, seed=100)
+    masters = [p.detach().clone() for p in reference.parameters()]
+    reference.to(torch.bfloat16)
+    ddp = DDP(reference, process_group=ctx.group)
+    ref_opt = torch.optim.AdamW(masters, lr=1e-2)
+    with opt.summon_full_params(full_precision=True):
+        ema = [p.detach().clone() for p in model.parameters()]
+        dtypes = {str(p.dtype) for p in model.parameters()}
+    ref_ema = [m.clone() for m in masters]
+    for step in range(steps):
+        batch = make_batch(spec, seed=1000 * step, rank=ctx.rank, batch=4)
+        low_precision_loss(spec, model, batch, torch.bfloat16, cast=False).backward()
+        low_precision_loss(spec, ddp, batch, torch.bfloat16, cast=True).backward()
+        for master, param in zip(masters, reference.parameters()):
+            master.grad = param.grad.float()
+        opt.step()
+        ref_opt.step()
+        opt.zero_grad()
+        ref_opt.zero_grad()
+        ddp.zero_grad(set_to_none=True)
+        with opt.summon_full_params(full_precision=True), torch.no_grad():
+            for e, p in zip(ema, model.parameters()):
+                e.lerp_(p, 1 - decay)
+            if step == 1:
+                for p in model.parameters():
+                    p.mul_(0.5)
+        with torch.no_grad():
+            for e, master in zip(ref_ema, masters):
+                e.lerp_(master, 1 - decay)
+            if step == 1:
+                for master in masters:
+                    master.mul_(0.5)
+            for master, param in zip(masters, reference.parameters()):
+                param.copy_(master)
+    zero_masters = opt.sharding.gather_masters()
+    result = {
+        "ema": max(float((a - b).abs().max()) for a, b in zip(ema, ref_ema)),
+        "masters": max(float((zero_masters[id(p)] - m).abs().max())
+                       for p, m in zip(model.parameters(), masters)),
+        "dtypes": sorted(dtypes), "ema_dtype": str(ema[0].dtype)}
+    with opt.summon_full_params():
+        result["params"] = max(float((p.float() - q.float()).abs().max())
+                               for p, q in zip(model.parameters(), reference.parameters()))
+        result["outside_dtypes"] = sorted({str(p.dtype) for p in model.parameters()})
+    opt.close()
+    return result

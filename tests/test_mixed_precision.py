@@ -308,3 +308,16 @@ def test_complex_and_integer_parameters_keep_their_dtype_and_train_like_ddp(pool
         assert weight[:2] == (torch.cfloat, torch.cfloat), weight
     saved = outcomes[0]["saved"]  # rank 0 wrote it, with dtype=torch.bfloat16
     assert saved == {"pick": (torch.int64, True), "weight": (torch.cfloat, True)}, saved
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_an_fp32_ema_is_kept_from_the_masters_inside_summon_full_params(pool, stage):
+    """Note [full precision inside summon_full_params]: under a bf16 policy the block showed
+    the bf16 casts, so an EMA teacher copied or updated there barely moved (a helper's
+    probe: 4831 of 5042 elements never changed in 6 steps), silently. full_precision=True
+    shows the fp32 masters, and a write made there reaches them exactly."""
+    for result in pool.run(cases_mp.ema_in_full_precision, 2, stage):
+        assert result["dtypes"] == ["torch.float32"] and result["ema_dtype"] == "torch.float32"
+        assert result["outside_dtypes"] == ["torch.bfloat16"], result
+        assert result["ema"] == 0.0 and result["masters"] == 0.0, result
+        assert result["params"] == 0.0, result

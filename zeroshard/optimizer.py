@@ -17,6 +17,7 @@ from ._ddp_guard import DDPGuard
 from ._hooks import EagerOnlyHook, WeakHook
 from ._inner import InnerOptimizers, class_of, hyperparameters, step_cost
 from ._masters import masters_for
+from ._masters_shown import masters_shown
 from ._other_optimizers import refuse_other_optimizers_over
 from ._placement import Placement
 from ._plan import ShardingView, plan_sharding, work_balance
@@ -154,6 +155,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.mixed_precision = mixed_precision
         self._masters = masters_for(mixed_precision)  # what the inner optimizer steps
         self._places: dict | None = None  # for _load_into_masters
+        self._masters_shown = False  # inside summon_full_params(full_precision=True)
         self.comm_stats = _comm.CommStats()
 
         # 2. Plan: buckets, units, owners of parameters stepped whole (no collective).
@@ -361,21 +363,34 @@ class ZeroOptimizer(torch.optim.Optimizer):
             stage.switches.require_sync = previous
 
     @contextlib.contextmanager
-    def summon_full_params(self):
+    def summon_full_params(self, full_precision: bool = False):
         """Inside, every parameter holds its full current value.
 
         Stage 3 gathers every unit and, on exit, keeps each rank's own slice of what
         the parameters hold then (so writes persist) and frees the full buffers.
         Stages 1 and 2 keep parameters whole anyway. Write the same value on every
         rank: each rank keeps only its own slice of a write. Blocks may nest.
+
+        With a MixedPrecision policy the parameters hold their ``param_dtype`` casts;
+        ``full_precision=True`` shows the fp32 masters instead, and writes made inside
+        reach them exactly (an EMA teacher's update; collective at every stage: Note
+        [full precision inside summon_full_params] in _masters_shown.py).
         """
         stage = self._live
+        if not isinstance(full_precision, bool):
+            raise TypeError(f"full_precision must be True or False, got {full_precision!r}")
         stage.refuse_abandoned_backward("opt.summon_full_params()")
         nested = stage.switches.summoned > 0  # the outermost gathers, and keeps writes on exit
+        show = full_precision and self.mixed_precision is not None and not self._masters_shown
         stage.switches.summoned += 1
         try:
             with contextlib.nullcontext() if nested else stage.summon_full_params():
-                yield
+                with masters_shown(self._view, self._masters) if show else contextlib.nullcontext():
+                    self._masters_shown |= show
+                    try:
+                        yield
+                    finally:
+                        self._masters_shown &= not show
         finally:
             stage.switches.summoned -= 1
 
