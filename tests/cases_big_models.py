@@ -370,6 +370,13 @@ def meta_init_refused(ctx, which: str):
                 deterministic_init(module)
         return init
 
+    def freezing_a_child(module):  # the plan sharded it trainable: a raw AttributeError came later
+        if isinstance(module, nn.Linear):
+            deterministic_init(module)
+        if isinstance(module, Pair):
+            module.scale.copy_(torch.arange(1.0, 5.0))
+            module.inner.weight.requires_grad_(False)
+
     def copying_from_a_child(module):  # a parent taking a child's values: it reads a unit inside it
         if isinstance(module, Pair):
             module.scale.copy_(module.inner.weight[0])
@@ -383,6 +390,7 @@ def meta_init_refused(ctx, which: str):
     init_fn, units = {"raises": (failing, nn.Linear), "spans": (deterministic_init, nn.Linear),
                       "replaces": (replacing, None), "forgets": (forgetting, Pair),
                       "spans_copied_from_a_child": (copying_from_a_child, nn.Linear),
+                      "spans_freezes_a_child": (freezing_a_child, nn.Linear),
                       **{name: (spanning_through_data(write), nn.Linear)
                          for name, write in through_data.items()}}[which]
     with torch.device("meta"):
@@ -589,3 +597,24 @@ def load_keys_of_older_checkpoints(ctx, stage: int, extra: str):
             and torch.equal(model.position_ids, torch.arange(4)))
     opt.close()
     return refusal, loaded, kept
+
+
+def spanning_init_tags_its_children(ctx) -> list:
+    """A parent's init setting an attribute on its children's parameters (a ``no_decay``
+    tag) at stage 3, where the children are units of their own: the tag was set on the
+    sentinel standing in for each and lost (a reviewer's probe). Returns each Linear
+    weight's tag."""
+    def init(module):
+        if isinstance(module, nn.Linear):
+            deterministic_init(module)
+        if isinstance(module, Pair):
+            module.scale.copy_(torch.arange(1.0, 5.0))
+            for param in module.parameters():
+                param.no_decay = True
+    with torch.device("meta"):
+        model = build_pairs()
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=3, process_group=ctx.group,
+                                  lr=0.1, device="cpu", init_fn=init, units=nn.Linear)
+    tags = [getattr(m.weight, "no_decay", None) for m in model.modules() if isinstance(m, nn.Linear)]
+    opt.close()
+    return tags

@@ -422,3 +422,48 @@ def ema_in_full_precision(ctx, stage: int, steps: int = 4, decay: float = 0.9) -
         result["outside_dtypes"] = sorted({str(p.dtype) for p in model.parameters()})
     opt.close()
     return result
+
+
+def full_precision_block_edges(ctx, stage: int) -> dict:
+    """What a reviewer's probes found around ``summon_full_params(full_precision=True)``:
+    a write made in a plain block, then a full-precision block nested inside it (stage 3
+    undid the write); ``full_state_dict()`` inside a full-precision block after a write
+    there (it read the masters without it); a load and a step inside (the load was
+    undone at stages 1-2; the step crashed at stage 3). Returns the differences and the
+    refusals."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=stage, lr=0.1,
+                                  mixed_precision=zeroshard.MixedPrecision(param_dtype=torch.bfloat16),
+                                  process_group=ctx.group,
+                                  **({"units": nn.Linear} if stage == 3 else {}))
+    model(torch.randn(3, 4)).float().sum().backward()
+    opt.step()
+    opt.zero_grad()
+    weight = model[0].weight
+    start = opt.sharding.gather_masters()[id(weight)].clone()
+    with opt.summon_full_params(), torch.no_grad():
+        weight.mul_(2)  # a bf16 write, exact (a power of two)
+        with opt.summon_full_params(full_precision=True):
+            seen = weight.clone()
+    doubled = start.to(torch.bfloat16).float() * 2  # what the bf16 write put there
+    out = {"nested_seen": float((seen - doubled).abs().max()),
+           "nested_kept": float((opt.sharding.gather_masters()[id(weight)] - doubled).abs().max())}
+    with opt.summon_full_params(full_precision=True), torch.no_grad():
+        weight.mul_(1 / 3)  # not exact in bf16: only the fp32 master holds it
+        full = opt.full_state_dict()
+    expected = doubled * (1 / 3)
+    out["saved_inside"] = None if full is None else float((full[0]["0.weight"] - expected).abs().max())
+    refusals = {}
+    for what, action in (("step", opt.step), ("load", lambda: opt.load_full_state_dict(
+            {k: v.float() for k, v in model.state_dict().items()} if stage != 3 else None))):
+        try:
+            with opt.summon_full_params(full_precision=True):
+                action()
+            refusals[what] = None
+        except RuntimeError as error:
+            refusals[what] = str(error)
+    out["refusals"] = refusals
+    out["after"] = float((opt.sharding.gather_masters()[id(weight)] - expected).abs().max())
+    opt.close()
+    return out

@@ -153,6 +153,8 @@ def test_meta_init_runs_like_model_apply(pool, stage, units, init):
     ("spans_new_data", "ValueError", ["'0'", "Pair", "wrote parameters ['inner.weight']"]),
     ("spans_copied_from_a_child", "ValueError", ["'0'", "Pair", "values into its own tensors",
                                                  "['inner.weight']"]),
+    ("spans_freezes_a_child", "ValueError", ["'0'", "changed requires_grad", "'0.inner.weight'",
+                                             "before passing the model"]),
     ("replaces", "ValueError", ["'0.inner'", "0.inner.weight", "in place"]),
     ("forgets", "ValueError", ["0.inner.weight", "no value", "init_fn"])])
 def test_meta_init_that_cannot_work_is_refused_and_the_model_can_be_placed_again(pool, which,
@@ -290,6 +292,11 @@ def test_keys_of_older_checkpoints_load_as_from_pretrained_loads_them(pool, stag
         else:
             assert refusal is None and loaded, refusal
         assert kept
+
+
+def test_a_spanning_inits_attributes_on_its_childrens_parameters_are_kept(pool):
+    for tags in pool.run(cases_big_models.spanning_init_tags_its_children, 2):
+        assert tags and all(tag is True for tag in tags), tags
 
 
 def _write_safetensors(folder, tensors: dict, limit: int) -> None:

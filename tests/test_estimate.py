@@ -44,6 +44,9 @@ def test_bad_figures_are_refused_naming_them(args, words):
     # what stays accepted (a reviewer's probe): 4-bit weights, a whole float, a numel sum
     assert zeroshard.estimate_memory(1000, 8.0, 2, param_bytes=0.5) == 500 + (2000 + 12000) / 8
     assert zeroshard.estimate_memory(torch.tensor(1000), 4) == zeroshard.estimate_memory(1000, 4)
+    # a stage given as a tensor or a whole float (a raw KeyError for the tensor before)
+    assert zeroshard.estimate_memory(1000, 4, torch.tensor(2)) == zeroshard.estimate_memory(1000, 4, 2)
+    assert zeroshard.estimate_memory(1000, 4, 2.0) == zeroshard.estimate_memory(1000, 4, 2)
 
 
 def test_cli_prints_the_paper_table():

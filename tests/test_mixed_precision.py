@@ -321,3 +321,18 @@ def test_an_fp32_ema_is_kept_from_the_masters_inside_summon_full_params(pool, st
         assert result["outside_dtypes"] == ["torch.bfloat16"], result
         assert result["ema"] == 0.0 and result["masters"] == 0.0, result
         assert result["params"] == 0.0, result
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_full_precision_blocks_keep_writes_made_around_them_and_refuse_loads_and_steps(pool, stage):
+    """A reviewer's probes: at stage 3 a full-precision block nested in a plain one
+    undid the plain block's write (0.428 off); a full_state_dict() inside missed a write
+    made before it in the block (0.219); a load inside was undone at the block's end at
+    stages 1-2 (0.777), and a step inside crashed at stage 3 (SIGSEGV)."""
+    for result in pool.run(cases_mp.full_precision_block_edges, 2, stage):
+        assert result["nested_seen"] == 0.0 and result["nested_kept"] == 0.0, result
+        assert result["saved_inside"] in (None, 0.0), result  # rank 0 holds it
+        assert result["after"] == 0.0, result
+        for what, refusal in result["refusals"].items():
+            assert refusal is not None and "inside `with opt.summon_full_params():`" in refusal, \
+                (what, refusal)

@@ -15,47 +15,63 @@ Note [full precision inside summon_full_params]:
     full precision (BatchNorm) is fp32 anyway. A forward inside still has its inputs
     cast to ``param_dtype`` by the policy: evaluate in another block, or under
     ``torch.autocast``. If the block raises, the parameters get their casts back and
-    the masters are left as they were.
+    the masters are left as they were. Whatever reads the masters inside the block (a
+    save, ``full_state_dict()``) takes the writes made so far first (``flush``, called by
+    ``ShardingView.take_outside_writes``); loads and ``step()`` inside are refused, as
+    the block's end would write the parameters' values back over theirs.
 """
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 
-@contextlib.contextmanager
-def masters_shown(view, masters):
-    """Inside, every parameter with a separate fp32 master holds its full fp32 value
-    (``view``: the optimizer's ShardingView; ``masters``: its Fp32Masters)."""
-    buckets = [b for b in view.take_outside_writes()
-               if b.master is not None and b.master is not b.shard]
-    shown = []  # (bucket, index, parameter, the cast it held)
-    with torch.no_grad():
-        for bucket in buckets:
-            full = view.gather_shard(bucket.master)
+class MastersShown:
+    """Inside (a context manager), every parameter with a separate fp32 master holds its
+    full fp32 value (``view``: the optimizer's ShardingView; ``masters``: its
+    Fp32Masters)."""
+
+    def __init__(self, view, masters) -> None:
+        self._view, self._masters = view, masters
+        self._buckets = []
+        self._shown = []  # (bucket, index, parameter, the cast it held)
+
+    @torch.no_grad()
+    def __enter__(self) -> MastersShown:
+        self._buckets = [b for b in self._view.take_outside_writes()
+                         if b.master is not None and b.master is not b.shard]
+        for bucket in self._buckets:
+            full = self._view.gather_shard(bucket.master)
             for index, param in enumerate(bucket.params):
-                shown.append((bucket, index, param, param.data))
+                self._shown.append((bucket, index, param, param.data))
                 param.data = bucket.param_view(full, index)
-    completed = False
-    try:
-        yield
-        completed = True
-    finally:
-        with torch.no_grad():
-            misfits = [bucket.param_names[index] for bucket, index, param, cast in shown
-                       if param.shape != cast.shape]
-            for bucket, index, param, cast in shown:
-                value = param.data  # written in place, or given new .data
-                param.data = cast
-                if completed and not misfits:
-                    masters.load(bucket, index, value)
-                    cast.copy_(value)
-            if completed and not misfits:
-                for bucket in buckets:
-                    masters.to_shard(bucket)
-    if misfits:
-        raise ValueError(f"parameters {misfits[:3]} were given new data of another shape inside "
-                         "summon_full_params(full_precision=True); nothing was kept. To change "
-                         "a shape, opt.close(), change the model, then build a new ZeroOptimizer")
+        return self
+
+    def _misfits(self) -> list[str]:
+        return [bucket.param_names[index] for bucket, index, param, cast in self._shown
+                if param.shape != cast.shape]
+
+    @torch.no_grad()
+    def flush(self) -> None:
+        """The masters take what the parameters hold now, exactly; the casts and the
+        shards follow (a parameter given data of another shape waits for the exit)."""
+        for bucket, index, param, cast in self._shown:
+            if param.shape == cast.shape:
+                self._masters.load(bucket, index, param.data)
+                cast.copy_(param.data)
+        for bucket in self._buckets:
+            self._masters.to_shard(bucket)
+
+    @torch.no_grad()
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        misfits = self._misfits()
+        if exc_type is None and not misfits:
+            self.flush()
+        for _, _, param, cast in self._shown:
+            param.data = cast
+        self._shown = []
+        if exc_type is None and misfits:
+            raise ValueError(f"parameters {misfits[:3]} were given new data of another shape "
+                             "inside summon_full_params(full_precision=True); nothing was kept. "
+                             "To change a shape, opt.close(), change the model, then build a "
+                             "new ZeroOptimizer")

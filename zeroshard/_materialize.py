@@ -100,6 +100,7 @@ class Initialisation:
     def __post_init__(self) -> None:
         self.slots = [(m, name, p) for m in self.model.modules()
                       for name, p in m._parameters.items()]
+        self.trainable = {id(p): p.requires_grad for _, _, p in self.slots if p is not None}
         # name -> (integer tensor placed from meta, its version then): must be written
         self.placed_integers: dict[str, tuple[torch.Tensor, int]] = {}
 
@@ -112,6 +113,14 @@ class Initialisation:
                 module.reset_parameters()
         replaced = [f"{self.names[id(m)]}.{name}" for m, name, p in self.slots
                     if m._parameters.get(name) is not p]
+        refrozen = [f"{self.names[id(m)]}.{name}".lstrip(".") for m, name, p in self.slots
+                    if p is not None and p.requires_grad != self.trainable[id(p)]]
+        if refrozen:  # the plan sharded them as they were (a raw AttributeError came later)
+            raise ValueError(
+                f"initialising module {self.names[id(module)]!r} ({type(module).__name__}) "
+                f"changed requires_grad of parameters {refrozen[:3]}, which ZeroOptimizer had "
+                "already sharded as they were; freeze or unfreeze parameters before passing the "
+                "model to ZeroOptimizer(...)")
         if replaced:
             raise ValueError(
                 f"initialising module {self.names[id(module)]!r} ({type(module).__name__}) "
@@ -232,9 +241,9 @@ def writes_refused_inside_units(plan: Initialisation, module: nn.Module,
     sentinels: dict[int, nn.Parameter] = {}
     for param in module.parameters():
         if id(param) in outside:
-            sentinel = nn.Parameter(torch.full((1,), placeholder_value(param.dtype),
-                                               dtype=param.dtype, device=device)
-                                    .expand(param.shape), param.requires_grad)
+            one = torch.full((1,) if param.dim() else (), placeholder_value(param.dtype),
+                             dtype=param.dtype, device=device)  # a 0-dim one stays 0-dim
+            sentinel = nn.Parameter(one.expand(param.shape), param.requires_grad)
             sentinel.__class__ = type(param)
             sentinel.__dict__.update(param.__dict__)
             sentinels[id(param)] = sentinel
@@ -257,8 +266,14 @@ def writes_refused_inside_units(plan: Initialisation, module: nn.Module,
         touched = sorted(outside.values()), "one of the parameters"
     finally:
         for m, name, param in slots:
-            if m._parameters.get(name) is sentinels[id(param)]:  # else replaced: run() says so
+            sentinel = sentinels[id(param)]
+            if m._parameters.get(name) is sentinel:  # else replaced: run() says so
                 m._parameters[name] = param
+            # what the init set on it stays (a no_decay tag, requires_grad: a reviewer's
+            # probe found them lost), as on a parameter initialised in its own unit
+            param.__dict__.update(sentinel.__dict__)
+            if param.requires_grad != sentinel.requires_grad:
+                param.requires_grad_(sentinel.requires_grad)
     if touched is not None:
         raise ValueError(_written_inside(plan, module, [touched[0]] if isinstance(touched[0], str)
                                          else touched[0], touched[1]))
@@ -293,6 +308,9 @@ class _SentinelTouched(Exception):
         self.name, self.how = name, how
 
 
+_NOT_WRITES = {"requires_grad_", "share_memory_"}  # in-place by name, writing no values
+
+
 class _SentinelWatch(TorchFunctionMode):
     """During a spanning init: an in-place operation writing a sentinel (through any view,
     ``.data`` too), or writing another tensor from one (a parent copying a child's
@@ -313,7 +331,7 @@ class _SentinelWatch(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
-        if self._names and (name.endswith("_") and not name.endswith("__")
+        if self._names and name not in _NOT_WRITES and (name.endswith("_") and not name.endswith("__")
                             or name in ("__setitem__", "copy_") or name.startswith("__i")):
             # torch.nn.init's functions pass their tensor by keyword to the mode
             written = args[:1] or [kwargs.get(k) for k in ("tensor", "input", "self") if k in kwargs][:1]

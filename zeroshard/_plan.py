@@ -171,10 +171,20 @@ class ShardingView:
 
     def take_outside_writes(self) -> tuple[FlatBucket, ...]:
         """With mixed precision, the masters take what was written to the parameters
-        since the last step (``absorb_outside_writes`` in _masters.py); returns the buckets."""
+        since the last step (``absorb_outside_writes`` in _masters.py); returns the buckets.
+        Inside ``summon_full_params()`` the writes made so far in the block too: at stage
+        3 those in the gathered buffers, with ``full_precision=True`` those in the masters'
+        copies, which reached the masters at the block's end only, so a save, a
+        ``full_state_dict()`` or a nested block inside missed them (a reviewer's probes)."""
+        opt = self._open()
         buckets, masters = self.buckets, self.masters
+        if opt._masters_shown is not None:
+            opt._masters_shown.flush()
+        summoned = opt._stage.switches.summoned
         for bucket in buckets:
             masters.absorb_outside_writes(bucket)
+            if summoned and bucket.shard_owns_storage and bucket.is_gathered:
+                masters.take_gathered_writes(bucket)
         return buckets
 
     def reading_structure(self):

@@ -42,8 +42,14 @@ def estimate_memory(num_params: float, world_size: int, stage: int | None = None
         _check_count(name, value, real=True) for name, value in (
             ("param_bytes", param_bytes), ("grad_bytes", grad_bytes),
             ("optimizer_bytes", optimizer_bytes)))
-    if stage is not None and (isinstance(stage, bool) or stage not in (0, 1, 2, 3)):
-        raise ValueError(f"stage must be 0 (plain data parallel), 1, 2 or 3; got {stage!r}")
+    if stage is not None:
+        given = stage
+        if isinstance(stage, torch.Tensor) and stage.dim() == 0 and stage.dtype != torch.bool:
+            stage = stage.item()
+        if isinstance(stage, bool) or not isinstance(stage, numbers.Real) \
+                or stage not in (0, 1, 2, 3):  # a whole float (2.0) is its stage
+            raise ValueError(f"stage must be 0 (plain data parallel), 1, 2 or 3; got {given!r}")
+        stage = int(stage)
     n = world_size if shard_size is None else shard_size
     if not (1 <= n <= world_size and world_size % n == 0):
         raise ValueError(f"shard_size must divide world_size ({world_size}) into replicas of "

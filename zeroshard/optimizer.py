@@ -17,7 +17,7 @@ from ._ddp_guard import DDPGuard
 from ._hooks import EagerOnlyHook, WeakHook
 from ._inner import InnerOptimizers, class_of, hyperparameters, step_cost
 from ._masters import masters_for
-from ._masters_shown import masters_shown
+from ._masters_shown import MastersShown
 from ._other_optimizers import refuse_other_optimizers_over
 from ._placement import Placement
 from ._plan import ShardingView, plan_sharding, work_balance
@@ -155,7 +155,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.mixed_precision = mixed_precision
         self._masters = masters_for(mixed_precision)  # what the inner optimizer steps
         self._places: dict | None = None  # for _load_into_masters
-        self._masters_shown = False  # inside summon_full_params(full_precision=True)
+        self._masters_shown = None  # a MastersShown, inside summon_full_params(full_precision=True)
         self.comm_stats = _comm.CommStats()
 
         # 2. Plan: buckets, units, owners of parameters stepped whole (no collective).
@@ -385,12 +385,14 @@ class ZeroOptimizer(torch.optim.Optimizer):
         stage.switches.summoned += 1
         try:
             with contextlib.nullcontext() if nested else stage.summon_full_params():
-                with masters_shown(self._view, self._masters) if show else contextlib.nullcontext():
-                    self._masters_shown |= show
+                shown = MastersShown(self._view, self._masters) if show else None
+                with shown or contextlib.nullcontext():
+                    self._masters_shown = self._masters_shown or shown
                     try:
                         yield
                     finally:
-                        self._masters_shown &= not show
+                        if show:
+                            self._masters_shown = None
         finally:
             stage.switches.summoned -= 1
 
@@ -433,6 +435,13 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._live.switches.summoned and (self.stage == 3 or self._masters_shown):
+            # stage 3's step releases the units the block holds gathered (torch's raw
+            # "setStorage" error, or a crash with the masters shown: a reviewer's probe);
+            # with the masters shown the parameters hold copies the block's end writes back
+            raise RuntimeError(f"zeroshard stage {self.stage}: opt.step() inside `with "
+                               "opt.summon_full_params():` would step parameters the block "
+                               "holds; call it after the block")
         _validate.check_trainable_unchanged(self._model, self._trainable_at_construction)
         _validate.check_parameters_unreplaced(self._model, self._parameter_ids)
         self._live.check_parameters_in_place()
@@ -626,15 +635,18 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     def _refuse_load(self, action: str) -> None:
         """Before a load (``action``), on every rank alike (no collective yet): after a
-        backward that raised (Note [a backward that raised] in _reducer.py), and at stage
-        3 inside ``summon_full_params()``, where the load fills the shards and the end of
-        the block wrote the gathered parameters' old places back over them (torch's raw
-        "setStorage" error there, a helper's probe)."""
+        backward that raised (Note [a backward that raised] in _reducer.py), and inside
+        ``summon_full_params()`` at stage 3 or with the masters shown, where the load
+        fills the shards (masters) and the end of the block wrote the parameters' values
+        back over them (torch's raw "setStorage" error at stage 3, a helper's probe; at
+        stages 1-2 with ``full_precision=True`` the load was undone silently, a
+        reviewer's)."""
         self._live.refuse_abandoned_backward(action)
-        if self.stage == 3 and self._live.switches.summoned:
-            raise RuntimeError(f"zeroshard stage 3: {action} inside `with opt.summon_full_params():` "
-                               "loads into the shards, which the end of the block overwrites "
-                               "with the gathered parameters; call it after the block")
+        if (self.stage == 3 or self._masters_shown) and self._live.switches.summoned:
+            raise RuntimeError(f"zeroshard stage {self.stage}: {action} inside `with "
+                               "opt.summon_full_params():` loads into the shards, which the end "
+                               "of the block overwrites with the parameters; call it after the "
+                               "block")
 
     @property
     def _rank(self) -> int:
