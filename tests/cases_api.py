@@ -747,3 +747,25 @@ def models_or_arguments_that_differ_across_ranks(ctx, which: str) -> str | None:
     dist.all_reduce(probe, group=ctx.group)
     assert probe.item() == ctx.world_size
     return error
+
+
+def reads_inside_a_stage3_block_see_its_writes(ctx, policy: bool) -> dict:
+    """Stage 3: ``full_state_dict()`` inside ``summon_full_params()`` after a write there
+    to a frozen weight (in place) and to a trainable one (new ``.data``): it read the
+    shards as they were before the block (a reviewer's probe: 0.214 off), the block's
+    end keeping the writes. Returns the differences on rank 0 (None elsewhere)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3))
+    model[0].weight.requires_grad_(False)
+    mixed = zeroshard.MixedPrecision(param_dtype=torch.bfloat16) if policy else None
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.AdamW, stage=3, units=nn.Linear,
+                                  process_group=ctx.group, mixed_precision=mixed)
+    with opt.summon_full_params(), torch.no_grad():
+        model[0].weight.mul_(0.5)
+        model[2].weight.data = model[2].weight.data * 0.5
+        written = {"0.weight": model[0].weight.float().clone(),
+                   "2.weight": model[2].weight.float().clone()}
+        full = opt.full_state_dict()
+    opt.close()
+    return None if full is None else {k: float((full[0][k].float() - v).abs().max())
+                                      for k, v in written.items()}

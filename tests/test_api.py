@@ -245,6 +245,12 @@ def test_summon_full_params_shows_ddp_state_and_keeps_writes(pool, stage):
             assert param_bytes == shard_bytes, (param_bytes, shard_bytes)
 
 
+@pytest.mark.parametrize("policy", [False, True])
+def test_a_read_inside_a_stage3_block_sees_the_writes_made_there(pool, policy):
+    differences = pool.run(cases_api.reads_inside_a_stage3_block_see_its_writes, 2, policy)[0]
+    assert differences == {"0.weight": 0.0, "2.weight": 0.0}, differences
+
+
 def test_new_data_given_inside_summon_full_params_is_kept_and_a_new_shape_refused(pool):
     """Found by a probe: at stage 3 p.data = t inside summon_full_params() was lost,
     silently, and a new shape (resize_token_embeddings) failed later naming nothing;

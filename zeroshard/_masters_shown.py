@@ -23,6 +23,8 @@ Note [full precision inside summon_full_params]:
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -61,6 +63,21 @@ class MastersShown:
                 cast.copy_(param.data)
         for bucket in self._buckets:
             self._masters.to_shard(bucket)
+
+    @contextlib.contextmanager
+    def casts_in_place(self):
+        """The parameters hold their casts for a moment (after ``flush``: what the block
+        wrote), so that stage 3's look at the gathered parameters sees its own buffers."""
+        values = [param.data for _, _, param, _ in self._shown]
+        with torch.no_grad():
+            for _, _, param, cast in self._shown:
+                param.data = cast
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for (_, _, param, _), value in zip(self._shown, values):
+                    param.data = value
 
     @torch.no_grad()
     def __exit__(self, exc_type, exc, traceback) -> None:

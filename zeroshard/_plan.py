@@ -14,6 +14,8 @@ instead of reading the optimizer's private attributes.
 
 from __future__ import annotations
 
+import contextlib
+
 import weakref
 from dataclasses import dataclass
 
@@ -178,13 +180,14 @@ class ShardingView:
         ``full_state_dict()`` or a nested block inside missed them (a reviewer's probes)."""
         opt = self._open()
         buckets, masters = self.buckets, self.masters
-        if opt._masters_shown is not None:
-            opt._masters_shown.flush()
-        summoned = opt._stage.switches.summoned
+        shown = opt._masters_shown
+        if shown is not None:
+            shown.flush()
+        if opt._stage.switches.summoned:
+            with shown.casts_in_place() if shown is not None else contextlib.nullcontext():
+                opt._stage.keep_writes_made_inside()
         for bucket in buckets:
             masters.absorb_outside_writes(bucket)
-            if summoned and bucket.shard_owns_storage and bucket.is_gathered:
-                masters.take_gathered_writes(bucket)
         return buckets
 
     def reading_structure(self):

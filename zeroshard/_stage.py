@@ -154,6 +154,13 @@ class Stage:
     def summon_full_params(self):
         return self.params.summon_full_params()
 
+    def keep_writes_made_inside(self) -> None:
+        """Inside ``summon_full_params()``: the writes made so far reach the shards and
+        masters (stage 3; stages 1-2 write the shards themselves)."""
+        keep = getattr(self.params, "keep_writes_made_inside", None)
+        if keep is not None:
+            keep()
+
     def reading_structure(self):
         """``model.state_dict(keep_vars=True)`` inside reads names and objects, not values."""
         return self.params.reading_structure()

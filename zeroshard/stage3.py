@@ -771,14 +771,25 @@ class UnitGatherer:
         try:
             yield
         finally:
-            with torch.no_grad():
-                for unit in self.units:
-                    for bucket in unit.buckets:  # writes made inside reach the masters too
-                        # new .data given inside (p.data = t) takes its place first: it
-                        # was lost, silently, as the place's old values went to the shard
-                        bucket.adopt_replaced_data(
-                            "a write inside summon_full_params()",
-                            "to change a shape (resize_token_embeddings), opt.close(), change "
-                            "the model, then build a new ZeroOptimizer")
-                        self.masters.take_gathered_writes(bucket)
-                    unit.release()
+            self.keep_writes_made_inside()
+            for unit in self.units:
+                unit.release()
+
+    @torch.no_grad()
+    def keep_writes_made_inside(self) -> None:
+        """Inside ``summon_full_params()`` (at its end, and before anything reads the
+        shards or masters inside it: a save, ``full_state_dict()``, which missed the
+        block's writes so far, a reviewer's probes): this rank's slice of what each
+        gathered parameter holds goes to its shard, frozen ones' too, and the masters take
+        the written elements."""
+        for unit in self.units:
+            for bucket in unit.buckets:
+                if not bucket.is_gathered:
+                    continue
+                # new .data given inside (p.data = t) takes its place first: it was lost,
+                # silently, as the place's old values went to the shard
+                bucket.adopt_replaced_data(
+                    "a write inside summon_full_params()",
+                    "to change a shape (resize_token_embeddings), opt.close(), change "
+                    "the model, then build a new ZeroOptimizer")
+                self.masters.take_gathered_writes(bucket)
