@@ -15,7 +15,6 @@ instead of reading the optimizer's private attributes.
 from __future__ import annotations
 
 import contextlib
-
 import weakref
 from dataclasses import dataclass
 
