@@ -371,7 +371,7 @@ def check_full_state(opt, model_sd: dict, optim_sd: dict | None) -> None:
     stored_under_alias |= {name for name, names in buffers.items()
                            if any(alias in model_sd for alias in names)}
     missing = sorted(set(expected) - set(model_sd) - stored_under_alias)
-    unexpected = sorted(set(model_sd) - set(expected) - ignored_keys(model, model_sd))
+    unexpected = sorted(_not_ignored(model, set(model_sd) - set(expected)))
     if missing or unexpected:
         raise ValueError(f"model_state_dict does not fit this model: missing keys {missing[:5]}, "
                          f"unexpected keys {unexpected[:5]}; save it from the same model class")
@@ -391,9 +391,10 @@ def check_full_state(opt, model_sd: dict, optim_sd: dict | None) -> None:
                          f"optimizer's are {sizes}; build ZeroOptimizer with the same param_groups")
 
 
-def ignored_keys(model, model_sd) -> set[str]:
-    """Note [keys of older checkpoints]: keys a load skips, as Hugging Face's
-    from_pretrained does: the model's non-persistent buffers (Bert's ``position_ids``,
+def _not_ignored(model, keys: set[str]) -> set[str]:
+    """``keys`` (the model lacks them) but those a load skips. Note [keys of older
+    checkpoints]: a load skips what Hugging Face's from_pretrained skips: the model's
+    non-persistent buffers (Bert's ``position_ids``,
     persistent in the files older transformers wrote, as in bert-base-uncased's), a
     buffer of the same role elsewhere (the per-layer ``rotary_emb.inv_freq`` of older
     Llama files, one model-level buffer now: the last two parts of the name match), and
@@ -405,8 +406,8 @@ def ignored_keys(model, model_sd) -> set[str]:
     computed = {name for name, _ in model.named_buffers(remove_duplicate=False)} - persistent
     roles = {tuple(name.split(".")[-2:]) for name in computed}
     patterns = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()]
-    return {key for key in model_sd if key in computed or tuple(key.split(".")[-2:]) in roles
-            or any(p.search(key) for p in patterns)}
+    return {key for key in keys if not (key in computed or tuple(key.split(".")[-2:]) in roles
+                                         or any(p.search(key) for p in patterns))}
 
 
 def _refuse_tied_names_that_differ(model_sd, aliases: dict[int, list[str]]) -> None:

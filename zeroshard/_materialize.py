@@ -111,10 +111,12 @@ class Initialisation:
                 self.init_fn(module)
             else:
                 module.reset_parameters()
-        replaced = [f"{self.names[id(m)]}.{name}" for m, name, p in self.slots
-                    if m._parameters.get(name) is not p]
-        refrozen = [f"{self.names[id(m)]}.{name}".lstrip(".") for m, name, p in self.slots
-                    if p is not None and p.requires_grad != self.trainable[id(p)]]
+        replaced, refrozen = [], []  # one pass over every slot, after each module's init
+        for m, name, p in self.slots:
+            if m._parameters.get(name) is not p:
+                replaced.append(f"{self.names[id(m)]}.{name}")
+            if p is not None and p.requires_grad != self.trainable[id(p)]:
+                refrozen.append(f"{self.names[id(m)]}.{name}".lstrip("."))
         if refrozen:  # the plan sharded them as they were (a raw AttributeError came later)
             raise ValueError(
                 f"initialising module {self.names[id(module)]!r} ({type(module).__name__}) "
@@ -259,7 +261,7 @@ def writes_refused_inside_units(plan: Initialisation, module: nn.Module,
         with watch:
             yield
     except _SentinelTouched as error:
-        touched = error.name, error.how
+        touched = [error.name], error.how
     except RuntimeError as error:
         if "more than one element of the written-to tensor" not in str(error):
             raise
@@ -275,8 +277,7 @@ def writes_refused_inside_units(plan: Initialisation, module: nn.Module,
             if param.requires_grad != sentinel.requires_grad:
                 param.requires_grad_(sentinel.requires_grad)
     if touched is not None:
-        raise ValueError(_written_inside(plan, module, [touched[0]] if isinstance(touched[0], str)
-                                         else touched[0], touched[1]))
+        raise ValueError(_written_inside(plan, module, *touched))
     written = [outside[key] for key, s in sentinels.items()
                if (s.untyped_storage().data_ptr(), s._version) != before[key]
                or not _still_placeholder(s.data) or originals[key][0]._version != originals[key][1]]
@@ -295,11 +296,11 @@ def placeholder_value(dtype: torch.dtype):
 
 
 def _still_placeholder(sentinel: torch.Tensor) -> bool:
-    value = sentinel.reshape(-1)[:1] if sentinel.numel() else sentinel
-    if value.numel() == 0:
+    """Its one element (stride 0) still holds the placeholder value."""
+    if sentinel.numel() == 0:
         return True
-    expected = placeholder_value(sentinel.dtype)
-    return bool(value.isnan().all()) if expected != expected else bool((value == expected).all())
+    value, expected = sentinel.reshape(-1)[0], placeholder_value(sentinel.dtype)
+    return bool(value.isnan()) if expected != expected else bool(value == expected)
 
 
 class _SentinelTouched(Exception):
@@ -332,7 +333,7 @@ class _SentinelWatch(TorchFunctionMode):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
         if self._names and name not in _NOT_WRITES and (name.endswith("_") and not name.endswith("__")
-                            or name in ("__setitem__", "copy_") or name.startswith("__i")):
+                            or name == "__setitem__" or name.startswith("__i")):
             # torch.nn.init's functions pass their tensor by keyword to the mode
             written = args[:1] or [kwargs.get(k) for k in ("tensor", "input", "self") if k in kwargs][:1]
             target = self._sentinel(tree_flatten(written)[0])

@@ -42,14 +42,14 @@ def estimate_memory(num_params: float, world_size: int, stage: int | None = None
         _check_count(name, value, real=True) for name, value in (
             ("param_bytes", param_bytes), ("grad_bytes", grad_bytes),
             ("optimizer_bytes", optimizer_bytes)))
-    if stage is not None:
-        given = stage
-        if isinstance(stage, torch.Tensor) and stage.dim() == 0 and stage.dtype != torch.bool:
-            stage = stage.item()
-        if isinstance(stage, bool) or not isinstance(stage, numbers.Real) \
-                or stage not in (0, 1, 2, 3):  # a whole float (2.0) is its stage
-            raise ValueError(f"stage must be 0 (plain data parallel), 1, 2 or 3; got {given!r}")
-        stage = int(stage)
+    if stage is not None:  # read as the counts are: a whole float (2.0) or a tensor is its stage
+        try:
+            number = _check_count("stage", stage)
+        except ValueError:
+            number = None
+        if number not in (0, 1, 2, 3):
+            raise ValueError(f"stage must be 0 (plain data parallel), 1, 2 or 3; got {stage!r}")
+        stage = number
     n = world_size if shard_size is None else shard_size
     if not (1 <= n <= world_size and world_size % n == 0):
         raise ValueError(f"shard_size must divide world_size ({world_size}) into replicas of "
@@ -72,7 +72,7 @@ def _check_count(name: str, value, smallest: int = 0, real: bool = False):
     ``real`` (7.5e9 parameters, 0.5 bytes); a 0-dim tensor (a sum of ``numel()``) is its
     number. A bool, NaN, a negative count or a fraction of a rank gave nonsense figures
     (a helper's probe: negative bytes, "nan B")."""
-    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.dtype == torch.bool:
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype != torch.bool:
         value = value.item()
     number = value if isinstance(value, numbers.Real) and not isinstance(value, bool) else None
     if number is None or not math.isfinite(number) or number < smallest or \
