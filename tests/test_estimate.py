@@ -61,6 +61,24 @@ def test_cli_prints_the_paper_table():
     assert "zeroshard's stage 1 holds 31.6 GB" in out and "(234 MB)" in out, out
 
 
+def test_cli_takes_fractional_bytes_per_parameter():
+    """4-bit weights, 8-bit Adam: the README said the CLI took fractional bytes, and it
+    refused 0.5 (an int option) and had no option for the weights' bytes (a helper's
+    walk through the README)."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "zeroshard", "estimate", "--params", "1e9",
+                          "--world-size", "4", "--param-bytes", "0.5", "--grad-bytes", "2",
+                          "--optimizer-bytes", "2"], capture_output=True, text=True, check=True).stdout
+    assert "(0.5+2+2 bytes per parameter)" in out, out
+    rows = {line.split()[2]: line for line in out.splitlines() if "ZeRO stage" in line}
+    # stage 3: (0.5 + 2 + 2) * 1e9 / 4 = 1.125 GB; stage 1: (0.5 + 2) * 1e9 + 2e9 / 4 = 3 GB
+    assert "1.12 GB" in rows["3"] and "3 GB" in rows["1"], out
+    refused = subprocess.run([sys.executable, "-m", "zeroshard", "estimate", "--params", "1e9",
+                              "--world-size", "4", "--grad-bytes", "-1"], capture_output=True, text=True)
+    assert refused.returncode != 0 and "grad_bytes" in refused.stderr and "-1" in refused.stderr
+
+
 def test_cli_counts_a_model_given_as_an_import_path():
     import os
     import subprocess

@@ -20,6 +20,11 @@ def _format_bytes(n: float) -> str:
     return f"{n:.0f} B"
 
 
+def _whole_if_whole(value: float) -> float | int:
+    """2.0 printed as 2 in the header line; 0.5 as it is."""
+    return int(value) if value.is_integer() else value
+
+
 def count_parameters(spec: str, parser: argparse.ArgumentParser) -> int:
     """Parameters of the model that ``module:factory`` builds (tied weights counted once)."""
     module_name, _, factory_name = spec.partition(":")
@@ -47,14 +52,21 @@ def main(argv=None) -> int:
                      help="hybrid sharding: the ranks each replica shards over, with world "
                           "size / shard size replicas (default: the world size, one replica)")
     est.add_argument("--precision", choices=sorted(PRECISIONS), default="mixed")
-    est.add_argument("--optimizer-bytes", type=int, default=None,
+    # floats: 4-bit weights take 0.5 bytes a parameter, 8-bit Adam 2 (README: the CLI refused
+    # the fractions its text said it took, and had no option for the weights' bytes)
+    est.add_argument("--param-bytes", type=float, default=None,
+                     help="bytes per parameter of the weights (default: 2 mixed, 4 fp32)")
+    est.add_argument("--grad-bytes", type=float, default=None,
+                     help="bytes per parameter of the gradients (default: 2 mixed, 4 fp32)")
+    est.add_argument("--optimizer-bytes", type=float, default=None,
                      help="optimizer-state bytes per parameter (default: 12 mixed, 8 fp32 Adam)")
     args = parser.parse_args(argv)
     if args.model is not None:
         args.params = count_parameters(args.model, parser)
-    param_bytes, grad_bytes, optimizer_bytes = PRECISIONS[args.precision]
-    if args.optimizer_bytes is not None:
-        optimizer_bytes = args.optimizer_bytes
+    given = (args.param_bytes, args.grad_bytes, args.optimizer_bytes)
+    param_bytes, grad_bytes, optimizer_bytes = (
+        default if value is None else _whole_if_whole(value)
+        for value, default in zip(given, PRECISIONS[args.precision]))
     try:
         table = estimate_memory(args.params, args.world_size, param_bytes=param_bytes,
                                 grad_bytes=grad_bytes, optimizer_bytes=optimizer_bytes,

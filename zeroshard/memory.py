@@ -18,8 +18,8 @@ CATEGORIES = ("parameters", "gradients", "optimizer_states", "master_parameters"
 
 
 def estimate_memory(num_params: float, world_size: int, stage: int | None = None, *,
-                    param_bytes: int = 2, grad_bytes: int = 2,
-                    optimizer_bytes: int = 12, shard_size: int | None = None) -> dict:
+                    param_bytes: float = 2, grad_bytes: float = 2,
+                    optimizer_bytes: float = 12, shard_size: int | None = None) -> dict:
     """Per-rank bytes of model states, by the ZeRO paper's formula.
 
     The defaults are mixed-precision Adam: 2-byte parameters and gradients and K=12
