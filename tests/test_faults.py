@@ -52,3 +52,28 @@ def test_killed_job_resumes_to_the_same_parameters(tmp_path, uninterrupted, kill
     for index, state in uninterrupted[1]["state"].items():
         for key, value in state.items():
             assert torch.equal(torch.as_tensor(value), torch.as_tensor(optim_sd["state"][index][key]))
+
+
+@pytest.mark.parametrize("stage, call, other", [
+    (2, "full_state_dict", "exits"),  # the DDP habit at a script's end: gloo's "Connection closed"
+    (1, "clip", "trains"),  # clipping on one rank mid-training: both ranks time out
+])
+def test_a_collective_some_rank_never_joins_fails_naming_the_likely_cause(stage, call, other):
+    """Ranks that stop making the same calls (a helper's probes) failed with the backend's
+    words alone ("Connection closed by peer", "Timed out waiting 5000ms for recv
+    operation"), naming neither zeroshard nor the cause (Note [a collective that fails])."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "--max-restarts=0", os.path.join(ROOT, "tests", "stray_rank_job.py"),
+               str(stage), call, other]
+    done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=TIMEOUT_S)
+    raised = [line for line in done.stdout.splitlines() if " raised " in line]
+    assert done.returncode != 0 and raised, done.stdout + done.stderr
+    strays = ["rank 1"] if other == "trains" else []
+    for rank in ["rank 0", *strays]:
+        line = next((line for line in raised if line.startswith(rank)), None)
+        assert line is not None, (rank, done.stdout + done.stderr)
+        assert "raised CollectiveFailed: zeroshard: a collective failed on " + rank in line, line
+        assert "Every rank must make the same zeroshard calls" in line, line
+        assert "`if rank == 0: opt.full_state_dict()`" in line and "opt.clip_grad_norm_()" in line
+        assert "Connection closed" in line or "Timed out" in line, line  # the backend's words kept
