@@ -20,6 +20,10 @@ PATTERNS = {
     "second backward through a retained graph": False,  # the first one released them
     "unit skipped in one of two forwards": True,  # one backward of both forwards' losses
     "reentrant checkpointed unit run twice": True,  # its recomputations in backward
+    # b, run by no rank in the first step, then by rank 0 alone: put after c in the walk,
+    # it made rank 0 walk past blk and c to b and gather them again, out of order (a
+    # helper's long-run probe: gloo aborted on a size mismatch)
+    "unit no rank ran in the first step, run on one later": True,
 }
 STEPS = 2
 LR = 0.1
@@ -78,6 +82,8 @@ def _train_step(model, pattern: str, step: int, rank: int, after_forward=None) -
         (first + model(_batch(step, rank, 1)).square().mean()).backward()
         return
     model.use_b = not differs
+    if pattern == "unit no rank ran in the first step, run on one later":
+        model.use_b = step == 1 and rank == 0
     loss = model(_batch(step, rank, 0)).square().mean()
     if after_forward is not None:
         after_forward(loss)

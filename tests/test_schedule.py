@@ -92,7 +92,10 @@ def test_each_pass_reaches_every_unit_once_in_schedule_order(tree, data):
 
 
 @given(unit_trees(), st.data())
-def test_recording_adopts_first_entries_then_the_rest_in_order(tree, data):
+def test_recording_adopts_first_entries_with_the_rest_in_their_tree_places(tree, data):
+    """Note [units no rank entered]: each unit the record lacks goes right after the
+    entered unit nearest before it in the tree (the start, if none is), those of one
+    such unit in the tree's order; the entered ones keep the record's order."""
     units, _ = tree
     schedule = Schedule(list(units))
     passes = data.draw(st.lists(st.lists(st.sampled_from(units), max_size=10), min_size=1, max_size=3))
@@ -112,9 +115,21 @@ def test_recording_adopts_first_entries_then_the_rest_in_order(tree, data):
     adopt = data.draw(st.booleans())
     schedule.stop_recording(adopt=adopt)
     assert schedule.entered is None
-    expected = first_entries + [u for u in units if u not in first_entries] if adopt else units
-    assert schedule.units == expected
-    assert [schedule.position_of(u) for u in expected] == list(range(len(units)))
+    walked = schedule.units
+    assert sorted(map(id, walked)) == sorted(map(id, units))
+    assert [schedule.position_of(u) for u in walked] == list(range(len(units)))
+    if not adopt:
+        assert walked == units
+        return
+    assert [u for u in walked if u in first_entries] == first_entries
+    # each entered unit (and the start, None) is followed in the walk by the units the
+    # record lacks whose nearest entered predecessor in the tree it is, in tree order
+    anchors = [None] + first_entries
+    for anchor in anchors:
+        group = [u for u in units if u not in first_entries and anchor == next(
+            (v for v in reversed(units[:units.index(u)]) if v in first_entries), None)]
+        start = 0 if anchor is None else walked.index(anchor) + 1
+        assert walked[start:start + len(group)] == group, (anchor, walked)
 
 
 @given(unit_trees(), st.data())

@@ -105,11 +105,39 @@ class Schedule:
             self.entered, self.repeated = [], []
 
     def stop_recording(self, adopt: bool) -> None:
-        """With ``adopt``, walk from now on in the recorded order (units never entered
-        keep their relative order, after it)."""
+        """With ``adopt``, walk from now on in the recorded order, the units never entered
+        put back where the module tree's order has them (Note [units no rank entered])."""
         if adopt:
-            self._reorder(self.entered + [u for u in self.units if u not in self.entered])
+            self._reorder(_with_the_rest_in_tree_order(self.entered, self.units))
         self.entered = None
+
+
+# Note [units no rank entered]:
+#     A unit that no rank entered in the first step (a branch no batch took, an expert no
+#     token was routed to) has no recorded place, and the walk must still pass it at one
+#     place every rank agrees on. It went after every recorded unit: a rank that later
+#     ran it in its tree place walked past the units after it to reach it, then entered
+#     those out of order and gathered them again, while the ranks that skipped it walked
+#     in order; the sequences differed and gloo aborted (a helper's long-run probe,
+#     `test_ranks_that_run_other_units_issue_one_sequence_of_collectives`). Each such unit
+#     now goes right after the unit before it in the tree's order that was entered (the
+#     start, if none was), so a model that runs its units in tree order walks the tree's
+#     order whatever the first step skipped. The ranks agreed on the record and share the
+#     tree, so they agree on the result.
+def _with_the_rest_in_tree_order(entered: list[Unit], tree_order: list[Unit]) -> list[Unit]:
+    recorded = {id(u) for u in entered}
+    following: dict[int | None, list[Unit]] = {}  # id(entered unit) -> the unentered after it
+    previous = None
+    for unit in tree_order:
+        if id(unit) in recorded:
+            previous = id(unit)
+        else:
+            following.setdefault(previous, []).append(unit)
+    order = list(following.get(None, []))
+    for unit in entered:
+        order.append(unit)
+        order.extend(following.get(id(unit), []))
+    return order
 
 
 def forward_and_backward_orders(model: nn.Module, units: list[Unit]) -> tuple[list[Unit], list[Unit]]:
