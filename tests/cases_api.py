@@ -719,6 +719,23 @@ def add_param_group_after_construction(ctx):
     return "no error", ""
 
 
+def join_for_uneven_batches(ctx):
+    """DDP's way with uneven numbers of batches per rank, ``Join([...])`` around the loop,
+    with the ZeroOptimizer among the joinables: the error's type and message (a bare
+    AttributeError before, a helper's probe)."""
+    from torch.distributed.algorithms import Join
+    model = build_model(MLP, seed=0)
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=2, lr=0.1, process_group=ctx.group)
+    try:
+        with Join([opt]):
+            pass
+    except Exception as error:  # noqa: BLE001 - the test checks what it is
+        return type(error).__name__, str(error)
+    finally:
+        opt.close()
+    return "no error", ""
+
+
 def models_or_arguments_that_differ_across_ranks(ctx, which: str) -> str | None:
     """Rank 1 builds another model or passes another argument than rank 0: another hidden
     size (whose buckets came out the same size: it trained the ranks apart, silently), a

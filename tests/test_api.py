@@ -71,6 +71,12 @@ def test_adding_a_param_group_after_construction_names_close_and_a_new_optimizer
         assert "param_groups=" in message and "opt.close()" in message, message
 
 
+def test_join_for_uneven_batches_is_refused_naming_the_fix(pool):
+    for error_type, message in pool.run(cases_api.join_for_uneven_batches, 2):
+        assert error_type == "NotImplementedError", (error_type, message)
+        assert "Join" in message and "DistributedSampler(drop_last=True)" in message, message
+
+
 def test_attention_evaluated_before_training_at_stage_3_is_the_model_unsharded(pool):
     """Found by a probe: automatic units made MultiheadAttention's out_proj a unit of its
     own, which the attention reads without calling, so evaluation gave NaN, silently."""

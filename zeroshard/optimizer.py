@@ -4,6 +4,7 @@ the training loop's calls, state dicts and reports."""
 from __future__ import annotations
 
 import contextlib
+import os
 import weakref
 
 import torch
@@ -99,7 +100,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
     ``param_groups`` are live: ``torch.optim.lr_scheduler`` works unchanged, and a
     change to a group's hyper-parameters applies to the next ``step()``. Their
     ``"params"`` are the tensors this optimizer steps: this rank's 1-D fp32 master
-    shards, whose ``.grad`` is the reduced gradient shard. Keyword
+    shards, whose ``.grad`` is the reduced gradient shard, or, for a class that is not
+    element-wise, the whole parameters this rank owns (below). Keyword
     arguments other than the ones below go to ``optimizer_class``. Gradients are
     cleared by ``zero_grad()`` of this optimizer or of the model, as under DDP.
 
@@ -477,6 +479,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._live.zero_grad(set_to_none)
 
     def add_param_group(self, param_group: dict) -> None:
+        """Refused once constructed (torch's docstring, shown here before, said frozen
+        layers could be added as training progresses): pass every group through
+        ``param_groups=``, or ``close()`` and build a new ZeroOptimizer."""
         if self._constructed:
             raise NotImplementedError(
                 "ZeroOptimizer cannot add param groups after construction (the shards are "
@@ -486,6 +491,17 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 "them frozen at construction does not help: the step refuses parameters "
                 "unfrozen after it)")
         super().add_param_group(param_group)
+
+    def join_hook(self, **kwargs):
+        """torch's ``Join`` (uneven numbers of batches across ranks) is refused on every
+        rank, as ``Join`` builds its hooks, before any collective: it raised a bare
+        AttributeError (a helper's probe)."""
+        raise NotImplementedError(
+            "ZeroOptimizer does not support torch.distributed.algorithms.Join: a rank out of "
+            "batches would have to shadow every other rank's gathers and reductions. Give every "
+            "rank the same number of batches (DistributedSampler(drop_last=True), or pad the "
+            "last one), or stop every rank together once one runs out (all-reduce a flag each "
+            "step)")
 
     # -- state ------------------------------------------------------------------------
 
@@ -618,7 +634,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._live.refuse_abandoned_backward("opt.full_state_dict()")
         return _full_state.gather_full_state(self)
 
-    def load_full_state_dict(self, model_state_dict: dict | None,
+    def load_full_state_dict(self, model_state_dict: dict | str | os.PathLike | None,
                              optimizer_state_dict: dict | None = None) -> None:
         """The reverse of ``full_state_dict``, on any world size and stage; collective.
 
