@@ -4,11 +4,13 @@
     torchrun --standalone --nproc_per_node=2 examples/train_gpt.py --stage 3 --precision bf16
     torchrun --standalone --nproc_per_node=2 examples/train_gpt.py --stage 2 --precision fp16
     torchrun --standalone --nproc_per_node=2 examples/train_gpt.py --save-dir ckpt --save-every 50
-    torchrun --standalone --nproc_per_node=4 examples/train_gpt.py --save-dir ckpt --resume --stage 3
+    torchrun --standalone --nproc_per_node=4 examples/train_gpt.py --save-dir ckpt --resume --stage 3 --steps 200
     torchrun --standalone --nproc_per_node=4 examples/train_gpt.py --stage 3 --replicas 2
     torchrun --standalone --nproc_per_node=2 examples/train_gpt.py --stage 2 --optimizer muon
 
-A checkpoint saved on any number of ranks at any stage resumes on any other.
+A checkpoint saved on any number of ranks at any stage resumes on any other (the
+resumed run above goes on to step 200; with the default --steps it would find the
+saved run finished).
 ``--optimizer muon`` trains the blocks' matrices with torch.optim.Muon and the rest
 (embeddings, head, norms, biases) with AdamW: one ZeroOptimizer, two param groups;
 each matrix is orthogonalised once, by the rank that owns it.
@@ -20,8 +22,8 @@ each machine):
     torchrun --nnodes=2 --nproc_per_node=2 --rdzv-backend=c10d \
         --rdzv-endpoint=HOST0:29500 --rdzv-id=gpt examples/train_gpt.py --replicas 2
 
-Runs on CPU with gloo by default (about a minute on 2 cores) and on CUDA with NCCL
-when GPUs are present. The data is generated here: sequences from a fixed random
+Runs on CPU with gloo by default (about a minute on 2 cores; fp16, which CPUs compute
+slowly, about ten times as long) and on CUDA with NCCL when GPUs are present. The data is generated here: sequences from a fixed random
 Markov chain, so the loss has a known floor to fall towards (its entropy,
 printed at the start) and no download is needed.
 """
