@@ -30,7 +30,10 @@ from ._hooks import WeakHook
 _ATTRIBUTE = "_ddp_params_and_buffers_to_ignore"
 _FIX = ("a ZeroOptimizer reduces this model's gradients itself: pass the model to it "
         "unwrapped, not to DistributedDataParallel (Hugging Face Trainer: use "
-        "zeroshard.integrations.hf.ZeroTrainer, which keeps Accelerate from wrapping it)")
+        "zeroshard.integrations.hf.ZeroTrainer, which keeps Accelerate from wrapping it; "
+        "a loop of your own with Accelerate: accelerator.prepare() the optimizer, scheduler "
+        "and data loaders, not the model, and run the backwards of an accumulation "
+        "window's micro-batches but the last inside opt.no_sync())")
 
 
 class DDPRefusal:
