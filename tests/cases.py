@@ -288,12 +288,12 @@ def train_side_by_side(ctx, case) -> SideBySideRun:
                                 if id(b) in trainable_ids) if case["stage"] == 3 else 0
     out.n_buckets = len(zopt.sharding.buckets)
     # stage 3 all-reduces 5 numbers per unit once (the recorded orders), and after each
-    # synced backward a flag per unit other than the root that has gradients ("ran") and
-    # per bucket with gradients ("late")
+    # synced backward a flag per unit other than the root that has gradients ("ran"), per
+    # bucket with gradients ("late"), and the step count and its negation
     out.n_units = len(zopt.sharding.units) if case["stage"] == 3 else 0
     out.flags_per_backward = sum(
         any(p.requires_grad for b in u.buckets for p in b.params) for u in zopt.sharding.units[1:]) + sum(
-        b.params[0].requires_grad for u in zopt.sharding.units for b in u.buckets) if case["stage"] == 3 else 0
+        b.params[0].requires_grad for u in zopt.sharding.units for b in u.buckets) + 2 if case["stage"] == 3 else 0
     out.n_all_buckets = len(zopt.sharding.stage.buckets) if case["stage"] != 3 else sum(
         len(u.buckets) for u in zopt.sharding.units)
     out.buffer_bytes = sum(b.numel() * b.element_size() for b in zero_model.buffers())

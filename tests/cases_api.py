@@ -736,6 +736,25 @@ def join_for_uneven_batches(ctx):
     return "no error", ""
 
 
+def a_step_skipped_on_one_rank(ctx, skips: bool) -> list[str | None]:
+    """Stage 3: three steps, the second skipped by rank 1 when ``skips`` (its own loss
+    over a limit); what each step raised, per step (None: it stepped)."""
+    model = build_model(MLP, seed=0)
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=3, lr=0.1, process_group=ctx.group)
+    raised = []
+    for step in range(3):
+        loss_fn(MLP, model, make_batch(MLP, 10 * step, ctx.rank, 4)).backward()
+        try:
+            if not (skips and step == 1 and ctx.rank == 1):
+                opt.step()
+            raised.append(None)
+        except RuntimeError as error:
+            raised.append(str(error))
+        opt.zero_grad()
+    opt.close()
+    return raised
+
+
 def models_or_arguments_that_differ_across_ranks(ctx, which: str) -> str | None:
     """Rank 1 builds another model or passes another argument than rank 0: another hidden
     size (whose buckets came out the same size: it trained the ranks apart, silently), a

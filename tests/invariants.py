@@ -280,7 +280,7 @@ def check_comm_per_step(results, case, first_step: int = 0):
     after forward). fp32 bytes, with at most ``padding_bound`` elements of padding.
     Broadcast: the buffers, before each training forward outside no_sync (world size > 1).
     All-reduce: the clip norm; at stage 3 also a 4-byte flag per unit (but the root) and
-    per bucket per synced backward, and in the first step 5 numbers per unit and 1 per bucket
+    per bucket, and the step count and its negation, per synced backward, and in the first step 5 numbers per unit and 1 per bucket
     (the recorded orders) and the agreements of Note [first-step agreement]; at stages 1-2
     on several ranks, ``late_agreements``.
 

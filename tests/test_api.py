@@ -71,6 +71,21 @@ def test_adding_a_param_group_after_construction_names_close_and_a_new_optimizer
         assert "param_groups=" in message and "opt.close()" in message, message
 
 
+@pytest.mark.parametrize("skips", [True, False])
+def test_a_step_skipped_on_one_rank_is_refused_at_the_next_step_at_stage_3(pool, skips):
+    """Note [steps on some ranks only]: stage 3's step issues no collective, so a step
+    one rank skipped trained on with each rank's shards stepped a different number of
+    times, with no error (a helper's probe). The next backward's all-reduce carries the
+    ranks' step counts, and the step after it is refused on every rank."""
+    for rank, raised in enumerate(pool.run(cases_api.a_step_skipped_on_one_rank, 2, skips)):
+        assert raised[:2] == [None, None], (rank, raised)
+        if skips:
+            assert raised[2] is not None and "not all taken the same optimizer steps" in raised[2], \
+                (rank, raised)
+        else:
+            assert raised[2] is None, (rank, raised)
+
+
 def test_join_for_uneven_batches_is_refused_naming_the_fix(pool):
     for error_type, message in pool.run(cases_api.join_for_uneven_batches, 2):
         assert error_type == "NotImplementedError", (error_type, message)

@@ -139,9 +139,10 @@ class Stage:
 
     # -- parameters -------------------------------------------------------------------
 
-    def check_parameters_in_place(self) -> None:
-        """Before a step: the parameters still hold the storage the step writes to."""
-        self.params.check_in_place()
+    def check_before_step(self) -> None:
+        """Before a step, on every rank alike (no collective): what the stage's parameters
+        need for it (the storage the step writes to; stage 3: as many steps on every rank)."""
+        self.params.check_before_step()
 
     def after_step(self) -> None:
         """The inner optimizer has updated the shards: make the parameters follow."""
@@ -197,7 +198,7 @@ class WholeParameters:
         self.stats = stats
         self.label = label
 
-    def check_in_place(self) -> None:
+    def check_before_step(self) -> None:
         """The parameters are views of their buckets' flat buffers, which the step's
         all-gathers fill. One whose storage was replaced (``p.data = t``,
         ``model.to(dtype)`` or ``model.double()`` after construction) would silently stop

@@ -446,7 +446,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                                "holds; call it after the block")
         _validate.check_trainable_unchanged(self._model, self._trainable_at_construction)
         _validate.check_parameters_unreplaced(self._model, self._parameter_ids)
-        self._live.check_parameters_in_place()
+        self._live.check_before_step()
         self._live.refuse_abandoned_backward("opt.step()")
         self._live.refuse_local_gradients("opt.step()")
         # 1. The reduced gradient shards, complete, in the masters' dtype.

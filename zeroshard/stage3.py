@@ -312,6 +312,7 @@ class UnitGatherer:
         # Units some rank may skip (the root always runs) that have gradients to reduce:
         # one "ran" flag each is all-reduced after a synced backward (agree_on_late).
         self._flagged = [u for u in units[1:] if u.trainable_ids]
+        self._steps, self._steps_differ = 0, False  # Note [steps on some ranks only]
         self._reading_structure = 0  # inside reading_structure(): state_dict() reads no values
         self.device = next((b.flat.device for u in units for b in u.buckets), torch.device("cpu"))
         # Note [gather schedule]: the walk, and the schedules it walks
@@ -566,11 +567,21 @@ class UnitGatherer:
         The ranks compare notes (``_agreement.ran_and_late``):
         which units but the root (it ran here) ran on some rank, and which buckets got
         gradient after the walk passed their unit on some rank (Note [late gradients]).
-        Every rank reduces again the buckets late on any rank."""
-        ran, late_anywhere = _agreement.ran_and_late(
+        Every rank reduces again the buckets late on any rank.
+
+        Note [steps on some ranks only]:
+            Stage 3's step issues no collective (the next forward gathers), so a rank
+            that skipped ``opt.step()`` after a backward every rank ran (``if loss > limit:
+            continue`` on one rank's own loss) went on training with no error, each rank's
+            shards stepped a different number of times: a mix of models (a helper's probe;
+            stages 1-2 wait in the step's gathers there, Note [a collective that fails] in
+            _comm.py). So this all-reduce also carries each rank's count of steps, and the
+            next step is refused on every rank where they differ."""
+        ran, late_anywhere, steps_agree = _agreement.ran_and_late(
             [u.record.ran for u in self._flagged],
-            [p in late for p in range(len(self.reducer.buckets))],
+            [p in late for p in range(len(self.reducer.buckets))], self._steps,
             device=self.device, group=self.group, stats=self.stats, label=self.label)
+        self._steps_differ = self._steps_differ or not steps_agree
         self.walk.backward_pass.ran_somewhere = {id(u) for u, flag in zip(self._flagged, ran) if flag}
         return [p for p, flag in enumerate(late_anywhere) if flag]
 
@@ -734,11 +745,22 @@ class UnitGatherer:
 
     # -- around the optimizer step ----------------------------------------------------
 
-    def check_in_place(self) -> None:
-        """Each gather puts the parameters back on their unit's buffers."""
+    def check_before_step(self) -> None:
+        """Each gather puts the parameters back on their unit's buffers, so only Note
+        [steps on some ranks only] is checked here."""
+        if self._steps_differ:
+            raise RuntimeError(
+                "zeroshard stage 3: the ranks have not all taken the same optimizer steps: some "
+                "rank skipped opt.step() after a backward that others stepped after (or called it "
+                "more often). Each rank has stepped its own shards that many times, so the model "
+                "is now a mix of them (DDP's replicas drift apart silently in the same case). "
+                "Step on every rank or on none, deciding from a value the ranks share (the norm "
+                "opt.clip_grad_norm_() returns, a loss all-reduced first; GradScaler agrees by "
+                "itself), and resume from the last checkpoint")
 
     def after_step(self) -> None:
         """Parameters stay sharded after a step; free anything still gathered (stale now)."""
+        self._steps += 1  # Note [steps on some ranks only]
         for unit in self.units:
             for bucket in unit.buckets:  # Note [a graph from before the step]
                 if bucket.params[0].requires_grad:
