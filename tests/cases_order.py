@@ -203,6 +203,49 @@ def run_more_often_from_the_second_step(ctx, how: str, reshard_after_forward: bo
     return trace, difference, [str(w.message) for w in caught if "zeroshard" in str(w.message)]
 
 
+class Bookends(nn.Module):
+    """blk, a, b, then blk again (a block shared by the first and the last layer); ``skip``
+    names the calls of blk left out ("first", "last")."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.blk, self.a, self.b = (nn.Linear(4, 4) for _ in range(3))
+        self.skip = ()
+
+    def forward(self, x):
+        h = x if "first" in self.skip else torch.tanh(self.blk(x))
+        h = torch.tanh(self.b(torch.tanh(self.a(h))))
+        return h if "last" in self.skip else self.blk(h)
+
+
+def a_held_unit_skipped_once_on_one_rank(ctx, skip: str, reshard_after_forward: bool):
+    """Note [runs before the walk moves on]: blk runs twice a pass on every rank in the
+    first step, so it is held gathered for each later pass; from the second step on
+    rank 1 leaves out one of its two calls (``skip``). The walk passed over it there,
+    released it, and gathered it again on rank 1 alone: gloo aborted (a helper's probe).
+    Returns the rank's collectives, its distance from single-process training and its
+    warnings."""
+    def backward(net, step, rank):
+        net.skip = (skip,) if step > 0 and rank == 1 else ()
+        net(_batch(step, rank, 0)).square().mean().backward()
+    model, reference = Bookends(), Bookends()
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=3, process_group=ctx.group,
+                                  units=nn.Linear, reshard_after_forward=reshard_after_forward, lr=LR)
+    opt.comm_stats.trace = trace = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(3):
+            backward(model, step, ctx.rank)
+            opt.step()
+            opt.zero_grad()
+    _train_single_process(reference, 3, ctx.world_size,
+                          lambda step, rank: backward(reference, step, rank))
+    difference = _difference(opt, model, reference)
+    opt.close()
+    return trace, difference, [str(w.message) for w in caught if "zeroshard" in str(w.message)]
+
+
 def every_rank_runs_a_nested_block_more_often_later(ctx):
     """Note [run twice from the second step on]: every rank runs a block holding units
     once in the first step and twice from then on. Its inner units are gathered again

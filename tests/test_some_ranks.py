@@ -129,6 +129,22 @@ def test_ranks_that_run_a_unit_more_often_after_the_first_step_train_together(
     assert warned0 == warned1 == [], (warned0, warned1)
 
 
+@pytest.mark.parametrize("reshard_after_forward", [True, False])
+@pytest.mark.parametrize("skip", ["first", "last"])
+def test_a_unit_held_for_the_pass_and_run_once_on_one_rank_trains_together(
+        pool, skip, reshard_after_forward):
+    """A unit every rank ran twice in the first step is held gathered through each later
+    pass; a rank that runs it once there (its other call skipped) keeps it gathered where
+    the walk passes over it, as the ranks that run it do, and waits for its gradient:
+    one sequence of collectives, single-process training's numbers, no warning."""
+    results = pool.run(cases_order.a_held_unit_skipped_once_on_one_rank, 2, skip,
+                       reshard_after_forward)
+    (trace0, difference0, warned0), (trace1, difference1, warned1) = results
+    assert trace0 and trace0 == trace1
+    assert difference0 <= 1e-6 and difference1 <= 1e-6, (difference0, difference1)
+    assert warned0 == warned1 == [], (warned0, warned1)
+
+
 def test_a_block_of_units_repeated_more_often_later_warns_before_gathering_again(pool):
     """Note [run twice from the second step on]: a block holding units, run twice from
     the second step on, gathers its inner units again outside the schedule; where some

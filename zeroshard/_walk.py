@@ -230,6 +230,7 @@ class Walk:
         if passed is not None and schedule is self.forward:  # the walk moves on
             self._release_finished()
         if (passed is None and schedule.was_passed_over(unit) and schedule.entered is None
+                and unit.state is ShardState.SHARDED  # held gathered: no second gather
                 and not self._order_warned):  # out of the order all ranks recorded
             self._order_warned = True
             warnings.warn(f"zeroshard stage 3: unit {unit.name} ran after units that follow it in "
@@ -273,6 +274,13 @@ class Walk:
         self._step(schedule, unit)
         unit.wait()
         if self.switches.phase is Phase.BACKWARD:
+            if unit.held_for_pass and self.forward.entered_in_pass(unit):
+                # Held for the pass and run in its forward, but not where the walk expected
+                # it (run twice in the first step, once here: its other run skipped): its
+                # gradient is still to come, through a backward that reads it gathered
+                # (Note [runs before the walk moves on]; released and marked ready here, it
+                # was gathered again on this rank alone, and gloo aborted: a helper's probe)
+                return
             # After two training forwards, a unit that ran in one of them may still get
             # gradient through its graph (the unit skipped in the other): kept gathered
             # for it, it needs no gather that other ranks would not issue.
@@ -280,10 +288,13 @@ class Walk:
                 unit.release()
             if self.switches.require_sync:
                 self._mark_skipped_ready(unit)
-        elif self.reshard_after_forward or not self.training_forward:
+        elif (self.reshard_after_forward or not self.training_forward) and not unit.held_for_pass:
             unit.release()
-        # else: kept gathered until the end of backward, like on the ranks that ran it, so
-        # that every rank holds the same units gathered when the next pass begins
+        # else: kept gathered until the end of backward (or, held for the pass, until the
+        # pass ends), like on the ranks that ran it, so that every rank holds the same units
+        # gathered when the next pass begins, or when this one runs it later (Note [runs
+        # before the walk moves on]: released here, a held unit this rank ran only later in
+        # the pass was gathered again on this rank alone, and gloo aborted: a helper's probe)
 
     def _mark_skipped_ready(self, unit: Unit) -> None:
         """Note [passed over in backward]:
