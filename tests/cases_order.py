@@ -246,6 +246,56 @@ def a_held_unit_skipped_once_on_one_rank(ctx, skip: str, reshard_after_forward: 
     return trace, difference, [str(w.message) for w in caught if "zeroshard" in str(w.message)]
 
 
+class Layers(nn.Module):
+    """Three layers in a row; ``only_last``: the last alone (an early-exit evaluation);
+    ``skip_first``: the first left out (layer drop)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
+        self.only_last = self.skip_first = False
+
+    def forward(self, x):
+        if self.only_last:
+            return self.layers[2](x)
+        for i, layer in enumerate(self.layers):
+            if not (i == 0 and self.skip_first):
+                x = torch.tanh(layer(x))
+        return x
+
+
+def evaluation_before_the_first_step(ctx, drop: bool):
+    """Note [evaluation before the first step]: every rank evaluates the last layer alone
+    under no_grad, then trains the layers in order, rank 1 dropping the first from the
+    second step on (``drop``). The evaluation was recorded as the order to walk: every
+    later pass warned and gathered the last layer twice, and with the drop gloo aborted
+    (a helper's probe). Returns the collectives, the distance from single-process
+    training and the warnings."""
+    def backward(net, step, rank):
+        net.skip_first = drop and step > 0 and rank == 1
+        net(_batch(step, rank, 0)).square().mean().backward()
+    model, reference = Layers(), Layers()
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=3, process_group=ctx.group,
+                                  units=nn.Linear, lr=LR)
+    opt.comm_stats.trace = trace = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.only_last = True
+        with torch.no_grad():
+            model(_batch(99, ctx.rank, 0))
+        model.only_last = False
+        for step in range(3):
+            backward(model, step, ctx.rank)
+            opt.step()
+            opt.zero_grad()
+    _train_single_process(reference, 3, ctx.world_size,
+                          lambda step, rank: backward(reference, step, rank))
+    difference = _difference(opt, model, reference)
+    opt.close()
+    return trace, difference, [str(w.message) for w in caught if "zeroshard" in str(w.message)]
+
+
 def every_rank_runs_a_nested_block_more_often_later(ctx):
     """Note [run twice from the second step on]: every rank runs a block holding units
     once in the first step and twice from then on. Its inner units are gathered again

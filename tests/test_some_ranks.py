@@ -145,6 +145,15 @@ def test_a_unit_held_for_the_pass_and_run_once_on_one_rank_trains_together(
     assert warned0 == warned1 == [], (warned0, warned1)
 
 
+@pytest.mark.parametrize("drop", [False, True])
+def test_an_evaluation_before_the_first_step_is_not_the_order_training_walks(pool, drop):
+    results = pool.run(cases_order.evaluation_before_the_first_step, 2, drop)
+    (trace0, difference0, warned0), (trace1, difference1, warned1) = results
+    assert trace0 and trace0 == trace1
+    assert difference0 <= 1e-6 and difference1 <= 1e-6, (difference0, difference1)
+    assert warned0 == warned1 == [], (warned0, warned1)
+
+
 def test_a_block_of_units_repeated_more_often_later_warns_before_gathering_again(pool):
     """Note [run twice from the second step on]: a block holding units, run twice from
     the second step on, gathers its inner units again outside the schedule; where some

@@ -57,10 +57,12 @@ class Schedule:
         self._passed_over: set[int] = set()
         self._entered_in_pass: set[int] = set()
 
-    def walk_to(self, unit: Unit) -> list[Unit] | None:
+    def walk_to(self, unit: Unit, record: bool = True) -> list[Unit] | None:
         """Move past ``unit``; return the units passed over before it, or None if the
-        walk had already passed ``unit`` in this pass."""
-        if self.entered is not None:
+        walk had already passed ``unit`` in this pass. ``record``: while recording, note
+        the entry (not for a forward under no_grad: Note [evaluation before the first
+        step] in _walk.py)."""
+        if self.entered is not None and record:
             if unit not in self.entered:
                 self.entered.append(unit)
             if id(unit) in self._entered_in_pass and unit not in self.repeated:

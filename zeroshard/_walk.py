@@ -226,7 +226,14 @@ class Walk:
     def reach(self, schedule: Schedule, unit: Unit) -> None:
         """Note [gather schedule]: walk to ``unit``, gather it, prefetch the next one."""
         run_again = schedule.entered_in_pass(unit)
-        passed = schedule.walk_to(unit)
+        # Note [evaluation before the first step]:
+        #     The first step records the order training runs the units in. An evaluation
+        #     under no_grad before it (on every rank, as the first-step agreement asks) was
+        #     recorded too, first: a model that trains its blocks in order but evaluated
+        #     only the last was walked in the order (last block, the others) for good,
+        #     warning and gathering a unit twice a pass, and a rank that later skipped a
+        #     block hung (a helper's probe). Forwards under no_grad walk but do not record.
+        passed = schedule.walk_to(unit, record=schedule is self.backward or self.training_forward)
         if passed is not None and schedule is self.forward:  # the walk moves on
             self._release_finished()
         if (passed is None and schedule.was_passed_over(unit) and schedule.entered is None
