@@ -5,7 +5,8 @@
 Both ranks train one step; then rank 0 alone makes CALL (``full_state_dict``: a DDP
 habit, ``if rank == 0: save(...)``; ``clip``: ``opt.clip_grad_norm_``), while rank 1
 does OTHER: ``exits`` (destroys its process group and leaves) or ``trains`` (another
-step). Each rank prints what it raised, if anything, as ``rank R raised TYPE: MESSAGE``.
+step). Each rank prints what it raised, if anything, as ``rank R raised TYPE: MESSAGE |
+notes: NOTES``.
 The process group's timeout is 5 s, so a collective nobody joins fails quickly.
 """
 
@@ -46,7 +47,8 @@ def main(stage: int, call: str, other: str) -> None:
             train_step()
             train_step()
     except Exception as error:  # noqa: BLE001 - printed for the test to read
-        print(f"rank {rank} raised {type(error).__name__}: {error}", flush=True)
+        notes = " | ".join(getattr(error, "__notes__", ()))
+        print(f"rank {rank} raised {type(error).__name__}: {error} | notes: {notes}", flush=True)
         sys.exit(1)
 
 

@@ -62,9 +62,9 @@ def test_cli_prints_the_paper_table():
 
 
 def test_cli_takes_fractional_bytes_per_parameter():
-    """4-bit weights, 8-bit Adam: the README said the CLI took fractional bytes, and it
-    refused 0.5 (an int option) and had no option for the weights' bytes (a helper's
-    walk through the README)."""
+    """4-bit weights: the README said the CLI took fractional bytes, and it refused 0.5
+    (an int option) and had no option for the weights' bytes (a helper's walk through
+    the README)."""
     import subprocess
     import sys
     out = subprocess.run([sys.executable, "-m", "zeroshard", "estimate", "--params", "1e9",

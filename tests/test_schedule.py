@@ -9,6 +9,7 @@ random entry sequences, together with the first step's recording and the points
 at which reductions become due.
 """
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
@@ -93,9 +94,10 @@ def test_each_pass_reaches_every_unit_once_in_schedule_order(tree, data):
 
 @given(unit_trees(), st.data())
 def test_recording_adopts_first_entries_with_the_rest_in_their_tree_places(tree, data):
-    """Note [units no rank entered]: each unit the record lacks goes right after the
-    entered unit nearest before it in the tree (the start, if none is), those of one
-    such unit in the tree's order; the entered ones keep the record's order."""
+    """Note [units no rank entered]: the entered units keep the record's order; where the
+    record runs the tree's order forwards, each unit it lacks goes right after the
+    entered unit nearest before it in the tree (those of one such unit in the tree's
+    order). Backwards records: ``test_units_no_rank_entered_follow_a_record_that_runs_backwards``."""
     units, _ = tree
     schedule = Schedule(list(units))
     passes = data.draw(st.lists(st.lists(st.sampled_from(units), max_size=10), min_size=1, max_size=3))
@@ -122,14 +124,40 @@ def test_recording_adopts_first_entries_with_the_rest_in_their_tree_places(tree,
         assert walked == units
         return
     assert [u for u in walked if u in first_entries] == first_entries
-    # each entered unit (and the start, None) is followed in the walk by the units the
-    # record lacks whose nearest entered predecessor in the tree it is, in tree order
-    anchors = [None] + first_entries
-    for anchor in anchors:
+    if first_entries != sorted(first_entries, key=units.index) or units[0] not in first_entries:
+        return  # not a record that runs the tree forwards from its root
+    for anchor in first_entries:
         group = [u for u in units if u not in first_entries and anchor == next(
             (v for v in reversed(units[:units.index(u)]) if v in first_entries), None)]
-        start = 0 if anchor is None else walked.index(anchor) + 1
+        start = walked.index(anchor) + 1
         assert walked[start:start + len(group)] == group, (anchor, walked)
+
+
+@pytest.mark.parametrize("record, walked", [
+    ("r b3 b2 b0", "r b3 b2 b1 b0"),  # blocks called last to first, b1 by no rank
+    ("r b3 b2 b1", "r b3 b2 b1 b0"),  # ... b0, the first in the tree
+    ("r b2 b1 b0", "r b3 b2 b1 b0"),  # ... b3, the last in the tree
+    ("r b3 b0", "r b3 b2 b1 b0"),  # two in a row
+    ("r b0 b2 b3", "r b0 b1 b2 b3"),  # forwards, as before
+    ("r", "r b0 b1 b2 b3"),  # only the root: the tree's order
+])
+def test_units_no_rank_entered_follow_a_record_that_runs_backwards(record, walked):
+    """A model that calls its blocks last to first, one of them by no rank in the first
+    step: placed after its tree predecessor, a rank that ran it later walked to it out of
+    order and gloo aborted (a helper's probe). It goes where the record's direction puts it."""
+    names = "r b0 b1 b2 b3".split()
+    units = {name: _Named(name) for name in names}
+    schedule = Schedule([units[n] for n in names])
+    schedule.restart()
+    for name in record.split():
+        schedule.walk_to(units[name])
+    schedule.stop_recording(adopt=True)
+    assert " ".join(u.name for u in schedule.units) == walked
+
+
+class _Named:
+    def __init__(self, name: str) -> None:
+        self.name = name
 
 
 @given(unit_trees(), st.data())

@@ -79,55 +79,54 @@ class _Shards:
 # Note [a collective that fails]:
 #     A collective that some rank never joins fails only after the process group's
 #     timeout (30 minutes by default), or once a rank that left closes its connections,
-#     in the backend's words ("Timed out waiting 1800000ms for recv operation to
-#     complete", "Connection closed by peer"), which say nothing of the cause. With
-#     zeroshard the cause is nearly always that the ranks did not make the same calls
-#     (a helper's probes: `if rank == 0: opt.full_state_dict()`, a DDP habit;
-#     `opt.clip_grad_norm_()` on one rank; a step or a backward skipped on one rank; one
-#     rank out of batches before the others; `opt.no_sync()` around a micro-batch on some
-#     ranks), or that another rank failed first. So a collective that fails while it is
-#     issued or waited for raises ``CollectiveFailed``, which says so, with the backend's
-#     error chained. Which rank strayed, and into which call, this rank cannot tell: its
-#     collectives carry no description of the call that issued them.
-class CollectiveFailed(RuntimeError):
-    """A collective failed in the backend (Note [a collective that fails])."""
+#     in gloo's words ("Timed out waiting 1800000ms for recv operation to complete",
+#     "Connection closed by peer"), which say nothing of the cause. With zeroshard the
+#     cause is nearly always that the ranks did not make the same calls (a helper's
+#     probes: `if rank == 0: opt.full_state_dict()`, a DDP habit; `opt.clip_grad_norm_()`
+#     on one rank; one rank out of batches before the others; `opt.no_sync()` around a
+#     micro-batch on some ranks), or that another rank failed first. So an error raised
+#     while waiting for a collective gets a note saying so (``add_note``: the error keeps
+#     its type and its whole message, so `except torch.OutOfMemoryError` and NCCL's
+#     `DistBackendError` still match, and NCCL's cause on its later lines stays in view;
+#     a reviewer found a first version, a new exception type with the first line only,
+#     losing both). Only waits: an error raised as a collective is launched is the
+#     backend refusing its arguments (a dtype gloo cannot carry), which every rank meets
+#     alike. Under NCCL's defaults a wait does not raise: its watchdog ends the process
+#     after the timeout. Python 3.10 has no notes: the error goes on as it was.
+_WHY_A_COLLECTIVE_FAILS = (
+    "zeroshard: this error came while waiting for a collective. Most often that means the "
+    "ranks were not all in it: every rank must make the same zeroshard calls in the same "
+    "order: each training forward, backward and opt.step(); opt.clip_grad_norm_(); "
+    "opt.no_sync() around the same micro-batches; summon_full_params(); full_state_dict(), "
+    "load_full_state_dict(), save_checkpoint() and load_checkpoint(), save_full_model() (all "
+    "of them on every rank: `if rank == 0: opt.full_state_dict()` is a DDP habit that cannot "
+    "work here; rank 0 alone writes the files). Give every rank the same number of batches "
+    "(a DistributedSampler with drop_last=True) and let the ranks skip a step only together. "
+    "Or another rank failed or died first: its own log says why")
 
 
 @contextlib.contextmanager
 def _failures_explained():
     try:
         yield
-    except CollectiveFailed:
+    except Exception as error:
+        if hasattr(error, "add_note") and _WHY_A_COLLECTIVE_FAILS not in getattr(
+                error, "__notes__", ()):
+            error.add_note(_WHY_A_COLLECTIVE_FAILS)
         raise
-    except RuntimeError as error:  # gloo and NCCL raise RuntimeError (or a subclass)
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
-        rank = dist.get_rank() if dist.is_initialized() else "?"
-        raise CollectiveFailed(
-            f"zeroshard: a collective failed on rank {rank}: {first_line}. The ranks were "
-            "most likely not all in it. Every rank must make the same zeroshard calls in "
-            "the same order: each training forward, backward and opt.step(); "
-            "opt.clip_grad_norm_(); opt.no_sync() around the same micro-batches; "
-            "summon_full_params(); full_state_dict(), state_dict loads, save_checkpoint() "
-            "and load_checkpoint(), save_full_model() (all of them on every rank: `if rank == "
-            "0: opt.full_state_dict()` is a DDP habit that cannot work here; rank 0 alone "
-            "writes the files). Give every rank the same number of batches (a "
-            "DistributedSampler with drop_last=True) and let the ranks skip a step only "
-            "together. Or another rank failed or died first: its own log says why") from error
 
 
 def _all_gather_flat(output, input, *, group):
     """``all_gather_into_tensor``, async; on CPU one broadcast per shard (Note
     [collectives on gloo])."""
     if output.device.type != "cpu":
-        with _failures_explained():
-            return _all_gather_single(output, input, group=group, async_op=True)
+        return _all_gather_single(output, input, group=group, async_op=True)
     slices = output.chunk(group.size())
     mine = slices[group.rank()]
     if mine.data_ptr() != input.data_ptr():
         mine.copy_(input)
-    with _failures_explained():
-        return _Shards([dist.broadcast(piece, group_src=source, group=group, async_op=True)
-                        for source, piece in enumerate(slices)])
+    return _Shards([dist.broadcast(piece, group_src=source, group=group, async_op=True)
+                    for source, piece in enumerate(slices)])
 
 
 # Note [two ranks exchange halves]:
@@ -161,9 +160,8 @@ def _exchange_halves(output, input, *, op, group) -> _Shards:
     rank = group.rank()
     peer = 1 - rank
     halves = input.chunk(2)
-    with _failures_explained():
-        works = [dist.isend(halves[peer], group=group, group_dst=peer, tag=_EXCHANGE_TAG),
-                 dist.irecv(output, group=group, group_src=peer, tag=_EXCHANGE_TAG)]
+    works = [dist.isend(halves[peer], group=group, group_dst=peer, tag=_EXCHANGE_TAG),
+             dist.irecv(output, group=group, group_src=peer, tag=_EXCHANGE_TAG)]
 
     def finish() -> None:
         output.add_(halves[rank])
@@ -176,17 +174,15 @@ def _reduce_scatter_flat(output, input, *, op, group, input_is_scratch=False):
     """``reduce_scatter_tensor``, async; on CPU one reduce per shard (Note [collectives on
     gloo]), or between two ranks an exchange (Note [two ranks exchange halves])."""
     if output.device.type != "cpu":
-        with _failures_explained():
-            return _reduce_scatter_single(output, input, op=op, group=group, async_op=True)
+        return _reduce_scatter_single(output, input, op=op, group=group, async_op=True)
     if _exchanges_halves(group) and op in (dist.ReduceOp.SUM, dist.ReduceOp.AVG):
         return _exchange_halves(output, input, op=op, group=group)
     scratch = input if input_is_scratch else input.clone()
     pieces = scratch.chunk(group.size())
     mean = op == dist.ReduceOp.AVG
-    with _failures_explained():
-        works = [dist.reduce(piece, group_dst=owner, group=group, async_op=True,
-                             op=dist.ReduceOp.SUM if mean else op)
-                 for owner, piece in enumerate(pieces)]
+    works = [dist.reduce(piece, group_dst=owner, group=group, async_op=True,
+                         op=dist.ReduceOp.SUM if mean else op)
+             for owner, piece in enumerate(pieces)]
 
     def finish() -> None:
         mine = pieces[group.rank()]
@@ -280,7 +276,7 @@ def broadcast(tensor, *, group: Ranks, stats: CommStats, label: str, async_op=Fa
     from the rank in rank 0's place, then across replicas from rank 0's replica)."""
     def along(dim, pg, source):
         stats.record("broadcast", tensor, dim)
-        with record_function(f"zeroshard::{label}::broadcast"), _failures_explained():
+        with record_function(f"zeroshard::{label}::broadcast"):
             return dist.broadcast(tensor, src=source, group=pg, async_op=True)
     _launch_pending()
     launches = [lambda dim=dim, pg=pg, source=source: along(dim, pg, source)
@@ -290,7 +286,7 @@ def broadcast(tensor, *, group: Ranks, stats: CommStats, label: str, async_op=Fa
 
 def _all_reduce_along(tensor, dim: str, pg, op, stats: CommStats, label: str):
     stats.record("all_reduce", tensor, dim)
-    with record_function(f"zeroshard::{label}::all_reduce"), _failures_explained():
+    with record_function(f"zeroshard::{label}::all_reduce"):
         return dist.all_reduce(tensor, op=op, group=pg, async_op=True)
 
 

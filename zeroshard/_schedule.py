@@ -108,9 +108,9 @@ class Schedule:
 
     def stop_recording(self, adopt: bool) -> None:
         """With ``adopt``, walk from now on in the recorded order, the units never entered
-        put back where the module tree's order has them (Note [units no rank entered])."""
+        put beside their neighbours in the module tree (Note [units no rank entered])."""
         if adopt:
-            self._reorder(_with_the_rest_in_tree_order(self.entered, self.units))
+            self._reorder(_with_the_rest_in_place(self.entered, self.units))
         self.entered = None
 
 
@@ -122,23 +122,51 @@ class Schedule:
 #     those out of order and gathered them again, while the ranks that skipped it walked
 #     in order; the sequences differed and gloo aborted (a helper's long-run probe,
 #     `test_ranks_that_run_other_units_issue_one_sequence_of_collectives`). Each such unit
-#     now goes right after the unit before it in the tree's order that was entered (the
-#     start, if none was), so a model that runs its units in tree order walks the tree's
-#     order whatever the first step skipped. The ranks agreed on the record and share the
-#     tree, so they agree on the result.
-def _with_the_rest_in_tree_order(entered: list[Unit], tree_order: list[Unit]) -> list[Unit]:
-    recorded = {id(u) for u in entered}
-    following: dict[int | None, list[Unit]] = {}  # id(entered unit) -> the unentered after it
-    previous = None
+#     now goes beside its entered neighbours in the tree's order, on the side their
+#     recorded order says: right after the one before it where the record runs the tree
+#     forwards there, right before it where the record runs it backwards (blocks called
+#     last to first; a checkpointed block's units, recomputed in forward order during
+#     backward: a helper's probes). The direction is read from the two entered units
+#     around it, or, at either end, from the two nearest on one side; the schedule's
+#     first unit (the root, entered first in every pass) is never one of them. The ranks
+#     agreed on the record and share the tree, so they agree on the result. A unit whose
+#     neighbours disagree with where it really runs is still walked to out of order.
+def _with_the_rest_in_place(entered: list[Unit], tree_order: list[Unit]) -> list[Unit]:
+    position = {id(u): i for i, u in enumerate(entered)}
+    neighbours = [u for u in tree_order[1:] if id(u) in position]  # the root aside
+    index = {id(u): i for i, u in enumerate(neighbours)}
+
+    def runs_backwards(earlier, later) -> bool:  # two entered units, in tree order
+        return position[id(later)] < position[id(earlier)]
+    before: dict[int, list[Unit]] = {}
+    after: dict[int | None, list[Unit]] = {}
+    previous = None  # the entered unit before, in tree order (None: only the root)
     for unit in tree_order:
-        if id(unit) in recorded:
-            previous = id(unit)
+        if id(unit) in position:
+            previous = unit if id(unit) in index else None
+            continue
+        k = 0 if previous is None else index[id(previous)] + 1
+        following = neighbours[k] if k < len(neighbours) else None
+        if previous is not None and following is not None:
+            backwards = runs_backwards(previous, following)
+        elif previous is not None:
+            backwards = k >= 2 and runs_backwards(neighbours[k - 2], previous)
+        elif following is not None:
+            backwards = k + 1 < len(neighbours) and runs_backwards(following, neighbours[k + 1])
         else:
-            following.setdefault(previous, []).append(unit)
-    order = list(following.get(None, []))
+            backwards = False
+        if not backwards:  # after the one before it (the root, or the start, if none)
+            anchor = previous if previous is not None else tree_order[0]
+            after.setdefault(id(anchor) if id(anchor) in position else None, []).append(unit)
+        elif previous is not None:  # right before it: the tree's order reversed
+            before.setdefault(id(previous), []).insert(0, unit)
+        else:  # first in the tree, walked backwards: after the first entered one
+            after.setdefault(id(following), []).insert(0, unit)
+    order = list(after.get(None, []))
     for unit in entered:
+        order.extend(before.get(id(unit), []))
         order.append(unit)
-        order.extend(following.get(id(unit), []))
+        order.extend(after.get(id(unit), []))
     return order
 
 
