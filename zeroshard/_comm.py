@@ -331,8 +331,9 @@ class _InTurn:
     def after(self):
         """Launch what follows ``work`` (once) and return it."""
         if self._after is None:
-            with _side_stream(self.device), _failures_explained():
-                self.work.wait()
+            with _side_stream(self.device):
+                with _failures_explained():  # Note [a collective that fails]
+                    self.work.wait()
                 self._after = _in_turn(self.launches, self.device)
         return self._after
 

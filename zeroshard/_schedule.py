@@ -125,12 +125,14 @@ class Schedule:
 #     now goes beside its entered neighbours in the tree's order, on the side their
 #     recorded order says: right after the one before it where the record runs the tree
 #     forwards there, right before it where the record runs it backwards (blocks called
-#     last to first; a checkpointed block's units, recomputed in forward order during
-#     backward: a helper's probes). The direction is read from the two entered units
+#     last to first: a helper's probes). The direction is read from the two entered units
 #     around it, or, at either end, from the two nearest on one side; the schedule's
 #     first unit (the root, entered first in every pass) is never one of them. The ranks
 #     agreed on the record and share the tree, so they agree on the result. A unit whose
-#     neighbours disagree with where it really runs is still walked to out of order.
+#     neighbours disagree with where it really runs (an evaluation-only head registered
+#     early and called last; units inside checkpointed blocks, whose backward recomputes
+#     them in forward order) is still walked to out of order (README: run every unit in
+#     the first step).
 def _with_the_rest_in_place(entered: list[Unit], tree_order: list[Unit]) -> list[Unit]:
     position = {id(u): i for i, u in enumerate(entered)}
     neighbours = [u for u in tree_order[1:] if id(u) in position]  # the root aside

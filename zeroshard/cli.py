@@ -52,8 +52,8 @@ def main(argv=None) -> int:
                      help="hybrid sharding: the ranks each replica shards over, with world "
                           "size / shard size replicas (default: the world size, one replica)")
     est.add_argument("--precision", choices=sorted(PRECISIONS), default="mixed")
-    # floats: 4-bit weights take 0.5 bytes a parameter, 8-bit Adam 2 (README: the CLI refused
-    # the fractions its text said it took, and had no option for the weights' bytes)
+    # floats: 4-bit weights take 0.5 bytes a parameter (the README said the CLI took such
+    # fractions, and it refused them and had no option for the weights' bytes)
     est.add_argument("--param-bytes", type=float, default=None,
                      help="bytes per parameter of the weights (default: 2 mixed, 4 fp32)")
     est.add_argument("--grad-bytes", type=float, default=None,
