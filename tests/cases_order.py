@@ -179,6 +179,26 @@ def _repeated_loss(model, how: str, step: int, rank: int) -> torch.Tensor:
     return loss
 
 
+def _train_beside_single_process(ctx, opt, model, reference, backward, steps: int,
+                                 before=lambda: None):
+    """``steps`` steps of ``opt`` over ``model``, ``backward(net, step, rank)`` running this
+    rank's backward (after ``before()``), warnings caught; then single-process training of
+    ``reference`` alike. Returns the parameters' largest difference and zeroshard's
+    warnings; closes ``opt``."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        before()
+        for step in range(steps):
+            backward(model, step, ctx.rank)
+            opt.step()
+            opt.zero_grad()
+    _train_single_process(reference, steps, ctx.world_size,
+                          lambda step, rank: backward(reference, step, rank))
+    difference = _difference(opt, model, reference)
+    opt.close()
+    return difference, [str(w.message) for w in caught if "zeroshard" in str(w.message)]
+
+
 def run_more_often_from_the_second_step(ctx, how: str, reshard_after_forward: bool):
     """Note [run twice from the second step on]: ranks run blk different numbers of
     times after a first step that ran it alike. Returns the rank's collectives, how far
@@ -189,18 +209,9 @@ def run_more_often_from_the_second_step(ctx, how: str, reshard_after_forward: bo
     opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=3, process_group=ctx.group,
                                   units=units, reshard_after_forward=reshard_after_forward, lr=LR)
     opt.comm_stats.trace = trace = []
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for step in range(len(REPS) + 1):
-            _repeated_loss(model, how, step, ctx.rank).backward()
-            opt.step()
-            opt.zero_grad()
-    reference = Repeated(**options)
-    _train_single_process(reference, len(REPS) + 1, ctx.world_size,
-                          lambda step, rank: _repeated_loss(reference, how, step, rank).backward())
-    difference = _difference(opt, model, reference)
-    opt.close()
-    return trace, difference, [str(w.message) for w in caught if "zeroshard" in str(w.message)]
+    return (trace, *_train_beside_single_process(
+        ctx, opt, model, Repeated(**options),
+        lambda net, step, rank: _repeated_loss(net, how, step, rank).backward(), len(REPS) + 1))
 
 
 class Bookends(nn.Module):
@@ -233,17 +244,7 @@ def a_held_unit_skipped_once_on_one_rank(ctx, skip: str, reshard_after_forward: 
     opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=3, process_group=ctx.group,
                                   units=nn.Linear, reshard_after_forward=reshard_after_forward, lr=LR)
     opt.comm_stats.trace = trace = []
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for step in range(3):
-            backward(model, step, ctx.rank)
-            opt.step()
-            opt.zero_grad()
-    _train_single_process(reference, 3, ctx.world_size,
-                          lambda step, rank: backward(reference, step, rank))
-    difference = _difference(opt, model, reference)
-    opt.close()
-    return trace, difference, [str(w.message) for w in caught if "zeroshard" in str(w.message)]
+    return (trace, *_train_beside_single_process(ctx, opt, model, reference, backward, 3))
 
 
 class Layers(nn.Module):
@@ -279,21 +280,14 @@ def evaluation_before_the_first_step(ctx, drop: bool):
     opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=3, process_group=ctx.group,
                                   units=nn.Linear, lr=LR)
     opt.comm_stats.trace = trace = []
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+
+    def evaluate_the_last_layer() -> None:
         model.only_last = True
         with torch.no_grad():
             model(_batch(99, ctx.rank, 0))
         model.only_last = False
-        for step in range(3):
-            backward(model, step, ctx.rank)
-            opt.step()
-            opt.zero_grad()
-    _train_single_process(reference, 3, ctx.world_size,
-                          lambda step, rank: backward(reference, step, rank))
-    difference = _difference(opt, model, reference)
-    opt.close()
-    return trace, difference, [str(w.message) for w in caught if "zeroshard" in str(w.message)]
+    return (trace, *_train_beside_single_process(ctx, opt, model, reference, backward, 3,
+                                                 before=evaluate_the_last_layer))
 
 
 def every_rank_runs_a_nested_block_more_often_later(ctx):
@@ -308,17 +302,7 @@ def every_rank_runs_a_nested_block_more_often_later(ctx):
     def backward(net, step, rank):
         net.reps = 1 if step == 0 else 2
         net(_batch(step, rank, 0)).square().mean().backward()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for step in range(3):
-            backward(model, step, ctx.rank)
-            opt.step()
-            opt.zero_grad()
-    _train_single_process(reference, 3, ctx.world_size,
-                          lambda step, rank: backward(reference, step, rank))
-    difference = _difference(opt, model, reference)
-    opt.close()
-    return difference, [str(w.message) for w in caught if "zeroshard" in str(w.message)]
+    return _train_beside_single_process(ctx, opt, model, reference, backward, 3)
 
 
 def gathered_peak_in_backward(ctx, how: str):

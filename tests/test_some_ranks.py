@@ -107,6 +107,14 @@ def test_ranks_that_run_other_units_issue_one_sequence_of_collectives(pool, patt
     assert difference0 <= 1e-6 and difference1 <= 1e-6, (difference0, difference1)
 
 
+def _check_one_sequence_single_process_numbers_no_warning(results) -> None:
+    """Two ranks' (collectives, distance from single-process training, warnings)."""
+    (trace0, difference0, warned0), (trace1, difference1, warned1) = results
+    assert trace0 and trace0 == trace1
+    assert difference0 <= 1e-6 and difference1 <= 1e-6, (difference0, difference1)
+    assert warned0 == warned1 == [], (warned0, warned1)
+
+
 @pytest.mark.parametrize("reshard_after_forward", [True, False])
 @pytest.mark.parametrize("how", list(cases_order.RUN_MORE_OFTEN))
 def test_ranks_that_run_a_unit_more_often_after_the_first_step_train_together(
@@ -123,10 +131,7 @@ def test_ranks_that_run_a_unit_more_often_after_the_first_step_train_together(
     every rank, as the warning advises."""
     results = pool.run(cases_order.run_more_often_from_the_second_step, 2, how,
                        reshard_after_forward)
-    (trace0, difference0, warned0), (trace1, difference1, warned1) = results
-    assert trace0 and trace0 == trace1
-    assert difference0 <= 1e-6 and difference1 <= 1e-6, (difference0, difference1)
-    assert warned0 == warned1 == [], (warned0, warned1)
+    _check_one_sequence_single_process_numbers_no_warning(results)
 
 
 @pytest.mark.parametrize("reshard_after_forward", [True, False])
@@ -139,19 +144,13 @@ def test_a_unit_held_for_the_pass_and_run_once_on_one_rank_trains_together(
     one sequence of collectives, single-process training's numbers, no warning."""
     results = pool.run(cases_order.a_held_unit_skipped_once_on_one_rank, 2, skip,
                        reshard_after_forward)
-    (trace0, difference0, warned0), (trace1, difference1, warned1) = results
-    assert trace0 and trace0 == trace1
-    assert difference0 <= 1e-6 and difference1 <= 1e-6, (difference0, difference1)
-    assert warned0 == warned1 == [], (warned0, warned1)
+    _check_one_sequence_single_process_numbers_no_warning(results)
 
 
 @pytest.mark.parametrize("drop", [False, True])
 def test_an_evaluation_before_the_first_step_is_not_the_order_training_walks(pool, drop):
     results = pool.run(cases_order.evaluation_before_the_first_step, 2, drop)
-    (trace0, difference0, warned0), (trace1, difference1, warned1) = results
-    assert trace0 and trace0 == trace1
-    assert difference0 <= 1e-6 and difference1 <= 1e-6, (difference0, difference1)
-    assert warned0 == warned1 == [], (warned0, warned1)
+    _check_one_sequence_single_process_numbers_no_warning(results)
 
 
 def test_a_block_of_units_repeated_more_often_later_warns_before_gathering_again(pool):
