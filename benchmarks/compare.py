@@ -142,11 +142,14 @@ def baseline_after_warm_up(method: str, tiny, loss_of, block) -> int:
     return rss_kib("VmRSS")
 
 
-def setup(method: str, model, lr: float, mesh=None, block=Block):
+def setup(method: str, model, lr: float, mesh=None, block=Block, foreach: bool | None = None):
     """Wrap ``model`` the way ``method`` does; return (module to call, optimizer, backward).
     ``mesh``: the (replicate, shard) DeviceMesh of the hybrid methods; ``block``: the
-    module class FSDP1 wraps and zeroshard's stage 3 gathers (FSDP2 shards ``model.blocks``)."""
-    adamw = lambda params: torch.optim.AdamW(params, lr=lr)  # noqa: E731
+    module class FSDP1 wraps and zeroshard's stage 3 gathers (FSDP2 shards ``model.blocks``);
+    ``foreach``: AdamW's, for every method (None: torch's default, the for-loop on CPU and
+    the foreach kernels on CUDA)."""
+    kwargs = {"lr": lr} if foreach is None else {"lr": lr, "foreach": foreach}
+    adamw = lambda params: torch.optim.AdamW(params, **kwargs)  # noqa: E731
     if method == "ddp_muon":
         from torch.nn.parallel import DistributedDataParallel as DDP
         matrices, rest = muon_groups(model)
@@ -157,7 +160,7 @@ def setup(method: str, model, lr: float, mesh=None, block=Block):
         from torch.nn.parallel import DistributedDataParallel as DDP
         ddp = DDP(model)
         opt = adamw(ddp.parameters()) if method == "ddp" else ZeroRedundancyOptimizer(
-            ddp.parameters(), optimizer_class=torch.optim.AdamW, lr=lr)
+            ddp.parameters(), optimizer_class=torch.optim.AdamW, **kwargs)
         return ddp, opt, None
     if method.startswith("fsdp1"):
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
@@ -193,7 +196,7 @@ def setup(method: str, model, lr: float, mesh=None, block=Block):
             extra["mesh"] = mesh
         if muon(method):
             extra["param_groups"] = muon_groups(model)
-        return model, zeroshard.ZeroOptimizer(model, torch.optim.AdamW, stage=stage, lr=lr,
+        return model, zeroshard.ZeroOptimizer(model, torch.optim.AdamW, stage=stage, **kwargs,
                                               **extra), None
     raise ValueError(f"unknown method {method!r}; choose from {sorted(METHODS)}")
 
@@ -241,7 +244,7 @@ def worker(rank: int, world: int, port: int, method: str, size: dict, args, resu
         from torch.distributed.device_mesh import init_device_mesh
         mesh = init_device_mesh(device.type, (args.replicas, world // args.replicas),
                                 mesh_dim_names=("replicate", "shard"))
-    module, opt, backward = setup(method, model, lr=1e-4, mesh=mesh)
+    module, opt, backward = setup(method, model, lr=1e-4, mesh=mesh, foreach=args.foreach)
     g = torch.Generator().manual_seed(rank)
     tokens = torch.randint(0, size["vocab"], (size["batch"], size["seq_len"] + 1), generator=g).to(device)
     x, y = tokens[:, :-1], tokens[:, 1:]
@@ -453,7 +456,12 @@ def main(argv=None) -> None:
                    help="timing rounds over all methods; step time is the median of the rounds'")
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--out", type=Path, default=HERE / "results" / "latest")
+    p.add_argument("--foreach", action="store_true",
+                   help="every method's AdamW with foreach=True (CUDA's default; CPU's is the "
+                        "for-loop)")
     args = p.parse_args(argv)
+    if args.foreach is False:
+        args.foreach = None  # torch's default
     if args.smoke:
         args.size, args.steps, args.warmup = "smoke", 2, 1
     size, world = SIZES[args.size], args.world_size
@@ -505,7 +513,8 @@ def main(argv=None) -> None:
     command = "python benchmarks/compare.py " + " ".join(sys.argv[1:] if argv is None else argv)
     table = summarise(rows, world, args.replicas)
     header = (f"{command}\n\nmodel: examples/train_gpt.py GPT {size}, "
-              f"Ψ = {next((r['psi'] for r in rows if 'psi' in r), 0):,} parameters, fp32 AdamW, "
+              f"Ψ = {next((r['psi'] for r in rows if 'psi' in r), 0):,} parameters, fp32 AdamW"
+              f"{' (foreach=True)' if args.foreach else ''}, "
               f"{world} ranks, {'CUDA/NCCL' if cuda else 'CPU/gloo'}, "
               f"{device_name(world)}"
               f"torch {torch.__version__}, {os.cpu_count()} cores; step time: median over "

@@ -2,7 +2,7 @@
 phase (forward, backward, step, zero_grad) of every step, and at each step's start the
 RSS against the bytes of the live tensors (what no tensor explains: the runtime's own).
 
-    python benchmarks/phase_peaks.py --methods zeroshard2,fsdp2_no_reshard
+    python benchmarks/phase_peaks.py --methods zeroshard2,fsdp2_no_reshard [--foreach]
 
 MiB above the RSS right after process-group start, as compare.py measures (with
 MALLOC_MMAP_THRESHOLD_=1048576, the high-water mark reset at each phase's start); the
@@ -49,12 +49,12 @@ def _live_tensor_bytes() -> int:
 
 
 def worker(rank: int, world: int, port: int, method: str, size: dict, steps: int,
-           results) -> None:
+           foreach: bool | None, results) -> None:
     compare.join_group(rank, world, port)
     baseline = compare.rss_kib("VmRSS")
     torch.manual_seed(0)
     model = GPT(size["vocab"], size["d_model"], size["layers"], size["heads"], size["seq_len"])
-    module, opt, backward = compare.setup(method, model, lr=1e-4)
+    module, opt, backward = compare.setup(method, model, lr=1e-4, foreach=foreach)
     tokens = torch.randint(0, size["vocab"], (size["batch"], size["seq_len"] + 1),
                            generator=torch.Generator().manual_seed(rank))
     x, y = tokens[:, :-1], tokens[:, 1:]
@@ -90,10 +90,14 @@ def main(argv=None) -> None:
     p.add_argument("--methods", default="zeroshard2,fsdp2_no_reshard")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--timeout", type=float, default=600)
+    p.add_argument("--foreach", action="store_true",
+                   help="every method's AdamW with foreach=True (CUDA's default; CPU's is the "
+                        "for-loop)")
     args = p.parse_args(argv)
     columns = ("rss at start", "live tensors") + PHASES
     print(f"python benchmarks/phase_peaks.py {' '.join(sys.argv[1:] if argv is None else argv)}\n")
-    print(f"model: examples/train_gpt.py GPT {compare.SIZES[args.size]}, fp32 AdamW, "
+    print(f"model: examples/train_gpt.py GPT {compare.SIZES[args.size]}, fp32 AdamW"
+          f"{' (foreach=True)' if args.foreach else ''}, "
           f"{args.world_size} ranks, CPU/gloo, torch {torch.__version__}; MiB above the RSS "
           "after process-group start: the RSS and the live tensors' bytes at each step's "
           "start, and each phase's high-water mark; the larger rank\n")
@@ -102,7 +106,8 @@ def main(argv=None) -> None:
     for method in args.methods.split(","):
         per_rank = compare.spawn_ranks(worker, args.world_size,
                                        (compare.free_port(), method, compare.SIZES[args.size],
-                                        args.steps), args.timeout, measure_memory=True)
+                                        args.steps, args.foreach or None), args.timeout,
+                                       measure_memory=True)
         for step in range(args.steps):
             larger = max((r["rows"][step] for r in per_rank), key=lambda row: max(row.values()))
             print(f"| {method} | {step} | " + " | ".join(f"{larger[c]:.0f}" for c in columns) + " |")

@@ -68,6 +68,28 @@ def step_peak(ctx, stage: int, linears_per_bucket: int) -> dict:
             "gradients": report["gradients"], "optimizer_states": report["optimizer_states"]}
 
 
+def foreach_step_peak(ctx, stage: int, linears_per_bucket: int) -> dict:
+    """Note [a step in parts] (zeroshard/_inner.py): ``LAYERS`` Linear(WIDTH, WIDTH) at
+    ``stage`` with AdamW's foreach kernels (CUDA's default): the RSS peak of
+    ``opt.step()`` above the level before it, after two warm-up steps, and the bytes of
+    this rank's master shards, which foreach AdamW's square roots took all at once."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*(nn.Linear(WIDTH, WIDTH) for _ in range(LAYERS)))
+    extra = {"units": nn.Linear} if stage == 3 else {}
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.AdamW, stage=stage, lr=1e-3, foreach=True,
+                                  process_group=ctx.group,
+                                  bucket_size_mb=(linears_per_bucket + 0.01) * LINEAR_BYTES / 2**20,
+                                  **extra)
+    x = torch.randn(BATCH, WIDTH, generator=torch.Generator().manual_seed(ctx.rank))
+    _train(model, opt, x, steps=2)
+    model(x).square().mean().backward()
+    with Peak() as step:
+        opt.step()
+    shards = sum(p.numel() * p.element_size() for g in opt.param_groups for p in g["params"])
+    opt.close()
+    return {"step": step.bytes, "shards": shards}
+
+
 def lone_parameter_backward(ctx, width: int) -> dict:
     """Note [a gradient as its bucket's buffer] (zeroshard/stage2.py): a Linear(width,
     width) weight alone in its bucket at stage 2, SGD; the RSS peak of a backward above

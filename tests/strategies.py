@@ -73,6 +73,8 @@ def training_cases(draw, stages=(1, 2, 3), world_sizes=(1, 2, 3, 4), meshes=None
     world size's, or no mesh, by default; a list: one of those, always)."""
     optimizer = draw(st.sampled_from(sorted(OPTIMIZER_KWARGS)))
     opt_kwargs = draw(OPTIMIZER_KWARGS[optimizer])
+    if draw(st.booleans()):  # CUDA's default; a step in parts (Note [a step in parts])
+        opt_kwargs["foreach"] = True
     if optimizer == "SGD" and opt_kwargs["momentum"] > 0:
         opt_kwargs["nesterov"] = draw(st.booleans())
     model = draw(st.one_of(mlp_specs, transformer_specs))

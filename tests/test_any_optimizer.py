@@ -5,7 +5,11 @@ subclasses SGD (a subclass that overrides step is not element-wise), beside Adam
 or SGD in another param group (or alone), against DDP with the very same optimizers
 (tests/cases_owned.py says what each case checks and why). A small fixed case
 checks the owners, the layout and the bytes moved against figures worked out by hand.
+torch's element-wise classes stepped a part at a time against the same stepped whole.
 """
+
+import inspect
+import itertools
 
 import pytest
 import torch
@@ -13,6 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import cases_owned
+from zeroshard._inner import InnerOptimizers
+from zeroshard._validate import ELEMENTWISE_OPTIMIZERS
 from strategies import mlp_specs, transformer_specs
 
 models = st.one_of(
@@ -148,3 +154,86 @@ def test_ranks_that_build_different_buckets_are_refused_on_every_rank(pool, whic
     for error in pool.run(cases_owned.arguments_that_differ_across_ranks, 2, which):
         assert error is not None and "differ across ranks" in error, error
         assert "same arguments on every rank" in error, error
+
+
+def _shards(seed: int) -> list[list[torch.Tensor]]:
+    """Two param groups' flat tensors, of sizes that cut into parts unevenly."""
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(n, generator=g) for n in (5, 300, 7, 64)],
+            [torch.randn(n, generator=g) for n in (33, 2)]]
+
+
+def _implementations(cls) -> list[dict]:
+    """The for-loop, the foreach kernels and, where this torch has one, the fused kernel."""
+    kinds = [{"foreach": False}, {"foreach": True}]
+    if "weight_decay" in inspect.signature(cls).parameters:  # a second temporary in some
+        kinds.append({"foreach": True, "weight_decay": 0.1})
+    if "momentum" in inspect.signature(cls).parameters:  # state to compare
+        kinds.append({"foreach": True, "momentum": 0.9})
+    try:
+        cls([torch.zeros(1)], fused=True)
+        kinds.append({"fused": True})
+    except (RuntimeError, TypeError, ValueError):
+        pass
+    return kinds
+
+
+@pytest.mark.parametrize("cls", ELEMENTWISE_OPTIMIZERS, ids=lambda c: c.__name__)
+def test_a_step_in_parts_is_the_whole_step_bit_for_bit(cls):
+    """Note [a step in parts]: torch's element-wise classes stepped a part at a time
+    (parts of at most 300 bytes: five calls of ``step``) give every tensor the update
+    and state they get stepped whole, bitwise, for three steps, and each group's
+    tensors are back in place after each step."""
+    groups = [{"params": [], "lr": 0.01}, {"params": [], "lr": 0.02}]
+    for kwargs in _implementations(cls):
+        whole, parts = _shards(0), _shards(0)
+        a = InnerOptimizers(groups, whole, cls, kwargs, part_bytes=2**30)
+        b = InnerOptimizers(groups, parts, cls, kwargs, part_bytes=300)
+        for step in range(3):
+            g = torch.Generator().manual_seed(10 + step)
+            for x, y in zip(itertools.chain(*whole), itertools.chain(*parts)):
+                x.grad = torch.randn(x.shape, generator=g)
+                y.grad = x.grad.clone()
+            a.step()
+            b.step()
+            assert [[id(t) for t in g["params"]] for g in b.param_groups] == \
+                [[id(t) for t in group] for group in parts], kwargs
+        for x, y in zip(itertools.chain(*whole), itertools.chain(*parts)):
+            assert torch.equal(x, y), (kwargs, (x - y).abs().max())
+            assert all(torch.equal(torch.as_tensor(u), torch.as_tensor(v))
+                       for u, v in zip(a.state.get(x, {}).values(), b.state.get(y, {}).values())), kwargs
+
+
+def test_a_step_in_parts_puts_the_groups_back_when_it_raises():
+    """Note [a step in parts]: a step that raises in a later part (Adam refuses a sparse
+    gradient) leaves each group holding all its tensors, as before the step."""
+    shards = _shards(0)
+    inner = InnerOptimizers([{"params": []}, {"params": []}], shards, torch.optim.Adam,
+                            {"lr": 0.1}, part_bytes=300)
+    for t in itertools.chain(*shards):
+        t.grad = torch.ones_like(t)
+    shards[1][1].grad = torch.ones(2).to_sparse()
+    with pytest.raises(RuntimeError, match="sparse"):
+        inner.step()
+    assert [len(g["params"]) for g in inner.param_groups] == [4, 2]
+
+
+def test_a_class_that_counts_on_its_group_is_stepped_whole():
+    """Note [a step in parts]: a class with a ``step`` of its own is stepped in one call
+    per step even where it says it is element-wise, since it may keep a count on the
+    group (one call per part would count five steps here)."""
+    class CountsOnTheGroup(torch.optim.SGD):
+        zeroshard_elementwise = True
+
+        def step(self, closure=None):
+            for group in self.param_groups:
+                group["calls"] = group.get("calls", 0) + 1
+            return super().step(closure)
+
+    shards = _shards(0)
+    inner = InnerOptimizers([{"params": []}, {"params": []}], shards, CountsOnTheGroup,
+                            {"lr": 0.1}, part_bytes=300)
+    for t in itertools.chain(*shards):
+        t.grad = torch.ones_like(t)
+    inner.step()
+    assert [g["calls"] for g in inner.param_groups] == [1, 1]

@@ -49,6 +49,14 @@ def is_elementwise(optimizer_class: type) -> bool:
     4.7e-3 from DDP). ``zeroshard_elementwise = True`` on a class says it is one."""
     if getattr(optimizer_class, "zeroshard_elementwise", False):
         return True
+    return steps_as_torch_elementwise(optimizer_class)
+
+
+def steps_as_torch_elementwise(optimizer_class: type) -> bool:
+    """Whether ``optimizer_class`` steps with the ``step`` of one of torch's element-wise
+    classes, which keeps all its state per tensor (no count kept on the group), so that
+    stepping a group's tensors a few at a time is stepping them all at once (Note [a step
+    in parts] in _inner.py)."""
     step = inspect.unwrap(optimizer_class.step)  # torch wraps step in profiling hooks
     return any(issubclass(optimizer_class, base) and step is inspect.unwrap(base.step)
                for base in ELEMENTWISE_OPTIMIZERS)

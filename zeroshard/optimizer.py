@@ -178,7 +178,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         # 4. The inner optimizers over this rank's shards; the outer groups schedulers see.
         self._inner = InnerOptimizers(
             groups, [[t for b in plan.buckets if b.group_index == i for t in b.stepped]
-                     for i in range(len(groups))], optimizer_class, optimizer_kwargs)
+                     for i in range(len(groups))], optimizer_class, optimizer_kwargs,
+            part_bytes=int(bucket_size_mb * 2**20))
         super().__init__(self._outer_groups(), self._inner.defaults)
         self.state = self._inner.state  # keyed by the shards in param_groups, as torch's
 
