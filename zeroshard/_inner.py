@@ -9,26 +9,32 @@ mapping, one step. With one class it holds that class's optimizer alone and its
 state dict is that optimizer's, as before.
 
 Note [a step in parts]:
-    Where torch's element-wise optimizers use their foreach kernels (CUDA's default),
-    a step makes its temporaries for every tensor of the call at once: AdamW's square
-    roots of all the second moments (``_foreach_sqrt``), and with Adam's coupled weight
-    decay a second tensor as large; their for-loop (CPU's default) makes them one tensor
-    at a time. Over the shards of a whole model that is a temporary as large as all of
-    this rank's shards: on the 100M GPT at 2 ranks with ``foreach=True`` AdamW, the step
-    peaked 172 / 128 / 73 MiB above backward at stages 1 / 2 / 3 (1634 / 1257 / 1076
-    MiB); in parts, 9 MiB above and 33 and 91 MiB below (1470 / 1099 / 912 MiB; ``python
-    benchmarks/phase_peaks.py --foreach --steps 3 --methods zeroshard1,zeroshard2,zeroshard3``,
-    old and new code in turn). So such an optimizer steps this rank's
-    tensors in parts of at most ``bucket_size_mb`` (a larger tensor alone), group by
-    group: each part one call of its ``step`` with its group's ``params`` narrowed to the
-    part and the other groups' emptied, all restored after, even if the step raises. The
-    update is the same, bitwise: these classes keep every count and moment per tensor
-    and compute each tensor's update from its own. Not for a subclass with a ``step`` of
-    its own, nor for a class that says it is element-wise (``zeroshard_elementwise``), nor
-    for the classes stepped by whole parameters: their ``step`` may keep a count on the
-    group, which one call per part would advance several times. The cost is a call of
-    ``step`` per part (Python's overhead of one, a few tens of microseconds, and on CUDA
-    each foreach kernel launched once per part).
+    Where torch's element-wise optimizers use their foreach kernels (CUDA's default), a
+    step makes its temporaries for all the tensors of a param group at once: AdamW's
+    square roots of every second moment (``_foreach_sqrt``), and with Adam's coupled
+    weight decay a second tensor as large; their for-loop (CPU's default) makes them one
+    tensor at a time, and their fused kernels none. A group holds most of this rank's
+    shards (all of them, or all but the norms' and biases'), so that was a temporary
+    about as large as the shards: on the 100M GPT at 2 ranks with ``foreach=True``
+    AdamW, the step's own peak was 172 / 128 / 73 MiB above backward's at stages 1 / 2 /
+    3 (1634 / 1257 / 1076 MiB); in parts 9 MiB above, and 33 and 91 MiB below (1470 /
+    1099 / 912 MiB; ``python benchmarks/phase_peaks.py --foreach --steps 3 --methods
+    zeroshard1,zeroshard2,zeroshard3``, old and new code in turn). So a group stepped by
+    the foreach kernels whose tensors exceed ``bucket_size_mb`` is stepped in parts of at
+    most that (a larger tensor alone), each part a call of ``step`` that sees that group
+    alone, narrowed to the part; the other groups are stepped together in one call, as
+    before. The optimizer's groups and their tensors are put back after, even if a call
+    raises (the parts before it are then stepped). The update is the same, bit for bit:
+    these classes keep every count and moment per tensor and compute each tensor's
+    update from its own. Only for a class that steps as torch's own do (its ``step`` and
+    ``_init_group`` torch's, ``_validate.steps_as_torch_elementwise``): a class with its
+    own may keep a count on the group, which a call per part would advance several
+    times; a class that says it is element-wise (``zeroshard_elementwise``) with a step
+    of its own, and the classes stepped by whole parameters, are stepped whole. The cost
+    is a call of ``step`` per part: on CUDA each foreach kernel is launched once per
+    part (a helper's probe of the first version of this on an H100, the inner AdamW
+    alone over a 7B model's shards on one of 8 ranks, 560 of 6.25 MB in two groups:
+    the step's temporaries 1669 -> 24 MiB, its time 27.0 -> 31.6 ms).
 """
 
 from __future__ import annotations
@@ -139,23 +145,46 @@ class InnerOptimizers:
 
 
 def _step_in_parts(optimizer: torch.optim.Optimizer, part_bytes: int) -> None:
-    """Note [a step in parts]: step ``optimizer``'s tensors in parts of at most
-    ``part_bytes``, or all at once where they fit in one."""
+    """Note [a step in parts]: one call of ``step`` for the groups stepped whole, and one
+    for each part of a group torch would step all at once that exceeds ``part_bytes``."""
     groups = optimizer.param_groups
-    whole = [group["params"] for group in groups]
-    parts = [(index, part) for index, params in enumerate(whole)
-             for part in _parts(params, part_bytes)]
-    if len(parts) <= 1:
+    calls = _calls(groups, part_bytes)
+    if len(calls) <= 1:
         _step_without_global_hooks(optimizer)
         return
+    whole = [group["params"] for group in groups]
     try:
-        for index, part in parts:
-            for other, group in enumerate(groups):
-                group["params"] = part if other == index else []
+        for call in calls:
+            optimizer.param_groups = [group for group, _ in call]
+            for group, params in call:
+                group["params"] = params
             _step_without_global_hooks(optimizer)
     finally:
+        optimizer.param_groups = groups
         for group, params in zip(groups, whole):
             group["params"] = params
+
+
+def _calls(groups: list[dict], part_bytes: int) -> list[list[tuple[dict, list]]]:
+    """Each call's (group, tensors): the groups stepped whole together, then each part."""
+    together, parts = [], []
+    for group in groups:
+        cut = _parts(group["params"], part_bytes) if _made_all_at_once(group) else []
+        if len(cut) > 1:
+            parts.extend([(group, part)] for part in cut)
+        else:
+            together.append((group, group["params"]))
+    return ([together] if together else []) + parts
+
+
+def _made_all_at_once(group: dict) -> bool:
+    """Whether torch's step makes this group's temporaries for all its tensors at once:
+    its foreach kernels, asked for, or torch's default where no tensor is on the CPU."""
+    if group.get("fused") or group.get("differentiable"):
+        return False
+    if group.get("foreach") is None:
+        return bool(group["params"]) and all(t.device.type != "cpu" for t in group["params"])
+    return bool(group["foreach"])
 
 
 def _parts(tensors: list[torch.Tensor], part_bytes: int) -> list[list[torch.Tensor]]:

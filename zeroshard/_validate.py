@@ -49,17 +49,25 @@ def is_elementwise(optimizer_class: type) -> bool:
     4.7e-3 from DDP). ``zeroshard_elementwise = True`` on a class says it is one."""
     if getattr(optimizer_class, "zeroshard_elementwise", False):
         return True
-    return steps_as_torch_elementwise(optimizer_class)
+    return _elementwise_base(optimizer_class) is not None
+
+
+def _elementwise_base(optimizer_class: type) -> type | None:
+    """The torch element-wise class whose ``step`` ``optimizer_class`` keeps, if any."""
+    step = inspect.unwrap(optimizer_class.step)  # torch wraps step in profiling hooks
+    return next((base for base in ELEMENTWISE_OPTIMIZERS
+                 if issubclass(optimizer_class, base) and step is inspect.unwrap(base.step)),
+                None)
 
 
 def steps_as_torch_elementwise(optimizer_class: type) -> bool:
-    """Whether ``optimizer_class`` steps with the ``step`` of one of torch's element-wise
-    classes, which keeps all its state per tensor (no count kept on the group), so that
-    stepping a group's tensors a few at a time is stepping them all at once (Note [a step
-    in parts] in _inner.py)."""
-    step = inspect.unwrap(optimizer_class.step)  # torch wraps step in profiling hooks
-    return any(issubclass(optimizer_class, base) and step is inspect.unwrap(base.step)
-               for base in ELEMENTWISE_OPTIMIZERS)
+    """Whether ``optimizer_class`` steps as one of torch's element-wise classes, its
+    ``step`` and the ``_init_group`` that step calls both torch's: those keep every count
+    and moment per tensor, none on the group, so stepping a group's tensors a few at a
+    time is stepping them all at once (Note [a step in parts] in _inner.py)."""
+    base = _elementwise_base(optimizer_class)
+    return base is not None and (getattr(optimizer_class, "_init_group", None)
+                                 is getattr(base, "_init_group", None))
 
 
 def check_optimizer_class(optimizer_class, where: str = "optimizer_class") -> None:
