@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 import cases_owned
 from zeroshard._inner import InnerOptimizers
-from zeroshard._validate import ELEMENTWISE_OPTIMIZERS
+from zeroshard._validate import ELEMENTWISE_OPTIMIZERS, steps_as_torch_elementwise
 from strategies import mlp_specs, transformer_specs
 
 models = st.one_of(
@@ -205,6 +205,18 @@ def test_a_step_in_parts_is_the_whole_step_bit_for_bit(cls):
             assert torch.equal(x, y), (kwargs, (x - y).abs().max())
             assert all(torch.equal(torch.as_tensor(u), torch.as_tensor(v))
                        for u, v in zip(a.state.get(x, {}).values(), b.state.get(y, {}).values())), kwargs
+
+
+def test_torch_compile_leaves_the_step_in_parts_on():
+    """Note [a step in parts]: torch.compile's first use wraps each torch optimizer
+    class's ``_init_group`` (``torch._dynamo.disable``, set on the class: ``AdamW``'s
+    own wrapper around ``Adam``'s). A first version compared them wrapped, so after a
+    compile anywhere in the process no class was stepped in parts any more (found by the
+    suite's memory test running in a worker that had compiled a model)."""
+    torch.compile(lambda x: x + 1, backend="eager")(torch.ones(1))
+    assert "_init_group" in vars(torch.optim.AdamW)  # the wrapping this test is about
+    for cls in ELEMENTWISE_OPTIMIZERS:
+        assert steps_as_torch_elementwise(cls), cls
 
 
 def test_a_step_in_parts_puts_the_groups_back_when_it_raises():

@@ -64,10 +64,19 @@ def steps_as_torch_elementwise(optimizer_class: type) -> bool:
     """Whether ``optimizer_class`` steps as one of torch's element-wise classes, its
     ``step`` and the ``_init_group`` that step calls both torch's: those keep every count
     and moment per tensor, none on the group, so stepping a group's tensors a few at a
-    time is stepping them all at once (Note [a step in parts] in _inner.py)."""
+    time is stepping them all at once (Note [a step in parts] in _inner.py). Unwrapped:
+    torch.compile's first use wraps every torch optimizer class's ``_init_group`` in
+    ``torch._dynamo.disable``, on the class itself (``AdamW`` gets a wrapper of its own
+    around ``Adam``'s); compared as they were, a compile anywhere in the process turned
+    the parts off (the suite's memory test, run after a compiled model's test)."""
     base = _elementwise_base(optimizer_class)
-    return base is not None and (getattr(optimizer_class, "_init_group", None)
-                                 is getattr(base, "_init_group", None))
+    return base is not None and (_unwrapped(optimizer_class, "_init_group")
+                                 is _unwrapped(base, "_init_group"))
+
+
+def _unwrapped(cls: type, name: str):
+    method = getattr(cls, name, None)
+    return None if method is None else inspect.unwrap(method)
 
 
 def check_optimizer_class(optimizer_class, where: str = "optimizer_class") -> None:
