@@ -456,12 +456,10 @@ def main(argv=None) -> None:
                    help="timing rounds over all methods; step time is the median of the rounds'")
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--out", type=Path, default=HERE / "results" / "latest")
-    p.add_argument("--foreach", action="store_true",
+    p.add_argument("--foreach", action="store_const", const=True, default=None,
                    help="every method's AdamW with foreach=True (CUDA's default; CPU's is the "
                         "for-loop)")
     args = p.parse_args(argv)
-    if args.foreach is False:
-        args.foreach = None  # torch's default
     if args.smoke:
         args.size, args.steps, args.warmup = "smoke", 2, 1
     size, world = SIZES[args.size], args.world_size

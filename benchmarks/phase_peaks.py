@@ -90,7 +90,7 @@ def main(argv=None) -> None:
     p.add_argument("--methods", default="zeroshard2,fsdp2_no_reshard")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--timeout", type=float, default=600)
-    p.add_argument("--foreach", action="store_true",
+    p.add_argument("--foreach", action="store_const", const=True, default=None,
                    help="every method's AdamW with foreach=True (CUDA's default; CPU's is the "
                         "for-loop)")
     args = p.parse_args(argv)
@@ -106,7 +106,7 @@ def main(argv=None) -> None:
     for method in args.methods.split(","):
         per_rank = compare.spawn_ranks(worker, args.world_size,
                                        (compare.free_port(), method, compare.SIZES[args.size],
-                                        args.steps, args.foreach or None), args.timeout,
+                                        args.steps, args.foreach), args.timeout,
                                        measure_memory=True)
         for step in range(args.steps):
             larger = max((r["rows"][step] for r in per_rank), key=lambda row: max(row.values()))

@@ -24,11 +24,12 @@ def _train(model, opt, x, steps: int) -> None:
         opt.zero_grad()
 
 
-def _optimizer(ctx, model, stage: int, linears_per_bucket: int):
+def _optimizer(ctx, model, stage: int, linears_per_bucket: int, **adamw_kwargs):
     extra = {"units": nn.Linear} if stage == 3 else {}
     bucket_mb = (linears_per_bucket + 0.01) * LINEAR_BYTES / 2**20
     return zeroshard.ZeroOptimizer(model, torch.optim.AdamW, stage=stage, lr=1e-3,
-                                   process_group=ctx.group, bucket_size_mb=bucket_mb, **extra)
+                                   process_group=ctx.group, bucket_size_mb=bucket_mb, **extra,
+                                   **adamw_kwargs)
 
 
 def step_peak(ctx, stage: int, linears_per_bucket: int) -> dict:
@@ -75,11 +76,7 @@ def foreach_step_peak(ctx, stage: int, linears_per_bucket: int) -> dict:
     this rank's master shards, which foreach AdamW's square roots took all at once."""
     torch.manual_seed(0)
     model = nn.Sequential(*(nn.Linear(WIDTH, WIDTH) for _ in range(LAYERS)))
-    extra = {"units": nn.Linear} if stage == 3 else {}
-    opt = zeroshard.ZeroOptimizer(model, torch.optim.AdamW, stage=stage, lr=1e-3, foreach=True,
-                                  process_group=ctx.group,
-                                  bucket_size_mb=(linears_per_bucket + 0.01) * LINEAR_BYTES / 2**20,
-                                  **extra)
+    opt = _optimizer(ctx, model, stage, linears_per_bucket, foreach=True)
     x = torch.randn(BATCH, WIDTH, generator=torch.Generator().manual_seed(ctx.rank))
     _train(model, opt, x, steps=2)
     model(x).square().mean().backward()

@@ -164,6 +164,11 @@ def _shards(seed: int) -> list[list[torch.Tensor]]:
             [torch.randn(n, generator=g) for n in (33, 2)]]
 
 
+def _give_gradients(shards: list[list[torch.Tensor]]) -> None:
+    for t in itertools.chain(*shards):
+        t.grad = torch.ones_like(t)
+
+
 def _implementations(cls) -> list[dict]:
     """The for-loop, the foreach kernels and, where this torch has one, the fused kernel."""
     kinds = [{"foreach": False}, {"foreach": True}]
@@ -225,8 +230,7 @@ def test_a_step_in_parts_puts_the_groups_back_when_it_raises():
     shards = _shards(0)
     inner = InnerOptimizers([{"params": []}, {"params": []}], shards, torch.optim.Adam,
                             {"lr": 0.1}, part_bytes=300)
-    for t in itertools.chain(*shards):
-        t.grad = torch.ones_like(t)
+    _give_gradients(shards)
     shards[1][1].grad = torch.ones(2).to_sparse()
     with pytest.raises(RuntimeError, match="sparse"):
         inner.step()
@@ -260,8 +264,7 @@ def test_a_class_that_may_count_on_its_group_is_stepped_whole(cls):
     shards = _shards(0)
     inner = InnerOptimizers([{"params": []}, {"params": []}], shards, cls,
                             {"lr": 0.1, "foreach": True}, part_bytes=300)
-    for t in itertools.chain(*shards):
-        t.grad = torch.ones_like(t)
+    _give_gradients(shards)
     inner.step()
     assert [g["calls"] for g in inner.param_groups] == [1, 1]
 
@@ -290,8 +293,7 @@ def test_a_step_in_parts_hands_torch_each_tensor_once_and_no_empty_group(
     shards = [[torch.randn(100) for _ in range(tensors)] for _ in range(groups)]
     inner = InnerOptimizers([{"params": []} for _ in range(groups)], shards, torch.optim.AdamW,
                             {"lr": 0.1, "foreach": foreach}, part_bytes=800)
-    for t in itertools.chain(*shards):
-        t.grad = torch.ones_like(t)
+    _give_gradients(shards)
     for _ in range(2):
         seen.clear()
         inner.step()

@@ -54,9 +54,9 @@ def is_elementwise(optimizer_class: type) -> bool:
 
 def _elementwise_base(optimizer_class: type) -> type | None:
     """The torch element-wise class whose ``step`` ``optimizer_class`` keeps, if any."""
-    step = inspect.unwrap(optimizer_class.step)  # torch wraps step in profiling hooks
+    step = _unwrapped(optimizer_class, "step")  # torch wraps step in profiling hooks
     return next((base for base in ELEMENTWISE_OPTIMIZERS
-                 if issubclass(optimizer_class, base) and step is inspect.unwrap(base.step)),
+                 if issubclass(optimizer_class, base) and step is _unwrapped(base, "step")),
                 None)
 
 
