@@ -11,7 +11,10 @@ The process group's timeout is 5 s, so a collective nobody joins fails quickly.
 """
 
 import datetime
+import fcntl
+import os
 import sys
+import tempfile
 
 import torch
 import torch.distributed as dist
@@ -48,7 +51,13 @@ def main(stage: int, call: str, other: str) -> None:
             train_step()
     except Exception as error:  # noqa: BLE001 - printed for the test to read
         notes = " | ".join(getattr(error, "__notes__", ()))
-        print(f"rank {rank} raised {type(error).__name__}: {error} | notes: {notes}", flush=True)
+        # one rank at a time: the two ranks share torchrun's stdout, and a write to a pipe
+        # larger than PIPE_BUF may interleave with the other's (fresh-clone CI once read a
+        # line holding " | notes: " twice)
+        with open(os.path.join(tempfile.gettempdir(), "zeroshard-stray-report.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            print(f"rank {rank} raised {type(error).__name__}: {error} | notes: {notes}",
+                  flush=True)
         sys.exit(1)
 
 
