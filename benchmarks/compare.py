@@ -27,6 +27,10 @@ and once per timing round:
   setting (it slows some runs); with --rounds N, every method is timed in each of N
   rounds (order reversed every other round) and the median of its rounds reported,
   as this machine's speed drifts by tens of percent between runs.
+With --trim-heap every method's model hands malloc's free heap pages back to the OS
+(glibc's malloc_trim) as backward enters each block, which zeroshard's reducer does
+on CPU before each reduction (Note [freed heap pages handed back] in
+zeroshard/_heap.py) and the peers do not: how much of zeroshard's lead that is.
 Communication per step is measured for zeroshard (comm_stats) and given by theory
 for the peers (DESIGN.md's accounting), marked so. Output: results.json,
 results.md (a markdown table with ratios to DDP and to the best peer at the same
@@ -244,6 +248,8 @@ def worker(rank: int, world: int, port: int, method: str, size: dict, args, resu
         from torch.distributed.device_mesh import init_device_mesh
         mesh = init_device_mesh(device.type, (args.replicas, world // args.replicas),
                                 mesh_dim_names=("replicate", "shard"))
+    if args.trim_heap:
+        trim_heap_in_backward(model.blocks)
     module, opt, backward = setup(method, model, lr=1e-4, mesh=mesh, foreach=args.foreach)
     g = torch.Generator().manual_seed(rank)
     tokens = torch.randint(0, size["vocab"], (size["batch"], size["seq_len"] + 1), generator=g).to(device)
@@ -275,6 +281,16 @@ def worker(rank: int, world: int, port: int, method: str, size: dict, args, resu
                  "comm_bytes": comm, "memory_report": report, "sharding_report": sharding})
     dist.barrier()
     dist.destroy_process_group()
+
+
+def trim_heap_in_backward(blocks) -> None:
+    """--trim-heap: malloc_trim as backward enters each of ``blocks``."""
+    from zeroshard._heap import give_back_freed_pages
+
+    def trim(module, grad_output) -> None:
+        give_back_freed_pages()
+    for block in blocks:
+        block.register_full_backward_pre_hook(trim)
 
 
 def free_port() -> int:
@@ -459,6 +475,10 @@ def main(argv=None) -> None:
     p.add_argument("--foreach", action="store_const", const=True, default=None,
                    help="every method's AdamW with foreach=True (CUDA's default; CPU's is the "
                         "for-loop)")
+    p.add_argument("--trim-heap", action="store_true",
+                   help="every method hands malloc's free heap pages back to the OS as "
+                        "backward enters each block (zeroshard does on CPU before each "
+                        "reduction; the peers do not)")
     args = p.parse_args(argv)
     if args.smoke:
         args.size, args.steps, args.warmup = "smoke", 2, 1
@@ -512,7 +532,8 @@ def main(argv=None) -> None:
     table = summarise(rows, world, args.replicas)
     header = (f"{command}\n\nmodel: examples/train_gpt.py GPT {size}, "
               f"Ψ = {next((r['psi'] for r in rows if 'psi' in r), 0):,} parameters, fp32 AdamW"
-              f"{' (foreach=True)' if args.foreach else ''}, "
+              f"{' (foreach=True)' if args.foreach else ''}"
+              f"{', every method trimming the heap in backward' if args.trim_heap else ''}, "
               f"{world} ranks, {'CUDA/NCCL' if cuda else 'CPU/gloo'}, "
               f"{device_name(world)}"
               f"torch {torch.__version__}, {os.cpu_count()} cores; step time: median over "
