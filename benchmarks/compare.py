@@ -28,9 +28,10 @@ and once per timing round:
   rounds (order reversed every other round) and the median of its rounds reported,
   as this machine's speed drifts by tens of percent between runs.
 With --trim-heap every method's model hands malloc's free heap pages back to the OS
-(glibc's malloc_trim) as backward enters each block, which zeroshard's reducer does
-on CPU before each reduction (Note [freed heap pages handed back] in
-zeroshard/_heap.py) and the peers do not: how much of zeroshard's lead that is.
+(glibc's malloc_trim(0)) as backward enters each block. Under the memory run's fixed
+mmap threshold, tensors under 1 MiB (this model's activations) live on malloc's heap,
+whose freed pages stay resident: the option measures every method with that
+retention taken out alike.
 Communication per step is measured for zeroshard (comm_stats) and given by theory
 for the peers (DESIGN.md's accounting), marked so. Output: results.json,
 results.md (a markdown table with ratios to DDP and to the best peer at the same
@@ -40,6 +41,7 @@ stage) and results.png (needs matplotlib).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import os
@@ -284,11 +286,11 @@ def worker(rank: int, world: int, port: int, method: str, size: dict, args, resu
 
 
 def trim_heap_in_backward(blocks) -> None:
-    """--trim-heap: malloc_trim as backward enters each of ``blocks``."""
-    from zeroshard._heap import give_back_freed_pages
+    """--trim-heap: glibc's malloc_trim(0) as backward enters each of ``blocks``."""
+    malloc_trim = ctypes.CDLL(None).malloc_trim  # glibc's; the option is Linux/glibc only
 
     def trim(module, grad_output) -> None:
-        give_back_freed_pages()
+        malloc_trim(0)
     for block in blocks:
         block.register_full_backward_pre_hook(trim)
 
@@ -477,8 +479,7 @@ def main(argv=None) -> None:
                         "for-loop)")
     p.add_argument("--trim-heap", action="store_true",
                    help="every method hands malloc's free heap pages back to the OS as "
-                        "backward enters each block (zeroshard does on CPU before each "
-                        "reduction; the peers do not)")
+                        "backward enters each block (glibc's malloc_trim)")
     args = p.parse_args(argv)
     if args.smoke:
         args.size, args.steps, args.warmup = "smoke", 2, 1

@@ -110,49 +110,6 @@ def _backward_peak(model, opt, x) -> int:
     return backward.bytes
 
 
-class _ManySmallActivations(nn.Module):
-    """A Linear(WIDTH, WIDTH), then ``chain`` element-wise steps, each of which saves two
-    tensors for backward (``x`` and ``sigmoid(x)``, ``SMALL_ROWS`` x WIDTH floats: 384
-    KiB each, under the pool's 1 MiB mmap threshold, so on malloc's heap)."""
-
-    def __init__(self, chain: int) -> None:
-        super().__init__()
-        self.linear = nn.Linear(WIDTH, WIDTH)
-        self.chain = chain
-
-    def forward(self, x):
-        x = self.linear(x)
-        for _ in range(self.chain):
-            x = x * torch.sigmoid(x)
-        return x
-
-
-SMALL_ROWS = 96
-SMALL_BYTES = SMALL_ROWS * WIDTH * 4  # one saved tensor of _ManySmallActivations
-
-
-def heap_given_back_in_backward(ctx, stage: int, blocks: int, chain: int) -> int:
-    """Note [freed heap pages handed back] (zeroshard/_heap.py): ``blocks`` of
-    ``_ManySmallActivations`` at ``stage``, a Linear a bucket (a unit at stage 3), after
-    two warm-up steps: how far the RSS fell from the end of the forward to the end of
-    the backward, not counting the gradients the backward made (stages 2-3: the
-    shards; stage 1's buffers exist before it). Bytes."""
-    torch.manual_seed(0)
-    model = nn.Sequential(*(_ManySmallActivations(chain) for _ in range(blocks)))
-    opt = _optimizer(ctx, model, stage, 1)
-    x = torch.randn(SMALL_ROWS, WIDTH, generator=torch.Generator().manual_seed(ctx.rank))
-    _train(model, opt, x, steps=2)
-    gradients_before = opt.memory_report()["gradients"]
-    loss = model(x).square().mean()
-    after_forward = rss_kib("VmRSS")
-    loss.backward()
-    del loss
-    after_backward = rss_kib("VmRSS")
-    made = opt.memory_report()["gradients"] - gradients_before
-    opt.close()
-    return (after_forward - after_backward) * 1024 + made
-
-
 class _EmbeddingBlocksNorm(nn.Module):
     """A token embedding, Linear blocks, a final norm: the root unit (embedding and
     norm) gets the norm's gradient first and the embedding's last, as a GPT's does."""

@@ -39,20 +39,6 @@ def test_the_real_peak_of_training_stays_within_the_stated_bound(pool, stage, li
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_the_heap_pages_backward_frees_go_back_to_the_os(pool, stage):
-    """Note [freed heap pages handed back]: the forward's activations, small tensors on
-    malloc's heap (8 blocks of 48 x 384 KiB: 144 MiB), leave the RSS as backward frees
-    them, but for those freed after the last reduction's launch (at most a block's).
-    Measured: 143-146 MiB given back at stages 1-3; 11-16 MiB without malloc_trim, the
-    pages staying with the process for the next forward."""
-    blocks, chain = 8, 24
-    saved = blocks * 2 * chain * cases_memory.SMALL_BYTES
-    for rank, given_back in enumerate(pool.run(cases_memory.heap_given_back_in_backward, 2,
-                                               stage, blocks, chain)):
-        assert given_back >= saved - saved // blocks - SLACK, (rank, given_back / MIB)
-
-
-@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_a_foreach_step_makes_its_temporaries_a_part_at_a_time(pool, stage):
     """Note [a step in parts]: with AdamW's foreach kernels, ``opt.step()`` holds the
     square roots of at most a bucket's worth of this rank's second moments at a time

@@ -119,7 +119,7 @@ from torch import nn
 from torch.autograd import Variable
 from torch.utils._pytree import tree_flatten
 
-from . import _comm, _heap
+from . import _comm
 from ._bucket import FlatBucket, grad_shards, is_row_major
 from ._gradient_sums import InPlaceSums
 from ._hooks import LoopSwitches, Phase, WeakHook
@@ -299,8 +299,6 @@ class GradientReducer:
 
     def _launch(self, bucket: FlatBucket) -> None:
         flat_grad, consumable = self.store.launch(bucket)
-        if flat_grad.device.type == "cpu":
-            _heap.give_back_freed_pages()  # Note [freed heap pages handed back]
         self._in_flight.append((bucket, *self._reduce_scatter(bucket, flat_grad, consumable)))
 
     def _reduce_scatter(self, bucket: FlatBucket, flat_grad: torch.Tensor, consumable: bool):
