@@ -286,13 +286,19 @@ def worker(rank: int, world: int, port: int, method: str, size: dict, args, resu
 
 
 def trim_heap_in_backward(blocks) -> None:
-    """--trim-heap: glibc's malloc_trim(0) as backward enters each of ``blocks``."""
+    """--trim-heap: glibc's malloc_trim(0) as backward enters each of ``blocks``: a hook
+    on the block's output, not a module backward hook, which would keep zeroshard's
+    stage-3 units gathered to backward's end (Note [module backward hooks])."""
     malloc_trim = ctypes.CDLL(None).malloc_trim  # glibc's; the option is Linux/glibc only
 
-    def trim(module, grad_output) -> None:
+    def trim(grad) -> None:
         malloc_trim(0)
+
+    def on_output(module, inputs, output) -> None:
+        if isinstance(output, torch.Tensor) and output.requires_grad:
+            output.register_hook(trim)
     for block in blocks:
-        block.register_full_backward_pre_hook(trim)
+        block.register_forward_hook(on_output)
 
 
 def free_port() -> int:
