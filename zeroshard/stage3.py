@@ -156,9 +156,18 @@ Note [module backward hooks]:
     using it to change a gradient trained NaN; one reading the root's tied embedding,
     released early (Note [released once backward has read it]), alike (a helper's
     probes). So as each backward begins, a unit whose subtree holds a module with a
-    backward hook or pre-hook (or any, with torch's global module backward hooks) is
-    kept gathered until the backward ends, and while any module of the model has one,
-    no unit is released early. A hook on an activation (``tensor.register_hook``) that
+    backward hook or pre-hook is not released at its last gradient but once backward
+    is past its inputs as well (Note [backward past a unit's inputs] in
+    _frozen_reads.py: by then every node its forward made has run, the hooks' nodes
+    among them), and while any module of the model has one, no unit is released early.
+    Such a unit was kept to the end of backward: a hook on every block (a gradient-norm
+    logger that reads no weight) gathered the whole model there (the 100M GPT of
+    ``benchmarks/compare.py``, a hook that does nothing on each of its 12 blocks, 2
+    ranks: stage 3's peak 1006 -> 1376 MiB; FSDP1 FULL_SHARD's with the same hooks
+    1057). Still kept to the end: a unit whose forward took no input that requires grad
+    (the root, given token ids), or a leaf, or whose inputs were not watched (a hook
+    added between its forward and the backward), and every unit under torch's global
+    module backward hooks. A hook on an activation (``tensor.register_hook``) that
     reads a parameter is not seen: it reads NaN once the parameter's unit is released.
 
 Note [stage 3 under torch.compile]:
@@ -345,9 +354,9 @@ class UnitGatherer:
             handles.append(unit.module.register_forward_pre_hook(
                 WeakHook(self.pre_forward, unit, (post.id, after_error.id)), prepend=True))
             handles += [post, after_error]
-            if not unit.release_when_grads_done:  # Note [backward past a unit's inputs]
-                handles.append(unit.module.register_forward_pre_hook(
-                    WeakHook(self._watch_inputs, unit), with_kwargs=True))
+            # Note [backward past a unit's inputs]; Note [module backward hooks]
+            handles.append(unit.module.register_forward_pre_hook(
+                WeakHook(self._watch_inputs, unit), with_kwargs=True))
             unit.release()  # the shards hold rank 0's values (broadcast, then placed)
         # Note [saved tensors] in _saved_tensors.py
         self._saved = SavedTensorWatches(units, self._unit_of, self._gathered_storages,
@@ -356,6 +365,7 @@ class UnitGatherer:
         # Note [released once backward has read it]
         self._read_through: list[Unit] = []  # in this backward, since the last hook
         self._released_early: list[Unit] = []  # in this backward
+        self._module_hooks_anywhere = False  # Note [module backward hooks]: set as each backward begins
         self._recomputation = RecomputationWatch(WeakHook(self._module_runs_in_backward))
         self._frozen_on_contexts = FrozenOnContexts(units)
         handles.append(self._recomputation)
@@ -424,6 +434,8 @@ class UnitGatherer:
         self.walk.note_ready(bucket)
         if not unit.release_when_grads_done:
             self._release_past_inputs(unit)
+        elif unit.awaits_module_hooks:
+            self._release_past_module_hooks(unit)
         elif unit.record.grads_arrived >= unit.trainable_ids:
             # A nested backward (Note [late gradients]) may gather it again, or use it
             # again if it is kept: count afresh (kept, the next nested backward's first
@@ -502,8 +514,11 @@ class UnitGatherer:
         # Note [module backward hooks]: asked anew each backward (hooks come and go)
         any_module = bool(torch.nn.modules.module._global_backward_hooks
                           or torch.nn.modules.module._global_backward_pre_hooks)
+        self._module_hooks_anywhere = any_module
         for unit in self.units:
-            unit.read_by_backward_hooks = any_module or unit.modules_have_backward_hooks()
+            unit.read_by_backward_hooks = any_module
+            unit.awaits_module_hooks = not any_module and unit.modules_have_backward_hooks()
+            self._module_hooks_anywhere |= unit.awaits_module_hooks
 
     @property
     def launches_as_ready(self) -> bool:
@@ -706,19 +721,24 @@ class UnitGatherer:
         return (not unit.frozen_on_a_ctx and not unit.saved_by_another_unit
                 and not unit.kept_through_backward() and not self.switches.summoned
                 and not unit.parameters_have_user_hooks()
-                and not self.root.read_by_backward_hooks)  # any module's, anywhere
+                and not self._module_hooks_anywhere)
 
     # -- Note [backward past a unit's inputs] in _frozen_reads.py ---------------------------
 
     def _watch_inputs(self, unit: Unit, module, args, kwargs) -> None:
-        """A unit with frozen parameters runs a training forward (not a recomputation):
+        """A unit with frozen parameters, or with a module's backward hook in its subtree
+        (Note [module backward hooks]), runs a training forward (not a recomputation):
         hook its inputs that require grad."""
-        if self.switches.phase is Phase.FORWARD and torch.is_grad_enabled():
+        if (self.switches.phase is Phase.FORWARD and torch.is_grad_enabled()
+                and (not unit.release_when_grads_done or unit.modules_have_backward_hooks())):
             watch_inputs(unit, (args, kwargs), WeakHook(self._input_gradient_came, unit))
 
     def _input_gradient_came(self, unit: Unit, grad) -> None:
         unit.record.inputs_reached += 1
-        self._release_past_inputs(unit)
+        if unit.release_when_grads_done and unit.awaits_module_hooks:
+            self._release_past_module_hooks(unit)
+        else:
+            self._release_past_inputs(unit)
 
     def _release_past_inputs(self, unit: Unit) -> None:
         """In a hook between nodes: release ``unit`` if backward is past its inputs and its
@@ -726,6 +746,17 @@ class UnitGatherer:
         if (self.switches.phase is Phase.BACKWARD and unit.state is ShardState.GATHERED
                 and past_inputs(unit) and self._may_release_early(unit)):
             unit.release()
+
+    def _release_past_module_hooks(self, unit: Unit) -> None:
+        """Note [module backward hooks]: release ``unit``, whose subtree holds a module
+        with a backward hook, once backward is past its inputs (so past every node its
+        forward made, the hooks' among them) and its trainable gradients."""
+        if (self.switches.phase is Phase.BACKWARD and unit.state is ShardState.GATHERED
+                and past_inputs(unit) and not unit.kept_through_backward()
+                and not unit.read_by_backward_hooks and not self.switches.summoned):
+            unit.release()
+            if self.walk.past_last_launch_point():
+                self.reducer.wait_in_flight()  # Note [after the walk's last step]
 
     def _module_runs_in_backward(self, module, args) -> None:
         """A module's forward runs inside backward: a recomputation (activation
