@@ -32,6 +32,10 @@ With --trim-heap every method's model hands malloc's free heap pages back to the
 mmap threshold, tensors under 1 MiB (this model's activations) live on malloc's heap,
 whose freed pages stay resident: the option measures every method with that
 retention taken out alike.
+With --module-hooks every method's model has a full backward hook that does nothing
+on each block (``register_full_backward_hook``, as a gradient-norm logger has it),
+which zeroshard's stage 3 must keep gathered until the hook has run (Note [module
+backward hooks] in zeroshard/stage3.py).
 Communication per step is measured for zeroshard (comm_stats) and given by theory
 for the peers (DESIGN.md's accounting), marked so. Output: results.json,
 results.md (a markdown table with ratios to DDP and to the best peer at the same
@@ -252,6 +256,9 @@ def worker(rank: int, world: int, port: int, method: str, size: dict, args, resu
                                 mesh_dim_names=("replicate", "shard"))
     if args.trim_heap:
         trim_heap_in_backward(model.blocks)
+    if args.module_hooks:
+        for block in model.blocks:
+            block.register_full_backward_hook(lambda module, grad_input, grad_output: None)
     module, opt, backward = setup(method, model, lr=1e-4, mesh=mesh, foreach=args.foreach)
     g = torch.Generator().manual_seed(rank)
     tokens = torch.randint(0, size["vocab"], (size["batch"], size["seq_len"] + 1), generator=g).to(device)
@@ -486,6 +493,9 @@ def main(argv=None) -> None:
     p.add_argument("--trim-heap", action="store_true",
                    help="every method hands malloc's free heap pages back to the OS as "
                         "backward enters each block (glibc's malloc_trim)")
+    p.add_argument("--module-hooks", action="store_true",
+                   help="every method's model with a full backward hook that does nothing on "
+                        "each block")
     args = p.parse_args(argv)
     if args.smoke:
         args.size, args.steps, args.warmup = "smoke", 2, 1
@@ -540,7 +550,8 @@ def main(argv=None) -> None:
     header = (f"{command}\n\nmodel: examples/train_gpt.py GPT {size}, "
               f"Ψ = {next((r['psi'] for r in rows if 'psi' in r), 0):,} parameters, fp32 AdamW"
               f"{' (foreach=True)' if args.foreach else ''}"
-              f"{', every method trimming the heap in backward' if args.trim_heap else ''}, "
+              f"{', every method trimming the heap in backward' if args.trim_heap else ''}"
+              f"{', a module backward hook on each block' if args.module_hooks else ''}, "
               f"{world} ranks, {'CUDA/NCCL' if cuda else 'CPU/gloo'}, "
               f"{device_name(world)}"
               f"torch {torch.__version__}, {os.cpu_count()} cores; step time: median over "

@@ -161,14 +161,20 @@ Note [module backward hooks]:
     _frozen_reads.py: by then every node its forward made has run, the hooks' nodes
     among them), and while any module of the model has one, no unit is released early.
     Such a unit was kept to the end of backward: a hook on every block (a gradient-norm
-    logger that reads no weight) gathered the whole model there (the 100M GPT of
-    ``benchmarks/compare.py``, a hook that does nothing on each of its 12 blocks, 2
-    ranks: stage 3's peak 1006 -> 1376 MiB; FSDP1 FULL_SHARD's with the same hooks
-    1057). Still kept to the end: a unit whose forward took no input that requires grad
-    (the root, given token ids), or a leaf, or whose inputs were not watched (a hook
-    added between its forward and the backward), and every unit under torch's global
-    module backward hooks. A hook on an activation (``tensor.register_hook``) that
-    reads a parameter is not seen: it reads NaN once the parameter's unit is released.
+    logger that reads no weight) gathered the whole model there (``python
+    benchmarks/compare.py --world-size 2 --module-hooks --methods zeroshard3``, a hook
+    that does nothing on each of the 100M GPT's 12 blocks: stage 3's peak 1380 MiB, now
+    1056; FSDP1 FULL_SHARD's with the same hooks 1058). Still kept to the end: a unit
+    whose forward took no input that requires grad (the root, given token ids), or a
+    leaf, or whose inputs were not watched (a hook added between its forward and the
+    backward), and every unit under torch's global module backward hooks.
+
+    Not seen: a hook that reads the parameters of a unit further on in forward (block
+    1's hook reading block 2's weight), whose backward is done by then: it reads NaN
+    (a reviewer's probes; it read them gathered before only where that unit had a hook
+    of its own, which kept it). A hook on an activation (``tensor.register_hook``) that
+    reads a parameter is not seen either: it reads NaN once the parameter's unit is
+    released.
 
 Note [stage 3 under torch.compile]:
     A unit's forward hooks gather and release its parameters: collectives, and
