@@ -371,7 +371,7 @@ class UnitGatherer:
         # Note [released once backward has read it]
         self._read_through: list[Unit] = []  # in this backward, since the last hook
         self._released_early: list[Unit] = []  # in this backward
-        self._module_hooks_anywhere = False  # Note [module backward hooks]: set as each backward begins
+        self._module_hooks_anywhere = False  # Note [module backward hooks]: set per backward
         self._recomputation = RecomputationWatch(WeakHook(self._module_runs_in_backward))
         self._frozen_on_contexts = FrozenOnContexts(units)
         handles.append(self._recomputation)
@@ -759,7 +759,7 @@ class UnitGatherer:
         forward made, the hooks' among them) and its trainable gradients."""
         if (self.switches.phase is Phase.BACKWARD and unit.state is ShardState.GATHERED
                 and past_inputs(unit) and not unit.kept_through_backward()
-                and not unit.read_by_backward_hooks and not self.switches.summoned):
+                and not self.switches.summoned):
             unit.release()
             if self.walk.past_last_launch_point():
                 self.reducer.wait_in_flight()  # Note [after the walk's last step]
