@@ -4,6 +4,8 @@ every parameter its forward saved, not only once its gradients are all in."""
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -80,7 +82,18 @@ class TiedLM(nn.Module):
     - "module_hook_on_block": a full backward pre-hook on block 0 scales its output's
       gradient by the token embedding's norm (read after the head's read);
     - "module_hook_on_layer": a full backward hook on each block's layer scales its
-      input's gradient by the layer's own weight's norm (read after its gradients).
+      input's gradient by the layer's own weight's norm (read after its gradients);
+    - "pre_hook_on_own_block": a full backward pre-hook on each block (a unit's own
+      module) scales its output's gradient by the block's own weight's norm;
+    - "post_hook_keyword_input": each block is called with its input as a keyword, and
+      a full backward hook on it logs its own weight's norm (``logged``);
+    - "pre_hook_on_root": a full backward pre-hook on the model (the root unit's own
+      module) scales the gradient of its output by the token embedding's norm;
+    - "hooks_during_forward": ``hooks_for_one_forward`` puts a full backward hook on
+      each block, scaling its input's gradient by the block's own weight's norm, which
+      the caller removes after the forward, before its backward (torch still calls it);
+    - "root_hook_after_optimizer": ``hooks_after_optimizer`` puts a full backward
+      pre-hook on the model that logs the token embedding's norm.
 
     ``seen`` records, each time backward reaches block 0's output, whether the token
     embedding, block 1 and block 2 (whose backward is done by then) were gathered
@@ -111,7 +124,31 @@ class TiedLM(nn.Module):
             for block in self.blocks:
                 block.lin.register_full_backward_hook(
                     lambda module, grad_in, grad_out: (grad_in[0] * (1 + 1e-3 * module.weight.norm()),))
+        if variant == "pre_hook_on_own_block":
+            for block in self.blocks:
+                block.register_full_backward_pre_hook(
+                    lambda module, grad: (grad[0] * (1 + 1e-3 * module.lin.weight.norm()),))
+        if variant == "post_hook_keyword_input":
+            for block in self.blocks:
+                block.register_full_backward_hook(
+                    lambda module, grad_in, grad_out: self.logged.append(module.lin.weight.norm()))
+        if variant == "pre_hook_on_root":
+            self.register_full_backward_pre_hook(
+                lambda module, grad: (grad[0] * (1 + 1e-3 * module.tok.weight.norm()),))
         self.seen: list[tuple[bool, bool, bool]] = []
+        self.logged: list[torch.Tensor] = []  # weight norms the hooks read, in backward
+
+    def hooks_for_one_forward(self) -> list:
+        if self.variant != "hooks_during_forward":
+            return []
+        return [block.register_full_backward_hook(
+            lambda module, grad_in, grad_out: (grad_in[0] * (1 + 1e-3 * module.lin.weight.norm()),))
+            for block in self.blocks]
+
+    def hooks_after_optimizer(self) -> None:
+        if self.variant == "root_hook_after_optimizer":
+            self.register_full_backward_pre_hook(
+                lambda module, grad: self.logged.append(module.tok.weight.norm()))
 
     def forward(self, idx):
         h = self.tok(idx)
@@ -120,6 +157,8 @@ class TiedLM(nn.Module):
         for i, block in enumerate(self.blocks):
             if self.variant.startswith("frozen_checkpointed"):
                 h = checkpoint(block, h, use_reentrant=self.variant.endswith("reentrant"))
+            elif self.variant == "post_hook_keyword_input":
+                h = block(h=h)
             else:
                 h = block(h)
             if i == 0 and h.requires_grad:
@@ -138,7 +177,8 @@ def train_tied_lm(ctx, variant: str, reshard_after_forward: bool, steps: int = 4
     with its gradients averaged over the ranks by hand, on each rank's own tokens.
     Returns, per step: the largest parameter difference, whether the embedding, block 1
     and block 2 were still gathered when backward reached block 0, and the all-gather
-    bytes of the step."""
+    bytes of the step; the largest difference counts the weight norms the hooks logged.
+    Last, the warnings zeroshard's first step gave."""
     torch.manual_seed(0)
     model = TiedLM(variant)
     reference = TiedLM(variant)
@@ -147,6 +187,8 @@ def train_tied_lm(ctx, variant: str, reshard_after_forward: bool, steps: int = 4
     opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=3, lr=0.5, momentum=0.9,
                                   process_group=ctx.group, units=Block,
                                   reshard_after_forward=reshard_after_forward)
+    model.hooks_after_optimizer()
+    reference.hooks_after_optimizer()
     differences, embedding_gathered, block_gathered, last_block_gathered, gather_bytes = \
         [], [], [], [], []
     for step in range(steps):
@@ -155,7 +197,16 @@ def train_tied_lm(ctx, variant: str, reshard_after_forward: bool, steps: int = 4
         target = torch.randint(0, VOCAB, (4, 6), generator=torch.Generator().manual_seed(7 + step))
         opt.comm_stats.reset()
         for net, optimizer in ((model, opt), (reference, ref_opt)):
-            F.cross_entropy(net(idx).flatten(0, 1), target.flatten()).backward()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                handles = net.hooks_for_one_forward()
+                out = net(idx)
+                for handle in handles:
+                    handle.remove()
+                F.cross_entropy(out.flatten(0, 1), target.flatten()).backward()
+            if step == 0 and net is model:
+                first_step_warnings = [str(w.message) for w in caught
+                                       if str(w.message).startswith("zeroshard")]
             if net is reference:
                 average_by_hand(reference, ctx)
             if net is model:
@@ -165,9 +216,14 @@ def train_tied_lm(ctx, variant: str, reshard_after_forward: bool, steps: int = 4
         embedding_gathered.append(model.seen[-1][0])
         block_gathered.append(model.seen[-1][1])
         last_block_gathered.append(model.seen[-1][2])
-        differences.append(largest_difference(opt, model, reference))
+        logged = [(a - b).abs() for a, b in zip(model.logged, reference.logged, strict=True)]
+        model.logged.clear()
+        reference.logged.clear()
+        differences.append(float(torch.stack([torch.tensor(largest_difference(
+            opt, model, reference)), *logged]).max()))
     opt.close()
-    return differences, embedding_gathered, block_gathered, last_block_gathered, gather_bytes
+    return (differences, embedding_gathered, block_gathered, last_block_gathered, gather_bytes,
+            first_step_warnings)
 
 
 class _BlockReadingTheRootsEmbedding(nn.Module):

@@ -12,9 +12,10 @@ import cases_release
 
 
 def _runs(pool, variant: str, reshard_after_forward: bool = True):
-    for rank, (differences, embedding, block, last_block, gather_bytes) in enumerate(
+    for rank, (differences, embedding, block, last_block, gather_bytes, warned) in enumerate(
             pool.run(cases_release.train_tied_lm, 2, variant, reshard_after_forward)):
-        where = (rank, differences, embedding, block, last_block, gather_bytes)
+        where = (rank, differences, embedding, block, last_block, gather_bytes, warned)
+        assert not warned, where
         assert all(d < 1e-6 for d in differences), where
         assert len(set(gather_bytes)) == 1, where  # nothing gathered again for it
         yield embedding, block, last_block, where
@@ -55,6 +56,34 @@ def test_module_backward_hooks_read_gathered_parameters(pool, variant):
         assert all(embedding), where
         if variant == "module_hook_on_layer":
             assert not any(last_block), where
+
+
+@pytest.mark.parametrize("reshard_after_forward", [True, False])
+@pytest.mark.parametrize("variant", ["pre_hook_on_own_block", "post_hook_keyword_input",
+                                     "pre_hook_on_root", "hooks_during_forward"])
+def test_a_units_own_module_hooks_read_it_gathered(pool, variant, reshard_after_forward):
+    """Note [gathered before a unit's own module hooks] (zeroshard/_module_hooks.py):
+    torch calls a module's backward pre-hooks (and, for a unit called with its input as
+    a keyword, its post-hooks) from a node wrapping its output, which ran before
+    zeroshard's gather: a block's pre-hook scaling its gradient by the block's weight, a
+    model's by its embedding, trained NaN from the first step, and a keyword-called
+    block's hook logged NaN (a helper's probes). And a hook removed after the forward,
+    before its backward, which torch still calls, read its block released (the block
+    asked for hooks at backward's start: none)."""
+    for _ in _runs(pool, variant, reshard_after_forward):
+        pass
+
+
+def test_a_root_hook_registered_after_the_optimizer_warns_once_then_reads_it_gathered(pool):
+    """torch takes a module's backward hooks as its call begins, before zeroshard's
+    forward pre-hook can put its gather first: for the root's own module, registered
+    after the optimizer, that is the first forward's call. Its backward reads
+    placeholders, with a warning; from the second step on, the embedding's norm the hook
+    logs is the reference's."""
+    for rank, (differences, _, _, _, _, warned) in enumerate(pool.run(
+            cases_release.train_tied_lm, 2, "root_hook_after_optimizer", True)):
+        assert len(warned) == 1 and "unit <root>" in warned[0], (rank, warned)
+        assert all(d < 1e-6 for d in differences[1:]), (rank, differences)
 
 
 def test_a_unit_whose_backward_may_read_an_unsaved_weight_equals_data_parallel(pool):

@@ -18,6 +18,7 @@ from . import _comm
 from ._bucket import FlatBucket, Ownership
 from ._hooks import WeakHook
 from ._masters import ShardMasters
+from ._module_hooks import user_backward_hooks
 from ._unit_tree import unit_owners
 
 
@@ -52,6 +53,9 @@ class UnitRecord:
     input_hooks: list = dataclasses.field(default_factory=list)
     inputs_reached: int = 0
     leaf_input: bool = False  # an input that requires grad was a leaf: not released so
+    # Note [module backward hooks] in stage3.py: a training forward found a module of its
+    # subtree with a backward hook (torch calls the hooks it took then, even if removed since)
+    module_hooks_at_forward: bool = False
 
 
 class Unit:
@@ -133,7 +137,8 @@ class Unit:
         (``register_full_backward_hook``, ``register_full_backward_pre_hook``): it runs
         after the module's parameters' gradients and may read them (Note [module backward
         hooks] in stage3.py)."""
-        return any(m._backward_hooks or m._backward_pre_hooks for m in self.module.modules())
+        return any(m._backward_hooks or (m._backward_pre_hooks and user_backward_hooks(m))
+                   for m in self.module.modules())
 
     def nbytes(self) -> int:
         return sum(b.nbytes() for b in self.buckets)

@@ -155,9 +155,11 @@ Note [module backward hooks]:
     (a gradient-to-weight monitor) read the placeholders' NaN at every step, and one
     using it to change a gradient trained NaN; one reading the root's tied embedding,
     released early (Note [released once backward has read it]), alike (a helper's
-    probes). So as each backward begins, a unit whose subtree holds a module with a
-    backward hook or pre-hook is not released at its last gradient but once backward
-    is past its inputs as well (Note [backward past a unit's inputs] in
+    probes). So a unit whose subtree holds a module with a backward hook or pre-hook,
+    as its training forward runs or as the backward begins (torch calls the hooks a
+    module's call took, even one removed before the backward: asked only then, the unit
+    was released at its last gradient and the hook read NaN), is not released at its
+    last gradient but once backward is past its inputs as well (Note [backward past a unit's inputs] in
     _frozen_reads.py: by then every node its forward made has run, the hooks' nodes
     among them), and while any module of the model has one, no unit is released early.
     Such a unit was kept to the end of backward: a hook on every block (a gradient-norm
@@ -166,8 +168,9 @@ Note [module backward hooks]:
     that does nothing on each of the 100M GPT's 12 blocks: stage 3's peak 1380 MiB, now
     1056; FSDP1 FULL_SHARD's with the same hooks 1058). Still kept to the end: a unit
     whose forward took no input that requires grad (the root, given token ids), or a
-    leaf, or whose inputs were not watched (a hook added between its forward and the
-    backward), and every unit under torch's global module backward hooks.
+    leaf, or whose inputs were not watched, and every unit under torch's global module
+    backward hooks. The hooks of a unit's own module run before the node its backward
+    begins with: Note [gathered before a unit's own module hooks] in _module_hooks.py.
 
     Not seen: a hook that reads the parameters of a unit further on in forward (block
     1's hook reading block 2's weight), whose backward is done by then: it reads NaN
@@ -207,6 +210,7 @@ from . import _agreement
 from ._frozen_reads import FrozenOnContexts, past_inputs, watch_inputs
 from ._hooks import EagerOnlyHook, LoopSwitches, Phase, WeakHook
 from ._masters import ShardMasters
+from ._module_hooks import GatherBeforeModuleHooks
 from ._reducer import GradientReducer, abandoned_backward_refusal
 from ._saved_tensors import SavedTensorWatches, may_watch_saved_tensors
 from ._schedule import forward_and_backward_orders
@@ -375,12 +379,24 @@ class UnitGatherer:
         self._recomputation = RecomputationWatch(WeakHook(self._module_runs_in_backward))
         self._frozen_on_contexts = FrozenOnContexts(units)
         handles.append(self._recomputation)
+        # Note [gathered before a unit's own module hooks] in _module_hooks.py
+        self._module_hooks = GatherBeforeModuleHooks(self._gather_before_module_hooks)
+        for unit in units:
+            self._module_hooks.bring_up_to_date(unit)
+        handles.append(self._module_hooks)
 
     # -- the four hooks: before and after each unit's forward and backward -----------
 
     def pre_forward(self, unit: Unit, last_hook_ids: tuple[int, int], module, args) -> None:
         """Gather ``unit`` for its forward, walking the schedule (Note [gather schedule])."""
         _run_last(module._forward_hooks, last_hook_ids)
+        # Note [gathered before a unit's own module hooks] in _module_hooks.py: first,
+        # for every call (a call that arms no output keeps its GatherFirst idle)
+        self._module_hooks.take_for_call(unit, training=torch.is_grad_enabled() and not (
+            self.switches.summoned or self.switches.phase is Phase.BACKWARD))
+        if unit is self.root:  # before any other unit's call takes its hooks
+            for other in self.units[1:]:
+                self._module_hooks.bring_up_to_date(other)
         if self._forward_inside_summon(unit):
             return
         if self.reducer.backward_abandoned:  # Note [a backward that raised] in _reducer.py
@@ -405,8 +421,8 @@ class UnitGatherer:
         if self.switches.summoned or self.switches.phase is Phase.BACKWARD:
             return  # Note [forward inside summon], Note [recomputation]
         self._saved.close(unit)
-        if torch.is_grad_enabled():
-            self._arm_pre_backward(output, unit)
+        if torch.is_grad_enabled() and self._arm_pre_backward(output, unit):
+            self._module_hooks.arm(unit)  # Note [gathered before a unit's own module hooks]
         # Without resharding, a unit run under no_grad inside a training forward
         # (reentrant checkpointing) stays gathered for its recomputation in backward.
         if (self.reshard_after_forward or not self.walk.training_forward) and not unit.held_for_pass:
@@ -517,13 +533,15 @@ class UnitGatherer:
             for unit in self.units:
                 unit.record.ran = unit.record.ran or unit.holds_local_grads()
         self._recomputation.start()
-        # Note [module backward hooks]: asked anew each backward (hooks come and go)
+        # Note [module backward hooks]: asked anew each backward (hooks come and go), and
+        # of the forwards (torch calls the hooks a forward took, even if removed since)
         any_module = bool(torch.nn.modules.module._global_backward_hooks
                           or torch.nn.modules.module._global_backward_pre_hooks)
         self._module_hooks_anywhere = any_module
         for unit in self.units:
             unit.read_by_backward_hooks = any_module
-            unit.awaits_module_hooks = not any_module and unit.modules_have_backward_hooks()
+            unit.awaits_module_hooks = not any_module and (
+                unit.record.module_hooks_at_forward or unit.modules_have_backward_hooks())
             self._module_hooks_anywhere |= unit.awaits_module_hooks
 
     @property
@@ -543,14 +561,16 @@ class UnitGatherer:
         else:
             self.pre_backward(unit, None)
 
-    def _arm_pre_backward(self, output, unit: Unit) -> None:
-        """Call ``pre_backward(unit)`` when a tensor of ``output`` gets its gradient.
+    def _arm_pre_backward(self, output, unit: Unit) -> bool:
+        """Call ``pre_backward(unit)`` when a tensor of ``output`` gets its gradient
+        (returns whether one requires grad).
 
         A tensor can be the output of nested units (a model returning its head's
         output): the outer unit's forward ends last, so it is the earlier of them in
         the backward schedule, and its hook must run first (tensor hooks run in the
         order they were registered). One hook per tensor calls the units outermost first.
         """
+        armed = False
         for tensor in tree_flatten(output)[0]:
             if not (isinstance(tensor, torch.Tensor) and tensor.requires_grad):
                 continue
@@ -559,6 +579,13 @@ class UnitGatherer:
                 tensor._zeroshard_units = units = []
                 tensor.register_hook(WeakHook(self._pre_backward_all, units))
             units.insert(0, unit)
+            armed = True
+        return armed
+
+    def _gather_before_module_hooks(self, unit: Unit, module, grad_output) -> None:
+        """Note [gathered before a unit's own module hooks] in _module_hooks.py: what the
+        gradient hook on ``unit``'s outputs does a node later (it then finds it done)."""
+        self._pre_backward_all([unit], None)
 
     def _pre_backward_all(self, units: list[Unit], grad: torch.Tensor) -> None:
         self._release_read_through()  # Note [released once backward has read it]
@@ -741,9 +768,10 @@ class UnitGatherer:
         # Backward is never past the inputs of a unit given none that requires grad, so
         # its subtree is not asked for hooks: the root's is the whole model (a scan of
         # 721 modules took 0.55 ms here).
-        if unit.release_when_grads_done and not (
-                any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs)
+        if (any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs)
                 and unit.modules_have_backward_hooks()):
+            unit.record.module_hooks_at_forward = True
+        elif unit.release_when_grads_done:
             return
         watch_inputs(unit, inputs, WeakHook(self._input_gradient_came, unit))
 
