@@ -270,3 +270,27 @@ def leaf_input_under_checkpointing(ctx, steps: int = 3):
         seed = 10 * ctx.rank + step
         return net(torch.randn(4, WIDTH, generator=torch.Generator().manual_seed(seed)).requires_grad_())
     return differences_per_step(ctx, model, opt, reference, ref_opt, loss_of, steps)
+
+
+def reads_of_a_unit_being_gathered(ctx, steps: int = 3) -> list[bool]:
+    """Note [not a view while gathering] (zeroshard/_bucket.py): a backward pre-hook on
+    each block but the first reads the block before it, the next unit backward gathers:
+    that unit's gather (a prefetch) is in flight then, from the second step on. Returns,
+    for each read, whether the weight read was a placeholder (stride 0), not a view of
+    the buffer the gather is filling."""
+    torch.manual_seed(0)
+    model = TiedLM("plain")
+    reads: list[bool] = []
+    for previous, block in zip(model.blocks, model.blocks[1:]):
+        block.register_full_backward_pre_hook(
+            lambda module, grad, previous=previous: reads.append(
+                previous.lin.weight.stride() == (0, 0)))
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=3, lr=0.5,
+                                  process_group=ctx.group, units=Block)
+    for step in range(steps):
+        idx = torch.randint(0, VOCAB, (4, 6), generator=torch.Generator().manual_seed(step))
+        F.cross_entropy(model(idx).flatten(0, 1), idx.flatten()).backward()
+        opt.step()
+        opt.zero_grad()
+    opt.close()
+    return reads

@@ -86,6 +86,15 @@ def test_a_root_hook_registered_after_the_optimizer_warns_once_then_reads_it_gat
         assert all(d < 1e-6 for d in differences[1:]), (rank, differences)
 
 
+def test_a_unit_whose_gather_is_in_flight_shows_placeholders(pool):
+    """Note [not a view while gathering] (zeroshard/_bucket.py): the parameters of a
+    unit being prefetched were views of the buffer its gather was filling, and a hook
+    reading them read values that were neither NaN nor the weights (a helper's probes);
+    they are placeholders until the gather is done (before: views from the second step)."""
+    for rank, reads in enumerate(pool.run(cases_release.reads_of_a_unit_being_gathered, 2)):
+        assert len(reads) == 2 * 3 and all(reads), (rank, reads)
+
+
 def test_a_unit_whose_backward_may_read_an_unsaved_weight_equals_data_parallel(pool):
     """A weight kept on a custom Function's ctx is read unseen, by the node that gives
     its gradient: such a unit waits for its last gradient. Released once its other

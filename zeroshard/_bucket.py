@@ -283,10 +283,20 @@ class FlatBucket:
         return self.flat.untyped_storage().nbytes() > 0
 
     def allocate(self) -> None:
-        """Give the full buffer its storage back and make the parameters views of it
-        again (a gather then fills it)."""
+        """Give the full buffer its storage back (a gather then fills it); the
+        parameters stay placeholders until it is filled (``view_gathered``)."""
         self.flat.untyped_storage().resize_(self.nbytes())
         self._versions_at_release = []
+
+    def view_gathered(self) -> None:
+        """Make the parameters views of the full buffer again, once a gather has filled it.
+
+        Note [not a view while gathering]: made views when the gather began, the
+        parameters of a unit whose gather was in flight (a prefetch) read the buffer half
+        filled: a module hook reading another unit's weight (block i's backward pre-hook
+        reading block i-1's, the next to be gathered) read values that were neither NaN
+        nor the weights (0.04 off, 8e15, inf: a helper's probes). As placeholders until
+        the gather is done, they read NaN there (Note [stage-3 placeholders])."""
         with torch.no_grad():
             for index, param in enumerate(self.params):
                 param.data = self.param_view(self.flat, index)

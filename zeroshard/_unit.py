@@ -160,6 +160,7 @@ class Unit:
             _comm.wait_all(self._works)
             self._works.clear()
             for bucket in self.buckets:
+                bucket.view_gathered()  # Note [not a view while gathering] in _bucket.py
                 bucket.note_gathered()
                 self.gathered_storages[bucket.flat.untyped_storage().data_ptr()] = self
             self._move(ShardState.GATHERED)

@@ -159,9 +159,10 @@ Note [module backward hooks]:
     as its training forward runs or as the backward begins (torch calls the hooks a
     module's call took, even one removed before the backward: asked only then, the unit
     was released at its last gradient and the hook read NaN), is not released at its
-    last gradient but once backward is past its inputs as well (Note [backward past a unit's inputs] in
-    _frozen_reads.py: by then every node its forward made has run, the hooks' nodes
-    among them), and while any module of the model has one, no unit is released early.
+    last gradient but once backward is past its inputs as well (Note [backward past a
+    unit's inputs] in _frozen_reads.py: by then every node its forward made has run,
+    the hooks' nodes among them), and while any module of the model has one, no unit
+    is released early.
     Such a unit was kept to the end of backward: a hook on every block (a gradient-norm
     logger that reads no weight) gathered the whole model there (``python
     benchmarks/compare.py --world-size 2 --module-hooks --methods zeroshard3``, a hook
@@ -175,7 +176,10 @@ Note [module backward hooks]:
     Not seen: a hook that reads the parameters of a unit further on in forward (block
     1's hook reading block 2's weight), whose backward is done by then: it reads NaN
     (a reviewer's probes; it read them gathered before only where that unit had a hook
-    of its own, which kept it). A hook on an activation (``tensor.register_hook``) that
+    of its own, which kept it); so does one reading a unit nested in its own (released
+    at its last gradient, before the outer module's post-hook), and one reading a unit
+    earlier in forward, not yet gathered for backward or being prefetched (Note [not a
+    view while gathering] in _bucket.py: it read the half-filled buffer). A hook on an activation (``tensor.register_hook``) that
     reads a parameter is not seen either: it reads NaN once the parameter's unit is
     released.
 
