@@ -164,6 +164,60 @@ def writes_to_the_stepped_tensors(ctx, stage: int, via_data: bool):
     return masters, params
 
 
+class SGDThenDecay(torch.optim.SGD):
+    """SGD whose step then scales the tensors it steps by 0.9: a write to the optimizer's
+    own tensors inside its step, where wrappers such as Lookahead make theirs."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = super().step(closure)
+        for group in self.param_groups:
+            torch._foreach_mul_(group["params"], 0.9)
+        return loss
+
+
+def decay_written_after_the_step(ctx, stage: int, where: str, steps: int = 3):
+    """Each step, the parameters are scaled by 0.9 after SGD's update: ``where`` is
+    "param_groups" (over ``opt.param_groups`` after ``opt.step()``), "model" (over
+    ``model.parameters()`` after it, inside ``summon_full_params()``) or "inside_the_step"
+    (``SGDThenDecay``). The reference: a plain module, its gradients averaged by hand, then
+    the same decay. Returns the largest difference per step, and the refusal's text (or
+    None) with the step that raised it."""
+    model = build_model(MLP, seed=0)
+    reference = copy.deepcopy(model)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.05)
+    opt = zeroshard.ZeroOptimizer(
+        model, SGDThenDecay if where == "inside_the_step" else torch.optim.SGD, stage=stage,
+        lr=0.05, process_group=ctx.group, bucket_size_mb=1e-4,
+        **({"units": torch.nn.Linear} if stage == 3 else {}))
+    differences = []
+    try:
+        for step in range(steps):
+            batch = make_batch(MLP, seed=step, rank=ctx.rank, batch=4)
+            loss_fn(MLP, model, batch).backward()
+            opt.step()
+            opt.zero_grad()
+            with torch.no_grad():
+                if where == "param_groups":
+                    for group in opt.param_groups:
+                        torch._foreach_mul_(group["params"], 0.9)
+                elif where == "model":
+                    with opt.summon_full_params():
+                        torch._foreach_mul_(list(model.parameters()), 0.9)
+            loss_fn(MLP, reference, batch).backward()
+            average_by_hand(reference, ctx)
+            ref_opt.step()
+            ref_opt.zero_grad()
+            with torch.no_grad():
+                torch._foreach_mul_(list(reference.parameters()), 0.9)
+            differences.append(largest_difference(opt, model, reference))
+    except RuntimeError as refusal:
+        return differences, (str(refusal), len(differences))
+    finally:
+        opt.close()
+    return differences, None
+
+
 def trainable_changed_after_construction(ctx, stage: int, unfreeze: bool):
     """A parameter unfrozen (or frozen) after the optimizer was built: step() refuses on
     every rank, naming it and close(); closing and building a new ZeroOptimizer then

@@ -36,6 +36,26 @@ def test_writes_to_the_optimizers_own_tensors_are_kept_with_mixed_precision(pool
         assert diffs == (0, 0), diffs
 
 
+@pytest.mark.parametrize("where", ["param_groups", "model", "inside_the_step"])
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_the_optimizers_own_tensors_written_after_a_step(pool, stage, where):
+    """Note [the optimizer's own tensors written after a step] (zeroshard/_stage.py): at
+    stages 1 and 2 (fp32) ``opt.param_groups``' tensors are each rank's shard, and a
+    decay written to them after ``opt.step()`` reached only this rank's slice of the
+    parameters until the next step: each rank trained a different model (a helper's
+    probe, 4e-2 from data parallel). The next forward refuses it, naming the fix; the
+    fix (the write inside the step) and a write to the model's parameters equal data
+    parallel, and stage 3, which gathers the shards at each forward, takes it as well."""
+    for rank, (differences, refusal) in enumerate(
+            pool.run(cases_loops.decay_written_after_the_step, 2, stage, where)):
+        if where == "param_groups" and stage < 3:  # refused at the second step's forward
+            assert refusal is not None and refusal[1] == 1, (rank, differences, refusal)
+            assert "opt.param_groups" in refusal[0] and "optimizer_class" in refusal[0], refusal
+        else:
+            assert refusal is None, (rank, refusal)
+            assert len(differences) == 3 and all(d < 1e-6 for d in differences), (rank, differences)
+
+
 @pytest.mark.parametrize("unfreeze", [True, False])
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_changing_requires_grad_after_construction_is_refused_then_close_and_rebuild(

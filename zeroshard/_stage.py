@@ -25,7 +25,7 @@ from torch import nn
 
 from . import _comm
 from ._bucket import FlatBucket
-from ._hooks import LoopSwitches, remove_handles
+from ._hooks import EagerOnlyHook, LoopSwitches, remove_handles
 from ._masters import ShardMasters
 from ._reduce_slots import ReduceSlots
 from ._reducer import GradientReducer, abandoned_backward_refusal
@@ -82,6 +82,9 @@ class Stage:
             reducer = self.reducer
             self.params = WholeParameters(buckets, lambda: reducer.buckets, masters, group, stats,
                                           self.label)
+            # Note [the optimizer's own tensors written after a step]
+            self.handles.append(model.register_forward_pre_hook(
+                EagerOnlyHook(self.params.refuse_shards_written_since_step)))
         # Note [no reference cycles]: a stage that goes away takes its hooks with it.
         weakref.finalize(self, remove_handles, self.handles).atexit = False
 
@@ -197,6 +200,7 @@ class WholeParameters:
         self.group = group
         self.stats = stats
         self.label = label
+        self._shard_versions: list[int] | None = None  # since the last step's gathers
 
     def check_before_step(self) -> None:
         """The parameters are views of their buckets' flat buffers, which the step's
@@ -222,6 +226,47 @@ class WholeParameters:
         # graph built before the step and backwarded after it raises torch's error, as
         # under DDP (it mixed old activations with new weights, silently).
         increment_version([p for bucket in launch_order for p in bucket.params])
+        self._shard_versions = self._versions_of_stepped_shards()
+
+    def _versions_of_stepped_shards(self) -> list[int]:
+        """The version counters of the shards the inner optimizer steps itself (without
+        mixed precision; a view of the flat buffer shares its counter)."""
+        return [bucket.shard._version for bucket in self.buckets if bucket.master is bucket.shard]
+
+    def refuse_shards_written_since_step(self, module, args) -> None:
+        """Note [the optimizer's own tensors written after a step]:
+            Without mixed precision, the tensors in ``opt.param_groups`` at stages 1 and 2
+            are each rank's shard: its slice of the parameters' flat buffers. A write to
+            them after ``opt.step()`` (a Lookahead or SWA wrapper copying its slow weights
+            in, a weight decay applied by hand over ``opt.param_groups``) reached only this
+            rank's slice of its parameters, the other slices following at the next step's
+            all-gather: the forward and backward in between ran each rank on a different
+            model, with no error (a helper's probes: 4e-2 from data parallel after a decay
+            by 0.9 each step, 1e-2 with Lookahead). Such a write moves the shard's version
+            counter (shared with the flat buffer, not with the parameters, which the
+            step's all-gather does not move either), so the next forward refuses it, on
+            every rank that wrote, before any collective. Not seen: a write through the
+            shard's ``.data`` (``p.data.copy_(slow)``), which moves no counter. With mixed
+            precision those tensors are the fp32 masters, and the write reaches the
+            parameters with the next step (Note [writes on either side] in _masters.py)."""
+        versions = self._shard_versions
+        if versions is None or versions == self._versions_of_stepped_shards():
+            return
+        names = next(bucket.param_names for bucket, before in zip(
+            (b for b in self.buckets if b.master is b.shard), versions)
+            if bucket.shard._version != before)
+        raise RuntimeError(
+            f"zeroshard: the optimizer's tensor holding parameters {', '.join(names[:3])}"
+            f"{', ...' if len(names) > 3 else ''} was written after opt.step() (through "
+            "opt.param_groups: a Lookahead or SWA wrapper, a weight decay applied by hand). "
+            "At stages 1 and 2 those tensors are this rank's shard of the parameters, so the "
+            "write reached only this rank's slice of them, and this forward would run each rank "
+            "on a different model. Make the write part of the step: an optimizer class whose "
+            "step() does it (a subclass of the inner optimizer), passed as ZeroOptimizer's "
+            "optimizer_class, writes the shards before the step's all-gather spreads them; or "
+            "write the model's parameters (model.parameters(), the same on every rank), as "
+            "under DDP (Note [the optimizer's own tensors written after a step] in "
+            "zeroshard/_stage.py)")
 
     def gather(self, launch_order: list[FlatBucket]) -> None:
         """All-gather each bucket's updated shard into its flat buffer (the parameters), in
