@@ -21,9 +21,11 @@ Note [gathered before a unit's own module hooks]:
     hooks are brought up to date as the root's forward begins, before any other unit's
     call takes its hooks; a hook registered on a unit's module after that (inside the
     model's forward), or on the root's own module after the optimizer was built, is seen
-    from the next forward on, and zeroshard warns that in the backward of this one it
-    reads placeholders. torch's global module backward pre-hooks run before every
-    module's own: not seen.
+    from the next forward on, and zeroshard warns (once per unit) that in the backward
+    of this one it reads placeholders: a hook that only reads them (a log line) reads
+    NaN there, one that uses them in a gradient trains NaN from then on (a reviewer's
+    probe). torch's global module backward pre-hooks run before every module's own: not
+    seen.
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ class GatherBeforeModuleHooks:
         self._method = weakref.WeakMethod(method)
         self._handles: dict[int, RemovableHandle] = {}  # id(unit) -> its GatherFirst's
         self._taken: dict[int, GatherFirst] = {}  # id(unit) -> the running call's
-        self._warned = False
+        self._warned: set[int] = set()  # id(unit)
 
     def bring_up_to_date(self, unit: Unit) -> bool:
         """Put a fresh ``GatherFirst`` first on ``unit``'s module if it has hooks of the
@@ -122,14 +124,15 @@ class GatherBeforeModuleHooks:
         self._taken.clear()
 
     def _warn_late(self, unit: Unit) -> None:
-        if self._warned:
+        if id(unit) in self._warned:
             return
-        self._warned = True
+        self._warned.add(id(unit))
         warnings.warn(
             f"zeroshard stage 3: the module of unit {unit.name} got a backward hook or pre-hook "
             "after the model's forward began (or, the root's, after ZeroOptimizer was built): "
             "in the backward of this forward it runs before the unit is gathered and reads "
             "placeholders (NaN) in place of its parameters; it is seen from the next forward "
-            "on. Register backward hooks on a unit's module before the model's forward "
-            "(Note [gathered before a unit's own module hooks] in zeroshard/_module_hooks.py)",
-            stacklevel=2)
+            "on. A hook that uses them in a gradient trains NaN from here on: register "
+            "backward hooks on a unit's module before the model's forward, and on the model "
+            "itself before building ZeroOptimizer (Note [gathered before a unit's own module "
+            "hooks] in zeroshard/_module_hooks.py)")

@@ -229,26 +229,31 @@ class WholeParameters:
         self._shard_versions = self._versions_of_stepped_shards()
 
     def _versions_of_stepped_shards(self) -> list[int]:
-        """The version counters of the shards the inner optimizer steps itself (without
-        mixed precision; a view of the flat buffer shares its counter)."""
+        """The version counters of the shards the inner optimizer steps itself (no fp32
+        master of their own; a view of the flat buffer shares its counter)."""
         return [bucket.shard._version for bucket in self.buckets if bucket.master is bucket.shard]
 
     def refuse_shards_written_since_step(self, module, args) -> None:
         """Note [the optimizer's own tensors written after a step]:
-            Without mixed precision, the tensors in ``opt.param_groups`` at stages 1 and 2
-            are each rank's shard: its slice of the parameters' flat buffers. A write to
-            them after ``opt.step()`` (a Lookahead or SWA wrapper copying its slow weights
-            in, a weight decay applied by hand over ``opt.param_groups``) reached only this
+            Where the inner optimizer steps the shards themselves (without mixed
+            precision, and for the modules a policy keeps in full precision, BatchNorm),
+            the tensors in ``opt.param_groups`` at stages 1 and 2 are each rank's shard:
+            its slice of the parameters' flat buffers. A write to them after
+            ``opt.step()`` (a Lookahead or SWA wrapper copying its slow weights in, a
+            weight decay applied by hand over ``opt.param_groups``) reached only this
             rank's slice of its parameters, the other slices following at the next step's
             all-gather: the forward and backward in between ran each rank on a different
             model, with no error (a helper's probes: 4e-2 from data parallel after a decay
             by 0.9 each step, 1e-2 with Lookahead). Such a write moves the shard's version
-            counter (shared with the flat buffer, not with the parameters, which the
-            step's all-gather does not move either), so the next forward refuses it, on
-            every rank that wrote, before any collective. Not seen: a write through the
-            shard's ``.data`` (``p.data.copy_(slow)``), which moves no counter. With mixed
-            precision those tensors are the fp32 masters, and the write reaches the
-            parameters with the next step (Note [writes on either side] in _masters.py)."""
+            counter, which it shares with the flat buffer (the parameters, bound by
+            ``.data``, have their own), and the counters are taken after the step's
+            all-gathers (which move them too): so the next forward, and every one after
+            until a step, refuses it, on every rank that wrote, before any collective.
+            Not seen: a write through the shard's ``.data`` (``p.data.copy_(slow)``),
+            which moves no counter, and any under ``torch.compile`` (the check is not
+            traced: ``EagerOnlyHook``). The fp32 masters of mixed precision are separate
+            tensors: a write to them reaches the parameters with the next step (Note
+            [writes on either side] in _masters.py)."""
         versions = self._shard_versions
         if versions is None or versions == self._versions_of_stepped_shards():
             return

@@ -179,9 +179,9 @@ Note [module backward hooks]:
     of its own, which kept it); so does one reading a unit nested in its own (released
     at its last gradient, before the outer module's post-hook), and one reading a unit
     earlier in forward, not yet gathered for backward or being prefetched (Note [not a
-    view while gathering] in _bucket.py: it read the half-filled buffer). A hook on an activation (``tensor.register_hook``) that
-    reads a parameter is not seen either: it reads NaN once the parameter's unit is
-    released.
+    view while gathering] in _bucket.py: it read the half-filled buffer). A hook on an
+    activation (``tensor.register_hook``) that reads a parameter is not seen either: it
+    reads NaN once the parameter's unit is released.
 
 Note [stage 3 under torch.compile]:
     A unit's forward hooks gather and release its parameters: collectives, and
