@@ -200,7 +200,9 @@ class WholeParameters:
         self.group = group
         self.stats = stats
         self.label = label
-        self._shard_versions: list[int] | None = None  # since the last step's gathers
+        # the shards the inner optimizer steps itself (no fp32 master of their own), with
+        # their version counters after the last step's gathers
+        self._shard_versions: list[tuple[FlatBucket, int]] = []
 
     def check_before_step(self) -> None:
         """The parameters are views of their buckets' flat buffers, which the step's
@@ -226,12 +228,8 @@ class WholeParameters:
         # graph built before the step and backwarded after it raises torch's error, as
         # under DDP (it mixed old activations with new weights, silently).
         increment_version([p for bucket in launch_order for p in bucket.params])
-        self._shard_versions = self._versions_of_stepped_shards()
-
-    def _versions_of_stepped_shards(self) -> list[int]:
-        """The version counters of the shards the inner optimizer steps itself (no fp32
-        master of their own; a view of the flat buffer shares its counter)."""
-        return [bucket.shard._version for bucket in self.buckets if bucket.master is bucket.shard]
+        self._shard_versions = [(bucket, bucket.shard._version) for bucket in self.buckets
+                                if bucket.master is bucket.shard]
 
     def refuse_shards_written_since_step(self, module, args) -> None:
         """Note [the optimizer's own tensors written after a step]:
@@ -254,12 +252,10 @@ class WholeParameters:
             traced: ``EagerOnlyHook``). The fp32 masters of mixed precision are separate
             tensors: a write to them reaches the parameters with the next step (Note
             [writes on either side] in _masters.py)."""
-        versions = self._shard_versions
-        if versions is None or versions == self._versions_of_stepped_shards():
+        names = next((bucket.param_names for bucket, version in self._shard_versions
+                      if bucket.shard._version != version), None)
+        if names is None:
             return
-        names = next(bucket.param_names for bucket, before in zip(
-            (b for b in self.buckets if b.master is b.shard), versions)
-            if bucket.shard._version != before)
         raise RuntimeError(
             f"zeroshard: the optimizer's tensor holding parameters {', '.join(names[:3])}"
             f"{', ...' if len(names) > 3 else ''} was written after opt.step() (through "

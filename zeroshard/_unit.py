@@ -86,10 +86,8 @@ class Unit:
         # the graph that holds them), and whether another unit's forward saved one.
         self.saved_unread: weakref.WeakSet = weakref.WeakSet()
         self.saved_by_another_unit = False
-        # Note [module backward hooks]: set as each backward begins; kept to its end
-        # (torch's global module backward hooks), or released once backward is past its
-        # inputs (a module of its subtree has a backward hook)
-        self.read_by_backward_hooks = False
+        # Note [module backward hooks]: set as each backward begins: released once
+        # backward is past its inputs (a module of its subtree has a backward hook)
         self.awaits_module_hooks = False
         # address of a gathered buffer's storage -> its unit, shared by a stage's units
         self.gathered_storages: dict[int, Unit] = {}

@@ -379,7 +379,10 @@ class UnitGatherer:
         # Note [released once backward has read it]
         self._read_through: list[Unit] = []  # in this backward, since the last hook
         self._released_early: list[Unit] = []  # in this backward
-        self._module_hooks_anywhere = False  # Note [module backward hooks]: set per backward
+        # Note [module backward hooks]: set as each backward begins; with torch's global
+        # module backward hooks every unit is kept to its end
+        self._global_module_hooks = False
+        self._module_hooks_anywhere = False
         self._recomputation = RecomputationWatch(WeakHook(self._module_runs_in_backward))
         self._frozen_on_contexts = FrozenOnContexts(units)
         handles.append(self._recomputation)
@@ -458,10 +461,8 @@ class UnitGatherer:
         unit.record.grads_arrived.add(id(param))
         self._release_read_through()  # Note [released once backward has read it]
         self.walk.note_ready(bucket)
-        if not unit.release_when_grads_done:
-            self._release_past_inputs(unit)
-        elif unit.awaits_module_hooks:
-            self._release_past_module_hooks(unit)
+        if not unit.release_when_grads_done or unit.awaits_module_hooks:
+            self._release_once_past_inputs(unit)
         elif unit.record.grads_arrived >= unit.trainable_ids:
             # A nested backward (Note [late gradients]) may gather it again, or use it
             # again if it is kept: count afresh (kept, the next nested backward's first
@@ -470,7 +471,7 @@ class UnitGatherer:
             # A unit some rank runs twice stays gathered: with reentrant checkpointing
             # its next run's recomputation would gather it again, on that rank only (Note
             # [runs before the walk moves on], Note [run twice from the second step on]).
-            if not unit.kept_through_backward() and not unit.read_by_backward_hooks:
+            if not unit.kept_through_backward() and not self._global_module_hooks:
                 unit.release()
                 if self.walk.past_last_launch_point():
                     self.reducer.wait_in_flight()  # Note [after the walk's last step]
@@ -541,9 +542,8 @@ class UnitGatherer:
         # of the forwards (torch calls the hooks a forward took, even if removed since)
         any_module = bool(torch.nn.modules.module._global_backward_hooks
                           or torch.nn.modules.module._global_backward_pre_hooks)
-        self._module_hooks_anywhere = any_module
+        self._global_module_hooks = self._module_hooks_anywhere = any_module
         for unit in self.units:
-            unit.read_by_backward_hooks = any_module
             unit.awaits_module_hooks = not any_module and (
                 unit.record.module_hooks_at_forward or unit.modules_have_backward_hooks())
             self._module_hooks_anywhere |= unit.awaits_module_hooks
@@ -781,6 +781,11 @@ class UnitGatherer:
 
     def _input_gradient_came(self, unit: Unit, grad) -> None:
         unit.record.inputs_reached += 1
+        self._release_once_past_inputs(unit)
+
+    def _release_once_past_inputs(self, unit: Unit) -> None:
+        """A hook between nodes, for a unit released once backward is past its inputs:
+        one awaiting its modules' hooks, or one with frozen parameters."""
         if unit.release_when_grads_done and unit.awaits_module_hooks:
             self._release_past_module_hooks(unit)
         else:
