@@ -294,3 +294,48 @@ def reads_of_a_unit_being_gathered(ctx, steps: int = 3) -> list[bool]:
         opt.zero_grad()
     opt.close()
     return reads
+
+
+class _CheckpointingLater(TiedLM):
+    """``TiedLM`` that runs ``where`` under activation checkpointing while
+    ``checkpointing`` is set: "blocks", each block (a unit); "layer", a layer the root
+    unit holds (``proj_in``, after the embedding)."""
+
+    def __init__(self, where: str, reentrant: bool) -> None:
+        super().__init__("checkpointed" if where == "layer" else "plain")
+        self.where, self.reentrant, self.checkpointing = where, reentrant, False
+
+    def forward(self, idx):
+        def run(module, h):
+            if self.checkpointing:
+                return checkpoint(module, h, use_reentrant=self.reentrant)
+            return module(h)
+        h = self.tok(idx)
+        if self.where == "layer":
+            h = run(self.proj_in, h)
+        for i, block in enumerate(self.blocks):
+            h = run(block, h) if self.where == "blocks" else block(h)
+            if i == 0 and h.requires_grad:
+                h.register_hook(self._note_embedding)
+        return self.head(self.norm(h))
+
+
+def checkpointing_begun_later_on_one_rank(ctx, where: str, reentrant: bool, steps: int = 4):
+    """Rank 1 checkpoints from the third step on (as a loop that checkpoints only long
+    batches may), rank 0 never. Returns, per step, the largest parameter difference from
+    the same model with its gradients averaged by hand, and whether the token embedding
+    was gathered when backward reached block 0."""
+    torch.manual_seed(0)
+    model, reference = _CheckpointingLater(where, reentrant), _CheckpointingLater(where, reentrant)
+    reference.load_state_dict(model.state_dict())
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=3, lr=0.5, momentum=0.9,
+                                  process_group=ctx.group, units=Block)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.5, momentum=0.9)
+
+    def loss_of(net, step):
+        net.checkpointing = ctx.rank == 1 and step >= 2
+        idx = torch.randint(0, VOCAB, (4, 6), generator=torch.Generator().manual_seed(10 * step + ctx.rank))
+        target = torch.randint(0, VOCAB, (4, 6), generator=torch.Generator().manual_seed(7 + step))
+        return F.cross_entropy(net(idx).flatten(0, 1), target.flatten())
+    differences = differences_per_step(ctx, model, opt, reference, ref_opt, loss_of, steps)
+    return differences, [seen[0] for seen in model.seen]

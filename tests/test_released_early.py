@@ -95,6 +95,26 @@ def test_a_unit_whose_gather_is_in_flight_shows_placeholders(pool):
         assert len(reads) == 2 * 3 and all(reads), (rank, reads)
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("where", ["blocks", "layer"])
+def test_checkpointing_begun_after_the_first_step_on_one_rank_equals_data_parallel(
+        pool, where, reentrant):
+    """A rank that begins checkpointing after the first step (long batches only) kept
+    releasing the tied embedding once the head had read it, then met its first
+    recomputation, which gathers again what was released early: a collective the
+    other rank never issued (gloo aborted on the mismatch; NCCL would hang). A forward
+    that runs a unit or a layer as checkpointing does now keeps that backward from
+    releasing early, on that rank alone; the other still releases it. (With the layer
+    the root holds, the root awaits that layer's gradient, which comes after block 0's:
+    no step releases the embedding by then.)"""
+    (differences_0, embedding_0), (differences_1, embedding_1) = pool.run(
+        cases_release.checkpointing_begun_later_on_one_rank, 2, where, reentrant)
+    assert all(d < 1e-6 for d in differences_0 + differences_1), (differences_0, differences_1)
+    if where == "blocks":
+        assert embedding_0 == [True, False, False, False], embedding_0  # the first only watches
+        assert embedding_1 == [True, False, True, True], embedding_1
+
+
 def test_a_unit_whose_backward_may_read_an_unsaved_weight_equals_data_parallel(pool):
     """A weight kept on a custom Function's ctx is read unseen, by the node that gives
     its gradient: such a unit waits for its last gradient. Released once its other

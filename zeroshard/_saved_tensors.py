@@ -315,6 +315,14 @@ def _bucket_at(unit: Unit, storage: int):
     return next(b for b in unit.buckets if b.flat.untyped_storage().data_ptr() == storage)
 
 
+def runs_under_checkpointing() -> bool:
+    """A module runs inside a training forward as activation checkpointing runs it:
+    reentrant checkpointing without grad, non-reentrant under its own saved-tensor hooks
+    (or another pair of the user's: offloading; or a no_grad region of the forward,
+    which are taken for it)."""
+    return not torch.is_grad_enabled() or not may_watch_saved_tensors()
+
+
 def may_watch_saved_tensors() -> bool:
     """No saved-tensor hooks are active, or only a unit's own (Note [saved tensors])."""
     top = torch._C._autograd._top_saved_tensors_default_hooks(False)

@@ -42,6 +42,9 @@ class BackwardPass:
     schedule once it begins, and the reductions it holds back. ``end_backward`` is the
     one place a new one starts (and each unit's record, ``Unit.end_backward``)."""
     training_forwards: int = 0  # training forward passes since the last backward
+    # a module ran in them as activation checkpointing runs it, so this backward will
+    # recompute (Note [released once backward has read it] in stage3.py)
+    checkpointed: bool = False
     walking: bool = False  # it walks the schedule (Note [one order]); set as it begins
     launch_at_walk: bool = False  # reductions launch at the walk's steps; set as it begins
     # by launch position: reductions of units that did not run here (``holds``)

@@ -132,7 +132,8 @@ Note [released once backward has read it]:
     by then), with no collective, if nothing else can still read it
     (``_release_read_through``): every gradient it still awaits is an embedding
     weight's; it has no frozen parameter and no hook of the user's on a parameter; no
-    other unit's forward saved a view of it; and no recomputation has been seen.
+    other unit's forward saved a view of it; no recomputation has been seen; and none
+    is expected in this backward (below).
     Those are what reads parameters behind the saved-tensor hooks' back: a node whose
     custom Function kept a weight on its ``ctx`` (it then gives that weight's gradient,
     which the unit awaits, or the weight is frozen; a reviewer's probe trained NaN), a
@@ -143,10 +144,19 @@ Note [released once backward has read it]:
     only watches, and after one is seen no unit is released early again (one seen
     first later gathers again, before it computes, what this backward released early:
     a collective of that moment, the same on every rank only if every rank
-    recomputes alike). Not seen: a checkpointed function that calls no module and
-    reads an embedding weight directly, in a model where no recomputation runs a
-    module; and an embedding weight kept on a custom Function's ``ctx`` whose backward
-    runs after the unit's last saved view is read.
+    recomputes alike). A rank that began to checkpoint after the first step (long
+    batches only) met its first recomputation with units released early and gathered
+    them again alone, a collective the other ranks never issued (gloo aborted on the
+    mismatch; NCCL would hang). So a forward that runs a unit, or a module holding
+    parameters, as activation checkpointing runs it (without grad, or under saved-tensor
+    hooks other than a unit's) keeps that backward from releasing early
+    (``BackwardPass.checkpointed``), on that rank alone: releasing is local, so the
+    ranks' collectives stay the same. Modules without parameters have no hook in
+    forward: a rank that begins to checkpoint only such modules still gathers again,
+    alone. Not seen: a checkpointed function that calls no module and reads an
+    embedding weight directly, in a model where no recomputation runs a module; and an
+    embedding weight kept on a custom Function's ``ctx`` whose backward runs after the
+    unit's last saved view is read.
 
 Note [module backward hooks]:
     A module's full backward hook (``register_full_backward_hook``) runs once the
@@ -216,7 +226,7 @@ from ._hooks import EagerOnlyHook, LoopSwitches, Phase, WeakHook
 from ._masters import ShardMasters
 from ._module_hooks import GatherBeforeModuleHooks
 from ._reducer import GradientReducer, abandoned_backward_refusal
-from ._saved_tensors import SavedTensorWatches, may_watch_saved_tensors
+from ._saved_tensors import SavedTensorWatches, runs_under_checkpointing
 from ._schedule import forward_and_backward_orders
 from ._unit import ShardState, Unit
 from ._walk import Walk
@@ -416,10 +426,10 @@ class UnitGatherer:
             self._begin_forward_pass()
         if self.walk.training_forward:
             unit.record.ran = True
-            # Note [run twice from the second step on]: reentrant checkpointing runs it
-            # without grad, non-reentrant under its own saved-tensor hooks
-            if not torch.is_grad_enabled() or not may_watch_saved_tensors():
+            # Note [run twice from the second step on]
+            if runs_under_checkpointing():
                 unit.record.checkpointed_runs += 1
+                self.walk.backward_pass.checkpointed = True
         self.walk.reach(self.walk.forward, unit)
         self._saved.open(unit)
 
@@ -683,9 +693,15 @@ class UnitGatherer:
             and in backward's recomputations (activation checkpointing gathers what it
             recomputes) the unit is gathered. Under torch.compile the check is not
             traced (``EagerOnlyHook``: dynamo split the graph at every module that
-            holds parameters, a reviewer's probe, 7 -> 19 graph breaks)."""
+            holds parameters, a reviewer's probe, 7 -> 19 graph breaks).
+
+        The same hook notes a module run in a training forward as activation
+        checkpointing runs it (Note [released once backward has read it])."""
         if self.switches.summoned or self.switches.phase is Phase.BACKWARD:
             return
+        if (self.switches.phase is Phase.FORWARD and not self.walk.backward_pass.checkpointed
+                and runs_under_checkpointing()):
+            self.walk.backward_pass.checkpointed = True
         released = [unit for unit in units if unit.state is not ShardState.GATHERED]
         if not released:
             return
@@ -732,10 +748,12 @@ class UnitGatherer:
 
     def _release_read_through(self) -> None:
         """Release the units backward has read through, once it is known that no
-        recomputation in backward reads parameters (``RecomputationWatch``). Runs only in
+        recomputation in backward reads parameters (``RecomputationWatch``) and none is
+        expected in this one (``BackwardPass.checkpointed``). Runs only in
         hooks that autograd calls between nodes (a tensor's gradient hook, a parameter's
         accumulation hook), never while a node that read a parameter is running."""
-        if not self._read_through or not self._recomputation.never_seen:
+        if (not self._read_through or not self._recomputation.never_seen
+                or self.walk.backward_pass.checkpointed):
             return
         for unit in list(self._read_through):
             if unit.state is not ShardState.GATHERED or unit.saved_unread:
