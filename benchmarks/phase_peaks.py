@@ -1,6 +1,8 @@
 """Where in a step the real peak is, method by method: the RSS high-water mark of each
 phase (forward, backward, step, zero_grad) of every step, and at each step's start the
-RSS against the bytes of the live tensors (what no tensor explains: the runtime's own).
+RSS against the bytes of the live tensors (what no tensor explains: the runtime's own),
+and the bytes malloc keeps freed in its heaps then and after backward (resident,
+unexplained by any live tensor: small activations freed in backward stay there).
 
     python benchmarks/phase_peaks.py --methods zeroshard2,fsdp2_no_reshard [--foreach]
 
@@ -12,6 +14,7 @@ larger rank. Methods, model and wrapping are compare.py's.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import os
 import sys
@@ -32,6 +35,25 @@ MIB = 2**20
 def _reset_high_water() -> None:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
+def _malloc_free_bytes() -> float:
+    """The bytes freed by the program that glibc's malloc keeps in its heaps (every
+    arena's ``fordblks``, from ``mallinfo2``): resident once touched, so part of the
+    RSS no live tensor explains (tensors under the mmap threshold, such as small
+    activations, come from these heaps). NaN where there is no ``mallinfo2``."""
+    try:
+        mallinfo2 = ctypes.CDLL(None).mallinfo2
+    except (AttributeError, OSError):
+        return float("nan")
+    mallinfo2.restype = _MallInfo2
+    return mallinfo2().fordblks
 
 
 def _live_tensor_bytes() -> int:
@@ -65,7 +87,8 @@ def worker(rank: int, world: int, port: int, method: str, size: dict, steps: int
     rows = []
     for _ in range(steps):
         gc.collect()
-        row = {"rss at start": above_baseline("VmRSS"), "live tensors": _live_tensor_bytes() / MIB}
+        row = {"rss at start": above_baseline("VmRSS"), "live tensors": _live_tensor_bytes() / MIB,
+               "heap free at start": _malloc_free_bytes() / MIB}
         for phase in PHASES:
             _reset_high_water()
             if phase == "forward":
@@ -77,6 +100,8 @@ def worker(rank: int, world: int, port: int, method: str, size: dict, steps: int
             else:
                 opt.zero_grad()
             row[phase] = above_baseline("VmHWM")
+            if phase == "backward":
+                row["heap free after backward"] = _malloc_free_bytes() / MIB
         rows.append(row)
     results.put({"rank": rank, "rows": rows})
     dist.barrier()
@@ -94,13 +119,16 @@ def main(argv=None) -> None:
                    help="every method's AdamW with foreach=True (CUDA's default; CPU's is the "
                         "for-loop)")
     args = p.parse_args(argv)
-    columns = ("rss at start", "live tensors") + PHASES
+    columns = ("rss at start", "live tensors", "heap free at start") + PHASES + (
+        "heap free after backward",)
     print(f"python benchmarks/phase_peaks.py {' '.join(sys.argv[1:] if argv is None else argv)}\n")
     print(f"model: examples/train_gpt.py GPT {compare.SIZES[args.size]}, fp32 AdamW"
           f"{' (foreach=True)' if args.foreach else ''}, "
           f"{args.world_size} ranks, CPU/gloo, torch {torch.__version__}; MiB above the RSS "
           "after process-group start: the RSS and the live tensors' bytes at each step's "
-          "start, and each phase's high-water mark; the larger rank\n")
+          "start, and each phase's high-water mark; malloc's free heap bytes (glibc's "
+          "mallinfo2, every arena) at each step's start and after its backward; the larger "
+          "rank\n")
     print("| method | step | " + " | ".join(columns) + " |")
     print("|---" * (len(columns) + 2) + "|")
     for method in args.methods.split(","):
