@@ -467,3 +467,33 @@ def full_precision_block_edges(ctx, stage: int) -> dict:
     out["after"] = float((opt.sharding.gather_masters()[id(weight)] - expected).abs().max())
     opt.close()
     return out
+
+
+def gradients_taken_as_they_come(ctx, stage: int, shown_first: bool) -> list[list[bool]]:
+    """Note [a new accumulator after a change of dtype] (zeroshard/_reducer.py): a bf16
+    policy, a bucket per parameter, and (``shown_first``) a ``summon_full_params(
+    full_precision=True)`` block before training, as an EMA teacher's update has it.
+    When the first layer's weight gets its gradient, the last in backward, a hook the
+    user registered there records, per step, whether each later layer's parameter
+    still holds its full gradient in ``.grad`` (the stage's store takes each as it
+    comes)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 2))
+    policy = zeroshard.MixedPrecision(param_dtype=torch.bfloat16)
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.AdamW, stage=stage, lr=1e-2,
+                                  mixed_precision=policy, bucket_size_mb=1e-6,
+                                  process_group=ctx.group, **({"units": nn.Linear} if stage == 3 else {}))
+    others = [*model[2].parameters(), *model[4].parameters()]
+    held: list[list[bool]] = []
+    model[0].weight.register_post_accumulate_grad_hook(
+        lambda _: held.append([p.grad is not None for p in others]))
+    if shown_first:
+        with opt.summon_full_params(full_precision=True):
+            pass
+    for step in range(2):
+        x = torch.randn(4, 6, generator=torch.Generator().manual_seed(10 * step + ctx.rank))
+        model(x).float().square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    opt.close()
+    return held

@@ -85,6 +85,12 @@ class InPlaceSums:
         self._walking = bool(self._accumulators)
         self._walked_once = False
 
+    def replace(self, old, new) -> None:
+        """A parameter's accumulator node is ``new`` now (Note [a new accumulator after a
+        change of dtype] in _reducer.py)."""
+        if self._accumulators.pop(id(old), None) is not None:
+            self._accumulators[id(new)] = new
+
     def arm(self, outputs: Iterable[torch.Tensor]) -> None:
         """After a forward with grad enabled: hook the nodes of its graph that feed an
         accumulator of ours more than once."""

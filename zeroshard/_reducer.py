@@ -191,18 +191,44 @@ class GradientReducer:
         self.local_only = False
         self._local_gradient_came = False  # in this backward, inside no_sync()
         handles.append(model.register_forward_hook(WeakHook(self._arm_backward_end)))
-        self._accumulators = []  # Note [after the user's gradient hooks]: kept alive here
-        row_major = []
+        # Note [after the user's gradient hooks]: (bucket, index) -> (the parameter's
+        # accumulator node, kept alive here, and the handle of the hook on it)
+        self._accumulators: dict[tuple[int, int], tuple[object, object]] = {}
+        self._bucket_of = {id(bucket): bucket for bucket in self.buckets}
+        handles.append(_HooksOnAccumulators(self._accumulators))
         for bucket in self.buckets:
             bucket.agree_on_non_finite = WeakHook(self.agree_on_non_finite)
-            for index, param in enumerate(bucket.params):
-                accumulator = _gradient_accumulator(param)
-                self._accumulators.append(accumulator)
-                if is_row_major(bucket.orders[index]):
-                    row_major.append(accumulator)
-                handles.append(accumulator.register_hook(
-                    WeakHook(self._on_gradient, bucket, index)))
-        self._in_place_sums = InPlaceSums(row_major)  # Note [contributions summed in place]
+            for index in range(len(bucket.params)):
+                self._hook_accumulator(bucket, index)
+        self._in_place_sums = InPlaceSums(  # Note [contributions summed in place]
+            node for (bucket_id, index), (node, _) in self._accumulators.items()
+            if is_row_major(self._bucket_of[bucket_id].orders[index]))
+
+    def _hook_accumulator(self, bucket: FlatBucket, index: int):
+        """Hook the accumulator node of ``bucket``'s parameter ``index``; the node."""
+        node = _gradient_accumulator(bucket.params[index])
+        handle = node.register_hook(WeakHook(self._on_gradient, bucket, index))
+        self._accumulators[(id(bucket), index)] = (node, handle)
+        return node
+
+    def hook_new_accumulators(self) -> None:
+        """Note [a new accumulator after a change of dtype]:
+            Torch gives a parameter a new accumulator node when its ``.data`` is set to
+            another dtype or device, and the old node, hooked here, never runs again.
+            ``summon_full_params(full_precision=True)`` does that twice (the fp32
+            masters in, the casts back): from then on no gradient reached the reducer
+            as it came. Each waited in ``.grad`` at full size until the backward walk
+            or backward's end took it (stages 2 and 3 held every full gradient at
+            once), and at stage 3 no unit was released as its gradients came, silently
+            (found while agreeing on which units got a gradient, Note [ran on no rank]
+            in stage3.py). So after such a block every parameter whose node changed
+            is hooked again, and its old hook removed."""
+        for (bucket_id, index), (node, handle) in list(self._accumulators.items()):
+            bucket = self._bucket_of[bucket_id]
+            current = _gradient_accumulator(bucket.params[index])
+            if current is not node:
+                handle.remove()
+                self._in_place_sums.replace(node, self._hook_accumulator(bucket, index))
 
     # -- backward's hooks -------------------------------------------------------------
 
@@ -474,6 +500,18 @@ class GradientReducer:
 
     def position_of(self, bucket: FlatBucket) -> int:
         return self._position[id(bucket)]
+
+
+class _HooksOnAccumulators:
+    """The stage's handle on the reducer's hooks on accumulator nodes, as they are when
+    it closes (Note [a new accumulator after a change of dtype])."""
+
+    def __init__(self, accumulators: dict) -> None:
+        self._accumulators = accumulators
+
+    def remove(self) -> None:
+        for _, handle in self._accumulators.values():
+            handle.remove()
 
 
 def _gradient_accumulator(param: nn.Parameter):

@@ -389,13 +389,17 @@ class ZeroOptimizer(torch.optim.Optimizer):
         try:
             with contextlib.nullcontext() if nested else stage.summon_full_params():
                 shown = MastersShown(self._view, self._masters) if show else None
-                with shown or contextlib.nullcontext():
-                    self._masters_shown = self._masters_shown or shown
-                    try:
-                        yield
-                    finally:
-                        if show:
-                            self._masters_shown = None
+                try:
+                    with shown or contextlib.nullcontext():
+                        self._masters_shown = self._masters_shown or shown
+                        try:
+                            yield
+                        finally:
+                            if show:
+                                self._masters_shown = None
+                finally:
+                    if show:  # the parameters changed dtype twice
+                        stage.reducer.hook_new_accumulators()
         finally:
             stage.switches.summoned -= 1
 
