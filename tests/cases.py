@@ -97,10 +97,18 @@ def ddp_needs_static_graph(case) -> bool:
         runs_a_module_twice(model) or case.get("two_forwards"))
 
 
-def skips_block(case, step: int, rank: int) -> bool:
-    """Whether ``rank`` skips the transformer's block 0 in ``step`` (odd steps only)."""
+def skips_block(case, step: int, rank: int) -> bool | str:
+    """Whether ``rank`` skips the transformer's block 0 in ``step`` (odd steps only), or
+    runs it and drops its output ("discard")."""
     where = case.get("skip_block")
+    if step % 2 == 1 and where == "discarded_everywhere":
+        return "discard"
     return step % 2 == 1 and (where == "everywhere" or (where == "odd_ranks" and rank % 2 == 1))
+
+
+def gets_no_gradient_anywhere(case, step: int) -> bool:
+    """Whether no rank gives block 0 a gradient in ``step`` (Note [ran on no rank])."""
+    return case.get("skip_block") in ("everywhere", "discarded_everywhere") and step % 2 == 1
 
 
 def holding(model, flat):

@@ -63,7 +63,8 @@ class TinyTransformer(nn.Module):
 
     ``checkpoint``: None, "reentrant" or "nonreentrant" activation checkpointing of
     each block; ``reuse``: block 0 runs twice per forward; ``reverse``: the blocks
-    run last to first; ``skip_block``: set to True to skip block 0 in a forward;
+    run last to first; ``skip_block``: set to True to skip block 0 in a forward, or to
+    "discard" to run it and drop its output (it reaches no loss: no gradient);
     ``share_mlp``: every block holds block 0's MLP, one module registered in each (as
     ALBERT-style models share by module).
     """
@@ -91,9 +92,12 @@ class TinyTransformer(nn.Module):
         blocks = list(self.blocks)[::-1] if self.reverse else list(self.blocks)
         if self.reuse:
             blocks.insert(0, blocks[0])
-        if self.skip_block:
+        if self.skip_block is True:
             blocks = [b for b in blocks if b is not self.blocks[0]]
         for block in blocks:
+            if block is self.blocks[0] and self.skip_block == "discard":
+                block(x)  # runs; what it computes reaches no loss
+                continue
             if self.checkpoint is None:
                 x = block(x)
             else:

@@ -42,7 +42,8 @@ def forward_options(draw, model: dict, stage: int) -> dict:
         model["checkpoint"] = draw(st.sampled_from([None, "reentrant", "nonreentrant"]))
         model["reuse"] = draw(st.booleans())
         # Block 0 skipped in odd steps, on odd ranks only (stage 3: a unit some ranks run,
-        # Note [gather schedule]) or on every rank. A block no rank runs gets no gradient
+        # Note [gather schedule]) or on every rank, or run on every rank with its output
+        # dropped (no gradient: Note [ran on no rank]). A block no rank runs gets no gradient
         # from DDP, and the optimizer skips it; stage 3 does the same for a skipped unit,
         # while stages 1-2 (and units that do not match the block) step it with a zero
         # gradient, as ZeroOptimizer documents. The DDP reference cannot mix reentrant
@@ -57,7 +58,7 @@ def forward_options(draw, model: dict, stage: int) -> dict:
         if model["checkpoint"] != "reentrant":
             skips += [] if shared_unit else ["odd_ranks"]
             if stage == 3 and options["units"] in ("blocks", "nested"):
-                skips.append("everywhere")
+                skips += ["everywhere", "discarded_everywhere"]
         options["skip_block"] = draw(st.sampled_from(skips))
     return options
 

@@ -38,6 +38,18 @@ def _reused_block_skipped_on_odd_ranks(units):
                        opt_kwargs={"lr": 1e-3, "weight_decay": 0.0}, steps=3)
 
 
+def _block_run_with_its_output_dropped_everywhere(reshard_after_forward):
+    """Block 0 runs on every rank in the odd step and what it computes reaches no loss
+    (an encoder whose every consumer LayerDrop skipped): it gets no gradient anywhere,
+    and DDP leaves it still. Stage 3 agreed on which units ran, not on which got a
+    gradient, and stepped it with zeros: AdamW's weight decay and moments moved it (a
+    helper's probe: Whisper with LayerDrop 0.5, 2.0e-2 from DDP)."""
+    model = {**_TINY_TRANSFORMER, "layers": 2, "tied": True}
+    return _found_case(model, units="blocks", reshard_after_forward=reshard_after_forward,
+                       skip_block="discarded_everywhere", world_size=2, optimizer="AdamW",
+                       opt_kwargs={"lr": 1e-2, "weight_decay": 0.1}, steps=3)
+
+
 def _reused_unit_on_one_rank():
     """Alone, a rank that did not wait for a reused unit's reduce-scatter before the next
     bucket held more gradient buffers than stage 2 promises."""
@@ -145,6 +157,8 @@ def _blocks_sharing_a_module(units):
 @example(case=_reused_unit_on_one_rank())
 @example(case=_reused_block_skipped_on_odd_ranks("blocks"))
 @example(case=_reused_block_skipped_on_odd_ranks("linear"))  # a unit reruns after others
+@example(case=_block_run_with_its_output_dropped_everywhere(True))
+@example(case=_block_run_with_its_output_dropped_everywhere(False))
 @given(training_cases())
 def test_zeroshard_equals_ddp_and_single_process(pool, case):
     results = pool.run(cases.train_side_by_side, case["world_size"], case)

@@ -42,6 +42,10 @@ class UnitRecord:
     # A forward with grad enabled ran it, or a gradient came, in this backward's passes,
     # or it holds a gradient a no_sync() backward left in .grad (Unit.holds_local_grads).
     ran: bool = False
+    # A gradient came in this backward's passes, or a no_sync() backward left one in
+    # .grad: what Note [ran on no rank] in stage3.py agrees on (a unit can run and get
+    # none, its output reaching no loss)
+    got_gradient: bool = False
     # Note [run twice from the second step on]: training forwards' runs of it under
     # activation checkpointing, and its recomputations in this backward
     checkpointed_runs: int = 0

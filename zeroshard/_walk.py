@@ -49,7 +49,7 @@ class BackwardPass:
     launch_at_walk: bool = False  # reductions launch at the walk's steps; set as it begins
     # by launch position: reductions of units that did not run here (``holds``)
     held: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
-    ran_somewhere: set[int] = dataclasses.field(default_factory=set)  # unit ids (agree_on_late)
+    got_gradient_somewhere: set[int] = dataclasses.field(default_factory=set)  # unit ids (agree_on_late)
 
 
 class Walk:

@@ -113,8 +113,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
     [whole-parameter ownership] in _layout.py; ``sharding_report()`` says how evenly).
 
     A parameter that gets no gradient on any rank in a step counts as having a zero
-    gradient (its bucket is reduced all the same), so weight decay and momentum
-    still move it, where plain PyTorch would skip it.
+    gradient at stages 1 and 2 (its bucket is reduced all the same), so weight decay
+    and momentum still move it, where plain PyTorch would skip it; stage 3 skips a
+    unit that got a gradient on no rank, as torch does (Note [ran on no rank]).
 
     ``close()`` (or leaving ``with ZeroOptimizer(...) as opt:``) hands the model back
     as an ordinary module holding its full current parameters, in the dtypes it had

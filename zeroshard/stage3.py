@@ -467,7 +467,7 @@ class UnitGatherer:
         unit = self._unit_of[id(param)]
         # A gradient arrived, so a forward ran the unit, even one before the last synced
         # backward: a second backward through a retained graph.
-        unit.record.ran = True
+        unit.record.ran = unit.record.got_gradient = True
         unit.record.grads_arrived.add(id(param))
         self._release_read_through()  # Note [released once backward has read it]
         self.walk.note_ready(bucket)
@@ -546,7 +546,8 @@ class UnitGatherer:
                                               and self.walk.backward_pass.training_forwards == 1)
         if self.reducer.local_only:  # the last backward ran inside no_sync()
             for unit in self.units:
-                unit.record.ran = unit.record.ran or unit.holds_local_grads()
+                if unit.holds_local_grads():
+                    unit.record.ran = unit.record.got_gradient = True
         self._recomputation.start()
         # Note [module backward hooks]: asked anew each backward (hooks come and go), and
         # of the forwards (torch calls the hooks a forward took, even if removed since)
@@ -608,9 +609,10 @@ class UnitGatherer:
 
     def holds(self, bucket, reduced: torch.Tensor) -> bool:
         """Whether to hold ``bucket``'s reduction instead of installing it: a unit that
-        did not run here may have run nowhere, so it waits until the ranks have compared
-        notes (``install_held``)."""
-        if bucket.grad_shard is not None or self._unit_of[id(bucket.params[0])].record.ran:
+        got no gradient here may have got none anywhere, so it waits until the ranks have
+        compared notes (``install_held``). Not the root: the ranks compare no note on it."""
+        unit = self._unit_of[id(bucket.params[0])]
+        if bucket.grad_shard is not None or unit is self.root or unit.record.got_gradient:
             return False
         position = self.reducer.position_of(bucket)
         held = self.walk.backward_pass.held  # reduced again: added up (Note [late gradients])
@@ -619,16 +621,25 @@ class UnitGatherer:
 
     def agree_on_late(self, late: set[int]) -> list[int]:
         """Note [ran on no rank]:
-            Which units ran on no rank at all (their gradient is absent, not zero, and
-            the optimizer skips them as torch skips a parameter whose gradient is None)
-            is not something a rank can know alone. A rank holds back the reductions of
-            units it did not run (``holds``); after each synced backward the ranks
-            all-reduce one 4-byte flag per unit other than the root, and one per bucket
-            for the late ones, and then install what they held (``install_held``).
+            Which units got a gradient on no rank at all (their gradient is absent, not
+            zero, and the optimizer skips them as torch skips a parameter whose gradient
+            is None) is not something a rank can know alone. A unit gets none where it
+            ran nowhere (a branch, an expert, a layer LayerDrop skipped on every rank),
+            or ran and what it computed reached no loss (an encoder whose every consumer
+            was skipped): stepped with zeros there, weight decay and momentum moved it,
+            where DDP leaves it still (a helper's probe, Whisper with LayerDrop 0.5: its
+            encoder layers 1e-4 from DDP after the first step; the flag was "ran" until
+            this change). A rank holds back the reductions of units that got no gradient
+            here (``holds``); after each synced backward the ranks all-reduce one 4-byte
+            flag per unit other than the root, and one per bucket for the late ones, and
+            then install what they held (``install_held``). A unit is one: where only
+            some of its parameters got a gradient anywhere, the others are stepped with
+            zeros.
 
         The ranks compare notes (``_agreement.ran_and_late``):
-        which units but the root (it ran here) ran on some rank, and which buckets got
-        gradient after the walk passed their unit on some rank (Note [late gradients]).
+        which units but the root (it ran here) got a gradient on some rank, and which
+        buckets got gradient after the walk passed their unit on some rank (Note [late
+        gradients]).
         Every rank reduces again the buckets late on any rank.
 
         Note [steps on some ranks only]:
@@ -639,21 +650,27 @@ class UnitGatherer:
             stages 1-2 wait in the step's gathers there, Note [a collective that fails] in
             _comm.py). So this all-reduce also carries each rank's count of steps, and the
             next step is refused on every rank where they differ."""
-        ran, late_anywhere, steps_agree = _agreement.ran_and_late(
-            [u.record.ran for u in self._flagged],
+        got_gradient, late_anywhere, steps_agree = _agreement.ran_and_late(
+            [u.record.got_gradient for u in self._flagged],
             [p in late for p in range(len(self.reducer.buckets))], self._steps,
             device=self.device, group=self.group, stats=self.stats, label=self.label)
         self._steps_differ = self._steps_differ or not steps_agree
-        self.walk.backward_pass.ran_somewhere = {id(u) for u, flag in zip(self._flagged, ran) if flag}
+        self.walk.backward_pass.got_gradient_somewhere = {
+            id(u) for u, flag in zip(self._flagged, got_gradient) if flag}
         return [p for p, flag in enumerate(late_anywhere) if flag]
 
     def install_held(self) -> None:
-        """Note [ran on no rank]: units that ran on no rank get no gradient at all, as
-        torch leaves .grad None for a parameter no rank used; the others get theirs."""
+        """Note [ran on no rank]: units that got a gradient on no rank get none at all,
+        as torch leaves .grad None for a parameter no rank used; the others get theirs."""
+        somewhere = self.walk.backward_pass.got_gradient_somewhere
         for position, reduced in self.walk.backward_pass.held.items():
             bucket = self.reducer.buckets[position]
-            if id(self._unit_of[id(bucket.params[0])]) in self.walk.backward_pass.ran_somewhere:
+            if id(self._unit_of[id(bucket.params[0])]) not in somewhere:
+                continue
+            if bucket.grad_shard is None:
                 bucket.set_grad_shard(self.dtypes.as_gradient_shard(bucket, reduced))
+            else:  # its gradient came late, after the reduction held (Note [late gradients])
+                bucket.grad_shard.add_(reduced)
 
     def finish_walk(self) -> None:
         """The end of backward, before its reductions are flushed: the gathers of the
