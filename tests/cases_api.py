@@ -805,3 +805,17 @@ def reads_inside_a_stage3_block_see_its_writes(ctx, policy: bool) -> dict:
     opt.close()
     return None if full is None else {k: float((full[0][k].float() - v).abs().max())
                                       for k, v in written.items()}
+
+
+def units_selecting_no_module(ctx) -> list[str]:
+    """Stage 3 given a unit class the model does not hold (another architecture's
+    block): the warnings zeroshard gave on this rank."""
+    import warnings
+
+    from models import TinyTransformer
+    model = TinyTransformer(vocab=11, d=8, heads=2, layers=2, seq=3, tied=True, frozen=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=3, lr=0.1, process_group=ctx.group,
+                                units=nn.TransformerDecoderLayer).close()
+    return [str(w.message) for w in caught if str(w.message).startswith("zeroshard")]

@@ -92,6 +92,15 @@ def test_join_for_uneven_batches_is_refused_naming_the_fix(pool):
         assert "Join" in message and "DistributedSampler(drop_last=True)" in message, message
 
 
+def test_units_that_select_no_module_warn_naming_the_blocks(pool):
+    """A unit class the model does not hold made the root the only unit: stage 3 gathered
+    the whole model for every forward and backward, silently (a helper's probe: Llama's
+    decoder layer given for a Qwen2)."""
+    for warned in pool.run(cases_api.units_selecting_no_module, 2):
+        assert len(warned) == 1, warned
+        assert "TransformerDecoderLayer" in warned[0] and "(here: Block)" in warned[0], warned
+
+
 def test_attention_evaluated_before_training_at_stage_3_is_the_model_unsharded(pool):
     """Found by a probe: automatic units made MultiheadAttention's out_proj a unit of its
     own, which the attention reads without calling, so evaluation gave NaN, silently."""

@@ -9,6 +9,8 @@ definition, computed here from the tree: the deepest unit that is an ancestor (o
 itself) of every place a module holding the parameter sits.
 """
 
+import warnings
+
 import pytest
 import torch
 from hypothesis import given
@@ -57,7 +59,12 @@ def chains_of_units(index, parents, unit_indices):
 def test_each_parameter_belongs_to_the_lowest_unit_above_all_its_holders(tree, data):
     root, nodes, parents = tree
     picked = {i for i in range(1, len(nodes)) if data.draw(st.booleans())}
-    chosen = select_unit_modules(root, lambda m: any(m is nodes[i] for i in picked), bucket_bytes=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        chosen = select_unit_modules(root, lambda m: any(m is nodes[i] for i in picked),
+                                     bucket_bytes=1)
+    # one unit, the whole model, only with a word
+    assert [str(w.message).count("selects no module") for w in caught] == ([1] if not picked else [])
     # the root first, then the picked modules in model.modules() order, each once
     assert chosen[0] is root
     assert [id(m) for m in chosen[1:]] == [id(m) for m in root.modules() if any(m is nodes[i] for i in picked)]

@@ -28,6 +28,7 @@ Note [modules in several places]:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 from torch import nn
@@ -61,6 +62,17 @@ def select_unit_modules(model: nn.Module, units, bucket_bytes: int) -> list[nn.M
     else:
         predicate = _as_predicate(units)
         chosen = [m for m in model.modules() if m is not model and predicate(m)]
+        if not chosen:
+            # One unit, the root: the whole model gathered for every forward and
+            # backward, with no word of it (a helper's probe: the decoder-layer class of
+            # another architecture, Llama's for a Qwen2). Warned, not refused: a model
+            # small enough may be meant to be one unit.
+            warnings.warn(
+                f"zeroshard stage 3: units={units!r} selects no module of this model, so the "
+                "root is its only unit: the whole model is gathered for every forward and "
+                "backward (a peak as high as stage 2's). Pass the class of its repeated blocks"
+                f"{_repeated_classes(model)}, or units=None for the automatic choice",
+                stacklevel=4)
         containers = [type(m).__name__ for m in chosen if isinstance(m, CONTAINERS)]
         if containers:
             raise ValueError(
@@ -77,6 +89,19 @@ def select_unit_modules(model: nn.Module, units, bucket_bytes: int) -> list[nn.M
                 "(out_proj is a subclass), or select the MultiheadAttention or a block")
     chosen_ids = {id(m) for m in chosen}
     return [model] + [m for m in model.modules() if id(m) in chosen_ids]
+
+
+def _repeated_classes(model: nn.Module) -> str:
+    """" (here: A, B)" for the classes of which ``model`` holds several modules with
+    parameters (blocks, layers; not containers), most numerous first; "" if none."""
+    counts: dict[type, int] = {}
+    for module in model.modules():
+        if module is not model and not isinstance(module, CONTAINERS) and any(
+                True for _ in module.parameters()):
+            counts[type(module)] = counts.get(type(module), 0) + 1
+    repeated = sorted((c for c in counts if counts[c] > 1), key=lambda c: -counts[c])
+    names = [c.__name__ for c in repeated if not c.__module__.startswith("torch.nn")][:3]
+    return f" (here: {', '.join(names)})" if names else ""
 
 
 def _as_predicate(units) -> Callable[[nn.Module], bool]:
