@@ -92,12 +92,13 @@ def select_unit_modules(model: nn.Module, units, bucket_bytes: int) -> list[nn.M
 
 
 def _repeated_classes(model: nn.Module) -> str:
-    """" (here: A, B)" for the classes of which ``model`` holds several modules with
-    parameters (blocks, layers; not containers), most numerous first; "" if none."""
+    """The suffix ' (here: A, B)' naming the classes of which ``model`` holds several
+    modules with parameters (blocks, layers; not containers, not torch.nn's own), most
+    numerous first; '' if none."""
     counts: dict[type, int] = {}
     for module in model.modules():
-        if module is not model and not isinstance(module, CONTAINERS) and any(
-                True for _ in module.parameters()):
+        if (module is not model and not isinstance(module, CONTAINERS)
+                and next(module.parameters(), None) is not None):
             counts[type(module)] = counts.get(type(module), 0) + 1
     repeated = sorted((c for c in counts if counts[c] > 1), key=lambda c: -counts[c])
     names = [c.__name__ for c in repeated if not c.__module__.startswith("torch.nn")][:3]

@@ -632,9 +632,9 @@ class UnitGatherer:
             this change). A rank holds back the reductions of units that got no gradient
             here (``holds``); after each synced backward the ranks all-reduce one 4-byte
             flag per unit other than the root, and one per bucket for the late ones, and
-            then install what they held (``install_held``). A unit is one: where only
-            some of its parameters got a gradient anywhere, the others are stepped with
-            zeros.
+            then install what they held (``install_held``). The unit is the grain:
+            where only some of a unit's parameters got a gradient anywhere, its others
+            are stepped with zeros.
 
         The ranks compare notes (``_agreement.ran_and_late``):
         which units but the root (it ran here) got a gradient on some rank, and which
