@@ -469,14 +469,15 @@ def full_precision_block_edges(ctx, stage: int) -> dict:
     return out
 
 
-def gradients_taken_as_they_come(ctx, stage: int, shown_first: bool) -> list[list[bool]]:
+def gradients_taken_as_they_come(ctx, stage: int, shown: str | None) -> tuple[list, bool]:
     """Note [a new accumulator after a change of dtype] (zeroshard/_reducer.py): a bf16
-    policy, a bucket per parameter, and (``shown_first``) a ``summon_full_params(
-    full_precision=True)`` block before training, as an EMA teacher's update has it.
-    When the first layer's weight gets its gradient, the last in backward, a hook the
-    user registered there records, per step, whether each later layer's parameter
-    still holds its full gradient in ``.grad`` (the stage's store takes each as it
-    comes)."""
+    policy, a bucket per parameter, and a ``summon_full_params(full_precision=True)``
+    block, as an EMA teacher's update has it: ``shown`` "before" training, "between"
+    each forward and its backward, or None. When the first layer's weight gets its
+    gradient, the last in backward, a hook the user registered there records, per step,
+    whether each later layer's parameter still holds its full gradient in ``.grad``
+    (the stage's store takes each as it comes). Also returns whether every parameter
+    moved from its first value."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 2))
     policy = zeroshard.MixedPrecision(param_dtype=torch.bfloat16)
@@ -487,13 +488,21 @@ def gradients_taken_as_they_come(ctx, stage: int, shown_first: bool) -> list[lis
     held: list[list[bool]] = []
     model[0].weight.register_post_accumulate_grad_hook(
         lambda _: held.append([p.grad is not None for p in others]))
-    if shown_first:
+    with opt.summon_full_params():  # the casts: no change of dtype
+        first = [p.detach().clone() for p in model.parameters()]
+    if shown == "before":
         with opt.summon_full_params(full_precision=True):
             pass
     for step in range(2):
         x = torch.randn(4, 6, generator=torch.Generator().manual_seed(10 * step + ctx.rank))
-        model(x).float().square().mean().backward()
+        loss = model(x).float().square().mean()
+        if shown == "between":
+            with opt.summon_full_params(full_precision=True):
+                pass
+        loss.backward()
         opt.step()
         opt.zero_grad()
+    with opt.summon_full_params():
+        moved = all(not torch.equal(a, p) for a, p in zip(first, model.parameters()))
     opt.close()
-    return held
+    return held, moved

@@ -20,21 +20,21 @@ import torch.distributed as dist
 from . import _comm
 
 
-def ran_and_late(ran: list[bool], late: list[bool], steps: int, *, device, group,
+def ran_and_late(got_gradient: list[bool], late: list[bool], steps: int, *, device, group,
                  stats: _comm.CommStats, label: str) -> tuple[list[bool], list[bool], bool]:
     """Note [ran on no rank] in stage3.py: after a synced backward, which units got a
-    gradient on some rank (``ran``: one flag per unit some rank may skip; a unit that
-    ran here and got none counts as not run) and which buckets got gradient late on some
-    rank (``late``: one per bucket, Note [late gradients] in _reducer.py); and whether
-    every rank has taken as many optimizer ``steps`` (Note [steps on some ranks only]:
-    the count modulo 2**20, exact in fp32, and its negation)."""
+    gradient on some rank (``got_gradient``: one flag per unit some rank may skip) and
+    which buckets got gradient late on some rank (``late``: one per bucket, Note [late
+    gradients] in _reducer.py); and whether every rank has taken as many optimizer
+    ``steps`` (Note [steps on some ranks only]: the count modulo 2**20, exact in fp32,
+    and its negation)."""
     count = float(steps % 2**20)
-    flags = torch.tensor([float(f) for f in ran + late] + [count, -count], device=device)
+    flags = torch.tensor([float(f) for f in got_gradient + late] + [count, -count], device=device)
     _comm.all_reduce(flags, group=group, stats=stats, label=label, op=dist.ReduceOp.MAX)
     values = flags.tolist()
     highest, negated_lowest = values[-2:]
     flags = [v > 0 for v in values[:-2]]
-    return flags[:len(ran)], flags[len(ran):], highest == -negated_lowest
+    return flags[:len(got_gradient)], flags[len(got_gradient):], highest == -negated_lowest
 
 
 @dataclass

@@ -214,7 +214,8 @@ class GradientReducer:
     def hook_new_accumulators(self) -> None:
         """Note [a new accumulator after a change of dtype]:
             Torch gives a parameter a new accumulator node when its ``.data`` is set to
-            another dtype or device, and the old node, hooked here, never runs again.
+            another dtype or device; the old node, hooked here, then runs only for
+            graphs built before.
             ``summon_full_params(full_precision=True)`` does that twice (the fp32
             masters in, the casts back): from then on no gradient reached the reducer
             as it came. Each waited in ``.grad`` at full size until the backward walk
@@ -222,12 +223,15 @@ class GradientReducer:
             once), and at stage 3 no unit was released as its gradients came, silently
             (found while agreeing on which units got a gradient, Note [ran on no rank]
             in stage3.py). So after such a block every parameter whose node changed
-            is hooked again, and its old hook removed."""
-        for (bucket_id, index), (node, handle) in list(self._accumulators.items()):
+            is hooked again. The old node keeps its hook: a graph built before the
+            block (a forward, the block, then its backward) accumulates through it,
+            and those gradients must reach the reducer too (with the hook removed,
+            stage 3 took them for none and stepped no unit: a reviewer's probe). Only
+            the reference to it goes, so it goes with the last graph using it."""
+        for (bucket_id, index), (node, _) in list(self._accumulators.items()):
             bucket = self._bucket_of[bucket_id]
             current = _gradient_accumulator(bucket.params[index])
             if current is not node:
-                handle.remove()
                 self._in_place_sums.replace(node, self._hook_accumulator(bucket, index))
 
     # -- backward's hooks -------------------------------------------------------------

@@ -315,11 +315,12 @@ def _bucket_at(unit: Unit, storage: int):
     return next(b for b in unit.buckets if b.flat.untyped_storage().data_ptr() == storage)
 
 
-def runs_under_checkpointing() -> bool:
-    """A module runs inside a training forward as activation checkpointing runs it:
-    reentrant checkpointing without grad, non-reentrant under its own saved-tensor hooks
-    (or another pair of the user's: offloading; or a no_grad region of the forward,
-    which are taken for it)."""
+def may_recompute_in_backward() -> bool:
+    """A module runs inside a training forward as activation checkpointing runs it, so
+    backward may run it again: reentrant checkpointing runs it without grad,
+    non-reentrant under its own saved-tensor hooks. Also true, and taken alike, under
+    another pair of saved-tensor hooks (offloading) or in a no_grad region of the
+    forward (a frozen teacher): that only keeps units gathered longer."""
     return not torch.is_grad_enabled() or not may_watch_saved_tensors()
 
 

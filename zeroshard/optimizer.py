@@ -115,7 +115,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
     A parameter that gets no gradient on any rank in a step counts as having a zero
     gradient at stages 1 and 2 (its bucket is reduced all the same), so weight decay
     and momentum still move it, where plain PyTorch would skip it; stage 3 skips a
-    unit that got a gradient on no rank, as torch does (Note [ran on no rank]).
+    unit that got a gradient on no rank, as torch does (Note [ran on no rank]), unless
+    ``zero_grad(set_to_none=False)`` left it a zero shard, as it leaves every shard.
 
     ``close()`` (or leaving ``with ZeroOptimizer(...) as opt:``) hands the model back
     as an ordinary module holding its full current parameters, in the dtypes it had

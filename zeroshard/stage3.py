@@ -226,7 +226,7 @@ from ._hooks import EagerOnlyHook, LoopSwitches, Phase, WeakHook
 from ._masters import ShardMasters
 from ._module_hooks import GatherBeforeModuleHooks
 from ._reducer import GradientReducer, abandoned_backward_refusal
-from ._saved_tensors import SavedTensorWatches, runs_under_checkpointing
+from ._saved_tensors import SavedTensorWatches, may_recompute_in_backward
 from ._schedule import forward_and_backward_orders
 from ._unit import ShardState, Unit
 from ._walk import Walk
@@ -427,7 +427,7 @@ class UnitGatherer:
         if self.walk.training_forward:
             unit.record.ran = True
             # Note [run twice from the second step on]
-            if runs_under_checkpointing():
+            if may_recompute_in_backward():
                 unit.record.checkpointed_runs += 1
                 self.walk.backward_pass.checkpointed = True
         self.walk.reach(self.walk.forward, unit)
@@ -717,7 +717,7 @@ class UnitGatherer:
         if self.switches.summoned or self.switches.phase is Phase.BACKWARD:
             return
         if (self.switches.phase is Phase.FORWARD and not self.walk.backward_pass.checkpointed
-                and runs_under_checkpointing()):
+                and may_recompute_in_backward()):
             self.walk.backward_pass.checkpointed = True
         released = [unit for unit in units if unit.state is not ShardState.GATHERED]
         if not released:
