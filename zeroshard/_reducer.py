@@ -193,22 +193,21 @@ class GradientReducer:
         handles.append(model.register_forward_hook(WeakHook(self._arm_backward_end)))
         # Note [after the user's gradient hooks]: (bucket, index) -> (the parameter's
         # accumulator node, kept alive here, and the handle of the hook on it)
-        self._accumulators: dict[tuple[int, int], tuple[object, object]] = {}
-        self._bucket_of = {id(bucket): bucket for bucket in self.buckets}
+        self._accumulators: dict[tuple[FlatBucket, int], tuple[object, object]] = {}
         handles.append(_HooksOnAccumulators(self._accumulators))
         for bucket in self.buckets:
             bucket.agree_on_non_finite = WeakHook(self.agree_on_non_finite)
             for index in range(len(bucket.params)):
                 self._hook_accumulator(bucket, index)
         self._in_place_sums = InPlaceSums(  # Note [contributions summed in place]
-            node for (bucket_id, index), (node, _) in self._accumulators.items()
-            if is_row_major(self._bucket_of[bucket_id].orders[index]))
+            node for (bucket, index), (node, _) in self._accumulators.items()
+            if is_row_major(bucket.orders[index]))
 
     def _hook_accumulator(self, bucket: FlatBucket, index: int):
         """Hook the accumulator node of ``bucket``'s parameter ``index``; the node."""
         node = _gradient_accumulator(bucket.params[index])
         handle = node.register_hook(WeakHook(self._on_gradient, bucket, index))
-        self._accumulators[(id(bucket), index)] = (node, handle)
+        self._accumulators[(bucket, index)] = (node, handle)
         return node
 
     def hook_new_accumulators(self) -> None:
@@ -228,8 +227,7 @@ class GradientReducer:
             and those gradients must reach the reducer too (with the hook removed,
             stage 3 took them for none and stepped no unit: a reviewer's probe). Only
             the reference to it goes, so it goes with the last graph using it."""
-        for (bucket_id, index), (node, _) in list(self._accumulators.items()):
-            bucket = self._bucket_of[bucket_id]
+        for (bucket, index), (node, _) in list(self._accumulators.items()):
             current = _gradient_accumulator(bucket.params[index])
             if current is not node:
                 self._in_place_sums.replace(node, self._hook_accumulator(bucket, index))

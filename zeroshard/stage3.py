@@ -665,12 +665,9 @@ class UnitGatherer:
         somewhere = self.walk.backward_pass.got_gradient_somewhere
         for position, reduced in self.walk.backward_pass.held.items():
             bucket = self.reducer.buckets[position]
-            if id(self._unit_of[id(bucket.params[0])]) not in somewhere:
-                continue
-            if bucket.grad_shard is None:
-                bucket.set_grad_shard(self.dtypes.as_gradient_shard(bucket, reduced))
-            else:  # its gradient came late, after the reduction held (Note [late gradients])
-                bucket.grad_shard.add_(reduced)
+            if id(self._unit_of[id(bucket.params[0])]) in somewhere:
+                # added to a shard a late gradient installed (Note [late gradients])
+                self.reducer.store.install(bucket, reduced)
 
     def finish_walk(self) -> None:
         """The end of backward, before its reductions are flushed: the gathers of the
