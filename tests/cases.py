@@ -97,18 +97,28 @@ def ddp_needs_static_graph(case) -> bool:
         runs_a_module_twice(model) or case.get("two_forwards"))
 
 
+def skipping_step(case, step: int) -> bool:
+    """Whether ``step`` is one where block 0 may be skipped: the odd steps, or with
+    "skip_first" the first two (a block that has had no gradient yet, across a
+    ``zero_grad``)."""
+    return step < 2 if case.get("skip_first") else step % 2 == 1
+
+
 def skips_block(case, step: int, rank: int) -> bool | str:
-    """Whether ``rank`` skips the transformer's block 0 in ``step`` (odd steps only), or
-    runs it and drops its output ("discard")."""
+    """Whether ``rank`` skips the transformer's block 0 in ``step``, or runs it and drops
+    its output ("discard")."""
     where = case.get("skip_block")
-    if step % 2 == 1 and where == "discarded_everywhere":
+    if not skipping_step(case, step):
+        return False
+    if where == "discarded_everywhere":
         return "discard"
-    return step % 2 == 1 and (where == "everywhere" or (where == "odd_ranks" and rank % 2 == 1))
+    return where == "everywhere" or (where == "odd_ranks" and rank % 2 == 1)
 
 
 def gets_no_gradient_anywhere(case, step: int) -> bool:
     """Whether no rank gives block 0 a gradient in ``step`` (Note [ran on no rank])."""
-    return case.get("skip_block") in ("everywhere", "discarded_everywhere") and step % 2 == 1
+    return (case.get("skip_block") in ("everywhere", "discarded_everywhere")
+            and skipping_step(case, step))
 
 
 def holding(model, flat):
@@ -273,7 +283,10 @@ def train_side_by_side(ctx, case) -> SideBySideRun:
         out.single_wd.append(flat_hyperparameter(single_model, sopt, "weight_decay"))
         for o in (zopt, dopt, sopt):
             o.step()
-            o.zero_grad()
+            # set_to_none=False zeroes only the gradients that exist: a block skipped
+            # from the first step keeps None and is not stepped (Note [zeros only where
+            # a gradient was])
+            o.zero_grad(set_to_none=not case.get("zeros_kept"))
         for s in scheds:
             s.step()
         out.comm.append(step_comm(zopt.comm_stats, "shard"))

@@ -210,6 +210,33 @@ def due_when_walked_past(units: list, backward_order: list, inside: dict[int, li
             for unit in units for b in unit.buckets}
 
 
+def due_in_schedule(buckets: list, entered_before_ready: list[int], recorded: list,
+                    schedule: list, units: list, inside: dict[int, list]) -> dict[int, int]:
+    """Note [due past units no rank entered]:
+        A bucket's last gradient came in the first backward once ``count`` units had
+        been entered, so it is due when the walk reaches the unit entered next
+        (``recorded[count]``), or at the end. The schedule walked from then on also
+        holds the units no rank entered (Note [units no rank entered]), so positions in
+        it are not counts of entries: taken as positions, a bucket came due one step
+        early for each such unit before it. A layer LayerDrop (or a skipped block)
+        dropped in the first step on every rank shifted every bucket after it, which
+        then launched before its gradients were in and was reduced again at the end of
+        backward, in every step from then on (58% more reduce-scatter bytes in the
+        suite's two-block transformer; the numbers stayed right). A unit no rank
+        entered is due once the walk has passed it and the units inside it."""
+    position = {id(u): i for i, u in enumerate(schedule)}
+    entered = {id(u) for u in recorded}
+    walked_past = due_when_walked_past(units, schedule, inside)
+    never_entered = {id(b) for u in units if id(u) not in entered for b in u.buckets}
+    due = {}
+    for bucket, count in zip(buckets, entered_before_ready):
+        point = position[id(recorded[count])] if count < len(recorded) else len(schedule)
+        if id(bucket) in never_entered:
+            point = max(point, walked_past[id(bucket)])
+        due[id(bucket)] = point
+    return due
+
+
 def launch_positions(buckets: list, due: dict[int, int], last_unit_first) -> list[int]:
     """Note [launch order]: the positions of ``buckets`` sorted by when each is due and,
     among equals, by their units in ``last_unit_first``'s order."""
@@ -252,13 +279,15 @@ class ReductionPoints:
         """Per bucket of the launch list, the count noted (``default`` where none was)."""
         return [self._entered_before_ready.get(id(b), default) for b in self._reducer.buckets]
 
-    def adopt(self, agreed: bool, entered_before_ready: list[int], backward_order: list,
-              last_unit_first) -> None:
-        """The end of the first backward: due where the ranks' counts say (if they
-        ``agreed`` on one order, with resharding), else when the walk has passed."""
+    def adopt(self, agreed: bool, entered_before_ready: list[int], recorded: list,
+              backward_order: list, last_unit_first) -> None:
+        """The end of the first backward: due where the ranks' counts of the ``recorded``
+        entries say (if they ``agreed`` on one order, with resharding), in the schedule
+        ``backward_order`` walks from now on; else when the walk has passed."""
         self._entered_before_ready.clear()
         if agreed and self._reshard_after_forward:
-            self._due = dict(zip(map(id, self._reducer.buckets), entered_before_ready))
+            self._due = due_in_schedule(self._reducer.buckets, entered_before_ready, recorded,
+                                        backward_order, self._units, self._inside)
         else:
             self._due = due_when_walked_past(self._units, backward_order, self._inside)
         self._sort(last_unit_first)

@@ -169,9 +169,11 @@ class Walk:
             [u in self.forward.repeated for u in self.units],
             self._points.recorded(default=len(self.backward.entered)),
             device=self.device, group=self.group, stats=self.stats, label=self.label)
+        recorded = self.backward.entered
         self.forward.stop_recording(adopt=orders.agreed)
         self.backward.stop_recording(adopt=orders.agreed)
-        self._points.adopt(orders.agreed, orders.entered_before_ready, self.backward.units,
+        self._points.adopt(orders.agreed, orders.entered_before_ready, recorded,
+                           self.backward.units,
                            reversed(self.forward.units) if orders.agreed else reversed(self.units))
         for unit, repeated in zip(self.units, orders.repeated):
             unit.held_for_pass = repeated

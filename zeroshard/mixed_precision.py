@@ -86,8 +86,20 @@ class GradientDtypes:
             return bucket.flat.dtype
         return self.reduce
 
-    def zero_gradient_shard(self, bucket) -> torch.Tensor:
-        """A gradient shard of zeros, as a reduction of zeros would leave it."""
+    def cleared_gradient_shard(self, bucket, set_to_none: bool) -> torch.Tensor | None:
+        """What ``zero_grad(set_to_none)`` leaves as the bucket's gradient shard: None, or
+        zeros (as a reduction of zeros would leave them) where a shard was.
+
+        Note [zeros only where a gradient was]:
+            torch's ``zero_grad(set_to_none=False)`` zeroes the gradients that exist and
+            leaves a None one None, so the next step still skips a parameter that never
+            got a gradient. Making every shard zeros stepped those too (weight decay,
+            Adam's moments): a stage-3 unit no rank had used yet, 1.0e-3 from DDP after
+            AdamW's steps. A shard exists on every rank alike after a synced backward
+            (stage 3 agrees on which units got a gradient), so the ranks still step the
+            same buckets."""
+        if set_to_none or bucket.grad_shard is None:
+            return None
         return self.as_gradient_shard(bucket, bucket.master.new_zeros(
             bucket.master.numel(), dtype=self.reduce_dtype(bucket)))
 

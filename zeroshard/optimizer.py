@@ -116,7 +116,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
     gradient at stages 1 and 2 (its bucket is reduced all the same), so weight decay
     and momentum still move it, where plain PyTorch would skip it; stage 3 skips a
     unit that got a gradient on no rank, as torch does (Note [ran on no rank]), unless
-    ``zero_grad(set_to_none=False)`` left it a zero shard, as it leaves every shard.
+    it had one before and ``zero_grad(set_to_none=False)`` left it a zero shard, as
+    torch steps a zeroed gradient.
 
     ``close()`` (or leaving ``with ZeroOptimizer(...) as opt:``) hands the model back
     as an ordinary module holding its full current parameters, in the dtypes it had
@@ -479,9 +480,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the reduced gradient shards and the parameters' local gradients.
 
-        As torch's, ``p.grad`` becomes None, or with ``set_to_none=False`` zero; stage 1
-        keeps that zero in its gradient buffers, stages 2 and 3, which keep no full
-        gradients, always set it to None.
+        As torch's, ``p.grad`` becomes None, or with ``set_to_none=False`` zero where
+        it was not None; stage 1 keeps that zero in its gradient buffers, stages 2 and
+        3, which keep no full gradients, always set it to None. The gradient shards
+        that exist become zeros; a bucket with none yet keeps none, and the step skips
+        it (Note [zeros only where a gradient was] in mixed_precision.py).
         """
         self._live.zero_grad(set_to_none)
 

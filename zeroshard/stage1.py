@@ -142,8 +142,10 @@ class FullGradients:
 
     def zero_grad(self, set_to_none: bool) -> None:
         """Clear the gradient shards and ``p.grad``: to None, as torch's ``zero_grad()``
-        does, or (``set_to_none=False``) to zeros, ``p.grad`` a view of its buffer (a
-        step before the next backward then steps on zero gradients, as torch's does).
+        does, or (``set_to_none=False``) to zeros where they exist, ``p.grad`` a view of
+        its buffer (a step before the next backward then steps on zero gradients, as
+        torch's does, and skips a bucket that had none: Note [zeros only where a
+        gradient was] in mixed_precision.py).
 
         None leaves the buffers as they are: the next backward overwrites each
         parameter's part (``collect`` copies a gradient that is not its view,
@@ -151,11 +153,12 @@ class FullGradients:
         buffer and makes the first accumulation a copy instead of an addition."""
         self._scale_before_accumulating = None
         for bucket in self.buckets:
-            bucket.set_grad_shard(None if set_to_none else self.dtypes.zero_gradient_shard(bucket))
+            bucket.set_grad_shard(self.dtypes.cleared_gradient_shard(bucket, set_to_none))
             if not set_to_none:
                 self.flat_grads[id(bucket)].zero_()
             for index, param in enumerate(bucket.params):
-                param.grad = None if set_to_none else self._grad_view(bucket, index)
+                kept = not set_to_none and param.grad is not None
+                param.grad = self._grad_view(bucket, index) if kept else None
         self._record_versions()  # nothing to claim
 
     def drop(self) -> None:

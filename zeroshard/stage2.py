@@ -257,15 +257,16 @@ class ShardedGradients:
 
     def zero_grad(self, set_to_none: bool) -> None:
         """``p.grad`` becomes None either way (stages 2 and 3 keep no full gradient to
-        zero); with ``set_to_none=False`` the gradient shards become zeros, so that a
-        step before the next backward steps on zero gradients, as torch's does (and the
-        next backward adds to them)."""
+        zero); with ``set_to_none=False`` the gradient shards that exist become zeros,
+        so that a step before the next backward steps on zero gradients, as torch's does
+        (and the next backward adds to them): Note [zeros only where a gradient was] in
+        mixed_precision.py."""
         self.markers.drop()
         self.reduce_buffers.clear()
         self.waiting.clear()
         assert not self.buffers_in_flight
         for bucket in self.buckets:
-            bucket.set_grad_shard(None if set_to_none else self.dtypes.zero_gradient_shard(bucket))
+            bucket.set_grad_shard(self.dtypes.cleared_gradient_shard(bucket, set_to_none))
             for param in bucket.params:
                 param.grad = None
 
