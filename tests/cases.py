@@ -287,6 +287,9 @@ def train_side_by_side(ctx, case) -> SideBySideRun:
             # from the first step keeps None and is not stepped (Note [zeros only where
             # a gradient was])
             o.zero_grad(set_to_none=not case.get("zeros_kept"))
+        if case.get("zeros_kept") == "then_model":  # and then None after all (a loop
+            for model in (zero_model, ddp_model, single_model):  # clearing twice)
+                model.zero_grad()
         for s in scheds:
             s.step()
         out.comm.append(step_comm(zopt.comm_stats, "shard"))

@@ -106,7 +106,8 @@ def training_cases(draw, stages=(1, 2, 3), world_sizes=(1, 2, 3, 4), meshes=None
         # one parameter per bucket ... everything in one bucket
         "bucket_mb": draw(st.sampled_from([1e-6, 5e-4, 25])),
         "scheduler": draw(st.booleans()),
-        "zeros_kept": draw(st.booleans()),  # zero_grad(set_to_none=False) after each step
+        # opt.zero_grad(set_to_none=False) after each step, then model.zero_grad() or not
+        "zeros_kept": draw(st.sampled_from([False, True, "then_model"])),
         "accum": draw(st.integers(1, 3)),
         "no_sync": not nested_reuse and draw(st.booleans()),  # DDP's static graph breaks no_sync
         "clip": draw(st.sampled_from([None, 0.05, 10.0])),  # 0.05 is always active

@@ -50,16 +50,20 @@ def _block_run_with_its_output_dropped_everywhere(reshard_after_forward):
                        opt_kwargs={"lr": 1e-2, "weight_decay": 0.1}, steps=3)
 
 
-def _block_skipped_from_the_first_step_zeros_kept(stage, skip_block):
-    """Block 0 gets no gradient anywhere in the even steps, from the first, and gradients
-    are cleared with ``zero_grad(set_to_none=False)``: torch keeps the None gradient
-    None and skips the block until it has one, but every shard became zeros, and AdamW's
+def _block_skipped_from_the_first_step_zeros_kept(stage, skip_block, zeros_kept=True):
+    """Block 0 gets no gradient anywhere in the first two steps (in the odd steps with
+    "then_model"), and gradients are cleared with ``zero_grad(set_to_none=False)``:
+    torch keeps the None gradient None and skips the block until it has one, but every
+    shard became zeros, and AdamW's
     weight decay moved the block (a helper's probe: 1.0e-3 from DDP; Note [zeros only
-    where a gradient was])."""
+    where a gradient was]). With "then_model", ``model.zero_grad()`` follows: torch's
+    gradients are None then, but it reached no shard (no marker was left), and the
+    block was stepped after the step it was used in (a helper's probe: 7e-3)."""
     model = {**_TINY_TRANSFORMER, "layers": 2, "tied": True}
     return _found_case(model, units="blocks", stage=stage, skip_block=skip_block,
-                       skip_first=True, zeros_kept=True, world_size=2, optimizer="AdamW",
-                       opt_kwargs={"lr": 1e-2, "weight_decay": 0.1}, steps=3)
+                       skip_first=zeros_kept is True, zeros_kept=zeros_kept, world_size=2,
+                       optimizer="AdamW", opt_kwargs={"lr": 1e-2, "weight_decay": 0.1},
+                       steps=4)
 
 
 def _block_no_rank_ran_in_the_first_step(units, share_mlp):
@@ -189,6 +193,7 @@ def _blocks_sharing_a_module(units):
 @example(case=_block_no_rank_ran_in_the_first_step("nested", True))
 @example(case=_block_skipped_from_the_first_step_zeros_kept(3, "discarded_everywhere"))
 @example(case=_block_skipped_from_the_first_step_zeros_kept(2, "odd_ranks"))
+@example(case=_block_skipped_from_the_first_step_zeros_kept(3, "everywhere", "then_model"))
 @example(case=_block_run_with_its_output_dropped_everywhere(False))
 @given(training_cases())
 def test_zeroshard_equals_ddp_and_single_process(pool, case):

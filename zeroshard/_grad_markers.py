@@ -27,8 +27,13 @@ Note [gradient markers]:
       are markers too), and a new tensor put in ``p.grad`` when the shards are next
       used.
 
-    Reading a marker gives NaN: the reduced gradient is not in ``p.grad``, and a
-    gradient-norm log line shows that rather than a plausible wrong number. An in-place
+    After ``opt.zero_grad(set_to_none=False)`` the shards that exist are zeros, and
+    their parameters get markers too, reading zero as torch's zeroed gradients do, so
+    that a ``model.zero_grad()`` after it still reaches the shards.
+
+    Reading a marker placed after a backward gives NaN: the reduced gradient is not in
+    ``p.grad``, and a gradient-norm log line shows that rather than a plausible wrong
+    number. An in-place
     operation reading a marker into another tensor (``buffer.add_(p.grad)``) is refused,
     saying so: that tensor would take the NaN (it was refused as a change of the marker).
     Another optimizer stepping the parameter is refused before it reads anything (Note
@@ -97,13 +102,14 @@ def refusal(marker: GradientMarker, what: str) -> str:
 
 
 class _BucketMarkers:
-    """The markers of one bucket's parameters: views of one NaN element each of
-    ``values``, whose version counter says whether any was zeroed."""
+    """The markers of one bucket's parameters: views of one element each of ``values``
+    (NaN, or zero where the shard is known to be zeros), whose version counter says
+    whether any was zeroed."""
 
-    def __init__(self, bucket: FlatBucket, label: str) -> None:
+    def __init__(self, bucket: FlatBucket, label: str, value: float) -> None:
         self.bucket = bucket
         first = bucket.params[0]
-        self.values = torch.full((len(bucket.params),), float("nan"), dtype=first.dtype,
+        self.values = torch.full((len(bucket.params),), value, dtype=first.dtype,
                                  device=first.device)
         self.markers: dict[int, GradientMarker] = {}  # parameter index -> its marker
         for index, param in enumerate(bucket.params):
@@ -157,10 +163,13 @@ class GradientMarkers:
     def is_marker(self, tensor: torch.Tensor) -> bool:
         return isinstance(tensor, GradientMarker)
 
-    def place(self, buckets: list[FlatBucket]) -> None:
-        """After a synced backward: mark every parameter whose bucket holds a reduced gradient."""
+    def place(self, buckets: list[FlatBucket], zeros: bool = False) -> None:
+        """After a synced backward: mark every parameter whose bucket holds a reduced
+        gradient. ``zeros``: the shards were just zeroed (``zero_grad(set_to_none=False)``),
+        and the markers read zero, as torch's zeroed gradients do."""
         self.drop()
-        self._placed = [_BucketMarkers(b, self.stage_label) for b in buckets
+        value = 0.0 if zeros else float("nan")
+        self._placed = [_BucketMarkers(b, self.stage_label, value) for b in buckets
                         if b.grad_shard is not None]
 
     def take_back(self, keep: bool = False) -> None:
