@@ -819,3 +819,26 @@ def units_selecting_no_module(ctx) -> list[str]:
         zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=3, lr=0.1, process_group=ctx.group,
                                 units=nn.TransformerDecoderLayer).close()
     return [str(w.message) for w in caught if str(w.message).startswith("zeroshard")]
+
+
+def blocks_placed_by_guess(ctx, skip_in_first_step: bool) -> list[str]:
+    """Stage 3 over blocks called last to first, block 0 skipped on every rank in the
+    first step (or not), then run in two more steps: the warnings zeroshard gave on this
+    rank (Note [units no rank entered])."""
+    import warnings
+
+    from models import TinyTransformer
+    model = TinyTransformer(vocab=11, d=8, heads=2, layers=2, seq=3, tied=True, frozen=False)
+    model.reverse = True
+    idx = torch.randint(0, 11, (2, 3), generator=torch.Generator().manual_seed(ctx.rank))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=3, lr=0.1,
+                                      process_group=ctx.group, units=model.blocks[0].__class__)
+        for step in range(3):
+            model.skip_block = skip_in_first_step and step == 0
+            model(idx).sum().backward()
+            opt.step()
+            opt.zero_grad()
+        opt.close()
+    return [str(w.message) for w in caught if "in the first step" in str(w.message)]

@@ -106,12 +106,15 @@ class Schedule:
         if self.entered is not None:
             self.entered, self.repeated = [], []
 
-    def stop_recording(self, adopt: bool) -> None:
+    def stop_recording(self, adopt: bool) -> list[Unit]:
         """With ``adopt``, walk from now on in the recorded order, the units never entered
-        put beside their neighbours in the module tree (Note [units no rank entered])."""
+        put beside their neighbours in the module tree (Note [units no rank entered]).
+        Returns the units placed in a direction guessed, not read from the record."""
+        guessed: list[Unit] = []
         if adopt:
-            self._reorder(_with_the_rest_in_place(self.entered, self.units))
+            self._reorder(_with_the_rest_in_place(self.entered, self.units, guessed))
         self.entered = None
+        return guessed
 
 
 # Note [units no rank entered]:
@@ -128,12 +131,18 @@ class Schedule:
 #     last to first: a helper's probes). The direction is read from the two entered units
 #     around it, or, at either end, from the two nearest on one side; the schedule's
 #     first unit (the root, entered first in every pass) is never one of them. The ranks
-#     agreed on the record and share the tree, so they agree on the result. A unit whose
+#     agreed on the record and share the tree, so they agree on the result. With fewer
+#     than two entered units around it to read the direction from (every block but one
+#     dropped in the first step), it goes after, as the tree runs, and the stage warns,
+#     naming it: a model calling its blocks last to first then walks to it out of order,
+#     and ranks that later skip different blocks hang (a helper's probe, LayerDrop over
+#     reversed blocks, one entered in the first step: gloo aborted). A unit whose
 #     neighbours disagree with where it really runs (an evaluation-only head registered
 #     early and called last; units inside checkpointed blocks, whose backward recomputes
 #     them in forward order) is still walked to out of order (README: run every unit in
 #     the first step).
-def _with_the_rest_in_place(entered: list[Unit], tree_order: list[Unit]) -> list[Unit]:
+def _with_the_rest_in_place(entered: list[Unit], tree_order: list[Unit],
+                            guessed: list[Unit]) -> list[Unit]:
     position = {id(u): i for i, u in enumerate(entered)}
     neighbours = [u for u in tree_order[1:] if id(u) in position]  # the root aside
     index = {id(u): i for i, u in enumerate(neighbours)}
@@ -151,12 +160,13 @@ def _with_the_rest_in_place(entered: list[Unit], tree_order: list[Unit]) -> list
         following = neighbours[k] if k < len(neighbours) else None
         if previous is not None and following is not None:
             backwards = runs_backwards(previous, following)
-        elif previous is not None:
-            backwards = k >= 2 and runs_backwards(neighbours[k - 2], previous)
-        elif following is not None:
-            backwards = k + 1 < len(neighbours) and runs_backwards(following, neighbours[k + 1])
-        else:
+        elif previous is not None and k >= 2:
+            backwards = runs_backwards(neighbours[k - 2], previous)
+        elif following is not None and k + 1 < len(neighbours):
+            backwards = runs_backwards(following, neighbours[k + 1])
+        else:  # nothing to read the direction from
             backwards = False
+            guessed.append(unit)
         if not backwards:  # after the one before it (the root, or the start, if none)
             anchor = previous if previous is not None else tree_order[0]
             after.setdefault(id(anchor) if id(anchor) in position else None, []).append(unit)

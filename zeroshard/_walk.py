@@ -170,8 +170,10 @@ class Walk:
             self._points.recorded(default=len(self.backward.entered)),
             device=self.device, group=self.group, stats=self.stats, label=self.label)
         recorded = self.backward.entered
-        self.forward.stop_recording(adopt=orders.agreed)
+        guessed = self.forward.stop_recording(adopt=orders.agreed)
         self.backward.stop_recording(adopt=orders.agreed)
+        if guessed:  # on every rank alike: they agreed on the record
+            _warn_placed_by_guess(guessed)
         self._points.adopt(orders.agreed, orders.entered_before_ready, recorded,
                            self.backward.units,
                            reversed(self.forward.units) if orders.agreed else reversed(self.units))
@@ -325,6 +327,19 @@ class Walk:
                 if index not in bucket.ready:
                     self.store.fill_missing(bucket, index)
                     self.reducer.mark_ready(bucket, index)
+
+
+def _warn_placed_by_guess(units: list[Unit]) -> None:
+    """Note [units no rank entered] in _schedule.py: too few units ran in the first step
+    to tell where these run."""
+    names = ", ".join(u.name for u in units[:4]) + (", ..." if len(units) > 4 else "")
+    warnings.warn(
+        f"zeroshard stage 3: no rank ran unit(s) {names} in the first step, and too few units "
+        "ran around them to tell where they run, so the schedule places them as the module "
+        "tree runs. If the model calls them in another order (blocks last to first), they "
+        "are gathered out of order later, and ranks that then run different ones hang. Run "
+        "every unit in the first step (LayerDrop off for it, a batch that reaches every "
+        "expert) (Note [units no rank entered] in zeroshard/_schedule.py)", stacklevel=2)
 
 
 def _warn_run_again_after_release(unit: Unit) -> None:
