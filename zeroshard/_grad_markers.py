@@ -33,9 +33,9 @@ Note [gradient markers]:
 
     Reading a marker placed after a backward gives NaN: the reduced gradient is not in
     ``p.grad``, and a gradient-norm log line shows that rather than a plausible wrong
-    number. An in-place
-    operation reading a marker into another tensor (``buffer.add_(p.grad)``) is refused,
-    saying so: that tensor would take the NaN (it was refused as a change of the marker).
+    number. An in-place operation reading a marker into another tensor
+    (``buffer.add_(p.grad)``) is refused, saying so: that tensor would take the NaN (it
+    was refused as a change of the marker).
     Another optimizer stepping the parameter is refused before it reads anything (Note
     [another optimizer over managed parameters] in _other_optimizers.py). A step or
     clipping leaves untouched markers in place; when a backward begins they are taken

@@ -485,9 +485,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         3, which keep no full gradients, leave None, or with ``set_to_none=False`` a
         marker reading zero where the zeroed shard is (Note [gradient markers]:
         ``model.zero_grad()`` after it still clears the shard). The gradient shards
-        that exist become zeros;
-        a bucket with none yet keeps none, and the step skips it (Note [zeros only
-        where a gradient was] in mixed_precision.py).
+        that exist become zeros; a bucket with none yet keeps none, and the step skips
+        it (Note [zeros only where a gradient was] in mixed_precision.py).
         """
         self._live.zero_grad(set_to_none)
 
