@@ -630,8 +630,8 @@ def skipped_after_an_abandoned_backward(ctx, stage: int, how: str):
 
 def drive_loop(ctx, stage: int, plan: dict):
     """One drawn way of driving the loop (``plan``: bf16 autocast or not, and per step a
-    batch skipped because its backward raised or not, how
-    gradients are cleared, micro-batches, the last one's backward run twice through a
+    batch skipped because its backward raised or not, how gradients are cleared (after
+    the step, and some set to None between backward and step), micro-batches, the last one's backward run twice through a
     retained graph with ``zero_grad()`` between, an evaluation forward, clipping, and what
     happens between steps: an
     EMA update (``AveragedModel``), evaluation on rank 0 inside ``summon_full_params()``,
@@ -671,6 +671,11 @@ def drive_loop(ctx, stage: int, plan: dict):
             if how["eval"]:
                 with torch.no_grad():
                     net(make_batch(spec, seed=1000 + step, rank=ctx.rank, batch=2)[0])
+            if how.get("none_before_step"):  # the later weights' gradients, not the biases'
+                params = list(net.parameters())  # (at stage 3 a unit's bucket holds both:
+                for param in params[len(params) // 2:]:  # Note [a gradient cleared before
+                    if param.ndim > 1:  # the step])
+                        param.grad = None
             if how["clip"]:
                 if net is model:
                     opt.clip_grad_norm_(0.05)
@@ -999,44 +1004,76 @@ def two_forwards_one_backward_with_a_saved_buffer(ctx, stage: int):
     return largest_difference(opt, model, reference)
 
 
-def grad_cleared_between_backward_and_step(ctx, stage: int, how: str):
+def grad_cleared_between_backward_and_step(ctx, stage: int, how: str, optimizer: str):
     """Between backward and step, the first layer's gradients are set to None (``how`` =
     "none") or zeroed in place ("zero_"), with a branch only some ranks use (so the
-    ranks' local gradients differ). Every rank must decide alike: equal to DDP (plain
-    SGD: a parameter without gradient and one with a zero gradient do not move), or the
-    same refusal on every rank. Returns (refusal or None, probe, largest difference)."""
+    ranks' local gradients differ). Every rank must decide alike: equal to DDP, or the
+    same refusal on every rank. Plain SGD: a parameter without gradient and one with a
+    zero gradient do not move. AdamW with weight decay, over 3 steps, clearing the
+    weight alone, in one bucket with every parameter, or Muon stepping the matrices
+    whole: torch skips a None gradient and steps a zero one (Note [a gradient cleared
+    before the step]: the weight was stepped, with a zero gradient). Returns (refusal
+    or None, probe, largest difference)."""
     spec = {**MLP, "unused_branch": True}
     model = build_model(spec, seed=ctx.rank)
     reference = DDP(build_model(spec, seed=0), process_group=ctx.group,
                     find_unused_parameters=True)
-    opt, ref_opt = _zero(model, stage, ctx.group, lr=0.1), torch.optim.SGD(reference.parameters(), lr=0.1)
+    def muon_groups(net):  # the matrices stepped whole by Muon, each on one rank
+        matrices = [p for p in net.parameters() if p.ndim == 2]
+        return [{"params": matrices, "optimizer_class": torch.optim.Muon, "lr": 0.02},
+                {"params": [p for p in net.parameters() if p.ndim != 2]}]
+    kwargs = {"lr": 1e-2, "weight_decay": 0.1}
+    if optimizer == "SGD":
+        opt, ref_opts = _zero(model, stage, ctx.group, lr=0.1), [torch.optim.SGD(reference.parameters(), lr=0.1)]
+    elif optimizer == "AdamW":
+        opt = zeroshard.ZeroOptimizer(model, torch.optim.AdamW, stage=stage, process_group=ctx.group,
+                                      bucket_size_mb=25, **kwargs)
+        ref_opts = [torch.optim.AdamW(reference.parameters(), **kwargs)]
+    else:
+        opt = zeroshard.ZeroOptimizer(model, torch.optim.AdamW, stage=stage, process_group=ctx.group,
+                                      param_groups=muon_groups(model), **kwargs)
+        matrices, rest = (group["params"] for group in muon_groups(reference))
+        ref_opts = [torch.optim.Muon(matrices, lr=0.02), torch.optim.AdamW(rest, **kwargs)]
     refusal = None
-    for net, optimizer in ((model, opt), (reference, ref_opt)):
-        loss_fn(spec, net, make_batch(spec, seed=0, rank=ctx.rank, batch=4)).backward()
-        first = (net.module if net is reference else net).body[0]
-        for param in first.parameters():
-            if how == "none":
-                param.grad = None
-            else:
-                param.grad.zero_()
-        try:
-            optimizer.step()
-        except RuntimeError as error:
-            refusal = str(error)
+    for step in range(1 if optimizer == "SGD" else 3):
+        for net, optimizers in ((model, [opt]), (reference, ref_opts)):
+            loss_fn(spec, net, make_batch(spec, seed=step, rank=ctx.rank, batch=4)).backward()
+            first = (net.module if net is reference else net).body[0]
+            for param in first.parameters() if optimizer == "SGD" else [first.weight]:
+                if how == "none":
+                    param.grad = None
+                else:
+                    param.grad.zero_()
+            try:
+                for opt_ in optimizers:
+                    opt_.step()
+            except RuntimeError as error:
+                refusal = str(error)
+            for opt_ in optimizers:
+                opt_.zero_grad()
+        if refusal is not None:
+            break
     probe = _ranks_in_step(ctx)
     return refusal, probe, largest_difference(opt, model, reference)
 
 
 def partial_gradient_writes(ctx, stage: int):
-    """Zeroing some rows of a gradient after backward (``p.grad[rows].zero_()``, or
-    through ``p.grad.data``), as a fine-tuning loop that trains only new embedding rows
+    """Zeroing some rows of a gradient after backward (``p.grad[rows].zero_()``, through
+    ``p.grad.data``, or ``p.grad[rows] = 0``), or ``p.grad += 1``, as a fine-tuning loop that trains only new embedding rows
     might: zeroshard cannot apply it to the reduced gradient, so it must refuse on every
     rank (stages 2-3 at the write, stage 1 at the step) rather than clear the whole
     parameter or nothing. Returns the refusals and a probe that ranks are in step."""
     model = build_model(MLP, seed=ctx.rank)
     opt = _zero(model, stage, ctx.group, lr=0.1)
     refusals = []
-    for write in (lambda g: g[:1].zero_(), lambda g: g.data[:1].zero_()):
+    def assign_rows(grad):  # p.grad[rows] = 0: torch's raw error from the marker before
+        grad[:1] = 0
+
+    def add_in_place(grad):
+        grad += 1
+
+    for write in (lambda g: g[:1].zero_(), lambda g: g.data[:1].zero_(), assign_rows,
+                  add_in_place):
         loss_fn(MLP, model, make_batch(MLP, seed=0, rank=ctx.rank, batch=4)).backward()
 
         def write_then_step(write=write):

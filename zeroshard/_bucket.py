@@ -96,6 +96,9 @@ class FlatBucket:
         # the reducer's, for GradScaler's check (Note [non-finite gradients] in _reducer.py)
         self.agree_on_non_finite = None
         self.ready: set[int] = set()  # params whose gradient arrived in this backward
+        # params whose .grad was set to None since gradients were last reduced (Note [a
+        # gradient cleared before the step] in _cleared.py)
+        self.cleared: set[int] = set()
         self.param_names = [f"params[{i}]" for i in range(len(self.params))]  # for messages
         self.placeholders: torch.Tensor | None = None  # stage 3 (Note [stage-3 placeholders])
         # kept in fp32 under a mixed-precision policy (Note [full-precision modules])
@@ -214,15 +217,19 @@ class FlatBucket:
     def all_ready(self) -> bool:
         return len(self.ready) == len(self.params)
 
-    def clear_gradients_of(self, indices: list[int], every_one_none: bool) -> None:
-        """The ``.grad`` of parameters ``indices`` was cleared after backward: zero their
-        parts of the reduced gradient shard (where this rank holds any), or, if every
-        parameter's ``.grad`` was set to None, drop the shard, as ``opt.zero_grad()``
-        does, so that the step skips them as torch skips a None gradient."""
-        if every_one_none:
+    def clear_gradients_of(self, none: list[int], zeroed: list[int] = ()) -> None:
+        """After backward, the ``.grad`` of parameters ``none`` was set to None and that
+        of ``zeroed`` zeroed: zero their parts of the reduced gradient shard (where this
+        rank holds any), and the step keeps ``none`` still (Note [a gradient cleared
+        before the step] in _cleared.py), or, if every parameter's ``.grad`` was set to
+        None, drop the shard, as ``opt.zero_grad()`` does, so that the step skips them
+        as torch skips a None gradient."""
+        if len(none) == len(self.params):
             self.set_grad_shard(None)
+            self.cleared.clear()
             return
-        for index in indices:
+        self.cleared.update(none)
+        for index in [*none, *zeroed]:
             overlap = self.layout.overlap(index, self.rank)
             if overlap is not None and self.grad_shard is not None:
                 self.grad_shard[overlap.shard_span].zero_()

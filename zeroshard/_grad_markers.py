@@ -53,6 +53,15 @@ from ._bucket import FlatBucket
 # In-place operations a marker (not a view of one) allows: clearing
 # (``model.zero_grad(set_to_none=False)``).
 _ALLOWED_IN_PLACE = {"zero_", "_foreach_zero_", "requires_grad_", "detach_"}
+# Python's in-place operators, named as dunders (``p.grad[rows] = 0``, ``p.grad += g``);
+# the other in-place operations end in one underscore
+_IN_PLACE_DUNDERS = {f"__{op}__" for op in (
+    "setitem", "iadd", "isub", "imul", "imatmul", "itruediv", "ifloordiv", "imod", "ipow",
+    "iand", "ior", "ixor", "ilshift", "irshift")}
+
+
+def _is_in_place(name: str) -> bool:
+    return (name.endswith("_") and not name.endswith("__")) or name in _IN_PLACE_DUNDERS
 
 
 class GradientMarker(torch.Tensor):
@@ -69,7 +78,7 @@ class GradientMarker(torch.Tensor):
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", "")
         markers = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, cls)]
-        in_place = name.endswith("_") and not name.endswith("__")
+        in_place = _is_in_place(name)
         if in_place and (name not in _ALLOWED_IN_PLACE or any(m.is_view for m in markers)):
             written = [t for t in tree_flatten(args[:1])[0] if isinstance(t, cls)]
             if not written:  # read into another tensor: it would take the NaN
@@ -121,8 +130,8 @@ class _BucketMarkers:
             self.markers[index] = marker
         self.version = self.values._version
 
-    def cleared(self) -> tuple[list[int], bool]:
-        """(indices whose gradient was cleared, whether every marker was set to None);
+    def cleared(self) -> tuple[list[int], list[int]]:
+        """(indices whose gradient was set to None, indices whose marker was zeroed);
         raises for a marker replaced by another tensor."""
         params = self.bucket.params
         for index, marker in self.markers.items():
@@ -134,7 +143,7 @@ class _BucketMarkers:
         if self.values._version != self.version:  # some marker was zeroed: read which
             values = self.values.tolist()
             zeroed = [i for i in self.markers if i not in none and values[i] == 0]
-        return none + zeroed, len(none) == len(params)
+        return none, zeroed
 
     def keep_untouched(self, cleared: list[int]) -> None:
         """After a step or clipping: markers set to None stay out; the others stay in
@@ -178,10 +187,10 @@ class GradientMarkers:
         (a step or clipping: the shards keep their gradient until it is cleared). Every
         check comes before any change: a refused usage changes nothing."""
         cleared = [(placed, *placed.cleared()) for placed in self._placed]
-        for placed, indices, every_one_none in cleared:
-            placed.bucket.clear_gradients_of(indices, every_one_none)
+        for placed, none, zeroed in cleared:
+            placed.bucket.clear_gradients_of(none, zeroed)
             if keep:
-                placed.keep_untouched(indices)
+                placed.keep_untouched(none + zeroed)
         if keep:
             self._placed = [placed for placed in self._placed if placed.markers]
         else:

@@ -412,6 +412,8 @@ class GradientReducer:
                 self.wait_in_flight()
             if self.gatherer is not None:
                 self.gatherer.install_held()
+            for bucket in self.buckets:  # Note [a gradient cleared before the step]:
+                bucket.cleared.clear()  # reduced again, whatever the loop cleared before
             if self._check_non_finite:
                 self._spread_non_finite()
                 self._check_non_finite = False

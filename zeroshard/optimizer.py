@@ -13,6 +13,7 @@ from torch import nn
 
 from . import _clip, _comm, _full_state, _materialize, _validate
 from ._bucket import Ownership, grad_shards
+from ._cleared import HeldStill
 from ._buffers import BufferFollower
 from ._ddp_guard import DDPGuard
 from ._hooks import EagerOnlyHook, WeakHook
@@ -467,9 +468,13 @@ class ZeroOptimizer(torch.optim.Optimizer):
         for outer, inner in zip(self.param_groups, self._inner.param_groups):
             inner.update(hyperparameters(outer))
         self._view.take_outside_writes()
-        # 3. Step this rank's shards (the gradients as plain tensors: Note [a norm of a shard]).
+        # 3. Step this rank's shards (the gradients as plain tensors: Note [a norm of a
+        #    shard]), keeping still the parameters whose gradient the loop set to None
+        #    since backward (Note [a gradient cleared before the step] in _cleared.py).
+        held = HeldStill(self._plan.buckets, self._inner.state)
         with torch._C.DisableTorchFunctionSubclass():
             self._inner.step()
+        held.restore()
         # 4. Parameters follow: the masters' cast into the shards, then the stage's
         #    gathers (stages 1-2: every bucket; stage 3: none until the next forward).
         for bucket in self._plan.buckets:

@@ -90,7 +90,7 @@ class FullGradients:
         # .grad stays None: the next backward overwrites its part of the buffer (collect,
         # fill_missing)
         for bucket, none in cleared:
-            bucket.clear_gradients_of(none, every_one_none=len(none) == len(bucket.params))
+            bucket.clear_gradients_of(none)
         self._record_versions()
 
     def is_gradient_marker(self, tensor: torch.Tensor) -> bool:
@@ -154,7 +154,9 @@ class FullGradients:
         self._scale_before_accumulating = None
         for bucket in self.buckets:
             bucket.set_grad_shard(self.dtypes.cleared_gradient_shard(bucket, set_to_none))
-            if not set_to_none:
+            if set_to_none:  # Note [a gradient cleared before the step]: none to keep
+                bucket.cleared.clear()
+            else:
                 self.flat_grads[id(bucket)].zero_()
             for index, param in enumerate(bucket.params):
                 kept = not set_to_none and param.grad is not None

@@ -1,0 +1,84 @@
+"""Parameters whose gradient was set to None between backward and the step.
+
+Note [a gradient cleared before the step]:
+    torch's optimizers skip a parameter whose ``.grad`` is None: its value and its state
+    stay as they are. Between backward and ``opt.step()`` a loop may set some parameters'
+    gradients to None (``p.grad = None``: an embedding frozen through warm-up, a
+    sub-module left out of this step; ``model.zero_grad()`` over a sub-module). The
+    stages see that when the gradients are next used (Note [gradient markers]; stage 1's
+    ``claim_gradients``), and zero those parameters' parts of the gradient shards, so
+    clipping's norm leaves them out, as torch's does. But the inner optimizer steps a
+    bucket's shard whole: with a zero gradient, weight decay and momentum still moved
+    them (a helper's probe, half the parameters cleared every step: 5e-4 from DDP after
+    5 steps at every stage, and 4.9e-3 where they were cleared after
+    ``zero_grad(set_to_none=False)``). So the step keeps them still: the elements of
+    this rank's shards that hold them, in the tensors the inner optimizer steps and in
+    every state tensor shaped like those (Adam's moments, SGD's momentum), are copied
+    before the inner step and put back after it. A parameter owned whole by this rank
+    (Note [whole-parameter ownership] in _layout.py) is a tensor of its own to the inner
+    optimizer: its gradient is set to None there, and torch skips it. A bucket whose
+    every parameter was cleared has no gradient shard at all, and is skipped as before.
+    What cannot be kept is a count the bucket's shard shares: Adam's step, one per
+    shard, still counts this step, so once such a parameter gets gradients again its
+    bias correction is that of the bucket's steps, not of its own (torch's counts
+    restart from its first step); and in a state the step creates (the shard's first
+    step) their parts are zeros, as torch creates each state for a parameter's first
+    step (Adagrad's ``initial_accumulator_value`` aside). Which parameters were cleared
+    is decided by the loop, alike on every rank, and forgotten once a backward has
+    reduced gradients again or ``opt.zero_grad()`` has dropped the shards. Stage 3's
+    units and stages 1-2's buckets alike: a unit's bucket whose every parameter is
+    cleared is dropped, one partly cleared is kept still in part.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+
+from ._bucket import FlatBucket
+
+
+class HeldStill:
+    """The parts of this rank's stepped tensors and their states that hold cleared
+    parameters (Note [a gradient cleared before the step]), copied before the step."""
+
+    def __init__(self, buckets: Iterable[FlatBucket], state: Mapping) -> None:
+        self._state = state
+        self._saved: list[tuple[torch.Tensor, slice, torch.Tensor]] = []
+        self._unstepped: list[tuple[FlatBucket, list[slice]]] = []  # no state yet
+        for bucket in buckets:
+            if not bucket.cleared or bucket.grad_shard is None:
+                continue
+            if bucket.owns_whole_parameters:
+                for index, stepped in zip(bucket.layout.owned(bucket.rank), bucket.stepped):
+                    if index in bucket.cleared:
+                        stepped.grad = None  # a tensor of its own: torch skips it
+                continue
+            spans = [overlap.shard_span for overlap in
+                     (bucket.layout.overlap(i, bucket.rank) for i in sorted(bucket.cleared))
+                     if overlap is not None]
+            own_state = state.find(bucket.master, {})
+            if not own_state:
+                self._unstepped.append((bucket, spans))
+            for tensor in [bucket.master] + _shaped_like(bucket.master, own_state):
+                self._saved += [(tensor, span, tensor[span].clone()) for span in spans]
+
+    def restore(self) -> None:
+        """After the inner step: put back what it changed of the cleared parameters. In
+        a state the step created (the shard's first step), their parts are zeros, as
+        torch's element-wise optimizers create each state for a parameter's first step
+        (SGD's momentum from the gradient, which would have been theirs then)."""
+        with torch.no_grad():
+            for tensor, span, saved in self._saved:
+                tensor[span].copy_(saved)
+            for bucket, spans in self._unstepped:
+                for tensor in _shaped_like(bucket.master, self._state.find(bucket.master, {})):
+                    for span in spans:
+                        tensor[span].zero_()
+
+
+def _shaped_like(master: torch.Tensor, state: dict) -> list[torch.Tensor]:
+    """The state tensors kept element by element beside ``master`` (moments, momentum)."""
+    return [value for value in state.values()
+            if isinstance(value, torch.Tensor) and value.shape == master.shape]
