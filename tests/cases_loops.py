@@ -1868,3 +1868,24 @@ def backward_of_a_graph_from_before_the_step(ctx, stage: int, how: str) -> list[
             opt.zero_grad()
             opt.close()
     return errors
+
+
+def gradients_read_into_buffers_after_zero_grad_keeping_zeros(ctx, stage: int):
+    """An EMA of gradients (``ema.add_(p.grad)``) after ``opt.zero_grad(set_to_none=False)``
+    reads torch's zeros (stages 2-3: markers reading zero, Note [gradient markers]); after
+    a backward the same read is refused (the reduced gradient is not in ``p.grad``).
+    Returns (the largest value read after zero_grad, the refusal after backward)."""
+    model = build_model(MLP, seed=ctx.rank)
+    opt = _zero(model, stage, ctx.group, lr=0.1)
+    emas = [torch.zeros_like(p) for p in model.parameters()]
+    loss_fn(MLP, model, make_batch(MLP, seed=0, rank=ctx.rank, batch=4)).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=False)
+    for ema, param in zip(emas, model.parameters()):
+        ema.add_(param.grad)
+    read = max(ema.abs().max().item() for ema in emas)
+    loss_fn(MLP, model, make_batch(MLP, seed=1, rank=ctx.rank, batch=4)).backward()
+    refusal = _refusal(lambda: [e.add_(p.grad) for e, p in zip(emas, model.parameters())])
+    opt.zero_grad()
+    opt.close()
+    return read, refusal

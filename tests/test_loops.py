@@ -170,6 +170,17 @@ def test_zero_grad_clears_as_torch_does_and_a_branch_left_out_adds_nothing(pool,
         assert differences == [0.0] * 4, differences
 
 
+@pytest.mark.parametrize("stage", [2, 3])
+def test_gradients_zeroed_by_the_optimizer_read_as_zeros_into_other_tensors(pool, stage):
+    """helper-64's probe: an EMA of gradients after opt.zero_grad(set_to_none=False) was
+    refused as a read "after backward", where DDP reads zeros (the markers then hold the
+    gradient's true value); after a backward the read is still refused."""
+    for read, refusal in pool.run(cases_loops.gradients_read_into_buffers_after_zero_grad_keeping_zeros,
+                                  2, stage):
+        assert read == 0.0, read
+        assert refusal is not None and "read into another tensor" in refusal, refusal
+
+
 @pytest.mark.parametrize("wide", [False, True])
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_clipping_a_model_with_float64_parameters_equals_ddp(pool, stage, wide):

@@ -29,7 +29,10 @@ Note [gradient markers]:
 
     After ``opt.zero_grad(set_to_none=False)`` the shards that exist are zeros, and
     their parameters get markers too, reading zero as torch's zeroed gradients do, so
-    that a ``model.zero_grad()`` after it still reaches the shards.
+    that a ``model.zero_grad()`` after it still reaches the shards; reading one into
+    another tensor (an EMA of gradients: ``ema.add_(p.grad)``) reads that zero, and is
+    not refused as below (helper-64's probe: refused as "read after backward" where
+    DDP read zeros).
 
     Reading a marker placed after a backward gives NaN: the reduced gradient is not in
     ``p.grad``, and a gradient-norm log line shows that rather than a plausible wrong
@@ -73,6 +76,7 @@ class GradientMarker(torch.Tensor):
     parameter_name = ""  # set per marker
     stage_label = ""
     is_view = False
+    holds_zero = False  # placed by opt.zero_grad(set_to_none=False): the gradient is zero
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
@@ -81,11 +85,12 @@ class GradientMarker(torch.Tensor):
         in_place = _is_in_place(name)
         if in_place and (name not in _ALLOWED_IN_PLACE or any(m.is_view for m in markers)):
             written = [t for t in tree_flatten(args[:1])[0] if isinstance(t, cls)]
-            if not written:  # read into another tensor: it would take the NaN
-                raise RuntimeError(refusal(markers[0], f"was read into another tensor in place "
-                                                       f"({name}; a gradient added into a "
-                                                       "buffer by hand)"))
-            raise RuntimeError(refusal(written[0], f"was changed in place ({name})"))
+            if written:
+                raise RuntimeError(refusal(written[0], f"was changed in place ({name})"))
+            if not all(m.holds_zero for m in markers):  # read into another tensor: it
+                raise RuntimeError(refusal(markers[0], f"was read into another tensor in "
+                                                       f"place ({name}; a gradient added into "
+                                                       "a buffer by hand)"))  # takes the NaN
         with torch._C.DisableTorchFunctionSubclass():  # results are ordinary tensors...
             result = func(*args, **(kwargs or {}))
             if not isinstance(result, torch.Tensor) or isinstance(result, cls) or in_place:
@@ -95,13 +100,14 @@ class GradientMarker(torch.Tensor):
                 return result
         view = result.as_subclass(cls)  # ...except views of a marker
         view.parameter_name, view.stage_label = markers[0].parameter_name, markers[0].stage_label
-        view.is_view = True
+        view.is_view, view.holds_zero = True, markers[0].holds_zero
         return view
 
 
 def refusal(marker: GradientMarker, what: str) -> str:
+    since = "opt.zero_grad(set_to_none=False)" if marker.holds_zero else "backward"
     return (f"zeroshard {marker.stage_label}: {marker.parameter_name}.grad {what} after "
-            "backward, but the reduced gradient lives in the optimizer's shards, not in "
+            f"{since}, but the reduced gradient lives in the optimizer's shards, not in "
             ".grad (Note [gradient markers] in zeroshard/_grad_markers.py). Clear gradients "
             "with opt.zero_grad() or model.zero_grad() (whole gradients); clip with "
             "opt.clip_grad_norm_(max_norm) instead of "
@@ -118,6 +124,7 @@ class _BucketMarkers:
     def __init__(self, bucket: FlatBucket, label: str, value: float) -> None:
         self.bucket = bucket
         first = bucket.params[0]
+        self.value = value
         self.values = torch.full((len(bucket.params),), value, dtype=first.dtype,
                                  device=first.device)
         self.markers: dict[int, GradientMarker] = {}  # parameter index -> its marker
@@ -126,6 +133,7 @@ class _BucketMarkers:
                 continue
             marker = self.values[index].expand(param.shape).as_subclass(GradientMarker)
             marker.parameter_name, marker.stage_label = bucket.param_names[index], label
+            marker.holds_zero = value == 0
             param.grad = marker
             self.markers[index] = marker
         self.version = self.values._version
@@ -147,12 +155,13 @@ class _BucketMarkers:
 
     def keep_untouched(self, cleared: list[int]) -> None:
         """After a step or clipping: markers set to None stay out; the others stay in
-        place, zeroed ones NaN again (their part of the shard was cleared)."""
+        place, zeroed ones as they were placed again (their part of the shard was
+        cleared)."""
         for index in cleared:
             if self.bucket.params[index].grad is None:
                 del self.markers[index]
         if self.values._version != self.version:
-            self.values.fill_(float("nan"))
+            self.values.fill_(self.value)
         self.version = self.values._version
 
     def drop(self) -> None:

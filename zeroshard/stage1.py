@@ -79,12 +79,15 @@ class FullGradients:
                     raise RuntimeError(self._refusal(
                         f"{bucket.param_names[index]}.grad was given a new tensor"))
             if self._versions_reduced[id(bucket)] != self.flat_grads[id(bucket)]._version:
-                names = ", ".join(bucket.param_names[:3]) + (", ..." if len(bucket.params) > 3 else "")
+                shown = 6  # the buffer's one version counter does not say which parameter
+                names = ", ".join(bucket.param_names[:shown]) + (
+                    f" (and {len(bucket.params) - shown} more)" if len(bucket.params) > shown else "")
                 raise RuntimeError(self._refusal(
-                    f"the .grad of a parameter among {names} was changed in place (a "
-                    "model.zero_grad(set_to_none=False) followed by a step with no backward "
-                    "between is one such change: clear with opt.zero_grad(set_to_none=False) "
-                    "there, which zeroes the shards too)"))
+                    f"the .grad of a parameter among {names} was changed in place (to drop "
+                    "one parameter's gradient, set p.grad = None instead, which the step skips "
+                    "as torch's does; a model.zero_grad(set_to_none=False) followed by a step "
+                    "with no backward between is one such change: clear with "
+                    "opt.zero_grad(set_to_none=False) there, which zeroes the shards too)"))
             if none:
                 cleared.append((bucket, none))
         # .grad stays None: the next backward overwrites its part of the buffer (collect,
