@@ -1889,3 +1889,92 @@ def gradients_read_into_buffers_after_zero_grad_keeping_zeros(ctx, stage: int):
     opt.zero_grad()
     opt.close()
     return read, refusal
+
+
+def marker_reads_and_cleared_gradients(ctx, stage: int):
+    """Stages 2-3 (a reviewer's probes): ``torch.add(ema, p.grad, out=ema)`` after backward
+    wrote the marker's NaN into ``ema``, not refused as ``ema.add_(p.grad)`` is; and after
+    ``p.grad = None``, ``opt.zero_grad(set_to_none=False)`` put a marker in ``p.grad``,
+    where torch keeps None. Returns (the refusal of the ``out=`` read, whether ``ema``
+    stayed finite, whether the cleared ``p.grad`` is None after the zero_grad)."""
+    model = build_model(MLP, seed=ctx.rank)
+    opt = _zero(model, stage, ctx.group, lr=0.1)
+    first = model.body[0].weight
+    ema = torch.zeros_like(first)
+    loss_fn(MLP, model, make_batch(MLP, seed=0, rank=ctx.rank, batch=4)).backward()
+    refusal = _refusal(lambda: torch.add(ema, first.grad, out=ema))
+    finite = bool(torch.isfinite(ema).all())
+    first.grad = None
+    opt.step()
+    opt.zero_grad(set_to_none=False)
+    stays_none = first.grad is None
+    opt.zero_grad()
+    opt.close()
+    return refusal, finite, stays_none
+
+
+def layer_cleared_around_clipping(ctx, stage: int):
+    """The first layer (a bucket of its own: its own param group; stage 3, a unit) has
+    its weight's gradient set to None before ``clip_grad_norm_`` and its bias's after,
+    in the first two steps, then trains (AdamW, weight decay). Cleared in two calls, the
+    bucket kept its shard: held still, but Adam's step count advanced, 3.6e-3 from DDP
+    once it trained (a reviewer's probe). Returns the largest difference from DDP."""
+    model = build_model(MLP, seed=ctx.rank)
+    reference = DDP(build_model(MLP, seed=0), process_group=ctx.group)
+    kwargs = {"lr": 1e-2, "weight_decay": 0.1}
+
+    def groups(net):
+        first = list(net.body[0].parameters())
+        return [{"params": first}, {"params": [p for p in net.parameters()
+                                                if all(p is not q for q in first)]}]
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.AdamW, stage=stage, process_group=ctx.group,
+                                  param_groups=groups(model), **kwargs,
+                                  **({"units": torch.nn.Linear} if stage == 3 else {}))
+    ref_opt = torch.optim.AdamW(groups(reference.module), **kwargs)
+    for step in range(4):
+        for net, optimizer in ((model, opt), (reference, ref_opt)):
+            plain = net.module if net is reference else net
+            loss_fn(MLP, net, make_batch(MLP, seed=step, rank=ctx.rank, batch=4)).backward()
+            if step < 2:
+                plain.body[0].weight.grad = None
+            if net is model:
+                opt.clip_grad_norm_(1e9)
+            else:
+                torch.nn.utils.clip_grad_norm_(net.parameters(), 1e9)
+            if step < 2:
+                plain.body[0].bias.grad = None
+            optimizer.step()
+            optimizer.zero_grad()
+    difference = largest_difference(opt, model, reference)
+    opt.close()
+    return difference
+
+
+def cleared_then_unit_unused_everywhere(ctx):
+    """Stage 3 (a reviewer's probe): block 0's qkv weight gets its gradient set to None
+    before the step, gradients accumulate (no zero_grad), and in the next step no rank
+    runs block 0: torch keeps that None and skips the weight again, while the unit's
+    other parameters step on what they accumulated. The first version forgot the
+    clearing at that backward and stepped the weight with a zero gradient (1.7e-3 from
+    DDP). Returns the largest difference from DDP after each step."""
+    spec = TRANSFORMER
+    model = build_model(spec, seed=ctx.rank)
+    reference = DDP(build_model(spec, seed=0), process_group=ctx.group, find_unused_parameters=True)
+    kwargs = {"lr": 0.05, "momentum": 0.9, "weight_decay": 0.1}
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=3, process_group=ctx.group,
+                                  units=type(model.blocks[0]), **kwargs)
+    ref_opt = torch.optim.SGD(reference.parameters(), **kwargs)
+    diffs = []
+    for step in range(4):
+        for net, optimizer in ((model, opt), (reference, ref_opt)):
+            plain = net.module if net is reference else net
+            plain.skip_block = step % 2 == 1
+            loss_fn(spec, net, make_batch(spec, seed=step, rank=ctx.rank, batch=4)).backward()
+            if step % 2 == 0:
+                plain.blocks[0].qkv.weight.grad = None
+            optimizer.step()
+            if step % 2 == 1:
+                optimizer.zero_grad()
+        diffs.append(largest_difference(opt, model, reference))
+    opt.close()
+    return diffs

@@ -181,6 +181,25 @@ def test_gradients_zeroed_by_the_optimizer_read_as_zeros_into_other_tensors(pool
         assert refusal is not None and "read into another tensor" in refusal, refusal
 
 
+def test_a_cleared_gradient_stays_none_through_a_backward_that_skips_its_unit(pool):
+    for diffs in pool.run(cases_loops.cleared_then_unit_unused_everywhere, 2):
+        assert all(d < 1e-6 for d in diffs), diffs
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_a_layer_cleared_in_two_calls_is_skipped_as_one_cleared_at_once(pool, stage):
+    for difference in pool.run(cases_loops.layer_cleared_around_clipping, 2, stage):
+        assert difference < 1e-6, difference
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_marker_read_through_out_is_refused_and_a_cleared_gradient_stays_none(pool, stage):
+    for refusal, finite, stays_none in pool.run(cases_loops.marker_reads_and_cleared_gradients,
+                                                2, stage):
+        assert "read into another tensor" in refusal and finite, (refusal, finite)
+        assert stays_none
+
+
 @pytest.mark.parametrize("wide", [False, True])
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_clipping_a_model_with_float64_parameters_equals_ddp(pool, stage, wide):

@@ -224,11 +224,11 @@ class FlatBucket:
         before the step] in _cleared.py), or, if every parameter's ``.grad`` was set to
         None, drop the shard, as ``opt.zero_grad()`` does, so that the step skips them
         as torch skips a None gradient."""
-        if len(none) == len(self.params):
+        self.cleared.update(none)
+        if len(self.cleared) == len(self.params):  # in one call or several (clipping between)
             self.set_grad_shard(None)
             self.cleared.clear()
             return
-        self.cleared.update(none)
         for index in [*none, *zeroed]:
             overlap = self.layout.overlap(index, self.rank)
             if overlap is not None and self.grad_shard is not None:

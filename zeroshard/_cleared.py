@@ -25,7 +25,13 @@ Note [a gradient cleared before the step]:
     step) their parts are zeros, as torch creates each state for a parameter's first
     step (Adagrad's ``initial_accumulator_value`` aside). Which parameters were cleared
     is decided by the loop, alike on every rank, and forgotten once a backward has
-    reduced gradients again or ``opt.zero_grad()`` has dropped the shards. Stage 3's
+    reduced gradients for them again or ``opt.zero_grad()`` has dropped the shards. At
+    stage 3 a unit that got a gradient on no rank in a backward (Note [ran on no rank])
+    keeps them: they stay still in the step after it too, as torch's None stays None (a
+    reviewer's probe, a weight cleared and its block skipped in the next step: 1.7e-3
+    from DDP when the first version forgot them at every backward). At stages 1-2, and
+    for the root unit, the ranks do not compare who got a gradient, and a parameter
+    that got one on no rank is stepped with a zero one, as the README says. Stage 3's
     units and stages 1-2's buckets alike: a unit's bucket whose every parameter is
     cleared is dropped, one partly cleared is kept still in part.
 """

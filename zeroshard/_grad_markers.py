@@ -82,9 +82,11 @@ class GradientMarker(torch.Tensor):
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", "")
         markers = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, cls)]
-        in_place = _is_in_place(name)
+        out = (kwargs or {}).get("out")  # torch.add(ema, p.grad, out=ema): in place too
+        in_place = _is_in_place(name) or (out is not None and bool(markers))
         if in_place and (name not in _ALLOWED_IN_PLACE or any(m.is_view for m in markers)):
-            written = [t for t in tree_flatten(args[:1])[0] if isinstance(t, cls)]
+            written = [t for t in tree_flatten(args[:1] if out is None else out)[0]
+                       if isinstance(t, cls)]
             if written:
                 raise RuntimeError(refusal(written[0], f"was changed in place ({name})"))
             if not all(m.holds_zero for m in markers):  # read into another tensor: it
@@ -129,7 +131,9 @@ class _BucketMarkers:
                                  device=first.device)
         self.markers: dict[int, GradientMarker] = {}  # parameter index -> its marker
         for index, param in enumerate(bucket.params):
-            if param.grad is not None:  # a local gradient (no_sync) stays where it is
+            # a local gradient (no_sync) stays where it is; one the loop set to None stays
+            # None (Note [a gradient cleared before the step] in _cleared.py)
+            if param.grad is not None or index in bucket.cleared:
                 continue
             marker = self.values[index].expand(param.shape).as_subclass(GradientMarker)
             marker.parameter_name, marker.stage_label = bucket.param_names[index], label

@@ -412,8 +412,9 @@ class GradientReducer:
                 self.wait_in_flight()
             if self.gatherer is not None:
                 self.gatherer.install_held()
-            for bucket in self.buckets:  # Note [a gradient cleared before the step]:
-                bucket.cleared.clear()  # reduced again, whatever the loop cleared before
+            for bucket in self.buckets:  # Note [a gradient cleared before the step]
+                if self.gatherer is None or not self.gatherer.got_no_gradient_anywhere(bucket):
+                    bucket.cleared.clear()
             if self._check_non_finite:
                 self._spread_non_finite()
                 self._check_non_finite = False

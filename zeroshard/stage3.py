@@ -659,6 +659,14 @@ class UnitGatherer:
             id(u) for u, flag in zip(self._flagged, got_gradient) if flag}
         return [p for p, flag in enumerate(late_anywhere) if flag]
 
+    def got_no_gradient_anywhere(self, bucket) -> bool:
+        """After the agreement of this backward: whether ``bucket``'s unit got a gradient
+        on no rank (Note [ran on no rank]; never said of the root, whose gradient the
+        ranks do not compare)."""
+        unit = self._unit_of[id(bucket.params[0])]
+        return (any(unit is flagged for flagged in self._flagged)
+                and id(unit) not in self.walk.backward_pass.got_gradient_somewhere)
+
     def install_held(self) -> None:
         """Note [ran on no rank]: units that got a gradient on no rank get none at all,
         as torch leaves .grad None for a parameter no rank used; the others get theirs."""
