@@ -232,11 +232,10 @@ def due_in_schedule(buckets: list, entered_before_ready: list[int], recorded: li
         dropped in the first step on every rank shifted every bucket after it, which
         then launched before its gradients were in and was reduced again at the end of
         backward, in every step from then on (58% more reduce-scatter bytes in the
-        suite's two-block transformer; the numbers stayed right). A unit no rank
-        entered, or one holding such a unit, is due no earlier than once the walk has
-        passed it and the units inside it, and no earlier than its count says; a unit
-        no rank entered has its count noted where the first backward passed over it,
-        mostly at the walk's end. So in a step where such units run, their buckets hold
+        suite's two-block transformer; the numbers stayed right). The buckets of a unit
+        no rank entered are due no earlier than once the walk has passed it and the
+        units inside it, and no earlier than their count says, which was noted where the
+        first backward passed over the unit, mostly at the walk's end. So in a step where such units run, their buckets hold
         their reduce buffers to the end of backward: a reviewer's probe, 6 blocks, 3 of
         them dropped in the first step, had 4 reduce buffers alive where a run without
         drops has 1 (the old points held 3, and reduced 50% more). Earlier points (once

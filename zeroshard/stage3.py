@@ -345,6 +345,7 @@ class UnitGatherer:
         # Units some rank may skip (the root always runs) that have gradients to reduce:
         # one "ran" flag each is all-reduced after a synced backward (agree_on_late).
         self._flagged = [u for u in units[1:] if u.trainable_ids]
+        self._flagged_ids = {id(u) for u in self._flagged}
         self._steps, self._steps_differ = 0, False  # Note [steps on some ranks only]
         self._reading_structure = 0  # inside reading_structure(): state_dict() reads no values
         self.device = next((b.flat.device for u in units for b in u.buckets), torch.device("cpu"))
@@ -663,9 +664,8 @@ class UnitGatherer:
         """After the agreement of this backward: whether ``bucket``'s unit got a gradient
         on no rank (Note [ran on no rank]; never said of the root, whose gradient the
         ranks do not compare)."""
-        unit = self._unit_of[id(bucket.params[0])]
-        return (any(unit is flagged for flagged in self._flagged)
-                and id(unit) not in self.walk.backward_pass.got_gradient_somewhere)
+        unit = id(self._unit_of[id(bucket.params[0])])
+        return unit in self._flagged_ids and unit not in self.walk.backward_pass.got_gradient_somewhere
 
     def install_held(self) -> None:
         """Note [ran on no rank]: units that got a gradient on no rank get none at all,
