@@ -227,7 +227,6 @@ class FlatBucket:
         self.cleared.update(none)
         if len(self.cleared) == len(self.params):  # in one call or several (clipping between)
             self.set_grad_shard(None)
-            self.cleared.clear()
             return
         for index in [*none, *zeroed]:
             overlap = self.layout.overlap(index, self.rank)
@@ -247,6 +246,8 @@ class FlatBucket:
             else:
                 grad = grad.to(self.master.dtype)
         self.grad_shard = grad
+        if grad is None:  # nothing left to keep still (Note [a gradient cleared before
+            self.cleared.clear()  # the step] in _cleared.py)
         # what the param groups show: Note [a norm of a shard]
         self.master.grad = None if grad is None else as_gradient_shard(
             grad, self.param_names, self.agree_on_non_finite)

@@ -13,8 +13,8 @@ from torch import nn
 
 from . import _clip, _comm, _full_state, _materialize, _validate
 from ._bucket import Ownership, grad_shards
-from ._cleared import HeldStill
 from ._buffers import BufferFollower
+from ._cleared import HeldStill
 from ._ddp_guard import DDPGuard
 from ._hooks import EagerOnlyHook, WeakHook
 from ._inner import InnerOptimizers, class_of, hyperparameters, step_cost

@@ -157,9 +157,7 @@ class FullGradients:
         self._scale_before_accumulating = None
         for bucket in self.buckets:
             bucket.set_grad_shard(self.dtypes.cleared_gradient_shard(bucket, set_to_none))
-            if set_to_none:  # Note [a gradient cleared before the step]: none to keep
-                bucket.cleared.clear()
-            else:
+            if not set_to_none:
                 self.flat_grads[id(bucket)].zero_()
             for index, param in enumerate(bucket.params):
                 kept = not set_to_none and param.grad is not None

@@ -271,8 +271,6 @@ class ShardedGradients:
         assert not self.buffers_in_flight
         for bucket in self.buckets:
             bucket.set_grad_shard(self.dtypes.cleared_gradient_shard(bucket, set_to_none))
-            if set_to_none:  # Note [a gradient cleared before the step]: none to keep
-                bucket.cleared.clear()
             for param in bucket.params:
                 param.grad = None
         if not set_to_none:  # Note [gradient markers]: reading zero, as torch's would

@@ -343,7 +343,8 @@ class UnitGatherer:
         self.reshard_after_forward = reshard_after_forward
         self._unit_of = {id(p): u for u in units for b in u.buckets for p in b.params}
         # Units some rank may skip (the root always runs) that have gradients to reduce:
-        # one "ran" flag each is all-reduced after a synced backward (agree_on_late).
+        # one "got a gradient" flag each is all-reduced after a synced backward
+        # (agree_on_late).
         self._flagged = [u for u in units[1:] if u.trainable_ids]
         self._flagged_ids = {id(u) for u in self._flagged}
         self._steps, self._steps_differ = 0, False  # Note [steps on some ranks only]
