@@ -99,6 +99,71 @@ def optimizer_hooks_as_under_ddp(ctx, stage: int) -> dict:
     return outcome
 
 
+class _ClampingSGD(torch.optim.SGD):
+    """An optimizer class whose instances register a step pre-hook in ``__init__``: each
+    gradient element clamped to [-0.01, 0.01] before the step."""
+
+    def __init__(self, params, **kwargs) -> None:
+        super().__init__(params, **kwargs)
+        self.pre_hook_calls = 0
+        self.register_step_pre_hook(self._clamp)
+
+    @staticmethod
+    def _clamp(optimizer, args, kwargs) -> None:
+        optimizer.pre_hook_calls += 1
+        for group in optimizer.param_groups:
+            for tensor in group["params"]:
+                if tensor.grad is not None:
+                    tensor.grad.clamp_(-0.01, 0.01)
+
+
+class _ShrinkingAdamW(torch.optim.AdamW):
+    """An optimizer class whose instances register a step post-hook in ``__init__``:
+    every parameter scaled by 0.99 after the step."""
+
+    def __init__(self, params, **kwargs) -> None:
+        super().__init__(params, **kwargs)
+        self.post_hook_calls = 0
+        self.register_step_post_hook(self._shrink)
+
+    @staticmethod
+    def _shrink(optimizer, args, kwargs) -> None:
+        optimizer.post_hook_calls += 1
+        with torch.no_grad():
+            for group in optimizer.param_groups:
+                for tensor in group["params"]:
+                    tensor.mul_(0.99)
+
+
+def an_optimizer_class_own_hooks_like_ddp(ctx, stage: int, class_name: str) -> dict:
+    """An optimizer class that registers step hooks on its instances (``_ClampingSGD``,
+    ``_ShrinkingAdamW`` with foreach kernels over buckets small enough that its step
+    comes in parts, Note [a step in parts]) under ZeroOptimizer and under DDP, 3 steps:
+    the largest parameter difference per step, and how often the inner optimizer's hook
+    ran. The inner optimizers stepped without their own hooks, silently (a helper's
+    probe: 0.11 and 0.033 from DDP after one step)."""
+    optimizer_class = {"_ClampingSGD": _ClampingSGD, "_ShrinkingAdamW": _ShrinkingAdamW}[
+        class_name]
+    kwargs = ({"lr": 0.5, "momentum": 0.9} if optimizer_class is _ClampingSGD
+              else {"lr": 0.01, "weight_decay": 0.1, "foreach": True})
+    model, reference = _mlp(), _mlp()
+    opt = zeroshard.ZeroOptimizer(model, optimizer_class, stage=stage, process_group=ctx.group,
+                                  bucket_size_mb=40 * 4 / 2**20, **kwargs,
+                                  **({"units": nn.Linear} if stage == 3 else {}))
+    inner = opt._inner.optimizers[0]
+    ddp = DDP(reference, process_group=ctx.group)
+    ref_opt = optimizer_class(reference.parameters(), **kwargs)
+
+    def loss_of(net, step):
+        generator = torch.Generator().manual_seed(10 * step + ctx.rank)
+        return net(torch.randn(4, 6, generator=generator)).square().mean()
+
+    differences = differences_per_step(ctx, model, opt, ddp, ref_opt, loss_of, 3,
+                                       average=False)
+    calls = getattr(inner, "pre_hook_calls", None) or getattr(inner, "post_hook_calls", None)
+    return {"differences": differences, "calls": calls}
+
+
 class _SparseBag(nn.Module):
     """A sparse token embedding (``nn.Embedding(sparse=True)``), averaged, then a head."""
 

@@ -214,6 +214,16 @@ def test_torch_optimizer_hooks_fire_as_under_ddp(pool, stage):
     assert refusals[0] is not None and "another rank failed" in refusals[0], refusals
 
 
+@pytest.mark.parametrize("class_name", ["_ClampingSGD", "_ShrinkingAdamW"])
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_step_hooks_an_optimizer_class_registers_on_itself_run_once_a_step(
+        pool, stage, class_name):
+    for outcome in pool.run(cases_torch_api.an_optimizer_class_own_hooks_like_ddp, 2, stage,
+                            class_name):
+        assert max(outcome["differences"]) < 1e-6, outcome
+        assert outcome["calls"] == 3, outcome
+
+
 @pytest.mark.parametrize("stage", [1, 3])
 def test_the_global_step_hooks_stay_registered_while_the_inner_optimizers_step(pool, stage):
     for registered, fired in pool.run(cases_torch_api.global_hooks_while_stepping, 2, stage):

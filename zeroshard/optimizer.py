@@ -473,8 +473,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         #    since backward (Note [a gradient cleared before the step] in _cleared.py).
         held = HeldStill(self._plan.buckets, self._inner.state)
         with torch._C.DisableTorchFunctionSubclass():
-            self._inner.step()
-        held.restore()
+            self._inner.step(then=held.restore)
         # 4. Parameters follow: the masters' cast into the shards, then the stage's
         #    gathers (stages 1-2: every bucket; stage 3: none until the next forward).
         for bucket in self._plan.buckets:
