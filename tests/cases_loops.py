@@ -1057,6 +1057,48 @@ def grad_cleared_between_backward_and_step(ctx, stage: int, how: str, optimizer:
     return refusal, probe, largest_difference(opt, model, reference)
 
 
+def a_parameter_without_state_inside_a_shard(ctx, stage: int, how: str) -> list[float]:
+    """A parameter that has no optimizer state of its own while its bucket's shard has
+    one (Note [a fresh state inside a shard's]): its gradient set to None in the first
+    step only (``how`` = "cleared_first", a warm-up freeze), or a plain optimizer's state
+    dict without state for it loaded into a new ZeroOptimizer ("loaded": DDP trained 2
+    steps with it cleared, then resumed on zeroshard). Rprop, whose fresh ``step_size``
+    is the lr, against DDP; per step, the largest parameter difference. Zeros there held
+    the weight still (a helper's probe: 1e-2 .. 5.4e-2 from DDP)."""
+    cls, kwargs = torch.optim.Rprop, {"lr": 0.01}
+    model = build_model(MLP, seed=0)
+    reference = DDP(build_model(MLP, seed=0), process_group=ctx.group)
+    ref_opt = cls(reference.parameters(), **kwargs)
+
+    def train(net, optimizer_, steps, clear_in):
+        for step in steps:
+            loss_fn(MLP, net, make_batch(MLP, seed=step, rank=ctx.rank, batch=4)).backward()
+            if step in clear_in:
+                (net.module if net is reference else net).body[0].weight.grad = None
+            optimizer_.step()
+            optimizer_.zero_grad()
+
+    def new_opt():
+        return zeroshard.ZeroOptimizer(model, cls, stage=stage, process_group=ctx.group,
+                                       bucket_size_mb=25, **kwargs,
+                                       **({"units": torch.nn.Linear} if stage == 3 else {}))
+    if how == "loaded":
+        train(reference, ref_opt, range(2), clear_in=range(2))
+        opt = new_opt()
+        opt.load_full_state_dict(reference.module.state_dict(), ref_opt.state_dict())
+        steps = range(2, 5)
+    else:
+        opt = new_opt()
+        steps = range(4)
+    differences = []
+    for step in steps:
+        train(model, opt, [step], clear_in=[0])
+        train(reference, ref_opt, [step], clear_in=[0])
+        differences.append(largest_difference(opt, model, reference))
+    opt.close()
+    return differences
+
+
 def partial_gradient_writes(ctx, stage: int):
     """Zeroing some rows of a gradient after backward (``p.grad[rows].zero_()``, through
     ``p.grad.data``, or ``p.grad[rows] = 0``), or ``p.grad += 1``, as a fine-tuning loop that trains only new embedding rows

@@ -362,6 +362,14 @@ def test_gradients_cleared_between_backward_and_step_decide_alike_on_every_rank(
     assert len({refusal for refusal, _, _ in outcomes}) == 1
 
 
+@pytest.mark.parametrize("how", ["cleared_first", "loaded"])
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_a_parameter_without_state_inside_a_shard_starts_from_a_fresh_state(pool, stage, how):
+    for differences in pool.run(cases_loops.a_parameter_without_state_inside_a_shard, 2, stage,
+                                how):
+        assert max(differences) < 1e-6, differences
+
+
 @pytest.mark.parametrize("action", ["step", "clip"])
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_a_step_after_a_backward_inside_no_sync_is_refused_on_every_rank(pool, stage, action):

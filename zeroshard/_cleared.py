@@ -22,8 +22,8 @@ Note [a gradient cleared before the step]:
     shard, still counts this step, so once such a parameter gets gradients again its
     bias correction is that of the bucket's steps, not of its own (torch's counts
     restart from its first step); and in a state the step creates (the shard's first
-    step) their parts are zeros, as torch creates each state for a parameter's first
-    step (Adagrad's ``initial_accumulator_value`` aside). Which parameters were cleared
+    step) their parts take a fresh state's values (Note [a fresh state inside a
+    shard's] in _inner.py). Which parameters were cleared
     is decided by the loop, alike on every rank, and forgotten once a backward has
     reduced gradients for them again or ``opt.zero_grad()`` has dropped the shards. At
     stage 3 a unit that got a gradient on no rank in a backward (Note [ran on no rank])
@@ -38,19 +38,21 @@ Note [a gradient cleared before the step]:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 
 import torch
 
 from ._bucket import FlatBucket
+from ._inner import InnerOptimizers, fresh_values
 
 
 class HeldStill:
     """The parts of this rank's stepped tensors and their states that hold cleared
     parameters (Note [a gradient cleared before the step]), copied before the step."""
 
-    def __init__(self, buckets: Iterable[FlatBucket], state: Mapping) -> None:
-        self._state = state
+    def __init__(self, buckets: Iterable[FlatBucket], inner: InnerOptimizers) -> None:
+        self._inner = inner
+        state = inner.state
         self._saved: list[tuple[torch.Tensor, slice, torch.Tensor]] = []
         self._unstepped: list[tuple[FlatBucket, list[slice]]] = []  # no state yet
         for bucket in buckets:
@@ -72,16 +74,19 @@ class HeldStill:
 
     def restore(self) -> None:
         """After the inner step: put back what it changed of the cleared parameters. In
-        a state the step created (the shard's first step), their parts are zeros, as
-        torch's element-wise optimizers create each state for a parameter's first step
-        (SGD's momentum from the gradient, which would have been theirs then)."""
+        a state the step created (the shard's first step), their parts take a fresh
+        state's values (Note [a fresh state inside a shard's] in _inner.py)."""
         with torch.no_grad():
             for tensor, span, saved in self._saved:
                 tensor[span].copy_(saved)
             for bucket, spans in self._unstepped:
-                for tensor in _shaped_like(bucket.master, self._state.find(bucket.master, {})):
-                    for span in spans:
-                        tensor[span].zero_()
+                state = self._inner.state.find(bucket.master, {})
+                fresh = fresh_values(self._inner.classes[bucket.group_index],
+                                     self._inner.param_groups[bucket.group_index])
+                for key, tensor in state.items():
+                    if isinstance(tensor, torch.Tensor) and tensor.shape == bucket.master.shape:
+                        for span in spans:
+                            tensor[span].fill_(fresh.get(key, 0.0))
 
 
 def _shaped_like(master: torch.Tensor, state: dict) -> list[torch.Tensor]:

@@ -67,6 +67,37 @@ def hyperparameters(group: dict) -> dict:
     return {k: v for k, v in group.items() if k not in ("params", GROUP_CLASS_KEY)}
 
 
+def fresh_values(optimizer_class: type, group: dict) -> dict[str, float]:
+    """Note [a fresh state inside a shard's]:
+        A bucket's shard has one state, so a parameter inside it that has none of its
+        own (its gradient was set to None in the shard's first step, or a state dict to
+        load holds none for it) must be given values there. torch gives such a
+        parameter a fresh state at its first step, which is not zeros for every class:
+        Rprop's ``step_size`` starts at the lr, Adagrad's ``sum`` at
+        ``initial_accumulator_value``. Zeros there kept a Rprop weight still for good
+        (its step size clamped to ``step_size_min``: a helper's probe, 5.4e-2 from DDP
+        after 5 steps) and scaled Adagrad's first steps. So its elements take what a
+        fresh state holds after a step of ``optimizer_class`` with ``group``'s
+        hyper-parameters on a zero parameter with a zero gradient: the class's own
+        starting values, which such a step leaves as they were (0 for the moments,
+        Adamax's ``exp_inf`` aside, which it leaves at ``eps``: its next step takes the
+        max with ``|g| + eps``, the same). Returned per state kept element by element; a
+        state whose stand-in elements differ, or a class whose stand-in step fails,
+        gives zeros. Not followed: SGD's momentum buffer, which torch's first step makes
+        the gradient itself and a later step in a shared buffer dampens, and a count the
+        shard shares (Adam's ``step``)."""
+    standin = torch.zeros(2, requires_grad=True)
+    standin.grad = torch.zeros(2)
+    try:
+        probe = optimizer_class([standin], **hyperparameters(group))
+        _step_without_global_hooks(probe)
+    except Exception:  # noqa: BLE001 -- any failure: zeros, as before
+        return {}
+    return {key: float(value[0]) for key, value in probe.state[standin].items()
+            if isinstance(value, torch.Tensor) and value.shape == standin.shape
+            and bool((value == value[0]).all())}
+
+
 class InnerOptimizers:
     """One optimizer per class over ``tensors[i]`` for group ``i``; see the module doc."""
 

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from ._bucket import from_memory_order, is_row_major, to_memory_order
+from ._inner import fresh_values
 
 
 @dataclass
@@ -180,7 +181,7 @@ def check_one_scalar_per_bucket(opt, layout_of) -> None:
         for param in bucket.params:
             layout = layout_of(names[id(param)])
             if layout is None:
-                continue  # never had a gradient: zeros, under the bucket's scalars
+                continue  # never had a gradient: a fresh state, under the bucket's scalars
             if first is None:
                 first = names[id(param)], layout[0]
             elif not _same_scalars(first[1], layout[0]):
@@ -219,11 +220,13 @@ def load_from(opt, source: Source, with_states: bool = True) -> None:
             continue
         wide = torch.zeros_like(target)
         # the layout of the first parameter that has state: one without (no gradient
-        # yet) gets zeros, not the loss of its whole bucket's state
+        # yet) gets a fresh state's values, not the loss of its whole bucket's state
         layout = next((found for found in (source.optimizer_layout(names[id(p)])
                                            for p in bucket.params) if found is not None), None) \
             if bucket.master is not None and with_states else None
         states = {key: torch.zeros_like(target) for key in (layout[1] if layout else [])}
+        fresh = fresh_values(view.inner.classes[bucket.group_index],
+                             view.inner.param_groups[bucket.group_index]) if states else {}
         for index, param in enumerate(bucket.params):
             overlap = bucket.layout.overlap(index, bucket.rank)
             if overlap is None:
@@ -231,7 +234,10 @@ def load_from(opt, source: Source, with_states: bool = True) -> None:
             name = names[id(param)]
             span = overlap.shard_span
             wide[span] = source.values(name, overlap.param_start, overlap.param_stop)
-            if states:
+            if states and source.optimizer_layout(name) is None:
+                for key, value in states.items():  # Note [a fresh state inside a shard's]
+                    value[span] = fresh.get(key, 0.0)
+            elif states:
                 for key, value in source.states(name, overlap.param_start, overlap.param_stop).items():
                     states[key][span] = value
         target.copy_(wide)

@@ -471,7 +471,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         # 3. Step this rank's shards (the gradients as plain tensors: Note [a norm of a
         #    shard]), keeping still the parameters whose gradient the loop set to None
         #    since backward (Note [a gradient cleared before the step] in _cleared.py).
-        held = HeldStill(self._plan.buckets, self._inner.state)
+        held = HeldStill(self._plan.buckets, self._inner)
         with torch._C.DisableTorchFunctionSubclass():
             self._inner.step(then=held.restore)
         # 4. Parameters follow: the masters' cast into the shards, then the stage's
