@@ -28,6 +28,7 @@ with its scalars.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -174,13 +175,16 @@ def check_one_scalar_per_bucket(opt, layout_of) -> None:
     or none; the same answer on every rank (the layouts of the whole bucket)."""
     view = opt.sharding
     names = parameter_names(view.model)
+    counted_without_state = []  # Note [a fresh state inside a shard's], under a count
     for bucket in view.every_bucket:
         if bucket.master is None or bucket.owns_whole_parameters:
             continue
         first = None
+        stateless = []
         for param in bucket.params:
             layout = layout_of(names[id(param)])
             if layout is None:
+                stateless.append(names[id(param)])
                 continue  # never had a gradient: a fresh state, under the bucket's scalars
             if first is None:
                 first = names[id(param)], layout[0]
@@ -192,6 +196,20 @@ def check_one_scalar_per_bucket(opt, layout_of) -> None:
                     "rank ran in some step falls behind the others). Load it where they are in "
                     "different buckets: the stage and units= it was saved with, or a "
                     "bucket_size_mb small enough to part them")
+        if first is not None and first[1]:
+            counted_without_state += [(name, first) for name in stateless]
+    if counted_without_state:
+        shown = counted_without_state[:6]
+        warnings.warn(
+            f"zeroshard: the optimizer state to load holds no state for {len(counted_without_state)} "
+            f"parameter(s) ({', '.join(f'{name!r} beside {mate!r}' for name, (mate, _) in shown)}"
+            f"{', ...' if len(counted_without_state) > len(shown) else ''}), which this optimizer "
+            f"steps in one bucket with parameters that have one ({_scalars(shown[0][1][1])}): "
+            "they get a fresh state's values under the bucket's counts, so once they get "
+            "gradients an Adam bias correction is the bucket's, not their own first step's "
+            "(parameters that never get one: no matter). Load where they are in buckets of "
+            "their own (the stage and units= the state was saved with, or a smaller "
+            "bucket_size_mb) to follow torch exactly", stacklevel=3)
 
 
 def _same_scalars(a: dict, b: dict) -> bool:
