@@ -1071,6 +1071,7 @@ def a_parameter_without_state_inside_a_shard(ctx, stage: int, how: str) -> list[
     model = build_model(MLP, seed=0)
     reference = DDP(build_model(MLP, seed=0), process_group=ctx.group)
     ref_opt = cls(reference.parameters(), **kwargs)
+    schedulers = {id(ref_opt): torch.optim.lr_scheduler.StepLR(ref_opt, 1, gamma=0.9)}
 
     def train(net, optimizer_, steps, clear_in):
         for step in steps:
@@ -1078,7 +1079,8 @@ def a_parameter_without_state_inside_a_shard(ctx, stage: int, how: str) -> list[
             if step in clear_in:
                 (net.module if net is reference else net).body[0].weight.grad = None
             optimizer_.step()
-            optimizer_.zero_grad()
+            schedulers[id(optimizer_)].step()  # its groups' initial_lr: a setting no
+            optimizer_.zero_grad()              # constructor takes
 
     def new_opt():
         return zeroshard.ZeroOptimizer(model, cls, stage=stage, process_group=ctx.group,
@@ -1095,6 +1097,7 @@ def a_parameter_without_state_inside_a_shard(ctx, stage: int, how: str) -> list[
     else:
         opt = new_opt()
         said, steps = [], range(4)
+    schedulers[id(opt)] = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.9)
     differences = []
     for step in steps:
         train(model, opt, [step], clear_in=[0])

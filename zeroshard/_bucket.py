@@ -99,6 +99,9 @@ class FlatBucket:
         # params whose .grad was set to None since gradients were last reduced (Note [a
         # gradient cleared before the step] in _cleared.py)
         self.cleared: set[int] = set()
+        # params with no optimizer state of their own in a shard that has one, until they
+        # are stepped (Note [a fresh state inside a shard's] in _inner.py)
+        self.without_state: set[int] = set()
         self.param_names = [f"params[{i}]" for i in range(len(self.params))]  # for messages
         self.placeholders: torch.Tensor | None = None  # stage 3 (Note [stage-3 placeholders])
         # kept in fp32 under a mixed-precision policy (Note [full-precision modules])

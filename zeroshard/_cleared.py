@@ -22,8 +22,8 @@ Note [a gradient cleared before the step]:
     shard, still counts this step, so once such a parameter gets gradients again its
     bias correction is that of the bucket's steps, not of its own (torch's counts
     restart from its first step); and in a state the step creates (the shard's first
-    step) their parts take a fresh state's values (Note [a fresh state inside a
-    shard's] in _inner.py). Which parameters were cleared
+    step) they have none of their own until a step steps them (Note [a fresh state
+    inside a shard's] in _inner.py). Which parameters were cleared
     is decided by the loop, alike on every rank, and forgotten once a backward has
     reduced gradients for them again or ``opt.zero_grad()`` has dropped the shards. At
     stage 3 a unit that got a gradient on no rank in a backward (Note [ran on no rank])
@@ -54,9 +54,15 @@ class HeldStill:
         self._inner = inner
         state = inner.state
         self._saved: list[tuple[torch.Tensor, slice, torch.Tensor]] = []
-        self._unstepped: list[tuple[FlatBucket, list[slice]]] = []  # no state yet
+        self._unstepped: list[FlatBucket] = []  # no state yet
         for bucket in buckets:
-            if not bucket.cleared or bucket.grad_shard is None:
+            if bucket.grad_shard is None:
+                continue
+            stepped_first = bucket.without_state - bucket.cleared
+            if stepped_first:  # Note [a fresh state inside a shard's]: their own from now
+                give_fresh_state(bucket, stepped_first, inner)
+                bucket.without_state -= stepped_first
+            if not bucket.cleared:
                 continue
             if bucket.owns_whole_parameters:
                 for index, stepped in zip(bucket.layout.owned(bucket.rank), bucket.stepped):
@@ -68,25 +74,37 @@ class HeldStill:
                      if overlap is not None]
             own_state = state.find(bucket.master, {})
             if not own_state:
-                self._unstepped.append((bucket, spans))
+                self._unstepped.append(bucket)
             for tensor in [bucket.master] + _shaped_like(bucket.master, own_state):
                 self._saved += [(tensor, span, tensor[span].clone()) for span in spans]
 
     def restore(self) -> None:
         """After the inner step: put back what it changed of the cleared parameters. In
-        a state the step created (the shard's first step), their parts take a fresh
-        state's values (Note [a fresh state inside a shard's] in _inner.py)."""
+        a state the step created (the shard's first step) they have none of their own
+        until they are stepped (Note [a fresh state inside a shard's] in _inner.py)."""
         with torch.no_grad():
             for tensor, span, saved in self._saved:
                 tensor[span].copy_(saved)
-            for bucket, spans in self._unstepped:
-                state = self._inner.state.find(bucket.master, {})
-                fresh = fresh_values(self._inner.classes[bucket.group_index],
-                                     self._inner.param_groups[bucket.group_index])
-                for key, tensor in state.items():
-                    if isinstance(tensor, torch.Tensor) and tensor.shape == bucket.master.shape:
-                        for span in spans:
-                            tensor[span].fill_(fresh.get(key, 0.0))
+        for bucket in self._unstepped:
+            if self._inner.state.find(bucket.master):
+                bucket.without_state |= bucket.cleared
+                give_fresh_state(bucket, bucket.cleared, self._inner)
+
+
+@torch.no_grad()
+def give_fresh_state(bucket: FlatBucket, indices: Iterable[int], inner: InnerOptimizers) -> None:
+    """Note [a fresh state inside a shard's] in _inner.py: the parameters ``indices`` of
+    ``bucket`` take a fresh state's values, with their group's settings now, in every
+    state tensor of the shard kept element by element."""
+    state = inner.state.find(bucket.master, {})
+    fresh = fresh_values(inner.classes[bucket.group_index], inner.param_groups[bucket.group_index])
+    spans = [overlap.shard_span for overlap in
+             (bucket.layout.overlap(i, bucket.rank) for i in sorted(indices))
+             if overlap is not None]
+    for key, tensor in state.items():
+        if isinstance(tensor, torch.Tensor) and tensor.shape == bucket.master.shape:
+            for span in spans:
+                tensor[span].fill_(fresh.get(key, 0.0))
 
 
 def _shaped_like(master: torch.Tensor, state: dict) -> list[torch.Tensor]:

@@ -17,7 +17,7 @@ import torch
 
 from . import _comm
 from ._bucket import to_memory_order
-from ._inner import _step_without_global_hooks, hyperparameters
+from ._inner import _step_without_global_hooks, hyperparameters, standin_optimizer
 from ._sharded_state import (check_one_scalar_per_bucket, load_from, memory_orders,
                              parameter_names, split_state)
 
@@ -211,7 +211,7 @@ def _scalar_keys_of(optimizer_class: type, saved_group: dict) -> set[str] | None
     standin = torch.zeros(2, requires_grad=True)
     standin.grad = torch.ones(2)
     try:
-        probe = optimizer_class([standin], **hyperparameters(saved_group))
+        probe = standin_optimizer(optimizer_class, saved_group, standin)
         _step_without_global_hooks(probe)
     except Exception:  # noqa: BLE001 -- any failure: the states stay unknown (refused)
         return None

@@ -39,6 +39,7 @@ Note [a step in parts]:
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator, MutableMapping
 
 import torch
@@ -67,29 +68,47 @@ def hyperparameters(group: dict) -> dict:
     return {k: v for k, v in group.items() if k not in ("params", GROUP_CLASS_KEY)}
 
 
+def standin_optimizer(optimizer_class: type, group: dict,
+                      standin: torch.Tensor) -> torch.optim.Optimizer:
+    """``optimizer_class`` over ``standin`` alone with ``group``'s settings: as the
+    constructor's arguments where it takes them (Adagrad reads its
+    ``initial_accumulator_value`` there, not from the group), and in the group, which
+    keeps those it takes none for (a scheduler's ``initial_lr``: as an argument it was a
+    TypeError)."""
+    settings = hyperparameters(group)
+    try:
+        accepted = inspect.signature(optimizer_class.__init__).parameters
+    except (TypeError, ValueError):
+        accepted = {}
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+    arguments = {k: v for k, v in settings.items() if takes_any or k in accepted}
+    return optimizer_class([{**settings, "params": [standin]}], **arguments)
+
+
 def fresh_values(optimizer_class: type, group: dict) -> dict[str, float]:
     """Note [a fresh state inside a shard's]:
         A bucket's shard has one state, so a parameter inside it that has none of its
         own (its gradient was set to None in the shard's first step, or a state dict to
         load holds none for it) must be given values there. torch gives such a
         parameter a fresh state at its first step, which is not zeros for every class:
-        Rprop's ``step_size`` starts at the lr, Adagrad's ``sum`` at
-        ``initial_accumulator_value``. Zeros there kept a Rprop weight still for good
-        (its step size clamped to ``step_size_min``: a helper's probe, 5.4e-2 from DDP
-        after 5 steps) and scaled Adagrad's first steps. So its elements take what a
-        fresh state holds after a step of ``optimizer_class`` with ``group``'s
-        hyper-parameters on a zero parameter with a zero gradient: the class's own
-        starting values, which such a step leaves as they were (0 for the moments,
-        Adamax's ``exp_inf`` aside, which it leaves at ``eps``: its next step takes the
-        max with ``|g| + eps``, the same). Returned per state kept element by element; a
-        state whose stand-in elements differ, or a class whose stand-in step fails,
-        gives zeros. Not followed: SGD's momentum buffer, which torch's first step makes
-        the gradient itself and a later step in a shared buffer dampens, and a count the
-        shard shares (Adam's ``step``)."""
+        Rprop's ``step_size`` starts at the lr of that step. Zeros there kept a Rprop
+        weight still for good (its step size clamped to ``step_size_min``: a helper's
+        probe, 5.4e-2 from DDP after 5 steps). So the bucket keeps such parameters in
+        ``without_state``, and at the first step that steps them their elements take what
+        a fresh state holds after a step of the class with the group's settings then (a
+        schedule's lr) on a zero parameter with a zero gradient: the class's own
+        starting values, which such a step leaves as they were (0 for the moments;
+        Adamax's ``exp_inf`` it leaves at ``eps``, and its next step takes the max with
+        ``|g| + eps``: the same). Until then they hold those values with the settings
+        of when they joined, which a checkpoint saves as their state. A state whose
+        stand-in elements differ, or a class whose stand-in step fails, gives zeros.
+        Not followed: SGD's momentum buffer, which torch's first step makes the gradient
+        itself and a later step in a shared buffer dampens, and a count the shard
+        shares (Adam's ``step``; a load warns of it, ``check_one_scalar_per_bucket``)."""
     standin = torch.zeros(2, requires_grad=True)
     standin.grad = torch.zeros(2)
     try:
-        probe = optimizer_class([standin], **hyperparameters(group))
+        probe = standin_optimizer(optimizer_class, group, standin)
         _step_without_global_hooks(probe)
     except Exception:  # noqa: BLE001 -- any failure: zeros, as before
         return {}

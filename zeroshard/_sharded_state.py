@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from ._bucket import from_memory_order, is_row_major, to_memory_order
-from ._inner import fresh_values
+from ._cleared import give_fresh_state
 
 
 @dataclass
@@ -243,8 +243,7 @@ def load_from(opt, source: Source, with_states: bool = True) -> None:
                                            for p in bucket.params) if found is not None), None) \
             if bucket.master is not None and with_states else None
         states = {key: torch.zeros_like(target) for key in (layout[1] if layout else [])}
-        fresh = fresh_values(view.inner.classes[bucket.group_index],
-                             view.inner.param_groups[bucket.group_index]) if states else {}
+        without_state = set()  # Note [a fresh state inside a shard's]
         for index, param in enumerate(bucket.params):
             overlap = bucket.layout.overlap(index, bucket.rank)
             if overlap is None:
@@ -253,8 +252,7 @@ def load_from(opt, source: Source, with_states: bool = True) -> None:
             span = overlap.shard_span
             wide[span] = source.values(name, overlap.param_start, overlap.param_stop)
             if states and source.optimizer_layout(name) is None:
-                for key, value in states.items():  # Note [a fresh state inside a shard's]
-                    value[span] = fresh.get(key, 0.0)
+                without_state.add(index)
             elif states:
                 for key, value in source.states(name, overlap.param_start, overlap.param_stop).items():
                     states[key][span] = value
@@ -266,6 +264,8 @@ def load_from(opt, source: Source, with_states: bool = True) -> None:
                 group = view.inner.param_groups[bucket.group_index]
                 scalars = {k: _placed_scalar(k, v, bucket.master, group) for k, v in layout[0].items()}
                 view.inner.state[bucket.master] = {**scalars, **states}
+            bucket.without_state = without_state
+            give_fresh_state(bucket, without_state, view.inner)
     bucketed = {id(p) for b in view.every_bucket for p in b.params}
     for name, param in view.model.named_parameters():
         if id(param) not in bucketed:
