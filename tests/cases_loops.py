@@ -629,6 +629,18 @@ def skipped_after_an_abandoned_backward(ctx, stage: int, how: str):
             _differences(opt, model, reference))
 
 
+# The optimizers the drawn loops step (``drive_loop``): the element-wise classes whose
+# update follows torch's where a parameter's gradient is None in some steps and not in
+# others (no count shared by a shard's parameters enters their update), with a state
+# made at construction (Adagrad's, from initial_accumulator_value), at the first step
+# from the gradient (SGD's momentum) or from zeros (Adadelta's).
+DRAWN_OPTIMIZERS = {
+    "SGD": (torch.optim.SGD, {"lr": 0.05, "momentum": 0.9}),
+    "Adagrad": (torch.optim.Adagrad, {"lr": 0.05, "initial_accumulator_value": 0.1}),
+    "Adadelta": (torch.optim.Adadelta, {"lr": 0.5}),
+}
+
+
 def drive_loop(ctx, stage: int, plan: dict):
     """One drawn way of driving the loop (``plan``: bf16 autocast or not, and per step a
     batch skipped because its backward raised or not, how gradients are cleared (after
@@ -642,10 +654,17 @@ def drive_loop(ctx, stage: int, plan: dict):
     spec = plan["model"]
     model = build_model(spec, seed=ctx.rank)
     reference = DDP(build_model(spec, seed=0), process_group=ctx.group)
-    kwargs = {"lr": 0.05, "momentum": 0.9, "weight_decay": plan["weight_decay"]}
+    optimizer_class, kwargs = DRAWN_OPTIMIZERS[plan.get("optimizer", "SGD")]
+    kwargs = {**kwargs, "weight_decay": plan["weight_decay"]}
     mesh = ctx.mesh(plan.get("mesh"))
-    opt = _zero(model, stage, ctx.group, mesh, **kwargs)
-    ref_opt = torch.optim.SGD(reference.parameters(), **kwargs)
+
+    def new_optimizers():
+        ranks = {"mesh": mesh} if mesh is not None else {"process_group": ctx.group}
+        made = zeroshard.ZeroOptimizer(model, optimizer_class, stage=stage, bucket_size_mb=1e-4,
+                                       **ranks, **kwargs,
+                                       **({"units": torch.nn.Linear} if stage == 3 else {}))
+        return made, optimizer_class(reference.parameters(), **kwargs)
+    opt, ref_opt = new_optimizers()
     ema = ref_ema = None
     diffs = []
     for step, how in enumerate(plan["steps"]):
@@ -706,9 +725,8 @@ def drive_loop(ctx, stage: int, plan: dict):
             reference.module.load_state_dict(pretrained)
         elif between == "rebuild":  # close() drops gradients not yet stepped: so does DDP's side
             opt.close()
-            opt = _zero(model, stage, ctx.group, mesh, **kwargs)
             ref_opt.zero_grad()
-            ref_opt = torch.optim.SGD(reference.parameters(), **kwargs)
+            opt, ref_opt = new_optimizers()
         else:
             assert between is None, between
         diffs.append(largest_difference(opt, model, reference))

@@ -479,6 +479,7 @@ loop_steps = st.fixed_dictionaries({
 loop_plans = st.fixed_dictionaries({
     "model": st.sampled_from([cases_loops.MLP, cases_loops.TRANSFORMER, cases_loops.REUSED_BLOCK]),
     "weight_decay": st.sampled_from([0.0, 0.01]),
+    "optimizer": st.sampled_from(sorted(cases_loops.DRAWN_OPTIMIZERS)),
     "autocast": st.booleans(),  # bf16 autocast over fp32 parameters, both sides alike
     # a mesh of all the ranks: replicas of one shard each, or one replica
     "mesh": st.sampled_from([None, "replicate", "shard"]),
@@ -494,8 +495,9 @@ def test_drawn_ways_of_driving_the_loop_equal_ddp(pool, stage, world_size, plan)
     to None between backward and step (Note [a gradient cleared before the step]),
     micro-batches, a second backward through a retained graph, evaluation forwards,
     clipping, and between steps an EMA update, evaluation on rank 0 inside
-    summon_full_params, load_state_dict, or close() and a new optimizer; over a process
-    group or a mesh: DDP's parameters after every step, and the EMA's (fp32 noise: 1e-6)."""
+    summon_full_params, load_state_dict, or close() and a new optimizer; SGD with
+    momentum, Adagrad or Adadelta; over a process group or a mesh: DDP's parameters after
+    every step, and the EMA's (fp32 noise: 1e-6)."""
     shapes = {None: None, "replicate": (world_size, 1), "shard": (1, world_size)}
     plan = {**plan, "mesh": shapes[plan["mesh"]]}
     for diffs in pool.run(cases_loops.drive_loop, world_size, stage, plan):
