@@ -992,6 +992,51 @@ def functionally_tied_weight(ctx, units):
     return None, largest_difference(opt, model, reference)
 
 
+class ReadAfterCall(torch.nn.Module):
+    """peft DoRA's way with its base layer: call a unit (``base``), then read its weight
+    in the parent's forward (``F.linear(h, self.base.weight)``) before the next unit runs."""
+
+    def __init__(self, seed: int, frozen: bool) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.inp, self.base, self.out = (torch.nn.Linear(4, 16), torch.nn.Linear(16, 16),
+                                         torch.nn.Linear(16, 3))
+        self.scale = torch.nn.Parameter(torch.ones(16))
+        self.base.requires_grad_(not frozen)
+
+    def forward(self, x):
+        h = self.inp(x)
+        h = h + torch.tanh(self.base(h) + self.scale * torch.nn.functional.linear(h, self.base.weight))
+        return self.out(h)
+
+
+def unit_weight_read_after_its_call(ctx, frozen: bool, reshard: bool):
+    """``ReadAfterCall`` at stage 3 with every Linear a unit, against DDP: the largest
+    parameter difference per step, and per step the all-gathered bytes over the bytes of
+    every unit's gathered buffer. Backward failed with torch's raw "setStorage: ...
+    storage of size 0" (the read saved a view of ``base``'s gathered parameters, which
+    the forward released; a helper's probe, DoRA with automatic units): Note [another
+    unit's parameters saved] in _saved_tensors.py."""
+    model = ReadAfterCall(seed=0, frozen=frozen)
+    reference = DDP(ReadAfterCall(seed=0, frozen=frozen), process_group=ctx.group)
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.AdamW, stage=3, process_group=ctx.group,
+                                  units=torch.nn.Linear, reshard_after_forward=reshard, lr=1e-2)
+    ref_opt = torch.optim.AdamW([p for p in reference.parameters() if p.requires_grad], lr=1e-2)
+    gathered = sum(b.flat.numel() * b.flat.element_size() for b in opt._plan.every_bucket)
+    differences, gathers = [], []
+    for step in range(3):
+        opt.comm_stats.reset()
+        x = torch.randn(8, 4, generator=torch.Generator().manual_seed(10 * step + ctx.rank))
+        for net, optimizer in ((model, opt), (reference, ref_opt)):
+            net(x).square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        gathers.append(opt.comm_stats.bytes["all_gather"] / gathered)
+        differences.append(largest_difference(opt, model, reference))
+    opt.close()
+    return differences, gathers
+
+
 class ScaledNet(torch.nn.Module):
     """A buffer that a forward saves for backward (``h * self.scale``)."""
 

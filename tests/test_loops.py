@@ -333,6 +333,15 @@ def test_functionally_tied_weight_with_automatic_units_is_refused(pool):
         assert refusal is None and diff < 1e-6, (refusal, diff)
 
 
+@pytest.mark.parametrize("reshard", [True, False])
+@pytest.mark.parametrize("frozen", [True, False])
+def test_a_units_weight_read_by_its_parent_after_calling_it_trains_like_ddp(pool, frozen, reshard):
+    for differences, gathers in pool.run(cases_loops.unit_weight_read_after_its_call, 2, frozen,
+                                         reshard):
+        assert max(differences) < 1e-6, differences
+        assert gathers == [2.0 if reshard else 1.0] * 3, gathers  # forward, backward: no more
+
+
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_two_forwards_one_backward_with_a_buffer_saved_for_backward(pool, stage):
     for diff in pool.run(cases_loops.two_forwards_one_backward_with_a_saved_buffer, 2, stage):

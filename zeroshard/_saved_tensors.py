@@ -120,8 +120,8 @@ class SavedTensorWatches:
             return None
         if owner is not unit:
             owner.saved_by_another_unit = True
-            return SavedView(tensor.detach(), _bucket_at(owner, storage))
-        saved = SavedParameter(tensor.detach(), _bucket_at(owner, storage))
+            return SavedView(tensor.detach(), _bucket_at(owner, storage), owner)
+        saved = SavedParameter(tensor.detach(), _bucket_at(owner, storage), owner)
         unit.saved_unread.add(saved)
         return saved
 
@@ -207,9 +207,11 @@ class SavedTensorWatch:
             return packed
         if isinstance(packed, SavedActivation):  # it needs no gather
             return packed.unpack()
-        if type(packed) is SavedView:  # another unit's: kept gathered
-            return packed.unstepped()
         stage = self._stage()
+        if type(packed) is SavedView:  # another unit's (Note [another unit's parameters saved])
+            if stage is not None:
+                stage.gather(packed.owner)
+            return packed.unstepped()
         if stage is not None:
             stage.gather(self._unit)
             stage.read(self._unit, packed)
@@ -269,13 +271,27 @@ class StepCheck:
 
 
 class SavedView(StepCheck):
-    """A saved view of a unit's gathered parameters, checked for a step when unpacked.
-    Saved by another unit's forward, it needs no gather: that unit is kept gathered until
-    its gradients are done (Note [released once backward has read it] in stage3.py)."""
+    """A saved view of ``owner``'s gathered parameters, checked for a step when unpacked.
 
-    def __init__(self, tensor: torch.Tensor, bucket) -> None:
+    Note [another unit's parameters saved]:
+        A module may compute with a unit's parameters outside that unit's forward while
+        the unit is still gathered: a parent calling the unit and then reading its weight
+        (peft's DoRA: ``base_layer(x)``, then ``F.linear(x, base_layer.weight)``) before
+        the walk moves on, or an inner unit's forward using its ancestor's parameters.
+        Its forward saves a view of them. Once backward has gathered the owner, it is
+        kept gathered until its gradients are done (Note [released once backward has
+        read it] in stage3.py); but the forward may release it before (resharding after
+        forward), and backward may reach the view before the owner's own outputs: the
+        view then had no memory under it, and backward failed with torch's raw
+        "setStorage ... out of bounds for storage of size 0" (a helper's probe, DoRA
+        with automatic units). So unpacking it gathers the owner first, as a unit's own
+        saved parameters are gathered (every rank runs the same backward, so every rank
+        gathers it there)."""
+
+    def __init__(self, tensor: torch.Tensor, bucket, owner: Unit | None = None) -> None:
         super().__init__(bucket)
         self.tensor = tensor
+        self.owner = owner
 
     def unstepped(self) -> torch.Tensor:
         self.check_unstepped(f"[{self.tensor.type()} {list(self.tensor.shape)}], a view of "
