@@ -992,6 +992,57 @@ def functionally_tied_weight(ctx, units):
     return None, largest_difference(opt, model, reference)
 
 
+class NormedHead(torch.nn.Module):
+    """An output head reading the token embedding's weight outside the embedding's
+    forward in ways autograd saves nothing of (``how``): a norm of a detached copy
+    ("detached_norm", a cosine classifier), under reentrant activation checkpointing
+    ("checkpointed", whose forward runs without grad), or in a ``no_grad`` forward
+    ("no_grad"). With ``nn.Embedding`` as a unit, released by then."""
+
+    def __init__(self, seed: int, how: str) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.how = how
+        self.emb = torch.nn.Embedding(30, 16)
+        self.body = torch.nn.Linear(16, 16)
+
+    def head(self, h):
+        if self.how == "detached_norm":
+            w = self.emb.weight.detach()
+            return h @ (w / w.norm(dim=1, keepdim=True)).t()
+        return torch.nn.functional.linear(h, self.emb.weight)
+
+    def forward(self, idx):
+        h = torch.tanh(self.body(self.emb(idx)))
+        if self.how == "checkpointed":
+            return torch.utils.checkpoint.checkpoint(self.head, h, use_reentrant=True)
+        return self.head(h)
+
+
+def placeholder_read(ctx, how: str):
+    """``NormedHead`` at stage 3 with the embedding a unit: its first forward computed with
+    the embedding's NaN placeholders, and trained NaN from the first step with no error
+    (a helper's probes: DoRA reading its base layer's weight norm, a functional tie under
+    activation checkpointing). Note [placeholders read in the first forwards]: refused
+    on every rank, naming the parameter; then the ranks are still in step. Returns (the
+    refusal or "no error", probe)."""
+    model = NormedHead(seed=0, how=how)
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=3, process_group=ctx.group,
+                                  units=torch.nn.Embedding, lr=0.1)
+    idx = torch.randint(0, 30, (4, 5), generator=torch.Generator().manual_seed(ctx.rank))
+
+    def train_step():
+        with torch.no_grad() if how == "no_grad" else contextlib.nullcontext():
+            out = model(idx)
+        if out.requires_grad:
+            out.square().mean().backward()
+        opt.step()
+    refusal = _refusal(train_step)
+    probe = _ranks_in_step(ctx)
+    opt.close()
+    return refusal, probe
+
+
 class ReadAfterCall(torch.nn.Module):
     """peft DoRA's way with its base layer: call a unit (``base``), then read its weight
     in the parent's forward (``F.linear(h, self.base.weight)``) before the next unit runs."""
@@ -1654,8 +1705,9 @@ def _graph_boundary(*args) -> None:
     """A no-op hook dynamo does not trace: a graph break where stage 3's unit hooks make one."""
 
 
-def compiled_model(ctx, stage: int, backend: str, autocast: bool):
-    """``torch.compile(model)`` after ``ZeroOptimizer(...)``, trained three steps with an
+def compiled_model(ctx, stage: int, backend: str, autocast: bool, where: str = "model"):
+    """``torch.compile(model)`` after ``ZeroOptimizer(...)`` (``where="blocks"``: each
+    block compiled in place, ``block.compile()``), trained three steps with an
     evaluation forward between, against plain data parallelism (gradients averaged by
     hand) on the same model compiled alike. Stage 3's unit hooks run outside the graph
     (Note [stage 3 under torch.compile]), so the reference breaks its graph at the same
@@ -1677,7 +1729,12 @@ def compiled_model(ctx, stage: int, backend: str, autocast: bool):
     torch._dynamo.reset()  # each case compiles afresh in this worker
     graphs = torch._dynamo.utils.counters["stats"]
     for net, optimizer in ((reference, ref_opt), (model, opt)):
-        compiled = torch.compile(net, backend=backend)
+        if where == "blocks":
+            compiled = net
+            for block in [m for m in net.modules() if isinstance(m, Block)]:
+                block.compile(backend=backend)
+        else:
+            compiled = torch.compile(net, backend=backend)
         for step in range(3):
             if step == 1:
                 graphs_after_one_step = graphs["unique_graphs"]
