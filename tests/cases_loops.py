@@ -992,57 +992,6 @@ def functionally_tied_weight(ctx, units):
     return None, largest_difference(opt, model, reference)
 
 
-class NormedHead(torch.nn.Module):
-    """An output head reading the token embedding's weight outside the embedding's
-    forward in ways autograd saves nothing of (``how``): a norm of a detached copy
-    ("detached_norm", a cosine classifier), under reentrant activation checkpointing
-    ("checkpointed", whose forward runs without grad), or in a ``no_grad`` forward
-    ("no_grad"). With ``nn.Embedding`` as a unit, released by then."""
-
-    def __init__(self, seed: int, how: str) -> None:
-        super().__init__()
-        torch.manual_seed(seed)
-        self.how = how
-        self.emb = torch.nn.Embedding(30, 16)
-        self.body = torch.nn.Linear(16, 16)
-
-    def head(self, h):
-        if self.how == "detached_norm":
-            w = self.emb.weight.detach()
-            return h @ (w / w.norm(dim=1, keepdim=True)).t()
-        return torch.nn.functional.linear(h, self.emb.weight)
-
-    def forward(self, idx):
-        h = torch.tanh(self.body(self.emb(idx)))
-        if self.how == "checkpointed":
-            return torch.utils.checkpoint.checkpoint(self.head, h, use_reentrant=True)
-        return self.head(h)
-
-
-def placeholder_read(ctx, how: str):
-    """``NormedHead`` at stage 3 with the embedding a unit: its first forward computed with
-    the embedding's NaN placeholders, and trained NaN from the first step with no error
-    (a helper's probes: DoRA reading its base layer's weight norm, a functional tie under
-    activation checkpointing). Note [placeholders read in the first forwards]: refused
-    on every rank, naming the parameter; then the ranks are still in step. Returns (the
-    refusal or "no error", probe)."""
-    model = NormedHead(seed=0, how=how)
-    opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=3, process_group=ctx.group,
-                                  units=torch.nn.Embedding, lr=0.1)
-    idx = torch.randint(0, 30, (4, 5), generator=torch.Generator().manual_seed(ctx.rank))
-
-    def train_step():
-        with torch.no_grad() if how == "no_grad" else contextlib.nullcontext():
-            out = model(idx)
-        if out.requires_grad:
-            out.square().mean().backward()
-        opt.step()
-    refusal = _refusal(train_step)
-    probe = _ranks_in_step(ctx)
-    opt.close()
-    return refusal, probe
-
-
 class ReadAfterCall(torch.nn.Module):
     """peft DoRA's way with its base layer: call a unit (``base``), then read its weight
     in the parent's forward (``F.linear(h, self.base.weight)``) before the next unit runs."""

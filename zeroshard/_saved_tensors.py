@@ -82,7 +82,7 @@ class SavedTensorWatches:
         self._all_read = all_read  # Note [released once backward has read it] in stage3.py
         self._open: list[tuple[Unit, object]] = []  # (unit, hook pair), innermost last
         # a released parameter's storage is its bucket's placeholders
-        self.placeholder_owners = {b.placeholders.untyped_storage().data_ptr(): (u, b)
+        self._placeholder_owner = {b.placeholders.untyped_storage().data_ptr(): (u, b)
                                    for u in units for b in u.buckets}
 
     def open(self, unit: Unit) -> None:
@@ -139,7 +139,7 @@ class SavedTensorWatches:
         ``storage``) for backward. If it is (a view of) a released unit's placeholder (a
         weight tied functionally, ``F.linear(h, self.emb.weight)`` with ``emb`` a unit of
         its own), the forward has just computed with NaN: refuse, on every rank alike."""
-        owner = self.placeholder_owners.get(storage)
+        owner = self._placeholder_owner.get(storage)
         if owner is None:
             return
         released, bucket = owner

@@ -243,7 +243,9 @@ def load_from(opt, source: Source, with_states: bool = True) -> None:
                                            for p in bucket.params) if found is not None), None) \
             if bucket.master is not None and with_states else None
         states = {key: torch.zeros_like(target) for key in (layout[1] if layout else [])}
-        without_state = set()  # Note [a fresh state inside a shard's]
+        # Note [a fresh state inside a shard's]: the whole bucket's, the same on every rank
+        without_state = {index for index, param in enumerate(bucket.params)
+                         if states and source.optimizer_layout(names[id(param)]) is None}
         for index, param in enumerate(bucket.params):
             overlap = bucket.layout.overlap(index, bucket.rank)
             if overlap is None:
@@ -251,9 +253,7 @@ def load_from(opt, source: Source, with_states: bool = True) -> None:
             name = names[id(param)]
             span = overlap.shard_span
             wide[span] = source.values(name, overlap.param_start, overlap.param_stop)
-            if states and source.optimizer_layout(name) is None:
-                without_state.add(index)
-            elif states:
+            if states and index not in without_state:
                 for key, value in source.states(name, overlap.param_start, overlap.param_stop).items():
                     states[key][span] = value
         target.copy_(wide)

@@ -225,7 +225,6 @@ from ._frozen_reads import FrozenOnContexts, past_inputs, watch_inputs
 from ._hooks import EagerOnlyHook, LoopSwitches, Phase, WeakHook
 from ._masters import ShardMasters
 from ._module_hooks import GatherBeforeModuleHooks
-from ._placeholder_reads import PlaceholderReads, runs_compiled_modules
 from ._reducer import GradientReducer, abandoned_backward_refusal
 from ._saved_tensors import SavedTensorWatches, may_recompute_in_backward
 from ._schedule import forward_and_backward_orders
@@ -389,13 +388,6 @@ class UnitGatherer:
         self._saved = SavedTensorWatches(units, self._unit_of, self._gathered_storages,
                                          WeakHook(self.gather_for_saved_tensor),
                                          WeakHook(self._all_saved_read))
-        # Note [placeholders read in the first forwards] in _placeholder_reads.py
-        self._placeholder_reads: PlaceholderReads | None = None
-        self._eager_forward = False  # the root's forward runs uncompiled
-        handles.append(self.root.module.register_forward_pre_hook(
-            EagerOnlyHook(self._forward_runs_eagerly), prepend=True))
-        handles.append(self.root.module.register_forward_hook(
-            EagerOnlyHook(self._stop_checking_placeholder_reads), always_call=True))
         # Note [released once backward has read it]
         self._read_through: list[Unit] = []  # in this backward, since the last hook
         self._released_early: list[Unit] = []  # in this backward
@@ -434,7 +426,6 @@ class UnitGatherer:
             return
         if unit is self.root:
             self._begin_forward_pass()
-            self._check_placeholder_reads()
         if self.walk.training_forward:
             unit.record.ran = True
             # Note [run twice from the second step on]
@@ -520,25 +511,6 @@ class UnitGatherer:
         self.walk.backward_pass.training_forwards += self.walk.training_forward
         self.walk.forward.restart()
         self._saved.close(None)  # pairs a forward that raised left open
-
-    def _forward_runs_eagerly(self, module, args) -> None:
-        """A hook dynamo skips (``EagerOnlyHook``): the root's forward is not compiled."""
-        self._eager_forward = True
-
-    def _check_placeholder_reads(self) -> None:
-        """Note [placeholders read in the first forwards]: while the first step records,
-        in a forward that torch.compile does not run."""
-        eager, self._eager_forward = self._eager_forward, False
-        if (not eager or self.walk.forward.entered is None or self._placeholder_reads is not None
-                or runs_compiled_modules(self.root.module)):
-            return
-        self._placeholder_reads = PlaceholderReads(self._saved.placeholder_owners)
-        self._placeholder_reads.__enter__()
-
-    def _stop_checking_placeholder_reads(self, module, args, output) -> None:
-        if self._placeholder_reads is not None:
-            mode, self._placeholder_reads = self._placeholder_reads, None
-            mode.__exit__(None, None, None)
 
     def _end_forward_pass(self) -> None:
         """The root's forward ends: walk the rest of the schedule, release what is due."""
