@@ -97,6 +97,8 @@ def give_fresh_state(bucket: FlatBucket, indices: Iterable[int], inner: InnerOpt
     ``bucket`` take a fresh state's values, with their group's settings now, in every
     state tensor of the shard kept element by element."""
     state = inner.state.find(bucket.master, {})
+    if not indices or not state:
+        return  # no stand-in step of the user's class where nothing takes its values
     fresh = fresh_values(inner.classes[bucket.group_index], inner.param_groups[bucket.group_index])
     spans = [overlap.shard_span for overlap in
              (bucket.layout.overlap(i, bucket.rank) for i in sorted(indices))
