@@ -1121,15 +1121,19 @@ def grad_cleared_between_backward_and_step(ctx, stage: int, how: str, optimizer:
     return refusal, probe, largest_difference(opt, model, reference)
 
 
-def a_parameter_without_state_inside_a_shard(ctx, stage: int, how: str) -> list[float]:
+def a_parameter_without_state_inside_a_shard(ctx, stage: int, how: str,
+                                              folder: str | None = None) -> list[float]:
     """A parameter that has no optimizer state of its own while its bucket's shard has
     one (Note [a fresh state inside a shard's]): its gradient set to None in the first
     step only (``how`` = "cleared_first", a warm-up freeze), or a plain optimizer's state
     dict without state for it loaded into a new ZeroOptimizer ("loaded": DDP trained 2
-    steps with it cleared, then resumed on zeroshard). Rprop, whose fresh ``step_size``
-    is the lr, against DDP; per step, the largest parameter difference (zeros there held
-    the weight still, a helper's probe: 1e-2 .. 5.4e-2 from DDP), and the warnings the
-    load gave of a parameter without state under its bucket's count."""
+    steps with it cleared, then resumed on zeroshard), or cleared in zeroshard's first 2
+    steps, saved to ``folder`` and resumed by a new ZeroOptimizer ("resumed"). Rprop,
+    whose fresh ``step_size`` is the lr, under StepLR, against DDP; per step, the largest
+    parameter difference (zeros there held the weight still, a helper's probe: 1e-2 ..
+    5.4e-2 from DDP; a resume that took its fresh values for its own state, 3.6e-2: a
+    reviewer's), and what was said: the load's warnings of a parameter without state
+    under its bucket's count, and whether full_state_dict() gave it a state."""
     cls, kwargs = torch.optim.Rprop, {"lr": 0.01}
     model = build_model(MLP, seed=0)
     reference = DDP(build_model(MLP, seed=0), process_group=ctx.group)
@@ -1157,10 +1161,31 @@ def a_parameter_without_state_inside_a_shard(ctx, stage: int, how: str) -> list[
             opt.load_full_state_dict(reference.module.state_dict(), ref_opt.state_dict())
         said = [str(w.message) for w in caught if "holds no state" in str(w.message)]
         steps = range(2, 5)
+    elif how == "resumed":
+        opt = new_opt()
+        schedulers[id(opt)] = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.9)
+        for step in range(2):
+            train(model, opt, [step], clear_in=range(2))
+            train(reference, ref_opt, [step], clear_in=range(2))
+        zeroshard.save_checkpoint(folder, model, opt)
+        full = opt.full_state_dict()
+        frozen = [name for name, _ in model.named_parameters()].index("body.0.weight")
+        said = ["full_state_dict() gave body.0.weight a state"] if (
+            full is not None and frozen in full[1]["state"]) else []
+        schedule = schedulers[id(opt)].state_dict()
+        opt.close()
+        opt = new_opt()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the load's warning of the shared count
+            zeroshard.load_checkpoint(folder, model, opt)
+        schedulers[id(opt)] = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.9)
+        schedulers[id(opt)].load_state_dict(schedule)
+        steps = range(2, 5)
     else:
         opt = new_opt()
         said, steps = [], range(4)
-    schedulers[id(opt)] = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.9)
+    if id(opt) not in schedulers:
+        schedulers[id(opt)] = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.9)
     differences = []
     for step in steps:
         train(model, opt, [step], clear_in=[0])

@@ -103,6 +103,8 @@ def stream_parameters(opt, with_states: bool = True):
                 _comm.release([gathered])
             if rank0 and not per_element:
                 param_states = [{k: _to_cpu(v) for k, v in scalars.items()} for _ in bucket.params]
+            for index in bucket.without_state:  # Note [a fresh state inside a shard's]:
+                param_states[index] = None  # none of their own yet, as torch keeps none
         yield from zip(bucket.params, values, param_states)
     bucketed = {id(p) for b in view.every_bucket for p in b.params}
     for param in view.model.parameters():  # stages 1-2: frozen, whole on every rank

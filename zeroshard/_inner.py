@@ -100,7 +100,10 @@ def fresh_values(optimizer_class: type, group: dict) -> dict[str, float]:
         starting values, which such a step leaves as they were (0 for the moments;
         Adamax's ``exp_inf`` it leaves at ``eps``, and its next step takes the max with
         ``|g| + eps``: the same). Until then they hold those values with the settings
-        of when they joined, which a checkpoint saves as their state. A state whose
+        of when they joined, and a checkpoint or ``full_state_dict()`` saves no state
+        for them, as torch keeps none (one taken during a warm-up freeze and resumed
+        under a schedule was 3.6e-2 from DDP with their values saved as their own: a
+        reviewer's probe). A state whose
         stand-in elements differ, or a class whose stand-in step fails, gives zeros.
         Not followed: SGD's momentum buffer, which torch's first step makes the gradient
         itself and a later step in a shared buffer dampens, and a count the shard

@@ -164,7 +164,9 @@ def optimizer_layouts(opt) -> dict[str, tuple[dict, list[str]]]:
     layouts = {}
     for bucket in opt.sharding.buckets:
         for indices, _, scalars, per_element in stepped_states(opt, bucket):
-            for index in indices:
+            # Note [a fresh state inside a shard's]: ``without_state`` have none of their
+            # own yet, as torch keeps none
+            for index in set(indices) - bucket.without_state:
                 layouts[names[id(bucket.params[index])]] = (scalars, sorted(per_element))
     return layouts
 
