@@ -992,33 +992,45 @@ def functionally_tied_weight(ctx, units):
     return None, largest_difference(opt, model, reference)
 
 
-class ReadAfterCall(torch.nn.Module):
-    """peft DoRA's way with its base layer: call a unit (``base``), then read its weight
-    in the parent's forward (``F.linear(h, self.base.weight)``) before the next unit runs."""
+class _Dora(torch.nn.Module):
+    """peft DoRA's way with its base layer: call it, then read its weight."""
 
-    def __init__(self, seed: int, frozen: bool) -> None:
+    def __init__(self, d_in: int, d_out: int, frozen: bool) -> None:
+        super().__init__()
+        self.base = torch.nn.Linear(d_in, d_out)
+        self.scale = torch.nn.Parameter(torch.ones(d_out))
+        self.base.requires_grad_(not frozen)
+
+    def forward(self, h):
+        return self.base(h) + self.scale * torch.nn.functional.linear(h, self.base.weight)
+
+
+class ReadAfterCall(torch.nn.Module):
+    """A unit (``mid.base``) called, then its weight read in its caller's forward, before
+    the next unit runs; with ``last``, the schedule's last unit (``out.base``) too."""
+
+    def __init__(self, seed: int, frozen: bool, last: bool = False) -> None:
         super().__init__()
         torch.manual_seed(seed)
-        self.inp, self.base, self.out = (torch.nn.Linear(4, 16), torch.nn.Linear(16, 16),
-                                         torch.nn.Linear(16, 3))
-        self.scale = torch.nn.Parameter(torch.ones(16))
-        self.base.requires_grad_(not frozen)
+        self.inp, self.mid = torch.nn.Linear(4, 16), _Dora(16, 16, frozen)
+        self.out = _Dora(16, 3, frozen) if last else torch.nn.Linear(16, 3)
 
     def forward(self, x):
         h = self.inp(x)
-        h = h + torch.tanh(self.base(h) + self.scale * torch.nn.functional.linear(h, self.base.weight))
-        return self.out(h)
+        return self.out(h + torch.tanh(self.mid(h)))
 
 
-def unit_weight_read_after_its_call(ctx, frozen: bool, reshard: bool):
+def unit_weight_read_after_its_call(ctx, frozen: bool, reshard: bool, last: bool = False):
     """``ReadAfterCall`` at stage 3 with every Linear a unit, against DDP: the largest
     parameter difference per step, and per step the all-gathered bytes over the bytes of
     every unit's gathered buffer. Backward failed with torch's raw "setStorage: ...
     storage of size 0" (the read saved a view of ``base``'s gathered parameters, which
     the forward released; a helper's probe, DoRA with automatic units): Note [another
-    unit's parameters saved] in _saved_tensors.py."""
-    model = ReadAfterCall(seed=0, frozen=frozen)
-    reference = DDP(ReadAfterCall(seed=0, frozen=frozen), process_group=ctx.group)
+    unit's parameters saved] in _saved_tensors.py. The last unit's was refused as a read
+    of a released unit (a reviewer's probe): Note [the last unit released with its
+    caller] in stage3.py."""
+    model = ReadAfterCall(seed=0, frozen=frozen, last=last)
+    reference = DDP(ReadAfterCall(seed=0, frozen=frozen, last=last), process_group=ctx.group)
     opt = zeroshard.ZeroOptimizer(model, torch.optim.AdamW, stage=3, process_group=ctx.group,
                                   units=torch.nn.Linear, reshard_after_forward=reshard, lr=1e-2)
     ref_opt = torch.optim.AdamW([p for p in reference.parameters() if p.requires_grad], lr=1e-2)

@@ -333,11 +333,13 @@ def test_functionally_tied_weight_with_automatic_units_is_refused(pool):
         assert refusal is None and diff < 1e-6, (refusal, diff)
 
 
+@pytest.mark.parametrize("last", [False, True])
 @pytest.mark.parametrize("reshard", [True, False])
 @pytest.mark.parametrize("frozen", [True, False])
-def test_a_units_weight_read_by_its_parent_after_calling_it_trains_like_ddp(pool, frozen, reshard):
+def test_a_units_weight_read_by_its_parent_after_calling_it_trains_like_ddp(
+        pool, frozen, reshard, last):
     for differences, gathers in pool.run(cases_loops.unit_weight_read_after_its_call, 2, frozen,
-                                         reshard):
+                                         reshard, last):
         assert max(differences) < 1e-6, differences
         assert gathers == [2.0 if reshard else 1.0] * 3, gathers  # forward, backward: no more
 

@@ -65,13 +65,29 @@ Note [runs before the walk moves on]:
     ranks run. Parameters held at once do not grow: the unit the walk moves on to was
     prefetched while the finished one computed, and the last unit of the schedule, with
     nothing to move on to, is released at once (what follows it, a model's head and
-    loss, is often the forward's peak). A unit run twice with other units between (a
+    loss, is often the forward's peak), or with its caller (Note [the last unit
+    released with its caller]). A unit run twice with other units between (a
     shared layer, or a layer of a reused block that is not a unit itself) would be
     released in between; so the ranks note in the first step which units some rank
     entered twice in one pass (``Walk.adopt_recorded_orders``), and from then on those
     stay gathered until the pass ends. In that first step, before anything is known,
     every rank must run such a unit the same number of times (Note [first-step
     agreement] refuses a rank that does not).
+
+Note [the last unit released with its caller]:
+    A module may read a unit's parameters right after calling it: peft's DoRA calls
+    its base layer, then computes with the base layer's weight. Any unit but the last
+    is still gathered there (Note [runs before the walk moves on], Note [another unit's
+    parameters saved] in _saved_tensors.py); the last one of the schedule was released
+    as its forward ended, so the read computed with the NaN placeholders: refused where
+    autograd saved it, with a message that did not fit (the reader held the unit), and
+    NaN from the first step where it did not (a reviewer's probe, DoRA over every
+    linear layer of a Llama with automatic units fine enough to make the last
+    ``down_proj`` a unit). So where the module that holds the last unit is one that
+    runs (not the root, whose head and loss follow, nor a ``ModuleList``), the unit is
+    released as that module's forward ends, from a forward hook put on it the first
+    time; the pass's end releases it in any case (under torch.compile, which skips the
+    hook). The memory this holds is one unit, over what is left of its caller's forward.
 
 Note [run twice from the second step on]:
     After the first step a rank may run a unit more often than the others; a second run
@@ -218,6 +234,7 @@ import threading
 import weakref
 
 import torch
+from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from . import _agreement
@@ -366,6 +383,13 @@ class UnitGatherer:
                         self._refuse_outside_its_unit, name, list(owners.values())), prepend=True))
         _keep_unit_hooks_out_of_compiled_graphs()
         self._gathered_storages: dict[int, Unit] = {}  # address -> unit (Unit.gathered_storages)
+        # Note [the last unit released with its caller]: each unit's parent module (None
+        # for the root's children), and the hooks put on those that kept one
+        parent_of = {id(child): module for module in model.modules() for child in module.children()}
+        self._caller_of = {id(u): parent_of.get(id(u.module)) for u in units[1:]}
+        self._caller_of = {k: (None if v is model else v) for k, v in self._caller_of.items()}
+        self._caller_hooks: dict[int, object] = {}
+        self._handles = handles  # a caller's hook goes with the stage's, at close
         for unit in units:
             unit.masters = masters  # Note [writes inside a forward] in _bucket.py
             unit.gathered_storages = self._gathered_storages
@@ -445,14 +469,33 @@ class UnitGatherer:
         # Without resharding, a unit run under no_grad inside a training forward
         # (reentrant checkpointing) stays gathered for its recomputation in backward.
         if (self.reshard_after_forward or not self.walk.training_forward) and not unit.held_for_pass:
-            if self.walk.forward.next_unit() is None:  # nothing to move on to: release now
-                unit.release()
-            else:
+            if self.walk.forward.next_unit() is not None:
                 self.walk.finished.append(unit)  # Note [runs before the walk moves on]
+            elif not self._release_with_caller(unit):  # nothing to move on to: release now
+                unit.release()
         if unit is self.root:
             if self.walk.training_forward:  # Note [frozen parameters kept on a ctx]
                 self._frozen_on_contexts.look(tree_flatten(output)[0])
             self._end_forward_pass()
+
+    def _release_with_caller(self, unit: Unit) -> bool:
+        """Note [the last unit released with its caller]: keep the schedule's last unit
+        gathered until the forward of the module that called it ends, where that module
+        is one (not the root, nor a container no one calls); whether it is kept."""
+        caller = self._caller_of.get(id(unit))
+        if caller is None or isinstance(caller, (nn.ModuleList, nn.ModuleDict)):
+            return False
+        if id(caller) not in self._caller_hooks:
+            self._caller_hooks[id(caller)] = handle = caller.register_forward_hook(
+                EagerOnlyHook(self._release_after_caller), always_call=True)
+            self._handles.append(handle)
+        self.walk.finished.append(unit)  # the pass's end releases it if the hook does not
+        return True
+
+    def _release_after_caller(self, caller, args, output) -> None:
+        for unit in [u for u in self.walk.finished if self._caller_of.get(id(u)) is caller]:
+            self.walk.finished.remove(unit)
+            unit.release()
 
     def pre_backward(self, unit: Unit, grad: torch.Tensor | None) -> None:
         """``unit``'s outputs get their gradient: gather it for its backward (once)."""
