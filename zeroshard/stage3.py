@@ -389,6 +389,7 @@ class UnitGatherer:
         self._caller_of = {id(u): parent_of.get(id(u.module)) for u in units[1:]}
         self._caller_of = {k: (None if v is model else v) for k, v in self._caller_of.items()}
         self._caller_hooks: dict[int, object] = {}
+        self._kept_for_caller: list[Unit] = []  # last units waiting for their caller's end
         self._handles = handles  # a caller's hook goes with the stage's, at close
         for unit in units:
             unit.masters = masters  # Note [writes inside a forward] in _bucket.py
@@ -490,12 +491,15 @@ class UnitGatherer:
                 EagerOnlyHook(self._release_after_caller), always_call=True)
             self._handles.append(handle)
         self.walk.finished.append(unit)  # the pass's end releases it if the hook does not
+        self._kept_for_caller.append(unit)
         return True
 
     def _release_after_caller(self, caller, args, output) -> None:
-        for unit in [u for u in self.walk.finished if self._caller_of.get(id(u)) is caller]:
-            self.walk.finished.remove(unit)
-            unit.release()
+        for unit in [u for u in self._kept_for_caller if self._caller_of.get(id(u)) is caller]:
+            self._kept_for_caller.remove(unit)
+            if unit in self.walk.finished:  # not released by the pass's end meanwhile
+                self.walk.finished.remove(unit)
+                unit.release()
 
     def pre_backward(self, unit: Unit, grad: torch.Tensor | None) -> None:
         """``unit``'s outputs get their gradient: gather it for its backward (once)."""
@@ -563,6 +567,7 @@ class UnitGatherer:
             self.walk.finished.clear()
             for other in self.units:  # finished, or a prefetch the forward did not use
                 other.release()
+        self._kept_for_caller.clear()  # released, whether or not its caller's hook ran
         if self.switches.phase in (Phase.FORWARD, Phase.FORWARD_NO_GRAD):  # (not if a
             self.switches.enter(Phase.IDLE)  # backward inside the forward ended it)
 
