@@ -476,3 +476,42 @@ def adafactor_state_from_rank0(ctx, stage: int):
         steps(model, opt, 2, 2)
         runs.append(full_params(model, opt))
     return keys, max((a - b).abs().max().item() for a, b in zip(*runs))
+
+
+def load_where_a_layer_is_frozen_since(ctx, stage: int, folder: str, how: str):
+    """Trained 2 steps with every layer trainable, saved (``how``: a checkpoint or full
+    state dicts), then loaded by a new ZeroOptimizer over the same model with its last
+    layer frozen (``requires_grad_(False)``). At stage 3 without a policy that layer's
+    bucket has no master but its shard, which the inner optimizer does not step: the load
+    raised a KeyError halfway, the other layers loaded (a helper's probe). Returns the
+    largest difference of the loaded parameters from the saved ones."""
+    spec = {"kind": "mlp", "d_in": 5, "hidden": 7, "d_out": 3, "depth": 2, "frozen": False,
+            "unused_branch": False}
+    model = build_model(spec, seed=ctx.rank)
+
+    def new_opt():
+        return zeroshard.ZeroOptimizer(model, torch.optim.AdamW, stage=stage, lr=1e-2,
+                                       process_group=ctx.group,
+                                       **({"units": torch.nn.Linear} if stage == 3 else {}))
+    opt = new_opt()
+    for step in range(2):
+        loss_fn(spec, model, make_batch(spec, seed=step, rank=ctx.rank, batch=4)).backward()
+        opt.step()
+        opt.zero_grad()
+    saved = [p.clone() for p in full_params(model, opt)]
+    full = opt.full_state_dict() if how == "full" else None
+    if how == "checkpoint":
+        zeroshard.save_checkpoint(folder, model, opt)
+    opt.close()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.zero_()  # stage 1-2: plain values again; overwritten by the load
+    model.body[-1].requires_grad_(False)
+    opt = new_opt()
+    if how == "checkpoint":
+        zeroshard.load_checkpoint(folder, model, opt)
+    else:
+        opt.load_full_state_dict(*(full or (None, None)))
+    loaded = full_params(model, opt)
+    opt.close()
+    return max((a - b).abs().max().item() for a, b in zip(loaded, saved))

@@ -350,3 +350,12 @@ def test_bad_full_state_dict_is_refused_on_every_rank_and_changes_nothing(pool, 
     for rank, res in enumerate(results):
         assert res["error"] is not None and all(w in res["error"] for w in words), (rank, res)
         assert res["unchanged"], rank
+
+
+@pytest.mark.parametrize("how", ["checkpoint", "full"])
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_a_load_where_a_layer_is_frozen_since_the_save_loads_every_layer(pool, tmp_path, stage,
+                                                                        how):
+    for difference in pool.run(cases_ckpt.load_where_a_layer_is_frozen_since, 2, stage,
+                               str(tmp_path / "ckpt"), how):
+        assert difference == 0, difference

@@ -239,11 +239,15 @@ def load_from(opt, source: Source, with_states: bool = True) -> None:
             _load_whole(opt, bucket, source, names, with_states)
             continue
         wide = torch.zeros_like(target)
+        # a bucket the inner optimizer steps: not a stage-3 bucket of frozen fp32
+        # parameters, whose shard is its master (frozen since the save: its saved state
+        # goes unused; it raised a KeyError halfway through the load, a helper's probe)
+        stepped = bucket.master is not None and view.inner.owner_of(bucket.master) is not None
         # the layout of the first parameter that has state: one without (no gradient
         # yet) gets a fresh state's values, not the loss of its whole bucket's state
         layout = next((found for found in (source.optimizer_layout(names[id(p)])
                                            for p in bucket.params) if found is not None), None) \
-            if bucket.master is not None and with_states else None
+            if stepped and with_states else None
         states = {key: torch.zeros_like(target) for key in (layout[1] if layout else [])}
         # Note [a fresh state inside a shard's]: the whole bucket's, the same on every rank
         without_state = {index for index, param in enumerate(bucket.params)
@@ -260,7 +264,7 @@ def load_from(opt, source: Source, with_states: bool = True) -> None:
                     states[key][span] = value
         target.copy_(wide)
         view.masters.to_shard(bucket)
-        if bucket.master is not None and with_states:
+        if stepped and with_states:
             view.inner.state.pop(bucket.master, None)
             if layout is not None:
                 group = view.inner.param_groups[bucket.group_index]
