@@ -515,3 +515,28 @@ def load_where_a_layer_is_frozen_since(ctx, stage: int, folder: str, how: str):
     loaded = full_params(model, opt)
     opt.close()
     return max((a - b).abs().max().item() for a, b in zip(loaded, saved))
+
+
+def numpy_hyperparameters(ctx, folder: str):
+    """An lr that a schedule computed with numpy (``np.float64``) and numpy betas, saved in
+    a checkpoint and loaded by a new ZeroOptimizer: the load refused meta.pt on every rank
+    (weights-only unpickling), the save having said nothing (a helper's probe). Returns
+    the loaded groups' lr and betas, as Python numbers."""
+    import numpy as np
+    model = build_model({"kind": "mlp", "d_in": 5, "hidden": 7, "d_out": 3, "depth": 2,
+                         "frozen": False, "unused_branch": False}, seed=0)
+
+    def new_opt():
+        return zeroshard.ZeroOptimizer(model, torch.optim.AdamW, stage=2, lr=1e-2,
+                                       process_group=ctx.group)
+    opt = new_opt()
+    opt.param_groups[0]["lr"] = np.float64(0.005)
+    opt.param_groups[0]["betas"] = (np.float64(0.8), 0.95)
+    zeroshard.save_checkpoint(folder, model, opt)
+    opt.close()
+    opt = new_opt()
+    zeroshard.load_checkpoint(folder, model, opt)
+    group = opt.param_groups[0]
+    loaded = (group["lr"], tuple(group["betas"]))
+    opt.close()
+    return loaded

@@ -359,3 +359,9 @@ def test_a_load_where_a_layer_is_frozen_since_the_save_loads_every_layer(pool, t
     for difference in pool.run(cases_ckpt.load_where_a_layer_is_frozen_since, 2, stage,
                                str(tmp_path / "ckpt"), how):
         assert difference == 0, difference
+
+
+def test_a_numpy_hyperparameter_is_saved_as_a_number_that_loads(pool, tmp_path):
+    for lr, betas in pool.run(cases_ckpt.numpy_hyperparameters, 2, str(tmp_path / "ckpt")):
+        assert (lr, betas) == (0.005, (0.8, 0.95)), (lr, betas)
+        assert type(lr) is float and type(betas[0]) is float, (type(lr), type(betas[0]))

@@ -193,10 +193,23 @@ def _describe(opt, model) -> dict:
         "group_classes": [_qualname(c) for c in view.inner.classes],
         "params": {n: tuple(p.shape) for n, p in model.named_parameters()},
         "param_groups": [{"names": [names[id(p)] for p in members],
-                          "hyperparameters": {k: v for k, v in group.items() if k != "params"}}
+                          "hyperparameters": {k: _plain(v) for k, v in group.items()
+                                              if k != "params"}}
                          for members, group in zip(view.group_members, opt.param_groups)],
         "optimizer": optimizer_layouts(opt),
     }
+
+
+def _plain(value):
+    """A hyper-parameter as the weights-only unpickler of ``load_checkpoint`` reads it: a
+    numpy scalar (an lr a ``LambdaLR`` computed with ``np.cos``) as the Python number it
+    holds. Saved as it was, every load of the checkpoint was refused, on every rank
+    ("Weights only load failed"), and the save said nothing (a helper's probe)."""
+    if isinstance(value, (tuple, list)):
+        return type(value)(_plain(item) for item in value)
+    if type(value).__module__ == "numpy" and hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        return value.item()
+    return value
 
 
 def _check_meta(meta, folder: Path, opt, model) -> None:
