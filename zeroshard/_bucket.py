@@ -231,10 +231,14 @@ class FlatBucket:
         if len(self.cleared) == len(self.params):  # in one call or several (clipping between)
             self.set_grad_shard(None)
             return
-        for index in [*none, *zeroed]:
-            overlap = self.layout.overlap(index, self.rank)
-            if overlap is not None and self.grad_shard is not None:
-                self.grad_shard[overlap.shard_span].zero_()
+        if self.grad_shard is not None:
+            for span in self.shard_spans([*none, *zeroed]):
+                self.grad_shard[span].zero_()
+
+    def shard_spans(self, indices) -> list[slice]:
+        """Where parameters ``indices`` lie in this rank's shard (those it holds any of)."""
+        return [overlap.shard_span for overlap in
+                (self.layout.overlap(i, self.rank) for i in sorted(indices)) if overlap is not None]
 
     def set_grad_shard(self, grad: torch.Tensor | None) -> None:
         """Install the reduced gradient where the inner optimizer looks for it.

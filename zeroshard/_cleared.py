@@ -43,7 +43,7 @@ from collections.abc import Iterable
 import torch
 
 from ._bucket import FlatBucket
-from ._inner import InnerOptimizers, fresh_values
+from ._inner import InnerOptimizers, fresh_values, split_state
 
 
 class HeldStill:
@@ -69,14 +69,13 @@ class HeldStill:
                     if index in bucket.cleared:
                         stepped.grad = None  # a tensor of its own: torch skips it
                 continue
-            spans = [overlap.shard_span for overlap in
-                     (bucket.layout.overlap(i, bucket.rank) for i in sorted(bucket.cleared))
-                     if overlap is not None]
             own_state = state.find(bucket.master, {})
             if not own_state:
                 self._unstepped.append(bucket)
-            for tensor in [bucket.master] + _shaped_like(bucket.master, own_state):
-                self._saved += [(tensor, span, tensor[span].clone()) for span in spans]
+            _, per_element = split_state(own_state, bucket.master)  # moments, momentum
+            for tensor in [bucket.master, *per_element.values()]:
+                self._saved += [(tensor, span, tensor[span].clone())
+                                for span in bucket.shard_spans(bucket.cleared)]
 
     def restore(self) -> None:
         """After the inner step: put back what it changed of the cleared parameters. In
@@ -100,16 +99,7 @@ def give_fresh_state(bucket: FlatBucket, indices: Iterable[int], inner: InnerOpt
     if not indices or not state:
         return  # no stand-in step of the user's class where nothing takes its values
     fresh = fresh_values(inner.classes[bucket.group_index], inner.param_groups[bucket.group_index])
-    spans = [overlap.shard_span for overlap in
-             (bucket.layout.overlap(i, bucket.rank) for i in sorted(indices))
-             if overlap is not None]
-    for key, tensor in state.items():
-        if isinstance(tensor, torch.Tensor) and tensor.shape == bucket.master.shape:
-            for span in spans:
-                tensor[span].fill_(fresh.get(key, 0.0))
-
-
-def _shaped_like(master: torch.Tensor, state: dict) -> list[torch.Tensor]:
-    """The state tensors kept element by element beside ``master`` (moments, momentum)."""
-    return [value for value in state.values()
-            if isinstance(value, torch.Tensor) and value.shape == master.shape]
+    _, per_element = split_state(state, bucket.master)
+    for key, tensor in per_element.items():
+        for span in bucket.shard_spans(indices):
+            tensor[span].fill_(fresh.get(key, 0.0))

@@ -17,9 +17,9 @@ import torch
 
 from . import _comm
 from ._bucket import to_memory_order
-from ._inner import _step_without_global_hooks, hyperparameters, standin_optimizer
+from ._inner import _step_without_global_hooks, hyperparameters, split_state, standin_optimizer
 from ._sharded_state import (check_one_scalar_per_bucket, load_from, memory_orders,
-                             parameter_names, split_state)
+                             parameter_names)
 
 
 @torch.no_grad()

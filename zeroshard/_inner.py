@@ -68,6 +68,18 @@ def hyperparameters(group: dict) -> dict:
     return {k: v for k, v in group.items() if k not in ("params", GROUP_CLASS_KEY)}
 
 
+def split_state(state: dict, like: torch.Tensor) -> tuple[dict, dict]:
+    """An optimizer state entry as (scalars, per-element tensors shaped like ``like``, the
+    tensor it belongs to: a shard, or a parameter). A 0-dim ``like`` has only scalars."""
+    scalars, per_element = {}, {}
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor) and value.shape == like.shape and like.dim() > 0:
+            per_element[key] = value
+        else:
+            scalars[key] = value.clone() if isinstance(value, torch.Tensor) else value
+    return scalars, per_element
+
+
 def standin_optimizer(optimizer_class: type, group: dict,
                       standin: torch.Tensor) -> torch.optim.Optimizer:
     """``optimizer_class`` over ``standin`` alone with ``group``'s settings: as the

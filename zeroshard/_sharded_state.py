@@ -37,6 +37,7 @@ from torch import nn
 
 from ._bucket import from_memory_order, is_row_major, to_memory_order
 from ._cleared import give_fresh_state
+from ._inner import split_state
 
 
 @dataclass
@@ -80,18 +81,6 @@ def memory_orders(opt) -> dict[str, tuple[int, ...]]:
     return {names[id(param)]: order for bucket in opt.sharding.every_bucket
             for param, order in zip(bucket.params, bucket.orders)
             if not is_row_major(order)}
-
-
-def split_state(state: dict, like: torch.Tensor) -> tuple[dict, dict]:
-    """An optimizer state entry as (scalars, per-element tensors shaped like ``like``, the
-    tensor it belongs to: a shard, or a parameter). A 0-dim ``like`` has only scalars."""
-    scalars, per_element = {}, {}
-    for key, value in state.items():
-        if isinstance(value, torch.Tensor) and value.shape == like.shape and like.dim() > 0:
-            per_element[key] = value
-        else:
-            scalars[key] = value.clone() if isinstance(value, torch.Tensor) else value
-    return scalars, per_element
 
 
 def stepped_states(opt, bucket):
@@ -243,15 +232,15 @@ def load_from(opt, source: Source, with_states: bool = True) -> None:
         # parameters, whose shard is its master (frozen since the save: its saved state
         # goes unused; it raised a KeyError halfway through the load, a helper's probe)
         stepped = bucket.master is not None and view.inner.owner_of(bucket.master) is not None
+        layouts = [source.optimizer_layout(names[id(p)]) if stepped and with_states else None
+                   for p in bucket.params]
         # the layout of the first parameter that has state: one without (no gradient
         # yet) gets a fresh state's values, not the loss of its whole bucket's state
-        layout = next((found for found in (source.optimizer_layout(names[id(p)])
-                                           for p in bucket.params) if found is not None), None) \
-            if stepped and with_states else None
+        layout = next((found for found in layouts if found is not None), None)
         states = {key: torch.zeros_like(target) for key in (layout[1] if layout else [])}
         # Note [a fresh state inside a shard's]: the whole bucket's, the same on every rank
-        without_state = {index for index, param in enumerate(bucket.params)
-                         if states and source.optimizer_layout(names[id(param)]) is None}
+        without_state = {index for index, found in enumerate(layouts)
+                         if states and found is None}
         for index, param in enumerate(bucket.params):
             overlap = bucket.layout.overlap(index, bucket.rank)
             if overlap is None:

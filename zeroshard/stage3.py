@@ -383,11 +383,10 @@ class UnitGatherer:
                         self._refuse_outside_its_unit, name, list(owners.values())), prepend=True))
         _keep_unit_hooks_out_of_compiled_graphs()
         self._gathered_storages: dict[int, Unit] = {}  # address -> unit (Unit.gathered_storages)
-        # Note [the last unit released with its caller]: each unit's parent module (None
-        # for the root's children), and the hooks put on those that kept one
+        # Note [the last unit released with its caller]: each unit's parent module, and
+        # the hooks put on those that kept one
         parent_of = {id(child): module for module in model.modules() for child in module.children()}
         self._caller_of = {id(u): parent_of.get(id(u.module)) for u in units[1:]}
-        self._caller_of = {k: (None if v is model else v) for k, v in self._caller_of.items()}
         self._caller_hooks: dict[int, object] = {}
         self._kept_for_caller: list[Unit] = []  # last units waiting for their caller's end
         self._handles = handles  # a caller's hook goes with the stage's, at close
@@ -484,7 +483,8 @@ class UnitGatherer:
         gathered until the forward of the module that called it ends, where that module
         is one (not the root, nor a container no one calls); whether it is kept."""
         caller = self._caller_of.get(id(unit))
-        if caller is None or isinstance(caller, (nn.ModuleList, nn.ModuleDict)):
+        if caller is None or caller is self.root.module or isinstance(
+                caller, (nn.ModuleList, nn.ModuleDict)):
             return False
         if id(caller) not in self._caller_hooks:
             self._caller_hooks[id(caller)] = handle = caller.register_forward_hook(
