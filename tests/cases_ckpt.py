@@ -540,3 +540,48 @@ def numpy_hyperparameters(ctx, folder: str):
     loaded = (group["lr"], tuple(group["betas"]))
     opt.close()
     return loaded
+
+
+class _ComputedTable(torch.nn.Module):
+    """A persistent buffer next to one the model computes (``persistent=False``: a
+    rotary ``inv_freq``, a causal mask as long as the configured length)."""
+
+    def __init__(self, length: int) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(4, 4)
+        self.register_buffer("kept", torch.zeros(4))
+        self.register_buffer("mask", torch.arange(float(length)), persistent=False)
+
+    def forward(self, x):
+        return self.a(x) + self.kept + self.mask[:4]
+
+
+def non_persistent_buffers(ctx, folder: str, length_on_load: int):
+    """Save a checkpoint of a model whose buffers changed in training, load it into a
+    fresh one whose computed ``mask`` has ``length_on_load`` elements. Returns what the
+    load raised (None), and whether every buffer then equals that of the same fresh
+    model given the saved one's ``state_dict()`` by torch's ``load_state_dict``."""
+    torch.manual_seed(0)
+    saved_model = _ComputedTable(4)
+    opt = zeroshard.ZeroOptimizer(saved_model, torch.optim.AdamW, stage=2, lr=1e-2,
+                                  process_group=ctx.group)
+    saved_model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    with torch.no_grad():
+        saved_model.kept.fill_(2.0)
+        saved_model.mask.mul_(-3.0)  # computed anew by a fresh model; torch saves none
+    zeroshard.save_checkpoint(folder, saved_model, opt)
+    expected = _ComputedTable(length_on_load)
+    expected.load_state_dict(saved_model.state_dict())
+    opt.close()
+    model = _ComputedTable(length_on_load)
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.AdamW, stage=2, lr=1e-2,
+                                  process_group=ctx.group)
+    try:
+        zeroshard.load_checkpoint(folder, model, opt)
+        error = None
+    except ValueError as exc:
+        error = str(exc)
+    same = all(torch.equal(b, e) for b, e in zip(model.buffers(), expected.buffers()))
+    opt.close()
+    return error, same

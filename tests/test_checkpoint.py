@@ -195,6 +195,9 @@ BAD_CHECKPOINTS = {
     "seen_by_one_rank": ["not a zeroshard checkpoint", "LATEST"],
     # one byte of a shard's values flipped, the size unchanged: it loaded, silently
     "corrupted_file": ["rank00001.pt", "is corrupted", "CRC-32", "load another"],
+    # meta.pt holds the optimizer's scalars (Adam's step): one changed loaded, silently
+    "corrupted_meta": ["meta.pt is corrupted", "CRC-32", "load another"],
+    "missing_meta_checksum": ["meta.crc32 is missing", "load another"],
 }
 
 
@@ -219,7 +222,11 @@ def test_bad_checkpoint_is_refused_on_every_rank_and_changes_nothing(pool, tmp_p
         data = (version / "rank00000.pt").read_bytes()
         (version / "rank00000.pt").write_bytes(data[: len(data) // 2])
     elif which == "corrupted_file":
-        _flip_a_byte_of_the_values(version / "rank00001.pt")
+        _flip_a_byte_of(version / "rank00001.pt", "/data/")
+    elif which == "corrupted_meta":
+        _flip_a_byte_of(version / "meta.pt", "/data.pkl")
+    elif which == "missing_meta_checksum":
+        (version / "meta.crc32").unlink()
     elif which == "not_a_checkpoint":
         folder = tmp_path / "empty"
         folder.mkdir()
@@ -236,12 +243,12 @@ def test_bad_checkpoint_is_refused_on_every_rank_and_changes_nothing(pool, tmp_p
         assert res["unchanged"], (rank, which)
 
 
-def _flip_a_byte_of_the_values(file) -> None:
-    """Flip one byte inside a tensor's data record of a torch.save file: the file keeps
-    its size and still loads (torch.load checks no checksum)."""
+def _flip_a_byte_of(file, record_name: str) -> None:
+    """Flip one byte inside a record of a torch.save file (a tensor's data: "/data/"; the
+    pickle: "/data.pkl"): the file keeps its size (torch.load checks no checksum)."""
     import zipfile
     with zipfile.ZipFile(file) as archive:
-        record = next(i for i in archive.infolist() if "/data/" in i.filename and i.file_size)
+        record = next(i for i in archive.infolist() if record_name in i.filename and i.file_size)
     data = bytearray(file.read_bytes())
     # the record's bytes follow its local header (30 bytes + name + extra field)
     name_length = int.from_bytes(data[record.header_offset + 26:record.header_offset + 28], "little")
@@ -291,6 +298,18 @@ def test_a_buffer_registered_in_two_modules_loads_back(pool, tmp_path):
                                      str(tmp_path / "ckpt")):
         assert errors == [None, None], errors
         assert torch.equal(restored, torch.ones(4)), restored
+
+
+@pytest.mark.parametrize("length_on_load", [4, 6])
+def test_a_checkpoint_restores_the_buffers_torch_restores(pool, tmp_path, length_on_load):
+    """Note [buffers a checkpoint holds]: the persistent buffers, as torch's
+    ``load_state_dict``. A computed (non-persistent) buffer was saved and restored: a
+    changed one came back changed (a bf16-rounded ``inv_freq`` in an fp32 resume, a
+    helper's probe), and one of another length was refused."""
+    for error, same in pool.run(cases_ckpt.non_persistent_buffers, 2, str(tmp_path / "ckpt"),
+                                length_on_load):
+        assert error is None, error
+        assert same
 
 
 def test_a_stage3_load_inside_summon_full_params_is_refused(pool, tmp_path):

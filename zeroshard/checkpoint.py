@@ -10,6 +10,7 @@ On disk, ``path`` is a folder that holds one complete checkpoint and a pointer t
                            fp32 master values and per-element optimizer states
     path/v000003/extra00001.pt  rank 1's ``extra``
     path/v000003/crc00001.txt   the CRC-32 of each file rank 1 wrote (Note [checksums])
+    path/v000003/meta.crc32     the CRC-32 of meta.pt
     path/v000004.partial/  a save in progress, or one that crashed: never loaded,
                            removed by the next save (as is a version folder that a
                            crash left unnamed by LATEST)
@@ -34,6 +35,15 @@ Note [checksums]:
     (each reads its share once, in chunks); a mismatch raises on the rank that found
     it, naming the file, and "another rank failed" on the others. A checkpoint saved
     before checksums has none, and loads as before (sizes checked only).
+
+    ``meta.pt`` cannot hold its own CRC-32, and it holds what a resume reads as numbers:
+    the per-parameter optimizer scalars (Adam's ``step``) and the hyper-parameters. Its
+    bytes went unchecked: a helper's probe changed a saved ``step`` from 3 to 1 and the
+    resume loaded it without a word, 2.8e-3 to 5.3e-3 from the run that never stopped.
+    So rank 0 writes its CRC-32 to ``meta.crc32`` beside it, and every rank checks it
+    before unpickling ``meta.pt`` (a small file, read whole by each). ``meta.pt`` says
+    it has one (``"meta_checksum"``), so a checkpoint that lost the file is refused; one
+    saved before has neither, and loads as before.
 
 Note [why not torch.distributed.checkpoint]:
     DCP reshards tensors that describe their own sharding (DTensor, ShardedTensor).
@@ -68,6 +78,7 @@ FORMAT = "zeroshard-checkpoint"
 # its pieces scrambled.
 FORMAT_VERSION = 2
 LATEST = "LATEST"
+META_CHECKSUM = "meta.crc32"
 
 
 def save_checkpoint(path, model, opt, extra=None) -> None:
@@ -98,7 +109,10 @@ def save_checkpoint(path, model, opt, extra=None) -> None:
     layouts = optimizer_layouts(opt)
     whole = {name for b in view.buckets if b.owns_whole_parameters
              for name in b.param_names}
-    buffers = {name: b.detach().clone() for name, b in model.named_buffers()} if view.rank == 0 else {}
+    # the persistent buffers, as model.state_dict() holds them (Note [buffers a checkpoint holds])
+    persistent = buffer_aliases(model)
+    buffers = ({name: b.detach().clone() for name, b in model.named_buffers() if name in persistent}
+               if view.rank == 0 else {})
 
     def write_mine():
         _refuse_unseen_staging(staging, view.rank)
@@ -122,7 +136,9 @@ def save_checkpoint(path, model, opt, extra=None) -> None:
         meta = _describe(opt, model)
         meta["files"] = {f.name: f.stat().st_size for f in sorted(staging.iterdir())}
         meta["checksums"] = _read_checksums(staging)
-        _save_synced(meta, staging / "meta.pt")
+        meta["meta_checksum"] = True
+        crc = _save_synced(meta, staging / "meta.pt")
+        _write_text_synced(staging / META_CHECKSUM, f"{crc}\n")  # Note [checksums]
         _fsync_dir(staging)
         os.rename(staging, final)
         _fsync_dir(root)
@@ -150,7 +166,7 @@ def load_checkpoint(path, model, opt):
         # (inside the shared step: a folder one rank cannot see, per-node disks or a copy
         # that did not reach it, left the others waiting in the load's collectives)
         folder = state["folder"] = _resolve_latest(Path(path))
-        meta = state["meta"] = _load_file(folder / "meta.pt", weights_only=True)
+        meta = state["meta"] = _load_meta(folder)
         _check_meta(meta, folder, opt, model)
         _check_contents(meta, folder, view.rank, view.world_size)
         for r in range(meta["world_size"]):
@@ -166,11 +182,12 @@ def load_checkpoint(path, model, opt):
 
     meta, buffers = state["meta"], state["buffers"]
     load_from(opt, state["source"])
+    aliases = buffer_aliases(model)  # Note [buffers a checkpoint holds]
     with torch.no_grad():
         for name, buffer in model.named_buffers():
-            saved = buffers.get(name)
-            if saved is not None:
-                buffer.copy_(saved)
+            key = next((a for a in aliases.get(name, []) if a in buffers), None)
+            if key is not None:
+                buffer.copy_(buffers[key])
     for group, inner, saved in zip(opt.param_groups, view.inner.param_groups, meta["param_groups"]):
         group.update(saved["hyperparameters"])
         inner.update(saved["hyperparameters"])
@@ -255,12 +272,28 @@ def _check_contents(meta: dict, folder: Path, rank: int, world_size: int) -> Non
     the CRC-32 taken as they were written."""
     names = sorted(meta.get("checksums", {}))  # none in a checkpoint saved before them
     for name in names[rank::world_size]:
-        found = _crc32_of(folder / name)
-        if found != meta["checksums"][name]:
-            raise ValueError(f"checkpoint file {folder / name} is corrupted: its CRC-32 is "
-                             f"{found:08x}, {meta['checksums'][name]:08x} when it was written: "
-                             "this checkpoint is damaged; load another (a copy, or one saved "
-                             "to another folder)")
+        _check_crc32(folder / name, meta["checksums"][name])
+
+
+def _check_crc32(file: Path, written: int) -> None:
+    found = _crc32_of(file)
+    if found != written:
+        raise ValueError(f"checkpoint file {file} is corrupted: its CRC-32 is {found:08x}, "
+                         f"{written:08x} when it was written: this checkpoint is damaged; "
+                         "load another (a copy, or one saved to another folder)")
+
+
+def _load_meta(folder: Path) -> dict:
+    """``meta.pt``, read once its CRC-32 matched ``meta.crc32`` (Note [checksums])."""
+    file, checksum = folder / "meta.pt", folder / META_CHECKSUM
+    written = checksum.read_text().strip() if checksum.is_file() else None
+    if written is not None:
+        _check_crc32(file, int(written) if written.isdigit() else -1)
+    meta = _load_file(file, weights_only=True)
+    if written is None and isinstance(meta, dict) and meta.get("meta_checksum"):
+        raise ValueError(f"checkpoint file {checksum} is missing (meta.pt was saved with it): "
+                         "this checkpoint is damaged; load another")
+    return meta
 
 
 def _crc32_of(file: Path, chunk_bytes: int = 1 << 24) -> int:
@@ -286,8 +319,17 @@ def _check_buffers(saved: dict, folder: Path, model) -> None:
     (one missing kept its initial value, one unexpected was dropped, silently: a
     helper's probe), and every saved buffer the model has fits its shape (a broadcastable
     one was copied across it, silently; another failed after the parameters had
-    changed: a helper's probes)."""
-    buffers = dict(model.named_buffers())
+    changed: a helper's probes).
+
+    Note [buffers a checkpoint holds]:
+        The persistent ones, those ``model.state_dict()`` holds, and a load restores
+        those only, as torch's ``load_state_dict`` does. A non-persistent buffer is
+        computed by the model (a rotary embedding's ``inv_freq``, a causal mask sized by
+        the configured length); checkpoints held and restored them all, until this
+        change. A helper's probe: a bf16 ``inv_freq`` saved under a ``MixedPrecision``
+        policy stayed bf16-rounded in an fp32 resume (1.25e-4 from the fp32 model's), and
+        a mask of another length was refused. A checkpoint saved before this change
+        holds them; the load skips them, as it skips any name the model computes."""
     aliases = buffer_aliases(model)  # a buffer registered in two modules is saved once
     missing = sorted(name for name, names in aliases.items() if not any(a in saved for a in names))
     unexpected = sorted(set(saved) - {name for name, _ in model.named_buffers(remove_duplicate=False)})
@@ -295,12 +337,12 @@ def _check_buffers(saved: dict, folder: Path, model) -> None:
         raise ValueError(f"checkpoint {folder} does not hold this model's buffers: missing "
                          f"{missing[:5]}, unexpected {unexpected[:5]}. Load it into the model "
                          "it was saved from")
-    for name, buffer in buffers.items():
-        value = saved.get(name)
-        if value is not None and value.shape != buffer.shape:
-            raise ValueError(f"checkpoint {folder} holds buffer {name!r} of shape "
-                             f"{tuple(value.shape)}; the model's is {tuple(buffer.shape)}. Load "
-                             "it into the model it was saved from")
+    for name, buffer in model.named_buffers():
+        key = next((a for a in aliases.get(name, []) if a in saved), None)
+        if key is not None and saved[key].shape != buffer.shape:
+            raise ValueError(f"checkpoint {folder} holds buffer {key!r} of shape "
+                             f"{tuple(saved[key].shape)}; the model's is {tuple(buffer.shape)}. "
+                             "Load it into the model it was saved from")
 
 
 class _CheckpointSource:
