@@ -1145,8 +1145,13 @@ def a_parameter_without_state_inside_a_shard(ctx, stage: int, how: str,
     parameter difference (zeros there held the weight still, a helper's probe: 1e-2 ..
     5.4e-2 from DDP; a resume that took its fresh values for its own state, 3.6e-2: a
     reviewer's), and what was said: the load's warnings of a parameter without state
-    under its bucket's count, and whether full_state_dict() gave it a state."""
+    under its bucket's count, and whether full_state_dict() gave it a state.
+    "loaded_adagrad": "loaded" with Adagrad, whose state dict holds ``step`` 0 for the
+    cleared weight beside 2 (Note [a state never stepped]: refused as differing counts
+    before, a reviewer's probe)."""
     cls, kwargs = torch.optim.Rprop, {"lr": 0.01}
+    if how == "loaded_adagrad":
+        cls, kwargs, how = torch.optim.Adagrad, {"lr": 0.1, "initial_accumulator_value": 0.1}, "loaded"
     model = build_model(MLP, seed=0)
     reference = DDP(build_model(MLP, seed=0), process_group=ctx.group)
     ref_opt = cls(reference.parameters(), **kwargs)

@@ -172,9 +172,10 @@ def check_one_scalar_per_bucket(opt, layout_of) -> None:
             continue
         first = None
         stateless = []
-        for param in bucket.params:
-            layout = layout_of(names[id(param)])
-            if layout is None:
+        layouts = [layout_of(names[id(param)]) for param in bucket.params]
+        counted = _counting_layout(layouts)
+        for param, layout in zip(bucket.params, layouts):
+            if layout is None or (_never_stepped(layout) and not _never_stepped(counted)):
                 stateless.append(names[id(param)])
                 continue  # never had a gradient: a fresh state, under the bucket's scalars
             if first is None:
@@ -192,7 +193,8 @@ def check_one_scalar_per_bucket(opt, layout_of) -> None:
     if counted_without_state:
         shown = counted_without_state[:6]
         warnings.warn(
-            f"zeroshard: the optimizer state to load holds no state for {len(counted_without_state)} "
+            f"zeroshard: the optimizer state to load holds no state, or one never stepped, for "
+            f"{len(counted_without_state)} "
             f"parameter(s) ({', '.join(f'{name!r} beside {mate!r}' for name, (mate, _) in shown)}"
             f"{', ...' if len(counted_without_state) > len(shown) else ''}), which this optimizer "
             f"steps in one bucket with parameters that have one ({_scalars(shown[0][1][1])}): "
@@ -201,6 +203,32 @@ def check_one_scalar_per_bucket(opt, layout_of) -> None:
             "(parameters that never get one: no matter). Load where they are in buckets of "
             "their own (the stage and units= the state was saved with, or a smaller "
             "bucket_size_mb) to follow torch exactly", stacklevel=3)
+
+
+def _counting_layout(layouts: list) -> tuple[dict, list[str]] | None:
+    """The saved layout whose scalars a bucket of parameters with ``layouts`` takes: the
+    first that was stepped (Note [a state never stepped]), or else the first."""
+    present = [layout for layout in layouts if layout is not None]
+    return next((layout for layout in present if not _never_stepped(layout)),
+                present[0] if present else None)
+
+
+def _never_stepped(layout: tuple[dict, list[str]]) -> bool:
+    """The state of a class that makes one before its first step (Adagrad), saved for a
+    parameter that never had a gradient: its counts zero.
+
+    Note [a state never stepped]:
+        A torch state dict of Adagrad, which makes every parameter's state when it is
+        built, holds ``step`` 0 for a parameter that never had a gradient (an unused
+        branch under DDP) beside ``step`` 2 for the rest. A bucket holds one count, so
+        such a load was refused as differing counts, naming stage-3 units (a reviewer's
+        probe, from a plain DDP run). Such a count is not the parameter's own history
+        but the class's starting value: the bucket's count takes it, as it takes a
+        parameter with no state at all (its per-element states load as saved, the
+        class's own starting values), with the same warning. A bucket of parameters that
+        none stepped keeps the zero counts."""
+    scalars = layout[0]
+    return bool(scalars) and all(not torch.as_tensor(v).any() for v in scalars.values())
 
 
 def _same_scalars(a: dict, b: dict) -> bool:
@@ -234,9 +262,10 @@ def load_from(opt, source: Source, with_states: bool = True) -> None:
         stepped = bucket.master is not None and view.inner.owner_of(bucket.master) is not None
         layouts = [source.optimizer_layout(names[id(p)]) if stepped and with_states else None
                    for p in bucket.params]
-        # the layout of the first parameter that has state: one without (no gradient
-        # yet) gets a fresh state's values, not the loss of its whole bucket's state
-        layout = next((found for found in layouts if found is not None), None)
+        # the layout of the first parameter that has state (and was stepped: Note [a
+        # state never stepped]): one without (no gradient yet) gets a fresh state's
+        # values, not the loss of its whole bucket's state
+        layout = _counting_layout(layouts)
         states = {key: torch.zeros_like(target) for key in (layout[1] if layout else [])}
         # Note [a fresh state inside a shard's]: the whole bucket's, the same on every rank
         without_state = {index for index, found in enumerate(layouts)
