@@ -252,20 +252,31 @@ def _late_branch_steps(ctx, model, opt, start: int, count: int) -> None:
         opt.zero_grad()
 
 
-def step_counts_that_differ_within_a_bucket(ctx, folder: str, how: str):
+STEP_COUNTING = {"AdamW": (torch.optim.AdamW, {"lr": 1e-2}),
+                 # Note [scalars that do not change the step]: read with lr_decay only
+                 "Adagrad": (torch.optim.Adagrad, {"lr": 1e-1}),
+                 "Adagrad_lr_decay": (torch.optim.Adagrad, {"lr": 1e-1, "lr_decay": 0.5})}
+
+
+def step_counts_that_differ_within_a_bucket(ctx, folder: str, how: str, optimizer: str):
     """Stage 3 with a unit per Linear steps a unit no rank ran one step fewer (as torch
-    skips a parameter whose gradient is None), so AdamW's ``step`` differs by parameter
-    after 3 steps. Loaded (``how``: "checkpoint" or "full") at stage 1, where one bucket
-    holds them all, it took the first parameter's, silently (5e-3 from the run that
-    never stopped, a helper's probe); now refused on every rank, changing nothing.
+    skips a parameter whose gradient is None), so the ``step`` of ``optimizer``
+    (``STEP_COUNTING``) differs by parameter after 3 steps. Loaded (``how``:
+    "checkpoint" or "full") at stage 1, where one bucket holds them all, AdamW took the
+    first parameter's, silently (5e-3 from the run that never stopped, a helper's
+    probe); now refused on every rank, changing nothing, where the count changes the
+    step (AdamW, Adagrad with ``lr_decay``), and loaded where it does not (Adagrad).
     Loaded at stage 3 as saved, it goes on like the run that never stopped. Returns
-    (the refusal as "Type: message", None if none; unchanged; the largest difference
-    of the stage-3 resume from it)."""
+    (the refusal as "Type: message", None if none; unchanged, or where it loaded the
+    largest difference of the stage-1 resume from the run that never stopped; that of
+    the stage-3 resume)."""
+    optimizer_class, kwargs = STEP_COUNTING[optimizer]
+
     def build(stage):
         torch.manual_seed(0)
         model = _LateBranch()
         return model, zeroshard.ZeroOptimizer(
-            model, torch.optim.AdamW, stage=stage, lr=1e-2, process_group=ctx.group,
+            model, optimizer_class, stage=stage, process_group=ctx.group, **kwargs,
             **({"units": torch.nn.Linear} if stage == 3 else {}))
 
     model, opt = build(3)
@@ -284,6 +295,10 @@ def step_counts_that_differ_within_a_bucket(ctx, folder: str, how: str):
 
     model, opt = build(1)
     refusal, unchanged = _refused_unchanged(model, opt, lambda: load(model, opt))
+    if refusal is None:
+        _late_branch_steps(ctx, model, opt, 3, 2)
+        unchanged = max((a - b).abs().max().item()
+                        for a, b in zip(full_params(model, opt), never_stopped))
     opt.close()
     model, opt = build(3)
     load(model, opt)

@@ -527,7 +527,9 @@ def _clear(how: str, model, optimizer) -> None:
         assert how == "none", how  # gradients accumulate into the next step, as torch does
 
 
-BETWEEN_STEPS = (None, "ema", "summon_eval", "load", "rebuild")
+# ("resume": a checkpoint saved and loaded into a new ZeroOptimizer of the next stage;
+# "resume_full": full state dicts, on rank 0 only, into one of the same stage)
+BETWEEN_STEPS = (None, "ema", "summon_eval", "load", "rebuild", "resume", "resume_full")
 # Note [a backward that raised] in zeroshard/_reducer.py: where a skipped batch's
 # backward raises (none; at the loss's gradient, before the stage's backward starts;
 # halfway through the model)
@@ -648,9 +650,11 @@ def drive_loop(ctx, stage: int, plan: dict):
     retained graph with ``zero_grad()`` between, an evaluation forward, clipping, and what
     happens between steps: an
     EMA update (``AveragedModel``), evaluation on rank 0 inside ``summon_full_params()``,
-    ``model.load_state_dict`` of other weights, or ``close()`` and a new optimizer),
-    applied alike to zeroshard and to DDP with the same torch optimizer. Returns the
-    largest parameter difference after each step, and at the end the EMA's."""
+    ``model.load_state_dict`` of other weights, ``close()`` and a new optimizer, or a
+    resume: ``close()`` and a new optimizer given the state saved before, by a checkpoint
+    (at the next stage) or by full state dicts (on rank 0 only), while DDP goes on with
+    its optimizer), applied alike to zeroshard and to DDP with the same torch optimizer.
+    Returns the largest parameter difference after each step, and at the end the EMA's."""
     spec = plan["model"]
     model = build_model(spec, seed=ctx.rank)
     reference = DDP(build_model(spec, seed=0), process_group=ctx.group)
@@ -658,12 +662,14 @@ def drive_loop(ctx, stage: int, plan: dict):
     kwargs = {**kwargs, "weight_decay": plan["weight_decay"]}
     mesh = ctx.mesh(plan.get("mesh"))
 
-    def new_optimizers():
+    def new_zero(stage):
         ranks = {"mesh": mesh} if mesh is not None else {"process_group": ctx.group}
-        made = zeroshard.ZeroOptimizer(model, optimizer_class, stage=stage, bucket_size_mb=1e-4,
+        return zeroshard.ZeroOptimizer(model, optimizer_class, stage=stage, bucket_size_mb=1e-4,
                                        **ranks, **kwargs,
                                        **({"units": torch.nn.Linear} if stage == 3 else {}))
-        return made, optimizer_class(reference.parameters(), **kwargs)
+
+    def new_optimizers():
+        return new_zero(stage), optimizer_class(reference.parameters(), **kwargs)
     opt, ref_opt = new_optimizers()
     ema = ref_ema = None
     diffs = []
@@ -727,6 +733,10 @@ def drive_loop(ctx, stage: int, plan: dict):
             opt.close()
             ref_opt.zero_grad()
             opt, ref_opt = new_optimizers()
+        elif between in ("resume", "resume_full"):
+            stage = stage % 3 + 1 if between == "resume" else stage
+            opt = _resumed(ctx, opt, model, lambda: new_zero(stage), between)
+            ref_opt.zero_grad()
         else:
             assert between is None, between
         diffs.append(largest_difference(opt, model, reference))
@@ -735,6 +745,34 @@ def drive_loop(ctx, stage: int, plan: dict):
                          zip(ema.parameters(), ref_ema.parameters())))
     opt.close()
     return diffs
+
+
+def _resumed(ctx, opt, model, new_zero, how: str):
+    """``opt``'s state saved (a checkpoint in a folder rank 0 makes, or full state dicts
+    that rank 0 alone holds and passes), ``opt`` closed, and a new optimizer from
+    ``new_zero()`` given that state (``drive_loop``'s "resume" and "resume_full")."""
+    import shutil
+    import tempfile
+    if how == "resume_full":
+        saved = opt.full_state_dict()
+        opt.close()
+        opt = new_zero()
+        with warnings.catch_warnings():  # Note [a fresh state inside a shard's]: the
+            warnings.simplefilter("ignore")  # shared counts, which these classes lack
+            opt.load_full_state_dict(*(saved if saved is not None else (None, None)))
+        return opt
+    shared = [tempfile.mkdtemp() if ctx.rank == 0 else None]
+    dist.broadcast_object_list(shared, src=dist.get_global_rank(ctx.group, 0), group=ctx.group)
+    zeroshard.save_checkpoint(shared[0], model, opt)
+    opt.close()
+    opt = new_zero()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        zeroshard.load_checkpoint(shared[0], model, opt)
+    dist.barrier(group=ctx.group)
+    if ctx.rank == 0:
+        shutil.rmtree(shared[0])
+    return opt
 
 
 def torch_clip_over_model_parameters(ctx, stage: int):

@@ -320,10 +320,16 @@ def test_a_stage3_load_inside_summon_full_params_is_refused(pool, tmp_path):
         assert kept
 
 
+@pytest.mark.parametrize("optimizer", sorted(cases_ckpt.STEP_COUNTING))
 @pytest.mark.parametrize("how", ["checkpoint", "full"])
-def test_step_counts_that_differ_within_a_new_bucket_are_refused(pool, tmp_path, how):
+def test_step_counts_that_differ_within_a_new_bucket_are_refused(pool, tmp_path, how, optimizer):
     for rank, (refusal, unchanged, resumed) in enumerate(pool.run(
-            cases_ckpt.step_counts_that_differ_within_a_bucket, 2, str(tmp_path / "ckpt"), how)):
+            cases_ckpt.step_counts_that_differ_within_a_bucket, 2, str(tmp_path / "ckpt"), how,
+            optimizer)):
+        if optimizer == "Adagrad":  # Note [scalars that do not change the step]
+            assert refusal is None, refusal
+            assert unchanged < 1e-6 and resumed < 1e-6, (unchanged, resumed)
+            continue
         if how == "full" and rank > 0:  # rank 0 holds the dicts, and checks them
             assert refusal.startswith("RuntimeError: another rank failed"), refusal
             assert unchanged and resumed < 1e-6, (unchanged, resumed)

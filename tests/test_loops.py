@@ -510,7 +510,8 @@ def test_drawn_ways_of_driving_the_loop_equal_ddp(pool, stage, world_size, plan)
     to None between backward and step (Note [a gradient cleared before the step]),
     micro-batches, a second backward through a retained graph, evaluation forwards,
     clipping, and between steps an EMA update, evaluation on rank 0 inside
-    summon_full_params, load_state_dict, or close() and a new optimizer; SGD with
+    summon_full_params, load_state_dict, close() and a new optimizer, or a resume (a
+    checkpoint loaded at the next stage, or full state dicts from rank 0); SGD with
     momentum, Adagrad or Adadelta; over a process group or a mesh: DDP's parameters after
     every step, and the EMA's (fp32 noise: 1e-6)."""
     shapes = {None: None, "replicate": (world_size, 1), "shard": (1, world_size)}

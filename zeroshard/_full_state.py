@@ -497,7 +497,8 @@ def load_full_state(opt, model_sd: dict | None, optim_sd: dict | None) -> None:
         check_full_state(opt, opened, optim_sd)
         sources["local"] = FullStateSource(opt, opened, optim_sd)
         if with_states:
-            check_one_scalar_per_bucket(opt, sources["local"].optimizer_layout)
+            check_one_scalar_per_bucket(opt, sources["local"].optimizer_layout,
+                                        [hyperparameters(g) for g in optim_sd["param_groups"]])
         if not everywhere and with_states:
             sources["layouts"] = sources["local"].optimizer_layouts()
     _comm.run_and_share(open_and_check if holds_dicts else None, group=view.ranks,

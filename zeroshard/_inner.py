@@ -132,6 +132,50 @@ def fresh_values(optimizer_class: type, group: dict) -> dict[str, float]:
             and bool((value == value[0]).all())}
 
 
+def scalars_change_the_step(optimizer_class: type, group: dict, first: dict, other: dict) -> bool:
+    """Note [scalars that do not change the step]:
+        A bucket's shard has one set of scalar states, so a load that would put
+        parameters saved with different ones in one bucket (Adagrad's ``step`` of a
+        weight whose gradient was None in some steps, beside its bias's) is refused
+        (``check_one_scalar_per_bucket``). Many classes keep such a count and never
+        read it, or not with their settings: Adadelta and Rprop count steps only,
+        Adagrad reads its count only with ``lr_decay``. There the refusal barred a
+        resume that loses nothing: a checkpoint of a warm-up freeze at stage 1 or 2
+        (each parameter its own count) loaded at stage 3 (a Linear's weight and bias in
+        one unit's bucket) was refused (the drawn loop test with resumes). So the load
+        asks the class: one step of a stand-in with ``group``'s settings, from the
+        ``first`` scalars and from the ``other``, on the same values and gradients, two
+        steps. Where both give the same values and per-element states, bit for bit, the bucket
+        takes ``first``'s, and the steps that follow are torch's; otherwise (Adam's bias
+        correction, NAdam's ``mu_product``), or where the stand-in cannot step, the
+        load is refused, as before."""
+    if first.keys() != other.keys():
+        return True
+    outcomes = []
+    for scalars in (first, other):
+        # fp64: a count that changes the step by less than fp32 resolves still changes it
+        standin = torch.tensor([0.5, -1.5], dtype=torch.float64, requires_grad=True)
+        try:
+            probe = standin_optimizer(optimizer_class, group, standin)
+            standin.grad = torch.tensor([0.25, -0.75], dtype=torch.float64)
+            _step_without_global_hooks(probe)  # makes the state, as a real one holds
+            state = probe.state[standin]
+            for key, value in scalars.items():
+                made = state.get(key)
+                state[key] = (torch.as_tensor(value).to(made.dtype).reshape(made.shape).clone()
+                              if isinstance(made, torch.Tensor) else value)
+            for gradient in ([-0.5, 1.0], [0.125, 0.5]):  # a scalar made from the count
+                standin.grad = torch.tensor(gradient, dtype=torch.float64)  # in one step is
+                _step_without_global_hooks(probe)  # read in the next (ASGD's eta)
+        except Exception:  # noqa: BLE001 -- cannot tell: the scalars matter
+            return True
+        outcomes.append([standin.detach().clone()] + [
+            value.clone() for value in state.values()
+            if isinstance(value, torch.Tensor) and value.shape == standin.shape])
+    return len(outcomes[0]) != len(outcomes[1]) or not all(
+        torch.equal(a, b) for a, b in zip(*outcomes))
+
+
 class InnerOptimizers:
     """One optimizer per class over ``tensors[i]`` for group ``i``; see the module doc."""
 

@@ -19,7 +19,8 @@ a bucket whose parameters were saved with different scalars (Adam's ``step`` of 
 stage-3 unit that no rank ran in some step, loaded where one bucket holds it and
 others) is refused before anything changes (``check_one_scalar_per_bucket``): it
 took the first's, and the resumed run drifted 5e-3 from the one that never stopped
-(a helper's probe).
+(a helper's probe). Not where those scalars do not change the class's step (Note
+[scalars that do not change the step] in _inner.py: Adagrad without ``lr_decay``).
 A parameter stepped whole (Note [whole-parameter ownership] in _layout.py) is one
 piece on its owner; its per-element states are those shaped like it (Muon's
 momentum), and the rest (Adafactor's row and column statistics) are saved whole
@@ -37,7 +38,7 @@ from torch import nn
 
 from ._bucket import from_memory_order, is_row_major, to_memory_order
 from ._cleared import give_fresh_state
-from ._inner import split_state
+from ._inner import hyperparameters, scalars_change_the_step, split_state
 
 
 @dataclass
@@ -160,10 +161,13 @@ def optimizer_layouts(opt) -> dict[str, tuple[dict, list[str]]]:
     return layouts
 
 
-def check_one_scalar_per_bucket(opt, layout_of) -> None:
+def check_one_scalar_per_bucket(opt, layout_of, saved_groups: list[dict] | None = None) -> None:
     """Raise unless the parameters of each bucket this optimizer steps in shards were
     saved with the same scalar states (``layout_of(name)``: ``Source.optimizer_layout``),
-    or none; the same answer on every rank (the layouts of the whole bucket)."""
+    or none, or with scalars that do not change the step of their class with the
+    settings the load gives their group (``saved_groups``, the saved hyper-parameters
+    per param group; None: the groups' own): Note [scalars that do not change the step]
+    in _inner.py. The same answer on every rank (the layouts of the whole bucket)."""
     view = opt.sharding
     names = parameter_names(view.model)
     counted_without_state = []  # Note [a fresh state inside a shard's], under a count
@@ -180,7 +184,11 @@ def check_one_scalar_per_bucket(opt, layout_of) -> None:
                 continue  # never had a gradient: a fresh state, under the bucket's scalars
             if first is None:
                 first = names[id(param)], layout[0]
-            elif not _same_scalars(first[1], layout[0]):
+            elif not _same_scalars(first[1], layout[0]) and scalars_change_the_step(
+                    view.inner.classes[bucket.group_index],
+                    {**hyperparameters(view.inner.param_groups[bucket.group_index]),
+                     **(hyperparameters(saved_groups[bucket.group_index]) if saved_groups else {})},
+                    first[1], layout[0]):
                 raise ValueError(
                     f"the optimizer state to load has {_scalars(first[1])} for {first[0]!r} "
                     f"and {_scalars(layout[0])} for {names[id(param)]!r}, which this "

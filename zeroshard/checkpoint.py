@@ -175,7 +175,8 @@ def load_checkpoint(path, model, opt):
                 state["buffers"] = file["buffers"]
         _check_buffers(state["buffers"], folder, model)
         state["source"] = _CheckpointSource(meta, folder, parameter_names(model), memory_orders(opt))
-        check_one_scalar_per_bucket(opt, state["source"].optimizer_layout)
+        check_one_scalar_per_bucket(opt, state["source"].optimizer_layout,
+                                    [group["hyperparameters"] for group in meta["param_groups"]])
         extra_rank = view.rank if view.rank < meta.get("ranks", meta["world_size"]) else 0
         state["extra"] = _load_file(folder / _extra_file(extra_rank), weights_only=False)
     _share(opt, read_all)
