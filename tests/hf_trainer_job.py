@@ -78,9 +78,32 @@ def full_parameters(model, opt=None) -> dict[str, torch.Tensor]:
         return {n: p.detach().float().clone() for n, p in model.named_parameters()}
 
 
+class OwnZeroOptimizer(ZeroTrainer):
+    """A subclass choosing its optimizer, as Trainer's docs say: ``create_optimizer``
+    sets ``self.optimizer``, here a ZeroOptimizer at stage 2 over Trainer's groups."""
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            decay = set(self.get_decay_parameter_names(self.model))
+            named = list(self.model.named_parameters())
+            groups = [{"params": [p for n, p in named if n in decay],
+                       "weight_decay": self.args.weight_decay},
+                      {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}]
+            self.optimizer = zeroshard.ZeroOptimizer(self.model, torch.optim.AdamW, stage=2,
+                                                     param_groups=groups, lr=self.args.learning_rate)
+        return self.optimizer
+
+
+class OwnPlainOptimizer(ZeroTrainer):
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.args.learning_rate)
+        return self.optimizer
+
+
 def run(out: str, bf16: bool, stage: int | None, resume: str | None = None,
-        frozen_vectors: bool = False) -> tuple:
-    """Trainer + DDP (stage None) or ZeroTrainer at ``stage``; (trainer, model).
+        frozen_vectors: bool = False, trainer_class: type = ZeroTrainer) -> tuple:
+    """Trainer + DDP (stage None) or ``trainer_class`` at ``stage``; (trainer, model).
     ``frozen_vectors``: the biases and LayerNorm weights frozen, so Trainer's no-decay
     param group is empty (a LoRA model's is)."""
     model = tiny_gpt2()
@@ -91,10 +114,37 @@ def run(out: str, bf16: bool, stage: int | None, resume: str | None = None,
         trainer = Trainer(model=model, args=arguments(out, bf16), **data)
     else:
         options = {"units": type(model.transformer.h[0])} if stage == 3 else {}
-        trainer = ZeroTrainer(model=model, args=arguments(out, bf16), zero_stage=stage,
-                              zero_options=options, **data)
+        trainer = trainer_class(model=model, args=arguments(out, bf16), zero_stage=stage,
+                                zero_options=options, **data)
     trainer.train(resume_from_checkpoint=resume)
     return trainer, model
+
+
+def saved_before_training(out: str, rank: int) -> dict | None:
+    """``save_model()`` of a ZeroTrainer that has not trained: what from_pretrained reads
+    back (rank 0), and the model's own parameters. It raised a raw TypeError (no
+    ZeroOptimizer yet: a helper's probe)."""
+    model = tiny_gpt2()
+    trainer = ZeroTrainer(model=model, args=arguments(out, False), zero_stage=3,
+                          train_dataset=Tokens(32, 1), eval_dataset=Tokens(7, 2))
+    trainer.save_model(os.path.join(out, "untrained"))
+    dist.barrier()
+    if rank != 0:
+        return None
+    again = GPT2LMHeadModel.from_pretrained(os.path.join(out, "untrained"))
+    return {"read": {n: p.detach().float() for n, p in again.named_parameters()},
+            "model": full_parameters(model)}
+
+
+def every_ranks_error(work) -> list:
+    error = None
+    try:
+        work()
+    except Exception as exc:  # noqa: BLE001 -- what each rank saw is the result
+        error = f"{type(exc).__name__}: {exc}"
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    return errors
 
 
 def plain_trainer_with_a_zero_optimizer(out: str) -> str | None:
@@ -125,14 +175,7 @@ def resume_with_a_damaged_optimizer_file(out: str, bf16: bool, rank: int) -> lis
         with open(optimizer, "wb") as f:
             f.write(data[: len(data) // 2])
     dist.barrier()
-    error = None
-    try:
-        run(os.path.join(out, "damaged_run"), bf16, 2, resume=damaged)
-    except Exception as exc:  # noqa: BLE001 -- what each rank saw is the result
-        error = f"{type(exc).__name__}: {exc}"
-    errors = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, error)
-    return errors
+    return every_ranks_error(lambda: run(os.path.join(out, "damaged_run"), bf16, 2, resume=damaged))
 
 
 def main() -> None:
@@ -168,6 +211,14 @@ def main() -> None:
                              frozen_vectors=frozen)
         results[f"resumed_from_trainer{key}"] = {
             "history": history(trainer), "params": full_parameters(model, trainer.zero_optimizer)}
+    if not bf16:  # ZeroTrainer's own parts, the same under autocast
+        trainer, model = run(os.path.join(out, "own_optimizer"), bf16, 2,
+                             trainer_class=OwnZeroOptimizer)
+        results["runs"]["own_optimizer"] = {
+            "history": history(trainer), "params": full_parameters(model, trainer.zero_optimizer)}
+        results["own_plain_optimizer_errors"] = every_ranks_error(
+            lambda: run(os.path.join(out, "own_plain"), bf16, 2, trainer_class=OwnPlainOptimizer))
+        results["saved_before_training"] = saved_before_training(out, rank)
     results["damaged_optimizer_errors"] = resume_with_a_damaged_optimizer_file(out, bf16, rank)
     results["plain_trainer_error"] = plain_trainer_with_a_zero_optimizer(os.path.join(out, "plain"))
     errors = [None] * dist.get_world_size()

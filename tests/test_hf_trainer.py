@@ -23,17 +23,33 @@ PARAM_ATOL = 1e-5  # one hundredth of an AdamW step (lr 1e-3)
 LOG_RTOL = 1e-6  # logged losses and norms: fp32 sums in another order
 
 
+_JOBS: dict[str, dict] = {}  # one job per precision, shared by the fixtures below
+
+
+def _job(precision: str, tmp_path_factory) -> dict:
+    if precision not in _JOBS:
+        out = tmp_path_factory.mktemp(f"hf_{precision}")
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   "--nproc_per_node=2", "--max-restarts=0",
+                   os.path.join(ROOT, "tests", "hf_trainer_job.py"), str(out)]
+        if precision == "bf16":
+            command.append("--bf16")
+        done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                              capture_output=True, text=True, timeout=400)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+        _JOBS[precision] = torch.load(out / "results.pt", weights_only=False)
+    return _JOBS[precision]
+
+
 @pytest.fixture(scope="module", params=["fp32", "bf16"])
 def job(request, tmp_path_factory):
-    out = tmp_path_factory.mktemp(f"hf_{request.param}")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "--max-restarts=0", os.path.join(ROOT, "tests", "hf_trainer_job.py"), str(out)]
-    if request.param == "bf16":
-        command.append("--bf16")
-    done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True, timeout=400)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
-    return torch.load(out / "results.pt", weights_only=False)
+    return _job(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def fp32_job(tmp_path_factory):
+    """The fp32 job alone, for ZeroTrainer's own parts (the same under autocast)."""
+    return _job("fp32", tmp_path_factory)
 
 
 def assert_same_history(got: list[dict], expected: list[dict]) -> None:
@@ -102,6 +118,28 @@ def test_an_unreadable_optimizer_file_of_plain_trainer_raises_on_every_rank(job)
     rank0, rank1 = job["damaged_optimizer_errors"]
     assert rank0 is not None and "optimizer.pt" in rank0, rank0
     assert rank1 is not None and "another rank failed" in rank1, rank1
+
+
+def test_a_subclass_that_builds_its_own_optimizer_trains_like_trainer_with_ddp(fp32_job):
+    """Note [an optimizer a subclass builds]: a ZeroOptimizer built in an overridden
+    ``create_optimizer`` is the one ZeroTrainer drives (it failed at the first clipping
+    with a raw AttributeError: a helper's probe); a plain torch optimizer there is refused
+    on every rank, naming the fix."""
+    job = fp32_job
+    reference, run = job["runs"][None], job["runs"]["own_optimizer"]
+    assert_same_history(run["history"], reference["history"])
+    assert_close_parameters(run["params"], reference["params"])
+    for error in job["own_plain_optimizer_errors"]:
+        assert error is not None and error.startswith("TypeError: ZeroTrainer: create_optimizer "
+                                                      "set self.optimizer to a AdamW"), error
+        assert "zeroshard.ZeroOptimizer(self.model" in error, error
+
+
+def test_save_model_before_training_writes_the_model(fp32_job):
+    """It raised a raw TypeError on every rank (no ZeroOptimizer yet: a helper's probe)."""
+    saved = fp32_job["saved_before_training"]
+    for name, value in saved["model"].items():
+        assert torch.equal(saved["read"][name], value), name
 
 
 def test_save_model_writes_what_from_pretrained_reads(job):

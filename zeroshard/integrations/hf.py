@@ -111,6 +111,39 @@ class ZeroTrainer(Trainer):
             self.optimizer = self.zero_optimizer
         return self.optimizer
 
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """Trainer calls it once the optimizer is built: one a subclass's own
+        ``create_optimizer`` built is taken up here (Note [an optimizer a subclass builds])."""
+        self._take_up_optimizer()
+        return super().create_scheduler(num_training_steps, optimizer)
+
+    def _take_up_optimizer(self) -> None:
+        """Note [an optimizer a subclass builds]:
+            Trainer's documented way to choose the optimizer (per-layer learning rates) is
+            to override ``create_optimizer`` and set ``self.optimizer``. ZeroTrainer knew
+            only the ZeroOptimizer its own ``create_optimizer`` built, so such a subclass
+            failed at the first clipping or accumulation window with a raw
+            ``AttributeError: 'NoneType' object has no attribute 'clip_grad_norm_'`` (a
+            helper's probe). A ZeroOptimizer built there over the model is now the one
+            ZeroTrainer drives; any other optimizer (a plain torch one, which would step
+            each rank's unreduced gradients) is refused on every rank before training,
+            naming the fix."""
+        if self.zero_optimizer is not None:
+            return
+        found = self.optimizer
+        while not isinstance(found, ZeroOptimizer) and isinstance(
+                getattr(found, "optimizer", None), torch.optim.Optimizer):
+            found = found.optimizer  # Accelerate's AcceleratedOptimizer around it
+        if not isinstance(found, ZeroOptimizer) or found.model is not self.model:
+            raise TypeError(
+                f"ZeroTrainer: create_optimizer set self.optimizer to a {type(found).__name__}"
+                f"{'' if not isinstance(found, ZeroOptimizer) else ' over another module'}; "
+                "ZeroTrainer steps a zeroshard.ZeroOptimizer over the trainer's model: build "
+                "one there (self.optimizer = zeroshard.ZeroOptimizer(self.model, "
+                "torch.optim.AdamW, stage=..., param_groups=[...], lr=...)), or leave "
+                "create_optimizer to ZeroTrainer (zero_stage=)")
+        self.zero_optimizer = found
+
     def _move_model_to_device(self, model, device) -> None:
         if self.zero_optimizer is None:  # not sharded yet: Trainer places it as usual
             super()._move_model_to_device(model, device)
@@ -140,6 +173,8 @@ class ZeroTrainer(Trainer):
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Safetensors for ``from_pretrained``, streamed from rank 0; collective."""
+        if self.zero_optimizer is None:  # before train(): an ordinary module, Trainer's to save
+            return super().save_model(output_dir, _internal_call)
         output_dir = self.args.output_dir if output_dir is None else output_dir
         save_full_model(output_dir, self.model, self.zero_optimizer)
         if self.args.should_save:
