@@ -144,7 +144,8 @@ def check_not_managed(model: nn.Module, current_owner) -> None:
         raise ValueError(
             f"model is already managed by a ZeroOptimizer (stage {current_owner.stage}) that "
             "has not been closed; call opt.close() on it (on every rank) before building "
-            "another ZeroOptimizer over the same model")
+            "another ZeroOptimizer over the same model (a ZeroTrainer's: "
+            "trainer.zero_optimizer.close())")
     for name, param in model.named_parameters():
         if _holds_no_values(param):
             raise ValueError(
