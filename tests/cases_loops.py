@@ -1087,6 +1087,96 @@ def unit_weight_read_after_its_call(ctx, frozen: bool, reshard: bool, last: bool
     return differences, gathers
 
 
+class RevBlock(torch.nn.Module):
+    """A reversible residual block (RevNet, HF Reformer): its forward runs under no_grad,
+    and ``backward_pass`` recomputes its inputs from its outputs by calling ``f`` and
+    ``g`` inside backward, never the block's own forward."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.f = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.Tanh())
+        self.g = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.Tanh())
+
+    def forward(self, x1, x2):
+        y1 = x1 + self.f(x2)
+        return y1, x2 + self.g(y1)
+
+    def backward_pass(self, y1, y2, dy1, dy2):
+        with torch.enable_grad():
+            y1 = y1.detach().requires_grad_(True)
+            gy1 = self.g(y1)
+            torch.autograd.backward(gy1, dy2)
+        with torch.no_grad():
+            x2, dx1 = y2 - gy1, dy1 + y1.grad
+        with torch.enable_grad():
+            x2 = x2.detach().requires_grad_(True)
+            fx2 = self.f(x2)
+            torch.autograd.backward(fx2, dx1)
+        with torch.no_grad():
+            return y1 - fx2, x2.detach(), dx1, dy2 + x2.grad
+
+
+class _Reversible(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x1, x2, blocks):
+        with torch.no_grad():
+            for block in blocks:
+                x1, x2 = block(x1, x2)
+        ctx.blocks = blocks
+        ctx.save_for_backward(x1, x2)
+        return x1, x2
+
+    @staticmethod
+    def backward(ctx, dy1, dy2):
+        y1, y2 = ctx.saved_tensors
+        for block in reversed(ctx.blocks):
+            y1, y2, dy1, dy2 = block.backward_pass(y1, y2, dy1, dy2)
+        return dy1, dy2, None
+
+
+class ReversibleNet(torch.nn.Module):
+    def __init__(self, seed: int, width: int = 8) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.inp = torch.nn.Linear(4, 2 * width)
+        self.blocks = torch.nn.ModuleList(RevBlock(width) for _ in range(3))
+        self.out = torch.nn.Linear(2 * width, 1)
+
+    def forward(self, x):
+        y1, y2 = _Reversible.apply(*self.inp(x).chunk(2, -1), list(self.blocks))
+        return self.out(torch.cat([y1, y2], -1))
+
+
+def reversible_blocks(ctx, reshard: bool):
+    """``ReversibleNet`` at stage 3 with ``units=RevBlock``, against DDP: per step the
+    largest parameter difference, the all-gathered bytes over the bytes of every unit's
+    gathered buffer, and how many units were gathered as backward ended. ``f`` and ``g``
+    computed with the released block's NaN placeholders, and every parameter was NaN
+    after the first step, silently (a helper's probe, HF Reformer): Note [a unit's
+    modules called in backward] in stage3.py."""
+    model = ReversibleNet(seed=0)
+    reference = DDP(ReversibleNet(seed=0), process_group=ctx.group)
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.AdamW, stage=3, process_group=ctx.group,
+                                  units=RevBlock, reshard_after_forward=reshard, lr=1e-2)
+    ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2)
+    gathered = sum(b.flat.numel() * b.flat.element_size() for b in opt._plan.every_bucket)
+    units = opt.sharding.stage.params.units
+    differences, gathers, held = [], [], []
+    for step in range(3):
+        opt.comm_stats.reset()
+        x = torch.randn(8, 4, generator=torch.Generator().manual_seed(10 * step + ctx.rank))
+        for net, optimizer in ((model, opt), (reference, ref_opt)):
+            net(x).square().mean().backward()
+            if net is model:
+                held.append(sum(u.state.name == "GATHERED" for u in units))
+            optimizer.step()
+            optimizer.zero_grad()
+        gathers.append(opt.comm_stats.bytes["all_gather"] / gathered)
+        differences.append(largest_difference(opt, model, reference))
+    opt.close()
+    return differences, gathers, held
+
+
 class ScaledNet(torch.nn.Module):
     """A buffer that a forward saves for backward (``h * self.scale``)."""
 

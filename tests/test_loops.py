@@ -344,6 +344,14 @@ def test_a_units_weight_read_by_its_parent_after_calling_it_trains_like_ddp(
         assert gathers == [2.0 if reshard else 1.0] * 3, gathers  # forward, backward: no more
 
 
+@pytest.mark.parametrize("reshard", [True, False])
+def test_reversible_blocks_that_recompute_in_backward_train_like_ddp(pool, reshard):
+    for differences, gathers, held in pool.run(cases_loops.reversible_blocks, 2, reshard):
+        assert max(differences) < 1e-6, differences
+        assert gathers == [2.0 if reshard else 1.0] * 3, gathers  # forward, backward: no more
+        assert held == [0] * 3, held  # none kept past backward
+
+
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_two_forwards_one_backward_with_a_buffer_saved_for_backward(pool, stage):
     for diff in pool.run(cases_loops.two_forwards_one_backward_with_a_saved_buffer, 2, stage):

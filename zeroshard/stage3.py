@@ -762,13 +762,17 @@ class UnitGatherer:
             call is refused, naming the module, before it reads anything; every rank
             runs the same code, so every rank raises there. Inside summon_full_params
             and in backward's recomputations (activation checkpointing gathers what it
-            recomputes) the unit is gathered. Under torch.compile the check is not
+            recomputes) the unit is gathered; a module of a released unit called in
+            backward gathers it (Note [a unit's modules called in backward]). Under torch.compile the check is not
             traced (``EagerOnlyHook``: dynamo split the graph at every module that
             holds parameters, a reviewer's probe, 7 -> 19 graph breaks).
 
         The same hook notes a module run in a training forward as activation
         checkpointing runs it (Note [released once backward has read it])."""
-        if self.switches.summoned or self.switches.phase is Phase.BACKWARD:
+        if self.switches.summoned:
+            return
+        if self.switches.phase is Phase.BACKWARD:
+            self._gather_for_a_call_in_backward(units)
             return
         if (self.switches.phase is Phase.FORWARD and not self.walk.backward_pass.checkpointed
                 and may_recompute_in_backward()):
@@ -796,6 +800,33 @@ class UnitGatherer:
             "model, built before ZeroOptimizer and passed to it, or a loss computed from "
             "`model(...)`'s output; for evaluation or logging, call it under torch.no_grad() "
             "inside `with opt.summon_full_params():`" + note)
+
+    def _gather_for_a_call_in_backward(self, units: list[Unit]) -> None:
+        """Note [a unit's modules called in backward]:
+            A reversible residual block (RevNet, HF Reformer) runs its forward under
+            no_grad inside an autograd Function, and that Function's backward calls the
+            block's sub-modules (``block.f``, ``block.g``) to recompute its inputs and
+            their gradients, never the block's own forward. Activation checkpointing
+            calls the unit's forward, whose hooks gather it; here nothing did, and the
+            sub-modules computed with the released unit's placeholders: NaN gradients
+            from the first step, silently (a helper's probe, HF Reformer with
+            ``units=ReformerLayer``). So a module whose unit is released, called in
+            backward, gathers it first: as the unit's outputs getting their gradient
+            would (``pre_backward``, a step of the backward walk), where they did not,
+            and else outside the walk, as a recomputation does; every rank runs the same
+            calls. The unit is released once its gradients are in, as any unit. (Gathered
+            outside the walk, it was gathered a third time, at the walk's end, for
+            the step no output took: 2.8 times the units' bytes a step, not 2.)"""
+        if self.reducer.backward_abandoned or not self._recomputation.on_backward_thread():
+            return
+        for unit in units:
+            if unit.state is ShardState.GATHERED:
+                continue
+            if unit.record.armed:
+                self.walk.gather_outside_walk(unit)
+            else:
+                unit.record.armed = True
+                self.walk.gather_for_backward(unit)
 
     def _refuse_if_sharded(self, units: list[Unit], module, *args) -> None:
         """Reading or loading a freed buffer would read or write memory that is not there."""
