@@ -18,7 +18,14 @@ from hypothesis import strategies as st
 from torch import nn
 
 from cases_api import AttentionModel
-from zeroshard._unit_tree import CONTAINERS, select_unit_modules, unit_owners
+from zeroshard._unit_tree import has_no_forward, select_unit_modules, unit_owners
+
+
+class _Node(nn.Module):
+    """A module with a forward of its own (one without is never a unit: has_no_forward)."""
+
+    def forward(self, x):
+        return x
 
 
 @st.composite
@@ -31,7 +38,7 @@ def module_trees(draw):
         second = draw(st.integers(0, i - 1))
         if draw(st.integers(0, 3)) == 0 and second not in parents[i]:
             parents[i].append(second)
-    nodes = [nn.Module() for _ in range(size)]
+    nodes = [_Node() for _ in range(size)]
     for i in range(1, size):
         for parent in parents[i]:
             nodes[parent].add_module(f"child{i}", nodes[i])
@@ -96,7 +103,7 @@ def test_automatic_units_each_own_at_least_the_bucket_size(tree, bucket_elements
     for param in root.parameters():
         owned[owner[id(param)]] += param.numel() * param.element_size()
     assert all(size >= bucket_bytes for size in owned[1:])
-    assert not any(isinstance(m, CONTAINERS) for m in chosen[1:])
+    assert not any(has_no_forward(m) for m in chosen[1:])
     # and no module left out could have been a unit: what it would own, unclaimed (the
     # parameters every path to whose holders passes through it: shared modules and
     # tied weights included), is below the size
@@ -118,6 +125,30 @@ def test_automatic_units_each_own_at_least_the_bucket_size(tree, bucket_elements
         assert unclaimed < bucket_bytes
 
 
+def test_a_module_with_no_forward_of_its_own_is_never_a_unit():
+    """A ModuleList, or a plain nn.Module holding parameters its parent reads, is never
+    called: as a unit it would never be gathered. A ModuleDict subclass with a forward of
+    its own (HF SwitchTransformers' experts) is called, and was refused as a unit naming
+    a forward it has (a helper's probe)."""
+    class Experts(nn.ModuleDict):
+        def forward(self, x):
+            return sum(expert(x) for expert in self.values())
+
+    model = nn.Module()
+    model.listed = nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 8)])
+    model.holder = nn.Module()
+    model.holder.table = nn.Parameter(torch.zeros(64, 8))
+    model.experts = Experts({"a": nn.Linear(8, 8), "b": nn.Linear(8, 8)})
+    # a Linear (72 elements) below the size, two of them above
+    automatic = select_unit_modules(model, None, bucket_bytes=4 * 100)
+    assert model.holder not in automatic and model.listed not in automatic
+    assert model.experts in automatic
+    assert select_unit_modules(model, Experts, bucket_bytes=1)[1:] == [model.experts]
+    for holder in (nn.ModuleList, type(model.holder)):
+        with pytest.raises(ValueError, match="no forward of their own"):
+            select_unit_modules(model, holder, bucket_bytes=1)
+
+
 def test_a_multihead_attentions_out_proj_is_never_a_unit_of_its_own():
     """MultiheadAttention's forward reads out_proj.weight without calling out_proj: as
     a unit of its own it was never gathered there, and an evaluation under no_grad
@@ -136,6 +167,9 @@ class _Link(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.linear = nn.Linear(64, 64)
+
+    def forward(self, x):
+        return self.linear(x)
 
 
 def test_back_references_keep_a_unit_per_block_and_a_cycle_is_walked_once():
