@@ -1655,8 +1655,11 @@ def clipping_through_the_param_groups(ctx, stage: int):
 def parameter_replaced_after_construction(ctx, stage: int, how: str):
     """A parameter replaced after ZeroOptimizer(...): its ``.data`` (``p.data = t``,
     ``model.double()``; stages 1-2 went on stepping the old memory, silently) or the
-    ``nn.Parameter`` itself (every stage stepped the old one). Returns (the step's refusal,
-    a probe that every rank is still in step)."""
+    ``nn.Parameter`` itself (every stage stepped the old one), or converted by its
+    module's own forward ("in_forward", as HF SwitchTransformers' router converts itself
+    to its router dtype in every forward: backward failed with torch's raw dtype error).
+    Returns (the refusal of the backward or the step, a probe that every rank is still in
+    step)."""
     model = build_model(MLP, seed=0)
     opt = _zero(model, stage, ctx.group, lr=0.05)
     x, y = make_batch(MLP, seed=0, rank=ctx.rank, batch=4)
@@ -1667,10 +1670,16 @@ def parameter_replaced_after_construction(ctx, stage: int, how: str):
     elif how == "double":
         model.double()
         x, y = x.double(), y.double()
+    elif how == "in_forward":
+        head.register_forward_pre_hook(lambda module, args: (module.to(torch.float64),
+                                                             (args[0].double(),))[1])
     else:
         head.weight = torch.nn.Parameter(torch.randn_like(head.weight))
-    torch.nn.functional.mse_loss(model(x), y).backward()
-    return _refusal(opt.step), _ranks_in_step(ctx)
+
+    def backward_and_step():
+        torch.nn.functional.mse_loss(model(x).to(y.dtype), y).backward()
+        opt.step()
+    return _refusal(backward_and_step), _ranks_in_step(ctx)
 
 
 def step_after_a_backward_inside_no_sync(ctx, stage: int, action: str):

@@ -584,13 +584,16 @@ def test_clipping_through_the_param_groups_by_norm_is_refused_and_by_value_equal
         assert all(d < 1e-6 for d in differences), differences
 
 
-@pytest.mark.parametrize("stage, how", [(1, "data"), (2, "data"), (2, "double"),
+@pytest.mark.parametrize("stage, how", [(1, "data"), (2, "data"), (1, "double"), (2, "double"),
+                                        (1, "in_forward"), (2, "in_forward"),
                                         (1, "parameter"), (2, "parameter"), (3, "parameter")])
 def test_a_parameter_replaced_after_construction_is_refused_on_every_rank(pool, stage, how):
     """Found by a helper driving the library: stages 1-2 stepped the memory the parameter
     had left (p.data = t, model.double()), and every stage the nn.Parameter a new one had
     replaced, silently. Stage 3 refuses the .data writes itself (Note [stage-3
-    placeholders]); at stage 1 a dtype change fails in backward (torch's grad_dtype check)."""
+    placeholders]). A dtype change, by the user or by the module's own forward, failed in
+    backward with torch's raw error at stages 1 and 2 (Note [memory replaced inside a
+    forward]): now refused as backward begins, before any collective."""
     for refusal, probe in pool.run(cases_loops.parameter_replaced_after_construction, 2,
                                    stage, how):
         assert "'body.4.weight'" in refusal or "'body.4.bias'" in refusal, refusal

@@ -161,6 +161,9 @@ class GradientReducer:
         self.store = store
         self.slots: ReduceSlots | None = None  # stage 1's, set with its store (Note [reduce slots])
         self.gatherer = None  # stage 3's UnitGatherer, set once it is built
+        # stages 1 and 2: refuses parameters whose memory was replaced (Note [memory
+        # replaced inside a forward] in _stage.py)
+        self.at_backward_start = None
         self.group = group
         self.world_size = group.size  # every rank, over every replica (a _ranks.Ranks)
         self.stats = stats
@@ -247,6 +250,8 @@ class GradientReducer:
 
     def on_backward_start(self, grad: torch.Tensor | None = None) -> None:
         if self.switches.phase is not Phase.BACKWARD:
+            if self.at_backward_start is not None:  # before anything starts: it may refuse
+                self.at_backward_start()
             if self.gatherer is not None:
                 self.gatherer.begin_backward()
             self.store.before_backward()

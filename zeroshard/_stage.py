@@ -82,6 +82,8 @@ class Stage:
             reducer = self.reducer
             self.params = WholeParameters(buckets, lambda: reducer.buckets, masters, group, stats,
                                           self.label)
+            # Note [memory replaced inside a forward]
+            self.reducer.at_backward_start = self.params.check_before_step
             # Note [the optimizer's own tensors written after a step]
             self.handles.append(model.register_forward_pre_hook(
                 EagerOnlyHook(self.params.refuse_shards_written_since_step)))
@@ -208,7 +210,17 @@ class WholeParameters:
         """The parameters are views of their buckets' flat buffers, which the step's
         all-gathers fill. One whose storage was replaced (``p.data = t``,
         ``model.to(dtype)`` or ``model.double()`` after construction) would silently stop
-        training, where DDP would train the new tensor: refused, naming the parameter."""
+        training, where DDP would train the new tensor: refused, naming the parameter.
+
+        Note [memory replaced inside a forward]: also as each backward begins
+        (``GradientReducer.at_backward_start``). A module whose own forward converts
+        itself (HF SwitchTransformers' router: ``self.classifier =
+        self.classifier.to(router_dtype)``, every forward) replaces its parameters'
+        memory there, in a model of another dtype or under a policy; its gradients then
+        came in that dtype, and backward failed in the reduction with torch's raw
+        "attempting to assign a gradient with dtype ..." (a helper's probe, stages 1 and
+        2). The same check, a pointer compare per parameter, refuses it before any
+        collective, naming the parameter, on every rank (every rank runs the forward)."""
         for bucket in self.buckets:
             storage = bucket.flat.untyped_storage()._cdata
             for name, param in zip(bucket.param_names, bucket.params):
@@ -216,9 +228,12 @@ class WholeParameters:
                     raise RuntimeError(
                         f"zeroshard: parameter {name!r} no longer holds the memory ZeroOptimizer "
                         "shards and steps (its .data was replaced after the optimizer was built: "
-                        "p.data = t, model.to(dtype), model.double()); the step would not reach "
-                        "it. Write new values in place (p.data.copy_(t), model.load_state_dict), "
-                        "or opt.close() and build a new ZeroOptimizer over the changed model")
+                        "p.data = t, model.to(dtype), model.double(), or a module's forward "
+                        "converting itself, self.layer = self.layer.to(dtype)); the step would "
+                        "not reach it. Write new values in place (p.data.copy_(t), "
+                        "model.load_state_dict), keep a module that converts itself in the dtype "
+                        "it converts to, or opt.close() and build a new ZeroOptimizer over the "
+                        "changed model")
 
     def after_step(self) -> None:
         launch_order = self.launch_order()
