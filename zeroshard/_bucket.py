@@ -369,7 +369,11 @@ class FlatBucket:
             f"stage-3 parameter {names} was written while its unit was released (between "
             "forward passes it holds a NaN placeholder, Note [stage-3 placeholders] in "
             "zeroshard/_bucket.py), so the write is lost; write parameters inside "
-            "`with opt.summon_full_params():` on every rank")
+            "`with opt.summon_full_params():` on every rank. A forward that registers a "
+            "parametrization on them (torch.nn.utils.parametrize, as peft's "
+            "target_parameters does on MoE experts before each call) writes them too: "
+            "choose units= a module that holds both the registering module and this one "
+            "(the decoder layer class)")
 
 
 class Ownership:
