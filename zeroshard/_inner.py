@@ -143,12 +143,12 @@ def scalars_change_the_step(optimizer_class: type, group: dict, first: dict, oth
         resume that loses nothing: a checkpoint of a warm-up freeze at stage 1 or 2
         (each parameter its own count) loaded at stage 3 (a Linear's weight and bias in
         one unit's bucket) was refused (the drawn loop test with resumes). So the load
-        asks the class: one step of a stand-in with ``group``'s settings, from the
-        ``first`` scalars and from the ``other``, on the same values and gradients, two
-        steps. Where both give the same values and per-element states, bit for bit, the bucket
-        takes ``first``'s, and the steps that follow are torch's; otherwise (Adam's bias
-        correction, NAdam's ``mu_product``), or where the stand-in cannot step, the
-        load is refused, as before."""
+        asks the class: a two-element stand-in with ``group``'s settings takes two steps
+        from the ``first`` scalars, and again from the ``other``, on the same values and
+        gradients. Where both end with the same values and per-element states, bit for
+        bit, the bucket takes ``first``'s, and the steps that follow are torch's;
+        otherwise (Adam's bias correction, NAdam's ``mu_product``), or where the
+        stand-in cannot step, the load is refused, as before."""
     if first.keys() != other.keys():
         return True
     outcomes = []
