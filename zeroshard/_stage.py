@@ -25,7 +25,7 @@ from torch import nn
 
 from . import _comm
 from ._bucket import FlatBucket
-from ._hooks import EagerOnlyHook, LoopSwitches, remove_handles
+from ._hooks import EagerOnlyHook, LoopSwitches, WeakHook, remove_handles
 from ._masters import ShardMasters
 from ._reduce_slots import ReduceSlots
 from ._reducer import GradientReducer, abandoned_backward_refusal
@@ -82,8 +82,9 @@ class Stage:
             reducer = self.reducer
             self.params = WholeParameters(buckets, lambda: reducer.buckets, masters, group, stats,
                                           self.label)
-            # Note [memory replaced inside a forward]
-            self.reducer.at_backward_start = self.params.check_before_step
+            # Note [memory replaced inside a forward]; held weakly: the parameters hold
+            # the reducer (Note [no reference cycles])
+            self.reducer.at_backward_start = WeakHook(self.params.check_before_step)
             # Note [the optimizer's own tensors written after a step]
             self.handles.append(model.register_forward_pre_hook(
                 EagerOnlyHook(self.params.refuse_shards_written_since_step)))
