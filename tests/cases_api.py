@@ -493,11 +493,13 @@ def construct_with_strided_tensors(ctx, stage: int):
     return all(contiguous), (mine - rank0).abs().max().item()
 
 
-def memory_on_a_mesh(ctx, stage, mesh_shape):
-    """(parameters, buckets, memory_report()) after a second backward, before its step,
-    with fp32 AdamW on the pool's (replicas, shards) mesh."""
+def memory_on_a_mesh(ctx, stage, mesh_shape, frozen: bool = False):
+    """(trainable parameters, frozen parameters, buckets, memory_report()) after a second
+    backward, before its step, with fp32 AdamW on the pool's (replicas, shards) mesh;
+    ``frozen``: the first Linear's weight frozen (a LoRA model's base weights)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(33, 65), nn.ReLU(), nn.Linear(65, 17))
+    model[0].weight.requires_grad_(not frozen)
     opt = zeroshard.ZeroOptimizer(model, torch.optim.AdamW, stage=stage,
                                   mesh=ctx.mesh(mesh_shape), lr=1e-3, bucket_size_mb=1e-3)
     for step in range(2):
@@ -506,10 +508,14 @@ def memory_on_a_mesh(ctx, stage, mesh_shape):
             opt.step()
             opt.zero_grad()
     report = opt.memory_report()
-    psi = sum(p.numel() for p in model.parameters())
-    buckets = len(opt.sharding.buckets)
+    sharding = opt.sharding_report()
+    rank = opt.sharding.ranks.shard_rank
+    report["stored elements"] = sharding["stored"][rank] + sharding["stored_frozen"][rank]
+    psi = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    psi_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    buckets = len(opt.sharding.every_bucket)
     opt.close()
-    return psi, buckets, report
+    return psi, psi_frozen, buckets, report
 
 
 def nested_summon(ctx, stage):

@@ -146,3 +146,10 @@ def loss_fn(spec: dict, model: nn.Module, batch) -> torch.Tensor:
 def estimate_cli_example() -> nn.Module:
     """A model for `zeroshard estimate --model models:estimate_cli_example` (tests)."""
     return MLP(10, 20, 5, 2, frozen=False, unused_branch=False)
+
+
+def estimate_cli_example_frozen() -> nn.Module:
+    """``estimate_cli_example`` with its first weight frozen (a LoRA model's base)."""
+    model = estimate_cli_example()
+    next(model.parameters()).requires_grad_(False)
+    return model

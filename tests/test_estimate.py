@@ -84,7 +84,7 @@ def test_cli_counts_a_model_given_as_an_import_path():
     import subprocess
     import sys
     from pathlib import Path
-    from models import estimate_cli_example
+    from models import estimate_cli_example, estimate_cli_example_frozen
     psi = sum(p.numel() for p in estimate_cli_example().parameters())
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
     out = subprocess.run([sys.executable, "-m", "zeroshard", "estimate", "--model",
@@ -93,6 +93,17 @@ def test_cli_counts_a_model_given_as_an_import_path():
     assert out.startswith(f"{psi} parameters"), out
     dp_bytes = 16 * psi  # fp32 Adam: 4 + 4 + 8 bytes per parameter
     assert f"{dp_bytes / 1e3:.3g} KB" in out, (dp_bytes, out)
+    # its frozen parameters apart: weights only (they were counted as trainable)
+    out = subprocess.run([sys.executable, "-m", "zeroshard", "estimate", "--model",
+                          "models:estimate_cli_example_frozen", "--world-size", "2",
+                          "--precision", "fp32"],
+                         capture_output=True, text=True, check=True, env=env).stdout
+    model = estimate_cli_example_frozen()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    assert 0 < trainable < psi and frozen > 0
+    assert out.startswith(f"{trainable} parameters (+{frozen:.4g} frozen"), out
+    assert f"{(16 * trainable + 4 * frozen) / 1e3:.3g} KB" in out, out
 
 
 def test_hybrid_divides_model_states_by_the_shard_size():
@@ -118,16 +129,25 @@ def test_cli_takes_the_shard_size():
     assert "15 GB" in rows["3"] and "41.2 GB" in rows["1"], out
 
 
+@pytest.mark.parametrize("frozen", [False, True])
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_memory_report_on_a_mesh_follows_the_hybrid_formula(pool, stage):
+def test_memory_report_on_a_mesh_follows_the_hybrid_formula(pool, stage, frozen):
     """On a 2x2 mesh memory_report() (real storages) is the formula with S = 2, fp32 Adam,
-    up to the padding of each bucket to a multiple of 2."""
+    up to the padding of each bucket to a multiple of 2; with a frozen weight, the
+    formula's ``frozen_params`` (counted as trainable, the estimate of a LoRA model read
+    2.4 to 3.8 times its memory_report(): a helper's probe)."""
     import cases_api
-    for psi, buckets, report in pool.run(cases_api.memory_on_a_mesh, 4, stage, (2, 2)):
+    for psi, psi_frozen, buckets, report in pool.run(cases_api.memory_on_a_mesh, 4, stage,
+                                                     (2, 2), frozen):
+        assert (psi_frozen > 0) == frozen
+        stored = report.pop("stored elements")  # sharding_report()'s, frozen shards included
+        if stage == 3:  # every parameter is a shard: what the shards store is what it holds
+            assert report["parameters"] == 4 * stored, (report, stored)
         total = sum(report.values())
         # after backward, before step(): Adam's states exist from the previous step
         expected = zeroshard.estimate_memory(psi, 4, stage, param_bytes=4, grad_bytes=4,
-                                             optimizer_bytes=8, shard_size=2)
+                                             optimizer_bytes=8, shard_size=2,
+                                             frozen_params=psi_frozen)
         # stage 1 keeps the reduced gradient shard beside its full gradient buffers
         expected += 4 * psi / 2 if stage == 1 else 0
         padding = buckets * 4 * 5  # an element per bucket in each flat buffer, shard and state

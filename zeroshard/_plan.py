@@ -215,9 +215,14 @@ class ShardingView:
 def work_balance(plan: ShardingPlan, classes: list[type]) -> dict:
     """``ZeroOptimizer.sharding_report``: per shard rank, the elements it steps, the
     elements its shards store and the work per optimizer class (``classes``: each param
-    group's), from the layout alone."""
+    group's), from the layout alone; and the elements of frozen parameters' shards it
+    stores (stage 3: a LoRA model's base weights, 52 times the trainable shards in a
+    helper's probe, which ``stored`` alone left out; stages 1-2 shard none)."""
     size = plan.ranks.shard_size
     elements, stored = [0] * size, [0] * size
+    trainable = {id(bucket) for bucket in plan.buckets}
+    frozen_stored = [sum(bucket.layout.shard_numel for bucket in plan.every_bucket
+                         if id(bucket) not in trainable)] * size
     work: dict[str, list[float]] = {}
     for bucket in plan.buckets:
         cls = classes[bucket.group_index]
@@ -233,7 +238,8 @@ def work_balance(plan: ShardingPlan, classes: list[type]) -> dict:
                 elements[rank] += overlap.param_stop - overlap.param_start
                 class_work[rank] += float(cost(param.shape)) \
                     if bucket.owns_whole_parameters else overlap.param_stop - overlap.param_start
-    return {"shard_size": size, "elements": elements, "stored": stored, "work": work,
+    return {"shard_size": size, "elements": elements, "stored": stored,
+            "stored_frozen": frozen_stored, "work": work,
             "imbalance": {"elements": _imbalance(elements),
                           **{name: _imbalance(loads) for name, loads in work.items()}},
             "padding": sum(stored) / max(1, sum(elements))}

@@ -25,8 +25,9 @@ def _whole_if_whole(value: float) -> float | int:
     return int(value) if value.is_integer() else value
 
 
-def count_parameters(spec: str, parser: argparse.ArgumentParser) -> int:
-    """Parameters of the model that ``module:factory`` builds (tied weights counted once)."""
+def count_parameters(spec: str, parser: argparse.ArgumentParser) -> tuple[int, int]:
+    """Parameters of the model that ``module:factory`` builds (tied weights counted once):
+    (trainable, frozen)."""
     module_name, _, factory_name = spec.partition(":")
     if not module_name or not factory_name:
         parser.error(f"--model must look like module.path:factory, got {spec!r}")
@@ -35,7 +36,9 @@ def count_parameters(spec: str, parser: argparse.ArgumentParser) -> int:
     factory = getattr(importlib.import_module(module_name), factory_name)
     with torch.device("meta"):
         model = factory()
-    return sum(p.numel() for p in model.parameters())
+    params = list(model.parameters())
+    return (sum(p.numel() for p in params if p.requires_grad),
+            sum(p.numel() for p in params if not p.requires_grad))
 
 
 def main(argv=None) -> int:
@@ -46,7 +49,11 @@ def main(argv=None) -> int:
     size.add_argument("--params", type=float, help="number of parameters, e.g. 7.5e9")
     size.add_argument("--model", metavar="MODULE:FACTORY",
                       help="count the parameters of FACTORY() from MODULE, e.g. mypkg.models:build "
-                           "(built on the meta device: no memory is allocated)")
+                           "(built on the meta device: no memory is allocated), trainable and "
+                           "frozen (requires_grad=False) apart")
+    est.add_argument("--frozen-params", type=float, default=0,
+                     help="with --params: parameters that do not train, besides those (weights "
+                          "only: no gradient, no optimizer state)")
     est.add_argument("--world-size", type=int, required=True)
     est.add_argument("--shard-size", type=int, default=None,
                      help="hybrid sharding: the ranks each replica shards over, with world "
@@ -62,7 +69,7 @@ def main(argv=None) -> int:
                      help="optimizer-state bytes per parameter (default: 12 mixed, 8 fp32 Adam)")
     args = parser.parse_args(argv)
     if args.model is not None:
-        args.params = count_parameters(args.model, parser)
+        args.params, args.frozen_params = count_parameters(args.model, parser)
     given = (args.param_bytes, args.grad_bytes, args.optimizer_bytes)
     param_bytes, grad_bytes, optimizer_bytes = (
         default if value is None else _whole_if_whole(value)
@@ -70,13 +77,14 @@ def main(argv=None) -> int:
     try:
         table = estimate_memory(args.params, args.world_size, param_bytes=param_bytes,
                                 grad_bytes=grad_bytes, optimizer_bytes=optimizer_bytes,
-                                shard_size=args.shard_size)
+                                shard_size=args.shard_size, frozen_params=args.frozen_params)
     except ValueError as error:
         parser.error(str(error))
     ranks = f"{args.world_size} ranks"
     if args.shard_size is not None and args.shard_size != args.world_size:
         ranks += f" ({args.world_size // args.shard_size} replicas x {args.shard_size} shards)"
-    print(f"{args.params:.4g} parameters, {ranks}, {args.precision} "
+    frozen = f" (+{args.frozen_params:.4g} frozen: weights only)" if args.frozen_params else ""
+    print(f"{args.params:.4g} parameters{frozen}, {ranks}, {args.precision} "
           f"({param_bytes}+{grad_bytes}+{optimizer_bytes} bytes per parameter)")
     for name, key in (("data parallel", "dp"), ("ZeRO stage 1", 1), ("ZeRO stage 2", 2),
                       ("ZeRO stage 3", 3)):
@@ -88,4 +96,11 @@ def main(argv=None) -> int:
     extra = grad_bytes * args.params / shards
     print(f"  zeroshard's stage 1 holds {_format_bytes(table[1] + extra)} per rank: one more "
           f"gradient shard ({_format_bytes(extra)}), so that p.grad keeps the local gradient")
+    if grad_bytes < 4:  # MixedPrecision's docstring: clipping and step widen them
+        wider = (4 - grad_bytes) * args.params / shards
+        print(f"  after clipping or a step, until zero_grad(), every stage holds its gradient "
+              f"shards in fp32: {_format_bytes(wider)} more per rank")
+    print("  (the formula's figures: a layout starts each parameter at a multiple of 32 "
+          "elements and pads each bucket to split evenly, and Muon's or Adafactor's shards "
+          "to whole parameters; opt.sharding_report()['padding'] gives the real factor)")
     return 0
