@@ -1276,10 +1276,13 @@ def a_parameter_without_state_inside_a_shard(ctx, stage: int, how: str,
     under its bucket's count, and whether full_state_dict() gave it a state.
     "loaded_adagrad": "loaded" with Adagrad, whose state dict holds ``step`` 0 for the
     cleared weight beside 2 (Note [a state never stepped]: refused as differing counts
-    before, a reviewer's probe)."""
+    before, a reviewer's probe); "loaded_adagrad_lr_decay": with ``lr_decay``, which reads
+    the count, refused (said: the refusal)."""
     cls, kwargs = torch.optim.Rprop, {"lr": 0.01}
-    if how == "loaded_adagrad":
-        cls, kwargs, how = torch.optim.Adagrad, {"lr": 0.1, "initial_accumulator_value": 0.1}, "loaded"
+    if how.startswith("loaded_adagrad"):  # "_lr_decay": a count Adagrad reads, refused
+        cls, kwargs = torch.optim.Adagrad, {"lr": 0.1, "initial_accumulator_value": 0.1,
+                                            "lr_decay": 0.1 if how.endswith("lr_decay") else 0.0}
+        how = "loaded"
     model = build_model(MLP, seed=0)
     reference = DDP(build_model(MLP, seed=0), process_group=ctx.group)
     ref_opt = cls(reference.parameters(), **kwargs)
@@ -1303,7 +1306,11 @@ def a_parameter_without_state_inside_a_shard(ctx, stage: int, how: str,
         opt = new_opt()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            opt.load_full_state_dict(reference.module.state_dict(), ref_opt.state_dict())
+            try:
+                opt.load_full_state_dict(reference.module.state_dict(), ref_opt.state_dict())
+            except ValueError as refusal:
+                opt.close()
+                return [], [f"refused: {refusal}"]
         said = [str(w.message) for w in caught if "holds no state" in str(w.message)]
         steps = range(2, 5)
     elif how == "resumed":
@@ -1650,6 +1657,22 @@ def clipping_through_the_param_groups(ctx, stage: int):
         differences.append(largest_difference(opt, model, reference.module))
     opt.close()
     return refusal, probe, differences
+
+
+def backward_inside_summon_full_precision(ctx, stage: int):
+    """A forward and backward inside ``summon_full_params(full_precision=True)`` with a
+    bf16 policy at stages 1-2, where the parameters show their fp32 masters: what each
+    rank raised (it blamed a ``p.data = t`` of the user's, or at stage 1 torch's raw
+    dtype error), and a probe that every rank is still in step."""
+    model = build_model(MLP, seed=0)
+    opt = _zero(model, stage, ctx.group, lr=0.05,
+                mixed_precision=zeroshard.MixedPrecision(param_dtype=torch.bfloat16))
+    x, y = make_batch(MLP, seed=0, rank=ctx.rank, batch=4)
+
+    def inside():
+        with opt.summon_full_params(full_precision=True):
+            torch.nn.functional.mse_loss(model(x.bfloat16()).float(), y).backward()
+    return _refusal(inside), _ranks_in_step(ctx)
 
 
 def parameter_replaced_after_construction(ctx, stage: int, how: str):

@@ -312,6 +312,13 @@ def test_a_checkpoint_restores_the_buffers_torch_restores(pool, tmp_path, length
         assert same
 
 
+def test_a_buffer_persistent_in_one_of_its_two_modules_loads_back(pool, tmp_path):
+    for error, restored in pool.run(cases_ckpt.a_buffer_persistent_in_one_module_of_two, 2,
+                                    str(tmp_path / "ckpt")):
+        assert error is None, error
+        assert torch.equal(restored, torch.arange(3.0)), restored
+
+
 def test_a_stage3_load_inside_summon_full_params_is_refused(pool, tmp_path):
     for refusals, kept in pool.run(cases_ckpt.load_inside_summon, 2, str(tmp_path / "ckpt")):
         for refusal, action in zip(refusals, ["load_checkpoint()", "opt.load_full_state_dict()"]):

@@ -137,43 +137,69 @@ def scalars_change_the_step(optimizer_class: type, group: dict, first: dict, oth
         A bucket's shard has one set of scalar states, so a load that would put
         parameters saved with different ones in one bucket (Adagrad's ``step`` of a
         weight whose gradient was None in some steps, beside its bias's) is refused
-        (``check_one_scalar_per_bucket``). Many classes keep such a count and never
-        read it, or not with their settings: Adadelta and Rprop count steps only,
-        Adagrad reads its count only with ``lr_decay``. There the refusal barred a
-        resume that loses nothing: a checkpoint of a warm-up freeze at stage 1 or 2
-        (each parameter its own count) loaded at stage 3 (a Linear's weight and bias in
-        one unit's bucket) was refused (the drawn loop test with resumes). So the load
-        asks the class: a two-element stand-in with ``group``'s settings takes two steps
-        from the ``first`` scalars, and again from the ``other``, on the same values and
-        gradients. Where both end with the same values and per-element states, bit for
-        bit, the bucket takes ``first``'s, and the steps that follow are torch's;
-        otherwise (Adam's bias correction, NAdam's ``mu_product``), or where the
+        (``check_one_scalar_per_bucket``). Some of torch's classes keep such a count
+        and never read it, or not with their settings: Adadelta, Rprop and RMSprop
+        count steps only, Adagrad reads its count only with ``lr_decay``. There the
+        refusal barred a resume that loses nothing: a checkpoint of a warm-up freeze at
+        stage 1 or 2 (each parameter its own count) loaded at stage 3 (a Linear's weight
+        and bias in one unit's bucket) was refused (the drawn loop test with resumes).
+        So the load asks the class: a two-element stand-in with ``group``'s settings
+        takes two steps from the ``first`` scalars, and again from the ``other``, on
+        the same values and gradients; where both end with the same values and
+        per-element states, bit for bit, the bucket takes ``first``'s, and the steps
+        that follow are torch's. The stand-in runs with the lr set to 0.01 where the
+        group's is 0 (at lr 0 no class moves, and a schedule or an unfreeze raises it
+        later: a reviewer's probe, AdamW loaded at lr 0 with counts 1 and 3, 5.3e-3 from
+        DDP once the lr rose), and again with the counts (``step``) a million steps on
+        (a class that reads its count past a threshold: ASGD's ``t0``). Only torch's own
+        classes are asked (``_steps_as_torch``): a class of one's own may read its count
+        every k steps, which no few steps show. Otherwise (Adam's bias
+        correction, NAdam's ``mu_product``, Adagrad with ``lr_decay``), or where the
         stand-in cannot step, the load is refused, as before."""
-    if first.keys() != other.keys():
+    if first.keys() != other.keys() or not _steps_as_torch(optimizer_class):
         return True
-    outcomes = []
-    for scalars in (first, other):
-        # fp64: a count that changes the step by less than fp32 resolves still changes it
-        standin = torch.tensor([0.5, -1.5], dtype=torch.float64, requires_grad=True)
-        try:
-            probe = standin_optimizer(optimizer_class, group, standin)
-            standin.grad = torch.tensor([0.25, -0.75], dtype=torch.float64)
-            _step_without_global_hooks(probe)  # makes the state, as a real one holds
-            state = probe.state[standin]
-            for key, value in scalars.items():
-                made = state.get(key)
-                state[key] = (torch.as_tensor(value).to(made.dtype).reshape(made.shape).clone()
-                              if isinstance(made, torch.Tensor) else value)
-            for gradient in ([-0.5, 1.0], [0.125, 0.5]):  # a scalar made from the count
-                standin.grad = torch.tensor(gradient, dtype=torch.float64)  # in one step is
-                _step_without_global_hooks(probe)  # read in the next (ASGD's eta)
-        except Exception:  # noqa: BLE001 -- cannot tell: the scalars matter
-            return True
-        outcomes.append([standin.detach().clone()] + [
-            value.clone() for value in state.values()
-            if isinstance(value, torch.Tensor) and value.shape == standin.shape])
-    return len(outcomes[0]) != len(outcomes[1]) or not all(
-        torch.equal(a, b) for a, b in zip(*outcomes))
+    lr = group.get("lr")
+    if isinstance(lr, (int, float, torch.Tensor)) and not bool(torch.as_tensor(lr).any()):
+        group = {**group, "lr": 0.01}
+    later = {key: value + 10**6 if key == "step" else value for key, value in first.items()}
+    later_other = {key: value + 10**6 if key == "step" else value for key, value in other.items()}
+    return (_stand_in_steps(optimizer_class, group, first)
+            != _stand_in_steps(optimizer_class, group, other)
+            or _stand_in_steps(optimizer_class, group, later)
+            != _stand_in_steps(optimizer_class, group, later_other))
+
+
+def _steps_as_torch(optimizer_class: type) -> bool:
+    """Whether ``optimizer_class``'s ``step`` (and the ``_init_group`` it calls, where it
+    has one) are torch.optim's own: Note [scalars that do not change the step]."""
+    return all(method is None or getattr(inspect.unwrap(method), "__module__", "").startswith(
+        "torch.optim.") for method in (getattr(optimizer_class, "step", None),
+                                       getattr(optimizer_class, "_init_group", None)))
+
+
+def _stand_in_steps(optimizer_class: type, group: dict, scalars: dict):
+    """Note [scalars that do not change the step]: what a two-element stand-in holds
+    after two steps from ``scalars`` (its values and per-element states, as bytes to
+    compare bit for bit), or a fresh object (equal to nothing) where it cannot step."""
+    # fp64: a count that changes the step by less than fp32 resolves still changes it
+    standin = torch.tensor([0.5, -1.5], dtype=torch.float64, requires_grad=True)
+    try:
+        probe = standin_optimizer(optimizer_class, group, standin)
+        standin.grad = torch.tensor([0.25, -0.75], dtype=torch.float64)
+        _step_without_global_hooks(probe)  # makes the state, as a real one holds
+        state = probe.state[standin]
+        for key, value in scalars.items():
+            made = state.get(key)
+            state[key] = (torch.as_tensor(value).to(made.dtype).reshape(made.shape).clone()
+                          if isinstance(made, torch.Tensor) else value)
+        for gradient in ([-0.5, 1.0], [0.125, 0.5]):  # a scalar made from the count in
+            standin.grad = torch.tensor(gradient, dtype=torch.float64)  # one step is read
+            _step_without_global_hooks(probe)  # in the next (ASGD's eta)
+    except Exception:  # noqa: BLE001 -- cannot tell: the scalars matter
+        return object()
+    return tuple(value.detach().numpy().tobytes() for value in [standin] + [
+        value for value in state.values()
+        if isinstance(value, torch.Tensor) and value.shape == standin.shape])
 
 
 class InnerOptimizers:

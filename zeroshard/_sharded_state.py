@@ -178,17 +178,19 @@ def check_one_scalar_per_bucket(opt, layout_of, saved_groups: list[dict] | None 
         stateless = []
         layouts = [layout_of(names[id(param)]) for param in bucket.params]
         counted = _counting_layout(layouts)
+        optimizer_class = view.inner.classes[bucket.group_index]
+        settings = {**hyperparameters(view.inner.param_groups[bucket.group_index]),
+                    **(hyperparameters(saved_groups[bucket.group_index]) if saved_groups else {})}
         for param, layout in zip(bucket.params, layouts):
-            if layout is None or (_never_stepped(layout) and not _never_stepped(counted)):
+            if layout is None or (_never_stepped(layout) and not _never_stepped(counted)
+                                  and not scalars_change_the_step(optimizer_class, settings,
+                                                                  counted[0], layout[0])):
                 stateless.append(names[id(param)])
                 continue  # never had a gradient: a fresh state, under the bucket's scalars
             if first is None:
                 first = names[id(param)], layout[0]
             elif not _same_scalars(first[1], layout[0]) and scalars_change_the_step(
-                    view.inner.classes[bucket.group_index],
-                    {**hyperparameters(view.inner.param_groups[bucket.group_index]),
-                     **(hyperparameters(saved_groups[bucket.group_index]) if saved_groups else {})},
-                    first[1], layout[0]):
+                    optimizer_class, settings, first[1], layout[0]):
                 raise ValueError(
                     f"the optimizer state to load has {_scalars(first[1])} for {first[0]!r} "
                     f"and {_scalars(layout[0])} for {names[id(param)]!r}, which this "
@@ -231,9 +233,13 @@ def _never_stepped(layout: tuple[dict, list[str]]) -> bool:
         branch under DDP) beside ``step`` 2 for the rest. A bucket holds one count, so
         such a load was refused as differing counts, naming stage-3 units (a reviewer's
         probe, from a plain DDP run). Such a count is not the parameter's own history
-        but the class's starting value: the bucket's count takes it, as it takes a
-        parameter with no state at all (its per-element states load as saved, the
-        class's own starting values), with the same warning. A bucket of parameters that
+        but the class's starting value: where the count does not change the class's
+        step (Note [scalars that do not change the step] in _inner.py: Adagrad without
+        ``lr_decay``), the bucket's count takes it, as it takes a parameter with no
+        state at all (its per-element states load as saved, the class's own starting
+        values), with the same warning; where it does, the load is refused as before (a
+        first version of this took it under any count: Adagrad with ``lr_decay`` 0.1
+        then drifted 4.0e-2 from DDP, a reviewer's probe). A bucket of parameters that
         none stepped keeps the zero counts."""
     scalars = layout[0]
     return bool(scalars) and all(not torch.as_tensor(v).any() for v in scalars.values())

@@ -84,7 +84,7 @@ class Stage:
                                           self.label)
             # Note [memory replaced inside a forward]; held weakly: the parameters hold
             # the reducer (Note [no reference cycles])
-            self.reducer.at_backward_start = WeakHook(self.params.check_before_step)
+            self.reducer.at_backward_start = WeakHook(self._check_parameters_at_backward)
             # Note [the optimizer's own tensors written after a step]
             self.handles.append(model.register_forward_pre_hook(
                 EagerOnlyHook(self.params.refuse_shards_written_since_step)))
@@ -144,6 +144,21 @@ class Stage:
         self.reducer.local_only = False
 
     # -- parameters -------------------------------------------------------------------
+
+    def _check_parameters_at_backward(self) -> None:
+        """Stages 1-2, as each backward begins: Note [memory replaced inside a forward].
+        Inside ``summon_full_params(full_precision=True)`` the parameters show the fp32
+        masters, which zeroshard itself put there: the refusal says so, where it blamed a
+        ``p.data = t`` of the user's (a reviewer's probe)."""
+        try:
+            self.params.check_before_step()
+        except RuntimeError as error:
+            if not self.switches.summoned:
+                raise
+            raise RuntimeError(
+                "zeroshard: a backward inside `with opt.summon_full_params(full_precision=True):`"
+                ", where the parameters show their fp32 masters, not the memory the optimizer "
+                "reduces and steps; run the forward and backward outside the block") from error
 
     def check_before_step(self) -> None:
         """Before a step, on every rank alike (no collective): what the stage's parameters

@@ -109,10 +109,7 @@ def save_checkpoint(path, model, opt, extra=None) -> None:
     layouts = optimizer_layouts(opt)
     whole = {name for b in view.buckets if b.owns_whole_parameters
              for name in b.param_names}
-    # the persistent buffers, as model.state_dict() holds them (Note [buffers a checkpoint holds])
-    persistent = buffer_aliases(model)
-    buffers = ({name: b.detach().clone() for name, b in model.named_buffers() if name in persistent}
-               if view.rank == 0 else {})
+    buffers = _persistent_buffers(model) if view.rank == 0 else {}
 
     def write_mine():
         _refuse_unseen_staging(staging, view.rank)
@@ -185,7 +182,7 @@ def load_checkpoint(path, model, opt):
     load_from(opt, state["source"])
     aliases = buffer_aliases(model)  # Note [buffers a checkpoint holds]
     with torch.no_grad():
-        for name, buffer in model.named_buffers():
+        for name, buffer in model.named_buffers(remove_duplicate=False):
             key = next((a for a in aliases.get(name, []) if a in buffers), None)
             if key is not None:
                 buffer.copy_(buffers[key])
@@ -338,12 +335,25 @@ def _check_buffers(saved: dict, folder: Path, model) -> None:
         raise ValueError(f"checkpoint {folder} does not hold this model's buffers: missing "
                          f"{missing[:5]}, unexpected {unexpected[:5]}. Load it into the model "
                          "it was saved from")
-    for name, buffer in model.named_buffers():
+    for name, buffer in model.named_buffers(remove_duplicate=False):
         key = next((a for a in aliases.get(name, []) if a in saved), None)
         if key is not None and saved[key].shape != buffer.shape:
             raise ValueError(f"checkpoint {folder} holds buffer {key!r} of shape "
                              f"{tuple(saved[key].shape)}; the model's is {tuple(buffer.shape)}. "
                              "Load it into the model it was saved from")
+
+
+def _persistent_buffers(model) -> dict[str, torch.Tensor]:
+    """Note [buffers a checkpoint holds]: each persistent buffer once, under its first
+    persistent name (a tensor registered in two modules, persistent in one only, is
+    listed by ``named_buffers()`` under the other: saved by that name, nothing was saved
+    and the load refused the model's own checkpoint, a reviewer's probe)."""
+    persistent, saved, seen = buffer_aliases(model), {}, set()
+    for name, buffer in model.named_buffers(remove_duplicate=False):
+        if name in persistent and id(buffer) not in seen:
+            seen.add(id(buffer))
+            saved[name] = buffer.detach().clone()
+    return saved
 
 
 class _CheckpointSource:

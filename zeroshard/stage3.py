@@ -816,7 +816,11 @@ class UnitGatherer:
             and else outside the walk, as a recomputation does; every rank runs the same
             calls. The unit is released once its gradients are in, as any unit. (Gathered
             outside the walk, it was gathered a third time, at the walk's end, for
-            the step no output took: 2.8 times the units' bytes a step, not 2.)"""
+            the step no output took: 2.8 times the units' bytes a step, not 2.) Every
+            rank must make those calls: one made on some ranks only (a gradient hook that
+            logs through a sub-module on rank 0) gathers there alone, refused by the first
+            step's agreement, and from the second step on it hangs (a reviewer's probe;
+            it hung there before this change too, having computed with NaN)."""
         if self.reducer.backward_abandoned or not self._recomputation.on_backward_thread():
             return
         for unit in units:
