@@ -514,7 +514,7 @@ loop_plans = st.fixed_dictionaries({
     "steps": st.lists(loop_steps, min_size=2, max_size=3)})
 
 
-@settings(max_examples=int(os.environ.get("ZEROSHARD_LOOP_EXAMPLES", "80")))
+@settings(max_examples=int(os.environ.get("ZEROSHARD_LOOP_EXAMPLES", "150")))
 @given(stage=st.sampled_from([1, 2, 3]), world_size=st.sampled_from([2, 3]), plan=loop_plans)
 def test_drawn_ways_of_driving_the_loop_equal_ddp(pool, stage, world_size, plan):
     """bf16 autocast or not; a batch skipped because its backward raised (Note [a
