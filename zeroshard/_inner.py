@@ -161,12 +161,11 @@ def scalars_change_the_step(optimizer_class: type, group: dict, first: dict, oth
     lr = group.get("lr")
     if isinstance(lr, (int, float, torch.Tensor)) and not bool(torch.as_tensor(lr).any()):
         group = {**group, "lr": 0.01}
-    later = {key: value + 10**6 if key == "step" else value for key, value in first.items()}
-    later_other = {key: value + 10**6 if key == "step" else value for key, value in other.items()}
-    return (_stand_in_steps(optimizer_class, group, first)
-            != _stand_in_steps(optimizer_class, group, other)
-            or _stand_in_steps(optimizer_class, group, later)
-            != _stand_in_steps(optimizer_class, group, later_other))
+    def later(scalars: dict) -> dict:  # the count a million steps on
+        return {key: value + 10**6 if key == "step" else value for key, value in scalars.items()}
+    return any(_stand_in_steps(optimizer_class, group, a)
+               != _stand_in_steps(optimizer_class, group, b)
+               for a, b in ((first, other), (later(first), later(other))))
 
 
 def _steps_as_torch(optimizer_class: type) -> bool:
@@ -197,9 +196,8 @@ def _stand_in_steps(optimizer_class: type, group: dict, scalars: dict):
             _step_without_global_hooks(probe)  # in the next (ASGD's eta)
     except Exception:  # noqa: BLE001 -- cannot tell: the scalars matter
         return object()
-    return tuple(value.detach().numpy().tobytes() for value in [standin] + [
-        value for value in state.values()
-        if isinstance(value, torch.Tensor) and value.shape == standin.shape])
+    per_element = split_state(state, standin)[1].values()
+    return tuple(value.detach().numpy().tobytes() for value in [standin, *per_element])
 
 
 class InnerOptimizers:

@@ -84,7 +84,8 @@ Note [the last unit released with its caller]:
     NaN from the first step where it did not (a reviewer's probe, DoRA over every
     linear layer of a Llama with automatic units fine enough to make the last
     ``down_proj`` a unit). So where the module that holds the last unit is one that
-    runs (not the root, whose head and loss follow, nor a ``ModuleList``), the unit is
+    runs (not the root, whose head and loss follow, nor one with no forward of its own,
+    a ``ModuleList``: ``has_no_forward`` in _unit_tree.py), the unit is
     released as that module's forward ends, from a forward hook put on it the first
     time; the pass's end releases it in any case (under torch.compile, which skips the
     hook). The memory this holds is one unit, over what is left of its caller's forward.
@@ -234,7 +235,6 @@ import threading
 import weakref
 
 import torch
-from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from . import _agreement
@@ -246,6 +246,7 @@ from ._reducer import GradientReducer, abandoned_backward_refusal
 from ._saved_tensors import SavedTensorWatches, may_recompute_in_backward
 from ._schedule import forward_and_backward_orders
 from ._unit import ShardState, Unit
+from ._unit_tree import has_no_forward
 from ._walk import Walk
 from .mixed_precision import GradientDtypes
 from .stage2 import ShardedGradients
@@ -481,10 +482,10 @@ class UnitGatherer:
     def _release_with_caller(self, unit: Unit) -> bool:
         """Note [the last unit released with its caller]: keep the schedule's last unit
         gathered until the forward of the module that called it ends, where that module
-        is one (not the root, nor a container no one calls); whether it is kept."""
+        is one (not the root, nor a module with no forward of its own, which no one
+        calls: a ModuleList); whether it is kept."""
         caller = self._caller_of.get(id(unit))
-        if caller is None or caller is self.root.module or isinstance(
-                caller, (nn.ModuleList, nn.ModuleDict)):
+        if caller is None or caller is self.root.module or has_no_forward(caller):
             return False
         if id(caller) not in self._caller_hooks:
             self._caller_hooks[id(caller)] = handle = caller.register_forward_hook(
@@ -763,9 +764,10 @@ class UnitGatherer:
             runs the same code, so every rank raises there. Inside summon_full_params
             and in backward's recomputations (activation checkpointing gathers what it
             recomputes) the unit is gathered; a module of a released unit called in
-            backward gathers it (Note [a unit's modules called in backward]). Under torch.compile the check is not
-            traced (``EagerOnlyHook``: dynamo split the graph at every module that
-            holds parameters, a reviewer's probe, 7 -> 19 graph breaks).
+            backward gathers it (Note [a unit's modules called in backward]). Under
+            torch.compile the check is not traced (``EagerOnlyHook``: dynamo split the
+            graph at every module that holds parameters, a reviewer's probe, 7 -> 19
+            graph breaks).
 
         The same hook notes a module run in a training forward as activation
         checkpointing runs it (Note [released once backward has read it])."""
