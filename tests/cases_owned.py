@@ -79,8 +79,33 @@ class Lars(torch.optim.SGD):
         return super().step(closure)
 
 
+class GroupCounted(torch.optim.Optimizer):
+    """Keeps running values on its param group, as many optimizers outside torch do
+    (pytorch_optimizer's ``group["step"]``, Prodigy's ``d``): a bias-corrected momentum
+    whose count is a group key its first step sets, and a warm-up factor, one of its
+    defaults, that each step moves. Before Note [settings both ways] every step put the
+    factor back to its value at construction, and a resume restarted the count."""
+
+    def __init__(self, params, lr: float = 0.01, beta: float = 0.9, warm: float = 0.25) -> None:
+        super().__init__(params, {"lr": lr, "beta": beta, "warm": warm})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            group["step"] = group.get("step", 0) + 1
+            group["warm"] = min(1.0, 2 * group["warm"])
+            scale = group["lr"] * group["warm"] / (1 - group["beta"] ** group["step"])
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                momentum = self.state[p].setdefault("momentum", torch.zeros_like(p))
+                momentum.mul_(group["beta"]).add_(p.grad, alpha=1 - group["beta"])
+                p.sub_(momentum * (scale * (p.norm() + 1) / (momentum.norm() + 1e-8)))
+
+
 WHOLE = {"Muon": (CountingMuon, {"lr": 0.02}), "Adafactor": (torch.optim.Adafactor, {"lr": 0.01}),
-         "NormScaled": (NormScaled, {"lr": 0.01}), "Lars": (Lars, {"lr": 0.01, "momentum": 0.9})}
+         "NormScaled": (NormScaled, {"lr": 0.01}), "Lars": (Lars, {"lr": 0.01, "momentum": 0.9}),
+         "GroupCounted": (GroupCounted, {"lr": 0.01})}
 REST = {"AdamW": (torch.optim.AdamW, {"lr": 1e-2, "weight_decay": 0.1}),
         "SGD": (torch.optim.SGD, {"lr": 0.05, "momentum": 0.9})}
 
@@ -294,6 +319,51 @@ def round_trip_then_schedule(ctx, stage: int) -> float:
     with zopt.summon_full_params():
         return float(torch.stack([(p.detach() - q.detach()).abs().max()  # keeps a NaN
                                   for p, q in zip(zero_model.parameters(), ddp_model.parameters())]).max())
+
+
+def group_settings_resumed(ctx, stages: tuple[int, int], how: str, folder: str) -> float:
+    """GroupCounted over the Linear weights and AdamW over the rest, two steps at
+    ``stages[0]``, resumed at ``stages[1]`` (a checkpoint, or the full state dicts on
+    rank 0) in a new model and optimizer, two more: the largest difference from DDP with
+    the same optimizers for four steps without a stop."""
+    spec = {"kind": "transformer", "vocab": 11, "d": 8, "heads": 2, "layers": 2, "seq": 4,
+            "tied": True, "frozen": False}
+    case = {"whole": "GroupCounted", "rest": "AdamW", "model": spec}
+    base = build_model(spec, seed=100 + ctx.rank)
+    ddp_model = copy.deepcopy(base)
+    ddp = DDP(ddp_model, process_group=ctx.group)
+    plain = [cls(params, **kw) for cls, kw, params in optimizer_setup(ddp_model, case)[3]]
+
+    def build(stage: int, model: nn.Module):
+        positional, kwargs, groups, _ = optimizer_setup(model, case)
+        return zeroshard.ZeroOptimizer(model, positional, stage=stage, param_groups=groups,
+                                       process_group=ctx.group, **kwargs)
+
+    def train(model, zopt, steps):
+        for step in steps:
+            batch = make_batch(spec, seed=step, rank=ctx.rank, batch=2)
+            for optimizers, net in (([zopt], model), (plain, ddp)):
+                loss_fn(spec, net, batch).backward()
+                for optimizer in optimizers:
+                    optimizer.step()
+                    optimizer.zero_grad()
+
+    model = copy.deepcopy(base)
+    zopt = build(stages[0], model)
+    train(model, zopt, range(2))
+    zeroshard.save_checkpoint(folder, model, zopt)
+    full = zopt.full_state_dict()
+    zopt.close()
+    model = build_model(spec, seed=7)  # other values: the load must bring them all
+    zopt = build(stages[1], model)
+    if how == "checkpoint":
+        zeroshard.load_checkpoint(folder, model, zopt)
+    else:
+        zopt.load_full_state_dict(*(full or (None, None)))  # rank 0 holds them
+    train(model, zopt, range(2, 4))
+    with zopt.summon_full_params():
+        return float(torch.stack([(p.detach() - q.detach()).abs().max()  # keeps a NaN
+                                  for p, q in zip(model.parameters(), ddp_model.parameters())]).max())
 
 
 def scaler_with_ranks_that_own_nothing(ctx) -> dict:

@@ -17,7 +17,7 @@ from ._buffers import BufferFollower
 from ._cleared import HeldStill
 from ._ddp_guard import DDPGuard
 from ._hooks import EagerOnlyHook, WeakHook
-from ._inner import InnerOptimizers, class_of, hyperparameters, step_cost
+from ._inner import InnerOptimizers, SettingsBothWays, class_of, hyperparameters, step_cost
 from ._masters import masters_for
 from ._masters_shown import MastersShown
 from ._other_optimizers import refuse_other_optimizers_over
@@ -185,6 +185,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                      for i in range(len(groups))], optimizer_class, optimizer_kwargs,
             part_bytes=int(bucket_size_mb * 2**20))
         super().__init__(self._outer_groups(), self._inner.defaults)
+        self._settings = SettingsBothWays(self.param_groups)
         self.state = self._inner.state  # keyed by the shards in param_groups, as torch's
 
         # 5. The stage: gradient reducer and store, parameters gathered; the model's hooks.
@@ -463,10 +464,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._live.claim_gradients()  # Note [gradient markers]
         for bucket in self._plan.buckets:
             self._masters.widen_gradient(bucket)
-        # 2. The masters: the hyper-parameters schedulers set on the outer groups, and
-        #    (mixed precision) what was written to the parameters since the last step.
-        for outer, inner in zip(self.param_groups, self._inner.param_groups):
-            inner.update(hyperparameters(outer))
+        # 2. The masters: the hyper-parameters schedulers set on the outer groups (Note
+        #    [settings both ways] in _inner.py), and (mixed precision) what was written to
+        #    the parameters since the last step.
+        self._settings.to_inner(self.param_groups, self._inner.param_groups)
         self._view.take_outside_writes()
         # 3. Step this rank's shards (the gradients as plain tensors: Note [a norm of a
         #    shard]), keeping still the parameters whose gradient the loop set to None
@@ -474,6 +475,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         held = HeldStill(self._plan.buckets, self._inner)
         with torch._C.DisableTorchFunctionSubclass():
             self._inner.step(then=held.restore)
+        self._settings.to_outer(self.param_groups, self._inner.param_groups)
         # 4. Parameters follow: the masters' cast into the shards, then the stage's
         #    gathers (stages 1-2: every bucket; stage 3: none until the next forward).
         for bucket in self._plan.buckets:
