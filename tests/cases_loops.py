@@ -899,25 +899,29 @@ def dataclass_unit_outputs(ctx, reshard_after_forward: bool):
     return diffs
 
 
-def batchnorm_with_bf16(ctx, stage: int):
+def batchnorm_with_bf16(ctx, stage: int, model_dtype: torch.dtype = torch.float32):
     """BatchNorm under ``MixedPrecision(param_dtype=bf16)`` (Note [full-precision
-    modules]): BatchNorm keeps fp32 parameters and statistics and computes in fp32, the
-    rest computes in bf16 with fp32 masters. The reference follows that recipe by hand:
-    DDP over a copy whose Linear layers are bf16 and whose BatchNorm is fp32 with the
-    same casts around it; fp32 masters take the DDP-reduced gradients, a plain SGD
-    steps them, and the copy takes their cast. Returns (largest master difference,
-    largest buffer difference, BatchNorm parameter and buffer dtypes)."""
+    modules]): BatchNorm keeps the model's dtype (fp32, or fp64 in an fp64 model) for
+    its parameters and statistics and computes in it, the rest computes in bf16 with
+    fp32 masters. The reference follows that recipe by hand: DDP over a copy whose
+    Linear layers are bf16 and whose BatchNorm keeps the model's dtype with the same
+    casts around it; masters (fp32 for the Linear layers, BatchNorm's own) take the
+    DDP-reduced gradients, a plain SGD steps them, and the copy takes their cast.
+    Returns (largest master difference, largest buffer difference, BatchNorm parameter
+    and buffer dtypes)."""
     bf16 = zeroshard.MixedPrecision(torch.bfloat16, output_dtype=torch.float32)
-    model = _batchnorm_net(seed=ctx.rank)
+    model = _batchnorm_net(seed=ctx.rank).to(model_dtype)
     opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=stage, process_group=ctx.group,
                                   mixed_precision=bf16, bucket_size_mb=1e-4, lr=0.05,
                                   **({"units": torch.nn.Linear} if stage == 3 else {}))
-    masters = [p.detach().clone() for p in _batchnorm_net(seed=0).parameters()]
-    copy = _batchnorm_net(seed=0)
+    copy = _batchnorm_net(seed=0).to(model_dtype)
+    norm = copy[1]
+    masters = [p.detach().clone() if any(p is q for q in norm.parameters())
+               else p.detach().float() for p in copy.parameters()]
     for module in (copy[0], copy[3]):
         module.to(torch.bfloat16)
-    copy[1].register_forward_pre_hook(lambda m, args: tuple(a.float() for a in args))
-    copy[1].register_forward_hook(lambda m, args, out: out.to(torch.bfloat16))
+    norm.register_forward_pre_hook(lambda m, args: tuple(a.to(model_dtype) for a in args))
+    norm.register_forward_hook(lambda m, args, out: out.to(torch.bfloat16))
     reference = DDP(copy, process_group=ctx.group)
     master_opt = torch.optim.SGD(masters, lr=0.05)
     for step in range(3):
@@ -928,7 +932,7 @@ def batchnorm_with_bf16(ctx, stage: int):
         out = reference(x.to(torch.bfloat16)).float()
         torch.nn.functional.mse_loss(out, y).backward()
         for master, param in zip(masters, copy.parameters()):
-            master.grad = param.grad.float()
+            master.grad = param.grad.to(master.dtype)
         master_opt.step()
         with torch.no_grad():
             for master, param in zip(masters, copy.parameters()):
@@ -938,7 +942,7 @@ def batchnorm_with_bf16(ctx, stage: int):
         ours = opt.sharding.gather_masters()
         names = {id(p): i for i, p in enumerate(model.parameters())}
         params = max((value - masters[names[key]]).abs().max().item() for key, value in ours.items())
-    buffers = max((b.float() - c.float()).abs().max().item()
+    buffers = max((b.double() - c.double()).abs().max().item()
                   for b, c in zip(model.buffers(), copy.buffers()))
     dtypes = sorted({str(t.dtype) for t in (*model[1].parameters(), *model[1].buffers())
                      if t.is_floating_point()})

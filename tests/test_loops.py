@@ -298,9 +298,14 @@ def test_stage3_units_returning_a_dataclass_equal_ddp(pool, reshard_after_forwar
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_batchnorm_with_bf16_mixed_precision_keeps_fp32_and_follows_the_recipe(pool, stage):
-    for params, buffers, dtypes in pool.run(cases_loops.batchnorm_with_bf16, 2, stage):
-        assert dtypes == ["torch.float32"], dtypes
+@pytest.mark.parametrize("model_dtype", [torch.float32, torch.float64])
+def test_batchnorm_with_bf16_mixed_precision_keeps_its_dtype_and_follows_the_recipe(
+        pool, stage, model_dtype):
+    """In an fp64 model BatchNorm's inputs were cast to fp32 beside its fp64 parameters:
+    torch's raw "mixed dtype" error in the first forward (a helper's probe)."""
+    for params, buffers, dtypes in pool.run(cases_loops.batchnorm_with_bf16, 2, stage,
+                                            model_dtype):
+        assert dtypes == [str(model_dtype)], dtypes
         assert params < 1e-6 and buffers < 1e-6, (params, buffers)
 
 

@@ -64,8 +64,11 @@ class MixedPrecision:
 #     BatchNorm's running statistics are numerically delicate, and batch_norm refuses a
 #     bf16 weight beside fp32 statistics. So, as FSDP does by default, under any policy
 #     BatchNorm modules keep their parameters (in buckets of their own, whose shard is
-#     the master, reduced in fp32) and buffers in fp32, and compute in fp32: their
-#     floating-point inputs are cast to fp32 and their outputs to ``param_dtype``.
+#     the master, reduced in their dtype) and buffers in the model's dtype (fp32 in an
+#     fp32 model), and compute in it: their floating-point inputs are cast to that
+#     dtype and their outputs to ``param_dtype``. Casting the inputs to fp32 whatever
+#     the module kept failed in an fp64 or bf16 model with torch's raw "mixed dtype"
+#     error (a helper's probe).
 FULL_PRECISION_MODULES = (nn.modules.batchnorm._BatchNorm,)
 
 
@@ -128,7 +131,7 @@ def install_forward_casts(model: nn.Module, policy: MixedPrecision) -> list:
     handles = []
     for module in model.modules():
         if isinstance(module, FULL_PRECISION_MODULES):  # Note [full-precision modules]
-            handles.append(module.register_forward_pre_hook(_inputs_to_fp32))
+            handles.append(module.register_forward_pre_hook(_InputsTo(_kept_dtype(module))))
             handles.append(module.register_forward_hook(_OutputsTo(policy.param_dtype)))
     if policy.cast_forward_inputs:
         def cast_inputs(module, args, kwargs):
@@ -142,8 +145,22 @@ def install_forward_casts(model: nn.Module, policy: MixedPrecision) -> list:
     return handles
 
 
-def _inputs_to_fp32(module, args):
-    return _cast_floating(args, MASTER_DTYPE)
+def _kept_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype a full-precision module keeps and computes in: its own parameters'
+    or buffers' (fp32 where it has neither)."""
+    kept = [t.dtype for t in (*module.parameters(recurse=False), *module.buffers(recurse=False))
+            if t.is_floating_point()]
+    return kept[0] if kept else MASTER_DTYPE
+
+
+class _InputsTo:
+    """A forward pre-hook casting floating-point inputs to ``dtype`` (picklable)."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+
+    def __call__(self, module, args):
+        return _cast_floating(args, self.dtype)
 
 
 class _OutputsTo:
