@@ -29,6 +29,8 @@ def _bad_arguments(which: str, model: nn.Module, group, meshes):
         return (model, torch.optim.SGD), {**kwargs, "stage": 4}
     if which == "ddp":
         return (DDP(model, process_group=group), torch.optim.SGD), kwargs
+    if which == "lazy_module":  # failed in a torch internal with torch's message (a helper's probe)
+        return (nn.Sequential(model, nn.LazyLinear(4)), torch.optim.SGD), kwargs
     if which == "foreign_param":
         stranger = nn.Parameter(torch.zeros(2, 3))
         return (model, torch.optim.SGD), {**kwargs, "param_groups": [

@@ -11,6 +11,7 @@ import cases_torch_api
 BAD_INPUTS = {
     "stage": ("ValueError", ["got 4", "1, 2 or 3"]),
     "ddp": ("TypeError", ["DistributedDataParallel", "ddp_model.module"]),
+    "lazy_module": ("ValueError", ["'1.weight'", "uninitialized", "Run one forward"]),
     "foreign_param": ("ValueError", ["param_groups[1]['params'][0]", "(2, 3)", "model.parameters()"]),
     "named_params": ("TypeError", ["(name, parameter) pair", "'body.0.weight'", "[p for _, p in pairs]"]),
     "duplicate_param": ("ValueError", ["body.0.weight", "param_groups[0]", "exactly one group"]),

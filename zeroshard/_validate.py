@@ -33,6 +33,13 @@ def check_model(model) -> None:
             "reduction itself: pass the plain module (ddp_model.module) instead")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    for name, tensor in (*model.named_parameters(), *model.named_buffers()):
+        if isinstance(tensor, nn.parameter.UninitializedTensorMixin):
+            raise ValueError(
+                f"{name!r} is uninitialized (a lazy module such as nn.LazyLinear before its "
+                "first forward): its shape is not known yet, so it cannot be sharded. Run one "
+                "forward on a sample batch first (as DistributedDataParallel requires), then "
+                "build the ZeroOptimizer")
 
 
 # Optimizers that need a closure to re-evaluate the loss several times per step: the
