@@ -19,7 +19,7 @@ import sys
 
 import torch
 import torch.distributed as dist
-from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
 
 import zeroshard
 from zeroshard.integrations.hf import ZeroTrainer
@@ -99,6 +99,71 @@ class OwnPlainOptimizer(ZeroTrainer):
         if self.optimizer is None:
             self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.args.learning_rate)
         return self.optimizer
+
+
+class SyncRefModelCallback(TrainerCallback):
+    """TRL's callback of this name (trl/trainer/callbacks.py, TRL 1.16, ``sync_ref_model=True``
+    in DPO and GRPO), in its shape: after each step the reference model moves toward the
+    policy, reading the policy's parameters outside any forward."""
+
+    def __init__(self, ref_model) -> None:
+        self.ref_model = ref_model
+
+    @staticmethod
+    def _sync_target_model(model, target_model, alpha) -> None:
+        for target_param, copy_param in zip(target_model.parameters(), model.parameters()):
+            target_param.data.mul_(1.0 - alpha).add_(copy_param.data, alpha=alpha)
+
+    @staticmethod
+    def sync_target_model(model, target_model, alpha) -> None:
+        SyncRefModelCallback._sync_target_model(model, target_model, alpha)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.sync_target_model(model, self.ref_model, 0.5)
+
+
+class TrlHabits(Trainer):
+    """A trainer built on Trainer as TRL's are: a reference model synced by the callback
+    above, and ``generate()`` inside each training step (GRPO's completions), where rank
+    1's sequences stop after one token (every token ends them) and rank 0's run on."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.ref_model = tiny_gpt2()
+        self.add_callback(SyncRefModelCallback(self.ref_model))
+        self.generated: list[list[int]] = []
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        stop = list(range(100)) if dist.get_rank() == 1 else None
+        with torch.no_grad():
+            tokens = self.accelerator.unwrap_model(model).generate(
+                inputs["input_ids"][:1, :4], max_new_tokens=4, do_sample=False,
+                eos_token_id=stop, pad_token_id=0)
+        self.generated.append(tokens[0].tolist())
+        return super().compute_loss(model, inputs, *args, **kwargs)
+
+
+class ZeroTrlHabits(ZeroTrainer, TrlHabits):
+    """ZeroTrainer first, as with TRL's trainers (``class ZeroDPO(ZeroTrainer, DPOTrainer)``)."""
+
+
+def trl_habits(out: str, stage: int | None) -> dict:
+    """Trainer + DDP (stage None) or ZeroTrainer at ``stage`` with TrlHabits: every rank's
+    generated tokens, the reference model and the policy after training."""
+    model = tiny_gpt2()
+    data = {"train_dataset": Tokens(32, 1)}
+    args = arguments(out, bf16=False)
+    args.eval_strategy, args.save_strategy = "no", "no"
+    if stage is None:
+        trainer = TrlHabits(model=model, args=args, **data)
+    else:
+        trainer = ZeroTrlHabits(model=model, args=args, zero_stage=stage, **data,
+                                zero_options={"units": type(model.transformer.h[0])})
+    trainer.train()
+    generated = [None] * dist.get_world_size()
+    dist.all_gather_object(generated, trainer.generated)
+    return {"generated": generated, "reference_model": full_parameters(trainer.ref_model),
+            "params": full_parameters(model, getattr(trainer, "zero_optimizer", None))}
 
 
 def run(out: str, bf16: bool, stage: int | None, resume: str | None = None,
@@ -219,6 +284,8 @@ def main() -> None:
         results["own_plain_optimizer_errors"] = every_ranks_error(
             lambda: run(os.path.join(out, "own_plain"), bf16, 2, trainer_class=OwnPlainOptimizer))
         results["saved_before_training"] = saved_before_training(out, rank)
+        results["trl_habits"] = {stage: trl_habits(os.path.join(out, f"trl{stage}"), stage)
+                                 for stage in (None, 3)}
     results["damaged_optimizer_errors"] = resume_with_a_damaged_optimizer_file(out, bf16, rank)
     results["plain_trainer_error"] = plain_trainer_with_a_zero_optimizer(os.path.join(out, "plain"))
     errors = [None] * dist.get_world_size()

@@ -173,3 +173,19 @@ def test_zero_trainer_refuses_what_would_undo_the_sharding(tmp_path):
                                   bf16_full_eval=True)
     with pytest.raises(ValueError, match="bf16_full_eval"):
         ZeroTrainer(model=model, args=full_eval, zero_stage=2)
+
+
+def test_a_reference_model_synced_and_generation_in_the_step_at_stage_3_equal_trainer_with_ddp(
+        fp32_job):
+    """Note [trainers built on Trainer]: TRL's reference-model sync read stage 3's NaN
+    placeholders (the reference model, then the policy, NaN from the first sync, with no
+    error), and GRPO's generate in the step hung once one rank's sequences stopped first
+    (helper-78's probes, TRL 1.16). Rank 1 stops after a token here, rank 0 after four."""
+    reference, run = fp32_job["trl_habits"][None], fp32_job["trl_habits"][3]
+    micro_batches = 8  # 4 steps of 2
+    assert [len(tokens) for tokens in reference["generated"][1]] == [5] * micro_batches
+    assert [len(tokens) for tokens in reference["generated"][0]] == [8] * micro_batches
+    assert run["generated"] == reference["generated"]
+    assert_close_parameters(run["reference_model"], reference["reference_model"])
+    assert_close_parameters(run["params"], reference["params"])
+

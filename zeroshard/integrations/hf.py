@@ -31,12 +31,35 @@ Note [Trainer around a ZeroOptimizer]:
       reads, streamed from rank 0 (``zeroshard.save_full_model``).
 
     ``save_model`` and evaluation are collective: call them on every rank.
+
+Note [trainers built on Trainer]:
+    TRL's trainers (SFT, DPO, GRPO, reward) subclass ``Trainer`` and run under
+    ``class ZeroDPO(ZeroTrainer, DPOTrainer)``; two of their habits assume that only
+    DeepSpeed ZeRO-3 or FSDP shard a model, and are met here at stage 3:
+
+    - a callback that blends the policy into a reference model between steps (TRL's
+      ``SyncRefModelCallback``: ``sync_ref_model=True`` in DPO and GRPO) reads the
+      parameters outside any forward, where stage 3 holds NaN placeholders: the
+      reference model, then the loss and the whole policy, became NaN from the first
+      sync, silently (a helper's probe). Such a callback's ``sync_target_model`` (its
+      ``_sync_target_model`` is the blend) runs inside ``summon_full_params()``, on
+      every rank as callbacks do (``full_precision=True`` under a policy: the fp32
+      masters, as the blend of DDP's fp32 parameters);
+    - ``generate()`` inside a training or prediction step (GRPO's completions) runs one
+      forward per new token, so a rank that stopped early (its sequences reached EOS)
+      left the others waiting in their next gather: a hang (a helper's probe, several
+      stop tokens). transformers turns on ``synced_gpus`` only for DeepSpeed ZeRO-3 and
+      FSDP, and TRL gives no way to pass it, so during those steps the model's
+      ``generate`` defaults to ``synced_gpus=True`` (an explicit value still wins).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import warnings
+import weakref
 
 import torch
 from transformers import Trainer
@@ -115,6 +138,7 @@ class ZeroTrainer(Trainer):
         """Trainer calls it once the optimizer is built: one a subclass's own
         ``create_optimizer`` built is taken up here (Note [an optimizer a subclass builds])."""
         self._take_up_optimizer()
+        self._blend_reference_models_in_full()
         return super().create_scheduler(num_training_steps, optimizer)
 
     def _take_up_optimizer(self) -> None:
@@ -144,6 +168,30 @@ class ZeroTrainer(Trainer):
                 "create_optimizer to ZeroTrainer (zero_stage=)")
         self.zero_optimizer = found
 
+    def _blend_reference_models_in_full(self) -> None:
+        """Note [trainers built on Trainer]: reference-model syncs see full parameters."""
+        for callback in self.callback_handler.callbacks:
+            blend = getattr(callback, "_sync_target_model", None)
+            sync = getattr(callback, "sync_target_model", None)
+            if callable(blend) and callable(sync) and not isinstance(sync, _InFullParameters):
+                callback.sync_target_model = _InFullParameters(blend, self)
+
+    @contextlib.contextmanager
+    def _generation_synced(self):
+        """Note [trainers built on Trainer]: ``generate`` in a step waits for every rank."""
+        opt = self.zero_optimizer
+        generate = getattr(self.model, "generate", None)
+        if (opt is None or opt.stage != 3 or generate is None or "generate" in vars(self.model)
+                or not torch.distributed.is_initialized()
+                or torch.distributed.get_world_size() == 1):
+            yield
+            return
+        self.model.generate = functools.partial(generate, synced_gpus=True)
+        try:
+            yield
+        finally:
+            del self.model.generate
+
     def _move_model_to_device(self, model, device) -> None:
         if self.zero_optimizer is None:  # not sharded yet: Trainer places it as usual
             super()._move_model_to_device(model, device)
@@ -154,10 +202,14 @@ class ZeroTrainer(Trainer):
         # DDP's no_sync for micro-batches inside an accumulation window (Trainer runs them
         # under accelerator.no_sync(model), which finds no no_sync on an unwrapped model)
         state = self.accelerator.gradient_state
-        if state.sync_gradients or state.plugin_kwargs.get("sync_each_batch", False):
+        synced = state.sync_gradients or state.plugin_kwargs.get("sync_each_batch", False)
+        with self._generation_synced(), \
+                contextlib.nullcontext() if synced else self.zero_optimizer.no_sync():
             return super().training_step(model, inputs, num_items_in_batch)
-        with self.zero_optimizer.no_sync():
-            return super().training_step(model, inputs, num_items_in_batch)
+
+    def prediction_step(self, *args, **kwargs):
+        with self._generation_synced():
+            return super().prediction_step(*args, **kwargs)
 
     def _clip_grad_norm(self, model):
         self.accelerator.unscale_gradients()  # GradScaler (fp16), as accelerator's clipping does
@@ -242,6 +294,23 @@ class ZeroTrainer(Trainer):
 
     def _load_best_model(self) -> None:
         self.zero_optimizer.load_full_state_dict(self.state.best_model_checkpoint)
+
+
+class _InFullParameters:
+    """A reference-model blend run inside ``summon_full_params()`` of the trainer's
+    ZeroOptimizer (Note [trainers built on Trainer]); the trainer is held weakly."""
+
+    def __init__(self, blend, trainer: ZeroTrainer) -> None:
+        self._blend = blend
+        self._trainer = weakref.ref(trainer)
+
+    def __call__(self, model, target_model, alpha) -> None:
+        trainer = self._trainer()
+        opt = trainer.zero_optimizer if trainer is not None else None
+        if opt is None:
+            return self._blend(model, target_model, alpha)
+        with opt.summon_full_params(full_precision=opt.mixed_precision is not None):
+            return self._blend(model, target_model, alpha)
 
 
 def _refuse_unsupported(trainer: ZeroTrainer) -> None:
