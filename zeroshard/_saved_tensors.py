@@ -148,8 +148,10 @@ class SavedTensorWatches:
         raise RuntimeError(
             f"zeroshard stage 3: the forward of unit {unit.name} used parameter {name!r}, "
             f"which belongs to unit {released.name} and is released outside that unit's "
-            "forward (a weight tied functionally, such as F.linear(h, self.emb.weight)), so "
-            "it computed with a NaN placeholder. Choose units so that the module using a "
+            "forward (a weight tied functionally, such as F.linear(h, self.emb.weight); or "
+            "a forward pre-hook registered with prepend=True after the ZeroOptimizer, which "
+            "runs before the unit's gather: register it without prepend), so it computed "
+            "with a NaN placeholder. Choose units so that the module using a "
             "parameter holds it or is an ancestor of its unit: pass units= without "
             f"{type(released.module).__name__} (e.g. the block class), or tie the weight "
             "by assignment (head.weight = emb.weight) before building the ZeroOptimizer (a tie "
