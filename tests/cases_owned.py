@@ -103,6 +103,53 @@ class GroupCounted(torch.optim.Optimizer):
                 p.sub_(momentum * (scale * (p.norm() + 1) / (momentum.norm() + 1e-8)))
 
 
+class ScheduleFreeSGD(torch.optim.Optimizer):
+    """Schedule-free SGD (Defazio et al. 2024) in the form of schedulefree's
+    ``SGDScheduleFree``, without warm-up or weight decay: it steps the point z and
+    averages it into x, and the parameters hold y = (1 - beta) z + beta x in train mode,
+    x in eval mode; ``train()`` and ``eval()`` move them in place and flip
+    ``group["train_mode"]``, and ``step()`` refuses eval mode, as schedulefree's do."""
+
+    def __init__(self, params, lr: float = 0.1, beta: float = 0.9) -> None:
+        super().__init__(params, {"lr": lr, "beta": beta, "k": 0, "train_mode": False})
+
+    @torch.no_grad()
+    def _move(self, to_train: bool) -> None:
+        for group in self.param_groups:
+            if group["train_mode"] != to_train:
+                beta = group["beta"]
+                for p in group["params"]:
+                    if "z" in self.state[p]:  # x -> y, or y -> x
+                        p.lerp_(self.state[p]["z"], 1 - beta if to_train else 1 - 1 / beta)
+                group["train_mode"] = to_train
+
+    def train(self) -> None:
+        self._move(True)
+
+    def eval(self) -> None:
+        self._move(False)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            if not group["train_mode"]:
+                raise RuntimeError("ScheduleFreeSGD is not in train mode: call opt.train()")
+            beta, weight = group["beta"], 1 / (group["k"] + 1)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                z = self.state[p].setdefault("z", p.detach().clone())
+                x = (p - (1 - beta) * z) / beta
+                z.sub_(p.grad, alpha=group["lr"])
+                x.lerp_(z, weight)
+                p.copy_((1 - beta) * z + beta * x)
+            group["k"] += 1
+
+
+class ElementwiseScheduleFreeSGD(ScheduleFreeSGD):
+    zeroshard_elementwise = True  # it is: stepped on flat shards
+
+
 WHOLE = {"Muon": (CountingMuon, {"lr": 0.02}), "Adafactor": (torch.optim.Adafactor, {"lr": 0.01}),
          "NormScaled": (NormScaled, {"lr": 0.01}), "Lars": (Lars, {"lr": 0.01, "momentum": 0.9}),
          "GroupCounted": (GroupCounted, {"lr": 0.01})}
@@ -364,6 +411,61 @@ def group_settings_resumed(ctx, stages: tuple[int, int], how: str, folder: str) 
     with zopt.summon_full_params():
         return float(torch.stack([(p.detach() - q.detach()).abs().max()  # keeps a NaN
                                   for p, q in zip(model.parameters(), ddp_model.parameters())]).max())
+
+
+def schedule_free_modes(ctx, stage: int, elementwise: bool) -> dict:
+    """ScheduleFreeSGD over every parameter, driven as transformers' Trainer drives it:
+    ``opt.train()`` before every training step, ``opt.eval()`` before an evaluation after
+    every second step, beside DDP with the same class. Returns the largest difference of
+    the evaluations' outputs and of the final parameters (in eval mode), how far each
+    evaluation's outputs are from the trained point's (eval mode moves), the collectives
+    a ``train()`` in train mode issued, and whether the step in eval mode was refused."""
+    spec = {"kind": "transformer", "vocab": 11, "d": 8, "heads": 2, "layers": 2, "seq": 4,
+            "tied": True, "frozen": False}
+    cls = ElementwiseScheduleFreeSGD if elementwise else ScheduleFreeSGD
+    base = build_model(spec, seed=100 + ctx.rank)
+    zero_model, ddp_model = copy.deepcopy(base), copy.deepcopy(base)
+    zopt = zeroshard.ZeroOptimizer(zero_model, cls, stage=stage, process_group=ctx.group,
+                                   lr=0.1, **({"units": UNITS["blocks"]} if stage == 3 else {}))
+    ddp = DDP(ddp_model, process_group=ctx.group)
+    plain = cls(ddp_model.parameters(), lr=0.1)
+    evaluations, moved, calls_in_train_mode = [], [], []
+    probe = make_batch(spec, seed=99, rank=0, batch=2)
+    for step in range(4):
+        for optimizer in (zopt, plain):
+            optimizer.train()
+        zopt.comm_stats.reset()
+        zopt.train()  # again, as Trainer does in each training step: nothing to move
+        calls_in_train_mode.append(sum(zopt.comm_stats.calls.values()))
+        batch = make_batch(spec, seed=step, rank=ctx.rank, batch=2)
+        for optimizer, model in ((zopt, zero_model), (plain, ddp)):
+            loss_fn(spec, model, batch).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        if step % 2 == 1:
+            with torch.no_grad():
+                trained_point = zero_model(probe[0])
+            outputs = []
+            for optimizer, model in ((zopt, zero_model), (plain, ddp_model)):
+                optimizer.eval()
+                with torch.no_grad():
+                    outputs.append(model(probe[0]))
+            evaluations.append(float((outputs[0] - outputs[1]).abs().max()))
+            moved.append(float((outputs[0] - trained_point).abs().max()))
+    loss_fn(spec, zero_model, make_batch(spec, seed=9, rank=ctx.rank, batch=2)).backward()
+    try:
+        zopt.step()  # in eval mode: the class refuses, on every rank alike
+        refused = None
+    except RuntimeError as error:
+        refused = str(error)
+    zopt.zero_grad()
+    with zopt.summon_full_params():
+        params = float(torch.stack([(p.detach() - q.detach()).abs().max()  # keeps a NaN
+                                    for p, q in zip(zero_model.parameters(),
+                                                    ddp_model.parameters())]).max())
+    zopt.close()
+    return {"evaluations": evaluations, "moved": moved, "params": params, "refused": refused,
+            "calls_in_train_mode": calls_in_train_mode}
 
 
 def scaler_with_ranks_that_own_nothing(ctx) -> dict:

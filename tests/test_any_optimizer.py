@@ -138,6 +138,22 @@ def test_settings_an_optimizer_keeps_on_its_groups_survive_steps_and_resumes(
         assert diff == 0, diff  # two ranks, no clipping: the same arithmetic as DDP
 
 
+@pytest.mark.parametrize("elementwise", [False, True])
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_a_schedule_free_optimizer_switches_modes_like_ddp(pool, stage, elementwise):
+    """Note [a mode switch of the optimizer]: ``opt.train()`` / ``opt.eval()`` did not exist
+    (schedulefree's classes could not be driven, and Trainer skipped them), and switching
+    the inner optimizers by hand was refused or drifted (helper-77's probes). Evaluated in
+    eval mode and trained in train mode, as DDP with the same class; a switch to the mode
+    it is in issues no collective; a step in eval mode is the class's own refusal."""
+    for result in pool.run(cases_owned.schedule_free_modes, 2, stage, elementwise):
+        assert result["evaluations"] and max(result["evaluations"]) == 0, result
+        assert min(result["moved"]) > 0, result  # eval mode evaluates another point
+        assert result["params"] == 0, result
+        assert result["calls_in_train_mode"] == [0] * 4, result
+        assert "not in train mode" in (result["refused"] or ""), result
+
+
 def test_grad_scaler_on_ranks_that_own_no_parameter_skips_with_the_others(pool):
     """A rank that owns no parameter whole still holds each bucket's shard in its
     param groups, so GradScaler records its inf check there (it asserted before)."""

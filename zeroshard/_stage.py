@@ -169,6 +169,11 @@ class Stage:
         """The inner optimizer has updated the shards: make the parameters follow."""
         self.params.after_step()
 
+    def follow_shards(self) -> None:
+        """The shards changed outside a step (Note [a mode switch of the optimizer] in
+        optimizer.py): the parameters follow as after one, which is not counted as one."""
+        self.params.follow_shards()
+
     def unshard(self) -> None:
         """Make every parameter hold its full value for good (``close()``)."""
         self.params.unshard()
@@ -250,6 +255,9 @@ class WholeParameters:
                         "model.load_state_dict), keep a module that converts itself in the dtype "
                         "it converts to, or opt.close() and build a new ZeroOptimizer over the "
                         "changed model")
+
+    def follow_shards(self) -> None:
+        self.after_step()
 
     def after_step(self) -> None:
         launch_order = self.launch_order()

@@ -483,6 +483,57 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._live.after_step()
         return loss
 
+    def train(self) -> None:
+        """Put an optimizer with a training mode (schedule-free AdamW and SGD) in it; Note
+        [a mode switch of the optimizer]. Call it on every rank, as ``step()``."""
+        self._switch_mode("train")
+
+    def eval(self) -> None:
+        """Put an optimizer with an evaluation mode (schedule-free: the parameters become
+        the averaged point to evaluate) in it; Note [a mode switch of the optimizer]."""
+        self._switch_mode("eval")
+
+    @torch.no_grad()
+    def _switch_mode(self, mode: str) -> None:
+        """Note [a mode switch of the optimizer]:
+            schedulefree's optimizers (``AdamWScheduleFree``, ``SGDScheduleFree``, and
+            pytorch_optimizer's) step one point and evaluate another: ``opt.train()`` and
+            ``opt.eval()`` move the parameters between them in place and flip the group's
+            ``train_mode``. transformers' Trainer calls them in every training step and
+            before evaluating, and schedulefree's ``step()`` refuses to run in eval mode.
+            Here they call that method of each inner optimizer that has one, over this
+            rank's shards and owned parameters, and where it changed a setting of a group
+            (the mode flips; alike on every rank), the parameters follow the shards as
+            after a step (stages 1-2 all-gather; stage 3 gathers at the next forward; the
+            masters' cast first under a policy), which is not counted as one. Called again
+            in the mode it is in, it changes nothing and issues no collective. Without
+            these methods a user of such a class had no way to switch (an
+            ``AttributeError``), and switching the inner optimizers by hand was refused at
+            stages 1-2 or drifted (a helper's probes, 1.6e-2 from DDP)."""
+        self._require_open()
+        switches = [getattr(o, mode) for o in self._inner.optimizers
+                    if callable(getattr(o, mode, None))]
+        if not switches:
+            return
+        if self._live.switches.summoned and (self.stage == 3 or self._masters_shown):
+            raise RuntimeError(f"zeroshard stage {self.stage}: opt.{mode}() inside `with "
+                               "opt.summon_full_params():` would move parameters the block "
+                               "holds; call it after the block")
+        self._live.wait_in_flight()
+        self._settings.to_inner(self.param_groups, self._inner.param_groups)
+        self._view.take_outside_writes()
+        before = [hyperparameters(g) for g in self._inner.param_groups]
+        for switch in switches:
+            switch()
+        after = [hyperparameters(g) for g in self._inner.param_groups]
+        self._settings.to_outer(self.param_groups, self._inner.param_groups)
+        if all(a.keys() == b.keys() and all(a[k] is b[k] for k in a)
+               for a, b in zip(after, before)):
+            return  # already in that mode
+        for bucket in self._plan.buckets:
+            self._masters.to_shard(bucket)
+        self._live.follow_shards()
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the reduced gradient shards and the parameters' local gradients.
 

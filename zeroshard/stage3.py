@@ -969,6 +969,11 @@ class UnitGatherer:
     def after_step(self) -> None:
         """Parameters stay sharded after a step; free anything still gathered (stale now)."""
         self._steps += 1  # Note [steps on some ranks only]
+        self.follow_shards()
+
+    def follow_shards(self) -> None:
+        """The shards changed (a step, a schedule-free mode switch): free anything still
+        gathered, and refuse a graph from before as a step does."""
         for unit in self.units:
             for bucket in unit.buckets:  # Note [a graph from before the step]
                 if bucket.params[0].requires_grad:
