@@ -113,15 +113,21 @@ class ScheduleFreeSGD(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 0.1, beta: float = 0.9) -> None:
         super().__init__(params, {"lr": lr, "beta": beta, "k": 0, "train_mode": False})
 
+    def _training(self, group: dict) -> bool:
+        return group["train_mode"]
+
+    def _set_training(self, group: dict, value: bool) -> None:
+        group["train_mode"] = value
+
     @torch.no_grad()
     def _move(self, to_train: bool) -> None:
         for group in self.param_groups:
-            if group["train_mode"] != to_train:
+            if self._training(group) != to_train:
                 beta = group["beta"]
                 for p in group["params"]:
                     if "z" in self.state[p]:  # x -> y, or y -> x
                         p.lerp_(self.state[p]["z"], 1 - beta if to_train else 1 - 1 / beta)
-                group["train_mode"] = to_train
+                self._set_training(group, to_train)
 
     def train(self) -> None:
         self._move(True)
@@ -132,7 +138,7 @@ class ScheduleFreeSGD(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
-            if not group["train_mode"]:
+            if not self._training(group):
                 raise RuntimeError("ScheduleFreeSGD is not in train mode: call opt.train()")
             beta, weight = group["beta"], 1 / (group["k"] + 1)
             for p in group["params"]:
@@ -148,6 +154,25 @@ class ScheduleFreeSGD(torch.optim.Optimizer):
 
 class ElementwiseScheduleFreeSGD(ScheduleFreeSGD):
     zeroshard_elementwise = True  # it is: stepped on flat shards
+
+
+class ScheduleFreeSGDModeOnItself(ScheduleFreeSGD):
+    """The mode kept on the optimizer, not on its groups, as schedule-free wrappers keep
+    it (pytorch_optimizer's ScheduleFreeWrapper): a switch changes no group setting."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.training = False
+
+    def _training(self, group: dict) -> bool:
+        return self.training
+
+    def _set_training(self, group: dict, value: bool) -> None:
+        self.training = value
+
+
+SCHEDULE_FREE = {"whole": ScheduleFreeSGD, "flat": ElementwiseScheduleFreeSGD,
+                 "mode_on_itself": ScheduleFreeSGDModeOnItself}
 
 
 WHOLE = {"Muon": (CountingMuon, {"lr": 0.02}), "Adafactor": (torch.optim.Adafactor, {"lr": 0.01}),
@@ -413,7 +438,7 @@ def group_settings_resumed(ctx, stages: tuple[int, int], how: str, folder: str) 
                                   for p, q in zip(model.parameters(), ddp_model.parameters())]).max())
 
 
-def schedule_free_modes(ctx, stage: int, elementwise: bool) -> dict:
+def schedule_free_modes(ctx, stage: int, kind: str, policy: bool) -> dict:
     """ScheduleFreeSGD over every parameter, driven as transformers' Trainer drives it:
     ``opt.train()`` before every training step, ``opt.eval()`` before an evaluation after
     every second step, beside DDP with the same class. Returns the largest difference of
@@ -422,11 +447,14 @@ def schedule_free_modes(ctx, stage: int, elementwise: bool) -> dict:
     a ``train()`` in train mode issued, and whether the step in eval mode was refused."""
     spec = {"kind": "transformer", "vocab": 11, "d": 8, "heads": 2, "layers": 2, "seq": 4,
             "tied": True, "frozen": False}
-    cls = ElementwiseScheduleFreeSGD if elementwise else ScheduleFreeSGD
+    cls = SCHEDULE_FREE[kind]
     base = build_model(spec, seed=100 + ctx.rank)
     zero_model, ddp_model = copy.deepcopy(base), copy.deepcopy(base)
+    extra = {"units": UNITS["blocks"]} if stage == 3 else {}
+    if policy:  # fp32 casts of fp32 masters: the switch moves the masters, not the parameters
+        extra["mixed_precision"] = zeroshard.MixedPrecision(torch.float32)
     zopt = zeroshard.ZeroOptimizer(zero_model, cls, stage=stage, process_group=ctx.group,
-                                   lr=0.1, **({"units": UNITS["blocks"]} if stage == 3 else {}))
+                                   lr=0.1, **extra)
     ddp = DDP(ddp_model, process_group=ctx.group)
     plain = cls(ddp_model.parameters(), lr=0.1)
     evaluations, moved, calls_in_train_mode = [], [], []
@@ -466,6 +494,37 @@ def schedule_free_modes(ctx, stage: int, elementwise: bool) -> dict:
     zopt.close()
     return {"evaluations": evaluations, "moved": moved, "params": params, "refused": refused,
             "calls_in_train_mode": calls_in_train_mode}
+
+
+def tensor_lr_round_trip(ctx, stage: int) -> list[tuple[float, float]]:
+    """AdamW with a tensor lr that ExponentialLR halves in place, an in-process
+    ``load_state_dict(state_dict())`` after two steps, beside DDP doing the same: the
+    largest parameter difference and the lrs used, after each step."""
+    spec = {"kind": "mlp", "d_in": 5, "hidden": 7, "d_out": 3, "depth": 2, "frozen": False,
+            "unused_branch": False}
+    base = build_model(spec, seed=100 + ctx.rank)
+    zero_model, ddp_model = copy.deepcopy(base), copy.deepcopy(base)
+    zopt = zeroshard.ZeroOptimizer(zero_model, torch.optim.AdamW, stage=stage,
+                                   process_group=ctx.group, lr=torch.tensor(0.05))
+    ddp = DDP(ddp_model, process_group=ctx.group)
+    plain = torch.optim.AdamW(ddp_model.parameters(), lr=torch.tensor(0.05))
+    schedulers = [torch.optim.lr_scheduler.ExponentialLR(o, 0.5) for o in (zopt, plain)]
+    out = []
+    for step in range(5):
+        for optimizer, scheduler, model in ((zopt, schedulers[0], zero_model),
+                                            (plain, schedulers[1], ddp)):
+            if step == 2:
+                optimizer.load_state_dict(optimizer.state_dict())
+            if step >= 2:
+                scheduler.step()
+            loss_fn(spec, model, make_batch(spec, seed=step, rank=ctx.rank, batch=4)).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        with zopt.summon_full_params():
+            out.append((float(torch.stack([(p.detach() - q.detach()).abs().max() for p, q in
+                                           zip(zero_model.parameters(), ddp_model.parameters())]).max()),
+                        float(zopt.sharding.inner.param_groups[0]["lr"]) - float(plain.param_groups[0]["lr"])))
+    return out
 
 
 def scaler_with_ranks_that_own_nothing(ctx) -> dict:

@@ -138,20 +138,32 @@ def test_settings_an_optimizer_keeps_on_its_groups_survive_steps_and_resumes(
         assert diff == 0, diff  # two ranks, no clipping: the same arithmetic as DDP
 
 
-@pytest.mark.parametrize("elementwise", [False, True])
+@pytest.mark.parametrize("policy", [False, True])
+@pytest.mark.parametrize("kind", sorted(cases_owned.SCHEDULE_FREE))
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_a_schedule_free_optimizer_switches_modes_like_ddp(pool, stage, elementwise):
+def test_a_schedule_free_optimizer_switches_modes_like_ddp(pool, stage, kind, policy):
     """Note [a mode switch of the optimizer]: ``opt.train()`` / ``opt.eval()`` did not exist
     (schedulefree's classes could not be driven, and Trainer skipped them), and switching
     the inner optimizers by hand was refused or drifted (helper-77's probes). Evaluated in
-    eval mode and trained in train mode, as DDP with the same class; a switch to the mode
-    it is in issues no collective; a step in eval mode is the class's own refusal."""
-    for result in pool.run(cases_owned.schedule_free_modes, 2, stage, elementwise):
+    eval mode and trained in train mode, as DDP with the same class, whole parameters or
+    flat shards, the mode on the groups or on the optimizer (a first version missed that
+    switch under a policy: a reviewer's probe, 2.6e-3 from DDP); a switch to the mode it
+    is in issues no collective; a step in eval mode is the class's own refusal."""
+    for result in pool.run(cases_owned.schedule_free_modes, 2, stage, kind, policy):
         assert result["evaluations"] and max(result["evaluations"]) == 0, result
         assert min(result["moved"]) > 0, result  # eval mode evaluates another point
         assert result["params"] == 0, result
         assert result["calls_in_train_mode"] == [0] * 4, result
         assert "not in train mode" in (result["refused"] or ""), result
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_a_tensor_lr_filled_in_place_after_a_state_dict_round_trip_reaches_the_step(pool, stage):
+    """Note [settings both ways]: torch's load_state_dict gave the inner group a copy of
+    the tensor lr, which the scheduler's in-place fill then never reached (a reviewer's
+    probe of a first version: 4.1e-2 from DDP)."""
+    for per_step in pool.run(cases_owned.tensor_lr_round_trip, 2, stage):
+        assert all(params == 0 and lr == 0 for params, lr in per_step), per_step
 
 
 def test_grad_scaler_on_ranks_that_own_no_parameter_skips_with_the_others(pool):

@@ -83,9 +83,13 @@ class SettingsBothWays:
         took its slow step (2.1e-2 from DDP after 5 steps), schedule-free AdamW drifted
         1.9e-2 and a resumed LAMB restarted its bias correction, 4.3e-2 from the run
         that never stopped (a helper's probes). Written means a new object under the
-        key (schedulers assign one); a tensor changed in place is shared by both groups.
-        The groups are passed in at each call: torch's ``load_state_dict`` gives an
-        inner optimizer new group dicts."""
+        key (schedulers assign one). A tensor setting (a tensor lr, which schedulers fill
+        in place) goes in whenever the inner group holds another object than the outer:
+        torch's ``load_state_dict`` gives an inner optimizer new group dicts holding
+        copies, and until the outer tensor went in again a scheduler's in-place fill
+        reached the outer copy only, and the step's way back then wrote the stale inner
+        one over it (a reviewer's probe: 4.1e-2 from DDP after a state-dict round trip).
+        The groups are passed in at each call for the same reason."""
 
     def __init__(self, outer_groups: list[dict]) -> None:
         self._last_seen = [hyperparameters(g) for g in outer_groups]
@@ -93,7 +97,8 @@ class SettingsBothWays:
     def to_inner(self, outer_groups: list[dict], inner_groups: list[dict]) -> None:
         for outer, inner, seen in zip(outer_groups, inner_groups, self._last_seen):
             for key, value in hyperparameters(outer).items():
-                if key not in seen or seen[key] is not value:
+                if key not in seen or seen[key] is not value or (
+                        isinstance(value, torch.Tensor) and inner.get(key) is not value):
                     inner[key] = value
 
     def to_outer(self, outer_groups: list[dict], inner_groups: list[dict]) -> None:
