@@ -186,6 +186,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             part_bytes=int(bucket_size_mb * 2**20))
         super().__init__(self._outer_groups(), self._inner.defaults)
         self._settings = SettingsBothWays(self.param_groups)
+        self._mode = None  # "train" / "eval" once asked for: Note [a mode switch of the optimizer]
         self.state = self._inner.state  # keyed by the shards in param_groups, as torch's
 
         # 5. The stage: gradient reducer and store, parameters gathered; the model's hooks.
@@ -502,11 +503,14 @@ class ZeroOptimizer(torch.optim.Optimizer):
             ``train_mode``. transformers' Trainer calls them in every training step and
             before evaluating, and schedulefree's ``step()`` refuses to run in eval mode.
             Here they call that method of each inner optimizer that has one, over this
-            rank's shards and owned parameters, and where it changed a setting of a group
-            (the mode flips; alike on every rank), the parameters follow the shards as
-            after a step (stages 1-2 all-gather; stage 3 gathers at the next forward; the
-            masters' cast first under a policy), which is not counted as one. Called again
-            in the mode it is in, it changes nothing and issues no collective. Without
+            rank's shards and owned parameters, and where the mode asked for is another
+            than the last one asked for (alike on every rank: whether a class flips a
+            flag on its groups or on itself, as schedule-free wrappers do, whose switch a
+            first version of this missed, a reviewer's probe), the parameters follow the
+            shards as after a step (stages 1-2 all-gather, so call them on every rank;
+            stage 3 gathers at the next forward; the masters' cast first under a policy),
+            which is not counted as one. Called again in the mode it is in, it moves
+            nothing and issues no collective. Without
             these methods a user of such a class had no way to switch (an
             ``AttributeError``), and switching the inner optimizers by hand was refused at
             stages 1-2 or drifted (a helper's probes, 1.6e-2 from DDP)."""
@@ -522,14 +526,12 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._live.wait_in_flight()
         self._settings.to_inner(self.param_groups, self._inner.param_groups)
         self._view.take_outside_writes()
-        before = [hyperparameters(g) for g in self._inner.param_groups]
         for switch in switches:
             switch()
-        after = [hyperparameters(g) for g in self._inner.param_groups]
         self._settings.to_outer(self.param_groups, self._inner.param_groups)
-        if all(a.keys() == b.keys() and all(a[k] is b[k] for k in a)
-               for a, b in zip(after, before)):
-            return  # already in that mode
+        if mode == self._mode:
+            return  # already in that mode: nothing moved
+        self._mode = mode
         for bucket in self._plan.buckets:
             self._masters.to_shard(bucket)
         self._live.follow_shards()
