@@ -298,11 +298,14 @@ def test_stage3_units_returning_a_dataclass_equal_ddp(pool, reshard_after_forwar
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
-@pytest.mark.parametrize("model_dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("model_dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_batchnorm_with_bf16_mixed_precision_keeps_its_dtype_and_follows_the_recipe(
         pool, stage, model_dtype):
     """In an fp64 model BatchNorm's inputs were cast to fp32 beside its fp64 parameters:
-    torch's raw "mixed dtype" error in the first forward (a helper's probe)."""
+    torch's raw "mixed dtype" error in the first forward (a helper's probe). A bf16 model
+    under a bf16 policy (fp32 masters for a model loaded in bf16) failed to build, with
+    torch's raw "setStorage" error: a policy of the model's own dtype freed the buffer
+    its parameters view (a reviewer's probe; Linear layers alone failed alike)."""
     for params, buffers, dtypes in pool.run(cases_loops.batchnorm_with_bf16, 2, stage,
                                             model_dtype):
         assert dtypes == [str(model_dtype)], dtypes

@@ -179,7 +179,13 @@ class FlatBucket:
 
     def cast_parameters(self, dtype: torch.dtype) -> None:
         """Make the parameters views of a new flat buffer of ``dtype`` holding their cast
-        (a MixedPrecision policy's ``param_dtype``: ``_masters.Fp32Masters``)."""
+        (a MixedPrecision policy's ``param_dtype``: ``_masters.Fp32Masters``). Already of
+        ``dtype`` (a policy of the model's own dtype: a bf16 model given fp32 masters by a
+        bf16 policy), they stay: ``to`` returned the buffer itself, which the release
+        below then freed under them (construction failed with torch's raw "setStorage ...
+        out of bounds", a reviewer's probe)."""
+        if self.flat.dtype == dtype:
+            return
         flat = self.flat.to(dtype)
         with torch.no_grad():
             for index, param in enumerate(self.params):
