@@ -14,6 +14,7 @@ ZeroOptimizer.
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 
@@ -135,10 +136,10 @@ class TrlHabits(Trainer):
 
     def compute_loss(self, model, inputs, *args, **kwargs):
         stop = list(range(100)) if dist.get_rank() == 1 else None
-        with torch.no_grad():
+        with torch.no_grad():  # synced_gpus=False, as Seq2SeqTrainer passes it outside FSDP
             tokens = self.accelerator.unwrap_model(model).generate(
                 inputs["input_ids"][:1, :4], max_new_tokens=4, do_sample=False,
-                eos_token_id=stop, pad_token_id=0)
+                eos_token_id=stop, pad_token_id=0, synced_gpus=False)
         self.generated.append(tokens[0].tolist())
         return super().compute_loss(model, inputs, *args, **kwargs)
 
@@ -162,8 +163,11 @@ def trl_habits(out: str, stage: int | None) -> dict:
     trainer.train()
     generated = [None] * dist.get_world_size()
     dist.all_gather_object(generated, trainer.generated)
+    copied = copy.deepcopy(model)  # structure only: a copy's generate is its own, plain
     return {"generated": generated, "reference_model": full_parameters(trainer.ref_model),
-            "params": full_parameters(model, getattr(trainer, "zero_optimizer", None))}
+            "params": full_parameters(model, getattr(trainer, "zero_optimizer", None)),
+            "copy_generates_itself": copied.generate.__self__ is copied
+            and type(copied.generate).__name__ == "method"}
 
 
 def run(out: str, bf16: bool, stage: int | None, resume: str | None = None,

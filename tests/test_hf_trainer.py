@@ -180,12 +180,15 @@ def test_a_reference_model_synced_and_generation_in_the_step_at_stage_3_equal_tr
     """Note [trainers built on Trainer]: TRL's reference-model sync read stage 3's NaN
     placeholders (the reference model, then the policy, NaN from the first sync, with no
     error), and GRPO's generate in the step hung once one rank's sequences stopped first
-    (helper-78's probes, TRL 1.16). Rank 1 stops after a token here, rank 0 after four."""
+    (helper-78's probes, TRL 1.16), also where the caller passes synced_gpus=False, as
+    Seq2SeqTrainer does (a reviewer's probe). Rank 1 stops after a token here, rank 0
+    after four."""
     reference, run = fp32_job["trl_habits"][None], fp32_job["trl_habits"][3]
     micro_batches = 8  # 4 steps of 2
     assert [len(tokens) for tokens in reference["generated"][1]] == [5] * micro_batches
     assert [len(tokens) for tokens in reference["generated"][0]] == [8] * micro_batches
     assert run["generated"] == reference["generated"]
+    assert run["copy_generates_itself"] and reference["copy_generates_itself"]
     assert_close_parameters(run["reference_model"], reference["reference_model"])
     assert_close_parameters(run["params"], reference["params"])
 

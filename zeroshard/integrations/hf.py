@@ -45,18 +45,21 @@ Note [trainers built on Trainer]:
       ``_sync_target_model`` is the blend) runs inside ``summon_full_params()``, on
       every rank as callbacks do (``full_precision=True`` under a policy: the fp32
       masters, as the blend of DDP's fp32 parameters);
-    - ``generate()`` inside a training or prediction step (GRPO's completions) runs one
-      forward per new token, so a rank that stopped early (its sequences reached EOS)
-      left the others waiting in their next gather: a hang (a helper's probe, several
-      stop tokens). transformers turns on ``synced_gpus`` only for DeepSpeed ZeRO-3 and
-      FSDP, and TRL gives no way to pass it, so during those steps the model's
-      ``generate`` defaults to ``synced_gpus=True`` (an explicit value still wins).
+    - ``generate()`` (GRPO's completions in its training step, ``Seq2SeqTrainer``'s
+      ``predict_with_generate``, TRL's completion-logging callbacks) runs one forward
+      per new token, so a rank that stopped early (its sequences reached EOS) left the
+      others waiting in their next gather: a hang (a helper's probe, several stop
+      tokens). transformers turns on ``synced_gpus`` only for DeepSpeed ZeRO-3 and
+      FSDP, TRL gives no way to pass it, and ``Seq2SeqTrainer`` passes False (a
+      reviewer's probe). So once ZeroTrainer has its ZeroOptimizer, the model's
+      ``generate`` runs with ``synced_gpus=True`` while that optimizer is open at stage
+      3 on more than one rank, outside ``summon_full_params()`` (inside it no forward
+      gathers, and rank 0 may generate alone). It stays on the model after training; a
+      copy or a pickle of the model gets the plain method.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import os
 import warnings
 import weakref
@@ -139,6 +142,7 @@ class ZeroTrainer(Trainer):
         ``create_optimizer`` built is taken up here (Note [an optimizer a subclass builds])."""
         self._take_up_optimizer()
         self._blend_reference_models_in_full()
+        self._synchronise_generation()
         return super().create_scheduler(num_training_steps, optimizer)
 
     def _take_up_optimizer(self) -> None:
@@ -176,21 +180,12 @@ class ZeroTrainer(Trainer):
             if callable(blend) and callable(sync) and not isinstance(sync, _InFullParameters):
                 callback.sync_target_model = _InFullParameters(blend, self)
 
-    @contextlib.contextmanager
-    def _generation_synced(self):
-        """Note [trainers built on Trainer]: ``generate`` in a step waits for every rank."""
-        opt = self.zero_optimizer
-        generate = getattr(self.model, "generate", None)
-        if (opt is None or opt.stage != 3 or generate is None or "generate" in vars(self.model)
-                or not torch.distributed.is_initialized()
-                or torch.distributed.get_world_size() == 1):
-            yield
-            return
-        self.model.generate = functools.partial(generate, synced_gpus=True)
-        try:
-            yield
-        finally:
-            del self.model.generate
+    def _synchronise_generation(self) -> None:
+        """Note [trainers built on Trainer]: ``generate`` waits for every rank at stage 3."""
+        model = self.model
+        if (self.zero_optimizer.stage == 3 and callable(getattr(model, "generate", None))
+                and "generate" not in vars(model)):  # not one of the user's own
+            model.generate = _SyncedGenerate(model, self.zero_optimizer)
 
     def _move_model_to_device(self, model, device) -> None:
         if self.zero_optimizer is None:  # not sharded yet: Trainer places it as usual
@@ -202,14 +197,10 @@ class ZeroTrainer(Trainer):
         # DDP's no_sync for micro-batches inside an accumulation window (Trainer runs them
         # under accelerator.no_sync(model), which finds no no_sync on an unwrapped model)
         state = self.accelerator.gradient_state
-        synced = state.sync_gradients or state.plugin_kwargs.get("sync_each_batch", False)
-        with self._generation_synced(), \
-                contextlib.nullcontext() if synced else self.zero_optimizer.no_sync():
+        if state.sync_gradients or state.plugin_kwargs.get("sync_each_batch", False):
             return super().training_step(model, inputs, num_items_in_batch)
-
-    def prediction_step(self, *args, **kwargs):
-        with self._generation_synced():
-            return super().prediction_step(*args, **kwargs)
+        with self.zero_optimizer.no_sync():
+            return super().training_step(model, inputs, num_items_in_batch)
 
     def _clip_grad_norm(self, model):
         self.accelerator.unscale_gradients()  # GradScaler (fp16), as accelerator's clipping does
@@ -311,6 +302,27 @@ class _InFullParameters:
             return self._blend(model, target_model, alpha)
         with opt.summon_full_params(full_precision=opt.mixed_precision is not None):
             return self._blend(model, target_model, alpha)
+
+
+class _SyncedGenerate:
+    """``model.generate`` with ``synced_gpus=True`` where stage 3 needs it (Note [trainers
+    built on Trainer]); the optimizer is held weakly."""
+
+    def __init__(self, model, opt: ZeroOptimizer) -> None:
+        self._generate = type(model).generate.__get__(model)
+        self._opt = weakref.ref(opt)
+
+    def __call__(self, *args, **kwargs):
+        opt = self._opt()
+        if (opt is not None and opt._stage is not None and not opt._stage.switches.summoned
+                and torch.distributed.is_initialized()
+                and torch.distributed.get_world_size() > 1):
+            kwargs["synced_gpus"] = True  # False would hang where ranks stop apart
+        return self._generate(*args, **kwargs)
+
+    def __reduce__(self):
+        # copy.deepcopy(model) and pickling: the copy gets its own plain generate
+        return getattr, (self._generate.__self__, "generate")
 
 
 def _refuse_unsupported(trainer: ZeroTrainer) -> None:
