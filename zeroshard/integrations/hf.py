@@ -108,6 +108,8 @@ class ZeroTrainer(Trainer):
         if optimizer is not None and optimizer.model is not self.model:
             raise ValueError("the ZeroOptimizer in optimizers= manages another module than "
                              "model=; build it over the model given to ZeroTrainer")
+        if optimizer is not None:
+            self._synchronise_generation()
         # Accelerate's autocast and compile, without DDP or placement: the model is then
         # marked prepared, and accelerator.prepare(model, optimizer) leaves it as it is.
         self.model_wrapped = self.accelerator.prepare_model(
@@ -184,7 +186,7 @@ class ZeroTrainer(Trainer):
         """Note [trainers built on Trainer]: ``generate`` waits for every rank at stage 3."""
         model = self.model
         if (self.zero_optimizer.stage == 3 and callable(getattr(model, "generate", None))
-                and "generate" not in vars(model)):  # not one of the user's own
+                and "generate" not in vars(model)):  # not one of the user's own, nor ours
             model.generate = _SyncedGenerate(model, self.zero_optimizer)
 
     def _move_model_to_device(self, model, device) -> None:
