@@ -20,7 +20,9 @@ import sys
 
 import torch
 import torch.distributed as dist
-from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
+from transformers import (BartConfig, BartForConditionalGeneration, GPT2Config, GPT2LMHeadModel,
+                          Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer, TrainerCallback,
+                          TrainingArguments)
 
 import zeroshard
 from zeroshard.integrations.hf import ZeroTrainer
@@ -148,7 +150,7 @@ class ZeroTrlHabits(ZeroTrainer, TrlHabits):
     """ZeroTrainer first, as with TRL's trainers (``class ZeroDPO(ZeroTrainer, DPOTrainer)``)."""
 
 
-def trl_habits(out: str, stage: int | None) -> dict:
+def trl_habits(out: str, stage: int | None, gather_for_generation: bool = True) -> dict:
     """Trainer + DDP (stage None) or ZeroTrainer at ``stage`` with TrlHabits: every rank's
     generated tokens, the reference model and the policy after training."""
     model = tiny_gpt2()
@@ -159,7 +161,8 @@ def trl_habits(out: str, stage: int | None) -> dict:
         trainer = TrlHabits(model=model, args=args, **data)
     else:
         trainer = ZeroTrlHabits(model=model, args=args, zero_stage=stage, **data,
-                                zero_options={"units": type(model.transformer.h[0])})
+                                zero_options={"units": type(model.transformer.h[0])},
+                                gather_for_generation=gather_for_generation)
     trainer.train()
     generated = [None] * dist.get_world_size()
     dist.all_gather_object(generated, trainer.generated)
@@ -168,6 +171,39 @@ def trl_habits(out: str, stage: int | None) -> dict:
             "params": full_parameters(model, getattr(trainer, "zero_optimizer", None)),
             "copy_generates_itself": copied.generate.__self__ is copied
             and type(copied.generate).__name__ == "method"}
+
+
+class ZeroSeq2SeqTrainer(ZeroTrainer, Seq2SeqTrainer):
+    pass
+
+
+def seq2seq_predictions(out: str, stage: int | None) -> dict:
+    """``Seq2SeqTrainer(predict_with_generate=True)`` over a tiny BART, 2 steps and a
+    prediction, under DDP (stage None) or ZeroTrainer at ``stage`` with layer units (its
+    generate runs the encoder outside the model's forward); rank 1's sequences end at
+    their first token, rank 0's run on. The predictions and the parameters."""
+    torch.manual_seed(0)
+    model = BartForConditionalGeneration(BartConfig(
+        vocab_size=100, d_model=16, encoder_layers=1, decoder_layers=1,
+        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=16,
+        decoder_ffn_dim=16, max_position_embeddings=32, dropout=0.0))
+    model.generation_config.max_new_tokens = 4
+    model.generation_config.eos_token_id = list(range(100)) if dist.get_rank() == 1 else 2
+    args = Seq2SeqTrainingArguments(
+        output_dir=out, max_steps=2, per_device_train_batch_size=2, learning_rate=1e-3,
+        predict_with_generate=True, per_device_eval_batch_size=2, report_to="none",
+        use_cpu=True, disable_tqdm=True, seed=0, data_seed=0, save_strategy="no")
+    data = {"train_dataset": Tokens(8, 1)}
+    if stage is None:
+        trainer = Seq2SeqTrainer(model=model, args=args, **data)
+    else:
+        layers = (type(model.model.encoder.layers[0]), type(model.model.decoder.layers[0]))
+        trainer = ZeroSeq2SeqTrainer(model=model, args=args, zero_stage=stage, **data,
+                                     zero_options={"units": layers})
+    trainer.train()
+    predictions = trainer.predict(Tokens(4, 3)).predictions
+    return {"predictions": torch.as_tensor(predictions),
+            "params": full_parameters(model, getattr(trainer, "zero_optimizer", None))}
 
 
 def run(out: str, bf16: bool, stage: int | None, resume: str | None = None,
@@ -290,6 +326,10 @@ def main() -> None:
         results["saved_before_training"] = saved_before_training(out, rank)
         results["trl_habits"] = {stage: trl_habits(os.path.join(out, f"trl{stage}"), stage)
                                  for stage in (None, 3)}
+        results["trl_habits"]["3_synced"] = trl_habits(os.path.join(out, "trl3_synced"), 3,
+                                                       gather_for_generation=False)
+        results["seq2seq"] = {stage: seq2seq_predictions(os.path.join(out, f"s2s{stage}"), stage)
+                              for stage in (None, 3)}
     results["damaged_optimizer_errors"] = resume_with_a_damaged_optimizer_file(out, bf16, rank)
     results["plain_trainer_error"] = plain_trainer_with_a_zero_optimizer(os.path.join(out, "plain"))
     errors = [None] * dist.get_world_size()

@@ -183,12 +183,25 @@ def test_a_reference_model_synced_and_generation_in_the_step_at_stage_3_equal_tr
     (helper-78's probes, TRL 1.16), also where the caller passes synced_gpus=False, as
     Seq2SeqTrainer does (a reviewer's probe). Rank 1 stops after a token here, rank 0
     after four."""
-    reference, run = fp32_job["trl_habits"][None], fp32_job["trl_habits"][3]
+    reference = fp32_job["trl_habits"][None]
     micro_batches = 8  # 4 steps of 2
     assert [len(tokens) for tokens in reference["generated"][1]] == [5] * micro_batches
     assert [len(tokens) for tokens in reference["generated"][0]] == [8] * micro_batches
-    assert run["generated"] == reference["generated"]
-    assert run["copy_generates_itself"] and reference["copy_generates_itself"]
-    assert_close_parameters(run["reference_model"], reference["reference_model"])
+    for run in (fp32_job["trl_habits"][3], fp32_job["trl_habits"]["3_synced"]):
+        assert run["generated"] == reference["generated"]
+        assert run["copy_generates_itself"] and reference["copy_generates_itself"]
+        assert_close_parameters(run["reference_model"], reference["reference_model"])
+        assert_close_parameters(run["params"], reference["params"])
+
+
+def test_an_encoder_decoder_predicting_with_generate_at_stage_3_equals_seq2seq_trainer_with_ddp(
+        fp32_job):
+    """Note [trainers built on Trainer]: an encoder-decoder's generate runs its encoder
+    outside the model's forward, refused at stage 3 in Seq2SeqTrainer's evaluation (a
+    helper's probe, BART and T5); now generated over the gathered model, ranks stopping
+    apart (rank 1 at the first token)."""
+    reference, run = fp32_job["seq2seq"][None], fp32_job["seq2seq"][3]
+    assert reference["predictions"].shape[0] == 4, reference["predictions"].shape
+    assert torch.equal(run["predictions"], reference["predictions"])
     assert_close_parameters(run["params"], reference["params"])
 

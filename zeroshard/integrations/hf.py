@@ -49,13 +49,20 @@ Note [trainers built on Trainer]:
       ``predict_with_generate``, TRL's completion-logging callbacks) runs one forward
       per new token, so a rank that stopped early (its sequences reached EOS) left the
       others waiting in their next gather: a hang (a helper's probe, several stop
-      tokens). transformers turns on ``synced_gpus`` only for DeepSpeed ZeRO-3 and
-      FSDP, TRL gives no way to pass it, and ``Seq2SeqTrainer`` passes False (a
-      reviewer's probe). So once ZeroTrainer has its ZeroOptimizer, the model's
-      ``generate`` runs with ``synced_gpus=True`` while that optimizer is open at stage
-      3 on more than one rank, outside ``summon_full_params()`` (inside it no forward
-      gathers, and rank 0 may generate alone). It stays on the model after training; a
-      copy or a pickle of the model gets the plain method.
+      tokens); transformers turns on ``synced_gpus`` only for DeepSpeed ZeRO-3 and FSDP,
+      TRL gives no way to pass it, and ``Seq2SeqTrainer`` passes False (a reviewer's
+      probe). And a PEFT model's ``generate`` runs its base model's forward, an
+      encoder-decoder's its encoder's, outside the model's own forward, which stage 3
+      refuses (GRPO with LoRA, BART and T5 evaluation: a helper's probes). So once
+      ZeroTrainer has its ZeroOptimizer at stage 3, the model's ``generate`` runs
+      inside ``summon_full_params()`` while that optimizer is open: the whole model
+      gathered on every rank for the call, as TRL does under DeepSpeed ZeRO-3 by
+      default (``ds3_gather_for_generation``), each rank then generating alone. Where
+      the whole model does not fit, ``gather_for_generation=False`` keeps the units
+      gathered one by one, with ``synced_gpus=True`` on more than one rank (and the
+      two refusals above). Inside a block of the user's, ``generate`` is the plain
+      method. It stays on the model after training; a copy or a pickle of the model
+      gets the plain method.
 """
 
 from __future__ import annotations
@@ -83,12 +90,14 @@ class ZeroTrainer(Trainer):
     Pass ``zero_stage`` (1, 2 or 3) and optionally ``zero_options`` (other
     ``ZeroOptimizer`` arguments: ``units``, ``mixed_precision``, ``device``, ...) to
     shard the optimizer ``Trainer`` would build, or ``optimizers=(zero_optimizer,
-    scheduler_or_None)`` with one built over ``model``. Everything else is
-    ``Trainer``'s. See Note [Trainer around a ZeroOptimizer].
+    scheduler_or_None)`` with one built over ``model``. At stage 3 ``generate`` gathers
+    the whole model for each call unless ``gather_for_generation=False`` (Note [trainers
+    built on Trainer]). Everything else is ``Trainer``'s. See Note [Trainer around a
+    ZeroOptimizer].
     """
 
     def __init__(self, *args, zero_stage: int | None = None, zero_options: dict | None = None,
-                 **kwargs) -> None:
+                 gather_for_generation: bool = True, **kwargs) -> None:
         optimizer = (kwargs.get("optimizers") or (None, None))[0]
         if optimizer is not None and not isinstance(optimizer, ZeroOptimizer):
             raise TypeError(f"ZeroTrainer shards the optimizer itself; optimizers[0] is a "
@@ -103,6 +112,7 @@ class ZeroTrainer(Trainer):
         self.zero_optimizer: ZeroOptimizer | None = optimizer
         self._zero_stage = zero_stage
         self._zero_options = dict(zero_options or {})
+        self._gather_for_generation = gather_for_generation  # Note [trainers built on Trainer]
         super().__init__(*args, **kwargs)
         _refuse_unsupported(self)
         if optimizer is not None and optimizer.model is not self.model:
@@ -187,7 +197,8 @@ class ZeroTrainer(Trainer):
         model = self.model
         if (self.zero_optimizer.stage == 3 and callable(getattr(model, "generate", None))
                 and "generate" not in vars(model)):  # not one of the user's own, nor ours
-            model.generate = _SyncedGenerate(model, self.zero_optimizer)
+            model.generate = _StageThreeGenerate(model, self.zero_optimizer,
+                                                 self._gather_for_generation)
 
     def _move_model_to_device(self, model, device) -> None:
         if self.zero_optimizer is None:  # not sharded yet: Trainer places it as usual
@@ -306,19 +317,24 @@ class _InFullParameters:
             return self._blend(model, target_model, alpha)
 
 
-class _SyncedGenerate:
-    """``model.generate`` with ``synced_gpus=True`` where stage 3 needs it (Note [trainers
-    built on Trainer]); the optimizer is held weakly."""
+class _StageThreeGenerate:
+    """``model.generate`` over the whole model gathered, or with ``synced_gpus=True``,
+    while the ZeroOptimizer is open at stage 3 (Note [trainers built on Trainer]); the
+    optimizer is held weakly."""
 
-    def __init__(self, model, opt: ZeroOptimizer) -> None:
+    def __init__(self, model, opt: ZeroOptimizer, gather: bool) -> None:
         self._generate = type(model).generate.__get__(model)
         self._opt = weakref.ref(opt)
+        self._gather = gather
 
     def __call__(self, *args, **kwargs):
         opt = self._opt()
-        if (opt is not None and opt._stage is not None and not opt._stage.switches.summoned
-                and torch.distributed.is_initialized()
-                and torch.distributed.get_world_size() > 1):
+        if opt is None or opt._stage is None or opt._stage.switches.summoned:
+            return self._generate(*args, **kwargs)
+        if self._gather:
+            with opt.summon_full_params():
+                return self._generate(*args, **kwargs)
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             kwargs["synced_gpus"] = True  # False would hang where ranks stop apart
         return self._generate(*args, **kwargs)
 
