@@ -438,13 +438,15 @@ def group_settings_resumed(ctx, stages: tuple[int, int], how: str, folder: str) 
                                   for p, q in zip(model.parameters(), ddp_model.parameters())]).max())
 
 
-def schedule_free_modes(ctx, stage: int, kind: str, policy: bool) -> dict:
+def schedule_free_modes(ctx, stage: int, kind: str, policy: bool, folder: str) -> dict:
     """ScheduleFreeSGD over every parameter, driven as transformers' Trainer drives it:
     ``opt.train()`` before every training step, ``opt.eval()`` before an evaluation after
-    every second step, beside DDP with the same class. Returns the largest difference of
-    the evaluations' outputs and of the final parameters (in eval mode), how far each
-    evaluation's outputs are from the trained point's (eval mode moves), the collectives
-    a ``train()`` in train mode issued, and whether the step in eval mode was refused."""
+    every second step, beside DDP with the same class; then, in eval mode, a rollback to
+    the checkpoint of step 2 (saved in train mode) and an evaluation. Returns the largest
+    difference of the evaluations' outputs (the rollback's last) and of the final
+    parameters (in eval mode), how far each evaluation's outputs are from the trained
+    point's (eval mode moves), the collectives a ``train()`` in train mode issued, and
+    whether the step in eval mode was refused."""
     spec = {"kind": "transformer", "vocab": 11, "d": 8, "heads": 2, "layers": 2, "seq": 4,
             "tied": True, "frozen": False}
     cls = SCHEDULE_FREE[kind]
@@ -470,6 +472,9 @@ def schedule_free_modes(ctx, stage: int, kind: str, policy: bool) -> dict:
             loss_fn(spec, model, batch).backward()
             optimizer.step()
             optimizer.zero_grad()
+        if step == 2:
+            zeroshard.save_checkpoint(folder, zero_model, zopt)
+            saved = copy.deepcopy((ddp_model.state_dict(), plain.state_dict()))
         if step % 2 == 1:
             with torch.no_grad():
                 trained_point = zero_model(probe[0])
@@ -480,6 +485,17 @@ def schedule_free_modes(ctx, stage: int, kind: str, policy: bool) -> dict:
                     outputs.append(model(probe[0]))
             evaluations.append(float((outputs[0] - outputs[1]).abs().max()))
             moved.append(float((outputs[0] - trained_point).abs().max()))
+    # the rollback, in eval mode, to a checkpoint saved in train mode: the loaded mode is
+    # train, and the eval() that follows moves (a reviewer's probe: it was skipped)
+    zeroshard.load_checkpoint(folder, zero_model, zopt)
+    ddp_model.load_state_dict(saved[0])
+    plain.load_state_dict(saved[1])
+    outputs = []
+    for optimizer, model in ((zopt, zero_model), (plain, ddp_model)):
+        optimizer.eval()
+        with torch.no_grad():
+            outputs.append(model(probe[0]))
+    evaluations.append(float((outputs[0] - outputs[1]).abs().max()))
     loss_fn(spec, zero_model, make_batch(spec, seed=9, rank=ctx.rank, batch=2)).backward()
     try:
         zopt.step()  # in eval mode: the class refuses, on every rank alike

@@ -14,6 +14,7 @@ ZeroOptimizer.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import sys
@@ -152,25 +153,44 @@ class ZeroTrlHabits(ZeroTrainer, TrlHabits):
 
 def trl_habits(out: str, stage: int | None, gather_for_generation: bool = True) -> dict:
     """Trainer + DDP (stage None) or ZeroTrainer at ``stage`` with TrlHabits: every rank's
-    generated tokens, the reference model and the policy after training."""
+    generated tokens, the reference model and the policy after training; whether a copy
+    of the model generates as the model class's own generate over the copy; and the
+    tokens of a second trainer's run over the model after ``close()`` (stage 3)."""
     model = tiny_gpt2()
     data = {"train_dataset": Tokens(32, 1)}
     args = arguments(out, bf16=False)
     args.eval_strategy, args.save_strategy = "no", "no"
+
+    def train(trainer) -> list:
+        trainer.train()
+        generated = [None] * dist.get_world_size()
+        dist.all_gather_object(generated, trainer.generated)
+        return generated
+
     if stage is None:
         trainer = TrlHabits(model=model, args=args, **data)
     else:
         trainer = ZeroTrlHabits(model=model, args=args, zero_stage=stage, **data,
                                 zero_options={"units": type(model.transformer.h[0])},
                                 gather_for_generation=gather_for_generation)
-    trainer.train()
-    generated = [None] * dist.get_world_size()
-    dist.all_gather_object(generated, trainer.generated)
-    copied = copy.deepcopy(model)  # structure only: a copy's generate is its own, plain
-    return {"generated": generated, "reference_model": full_parameters(trainer.ref_model),
-            "params": full_parameters(model, getattr(trainer, "zero_optimizer", None)),
-            "copy_generates_itself": copied.generate.__self__ is copied
-            and type(copied.generate).__name__ == "method"}
+    generated = train(trainer)
+    opt = getattr(trainer, "zero_optimizer", None)
+    with opt.summon_full_params() if opt is not None else contextlib.nullcontext():
+        copied = copy.deepcopy(model)
+    prompt = torch.tensor([[1, 2, 3]])
+    copy_alike = torch.equal(
+        copied.generate(prompt, max_new_tokens=3, do_sample=False, pad_token_id=0),
+        type(copied).generate(copied, prompt, max_new_tokens=3, do_sample=False, pad_token_id=0))
+    result = {"generated": generated, "reference_model": full_parameters(trainer.ref_model),
+              "params": full_parameters(model, opt), "copy_generates_itself": copy_alike}
+    if opt is not None:  # a second trainer over the same model, ranks stopping apart again
+        opt.close()
+        args.max_steps = 1
+        again = ZeroTrlHabits(model=model, args=args, zero_stage=stage, **data,
+                              zero_options={"units": type(model.transformer.h[0])},
+                              gather_for_generation=gather_for_generation)
+        result["second_generated"] = train(again)
+    return result
 
 
 class ZeroSeq2SeqTrainer(ZeroTrainer, Seq2SeqTrainer):

@@ -141,15 +141,18 @@ def test_settings_an_optimizer_keeps_on_its_groups_survive_steps_and_resumes(
 @pytest.mark.parametrize("policy", [False, True])
 @pytest.mark.parametrize("kind", sorted(cases_owned.SCHEDULE_FREE))
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_a_schedule_free_optimizer_switches_modes_like_ddp(pool, stage, kind, policy):
+def test_a_schedule_free_optimizer_switches_modes_like_ddp(pool, tmp_path, stage, kind, policy):
     """Note [a mode switch of the optimizer]: ``opt.train()`` / ``opt.eval()`` did not exist
     (schedulefree's classes could not be driven, and Trainer skipped them), and switching
     the inner optimizers by hand was refused or drifted (helper-77's probes). Evaluated in
     eval mode and trained in train mode, as DDP with the same class, whole parameters or
     flat shards, the mode on the groups or on the optimizer (a first version missed that
     switch under a policy: a reviewer's probe, 2.6e-3 from DDP); a switch to the mode it
-    is in issues no collective; a step in eval mode is the class's own refusal."""
-    for result in pool.run(cases_owned.schedule_free_modes, 2, stage, kind, policy):
+    is in issues no collective; a step in eval mode is the class's own refusal; a
+    rollback in eval mode to a checkpoint saved in train mode evaluates as DDP's (a
+    switch after the load was skipped: a reviewer's probe, 2.6e-3 under a policy)."""
+    for result in pool.run(cases_owned.schedule_free_modes, 2, stage, kind, policy,
+                           str(tmp_path / "ckpt")):
         assert result["evaluations"] and max(result["evaluations"]) == 0, result
         assert min(result["moved"]) > 0, result  # eval mode evaluates another point
         assert result["params"] == 0, result

@@ -190,6 +190,9 @@ def test_a_reference_model_synced_and_generation_in_the_step_at_stage_3_equal_tr
     for run in (fp32_job["trl_habits"][3], fp32_job["trl_habits"]["3_synced"]):
         assert run["generated"] == reference["generated"]
         assert run["copy_generates_itself"] and reference["copy_generates_itself"]
+        # a second ZeroTrainer after close(): an earlier one's generate was left in place
+        # and served the closed optimizer (a hang, a reviewer's probe)
+        assert [len(t) for t in run["second_generated"][1]] == [5, 5], run["second_generated"]
         assert_close_parameters(run["reference_model"], reference["reference_model"])
         assert_close_parameters(run["params"], reference["params"])
 

@@ -523,7 +523,5 @@ def load_full_state(opt, model_sd: dict | None, optim_sd: dict | None) -> None:
     if not everywhere:
         saved = _comm.broadcast_object(saved, group=view.ranks, stats=opt.comm_stats,
                                        label="load", device=view.device)
-    for group, inner, saved_group in zip(opt.param_groups, view.inner.param_groups, saved):
-        hyper = {k: v for k, v in saved_group.items() if k != "params"}
-        group.update(hyper)
-        inner.update(hyper)
+    opt._take_loaded_settings([{k: v for k, v in saved_group.items() if k != "params"}
+                               for saved_group in saved])

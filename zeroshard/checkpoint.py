@@ -186,9 +186,7 @@ def load_checkpoint(path, model, opt):
             key = next((a for a in aliases.get(name, []) if a in buffers), None)
             if key is not None:
                 buffer.copy_(buffers[key])
-    for group, inner, saved in zip(opt.param_groups, view.inner.param_groups, meta["param_groups"]):
-        group.update(saved["hyperparameters"])
-        inner.update(saved["hyperparameters"])
+    opt._take_loaded_settings([saved["hyperparameters"] for saved in meta["param_groups"]])
     return state["extra"]
 
 

@@ -60,9 +60,11 @@ Note [trainers built on Trainer]:
       default (``ds3_gather_for_generation``), each rank then generating alone. Where
       the whole model does not fit, ``gather_for_generation=False`` keeps the units
       gathered one by one, with ``synced_gpus=True`` on more than one rank (and the
-      two refusals above). Inside a block of the user's, ``generate`` is the plain
-      method. It stays on the model after training; a copy or a pickle of the model
-      gets the plain method.
+      two refusals above). Either way every rank calls it (a rank-0-only call waits in
+      the gather); inside a block of the user's, ``generate`` is the plain method, so
+      rank 0 may generate alone there. It stays on the model after training; a copy or
+      a pickle of the model gets one serving no optimizer (the plain method), and the
+      next ZeroTrainer over the model or the copy replaces it.
 """
 
 from __future__ import annotations
@@ -195,8 +197,11 @@ class ZeroTrainer(Trainer):
     def _synchronise_generation(self) -> None:
         """Note [trainers built on Trainer]: ``generate`` waits for every rank at stage 3."""
         model = self.model
+        own = vars(model).get("generate")
         if (self.zero_optimizer.stage == 3 and callable(getattr(model, "generate", None))
-                and "generate" not in vars(model)):  # not one of the user's own, nor ours
+                and (own is None or isinstance(own, _StageThreeGenerate))):
+            # not one of the user's own; one of ours (an earlier ZeroTrainer's over this
+            # model, or a copy's) serves a closed optimizer: this one replaces it
             model.generate = _StageThreeGenerate(model, self.zero_optimizer,
                                                  self._gather_for_generation)
 
@@ -322,9 +327,9 @@ class _StageThreeGenerate:
     while the ZeroOptimizer is open at stage 3 (Note [trainers built on Trainer]); the
     optimizer is held weakly."""
 
-    def __init__(self, model, opt: ZeroOptimizer, gather: bool) -> None:
+    def __init__(self, model, opt: ZeroOptimizer | None, gather: bool) -> None:
         self._generate = type(model).generate.__get__(model)
-        self._opt = weakref.ref(opt)
+        self._opt = weakref.ref(opt) if opt is not None else lambda: None
         self._gather = gather
 
     def __call__(self, *args, **kwargs):
@@ -339,8 +344,9 @@ class _StageThreeGenerate:
         return self._generate(*args, **kwargs)
 
     def __reduce__(self):
-        # copy.deepcopy(model) and pickling: the copy gets its own plain generate
-        return getattr, (self._generate.__self__, "generate")
+        # copy.deepcopy(model) and pickling: the copy's generates with the copy, for no
+        # optimizer (the plain method), until a ZeroTrainer over the copy replaces it
+        return _StageThreeGenerate, (self._generate.__self__, None, self._gather)
 
 
 def _refuse_unsupported(trainer: ZeroTrainer) -> None:
