@@ -461,6 +461,17 @@ def schedule_free_modes(ctx, stage: int, kind: str, policy: bool, folder: str) -
     plain = cls(ddp_model.parameters(), lr=0.1)
     evaluations, moved, calls_in_train_mode = [], [], []
     probe = make_batch(spec, seed=99, rank=0, batch=2)
+
+    def evaluate_both() -> torch.Tensor:
+        """Both in eval mode, evaluated: the difference recorded; zeroshard's outputs."""
+        outputs = []
+        for optimizer, model in ((zopt, zero_model), (plain, ddp_model)):
+            optimizer.eval()
+            with torch.no_grad():
+                outputs.append(model(probe[0]))
+        evaluations.append(float((outputs[0] - outputs[1]).abs().max()))
+        return outputs[0]
+
     for step in range(4):
         for optimizer in (zopt, plain):
             optimizer.train()
@@ -478,24 +489,13 @@ def schedule_free_modes(ctx, stage: int, kind: str, policy: bool, folder: str) -
         if step % 2 == 1:
             with torch.no_grad():
                 trained_point = zero_model(probe[0])
-            outputs = []
-            for optimizer, model in ((zopt, zero_model), (plain, ddp_model)):
-                optimizer.eval()
-                with torch.no_grad():
-                    outputs.append(model(probe[0]))
-            evaluations.append(float((outputs[0] - outputs[1]).abs().max()))
-            moved.append(float((outputs[0] - trained_point).abs().max()))
+            moved.append(float((evaluate_both() - trained_point).abs().max()))
     # the rollback, in eval mode, to a checkpoint saved in train mode: the loaded mode is
     # train, and the eval() that follows moves (a reviewer's probe: it was skipped)
     zeroshard.load_checkpoint(folder, zero_model, zopt)
     ddp_model.load_state_dict(saved[0])
     plain.load_state_dict(saved[1])
-    outputs = []
-    for optimizer, model in ((zopt, zero_model), (plain, ddp_model)):
-        optimizer.eval()
-        with torch.no_grad():
-            outputs.append(model(probe[0]))
-    evaluations.append(float((outputs[0] - outputs[1]).abs().max()))
+    evaluate_both()
     loss_fn(spec, zero_model, make_batch(spec, seed=9, rank=ctx.rank, batch=2)).backward()
     try:
         zopt.step()  # in eval mode: the class refuses, on every rank alike

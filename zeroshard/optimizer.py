@@ -521,10 +521,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
             shards as after a step (stages 1-2 all-gather, so call them on every rank;
             stage 3 gathers at the next forward; the masters' cast first under a policy),
             which is not counted as one. Called again in the mode it is in, it moves
-            nothing and issues no collective. Without
-            these methods a user of such a class had no way to switch (an
-            ``AttributeError``), and switching the inner optimizers by hand was refused at
-            stages 1-2 or drifted (a helper's probes, 1.6e-2 from DDP)."""
+            nothing and issues no collective; after a load the mode is unknown, and the
+            next call follows the shards. Without these methods a user of such a class
+            had no way to switch (an ``AttributeError``), and switching the inner
+            optimizers by hand was refused at stages 1-2 or drifted (a helper's probes,
+            1.6e-2 from DDP)."""
         self._require_open()
         switches = [getattr(o, mode) for o in self._inner.optimizers
                     if callable(getattr(o, mode, None))]
@@ -646,7 +647,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._inner.load_state_dict(state_dict["inner"])
         for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):
             group.update(saved_group)
-        self._mode = None  # the loaded one (Note [a mode switch of the optimizer])
+        self._mode = None  # unknown: the loaded one (Note [a mode switch of the optimizer])
         if masters is None:
             return  # the parameters' shards are the masters: loading moved no weight
         with torch.no_grad():

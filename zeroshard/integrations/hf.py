@@ -344,8 +344,8 @@ class _StageThreeGenerate:
         return self._generate(*args, **kwargs)
 
     def __reduce__(self):
-        # copy.deepcopy(model) and pickling: the copy's generates with the copy, for no
-        # optimizer (the plain method), until a ZeroTrainer over the copy replaces it
+        # copy.deepcopy(model) and pickling: the copy gets one that generates with the
+        # copy for no optimizer (the plain method), until a ZeroTrainer replaces it
         return _StageThreeGenerate, (self._generate.__self__, None, self._gather)
 
 
