@@ -298,7 +298,9 @@ class WholeParameters:
         raise RuntimeError(
             f"zeroshard: the optimizer's tensor holding parameters {', '.join(names[:3])}"
             f"{', ...' if len(names) > 3 else ''} was written after opt.step() (through "
-            "opt.param_groups: a Lookahead or SWA wrapper, a weight decay applied by hand). "
+            "opt.param_groups: a Lookahead or SWA wrapper, a weight decay applied by hand, a "
+            "schedule-free optimizer's train() / eval() called on the inner optimizer: call "
+            "opt.train() / opt.eval() instead). "
             "At stages 1 and 2 those tensors are this rank's shard of the parameters, so the "
             "write reached only this rank's slice of them, and this forward would run each rank "
             "on a different model. Make the write part of the step: an optimizer class whose "
