@@ -60,6 +60,8 @@ def gather_full_state(opt) -> tuple[dict, dict] | None:
             indices.append(index)
             index += 1
         groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": indices})
+    for _, entries in view.inner.own_entries():  # Note [state under an optimizer's own keys]
+        index_state.update(entries)
     return model_sd, {"state": index_state, "param_groups": groups}
 
 
@@ -519,9 +521,14 @@ def load_full_state(opt, model_sd: dict | None, optim_sd: dict | None) -> None:
             _comm.broadcast(buffer, group=view.ranks, stats=opt.comm_stats, label="load")
     if not with_states:
         return
-    saved = optim_sd["param_groups"] if holds_dicts else None
+    # the groups' settings and the state under the optimizer's own keys (Note [state
+    # under an optimizer's own keys] in _inner.py): torch's one optimizer's, to every class
+    saved = (optim_sd["param_groups"], [("", {k: v for k, v in optim_sd["state"].items()
+                                             if isinstance(k, str) and not k.isdigit()})]) \
+        if holds_dicts else None
     if not everywhere:
         saved = _comm.broadcast_object(saved, group=view.ranks, stats=opt.comm_stats,
                                        label="load", device=view.device)
     opt._take_loaded_settings([{k: v for k, v in saved_group.items() if k != "params"}
-                               for saved_group in saved])
+                               for saved_group in saved[0]])
+    view.inner.take_own_entries(saved[1], every_class=True)

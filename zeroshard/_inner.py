@@ -107,6 +107,10 @@ class SettingsBothWays:
             self._last_seen[index] = hyperparameters(outer)
 
 
+def qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def split_state(state: dict, like: torch.Tensor) -> tuple[dict, dict]:
     """An optimizer state entry as (scalars, per-element tensors shaped like ``like``, the
     tensor it belongs to: a shard, or a parameter). A 0-dim ``like`` has only scalars."""
@@ -274,6 +278,29 @@ class InnerOptimizers:
                            for g in o.param_groups for t in g["params"]}
         self.state = _RoutedState(self)
 
+    def own_entries(self) -> list[tuple[str, dict]]:
+        """Note [state under an optimizer's own keys]:
+            A class may keep state under keys of its own in ``optimizer.state``, beside
+            the per-tensor entries (MADGRAD's step count ``state["k"]``); torch's
+            ``state_dict`` saves them under those keys. Checkpoints and full state dicts,
+            which save per-tensor state, lost them: a resumed MADGRAD restarted its count,
+            7.3e-4 from the run that never stopped (a helper's sweep). They are saved with
+            each class's name (the same on every rank: a class that counts its steps so
+            counts on every rank, owner of parameters or not), and a load gives them back
+            to the optimizer of that class (a full state dict's, torch's one optimizer's,
+            to every class). State a class keeps in attributes of its own, which its own
+            ``state_dict()`` adds (StableSPAM, Magma), is not saved."""
+        return [(qualname(type(o)), {k: v for k, v in o.state.items()
+                                      if not isinstance(k, torch.Tensor)})
+                for o in self.optimizers]
+
+    def take_own_entries(self, saved: list[tuple[str, dict]], every_class: bool = False) -> None:
+        """Note [state under an optimizer's own keys]: ``saved`` by ``own_entries``."""
+        for optimizer in self.optimizers:
+            for name, entries in saved:
+                if every_class or name == qualname(type(optimizer)):
+                    optimizer.state.update(entries)
+
     @property
     def param_groups(self) -> list[dict]:
         """Every class's groups, in the order of the user's param groups."""
@@ -311,13 +338,13 @@ class InnerOptimizers:
         if len(self.optimizers) == 1:
             return self.optimizers[0].state_dict()
         return {"optimizers": [o.state_dict() for o in self.optimizers],
-                "classes": [_name(type(o)) for o in self.optimizers]}
+                "classes": [qualname(type(o)) for o in self.optimizers]}
 
     def load_state_dict(self, state_dict: dict) -> None:
         if len(self.optimizers) == 1:
             self.optimizers[0].load_state_dict(state_dict)
             return
-        mine = [_name(type(o)) for o in self.optimizers]
+        mine = [qualname(type(o)) for o in self.optimizers]
         if state_dict.get("classes") != mine:
             raise ValueError(f"state dict was saved with optimizer classes "
                              f"{state_dict.get('classes')}, these groups use {mine}")
@@ -446,7 +473,13 @@ class _RoutedState(MutableMapping):
         self._inner = inner
 
     def _optimizer(self, tensor: torch.Tensor) -> torch.optim.Optimizer:
-        optimizer = self._inner.owner_of(tensor)
+        if not isinstance(tensor, torch.Tensor):  # a key of the class's own (MADGRAD's "k"):
+            # Note [state under an optimizer's own keys]; reading every entry (the memory
+            # report, a log line over opt.state.items()) raised at it
+            holder = next((o for o in self._inner.optimizers if tensor in o.state), None)
+            if holder is not None:
+                return holder
+        optimizer = self._inner.owner_of(tensor) if isinstance(tensor, torch.Tensor) else None
         if optimizer is None:
             raise KeyError(
                 "zeroshard: not a tensor this rank steps. opt.state is keyed by the flat shards "
@@ -483,6 +516,8 @@ class _RoutedState(MutableMapping):
         del self._optimizer(tensor).state[tensor]
 
     def __contains__(self, tensor) -> bool:
+        if not isinstance(tensor, torch.Tensor):
+            return any(tensor in o.state for o in self._inner.optimizers)
         optimizer = self._inner.owner_of(tensor)
         return optimizer is not None and tensor in optimizer.state
 
@@ -496,7 +531,3 @@ class _RoutedState(MutableMapping):
     def clear(self) -> None:
         for optimizer in self._inner.optimizers:
             optimizer.state.clear()
-
-
-def _name(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"

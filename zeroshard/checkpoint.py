@@ -68,6 +68,7 @@ import torch
 from . import _comm
 from ._bucket import from_memory_order, to_memory_order
 from ._full_state import buffer_aliases
+from ._inner import qualname as _qualname
 from ._sharded_state import (check_one_scalar_per_bucket, load_from, memory_orders,
                              optimizer_layouts, owned_pieces, parameter_names)
 
@@ -187,6 +188,7 @@ def load_checkpoint(path, model, opt):
             if key is not None:
                 buffer.copy_(buffers[key])
     opt._take_loaded_settings([saved["hyperparameters"] for saved in meta["param_groups"]])
+    view.inner.take_own_entries(meta.get("optimizer_own_state", []))
     return state["extra"]
 
 
@@ -210,6 +212,9 @@ def _describe(opt, model) -> dict:
                                               if k != "params"}}
                          for members, group in zip(view.group_members, opt.param_groups)],
         "optimizer": optimizer_layouts(opt),
+        # Note [state under an optimizer's own keys] in _inner.py
+        "optimizer_own_state": [(name, {k: _plain(v) for k, v in entries.items()})
+                                for name, entries in view.inner.own_entries()],
     }
 
 
@@ -587,7 +592,3 @@ def _classes(names: list[str]) -> str:
     if len(set(names)) == 1:
         return names[0]
     return ", ".join(f"param_groups[{i}]: {name}" for i, name in enumerate(names))
-
-
-def _qualname(cls) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"

@@ -126,6 +126,8 @@ def live_report(model, every_bucket, stage, inner_state: dict) -> dict[str, int]
     report["gradients"] = storage_bytes(grads, seen)
     # Without mixed precision the masters are the parameters' own shards (counted above).
     report["master_parameters"] = storage_bytes(stage.master_tensors(), seen)
-    states = [t for s in inner_state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+    # per-tensor entries, and what a class keeps under keys of its own (MADGRAD's count)
+    states = [t for s in inner_state.values()
+              for t in (s.values() if isinstance(s, dict) else [s]) if isinstance(t, torch.Tensor)]
     report["optimizer_states"] = storage_bytes(states, seen)
     return report
