@@ -191,6 +191,46 @@ class OwnKeyCounted(GroupCounted):
         return super().step(closure)
 
 
+class LowPrecisionMomentum(torch.optim.Optimizer):
+    """Keeps per-element states in other dtypes than the parameter's, as pytorch_optimizer's
+    AdaFactor (a bf16 momentum) and SPAM (a boolean mask) do: a bf16 momentum, and a mask
+    of the elements whose gradient was once above the parameter's mean, whose update is
+    halved. A load gave both back in the parameter's dtype before Note [per-element
+    states of their own dtype], and the boolean index raised."""
+
+    threshold = None  # None: the parameter's mean |gradient| (not element-wise)
+
+    def __init__(self, params, lr: float = 0.01, beta: float = 0.9) -> None:
+        super().__init__(params, {"lr": lr, "beta": beta})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["momentum"] = torch.zeros_like(p, dtype=torch.bfloat16)
+                    state["large"] = torch.zeros_like(p, dtype=torch.bool)
+                bound = p.grad.abs().mean() if self.threshold is None else self.threshold
+                state["large"] |= p.grad.abs() > bound
+                state["momentum"].mul_(group["beta"]).add_(p.grad.to(torch.bfloat16))
+                update = state["momentum"].to(p.dtype)
+                update[state["large"]] *= 0.5
+                p.sub_(update, alpha=group["lr"])
+
+
+class ElementwiseLowPrecisionMomentum(LowPrecisionMomentum):
+    zeroshard_elementwise = True  # with a fixed threshold it is: stepped on flat shards
+    threshold = 0.01
+
+
+RESUMED_ONLY = {"OwnKeyCounted": (OwnKeyCounted, {"lr": 0.01}),
+                "LowPrecisionMomentum": (LowPrecisionMomentum, {"lr": 0.01}),
+                "ElementwiseLowPrecisionMomentum": (ElementwiseLowPrecisionMomentum, {"lr": 0.01})}
+
+
 WHOLE = {"Muon": (CountingMuon, {"lr": 0.02}), "Adafactor": (torch.optim.Adafactor, {"lr": 0.01}),
          "NormScaled": (NormScaled, {"lr": 0.01}), "Lars": (Lars, {"lr": 0.01, "momentum": 0.9}),
          "GroupCounted": (GroupCounted, {"lr": 0.01})}
@@ -212,8 +252,7 @@ def linear_weights(model: nn.Module) -> list[nn.Parameter]:
 def optimizer_setup(model: nn.Module, case: dict):
     """(positional class, its kwargs, param groups) for ZeroOptimizer, and the same as
     [(class, kwargs, params)] for plain optimizers."""
-    whole_class, whole_kwargs = {**WHOLE, "OwnKeyCounted": (OwnKeyCounted, {"lr": 0.01})}[
-        case["whole"]]
+    whole_class, whole_kwargs = {**WHOLE, **RESUMED_ONLY}[case["whole"]]
     whole = linear_weights(model)
     rest = [p for p in model.parameters()
             if p.requires_grad and all(p is not w for w in whole)]

@@ -125,7 +125,7 @@ def test_a_state_dict_round_trip_keeps_the_groups_live_for_schedulers(pool, stag
         assert diff == 0, diff  # two ranks, no clipping: the same arithmetic as DDP
 
 
-@pytest.mark.parametrize("whole", ["GroupCounted", "OwnKeyCounted"])
+@pytest.mark.parametrize("whole", ["GroupCounted", *sorted(cases_owned.RESUMED_ONLY)])
 @pytest.mark.parametrize("how", ["checkpoint", "full_state_dict"])
 @pytest.mark.parametrize("stages", [(1, 3), (3, 2), (2, 1)])
 def test_settings_an_optimizer_keeps_on_its_groups_survive_steps_and_resumes(
@@ -135,7 +135,9 @@ def test_settings_an_optimizer_keeps_on_its_groups_survive_steps_and_resumes(
     value at construction before every step, and its count lost on resume (helper's
     probes: a Lookahead never took its slow step, LAMB 4.3e-2 off after a resume). Note
     [state under an optimizer's own keys]: a count under a key of the class's own in its
-    state (MADGRAD's ``state["k"]``) was lost on resume (a helper's sweep, 7.3e-4)."""
+    state (MADGRAD's ``state["k"]``) was lost on resume (a helper's sweep, 7.3e-4). Note
+    [per-element states of their own dtype]: a bf16 momentum and a boolean mask came back
+    in the parameter's dtype, and the next step raised (a helper's sweep)."""
     for diff in pool.run(cases_owned.group_settings_resumed, 2, stages, how,
                          str(tmp_path / "ckpt"), whole):
         assert diff == 0, diff  # two ranks, no clipping: the same arithmetic as DDP

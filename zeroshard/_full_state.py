@@ -19,7 +19,7 @@ from . import _comm
 from ._bucket import to_memory_order
 from ._inner import _step_without_global_hooks, hyperparameters, split_state, standin_optimizer
 from ._sharded_state import (check_one_scalar_per_bucket, load_from, memory_orders,
-                             parameter_names)
+                             parameter_names, state_dtypes)
 
 
 @torch.no_grad()
@@ -176,13 +176,13 @@ class FullStateSource:
         if name not in self.split:
             return None
         scalars, per_element = self.split[name]
-        return scalars, sorted(per_element)
+        return scalars, sorted(per_element), state_dtypes(per_element)
 
     def optimizer_layouts(self) -> dict:
         """Every parameter's ``optimizer_layout``, its tensors on CPU (to be pickled)."""
         return {name: None if layout is None else (
                     {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in layout[0].items()},
-                    layout[1])
+                    *layout[1:])
                 for name, layout in ((n, self.optimizer_layout(n)) for n in self.params)}
 
     def prepare(self, params, dtype) -> None:

@@ -157,8 +157,28 @@ def optimizer_layouts(opt) -> dict[str, tuple[dict, list[str]]]:
             # Note [a fresh state inside a shard's]: ``without_state`` have none of their
             # own yet, as torch keeps none
             for index in set(indices) - bucket.without_state:
-                layouts[names[id(bucket.params[index])]] = (scalars, sorted(per_element))
+                layouts[names[id(bucket.params[index])]] = (
+                    scalars, sorted(per_element), state_dtypes(per_element))
     return layouts
+
+
+def state_dtypes(per_element: dict) -> dict:
+    """Note [per-element states of their own dtype]:
+        A class may keep a per-element state in another dtype than its parameter's
+        (pytorch_optimizer's AdaFactor a bf16 momentum, SPAM a boolean mask). A load built
+        every state in the dtype of the tensor it steps, so such a state came back
+        widened, and the class's next step raised its raw error (bf16 ``lerp``, boolean
+        indexing: a helper's sweep). So a layout records each per-element state's dtype
+        (the third entry, absent from a checkpoint saved before), a load builds the state
+        in the wider of the two (the pieces travel in the stepped tensor's dtype, which
+        holds a bf16 or boolean value exactly), and gives it back in its own dtype."""
+    return {key: value.dtype for key, value in per_element.items()}
+
+
+def _own_dtype(layout, key: str, like: torch.Tensor) -> torch.dtype:
+    """Note [per-element states of their own dtype]: state ``key``'s saved dtype."""
+    saved = layout[2] if layout is not None and len(layout) > 2 else {}
+    return saved.get(key, like.dtype)
 
 
 def check_one_scalar_per_bucket(opt, layout_of, saved_groups: list[dict] | None = None) -> None:
@@ -280,7 +300,9 @@ def load_from(opt, source: Source, with_states: bool = True) -> None:
         # state never stepped]): one without (no gradient yet) gets a fresh state's
         # values, not the loss of its whole bucket's state
         layout = _counting_layout(layouts)
-        states = {key: torch.zeros_like(target) for key in (layout[1] if layout else [])}
+        states = {key: torch.zeros_like(target, dtype=torch.promote_types(
+                      target.dtype, _own_dtype(layout, key, target)))
+                  for key in (layout[1] if layout else [])}
         # Note [a fresh state inside a shard's]: the whole bucket's, the same on every rank
         without_state = {index for index, found in enumerate(layouts)
                          if states and found is None}
@@ -301,7 +323,8 @@ def load_from(opt, source: Source, with_states: bool = True) -> None:
             if layout is not None:
                 group = view.inner.param_groups[bucket.group_index]
                 scalars = {k: _placed_scalar(k, v, bucket.master, group) for k, v in layout[0].items()}
-                view.inner.state[bucket.master] = {**scalars, **states}
+                view.inner.state[bucket.master] = {**scalars, **{
+                    k: v.to(_own_dtype(layout, k, v)) for k, v in states.items()}}
             bucket.without_state = without_state
             give_fresh_state(bucket, without_state, view.inner)
     bucketed = {id(p) for b in view.every_bucket for p in b.params}
@@ -328,7 +351,9 @@ def _load_whole(opt, bucket, source: Source, names: dict[int, str], with_states:
             group = view.inner.param_groups[bucket.group_index]
             state = {k: _placed_scalar(k, v, stepped, group) for k, v in layout[0].items()}
             for key, flat in source.states(name, 0, numel).items():
-                value = torch.empty_like(stepped)  # the parameter's shape and strides
+                # the parameter's shape and strides, the state's own dtype (Note
+                # [per-element states of their own dtype])
+                value = torch.empty_like(stepped, dtype=_own_dtype(layout, key, stepped))
                 value.copy_(from_memory_order(flat.to(value.dtype), value.shape, bucket.orders[index]))
                 state[key] = value
             states[index] = state
