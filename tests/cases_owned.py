@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import enum
+import os
 
 import torch
 import torch.distributed as dist
@@ -224,6 +226,54 @@ class LowPrecisionMomentum(torch.optim.Optimizer):
 class ElementwiseLowPrecisionMomentum(LowPrecisionMomentum):
     zeroshard_elementwise = True  # with a fixed threshold it is: stepped on flat shards
     threshold = 0.01
+
+
+class Pace(enum.Enum):
+    STEADY = 1
+
+
+class KeepsAnEnum(NormScaled):
+    """NormScaled that keeps an enum in each parameter's state, as SCION keeps an enum
+    setting and AdaShift a ``deque``: Python objects that load_checkpoint's weights-only
+    read refuses unless allowed (Note [a checkpoint that loads]; a deque cannot be
+    allowed, torch's unpickler cannot rebuild one)."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self.state[p]["pace"] = Pace.STEADY
+        return super().step(closure)
+
+
+def checkpoint_of_a_python_object(ctx, folder: str, allowed: bool) -> dict:
+    """KeepsAnEnum over the Linear weights, a step, then save_checkpoint (with ``Pace``
+    allowed by torch.serialization.safe_globals or not) and, if it saved, a load. Returns
+    the refusal, the types of the loaded states, and what the folder holds."""
+    spec = {"kind": "mlp", "d_in": 5, "hidden": 7, "d_out": 3, "depth": 2, "frozen": False,
+            "unused_branch": False}
+    model = build_model(spec, seed=100)
+    groups = [{"params": linear_weights(model), "optimizer_class": KeepsAnEnum},
+              {"params": [p for p in model.parameters() if p.dim() == 1]}]
+    zopt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=2, process_group=ctx.group,
+                                   param_groups=groups, lr=0.01)
+    loss_fn(spec, model, make_batch(spec, seed=0, rank=ctx.rank, batch=4)).backward()
+    zopt.step()
+    allow = torch.serialization.safe_globals([Pace]) if allowed \
+        else contextlib.nullcontext()
+    refusal = loaded = None
+    with allow:
+        try:
+            zeroshard.save_checkpoint(folder, model, zopt)
+            zeroshard.load_checkpoint(folder, model, zopt)
+            loaded = sorted(type(s["pace"]).__name__ for s in zopt.state.values()
+                            if isinstance(s, dict) and "pace" in s)
+        except ValueError as error:
+            refusal = str(error)
+    zopt.close()
+    return {"refusal": refusal, "loaded": loaded,
+            "files": sorted(os.listdir(folder)) if os.path.isdir(folder) else []}
 
 
 RESUMED_ONLY = {"OwnKeyCounted": (OwnKeyCounted, {"lr": 0.01}),

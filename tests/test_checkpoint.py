@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import cases_ckpt
+import cases_owned
 from pool import mesh_shape
 
 MLP = {"kind": "mlp", "d_in": 5, "hidden": 9, "d_out": 3, "depth": 2, "frozen": True,
@@ -391,3 +392,23 @@ def test_a_numpy_hyperparameter_is_saved_as_a_number_that_loads(pool, tmp_path):
     for lr, betas in pool.run(cases_ckpt.numpy_hyperparameters, 2, str(tmp_path / "ckpt")):
         assert (lr, betas) == (0.005, (0.8, 0.95)), (lr, betas)
         assert type(lr) is float and type(betas[0]) is float, (type(lr), type(betas[0]))
+
+
+@pytest.mark.parametrize("allowed", [False, True])
+def test_a_python_object_in_the_optimizer_state_is_refused_at_save_unless_allowed(
+        pool, tmp_path, allowed):
+    """Note [a checkpoint that loads]: a Python object in an optimizer's state (SCION's
+    enum, AdaShift's deque) was saved without a word, and every load was then refused (a
+    helper's sweep). Refused on every rank before anything is written, naming the type
+    and torch's allow-list; with the type allowed, saved and loaded."""
+    for result in pool.run(cases_owned.checkpoint_of_a_python_object, 2,
+                           str(tmp_path / "ckpt"), allowed):
+        if allowed:
+            assert result["refusal"] is None, result
+            assert result["loaded"] and set(result["loaded"]) == {"Pace"}, result
+        else:
+            assert "cases_owned.Pace" in result["refusal"], result
+            assert "add_safe_globals" in result["refusal"] and "Nothing was written" in \
+                result["refusal"], result
+            assert "LATEST" not in result["files"], result
+

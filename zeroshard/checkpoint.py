@@ -58,6 +58,7 @@ Note [why not torch.distributed.checkpoint]:
 from __future__ import annotations
 
 import bisect
+import io
 import os
 import shutil
 import zlib
@@ -99,6 +100,8 @@ def save_checkpoint(path, model, opt, extra=None) -> None:
     if root.exists() and not root.is_dir():
         raise ValueError(f"checkpoint path {str(root)!r} is a file; pass a folder (it is created)")
     view.take_outside_writes()  # with mixed precision, writes to the parameters reach the masters
+    layouts = optimizer_layouts(opt)
+    _share(opt, lambda: _refuse_what_a_load_refuses(opt, layouts))
     version = _agree_on_version(opt, root)
     staging, final = root / f"{version}.partial", root / version
     _share(opt, (lambda: _prepare_staging(root, staging)) if view.rank == 0 else None)
@@ -107,7 +110,6 @@ def save_checkpoint(path, model, opt, extra=None) -> None:
     # On a mesh every replica holds the same shards: rank 0's replica writes them.
     writes_shard = view.ranks.first_replica
     pieces = owned_pieces(opt) if writes_shard else {}
-    layouts = optimizer_layouts(opt)
     whole = {name for b in view.buckets if b.owns_whole_parameters
              for name in b.param_names}
     buffers = _persistent_buffers(model) if view.rank == 0 else {}
@@ -216,6 +218,60 @@ def _describe(opt, model) -> dict:
         "optimizer_own_state": [(name, {k: _plain(v) for k, v in entries.items()})
                                 for name, entries in view.inner.own_entries()],
     }
+
+
+def _refuse_what_a_load_refuses(opt, layouts: dict) -> None:
+    """Note [a checkpoint that loads]:
+        ``load_checkpoint`` reads every file with torch's weights-only unpickler, which
+        refuses Python objects other than tensors, numbers, strings and containers of
+        them. Some optimizer classes keep such objects in their state or settings
+        (AdaShift a ``deque`` of past gradients, GaLore projectors, SCION an enum setting):
+        the save wrote them without a word, and every load of that checkpoint was refused
+        (a helper's sweep), found only when a run needed it. So the save tries the
+        non-tensor state it is about to write through that unpickler first (small: the
+        groups' settings, per-tensor scalars, the classes' own entries), and refuses on
+        every rank before writing anything, naming the state and the class."""
+    parts = {f"param_groups[{i}]": {k: _plain(v) for k, v in group.items() if k != "params"}
+             for i, group in enumerate(opt.param_groups)}
+    parts.update({f"the optimizer state of {name!r}": layout[0]
+                  for name, layout in layouts.items()})
+    parts.update({f"{name}'s own state": entries
+                  for name, entries in opt.sharding.inner.own_entries()})
+
+    def loads(value) -> Exception | None:
+        buffer = io.BytesIO()
+        torch.save(_tensors_left_out(value), buffer)
+        buffer.seek(0)
+        try:
+            torch.load(buffer, weights_only=True)
+        except Exception as error:  # noqa: BLE001 (the unpickler's own error, reported)
+            return error
+        return None
+
+    if loads(parts) is None:
+        return
+    where, error = next((where, e) for where, part in parts.items() if (e := loads(part)))
+    lines = str(error).splitlines()
+    why = next((line.strip() for line in lines if "Unsupported" in line), lines[0] if lines else "")
+    raise ValueError(
+        f"save_checkpoint: {where} holds a Python object that load_checkpoint's weights-only "
+        f"read refuses ({why[:300]}): the optimizer class "
+        f"({_classes([_qualname(c) for c in opt.sharding.inner.classes])}) keeps it in its "
+        "state, so no load of this checkpoint would work. Nothing was written. Allow that "
+        "type with torch.serialization.add_safe_globals([...]) (then save and load work), "
+        "or save this run with opt.state_dict() and torch.save on each rank (same world "
+        "size and stage to load)")
+
+
+def _tensors_left_out(value):
+    """``value`` with every tensor replaced by None: what the unpickler is asked about."""
+    if isinstance(value, torch.Tensor):
+        return None
+    if type(value) is dict:  # subclasses (a defaultdict's factory) go as they are
+        return {k: _tensors_left_out(v) for k, v in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(_tensors_left_out(v) for v in value)
+    return value
 
 
 def _plain(value):
