@@ -652,6 +652,42 @@ def tensor_lr_round_trip(ctx, stage: int) -> list[tuple[float, float]]:
     return out
 
 
+def fp32_adam_state_into_an_fp64_model(ctx, stage: int) -> float:
+    """DDP over an fp32 model trains two Adam steps; its state dicts (on rank 0) load into
+    an fp64 model with ``load_full_state_dict``, and into an fp64 DDP with torch's own
+    ``load_state_dict`` (which casts the moments to fp64); two more steps each. The
+    largest difference (the moments came back fp32 beside fp64 parameters, and the step
+    raised: a reviewer's probe of Note [per-element states of their own dtype])."""
+    spec = {"kind": "mlp", "d_in": 5, "hidden": 7, "d_out": 3, "depth": 2, "frozen": False,
+            "unused_branch": False}
+    fp32 = build_model(spec, seed=100)
+    ddp32 = DDP(fp32, process_group=ctx.group)
+    adam32 = torch.optim.Adam(fp32.parameters(), lr=0.01)
+    batches = [make_batch(spec, seed=step, rank=ctx.rank, batch=4) for step in range(4)]
+    for batch in batches[:2]:
+        loss_fn(spec, ddp32, batch).backward()
+        adam32.step()
+        adam32.zero_grad()
+    saved = (fp32.state_dict(), adam32.state_dict()) if ctx.rank == 0 else (None, None)
+    zero_model, ref_model = build_model(spec, seed=7).double(), build_model(spec, seed=7).double()
+    zopt = zeroshard.ZeroOptimizer(zero_model, torch.optim.Adam, stage=stage,
+                                   process_group=ctx.group, lr=0.01)
+    zopt.load_full_state_dict(*saved)
+    ref_model.load_state_dict(fp32.state_dict())
+    reference = DDP(ref_model, process_group=ctx.group)
+    ref_adam = torch.optim.Adam(ref_model.parameters(), lr=0.01)
+    ref_adam.load_state_dict(adam32.state_dict())
+    for batch in batches[2:]:
+        batch = tuple(t.double() for t in batch)
+        for optimizer, model in ((zopt, zero_model), (ref_adam, reference)):
+            loss_fn(spec, model, batch).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    with zopt.summon_full_params():
+        return float(torch.stack([(p.detach() - q.detach()).abs().max()
+                                  for p, q in zip(zero_model.parameters(), ref_model.parameters())]).max())
+
+
 def scaler_with_ranks_that_own_nothing(ctx) -> dict:
     """Muon alone over two matrices on four ranks (two own nothing), fp16 with
     GradScaler; in the third step rank 3's loss is inf. Every rank must record an inf

@@ -174,6 +174,15 @@ def test_a_tensor_lr_filled_in_place_after_a_state_dict_round_trip_reaches_the_s
         assert all(params == 0 and lr == 0 for params, lr in per_step), per_step
 
 
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_an_fp32_runs_adam_state_loads_into_an_fp64_model_as_torch_loads_it(pool, stage):
+    """Note [per-element states of their own dtype]: states in their parameter's dtype
+    follow the new one, as torch's load_state_dict casts them (a first version kept them
+    fp32 beside fp64 parameters, and the step raised: a reviewer's probe)."""
+    for diff in pool.run(cases_owned.fp32_adam_state_into_an_fp64_model, 2, stage):
+        assert diff == 0, diff  # two ranks: the same arithmetic as torch's DDP
+
+
 def test_grad_scaler_on_ranks_that_own_no_parameter_skips_with_the_others(pool):
     """A rank that owns no parameter whole still holds each bucket's shard in its
     param groups, so GradScaler records its inf check there (it asserted before)."""

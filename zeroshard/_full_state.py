@@ -176,7 +176,9 @@ class FullStateSource:
         if name not in self.split:
             return None
         scalars, per_element = self.split[name]
-        return scalars, sorted(per_element), state_dtypes(per_element)
+        # the dtype of the parameter's values in these dicts: Note [per-element states of
+        # their own dtype]
+        return scalars, sorted(per_element), state_dtypes(per_element, self.values(name, 0, 0).dtype)
 
     def optimizer_layouts(self) -> dict:
         """Every parameter's ``optimizer_layout``, its tensors on CPU (to be pickled)."""

@@ -153,26 +153,31 @@ def optimizer_layouts(opt) -> dict[str, tuple[dict, list[str]]]:
     names = parameter_names(opt.model)
     layouts = {}
     for bucket in opt.sharding.buckets:
-        for indices, _, scalars, per_element in stepped_states(opt, bucket):
+        for indices, stepped, scalars, per_element in stepped_states(opt, bucket):
             # Note [a fresh state inside a shard's]: ``without_state`` have none of their
             # own yet, as torch keeps none
             for index in set(indices) - bucket.without_state:
                 layouts[names[id(bucket.params[index])]] = (
-                    scalars, sorted(per_element), state_dtypes(per_element))
+                    scalars, sorted(per_element), state_dtypes(per_element, stepped.dtype))
     return layouts
 
 
-def state_dtypes(per_element: dict) -> dict:
+def state_dtypes(per_element: dict, stepped: torch.dtype) -> dict:
     """Note [per-element states of their own dtype]:
-        A class may keep a per-element state in another dtype than its parameter's
+        A class may keep a per-element state in another dtype than the tensor it steps
         (pytorch_optimizer's AdaFactor a bf16 momentum, SPAM a boolean mask). A load built
         every state in the dtype of the tensor it steps, so such a state came back
         widened, and the class's next step raised its raw error (bf16 ``lerp``, boolean
-        indexing: a helper's sweep). So a layout records each per-element state's dtype
-        (the third entry, absent from a checkpoint saved before), a load builds the state
-        in the wider of the two (the pieces travel in the stepped tensor's dtype, which
-        holds a bf16 or boolean value exactly), and gives it back in its own dtype."""
-    return {key: value.dtype for key, value in per_element.items()}
+        indexing: a helper's sweep). So a layout records the dtype of each per-element
+        state that differs from the stepped tensor's where it was saved (the third entry,
+        absent from a checkpoint saved before), a load builds the state in the wider of
+        the two (the pieces travel in the stepped tensor's dtype, which holds a bf16 or
+        boolean value exactly), and gives it back in its own dtype. A state in its
+        tensor's dtype follows the new one, as torch's ``load_state_dict`` casts it: an
+        fp32 DDP run's Adam state loaded into an fp64 model (recording every dtype, a
+        first version gave it fp32 moments beside fp64 parameters, and the step raised:
+        a reviewer's probe)."""
+    return {key: value.dtype for key, value in per_element.items() if value.dtype != stepped}
 
 
 def _own_dtype(layout, key: str, like: torch.Tensor) -> torch.dtype:
