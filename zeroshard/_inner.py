@@ -479,7 +479,7 @@ class _RoutedState(MutableMapping):
             holder = next((o for o in self._inner.optimizers if tensor in o.state), None)
             if holder is not None:
                 return holder
-        optimizer = self._inner.owner_of(tensor) if isinstance(tensor, torch.Tensor) else None
+        optimizer = self._inner.owner_of(tensor)
         if optimizer is None:
             raise KeyError(
                 "zeroshard: not a tensor this rank steps. opt.state is keyed by the flat shards "

@@ -133,7 +133,7 @@ def save_checkpoint(path, model, opt, extra=None) -> None:
     _share(opt, write_mine)
 
     def publish():
-        meta = _describe(opt, model)
+        meta = _describe(opt, model, layouts)
         meta["files"] = {f.name: f.stat().st_size for f in sorted(staging.iterdir())}
         meta["checksums"] = _read_checksums(staging)
         meta["meta_checksum"] = True
@@ -196,7 +196,8 @@ def load_checkpoint(path, model, opt):
 
 # -- what meta.pt records, and the checks made against it --------------------------------
 
-def _describe(opt, model) -> dict:
+def _describe(opt, model, layouts: dict) -> dict:
+    """What ``meta.pt`` records; ``layouts``: this rank's ``optimizer_layouts``."""
     view = opt.sharding
     names = {id(p): n for n, p in model.named_parameters()}
     orders = memory_orders(opt)  # the order of each piece's elements; absent: row-major
@@ -209,15 +210,22 @@ def _describe(opt, model) -> dict:
         "optimizer_class": _qualname(view.optimizer_class),
         "group_classes": [_qualname(c) for c in view.inner.classes],
         "params": {n: tuple(p.shape) for n, p in model.named_parameters()},
-        "param_groups": [{"names": [names[id(p)] for p in members],
-                          "hyperparameters": {k: _plain(v) for k, v in group.items()
-                                              if k != "params"}}
-                         for members, group in zip(view.group_members, opt.param_groups)],
-        "optimizer": optimizer_layouts(opt),
-        # Note [state under an optimizer's own keys] in _inner.py
-        "optimizer_own_state": [(name, {k: _plain(v) for k, v in entries.items()})
-                                for name, entries in view.inner.own_entries()],
+        "param_groups": [{"names": [names[id(p)] for p in members], "hyperparameters": settings}
+                         for members, settings in zip(view.group_members, _saved_settings(opt))],
+        "optimizer": layouts,
+        "optimizer_own_state": _saved_own_state(opt),
     }
+
+
+def _saved_settings(opt) -> list[dict]:
+    """Each param group's hyper-parameters, as ``meta.pt`` records them."""
+    return [{k: _plain(v) for k, v in group.items() if k != "params"} for group in opt.param_groups]
+
+
+def _saved_own_state(opt) -> list[tuple[str, dict]]:
+    """Note [state under an optimizer's own keys] in _inner.py, as ``meta.pt`` records it."""
+    return [(name, {k: _plain(v) for k, v in entries.items()})
+            for name, entries in opt.sharding.inner.own_entries()]
 
 
 def _refuse_what_a_load_refuses(opt, layouts: dict) -> None:
@@ -231,12 +239,10 @@ def _refuse_what_a_load_refuses(opt, layouts: dict) -> None:
         non-tensor state it is about to write through that unpickler first (small: the
         groups' settings, per-tensor scalars, the classes' own entries), and refuses on
         every rank before writing anything, naming the state and the class."""
-    parts = {f"param_groups[{i}]": {k: _plain(v) for k, v in group.items() if k != "params"}
-             for i, group in enumerate(opt.param_groups)}
+    parts = {f"param_groups[{i}]": settings for i, settings in enumerate(_saved_settings(opt))}
     parts.update({f"the optimizer state of {name!r}": layout[0]
                   for name, layout in layouts.items()})
-    parts.update({f"{name}'s own state": entries
-                  for name, entries in opt.sharding.inner.own_entries()})
+    parts.update({f"{name}'s own state": entries for name, entries in _saved_own_state(opt)})
 
     def loads(value) -> Exception | None:
         buffer = io.BytesIO()
