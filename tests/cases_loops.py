@@ -798,6 +798,41 @@ def torch_clip_over_model_parameters(ctx, stage: int):
     return refusal, probe, diffs
 
 
+def gradient_values_read_after_backward(ctx, stage: int):
+    """Stages 2-3 (helper-85's probes): reading a marker's values after backward gave NaN,
+    which decided things silently: DINO's per-parameter clip (``clip / (norm + 1e-6) < 1``
+    is False for NaN) never clipped, and a guard stepping only on finite gradients never
+    stepped. Each read is refused on every rank, changing nothing; the guard written
+    with what ``opt.clip_grad_norm_(inf)`` returns skips the step DDP's guard skips (a
+    batch with an infinity on rank 1) and takes the others. Returns (the refusals, the
+    collective probe, the largest difference from DDP after three steps)."""
+    model = build_model(MLP, seed=ctx.rank)
+    reference = DDP(build_model(MLP, seed=0), process_group=ctx.group)
+    opt, ref_opt = _zero(model, stage, ctx.group, lr=0.05), torch.optim.SGD(reference.parameters(), lr=0.05)
+    loss_fn(MLP, model, make_batch(MLP, seed=0, rank=ctx.rank, batch=4)).backward()
+    weight = model.body[0].weight
+    refusals = [_refusal(lambda: [p.grad.norm() for p in model.parameters()]),  # DINO's clip
+                _refusal(lambda: all(torch.isfinite(p.grad).all() for p in model.parameters())),
+                _refusal(lambda: weight.grad.clone()),
+                _refusal(lambda: weight.grad.unbind()[0].sum()),  # through a view
+                _refusal(lambda: bool(weight.grad.data[0, 0]))]
+    probe = _ranks_in_step(ctx)
+    opt.zero_grad()
+    for step in range(3):
+        batch = make_batch(MLP, seed=step, rank=ctx.rank, batch=4)
+        if step == 1 and ctx.rank == 1:
+            batch = tuple(t.clone() for t in batch)
+            batch[0][0, 0] = float("inf")
+        for net, optimizer, clip in ((model, opt, opt.clip_grad_norm_),
+                                     (reference, ref_opt, lambda m: torch.nn.utils.clip_grad_norm_(
+                                         reference.parameters(), m))):
+            loss_fn(MLP, net, batch).backward()
+            if torch.isfinite(clip(float("inf"))):
+                optimizer.step()
+            optimizer.zero_grad()
+    return refusals, probe, max(_differences(opt, model, reference).values())
+
+
 def _batchnorm_net(seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
     return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.BatchNorm1d(7), torch.nn.Tanh(),

@@ -270,10 +270,25 @@ def test_clearing_gradients_through_the_model_equals_ddp(pool, stage, clear):
 def test_torch_clipping_over_model_parameters_is_refused(pool, stage):
     for refusal, probe, diffs in pool.run(cases_loops.torch_clip_over_model_parameters, 2,
                                           stage):
-        assert "changed in place" in refusal and "opt.clip_grad_norm_" in refusal, refusal
+        # stages 2 and 3 refuse the norm's read of the markers, stage 1 the step
+        assert re.search("changed in place|was read", refusal), refusal
+        assert "opt.clip_grad_norm_" in refusal, refusal
         assert re.search(r"body\.\d\.(weight|bias)", refusal), refusal  # names it
         assert probe == 2
         assert max(diffs.values()) < 1e-6, diffs
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_reading_gradient_values_after_backward_is_refused_and_a_finite_guard_equals_ddps(
+        pool, stage):
+    for refusals, probe, difference in pool.run(cases_loops.gradient_values_read_after_backward,
+                                                2, stage):
+        for refusal, read in zip(refusals, ["norm", "isfinite", "clone", "sum",
+                                            "__bool__"]):
+            assert f"was read ({read})" in refusal and "opt.clip_grad_norm_" in refusal, refusal
+            assert "body.0.weight" in refusal, refusal
+        assert probe == 2
+        assert difference < 1e-6, difference
 
 
 @pytest.mark.parametrize("micro_batches, mesh, n", [(1, None, 2), (3, None, 2), (3, (2, 2), 4)])

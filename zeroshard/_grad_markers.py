@@ -34,11 +34,20 @@ Note [gradient markers]:
     not refused as below (helper-64's probe: refused as "read after backward" where
     DDP read zeros).
 
-    Reading a marker placed after a backward gives NaN: the reduced gradient is not in
-    ``p.grad``, and a gradient-norm log line shows that rather than a plausible wrong
-    number. An in-place operation reading a marker into another tensor
-    (``buffer.add_(p.grad)``) is refused, saying so: that tensor would take the NaN (it
-    was refused as a change of the marker).
+    Reading the values of a marker placed after a backward is refused where it is made,
+    naming the parameter and ``opt.clip_grad_norm_``: the reduced gradient is not in
+    ``p.grad``, and the NaN a read gave flowed on silently where it decided something.
+    DINO's per-parameter clipping (``clip / (p.grad.norm() + 1e-6) < 1`` is False for
+    NaN) never clipped, and a guard that steps only when every ``p.grad`` is finite
+    never stepped (helper-85's probes: 0.27 and 0.33 from DDP, no error). An operation
+    whose result has new memory reads values, but for the ``*_like`` and ``new_*``
+    constructors; so do ``item()``, ``tolist()``, ``bool()`` and the like. Views of a
+    marker (``p.grad.data``, ``p.grad[rows]``, ``p.grad.unbind()``) are markers in turn,
+    and shape, dtype and the rest read no values. A marker placed by
+    ``opt.zero_grad(set_to_none=False)`` reads zero, as DDP's gradients do then. An
+    in-place operation reading a marker into another tensor (``buffer.add_(p.grad)``)
+    is refused, saying so: that tensor would take the NaN (it was refused as a change
+    of the marker).
     Another optimizer stepping the parameter is refused before it reads anything (Note
     [another optimizer over managed parameters] in _other_optimizers.py). A step or
     clipping leaves untouched markers in place; when a backward begins they are taken
@@ -49,7 +58,7 @@ Note [gradient markers]:
 from __future__ import annotations
 
 import torch
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 from ._bucket import FlatBucket
 
@@ -63,13 +72,22 @@ _IN_PLACE_DUNDERS = {f"__{op}__" for op in (
     "iand", "ior", "ixor", "ilshift", "irshift")}
 
 
+# Operations whose result has new memory without reading the marker's values.
+_READ_NO_VALUES = {"empty_like", "zeros_like", "ones_like", "full_like", "rand_like",
+                   "randn_like", "randint_like", "new_empty", "new_empty_strided", "new_zeros",
+                   "new_ones", "new_full", "new_tensor", "__deepcopy__"}
+# Operations that give a marker's values as Python objects.
+_READ_TO_PYTHON = {"item", "tolist", "numpy", "__array__", "__bool__", "__float__", "__int__",
+                   "__complex__", "__index__", "equal", "allclose"}
+
+
 def _is_in_place(name: str) -> bool:
     return (name.endswith("_") and not name.endswith("__")) or name in _IN_PLACE_DUNDERS
 
 
 class GradientMarker(torch.Tensor):
-    """A marker in ``p.grad`` (Note [gradient markers]). Reads work (they give NaN); an
-    in-place change other than zeroing the whole marker is refused where it is made,
+    """A marker in ``p.grad`` (Note [gradient markers]). A read of its values, and an
+    in-place change other than zeroing the whole marker, is refused where it is made,
     naming the parameter and what to use instead. What a marker's view (``p.grad[rows]``,
     ``p.grad.data``) returns is a marker too, so a write through it is refused alike."""
 
@@ -95,15 +113,27 @@ class GradientMarker(torch.Tensor):
                                                        "a buffer by hand)"))  # takes the NaN
         with torch._C.DisableTorchFunctionSubclass():  # results are ordinary tensors...
             result = func(*args, **(kwargs or {}))
-            if not isinstance(result, torch.Tensor) or isinstance(result, cls) or in_place:
+            if isinstance(result, cls) or in_place or not markers:
                 return result
-            home = markers[0].untyped_storage().data_ptr() if markers else None
-            if home is None or result.untyped_storage().data_ptr() != home:
-                return result
-        view = result.as_subclass(cls)  # ...except views of a marker
-        view.parameter_name, view.stage_label = markers[0].parameter_name, markers[0].stage_label
-        view.is_view, view.holds_zero = True, markers[0].holds_zero
-        return view
+            home = markers[0].untyped_storage().data_ptr()
+            tensors = [t for t in tree_flatten(result)[0] if isinstance(t, torch.Tensor)]
+            views = {id(t) for t in tensors if t.untyped_storage().data_ptr() == home}
+        reads = (name in _READ_TO_PYTHON
+                 or (name not in _READ_NO_VALUES and len(views) < len(tensors)))
+        if reads and not all(m.holds_zero for m in markers):
+            raise RuntimeError(refusal(markers[0], f"was read ({name})"))
+        if not views:
+            return result
+        return tree_map(lambda t: _view_of(markers[0], t) if id(t) in views else t, result)
+
+
+def _view_of(marker: GradientMarker, view: torch.Tensor) -> GradientMarker:
+    """``view``, a view of ``marker``'s memory, as a marker: reads and writes through it
+    are refused as through the marker."""
+    view = view.as_subclass(GradientMarker)
+    view.parameter_name, view.stage_label = marker.parameter_name, marker.stage_label
+    view.is_view, view.holds_zero = True, marker.holds_zero
+    return view
 
 
 def refusal(marker: GradientMarker, what: str) -> str:
@@ -114,8 +144,10 @@ def refusal(marker: GradientMarker, what: str) -> str:
             "with opt.zero_grad() or model.zero_grad() (whole gradients); clip with "
             "opt.clip_grad_norm_(max_norm) instead of "
             "torch.nn.utils.clip_grad_norm_(model.parameters()) (Hugging Face Trainer: use "
-            "zeroshard.integrations.hf.ZeroTrainer); read or change gradients through "
-            "opt.param_groups (each rank's gradient shards)")
+            "zeroshard.integrations.hf.ZeroTrainer); for the gradients' norm (a log line, "
+            "a step skipped on a non-finite gradient) use what opt.clip_grad_norm_ returns, "
+            "on every rank (max_norm=float('inf') clips nothing); read or change gradients "
+            "through opt.param_groups (each rank's gradient shards)")
 
 
 class _BucketMarkers:
