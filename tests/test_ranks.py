@@ -17,6 +17,10 @@ def _mesh(ndim: int, names):
     (("replicate", "shard"), (1, 0)), (("shard", "replicate"), (0, 1)),
     (("shard", "dp"), (0, 1)), (("dp", "shard"), (1, 0)),  # the one named "shard" shards
     (("replicate", "fsdp"), (1, 0)), (("dp", "replicate"), (0, 1)),
+    # else the one alone in naming itself a shard or a replica (helper-86's probe: read
+    # positionally, ("dp_shard", "dp_replicate") sharded over dp_replicate)
+    (("dp_shard", "dp_replicate"), (0, 1)), (("dp_replicate", "dp_shard"), (1, 0)),
+    (("Shard_0", "inter"), (0, 1)), (("intra", "replicas"), (0, 1)),
     (("dp", "fsdp"), (1, 0)), (None, (1, 0)),  # otherwise (replicate, shard), as FSDP2's HSDP
 ])
 def test_the_dimension_named_shard_shards_else_the_second(names, expected):

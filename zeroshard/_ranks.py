@@ -101,8 +101,11 @@ def ranks_from(process_group, mesh) -> Ranks:
 
 def _dimensions(mesh) -> tuple[int, int | None]:
     """(shard dimension, replicate dimension or None) of a 1-D or 2-D mesh: the dimension
-    named "shard" shards (or the one not named "replicate"); unnamed, (replicate, shard)
-    in that order, as FSDP2's hybrid sharding reads a 2-D mesh."""
+    named "shard" shards (or the one not named "replicate"); else the one alone in
+    naming itself a shard ("dp_shard") or a replica ("dp_replicate"); otherwise
+    (replicate, shard) in that order, as FSDP2's hybrid sharding reads a 2-D mesh. A
+    mesh named ("dp_shard", "dp_replicate") was read in that positional order, 4 shards
+    where its names asked for 4 replicas (helper-86's probe)."""
     if mesh.ndim == 1:
         return 0, None
     names = tuple(mesh.mesh_dim_names or ())
@@ -110,6 +113,10 @@ def _dimensions(mesh) -> tuple[int, int | None]:
         return names.index(SHARD), 1 - names.index(SHARD)
     if REPLICATE in names:
         return 1 - names.index(REPLICATE), names.index(REPLICATE)
+    for part, shards in (("shard", True), ("replic", False)):
+        named = [i for i, name in enumerate(names) if part in name.lower()]
+        if len(named) == 1:
+            return (named[0], 1 - named[0]) if shards else (1 - named[0], named[0])
     return 1, 0
 
 
