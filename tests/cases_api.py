@@ -793,6 +793,31 @@ def models_or_arguments_that_differ_across_ranks(ctx, which: str) -> str | None:
     return error
 
 
+def meshes_that_differ_across_ranks(ctx, which: str) -> str | None:
+    """Note [meshes compared over the job] (helper-86's probes): of 4 ranks holding the
+    2x2 mesh, rank 3 holds it named the other way round ("names": construction blocked
+    for the mesh groups' 30-minute timeout), ranks 2-3 a 1x4 mesh ("shape") or none
+    ("none": the default group). Every rank must raise at construction and stay in
+    step. Returns this rank's error."""
+    from pool import SHARD_NAMED_FIRST
+    other = {"names": ctx.rank == 3, "shape": ctx.rank >= 2, "none": ctx.rank >= 2}[which]
+    mesh = ctx.meshes[(2, 2)]
+    if other:
+        mesh = {"names": ctx.meshes[SHARD_NAMED_FIRST], "shape": ctx.meshes[(1, 4)],
+                "none": None}[which]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+    try:
+        zeroshard.ZeroOptimizer(model, torch.optim.AdamW, stage=2, mesh=mesh)
+        error = None
+    except ValueError as refusal:
+        error = str(refusal)
+    probe = torch.ones(1)
+    dist.all_reduce(probe, group=ctx.group)
+    assert probe.item() == ctx.world_size
+    return error
+
+
 def reads_inside_a_stage3_block_see_its_writes(ctx, policy: bool) -> dict:
     """Stage 3: ``full_state_dict()`` inside ``summon_full_params()`` after a write there
     to a frozen weight (in place) and to a trainable one (new ``.data``): it read the

@@ -32,6 +32,8 @@ MESH_SHAPES = [(r, s) for r in range(1, POOL_SIZE + 1) for s in range(1, POOL_SI
 # and (replicate, shard) meshes whose ranks are laid out otherwise, by name
 ODD_MESHES = {"2x2 strided": [[0, 2], [1, 3]], "2x2 rank 0 in replica 1": [[2, 3], [0, 1]],
               "2x2 out of order": [[1, 0], [3, 2]]}
+# a 2x2 mesh over ranks 0-3 whose dimensions are named the other way round
+SHARD_NAMED_FIRST = "2x2 named (shard, replicate)"
 
 
 def mesh_shape(key) -> tuple[int, int]:
@@ -83,6 +85,8 @@ def _worker_main(rank: int, size: int, init_file: str, tasks, results) -> None:
     meshes.update({name: DeviceMesh("cpu", torch.tensor(layout),
                                     mesh_dim_names=("replicate", "shard"))
                    for name, layout in ODD_MESHES.items()})
+    meshes[SHARD_NAMED_FIRST] = DeviceMesh("cpu", torch.arange(4).view(2, 2),
+                                           mesh_dim_names=("shard", "replicate"))
     results.put(("ready", rank, True, None))
     try:
         while True:

@@ -66,6 +66,21 @@ def test_models_or_arguments_that_differ_across_ranks_are_refused_naming_the_dif
         assert rank1 is not None and word in rank1, (word, rank1)
 
 
+@pytest.mark.parametrize("which, differs", [
+    ("names", {3: "'ranks [[0, 1], [2, 3]] sharded along dimension 0' on this rank"}),
+    ("shape", {2: "'ranks [[0, 1, 2, 3]] sharded along dimension 1' on this rank",
+               3: "'ranks [[0, 1, 2, 3]] sharded along dimension 1' on this rank"}),
+    ("none", {2: "None on this rank", 3: "None on this rank"})])
+def test_meshes_that_differ_across_ranks_are_refused_naming_the_difference(pool, which, differs):
+    for rank, error in enumerate(pool.run(cases_api.meshes_that_differ_across_ranks, 4, which)):
+        assert error is not None, rank
+        if rank in differs:
+            assert "mesh differs across ranks" in error and differs[rank] in error, error
+            assert "'ranks [[0, 1], [2, 3]] sharded along dimension 1' on rank 0" in error, error
+        else:
+            assert "another rank built a different model" in error, error
+
+
 def test_adding_a_param_group_after_construction_names_close_and_a_new_optimizer(pool):
     for error_type, message in pool.run(cases_api.add_param_group_after_construction, 2):
         assert error_type == "NotImplementedError", (error_type, message)

@@ -19,6 +19,7 @@ from . import _comm, _materialize
 from ._bucket import FlatBucket, is_row_major
 from ._masters import ShardMasters
 from ._plan import ShardingPlan
+from ._ranks import Ranks
 from .mixed_precision import MixedPrecision, cast_buffers, full_precision_parameters
 
 
@@ -63,7 +64,7 @@ class Placement:
         self.stats = stats
 
     def refuse_layouts_that_differ_across_ranks(self, classes: list[type], device: torch.device,
-                                                settings: dict) -> None:
+                                                settings: dict, across: Ranks) -> None:
         """Every rank must lay the buckets out alike, as the collectives move whole
         buffers and every rank must issue the same ones. Two things can differ: the
         memory order a rank holds a parameter in (Note [memory order] in _bucket.py: a
@@ -77,8 +78,9 @@ class Placement:
         models apart, silently; a policy, a dtype or a resharding setting given on some
         ranks only crashed training with a bare gloo abort, or hung (a helper's probes).
         Where those differ, rank 0's are broadcast so that each rank names the first
-        difference."""
-        if self.group.size == 1:
+        difference. ``across``: the ranks that compare (Note [meshes compared over the
+        job] in _ranks.py)."""
+        if across.size == 1:
             return
         buckets = self.plan.every_bucket
         held = [(name, order) for bucket in buckets
@@ -91,10 +93,10 @@ class Placement:
                                     zlib.crc32(repr(layouts).encode()),
                                     zlib.crc32(repr(described).encode())], dtype=torch.int64,
                                    device=device)
-        highest, lowest = _comm.extremes(fingerprint, group=self.group, stats=self.stats,
+        highest, lowest = _comm.extremes(fingerprint, group=across, stats=self.stats,
                                          label="init")
         if highest[2] != lowest[2]:  # every rank sees it: all take part in the broadcast
-            rank0 = _comm.broadcast_object(described, group=self.group, stats=self.stats,
+            rank0 = _comm.broadcast_object(described, group=across, stats=self.stats,
                                            label="init", device=device)
             raise ValueError(_first_difference(described, rank0))
         if highest[0] != lowest[0]:

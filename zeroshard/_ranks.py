@@ -99,6 +99,31 @@ def ranks_from(process_group, mesh) -> Ranks:
                  int(grid[first_replica, place]) if replicas > 1 else None)
 
 
+def mesh_as_read(mesh) -> str | None:
+    """What of ``mesh`` decides the groups: its ranks and the dimension read as the shard
+    one (compared across ranks at construction, Note [meshes compared over the job])."""
+    if mesh is None:
+        return None
+    return f"ranks {mesh.mesh.tolist()} sharded along dimension {_dimensions(mesh)[0]}"
+
+
+def job_ranks(ranks: Ranks, mesh) -> Ranks:
+    """Note [meshes compared over the job]:
+        Construction compares the ranks' settings and layouts in one all-reduce
+        (_placement.py), and on a mesh that ran in the mesh's own groups, which are
+        what differs when the ranks' meshes do: a rank naming its dimensions the other
+        way round, or holding another mesh, waited in a group the others never entered,
+        for the mesh groups' timeout (torch's default, 30 minutes), and so did a mesh
+        given on some ranks only (helper-86's probes). A mesh that spans the job (every
+        rank of the default group builds the optimizer) compares over the default group
+        instead, as a job without a mesh does, the mesh as each rank reads it among the
+        settings: every rank meets every other in it and each names its difference. A
+        mesh over part of the job keeps its own groups."""
+    if mesh is None or mesh.mesh.numel() != dist.get_world_size():
+        return ranks
+    return ranks_from(None, None)
+
+
 def _dimensions(mesh) -> tuple[int, int | None]:
     """(shard dimension, replicate dimension or None) of a 1-D or 2-D mesh: the dimension
     named "shard" shards (or the one not named "replicate"); else the one alone in

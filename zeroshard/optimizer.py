@@ -23,7 +23,7 @@ from ._masters_shown import MastersShown
 from ._other_optimizers import refuse_other_optimizers_over
 from ._placement import Placement
 from ._plan import ShardingView, plan_sharding, work_balance
-from ._ranks import ranks_from
+from ._ranks import job_ranks, mesh_as_read, ranks_from
 from ._stage import Stage
 from ._transforms import GradientTransformRefusal
 from .memory import live_report
@@ -176,7 +176,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         placement = Placement(model, plan, self._masters, mixed_precision, self.comm_stats)
         placement.refuse_layouts_that_differ_across_ranks(classes, device, {
             "stage": stage, "mixed_precision": mixed_precision,
-            "reshard_after_forward": reshard_after_forward, "broadcast_buffers": broadcast_buffers})
+            "reshard_after_forward": reshard_after_forward, "broadcast_buffers": broadcast_buffers,
+            "mesh": mesh_as_read(mesh)}, across=job_ranks(ranks, mesh))
         placement.place(device, initialisation)
 
         # 4. The inner optimizers over this rank's shards; the outer groups schedulers see.
