@@ -804,8 +804,10 @@ def gradient_values_read_after_backward(ctx, stage: int):
     is False for NaN) never clipped, and a guard stepping only on finite gradients never
     stepped. Each read is refused on every rank, changing nothing; the guard written
     with what ``opt.clip_grad_norm_(inf)`` returns skips the step DDP's guard skips (a
-    batch with an infinity on rank 1) and takes the others. Returns (the refusals, the
-    collective probe, the largest difference from DDP after three steps)."""
+    batch with an infinity on rank 1) and takes the others. What reads no values is not
+    refused (a reviewer's probes, helper-87: a marker zeroed through ``p.grad``, the
+    model converted, a marker as a shape template). Returns (the refusals, what was not
+    refused, the collective probe, the largest difference from DDP after three steps)."""
     model = build_model(MLP, seed=ctx.rank)
     reference = DDP(build_model(MLP, seed=0), process_group=ctx.group)
     opt, ref_opt = _zero(model, stage, ctx.group, lr=0.05), torch.optim.SGD(reference.parameters(), lr=0.05)
@@ -816,7 +818,12 @@ def gradient_values_read_after_backward(ctx, stage: int):
                 _refusal(lambda: weight.grad.clone()),
                 _refusal(lambda: weight.grad.unbind()[0].sum()),  # through a view
                 _refusal(lambda: bool(weight.grad.data[0, 0]))]
+    unrefused = {"shown": repr(weight.grad), "template": torch.ones(1, 5).expand_as(weight.grad)}
     probe = _ranks_in_step(ctx)
+    model.zero_grad(set_to_none=False)  # zeroed through p.grad: reads zero, as DDP's do
+    unrefused["zeroed"] = weight.grad.abs().sum().item()
+    opt.step()
+    unrefused["zeroed, stepped"] = weight.grad.abs().sum().item()
     opt.zero_grad()
     for step in range(3):
         batch = make_batch(MLP, seed=step, rank=ctx.rank, batch=4)
@@ -830,7 +837,12 @@ def gradient_values_read_after_backward(ctx, stage: int):
             if torch.isfinite(clip(float("inf"))):
                 optimizer.step()
             optimizer.zero_grad()
-    return refusals, probe, max(_differences(opt, model, reference).values())
+    difference = max(_differences(opt, model, reference).values())
+    if stage == 2:  # converting the model converts p.grad: a marker still, not a read
+        loss_fn(MLP, model, make_batch(MLP, seed=3, rank=ctx.rank, batch=4)).backward()
+        model.double()
+        unrefused["converted"] = type(weight.grad).__name__
+    return refusals, unrefused, probe, difference
 
 
 def _batchnorm_net(seed: int) -> torch.nn.Module:

@@ -281,12 +281,17 @@ def test_torch_clipping_over_model_parameters_is_refused(pool, stage):
 @pytest.mark.parametrize("stage", [2, 3])
 def test_reading_gradient_values_after_backward_is_refused_and_a_finite_guard_equals_ddps(
         pool, stage):
-    for refusals, probe, difference in pool.run(cases_loops.gradient_values_read_after_backward,
-                                                2, stage):
+    for refusals, unrefused, probe, difference in pool.run(
+            cases_loops.gradient_values_read_after_backward, 2, stage):
         for refusal, read in zip(refusals, ["norm", "isfinite", "clone", "sum",
                                             "__bool__"]):
             assert f"was read ({read})" in refusal and "opt.clip_grad_norm_" in refusal, refusal
             assert "body.0.weight" in refusal, refusal
+        assert unrefused["shown"].startswith("GradientMarker(body.0.weight: the reduced"), unrefused
+        assert "nan" not in unrefused["shown"], unrefused
+        assert tuple(unrefused["template"].shape) == (7, 5), unrefused  # a shape template
+        assert unrefused["zeroed"] == 0.0 and unrefused["zeroed, stepped"] == 0.0, unrefused
+        assert unrefused.get("converted", "GradientMarker") == "GradientMarker", unrefused
         assert probe == 2
         assert difference < 1e-6, difference
 

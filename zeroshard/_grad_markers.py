@@ -40,11 +40,17 @@ Note [gradient markers]:
     DINO's per-parameter clipping (``clip / (p.grad.norm() + 1e-6) < 1`` is False for
     NaN) never clipped, and a guard that steps only when every ``p.grad`` is finite
     never stepped (helper-85's probes: 0.27 and 0.33 from DDP, no error). An operation
-    whose result has new memory reads values, but for the ``*_like`` and ``new_*``
-    constructors; so do ``item()``, ``tolist()``, ``bool()`` and the like. Views of a
-    marker (``p.grad.data``, ``p.grad[rows]``, ``p.grad.unbind()``) are markers in turn,
-    and shape, dtype and the rest read no values. A marker placed by
-    ``opt.zero_grad(set_to_none=False)`` reads zero, as DDP's gradients do then. An
+    whose result has new memory it did not take from an argument reads values, but for
+    the ``*_like`` and ``new_*`` constructors; so do ``item()``, ``tolist()``, ``bool()``,
+    pickling and the like. Views of a marker (``p.grad.data``, ``p.grad[rows]``,
+    ``p.grad.unbind()``) are markers in turn, and so is a marker converted to another
+    dtype or device (``model.half()`` converts ``p.grad`` too); a marker as another
+    tensor's template (``x.to(p.grad)``, ``x.expand_as(p.grad)``), shape, dtype and the
+    rest read no values, and printing one names it instead of showing NaN (a reviewer's
+    probes, helper-87: the conversions and templates were refused as reads in a first
+    version). A marker placed by ``opt.zero_grad(set_to_none=False)``, or zeroed whole
+    since (``model.zero_grad(set_to_none=False)``), reads zero, as DDP's gradients do
+    then, through the steps until the next backward. An
     in-place operation reading a marker into another tensor (``buffer.add_(p.grad)``)
     is refused, saying so: that tensor would take the NaN (it was refused as a change
     of the marker).
@@ -62,23 +68,28 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from ._bucket import FlatBucket
 
-# In-place operations a marker (not a view of one) allows: clearing
-# (``model.zero_grad(set_to_none=False)``).
-_ALLOWED_IN_PLACE = {"zero_", "_foreach_zero_", "requires_grad_", "detach_"}
+# In-place operations a marker allows: clearing (``model.zero_grad(set_to_none=False)``; not
+# through a view, which would clear part of it) and autograd's flags.
+_ZEROING = {"zero_", "_foreach_zero_"}
+_ALLOWED_IN_PLACE = _ZEROING | {"requires_grad_", "detach_"}
 # Python's in-place operators, named as dunders (``p.grad[rows] = 0``, ``p.grad += g``);
 # the other in-place operations end in one underscore
 _IN_PLACE_DUNDERS = {f"__{op}__" for op in (
     "setitem", "iadd", "isub", "imul", "imatmul", "itruediv", "ifloordiv", "imod", "ipow",
     "iand", "ior", "ixor", "ilshift", "irshift")}
-
-
 # Operations whose result has new memory without reading the marker's values.
 _READ_NO_VALUES = {"empty_like", "zeros_like", "ones_like", "full_like", "rand_like",
                    "randn_like", "randint_like", "new_empty", "new_empty_strided", "new_zeros",
                    "new_ones", "new_full", "new_tensor", "__deepcopy__"}
-# Operations that give a marker's values as Python objects.
+# Operations that give a marker's values to Python, or to another library.
 _READ_TO_PYTHON = {"item", "tolist", "numpy", "__array__", "__bool__", "__float__", "__int__",
-                   "__complex__", "__index__", "equal", "allclose"}
+                   "__complex__", "__index__", "__contains__", "is_nonzero", "equal", "allclose",
+                   "__dlpack__", "__reduce_ex__"}
+# A marker converted to another dtype or device is a marker (``model.half()`` converts
+# ``p.grad`` too); another tensor converted like a marker (``x.to(p.grad)``) reads nothing.
+_CONVERSIONS = {"to", "type", "half", "float", "double", "bfloat16", "cpu", "cuda", "_to_copy",
+                "type_as"}
+_SHOWN = {"__repr__", "__str__", "__format__"}
 
 
 def _is_in_place(name: str) -> bool:
@@ -94,34 +105,52 @@ class GradientMarker(torch.Tensor):
     parameter_name = ""  # set per marker
     stage_label = ""
     is_view = False
-    holds_zero = False  # placed by opt.zero_grad(set_to_none=False): the gradient is zero
+    holds_zero = False  # the gradient is zero: placed by opt.zero_grad(set_to_none=False), or
+    # zeroed whole since (model.zero_grad(set_to_none=False))
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", "")
         markers = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, cls)]
+        unread = [m for m in markers if not m.holds_zero]
+        if name in _SHOWN and unread:  # a print or a log line: no values to show
+            return (f"GradientMarker({unread[0].parameter_name}: the reduced gradient lives "
+                    "in the optimizer's shards; Note [gradient markers] in "
+                    "zeroshard/_grad_markers.py)")
         out = (kwargs or {}).get("out")  # torch.add(ema, p.grad, out=ema): in place too
         in_place = _is_in_place(name) or (out is not None and bool(markers))
-        if in_place and (name not in _ALLOWED_IN_PLACE or any(m.is_view for m in markers)):
-            written = [t for t in tree_flatten(args[:1] if out is None else out)[0]
-                       if isinstance(t, cls)]
+        written = [t for t in tree_flatten(args[:1] if out is None else out)[0]
+                   if isinstance(t, cls)] if in_place else []
+        if in_place and (name not in _ALLOWED_IN_PLACE
+                         or (name in _ZEROING and any(m.is_view for m in markers))):
             if written:
                 raise RuntimeError(refusal(written[0], f"was changed in place ({name})"))
-            if not all(m.holds_zero for m in markers):  # read into another tensor: it
-                raise RuntimeError(refusal(markers[0], f"was read into another tensor in "
-                                                       f"place ({name}; a gradient added into "
-                                                       "a buffer by hand)"))  # takes the NaN
+            if unread:  # read into another tensor: it takes the NaN
+                raise RuntimeError(refusal(unread[0], f"was read into another tensor in "
+                                                      f"place ({name}; a gradient added into "
+                                                      "a buffer by hand)"))
         with torch._C.DisableTorchFunctionSubclass():  # results are ordinary tensors...
             result = func(*args, **(kwargs or {}))
-            if isinstance(result, cls) or in_place or not markers:
+            if in_place:
+                if name in _ZEROING:  # the whole marker cleared: it reads zero, as DDP's
+                    for marker in written:
+                        marker.holds_zero = True
                 return result
-            home = markers[0].untyped_storage().data_ptr()
+            if isinstance(result, cls) or not markers:
+                return result
+            homes = {m.untyped_storage().data_ptr() for m in markers}
+            given = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                     if isinstance(t, torch.Tensor)}
             tensors = [t for t in tree_flatten(result)[0] if isinstance(t, torch.Tensor)]
-            views = {id(t) for t in tensors if t.untyped_storage().data_ptr() == home}
-        reads = (name in _READ_TO_PYTHON
-                 or (name not in _READ_NO_VALUES and len(views) < len(tensors)))
-        if reads and not all(m.holds_zero for m in markers):
-            raise RuntimeError(refusal(markers[0], f"was read ({name})"))
+            views = {id(t) for t in tensors if t.untyped_storage().data_ptr() in homes}
+            new = [t for t in tensors if t.untyped_storage().data_ptr() not in given]
+        if name in _CONVERSIONS:  # a marker converted stays one; a template reads nothing
+            if args and isinstance(args[0], cls):
+                views.update(id(t) for t in new)
+            new = []
+        reads = name in _READ_TO_PYTHON or (bool(new) and name not in _READ_NO_VALUES)
+        if reads and unread:
+            raise RuntimeError(refusal(unread[0], f"was read ({name})"))
         if not views:
             return result
         return tree_map(lambda t: _view_of(markers[0], t) if id(t) in views else t, result)
@@ -191,13 +220,14 @@ class _BucketMarkers:
 
     def keep_untouched(self, cleared: list[int]) -> None:
         """After a step or clipping: markers set to None stay out; the others stay in
-        place, zeroed ones as they were placed again (their part of the shard was
-        cleared)."""
+        place, zeroed ones reading zero (their part of the shard was cleared)."""
         for index in cleared:
             if self.bucket.params[index].grad is None:
                 del self.markers[index]
         if self.values._version != self.version:
             self.values.fill_(self.value)
+            zeroed = [i for i in cleared if i in self.markers]
+            self.values[zeroed] = 0
         self.version = self.values._version
 
     def drop(self) -> None:
