@@ -782,8 +782,15 @@ def models_or_arguments_that_differ_across_ranks(ctx, which: str) -> str | None:
         kwargs["reshard_after_forward"] = False
     if other and which == "broadcast_buffers":
         kwargs["broadcast_buffers"] = False
+    return _construction_refusal(ctx, lambda: zeroshard.ZeroOptimizer(
+        model, torch.optim.AdamW, process_group=ctx.group, **kwargs))
+
+
+def _construction_refusal(ctx, build) -> str | None:
+    """The ValueError ``build()`` raises (None if it builds), once every rank is past it:
+    none was left in a collective."""
     try:
-        zeroshard.ZeroOptimizer(model, torch.optim.AdamW, process_group=ctx.group, **kwargs)
+        build()
         error = None
     except ValueError as refusal:
         error = str(refusal)
@@ -807,15 +814,8 @@ def meshes_that_differ_across_ranks(ctx, which: str) -> str | None:
                 "none": None}[which]
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
-    try:
-        zeroshard.ZeroOptimizer(model, torch.optim.AdamW, stage=2, mesh=mesh)
-        error = None
-    except ValueError as refusal:
-        error = str(refusal)
-    probe = torch.ones(1)
-    dist.all_reduce(probe, group=ctx.group)
-    assert probe.item() == ctx.world_size
-    return error
+    return _construction_refusal(ctx, lambda: zeroshard.ZeroOptimizer(
+        model, torch.optim.AdamW, stage=2, mesh=mesh))
 
 
 def reads_inside_a_stage3_block_see_its_writes(ctx, policy: bool) -> dict:
