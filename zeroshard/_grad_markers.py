@@ -50,10 +50,9 @@ Note [gradient markers]:
     probes, helper-87: the conversions and templates were refused as reads in a first
     version). A marker placed by ``opt.zero_grad(set_to_none=False)``, or zeroed whole
     since (``model.zero_grad(set_to_none=False)``), reads zero, as DDP's gradients do
-    then, through the steps until the next backward. An
-    in-place operation reading a marker into another tensor (``buffer.add_(p.grad)``)
-    is refused, saying so: that tensor would take the NaN (it was refused as a change
-    of the marker).
+    then, through the steps until the next backward. An in-place operation reading a
+    marker into another tensor (``buffer.add_(p.grad)``) is refused, saying so: that
+    tensor would take the NaN (it was refused as a change of the marker).
     Another optimizer stepping the parameter is refused before it reads anything (Note
     [another optimizer over managed parameters] in _other_optimizers.py). A step or
     clipping leaves untouched markers in place; when a backward begins they are taken
@@ -157,8 +156,8 @@ class GradientMarker(torch.Tensor):
 
 
 def _view_of(marker: GradientMarker, view: torch.Tensor) -> GradientMarker:
-    """``view``, a view of ``marker``'s memory, as a marker: reads and writes through it
-    are refused as through the marker."""
+    """``view``, a view of ``marker``'s memory or a conversion of it, as a marker: reads
+    and writes through it are refused as through the marker."""
     view = view.as_subclass(GradientMarker)
     view.parameter_name, view.stage_label = marker.parameter_name, marker.stage_label
     view.is_view, view.holds_zero = True, marker.holds_zero
