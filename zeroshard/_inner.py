@@ -472,13 +472,16 @@ class _RoutedState(MutableMapping):
     def __init__(self, inner: InnerOptimizers) -> None:
         self._inner = inner
 
+    def _holding(self, key) -> torch.optim.Optimizer | None:
+        """The inner optimizer holding ``key``, a key of its class's own (MADGRAD's "k"):
+        Note [state under an optimizer's own keys]; reading every entry (the memory
+        report, a log line over opt.state.items()) raised at one."""
+        return next((o for o in self._inner.optimizers if key in o.state), None)
+
     def _optimizer(self, tensor: torch.Tensor) -> torch.optim.Optimizer:
-        if not isinstance(tensor, torch.Tensor):  # a key of the class's own (MADGRAD's "k"):
-            # Note [state under an optimizer's own keys]; reading every entry (the memory
-            # report, a log line over opt.state.items()) raised at it
-            holder = next((o for o in self._inner.optimizers if tensor in o.state), None)
-            if holder is not None:
-                return holder
+        holder = None if isinstance(tensor, torch.Tensor) else self._holding(tensor)
+        if holder is not None:
+            return holder
         optimizer = self._inner.owner_of(tensor)
         if optimizer is None:
             raise KeyError(
@@ -517,7 +520,7 @@ class _RoutedState(MutableMapping):
 
     def __contains__(self, tensor) -> bool:
         if not isinstance(tensor, torch.Tensor):
-            return any(tensor in o.state for o in self._inner.optimizers)
+            return self._holding(tensor) is not None
         optimizer = self._inner.owner_of(tensor)
         return optimizer is not None and tensor in optimizer.state
 

@@ -673,7 +673,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 f"state dict was saved by rank {saved[1]} of {saved[0]} with bucket layout "
                 f"{_summary(saved[2])}; this is rank {mine[1]} of {mine[0]} with layout "
                 f"{_summary(mine[2])}. Load with as many shards (the world size, or the mesh's "
-                f"shard dimension), the same model and bucket_size_mb, or "
+                "shard dimension), the same model and bucket_size_mb, or "
                 "use zeroshard checkpoints to reshard")
         # Stages fill their buckets in other orders (stages 1-2 backward's, stage 3 the
         # units'), so equal sizes can hold other parameters: a probe loaded a stage-2
