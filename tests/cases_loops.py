@@ -251,21 +251,49 @@ def trainable_changed_after_construction(ctx, stage: int, unfreeze: bool):
 
 
 def touch_stage3_parameters_between_steps(ctx):
-    """Stage 3 between steps (Note [stage-3 placeholders]): reading a parameter (a log
-    line, print) gives NaN of the right shape, device and count, not a crash; a write
-    raises, at once or when its unit is next gathered, on every rank that wrote; and
-    the reads disturb nothing: training goes on equal to DDP. Returns what was seen."""
+    """Stage 3 between steps (Note [released parameters]): a read of a parameter's values
+    (a log line, an EMA update, a copy of the model, a regulariser computed after the
+    forward, SAM's perturbed weights) is refused where it is made, on every rank, naming
+    the parameter and summon_full_params(); before, each computed with the NaN
+    placeholders, silently. What reads no values (shape, device, count, ``zeros_like``,
+    ``requires_grad_``) goes on; printing names the parameter. A write raises at once,
+    or (``p.data = t``) when its unit is next gathered. An EMA kept inside
+    summon_full_params() equals the same EMA of DDP's parameters, and training goes on
+    equal to DDP. Returns what was seen."""
     model = build_model(MLP, seed=ctx.rank)
     reference = DDP(build_model(MLP, seed=0), process_group=ctx.group)
     opt, ref_opt = _zero(model, 3, ctx.group, lr=0.05), torch.optim.SGD(reference.parameters(), lr=0.05)
+    with opt.summon_full_params():
+        ema = [p.detach().clone() for p in model.parameters()]
+    ref_ema = [p.detach().clone() for p in reference.parameters()]
     _steps(MLP, model, opt, 0, 1, ctx.rank)
     _steps(MLP, reference, ref_opt, 0, 1, ctx.rank)
-    reads = {name: (p.norm().item(), tuple(p.shape), str(p.device)) for name, p in model.named_parameters()}
-    text = repr(next(model.parameters()))
+    weight = model.body[0].weight
+    batch = make_batch(MLP, seed=5, rank=ctx.rank, batch=4)
+    reads = {
+        "norm": lambda: weight.norm().item(),
+        "view": lambda: weight.data.abs().max(),
+        "ema": lambda: ema[0].lerp_(weight, 0.5),
+        "deepcopy": lambda: copy.deepcopy(model),
+        "save": lambda: torch.save(model, io.BytesIO()),
+        "regulariser": lambda: loss_fn(MLP, model, batch) + sum(p.pow(2).sum() for p in model.parameters()),
+        "perturbed": lambda: torch.func.functional_call(
+            model, {n: p + 0.01 for n, p in model.named_parameters()}, (batch[0],)),
+    }
+    refusals = {what: _refusal(read) for what, read in reads.items()}
+    in_step = _ranks_in_step(ctx)  # every rank refused alike, none left in a collective
+    looks = (tuple(weight.shape), str(weight.device), weight.grad, torch.zeros_like(weight).sum().item(),
+             weight.requires_grad_(True).requires_grad, repr(weight))
     count = (sum(p.numel() for p in model.parameters()),
              sum(p.numel() for p in reference.module.parameters()))
     _steps(MLP, model, opt, 1, 1, ctx.rank)
     _steps(MLP, reference, ref_opt, 1, 1, ctx.rank)
+    with opt.summon_full_params():
+        for kept, p in zip(ema, model.parameters()):
+            kept.lerp_(p, 0.5)
+    for kept, p in zip(ref_ema, reference.parameters()):
+        kept.detach().lerp_(p.detach(), 0.5)
+    ema_diff = max((a - b).abs().max().item() for a, b in zip(ema, ref_ema))
     diffs = _differences(opt, model, reference)
 
     def write_then_train(write):
@@ -275,11 +303,12 @@ def touch_stage3_parameters_between_steps(ctx):
 
     writes = [_refusal(lambda write=write: write_then_train(write))
               for write in (lambda p: torch.nn.init.normal_(p), lambda p: p.zero_(),
+                            lambda p: p.data.clamp_(-0.01, 0.01),
                             lambda p: setattr(p, "data", torch.ones_like(p)))]
     # a refused write does not poison later passes
     loss_fn(MLP, model, make_batch(MLP, seed=10, rank=ctx.rank, batch=4)).backward()
     opt.zero_grad()
-    return reads, text, count, diffs, writes
+    return refusals, in_step, looks, count, ema_diff, diffs, writes
 
 
 def retained_graph_backward_twice(ctx, stage: int):

@@ -69,18 +69,25 @@ def test_changing_requires_grad_after_construction_is_refused_then_close_and_reb
         assert max(diffs.values()) < 1e-6, diffs
 
 
-def test_stage3_parameters_between_steps_read_as_nan_and_refuse_writes(pool):
-    for reads, text, count, diffs, writes in pool.run(
+def test_stage3_parameters_between_steps_refuse_reads_and_writes_naming_summon(pool):
+    for refusals, in_step, looks, count, ema_diff, diffs, writes in pool.run(
             cases_loops.touch_stage3_parameters_between_steps, 2):
-        for name, (norm, shape, device) in reads.items():
-            assert math.isnan(norm) and device == "cpu" and all(shape), (name, norm, shape)
-        assert "nan" in text
+        for what, refusal in refusals.items():
+            assert "between forward passes" in refusal, (what, refusal)
+            assert "'body.0.weight'" in refusal and "summon_full_params" in refusal, (what, refusal)
+        assert "read into another tensor" in refusals["ema"], refusals["ema"]
+        assert in_step == 2
+        shape, device, grad, zeros, requires_grad, text = looks
+        assert all(shape) and device == "cpu" and grad is None and zeros == 0 and requires_grad
+        assert "body.0.weight" in text and "summon_full_params" in text and "nan" not in text, text
         assert count[0] == count[1]
-        assert max(diffs.values()) < 1e-6, diffs  # the reads changed nothing
-        assert "more than one element" in writes[0], writes[0]  # refused at once
-        for write in writes[1:]:  # p.zero_(), p.data = ...: found at the next gather
-            assert "was written while its unit was released" in write, write
-            assert "summon_full_params" in write
+        assert ema_diff < 1e-6, ema_diff
+        assert max(diffs.values()) < 1e-6, diffs  # the refused reads changed nothing
+        for write, how in zip(writes, ("normal_", "zero_", "clamp_")):  # refused at once
+            assert f"'body.0.weight' was written ({how})" in write, write
+        # p.data = ...: an attribute, found at the next gather
+        assert "was written while its unit was released" in writes[3], writes[3]
+        assert all("summon_full_params" in write for write in writes), writes
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])

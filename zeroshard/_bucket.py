@@ -36,8 +36,9 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from . import _comm
+from . import _comm, _released
 from ._gradient_shards import as_gradient_shard
+from ._hooks import LoopSwitches
 from ._layout import FlatLayout, assign_owners
 from ._materialize import placeholder_value, swap_in
 
@@ -104,6 +105,9 @@ class FlatBucket:
         self.without_state: set[int] = set()
         self.param_names = [f"params[{i}]" for i in range(len(self.params))]  # for messages
         self.placeholders: torch.Tensor | None = None  # stage 3 (Note [stage-3 placeholders])
+        # stage 3, once built: placeholders refuse reads between passes (Note [released
+        # parameters] in _released.py)
+        self.released_watch: LoopSwitches | None = None
         # kept in fp32 under a mixed-precision policy (Note [full-precision modules])
         self.full_precision = full_precision
         self._versions_at_release: list[int] = []
@@ -320,7 +324,16 @@ class FlatBucket:
         the gather is done, they read NaN there (Note [stage-3 placeholders])."""
         with torch.no_grad():
             for index, param in enumerate(self.params):
+                _released.restore(param)
                 param.data = self.param_view(self.flat, index)
+
+    def watch_released(self, switches: LoopSwitches) -> None:
+        """From now on a placeholder refuses reads between passes (Note [released
+        parameters] in _released.py), the ones there now too."""
+        self.released_watch = switches
+        if not self.is_gathered:
+            for index, param in enumerate(self.params):
+                _released.release(param, self.param_names[index], switches)
 
     def free(self) -> None:
         """Free the full buffer's storage; the parameters become placeholders.
@@ -347,12 +360,16 @@ class FlatBucket:
         self.placeholders.fill_(placeholder_value(self.flat.dtype))
         for index in range(len(self.params)):
             self._become_placeholder(index)
-        self._versions_at_release = [param._version for param in self.params]
+        with torch._C.DisableTorchFunctionSubclass():
+            self._versions_at_release = [param._version for param in self.params]
 
     @torch.no_grad()
     def _become_placeholder(self, index: int) -> None:
         param = self.params[index]
-        param.data = self.placeholders[index].expand(param.shape)
+        with torch._C.DisableTorchFunctionSubclass():  # a released one's class reads nothing
+            param.data = self.placeholders[index].expand(param.shape)
+        if self.released_watch is not None:
+            _released.release(param, self.param_names[index], self.released_watch)
 
     def refuse_writes_while_released(self) -> None:
         """Before a gather: a parameter written (in place, or given new ``.data``) while
@@ -362,9 +379,10 @@ class FlatBucket:
         if not self._versions_at_release:
             return  # gathered
         home = self.placeholders.untyped_storage().data_ptr()
-        written = [index for index, param in enumerate(self.params)
-                   if param._version != self._versions_at_release[index]
-                   or param.untyped_storage().data_ptr() != home]
+        with torch._C.DisableTorchFunctionSubclass():  # released ones read nothing here
+            written = [index for index, param in enumerate(self.params)
+                       if param._version != self._versions_at_release[index]
+                       or param.untyped_storage().data_ptr() != home]
         if not written:
             return
         for index in written:

@@ -65,34 +65,13 @@ from __future__ import annotations
 import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
+from . import _absent_values as absent_values
 from ._bucket import FlatBucket
 
 # In-place operations a marker allows: clearing (``model.zero_grad(set_to_none=False)``; not
 # through a view, which would clear part of it) and autograd's flags.
 _ZEROING = {"zero_", "_foreach_zero_"}
 _ALLOWED_IN_PLACE = _ZEROING | {"requires_grad_", "detach_"}
-# Python's in-place operators, named as dunders (``p.grad[rows] = 0``, ``p.grad += g``);
-# the other in-place operations end in one underscore
-_IN_PLACE_DUNDERS = {f"__{op}__" for op in (
-    "setitem", "iadd", "isub", "imul", "imatmul", "itruediv", "ifloordiv", "imod", "ipow",
-    "iand", "ior", "ixor", "ilshift", "irshift")}
-# Operations whose result has new memory without reading the marker's values.
-_READ_NO_VALUES = {"empty_like", "zeros_like", "ones_like", "full_like", "rand_like",
-                   "randn_like", "randint_like", "new_empty", "new_empty_strided", "new_zeros",
-                   "new_ones", "new_full", "new_tensor", "__deepcopy__"}
-# Operations that give a marker's values to Python, or to another library.
-_READ_TO_PYTHON = {"item", "tolist", "numpy", "__array__", "__bool__", "__float__", "__int__",
-                   "__complex__", "__index__", "__contains__", "is_nonzero", "equal", "allclose",
-                   "__dlpack__", "__reduce_ex__"}
-# A marker converted to another dtype or device is a marker (``model.half()`` converts
-# ``p.grad`` too); another tensor converted like a marker (``x.to(p.grad)``) reads nothing.
-_CONVERSIONS = {"to", "type", "half", "float", "double", "bfloat16", "cpu", "cuda", "_to_copy",
-                "type_as"}
-_SHOWN = {"__repr__", "__str__", "__format__"}
-
-
-def _is_in_place(name: str) -> bool:
-    return (name.endswith("_") and not name.endswith("__")) or name in _IN_PLACE_DUNDERS
 
 
 class GradientMarker(torch.Tensor):
@@ -109,17 +88,15 @@ class GradientMarker(torch.Tensor):
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
-        name = getattr(func, "__name__", "")
+        name = absent_values.name_of(func)
         markers = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, cls)]
         unread = [m for m in markers if not m.holds_zero]
-        if name in _SHOWN and unread:  # a print or a log line: no values to show
+        if name in absent_values.SHOWN and unread:  # a print or a log line: no values to show
             return (f"GradientMarker({unread[0].parameter_name}: the reduced gradient lives "
                     "in the optimizer's shards; Note [gradient markers] in "
                     "zeroshard/_grad_markers.py)")
-        out = (kwargs or {}).get("out")  # torch.add(ema, p.grad, out=ema): in place too
-        in_place = _is_in_place(name) or (out is not None and bool(markers))
-        written = [t for t in tree_flatten(args[:1] if out is None else out)[0]
-                   if isinstance(t, cls)] if in_place else []
+        in_place = absent_values.is_in_place(name, kwargs, bool(markers))
+        written = absent_values.written(cls, args, kwargs) if in_place else []
         if in_place and (name not in _ALLOWED_IN_PLACE
                          or (name in _ZEROING and any(m.is_view for m in markers))):
             if written:
@@ -128,26 +105,12 @@ class GradientMarker(torch.Tensor):
                 raise RuntimeError(refusal(unread[0], f"was read into another tensor in "
                                                       f"place ({name}; a gradient added into "
                                                       "a buffer by hand)"))
-        with torch._C.DisableTorchFunctionSubclass():  # results are ordinary tensors...
-            result = func(*args, **(kwargs or {}))
-            if in_place:
-                if name in _ZEROING:  # the whole marker cleared: it reads zero, as DDP's
-                    for marker in written:
-                        marker.holds_zero = True
-                return result
-            if isinstance(result, cls) or not markers:
-                return result
-            homes = {m.untyped_storage().data_ptr() for m in markers}
-            given = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
-                     if isinstance(t, torch.Tensor)}
-            tensors = [t for t in tree_flatten(result)[0] if isinstance(t, torch.Tensor)]
-            views = {id(t) for t in tensors if t.untyped_storage().data_ptr() in homes}
-            new = [t for t in tensors if t.untyped_storage().data_ptr() not in given]
-        if name in _CONVERSIONS:  # a marker converted stays one; a template reads nothing
-            if args and isinstance(args[0], cls):
-                views.update(id(t) for t in new)
-            new = []
-        reads = name in _READ_TO_PYTHON or (bool(new) and name not in _READ_NO_VALUES)
+        result, views, reads = absent_values.run(func, name, args, kwargs, markers)
+        if in_place:
+            if name in _ZEROING:  # the whole marker cleared: it reads zero, as DDP's
+                for marker in written:
+                    marker.holds_zero = True
+            return result
         if reads and unread:
             raise RuntimeError(refusal(unread[0], f"was read ({name})"))
         if not views:
