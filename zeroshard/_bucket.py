@@ -341,15 +341,13 @@ class FlatBucket:
         Note [stage-3 placeholders]: between uses a parameter is never a view of freed
         storage (reading that reads memory that is not there). It holds a placeholder
         of its own shape, dtype and device: one NaN element of its own repeated
-        (stride 0), so ``numel()``, ``shape`` and ``device`` stay true and a read
-        (logging, ``print``, an EMA update) shows NaN rather than crashing. A write
-        (``model.apply(init)``, ``p.zero_()``, ``p.data = ...``) either raises at once
-        (most in-place ops refuse a stride-0 destination) or is found by the
-        parameter's version counter or storage when the unit is next gathered, which
-        raises then, on the ranks that wrote (write the same on every rank). An
-        in-place write through ``p.data`` is not seen and is lost. Autograd's saved
-        references are the same parameter objects, so backward sees the gathered
-        values again.
+        (stride 0), so ``numel()``, ``shape`` and ``device`` stay true. Between passes
+        a read of its values or a write to them is refused where it is made (Note
+        [released parameters] in _released.py); what escapes that (a write inside a
+        pass, ``p.data = ...``) is found by the parameter's version counter or storage
+        when the unit is next gathered, which raises then, on the ranks that wrote
+        (write the same on every rank). Autograd's saved references are the same
+        parameter objects, so backward sees the gathered values again.
         """
         self.flat.untyped_storage().resize_(0)
         self._versions_at_gather = []
