@@ -311,6 +311,79 @@ def touch_stage3_parameters_between_steps(ctx):
     return refusals, in_step, looks, count, ema_diff, diffs, writes
 
 
+class _BlockWithItsOwnTerm(torch.nn.Module):
+    """A block that adds its own loss term to ``terms``, inside its forward."""
+
+    def __init__(self, terms: list) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(6, 6)
+        self.terms = terms
+
+    def forward(self, h):
+        self.terms.append(self.lin.weight.sum().square())
+        return torch.tanh(self.lin(h))
+
+
+class _RegularisedInForward(torch.nn.Module):
+    """A loss term from every block's weight, computed in the root's forward
+    (``where="root"``, after the blocks ran: each is released by then at stage 3 with
+    the blocks as units) or by each block in its own forward (``where="blocks"``). The
+    term saves no parameter for backward (the square of a weight's sum; as a positional
+    table sliced and added does, Whisper's ``embed_positions.weight[:n]``), so no
+    saved-tensor hook sees the read."""
+
+    def __init__(self, seed: int, where: str) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.terms: list = []
+        self.emb = torch.nn.Embedding(10, 6)
+        self.blocks = torch.nn.ModuleList(_BlockWithItsOwnTerm(self.terms) for _ in range(3))
+        self.out = torch.nn.Linear(6, 3)
+        self.where = where
+
+    def forward(self, idx):
+        self.terms.clear()
+        h = self.emb(idx)
+        for block in self.blocks:
+            h = block(h)
+        loss = self.out(h).square().mean()
+        if self.where == "root":
+            return loss + 1e-3 * sum(b.lin.weight.sum().square() for b in self.blocks)
+        return loss + 1e-3 * sum(self.terms)
+
+
+def parameters_read_outside_their_units_forward(ctx, where: str, grad: bool):
+    """Stage 3, the blocks as units (Note [released parameters]): a loss term computed in
+    the root's forward from the blocks' weights, after they ran and were released,
+    computed with their NaN placeholders, silently (an evaluation forward gave NaN, a
+    training forward trained NaN); now refused where it is read, on every rank, naming
+    the parameter and its unit. The same term added by each block inside its own forward
+    equals DDP. Returns (the refusal or None, the largest difference after two steps or
+    None, whether every rank got past the refusal alike)."""
+    model = _RegularisedInForward(seed=ctx.rank, where=where)
+    reference = DDP(_RegularisedInForward(seed=0, where=where), process_group=ctx.group)
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=3, process_group=ctx.group,
+                                  units=_BlockWithItsOwnTerm, lr=0.1)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    eval_diffs = []
+    for step in range(2):
+        idx = torch.randint(0, 10, (4, 5), generator=torch.Generator().manual_seed(step + ctx.rank))
+        losses = []
+        for net, optimizer in ((model, opt), (reference, ref_opt)):
+            with torch.set_grad_enabled(grad):
+                try:
+                    losses.append(net(idx))
+                except RuntimeError as error:
+                    return str(error), None, _ranks_in_step(ctx)
+            if grad:
+                losses[-1].backward()
+                optimizer.step()
+                optimizer.zero_grad()
+        eval_diffs.append(float((losses[0] - losses[1]).abs()))  # NaN stays NaN
+    diff = largest_difference(opt, model, reference) if grad else float(torch.tensor(eval_diffs).max())
+    return None, diff, _ranks_in_step(ctx)
+
+
 def retained_graph_backward_twice(ctx, stage: int):
     """``loss.backward(retain_graph=True); opt.zero_grad(); loss.backward(); opt.step()``
     (a discarded first backward, e.g. a probe of the gradient): the step uses the second

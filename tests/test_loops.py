@@ -90,6 +90,19 @@ def test_stage3_parameters_between_steps_refuse_reads_and_writes_naming_summon(p
         assert all("summon_full_params" in write for write in writes), writes
 
 
+@pytest.mark.parametrize("grad", [True, False])
+def test_parameters_read_outside_their_units_forward_are_refused_naming_the_unit(pool, grad):
+    for refusal, diff, in_step in pool.run(cases_loops.parameters_read_outside_their_units_forward,
+                                           2, "root", grad):
+        assert in_step == 2
+        assert refusal is not None and "'blocks.0.lin.weight' was read (sum)" in refusal, refusal
+        assert "outside the forward of unit blocks.0" in refusal and "units=" in refusal, refusal
+    for refusal, diff, in_step in pool.run(cases_loops.parameters_read_outside_their_units_forward,
+                                           2, "blocks", grad):
+        assert refusal is None and in_step == 2, refusal
+        assert diff < 1e-6, diff  # parameters after two steps; evaluation: the losses
+
+
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_a_second_backward_through_a_retained_graph_gives_ddp_gradients(pool, stage):
     for diffs in pool.run(cases_loops.retained_graph_backward_twice, 2, stage):

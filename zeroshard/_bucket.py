@@ -107,7 +107,7 @@ class FlatBucket:
         self.placeholders: torch.Tensor | None = None  # stage 3 (Note [stage-3 placeholders])
         # stage 3, once built: placeholders refuse reads between passes (Note [released
         # parameters] in _released.py)
-        self.released_watch: LoopSwitches | None = None
+        self.released_watch: tuple[str, LoopSwitches] | None = None  # (unit's name, the stage's)
         # kept in fp32 under a mixed-precision policy (Note [full-precision modules])
         self.full_precision = full_precision
         self._versions_at_release: list[int] = []
@@ -327,13 +327,13 @@ class FlatBucket:
                 _released.restore(param)
                 param.data = self.param_view(self.flat, index)
 
-    def watch_released(self, switches: LoopSwitches) -> None:
-        """From now on a placeholder refuses reads between passes (Note [released
+    def watch_released(self, unit: str, switches: LoopSwitches) -> None:
+        """From now on a placeholder of unit ``unit``'s refuses reads (Note [released
         parameters] in _released.py), the ones there now too."""
-        self.released_watch = switches
+        self.released_watch = unit, switches
         if not self.is_gathered:
             for index, param in enumerate(self.params):
-                _released.release(param, self.param_names[index], switches)
+                _released.release(param, self.param_names[index], unit, switches)
 
     def free(self) -> None:
         """Free the full buffer's storage; the parameters become placeholders.
@@ -367,7 +367,7 @@ class FlatBucket:
         with torch._C.DisableTorchFunctionSubclass():  # a released one's class reads nothing
             param.data = self.placeholders[index].expand(param.shape)
         if self.released_watch is not None:
-            _released.release(param, self.param_names[index], self.released_watch)
+            _released.release(param, self.param_names[index], *self.released_watch)
 
     def refuse_writes_while_released(self) -> None:
         """Before a gather: a parameter written (in place, or given new ``.data``) while

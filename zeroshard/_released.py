@@ -1,34 +1,42 @@
-"""What a stage-3 parameter is between the passes that gather it.
+"""What a stage-3 parameter is while its unit is released.
 
 Note [released parameters]:
-    Between forward passes a stage-3 parameter holds a NaN placeholder of its shape
+    While its unit is released a stage-3 parameter holds a NaN placeholder of its shape
     (Note [stage-3 placeholders] in _bucket.py): each rank keeps only its shard. A read
-    of it there computed with the NaN and went on silently: an EMA of the weights
-    (``ema.lerp_(p, 1 - decay)``, timm's ``ModelEmaV2``, ``AveragedModel.update_parameters``)
-    became NaN, a regulariser computed after ``model(x)`` (a custom ``compute_loss``
-    adding ``sum(p.pow(2).sum() ...)``) trained NaN while HF ``Trainer`` logged loss 0.0,
-    SAM's ``functional_call(model, {n: p + e})`` ran on NaN, and ``copy.deepcopy(model)``
-    and ``torch.save(model)`` kept NaN (the README's rows, helpers' probes). So while its
-    unit is released, and the model is between passes (no forward or backward of its
-    runs, no ``summon_full_params()`` block), a parameter takes a class of its own
-    (``ReleasedParameter``, a subclass of its class, so ``isinstance`` holds), and a read
-    of its values, a write to them or a read into another tensor in place is refused
-    where it is made, naming the parameter and ``summon_full_params()``; what reads no
-    values (shape, dtype, ``numel()``, ``.grad``, ``requires_grad_()``, the ``*_like``
-    constructors) goes on as before (Note in _absent_values.py for what reads). A view
-    (``p.data``, ``p.detach()``, ``p[rows]``) is a ``ReleasedView``, refused alike: it
-    views the placeholder, which stays NaN after the unit is gathered again. Printing
-    either names it instead of showing NaN. A gather gives the parameter its class back
-    before it holds values, so a forward and a backward run on plain parameters.
+    of it computed with the NaN and went on silently. Between passes: an EMA of the
+    weights (``ema.lerp_(p, 1 - decay)``, timm's ``ModelEmaV2``,
+    ``AveragedModel.update_parameters``) became NaN, a regulariser computed after
+    ``model(x)`` (a custom ``compute_loss`` adding ``sum(p.pow(2).sum() ...)``) trained
+    NaN while HF ``Trainer`` logged loss 0.0, SAM's ``functional_call(model, {n: p + e})``
+    ran on NaN, and ``copy.deepcopy(model)`` and ``torch.save(model)`` kept NaN (the
+    README's rows, helpers' probes). Inside the model's forward: another unit's weight
+    read after that unit ran (a loss term from every block's weight computed in the
+    root's forward, MAML's inner loop inside the forward with ``units=nn.Linear``), an
+    evaluation forward returning NaN and a training forward training NaN (a probe).
 
-    Inside a pass nothing changes: a module of a released unit called there is refused
-    by its own hook (Note [called outside its unit's forward] in stage3.py), and the
-    rest (a hook of the user's reading another unit's weight) is the README's.
-    ``p.data = t`` between passes is an attribute, refused when the unit is next gathered
-    (``refuse_writes_while_released`` in _bucket.py), as before. A parameter class
-    with a ``__torch_function__`` of its own keeps its class and its NaN.
+    So while its unit is released a parameter takes a class of its own
+    (``ReleasedParameter``, a subclass of its class under its name, so ``isinstance``
+    and a check of the class's name hold), and a read of its values, a write to them or
+    a read into another tensor in place is refused where it is made, naming the
+    parameter: between passes (no forward or backward runs, no ``summon_full_params()``
+    block) with ``summon_full_params()`` as the fix, inside a forward with its unit and
+    ``units=``. What reads no values (shape, dtype, ``numel()``, ``.grad``,
+    ``requires_grad_()``, the ``*_like`` constructors) goes on as before (the Note in
+    _absent_values.py says what reads). A view (``p.data``, ``p.detach()``, ``p[rows]``)
+    is a ``ReleasedView``, refused alike whenever it is used: it views the placeholder,
+    which stays NaN after the unit is gathered again. Printing either names it instead
+    of showing NaN. A gather gives the parameter its class back before it holds values,
+    so a unit's own forward and backward run on plain parameters.
+
+    A module of a released unit called outside its unit's forward is refused by its own
+    hook first (Note [called outside its unit's forward] in stage3.py). In backward (a
+    graph task runs, whatever the stage's phase says yet: a root module's backward hook
+    runs before it moves) and inside ``summon_full_params()`` nothing is refused:
+    backward gathers what it reads. ``p.data = t`` is an attribute, refused when the
+    unit is next gathered (``refuse_writes_while_released`` in _bucket.py), as before.
+    A parameter class with a ``__torch_function__`` of its own keeps its class and its
+    NaN.
 """
-
 from __future__ import annotations
 
 import torch
@@ -38,7 +46,8 @@ from torch.utils._pytree import tree_flatten, tree_map
 from . import _absent_values as absent_values
 from ._hooks import LoopSwitches, Phase
 
-_ATTRIBUTE = "_zeroshard_released"  # on a released parameter: (its name, the stage's switches)
+# on a released parameter: (its name, its unit's name, the stage's switches)
+_ATTRIBUTE = "_zeroshard_released"
 _ALLOWED_IN_PLACE = {"requires_grad_"}
 
 
@@ -61,38 +70,40 @@ class ReleasedView(torch.Tensor):
         return _guarded(func, args, kwargs)
 
 
-def _name_if_refused(tensor) -> str | None:
-    """The name of a released parameter (or a view of one) whose values cannot be read now."""
+def _refused_now(tensor) -> tuple[str, str | None] | None:
+    """(the name, and the unit whose forward it was read outside, inside a forward) of a
+    released parameter or a view of one whose values cannot be read now; None if they can."""
     if isinstance(tensor, ReleasedView):
-        return tensor.parameter_name
+        return tensor.parameter_name, None
     if isinstance(tensor, ReleasedParameter):
-        name, switches = tensor.__dict__.get(_ATTRIBUTE, (None, None))
+        name, unit, switches = tensor.__dict__.get(_ATTRIBUTE, (None, None, None))
         # a hook running in backward reads it before the stage's phase says so (a root
-        # module's backward hook, as backward begins): the pass's own rules apply there
-        if (name is not None and switches.phase is Phase.IDLE and not switches.summoned
-                and torch._C._current_graph_task_id() == -1):
-            return name
+        # module's backward hook, as backward begins): backward's own rules apply there
+        if name is None or switches.summoned or torch._C._current_graph_task_id() != -1:
+            return None
+        if switches.phase is Phase.IDLE:
+            return name, None
+        if switches.phase in (Phase.FORWARD, Phase.FORWARD_NO_GRAD):
+            return name, unit
     return None
 
 
 def _guarded(func, args, kwargs):
     name = absent_values.name_of(func)
-    released = [(t, n) for t in tree_flatten((args, kwargs))[0]
-                if (n := _name_if_refused(t)) is not None]
+    released = [(t, r) for t in tree_flatten((args, kwargs))[0] if (r := _refused_now(t)) is not None]
     if not released:
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **(kwargs or {}))
     first = released[0][1]
     if name in absent_values.SHOWN:  # a print or a log line: no values to show
-        return (f"{first} (zeroshard stage 3: released between forward passes, a NaN "
-                "placeholder; read it inside `with opt.summon_full_params():`)")
+        return (f"{first[0]} (zeroshard stage 3: released, a NaN placeholder; read it inside "
+                "`with opt.summon_full_params():`)")
     ours = [t for t, _ in released]
     if absent_values.is_in_place(name, kwargs, True) and name not in _ALLOWED_IN_PLACE:
-        written = [t for t in absent_values.written(torch.Tensor, args, kwargs)
-                   if any(t is o for o in ours)]
+        written = [r for t, r in released
+                   if any(t is w for w in absent_values.written(torch.Tensor, args, kwargs))]
         if written:
-            raise RuntimeError(refusal(_name_if_refused(written[0]), f"was written ({name})",
-                                       "the write would be lost"))
+            raise RuntimeError(refusal(written[0], f"was written ({name})", "the write would be lost"))
         raise RuntimeError(refusal(first, f"was read into another tensor in place ({name}: "
                                           "an EMA or a copy of the weights)",
                                    "that tensor would take the NaN"))
@@ -101,7 +112,7 @@ def _guarded(func, args, kwargs):
         raise RuntimeError(refusal(first, f"was read ({name})", "it would compute with the NaN"))
     if not views:
         return result
-    return tree_map(lambda t: _view_of(first, t) if id(t) in views else t, result)
+    return tree_map(lambda t: _view_of(first[0], t) if id(t) in views else t, result)
 
 
 def _view_of(name: str, view: torch.Tensor) -> ReleasedView:
@@ -116,16 +127,25 @@ def _view_of(name: str, view: torch.Tensor) -> ReleasedView:
     return view
 
 
-def refusal(name: str, what: str, why: str) -> str:
+def refusal(refused: tuple[str, str | None], what: str, why: str) -> str:
+    name, unit = refused
+    note = " (Note [released parameters] in zeroshard/_released.py)"
+    if unit is not None:
+        return (f"zeroshard stage 3: parameter {name!r} {what} inside the model's forward but "
+                f"outside the forward of unit {unit}, which holds it and had released it to a "
+                f"NaN placeholder ({why}): a unit's parameters are gathered only while its "
+                "own forward runs" + note + ". Read a parameter inside the forward of the "
+                "module that holds it (a loss term from a block's weights: each block adds "
+                "its own), or choose units= so that the module reading it holds its unit "
+                "(e.g. the block class, or a module that contains both), or use stage 1 or 2")
     return (f"zeroshard stage 3: parameter {name!r} {what} between forward passes, where it "
             f"holds a NaN placeholder ({why}): each rank keeps only its shard, and a unit's "
-            "parameters are gathered only while a forward or backward runs it (Note [released "
-            "parameters] in zeroshard/_released.py). Read or write parameters inside `with "
-            "opt.summon_full_params():`, on every rank (a log line, an EMA update, a copy of "
-            "the model: copy.deepcopy, AveragedModel, torch.save); compute a term of the loss "
-            "from the parameters (a regulariser) inside the model's forward, or a wrapper "
-            "module's built before ZeroOptimizer and passed to it; or use stage 1 or 2, which "
-            "keep whole parameters")
+            "parameters are gathered only while a forward or backward runs it" + note + ". "
+            "Read or write parameters inside `with opt.summon_full_params():`, on every rank "
+            "(a log line, an EMA update, a copy of the model: copy.deepcopy, AveragedModel, "
+            "torch.save); compute a loss term from the parameters (a regulariser) inside the "
+            "forward of the module that holds them (each block adds its own), or use weight "
+            "decay; or use stage 1 or 2, which keep whole parameters")
 
 
 _released_classes: dict[type, type | None] = {}
@@ -147,13 +167,13 @@ def _released_class(cls: type) -> type | None:
     return _released_classes[cls]
 
 
-def release(param: nn.Parameter, name: str, switches: LoopSwitches) -> None:
-    """``param`` holds its placeholder now: reads of it are refused between passes."""
+def release(param: nn.Parameter, name: str, unit: str, switches: LoopSwitches) -> None:
+    """``param`` (of ``unit``) holds its placeholder now: reads of it are refused."""
     if isinstance(param, ReleasedParameter):
         return
     released = _released_class(type(param))
     if released is not None:
-        param.__dict__[_ATTRIBUTE] = (name, switches)
+        param.__dict__[_ATTRIBUTE] = (name, unit, switches)
         param.__class__ = released
 
 

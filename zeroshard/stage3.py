@@ -410,7 +410,7 @@ class UnitGatherer:
                 WeakHook(self._watch_inputs, unit), with_kwargs=True))
             unit.release()  # the shards hold rank 0's values (broadcast, then placed)
             for bucket in unit.buckets:  # Note [released parameters] in _released.py
-                bucket.watch_released(switches)
+                bucket.watch_released(unit.name, switches)
         # Note [saved tensors] in _saved_tensors.py
         self._saved = SavedTensorWatches(units, self._unit_of, self._gathered_storages,
                                          WeakHook(self.gather_for_saved_tensor),
