@@ -60,10 +60,10 @@ class ReleasedParameter(nn.Parameter):
 
 
 class ReleasedView(torch.Tensor):
-    """A view of a released parameter's placeholder (``p.data``, ``p.detach()``): refused
-    like the parameter, whenever it is used."""
+    """A view of a released parameter's placeholder (``p.data``, ``p.detach()``,
+    ``p[:n]``): refused like the parameter, whenever it is used."""
 
-    parameter_name = ""
+    released_as = (None, None, None)  # the parameter's (name, unit, switches)
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
@@ -73,8 +73,10 @@ class ReleasedView(torch.Tensor):
 def _refused_now(tensor) -> tuple[str, str | None] | None:
     """(the name, and the unit whose forward it was read outside, inside a forward) of a
     released parameter or a view of one whose values cannot be read now; None if they can."""
-    if isinstance(tensor, ReleasedView):
-        return tensor.parameter_name, None
+    if isinstance(tensor, ReleasedView):  # the placeholder's, whenever it is read
+        name, unit, switches = tensor.released_as
+        inside_a_forward = switches.phase in (Phase.FORWARD, Phase.FORWARD_NO_GRAD)
+        return name, unit if inside_a_forward else None
     if isinstance(tensor, ReleasedParameter):
         name, unit, switches = tensor.__dict__.get(_ATTRIBUTE, (None, None, None))
         # a hook running in backward reads it before the stage's phase says so (a root
@@ -94,11 +96,10 @@ def _guarded(func, args, kwargs):
     if not released:
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **(kwargs or {}))
-    first = released[0][1]
+    (first_tensor, first), ours = released[0], [t for t, _ in released]
     if name in absent_values.SHOWN:  # a print or a log line: no values to show
         return (f"{first[0]} (zeroshard stage 3: released, a NaN placeholder; read it inside "
                 "`with opt.summon_full_params():`)")
-    ours = [t for t, _ in released]
     if absent_values.is_in_place(name, kwargs, True) and name not in _ALLOWED_IN_PLACE:
         written = [r for t, r in released
                    if any(t is w for w in absent_values.written(torch.Tensor, args, kwargs))]
@@ -112,10 +113,12 @@ def _guarded(func, args, kwargs):
         raise RuntimeError(refusal(first, f"was read ({name})", "it would compute with the NaN"))
     if not views:
         return result
-    return tree_map(lambda t: _view_of(first[0], t) if id(t) in views else t, result)
+    released_as = first_tensor.released_as if isinstance(first_tensor, ReleasedView) else \
+        first_tensor.__dict__[_ATTRIBUTE]
+    return tree_map(lambda t: _view_of(released_as, t) if id(t) in views else t, result)
 
 
-def _view_of(name: str, view: torch.Tensor) -> ReleasedView:
+def _view_of(released_as: tuple, view: torch.Tensor) -> ReleasedView:
     """``view`` as a ``ReleasedView``, in its own autograd place: its class changes, where
     ``as_subclass`` would add a node (``p.view_as(p).grad_fn.next_functions[0][0]``, the
     way DDP and hooks find a parameter's accumulator, found another node)."""
@@ -123,7 +126,7 @@ def _view_of(name: str, view: torch.Tensor) -> ReleasedView:
         view.__class__ = ReleasedView
     else:
         view = view.as_subclass(ReleasedView)
-    view.parameter_name = name
+    view.released_as = released_as
     return view
 
 
