@@ -87,4 +87,6 @@ def run(func, name: str, args: tuple, kwargs: dict | None, ours: list[torch.Tens
     if name in _ATTRIBUTE:
         new = []
     reads = name in _READ_TO_PYTHON or (bool(new) and name not in READ_NO_VALUES)
+    if name == "new_tensor":  # x.new_tensor(t) copies t's values: a read of t, not of x
+        reads = any(t is o for t in tree_flatten((args[1:], kwargs))[0] for o in ours)
     return result, views, reads

@@ -90,8 +90,18 @@ def _refused_now(tensor) -> tuple[str, str | None] | None:
     return None
 
 
+# Attributes whose value is a view of the tensor (made a ReleasedView below); the others
+# (``grad``, ``shape``, ``_version``) read no values, and zeroshard's own loops read them
+# on every parameter each step (10 calls per parameter: a reviewer's profile), so they
+# skip the checks.
+_VIEWING_ATTRIBUTES = {"data", "T", "mT", "H", "mH", "real", "imag"}
+
+
 def _guarded(func, args, kwargs):
     name = absent_values.name_of(func)
+    if name == "__set__" or (name == "__get__" and func.__self__.__name__ not in _VIEWING_ATTRIBUTES):
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **(kwargs or {}))
     released = [(t, r) for t in tree_flatten((args, kwargs))[0] if (r := _refused_now(t)) is not None]
     if not released:
         with torch._C.DisableTorchFunctionSubclass():
