@@ -631,7 +631,7 @@ def _clear(how: str, model, optimizer) -> None:
 
 # ("resume": a checkpoint saved and loaded into a new ZeroOptimizer of the next stage;
 # "resume_full": full state dicts, on rank 0 only, into one of the same stage)
-BETWEEN_STEPS = (None, "ema", "summon_eval", "load", "rebuild", "resume", "resume_full")
+BETWEEN_STEPS = (None, "ema", "summon_eval", "load", "rebuild", "resume", "resume_full", "log_norm")
 # Note [a backward that raised] in zeroshard/_reducer.py: where a skipped batch's
 # backward raises (none; at the loss's gradient, before the stage's backward starts;
 # halfway through the model)
@@ -752,8 +752,8 @@ def drive_loop(ctx, stage: int, plan: dict):
     retained graph with ``zero_grad()`` between, an evaluation forward, clipping, and what
     happens between steps: an
     EMA update (``AveragedModel``), evaluation on rank 0 inside ``summon_full_params()``,
-    ``model.load_state_dict`` of other weights, ``close()`` and a new optimizer, or a
-    resume: ``close()`` and a new optimizer given the state saved before, by a checkpoint
+    ``model.load_state_dict`` of other weights, a log line reading the weights' norm,
+    ``close()`` and a new optimizer, or a resume: ``close()`` and a new optimizer given the state saved before, by a checkpoint
     (at the next stage) or by full state dicts (on rank 0 only), while DDP goes on with
     its optimizer), applied alike to zeroshard and to DDP with the same torch optimizer.
     Returns the largest parameter difference after each step, and at the end the EMA's."""
@@ -839,6 +839,8 @@ def drive_loop(ctx, stage: int, plan: dict):
             stage = stage % 3 + 1 if between == "resume" else stage
             opt = _resumed(ctx, opt, model, lambda: new_zero(stage), between)
             ref_opt.zero_grad()
+        elif between == "log_norm":  # a log line reading the weights
+            diffs.append(abs(_logged_norm(opt, model, stage) - _logged_norm(None, reference.module, 0)))
         else:
             assert between is None, between
         diffs.append(largest_difference(opt, model, reference))
@@ -847,6 +849,21 @@ def drive_loop(ctx, stage: int, plan: dict):
                          zip(ema.parameters(), ref_ema.parameters())))
     opt.close()
     return diffs
+
+
+def _logged_norm(opt, model, stage: int) -> float:
+    """The weights' norm as a log line reads it between steps: at stage 3 that read is
+    refused (Note [released parameters]), naming summon_full_params(), inside which it
+    is read."""
+    def norm():
+        return float(torch.stack([p.detach().float().norm() for p in model.parameters()]).norm())
+    try:
+        return norm()
+    except RuntimeError as error:
+        if stage != 3 or "summon_full_params" not in str(error):
+            raise
+    with opt.summon_full_params():
+        return norm()
 
 
 def _resumed(ctx, opt, model, new_zero, how: str):

@@ -571,7 +571,8 @@ def test_drawn_ways_of_driving_the_loop_equal_ddp(pool, stage, world_size, plan)
     to None between backward and step (Note [a gradient cleared before the step]),
     micro-batches, a second backward through a retained graph, evaluation forwards,
     clipping, and between steps an EMA update, evaluation on rank 0 inside
-    summon_full_params, load_state_dict, close() and a new optimizer, or a resume (a
+    summon_full_params, load_state_dict, a log line reading the weights (refused at stage 3
+    outside summon_full_params, then read inside it), close() and a new optimizer, or a resume (a
     checkpoint loaded at the next stage, or full state dicts from rank 0); SGD with
     momentum, Adagrad or Adadelta; over a process group or a mesh: DDP's parameters after
     every step, and the EMA's (fp32 noise: 1e-6)."""
