@@ -21,8 +21,8 @@ Note [released parameters]:
     parameter: between passes (no forward or backward runs, no ``summon_full_params()``
     block) with ``summon_full_params()`` as the fix, inside a forward with its unit and
     ``units=``. What reads no values (shape, dtype, ``numel()``, ``.grad``,
-    ``requires_grad_()``, the ``*_like`` constructors) goes on as before (the Note in
-    _absent_values.py says what reads). A view (``p.data``, ``p.detach()``, ``p[rows]``)
+    ``requires_grad_()``, the ``*_like`` constructors) goes on as before
+    (_absent_values.py says what reads). A view (``p.data``, ``p.detach()``, ``p[rows]``)
     is a ``ReleasedView``, refused alike whenever it is used: it views the placeholder,
     which stays NaN after the unit is gathered again. Printing either names it instead
     of showing NaN. A gather gives the parameter its class back before it holds values,
