@@ -259,7 +259,9 @@ def touch_stage3_parameters_between_steps(ctx):
     ``requires_grad_``) goes on; printing names the parameter. A write raises at once,
     or (``p.data = t``) when its unit is next gathered. An EMA kept inside
     summon_full_params() equals the same EMA of DDP's parameters, and training goes on
-    equal to DDP. Returns what was seen."""
+    equal to DDP. A read after the optimizer was dropped without close() says the values
+    are gone (it named summon_full_params(), of an optimizer no longer there: helper-89).
+    Returns what was seen."""
     model = build_model(MLP, seed=ctx.rank)
     reference = DDP(build_model(MLP, seed=0), process_group=ctx.group)
     opt, ref_opt = _zero(model, 3, ctx.group, lr=0.05), torch.optim.SGD(reference.parameters(), lr=0.05)
@@ -308,7 +310,10 @@ def touch_stage3_parameters_between_steps(ctx):
     # a refused write does not poison later passes
     loss_fn(MLP, model, make_batch(MLP, seed=10, rank=ctx.rank, batch=4)).backward()
     opt.zero_grad()
-    return refusals, in_step, looks, count, ema_diff, diffs, writes
+    del opt  # dropped without close(): the values are gone, and a read says so
+    gc.collect()
+    freed = _refusal(lambda: model.body[0].weight.norm())
+    return refusals, in_step, looks, count, ema_diff, diffs, writes, freed
 
 
 class _BlockWithItsOwnTerm(torch.nn.Module):

@@ -70,7 +70,7 @@ def test_changing_requires_grad_after_construction_is_refused_then_close_and_reb
 
 
 def test_stage3_parameters_between_steps_refuse_reads_and_writes_naming_summon(pool):
-    for refusals, in_step, looks, count, ema_diff, diffs, writes in pool.run(
+    for refusals, in_step, looks, count, ema_diff, diffs, writes, freed in pool.run(
             cases_loops.touch_stage3_parameters_between_steps, 2):
         for what, refusal in refusals.items():
             assert "between forward passes" in refusal, (what, refusal)
@@ -88,6 +88,7 @@ def test_stage3_parameters_between_steps_refuse_reads_and_writes_naming_summon(p
         # p.data = ...: an attribute, found at the next gather
         assert "was written while its unit was released" in writes[3], writes[3]
         assert all("summon_full_params" in write for write in writes), writes
+        assert "'body.0.weight'" in freed and "freed without close()" in freed, freed
 
 
 @pytest.mark.parametrize("grad", [True, False])

@@ -96,6 +96,9 @@ class LoopSwitches:
     require_sync: bool = True  # False inside ZeroOptimizer.no_sync()
     summoned: int = 0  # depth of ZeroOptimizer.summon_full_params() blocks
     phase: Phase = Phase.IDLE  # moved only by enter()
+    # the stage went away without close(): stage 3's released parameters hold no values
+    # anywhere now (Note [released parameters] in _released.py)
+    freed: bool = False
 
     def enter(self, phase: Phase) -> None:
         if phase not in _PHASE_MOVES[self.phase]:

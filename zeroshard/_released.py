@@ -70,23 +70,26 @@ class ReleasedView(torch.Tensor):
         return _guarded(func, args, kwargs)
 
 
-def _refused_now(tensor) -> tuple[str, str | None] | None:
-    """(the name, and the unit whose forward it was read outside, inside a forward) of a
-    released parameter or a view of one whose values cannot be read now; None if they can."""
+def _refused_now(tensor) -> tuple[str, str | None, bool] | None:
+    """(the name, the unit whose forward it was read outside (inside a forward), whether its
+    optimizer was freed) of a released parameter or a view of one whose values cannot be
+    read now; None if they can."""
     if isinstance(tensor, ReleasedView):  # the placeholder's, whenever it is read
         name, unit, switches = tensor.released_as
         inside_a_forward = switches.phase in (Phase.FORWARD, Phase.FORWARD_NO_GRAD)
-        return name, unit if inside_a_forward else None
+        return name, unit if inside_a_forward else None, switches.freed
     if isinstance(tensor, ReleasedParameter):
         name, unit, switches = tensor.__dict__.get(_ATTRIBUTE, (None, None, None))
+        if name is not None and switches.freed:
+            return name, None, True
         # a hook running in backward reads it before the stage's phase says so (a root
         # module's backward hook, as backward begins): backward's own rules apply there
         if name is None or switches.summoned or torch._C._current_graph_task_id() != -1:
             return None
         if switches.phase is Phase.IDLE:
-            return name, None
+            return name, None, False
         if switches.phase in (Phase.FORWARD, Phase.FORWARD_NO_GRAD):
-            return name, unit
+            return name, unit, False
     return None
 
 
@@ -140,9 +143,15 @@ def _view_of(released_as: tuple, view: torch.Tensor) -> ReleasedView:
     return view
 
 
-def refusal(refused: tuple[str, str | None], what: str, why: str) -> str:
-    name, unit = refused
+def refusal(refused: tuple[str, str | None, bool], what: str, why: str) -> str:
+    name, unit, freed = refused
     note = " (Note [released parameters] in zeroshard/_released.py)"
+    if freed:
+        return (f"zeroshard stage 3: parameter {name!r} {what}, but the ZeroOptimizer that "
+                "held its shards was freed without close(), so its values are gone: it holds "
+                f"a NaN placeholder ({why})" + note + ". Call opt.close() before dropping a "
+                "stage-3 ZeroOptimizer (it gives the model whole parameters back); build "
+                "this model again")
     if unit is not None:
         return (f"zeroshard stage 3: parameter {name!r} {what} inside the model's forward but "
                 f"outside the forward of unit {unit}, which holds it and had released it to a "

@@ -90,6 +90,7 @@ class Stage:
                 EagerOnlyHook(self.params.refuse_shards_written_since_step)))
         # Note [no reference cycles]: a stage that goes away takes its hooks with it.
         weakref.finalize(self, remove_handles, self.handles).atexit = False
+        weakref.finalize(self, setattr, self.switches, "freed", True).atexit = False
 
     @property
     def buckets(self) -> list[FlatBucket]:
