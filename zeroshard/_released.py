@@ -102,7 +102,8 @@ _VIEWING_ATTRIBUTES = {"data", "T", "mT", "H", "mH", "real", "imag"}
 
 def _guarded(func, args, kwargs):
     name = absent_values.name_of(func)
-    if name == "__set__" or (name == "__get__" and func.__self__.__name__ not in _VIEWING_ATTRIBUTES):
+    if name == "__set__" or (name == "__get__" and getattr(  # (a Python property has no name)
+            func.__self__, "__name__", "data") not in _VIEWING_ATTRIBUTES):
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **(kwargs or {}))
     released = [(t, r) for t in tree_flatten((args, kwargs))[0] if (r := _refused_now(t)) is not None]
