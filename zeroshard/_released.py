@@ -4,12 +4,11 @@ Note [released parameters]:
     While its unit is released a stage-3 parameter holds a NaN placeholder of its shape
     (Note [stage-3 placeholders] in _bucket.py): each rank keeps only its shard. A read
     of it computed with the NaN and went on silently. Between passes: an EMA of the
-    weights (``ema.lerp_(p, 1 - decay)``, timm's ``ModelEmaV2``,
-    ``AveragedModel.update_parameters``) became NaN, a regulariser computed after
-    ``model(x)`` (a custom ``compute_loss`` adding ``sum(p.pow(2).sum() ...)``) trained
-    NaN while HF ``Trainer`` logged loss 0.0, SAM's ``functional_call(model, {n: p + e})``
-    ran on NaN, and ``copy.deepcopy(model)`` and ``torch.save(model)`` kept NaN (the
-    README's rows, helpers' probes). Inside the model's forward: another unit's weight
+    weights (``ema.lerp_(p, 1 - decay)``, ``AveragedModel.update_parameters``) became
+    NaN, a regulariser computed after ``model(x)`` (a custom ``compute_loss`` adding
+    ``sum(p.pow(2).sum() ...)``) trained NaN while HF ``Trainer`` logged loss 0.0, SAM's
+    ``functional_call(model, {n: p + e})`` ran on NaN, and ``copy.deepcopy(model)`` and
+    ``torch.save(model)`` kept NaN (the README's rows, helpers' probes). Inside the model's forward: another unit's weight
     read after that unit ran (a loss term from every block's weight computed in the
     root's forward, MAML's inner loop inside the forward with ``units=nn.Linear``), an
     evaluation forward returning NaN and a training forward training NaN (a probe).
