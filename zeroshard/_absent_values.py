@@ -54,14 +54,20 @@ def is_in_place(name: str, kwargs: dict | None, touched: bool) -> bool:
     return touched and (kwargs or {}).get("out") is not None
 
 
+def first_argument(args: tuple, kwargs: dict) -> list:
+    """What an in-place operation writes, unless it takes ``out=``: its first argument (a
+    list for the ``_foreach_`` ones), which ``torch.nn.init``'s functions pass by keyword
+    to ``__torch_function__``."""
+    return list(args[:1]) or [kwargs[k] for k in ("tensor", "input", "self") if k in kwargs][:1]
+
+
 def written(cls: type, args: tuple, kwargs: dict | None) -> list[torch.Tensor]:
-    """The tensors of class ``cls`` an in-place operation writes: its first argument (a
-    list for the ``_foreach_`` ones; ``torch.nn.init.normal_`` passes it by keyword), or
+    """The tensors of class ``cls`` an in-place operation writes: ``first_argument``, or
     ``out=``."""
     kwargs = kwargs or {}
     target = kwargs.get("out")
     if target is None:
-        target = args[:1] or [kwargs[k] for k in ("self", "tensor", "input") if k in kwargs][:1]
+        target = first_argument(args, kwargs)
     return [t for t in tree_flatten(target)[0] if isinstance(t, cls)]
 
 

@@ -43,6 +43,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
+from . import _absent_values as absent_values
+
 
 def target_device(model: nn.Module, device) -> torch.device:
     """Where the shards live: ``device``, or the parameters' device when it is None."""
@@ -334,9 +336,7 @@ class _SentinelWatch(TorchFunctionMode):
         name = getattr(func, "__name__", "")
         if self._names and name not in _NOT_WRITES and (name.endswith("_") and not name.endswith("__")
                             or name == "__setitem__" or name.startswith("__i")):
-            # torch.nn.init's functions pass their tensor by keyword to the mode
-            written = args[:1] or [kwargs.get(k) for k in ("tensor", "input", "self") if k in kwargs][:1]
-            target = self._sentinel(tree_flatten(written)[0])
+            target = self._sentinel(tree_flatten(absent_values.first_argument(args, kwargs))[0])
             if target is not None:
                 raise _SentinelTouched(target, "parameters")
             source = self._sentinel(tree_flatten((args[1:], kwargs))[0])
