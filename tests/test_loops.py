@@ -1,6 +1,5 @@
 """Ordinary training-loop variations give DDP's numbers or a clear error on every rank."""
 
-import math
 import os
 import re
 
