@@ -278,13 +278,15 @@ def touch_stage3_parameters_between_steps(ctx):
         "ema": lambda: ema[0].lerp_(weight, 0.5),
         "deepcopy": lambda: copy.deepcopy(model),
         "save": lambda: torch.save(model, io.BytesIO()),
+        "copied": lambda: weight.new_tensor(weight),  # a copy of its values
         "regulariser": lambda: loss_fn(MLP, model, batch) + sum(p.pow(2).sum() for p in model.parameters()),
         "perturbed": lambda: torch.func.functional_call(
             model, {n: p + 0.01 for n, p in model.named_parameters()}, (batch[0],)),
     }
     refusals = {what: _refusal(read) for what, read in reads.items()}
     in_step = _ranks_in_step(ctx)  # every rank refused alike, none left in a collective
-    looks = (tuple(weight.shape), str(weight.device), weight.grad, torch.zeros_like(weight).sum().item(),
+    looks = (tuple(weight.shape), str(weight.device), weight.grad,
+             torch.zeros_like(weight).sum().item() + weight.new_tensor([0.0]).item(),  # templates
              weight.requires_grad_(True).requires_grad, repr(weight))
     count = (sum(p.numel() for p in model.parameters()),
              sum(p.numel() for p in reference.module.parameters()))
