@@ -261,7 +261,9 @@ def touch_stage3_parameters_between_steps(ctx):
     summon_full_params() equals the same EMA of DDP's parameters, and training goes on
     equal to DDP. A read after the optimizer was dropped without close() says the values
     are gone (it named summon_full_params(), of an optimizer no longer there: helper-89).
-    Returns what was seen."""
+    A collective into a parameter (synced by hand) is refused too, before any rank joins
+    it; it corrupted the heap (Note [collectives into a released parameter]); inside
+    summon_full_params() it runs. Returns what was seen."""
     model = build_model(MLP, seed=ctx.rank)
     reference = DDP(build_model(MLP, seed=0), process_group=ctx.group)
     opt, ref_opt = _zero(model, 3, ctx.group, lr=0.05), torch.optim.SGD(reference.parameters(), lr=0.05)
@@ -282,6 +284,11 @@ def touch_stage3_parameters_between_steps(ctx):
         "regulariser": lambda: loss_fn(MLP, model, batch) + sum(p.pow(2).sum() for p in model.parameters()),
         "perturbed": lambda: torch.func.functional_call(
             model, {n: p + 0.01 for n, p in model.named_parameters()}, (batch[0],)),
+        # parameters synced by hand: c10d wrote the whole parameter into its placeholder
+        "broadcast": lambda: dist.broadcast(weight.data, 0, group=ctx.group),
+        "all_reduce": lambda: dist.all_reduce(weight, group=ctx.group),
+        "all_gather": lambda: dist.all_gather([torch.empty_like(weight) for _ in range(2)],
+                                              weight, group=ctx.group),
     }
     refusals = {what: _refusal(read) for what, read in reads.items()}
     in_step = _ranks_in_step(ctx)  # every rank refused alike, none left in a collective
@@ -295,6 +302,7 @@ def touch_stage3_parameters_between_steps(ctx):
     with opt.summon_full_params():
         for kept, p in zip(ema, model.parameters()):
             kept.lerp_(p, 0.5)
+        dist.broadcast(model.body[0].weight.data, 0, group=ctx.group)  # equal on every rank
     for kept, p in zip(ref_ema, reference.parameters()):
         kept.detach().lerp_(p.detach(), 0.5)
     ema_diff = max((a - b).abs().max().item() for a, b in zip(ema, ref_ema))

@@ -75,6 +75,9 @@ def test_stage3_parameters_between_steps_refuse_reads_and_writes_naming_summon(p
             assert "between forward passes" in refusal, (what, refusal)
             assert "'body.0.weight'" in refusal and "summon_full_params" in refusal, (what, refusal)
         assert "read into another tensor" in refusals["ema"], refusals["ema"]
+        for collective in ("broadcast", "all_reduce", "all_gather"):
+            assert f"was passed to torch.distributed.{collective}()" in refusals[collective], \
+                refusals[collective]
         assert in_step == 2
         shape, device, grad, zeros, requires_grad, text = looks
         assert all(shape) and device == "cpu" and grad is None and zeros == 0 and requires_grad

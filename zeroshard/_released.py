@@ -35,6 +35,15 @@ Note [released parameters]:
     unit is next gathered (``refuse_writes_while_released`` in _bucket.py), as before.
     A parameter class with a ``__torch_function__`` of its own keeps its class and its
     NaN.
+
+Note [collectives into a released parameter]:
+    ``dist.broadcast(p.data, 0)`` or ``dist.all_reduce(p)`` between passes (parameters
+    synced by hand) handed c10d the placeholder, one element long under the parameter's
+    shape, and gloo wrote every element of the shape there: the heap was corrupted
+    (``malloc_consolidate(): invalid chunk size``, or a hang; a helper's probe). torch's
+    collectives hand a tensor with a ``__torch_function__`` to it first (torch 2.13: all
+    17 of ``torch.distributed``'s), so one is refused here like a read, on every rank
+    (every rank calls it on the same released parameter) before any rank joins it.
 """
 from __future__ import annotations
 
@@ -110,6 +119,10 @@ def _guarded(func, args, kwargs):
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **(kwargs or {}))
     (first_tensor, first), ours = released[0], [t for t, _ in released]
+    if getattr(func, "__module__", None) == "torch.distributed.distributed_c10d":
+        raise RuntimeError(refusal(first, f"was passed to torch.distributed.{name}()",
+                                   "the collective would read or write all its elements where "
+                                   "it holds one, past the end of that memory"))
     if name in absent_values.SHOWN:  # a print or a log line: no values to show
         return (f"{first[0]} (zeroshard stage 3: released, a NaN placeholder; read it inside "
                 "`with opt.summon_full_params():`)")
