@@ -326,6 +326,61 @@ def touch_stage3_parameters_between_steps(ctx):
     return refusals, in_step, looks, count, ema_diff, diffs, writes, freed
 
 
+def calls_under_inference_mode(ctx, stage: int):
+    """zeroshard's calls made inside a user's ``torch.inference_mode()`` block (Note
+    [inference mode] in optimizer.py): ``zero_grad(set_to_none=False)`` (stages 2-3),
+    the loads (a state dict, full state dicts, a checkpoint) and the end of a
+    ``summon_full_params(full_precision=True)`` block under a bf16 policy failed with
+    torch's raw errors, at once or at the next step (helper-91's probes). Training goes
+    on equal to DDP doing the same outside inference mode. Returns (the differences,
+    whether the bf16 run stepped on after its block)."""
+    import shutil
+    import tempfile
+    model = build_model(MLP, seed=ctx.rank)
+    reference = DDP(build_model(MLP, seed=0), process_group=ctx.group)
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.AdamW, stage=stage, lr=0.05,
+                                  process_group=ctx.group, bucket_size_mb=1e-4,
+                                  **({"units": torch.nn.Linear} if stage == 3 else {}))
+    ref_opt = torch.optim.AdamW(reference.parameters(), lr=0.05)
+    both = ((model, opt), (reference, ref_opt))
+    for net, optimizer in both:
+        _steps(MLP, net, optimizer, 0, 1, ctx.rank)
+        with torch.inference_mode():
+            net(make_batch(MLP, seed=1, rank=ctx.rank, batch=4)[0])  # an evaluation
+        loss_fn(MLP, net, make_batch(MLP, seed=2, rank=ctx.rank, batch=4)).backward()
+    with torch.inference_mode():
+        opt.zero_grad(set_to_none=False)
+    ref_opt.zero_grad(set_to_none=False)
+    for net, optimizer in both:
+        optimizer.step()  # on zero gradients: AdamW's moments move it
+    saved, full = opt.state_dict(), opt.full_state_dict()
+    shared = [tempfile.mkdtemp() if ctx.rank == 0 else None]
+    dist.broadcast_object_list(shared, src=dist.get_global_rank(ctx.group, 0), group=ctx.group)
+    zeroshard.save_checkpoint(shared[0], model, opt)
+    with torch.inference_mode():  # each loads what the optimizer holds: no change
+        opt.load_state_dict(saved)
+        opt.load_full_state_dict(*(full if full is not None else (None, None)))
+        zeroshard.load_checkpoint(shared[0], model, opt)
+    for net, optimizer in both:
+        _steps(MLP, net, optimizer, 3, 2, ctx.rank)
+    differences = _differences(opt, model, reference)
+    opt.close()
+    dist.barrier(group=ctx.group)
+    if ctx.rank == 0:
+        shutil.rmtree(shared[0])
+    low = build_model(MLP, seed=0)
+    low_opt = _zero(low, stage, ctx.group, lr=0.05, mixed_precision=BF16)
+    _steps(MLP, low, low_opt, 0, 1, ctx.rank)
+    with torch.inference_mode(), low_opt.summon_full_params(full_precision=True):
+        teacher = [p.clone() for p in low.parameters()]  # an EMA teacher's copy
+    _steps(MLP, low, low_opt, 1, 1, ctx.rank)
+    with low_opt.summon_full_params():
+        stepped_on = all(p.isfinite().all().item() and not p.is_inference()
+                         for p in low.parameters()) and len(teacher) == len(list(low.parameters()))
+    low_opt.close()
+    return differences, stepped_on
+
+
 class _BlockWithItsOwnTerm(torch.nn.Module):
     """A block that adds its own loss term to ``terms``, inside its forward."""
 

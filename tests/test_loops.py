@@ -93,6 +93,13 @@ def test_stage3_parameters_between_steps_refuse_reads_and_writes_naming_summon(p
         assert "'body.0.weight'" in freed and "freed without close()" in freed, freed
 
 
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zeroshard_calls_inside_inference_mode_keep_training_equal_to_ddp(pool, stage):
+    for differences, stepped_on in pool.run(cases_loops.calls_under_inference_mode, 2, stage):
+        assert max(differences.values()) < 1e-6, differences
+        assert stepped_on
+
+
 @pytest.mark.parametrize("grad", [True, False])
 def test_parameters_read_outside_their_units_forward_are_refused_naming_the_unit(pool, grad):
     for refusal, diff, in_step in pool.run(cases_loops.parameters_read_outside_their_units_forward,

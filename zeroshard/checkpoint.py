@@ -147,6 +147,7 @@ def save_checkpoint(path, model, opt, extra=None) -> None:
     _share(opt, publish if view.rank == 0 else None)
 
 
+@torch.inference_mode(False)  # Note [inference mode] in optimizer.py
 def load_checkpoint(path, model, opt):
     """Load the checkpoint in folder ``path`` into ``model`` and ``opt``; return ``extra``.
 
