@@ -381,12 +381,26 @@ class FlatBucket:
             written = [index for index, param in enumerate(self.params)
                        if param._version != self._versions_at_release[index]
                        or param.untyped_storage().data_ptr() != home]
+            converted = [(self.param_names[index], self.params[index].dtype,
+                          self.params[index].device) for index in written
+                         if (self.params[index].dtype, self.params[index].device)
+                         != (self.placeholders.dtype, self.placeholders.device)]
         if not written:
             return
         for index in written:
             self._become_placeholder(index)
         self._versions_at_release = [param._version for param in self.params]
         names = ", ".join(repr(self.param_names[index]) for index in written)
+        if converted:  # model.double() after the optimizer was built (helper-91)
+            name, dtype, device = converted[0]
+            raise RuntimeError(
+                f"zeroshard stage 3: parameter {name!r} was converted to {dtype} on {device} "
+                f"after the ZeroOptimizer was built (model.to(dtype), model.double(), "
+                f".half(); it shards and steps {self.placeholders.dtype} on "
+                f"{self.placeholders.device}), so the conversion is lost. Build the model in "
+                "the dtype and on the device it trains in before the ZeroOptimizer (for "
+                "low-precision compute: mixed_precision=), or opt.close(), convert the "
+                "model and build a new ZeroOptimizer")
         raise RuntimeError(
             f"stage-3 parameter {names} was written while its unit was released (between "
             "forward passes it holds a NaN placeholder, Note [stage-3 placeholders] in "

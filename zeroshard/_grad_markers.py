@@ -138,7 +138,9 @@ def refusal(marker: GradientMarker, what: str) -> str:
             "zeroshard.integrations.hf.ZeroTrainer); for the gradients' norm (a log line, "
             "a step skipped on a non-finite gradient) use what opt.clip_grad_norm_ returns, "
             "on every rank (max_norm=float('inf') clips nothing); read or change gradients "
-            "through opt.param_groups (each rank's gradient shards)")
+            "through opt.param_groups (each rank's gradient shards: "
+            "torch.nn.utils.clip_grad_value_([p for g in opt.param_groups for p in "
+            "g['params']], v) clips by value)")
 
 
 class _BucketMarkers:

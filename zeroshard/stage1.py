@@ -104,8 +104,11 @@ class FullGradients:
                 "unreduced gradient and the step uses the reduced one in the optimizer's "
                 "shards. Clip with opt.clip_grad_norm_(max_norm) instead of "
                 "torch.nn.utils.clip_grad_norm_(model.parameters()) (Hugging Face Trainer: "
-                "use zeroshard.integrations.hf.ZeroTrainer); clear gradients with "
-                "opt.zero_grad() or model.zero_grad() after the step")
+                "use zeroshard.integrations.hf.ZeroTrainer); clip by value, or change "
+                "gradients otherwise, over the reduced ones in opt.param_groups "
+                "(torch.nn.utils.clip_grad_value_([p for g in opt.param_groups for p in "
+                "g['params']], v)); clear gradients with opt.zero_grad() or "
+                "model.zero_grad() after the step")
 
     def _grad_view(self, bucket: FlatBucket, index: int) -> torch.Tensor:
         return bucket.param_view(self.flat_grads[id(bucket)], index)
