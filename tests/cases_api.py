@@ -41,6 +41,12 @@ def _bad_arguments(which: str, model: nn.Module, group, meshes):
         params = list(model.parameters())
         return (model, torch.optim.SGD), {**kwargs, "param_groups": [
             {"params": params}, {"params": params[:1]}]}
+    if which in ("set_group", "set_params"):  # torch refuses a set: each rank orders it its own way
+        params = set(model.parameters())
+        return (model, torch.optim.SGD), {**kwargs, "param_groups": (
+            [{"params": params}] if which == "set_group" else params)}
+    if which == "differentiable":  # nothing differentiates through a step of shards
+        return (model, torch.optim.AdamW), {**kwargs, "differentiable": True}
     if which == "lbfgs":
         return (model, torch.optim.LBFGS), kwargs
     if which == "sparse_adam":
