@@ -328,41 +328,63 @@ def touch_stage3_parameters_between_steps(ctx):
 
 def calls_under_inference_mode(ctx, stage: int):
     """zeroshard's calls made inside a user's ``torch.inference_mode()`` block (Note
-    [inference mode] in optimizer.py): ``zero_grad(set_to_none=False)`` (stages 2-3),
-    the loads (a state dict, full state dicts, a checkpoint) and the end of a
-    ``summon_full_params(full_precision=True)`` block under a bf16 policy failed with
-    torch's raw errors, at once or at the next step (helper-91's probes). Training goes
-    on equal to DDP doing the same outside inference mode. Returns (the differences,
-    whether the bf16 run stepped on after its block)."""
+    [inference mode] in _inference_mode.py), each followed by a training step outside it:
+    the construction, the first step (AdamW's state made there), ``zero_grad(set_to_none=
+    False)`` (stages 2-3), each load on its own (a state dict, full state dicts, a
+    checkpoint), the end of a ``summon_full_params(full_precision=True)`` block and
+    ``close()`` under a bf16 policy. Each but the state dict's load failed with torch's
+    raw errors, at once or at the next step (helpers 91 and 92). Training goes on equal
+    to DDP doing the same outside inference mode. Returns (the differences, whether the
+    bf16 model trained on as a plain module after its close)."""
     import shutil
     import tempfile
     model = build_model(MLP, seed=ctx.rank)
     reference = DDP(build_model(MLP, seed=0), process_group=ctx.group)
-    opt = zeroshard.ZeroOptimizer(model, torch.optim.AdamW, stage=stage, lr=0.05,
-                                  process_group=ctx.group, bucket_size_mb=1e-4,
-                                  **({"units": torch.nn.Linear} if stage == 3 else {}))
+    with torch.inference_mode():
+        opt = zeroshard.ZeroOptimizer(model, torch.optim.AdamW, stage=stage, lr=0.05,
+                                      process_group=ctx.group, bucket_size_mb=1e-4,
+                                      **({"units": torch.nn.Linear} if stage == 3 else {}))
     ref_opt = torch.optim.AdamW(reference.parameters(), lr=0.05)
     both = ((model, opt), (reference, ref_opt))
+
+    def backward(step: int) -> None:
+        for net, _ in both:
+            loss_fn(MLP, net, make_batch(MLP, seed=step, rank=ctx.rank, batch=4)).backward()
+
+    def train_one(step: int) -> None:
+        for net, optimizer in both:
+            _steps(MLP, net, optimizer, step, 1, ctx.rank)
+
+    backward(0)
+    with torch.inference_mode():
+        opt.step()
+    ref_opt.step()
     for net, optimizer in both:
-        _steps(MLP, net, optimizer, 0, 1, ctx.rank)
+        optimizer.zero_grad()
         with torch.inference_mode():
             net(make_batch(MLP, seed=1, rank=ctx.rank, batch=4)[0])  # an evaluation
-        loss_fn(MLP, net, make_batch(MLP, seed=2, rank=ctx.rank, batch=4)).backward()
+    backward(2)
     with torch.inference_mode():
         opt.zero_grad(set_to_none=False)
     ref_opt.zero_grad(set_to_none=False)
     for net, optimizer in both:
         optimizer.step()  # on zero gradients: AdamW's moments move it
-    saved, full = opt.state_dict(), opt.full_state_dict()
+    saved, ref_saved = copy.deepcopy(opt.state_dict()), copy.deepcopy(ref_opt.state_dict())
+    train_one(3)
+    with torch.inference_mode():  # back to the state before step 3's, on both sides
+        opt.load_state_dict(saved)
+    ref_opt.load_state_dict(ref_saved)
+    train_one(4)
+    full = opt.full_state_dict()
+    with torch.inference_mode():  # each load below gives the optimizer what it holds
+        opt.load_full_state_dict(*(full if full is not None else (None, None)))
+    train_one(5)
     shared = [tempfile.mkdtemp() if ctx.rank == 0 else None]
     dist.broadcast_object_list(shared, src=dist.get_global_rank(ctx.group, 0), group=ctx.group)
     zeroshard.save_checkpoint(shared[0], model, opt)
-    with torch.inference_mode():  # each loads what the optimizer holds: no change
-        opt.load_state_dict(saved)
-        opt.load_full_state_dict(*(full if full is not None else (None, None)))
+    with torch.inference_mode():
         zeroshard.load_checkpoint(shared[0], model, opt)
-    for net, optimizer in both:
-        _steps(MLP, net, optimizer, 3, 2, ctx.rank)
+    train_one(6)
     differences = _differences(opt, model, reference)
     opt.close()
     dist.barrier(group=ctx.group)
@@ -374,11 +396,12 @@ def calls_under_inference_mode(ctx, stage: int):
     with torch.inference_mode(), low_opt.summon_full_params(full_precision=True):
         teacher = [p.clone() for p in low.parameters()]  # an EMA teacher's copy
     _steps(MLP, low, low_opt, 1, 1, ctx.rank)
-    with low_opt.summon_full_params():
-        stepped_on = all(p.isfinite().all().item() and not p.is_inference()
-                         for p in low.parameters()) and len(teacher) == len(list(low.parameters()))
-    low_opt.close()
-    return differences, stepped_on
+    with torch.inference_mode():
+        low_opt.close()
+    loss_fn(MLP, low, make_batch(MLP, seed=2, rank=ctx.rank, batch=4)).backward()  # a plain module
+    trained_on = (all(p.grad is not None and p.grad.isfinite().all().item() for p in low.parameters())
+                  and len(teacher) == len(list(low.parameters())))
+    return differences, trained_on
 
 
 class _BlockWithItsOwnTerm(torch.nn.Module):

@@ -95,9 +95,9 @@ def test_stage3_parameters_between_steps_refuse_reads_and_writes_naming_summon(p
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zeroshard_calls_inside_inference_mode_keep_training_equal_to_ddp(pool, stage):
-    for differences, stepped_on in pool.run(cases_loops.calls_under_inference_mode, 2, stage):
+    for differences, trained_on in pool.run(cases_loops.calls_under_inference_mode, 2, stage):
         assert max(differences.values()) < 1e-6, differences
-        assert stepped_on
+        assert trained_on
 
 
 @pytest.mark.parametrize("grad", [True, False])

@@ -538,7 +538,8 @@ def _gradient_accumulator(param: nn.Parameter):
         node too. The engine creates that node on demand and keeps it only as long as
         something refers to it, so the reducer keeps it (else the hook would go with
         the first graph that used it). Inside ``torch.inference_mode()`` (the end of a
-        ``summon_full_params()`` block entered there) no node is made: left for it."""
+        ``summon_full_params()`` block entered there) no node is made: left for it (Note
+        [inference mode] in _inference_mode.py)."""
     with torch.inference_mode(False), torch.enable_grad():
         return param.view_as(param).grad_fn.next_functions[0][0]
 

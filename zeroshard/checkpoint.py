@@ -69,6 +69,7 @@ import torch
 from . import _comm
 from ._bucket import from_memory_order, to_memory_order
 from ._full_state import buffer_aliases
+from ._inference_mode import outside_inference_mode
 from ._inner import qualname as _qualname
 from ._sharded_state import (check_one_scalar_per_bucket, load_from, memory_orders,
                              optimizer_layouts, owned_pieces, parameter_names)
@@ -147,7 +148,7 @@ def save_checkpoint(path, model, opt, extra=None) -> None:
     _share(opt, publish if view.rank == 0 else None)
 
 
-@torch.inference_mode(False)  # Note [inference mode] in optimizer.py
+@outside_inference_mode  # Note [inference mode] in _inference_mode.py
 def load_checkpoint(path, model, opt):
     """Load the checkpoint in folder ``path`` into ``model`` and ``opt``; return ``extra``.
 

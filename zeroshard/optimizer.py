@@ -17,6 +17,7 @@ from ._buffers import BufferFollower
 from ._cleared import HeldStill
 from ._ddp_guard import DDPGuard
 from ._hooks import EagerOnlyHook, WeakHook
+from ._inference_mode import outside_inference_mode
 from ._inner import InnerOptimizers, SettingsBothWays, class_of, hyperparameters, step_cost
 from ._masters import masters_for
 from ._masters_shown import MastersShown
@@ -120,13 +121,6 @@ class ZeroOptimizer(torch.optim.Optimizer):
     it had one before and ``zero_grad(set_to_none=False)`` left it a zero shard, as
     torch steps a zeroed gradient.
 
-    Note [inference mode]: the calls that make tensors this optimizer keeps (its
-    construction, ``step``, ``zero_grad`` and the loads) make them outside
-    ``torch.inference_mode()``, which a user's evaluation block may have entered: made
-    inside, they were inference tensors, which the next training step may not change
-    (``zero_grad(set_to_none=False)`` at stages 2-3 failed at once, a loaded state at
-    the next ``step()``, with torch's raw errors; a helper's probes).
-
     ``close()`` (or leaving ``with ZeroOptimizer(...) as opt:``) hands the model back
     as an ordinary module holding its full current parameters, in the dtypes it had
     before; until then a second ZeroOptimizer over the same model is refused. A
@@ -134,7 +128,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
     hook holds this optimizer alive, so it is freed with its last reference.
     """
 
-    @torch.inference_mode(False)  # Note [inference mode]
+    @outside_inference_mode  # Note [inference mode] in _inference_mode.py
     def __init__(self, model: nn.Module, optimizer_class: type[torch.optim.Optimizer], stage: int = 1,
                  param_groups=None, process_group=None, mesh=None, units=None, reshard_after_forward: bool = True,
                  mixed_precision: MixedPrecision | None = None, broadcast_buffers: bool = True,
@@ -270,6 +264,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             _comm.drop_pending()  # Note [collectives on a mesh]: never launched late
             self._detach()
 
+    @outside_inference_mode
     @torch.no_grad()
     def close(self) -> None:
         """Hand the model back as an ordinary module and free this optimizer's buffers.
@@ -450,7 +445,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._live.scale_local_gradients(clip_coef)
         return total
 
-    @torch.inference_mode(False)
+    @outside_inference_mode
     @torch.no_grad()
     def step(self, closure=None):
         """Step the inner optimizer on this rank's shards, then all-gather the parameters."""
@@ -558,7 +553,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             self._masters.to_shard(bucket)
         self._live.follow_shards()
 
-    @torch.inference_mode(False)
+    @outside_inference_mode
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the reduced gradient shards and the parameters' local gradients.
 
@@ -628,7 +623,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 state_dict = changed
         return state_dict
 
-    @torch.inference_mode(False)
+    @outside_inference_mode
     def load_state_dict(self, state_dict: dict) -> None:
         """Load this rank's ``state_dict()``; collective, call it on every rank. A rank
         that refuses its state dict makes every rank raise (one 4-byte all-reduce), so no
@@ -731,7 +726,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._live.refuse_abandoned_backward("opt.full_state_dict()")
         return _full_state.gather_full_state(self)
 
-    @torch.inference_mode(False)
+    @outside_inference_mode
     def load_full_state_dict(self, model_state_dict: dict | str | os.PathLike | None,
                              optimizer_state_dict: dict | None = None) -> None:
         """The reverse of ``full_state_dict``, on any world size and stage; collective.
