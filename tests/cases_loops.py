@@ -317,6 +317,14 @@ def touch_stage3_parameters_between_steps(ctx):
               for write in (lambda p: torch.nn.init.normal_(p), lambda p: p.zero_(),
                             lambda p: p.data.clamp_(-0.01, 0.01),
                             lambda p: setattr(p, "data", torch.ones_like(p)))]
+
+    def collective_in_backward():  # a backward hook, while the other units are released
+        loss = loss_fn(MLP, model, make_batch(MLP, seed=11, rank=ctx.rank, batch=4))
+        loss.register_hook(lambda grad: dist.broadcast(model.body[2].weight, 0, group=ctx.group))
+        loss.backward()
+
+    writes.append(_refusal(collective_in_backward))
+    opt.zero_grad()
     # a refused write does not poison later passes
     loss_fn(MLP, model, make_batch(MLP, seed=10, rank=ctx.rank, batch=4)).backward()
     opt.zero_grad()

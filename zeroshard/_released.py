@@ -37,13 +37,19 @@ Note [released parameters]:
     NaN.
 
 Note [collectives into a released parameter]:
-    ``dist.broadcast(p.data, 0)`` or ``dist.all_reduce(p)`` between passes (parameters
-    synced by hand) handed c10d the placeholder, one element long under the parameter's
-    shape, and gloo wrote every element of the shape there: the heap was corrupted
-    (``malloc_consolidate(): invalid chunk size``, or a hang; a helper's probe). torch's
-    collectives hand a tensor with a ``__torch_function__`` to it first (torch 2.13: all
-    17 of ``torch.distributed``'s), so one is refused here like a read, on every rank
-    (every rank calls it on the same released parameter) before any rank joins it.
+    ``dist.broadcast(p.data, 0)`` or ``dist.all_reduce(p)`` (parameters synced by hand)
+    handed c10d the placeholder, one element long under the parameter's shape, and gloo
+    wrote every element of the shape there: the heap was corrupted (``malloc_consolidate():
+    invalid chunk size``, or a hang; a helper's probe). torch 2.13's collectives hand
+    their first tensor argument to its ``__torch_function__`` first, so a released
+    parameter or a view of its placeholder given as that tensor is refused here, whatever
+    the phase (a backward hook runs while other units are released), on every rank that
+    passes one before it joins: the in-place ones (``broadcast``, ``all_reduce``,
+    ``reduce``), the inputs of the gathers and scatters, ``send`` and ``recv`` (only the
+    rank passing one refuses; its peer waits to the timeout). Not seen: a released
+    parameter in a list argument or as a later output (``scatter``'s list,
+    ``all_to_all_single``'s output: a helper's probe crashed there, as before); inside
+    ``summon_full_params()`` each parameter is whole and goes through.
 """
 from __future__ import annotations
 
@@ -114,15 +120,13 @@ def _guarded(func, args, kwargs):
             func.__self__, "__name__", "data") not in _VIEWING_ATTRIBUTES):
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **(kwargs or {}))
+    if getattr(func, "__module__", None) == "torch.distributed.distributed_c10d":
+        _refuse_a_collective_into_a_placeholder(name, args, kwargs)
     released = [(t, r) for t in tree_flatten((args, kwargs))[0] if (r := _refused_now(t)) is not None]
     if not released:
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **(kwargs or {}))
     (first_tensor, first), ours = released[0], [t for t, _ in released]
-    if getattr(func, "__module__", None) == "torch.distributed.distributed_c10d":
-        raise RuntimeError(refusal(first, f"was passed to torch.distributed.{name}()",
-                                   "the collective would read or write all its elements where "
-                                   "it holds one, past the end of that memory"))
     if name in absent_values.SHOWN:  # a print or a log line: no values to show
         return (f"{first[0]} (zeroshard stage 3: released, a NaN placeholder; read it inside "
                 "`with opt.summon_full_params():`)")
@@ -142,6 +146,36 @@ def _guarded(func, args, kwargs):
     released_as = first_tensor.released_as if isinstance(first_tensor, ReleasedView) else \
         first_tensor.__dict__[_ATTRIBUTE]
     return tree_map(lambda t: _view_of(released_as, t) if id(t) in views else t, result)
+
+
+_NAMED_BEFORE = {"all_gather_single": "all_gather_into_tensor",  # torch 2.13's new names
+                 "reduce_scatter_single": "reduce_scatter_tensor"}
+
+
+def _refuse_a_collective_into_a_placeholder(name: str, args, kwargs) -> None:
+    """Note [collectives into a released parameter]: phase aside, a tensor holding a
+    placeholder may not reach c10d."""
+    for tensor in tree_flatten((args, kwargs))[0]:
+        if isinstance(tensor, ReleasedView):
+            released_as = tensor.released_as
+        elif isinstance(tensor, ReleasedParameter):
+            released_as = tensor.__dict__.get(_ATTRIBUTE, (None, None, None))
+        else:
+            continue
+        parameter, _, switches = released_as
+        if parameter is None:
+            continue
+        collective = name + (f"() ({_NAMED_BEFORE[name]}" if name in _NAMED_BEFORE else "(")
+        raise RuntimeError(
+            f"zeroshard stage 3: parameter {parameter!r} was passed to "
+            f"torch.distributed.{collective}) while its unit is released: it holds a NaN "
+            "placeholder one element long, where the collective would read or write all its "
+            "elements, past the end of that memory (Note [collectives into a released "
+            "parameter] in zeroshard/_released.py). "
+            + ("Its ZeroOptimizer was freed without close(), so its values are gone"
+               if switches.freed else
+               "Pass parameters to collectives inside `with opt.summon_full_params():`, on "
+               "every rank, where each is whole"))
 
 
 def _view_of(released_as: tuple, view: torch.Tensor) -> ReleasedView:
