@@ -392,8 +392,19 @@ class FlatBucket:
         self._versions_at_release = [param._version for param in self.params]
         names = ", ".join(repr(self.param_names[index]) for index in written)
         if converted:  # model.double() after the optimizer was built (helper-91)
-            name, dtype, device = converted[0]
+            stepped = self.master.dtype if self.master is not None else self.placeholders.dtype
             raise RuntimeError(
+                f"zeroshard stage 3: parameter{'s' if len(converted) > 1 else ''} " + ", ".join(
+                    f"{name!r} (to {dtype} on {device})" for name, dtype, device in converted)
+                + f" {'were' if len(converted) > 1 else 'was'} converted after the "
+                "ZeroOptimizer was built (model.to(dtype), "
+                f"model.double(), .half()), so the conversion is lost: the optimizer holds "
+                f"them as {self.placeholders.dtype} on {self.placeholders.device} and steps "
+                f"{stepped}. Build the model in the dtype and on the device it trains in "
+                "before the ZeroOptimizer (to compute in low precision: mixed_precision=; to "
+                "see the full-precision values: summon_full_params(full_precision=True)), "
+                "or opt.close(), convert the model and build a new ZeroOptimizer")
+        raise RuntimeError(
                 f"zeroshard stage 3: parameter {name!r} was converted to {dtype} on {device} "
                 f"after the ZeroOptimizer was built (model.to(dtype), model.double(), "
                 f".half(); it shards and steps {self.placeholders.dtype} on "
