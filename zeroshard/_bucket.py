@@ -405,14 +405,6 @@ class FlatBucket:
                 "see the full-precision values: summon_full_params(full_precision=True)), "
                 "or opt.close(), convert the model and build a new ZeroOptimizer")
         raise RuntimeError(
-                f"zeroshard stage 3: parameter {name!r} was converted to {dtype} on {device} "
-                f"after the ZeroOptimizer was built (model.to(dtype), model.double(), "
-                f".half(); it shards and steps {self.placeholders.dtype} on "
-                f"{self.placeholders.device}), so the conversion is lost. Build the model in "
-                "the dtype and on the device it trains in before the ZeroOptimizer (for "
-                "low-precision compute: mixed_precision=), or opt.close(), convert the "
-                "model and build a new ZeroOptimizer")
-        raise RuntimeError(
             f"stage-3 parameter {names} was written while its unit was released (between "
             "forward passes it holds a NaN placeholder, Note [stage-3 placeholders] in "
             "zeroshard/_bucket.py), so the write is lost; write parameters inside "
