@@ -609,3 +609,57 @@ def non_persistent_buffers(ctx, folder: str, length_on_load: int):
     same = all(torch.equal(b, e) for b, e in zip(model.buffers(), expected.buffers()))
     opt.close()
     return error, same
+
+
+def _qat_model():
+    import torch.ao.quantization as quantization
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)).train()
+    model.qconfig = quantization.get_default_qat_qconfig("x86")
+    return quantization.prepare_qat(model)
+
+
+def a_qat_models_resume(ctx, folder: str, stage: int):
+    """A QAT model's fake-quant scale is shaped (1,) and its observers' min/max (0,) until
+    its first forward sizes them per channel, and torch's load_state_dict resizes them: a
+    fresh model's resume was refused with advice to load into the model the checkpoint
+    came from, which it was (helper-95). The refusal names the first forward as the fix,
+    and after one the checkpoint and the full state dicts load. Returns (the checkpoint's
+    refusal, the full state dicts', the largest difference of the resumed model's
+    parameters from the saved ones: rank 0's, else None)."""
+    def zero(model):
+        return zeroshard.ZeroOptimizer(model, torch.optim.AdamW, stage=stage, lr=1e-2,
+                                       process_group=ctx.group)
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(ctx.rank))
+    model = _qat_model()
+    opt = zero(model)
+    model(x).square().mean().backward()
+    opt.step()
+    zeroshard.save_checkpoint(folder, model, opt)
+    full = opt.full_state_dict()
+    opt.close()
+
+    def refusal(load) -> str:
+        fresh = _qat_model()
+        fresh_opt = zero(fresh)
+        try:
+            load(fresh, fresh_opt)
+        except (ValueError, RuntimeError) as error:  # the other ranks': another rank failed
+            return str(error)
+        finally:
+            fresh_opt.close()
+        return "no error"
+    from_checkpoint = refusal(lambda m, o: zeroshard.load_checkpoint(folder, m, o))
+    from_full = refusal(lambda m, o: o.load_full_state_dict(*(full or (None, None))))
+    sized = _qat_model()
+    with torch.no_grad():
+        sized(x)  # the fix the refusals name
+    sized_opt = zero(sized)
+    zeroshard.load_checkpoint(folder, sized, sized_opt)
+    sized_opt.load_full_state_dict(*(full or (None, None)))
+    resumed = sized_opt.full_state_dict()
+    sized_opt.close()
+    difference = None if full is None else max(
+        (resumed[0][name].float() - value.float()).abs().max().item()
+        for name, value in full[0].items() if value.is_floating_point())
+    return from_checkpoint, from_full, difference

@@ -412,3 +412,17 @@ def test_a_python_object_in_the_optimizer_state_is_refused_at_save_unless_allowe
                 result["refusal"], result
             assert "LATEST" not in result["files"], result
 
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_a_qat_models_resume_names_its_first_forward_and_loads_after_it(pool, tmp_path, stage):
+    fix = "run one forward under torch.no_grad() before building the ZeroOptimizer"
+    outcomes = pool.run(cases_ckpt.a_qat_models_resume, 2, str(tmp_path / "ckpt"), stage)
+    for from_checkpoint, from_full, difference in outcomes:
+        assert "fake_quant" in from_checkpoint or "observer" in from_checkpoint, from_checkpoint
+        assert fix in from_checkpoint, from_checkpoint
+        assert from_full != "no error"  # refused on every rank
+        assert difference is None or difference == 0.0, difference
+    # the full state dicts are rank 0's: it names the buffer and the fix
+    assert fix in outcomes[0][1] and "model_state_dict[" in outcomes[0][1], outcomes[0][1]
+    assert outcomes[0][2] == 0.0

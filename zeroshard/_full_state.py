@@ -9,6 +9,7 @@ those indices.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -360,6 +361,15 @@ def _stored_names(model, model_sd) -> dict[str, str]:
             for name, param in model.named_parameters()}
 
 
+# A buffer of one element or none that a saved one does not fit: its module may size it in
+# its first forward, as torch's own load_state_dict then resizes it (helper-95: a QAT
+# model's resume was refused with advice to load into the model it came from).
+SIZED_IN_FORWARD = (". If its module sizes it in its first forward (torch.ao.quantization's "
+                    "fake-quant scale and zero_point, observers' min_val and max_val, shaped "
+                    "(1,) or (0,) until then), run one forward under torch.no_grad() before "
+                    "building the ZeroOptimizer, then load")
+
+
 def check_full_state(opt, model_sd: dict, optim_sd: dict | None) -> None:
     """Raise, naming the difference, if the two dicts do not fit this model and optimizer."""
     if not isinstance(model_sd, Mapping) or not (optim_sd is None or isinstance(optim_sd, dict)):
@@ -385,7 +395,8 @@ def check_full_state(opt, model_sd: dict, optim_sd: dict | None) -> None:
     for name, shape in expected.items():
         if name in model_sd and shape_of(name) != shape:
             raise ValueError(f"model_state_dict[{name!r}] has shape {shape_of(name)}, "
-                             f"this model's has {shape}")
+                             f"this model's has {shape}" + (
+                                 SIZED_IN_FORWARD if name in buffers and math.prod(shape) <= 1 else ""))
     _refuse_tied_names_that_differ(model_sd, aliases)
     if optim_sd is None:
         return

@@ -68,7 +68,7 @@ import torch
 
 from . import _comm
 from ._bucket import from_memory_order, to_memory_order
-from ._full_state import buffer_aliases
+from ._full_state import SIZED_IN_FORWARD, buffer_aliases
 from ._inference_mode import outside_inference_mode
 from ._inner import qualname as _qualname
 from ._sharded_state import (check_one_scalar_per_bucket, load_from, memory_orders,
@@ -407,7 +407,8 @@ def _check_buffers(saved: dict, folder: Path, model) -> None:
         if key is not None and saved[key].shape != buffer.shape:
             raise ValueError(f"checkpoint {folder} holds buffer {key!r} of shape "
                              f"{tuple(saved[key].shape)}; the model's is {tuple(buffer.shape)}. "
-                             "Load it into the model it was saved from")
+                             "Load it into the model it was saved from" + (
+                                 SIZED_IN_FORWARD if buffer.numel() <= 1 else ""))
 
 
 def _persistent_buffers(model) -> dict[str, torch.Tensor]:
