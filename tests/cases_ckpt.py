@@ -626,7 +626,7 @@ def a_qat_models_resume(ctx, folder: str, stage: int):
     came from, which it was (helper-95). The refusal names the first forward as the fix,
     and after one the checkpoint and the full state dicts load. Returns (the checkpoint's
     refusal, the full state dicts', the largest difference of the resumed model's
-    parameters from the saved ones: rank 0's, else None)."""
+    parameters and buffers from the saved ones: rank 0's, else None)."""
     def zero(model):
         return zeroshard.ZeroOptimizer(model, torch.optim.AdamW, stage=stage, lr=1e-2,
                                        process_group=ctx.group)
