@@ -84,26 +84,37 @@ class ReleasedView(torch.Tensor):
         return _guarded(func, args, kwargs)
 
 
+def _released_as(tensor) -> tuple | None:
+    """(the parameter's name, its unit's, the stage's switches) of a released parameter or
+    a view of its placeholder; None for any other tensor."""
+    if isinstance(tensor, ReleasedView):
+        return tensor.released_as
+    if isinstance(tensor, ReleasedParameter):
+        return tensor.__dict__.get(_ATTRIBUTE)
+    return None
+
+
 def _refused_now(tensor) -> tuple[str, str | None, bool] | None:
     """(the name, the unit whose forward it was read outside (inside a forward), whether its
     optimizer was freed) of a released parameter or a view of one whose values cannot be
     read now; None if they can."""
+    released_as = _released_as(tensor)
+    if released_as is None:
+        return None
+    name, unit, switches = released_as
     if isinstance(tensor, ReleasedView):  # the placeholder's, whenever it is read
-        name, unit, switches = tensor.released_as
         inside_a_forward = switches.phase in (Phase.FORWARD, Phase.FORWARD_NO_GRAD)
         return name, unit if inside_a_forward else None, switches.freed
-    if isinstance(tensor, ReleasedParameter):
-        name, unit, switches = tensor.__dict__.get(_ATTRIBUTE, (None, None, None))
-        if name is not None and switches.freed:
-            return name, None, True
-        # a hook running in backward reads it before the stage's phase says so (a root
-        # module's backward hook, as backward begins): backward's own rules apply there
-        if name is None or switches.summoned or torch._C._current_graph_task_id() != -1:
-            return None
-        if switches.phase is Phase.IDLE:
-            return name, None, False
-        if switches.phase in (Phase.FORWARD, Phase.FORWARD_NO_GRAD):
-            return name, unit, False
+    if name is not None and switches.freed:  # a released parameter from here on
+        return name, None, True
+    # a hook running in backward reads it before the stage's phase says so (a root
+    # module's backward hook, as backward begins): backward's own rules apply there
+    if name is None or switches.summoned or torch._C._current_graph_task_id() != -1:
+        return None
+    if switches.phase is Phase.IDLE:
+        return name, None, False
+    if switches.phase in (Phase.FORWARD, Phase.FORWARD_NO_GRAD):
+        return name, unit, False
     return None
 
 
@@ -143,8 +154,7 @@ def _guarded(func, args, kwargs):
         raise RuntimeError(refusal(first, f"was read ({name})", "it would compute with the NaN"))
     if not views:
         return result
-    released_as = first_tensor.released_as if isinstance(first_tensor, ReleasedView) else \
-        first_tensor.__dict__[_ATTRIBUTE]
+    released_as = _released_as(first_tensor)
     return tree_map(lambda t: _view_of(released_as, t) if id(t) in views else t, result)
 
 
@@ -156,15 +166,10 @@ def _refuse_a_collective_into_a_placeholder(name: str, args, kwargs) -> None:
     """Note [collectives into a released parameter]: phase aside, a tensor holding a
     placeholder may not reach c10d."""
     for tensor in tree_flatten((args, kwargs))[0]:
-        if isinstance(tensor, ReleasedView):
-            released_as = tensor.released_as
-        elif isinstance(tensor, ReleasedParameter):
-            released_as = tensor.__dict__.get(_ATTRIBUTE, (None, None, None))
-        else:
+        released_as = _released_as(tensor)
+        if released_as is None or released_as[0] is None:
             continue
         parameter, _, switches = released_as
-        if parameter is None:
-            continue
         collective = name + (f"() ({_NAMED_BEFORE[name]}" if name in _NAMED_BEFORE else "(")
         raise RuntimeError(
             f"zeroshard stage 3: parameter {parameter!r} was passed to "
