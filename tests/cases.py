@@ -312,12 +312,9 @@ def train_side_by_side(ctx, case) -> SideBySideRun:
                                 if id(b) in trainable_ids) if case["stage"] == 3 else 0
     out.n_buckets = len(zopt.sharding.buckets)
     # stage 3 all-reduces 5 numbers per unit once (the recorded orders), and after each
-    # synced backward a flag per unit other than the root that has gradients ("ran"), per
-    # bucket with gradients ("late"), and the step count and its negation
+    # synced backward the flags of agreement_flags_per_backward
     out.n_units = len(zopt.sharding.units) if case["stage"] == 3 else 0
-    out.flags_per_backward = sum(
-        any(p.requires_grad for b in u.buckets for p in b.params) for u in zopt.sharding.units[1:]) + sum(
-        b.params[0].requires_grad for u in zopt.sharding.units for b in u.buckets) + 2 if case["stage"] == 3 else 0
+    out.flags_per_backward = agreement_flags_per_backward(zopt, case)
     out.n_all_buckets = len(zopt.sharding.stage.buckets) if case["stage"] != 3 else sum(
         len(u.buckets) for u in zopt.sharding.units)
     out.buffer_bytes = sum(b.numel() * b.element_size() for b in zero_model.buffers())
@@ -376,6 +373,22 @@ def first_step_that_differs_across_ranks(ctx, how: str):
             opt.step()
             opt.zero_grad()
     return error, True
+
+
+def agreement_flags_per_backward(zopt, case: dict) -> int:
+    """The 4-byte flags stage 3 all-reduces after each synced backward: one per unit
+    other than the root that has gradients ("ran", Note [ran on no rank]), one per bucket
+    with gradients ("late"), with resharding one per unit other than the root with only
+    frozen parameters ("backward may read it", Note [frozen units backward never
+    reads]), and the step count and its negation; none at stages 1-2."""
+    if case["stage"] != 3:
+        return 0
+    units = zopt.sharding.units
+    trains = [any(p.requires_grad for b in u.buckets for p in b.params) for u in units]
+    frozen = [bool(u.buckets) and not t for u, t in zip(units, trains)]
+    resharding = case.get("reshard_after_forward", True)
+    return (sum(trains[1:]) + sum(b.params[0].requires_grad for u in units for b in u.buckets)
+            + resharding * sum(frozen[1:]) + 2)
 
 
 def average_by_hand(reference: nn.Module, ctx) -> None:

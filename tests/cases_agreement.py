@@ -14,9 +14,10 @@ def _where(ctx):
                 stats=_comm.CommStats(), label="test")
 
 
-def ran_and_late(ctx, ran_per_rank, late_per_rank, steps_per_rank):
+def ran_and_late(ctx, ran_per_rank, late_per_rank, read_per_rank, steps_per_rank):
     return _agreement.ran_and_late(ran_per_rank[ctx.rank], late_per_rank[ctx.rank],
-                                   steps_per_rank[ctx.rank], **_where(ctx))
+                                   read_per_rank[ctx.rank], steps_per_rank[ctx.rank],
+                                   **_where(ctx))
 
 
 def recorded_orders(ctx, notes_per_rank):

@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import zeroshard
-from cases import OPTIMIZERS, UNITS, flat_params, step_comm
+from cases import OPTIMIZERS, UNITS, agreement_flags_per_backward, flat_params, step_comm
 from models import build_model, loss_fn, make_batch
 from rss import rss_kib
 
@@ -182,12 +182,9 @@ def train_mixed_precision(ctx, case):
     out["n_params"] = sum(p.requires_grad for p in zero_model.parameters())
     out["n_all_params"] = len(list(zero_model.parameters()))
     # stage 3 all-reduces 5 numbers per unit once (the recorded orders), and after each
-    # synced backward a flag per unit other than the root that has gradients ("ran"), per
-    # bucket with gradients ("late"), and the step count and its negation
+    # synced backward the flags of agreement_flags_per_backward
     out["n_units"] = len(zopt.sharding.units) if case["stage"] == 3 else 0
-    out["flags_per_backward"] = sum(
-        any(p.requires_grad for b in u.buckets for p in b.params) for u in zopt.sharding.units[1:]) + sum(
-        b.params[0].requires_grad for u in zopt.sharding.units for b in u.buckets) + 2 if case["stage"] == 3 else 0
+    out["flags_per_backward"] = agreement_flags_per_backward(zopt, case)
     out["n_all_buckets"] = len(zopt.sharding.stage.buckets) if case["stage"] != 3 else sum(
         len(u.buckets) for u in zopt.sharding.units)
     out["param_dtypes"] = sorted({str(p.dtype) for p in zero_model.parameters()})

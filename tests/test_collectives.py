@@ -71,11 +71,14 @@ world_sizes = st.integers(1, 4)
 
 @settings(max_examples=25)
 @given(world_sizes.flatmap(lambda n: st.tuples(
-    st.just(n), st.integers(0, 5), st.integers(0, 5))).flatmap(lambda nuk: st.tuples(
+    st.just(n), st.integers(0, 5), st.integers(0, 5), st.integers(0, 4))).flatmap(
+        lambda nuk: st.tuples(
         st.just(nuk[0]),
         st.lists(st.lists(st.booleans(), min_size=nuk[1], max_size=nuk[1]),
                  min_size=nuk[0], max_size=nuk[0]),
         st.lists(st.lists(st.booleans(), min_size=nuk[2], max_size=nuk[2]),
+                 min_size=nuk[0], max_size=nuk[0]),
+        st.lists(st.lists(st.booleans(), min_size=nuk[3], max_size=nuk[3]),
                  min_size=nuk[0], max_size=nuk[0]),
         # steps per rank: mostly alike; far apart; 2**20 apart (equal modulo what is sent)
         st.one_of(st.integers(0, 3 * 2**24).map(lambda k: [k] * nuk[0]),
@@ -85,11 +88,12 @@ def test_ran_and_late_is_set_on_every_rank_where_any_rank_set_it(pool, drawn):
     """...and every rank learns whether they all took as many steps (Note [steps on some
     ranks only]), exactly, at any count (counts are sent modulo 2**20: a difference of
     a multiple of it goes unseen, the drawn counts aside)."""
-    n, ran, late, steps = drawn
+    n, ran, late, read, steps = drawn
     steps_agree = len({k % 2**20 for k in steps}) == 1
     expected = ([any(r[i] for r in ran) for i in range(len(ran[0]))],
-                [any(r[i] for r in late) for i in range(len(late[0]))], steps_agree)
-    assert pool.run(cases_agreement.ran_and_late, n, ran, late, steps) == [expected] * n
+                [any(r[i] for r in late) for i in range(len(late[0]))],
+                [any(r[i] for r in read) for i in range(len(read[0]))], steps_agree)
+    assert pool.run(cases_agreement.ran_and_late, n, ran, late, read, steps) == [expected] * n
 
 
 @st.composite

@@ -20,21 +20,27 @@ import torch.distributed as dist
 from . import _comm
 
 
-def ran_and_late(got_gradient: list[bool], late: list[bool], steps: int, *, device, group,
-                 stats: _comm.CommStats, label: str) -> tuple[list[bool], list[bool], bool]:
+def ran_and_late(got_gradient: list[bool], late: list[bool], backward_read: list[bool],
+                 steps: int, *, device, group, stats: _comm.CommStats, label: str
+                 ) -> tuple[list[bool], list[bool], list[bool], bool]:
     """Note [ran on no rank] in stage3.py: after a synced backward, which units got a
-    gradient on some rank (``got_gradient``: one flag per unit some rank may skip) and
+    gradient on some rank (``got_gradient``: one flag per unit some rank may skip),
     which buckets got gradient late on some rank (``late``: one per bucket, Note [late
-    gradients] in _reducer.py); and whether every rank has taken as many optimizer
-    ``steps`` (Note [steps on some ranks only]: the count modulo 2**20, exact in fp32,
-    and its negation)."""
+    gradients] in _reducer.py) and which frozen units some rank's backward may have read
+    (``backward_read``: Note [frozen units backward never reads] in _walk.py); and
+    whether every rank has taken as many optimizer ``steps`` (Note [steps on some ranks
+    only]: the count modulo 2**20, exact in fp32, and its negation)."""
     count = float(steps % 2**20)
-    flags = torch.tensor([float(f) for f in got_gradient + late] + [count, -count], device=device)
+    flags = torch.tensor([float(f) for f in got_gradient + late + backward_read] + [count, -count],
+                         device=device)
     _comm.all_reduce(flags, group=group, stats=stats, label=label, op=dist.ReduceOp.MAX)
     values = flags.tolist()
     highest, negated_lowest = values[-2:]
     flags = [v > 0 for v in values[:-2]]
-    return flags[:len(got_gradient)], flags[len(got_gradient):], highest == -negated_lowest
+    late_from = len(got_gradient)
+    read_from = late_from + len(late)
+    return (flags[:late_from], flags[late_from:read_from], flags[read_from:],
+            highest == -negated_lowest)
 
 
 @dataclass

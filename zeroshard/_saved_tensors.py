@@ -118,6 +118,7 @@ class SavedTensorWatches:
         owner = self._gathered.get(storage)
         if owner is None:
             return None
+        owner.note_backward_may_read()  # Note [frozen units backward never reads] in _walk.py
         if owner is not unit:
             owner.saved_by_another_unit = True
             return SavedView(tensor.detach(), _bucket_at(owner, storage), owner)
@@ -194,6 +195,7 @@ class SavedTensorWatch:
             recast = stage.recast_of(self._unit, tensor)  # Note [autocast casts]
             if recast is not None:
                 self._unit.saved_unread.add(recast)  # backward reads the parameter for it
+                self._unit.note_backward_may_read()
                 return recast
             saved = None if storage is None else stage.saved_by(self._unit, tensor, storage)
             if saved is not None:

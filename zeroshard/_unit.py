@@ -57,6 +57,10 @@ class UnitRecord:
     input_hooks: list = dataclasses.field(default_factory=list)
     inputs_reached: int = 0
     leaf_input: bool = False  # an input that requires grad was a leaf: not released so
+    # Note [frozen units backward never reads] in _walk.py: a training forward left
+    # something backward may read its parameters through (an output that requires grad,
+    # a saved view of them, a run it may recompute)
+    backward_may_read: bool = False
     # Note [module backward hooks] in stage3.py: a training forward found a module of its
     # subtree with a backward hook (torch calls the hooks it took then, even if removed since)
     module_hooks_at_forward: bool = False
@@ -85,6 +89,13 @@ class Unit:
         # Some rank ran it twice in one forward pass of the first step: kept gathered
         # until the pass ends (Note [runs before the walk moves on] in stage3.py).
         self.held_for_pass = False
+        # Note [frozen units backward never reads] in _walk.py: every rank leaves it out
+        # of the backward walk; and, where this rank's backward may read it all the same,
+        # it is kept gathered here until that backward ends, while its collectives follow
+        # the state it has on the other ranks (``_state_elsewhere``)
+        self.skipped_in_backward = False
+        self.kept_here = False
+        self._state_elsewhere = ShardState.GATHERED
         # Note [released once backward has read it] in stage3.py: the views of its
         # parameters its forwards saved that backward has not read yet (they leave with
         # the graph that holds them), and whether another unit's forward saved one.
@@ -108,8 +119,24 @@ class Unit:
         return self.held_for_pass or (record.checkpointed_runs > 1
                                       and record.recomputations < record.checkpointed_runs)
 
+    def note_backward_may_read(self) -> None:
+        """Note [frozen units backward never reads] in _walk.py: a training forward left
+        something backward may read this unit's parameters through, while they are
+        gathered. Where every rank leaves the unit out of the backward walk, keep them
+        gathered here until backward ends."""
+        self.record.backward_may_read = True
+        if self.skipped_in_backward and not self.kept_here and self.state is ShardState.GATHERED:
+            self.kept_here = True
+            self._state_elsewhere = ShardState.GATHERED
+
+    def awaits_gather(self) -> bool:
+        """Whether the next step of a walk gathers it: it is released on every rank
+        (here too, unless it is only kept here)."""
+        return (self._state_elsewhere if self.kept_here else self.state) is ShardState.SHARDED
+
     def end_backward(self) -> None:
         """A backward ended: release, start a new record."""
+        self.kept_here = False
         self.release()
         for handle in self.record.input_hooks:
             handle.remove()
@@ -147,6 +174,9 @@ class Unit:
 
     def gather(self, group, stats: _comm.CommStats, label: str) -> None:
         """Start all-gathering every bucket into its full buffer (idempotent)."""
+        if self.kept_here:
+            self._gather_alongside(group, stats, label)
+            return
         if self.state is not ShardState.SHARDED:
             return
         for bucket in self.buckets:  # all checked before the first collective
@@ -156,6 +186,18 @@ class Unit:
             self._works.append(_comm.all_gather(bucket.flat, bucket.shard, group=group,
                                                 stats=stats, label=label, async_op=True))
         self._move(ShardState.GATHERING)
+
+    def _gather_alongside(self, group, stats: _comm.CommStats, label: str) -> None:
+        """Kept here (Note [frozen units backward never reads] in _walk.py): join the
+        all-gathers the other ranks issue where they released it, into a scratch buffer
+        (the kept one may be read by this rank's backward), and wait for them."""
+        if self._state_elsewhere is not ShardState.SHARDED:
+            return
+        for bucket in self.buckets:
+            scratch = torch.empty_like(bucket.flat)
+            _comm.wait_all([_comm.all_gather(scratch, bucket.shard, group=group, stats=stats,
+                                             label=label, async_op=True)])
+        self._state_elsewhere = ShardState.GATHERED
 
     def wait(self) -> None:
         if self.state is ShardState.GATHERING:
@@ -170,8 +212,13 @@ class Unit:
     def release(self) -> None:
         """Free the full buffers (idempotent); a gather in flight is waited for first.
         What was written to the parameters meanwhile reaches this rank's shards first
-        (Note [writes inside a forward] in _bucket.py)."""
+        (Note [writes inside a forward] in _bucket.py). Kept here, it stays gathered,
+        released only as far as its collectives go (Note [frozen units backward never
+        reads] in _walk.py)."""
         self.wait()
+        if self.kept_here:
+            self._state_elsewhere = ShardState.SHARDED
+            return
         if self.state is ShardState.GATHERED:
             for bucket in self.buckets:
                 if bucket.written_while_gathered():

@@ -21,6 +21,35 @@ Note [first-step agreement]:
     step: the optimizer is left mid-pass (a rank that raised inside backward may have
     reductions in flight that the others never join), so fix the first step and build
     the optimizer, and if needed the process group, again.
+
+Note [frozen units backward never reads]:
+    The backward walk gathers every unit once per pass on every rank, also units no
+    rank's backward reads: a frozen embedding and frozen first blocks when fine-tuning
+    the rest, a frozen vision tower feeding a trained projector. Nothing of theirs is
+    in the graph, so each was gathered and released at once for nothing (a helper's
+    probe: 2 of 5 units frozen, 22% of a step's all-gather bytes). A rank alone cannot
+    leave one out, as another rank's backward may read it. So after each synced
+    backward the ranks compare, with the flags of Note [ran on no rank] in stage3.py,
+    one flag per unit with only frozen parameters: whether a forward since the last
+    backward left something backward may read its parameters through here (an output
+    that requires grad, a saved view of its parameters, its own or taken by another
+    unit, a run under activation checkpointing or no_grad inside a training forward,
+    which backward may run again). The units no rank flagged, but those kept gathered
+    for a pass or read through a custom Function's ctx (Note [frozen parameters kept on a
+    ctx] in _frozen_reads.py), are then left out of every rank's backward walk
+    (``Unit.skipped_in_backward``): no gather, no prefetch; the reductions due at their
+    place launch at the walk's next step. With ``reshard_after_forward=False`` backward
+    gathers nothing anyway, and this is off.
+    A later forward may flag such a unit on some rank (its input now requires grad,
+    through a branch its data took): that rank keeps the unit gathered from that
+    forward to the end of its backward (``Unit.kept_here``), while every collective it
+    issues for the unit follows the state the unit has on the ranks that released it
+    (joined into a scratch buffer), so the ranks' collectives stay one sequence; the
+    next comparison puts the unit back into the walk. The flag is set while the unit is
+    gathered, so a unit is kept before it is released. Not seen: a frozen unit's
+    parameters read by backward through none of those (a tensor requiring grad that its
+    forward left on an attribute, not among its outputs): backward then finds it
+    released and the rank raises, naming the unit.
 """
 
 from __future__ import annotations
@@ -102,10 +131,27 @@ class Walk:
         self.backward_pass = BackwardPass()
 
     def gather_for_backward(self, unit: Unit) -> None:
+        if self._skipped_here(unit):
+            return
         if self.backward_pass.walking:
             self.reach(self.backward, unit)
         else:
             self.gather_now(unit)  # kept gathered since forward: no collective
+
+    def _skipped_here(self, unit: Unit) -> bool:
+        """Whether backward needs ``unit`` gathered where every rank leaves it out of the
+        backward walk (Note [frozen units backward never reads]): it was kept gathered
+        here for this, and needs no collective."""
+        if not (unit.skipped_in_backward and self.switches.phase is Phase.BACKWARD):
+            return False
+        if unit.state is not ShardState.GATHERED:  # a read no forward hook saw coming
+            raise RuntimeError(
+                f"zeroshard stage 3: backward reads the parameters of unit {unit.name}, which "
+                "every rank has left out of the backward walk (no rank's backward read it in "
+                "an earlier step) and which this rank's forward did not see it would need "
+                "(Note [frozen units backward never reads] in zeroshard/_walk.py); please "
+                "report it, with the model")
+        return True
 
     def _launching_at_steps(self) -> bool:
         """Reductions launch at the backward walk's steps (Note [one order]); a walk
@@ -199,6 +245,8 @@ class Walk:
         """A gather that is not a step of the walk (a unit run again after the walk passed
         it, or needed again after its release): every rank must issue it alike (Note [one
         order]), which the first step checks (Note [first-step agreement])."""
+        if self._skipped_here(unit):
+            return
         if unit.state is ShardState.SHARDED and unit.buckets:
             self._agree_while_recording(unit)
         self.gather_now(unit)
@@ -269,11 +317,15 @@ class Walk:
         self._agree_while_recording(unit)
         if schedule is self.backward:
             self._launch_due(schedule.position_of(unit))
-        if unit.state is ShardState.SHARDED:
+            if unit.skipped_in_backward:  # Note [frozen units backward never reads]
+                return
+        if unit.awaits_gather():
             self._start_gather(unit)
         following = schedule.following(unit)
-        if (following is not None and following.state is ShardState.SHARDED
-                and schedule.entered is None):
+        while (following is not None and schedule is self.backward
+               and following.skipped_in_backward):
+            following = schedule.following(following)
+        if following is not None and following.awaits_gather() and schedule.entered is None:
             self._start_gather(following)
 
     def _release_finished(self) -> None:

@@ -365,6 +365,10 @@ class UnitGatherer:
         # (agree_on_late).
         self._flagged = [u for u in units[1:] if u.trainable_ids]
         self._flagged_ids = {id(u) for u in self._flagged}
+        # Note [frozen units backward never reads] in _walk.py: with resharding, one
+        # "backward may read it" flag each too, for the units with only frozen parameters
+        self._frozen = [u for u in units[1:] if u.buckets and not u.trainable_ids
+                        ] if reshard_after_forward else []
         self._steps, self._steps_differ = 0, False  # Note [steps on some ranks only]
         self._reading_structure = 0  # inside reading_structure(): state_dict() reads no values
         self.device = next((b.flat.device for u in units for b in u.buckets), torch.device("cpu"))
@@ -467,8 +471,11 @@ class UnitGatherer:
         if self.switches.summoned or self.switches.phase is Phase.BACKWARD:
             return  # Note [forward inside summon], Note [recomputation]
         self._saved.close(unit)
-        if torch.is_grad_enabled() and self._arm_pre_backward(output, unit):
+        armed = torch.is_grad_enabled() and self._arm_pre_backward(output, unit)
+        if armed:
             self._module_hooks.arm(unit)  # Note [gathered before a unit's own module hooks]
+        if self.walk.training_forward and (armed or unit.record.checkpointed_runs):
+            unit.note_backward_may_read()  # Note [frozen units backward never reads]
         # Without resharding, a unit run under no_grad inside a training forward
         # (reentrant checkpointing) stays gathered for its recomputation in backward.
         if (self.reshard_after_forward or not self.walk.training_forward) and not unit.held_for_pass:
@@ -703,13 +710,17 @@ class UnitGatherer:
             stages 1-2 wait in the step's gathers there, Note [a collective that fails] in
             _comm.py). So this all-reduce also carries each rank's count of steps, and the
             next step is refused on every rank where they differ."""
-        got_gradient, late_anywhere, steps_agree = _agreement.ran_and_late(
+        got_gradient, late_anywhere, read_anywhere, steps_agree = _agreement.ran_and_late(
             [u.record.got_gradient for u in self._flagged],
-            [p in late for p in range(len(self.reducer.buckets))], self._steps,
+            [p in late for p in range(len(self.reducer.buckets))],
+            [u.record.backward_may_read for u in self._frozen], self._steps,
             device=self.device, group=self.group, stats=self.stats, label=self.label)
         self._steps_differ = self._steps_differ or not steps_agree
         self.walk.backward_pass.got_gradient_somewhere = {
             id(u) for u, flag in zip(self._flagged, got_gradient) if flag}
+        for unit, read in zip(self._frozen, read_anywhere):
+            unit.skipped_in_backward = not (read or unit.held_for_pass or unit.frozen_on_a_ctx
+                                            or unit.saved_by_another_unit)
         return [p for p, flag in enumerate(late_anywhere) if flag]
 
     def got_no_gradient_anywhere(self, bucket) -> bool:

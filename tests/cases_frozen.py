@@ -1,0 +1,150 @@
+"""Worker-side functions for Note [frozen units backward never reads]
+(zeroshard/_walk.py): stage-3 units with only frozen parameters that no rank's backward
+reads are left out of the backward walk, and a rank whose backward reads one all the
+same keeps it gathered from its forward, in step with the others' collectives."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.checkpoint import checkpoint
+
+import zeroshard
+from cases import largest_difference
+
+VOCAB, WIDTH = 40, 8
+HIDDEN = (3, 12, 24, 40)  # a different gather size for each block
+FROZEN_BLOCKS = 2  # the leading blocks, and the embedding, are frozen
+
+
+class Block(nn.Module):
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.up = nn.Linear(WIDTH, hidden)
+        self.down = nn.Linear(hidden, WIDTH)
+
+    def forward(self, x):
+        return x + self.down(torch.tanh(self.up(x)))
+
+
+class Prompt(nn.Module):
+    """A trainable vector added after the frozen embedding on the batches that ask for it:
+    only then does backward reach the frozen blocks (to give the prompt its gradient)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.vector = nn.Parameter(torch.zeros(WIDTH))
+
+    def forward(self, h):
+        return h + self.vector
+
+
+class FineTuned(nn.Module):
+    """A frozen embedding and frozen leading blocks under trained ones and a trained head."""
+
+    def __init__(self, checkpointed: str = "") -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(VOCAB, WIDTH)
+        self.prompt = Prompt()
+        self.blocks = nn.ModuleList(Block(h) for h in HIDDEN)
+        self.head = nn.Linear(WIDTH, VOCAB)
+        self.checkpointed = checkpointed
+        self.embedding.requires_grad_(False)
+        for block in self.blocks[:FROZEN_BLOCKS]:
+            block.requires_grad_(False)
+
+    def forward(self, idx, prompted: bool = False):
+        h = self.embedding(idx)
+        if prompted:
+            h = self.prompt(h)
+        for block in self.blocks:
+            if self.checkpointed:
+                h = checkpoint(block, h, use_reentrant=self.checkpointed == "reentrant")
+            else:
+                h = block(h)
+        return self.head(h)
+
+
+def _prompted(way: str, step: int, rank: int) -> bool:
+    """Whether this rank's training forward of ``step`` takes the branch through the
+    prompt (its backward then reads the frozen blocks)."""
+    if way in ("one_rank", "eval_between", "two_forwards", "no_sync"):
+        return rank == 1 and step in (2, 3)
+    if way == "every_rank":
+        return step in (2, 3)
+    return way == "reentrant"  # reentrant checkpointing needs an input that requires grad
+
+
+def reads_anywhere(way: str, step: int, world_size: int) -> bool:
+    return any(_prompted(way, step, r) for r in range(world_size))
+
+
+def train(ctx, way: str, reshard_after_forward: bool = True, steps: int = 6):
+    """``steps`` AdamW steps (fp64) of stage 3 (units: the blocks and the prompt) beside
+    DDP, each rank on its own tokens, driven the ``way`` named. Returns per step: the
+    largest parameter difference from DDP, the sizes of the all-gathers backward issued
+    and of those the step issued in all (in order); and the gather size of each unit's
+    buckets, the frozen blocks' apart."""
+    torch.manual_seed(0)
+    checkpointed = way if way in ("non_reentrant", "reentrant") else ""
+    with torch.device("cpu"):
+        model = FineTuned(checkpointed).double()
+        reference = FineTuned(checkpointed).double()
+    reference.load_state_dict(model.state_dict())
+    # DDP: the prompt unused on some ranks; with reentrant checkpointing (the prompt used
+    # on every rank) DDP needs a static graph instead
+    ddp = DistributedDataParallel(reference, process_group=ctx.group,
+                                  **({"static_graph": True} if way == "reentrant"
+                                     else {"find_unused_parameters": True}))
+    ref_opt = torch.optim.AdamW([p for p in reference.parameters() if p.requires_grad], lr=1e-2)
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.AdamW, stage=3, lr=1e-2,
+                                  process_group=ctx.group, units=(Block, Prompt),
+                                  reshard_after_forward=reshard_after_forward)
+    frozen = {id(b) for b in model.blocks[:FROZEN_BLOCKS]}
+    sizes = [b.layout.padded_numel * 8 for u in opt.sharding.units for b in u.buckets]
+    frozen_sizes = [b.layout.padded_numel * 8 for u in opt.sharding.units
+                    if id(u.module) in frozen for b in u.buckets]
+    opt.comm_stats.trace = trace = []
+    differences, backward_gathers, step_gathers = [], [], []
+    for step in range(steps):
+        prompted = _prompted(way, step, ctx.rank)
+        generator = torch.Generator().manual_seed(10 * step + ctx.rank)
+        idx = torch.randint(0, VOCAB, (4, 6), generator=generator)
+        target = torch.randint(0, VOCAB, (4, 6), generator=generator)
+        start = len(trace)
+        for net, optimizer in ((model, opt), (ddp, ref_opt)):
+            if way == "no_sync":  # a first micro-batch inside no_sync, unprompted
+                with (opt.no_sync() if net is model else ddp.no_sync()):
+                    (F.cross_entropy(net(idx[:2]).flatten(0, 1), target[:2].flatten()) / 2
+                     ).backward()
+                idx_used, target_used, scale = idx[2:], target[2:], 2
+            else:
+                idx_used, target_used, scale = idx, target, 1
+            if way == "two_forwards":  # two training forwards, one backward
+                loss = sum(F.cross_entropy(net(idx_used[i::2], prompted).flatten(0, 1),
+                                           target_used[i::2].flatten()) for i in range(2))
+            else:
+                loss = F.cross_entropy(net(idx_used, prompted).flatten(0, 1), target_used.flatten())
+            if way == "eval_between":  # an evaluation between forward and backward
+                with torch.no_grad():
+                    net(idx)
+            before_backward = len(trace)
+            (loss / scale).backward()
+            if net is model:
+                backward_gathers.append([b for _, op, b in trace[before_backward:]
+                                         if op == "all_gather"])
+            optimizer.step()
+            optimizer.zero_grad()
+        step_gathers.append([b for _, op, b in trace[start:] if op == "all_gather"])
+        differences.append(largest_difference(opt, model, ddp))
+    opt.close()
+    return differences, backward_gathers, step_gathers, sizes, frozen_sizes
+
+
+def skipped_in_backward(backward: list[int], sizes: list[int]) -> Counter:
+    """The gathers of every unit's buckets that ``backward`` did not issue."""
+    return Counter(sizes) - Counter(backward)
