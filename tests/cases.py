@@ -304,6 +304,7 @@ def train_side_by_side(ctx, case) -> SideBySideRun:
     trainable = [p for p in zero_model.parameters() if p.requires_grad]
     out.psi = sum(p.numel() for p in trainable)
     out.psi_all = sum(p.numel() for p in zero_model.parameters())
+    out.psi_frozen_units = frozen_unit_elements(zopt, case)
     out.n_params, out.n_all_params = len(trainable), len(list(zero_model.parameters()))
     out.largest_param_bytes = max(p.numel() * 4 for p in trainable)
     out.largest_bucket_bytes = max(b.layout.padded_numel * 4 for b in zopt.sharding.buckets)
@@ -389,6 +390,17 @@ def agreement_flags_per_backward(zopt, case: dict) -> int:
     resharding = case.get("reshard_after_forward", True)
     return (sum(trains[1:]) + sum(b.params[0].requires_grad for u in units for b in u.buckets)
             + resharding * sum(frozen[1:]) + 2)
+
+
+def frozen_unit_elements(zopt, case: dict) -> int:
+    """The elements of stage 3's units other than the root that hold only frozen
+    parameters: with resharding, what a backward may leave ungathered (Note [frozen
+    units backward never reads] in zeroshard/_walk.py); 0 where none is left out."""
+    if case["stage"] != 3 or not case.get("reshard_after_forward", True):
+        return 0
+    return sum(p.numel() for u in zopt.sharding.units[1:]
+               if u.buckets and not any(p.requires_grad for b in u.buckets for p in b.params)
+               for b in u.buckets for p in b.params)
 
 
 def average_by_hand(reference: nn.Module, ctx) -> None:

@@ -28,7 +28,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import zeroshard
-from cases import OPTIMIZERS, UNITS, agreement_flags_per_backward, flat_params, step_comm
+from cases import (OPTIMIZERS, UNITS, agreement_flags_per_backward, flat_params,
+                   frozen_unit_elements, step_comm)
 from models import build_model, loss_fn, make_batch
 from rss import rss_kib
 
@@ -178,6 +179,7 @@ def train_mixed_precision(ctx, case):
     out["final_mem"] = zopt.memory_report()
     out["psi"] = sum(p.numel() for p in zero_model.parameters() if p.requires_grad)
     out["psi_all"] = sum(p.numel() for p in zero_model.parameters())
+    out["psi_frozen_units"] = frozen_unit_elements(zopt, case)
     out["n_buckets"] = len(zopt.sharding.buckets)
     out["n_params"] = sum(p.requires_grad for p in zero_model.parameters())
     out["n_all_params"] = len(list(zero_model.parameters()))

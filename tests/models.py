@@ -66,11 +66,14 @@ class TinyTransformer(nn.Module):
     run last to first; ``skip_block``: set to True to skip block 0 in a forward, or to
     "discard" to run it and drop its output (it reaches no loss: no gradient);
     ``share_mlp``: every block holds block 0's MLP, one module registered in each (as
-    ALBERT-style models share by module).
+    ALBERT-style models share by module). ``frozen``: True freezes the position table
+    and block 0's first norm; "lead" the embedding (with ``tied`` the head too), the
+    position table and all of block 0, which then no backward reads unless the blocks
+    run last to first (Note [frozen units backward never reads] in zeroshard/_walk.py).
     """
 
     def __init__(self, vocab: int, d: int, heads: int, layers: int, seq: int, tied: bool,
-                 frozen: bool, checkpoint: str | None = None, reuse: bool = False,
+                 frozen: bool | str, checkpoint: str | None = None, reuse: bool = False,
                  reverse: bool = False, share_mlp: bool = False) -> None:
         super().__init__()
         self.checkpoint, self.reuse, self.reverse, self.skip_block = checkpoint, reuse, reverse, False
@@ -83,7 +86,10 @@ class TinyTransformer(nn.Module):
         self.head = nn.Linear(d, vocab, bias=False)
         if tied:
             self.head.weight = self.emb.weight
-        if frozen:  # ln1 opens block 0: its backward runs after the block's other gradients
+        if frozen == "lead":
+            for frozen_part in (self.emb, self.pos, self.blocks[0]):
+                frozen_part.requires_grad_(False)
+        elif frozen:  # ln1 opens block 0: its backward runs after the block's other gradients
             self.pos.requires_grad_(False)
             self.blocks[0].ln1.requires_grad_(False)
 

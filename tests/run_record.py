@@ -38,6 +38,7 @@ class SideBySideRun:
     trace: list = field(default_factory=list)  # comm_stats.trace: every collective, in order
     psi: int = 0  # trainable elements
     psi_all: int = 0  # every parameter's elements
+    psi_frozen_units: int = 0  # stage 3: those of units with only frozen parameters (cases.py)
     largest_param_bytes: int = 0
     largest_bucket_bytes: int = 0
     root_bucket_bytes: int = 0  # stage 3: the root unit's trainable buckets
