@@ -2075,6 +2075,57 @@ def embedding_with_max_norm(ctx, stage: int, units):
     return largest_difference(opt, model, reference)
 
 
+class _MomentumContrast(torch.nn.Module):
+    """MoCo as its reference code writes it: the key encoder, a frozen copy of the query
+    encoder, moves towards it inside ``forward`` (``how``: "assign", ``p_k.data = p_k.data
+    * m + p_q.data * (1 - m)``, the reference's; "in_place", the same without ``.data``
+    under no_grad)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.query = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 4))
+        self.key = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 4))
+        self.key.load_state_dict(self.query.state_dict())
+        self.key.requires_grad_(False)
+
+    def forward(self, x):
+        q = self.query(x)
+        with torch.no_grad():
+            for p_q, p_k in zip(self.query.parameters(), self.key.parameters()):
+                if self.how == "assign":
+                    p_k.data = p_k.data * 0.9 + p_q.data * 0.1
+                else:
+                    p_k.mul_(0.9).add_(p_q, alpha=0.1)
+            k = self.key(x.flip(0))
+        return -(torch.nn.functional.normalize(q, dim=1) * torch.nn.functional.normalize(k, dim=1)).sum()
+
+
+def momentum_encoder_written_inside_forward(ctx, stage: int, how: str):
+    """A MoCo step per rank's own batch, 4 steps of SGD beside DDP. Found by helper-96:
+    at stage 3 the "assign" update took the key encoder's parameters off the gathered
+    buffer and release put placeholders over them: the key encoder never moved, 1.5e-2
+    from DDP, no error (Note [new .data inside a forward] in zeroshard/_bucket.py).
+    Returns the largest difference from DDP, key encoder included."""
+    def build():
+        torch.manual_seed(0)
+        return _MomentumContrast(how).double()
+
+    model, reference = build(), DDP(build(), process_group=ctx.group)
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=stage, process_group=ctx.group,
+                                  lr=0.1, momentum=0.9)
+    ref_opt = torch.optim.SGD([p for p in reference.parameters() if p.requires_grad],
+                              lr=0.1, momentum=0.9)
+    for net, optimizer in ((model, opt), (reference, ref_opt)):
+        for step in range(4):
+            x = torch.randn(6, 5, generator=torch.Generator().manual_seed(10 * step + ctx.rank),
+                            dtype=torch.float64)
+            net(x).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    return largest_difference(opt, model, reference)
+
+
 def _average_used_gradients(reference, ctx) -> None:
     """Data parallelism by hand where a parameter may have no gradient: one that some
     rank has gets the mean over ranks (None counting as zero), as with DDP; one that no

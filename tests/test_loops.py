@@ -512,6 +512,15 @@ def test_a_parameter_written_inside_its_forward_keeps_the_write(pool, stage, uni
         assert diff < 1e-6, diff
 
 
+@pytest.mark.parametrize("how", ["assign", "in_place"])
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_a_momentum_encoder_written_inside_the_forward_keeps_the_write(pool, stage, how):
+    """MoCo's reference update inside its forward (``p_k.data = ...``, "assign") was lost
+    at stage 3 (Note [new .data inside a forward] in zeroshard/_bucket.py)."""
+    for diff in pool.run(cases_loops.momentum_encoder_written_inside_forward, 2, stage, how):
+        assert diff < 1e-12, diff
+
+
 @pytest.mark.parametrize("clearing", ["opt.zero_grad", "model.zero_grad", "none"])
 def test_a_no_sync_window_dropped_by_zero_grad_leaves_no_trace_at_stage3(pool, clearing):
     """Found by review: a unit that ran only in a dropped window was stepped with a zero

@@ -303,6 +303,29 @@ class FlatBucket:
         return any(param._version != version
                    for param, version in zip(self.params, self._versions_at_gather))
 
+    def adopt_data_replaced_while_gathered(self) -> bool:
+        """Note [new .data inside a forward]:
+            ``p.data = t`` while the unit is gathered (MoCo's reference code updates its
+            key encoder so inside its forward: ``p_k.data = p_k.data * m + p_q.data * (1 -
+            m)``) takes the parameter off its place in the full buffer, which its version
+            counter does not show, and release made it a placeholder over the old
+            values: the write was lost, silently (helper-96: MoCo's key encoder never
+            moved, 1.5e-2 from DDP at stage 3). So release first asks each parameter
+            whether it still views the buffer; one that does not gives its value to its
+            place and views it again (``adopt_replaced_data``), and the write then goes
+            to the shards as any other (Note [writes inside a forward]). Returns whether
+            one did. An in-place write through ``p.data`` (``p.data.mul_(m)``) moves no
+            version counter and leaves the parameter where it was: it is still lost."""
+        home = self.flat.untyped_storage().data_ptr()
+        if all(param.untyped_storage().data_ptr() == home for param in self.params):
+            return False
+        with torch.no_grad():
+            self.adopt_replaced_data(
+                "new .data given while its unit was gathered (p.data = t inside a forward)",
+                "write values of that shape (or, to change a shape, opt.close(), change the "
+                "model, then build a new ZeroOptimizer)")
+        return True
+
     @property
     def is_gathered(self) -> bool:
         return self.flat.untyped_storage().nbytes() > 0

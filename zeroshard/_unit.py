@@ -221,7 +221,9 @@ class Unit:
             return
         if self.state is ShardState.GATHERED:
             for bucket in self.buckets:
-                if bucket.written_while_gathered():
+                # Note [new .data inside a forward] in _bucket.py, then any write in place
+                replaced = bucket.adopt_data_replaced_while_gathered()
+                if replaced or bucket.written_while_gathered():
                     with torch.no_grad():
                         self.masters.take_gathered_writes(bucket)
                 self.gathered_storages.pop(bucket.flat.untyped_storage().data_ptr(), None)
