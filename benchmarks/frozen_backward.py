@@ -17,6 +17,7 @@ rank's figures. CPU only (RSS from /proc).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -70,7 +71,7 @@ def worker(rank: int, world: int, port: int, method: str, args, results) -> None
             times.append(time.perf_counter() - start)
             peak = max(peak, (rss_kib("VmHWM") - baseline) / 1024)
             if stats is not None:
-                gathered.append(stats.bytes["all_gather"] / 2**20)
+                gathered.append(stats.bytes["all_gather"])
         del logits, loss
     results.put({"rank": rank, "step": statistics.median(times), "peak": peak,
                  "gathered": max(gathered) if gathered else None})
@@ -109,6 +110,7 @@ def main(argv=None) -> None:
     for m in methods:
         ratio = lambda peer: f"{step[m] / step[peer]:.2f}" if peer in step else "—"  # noqa: E731
         gathered = runs[m][0][0]["gathered"]
+        gathered = None if gathered is None else gathered / 2**20
         lines.append(f"| {m} | {peak[m]:.0f} | {step[m]:.3f} | {ratio('ddp')} | "
                      f"{ratio('fsdp2_reshard')} | "
                      f"{'—' if gathered is None else f'{gathered:.1f} (measured)'} |")
@@ -125,6 +127,12 @@ def main(argv=None) -> None:
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "results.md").write_text(text)
+        (args.out / "results.json").write_text(json.dumps(
+            {"command": command, "frozen": frozen, "total": total,
+             "frozen_blocks": sum(p.numel() for b in model.blocks[:args.frozen_blocks]
+                                  for p in b.parameters()),
+             "rows": [{"method": m, "step_s": step[m], "peak_mib": peak[m],
+                       "all_gather_bytes": runs[m][0][0]["gathered"]} for m in methods]}, indent=1))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,22 @@ def test_compare_smoke_runs_and_reports_measured_zeroshard_comm(tmp_path):
     assert "| zeroshard3 | 3 |" in (tmp_path / "results.md").read_text()
 
 
+def test_frozen_backward_smoke_gathers_the_frozen_blocks_in_forward_only(tmp_path):
+    """frozen_backward.py runs end to end; zeroshard's step all-gathers every parameter
+    for forward and all but the frozen blocks' for backward (Note [frozen units backward
+    never reads] in zeroshard/_walk.py), plus padding, in fp32, from the model's sizes."""
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "frozen_backward.py"),
+                    "--methods", "ddp,zeroshard3", "--vocab", "64", "--d-model", "32",
+                    "--layers", "4", "--heads", "2", "--seq-len", "8", "--frozen-blocks", "2",
+                    "--warmup", "2", "--steps", "1", "--out", str(tmp_path)],
+                   check=True, capture_output=True, timeout=600)
+    out = json.loads((tmp_path / "results.json").read_text())
+    rows = {r["method"]: r for r in out["rows"]}
+    theory = 4 * (2 * out["total"] - out["frozen_blocks"])
+    assert theory <= rows["zeroshard3"]["all_gather_bytes"] <= theory * 1.02, (theory, rows)
+    assert rows["ddp"]["all_gather_bytes"] is None
+
+
 def test_memory_breakdown_smoke_counts_ddps_model_states_from_the_model(tmp_path):
     """memory_breakdown.py runs end to end; its DDP row's parameters and AdamW states are
     the smoke GPT's 4Ψ and 8Ψ + a 4-byte step per parameter, computed here."""
