@@ -161,9 +161,11 @@ def load_bad_checkpoint(ctx, cfg, folder: str, which: str) -> dict:
         opt.close()
         opt = zeroshard.ZeroOptimizer(model, torch.optim.AdamW, stage=cfg["load"]["stage"],
                                       process_group=ctx.group, param_groups=groups, lr=1e-2)
-    if which == "other_groups":
+    if which in ("other_groups", "groups_in_another_order"):
         groups = [{"params": [p for n, p in model.named_parameters() if n.endswith("weight")]},
                   {"params": [p for n, p in model.named_parameters() if not n.endswith("weight")]}]
+        if which == "groups_in_another_order":  # (its refusal did not say so: helper-95)
+            groups = [{"params": list(reversed(list(model.parameters())))}]
         opt_class, kwargs = OPTIMIZERS[cfg["optimizer"]]
         opt.close()  # one ZeroOptimizer per model at a time
         opt = zeroshard.ZeroOptimizer(model, opt_class, stage=cfg["load"]["stage"],

@@ -184,6 +184,8 @@ BAD_CHECKPOINTS = {
     "truncated_file": ["rank00000.pt", "truncated"],
     "other_model": ["different model", "shape"],
     "other_groups": ["param groups", "param_groups"],
+    "groups_in_another_order": ["in another order", "parameter 0 is 'body.0.weight' there and 'body.4.bias' here",
+                                "register them as the saving run did"],
     "other_classes": ["param_groups[0]: torch.optim.Muon", "torch.optim.adamw.AdamW"],
     "not_a_checkpoint": ["not a zeroshard checkpoint", "LATEST"],
     "a_file": ["not a zeroshard checkpoint"],

@@ -315,10 +315,7 @@ def _check_meta(meta, folder: Path, opt, model) -> None:
     my_groups = [[names[id(p)] for p in members] for members in opt.sharding.group_members]
     saved_groups = [g["names"] for g in meta["param_groups"]]
     if saved_groups != my_groups:
-        raise ValueError(f"checkpoint {folder} has param groups of sizes "
-                         f"{[len(g) for g in saved_groups]} over other parameters than this "
-                         f"optimizer's ({[len(g) for g in my_groups]}); build ZeroOptimizer with "
-                         "the param_groups of the saving run")
+        raise ValueError(_groups_differ(folder, saved_groups, my_groups))
     saved_classes = meta.get("group_classes", [meta["optimizer_class"]] * len(saved_groups))
     my_classes = [_qualname(c) for c in opt.sharding.inner.classes]
     if saved_classes != my_classes:
@@ -330,6 +327,27 @@ def _check_meta(meta, folder: Path, opt, model) -> None:
         if actual != size:
             raise ValueError(f"checkpoint file {file} is {'missing' if actual is None else 'truncated'}"
                              f" ({actual} bytes, {size} written); the checkpoint is damaged")
+
+
+def _groups_differ(folder: Path, saved: list[list[str]], mine: list[list[str]]) -> str:
+    """Why a checkpoint's param groups (parameter names, group by group) do not fit this
+    optimizer's: other parameters, or the same ones in another order, which a rebuilt
+    model gives when it registers a parameter at another point (``torch.nn.utils.prune``
+    applied after building the model moves ``weight_orig`` after ``bias``: helper-95),
+    named by its first difference."""
+    if [sorted(g) for g in saved] == [sorted(g) for g in mine]:
+        group, position = next((g, i) for g, (a, b) in enumerate(zip(saved, mine))
+                               for i, (x, y) in enumerate(zip(a, b)) if x != y)
+        return (f"checkpoint {folder} holds the same parameters in each param group as this "
+                f"optimizer, in another order: param group {group}'s parameter {position} is "
+                f"{saved[group][position]!r} there and {mine[group][position]!r} here. The "
+                "order is the param groups' (model.parameters() without them), which is the "
+                "order the model registered its parameters in: register them as the saving run "
+                "did (apply torch.nn.utils.prune or a parametrization at the same point), or "
+                "list each group's parameters in the saving run's order")
+    return (f"checkpoint {folder} has param groups of sizes {[len(g) for g in saved]} over "
+            f"other parameters than this optimizer's ({[len(g) for g in mine]}); build "
+            "ZeroOptimizer with the param_groups of the saving run")
 
 
 def _check_contents(meta: dict, folder: Path, rank: int, world_size: int) -> None:
