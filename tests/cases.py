@@ -412,6 +412,20 @@ def average_by_hand(reference: nn.Module, ctx) -> None:
             param.grad /= ctx.world_size
 
 
+def average_used_gradients(reference: nn.Module, ctx) -> None:
+    """Data parallelism by hand where a parameter may have no gradient: one that some
+    rank has gets the mean over ranks (None counting as zero), as with DDP; one that no
+    rank has keeps None, so the optimizer skips it, as torch does."""
+    for param in reference.parameters():
+        has = torch.tensor(float(param.grad is not None))
+        dist.all_reduce(has, group=ctx.group)
+        if has.item() > 0:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+            dist.all_reduce(param.grad, group=ctx.group)
+            param.grad /= ctx.world_size
+
+
 def largest_difference(opt, model: nn.Module, reference: nn.Module) -> float:
     """The largest parameter difference between zeroshard's ``model`` and ``reference``
     (DDP or a plain module), read inside summon_full_params() (stage 3's placeholders);

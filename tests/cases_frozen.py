@@ -5,6 +5,7 @@ same keeps it gathered from its forward, in step with the others' collectives.""
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 
 import torch
@@ -14,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
 import zeroshard
-from cases import largest_difference
+from cases import average_used_gradients, largest_difference
 
 VOCAB, WIDTH = 40, 8
 HIDDEN = (3, 12, 24, 40)  # a different gather size for each block
@@ -43,16 +44,35 @@ class Prompt(nn.Module):
         return h + self.vector
 
 
+class Shift(nn.Module):
+    """A frozen vector added (backward never reads it) that, with ``decays``, its own
+    forward scales in place, as a running statistic would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.vector = nn.Parameter(torch.linspace(-1, 1, WIDTH), requires_grad=False)
+        self.decays = False
+
+    def forward(self, h):
+        if self.decays:
+            with torch.no_grad():
+                self.vector.mul_(0.9)
+        return h + self.vector
+
+
 class FineTuned(nn.Module):
-    """A frozen embedding and frozen leading blocks under trained ones and a trained head."""
+    """A frozen embedding, a frozen shift and frozen leading blocks under trained ones
+    and a trained head."""
 
     def __init__(self, checkpointed: str = "") -> None:
         super().__init__()
         self.embedding = nn.Embedding(VOCAB, WIDTH)
         self.prompt = Prompt()
+        self.shift = Shift()
         self.blocks = nn.ModuleList(Block(h) for h in HIDDEN)
         self.head = nn.Linear(WIDTH, VOCAB)
-        self.checkpointed = checkpointed
+        self.checkpointed = checkpointed  # every block: "reentrant", "non_reentrant", ""
+        self.checkpoint_a_frozen_block = False  # block 1, reentrant
         self.embedding.requires_grad_(False)
         for block in self.blocks[:FROZEN_BLOCKS]:
             block.requires_grad_(False)
@@ -61,9 +81,12 @@ class FineTuned(nn.Module):
         h = self.embedding(idx)
         if prompted:
             h = self.prompt(h)
-        for block in self.blocks:
+        h = self.shift(h)
+        for index, block in enumerate(self.blocks):
             if self.checkpointed:
                 h = checkpoint(block, h, use_reentrant=self.checkpointed == "reentrant")
+            elif self.checkpoint_a_frozen_block and index == 1:
+                h = checkpoint(block, h, use_reentrant=True)
             else:
                 h = block(h)
         return self.head(h)
@@ -72,7 +95,8 @@ class FineTuned(nn.Module):
 def _prompted(way: str, step: int, rank: int) -> bool:
     """Whether this rank's training forward of ``step`` takes the branch through the
     prompt (its backward then reads the frozen blocks)."""
-    if way in ("one_rank", "eval_between", "two_forwards", "no_sync"):
+    if way in ("one_rank", "eval_between", "two_forwards", "no_sync", "checkpointed_on_one_rank",
+               "retained_in_no_sync", "written_while_kept"):
         return rank == 1 and step in (2, 3)
     if way == "every_rank":
         return step in (2, 3)
@@ -84,30 +108,43 @@ def reads_anywhere(way: str, step: int, world_size: int) -> bool:
 
 
 def train(ctx, way: str, reshard_after_forward: bool = True, steps: int = 6):
-    """``steps`` AdamW steps (fp64) of stage 3 (units: the blocks and the prompt) beside
-    DDP, each rank on its own tokens, driven the ``way`` named. Returns per step: the
-    largest parameter difference from DDP, the sizes of the all-gathers backward issued
-    and of those the step issued in all (in order); and the gather size of each unit's
-    buckets, the frozen blocks' apart."""
+    """``steps`` AdamW steps (fp64) of stage 3 (units: the blocks, the prompt and the
+    shift) beside DDP, each rank on its own tokens, driven the ``way`` named. Returns
+    per step: the largest parameter difference from DDP, the sizes of the all-gathers
+    backward issued and of those the step issued in all (in order); and the gather size
+    of each unit's buckets, the frozen units' apart.
+
+    Found by helper-97: "checkpointed_on_one_rank" (rank 1 runs frozen block 1 under
+    reentrant checkpointing while prompted: it alone kept walking the block, and gloo
+    aborted two steps later), "retained_in_no_sync" (a backward inside no_sync() with
+    retain_graph=True, then a synced one through the same graph: the first released what
+    rank 1 kept, and the second raised there), "written_while_kept" (the frozen shift
+    scales itself in each of two forwards a step: rank 1 kept it, its writes never
+    reached the shard the others gathered, 3e-4 from DDP)."""
     torch.manual_seed(0)
     checkpointed = way if way in ("non_reentrant", "reentrant") else ""
     with torch.device("cpu"):
         model = FineTuned(checkpointed).double()
         reference = FineTuned(checkpointed).double()
     reference.load_state_dict(model.state_dict())
-    # DDP: the prompt unused on some ranks; with reentrant checkpointing (the prompt used
-    # on every rank) DDP needs a static graph instead
-    ddp = DistributedDataParallel(reference, process_group=ctx.group,
-                                  **({"static_graph": True} if way == "reentrant"
-                                     else {"find_unused_parameters": True}))
+    model.shift.decays = reference.shift.decays = way == "written_while_kept"
+    if way == "retained_in_no_sync":  # DDP cannot: a retained graph backwarded inside no_sync
+        ddp, average = reference, average_used_gradients
+    else:  # the prompt unused on some ranks; with reentrant checkpointing everywhere (the
+        # prompt used on every rank) DDP needs a static graph instead
+        ddp, average = DistributedDataParallel(
+            reference, process_group=ctx.group, **({"static_graph": True} if way == "reentrant"
+                                                   else {"find_unused_parameters": True})), None
     ref_opt = torch.optim.AdamW([p for p in reference.parameters() if p.requires_grad], lr=1e-2)
     opt = zeroshard.ZeroOptimizer(model, torch.optim.AdamW, stage=3, lr=1e-2,
-                                  process_group=ctx.group, units=(Block, Prompt),
+                                  process_group=ctx.group, units=(Block, Prompt, Shift),
                                   reshard_after_forward=reshard_after_forward)
-    frozen = {id(b) for b in model.blocks[:FROZEN_BLOCKS]}
+    frozen = {id(b) for b in model.blocks[:FROZEN_BLOCKS]} | {id(model.shift)}
     sizes = [b.layout.padded_numel * 8 for u in opt.sharding.units for b in u.buckets]
     frozen_sizes = [b.layout.padded_numel * 8 for u in opt.sharding.units
                     if id(u.module) in frozen for b in u.buckets]
+    block_1_sizes = [b.layout.padded_numel * 8 for u in opt.sharding.units
+                     if u.module is model.blocks[1] for b in u.buckets]
     opt.comm_stats.trace = trace = []
     differences, backward_gathers, step_gathers = [], [], []
     for step in range(steps):
@@ -117,6 +154,8 @@ def train(ctx, way: str, reshard_after_forward: bool = True, steps: int = 6):
         target = torch.randint(0, VOCAB, (4, 6), generator=generator)
         start = len(trace)
         for net, optimizer in ((model, opt), (ddp, ref_opt)):
+            getattr(net, "module", net).checkpoint_a_frozen_block = (
+                way == "checkpointed_on_one_rank" and prompted)
             if way == "no_sync":  # a first micro-batch inside no_sync, unprompted
                 with (opt.no_sync() if net is model else ddp.no_sync()):
                     (F.cross_entropy(net(idx[:2]).flatten(0, 1), target[:2].flatten()) / 2
@@ -124,7 +163,7 @@ def train(ctx, way: str, reshard_after_forward: bool = True, steps: int = 6):
                 idx_used, target_used, scale = idx[2:], target[2:], 2
             else:
                 idx_used, target_used, scale = idx, target, 1
-            if way == "two_forwards":  # two training forwards, one backward
+            if way in ("two_forwards", "written_while_kept"):  # two training forwards, one backward
                 loss = sum(F.cross_entropy(net(idx_used[i::2], prompted).flatten(0, 1),
                                            target_used[i::2].flatten()) for i in range(2))
             else:
@@ -132,17 +171,23 @@ def train(ctx, way: str, reshard_after_forward: bool = True, steps: int = 6):
             if way == "eval_between":  # an evaluation between forward and backward
                 with torch.no_grad():
                     net(idx)
+            if way == "retained_in_no_sync":
+                with (opt.no_sync() if net is model else contextlib.nullcontext()):
+                    (0.3 * loss).backward(retain_graph=True)
+                loss = 0.7 * loss
             before_backward = len(trace)
             (loss / scale).backward()
             if net is model:
                 backward_gathers.append([b for _, op, b in trace[before_backward:]
                                          if op == "all_gather"])
+            elif average is not None:
+                average(reference, ctx)
             optimizer.step()
             optimizer.zero_grad()
         step_gathers.append([b for _, op, b in trace[start:] if op == "all_gather"])
         differences.append(largest_difference(opt, model, ddp))
     opt.close()
-    return differences, backward_gathers, step_gathers, sizes, frozen_sizes
+    return differences, backward_gathers, step_gathers, sizes, frozen_sizes, block_1_sizes
 
 
 def skipped_in_backward(backward: list[int], sizes: list[int]) -> Counter:

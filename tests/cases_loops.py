@@ -17,7 +17,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils._pytree import tree_flatten
 
 import zeroshard
-from cases import average_by_hand, differences_per_step, largest_difference
+from cases import (average_by_hand, average_used_gradients, differences_per_step,
+                   largest_difference)
 from models import Block, build_model, loss_fn, make_batch
 
 MLP = {"kind": "mlp", "d_in": 5, "hidden": 7, "d_out": 3, "depth": 2, "frozen": False,
@@ -2126,20 +2127,6 @@ def momentum_encoder_written_inside_forward(ctx, stage: int, how: str):
     return largest_difference(opt, model, reference)
 
 
-def _average_used_gradients(reference, ctx) -> None:
-    """Data parallelism by hand where a parameter may have no gradient: one that some
-    rank has gets the mean over ranks (None counting as zero), as with DDP; one that no
-    rank has keeps None, so the optimizer skips it, as torch does."""
-    for param in reference.parameters():
-        has = torch.tensor(float(param.grad is not None))
-        dist.all_reduce(has, group=ctx.group)
-        if has.item() > 0:
-            if param.grad is None:
-                param.grad = torch.zeros_like(param)
-            dist.all_reduce(param.grad, group=ctx.group)
-            param.grad /= ctx.world_size
-
-
 def dropped_no_sync_window(ctx, clearing: str):
     """Stage 3: a window of ``no_sync()`` backwards that ran the branch (on rank 0),
     then ``clearing`` ("opt.zero_grad", "model.zero_grad" or "none": the window is
@@ -2166,7 +2153,7 @@ def dropped_no_sync_window(ctx, clearing: str):
             (optimizer if clearing == "opt.zero_grad" else net).zero_grad()
         loss_fn(spec, net, (x, y)).backward()
         if net is reference:
-            _average_used_gradients(reference, ctx)
+            average_used_gradients(reference, ctx)
         optimizer.step()
         optimizer.zero_grad()
     moved = (reference.branch.weight.detach() - start).abs().max().item()

@@ -57,10 +57,6 @@ class UnitRecord:
     input_hooks: list = dataclasses.field(default_factory=list)
     inputs_reached: int = 0
     leaf_input: bool = False  # an input that requires grad was a leaf: not released so
-    # Note [frozen units backward never reads] in _walk.py: a training forward left
-    # something backward may read its parameters through (an output that requires grad,
-    # a saved view of them, a run it may recompute)
-    backward_may_read: bool = False
     # Note [module backward hooks] in stage3.py: a training forward found a module of its
     # subtree with a backward hook (torch calls the hooks it took then, even if removed since)
     module_hooks_at_forward: bool = False
@@ -96,6 +92,10 @@ class Unit:
         self.skipped_in_backward = False
         self.kept_here = False
         self._state_elsewhere = ShardState.GATHERED
+        # since the ranks last compared it: a training forward left something backward
+        # may read its parameters through (an output that requires grad, a saved view of
+        # them, a run backward may repeat)
+        self.backward_may_read = False
         # Note [released once backward has read it] in stage3.py: the views of its
         # parameters its forwards saved that backward has not read yet (they leave with
         # the graph that holds them), and whether another unit's forward saved one.
@@ -124,7 +124,7 @@ class Unit:
         something backward may read this unit's parameters through, while they are
         gathered. Where every rank leaves the unit out of the backward walk, keep them
         gathered here until backward ends."""
-        self.record.backward_may_read = True
+        self.backward_may_read = True
         if self.skipped_in_backward and not self.kept_here and self.state is ShardState.GATHERED:
             self.kept_here = True
             self._state_elsewhere = ShardState.GATHERED
@@ -134,9 +134,14 @@ class Unit:
         (here too, unless it is only kept here)."""
         return (self._state_elsewhere if self.kept_here else self.state) is ShardState.SHARDED
 
-    def end_backward(self) -> None:
-        """A backward ended: release, start a new record."""
-        self.kept_here = False
+    def end_backward(self, synced: bool) -> None:
+        """A backward ended: release, start a new record. Kept here (Note [frozen units
+        backward never reads] in _walk.py), it stays gathered through a backward inside
+        no_sync(): a later backward of the window may read it (a retained graph, the
+        graph of another forward), and only a synced one's comparison puts it back into
+        the walk."""
+        if synced:
+            self.kept_here = False
         self.release()
         for handle in self.record.input_hooks:
             handle.remove()
@@ -216,19 +221,21 @@ class Unit:
         released only as far as its collectives go (Note [frozen units backward never
         reads] in _walk.py)."""
         self.wait()
-        if self.kept_here:
+        if self.state is not ShardState.GATHERED:
+            return
+        for bucket in self.buckets:
+            # Note [new .data inside a forward] in _bucket.py, then any write in place
+            replaced = bucket.adopt_data_replaced_while_gathered()
+            if replaced or bucket.written_while_gathered():
+                with torch.no_grad():
+                    self.masters.take_gathered_writes(bucket)
+        if self.kept_here:  # its shards, which the other ranks' gathers read, hold the writes
             self._state_elsewhere = ShardState.SHARDED
             return
-        if self.state is ShardState.GATHERED:
-            for bucket in self.buckets:
-                # Note [new .data inside a forward] in _bucket.py, then any write in place
-                replaced = bucket.adopt_data_replaced_while_gathered()
-                if replaced or bucket.written_while_gathered():
-                    with torch.no_grad():
-                        self.masters.take_gathered_writes(bucket)
-                self.gathered_storages.pop(bucket.flat.untyped_storage().data_ptr(), None)
-                bucket.free()
-            self._move(ShardState.SHARDED)
+        for bucket in self.buckets:
+            self.gathered_storages.pop(bucket.flat.untyped_storage().data_ptr(), None)
+            bucket.free()
+        self._move(ShardState.SHARDED)
 
     def __repr__(self) -> str:
         return f"Unit({self.name}, {self.state.value}, {self.nbytes()} bytes)"

@@ -34,19 +34,27 @@ Note [frozen units backward never reads]:
     backward left something backward may read its parameters through here (an output
     that requires grad, a saved view of its parameters, its own or taken by another
     unit, a run under activation checkpointing or no_grad inside a training forward,
-    which backward may run again). The units no rank flagged, but those kept gathered
-    for a pass or read through a custom Function's ctx (Note [frozen parameters kept on a
-    ctx] in _frozen_reads.py), are then left out of every rank's backward walk
-    (``Unit.skipped_in_backward``): no gather, no prefetch; the reductions due at their
-    place launch at the walk's next step. With ``reshard_after_forward=False`` backward
-    gathers nothing anyway, and this is off.
+    which backward may run again), or ever kept gathered for a pass or read through a
+    custom Function's ctx (Note [frozen parameters kept on a ctx] in _frozen_reads.py):
+    what a rank knows alone goes into the flag, so every rank decides alike (decided
+    apart, a rank that once ran a frozen unit under reentrant checkpointing kept walking
+    it and the others did not: gloo aborted, helper-97). The units no rank flagged are
+    then left out of every rank's backward walk (``Unit.skipped_in_backward``): no
+    gather, no prefetch; the reductions due at their place launch at the walk's next
+    step. With ``reshard_after_forward=False`` backward gathers nothing anyway, and this
+    is off.
     A later forward may flag such a unit on some rank (its input now requires grad,
     through a branch its data took): that rank keeps the unit gathered from that
-    forward to the end of its backward (``Unit.kept_here``), while every collective it
-    issues for the unit follows the state the unit has on the ranks that released it
-    (joined into a scratch buffer), so the ranks' collectives stay one sequence; the
-    next comparison puts the unit back into the walk. The flag is set while the unit is
-    gathered, so a unit is kept before it is released. Not seen: a frozen unit's
+    forward to the end of the next synced backward (``Unit.kept_here``; a backward
+    inside ``no_sync()`` may leave a retained graph or another forward's for a later
+    one: released there, the later one found it released, helper-97), while every
+    collective it issues for the unit follows the state the unit has on the ranks that
+    released it (joined into a scratch buffer), so the ranks' collectives stay one
+    sequence, and what is written to it meanwhile reaches its shards at each release as
+    for any unit, since the others' gathers read them (helper-97: a frozen bias scaled
+    in its forward twice a step was 3e-4 from DDP). That synced backward's comparison
+    puts the unit back into the walk. The flag is set while the unit is gathered, so a
+    unit is kept before it is released. Not seen: a frozen unit's
     parameters read by backward through none of those (a tensor requiring grad that its
     forward left on an attribute, not among its outputs): backward then finds it
     released and the rank raises, naming the unit.

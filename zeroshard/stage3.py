@@ -713,14 +713,15 @@ class UnitGatherer:
         got_gradient, late_anywhere, read_anywhere, steps_agree = _agreement.ran_and_late(
             [u.record.got_gradient for u in self._flagged],
             [p in late for p in range(len(self.reducer.buckets))],
-            [u.record.backward_may_read for u in self._frozen], self._steps,
+            # what each rank alone knows of a unit, so that all decide alike
+            [u.backward_may_read or u.held_for_pass or u.frozen_on_a_ctx
+             or u.saved_by_another_unit for u in self._frozen], self._steps,
             device=self.device, group=self.group, stats=self.stats, label=self.label)
         self._steps_differ = self._steps_differ or not steps_agree
         self.walk.backward_pass.got_gradient_somewhere = {
             id(u) for u, flag in zip(self._flagged, got_gradient) if flag}
         for unit, read in zip(self._frozen, read_anywhere):
-            unit.skipped_in_backward = not (read or unit.held_for_pass or unit.frozen_on_a_ctx
-                                            or unit.saved_by_another_unit)
+            unit.skipped_in_backward, unit.backward_may_read = not read, False
         return [p for p, flag in enumerate(late_anywhere) if flag]
 
     def got_no_gradient_anywhere(self, bucket) -> bool:
@@ -754,7 +755,7 @@ class UnitGatherer:
         self._released_early.clear()
         self.walk.end_backward(whole)
         for unit in self.units:
-            unit.end_backward()
+            unit.end_backward(synced=self.switches.require_sync)
 
     @contextlib.contextmanager
     def reading_structure(self):
