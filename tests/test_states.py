@@ -49,11 +49,12 @@ def test_the_phase_takes_only_the_listed_moves(start, to):
                f"cannot go from {start.value} to {to.value}")
 
 
-def test_release_and_end_of_backward_start_a_new_record():
+@pytest.mark.parametrize("synced", [True, False])
+def test_release_and_end_of_backward_start_a_new_record(synced):
     unit = Unit(nn.Linear(2, 2), "layer", [])
     unit.record.armed, unit.record.ran = True, True
     unit.record.grads_arrived.add(1)
-    unit.end_backward()  # even after no_sync(): the window's .grad says it ran, if kept
+    unit.end_backward(synced)  # even after no_sync(): the window's .grad says it ran, if kept
     assert unit.state is ShardState.SHARDED
     assert (unit.record.armed, unit.record.ran, unit.record.grads_arrived) == (False, False, set())
 
