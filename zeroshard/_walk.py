@@ -31,7 +31,7 @@ Note [frozen units backward never reads]:
     leave one out, as another rank's backward may read it. So after each synced
     backward the ranks compare, with the flags of Note [ran on no rank] in stage3.py,
     one flag per unit with only frozen parameters: whether a forward since the last
-    backward left something backward may read its parameters through here (an output
+    comparison left something backward may read its parameters through here (an output
     that requires grad, a saved view of its parameters, its own or taken by another
     unit, a run under activation checkpointing or no_grad inside a training forward,
     which backward may run again), or ever kept gathered for a pass or read through a
@@ -54,10 +54,10 @@ Note [frozen units backward never reads]:
     for any unit, since the others' gathers read them (helper-97: a frozen bias scaled
     in its forward twice a step was 3e-4 from DDP). That synced backward's comparison
     puts the unit back into the walk. The flag is set while the unit is gathered, so a
-    unit is kept before it is released. Not seen: a frozen unit's
-    parameters read by backward through none of those (a tensor requiring grad that its
-    forward left on an attribute, not among its outputs): backward then finds it
-    released and the rank raises, naming the unit.
+    unit is kept before it is released. Not seen: a frozen unit's parameters read by
+    backward through none of those (a tensor requiring grad that its forward left on an
+    attribute, not among its outputs): backward then finds it released and the rank
+    raises, naming the unit.
 """
 
 from __future__ import annotations
