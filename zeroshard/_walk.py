@@ -255,7 +255,7 @@ class Walk:
         order]), which the first step checks (Note [first-step agreement])."""
         if self._skipped_here(unit):
             return
-        if unit.state is ShardState.SHARDED and unit.buckets:
+        if unit.awaits_gather() and unit.buckets:  # (kept here: as it is elsewhere, helper-98)
             self._agree_while_recording(unit)
         self.gather_now(unit)
 
