@@ -98,6 +98,8 @@ def _prompted(way: str, step: int, rank: int) -> bool:
     if way in ("one_rank", "eval_between", "two_forwards", "no_sync", "checkpointed_on_one_rank",
                "retained_in_no_sync", "written_while_kept"):
         return rank == 1 and step in (2, 3)
+    if way == "loaded_after_a_forward":  # its forward without backward, before the load
+        return rank == 1 and step == 2
     if way == "every_rank":
         return step in (2, 3)
     return way == "reentrant"  # reentrant checkpointing needs an input that requires grad
@@ -120,15 +122,20 @@ def train(ctx, way: str, reshard_after_forward: bool = True, steps: int = 6):
     retain_graph=True, then a synced one through the same graph: the first released what
     rank 1 kept, and the second raised there), "written_while_kept" (the frozen shift
     scales itself in each of two forwards a step: rank 1 kept it, its writes never
-    reached the shard the others gathered, 3e-4 from DDP)."""
+    reached the shard the others gathered, 3e-4 from DDP). Found by helper-98:
+    "loaded_after_a_forward" (a training forward without backward kept the frozen blocks
+    on rank 1, and a load left their old values there for its next forward: 3.4e-2)."""
     torch.manual_seed(0)
     checkpointed = way if way in ("non_reentrant", "reentrant") else ""
     with torch.device("cpu"):
         model = FineTuned(checkpointed).double()
         reference = FineTuned(checkpointed).double()
     reference.load_state_dict(model.state_dict())
+    with torch.device("cpu"):
+        loaded = {k: v + 0.01 for k, v in FineTuned().double().state_dict().items()}
     model.shift.decays = reference.shift.decays = way == "written_while_kept"
-    if way == "retained_in_no_sync":  # DDP cannot: a retained graph backwarded inside no_sync
+    # DDP cannot: a retained graph backwarded inside no_sync; a forward without backward
+    if way in ("retained_in_no_sync", "loaded_after_a_forward"):
         ddp, average = reference, average_used_gradients
     else:  # the prompt unused on some ranks; with reentrant checkpointing everywhere (the
         # prompt used on every rank) DDP needs a static graph instead
@@ -156,6 +163,12 @@ def train(ctx, way: str, reshard_after_forward: bool = True, steps: int = 6):
         for net, optimizer in ((model, opt), (ddp, ref_opt)):
             getattr(net, "module", net).checkpoint_a_frozen_block = (
                 way == "checkpointed_on_one_rank" and prompted)
+            if way == "loaded_after_a_forward" and step == 2:  # a validation loss without
+                net(idx, prompted)  # no_grad (rank 1 keeps the frozen blocks), then a load
+                if net is model:
+                    opt.load_full_state_dict(loaded)
+                else:
+                    reference.load_state_dict(loaded)
             if way == "no_sync":  # a first micro-batch inside no_sync, unprompted
                 with (opt.no_sync() if net is model else ddp.no_sync()):
                     (F.cross_entropy(net(idx[:2]).flatten(0, 1), target[:2].flatten()) / 2
@@ -163,11 +176,13 @@ def train(ctx, way: str, reshard_after_forward: bool = True, steps: int = 6):
                 idx_used, target_used, scale = idx[2:], target[2:], 2
             else:
                 idx_used, target_used, scale = idx, target, 1
+            trains_prompted = prompted and way != "loaded_after_a_forward"
             if way in ("two_forwards", "written_while_kept"):  # two training forwards, one backward
-                loss = sum(F.cross_entropy(net(idx_used[i::2], prompted).flatten(0, 1),
+                loss = sum(F.cross_entropy(net(idx_used[i::2], trains_prompted).flatten(0, 1),
                                            target_used[i::2].flatten()) for i in range(2))
             else:
-                loss = F.cross_entropy(net(idx_used, prompted).flatten(0, 1), target_used.flatten())
+                loss = F.cross_entropy(net(idx_used, trains_prompted).flatten(0, 1),
+                                       target_used.flatten())
             if way == "eval_between":  # an evaluation between forward and backward
                 with torch.no_grad():
                     net(idx)

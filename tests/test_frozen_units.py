@@ -11,7 +11,7 @@ import cases_frozen
 
 WAYS = ["plain", "one_rank", "every_rank", "eval_between", "two_forwards", "no_sync",
         "non_reentrant", "reentrant", "checkpointed_on_one_rank", "retained_in_no_sync",
-        "written_while_kept"]
+        "written_while_kept", "loaded_after_a_forward"]
 
 
 @pytest.mark.parametrize("reshard_after_forward", [True, False])

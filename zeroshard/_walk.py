@@ -156,9 +156,11 @@ class Walk:
             raise RuntimeError(
                 f"zeroshard stage 3: backward reads the parameters of unit {unit.name}, which "
                 "every rank has left out of the backward walk (no rank's backward read it in "
-                "an earlier step) and which this rank's forward did not see it would need "
-                "(Note [frozen units backward never reads] in zeroshard/_walk.py); please "
-                "report it, with the model")
+                "an earlier step): the graph comes from before a step or a load (backward "
+                "through it would compute with weights it was not built with; run the "
+                "forward again after them), or this rank's forward did not see it would need "
+                "the unit (Note [frozen units backward never reads] in zeroshard/_walk.py; "
+                "please report it, with the model)")
         return True
 
     def _launching_at_steps(self) -> bool:

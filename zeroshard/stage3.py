@@ -992,6 +992,11 @@ class UnitGatherer:
             for bucket in unit.buckets:  # Note [a graph from before the step]
                 if bucket.params[0].requires_grad:
                     bucket.steps_taken += 1
+            # Note [frozen units backward never reads] in _walk.py: one kept here holds
+            # the old shards' values (a load changes frozen ones too): released for real
+            # (kept through a load, its old values ran the next forward here alone,
+            # helper-98's probe: 3.4e-2 from the reference)
+            unit.kept_here = False
             unit.release()
 
     def unshard(self) -> None:
