@@ -376,31 +376,32 @@ def first_step_that_differs_across_ranks(ctx, how: str):
     return error, True
 
 
+def frozen_units(zopt, case: dict) -> list:
+    """Stage 3's units other than the root that hold only frozen parameters, where it
+    reshards: those a backward may leave ungathered and that the ranks compare a flag for
+    (Note [frozen units backward never reads] in zeroshard/_walk.py); none elsewhere."""
+    if case["stage"] != 3 or not case.get("reshard_after_forward", True):
+        return []
+    return [u for u in zopt.sharding.units[1:]
+            if u.buckets and not any(p.requires_grad for b in u.buckets for p in b.params)]
+
+
 def agreement_flags_per_backward(zopt, case: dict) -> int:
     """The 4-byte flags stage 3 all-reduces after each synced backward: one per unit
     other than the root that has gradients ("ran", Note [ran on no rank]), one per bucket
-    with gradients ("late"), with resharding one per unit other than the root with only
-    frozen parameters ("backward may read it", Note [frozen units backward never
-    reads]), and the step count and its negation; none at stages 1-2."""
+    with gradients ("late"), one per ``frozen_units`` ("backward may read it"), and the
+    step count and its negation; none at stages 1-2."""
     if case["stage"] != 3:
         return 0
     units = zopt.sharding.units
-    trains = [any(p.requires_grad for b in u.buckets for p in b.params) for u in units]
-    frozen = [bool(u.buckets) and not t for u, t in zip(units, trains)]
-    resharding = case.get("reshard_after_forward", True)
-    return (sum(trains[1:]) + sum(b.params[0].requires_grad for u in units for b in u.buckets)
-            + resharding * sum(frozen[1:]) + 2)
+    trains = sum(any(p.requires_grad for b in u.buckets for p in b.params) for u in units[1:])
+    return (trains + sum(b.params[0].requires_grad for u in units for b in u.buckets)
+            + len(frozen_units(zopt, case)) + 2)
 
 
 def frozen_unit_elements(zopt, case: dict) -> int:
-    """The elements of stage 3's units other than the root that hold only frozen
-    parameters: with resharding, what a backward may leave ungathered (Note [frozen
-    units backward never reads] in zeroshard/_walk.py); 0 where none is left out."""
-    if case["stage"] != 3 or not case.get("reshard_after_forward", True):
-        return 0
-    return sum(p.numel() for u in zopt.sharding.units[1:]
-               if u.buckets and not any(p.requires_grad for b in u.buckets for p in b.params)
-               for b in u.buckets for p in b.params)
+    """The elements of ``frozen_units``: what a backward may leave ungathered."""
+    return sum(p.numel() for u in frozen_units(zopt, case) for b in u.buckets for p in b.params)
 
 
 def average_by_hand(reference: nn.Module, ctx) -> None:
