@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -161,6 +162,9 @@ def worker(rank: int, world: int, port: int, steps: int, names: list[str], resul
             resumed = largest_difference(snapshot(model, opt), final)
             opt.close()
             del opt, model
+            dist.barrier()  # every rank has read the checkpoint: rank 0 removes it
+            if rank == 0:
+                shutil.rmtree(folder)
         rows[name] = {
             "difference_from_ddp": difference, "resumed_difference": resumed,
             "norm_relative_difference": max(abs(a - b) / b for a, b in
