@@ -1647,6 +1647,41 @@ def partial_gradient_writes(ctx, stage: int):
     return refusals, _ranks_in_step(ctx)
 
 
+def gradients_set_by_hand(ctx, stage: int):
+    """Gradients the loop puts in ``p.grad`` itself, then a step with no backward: PCGrad's
+    surgery (each loss's gradients from ``torch.autograd.grad``, their sum in ``p.grad``)
+    and gradients copied in from another model (a helper's probe). No rank's hand-made
+    gradient reaches the others, so every rank must refuse before the step's collectives,
+    saying why: at stages 2 and 3 the step went on without them, the parameters not
+    moved. Each way on a fresh optimizer and after a step that trained normally (and its
+    ``opt.zero_grad()``). Returns the refusals and a probe that ranks are in step."""
+    model = build_model(MLP, seed=ctx.rank)
+    opt = _zero(model, stage, ctx.group, lr=0.1)
+    params = list(model.parameters())
+    refusals = []
+    for trained_before in (False, True):
+        if trained_before:
+            opt.zero_grad()
+            loss_fn(MLP, model, make_batch(MLP, seed=1, rank=ctx.rank, batch=4)).backward()
+            opt.step()
+            opt.zero_grad()
+        x, _ = make_batch(MLP, seed=0, rank=ctx.rank, batch=4)
+        out = model(x)
+        first = torch.autograd.grad(out[:, :1].pow(2).mean(), params, retain_graph=True)
+        second = torch.autograd.grad(out[:, 1:].abs().mean(), params)
+        surgery = [a + b for a, b in zip(first, second)]
+        copied = [torch.full_like(a, 0.5) for a in first]  # a model zeroshard never saw
+        for grads in (surgery, copied):
+            def set_then_step(grads=grads):
+                for param, grad in zip(params, grads):
+                    param.grad = grad
+                opt.step()
+
+            refusals.append(_refusal(set_then_step))
+            model.zero_grad()
+    return refusals, _ranks_in_step(ctx)
+
+
 def forward_without_backward_frees_its_activations(ctx):
     """Stage 3, a forward with grad enabled whose output is dropped without backward (a
     loss skipped for being NaN, an evaluation without no_grad): with the garbage collector

@@ -559,6 +559,21 @@ def test_zeroing_some_rows_of_a_gradient_is_refused(pool, stage):
             assert "changed in place" in refusal and "body." in refusal, refusal
 
 
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_gradients_set_by_hand_are_refused_on_every_rank_naming_why(pool, stage):
+    """PCGrad's gradient surgery (``torch.autograd.grad`` per loss, ``p.grad = a + b``) and
+    gradients copied in from elsewhere: refused before and after a normal step, on every
+    rank, saying that zeroshard reduces only what backward computes. Stages 2 and 3 took
+    most such steps without error and did not move the parameters (a helper's probe and
+    mine)."""
+    for refusals, probe in pool.run(cases_loops.gradients_set_by_hand, 2, stage):
+        assert probe == 2
+        assert len(refusals) == 4
+        for refusal in refusals:
+            assert "was given a new tensor (set by hand" in refusal, refusal
+            assert "torch.autograd.grad" in refusal and "p.register_hook" in refusal, refusal
+
+
 def test_stage3_forward_without_backward_frees_its_activations_at_once(pool):
     """Found by review: saved-tensor hooks returning the tensor itself made a cycle."""
     assert pool.run(cases_loops.forward_without_backward_frees_its_activations, 2) == [False, False]

@@ -127,10 +127,29 @@ def _view_of(marker: GradientMarker, view: torch.Tensor) -> GradientMarker:
     return view
 
 
+# A .grad the loop replaced: gradient surgery (PCGrad: torch.autograd.grad per loss, the
+# results combined into p.grad) is the common way to get here.
+GIVEN_A_NEW_TENSOR = (
+    "was given a new tensor (set by hand: zeroshard reduces the gradients backward computes, "
+    "as DDP does, so one computed with torch.autograd.grad and put in .grad would reach no "
+    "other rank; backward the loss instead, or change gradients as backward makes them with "
+    "p.register_hook)")
+
+
 def refusal(marker: GradientMarker, what: str) -> str:
     since = "opt.zero_grad(set_to_none=False)" if marker.holds_zero else "backward"
-    return (f"zeroshard {marker.stage_label}: {marker.parameter_name}.grad {what} after "
-            f"{since}, but the reduced gradient lives in the optimizer's shards, not in "
+    return _refusal(marker.parameter_name, marker.stage_label, f"{what} after {since}")
+
+
+def refusal_of_a_gradient_set_by_hand(name: str, stage_label: str) -> str:
+    """For a ``.grad`` the loop filled where no backward had left one (Note [gradient
+    markers]: before the first backward, or after ``opt.zero_grad()``)."""
+    return _refusal(name, stage_label, f"{GIVEN_A_NEW_TENSOR} where no backward had left one")
+
+
+def _refusal(name: str, stage_label: str, what: str) -> str:
+    return (f"zeroshard {stage_label}: {name}.grad {what}, "
+            "but the reduced gradient lives in the optimizer's shards, not in "
             ".grad (Note [gradient markers] in zeroshard/_grad_markers.py). Clear gradients "
             "with opt.zero_grad() or model.zero_grad() (whole gradients); clip with "
             "opt.clip_grad_norm_(max_norm) instead of "
@@ -174,7 +193,7 @@ class _BucketMarkers:
         for index, marker in self.markers.items():
             grad = params[index].grad
             if grad is not None and grad is not marker:
-                raise RuntimeError(refusal(marker, "was given a new tensor"))
+                raise RuntimeError(refusal(marker, GIVEN_A_NEW_TENSOR))
         none = [i for i, m in self.markers.items() if params[i].grad is None]
         zeroed = []
         if self.values._version != self.version:  # some marker was zeroed: read which

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from ._bucket import FlatBucket, grad_shards
+from ._grad_markers import GIVEN_A_NEW_TENSOR
 from .mixed_precision import GradientDtypes
 
 
@@ -77,7 +78,7 @@ class FullGradients:
                     none.append(index)
                 elif param.grad.data_ptr() != self._grad_view(bucket, index).data_ptr():
                     raise RuntimeError(self._refusal(
-                        f"{bucket.param_names[index]}.grad was given a new tensor"))
+                        f"{bucket.param_names[index]}.grad {GIVEN_A_NEW_TENSOR}"))
             if self._versions_reduced[id(bucket)] != self.flat_grads[id(bucket)]._version:
                 shown = 6  # the buffer's one version counter does not say which parameter
                 names = ", ".join(bucket.param_names[:shown]) + (

@@ -52,7 +52,7 @@ import sys
 import torch
 
 from ._bucket import FlatBucket, grad_shards, to_memory_order
-from ._grad_markers import GradientMarkers
+from ._grad_markers import GradientMarker, GradientMarkers, refusal_of_a_gradient_set_by_hand
 from ._hooks import LoopSwitches, WeakHook
 from .mixed_precision import GradientDtypes
 
@@ -175,7 +175,23 @@ class ShardedGradients:
         self.markers.place(self.buckets)
 
     def claim_gradients(self) -> None:
+        self._refuse_gradients_set_by_hand()
         self.markers.take_back(keep=True)  # the shards keep their gradient until cleared
+
+    def _refuse_gradients_set_by_hand(self) -> None:
+        """Note [gradient markers]: when the shards are used, a trainable parameter's
+        ``.grad`` holds a marker or None (a backward inside ``no_sync()`` is refused
+        before this). A tensor the loop put there where no marker was (before the first
+        backward, after ``opt.zero_grad()``: PCGrad's surgery, gradients copied in from
+        another model) reaches no shard: the step went on without it, and the
+        parameters did not move, silently (a helper's probe, stages 2 and 3). A marker
+        replaced is refused by ``take_back``."""
+        for bucket in self.buckets:
+            for name, param in zip(bucket.param_names, bucket.params):
+                if (param.grad is not None and param.requires_grad
+                        and not isinstance(param.grad, GradientMarker)):
+                    raise RuntimeError(refusal_of_a_gradient_set_by_hand(
+                        name, self.markers.stage_label))
 
     def is_gradient_marker(self, tensor: torch.Tensor) -> bool:
         return self.markers.is_marker(tensor)
