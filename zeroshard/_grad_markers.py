@@ -25,7 +25,8 @@ Note [gradient markers]:
       model.parameters())`` does, or zeroing some rows through ``p.grad[rows]``,
       ``p.grad.data``) at once, by the marker (a ``torch.Tensor`` subclass whose views
       are markers too), and a new tensor put in ``p.grad`` when the shards are next
-      used.
+      used, in place of a marker or where none was (before the first backward, after
+      ``opt.zero_grad()``: the step went on without it there until a helper's probe).
 
     After ``opt.zero_grad(set_to_none=False)`` the shards that exist are zeros, and
     their parameters get markers too, reading zero as torch's zeroed gradients do, so
