@@ -22,9 +22,16 @@ from zeroshard._inner import InnerOptimizers
 from zeroshard._validate import ELEMENTWISE_OPTIMIZERS, steps_as_torch_elementwise
 from strategies import mlp_specs, transformer_specs
 
+def _has_trained_matrices(spec: dict) -> bool:
+    """One block under a frozen lead (its embedding and block 0) with a tied head leaves no
+    Linear weight to train: the group stepped whole would be empty, and the reference
+    torch optimizer refuses an empty parameter list (found by the thorough profile)."""
+    return not (spec["frozen"] == "lead" and spec["layers"] == 1 and spec["tied"])
+
+
 models = st.one_of(
     mlp_specs.map(lambda m: {**m, "unused_branch": False, "branch_everywhere": False}),
-    transformer_specs)
+    transformer_specs.filter(_has_trained_matrices))
 
 
 @st.composite
