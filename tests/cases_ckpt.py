@@ -7,6 +7,7 @@ that loads the same state another way.
 
 from __future__ import annotations
 
+import collections
 import math
 import os
 
@@ -665,3 +666,120 @@ def a_qat_models_resume(ctx, folder: str, stage: int):
         (resumed[0][name].float() - value.float()).abs().max().item()
         for name, value in full[0].items() if value.is_floating_point())
     return from_checkpoint, from_full, difference
+
+
+class _Calibrated(torch.nn.Module):
+    """A layer with extra state its forward reads and training changes (Transformer
+    Engine's FP8 scaling and a quantizer's running amax work so): ``amax``, the largest
+    weight magnitude seen in training (alike on every rank, as such state is kept),
+    scales the output; ``seen``, a count, a list (not a tensor, as torch allows)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(width, width)
+        self.amax, self.seen = 1.0, [0]
+
+    def forward(self, x):
+        y = self.lin(x)
+        if self.training:
+            self.amax = max(self.amax, 4 * float(self.lin.weight.detach().abs().max()))
+            self.seen = [self.seen[0] + 1]
+        return y / self.amax
+
+    def get_extra_state(self):
+        return {"amax": self.amax, "seen": list(self.seen)}
+
+    def set_extra_state(self, state) -> None:
+        self.amax, self.seen = state["amax"], list(state["seen"])
+
+
+class _Uncalibrated(_Calibrated):
+    """The same parameters, no extra state."""
+    get_extra_state = torch.nn.Module.get_extra_state
+    set_extra_state = torch.nn.Module.set_extra_state
+
+
+class _CalibratedWithHistory(_Calibrated):
+    """Extra state holding a Python object the weights-only unpickler refuses."""
+
+    def get_extra_state(self):
+        return {"history": collections.deque([self.amax], maxlen=4)}
+
+
+class _CalibratedNet(torch.nn.Module):
+    def __init__(self, layer) -> None:
+        super().__init__()
+        self.block = layer(4)
+        self.again = self.block  # one module under two names: its state is saved once
+        self.out = torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.block(x)))
+
+
+def _calibrated_model(layer=_Calibrated) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return _CalibratedNet(layer).double()
+
+
+def _calibrated_steps(ctx, model, opt, start: int, count: int) -> None:
+    for step in range(start, start + count):
+        x = torch.randn(2 * ctx.world_size, 4, dtype=torch.float64,
+                        generator=torch.Generator().manual_seed(step))
+        model(x[2 * ctx.rank:2 * ctx.rank + 2]).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def modules_extra_state(ctx, stage: int, folder: str) -> dict:
+    """Train 2 steps, save a checkpoint and take full state dicts, train 2 more (the run
+    that never stopped). Then resume 3 ways in fresh models and optimizers (the
+    checkpoint; the full state dicts on every rank; on rank 0 only) and train the same 2
+    steps. Returns, per way, the largest parameter difference from the run that never
+    stopped and whether the extra state equals it; and what loading the checkpoint into a
+    model without the calibrated layer's extra state raised."""
+    kwargs = {"stage": stage, "lr": 0.1, "process_group": ctx.group, "bucket_size_mb": 1e-4}
+    model = _calibrated_model()
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.AdamW, **kwargs)
+    _calibrated_steps(ctx, model, opt, 0, 2)
+    zeroshard.save_checkpoint(folder, model, opt)
+    full = [opt.full_state_dict()]  # rank 0's; then on every rank
+    torch.distributed.broadcast_object_list(full, group_src=0, group=ctx.group)
+    full = full[0]
+    _calibrated_steps(ctx, model, opt, 2, 2)
+    with opt.summon_full_params():
+        expected = [p.detach().clone() for p in model.parameters()]
+    expected_state = model.block.get_extra_state()
+    opt.close()
+    out = {}
+    loads = {"checkpoint": lambda m, o: zeroshard.load_checkpoint(folder, m, o),
+             "full state, every rank": lambda m, o: o.load_full_state_dict(*full),
+             "full state, rank 0": lambda m, o: o.load_full_state_dict(
+                 *(full if ctx.rank == 0 else (None, None)))}
+    for way, load in loads.items():
+        model = _calibrated_model()
+        opt = zeroshard.ZeroOptimizer(model, torch.optim.AdamW, **kwargs)
+        load(model, opt)
+        _calibrated_steps(ctx, model, opt, 2, 2)
+        with opt.summon_full_params():
+            difference = max((p - e).abs().max().item() for p, e in zip(model.parameters(), expected))
+        out[way] = (difference, model.block.get_extra_state() == expected_state)
+        opt.close()
+    plain = _calibrated_model(_Uncalibrated)
+    opt = zeroshard.ZeroOptimizer(plain, torch.optim.AdamW, **kwargs)
+    try:
+        zeroshard.load_checkpoint(folder, plain, opt)
+        out["refused"] = None
+    except ValueError as error:
+        out["refused"] = str(error)
+    opt.close()
+    model = _calibrated_model(_CalibratedWithHistory)
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.AdamW, **kwargs)
+    try:
+        zeroshard.save_checkpoint(folder + "_history", model, opt)
+        out["save refused"] = None
+    except ValueError as error:
+        out["save refused"] = str(error)
+    out["written"] = os.path.exists(os.path.join(folder + "_history", "LATEST"))
+    opt.close()
+    return out

@@ -428,3 +428,25 @@ def test_a_qat_models_resume_names_its_first_forward_and_loads_after_it(pool, tm
     # the full state dicts are rank 0's: it names the buffer and the fix
     assert fix in outcomes[0][1] and "model_state_dict[" in outcomes[0][1], outcomes[0][1]
     assert outcomes[0][2] == 0.0
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_a_modules_extra_state_resumes_with_it(pool, tmp_path, stage):
+    """Note [modules' extra state]: ``get_extra_state`` / ``set_extra_state`` (an amax the
+    forward scales by, a count) come back with a checkpoint and with full state dicts (on
+    every rank, or on rank 0 only), and training goes on as if it never stopped. The
+    checkpoint lost them (an amax back at its initial value, silently), and
+    ``load_full_state_dict`` refused its own ``full_state_dict()``'s ``_extra_state`` key
+    as another model's (helper-101's probe). A checkpoint with such state is refused by a
+    model without it, and extra state no weights-only load could read is refused at the
+    save (Note [a checkpoint that loads]), nothing written."""
+    for out in pool.run(cases_ckpt.modules_extra_state, 2, stage, str(tmp_path / "ckpt")):
+        for way in ("checkpoint", "full state, every rank", "full state, rank 0"):
+            difference, same_state = out[way]
+            assert same_state, way
+            assert difference == 0, (way, difference)
+        assert "extra state" in out["refused"] and "block._extra_state" in out["refused"], \
+            out["refused"]
+        refusal = out["save refused"]
+        assert refusal and "block._extra_state" in refusal and "deque" in refusal, refusal
+        assert "add_safe_globals" in refusal and not out["written"], refusal

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 import torch
 
 from . import _comm
+from . import _extra_state as extra_state
 from ._bucket import to_memory_order
 from ._inner import _step_without_global_hooks, hyperparameters, split_state, standin_optimizer
 from ._sharded_state import (check_one_scalar_per_bucket, load_from, memory_orders,
@@ -387,7 +388,9 @@ def check_full_state(opt, model_sd: dict, optim_sd: dict | None) -> None:
     stored_under_alias |= {name for name, names in buffers.items()
                            if any(alias in model_sd for alias in names)}
     missing = sorted(set(expected) - set(model_sd) - stored_under_alias)
-    unexpected = sorted(_not_ignored(model, set(model_sd) - set(expected)))
+    # Note [modules' extra state] in _extra_state.py: loaded where present, optional
+    with_extra_state = set(extra_state.modules_with_extra_state(model, every_name=True))
+    unexpected = sorted(_not_ignored(model, set(model_sd) - set(expected) - with_extra_state))
     if missing or unexpected:
         raise ValueError(f"model_state_dict does not fit this model: missing keys {missing[:5]}, "
                          f"unexpected keys {unexpected[:5]}; save it from the same model class")
@@ -406,6 +409,20 @@ def check_full_state(opt, model_sd: dict, optim_sd: dict | None) -> None:
     if "state" not in optim_sd or saved_sizes != sizes:
         raise ValueError(f"optimizer_state_dict has param groups of sizes {saved_sizes}, this "
                          f"optimizer's are {sizes}; build ZeroOptimizer with the same param_groups")
+
+
+def _load_extra_state(opt, model_sd, everywhere: bool) -> None:
+    """Note [modules' extra state] in _extra_state.py: what ``model_sd`` holds of it, on
+    every rank (sent from rank 0 where the other ranks passed None)."""
+    model = opt.sharding.model
+    keys = extra_state.modules_with_extra_state(model, every_name=True)
+    if not keys:  # (every rank alike: the ranks' models were compared at construction)
+        return
+    saved = {key: model_sd[key] for key in keys if key in model_sd} if model_sd is not None else None
+    if not everywhere:
+        saved = _comm.broadcast_object(saved, group=opt.sharding.ranks, stats=opt.comm_stats,
+                                       label="load", device=opt.sharding.device)
+    extra_state.restore(model, saved)
 
 
 def _not_ignored(model, keys: set[str]) -> set[str]:
@@ -532,6 +549,7 @@ def load_full_state(opt, model_sd: dict | None, optim_sd: dict | None) -> None:
     if not everywhere:
         for buffer in view.model.buffers():
             _comm.broadcast(buffer, group=view.ranks, stats=opt.comm_stats, label="load")
+    _load_extra_state(opt, local.model_sd if holds_dicts else None, everywhere)
     if not with_states:
         return
     # the groups' settings and the state under the optimizer's own keys (Note [state

@@ -7,7 +7,9 @@ On disk, ``path`` is a folder that holds one complete checkpoint and a pointer t
                            orders, groups, per-parameter optimizer scalars) and every
                            file's size
     path/v000003/rank00001.pt   shard 1's pieces of the parameters (see _sharded_state.py):
-                           fp32 master values and per-element optimizer states
+                           fp32 master values and per-element optimizer states; rank
+                           0's file also holds the buffers and the modules' extra
+                           state (Note [modules' extra state] in _extra_state.py)
     path/v000003/extra00001.pt  rank 1's ``extra``
     path/v000003/crc00001.txt   the CRC-32 of each file rank 1 wrote (Note [checksums])
     path/v000003/meta.crc32     the CRC-32 of meta.pt
@@ -67,6 +69,7 @@ from pathlib import Path
 import torch
 
 from . import _comm
+from . import _extra_state as extra_state
 from ._bucket import from_memory_order, to_memory_order
 from ._full_state import SIZED_IN_FORWARD, buffer_aliases
 from ._inference_mode import outside_inference_mode
@@ -114,6 +117,8 @@ def save_checkpoint(path, model, opt, extra=None) -> None:
     whole = {name for b in view.buckets if b.owns_whole_parameters
              for name in b.param_names}
     buffers = _persistent_buffers(model) if view.rank == 0 else {}
+    # Note [modules' extra state] in _extra_state.py: rank 0's, as its buffers
+    module_states = extra_state.collect(model) if view.rank == 0 else {}
 
     def write_mine():
         _refuse_unseen_staging(staging, view.rank)
@@ -124,7 +129,7 @@ def save_checkpoint(path, model, opt, extra=None) -> None:
                      # the parameters this rank steps whole: their state is here only
                      "layouts": {name: layout for name, layout in layouts.items()
                                  if name in whole},
-                     "buffers": buffers}
+                     "buffers": buffers, "module_extra_states": module_states}
             name = _rank_file(view.ranks.shard_rank)
             checksums[name] = _save_synced(shard, staging / name)
         name = _extra_file(view.rank)
@@ -175,7 +180,11 @@ def load_checkpoint(path, model, opt):
             file = _load_file(folder / _rank_file(r), weights_only=True, mmap=True)
             if r == 0:  # the buffers are rank 0's
                 state["buffers"] = file["buffers"]
+                # absent from a checkpoint saved before Note [modules' extra state]
+                state["module_extra_states"] = file.get("module_extra_states")
         _check_buffers(state["buffers"], folder, model)
+        if state["module_extra_states"] is not None:
+            extra_state.check_saved(state["module_extra_states"], model, f"checkpoint {folder}")
         state["source"] = _CheckpointSource(meta, folder, parameter_names(model), memory_orders(opt))
         check_one_scalar_per_bucket(opt, state["source"].optimizer_layout,
                                     [group["hyperparameters"] for group in meta["param_groups"]])
@@ -191,6 +200,7 @@ def load_checkpoint(path, model, opt):
             key = next((a for a in aliases.get(name, []) if a in buffers), None)
             if key is not None:
                 buffer.copy_(buffers[key])
+    extra_state.restore(model, state["module_extra_states"] or {})
     opt._take_loaded_settings([saved["hyperparameters"] for saved in meta["param_groups"]])
     view.inner.take_own_entries(meta.get("optimizer_own_state", []))
     return state["extra"]
@@ -239,12 +249,23 @@ def _refuse_what_a_load_refuses(opt, layouts: dict) -> None:
         the save wrote them without a word, and every load of that checkpoint was refused
         (a helper's sweep), found only when a run needed it. So the save tries the
         non-tensor state it is about to write through that unpickler first (small: the
-        groups' settings, per-tensor scalars, the classes' own entries), and refuses on
-        every rank before writing anything, naming the state and the class."""
+        groups' settings, per-tensor scalars, the classes' own entries, the modules'
+        extra state), and refuses on every rank before writing anything, naming the
+        state and the class."""
     parts = {f"param_groups[{i}]": settings for i, settings in enumerate(_saved_settings(opt))}
     parts.update({f"the optimizer state of {name!r}": layout[0]
                   for name, layout in layouts.items()})
     parts.update({f"{name}'s own state": entries for name, entries in _saved_own_state(opt)})
+    classes = _classes([_qualname(c) for c in opt.sharding.inner.classes])
+    # where -> (who keeps it, what else to do)
+    holders = dict.fromkeys(parts, (
+        f"the optimizer class ({classes}) keeps it in its state",
+        ", or save this run with opt.state_dict() and torch.save on each rank (same world "
+        "size and stage to load)"))
+    for key, module in extra_state.modules_with_extra_state(opt.sharding.model).items():
+        where = f"{key} (Note [modules' extra state] in zeroshard/_extra_state.py)"
+        parts[where] = module.get_extra_state()
+        holders[where] = (f"{type(module).__qualname__}.get_extra_state() returns it", "")
 
     def loads(value) -> Exception | None:
         buffer = io.BytesIO()
@@ -263,12 +284,9 @@ def _refuse_what_a_load_refuses(opt, layouts: dict) -> None:
     why = next((line.strip() for line in lines if "Unsupported" in line), lines[0] if lines else "")
     raise ValueError(
         f"save_checkpoint: {where} holds a Python object that load_checkpoint's weights-only "
-        f"read refuses ({why[:300]}): the optimizer class "
-        f"({_classes([_qualname(c) for c in opt.sharding.inner.classes])}) keeps it in its "
-        "state, so no load of this checkpoint would work. Nothing was written. Allow that "
-        "type with torch.serialization.add_safe_globals([...]) (then save and load work), "
-        "or save this run with opt.state_dict() and torch.save on each rank (same world "
-        "size and stage to load)")
+        f"read refuses ({why[:300]}): {holders[where][0]}, so no load of this checkpoint "
+        "would work. Nothing was written. Allow that type with "
+        f"torch.serialization.add_safe_globals([...]) (then save and load work){holders[where][1]}")
 
 
 def _tensors_left_out(value):

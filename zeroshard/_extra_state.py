@@ -1,0 +1,55 @@
+"""Modules' extra state (``get_extra_state`` / ``set_extra_state``) in checkpoints and full
+state dicts.
+
+Note [modules' extra state]:
+    A module may keep state that is neither a parameter nor a buffer and hand it to
+    ``model.state_dict()`` through ``get_extra_state`` (Transformer Engine's FP8 scaling
+    metadata, a quantizer's running amax, a step counter), under the key
+    ``<module>._extra_state``; ``load_state_dict`` gives it back through
+    ``set_extra_state``. ``save_checkpoint`` wrote parameters, optimizer state and
+    buffers only, so a resumed run went on with each such module's state as it was
+    built, silently (a helper's probe: an amax 1.396 came back 0.0, a counter 3 where the
+    run that never stopped had 6), and ``load_full_state_dict`` refused its own
+    ``full_state_dict()``'s ``_extra_state`` keys as another model's. Rank 0's state is
+    saved, as its buffers are (Note [buffers a checkpoint holds] in checkpoint.py), and
+    given to every rank's module by a load. A module registered under two names is
+    saved once, under its first. A full state dict without a module's key (a
+    safetensors file, which holds tensors only) leaves that module's state as it is.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+KEY = "_extra_state"
+
+
+def modules_with_extra_state(model: nn.Module, every_name: bool = False) -> dict[str, nn.Module]:
+    """``<module name>._extra_state`` -> module, for each module whose class gives extra
+    state (torch's test in ``state_dict``): once each, or under ``every_name`` it is
+    registered by (as ``model.state_dict()`` holds it)."""
+    return {f"{name}.{KEY}" if name else KEY: module
+            for name, module in model.named_modules(remove_duplicate=not every_name)
+            if type(module).get_extra_state is not nn.Module.get_extra_state}
+
+
+def collect(model: nn.Module) -> dict[str, object]:
+    return {key: module.get_extra_state() for key, module in modules_with_extra_state(model).items()}
+
+
+def check_saved(saved: dict, model: nn.Module, where: str) -> None:
+    """Raise, naming the difference, unless ``saved`` holds exactly the model's modules."""
+    mine = set(modules_with_extra_state(model))
+    missing, unexpected = sorted(mine - set(saved)), sorted(set(saved) - mine)
+    if missing or unexpected:
+        raise ValueError(f"{where} does not hold this model's modules' extra state "
+                         f"(get_extra_state): missing {missing[:5]}, unexpected "
+                         f"{unexpected[:5]}. Load it into the model it was saved from")
+
+
+def restore(model: nn.Module, saved) -> None:
+    """Give each module its extra state in ``saved`` (a mapping, by any of the module's
+    names); modules ``saved`` lacks keep theirs."""
+    for key, module in modules_with_extra_state(model, every_name=True).items():
+        if key in saved:
+            module.set_extra_state(saved[key])
