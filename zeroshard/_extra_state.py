@@ -13,8 +13,12 @@ Note [modules' extra state]:
     ``full_state_dict()``'s ``_extra_state`` keys as another model's. Rank 0's state is
     saved, as its buffers are (Note [buffers a checkpoint holds] in checkpoint.py), and
     given to every rank's module by a load. A module registered under two names is
-    saved once, under its first. A full state dict without a module's key (a
-    safetensors file, which holds tensors only) leaves that module's state as it is.
+    saved once, under its first. A checkpoint whose extra state is another model's is
+    refused, naming the modules; one saved before this holds none, and a full state
+    dict without a module's key (a safetensors file, which holds tensors only), and
+    both leave the modules' state as it is. Extra state the weights-only unpickler
+    would refuse is refused at the save (Note [a checkpoint that loads] in
+    checkpoint.py).
 """
 
 from __future__ import annotations
