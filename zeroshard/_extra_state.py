@@ -14,9 +14,9 @@ Note [modules' extra state]:
     saved, as its buffers are (Note [buffers a checkpoint holds] in checkpoint.py), and
     given to every rank's module by a load. A module registered under two names is
     saved once, under its first. A checkpoint whose extra state is another model's is
-    refused, naming the modules; one saved before this holds none, and a full state
-    dict without a module's key (a safetensors file, which holds tensors only), and
-    both leave the modules' state as it is. Extra state the weights-only unpickler
+    refused, naming the modules. A checkpoint saved before this holds none: it leaves
+    the modules' state as it is, and so does a full state dict without a module's key
+    (a safetensors file, which holds tensors only). Extra state the weights-only unpickler
     would refuse is refused at the save (Note [a checkpoint that loads] in
     checkpoint.py).
 """
