@@ -505,3 +505,45 @@ def gradients_taken_as_they_come(ctx, stage: int, shown: str | None) -> tuple[li
         moved = all(not torch.equal(a, p) for a, p in zip(first, model.parameters()))
     opt.close()
     return held, moved
+
+
+class _SharedMask(nn.Module):
+    """One buffer registered in two modules: ``writer`` moves it in each training forward
+    (a running statistic), ``reader`` scales by it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writer, self.reader = nn.Linear(4, 4), nn.Linear(4, 2)
+        shared = torch.zeros(4)
+        self.writer.register_buffer("mask", shared)
+        self.reader.register_buffer("mask", shared)
+
+    def forward(self, x):
+        h = self.writer(x)
+        if self.training:
+            with torch.no_grad():
+                self.writer.mask.mul_(0.5).add_(h.detach().abs().mean(0), alpha=0.5)
+        return self.reader(h * (1 + self.reader.mask.to(h.dtype)))
+
+
+def a_buffer_shared_by_two_modules(ctx, stage: int) -> dict:
+    """A ``buffer_dtype`` policy over ``_SharedMask``: after two steps and after
+    ``close()``, whether the two modules still hold one tensor, and the reader's buffer
+    against the writer's."""
+    torch.manual_seed(0)
+    model = _SharedMask()
+    opt = zeroshard.ZeroOptimizer(
+        model, torch.optim.SGD, stage=stage, lr=0.1, process_group=ctx.group,
+        mixed_precision=zeroshard.MixedPrecision(torch.bfloat16, buffer_dtype=torch.bfloat16))
+    for step in range(2):
+        x = torch.randn(3, 4, generator=torch.Generator().manual_seed(10 * step + ctx.rank))
+        model(x).float().pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    out = {"one tensor": model.reader.mask is model.writer.mask,
+           "difference": (model.reader.mask - model.writer.mask).abs().max().item(),
+           "moved": model.writer.mask.abs().max().item()}
+    opt.close()
+    out["one tensor after close"] = model.reader.mask is model.writer.mask
+    out["dtype after close"] = model.reader.mask.dtype
+    return out

@@ -354,3 +354,15 @@ def test_full_precision_blocks_keep_writes_made_around_them_and_refuse_loads_and
         for what, refusal in result["refusals"].items():
             assert refusal is not None and "inside `with opt.summon_full_params():`" in refusal, \
                 (what, refusal)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_a_buffer_shared_by_two_modules_stays_one_under_buffer_dtype(pool, stage):
+    """``buffer_dtype`` cast a buffer registered in two modules once per module: two
+    tensors, so the writer's updates never reached the reader (it kept zeros, helper-102's
+    probe), and ``close()`` left them apart. Now it is cast once and stays one tensor,
+    back in fp32 after ``close()``."""
+    for out in pool.run(cases_mp.a_buffer_shared_by_two_modules, 2, stage):
+        assert out["moved"] > 0, out  # the writer did write
+        assert out["one tensor"] and out["difference"] == 0, out
+        assert out["one tensor after close"] and out["dtype after close"] == torch.float32, out

@@ -175,14 +175,20 @@ class _OutputsTo:
 
 
 def cast_buffers(model: nn.Module, policy: MixedPrecision) -> None:
+    """Floating-point buffers to ``policy.buffer_dtype``, but for those of the modules
+    kept in full precision (Note [full-precision modules]). A buffer registered in
+    several modules (one mask for every layer) is cast once and stays one tensor: a
+    cast per module made copies, so a write through one module no longer reached the
+    others, silently (a helper's probe: the reader kept zeros)."""
     if policy.buffer_dtype is None:
         return
+    kept = {id(buffer) for module in model.modules() if isinstance(module, FULL_PRECISION_MODULES)
+            for buffer in module._buffers.values() if buffer is not None}
+    cast: dict[int, torch.Tensor] = {}
     for module in model.modules():
-        if isinstance(module, FULL_PRECISION_MODULES):
-            continue  # Note [full-precision modules]
         for name, buffer in module._buffers.items():
-            if buffer is not None and buffer.is_floating_point():
-                module._buffers[name] = buffer.to(policy.buffer_dtype)
+            if buffer is not None and buffer.is_floating_point() and id(buffer) not in kept:
+                module._buffers[name] = cast.setdefault(id(buffer), buffer.to(policy.buffer_dtype))
 
 
 def _cast_floating(tree, dtype: torch.dtype):

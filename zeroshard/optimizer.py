@@ -291,11 +291,12 @@ class ZeroOptimizer(torch.optim.Optimizer):
             value = masters.get(id(param), param.data)
             param.data = value.to(self._param_dtypes.get(id(param), value.dtype))
             param.grad = None  # stage 1's local gradient views its buffers
+        restored: dict[int, torch.Tensor] = {}  # a buffer of several modules stays one
         for module in self._model.modules():
             for name, buffer in module._buffers.items():
                 dtype = self._buffer_dtypes.get((id(module), name))
                 if buffer is not None and dtype is not None and buffer.dtype != dtype:
-                    module._buffers[name] = buffer.to(dtype)
+                    module._buffers[name] = restored.setdefault(id(buffer), buffer.to(dtype))
         viewed = {p.untyped_storage().data_ptr() for p in self._model.parameters()}
         # Stage 3 with mixed precision: the gathered low-precision buffers, replaced above
         _comm.release(b.flat for b in self._plan.every_bucket
