@@ -1682,6 +1682,55 @@ def gradients_set_by_hand(ctx, stage: int):
     return refusals, _ranks_in_step(ctx)
 
 
+def param_group_gradients_replaced(ctx, stage: int, policy: bool) -> dict:
+    """The gradients ``opt.param_groups`` show, changed between backward and the step:
+    the weights' group given new tensors (``p.grad = p.grad.clamp(-c, c)``) and the
+    biases' group set to None, then ``opt.clip_grad_norm_`` and SGD (no momentum: a
+    zero gradient leaves a parameter where None does). The reference is the same loop
+    changing them in place (``clamp_``, ``zero_()``), which reached the shards before.
+    Returns the largest parameter difference and the clip norms of both, and how far
+    the biases moved. (A helper's probes: the replaced gradients reached neither the
+    clip's norm nor, under a bf16 policy, the step; the biases moved.)"""
+    out = {}
+    for way in ("replaced", "in place"):
+        model = build_model(MLP, seed=0)
+        model = model.float() if policy else model.double()
+        biases = [p for name, p in model.named_parameters() if name.endswith("bias")]
+        weights = [p for name, p in model.named_parameters() if not name.endswith("bias")]
+        initial = [b.detach().clone() for b in biases]
+        opt = zeroshard.ZeroOptimizer(
+            model, torch.optim.SGD, stage=stage, lr=0.1, process_group=ctx.group,
+            param_groups=[{"params": weights}, {"params": biases}],
+            mixed_precision=zeroshard.MixedPrecision(torch.bfloat16, buffer_dtype=torch.bfloat16)
+            if policy else None)
+        norms = []
+        for step in range(3):
+            x, y = make_batch(MLP, seed=step, rank=ctx.rank, batch=4)
+            dtype = torch.bfloat16 if policy else torch.float64  # the model computes in it
+            torch.nn.functional.mse_loss(model(x.to(dtype)).double(), y.double()).backward()
+            for p in opt.param_groups[0]["params"]:
+                if way == "replaced":
+                    p.grad = p.grad.clamp(-0.02, 0.02)
+                else:
+                    p.grad.clamp_(-0.02, 0.02)
+            for p in opt.param_groups[1]["params"]:
+                if way == "replaced":
+                    p.grad = None
+                else:
+                    p.grad.zero_()
+            norms.append(opt.clip_grad_norm_(0.05).item())
+            opt.step()
+            opt.zero_grad()
+        with opt.summon_full_params(full_precision=True):  # the masters, under the policy
+            out[way] = ([p.detach().clone() for p in model.parameters()], norms,
+                        max((b - i).abs().max().item() for b, i in zip(biases, initial)))
+        opt.close()
+    (replaced, replaced_norms, replaced_moved), (kept, kept_norms, kept_moved) = (
+        out["replaced"], out["in place"])
+    return {"difference": max((a - b).abs().max().item() for a, b in zip(replaced, kept)),
+            "norms": (replaced_norms, kept_norms), "biases moved": (replaced_moved, kept_moved)}
+
+
 def forward_without_backward_frees_its_activations(ctx):
     """Stage 3, a forward with grad enabled whose output is dropped without backward (a
     loss skipped for being NaN, an evaluation without no_grad): with the garbage collector

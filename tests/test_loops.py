@@ -574,6 +574,21 @@ def test_gradients_set_by_hand_are_refused_on_every_rank_naming_why(pool, stage)
             assert "torch.autograd.grad" in refusal and "p.register_hook" in refusal, refusal
 
 
+@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("policy", [False, True])
+def test_gradients_the_param_groups_show_replaced_or_cleared_reach_clip_and_step(pool, stage,
+                                                                                   policy):
+    """Note [gradients the param groups show]: ``p.grad = p.grad.clamp(...)`` and ``p.grad =
+    None`` on ``opt.param_groups``' tensors act as the same changes made in place, in the
+    clip's norm and in the step, with and without a bf16 policy; the biases set to None
+    stay still. Before, the clip took its norm from the old shard (both), and under the
+    policy the step's widening put the old shard back (helper-102's probes)."""
+    for out in pool.run(cases_loops.param_group_gradients_replaced, 2, stage, policy):
+        assert out["difference"] == 0, out
+        assert out["norms"][0] == out["norms"][1], out
+        assert out["biases moved"] == (0, 0), out
+
+
 def test_stage3_forward_without_backward_frees_its_activations_at_once(pool):
     """Found by review: saved-tensor hooks returning the tensor itself made a cycle."""
     assert pool.run(cases_loops.forward_without_backward_frees_its_activations, 2) == [False, False]

@@ -432,6 +432,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._live.wait_in_flight()
         self._live.claim_gradients()  # Note [gradient markers]
         for bucket in self._plan.buckets:
+            bucket.claim_shown_gradient()  # Note [gradients the param groups show]
             self._masters.widen_gradient(bucket)
         grads = grad_shards(self._plan.buckets)
         # 2. This rank's term of the norm, combined over one replica's shard group (every
@@ -470,6 +471,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._live.wait_in_flight()
         self._live.claim_gradients()  # Note [gradient markers]
         for bucket in self._plan.buckets:
+            bucket.claim_shown_gradient()  # Note [gradients the param groups show]
             self._masters.widen_gradient(bucket)
         # 2. The masters: the hyper-parameters schedulers set on the outer groups (Note
         #    [settings both ways] in _inner.py), and (mixed precision) what was written to

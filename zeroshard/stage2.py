@@ -266,6 +266,7 @@ class ShardedGradients:
         del self.buffers_in_flight[id(bucket)]  # freed by the reducer
 
     def install(self, bucket: FlatBucket, reduced: torch.Tensor) -> None:
+        bucket.claim_shown_gradient()  # Note [gradients the param groups show] in _bucket.py
         if bucket.grad_shard is None:
             bucket.set_grad_shard(self.dtypes.as_gradient_shard(bucket, reduced))
         else:
