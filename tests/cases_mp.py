@@ -547,3 +547,52 @@ def a_buffer_shared_by_two_modules(ctx, stage: int) -> dict:
     out["one tensor after close"] = model.reader.mask is model.writer.mask
     out["dtype after close"] = model.reader.mask.dtype
     return out
+
+
+def accumulation_against_fsdp2(ctx, stage: int, no_sync: bool) -> float:
+    """Four micro-batches a step under a bf16 policy (default reduce dtype, bf16), with
+    ``no_sync()`` around the first three or a synced backward each, against FSDP2 with
+    the same policy (``fully_shard`` over the root, the same micro-batches and syncs).
+    Returns the largest difference of the fp32 masters from FSDP2's sharded parameters
+    after three SGD steps with momentum. (Note [reduced gradients summed in fp32] in
+    zeroshard/stage2.py: each synced micro-batch's reduced gradient was added to a bf16
+    shard, where FSDP2 sums in fp32: helper-102's probe.)"""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, 16), nn.GELU(), nn.Linear(16, 3))
+
+    def batches(step):
+        for k in range(4):
+            g = torch.Generator().manual_seed(100 * step + 10 * k + ctx.rank)
+            yield k, torch.randn(5, 6, generator=g), torch.randn(5, 3, generator=g)
+
+    model = build()
+    opt = zeroshard.ZeroOptimizer(
+        model, torch.optim.SGD, stage=stage, lr=0.05, momentum=0.9, process_group=ctx.group,
+        bucket_size_mb=1e-3, mixed_precision=zeroshard.MixedPrecision(
+            torch.bfloat16, output_dtype=torch.float32))
+    reference = build()
+    fully_shard(reference, mesh=DeviceMesh.from_group(ctx.group, "cpu"),
+                mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+                                               reduce_dtype=torch.bfloat16,
+                                               output_dtype=torch.float32))
+    reference_opt = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9)
+    for step in range(3):
+        for k, x, y in batches(step):
+            synced = not no_sync or k == 3
+            with contextlib.nullcontext() if synced else opt.no_sync():
+                (F.mse_loss(model(x), y) / 4).backward()
+            reference.set_requires_gradient_sync(synced)
+            (F.mse_loss(reference(x), y) / 4).backward()
+        opt.step()
+        opt.zero_grad()
+        reference_opt.step()
+        reference_opt.zero_grad()
+    with opt.summon_full_params(full_precision=True):
+        mine = [p.detach().clone() for p in model.parameters()]
+    theirs = [p.full_tensor().detach() for p in reference.parameters()]
+    opt.close()
+    return max((a - b).abs().max().item() for a, b in zip(mine, theirs))
