@@ -72,3 +72,24 @@ def test_device_agreement_runs_and_finds_zeroshard_bitwise_equal_to_ddp(tmp_path
     assert rows["zeroshard3"]["difference_from_ddp"] == 0, rows
     assert rows["zeroshard3"]["resumed_difference"] == 0, rows
     subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "device_check.sh")], check=True)
+
+
+def test_allocated_peaks_smoke_holds_at_least_the_model_states(tmp_path):
+    """allocated_peaks.py runs end to end, and each peak holds at least the model states
+    alive through a step, from the smoke GPT's Ψ: DDP its parameters, gradients and
+    AdamW's two moments (16Ψ bytes); stage 2 its parameters, and its shards of the
+    gradients and moments (4Ψ + 12Ψ/2). A profiler that missed allocations would fall
+    below."""
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "allocated_peaks.py"),
+                    "--size", "smoke", "--methods", "ddp,zeroshard2", "--out", str(tmp_path)],
+                   check=True, capture_output=True, timeout=600)
+    rows = {r["method"]: r for r in json.loads((tmp_path / "results.json").read_text())}
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from compare import SIZES, GPT
+    size = SIZES["smoke"]
+    psi = sum(p.numel() for p in GPT(size["vocab"], size["d_model"], size["layers"],
+                                      size["heads"], size["seq_len"]).parameters())
+    mib = 2**20
+    assert rows["ddp"]["peak_mib"] * mib >= 16 * psi, (rows, psi)
+    assert rows["zeroshard2"]["peak_mib"] * mib >= 4 * psi + 12 * psi / 2, (rows, psi)
+    assert "| zeroshard2 | 2 |" in (tmp_path / "results.md").read_text()
