@@ -783,3 +783,40 @@ def modules_extra_state(ctx, stage: int, folder: str) -> dict:
     out["written"] = os.path.exists(os.path.join(folder + "_history", "LATEST"))
     opt.close()
     return out
+
+
+class _ReadsItsWeight(_Calibrated):
+    """Extra state read from the layer's weight (a quantizer's scale taken from it)."""
+
+    def get_extra_state(self):
+        return {"wmax": float(self.lin.weight.detach().abs().max())}
+
+    def set_extra_state(self, state) -> None:
+        self.amax = state["wmax"]
+
+
+def extra_state_read_from_released_parameters(ctx, folder: str) -> dict:
+    """Stage 3, a module whose ``get_extra_state`` reads its released weight: a checkpoint
+    and a full state dict, outside and inside ``summon_full_params()``. Returns what each
+    raised on this rank (every rank must raise alike: ``full_state_dict`` raised on rank
+    0 alone, after its gathers, helper-103), and the state saved inside the block."""
+    model = _calibrated_model(_ReadsItsWeight)
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=3, lr=0.1,
+                                  process_group=ctx.group)
+    out = {}
+    for name, call in (("checkpoint", lambda: zeroshard.save_checkpoint(folder, model, opt)),
+                       ("full state", opt.full_state_dict)):
+        try:
+            call()
+            out[name] = None
+        except RuntimeError as error:
+            out[name] = str(error)
+    with opt.summon_full_params():
+        expected = float(model.block.lin.weight.abs().max())
+        zeroshard.save_checkpoint(folder, model, opt)
+        full = opt.full_state_dict()
+    zeroshard.load_checkpoint(folder, model, opt)
+    out["restored"] = (model.block.amax, expected)
+    out["full"] = full[0]["block._extra_state"]["wmax"] if full else expected
+    opt.close()
+    return out

@@ -1684,15 +1684,15 @@ def gradients_set_by_hand(ctx, stage: int):
 
 def param_group_gradients_replaced(ctx, stage: int, policy: bool) -> dict:
     """The gradients ``opt.param_groups`` show, changed between backward and the step:
-    the weights' group given new tensors (``p.grad = p.grad.clamp(-c, c)``) and the
-    biases' group set to None, then ``opt.clip_grad_norm_`` and SGD (no momentum: a
+    the weights' group given new tensors (``p.grad = p.grad.clamp(-c, c)``, or new
+    memory through ``p.grad.data = ...``) and the biases' group set to None, then ``opt.clip_grad_norm_`` and SGD (no momentum: a
     zero gradient leaves a parameter where None does). The reference is the same loop
     changing them in place (``clamp_``, ``zero_()``), which reached the shards before.
     Returns the largest parameter difference and the clip norms of both, and how far
     the biases moved. (A helper's probes: the replaced gradients reached neither the
     clip's norm nor, under a bf16 policy, the step; the biases moved.)"""
     out = {}
-    for way in ("replaced", "in place"):
+    for way in ("replaced", "other memory", "in place"):
         model = build_model(MLP, seed=0)
         model = model.float() if policy else model.double()
         biases = [p for name, p in model.named_parameters() if name.endswith("bias")]
@@ -1711,13 +1711,15 @@ def param_group_gradients_replaced(ctx, stage: int, policy: bool) -> dict:
             for p in opt.param_groups[0]["params"]:
                 if way == "replaced":
                     p.grad = p.grad.clamp(-0.02, 0.02)
+                elif way == "other memory":  # the same tensor object
+                    p.grad.data = p.grad.clamp(-0.02, 0.02)
                 else:
                     p.grad.clamp_(-0.02, 0.02)
             for p in opt.param_groups[1]["params"]:
-                if way == "replaced":
-                    p.grad = None
-                else:
+                if way == "in place":
                     p.grad.zero_()
+                else:
+                    p.grad = None
             norms.append(opt.clip_grad_norm_(0.05).item())
             opt.step()
             opt.zero_grad()
@@ -1725,10 +1727,10 @@ def param_group_gradients_replaced(ctx, stage: int, policy: bool) -> dict:
             out[way] = ([p.detach().clone() for p in model.parameters()], norms,
                         max((b - i).abs().max().item() for b, i in zip(biases, initial)))
         opt.close()
-    (replaced, replaced_norms, replaced_moved), (kept, kept_norms, kept_moved) = (
-        out["replaced"], out["in place"])
-    return {"difference": max((a - b).abs().max().item() for a, b in zip(replaced, kept)),
-            "norms": (replaced_norms, kept_norms), "biases moved": (replaced_moved, kept_moved)}
+    kept, kept_norms, kept_moved = out.pop("in place")
+    return {way: {"difference": max((a - b).abs().max().item() for a, b in zip(params, kept)),
+                  "norms": (norms, kept_norms), "biases moved": (moved, kept_moved)}
+            for way, (params, norms, moved) in out.items()}
 
 
 def forward_without_backward_frees_its_activations(ctx):

@@ -596,3 +596,38 @@ def accumulation_against_fsdp2(ctx, stage: int, no_sync: bool) -> float:
     theirs = [p.full_tensor().detach() for p in reference.parameters()]
     opt.close()
     return max((a - b).abs().max().item() for a, b in zip(mine, theirs))
+
+
+def scaler_after_gradients_replaced(ctx, replace: bool) -> list[float]:
+    """Stage 2 under a bf16 policy with a GradScaler; in the second step rank 1's reduced
+    gradients overflow (made inf through ``opt.param_groups``), and the param groups'
+    gradients are then replaced out of place (``p.grad = p.grad * 1.0``: noise added so)
+    before ``scaler.unscale_(opt)``. Returns what each step's check found on this rank:
+    every rank must find the overflow and skip that step alike (a helper's probe: the
+    replaced tensors lost the ranks' agreement, rank 1 skipped alone and rank 0 waited
+    in the step's all-gather)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+    opt = zeroshard.ZeroOptimizer(
+        model, torch.optim.SGD, stage=2, lr=0.01, bucket_size_mb=1e-4, process_group=ctx.group,
+        mixed_precision=zeroshard.MixedPrecision(torch.bfloat16, output_dtype=torch.float32))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    found = []
+    for step in range(3):
+        g = torch.Generator().manual_seed(10 * step + ctx.rank)
+        x, y = torch.randn(4, 6, generator=g), torch.randn(4, 3, generator=g)
+        scaler.scale(F.mse_loss(model(x), y)).backward()
+        for group in opt.param_groups:
+            for p in group["params"]:
+                if step == 1 and ctx.rank == 1:
+                    p.grad.mul_(float("inf"))
+                if replace:
+                    p.grad = p.grad * 1.0
+        scaler.unscale_(opt)
+        found.append(sum(v.item() for v in
+                         scaler._per_optimizer_states[id(opt)]["found_inf_per_device"].values()))
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+    opt.close()
+    return found

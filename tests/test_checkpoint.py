@@ -450,3 +450,18 @@ def test_a_modules_extra_state_resumes_with_it(pool, tmp_path, stage):
         refusal = out["save refused"]
         assert refusal and "block._extra_state" in refusal and "deque" in refusal, refusal
         assert "add_safe_globals" in refusal and not out["written"], refusal
+
+
+def test_extra_state_read_from_released_parameters_is_refused_on_every_rank(pool, tmp_path):
+    """Note [modules' extra state]: at stage 3 a ``get_extra_state`` that reads the module's
+    weight cannot run between passes. ``save_checkpoint`` and ``full_state_dict`` refuse
+    on every rank, naming it and ``summon_full_params()`` (``full_state_dict`` raised on
+    rank 0 alone, after its gathers, and the other ranks went on: helper-103); inside
+    the block both save the weight's value."""
+    for out in pool.run(cases_ckpt.extra_state_read_from_released_parameters, 2,
+                        str(tmp_path / "ckpt"), timeout=60):
+        for name in ("checkpoint", "full state"):
+            assert out[name] and "ReadsItsWeight.get_extra_state()" in out[name] \
+                and "summon_full_params" in out[name], (name, out[name])
+        amax, expected = out["restored"]
+        assert amax == expected and out["full"] == expected, out

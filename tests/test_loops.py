@@ -583,10 +583,11 @@ def test_gradients_the_param_groups_show_replaced_or_cleared_reach_clip_and_step
     clip's norm and in the step, with and without a bf16 policy; the biases set to None
     stay still. Before, the clip took its norm from the old shard (both), and under the
     policy the step's widening put the old shard back (helper-102's probes)."""
-    for out in pool.run(cases_loops.param_group_gradients_replaced, 2, stage, policy):
-        assert out["difference"] == 0, out
-        assert out["norms"][0] == out["norms"][1], out
-        assert out["biases moved"] == (0, 0), out
+    for per_way in pool.run(cases_loops.param_group_gradients_replaced, 2, stage, policy):
+        for way, out in per_way.items():  # ``p.grad.data = ...``: helper-103
+            assert out["difference"] == 0, (way, out)
+            assert out["norms"][0] == out["norms"][1], (way, out)
+            assert out["biases moved"] == (0, 0), (way, out)
 
 
 def test_stage3_forward_without_backward_frees_its_activations_at_once(pool):

@@ -381,3 +381,13 @@ def test_micro_batches_under_a_bf16_policy_sum_as_fsdp2_does(pool, stage, no_syn
     buffers, in the parameters' dtype, as DDP over bf16 parameters does (README)."""
     for difference in pool.run(cases_mp.accumulation_against_fsdp2, 2, stage, no_sync):
         assert difference == 0, difference
+
+
+@pytest.mark.parametrize("replace", [False, True])
+def test_a_scalers_overflow_check_agrees_after_param_group_gradients_are_replaced(pool, replace):
+    """A tensor made from a gradient shard (``p.grad = p.grad * 1.0`` on ``opt.param_groups``)
+    keeps the ranks' agreement on non-finite gradients: rank 1's overflow is every rank's,
+    and they skip the step together (the new tensor lost it and the ranks parted,
+    helper-103)."""
+    for found in pool.run(cases_mp.scaler_after_gradients_replaced, 2, replace, timeout=60):
+        assert found == [0.0, 1.0, 0.0], found

@@ -95,6 +95,7 @@ class FlatBucket:
         self.shard_owns_storage = False  # stage 3's shard is a copy (place_shard)
         self.grad_shard: torch.Tensor | None = None  # reduced gradient of `master`
         self._shown_grad: torch.Tensor | None = None  # what set_grad_shard put in master.grad
+        self._shown_at: tuple | None = None
         # the reducer's, for GradScaler's check (Note [non-finite gradients] in _reducer.py)
         self.agree_on_non_finite = None
         self.ready: set[int] = set()  # params whose gradient arrived in this backward
@@ -269,7 +270,9 @@ class FlatBucket:
         # what the param groups show: Note [a norm of a shard]
         self.master.grad = None if grad is None else as_gradient_shard(
             grad, self.param_names, self.agree_on_non_finite)
-        self._shown_grad = self.master.grad  # Note [gradients the param groups show]
+        # Note [gradients the param groups show]: what it showed, and where its values were
+        self._shown_grad = self.master.grad
+        self._shown_at = None if grad is None else (grad.data_ptr(), grad.shape)
         if self.owns_whole_parameters:
             for index, stepped in zip(self.layout.owned(self.rank), self.stepped):
                 if grad is not None and grad.dtype != stepped.dtype and _GRAD_DTYPE_SETTABLE:
@@ -281,20 +284,25 @@ class FlatBucket:
             ``opt.param_groups`` hold this rank's master shards, whose ``.grad`` shows the
             reduced gradient shard, and the README sends the loop there to change
             gradients. A change in place reaches the shard. But one that gives ``.grad``
-            another tensor (``p.grad = p.grad.clamp(-c, c)``, noise added out of place)
-            or None (a group left out of one step) reached only what the inner optimizer
+            another tensor (``p.grad = p.grad.clamp(-c, c)``, noise added out of place,
+            or other memory: ``p.grad.data = ...``, ``set_``) or None (a group left out
+            of one step) reached only what the inner optimizer
             reads without a policy: ``opt.clip_grad_norm_`` took its norm from the old
             shard, and with a policy the step's widening to fp32 put the old shard back
             (a helper's probes: 4.8e-3 from DDP with a clip, 3.8e-2 under bf16; a group
             set to None moved by 0.12). So before clipping, a step, and a backward adding
-            to the shard, what ``.grad`` holds now becomes the shard: None drops it (the
-            step skips it, as torch skips a None gradient; the next backward starts
-            afresh), another tensor of its shape is taken as it is. Element-wise buckets
-            only: a bucket stepped by whole parameters shows a view per parameter."""
+            to the shard (stages 2-3), what ``.grad`` holds now becomes the shard: None
+            drops it (the step skips it, as torch skips a None gradient), another tensor
+            of its shape is taken as it is. Stage 1 computes its shard anew from its full
+            local gradients at each synced backward, so there the next backward's shard
+            holds what those hold: a change made before it, or a None set instead of
+            ``opt.zero_grad()``, does not carry over (README). Element-wise buckets only:
+            a bucket stepped by whole parameters shows a view per parameter."""
         if self.master is None or self.owns_whole_parameters:
             return
         shown = self.master.grad
-        if shown is self._shown_grad:
+        if shown is self._shown_grad and (shown is None or (
+                shown.data_ptr(), shown.shape) == self._shown_at):  # (``.data =`` keeps it)
             return
         if shown is None:
             self.set_grad_shard(None)

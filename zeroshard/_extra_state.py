@@ -23,7 +23,9 @@ Note [modules' extra state]:
 
 from __future__ import annotations
 
+import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 
 KEY = "_extra_state"
 
@@ -38,7 +40,28 @@ def modules_with_extra_state(model: nn.Module, every_name: bool = False) -> dict
 
 
 def collect(model: nn.Module) -> dict[str, object]:
-    return {key: module.get_extra_state() for key, module in modules_with_extra_state(model).items()}
+    return {key: state_of(key, module) for key, module in modules_with_extra_state(model).items()}
+
+
+def state_of(key: str, module: nn.Module):
+    """``module.get_extra_state()``; one that fails says where (a stage-3 module whose
+    ``get_extra_state`` reads its parameters, released between passes, failed with the
+    released-parameter refusal alone: helper-103)."""
+    try:
+        return module.get_extra_state()
+    except Exception as error:
+        raise RuntimeError(
+            f"zeroshard: {key}: {type(module).__qualname__}.get_extra_state() raised ({error}). "
+            "At stage 3 a module's parameters are released between passes, so a "
+            "get_extra_state that reads them runs only inside `with opt.summon_full_params():` "
+            "(call save_checkpoint or full_state_dict there)") from error
+
+
+def to_device(saved: dict, device) -> dict:
+    """The tensors of saved extra state on ``device``, in memory of their own (a
+    checkpoint's are read memory-mapped to the CPU), as the module had them."""
+    return tree_map(lambda value: value.to(device, copy=True)
+                    if isinstance(value, torch.Tensor) else value, saved)
 
 
 def check_saved(saved: dict, model: nn.Module, where: str) -> None:

@@ -32,6 +32,12 @@ def gather_full_state(opt) -> tuple[dict, dict] | None:
     before the next bucket. So no rank holds more than one bucket of the full model
     on its device, and only rank 0 builds the result (in host memory)."""
     view = opt.sharding
+    if extra_state.modules_with_extra_state(view.model):  # alike on every rank
+        # Note [modules' extra state]: rank 0's state_dict() below calls get_extra_state;
+        # one that fails (reading a released stage-3 parameter) failed there alone, after
+        # the gathers, and the other ranks went on (helper-103): try it on every rank first
+        _comm.run_and_share(lambda: extra_state.collect(view.model), group=view.ranks,
+                            stats=opt.comm_stats, label="full_state", device=view.device)
     values, states = {}, {}
     for param, value, state in stream_parameters(opt):
         if value is not None:

@@ -67,6 +67,7 @@ class GradientShard(torch.Tensor):
         if func in _PARTIAL or (func in _MAX_MIN and not _second_tensor(args, kwargs)):
             raise RuntimeError(_message(func, args, kwargs))
         result = super().__torch_function__(func, types, args, kwargs)
+        _pass_on_what_it_holds(args, kwargs, result)
         if func is _NON_FINITE_CHECK:
             agree = next((t.agree_on_non_finite for t in args[0]
                           if isinstance(t, GradientShard) and t.agree_on_non_finite), None)
@@ -81,6 +82,20 @@ class GradientShard(torch.Tensor):
 
     def __reduce_ex__(self, protocol):
         return _plain(self).__reduce_ex__(protocol)
+
+
+def _pass_on_what_it_holds(args, kwargs, result) -> None:
+    """A shard made from a shard (``p.grad = p.grad.clamp(-c, c)`` on the param groups'
+    tensors) holds the same parameters and keeps the ranks' agreement on non-finite
+    gradients: without it, GradScaler's check of the new tensor was this rank's alone,
+    one rank skipped the step and the others waited in its all-gather (helper-103)."""
+    source = next((t for t in tree_flatten((args, kwargs))[0]
+                   if isinstance(t, GradientShard) and t.agree_on_non_finite), None)
+    if source is None:
+        return
+    for out in tree_flatten(result)[0]:
+        if isinstance(out, GradientShard) and out.agree_on_non_finite is None:
+            out.holds, out.agree_on_non_finite = source.holds, source.agree_on_non_finite
 
 
 def _plain(shard: GradientShard) -> torch.Tensor:

@@ -200,7 +200,8 @@ def load_checkpoint(path, model, opt):
             key = next((a for a in aliases.get(name, []) if a in buffers), None)
             if key is not None:
                 buffer.copy_(buffers[key])
-    extra_state.restore(model, state["module_extra_states"] or {})
+    extra_state.restore(model, extra_state.to_device(state["module_extra_states"] or {},
+                                                     view.device))
     opt._take_loaded_settings([saved["hyperparameters"] for saved in meta["param_groups"]])
     view.inner.take_own_entries(meta.get("optimizer_own_state", []))
     return state["extra"]
@@ -264,7 +265,7 @@ def _refuse_what_a_load_refuses(opt, layouts: dict) -> None:
         "size and stage to load)"))
     for key, module in extra_state.modules_with_extra_state(opt.sharding.model).items():
         where = f"{key} (Note [modules' extra state] in zeroshard/_extra_state.py)"
-        parts[where] = module.get_extra_state()
+        parts[where] = extra_state.state_of(key, module)
         holders[where] = (f"{type(module).__qualname__}.get_extra_state() returns it", "")
 
     def loads(value) -> Exception | None:
