@@ -286,9 +286,9 @@ class FlatBucket:
             gradients. A change in place reaches the shard. But one that gives ``.grad``
             another tensor (``p.grad = p.grad.clamp(-c, c)``, noise added out of place,
             or other memory: ``p.grad.data = ...``, ``set_``) or None (a group left out
-            of one step) reached only what the inner optimizer
-            reads without a policy: ``opt.clip_grad_norm_`` took its norm from the old
-            shard, and with a policy the step's widening to fp32 put the old shard back
+            of one step) reached only what the inner optimizer reads without a policy:
+            ``opt.clip_grad_norm_`` took its norm from the old shard, and with a policy
+            the step's widening to fp32 put the old shard back
             (a helper's probes: 4.8e-3 from DDP with a clip, 3.8e-2 under bf16; a group
             set to None moved by 0.12). So before clipping, a step, and a backward adding
             to the shard (stages 2-3), what ``.grad`` holds now becomes the shard: None
