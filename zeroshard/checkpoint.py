@@ -105,7 +105,15 @@ def save_checkpoint(path, model, opt, extra=None) -> None:
         raise ValueError(f"checkpoint path {str(root)!r} is a file; pass a folder (it is created)")
     view.take_outside_writes()  # with mixed precision, writes to the parameters reach the masters
     layouts = optimizer_layouts(opt)
-    _share(opt, lambda: _refuse_what_a_load_refuses(opt, layouts))
+    # Note [modules' extra state] in _extra_state.py: taken once, on every rank (a
+    # get_extra_state that fails fails on every rank, before anything is written); rank
+    # 0's is saved, as its buffers are
+    module_states = {}
+
+    def check_what_a_load_reads():
+        module_states.update(extra_state.collect(model))
+        _refuse_what_a_load_refuses(opt, layouts, module_states)
+    _share(opt, check_what_a_load_reads)
     version = _agree_on_version(opt, root)
     staging, final = root / f"{version}.partial", root / version
     _share(opt, (lambda: _prepare_staging(root, staging)) if view.rank == 0 else None)
@@ -117,8 +125,6 @@ def save_checkpoint(path, model, opt, extra=None) -> None:
     whole = {name for b in view.buckets if b.owns_whole_parameters
              for name in b.param_names}
     buffers = _persistent_buffers(model) if view.rank == 0 else {}
-    # Note [modules' extra state] in _extra_state.py: rank 0's, as its buffers
-    module_states = extra_state.collect(model) if view.rank == 0 else {}
 
     def write_mine():
         _refuse_unseen_staging(staging, view.rank)
@@ -129,7 +135,8 @@ def save_checkpoint(path, model, opt, extra=None) -> None:
                      # the parameters this rank steps whole: their state is here only
                      "layouts": {name: layout for name, layout in layouts.items()
                                  if name in whole},
-                     "buffers": buffers, "module_extra_states": module_states}
+                     "buffers": buffers,
+                     "module_extra_states": module_states if view.rank == 0 else {}}
             name = _rank_file(view.ranks.shard_rank)
             checksums[name] = _save_synced(shard, staging / name)
         name = _extra_file(view.rank)
@@ -241,7 +248,7 @@ def _saved_own_state(opt) -> list[tuple[str, dict]]:
             for name, entries in opt.sharding.inner.own_entries()]
 
 
-def _refuse_what_a_load_refuses(opt, layouts: dict) -> None:
+def _refuse_what_a_load_refuses(opt, layouts: dict, module_states: dict) -> None:
     """Note [a checkpoint that loads]:
         ``load_checkpoint`` reads every file with torch's weights-only unpickler, which
         refuses Python objects other than tensors, numbers, strings and containers of
@@ -263,10 +270,11 @@ def _refuse_what_a_load_refuses(opt, layouts: dict) -> None:
         f"the optimizer class ({classes}) keeps it in its state",
         ", or save this run with opt.state_dict() and torch.save on each rank (same world "
         "size and stage to load)"))
-    for key, module in extra_state.modules_with_extra_state(opt.sharding.model).items():
+    modules = extra_state.modules_with_extra_state(opt.sharding.model)
+    for key, state in module_states.items():
         where = f"{key} (Note [modules' extra state] in zeroshard/_extra_state.py)"
-        parts[where] = extra_state.state_of(key, module)
-        holders[where] = (f"{type(module).__qualname__}.get_extra_state() returns it", "")
+        parts[where] = state
+        holders[where] = (f"{type(modules[key]).__qualname__}.get_extra_state() returns it", "")
 
     def loads(value) -> Exception | None:
         buffer = io.BytesIO()
