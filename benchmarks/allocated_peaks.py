@@ -30,9 +30,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import compare  # noqa: E402
 from train_gpt import GPT  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
 MIB = 2**20
-PHASES = ("forward", "backward", "step", "zero_grad")
 
 
 def worker(rank: int, world: int, port: int, method: str, size: dict, args, results) -> None:
