@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import io
 import weakref
 
 import torch
@@ -206,6 +207,42 @@ def copy_is_an_ordinary_module(ctx, stage: int):
     diffs.update({f"ema.{name}": (p - q).abs().max().item() for (name, p), q in
                   zip(ema.named_parameters(), ref_ema.parameters())})
     return diffs, plain_grads
+
+
+def copies_taken_saved_and_differentiated(ctx, stage: int, bf16: bool):
+    """A copy of a managed model (``copy.deepcopy``, and ``torch.save(model)`` loaded back)
+    carries no hook that acts: after ``opt.close()`` ``torch.func.grad`` over the copy's
+    parameters gives what it gives over a plain module holding the same values (a copy
+    kept zeroshard's refusal of gradient transforms for good, and ``torch.save`` of a
+    model under a policy failed on a local function: a helper's probe). Returns the
+    largest difference from the plain module per copy, or the error raised."""
+    model = build_model(MLP, seed=ctx.rank)
+    opt = _zero(model, stage, ctx.group, BF16 if bf16 else None)
+    _steps(model, opt, 0, 1, ctx.rank)
+    with opt.summon_full_params():
+        copies = {"deepcopy": copy.deepcopy(model)}
+        saved = io.BytesIO()
+        torch.save(model, saved)
+    saved.seek(0)
+    copies["torch.save"] = torch.load(saved, weights_only=False)
+    opt.close()
+    x, _ = make_batch(MLP, seed=9, rank=ctx.rank, batch=4)
+    results = {}
+    for kind, copied in copies.items():
+        plain = build_model(MLP, seed=0).to(next(copied.parameters()).dtype)
+        plain.load_state_dict(copied.state_dict())
+
+        def grads(module, inputs):
+            params = dict(module.named_parameters())
+            return torch.func.grad(lambda p: torch.func.functional_call(
+                module, p, (inputs,)).float().square().sum())(params)
+        try:  # the copy keeps the policy's cast of its inputs (README: Ending a run)
+            expected = grads(plain, x.to(next(plain.parameters()).dtype))
+            got = grads(copied, x)
+            results[kind] = max((got[n] - expected[n]).abs().max().item() for n in expected)
+        except RuntimeError as error:
+            results[kind] = str(error)
+    return results
 
 
 def _error_of(action) -> str | None:

@@ -52,6 +52,13 @@ def test_a_deep_copy_of_the_model_is_an_ordinary_module(pool, stage):
         assert plain_grads
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_copies_of_the_model_differentiate_like_plain_modules_after_close(pool, stage, bf16):
+    for results in pool.run(cases_lifecycle.copies_taken_saved_and_differentiated, 2, stage, bf16):
+        assert results == {"deepcopy": 0.0, "torch.save": 0.0}, results
+
+
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_with_block_closes_and_a_managed_or_closed_optimizer_is_refused(pool, stage):
     for refusals, readable in pool.run(cases_lifecycle.with_block_closes, 2, stage):

@@ -21,15 +21,23 @@ from dataclasses import dataclass
 import torch
 
 
-class WeakHook:
-    """A hook calling ``method(*leading, *hook_args)`` that holds ``method``'s object
-    weakly (Note [no reference cycles]); once that object is gone it does nothing.
+class InertWhenCopied:
+    """A hook of the stage's whose copy is an ``InertHook``: a copy of the module or
+    parameter it sits on (``copy.deepcopy``: an EMA model, ``AveragedModel``; pickling:
+    ``torch.save(model)``) is an ordinary module, not a second way into this stage that
+    would issue collectives on the ranks that use the copy only, nor one that keeps
+    refusing what the stage refuses after ``opt.close()``."""
 
-    A copy of the module or parameter it sits on (``copy.deepcopy``: an EMA model,
-    ``AveragedModel``; pickling: ``torch.save(model)``) gets an inert hook instead:
-    the copy is an ordinary module, not a second way into this stage that would
-    issue collectives on the ranks that use the copy only.
-    """
+    def __deepcopy__(self, memo) -> InertHook:
+        return InertHook()
+
+    def __reduce__(self):
+        return InertHook, ()
+
+
+class WeakHook(InertWhenCopied):
+    """A hook calling ``method(*leading, *hook_args)`` that holds ``method``'s object
+    weakly (Note [no reference cycles]); once that object is gone it does nothing."""
 
     def __init__(self, method, *leading) -> None:
         self._target = weakref.WeakMethod(method)
@@ -39,11 +47,6 @@ class WeakHook:
         bound = self._target()
         return None if bound is None else bound(*self._leading, *args, **kwargs)
 
-    def __deepcopy__(self, memo) -> InertHook:
-        return InertHook()
-
-    def __reduce__(self):
-        return InertHook, ()
 
 
 class EagerOnlyHook(WeakHook):

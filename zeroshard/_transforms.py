@@ -38,6 +38,8 @@ import itertools
 
 import torch
 
+from ._hooks import InertWhenCopied
+
 _functorch = getattr(torch._C, "_functorch", None)
 
 
@@ -59,9 +61,11 @@ def inside_a_gradient_transform() -> bool:
     return any(i.key() in kinds for i in _functorch.get_interpreter_stack())
 
 
-class GradientTransformRefusal:
+class GradientTransformRefusal(InertWhenCopied):
     """A forward pre-hook on the model and, at stage 3, on each unit's module (Note
-    [gradient transforms])."""
+    [gradient transforms]); a copy of the model gets an inert one (a copy that kept it
+    refused ``torch.func`` over its parameters for good, after ``opt.close()`` too: a
+    helper's probe)."""
 
     def __init__(self, stage: int) -> None:
         self.stage = stage

@@ -134,14 +134,10 @@ def install_forward_casts(model: nn.Module, policy: MixedPrecision) -> list:
             handles.append(module.register_forward_pre_hook(_InputsTo(_kept_dtype(module))))
             handles.append(module.register_forward_hook(_OutputsTo(policy.param_dtype)))
     if policy.cast_forward_inputs:
-        def cast_inputs(module, args, kwargs):
-            return _cast_floating(args, policy.param_dtype), _cast_floating(kwargs, policy.param_dtype)
-        handles.append(model.register_forward_pre_hook(cast_inputs, with_kwargs=True,
-                                                        prepend=True))
+        handles.append(model.register_forward_pre_hook(_ArgumentsTo(policy.param_dtype),
+                                                        with_kwargs=True, prepend=True))
     if policy.output_dtype is not None:
-        def cast_outputs(module, args, output):
-            return _cast_floating(output, policy.output_dtype)
-        handles.append(model.register_forward_hook(cast_outputs))
+        handles.append(model.register_forward_hook(_OutputsTo(policy.output_dtype)))
     return handles
 
 
@@ -161,6 +157,18 @@ class _InputsTo:
 
     def __call__(self, module, args):
         return _cast_floating(args, self.dtype)
+
+
+class _ArgumentsTo:
+    """A forward pre-hook (``with_kwargs=True``) casting floating-point positional and
+    keyword inputs to ``dtype`` (picklable: ``torch.save(model)`` of a model under a
+    policy failed on a local function until this change, a helper's probe)."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+
+    def __call__(self, module, args, kwargs):
+        return _cast_floating(args, self.dtype), _cast_floating(kwargs, self.dtype)
 
 
 class _OutputsTo:
