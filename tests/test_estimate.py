@@ -104,6 +104,12 @@ def test_cli_counts_a_model_given_as_an_import_path():
     assert 0 < trainable < psi and frozen > 0
     assert out.startswith(f"{trainable} parameters (+{frozen:.4g} frozen"), out
     assert f"{(16 * trainable + 4 * frozen) / 1e3:.3g} KB" in out, out
+    # --frozen-params beside --model: refused (the model's own count replaced it, silently)
+    refused = subprocess.run([sys.executable, "-m", "zeroshard", "estimate", "--model",
+                              "models:estimate_cli_example", "--frozen-params", "1e6",
+                              "--world-size", "2"], capture_output=True, text=True, env=env)
+    assert refused.returncode == 2 and "--frozen-params goes with --params" in refused.stderr, (
+        refused.stdout, refused.stderr)
 
 
 def test_hybrid_divides_model_states_by_the_shard_size():

@@ -68,6 +68,10 @@ def main(argv=None) -> int:
     est.add_argument("--optimizer-bytes", type=float, default=None,
                      help="optimizer-state bytes per parameter (default: 12 mixed, 8 fp32 Adam)")
     args = parser.parse_args(argv)
+    if args.model is not None and args.frozen_params:
+        # --model counts them itself and took its count over the one given, silently
+        parser.error("--frozen-params goes with --params: --model counts the model's frozen "
+                     "(requires_grad=False) parameters itself")
     if args.model is not None:
         args.params, args.frozen_params = count_parameters(args.model, parser)
     given = (args.param_bytes, args.grad_bytes, args.optimizer_bytes)
