@@ -57,6 +57,14 @@ def _bad_arguments(which: str, model: nn.Module, group, meshes):
         muon = "Muon" if which == "group_class" else torch.optim.Muon
         return (model, torch.optim.SGD), {**kwargs, "param_groups": [
             {"params": weights}, {"params": others, "optimizer_class": muon}]}
+    if which == "tied_through_memory":  # the old way of tying a transposed weight
+        model.decoder = nn.Linear(7, 5, bias=False)
+        model.decoder.weight = nn.Parameter(model.body[0].weight.data.t())
+        return (model, torch.optim.SGD), kwargs
+    if which == "buffer_views_parameter":  # a weight transposed once, cached as a buffer
+        model.body[0].register_buffer("weight_t", model.body[0].weight.detach().t(),
+                                      persistent=False)
+        return (model, torch.optim.SGD), kwargs
     if which == "devices":
         model.extra = nn.Parameter(torch.zeros(3, device="meta"))
         return (model, torch.optim.SGD), kwargs
@@ -881,3 +889,26 @@ def blocks_placed_by_guess(ctx, skip_in_first_step: bool) -> list[str]:
             opt.zero_grad()
         opt.close()
     return [str(w.message) for w in caught if "in the first step" in str(w.message)]
+
+
+def disjoint_views_of_one_storage(ctx, stage: int) -> list[float]:
+    """Note [memory two tensors share]: parameters that are disjoint views of one storage
+    (what ``torch.load(mmap=True)`` and ``load_state_dict(assign=True)`` give) are not
+    refused, and train like DDP; so does the old spectral norm, whose ``weight``
+    attribute views ``weight_orig`` until the first forward recomputes it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.utils.spectral_norm(nn.Linear(8, 8)),
+                          nn.Linear(8, 3))
+    reference = copy.deepcopy(model)
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    with torch.no_grad():
+        start = 0
+        for param in model.parameters():
+            param.data = flat[start:start + param.numel()].view_as(param)
+            start += param.numel()
+    ddp = DDP(reference, process_group=ctx.group)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=stage, lr=0.1,
+                                  process_group=ctx.group, bucket_size_mb=100 * 4 / 2**20,
+                                  **({"units": nn.Linear} if stage == 3 else {}))
+    return _differences_from_reference(ctx, model, opt, ddp, ref_opt, batch_shape=(4, 6))

@@ -618,3 +618,42 @@ def spanning_init_tags_its_children(ctx) -> list:
     tags = [getattr(m.weight, "no_decay", None) for m in model.modules() if isinstance(m, nn.Linear)]
     opt.close()
     return tags
+
+
+class Recurrent(nn.Module):
+    """An LSTM and a GRU (torch keeps weak references to their weights) and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(4, 6, num_layers=2, batch_first=True, bidirectional=True)
+        self.gru = nn.GRU(12, 5, batch_first=True)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.gru(self.lstm(x)[0])[0][:, -1])
+
+
+def recurrent_built_on_meta(ctx, stage: int):
+    """Note [weak references to meta parameters]: RNNs built on meta are placed (they
+    failed with torch's raw swap_tensors error) and train like the same model built on
+    CPU given the same state dict. Returns both models' values after 3 steps."""
+    def optimizer(model, **kwargs):
+        return zeroshard.ZeroOptimizer(
+            model, torch.optim.AdamW, stage=stage, process_group=ctx.group, lr=1e-2,
+            bucket_size_mb=1e-3, **({"units": nn.RNNBase} if stage == 3 else {}), **kwargs)
+    torch.manual_seed(0)
+    plain = Recurrent()
+    start = {k: v.clone() for k, v in plain.state_dict().items()}
+    plain_opt = optimizer(plain)
+    with torch.device("meta"):
+        model = Recurrent()
+    opt = optimizer(model, device="cpu")
+    with opt.summon_full_params():
+        model.load_state_dict(start)
+    for net, net_opt in ((plain, plain_opt), (model, opt)):
+        for step in range(3):
+            generator = torch.Generator().manual_seed(10 * step + ctx.rank)
+            net(torch.randn(2, 5, 4, generator=generator)).square().mean().backward()
+            net_opt.step()
+            net_opt.zero_grad()
+    return _values(model, opt), _values(plain, plain_opt)

@@ -22,6 +22,10 @@ BAD_INPUTS = {
     "sparse_adam": ("TypeError", ["SparseAdam", "densely", "torch.optim.Adam"]),
     "group_class": ("TypeError", ["param_groups[1]['optimizer_class']", "'Muon'", "the class"]),
     "muon_vector": ("ValueError", ["Muon refuses", "2D", "torch.Size([7])"]),
+    "tied_through_memory": ("ValueError", ["parameter 'body.0.weight'", "parameter 'decoder.weight'",
+                                           "share memory", "one nn.Parameter object"]),
+    "buffer_views_parameter": ("ValueError", ["'body.0.weight'", "buffer 'body.0.weight_t'",
+                                              "share memory", ".clone()"]),
     "devices": ("ValueError", ["cpu", "meta", "model.to(device)", "torch.device('meta')"]),
     "meta_without_device": ("ValueError", ["meta device", "device=None", "device='cuda'"]),
     "meta_without_init": ("ValueError", ["'1'", "ParameterList", "reset_parameters()", "init_fn="]),
@@ -49,6 +53,12 @@ def test_bad_input_raises_on_every_rank_before_any_collective(pool, which):
         for word in words:
             assert word in message, (rank, word, message)
         assert issued == [], (rank, issued)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_disjoint_views_of_one_storage_are_taken_and_train_like_ddp(pool, stage):
+    for differences in pool.run(cases_api.disjoint_views_of_one_storage, 2, stage):
+        assert max(differences) < 1e-6, differences
 
 
 @pytest.mark.parametrize("which,words", [

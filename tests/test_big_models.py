@@ -44,6 +44,14 @@ def test_a_model_built_on_meta_trains_exactly_like_one_built_on_cpu(pool, kind, 
         assert built[0]["pos"].std() > 0
 
 
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_recurrent_modules_built_on_meta_train_like_ones_built_on_cpu(pool, stage):
+    for meta, plain in pool.run(cases_big_models.recurrent_built_on_meta, 2, stage):
+        assert meta.keys() == plain.keys()
+        for key, value in plain.items():
+            assert torch.equal(meta[key], value), key
+
+
 @pytest.mark.parametrize("stage", [1, 3])
 def test_meta_construction_is_reproducible_from_the_seed(pool, stage):
     first, second = pool.run(cases_big_models.construct_twice_on_meta, 2, stage)[0]

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import weakref
 from collections.abc import Callable, Sequence
 
 import torch
@@ -394,9 +395,43 @@ def swap_in(param: nn.Parameter, value: torch.Tensor) -> None:
     change device from meta, so the tensors are swapped (``torch.utils.swap_tensors``),
     which also swaps the class and ``__dict__``: both are put back."""
     cls, attributes = type(param), dict(param.__dict__)
-    torch.utils.swap_tensors(param, nn.Parameter(value, param.requires_grad))
+    try:
+        torch.utils.swap_tensors(param, nn.Parameter(value, param.requires_grad))
+    except RuntimeError as error:
+        if "weakref" not in str(error):
+            raise
+        raise ValueError(
+            f"a parameter of shape {tuple(param.shape)} built on the meta device is held by a "
+            "weak reference (a module keeping weakref.ref to its own weights), so it cannot "
+            "be given memory in place (torch.utils.swap_tensors refuses it). Build that "
+            "module on a real device (outside torch.device('meta')); nn.LSTM, nn.GRU and "
+            "nn.RNN are handled (Note [weak references to meta parameters])") from error
     param.__class__ = cls
     param.__dict__.update(attributes)
+
+
+# Note [weak references to meta parameters]:
+#     A parameter built on meta gets its memory by ``torch.utils.swap_tensors``
+#     (``swap_in``), which refuses a tensor that a weak reference points to. torch's
+#     RNNs (nn.LSTM, nn.GRU, nn.RNN) keep one to each weight (``_flat_weight_refs``, to
+#     see a weight replaced), so one built on meta failed every stage's construction
+#     with torch's raw "Cannot swap t1 because it has weakref associated with it" (a
+#     helper's probe). Their references are let go while the model is placed and made
+#     again after, as torch's own ``RNNBase._apply`` does around a move; the list of
+#     weights itself (``_flat_weights``) holds the same parameter objects throughout.
+#     No ``flatten_parameters()``: on CUDA it would move the weights out of their bucket.
+@contextlib.contextmanager
+def weak_references_let_go(model: nn.Module):
+    rnns = [m for m in model.modules() if isinstance(m, nn.RNNBase)
+            and any(p.is_meta for p in m.parameters(recurse=False))]
+    for rnn in rnns:
+        rnn._flat_weight_refs = []
+    try:
+        yield
+    finally:
+        for rnn in rnns:
+            rnn._flat_weight_refs = [weakref.ref(w) if w is not None else None
+                                     for w in rnn._flat_weights]
 
 
 def refuse_missing_values(plan: Initialisation, buckets: Sequence) -> None:

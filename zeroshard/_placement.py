@@ -141,24 +141,29 @@ class Placement:
                 _materialize.refuse_missing_loose_values(init, bucketed)
                 _materialize.refuse_missing_buffer_values(init)
 
-        try:
-            for step in _materialize.placement_steps(batches, init.modules):
-                # An init that fails, or memory that runs out, on one rank only: every
-                # rank raises here, before the step's broadcasts (one 4-byte all-reduce).
-                _comm.run_and_share(lambda: prepare(step), group=self.group,
-                                    stats=self.stats, label="init", device=device)
-                for index in step.finish:
-                    self._broadcast_from_rank0([b.flat for b in batches[index]])
-                    self._place_shards(batches[index])
-                    if self.plan.stage == 3:
-                        self.plan.units[index].release()
-                        materialized.difference_update(id(p) for b in batches[index] for p in b.params)
-        except BaseException as error:
-            _materialize.back_to_meta(init)
-            if self.plan.stage == 3 and not init.meta_params:
-                error.add_note("zeroshard: units placed before the failure were sharded: their "
-                               "parameters hold NaN placeholders now; build the model again")
-            raise
+        # Note [weak references to meta parameters] in _materialize.py: let go of while
+        # parameters are swapped in, and swapped back to meta after a failure
+        with _materialize.weak_references_let_go(self.model):
+            try:
+                for step in _materialize.placement_steps(batches, init.modules):
+                    # An init that fails, or memory that runs out, on one rank only: every
+                    # rank raises here, before the step's broadcasts (one 4-byte all-reduce).
+                    _comm.run_and_share(lambda: prepare(step), group=self.group,
+                                        stats=self.stats, label="init", device=device)
+                    for index in step.finish:
+                        self._broadcast_from_rank0([b.flat for b in batches[index]])
+                        self._place_shards(batches[index])
+                        if self.plan.stage == 3:
+                            self.plan.units[index].release()
+                            materialized.difference_update(
+                                id(p) for b in batches[index] for p in b.params)
+            except BaseException as error:
+                _materialize.back_to_meta(init)
+                if self.plan.stage == 3 and not init.meta_params:
+                    error.add_note("zeroshard: units placed before the failure were sharded: "
+                                   "their parameters hold NaN placeholders now; build the "
+                                   "model again")
+                raise
         loose = [p.data for p in self.model.parameters() if id(p) not in bucketed]
         self._broadcast_from_rank0(loose + list(self.model.buffers()))
         self._cast_loose_tensors(bucketed)

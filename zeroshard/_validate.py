@@ -228,6 +228,67 @@ def check_devices(model: nn.Module) -> None:
             f"ZeroOptimizer shards one device per rank: move the model with model.to(device){meta}")
 
 
+# Note [memory two tensors share]:
+#     ZeroOptimizer gives every parameter memory of its own: a slot of a flat bucket
+#     (``FlatBucket.materialize``), a stage-3 shard. Two parameter objects tied through
+#     their memory (``dec.weight = nn.Parameter(enc.weight.data.t())``, the old way of
+#     tying a transposed weight), or a buffer that is a view of a parameter
+#     (``self.register_buffer("wt", self.weight.detach().t())``), stopped sharing it
+#     there, and trained apart from DDP's, where the memory stays one, silently (a
+#     helper's probe: 9.9e-3 from DDP after 4 SGD steps at every stage; at stage 3 the
+#     buffer's broadcast was refused as a write to a released parameter, naming no
+#     buffer). So at construction the parameters and buffers are compared by the bytes
+#     they cover, and two objects that cover a byte in common are refused, naming both
+#     and the fixes. Disjoint views of one storage (a model loaded with
+#     ``torch.load(mmap=True)`` and ``load_state_dict(assign=True)``) are not refused:
+#     each is copied out whole. Not seen: a plain tensor attribute (``self.wt =
+#     self.weight.detach().t()``), which the old spectral norm uses for a weight it
+#     recomputes in every forward, so refusing those would refuse it.
+def check_memory_not_shared(model: nn.Module) -> None:
+    spans: dict[int, list] = {}  # storage address -> (first byte, end byte, what, name)
+    named = [("parameter", n, t) for n, t in model.named_parameters()] + \
+        [("buffer", n, t) for n, t in model.named_buffers()]
+    for what, name, tensor in named:
+        span = _bytes_covered(tensor)
+        if span is not None:
+            spans.setdefault(span[0], []).append((span[1], span[2], what, name))
+    for covered in spans.values():
+        covered.sort()
+        reach = covered[0]
+        for current in covered[1:]:
+            if current[0] < reach[1] and "parameter" in (reach[2], current[2]):
+                raise ValueError(_shared_memory_refusal(reach, current))
+            reach = max(reach, current, key=lambda span: span[1])
+
+
+def _bytes_covered(tensor: torch.Tensor) -> tuple[int, int, int] | None:
+    """(storage address, first byte, end byte) of what ``tensor`` can read, or None where
+    it holds no memory of its own here (meta, empty, a tensor subclass without one)."""
+    if tensor.device.type == "meta" or tensor.numel() == 0:
+        return None
+    try:
+        address = tensor.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return None
+    extent = 1 + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
+    first = tensor.storage_offset() * tensor.element_size()
+    return address, first, first + extent * tensor.element_size()
+
+
+def _shared_memory_refusal(first, second) -> str:
+    fix = ("share one nn.Parameter object instead (model.b = model.a, as Hugging Face's "
+           "tie_weights does), or compute one from the other in forward "
+           "(F.linear(x, self.a.weight.t()))")
+    if "buffer" in (first[2], second[2]):
+        fix = ("make the buffer from the parameter in forward, or register a copy of it "
+               "(.clone())")
+    return (f"{first[2]} {first[3]!r} and {second[2]} {second[3]!r} share memory: "
+            "ZeroOptimizer gives each parameter memory of its own, so they would no longer "
+            "share it and would train apart from DistributedDataParallel's, silently. To "
+            f"keep them together, {fix} (Note [memory two tensors share] in "
+            "zeroshard/_validate.py)")
+
+
 def normalize_param_groups(model: nn.Module, param_groups) -> list[dict]:
     """torch-style groups (None, an iterable of parameters, or of dicts) as a list of dicts.
 

@@ -144,6 +144,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         _validate.check_optimizer_class(optimizer_class)
         _validate.check_bucket_size(bucket_size_mb)
         _validate.check_devices(model)
+        _validate.check_memory_not_shared(model)  # Note [memory two tensors share]
         if not isinstance(broadcast_buffers, bool):
             raise TypeError(f"broadcast_buffers must be True or False, got {broadcast_buffers!r}")
         if mixed_precision is not None and not isinstance(mixed_precision, MixedPrecision):
