@@ -621,6 +621,63 @@ def schedule_free_modes(ctx, stage: int, kind: str, policy: bool, folder: str) -
             "calls_in_train_mode": calls_in_train_mode}
 
 
+class LookaheadSGD(torch.optim.SGD):
+    """SGD with timm's Lookahead slow weights as a method of the class: ``sync_lookahead()``
+    moves each slow weight half way to its parameter and the parameter onto it (timm's
+    ``Lookahead.update_slow``), which timm's loop calls at each epoch's end."""
+
+    @torch.no_grad()
+    def sync_lookahead(self) -> None:
+        for group in self.param_groups:
+            for param in group["params"]:
+                slow = self.state[param].setdefault("slow", param.detach().clone())
+                slow.add_(param - slow, alpha=0.5)
+                param.copy_(slow)
+
+
+def a_method_of_the_optimizer_class(ctx, stage: int, policy: bool) -> dict:
+    """Note [methods of the optimizer class]: ``LookaheadSGD.sync_lookahead`` reached
+    through ``hasattr`` as timm's loop does, after every second step, beside DDP with the
+    same class. Returns the largest parameter difference after each step and each
+    sync, and the error of a call with an argument on this rank."""
+    spec = {"kind": "transformer", "vocab": 11, "d": 8, "heads": 2, "layers": 2, "seq": 4,
+            "tied": True, "frozen": False}
+    base = build_model(spec, seed=100 + ctx.rank)
+    zero_model, ddp_model = copy.deepcopy(base), copy.deepcopy(base)
+    extra = {"units": UNITS["blocks"]} if stage == 3 else {}
+    if policy:  # fp32 casts of fp32 masters: the sync moves the masters, then the casts
+        extra["mixed_precision"] = zeroshard.MixedPrecision(torch.float32)
+    zopt = zeroshard.ZeroOptimizer(zero_model, LookaheadSGD, stage=stage,
+                                   process_group=ctx.group, lr=0.1, momentum=0.9, **extra)
+    ddp = DDP(ddp_model, process_group=ctx.group)
+    plain = LookaheadSGD(ddp_model.parameters(), lr=0.1, momentum=0.9)
+
+    def largest_difference() -> float:
+        with zopt.summon_full_params():
+            return float(max((p - q).abs().max() for p, q in
+                             zip(zero_model.parameters(), ddp_model.parameters())))
+    differences = []
+    for step in range(4):
+        batch = make_batch(spec, seed=step, rank=ctx.rank, batch=2)
+        for optimizer, model in ((zopt, zero_model), (plain, ddp)):
+            loss_fn(spec, model, batch).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        differences.append(largest_difference())
+        if step % 2 == 1:
+            for optimizer in (zopt, plain):
+                if hasattr(optimizer, "sync_lookahead"):  # timm's train loop
+                    optimizer.sync_lookahead()
+            differences.append(largest_difference())
+    try:
+        zopt.sync_lookahead(zopt.param_groups[0])
+        refused = None
+    except TypeError as error:
+        refused = str(error)
+    zopt.close()
+    return {"differences": differences, "refused": refused}
+
+
 def tensor_lr_round_trip(ctx, stage: int) -> list[tuple[float, float]]:
     """AdamW with a tensor lr that ExponentialLR halves in place, an in-process
     ``load_state_dict(state_dict())`` after two steps, beside DDP doing the same: the
