@@ -57,6 +57,14 @@ def _bad_arguments(which: str, model: nn.Module, group, meshes):
         muon = "Muon" if which == "group_class" else torch.optim.Muon
         return (model, torch.optim.SGD), {**kwargs, "param_groups": [
             {"params": weights}, {"params": others, "optimizer_class": muon}]}
+    if which == "opacus_per_sample":  # a stand-in named as opacus names its classes
+        base = type("AbstractGradSampleModule", (nn.Module,),
+                    {"__module__": "opacus.grad_sample.gsm_base"})
+        wrapper = type("GradSampleModule", (base,), {
+            "__module__": "opacus.grad_sample.grad_sample_module",
+            "forward": lambda self, x: self._module(x)})()
+        wrapper._module = model
+        return (wrapper, torch.optim.SGD), kwargs
     if which == "tied_through_memory":  # the old way of tying a transposed weight
         model.decoder = nn.Linear(7, 5, bias=False)
         model.decoder.weight = nn.Parameter(model.body[0].weight.data.t())

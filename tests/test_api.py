@@ -22,6 +22,8 @@ BAD_INPUTS = {
     "sparse_adam": ("TypeError", ["SparseAdam", "densely", "torch.optim.Adam"]),
     "group_class": ("TypeError", ["param_groups[1]['optimizer_class']", "'Muon'", "the class"]),
     "muon_vector": ("ValueError", ["Muon refuses", "2D", "torch.Size([7])"]),
+    "opacus_per_sample": ("TypeError", ["opacus' GradSampleModule", "would not be private",
+                                         "opacus' own data parallelism"]),
     "tied_through_memory": ("ValueError", ["parameter 'body.0.weight'", "parameter 'decoder.weight'",
                                            "share memory", "one nn.Parameter object"]),
     "buffer_views_parameter": ("ValueError", ["'body.0.weight'", "buffer 'body.0.weight_t'",

@@ -33,6 +33,9 @@ def check_model(model) -> None:
             "reduction itself: pass the plain module (ddp_model.module) instead")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    for name, module in model.named_modules():
+        if _is_per_sample_gradient_module(module):
+            raise TypeError(_per_sample_gradients_refusal(name, module))
     for name, tensor in (*model.named_parameters(), *model.named_buffers()):
         if isinstance(tensor, nn.parameter.UninitializedTensorMixin):
             raise ValueError(
@@ -40,6 +43,29 @@ def check_model(model) -> None:
                 "first forward): its shape is not known yet, so it cannot be sharded. Run one "
                 "forward on a sample batch first (as DistributedDataParallel requires), then "
                 "build the ZeroOptimizer")
+
+
+def _is_per_sample_gradient_module(module: nn.Module) -> bool:
+    """opacus' GradSampleModule (any of its kinds), by its base class's name: opacus is
+    not a dependency to import."""
+    return any(cls.__name__ == "AbstractGradSampleModule" and cls.__module__.startswith("opacus")
+               for cls in type(module).__mro__)
+
+
+def _per_sample_gradients_refusal(name: str, module: nn.Module) -> str:
+    """opacus' DP-SGD clips each sample's gradient of every parameter and adds noise
+    before the gradients are averaged. ZeroOptimizer reduces and shards the gradients in
+    backward, and its param groups hold shards with no per-sample gradient, so opacus'
+    DPOptimizer around it found no parameter to clip or noise and stepped the plain
+    averaged gradient: training was not private, silently (a helper's probe, every
+    stage: 0.0 from non-private DDP with noise_multiplier=1.0)."""
+    where = f"the model's submodule {name!r}" if name else "the model"
+    return (f"{where} is opacus' {type(module).__name__}: differentially private training "
+            "clips each sample's gradient and adds noise before gradients are averaged, "
+            "which ZeroOptimizer's sharded reduction in backward does not allow (opacus' "
+            "DPOptimizer around it would clip and noise nothing: training would not be "
+            "private). Train with DP under opacus' own data parallelism "
+            "(PrivacyEngine.make_private with DistributedDataParallel) instead")
 
 
 # Optimizers that need a closure to re-evaluate the loss several times per step: the
