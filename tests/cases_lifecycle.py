@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import gc
 import io
+import warnings
 import weakref
 
 import torch
@@ -251,6 +252,24 @@ def _error_of(action) -> str | None:
     except RuntimeError as error:
         return str(error)
     return None
+
+
+def ddp_sync_switch_set(ctx, stage: int) -> list[str]:
+    """Note [DDP's switch of gradient sync]: nanoGPT's ``model.require_backward_grad_sync``
+    on a managed model; the warnings of three training steps with it True on the last
+    micro-batch only (two micro-batches a step), as nanoGPT sets it."""
+    model = build_model(MLP, seed=ctx.rank)
+    opt = _zero(model, stage, ctx.group)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(3):
+            for micro in range(2):
+                model.require_backward_grad_sync = micro == 1
+                loss_fn(MLP, model, make_batch(MLP, seed=step, rank=ctx.rank, batch=4)).backward()
+            opt.step()
+            opt.zero_grad()
+    opt.close()
+    return [str(w.message) for w in caught if "zeroshard" in str(w.message)]
 
 
 def ddp_around_a_managed_model(ctx, stage: int):

@@ -60,6 +60,12 @@ def test_copies_of_the_model_differentiate_like_plain_modules_after_close(pool, 
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
+def test_ddps_switch_of_gradient_sync_on_a_managed_model_warns_once(pool, stage):
+    for messages in pool.run(cases_lifecycle.ddp_sync_switch_set, 2, stage):
+        assert len(messages) == 1 and "opt.no_sync()" in messages[0], messages
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_with_block_closes_and_a_managed_or_closed_optimizer_is_refused(pool, stage):
     for refusals, readable in pool.run(cases_lifecycle.with_block_closes, 2, stage):
         for second in refusals[:2]:  # over the model, over one of its submodules

@@ -20,6 +20,7 @@ Note [refusing DistributedDataParallel]:
 
 from __future__ import annotations
 
+import warnings
 import weakref
 
 from torch import nn
@@ -34,6 +35,19 @@ _FIX = ("a ZeroOptimizer reduces this model's gradients itself: pass the model t
         "a loop of your own with Accelerate: accelerator.prepare() the optimizer, scheduler "
         "and data loaders, not the model, and run the backwards of an accumulation "
         "window's micro-batches but the last inside opt.no_sync())")
+
+
+# Note [DDP's switch of gradient sync]:
+#     nanoGPT's loop, and others written for DDP, skip the reduction of all but the last
+#     micro-batch by setting DDP's ``model.require_backward_grad_sync = False``. On a
+#     model under a ZeroOptimizer nothing reads that attribute, so every backward reduced:
+#     the same numbers, three reductions a step where DDP made one in a helper's probe
+#     (3 micro-batches). A forward that finds it False warns once, naming no_sync().
+_IGNORED_SYNC_SWITCH = (
+    "zeroshard: model.require_backward_grad_sync = False is DistributedDataParallel's "
+    "switch, which a ZeroOptimizer does not read: this backward reduces its gradients (the "
+    "numbers are the same; each micro-batch costs a reduction). Run the backwards of an "
+    "accumulation window's micro-batches but the last inside `with opt.no_sync():` instead")
 
 
 class DDPRefusal:
@@ -65,6 +79,7 @@ class DDPGuard:
 
     def __init__(self, model: nn.Module, handles: list) -> None:
         self._model = model
+        self._warned = False  # Note [DDP's switch of gradient sync]
         refusal = DDPRefusal(self, model.__dict__.get(_ATTRIBUTE))
         model.__dict__[_ATTRIBUTE] = refusal
         handles.append(model.register_forward_pre_hook(WeakHook(self._before_forward)))
@@ -77,6 +92,9 @@ class DDPGuard:
         if active is not None and any(m is self._model for m in active.module.modules()):
             raise RuntimeError("zeroshard: a DistributedDataParallel module runs the forward "
                                f"of a model that a ZeroOptimizer manages; {_FIX}")
+        if self._model.__dict__.get("require_backward_grad_sync") is False and not self._warned:
+            self._warned = True
+            warnings.warn(_IGNORED_SYNC_SWITCH, stacklevel=2)
 
     def remove(self) -> None:
         self._take_back()
