@@ -1682,6 +1682,39 @@ def gradients_set_by_hand(ctx, stage: int):
     return refusals, _ranks_in_step(ctx)
 
 
+def gradients_cleared_through_the_param_groups(ctx, stage: int, micro_batches: int) -> list:
+    """Gradients cleared by setting ``opt.param_groups``' ``.grad`` to None after each step,
+    as torch's ``Optimizer.zero_grad`` of a wrapper around the ZeroOptimizer does (timm's
+    Lookahead, fairseq's), instead of ``opt.zero_grad()``, beside DDP clearing its own;
+    ``micro_batches`` backwards a step, all but the last inside ``no_sync()``. Returns the
+    largest parameter difference after each step. (Stage 1 added the old local gradients
+    into the next step's: helper-105's probe, 7.5e-3 from DDP.)"""
+    spec = {"kind": "mlp", "d_in": 5, "hidden": 7, "d_out": 3, "depth": 2, "frozen": False,
+            "unused_branch": False}
+    base = build_model(spec, seed=100 + ctx.rank)
+    model, reference = copy.deepcopy(base), copy.deepcopy(base)
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=stage, process_group=ctx.group,
+                                  lr=0.1, bucket_size_mb=1e-4)
+    ddp = DDP(reference, process_group=ctx.group)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    differences = []
+    for step in range(4):
+        for micro in range(micro_batches):
+            batch = make_batch(spec, seed=10 * step + micro, rank=ctx.rank, batch=4)
+            last = micro == micro_batches - 1
+            with contextlib.nullcontext() if last else opt.no_sync():
+                loss_fn(spec, model, batch).backward()
+            with contextlib.nullcontext() if last else ddp.no_sync():
+                loss_fn(spec, ddp, batch).backward()
+        opt.step()
+        ref_opt.step()
+        torch.optim.Optimizer.zero_grad(opt)  # the param groups' .grad to None
+        ref_opt.zero_grad()
+        differences.append(largest_difference(opt, model, reference))
+    opt.close()
+    return differences
+
+
 def param_group_gradients_replaced(ctx, stage: int, policy: bool) -> dict:
     """The gradients ``opt.param_groups`` show, changed between backward and the step:
     the weights' group given new tensors (``p.grad = p.grad.clamp(-c, c)``, or new

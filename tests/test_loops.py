@@ -590,6 +590,15 @@ def test_gradients_the_param_groups_show_replaced_or_cleared_reach_clip_and_step
             assert out["biases moved"] == (0, 0), (way, out)
 
 
+@pytest.mark.parametrize("micro_batches", [1, 2])
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_gradients_cleared_through_the_param_groups_start_the_next_step_afresh(
+        pool, stage, micro_batches):
+    for differences in pool.run(cases_loops.gradients_cleared_through_the_param_groups, 2,
+                                stage, micro_batches):
+        assert max(differences) < 1e-6, differences
+
+
 def test_stage3_forward_without_backward_frees_its_activations_at_once(pool):
     """Found by review: saved-tensor hooks returning the tensor itself made a cycle."""
     assert pool.run(cases_loops.forward_without_backward_frees_its_activations, 2) == [False, False]

@@ -95,6 +95,9 @@ class FlatBucket:
         self.shard_owns_storage = False  # stage 3's shard is a copy (place_shard)
         self.grad_shard: torch.Tensor | None = None  # reduced gradient of `master`
         self._shown_grad: torch.Tensor | None = None  # what set_grad_shard put in master.grad
+        # the loop set master.grad to None (Note [gradients the param groups show]); stage 1
+        # clears its local gradients before the next backward adds to them
+        self.shown_gradient_cleared = False
         self._shown_at: tuple | None = None
         # the reducer's, for GradScaler's check (Note [non-finite gradients] in _reducer.py)
         self.agree_on_non_finite = None
@@ -294,10 +297,15 @@ class FlatBucket:
             to the shard (stages 2-3), what ``.grad`` holds now becomes the shard: None
             drops it (the step skips it, as torch skips a None gradient), another tensor
             of its shape is taken as it is. Stage 1 computes its shard anew from its full
-            local gradients at each synced backward, so there the next backward's shard
-            holds what those hold: a change made before it, or a None set instead of
-            ``opt.zero_grad()``, does not carry over (README). Element-wise buckets only:
-            a bucket stepped by whole parameters shows a view per parameter."""
+            local gradients at each synced backward, so there a change made before it
+            does not carry over (README); a None clears the bucket's local gradients
+            before the next backward adds to them, as clearing the parameters' would
+            under DDP (a None set instead of ``opt.zero_grad()``, as torch's
+            ``Optimizer.zero_grad`` of a wrapper around the ZeroOptimizer does, timm's
+            Lookahead, fairseq's: the old local gradients were added into the next
+            step's, silently, helper-103's and helper-105's probes, 7.5e-3 from DDP).
+            Element-wise buckets only: a bucket stepped by whole parameters shows a view
+            per parameter."""
         if self.master is None or self.owns_whole_parameters:
             return
         shown = self.master.grad
@@ -306,6 +314,7 @@ class FlatBucket:
             return
         if shown is None:
             self.set_grad_shard(None)
+            self.shown_gradient_cleared = True
         elif shown.shape == self.master.shape:  # (another shape: the step raises, as torch's)
             self.set_grad_shard(shown.detach().as_subclass(torch.Tensor))
 

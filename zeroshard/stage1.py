@@ -43,6 +43,12 @@ class FullGradients:
         self._scale_before_accumulating = factor if previous is None else previous * factor
 
     def before_backward(self) -> None:
+        for bucket in self.buckets:  # Note [gradients the param groups show] in _bucket.py
+            bucket.claim_shown_gradient()
+            if bucket.shown_gradient_cleared:
+                bucket.shown_gradient_cleared = False
+                for param in bucket.params:  # this backward overwrites their part (collect)
+                    param.grad = None
         if self._scale_before_accumulating is not None:
             for bucket in self.buckets:
                 # model.zero_grad() set every .grad of the bucket to None: the backward
