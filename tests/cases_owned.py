@@ -634,12 +634,17 @@ class LookaheadSGD(torch.optim.SGD):
                 slow.add_(param - slow, alpha=0.5)
                 param.copy_(slow)
 
+    def parameter_count(self) -> int:
+        """A method that reads: over a ZeroOptimizer's shards it would count this rank's."""
+        return sum(p.numel() for group in self.param_groups for p in group["params"])
+
 
 def a_method_of_the_optimizer_class(ctx, stage: int, policy: bool) -> dict:
     """Note [methods of the optimizer class]: ``LookaheadSGD.sync_lookahead`` reached
     through ``hasattr`` as timm's loop does, after every second step, beside DDP with the
     same class. Returns the largest parameter difference after each step and each
-    sync, and the error of a call with an argument on this rank."""
+    sync, the error of a call with an argument on this rank, and what rank 0's
+    ``hasattr`` of a method that reads raised (no collective: rank 1 does not call it)."""
     spec = {"kind": "transformer", "vocab": 11, "d": 8, "heads": 2, "layers": 2, "seq": 4,
             "tied": True, "frozen": False}
     base = build_model(spec, seed=100 + ctx.rank)
@@ -674,8 +679,12 @@ def a_method_of_the_optimizer_class(ctx, stage: int, policy: bool) -> dict:
         refused = None
     except TypeError as error:
         refused = str(error)
+    try:  # on rank 0 alone, as a log line would: refused there, no collective
+        reading = None if ctx.rank else hasattr(zopt, "parameter_count")
+    except NotImplementedError as error:
+        reading = str(error)
     zopt.close()
-    return {"differences": differences, "refused": refused}
+    return {"differences": differences, "refused": refused, "reading": reading}
 
 
 def tensor_lr_round_trip(ctx, stage: int) -> list[tuple[float, float]]:

@@ -188,9 +188,13 @@ def test_a_method_of_the_optimizer_class_runs_like_ddp(pool, stage, policy):
     where ``hasattr`` finds it; the ZeroOptimizer had no such attribute, so the sync was
     skipped, silently (helper-105's probe: 5.1e-3 from DDP after an epoch). A call with
     an argument is refused on every rank."""
-    for result in pool.run(cases_owned.a_method_of_the_optimizer_class, 2, stage, policy):
+    results = pool.run(cases_owned.a_method_of_the_optimizer_class, 2, stage, policy)
+    for result in results:
         assert len(result["differences"]) == 6 and max(result["differences"]) == 0, result
         assert "takes no arguments" in (result["refused"] or ""), result
+    # a method that reads would answer for this rank's shards: refused where looked up
+    reading = results[0]["reading"]
+    assert "LookaheadSGD.parameter_count is not run" in (reading or ""), reading
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])

@@ -546,6 +546,13 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._mode = mode
         self._follow_shards()
 
+    # Note [methods of the optimizer class]: the methods run through the ZeroOptimizer;
+    # each writes its parameters element by element and returns nothing
+    FORWARDED_METHODS = frozenset({
+        "sync_lookahead",  # timm's Lookahead: the slow weights, at each epoch's end
+        "backup_and_load_cache", "clear_and_load_backup",  # pytorch_optimizer's Lookahead
+    })
+
     def __getattr__(self, name: str):
         """Note [methods of the optimizer class]:
             A public method the optimizer class has beyond torch's ``Optimizer`` was not
@@ -554,27 +561,39 @@ class ZeroOptimizer(torch.optim.Optimizer):
             helper's probe: 5.1e-3 from DDP after an epoch, 1.0e-2 after two), and
             pytorch_optimizer's ``Lookahead.backup_and_load_cache()`` /
             ``clear_and_load_backup()`` (the slow weights swapped in to evaluate) could
-            not be called. Now ``opt.name()`` runs that method of each inner optimizer
-            whose class has it, over this rank's shards and owned parameters, and the
-            parameters follow the shards as after a step, as ``train()`` / ``eval()``
-            do (stages 1-2 all-gather: call it on every rank). An element-wise method
-            (the ones above) equals DDP; one that reduces over its tensors sees this
-            rank's shards, as an optimizer class's own step hooks do. Calls without
-            arguments only: an argument (a param group, a tensor) would be one of the
-            ZeroOptimizer's objects, which the inner optimizers do not hold."""
+            not be called. Those (``FORWARDED_METHODS``: element-wise writes of the
+            parameters, nothing returned) now run on each inner optimizer whose class has
+            them, over this rank's shards, and the parameters follow the shards as after
+            a step, as ``train()`` / ``eval()`` do (stages 1-2 all-gather: call them on
+            every rank). Any other public method of the class is refused where it is
+            looked up, ``hasattr`` included (not an ``AttributeError``, which ``hasattr``
+            would turn into a silent False): run over this rank's shards, a method that
+            reads (pytorch_optimizer's ``get_global_gradient_norm()``, a count of the
+            parameters) answers for this rank's shards, not DDP's, and a first version
+            that ran them all then all-gathered hung when logging code called one on
+            rank 0 alone (a reviewer's probe)."""
         inner = self.__dict__.get("_inner")  # unset while __init__ runs
-        if inner is None or name.startswith("_") or not any(
-                callable(getattr(type(o), name, None)) for o in inner.optimizers):
+        holders = [] if inner is None or name.startswith("_") else [
+            o for o in inner.optimizers if callable(getattr(type(o), name, None))]
+        if not holders:
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        if name not in self.FORWARDED_METHODS:
+            raise NotImplementedError(
+                f"zeroshard: {type(holders[0]).__name__}.{name} is not run through a "
+                "ZeroOptimizer: its inner optimizers hold this rank's shards, so the method "
+                "would see those only (a value computed from them is not DDP's, and a write "
+                "reaches the other ranks only through a collective). ZeroOptimizer runs "
+                f"{', '.join(sorted(self.FORWARDED_METHODS))}, train() and eval() of the "
+                "class; for the global gradient norm use opt.clip_grad_norm_(float('inf')) "
+                "(Note [methods of the optimizer class] in zeroshard/optimizer.py)")
 
-        def run_on_every_inner_optimizer(*args, **kwargs):
-            return self._run_method_of_inner(name, args, kwargs)
+        def run_on_every_inner_optimizer(*args, **kwargs) -> None:
+            self._run_method_of_inner(name, args, kwargs)
         run_on_every_inner_optimizer.__name__ = name
         return run_on_every_inner_optimizer
 
-    def _run_method_of_inner(self, name: str, args: tuple, kwargs: dict):
-        """Note [methods of the optimizer class]: ``opt.name()``; the result of the one
-        inner optimizer that has it, or the list of each one's."""
+    def _run_method_of_inner(self, name: str, args: tuple, kwargs: dict) -> None:
+        """Note [methods of the optimizer class]: ``opt.name()``."""
         self._require_open()
         if args or kwargs:
             raise TypeError(
@@ -585,9 +604,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 "zeroshard/optimizer.py)")
         calls = [getattr(o, name) for o in self._inner.optimizers
                  if callable(getattr(type(o), name, None))]
-        results = self._run_on_inner(name, calls)
+        self._run_on_inner(name, calls)
         self._follow_shards()
-        return results[0] if len(results) == 1 else results
 
     @torch.no_grad()
     def _run_on_inner(self, name: str, calls: list) -> list:
