@@ -1682,21 +1682,25 @@ def gradients_set_by_hand(ctx, stage: int):
     return refusals, _ranks_in_step(ctx)
 
 
-def gradients_cleared_through_the_param_groups(ctx, stage: int, micro_batches: int) -> list:
+def gradients_cleared_through_the_param_groups(ctx, stage: int, micro_batches: int,
+                                               optimizer: str = "SGD") -> list:
     """Gradients cleared by setting ``opt.param_groups``' ``.grad`` to None after each step,
     as torch's ``Optimizer.zero_grad`` of a wrapper around the ZeroOptimizer does (timm's
     Lookahead, fairseq's), instead of ``opt.zero_grad()``, beside DDP clearing its own;
-    ``micro_batches`` backwards a step, all but the last inside ``no_sync()``. Returns the
-    largest parameter difference after each step. (Stage 1 added the old local gradients
-    into the next step's: helper-105's probe, 7.5e-3 from DDP.)"""
+    ``micro_batches`` backwards a step, all but the last inside ``no_sync()``; SGD (flat
+    shards) or Adafactor (stepped by whole parameters). Returns the largest parameter
+    difference after each step. (Stage 1 added the old local gradients into the next
+    step's: helper-105's probe, 7.5e-3 from DDP; with Adafactor every stage did: a
+    reviewer's probe, 4.3e-2.)"""
     spec = {"kind": "mlp", "d_in": 5, "hidden": 7, "d_out": 3, "depth": 2, "frozen": False,
             "unused_branch": False}
     base = build_model(spec, seed=100 + ctx.rank)
     model, reference = copy.deepcopy(base), copy.deepcopy(base)
-    opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=stage, process_group=ctx.group,
+    cls = getattr(torch.optim, optimizer)
+    opt = zeroshard.ZeroOptimizer(model, cls, stage=stage, process_group=ctx.group,
                                   lr=0.1, bucket_size_mb=1e-4)
     ddp = DDP(reference, process_group=ctx.group)
-    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    ref_opt = cls(reference.parameters(), lr=0.1)
     differences = []
     for step in range(4):
         for micro in range(micro_batches):

@@ -590,12 +590,13 @@ def test_gradients_the_param_groups_show_replaced_or_cleared_reach_clip_and_step
             assert out["biases moved"] == (0, 0), (way, out)
 
 
+@pytest.mark.parametrize("optimizer", ["SGD", "Adafactor"])
 @pytest.mark.parametrize("micro_batches", [1, 2])
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_gradients_cleared_through_the_param_groups_start_the_next_step_afresh(
-        pool, stage, micro_batches):
+        pool, stage, micro_batches, optimizer):
     for differences in pool.run(cases_loops.gradients_cleared_through_the_param_groups, 2,
-                                stage, micro_batches):
+                                stage, micro_batches, optimizer):
         assert max(differences) < 1e-6, differences
 
 

@@ -304,9 +304,12 @@ class FlatBucket:
             ``Optimizer.zero_grad`` of a wrapper around the ZeroOptimizer does, timm's
             Lookahead, fairseq's: the old local gradients were added into the next
             step's, silently, helper-103's and helper-105's probes, 7.5e-3 from DDP).
-            Element-wise buckets only: a bucket stepped by whole parameters shows a view
-            per parameter."""
-        if self.master is None or self.owns_whole_parameters:
+            A bucket stepped by whole parameters (Muon, Adafactor) shows its master shard
+            too, and its parameters' gradients are views of what that holds: they were
+            left out of this until a reviewer's probe found such a group set to None
+            stepped all the same (Adafactor: 8.9e-3 moved; a wrapper's zero_grad added
+            the old gradients into the next step's, 4.3e-2 from DDP)."""
+        if self.master is None:
             return
         shown = self.master.grad
         if shown is self._shown_grad and (shown is None or (
