@@ -73,6 +73,17 @@ def _bad_arguments(which: str, model: nn.Module, group, meshes):
         model.body[0].register_buffer("weight_t", model.body[0].weight.detach().t(),
                                       persistent=False)
         return (model, torch.optim.SGD), kwargs
+    if which == "overlapping_storages":  # two storages over one memory (torch.frombuffer)
+        memory = bytearray(4 * 40)
+        model.first = nn.Parameter(torch.frombuffer(memory, dtype=torch.float32, count=30))
+        model.second = nn.Parameter(torch.frombuffer(memory, dtype=torch.float32, count=30,
+                                                     offset=4 * 10))
+        return (model, torch.optim.SGD), kwargs
+    if which == "buffer_views_frozen_parameter":  # stage 3: its broadcast writes a released one
+        model.body[0].weight.requires_grad_(False)
+        model.body[0].register_buffer("weight_t", model.body[0].weight.detach().t(),
+                                      persistent=False)
+        return (model, torch.optim.SGD), {**kwargs, "stage": 3}
     if which == "devices":
         model.extra = nn.Parameter(torch.zeros(3, device="meta"))
         return (model, torch.optim.SGD), kwargs
@@ -902,11 +913,18 @@ def blocks_placed_by_guess(ctx, skip_in_first_step: bool) -> list[str]:
 def disjoint_views_of_one_storage(ctx, stage: int) -> list[float]:
     """Note [memory two tensors share]: parameters that are disjoint views of one storage
     (what ``torch.load(mmap=True)`` and ``load_state_dict(assign=True)`` give) are not
-    refused, and train like DDP; so does the old spectral norm, whose ``weight``
-    attribute views ``weight_orig`` until the first forward recomputes it."""
+    refused, and train like DDP; so do the old spectral norm, whose ``weight`` attribute
+    views ``weight_orig`` until the first forward recomputes it, and at stages 1-2 a
+    frozen weight that another frozen parameter and a buffer view."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.utils.spectral_norm(nn.Linear(8, 8)),
                           nn.Linear(8, 3))
+    # frozen parameters, and a buffer, over one memory (a tie split by
+    # load_state_dict(assign=True) under a LoRA model's frozen base): they never change
+    model[0].weight.requires_grad_(False)
+    model[0].frozen_twin = nn.Parameter(model[0].weight.detach(), requires_grad=False)
+    if stage < 3:  # stage 3 refuses the buffer: its broadcast would write a released weight
+        model[0].register_buffer("weight_view", model[0].weight.detach()[:2], persistent=False)
     reference = copy.deepcopy(model)
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     with torch.no_grad():

@@ -263,42 +263,48 @@ def check_devices(model: nn.Module) -> None:
 #     there, and trained apart from DDP's, where the memory stays one, silently (a
 #     helper's probe: 9.9e-3 from DDP after 4 SGD steps at every stage; at stage 3 the
 #     buffer's broadcast was refused as a write to a released parameter, naming no
-#     buffer). So at construction the parameters and buffers are compared by the bytes
-#     they cover, and two objects that cover a byte in common are refused, naming both
-#     and the fixes. Disjoint views of one storage (a model loaded with
-#     ``torch.load(mmap=True)`` and ``load_state_dict(assign=True)``) are not refused:
-#     each is copied out whole. Not seen: a plain tensor attribute (``self.wt =
-#     self.weight.detach().t()``), which the old spectral norm uses for a weight it
-#     recomputes in every forward, so refusing those would refuse it.
-def check_memory_not_shared(model: nn.Module) -> None:
-    spans: dict[int, list] = {}  # storage address -> (first byte, end byte, what, name)
-    named = [("parameter", n, t) for n, t in model.named_parameters()] + \
-        [("buffer", n, t) for n, t in model.named_buffers()]
-    for what, name, tensor in named:
-        span = _bytes_covered(tensor)
-        if span is not None:
-            spans.setdefault(span[0], []).append((span[1], span[2], what, name))
-    for covered in spans.values():
-        covered.sort()
-        reach = covered[0]
-        for current in covered[1:]:
-            if current[0] < reach[1] and "parameter" in (reach[2], current[2]):
-                raise ValueError(_shared_memory_refusal(reach, current))
-            reach = max(reach, current, key=lambda span: span[1])
+#     buffer). So at construction the parameters and buffers are compared by the
+#     addresses they cover (across storages: two tensors made by ``torch.from_numpy``
+#     from overlapping slices of one array have storages of their own), and an overlap
+#     that would train apart is refused, naming both and the fixes: one with a trainable
+#     parameter, and at stage 3 also a buffer over a frozen parameter (its broadcast
+#     writes the memory the released parameter had). Frozen parameters that share
+#     memory with each other or with a buffer otherwise never change, so copies of them
+#     hold the same values: a tie split by ``load_state_dict(assign=True)`` under a LoRA
+#     model's frozen base was refused by a first version of this check (a reviewer's
+#     probe; 0.0 from DDP without it). Disjoint views of one storage (a model loaded
+#     with ``torch.load(mmap=True)`` and ``load_state_dict(assign=True)``) are not
+#     refused either: each is copied out whole. Not seen: a plain tensor attribute
+#     (``self.wt = self.weight.detach().t()``), which the old spectral norm uses for a
+#     weight it recomputes in every forward, so refusing those would refuse it.
+def check_memory_not_shared(model: nn.Module, stage: int) -> None:
+    spans = []  # (first address, end address, what, name, trainable)
+    for what, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, tensor in named:
+            covered = _addresses_covered(tensor)
+            if covered is not None:
+                trainable = what == "parameter" and tensor.requires_grad
+                spans.append((*covered, what, name, trainable))
+    active = []  # the spans seen so far that reach past the current one's start
+    for span in sorted(spans, key=lambda span: span[:2]):
+        active = [other for other in active if other[1] > span[0]]
+        for other in active:
+            if other[4] or span[4] or (stage == 3 and {other[2], span[2]} == {"parameter", "buffer"}):
+                raise ValueError(_shared_memory_refusal(other, span))
+        active.append(span)
 
 
-def _bytes_covered(tensor: torch.Tensor) -> tuple[int, int, int] | None:
-    """(storage address, first byte, end byte) of what ``tensor`` can read, or None where
-    it holds no memory of its own here (meta, empty, a tensor subclass without one)."""
+def _addresses_covered(tensor: torch.Tensor) -> tuple[int, int] | None:
+    """(first address, end address) of the memory ``tensor`` can read, or None where it
+    holds none here (meta, empty, a tensor subclass without memory of its own)."""
     if tensor.device.type == "meta" or tensor.numel() == 0:
         return None
     try:
-        address = tensor.untyped_storage().data_ptr()
+        first = tensor.data_ptr()
     except (RuntimeError, NotImplementedError):
         return None
     extent = 1 + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
-    first = tensor.storage_offset() * tensor.element_size()
-    return address, first, first + extent * tensor.element_size()
+    return first, first + extent * tensor.element_size()
 
 
 def _shared_memory_refusal(first, second) -> str:

@@ -140,11 +140,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
         _validate.check_model(model)
         _validate.check_not_managed(model, _current_owner(model.parameters()))
         _validate.check_stage(stage)
+        _validate.check_memory_not_shared(model, stage)  # Note [memory two tensors share]
         _validate.check_units(units, stage)
         _validate.check_optimizer_class(optimizer_class)
         _validate.check_bucket_size(bucket_size_mb)
         _validate.check_devices(model)
-        _validate.check_memory_not_shared(model)  # Note [memory two tensors share]
         if not isinstance(broadcast_buffers, bool):
             raise TypeError(f"broadcast_buffers must be True or False, got {broadcast_buffers!r}")
         if mixed_precision is not None and not isinstance(mixed_precision, MixedPrecision):
