@@ -657,3 +657,27 @@ def recurrent_built_on_meta(ctx, stage: int):
             net_opt.step()
             net_opt.zero_grad()
     return _values(model, opt), _values(plain, plain_opt)
+
+
+def load_mid_run_into_a_model_built_on_meta(ctx, stage: int):
+    """``model.load_state_dict`` between steps into a model built on meta, beside the same
+    model built on CPU doing the same: at stages 1-2 its parameters shared the flat
+    buffer's version counter, and the load was refused at the next step as a write to
+    ``opt.param_groups``' tensors (a reviewer's probe). Returns both models' values."""
+    spec = {"kind": "mlp", "d_in": 5, "hidden": 9, "d_out": 3, "depth": 2, "frozen": False,
+            "unused_branch": False}
+    plain = build_model(spec, seed=0)
+    start = {k: v.clone() for k, v in plain.state_dict().items()}
+    loaded = build_model(spec, seed=1).state_dict()
+    plain_opt = _optimizer(plain, ctx, stage, False)
+    with torch.device("meta"):
+        model = build_model(spec, seed=100 + ctx.rank)
+    opt = _optimizer(model, ctx, stage, False, device="cpu", init_fn=init_everything)
+    with opt.summon_full_params():
+        model.load_state_dict(start)
+    for net, net_opt in ((plain, plain_opt), (model, opt)):
+        _train(spec, net, net_opt, ctx.rank, steps=1)
+        with net_opt.summon_full_params():
+            net.load_state_dict(loaded)
+        _train(spec, net, net_opt, ctx.rank, steps=2)
+    return _values(model, opt), _values(plain, plain_opt)

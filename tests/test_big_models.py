@@ -45,6 +45,14 @@ def test_a_model_built_on_meta_trains_exactly_like_one_built_on_cpu(pool, kind, 
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
+def test_a_model_built_on_meta_loads_a_state_dict_mid_run_like_one_built_on_cpu(pool, stage):
+    for meta, plain in pool.run(cases_big_models.load_mid_run_into_a_model_built_on_meta, 2,
+                                stage):
+        for key, value in plain.items():
+            assert torch.equal(meta[key], value), key
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_recurrent_modules_built_on_meta_train_like_ones_built_on_cpu(pool, stage):
     for meta, plain in pool.run(cases_big_models.recurrent_built_on_meta, 2, stage):
         assert meta.keys() == plain.keys()

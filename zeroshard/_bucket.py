@@ -74,6 +74,16 @@ def from_memory_order(flat: torch.Tensor, shape, order: tuple[int, ...]) -> torc
     return stored.permute(sorted(range(len(order)), key=order.__getitem__))
 
 
+def _with_a_version_counter_of_its_own(view: torch.Tensor) -> torch.Tensor:
+    """``view``'s memory as a tensor that does not share its version counter: a parameter
+    built on meta and swapped in holding the view itself shared the flat buffer's, so a
+    write to it (``model.load_state_dict`` after a step) moved the shard's counter and
+    was refused as a write to ``opt.param_groups``' tensors, at stages 1-2 (a reviewer's
+    probe; a parameter built on CPU gets ``.data = view`` and keeps its own counter)."""
+    return torch.empty(0, dtype=view.dtype, device=view.device).set_(
+        view.untyped_storage(), view.storage_offset(), view.shape, view.stride())
+
+
 class FlatBucket:
     """Parameters of one param group, dtype, device and ``requires_grad`` value."""
 
@@ -132,7 +142,7 @@ class FlatBucket:
             view = self.param_view(self.flat, index)
             if param.is_meta:
                 view.fill_(float("nan") if view.is_floating_point() else 0)
-                swap_in(param, view)
+                swap_in(param, _with_a_version_counter_of_its_own(view))
             else:
                 view.copy_(param)
                 param.data = view
