@@ -938,3 +938,21 @@ def disjoint_views_of_one_storage(ctx, stage: int) -> list[float]:
                                   process_group=ctx.group, bucket_size_mb=100 * 4 / 2**20,
                                   **({"units": nn.Linear} if stage == 3 else {}))
     return _differences_from_reference(ctx, model, opt, ddp, ref_opt, batch_shape=(4, 6))
+
+
+def per_sample_gradients_at_the_step(ctx, stage: int) -> str | None:
+    """What opacus' GradSampleModule, wrapped around the model after ``ZeroOptimizer(...)``,
+    leaves on every parameter in backward (``p.grad_sample``); the step's error."""
+    model = build_model(MLP, seed=ctx.rank)
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=stage, lr=0.1,
+                                  process_group=ctx.group, bucket_size_mb=1e-4)
+    loss_fn(MLP, model, make_batch(MLP, seed=0, rank=ctx.rank, batch=4)).backward()
+    for param in model.parameters():
+        param.grad_sample = torch.zeros(4, *param.shape)
+    try:
+        opt.step()
+        return None
+    except TypeError as error:
+        return str(error)
+    finally:
+        opt.close()

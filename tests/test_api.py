@@ -62,6 +62,14 @@ def test_bad_input_raises_on_every_rank_before_any_collective(pool, which):
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
+def test_per_sample_gradients_are_refused_at_the_step_on_every_rank(pool, stage):
+    """opacus' DPOptimizer around a ZeroOptimizer clipped and noised nothing (helper-107)."""
+    for message in pool.run(cases_api.per_sample_gradients_at_the_step, 2, stage):
+        assert "holds per-sample gradients" in (message or ""), message
+        assert "would not be private" in message, message
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_disjoint_views_of_one_storage_are_taken_and_train_like_ddp(pool, stage):
     for differences in pool.run(cases_api.disjoint_views_of_one_storage, 2, stage):
         assert max(differences) < 1e-6, differences

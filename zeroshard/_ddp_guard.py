@@ -20,6 +20,8 @@ Note [refusing DistributedDataParallel]:
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 import weakref
 
@@ -48,6 +50,20 @@ _IGNORED_SYNC_SWITCH = (
     "switch, which a ZeroOptimizer does not read: this backward reduces its gradients (the "
     "numbers are the same; each micro-batch costs a reduction). Run the backwards of an "
     "accumulation window's micro-batches but the last inside `with opt.no_sync():` instead")
+
+
+def _levels_to_the_caller() -> int:
+    """The ``stacklevel`` that points a warning raised in a forward pre-hook at the line
+    that called the model: past zeroshard's frames and torch's module call."""
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and (frame.f_code.co_filename.startswith(_OURS)
+                                 or frame.f_code.co_filename.startswith(_TORCH_NN)):
+        level, frame = level + 1, frame.f_back
+    return level
+
+
+_OURS = os.path.dirname(os.path.abspath(__file__))
+_TORCH_NN = os.path.dirname(os.path.abspath(nn.__file__))
 
 
 class DDPRefusal:
@@ -94,7 +110,7 @@ class DDPGuard:
                                f"of a model that a ZeroOptimizer manages; {_FIX}")
         if self._model.__dict__.get("require_backward_grad_sync") is False and not self._warned:
             self._warned = True
-            warnings.warn(_IGNORED_SYNC_SWITCH, stacklevel=2)
+            warnings.warn(_IGNORED_SYNC_SWITCH, stacklevel=_levels_to_the_caller())
 
     def remove(self) -> None:
         self._take_back()

@@ -68,6 +68,26 @@ def _per_sample_gradients_refusal(name: str, module: nn.Module) -> str:
             "(PrivacyEngine.make_private with DistributedDataParallel) instead")
 
 
+def check_no_per_sample_gradients(buckets) -> None:
+    """Before a step: opacus' GradSampleModule wrapped around the model after
+    ``ZeroOptimizer(...)`` is not seen at construction, but its backward leaves each
+    parameter's per-sample gradients in ``p.grad_sample``, which DPOptimizer around the
+    ZeroOptimizer never clipped or noised (its param groups hold shards): a step of plain
+    averaged gradients, not private, silently (a reviewer's probe, every stage). Every
+    rank runs the same backward, so every rank raises. One parameter a bucket: opacus
+    computes them for every trainable parameter or refuses the model itself."""
+    for bucket in buckets:
+        if getattr(bucket.params[0], "grad_sample", None) is not None:
+            raise TypeError(
+                f"{bucket.param_names[0]!r} holds per-sample gradients (grad_sample: opacus' "
+                "GradSampleModule around the model): differentially private training clips "
+                "each sample's gradient and adds noise before gradients are averaged, which "
+                "ZeroOptimizer's sharded reduction in backward does not allow (opacus' "
+                "DPOptimizer around it clips and noises nothing: training would not be "
+                "private). Train with DP under opacus' own data parallelism "
+                "(PrivacyEngine.make_private with DistributedDataParallel) instead")
+
+
 # Optimizers that need a closure to re-evaluate the loss several times per step: the
 # closure would run the model (and its collectives) on the owner ranks only.
 CLOSURE_OPTIMIZERS: tuple[type, ...] = (torch.optim.LBFGS,)

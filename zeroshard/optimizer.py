@@ -465,6 +465,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                                "holds; call it after the block")
         _validate.check_trainable_unchanged(self._model, self._trainable_at_construction)
         _validate.check_parameters_unreplaced(self._model, self._parameter_ids)
+        _validate.check_no_per_sample_gradients(self._plan.buckets)
         self._live.check_before_step()
         self._live.refuse_abandoned_backward("opt.step()")
         self._live.refuse_local_gradients("opt.step()")
