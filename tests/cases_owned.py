@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import zeroshard
-from cases import UNITS, ddp_needs_static_graph
+from cases import UNITS, ddp_needs_static_graph, largest_difference
 from models import build_model, loss_fn, make_batch
 
 U32 = 2.0**-24  # unit roundoff of fp32
@@ -657,10 +657,6 @@ def a_method_of_the_optimizer_class(ctx, stage: int, policy: bool) -> dict:
     ddp = DDP(ddp_model, process_group=ctx.group)
     plain = LookaheadSGD(ddp_model.parameters(), lr=0.1, momentum=0.9)
 
-    def largest_difference() -> float:
-        with zopt.summon_full_params():
-            return float(max((p - q).abs().max() for p, q in
-                             zip(zero_model.parameters(), ddp_model.parameters())))
     differences = []
     for step in range(4):
         batch = make_batch(spec, seed=step, rank=ctx.rank, batch=2)
@@ -668,12 +664,12 @@ def a_method_of_the_optimizer_class(ctx, stage: int, policy: bool) -> dict:
             loss_fn(spec, model, batch).backward()
             optimizer.step()
             optimizer.zero_grad()
-        differences.append(largest_difference())
+        differences.append(largest_difference(zopt, zero_model, ddp_model))
         if step % 2 == 1:
             for optimizer in (zopt, plain):
                 if hasattr(optimizer, "sync_lookahead"):  # timm's train loop
                     optimizer.sync_lookahead()
-            differences.append(largest_difference())
+            differences.append(largest_difference(zopt, zero_model, ddp_model))
     try:
         zopt.sync_lookahead(zopt.param_groups[0])
         refused = None

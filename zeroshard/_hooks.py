@@ -48,7 +48,6 @@ class WeakHook(InertWhenCopied):
         return None if bound is None else bound(*self._leading, *args, **kwargs)
 
 
-
 class EagerOnlyHook(WeakHook):
     """A ``WeakHook`` that does nothing while torch.compile traces the module it sits on:
     that check comes first, so dynamo inlines it and keeps the module in the graph (the

@@ -60,12 +60,15 @@ def _per_sample_gradients_refusal(name: str, module: nn.Module) -> str:
     averaged gradient: training was not private, silently (a helper's probe, every
     stage: 0.0 from non-private DDP with noise_multiplier=1.0)."""
     where = f"the model's submodule {name!r}" if name else "the model"
-    return (f"{where} is opacus' {type(module).__name__}: differentially private training "
-            "clips each sample's gradient and adds noise before gradients are averaged, "
-            "which ZeroOptimizer's sharded reduction in backward does not allow (opacus' "
-            "DPOptimizer around it would clip and noise nothing: training would not be "
-            "private). Train with DP under opacus' own data parallelism "
-            "(PrivacyEngine.make_private with DistributedDataParallel) instead")
+    return f"{where} is opacus' {type(module).__name__}: {_NOT_PRIVATE}"
+
+
+_NOT_PRIVATE = ("differentially private training clips each sample's gradient and adds "
+                "noise before gradients are averaged, which ZeroOptimizer's sharded reduction "
+                "in backward does not allow (opacus' DPOptimizer around it would clip and "
+                "noise nothing: training would not be private). Train with DP under opacus' "
+                "own data parallelism (PrivacyEngine.make_private with "
+                "DistributedDataParallel) instead")
 
 
 def check_no_per_sample_gradients(buckets) -> None:
@@ -78,14 +81,9 @@ def check_no_per_sample_gradients(buckets) -> None:
     computes them for every trainable parameter or refuses the model itself."""
     for bucket in buckets:
         if getattr(bucket.params[0], "grad_sample", None) is not None:
-            raise TypeError(
-                f"{bucket.param_names[0]!r} holds per-sample gradients (grad_sample: opacus' "
-                "GradSampleModule around the model): differentially private training clips "
-                "each sample's gradient and adds noise before gradients are averaged, which "
-                "ZeroOptimizer's sharded reduction in backward does not allow (opacus' "
-                "DPOptimizer around it clips and noises nothing: training would not be "
-                "private). Train with DP under opacus' own data parallelism "
-                "(PrivacyEngine.make_private with DistributedDataParallel) instead")
+            raise TypeError(f"{bucket.param_names[0]!r} holds per-sample gradients "
+                            f"(grad_sample: opacus' GradSampleModule around the model): "
+                            f"{_NOT_PRIVATE}")
 
 
 # Optimizers that need a closure to re-evaluate the loss several times per step: the

@@ -551,7 +551,6 @@ class ZeroOptimizer(torch.optim.Optimizer):
     # each writes its parameters element by element and returns nothing
     FORWARDED_METHODS = frozenset({
         "sync_lookahead",  # timm's Lookahead: the slow weights, at each epoch's end
-        "backup_and_load_cache", "clear_and_load_backup",  # pytorch_optimizer's Lookahead
     })
 
     def __getattr__(self, name: str):
@@ -559,14 +558,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
             A public method the optimizer class has beyond torch's ``Optimizer`` was not
             there: timm's ``Lookahead.sync_lookahead()``, which timm's training loop calls
             at each epoch's end where ``hasattr`` finds it, was skipped, silently (a
-            helper's probe: 5.1e-3 from DDP after an epoch, 1.0e-2 after two), and
-            pytorch_optimizer's ``Lookahead.backup_and_load_cache()`` /
-            ``clear_and_load_backup()`` (the slow weights swapped in to evaluate) could
-            not be called. Those (``FORWARDED_METHODS``: element-wise writes of the
-            parameters, nothing returned) now run on each inner optimizer whose class has
-            them, over this rank's shards, and the parameters follow the shards as after
-            a step, as ``train()`` / ``eval()`` do (stages 1-2 all-gather: call them on
-            every rank). Any other public method of the class is refused where it is
+            helper's probe: 5.1e-3 from DDP after an epoch, 1.0e-2 after two). Such
+            methods (``FORWARDED_METHODS``: element-wise writes of the parameters, nothing
+            returned) now run on each inner optimizer whose class has them, over this
+            rank's shards, and the parameters follow the shards as after a step, as
+            ``train()`` / ``eval()`` do (stages 1-2 all-gather: call them on every rank). Any other public method of the class is refused where it is
             looked up, ``hasattr`` included (not an ``AttributeError``, which ``hasattr``
             would turn into a silent False): run over this rank's shards, a method that
             reads (pytorch_optimizer's ``get_global_gradient_norm()``, a count of the
@@ -609,7 +605,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._follow_shards()
 
     @torch.no_grad()
-    def _run_on_inner(self, name: str, calls: list) -> list:
+    def _run_on_inner(self, name: str, calls: list) -> None:
         """Methods of the inner optimizers that may move the shards: the settings synced
         both ways around them, the writes made outside a step taken first."""
         if self._live.switches.summoned and (self.stage == 3 or self._masters_shown):
@@ -619,9 +615,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._live.wait_in_flight()
         self._settings.to_inner(self.param_groups, self._inner.param_groups)
         self._view.take_outside_writes()
-        results = [call() for call in calls]
+        for call in calls:
+            call()
         self._settings.to_outer(self.param_groups, self._inner.param_groups)
-        return results
 
     @torch.no_grad()
     def _follow_shards(self) -> None:
