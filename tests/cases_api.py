@@ -940,15 +940,22 @@ def disjoint_views_of_one_storage(ctx, stage: int) -> list[float]:
     return _differences_from_reference(ctx, model, opt, ddp, ref_opt, batch_shape=(4, 6))
 
 
-def per_sample_gradients_at_the_step(ctx, stage: int) -> str | None:
+def per_sample_gradients_at_the_step(ctx, stage: int, ghost: bool) -> str | None:
     """What opacus' GradSampleModule, wrapped around the model after ``ZeroOptimizer(...)``,
-    leaves on every parameter in backward (``p.grad_sample``); the step's error."""
+    leaves in backward: ``p.grad_sample`` on every parameter, or with ghost clipping
+    (``ghost``) ``p._norm_sample`` and ``grad_sample`` None, here on the last parameter
+    only (one the forward did not use gets none; a first version read the first
+    parameter of each bucket, and only ``grad_sample``: reviewers' probes). The step's
+    error."""
     model = build_model(MLP, seed=ctx.rank)
     opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=stage, lr=0.1,
-                                  process_group=ctx.group, bucket_size_mb=1e-4)
+                                  process_group=ctx.group, bucket_size_mb=1)
     loss_fn(MLP, model, make_batch(MLP, seed=0, rank=ctx.rank, batch=4)).backward()
-    for param in model.parameters():
-        param.grad_sample = torch.zeros(4, *param.shape)
+    for param in list(model.parameters())[-1:] if ghost else model.parameters():
+        if ghost:
+            param._norm_sample, param.grad_sample = torch.zeros(4), None
+        else:
+            param.grad_sample = torch.zeros(4, *param.shape)
     try:
         opt.step()
         return None

@@ -61,11 +61,13 @@ def test_bad_input_raises_on_every_rank_before_any_collective(pool, which):
         assert issued == [], (rank, issued)
 
 
+@pytest.mark.parametrize("ghost", [False, True])
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_per_sample_gradients_are_refused_at_the_step_on_every_rank(pool, stage):
-    """opacus' DPOptimizer around a ZeroOptimizer clipped and noised nothing (helper-107)."""
-    for message in pool.run(cases_api.per_sample_gradients_at_the_step, 2, stage):
-        assert "holds per-sample gradients" in (message or ""), message
+def test_per_sample_gradients_are_refused_at_the_step_on_every_rank(pool, stage, ghost):
+    """opacus' DPOptimizer around a ZeroOptimizer clipped and noised nothing (helper-107,
+    helper-109: ghost clipping, and a bucket led by a parameter with none)."""
+    for message in pool.run(cases_api.per_sample_gradients_at_the_step, 2, stage, ghost):
+        assert "(per-sample gradients: opacus" in (message or ""), message
         assert "would not be private" in message, message
 
 

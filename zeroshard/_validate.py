@@ -71,19 +71,29 @@ _NOT_PRIVATE = ("differentially private training clips each sample's gradient an
                 "DistributedDataParallel) instead")
 
 
+# what opacus' hooks put on a parameter in backward: its per-sample gradients, or with
+# ghost clipping their norms (and grad_sample set to None)
+_PER_SAMPLE_ATTRIBUTES = ("grad_sample", "_norm_sample")
+
+
 def check_no_per_sample_gradients(buckets) -> None:
     """Before a step: opacus' GradSampleModule wrapped around the model after
-    ``ZeroOptimizer(...)`` is not seen at construction, but its backward leaves each
-    parameter's per-sample gradients in ``p.grad_sample``, which DPOptimizer around the
-    ZeroOptimizer never clipped or noised (its param groups hold shards): a step of plain
-    averaged gradients, not private, silently (a reviewer's probe, every stage). Every
-    rank runs the same backward, so every rank raises. One parameter a bucket: opacus
-    computes them for every trainable parameter or refuses the model itself."""
+    ``ZeroOptimizer(...)`` (or its hooks attached without a wrapper, ghost clipping's
+    ``GradSampleHooksFastGradientClipping``) is not seen at construction, but its
+    backward leaves per-sample gradients, or their norms, on the parameters, which
+    DPOptimizer around the ZeroOptimizer never clipped or noised (its param groups hold
+    shards): a step of plain averaged gradients, not private, silently (reviewers'
+    probes, every stage: a first version read ``grad_sample`` of one parameter a bucket,
+    which missed a bucket led by a parameter the forward did not use, and ghost
+    clipping, which leaves ``_norm_sample``). Every rank runs the same backward, so
+    every rank raises. A dict lookup per parameter and step."""
     for bucket in buckets:
-        if getattr(bucket.params[0], "grad_sample", None) is not None:
-            raise TypeError(f"{bucket.param_names[0]!r} holds per-sample gradients "
-                            f"(grad_sample: opacus' GradSampleModule around the model): "
-                            f"{_NOT_PRIVATE}")
+        for name, param in zip(bucket.param_names, bucket.params):
+            held = [a for a in _PER_SAMPLE_ATTRIBUTES if a in param.__dict__]
+            if held:
+                raise TypeError(f"{name!r} holds {held[0]} (per-sample gradients: opacus' "
+                                f"GradSampleModule or its hooks around the model): "
+                                f"{_NOT_PRIVATE}")
 
 
 # Optimizers that need a closure to re-evaluate the loss several times per step: the
