@@ -69,6 +69,12 @@ def _bad_arguments(which: str, model: nn.Module, group, meshes):
         model.decoder = nn.Linear(7, 5, bias=False)
         model.decoder.weight = nn.Parameter(model.body[0].weight.data.t())
         return (model, torch.optim.SGD), kwargs
+    if which == "tied_through_memory_on_meta":  # meta has no addresses: its storages tell
+        with torch.device("meta"):
+            model = build_model(MLP, seed=0)
+            model.decoder = nn.Linear(7, 5, bias=False)
+            model.decoder.weight = nn.Parameter(model.body[0].weight.data.t())
+        return (model, torch.optim.SGD), {**kwargs, "device": "cpu"}
     if which == "buffer_views_parameter":  # a weight transposed once, cached as a buffer
         model.body[0].register_buffer("weight_t", model.body[0].weight.detach().t(),
                                       persistent=False)

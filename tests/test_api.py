@@ -26,6 +26,8 @@ BAD_INPUTS = {
                                          "opacus' own data parallelism"]),
     "tied_through_memory": ("ValueError", ["parameter 'body.0.weight'", "parameter 'decoder.weight'",
                                            "share memory", "one nn.Parameter object"]),
+    "tied_through_memory_on_meta": ("ValueError", ["parameter 'body.0.weight'",
+                                                   "parameter 'decoder.weight'", "share memory"]),
     "buffer_views_parameter": ("ValueError", ["'body.0.weight'", "buffer 'body.0.weight_t'",
                                               "share memory", ".clone()"]),
     "overlapping_storages": ("ValueError", ["parameter 'first'", "parameter 'second'",
