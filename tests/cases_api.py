@@ -90,6 +90,9 @@ def _bad_arguments(which: str, model: nn.Module, group, meshes):
         model.body[0].register_buffer("weight_t", model.body[0].weight.detach().t(),
                                       persistent=False)
         return (model, torch.optim.SGD), {**kwargs, "stage": 3}
+    if which == "expanded_parameter":  # it was refused as a dropped optimizer's placeholder
+        model.extra = nn.Parameter(torch.zeros(1, 4).expand(3, 4))
+        return (model, torch.optim.SGD), kwargs
     if which == "devices":
         model.extra = nn.Parameter(torch.zeros(3, device="meta"))
         return (model, torch.optim.SGD), kwargs

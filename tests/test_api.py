@@ -34,6 +34,7 @@ BAD_INPUTS = {
                                             "share memory"]),
     "buffer_views_frozen_parameter": ("ValueError", ["'body.0.weight'", "buffer 'body.0.weight_t'",
                                                      "share memory"]),
+    "expanded_parameter": ("ValueError", ["parameter 'extra'", "expanded", ".clone()"]),
     "devices": ("ValueError", ["cpu", "meta", "model.to(device)", "torch.device('meta')"]),
     "meta_without_device": ("ValueError", ["meta device", "device=None", "device='cuda'"]),
     "meta_without_init": ("ValueError", ["'1'", "ParameterList", "reset_parameters()", "init_fn="]),
