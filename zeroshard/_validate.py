@@ -12,6 +12,8 @@ import inspect
 import torch
 from torch import nn
 
+from ._per_sample_gradients import refuse_per_sample_gradient_modules
+
 # Optimizers whose update of each element depends only on that element's gradient
 # and state (and on scalars such as the step count): running them on a flat 1-D
 # shard of many parameters gives the same update as running them per parameter.
@@ -33,9 +35,7 @@ def check_model(model) -> None:
             "reduction itself: pass the plain module (ddp_model.module) instead")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    for name, module in model.named_modules():
-        if _is_per_sample_gradient_module(module):
-            raise TypeError(_per_sample_gradients_refusal(name, module))
+    refuse_per_sample_gradient_modules(model)  # Note [per-sample gradients]
     for name, tensor in (*model.named_parameters(), *model.named_buffers()):
         if isinstance(tensor, nn.parameter.UninitializedTensorMixin):
             raise ValueError(
@@ -43,57 +43,6 @@ def check_model(model) -> None:
                 "first forward): its shape is not known yet, so it cannot be sharded. Run one "
                 "forward on a sample batch first (as DistributedDataParallel requires), then "
                 "build the ZeroOptimizer")
-
-
-def _is_per_sample_gradient_module(module: nn.Module) -> bool:
-    """opacus' GradSampleModule (any of its kinds), by its base class's name: opacus is
-    not a dependency to import."""
-    return any(cls.__name__ == "AbstractGradSampleModule" and cls.__module__.startswith("opacus")
-               for cls in type(module).__mro__)
-
-
-def _per_sample_gradients_refusal(name: str, module: nn.Module) -> str:
-    """opacus' DP-SGD clips each sample's gradient of every parameter and adds noise
-    before the gradients are averaged. ZeroOptimizer reduces and shards the gradients in
-    backward, and its param groups hold shards with no per-sample gradient, so opacus'
-    DPOptimizer around it found no parameter to clip or noise and stepped the plain
-    averaged gradient: training was not private, silently (a helper's probe, every
-    stage: 0.0 from non-private DDP with noise_multiplier=1.0)."""
-    where = f"the model's submodule {name!r}" if name else "the model"
-    return f"{where} is opacus' {type(module).__name__}: {_NOT_PRIVATE}"
-
-
-_NOT_PRIVATE = ("differentially private training clips each sample's gradient and adds "
-                "noise before gradients are averaged, which ZeroOptimizer's sharded reduction "
-                "in backward does not allow (opacus' DPOptimizer around it would clip and "
-                "noise nothing: training would not be private). Train with DP under opacus' "
-                "own data parallelism (PrivacyEngine.make_private with "
-                "DistributedDataParallel) instead")
-
-
-# what opacus' hooks put on a parameter in backward: its per-sample gradients, or with
-# ghost clipping their norms (and grad_sample set to None)
-_PER_SAMPLE_ATTRIBUTES = ("grad_sample", "_norm_sample")
-
-
-def check_no_per_sample_gradients(buckets) -> None:
-    """Before a step: opacus' GradSampleModule wrapped around the model after
-    ``ZeroOptimizer(...)`` (or its hooks attached without a wrapper, ghost clipping's
-    ``GradSampleHooksFastGradientClipping``) is not seen at construction, but its
-    backward leaves per-sample gradients, or their norms, on the parameters, which
-    DPOptimizer around the ZeroOptimizer never clipped or noised (its param groups hold
-    shards): a step of plain averaged gradients, not private, silently (reviewers'
-    probes, every stage: a first version read ``grad_sample`` of one parameter a bucket,
-    which missed a bucket led by a parameter the forward did not use, and ghost
-    clipping, which leaves ``_norm_sample``). Every rank runs the same backward, so
-    every rank raises. A dict lookup per parameter and step."""
-    for bucket in buckets:
-        for name, param in zip(bucket.param_names, bucket.params):
-            held = [a for a in _PER_SAMPLE_ATTRIBUTES if a in param.__dict__]
-            if held:
-                raise TypeError(f"{name!r} holds {held[0]} (per-sample gradients: opacus' "
-                                f"GradSampleModule or its hooks around the model): "
-                                f"{_NOT_PRIVATE}")
 
 
 # Optimizers that need a closure to re-evaluate the loss several times per step: the

@@ -22,6 +22,7 @@ from ._inner import InnerOptimizers, SettingsBothWays, class_of, hyperparameters
 from ._masters import masters_for
 from ._masters_shown import MastersShown
 from ._other_optimizers import refuse_other_optimizers_over
+from ._per_sample_gradients import refuse_per_sample_gradients
 from ._placement import Placement
 from ._plan import ShardingView, plan_sharding, work_balance
 from ._ranks import job_ranks, mesh_as_read, ranks_from
@@ -465,7 +466,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                                "holds; call it after the block")
         _validate.check_trainable_unchanged(self._model, self._trainable_at_construction)
         _validate.check_parameters_unreplaced(self._model, self._parameter_ids)
-        _validate.check_no_per_sample_gradients(self._plan.buckets)
+        refuse_per_sample_gradients(self._plan.buckets)  # Note [per-sample gradients]
         self._live.check_before_step()
         self._live.refuse_abandoned_backward("opt.step()")
         self._live.refuse_local_gradients("opt.step()")
