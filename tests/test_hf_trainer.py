@@ -173,6 +173,11 @@ def test_zero_trainer_refuses_what_would_undo_the_sharding(tmp_path):
                                   bf16_full_eval=True)
     with pytest.raises(ValueError, match="bf16_full_eval"):
         ZeroTrainer(model=model, args=full_eval, zero_stage=2)
+    # ranks with different numbers of batches: one left the others in a collective (helper-108)
+    uneven = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True,
+                               accelerator_config={"even_batches": False})
+    with pytest.raises(ValueError, match="even_batches"):
+        ZeroTrainer(model=model, args=uneven, zero_stage=2)
 
 
 def test_a_reference_model_synced_and_generation_in_the_step_at_stage_3_equal_trainer_with_ddp(

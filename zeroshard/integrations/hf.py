@@ -354,7 +354,17 @@ def _refuse_unsupported(trainer: ZeroTrainer) -> None:
     args = trainer.args
     if trainer.model_init is not None or args.auto_find_batch_size:
         raise ValueError("ZeroTrainer does not rebuild the model (model_init, "
-                         "auto_find_batch_size): a ZeroOptimizer manages one model object")
+                         "auto_find_batch_size): a ZeroOptimizer manages one model object; "
+                         "pass the model, and set per_device_train_batch_size yourself")
+    if not getattr(trainer.accelerator, "even_batches", True):
+        # a rank out of batches leaves the loop while the others wait in the next step's
+        # collectives, until the process group's timeout (a helper's probe; DDP hangs too)
+        raise ValueError("accelerator_config={'even_batches': False} gives the ranks "
+                         "different numbers of batches where the dataset does not split "
+                         "evenly, and a rank that runs out leaves the others waiting in the "
+                         "next step's collectives (DistributedDataParallel hangs there too). "
+                         "Leave even_batches True (the default: Accelerate completes the "
+                         "last batches from the start of the dataset)")
     if args.fp16_full_eval or args.bf16_full_eval:
         raise ValueError("fp16_full_eval / bf16_full_eval cast the model with model.to(dtype), "
                          "which would replace the sharded parameters; evaluate under bf16=True "
