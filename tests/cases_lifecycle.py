@@ -240,7 +240,8 @@ def copies_taken_saved_and_differentiated(ctx, stage: int, bf16: bool):
         try:  # the copy keeps the policy's cast of its inputs (README: Ending a run)
             expected = grads(plain, x.to(next(plain.parameters()).dtype))
             got = grads(copied, x)
-            results[kind] = max((got[n] - expected[n]).abs().max().item() for n in expected)
+            results[kind] = float(torch.stack([(got[n] - expected[n]).abs().max()  # keeps a NaN
+                                               for n in expected]).max())
         except RuntimeError as error:
             results[kind] = str(error)
     return results
