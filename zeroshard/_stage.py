@@ -71,7 +71,7 @@ class Stage:
                                                  FullGradients.reductions_in_flight)
         else:
             self.store = ShardedGradients(trainable, dtypes, self.switches, self.label,
-                                          self.handles)
+                                          self.handles, masters)
         self.reducer.store = self.store
         if stage == 3:
             self.params = UnitGatherer(model, units, self.reducer, self.store, dtypes, masters,

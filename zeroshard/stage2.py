@@ -149,9 +149,10 @@ class ShardedGradients:
     reductions_in_flight = 1  # the next bucket fills meanwhile (Note [reductions in flight])
 
     def __init__(self, buckets: list[FlatBucket], dtypes: GradientDtypes, switches: LoopSwitches,
-                 label: str, handles: list) -> None:
+                 label: str, handles: list, masters) -> None:
         self.buckets = buckets
         self.dtypes = dtypes
+        self.masters = masters  # the step's widening, here for a second reduction
         self.switches = switches
         # id(bucket) -> 1-D padded buffer, filling (not yet launched) / being reduced
         self.reduce_buffers: dict[int, torch.Tensor] = {}
@@ -270,9 +271,7 @@ class ShardedGradients:
         if bucket.grad_shard is None:
             bucket.set_grad_shard(self.dtypes.as_gradient_shard(bucket, reduced))
             return
-        if bucket.grad_shard.dtype != bucket.master.dtype:
-            # Note [reduced gradients summed in fp32]
-            bucket.set_grad_shard(bucket.grad_shard.to(bucket.master.dtype))
+        self.masters.widen_gradient(bucket)  # Note [reduced gradients summed in fp32]
         bucket.grad_shard.add_(reduced)
 
     # Note [reduced gradients summed in fp32]:
