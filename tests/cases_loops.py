@@ -136,11 +136,14 @@ def writes_to_the_stepped_tensors(ctx, stage: int, via_data: bool):
     """With bf16 mixed precision, a wrapper (Lookahead, SWA) halves the tensors in
     ``opt.param_groups`` (the fp32 masters), through them or their ``.data``, and
     evaluates inside ``summon_full_params()`` (whose end took the old cast back into
-    stage 3's masters: a helper's probe); then (through them, stages 1-2), after
-    full_state_dict(), negates a parameter; a step
+    stage 3's masters: a helper's probe): stage 3 evaluates the halves' casts, stages
+    1-2 refuse the forward through the masters (Note [masters written between steps]:
+    it ran on the old parameters), not through their ``.data`` (not seen). Then
+    (through them, stages 1-2), after full_state_dict(), a parameter is negated; a step
     with lr 0 follows. Returns the largest differences of the masters from half their
     old values and of the parameters from its bf16 cast (the old cast in the shard
-    undid the write: a reviewer's probe)."""
+    undid the write: a reviewer's probe), of the parameters the evaluation saw from
+    the halves' casts, and the evaluation's refusal (or None)."""
     model = build_model(MLP, seed=ctx.rank)
     opt = _zero(model, stage, ctx.group, mixed_precision=BF16, lr=0.05)
     _steps(MLP, model, opt, 0, 1, ctx.rank)
@@ -150,20 +153,88 @@ def writes_to_the_stepped_tensors(ctx, stage: int, via_data: bool):
             group["lr"] = 0.0
             for tensor in group["params"]:
                 (tensor.data if via_data else tensor).mul_(0.5)
+    refusal = None
     with opt.summon_full_params(), torch.no_grad():  # an evaluation before the next step
-        loss_fn(MLP, model, make_batch(MLP, seed=7, rank=ctx.rank, batch=4))
+        seen = max((p - halves[id(p)].to(p.dtype)).abs().max().item() for p in model.parameters())
+        try:
+            loss_fn(MLP, model, make_batch(MLP, seed=7, rank=ctx.rank, batch=4))
+        except RuntimeError as error:
+            refusal = str(error)
     opt.full_state_dict()  # takes the writes in; then the first parameter is written too
     if not via_data and stage < 3:  # (else the parameters hold the old cast until the step,
         first = next(model.parameters())  # Note [writes on either side]: negated, that one)
         with opt.summon_full_params(), torch.no_grad():
             first.neg_()
         halves[id(first)] = -halves[id(first)].to(first.dtype).float()  # what it can hold
+    opt.step()  # no gradients; the parameters follow the masters (lr 0 anyway)
     _steps(MLP, model, opt, 1, 1, ctx.rank)
     masters = max((value - halves[key]).abs().max().item()
                   for key, value in opt.sharding.gather_masters().items())
     with opt.summon_full_params():
         params = max((p - halves[id(p)].to(p.dtype)).abs().max().item() for p in model.parameters())
-    return masters, params
+    return masters, params, seen, refusal
+
+
+WRITES_TO_THE_MASTERS = ["after_the_step", "inside_summon", "inside_full_precision_summon",
+                         "evaluated_in_full_precision", "between_forward_and_backward"]
+
+
+def masters_written_around_a_forward(ctx, stage: int, when: str):
+    """Note [masters written between steps], bf16 policy: after a step, ``opt.param_groups``'
+    tensors (the fp32 masters) are halved (lr 0 from then on), ``when``: after the step;
+    inside ``summon_full_params()``; inside ``summon_full_params(full_precision=True)``;
+    after the step, followed by an evaluation forward inside a full-precision block; or
+    between the next forward and its backward. Then a forward and backward (and the
+    step). Returns the refusal (or None), the largest difference of the Linear weights
+    the last forward computed with from the halves (cast as the forward saw them), and
+    of the masters from the halves at the end."""
+    model = build_model(MLP, seed=ctx.rank)
+    opt = _zero(model, stage, ctx.group, mixed_precision=BF16, lr=0.05)
+    _steps(MLP, model, opt, 0, 1, ctx.rank)
+    halves = {key: value * 0.5 for key, value in opt.sharding.gather_masters().items()}
+    used = {}  # id(weight) -> what the forward computed with (gathered, at stage 3)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_pre_hook(
+                lambda m, args: used.__setitem__(id(m.weight), m.weight.detach().clone()))
+
+    def halve() -> None:
+        with torch.no_grad():
+            for group in opt.param_groups:
+                group["lr"] = 0.0
+                torch._foreach_mul_(group["params"], 0.5)
+
+    batch = make_batch(MLP, seed=1, rank=ctx.rank, batch=4)
+    refusal = None
+    try:
+        if when in ("after_the_step", "evaluated_in_full_precision"):
+            halve()
+        if when == "inside_summon":
+            with opt.summon_full_params():
+                halve()
+        if when == "inside_full_precision_summon":
+            with opt.summon_full_params(full_precision=True):
+                halve()
+        if when == "evaluated_in_full_precision":
+            with opt.summon_full_params(full_precision=True), torch.no_grad(), \
+                    torch.autocast("cpu", torch.bfloat16):  # the policy casts the inputs
+                loss_fn(MLP, model, batch)
+            seen_inside = dict(used)
+        loss = loss_fn(MLP, model, batch)
+        if when == "between_forward_and_backward":
+            halve()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    except RuntimeError as error:
+        refusal = str(error)
+    if when == "evaluated_in_full_precision":
+        used = seen_inside
+    seen = max(((used[key] - halves[key].to(used[key].dtype)).abs().max().item() for key in used),
+               default=None)  # None: no forward computed
+    masters = max((value - halves[key]).abs().max().item()
+                  for key, value in opt.sharding.gather_masters().items())
+    return refusal, seen, masters
 
 
 class SGDThenDecay(torch.optim.SGD):

@@ -30,9 +30,41 @@ def test_load_state_dict_mid_run_with_mixed_precision_is_kept_by_the_step(pool, 
 def test_writes_to_the_optimizers_own_tensors_are_kept_with_mixed_precision(pool, stage, via_data):
     """Note [writes on either side] in zeroshard/_masters.py: the masters take writes to
     the parameters, and keep writes made to themselves (comparing the shard with the
-    masters' cast took the old cast back into the masters: a reviewer's probe)."""
-    for diffs in pool.run(cases_loops.writes_to_the_stepped_tensors, 2, stage, via_data):
-        assert diffs == (0, 0), diffs
+    masters' cast took the old cast back into the masters: a reviewer's probe). Note
+    [masters written between steps]: a forward between such a write and the step ran on
+    the parameters before it, silently (helper-110: SAM's perturbation changed nothing);
+    stage 3 now gathers the written masters' casts, stages 1-2 refuse the forward."""
+    for masters, params, seen, refusal in pool.run(
+            cases_loops.writes_to_the_stepped_tensors, 2, stage, via_data):
+        assert (masters, params) == (0, 0), (masters, params)
+        if via_data:  # not seen: a write through .data moves no version counter
+            assert seen > 0 and refusal is None, (seen, refusal)
+        elif stage == 3:
+            assert seen == 0 and refusal is None, (seen, refusal)
+        else:
+            assert seen > 0 and "opt.param_groups" in refusal and "fp32 copy" in refusal, refusal
+
+
+@pytest.mark.parametrize("when", cases_loops.WRITES_TO_THE_MASTERS)
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_masters_written_between_steps_reach_the_next_forward_or_are_refused(pool, stage, when):
+    """Note [masters written between steps] (zeroshard/_masters.py), bf16 policy: a write
+    to ``opt.param_groups``' fp32 masters (SAM's perturbation, a Lookahead wrapper) never
+    reached the next forward, silently, at every stage (helper-110). Stage 3 now computes
+    with the write's cast; stages 1-2, where it reaches no parameter until the next step,
+    refuse the forward, but inside a full-precision block (whose parameters show every
+    master: helper-112 found it refused). A write inside a block was lost at its end
+    (helper-112); one between a forward and its backward is refused as torch (DDP)
+    refuses it."""
+    for refusal, seen, masters in pool.run(
+            cases_loops.masters_written_around_a_forward, 2, stage, when):
+        assert masters == 0, masters  # the write is kept, whatever happened
+        if when == "between_forward_and_backward":
+            assert refusal is not None and "backward" in refusal, refusal
+        elif stage == 3 or when == "evaluated_in_full_precision":
+            assert refusal is None and seen == 0, (refusal, seen)
+        else:
+            assert refusal is not None and "opt.param_groups" in refusal, refusal
 
 
 @pytest.mark.parametrize("where", ["param_groups", "model", "inside_the_step"])

@@ -23,15 +23,89 @@ from .mixed_precision import MASTER_DTYPE, MixedPrecision
 
 
 class ShardMasters:
-    """The master is the shard itself: every call but ``place`` does nothing."""
+    """The master is the shard itself: but for ``place`` and the records of Note [masters
+    written between steps], every call does nothing."""
+
+    def __init__(self) -> None:
+        # id(bucket) -> the master's version counter when every rank's parameters last
+        # held its values (stages 1-2), and when its shard last held them or its cast
+        # (stage 3's gathers read the shard): Note [masters written between steps]
+        self._followed: dict[int, int] = {}
+        self._in_shard: dict[int, int] = {}
 
     def place(self, bucket: FlatBucket, own_storage: bool) -> None:
         """Set up ``bucket``'s shard (own storage at stage 3) and master from its buffer."""
         bucket.place_shard(own_storage)
         bucket.set_master(bucket.shard)
+        self._note_in_shard(bucket)
+        self.note_parameters_follow(bucket)
+
+    def note_parameters_follow(self, bucket: FlatBucket) -> None:
+        """Every rank's parameters hold the master's values (or its cast) now: the step's
+        or a load's gathers ran (stages 1-2), or the master took what was written to the
+        parameters."""
+        if bucket.master is not None:
+            self._followed[id(bucket)] = bucket.master._version
+
+    def forget_parameters_follow(self, bucket: FlatBucket) -> None:
+        """The parameters no longer hold the master's values (a full-precision block ended
+        by an exception, or without its casts taking a write made to the master)."""
+        if bucket.master is not None:
+            self._followed[id(bucket)] = -1
+
+    def written_since_parameters_followed(self, bucket: FlatBucket) -> bool:
+        """Note [masters written between steps]:
+            The tensors in ``opt.param_groups`` are the masters (the shards themselves, or
+            with a policy their fp32 copies). Written outside the step (a Lookahead or SWA
+            wrapper copying its slow weights in, a weight decay or SAM's perturbation
+            applied by hand), they hold values the parameters the ranks run do not all
+            hold until the next step's all-gather (stages 1-2: without a policy only this
+            rank's slice of them has the write; with one none has, or, once a state dict
+            or checkpoint took the masters' cast into the shard, this rank's slice), so
+            the forwards in between ran each rank on another model, or on the model
+            before the write (helper-110: SAM's perturbation was a no-op under a policy).
+            Told by the master's version counter against the one taken when the
+            parameters last followed it (construction, the step's gathers, zeroshard's
+            own moves of the master towards the parameters): a write through the master
+            moves it, one through its ``.data`` does not (not seen). Stages 1-2 refuse
+            the next forward and backward; stage 3's forwards gather the shards, so there
+            the write reaches the next forward (with a policy through the cast
+            ``before_gather`` makes first), and a backward's gather refuses it: the
+            forward's activations came from the parameters before it, and torch (DDP)
+            raises its in-place error there."""
+        followed = self._followed.get(id(bucket))
+        return followed is not None and bucket.master._version != followed
+
+    def _note_in_shard(self, bucket: FlatBucket) -> None:
+        if bucket.master is not None:
+            self._in_shard[id(bucket)] = bucket.master._version
+
+    def _written_since_in_shard(self, bucket: FlatBucket) -> bool:
+        in_shard = self._in_shard.get(id(bucket))
+        return in_shard is not None and bucket.master._version != in_shard
+
+    def before_gather(self, bucket: FlatBucket, in_backward: bool) -> None:
+        """Stage 3, before a unit's gather (Note [masters written between steps]): a
+        master written since its shard last held it reaches a forward's gather (its cast,
+        with a policy) and is refused in a backward's."""
+        if not self._written_since_in_shard(bucket):
+            return
+        if in_backward:
+            names = bucket.param_names
+            raise RuntimeError(
+                f"zeroshard stage 3: the optimizer's tensor holding parameters "
+                f"{', '.join(names[:3])}{', ...' if len(names) > 3 else ''} was written (through "
+                "opt.param_groups) between the forward that used them and this backward, which "
+                "would compute their gradients at the new values from activations of the old "
+                "(torch raises its in-place error there under DDP). Write them after the "
+                "backward (SAM perturbs between one backward and the next forward), or run the "
+                "forward again (Note [masters written between steps] in zeroshard/_masters.py)")
+        with torch.no_grad():
+            self.to_shard(bucket)
 
     def to_shard(self, bucket: FlatBucket) -> None:
         """After the optimizer updated the master: the shard takes its values."""
+        self._note_in_shard(bucket)
 
     def absorb_writes(self, bucket: FlatBucket, written: torch.Tensor) -> None:
         """``written`` (this rank's elements) may hold writes to the parameters."""
@@ -41,8 +115,17 @@ class ShardMasters:
 
     def take_gathered_writes(self, bucket: FlatBucket) -> None:
         """Stage 3, as a gathered unit is released: this rank's slice of the full buffer
-        (what was written to the parameters while gathered) goes into the shard."""
+        (what was written to the parameters while gathered) goes into the shard, unless
+        the shard itself was written meanwhile and the parameters were not (a write to
+        ``opt.param_groups`` inside ``summon_full_params()``, which the slice's old values
+        overwrote, silently: helper-112); the next gather spreads it. Written on both
+        sides, the parameters' write wins (not seen)."""
+        held = not self._written_since_in_shard(bucket)
+        if not held and not bucket.written_while_gathered():
+            return
         bucket.load_shard()
+        if held:
+            self._note_in_shard(bucket)
 
     def widen_gradient(self, bucket: FlatBucket) -> None:
         """Before clipping and the step: the gradient shard in the master's dtype."""
@@ -55,6 +138,7 @@ class Fp32Masters(ShardMasters):
     """Parameters in ``param_dtype``, an fp32 master per trainable bucket."""
 
     def __init__(self, param_dtype: torch.dtype) -> None:
+        super().__init__()
         self.param_dtype = param_dtype
         # id(bucket) -> (the shard's sum, the master's version counter) when the shard
         # last took the master's cast (Note [writes on either side])
@@ -69,7 +153,8 @@ class Fp32Masters(ShardMasters):
         bucket.cast_parameters(self.param_dtype)
         bucket.place_shard(own_storage)
         bucket.set_master(master)
-        self._note_in_step(bucket)
+        self._note_cast(bucket)
+        self.note_parameters_follow(bucket)
 
     def _separate(self, bucket: FlatBucket) -> bool:
         return bucket.master is not None and bucket.master is not bucket.shard
@@ -77,7 +162,12 @@ class Fp32Masters(ShardMasters):
     def to_shard(self, bucket: FlatBucket) -> None:
         if self._separate(bucket):
             bucket.shard.copy_(bucket.master)
-            self._note_in_step(bucket)
+        self._note_cast(bucket)
+
+    def _note_cast(self, bucket: FlatBucket) -> None:
+        """The shard holds the master's cast now."""
+        self._note_in_shard(bucket)
+        self._note_in_step(bucket)
 
     def _note_in_step(self, bucket: FlatBucket) -> None:
         if self._separate(bucket) and not bucket.shard_owns_storage:
@@ -94,6 +184,7 @@ class Fp32Masters(ShardMasters):
         about 11 bytes an element (the cast, the mask, the widened value, the choice)."""
         if not self._separate(bucket):
             return
+        followed = not self.written_since_parameters_followed(bucket)
         master = bucket.master
         for start in range(0, master.numel(), _CHUNK):
             part, new = master[start:start + _CHUNK], written[start:start + _CHUNK]
@@ -104,6 +195,8 @@ class Fp32Masters(ShardMasters):
                 take &= new != unless_equal_to[start:start + _CHUNK]
             # torch.where, not boolean indexing: no host synchronisation on CUDA
             part.copy_(torch.where(take, new.to(part.dtype), part))
+        if followed:  # the master moved towards the parameters: they still follow it
+            self.note_parameters_follow(bucket)
 
     def take_gathered_writes(self, bucket: FlatBucket) -> None:
         """Stage 3 (Note [writes on either side]): the elements of this rank's slice of
@@ -114,8 +207,14 @@ class Fp32Masters(ShardMasters):
         through them or their ``.data``) undid that write at the end of any
         ``summon_full_params()`` before the next step (an evaluation, an EMA update; a
         helper's probe: 2.0 off in bf16)."""
+        if not self._separate(bucket):
+            super().take_gathered_writes(bucket)
+            return
+        held = not self._written_since_in_shard(bucket)
         self.absorb_writes(bucket, bucket.own_slice(), unless_equal_to=bucket.shard)
         bucket.load_shard()
+        if held:  # else the master was written too: the next gather takes its cast
+            self._note_cast(bucket)
 
     def absorb_outside_writes(self, bucket: FlatBucket) -> None:
         """Stages 1-2, before the masters are used: take into the master what an in-place
@@ -155,8 +254,11 @@ class Fp32Masters(ShardMasters):
         overlap = bucket.layout.overlap(index, bucket.rank)
         if overlap is None:
             return
+        followed = not self.written_since_parameters_followed(bucket)
         bucket.master[overlap.shard_span].copy_(
             to_memory_order(value, bucket.orders[index])[overlap.param_start:overlap.param_stop])
+        if followed:  # loaded into both
+            self.note_parameters_follow(bucket)
 
 
 # Elements compared at once when the masters take writes (absorb_writes).
@@ -180,9 +282,8 @@ def _fingerprint(shard: torch.Tensor) -> torch.Tensor:
         are written only while gathered, and the shard they were gathered from tells which
         elements were (``take_gathered_writes``). Not seen: a write to the
         parameters that leaves their sum as it was (a permutation), and one to both sides
-        at once. A write to the masters reaches the parameters with the next step (or,
-        through the master itself at stages 1-2, the next state dict or checkpoint), as
-        the step's own do: until then they hold the old cast."""
+        at once. What a write to the masters does until the next step: Note [masters
+        written between steps]."""
     return shard.sum(dtype=torch.float32)
 
 

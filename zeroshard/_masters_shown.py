@@ -15,7 +15,10 @@ Note [full precision inside summon_full_params]:
     full precision (BatchNorm) is fp32 anyway. A forward inside still has its inputs
     cast to ``param_dtype`` by the policy: evaluate in another block, or under
     ``torch.autocast``. If the block raises, the parameters get their casts back and
-    the masters are left as they were. Whatever reads the masters inside the block (a
+    the masters are left as they were. A master written inside the block (through
+    ``opt.param_groups``) keeps that write: its bucket's parameters are not loaded over
+    it, where the block's end undid it, silently (helper-112); written on both sides, the
+    master's write wins (not seen). Whatever reads the masters inside the block (a
     save, ``full_state_dict()``) takes the writes made so far first (``flush``, called by
     ``ShardingView.take_outside_writes``); loads and ``step()`` inside are refused, as
     the block's end would write the parameters' values back over theirs.
@@ -37,6 +40,9 @@ class MastersShown:
         self._view, self._masters = view, masters
         self._buckets = []
         self._shown = []  # (bucket, index, parameter, the cast it held)
+        # id(bucket) -> the master's version counter when the parameters last showed it
+        self._versions: dict[int, int] = {}
+        self._followed_before: dict[int, bool] = {}
 
     @torch.no_grad()
     def __enter__(self) -> MastersShown:
@@ -47,7 +53,15 @@ class MastersShown:
             for index, param in enumerate(bucket.params):
                 self._shown.append((bucket, index, param, param.data))
                 param.data = bucket.param_view(full, index)
+            # Note [masters written between steps]: the parameters show every master now,
+            # written or not, so a forward inside runs the model DDP would
+            self._followed_before[id(bucket)] = not self._masters.written_since_parameters_followed(bucket)
+            self._masters.note_parameters_follow(bucket)
+            self._versions[id(bucket)] = bucket.master._version
         return self
+
+    def _master_written(self, bucket) -> bool:
+        return bucket.master._version != self._versions[id(bucket)]
 
     def _misfits(self) -> list[str]:
         return [bucket.param_names[index] for bucket, index, param, cast in self._shown
@@ -57,12 +71,22 @@ class MastersShown:
     def flush(self) -> None:
         """The masters take what the parameters hold now, exactly; the casts and the
         shards follow (a parameter given data of another shape waits for the exit)."""
+        written = {id(bucket) for bucket in self._buckets if self._master_written(bucket)}
         for bucket, index, param, cast in self._shown:
-            if param.shape == cast.shape:
+            if param.shape == cast.shape and id(bucket) not in written:
                 self._masters.load(bucket, index, param.data)
                 cast.copy_(param.data)
         for bucket in self._buckets:
             self._masters.to_shard(bucket)
+            if id(bucket) in written:  # the casts hold no write made to the master
+                if bucket.shard_owns_storage and bucket.is_gathered:
+                    # stage 3: nor does this rank's slice of the gathered casts, which the
+                    # block's end would take for a write to the parameters
+                    bucket.own_slice().copy_(bucket.shard)
+                self._masters.forget_parameters_follow(bucket)
+            else:  # every rank's parameters hold the casts of every rank's masters now
+                self._masters.note_parameters_follow(bucket)
+            self._versions[id(bucket)] = bucket.master._version
 
     @contextlib.contextmanager
     def casts_in_place(self):
@@ -84,6 +108,10 @@ class MastersShown:
         misfits = self._misfits()
         if exc_type is None and not misfits:
             self.flush()
+        else:  # the casts come back as they were
+            for bucket in self._buckets:
+                if not self._followed_before[id(bucket)]:
+                    self._masters.forget_parameters_follow(bucket)
         for _, _, param, cast in self._shown:
             param.data = cast
         self._shown = []

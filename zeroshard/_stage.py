@@ -151,6 +151,7 @@ class Stage:
         Inside ``summon_full_params(full_precision=True)`` the parameters show the fp32
         masters, which zeroshard itself put there: the refusal says so, where it blamed a
         ``p.data = t`` of the user's (a reviewer's probe)."""
+        self.params.refuse_masters_written("backward")
         try:
             self.params.check_before_step()
         except RuntimeError as error:
@@ -224,9 +225,6 @@ class WholeParameters:
         self.group = group
         self.stats = stats
         self.label = label
-        # the shards the inner optimizer steps itself (no fp32 master of their own), with
-        # their version counters after the last step's gathers
-        self._shard_versions: list[tuple[FlatBucket, int]] = []
 
     def check_before_step(self) -> None:
         """The parameters are views of their buckets' flat buffers, which the step's
@@ -268,48 +266,59 @@ class WholeParameters:
         # graph built before the step and backwarded after it raises torch's error, as
         # under DDP (it mixed old activations with new weights, silently).
         increment_version([p for bucket in launch_order for p in bucket.params])
-        self._shard_versions = [(bucket, bucket.shard._version) for bucket in self.buckets
-                                if bucket.master is bucket.shard]
+        for bucket in self.buckets:  # Note [masters written between steps] in _masters.py
+            self.masters.note_parameters_follow(bucket)
 
     def refuse_shards_written_since_step(self, module, args) -> None:
         """Note [the optimizer's own tensors written after a step]:
-            Where the inner optimizer steps the shards themselves (without mixed
-            precision, and for the modules a policy keeps in full precision, BatchNorm),
-            the tensors in ``opt.param_groups`` at stages 1 and 2 are each rank's shard:
-            its slice of the parameters' flat buffers. A write to them after
-            ``opt.step()`` (a Lookahead or SWA wrapper copying its slow weights in, a
-            weight decay applied by hand over ``opt.param_groups``) reached only this
-            rank's slice of its parameters, the other slices following at the next step's
-            all-gather: the forward and backward in between ran each rank on a different
-            model, with no error (a helper's probes: 4e-2 from data parallel after a decay
-            by 0.9 each step, 1e-2 with Lookahead). Such a write moves the shard's version
-            counter, which it shares with the flat buffer (the parameters, bound by
-            ``.data``, have their own), and the counters are taken after the step's
-            all-gathers (which move them too): so the next forward, and every one after
-            until a step, refuses it, on every rank that wrote, before any collective.
-            Not seen: a write through the shard's ``.data`` (``p.data.copy_(slow)``),
-            which moves no counter, and any under ``torch.compile`` (the check is not
-            traced: ``EagerOnlyHook``). The fp32 masters of mixed precision are separate
-            tensors: a write to them reaches the parameters with the next step (Note
-            [writes on either side] in _masters.py)."""
-        names = next((bucket.param_names for bucket, version in self._shard_versions
-                      if bucket.shard._version != version), None)
+            Without mixed precision (and for the modules a policy keeps in full
+            precision, BatchNorm) the tensors in ``opt.param_groups`` at stages 1 and 2
+            are each rank's shard: its slice of the parameters' flat buffers. A write to
+            them outside the step (a Lookahead or SWA wrapper copying its slow weights
+            in, a weight decay applied by hand over ``opt.param_groups``) reached only
+            this rank's slice of its parameters, the other slices following at the next
+            step's all-gather: the forward and backward in between ran each rank on a
+            different model, with no error (a helper's probes: 4e-2 from data parallel
+            after a decay by 0.9 each step, 1e-2 with Lookahead). With a policy they are
+            the fp32 masters, and such a write reached no parameter until the next step:
+            the forward in between ran on the model before it (helper-110's probe: SAM's
+            perturbation written there changed nothing, bitwise the run without it, at
+            every stage). The next forward, and every one after until a step, refuses
+            either, on every rank that wrote, before any collective (Note [masters
+            written between steps] in _masters.py says how a write is told). Not seen:
+            a write through the tensors' ``.data`` (``p.data.copy_(slow)``), which moves
+            no version counter, and any under ``torch.compile`` (the check is not
+            traced: ``EagerOnlyHook``). A write between a forward and its backward is
+            refused as the backward begins (torch raises its in-place error there under
+            DDP; it ran, silently, 0.086 off in the gradient norm: helper-112)."""
+        self.refuse_masters_written("forward")
+
+    def refuse_masters_written(self, where: str) -> None:
+        """Note [the optimizer's own tensors written after a step], as a ``where``
+        ("forward", "backward") begins."""
+        names = next((bucket.param_names for bucket in self.buckets
+                      if self.masters.written_since_parameters_followed(bucket)), None)
         if names is None:
             return
         raise RuntimeError(
             f"zeroshard: the optimizer's tensor holding parameters {', '.join(names[:3])}"
-            f"{', ...' if len(names) > 3 else ''} was written after opt.step() (through "
-            "opt.param_groups: a Lookahead or SWA wrapper, a weight decay applied by hand, a "
-            "schedule-free optimizer's train() / eval() called on the inner optimizer: call "
-            "opt.train() / opt.eval() instead). "
-            "At stages 1 and 2 those tensors are this rank's shard of the parameters, so the "
-            "write reached only this rank's slice of them, and this forward would run each rank "
-            "on a different model. Make the write part of the step: an optimizer class whose "
-            "step() does it (a subclass of the inner optimizer), passed as ZeroOptimizer's "
-            "optimizer_class, writes the shards before the step's all-gather spreads them; or "
-            "write the model's parameters (model.parameters(), the same on every rank), as "
-            "under DDP (Note [the optimizer's own tensors written after a step] in "
-            "zeroshard/_stage.py)")
+            f"{', ...' if len(names) > 3 else ''} was written outside opt.step() (through "
+            "opt.param_groups, after the last step or before the first: a Lookahead or SWA "
+            "wrapper, a weight decay or SAM's perturbation applied by hand, a schedule-free "
+            "optimizer's train() / eval() called on the inner optimizer: call opt.train() / "
+            "opt.eval() instead). At stages 1 and 2 those tensors are this rank's shard of the "
+            "parameters (or, with a MixedPrecision policy, its fp32 copy), so until the next "
+            "step the parameters the ranks run do not all hold the write, and this "
+            f"{where} would not run the model DDP would"
+            f"{' (its forward ran before the write, where torch raises its in-place error under DDP)' if where == 'backward' else ''}"
+            ". Make the write part of the step: an optimizer class whose step() does it (a "
+            "subclass of the inner optimizer), passed as ZeroOptimizer's optimizer_class, "
+            "writes the shards before the step's all-gather spreads them; or write the model's "
+            "parameters, the same on every rank, as under DDP (with a policy inside `with "
+            "opt.summon_full_params(full_precision=True):`, which keeps fp32 values). A write "
+            "made from the reduced gradients (SAM), which only the shards hold, works at stage "
+            "3, whose forwards gather the shards (Note [the optimizer's own tensors written "
+            "after a step] in zeroshard/_stage.py)")
 
     def gather(self, launch_order: list[FlatBucket]) -> None:
         """All-gather each bucket's updated shard into its flat buffer (the parameters), in

@@ -184,8 +184,10 @@ class Unit:
             return
         if self.state is not ShardState.SHARDED:
             return
+        in_backward = torch._C._current_graph_task_id() != -1
         for bucket in self.buckets:  # all checked before the first collective
             bucket.refuse_writes_while_released()
+            self.masters.before_gather(bucket, in_backward)  # Note [masters written between steps]
         for bucket in self.buckets:
             bucket.allocate()
             self._works.append(_comm.all_gather(bucket.flat, bucket.shard, group=group,
