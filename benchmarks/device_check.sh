@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # The checks a session runs on a lent GPU machine, in one call (device time is short):
 #
-#   bash benchmarks/device_check.sh OUT_DIR
+#   bash benchmarks/device_check.sh OUT_DIR [WORLD]
 #
+# WORLD: the ranks for steps 2-4 (default: one per GPU, at least 2).
 # 1. the README's main job on CUDA, one rank: stage 2 fp32, stage 3 fp16 + GradScaler;
-# 2. whether two ranks can share the GPU over NCCL (compare.join_group), else one rank;
-# 3. benchmarks/device_agreement.py: zeroshard against DDP on CUDA/NCCL, bitwise;
+# 2. whether WORLD ranks can run over NCCL here (with fewer GPUs they share them:
+#    compare.join_group), else one rank;
+# 3. benchmarks/device_agreement.py: zeroshard against DDP on CUDA/NCCL (bitwise at
+#    two ranks; see its docstring for more);
 # 4. benchmarks/compare.py against the peers (memory per process; times only where
 #    each rank has a GPU of its own).
 # Writes log.txt, agreement.{md,json} and results.{md,json,png} into OUT_DIR. Needs
@@ -34,9 +37,10 @@ for run in "--stage 2" "--stage 3 --precision fp16"; do
   echo "exit ${PIPESTATUS[0]}"
 done
 
-echo "== 2. two ranks on this machine's devices"
-world=2
-timeout 90 "$python" benchmarks/device_agreement.py --probe --world-size 2 --timeout 60 || world=1
+gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+world=${2:-$(( gpus > 2 ? gpus : 2 ))}
+echo "== 2. $world ranks on this machine's devices"
+timeout 90 "$python" benchmarks/device_agreement.py --probe --world-size "$world" --timeout 60 || world=1
 echo "world size for the rest: $world"
 
 echo "== 3. benchmarks/device_agreement.py"

@@ -339,8 +339,8 @@ class GradientReducer:
 
         ``flat_grad`` is cast to the reduce dtype first; if it needs no cast and the
         caller keeps it (not ``consumable``), it is copied on a slot if there is one
-        (Note [reduce slots]). In fp16 it is divided by the world size first and then
-        summed, so that the sum cannot overflow; that division happens in place only if
+        (Note [reduce slots]). In fp16 (or bf16: ``_divided_first``) it is divided by
+        the world size first and then summed; that division happens in place only if
         ``consumable`` (the caller is done with it). Returns (work, output shard,
         consumed): ``consumed`` is the tensor reduced if nobody needs it afterwards
         (``flat_grad`` if consumable, else a copy: cast, on a slot or divided; else None);
@@ -354,7 +354,7 @@ class GradientReducer:
             if copy is not None:
                 flat_grad, consumable = copy.copy_(flat_grad), True
         op = dist.ReduceOp.AVG
-        if dtype == torch.float16 and self.world_size > 1:
+        if _divided_first(dtype, self.world_size):
             flat_grad = flat_grad.div_(self.world_size) if consumable else flat_grad / self.world_size
             consumable, op = True, dist.ReduceOp.SUM
         reduced = torch.empty(bucket.shard.numel(), dtype=dtype, device=flat_grad.device)
@@ -543,3 +543,14 @@ def _gradient_accumulator(param: nn.Parameter):
     with torch.inference_mode(False), torch.enable_grad():
         return param.view_as(param).grad_fn.next_functions[0][0]
 
+
+def _divided_first(dtype: torch.dtype, world_size: int) -> bool:
+    """Whether a gradient is divided by the world size before a summing reduction rather
+    than averaged by it: in fp16, so that the sum cannot overflow; in bf16 where the world
+    size is not a power of two, since NCCL averages bf16 by multiplying by 1/N rounded
+    to bf16 (0.2% large for N = 3; helper-111's reading of NCCL's enqueue.cc), where a
+    division rounds each element once, as DDP's does before its sum. A power of two
+    divides exactly either way."""
+    if world_size == 1:
+        return False
+    return dtype == torch.float16 or (dtype == torch.bfloat16 and world_size & (world_size - 1) != 0)

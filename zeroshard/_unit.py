@@ -204,6 +204,7 @@ class Unit:
             scratch = torch.empty_like(bucket.flat)
             _comm.wait_all([_comm.all_gather(scratch, bucket.shard, group=group, stats=stats,
                                              label=label, async_op=True)])
+            _comm.release([scratch])  # a finished work holds it a while (Note [finished work])
         self._state_elsewhere = ShardState.GATHERED
 
     def wait(self) -> None:

@@ -70,7 +70,7 @@ def only_the_parameter_holds(param: torch.Tensor, engine_holds: tuple = ()) -> b
     ``engine_counts_as_expected`` (else such a gradient is copied)."""
     if _storage_use_count is None:  # a torch without it: copy, as before
         return False
-    if engine_holds and not engine_counts_as_expected():
+    if engine_holds and not engine_counts_as_expected(str(param.device)):
         engine_holds = ()
     return _held_by_the_parameter_alone(param, engine_holds)
 
@@ -110,12 +110,14 @@ class _AddGivingAView(torch.autograd.Function):
 
 
 @functools.cache
-def engine_counts_as_expected() -> bool:
+def engine_counts_as_expected(device: str = "cpu") -> bool:
     """Whether this torch's reference counts say what ``only_the_parameter_holds``
-    reads from them, checked once on two small backwards: a Linear's weight, whose
-    gradient only the node hook's arguments still hold (it may be reduced in place),
-    and a parameter given a view of the gradient backward still owes another node (it
-    may not). A wrong yes would let a reduction overwrite what backward still reads."""
+    reads from them, checked once per device on two small backwards: a Linear's
+    weight, whose gradient only the node hook's arguments still hold (it may be reduced
+    in place), and a parameter given a view of the gradient backward still owes another
+    node (it may not). A wrong yes would let a reduction overwrite what backward still
+    reads; on the device itself (CUDA's autograd runs on a thread per device, holding
+    gradients in its own way), not only on CPU tensors (helper-111's review)."""
     def answer(param: torch.Tensor, loss) -> list[bool]:
         answers: list[bool] = []
         node = param.view_as(param).grad_fn.next_functions[0][0]
@@ -126,10 +128,10 @@ def engine_counts_as_expected() -> bool:
         return answers
 
     with torch.inference_mode(False), torch.enable_grad():
-        x = torch.ones(2, 4, device="cpu")  # no random draw: the user's RNG stays as it was
-        alone = answer(torch.nn.Parameter(torch.ones(4, 4, device="cpu")),
+        x = torch.ones(2, 4, device=device)  # no random draw: the user's RNG as it was
+        alone = answer(torch.nn.Parameter(torch.ones(4, 4, device=device)),
                        lambda w: torch.nn.functional.linear(x, w).square().sum())
-        owed = answer(torch.nn.Parameter(torch.ones(2, 4, device="cpu")),
+        owed = answer(torch.nn.Parameter(torch.ones(2, 4, device=device)),
                       lambda w: _AddGivingAView.apply(x.requires_grad_() * 2.0, w).square().sum())
     return alone == [True] and owed == [False]
 
@@ -161,7 +163,8 @@ class ShardedGradients:
         # waits in .grad
         self.waiting: dict[int, list[int]] = {}
         self.markers = GradientMarkers(label)  # Note [gradient markers]
-        engine_counts_as_expected()  # checked here, once, not inside a backward
+        for device in {str(bucket.flat.device) for bucket in self.buckets}:
+            engine_counts_as_expected(device)  # checked here, once, not inside a backward
         for bucket in self.buckets:
             for param in bucket.params:  # runs before autograd accumulates into .grad
                 handles.append(param.register_hook(WeakHook(self._before_accumulate)))
