@@ -176,20 +176,24 @@ def writes_to_the_stepped_tensors(ctx, stage: int, via_data: bool):
 
 
 WRITES_TO_THE_MASTERS = ["after_the_step", "inside_summon", "inside_full_precision_summon",
-                         "evaluated_in_full_precision", "between_forward_and_backward"]
+                         "evaluated_in_full_precision", "between_forward_and_backward",
+                         "between_forward_and_backward_kept_gathered", "evaluated_inside_summon"]
 
 
 def masters_written_around_a_forward(ctx, stage: int, when: str):
     """Note [masters written between steps], bf16 policy: after a step, ``opt.param_groups``'
     tensors (the fp32 masters) are halved (lr 0 from then on), ``when``: after the step;
     inside ``summon_full_params()``; inside ``summon_full_params(full_precision=True)``;
-    after the step, followed by an evaluation forward inside a full-precision block; or
-    between the next forward and its backward. Then a forward and backward (and the
-    step). Returns the refusal (or None), the largest difference of the Linear weights
-    the last forward computed with from the halves (cast as the forward saw them), and
-    of the masters from the halves at the end."""
+    after the step, followed by an evaluation forward inside a full-precision block;
+    between the next forward and its backward (at stage 3 also with the units kept
+    gathered from the forward: ``reshard_after_forward=False``); or inside
+    ``summon_full_params()``, followed by an evaluation forward there. Then a forward and
+    backward (and the step). Returns the refusal (or None), the largest difference of
+    the Linear weights the last forward computed with from the halves (cast as the
+    forward saw them), and of the masters from the halves at the end."""
     model = build_model(MLP, seed=ctx.rank)
-    opt = _zero(model, stage, ctx.group, mixed_precision=BF16, lr=0.05)
+    kept = {"reshard_after_forward": False} if when.endswith("kept_gathered") and stage == 3 else {}
+    opt = _zero(model, stage, ctx.group, mixed_precision=BF16, lr=0.05, **kept)
     _steps(MLP, model, opt, 0, 1, ctx.rank)
     halves = {key: value * 0.5 for key, value in opt.sharding.gather_masters().items()}
     used = {}  # id(weight) -> what the forward computed with (gathered, at stage 3)
@@ -215,13 +219,17 @@ def masters_written_around_a_forward(ctx, stage: int, when: str):
         if when == "inside_full_precision_summon":
             with opt.summon_full_params(full_precision=True):
                 halve()
+        if when == "evaluated_inside_summon":
+            with opt.summon_full_params(), torch.no_grad():
+                halve()
+                loss_fn(MLP, model, batch)
         if when == "evaluated_in_full_precision":
             with opt.summon_full_params(full_precision=True), torch.no_grad(), \
                     torch.autocast("cpu", torch.bfloat16):  # the policy casts the inputs
                 loss_fn(MLP, model, batch)
             seen_inside = dict(used)
         loss = loss_fn(MLP, model, batch)
-        if when == "between_forward_and_backward":
+        if when.startswith("between_forward_and_backward"):
             halve()
         loss.backward()
         opt.step()

@@ -55,12 +55,16 @@ def test_masters_written_between_steps_reach_the_next_forward_or_are_refused(poo
     refuse the forward, but inside a full-precision block (whose parameters show every
     master: helper-112 found it refused). A write inside a block was lost at its end
     (helper-112); one between a forward and its backward is refused as torch (DDP)
-    refuses it."""
+    refuses it, with the units kept gathered for the backward too, and so is a forward
+    inside a block after such a write, which computed with what the block had gathered
+    (helper-114)."""
     for refusal, seen, masters in pool.run(
             cases_loops.masters_written_around_a_forward, 2, stage, when):
         assert masters == 0, masters  # the write is kept, whatever happened
-        if when == "between_forward_and_backward":
+        if when.startswith("between_forward_and_backward"):
             assert refusal is not None and "backward" in refusal, refusal
+        elif when == "evaluated_inside_summon":  # stage 3: the block gathered before the write
+            assert refusal is not None and "opt.param_groups" in refusal, refusal
         elif stage == 3 or when == "evaluated_in_full_precision":
             assert refusal is None and seen == 0, (refusal, seen)
         else:

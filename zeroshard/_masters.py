@@ -72,7 +72,12 @@ class ShardMasters:
             the write reaches the next forward (with a policy through the cast
             ``before_gather`` makes first), and a backward's gather refuses it: the
             forward's activations came from the parameters before it, and torch (DDP)
-            raises its in-place error there."""
+            raises its in-place error there; so does a unit gathered before the write
+            (inside ``summon_full_params()``, or kept from its forward for its backward),
+            as a forward or backward asks for it. Not seen (helper-114): a write between
+            a forward and its backward with a gather between them (an evaluation, a
+            second forward), which takes the write, or a full-precision block between
+            them, which spreads it: the backward mixes old activations and new weights."""
         followed = self._followed.get(id(bucket))
         return followed is not None and bucket.master._version != followed
 
@@ -84,22 +89,33 @@ class ShardMasters:
         in_shard = self._in_shard.get(id(bucket))
         return in_shard is not None and bucket.master._version != in_shard
 
-    def before_gather(self, bucket: FlatBucket, in_backward: bool) -> None:
-        """Stage 3, before a unit's gather (Note [masters written between steps]): a
+    def before_gather(self, bucket: FlatBucket, in_backward: bool, gathered: bool) -> None:
+        """Stage 3, as a unit is asked for (Note [masters written between steps]): a
         master written since its shard last held it reaches a forward's gather (its cast,
-        with a policy) and is refused in a backward's."""
+        with a policy); in a backward, or where the unit is gathered already (inside
+        ``summon_full_params()``, or kept from its forward for its backward, helper-114),
+        the parameters would compute without it: refused."""
         if not self._written_since_in_shard(bucket):
             return
+        names = bucket.param_names
+        written = (f"zeroshard stage 3: the optimizer's tensor holding parameters "
+                   f"{', '.join(names[:3])}{', ...' if len(names) > 3 else ''} was written "
+                   "(through opt.param_groups) ")
         if in_backward:
-            names = bucket.param_names
             raise RuntimeError(
-                f"zeroshard stage 3: the optimizer's tensor holding parameters "
-                f"{', '.join(names[:3])}{', ...' if len(names) > 3 else ''} was written (through "
-                "opt.param_groups) between the forward that used them and this backward, which "
-                "would compute their gradients at the new values from activations of the old "
-                "(torch raises its in-place error there under DDP). Write them after the "
-                "backward (SAM perturbs between one backward and the next forward), or run the "
-                "forward again (Note [masters written between steps] in zeroshard/_masters.py)")
+                written + "between the forward that used them and this backward, which would "
+                "compute their gradients at the new values from activations of the old (torch "
+                "raises its in-place error there under DDP). Write them after the backward (SAM "
+                "perturbs between one backward and the next forward), or run the forward again "
+                "(Note [masters written between steps] in zeroshard/_masters.py)")
+        if gathered:
+            raise RuntimeError(
+                written + "while their unit was gathered (inside summon_full_params(), or kept "
+                "from an earlier forward by reshard_after_forward=False), so this forward would "
+                "compute with what was gathered before the write. Inside a block write the "
+                "parameters themselves; write opt.param_groups outside it, "
+                "before the forward (Note [masters written between steps] in "
+                "zeroshard/_masters.py)")
         with torch.no_grad():
             self.to_shard(bucket)
 

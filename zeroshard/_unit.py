@@ -182,12 +182,14 @@ class Unit:
         if self.kept_here:
             self._gather_alongside(group, stats, label)
             return
-        if self.state is not ShardState.SHARDED:
-            return
         in_backward = torch._C._current_graph_task_id() != -1
+        if self.state is not ShardState.SHARDED:
+            for bucket in self.buckets:  # Note [masters written between steps]
+                self.masters.before_gather(bucket, in_backward, gathered=True)
+            return
         for bucket in self.buckets:  # all checked before the first collective
             bucket.refuse_writes_while_released()
-            self.masters.before_gather(bucket, in_backward)  # Note [masters written between steps]
+            self.masters.before_gather(bucket, in_backward, gathered=False)
         for bucket in self.buckets:
             bucket.allocate()
             self._works.append(_comm.all_gather(bucket.flat, bucket.shard, group=group,

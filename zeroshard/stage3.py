@@ -560,6 +560,9 @@ class UnitGatherer:
                 "`with opt.summon_full_params():`; there every parameter is gathered and "
                 "backward cannot reduce and release units. Run forwards there under "
                 "torch.no_grad() (evaluation, generate()), or train outside the block")
+        if self.switches.summoned:
+            for bucket in unit.buckets:  # Note [masters written between steps] in _masters.py
+                self.masters.before_gather(bucket, in_backward=False, gathered=True)
         return bool(self.switches.summoned)
 
     def _begin_forward_pass(self) -> None:
