@@ -178,6 +178,12 @@ class FlatBucket:
             view.copy_(param.data)
             param.data = view
 
+    def held_by(self) -> str:
+        """For messages: "the optimizer's tensor holding parameters a, b, c, ..."."""
+        names = self.param_names
+        return (f"the optimizer's tensor holding parameters {', '.join(names[:3])}"
+                f"{', ...' if len(names) > 3 else ''}")
+
     def missing_values(self, built_on_meta: set[int]) -> list[str]:
         """Names of the parameters built on meta that still hold NaN (no init wrote them)."""
         if not self.flat.is_floating_point() or not bool(self.flat.isnan().any()):

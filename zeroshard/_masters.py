@@ -97,10 +97,7 @@ class ShardMasters:
         the parameters would compute without it: refused."""
         if not self._written_since_in_shard(bucket):
             return
-        names = bucket.param_names
-        written = (f"zeroshard stage 3: the optimizer's tensor holding parameters "
-                   f"{', '.join(names[:3])}{', ...' if len(names) > 3 else ''} was written "
-                   "(through opt.param_groups) ")
+        written = f"zeroshard stage 3: {bucket.held_by()} was written (through opt.param_groups) "
         if in_backward:
             raise RuntimeError(
                 written + "between the forward that used them and this backward, which would "

@@ -55,7 +55,8 @@ class MastersShown:
                 param.data = bucket.param_view(full, index)
             # Note [masters written between steps]: the parameters show every master now,
             # written or not, so a forward inside runs the model DDP would
-            self._followed_before[id(bucket)] = not self._masters.written_since_parameters_followed(bucket)
+            written = self._masters.written_since_parameters_followed(bucket)
+            self._followed_before[id(bucket)] = not written
             self._masters.note_parameters_follow(bucket)
             self._versions[id(bucket)] = bucket.master._version
         return self

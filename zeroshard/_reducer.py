@@ -553,4 +553,5 @@ def _divided_first(dtype: torch.dtype, world_size: int) -> bool:
     divides exactly either way."""
     if world_size == 1:
         return False
-    return dtype == torch.float16 or (dtype == torch.bfloat16 and world_size & (world_size - 1) != 0)
+    power_of_two = world_size & (world_size - 1) == 0
+    return dtype == torch.float16 or (dtype == torch.bfloat16 and not power_of_two)

@@ -296,23 +296,23 @@ class WholeParameters:
     def refuse_masters_written(self, where: str) -> None:
         """Note [the optimizer's own tensors written after a step], as a ``where``
         ("forward", "backward") begins."""
-        names = next((bucket.param_names for bucket in self.buckets
-                      if self.masters.written_since_parameters_followed(bucket)), None)
-        if names is None:
+        written = next((bucket for bucket in self.buckets
+                        if self.masters.written_since_parameters_followed(bucket)), None)
+        if written is None:
             return
+        after_its_forward = (" (its forward ran before the write, where torch raises its "
+                             "in-place error under DDP)") if where == "backward" else ""
         raise RuntimeError(
-            f"zeroshard: the optimizer's tensor holding parameters {', '.join(names[:3])}"
-            f"{', ...' if len(names) > 3 else ''} was written outside opt.step() (through "
+            f"zeroshard: {written.held_by()} was written outside opt.step() (through "
             "opt.param_groups, after the last step or before the first: a Lookahead or SWA "
             "wrapper, a weight decay or SAM's perturbation applied by hand, a schedule-free "
             "optimizer's train() / eval() called on the inner optimizer: call opt.train() / "
             "opt.eval() instead). At stages 1 and 2 those tensors are this rank's shard of the "
             "parameters (or, with a MixedPrecision policy, its fp32 copy), so until the next "
             "step the parameters the ranks run do not all hold the write, and this "
-            f"{where} would not run the model DDP would"
-            f"{' (its forward ran before the write, where torch raises its in-place error under DDP)' if where == 'backward' else ''}"
-            ". Make the write part of the step: an optimizer class whose step() does it (a "
-            "subclass of the inner optimizer), passed as ZeroOptimizer's optimizer_class, "
+            f"{where} would not run the model DDP would{after_its_forward}. Make the write "
+            "part of the step: an optimizer class whose step() does it (a subclass of the inner "
+            "optimizer), passed as ZeroOptimizer's optimizer_class, "
             "writes the shards before the step's all-gather spreads them; or write the model's "
             "parameters, the same on every rank, as under DDP (with a policy inside `with "
             "opt.summon_full_params(full_precision=True):`, which keeps fp32 values). A write "

@@ -8,6 +8,7 @@ waiting in a broadcast that the others will not join.
 from __future__ import annotations
 
 import inspect
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -275,20 +276,31 @@ def check_devices(model: nn.Module) -> None:
 #     (``self.wt = self.weight.detach().t()``), which the old spectral norm uses for a
 #     weight it recomputes in every forward, so refusing those would refuse it.
 def check_memory_not_shared(model: nn.Module, stage: int) -> None:
-    spans = []  # (address space, first address, end address, what, name, trainable)
+    spans = []
     for what, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
         for name, tensor in named:
             covered = _addresses_covered(tensor)
             if covered is not None:
                 trainable = what == "parameter" and tensor.requires_grad
-                spans.append((*covered, what, name, trainable))
+                spans.append(_Span(*covered, what, name, trainable))
     active = []  # the spans seen so far, in this space, that reach past the current start
-    for span in sorted(spans, key=lambda span: span[:3]):
-        active = [other for other in active if other[0] == span[0] and other[2] > span[1]]
+    for span in sorted(spans, key=lambda span: (span.space, span.first, span.end)):
+        active = [other for other in active if other.space == span.space and other.end > span.first]
         for other in active:
-            if other[5] or span[5] or (stage == 3 and {other[3], span[3]} == {"parameter", "buffer"}):
-                raise ValueError(_shared_memory_refusal(other[1:], span[1:]))
+            buffer_over_parameter = {other.what, span.what} == {"parameter", "buffer"}
+            if other.trainable or span.trainable or (stage == 3 and buffer_over_parameter):
+                raise ValueError(_shared_memory_refusal(other, span))
         active.append(span)
+
+
+class _Span(NamedTuple):
+    """The memory a parameter or buffer can read (Note [memory two tensors share])."""
+    space: int  # 0 (real addresses), or a meta storage's identity
+    first: int
+    end: int
+    what: str  # "parameter" or "buffer"
+    name: str
+    trainable: bool
 
 
 def _addresses_covered(tensor: torch.Tensor) -> tuple[int, int, int] | None:
@@ -311,14 +323,14 @@ def _addresses_covered(tensor: torch.Tensor) -> tuple[int, int, int] | None:
     return space, first, first + extent * tensor.element_size()
 
 
-def _shared_memory_refusal(first, second) -> str:
+def _shared_memory_refusal(first: _Span, second: _Span) -> str:
     fix = ("share one nn.Parameter object instead (model.b = model.a, as Hugging Face's "
            "tie_weights does), or compute one from the other in forward "
            "(F.linear(x, self.a.weight.t()))")
-    if "buffer" in (first[2], second[2]):
+    if "buffer" in (first.what, second.what):
         fix = ("make the buffer from the parameter in forward, or register a copy of it "
                "(.clone())")
-    return (f"{first[2]} {first[3]!r} and {second[2]} {second[3]!r} share memory: "
+    return (f"{first.what} {first.name!r} and {second.what} {second.name!r} share memory: "
             "ZeroOptimizer gives each parameter memory of its own, so they would no longer "
             "share it and would train apart from DistributedDataParallel's, silently. To "
             f"keep them together, {fix} (Note [memory two tensors share] in "

@@ -563,8 +563,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
             methods (``FORWARDED_METHODS``: element-wise writes of the parameters, nothing
             returned) now run on each inner optimizer whose class has them, over this
             rank's shards, and the parameters follow the shards as after a step, as
-            ``train()`` / ``eval()`` do (stages 1-2 all-gather: call them on every rank). Any other public method of the class is refused where it is
-            looked up, ``hasattr`` included (not an ``AttributeError``, which ``hasattr``
+            ``train()`` / ``eval()`` do (stages 1-2 all-gather: call them on every rank).
+            Any other public method of the class is refused where it is looked up,
+            ``hasattr`` included (not an ``AttributeError``, which ``hasattr``
             would turn into a silent False): run over this rank's shards, a method that
             reads (pytorch_optimizer's ``get_global_gradient_norm()``, a count of the
             parameters) answers for this rank's shards, not DDP's, and a first version
