@@ -137,8 +137,8 @@ def writes_to_the_stepped_tensors(ctx, stage: int, via_data: bool):
     ``opt.param_groups`` (the fp32 masters), through them or their ``.data``, and
     evaluates inside ``summon_full_params()`` (whose end took the old cast back into
     stage 3's masters: a helper's probe): stage 3 evaluates the halves' casts, stages
-    1-2 refuse the forward through the masters (Note [masters written between steps]:
-    it ran on the old parameters), not through their ``.data`` (not seen). Then
+    1-2 refuse the forward (Note [masters written between steps]: it ran on the old
+    parameters; through ``.data``, Note [masters written through .data]). Then
     (through them, stages 1-2), after full_state_dict(), a parameter is negated; a step
     with lr 0 follows. Returns the largest differences of the masters from half their
     old values and of the parameters from its bf16 cast (the old cast in the shard
@@ -177,7 +177,8 @@ def writes_to_the_stepped_tensors(ctx, stage: int, via_data: bool):
 
 WRITES_TO_THE_MASTERS = ["after_the_step", "inside_summon", "inside_full_precision_summon",
                          "evaluated_in_full_precision", "between_forward_and_backward",
-                         "between_forward_and_backward_kept_gathered", "evaluated_inside_summon"]
+                         "between_forward_and_backward_kept_gathered", "evaluated_inside_summon",
+                         "after_the_step_through_data", "evaluated_through_data"]
 
 
 def masters_written_around_a_forward(ctx, stage: int, when: str):
@@ -187,7 +188,10 @@ def masters_written_around_a_forward(ctx, stage: int, when: str):
     after the step, followed by an evaluation forward inside a full-precision block;
     between the next forward and its backward (at stage 3 also with the units kept
     gathered from the forward: ``reshard_after_forward=False``); or inside
-    ``summon_full_params()``, followed by an evaluation forward there. Then a forward and
+    ``summon_full_params()``, followed by an evaluation forward there; or through the
+    masters' ``.data`` after the step, also followed by an evaluation forward under
+    ``no_grad`` (pytorch_optimizer's ``Lookahead.backup_and_load_cache()`` loads its
+    slow weights to evaluate so). Then a forward and
     backward (and the step). Returns the refusal (or None), the largest difference of
     the Linear weights the last forward computed with from the halves (cast as the
     forward saw them), and of the masters from the halves at the end."""
@@ -202,14 +206,16 @@ def masters_written_around_a_forward(ctx, stage: int, when: str):
             module.register_forward_pre_hook(
                 lambda m, args: used.__setitem__(id(m.weight), m.weight.detach().clone()))
 
-    def halve() -> None:
+    def halve(through_data: bool = False) -> None:
         with torch.no_grad():
             for group in opt.param_groups:
                 group["lr"] = 0.0
-                torch._foreach_mul_(group["params"], 0.5)
+                for tensor in group["params"]:
+                    (tensor.data if through_data else tensor).mul_(0.5)
 
     batch = make_batch(MLP, seed=1, rank=ctx.rank, batch=4)
     refusal = None
+    seen_inside = {}  # what an evaluation before the training forward computed with
     try:
         if when in ("after_the_step", "evaluated_in_full_precision"):
             halve()
@@ -223,9 +229,15 @@ def masters_written_around_a_forward(ctx, stage: int, when: str):
             with opt.summon_full_params(), torch.no_grad():
                 halve()
                 loss_fn(MLP, model, batch)
+        if when.endswith("through_data"):
+            halve(through_data=True)
         if when == "evaluated_in_full_precision":
             with opt.summon_full_params(full_precision=True), torch.no_grad(), \
                     torch.autocast("cpu", torch.bfloat16):  # the policy casts the inputs
+                loss_fn(MLP, model, batch)
+            seen_inside = dict(used)
+        if when == "evaluated_through_data":
+            with torch.no_grad():
                 loss_fn(MLP, model, batch)
             seen_inside = dict(used)
         loss = loss_fn(MLP, model, batch)
@@ -236,7 +248,7 @@ def masters_written_around_a_forward(ctx, stage: int, when: str):
         opt.zero_grad()
     except RuntimeError as error:
         refusal = str(error)
-    if when == "evaluated_in_full_precision":
+    if when in ("evaluated_in_full_precision", "evaluated_through_data"):
         used = seen_inside
     seen = max(((used[key] - halves[key].to(used[key].dtype)).abs().max().item() for key in used),
                default=None)  # None: no forward computed

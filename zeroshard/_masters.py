@@ -27,11 +27,11 @@ class ShardMasters:
     written between steps], every call does nothing."""
 
     def __init__(self) -> None:
-        # id(bucket) -> the master's version counter when every rank's parameters last
+        # id(bucket) -> the master's stamp (``_stamp``) when every rank's parameters last
         # held its values (stages 1-2), and when its shard last held them or its cast
         # (stage 3's gathers read the shard): Note [masters written between steps]
-        self._followed: dict[int, int] = {}
-        self._in_shard: dict[int, int] = {}
+        self._followed: dict[int, tuple] = {}
+        self._in_shard: dict[int, tuple] = {}
 
     def place(self, bucket: FlatBucket, own_storage: bool) -> None:
         """Set up ``bucket``'s shard (own storage at stage 3) and master from its buffer."""
@@ -45,15 +45,16 @@ class ShardMasters:
         or a load's gathers ran (stages 1-2), or the master took what was written to the
         parameters."""
         if bucket.master is not None:
-            self._followed[id(bucket)] = bucket.master._version
+            self._followed[id(bucket)] = self._stamp(bucket)
 
     def forget_parameters_follow(self, bucket: FlatBucket) -> None:
         """The parameters no longer hold the master's values (a full-precision block ended
         by an exception, or without its casts taking a write made to the master)."""
         if bucket.master is not None:
-            self._followed[id(bucket)] = -1
+            self._followed[id(bucket)] = (-1, None)
 
-    def written_since_parameters_followed(self, bucket: FlatBucket) -> bool:
+    def written_since_parameters_followed(self, bucket: FlatBucket,
+                                          read_contents: bool = True) -> bool:
         """Note [masters written between steps]:
             The tensors in ``opt.param_groups`` are the masters (the shards themselves, or
             with a policy their fp32 copies). Written outside the step (a Lookahead or SWA
@@ -67,7 +68,8 @@ class ShardMasters:
             Told by the master's version counter against the one taken when the
             parameters last followed it (construction, the step's gathers, zeroshard's
             own moves of the master towards the parameters): a write through the master
-            moves it, one through its ``.data`` does not (not seen). Stages 1-2 refuse
+            moves it; one through its ``.data`` does not, and with a policy the master's
+            contents tell it (Note [masters written through .data]). Stages 1-2 refuse
             the next forward and backward; stage 3's forwards gather the shards, so there
             the write reaches the next forward (with a policy through the cast
             ``before_gather`` makes first), and a backward's gather refuses it: the
@@ -78,16 +80,31 @@ class ShardMasters:
             a forward and its backward with a gather between them (an evaluation, a
             second forward), which takes the write, or a full-precision block between
             them, which spreads it: the backward mixes old activations and new weights."""
-        followed = self._followed.get(id(bucket))
-        return followed is not None and bucket.master._version != followed
+        return self._written_since(bucket, self._followed.get(id(bucket)), read_contents)
+
+    def _stamp(self, bucket: FlatBucket) -> tuple:
+        """What tells a later write to ``bucket``'s master: its version counter, and
+        (``Fp32Masters``) a print of its contents (Note [masters written through .data])."""
+        return (bucket.master._version, None)
+
+    def _written_since(self, bucket: FlatBucket, stamp: tuple | None,
+                       read_contents: bool) -> bool:
+        """Whether the master was written since ``stamp`` was taken: its version counter
+        moved, or (``read_contents``: a read on the host) its print did."""
+        if stamp is None:
+            return False
+        version, printed = stamp
+        if bucket.master._version != version:
+            return True
+        return (read_contents and printed is not None
+                and bool(_print_moved(printed, _master_print(bucket.master))))
 
     def _note_in_shard(self, bucket: FlatBucket) -> None:
         if bucket.master is not None:
-            self._in_shard[id(bucket)] = bucket.master._version
+            self._in_shard[id(bucket)] = self._stamp(bucket)
 
-    def _written_since_in_shard(self, bucket: FlatBucket) -> bool:
-        in_shard = self._in_shard.get(id(bucket))
-        return in_shard is not None and bucket.master._version != in_shard
+    def _written_since_in_shard(self, bucket: FlatBucket, read_contents: bool = True) -> bool:
+        return self._written_since(bucket, self._in_shard.get(id(bucket)), read_contents)
 
     def before_gather(self, bucket: FlatBucket, in_backward: bool, gathered: bool) -> None:
         """Stage 3, as a unit is asked for (Note [masters written between steps]): a
@@ -95,7 +112,9 @@ class ShardMasters:
         with a policy); in a backward, or where the unit is gathered already (inside
         ``summon_full_params()``, or kept from its forward for its backward, helper-114),
         the parameters would compute without it: refused."""
-        if not self._written_since_in_shard(bucket):
+        if not self._written_since_in_shard(bucket, read_contents=False):
+            if not in_backward and not gathered:
+                self._take_writes_through_data(bucket)
             return
         written = f"zeroshard stage 3: {bucket.held_by()} was written (through opt.param_groups) "
         if in_backward:
@@ -115,6 +134,11 @@ class ShardMasters:
                 "zeroshard/_masters.py)")
         with torch.no_grad():
             self.to_shard(bucket)
+
+    def _take_writes_through_data(self, bucket: FlatBucket) -> None:
+        """Stage 3, before a forward's gather: a write to the master through its ``.data``
+        reaches the shard (Note [masters written through .data]); the master is the shard
+        here, so it has."""
 
     def to_shard(self, bucket: FlatBucket) -> None:
         """After the optimizer updated the master: the shard takes its values."""
@@ -171,6 +195,25 @@ class Fp32Masters(ShardMasters):
 
     def _separate(self, bucket: FlatBucket) -> bool:
         return bucket.master is not None and bucket.master is not bucket.shard
+
+    def _stamp(self, bucket: FlatBucket) -> tuple:
+        printed = _master_print(bucket.master) if self._separate(bucket) else None
+        return (bucket.master._version, printed)
+
+    def _take_writes_through_data(self, bucket: FlatBucket) -> None:
+        if not self._separate(bucket):
+            return
+        now = _master_print(bucket.master)
+        moved = _print_moved(self._in_shard[id(bucket)][1], now)
+        # on a CPU reading the flag costs nothing; on an accelerator it would wait for
+        # the queue, so the cast runs under the flag (absorb_outside_writes does alike)
+        if moved.device.type == "cpu":
+            if moved.item():
+                self.to_shard(bucket)
+            return
+        bucket.shard.copy_(torch.where(moved, bucket.master.to(bucket.shard.dtype),
+                                       bucket.shard))
+        self._in_shard[id(bucket)] = (bucket.master._version, now)
 
     def to_shard(self, bucket: FlatBucket) -> None:
         if self._separate(bucket):
@@ -298,6 +341,40 @@ def _fingerprint(shard: torch.Tensor) -> torch.Tensor:
         at once. What a write to the masters does until the next step: Note [masters
         written between steps]."""
     return shard.sum(dtype=torch.float32)
+
+
+def _master_print(master: torch.Tensor) -> torch.Tensor:
+    """Note [masters written through .data]:
+        A write to a master through its ``.data`` (pytorch_optimizer's
+        ``Lookahead.backup_and_load_cache()`` loading the slow weights to evaluate, and
+        ``clear_and_load_backup()`` after; older Lookahead and hand weight decays,
+        ``p.data.mul_(...)`` over ``opt.param_groups``) moves no version counter, so the
+        records of Note [masters written between steps] missed it, silently: with a
+        policy the parameters hold the masters' casts, so such an evaluation ran the fast
+        weights at every stage (0.05 to 0.11 in cross-entropy from DDP + Lookahead), and
+        older Lookahead's slow weights reached the parameters a step late at stages 1-2.
+        So with a policy each record also keeps this print of the master: the bits of the
+        float32 sum of its elements, of every one where it has up to 65,536, else of
+        every 1,024th (one per 4 KiB page: a millisecond for 48M elements on a CPU),
+        which a write of whole tensors (a copy, a decay, a perturbation) moves. Read
+        where the records are (a forward of stages 1-2: a read on the host, on an
+        accelerator a wait for its queue; stage 3's forward gathers compare on the
+        device). Not seen: a write through ``.data`` to elements no print reads, one
+        between a forward and its backward, and any without a policy at stages 1-2,
+        where the master is the parameters' own memory, which a write to the parameters
+        (``model.load_state_dict``, an EMA swapped in) changes alike on every rank:
+        there no print tells one from the other."""
+    flat = master.detach().reshape(-1)
+    sample = flat if flat.numel() <= _PRINT_WHOLE_UP_TO else flat[::_PRINT_EVERY]
+    return sample.sum(dtype=torch.float32).view(torch.int32)
+
+
+_PRINT_WHOLE_UP_TO = 1 << 16
+_PRINT_EVERY = 1024
+
+
+def _print_moved(before: torch.Tensor, now: torch.Tensor) -> torch.Tensor:
+    return before != now
 
 
 def masters_for(policy: MixedPrecision | None) -> ShardMasters:
