@@ -136,9 +136,10 @@ def writes_to_the_stepped_tensors(ctx, stage: int, via_data: bool):
     """With bf16 mixed precision, a wrapper (Lookahead, SWA) halves the tensors in
     ``opt.param_groups`` (the fp32 masters), through them or their ``.data``, and
     evaluates inside ``summon_full_params()`` (whose end took the old cast back into
-    stage 3's masters: a helper's probe): stage 3 evaluates the halves' casts, stages
-    1-2 refuse the forward (Note [masters written between steps]: it ran on the old
-    parameters; through ``.data``, Note [masters written through .data]). Then
+    stage 3's masters: a helper's probe): stage 3 evaluates the halves' casts (through
+    ``.data`` too: Note [masters written through .data]), stages 1-2 refuse the forward
+    through the masters (Note [masters written between steps]: it ran on the old
+    parameters), not through their ``.data`` (not seen). Then
     (through them, stages 1-2), after full_state_dict(), a parameter is negated; a step
     with lr 0 follows. Returns the largest differences of the masters from half their
     old values and of the parameters from its bf16 cast (the old cast in the shard
@@ -191,8 +192,7 @@ def masters_written_around_a_forward(ctx, stage: int, when: str):
     ``summon_full_params()``, followed by an evaluation forward there; or through the
     masters' ``.data`` after the step, also followed by an evaluation forward under
     ``no_grad`` (pytorch_optimizer's ``Lookahead.backup_and_load_cache()`` loads its
-    slow weights to evaluate so). Then a forward and
-    backward (and the step). Returns the refusal (or None), the largest difference of
+    slow weights to evaluate so). Then a forward and backward (and the step). Returns the refusal (or None), the largest difference of
     the Linear weights the last forward computed with from the halves (cast as the
     forward saw them), and of the masters from the halves at the end."""
     model = build_model(MLP, seed=ctx.rank)

@@ -27,10 +27,11 @@ class ShardMasters:
     written between steps], every call does nothing."""
 
     def __init__(self) -> None:
-        # id(bucket) -> the master's stamp (``_stamp``) when every rank's parameters last
-        # held its values (stages 1-2), and when its shard last held them or its cast
-        # (stage 3's gathers read the shard): Note [masters written between steps]
-        self._followed: dict[int, tuple] = {}
+        # id(bucket) -> the master's version counter when every rank's parameters last
+        # held its values (stages 1-2), and its stamp (``_stamp``) when its shard last
+        # held them or its cast (stage 3's gathers read the shard): Note [masters
+        # written between steps]
+        self._followed: dict[int, int] = {}
         self._in_shard: dict[int, tuple] = {}
 
     def place(self, bucket: FlatBucket, own_storage: bool) -> None:
@@ -45,16 +46,15 @@ class ShardMasters:
         or a load's gathers ran (stages 1-2), or the master took what was written to the
         parameters."""
         if bucket.master is not None:
-            self._followed[id(bucket)] = self._stamp(bucket)
+            self._followed[id(bucket)] = bucket.master._version
 
     def forget_parameters_follow(self, bucket: FlatBucket) -> None:
         """The parameters no longer hold the master's values (a full-precision block ended
         by an exception, or without its casts taking a write made to the master)."""
         if bucket.master is not None:
-            self._followed[id(bucket)] = (-1, None)
+            self._followed[id(bucket)] = -1
 
-    def written_since_parameters_followed(self, bucket: FlatBucket,
-                                          read_contents: bool = True) -> bool:
+    def written_since_parameters_followed(self, bucket: FlatBucket) -> bool:
         """Note [masters written between steps]:
             The tensors in ``opt.param_groups`` are the masters (the shards themselves, or
             with a policy their fp32 copies). Written outside the step (a Lookahead or SWA
@@ -68,8 +68,8 @@ class ShardMasters:
             Told by the master's version counter against the one taken when the
             parameters last followed it (construction, the step's gathers, zeroshard's
             own moves of the master towards the parameters): a write through the master
-            moves it; one through its ``.data`` does not, and with a policy the master's
-            contents tell it (Note [masters written through .data]). Stages 1-2 refuse
+            moves it; one through its ``.data`` does not (stage 3 with a policy: Note
+            [masters written through .data]). Stages 1-2 refuse
             the next forward and backward; stage 3's forwards gather the shards, so there
             the write reaches the next forward (with a policy through the cast
             ``before_gather`` makes first), and a backward's gather refuses it: the
@@ -80,7 +80,8 @@ class ShardMasters:
             a forward and its backward with a gather between them (an evaluation, a
             second forward), which takes the write, or a full-precision block between
             them, which spreads it: the backward mixes old activations and new weights."""
-        return self._written_since(bucket, self._followed.get(id(bucket)), read_contents)
+        followed = self._followed.get(id(bucket))
+        return followed is not None and bucket.master._version != followed
 
     def _stamp(self, bucket: FlatBucket) -> tuple:
         """What tells a later write to ``bucket``'s master: its version counter, and
@@ -349,21 +350,25 @@ def _master_print(master: torch.Tensor) -> torch.Tensor:
         ``Lookahead.backup_and_load_cache()`` loading the slow weights to evaluate, and
         ``clear_and_load_backup()`` after; older Lookahead and hand weight decays,
         ``p.data.mul_(...)`` over ``opt.param_groups``) moves no version counter, so the
-        records of Note [masters written between steps] missed it, silently: with a
-        policy the parameters hold the masters' casts, so such an evaluation ran the fast
-        weights at every stage (0.05 to 0.11 in cross-entropy from DDP + Lookahead), and
-        older Lookahead's slow weights reached the parameters a step late at stages 1-2.
-        So with a policy each record also keeps this print of the master: the bits of the
-        float32 sum of its elements, of every one where it has up to 65,536, else of
-        every 1,024th (one per 4 KiB page: a millisecond for 48M elements on a CPU),
-        which a write of whole tensors (a copy, a decay, a perturbation) moves. Read
-        where the records are (a forward of stages 1-2: a read on the host, on an
-        accelerator a wait for its queue; stage 3's forward gathers compare on the
-        device). Not seen: a write through ``.data`` to elements no print reads, one
-        between a forward and its backward, and any without a policy at stages 1-2,
-        where the master is the parameters' own memory, which a write to the parameters
-        (``model.load_state_dict``, an EMA swapped in) changes alike on every rank:
-        there no print tells one from the other."""
+        records of Note [masters written between steps] miss it. At stage 3 with a
+        policy the parameters are gathered from the shards, which hold the masters'
+        casts: such an evaluation ran the fast weights, silently (0.05 to 0.11 in
+        cross-entropy from DDP + Lookahead). So there the shard's record also keeps this
+        print of the master: the bits of the float32 sum of its elements, of every one
+        where it has up to 65,536, else of every 1,024th (one per 4 KiB page: a
+        millisecond for 48M elements on a CPU), which a write of whole tensors (a copy, a
+        decay, a perturbation) moves; a forward's gather casts a master whose print
+        moved into its shard first (``_take_writes_through_data``). Each rank does so
+        for its own shard, and the gather spreads it, so the ranks need not agree. At
+        stages 1-2 the write would have to be refused, and whether a rank's print moved
+        depends on its own values (a clamp that bites on one rank's shard only), so a
+        refusal there would leave the other ranks in the backward's collectives
+        (helper-117's probe of a first version); without a policy the master is the
+        parameters' own memory, which a write to the parameters, the same on every
+        rank, changes alike. Not seen, then: a write through ``.data`` at stages 1-2, or
+        inside a ``summon_full_params()`` block (the block's gathers came before it), or
+        to elements no print reads. A print that moves with nothing written (a sum
+        taken with another thread count) costs a cast, nothing more."""
     flat = master.detach().reshape(-1)
     sample = flat if flat.numel() <= _PRINT_WHOLE_UP_TO else flat[::_PRINT_EVERY]
     return sample.sum(dtype=torch.float32).view(torch.int32)

@@ -286,33 +286,29 @@ class WholeParameters:
             every stage). The next forward, and every one after until a step, refuses
             either, on every rank that wrote, before any collective (Note [masters
             written between steps] in _masters.py says how a write is told). Not seen:
-            without a policy, a write through the tensors' ``.data``
-            (``p.data.copy_(slow)``), which moves no version counter (with one, the
-            masters' contents tell it: Note [masters written through .data]), and any
-            under ``torch.compile`` (the check is not traced: ``EagerOnlyHook``). A write between a forward and its backward is
-            refused as the backward begins (torch raises its in-place error there under
-            DDP; it ran, silently, 0.086 off in the gradient norm: helper-112)."""
+            a write through the tensors' ``.data`` (``p.data.copy_(slow)``), which moves
+            no version counter (Note [masters written through .data] in _masters.py says
+            why no content check stands in here), and any under ``torch.compile`` (the
+            check is not traced: ``EagerOnlyHook``). A write between a forward and its
+            backward is refused as the backward begins (torch raises its in-place error
+            there under DDP; it ran, silently, 0.086 off in the gradient norm:
+            helper-112)."""
         self.refuse_masters_written("forward")
 
     def refuse_masters_written(self, where: str) -> None:
         """Note [the optimizer's own tensors written after a step], as a ``where``
         ("forward", "backward") begins."""
-        # a write through .data is told by the masters' contents, read on the host: at
-        # a forward only (Note [masters written through .data] in _masters.py)
-        read_contents = where == "forward"
         written = next((bucket for bucket in self.buckets
-                        if self.masters.written_since_parameters_followed(
-                            bucket, read_contents)), None)
+                        if self.masters.written_since_parameters_followed(bucket)), None)
         if written is None:
             return
         after_its_forward = (" (its forward ran before the write, where torch raises its "
                              "in-place error under DDP)") if where == "backward" else ""
         raise RuntimeError(
             f"zeroshard: {written.held_by()} was written outside opt.step() (through "
-            "opt.param_groups or their .data, after the last step or before the first: a "
-            "Lookahead or SWA wrapper, also one loading its slow weights to evaluate, a weight "
-            "decay or SAM's perturbation applied by hand, a schedule-free optimizer's train() "
-            "/ eval() called on the inner optimizer: call opt.train() / "
+            "opt.param_groups, after the last step or before the first: a Lookahead or SWA "
+            "wrapper, a weight decay or SAM's perturbation applied by hand, a schedule-free "
+            "optimizer's train() / eval() called on the inner optimizer: call opt.train() / "
             "opt.eval() instead). At stages 1 and 2 those tensors are this rank's shard of the "
             "parameters (or, with a MixedPrecision policy, its fp32 copy), so until the next "
             "step the parameters the ranks run do not all hold the write, and this "
