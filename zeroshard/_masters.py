@@ -198,8 +198,9 @@ class Fp32Masters(ShardMasters):
         return bucket.master is not None and bucket.master is not bucket.shard
 
     def _stamp(self, bucket: FlatBucket) -> tuple:
-        printed = _master_print(bucket.master) if self._separate(bucket) else None
-        return (bucket.master._version, printed)
+        # stage 3's shards (own storage) only: stages 1-2 never read the print
+        read = self._separate(bucket) and bucket.shard_owns_storage
+        return (bucket.master._version, _master_print(bucket.master) if read else None)
 
     def _take_writes_through_data(self, bucket: FlatBucket) -> None:
         if not self._separate(bucket):
@@ -358,8 +359,10 @@ def _master_print(master: torch.Tensor) -> torch.Tensor:
         where it has up to 65,536, else of every 1,024th (one per 4 KiB page: a
         millisecond for 48M elements on a CPU), which a write of whole tensors (a copy, a
         decay, a perturbation) moves; a forward's gather casts a master whose print
-        moved into its shard first (``_take_writes_through_data``). Each rank does so
-        for its own shard, and the gather spreads it, so the ranks need not agree. At
+        moved into its shard first (``_take_writes_through_data``; on an accelerator,
+        which would wait for its queue to read the flag, the cast runs under the flag:
+        one cast of each unit's master per forward). Each rank does so for its own
+        shard, and the gather spreads it, so the ranks need not agree. At
         stages 1-2 the write would have to be refused, and whether a rank's print moved
         depends on its own values (a clamp that bites on one rank's shard only), so a
         refusal there would leave the other ranks in the backward's collectives
