@@ -2381,15 +2381,21 @@ def _graph_boundary(*args) -> None:
 
 def compiled_model(ctx, stage: int, backend: str, autocast: bool, where: str = "model"):
     """``torch.compile(model)`` after ``ZeroOptimizer(...)`` (``where="blocks"``: each
-    block compiled in place, ``block.compile()``), trained three steps with an
+    block compiled in place, ``block.compile()``; ``"step"``: the model as it is, and a
+    compiled function that calls ``opt.step()`` and ``opt.zero_grad()``, which failed
+    inside dynamo: helper-116; ``"train_step"``: one compiled function that runs the
+    forward, backward, step and evaluation, which failed so too, and at stage 3 in the
+    backward's hooks), trained four steps with an
     evaluation forward between, against plain data parallelism (gradients averaged by
     hand) on the same model compiled alike. Stage 3's unit hooks run outside the graph
     (Note [stage 3 under torch.compile]), so the reference breaks its graph at the same
     blocks: the same kernels, bitwise. Found by a probe: stage 3 failed to compile
     (aot_eager: ``set_`` on a graph input) or failed inductor's stride checks.
     Returns the largest difference, and how many graphs zeroshard's model compiled
-    after its first step (a gathered parameter that a guard saw as new would
-    recompile every step, and past dynamo's cache limit fall back to eager)."""
+    after its first two steps (a gathered parameter that a guard saw as new would
+    recompile every step, and past dynamo's cache limit fall back to eager; the whole
+    step compiled at stage 3 compiles some of zeroshard's backward hooks, reached from
+    its ``backward()``, again in the second step, then no more)."""
     spec = {**TRANSFORMER, "tied": False}
     reference = build_model(spec, seed=0)
     for block in reference.modules():
@@ -2403,26 +2409,43 @@ def compiled_model(ctx, stage: int, backend: str, autocast: bool, where: str = "
     torch._dynamo.reset()  # each case compiles afresh in this worker
     graphs = torch._dynamo.utils.counters["stats"]
     for net, optimizer in ((reference, ref_opt), (model, opt)):
+        def step_and_clear(optimizer=optimizer):
+            optimizer.step()
+            optimizer.zero_grad()
         if where == "blocks":
             compiled = net
             for block in [m for m in net.modules() if isinstance(m, Block)]:
                 block.compile(backend=backend)
+        elif where in ("step", "train_step"):  # Note [the optimizer under torch.compile]
+            compiled = net  # (torch's AdamW compiled computes its step otherwise: the
+            if net is model:  # reference steps eagerly, as zeroshard's compiled one does)
+                step_and_clear = torch.compile(step_and_clear, backend=backend)
         else:
             compiled = torch.compile(net, backend=backend)
-        for step in range(3):
-            if step == 1:
-                graphs_after_one_step = graphs["unique_graphs"]
+
+        @torch.compile(backend=backend)
+        def train_step(batch):  # where="train_step": one compiled function, the step in it
+            loss_fn(spec, model, batch).backward()
+            opt.step()
+            opt.zero_grad()
+            with torch.no_grad():
+                model(batch[0])
+        for step in range(4):
+            if step == 2:
+                graphs_after_two_steps = graphs["unique_graphs"]
             batch = make_batch(spec, seed=10 * step + ctx.rank, rank=ctx.rank, batch=2)
+            if where == "train_step" and net is model:
+                train_step(batch)
+                continue
             with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
                 loss = loss_fn(spec, compiled, batch)
             loss.backward()
             if net is reference:
                 average_by_hand(reference, ctx)
-            optimizer.step()
-            optimizer.zero_grad()
+            step_and_clear()
             with torch.no_grad():
                 compiled(batch[0])  # an evaluation forward between steps
-    recompiled = graphs["unique_graphs"] - graphs_after_one_step  # zeroshard's, after its first step
+    recompiled = graphs["unique_graphs"] - graphs_after_two_steps  # zeroshard's, after two steps
     return largest_difference(opt, model, reference), recompiled
 
 

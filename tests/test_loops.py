@@ -578,12 +578,18 @@ def test_a_no_sync_window_dropped_by_zero_grad_leaves_no_trace_at_stage3(pool, c
 @pytest.mark.parametrize("stage, backend, autocast, where", [
     (1, "inductor", False, "model"), (2, "inductor", False, "model"),
     (3, "inductor", False, "model"), (3, "inductor", True, "model"),
-    (3, "aot_eager", False, "model"), (3, "aot_eager", False, "blocks")])
+    (3, "aot_eager", False, "model"), (3, "aot_eager", False, "blocks"),
+    (1, "eager", False, "step"), (2, "eager", False, "step"), (3, "eager", False, "step"),
+    (1, "eager", False, "train_step"), (2, "eager", False, "train_step"),
+    (3, "eager", False, "train_step")])
 def test_a_compiled_model_trains_like_data_parallel_compiled_alike(
         pool, stage, backend, autocast, where):
     """Found by a probe: stage 3 failed under torch.compile (aot_eager: set_ on a graph
     input; inductor: its stride checks). Bitwise: the reference breaks its graph where
-    stage 3's unit hooks do. Also each block compiled in place (``block.compile()``)."""
+    stage 3's unit hooks do. Also each block compiled in place (``block.compile()``),
+    and a compiled function that steps and clears the optimizer, or runs the whole
+    training step, which failed inside dynamo at every stage (helper-116; Note [the
+    optimizer under torch.compile])."""
     for diff, recompiled in pool.run(cases_loops.compiled_model, 2, stage, backend, autocast,
                                      where):
         assert diff == 0, diff

@@ -39,6 +39,35 @@ _STATE_DICT_VERSION = 1
 _owners: dict[int, tuple[weakref.ref, weakref.ref]] = {}
 
 
+def _run_eagerly_under_torch_compile() -> None:
+    """Note [the optimizer under torch.compile]:
+        torch's recipes compile the optimizer's step (``torch.compile`` over a function
+        that calls ``opt.step()``, or over the whole training step). Dynamo traced into
+        ZeroOptimizer's methods and failed there with internal errors of its own
+        (``InternalTorchDynamoError``, an AttributeError at stage 1 and a RecursionError
+        at stages 2-3, in ``outside_inference_mode``: helper-116), the step's
+        collectives and the stage's bookkeeping being nothing it traces. So ``step``,
+        ``zero_grad`` and ``clip_grad_norm_`` run outside any compiled graph
+        (``torch.compiler.disable``, as torch runs its own optimizers' ``zero_grad``): a
+        compiled function breaks its graph at the call and runs them eagerly;
+        ``fullgraph=True`` raises dynamo's error naming the call. So do the stage's
+        hooks, every one a ``WeakHook``: dynamo compiles each Python frame entered while
+        a compiled function runs, also the hooks autograd calls from a ``backward()``
+        inside it, and stage 3's (a released parameter taking its class back) failed
+        there (helper-116: the forward and ``loss.backward()`` in one compiled
+        function); a hook that dynamo meets while tracing a forward splits the graph
+        there, as its weak reference did before (Note [stage 3 under torch.compile] in
+        stage3.py). About 0.35 us a call. Marked once per process, as the first
+        ZeroOptimizer is built (dynamo is imported by then), after torch's
+        ``Optimizer.__init__`` has wrapped ``step`` for its step hooks."""
+    if ZeroOptimizer.eager_under_compile:
+        return
+    for name in ("step", "zero_grad", "clip_grad_norm_"):
+        setattr(ZeroOptimizer, name, torch.compiler.disable(getattr(ZeroOptimizer, name)))
+    WeakHook.__call__ = torch.compiler.disable(WeakHook.__call__)
+    ZeroOptimizer.eager_under_compile = True
+
+
 class ZeroOptimizer(torch.optim.Optimizer):
     """Data-parallel training with ZeRO-partitioned model states, as a drop-in optimizer.
 
@@ -129,6 +158,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
     hook holds this optimizer alive, so it is freed with its last reference.
     """
 
+    eager_under_compile = False  # Note [the optimizer under torch.compile]
+
     @outside_inference_mode  # Note [inference mode] in _inference_mode.py
     def __init__(self, model: nn.Module, optimizer_class: type[torch.optim.Optimizer], stage: int = 1,
                  param_groups=None, process_group=None, mesh=None, units=None, reshard_after_forward: bool = True,
@@ -190,6 +221,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                      for i in range(len(groups))], optimizer_class, optimizer_kwargs,
             part_bytes=int(bucket_size_mb * 2**20))
         super().__init__(self._outer_groups(), self._inner.defaults)
+        _run_eagerly_under_torch_compile()  # after torch's own wrapping of step
         self._settings = SettingsBothWays(self.param_groups)
         self._mode = None  # "train" / "eval" once asked for: Note [a mode switch of the optimizer]
         self.state = self._inner.state  # keyed by the shards in param_groups, as torch's
