@@ -2385,7 +2385,9 @@ def compiled_model(ctx, stage: int, backend: str, autocast: bool, where: str = "
     compiled function that calls ``opt.step()`` and ``opt.zero_grad()``, which failed
     inside dynamo: helper-116; ``"train_step"``: one compiled function that runs the
     forward, backward, step and evaluation, which failed so too, and at stage 3 in the
-    backward's hooks), trained four steps with an
+    backward's hooks; ``"train_step_hooked"``: so, with a full backward hook on the first
+    block, whose unit is then kept to the backward's end and released by its end,
+    which failed inside dynamo after the first fix: helper-119), trained four steps with an
     evaluation forward between, against plain data parallelism (gradients averaged by
     hand) on the same model compiled alike. Stage 3's unit hooks run outside the graph
     (Note [stage 3 under torch.compile]), so the reference breaks its graph at the same
@@ -2403,6 +2405,10 @@ def compiled_model(ctx, stage: int, backend: str, autocast: bool, where: str = "
             block.register_forward_pre_hook(_graph_boundary)
             block.register_forward_hook(_graph_boundary)
     model = build_model(spec, seed=ctx.rank)
+    if where == "train_step_hooked":  # a unit kept to the backward's end (helper-119)
+        for net in (reference, model):
+            next(m for m in net.modules() if isinstance(m, Block)).register_full_backward_hook(
+                lambda module, grad_input, grad_output: None)
     opt = zeroshard.ZeroOptimizer(model, torch.optim.AdamW, stage=stage, lr=1e-2,
                                   process_group=ctx.group, **({"units": Block} if stage == 3 else {}))
     ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2)
@@ -2416,7 +2422,7 @@ def compiled_model(ctx, stage: int, backend: str, autocast: bool, where: str = "
             compiled = net
             for block in [m for m in net.modules() if isinstance(m, Block)]:
                 block.compile(backend=backend)
-        elif where in ("step", "train_step"):  # Note [the optimizer under torch.compile]
+        elif where != "model":  # Note [the optimizer under torch.compile]
             compiled = net  # (torch's AdamW compiled computes its step otherwise: the
             if net is model:  # reference steps eagerly, as zeroshard's compiled one does)
                 step_and_clear = torch.compile(step_and_clear, backend=backend)
@@ -2434,7 +2440,7 @@ def compiled_model(ctx, stage: int, backend: str, autocast: bool, where: str = "
             if step == 2:
                 graphs_after_two_steps = graphs["unique_graphs"]
             batch = make_batch(spec, seed=10 * step + ctx.rank, rank=ctx.rank, batch=2)
-            if where == "train_step" and net is model:
+            if where.startswith("train_step") and net is model:
                 train_step(batch)
                 continue
             with torch.autocast("cpu", torch.bfloat16, enabled=autocast):

@@ -581,7 +581,7 @@ def test_a_no_sync_window_dropped_by_zero_grad_leaves_no_trace_at_stage3(pool, c
     (3, "aot_eager", False, "model"), (3, "aot_eager", False, "blocks"),
     (1, "eager", False, "step"), (2, "eager", False, "step"), (3, "eager", False, "step"),
     (1, "eager", False, "train_step"), (2, "eager", False, "train_step"),
-    (3, "eager", False, "train_step")])
+    (3, "eager", False, "train_step"), (3, "eager", False, "train_step_hooked")])
 def test_a_compiled_model_trains_like_data_parallel_compiled_alike(
         pool, stage, backend, autocast, where):
     """Found by a probe: stage 3 failed under torch.compile (aot_eager: set_ on a graph

@@ -18,6 +18,8 @@ from ._cleared import HeldStill
 from ._ddp_guard import DDPGuard
 from ._hooks import EagerOnlyHook, WeakHook
 from ._inference_mode import outside_inference_mode
+from ._module_hooks import GatherFirst
+from ._reducer import GradientReducer
 from ._inner import InnerOptimizers, SettingsBothWays, class_of, hyperparameters, step_cost
 from ._masters import masters_for
 from ._masters_shown import MastersShown
@@ -51,20 +53,26 @@ def _run_eagerly_under_torch_compile() -> None:
         (``torch.compiler.disable``, as torch runs its own optimizers' ``zero_grad``): a
         compiled function breaks its graph at the call and runs them eagerly;
         ``fullgraph=True`` raises dynamo's error naming the call. So do the stage's
-        hooks, every one a ``WeakHook``: dynamo compiles each Python frame entered while
-        a compiled function runs, also the hooks autograd calls from a ``backward()``
-        inside it, and stage 3's (a released parameter taking its class back) failed
-        there (helper-116: the forward and ``loss.backward()`` in one compiled
-        function); a hook that dynamo meets while tracing a forward splits the graph
-        there, as its weak reference did before (Note [stage 3 under torch.compile] in
-        stage3.py). About 0.35 us a call. Marked once per process, as the first
+        hooks (every ``WeakHook``, stage 3's ``GatherFirst``) and the backward's end
+        (``GradientReducer._on_backward_end``): dynamo compiles each Python frame
+        entered while a compiled function runs, also the hooks and callbacks autograd
+        calls from a ``backward()`` inside it, and stage 3's (a unit released, its
+        parameters changing class) failed there (helper-116: the forward and
+        ``loss.backward()`` in one compiled function; helper-119: with a frozen
+        parameter or a backward hook in a unit, the units kept to the backward's end);
+        a hook that dynamo meets while tracing a forward splits the graph there, as its
+        weak reference did before (Note [stage 3 under torch.compile] in stage3.py).
+        ``EagerOnlyHook`` stays traced, so that it does nothing under a trace (so its
+        checks are not seen there), and so do the saved-tensor hooks. About 0.35 us a
+        call. Marked once per process, as the first
         ZeroOptimizer is built (dynamo is imported by then), after torch's
         ``Optimizer.__init__`` has wrapped ``step`` for its step hooks."""
     if ZeroOptimizer.eager_under_compile:
         return
-    for name in ("step", "zero_grad", "clip_grad_norm_"):
-        setattr(ZeroOptimizer, name, torch.compiler.disable(getattr(ZeroOptimizer, name)))
-    WeakHook.__call__ = torch.compiler.disable(WeakHook.__call__)
+    for owner, name in ((ZeroOptimizer, "step"), (ZeroOptimizer, "zero_grad"),
+                        (ZeroOptimizer, "clip_grad_norm_"), (WeakHook, "__call__"),
+                        (GatherFirst, "__call__"), (GradientReducer, "_on_backward_end")):
+        setattr(owner, name, torch.compiler.disable(getattr(owner, name)))
     ZeroOptimizer.eager_under_compile = True
 
 
