@@ -192,9 +192,10 @@ def masters_written_around_a_forward(ctx, stage: int, when: str):
     ``summon_full_params()``, followed by an evaluation forward there; or through the
     masters' ``.data`` after the step, also followed by an evaluation forward under
     ``no_grad`` (pytorch_optimizer's ``Lookahead.backup_and_load_cache()`` loads its
-    slow weights to evaluate so). Then a forward and backward (and the step). Returns the refusal (or None), the largest difference of
-    the Linear weights the last forward computed with from the halves (cast as the
-    forward saw them), and of the masters from the halves at the end."""
+    slow weights to evaluate so). Then a forward and backward (and the step). Returns
+    the refusal (or None), the largest difference of the Linear weights the last
+    forward computed with from the halves (cast as the forward saw them), and of the
+    masters from the halves at the end."""
     model = build_model(MLP, seed=ctx.rank)
     kept = {"reshard_after_forward": False} if when.endswith("kept_gathered") and stage == 3 else {}
     opt = _zero(model, stage, ctx.group, mixed_precision=BF16, lr=0.05, **kept)
@@ -2387,8 +2388,8 @@ def compiled_model(ctx, stage: int, backend: str, autocast: bool, where: str = "
     forward, backward, step and evaluation, which failed so too, and at stage 3 in the
     backward's hooks; ``"train_step_hooked"``: so, with a full backward hook on the first
     block, whose unit is then kept to the backward's end and released by its end,
-    which failed inside dynamo after the first fix: helper-119), trained four steps with an
-    evaluation forward between, against plain data parallelism (gradients averaged by
+    which failed inside dynamo after the first fix: helper-119), trained four steps
+    with an evaluation forward between, against plain data parallelism (gradients averaged by
     hand) on the same model compiled alike. Stage 3's unit hooks run outside the graph
     (Note [stage 3 under torch.compile]), so the reference breaks its graph at the same
     blocks: the same kernels, bitwise. Found by a probe: stage 3 failed to compile
@@ -2414,6 +2415,14 @@ def compiled_model(ctx, stage: int, backend: str, autocast: bool, where: str = "
     ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2)
     torch._dynamo.reset()  # each case compiles afresh in this worker
     graphs = torch._dynamo.utils.counters["stats"]
+
+    @torch.compile(backend=backend)
+    def train_step(batch):  # where="train_step*": one compiled function, the step in it
+        loss_fn(spec, model, batch).backward()
+        opt.step()
+        opt.zero_grad()
+        with torch.no_grad():
+            model(batch[0])
     for net, optimizer in ((reference, ref_opt), (model, opt)):
         def step_and_clear(optimizer=optimizer):
             optimizer.step()
@@ -2428,14 +2437,6 @@ def compiled_model(ctx, stage: int, backend: str, autocast: bool, where: str = "
                 step_and_clear = torch.compile(step_and_clear, backend=backend)
         else:
             compiled = torch.compile(net, backend=backend)
-
-        @torch.compile(backend=backend)
-        def train_step(batch):  # where="train_step": one compiled function, the step in it
-            loss_fn(spec, model, batch).backward()
-            opt.step()
-            opt.zero_grad()
-            with torch.no_grad():
-                model(batch[0])
         for step in range(4):
             if step == 2:
                 graphs_after_two_steps = graphs["unique_graphs"]

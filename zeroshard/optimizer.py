@@ -18,16 +18,16 @@ from ._cleared import HeldStill
 from ._ddp_guard import DDPGuard
 from ._hooks import EagerOnlyHook, WeakHook
 from ._inference_mode import outside_inference_mode
-from ._module_hooks import GatherFirst
-from ._reducer import GradientReducer
 from ._inner import InnerOptimizers, SettingsBothWays, class_of, hyperparameters, step_cost
 from ._masters import masters_for
 from ._masters_shown import MastersShown
+from ._module_hooks import GatherFirst
 from ._other_optimizers import refuse_other_optimizers_over
 from ._per_sample_gradients import refuse_per_sample_gradients
 from ._placement import Placement
 from ._plan import ShardingView, plan_sharding, work_balance
 from ._ranks import job_ranks, mesh_as_read, ranks_from
+from ._reducer import GradientReducer
 from ._stage import Stage
 from ._transforms import GradientTransformRefusal
 from .memory import live_report
@@ -64,9 +64,9 @@ def _run_eagerly_under_torch_compile() -> None:
         weak reference did before (Note [stage 3 under torch.compile] in stage3.py).
         ``EagerOnlyHook`` stays traced, so that it does nothing under a trace (so its
         checks are not seen there), and so do the saved-tensor hooks. About 0.35 us a
-        call. Marked once per process, as the first
-        ZeroOptimizer is built (dynamo is imported by then), after torch's
-        ``Optimizer.__init__`` has wrapped ``step`` for its step hooks."""
+        call. Marked once per process, as the first ZeroOptimizer is built (dynamo is
+        imported by then), after torch's ``Optimizer.__init__`` has wrapped ``step`` for
+        its step hooks."""
     if ZeroOptimizer.eager_under_compile:
         return
     for owner, name in ((ZeroOptimizer, "step"), (ZeroOptimizer, "zero_grad"),
