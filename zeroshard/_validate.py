@@ -229,17 +229,20 @@ def check_trainable_unchanged(model: nn.Module, trainable: list[tuple[nn.Paramet
 
 def check_parameters_unreplaced(model: nn.Module, known: frozenset[int]) -> None:
     """Every parameter of the model is one the optimizer was built over: a new
-    ``nn.Parameter`` put in a module since (``model.head.weight = nn.Parameter(t)``) would
-    get no reduction and no step, and the one it replaced a step with no gradient."""
+    ``nn.Parameter`` put in a module since (``model.head.weight = nn.Parameter(t)``, or
+    one added: a new module, peft's ``add_adapter``) would get no reduction and no step,
+    and one it replaced a step with no gradient."""
     new = [p for m in model.modules() for p in m._parameters.values()
            if p is not None and id(p) not in known]  # every step: no names until needed
     if new:
         name = next(n for n, p in model.named_parameters() if p is new[0])
         raise RuntimeError(
-            f"parameter {name!r} was replaced by a new nn.Parameter after the ZeroOptimizer "
-            "was built, which shards and steps the one it replaced. Write new values into "
-            "the existing parameter instead (with torch.no_grad(): p.copy_(t), or "
-            "model.load_state_dict), or opt.close() and build a new ZeroOptimizer")
+            f"parameter {name!r} is a new nn.Parameter put in the model after the "
+            "ZeroOptimizer was built (replacing one it shards and steps, or added: a new "
+            "module, peft's add_adapter), which it neither reduces nor steps. Write new "
+            "values into the existing parameter instead (with torch.no_grad(): p.copy_(t), "
+            "or model.load_state_dict); to change the model, opt.close() and build a new "
+            "ZeroOptimizer over it")
 
 
 def check_devices(model: nn.Module) -> None:
