@@ -61,7 +61,8 @@ def _run_eagerly_under_torch_compile() -> None:
         ``loss.backward()`` in one compiled function; helper-119: with a frozen
         parameter or a backward hook in a unit, the units kept to the backward's end);
         a hook that dynamo meets while tracing a forward splits the graph there, as its
-        weak reference did before (Note [stage 3 under torch.compile] in stage3.py).
+        weak reference did before, and runs outside it (stage 3's unit hooks must: Note
+        [stage 3 under torch.compile] in stage3.py; they were marked one by one).
         ``EagerOnlyHook`` stays traced, so that it does nothing under a trace (so its
         checks are not seen there), and so do the saved-tensor hooks. About 0.35 us a
         call. Marked once per process, as the first ZeroOptimizer is built (dynamo is

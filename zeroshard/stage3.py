@@ -216,10 +216,9 @@ Note [stage 3 under torch.compile]:
     Traced by dynamo (``torch.compile(model)`` traces a module's hooks with its
     forward), the compiled graph took the parameters as the placeholders they were
     while tracing, and later calls failed inductor's stride checks. So the hooks run
-    outside the graph (``torch.compiler.disable``): the model compiles into one graph
-    per stretch between unit boundaries, each called with its units gathered. They
-    are marked so when the first stage-3 optimizer is built, not at import: marking
-    imports torch._dynamo, about 2 s that every process importing zeroshard paid.
+    outside the graph (every ``WeakHook`` does: Note [the optimizer under
+    torch.compile] in optimizer.py): the model compiles into one graph per stretch
+    between unit boundaries, each called with its units gathered.
 
 Note [recomputation]:
     Activation checkpointing runs a unit's forward again during backward. The
@@ -288,17 +287,6 @@ def trainable_buckets(units: list[Unit]):
     return [b for u in reversed(units) for b in u.buckets if b.params[0].requires_grad]
 
 
-def _keep_unit_hooks_out_of_compiled_graphs() -> None:
-    """Note [stage 3 under torch.compile]: once per process."""
-    if UnitGatherer.hooks_outside_graphs:
-        return
-    UnitGatherer.pre_forward = torch.compiler.disable(UnitGatherer.pre_forward)
-    UnitGatherer.post_forward = torch.compiler.disable(UnitGatherer.post_forward)
-    UnitGatherer._close_saved_watch = torch.compiler.disable(UnitGatherer._close_saved_watch)
-    UnitGatherer._watch_inputs = torch.compiler.disable(UnitGatherer._watch_inputs)
-    UnitGatherer.hooks_outside_graphs = True
-
-
 class RecomputationWatch:
     """Note [released once backward has read it]: whether any module's forward has run
     inside a backward (a recomputation), watched by a global forward pre-hook that is
@@ -343,7 +331,6 @@ class UnitGatherer:
     walking one schedule on every rank (Note [gather schedule]), and decides for the
     reducer when each bucket's reduction is due (Note [one order])."""
 
-    hooks_outside_graphs = False  # Note [stage 3 under torch.compile]
 
     def __init__(self, model, units: list[Unit], reducer: GradientReducer,
                  store: ShardedGradients, dtypes: GradientDtypes, masters: ShardMasters,
@@ -386,7 +373,6 @@ class UnitGatherer:
                 if id(module) not in unit_modules:  # a unit's own hooks gather it
                     handles.append(module.register_forward_pre_hook(EagerOnlyHook(
                         self._refuse_outside_its_unit, name, list(owners.values())), prepend=True))
-        _keep_unit_hooks_out_of_compiled_graphs()
         self._gathered_storages: dict[int, Unit] = {}  # address -> unit (Unit.gathered_storages)
         # Note [the last unit released with its caller]: each unit's parent module, and
         # the hooks put on those that kept one
