@@ -29,9 +29,9 @@ def _steps(model, opt, first: int, count: int, rank: int, scheduler=None) -> Non
             scheduler.step()
 
 
-def _zero(model, stage: int, group, policy=None, **kwargs):
+def _zero(model, stage: int, group, policy=None, bucket_size_mb=1e-4, **kwargs):
     return zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=stage, process_group=group,
-                                   bucket_size_mb=1e-4, mixed_precision=policy, lr=0.05,
+                                   bucket_size_mb=bucket_size_mb, mixed_precision=policy, lr=0.05,
                                    **({"units": torch.nn.Linear} if stage == 3 else {}), **kwargs)
 
 
@@ -106,6 +106,38 @@ def close_then_continue(ctx, stage: int, next_stage: int, bf16: bool):
                   zip(model.named_parameters(), reference.module.parameters())}
     opt2.close()
     return after_close, master_diff, dtypes_ok, refused, plain_grads, at_end
+
+
+def handed_back_in_own_memory(ctx, stage: int, bf16: bool):
+    """close() after 2 steps with weights and biases sharing buckets and a frozen layer:
+    whether the parameters share any memory or changed dtype, and what safetensors (which refuses tensors sharing memory)
+    writes and reads back, against the parameters and against DDP's."""
+    from safetensors.torch import load, save
+
+    model, plain = build_model(MLP, seed=ctx.rank), build_model(MLP, seed=0)
+    for net in (model, plain):  # a frozen layer: stages 1-2 put it in no bucket
+        net.body[0].requires_grad_(False)
+    reference = DDP(plain, process_group=ctx.group)
+    dtypes = [p.dtype for p in model.parameters()]
+    opt = _zero(model, stage, ctx.group, BF16 if bf16 else None, bucket_size_mb=25)
+    assert all(len(b.params) > 1 for b in opt.sharding.buckets), "the test needs shared buckets"
+    _steps(model, opt, 0, 2, ctx.rank)
+    _steps(reference, torch.optim.SGD(reference.parameters(), lr=0.05), 0, 2, ctx.rank)
+    opt.close()
+    params = list(model.parameters())
+    storages = {p.untyped_storage().data_ptr() for p in params}
+    own_memory = len(storages) == len(params) and all(
+        p.untyped_storage().nbytes() == p.numel() * p.element_size() for p in params) and \
+        [p.dtype for p in params] == dtypes
+    try:
+        read_back = load(save({k: v for k, v in model.state_dict().items()}))
+        written = max((read_back[name] - p).abs().max().item()
+                      for name, p in model.named_parameters())
+    except RuntimeError as error:
+        written = str(error)
+    from_ddp = max((p.float() - q).abs().max().item()
+                   for p, q in zip(params, reference.module.parameters()))
+    return own_memory, written, from_ddp
 
 
 def with_block_closes(ctx, stage: int):

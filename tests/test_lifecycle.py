@@ -39,6 +39,18 @@ def test_close_hands_back_the_model_and_a_second_optimizer_continues_like_ddp(
         assert plain_grads, rank
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_close_hands_back_each_parameter_in_memory_of_its_own(pool, stage, bf16):
+    # Note [parameters handed back]: views of one flat buffer were dropped by Accelerate's
+    # save_model and refused by safetensors
+    for own_memory, written, from_ddp in pool.run(cases_lifecycle.handed_back_in_own_memory,
+                                                  2, stage, bf16):
+        assert own_memory
+        assert written == 0.0, written
+        assert from_ddp < (1e-2 if bf16 else 1e-6), from_ddp
+
+
 @pytest.mark.parametrize("stage, next_stage", [(1, 1), (1, 3), (2, 2), (2, 1)])
 def test_an_optimizer_dropped_without_close_can_be_followed_by_another(pool, stage, next_stage):
     for diffs in pool.run(cases_lifecycle.dropped_then_rebuilt, 2, stage, next_stage):
