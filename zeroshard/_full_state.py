@@ -290,10 +290,15 @@ class Rank0Source:
                                       label="load", device=self.view.device)
 
     def _broadcast_flat(self, pieces, sizes: list[int], dtype: torch.dtype) -> list[torch.Tensor]:
-        """Rank 0's ``pieces()`` (one full tensor per parameter) joined, broadcast, split."""
+        """Rank 0's ``pieces()`` (one full tensor per parameter) joined, broadcast, split.
+        Each piece is moved to the flat's device first: a state rank 0 loaded onto a GPU
+        (``torch.load`` without ``map_location``) beside the CPU zeros ``prepare`` gives a
+        parameter without that state made ``torch.cat`` refuse mixed devices (helper-121's
+        reading; no GPU here to run it)."""
         flat = torch.empty(sum(sizes), dtype=dtype, device=self.view.device)
         if self.local is not None:
-            flat.copy_(torch.cat([piece.reshape(-1).to(dtype) for piece in pieces()]))
+            flat.copy_(torch.cat([piece.reshape(-1).to(device=flat.device, dtype=dtype)
+                                  for piece in pieces()]))
         _comm.broadcast(flat, group=self.view.ranks, stats=self.stats, label="load")
         self._received.append(flat)
         return list(flat.split(sizes))
