@@ -148,7 +148,7 @@ class ShardMasters:
     def absorb_writes(self, bucket: FlatBucket, written: torch.Tensor) -> None:
         """``written`` (this rank's elements) may hold writes to the parameters."""
 
-    def absorb_outside_writes(self, bucket: FlatBucket) -> None:
+    def absorb_outside_writes(self, buckets) -> None:
         """Before the masters are used: what was written to the parameters since."""
 
     def take_gathered_writes(self, bucket: FlatBucket) -> None:
@@ -208,7 +208,7 @@ class Fp32Masters(ShardMasters):
         now = _master_print(bucket.master)
         moved = _print_moved(self._in_shard[id(bucket)][1], now)
         # on a CPU reading the flag costs nothing; on an accelerator it would wait for
-        # the queue, so the cast runs under the flag (absorb_outside_writes does alike)
+        # the queue in every unit's gather, so the cast runs under the flag (one a forward)
         if moved.device.type == "cpu":
             if moved.item():
                 self.to_shard(bucket)
@@ -232,11 +232,10 @@ class Fp32Masters(ShardMasters):
             self._in_step[id(bucket)] = (_fingerprint(bucket.shard), bucket.master._version)
 
     def absorb_writes(self, bucket: FlatBucket, written: torch.Tensor,
-                      only_if: torch.Tensor | None = None,
                       unless_equal_to: torch.Tensor | None = None) -> None:
         """Where ``written`` differs from the master's cast, the master takes the written
-        value (and ``only_if``, a boolean on the device, holds; and ``written`` differs
-        from ``unless_equal_to``, what it held before it could be written). Elsewhere the
+        value (and ``written`` differs from ``unless_equal_to``, what it held before it
+        could be written). Elsewhere the
         master keeps its fp32 value, which a round trip through the cast would lose (a
         value loaded exactly by ``load`` stays exact). In chunks: the temporaries are
         about 11 bytes an element (the cast, the mask, the widened value, the choice)."""
@@ -247,8 +246,6 @@ class Fp32Masters(ShardMasters):
         for start in range(0, master.numel(), _CHUNK):
             part, new = master[start:start + _CHUNK], written[start:start + _CHUNK]
             take = new != part.to(new.dtype)
-            if only_if is not None:
-                take &= only_if
             if unless_equal_to is not None:
                 take &= new != unless_equal_to[start:start + _CHUNK]
             # torch.where, not boolean indexing: no host synchronisation on CUDA
@@ -274,7 +271,7 @@ class Fp32Masters(ShardMasters):
         if held:  # else the master was written too: the next gather takes its cast
             self._note_cast(bucket)
 
-    def absorb_outside_writes(self, bucket: FlatBucket) -> None:
+    def absorb_outside_writes(self, buckets) -> None:
         """Stages 1-2, before the masters are used: take into the master what an in-place
         write to the parameters (``model.apply(init)``, ``p.mul_(0.5)``, WGAN's
         ``p.data.clamp_(...)``) put in the shard outside ``summon_full_params()``, which
@@ -284,19 +281,28 @@ class Fp32Masters(ShardMasters):
         parameter's own, not the buffer's (the buffer's alone was read before, and such
         writes were lost, silently). Note [writes on either side] says how a write to
         the shard is told from one to the master. (``model.load_state_dict`` is taken
-        exactly, in fp32: ``load``.)"""
-        if not self._separate(bucket) or bucket.shard_owns_storage:  # stage 3: never written
+        exactly, in fp32: ``load``.)
+
+        The buckets' flags are read at once, one host read a step: the comparison
+        costs several passes over the masters, so it runs only where a shard was
+        written (on an accelerator it ran under the flag in every bucket at every step,
+        about an AdamW step's memory traffic, to spare the read: helper-121's reading)."""
+        checked = []
+        for bucket in buckets:
+            if not self._separate(bucket) or bucket.shard_owns_storage:  # stage 3: never written
+                continue
+            fingerprint, master_version = self._in_step[id(bucket)]
+            if bucket.master._version != master_version:  # the master was written: it rules,
+                self.to_shard(bucket)  # and the shard takes its cast (the next gather spreads it)
+                continue
+            checked.append((bucket, _fingerprint(bucket.shard) != fingerprint))
+        if not checked:
             return
-        fingerprint, master_version = self._in_step[id(bucket)]
-        if bucket.master._version != master_version:  # the master was written: it rules,
-            self.to_shard(bucket)  # and the shard takes its cast (the next gather spreads it)
-            return
-        written = _fingerprint(bucket.shard) != fingerprint
-        # on a CPU reading the flag costs nothing and spares the comparison; on an
-        # accelerator it would wait for the queue, so the comparison runs under the flag
-        if written.device.type != "cpu" or written.item():
-            self.absorb_writes(bucket, bucket.shard, written)
-            self._note_in_step(bucket)
+        flags = torch.stack([written for _, written in checked]).tolist()
+        for (bucket, _), written in zip(checked, flags):
+            if written:
+                self.absorb_writes(bucket, bucket.shard)
+                self._note_in_step(bucket)
 
     def widen_gradient(self, bucket: FlatBucket) -> None:
         """A 2-byte gradient shard (kept so until needed, ``FlatBucket.set_grad_shard``)
@@ -334,8 +340,8 @@ def _fingerprint(shard: torch.Tensor) -> torch.Tensor:
         write through it (not one through its ``.data``); no counter moves with a write
         through ``p.data``, and one through ``p`` moves the parameter's own, not the
         buffer's. So the shard's sum, taken when it last took the master's cast (a
-        reduction to one number on the device: no host synchronisation, read where the
-        comparison needs it), tells whether the shard was written; a master whose
+        reduction to one number on the device, every bucket's read at once, one host read
+        a step), tells whether the shard was written; a master whose
         counter moved rules, and the shard takes its cast then. At stage 3 the parameters
         are written only while gathered, and the shard they were gathered from tells which
         elements were (``take_gathered_writes``). Not seen: a write to the

@@ -185,8 +185,7 @@ class ShardingView:
         if opt._stage.switches.summoned:
             with shown.casts_in_place() if shown is not None else contextlib.nullcontext():
                 opt._stage.keep_writes_made_inside()
-        for bucket in buckets:
-            masters.absorb_outside_writes(bucket)
+        masters.absorb_outside_writes(buckets)
         return buckets
 
     def reading_structure(self):

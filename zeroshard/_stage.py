@@ -346,8 +346,7 @@ class WholeParameters:
             yield
         finally:
             with torch.no_grad():
-                for bucket in self.buckets:
-                    self.masters.absorb_outside_writes(bucket)
+                self.masters.absorb_outside_writes(self.buckets)
 
     def reading_structure(self):
         return contextlib.nullcontext()
