@@ -631,3 +631,44 @@ def scaler_after_gradients_replaced(ctx, replace: bool) -> list[float]:
         opt.zero_grad()
     opt.close()
     return found
+
+
+def state_dicts_that_warn(ctx, stage: int, policy: bool) -> dict:
+    """Which ways of reading the model's state dict after a step warn that it holds
+    ``param_dtype`` values (Note [a state dict in param_dtype]), and the dtypes of the
+    parameters' values in each."""
+    import warnings
+
+    model = build_model({"kind": "mlp", "d_in": 5, "hidden": 7, "d_out": 3, "depth": 2,
+                         "frozen": False, "unused_branch": False}, seed=0)
+    opt = zeroshard.ZeroOptimizer(
+        model, torch.optim.SGD, stage=stage, lr=0.1, process_group=ctx.group,
+        mixed_precision=zeroshard.MixedPrecision(torch.bfloat16, buffer_dtype=torch.bfloat16)
+        if policy else None)
+    model(torch.randn(4, 5)).float().pow(2).mean().backward()
+    opt.step()
+    opt.zero_grad()
+    at_stage3 = opt.summon_full_params if stage == 3 else contextlib.nullcontext
+    readings = {
+        "full_state_dict": lambda: (opt.full_state_dict() or ({},))[0],  # collective
+        "keep_vars": lambda: _inside(at_stage3(), lambda: model.state_dict(keep_vars=True)),
+        "full_precision block": lambda: _inside(opt.summon_full_params(full_precision=True),
+                                                model.state_dict),
+        "state_dict": lambda: _inside(at_stage3(), model.state_dict),
+        "state_dict again": lambda: _inside(at_stage3(), model.state_dict),
+    }
+    out = {}
+    for name, read in readings.items():  # in this order: the plain one comes after the others
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            state = read()
+        warned = [str(w.message) for w in caught if "MixedPrecision policy" in str(w.message)]
+        out[name] = (bool(warned), sorted({str(v.dtype) for k, v in state.items()
+                                           if k in dict(model.named_parameters())}))
+    opt.close()
+    return out
+
+
+def _inside(block, read):
+    with block:
+        return {k: v.detach().clone() for k, v in read().items()}

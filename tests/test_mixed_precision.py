@@ -391,3 +391,18 @@ def test_a_scalers_overflow_check_agrees_after_param_group_gradients_are_replace
     helper-103)."""
     for found in pool.run(cases_mp.scaler_after_gradients_replaced, 2, replace, timeout=60):
         assert found == [0.0, 1.0, 0.0], found
+
+
+@pytest.mark.parametrize("policy", [False, True])
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_a_state_dict_of_param_dtype_values_warns_once(pool, stage, policy):
+    """Note [a state dict in param_dtype]: rank 0's save_pretrained under a bf16 policy
+    wrote bf16 weights, silently (helper-120). The plain state dict warns, once; the fp32
+    readings and zeroshard's own do not; without a policy nothing warns."""
+    for rank, out in enumerate(pool.run(cases_mp.state_dicts_that_warn, 2, stage, policy)):
+        assert out["state_dict"] == (policy, ["torch.bfloat16"] if policy else ["torch.float32"]), out
+        assert not out["state_dict again"][0], out
+        assert out["full_precision block"] == (False, ["torch.float32"]), out
+        assert not out["keep_vars"][0] and not out["full_state_dict"][0], out
+        if rank == 0:
+            assert out["full_state_dict"][1] == ["torch.float32"], out

@@ -141,6 +141,32 @@ def install_forward_casts(model: nn.Module, policy: MixedPrecision) -> list:
     return handles
 
 
+# Note [a state dict in param_dtype]:
+#     Under a policy the parameters hold ``param_dtype`` values between steps at stages
+#     1-2 (and inside ``summon_full_params()`` at stage 3), so ``model.state_dict()``
+#     gives those, not the fp32 masters the optimizer steps: a checkpoint written from
+#     it on rank 0 (``save_pretrained``, ``torch.save(model.state_dict())``, DDP's
+#     habits) came out bf16, silently (helper-120: a diffusers UNet's 3.9e-3 from the
+#     fp32 weights zeroshard keeps); FSDP2's state dict holds its fp32 shards. The fp32
+#     values take a collective (``save_full_model``, ``full_state_dict()``, a
+#     ``summon_full_params(full_precision=True)`` block), which a rank-0-only call
+#     cannot make, so the first such state dict warns, naming them. zeroshard's own
+#     readings (``keep_vars=True``: names and objects, no values saved) do not warn.
+def holds_param_dtype_values(state_dict: dict, buckets) -> bool:
+    """Whether ``state_dict`` holds values of parameters kept in ``param_dtype`` beside
+    fp32 masters (Note [a state dict in param_dtype]), and not their objects."""
+    flats = {b.flat.untyped_storage().data_ptr() for b in buckets
+             if b.master is not None and b.master is not b.shard and b.flat is not None
+             and b.flat.untyped_storage().nbytes()}
+    held = False
+    for value in state_dict.values():
+        if isinstance(value, nn.Parameter):
+            return False  # keep_vars=True
+        held = held or (isinstance(value, torch.Tensor)
+                        and value.untyped_storage().data_ptr() in flats)
+    return held
+
+
 def _kept_dtype(module: nn.Module) -> torch.dtype:
     """The dtype a full-precision module keeps and computes in: its own parameters'
     or buffers' (fp32 where it has neither)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 import weakref
 
 import torch
@@ -31,7 +32,8 @@ from ._reducer import GradientReducer
 from ._stage import Stage
 from ._transforms import GradientTransformRefusal
 from .memory import live_report
-from .mixed_precision import MixedPrecision, full_precision_parameters, install_forward_casts
+from .mixed_precision import (MixedPrecision, full_precision_parameters, holds_param_dtype_values,
+                              install_forward_casts)
 
 _STATE_DICT_VERSION = 1
 
@@ -205,6 +207,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.mixed_precision = mixed_precision
         self._masters = masters_for(mixed_precision)  # what the inner optimizer steps
         self._places: dict | None = None  # for _load_into_masters
+        self._warned_of_param_dtype_state_dict = False  # Note [a state dict in param_dtype]
         self._masters_shown = None  # a MastersShown, inside summon_full_params(full_precision=True)
         self.comm_stats = _comm.CommStats()
 
@@ -279,6 +282,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 if any(p is not None for p in module._parameters.values()):
                     handles.append(module.register_load_state_dict_pre_hook(
                         WeakHook(self._load_into_masters)))
+            handles.append(model.register_state_dict_post_hook(
+                WeakHook(self._warn_of_a_state_dict_in_param_dtype)))
         if broadcast_buffers and self._world_size > 1:  # Note [buffers follow rank 0]
             self._buffer_follower = BufferFollower(model, self._stage.switches, self._group,
                                                    self.comm_stats)
@@ -394,6 +399,20 @@ class ZeroOptimizer(torch.optim.Optimizer):
             entry = _owners.get(id(param))
             if entry is not None and entry[1]() is self:
                 del _owners[id(param)]
+
+    def _warn_of_a_state_dict_in_param_dtype(self, module, state_dict, *args) -> None:
+        """Once per optimizer (Note [a state dict in param_dtype] in mixed_precision.py)."""
+        if self._warned_of_param_dtype_state_dict or self._stage is None \
+                or not holds_param_dtype_values(state_dict, self._plan.buckets):
+            return
+        self._warned_of_param_dtype_state_dict = True
+        warnings.warn(
+            f"zeroshard: model.state_dict() under a MixedPrecision policy holds the parameters' "
+            f"{self.mixed_precision.param_dtype} values, not the fp32 masters the optimizer "
+            "steps, so a checkpoint saved from it (save_pretrained, torch.save) loses their "
+            "precision. For fp32 call zeroshard.save_full_model(path, model, opt) or "
+            "opt.full_state_dict(), or read model.state_dict() inside `with "
+            "opt.summon_full_params(full_precision=True):`, on every rank", stacklevel=2)
 
     @torch.no_grad()
     def _load_into_masters(self, module, state_dict, prefix, *args) -> None:
