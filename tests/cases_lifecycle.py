@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import gc
 import io
+import os
 import warnings
 import weakref
 
@@ -109,9 +110,11 @@ def close_then_continue(ctx, stage: int, next_stage: int, bf16: bool):
 
 
 def handed_back_in_own_memory(ctx, stage: int, bf16: bool):
-    """close() after 2 steps with weights and biases sharing buckets and a frozen layer:
-    whether the parameters share any memory or changed dtype, and what safetensors (which refuses tensors sharing memory)
-    writes and reads back, against the parameters and against DDP's."""
+    """close() after 2 steps, weights and biases sharing buckets, a frozen layer: whether
+    the parameters hold memory of their own in their dtypes, what safetensors (which
+    refuses tensors sharing memory) writes and reads back against them, their distance
+    from DDP's, and (stages 1-2 without a policy, where they stay views of the buffers)
+    a state dict taken before close() against them after."""
     from safetensors.torch import load, save
 
     model, plain = build_model(MLP, seed=ctx.rank), build_model(MLP, seed=0)
@@ -123,8 +126,12 @@ def handed_back_in_own_memory(ctx, stage: int, bf16: bool):
     assert all(len(b.params) > 1 for b in opt.sharding.buckets), "the test needs shared buckets"
     _steps(model, opt, 0, 2, ctx.rank)
     _steps(reference, torch.optim.SGD(reference.parameters(), lr=0.05), 0, 2, ctx.rank)
+    # views of the parameters, read after close() (else param_dtype values, or stage 3's)
+    taken = model.state_dict() if stage < 3 and not bf16 else None
     opt.close()
     params = list(model.parameters())
+    aliases = None if taken is None else max(
+        (taken[name] - p).abs().max().item() for name, p in model.named_parameters())
     storages = {p.untyped_storage().data_ptr() for p in params}
     own_memory = len(storages) == len(params) and all(
         p.untyped_storage().nbytes() == p.numel() * p.element_size() for p in params) and \
@@ -137,7 +144,7 @@ def handed_back_in_own_memory(ctx, stage: int, bf16: bool):
         written = str(error)
     from_ddp = max((p.float() - q).abs().max().item()
                    for p, q in zip(params, reference.module.parameters()))
-    return own_memory, written, from_ddp
+    return own_memory, written, from_ddp, aliases
 
 
 def with_block_closes(ctx, stage: int):
@@ -302,7 +309,8 @@ def ddp_sync_switch_set(ctx, stage: int) -> list[str]:
             opt.step()
             opt.zero_grad()
     opt.close()
-    return [str(w.message) for w in caught if "zeroshard" in str(w.message)]
+    return [(str(w.message), os.path.basename(w.filename)) for w in caught
+            if "zeroshard" in str(w.message)]
 
 
 def ddp_around_a_managed_model(ctx, stage: int):

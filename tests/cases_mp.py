@@ -654,7 +654,7 @@ def state_dicts_that_warn(ctx, stage: int, policy: bool) -> dict:
         "keep_vars": lambda: _inside(at_stage3(), lambda: model.state_dict(keep_vars=True)),
         "full_precision block": lambda: _inside(opt.summon_full_params(full_precision=True),
                                                 model.state_dict),
-        "state_dict": lambda: _inside(at_stage3(), model.state_dict),
+        "state_dict": lambda: _inside(at_stage3(), model.body.state_dict),  # a child's
         "state_dict again": lambda: _inside(at_stage3(), model.state_dict),
     }
     out = {}
@@ -663,8 +663,10 @@ def state_dicts_that_warn(ctx, stage: int, policy: bool) -> dict:
             warnings.simplefilter("always")
             state = read()
         warned = [str(w.message) for w in caught if "MixedPrecision policy" in str(w.message)]
-        out[name] = (bool(warned), sorted({str(v.dtype) for k, v in state.items()
-                                           if k in dict(model.named_parameters())}))
+        names = {n.removeprefix("body.") for n, _ in model.named_parameters()} | set(
+            dict(model.named_parameters()))
+        out[name] = (bool(warned), sorted({str(v.dtype) for k, v in state.items() if k in names}))
+        out[name + " from"] = [w.filename for w in caught]
     opt.close()
     return out
 

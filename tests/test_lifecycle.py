@@ -43,12 +43,16 @@ def test_close_hands_back_the_model_and_a_second_optimizer_continues_like_ddp(
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_close_hands_back_each_parameter_in_memory_of_its_own(pool, stage, bf16):
     # Note [parameters handed back]: views of one flat buffer were dropped by Accelerate's
-    # save_model and refused by safetensors
-    for own_memory, written, from_ddp in pool.run(cases_lifecycle.handed_back_in_own_memory,
-                                                  2, stage, bf16):
-        assert own_memory
-        assert written == 0.0, written
+    # save_model and refused by safetensors; at stages 1-2 without a policy they stay
+    # views, and what the loop took from them stays readable (freed, it crashed the ranks)
+    for own_memory, written, from_ddp, aliases in pool.run(
+            cases_lifecycle.handed_back_in_own_memory, 2, stage, bf16):
         assert from_ddp < (1e-2 if bf16 else 1e-6), from_ddp
+        if stage == 3 or bf16:
+            assert own_memory
+            assert written == 0.0, written
+        else:
+            assert aliases == 0.0, aliases
 
 
 @pytest.mark.parametrize("stage, next_stage", [(1, 1), (1, 3), (2, 2), (2, 1)])
@@ -74,7 +78,8 @@ def test_copies_of_the_model_differentiate_like_plain_modules_after_close(pool, 
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_ddps_switch_of_gradient_sync_on_a_managed_model_warns_once(pool, stage):
     for messages in pool.run(cases_lifecycle.ddp_sync_switch_set, 2, stage):
-        assert len(messages) == 1 and "opt.no_sync()" in messages[0], messages
+        assert len(messages) == 1 and "opt.no_sync()" in messages[0][0], messages
+        assert messages[0][1] == "models.py", messages  # the line calling the model
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])

@@ -397,10 +397,12 @@ def test_a_scalers_overflow_check_agrees_after_param_group_gradients_are_replace
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_a_state_dict_of_param_dtype_values_warns_once(pool, stage, policy):
     """Note [a state dict in param_dtype]: rank 0's save_pretrained under a bf16 policy
-    wrote bf16 weights, silently (helper-120). The plain state dict warns, once; the fp32
-    readings and zeroshard's own do not; without a policy nothing warns."""
+    wrote bf16 weights, silently (helper-120). A plain state dict (here a child's) warns,
+    once, at the caller's line; the fp32 readings and zeroshard's own do not; without a
+    policy nothing warns."""
     for rank, out in enumerate(pool.run(cases_mp.state_dicts_that_warn, 2, stage, policy)):
         assert out["state_dict"] == (policy, ["torch.bfloat16"] if policy else ["torch.float32"]), out
+        assert all(f.endswith("cases_mp.py") for f in out["state_dict from"]), out  # the caller
         assert not out["state_dict again"][0], out
         assert out["full_precision block"] == (False, ["torch.float32"]), out
         assert not out["keep_vars"][0] and not out["full_state_dict"][0], out

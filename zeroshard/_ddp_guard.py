@@ -25,6 +25,7 @@ import sys
 import warnings
 import weakref
 
+import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -52,18 +53,20 @@ _IGNORED_SYNC_SWITCH = (
     "accumulation window's micro-batches but the last inside `with opt.no_sync():` instead")
 
 
-def _levels_to_the_caller() -> int:
-    """The ``stacklevel`` that points a warning raised in a forward pre-hook at the line
-    that called the model: past zeroshard's frames and torch's module call."""
+def levels_to_the_caller() -> int:
+    """The ``stacklevel`` that points a warning raised in a module hook (a forward
+    pre-hook, a state-dict hook) at the line that called the model: past zeroshard's
+    frames and torch's (its module code, and dynamo's wrapper of the hooks marked by
+    Note [the optimizer under torch.compile], which it pointed at before)."""
     level, frame = 1, sys._getframe(1)
     while frame is not None and (frame.f_code.co_filename.startswith(_OURS)
-                                 or frame.f_code.co_filename.startswith(_TORCH_NN)):
+                                 or frame.f_code.co_filename.startswith(_TORCH)):
         level, frame = level + 1, frame.f_back
     return level
 
 
 _OURS = os.path.dirname(os.path.abspath(__file__))
-_TORCH_NN = os.path.dirname(os.path.abspath(nn.__file__))
+_TORCH = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
 
 
 class DDPRefusal:
@@ -110,7 +113,7 @@ class DDPGuard:
                                f"of a model that a ZeroOptimizer manages; {_FIX}")
         if self._model.__dict__.get("require_backward_grad_sync") is False and not self._warned:
             self._warned = True
-            warnings.warn(_IGNORED_SYNC_SWITCH, stacklevel=_levels_to_the_caller())
+            warnings.warn(_IGNORED_SYNC_SWITCH, stacklevel=levels_to_the_caller())
 
     def remove(self) -> None:
         self._take_back()

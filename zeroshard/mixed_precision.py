@@ -150,8 +150,10 @@ def install_forward_casts(model: nn.Module, policy: MixedPrecision) -> list:
 #     fp32 weights zeroshard keeps); FSDP2's state dict holds its fp32 shards. The fp32
 #     values take a collective (``save_full_model``, ``full_state_dict()``, a
 #     ``summon_full_params(full_precision=True)`` block), which a rank-0-only call
-#     cannot make, so the first such state dict warns, naming them. zeroshard's own
-#     readings (``keep_vars=True``: names and objects, no values saved) do not warn.
+#     cannot make, so the first such state dict warns, naming them: the model's, or
+#     one of its children's (a wrapper's ``wrapper.model.save_pretrained``; deeper
+#     modules' are not watched, helper-122). zeroshard's own readings
+#     (``keep_vars=True``: names and objects, no values saved) do not warn.
 def holds_param_dtype_values(state_dict: dict, buckets) -> bool:
     """Whether ``state_dict`` holds values of parameters kept in ``param_dtype`` beside
     fp32 masters (Note [a state dict in param_dtype]), and not their objects."""

@@ -16,7 +16,7 @@ from . import _clip, _comm, _full_state, _materialize, _validate
 from ._bucket import Ownership, grad_shards
 from ._buffers import BufferFollower
 from ._cleared import HeldStill
-from ._ddp_guard import DDPGuard
+from ._ddp_guard import DDPGuard, levels_to_the_caller
 from ._hooks import EagerOnlyHook, WeakHook
 from ._inference_mode import outside_inference_mode
 from ._inner import InnerOptimizers, SettingsBothWays, class_of, hyperparameters, step_cost
@@ -282,8 +282,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 if any(p is not None for p in module._parameters.values()):
                     handles.append(module.register_load_state_dict_pre_hook(
                         WeakHook(self._load_into_masters)))
-            handles.append(model.register_state_dict_post_hook(
-                WeakHook(self._warn_of_a_state_dict_in_param_dtype)))
+            # the model's and its children's (a wrapper's `wrapper.model.save_pretrained`)
+            for module in [model, *model.children()]:
+                handles.append(module.register_state_dict_post_hook(
+                    WeakHook(self._warn_of_a_state_dict_in_param_dtype)))
         if broadcast_buffers and self._world_size > 1:  # Note [buffers follow rank 0]
             self._buffer_follower = BufferFollower(model, self._stage.switches, self._group,
                                                    self.comm_stats)
@@ -348,39 +350,52 @@ class ZeroOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def _hand_back_parameters(self) -> None:
         """Note [parameters handed back]:
-            ``close()`` leaves every parameter its full current value in memory of its
-            own, as in any module: with mixed precision the fp32 master's (all-gathered
-            bucket by bucket, in one order on every rank), else what it views in its
-            bucket's flat buffer, in the dtype it was built with and with its strides.
-            Each bucket's buffers are freed as soon as its parameters are copied out, so
-            the copies cost one bucket at a time, not the model twice; the optimizer's
-            state is freed before any of it. ``benchmarks/close_memory.py`` (a 98M GPT,
-            2 ranks, AdamW): the RSS rises 0 MiB above its level before close() at
-            stages 1-2 and 24-28 MiB at stage 3, where it rose 0 / 373 MiB at stages
-            1-2 without / with a bf16 policy and 348 / 547 MiB at stage 3 before (every
-            master gathered at once, the state freed last). Left as views of
-            the flat buffers (as they were until this change), the parameters of a bucket
+            Under a policy, and at stage 3, ``close()`` leaves every parameter its full
+            current value in memory of its own, as in any module: the fp32 master's
+            (all-gathered bucket by bucket, in one order on every rank), or what it views
+            in its bucket's gathered buffer, in the dtype it was built with and with its
+            strides. Each bucket's buffers are freed as soon as its parameters are copied
+            out, and the optimizer's state before any of it, so close() needs no memory
+            beyond training's (``benchmarks/close_memory.py``, a 98M GPT, 2 ranks, AdamW:
+            the RSS rises 0 MiB above its level before close() at stages 1-2 with a bf16
+            policy and 24-28 MiB at stage 3, where it rose 373 MiB and 348 / 547 MiB,
+            without / with the policy, before: every master gathered at once, the state
+            freed last). Left as views of the flat buffers, the parameters of a bucket
             shared one storage: Accelerate's ``save_model``, which keeps one tensor per
             storage, wrote 1 of 16 tensors with a warning only (helper-118), safetensors
-            refused the state dict, and ``torch.save`` of one layer's state dict wrote
-            its whole bucket."""
+            refused the state dict, and ``torch.save`` of one layer's state dict wrote its
+            whole bucket. Those buffers hold ``param_dtype`` values the copies replace
+            (freed before this change too), or are gathered inside ``close()``, so no
+            tensor the loop took views them.
+
+            At stages 1-2 without a policy the buffers are the parameters' memory from
+            construction on, and tensors the loop took (``final = model.state_dict()``
+            inside a ``with ZeroOptimizer(...)`` block, ``p.detach()``) view them:
+            freeing a storage under a view makes its next read a segmentation fault
+            (helper-122's probes of a first version, both ranks killed), and leaving the
+            buffers to reference counting would hold them beside the copies while the
+            last collectives' works keep them (Note [finished work] in _comm.py): the
+            parameters twice, above stage 2's training peak from 3 ranks on. There the
+            parameters stay views of their buckets' buffers (Accelerate's ``save_model``
+            after ``close()``: README)."""
         if self.mixed_precision is not None:
             self._view.take_outside_writes()  # the masters take what was written since
+        # stages 1-2 without a policy: the parameters stay views of their buffers (above)
+        copied = self._plan.every_bucket if self.mixed_precision is not None or self.stage == 3 else ()
         trainable = {id(bucket) for bucket in self._plan.buckets}
-        for bucket in self._plan.every_bucket:
+        for bucket in copied:
             full = None
             if self.mixed_precision is not None and id(bucket) in trainable:
                 full = self._view.gather_shard(bucket.master)
             for index, param in enumerate(bucket.params):
                 value = param.data if full is None else bucket.param_view(full, index)
                 param.data = value.to(self._param_dtypes.get(id(param), value.dtype), copy=True)
-                param.grad = None  # stage 1's local gradient views its buffers
             # Nothing views them now, but the last collectives' works still refer to
             # them for a while (Note [finished work] in _comm.py): free them here.
             _comm.release(t for t in (full, bucket.flat) if t is not None)
-        for param in self._model.parameters():  # in no bucket: frozen ones at stages 1-2
+        for param in self._model.parameters():  # the rest: frozen ones at stages 1-2
             param.data = param.data.to(self._param_dtypes.get(id(param), param.dtype))
-            param.grad = None
+            param.grad = None  # stage 1's local gradient views its buffers
 
     def _detach(self) -> None:
         """Remove every hook and drop every buffer and state of this optimizer (local)."""
@@ -412,7 +427,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
             "steps, so a checkpoint saved from it (save_pretrained, torch.save) loses their "
             "precision. For fp32 call zeroshard.save_full_model(path, model, opt) or "
             "opt.full_state_dict(), or read model.state_dict() inside `with "
-            "opt.summon_full_params(full_precision=True):`, on every rank", stacklevel=2)
+            "opt.summon_full_params(full_precision=True):`, on every rank",
+            stacklevel=levels_to_the_caller())
 
     @torch.no_grad()
     def _load_into_masters(self, module, state_dict, prefix, *args) -> None:
