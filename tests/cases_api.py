@@ -247,13 +247,17 @@ def a_state_dict_refused_on_one_rank(ctx, stage: int):
     return raised, inside
 
 
-def resetting_state_through_opt_state(ctx, stage: int):
-    """Two param groups; after 2 steps the state of group 0 is reset the torch way,
-    ``opt.state[t] = {}`` over ``opt.param_groups[0]["params"]`` (this rank's shards),
-    beside DDP + AdamW resetting its group 0's parameters alike; 2 more steps. Returns
-    the largest parameter difference from DDP and what ``opt.state[p] = {}`` and
+def resetting_state_through_opt_state(ctx, stage: int, how: str = "entries"):
+    """Two param groups; after 2 steps the state is reset the torch way: ``"entries"``,
+    group 0's, ``opt.state[t] = {}`` over ``opt.param_groups[0]["params"]`` (this rank's
+    shards); ``"assigned"``, every group's, ``opt.state = collections.defaultdict(dict)``
+    (Note [the state assigned anew]); beside DDP + AdamW resetting alike; 2 more steps.
+    Returns the largest parameter difference from DDP and what ``opt.state[p] = {}`` and
     ``opt.state.get(p)`` raised for a model parameter (the first did nothing before: an
-    empty dict took the entry; the second answered None, as if it had no state)."""
+    empty dict took the entry; the second answered None, as if it had no state), or for
+    ``"assigned"`` what assigning a mapping with an entry raised."""
+    import collections
+
     model, reference = build_model(MLP, seed=0), build_model(MLP, seed=0)
     decay = [p for n, p in model.named_parameters() if n.endswith("weight")]
     rest = [p for n, p in model.named_parameters() if not n.endswith("weight")]
@@ -269,7 +273,14 @@ def resetting_state_through_opt_state(ctx, stage: int):
           "weight_decay": 0}], lr=0.01)
     refusals = [None, None]
     for step in range(4):
-        if step == 2:
+        if step == 2 and how == "assigned":
+            opt.state = collections.defaultdict(dict)
+            torch_opt.state = collections.defaultdict(dict)
+            try:
+                opt.state = {opt.param_groups[0]["params"][0]: {}}
+            except TypeError as error:
+                refusals = [str(error)]
+        elif step == 2:
             for tensor in opt.param_groups[0]["params"]:
                 opt.state[tensor] = {}
             for param in torch_opt.param_groups[0]["params"]:

@@ -488,9 +488,11 @@ class _RoutedState(MutableMapping):
                 "zeroshard: not a tensor this rank steps. opt.state is keyed by the flat shards "
                 "in opt.param_groups[i]['params'], not by model parameters: the parameters of "
                 "a bucket share one state (one Adam step count), so one parameter's state cannot "
-                "be read or reset alone. To read it, opt.full_state_dict() (collective; rank 0 "
-                "gets torch's per-parameter state); to reset every parameter's state, "
-                "opt.close() and build a new ZeroOptimizer")
+                "be read or reset alone (a class whose parameters one rank each steps whole, "
+                "Muon or Adafactor, keys it by the parameters this rank owns, views of those "
+                "shards: iterate opt.state.items()). To read it, opt.full_state_dict() "
+                "(collective; rank 0 gets torch's per-parameter state); to reset every "
+                "parameter's state, opt.state.clear(), or opt.close() and a new ZeroOptimizer")
         return optimizer
 
     def __getitem__(self, tensor):

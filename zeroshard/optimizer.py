@@ -236,7 +236,6 @@ class ZeroOptimizer(torch.optim.Optimizer):
         _run_eagerly_under_torch_compile()  # after torch's own wrapping of step
         self._settings = SettingsBothWays(self.param_groups)
         self._mode = None  # "train" / "eval" once asked for: Note [a mode switch of the optimizer]
-        self.state = self._inner.state  # keyed by the shards in param_groups, as torch's
 
         # 5. The stage: gradient reducer and store, parameters gathered; the model's hooks.
         self._stage = Stage(stage, model, list(plan.buckets), list(plan.units), self._group,
@@ -443,6 +442,34 @@ class ZeroOptimizer(torch.optim.Optimizer):
             if (param is not None and id(param) in self._places
                     and isinstance(value, torch.Tensor) and value.numel() == param.numel()):
                 self._masters.load(*self._places[id(param)], value.reshape(param.shape))
+
+    @property
+    def state(self):
+        """torch's ``opt.state``: every inner optimizer's state, keyed as torch's is by the
+        tensors in ``param_groups`` (``_RoutedState`` in _inner.py)."""
+        return self._inner.state
+
+    @state.setter
+    def state(self, value) -> None:
+        """Note [the state assigned anew]:
+            torch's way to reset every parameter's state (a momentum reset after a loss
+            spike) assigns a new mapping, ``opt.state = collections.defaultdict(dict)``;
+            torch's ``__init__`` makes its first one so. An attribute of the
+            ``ZeroOptimizer``'s own took it while the inner optimizers kept their
+            moments and went on from them, silently (helper-125: 1.8e-2 from DDP one step
+            after the reset). An empty mapping clears the inner optimizers' state, as
+            ``opt.state.clear()`` does; one with entries cannot be routed to the shards,
+            and is refused."""
+        if value is self._inner.state:
+            return
+        if len(value):
+            raise TypeError(
+                f"zeroshard: opt.state = {type(value).__name__} with {len(value)} entries: "
+                "opt.state is this rank's shards' state, routed to the inner optimizers, and "
+                "cannot be replaced. Assign an empty mapping or call opt.state.clear() to "
+                "reset every parameter's state; set entries with opt.state[t] = {...} for t in "
+                "opt.param_groups[i]['params'], or load a state with opt.load_state_dict")
+        self._inner.state.clear()
 
     @property
     def model(self) -> nn.Module:
