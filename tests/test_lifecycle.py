@@ -41,7 +41,8 @@ def test_close_hands_back_the_model_and_a_second_optimizer_continues_like_ddp(
 
 @pytest.mark.parametrize("bf16", [False, True])
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_close_hands_back_each_parameter_in_memory_of_its_own(pool, stage, bf16):
+def test_close_gives_parameters_memory_of_their_own_where_nothing_views_their_buffers(
+        pool, stage, bf16):
     # Note [parameters handed back]: views of one flat buffer were dropped by Accelerate's
     # save_model and refused by safetensors; at stages 1-2 without a policy they stay
     # views, and what the loop took from them stays readable (freed, it crashed the ranks)
