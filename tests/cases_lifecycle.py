@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import io
@@ -113,8 +114,9 @@ def handed_back_in_own_memory(ctx, stage: int, bf16: bool):
     """close() after 2 steps, weights and biases sharing buckets, a frozen layer: whether
     the parameters hold memory of their own in their dtypes, what safetensors (which
     refuses tensors sharing memory) writes and reads back against them, their distance
-    from DDP's, and (stages 1-2 without a policy, where they stay views of the buffers)
-    a state dict taken before close() against them after."""
+    from DDP's, and (without a policy, where they stay views of the buffers) a state
+    dict taken before close() (at stage 3 inside summon_full_params()) against them
+    after."""
     from safetensors.torch import load, save
 
     model, plain = build_model(MLP, seed=ctx.rank), build_model(MLP, seed=0)
@@ -126,8 +128,11 @@ def handed_back_in_own_memory(ctx, stage: int, bf16: bool):
     assert all(len(b.params) > 1 for b in opt.sharding.buckets), "the test needs shared buckets"
     _steps(model, opt, 0, 2, ctx.rank)
     _steps(reference, torch.optim.SGD(reference.parameters(), lr=0.05), 0, 2, ctx.rank)
-    # views of the parameters, read after close() (else param_dtype values, or stage 3's)
-    taken = model.state_dict() if stage < 3 and not bf16 else None
+    # views of the parameters, read after close() (with a policy: param_dtype values)
+    taken = None
+    if not bf16:
+        with opt.summon_full_params() if stage == 3 else contextlib.nullcontext():
+            taken = model.state_dict()
     opt.close()
     params = list(model.parameters())
     aliases = None if taken is None else max(

@@ -349,50 +349,46 @@ class ZeroOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def _hand_back_parameters(self) -> None:
         """Note [parameters handed back]:
-            Under a policy, and at stage 3, ``close()`` leaves every parameter its full
-            current value in memory of its own, as in any module: the fp32 master's
-            (all-gathered bucket by bucket, in one order on every rank), or what it views
-            in its bucket's gathered buffer, in the dtype it was built with and with its
-            strides. Each bucket's buffers are freed as soon as its parameters are copied
-            out, and the optimizer's state before any of it, so close() needs no memory
-            beyond training's (``benchmarks/close_memory.py``, a 98M GPT, 2 ranks, AdamW:
-            the RSS rises 0 MiB above its level before close() at stages 1-2 with a bf16
-            policy and 24-28 MiB at stage 3, where it rose 373 MiB and 348 / 547 MiB,
-            without / with the policy, before: every master gathered at once, the state
-            freed last). Left as views of the flat buffers, the parameters of a bucket
-            shared one storage: Accelerate's ``save_model``, which keeps one tensor per
-            storage, wrote 1 of 16 tensors with a warning only (helper-118), safetensors
-            refused the state dict, and ``torch.save`` of one layer's state dict wrote its
-            whole bucket. Those buffers hold ``param_dtype`` values the copies replace
-            (freed before this change too), or are gathered inside ``close()``, so no
-            tensor the loop took views them.
+            Under a policy ``close()`` leaves every parameter its full current value, the
+            fp32 master's (all-gathered bucket by bucket, in one order on every rank), in
+            the dtype it was built with, with its strides and in memory of its own, as in
+            any module. Each bucket's buffers (its ``param_dtype`` values, and the
+            gathered master) are freed as soon as its parameters are copied out, and the
+            optimizer's state (with or without a policy) before any of it, so close()
+            needs no memory beyond training's (``benchmarks/close_memory.py``, a 98M GPT,
+            2 ranks, AdamW: the RSS rises 0 MiB above its level before close(), 28 MiB
+            at stage 3 with a policy, where it rose 373 MiB at stages 1-2 with a policy,
+            348 and 547 MiB at stage 3 without and with one before: every master gathered
+            at once, the state freed last). Until this change the parameters were views of each
+            bucket's gathered master, a bucket's sharing one storage: Accelerate's
+            ``save_model``, which keeps one tensor per storage, wrote 1 of 16 tensors
+            with a warning only (helper-118), and safetensors refused the state dict. The
+            ``param_dtype`` buffers were freed before this change too.
 
-            At stages 1-2 without a policy the buffers are the parameters' memory from
-            construction on, and tensors the loop took (``final = model.state_dict()``
-            inside a ``with ZeroOptimizer(...)`` block, ``p.detach()``) view them:
-            freeing a storage under a view makes its next read a segmentation fault
-            (helper-122's probes of a first version, both ranks killed), and leaving the
-            buffers to reference counting would hold them beside the copies while the
-            last collectives' works keep them (Note [finished work] in _comm.py): the
-            parameters twice, above stage 2's training peak from 3 ranks on. There the
-            parameters stay views of their buckets' buffers (Accelerate's ``save_model``
-            after ``close()``: README)."""
-        if self.mixed_precision is not None:
+            Without a policy the parameters stay views of their buckets' buffers, which
+            tensors the loop took from them view too: at stages 1-2 the parameters'
+            memory from construction on (``final = model.state_dict()`` inside a ``with
+            ZeroOptimizer(...)`` block, ``p.detach()``), at stage 3 a unit's gathered
+            buffer, whose storage every gather grows again, close()'s too (a state dict
+            taken inside the last ``summon_full_params()``). Freeing a storage under a
+            view makes its next read a segmentation fault (helper-122's and helper-126's
+            reviews of a first version: both ranks killed at stages 1-2, and at stage 3);
+            leaving the buffers to reference counting would hold them beside the copies
+            while the last collectives' works keep them (Note [finished work] in
+            _comm.py): the parameters twice, above the training peak (stage 2 from 3
+            ranks on; stage 3's close() holds the whole model already)."""
+        if self.mixed_precision is not None:  # without one they stay views (above)
             self._view.take_outside_writes()  # the masters take what was written since
-        # stages 1-2 without a policy: the parameters stay views of their buffers (above)
-        copied = self._plan.every_bucket if self.mixed_precision is not None or self.stage == 3 else ()
-        trainable = {id(bucket) for bucket in self._plan.buckets}
-        for bucket in copied:
-            full = None
-            if self.mixed_precision is not None and id(bucket) in trainable:
-                full = self._view.gather_shard(bucket.master)
-            for index, param in enumerate(bucket.params):
-                value = param.data if full is None else bucket.param_view(full, index)
-                param.data = value.to(self._param_dtypes.get(id(param), value.dtype), copy=True)
-            # Nothing views them now, but the last collectives' works still refer to
-            # them for a while (Note [finished work] in _comm.py): free them here.
-            _comm.release(t for t in (full, bucket.flat) if t is not None)
-        for param in self._model.parameters():  # the rest: frozen ones at stages 1-2
+            trainable = {id(bucket) for bucket in self._plan.buckets}
+            for bucket in self._plan.every_bucket:
+                full = self._view.gather_shard(bucket.master) if id(bucket) in trainable else None
+                for index, param in enumerate(bucket.params):
+                    value = param.data if full is None else bucket.param_view(full, index)
+                    param.data = value.to(self._param_dtypes.get(id(param), value.dtype), copy=True)
+                # Nothing views them now, but the last collectives' works still refer to
+                # them for a while (Note [finished work] in _comm.py): free them here.
+                _comm.release(t for t in (full, bucket.flat) if t is not None)
+        for param in self._model.parameters():  # the rest (frozen ones at stages 1-2)
             param.data = param.data.to(self._param_dtypes.get(id(param), param.dtype))
             param.grad = None  # stage 1's local gradient views its buffers
 
