@@ -235,6 +235,12 @@ class FlatBucket:
                 [self._owned_view(master, index) for index in self.layout.owned(self.rank)]
 
     @property
+    def has_separate_master(self) -> bool:
+        """The optimizer steps a master of its own (fp32 beside ``param_dtype`` shards,
+        under a MixedPrecision policy), not the shard itself."""
+        return self.master is not None and self.master is not self.shard
+
+    @property
     def owns_whole_parameters(self) -> bool:
         """Note [whole-parameter ownership]: the inner optimizer steps each parameter this
         rank owns whole, as a view of the master shaped like it."""

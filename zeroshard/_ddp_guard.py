@@ -20,16 +20,13 @@ Note [refusing DistributedDataParallel]:
 
 from __future__ import annotations
 
-import os
-import sys
 import warnings
 import weakref
 
-import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ._hooks import WeakHook
+from ._hooks import WeakHook, levels_to_the_caller
 
 _ATTRIBUTE = "_ddp_params_and_buffers_to_ignore"
 _FIX = ("a ZeroOptimizer reduces this model's gradients itself: pass the model to it "
@@ -51,22 +48,6 @@ _IGNORED_SYNC_SWITCH = (
     "switch, which a ZeroOptimizer does not read: this backward reduces its gradients (the "
     "numbers are the same; each micro-batch costs a reduction). Run the backwards of an "
     "accumulation window's micro-batches but the last inside `with opt.no_sync():` instead")
-
-
-def levels_to_the_caller() -> int:
-    """The ``stacklevel`` that points a warning raised in a module hook (a forward
-    pre-hook, a state-dict hook) at the line that called the model: past zeroshard's
-    frames and torch's (its module code, and dynamo's wrapper of the hooks marked by
-    Note [the optimizer under torch.compile], which it pointed at before)."""
-    level, frame = 1, sys._getframe(1)
-    while frame is not None and (frame.f_code.co_filename.startswith(_OURS)
-                                 or frame.f_code.co_filename.startswith(_TORCH)):
-        level, frame = level + 1, frame.f_back
-    return level
-
-
-_OURS = os.path.dirname(os.path.abspath(__file__))
-_TORCH = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
 
 
 class DDPRefusal:

@@ -15,10 +15,28 @@ Note [no reference cycles]:
 from __future__ import annotations
 
 import enum
+import os
+import sys
 import weakref
 from dataclasses import dataclass
 
 import torch
+
+
+def levels_to_the_caller() -> int:
+    """The ``stacklevel`` that points a warning raised in a module hook (a forward
+    pre-hook, a state-dict hook) at the line that called the model: past zeroshard's
+    frames and torch's (its module code, and dynamo's wrapper of the hooks marked by
+    Note [the optimizer under torch.compile], which it pointed at before)."""
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and (frame.f_code.co_filename.startswith(_OURS)
+                                 or frame.f_code.co_filename.startswith(_TORCH)):
+        level, frame = level + 1, frame.f_back
+    return level
+
+
+_OURS = os.path.dirname(os.path.abspath(__file__))
+_TORCH = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
 
 
 class InertWhenCopied:

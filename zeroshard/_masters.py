@@ -194,16 +194,13 @@ class Fp32Masters(ShardMasters):
         self._note_cast(bucket)
         self.note_parameters_follow(bucket)
 
-    def _separate(self, bucket: FlatBucket) -> bool:
-        return bucket.master is not None and bucket.master is not bucket.shard
-
     def _stamp(self, bucket: FlatBucket) -> tuple:
         # stage 3's shards (own storage) only: stages 1-2 never read the print
-        read = self._separate(bucket) and bucket.shard_owns_storage
+        read = bucket.has_separate_master and bucket.shard_owns_storage
         return (bucket.master._version, _master_print(bucket.master) if read else None)
 
     def _take_writes_through_data(self, bucket: FlatBucket) -> None:
-        if not self._separate(bucket):
+        if not bucket.has_separate_master:
             return
         now = _master_print(bucket.master)
         moved = _print_moved(self._in_shard[id(bucket)][1], now)
@@ -218,7 +215,7 @@ class Fp32Masters(ShardMasters):
         self._in_shard[id(bucket)] = (bucket.master._version, now)
 
     def to_shard(self, bucket: FlatBucket) -> None:
-        if self._separate(bucket):
+        if bucket.has_separate_master:
             bucket.shard.copy_(bucket.master)
         self._note_cast(bucket)
 
@@ -228,7 +225,7 @@ class Fp32Masters(ShardMasters):
         self._note_in_step(bucket)
 
     def _note_in_step(self, bucket: FlatBucket) -> None:
-        if self._separate(bucket) and not bucket.shard_owns_storage:
+        if bucket.has_separate_master and not bucket.shard_owns_storage:
             self._in_step[id(bucket)] = (_fingerprint(bucket.shard), bucket.master._version)
 
     def absorb_writes(self, bucket: FlatBucket, written: torch.Tensor,
@@ -239,7 +236,7 @@ class Fp32Masters(ShardMasters):
         master keeps its fp32 value, which a round trip through the cast would lose (a
         value loaded exactly by ``load`` stays exact). In chunks: the temporaries are
         about 11 bytes an element (the cast, the mask, the widened value, the choice)."""
-        if not self._separate(bucket):
+        if not bucket.has_separate_master:
             return
         followed = not self.written_since_parameters_followed(bucket)
         master = bucket.master
@@ -262,7 +259,7 @@ class Fp32Masters(ShardMasters):
         through them or their ``.data``) undid that write at the end of any
         ``summon_full_params()`` before the next step (an evaluation, an EMA update; a
         helper's probe: 2.0 off in bf16)."""
-        if not self._separate(bucket):
+        if not bucket.has_separate_master:
             super().take_gathered_writes(bucket)
             return
         held = not self._written_since_in_shard(bucket)
@@ -289,7 +286,7 @@ class Fp32Masters(ShardMasters):
         about an AdamW step's memory traffic, to spare the read: helper-121's reading)."""
         checked = []
         for bucket in buckets:
-            if not self._separate(bucket) or bucket.shard_owns_storage:  # stage 3: never written
+            if not bucket.has_separate_master or bucket.shard_owns_storage:  # stage 3: never written
                 continue
             fingerprint, master_version = self._in_step[id(bucket)]
             if bucket.master._version != master_version:  # the master was written: it rules,
@@ -313,7 +310,7 @@ class Fp32Masters(ShardMasters):
     def load(self, bucket: FlatBucket, index: int, value: torch.Tensor) -> None:
         """Put this rank's part of ``value`` (the parameter's shape, any dtype and
         strides) into the master at full precision."""
-        if not self._separate(bucket):
+        if not bucket.has_separate_master:
             return
         overlap = bucket.layout.overlap(index, bucket.rank)
         if overlap is None:

@@ -47,7 +47,7 @@ class MastersShown:
     @torch.no_grad()
     def __enter__(self) -> MastersShown:
         self._buckets = [b for b in self._view.take_outside_writes()
-                         if b.master is not None and b.master is not b.shard]
+                         if b.has_separate_master]
         for bucket in self._buckets:
             full = self._view.gather_shard(bucket.master)
             for index, param in enumerate(bucket.params):

@@ -158,8 +158,7 @@ def holds_param_dtype_values(state_dict: dict, buckets) -> bool:
     """Whether ``state_dict`` holds values of parameters kept in ``param_dtype`` beside
     fp32 masters (Note [a state dict in param_dtype]), and not their objects."""
     flats = {b.flat.untyped_storage().data_ptr() for b in buckets
-             if b.master is not None and b.master is not b.shard and b.flat is not None
-             and b.flat.untyped_storage().nbytes()}
+             if b.has_separate_master and b.flat is not None and b.flat.untyped_storage().nbytes()}
     held = False
     for value in state_dict.values():
         if isinstance(value, nn.Parameter):

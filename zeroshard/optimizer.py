@@ -16,8 +16,8 @@ from . import _clip, _comm, _full_state, _materialize, _validate
 from ._bucket import Ownership, grad_shards
 from ._buffers import BufferFollower
 from ._cleared import HeldStill
-from ._ddp_guard import DDPGuard, levels_to_the_caller
-from ._hooks import EagerOnlyHook, WeakHook
+from ._ddp_guard import DDPGuard
+from ._hooks import EagerOnlyHook, WeakHook, levels_to_the_caller
 from ._inference_mode import outside_inference_mode
 from ._inner import InnerOptimizers, SettingsBothWays, class_of, hyperparameters, step_cost
 from ._masters import masters_for
@@ -404,7 +404,6 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._inner.state.clear()
         for group in self.param_groups + self._inner.param_groups:
             group["params"] = []
-        self.state.clear()
         for param in self._model.parameters():
             entry = _owners.get(id(param))
             if entry is not None and entry[1]() is self:
