@@ -252,10 +252,11 @@ def resetting_state_through_opt_state(ctx, stage: int, how: str = "entries"):
     group 0's, ``opt.state[t] = {}`` over ``opt.param_groups[0]["params"]`` (this rank's
     shards); ``"assigned"``, every group's, ``opt.state = collections.defaultdict(dict)``
     (Note [the state assigned anew]); beside DDP + AdamW resetting alike; 2 more steps.
-    Returns the largest parameter difference from DDP and what ``opt.state[p] = {}`` and
+    Before the first step each side reads ``opt.state[t].get("exp_avg")`` over its
+    tensors (a log line). Returns the largest parameter difference from DDP, what ``opt.state[p] = {}`` and
     ``opt.state.get(p)`` raised for a model parameter (the first did nothing before: an
     empty dict took the entry; the second answered None, as if it had no state), or for
-    ``"assigned"`` what assigning a mapping with an entry raised."""
+    ``"assigned"`` what assigning a mapping with an entry raised, and the early reads."""
     import collections
 
     model, reference = build_model(MLP, seed=0), build_model(MLP, seed=0)
@@ -272,6 +273,10 @@ def resetting_state_through_opt_state(ctx, stage: int, how: str = "entries"):
          {"params": [named[n] for n, _ in model.named_parameters() if not n.endswith("weight")],
           "weight_decay": 0}], lr=0.01)
     refusals = [None, None]
+    # a log line of the moments before the first step, the torch way: torch's defaultdict
+    # answers {} (zeroshard raised KeyError: helper-125)
+    early_reads = [opt.state[t].get("exp_avg") for g in opt.param_groups for t in g["params"]]
+    early_reads += [torch_opt.state[p].get("exp_avg") for g in torch_opt.param_groups for p in g["params"]]
     for step in range(4):
         if step == 2 and how == "assigned":
             opt.state = collections.defaultdict(dict)
@@ -301,7 +306,7 @@ def resetting_state_through_opt_state(ctx, stage: int, how: str = "entries"):
         difference = max((p - q).abs().max().item()
                          for p, q in zip(model.parameters(), reference.parameters()))
     opt.close()
-    return difference, refusals
+    return difference, refusals, early_reads
 
 
 def save_after_a_module_was_removed(ctx, stage: int, how: str):

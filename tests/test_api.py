@@ -228,9 +228,12 @@ def test_optimizer_state_is_reset_through_its_shards_and_refused_for_a_parameter
     [the state assigned anew]: it was ignored, helper-125), equals DDP + AdamW resetting
     alike, bit for bit. ``opt.state[p] = {}`` for a model parameter did nothing,
     silently (a helper's probe: 3.8e-2 from DDP), and ``opt.state.get(p)`` answered
-    None; both are refused, and so is assigning a mapping with entries."""
-    for difference, refusals in pool.run(cases_api.resetting_state_through_opt_state, 2, stage, how):
+    None; both are refused, and so is assigning a mapping with entries. Before the first
+    step ``opt.state[t]`` answers ``{}`` as torch's does (it raised KeyError)."""
+    for difference, refusals, early_reads in pool.run(cases_api.resetting_state_through_opt_state,
+                                                      2, stage, how):
         assert difference == 0, difference
+        assert early_reads and all(read is None for read in early_reads), early_reads
         for refusal in refusals:
             assert refusal is not None and "opt.state.clear()" in refusal, refusal
 

@@ -496,10 +496,11 @@ class _RoutedState(MutableMapping):
         return optimizer
 
     def __getitem__(self, tensor):
-        state = self._optimizer(tensor).state
-        if tensor not in state:  # state is a defaultdict: do not create entries
-            raise KeyError(tensor)
-        return state[tensor]
+        """torch's ``opt.state[t]``: the entry, an empty one made for a shard not stepped
+        yet, as torch's defaultdict makes it (a log line reading ``opt.state[t].get(...)``
+        before the first step raised ``KeyError`` where torch answers ``{}``: helper-125).
+        The inner optimizer's step fills it as it fills an entry it made itself."""
+        return self._optimizer(tensor).state[tensor]
 
     def get(self, tensor, default=None):
         """torch's ``opt.state.get(p)``: the entry, or ``default`` for a shard not stepped
