@@ -114,9 +114,9 @@ def handed_back_in_own_memory(ctx, stage: int, bf16: bool):
     """close() after 2 steps, weights and biases sharing buckets, a frozen layer: whether
     the parameters hold memory of their own in their dtypes, what safetensors (which
     refuses tensors sharing memory) writes and reads back against them, their distance
-    from DDP's, and (without a policy, where they stay views of the buffers) a state
-    dict taken before close() (at stage 3 inside summon_full_params()) against them
-    after."""
+    from DDP's, and a state dict taken before close() (at stage 3 inside
+    summon_full_params()) read after it: without a policy, where the parameters stay
+    views of the buffers, against them; with or without, against its copy taken then."""
     from safetensors.torch import load, save
 
     model, plain = build_model(MLP, seed=ctx.rank), build_model(MLP, seed=0)
@@ -128,14 +128,17 @@ def handed_back_in_own_memory(ctx, stage: int, bf16: bool):
     assert all(len(b.params) > 1 for b in opt.sharding.buckets), "the test needs shared buckets"
     _steps(model, opt, 0, 2, ctx.rank)
     _steps(reference, torch.optim.SGD(reference.parameters(), lr=0.05), 0, 2, ctx.rank)
-    # views of the parameters, read after close() (with a policy: param_dtype values)
-    taken = None
-    if not bf16:
-        with opt.summon_full_params() if stage == 3 else contextlib.nullcontext():
+    # views of the parameters, read after close() (with a policy: param_dtype values,
+    # which warns); emptied, their memory made that read a segmentation fault
+    with opt.summon_full_params() if stage == 3 else contextlib.nullcontext():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             taken = model.state_dict()
+        then = {name: value.clone() for name, value in taken.items()}
     opt.close()
     params = list(model.parameters())
-    aliases = None if taken is None else max(
+    kept = max((taken[name] - then[name]).abs().max().item() for name in taken)
+    aliases = None if bf16 else max(
         (taken[name] - p).abs().max().item() for name, p in model.named_parameters())
     storages = {p.untyped_storage().data_ptr() for p in params}
     own_memory = len(storages) == len(params) and all(
@@ -149,7 +152,7 @@ def handed_back_in_own_memory(ctx, stage: int, bf16: bool):
         written = str(error)
     from_ddp = max((p.float() - q).abs().max().item()
                    for p, q in zip(params, reference.module.parameters()))
-    return own_memory, written, from_ddp, aliases
+    return own_memory, written, from_ddp, aliases, kept
 
 
 def with_block_closes(ctx, stage: int):

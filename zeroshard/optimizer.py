@@ -352,18 +352,27 @@ class ZeroOptimizer(torch.optim.Optimizer):
             Under a policy ``close()`` leaves every parameter its full current value, the
             fp32 master's (all-gathered bucket by bucket, in one order on every rank), in
             the dtype it was built with, with its strides and in memory of its own, as in
-            any module. Each bucket's buffers (its ``param_dtype`` values, and the
-            gathered master) are freed as soon as its parameters are copied out, and the
-            optimizer's state (with or without a policy) before any of it, so close()
-            needs no memory beyond training's (``benchmarks/close_memory.py``, a 98M GPT,
-            2 ranks, AdamW: the RSS rises 0 MiB above its level before close(), 28 MiB
-            at stage 3 with a policy, where it rose 373 MiB at stages 1-2 with a policy,
-            348 and 547 MiB at stage 3 without and with one before: every master gathered
-            at once, the state freed last). Until this change the parameters were views of each
+            any module. Each bucket's gathered master is freed as soon as its parameters
+            are copied out, and zeroshard lets go of the bucket's ``param_dtype`` buffer
+            then, and of the optimizer's state (with or without a policy) before any of
+            it, so close() needs no memory beyond training's (``benchmarks/close_memory.py``,
+            a 98M GPT, 2 ranks, AdamW: the RSS rises 0 MiB above its level before
+            close(), where it rose 373 MiB at stages 1-2 with a policy, 348 and 547 MiB
+            at stage 3 without and with one before: every master gathered at once, the
+            state freed last). Until this change the parameters were views of each
             bucket's gathered master, a bucket's sharing one storage: Accelerate's
             ``save_model``, which keeps one tensor per storage, wrote 1 of 16 tensors
-            with a warning only (helper-118), and safetensors refused the state dict. The
-            ``param_dtype`` buffers were freed before this change too.
+            with a warning only (helper-118), and safetensors refused the state dict.
+            The ``param_dtype`` buffer is let go of, not emptied: the parameters viewed
+            it, and so does what the loop took from them (a state dict taken before
+            close(), which warns under a policy, or at stage 3 inside the last
+            ``summon_full_params()``: that gather regrew the same storage). Emptied, as
+            a first version and the release before it did, their next read was a
+            segmentation fault on both ranks, at every stage (my probe under
+            ``MALLOC_PERTURB_``; BatchNorm's fp32 bucket under a policy: helper-126).
+            Nothing else holds it but the last collectives' works, which the gathers
+            after it let go of (Note [finished work] in _comm.py): the RSS still rose 0
+            MiB.
 
             Without a policy the parameters stay views of their buckets' buffers, which
             tensors the loop took from them view too: at stages 1-2 the parameters'
@@ -385,9 +394,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 for index, param in enumerate(bucket.params):
                     value = param.data if full is None else bucket.param_view(full, index)
                     param.data = value.to(self._param_dtypes.get(id(param), value.dtype), copy=True)
-                # Nothing views them now, but the last collectives' works still refer to
-                # them for a while (Note [finished work] in _comm.py): free them here.
-                _comm.release(t for t in (full, bucket.flat) if t is not None)
+                if full is not None:  # the gathered master: nothing else views it
+                    _comm.release([full])
+                # the parameters' old memory: a state dict the loop took may view it
+                bucket.flat = bucket.shard = None
         for param in self._model.parameters():  # the rest (frozen ones at stages 1-2)
             param.data = param.data.to(self._param_dtypes.get(id(param), param.dtype))
             param.grad = None  # stage 1's local gradient views its buffers
