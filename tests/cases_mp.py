@@ -311,6 +311,42 @@ class _ComplexMix(nn.Module):
         return (x[:, self.pick].to(self.weight.dtype) @ self.weight).abs()
 
 
+_MLP = {"kind": "mlp", "d_in": 5, "hidden": 7, "d_out": 3, "depth": 2, "frozen": False,
+        "unused_branch": False}
+
+
+def a_policy_over_an_fp64_model(ctx, stage: int, param_dtype: torch.dtype) -> dict:
+    """An fp64 MLP under ``MixedPrecision(param_dtype)`` beside DDP over an fp64 copy,
+    AdamW, 3 steps on each rank's batch (cast to ``param_dtype`` on DDP's side, as the
+    policy casts zeroshard's). With ``param_dtype=torch.float64`` the policy casts
+    nothing, yet the masters were fp32 and every step rounded the weights to fp32
+    (helper-128: 3e-8 from plain AdamW after 3 steps). Returns the masters' dtypes, the
+    parameters' dtypes after close(), and (fp64 only) the largest difference from DDP."""
+    model, reference = build_model(_MLP, seed=0), build_model(_MLP, seed=0)
+    model.double(), reference.double()
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.AdamW, stage=stage, lr=1e-2,
+                                  process_group=ctx.group,
+                                  mixed_precision=zeroshard.MixedPrecision(
+                                      param_dtype=param_dtype, buffer_dtype=param_dtype),
+                                  **({"units": nn.Linear} if stage == 3 else {}))
+    ddp = DDP(reference, process_group=ctx.group)
+    ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2)
+    for step in range(3):
+        x, y = make_batch(_MLP, seed=step, rank=ctx.rank, batch=4)
+        loss_fn(_MLP, model, (x.double(), y)).float().backward()
+        opt.step()
+        opt.zero_grad()
+        loss_fn(_MLP, ddp, (x.double(), y)).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+    masters = sorted({str(t.dtype) for g in opt.param_groups for t in g["params"]})
+    opt.close()
+    difference = max((p - q).abs().max().item()
+                     for p, q in zip(model.parameters(), reference.parameters()))
+    return {"masters": masters, "closed": sorted({str(p.dtype) for p in model.parameters()}),
+            "difference": difference if param_dtype == torch.float64 else None}
+
+
 def complex_and_integer_parameters(ctx, stage: int, policy: bool) -> dict:
     """``_ComplexMix`` under ZeroOptimizer (with a bf16 policy, or none) and under DDP,
     each rank's inputs cast to bf16 on both sides when there is a policy, SGD with

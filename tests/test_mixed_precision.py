@@ -316,6 +316,20 @@ def test_complex_and_integer_parameters_keep_their_dtype_and_train_like_ddp(pool
     assert saved == {"pick": (torch.int64, True), "weight": (torch.cfloat, True)}, saved
 
 
+@pytest.mark.parametrize("param_dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_the_masters_of_an_fp64_model_are_fp64(pool, stage, param_dtype):
+    """Note [masters no narrower than the model]: fp32 masters rounded an fp64 model's
+    weights to fp32 at every step, even under param_dtype=torch.float64, which casts
+    nothing (helper-128). Now such a policy trains as DDP does in fp64, and close() hands
+    back the fp64 masters' values."""
+    for outcome in pool.run(cases_mp.a_policy_over_an_fp64_model, 2, stage, param_dtype):
+        assert outcome["masters"] == ["torch.float64"], outcome
+        assert outcome["closed"] == ["torch.float64"], outcome
+        if param_dtype == torch.float64:
+            assert outcome["difference"] < 1e-15, outcome
+
+
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_an_fp32_ema_is_kept_from_the_masters_inside_summon_full_params(pool, stage):
     """Note [full precision inside summon_full_params]: under a bf16 policy the block showed

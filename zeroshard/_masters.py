@@ -186,7 +186,11 @@ class Fp32Masters(ShardMasters):
         if bucket.full_precision:  # Note [full-precision modules]
             super().place(bucket, own_storage)
             return
-        master = bucket.own_slice().to(MASTER_DTYPE, copy=True) \
+        # Note [masters no narrower than the model]: fp32, or the model's own dtype
+        # where wider (an fp64 model's masters were fp32, so every step rounded its
+        # weights to fp32, silently, even under param_dtype=torch.float64: helper-128)
+        master_dtype = torch.promote_types(MASTER_DTYPE, bucket.own_slice().dtype)
+        master = bucket.own_slice().to(master_dtype, copy=True) \
             if bucket.params[0].requires_grad else None
         bucket.cast_parameters(self.param_dtype)
         bucket.place_shard(own_storage)
@@ -303,7 +307,7 @@ class Fp32Masters(ShardMasters):
 
     def widen_gradient(self, bucket: FlatBucket) -> None:
         """A 2-byte gradient shard (kept so until needed, ``FlatBucket.set_grad_shard``)
-        takes the master's dtype, fp32."""
+        takes the master's dtype (fp32, or the model's where wider)."""
         if bucket.grad_shard is not None and bucket.grad_shard.dtype != bucket.master.dtype:
             bucket.set_grad_shard(bucket.grad_shard.to(bucket.master.dtype))
 

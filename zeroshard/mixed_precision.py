@@ -2,7 +2,9 @@
 
 With a policy, the model's parameters hold ``param_dtype`` values (forward and
 backward compute in it), each rank keeps fp32 master weights for its own shard
-only, and the inner optimizer steps on those. After the step each rank casts its
+only (in the model's own dtype where it is wider: fp64 for an fp64 model, Note
+[masters no narrower than the model] in _masters.py), and the inner optimizer steps
+on those. After the step each rank casts its
 updated master shard to ``param_dtype`` and the parameters are all-gathered from
 the cast shards.
 """
@@ -24,7 +26,8 @@ class MixedPrecision:
     """What forward and backward compute in, and what gradients are reduced in.
 
     param_dtype: the dtype the model's parameters hold (and forward and backward
-        compute in). fp32 master weights of each rank's shard live in the optimizer.
+        compute in). fp32 master weights of each rank's shard live in the optimizer
+        (fp64 for an fp64 model: never narrower than the model's own dtype).
     reduce_dtype: the dtype gradients are reduce-scattered in; None means
         ``param_dtype``. fp32 is allowed with bf16 compute (slower, more exact).
         fp16 reductions are pre-divided by the world size and summed, so the sum of
