@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
+import warnings
 from unittest import mock
 
 import torch
@@ -524,6 +525,57 @@ def summon_full_params_and_state_dict(ctx, stage: int):
     return ({k: (zero_sd[k] - ddp_sd[k]).abs().max().item() for k in ddp_sd},
             {k: (after[k] - 0.5 * halved[k]).abs().max().item() for k in after},
             gathered, shards)
+
+
+def state_dict_kept_past_summon(ctx, bf16: bool):
+    """Stage 3 (Note [views taken inside summon_full_params]): a state dict taken inside
+    ``summon_full_params()`` and saved with torch.save after the block, as a DDP loop
+    saves; then 2 more steps, and a block that saves inside and keeps nothing. Returns
+    what the saved file and the held tensors read against copies taken in the block
+    (the save wrote a file torch.load refused, the reads were freed memory, before),
+    the warnings of each block, and the distance from DDP + SGD at the end."""
+    import io
+    mixed = zeroshard.MixedPrecision(torch.bfloat16, buffer_dtype=torch.bfloat16,
+                                     output_dtype=torch.float32) if bf16 else None
+    model, reference = build_model(MLP, seed=0), build_model(MLP, seed=0)
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=3, process_group=ctx.group,
+                                  lr=0.05, units=nn.Linear, mixed_precision=mixed)
+    ddp = DDP(reference, process_group=ctx.group)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.05)
+
+    def train(steps, start):
+        for step in range(start, start + steps):
+            for module, optimizer in ((model, opt), (ddp, ref_opt)):
+                loss_fn(MLP, module, make_batch(MLP, seed=step, rank=ctx.rank, batch=4)).backward()
+                optimizer.step()
+                optimizer.zero_grad()
+
+    train(1, 0)
+    with warnings.catch_warnings(record=True) as kept_warnings:
+        warnings.simplefilter("always")
+        with opt.summon_full_params():
+            held = model.state_dict()
+            then = {name: value.clone() for name, value in held.items()}
+    buffer = io.BytesIO()
+    torch.save(held, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer)
+    saved = max((loaded[name] - then[name]).abs().max().item() for name in then)
+    train(2, 1)  # the next gathers regrow the units' storage
+    read = max((held[name] - then[name]).abs().max().item()
+               for name, _ in model.named_parameters())
+    with warnings.catch_warnings(record=True) as quiet_warnings:
+        warnings.simplefilter("always")
+        with opt.summon_full_params():
+            torch.save(model.state_dict(), io.BytesIO())
+            difference = max((p.float() - q).abs().max().item()
+                             for p, q in zip(model.parameters(), reference.parameters()))
+    opt.close()
+    return {"saved": saved, "read": read, "difference": difference,
+            "kept_warnings": [str(w.message) for w in kept_warnings
+                              if "still view" in str(w.message)],
+            "quiet_warnings": [str(w.message) for w in quiet_warnings
+                               if "still view" in str(w.message)]}
 
 
 def construct_with_strided_tensors(ctx, stage: int):

@@ -386,6 +386,19 @@ def test_stage3_state_dict_outside_summon_is_refused_with_the_fix(pool):
         assert "body.0.weight" in keys
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_a_stage3_state_dict_taken_inside_summon_stays_readable_after_the_block(pool, bf16):
+    """Note [views taken inside summon_full_params]: torch.save of a state dict taken in
+    the block, after it, wrote a file torch.load refused, and its tensors read freed
+    memory (helper-127). Now they keep the block's values and that memory, with one
+    warning saying so; a block that keeps nothing warns of nothing."""
+    for outcome in pool.run(cases_api.state_dict_kept_past_summon, 2, bf16):
+        assert outcome["saved"] == 0.0 and outcome["read"] == 0.0, outcome
+        assert len(outcome["kept_warnings"]) == 1 and "del" in outcome["kept_warnings"][0], outcome
+        assert outcome["quiet_warnings"] == [], outcome
+        assert outcome["difference"] < (1e-2 if bf16 else 1e-6), outcome
+
+
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_strided_frozen_weights_and_buffers_are_broadcast_contiguous(pool, stage):
     for contiguous, diff in pool.run(cases_api.construct_with_strided_tensors, 2, stage):

@@ -43,6 +43,7 @@ from ._layout import FlatLayout, assign_owners
 from ._materialize import placeholder_value, swap_in
 
 _GRAD_DTYPE_SETTABLE = hasattr(torch.Tensor, "grad_dtype")
+storage_use_count = getattr(torch._C, "_storage_Use_Count", None)  # tensors on a storage
 
 
 def memory_order(tensor: torch.Tensor) -> tuple[int, ...]:
@@ -427,8 +428,11 @@ class FlatBucket:
             for index, param in enumerate(self.params):
                 _released.release(param, self.param_names[index], unit, switches)
 
-    def free(self) -> None:
-        """Free the full buffer's storage; the parameters become placeholders.
+    def free(self, views_at_gather: int | None = None) -> bool:
+        """Free the full buffer's storage; the parameters become placeholders. Given
+        ``views_at_gather`` (``views_elsewhere()`` after a ``summon_full_params()``
+        gather), a storage more tensors view now is left to them instead (Note [views
+        taken inside summon_full_params]): then True.
 
         Note [stage-3 placeholders]: between uses a parameter is never a view of freed
         storage (reading that reads memory that is not there). It holds a placeholder
@@ -441,7 +445,6 @@ class FlatBucket:
         (write the same on every rank). Autograd's saved references are the same
         parameter objects, so backward sees the gathered values again.
         """
-        self.flat.untyped_storage().resize_(0)
         self._versions_at_gather = []
         if self.placeholders is None:
             self.placeholders = torch.empty(len(self.params), dtype=self.flat.dtype,
@@ -452,6 +455,41 @@ class FlatBucket:
             self._become_placeholder(index)
         with torch._C.DisableTorchFunctionSubclass():
             self._versions_at_release = [param._version for param in self.params]
+        if views_at_gather is not None and self.views_elsewhere() > views_at_gather:
+            self._let_go_of_the_full_buffer()
+            return True
+        self.flat.untyped_storage().resize_(0)
+        return False
+
+    def views_elsewhere(self) -> int:
+        """How many tensors besides the full buffer and the parameters are on its storage
+        (what the loop took from the parameters, the last collectives' works); 0 where
+        this torch cannot count them."""
+        if storage_use_count is None:
+            return 0
+        storage = self.flat.untyped_storage()._cdata
+        params = sum(1 for p in self.params if p.untyped_storage()._cdata == storage)
+        return storage_use_count(storage) - 1 - params
+
+    def _let_go_of_the_full_buffer(self) -> None:
+        """Note [views taken inside summon_full_params]:
+            ``with opt.summon_full_params(): sd = model.state_dict()``, then
+            ``torch.save(sd, path)`` after the block, as a DDP loop saves: the block's
+            end emptied the storage the state dict's tensors view, so torch.save wrote a
+            file torch.load refuses ("Trying to resize storage that is not resizable"),
+            silently, and reading a tensor was a segmentation fault or, once the next
+            gather regrew the storage, whatever it held then (helper-127; FSDP1 and
+            FSDP2 free theirs alike). Where the block's end finds more tensors on a
+            unit's storage than after its gather, it leaves that storage to them and
+            takes a new one for the next gathers: they keep the values the block ended
+            with (a save right after the block writes what DDP's would; under DDP they
+            would follow later steps too), and their memory is freed when they are,
+            which a warning says once. Autograd's saved
+            tensors are never counted here (the block refuses a forward with grad
+            enabled, and one from before it was on the storage at the gather too)."""
+        flat = torch.empty_like(self.flat)
+        flat.untyped_storage().resize_(0)
+        self.flat = flat
 
     @torch.no_grad()
     def _become_placeholder(self, index: int) -> None:

@@ -14,6 +14,7 @@ Note [no reference cycles]:
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import os
 import sys
@@ -27,16 +28,19 @@ def levels_to_the_caller() -> int:
     """The ``stacklevel`` that points a warning raised in a module hook (a forward
     pre-hook, a state-dict hook) at the line that called the model: past zeroshard's
     frames and torch's (its module code, and dynamo's wrapper of the hooks marked by
-    Note [the optimizer under torch.compile], which it pointed at before)."""
+    Note [the optimizer under torch.compile], which it pointed at before), and
+    contextlib's (a warning at the end of a ``with`` block points at the block)."""
     level, frame = 1, sys._getframe(1)
     while frame is not None and (frame.f_code.co_filename.startswith(_OURS)
-                                 or frame.f_code.co_filename.startswith(_TORCH)):
+                                 or frame.f_code.co_filename.startswith(_TORCH)
+                                 or frame.f_code.co_filename == _CONTEXTLIB):
         level, frame = level + 1, frame.f_back
     return level
 
 
 _OURS = os.path.dirname(os.path.abspath(__file__))
 _TORCH = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
+_CONTEXTLIB = contextlib.__file__
 
 
 class InertWhenCopied:

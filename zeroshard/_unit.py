@@ -219,15 +219,18 @@ class Unit:
                 self.gathered_storages[bucket.flat.untyped_storage().data_ptr()] = self
             self._move(ShardState.GATHERED)
 
-    def release(self) -> None:
+    def release(self, views_at_gather: dict[int, int] | None = None) -> int:
         """Free the full buffers (idempotent); a gather in flight is waited for first.
+        ``views_at_gather``: id(bucket) -> its ``views_elsewhere()`` after the gather of a
+        ``summon_full_params()`` block; the bytes of the buffers left to tensors taken
+        inside it are returned (Note [views taken inside summon_full_params]).
         What was written to the parameters meanwhile reaches this rank's shards first
         (Note [writes inside a forward] in _bucket.py). Kept here, it stays gathered,
         released only as far as its collectives go (Note [frozen units backward never
         reads] in _walk.py)."""
         self.wait()
         if self.state is not ShardState.GATHERED:
-            return
+            return 0
         for bucket in self.buckets:
             # Note [new .data inside a forward] in _bucket.py, then any write in place
             replaced = bucket.adopt_data_replaced_while_gathered()
@@ -236,11 +239,15 @@ class Unit:
                     self.masters.take_gathered_writes(bucket)
         if self.kept_here:  # its shards, which the other ranks' gathers read, hold the writes
             self._state_elsewhere = ShardState.SHARDED
-            return
+            return 0
+        left = 0
         for bucket in self.buckets:
             self.gathered_storages.pop(bucket.flat.untyped_storage().data_ptr(), None)
-            bucket.free()
+            nbytes = bucket.nbytes()
+            if bucket.free(None if views_at_gather is None else views_at_gather.get(id(bucket))):
+                left += nbytes
         self._move(ShardState.SHARDED)
+        return left
 
     def __repr__(self) -> str:
         return f"Unit({self.name}, {self.state.value}, {self.nbytes()} bytes)"

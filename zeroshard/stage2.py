@@ -51,13 +51,12 @@ import sys
 
 import torch
 
-from ._bucket import FlatBucket, grad_shards, to_memory_order
+from ._bucket import FlatBucket, grad_shards, storage_use_count, to_memory_order
 from ._grad_markers import GradientMarker, GradientMarkers, refusal_of_a_gradient_set_by_hand
 from ._hooks import LoopSwitches, WeakHook
 from .mixed_precision import GradientDtypes
 
 
-_storage_use_count = getattr(torch._C, "_storage_Use_Count", None)  # tensors on a storage
 
 
 def only_the_parameter_holds(param: torch.Tensor, engine_holds: tuple = ()) -> bool:
@@ -68,7 +67,7 @@ def only_the_parameter_holds(param: torch.Tensor, engine_holds: tuple = ()) -> b
     holds, so the count does not depend on how this Python counts a call's references;
     what the engine holds is discounted only where this torch passed the check of
     ``engine_counts_as_expected`` (else such a gradient is copied)."""
-    if _storage_use_count is None:  # a torch without it: copy, as before
+    if storage_use_count is None:  # a torch without it: copy, as before
         return False
     if engine_holds and not engine_counts_as_expected(str(param.device)):
         engine_holds = ()
@@ -93,8 +92,8 @@ def _held_by_the_parameter_alone(param: torch.Tensor, engine_holds: tuple) -> bo
                     return False
                 others += 1
     return (sys.getrefcount(grad) == sys.getrefcount(fresh) + 1 + same  # + param's .grad
-            and _storage_use_count(storage)
-            == _storage_use_count(fresh.untyped_storage()._cdata) + others)
+            and storage_use_count(storage)
+            == storage_use_count(fresh.untyped_storage()._cdata) + others)
 
 
 class _AddGivingAView(torch.autograd.Function):

@@ -231,6 +231,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import threading
+import warnings
 import weakref
 
 import torch
@@ -238,7 +239,7 @@ from torch.utils._pytree import tree_flatten
 
 from . import _agreement
 from ._frozen_reads import FrozenOnContexts, past_inputs, watch_inputs
-from ._hooks import EagerOnlyHook, LoopSwitches, Phase, WeakHook
+from ._hooks import EagerOnlyHook, LoopSwitches, Phase, WeakHook, levels_to_the_caller
 from ._masters import ShardMasters
 from ._module_hooks import GatherBeforeModuleHooks
 from ._reducer import GradientReducer, abandoned_backward_refusal
@@ -358,6 +359,7 @@ class UnitGatherer:
                         ] if reshard_after_forward else []
         self._steps, self._steps_differ = 0, False  # Note [steps on some ranks only]
         self._reading_structure = 0  # inside reading_structure(): state_dict() reads no values
+        self._warned_of_views_kept = False  # Note [views taken inside summon_full_params]
         self.device = next((b.flat.device for u in units for b in u.buckets), torch.device("cpu"))
         # Note [gather schedule]: the walk, and the schedules it walks
         self.walk = Walk(units, *forward_and_backward_orders(model, units), self.reducer, store,
@@ -1011,12 +1013,20 @@ class UnitGatherer:
         reduce and release units in the middle of the block (``summoned`` is counted
         by ``ZeroOptimizer.summon_full_params``)."""
         self.unshard()
+        views = {id(b): b.views_elsewhere() for u in self.units for b in u.buckets if b.is_gathered}
         try:
             yield
         finally:
             self.keep_writes_made_inside()
-            for unit in self.units:
-                unit.release()
+            left = sum(unit.release(views) for unit in self.units)
+            if left and not self._warned_of_views_kept:
+                self._warned_of_views_kept = True
+                warnings.warn(
+                    f"zeroshard: tensors taken inside summon_full_params() (a state dict, "
+                    f"p.detach()) still view {left / 2**20:.1f} MiB of gathered parameters "
+                    "after the block; that memory stays theirs (their values are the "
+                    "block's end) until they are freed. Save inside the block, or del "
+                    "them, to free it now", stacklevel=levels_to_the_caller())
 
     @torch.no_grad()
     def keep_writes_made_inside(self) -> None:
