@@ -529,8 +529,9 @@ def summon_full_params_and_state_dict(ctx, stage: int):
 
 def state_dict_kept_past_summon(ctx, bf16: bool):
     """Stage 3 (Note [views taken inside summon_full_params]): a state dict taken inside
-    ``summon_full_params()`` and saved with torch.save after the block, as a DDP loop
-    saves; then 2 more steps, and a block that saves inside and keeps nothing. Returns
+    ``summon_full_params()`` (beside ``opt.full_state_dict()``, whose collectives let go of
+    the block's gathers: helper-129) and saved with torch.save after the block, as a DDP
+    loop saves; then 2 more steps, and a block that saves inside and keeps nothing. Returns
     what the saved file and the held tensors read against copies taken in the block
     (the save wrote a file torch.load refused, the reads were freed memory, before),
     the warnings of each block, and the distance from DDP + SGD at the end."""
@@ -554,6 +555,7 @@ def state_dict_kept_past_summon(ctx, bf16: bool):
     with warnings.catch_warnings(record=True) as kept_warnings:
         warnings.simplefilter("always")
         with opt.summon_full_params():
+            opt.full_state_dict()  # collectives inside the block let the gathers' works go
             held = model.state_dict()
             then = {name: value.clone() for name, value in held.items()}
     buffer = io.BytesIO()

@@ -484,7 +484,11 @@ class FlatBucket:
             takes a new one for the next gathers: they keep the values the block ended
             with (a save right after the block writes what DDP's would; under DDP they
             would follow later steps too), and their memory is freed when they are,
-            which a warning says once. Autograd's saved
+            which a warning says once. The count after the gather is taken once the
+            finished gathers' works are let go of: they hold views of the buffers until
+            later waits drop them, so a collective inside the block (``full_state_dict()``,
+            a ``full_precision=True`` block's gathers) lowered the count at its end and
+            hid a state dict from a first version (helper-129). Autograd's saved
             tensors are never counted here (the block refuses a forward with grad
             enabled, and one from before it was on the storage at the gather too)."""
         flat = torch.empty_like(self.flat)

@@ -510,6 +510,14 @@ def release(tensors) -> None:
         tensor.untyped_storage().resize_(0)
 
 
+def let_go_of_finished() -> None:
+    """Drop every finished work now, so that what they held no longer counts as a
+    holder of its storage (Note [views taken inside summon_full_params] in _bucket.py).
+    Safe while the process runs even if a worker thread still holds one (Note
+    [finished work]); the exit handler's pause covers one dropped just before exit."""
+    _finished.clear()
+
+
 def release_finished() -> None:
     """Let go of every finished work (``close()``) once the latest has been finished for
     RETAIN_S, so no worker thread can still hold one (Note [finished work]). A timer

@@ -237,7 +237,7 @@ import weakref
 import torch
 from torch.utils._pytree import tree_flatten
 
-from . import _agreement
+from . import _agreement, _comm
 from ._frozen_reads import FrozenOnContexts, past_inputs, watch_inputs
 from ._hooks import EagerOnlyHook, LoopSwitches, Phase, WeakHook, levels_to_the_caller
 from ._masters import ShardMasters
@@ -1013,6 +1013,9 @@ class UnitGatherer:
         reduce and release units in the middle of the block (``summoned`` is counted
         by ``ZeroOptimizer.summon_full_params``)."""
         self.unshard()
+        # the gathers' works hold views of the buffers until later waits let them go (a
+        # collective inside the block): counted now, those would hide a state dict's
+        _comm.let_go_of_finished()
         views = {id(b): b.views_elsewhere() for u in self.units for b in u.buckets if b.is_gathered}
         try:
             yield
