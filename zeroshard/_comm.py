@@ -542,7 +542,7 @@ def _pause_at_exit() -> None:
     threads time to let go of the works they ran (a script's own collectives too:
     a loss all-reduced for a log line just before exit), then let go of ours."""
     time.sleep(RETAIN_S)
-    _finished.clear()
+    let_go_of_finished()
 
 
 def wait_all(works) -> None:

@@ -243,9 +243,8 @@ class Unit:
         left = 0
         for bucket in self.buckets:
             self.gathered_storages.pop(bucket.flat.untyped_storage().data_ptr(), None)
-            nbytes = bucket.nbytes()
             if bucket.free(None if views_at_gather is None else views_at_gather.get(id(bucket))):
-                left += nbytes
+                left += bucket.nbytes()  # the new buffer's size: the one left behind
         self._move(ShardState.SHARDED)
         return left
 

@@ -57,8 +57,6 @@ from ._hooks import LoopSwitches, WeakHook
 from .mixed_precision import GradientDtypes
 
 
-
-
 def only_the_parameter_holds(param: torch.Tensor, engine_holds: tuple = ()) -> bool:
     """Nothing but ``param.grad`` (and ``engine_holds``: the gradients autograd hands the
     hook now running, which it drops once the hook returns) refers to its gradient: no
