@@ -820,3 +820,47 @@ def extra_state_read_from_released_parameters(ctx, folder: str) -> dict:
     out["full"] = full[0]["block._extra_state"]["wmax"] if full else expected
     opt.close()
     return out
+
+
+def files_a_load_opens(ctx, folder: str, stage: int) -> dict:
+    """Note [a checkpoint file read once]: a model of many one-parameter buckets saved,
+    then loaded into a differently initialised one while every ``torch.load`` is counted
+    by file; the loaded parameters and Adam states against the saved ones."""
+    def build_mlp(seed: int):
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(*(torch.nn.Linear(16, 16) for _ in range(6)))
+        opt = zeroshard.ZeroOptimizer(model, torch.optim.AdamW, stage=stage, lr=1e-2,
+                                      process_group=ctx.group, bucket_size_mb=1e-4,
+                                      **({"units": torch.nn.Linear} if stage == 3 else {}))
+        return model, opt
+
+    model, opt = build_mlp(0)
+    for step in range(2):
+        x = torch.randn(4, 16, generator=torch.Generator().manual_seed(step * 10 + ctx.rank))
+        model(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    zeroshard.save_checkpoint(folder, model, opt)
+    saved = opt.full_state_dict()  # rank 0's; None elsewhere
+    buckets = len(opt.sharding.every_bucket)
+    opt.close()
+
+    model, opt = build_mlp(1)
+    opened = collections.Counter()
+    torch_load = torch.load
+
+    def counting_load(file, *args, **kwargs):
+        opened[os.path.basename(str(file))] += 1
+        return torch_load(file, *args, **kwargs)
+    torch.load = counting_load
+    try:
+        zeroshard.load_checkpoint(folder, model, opt)
+    finally:
+        torch.load = torch_load
+    loaded = opt.full_state_dict()
+    opt.close()
+    same = saved is None or (
+        all(torch.equal(v, loaded[0][k]) for k, v in saved[0].items())
+        and all(torch.equal(v, loaded[1]["state"][k][key])
+                for k, state in saved[1]["state"].items() for key, v in state.items()))
+    return {"opened": dict(opened), "buckets": buckets, "same": same}

@@ -69,6 +69,7 @@ from pathlib import Path
 import torch
 
 from . import _comm
+from . import _file_pages as file_pages
 from . import _extra_state as extra_state
 from ._bucket import from_memory_order, to_memory_order
 from ._full_state import SIZED_IN_FORWARD, buffer_aliases
@@ -183,16 +184,16 @@ def load_checkpoint(path, model, opt):
         meta = state["meta"] = _load_meta(folder)
         _check_meta(meta, folder, opt, model)
         _check_contents(meta, folder, view.rank, view.world_size)
-        for r in range(meta["world_size"]):
-            file = _load_file(folder / _rank_file(r), weights_only=True, mmap=True)
-            if r == 0:  # the buffers are rank 0's
-                state["buffers"] = file["buffers"]
-                # absent from a checkpoint saved before Note [modules' extra state]
-                state["module_extra_states"] = file.get("module_extra_states")
+        # each opened and unpickled once: Note [a checkpoint file read once]
+        files = [_load_file(folder / _rank_file(r), weights_only=True, mmap=True)
+                 for r in range(meta["world_size"])]
+        state["buffers"] = files[0]["buffers"]  # the buffers are rank 0's
+        # absent from a checkpoint saved before Note [modules' extra state]
+        state["module_extra_states"] = files[0].get("module_extra_states")
         _check_buffers(state["buffers"], folder, model)
         if state["module_extra_states"] is not None:
             extra_state.check_saved(state["module_extra_states"], model, f"checkpoint {folder}")
-        state["source"] = _CheckpointSource(meta, folder, parameter_names(model), memory_orders(opt))
+        state["source"] = _CheckpointSource(meta, files, parameter_names(model), memory_orders(opt))
         check_one_scalar_per_bucket(opt, state["source"].optimizer_layout,
                                     [group["hyperparameters"] for group in meta["param_groups"]])
         extra_rank = view.rank if view.rank < meta.get("ranks", meta["world_size"]) else 0
@@ -472,39 +473,45 @@ def _persistent_buffers(model) -> dict[str, torch.Tensor]:
 class _CheckpointSource:
     """Serves ``load_from`` parameter ranges from the pieces of every saving rank.
 
-    The rank files are memory-mapped (only the pages of the ranges read come from
-    disk) once per bucket, in ``prepare``, and let go before the next bucket: the
-    pages a rank has read then leave its memory with their bucket, instead of
-    adding up to its whole share of the checkpoint by the end of the load.
+    The rank files are memory-mapped and unpickled once (Note [a checkpoint file read
+    once] in _file_pages.py); before each bucket the pages the previous one read are
+    handed back, so they leave this rank's memory with their bucket instead of adding
+    up to its whole share of the checkpoint by the end of the load.
 
     Pieces count elements in the saving run's memory order of each parameter (Note
     [memory order] in _bucket.py); a parameter this run holds in another order (a
     ``channels_last`` weight saved from a row-major model, or the reverse) is joined
     from all its pieces and moved to this run's order whole."""
 
-    def __init__(self, meta: dict, folder: Path, names: dict[int, str],
+    def __init__(self, meta: dict, files: list[dict], names: dict[int, str],
                  orders: dict[str, tuple[int, ...]]) -> None:
         self.layouts = meta["optimizer"]
-        self.paths = [folder / _rank_file(r) for r in range(meta["world_size"])]
         self.names = names  # id(parameter) -> name
         self.shapes = meta["params"]
         self.saved_orders = meta.get("orders", {})  # format 1: every parameter row-major
         self.orders = orders  # this run's
-        self.pieces: dict[str, list[tuple]] = {}
-        self.whole_layouts: dict[str, tuple] = {}  # of parameters stepped whole, from their owner
+        # every saving rank's pieces of each parameter, in order, and the layouts of the
+        # parameters stepped whole, from their owner (views of the mapped files)
+        self.saved_pieces: dict[str, list[tuple]] = {}
+        self.saved_whole_layouts: dict[str, tuple] = {}
+        for file in files:
+            for name, pieces in file["pieces"].items():
+                self.saved_pieces.setdefault(name, []).extend(pieces)
+            self.saved_whole_layouts.update(file.get("layouts", {}))
+        for pieces in self.saved_pieces.values():
+            pieces.sort(key=lambda piece: piece[0])
+        self.spans = [file_pages.mapped_span(file_pages.tensors_in(file)) for file in files]
+        self.pieces: dict[str, list[tuple]] = {}  # of the bucket being loaded
+        self.whole_layouts: dict[str, tuple] = {}
 
     def prepare(self, params, dtype) -> None:
+        for span in self.spans:  # the pages the previous bucket read
+            file_pages.drop(span)
         wanted = {self.names[id(p)] for p in params}
-        self.pieces, self.whole_layouts = {}, {}
-        for path in self.paths:
-            file = _load_file(path, weights_only=True, mmap=True)
-            saved = file["pieces"]
-            for name in wanted & saved.keys():
-                self.pieces.setdefault(name, []).extend(saved[name])
-            layouts = file.get("layouts", {})
-            self.whole_layouts.update({name: layouts[name] for name in wanted & layouts.keys()})
+        self.pieces = {name: self.saved_pieces[name] for name in wanted & self.saved_pieces.keys()}
+        self.whole_layouts = {name: self.saved_whole_layouts[name]
+                              for name in wanted & self.saved_whole_layouts.keys()}
         for name, pieces in self.pieces.items():
-            pieces.sort(key=lambda piece: piece[0])
             identity = tuple(range(len(self.shapes[name])))
             saved_order = self.saved_orders.get(name, identity)
             order = self.orders.get(name, identity)
