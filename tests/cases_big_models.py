@@ -681,3 +681,27 @@ def load_mid_run_into_a_model_built_on_meta(ctx, stage: int):
             net.load_state_dict(loaded)
         _train(spec, net, net_opt, ctx.rank, steps=2)
     return _values(model, opt), _values(plain, plain_opt)
+
+
+class _SmallBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear, self.norm = nn.Linear(4, 4), nn.LayerNorm(4)
+
+    def forward(self, x):
+        return self.norm(self.linear(x))
+
+
+def calls_to_build(ctx, stage: int, blocks: int) -> int:
+    """The Python function calls a ZeroOptimizer's construction makes over ``blocks``
+    small blocks (4 parameters each; at stage 3 a unit each): a count, not a time."""
+    import cProfile
+    import pstats
+    model = nn.Sequential(*(_SmallBlock() for _ in range(blocks)))
+    profile = cProfile.Profile()
+    profile.enable()
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.AdamW, stage=stage, process_group=ctx.group,
+                                  **({"units": _SmallBlock} if stage == 3 else {}))
+    profile.disable()
+    opt.close()
+    return pstats.Stats(profile).total_calls

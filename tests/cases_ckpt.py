@@ -822,10 +822,43 @@ def extra_state_read_from_released_parameters(ctx, folder: str) -> dict:
     return out
 
 
-def files_a_load_opens(ctx, folder: str, stage: int) -> dict:
+def _as_a_big_endian_host_saves(folder: str) -> None:
+    """Rewrite the rank files of checkpoint ``folder`` as a big-endian host (s390x) writes
+    them: every tensor's bytes swapped and the byteorder record "big"; meta.pt's sizes
+    and checksums, and its own, follow (helper-130's probe)."""
+    from pathlib import Path
+    import sys
+    import zlib
+    from torch.utils._pytree import tree_map
+    from zeroshard.checkpoint import LATEST, META_CHECKSUM
+    root = Path(folder)
+    version = root / (root / LATEST).read_text().strip()
+
+    def swapped(t):
+        copy = t.detach().clone().contiguous()
+        copy.untyped_storage().byteswap(copy.dtype)
+        return copy
+    meta = torch.load(version / "meta.pt", weights_only=True)
+    for file in sorted(version.glob("rank*.pt")):
+        big = tree_map(lambda v: swapped(v) if isinstance(v, torch.Tensor) else v,
+                       torch.load(file, weights_only=True))
+        native, sys.byteorder = sys.byteorder, "big"  # what torch.save records
+        try:
+            torch.save(big, file)
+        finally:
+            sys.byteorder = native
+        meta["files"][file.name] = file.stat().st_size
+        meta["checksums"][file.name] = zlib.crc32(file.read_bytes())
+    torch.save(meta, version / "meta.pt")
+    (version / META_CHECKSUM).write_text(f"{zlib.crc32((version / 'meta.pt').read_bytes())}\n")
+
+
+def files_a_load_opens(ctx, folder: str, stage: int, big_endian: bool = False) -> dict:
     """Note [a checkpoint file read once]: a model of many one-parameter buckets saved,
     then loaded into a differently initialised one while every ``torch.load`` is counted
-    by file; the loaded parameters and Adam states against the saved ones."""
+    by file; the loaded parameters and Adam states against the saved ones. With
+    ``big_endian`` the files are rewritten as a big-endian host saves them, which
+    ``torch.load`` swaps in place as it maps them."""
     def build_mlp(seed: int):
         torch.manual_seed(seed)
         model = torch.nn.Sequential(*(torch.nn.Linear(16, 16) for _ in range(6)))
@@ -844,6 +877,9 @@ def files_a_load_opens(ctx, folder: str, stage: int) -> dict:
     saved = opt.full_state_dict()  # rank 0's; None elsewhere
     buckets = len(opt.sharding.every_bucket)
     opt.close()
+    if big_endian and ctx.rank == 0:
+        _as_a_big_endian_host_saves(folder)
+    torch.distributed.barrier(group=ctx.group)
 
     model, opt = build_mlp(1)
     opened = collections.Counter()
@@ -852,15 +888,24 @@ def files_a_load_opens(ctx, folder: str, stage: int) -> dict:
     def counting_load(file, *args, **kwargs):
         opened[os.path.basename(str(file))] += 1
         return torch_load(file, *args, **kwargs)
-    torch.load = counting_load
+    # the pieces the rank files hold, and those the load keeps (what this rank reads)
+    from zeroshard.checkpoint import _CheckpointSource
+    keep_from, pieces = _CheckpointSource.keep_from, {"in_files": [], "kept": []}
+
+    def counting_keep_from(source, file, droppable):  # called with the files in rank order
+        before = sum(len(kept) for kept in source.saved_pieces.values())
+        keep_from(source, file, droppable)
+        pieces["in_files"].append(sum(len(ps) for ps in file["pieces"].values()))
+        pieces["kept"].append(sum(len(kept) for kept in source.saved_pieces.values()) - before)
+    torch.load, _CheckpointSource.keep_from = counting_load, counting_keep_from
     try:
         zeroshard.load_checkpoint(folder, model, opt)
     finally:
-        torch.load = torch_load
+        torch.load, _CheckpointSource.keep_from = torch_load, keep_from
     loaded = opt.full_state_dict()
     opt.close()
     same = saved is None or (
         all(torch.equal(v, loaded[0][k]) for k, v in saved[0].items())
         and all(torch.equal(v, loaded[1]["state"][k][key])
                 for k, state in saved[1]["state"].items() for key, v in state.items()))
-    return {"opened": dict(opened), "buckets": buckets, "same": same}
+    return {"opened": dict(opened), "buckets": buckets, "same": same, **pieces}

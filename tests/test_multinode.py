@@ -77,23 +77,19 @@ def _initial_parameters() -> dict[str, torch.Tensor]:
 
 def test_two_nodes_train_a_2x2_mesh_to_the_parameters_of_one_node(tmp_path):
     """The two-node launch ends bit-equal to four ranks of one machine on the same mesh
-    (the same reductions in the same order), and equal to a plain 4-rank sharding up to
-    rounding: the mesh averages within replicas and then across them, which rounds
-    differently from one reduction over four ranks (measured: at most 6.5e-8 apart,
-    93% of the elements bit-equal). Stage 3, whose gathers cross the mesh too; each
-    stage on every mesh shape is drawn in-process by test_equivalence.py's hybrid test
-    (three 4-rank launches cost a minute of the suite's time per stage)."""
+    (the same reductions in the same order). Stage 3, whose gathers cross the mesh too;
+    each stage on every mesh shape is drawn in-process against DDP over the four ranks
+    by test_equivalence.py's hybrid test (each 4-rank launch costs 20-30 s of the
+    suite's time on 2 cores: a third, against a plain 4-rank sharding, was dropped for
+    that test's cases)."""
     stage = 3
     hybrid = ["--stage", str(stage), *SMALL, "--replicas", "2"]
     _two_nodes([*hybrid, "--export", str(tmp_path / "two_nodes.pt")])
     _standalone([*hybrid, "--export", str(tmp_path / "one_node.pt")])
-    _standalone(["--stage", str(stage), *SMALL, "--export", str(tmp_path / "plain.pt")])
-    two_nodes, one_node, plain = (_parameters(tmp_path / name)
-                                  for name in ("two_nodes.pt", "one_node.pt", "plain.pt"))
+    two_nodes, one_node = (_parameters(tmp_path / name) for name in ("two_nodes.pt", "one_node.pt"))
     initial = _initial_parameters()
     assert two_nodes.keys() == initial.keys()
     for name, value in two_nodes.items():
         assert torch.equal(value, one_node[name]), name
-        assert (value - plain[name]).abs().max() <= 1e-6, name
     moved = max((value - initial[name]).abs().max() for name, value in two_nodes.items())
     assert moved > 1e-4  # it trained: the three steps add up to about 6e-4

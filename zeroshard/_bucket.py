@@ -591,22 +591,23 @@ def build_buckets(params: Sequence[tuple[nn.Parameter, int]], bucket_bytes: int,
     buckets of their own (Note [full-precision modules] in mixed_precision.py).
     """
     open_buckets: dict[tuple, list[nn.Parameter]] = {}
+    open_bytes: dict[tuple, int] = {}  # summed as they fill: a sum per parameter was quadratic
     ordered: list[tuple[int, list[nn.Parameter]]] = []
     for param, group_index in reversed(list(params)):
         key = (group_index, param.dtype, param.device, id(param) in full_precision)
         members = open_buckets.get(key)
-        if members is not None and _bytes(members) + _bytes([param]) > bucket_bytes:
+        size = param.numel() * param.element_size()
+        if members is not None and open_bytes[key] + size > bucket_bytes:
             open_buckets.clear()
             members = None
         if members is None:
             members = open_buckets[key] = []
+            open_bytes[key] = 0
             ordered.append((group_index, members))
         members.append(param)
+        open_bytes[key] += size
     ownership = ownership or Ownership({}, world_size)
     return [FlatBucket(members, group_index, rank, world_size, id(members[0]) in full_precision,
                        ownership.owners(members, group_index))
             for group_index, members in ordered]
 
-
-def _bytes(params: Sequence[nn.Parameter]) -> int:
-    return sum(p.numel() * p.element_size() for p in params)

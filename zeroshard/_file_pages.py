@@ -11,23 +11,30 @@ Note [a checkpoint file read once]:
     benchmarks/checkpoint_load.py``, results/checkpoint_load_ws2); a 7B model's 25 MB
     buckets number about 1,100. Now each file is opened and unpickled once, when the
     load checks everything before it changes anything (so no file is opened once the
-    load has begun to change the model), and the pieces are found by name: 0.25 / 0.49
-    / 0.93 s, 0.25x to 0.30x FSDP2's. The mapping lives to the load's end, so the
-    pages read would add up to this rank's whole share of the checkpoint (108 MiB
-    where the phase test's bound is 20); ``drop`` hands them back to the kernel
-    before the next bucket (``madvise(MADV_DONTNEED)``: the file's pages are only
-    read here, so a later read faults them in from the file again, unchanged), and
-    the load's peak stays at a bucket's (16-18 MiB, as before). The unpickled pieces
-    (P + R * B small tensor views) are held to the load's end.
-    Where the C library's ``madvise`` cannot be found (not Linux or macOS) nothing is
-    handed back until the load ends: the resident pages rise to the share, and the
-    values are the same.
+    load has begun to change the model), and of its pieces the load keeps those that
+    overlap the ranges this rank loads (``ranges_to_load``): all of every file's (P +
+    R * B, about 3.8 KB of host memory each: helper-130) would be gigabytes for a
+    checkpoint of a thousand ranks. The mapping lives to the load's end, so the pages
+    read would add up to this rank's whole share of the checkpoint (108 MiB where the
+    phase test's bound is 20); before each bucket ``drop`` hands back to the kernel
+    the pages of the pieces the previous one read (``madvise(MADV_DONTNEED)``, piece
+    by piece: over a whole file's span each call walked its page tables, helper-130),
+    and the load's peak stays at a bucket's (16-18 MiB, as before). That is only
+    right for pages no one wrote to: a later read faults them in from the file again.
+    ``torch.load`` writes them where the file's byte order is not this machine's (it
+    swaps every storage in place); handing such pages back brought the unswapped bytes
+    back, silently (helper-130: values of 1e36 and NaN), so those files keep their
+    pages until the load ends (``read_in_place``). Where the C library's ``madvise``
+    cannot be found (Windows) nothing is handed back either: the resident pages rise
+    to the share, and the values are the same.
 """
 
 from __future__ import annotations
 
 import ctypes
 import mmap
+import sys
+import zipfile
 
 import torch
 
@@ -36,45 +43,42 @@ _PAGE = mmap.PAGESIZE
 
 def _find_madvise():
     advice = getattr(mmap, "MADV_DONTNEED", None)
-    try:
-        function = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
+    if advice is None:
+        return None
+    try:  # (on Windows CDLL(None) raises TypeError)
+        function = ctypes.CDLL(None).madvise
+    except (OSError, AttributeError, TypeError):
         return None
     function.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     function.restype = ctypes.c_int
-    return None if advice is None else (lambda start, length: function(start, length, advice))
+    return lambda start, length: function(start, length, advice)
 
 
 _madvise = _find_madvise()
 
 
-def mapped_span(tensors) -> tuple[int, int] | None:
-    """The page-aligned address range [start, stop) that holds the data of ``tensors``,
-    all read from one memory-mapped file (they are views of its one mapping, whose
-    pages start at the file's start); None where there is none."""
-    spans = [(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
-             for t in tensors if t.untyped_storage().nbytes() > 0]
-    if not spans:
-        return None
-    start = min(address for address, _ in spans) // _PAGE * _PAGE
-    stop = max(address + size for address, size in spans)
-    return start, -(-stop // _PAGE) * _PAGE
+def read_in_place(file) -> bool:
+    """Whether ``torch.load(file, mmap=True)`` leaves its tensors' pages as the file
+    holds them: saved in this machine's byte order. Otherwise the load swapped every
+    storage's bytes in place, writing the pages (a checkpoint from a big-endian host),
+    and handing them back would undo the swap, silently (helper-130)."""
+    try:
+        with zipfile.ZipFile(file) as archive:
+            record = next((name for name in archive.namelist()
+                           if name.endswith("/byteorder")), None)
+            return record is not None and archive.read(record).decode() == sys.byteorder
+    except (OSError, zipfile.BadZipFile, UnicodeDecodeError):
+        return False
 
 
-def drop(span: tuple[int, int] | None) -> None:
-    """Hand the pages of ``span`` (from ``mapped_span``) back to the kernel; best effort.
-    Only for mappings no one writes to: a page written to would lose what was written."""
-    if span is not None and _madvise is not None:
-        _madvise(span[0], span[1] - span[0])
-
-
-def tensors_in(obj):
-    """Every tensor in a nest of dicts, lists and tuples (a torch.load result)."""
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, dict):
-        for value in obj.values():
-            yield from tensors_in(value)
-    elif isinstance(obj, (list, tuple)):
-        for value in obj:
-            yield from tensors_in(value)
+def drop(tensor: torch.Tensor) -> None:
+    """Hand the pages holding ``tensor``'s data back to the kernel; best effort. Only
+    for a tensor of a file mapping no one writes to (``read_in_place``): a page written
+    to would lose what was written. Its neighbours on the same pages are read again
+    from the file if asked for."""
+    size = tensor.untyped_storage().nbytes()
+    if _madvise is None or size == 0:
+        return
+    start = tensor.untyped_storage().data_ptr()
+    first = start // _PAGE * _PAGE
+    _madvise(first, -(-(start + size) // _PAGE) * _PAGE - first)

@@ -280,6 +280,31 @@ def _scalars(scalars: dict) -> str:
                      else k for k, v in scalars.items())
 
 
+def ranges_to_load(opt) -> dict[str, list[tuple[int, int]]]:
+    """Each parameter's element ranges ``load_from`` asks its source for on this rank
+    (in this run's memory order): its overlap with this rank's shard of its bucket, the
+    whole of a parameter this rank steps whole or one outside the buckets. A source may
+    keep only what overlaps them (Note [a checkpoint file read once] in _file_pages.py)."""
+    view = opt.sharding
+    names = parameter_names(view.model)
+    ranges: dict[str, list[tuple[int, int]]] = {}
+    for bucket in view.every_bucket:
+        owned = set(bucket.layout.owned(bucket.rank)) if bucket.owns_whole_parameters else ()
+        for index, param in enumerate(bucket.params):
+            if index in owned:
+                ranges.setdefault(names[id(param)], []).append((0, param.numel()))
+                continue
+            overlap = bucket.layout.overlap(index, bucket.rank)
+            if overlap is not None and not bucket.owns_whole_parameters:
+                ranges.setdefault(names[id(param)], []).append(
+                    (overlap.param_start, overlap.param_stop))
+    bucketed = {id(p) for b in view.every_bucket for p in b.params}
+    for name, param in view.model.named_parameters():
+        if id(param) not in bucketed:
+            ranges.setdefault(name, []).append((0, param.numel()))
+    return ranges
+
+
 @torch.no_grad()
 def load_from(opt, source: Source, with_states: bool = True) -> None:
     """Fill every shard, master and optimizer state of this rank from ``source`` (without

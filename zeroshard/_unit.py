@@ -260,14 +260,16 @@ def build_units(model: nn.Module, unit_modules: list[nn.Module], group_of: dict[
     owner = unit_owners(model, unit_modules)
     ownership = ownership or Ownership({}, world_size)
     names = {id(m): name for name, m in model.named_modules()}
+    owned: list[list[nn.Parameter]] = [[] for _ in unit_modules]  # in model.parameters() order
+    for param in model.parameters():  # once: a walk per unit made building quadratic
+        owned[owner[id(param)]].append(param)
     units = []
     for index, module in enumerate(unit_modules):
         by_key: dict[tuple, list[nn.Parameter]] = {}
-        for param in model.parameters():
-            if owner[id(param)] == index:
-                key = (group_of.get(id(param), -1), param.dtype, param.device, param.requires_grad,
-                       id(param) in full_precision)
-                by_key.setdefault(key, []).append(param)
+        for param in owned[index]:
+            key = (group_of.get(id(param), -1), param.dtype, param.device, param.requires_grad,
+                   id(param) in full_precision)
+            by_key.setdefault(key, []).append(param)
         buckets = [FlatBucket(params, key[0], rank, world_size, full_precision=key[4],
                               owners=ownership.owners(params, key[0]))
                    for key, params in by_key.items()]

@@ -76,7 +76,7 @@ from ._full_state import SIZED_IN_FORWARD, buffer_aliases
 from ._inference_mode import outside_inference_mode
 from ._inner import qualname as _qualname
 from ._sharded_state import (check_one_scalar_per_bucket, load_from, memory_orders,
-                             optimizer_layouts, owned_pieces, parameter_names)
+                             optimizer_layouts, owned_pieces, parameter_names, ranges_to_load)
 
 FORMAT = "zeroshard-checkpoint"
 # 2: meta.pt has "orders" (Note [memory order] in _bucket.py). A checkpoint that holds
@@ -184,16 +184,21 @@ def load_checkpoint(path, model, opt):
         meta = state["meta"] = _load_meta(folder)
         _check_meta(meta, folder, opt, model)
         _check_contents(meta, folder, view.rank, view.world_size)
-        # each opened and unpickled once: Note [a checkpoint file read once]
-        files = [_load_file(folder / _rank_file(r), weights_only=True, mmap=True)
-                 for r in range(meta["world_size"])]
-        state["buffers"] = files[0]["buffers"]  # the buffers are rank 0's
-        # absent from a checkpoint saved before Note [modules' extra state]
-        state["module_extra_states"] = files[0].get("module_extra_states")
+        # each opened and unpickled once, keeping what this rank loads: Note [a
+        # checkpoint file read once] in _file_pages.py
+        source = state["source"] = _CheckpointSource(meta, parameter_names(model),
+                                                     memory_orders(opt), ranges_to_load(opt))
+        for r in range(meta["world_size"]):
+            file_path = folder / _rank_file(r)
+            file = _load_file(file_path, weights_only=True, mmap=True)
+            source.keep_from(file, file_pages.read_in_place(file_path))
+            if r == 0:  # the buffers are rank 0's
+                state["buffers"] = file["buffers"]
+                # absent from a checkpoint saved before Note [modules' extra state]
+                state["module_extra_states"] = file.get("module_extra_states")
         _check_buffers(state["buffers"], folder, model)
         if state["module_extra_states"] is not None:
             extra_state.check_saved(state["module_extra_states"], model, f"checkpoint {folder}")
-        state["source"] = _CheckpointSource(meta, files, parameter_names(model), memory_orders(opt))
         check_one_scalar_per_bucket(opt, state["source"].optimizer_layout,
                                     [group["hyperparameters"] for group in meta["param_groups"]])
         extra_rank = view.rank if view.rank < meta.get("ranks", meta["world_size"]) else 0
@@ -473,49 +478,68 @@ def _persistent_buffers(model) -> dict[str, torch.Tensor]:
 class _CheckpointSource:
     """Serves ``load_from`` parameter ranges from the pieces of every saving rank.
 
-    The rank files are memory-mapped and unpickled once (Note [a checkpoint file read
-    once] in _file_pages.py); before each bucket the pages the previous one read are
-    handed back, so they leave this rank's memory with their bucket instead of adding
-    up to its whole share of the checkpoint by the end of the load.
+    The rank files are memory-mapped and unpickled once each (``keep_from``), keeping
+    the pieces that overlap the ranges this rank loads; before each bucket the pages
+    of the pieces the previous one read are handed back, so they leave this rank's
+    memory with their bucket instead of adding up to its whole share of the checkpoint
+    by the end of the load (Note [a checkpoint file read once] in _file_pages.py).
 
     Pieces count elements in the saving run's memory order of each parameter (Note
     [memory order] in _bucket.py); a parameter this run holds in another order (a
     ``channels_last`` weight saved from a row-major model, or the reverse) is joined
     from all its pieces and moved to this run's order whole."""
 
-    def __init__(self, meta: dict, files: list[dict], names: dict[int, str],
-                 orders: dict[str, tuple[int, ...]]) -> None:
+    def __init__(self, meta: dict, names: dict[int, str], orders: dict[str, tuple[int, ...]],
+                 wanted: dict[str, list[tuple[int, int]]]) -> None:
         self.layouts = meta["optimizer"]
         self.names = names  # id(parameter) -> name
         self.shapes = meta["params"]
         self.saved_orders = meta.get("orders", {})  # format 1: every parameter row-major
         self.orders = orders  # this run's
-        # every saving rank's pieces of each parameter, in order, and the layouts of the
-        # parameters stepped whole, from their owner (views of the mapped files)
+        self.wanted = wanted  # the ranges this rank loads (ranges_to_load)
+        # the saving ranks' pieces this rank reads, of each parameter in order, each with
+        # whether its pages may be handed back; the layouts of the parameters stepped
+        # whole, from their owner (views of the mapped files)
         self.saved_pieces: dict[str, list[tuple]] = {}
         self.saved_whole_layouts: dict[str, tuple] = {}
-        for file in files:
-            for name, pieces in file["pieces"].items():
-                self.saved_pieces.setdefault(name, []).extend(pieces)
-            self.saved_whole_layouts.update(file.get("layouts", {}))
-        for pieces in self.saved_pieces.values():
-            pieces.sort(key=lambda piece: piece[0])
-        self.spans = [file_pages.mapped_span(file_pages.tensors_in(file)) for file in files]
         self.pieces: dict[str, list[tuple]] = {}  # of the bucket being loaded
         self.whole_layouts: dict[str, tuple] = {}
+        self.served: list[tuple] = []  # pieces read since the last prepare
+
+    def _order(self, name: str, orders: dict) -> tuple[int, ...]:
+        return orders.get(name, tuple(range(len(self.shapes[name]))))
+
+    def keep_from(self, file: dict, droppable: bool) -> None:
+        """Keep what this rank loads of one rank file (every piece of a parameter to be
+        moved to another memory order, which is joined whole)."""
+        for name, pieces in file["pieces"].items():
+            ranges = self.wanted.get(name)
+            if not ranges:
+                continue
+            whole = self._order(name, self.saved_orders) != self._order(name, self.orders)
+            kept = self.saved_pieces.setdefault(name, [])
+            for start, values, states in pieces:
+                stop = start + values.numel()
+                if whole or any(lo < stop and start < hi for lo, hi in ranges):
+                    kept.append((start, values, states, droppable))
+            kept.sort(key=lambda piece: piece[0])
+        # all of them: a bucket's first layout counts for every rank (load_from)
+        self.saved_whole_layouts.update(file.get("layouts", {}))
 
     def prepare(self, params, dtype) -> None:
-        for span in self.spans:  # the pages the previous bucket read
-            file_pages.drop(span)
+        for piece in self.served:  # hand back the pages the previous bucket read
+            if piece[3]:
+                for tensor in (piece[1], *piece[2].values()):
+                    file_pages.drop(tensor)
+        self.served = []
         wanted = {self.names[id(p)] for p in params}
         self.pieces = {name: self.saved_pieces[name] for name in wanted & self.saved_pieces.keys()}
         self.whole_layouts = {name: self.saved_whole_layouts[name]
                               for name in wanted & self.saved_whole_layouts.keys()}
         for name, pieces in self.pieces.items():
-            identity = tuple(range(len(self.shapes[name])))
-            saved_order = self.saved_orders.get(name, identity)
-            order = self.orders.get(name, identity)
+            saved_order, order = self._order(name, self.saved_orders), self._order(name, self.orders)
             if saved_order != order:
+                self.served += pieces
                 self.pieces[name] = [self._reordered(name, pieces, saved_order, order)]
 
     def _reordered(self, name: str, pieces: list[tuple], saved_order, order) -> tuple:
@@ -531,7 +555,7 @@ class _CheckpointSource:
         values = move(torch.cat([piece[1] for piece in pieces]))
         states = {key: move(torch.cat([piece[2][key] for piece in pieces]))
                   for key in pieces[0][2]}
-        return 0, values, states
+        return 0, values, states, False  # a copy: not the file's pages
 
     def _ranges(self, name: str, start: int, stop: int):
         """(piece, slice of the piece) for each piece that overlaps [start, stop), in order."""
@@ -541,6 +565,7 @@ class _CheckpointSource:
             piece_start, values = piece[0], piece[1]
             lo, hi = max(start, piece_start), min(stop, piece_start + values.numel())
             if lo < hi:
+                self.served.append(piece)
                 yield piece, slice(lo - piece_start, hi - piece_start)
             if piece_start >= stop:
                 break
