@@ -76,10 +76,13 @@ def drop(tensor: torch.Tensor) -> None:
     """Hand the pages holding ``tensor``'s data back to the kernel; best effort. Only
     for a tensor of a file mapping no one writes to (``read_in_place``): a page written
     to would lose what was written. Its neighbours on the same pages are read again
-    from the file if asked for."""
-    size = tensor.untyped_storage().nbytes()
-    if _madvise is None or size == 0:
+    from the file if asked for. A saved piece is often a view of its bucket's shard, one
+    storage in the file: a contiguous one hands back its own pages only."""
+    if _madvise is None or tensor.numel() == 0:
         return
-    start = tensor.untyped_storage().data_ptr()
+    if tensor.is_contiguous():
+        start, size = tensor.data_ptr(), tensor.numel() * tensor.element_size()
+    else:
+        start, size = tensor.untyped_storage().data_ptr(), tensor.untyped_storage().nbytes()
     first = start // _PAGE * _PAGE
     _madvise(first, -(-(start + size) // _PAGE) * _PAGE - first)
