@@ -21,7 +21,7 @@ from . import _extra_state as extra_state
 from ._bucket import to_memory_order
 from ._inner import _step_without_global_hooks, hyperparameters, split_state, standin_optimizer
 from ._sharded_state import (check_one_scalar_per_bucket, load_from, memory_orders,
-                             parameter_names, state_dtypes)
+                             outside_buckets, parameter_names, state_dtypes)
 
 
 @torch.no_grad()
@@ -116,10 +116,8 @@ def stream_parameters(opt, with_states: bool = True):
             for index in bucket.without_state:  # Note [a fresh state inside a shard's]:
                 param_states[index] = None  # none of their own yet, as torch keeps none
         yield from zip(bucket.params, values, param_states)
-    bucketed = {id(p) for b in view.every_bucket for p in b.params}
-    for param in view.model.parameters():  # stages 1-2: frozen, whole on every rank
-        if id(param) not in bucketed:
-            yield param, _to_cpu(param) if rank0 else None, None
+    for _, param in outside_buckets(view):  # stages 1-2: frozen, whole on every rank
+        yield param, _to_cpu(param) if rank0 else None, None
 
 
 class FullStateSource:

@@ -74,6 +74,13 @@ def parameter_names(model: nn.Module) -> dict[int, str]:
     return {id(p): name for name, p in model.named_parameters()}
 
 
+def outside_buckets(view) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) of each parameter no bucket holds (stages 1-2: the frozen ones,
+    whole on every rank), in model order."""
+    bucketed = {id(p) for b in view.every_bucket for p in b.params}
+    return [(name, p) for name, p in view.model.named_parameters() if id(p) not in bucketed]
+
+
 def memory_orders(opt) -> dict[str, tuple[int, ...]]:
     """Parameter name -> the order its bucket holds it in (Note [memory order]), for
     each parameter not held row-major. The rest, and the parameters outside buckets
@@ -129,10 +136,8 @@ def owned_pieces(opt) -> dict[str, list[Piece]]:
                 overlap.param_start, _part(source, span),
                 {key: _part(value, span) for key, value in per_element.items()}))
     if view.rank == 0:
-        bucketed = {id(p) for b in view.every_bucket for p in b.params}
-        for name, param in view.model.named_parameters():
-            if id(param) not in bucketed:
-                pieces[name] = [Piece(0, param.detach().reshape(-1).clone())]
+        for name, param in outside_buckets(view):
+            pieces[name] = [Piece(0, param.detach().reshape(-1).clone())]
     return pieces
 
 
@@ -289,19 +294,18 @@ def ranges_to_load(opt) -> dict[str, list[tuple[int, int]]]:
     names = parameter_names(view.model)
     ranges: dict[str, list[tuple[int, int]]] = {}
     for bucket in view.every_bucket:
-        owned = set(bucket.layout.owned(bucket.rank)) if bucket.owns_whole_parameters else ()
-        for index, param in enumerate(bucket.params):
-            if index in owned:
+        if bucket.owns_whole_parameters:  # _load_whole: the parameters this rank owns
+            for index in bucket.layout.owned(bucket.rank):
+                param = bucket.params[index]
                 ranges.setdefault(names[id(param)], []).append((0, param.numel()))
-                continue
+            continue
+        for index, param in enumerate(bucket.params):
             overlap = bucket.layout.overlap(index, bucket.rank)
-            if overlap is not None and not bucket.owns_whole_parameters:
+            if overlap is not None:
                 ranges.setdefault(names[id(param)], []).append(
                     (overlap.param_start, overlap.param_stop))
-    bucketed = {id(p) for b in view.every_bucket for p in b.params}
-    for name, param in view.model.named_parameters():
-        if id(param) not in bucketed:
-            ranges.setdefault(name, []).append((0, param.numel()))
+    for name, param in outside_buckets(view):
+        ranges.setdefault(name, []).append((0, param.numel()))
     return ranges
 
 
@@ -357,11 +361,9 @@ def load_from(opt, source: Source, with_states: bool = True) -> None:
                     k: v.to(_own_dtype(layout, k, v)) for k, v in states.items()}}
             bucket.without_state = without_state
             give_fresh_state(bucket, without_state, view.inner)
-    bucketed = {id(p) for b in view.every_bucket for p in b.params}
-    for name, param in view.model.named_parameters():
-        if id(param) not in bucketed:
-            source.prepare([param], param.dtype)
-            param.copy_(source.values(name, 0, param.numel()).view_as(param))
+    for name, param in outside_buckets(view):
+        source.prepare([param], param.dtype)
+        param.copy_(source.values(name, 0, param.numel()).view_as(param))
     view.stage.after_step()  # the shards changed: parameters follow, as after a step
 
 

@@ -199,7 +199,7 @@ def load_checkpoint(path, model, opt):
         _check_buffers(state["buffers"], folder, model)
         if state["module_extra_states"] is not None:
             extra_state.check_saved(state["module_extra_states"], model, f"checkpoint {folder}")
-        check_one_scalar_per_bucket(opt, state["source"].optimizer_layout,
+        check_one_scalar_per_bucket(opt, source.optimizer_layout,
                                     [group["hyperparameters"] for group in meta["param_groups"]])
         extra_rank = view.rank if view.rank < meta.get("ranks", meta["world_size"]) else 0
         state["extra"] = _load_file(folder / _extra_file(extra_rank), weights_only=False)
@@ -522,7 +522,6 @@ class _CheckpointSource:
                 stop = start + values.numel()
                 if whole or any(lo < stop and start < hi for lo, hi in ranges):
                     kept.append((start, values, states, droppable))
-            kept.sort(key=lambda piece: piece[0])
         # all of them: a bucket's first layout counts for every rank (load_from)
         self.saved_whole_layouts.update(file.get("layouts", {}))
 
@@ -537,6 +536,7 @@ class _CheckpointSource:
         self.whole_layouts = {name: self.saved_whole_layouts[name]
                               for name in wanted & self.saved_whole_layouts.keys()}
         for name, pieces in self.pieces.items():
+            pieces.sort(key=lambda piece: piece[0])  # from every file, in order
             saved_order, order = self._order(name, self.saved_orders), self._order(name, self.orders)
             if saved_order != order:
                 self.served += pieces
