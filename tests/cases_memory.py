@@ -256,3 +256,31 @@ def tied_embedding_lookup_backward(ctx, stage: int, vocab: int, width: int,
     peak = (rss_kib("VmHWM") - at_lookup[0]) * 1024
     opt.close()
     return {"peak": peak}
+
+
+def calls_in_a_memory_report(ctx, stage: int) -> tuple[dict, int, dict]:
+    """The report of a small model's optimizer after a step (its stage-3 units
+    released), the Python calls of zeroshard's released-parameter guard
+    (zeroshard/_released.py) it made, and a report read inside a unit's forward."""
+    import cProfile
+    import pstats
+    torch.manual_seed(0)
+    model = nn.Sequential(*(nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8)) for _ in range(4)))
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.AdamW, stage=stage, lr=1e-3,
+                                  process_group=ctx.group,
+                                  **({"units": nn.Sequential} if stage == 3 else {}))
+    inside: list[dict] = []
+    model[1].register_forward_hook(lambda *_: inside.append(opt.memory_report()))
+    model(torch.randn(2, 8)).sum().backward()
+    opt.step()
+    opt.zero_grad()
+    profile = cProfile.Profile()
+    profile.enable()
+    between = opt.memory_report()
+    profile.disable()
+    with torch.no_grad():
+        model(torch.randn(2, 8))
+    guard_calls = sum(calls for (file, _, _), (_, calls, _, _, _) in pstats.Stats(profile).stats.items()
+                      if file.endswith("_released.py"))
+    opt.close()
+    return between, guard_calls, inside[-1]
