@@ -523,10 +523,12 @@ def main(argv=None) -> None:
     # reversed every other round: this machine's speed drifts between runs, and a method
     # timed only once takes whatever the machine gave it then.
     # On CUDA the peak (max_memory_allocated) needs no allocator setting that slows
-    # the steps, so the memory run is also the first timing round.
+    # the steps, so the memory run is also the first timing round; so it is in a smoke
+    # run, whose times mean nothing (it checks that each method runs and reports).
     cuda = torch.cuda.is_available()
+    timed_with_memory = cuda or args.smoke
     passes = [(True, methods)] + [(False, methods[::-1] if i % 2 else methods)
-                                  for i in range(args.rounds - 1 if cuda else args.rounds)]
+                                  for i in range(args.rounds - (1 if timed_with_memory else 0))]
     for measure_memory, order in passes:
         for method in order:
             row = rows[method]
@@ -542,7 +544,7 @@ def main(argv=None) -> None:
             if measure_memory:
                 row["peak_bytes"] = max(r["peak_bytes"] for r in per_rank)
                 print(f"{method}: peak {row['peak_bytes'] / 2**20:.0f} MiB", flush=True)
-                if not cuda:
+                if not timed_with_memory:
                     continue
             row.setdefault("step_s_rounds", []).append(max(r["step_s"] for r in per_rank))
             row.update(step_s=statistics.median(row["step_s_rounds"]), psi=per_rank[0]["psi"],
