@@ -1,11 +1,12 @@
 """A torchrun job (2 ranks, gloo): HF Trainer + its DDP beside ZeroTrainer at stages 1-3.
 
-    torchrun --standalone --nproc_per_node=2 tests/hf_trainer_job.py OUT [--bf16]
+    torchrun --standalone --nproc_per_node=2 tests/hf_trainer_job.py OUT fp32 bf16
 
 Every run trains the same tiny GPT-2 from the same initial weights on the same data
 with the same TrainingArguments (gradient accumulation, active clipping, a linear
-schedule with warm-up, evaluation and a checkpoint every 2 steps); rank 0 writes to
-OUT/results.pt what tests/test_hf_trainer.py compares: each run's logged history and
+schedule with warm-up, evaluation and a checkpoint every 2 steps), in fp32 or under
+bf16 autocast (one launch for both: starting torch and transformers is 10 s); rank 0
+writes to OUT/PRECISION/results.pt what tests/test_hf_trainer.py compares: each run's logged history and
 final parameters, runs at stages 1 and 3 resumed from the stage-1 run's checkpoint and at
 stages 2 and 3 from plain Trainer's, what
 from_pretrained reads back from save_model, and what plain Trainer does with a
@@ -304,9 +305,19 @@ def resume_with_a_damaged_optimizer_file(out: str, bf16: bool, rank: int) -> lis
 
 
 def main() -> None:
-    out, bf16 = sys.argv[1], "--bf16" in sys.argv
+    out, precisions = sys.argv[1], sys.argv[2:]
     dist.init_process_group("gloo")
-    rank = dist.get_rank()
+    for precision in precisions:
+        folder = os.path.join(out, precision)
+        results = train_every_way(folder, precision == "bf16", dist.get_rank())
+        if dist.get_rank() == 0:
+            os.makedirs(folder, exist_ok=True)
+            torch.save(results, os.path.join(folder, "results.pt"))
+    dist.destroy_process_group()
+
+
+def train_every_way(out: str, bf16: bool, rank: int) -> dict:
+    """What the test compares, from runs whose folders are under ``out``."""
     results: dict = {"runs": {}, "max_grad_norm": max_grad_norm(bf16)}
     for stage in (None, 1, 2, 3):
         trainer, model = run(os.path.join(out, f"stage{stage}"), bf16, stage)
@@ -355,9 +366,7 @@ def main() -> None:
     errors = [None] * dist.get_world_size()
     dist.all_gather_object(errors, results["plain_trainer_error"])
     results["plain_trainer_errors"] = errors
-    if rank == 0:
-        torch.save(results, os.path.join(out, "results.pt"))
-    dist.destroy_process_group()
+    return results
 
 
 if __name__ == "__main__":

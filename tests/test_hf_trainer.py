@@ -23,21 +23,20 @@ PARAM_ATOL = 1e-5  # one hundredth of an AdamW step (lr 1e-3)
 LOG_RTOL = 1e-6  # logged losses and norms: fp32 sums in another order
 
 
-_JOBS: dict[str, dict] = {}  # one job per precision, shared by the fixtures below
+_JOBS: dict[str, dict] = {}  # per precision, from one job for both, shared by the fixtures below
 
 
 def _job(precision: str, tmp_path_factory) -> dict:
-    if precision not in _JOBS:
-        out = tmp_path_factory.mktemp(f"hf_{precision}")
+    if not _JOBS:
+        out = tmp_path_factory.mktemp("hf")
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                    "--nproc_per_node=2", "--max-restarts=0",
-                   os.path.join(ROOT, "tests", "hf_trainer_job.py"), str(out)]
-        if precision == "bf16":
-            command.append("--bf16")
+                   os.path.join(ROOT, "tests", "hf_trainer_job.py"), str(out), "fp32", "bf16"]
         done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                              capture_output=True, text=True, timeout=400)
+                              capture_output=True, text=True, timeout=700)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
-        _JOBS[precision] = torch.load(out / "results.pt", weights_only=False)
+        _JOBS.update({p: torch.load(out / p / "results.pt", weights_only=False)
+                      for p in ("fp32", "bf16")})
     return _JOBS[precision]
 
 
