@@ -207,8 +207,15 @@ def train_side_by_side(ctx, case) -> SideBySideRun:
     # all three start equal, and for SGD, whose bounds need no interval), and each
     # element's lr and weight decay.
     out = SideBySideRun()
-    # Only rank 0's figures feed the bounds: the other ranks skip the extra backwards.
-    measure_moved = ctx.rank == 0 and case["optimizer"] != "SGD"
+    # The single-process reference is the same on every rank, and its figures feed the
+    # bounds (invariants.gradient_noise): ranks 0 and 1 compute it, and the moves split
+    # between them, rank 0 measuring at zeroshard's parameters and rank 1 at DDP's (one
+    # rank: both); the other ranks skip it. Each rank computing it all, and rank 0 both
+    # moves, was three quarters of a 4-rank case's backwards.
+    computes_reference = ctx.rank < 2
+    moved_at = ("zero", "ddp") if n == 1 else {0: ("zero",), 1: ("ddp",)}.get(ctx.rank, ())
+    measure_moved = computes_reference and case["optimizer"] != "SGD"
+    optimizers = (zopt, dopt, sopt) if computes_reference else (zopt, dopt)
     def zero_params():  # stage 3 parameters are sharded between steps: gather them to read
         with zopt.summon_full_params():
             return flat_params(zero_model)
@@ -244,7 +251,7 @@ def train_side_by_side(ctx, case) -> SideBySideRun:
                 loss = micro_loss(spec, ddp, batches[m][ctx.rank], case) / accum
                 loss.backward()
                 dl += loss.item()
-            for r in range(n):
+            for r in range(n if computes_reference else 0):
                 # Each rank's micro-batch backward exactly as that rank computes it (the
                 # loss over accum, not over accum * n: a scale that is not a power of two
                 # would round every intermediate of the backward differently); the sum
@@ -262,7 +269,7 @@ def train_side_by_side(ctx, case) -> SideBySideRun:
         moved = torch.zeros(out.initial.numel())
         if measure_moved and step > 0:
             own = flat_grads(single_model)
-            for flat in (out.zero[-1], out.ddp[-1]):
+            for flat in (getattr(out, name)[-1] for name in moved_at):
                 if not torch.equal(flat, out.single[-1]):
                     at = gradient_at(single_model, flat, batches, spec, case, step, n)
                     moved = torch.maximum(moved, (at - own).abs())
@@ -270,18 +277,21 @@ def train_side_by_side(ctx, case) -> SideBySideRun:
         if case["clip"] is not None:
             clip, norm_type = case["clip"], case["norm_type"]
             out.zero_norm.append(zopt.clip_grad_norm_(clip, norm_type).item())
-            for name, model in (("ddp", ddp), ("single", single_model)):
+            clipped = [("ddp", ddp)] + ([("single", single_model)] if computes_reference else [])
+            for name, model in clipped:
                 norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip, norm_type)
                 getattr(out, name + "_norm").append(norm.item())
-            coefficient = min(1.0, clip / (out.single_norm[-1] + 1e-6))
-            abs_sum *= coefficient
-            moved *= coefficient
-        out.single_grad.append(flat_grads(single_model, missing=float("nan")))
-        out.grad_abs_sum.append(abs_sum)
-        out.moved_grad.append(moved)
-        out.single_lr.append(flat_hyperparameter(single_model, sopt, "lr"))
-        out.single_wd.append(flat_hyperparameter(single_model, sopt, "weight_decay"))
-        for o in (zopt, dopt, sopt):
+            if computes_reference:
+                coefficient = min(1.0, clip / (out.single_norm[-1] + 1e-6))
+                abs_sum *= coefficient
+                moved *= coefficient
+        if computes_reference:
+            out.single_grad.append(flat_grads(single_model, missing=float("nan")))
+            out.grad_abs_sum.append(abs_sum)
+            out.moved_grad.append(moved)
+            out.single_lr.append(flat_hyperparameter(single_model, sopt, "lr"))
+            out.single_wd.append(flat_hyperparameter(single_model, sopt, "weight_decay"))
+        for o in optimizers:
             o.step()
             # set_to_none=False zeroes only the gradients that exist: a block skipped
             # from the first step keeps None and is not stepped (Note [zeros only where
@@ -296,10 +306,11 @@ def train_side_by_side(ctx, case) -> SideBySideRun:
         out.comm_replicate.append(step_comm(zopt.comm_stats, "replicate"))
         out.zero.append(zero_params())
         out.ddp.append(flat_params(ddp_model))
-        out.single.append(flat_params(single_model))
         out.zero_loss.append(zl)
         out.ddp_loss.append(dl)
-        out.single_loss.append(sl)
+        if computes_reference:
+            out.single.append(flat_params(single_model))
+            out.single_loss.append(sl)
 
     trainable = [p for p in zero_model.parameters() if p.requires_grad]
     out.psi = sum(p.numel() for p in trainable)
