@@ -4,12 +4,12 @@
 
 Every run trains the same tiny GPT-2 from the same initial weights on the same data
 with the same TrainingArguments (gradient accumulation, active clipping, a linear
-schedule with warm-up, evaluation and a checkpoint every 2 steps), in fp32 or under
-bf16 autocast (one launch for both: starting torch and transformers is 10 s); rank 0
-writes to OUT/PRECISION/results.pt what tests/test_hf_trainer.py compares: each run's logged history and
-final parameters, runs at stages 1 and 3 resumed from the stage-1 run's checkpoint and at
-stages 2 and 3 from plain Trainer's, what
-from_pretrained reads back from save_model, and what plain Trainer does with a
+schedule with warm-up, evaluation and a checkpoint every 2 steps), in fp32 and then
+under bf16 autocast (one launch for both: each launch starts torch and transformers
+again); rank 0 writes to OUT/PRECISION/results.pt what tests/test_hf_trainer.py
+compares: each run's logged history and final parameters, runs at stages 1 and 3
+resumed from the stage-1 run's checkpoint and at stages 2 and 3 from plain Trainer's,
+what from_pretrained reads back from save_model, and what plain Trainer does with a
 ZeroOptimizer.
 """
 

