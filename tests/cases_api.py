@@ -1042,3 +1042,46 @@ def per_sample_gradients_at_the_step(ctx, stage: int, ghost: bool) -> str | None
         return str(error)
     finally:
         opt.close()
+
+
+def numpy_reads_of_stage3_weights(ctx, where: str):
+    """Stage 3: a weight read as a numpy array while gathered, ``where`` "summon" (inside
+    ``summon_full_params()``, the array kept past the block, another's dropped) or
+    "forward" (a forward hook's log line); then two more steps. Returns the kept array
+    against a copy taken in the block (None for "forward") and the distance from DDP +
+    SGD at the end. Releasing the unit raised "Trying to resize storage that is not
+    resizable" before (helper-131)."""
+    model, reference = build_model(MLP, seed=0), build_model(MLP, seed=0)
+    opt = zeroshard.ZeroOptimizer(model, torch.optim.SGD, stage=3, process_group=ctx.group,
+                                  lr=0.05, units=nn.Linear)
+    ddp = DDP(reference, process_group=ctx.group)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.05)
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    logged = []
+    if where == "forward":
+        linears[0].register_forward_hook(
+            lambda module, args, out: logged.append(float(module.weight.detach().numpy().sum())))
+
+    def train(steps, start):
+        for step in range(start, start + steps):
+            for module, optimizer in ((model, opt), (ddp, ref_opt)):
+                loss_fn(MLP, module, make_batch(MLP, seed=step, rank=ctx.rank, batch=4)).backward()
+                optimizer.step()
+                optimizer.zero_grad()
+
+    train(1, 0)
+    kept = None
+    if where == "summon":
+        with opt.summon_full_params():
+            array = linears[0].weight.detach().numpy()
+            linears[-1].weight.detach().numpy().sum()  # an array dropped at once
+            then = linears[0].weight.detach().clone()
+        train(2, 1)
+        kept = (torch.from_numpy(array) - then).abs().max().item()
+    else:
+        train(2, 1)
+    with opt.summon_full_params():
+        difference = max((p - q).abs().max().item()
+                         for p, q in zip(model.parameters(), reference.parameters()))
+    opt.close()
+    return {"kept": kept, "difference": difference, "logged": len(logged)}

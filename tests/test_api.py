@@ -399,6 +399,20 @@ def test_a_stage3_state_dict_taken_inside_summon_stays_readable_after_the_block(
         assert outcome["difference"] < (1e-2 if bf16 else 1e-6), outcome
 
 
+@pytest.mark.parametrize("where", ["summon", "forward"])
+def test_a_stage3_weight_read_as_numpy_while_gathered_trains_on(pool, where):
+    """Note [a buffer numpy has seen] in zeroshard/_bucket.py: ``.numpy()`` of a gathered
+    weight (inside summon_full_params(), or a forward hook's log line) made releasing
+    its unit raise (helper-131). Now training goes on like DDP's, and an array kept
+    past the block keeps the block's values."""
+    for outcome in pool.run(cases_api.numpy_reads_of_stage3_weights, 2, where):
+        assert outcome["difference"] < 1e-6, outcome
+        if where == "summon":
+            assert outcome["kept"] == 0.0, outcome
+        else:
+            assert outcome["logged"] == 3, outcome  # one forward a step
+
+
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_strided_frozen_weights_and_buffers_are_broadcast_contiguous(pool, stage):
     for contiguous, diff in pool.run(cases_api.construct_with_strided_tensors, 2, stage):

@@ -458,6 +458,15 @@ class FlatBucket:
         if views_at_gather is not None and self.views_elsewhere() > views_at_gather:
             self._let_go_of_the_full_buffer()
             return True
+        if not self.flat.untyped_storage().resizable():
+            # Note [a buffer numpy has seen]: a parameter's ``.numpy()`` while it was
+            # gathered (a log line's, a plot's) marks the storage not resizable for good,
+            # as numpy may hold its memory; freeing it raised "Trying to resize storage
+            # that is not resizable" as the unit was released (helper-131's probe). That
+            # storage is left to what holds it (nothing, once the array is gone) and a
+            # new one serves the next gathers.
+            self._let_go_of_the_full_buffer()
+            return False
         self.flat.untyped_storage().resize_(0)
         return False
 
