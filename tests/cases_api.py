@@ -527,6 +527,16 @@ def summon_full_params_and_state_dict(ctx, stage: int):
             gathered, shards)
 
 
+def _train_each(pairs, steps: int, start: int, rank: int) -> None:
+    """``steps`` steps on MLP batches from seed ``start``, each (model, optimizer) of
+    ``pairs`` in turn: a zeroshard model beside its DDP reference."""
+    for step in range(start, start + steps):
+        for module, optimizer in pairs:
+            loss_fn(MLP, module, make_batch(MLP, seed=step, rank=rank, batch=4)).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+
 def state_dict_kept_past_summon(ctx, bf16: bool):
     """Stage 3 (Note [views taken inside summon_full_params]): a state dict taken inside
     ``summon_full_params()`` (beside ``opt.full_state_dict()``, whose collectives let go of
@@ -545,11 +555,7 @@ def state_dict_kept_past_summon(ctx, bf16: bool):
     ref_opt = torch.optim.SGD(reference.parameters(), lr=0.05)
 
     def train(steps, start):
-        for step in range(start, start + steps):
-            for module, optimizer in ((model, opt), (ddp, ref_opt)):
-                loss_fn(MLP, module, make_batch(MLP, seed=step, rank=ctx.rank, batch=4)).backward()
-                optimizer.step()
-                optimizer.zero_grad()
+        _train_each(((model, opt), (ddp, ref_opt)), steps, start, ctx.rank)
 
     train(1, 0)
     with warnings.catch_warnings(record=True) as kept_warnings:
@@ -1063,11 +1069,7 @@ def numpy_reads_of_stage3_weights(ctx, where: str):
             lambda module, args, out: logged.append(float(module.weight.detach().numpy().sum())))
 
     def train(steps, start):
-        for step in range(start, start + steps):
-            for module, optimizer in ((model, opt), (ddp, ref_opt)):
-                loss_fn(MLP, module, make_batch(MLP, seed=step, rank=ctx.rank, batch=4)).backward()
-                optimizer.step()
-                optimizer.zero_grad()
+        _train_each(((model, opt), (ddp, ref_opt)), steps, start, ctx.rank)
 
     train(1, 0)
     kept = None
